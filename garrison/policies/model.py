@@ -1,0 +1,245 @@
+"""The validated policy model: what the YAML of the three policy kinds means.
+
+The loader (`garrison.policies.loader`) builds these from YAML; everything after it (the
+repository, resolution, trace) reads only these types. Absent vs empty matters and is
+documented on each field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from garrison.policies.l7rules import L7Rules
+from garrison.policies.selector import EndpointSelector
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_PORTS_PER_RULE = 40
+
+
+class PolicyKind(StrEnum):
+    CNP = "CiliumNetworkPolicy"
+    CCNP = "CiliumClusterwideNetworkPolicy"
+    KNP = "NetworkPolicy"
+
+
+class Direction(StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class Protocol(StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+    ANY = "ANY"
+    ICMP = "ICMP"
+    ICMPV6 = "ICMPv6"
+
+
+IP_PROTO: dict[Protocol, int] = {
+    Protocol.TCP: 6,
+    Protocol.UDP: 17,
+    Protocol.SCTP: 132,
+    Protocol.ICMP: 1,
+    Protocol.ICMPV6: 58,
+    Protocol.ANY: 0,
+}
+
+
+class Entity(StrEnum):
+    ALL = "all"
+    WORLD = "world"
+    CLUSTER = "cluster"
+    HOST = "host"
+    REMOTE_NODE = "remote-node"
+    HEALTH = "health"
+    INIT = "init"
+    UNMANAGED = "unmanaged"
+    NONE = "none"
+    KUBE_APISERVER = "kube-apiserver"
+    INGRESS = "ingress"
+    # Cilium also accepts world-ipv4 / world-ipv6; they select the world identity here.
+    WORLD_IPV4 = "world-ipv4"
+    WORLD_IPV6 = "world-ipv6"
+
+
+class EnforcementMode(StrEnum):
+    DEFAULT = "default"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRef:
+    """Where a verdict came from: policy kind/namespace/name, the spec and section index.
+
+    Rendered `CiliumNetworkPolicy default/rule1 specs[0].ingress[1]`; Hubble's
+    `ingress_allowed_by` carries `{name, namespace, kind}`.
+    """
+
+    kind: PolicyKind
+    namespace: str | None
+    name: str
+    section: str  # ingress | ingressDeny | egress | egressDeny
+    spec_index: int = 0
+    rule_index: int = 0
+    has_specs: bool = False  # the policy used `specs:` (affects rendering only)
+
+    @property
+    def policy(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
+
+    def __str__(self) -> str:
+        spec = f"specs[{self.spec_index}]." if self.has_specs else ""
+        return f"{self.kind.value} {self.policy} {spec}{self.section}[{self.rule_index}]"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kind": self.kind.value,
+            "namespace": self.namespace,
+            "name": self.name,
+            "section": self.section,
+            "spec_index": self.spec_index,
+            "rule_index": self.rule_index,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PortProtocol:
+    """`port` 0 = any port; `end_port` 0 = no range (a range is port..end_port inclusive)."""
+
+    port: int = 0
+    end_port: int = 0
+    protocol: Protocol = Protocol.ANY
+
+    @property
+    def last(self) -> int:
+        return self.end_port if self.end_port else self.port
+
+    def covers(self, port: int) -> bool:
+        return self.port == 0 or self.port <= port <= self.last
+
+
+@dataclass(frozen=True, slots=True)
+class PortRule:
+    """One `toPorts` element. `ports` empty = any port, any protocol.
+    `rules` None = L4 only (no redirect)."""
+
+    ports: tuple[PortProtocol, ...] = ()
+    rules: L7Rules | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ICMPField:
+    family: str = "IPv4"  # IPv4 | IPv6
+    type: int | str = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPeer:
+    """`fromEndpoints`/`toEndpoints` element, already limited to the policy's namespace
+    where the semantics require (see loader)."""
+
+    selector: EndpointSelector
+
+
+@dataclass(frozen=True, slots=True)
+class EntityPeer:
+    entity: Entity
+
+
+@dataclass(frozen=True, slots=True)
+class CIDRPeer:
+    """`fromCIDR` / `fromCIDRSet` (with `except`) / NetworkPolicy `ipBlock`."""
+
+    cidr: IPNetwork
+    excepts: tuple[IPNetwork, ...] = ()
+
+    def contains(self, prefix: IPNetwork) -> bool:
+        if prefix.version != self.cidr.version or not prefix.subnet_of(self.cidr):  # type: ignore[arg-type]
+            return False
+        return not any(
+            prefix.version == e.version and prefix.subnet_of(e)  # type: ignore[arg-type]
+            for e in self.excepts
+        )
+
+
+Peer = EndpointPeer | EntityPeer | CIDRPeer
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySection:
+    """One element of `ingress`, `ingressDeny`, `egress` or `egressDeny`.
+
+    `peers` None = any peer (no peer list was given, which only allows when `to_ports`
+    is non-empty — the loader turns "no peers and no ports" into `peers=()`).
+    `peers` () = an explicitly empty list: selects nothing.
+    `to_ports` () = any port and protocol.
+    `icmps` non-empty: the section allows those ICMP types instead of ports.
+    """
+
+    peers: tuple[Peer, ...] | None
+    to_ports: tuple[PortRule, ...] = ()
+    icmps: tuple[ICMPField, ...] = ()
+    ref: RuleRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One `spec` (or one element of `specs`, or one NetworkPolicy).
+
+    A direction's tuple is None when its key was absent; present (even empty) means the rule
+    has a section for that direction, which switches the direction to default-deny for the
+    endpoints it selects unless `default_deny_*` is False.
+    """
+
+    endpoint_selector: EndpointSelector
+    ingress: tuple[PolicySection, ...] | None = None
+    ingress_deny: tuple[PolicySection, ...] | None = None
+    egress: tuple[PolicySection, ...] | None = None
+    egress_deny: tuple[PolicySection, ...] | None = None
+    default_deny_ingress: bool = True
+    default_deny_egress: bool = True
+    description: str = ""
+    # Namespace the rule is limited to (CNP / NetworkPolicy); None = cluster-wide.
+    namespace: str | None = None
+
+    def enforces(self, direction: Direction) -> bool:
+        if direction is Direction.INGRESS:
+            has = self.ingress is not None or self.ingress_deny is not None
+            return has and self.default_deny_ingress
+        has = self.egress is not None or self.egress_deny is not None
+        return has and self.default_deny_egress
+
+    def allows(self, direction: Direction) -> tuple[PolicySection, ...]:
+        return (self.ingress if direction is Direction.INGRESS else self.egress) or ()
+
+    def denies(self, direction: Direction) -> tuple[PolicySection, ...]:
+        return (self.ingress_deny if direction is Direction.INGRESS else self.egress_deny) or ()
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a policy was read from: file and 0-based document index."""
+
+    path: str
+    document: int = 0
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    kind: PolicyKind
+    name: str
+    namespace: str | None
+    rules: tuple[Rule, ...]
+    source: Source | None = None
+    labels: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def key(self) -> tuple[str, str | None, str]:
+        """Identity of the policy in a repository: importing the same key replaces it."""
+        return (self.kind.value, self.namespace, self.name)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian machine of this kind: Debian packages, the kernel
+# header links bcc needs, and the project's virtualenv in .venv (seeing Debian's bcc).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(python3-bpfcc linux-headers-amd64 iproute2 curl nftables)
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.garrison-installed
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        log "missing Debian packages: ${missing[*]}; run 'make setup' as root or: apt-get install ${missing[*]}"
+        exit 1
+    fi
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# bcc compiles against /lib/modules/$(uname -r)/build; this kernel ships no headers, so point
+# the links at Debian's headers — only when they are missing, never over a real tree.
+kver=$(uname -r)
+moddir=/lib/modules/$kver
+hdr_amd64=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1 || true)
+hdr_common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1 || true)
+if [[ -n $hdr_amd64 && -n $hdr_common && $(id -u) -eq 0 ]]; then
+    mkdir -p "$moddir"
+    [[ -e $moddir/build ]] || { ln -s "$hdr_amd64" "$moddir/build"; log "linked $moddir/build -> $hdr_amd64"; }
+    [[ -e $moddir/source ]] || { ln -s "$hdr_common" "$moddir/source"; log "linked $moddir/source -> $hdr_common"; }
+fi
+
+if [[ ! -x $VENV/bin/python ]]; then
+    log "creating virtualenv $VENV with $PYTHON"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+# Debian's bcc module is pure Python over libbcc.so; the PyPI package named 'bcc' is unrelated.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [[ -d /usr/lib/python3/dist-packages/bcc ]]; then
+    # Expose only the bcc package (not all of Debian's dist-packages) through a one-entry dir.
+    mkdir -p "$VENV/debian-bcc"
+    ln -sfn /usr/lib/python3/dist-packages/bcc "$VENV/debian-bcc/bcc"
+    echo "$(cd "$VENV/debian-bcc" && pwd)" > "$site/garrison-debian-bcc.pth"
+fi
+
+if [[ ! -f $STAMP || pyproject.toml -nt $STAMP ]]; then
+    log "installing garrison and its test dependencies into $VENV"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -e '.[test]'
+    touch "$STAMP"
+fi
+log "ready"
