@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from garrison.policies.refs import RuleRef
+
 
 class L7Protocol(StrEnum):
     """The parser a redirected port uses."""
@@ -199,3 +201,45 @@ class L7Rules:
     @property
     def rules(self) -> tuple[L7Rule, ...]:
         return self.http or self.grpc or self.kafka or ()
+
+
+@dataclass(frozen=True, slots=True)
+class L7RuleSet:
+    """The L7 rules that apply to one (endpoint, port, remote identity, direction).
+
+    A request is allowed when it matches any rule. `allow_all` is set when another rule allows
+    the same peer on the same port at L4 only (Cilium's merge rule): every request passes,
+    still parsed and logged. `rules` keeps the ref of the policy rule each L7 rule came from.
+    """
+
+    protocol: L7Protocol
+    rules: tuple[tuple[L7Rule, RuleRef | None], ...] = ()
+    allow_all: bool = False
+    allow_all_ref: RuleRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdit:
+    """An edit of the forwarded request from `headerMatches[].mismatch` ADD/DELETE/REPLACE."""
+
+    action: MismatchAction
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class L7Verdict:
+    """The result of matching one request against an L7RuleSet.
+
+    `rule` names the policy rule that allowed; `reason` says why nothing matched.
+    `allowed_topics` (Kafka, all-topics Metadata): the response must be filtered to these
+    topics; None = no filtering needed (any topic allowed).
+    """
+
+    allowed: bool
+    rule: RuleRef | None = None
+    reason: str = ""
+    header_edits: tuple[HeaderEdit, ...] = ()
+    logged_mismatches: tuple[str, ...] = ()
+    filter_response: bool = False
+    allowed_topics: frozenset[str] | None = None
