@@ -1,14 +1,204 @@
-"""`garrison policy trace` (stub; filled by the resolution work)."""
+"""`garrison policy trace`: explain whether a source may reach a destination, offline."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+from garrison.policies.errors import PolicyValidationError
+from garrison.policies.l7rules import kafka_api_key
+from garrison.policies.labels import DEFAULT_NAMESPACE, LabelError, Labels, endpoint_labels
+from garrison.policies.loader import load_paths
+from garrison.policies.model import Protocol
+from garrison.policies.resolve import ResolverConfig
+from garrison.policies.trace import (
+    GRPCRequestSpec,
+    HTTPRequestSpec,
+    KafkaRequestSpec,
+    L7RequestSpec,
+    TraceEndpoint,
+    TraceResult,
+    TraceStep,
+    describe_request,
+    trace,
+)
+
+EXIT_BAD_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("trace", help="explain whether a request would be allowed")
+    p = sub.add_parser(
+        "trace",
+        help="explain whether a request would be allowed",
+        description=(
+            "Evaluate the source's egress and the destination's ingress policy as the "
+            "datapath and the proxy would, and explain the decision. Exit 0 when the "
+            "evaluation ran (allowed or denied), 2 on bad usage or an invalid policy."
+        ),
+    )
+    p.add_argument("-f", "--file", dest="files", action="append", required=True,
+                   metavar="PATH", help="policy file or directory (repeatable)")
+    p.add_argument("--src-labels", required=True, metavar="k=v,...")
+    p.add_argument("--src-namespace", default=DEFAULT_NAMESPACE, metavar="NS")
+    p.add_argument("--dst-labels", required=True, metavar="k=v,...")
+    p.add_argument("--dst-namespace", default=DEFAULT_NAMESPACE, metavar="NS")
+    p.add_argument("--dport", required=True, type=int, metavar="N")
+    p.add_argument("--protocol", default="TCP", type=str.upper,
+                   choices=["TCP", "UDP", "SCTP"])
+    p.add_argument("--http-method", metavar="M")
+    p.add_argument("--http-path", metavar="P")
+    p.add_argument("--http-host", metavar="H")
+    p.add_argument("--http-header", action="append", default=[], metavar="'Name: value'")
+    p.add_argument("--grpc-service", metavar="S")
+    p.add_argument("--grpc-method", metavar="M")
+    p.add_argument("--kafka-api-key", metavar="NAME|NUMBER")
+    p.add_argument("--kafka-api-version", type=int, metavar="N")
+    p.add_argument("--kafka-client-id", metavar="ID")
+    p.add_argument("--kafka-topic", action="append", default=[], metavar="T")
+    p.add_argument("--enforcement", default="default", choices=["default", "always", "never"],
+                   help="policy enforcement mode (default: %(default)s)")
+    p.add_argument("-o", "--output", choices=["text", "json"], default="text")
     p.set_defaults(func=run)
 
 
+def _endpoint(labels_text: str, namespace: str, flag: str) -> TraceEndpoint:
+    try:
+        labels = Labels.parse(labels_text)
+    except LabelError as exc:
+        raise UsageError(f"{flag}: {exc}") from exc
+    if not labels.items:
+        raise UsageError(f"{flag}: give at least one label, e.g. {flag} app=web")
+    if all(lab.source == "reserved" for lab in labels.items):
+        return TraceEndpoint(labels, None)
+    return TraceEndpoint(endpoint_labels(labels, namespace), namespace)
+
+
+def _request(args: argparse.Namespace) -> L7RequestSpec | None:
+    http = any([args.http_method, args.http_path, args.http_host, args.http_header])
+    grpc = any([args.grpc_service, args.grpc_method])
+    kafka = any([args.kafka_api_key, args.kafka_api_version is not None,
+                 args.kafka_client_id, args.kafka_topic])
+    if sum([http, grpc, kafka]) > 1:
+        raise UsageError("give the flags of one L7 protocol only (--http-*, --grpc-* or --kafka-*)")
+    if http:
+        headers = []
+        for h in args.http_header:
+            name, sep, value = h.partition(":")
+            if not sep or not name.strip():
+                raise UsageError(f"--http-header {h!r}: expected 'Name: value'")
+            headers.append((name.strip(), value.strip()))
+        return HTTPRequestSpec(
+            (args.http_method or "GET").upper(), args.http_path or "/", args.http_host,
+            tuple(headers),
+        )
+    if grpc:
+        if not (args.grpc_service and args.grpc_method):
+            raise UsageError("--grpc-service and --grpc-method go together")
+        return GRPCRequestSpec(args.grpc_service, args.grpc_method)
+    if kafka:
+        if not args.kafka_api_key:
+            raise UsageError("--kafka-api-key is required with the other --kafka-* flags")
+        key = kafka_api_key(args.kafka_api_key)
+        if key is None:
+            raise UsageError(
+                f"--kafka-api-key {args.kafka_api_key!r}: unknown API key "
+                "(use a name such as produce, fetch, metadata, or a number)"
+            )
+        return KafkaRequestSpec(key, args.kafka_api_version, args.kafka_client_id,
+                                tuple(args.kafka_topic))
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    try:
+        if not 0 < args.dport < 65536:
+            raise UsageError(f"--dport {args.dport}: must be 1-65535")
+        source = _endpoint(args.src_labels, args.src_namespace, "--src-labels")
+        destination = _endpoint(args.dst_labels, args.dst_namespace, "--dst-labels")
+        request = _request(args)
+    except UsageError as exc:
+        print(f"garrison policy trace: {exc}", file=sys.stderr)
+        return EXIT_BAD_USAGE
+    try:
+        loaded = load_paths(args.files)
+    except PolicyValidationError as exc:
+        for issue in exc.issues:
+            print(issue, file=sys.stderr)
+        print(f"garrison policy trace: {len(exc.issues)} policy error(s); nothing traced",
+              file=sys.stderr)
+        return EXIT_BAD_USAGE
+    from garrison.policies.model import EnforcementMode
+
+    result = trace(
+        loaded.policies, source, destination, args.dport, Protocol(args.protocol), request,
+        ResolverConfig(enforcement=EnforcementMode(args.enforcement)),
+    )
+    if args.output == "json":
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(render(result))
+    return 0
+
+
+def render(result: TraceResult) -> str:
+    lines = []
+    src, dst = result.source, result.destination
+    lines.append(
+        f"Tracing {src.describe()} (identity {result.source_identity}) -> "
+        f"{dst.describe()} (identity {result.destination_identity}) "
+        f"{result.protocol.value}/{result.port}"
+        + (f", {describe_request(result.request)}" if result.request else "")
+    )
+    for step in result.steps:
+        lines.extend(_render_step(step))
+    for note in result.notes:
+        lines.append(f"  note: {note}")
+    verdict = "ALLOWED" if result.allowed else "DENIED"
+    where = f" at {result.denied_at.replace('_', '/')}" if result.denied_at else ""
+    if result.allowed and result.l7_state == "not evaluated":
+        where = " at L3/L4 (L7 not evaluated)"
+    lines.append(f"Final verdict: {verdict}{where}")
+    return "\n".join(lines)
+
+
+def _render_step(step: TraceStep) -> list[str]:
+    side = "egress of source" if step.direction.value == "egress" else "ingress of destination"
+    head = f"  {side} {step.endpoint}:"
+    if step.lookup is None:
+        return [f"{head} {step.note}"]
+    out = []
+    if step.enforced:
+        by = ", ".join(r.policy for r in step.enforced_by) or "enforcement mode 'always'"
+        out.append(f"{head} default-deny (enforced by {by})")
+    else:
+        out.append(f"{head} not enforced (no rule selects it with a {step.direction.value} "
+                   "section)")
+    res = step.lookup
+    if res.allowed:
+        if res.refs:
+            rules = "; ".join(str(r) for r in res.refs)
+            out.append(f"    L3/L4 allowed by {rules} ({res.match_type.value} match: {res.key})")
+        else:
+            out.append("    L3/L4 allowed (no rule applies in an unenforced direction)")
+        if res.redirect is not None:
+            out.append(f"    redirected to the {res.redirect.value} proxy")
+    elif res.drop_reason is not None and res.drop_reason.value == "POLICY_DENY":
+        rules = "; ".join(str(r) for r in res.refs)
+        out.append(f"    L3/L4 DENIED by deny rule {rules} (drop reason POLICY_DENY)")
+    else:
+        out.append("    L3/L4 DENIED: no rule allows it in an enforced direction "
+                   "(drop reason POLICY_DENIED)")
+    if step.l7 is not None:
+        if step.l7.allowed:
+            who = str(step.l7.rule) if step.l7.rule else "allow-all L7 rules"
+            out.append(f"    L7 allowed by {who}")
+        else:
+            out.append(f"    L7 DENIED: {step.l7.reason or 'no L7 rule matches'}")
+    elif step.l7_protocol is not None:
+        out.append("    L7 not evaluated")
+    return out

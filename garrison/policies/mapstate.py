@@ -1,0 +1,208 @@
+"""The desired L3/L4 policy of one endpoint identity, and the lookup that reads it.
+
+`MapState` is what the datapath's policy map must hold for an endpoint: entries keyed by
+(direction, remote identity or 0 = any, protocol or 0 = any, port range or 0 = any port),
+each an allow, a deny, or an allow that redirects to the proxy with an L7 parser. For
+redirected entries `l7` holds the rule set the proxy applies to that remote identity.
+
+`lookup()` is the reference model of the datapath's policy lookup; the BPF program follows the
+same numbered precedence and a privileged test proves they agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from garrison.policies.l7rules import L7Protocol, L7RuleSet
+from garrison.policies.model import Direction
+from garrison.policies.refs import RuleRef
+
+ANY_IDENTITY = 0
+ANY_PROTOCOL = 0
+ANY_PORT = 0
+
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_SCTP = 132
+PROTO_ICMP = 1
+PROTO_ICMPV6 = 58
+
+
+class MatchType(StrEnum):
+    """Which kind of entry decided, in Hubble's vocabulary (policy verdict events)."""
+
+    L3_L4 = "L3-L4"  # identity + port
+    L4_ONLY = "L4-only"  # any identity + port
+    L3_PROTO = "L3-proto"  # identity + protocol, any port
+    PROTO_ONLY = "proto-only"  # any identity + protocol, any port
+    L3_ONLY = "L3-only"  # identity, any protocol and port
+    ALL = "all"  # any identity, anything
+    NONE = "none"  # nothing matched
+
+
+class DropReason(StrEnum):
+    POLICY_DENIED = "POLICY_DENIED"  # enforced direction, no allow matched
+    POLICY_DENY = "POLICY_DENY"  # an explicit deny rule matched
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class MapStateKey:
+    """`end_port` equals `port` for a single port; both 0 for any port."""
+
+    direction: Direction
+    identity: int
+    protocol: int
+    port: int
+    end_port: int
+
+    @property
+    def port_width(self) -> int:
+        return 65536 if self.port == ANY_PORT else self.end_port - self.port + 1
+
+    def covers(self, identity: int, protocol: int, port: int) -> bool:
+        if self.identity not in (ANY_IDENTITY, identity):
+            return False
+        if self.protocol not in (ANY_PROTOCOL, protocol):
+            return False
+        return self.port == ANY_PORT or self.port <= port <= self.end_port
+
+    def __str__(self) -> str:
+        ident = "any" if self.identity == ANY_IDENTITY else str(self.identity)
+        proto = "any" if self.protocol == ANY_PROTOCOL else PROTOCOL_NAMES.get(
+            self.protocol, str(self.protocol)
+        )
+        if self.port == ANY_PORT:
+            port = "any"
+        elif self.end_port != self.port:
+            port = f"{self.port}-{self.end_port}"
+        else:
+            port = str(self.port)
+        return f"{self.direction.value} identity={ident} {proto}/{port}"
+
+
+PROTOCOL_NAMES = {
+    PROTO_TCP: "TCP",
+    PROTO_UDP: "UDP",
+    PROTO_SCTP: "SCTP",
+    PROTO_ICMP: "ICMP",
+    PROTO_ICMPV6: "ICMPv6",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MapStateEntry:
+    deny: bool
+    redirect: L7Protocol | None = None
+    derived_from: tuple[RuleRef, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MapState:
+    """Desired policy of one endpoint identity. Unenforced directions allow everything."""
+
+    identity: int
+    ingress_enforced: bool
+    egress_enforced: bool
+    entries: Mapping[MapStateKey, MapStateEntry] = field(default_factory=dict)
+    l7: Mapping[MapStateKey, L7RuleSet] = field(default_factory=dict)
+    audit: bool = False
+
+    def enforced(self, direction: Direction) -> bool:
+        return self.ingress_enforced if direction is Direction.INGRESS else self.egress_enforced
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    allowed: bool
+    match_type: MatchType
+    drop_reason: DropReason | None = None
+    key: MapStateKey | None = None
+    entry: MapStateEntry | None = None
+    l7: L7RuleSet | None = None
+    enforced: bool = True
+
+    @property
+    def redirect(self) -> L7Protocol | None:
+        return self.entry.redirect if self.entry and self.allowed else None
+
+    @property
+    def refs(self) -> tuple[RuleRef, ...]:
+        return self.entry.derived_from if self.entry else ()
+
+
+def match_type_of(key: MapStateKey) -> MatchType:
+    has_id = key.identity != ANY_IDENTITY
+    if key.port != ANY_PORT:
+        return MatchType.L3_L4 if has_id else MatchType.L4_ONLY
+    if key.protocol != ANY_PROTOCOL:
+        return MatchType.L3_PROTO if has_id else MatchType.PROTO_ONLY
+    return MatchType.L3_ONLY if has_id else MatchType.ALL
+
+
+def precedence(key: MapStateKey) -> tuple[int, int, int]:
+    """Sort key: lower wins. The numbered list of POLICY-SEMANTICS.md, step 2:
+
+    1. identity + protocol + port
+    2. any identity + protocol + port
+    3. identity + protocol + any port
+    4. any identity + protocol + any port
+    5. identity + any protocol + any port (L3-only)
+    6. any identity + anything (allow-all)
+
+    A port with protocol ANY counts as a port entry (classes 1/2), after the same port with a
+    protocol; among port entries of one class the narrowest range wins.
+    """
+    has_id = key.identity != ANY_IDENTITY
+    if key.port != ANY_PORT:
+        cls = 1 if has_id else 2
+        return (cls, key.port_width, 0 if key.protocol != ANY_PROTOCOL else 1)
+    if key.protocol != ANY_PROTOCOL:
+        return (3 if has_id else 4, 0, 0)
+    return (5 if has_id else 6, 0, 0)
+
+
+def lookup(
+    state: MapState, direction: Direction, remote_identity: int, protocol: int, port: int
+) -> LookupResult:
+    """The verdict for a new connection, exactly as the datapath decides it.
+
+    1. any matching explicit deny -> drop (POLICY_DENY)
+    2. otherwise the most specific allow decides (see `precedence`); a redirect entry sends
+       the connection to the proxy
+    3. nothing matches: drop (POLICY_DENIED) if the direction is enforced (default-deny),
+       otherwise pass (no rule selects the endpoint in this direction, or
+       `enableDefaultDeny` is false for every rule that does)
+    """
+    candidates = [
+        (key, entry)
+        for key, entry in state.entries.items()
+        if key.direction is direction and key.covers(remote_identity, protocol, port)
+    ]
+    return decide(state, direction, candidates)
+
+
+def decide(
+    state: MapState,
+    direction: Direction,
+    candidates: Iterable[tuple[MapStateKey, MapStateEntry]],
+) -> LookupResult:
+    """Steps 1-3 of `lookup` over entries already known to cover the packet."""
+    cands = list(candidates)
+    enforced = state.enforced(direction)
+    denies = [(k, e) for k, e in cands if e.deny]
+    if denies:
+        key, entry = min(denies, key=lambda ke: precedence(ke[0]))
+        return LookupResult(
+            False, match_type_of(key), DropReason.POLICY_DENY, key, entry, None, enforced
+        )
+    allows = [(k, e) for k, e in cands if not e.deny]
+    if allows:
+        key, entry = min(allows, key=lambda ke: precedence(ke[0]))
+        return LookupResult(
+            True, match_type_of(key), None, key, entry, state.l7.get(key), enforced
+        )
+    if enforced:
+        return LookupResult(False, MatchType.NONE, DropReason.POLICY_DENIED, enforced=True)
+    return LookupResult(True, MatchType.NONE, None, enforced=False)

@@ -1,0 +1,437 @@
+"""`policy trace`: would this source reach this destination, and why — offline and pure.
+
+The evaluation is the one the datapath and the proxy perform: the source's egress policy,
+then the destination's ingress policy, each with the lookup precedence of `mapstate.lookup`;
+where the deciding entry redirects to the proxy and the caller describes the request, the L7
+rules are evaluated with the same matchers the proxy uses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from garrison.policies.l7rules import (
+    KAFKA_API_NAMES,
+    L7Protocol,
+    L7RuleSet,
+    L7Verdict,
+)
+from garrison.policies.labels import SOURCE_RESERVED, Label, Labels
+from garrison.policies.mapstate import (
+    PROTOCOL_NAMES,
+    DropReason,
+    LookupResult,
+    MapState,
+    lookup,
+)
+from garrison.policies.model import IP_PROTO, Direction, Policy, Protocol
+from garrison.policies.refs import RuleRef
+from garrison.policies.repository import rule_prefixes
+from garrison.policies.resolve import PolicyResolver, ResolverConfig
+from garrison.policies.selectorcache import CIDR_IDENTITY_FLAG, RESERVED_IDENTITIES
+
+SOURCE_IDENTITY = 256
+DESTINATION_IDENTITY = 257
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRequestSpec:
+    method: str = "GET"
+    path: str = "/"
+    host: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GRPCRequestSpec:
+    service: str
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRequestSpec:
+    api_key: int
+    api_version: int | None = None
+    client_id: str | None = None
+    topics: tuple[str, ...] = ()
+
+
+L7RequestSpec = HTTPRequestSpec | GRPCRequestSpec | KafkaRequestSpec
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEndpoint:
+    """An endpoint by its labels (namespace label included by the caller)."""
+
+    labels: Labels
+    namespace: str | None = None
+    name: str = ""
+
+    def describe(self) -> str:
+        who = self.name or self.labels.short()
+        return f"{self.namespace}/{who}" if self.namespace else who
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStep:
+    """One side's decision: egress of the source or ingress of the destination."""
+
+    direction: Direction
+    endpoint: str
+    identity: int
+    remote_identity: int
+    enforced: bool
+    enforced_by: tuple[RuleRef, ...]
+    lookup: LookupResult | None
+    l7: L7Verdict | None = None
+    l7_protocol: L7Protocol | None = None
+    l7_evaluated: bool = False
+    note: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        if self.lookup is not None and not self.lookup.allowed:
+            return False
+        return not (self.l7 is not None and not self.l7.allowed)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceResult:
+    source: TraceEndpoint
+    destination: TraceEndpoint
+    source_identity: int
+    destination_identity: int
+    protocol: Protocol
+    port: int
+    steps: tuple[TraceStep, ...]
+    request: L7RequestSpec | None = None
+    notes: tuple[str, ...] = field(default=())
+    audit: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return all(s.allowed for s in self.steps)
+
+    @property
+    def denied_at(self) -> str | None:
+        for step in self.steps:
+            if step.lookup is not None and not step.lookup.allowed:
+                return "L3_L4"
+            if step.l7 is not None and not step.l7.allowed:
+                return "L7"
+        return None
+
+    @property
+    def redirected(self) -> bool:
+        return any(s.lookup is not None and s.lookup.redirect is not None for s in self.steps)
+
+    @property
+    def l7_state(self) -> str:
+        if not self.redirected:
+            return "not applicable"
+        if any(s.l7_protocol is not None and not s.l7_evaluated for s in self.steps):
+            return "not evaluated"
+        return "evaluated"
+
+    @property
+    def allowed_by(self) -> list[RuleRef]:
+        out: list[RuleRef] = []
+        for s in self.steps:
+            if s.lookup is not None and s.lookup.allowed:
+                out.extend(s.lookup.refs)
+            if s.l7 is not None and s.l7.allowed and s.l7.rule is not None:
+                out.append(s.l7.rule)
+        return _unique(out)
+
+    @property
+    def denied_by(self) -> list[RuleRef]:
+        out: list[RuleRef] = []
+        for s in self.steps:
+            if s.lookup is None or s.lookup.allowed:
+                continue
+            if s.lookup.drop_reason is DropReason.POLICY_DENY:
+                out.extend(s.lookup.refs)
+            else:  # default-deny: the rules that switched the direction to default-deny
+                out.extend(s.enforced_by)
+        for s in self.steps:
+            if s.l7 is not None and not s.l7.allowed and s.lookup is not None:
+                out.extend(s.lookup.refs)
+        return _unique(out)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "verdict": "allowed" if self.allowed else "denied",
+            "audit": self.audit,
+            "denied_at": self.denied_at,
+            "allowed_by": [r.to_dict() for r in self.allowed_by],
+            "denied_by": [r.to_dict() for r in self.denied_by],
+            "redirected": self.redirected,
+            "l7": self.l7_state,
+            "source": {
+                "labels": [str(lab) for lab in self.source.labels],
+                "namespace": self.source.namespace,
+                "identity": self.source_identity,
+            },
+            "destination": {
+                "labels": [str(lab) for lab in self.destination.labels],
+                "namespace": self.destination.namespace,
+                "identity": self.destination_identity,
+                "port": self.port,
+                "protocol": self.protocol.value,
+            },
+            "steps": [_step_dict(s) for s in self.steps],
+            "notes": list(self.notes),
+        }
+
+
+def _unique(refs: list[RuleRef]) -> list[RuleRef]:
+    return list(dict.fromkeys(refs))
+
+
+def _step_dict(step: TraceStep) -> dict[str, object]:
+    out: dict[str, object] = {
+        "direction": step.direction.value,
+        "endpoint": step.endpoint,
+        "enforced": step.enforced,
+        "enforced_by": [r.to_dict() for r in step.enforced_by],
+        "allowed": step.allowed,
+    }
+    if step.lookup is not None:
+        out["l3_l4"] = {
+            "allowed": step.lookup.allowed,
+            "match_type": step.lookup.match_type.value,
+            "drop_reason": step.lookup.drop_reason.value if step.lookup.drop_reason else None,
+            "entry": str(step.lookup.key) if step.lookup.key else None,
+            "rules": [r.to_dict() for r in step.lookup.refs],
+            "redirect": step.lookup.redirect.value if step.lookup.redirect else None,
+        }
+    if step.l7_protocol is not None:
+        l7: dict[str, object] = {"protocol": step.l7_protocol.value}
+        if step.l7 is None:
+            l7["evaluated"] = False
+        else:
+            l7.update(
+                evaluated=True,
+                allowed=step.l7.allowed,
+                rule=step.l7.rule.to_dict() if step.l7.rule else None,
+                reason=step.l7.reason,
+            )
+        out["l7"] = l7
+    if step.note:
+        out["note"] = step.note
+    return out
+
+
+def _identity_for(labels: Labels, default: int) -> int:
+    """Reserved labels alone (`reserved:world`) name a reserved identity."""
+    reserved = [lab for lab in labels.items if lab.source == SOURCE_RESERVED]
+    if reserved and len(reserved) == len(labels.items) and len(reserved) == 1:
+        return RESERVED_IDENTITIES.get(reserved[0].key, default)
+    return default
+
+
+def build_resolver(
+    policies: Sequence[Policy],
+    endpoints: Sequence[tuple[int, Labels]],
+    config: ResolverConfig | None = None,
+) -> PolicyResolver:
+    """A resolver holding `policies`, the reserved identities, a CIDR identity for every
+    prefix the policies name, and the given endpoint identities."""
+    resolver = PolicyResolver(config)
+    for name, number in RESERVED_IDENTITIES.items():
+        resolver.add_identity(number, Labels.of([Label(name, "", SOURCE_RESERVED)]))
+    prefixes = set()
+    for policy in policies:
+        for rule in policy.rules:
+            prefixes |= rule_prefixes(rule)
+    for n, prefix in enumerate(sorted(prefixes, key=lambda p: (p.version, str(p))), start=1):
+        resolver.add_identity(
+            CIDR_IDENTITY_FLAG | n,
+            Labels.of([Label(str(prefix), "", "cidr"), Label("world", "", SOURCE_RESERVED)]),
+        )
+    for number, labels in endpoints:
+        if resolver.cache.labels_of(number) is None:
+            resolver.add_identity(number, labels)
+    resolver.add_policies(policies)
+    return resolver
+
+
+def trace(
+    policies: Sequence[Policy],
+    source: TraceEndpoint,
+    destination: TraceEndpoint,
+    port: int,
+    protocol: Protocol = Protocol.TCP,
+    request: L7RequestSpec | None = None,
+    config: ResolverConfig | None = None,
+) -> TraceResult:
+    src_id = _identity_for(source.labels, SOURCE_IDENTITY)
+    dst_id = _identity_for(destination.labels, DESTINATION_IDENTITY)
+    if src_id == SOURCE_IDENTITY and dst_id == DESTINATION_IDENTITY and (
+        source.labels == destination.labels
+    ):
+        dst_id = src_id  # same labels, same identity
+    endpoints = [(i, ep.labels) for i, ep in ((src_id, source), (dst_id, destination))]
+    resolver = build_resolver(policies, endpoints, config)
+    proto_num = IP_PROTO[protocol]
+    notes: list[str] = []
+    steps = []
+    for direction, endpoint, ident, remote in (
+        (Direction.EGRESS, source, src_id, dst_id),
+        (Direction.INGRESS, destination, dst_id, src_id),
+    ):
+        if ident not in resolver.endpoint_identities():
+            steps.append(
+                TraceStep(
+                    direction,
+                    endpoint.describe(),
+                    ident,
+                    remote,
+                    False,
+                    (),
+                    None,
+                    note="not a garrison endpoint: its policy is not enforced here",
+                )
+            )
+            continue
+        state = resolver.map_state(ident)
+        enforced_by = tuple(
+            ref
+            for policy, rule in resolver.enforcing_rules(ident, direction)
+            for ref in _rule_refs(policy, rule, direction)
+        )
+        result = lookup(state, direction, remote, proto_num, port)
+        step = TraceStep(
+            direction,
+            endpoint.describe(),
+            ident,
+            remote,
+            state.enforced(direction),
+            enforced_by,
+            result,
+        )
+        if result.allowed and result.redirect is not None and result.l7 is not None:
+            step = _evaluate_l7(step, result.l7, request, notes)
+        steps.append(step)
+    audit = resolver.config.audit
+    return TraceResult(
+        source, destination, src_id, dst_id, protocol, port, tuple(steps), request,
+        tuple(notes), audit,
+    )
+
+
+def _rule_refs(policy: Policy, rule: object, direction: Direction) -> list[RuleRef]:
+    """One ref per policy rule that enforces `direction` (its first section of it)."""
+    from garrison.policies.model import Rule
+
+    assert isinstance(rule, Rule)
+    sections = (rule.ingress, rule.ingress_deny) if direction is Direction.INGRESS else (
+        rule.egress, rule.egress_deny
+    )
+    for group in sections:
+        for section in group or ():
+            if section.ref is not None:
+                return [section.ref]
+    name = "ingress" if direction is Direction.INGRESS else "egress"
+    index = policy.rules.index(rule)
+    return [
+        RuleRef(policy.kind, policy.namespace, policy.name, name, index, 0, len(policy.rules) > 1)
+    ]
+
+
+def _evaluate_l7(
+    step: TraceStep, ruleset: L7RuleSet, request: L7RequestSpec | None, notes: list[str]
+) -> TraceStep:
+    from dataclasses import replace
+
+    protocol = ruleset.protocol
+    if request is None:
+        notes.append(
+            f"port redirects to the {protocol.value} proxy ({step.direction.value} of "
+            f"{step.endpoint}); give L7 flags (--http-*, --grpc-*, --kafka-*) to evaluate L7"
+        )
+        return replace(step, l7_protocol=protocol)
+    verdict = match_l7(ruleset, request)
+    if verdict is None:
+        notes.append(
+            f"the {protocol.value} proxy on this port does not see a "
+            f"{type(request).__name__.removesuffix('RequestSpec')} request; L7 not evaluated"
+        )
+        return replace(step, l7_protocol=protocol)
+    return replace(step, l7_protocol=protocol, l7=verdict, l7_evaluated=True)
+
+
+def match_l7(ruleset: L7RuleSet, request: L7RequestSpec) -> L7Verdict | None:
+    """Evaluate `request` with the proxy's own matchers; None if the port's parser would not
+    see such a request (e.g. Kafka flags on an HTTP port)."""
+    protocol = ruleset.protocol
+    if protocol is L7Protocol.HTTP:
+        from garrison.policies.match_http import HTTPMatcher
+
+        if isinstance(request, GRPCRequestSpec):
+            # gRPC is HTTP/2 POST /pkg.Service/Method: HTTP rules apply to it.
+            request = HTTPRequestSpec(
+                "POST",
+                f"/{request.service}/{request.method}",
+                None,
+                (("content-type", "application/grpc"),),
+            )
+        if not isinstance(request, HTTPRequestSpec):
+            return None
+        return HTTPMatcher(ruleset).match(
+            request.method, request.path, request.host, list(request.headers)
+        )
+    if protocol is L7Protocol.GRPC:
+        from garrison.policies.match_grpc import GRPCMatcher
+
+        if isinstance(request, HTTPRequestSpec):
+            parts = request.path.split("?")[0].strip("/").split("/")
+            if request.method != "POST" or len(parts) != 2:
+                return L7Verdict(False, None, f"{request.method} {request.path} is not a gRPC call")
+            request = GRPCRequestSpec(parts[0], parts[1])
+        if not isinstance(request, GRPCRequestSpec):
+            return None
+        return GRPCMatcher(ruleset).match(request.service, request.method)
+    from garrison.policies.match_kafka import KafkaMatcher
+
+    if not isinstance(request, KafkaRequestSpec):
+        return None
+    version = request.api_version if request.api_version is not None else -1
+    return KafkaMatcher(ruleset).match(
+        request.api_key, version, request.client_id, list(request.topics)
+    )
+
+
+def describe_request(request: L7RequestSpec) -> str:
+    if isinstance(request, HTTPRequestSpec):
+        host = f" host {request.host}" if request.host else ""
+        return f"HTTP {request.method} {request.path}{host}"
+    if isinstance(request, GRPCRequestSpec):
+        return f"gRPC {request.service}/{request.method}"
+    name = KAFKA_API_NAMES.get(request.api_key, str(request.api_key))
+    topics = f" topics {','.join(request.topics)}" if request.topics else ""
+    version = f" v{request.api_version}" if request.api_version is not None else ""
+    return f"Kafka {name}{version}{topics}"
+
+
+def protocol_name(number: int) -> str:
+    return PROTOCOL_NAMES.get(number, str(number))
+
+
+def state_summary(state: MapState) -> str:
+    return f"{len(state.entries)} entries, {len(state.l7)} redirected"
+
+
+__all__ = [
+    "GRPCRequestSpec",
+    "HTTPRequestSpec",
+    "KafkaRequestSpec",
+    "TraceEndpoint",
+    "TraceResult",
+    "TraceStep",
+    "build_resolver",
+    "ipaddress",
+    "trace",
+]
