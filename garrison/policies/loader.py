@@ -1,0 +1,1456 @@
+"""Read policy files (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy) into
+the validated model, reporting every problem as `PATH:LINE: field.path: reason`.
+
+The YAML is composed, not constructed, so every value keeps its line; the model is built from
+those nodes. All problems of all files are collected and raised together as one
+`PolicyValidationError`: a policy set is applied whole or not at all.
+
+Meanings pinned here where Cilium or Kubernetes leave a choice (docs/POLICY-SEMANTICS.md):
+- A section element with no peers selects nothing unless it has a non-empty `toPorts` or
+  `icmps` list (then it selects any peer). `ingress: [{}]` is Cilium's default-deny idiom.
+- Fields of Cilium that garrison cannot enforce make that allow element select nothing (a
+  warning), and are errors in deny sections, where ignoring them would allow more.
+- A YAML null where a list or mapping is expected is an error, never "absent".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import re2
+from yaml.nodes import MappingNode
+
+from garrison.policies.errors import PolicyIssue, PolicyValidationError
+from garrison.policies.l7rules import (
+    GRPCRule,
+    HeaderMatch,
+    HTTPRule,
+    KafkaRole,
+    KafkaRule,
+    L7Rules,
+    MismatchAction,
+    kafka_api_key,
+    valid_kafka_topic,
+)
+from garrison.policies.labels import (
+    DEFAULT_NAMESPACE,
+    NAMESPACE_KEY,
+    NAMESPACE_LABELS_PREFIX,
+    SOURCE_ANY,
+    SOURCE_K8S,
+    split_source,
+)
+from garrison.policies.model import (
+    MAX_PORTS_PER_RULE,
+    CIDRPeer,
+    Direction,
+    EndpointPeer,
+    Entity,
+    EntityPeer,
+    ICMPField,
+    IPNetwork,
+    Peer,
+    Policy,
+    PolicySection,
+    PortProtocol,
+    PortRule,
+    Protocol,
+    Rule,
+    Source,
+)
+from garrison.policies.refs import PolicyKind, RuleRef
+from garrison.policies.selector import EndpointSelector, Operator, Requirement
+from garrison.policies.yamlnodes import (
+    TAG_INT,
+    TAG_STR,
+    At,
+    Reporter,
+    boolean,
+    compose_documents,
+    describe,
+    integer,
+    mapping,
+    peek,
+    raw_entries,
+    scalar_kind,
+    sequence,
+    string,
+    text,
+)
+
+POLICY_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+API_VERSIONS: dict[PolicyKind, str] = {
+    PolicyKind.CNP: "cilium.io/v2",
+    PolicyKind.CCNP: "cilium.io/v2",
+    PolicyKind.KNP: "networking.k8s.io/v1",
+}
+
+NOT_SUPPORTED = "not supported by garrison"
+FAIL_CLOSED = f"{NOT_SUPPORTED}; this element allows nothing"
+DENY_NOT_ENFORCEABLE = f"{NOT_SUPPORTED}; garrison cannot enforce this deny rule"
+
+# The usual Kubernetes object metadata: accepted, and all but name/namespace/labels ignored.
+METADATA_FIELDS = (
+    "name",
+    "namespace",
+    "labels",
+    "annotations",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+    "ownerReferences",
+    "finalizers",
+    "generateName",
+    "selfLink",
+)
+CILIUM_TOP_FIELDS = ("apiVersion", "kind", "metadata", "spec", "specs", "description", "status")
+KNP_TOP_FIELDS = ("apiVersion", "kind", "metadata", "spec", "status")
+LIST_TOP_FIELDS = ("apiVersion", "kind", "metadata", "items")
+
+RULE_FIELDS = (
+    "endpointSelector",
+    "ingress",
+    "ingressDeny",
+    "egress",
+    "egressDeny",
+    "labels",
+    "description",
+    "enableDefaultDeny",
+)
+SELECTOR_FIELDS = ("matchLabels", "matchExpressions")
+
+# Cilium section fields garrison does not enforce. `auth` is the older spelling of
+# `authentication` that Cilium's published examples still use.
+INGRESS_UNSUPPORTED = ("fromGroups", "fromNodes", "fromRequires", "authentication", "auth")
+EGRESS_UNSUPPORTED = (
+    "toFQDNs",
+    "toServices",
+    "toGroups",
+    "toNodes",
+    "toRequires",
+    "authentication",
+    "auth",
+)
+# Of those, the ones that name peers (for the one-peer-kind-per-element check).
+UNSUPPORTED_PEER_KINDS = frozenset(
+    {"fromGroups", "fromNodes", "toFQDNs", "toServices", "toGroups", "toNodes"}
+)
+TO_PORTS_UNSUPPORTED = ("terminatingTLS", "originatingTLS", "serverNames", "listener")
+L7_TYPES = ("http", "kafka", "grpc")
+L7_UNSUPPORTED = ("dns", "l7proto", "l7")
+
+HTTP_FIELDS = ("method", "path", "host", "headers", "headerMatches")
+HEADER_MATCH_FIELDS = ("name", "value", "mismatch")
+KAFKA_FIELDS = ("role", "apiKey", "apiVersion", "clientID", "topic")
+GRPC_FIELDS = ("service", "method")
+
+PORT_PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP, Protocol.ANY)
+KNP_PORT_PROTOCOLS = (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
+
+# ICMP type names Cilium accepts, per family.
+ICMP_TYPES: dict[str, dict[str, int]] = {
+    "IPv4": {
+        "EchoReply": 0,
+        "DestinationUnreachable": 3,
+        "Redirect": 5,
+        "Echo": 8,
+        "EchoRequest": 8,
+        "RouterAdvertisement": 9,
+        "RouterSelection": 10,
+        "TimeExceeded": 11,
+        "ParameterProblem": 12,
+        "Timestamp": 13,
+        "TimestampReply": 14,
+        "Photuris": 40,
+        "ExtendedEchoRequest": 42,
+        "ExtendedEchoReply": 43,
+    },
+    "IPv6": {
+        "DestinationUnreachable": 1,
+        "PacketTooBig": 2,
+        "TimeExceeded": 3,
+        "ParameterProblem": 4,
+        "EchoRequest": 128,
+        "EchoReply": 129,
+        "MulticastListenerQuery": 130,
+        "MulticastListenerReport": 131,
+        "MulticastListenerDone": 132,
+        "RouterSolicitation": 133,
+        "RouterAdvertisement": 134,
+        "NeighborSolicitation": 135,
+        "NeighborAdvertisement": 136,
+        "RedirectMessage": 137,
+        "RouterRenumbering": 138,
+        "ICMPNodeInformationQuery": 139,
+        "ICMPNodeInformationResponse": 140,
+        "InverseNeighborDiscoverySolicitation": 141,
+        "InverseNeighborDiscoveryAdvertisement": 142,
+        "HomeAgentAddressDiscoveryRequest": 144,
+        "HomeAgentAddressDiscoveryReply": 145,
+        "MobilePrefixSolicitation": 146,
+        "MobilePrefixAdvertisement": 147,
+        "DuplicateAddressRequestCodeSuffix": 157,
+        "DuplicateAddressConfirmationCodeSuffix": 158,
+        "ExtendedEchoRequest": 160,
+        "ExtendedEchoReply": 161,
+    },
+}
+
+K8S_NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS1123_SUBDOMAIN = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+DNS1123_LABEL = re.compile(_DNS_LABEL)
+GRPC_SERVICE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+GRPC_METHOD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """What a set of policy files holds: the policies in file order, the warnings (fields
+    accepted but not enforced), and the files that were read."""
+
+    policies: tuple[Policy, ...]
+    warnings: tuple[PolicyIssue, ...] = ()
+    files: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def load_text(text_: str, path: str = "<string>") -> LoadResult:
+    """Load the policies of one YAML (or JSON) text; raise PolicyValidationError on any error."""
+    loaded, issues = _load_file_text(text_, path)
+    issues += _duplicate_issues(loaded)
+    return _result(loaded, issues, (path,))
+
+
+def load_paths(paths: Sequence[str | Path]) -> LoadResult:
+    """Load policy files and directories (every *.yaml, *.yml, *.json below, recursively,
+    sorted; names starting with a dot are skipped, as Kubernetes volume mounts keep their
+    internals there). Every issue of every file is reported together."""
+    files, issues = policy_files(paths)
+    loaded: list[_Loaded] = []
+    for path in files:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            issues.append(PolicyIssue(path, 0, "", f"cannot read: {exc.strerror or exc}"))
+            continue
+        try:
+            decoded = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            issues.append(PolicyIssue(path, line, "", "not valid UTF-8 text"))
+            continue
+        file_loaded, file_issues = _load_file_text(decoded, path)
+        loaded += file_loaded
+        issues += file_issues
+    issues += _duplicate_issues(loaded)
+    return _result(loaded, issues, tuple(files))
+
+
+def policy_files(paths: Sequence[str | Path]) -> tuple[list[str], list[PolicyIssue]]:
+    """The files `paths` name, directories expanded; a file named twice is read once.
+
+    Missing paths are issues; a directory without policy files is a warning.
+    """
+    files: list[str] = []
+    issues: list[PolicyIssue] = []
+    seen: set[str] = set()
+
+    def add(path: str) -> None:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            files.append(path)
+
+    for given in paths:
+        path = os.fspath(given)
+        if os.path.isdir(path):
+            found = _walk_policy_files(path)
+            if not found:
+                issues.append(
+                    PolicyIssue(
+                        path,
+                        0,
+                        "",
+                        "no *.yaml, *.yml or *.json files in this directory",
+                        warning=True,
+                    )
+                )
+            for file in found:
+                add(file)
+        elif os.path.lexists(path):
+            add(path)
+        else:
+            issues.append(PolicyIssue(path, 0, "", "no such file or directory"))
+    return files, issues
+
+
+def _walk_policy_files(directory: str) -> list[str]:
+    found: list[str] = []
+    for root, dirnames, filenames in os.walk(directory):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and name.endswith(POLICY_FILE_SUFFIXES):
+                found.append(os.path.join(root, name))
+    return sorted(found)
+
+
+def _items(f: dict[str, At], name: str) -> list[At]:
+    """The elements of list field `name`; none when it is absent or not a list (reported)."""
+    if name not in f:
+        return []
+    return sequence(f[name]) or []
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and documents
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    policy: Policy
+    name_at: tuple[str, int, str, int]  # path, line, field, document of metadata.name
+
+
+def _result(loaded: list[_Loaded], issues: list[PolicyIssue], files: tuple[str, ...]) -> LoadResult:
+    if any(not i.warning for i in issues):
+        raise PolicyValidationError(issues)
+    return LoadResult(
+        policies=tuple(item.policy for item in loaded),
+        warnings=tuple(issues),
+        files=files,
+    )
+
+
+def _load_file_text(text_: str, path: str) -> tuple[list[_Loaded], list[PolicyIssue]]:
+    rep = Reporter(path)
+    loaded: list[_Loaded] = []
+    for doc in compose_documents(text_, rep):
+        rep.document = doc.index
+        loaded += _document(At.root(doc.node, rep), None)
+    issues = sorted(rep.issues, key=lambda i: (i.document, i.line))
+    return loaded, issues
+
+
+def _duplicate_issues(loaded: list[_Loaded]) -> list[PolicyIssue]:
+    first: dict[tuple[str, str | None, str], tuple[str, int]] = {}
+    issues: list[PolicyIssue] = []
+    for item in loaded:
+        key = item.policy.key
+        path, line, field_path, document = item.name_at
+        if key in first:
+            where = first[key]
+            issues.append(
+                PolicyIssue(
+                    path,
+                    line,
+                    field_path,
+                    f"duplicate policy {_policy_title(item.policy)} "
+                    f"(also defined at {where[0]}:{where[1]})",
+                    document,
+                )
+            )
+        else:
+            first[key] = (path, line)
+    return issues
+
+
+def _policy_title(policy: Policy) -> str:
+    where = f"{policy.namespace}/{policy.name}" if policy.namespace else policy.name
+    return f"{policy.kind.value} {where}"
+
+
+def _document(at: At, list_kind: PolicyKind | None) -> list[_Loaded]:
+    """One document (or List item): a policy, or a List of them."""
+    if not isinstance(at.node, MappingNode):
+        at.error(f"a policy document must be a mapping, not {describe(at.node)}")
+        return []
+    kind_at = peek(at, "kind")
+    version_at = peek(at, "apiVersion")
+    kind_text = string(kind_at) if kind_at is not None else None
+    if kind_at is None:
+        if list_kind is None:
+            at.missing("kind")
+            return []
+        kind_text = list_kind.value
+    if kind_text is None:
+        return []
+    if kind_text == "List" or kind_text.endswith("List"):
+        return _list_document(at, kind_text, kind_at)
+    try:
+        kind = PolicyKind(kind_text)
+    except ValueError:
+        assert kind_at is not None
+        expected = ", ".join(sorted([*(k.value for k in PolicyKind), "List"]))
+        kind_at.error(f"unknown kind '{kind_text}' (expected one of: {expected})")
+        return []
+    expected_version = API_VERSIONS[kind]
+    if version_at is None:
+        if list_kind is None:
+            at.missing("apiVersion")
+    else:
+        version = string(version_at)
+        if version is not None and version != expected_version:
+            version_at.error(
+                f"apiVersion '{version}' does not match kind {kind.value} "
+                f"(expected {expected_version})"
+            )
+    top = KNP_TOP_FIELDS if kind is PolicyKind.KNP else CILIUM_TOP_FIELDS
+    fields = mapping(at, top)
+    if fields is None:
+        return []
+    meta = _metadata(at, fields, kind)
+    if kind is PolicyKind.KNP:
+        policy = _network_policy(at, fields, meta)
+    else:
+        policy = _cilium_policy(at, fields, kind, meta)
+    if policy is None or meta.name_at is None:
+        return []
+    name_at = meta.name_at
+    return [_Loaded(policy, (at.rep.path, name_at.line, name_at.field, at.rep.document))]
+
+
+def _list_document(at: At, kind_text: str, kind_at: At | None) -> list[_Loaded]:
+    fields = mapping(at, LIST_TOP_FIELDS, required=("items",))
+    if fields is None or "items" not in fields:
+        return []
+    item_kind: PolicyKind | None = None
+    prefix = kind_text.removesuffix("List")
+    if prefix:
+        try:
+            item_kind = PolicyKind(prefix)
+        except ValueError:
+            assert kind_at is not None
+            expected = ", ".join(sorted(f"{k.value}List" for k in PolicyKind))
+            kind_at.error(f"unknown kind '{kind_text}' (expected List or one of: {expected})")
+            return []
+    items = sequence(fields["items"])
+    loaded: list[_Loaded] = []
+    for item in items or ():
+        loaded += _document(item, item_kind)
+    return loaded
+
+
+@dataclass(slots=True)
+class _Meta:
+    name: str = "<invalid>"
+    namespace: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    name_at: At | None = None
+
+
+def _metadata(doc: At, fields: dict[str, At], kind: PolicyKind) -> _Meta:
+    meta = _Meta()
+    if "metadata" not in fields:
+        doc.missing("metadata")
+        return meta
+    m = mapping(fields["metadata"], METADATA_FIELDS, required=("name",))
+    if m is None:
+        return meta
+    if "name" in m:
+        name = string(m["name"])
+        if name is not None:
+            if len(name) > 253 or not DNS1123_SUBDOMAIN.fullmatch(name):
+                m["name"].error(
+                    f"invalid name '{name}' (lower-case letters, digits, '-' and '.', "
+                    "starting and ending with a letter or digit, at most 253 characters)"
+                )
+            else:
+                meta.name = name
+                meta.name_at = m["name"]
+    namespace: str | None = DEFAULT_NAMESPACE
+    if "namespace" in m:
+        ns = string(m["namespace"])
+        if ns is not None and (len(ns) > 63 or not DNS1123_LABEL.fullmatch(ns)):
+            m["namespace"].error(
+                f"invalid namespace '{ns}' (lower-case letters, digits and '-', "
+                "starting and ending with a letter or digit, at most 63 characters)"
+            )
+        elif ns is not None:
+            namespace = ns
+        if kind is PolicyKind.CCNP:
+            m["namespace"].warn_key(f"ignored: a {kind.value} is not namespaced")
+    meta.namespace = None if kind is PolicyKind.CCNP else namespace
+    if "labels" in m:
+        pairs = []
+        for key, value_at in raw_entries(m["labels"]):
+            value = text(value_at)
+            if value is not None:
+                pairs.append((key, value))
+        meta.labels = tuple(sorted(pairs))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy
+
+
+@dataclass(slots=True)
+class _PolicyCtx:
+    kind: PolicyKind
+    name: str
+    namespace: str | None
+    # (direction, port) -> (L7 type, line) for the one-L7-type-per-port check.
+    l7_ports: dict[tuple[Direction, int], tuple[str, int]] = field(default_factory=dict)
+
+    def ref(self, section: str, spec_index: int, rule_index: int, has_specs: bool) -> RuleRef:
+        return RuleRef(
+            self.kind, self.namespace, self.name, section, spec_index, rule_index, has_specs
+        )
+
+
+def _cilium_policy(doc: At, fields: dict[str, At], kind: PolicyKind, meta: _Meta) -> Policy | None:
+    ctx = _PolicyCtx(kind, meta.name, meta.namespace)
+    description = text(fields["description"]) if "description" in fields else None
+    specs: list[tuple[At, int, bool]] = []
+    if "spec" in fields:
+        specs.append((fields["spec"], 0, False))
+    if "specs" in fields:
+        items = sequence(fields["specs"])
+        if items is not None and not items and "spec" not in fields:
+            fields["specs"].error("a policy needs at least one rule")
+        specs += [(item, i, True) for i, item in enumerate(items or ())]
+    if "spec" not in fields and "specs" not in fields:
+        doc.missing("spec")
+    rules = []
+    for at, index, has_specs in specs:
+        rule = _cilium_rule(ctx, at, index, has_specs, description or "")
+        if rule is not None:
+            rules.append(rule)
+    if len(rules) != len(specs) or not rules:
+        return None
+    return Policy(
+        kind=kind,
+        name=meta.name,
+        namespace=meta.namespace,
+        rules=tuple(rules),
+        source=Source(doc.rep.path, doc.rep.document, doc.line),
+        labels=meta.labels,
+    )
+
+
+_SECTIONS: tuple[tuple[str, Direction, bool], ...] = (
+    ("ingress", Direction.INGRESS, False),
+    ("ingressDeny", Direction.INGRESS, True),
+    ("egress", Direction.EGRESS, False),
+    ("egressDeny", Direction.EGRESS, True),
+)
+
+
+def _cilium_rule(
+    ctx: _PolicyCtx, at: At, spec_index: int, has_specs: bool, description: str
+) -> Rule | None:
+    f = mapping(at, RULE_FIELDS, also_known=("nodeSelector",))
+    if f is None:
+        return None
+    errors_before = at.rep.error_count()
+    selector: EndpointSelector | None = None
+    if "nodeSelector" in f:
+        f["nodeSelector"].key_error(f"{NOT_SUPPORTED} (host policies)")
+    elif "endpointSelector" not in f:
+        at.missing("endpointSelector")
+    else:
+        selector = _cilium_selector(f["endpointSelector"])
+    if selector is not None and ctx.namespace is not None:
+        selector = selector.with_requirement(
+            Requirement(NAMESPACE_KEY, Operator.IN, (ctx.namespace,), SOURCE_K8S)
+        )
+    sections: dict[str, tuple[PolicySection, ...] | None] = {}
+    for name, direction, deny in _SECTIONS:
+        sections[name] = None
+        if name in f:
+            items = sequence(f[name])
+            built = [
+                _cilium_section(ctx, item, name, direction, deny, spec_index, i, has_specs)
+                for i, item in enumerate(items or ())
+            ]
+            sections[name] = tuple(s for s in built if s is not None)
+    default_deny = {"ingress": True, "egress": True}
+    if "enableDefaultDeny" in f:
+        dd = mapping(f["enableDefaultDeny"], ("ingress", "egress"))
+        for key, value_at in (dd or {}).items():
+            value = boolean(value_at)
+            if value is not None:
+                default_deny[key] = value
+    if "labels" in f:
+        _rule_labels(f["labels"])
+    if "description" in f:
+        description = text(f["description"]) or ""
+    if selector is None or at.rep.error_count() != errors_before:
+        return None
+    return Rule(
+        endpoint_selector=selector,
+        ingress=sections["ingress"],
+        ingress_deny=sections["ingressDeny"],
+        egress=sections["egress"],
+        egress_deny=sections["egressDeny"],
+        default_deny_ingress=default_deny["ingress"],
+        default_deny_egress=default_deny["egress"],
+        description=description,
+        namespace=ctx.namespace,
+    )
+
+
+def _rule_labels(at: At) -> None:
+    """`labels: [{key, value, source}]` on a rule: validated, not used by enforcement."""
+    for item in sequence(at) or ():
+        f = mapping(item, ("key", "value", "source"), required=("key",))
+        for value_at in (f or {}).values():
+            string(value_at)
+
+
+def _cilium_section(
+    ctx: _PolicyCtx,
+    at: At,
+    section: str,
+    direction: Direction,
+    deny: bool,
+    spec_index: int,
+    rule_index: int,
+    has_specs: bool,
+) -> PolicySection | None:
+    ingress = direction is Direction.INGRESS
+    prefix = "from" if ingress else "to"
+    endpoints, entities, cidr, cidr_set = (
+        f"{prefix}Endpoints",
+        f"{prefix}Entities",
+        f"{prefix}CIDR",
+        f"{prefix}CIDRSet",
+    )
+    unsupported = INGRESS_UNSUPPORTED if ingress else EGRESS_UNSUPPORTED
+    peer_fields = (endpoints, entities, cidr, cidr_set)
+    f = mapping(at, (*peer_fields, "toPorts", "icmps"), also_known=unsupported)
+    if f is None:
+        return None
+    fail_closed = False
+    for name in unsupported:
+        if name in f:
+            if deny:
+                f[name].key_error(DENY_NOT_ENFORCEABLE)
+            else:
+                f[name].warn_key(FAIL_CLOSED)
+                fail_closed = True
+    kinds = [n for n in f if n in peer_fields or n in UNSUPPORTED_PEER_KINDS]
+    if len(kinds) > 1:
+        f[kinds[1]].key_error(f"one peer kind per rule element: {', '.join(kinds)}")
+
+    peers: list[Peer] = []
+    has_peers = False
+    if endpoints in f:
+        has_peers = True
+        for item in sequence(f[endpoints]) or ():
+            sel = _cilium_selector(item)
+            if sel is not None:
+                peers.append(EndpointPeer(_limit_peer(ctx, sel)))
+    if entities in f:
+        has_peers = True
+        peers += [EntityPeer(e) for e in _entities(f[entities])]
+    if cidr in f:
+        has_peers = True
+        for item in sequence(f[cidr]) or ():
+            net = _cidr(item)
+            if net is not None:
+                peers.append(CIDRPeer(net))
+    if cidr_set in f:
+        has_peers = True
+        peers += _cidr_set(f[cidr_set])
+
+    to_ports: tuple[PortRule, ...] = ()
+    if "toPorts" in f:
+        to_ports, ports_fail_closed = _port_rules(ctx, f["toPorts"], direction, deny)
+        fail_closed = fail_closed or ports_fail_closed
+    icmps: tuple[ICMPField, ...] = ()
+    if "icmps" in f:
+        icmps = _icmps(f["icmps"])
+        if "toPorts" in f:
+            f["icmps"].key_error("icmps and toPorts cannot be combined in one rule element")
+
+    final_peers: tuple[Peer, ...] | None
+    if fail_closed:
+        final_peers = ()
+    elif has_peers:
+        final_peers = tuple(peers)
+    elif to_ports or icmps:
+        final_peers = None
+    else:
+        final_peers = ()
+    return PolicySection(
+        peers=final_peers,
+        to_ports=to_ports,
+        icmps=icmps,
+        ref=ctx.ref(section, spec_index, rule_index, has_specs),
+    )
+
+
+def _limit_peer(ctx: _PolicyCtx, selector: EndpointSelector) -> EndpointSelector:
+    """A namespaced policy's peers are endpoints of its namespace unless the selector names
+    the namespace label or a reserved identity; a clusterwide policy's are not limited."""
+    if ctx.namespace is None or selector.names_reserved():
+        return selector
+    return selector.in_namespace(ctx.namespace)
+
+
+def _entities(at: At) -> list[Entity]:
+    out = []
+    for item in sequence(at) or ():
+        name = string(item)
+        if name is None:
+            continue
+        try:
+            out.append(Entity(name))
+        except ValueError:
+            valid = ", ".join(e.value for e in Entity)
+            item.error(f"unknown entity '{name}' (expected one of: {valid})")
+    return out
+
+
+def _cidr(at: At) -> IPNetwork | None:
+    value = string(at)
+    if value is None:
+        return None
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        at.error(f"invalid CIDR '{value}'")
+        return None
+    at.error(f"CIDR '{value}' has host bits set (did you mean {loose}?)")
+    return None
+
+
+def _cidr_set(at: At) -> list[Peer]:
+    out: list[Peer] = []
+    for item in sequence(at) or ():
+        f = mapping(item, ("cidr", "except"), also_known=("cidrGroupRef", "cidrGroupSelector"))
+        if f is None:
+            continue
+        group = [n for n in ("cidrGroupRef", "cidrGroupSelector") if n in f]
+        for name in group:
+            f[name].key_error(NOT_SUPPORTED)
+        if "cidr" not in f:
+            if not group:
+                item.missing("cidr")
+            continue
+        net = _cidr(f["cidr"])
+        excepts: list[IPNetwork] = []
+        for ex_at in _items(f, "except"):
+            ex = _cidr(ex_at)
+            if ex is None or net is None:
+                continue
+            if ex.version != net.version or not ex.subnet_of(net):  # type: ignore[arg-type]
+                ex_at.error(f"except {ex} is not inside {net}")
+                continue
+            excepts.append(ex)
+        if net is not None:
+            out.append(CIDRPeer(net, tuple(excepts)))
+    return out
+
+
+def _icmps(at: At) -> tuple[ICMPField, ...]:
+    out: list[ICMPField] = []
+    for item in sequence(at) or ():
+        f = mapping(item, ("fields",), required=("fields",))
+        if f is None or "fields" not in f:
+            continue
+        fields = sequence(f["fields"])
+        if fields is not None and not fields:
+            f["fields"].error("needs at least one ICMP field")
+        for field_at in fields or ():
+            icmp = _icmp_field(field_at)
+            if icmp is not None:
+                out.append(icmp)
+    return tuple(out)
+
+
+def _icmp_field(at: At) -> ICMPField | None:
+    f = mapping(at, ("type", "family"), required=("type",))
+    if f is None or "type" not in f:
+        return None
+    family = "IPv4"
+    if "family" in f:
+        written = string(f["family"])
+        if written is None:
+            return None
+        if written not in ICMP_TYPES:
+            f["family"].error(f"unknown family '{written}' (expected one of: IPv4, IPv6)")
+            return None
+        family = written
+    type_at = f["type"]
+    if scalar_kind(type_at) == TAG_INT:
+        number = integer(type_at)
+        if number is None:
+            return None
+        if not 0 <= number <= 255:
+            type_at.error(f"ICMP type {number} out of range 0-255")
+            return None
+        return ICMPField(family=family, type=number)
+    name = string(type_at)
+    if name is None:
+        return None
+    if name.isdigit() and int(name) <= 255:
+        return ICMPField(family=family, type=int(name))
+    names = ICMP_TYPES[family]
+    if name not in names:
+        type_at.error(
+            f"unknown {family} ICMP type '{name}' (a number 0-255 or one of: {', '.join(names)})"
+        )
+        return None
+    return ICMPField(family=family, type=names[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# toPorts and L7 rules
+
+
+@dataclass(frozen=True, slots=True)
+class _Port:
+    value: PortProtocol
+    at: At
+    fields: dict[str, At]
+
+
+def _port_rules(
+    ctx: _PolicyCtx, at: At, direction: Direction, deny: bool
+) -> tuple[tuple[PortRule, ...], bool]:
+    """The `toPorts` list, and whether an unsupported field makes the element allow nothing."""
+    rules: list[PortRule] = []
+    fail_closed = False
+    for item in sequence(at) or ():
+        f = mapping(item, ("ports", "rules"), also_known=TO_PORTS_UNSUPPORTED)
+        if f is None:
+            continue
+        for name in TO_PORTS_UNSUPPORTED:
+            if name in f:
+                if deny:
+                    f[name].key_error(DENY_NOT_ENFORCEABLE)
+                else:
+                    f[name].warn_key(FAIL_CLOSED)
+                    fail_closed = True
+        ports = _ports(f["ports"]) if "ports" in f else []
+        l7: _L7 | None = None
+        if "rules" in f:
+            if deny:
+                f["rules"].key_error("L7 rules are not allowed in deny sections")
+            else:
+                l7, l7_unsupported = _l7_rules(f["rules"])
+                fail_closed = fail_closed or l7_unsupported
+        if l7 is not None:
+            ports = _l7_ports(ctx, item, f, ports, l7, direction)
+        rules.append(PortRule(ports=tuple(p.value for p in ports), rules=l7.rules if l7 else None))
+    return tuple(rules), fail_closed
+
+
+def _ports(at: At) -> list[_Port]:
+    items = sequence(at)
+    if items is None:
+        return []
+    if len(items) > MAX_PORTS_PER_RULE:
+        at.key_error(f"at most {MAX_PORTS_PER_RULE} ports per rule (got {len(items)})")
+    out = []
+    for item in items:
+        port = _port_protocol(item, PORT_PROTOCOLS, Protocol.ANY)
+        if port is not None:
+            out.append(port)
+    return out
+
+
+def _port_protocol(at: At, protocols: tuple[Protocol, ...], default: Protocol) -> _Port | None:
+    f = mapping(at, ("port", "endPort", "protocol"))
+    if f is None:
+        return None
+    port = 0
+    if "port" in f:
+        parsed = _port_number(f["port"], named_ports_hint=True)
+        ok = parsed is not None
+        port = parsed or 0
+    else:
+        ok = True
+    end_port = 0
+    if "endPort" in f:
+        parsed = _port_number(f["endPort"], named_ports_hint=False)
+        if parsed is None or not ok:
+            ok = False
+        elif parsed and port == 0:
+            f["endPort"].error("endPort needs a non-zero port")
+            ok = False
+        elif parsed and parsed < port:
+            f["endPort"].error(f"endPort {parsed} is below port {port}")
+            ok = False
+        elif parsed != port:
+            end_port = parsed
+    protocol = default
+    if "protocol" in f:
+        written = string(f["protocol"])
+        canonical = {p.value.upper(): p for p in protocols}
+        if written is None:
+            ok = False
+        elif written.upper() not in canonical:
+            valid = ", ".join(p.value for p in protocols)
+            f["protocol"].error(f"unknown protocol '{written}' (expected one of: {valid})")
+            ok = False
+        else:
+            protocol = canonical[written.upper()]
+    if not ok:
+        return None
+    return _Port(PortProtocol(port, end_port, protocol), at, f)
+
+
+def _port_number(at: At, *, named_ports_hint: bool) -> int | None:
+    kind = scalar_kind(at)
+    if kind == TAG_INT:
+        number = integer(at)
+    elif kind == TAG_STR:
+        written = str(at.node.value).strip()
+        if not re.fullmatch(r"-?[0-9]+", written):
+            if named_ports_hint and written:
+                at.error(f"named ports are not supported (port '{written}'; use a number)")
+            else:
+                at.error(f"invalid port '{written}' (expected a number 0-65535)")
+            return None
+        number = int(written)
+    else:
+        integer(at)
+        return None
+    if number is None:
+        return None
+    if not 0 <= number <= 65535:
+        at.error(f"port {number} out of range 0-65535")
+        return None
+    return number
+
+
+def _l7_ports(
+    ctx: _PolicyCtx,
+    element: At,
+    f: dict[str, At],
+    ports: list[_Port],
+    l7: _L7,
+    direction: Direction,
+) -> list[_Port]:
+    """L7 rules apply to single TCP ports: check each, turn ANY into TCP, and record the port
+    so another element of the policy cannot give it a different L7 type."""
+    if not ports:
+        f.get("ports", element).key_error("L7 rules need a specific TCP port")
+        return ports
+    out = []
+    for p in ports:
+        pp = p.value
+        if pp.port == 0:
+            port_at = p.fields.get("port")
+            if port_at is not None:
+                port_at.error("L7 rules need a specific TCP port (port 0 means any port)")
+            else:
+                p.at.error("L7 rules need a specific TCP port")
+            continue
+        if pp.end_port:
+            p.fields["endPort"].key_error("L7 rules on a port range are not supported")
+            continue
+        if pp.protocol not in (Protocol.TCP, Protocol.ANY):
+            p.fields["protocol"].error(f"L7 rules need protocol TCP, not {pp.protocol.value}")
+            continue
+        out.append(_Port(PortProtocol(pp.port, 0, Protocol.TCP), p.at, p.fields))
+        key = (direction, pp.port)
+        if key not in ctx.l7_ports:
+            ctx.l7_ports[key] = (l7.name, l7.at.key_line)
+            continue
+        other, line = ctx.l7_ports[key]
+        if other != l7.name:
+            l7.at.key_error(
+                f"port {pp.port}/TCP has {other} rules at line {line}; one L7 type per port"
+            )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _L7:
+    """A validated `rules` mapping: its one L7 type, where that type's key is, the rules."""
+
+    name: str
+    at: At
+    rules: L7Rules
+
+
+def _l7_group(name: str) -> str:
+    return "l7proto/l7" if name in ("l7proto", "l7") else name
+
+
+def _l7_rules(at: At) -> tuple[_L7 | None, bool]:
+    """`rules`: exactly one L7 type. Returns the rules and whether an unsupported type makes
+    the element allow nothing."""
+    f = mapping(at, L7_TYPES, also_known=L7_UNSUPPORTED)
+    if f is None:
+        return None, False
+    groups: dict[str, At] = {}
+    for name, value_at in f.items():
+        groups.setdefault(_l7_group(name), value_at)
+    if not groups:
+        at.key_error("rules need one of: http, kafka, grpc")
+        return None, False
+    unsupported = [n for n in f if n in L7_UNSUPPORTED]
+    if len(groups) > 1:
+        list(groups.values())[1].key_error(f"one L7 type per port: {', '.join(groups)}")
+    else:
+        for name in unsupported:
+            f[name].warn_key(FAIL_CLOSED)
+    # Rules of every supported type are read, so their own problems are reported too.
+    parsed = [
+        _L7(name, type_at, _typed_l7_rules(name, type_at))
+        for name, type_at in f.items()
+        if name in L7_TYPES
+    ]
+    if len(groups) > 1 or unsupported:
+        return None, bool(unsupported)
+    return parsed[0], False
+
+
+def _typed_l7_rules(name: str, at: At) -> L7Rules:
+    items = sequence(at)
+    if items is not None and not items:
+        at.error(f"needs at least one rule (write [{{}}] to allow all {name})")
+    if name == "http":
+        http = [_http_rule(item) for item in items or ()]
+        return L7Rules(http=tuple(r for r in http if r is not None))
+    if name == "kafka":
+        kafka = [_kafka_rule(item) for item in items or ()]
+        return L7Rules(kafka=tuple(r for r in kafka if r is not None))
+    grpc = [_grpc_rule(item) for item in items or ()]
+    return L7Rules(grpc=tuple(r for r in grpc if r is not None))
+
+
+def _regex(at: At) -> str | None:
+    pattern = string(at)
+    if pattern is None:
+        return None
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        re2.compile(pattern, options)
+    except re2.error as exc:
+        message = exc.args[0] if exc.args else exc
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        at.error(f"invalid regular expression: {message}")
+        return None
+    return pattern
+
+
+def _http_rule(at: At) -> HTTPRule | None:
+    f = mapping(at, HTTP_FIELDS)
+    if f is None:
+        return None
+    errors_before = at.rep.error_count()
+    method = _regex(f["method"]) if "method" in f else None
+    path = _regex(f["path"]) if "path" in f else None
+    host = _regex(f["host"]) if "host" in f else None
+    headers: list[str] = []
+    for item in _items(f, "headers"):
+        header = string(item)
+        if header is None:
+            continue
+        name, sep, value = header.partition(":")
+        if not HTTP_TOKEN.fullmatch(name.strip()):
+            item.error(f"invalid header '{header}' (expected 'Name' or 'Name: value')")
+            continue
+        headers.append(f"{name.strip()}: {value.strip()}" if sep else name.strip())
+    matches: list[HeaderMatch] = []
+    for item in _items(f, "headerMatches"):
+        match = _header_match(item)
+        if match is not None:
+            matches.append(match)
+    if at.rep.error_count() != errors_before:
+        return None
+    return HTTPRule(
+        method=method, path=path, host=host, headers=tuple(headers), header_matches=tuple(matches)
+    )
+
+
+def _header_match(at: At) -> HeaderMatch | None:
+    f = mapping(at, HEADER_MATCH_FIELDS, also_known=("secret",), required=("name", "value"))
+    if f is None:
+        return None
+    if "secret" in f:
+        f["secret"].key_error(NOT_SUPPORTED)
+    name = string(f["name"]) if "name" in f else None
+    if name is not None and not HTTP_TOKEN.fullmatch(name):
+        f["name"].error(f"invalid header name '{name}'")
+        name = None
+    value = string(f["value"]) if "value" in f else None
+    mismatch: MismatchAction | None = None
+    if "mismatch" in f:
+        written = string(f["mismatch"])
+        if written is None:
+            return None
+        if written:
+            try:
+                mismatch = MismatchAction(written.upper())
+            except ValueError:
+                valid = ", ".join(a.value for a in MismatchAction)
+                f["mismatch"].error(
+                    f"unknown mismatch action '{written}' (expected \"\" or one of: {valid})"
+                )
+                return None
+    if name is None or value is None or "secret" in f:
+        return None
+    return HeaderMatch(name=name, value=value, mismatch=mismatch)
+
+
+def _kafka_rule(at: At) -> KafkaRule | None:
+    f = mapping(at, KAFKA_FIELDS)
+    if f is None:
+        return None
+    ok = True
+    role: KafkaRole | None = None
+    if "role" in f:
+        written = string(f["role"])
+        try:
+            role = KafkaRole((written or "").lower())
+        except ValueError:
+            if written is not None:
+                f["role"].error(f"unknown Kafka role '{written}' (expected produce or consume)")
+            ok = False
+    api_key: int | None = None
+    if "apiKey" in f:
+        if "role" in f:
+            f["apiKey"].key_error("role and apiKey cannot be combined in one Kafka rule")
+            ok = False
+        key_at = f["apiKey"]
+        key = integer(key_at) if scalar_kind(key_at) == TAG_INT else string(key_at)
+        api_key = kafka_api_key(key) if key is not None else None
+        if key is not None and api_key is None:
+            key_at.error(
+                f"unknown Kafka apiKey '{key}' (a name such as produce, fetch, metadata, "
+                "apiversions, or a number 0-32767)"
+            )
+        ok = ok and api_key is not None
+    api_version: int | None = None
+    if "apiVersion" in f:
+        v_at = f["apiVersion"]
+        if scalar_kind(v_at) == TAG_INT:
+            api_version = integer(v_at)
+        else:
+            written = string(v_at)
+            if written is not None and written.strip().isdigit():
+                api_version = int(written)
+            elif written is not None:
+                v_at.error(f"invalid Kafka apiVersion '{written}' (expected a number >= 0)")
+        if api_version is not None and not 0 <= api_version <= 32767:
+            v_at.error(f"invalid Kafka apiVersion {api_version} (expected a number >= 0)")
+            api_version = None
+        ok = ok and api_version is not None
+    client_id = string(f["clientID"]) if "clientID" in f else None
+    if "clientID" in f and client_id is None:
+        ok = False
+    topic: str | None = None
+    if "topic" in f:
+        topic = string(f["topic"])
+        if topic is not None and not valid_kafka_topic(topic):
+            f["topic"].error(
+                f"invalid Kafka topic '{topic}' (1-255 characters of a-z A-Z 0-9 . _ -)"
+            )
+            topic = None
+        ok = ok and topic is not None
+    if not ok:
+        return None
+    return KafkaRule(
+        role=role, api_key=api_key, api_version=api_version, client_id=client_id, topic=topic
+    )
+
+
+def _grpc_rule(at: At) -> GRPCRule | None:
+    f = mapping(at, GRPC_FIELDS, required=("service",))
+    if f is None or "service" not in f:
+        return None
+    service = string(f["service"])
+    if service is not None and not GRPC_SERVICE.fullmatch(service):
+        f["service"].error(f"invalid gRPC service '{service}' (expected package.Service)")
+        service = None
+    method: str | None = None
+    if "method" in f:
+        method = string(f["method"])
+        if method is not None and not GRPC_METHOD.fullmatch(method):
+            f["method"].error(f"invalid gRPC method '{method}' (expected a name like GetFeature)")
+            return None
+        if method is None:
+            return None
+    if service is None:
+        return None
+    return GRPCRule(service=service, method=method)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label selectors
+
+
+@dataclass(frozen=True, slots=True)
+class _Term:
+    """One selector condition as written: matchLabels entries become `In` with one value."""
+
+    key: str
+    operator: Operator
+    values: tuple[str, ...]
+    at: At
+
+
+def _selector_terms(at: At) -> list[_Term] | None:
+    f = mapping(at, SELECTOR_FIELDS)
+    if f is None:
+        return None
+    errors_before = at.rep.error_count()
+    terms: list[_Term] = []
+    if "matchLabels" in f:
+        for key, value_at in raw_entries(f["matchLabels"]):
+            value = text(value_at)
+            if _label_key_ok(key, value_at) and value is not None:
+                terms.append(_Term(key, Operator.IN, (value,), value_at))
+    if "matchExpressions" in f:
+        for item in sequence(f["matchExpressions"]) or ():
+            term = _expression(item)
+            if term is not None:
+                terms.append(term)
+    return terms if at.rep.error_count() == errors_before else None
+
+
+def _label_key_ok(key: str, at: At) -> bool:
+    _, bare = split_source(key, SOURCE_ANY)
+    if not bare or any(c.isspace() for c in key):
+        at.key_error(f"invalid label key '{key}'")
+        return False
+    return True
+
+
+def _expression(at: At) -> _Term | None:
+    f = mapping(at, ("key", "operator", "values"), required=("key", "operator"))
+    if f is None or "key" not in f or "operator" not in f:
+        return None
+    key = string(f["key"])
+    if key is not None and not _label_key_ok(key, f["key"]):
+        key = None
+    written = string(f["operator"])
+    operator: Operator | None = None
+    if written is not None:
+        by_lower = {op.value.lower(): op for op in Operator}
+        operator = by_lower.get(written.lower())
+        if operator is None:
+            valid = ", ".join(op.value for op in Operator)
+            f["operator"].error(f"unknown operator '{written}' (expected one of: {valid})")
+    values: list[str] = []
+    values_ok = True
+    if "values" in f:
+        items = sequence(f["values"])
+        values_ok = items is not None
+        for item in items or ():
+            value = text(item)
+            if value is None:
+                values_ok = False
+            else:
+                values.append(value)
+    if operator in (Operator.IN, Operator.NOT_IN) and values_ok and not values:
+        where = f.get("values")
+        reason = f"operator {operator.value} needs at least one value"
+        if where is not None:
+            where.error(reason)
+        else:
+            at.rep.error(at.key_line, at.path_of("values"), reason)
+        return None
+    if operator in (Operator.EXISTS, Operator.DOES_NOT_EXIST) and values:
+        f["values"].key_error(f"operator {operator.value} takes no values")
+        return None
+    if key is None or operator is None or not values_ok:
+        return None
+    return _Term(key, operator, tuple(values), at)
+
+
+def _cilium_selector(at: At) -> EndpointSelector | None:
+    terms = _selector_terms(at)
+    if terms is None:
+        return None
+    reqs = []
+    for term in terms:
+        source, key = split_source(term.key, SOURCE_ANY)
+        reqs.append(Requirement(key, term.operator, tuple(sorted(set(term.values))), source))
+    return EndpointSelector.of(reqs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kubernetes NetworkPolicy
+
+
+def _network_policy(doc: At, fields: dict[str, At], meta: _Meta) -> Policy | None:
+    namespace = meta.namespace or DEFAULT_NAMESPACE
+    ctx = _PolicyCtx(PolicyKind.KNP, meta.name, namespace)
+    if "spec" not in fields:
+        doc.missing("spec")
+        return None
+    at = fields["spec"]
+    f = mapping(at, ("podSelector", "policyTypes", "ingress", "egress"), required=("podSelector",))
+    if f is None:
+        return None
+    errors_before = doc.rep.error_count()
+    selector = _k8s_pod_selector(f["podSelector"]) if "podSelector" in f else None
+    if selector is not None:
+        selector = selector.with_requirement(
+            Requirement(NAMESPACE_KEY, Operator.IN, (namespace,), SOURCE_K8S)
+        )
+    types: set[str] = set()
+    if "policyTypes" in f:
+        for item in sequence(f["policyTypes"]) or ():
+            written = string(item)
+            if written is not None and written not in ("Ingress", "Egress"):
+                item.error(f"unknown policy type '{written}' (expected Ingress or Egress)")
+            elif written is not None:
+                types.add(written)
+    else:
+        types = {"Ingress", "Egress"} if "egress" in f else {"Ingress"}
+    sections: dict[str, tuple[PolicySection, ...] | None] = {"ingress": None, "egress": None}
+    for name, direction, type_name in (
+        ("ingress", Direction.INGRESS, "Ingress"),
+        ("egress", Direction.EGRESS, "Egress"),
+    ):
+        items = sequence(f[name]) if name in f else []
+        built = [_k8s_section(ctx, item, name, direction, i) for i, item in enumerate(items or ())]
+        if type_name in types:
+            sections[name] = tuple(s for s in built if s is not None)
+        elif name in f:
+            f[name].warn_key(f"ignored: policyTypes does not include {type_name}")
+    if selector is None or doc.rep.error_count() != errors_before:
+        return None
+    rule = Rule(
+        endpoint_selector=selector,
+        ingress=sections["ingress"],
+        egress=sections["egress"],
+        namespace=namespace,
+    )
+    return Policy(
+        kind=PolicyKind.KNP,
+        name=meta.name,
+        namespace=namespace,
+        rules=(rule,),
+        source=Source(doc.rep.path, doc.rep.document, doc.line),
+        labels=meta.labels,
+    )
+
+
+def _k8s_section(
+    ctx: _PolicyCtx, at: At, section: str, direction: Direction, index: int
+) -> PolicySection | None:
+    peers_key = "from" if direction is Direction.INGRESS else "to"
+    f = mapping(at, (peers_key, "ports"))
+    if f is None:
+        return None
+    peers: list[Peer] = []
+    for item in _items(f, peers_key):
+        peers += _k8s_peer(ctx, item)
+    to_ports: list[PortRule] = []
+    if "ports" in f:
+        ports: list[PortProtocol] = []
+        for item in sequence(f["ports"]) or ():
+            port = _port_protocol(item, KNP_PORT_PROTOCOLS, Protocol.TCP)
+            if port is not None:
+                ports.append(port.value)
+        # Kubernetes sets no limit on ports; the datapath's per-rule limit is met by splitting.
+        for start in range(0, len(ports), MAX_PORTS_PER_RULE):
+            to_ports.append(PortRule(ports=tuple(ports[start : start + MAX_PORTS_PER_RULE])))
+    return PolicySection(
+        peers=tuple(peers) if peers else None,
+        to_ports=tuple(to_ports),
+        ref=ctx.ref(section, 0, index, False),
+    )
+
+
+def _k8s_peer(ctx: _PolicyCtx, at: At) -> list[Peer]:
+    f = mapping(at, ("podSelector", "namespaceSelector", "ipBlock"))
+    if f is None:
+        return []
+    if not f:
+        at.error("a peer needs podSelector, namespaceSelector or ipBlock")
+        return []
+    if "ipBlock" in f:
+        if len(f) > 1:
+            f["ipBlock"].key_error(
+                "ipBlock cannot be combined with podSelector or namespaceSelector"
+            )
+        return _ip_block(f["ipBlock"])
+    reqs: list[Requirement] = []
+    ok = True
+    if "podSelector" in f:
+        pod = _k8s_pod_selector(f["podSelector"])
+        ok = pod is not None
+        reqs += pod.requirements if pod is not None else ()
+    if "namespaceSelector" in f:
+        ns = _k8s_namespace_requirements(f["namespaceSelector"])
+        ok = ok and ns is not None
+        reqs += ns or ()
+    else:
+        assert ctx.namespace is not None
+        reqs.append(Requirement(NAMESPACE_KEY, Operator.IN, (ctx.namespace,), SOURCE_K8S))
+    return [EndpointPeer(EndpointSelector.of(reqs))] if ok else []
+
+
+def _k8s_pod_selector(at: At) -> EndpointSelector | None:
+    """A Kubernetes label selector on pod labels: keys are plain k8s label keys."""
+    terms = _selector_terms(at)
+    if terms is None:
+        return None
+    ok = True
+    for term in terms:
+        if ":" in term.key:
+            term.at.key_error(f"invalid label key '{term.key}' (Kubernetes keys have no source)")
+            ok = False
+    if not ok:
+        return None
+    return EndpointSelector.of(
+        [Requirement(t.key, t.operator, tuple(sorted(set(t.values))), SOURCE_K8S) for t in terms]
+    )
+
+
+def _k8s_namespace_requirements(at: At) -> list[Requirement] | None:
+    """`namespaceSelector` in Cilium's label terms: the namespace's name is the endpoint's
+    namespace label, its other labels are `io.cilium.k8s.namespace.labels.<key>`. Every
+    namespace selector also requires a namespace, so it never selects reserved identities."""
+    pod = _k8s_pod_selector(at)
+    if pod is None:
+        return None
+    out = [Requirement(NAMESPACE_KEY, Operator.EXISTS, (), SOURCE_K8S)]
+    for req in pod.requirements:
+        key = (
+            NAMESPACE_KEY
+            if req.key == K8S_NAMESPACE_NAME_LABEL
+            else NAMESPACE_LABELS_PREFIX + req.key
+        )
+        out.append(Requirement(key, req.operator, req.values, SOURCE_K8S))
+    return out
+
+
+def _ip_block(at: At) -> list[Peer]:
+    f = mapping(at, ("cidr", "except"), required=("cidr",))
+    if f is None or "cidr" not in f:
+        return []
+    net = _cidr(f["cidr"])
+    excepts: list[IPNetwork] = []
+    for ex_at in _items(f, "except"):
+        ex = _cidr(ex_at)
+        if ex is None or net is None:
+            continue
+        if ex.version != net.version or not ex.subnet_of(net):  # type: ignore[arg-type]
+            ex_at.error(f"except {ex} is not inside {net}")
+            continue
+        excepts.append(ex)
+    return [CIDRPeer(net, tuple(excepts))] if net is not None else []
