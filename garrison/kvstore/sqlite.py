@@ -14,6 +14,7 @@ import errno
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,18 +110,33 @@ class SQLiteKVStore:
         except sqlite3.Error as exc:
             raise KVStoreOpenError(self.path, str(exc)) from exc
         try:
-            if self.path != MEMORY:
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise KVStoreOpenError(self.path, f"cannot enable WAL mode (got {mode!r})")
-            conn.execute(_SCHEMA)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise KVStoreOpenError(self.path, str(exc)) from exc
-        except KVStoreOpenError:
+            self._set_up(conn)
+        except BaseException:
             conn.close()
             raise
         return conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """Switch to WAL and create the table. Changing the journal mode does not wait on the
+        busy handler: processes opening a new file together retry until the busy timeout."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                if self.path != MEMORY:
+                    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                    if str(mode).lower() != "wal":
+                        raise KVStoreOpenError(self.path, f"cannot enable WAL mode (got {mode})")
+                conn.execute(_SCHEMA)
+                return
+            except sqlite3.Error as exc:
+                code = getattr(exc, "sqlite_errorcode", None)
+                busy = code is not None and code & 0xFF in (
+                    sqlite3.SQLITE_BUSY,
+                    sqlite3.SQLITE_LOCKED,
+                )
+                if not busy or time.monotonic() >= deadline:
+                    raise KVStoreOpenError(self.path, str(exc)) from exc
+                time.sleep(0.01)
 
     def __repr__(self) -> str:
         return f"SQLiteKVStore({self.path!r})"
