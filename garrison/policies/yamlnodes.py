@@ -331,8 +331,10 @@ def compose_documents(text_: str, rep: Reporter) -> list[ComposedDocument]:
         rep.document = index
         mark = exc.problem_mark or exc.context_mark
         line = int(mark.line) + 1 if mark is not None else 1
-        parts = [p for p in (exc.problem, exc.context) if p]
-        rep.error(line, "", "YAML syntax error: " + "; ".join(parts))
+        reason = f"YAML syntax error: {exc.problem or exc.context}"
+        if exc.problem and exc.context:
+            reason += f" ({exc.context})"
+        rep.error(line, "", reason)
     except yaml.reader.ReaderError as exc:
         rep.document = index
         line = text_.count("\n", 0, exc.position) + 1
