@@ -5,15 +5,15 @@ so that several processes (one node) or several agents (etcd, many nodes) can sh
 without a lock service: the embedded SQLite backend implements each operation as one
 transaction, and an etcd backend maps each one to a single request:
 
-| operation                     | etcd v3                                                     |
-|-------------------------------|-------------------------------------------------------------|
-| `get`                         | Range(key)                                                  |
-| `list_prefix`                 | Range(prefix, range_end=prefix+1)                           |
-| `create`                      | Txn(If CreateRevision(key) == 0, Then Put)                  |
-| `put`                         | Put                                                         |
-| `compare_and_swap`            | Txn(If Value(key) == expected, Then Put) (create if None)  |
-| `delete`                      | DeleteRange(key) → deleted > 0                              |
-| `compare_and_delete`          | Txn(If Value(key) == expected, Then DeleteRange)            |
+| operation            | etcd v3                                                     |
+|----------------------|-------------------------------------------------------------|
+| `get`                | Range(key)                                                  |
+| `list_prefix`        | Range(prefix, range_end = prefix with last byte + 1)        |
+| `create`             | Txn(If CreateRevision(key) == 0 Then Put)                   |
+| `put`                | Put                                                         |
+| `compare_and_swap`   | Txn(If Value(key) == expected Then Put); None: as `create`  |
+| `delete`             | DeleteRange(key), deleted > 0                               |
+| `compare_and_delete` | Txn(If Value(key) == expected Then DeleteRange(key))        |
 """
 
 from __future__ import annotations

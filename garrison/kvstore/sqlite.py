@@ -9,42 +9,41 @@ SQLITE_BUSY on a lock upgrade, which the busy handler cannot resolve.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Self
 
 from garrison.kvstore.base import KVStoreError, KVStoreOpenError, check_key
 
 MEMORY = ":memory:"
+FILENAME = "kvstore.sqlite"
 DEFAULT_BUSY_TIMEOUT_S = 10.0
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID"
 
-_OS_ERROR_HINTS = {
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
-    errno.EISDIR: "the path is a directory",
-    errno.ENOTDIR: "a parent of the path is not a directory",
-    errno.ENOSPC: "no space left on device",
-    errno.ENOENT: "no such file or directory",
-}
+_OS_ERROR_HINTS: Mapping[int, str] = MappingProxyType(
+    {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EROFS: "read-only file system",
+        errno.EISDIR: "the path is a directory",
+        errno.ENOTDIR: "a parent of the path is not a directory",
+        errno.ENOSPC: "no space left on device",
+        errno.ENOENT: "no such file or directory",
+    }
+)
 
 
 def describe_os_error(exc: OSError) -> str:
     """A short reason for `exc` that names the cause (`permission denied`, `read-only ...`)."""
-    if exc.errno is not None and exc.errno in _OS_ERROR_HINTS:
-        hint = _OS_ERROR_HINTS[exc.errno]
-    else:
-        hint = exc.strerror or str(exc)
+    hint = _OS_ERROR_HINTS.get(exc.errno or 0) or exc.strerror or str(exc)
     return f"{hint} (uid {os.geteuid()})" if exc.errno in (errno.EACCES, errno.EPERM) else hint
 
 
@@ -60,7 +59,7 @@ def _make_private_dirs(directory: Path) -> None:
         current = current.parent
     for path in reversed(missing):
         # Another process may create it between our check and mkdir.
-        with contextlib.suppress(FileExistsError):
+        with suppress(FileExistsError):
             path.mkdir(mode=0o700)
 
 
@@ -96,6 +95,13 @@ class SQLiteKVStore:
         self._busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = self._open()
+
+    @classmethod
+    def in_state_dir(
+        cls, state_dir: str | os.PathLike[str], *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S
+    ) -> SQLiteKVStore:
+        """The node's store: `<state_dir>/kvstore.sqlite`."""
+        return cls(Path(state_dir) / FILENAME, busy_timeout_s=busy_timeout_s)
 
     def _open(self) -> sqlite3.Connection:
         if self.path != MEMORY:

@@ -143,6 +143,13 @@ def test_file_persists_across_reopen_and_uses_wal(tmp_path: Path) -> None:
         conn.close()
 
 
+def test_store_in_state_dir(tmp_path: Path) -> None:
+    with SQLiteKVStore.in_state_dir(tmp_path / "state") as kv:
+        kv.put("k", b"v")
+        assert kv.path == str(tmp_path / "state" / "kvstore.sqlite")
+    assert (tmp_path / "state" / "kvstore.sqlite").is_file()
+
+
 def test_creates_private_parent_directories(tmp_path: Path) -> None:
     path = tmp_path / "var" / "lib" / "garrison" / "kv.sqlite"
     old_umask = os.umask(0o022)
