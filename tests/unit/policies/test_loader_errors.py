@@ -313,8 +313,7 @@ CASES = [
             """,
             selector=False,
         ),
-        "spec.endpointSelector.matchExpressions[0].values: operator NotIn needs at least one "
-        "value",
+        "spec.endpointSelector.matchExpressions[0].values: operator NotIn needs at least one value",
         id="notin-values-absent",
     ),
     pytest.param(
@@ -698,7 +697,7 @@ CASES = [
                       mismatch: DROP  # <-
             """),
         "spec.ingress[0].toPorts[0].rules.http[0].headerMatches[0].mismatch: unknown mismatch "
-        'action \'DROP\' (expected "" or one of: LOG, ADD, DELETE, REPLACE)',
+        "action 'DROP' (expected \"\" or one of: LOG, ADD, DELETE, REPLACE)",
         id="header-match-mismatch",
     ),
     pytest.param(
