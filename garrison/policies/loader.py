@@ -844,7 +844,7 @@ def _port_rules(
                 else:
                     f[name].warn_key(FAIL_CLOSED)
                     fail_closed = True
-        ports = _ports(f["ports"]) if "ports" in f else []
+        ports, ports_complete = _ports(f["ports"]) if "ports" in f else ([], True)
         l7: _L7 | None = None
         if "rules" in f:
             if deny:
@@ -852,16 +852,18 @@ def _port_rules(
             else:
                 l7, l7_unsupported = _l7_rules(f["rules"])
                 fail_closed = fail_closed or l7_unsupported
-        if l7 is not None:
+        # Ports that failed to parse are already reported; L7 checks the rest.
+        if l7 is not None and (ports or ports_complete):
             ports = _l7_ports(ctx, item, f, ports, l7, direction)
         rules.append(PortRule(ports=tuple(p.value for p in ports), rules=l7.rules if l7 else None))
     return tuple(rules), fail_closed
 
 
-def _ports(at: At) -> list[_Port]:
+def _ports(at: At) -> tuple[list[_Port], bool]:
+    """The ports of a `ports` list, and whether every one of them was valid."""
     items = sequence(at)
     if items is None:
-        return []
+        return [], False
     if len(items) > MAX_PORTS_PER_RULE:
         at.key_error(f"at most {MAX_PORTS_PER_RULE} ports per rule (got {len(items)})")
     out = []
@@ -869,7 +871,7 @@ def _ports(at: At) -> list[_Port]:
         port = _port_protocol(item, PORT_PROTOCOLS, Protocol.ANY)
         if port is not None:
             out.append(port)
-    return out
+    return out, len(out) == len(items)
 
 
 def _port_protocol(at: At, protocols: tuple[Protocol, ...], default: Protocol) -> _Port | None:
