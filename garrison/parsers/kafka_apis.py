@@ -1,0 +1,189 @@
+"""kafka-python's protocol classes by API key, and where each request names its topics.
+
+kafka-python 3.x generates one request and one response class per Kafka API from Kafka's JSON
+message schemas, every version from 0 to the newest it knows, flexible versions included. This
+module is the only place that looks the classes up and calls their compiled decoders, so a
+change in kafka-python touches one file.
+
+The topic table (`TOPIC_FIELDS`) says, per API key, which arrays of a decoded request hold the
+topics the request acts on. Arrays that only *remove* topics from a fetch session
+(`ForgottenTopicsData`) are not listed: forgetting a topic reads nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import kafka.protocol.admin
+import kafka.protocol.consumer
+import kafka.protocol.metadata
+import kafka.protocol.producer
+import kafka.protocol.sasl
+from kafka.protocol.api_message import ApiMessage
+
+# Keys of the APIs garrison inspects by name.
+PRODUCE = 0
+FETCH = 1
+LIST_OFFSETS = 2
+METADATA = 3
+OFFSET_COMMIT = 8
+OFFSET_FETCH = 9
+FIND_COORDINATOR = 10
+API_VERSIONS = 18
+CREATE_TOPICS = 19
+DESCRIBE_CONFIGS = 32
+ALTER_CONFIGS = 33
+INCREMENTAL_ALTER_CONFIGS = 44
+GET_TELEMETRY_SUBSCRIPTIONS = 71
+PUSH_TELEMETRY = 72
+DESCRIBE_TOPIC_PARTITIONS = 75
+
+# ApiVersions: flexible (request header v2) from v3 on, in every Kafka release. Needed to read
+# the header of an ApiVersions request newer than kafka-python knows (clients send their
+# newest version first and fall back when the broker answers UNSUPPORTED_VERSION).
+API_VERSIONS_FIRST_FLEXIBLE = 3
+
+# API keys kafka-python has no class for but that are known to name no topic: a request of
+# these keys decided on its header alone hides no topic from the rules. Client telemetry
+# (KIP-714, sent by librdkafka when the broker advertises it) and delegation tokens. Any other
+# key without a class may name topics garrison cannot read: its topics count as unknown.
+TOPICLESS_WITHOUT_CLASS: frozenset[int] = frozenset({38, 39, 40, 41, 71, 72})
+
+# ConfigResource.resourceType for topics (DescribeConfigs, AlterConfigs, IncrementalAlter...).
+CONFIG_RESOURCE_TOPIC = 2
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaApi:
+    """One Kafka API as kafka-python implements it."""
+
+    key: int
+    name: str
+    request_class: Any  # kafka.protocol.api_message.ApiMessage subclass
+    response_class: Any
+    max_version: int
+
+    def supports(self, version: int) -> bool:
+        return 0 <= version <= self.max_version
+
+    def request_flexible(self, version: int) -> bool:
+        return bool(self.request_class.flexible_version_q(version))
+
+    def response_flexible(self, version: int) -> bool:
+        return bool(self.response_class.flexible_version_q(version))
+
+
+def _message_classes(base: Any) -> list[Any]:
+    found = []
+    for sub in base.__subclasses__():
+        found.append(sub)
+        found.extend(_message_classes(sub))
+    return found
+
+
+@functools.cache
+def _apis() -> dict[int, KafkaApi]:
+    # The imports at the top register every class as a subclass of ApiMessage.
+    assert kafka.protocol.admin and kafka.protocol.consumer and kafka.protocol.metadata
+    assert kafka.protocol.producer and kafka.protocol.sasl
+    requests: dict[int, Any] = {}
+    responses: dict[int, Any] = {}
+    for cls in _message_classes(ApiMessage):
+        if getattr(cls, "_class_version", None) is not None:
+            continue  # a per-version alias (`FetchRequest[13]`), not the primary class
+        target = requests if cls.is_request() else responses
+        target[cls.API_KEY] = cls
+    return {
+        key: KafkaApi(
+            key=key,
+            name=request.name,
+            request_class=request,
+            response_class=responses[key],
+            max_version=min(request.max_version, responses[key].max_version),
+        )
+        for key, request in requests.items()
+        if key in responses
+    }
+
+
+def kafka_api(api_key: int) -> KafkaApi | None:
+    """The kafka-python classes for an API key; None where kafka-python has none."""
+    return _apis().get(api_key)
+
+
+def known_api_keys() -> frozenset[int]:
+    return frozenset(_apis())
+
+
+def decode_body(message_class: Any, version: int, flexible: bool, data: memoryview) -> Any:
+    """Decode a request or response body (no header) of one version.
+
+    Raises `ValueError` when the schema reads past the end: kafka-python's compiled decoders
+    slice past the end of short strings instead of failing, so the position is the check.
+    Bytes left after the schema's last field are ignored, as Kafka's brokers ignore them
+    (librdkafka 2.x sends three stray bytes in its all-topics Metadata v12 request).
+    Any other exception from kafka-python means the bytes do not fit the schema.
+    """
+    decoder = message_class._struct.compiled_decode_from(
+        version, compact=flexible, tagged=flexible, data_class=message_class
+    )
+    decoded, end = decoder(data, 0)
+    if end > len(data):
+        raise ValueError(f"body is {len(data)} bytes, schema needs {end}")
+    return decoded
+
+
+# ---- where requests name topics ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TopicField:
+    """An array of topic entries inside a decoded request.
+
+    `path`: attribute names from the request down to the array (nested arrays are walked).
+    `name`: the entry's attribute with the topic name; None = the entries are the names.
+    `topic_id`: the entry's attribute with the topic id (UUID), if the API has one.
+    A null array means "every topic" (Metadata: `all_topics`; elsewhere: topics unknown).
+    """
+
+    path: tuple[str, ...]
+    name: str | None = "name"
+    topic_id: str | None = None
+
+
+TOPIC_FIELDS: dict[int, tuple[TopicField, ...]] = {
+    0: (TopicField(("topic_data",), "name", "topic_id"),),  # Produce
+    1: (TopicField(("topics",), "topic", "topic_id"),),  # Fetch (not forgotten_topics_data)
+    2: (TopicField(("topics",)),),  # ListOffsets
+    3: (TopicField(("topics",), "name", "topic_id"),),  # Metadata
+    8: (TopicField(("topics",), "name", "topic_id"),),  # OffsetCommit
+    9: (  # OffsetFetch: v0-7 one group, v8+ many groups
+        TopicField(("topics",)),
+        TopicField(("groups", "topics"), "name", "topic_id"),
+    ),
+    19: (TopicField(("topics",)),),  # CreateTopics
+    20: (TopicField(("topic_names",), None), TopicField(("topics",), "name", "topic_id")),
+    21: (TopicField(("topics",)),),  # DeleteRecords
+    23: (TopicField(("topics",), "topic"),),  # OffsetForLeaderEpoch
+    24: (  # AddPartitionsToTxn: v0-3 one transaction, v4+ many
+        TopicField(("v3_and_below_topics",)),
+        TopicField(("transactions", "topics")),
+    ),
+    27: (TopicField(("markers", "topics")),),  # WriteTxnMarkers
+    28: (TopicField(("topics",)),),  # TxnOffsetCommit
+    34: (TopicField(("dirs", "topics")),),  # AlterReplicaLogDirs
+    35: (TopicField(("topics",), "topic"),),  # DescribeLogDirs
+    37: (TopicField(("topics",)),),  # CreatePartitions
+    43: (TopicField(("topic_partitions",), "topic"),),  # ElectLeaders
+    45: (TopicField(("topics",)),),  # AlterPartitionReassignments
+    46: (TopicField(("topics",)),),  # ListPartitionReassignments
+    47: (TopicField(("topics",)),),  # OffsetDelete
+    55: (TopicField(("topics",), "topic_name"),),  # DescribeQuorum
+    61: (TopicField(("topics",)),),  # DescribeProducers
+    75: (TopicField(("topics",)),),  # DescribeTopicPartitions (+ cursor, see below)
+}
+
+# Config APIs name topics as resources of type TOPIC.
+CONFIG_RESOURCE_APIS = frozenset({DESCRIBE_CONFIGS, ALTER_CONFIGS, INCREMENTAL_ALTER_CONFIGS})

@@ -1,0 +1,95 @@
+"""Pure rewrites of broker responses the proxy cannot forward unchanged.
+
+- An all-topics Metadata request is forwarded and its answer filtered to the topics the client
+  may see, as a Kafka broker with ACLs does (`filter_metadata_response`).
+- A proxy that fronts one broker must keep clients talking to it: broker addresses in Metadata
+  and FindCoordinator answers are rewritten (`rewrite_broker_addresses`).
+
+Each function re-encodes with kafka-python's class, same API version and correlation id, and
+returns the complete frame (size prefix included). The decoded response is not modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Collection
+from typing import Any
+
+from garrison.parsers.errors import LocalProtocolError
+from garrison.parsers.kafka import KafkaResponse
+from garrison.parsers.kafka_apis import FIND_COORDINATOR, METADATA, kafka_api
+
+# (node id, advertised host, advertised port) → (host, port) the client should use.
+AddressMap = Callable[[int, str, int], tuple[str, int]]
+
+
+def encode_response(api_key: int, api_version: int, correlation_id: int, message: Any) -> bytes:
+    """A kafka-python response object as a complete frame (header v0/v1 as the API needs)."""
+    # Set the version before the header: kafka-python's version setter assumes a request header.
+    message.API_VERSION = api_version
+    message.with_header(correlation_id=correlation_id)
+    return bytes(message.encode(header=True, framed=True))
+
+
+def rewrite_metadata_response(
+    response: KafkaResponse,
+    *,
+    allowed_topics: Collection[str] | None = None,
+    address_for: AddressMap | None = None,
+) -> bytes:
+    """Metadata answer with only `allowed_topics` (None: all) and brokers moved by
+    `address_for` (None: unchanged)."""
+    decoded = _decoded(response, METADATA)
+    rewritten = copy.copy(decoded)
+    if allowed_topics is not None:
+        allowed = frozenset(allowed_topics)
+        rewritten.topics = [t for t in decoded.topics or () if t.name in allowed]
+    if address_for is not None:
+        rewritten.brokers = [_moved(broker, address_for) for broker in decoded.brokers or ()]
+    return _encode(response, rewritten)
+
+
+def filter_metadata_response(response: KafkaResponse, allowed_topics: Collection[str]) -> bytes:
+    """An all-topics Metadata answer reduced to the topics in `allowed_topics`."""
+    return rewrite_metadata_response(response, allowed_topics=allowed_topics)
+
+
+def rewrite_broker_addresses(response: KafkaResponse, address_for: AddressMap) -> bytes:
+    """A Metadata or FindCoordinator answer whose broker addresses go through `address_for`.
+
+    FindCoordinator v0-3 carries one coordinator, v4+ a list (one per key); coordinators that
+    failed (node id -1) are left as they are.
+    """
+    if response.request.api_key == METADATA:
+        return rewrite_metadata_response(response, address_for=address_for)
+    decoded = _decoded(response, FIND_COORDINATOR)
+    rewritten = copy.copy(decoded)
+    if response.request.api_version >= 4:
+        rewritten.coordinators = [
+            _moved(coordinator, address_for) if coordinator.node_id >= 0 else coordinator
+            for coordinator in decoded.coordinators or ()
+        ]
+    elif decoded.node_id >= 0:
+        rewritten.host, rewritten.port = address_for(decoded.node_id, decoded.host, decoded.port)
+    return _encode(response, rewritten)
+
+
+def _moved(entry: Any, address_for: AddressMap) -> Any:
+    moved = copy.copy(entry)
+    moved.host, moved.port = address_for(entry.node_id, entry.host, entry.port)
+    return moved
+
+
+def _decoded(response: KafkaResponse, api_key: int) -> Any:
+    if response.request.api_key != api_key or response.decoded is None:
+        api = kafka_api(api_key)
+        raise LocalProtocolError(
+            f"expected a decoded {api.response_class.name if api else api_key} response, got "
+            f"api key {response.request.api_key} (decoded: {response.decoded is not None})"
+        )
+    return response.decoded
+
+
+def _encode(response: KafkaResponse, message: Any) -> bytes:
+    request = response.request
+    return encode_response(request.api_key, request.api_version, response.correlation_id, message)

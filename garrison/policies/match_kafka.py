@@ -1,0 +1,115 @@
+"""Kafka L7 rules: does one request (API key, version, client id, topics) match a rule set?
+
+Pure and independent of the parser: the proxy passes plain values.
+
+Semantics (docs: POLICY-SEMANTICS.md, Kafka rules):
+- A rule applies to a request when the request's API key is in the rule's `api_keys` (role
+  expanded; empty = any key), its version equals `apiVersion` and its client id equals
+  `clientID` where those are set.
+- Every topic the request names must be allowed by some applicable rule; a rule without
+  `topic` allows any topic. Different topics may be allowed by different rules.
+- A request naming no topic (ApiVersions, FindCoordinator, JoinGroup, ...) is allowed by any
+  applicable rule, topic-bound or not: it matches by API key alone.
+- All-topics Metadata (null topic list) is allowed when any rule applies to it; unless an
+  applicable rule allows any topic, the verdict asks for the answer to be filtered to the
+  topics the applicable rules name (`filter_response`, `allowed_topics`).
+- `unknown_topics`: the request acts on topics the caller could not read or resolve (topic ids
+  not learnt yet, a body the parser could not decode, a null "every topic" list outside
+  Metadata). Only an applicable rule allowing any topic can allow it: nothing fails open.
+- A rule set with `allow_all` allows everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from garrison.policies.l7rules import KAFKA_API_NAMES, KafkaRule, L7RuleSet, L7Verdict
+from garrison.policies.refs import RuleRef
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRule:
+    api_keys: frozenset[int]  # empty = any
+    api_version: int | None
+    client_id: str | None
+    topic: str | None
+    ref: RuleRef | None
+
+    def applies(self, api_key: int, api_version: int, client_id: str | None) -> bool:
+        return (
+            (not self.api_keys or api_key in self.api_keys)
+            and (self.api_version is None or self.api_version == api_version)
+            and (self.client_id is None or self.client_id == client_id)
+        )
+
+
+def describe_api(api_key: int) -> str:
+    name = KAFKA_API_NAMES.get(api_key)
+    return f"{name} ({api_key})" if name else f"api key {api_key}"
+
+
+class KafkaMatcher:
+    """Compiled Kafka rules of one L7RuleSet; `match()` is called per request."""
+
+    def __init__(self, ruleset: L7RuleSet) -> None:
+        self.ruleset = ruleset
+        self._rules = tuple(
+            _CompiledRule(rule.api_keys, rule.api_version, rule.client_id, rule.topic, ref)
+            for rule, ref in ruleset.rules
+            if isinstance(rule, KafkaRule)
+        )
+
+    def match(
+        self,
+        api_key: int,
+        api_version: int,
+        client_id: str | None,
+        topics: Sequence[str],
+        all_topics: bool = False,
+        *,
+        unknown_topics: bool = False,
+    ) -> L7Verdict:
+        if self.ruleset.allow_all:
+            return L7Verdict(True, self.ruleset.allow_all_ref, "allow-all (L4-only rule)")
+        applicable = [r for r in self._rules if r.applies(api_key, api_version, client_id)]
+        if not applicable:
+            return L7Verdict(False, None, self._no_rule_reason(api_key, api_version, client_id))
+        any_topic = next((r for r in applicable if r.topic is None), None)
+        if unknown_topics:
+            if any_topic is not None:
+                return L7Verdict(True, any_topic.ref)
+            return L7Verdict(
+                False,
+                None,
+                f"{describe_api(api_key)} names topics that could not be read or resolved; "
+                "only a rule allowing any topic allows it",
+            )
+        if all_topics:
+            if any_topic is not None:
+                return L7Verdict(True, any_topic.ref)
+            allowed = frozenset(r.topic for r in applicable if r.topic is not None)
+            return L7Verdict(True, applicable[0].ref, filter_response=True, allowed_topics=allowed)
+        if not topics:
+            return L7Verdict(True, applicable[0].ref)
+        if any_topic is not None:
+            return L7Verdict(True, any_topic.ref)
+        first_ref: RuleRef | None = None
+        for index, topic in enumerate(topics):
+            allowing = next((r for r in applicable if r.topic == topic), None)
+            if allowing is None:
+                return L7Verdict(
+                    False, None, f"topic {topic!r} not allowed for {describe_api(api_key)}"
+                )
+            if index == 0:
+                first_ref = allowing.ref
+        return L7Verdict(True, first_ref)
+
+    def _no_rule_reason(self, api_key: int, api_version: int, client_id: str | None) -> str:
+        by_key = [r for r in self._rules if not r.api_keys or api_key in r.api_keys]
+        if not by_key:
+            return f"no kafka rule allows {describe_api(api_key)}"
+        by_version = [r for r in by_key if r.api_version is None or r.api_version == api_version]
+        if not by_version:
+            return f"no kafka rule allows {describe_api(api_key)} version {api_version}"
+        return f"no kafka rule allows {describe_api(api_key)} for client id {client_id!r}"
