@@ -186,10 +186,13 @@ def raw_entries(at: At) -> Iterator[tuple[str, At]]:
         return
     first_line: dict[str, int] = {}
     for key, value in node.value:
-        if not isinstance(key, ScalarNode) or key.tag in (TAG_NULL, TAG_MERGE):
+        if not isinstance(key, ScalarNode) or key.tag == TAG_NULL:
             at.rep.error(node_line(key), at.field, "mapping keys must be strings")
             continue
         name = str(key.value)
+        if key.tag == TAG_MERGE:
+            at.rep.error(node_line(key), at.path_of(name), "YAML merge keys are not supported")
+            continue
         if name in first_line:
             at.rep.error(
                 node_line(key),
