@@ -45,5 +45,498 @@ def http2_access_denied() -> tuple[list[tuple[bytes, bytes]], bytes]:
 # ---- end gRPC / HTTP/2 ----------------------------------------------------------------------
 
 # ---- Kafka ----------------------------------------------------------------------------------
+# A denied Kafka request is not forwarded; the client gets a response of the request's own API
+# version and correlation id, built with kafka-python's response class (the bytes a broker with
+# ACLs would send). Error codes, per what a Kafka broker answers when authorization fails:
+#   29 TOPIC_AUTHORIZATION_FAILED     on every topic (and each partition) the request names;
+#   30 GROUP_AUTHORIZATION_FAILED     group APIs (JoinGroup, Heartbeat, LeaveGroup, SyncGroup,
+#                                     DescribeGroups, FindCoordinator for a group, OffsetFetch
+#                                     without topics);
+#   53 TRANSACTIONAL_ID_AUTHORIZATION_FAILED  InitProducerId with a transactional id and
+#                                     FindCoordinator for a transaction, as Kafka does;
+#   31 CLUSTER_AUTHORIZATION_FAILED   APIs with neither (InitProducerId of an idempotent
+#                                     producer: Kafka's IDEMPOTENT_WRITE is a cluster ACL;
+#                                     ListGroups with an empty list; ApiVersions; telemetry;
+#                                     other topic-less APIs with a top-level error code).
+# Fetch partitions carry empty records (b""), not null. A denied Metadata request still lists
+# the brokers (`cluster`, learnt from an earlier Metadata answer): kafka-python treats a
+# broker-less answer as a failed update and retries until its timeout instead of raising
+# TopicAuthorizationFailedError. An all-topics Metadata request that is denied gets an empty
+# topic list, as from a broker on which the client may describe no topic.
+# OffsetCommit has no field for a group-level error: without topics the answer is empty.
+# Produce with acks=0: no answer (None). A request with no possible answer (no kafka-python
+# class for the API key or version, or a header-only event) raises KafkaDenyUnencodableError:
+# the caller must close the connection (and log an ERROR record); `kafka_deny_encodable()`
+# tells in advance. GetTelemetrySubscriptions (71) and PushTelemetry (72), which librdkafka
+# sends when the broker advertises them, are encoded by hand (kafka-python has no class): an
+# error makes librdkafka retry telemetry after its push interval instead of reconnecting.
+
+from collections.abc import Callable as _Callable  # noqa: E402 - each section owns its imports
+from typing import Any as _Any  # noqa: E402
+
+from garrison.parsers.kafka import KafkaCluster, KafkaRequest  # noqa: E402
+from garrison.parsers.kafka_apis import (  # noqa: E402
+    API_VERSIONS,
+    GET_TELEMETRY_SUBSCRIPTIONS,
+    PUSH_TELEMETRY,
+    kafka_api,
+)
+from garrison.proxy.deny_kafka_support import (  # noqa: E402
+    CLUSTER_AUTHORIZATION_FAILED,
+    GROUP_AUTHORIZATION_FAILED,
+    TOPIC_AUTHORIZATION_FAILED,
+    TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+    KafkaDenyUnencodableError,
+    encode_response,
+    entry_class,
+    flexible_frame,
+    kafka_api_of,
+)
+
+_KafkaDenyBuilder = _Callable[[_Any, int, _Any, KafkaCluster | None], _Any]
+_DENIED = "Access denied"
+_NO_AUTHORIZED_OPERATIONS = None  # kafka-python encodes None as INT32_MIN ("not requested")
+
+
+def kafka_deny_response(
+    request: KafkaRequest, cluster: KafkaCluster | None = None
+) -> bytes | None:
+    """The complete frame (size prefix included) answering a denied request, or None for a
+    Produce with acks=0 (the client expects no answer).
+
+    `cluster`: the brokers to list in a denied Metadata answer (`TopicIdRegistry.cluster`).
+    Raises KafkaDenyUnencodableError where no answer can be built (close the connection).
+    """
+    if not request.expects_response:
+        return None
+    if request.api_key in (GET_TELEMETRY_SUBSCRIPTIONS, PUSH_TELEMETRY):
+        return _kafka_deny_telemetry(request)
+    api = kafka_api_of(request)
+    version = request.api_version
+    if request.api_key == API_VERSIONS:
+        version = 0  # clients read every ApiVersions error answer as v0, as Kafka encodes it
+    build = _KAFKA_DENY_BUILDERS.get(request.api_key)
+    if build is not None:
+        message = build(api.response_class, version, request.decoded, cluster)
+    else:
+        message = _kafka_deny_generic(api.response_class, version, request)
+    return encode_response(request.api_key, version, request.correlation_id, message)
+
+
+def kafka_deny_encodable(request: KafkaRequest) -> bool:
+    """Whether `kafka_deny_response` can answer this request (else: close the connection)."""
+    if not request.expects_response:
+        return True
+    if request.api_key in (GET_TELEMETRY_SUBSCRIPTIONS, PUSH_TELEMETRY):
+        return request.api_version == 0
+    api = kafka_api(request.api_key)
+    if api is None or request.decoded is None or not api.supports(request.api_version):
+        return False
+    return request.api_key in _KAFKA_DENY_BUILDERS or _kafka_generic_deniable(
+        api.response_class, request.api_version, request
+    )
+
+
+def _kafka_deny_produce(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    topic_cls = entry_class(cls, "responses")
+    partition_cls = entry_class(cls, "responses", "partition_responses")
+    return cls[version](
+        throttle_time_ms=0,
+        responses=[
+            topic_cls(
+                name=topic.name,
+                topic_id=topic.topic_id,
+                partition_responses=[
+                    partition_cls(
+                        index=partition.index,
+                        error_code=TOPIC_AUTHORIZATION_FAILED,
+                        base_offset=-1,
+                        log_append_time_ms=-1,
+                        log_start_offset=-1,
+                        record_errors=[],
+                        error_message=_DENIED if version >= 8 else None,
+                    )
+                    for partition in topic.partition_data
+                ],
+            )
+            for topic in req.topic_data
+        ],
+    )
+
+
+def _kafka_deny_fetch(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    topic_cls = entry_class(cls, "responses")
+    partition_cls = entry_class(cls, "responses", "partitions")
+    return cls[version](
+        throttle_time_ms=0,
+        # A Fetch naming no topic (an unchanged incremental fetch) is denied as a whole.
+        error_code=0 if req.topics else TOPIC_AUTHORIZATION_FAILED,
+        session_id=0,
+        responses=[
+            topic_cls(
+                topic=topic.topic,
+                topic_id=topic.topic_id,
+                partitions=[
+                    partition_cls(
+                        partition_index=partition.partition,
+                        error_code=TOPIC_AUTHORIZATION_FAILED,
+                        high_watermark=-1,
+                        last_stable_offset=-1,
+                        log_start_offset=-1,
+                        aborted_transactions=[],
+                        preferred_read_replica=-1,
+                        records=b"",
+                    )
+                    for partition in topic.partitions
+                ],
+            )
+            for topic in req.topics
+        ],
+    )
+
+
+def _kafka_deny_list_offsets(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    topic_cls = entry_class(cls, "topics")
+    partition_cls = entry_class(cls, "topics", "partitions")
+    return cls[version](
+        throttle_time_ms=0,
+        topics=[
+            topic_cls(
+                name=topic.name,
+                partitions=[
+                    partition_cls(
+                        partition_index=partition.partition_index,
+                        error_code=TOPIC_AUTHORIZATION_FAILED,
+                        old_style_offsets=[],
+                        timestamp=-1,
+                        offset=-1,
+                        leader_epoch=-1,
+                    )
+                    for partition in topic.partitions
+                ],
+            )
+            for topic in req.topics
+        ],
+    )
+
+
+def _kafka_deny_metadata(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    broker_cls = entry_class(cls, "brokers")
+    topic_cls = entry_class(cls, "topics")
+    brokers = cluster.brokers if cluster is not None else ()
+    return cls[version](
+        throttle_time_ms=0,
+        brokers=[
+            broker_cls(node_id=b.node_id, host=b.host, port=b.port, rack=b.rack) for b in brokers
+        ],
+        cluster_id=cluster.cluster_id if cluster is not None else None,
+        controller_id=cluster.controller_id if cluster is not None else -1,
+        topics=[
+            topic_cls(
+                error_code=TOPIC_AUTHORIZATION_FAILED,
+                name=topic.name if topic.name is not None or version >= 12 else "",
+                topic_id=topic.topic_id,
+                is_internal=False,
+                partitions=[],
+                authorized_operations=_NO_AUTHORIZED_OPERATIONS,
+            )
+            for topic in req.topics or ()  # null (all topics): nothing the client may see
+        ],
+        authorized_operations=_NO_AUTHORIZED_OPERATIONS,
+        error_code=0,
+    )
+
+
+def _kafka_deny_offset_commit(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    topic_cls = entry_class(cls, "topics")
+    partition_cls = entry_class(cls, "topics", "partitions")
+    return cls[version](
+        throttle_time_ms=0,
+        topics=[
+            topic_cls(
+                name=topic.name,
+                topic_id=topic.topic_id,
+                partitions=[
+                    partition_cls(
+                        partition_index=partition.partition_index,
+                        error_code=TOPIC_AUTHORIZATION_FAILED,
+                    )
+                    for partition in topic.partitions
+                ],
+            )
+            for topic in req.topics
+        ],
+    )
+
+
+def _kafka_deny_offset_fetch(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    def partitions(partition_cls: _Any, indexes: _Any) -> list[_Any]:
+        return [
+            partition_cls(
+                partition_index=index,
+                committed_offset=-1,
+                committed_leader_epoch=-1,
+                metadata="",
+                error_code=TOPIC_AUTHORIZATION_FAILED,
+            )
+            for index in indexes
+        ]
+
+    if version < 8:
+        topic_cls = entry_class(cls, "topics")
+        partition_cls = entry_class(cls, "topics", "partitions")
+        return cls[version](
+            throttle_time_ms=0,
+            topics=[
+                topic_cls(name=t.name, partitions=partitions(partition_cls, t.partition_indexes))
+                for t in req.topics or ()
+            ],
+            error_code=0 if req.topics else GROUP_AUTHORIZATION_FAILED,
+        )
+    group_cls = entry_class(cls, "groups")
+    topic_cls = entry_class(cls, "groups", "topics")
+    partition_cls = entry_class(cls, "groups", "topics", "partitions")
+    return cls[version](
+        throttle_time_ms=0,
+        groups=[
+            group_cls(
+                group_id=group.group_id,
+                topics=[
+                    topic_cls(
+                        name=t.name,
+                        topic_id=t.topic_id,
+                        partitions=partitions(partition_cls, t.partition_indexes),
+                    )
+                    for t in group.topics or ()
+                ],
+                error_code=0 if group.topics else GROUP_AUTHORIZATION_FAILED,
+            )
+            for group in req.groups
+        ],
+    )
+
+
+def _kafka_coordinator_error(key_type: int) -> int:
+    # CoordinatorType: 0 group, 1 transaction, 2 share group.
+    return TRANSACTIONAL_ID_AUTHORIZATION_FAILED if key_type == 1 else GROUP_AUTHORIZATION_FAILED
+
+
+def _kafka_deny_find_coordinator(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    error = _kafka_coordinator_error(req.key_type if version >= 1 else 0)
+    if version < 4:
+        return cls[version](
+            throttle_time_ms=0,
+            error_code=error,
+            error_message=_DENIED,
+            node_id=-1,
+            host="",
+            port=-1,
+        )
+    coordinator_cls = entry_class(cls, "coordinators")
+    return cls[version](
+        throttle_time_ms=0,
+        coordinators=[
+            coordinator_cls(
+                key=key, node_id=-1, host="", port=-1, error_code=error, error_message=_DENIED
+            )
+            for key in req.coordinator_keys
+        ],
+    )
+
+
+def _kafka_deny_join_group(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    return cls[version](
+        throttle_time_ms=0,
+        error_code=GROUP_AUTHORIZATION_FAILED,
+        generation_id=-1,
+        protocol_type=None,
+        protocol_name=None if version >= 7 else "",
+        leader="",
+        skip_assignment=False,
+        member_id="",
+        members=[],
+    )
+
+
+def _kafka_deny_heartbeat(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    return cls[version](throttle_time_ms=0, error_code=GROUP_AUTHORIZATION_FAILED)
+
+
+def _kafka_deny_leave_group(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    return cls[version](throttle_time_ms=0, error_code=GROUP_AUTHORIZATION_FAILED, members=[])
+
+
+def _kafka_deny_sync_group(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    return cls[version](
+        throttle_time_ms=0,
+        error_code=GROUP_AUTHORIZATION_FAILED,
+        protocol_type=None,
+        protocol_name=None,
+        assignment=b"",
+    )
+
+
+def _kafka_deny_describe_groups(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    group_cls = entry_class(cls, "groups")
+    return cls[version](
+        throttle_time_ms=0,
+        groups=[
+            group_cls(
+                error_code=GROUP_AUTHORIZATION_FAILED,
+                error_message=_DENIED,
+                group_id=group_id,
+                group_state="",
+                protocol_type="",
+                protocol_data="",
+                members=[],
+                authorized_operations=_NO_AUTHORIZED_OPERATIONS,
+            )
+            for group_id in req.groups
+        ],
+    )
+
+
+def _kafka_deny_list_groups(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    return cls[version](throttle_time_ms=0, error_code=CLUSTER_AUTHORIZATION_FAILED, groups=[])
+
+
+def _kafka_deny_api_versions(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    return cls[version](error_code=CLUSTER_AUTHORIZATION_FAILED, api_keys=[], throttle_time_ms=0)
+
+
+def _kafka_deny_create_topics(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    topic_cls = entry_class(cls, "topics")
+    return cls[version](
+        throttle_time_ms=0,
+        topics=[
+            topic_cls(
+                name=topic.name,
+                topic_id=None,
+                error_code=TOPIC_AUTHORIZATION_FAILED,
+                error_message=_DENIED,
+                num_partitions=-1,
+                replication_factor=-1,
+                configs=None,
+            )
+            for topic in req.topics
+        ],
+    )
+
+
+def _kafka_deny_delete_topics(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    result_cls = entry_class(cls, "responses")
+    if version < 6:
+        named = [(name, None) for name in req.topic_names]
+    else:
+        named = [(topic.name, topic.topic_id) for topic in req.topics]
+    return cls[version](
+        throttle_time_ms=0,
+        responses=[
+            result_cls(
+                name=name,
+                topic_id=topic_id,
+                error_code=TOPIC_AUTHORIZATION_FAILED,
+                error_message=_DENIED,
+            )
+            for name, topic_id in named
+        ],
+    )
+
+
+def _kafka_deny_init_producer_id(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    transactional = req.transactional_id is not None
+    return cls[version](
+        throttle_time_ms=0,
+        error_code=(
+            TRANSACTIONAL_ID_AUTHORIZATION_FAILED if transactional else CLUSTER_AUTHORIZATION_FAILED
+        ),
+        producer_id=-1,
+        producer_epoch=-1,
+        ongoing_txn_producer_id=-1,
+        ongoing_txn_producer_epoch=-1,
+    )
+
+
+_KAFKA_DENY_BUILDERS: dict[int, _KafkaDenyBuilder] = {
+    0: _kafka_deny_produce,
+    1: _kafka_deny_fetch,
+    2: _kafka_deny_list_offsets,
+    3: _kafka_deny_metadata,
+    8: _kafka_deny_offset_commit,
+    9: _kafka_deny_offset_fetch,
+    10: _kafka_deny_find_coordinator,
+    11: _kafka_deny_join_group,
+    12: _kafka_deny_heartbeat,
+    13: _kafka_deny_leave_group,
+    14: _kafka_deny_sync_group,
+    15: _kafka_deny_describe_groups,
+    16: _kafka_deny_list_groups,
+    18: _kafka_deny_api_versions,
+    19: _kafka_deny_create_topics,
+    20: _kafka_deny_delete_topics,
+    22: _kafka_deny_init_producer_id,
+}
+
+
+def _kafka_generic_deniable(cls: _Any, version: int, request: KafkaRequest) -> bool:
+    """Topic-less APIs whose response has a top-level error code in this version."""
+    field = cls.fields.get("error_code")
+    return (
+        not request.topics
+        and not request.topics_unknown
+        and not request.unresolved_topic_ids
+        and field is not None
+        and field.for_version_q(version)
+    )
+
+
+def _kafka_deny_generic(cls: _Any, version: int, request: KafkaRequest) -> _Any:
+    """A topic-less API: its top-level error code set, every array empty, the rest defaults.
+
+    The code is 30 when the request names a group, 53 for a transactional id, else 31."""
+    if not _kafka_generic_deniable(cls, version, request):
+        raise KafkaDenyUnencodableError(f"no deny answer for {cls.name} v{version}")
+    req = request.decoded
+    if getattr(req, "group_id", None) is not None:
+        error = GROUP_AUTHORIZATION_FAILED
+    elif getattr(req, "transactional_id", None) is not None:
+        error = TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+    else:
+        error = CLUSTER_AUTHORIZATION_FAILED
+    values: dict[str, _Any] = {"error_code": error}
+    for name, field in cls.fields.items():
+        if name == "error_code" or not field.for_version_q(version):
+            continue
+        if field.is_struct_array() or field.is_array():
+            values[name] = []
+    return cls[version](**values)
+
+
+def _kafka_deny_telemetry(request: KafkaRequest) -> bytes:
+    """GetTelemetrySubscriptions / PushTelemetry v0 answers (flexible, header v1), by hand
+    after KIP-714's schemas: kafka-python has no class for them."""
+    if request.api_version != 0:
+        raise KafkaDenyUnencodableError(
+            f"no deny answer for api key {request.api_key} v{request.api_version}"
+        )
+    error = CLUSTER_AUTHORIZATION_FAILED.to_bytes(2, "big")
+    throttle = bytes(4)
+    if request.api_key == PUSH_TELEMETRY:
+        body = throttle + error + b"\x00"
+    else:
+        body = (
+            throttle
+            + error
+            + bytes(16)  # ClientInstanceId: zero uuid
+            + bytes(4)  # SubscriptionId
+            + b"\x01"  # AcceptedCompressionTypes: empty compact array
+            + bytes(4)  # PushIntervalMs 0: the client keeps its default
+            + bytes(4)  # TelemetryMaxBytes
+            + b"\x00"  # DeltaTemporality false
+            + b"\x01"  # RequestedMetrics: empty compact array
+            + b"\x00"  # tagged fields
+        )
+    return flexible_frame(request.correlation_id, body)
+
 
 # ---- end Kafka ------------------------------------------------------------------------------
