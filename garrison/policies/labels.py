@@ -8,7 +8,7 @@ key from any source.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SOURCE_ANY = "any"
 SOURCE_K8S = "k8s"
@@ -70,6 +70,21 @@ class Labels:
     """An immutable set of labels. Hashable, so it can key identity allocation."""
 
     items: frozenset[Label] = frozenset()
+    # key -> ((source, value), ...): selectors look labels up by key many times over.
+    _by_key: dict[str, tuple[tuple[str, str], ...]] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        index: dict[str, list[tuple[str, str]]] = {}
+        for label in self.items:
+            index.setdefault(label.key, []).append((label.source, label.value))
+        object.__setattr__(self, "_by_key", {k: tuple(v) for k, v in index.items()})
+
+    def values_of(self, key: str, source: str = SOURCE_ANY) -> list[str]:
+        return [
+            v for s, v in self._by_key.get(key, ()) if source == SOURCE_ANY or s == source
+        ]
 
     @classmethod
     def of(cls, labels: Iterable[Label]) -> Labels:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
 from garrison.policies.model import Direction
@@ -47,9 +48,12 @@ class DropReason(StrEnum):
     POLICY_DENY = "POLICY_DENY"  # an explicit deny rule matched
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class MapStateKey:
-    """`end_port` equals `port` for a single port; both 0 for any port."""
+class MapStateKey(NamedTuple):
+    """`end_port` equals `port` for a single port; both 0 for any port.
+
+    A NamedTuple rather than a dataclass: resolution creates and hashes hundreds of
+    thousands of these, and tuple hashing runs in C.
+    """
 
     direction: Direction
     identity: int

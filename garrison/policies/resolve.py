@@ -30,7 +30,6 @@ from garrison.policies.mapstate import (
 )
 from garrison.policies.model import (
     IP_PROTO,
-    CIDRPeer,
     Direction,
     EndpointPeer,
     EnforcementMode,
@@ -104,6 +103,33 @@ class Contribution:
     ref: RuleRef | None
     deny: bool
     l7: L7Rules | None  # None = allowed at L4 only
+    # The merge of a key this is the only contribution to (shared by every such key).
+    alone: tuple[MapStateEntry, L7RuleSet | None] = field(init=False, compare=False, repr=False)
+    protocol: L7Protocol | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "protocol", self.l7.protocol if self.l7 is not None else None)
+        object.__setattr__(self, "alone", _merge_key([self]))
+
+
+@dataclass(slots=True)
+class _Section:
+    """A rule section prepared once: the live identity sets of its peers (the selector
+    cache keeps them current) and one Contribution per port it names."""
+
+    direction: Direction
+    any_peer: bool  # no peer list, or the `all` entity: keyed by identity 0
+    peer_sets: list[set[int]]
+    ports: list[tuple[int, int, int, Contribution]]
+
+    def identities(self) -> set[int]:
+        out: set[int] = {ANY_IDENTITY} if self.any_peer else set()
+        for ids in self.peer_sets:
+            out |= ids
+        return out
+
+    def has(self, identity: int) -> bool:
+        return any(identity in ids for ids in self.peer_sets)
 
 
 @dataclass(slots=True)
@@ -113,21 +139,53 @@ class _RuleEntry:
     rule: Rule
     subject: EndpointSelector
     peers: tuple[PeerKey, ...]
+    sections: list[_Section] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class _EndpointPolicy:
+    """Contributions for one endpoint identity and their merge, kept current incrementally.
+
+    `base*` hold each key merged on its own; `entries`/`l7` add the cross-key L7 merge of
+    `_l7_override`, recorded per redirected (direction, port) in `overrides`.
+    """
+
     identity: int
     rules: set[int] = field(default_factory=set)
     contribs: dict[MapStateKey, list[Contribution]] = field(default_factory=dict)
     by_rule: dict[int, set[MapStateKey]] = field(default_factory=lambda: defaultdict(set))
-    by_identity: dict[int, set[MapStateKey]] = field(default_factory=lambda: defaultdict(set))
+    dirty: set[MapStateKey] = field(default_factory=set)
+    base: dict[MapStateKey, MapStateEntry] = field(default_factory=dict)
+    base_l7: dict[MapStateKey, L7RuleSet] = field(default_factory=dict)
+    l7_ports: dict[tuple[Direction, int], int] = field(default_factory=dict)
+    # direction -> identity -> keys with a port (TCP or any protocol): the L4 entries that
+    # the cross-key L7 merge looks at.
+    port_keys: dict[Direction, dict[int, set[MapStateKey]]] = field(
+        default_factory=lambda: {Direction.INGRESS: {}, Direction.EGRESS: {}}
+    )
+    # (direction, port) -> identity -> the key whose entry/rule set the L7 merge changed
+    overrides: dict[tuple[Direction, int], dict[int, MapStateKey]] = field(default_factory=dict)
+    entries: dict[MapStateKey, MapStateEntry] = field(default_factory=dict)
+    l7: dict[MapStateKey, L7RuleSet] = field(default_factory=dict)
     cached: MapState | None = None
+    touched: set[MapStateKey] = field(default_factory=set)
 
     def add(self, key: MapStateKey, contribution: Contribution) -> None:
         self.contribs.setdefault(key, []).append(contribution)
         self.by_rule[contribution.rule_id].add(key)
-        self.by_identity[key.identity].add(key)
+        self.dirty.add(key)
+        self.cached = None
+
+    def add_many(self, keys: list[MapStateKey], contribution: Contribution) -> None:
+        contribs = self.contribs
+        for key in keys:
+            got = contribs.get(key)
+            if got is None:
+                contribs[key] = [contribution]
+            else:
+                got.append(contribution)
+        self.by_rule[contribution.rule_id].update(keys)
+        self.dirty.update(keys)
         self.cached = None
 
     def drop_rule(self, rule_id: int) -> None:
@@ -137,15 +195,119 @@ class _EndpointPolicy:
                 self.contribs[key] = remaining
             else:
                 self.contribs.pop(key, None)
-                self.by_identity[key.identity].discard(key)
+            self.dirty.add(key)
         self.rules.discard(rule_id)
         self.cached = None
 
-    def drop_identity(self, identity: int) -> None:
-        for key in self.by_identity.pop(identity, set()):
+    def drop_identity(self, identity: int) -> bool:
+        # No per-identity index: removing an identity is rare, adding keys is not.
+        keys = [k for k in self.contribs if k.identity == identity]
+        for key in keys:
             for c in self.contribs.pop(key, []):
                 self.by_rule[c.rule_id].discard(key)
+            self.dirty.add(key)
         self.cached = None
+        return bool(keys)
+
+    def merge(self) -> set[MapStateKey]:
+        """Bring `entries`/`l7` up to date with the dirty keys only; return the keys whose
+        final entry or L7 rule set may have changed."""
+        if not self.dirty:
+            return set()
+        self.touched = set(self.dirty)
+        # (direction, port) -> identities to redo, or None for every identity on that port
+        affected: dict[tuple[Direction, int], set[int] | None] = {}
+
+        def touch(port: tuple[Direction, int], identity: int) -> None:
+            if identity == ANY_IDENTITY:
+                affected[port] = None
+            else:
+                got = affected.setdefault(port, set())
+                if got is not None:
+                    got.add(identity)
+
+        for key in self.dirty:
+            was_l7 = key in self.base_l7
+            cs = self.contribs.get(key)
+            merged = merge_key(cs) if cs else None
+            if merged is None:
+                self.base.pop(key, None)
+                self.base_l7.pop(key, None)
+            else:
+                self.base[key] = merged[0]
+                if merged[1] is not None:
+                    self.base_l7[key] = merged[1]
+                else:
+                    self.base_l7.pop(key, None)
+            is_l7 = key in self.base_l7
+            if was_l7 != is_l7:
+                port = (key.direction, key.port)
+                self.l7_ports[port] = self.l7_ports.get(port, 0) + (1 if is_l7 else -1)
+                if not self.l7_ports[port]:
+                    del self.l7_ports[port]
+            if was_l7 or is_l7:
+                touch((key.direction, key.port), key.identity)
+            if key.port != ANY_PORT and key.protocol in (ANY_PROTOCOL, PROTO_TCP):
+                by_ident = self.port_keys[key.direction]
+                if key in self.base:
+                    by_ident.setdefault(key.identity, set()).add(key)
+                elif key.identity in by_ident:
+                    by_ident[key.identity].discard(key)
+                    if not by_ident[key.identity]:
+                        del by_ident[key.identity]
+                for d, p in self.l7_ports:
+                    if d is key.direction and key.port <= p <= key.end_port:
+                        touch((d, p), key.identity)
+            self._restore(key)
+        for port, identities in affected.items():
+            self._propagate(port, identities)
+        self.dirty.clear()
+        touched, self.touched = self.touched, set()
+        return touched
+
+    def _propagate(self, port: tuple[Direction, int], identities: set[int] | None) -> None:
+        done = self.overrides.setdefault(port, {})
+        if identities is None:
+            for key in done.values():
+                self._restore(key)
+            done.clear()
+        else:
+            for ident in identities:
+                if ident in done:
+                    self._restore(done.pop(ident))
+        if port not in self.l7_ports:
+            if not done:
+                del self.overrides[port]
+            return
+        direction, number = port
+        by_ident = self.port_keys[direction]
+        any_ref = _l4_ref(self.base, by_ident.get(ANY_IDENTITY, ()), number)
+        if identities is None:
+            identities = {k.identity for k in self.base_l7 if k.direction is direction
+                          and k.port == number}
+            identities |= set(by_ident)
+        for ident in identities:
+            got = _l7_override(
+                direction, number, ident, self.base, self.base_l7, by_ident.get(ident, ()),
+                any_ref,
+            )
+            if got is not None:
+                key, entry, ruleset = got
+                self.entries[key] = entry
+                self.l7[key] = ruleset
+                self.touched.add(key)
+                done[ident] = key
+
+    def _restore(self, key: MapStateKey) -> None:
+        self.touched.add(key)
+        if key in self.base:
+            self.entries[key] = self.base[key]
+        else:
+            self.entries.pop(key, None)
+        if key in self.base_l7:
+            self.l7[key] = self.base_l7[key]
+        else:
+            self.l7.pop(key, None)
 
 
 SECTION_KINDS: tuple[tuple[Direction, bool], ...] = (
@@ -173,8 +335,8 @@ def peer_key(peer: Peer) -> PeerKey:
 
 def section_ports(section: PolicySection) -> list[tuple[int, int, int, L7Rules | None]]:
     """(protocol, port, end_port, l7) for each port the section names; any = zeros."""
+    out: list[tuple[int, int, int, L7Rules | None]] = []
     if section.icmps:
-        out = []
         for icmp in section.icmps:
             proto = PROTO_ICMPV6 if icmp.family.lower() == "ipv6" else PROTO_ICMP
             t = icmp_type_number(icmp.family, icmp.type)
@@ -182,7 +344,6 @@ def section_ports(section: PolicySection) -> list[tuple[int, int, int, L7Rules |
         return out
     if not section.to_ports:
         return [(ANY_PROTOCOL, ANY_PORT, ANY_PORT, None)]
-    out = []
     for port_rule in section.to_ports:
         l7 = port_rule.rules if port_rule.rules and port_rule.rules.protocol else None
         if not port_rule.ports:
@@ -234,8 +395,7 @@ class PolicyResolver:
         self._endpoints.pop(identity, None)
         changed = set()
         for ep in self._endpoints.values():
-            if ep.by_identity.get(identity):
-                ep.drop_identity(identity)
+            if ep.drop_identity(identity):
                 changed.add(ep.identity)
         return changed
 
@@ -275,7 +435,7 @@ class PolicyResolver:
             self._subject_users[entry.subject].add(rule_id)
             for peer in peers:
                 self._peer_users[peer].add(rule_id)
-                self.cache.select(peer)
+            entry.sections = [self._compile(rule_id, *s) for s in rule_sections(rule)]
             for ep_id in self.cache.select(entry.subject):
                 ep = self._endpoints.get(ep_id)
                 if ep is None:
@@ -326,6 +486,27 @@ class PolicyResolver:
     def enforcing_rules(self, identity: int, direction: Direction) -> list[tuple[Policy, Rule]]:
         return [(p, r) for p, r in self.rules_selecting(identity) if r.enforces(direction)]
 
+    def updates(self, identities: Iterable[int]) -> dict[int, set[MapStateKey]]:
+        """Merge pending changes of `identities`; per endpoint, the keys whose entry or L7
+        rule set may have changed (what a datapath sync must rewrite or delete). Read the
+        new values with `entry()` / `l7_rules()`; cheaper than a whole `map_state()`."""
+        out = {}
+        for ident in identities:
+            ep = self._endpoints.get(ident)
+            if ep is not None:
+                out[ident] = ep.merge()
+        return out
+
+    def entry(self, identity: int, key: MapStateKey) -> MapStateEntry | None:
+        ep = self._endpoints[identity]
+        ep.merge()
+        return ep.entries.get(key)
+
+    def l7_rules(self, identity: int, key: MapStateKey) -> L7RuleSet | None:
+        ep = self._endpoints[identity]
+        ep.merge()
+        return ep.l7.get(key)
+
     def map_state(self, identity: int) -> MapState:
         ep = self._endpoints.get(identity)
         if ep is None:
@@ -345,38 +526,40 @@ class PolicyResolver:
                     self._contribute(ep, self._rules[rule_id])
         return ep
 
+    def _compile(
+        self, rule_id: int, direction: Direction, deny: bool, section: PolicySection
+    ) -> _Section:
+        any_peer = section.peers is None
+        peer_sets = []
+        for peer in section.peers or ():
+            if isinstance(peer, EntityPeer) and peer.entity is Entity.ALL:
+                any_peer = True
+            else:
+                peer_sets.append(self.cache.select(peer_key(peer)))
+        ports = [
+            (proto, port, end, Contribution(rule_id, section.ref, deny, l7))
+            for proto, port, end, l7 in section_ports(section)
+        ]
+        return _Section(direction, any_peer, peer_sets, ports)
+
     def _contribute(
         self, ep: _EndpointPolicy, entry: _RuleEntry, only_identity: int | None = None
     ) -> None:
-        for direction, deny, section in rule_sections(entry.rule):
+        for section in entry.sections:
             if only_identity is not None:
-                if not self._section_has(section, only_identity):
+                if not section.has(only_identity):
                     continue
-                idents = {only_identity}
+                idents: set[int] = {only_identity}
             else:
-                idents = self._section_identities(section)
-            if not idents:
-                continue
-            for proto, port, end, l7 in section_ports(section):
-                contribution = Contribution(entry.rule_id, section.ref, deny, l7)
-                for ident in idents:
-                    ep.add(MapStateKey(direction, ident, proto, port, end), contribution)
-
-    def _section_identities(self, section: PolicySection) -> set[int]:
-        if section.peers is None:
-            return {ANY_IDENTITY}
-        out: set[int] = set()
-        for peer in section.peers:
-            if isinstance(peer, EntityPeer) and peer.entity is Entity.ALL:
-                out.add(ANY_IDENTITY)
-            elif isinstance(peer, CIDRPeer | EndpointPeer | EntityPeer):
-                out |= self.cache.select(peer_key(peer))
-        return out
-
-    def _section_has(self, section: PolicySection, identity: int) -> bool:
-        if section.peers is None:
-            return identity == ANY_IDENTITY
-        return any(identity in self.cache.select(peer_key(p)) for p in section.peers)
+                idents = section.identities()
+                if not idents:
+                    continue
+            direction = section.direction
+            for proto, port, end, contribution in section.ports:
+                ep.add_many(
+                    [MapStateKey(direction, ident, proto, port, end) for ident in idents],
+                    contribution,
+                )
 
     def _materialize(self, ep: _EndpointPolicy) -> MapState:
         mode = self.config.enforcement
@@ -387,8 +570,10 @@ class PolicyResolver:
             r.enforces(Direction.INGRESS) for r in rules
         )
         egress = mode is EnforcementMode.ALWAYS or any(r.enforces(Direction.EGRESS) for r in rules)
-        entries, l7 = merge_contributions(ep.contribs)
-        return MapState(ep.identity, ingress, egress, entries, l7, self.config.audit)
+        ep.merge()
+        return MapState(
+            ep.identity, ingress, egress, dict(ep.entries), dict(ep.l7), self.config.audit
+        )
 
 
 def _refs(contribs: Iterable[Contribution]) -> tuple[RuleRef, ...]:
@@ -402,29 +587,56 @@ def _refs(contribs: Iterable[Contribution]) -> tuple[RuleRef, ...]:
 def merge_contributions(
     contribs: dict[MapStateKey, list[Contribution]],
 ) -> tuple[dict[MapStateKey, MapStateEntry], dict[MapStateKey, L7RuleSet]]:
-    """Merge every key's contributions, then apply Cilium's L7 merge rules across keys."""
+    """Merge every key's contributions, then apply Cilium's L7 merge rules across keys.
+
+    The reference (non-incremental) form of `_EndpointPolicy.merge`; tests compare them.
+    """
     entries: dict[MapStateKey, MapStateEntry] = {}
     l7: dict[MapStateKey, L7RuleSet] = {}
     for key, cs in contribs.items():
-        if not cs:
+        merged = merge_key(cs) if cs else None
+        if merged is None:
             continue
-        denies = [c for c in cs if c.deny]
-        if denies:
-            entries[key] = MapStateEntry(True, None, _refs(denies))
-            continue
-        l7s = [c for c in cs if c.l7 is not None]
-        if not l7s:
-            entries[key] = MapStateEntry(False, None, _refs(cs))
-            continue
-        entries[key], l7[key] = _merge_l7(cs, l7s)
-    _propagate_l7(entries, l7)
+        entries[key] = merged[0]
+        if merged[1] is not None:
+            l7[key] = merged[1]
+    base, base_l7 = dict(entries), dict(l7)
+    for direction, port in {(k.direction, k.port) for k in base_l7}:
+        by_ident: dict[int, set[MapStateKey]] = {}
+        for k in base:
+            if k.direction is direction and k.port != ANY_PORT and k.protocol in (
+                ANY_PROTOCOL, PROTO_TCP
+            ):
+                by_ident.setdefault(k.identity, set()).add(k)
+        any_ref = _l4_ref(base, by_ident.get(ANY_IDENTITY, ()), port)
+        idents = {k.identity for k in base_l7 if k.direction is direction and k.port == port}
+        for ident in idents | set(by_ident):
+            got = _l7_override(
+                direction, port, ident, base, base_l7, by_ident.get(ident, ()), any_ref
+            )
+            if got is not None:
+                entries[got[0]] = got[1]
+                l7[got[0]] = got[2]
     return entries, l7
 
 
-def _merge_l7(
-    cs: list[Contribution], l7s: list[Contribution]
-) -> tuple[MapStateEntry, L7RuleSet]:
-    protocols = sorted({c.l7.protocol for c in l7s if c.l7 is not None and c.l7.protocol})
+def merge_key(cs: list[Contribution]) -> tuple[MapStateEntry, L7RuleSet | None] | None:
+    """One key: any deny wins; else allow, redirected if some contribution has L7 rules."""
+    if not cs:
+        return None
+    if len(cs) == 1:
+        return cs[0].alone
+    return _merge_key(cs)
+
+
+def _merge_key(cs: list[Contribution]) -> tuple[MapStateEntry, L7RuleSet | None]:
+    denies = [c for c in cs if c.deny]
+    if denies:
+        return MapStateEntry(True, None, _refs(denies)), None
+    l7s = [c for c in cs if c.l7 is not None]
+    if not l7s:
+        return MapStateEntry(False, None, _refs(cs)), None
+    protocols = sorted({c.protocol for c in l7s if c.protocol is not None})
     protocol = protocols[0] if protocols else L7Protocol.HTTP
     # Two L7 types on one port from different policies: fail closed (no L7 rule allows).
     conflict = len(protocols) > 1
@@ -441,51 +653,76 @@ def _merge_l7(
     return MapStateEntry(False, protocol, _refs(cs)), ruleset
 
 
-def _propagate_l7(
-    entries: dict[MapStateKey, MapStateEntry], l7: dict[MapStateKey, L7RuleSet]
-) -> None:
-    """Cilium's merge across keys, for each redirected (direction, port):
+def _l4_entries(
+    base: dict[MapStateKey, MapStateEntry], keys: Iterable[MapStateKey], port: int
+) -> list[MapStateEntry]:
+    """Plain (L4-only, not deny) allow entries among `keys` that cover `port`."""
+    out = []
+    for k in keys:
+        if k.port <= port <= k.end_port:
+            entry = base.get(k)
+            if entry is not None and not entry.deny and entry.redirect is None:
+                out.append(entry)
+    return out
 
-    - a specific identity's L7 rules add to the rules that apply to any identity there;
+
+def _first_ref(entries: list[MapStateEntry]) -> RuleRef | None:
+    refs = [r for e in entries for r in e.derived_from]
+    return min(refs, key=_ref_order) if refs else None
+
+
+def _l4_ref(
+    base: dict[MapStateKey, MapStateEntry], keys: Iterable[MapStateKey], port: int
+) -> RuleRef | bool | None:
+    """The ref of an any-identity L4-only allow on `port`; False when there is none."""
+    entries = _l4_entries(base, keys, port)
+    return _first_ref(entries) if entries else False
+
+
+def _l7_override(
+    direction: Direction,
+    port: int,
+    identity: int,
+    base: dict[MapStateKey, MapStateEntry],
+    base_l7: dict[MapStateKey, L7RuleSet],
+    identity_port_keys: Iterable[MapStateKey],
+    any_l4_ref: RuleRef | bool | None,
+) -> tuple[MapStateKey, MapStateEntry, L7RuleSet] | None:
+    """Cilium's merge across keys, for one identity on one redirected (direction, TCP port):
+
+    - the L7 rules that apply to any identity there also apply to this identity's own L7
+      entry (the proxy checks every selector that matches the peer);
     - a peer also allowed on that port at L4 only (by its own entry or an any-identity
       entry, single port or range) gets allow-all L7 there — still redirected, so the
-      proxy logs it; where its L4 entry would win the lookup, a derived redirect entry for
-      exactly that TCP port is added.
+      proxy logs it; where its own L4 entry would win the lookup over the any-identity
+      L7 entry, a derived redirect entry for exactly that TCP port takes its place.
+    Returns the key, entry and rule set when they differ from the key's own merge.
     """
-    if not l7:
-        return
-    l7_ports = {(k.direction, k.port) for k in l7}
-    plain = [
-        k
-        for k, e in entries.items()
-        if not e.deny
-        and e.redirect is None
-        and k.port != ANY_PORT
-        and k.protocol in (ANY_PROTOCOL, PROTO_TCP)
-    ]
-    for direction, port in l7_ports:
-        wildcard_key = MapStateKey(direction, ANY_IDENTITY, PROTO_TCP, port, port)
-        wildcard = l7.get(wildcard_key)
-        port_l7_keys = [k for k in l7 if k.direction is direction and k.port == port]
-        if wildcard is not None:
-            for key in port_l7_keys:
-                if key.identity != ANY_IDENTITY and l7[key].protocol == wildcard.protocol:
-                    l7[key] = replace(l7[key], rules=l7[key].rules + wildcard.rules)
-        for pk in plain:
-            if pk.direction is not direction or not pk.port <= port <= pk.end_port:
-                continue
-            ref = entries[pk].derived_from[0] if entries[pk].derived_from else None
-            if pk.identity == ANY_IDENTITY:
-                for key in port_l7_keys:
-                    l7[key] = replace(l7[key], allow_all=True, allow_all_ref=ref)
-                continue
-            target = MapStateKey(direction, pk.identity, PROTO_TCP, port, port)
-            if target in l7:
-                l7[target] = replace(l7[target], allow_all=True, allow_all_ref=ref)
-            elif wildcard is not None:
-                entries[target] = MapStateEntry(
-                    False,
-                    wildcard.protocol,
-                    entries[pk].derived_from + entries[wildcard_key].derived_from,
-                )
-                l7[target] = replace(wildcard, allow_all=True, allow_all_ref=ref)
+    target = MapStateKey(direction, identity, PROTO_TCP, port, port)
+    wildcard_key = MapStateKey(direction, ANY_IDENTITY, PROTO_TCP, port, port)
+    wildcard = base_l7.get(wildcard_key)
+    own = _l4_entries(base, identity_port_keys, port) if identity != ANY_IDENTITY else []
+    ruleset = base_l7.get(target)
+    if ruleset is not None:
+        merged = ruleset
+        if wildcard is not None and identity != ANY_IDENTITY and (
+            wildcard.protocol == ruleset.protocol
+        ):
+            merged = replace(merged, rules=merged.rules + wildcard.rules)
+        if own:
+            merged = replace(merged, allow_all=True, allow_all_ref=_first_ref(own))
+        elif any_l4_ref is not False:
+            ref = any_l4_ref if isinstance(any_l4_ref, RuleRef) else None
+            merged = replace(merged, allow_all=True, allow_all_ref=ref)
+        return None if merged == ruleset else (target, base[target], merged)
+    if wildcard is not None and own:
+        refs = tuple(dict.fromkeys(r for e in own for r in e.derived_from))
+        derived = MapStateEntry(False, wildcard.protocol, refs + base[wildcard_key].derived_from)
+        merged = replace(wildcard, allow_all=True, allow_all_ref=_first_ref(own))
+        return target, derived, merged
+    return None
+
+
+def _ref_order(ref: RuleRef) -> tuple[str, str, str, str, int, int]:
+    return (ref.kind.value, ref.namespace or "", ref.name, ref.section, ref.spec_index,
+            ref.rule_index)

@@ -31,7 +31,7 @@ class Requirement:
     source: str = SOURCE_ANY
 
     def matches(self, labels: Labels) -> bool:
-        found = [lab.value for lab in labels.items if lab.matches_key(self.source, self.key)]
+        found = labels.values_of(self.key, self.source)
         if self.operator is Operator.IN:
             return any(v in self.values for v in found)
         if self.operator is Operator.NOT_IN:

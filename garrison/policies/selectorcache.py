@@ -164,10 +164,18 @@ class SelectorCache:
                 self._selector_index[key].discard(peer)
 
     def _candidates(self, peer: PeerKey) -> Iterable[int]:
+        """Identities that carry a value of every In-requirement (a superset of matches)."""
         if isinstance(peer, EndpointSelector):
-            key = _index_key(peer)
-            if key is not None:
-                return set(self._label_index.get(key, ()))
+            sets = []
+            for req in peer.requirements:
+                if req.operator is Operator.IN:
+                    ids: set[int] = set()
+                    for value in req.values:
+                        ids |= self._label_index.get((req.key, value), set())
+                    sets.append(ids)
+            if sets:
+                sets.sort(key=len)
+                return sets[0].intersection(*sets[1:])
         return list(self._labels)
 
     def _matches(self, peer: PeerKey, identity: int) -> bool:

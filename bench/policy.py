@@ -1,0 +1,169 @@
+"""Policy resolution at scale: 1,000 endpoints against 10,000 rules, then incremental changes.
+
+Run: .venv/bin/python bench/policy.py [--endpoints N] [--rules N] [--seed S]
+
+Prints the full-resolve time (identities + rules + every endpoint's MapState materialized),
+the time to add one endpoint and one rule incrementally (resolver update plus the merge of
+every changed key of every endpoint it affects — what a datapath sync then writes), and the
+peak RSS. The reference in the same run is the full resolve:
+the incremental ratios say how much work incrementality saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from garrison.policies.l7rules import HTTPRule, KafkaRole, KafkaRule, L7Rules
+from garrison.policies.labels import Labels, endpoint_labels
+from garrison.policies.model import (
+    EndpointPeer,
+    Policy,
+    PolicySection,
+    PortProtocol,
+    PortRule,
+    Protocol,
+    Rule,
+)
+from garrison.policies.refs import PolicyKind, RuleRef
+from garrison.policies.resolve import PolicyResolver
+from garrison.policies.selector import EndpointSelector
+
+TIERS = ["web", "api", "db", "cache", "worker"]
+ENVS = ["prod", "staging"]
+PORTS = [80, 443, 8080, 9090, 5432, 6379, 9092, 3000]
+
+
+class Scenario:
+    def __init__(self, endpoints: int, rules: int, seed: int) -> None:
+        self.rnd = random.Random(seed)
+        self.namespaces = [f"ns{i}" for i in range(20)]
+        self.apps = [(f"app{i}", self.rnd.choice(self.namespaces)) for i in range(200)]
+        self.teams = [f"team{i}" for i in range(30)]
+        self.endpoints = [self.endpoint() for _ in range(endpoints)]
+        self.policies = [self.policy(i) for i in range(rules)]
+
+    def endpoint(self) -> Labels:
+        app, ns = self.rnd.choice(self.apps)
+        labels = Labels.parse(
+            f"app={app},tier={self.rnd.choice(TIERS)},env={self.rnd.choice(ENVS)},"
+            f"team={self.teams[int(app[3:]) % len(self.teams)]},version=v{self.rnd.randint(1, 3)}"
+        )
+        return endpoint_labels(labels, ns)
+
+    def selector(self, ns: str) -> EndpointSelector:
+        """A peer: mostly an app of the same namespace; some apps of another namespace
+        (named with the namespace label, as cross-namespace rules must); some team or tier
+        selectors within the namespace."""
+        kind = self.rnd.random()
+        if kind < 0.7:
+            local = [a for a, n in self.apps if n == ns]
+            if local and self.rnd.random() < 0.8:
+                labels = {"app": self.rnd.choice(local)}
+            else:
+                app, other = self.rnd.choice(self.apps)
+                labels = {"app": app, "k8s:io.kubernetes.pod.namespace": other}
+            if self.rnd.random() < 0.3:
+                labels["tier"] = self.rnd.choice(TIERS)
+        elif kind < 0.85:
+            labels = {"team": self.rnd.choice(self.teams), "env": self.rnd.choice(ENVS)}
+        else:
+            labels = {"tier": self.rnd.choice(TIERS)}
+        return EndpointSelector.match_labels(labels).in_namespace(ns)
+
+    def policy(self, i: int) -> Policy:
+        app, ns = self.rnd.choice(self.apps)
+        name = f"pol{i}"
+        subject = EndpointSelector.match_labels({"app": app}).in_namespace(ns)
+        sections = []
+        for j in range(self.rnd.randint(1, 2)):
+            ports = []
+            for _ in range(self.rnd.randint(1, 2)):
+                port = self.rnd.choice(PORTS)
+                l7 = None
+                roll = self.rnd.random()
+                if roll < 0.08:
+                    l7 = L7Rules(http=(HTTPRule(method="GET", path=f"/api/v{j}/.*"),))
+                elif roll < 0.1:
+                    l7 = L7Rules(kafka=(KafkaRule(role=KafkaRole.CONSUME, topic=f"t{i}"),))
+                ports.append(PortRule((PortProtocol(port, 0, Protocol.TCP),), l7))
+            peers = tuple(EndpointPeer(self.selector(ns)) for _ in range(self.rnd.randint(1, 2)))
+            ref = RuleRef(PolicyKind.CNP, ns, name, "ingress", 0, j)
+            sections.append(PolicySection(peers, tuple(ports), (), ref))
+        deny = None
+        if self.rnd.random() < 0.05:
+            ref = RuleRef(PolicyKind.CNP, ns, name, "ingressDeny")
+            deny = (PolicySection((EndpointPeer(self.selector(ns)),), (), (), ref),)
+        rule = Rule(subject, ingress=tuple(sections), ingress_deny=deny, namespace=ns)
+        return Policy(PolicyKind.CNP, name, ns, (rule,))
+
+
+def materialize(resolver: PolicyResolver, identities: set[int] | list[int]) -> int:
+    total = 0
+    for ident in identities:
+        total += len(resolver.map_state(ident).entries)
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--endpoints", type=int, default=1000)
+    ap.add_argument("--rules", type=int, default=10_000)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=20, help="incremental samples")
+    args = ap.parse_args()
+
+    sc = Scenario(args.endpoints, args.rules, args.seed)
+    ids: dict[Labels, int] = {}
+    for labels in sc.endpoints:
+        ids.setdefault(labels, 256 + len(ids))
+
+    t0 = time.perf_counter()
+    resolver = PolicyResolver()
+    for labels, ident in ids.items():
+        resolver.add_identity(ident, labels)
+    resolver.add_policies(sc.policies)
+    entries = materialize(resolver, resolver.endpoint_identities())
+    full = time.perf_counter() - t0
+
+    add_ep, add_rule = [], []
+    next_id = 256 + len(ids)
+    for k in range(args.repeat):
+        labels = sc.endpoint().union(Labels.parse(f"instance=new{k}"))
+        t = time.perf_counter()
+        changed = resolver.add_identity(next_id, labels)
+        resolver.updates(changed)
+        add_ep.append(time.perf_counter() - t)
+        next_id += 1
+
+        pol = sc.policy(args.rules + k)
+        t = time.perf_counter()
+        changed = resolver.add_policy(pol)
+        resolver.updates(changed)
+        add_rule.append(time.perf_counter() - t)
+
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ep_ms = statistics.median(add_ep) * 1000
+    rule_ms = statistics.median(add_rule) * 1000
+    print(f"policy resolution: {args.endpoints} endpoints ({len(ids)} identities), "
+          f"{args.rules} rules, {entries} map entries")
+    print(f"  full resolve:            {full * 1000:9.1f} ms   (aim < 2000 ms)")
+    print(f"  add one endpoint:        {ep_ms:9.2f} ms   median of {args.repeat}, "
+          f"max {max(add_ep) * 1000:.2f} ms (aim < 10 ms)  ratio to full "
+          f"{ep_ms / (full * 1000):.5f}")
+    print(f"  add one rule:            {rule_ms:9.2f} ms   median of {args.repeat}, "
+          f"max {max(add_rule) * 1000:.2f} ms (aim < 10 ms)  ratio to full "
+          f"{rule_ms / (full * 1000):.5f}")
+    print(f"  peak RSS:                {rss_mb:9.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""Resolution semantics, one test per rule of POLICY-SEMANTICS.md (L3/L4 part)."""
+
+from __future__ import annotations
+
+from garrison.policies.l7rules import L7Protocol
+from garrison.policies.mapstate import DropReason, MatchType
+from garrison.policies.model import EnforcementMode
+from garrison.policies.resolve import ResolverConfig
+
+from .helpers import world
+
+EPS = {
+    "deathstar": "org=empire,class=deathstar",
+    "tiefighter": "org=empire,class=tiefighter",
+    "xwing": "org=alliance,class=xwing",
+}
+
+L3L4 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: rule1}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+
+
+def test_no_policy_allows_everything() -> None:
+    w = world("", EPS)
+    assert w.allowed("xwing", "deathstar", 80)
+    res = w.ingress("xwing", "deathstar", 80)
+    assert not res.enforced and res.match_type is MatchType.NONE
+
+
+def test_l3_l4_policy_allows_selected_peer_on_port_only() -> None:
+    w = world(L3L4, EPS)
+    ok = w.ingress("tiefighter", "deathstar", 80)
+    assert ok.allowed and ok.match_type is MatchType.L3_L4
+    assert [r.name for r in ok.refs] == ["rule1"]
+    denied = w.ingress("xwing", "deathstar", 80)
+    assert not denied.allowed and denied.drop_reason is DropReason.POLICY_DENIED
+    assert not w.allowed("tiefighter", "deathstar", 81)
+    assert not w.allowed("tiefighter", "deathstar", 80, "UDP")
+
+
+def test_ingress_policy_leaves_egress_unrestricted() -> None:
+    w = world(L3L4, EPS)
+    # deathstar's egress is not enforced: it may open connections to anyone
+    assert w.allowed("deathstar", "xwing", 443)
+    # xwing is not selected by any rule: its ingress stays open
+    assert w.allowed("tiefighter", "xwing", 22)
+
+
+def test_empty_ingress_element_is_default_deny() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: lockdown}
+        spec:
+          endpointSelector: {}
+          ingress: [{}]
+        """,
+        EPS,
+    )
+    assert not w.allowed("tiefighter", "deathstar", 80)
+    assert w.ingress("tiefighter", "deathstar", 80).drop_reason is DropReason.POLICY_DENIED
+
+
+def test_enable_default_deny_false_keeps_direction_open() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: visibility}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          enableDefaultDeny: {ingress: false}
+          ingress:
+          - toPorts: [{ports: [{port: "80", protocol: TCP}], rules: {http: [{}]}}]
+        """,
+        EPS,
+    )
+    res = w.ingress("xwing", "deathstar", 80)
+    assert res.allowed and res.redirect is L7Protocol.HTTP
+    assert w.allowed("xwing", "deathstar", 22)
+
+
+def test_deny_wins_over_more_specific_allow() -> None:
+    w = world(
+        L3L4
+        + """
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: no-tiefighters}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+""",
+        EPS,
+    )
+    res = w.ingress("tiefighter", "deathstar", 80)
+    assert not res.allowed and res.drop_reason is DropReason.POLICY_DENY
+    assert [r.name for r in res.refs] == ["no-tiefighters"]
+
+
+def test_deny_only_policy_switches_to_default_deny() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: deny-xwing}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingressDeny:
+          - fromEndpoints: [{matchLabels: {class: xwing}}]
+        """,
+        EPS,
+    )
+    assert w.ingress("xwing", "deathstar", 80).drop_reason is DropReason.POLICY_DENY
+    assert w.ingress("tiefighter", "deathstar", 80).drop_reason is DropReason.POLICY_DENIED
+
+
+def test_l3_only_peer_is_redirected_by_portwide_l7_rule() -> None:
+    """Cilium's Star Wars v2 header demo: an L3-only allow does not escape L7 on port 80."""
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: v2}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {org: empire}}]
+          - toPorts:
+            - ports: [{port: "80", protocol: TCP}]
+              rules: {http: [{method: GET, path: "/v1/", headers: ["X-Has-Force: True"]}]}
+        """,
+        EPS,
+    )
+    res = w.ingress("tiefighter", "deathstar", 80)
+    assert res.allowed and res.redirect is L7Protocol.HTTP
+    assert res.match_type is MatchType.L4_ONLY
+    assert res.l7 is not None and not res.l7.allow_all
+    other = w.ingress("tiefighter", "deathstar", 22)
+    assert other.allowed and other.match_type is MatchType.L3_ONLY and other.redirect is None
+
+
+def test_l4_only_allow_of_same_peer_and_port_makes_l7_allow_all() -> None:
+    w = world(
+        L3L4
+        + """
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: POST, path: /v1/request-landing}]}
+""",
+        EPS,
+    )
+    res = w.ingress("tiefighter", "deathstar", 80)
+    assert res.redirect is L7Protocol.HTTP
+    assert res.l7 is not None and res.l7.allow_all
+    assert res.l7.allow_all_ref is not None and res.l7.allow_all_ref.name == "rule1"
+
+
+def test_specific_l4_allow_still_redirected_when_wildcard_l7_exists() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: mix}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+            toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+          - toPorts:
+            - ports: [{port: "80", protocol: TCP}]
+              rules: {http: [{method: GET}]}
+        """,
+        EPS,
+    )
+    tie = w.ingress("tiefighter", "deathstar", 80)
+    assert tie.redirect is L7Protocol.HTTP and tie.l7 is not None and tie.l7.allow_all
+    xw = w.ingress("xwing", "deathstar", 80)
+    assert xw.redirect is L7Protocol.HTTP and xw.l7 is not None and not xw.l7.allow_all
+
+
+def test_port_range_and_protocol_any() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: ranges}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {org: empire}}]
+            toPorts: [{ports: [{port: "8000", endPort: 8080}]}]
+        """,
+        EPS,
+    )
+    assert w.allowed("tiefighter", "deathstar", 8000)
+    assert w.allowed("tiefighter", "deathstar", 8080, "UDP")
+    assert w.allowed("tiefighter", "deathstar", 8042, "SCTP")
+    assert not w.allowed("tiefighter", "deathstar", 8081)
+    assert not w.allowed("tiefighter", "deathstar", 7999)
+
+
+def test_entities_world_and_cidr_except() -> None:
+    eps = {**EPS, "internet": "reserved:world"}
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: from-world}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - fromEntities: [world]
+            toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+        """,
+        eps,
+    )
+    assert w.allowed("internet", "deathstar", 443)
+    assert not w.allowed("tiefighter", "deathstar", 443)
+
+
+def test_cidr_set_except_selects_cidr_identities() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: cidr}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - fromCIDRSet: [{cidr: 198.18.0.0/15, except: [198.18.128.0/24]}]
+        """,
+        EPS,
+    )
+    state = w.resolver.map_state(w.ids["deathstar"])
+    idents = {k.identity for k in state.entries}
+    cidr_ids = {
+        i: str(w.resolver.cache.labels_of(i)) for i in idents if i & (1 << 24)
+    }
+    assert len(cidr_ids) == 1
+    assert "198.18.0.0/15" in next(iter(cidr_ids.values()))
+    # the excepted prefix has an identity of its own that is not allowed
+    assert not any("198.18.128.0/24" in v for v in cidr_ids.values())
+
+
+def test_peer_selector_is_limited_to_policy_namespace() -> None:
+    eps = {
+        "deathstar": "org=empire,class=deathstar",
+        "tie-here": "org=empire,class=tiefighter",
+        "tie-other": "org=empire,class=tiefighter,ns=outer-rim",
+    }
+    w = world(L3L4, eps)
+    assert w.allowed("tie-here", "deathstar", 80)
+    assert not w.allowed("tie-other", "deathstar", 80)
+
+
+def test_peer_selector_naming_namespace_crosses_namespaces() -> None:
+    eps = {
+        "deathstar": "org=empire,class=deathstar",
+        "tie-other": "org=empire,class=tiefighter,ns=outer-rim",
+    }
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: cross}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - fromEndpoints:
+            - matchLabels: {"k8s:io.kubernetes.pod.namespace": outer-rim, org: empire}
+        """,
+        eps,
+    )
+    assert w.allowed("tie-other", "deathstar", 80)
+
+
+def test_clusterwide_policy_selects_all_namespaces() -> None:
+    eps = {
+        "deathstar": "org=empire,class=deathstar,ns=core",
+        "tie-other": "org=empire,class=tiefighter,ns=outer-rim",
+        "xwing": "org=alliance,class=xwing,ns=outer-rim",
+    }
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumClusterwideNetworkPolicy
+        metadata: {name: empire-only}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {org: empire}}]
+        """,
+        eps,
+    )
+    assert w.allowed("tie-other", "deathstar", 80)
+    assert not w.allowed("xwing", "deathstar", 80)
+
+
+def test_match_expressions() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: expr}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - fromEndpoints:
+            - matchExpressions:
+              - {key: org, operator: NotIn, values: [alliance]}
+              - {key: class, operator: Exists}
+        """,
+        EPS,
+    )
+    assert w.allowed("tiefighter", "deathstar", 80)
+    assert not w.allowed("xwing", "deathstar", 80)
+
+
+def test_enforcement_modes() -> None:
+    always = world("", EPS, ResolverConfig(EnforcementMode.ALWAYS))
+    assert not always.allowed("tiefighter", "deathstar", 80)
+    never = world(L3L4, EPS, ResolverConfig(EnforcementMode.NEVER))
+    assert never.allowed("xwing", "deathstar", 80)
+
+
+def test_audit_flag_reaches_map_state() -> None:
+    w = world(L3L4, EPS, ResolverConfig(audit=True))
+    assert w.resolver.map_state(w.ids["deathstar"]).audit
+
+
+def test_egress_policy_and_icmp() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: egress}
+        spec:
+          endpointSelector: {matchLabels: {class: xwing}}
+          egress:
+          - toEndpoints: [{matchLabels: {class: deathstar}}]
+            icmps: [{fields: [{type: 8, family: IPv4}]}]
+        """,
+        EPS,
+    )
+    egress, _ = w.check("xwing", "deathstar", 8, "ICMP")
+    assert egress is not None and egress.allowed
+    egress, _ = w.check("xwing", "deathstar", 80)
+    assert egress is not None and not egress.allowed
+
+
+def test_kubernetes_network_policy() -> None:
+    w = world(
+        """
+        apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: np, namespace: default}
+        spec:
+          podSelector: {matchLabels: {class: deathstar}}
+          policyTypes: [Ingress]
+          ingress:
+          - from: [{podSelector: {matchLabels: {org: empire}}}]
+            ports: [{port: 80}]
+        """,
+        EPS,
+    )
+    assert w.allowed("tiefighter", "deathstar", 80)
+    assert not w.allowed("tiefighter", "deathstar", 80, "UDP")  # NetworkPolicy default is TCP
+    assert not w.allowed("xwing", "deathstar", 80)
+
+
+def test_l7_conflict_between_policies_fails_closed() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: http}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - toPorts: [{ports: [{port: "80", protocol: TCP}], rules: {http: [{}]}}]
+        ---
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: kafka}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - toPorts: [{ports: [{port: "80", protocol: TCP}], rules: {kafka: [{topic: t}]}}]
+        """,
+        EPS,
+    )
+    res = w.ingress("tiefighter", "deathstar", 80)
+    assert res.redirect is not None
+    assert res.l7 is not None and res.l7.rules == () and not res.l7.allow_all
