@@ -156,10 +156,10 @@ def _kafka_deny_produce(cls: _Any, version: int, req: _Any, cluster: _Any) -> _A
                         record_errors=[],
                         error_message=_DENIED if version >= 8 else None,
                     )
-                    for partition in topic.partition_data
+                    for partition in topic.partition_data or ()
                 ],
             )
-            for topic in req.topic_data
+            for topic in req.topic_data or ()
         ],
     )
 
@@ -187,10 +187,10 @@ def _kafka_deny_fetch(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any
                         preferred_read_replica=-1,
                         records=b"",
                     )
-                    for partition in topic.partitions
+                    for partition in topic.partitions or ()
                 ],
             )
-            for topic in req.topics
+            for topic in req.topics or ()
         ],
     )
 
@@ -212,10 +212,10 @@ def _kafka_deny_list_offsets(cls: _Any, version: int, req: _Any, cluster: _Any) 
                         offset=-1,
                         leader_epoch=-1,
                     )
-                    for partition in topic.partitions
+                    for partition in topic.partitions or ()
                 ],
             )
-            for topic in req.topics
+            for topic in req.topics or ()
         ],
     )
 
@@ -261,10 +261,10 @@ def _kafka_deny_offset_commit(cls: _Any, version: int, req: _Any, cluster: _Any)
                         partition_index=partition.partition_index,
                         error_code=TOPIC_AUTHORIZATION_FAILED,
                     )
-                    for partition in topic.partitions
+                    for partition in topic.partitions or ()
                 ],
             )
-            for topic in req.topics
+            for topic in req.topics or ()
         ],
     )
 
@@ -288,7 +288,9 @@ def _kafka_deny_offset_fetch(cls: _Any, version: int, req: _Any, cluster: _Any) 
         return cls[version](
             throttle_time_ms=0,
             topics=[
-                topic_cls(name=t.name, partitions=partitions(partition_cls, t.partition_indexes))
+                topic_cls(
+                    name=t.name, partitions=partitions(partition_cls, t.partition_indexes or ())
+                )
                 for t in req.topics or ()
             ],
             error_code=0 if req.topics else GROUP_AUTHORIZATION_FAILED,
@@ -305,13 +307,13 @@ def _kafka_deny_offset_fetch(cls: _Any, version: int, req: _Any, cluster: _Any) 
                     topic_cls(
                         name=t.name,
                         topic_id=t.topic_id,
-                        partitions=partitions(partition_cls, t.partition_indexes),
+                        partitions=partitions(partition_cls, t.partition_indexes or ()),
                     )
                     for t in group.topics or ()
                 ],
                 error_code=0 if group.topics else GROUP_AUTHORIZATION_FAILED,
             )
-            for group in req.groups
+            for group in req.groups or ()
         ],
     )
 
@@ -339,7 +341,7 @@ def _kafka_deny_find_coordinator(cls: _Any, version: int, req: _Any, cluster: _A
             coordinator_cls(
                 key=key, node_id=-1, host="", port=-1, error_code=error, error_message=_DENIED
             )
-            for key in req.coordinator_keys
+            for key in req.coordinator_keys or ()
         ],
     )
 
@@ -391,7 +393,7 @@ def _kafka_deny_describe_groups(cls: _Any, version: int, req: _Any, cluster: _An
                 members=[],
                 authorized_operations=_NO_AUTHORIZED_OPERATIONS,
             )
-            for group_id in req.groups
+            for group_id in req.groups or ()
         ],
     )
 
@@ -418,7 +420,7 @@ def _kafka_deny_create_topics(cls: _Any, version: int, req: _Any, cluster: _Any)
                 replication_factor=-1,
                 configs=None,
             )
-            for topic in req.topics
+            for topic in req.topics or ()
         ],
     )
 
@@ -426,9 +428,9 @@ def _kafka_deny_create_topics(cls: _Any, version: int, req: _Any, cluster: _Any)
 def _kafka_deny_delete_topics(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
     result_cls = entry_class(cls, "responses")
     if version < 6:
-        named = [(name, None) for name in req.topic_names]
+        named = [(name, None) for name in req.topic_names or ()]
     else:
-        named = [(topic.name, topic.topic_id) for topic in req.topics]
+        named = [(topic.name, topic.topic_id) for topic in req.topics or ()]
     return cls[version](
         throttle_time_ms=0,
         responses=[
