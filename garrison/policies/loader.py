@@ -145,6 +145,8 @@ EGRESS_UNSUPPORTED = (
 UNSUPPORTED_PEER_KINDS = frozenset(
     {"fromGroups", "fromNodes", "toFQDNs", "toServices", "toGroups", "toNodes"}
 )
+REQUIRES_FIELDS = frozenset({"fromRequires", "toRequires"})
+REQUIRES_IN_DENY = "not allowed in deny sections (it only narrows what allow rules grant)"
 TO_PORTS_UNSUPPORTED = ("terminatingTLS", "originatingTLS", "serverNames", "listener")
 L7_TYPES = ("http", "kafka", "grpc")
 L7_UNSUPPORTED = ("dns", "l7proto", "l7")
@@ -640,7 +642,10 @@ def _cilium_section(
     fail_closed = False
     for name in unsupported:
         if name in f:
-            if deny:
+            if name in REQUIRES_FIELDS:
+                if deny:
+                    f[name].key_error(REQUIRES_IN_DENY)
+            elif deny:
                 f[name].key_error(DENY_NOT_ENFORCEABLE)
             else:
                 f[name].warn_key(FAIL_CLOSED)
@@ -670,6 +675,14 @@ def _cilium_section(
         has_peers = True
         peers += _cidr_set(f[cidr_set])
 
+    requires: list[EndpointSelector] = []
+    for name in REQUIRES_FIELDS:
+        if name in f:
+            for item in sequence(f[name]) or ():
+                sel = _cilium_selector(item)
+                if sel is not None:
+                    requires.append(_limit_peer(ctx, sel))
+
     to_ports: tuple[PortRule, ...] = ()
     if "toPorts" in f:
         to_ports, ports_fail_closed = _port_rules(ctx, f["toPorts"], direction, deny)
@@ -694,6 +707,7 @@ def _cilium_section(
         to_ports=to_ports,
         icmps=icmps,
         ref=ctx.ref(section, spec_index, rule_index, has_specs),
+        requires=tuple(requires),
     )
 
 

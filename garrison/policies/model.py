@@ -145,6 +145,9 @@ class PolicySection:
     to_ports: tuple[PortRule, ...] = ()
     icmps: tuple[ICMPField, ...] = ()
     ref: RuleRef | None = None
+    # `fromRequires` / `toRequires`: grants nothing itself; every peer that any allow rule
+    # grants to an endpoint this rule selects must also match all of these (Cilium).
+    requires: tuple[EndpointSelector, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

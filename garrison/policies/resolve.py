@@ -118,6 +118,7 @@ class _Section:
     cache keeps them current) and one Contribution per port it names."""
 
     direction: Direction
+    deny: bool
     any_peer: bool  # no peer list, or the `all` entity: keyed by identity 0
     peer_sets: list[set[int]]
     ports: list[tuple[int, int, int, Contribution]]
@@ -140,6 +141,8 @@ class _RuleEntry:
     subject: EndpointSelector
     peers: tuple[PeerKey, ...]
     sections: list[_Section] = field(default_factory=list)
+    # fromRequires / toRequires selectors of its sections, per direction (live sets)
+    requires: dict[Direction, list[set[int]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -169,6 +172,8 @@ class _EndpointPolicy:
     l7: dict[MapStateKey, L7RuleSet] = field(default_factory=dict)
     cached: MapState | None = None
     touched: set[MapStateKey] = field(default_factory=set)
+    # what every allowed peer must also match (the requires of the rules selecting it)
+    requires: dict[Direction, list[set[int]]] = field(default_factory=dict)
 
     def add(self, key: MapStateKey, contribution: Contribution) -> None:
         self.contribs.setdefault(key, []).append(contribution)
@@ -378,13 +383,22 @@ class PolicyResolver:
         if is_endpoint(identity):
             self._endpoints[identity] = self._build_endpoint(identity)
             changed.add(identity)
+        rebuilt = set()
+        for ep in list(self._endpoints.values()):
+            if ep.identity != identity and any(
+                all(identity in ids for ids in sets) for sets in ep.requires.values()
+            ):
+                # a peer granted as "any" may now resolve to this identity
+                self._rebuild(ep.identity)
+                rebuilt.add(ep.identity)
+        changed |= rebuilt
         affected_rules: set[int] = set()
         for peer in matched:
             affected_rules |= self._peer_users.get(peer, set())
         for rule_id in affected_rules:
             entry = self._rules[rule_id]
             for ep_id in self.cache.select(entry.subject):
-                if ep_id == identity or ep_id not in self._endpoints:
+                if ep_id == identity or ep_id in rebuilt or ep_id not in self._endpoints:
                     continue
                 self._contribute(self._endpoints[ep_id], entry, only_identity=identity)
                 changed.add(ep_id)
@@ -424,9 +438,12 @@ class PolicyResolver:
             self._next_rule_id += 1
             peers = tuple(
                 {
-                    peer_key(p): None
-                    for _, _, s in rule_sections(rule)
-                    for p in (s.peers or ())
+                    **{
+                        peer_key(p): None
+                        for _, _, s in rule_sections(rule)
+                        for p in (s.peers or ())
+                    },
+                    **{sel: None for _, _, s in rule_sections(rule) for sel in s.requires},
                 }
             )
             entry = _RuleEntry(rule_id, policy, rule, rule.endpoint_selector, peers)
@@ -436,27 +453,46 @@ class PolicyResolver:
             for peer in peers:
                 self._peer_users[peer].add(rule_id)
             entry.sections = [self._compile(rule_id, *s) for s in rule_sections(rule)]
+            for direction, _, section in rule_sections(rule):
+                for sel in section.requires:
+                    entry.requires.setdefault(direction, []).append(self.cache.select(sel))
             for ep_id in self.cache.select(entry.subject):
                 ep = self._endpoints.get(ep_id)
                 if ep is None:
                     continue
-                ep.rules.add(rule_id)
-                self._contribute(ep, entry)
-                ep.cached = None
+                if entry.requires:
+                    # narrows what every other rule grants this endpoint: rebuild it
+                    ep.rules.add(rule_id)
+                    self._rebuild(ep_id)
+                else:
+                    ep.rules.add(rule_id)
+                    self._contribute(ep, entry)
+                    ep.cached = None
                 changed.add(ep_id)
         return changed
+
+    def _rebuild(self, identity: int) -> None:
+        """Recompute one endpoint from scratch, reporting every old key as touched."""
+        old = self._endpoints[identity]
+        old.merge()
+        new = self._build_endpoint(identity)
+        new.dirty |= set(old.base)
+        self._endpoints[identity] = new
 
     def remove_policy(self, policy: Policy) -> set[int]:
         changed: set[int] = set()
         for rule_id in self._rule_ids.pop(policy.key, []):
             entry = self._rules.pop(rule_id)
-            for ep_id in self.cache.select(entry.subject):
+            subjects = set(self.cache.select(entry.subject))
+            self._subject_users[entry.subject].discard(rule_id)
+            for ep_id in subjects:
                 ep = self._endpoints.get(ep_id)
                 if ep is not None and rule_id in ep.rules:
                     ep.drop_rule(rule_id)
+                    if entry.requires:
+                        self._rebuild(ep_id)
                     changed.add(ep_id)
             unused: list[PeerKey] = []
-            self._subject_users[entry.subject].discard(rule_id)
             if not self._subject_users[entry.subject]:
                 del self._subject_users[entry.subject]
                 if entry.subject not in self._peer_users:
@@ -521,9 +557,12 @@ class PolicyResolver:
         ep = _EndpointPolicy(identity)
         for subject, rule_ids in self._subject_users.items():
             if identity in self.cache.select(subject):
-                for rule_id in rule_ids:
-                    ep.rules.add(rule_id)
-                    self._contribute(ep, self._rules[rule_id])
+                ep.rules |= rule_ids
+        for rule_id in ep.rules:
+            for direction, sets in self._rules[rule_id].requires.items():
+                ep.requires.setdefault(direction, []).extend(sets)
+        for rule_id in sorted(ep.rules):
+            self._contribute(ep, self._rules[rule_id])
         return ep
 
     def _compile(
@@ -540,7 +579,7 @@ class PolicyResolver:
             (proto, port, end, Contribution(rule_id, section.ref, deny, l7))
             for proto, port, end, l7 in section_ports(section)
         ]
-        return _Section(direction, any_peer, peer_sets, ports)
+        return _Section(direction, deny, any_peer, peer_sets, ports)
 
     def _contribute(
         self, ep: _EndpointPolicy, entry: _RuleEntry, only_identity: int | None = None
@@ -552,8 +591,11 @@ class PolicyResolver:
                 idents: set[int] = {only_identity}
             else:
                 idents = section.identities()
-                if not idents:
-                    continue
+            required = ep.requires.get(section.direction)
+            if required and not section.deny:
+                idents = _narrow(idents, required)
+            if not idents:
+                continue
             direction = section.direction
             for proto, port, end, contribution in section.ports:
                 ep.add_many(
@@ -574,6 +616,17 @@ class PolicyResolver:
         return MapState(
             ep.identity, ingress, egress, dict(ep.entries), dict(ep.l7), self.config.audit
         )
+
+
+def _narrow(idents: set[int], required: list[set[int]]) -> set[int]:
+    """The peers of an allow section that also match every requires selector; "any peer"
+    becomes exactly the identities that match them all."""
+    if ANY_IDENTITY in idents:
+        out = set(required[0])
+        for ids in required[1:]:
+            out &= ids
+        return out
+    return {i for i in idents if all(i in ids for ids in required)}
 
 
 def _refs(contribs: Iterable[Contribution]) -> tuple[RuleRef, ...]:
@@ -715,7 +768,8 @@ def _l7_override(
             ref = any_l4_ref if isinstance(any_l4_ref, RuleRef) else None
             merged = replace(merged, allow_all=True, allow_all_ref=ref)
         return None if merged == ruleset else (target, base[target], merged)
-    if wildcard is not None and own:
+    existing = base.get(target)
+    if wildcard is not None and own and not (existing is not None and existing.deny):
         refs = tuple(dict.fromkeys(r for e in own for r in e.derived_from))
         derived = MapStateEntry(False, wildcard.protocol, refs + base[wildcard_key].derived_from)
         merged = replace(wildcard, allow_all=True, allow_all_ref=_first_ref(own))

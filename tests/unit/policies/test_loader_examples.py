@@ -318,7 +318,6 @@ def test_or_of_selectors_with_lower_case_operator() -> None:
 @pytest.mark.parametrize(
     ("name", "warning"),
     [
-        ("requires.yaml", "13: specs[0].ingress[0].fromRequires"),
         ("service.yaml", "11: spec.egress[0].toServices"),
         ("sni.yaml", "15: spec.egress[0].toPorts[0].serverNames"),
     ],
@@ -329,6 +328,16 @@ def test_unsupported_examples_load_failing_closed(name: str, warning: str) -> No
     assert [s.peers for s in sections] == [()]
     assert warnings(result) == [warning]
     assert all("this element allows nothing" in w.reason for w in result.warnings)
+
+
+def test_requires_example_narrows_instead_of_granting() -> None:
+    policy, result = load_one(CILIUM / "requires.yaml")
+    assert warnings(result) == []
+    (section,) = policy.rules[0].ingress or ()
+    assert section.peers == ()  # grants nothing by itself
+    assert [str(sel) for sel in section.requires] == [
+        "{env=prod, k8s:io.kubernetes.pod.namespace=default}"
+    ]
 
 
 def test_json_policy() -> None:

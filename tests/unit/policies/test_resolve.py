@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from garrison.policies.l7rules import L7Protocol
-from garrison.policies.mapstate import DropReason, MatchType
-from garrison.policies.model import EnforcementMode
+from garrison.policies.labels import Labels, endpoint_labels
+from garrison.policies.mapstate import PROTO_TCP, DropReason, MatchType, lookup
+from garrison.policies.model import Direction, EnforcementMode
 from garrison.policies.resolve import ResolverConfig
 
-from .helpers import world
+from .helpers import policies, world
 
 EPS = {
     "deathstar": "org=empire,class=deathstar",
@@ -411,3 +412,56 @@ def test_l7_conflict_between_policies_fails_closed() -> None:
     res = w.ingress("tiefighter", "deathstar", 80)
     assert res.redirect is not None
     assert res.l7 is not None and res.l7.rules == () and not res.l7.allow_all
+
+
+REQUIRES = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: requires-rule}
+specs:
+  - endpointSelector: {matchLabels: {env: prod}}
+    ingress:
+    - fromRequires: [{matchLabels: {env: prod}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {role: client}}]
+  - toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"""
+REQ_EPS = {
+    "web-prod": "app=web,env=prod",
+    "client-prod": "role=client,env=prod",
+    "client-dev": "role=client,env=dev",
+}
+
+
+def test_from_requires_narrows_every_rule_selecting_the_endpoint() -> None:
+    w = world(REQUIRES, REQ_EPS)
+    assert w.allowed("client-prod", "web-prod", 80)
+    assert not w.allowed("client-dev", "web-prod", 80)
+    # the port-wide rule (any peer) is narrowed too
+    assert w.allowed("client-prod", "web-prod", 443)
+    assert not w.allowed("client-dev", "web-prod", 443)
+
+
+def test_from_requires_applies_to_identities_added_later() -> None:
+    w = world(REQUIRES, {"web-prod": "app=web,env=prod"})
+    late_ok = endpoint_labels(Labels.parse("role=client,env=prod"), "default")
+    late_no = endpoint_labels(Labels.parse("role=client,env=dev"), "default")
+    w.resolver.add_identity(900, late_ok)
+    w.resolver.add_identity(901, late_no)
+    state = w.resolver.map_state(w.ids["web-prod"])
+    assert lookup(state, Direction.INGRESS, 900, PROTO_TCP, 443).allowed
+    assert not lookup(state, Direction.INGRESS, 901, PROTO_TCP, 443).allowed
+    assert not lookup(state, Direction.INGRESS, 901, PROTO_TCP, 80).allowed
+
+
+def test_removing_the_requires_policy_restores_access() -> None:
+    w = world(REQUIRES, REQ_EPS)
+    requires_policy = next(p for p in policies(REQUIRES) if p.name == "requires-rule")
+    w.resolver.remove_policy(requires_policy)
+    assert w.allowed("client-dev", "web-prod", 80)
