@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from garrison.parsers.pathnorm import UnsafeTargetError, normalize_target
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import kafka_api_key
 from garrison.policies.labels import DEFAULT_NAMESPACE, LabelError, Labels, endpoint_labels
@@ -92,9 +93,13 @@ def _request(args: argparse.Namespace) -> L7RequestSpec | None:
             if not sep or not name.strip():
                 raise UsageError(f"--http-header {h!r}: expected 'Name: value'")
             headers.append((name.strip(), value.strip()))
+        raw = args.http_path or "/"
+        try:
+            path, rejected = normalize_target(raw.encode("utf-8")).path, None
+        except UnsafeTargetError as exc:
+            path, rejected = raw, exc.message
         return HTTPRequestSpec(
-            (args.http_method or "GET").upper(), args.http_path or "/", args.http_host,
-            tuple(headers),
+            (args.http_method or "GET").upper(), path, args.http_host, tuple(headers), rejected
         )
     if grpc:
         if not (args.grpc_service and args.grpc_method):
@@ -176,7 +181,7 @@ def _render_step(step: TraceStep) -> list[str]:
         by = ", ".join(r.policy for r in step.enforced_by) or "enforcement mode 'always'"
         out.append(f"{head} default-deny (enforced by {by})")
     else:
-        out.append(f"{head} not enforced (no rule selects it with a {step.direction.value} "
+        out.append(f"{head} not enforced (no rule selects it with an {step.direction.value} "
                    "section)")
     res = step.lookup
     if res.allowed:

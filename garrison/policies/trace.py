@@ -8,7 +8,6 @@ rules are evaluated with the same matchers the proxy uses.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ from garrison.policies.l7rules import (
     L7RuleSet,
     L7Verdict,
 )
-from garrison.policies.labels import SOURCE_RESERVED, Label, Labels
+from garrison.policies.labels import NAMESPACE_KEY, SOURCE_RESERVED, Label, Labels
 from garrison.policies.mapstate import (
     PROTOCOL_NAMES,
     DropReason,
@@ -38,10 +37,14 @@ DESTINATION_IDENTITY = 257
 
 @dataclass(frozen=True, slots=True)
 class HTTPRequestSpec:
+    """`path` as the proxy's rules see it (already normalized by the caller);
+    `rejected`: why the proxy would answer 400 before any rule is consulted."""
+
     method: str = "GET"
     path: str = "/"
     host: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    rejected: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +73,8 @@ class TraceEndpoint:
     name: str = ""
 
     def describe(self) -> str:
-        who = self.name or self.labels.short()
+        own = Labels.of(lab for lab in self.labels.items if lab.key != NAMESPACE_KEY)
+        who = self.name or own.short()
         return f"{self.namespace}/{who}" if self.namespace else who
 
 
@@ -380,6 +384,8 @@ def match_l7(ruleset: L7RuleSet, request: L7RequestSpec) -> L7Verdict | None:
             )
         if not isinstance(request, HTTPRequestSpec):
             return None
+        if request.rejected:
+            return L7Verdict(False, None, f"answered 400 Bad Request: {request.rejected}")
         return HTTPMatcher(ruleset).match(
             request.method, request.path, request.host, list(request.headers)
         )
@@ -424,14 +430,3 @@ def state_summary(state: MapState) -> str:
     return f"{len(state.entries)} entries, {len(state.l7)} redirected"
 
 
-__all__ = [
-    "GRPCRequestSpec",
-    "HTTPRequestSpec",
-    "KafkaRequestSpec",
-    "TraceEndpoint",
-    "TraceResult",
-    "TraceStep",
-    "build_resolver",
-    "ipaddress",
-    "trace",
-]
