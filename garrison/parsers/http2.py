@@ -69,6 +69,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from hyperframe.frame import GoAwayFrame
 
 from garrison.parsers.errors import LocalProtocolError, RemoteProtocolError
@@ -346,6 +347,7 @@ _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _CONTINU
     0x7,
     0x9,
 )
+_SENDING_STATES = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
 _FLAG_ACK = 0x1
 _FLAG_END_HEADERS = 0x4
 
@@ -629,13 +631,11 @@ class _H2Connection:
         try:
             raw = self._h2.receive_data(chunk)
         except h2.exceptions.ProtocolError as exc:
-            # h2 has queued a GOAWAY with this code already.
-            self._terminated = True
-            self._send.clear()
-            self._buffered_total = 0
-            self._drain()
+            # h2 queues a GOAWAY for most errors but not all (a bad preface): replace what it
+            # queued during this call with ours, the connection is over either way.
+            self._h2.clear_outbound_data_buffer()
             code = int(getattr(exc, "error_code", H2ErrorCode.PROTOCOL_ERROR))
-            raise H2Error(str(exc) or type(exc).__name__, code) from exc
+            raise self._fail(str(exc) or type(exc).__name__, code) from exc
         except Exception as exc:
             # Not a protocol error h2 recognised (an assertion or a codec error in a path h2
             # does not guard): still the peer's bytes, so still a clean typed close.
@@ -654,7 +654,7 @@ class _H2Connection:
         # Graceful: keep the connection usable for the streams it lets finish (module doc).
         self._h2.state_machine.state = cast("h2.connection.ConnectionState", state)
 
-    def _fail(self, message: str, code: H2ErrorCode) -> H2Error:
+    def _fail(self, message: str, code: int) -> H2Error:
         frame = GoAwayFrame(
             stream_id=0,
             last_stream_id=self._h2.highest_inbound_stream_id,
@@ -935,10 +935,11 @@ class _H2Connection:
         return self._terminated or stream_id in self._reset_ids
 
     def _window(self, stream_id: int) -> int:
-        try:
-            return self._h2.local_flow_control_window(stream_id)
-        except h2.exceptions.H2Error as exc:
-            raise LocalProtocolError(f"stream {stream_id} is not open for sending") from exc
+        """The peer's window for a stream we may send DATA on; LocalProtocolError otherwise."""
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.state_machine.state not in _SENDING_STATES:
+            raise LocalProtocolError(f"stream {stream_id} is not open for sending")
+        return self._h2.local_flow_control_window(stream_id)
 
     def _queue_trailers(self, out: _Outbound, stream_id: int, headers: HeadersIn) -> None:
         if out.end_stream or out.trailers is not None:

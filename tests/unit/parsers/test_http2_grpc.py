@@ -1,0 +1,225 @@
+"""gRPC on top of the HTTP/2 wrapper: which requests are gRPC calls, what a malformed one
+reports, how statuses are read, and the exact frames of the deny answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from garrison.parsers.grpc import GrpcCall, grpc_call, grpc_message, grpc_status
+from garrison.parsers.http2 import (
+    H2ClientConnection,
+    H2ServerConnection,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    TrailersReceived,
+)
+from garrison.proxy.deny import grpc_permission_denied_headers, http2_access_denied
+
+
+def pair() -> tuple[H2ClientConnection, H2ServerConnection]:
+    client, server = H2ClientConnection(), H2ServerConnection()
+    server.receive_data(client.data_to_send(), 0.0)
+    client.receive_data(server.data_to_send(), 0.0)
+    server.receive_data(client.data_to_send(), 0.0)
+    return client, server
+
+
+def request(
+    path: bytes,
+    content_types: tuple[bytes, ...] = (b"application/grpc",),
+    method: bytes = b"POST",
+) -> RequestReceived:
+    client, server = pair()
+    headers = [(b":method", method), (b":scheme", b"http"), (b":path", path)]
+    headers += [(b":authority", b"doors:50051"), (b"te", b"trailers")]
+    headers += [(b"content-type", ct) for ct in content_types]
+    client.send_request(headers, end_stream=True)
+    event = server.receive_data(client.data_to_send(), 0.0)[0]
+    assert isinstance(event, RequestReceived)
+    return event
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/doors.DoorManager/GetName", GrpcCall("doors.DoorManager", "GetName")),
+        ("/Greeter/SayHello", GrpcCall("Greeter", "SayHello")),
+        ("/a.b_c.D1/_m2", GrpcCall("a.b_c.D1", "_m2")),
+        ("/grpc.health.v1.Health/Check", GrpcCall("grpc.health.v1.Health", "Check")),
+    ],
+)
+def test_well_formed_grpc_paths(path: str, expected: GrpcCall) -> None:
+    assert grpc_call("POST", path) == (expected, None)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/doors.DoorManager/GetName/../SetAccessCode",
+        "/doors.DoorManager/GetName?x=1",
+        "/doors.DoorManager/Get%4Eame",
+        "/doors.DoorManager%2FGetName",
+        "//doors.DoorManager/GetName",
+        "/doors.DoorManager/",
+        "/doors.DoorManager",
+        "/.DoorManager/GetName",
+        "/doors..DoorManager/GetName",
+        "/doors.DoorManager/Get-Name",
+        "/1doors.DoorManager/GetName",
+        "doors.DoorManager/GetName",
+        "/doors.DoorManager/GetName/",
+        "/doors.DoorManager/GetName\n",
+        "/",
+        "*",
+    ],
+)
+def test_malformed_grpc_paths_give_a_reason(path: str) -> None:
+    call, reason = grpc_call("POST", path)
+    assert call is None
+    assert reason is not None and "not /package.Service/Method" in reason
+
+
+def test_grpc_needs_post() -> None:
+    assert grpc_call("GET", "/doors.DoorManager/GetName") == (
+        None,
+        "gRPC request with method GET, not POST",
+    )
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"application/grpc",
+        b"application/grpc+proto",
+        b"Application/GRPC+json",
+        b"application/grpc-web",
+    ],
+)
+def test_grpc_content_types(content_type: bytes) -> None:
+    ev = request(b"/doors.DoorManager/GetName", (content_type,))
+    assert ev.grpc == GrpcCall("doors.DoorManager", "GetName")
+    assert ev.grpc_error is None
+    assert ev.is_grpc
+
+
+@pytest.mark.parametrize("content_types", [(), (b"application/json",), (b"text/grpc",)])
+def test_not_grpc_without_a_grpc_content_type(content_types: tuple[bytes, ...]) -> None:
+    ev = request(b"/doors.DoorManager/GetName", content_types)
+    assert (ev.grpc, ev.grpc_error, ev.is_grpc) == (None, None, False)
+
+
+def test_malformed_grpc_request_is_flagged_for_the_engine() -> None:
+    ev = request(b"/doors.DoorManager/GetName?debug=1")
+    assert ev.grpc is None
+    assert ev.is_grpc
+    assert (
+        ev.grpc_error
+        == "gRPC path '/doors.DoorManager/GetName?debug=1' is not /package.Service/Method"
+    )
+
+
+def test_two_content_types_are_malformed() -> None:
+    ev = request(b"/doors.DoorManager/GetName", (b"application/grpc", b"application/json"))
+    assert ev.grpc is None
+    assert ev.grpc_error == "gRPC request with more than one content-type"
+
+
+def test_grpc_get_is_malformed() -> None:
+    ev = request(b"/doors.DoorManager/GetName", method=b"GET")
+    assert ev.grpc is None and ev.is_grpc
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"0", 0),
+        (b"7", 7),
+        (b"16", 16),
+        (None, None),
+        (b"", None),
+        (b"-1", None),
+        (b"7a", None),
+        (b"99999999999", None),
+    ],
+)
+def test_grpc_status_values(raw: bytes | None, expected: int | None) -> None:
+    assert grpc_status(raw) == expected
+
+
+def test_grpc_message_is_percent_decoded_utf8() -> None:
+    assert grpc_message(b"Access denied") == "Access denied"
+    assert grpc_message(b"caf%C3%A9 100%25") == "café 100%"
+    assert grpc_message(None) is None
+
+
+def frames_of(out: bytes) -> list[tuple[int, int, int, bytes]]:
+    found = []
+    while out:
+        length = int.from_bytes(out[:3], "big")
+        found.append((out[3], out[4], int.from_bytes(out[5:9], "big"), out[9 : 9 + length]))
+        out = out[9 + length :]
+    return found
+
+
+def test_grpc_deny_is_one_headers_frame_with_end_stream() -> None:
+    client, server = pair()
+    grpc_headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/doors.DoorManager/SetAccessCode"),
+        (b":authority", b"doors"),
+        (b"content-type", b"application/grpc"),
+    ]
+    denied = client.send_request(grpc_headers)
+    sibling = client.send_request(grpc_headers)
+    client.send_data(denied, b"\x00\x00\x00\x00\x00", end_stream=True)
+    server.receive_data(client.data_to_send(), 0.0)
+
+    server.send_trailers_only(denied, grpc_permission_denied_headers())
+    out = server.data_to_send()
+    frames = frames_of(out)
+    assert [(t, flags, sid) for t, flags, sid, _ in frames] == [(0x1, 0x4 | 0x1, denied)]
+
+    events = client.receive_data(out, 0.0)
+    assert events == [
+        ResponseReceived(
+            denied,
+            200,
+            (
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"7"),
+                (b"grpc-message", b"Access denied"),
+            ),
+            end_stream=True,
+            grpc_status=7,
+            grpc_message="Access denied",
+        ),
+        StreamEnded(denied),
+    ]
+    # The sibling is still open on both sides and completes normally.
+    assert server.open_streams == (sibling,)
+    server.send_headers(sibling, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    server.send_trailers(sibling, [(b"grpc-status", b"0")])
+    events = client.receive_data(server.data_to_send(), 0.0)
+    assert [type(e) for e in events] == [ResponseReceived, TrailersReceived, StreamEnded]
+    assert isinstance(events[1], TrailersReceived) and events[1].grpc_status == 0
+
+
+def test_http2_access_denied_answer() -> None:
+    headers, body = http2_access_denied()
+    assert headers[0] == (b":status", b"403")
+    assert (b"content-length", b"15") in headers
+    assert body == b"Access denied\r\n" and len(body) == 15
+    client, server = pair()
+    sid = client.send_request(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/x"), (b":authority", b"a")],
+        end_stream=True,
+    )
+    server.receive_data(client.data_to_send(), 0.0)
+    server.send_headers(sid, headers)
+    server.send_data(sid, body, end_stream=True)
+    events = client.receive_data(server.data_to_send(), 0.0)
+    assert isinstance(events[0], ResponseReceived) and events[0].status == 403
+    assert b"".join(getattr(e, "data", b"") for e in events) == b"Access denied\r\n"
