@@ -145,7 +145,21 @@ def match_type_of(key: MapStateKey) -> MatchType:
     return MatchType.L3_ONLY if has_id else MatchType.ALL
 
 
-def precedence(key: MapStateKey) -> tuple[int, int, int]:
+def prefix_block(start: int, end: int, port: int) -> int:
+    """The size of the aligned power-of-two port block that holds `port` when the range
+    start..end is split into prefixes (how an LPM map stores a range)."""
+    s = start
+    while s <= end:
+        size = 1
+        while s % (size * 2) == 0 and s + size * 2 - 1 <= end:
+            size *= 2
+        if s <= port < s + size:
+            return size
+        s += size
+    return 65536
+
+
+def precedence(key: MapStateKey, port: int) -> tuple[int, int, int]:
     """Sort key: lower wins. The numbered list of POLICY-SEMANTICS.md, step 2:
 
     1. identity + protocol + port
@@ -156,12 +170,15 @@ def precedence(key: MapStateKey) -> tuple[int, int, int]:
     6. any identity + anything (allow-all)
 
     A port with protocol ANY counts as a port entry (classes 1/2), after the same port with a
-    protocol; among port entries of one class the narrowest range wins.
+    protocol. Among port entries of one class the narrowest match wins, where a range counts
+    as the prefix block of it that holds the port — exactly what a longest-prefix match over
+    the range's prefixes returns, so the datapath can implement this with LPM lookups.
     """
     has_id = key.identity != ANY_IDENTITY
     if key.port != ANY_PORT:
         cls = 1 if has_id else 2
-        return (cls, key.port_width, 0 if key.protocol != ANY_PROTOCOL else 1)
+        width = prefix_block(key.port, key.end_port, port)
+        return (cls, width, 0 if key.protocol != ANY_PROTOCOL else 1)
     if key.protocol != ANY_PROTOCOL:
         return (3 if has_id else 4, 0, 0)
     return (5 if has_id else 6, 0, 0)
@@ -184,26 +201,27 @@ def lookup(
         for key, entry in state.entries.items()
         if key.direction is direction and key.covers(remote_identity, protocol, port)
     ]
-    return decide(state, direction, candidates)
+    return decide(state, direction, candidates, port)
 
 
 def decide(
     state: MapState,
     direction: Direction,
     candidates: Iterable[tuple[MapStateKey, MapStateEntry]],
+    port: int,
 ) -> LookupResult:
     """Steps 1-3 of `lookup` over entries already known to cover the packet."""
     cands = list(candidates)
     enforced = state.enforced(direction)
     denies = [(k, e) for k, e in cands if e.deny]
     if denies:
-        key, entry = min(denies, key=lambda ke: precedence(ke[0]))
+        key, entry = min(denies, key=lambda ke: precedence(ke[0], port))
         return LookupResult(
             False, match_type_of(key), DropReason.POLICY_DENY, key, entry, None, enforced
         )
     allows = [(k, e) for k, e in cands if not e.deny]
     if allows:
-        key, entry = min(allows, key=lambda ke: precedence(ke[0]))
+        key, entry = min(allows, key=lambda ke: precedence(ke[0], port))
         return LookupResult(
             True, match_type_of(key), None, key, entry, state.l7.get(key), enforced
         )
