@@ -25,8 +25,13 @@ AddressMap = Callable[[int, str, int], tuple[str, int]]
 
 def encode_response(api_key: int, api_version: int, correlation_id: int, message: Any) -> bytes:
     """A kafka-python response object as a complete frame (header v0/v1 as the API needs)."""
-    # Set the version before the header: kafka-python's version setter assumes a request header.
-    message.API_VERSION = api_version
+    # The message carries its version (decoded or built with it); kafka-python's version
+    # setter cannot be used on responses (it writes a request header field).
+    built_as = message.API_VERSION
+    if built_as != api_version:
+        raise LocalProtocolError(
+            f"api key {api_key}: message is v{built_as}, the answer must be v{api_version}"
+        )
     message.with_header(correlation_id=correlation_id)
     return bytes(message.encode(header=True, framed=True))
 

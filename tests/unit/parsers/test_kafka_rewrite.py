@@ -1,0 +1,121 @@
+"""Metadata filtering and broker address rewriting on captured broker answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from garrison.parsers.errors import LocalProtocolError
+from garrison.parsers.kafka import KafkaRequestParser, KafkaResponse, KafkaResponseParser
+from garrison.parsers.kafka_apis import kafka_api
+from garrison.parsers.kafka_rewrite import (
+    filter_metadata_response,
+    rewrite_broker_addresses,
+    rewrite_metadata_response,
+)
+from tests.unit.parsers.kafka_fixtures import connections
+
+
+def captured_responses() -> list[KafkaResponse]:
+    found = []
+    for conn in connections():
+        requests = KafkaRequestParser()
+        requests.receive_data(conn.requests_bytes)
+        responses = KafkaResponseParser()
+        for request in requests.events():
+            responses.expect(request)
+        responses.receive_data(conn.responses_bytes)
+        found += responses.events()
+    return found
+
+
+RESPONSES = captured_responses()
+ALL_TOPICS = [
+    r
+    for r in RESPONSES
+    if r.request.api_key == 3 and r.request.all_topics and len(r.decoded.topics) >= 2
+]
+METADATA = [r for r in RESPONSES if r.request.api_key == 3]
+COORDINATORS = [r for r in RESPONSES if r.request.api_key == 10]
+
+
+def decode(response: KafkaResponse, frame: bytes) -> object:
+    api = kafka_api(response.request.api_key)
+    assert api is not None
+    decoded = api.response_class.decode(
+        frame, version=response.request.api_version, header=True, framed=True
+    )
+    assert decoded.header.correlation_id == response.correlation_id
+    return decoded
+
+
+def test_the_fixtures_hold_all_topics_metadata_with_several_topics() -> None:
+    assert len(ALL_TOPICS) >= 2
+    assert {r.request.api_version for r in COORDINATORS} >= {1, 2, 6}
+
+
+@pytest.mark.parametrize("response", ALL_TOPICS, ids=lambda r: f"v{r.request.api_version}")
+def test_all_topics_metadata_is_filtered_to_the_allowed_topics(response: KafkaResponse) -> None:
+    names = [t.name for t in response.decoded.topics]
+    keep = names[0]
+    frame = filter_metadata_response(response, {keep, "not-in-the-answer"})
+    filtered = decode(response, frame)
+    assert [t.name for t in filtered.topics] == [keep]  # type: ignore[attr-defined]
+    assert filtered.brokers == response.decoded.brokers  # type: ignore[attr-defined]
+    assert filtered.topics[0] == response.decoded.topics[0]  # type: ignore[attr-defined]
+    assert [t.name for t in response.decoded.topics] == names  # the input is left alone
+    assert decode(response, filter_metadata_response(response, set())).topics == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("response", METADATA, ids=lambda r: f"v{r.request.api_version}")
+def test_unchanged_metadata_reencodes_to_the_captured_bytes(response: KafkaResponse) -> None:
+    """Re-encoding with kafka-python is faithful: no rewrite gives the broker's bytes back."""
+    assert rewrite_metadata_response(response) == response.raw
+
+
+def test_broker_addresses_in_metadata_are_rewritten() -> None:
+    response = METADATA[0]
+    frame = rewrite_broker_addresses(response, lambda node, host, port: ("10.0.0.9", port + 1))
+    decoded = decode(response, frame)
+    original = response.decoded.brokers
+    assert [(b.host, b.port) for b in decoded.brokers] == [  # type: ignore[attr-defined]
+        ("10.0.0.9", b.port + 1) for b in original
+    ]
+    assert decoded.topics == response.decoded.topics  # type: ignore[attr-defined]
+    assert response.decoded.brokers[0].host != "10.0.0.9"
+
+
+@pytest.mark.parametrize("response", COORDINATORS, ids=lambda r: f"v{r.request.api_version}")
+def test_coordinator_addresses_are_rewritten(response: KafkaResponse) -> None:
+    seen: list[tuple[int, str, int]] = []
+
+    def move(node: int, host: str, port: int) -> tuple[str, int]:
+        seen.append((node, host, port))
+        return ("proxy.local", 19092)
+
+    decoded = decode(response, rewrite_broker_addresses(response, move))
+    if response.request.api_version >= 4:
+        assert [(c.host, c.port) for c in decoded.coordinators] == [  # type: ignore[attr-defined]
+            ("proxy.local", 19092)
+        ] * len(seen)
+    else:
+        assert (decoded.host, decoded.port) == ("proxy.local", 19092)  # type: ignore[attr-defined]
+    assert seen and all(node >= 0 for node, _, _ in seen)
+
+
+def test_filter_and_rewrite_in_one_pass() -> None:
+    response = ALL_TOPICS[0]
+    keep = response.decoded.topics[-1].name
+    frame = rewrite_metadata_response(
+        response, allowed_topics=[keep], address_for=lambda n, h, p: ("proxy", 1)
+    )
+    decoded = decode(response, frame)
+    assert [t.name for t in decoded.topics] == [keep]  # type: ignore[attr-defined]
+    assert {(b.host, b.port) for b in decoded.brokers} == {("proxy", 1)}  # type: ignore[attr-defined]
+
+
+def test_rewriting_another_api_is_a_local_error() -> None:
+    produce = next(r for r in RESPONSES if r.request.api_key == 0)
+    with pytest.raises(LocalProtocolError):
+        filter_metadata_response(produce, {"x"})
+    with pytest.raises(LocalProtocolError):
+        rewrite_broker_addresses(produce, lambda n, h, p: (h, p))
