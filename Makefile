@@ -11,8 +11,8 @@ setup:
 demo: setup
 	./scripts/demo.sh
 
-# The whole suite: unit, privileged (root + kernel) and end-to-end tests.
-test: setup
+# The whole suite: lint, then unit, privileged (root + kernel) and end-to-end tests.
+test: setup lint
 	$(PYTEST) tests
 
 test-unit: setup
