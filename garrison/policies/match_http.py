@@ -1,0 +1,252 @@
+"""HTTP rule matching: one request (plain values) against one L7RuleSet → L7Verdict.
+
+Compiled once per rule set. Pinned meaning (POLICY-SEMANTICS, and where it is silent):
+
+- `method`, `path`, `host` are RE2 patterns that must match the whole value (`/v1/` does not
+  match `/v1/x`). An empty pattern means the same as an absent one (Cilium's zero value).
+  `path` is matched against the normalized target including its query string.
+- `method` and `path` are case-sensitive. `host` is matched case-insensitively (DNS names are)
+  against the Host value; when the value carries a port, a pattern matches with or without it:
+  `deathstar` matches `deathstar` and `deathstar:80`, `deathstar:8080` matches only that port.
+  A request without a host (HTTP/1.0 without Host) fails every rule that has a `host`.
+- `headers: ["Name"]` requires the field; `["Name: value"]` requires that exact value (name
+  case-insensitive, value case-sensitive, surrounding whitespace of the entry ignored).
+- `headerMatches`: exact value. When a field occurs more than once its values are compared
+  joined with `,` (as Envoy does), so `X: good` plus `X: bad` is not `good`. On mismatch
+  (absent or different): `mismatch` None → the rule fails; LOG → the rule matches and
+  `logged_mismatches` gets `"<name>: missing"` / `"<name>: mismatch"` (never the values: they
+  are often secrets); ADD → the rule matches, edit ADD(name, value) (append a field); REPLACE →
+  edit REPLACE(name, value) (drop every field of that name, add this one); DELETE → edit
+  DELETE(name, "") when the field is present (nothing to do when it is absent).
+- Several rules can match: the first one (in rule order) that matches with no mismatch at all
+  wins; only if none does, the first that matches with mismatch actions decides, and its
+  edits and logs are the verdict's.
+- `allow_all` rule sets allow every request and name `allow_all_ref`. An empty rule list
+  without `allow_all` denies everything.
+- A denial says why: `no rule matches PUT /v1/exhaust-port`, followed by the first header
+  problem when some rule matched method, path and host (`...: header 'X-Has-Force' missing`).
+
+How it is compiled: each rule's method, host and path patterns become one RE2 pattern over the
+text `method \\n host \\n path` (values never contain a newline), and all rules form a single
+RE2 `Set` run once per request. Each part is wrapped in `(?m:...)` so a user's `^` and `$`
+still anchor at the part's edges; a sub-pattern that swallowed a newline would leave the
+pattern one separator short, so parts cannot shift into each other. Patterns using `\\A` or
+`\\z` (text anchors) are checked one by one instead. Header conditions are then checked on
+the candidate rules only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import re2
+
+from garrison.policies.l7rules import (
+    HeaderEdit,
+    HeaderMatch,
+    HTTPRule,
+    L7RuleSet,
+    L7Verdict,
+    MismatchAction,
+)
+from garrison.policies.refs import RuleRef
+
+__all__ = ["HTTPMatcher"]
+
+_ANY_PART = "[^\n]*"
+_PORT_SUFFIX = "(?::[0-9]*)?"
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRule:
+    index: int
+    ref: RuleRef | None
+    # (lower-case name, display name, exact value or None for presence)
+    required: tuple[tuple[str, str, str | None], ...]
+    header_matches: tuple[tuple[str, HeaderMatch], ...]
+    allowed: L7Verdict  # the verdict of a clean match, built once
+    # Rules whose patterns use text anchors are matched field by field.
+    separate: tuple[tuple[int, re2._Regexp], ...] = ()
+
+    @property
+    def has_header_conditions(self) -> bool:
+        return bool(self.required or self.header_matches)
+
+
+class HTTPMatcher:
+    """Compiled HTTP rules of one L7RuleSet. `match()` is pure and thread-safe."""
+
+    def __init__(self, ruleset: L7RuleSet) -> None:
+        self._allow_all = ruleset.allow_all
+        self._allow_all_verdict = L7Verdict(allowed=True, rule=ruleset.allow_all_ref)
+        rules: list[_CompiledRule] = []
+        patterns: dict[str, int] = {}  # combined pattern -> bitmask of rules
+        host_free = 0  # rules without a host pattern (they accept a request without host)
+        for index, (rule, ref) in enumerate(ruleset.rules):
+            if not isinstance(rule, HTTPRule):
+                raise ValueError(f"HTTPMatcher got a {type(rule).__name__}, not an HTTPRule")
+            bit = 1 << index
+            method, path, host = rule.method or None, rule.path or None, rule.host or None
+            if host is None:
+                host_free |= bit
+            separate: tuple[tuple[int, re2._Regexp], ...] = ()
+            if any(p is not None and ("\\A" in p or "\\z" in p) for p in (method, path, host)):
+                separate = _compile_separately(method, host, path)
+                patterns[f"{_ANY_PART}\n{_ANY_PART}\n{_ANY_PART}"] = (
+                    patterns.get(f"{_ANY_PART}\n{_ANY_PART}\n{_ANY_PART}", 0) | bit
+                )
+            else:
+                combined = "\n".join(
+                    (
+                        _part(method),
+                        f"(?i:{_part(host)}){_PORT_SUFFIX}" if host else _ANY_PART,
+                        _part(path),
+                    )
+                )
+                patterns[combined] = patterns.get(combined, 0) | bit
+            rules.append(
+                _CompiledRule(
+                    index=index,
+                    ref=ref,
+                    required=tuple(_parse_header_entry(entry) for entry in rule.headers),
+                    header_matches=tuple((hm.name.lower(), hm) for hm in rule.header_matches),
+                    allowed=L7Verdict(allowed=True, rule=ref),
+                    separate=separate,
+                )
+            )
+        self._rules = tuple(rules)
+        self._host_free = host_free
+        self._set: re2.Set | None = None
+        self._masks: tuple[int, ...] = ()
+        if patterns:
+            rule_set = re2.Set.FullMatchSet()
+            masks: list[int] = []
+            for pattern, mask in patterns.items():
+                try:
+                    rule_set.Add(pattern)
+                except re2.error as exc:
+                    raise ValueError(f"invalid RE2 pattern in HTTP rules: {exc}") from exc
+                masks.append(mask)
+            rule_set.Compile()
+            self._set = rule_set
+            self._masks = tuple(masks)
+
+    def match(
+        self,
+        method: str,
+        path: str,
+        host: str | None,
+        headers: Sequence[tuple[str, str]],
+    ) -> L7Verdict:
+        """The verdict for one request. `headers`: (name, value) as received, any case."""
+        if self._allow_all:
+            return self._allow_all_verdict
+        candidates = 0
+        if self._set is not None:
+            hits = self._set.Match(f"{method}\n{host or ''}\n{path}")
+            if hits:
+                masks = self._masks
+                for hit in hits:
+                    candidates |= masks[hit]
+            if host is None:
+                candidates &= self._host_free
+        if not candidates:
+            return L7Verdict(allowed=False, reason=f"no rule matches {method} {path}")
+
+        fields: dict[str, list[str]] | None = None
+        first_problem = ""
+        fallback: L7Verdict | None = None
+        for rule in self._rules:
+            if not candidates >> rule.index & 1:
+                continue
+            if rule.separate and not _separate_match(rule.separate, method, host, path):
+                continue
+            if not rule.has_header_conditions:
+                return rule.allowed
+            if fields is None:
+                fields = {}
+                for name, value in headers:
+                    fields.setdefault(name.lower(), []).append(value)
+            problem, edits, logs = _check_headers(rule, fields)
+            if problem:
+                first_problem = first_problem or problem
+                continue
+            if not edits and not logs:
+                return rule.allowed
+            if fallback is None:
+                fallback = L7Verdict(
+                    allowed=True, rule=rule.ref, header_edits=edits, logged_mismatches=logs
+                )
+        if fallback is not None:
+            return fallback
+        reason = f"no rule matches {method} {path}"
+        if first_problem:
+            reason += f": {first_problem}"
+        return L7Verdict(allowed=False, reason=reason)
+
+
+def _part(pattern: str | None) -> str:
+    return f"(?m:(?:{pattern}))" if pattern else _ANY_PART
+
+
+def _compile_separately(
+    method: str | None, host: str | None, path: str | None
+) -> tuple[tuple[int, re2._Regexp], ...]:
+    compiled: list[tuple[int, re2._Regexp]] = []
+    for position, pattern in enumerate((method, host, path)):
+        if pattern is None:
+            continue
+        text = f"(?i:{pattern}){_PORT_SUFFIX}" if position == 1 else pattern
+        try:
+            compiled.append((position, re2.compile(text)))
+        except re2.error as exc:
+            raise ValueError(f"invalid RE2 pattern {pattern!r} in HTTP rules: {exc}") from exc
+    return tuple(compiled)
+
+
+def _separate_match(
+    compiled: tuple[tuple[int, re2._Regexp], ...], method: str, host: str | None, path: str
+) -> bool:
+    values = (method, host, path)
+    for position, regexp in compiled:
+        value = values[position]
+        if value is None or regexp.fullmatch(value) is None:
+            return False
+    return True
+
+
+def _parse_header_entry(entry: str) -> tuple[str, str, str | None]:
+    name, colon, value = entry.partition(":")
+    name = name.strip()
+    return name.lower(), name, value.strip() if colon else None
+
+
+def _check_headers(
+    rule: _CompiledRule, fields: dict[str, list[str]]
+) -> tuple[str, tuple[HeaderEdit, ...], tuple[str, ...]]:
+    """(first problem or "", edits, logged mismatches) of one rule's header conditions."""
+    for lname, name, expected in rule.required:
+        values = fields.get(lname)
+        if values is None:
+            return f"header {name!r} missing", (), ()
+        if expected is not None and ",".join(values) != expected:
+            return f"header {name!r} has another value", (), ()
+    edits: list[HeaderEdit] = []
+    logs: list[str] = []
+    for lname, header_match in rule.header_matches:
+        values = fields.get(lname)
+        if values is not None and ",".join(values) == header_match.value:
+            continue
+        action = header_match.mismatch
+        state = "missing" if values is None else "mismatch"
+        if action is None:
+            return f"header {header_match.name!r} {state}", (), ()
+        if action is MismatchAction.LOG:
+            logs.append(f"{header_match.name}: {state}")
+        elif action is MismatchAction.DELETE:
+            if values is not None:
+                edits.append(HeaderEdit(MismatchAction.DELETE, header_match.name, ""))
+        else:  # ADD, REPLACE
+            edits.append(HeaderEdit(action, header_match.name, header_match.value))
+    return "", tuple(edits), tuple(logs)
