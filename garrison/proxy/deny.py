@@ -7,6 +7,85 @@ PERMISSION_DENIED, Kafka responses with TOPIC/GROUP/CLUSTER_AUTHORIZATION_FAILED
 from __future__ import annotations
 
 # ---- HTTP/1.1 -------------------------------------------------------------------------------
+# How the engine keeps an HTTP/1.1 connection right around a denial (keep-alive, pipelining):
+#
+# 1. Answers go out in request order. A denied request's 403 is queued behind the responses
+#    still owed for earlier requests on the connection; later requests wait behind it.
+# 2. A denied request is never forwarded. If it has a body (`content_length` or `chunked` on
+#    its RequestReceived), call `HTTP1RequestParser.discard_body()` right after that event: the
+#    parser still parses and validates the body, so the next pipelined request starts at the
+#    right byte, but queues no BodyReceived for it. The denied request ends at its
+#    MessageCompleted; then go on with the next request's events as usual. Answer with
+#    `keep_alive=event.keep_alive` and `version=event.version`.
+# 3. Answer with keep_alive=False and close after writing when the next request cannot be
+#    found or is not worth waiting for: the request carries `Expect: 100-continue`
+#    (`RequestReceived.expect_continue`) and its body has not arrived (the client may never
+#    send it); the body is larger than the engine wants to read for nothing (its threshold).
+# 4. A parse error (`HTTP1Error`): the parser is dead. Answer `http1_error_response(
+#    exc.status)` after the responses owed, then close.
+
+HTTP1_DENIED_BODY = b"Access denied\r\n"
+
+_HTTP1_REASONS: dict[int, bytes] = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def http1_access_denied(version: bytes = b"HTTP/1.1", *, keep_alive: bool) -> bytes:
+    """The answer to a denied HTTP/1.x request, as Cilium's proxy gives it:
+
+    `403 Forbidden`, `Content-Length: 15`, `Content-Type: text/plain`, body
+    `Access denied\\r\\n`; `Connection: close` when the connection closes after it, and
+    `Connection: keep-alive` for an HTTP/1.0 client whose connection stays open (HTTP/1.0
+    closes by default). `version` is the request's (`RequestReceived.version`).
+    """
+    return _http1_answer(version, 403, HTTP1_DENIED_BODY, keep_alive)
+
+
+def http1_error_response(
+    status: int, *, keep_alive: bool = False, version: bytes = b"HTTP/1.1"
+) -> bytes:
+    """The answer to a request the parser refused (`HTTP1Error.status`: 400, 413, 414, 431,
+    501, 505; 502 when upstream's response could not be parsed), body `<reason>\\r\\n`.
+
+    Closing by default: after a parse error the parser is dead and nothing after the bad
+    bytes can be trusted. `keep_alive=True` is only for answers to well-framed requests.
+    """
+    reason = _HTTP1_REASONS.get(status)
+    if reason is None or status == 403:
+        raise ValueError(f"no HTTP/1.1 error answer for status {status}")
+    return _http1_answer(version, status, reason + b"\r\n", keep_alive)
+
+
+def _http1_answer(version: bytes, status: int, body: bytes, keep_alive: bool) -> bytes:
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise ValueError(f"no HTTP/1.x answer for version {version!r}")
+    if not keep_alive:
+        connection = b"Connection: close\r\n"
+    elif version == b"HTTP/1.0":
+        connection = b"Connection: keep-alive\r\n"
+    else:
+        connection = b""
+    return b"%s %d %s\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n%s\r\n%s" % (
+        version,
+        status,
+        _HTTP1_REASONS[status],
+        len(body),
+        connection,
+        body,
+    )
+
 
 # ---- end HTTP/1.1 ---------------------------------------------------------------------------
 
