@@ -1,0 +1,115 @@
+"""What a connection engine tells the I/O shell to do, and what it needs to know.
+
+The engine (pure, one per proxied connection) turns bytes from either side into commands;
+the asyncio server (`garrison.proxy.server`) executes them in order. Nothing here does I/O.
+
+    engine = make_engine(context)          # per accepted connection
+    for cmd in engine.client_data(data, now): ...   # bytes from the client
+    for cmd in engine.upstream_data(data, now): ... # bytes from the upstream
+    engine.client_eof(now) / engine.upstream_eof(now) / engine.abort(reason, now)
+
+Commands, executed in the order given:
+- `Forward(side, data)`: relay bytes the peer sent (possibly normalized) to `side`;
+- `Inject(side, data)`: bytes garrison itself answers with (deny answers, errors) to `side`;
+- `Close(side, reason)`: close `side` (BOTH = the whole proxied connection) after writing
+  what was queued for it;
+- `Log(record)`: emit a flow record (access log, ring, metrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from garrison.policies.l7rules import L7Protocol, L7RuleSet
+from garrison.policies.labels import Labels
+
+
+class Side(StrEnum):
+    CLIENT = "client"
+    UPSTREAM = "upstream"
+    BOTH = "both"
+
+
+class TrafficDirection(StrEnum):
+    """Whose policy the proxy enforces: the destination's ingress or the source's egress."""
+
+    INGRESS = "INGRESS"
+    EGRESS = "EGRESS"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    side: Side
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Inject:
+    side: Side
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    side: Side
+    reason: str = ""
+    error: bool = False  # the close is the result of an error (protocol or internal)
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    record: object  # garrison.flows.record.FlowRecord (kept untyped here: flows is a peer)
+
+
+Command = Forward | Inject | Close | Log
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """One end of a proxied connection, as flow records describe it."""
+
+    identity: int
+    labels: Labels
+    ip: str
+    port: int
+    namespace: str | None = None
+    pod_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionContext:
+    """Everything an engine needs about its connection; built by the server.
+
+    `ruleset` is the L7 rule set for (destination endpoint, port, source identity) in
+    `direction`. `host_hint` is used to render URLs when the request has no Host.
+    """
+
+    source: PeerInfo
+    destination: PeerInfo
+    direction: TrafficDirection
+    protocol: L7Protocol
+    ruleset: L7RuleSet
+    connection_id: int = 0
+    node_name: str = ""
+    host_hint: str | None = None
+    audit: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class ConnectionEngine(Protocol):
+    """One proxied connection's enforcement state machine (sans-io)."""
+
+    def client_data(self, data: bytes, now: float) -> Sequence[Command]: ...
+
+    def upstream_data(self, data: bytes, now: float) -> Sequence[Command]: ...
+
+    def client_eof(self, now: float) -> Sequence[Command]: ...
+
+    def upstream_eof(self, now: float) -> Sequence[Command]: ...
+
+    def abort(self, reason: str, now: float) -> Sequence[Command]:
+        """An internal error or a timeout: close everything, log an ERROR record."""
+        ...

@@ -1,0 +1,161 @@
+"""Which policy applies to a proxied connection: who the client is, whether L3/L4 policy lets
+it in at all, and the L7 rule set for it.
+
+`PolicySource` is what the server asks per accepted connection. `StandalonePolicy` answers it
+for `garrison proxy` in standalone mode (one destination service, clients mapped to labels by
+source address); the agent answers it in transparent mode from the live resolver and ipcache.
+Pure: no sockets, no clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from garrison.policies.l7rules import L7Protocol, L7RuleSet
+from garrison.policies.labels import (
+    SOURCE_RESERVED,
+    Label,
+    Labels,
+    endpoint_labels,
+)
+from garrison.policies.mapstate import PROTO_TCP, LookupResult, lookup
+from garrison.policies.model import Direction, IPNetwork, Policy
+from garrison.policies.resolve import ResolverConfig
+from garrison.policies.selectorcache import WORLD_IDENTITY
+from garrison.policies.trace import build_resolver
+
+DESTINATION_IDENTITY = 256
+
+
+class PolicyConfigError(ValueError):
+    """The policy cannot serve this proxy (e.g. Kafka rules on a port proxied as HTTP)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerMapping:
+    """`--peer CIDR=k=v,...`: clients from `network` carry `labels` (namespace included)."""
+
+    network: IPNetwork
+    labels: Labels
+    namespace: str
+
+    @classmethod
+    def parse(cls, text: str, default_namespace: str = "default") -> PeerMapping:
+        """`127.0.0.2/32=org=empire,class=tiefighter` (optionally `...,ns=NAME`)."""
+        cidr, sep, labels_text = text.partition("=")
+        if not sep or not labels_text:
+            raise ValueError(f"--peer {text!r}: expected CIDR=k=v,... e.g. 127.0.0.2/32=app=web")
+        try:
+            network = ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError as exc:
+            raise ValueError(f"--peer {text!r}: {exc}") from exc
+        parts = [p.strip() for p in labels_text.split(",") if p.strip()]
+        namespace = default_namespace
+        own = []
+        for part in parts:
+            if part.startswith("ns="):
+                namespace = part[3:]
+            else:
+                own.append(part)
+        try:
+            labels = Labels.parse(own)
+        except ValueError as exc:
+            raise ValueError(f"--peer {text!r}: {exc}") from exc
+        return cls(network, endpoint_labels(labels, namespace), namespace)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer for one client: its identity, whether L3/L4 admits it, and the L7 rules."""
+
+    identity: int
+    labels: Labels
+    namespace: str | None
+    allowed: bool
+    lookup: LookupResult
+    ruleset: L7RuleSet
+    audit: bool = False
+
+
+class PolicySource(Protocol):
+    def admit(self, src_ip: str, dst_ip: str, dst_port: int) -> Admission: ...
+
+    @property
+    def revision(self) -> int: ...
+
+
+def world_labels() -> Labels:
+    return Labels.of([Label("world", "", SOURCE_RESERVED)])
+
+
+class StandalonePolicy:
+    """Ingress policy of one destination (its labels and port) for clients mapped by address.
+
+    Unknown addresses are `reserved:world`. A connection the L3/L4 policy does not allow is
+    refused (the datapath would have dropped its SYN). When the port is allowed at L4 only, or
+    no policy enforces the destination's ingress, every request passes (still parsed and
+    logged): the rule set is allow-all.
+    """
+
+    def __init__(
+        self,
+        policies: Sequence[Policy],
+        destination: Labels,
+        port: int,
+        protocol: L7Protocol,
+        peers: Sequence[PeerMapping] = (),
+        config: ResolverConfig | None = None,
+        revision: int = 1,
+    ) -> None:
+        self.destination = destination
+        self.port = port
+        self.protocol = protocol
+        self.peers = sorted(peers, key=lambda p: p.network.prefixlen, reverse=True)
+        self._revision = revision
+        ids: dict[Labels, int] = {destination: DESTINATION_IDENTITY}
+        for peer in self.peers:
+            ids.setdefault(peer.labels, DESTINATION_IDENTITY + len(ids))
+        self._ids = ids
+        resolver = build_resolver(policies, [(i, lab) for lab, i in ids.items()], config)
+        self.audit = resolver.config.audit
+        self._state = resolver.map_state(DESTINATION_IDENTITY)
+        self._check_protocol()
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def _check_protocol(self) -> None:
+        for key, ruleset in self._state.l7.items():
+            if key.direction is Direction.INGRESS and key.port == self.port and (
+                ruleset.protocol is not self.protocol
+            ):
+                raise PolicyConfigError(
+                    f"the policy puts {ruleset.protocol.value} rules on port {self.port}, "
+                    f"but this proxy parses {self.protocol.value}: start it with "
+                    f"--protocol {ruleset.protocol.value}, or fix the policy"
+                )
+
+    def classify(self, src_ip: str) -> tuple[int, Labels, str | None]:
+        try:
+            addr = ipaddress.ip_address(src_ip)
+        except ValueError:
+            return WORLD_IDENTITY, world_labels(), None
+        for peer in self.peers:
+            if addr.version == peer.network.version and addr in peer.network:
+                return self._ids[peer.labels], peer.labels, peer.namespace
+        return WORLD_IDENTITY, world_labels(), None
+
+    def admit(self, src_ip: str, dst_ip: str = "", dst_port: int = 0) -> Admission:
+        identity, labels, namespace = self.classify(src_ip)
+        result = lookup(self._state, Direction.INGRESS, identity, PROTO_TCP, self.port)
+        if result.allowed and result.l7 is not None and result.redirect is self.protocol:
+            ruleset = result.l7
+        else:
+            ref = result.refs[0] if result.refs else None
+            ruleset = L7RuleSet(self.protocol, (), allow_all=True, allow_all_ref=ref)
+        allowed = result.allowed or self.audit
+        return Admission(identity, labels, namespace, allowed, result, ruleset, self.audit)
