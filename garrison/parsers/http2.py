@@ -16,8 +16,10 @@ shell route a cleartext connection to the HTTP/1.1 or the HTTP/2 parser by its f
 
 Events (frozen, slotted dataclasses; see `H2Event`). Header blocks are `tuple[Header, ...]`
 with `Header = tuple[bytes, bytes]`: names lower-case as on the wire (h2 rejects upper-case
-names), pseudo-headers first, in received order, values as received. Those bytes are exactly
-what `send_headers` takes back, so an allowed request is forwarded unchanged. The convenience
+names), pseudo-headers first, in received order, values as received. Those pairs are exactly
+what `send_headers` takes back, so an allowed request is forwarded unchanged, including the
+HPACK "never indexed" mark a client put on a sensitive field (the pairs are hpack's
+`HeaderTuple` / `NeverIndexedHeaderTuple`, which compare equal to plain tuples). The convenience
 `str` fields (`method`, `path`, ...) are decoded as latin-1, which maps every byte to one
 character and never fails.
 
@@ -518,8 +520,10 @@ class _Outbound:
 
 
 def _headers(raw: object) -> tuple[Header, ...]:
-    # header_encoding=None: h2 hands out the decoded (bytes, bytes) HeaderTuples.
-    return tuple((n, v) for n, v in cast("list[Header]", raw))
+    # header_encoding=None: h2 hands out (bytes, bytes) pairs as hpack HeaderTuples, a tuple
+    # subclass. They are kept as they are: a NeverIndexedHeaderTuple (a field the peer asked
+    # never to be compressed, e.g. a credential) stays one when send_headers forwards it.
+    return tuple(cast("list[Header]", raw))
 
 
 def _latin1(value: bytes | None) -> str | None:
@@ -708,8 +712,6 @@ class _H2Connection:
                     )
                 )
             elif isinstance(ev, h2.events.StreamEnded):
-                if self._unacked.get(ev.stream_id) == 0:
-                    del self._unacked[ev.stream_id]
                 events.append(StreamEnded(ev.stream_id))
             elif isinstance(ev, h2.events.WindowUpdated):
                 if ev.stream_id:
@@ -809,6 +811,8 @@ class _H2Connection:
         """
         if self._dead(stream_id):
             return
+        if self.closing and not self._known(stream_id):
+            raise LocalProtocolError("connection is closing: no new streams")
         out = self._send.get(stream_id)
         if out is not None:
             if not end_stream:

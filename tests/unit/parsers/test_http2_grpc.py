@@ -4,6 +4,7 @@ reports, how statuses are read, and the exact frames of the deny answers."""
 from __future__ import annotations
 
 import pytest
+from hpack import NeverIndexedHeaderTuple
 
 from garrison.parsers.grpc import GrpcCall, grpc_call, grpc_message, grpc_status
 from garrison.parsers.http2 import (
@@ -223,3 +224,51 @@ def test_http2_access_denied_answer() -> None:
     events = client.receive_data(server.data_to_send(), 0.0)
     assert isinstance(events[0], ResponseReceived) and events[0].status == 403
     assert b"".join(getattr(e, "data", b"") for e in events) == b"Access denied\r\n"
+
+
+def test_forwarding_keeps_the_never_indexed_mark() -> None:
+    """A credential the client marked never-indexed is forwarded never-indexed."""
+    client, proxy_side = pair()
+    upstream_side, upstream = pair()
+    secret = NeverIndexedHeaderTuple(b"authorization", b"Bearer s3cret")
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/doors.DoorManager/GetName"),
+        (b":authority", b"doors"),
+        (b"content-type", b"application/grpc"),
+        secret,
+    ]
+    client.send_request(headers, end_stream=True)
+    (req, _) = proxy_side.receive_data(client.data_to_send(), 0.0)
+    assert isinstance(req, RequestReceived)
+    assert isinstance(req.headers[-1], NeverIndexedHeaderTuple)
+
+    upstream_side.send_request(req.headers, end_stream=True)
+    wire = upstream_side.data_to_send()
+    (forwarded, _) = upstream.receive_data(wire, 0.0)
+    assert isinstance(forwarded, RequestReceived)
+    assert forwarded.headers == req.headers
+    assert isinstance(forwarded.headers[-1], NeverIndexedHeaderTuple)
+    # Neither HPACK table on the forwarding hop holds the credential.
+    entry = (b"authorization", b"Bearer s3cret")
+    assert entry not in upstream_side._h2.encoder.header_table.dynamic_entries
+    assert entry not in upstream._h2.decoder.header_table.dynamic_entries
+
+
+def test_authority_falls_back_to_host_and_connect_has_no_path() -> None:
+    client, server = pair()
+    client.send_request(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/x"), (b"host", b"doors")],
+        end_stream=True,
+    )
+    client.send_request([(b":method", b"CONNECT"), (b":authority", b"doors:443")])
+    events = server.receive_data(client.data_to_send(), 0.0)
+    get, connect = (e for e in events if isinstance(e, RequestReceived))
+    assert (get.method, get.authority, get.path, get.scheme) == ("GET", "doors", "/x", "http")
+    assert (connect.method, connect.authority, connect.path, connect.scheme) == (
+        "CONNECT",
+        "doors:443",
+        None,
+        None,
+    )

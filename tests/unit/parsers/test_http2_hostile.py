@@ -24,6 +24,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.http2 import (
     H2_PREFACE,
     ConnectionClosed,
@@ -352,6 +353,10 @@ def test_graceful_goaway_from_upstream_lets_lower_streams_finish() -> None:
     assert client.closing and not client.terminated
     assert client.available_streams == 0
     assert client.open_streams == ()
+    with pytest.raises(LocalProtocolError):
+        client.send_request(REQUEST)
+    with pytest.raises(LocalProtocolError):
+        client.send_headers(second + 2, REQUEST)
 
 
 def test_error_goaway_from_peer_ends_the_connection() -> None:
@@ -429,3 +434,15 @@ def test_memory_does_not_grow_with_the_number_of_streams() -> None:
         assert len(conn._h2._closed_streams) <= limits.max_closed_streams
         assert conn._unacked == {}
         assert conn.buffered_bytes_total == 0
+
+
+def test_a_huge_header_table_from_the_peer_does_not_grow_our_encoder() -> None:
+    conn, peer = server()
+    big_table = frame(SettingsFrame(0, settings={SettingsFrame.HEADER_TABLE_SIZE: 2**30}))
+    conn.receive_data(big_table, 0.0)
+    for sid in range(1, 121, 2):  # distinct response headers, as forwarded answers carry
+        conn.receive_data(peer.headers(sid), 0.0)
+        conn.send_headers(sid, [(b":status", b"200"), (b"x-request-id", b"%064d" % sid)], True)
+    # 60 distinct fields of 108 bytes each: 6.5 kB if the peer's 1 GiB allowance were used.
+    entries = conn._h2.encoder.header_table.dynamic_entries
+    assert sum(32 + len(n) + len(v) for n, v in entries) <= 4_096
