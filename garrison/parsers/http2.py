@@ -162,8 +162,10 @@ class H2Limits:
     - `max_continuation_frames`: CONTINUATION frames per header block (CONTINUATION flood,
       CVE-2024-27316 class) → ENHANCE_YOUR_CALM. Encoded header blocks are therefore at most
       `(1 + max_continuation_frames) * 16384` bytes.
-    - `max_resets_per_second`: RST_STREAM frames from the peer (rapid reset, CVE-2023-44487) →
-      ENHANCE_YOUR_CALM. A token bucket holding one second's worth, refilled from `now`.
+    - `max_resets_per_second`: RST_STREAM frames from the peer (rapid reset, CVE-2023-44487),
+      and the stream errors by which a peer makes us reset its streams (MadeYouReset,
+      CVE-2025-8671), together → ENHANCE_YOUR_CALM. A token bucket holding one second's worth,
+      refilled from `now`.
     - `max_control_frames_per_second`: PING and SETTINGS frames that we must acknowledge
       (ping/settings flood, CVE-2019-9512/9515) → ENHANCE_YOUR_CALM. Same kind of bucket.
     - `initial_window_size`, `connection_window_size`: the inbound windows we advertise.
@@ -452,6 +454,13 @@ class _FrameGuard:
                     cuts.append(pos)
         return cuts
 
+    def count_reset(self, now: float) -> None:
+        if not self._resets.take(now):
+            raise _LimitExceeded(
+                f"more than {self._limits.max_resets_per_second:g} stream resets per second",
+                H2ErrorCode.ENHANCE_YOUR_CALM,
+            )
+
     def _check(self, length: int, ftype: int, flags: int, now: float) -> None:
         if self._first_frame:
             self._first_frame = False
@@ -476,11 +485,8 @@ class _FrameGuard:
             self._continuations = 0
         else:
             self._continuations = -1  # h2 itself rejects an interrupted header block
-        if ftype == _RST_STREAM and not self._resets.take(now):
-            raise _LimitExceeded(
-                f"more than {self._limits.max_resets_per_second:g} stream resets per second",
-                H2ErrorCode.ENHANCE_YOUR_CALM,
-            )
+        if ftype == _RST_STREAM:
+            self.count_reset(now)
         if ftype in (_PING, _SETTINGS) and not flags & _FLAG_ACK and not self._control.take(now):
             raise _LimitExceeded(
                 f"more than {self._limits.max_control_frames_per_second:g} PING/SETTINGS "
@@ -617,7 +623,7 @@ class _H2Connection:
         start = 0
         for cut in [*cuts, len(data)]:
             if cut > start:
-                self._translate(self._feed(data[start:cut]), events)
+                self._translate(self._feed(data[start:cut]), events, now)
                 start = cut
                 if self._terminated:
                     break
@@ -672,7 +678,7 @@ class _H2Connection:
         self._buffered_total = 0
         return H2Error(message, int(code))
 
-    def _translate(self, raw: list[h2.events.Event], events: list[H2Event]) -> None:
+    def _translate(self, raw: list[h2.events.Event], events: list[H2Event], now: float) -> None:
         flush_all = False
         flush: list[int] = []
         for ev in raw:
@@ -684,6 +690,11 @@ class _H2Connection:
                     self._credit(sid, ev.flow_controlled_length)
                 continue
             if isinstance(ev, h2.events.StreamReset):
+                if not ev.remote_reset:  # the peer broke a stream rule: a reset it caused
+                    try:
+                        self._guard.count_reset(now)
+                    except _LimitExceeded as exc:
+                        raise self._fail(exc.message, exc.error_code) from None
                 self._forget(ev.stream_id)
                 events.append(StreamReset(ev.stream_id, int(ev.error_code), ev.remote_reset))
             elif isinstance(ev, h2.events.DataReceived):

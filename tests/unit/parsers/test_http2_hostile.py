@@ -446,3 +446,14 @@ def test_a_huge_header_table_from_the_peer_does_not_grow_our_encoder() -> None:
     # 60 distinct fields of 108 bytes each: 6.5 kB if the peer's 1 GiB allowance were used.
     entries = conn._h2.encoder.header_table.dynamic_entries
     assert sum(32 + len(n) + len(v) for n, v in entries) <= 4_096
+
+
+def test_provoked_stream_errors_count_as_resets() -> None:
+    """MadeYouReset: streams the peer makes *us* reset are rate-limited like its own resets."""
+    conn, peer = server(H2Limits(max_resets_per_second=100))
+    overflow = b"".join(
+        peer.headers(sid) + frame(WindowUpdateFrame(sid, window_increment=2**31 - 1))
+        for sid in range(1, 1001, 2)
+    )
+    err = expect_error(conn, overflow, H2ErrorCode.ENHANCE_YOUR_CALM)
+    assert "resets" in err.message

@@ -103,6 +103,8 @@ class DoorServer:
                 sock.sendall(conn.data_to_send())
                 if not data:
                     return
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client closed first (a channel closing does): nothing left to answer
         except (OSError, ParserError) as exc:
             self.errors.append(exc)
         finally:
