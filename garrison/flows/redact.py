@@ -1,0 +1,132 @@
+"""Redaction of secrets before a flow record is stored, written or printed.
+
+There is one entry point, `redacted_http()`: the record builders (`garrison.flows.build`) call it
+for every HTTP and gRPC record they make, so a record that exists has been redacted. Records
+read back from JSON are not redacted again.
+
+By default the values of `Authorization`, `Proxy-Authorization`, `Cookie`, `Set-Cookie` and
+`X-Api-Key` become `[REDACTED]` (names compared case-insensitively; the header stays, so a
+review can still see that a client sent credentials), and a password in the userinfo of an
+absolute URL is replaced. Query values are kept unless `redact_query_values` is set, as Hubble
+does by default: paths and queries are what L7 policy matches on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from garrison.flows.record import HTTP, HTTPHeader
+
+REDACTED = "[REDACTED]"
+
+DEFAULT_SENSITIVE_HEADERS: frozenset[str] = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"}
+)
+
+HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class RedactionConfig:
+    """What to hide. `headers` are header names, any case."""
+
+    headers: frozenset[str] = DEFAULT_SENSITIVE_HEADERS
+    redact_query_values: bool = False
+    redact_userinfo: bool = True
+    _lower: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_lower", frozenset(name.lower() for name in self.headers))
+
+    def is_sensitive(self, header_name: str) -> bool:
+        return header_name.lower() in self._lower
+
+
+DEFAULT_REDACTION = RedactionConfig()
+NO_REDACTION = RedactionConfig(headers=frozenset(), redact_userinfo=False)
+
+
+def _text(value: str | bytes) -> str:
+    # Header bytes are ISO-8859-1 on the wire (RFC 9110); latin-1 maps every byte, so nothing
+    # a peer sends can make building a record fail.
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def redact_headers(headers: HeaderPairs, config: RedactionConfig) -> tuple[HTTPHeader, ...]:
+    out = []
+    for raw_key, raw_value in headers:
+        key = _text(raw_key)
+        value = REDACTED if config.is_sensitive(key) else _text(raw_value)
+        out.append(HTTPHeader(key, value))
+    return tuple(out)
+
+
+def redact_url(url: str, config: RedactionConfig) -> str:
+    if config.redact_userinfo:
+        url = _redact_userinfo(url)
+    if config.redact_query_values:
+        url = _redact_query(url)
+    return url
+
+
+def _redact_userinfo(url: str) -> str:
+    scheme_end = url.find("://")
+    if scheme_end < 0:
+        return url
+    start = scheme_end + 3
+    end = len(url)
+    for stop in "/?#":
+        pos = url.find(stop, start)
+        if pos >= 0:
+            end = min(end, pos)
+    authority = url[start:end]
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{url[:start]}{user}:{REDACTED}@{host}{url[end:]}"
+
+
+def _redact_query(url: str) -> str:
+    base, question, rest = url.partition("?")
+    if not question:
+        return url
+    query, hash_, fragment = rest.partition("#")
+    parts = []
+    for part in query.split("&"):
+        key, eq, _ = part.partition("=")
+        parts.append(f"{key}={REDACTED}" if eq else part)
+    return f"{base}?{'&'.join(parts)}{hash_}{fragment}"
+
+
+def redacted_http(
+    *,
+    method: str,
+    url: str,
+    protocol: str,
+    headers: HeaderPairs,
+    config: RedactionConfig,
+    code: int = 0,
+) -> HTTP:
+    """The HTTP part of a record, built with its secrets replaced: the one place redaction
+    happens (the record builders call it for every HTTP and gRPC record)."""
+    return HTTP(
+        method=method,
+        url=redact_url(url, config),
+        protocol=protocol,
+        code=code,
+        headers=redact_headers(headers, config),
+    )
+
+
+def redact_http(http: HTTP, config: RedactionConfig) -> HTTP:
+    """An existing HTTP part redacted (again) with `config`, for example a stricter one."""
+    return redacted_http(
+        method=http.method,
+        url=http.url,
+        protocol=http.protocol,
+        headers=[(h.key, h.value) for h in http.headers],
+        config=config,
+        code=http.code,
+    )
