@@ -38,13 +38,13 @@ from garrison.parsers.kafka_apis import (
     API_VERSIONS_FIRST_FLEXIBLE,
     PRODUCE,
     TOPICLESS_WITHOUT_CLASS,
-    decode_body,
     kafka_api,
+    request_codec,
+    response_codec,
 )
 from garrison.parsers.kafka_topics import (
     KafkaBrokerAddress,
     KafkaCluster,
-    RequestTopics,
     TopicIdRegistry,
     request_topics,
 )
@@ -64,6 +64,8 @@ __all__ = [
     "KafkaTruncatedError",
     "KafkaUnsupportedVersionError",
     "TopicIdRegistry",
+    "decode_response_body",
+    "parse_request_frame",
 ]
 
 _MIB = 1024 * 1024
@@ -346,7 +348,19 @@ def parse_request_frame(frame: bytes, topic_ids: TopicIdRegistry | None = None) 
     elif client_id_len != -1:
         raise KafkaDecodeError(f"client id length {client_id_len}")
 
-    def header_only(topics_unknown: bool) -> KafkaRequest:
+    codec = request_codec(api_key, api_version)
+    if codec is None:
+        api = kafka_api(api_key)
+        if api is None:
+            topics_unknown = api_key not in TOPICLESS_WITHOUT_CLASS
+        elif api_key == API_VERSIONS and api_version > api.max_version:
+            if api_version >= API_VERSIONS_FIRST_FLEXIBLE:
+                _skip_tagged_fields(frame, pos)  # the header must still be well-formed
+            topics_unknown = False
+        else:
+            raise KafkaUnsupportedVersionError(
+                f"{api.name} v{api_version} (kafka-python knows v0-v{api.max_version})"
+            )
         return KafkaRequest(
             api_key,
             api_version,
@@ -355,53 +369,32 @@ def parse_request_frame(frame: bytes, topic_ids: TopicIdRegistry | None = None) 
             topics_unknown=topics_unknown,
             raw=frame,
         )
-
-    api = kafka_api(api_key)
-    if api is None:
-        return header_only(topics_unknown=api_key not in TOPICLESS_WITHOUT_CLASS)
-    if not api.supports(api_version):
-        if api_key == API_VERSIONS and api_version > api.max_version:
-            if api_version >= API_VERSIONS_FIRST_FLEXIBLE:
-                _skip_tagged_fields(frame, pos)  # the header must still be well-formed
-            return header_only(topics_unknown=False)
-        raise KafkaUnsupportedVersionError(
-            f"{api.name} v{api_version} (kafka-python knows v0-v{api.max_version})"
-        )
-    flexible = api.request_flexible(api_version)
-    if flexible:
+    if codec.flexible:
         pos = _skip_tagged_fields(frame, pos)
     try:
-        decoded = decode_body(api.request_class, api_version, flexible, memoryview(frame)[pos:])
+        decoded = codec.decode(memoryview(frame)[pos:])
     except Exception as exc:  # kafka-python raises struct.error, ValueError, IndexError, ...
-        raise KafkaDecodeError(f"{api.name} v{api_version} does not decode: {exc}") from exc
+        raise KafkaDecodeError(f"{codec.api.name} v{api_version} does not decode: {exc}") from exc
     try:
-        topics = request_topics(api_key, api_version, decoded, topic_ids)
+        names, unresolved, all_topics, unknown = request_topics(
+            api_key, api_version, decoded, topic_ids
+        )
     except (AttributeError, TypeError) as exc:  # a field of an unexpected type (bug guard)
-        raise KafkaDecodeError(f"{api.name} v{api_version}: topics unreadable: {exc}") from exc
-    return _request(api_key, api_version, correlation_id, client_id, topics, frame, decoded)
-
-
-def _request(
-    api_key: int,
-    api_version: int,
-    correlation_id: int,
-    client_id: str | None,
-    topics: RequestTopics,
-    frame: bytes,
-    decoded: Any,
-) -> KafkaRequest:
+        raise KafkaDecodeError(
+            f"{codec.api.name} v{api_version}: topics unreadable: {exc}"
+        ) from exc
     return KafkaRequest(
         api_key,
         api_version,
         correlation_id,
         client_id,
-        topics=topics.names,
-        all_topics=topics.all_topics,
-        unresolved_topic_ids=topics.unresolved_ids,
-        topics_unknown=topics.unknown,
-        acks=decoded.acks if api_key == PRODUCE else None,
-        raw=frame,
-        decoded=decoded,
+        names,
+        all_topics,
+        unresolved,
+        unknown,
+        decoded.acks if api_key == PRODUCE else None,
+        frame,
+        decoded,
     )
 
 
@@ -560,26 +553,23 @@ class KafkaResponseParser:
 
 def decode_response_body(request: KafkaRequest, frame: bytes) -> Any:
     """The kafka-python object of a response frame to `request`; None if it has no class."""
-    api = kafka_api(request.api_key)
-    if api is None:
-        return None
     version = request.api_version
     if request.api_key == API_VERSIONS:
         pos = 8  # ApiVersions answers always use response header v0
         # On an error (UNSUPPORTED_VERSION to a too-new request) the body is v0.
         if len(frame) >= pos + 2 and struct.unpack_from(">h", frame, pos)[0] != 0:
             version = 0
-        if not api.supports(version):
+        codec = response_codec(API_VERSIONS, version)
+        if codec is None:
             return None
-        flexible = api.response_flexible(version)
     else:
-        if request.decoded is None:
+        codec = response_codec(request.api_key, version)
+        if codec is None or request.decoded is None:
             return None
-        flexible = api.response_flexible(version)
-        pos = _skip_tagged_fields(frame, 8) if flexible else 8
+        pos = _skip_tagged_fields(frame, 8) if codec.flexible else 8
     try:
-        return decode_body(api.response_class, version, flexible, memoryview(frame)[pos:])
+        return codec.decode(memoryview(frame)[pos:])
     except Exception as exc:  # kafka-python raises struct.error, ValueError, IndexError, ...
         raise KafkaDecodeError(
-            f"{api.response_class.name} v{version} does not decode: {exc}"
+            f"{codec.api.response_class.name} v{version} does not decode: {exc}"
         ) from exc

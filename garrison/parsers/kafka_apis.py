@@ -13,6 +13,7 @@ topics the request acts on. Arrays that only *remove* topics from a fetch sessio
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,22 +118,57 @@ def known_api_keys() -> frozenset[int]:
     return frozenset(_apis())
 
 
-def decode_body(message_class: Any, version: int, flexible: bool, data: memoryview) -> Any:
-    """Decode a request or response body (no header) of one version.
+Decoder = Callable[[memoryview, int], tuple[Any, int]]
 
-    Raises `ValueError` when the schema reads past the end: kafka-python's compiled decoders
-    slice past the end of short strings instead of failing, so the position is the check.
-    Bytes left after the schema's last field are ignored, as Kafka's brokers ignore them
-    (librdkafka 2.x sends three stray bytes in its all-topics Metadata v12 request).
-    Any other exception from kafka-python means the bytes do not fit the schema.
-    """
+
+@dataclass(frozen=True, slots=True)
+class MessageCodec:
+    """The compiled kafka-python decoder of one API version's request or response body."""
+
+    api: KafkaApi
+    version: int
+    flexible: bool  # compact encodings and tagged fields; header v2 (request) / v1 (response)
+    decode_from: Decoder
+
+    def decode(self, data: memoryview) -> Any:
+        """Decode a whole body (no header).
+
+        Raises `ValueError` when the schema reads past the end: kafka-python's compiled
+        decoders slice past the end of short strings instead of failing, so the position is
+        the check. Bytes left after the schema's last field are ignored, as Kafka's brokers
+        ignore them (librdkafka 2.x sends three stray bytes in its all-topics Metadata v12
+        request). Any other exception from kafka-python means the bytes do not fit the schema.
+        """
+        decoded, end = self.decode_from(data, 0)
+        if end > len(data):
+            raise ValueError(f"body is {len(data)} bytes, schema needs {end}")
+        return decoded
+
+
+def request_codec(api_key: int, version: int) -> MessageCodec | None:
+    """The request decoder of an API version; None where kafka-python has none."""
+    return _codec(api_key, version, True) if _supported(api_key, version) else None
+
+
+def response_codec(api_key: int, version: int) -> MessageCodec | None:
+    """The response decoder of an API version; None where kafka-python has none."""
+    return _codec(api_key, version, False) if _supported(api_key, version) else None
+
+
+def _supported(api_key: int, version: int) -> bool:
+    api = _apis().get(api_key)
+    return api is not None and 0 <= version <= api.max_version
+
+
+@functools.cache  # bounded: only (key, version) pairs kafka-python supports get here
+def _codec(api_key: int, version: int, request: bool) -> MessageCodec:
+    api = _apis()[api_key]
+    message_class = api.request_class if request else api.response_class
+    flexible = bool(message_class.flexible_version_q(version))
     decoder = message_class._struct.compiled_decode_from(
         version, compact=flexible, tagged=flexible, data_class=message_class
     )
-    decoded, end = decoder(data, 0)
-    if end > len(data):
-        raise ValueError(f"body is {len(data)} bytes, schema needs {end}")
-    return decoded
+    return MessageCodec(api, version, flexible, decoder)
 
 
 # ---- where requests name topics ---------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from garrison.parsers.kafka_apis import (
@@ -99,9 +99,8 @@ class TopicIdRegistry:
 # ---- topics named by a decoded request ---------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RequestTopics:
-    """The topics one request names.
+class RequestTopics(NamedTuple):
+    """The topics one request names (a named tuple: built once per request, kept cheap).
 
     `names`: resolved names in order of first appearance, without duplicates.
     `unresolved_ids`: topic ids the registry does not know (yet).
@@ -126,7 +125,7 @@ class _VersionedField:
     topic_id: str | None
 
 
-@functools.cache
+@functools.cache  # bounded: called only for (key, version) pairs kafka-python decoded
 def _fields_in_version(api_key: int, version: int) -> tuple[_VersionedField, ...]:
     """The TOPIC_FIELDS entries that exist in this version, with out-of-version leaves dropped."""
     api = kafka_api(api_key)
@@ -176,17 +175,34 @@ def request_topics(
     unresolved: dict[UUID, None] = {}
     all_topics = unknown = False
     for spec in _fields_in_version(api_key, version):
-        for entry in _walk(decoded, spec.path):
+        # Arrays of the request itself (the common case) are read without the generator.
+        entries = (
+            getattr(decoded, spec.path[0]) if len(spec.path) == 1 else _walk(decoded, spec.path)
+        )
+        if entries is None:
+            entries = (None,)
+        name_attr, id_attr = spec.name, spec.topic_id
+        for entry in entries:
             if entry is None:
                 if api_key == METADATA:
                     all_topics = True
                 else:
                     unknown = True
-                continue
-            if spec.name is None and spec.topic_id is None:
+            elif name_attr is None and id_attr is None:
                 names[entry] = None  # an array of names (DeleteTopics v0-5)
-                continue
-            _add_entry(entry, spec, registry, names, unresolved)
+            else:
+                # A request may carry both a name and an id for one topic (Metadata v10+).
+                # Every topic it could refer to counts: a name cannot vouch for another id.
+                name = getattr(entry, name_attr) if name_attr else None
+                topic_id = getattr(entry, id_attr) if id_attr else None
+                if name is not None and (name or topic_id is None):
+                    names[name] = None
+                if topic_id is not None:
+                    resolved = registry.name_of(topic_id) if registry is not None else None
+                    if resolved is None:
+                        unresolved[topic_id] = None
+                    else:
+                        names[resolved] = None
     if api_key == METADATA and version == 0 and not decoded.topics:
         all_topics = True  # v0 had no null: an empty list asked for every topic
     elif api_key in CONFIG_RESOURCE_APIS:
@@ -199,27 +215,6 @@ def request_topics(
     if not (names or unresolved or all_topics or unknown):
         return NO_TOPICS
     return RequestTopics(tuple(names), tuple(unresolved), all_topics, unknown)
-
-
-def _add_entry(
-    entry: Any,
-    spec: _VersionedField,
-    registry: TopicIdRegistry | None,
-    names: dict[str, None],
-    unresolved: dict[UUID, None],
-) -> None:
-    # A request may carry both a name and an id for one topic (Metadata v10+). Every topic it
-    # could refer to counts, so a name cannot vouch for a different id.
-    name = getattr(entry, spec.name) if spec.name else None
-    topic_id = getattr(entry, spec.topic_id) if spec.topic_id else None
-    if name is not None and (name or topic_id is None):
-        names[name] = None
-    if topic_id is not None:
-        resolved = registry.name_of(topic_id) if registry is not None else None
-        if resolved is None:
-            unresolved[topic_id] = None
-        else:
-            names[resolved] = None
 
 
 def _config_topics(resources: Iterable[Any] | None) -> Iterator[str]:

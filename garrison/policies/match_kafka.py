@@ -35,12 +35,15 @@ class _CompiledRule:
     client_id: str | None
     topic: str | None
     ref: RuleRef | None
+    verdict: L7Verdict  # the allow verdict this rule gives, built once
 
-    def applies(self, api_key: int, api_version: int, client_id: str | None) -> bool:
-        return (
-            (not self.api_keys or api_key in self.api_keys)
-            and (self.api_version is None or self.api_version == api_version)
-            and (self.client_id is None or self.client_id == client_id)
+    @property
+    def constrained(self) -> bool:
+        return self.api_version is not None or self.client_id is not None
+
+    def applies(self, api_version: int, client_id: str | None) -> bool:
+        return (self.api_version is None or self.api_version == api_version) and (
+            self.client_id is None or self.client_id == client_id
         )
 
 
@@ -49,16 +52,62 @@ def describe_api(api_key: int) -> str:
     return f"{name} ({api_key})" if name else f"api key {api_key}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Applicable:
+    """The rules that apply to one request shape, indexed for the topic checks."""
+
+    rules: tuple[_CompiledRule, ...]  # policy order
+    any_topic: _CompiledRule | None  # the first rule without a topic
+    by_topic: dict[str, _CompiledRule]  # the first rule naming each topic
+
+    @classmethod
+    def of(cls, rules: tuple[_CompiledRule, ...]) -> _Applicable:
+        by_topic: dict[str, _CompiledRule] = {}
+        for rule in rules:
+            if rule.topic is not None:
+                by_topic.setdefault(rule.topic, rule)
+        any_topic = next((r for r in rules if r.topic is None), None)
+        return cls(rules, any_topic, by_topic)
+
+
+# Rules per API key are computed on first use; keys come from the wire, so the memo is bounded.
+_MAX_MEMO_KEYS = 512
+
+
 class KafkaMatcher:
     """Compiled Kafka rules of one L7RuleSet; `match()` is called per request."""
 
     def __init__(self, ruleset: L7RuleSet) -> None:
         self.ruleset = ruleset
         self._rules = tuple(
-            _CompiledRule(rule.api_keys, rule.api_version, rule.client_id, rule.topic, ref)
+            _CompiledRule(
+                rule.api_keys,
+                rule.api_version,
+                rule.client_id,
+                rule.topic,
+                ref,
+                L7Verdict(True, ref),
+            )
             for rule, ref in ruleset.rules
             if isinstance(rule, KafkaRule)
         )
+        self._allow_all = L7Verdict(True, ruleset.allow_all_ref, "allow-all (L4-only rule)")
+        # api key -> (rules for the key, indexed when no rule constrains version or client id)
+        self._by_key: dict[int, tuple[tuple[_CompiledRule, ...], _Applicable | None]] = {}
+
+    def _applicable(self, api_key: int, api_version: int, client_id: str | None) -> _Applicable:
+        found = self._by_key.get(api_key)
+        if found is None:
+            rules = tuple(r for r in self._rules if not r.api_keys or api_key in r.api_keys)
+            constrained = any(r.constrained for r in rules)
+            found = (rules, None if constrained else _Applicable.of(rules))
+            if len(self._by_key) >= _MAX_MEMO_KEYS:
+                self._by_key.clear()
+            self._by_key[api_key] = found
+        rules, indexed = found
+        if indexed is not None:
+            return indexed
+        return _Applicable.of(tuple(r for r in rules if r.applies(api_version, client_id)))
 
     def match(
         self,
@@ -71,14 +120,14 @@ class KafkaMatcher:
         unknown_topics: bool = False,
     ) -> L7Verdict:
         if self.ruleset.allow_all:
-            return L7Verdict(True, self.ruleset.allow_all_ref, "allow-all (L4-only rule)")
-        applicable = [r for r in self._rules if r.applies(api_key, api_version, client_id)]
-        if not applicable:
+            return self._allow_all
+        applicable = self._applicable(api_key, api_version, client_id)
+        if not applicable.rules:
             return L7Verdict(False, None, self._no_rule_reason(api_key, api_version, client_id))
-        any_topic = next((r for r in applicable if r.topic is None), None)
+        any_topic = applicable.any_topic
         if unknown_topics:
             if any_topic is not None:
-                return L7Verdict(True, any_topic.ref)
+                return any_topic.verdict
             return L7Verdict(
                 False,
                 None,
@@ -87,23 +136,22 @@ class KafkaMatcher:
             )
         if all_topics:
             if any_topic is not None:
-                return L7Verdict(True, any_topic.ref)
-            allowed = frozenset(r.topic for r in applicable if r.topic is not None)
-            return L7Verdict(True, applicable[0].ref, filter_response=True, allowed_topics=allowed)
+                return any_topic.verdict
+            allowed = frozenset(applicable.by_topic)
+            return L7Verdict(
+                True, applicable.rules[0].ref, filter_response=True, allowed_topics=allowed
+            )
         if not topics:
-            return L7Verdict(True, applicable[0].ref)
+            return applicable.rules[0].verdict
         if any_topic is not None:
-            return L7Verdict(True, any_topic.ref)
-        first_ref: RuleRef | None = None
-        for index, topic in enumerate(topics):
-            allowing = next((r for r in applicable if r.topic == topic), None)
-            if allowing is None:
+            return any_topic.verdict
+        by_topic = applicable.by_topic
+        for topic in topics:
+            if topic not in by_topic:
                 return L7Verdict(
                     False, None, f"topic {topic!r} not allowed for {describe_api(api_key)}"
                 )
-            if index == 0:
-                first_ref = allowing.ref
-        return L7Verdict(True, first_ref)
+        return by_topic[topics[0]].verdict
 
     def _no_rule_reason(self, api_key: int, api_version: int, client_id: str | None) -> str:
         by_key = [r for r in self._rules if not r.api_keys or api_key in r.api_keys]

@@ -19,7 +19,6 @@ __all__ = [
     "TOPIC_AUTHORIZATION_FAILED",
     "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
     "KafkaDenyUnencodableError",
-    "denied_message",
     "encode_response",
     "entry_class",
     "flexible_frame",
@@ -30,8 +29,6 @@ TOPIC_AUTHORIZATION_FAILED = 29
 GROUP_AUTHORIZATION_FAILED = 30
 CLUSTER_AUTHORIZATION_FAILED = 31
 TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53
-
-DENIED_MESSAGE = "Access denied"
 
 
 class KafkaDenyUnencodableError(LocalProtocolError):
@@ -57,11 +54,6 @@ def entry_class(message_class: Any, *path: str) -> Any:
         field = fields[name]
         fields = field.fields
     return field.data_class if field is not None else message_class
-
-
-def denied_message(version: int, nullable_from: int) -> str | None:
-    """A human-readable error message where the schema has one (else the field is absent)."""
-    return DENIED_MESSAGE if version >= nullable_from else None
 
 
 def flexible_frame(correlation_id: int, body: bytes) -> bytes:
