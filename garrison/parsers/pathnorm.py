@@ -23,8 +23,9 @@ Pinned meaning (the tests hold every line of it):
   that is a dot-segment followed by `;params` (`/..;/`, which Tomcat resolves as `..`).
 - Refused outright in the path: encoded slash `%2F`/`%2f` and encoded backslash `%5C`/`%5c`
   (servers disagree on whether they separate segments), a raw backslash (some servers treat it
-  as `/`), and in the whole target: `#` (a fragment is never sent), bytes outside printable
-  ASCII (controls, space, DEL, non-ASCII).
+  as `/`), percent-encoded bytes that are not valid UTF-8 (overlong forms such as `%C0%AE`
+  have decoded to `.` in servers before); and in the whole target: `#` (a fragment is never
+  sent), bytes outside printable ASCII (controls, space, DEL, non-ASCII).
 - Printable ASCII outside RFC 3986's sets (`"<>[]^`{|}`) is kept as sent: it means the same
   to every server and rewriting it would only surprise rule authors.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import unquote_to_bytes
 
 from garrison.parsers.errors import RemoteProtocolError
 
@@ -92,6 +94,7 @@ _SIMPLE_TARGET = re.compile(
 _ALLOWED_RAW = bytes(range(0x21, 0x7F))
 
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})?")
+_HIGH_ESCAPE = re.compile(rb"%[89A-F]")
 _SLASHES = re.compile(r"//+")
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?]*)(.*)", re.DOTALL)
 _AUTHORITY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=]+)(?::[0-9]{0,5})?")
@@ -178,7 +181,15 @@ def _percent_normalize(part: bytes, *, in_path: bool) -> str:
             return bytes((value,))
         return b"%" + hex_digits.upper()
 
-    return (_ESCAPE.sub(fix, part) if b"%" in part else part).decode("ascii")
+    if b"%" not in part:
+        return part.decode("ascii")
+    normalized = _ESCAPE.sub(fix, part)
+    if in_path and _HIGH_ESCAPE.search(normalized) is not None:
+        try:
+            unquote_to_bytes(normalized).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UnsafeTargetError("percent-encoded bytes in path are not valid UTF-8") from exc
+    return normalized.decode("ascii")
 
 
 def _remove_dot_segments(path: str) -> str:

@@ -60,18 +60,14 @@ _PORT_SUFFIX = "(?::[0-9]*)?"
 
 @dataclass(frozen=True, slots=True)
 class _CompiledRule:
-    index: int
     ref: RuleRef | None
     # (lower-case name, display name, exact value or None for presence)
     required: tuple[tuple[str, str, str | None], ...]
     header_matches: tuple[tuple[str, HeaderMatch], ...]
+    has_header_conditions: bool
     allowed: L7Verdict  # the verdict of a clean match, built once
     # Rules whose patterns use text anchors are matched field by field.
     separate: tuple[tuple[int, re2._Regexp], ...] = ()
-
-    @property
-    def has_header_conditions(self) -> bool:
-        return bool(self.required or self.header_matches)
 
 
 class HTTPMatcher:
@@ -107,10 +103,10 @@ class HTTPMatcher:
                 patterns[combined] = patterns.get(combined, 0) | bit
             rules.append(
                 _CompiledRule(
-                    index=index,
                     ref=ref,
                     required=tuple(_parse_header_entry(entry) for entry in rule.headers),
                     header_matches=tuple((hm.name.lower(), hm) for hm in rule.header_matches),
+                    has_header_conditions=bool(rule.headers or rule.header_matches),
                     allowed=L7Verdict(allowed=True, rule=ref),
                     separate=separate,
                 )
@@ -157,9 +153,11 @@ class HTTPMatcher:
         fields: dict[str, list[str]] | None = None
         first_problem = ""
         fallback: L7Verdict | None = None
-        for rule in self._rules:
-            if not candidates >> rule.index & 1:
-                continue
+        rules = self._rules
+        while candidates:
+            lowest = candidates & -candidates
+            candidates ^= lowest
+            rule = rules[lowest.bit_length() - 1]
             if rule.separate and not _separate_match(rule.separate, method, host, path):
                 continue
             if not rule.has_header_conditions:

@@ -52,6 +52,7 @@ NORMALIZED = [
     (b"/a%25", "/a%25"),
     (b"/a%252e%252e/x", "/a%252e%252e/x"),  # decoded once only: not a dot-segment
     (b"/a%c3%a9", "/a%C3%A9"),
+    (b"/a?q=%ff%c0", "/a?q=%FF%C0"),  # the query may carry any bytes (form encodings)
     # the query keeps slashes and dots; its escapes are normalized too
     (b"/a?x=/../y//z", "/a?x=/../y//z"),
     (b"/a?next=%2f%2Fadmin&b=%7e", "/a?next=%2F%2Fadmin&b=~"),
@@ -85,6 +86,9 @@ REJECTED = [
     (b"/%2e%2e/x", "above the root"),
     (b"/v1/..;/admin", "parameters"),
     (b"/v1/.;x/admin", "parameters"),
+    (b"/%c0%ae%c0%ae/admin", "UTF-8"),
+    (b"/%e0%80%ae", "UTF-8"),
+    (b"/%ff", "UTF-8"),
     (b"/a#frag", "fragment"),
     (b"/a?x#frag", "fragment"),
 ]
