@@ -52,9 +52,9 @@ FRAMES = {
 def captured(scenario: str, api_key: int, api_version: int) -> bytes:
     for conn in scenario_connections(scenario):
         for frame in conn.requests:
-            if (frame.api_key, frame.api_version) == (api_key, api_version):
-                if api_key != 0 or frame.acks != 0:
-                    return conn.request_frame(frame)
+            wanted = (frame.api_key, frame.api_version) == (api_key, api_version)
+            if wanted and frame.acks != 0:  # a Produce the broker answers
+                return conn.request_frame(frame)
     raise LookupError(f"no {api_key} v{api_version} request in {scenario}")
 
 
