@@ -1,0 +1,41 @@
+"""The proxy's typed configuration: limits and timeouts, in one place, passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from garrison.parsers.http1 import HTTP1Limits
+from garrison.parsers.http2 import H2Limits
+from garrison.parsers.kafka import KafkaLimits
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. `header_read`: a client must deliver a complete request head (HTTP/1.1) or
+    its first frame (HTTP/2, Kafka) this soon after connecting or after its previous request.
+    `idle`: a connection with nothing in flight is closed after this long."""
+
+    connect: float = 5.0
+    header_read: float = 10.0
+    idle: float = 60.0
+    upstream_reply: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    http1: HTTP1Limits = field(default_factory=HTTP1Limits)
+    http2: H2Limits = field(default_factory=H2Limits)
+    kafka: KafkaLimits = field(default_factory=KafkaLimits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_connections: int = 10_000
+    # Bytes buffered towards one side before the other side's reading is paused.
+    write_buffer_high: int = 256 * 1024
+    write_buffer_low: int = 64 * 1024
+    redact_headers: tuple[str, ...] = (
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+    )
+    node_name: str = ""
