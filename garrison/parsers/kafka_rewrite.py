@@ -2,8 +2,10 @@
 
 - An all-topics Metadata request is forwarded and its answer filtered to the topics the client
   may see, as a Kafka broker with ACLs does (`filter_metadata_response`).
-- A proxy that fronts one broker must keep clients talking to it: broker addresses in Metadata
-  and FindCoordinator answers are rewritten (`rewrite_broker_addresses`).
+- A proxy that fronts one broker must keep clients talking to it: broker addresses in Metadata,
+  FindCoordinator and DescribeCluster answers, and the new-leader endpoints of Produce/Fetch
+  answers (KIP-951), are rewritten (`rewrite_broker_addresses`). Those Produce/Fetch answers
+  must then be decoded (`KafkaResponseParser(decode_api_keys=...)` includes 0 and 1).
 
 Each function re-encodes with kafka-python's class, same API version and correlation id, and
 returns the complete frame (size prefix included). The decoded response is not modified.
@@ -17,7 +19,14 @@ from typing import Any
 
 from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.kafka import KafkaResponse
-from garrison.parsers.kafka_apis import FIND_COORDINATOR, METADATA, kafka_api
+from garrison.parsers.kafka_apis import (
+    DESCRIBE_CLUSTER,
+    FETCH,
+    FIND_COORDINATOR,
+    METADATA,
+    PRODUCE,
+    kafka_api,
+)
 
 # (node id, advertised host, advertised port) → (host, port) the client should use.
 AddressMap = Callable[[int, str, int], tuple[str, int]]
@@ -59,17 +68,46 @@ def filter_metadata_response(response: KafkaResponse, allowed_topics: Collection
     return rewrite_metadata_response(response, allowed_topics=allowed_topics)
 
 
+# Responses that carry broker addresses, by API key.
+ADDRESS_BEARING_APIS = frozenset({PRODUCE, FETCH, METADATA, FIND_COORDINATOR, DESCRIBE_CLUSTER})
+
+
+def carries_broker_addresses(response: KafkaResponse) -> bool:
+    """Whether `rewrite_broker_addresses` has anything to move in this (decoded) response:
+    Metadata, FindCoordinator, DescribeCluster, and Produce/Fetch answers listing new leaders
+    (KIP-951 `node_endpoints`, Produce v10+ and Fetch v16+)."""
+    api_key, decoded = response.request.api_key, response.decoded
+    if api_key not in ADDRESS_BEARING_APIS or decoded is None:
+        return False
+    if api_key in (PRODUCE, FETCH):
+        return bool(getattr(decoded, "node_endpoints", None))
+    return True
+
+
 def rewrite_broker_addresses(response: KafkaResponse, address_for: AddressMap) -> bytes:
-    """A Metadata or FindCoordinator answer whose broker addresses go through `address_for`.
+    """A response whose broker addresses go through `address_for` (see
+    `carries_broker_addresses`); a response with none comes back unchanged.
 
     FindCoordinator v0-3 carries one coordinator, v4+ a list (one per key); coordinators that
     failed (node id -1) are left as they are.
     """
-    if response.request.api_key == METADATA:
+    api_key = response.request.api_key
+    if api_key == METADATA:
         return rewrite_metadata_response(response, address_for=address_for)
-    decoded = _decoded(response, FIND_COORDINATOR)
+    if api_key not in ADDRESS_BEARING_APIS or response.decoded is None:
+        raise LocalProtocolError(
+            f"api key {api_key} (decoded: {response.decoded is not None}) carries no broker "
+            "addresses garrison can rewrite"
+        )
+    if not carries_broker_addresses(response):
+        return response.raw
+    decoded = response.decoded
     rewritten = copy.copy(decoded)
-    if response.request.api_version >= 4:
+    if api_key in (PRODUCE, FETCH):
+        rewritten.node_endpoints = [_moved(e, address_for) for e in decoded.node_endpoints]
+    elif api_key == DESCRIBE_CLUSTER:
+        rewritten.brokers = [_moved(b, address_for, "broker_id") for b in decoded.brokers or ()]
+    elif response.request.api_version >= 4:
         rewritten.coordinators = [
             _moved(coordinator, address_for) if coordinator.node_id >= 0 else coordinator
             for coordinator in decoded.coordinators or ()
@@ -79,9 +117,10 @@ def rewrite_broker_addresses(response: KafkaResponse, address_for: AddressMap) -
     return _encode(response, rewritten)
 
 
-def _moved(entry: Any, address_for: AddressMap) -> Any:
+def _moved(entry: Any, address_for: AddressMap, node_attribute: str = "node_id") -> Any:
     moved = copy.copy(entry)
-    moved.host, moved.port = address_for(entry.node_id, entry.host, entry.port)
+    node_id = getattr(entry, node_attribute)
+    moved.host, moved.port = address_for(node_id, entry.host, entry.port)
     return moved
 
 

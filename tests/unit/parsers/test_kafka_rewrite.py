@@ -117,5 +117,61 @@ def test_rewriting_another_api_is_a_local_error() -> None:
     produce = next(r for r in RESPONSES if r.request.api_key == 0)
     with pytest.raises(LocalProtocolError):
         filter_metadata_response(produce, {"x"})
+    commit = next(r for r in RESPONSES if r.request.api_key == 8)
     with pytest.raises(LocalProtocolError):
-        rewrite_broker_addresses(produce, lambda n, h, p: (h, p))
+        rewrite_broker_addresses(commit, lambda n, h, p: (h, p))
+
+
+def _answered(request_frame: bytes, response_message: object, correlation_id: int) -> KafkaResponse:
+    requests = KafkaRequestParser()
+    requests.receive_data(request_frame)
+    (request,) = requests.events()
+    response_message.with_header(correlation_id=correlation_id)  # type: ignore[attr-defined]
+    parser = KafkaResponseParser()
+    parser.expect(request)
+    parser.receive_data(bytes(response_message.encode(header=True, framed=True)))  # type: ignore[attr-defined]
+    (response,) = parser.events()
+    return response
+
+
+def test_new_leader_endpoints_in_produce_answers_are_rewritten() -> None:
+    """KIP-951: Produce v10+ (and Fetch v16+) answers may name a new leader's address."""
+    produce = next(
+        (c, f) for c in connections() for f in c.requests if (f.api_key, f.api_version) == (0, 10)
+    )
+    conn, frame = produce
+    api = kafka_api(0)
+    assert api is not None
+    endpoint = api.response_class.fields["node_endpoints"].data_class
+    answer = api.response_class[10](
+        responses=[],
+        throttle_time_ms=0,
+        node_endpoints=[endpoint(node_id=7, host="broker-7.internal", port=9092, rack=None)],
+    )
+    response = _answered(conn.request_frame(frame), answer, frame.correlation_id)
+    rewritten = decode(response, rewrite_broker_addresses(response, lambda n, h, p: ("proxy", 1)))
+    assert [(e.node_id, e.host, e.port) for e in rewritten.node_endpoints] == [(7, "proxy", 1)]  # type: ignore[attr-defined]
+
+
+def test_produce_and_fetch_answers_without_new_leaders_are_left_as_they_are() -> None:
+    plain = [r for r in RESPONSES if r.request.api_key in (0, 1)]
+    assert plain
+    for response in plain:
+        assert rewrite_broker_addresses(response, lambda n, h, p: ("proxy", 1)) == response.raw
+
+
+def test_describe_cluster_brokers_are_rewritten() -> None:
+    api = kafka_api(60)
+    assert api is not None
+    request = api.request_class[0](include_cluster_authorized_operations=False)
+    request.with_header(correlation_id=9, client_id="admin")
+    broker = api.response_class.fields["brokers"].data_class
+    answer = api.response_class[0](
+        error_code=0,
+        cluster_id="c",
+        controller_id=1,
+        brokers=[broker(broker_id=1, host="10.1.1.1", port=9092, rack=None)],
+    )
+    response = _answered(bytes(request.encode(header=True, framed=True)), answer, 9)
+    rewritten = decode(response, rewrite_broker_addresses(response, lambda n, h, p: ("proxy", 2)))
+    assert [(b.broker_id, b.host, b.port) for b in rewritten.brokers] == [(1, "proxy", 2)]  # type: ignore[attr-defined]
