@@ -1,0 +1,248 @@
+"""The access log: flow records as JSON lines in a file, rotated by size.
+
+Whole lines only. Every line (or batch of lines) goes to the file in one `os.write` on a
+descriptor opened with `O_APPEND`, under a lock: threads and asyncio tasks of this process
+never interleave, and on a local Linux filesystem another process appending to the same file
+with `O_APPEND` cannot split a line either (the kernel appends each write at the end of file in
+one piece).
+
+Rotation by size keeps `backups` old files (`access.log.1` newest ... `access.log.N` oldest):
+shift the backups by renaming, rename the live file to `.1`, open a new one. A record is never
+written while that happens (the lock is held), so none is lost or split across files. The
+writer also notices when someone else moved or removed the file (logrotate's `create` mode, or
+another process that rotated first): it checks the path every `reopen_check_interval_s` and
+reopens; `reopen()` does it at once (for a SIGHUP handler).
+
+Called from the event loop. A write is one system call into the page cache (microseconds);
+the lock is held at most for a rotation (a few renames and an open). The proxy therefore writes
+synchronously from the loop, with no thread and no queue that could drop or reorder records;
+`flush()` (an fsync, milliseconds) is for shutdown or a timer run in an executor.
+
+Failures are loud. A write that fails (disk full, file not writable, descriptor gone) raises
+`AccessLogError` with the errno; the caller logs it, counts it in
+`garrison_proxy_access_log_errors_total`, and keeps the record in the in-memory ring. A write
+that was cut short leaves a partial line; the next write starts with a newline, so the
+fragment stays alone on its line and the following records parse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from garrison.flows.record import FlowRecord
+
+
+class AccessLogError(Exception):
+    """The access log could not be opened, written or rotated.
+
+    `written` tells whether the record of the failing call still reached the file (a failed
+    rotation does not stop the write into the current file)."""
+
+    def __init__(
+        self, path: Path, operation: str, error: OSError | None, written: bool = False
+    ) -> None:
+        self.path = path
+        self.operation = operation
+        self.errno = error.errno if error is not None else None
+        self.written = written
+        reason = error.strerror if error is not None and error.strerror else str(error)
+        super().__init__(f"access log {path}: {operation} failed: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """`max_bytes` 0 = never rotate. `backups` 0 = rotation truncates (starts a new file and
+    keeps no old one)."""
+
+    path: Path
+    max_bytes: int = 100 * 1024 * 1024
+    backups: int = 5
+    file_mode: int = 0o640
+    reopen_check_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.max_bytes < 0 or self.backups < 0:
+            raise ValueError("max_bytes and backups must not be negative")
+
+    def backup_path(self, index: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{index}")
+
+
+_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+class AccessLogWriter:
+    """JSON lines to `config.path`. Thread-safe; usable as a context manager."""
+
+    def __init__(
+        self, config: AccessLogConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._ident = (0, 0)
+        self._size = 0
+        self._next_check = 0.0
+        self._torn = False
+        self.lines_written = 0
+        self.rotations = 0
+        with self._lock:
+            self._open()
+
+    @property
+    def config(self) -> AccessLogConfig:
+        return self._config
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write(self, record: FlowRecord) -> None:
+        self._write(record.to_json().encode("ascii") + b"\n", 1)
+
+    def write_many(self, records: Iterable[FlowRecord]) -> None:
+        """Several records in one system call (all or, on error, a reported prefix)."""
+        lines = [record.to_json().encode("ascii") + b"\n" for record in records]
+        if lines:
+            self._write(b"".join(lines), len(lines))
+
+    def write_line(self, line: str) -> None:
+        """One line of text (no newline inside; one is appended)."""
+        if "\n" in line or "\r" in line:
+            raise ValueError("an access log line cannot contain a line break")
+        self._write(line.encode("utf-8") + b"\n", 1)
+
+    def _write(self, data: bytes, count: int) -> None:
+        with self._lock:
+            if self._fd is None:
+                raise AccessLogError(
+                    self._config.path, "write", OSError(errno_mod.EBADF, "writer is closed")
+                )
+            self._notice_external_move()
+            rotate_error = self._rotate_if_needed(len(data))
+            self._write_all(data)
+            self.lines_written += count
+        if rotate_error is not None:
+            raise AccessLogError(self._config.path, "rotate", rotate_error, written=True)
+
+    def _write_all(self, data: bytes) -> None:
+        assert self._fd is not None
+        if self._torn:
+            data = b"\n" + data
+        done = 0
+        try:
+            while done < len(data):
+                n = os.write(self._fd, data[done:])
+                if n <= 0:
+                    raise OSError(errno_mod.EIO, "write returned nothing")
+                done += n
+        except OSError as exc:
+            if done:
+                self._torn = True
+                self._size += done
+            raise AccessLogError(self._config.path, "write", exc) from exc
+        self._torn = False
+        self._size += done
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        path = self._config.path
+        try:
+            fd = os.open(path, _OPEN_FLAGS, self._config.file_mode)
+        except OSError as exc:
+            raise AccessLogError(path, "open", exc) from exc
+        st = os.fstat(fd)
+        old, self._fd = self._fd, fd
+        self._ident = (st.st_dev, st.st_ino)
+        self._size = st.st_size
+        self._next_check = self._clock() + self._config.reopen_check_interval_s
+        if old is not None:
+            os.close(old)
+
+    def _notice_external_move(self) -> None:
+        now = self._clock()
+        if now < self._next_check:
+            return
+        self._next_check = now + self._config.reopen_check_interval_s
+        try:
+            st = os.stat(self._config.path)
+        except FileNotFoundError:
+            self._open()
+            return
+        except OSError as exc:
+            raise AccessLogError(self._config.path, "stat", exc) from exc
+        if (st.st_dev, st.st_ino) != self._ident:
+            self._open()
+        else:
+            self._size = st.st_size  # other processes append too
+
+    def _rotate_if_needed(self, incoming: int) -> OSError | None:
+        cfg = self._config
+        if cfg.max_bytes <= 0 or self._size == 0 or self._size + incoming <= cfg.max_bytes:
+            return None
+        try:
+            st = os.stat(cfg.path)
+            if (st.st_dev, st.st_ino) != self._ident:
+                # Another process rotated first: write into the file it started.
+                self._open()
+                return None
+            for index in range(cfg.backups - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(cfg.backup_path(index), cfg.backup_path(index + 1))
+            if cfg.backups > 0:
+                os.replace(cfg.path, cfg.backup_path(1))
+            else:
+                os.unlink(cfg.path)
+        except FileNotFoundError:
+            pass  # moved away under us: a fresh file is what rotation wants anyway
+        except OSError as exc:
+            return exc  # keep writing to the current file; the caller hears about it
+        self._open()
+        self.rotations += 1
+        return None
+
+    def reopen(self) -> None:
+        """Open the path again (after an external rotation moved the file)."""
+        with self._lock:
+            if self._fd is not None:
+                self._open()
+
+    def flush(self) -> None:
+        """Make the written lines durable (fsync). Blocks: call it from a thread."""
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise AccessLogError(self._config.path, "fsync", exc) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def __enter__(self) -> AccessLogWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

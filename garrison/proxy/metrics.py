@@ -1,0 +1,211 @@
+"""Prometheus metrics of the L7 proxy, named after Cilium's with a `garrison_` prefix.
+
+- `garrison_policy_l7_total{rule, proxy_type, direction}` counter: `rule` = received,
+  forwarded, denied, parse_errors; `proxy_type` = http, grpc, kafka; `direction` = ingress,
+  egress.
+- `garrison_proxy_upstream_reply_seconds{protocol, scope}` histogram: `scope` = headers
+  (request forwarded → response headers) or total (→ end of the response).
+- `garrison_proxy_connections{proxy_type}` gauge: client connections open now.
+- `garrison_proxy_upstream_pool_connections{state}` gauge: `state` = idle, busy.
+- `garrison_proxy_access_log_errors_total` counter.
+- `garrison_proxy_flows_total{verdict}` counter: FORWARDED, DROPPED, AUDIT, ERROR.
+
+Cilium's `cilium_policy_l7_total` counts with the same `rule` values (received / forwarded /
+denied / parse_errors). Every `rule` × `proxy_type` × `direction` series exists from the start
+at 0, so a rate over a counter that never moved is 0 rather than absent.
+
+Each `ProxyMetrics` has its own `CollectorRegistry` (nothing goes to prometheus_client's global
+one), so tests and several proxies in one process do not collide.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
+
+from garrison.flows.record import FlowRecord, TrafficDirection, Verdict
+from garrison.policies.l7rules import L7Protocol
+from garrison.policies.model import Direction
+
+ProtocolLike = L7Protocol | str
+DirectionLike = Direction | TrafficDirection | str
+
+RULE_RECEIVED = "received"
+RULE_FORWARDED = "forwarded"
+RULE_DENIED = "denied"
+RULE_PARSE_ERRORS = "parse_errors"
+RULES = (RULE_RECEIVED, RULE_FORWARDED, RULE_DENIED, RULE_PARSE_ERRORS)
+
+SCOPE_HEADERS = "headers"
+SCOPE_TOTAL = "total"
+
+# 100 µs to 10 s: the proxy adds tens of µs, upstreams answer in ms to s.
+DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS
+    prefix: str = "garrison"
+
+
+def _proto(proto: ProtocolLike) -> str:
+    return str(proto).lower()
+
+
+def _direction(direction: DirectionLike) -> str:
+    return str(direction).lower()
+
+
+class MetricsServer:
+    """The HTTP endpoint serving `/metrics` (any path) from a daemon thread."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def host(self) -> str:
+        return str(self._server.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+class ProxyMetrics:
+    """The counters the proxy engine and server update. Thread-safe (prometheus_client)."""
+
+    def __init__(self, config: MetricsConfig | None = None) -> None:
+        cfg = config or MetricsConfig()
+        self.registry = CollectorRegistry(auto_describe=True)
+        p = cfg.prefix
+        self._policy_l7 = Counter(
+            f"{p}_policy_l7",
+            "L7 requests by what policy did with them",
+            ["rule", "proxy_type", "direction"],
+            registry=self.registry,
+        )
+        self._upstream_reply = Histogram(
+            f"{p}_proxy_upstream_reply_seconds",
+            "Time from forwarding a request to the upstream's response",
+            ["protocol", "scope"],
+            buckets=cfg.latency_buckets,
+            registry=self.registry,
+        )
+        self._connections = Gauge(
+            f"{p}_proxy_connections",
+            "Client connections the proxy holds open",
+            ["proxy_type"],
+            registry=self.registry,
+        )
+        self._pool = Gauge(
+            f"{p}_proxy_upstream_pool_connections",
+            "Upstream connections in the pool by state",
+            ["state"],
+            registry=self.registry,
+        )
+        self._access_log_errors = Counter(
+            f"{p}_proxy_access_log_errors",
+            "Access log writes that failed (the records stay in the in-memory ring)",
+            registry=self.registry,
+        )
+        self._flows = Counter(
+            f"{p}_proxy_flows",
+            "Flow records the proxy emitted, by verdict",
+            ["verdict"],
+            registry=self.registry,
+        )
+        for rule in RULES:
+            for proto in L7Protocol:
+                for direction in Direction:
+                    self._policy_l7.labels(rule, proto.value, direction.value)
+        for proto in L7Protocol:
+            self._connections.labels(proto.value)
+        for state in ("idle", "busy"):
+            self._pool.labels(state)
+        for verdict in Verdict:
+            self._flows.labels(verdict.value)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def request_received(self, proto: ProtocolLike, direction: DirectionLike) -> None:
+        self._policy_l7.labels(RULE_RECEIVED, _proto(proto), _direction(direction)).inc()
+
+    def request_forwarded(self, proto: ProtocolLike, direction: DirectionLike) -> None:
+        self._policy_l7.labels(RULE_FORWARDED, _proto(proto), _direction(direction)).inc()
+
+    def request_denied(self, proto: ProtocolLike, direction: DirectionLike) -> None:
+        self._policy_l7.labels(RULE_DENIED, _proto(proto), _direction(direction)).inc()
+
+    def parse_error(self, proto: ProtocolLike, direction: DirectionLike) -> None:
+        self._policy_l7.labels(RULE_PARSE_ERRORS, _proto(proto), _direction(direction)).inc()
+
+    def observe_upstream_latency(
+        self, proto: ProtocolLike, seconds: float, scope: str = SCOPE_HEADERS
+    ) -> None:
+        self._upstream_reply.labels(_proto(proto), scope).observe(seconds)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def connection_opened(self, proto: ProtocolLike) -> None:
+        self._connections.labels(_proto(proto)).inc()
+
+    def connection_closed(self, proto: ProtocolLike) -> None:
+        self._connections.labels(_proto(proto)).dec()
+
+    def set_upstream_pool(self, idle: int, busy: int) -> None:
+        self._pool.labels("idle").set(idle)
+        self._pool.labels("busy").set(busy)
+
+    # -- records -----------------------------------------------------------------------------
+
+    def access_log_error(self) -> None:
+        self._access_log_errors.inc()
+
+    def flow_recorded(self, record: FlowRecord | Verdict) -> None:
+        verdict = record if isinstance(record, Verdict) else record.verdict
+        self._flows.labels(verdict.value).inc()
+
+    # -- exposition --------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """Prometheus text exposition format (content type `CONTENT_TYPE`)."""
+        return generate_latest(self.registry)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """One sample's current value (for tests and the agent's status output)."""
+        return self.registry.get_sample_value(name, labels or {})
+
+    def serve(self, host: str, port: int) -> MetricsServer:
+        """Serve the text format over HTTP on host:port (port 0 picks a free one)."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        return MetricsServer(server, thread)
