@@ -250,6 +250,9 @@ class RequestReceived:
         for name in drop | {name.lower() for name, _ in add}:
             if name in _FRAMING_FIELDS:
                 raise LocalProtocolError(f"refusing to edit framing field {name!r}")
+        for name, value in add:  # a policy's value must not smuggle a line break upstream
+            if not name or name.translate(None, _TCHAR) or value.translate(None, _VALUE_BYTES):
+                raise LocalProtocolError(f"refusing to add an invalid field {name[:40]!r}")
         lines = [request_line]
         for line in self.raw_head[line_end + 2 : -4].split(b"\r\n") if self.headers else ():
             if line.split(b":", 1)[0].lower() not in drop:
@@ -351,8 +354,10 @@ HTTP1Event = RequestReceived | ResponseReceived | BodyReceived | MessageComplete
 
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-# Bytes a head may hold: VCHAR, SP, obs-text, HTAB, and CR/LF (whose pairing is checked apart).
-_HEAD_BYTES = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)) + b"\t\r\n"
+# Bytes a field value may hold: VCHAR, SP, obs-text, HTAB; a head also CR/LF (whose pairing
+# is checked apart).
+_VALUE_BYTES = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)) + b"\t"
+_HEAD_BYTES = _VALUE_BYTES + b"\r\n"
 _FIELD_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
 # One match per valid field line, anchored at line starts: a line that does not match is
 # skipped, so fewer matches than lines means a malformed line. The value group leaves out the
@@ -579,7 +584,7 @@ class _HTTP1Parser:
                 f"head larger than {limits.max_header_block} bytes", status=self._status(431)
             )
 
-    def _raise_line_too_long(self) -> None:
+    def _raise_line_too_long(self) -> NoReturn:
         raise HTTP1LimitError(
             f"start line longer than {self._limits.max_request_line} bytes",
             status=self._status(414),
@@ -766,7 +771,7 @@ class _HTTP1Parser:
                     self._raise_field_error(line)
         return head[:line_end], fields
 
-    def _raise_field_error(self, line: bytes) -> None:
+    def _raise_field_error(self, line: bytes) -> NoReturn:
         if line[:1] in (b" ", b"\t"):
             reason = "obsolete line folding (obs-fold)"
         elif b":" not in line:

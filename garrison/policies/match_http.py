@@ -84,6 +84,8 @@ class HTTPMatcher:
                 raise ValueError(f"HTTPMatcher got a {type(rule).__name__}, not an HTTPRule")
             bit = 1 << index
             method, path, host = rule.method or None, rule.path or None, rule.host or None
+            for pattern in (method, path, host):
+                _check_alone(pattern)
             if host is None:
                 host_free |= bit
             separate: tuple[tuple[int, re2._Regexp], ...] = ()
@@ -182,6 +184,17 @@ class HTTPMatcher:
         if first_problem:
             reason += f": {first_problem}"
         return L7Verdict(allowed=False, reason=reason)
+
+
+def _check_alone(pattern: str | None) -> None:
+    """Each pattern must be valid on its own: wrapped in the combined pattern, an unbalanced
+    `)` could otherwise close our group and change what the other parts mean."""
+    if pattern is None:
+        return
+    try:
+        re2.compile(pattern)
+    except re2.error as exc:
+        raise ValueError(f"invalid RE2 pattern {pattern!r} in HTTP rules: {exc}") from exc
 
 
 def _part(pattern: str | None) -> str:

@@ -245,6 +245,12 @@ def test_forward_head_with_header_edits() -> None:
         request.forward_head(remove=[b"Content-Length"])
     with pytest.raises(LocalProtocolError):
         request.forward_head(add=[(b"transfer-encoding", b"chunked")])
+    with pytest.raises(LocalProtocolError):
+        request.forward_head(add=[(b"X-Token", b"a\r\nTransfer-Encoding: chunked")])
+    with pytest.raises(LocalProtocolError):
+        request.forward_head(add=[(b"X Token", b"a")])
+    with pytest.raises(LocalProtocolError):
+        request.forward_head(add=[(b"X-Token", b"a\x00")])
 
 
 def test_expect_continue() -> None:

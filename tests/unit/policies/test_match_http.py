@@ -273,9 +273,13 @@ def test_rules_of_other_protocols_are_refused() -> None:
         HTTPMatcher(L7RuleSet(L7Protocol.GRPC, rules=((GRPCRule("pkg.S"), None),)))
 
 
-def test_invalid_pattern_is_a_value_error() -> None:
+@pytest.mark.parametrize("pattern", ["/v1/(", "GET)|(?:.*", ".*)\n(?:.*", "a)(b"])
+def test_invalid_pattern_is_a_value_error(pattern: str) -> None:
+    """Also patterns that only become valid inside the combined pattern."""
     with pytest.raises(ValueError, match="RE2"):
-        matcher(HTTPRule(path="/v1/("))
+        matcher(HTTPRule(method=pattern))
+    with pytest.raises(ValueError, match="RE2"):
+        matcher(HTTPRule(path=pattern))
 
 
 def test_verdicts_are_shared_for_clean_matches() -> None:
