@@ -114,7 +114,7 @@ def run(stream: bytes, registry: TopicIdRegistry, mode: str) -> tuple[float, int
     return clock() - t0, seen
 
 
-def results(requests: int = 20_000, rounds: int = 3) -> list[dict[str, object]]:
+def results(requests: int = 10_000, rounds: int = 3) -> list[dict[str, object]]:
     registry = learnt_registry()
     rows: list[dict[str, object]] = []
     for name, where in FRAMES.items():
@@ -138,7 +138,7 @@ def results(requests: int = 20_000, rounds: int = 3) -> list[dict[str, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     for row in results(args.requests, args.rounds):
