@@ -38,8 +38,10 @@ Pinned behaviour:
 - Empty lines (CRLF) before a request line are skipped and not forwarded (RFC 9112 §2.2).
 - Keep-alive: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `Connection:
   keep-alive` (and no `close`); responses without a length are read until the end of the
-  stream and never keep-alive. After a message that closes the connection every further byte
-  is discarded, never parsed, so nothing after it can be forwarded.
+  stream and never keep-alive. Computed from the head rather than read from llhttp's
+  `should_keep_alive()`, which cannot know that a response answers a HEAD request. After a
+  message that closes the connection every further byte is discarded, never parsed, so
+  nothing after it can be forwarded.
 - `headers` are the field lines as sent: names with their case, values without the
   surrounding whitespace (OWS). Trailers of a chunked body are validated and forwarded as part
   of the body bytes; they are not reported as headers (rules never match them).
