@@ -310,11 +310,12 @@ class HTTP:
 class Kafka:
     """`api_key` by name (`produce`, as Cilium's rules and Hubble write it; the number for keys
     that have no name). `topic` is Hubble's single topic (the first one); `topics` all the
-    topics the request names. `error_code` is None for requests."""
+    topics the request names. `error_code` is None for requests; every field is empty in the
+    record of a frame the proxy could not parse."""
 
     api_key: str = ""
-    api_version: int = 0
-    correlation_id: int = 0
+    api_version: int | None = None
+    correlation_id: int | None = None
     topic: str = ""
     topics: tuple[str, ...] = ()
     error_code: int | None = None
@@ -512,9 +513,12 @@ def _kafka_to_dict(kafka: Kafka) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if kafka.error_code is not None:
         out["error_code"] = kafka.error_code
-    out["api_version"] = kafka.api_version
-    out["api_key"] = kafka.api_key
-    out["correlation_id"] = kafka.correlation_id
+    if kafka.api_version is not None:
+        out["api_version"] = kafka.api_version
+    if kafka.api_key:
+        out["api_key"] = kafka.api_key
+    if kafka.correlation_id is not None:
+        out["correlation_id"] = kafka.correlation_id
     if kafka.topic:
         out["topic"] = kafka.topic
     if kafka.topics:
@@ -523,7 +527,11 @@ def _kafka_to_dict(kafka: Kafka) -> dict[str, Any]:
 
 
 def _grpc_to_dict(grpc: GRPC) -> dict[str, Any]:
-    out: dict[str, Any] = {"service": grpc.service, "method": grpc.method}
+    out: dict[str, Any] = {}
+    if grpc.service:
+        out["service"] = grpc.service
+    if grpc.method:
+        out["method"] = grpc.method
     if grpc.status is not None:
         out["status"] = grpc.status
     return out
@@ -698,10 +706,12 @@ def _l7_from_dict(data: Mapping[str, Any] | None) -> Layer7 | None:
         if not isinstance(topics, list):
             raise FlowDecodeError("topics: expected a list")
         error_code = kafka_data.get("error_code")
+        version = kafka_data.get("api_version")
+        correlation = kafka_data.get("correlation_id")
         kafka = Kafka(
             api_key=_str(kafka_data.get("api_key", ""), "api_key"),
-            api_version=_int(kafka_data.get("api_version", 0), "api_version"),
-            correlation_id=_int(kafka_data.get("correlation_id", 0), "correlation_id"),
+            api_version=None if version is None else _int(version, "api_version"),
+            correlation_id=None if correlation is None else _int(correlation, "correlation_id"),
             topic=_str(kafka_data.get("topic", ""), "topic"),
             topics=tuple(_str(t, "topic") for t in topics),
             error_code=None if error_code is None else _int(error_code, "error_code"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import fcntl
 import os
 import threading
 import time
@@ -78,6 +79,16 @@ class AccessLogConfig:
 
 
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+def _try_lock(fd: int) -> bool:
+    """Exclusive flock on the file; False where the filesystem has no locks (rotation then
+    relies on the inode check alone)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
 
 
 class AccessLogWriter:
@@ -189,11 +200,17 @@ class AccessLogWriter:
         cfg = self._config
         if cfg.max_bytes <= 0 or self._size == 0 or self._size + incoming <= cfg.max_bytes:
             return None
+        lock_fd = self._fd
+        assert lock_fd is not None
+        # Writers in other processes may rotate the same file. Whoever holds the lock on the
+        # live file's inode, and still finds that inode at the path, rotates; the others wait,
+        # then find a new file at the path and reopen it. Opening the new file closes the old
+        # descriptor, which releases the lock.
+        locked = _try_lock(lock_fd)
         try:
             st = os.stat(cfg.path)
             if (st.st_dev, st.st_ino) != self._ident:
-                # Another process rotated first: write into the file it started.
-                self._open()
+                self._open()  # someone else rotated first: write into the file they started
                 return None
             for index in range(cfg.backups - 1, 0, -1):
                 with contextlib.suppress(FileNotFoundError):
@@ -202,12 +219,15 @@ class AccessLogWriter:
                 os.replace(cfg.path, cfg.backup_path(1))
             else:
                 os.unlink(cfg.path)
+            self._open()
+            self.rotations += 1
         except FileNotFoundError:
-            pass  # moved away under us: a fresh file is what rotation wants anyway
+            self._open()  # moved away under us: the fresh file is what rotation wants anyway
         except OSError as exc:
             return exc  # keep writing to the current file; the caller hears about it
-        self._open()
-        self.rotations += 1
+        finally:
+            if locked and self._fd == lock_fd:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
         return None
 
     def reopen(self) -> None:

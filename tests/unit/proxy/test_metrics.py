@@ -1,0 +1,144 @@
+"""Proxy metrics: Cilium's names with the garrison_ prefix, values, and a real scrape."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from garrison.flows.record import Verdict
+from garrison.policies.l7rules import L7Protocol
+from garrison.policies.model import Direction
+from garrison.proxy.metrics import MetricsConfig, ProxyMetrics
+from tests.unit.flows import samples
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, tuple(sorted(labels.items()))
+
+
+def _exercise(m: ProxyMetrics) -> None:
+    for _ in range(3):
+        m.request_received(L7Protocol.HTTP, Direction.INGRESS)
+    m.request_forwarded("http", "ingress")
+    m.request_forwarded("http", "ingress")
+    m.request_denied(L7Protocol.HTTP, "INGRESS")
+    m.request_received("kafka", Direction.EGRESS)
+    m.parse_error("kafka", Direction.EGRESS)
+    m.observe_upstream_latency("http", 0.0004)
+    m.observe_upstream_latency("http", 0.003)
+    m.observe_upstream_latency("http", 0.2, scope="total")
+    m.connection_opened("http")
+    m.connection_opened("http")
+    m.connection_opened("grpc")
+    m.connection_closed("http")
+    m.set_upstream_pool(idle=4, busy=2)
+    m.access_log_error()
+    m.flow_recorded(samples.http_request_denied())
+    m.flow_recorded(samples.http_request_allowed())
+    m.flow_recorded(Verdict.FORWARDED)
+
+
+BUCKET = "garrison_proxy_upstream_reply_seconds_bucket"
+EXPECTED = {
+    _key("garrison_policy_l7_total", rule="received", proxy_type="http", direction="ingress"): 3,
+    _key("garrison_policy_l7_total", rule="forwarded", proxy_type="http", direction="ingress"): 2,
+    _key("garrison_policy_l7_total", rule="denied", proxy_type="http", direction="ingress"): 1,
+    _key("garrison_policy_l7_total", rule="received", proxy_type="kafka", direction="egress"): 1,
+    _key(
+        "garrison_policy_l7_total", rule="parse_errors", proxy_type="kafka", direction="egress"
+    ): 1,
+    _key("garrison_policy_l7_total", rule="denied", proxy_type="grpc", direction="egress"): 0,
+    _key("garrison_proxy_upstream_reply_seconds_count", protocol="http", scope="headers"): 2,
+    _key("garrison_proxy_upstream_reply_seconds_sum", protocol="http", scope="headers"): 0.0034,
+    _key(BUCKET, protocol="http", scope="headers", le="0.0005"): 1,
+    _key(BUCKET, protocol="http", scope="headers", le="0.005"): 2,
+    _key("garrison_proxy_upstream_reply_seconds_count", protocol="http", scope="total"): 1,
+    _key("garrison_proxy_connections", proxy_type="http"): 1,
+    _key("garrison_proxy_connections", proxy_type="grpc"): 1,
+    _key("garrison_proxy_connections", proxy_type="kafka"): 0,
+    _key("garrison_proxy_upstream_pool_connections", state="idle"): 4,
+    _key("garrison_proxy_upstream_pool_connections", state="busy"): 2,
+    _key("garrison_proxy_access_log_errors_total"): 1,
+    _key("garrison_proxy_flows_total", verdict="DROPPED"): 1,
+    _key("garrison_proxy_flows_total", verdict="FORWARDED"): 2,
+    _key("garrison_proxy_flows_total", verdict="ERROR"): 0,
+}
+
+
+def _check(values: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> None:
+    for key, expected in EXPECTED.items():
+        assert values[key] == pytest.approx(expected), key
+
+
+def test_values_in_the_text_format() -> None:
+    m = ProxyMetrics()
+    _exercise(m)
+    _check(_samples(m.render().decode()))
+
+
+def test_value_lookup() -> None:
+    m = ProxyMetrics()
+    _exercise(m)
+    labels = {"rule": "received", "proxy_type": "http", "direction": "ingress"}
+    assert m.value("garrison_policy_l7_total", labels) == 3
+    assert m.value("garrison_proxy_access_log_errors_total") == 1
+    assert m.value("garrison_no_such_metric") is None
+
+
+def test_every_policy_series_exists_at_zero() -> None:
+    values = _samples(ProxyMetrics().render().decode())
+    for rule in ("received", "forwarded", "denied", "parse_errors"):
+        for proxy_type in ("http", "grpc", "kafka"):
+            for direction in ("ingress", "egress"):
+                key = _key(
+                    "garrison_policy_l7_total",
+                    rule=rule,
+                    proxy_type=proxy_type,
+                    direction=direction,
+                )
+                assert values[key] == 0
+
+
+def test_each_instance_has_its_own_registry() -> None:
+    a, b = ProxyMetrics(), ProxyMetrics()
+    a.access_log_error()
+    assert a.value("garrison_proxy_access_log_errors_total") == 1
+    assert b.value("garrison_proxy_access_log_errors_total") == 0
+
+
+def test_custom_buckets() -> None:
+    m = ProxyMetrics(MetricsConfig(latency_buckets=(0.01, 1.0)))
+    m.observe_upstream_latency("grpc", 0.5)
+    text = m.render().decode()
+    assert 'garrison_proxy_upstream_reply_seconds_bucket{le="1.0",protocol="grpc"' in text
+
+
+def test_scrape_over_loopback() -> None:
+    m = ProxyMetrics()
+    _exercise(m)
+    server = m.serve("127.0.0.1", 0)
+    try:
+        assert server.host == "127.0.0.1" and server.port > 0
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            body = response.read().decode()
+        _check(_samples(body))
+        m.request_denied("grpc", "egress")  # a later scrape sees later values
+        with urllib.request.urlopen(url, timeout=5) as response:
+            values = _samples(response.read().decode())
+        key = _key("garrison_policy_l7_total", rule="denied", proxy_type="grpc", direction="egress")
+        assert values[key] == 1
+    finally:
+        server.close()
