@@ -27,11 +27,9 @@ whose reply state is unknown (a drop) has no `is_reply`.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
 
@@ -163,7 +161,7 @@ _TRACE_CODE = {
 
 # Hubble's `policy_match_type` is Cilium's PolicyMatchType number; `hubble observe` prints the
 # name after `policy-verdict:`.
-_MATCH_NUMBER = {
+MATCH_TYPE_NUMBER: Mapping[MatchType, int] = {
     MatchType.NONE: 0,
     MatchType.L3_ONLY: 1,
     MatchType.L3_L4: 2,
@@ -172,7 +170,7 @@ _MATCH_NUMBER = {
     MatchType.L3_PROTO: 5,
     MatchType.PROTO_ONLY: 6,
 }
-_MATCH_BY_NUMBER = {number: match for match, number in _MATCH_NUMBER.items()}
+MATCH_TYPE_BY_NUMBER: Mapping[int, MatchType] = {n: m for m, n in MATCH_TYPE_NUMBER.items()}
 MATCH_TYPE_TEXT: Mapping[MatchType, str] = {
     MatchType.NONE: "none",
     MatchType.L3_ONLY: "L3-Only",
@@ -182,10 +180,6 @@ MATCH_TYPE_TEXT: Mapping[MatchType, str] = {
     MatchType.L3_PROTO: "L3-Proto",
     MatchType.PROTO_ONLY: "Proto-Only",
 }
-
-
-def match_type_number(match: MatchType) -> int:
-    return _MATCH_NUMBER[match]
 
 
 class L4Protocol(StrEnum):
@@ -216,6 +210,9 @@ class Endpoint:
     pod_name: str = ""
     ip: str = ""
     port: int = 0
+    # The endpoint's JSON text, made on first use: a connection's records share endpoints, and
+    # their labels are most of a line.
+    _json: str = field(default="", init=False, repr=False, compare=False, hash=False)
 
     @classmethod
     def of(
@@ -259,13 +256,13 @@ class TCPFlags:
     @classmethod
     def from_bits(cls, bits: int) -> TCPFlags:
         """From the TCP header's flags byte, as the datapath's drop event carries it."""
-        return cls(**{name: bool(bits & bit) for name, bit in _TCP_FLAG_BITS})
+        return cls(**{name: bool(bits & bit) for name, bit in TCP_FLAG_BITS})
 
     @classmethod
     def parse(cls, text: str) -> TCPFlags:
         """`"SYN, ACK"` (any separator of commas and spaces, any case)."""
         names = {part.lower() for part in re.split(r"[,\s]+", text) if part}
-        unknown = names - {name for name, _ in _TCP_FLAG_BITS}
+        unknown = names - {name for name, _ in TCP_FLAG_BITS}
         if unknown:
             raise ValueError(f"unknown TCP flags: {', '.join(sorted(unknown))}")
         return cls(**{name: True for name in names})
@@ -277,7 +274,7 @@ class TCPFlags:
 
 
 # Bits of the TCP header's flags byte.
-_TCP_FLAG_BITS = (("fin", 0x01), ("syn", 0x02), ("rst", 0x04), ("psh", 0x08), ("ack", 0x10))
+TCP_FLAG_BITS = (("fin", 0x01), ("syn", 0x02), ("rst", 0x04), ("psh", 0x08), ("ack", 0x10))
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,381 +410,29 @@ class FlowRecord:
             return "l3"
         return self.l7.protocol
 
+    # The JSON codec lives in `garrison.flows.codec` (it needs every type of this module).
+
     def to_dict(self) -> dict[str, Any]:
-        return _record_to_dict(self)
+        """The JSON object, as Python values."""
+        from garrison.flows.codec import record_to_dict
+
+        return record_to_dict(self)
 
     def to_json(self) -> str:
-        """One line of JSON (ASCII only, no newline inside)."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=True)
+        """One line of JSON (ASCII only, no newline inside) with Hubble's keys."""
+        from garrison.flows.codec import record_to_json
+
+        return record_to_json(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FlowRecord:
-        try:
-            return _record_from_dict(data)
-        except FlowDecodeError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise FlowDecodeError(f"not a flow record: {exc}") from exc
+        from garrison.flows.codec import record_from_dict
+
+        return record_from_dict(data)
 
     @classmethod
     def from_json(cls, line: str | bytes) -> FlowRecord:
-        try:
-            data = json.loads(line)
-        except ValueError as exc:
-            raise FlowDecodeError(f"not JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise FlowDecodeError("a flow record is a JSON object")
-        return cls.from_dict(data)
+        """Read a line of the access log (or of `hubble observe -o json`)."""
+        from garrison.flows.codec import record_from_json
 
-
-# ---------------------------------------------------------------------------------------------
-# Time
-
-
-def format_time(time_ns: int) -> str:
-    """RFC 3339 in UTC with nanoseconds: `2024-11-21T12:00:00.123456789Z`."""
-    seconds, nanos = divmod(time_ns, 1_000_000_000)
-    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{nanos:09d}Z"
-
-
-_RFC3339 = re.compile(
-    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?(Z|z|[+-]\d{2}:\d{2})\Z"
-)
-
-
-def parse_time(text: str) -> int:
-    """RFC 3339 (any fraction up to nanoseconds, `Z` or an offset) to nanoseconds."""
-    m = _RFC3339.match(text)
-    if m is None:
-        raise FlowDecodeError(f"not an RFC 3339 time: {text!r}")
-    date, clock, fraction, zone = m.groups()
-    offset = "+00:00" if zone in ("Z", "z") else zone
-    whole = datetime.fromisoformat(f"{date}T{clock}{offset}")
-    nanos = int((fraction or "").ljust(9, "0"))
-    return int(whole.timestamp()) * 1_000_000_000 + nanos
-
-
-# ---------------------------------------------------------------------------------------------
-# JSON encoding
-
-
-def _endpoint_to_dict(ep: Endpoint) -> dict[str, Any]:
-    out: dict[str, Any] = {"identity": ep.identity}
-    if ep.namespace:
-        out["namespace"] = ep.namespace
-    if ep.labels:
-        out["labels"] = list(ep.labels)
-    if ep.pod_name:
-        out["pod_name"] = ep.pod_name
-    if ep.ip:
-        out["ip"] = ep.ip
-    if ep.port:
-        out["port"] = ep.port
-    return out
-
-
-def _l4_to_dict(l4: Layer4, src: Endpoint, dst: Endpoint) -> dict[str, Any]:
-    inner: dict[str, Any] = {"source_port": src.port, "destination_port": dst.port}
-    if l4.flags is not None:
-        inner["flags"] = {name: True for name in l4.flags.names()}
-    return {l4.protocol.value: inner}
-
-
-def _http_to_dict(http: HTTP) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if http.code:
-        out["code"] = http.code
-    if http.method:
-        out["method"] = http.method
-    if http.url:
-        out["url"] = http.url
-    if http.protocol:
-        out["protocol"] = http.protocol
-    if http.headers:
-        out["headers"] = [{"key": h.key, "value": h.value} for h in http.headers]
-    return out
-
-
-def _kafka_to_dict(kafka: Kafka) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if kafka.error_code is not None:
-        out["error_code"] = kafka.error_code
-    if kafka.api_version is not None:
-        out["api_version"] = kafka.api_version
-    if kafka.api_key:
-        out["api_key"] = kafka.api_key
-    if kafka.correlation_id is not None:
-        out["correlation_id"] = kafka.correlation_id
-    if kafka.topic:
-        out["topic"] = kafka.topic
-    if kafka.topics:
-        out["topics"] = list(kafka.topics)
-    return out
-
-
-def _grpc_to_dict(grpc: GRPC) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if grpc.service:
-        out["service"] = grpc.service
-    if grpc.method:
-        out["method"] = grpc.method
-    if grpc.status is not None:
-        out["status"] = grpc.status
-    return out
-
-
-def _l7_to_dict(l7: Layer7) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": l7.type.value}
-    if l7.latency_ns is not None:
-        out["latency_ns"] = l7.latency_ns
-    if l7.http is not None:
-        out["http"] = _http_to_dict(l7.http)
-    if l7.kafka is not None:
-        out["kafka"] = _kafka_to_dict(l7.kafka)
-    if l7.grpc is not None:
-        out["grpc"] = _grpc_to_dict(l7.grpc)
-    return out
-
-
-def _policy_to_dict(policy: Policy) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": policy.name}
-    if policy.namespace:
-        out["namespace"] = policy.namespace
-    if policy.kind:
-        out["kind"] = policy.kind
-    if policy.rule:
-        out["rule"] = policy.rule
-    return out
-
-
-def _event_sub_type(record: FlowRecord) -> int:
-    if record.event_type is EventType.DROP and record.drop_reason_desc is not None:
-        return record.drop_reason_desc.code
-    if record.event_type is EventType.TRACE and record.trace_observation_point is not None:
-        return record.trace_observation_point.code
-    return 0
-
-
-def _ip_version(address: str) -> str:
-    return "IPv6" if ":" in address else "IPv4"
-
-
-def _record_to_dict(r: FlowRecord) -> dict[str, Any]:
-    # Key order follows Hubble's Flow message.
-    out: dict[str, Any] = {"time": format_time(r.time), "verdict": r.verdict.value}
-    if r.source.ip or r.destination.ip:
-        out["IP"] = {
-            "source": r.source.ip,
-            "destination": r.destination.ip,
-            "ipVersion": _ip_version(r.source.ip or r.destination.ip),
-        }
-    if r.l4 is not None:
-        out["l4"] = _l4_to_dict(r.l4, r.source, r.destination)
-    out["source"] = _endpoint_to_dict(r.source)
-    out["destination"] = _endpoint_to_dict(r.destination)
-    out["Type"] = r.type.value
-    if r.node_name:
-        out["node_name"] = r.node_name
-    if r.l7 is not None:
-        out["l7"] = _l7_to_dict(r.l7)
-    event: dict[str, Any] = {"type": int(r.event_type)}
-    sub_type = _event_sub_type(r)
-    if sub_type:
-        event["sub_type"] = sub_type
-    out["event_type"] = event
-    out["traffic_direction"] = r.traffic_direction.value
-    if r.policy_match_type is not None:
-        out["policy_match_type"] = _MATCH_NUMBER[r.policy_match_type]
-    if r.trace_observation_point is not None:
-        out["trace_observation_point"] = r.trace_observation_point.value
-    if r.drop_reason_desc is not None:
-        out["drop_reason_desc"] = r.drop_reason_desc.value
-    if r.is_reply is not None:
-        out["is_reply"] = r.is_reply
-    if r.summary:
-        out["Summary"] = r.summary
-    if r.error:
-        out["error"] = r.error
-    for key in ("egress_allowed_by", "ingress_allowed_by", "egress_denied_by", "ingress_denied_by"):
-        policies: tuple[Policy, ...] = getattr(r, key)
-        if policies:
-            out[key] = [_policy_to_dict(p) for p in policies]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# JSON decoding
-
-
-def _obj(data: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise FlowDecodeError(f"{key}: expected an object")
-    return value
-
-
-def _int(value: Any, what: str) -> int:
-    # protobuf's JSON mapping quotes 64-bit integers: accept "123" as well as 123.
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise FlowDecodeError(f"{what}: expected an integer")
-    return int(value)
-
-
-def _str(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise FlowDecodeError(f"{what}: expected a string")
-    return value
-
-
-def _endpoint_from_dict(
-    data: Mapping[str, Any] | None, fallback_ip: str, fallback_port: int
-) -> Endpoint:
-    if data is None:
-        return Endpoint(ip=fallback_ip, port=fallback_port)
-    labels = data.get("labels") or []
-    if not isinstance(labels, list):
-        raise FlowDecodeError("labels: expected a list")
-    return Endpoint(
-        identity=_int(data.get("identity", 0), "identity"),
-        labels=tuple(_str(label, "label") for label in labels),
-        namespace=_str(data.get("namespace", ""), "namespace"),
-        pod_name=_str(data.get("pod_name", ""), "pod_name"),
-        ip=_str(data.get("ip", fallback_ip), "ip"),
-        port=_int(data.get("port", fallback_port), "port"),
-    )
-
-
-def _l4_from_dict(data: Mapping[str, Any] | None) -> tuple[Layer4 | None, int, int]:
-    if data is None:
-        return None, 0, 0
-    for proto in L4Protocol:
-        inner = _obj(data, proto.value)
-        if inner is None:
-            continue
-        flags_data = _obj(inner, "flags")
-        flags = None
-        if flags_data is not None:
-            known = {name for name, _ in _TCP_FLAG_BITS}
-            flags = TCPFlags(
-                **{k.lower(): bool(v) for k, v in flags_data.items() if k.lower() in known}
-            )
-        src = _int(inner.get("source_port", 0), "source_port")
-        dst = _int(inner.get("destination_port", 0), "destination_port")
-        return Layer4(protocol=proto, flags=flags), src, dst
-    return None, 0, 0  # ICMP and others: not modelled
-
-
-def _l7_from_dict(data: Mapping[str, Any] | None) -> Layer7 | None:
-    if data is None:
-        return None
-    http_data = _obj(data, "http")
-    http = None
-    if http_data is not None:
-        headers = http_data.get("headers") or []
-        if not isinstance(headers, list):
-            raise FlowDecodeError("headers: expected a list")
-        http = HTTP(
-            method=_str(http_data.get("method", ""), "method"),
-            url=_str(http_data.get("url", ""), "url"),
-            protocol=_str(http_data.get("protocol", ""), "protocol"),
-            code=_int(http_data.get("code", 0), "code"),
-            headers=tuple(
-                HTTPHeader(_str(h["key"], "header key"), _str(h.get("value", ""), "header value"))
-                for h in headers
-            ),
-        )
-    kafka_data = _obj(data, "kafka")
-    kafka = None
-    if kafka_data is not None:
-        topics = kafka_data.get("topics") or []
-        if not isinstance(topics, list):
-            raise FlowDecodeError("topics: expected a list")
-        error_code = kafka_data.get("error_code")
-        version = kafka_data.get("api_version")
-        correlation = kafka_data.get("correlation_id")
-        kafka = Kafka(
-            api_key=_str(kafka_data.get("api_key", ""), "api_key"),
-            api_version=None if version is None else _int(version, "api_version"),
-            correlation_id=None if correlation is None else _int(correlation, "correlation_id"),
-            topic=_str(kafka_data.get("topic", ""), "topic"),
-            topics=tuple(_str(t, "topic") for t in topics),
-            error_code=None if error_code is None else _int(error_code, "error_code"),
-        )
-    grpc_data = _obj(data, "grpc")
-    grpc = None
-    if grpc_data is not None:
-        status = grpc_data.get("status")
-        grpc = GRPC(
-            service=_str(grpc_data.get("service", ""), "service"),
-            method=_str(grpc_data.get("method", ""), "method"),
-            status=None if status is None else _int(status, "status"),
-        )
-    latency = data.get("latency_ns")
-    return Layer7(
-        type=L7FlowType(data.get("type", "REQUEST")),
-        latency_ns=None if latency is None else _int(latency, "latency_ns"),
-        http=http,
-        kafka=kafka,
-        grpc=grpc,
-    )
-
-
-def _policies_from(data: Mapping[str, Any], key: str) -> tuple[Policy, ...]:
-    items = data.get(key) or []
-    if not isinstance(items, list):
-        raise FlowDecodeError(f"{key}: expected a list")
-    return tuple(
-        Policy(
-            name=_str(p.get("name", ""), "policy name"),
-            namespace=_str(p.get("namespace", ""), "policy namespace"),
-            kind=_str(p.get("kind", ""), "policy kind"),
-            rule=_str(p.get("rule", ""), "policy rule"),
-        )
-        for p in items
-    )
-
-
-def _record_from_dict(data: Mapping[str, Any]) -> FlowRecord:
-    ip = _obj(data, "IP") or {}
-    l4, src_port, dst_port = _l4_from_dict(_obj(data, "l4"))
-    event = _obj(data, "event_type") or {}
-    l7 = _l7_from_dict(_obj(data, "l7"))
-    flow_type = FlowType(data.get("Type", "L7" if l7 is not None else "L3_L4"))
-    default_event = EventType.ACCESS_LOG if flow_type is FlowType.L7 else EventType.TRACE
-    match = data.get("policy_match_type")
-    obs = data.get("trace_observation_point")
-    reason = data.get("drop_reason_desc")
-    is_reply = data.get("is_reply")
-    if is_reply is not None and not isinstance(is_reply, bool):
-        raise FlowDecodeError("is_reply: expected a boolean")
-    return FlowRecord(
-        time=parse_time(_str(data["time"], "time")),
-        verdict=Verdict(data["verdict"]),
-        type=flow_type,
-        event_type=EventType(_int(event.get("type", default_event), "event_type")),
-        traffic_direction=TrafficDirection(
-            data.get("traffic_direction", TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN.value)
-        ),
-        source=_endpoint_from_dict(
-            _obj(data, "source"), _str(ip.get("source", ""), "IP.source"), src_port
-        ),
-        destination=_endpoint_from_dict(
-            _obj(data, "destination"), _str(ip.get("destination", ""), "IP.destination"), dst_port
-        ),
-        is_reply=is_reply,
-        l4=l4,
-        l7=l7,
-        drop_reason_desc=None if reason is None else DropReasonDesc(reason),
-        policy_match_type=None if match is None else _MATCH_BY_NUMBER[_int(match, "match")],
-        trace_observation_point=None if obs is None else TraceObservationPoint(obs),
-        ingress_allowed_by=_policies_from(data, "ingress_allowed_by"),
-        egress_allowed_by=_policies_from(data, "egress_allowed_by"),
-        ingress_denied_by=_policies_from(data, "ingress_denied_by"),
-        egress_denied_by=_policies_from(data, "egress_denied_by"),
-        summary=_str(data.get("Summary", ""), "Summary"),
-        node_name=_str(data.get("node_name", ""), "node_name"),
-        error=_str(data.get("error", ""), "error"),
-    )
+        return record_from_json(line)

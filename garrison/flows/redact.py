@@ -72,7 +72,7 @@ def redact_url(url: str, config: RedactionConfig) -> str:
 
 def _redact_userinfo(url: str) -> str:
     scheme_end = url.find("://")
-    if scheme_end < 0:
+    if scheme_end < 0 or "@" not in url:
         return url
     start = scheme_end + 3
     end = len(url)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from garrison.flows.codec import format_time, parse_time, record_to_dict
 from garrison.flows.record import (
     GRPC,
     HTTP,
@@ -29,8 +30,6 @@ from garrison.flows.record import (
     TraceObservationPoint,
     TrafficDirection,
     Verdict,
-    format_time,
-    parse_time,
 )
 from garrison.policies.mapstate import MatchType
 from tests.unit.flows import samples
@@ -441,5 +440,18 @@ def records(draw: st.DrawFn) -> FlowRecord:
 @given(records())
 def test_json_round_trip(record: FlowRecord) -> None:
     line = record.to_json()
-    assert "\n" not in line
+    assert "\n" not in line and line.isascii()
     assert FlowRecord.from_json(line) == record
+
+
+@settings(max_examples=300, deadline=None)
+@given(records())
+def test_fast_line_is_the_dict(record: FlowRecord) -> None:
+    """The directly written line is exactly the JSON object `to_dict()` defines, key order
+    included, also when its endpoints' JSON was cached by an earlier line."""
+    expected = record_to_dict(record)
+    for _ in range(2):
+        decoded = json.loads(record.to_json())
+        assert decoded == expected
+        assert list(decoded) == list(expected)
+        assert json.dumps(decoded, separators=(",", ":")) == record.to_json()
