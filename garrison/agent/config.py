@@ -1,0 +1,43 @@
+"""The agent's typed configuration, passed in (no globals)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from garrison.policies.l7rules import L7Protocol
+from garrison.policies.model import EnforcementMode
+
+DEFAULT_STATE_DIR = Path("/var/lib/garrison")
+DEFAULT_SOCKET = Path("/run/garrison/agent.sock")
+DEFAULT_BPFFS_ROOT = Path("/sys/fs/bpf/garrison")
+
+# Endpoint addresses: the benchmarking range, never routed off this machine.
+ENDPOINT_POOL = ipaddress.IPv4Network("198.18.0.0/15")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    state_dir: Path = DEFAULT_STATE_DIR
+    policy_dir: Path | None = None
+    socket_path: Path = DEFAULT_SOCKET
+    bpffs_root: Path = DEFAULT_BPFFS_ROOT
+    access_log: Path | None = None
+    access_log_max_bytes: int = 100 * 1024 * 1024
+    access_log_backups: int = 5
+    metrics: tuple[str, int] | None = None
+    node_name: str = "node"
+    enforcement: EnforcementMode = EnforcementMode.DEFAULT
+    audit: bool = False
+    # One transparent proxy listener per L7 parser, on 127.0.0.1.
+    proxy_ports: dict[L7Protocol, int] = field(
+        default_factory=lambda: {
+            L7Protocol.HTTP: 15001,
+            L7Protocol.GRPC: 15002,
+            L7Protocol.KAFKA: 15003,
+        }
+    )
+    endpoint_pool: ipaddress.IPv4Network = ENDPOINT_POOL
+    flow_ring_size: int = 10_000
+    policy_poll_interval: float = 1.0

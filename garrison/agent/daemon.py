@@ -1,0 +1,415 @@
+"""The node agent: endpoints, identities, policy → maps, proxy, flows, the local API.
+
+Threads: the asyncio loop (main thread) runs the transparent proxy; the API server's worker
+threads and the policy-directory watcher mutate agent state under `self.lock`; an event
+thread turns datapath events into flow records. `PolicySource.admit` (called by the proxy on
+the loop) takes the same lock briefly.
+
+Changes reach the kernel incrementally: the resolver reports which endpoint identities a
+change affects and which of their keys changed, and only those entries are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from garrison.agent.api import APIError
+from garrison.agent.config import AgentConfig
+from garrison.agent.datapath import Datapath, EndpointFlags
+from garrison.agent.endpoints import EndpointError, EndpointRecord, EndpointRegistry
+from garrison.flows.record import FlowRecord
+from garrison.flows.store import FlowFilter, FlowStore, StoreConfig
+from garrison.identity.allocator import AllocatorConfig, IdentityAllocator
+from garrison.identity.model import RESERVED, Identity
+from garrison.kvstore.sqlite import SQLiteKVStore
+from garrison.policies.errors import PolicyValidationError
+from garrison.policies.l7rules import L7Protocol, L7RuleSet
+from garrison.policies.labels import Labels
+from garrison.policies.loader import load_paths
+from garrison.policies.mapstate import PROTO_TCP, MapState, lookup
+from garrison.policies.model import Direction, IPNetwork, Policy
+from garrison.policies.repository import PolicyChange, PolicyRepository
+from garrison.policies.resolve import PolicyResolver, ResolverConfig
+from garrison.policies.selectorcache import WORLD_IDENTITY
+from garrison.proxy.policyview import Admission
+
+log = logging.getLogger("garrison.agent")
+
+FlowSink = Callable[[FlowRecord], None]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, datapath: Datapath) -> None:
+        self.config = config
+        self.datapath = datapath
+        self.lock = threading.RLock()
+        self.started = time.time()
+        state = config.state_dir
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.kvstore = SQLiteKVStore.in_state_dir(state)
+        self.allocator = IdentityAllocator(
+            self.kvstore, AllocatorConfig(node_name=config.node_name)
+        )
+        self.endpoints = EndpointRegistry(state / "endpoints.json", config.endpoint_pool)
+        self.repository = PolicyRepository()
+        self.resolver = PolicyResolver(ResolverConfig(config.enforcement, config.audit))
+        self.flows = FlowStore(StoreConfig(capacity=config.flow_ring_size))
+        self.flow_sinks: list[FlowSink] = []
+        self._cidr_ids: dict[IPNetwork, int] = {}
+        self._synced: set[int] = set()
+        self._policy_files: dict[Path, float] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.map_writes = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Reconcile: datapath up (pinned maps reused), identities, endpoints, policy, maps."""
+        with self.lock:
+            self.datapath.start()
+            for identity in RESERVED.values():
+                self.resolver.add_identity(identity.id, identity.labels)
+            for ep in list(self.endpoints):
+                ident = self.allocator.allocate(ep.full_labels, owner=f"endpoint:{ep.name}")
+                if ident.id != ep.identity:
+                    ep = replace(ep, identity=ident.id)
+                    self.endpoints.update(ep)
+                self.resolver.add_identity(ident.id, ident.labels)
+            if self.config.policy_dir is not None:
+                self._load_policy_dir(initial=True)
+            self._sync_cidrs()
+            for ep in self.endpoints:
+                self._install_endpoint(ep)
+            self._sync_all()
+        gc.collect()
+        gc.freeze()  # the resolved state is long-lived: keep it out of GC passes
+        self._spawn(self._event_loop, "garrison-events")
+        if self.config.policy_dir is not None:
+            self._spawn(self._watch_policy_dir, "garrison-policy-watch")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        with self.lock:
+            self.datapath.close()
+            self.kvstore.close()
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def add_endpoint(
+        self, name: str, labels: Sequence[str], namespace: str = "default", ip: str | None = None
+    ) -> EndpointRecord:
+        with self.lock:
+            try:
+                parsed = Labels.parse(list(labels))
+            except ValueError as exc:
+                raise EndpointError(f"--labels: {exc}") from exc
+            record = EndpointRecord(
+                id=0,
+                name=name,
+                namespace=namespace,
+                labels=tuple(sorted(f"{lab.key}={lab.value}" for lab in parsed)),
+                ipv4=self.endpoints.allocate_ip(ip),
+                created=time.time(),
+            )
+            record = self.endpoints.add(record)
+            try:
+                record = self.datapath.create_endpoint(record)
+                ident = self.allocator.allocate(record.full_labels, owner=f"endpoint:{name}")
+                record = replace(record, identity=ident.id)
+                self.endpoints.update(record)
+                changed = self.resolver.add_identity(ident.id, ident.labels)
+                self._install_endpoint(record)
+                self._sync(changed | {ident.id})
+            except BaseException:
+                self._remove_endpoint(record)
+                raise
+            return record
+
+    def delete_endpoint(self, name: str) -> EndpointRecord:
+        with self.lock:
+            record = self.endpoints.get(name)
+            self._remove_endpoint(record)
+            return record
+
+    def relabel_endpoint(self, name: str, labels: Sequence[str]) -> EndpointRecord:
+        """New labels → new identity; only map writes (ipcache, endpoint config, policy)."""
+        with self.lock:
+            record = self.endpoints.get(name)
+            parsed = Labels.parse(list(labels))
+            new = replace(record, labels=tuple(sorted(f"{la.key}={la.value}" for la in parsed)))
+            ident = self.allocator.allocate(new.full_labels, owner=f"endpoint:{name}")
+            new = replace(new, identity=ident.id)
+            changed = self.resolver.add_identity(ident.id, ident.labels)
+            self.endpoints.update(new)
+            self._sync(changed | {ident.id})
+            self._install_endpoint(new, attach=False)
+            self._release_identity(record)
+            return new
+
+    def _install_endpoint(self, record: EndpointRecord, attach: bool = True) -> None:
+        net = ipaddress.ip_network(f"{record.ipv4}/32")
+        self.datapath.set_ipcache(net, record.identity, record)
+        self.datapath.set_endpoint(record, record.identity, self._flags(record.identity))
+        if attach:
+            self.datapath.attach(record)
+
+    def _remove_endpoint(self, record: EndpointRecord) -> None:
+        try:
+            self.datapath.delete_endpoint(record)
+        finally:
+            if record.ipv4:
+                self.datapath.delete_ipcache(ipaddress.ip_network(f"{record.ipv4}/32"))
+            with contextlib.suppress(EndpointError):
+                self.endpoints.remove(record.name)
+            self._release_identity(record)
+
+    def _release_identity(self, record: EndpointRecord) -> None:
+        if not record.identity:
+            return
+        freed = self.allocator.release(
+            Identity(record.identity, record.full_labels), owner=f"endpoint:{record.name}"
+        )
+        if freed:
+            changed = self.resolver.remove_identity(record.identity)
+            if record.identity in self._synced:
+                self.map_writes += self.datapath.delete_policy(record.identity)
+                self._synced.discard(record.identity)
+            self._sync(changed)
+
+    # -- policy ------------------------------------------------------------------------------
+
+    def import_policies(self, paths: Sequence[str]) -> PolicyChange:
+        """Validated first; rejected whole on any error (the old policy stays in force)."""
+        loaded = load_paths(paths)
+        with self.lock:
+            change = self.repository.upsert(loaded.policies)
+            self._apply(change)
+            return change
+
+    def delete_policies(self, name: str | None, namespace: str | None, all_: bool) -> int:
+        with self.lock:
+            if all_:
+                keys = [p.key for p in self.repository]
+            else:
+                keys = [p.key for p in self.repository.find(name or "", namespace)]
+                if not keys:
+                    raise APIError(f"no policy named {name!r}", _not_found())
+            change = self.repository.delete(keys)
+            self._apply(change)
+            return len(change.removed)
+
+    def _apply(self, change: PolicyChange) -> None:
+        changed: set[int] = set()
+        for policy in change.removed:
+            changed |= self.resolver.remove_policy(policy)
+        self._sync_cidrs()
+        for policy in change.added:
+            changed |= self.resolver.add_policy(policy)
+        self._sync(changed)
+
+    def _load_policy_dir(self, initial: bool = False) -> None:
+        assert self.config.policy_dir is not None
+        directory = self.config.policy_dir
+        files = {
+            p: p.stat().st_mtime
+            for p in directory.rglob("*")
+            if p.suffix in (".yaml", ".yml", ".json") and p.is_file()
+        }
+        if files == self._policy_files and not initial:
+            return
+        try:
+            loaded = load_paths([directory]) if files else None
+        except PolicyValidationError as exc:
+            for issue in exc.issues:
+                log.error("policy directory: %s", issue)
+            log.error("policy directory %s: change refused, the previous policy stays", directory)
+            self._policy_files = files
+            return
+        policies: tuple[Policy, ...] = loaded.policies if loaded else ()
+        change = self.repository.replace_all(policies)
+        self._apply(change)
+        self._policy_files = files
+        log.info("policy directory %s: revision %d", directory, self.repository.revision)
+
+    def _watch_policy_dir(self) -> None:
+        while not self._stop.wait(self.config.policy_poll_interval):
+            try:
+                with self.lock:
+                    self._load_policy_dir()
+            except Exception:
+                log.exception("policy directory watch failed")
+
+    def _sync_cidrs(self) -> None:
+        wanted = self.repository.prefixes()
+        for prefix in wanted - set(self._cidr_ids):
+            ident = self.allocator.cidr_identity(prefix)
+            self._cidr_ids[prefix] = ident.id
+            self._sync(self.resolver.add_identity(ident.id, ident.labels))
+            self.datapath.set_ipcache(prefix, ident.id, None)
+        for prefix in set(self._cidr_ids) - wanted:
+            ident_id = self._cidr_ids.pop(prefix)
+            self.datapath.delete_ipcache(prefix)
+            self._sync(self.resolver.remove_identity(ident_id))
+
+    # -- kernel sync -------------------------------------------------------------------------
+
+    def _flags(self, identity: int) -> EndpointFlags:
+        state = self.resolver.map_state(identity)
+        return EndpointFlags(state.ingress_enforced, state.egress_enforced, state.audit)
+
+    def _proxy_ports(self) -> dict[str, int]:
+        return {proto.value: port for proto, port in self.config.proxy_ports.items()}
+
+    def _sync(self, identities: set[int]) -> None:
+        local = {ep.identity for ep in self.endpoints}
+        updates = self.resolver.updates(i for i in identities if i in local)
+        for ident, keys in updates.items():
+            state = self.resolver.map_state(ident)
+            self.map_writes += self.datapath.sync_policy(
+                ident, state, self._proxy_ports(), keys if ident in self._synced else None
+            )
+            self._synced.add(ident)
+            flags = self._flags(ident)
+            for ep in self.endpoints:
+                if ep.identity == ident:
+                    self.datapath.set_endpoint(ep, ident, flags)
+
+    def _sync_all(self) -> None:
+        self._synced.clear()
+        self._sync({ep.identity for ep in self.endpoints})
+
+    # -- proxy policy ------------------------------------------------------------------------
+
+    def admit(self, src_ip: str, dst_ip: str, dst_port: int) -> Admission:
+        """PolicySource for the transparent proxy: the L7 rules for this connection.
+
+        The destination's ingress rules apply when its entry redirects; else the source's
+        egress rules. When both sides redirect the same connection with L7 rules, garrison
+        cannot apply two rule sets in one proxy hop yet: it denies every request (fail
+        closed) and says so in the flow records' rule reference.
+        """
+        with self.lock:
+            src = self.endpoints.by_ip(src_ip)
+            dst = self.endpoints.by_ip(dst_ip)
+            src_id = src.identity if src else self._identity_of_ip(src_ip)
+            dst_id = dst.identity if dst else self._identity_of_ip(dst_ip)
+            src_labels = self.resolver.cache.labels_of(src_id) or Labels()
+            audit = self.config.audit
+            ingress = egress = None
+            if dst is not None:
+                ingress = lookup(
+                    self.resolver.map_state(dst_id), Direction.INGRESS, src_id, PROTO_TCP,
+                    dst_port,
+                )
+            if src is not None:
+                egress = lookup(
+                    self.resolver.map_state(src_id), Direction.EGRESS, dst_id, PROTO_TCP,
+                    dst_port,
+                )
+            results = [r for r in (ingress, egress) if r is not None]
+            allowed = all(r.allowed for r in results) or audit
+            redirecting = [r for r in results if r.allowed and r.l7 is not None]
+            decisive = redirecting[0] if redirecting else (results[0] if results else None)
+            if len(redirecting) == 2 and redirecting[0].l7 != redirecting[1].l7:
+                assert redirecting[0].l7 is not None
+                ruleset = L7RuleSet(redirecting[0].l7.protocol, ())
+            elif redirecting and redirecting[0].l7 is not None:
+                ruleset = redirecting[0].l7
+            else:
+                ruleset = L7RuleSet(L7Protocol.HTTP, (), allow_all=True)
+            assert decisive is not None or not results
+            from garrison.policies.mapstate import LookupResult, MatchType
+
+            result = decisive or LookupResult(True, MatchType.NONE, enforced=False)
+            return Admission(
+                src_id, src_labels, src.namespace if src else None, allowed, result, ruleset,
+                audit,
+            )
+
+    def _identity_of_ip(self, ip: str) -> int:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return WORLD_IDENTITY
+        best: tuple[int, int] | None = None
+        for prefix, ident in self._cidr_ids.items():
+            if addr.version == prefix.version and addr in prefix and (
+                best is None or prefix.prefixlen > best[0]
+            ):
+                best = (prefix.prefixlen, ident)
+        return best[1] if best else WORLD_IDENTITY
+
+    @property
+    def revision(self) -> int:
+        return self.repository.revision
+
+    # -- flows -------------------------------------------------------------------------------
+
+    def emit(self, record: FlowRecord) -> None:
+        self.flows.add(record)
+        for sink in self.flow_sinks:
+            try:
+                sink(record)
+            except Exception:
+                log.exception("flow sink failed")
+
+    def _event_loop(self) -> None:
+        from garrison.agent.events import event_to_record
+
+        while not self._stop.is_set():
+            try:
+                events = self.datapath.read_events(200)
+            except Exception:
+                log.exception("reading datapath events failed")
+                self._stop.wait(1.0)
+                continue
+            for event in events:
+                with self.lock:
+                    record = event_to_record(self, event)
+                if record is not None:
+                    self.emit(record)
+
+    # -- queries for the API -----------------------------------------------------------------
+
+    def map_state(self, identity: int) -> MapState:
+        with self.lock:
+            return self.resolver.map_state(identity)
+
+    def query_flows(self, flt: FlowFilter, limit: int) -> list[FlowRecord]:
+        return self.flows.last(limit, flt)
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "datapath": dict(self.datapath.status()),
+                "policy_revision": self.repository.revision,
+                "policies": len(self.repository),
+                "endpoints": len(self.endpoints),
+                "identities": len(self.allocator.all()),
+                "flows": {"in_ring": len(self.flows), "total": self.flows.total},
+                "map_writes": self.map_writes,
+                "uptime_s": round(time.time() - self.started, 1),
+            }
+
+
+def _not_found() -> Any:
+    import grpc
+
+    return grpc.StatusCode.NOT_FOUND

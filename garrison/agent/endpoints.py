@@ -1,0 +1,163 @@
+"""The agent's endpoint registry: what it created, persisted so a restart finds it again.
+
+An endpoint is a network namespace NAME with a veth pair to the host and an address from the
+endpoint pool. The registry is a JSON file under the state directory, replaced atomically on
+every change; addresses are allocated host-scope from the pool, lowest free first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from garrison.policies.labels import Labels, endpoint_labels
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+
+
+class EndpointError(ValueError):
+    """A request about endpoints that cannot be carried out; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRecord:
+    """`labels` are the endpoint's own labels (`k=v` strings, no namespace label)."""
+
+    id: int
+    name: str
+    namespace: str
+    labels: tuple[str, ...]
+    ipv4: str
+    identity: int = 0
+    host_ifname: str = ""
+    created: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def full_labels(self) -> Labels:
+        """The labels identity is derived from: its own plus the namespace label."""
+        return endpoint_labels(Labels.parse(list(self.labels)), self.namespace)
+
+    @property
+    def host_veth(self) -> str:
+        return self.host_ifname or host_veth_name(self.name)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def host_veth_name(name: str) -> str:
+    """`gar-<name>`; interface names are at most 15 bytes."""
+    return f"gar{name}"[:15]
+
+
+def validate_name(name: str) -> None:
+    if not NAME_RE.match(name):
+        raise EndpointError(
+            f"endpoint name {name!r}: use 1-15 lower-case letters, digits or '-' "
+            "(it names a network namespace and an interface)"
+        )
+
+
+class EndpointRegistry:
+    def __init__(self, path: Path, pool: ipaddress.IPv4Network) -> None:
+        self.path = path
+        self.pool = pool
+        self._endpoints: dict[str, EndpointRecord] = {}
+        self._next_id = 1
+        if path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise EndpointError(f"{self.path}: cannot read the endpoint registry: {exc}") from exc
+        for item in data.get("endpoints", []):
+            item["labels"] = tuple(item.get("labels", ()))
+            rec = EndpointRecord(**item)
+            self._endpoints[rec.name] = rec
+        self._next_id = int(data.get("next_id", len(self._endpoints) + 1))
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        payload = {
+            "next_id": self._next_id,
+            "endpoints": [e.to_dict() for e in self._endpoints.values()],
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".endpoints.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(payload, fh, indent=1, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def __iter__(self) -> Iterator[EndpointRecord]:
+        return iter(sorted(self._endpoints.values(), key=lambda e: e.id))
+
+    def __len__(self) -> int:
+        return len(self._endpoints)
+
+    def get(self, name_or_id: str) -> EndpointRecord:
+        rec = self._endpoints.get(name_or_id)
+        if rec is None and name_or_id.isdigit():
+            rec = next((e for e in self._endpoints.values() if e.id == int(name_or_id)), None)
+        if rec is None:
+            known = ", ".join(sorted(self._endpoints)) or "none"
+            raise EndpointError(f"no endpoint {name_or_id!r} (known: {known})")
+        return rec
+
+    def by_ip(self, ip: str) -> EndpointRecord | None:
+        return next((e for e in self._endpoints.values() if e.ipv4 == ip), None)
+
+    def allocate_ip(self, wanted: str | None = None) -> str:
+        used = {e.ipv4 for e in self._endpoints.values()}
+        if wanted is not None:
+            try:
+                addr = ipaddress.ip_address(wanted)
+            except ValueError as exc:
+                raise EndpointError(f"--ip {wanted!r}: {exc}") from exc
+            if addr not in self.pool:
+                raise EndpointError(
+                    f"--ip {wanted}: endpoint addresses must come from {self.pool} "
+                    "(test hosts never route off this machine)"
+                )
+            if wanted in used:
+                raise EndpointError(f"--ip {wanted}: already used by another endpoint")
+            return wanted
+        # .0 is the network, .1 is kept for the host side; start at .2
+        for offset in range(2, self.pool.num_addresses - 1):
+            candidate = str(self.pool.network_address + offset)
+            if candidate not in used:
+                return candidate
+        raise EndpointError(f"no free address left in {self.pool}")
+
+    def add(self, record: EndpointRecord) -> EndpointRecord:
+        validate_name(record.name)
+        if record.name in self._endpoints:
+            raise EndpointError(f"endpoint {record.name!r} already exists")
+        rec = EndpointRecord(**{**record.to_dict(), "id": self._next_id})  # type: ignore[arg-type]
+        self._next_id += 1
+        self._endpoints[rec.name] = rec
+        self._save()
+        return rec
+
+    def update(self, record: EndpointRecord) -> None:
+        self._endpoints[record.name] = record
+        self._save()
+
+    def remove(self, name: str) -> EndpointRecord:
+        rec = self.get(name)
+        del self._endpoints[rec.name]
+        self._save()
+        return rec

@@ -1,0 +1,180 @@
+"""The local API's methods: JSON in, JSON out, each a thin call into the Agent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from garrison.agent.api import APIError, Handler
+from garrison.agent.daemon import Agent
+from garrison.agent.endpoints import EndpointError, EndpointRecord
+from garrison.flows.store import FlowFilter
+from garrison.policies.errors import PolicyValidationError
+from garrison.policies.mapstate import PROTOCOL_NAMES, MapState
+
+
+def endpoint_view(agent: Agent, ep: EndpointRecord) -> dict[str, Any]:
+    state = agent.map_state(ep.identity) if ep.identity else None
+    return {
+        "id": ep.id,
+        "name": ep.name,
+        "namespace": ep.namespace,
+        "identity": ep.identity,
+        "labels": list(ep.labels),
+        "ipv4": ep.ipv4,
+        "host_veth": ep.host_veth,
+        "ingress_enforcement": bool(state and state.ingress_enforced),
+        "egress_enforcement": bool(state and state.egress_enforced),
+        "audit": bool(state and state.audit),
+    }
+
+
+def map_state_view(state: MapState) -> list[dict[str, Any]]:
+    rows = []
+    for key, entry in sorted(state.entries.items()):
+        ruleset = state.l7.get(key)
+        rows.append(
+            {
+                "direction": key.direction.value,
+                "identity": key.identity,
+                "protocol": PROTOCOL_NAMES.get(key.protocol, "ANY" if not key.protocol else
+                                               str(key.protocol)),
+                "port": key.port,
+                "end_port": key.end_port,
+                "verdict": "deny" if entry.deny else (
+                    f"redirect:{entry.redirect.value}" if entry.redirect else "allow"
+                ),
+                "l7_rules": len(ruleset.rules) if ruleset else 0,
+                "l7_allow_all": bool(ruleset and ruleset.allow_all),
+                "derived_from": [str(r) for r in entry.derived_from],
+            }
+        )
+    return rows
+
+
+def make_handlers(agent: Agent) -> dict[str, Handler]:
+    def guard(fn: Handler) -> Handler:
+        def call(req: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return fn(req)
+            except EndpointError as exc:
+                raise APIError(str(exc)) from exc
+            except PolicyValidationError as exc:
+                raise APIError(
+                    "\n".join(str(i) for i in exc.issues)
+                    + f"\n{len(exc.issues)} error(s); nothing imported, the previous policy "
+                    "stays in force"
+                ) from exc
+            except KeyError as exc:
+                raise APIError(str(exc), grpc.StatusCode.NOT_FOUND) from exc
+
+        return call
+
+    def status(_: dict[str, Any]) -> dict[str, Any]:
+        return agent.status()
+
+    def endpoint_add(req: dict[str, Any]) -> dict[str, Any]:
+        ep = agent.add_endpoint(
+            req["name"], req.get("labels", []), req.get("namespace") or "default", req.get("ip")
+        )
+        return endpoint_view(agent, ep)
+
+    def endpoint_list(_: dict[str, Any]) -> dict[str, Any]:
+        return {"endpoints": [endpoint_view(agent, ep) for ep in agent.endpoints]}
+
+    def endpoint_get(req: dict[str, Any]) -> dict[str, Any]:
+        ep = agent.endpoints.get(str(req["name"]))
+        view = endpoint_view(agent, ep)
+        view["policy"] = map_state_view(agent.map_state(ep.identity))
+        return view
+
+    def endpoint_delete(req: dict[str, Any]) -> dict[str, Any]:
+        ep = agent.delete_endpoint(str(req["name"]))
+        return {"deleted": ep.name}
+
+    def endpoint_labels(req: dict[str, Any]) -> dict[str, Any]:
+        ep = agent.relabel_endpoint(str(req["name"]), req.get("labels", []))
+        return endpoint_view(agent, ep)
+
+    def policy_import(req: dict[str, Any]) -> dict[str, Any]:
+        change = agent.import_policies(req["paths"])
+        return {
+            "revision": change.revision,
+            "imported": [f"{p.kind.value} {p.namespace or ''}/{p.name}" for p in change.added],
+        }
+
+    def policy_delete(req: dict[str, Any]) -> dict[str, Any]:
+        n = agent.delete_policies(req.get("name"), req.get("namespace"), bool(req.get("all")))
+        return {"deleted": n, "revision": agent.revision}
+
+    def policy_get(_: dict[str, Any]) -> dict[str, Any]:
+        with agent.lock:
+            return {
+                "revision": agent.revision,
+                "policies": [
+                    {
+                        "kind": p.kind.value,
+                        "namespace": p.namespace,
+                        "name": p.name,
+                        "rules": len(p.rules),
+                        "source": p.source.path if p.source else None,
+                    }
+                    for p in agent.repository
+                ],
+            }
+
+    def identity_list(_: dict[str, Any]) -> dict[str, Any]:
+        with agent.lock:
+            ids = agent.allocator.all()
+        return {
+            "identities": [
+                {"id": i, "labels": [str(lab) for lab in labels]}
+                for i, labels in sorted(ids.items())
+            ]
+        }
+
+    def identity_get(req: dict[str, Any]) -> dict[str, Any]:
+        with agent.lock:
+            ident = agent.allocator.lookup_id(int(req["id"]))
+        if ident is None:
+            raise APIError(f"no identity {req['id']}", grpc.StatusCode.NOT_FOUND)
+        return {"id": ident.id, "labels": [str(lab) for lab in ident.labels]}
+
+    def bpf_policy_get(req: dict[str, Any]) -> dict[str, Any]:
+        ep = agent.endpoints.get(str(req["endpoint"]))
+        with agent.lock:
+            entries = agent.datapath.dump_policy(ep.identity)
+        return {"endpoint": ep.name, "identity": ep.identity, "entries": list(entries)}
+
+    def bpf_ipcache_list(_: dict[str, Any]) -> dict[str, Any]:
+        with agent.lock:
+            return {"entries": list(agent.datapath.dump_ipcache())}
+
+    def bpf_ct_list(_: dict[str, Any]) -> dict[str, Any]:
+        with agent.lock:
+            return {"entries": list(agent.datapath.dump_ct())}
+
+    def flows(req: dict[str, Any]) -> dict[str, Any]:
+        flt = FlowFilter.build(**{k: v for k, v in req.get("filter", {}).items() if v})
+        records = agent.query_flows(flt, int(req.get("limit", 100)))
+        return {"flows": [r.to_json() for r in records]}
+
+    handlers: dict[str, Handler] = {
+        "Status": status,
+        "EndpointAdd": endpoint_add,
+        "EndpointList": endpoint_list,
+        "EndpointGet": endpoint_get,
+        "EndpointDelete": endpoint_delete,
+        "EndpointLabels": endpoint_labels,
+        "PolicyImport": policy_import,
+        "PolicyDelete": policy_delete,
+        "PolicyGet": policy_get,
+        "IdentityList": identity_list,
+        "IdentityGet": identity_get,
+        "BpfPolicyGet": bpf_policy_get,
+        "BpfIpcacheList": bpf_ipcache_list,
+        "BpfCtList": bpf_ct_list,
+        "Flows": flows,
+    }
+    return {name: guard(fn) for name, fn in handlers.items()}

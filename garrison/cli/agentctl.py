@@ -1,0 +1,375 @@
+"""Commands that talk to a running agent over its local API: endpoint, policy import/delete/get,
+identity, bpf, status, observe. Each prints a table, or `-o json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from garrison.agent.api import AgentClient, AgentUnreachableError, APIError
+from garrison.agent.config import DEFAULT_SOCKET
+from garrison.flows.record import FlowRecord
+from garrison.flows.render import render_compact
+
+EXIT_ERROR = 1
+EXIT_UNREACHABLE = 3
+
+
+
+def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                   help="agent API socket (default: %(default)s)")
+    if output:
+        p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
+
+def _call(args: argparse.Namespace, method: str, **params: Any) -> dict[str, Any]:
+    with AgentClient(args.socket) as client:
+        return client.call(method, **params)
+
+
+def _run(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except AgentUnreachableError as exc:
+            print(f"garrison: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        except APIError as exc:
+            print(f"garrison: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+
+    return wrapped
+
+
+def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], text: Callable[[], str]) -> None:
+    if args.output == "json":
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(text())
+
+
+# -- endpoint -------------------------------------------------------------------------------
+
+
+def _endpoint_rows(eps: Sequence[dict[str, Any]]) -> str:
+    rows = [
+        (
+            e["id"], e["name"], e["namespace"], e["identity"], ",".join(e["labels"]), e["ipv4"],
+            "Enabled" if e["ingress_enforcement"] else "Disabled",
+            "Enabled" if e["egress_enforcement"] else "Disabled",
+        )
+        for e in eps
+    ]
+    header = ("ENDPOINT", "NAME", "NAMESPACE", "IDENTITY", "LABELS", "IPv4",
+              "POLICY (ingress)", "POLICY (egress)")
+    return _table(rows, header)
+
+
+@_run
+def endpoint_add(args: argparse.Namespace) -> int:
+    data = _call(args, "EndpointAdd", name=args.name, labels=args.labels.split(","),
+                 namespace=args.namespace, ip=args.ip)
+    _print(args, data, lambda: _endpoint_rows([data]))
+    return 0
+
+
+@_run
+def endpoint_list(args: argparse.Namespace) -> int:
+    data = _call(args, "EndpointList")
+    _print(args, data, lambda: _endpoint_rows(data["endpoints"]))
+    return 0
+
+
+@_run
+def endpoint_get(args: argparse.Namespace) -> int:
+    data = _call(args, "EndpointGet", name=args.name)
+
+    def text() -> str:
+        rows = [
+            (r["direction"], r["identity"] or "any", r["protocol"],
+             _port(r["port"], r["end_port"]), r["verdict"], "; ".join(r["derived_from"]))
+            for r in data["policy"]
+        ]
+        return _endpoint_rows([data]) + "\n\n" + _table(
+            rows, ("DIRECTION", "REMOTE IDENTITY", "PROTO", "PORT", "VERDICT", "FROM RULE")
+        )
+
+    _print(args, data, text)
+    return 0
+
+
+def _port(port: int, end: int) -> str:
+    if not port:
+        return "any"
+    return str(port) if end in (0, port) else f"{port}-{end}"
+
+
+@_run
+def endpoint_delete(args: argparse.Namespace) -> int:
+    data = _call(args, "EndpointDelete", name=args.name)
+    _print(args, data, lambda: f"endpoint {data['deleted']} deleted")
+    return 0
+
+
+@_run
+def endpoint_labels(args: argparse.Namespace) -> int:
+    data = _call(args, "EndpointLabels", name=args.name, labels=args.labels.split(","))
+    _print(args, data, lambda: _endpoint_rows([data]))
+    return 0
+
+
+def endpoint_exec(args: argparse.Namespace) -> int:
+    """`ip netns exec NAME CMD...`: run a command inside the endpoint, as kubectl exec does."""
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("garrison endpoint exec: give a command after --", file=sys.stderr)
+        return 2
+    if not Path(f"/run/netns/{args.name}").exists():
+        print(f"garrison endpoint exec: no endpoint network namespace {args.name!r} "
+              "(see `garrison endpoint list`)", file=sys.stderr)
+        return EXIT_ERROR
+    ip = shutil.which("ip")
+    if ip is None:
+        print("garrison endpoint exec: needs the `ip` command: apt-get install iproute2",
+              file=sys.stderr)
+        return EXIT_ERROR
+    os.execv(ip, [ip, "netns", "exec", args.name, *cmd])
+    return 0  # not reached
+
+
+# -- policy (agent side) ---------------------------------------------------------------------
+
+
+@_run
+def policy_import(args: argparse.Namespace) -> int:
+    paths = [str(Path(p).resolve()) for p in args.paths]
+    data = _call(args, "PolicyImport", paths=paths)
+    _print(args, data, lambda: "\n".join(
+        [*(f"imported {name}" for name in data["imported"]), f"revision {data['revision']}"]
+    ))
+    return 0
+
+
+@_run
+def policy_delete(args: argparse.Namespace) -> int:
+    if not args.all and not args.name:
+        print("garrison policy delete: give NAME or --all", file=sys.stderr)
+        return 2
+    data = _call(args, "PolicyDelete", name=args.name, namespace=args.namespace, all=args.all)
+    _print(args, data, lambda: f"deleted {data['deleted']} policies, revision {data['revision']}")
+    return 0
+
+
+@_run
+def policy_get(args: argparse.Namespace) -> int:
+    data = _call(args, "PolicyGet")
+
+    def text() -> str:
+        rows = [(p["kind"], p["namespace"] or "", p["name"], p["rules"], p["source"] or "")
+                for p in data["policies"]]
+        return f"Revision: {data['revision']}\n" + _table(
+            rows, ("KIND", "NAMESPACE", "NAME", "RULES", "SOURCE")
+        )
+
+    _print(args, data, text)
+    return 0
+
+
+# -- identity / bpf / status / observe -------------------------------------------------------
+
+
+@_run
+def identity_list(args: argparse.Namespace) -> int:
+    data = _call(args, "IdentityList")
+    _print(args, data, lambda: _table(
+        [(i["id"], ", ".join(i["labels"])) for i in data["identities"]], ("ID", "LABELS")
+    ))
+    return 0
+
+
+@_run
+def identity_get(args: argparse.Namespace) -> int:
+    data = _call(args, "IdentityGet", id=args.id)
+    _print(args, data, lambda: _table([(data["id"], ", ".join(data["labels"]))], ("ID", "LABELS")))
+    return 0
+
+
+def _dump_table(entries: Sequence[dict[str, Any]]) -> str:
+    if not entries:
+        return "(empty)"
+    header = list(entries[0].keys())
+    return _table([[e.get(h, "") for h in header] for e in entries], [h.upper() for h in header])
+
+
+@_run
+def bpf_policy_get(args: argparse.Namespace) -> int:
+    data = _call(args, "BpfPolicyGet", endpoint=args.endpoint)
+    _print(args, data, lambda: f"endpoint {data['endpoint']} (identity {data['identity']})\n"
+           + _dump_table(data["entries"]))
+    return 0
+
+
+@_run
+def bpf_ipcache_list(args: argparse.Namespace) -> int:
+    data = _call(args, "BpfIpcacheList")
+    _print(args, data, lambda: _dump_table(data["entries"]))
+    return 0
+
+
+@_run
+def bpf_ct_list(args: argparse.Namespace) -> int:
+    data = _call(args, "BpfCtList")
+    _print(args, data, lambda: _dump_table(data["entries"]))
+    return 0
+
+
+@_run
+def status(args: argparse.Namespace) -> int:
+    data = _call(args, "Status")
+
+    def text() -> str:
+        lines = [
+            f"Datapath:        {json.dumps(data['datapath'], default=str)}",
+            f"Policy revision: {data['policy_revision']} ({data['policies']} policies)",
+            f"Endpoints:       {data['endpoints']}",
+            f"Identities:      {data['identities']}",
+            f"Flows:           {data['flows']['total']} ({data['flows']['in_ring']} in memory)",
+            f"Map writes:      {data['map_writes']}",
+            f"Uptime:          {data['uptime_s']} s",
+        ]
+        if "proxy" in data:
+            lines.insert(1, f"Proxy:           {json.dumps(data['proxy'], default=str)}")
+        return "\n".join(lines)
+
+    _print(args, data, text)
+    return 0
+
+
+@_run
+def observe(args: argparse.Namespace) -> int:
+    flt = {
+        "verdicts": args.verdict or [],
+        "protocols": args.protocol or [],
+        "namespaces": args.namespace or [],
+        "pods": args.pod or [],
+        "labels": args.label or [],
+    }
+    data = _call(args, "Flows", filter=flt, limit=args.last)
+    records = [FlowRecord.from_json(line) for line in data["flows"]]
+    if args.output == "json":
+        for line in data["flows"]:
+            print(line)
+    else:
+        for record in records:
+            print(render_compact(record))
+    return 0
+
+
+# -- registration ----------------------------------------------------------------------------
+
+
+def register_endpoint(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ep = sub.add_parser("endpoint", help="create, list, inspect and delete endpoints")
+    esub = ep.add_subparsers(dest="endpoint_command", metavar="SUBCOMMAND", required=True)
+    p = esub.add_parser("add", help="create an endpoint: netns, veth, address, identity")
+    p.add_argument("name")
+    p.add_argument("--labels", required=True, metavar="k=v,...")
+    p.add_argument("--namespace", default="default", metavar="NS")
+    p.add_argument("--ip", metavar="ADDR", help="an address from 198.18.0.0/15")
+    _common(p)
+    p.set_defaults(func=endpoint_add)
+    p = esub.add_parser("list", help="list endpoints")
+    _common(p)
+    p.set_defaults(func=endpoint_list)
+    p = esub.add_parser("get", help="an endpoint and its resolved policy")
+    p.add_argument("name")
+    _common(p)
+    p.set_defaults(func=endpoint_get)
+    p = esub.add_parser("delete", help="delete an endpoint and everything it created")
+    p.add_argument("name")
+    _common(p)
+    p.set_defaults(func=endpoint_delete)
+    p = esub.add_parser("labels", help="replace an endpoint's labels (new identity)")
+    p.add_argument("name")
+    p.add_argument("--labels", required=True, metavar="k=v,...")
+    _common(p)
+    p.set_defaults(func=endpoint_labels)
+    p = esub.add_parser("exec", help="run a command inside an endpoint")
+    p.add_argument("name")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    p.set_defaults(func=endpoint_exec)
+
+
+def register_policy(policy_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = policy_sub.add_parser("import", help="import policy files into the agent (all or nothing)")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    _common(p)
+    p.set_defaults(func=policy_import)
+    p = policy_sub.add_parser("delete", help="delete policies by name, or all")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--namespace", metavar="NS")
+    p.add_argument("--all", action="store_true")
+    _common(p)
+    p.set_defaults(func=policy_delete)
+    p = policy_sub.add_parser("get", help="the policies in force, with the revision")
+    _common(p)
+    p.set_defaults(func=policy_get)
+
+
+def register_others(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ident = sub.add_parser("identity", help="list and inspect identities")
+    isub = ident.add_subparsers(dest="identity_command", metavar="SUBCOMMAND", required=True)
+    p = isub.add_parser("list")
+    _common(p)
+    p.set_defaults(func=identity_list)
+    p = isub.add_parser("get")
+    p.add_argument("id", type=int)
+    _common(p)
+    p.set_defaults(func=identity_get)
+
+    bpf = sub.add_parser("bpf", help="inspect the datapath maps")
+    bsub = bpf.add_subparsers(dest="bpf_command", metavar="MAP", required=True)
+    pol = bsub.add_parser("policy").add_subparsers(dest="c", metavar="get", required=True)
+    p = pol.add_parser("get")
+    p.add_argument("endpoint")
+    _common(p)
+    p.set_defaults(func=bpf_policy_get)
+    ipc = bsub.add_parser("ipcache").add_subparsers(dest="c", metavar="list", required=True)
+    p = ipc.add_parser("list")
+    _common(p)
+    p.set_defaults(func=bpf_ipcache_list)
+    ct = bsub.add_parser("ct").add_subparsers(dest="c", metavar="list", required=True)
+    p = ct.add_parser("list")
+    _common(p)
+    p.set_defaults(func=bpf_ct_list)
+
+    p = sub.add_parser("status", help="agent health; exits 3 when the agent is not reachable")
+    _common(p)
+    p.set_defaults(func=status)
+
+    p = sub.add_parser("observe", help="flow records from the agent, Hubble-style")
+    p.add_argument("--last", type=int, default=100)
+    p.add_argument("--verdict", action="append", help="FORWARDED, DROPPED, AUDIT, ERROR")
+    p.add_argument("--protocol", action="append", help="http, grpc, kafka, l3")
+    p.add_argument("--namespace", action="append")
+    p.add_argument("--pod", action="append")
+    p.add_argument("--label", action="append", metavar="k=v")
+    _common(p)
+    p.set_defaults(func=observe)
