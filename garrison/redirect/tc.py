@@ -1,0 +1,96 @@
+"""Attaching the endpoint programs to a host-side veth: clsact + direct-action bpf filters.
+
+Both filters use a fixed priority and handle, so attaching again (an upgrade, a restarted
+agent) is a `replace` that swaps the program atomically: packets see the old or the new
+program, never none.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from garrison.bpf.loader import EndpointPrograms
+
+PARENT_INGRESS = 0xFFFFFFF2  # ffff:fff2, clsact ingress: from_container
+PARENT_EGRESS = 0xFFFFFFF3  # ffff:fff3, clsact egress: to_container
+FILTER_PRIO = 1
+FILTER_HANDLE = 1
+ETH_P_ALL = 0x0003
+
+
+@dataclass(frozen=True, slots=True)
+class AttachedFilter:
+    parent: int
+    name: str
+    prog_id: int | None
+
+
+def _replace_filter(ipr: IPRoute, ifindex: int, parent: int, fd: int, name: str) -> None:
+    ipr.tc(
+        "replace-filter",
+        "bpf",
+        ifindex,
+        FILTER_HANDLE,
+        fd=fd,
+        name=name,
+        parent=parent,
+        classid=1,
+        direct_action=True,
+        prio=FILTER_PRIO,
+        protocol=ETH_P_ALL,
+    )
+
+
+def attach_endpoint_programs(ifindex: int, programs: EndpointPrograms) -> None:
+    """clsact on the host veth (kept if present), from_container at ingress and
+    to_container at egress (replaced if present)."""
+    with IPRoute() as ipr:
+        try:
+            ipr.tc("add", "clsact", ifindex)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+        _replace_filter(ipr, ifindex, PARENT_INGRESS, programs.from_container, "from_container")
+        _replace_filter(ipr, ifindex, PARENT_EGRESS, programs.to_container, "to_container")
+
+
+def detach_endpoint_programs(ifindex: int) -> None:
+    """Remove the clsact qdisc (and with it both filters); a no-op when absent."""
+    with IPRoute() as ipr:
+        try:
+            ipr.tc("del", "clsact", ifindex)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                raise
+
+
+def attached_filters(ifindex: int) -> list[AttachedFilter]:
+    """The bpf filters on the device's clsact hooks."""
+    out = []
+    with IPRoute() as ipr:
+        for parent in (PARENT_INGRESS, PARENT_EGRESS):
+            try:
+                msgs = ipr.get_filters(index=ifindex, parent=parent)
+            except NetlinkError as exc:
+                if exc.code in (errno.EINVAL, errno.ENOENT):
+                    continue
+                raise
+            for msg in msgs:
+                if msg.get_attr("TCA_KIND") != "bpf":
+                    continue
+                opts = msg.get_attr("TCA_OPTIONS")
+                name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+                prog_id = opts.get_attr("TCA_BPF_ID") if opts is not None else None
+                if name is None:
+                    continue
+                out.append(AttachedFilter(parent, str(name), prog_id))
+    return out
+
+
+def has_clsact(ifindex: int) -> bool:
+    with IPRoute() as ipr:
+        return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=ifindex))
