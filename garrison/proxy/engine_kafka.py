@@ -1,0 +1,523 @@
+"""Kafka connection engine (sans-io): request and response frames in, commands out.
+
+One engine per proxied connection. Every request frame is decided on its own:
+
+- **allowed**: the frame is forwarded unchanged and its response expected;
+- **denied**: the frame is not forwarded; the client gets the answer a broker with ACLs would
+  give (`garrison.proxy.deny.kafka_deny_response`: error 29 on every topic, 30/31 where the
+  API has none), **in order** with the broker's answers on that connection. Kafka clients
+  pipeline requests and match answers by order, so a denied request behind allowed ones still
+  in flight is answered only after their responses; a Produce with acks=0 gets no answer;
+- **denied and unanswerable** (an API or version kafka-python cannot encode): the connection
+  is closed with an ERROR record once the answers before it are delivered (a client must never
+  wait for an answer that cannot come); nothing the client sends after it is forwarded;
+- **unparseable**: the connection is closed at once with an ERROR record.
+
+Per connection the engine keeps one queue of pending answers, in request order: each slot
+waits either for the broker (forwarded) or only for its turn (answered by garrison). A broker
+response pops the head slot; local answers that then reach the head are written at once.
+
+Answers the proxy cannot forward unchanged:
+- all-topics Metadata allowed only for some topics: filtered to those topics, as a broker
+  with ACLs answers it (`L7Verdict.allowed_topics`);
+- standalone mode (`ConnectionContext.advertise` set): every broker address in Metadata,
+  FindCoordinator, DescribeCluster and KIP-951 Produce/Fetch answers is rewritten to the
+  proxy's own address, so clients keep talking to the proxy; denied Metadata answers list the
+  proxy as the broker too.
+
+Topic ids (Fetch v13+, ...) are resolved through one `TopicIdRegistry` per upstream broker,
+kept in `ConnectionContext.shared` and fed by the Metadata answers every connection to that
+broker sees. An id the registry has not learnt fails closed: only a rule allowing any topic
+allows the request. Audit mode forwards everything (unfiltered) and logs what would have been
+denied as AUDIT. Every request gets a request record (FORWARDED, DROPPED or AUDIT) and, when
+the client expects an answer, a response record with the answer's error code and latency.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from garrison.flows.build import l7_kafka_request, l7_kafka_response, proxy_error
+from garrison.flows.record import DropReasonDesc, Endpoint, FlowRecord, Verdict
+from garrison.parsers.errors import LocalProtocolError
+from garrison.parsers.kafka import (
+    KafkaBrokerAddress,
+    KafkaCluster,
+    KafkaError,
+    KafkaRequest,
+    KafkaRequestParser,
+    KafkaResponse,
+    KafkaResponseParser,
+    TopicIdRegistry,
+    decode_response_body,
+)
+from garrison.parsers.kafka_apis import GET_TELEMETRY_SUBSCRIPTIONS, METADATA, PUSH_TELEMETRY
+from garrison.parsers.kafka_rewrite import (
+    carries_broker_addresses,
+    rewrite_broker_addresses,
+    rewrite_metadata_response,
+)
+from garrison.policies.l7rules import L7Protocol
+from garrison.policies.match_kafka import KafkaMatcher, describe_api
+from garrison.policies.refs import RuleRef
+from garrison.proxy.commands import (
+    Close,
+    Command,
+    ConnectionContext,
+    Forward,
+    Inject,
+    Log,
+    PeerInfo,
+    Side,
+)
+from garrison.proxy.config import ProxyConfig
+from garrison.proxy.deny import kafka_deny_encodable, kafka_deny_response
+from garrison.proxy.deny_kafka_support import (
+    CLUSTER_AUTHORIZATION_FAILED,
+    KafkaDenyUnencodableError,
+)
+
+# Key of the broker's topic-id registry in `ConnectionContext.shared`.
+TOPIC_IDS_KEY = "kafka.topic_ids"
+
+_NS = 1_000_000_000
+
+
+def shared_topic_ids(shared: dict[str, object]) -> TopicIdRegistry:
+    """The topic-id registry of one upstream broker, created on first use."""
+    registry = shared.get(TOPIC_IDS_KEY)
+    if not isinstance(registry, TopicIdRegistry):
+        registry = TopicIdRegistry()
+        shared[TOPIC_IDS_KEY] = registry
+    return registry
+
+
+def _endpoint(peer: PeerInfo) -> Endpoint:
+    return Endpoint.of(
+        peer.identity,
+        peer.labels,
+        namespace=peer.namespace,
+        pod_name=peer.pod_name or "",
+        ip=peer.ip,
+        port=peer.port,
+    )
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One answer the client waits for, in request order.
+
+    `local`: denied; garrison answers when every slot before it is answered. Otherwise the
+    request was forwarded and the slot waits for the broker. `unanswerable`: denied and no
+    answer exists; the connection closes when this slot reaches the head.
+    """
+
+    request: KafkaRequest
+    verdict: Verdict
+    refs: tuple[RuleRef, ...]
+    started: float
+    topics: tuple[str, ...]
+    local: bool = False
+    allowed_topics: frozenset[str] | None = None  # filter an all-topics Metadata answer
+    unanswerable: str = ""
+
+
+class _Out:
+    """Commands of one call; consecutive bytes for the same side become one write."""
+
+    __slots__ = ("_commands", "_data", "_kind", "_side")
+
+    def __init__(self) -> None:
+        self._commands: list[Command] = []
+        self._data: list[bytes] = []
+        self._kind: type[Forward] | type[Inject] | None = None
+        self._side = Side.CLIENT
+
+    def write(self, kind: type[Forward] | type[Inject], side: Side, data: bytes) -> None:
+        if self._data and (kind is not self._kind or side is not self._side):
+            self._flush()
+        self._kind, self._side = kind, side
+        self._data.append(data)
+
+    def log(self, record: FlowRecord) -> None:
+        self._commands.append(Log(record))  # records may go before writes: they order nothing
+
+    def close(self, reason: str, error: bool) -> None:
+        self._flush()
+        self._commands.append(Close(Side.BOTH, reason, error))
+
+    def _flush(self) -> None:
+        if self._data and self._kind is not None:
+            data = self._data[0] if len(self._data) == 1 else b"".join(self._data)
+            self._commands.append(self._kind(self._side, data))
+        self._data = []
+
+    def commands(self) -> list[Command]:
+        self._flush()
+        return self._commands
+
+
+class KafkaEngine:
+    """One proxied Kafka connection (see the module docstring)."""
+
+    def __init__(self, context: ConnectionContext, config: ProxyConfig) -> None:
+        self._context = context
+        self._limits = config.kafka
+        self._audit = context.audit
+        self._advertise = context.advertise
+        self._direction = context.direction.value
+        self._node = context.node_name or config.node_name
+        self._client = _endpoint(context.source)
+        self._server = _endpoint(context.destination)
+        self._matcher = KafkaMatcher(context.ruleset)
+        self._topic_ids = shared_topic_ids(context.shared)
+        self._requests = KafkaRequestParser(self._limits, self._topic_ids)
+        # Every answer is decoded: the response record carries its error code, the registry
+        # learns topic ids from Metadata, and standalone mode rewrites broker addresses.
+        self._responses = KafkaResponseParser(self._limits, self._topic_ids)
+        self._pending: deque[_Slot] = deque()
+        self._closed = False
+        self._stop_reading = False  # an unanswerable deny is queued: forward nothing more
+        self._client_eof = False
+        self._deny_cluster: tuple[KafkaCluster | None, KafkaCluster | None] = (None, None)
+
+    # ---- the ConnectionEngine interface ------------------------------------------------------
+
+    def client_data(self, data: bytes, now: float) -> list[Command]:
+        if self._closed or self._stop_reading or not data:
+            return []
+        out = _Out()
+        self._requests.receive_data(data)
+        while not self._closed and not self._stop_reading:
+            try:
+                request = self._requests.next_event()
+            except KafkaError as exc:
+                self._fail(out, now, f"client sent a bad Kafka frame: {exc}")
+                break
+            if request is None:
+                break
+            self._on_request(request, now, out)
+        return out.commands()
+
+    def upstream_data(self, data: bytes, now: float) -> list[Command]:
+        if self._closed or not data:
+            return []
+        out = _Out()
+        self._responses.receive_data(data)
+        self._read_responses(out, now)
+        return out.commands()
+
+    def client_eof(self, now: float) -> list[Command]:
+        if self._closed:
+            return []
+        out = _Out()
+        self._client_eof = True
+        if not self._stop_reading:
+            self._requests.receive_data(b"")
+            try:
+                self._requests.next_event()
+            except KafkaError as exc:
+                self._fail(out, now, f"client closed inside a frame: {exc}")
+                return out.commands()
+        if not self._pending:
+            self._finish(out, "client closed the connection")
+        return out.commands()
+
+    def upstream_eof(self, now: float) -> list[Command]:
+        if self._closed:
+            return []
+        out = _Out()
+        self._responses.receive_data(b"")
+        self._read_responses(out, now)
+        if self._closed:
+            return out.commands()
+        if self._pending:
+            waiting = sum(1 for slot in self._pending if not slot.local)
+            self._fail(
+                out,
+                now,
+                f"broker closed the connection with {waiting} request(s) unanswered",
+                DropReasonDesc.UPSTREAM_ERROR,
+            )
+        else:
+            self._finish(out, "broker closed the connection")
+        return out.commands()
+
+    def abort(self, reason: str, now: float) -> list[Command]:
+        if self._closed:
+            return []
+        out = _Out()
+        self._fail(out, now, reason, DropReasonDesc.PROXY_ERROR)
+        return out.commands()
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def _on_request(self, request: KafkaRequest, now: float, out: _Out) -> None:
+        topics = request.topics
+        if request.unresolved_topic_ids:
+            topics += tuple(str(topic_id) for topic_id in request.unresolved_topic_ids)
+        verdict = self._matcher.match(
+            request.api_key,
+            request.api_version,
+            request.client_id,
+            request.topics,
+            request.all_topics,
+            unknown_topics=not request.topics_complete,
+        )
+        refs = (verdict.rule,) if verdict.rule is not None else ()
+        if verdict.allowed or self._audit:
+            self._forward(request, verdict.allowed, refs, verdict.allowed_topics, topics, now, out)
+        else:
+            self._deny(request, topics, now, out)
+
+    def _forward(
+        self,
+        request: KafkaRequest,
+        allowed: bool,
+        refs: tuple[RuleRef, ...],
+        allowed_topics: frozenset[str] | None,
+        topics: tuple[str, ...],
+        now: float,
+        out: _Out,
+    ) -> None:
+        try:
+            self._responses.expect(request)
+        except KafkaError as exc:
+            self._fail(out, now, f"client pipelines without reading: {exc}")
+            return
+        flow = Verdict.FORWARDED if allowed else Verdict.AUDIT
+        out.log(self._request_record(request, flow, refs, topics, now))
+        out.write(Forward, Side.UPSTREAM, request.raw)
+        if request.expects_response:
+            self._pending.append(
+                _Slot(
+                    request,
+                    flow,
+                    refs,
+                    now,
+                    topics,
+                    allowed_topics=self._answer_topics(request, allowed, allowed_topics),
+                )
+            )
+
+    def _answer_topics(
+        self, request: KafkaRequest, allowed: bool, allowed_topics: frozenset[str] | None
+    ) -> frozenset[str] | None:
+        """The topics a Metadata answer may list; None = leave the answer as it is.
+
+        All-topics requests: the topics the rules allow (None when they allow any). Requests
+        naming topics: those topics, as Kafka answers them; some brokers (tansu) list every
+        topic in the answer to a request for none, which would show the client topics its
+        rules do not name. Audit mode hides nothing.
+        """
+        if request.api_key != METADATA or not allowed or self._audit:
+            return None
+        if request.all_topics:
+            return allowed_topics
+        if not request.topics_complete:
+            return None  # topic ids not learnt yet: allowed only by a rule allowing any topic
+        every = self._matcher.match(
+            METADATA, request.api_version, request.client_id, (), all_topics=True
+        )
+        if every.allowed and every.allowed_topics is None:
+            return None  # the rules allow any topic: nothing to hide
+        return frozenset(request.topics)
+
+    def _deny(self, request: KafkaRequest, topics: tuple[str, ...], now: float, out: _Out) -> None:
+        out.log(self._request_record(request, Verdict.DROPPED, (), topics, now))
+        if not request.expects_response:
+            return  # Produce with acks=0: the client expects nothing
+        slot = _Slot(request, Verdict.DROPPED, (), now, topics, local=True)
+        if not kafka_deny_encodable(request):
+            slot.unanswerable = (
+                f"denied {describe_api(request.api_key)} v{request.api_version} has no "
+                "possible answer: closing the connection"
+            )
+            self._stop_reading = True
+        if len(self._pending) >= self._limits.max_in_flight:
+            self._fail(out, now, f"more than {self._limits.max_in_flight} answers pending")
+            return
+        self._pending.append(slot)
+        self._release(out, now)
+
+    def _cluster_for_denials(self) -> KafkaCluster | None:
+        """The brokers a denied Metadata answer lists: the proxy itself in standalone mode."""
+        cluster = self._topic_ids.cluster
+        if cluster is None or self._advertise is None:
+            return cluster
+        learnt, moved = self._deny_cluster
+        if learnt is not cluster:
+            host, port = self._advertise
+            moved = KafkaCluster(
+                tuple(KafkaBrokerAddress(b.node_id, host, port, b.rack) for b in cluster.brokers),
+                cluster.cluster_id,
+                cluster.controller_id,
+            )
+            self._deny_cluster = (cluster, moved)
+        return moved
+
+    # ---- responses ---------------------------------------------------------------------------
+
+    def _read_responses(self, out: _Out, now: float) -> None:
+        while not self._closed:
+            try:
+                response = self._responses.next_event()
+            except KafkaError as exc:
+                self._fail(out, now, f"broker sent a bad Kafka frame: {exc}")
+                return
+            if response is None:
+                break
+            if response.unsolicited:
+                continue  # tansu answers acks=0 Produce requests; the client expects nothing
+            if not self._pending or self._pending[0].request is not response.request:
+                self._fail(
+                    out,
+                    now,
+                    f"response {response.correlation_id} does not answer the head request",
+                    DropReasonDesc.PROXY_ERROR,
+                )
+                return
+            slot = self._pending.popleft()
+            try:
+                raw = self._rewritten(response, slot)
+            except (LocalProtocolError, ValueError, TypeError, AttributeError) as exc:
+                # Never forward what should have been filtered: close instead.
+                self._fail(
+                    out,
+                    now,
+                    f"cannot rewrite the broker's answer: {exc}",
+                    DropReasonDesc.PROXY_ERROR,
+                )
+                return
+            out.write(Forward, Side.CLIENT, raw)
+            out.log(self._response_record(slot, response.error_code or 0, now))
+            self._release(out, now)
+        if self._client_eof and not self._pending and not self._closed:
+            self._finish(out, "client closed the connection")
+
+    def _rewritten(self, response: KafkaResponse, slot: _Slot) -> bytes:
+        advertise = self._advertise
+        address_for = None if advertise is None else (lambda _n, _h, _p: advertise)
+        keep = slot.allowed_topics
+        if keep is not None and response.request.api_key == METADATA:
+            decoded = response.decoded
+            if decoded is None:
+                raise LocalProtocolError("a Metadata answer to filter was not decoded")
+            if any(topic.name not in keep for topic in decoded.topics or ()):
+                return rewrite_metadata_response(
+                    response, allowed_topics=keep, address_for=address_for
+                )
+        if address_for is not None and carries_broker_addresses(response):
+            return rewrite_broker_addresses(response, address_for)
+        return response.raw
+
+    def _release(self, out: _Out, now: float) -> None:
+        """Write garrison's own answers that have reached the head of the queue.
+
+        Answers are built here, not when the request arrived: a denied Metadata answer lists
+        the brokers, which a Metadata answer still in flight may be the first to tell."""
+        pending = self._pending
+        while pending and pending[0].local:
+            slot = pending[0]
+            if slot.unanswerable:
+                self._fail(out, now, slot.unanswerable, DropReasonDesc.POLICY_DENIED)
+                return
+            try:
+                answer = kafka_deny_response(slot.request, self._cluster_for_denials())
+            except KafkaDenyUnencodableError as exc:  # kafka_deny_encodable said otherwise
+                self._fail(out, now, f"cannot answer a denied request: {exc}")
+                return
+            pending.popleft()
+            if answer is None:
+                continue
+            out.write(Inject, Side.CLIENT, answer)
+            error_code = _answer_error_code(slot.request, answer)
+            out.log(self._response_record(slot, error_code, now))
+
+    # ---- endings -----------------------------------------------------------------------------
+
+    def _finish(self, out: _Out, reason: str) -> None:
+        self._closed = True
+        self._pending.clear()
+        out.close(reason, error=False)
+
+    def _fail(
+        self,
+        out: _Out,
+        now: float,
+        error: str,
+        reason: DropReasonDesc = DropReasonDesc.PARSE_ERROR,
+    ) -> None:
+        self._closed = True
+        self._pending.clear()
+        out.log(
+            proxy_error(
+                time_ns=int(now * _NS),
+                direction=self._direction,
+                client=self._client,
+                server=self._server,
+                protocol=L7Protocol.KAFKA,
+                error=error,
+                reason=reason,
+                node_name=self._node,
+            )
+        )
+        out.close(error, error=True)
+
+    # ---- records -----------------------------------------------------------------------------
+
+    def _request_record(
+        self,
+        request: KafkaRequest,
+        verdict: Verdict,
+        refs: tuple[RuleRef, ...],
+        topics: tuple[str, ...],
+        now: float,
+    ) -> FlowRecord:
+        return l7_kafka_request(
+            time_ns=int(now * _NS),
+            verdict=verdict,
+            direction=self._direction,
+            client=self._client,
+            server=self._server,
+            api_key=request.api_key,
+            api_version=request.api_version,
+            correlation_id=request.correlation_id,
+            topics=topics,
+            allowed_by=refs if verdict is not Verdict.DROPPED else (),
+            drop_reason=DropReasonDesc.POLICY_DENIED if verdict is not Verdict.FORWARDED else None,
+            node_name=self._node,
+        )
+
+    def _response_record(self, slot: _Slot, error_code: int, now: float) -> FlowRecord:
+        request = slot.request
+        verdict = slot.verdict
+        time_ns = int(now * _NS)
+        return l7_kafka_response(
+            time_ns=time_ns,
+            verdict=verdict,
+            direction=self._direction,
+            client=self._client,
+            server=self._server,
+            api_key=request.api_key,
+            api_version=request.api_version,
+            correlation_id=request.correlation_id,
+            error_code=error_code,
+            latency_ns=max(0, time_ns - int(slot.started * _NS)),
+            topics=slot.topics,
+            allowed_by=slot.refs if verdict is not Verdict.DROPPED else (),
+            drop_reason=DropReasonDesc.POLICY_DENIED if verdict is not Verdict.FORWARDED else None,
+            node_name=self._node,
+        )
+
+
+def _answer_error_code(request: KafkaRequest, answer: bytes) -> int:
+    """The error code garrison's own answer carries (read back, not assumed)."""
+    if request.api_key in (GET_TELEMETRY_SUBSCRIPTIONS, PUSH_TELEMETRY):
+        return CLUSTER_AUTHORIZATION_FAILED
+    decoded: Any = decode_response_body(request, answer)
+    if decoded is None:
+        return 0
+    return KafkaResponse(request, request.correlation_id, answer, decoded).error_code or 0
