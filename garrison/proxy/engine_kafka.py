@@ -53,13 +53,19 @@ from garrison.parsers.kafka import (
     TopicIdRegistry,
     decode_response_body,
 )
-from garrison.parsers.kafka_apis import GET_TELEMETRY_SUBSCRIPTIONS, METADATA, PUSH_TELEMETRY
+from garrison.parsers.kafka_apis import (
+    FETCH,
+    GET_TELEMETRY_SUBSCRIPTIONS,
+    METADATA,
+    PRODUCE,
+    PUSH_TELEMETRY,
+)
 from garrison.parsers.kafka_rewrite import (
     carries_broker_addresses,
     rewrite_broker_addresses,
     rewrite_metadata_response,
 )
-from garrison.policies.l7rules import L7Protocol
+from garrison.policies.l7rules import L7Protocol, L7RuleSet
 from garrison.policies.match_kafka import KafkaMatcher, describe_api
 from garrison.policies.refs import RuleRef
 from garrison.proxy.commands import (
@@ -182,6 +188,22 @@ class KafkaEngine:
         self._stop_reading = False  # an unanswerable deny is queued: forward nothing more
         self._client_eof = False
         self._deny_cluster: tuple[KafkaCluster | None, KafkaCluster | None] = (None, None)
+
+    # ---- what the server asks ----------------------------------------------------------------
+
+    @property
+    def waiting(self) -> str:
+        """For the server's timers: "upstream" while the broker owes an answer, "head" while
+        a request frame is incomplete, else "idle"."""
+        if self._pending:  # garrison's own answers never wait at the head of the queue
+            return "upstream"
+        if self._requests.buffered:
+            return "head"
+        return "idle"
+
+    def update_ruleset(self, ruleset: L7RuleSet) -> None:
+        """Policy reload: requests from now on are matched against `ruleset`."""
+        self._matcher = KafkaMatcher(ruleset)
 
     # ---- the ConnectionEngine interface ------------------------------------------------------
 
@@ -392,7 +414,7 @@ class KafkaEngine:
                 )
                 return
             out.write(Forward, Side.CLIENT, raw)
-            out.log(self._response_record(slot, response.error_code or 0, now))
+            out.log(self._response_record(slot, _error_code(response), now))
             self._release(out, now)
         if self._client_eof and not self._pending and not self._closed:
             self._finish(out, "client closed the connection")
@@ -511,6 +533,31 @@ class KafkaEngine:
             drop_reason=DropReasonDesc.POLICY_DENIED if verdict is not Verdict.FORWARDED else None,
             node_name=self._node,
         )
+
+
+def _error_code(response: KafkaResponse) -> int:
+    """The answer's error code for its record: the top-level one, else the first non-zero
+    one of its partitions. Produce and Fetch answers, most of the traffic, are read directly
+    (the generic walk visits every field of the schema, present in this version or not)."""
+    decoded = response.decoded
+    if decoded is None:
+        return 0
+    api_key = response.request.api_key
+    if api_key == PRODUCE:
+        for topic in decoded.responses:
+            for partition in topic.partition_responses:
+                if partition.error_code:
+                    return int(partition.error_code)
+        return 0
+    if api_key == FETCH:
+        if decoded.error_code:
+            return int(decoded.error_code)
+        for topic in decoded.responses:
+            for partition in topic.partitions:
+                if partition.error_code:
+                    return int(partition.error_code)
+        return 0
+    return response.error_code or 0
 
 
 def _answer_error_code(request: KafkaRequest, answer: bytes) -> int:

@@ -673,3 +673,46 @@ def test_denied_records_name_no_rule_and_say_policy_denied() -> None:
         assert record.ingress_allowed_by == ()
     assert response.l7.kafka.error_code == 29  # type: ignore[union-attr]
     assert "Kafka request produce correlation id 4 topic 'kp-orders'" in request.summary
+
+
+# ---- what the server asks ---------------------------------------------------------------------
+
+
+def test_waiting_tells_the_server_which_timer_applies() -> None:
+    connection = conn("kafka-python-producer/conn1")
+    frame = request_frames(connection, 1)[0]
+    eng = engine(ALLOW_ALL)
+    assert eng.waiting == "idle"
+    eng.client_data(frame[:7], NOW)
+    assert eng.waiting == "head"
+    eng.client_data(frame[7:], NOW)
+    assert eng.waiting == "upstream"
+    eng.upstream_data(response_frames(connection, 1)[0], NOW)
+    assert eng.waiting == "idle"
+
+
+def test_a_new_ruleset_applies_from_the_next_request() -> None:
+    connection = conn("kafka-python-producer/conn1")
+    produce = request_frames(connection, 4)[0]
+    eng = engine(rules(KafkaRule(role=KafkaRole.PRODUCE, topic="kp-orders")))
+    assert written(eng.client_data(produce, NOW), Side.UPSTREAM) == produce
+    eng.update_ruleset(NO_PRODUCE)
+    out = eng.client_data(produce, NOW)
+    assert not written(out, Side.UPSTREAM) and not injected(out)  # behind the first answer
+    answered = eng.upstream_data(response_frames(connection, 4)[0], NOW)
+    assert summary(answered) == [("RESPONSE", "FORWARDED", 4), ("RESPONSE", "DROPPED", 4)]
+
+
+def test_the_records_error_code_is_the_answers_first_error() -> None:
+    """The engine reads Produce and Fetch error codes directly; it must agree with the
+    parser's generic reading on every captured answer."""
+    from garrison.proxy.engine_kafka import _error_code
+
+    for connection in connections():
+        requests = parsed_requests(request_frames(connection))
+        parser = KafkaResponseParser()
+        for request in requests:
+            parser.expect(request)
+        parser.receive_data(connection.responses_bytes)
+        for response in parser.events():
+            assert _error_code(response) == (response.error_code or 0)
