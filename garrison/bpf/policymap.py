@@ -29,9 +29,11 @@ from garrison.policies.mapstate import (
     ANY_IDENTITY,
     ANY_PORT,
     ANY_PROTOCOL,
+    DropReason,
     MapState,
     MapStateEntry,
     MapStateKey,
+    MatchType,
 )
 from garrison.policies.model import Direction
 
@@ -96,6 +98,82 @@ def specificity(key: PolicyKey) -> tuple[int, int, int]:
     if has_proto:
         return (3 if has_id else 4, 0, 0)
     return (5 if has_id else 6, 0, 0)
+
+
+_CLASS_MATCH = {
+    1: MatchType.L3_L4,
+    2: MatchType.L4_ONLY,
+    3: MatchType.L3_PROTO,
+    4: MatchType.PROTO_ONLY,
+    5: MatchType.L3_ONLY,
+    6: MatchType.ALL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KernelVerdict:
+    allowed: bool
+    match_type: MatchType
+    drop_reason: DropReason | None = None
+    redirect: bool = False
+    proxy_port: int = 0
+
+
+def _lpm(
+    entries: Mapping[PolicyKey, PolicyValue],
+    endpoint: int,
+    direction: Direction,
+    deny: bool,
+    remote: int,
+    protocol: int,
+    port: int,
+) -> tuple[PolicyKey, PolicyValue] | None:
+    for plen in range(PORT_BITS, -1, -1):
+        start = port & ~((1 << (PORT_BITS - plen)) - 1) & 0xFFFF if plen else 0
+        key = PolicyKey(endpoint, direction, deny, remote, protocol, start, plen)
+        value = entries.get(key)
+        if value is not None:
+            return key, value
+    return None
+
+
+def lookup_entries(
+    entries: Mapping[PolicyKey, PolicyValue],
+    endpoint_identity: int,
+    direction: Direction,
+    remote_identity: int,
+    protocol: int,
+    port: int,
+    enforced: bool,
+) -> KernelVerdict:
+    """lib/policy.h's lookup over kernel entries, step for step (its numbered comment):
+    1. deny: four LPM lookups, (remote, proto), (remote, any), (any, proto), (any, any);
+    2. allow: the same four, the most precedent hit (`specificity`) decides;
+    3. nothing: drop POLICY_DENIED if enforced, else allow."""
+    if remote_identity == ANY_IDENTITY:
+        remote_identity = 2  # the world: what the datapath uses for an unknown address
+    probes = (
+        (remote_identity, protocol),
+        (remote_identity, ANY_PROTOCOL),
+        (ANY_IDENTITY, protocol),
+        (ANY_IDENTITY, ANY_PROTOCOL),
+    )
+    for deny in (True, False):
+        hits = [
+            hit
+            for rid, proto in probes
+            if (hit := _lpm(entries, endpoint_identity, direction, deny, rid, proto, port))
+        ]
+        if not hits:
+            continue
+        key, value = min(hits, key=lambda kv: specificity(kv[0]))
+        match = _CLASS_MATCH[specificity(key)[0]]
+        if deny:
+            return KernelVerdict(False, match, DropReason.POLICY_DENY)
+        return KernelVerdict(True, match, None, value.redirect, value.proxy_port)
+    if enforced:
+        return KernelVerdict(False, MatchType.NONE, DropReason.POLICY_DENIED)
+    return KernelVerdict(True, MatchType.NONE)
 
 
 class MissingProxyPortError(LookupError):
