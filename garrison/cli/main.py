@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from garrison import __version__
 from garrison.cli import agentctl, policy_trace, policy_validate
+from garrison.cli import proxy as proxy_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     policy_sub.required = True
     policy_validate.register(policy_sub)
     policy_trace.register(policy_sub)
+    proxy_command.register(sub)
     agentctl.register_policy(policy_sub)
     agentctl.register_endpoint(sub)
     agentctl.register_others(sub)

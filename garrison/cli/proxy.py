@@ -1,0 +1,319 @@
+"""`garrison proxy`: the L7 proxy in standalone mode, in front of one service.
+
+    garrison proxy --listen 127.0.0.1:8080 --upstream 127.0.0.1:80 --protocol http \\
+        -f examples/starwars/sw_l3_l4_l7_policy.yaml --dst-labels org=empire,class=deathstar \\
+        --peer 127.0.0.2/32=org=empire,class=tiefighter \\
+        --peer 127.0.0.3/32=org=alliance,class=xwing \\
+        --access-log /tmp/access.log -v
+
+Clients are mapped to labels by source address (`--peer`); others are `reserved:world`. The
+policy enforced is the ingress policy of the destination (`--dst-labels`, `--dst-namespace`)
+on port `--dport` (default: the upstream's port). SIGHUP or a changed policy file reloads the
+policy; an invalid one is refused and the old one stays. SIGTERM / SIGINT stop the proxy.
+
+Exit status: 0 after a clean stop; 2 for bad usage, an invalid policy (every problem printed
+as `file:line: ...`) or an access log that cannot be opened; 1 when the proxy cannot listen
+(the address is in use, not local) or fails at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from garrison.flows.store import FlowStore
+from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
+from garrison.policies.l7rules import L7Protocol
+from garrison.policies.labels import DEFAULT_NAMESPACE, LabelError, Labels, endpoint_labels
+from garrison.policies.model import EnforcementMode, Policy
+from garrison.policies.resolve import ResolverConfig
+from garrison.proxy.commands import PeerInfo
+from garrison.proxy.config import ProxyConfig, Timeouts
+from garrison.proxy.metrics import ProxyMetrics
+from garrison.proxy.policyview import (
+    DESTINATION_IDENTITY,
+    PeerMapping,
+    PolicySource,
+    StandalonePolicy,
+)
+from garrison.proxy.reload import PolicyLoadError, PolicyReloader, load_policy
+from garrison.proxy.server import (
+    FlowSink,
+    ProxyServer,
+    ServerSettings,
+    StaticDestination,
+    install_uvloop,
+)
+from garrison.proxy.sockets import ListenError
+
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("garrison.proxy")
+
+
+class UsageError(Exception):
+    pass
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "proxy",
+        help="run the L7 proxy in front of one service (standalone mode)",
+        description=(
+            "Enforce the destination's ingress policy on HTTP/1.1, HTTP/2+gRPC or Kafka "
+            "traffic between clients and one upstream, and log every decision as a flow "
+            "record. SIGHUP or a changed policy file reloads the policy."
+        ),
+    )
+    p.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to accept clients on (port 0: any free port)")
+    p.add_argument("--upstream", required=True, metavar="HOST:PORT",
+                   help="the service the proxy forwards allowed traffic to")
+    p.add_argument("--protocol", default="http", choices=[p.value for p in L7Protocol],
+                   help="L7 protocol of the service (default: %(default)s)")
+    p.add_argument("-f", "--file", dest="files", action="append", required=True,
+                   metavar="POLICY", help="policy file or directory (repeatable)")
+    p.add_argument("--dst-labels", required=True, metavar="k=v,...",
+                   help="labels of the upstream service (the policy's endpointSelector)")
+    p.add_argument("--dst-namespace", default=DEFAULT_NAMESPACE, metavar="NS")
+    p.add_argument("--dport", type=int, metavar="N",
+                   help="port the policy's toPorts are matched against (default: upstream's)")
+    p.add_argument("--peer", action="append", default=[], metavar="CIDR=k=v,...",
+                   help="labels of clients from CIDR (repeatable; `ns=NAME` sets the "
+                   "namespace); other clients are reserved:world")
+    p.add_argument("--access-log", metavar="PATH", help="write flow records as JSON lines")
+    p.add_argument("--access-log-max-bytes", type=int, default=100 * 1024 * 1024, metavar="N",
+                   help="rotate the access log at this size (0: never; default 100 MiB)")
+    p.add_argument("--access-log-backups", type=int, default=5, metavar="N",
+                   help="rotated access logs to keep (default: %(default)s)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--audit", action="store_true",
+                   help="audit mode: log what policy would deny, deny nothing")
+    p.add_argument("--enforcement", default="default", choices=[m.value for m in EnforcementMode])
+    p.add_argument("--max-connections", type=int, default=ProxyConfig().max_connections,
+                   metavar="N")
+    p.add_argument("--connect-timeout", type=float, default=Timeouts().connect, metavar="S")
+    p.add_argument("--header-timeout", type=float, default=Timeouts().header_read, metavar="S")
+    p.add_argument("--idle-timeout", type=float, default=Timeouts().idle, metavar="S")
+    p.add_argument("--upstream-timeout", type=float, default=Timeouts().upstream_reply,
+                   metavar="S", help="seconds the upstream may take to answer")
+    p.add_argument("--node-name", default="", metavar="NAME")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print every flow record as one compact line on stderr")
+    p.set_defaults(func=run)
+
+
+def parse_address(text: str, flag: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT`."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise UsageError(f"{flag} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if port > 65535:
+        raise UsageError(f"{flag} {text!r}: port out of range")
+    return host, port
+
+
+def resolve_host(host: str, flag: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"{flag}: cannot resolve {host!r}: {exc.strerror}") from exc
+    return str(infos[0][4][0])
+
+
+class _Options:
+    """The command line, checked."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.listen = parse_address(args.listen, "--listen")
+        up_host, up_port = parse_address(args.upstream, "--upstream")
+        if up_port == 0:
+            raise UsageError("--upstream: the port cannot be 0")
+        self.upstream = (resolve_host(up_host, "--upstream"), up_port)
+        self.protocol = L7Protocol(args.protocol)
+        self.dport = args.dport if args.dport is not None else up_port
+        if not 0 < self.dport <= 65535:
+            raise UsageError("--dport: a port 1-65535")
+        try:
+            labels = Labels.parse(args.dst_labels)
+        except LabelError as exc:
+            raise UsageError(f"--dst-labels: {exc}") from exc
+        if not labels.items:
+            raise UsageError("--dst-labels: give at least one label, e.g. app=web")
+        self.dst_namespace = args.dst_namespace
+        self.dst_labels = endpoint_labels(labels, args.dst_namespace)
+        self.peers: list[PeerMapping] = []
+        for text in args.peer:
+            try:
+                self.peers.append(PeerMapping.parse(text))
+            except (ValueError, LabelError) as exc:
+                raise UsageError(str(exc)) from exc
+        self.metrics = parse_address(args.metrics, "--metrics") if args.metrics else None
+        self.resolver = ResolverConfig(EnforcementMode(args.enforcement), args.audit)
+        self.config = ProxyConfig(
+            timeouts=Timeouts(
+                connect=args.connect_timeout,
+                header_read=args.header_timeout,
+                idle=args.idle_timeout,
+                upstream_reply=args.upstream_timeout,
+            ),
+            max_connections=args.max_connections,
+            node_name=args.node_name,
+        )
+
+    def build_policy(self, policies: Sequence[Policy], revision: int) -> PolicySource:
+        return StandalonePolicy(
+            policies,
+            self.dst_labels,
+            self.dport,
+            self.protocol,
+            self.peers,
+            self.resolver,
+            revision,
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="garrison proxy: %(message)s", stream=sys.stderr
+    )
+    try:
+        options = _Options(args)
+    except UsageError as exc:
+        print(f"garrison proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        policy = load_policy(args.files, options.build_policy, 1)
+    except PolicyLoadError as exc:
+        for line in exc.lines:
+            print(line, file=sys.stderr)
+        print("garrison proxy: invalid policy; not started", file=sys.stderr)
+        return EXIT_USAGE
+    writer: AccessLogWriter | None = None
+    if args.access_log:
+        try:
+            writer = AccessLogWriter(AccessLogConfig(
+                Path(args.access_log),
+                max_bytes=args.access_log_max_bytes,
+                backups=args.access_log_backups,
+            ))
+        except (AccessLogError, ValueError) as exc:
+            print(f"garrison proxy: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    install_uvloop()
+    try:
+        return asyncio.run(_serve(args, options, policy, writer))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def _serve(
+    args: argparse.Namespace,
+    options: _Options,
+    policy: PolicySource,
+    writer: AccessLogWriter | None,
+) -> int:
+    loop = asyncio.get_running_loop()
+    metrics = ProxyMetrics()
+    metrics_server = None
+    if options.metrics is not None:
+        try:
+            metrics_server = metrics.serve(*options.metrics)
+        except OSError as exc:
+            print(f"garrison proxy: --metrics {args.metrics}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return EXIT_RUNTIME
+    sink = FlowSink(
+        store=FlowStore(),
+        writer=writer,
+        metrics=metrics,
+        verbose=sys.stderr if args.verbose else None,
+        loop=loop,
+    )
+    destination = PeerInfo(
+        DESTINATION_IDENTITY,
+        options.dst_labels,
+        options.upstream[0],
+        options.dport,
+        options.dst_namespace,
+    )
+    settings = ServerSettings(
+        protocol=options.protocol,
+        config=options.config,
+        destination=StaticDestination(destination),
+        advertise=options.listen if options.protocol is L7Protocol.KAFKA else None,
+    )
+    server = ProxyServer(settings, policy, sink, metrics=metrics)
+    try:
+        address = await server.listen_standalone(*options.listen, upstream=options.upstream)
+    except ListenError as exc:
+        print(f"garrison proxy: cannot listen: {exc.strerror}", file=sys.stderr)
+        if metrics_server is not None:
+            metrics_server.close()
+        return EXIT_RUNTIME
+    if options.protocol is L7Protocol.KAFKA and options.listen[1] == 0:
+        # The advertised address must be the real one: rebuild settings with the bound port.
+        server.settings = ServerSettings(
+            protocol=settings.protocol,
+            config=settings.config,
+            destination=settings.destination,
+            advertise=address,
+        )
+    reloader = PolicyReloader(args.files, options.build_policy, server.update_policy)
+    reloader.start(loop)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await _check_upstream(options.upstream)
+    log.info(
+        "listening on %s:%d (%s) -> upstream %s:%d, policy for %s port %d",
+        address[0], address[1], options.protocol.value, options.upstream[0],
+        options.upstream[1], options.dst_labels.short(), options.dport,
+    )
+    if metrics_server is not None:
+        log.info("metrics on http://%s:%d/metrics", metrics_server.host, metrics_server.port)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await reloader.stop()
+        await server.close(grace=0.5)
+        if metrics_server is not None:
+            metrics_server.close()
+    log.info("stopped")
+    return 0
+
+
+async def _check_upstream(upstream: tuple[str, int]) -> None:
+    """Warn (not fail) when the upstream is not reachable now: it may come up later."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*upstream), 2.0)
+    except (OSError, TimeoutError) as exc:
+        log.warning(
+            "upstream %s:%d is not reachable now (%s); clients get 503 until it is",
+            upstream[0], upstream[1], getattr(exc, "strerror", None) or exc or "timeout",
+        )
+        return
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()

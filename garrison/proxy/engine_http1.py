@@ -1,0 +1,726 @@
+"""The HTTP/1.1 enforcement engine: one proxied client connection, bytes in, commands out.
+
+Pure (STYLE 3): no sockets, no clock, no logging. The asyncio server feeds it the client's and
+the upstream's bytes and executes the `Forward` / `Inject` / `Close` / `Log` commands it returns,
+in order.
+
+Per request (`RequestReceived` from `HTTP1RequestParser`): the HTTP rules of the connection's
+L7 rule set are matched against method, normalized path, host and headers.
+
+- Allowed: the head goes upstream as `forward_head()` makes it (normalized target, header
+  edits of `headerMatches`), the body streams behind it event by event, and a FORWARDED
+  request record is logged. The upstream's response is forwarded unchanged and logged with its
+  status and the latency from the request head to the response head.
+- Denied: the request is never forwarded; its body is parsed and thrown away
+  (`discard_body()`), the client gets `http1_access_denied` in request order, and a DROPPED
+  request record and a DROPPED 403 response record are logged. In audit mode the request is
+  forwarded instead, with an AUDIT record.
+- A parse error: the status answer (`http1_error_response`) after the responses still owed,
+  then the connection closes; one ERROR record. Nothing after the bad bytes is forwarded.
+
+Ordering (the rules in `garrison.proxy.deny`): every request gets an entry in one queue, in
+arrival order. Entries of forwarded requests wait for the upstream's response; entries of
+denied ones carry their answer and are written as soon as they reach the head of the queue,
+so a 403 for a request pipelined behind an allowed one goes out after that one's response.
+
+A denied request's connection stays open unless: the client asked to close; it announced
+`Expect: 100-continue` with a body (the body may never come); its body is larger than
+`DISCARD_LIMIT` (Content-Length at once, a chunked body as soon as that much was read for
+nothing). Then the answer says `Connection: close` and the connection closes after it.
+
+Upstream failures: a response the upstream botches, or an upstream that closes with requests
+owed, gives the client a 502 if nothing of that response was sent yet (else just a close);
+`upstream_unavailable()` (connect failure: 503) and `timeout()` (408 for a head that does not
+come, 504 for an upstream that does not answer) are called by the server. Each logs one ERROR.
+
+Upstream connections: the engine keeps no upstream of its own. The server attaches one when
+the engine first forwards to it and may detach it whenever `upstream_reusable` is True
+(nothing in flight, the last response kept the connection alive) to share it with other
+client connections (`garrison.proxy.upstream`). After the upstream closed between messages,
+the next request simply goes to a new upstream connection.
+
+h2c with prior knowledge: when the client's first bytes are the HTTP/2 preface, the
+connection is handed to `garrison.proxy.engine_h2.H2Engine(context, config, rules="http")`,
+which applies the same HTTP rules to HTTP/2 requests.
+
+Policy reload: `update_ruleset()` swaps the rule set; it applies from the next request head
+on (a request already being forwarded finishes under the rules that let it through).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+
+from garrison.flows.build import l7_http_request, l7_http_response, proxy_error
+from garrison.flows.record import DropReasonDesc, Endpoint, FlowRecord, Verdict
+from garrison.flows.redact import RedactionConfig
+from garrison.parsers.errors import LocalProtocolError
+from garrison.parsers.http1 import (
+    BodyReceived,
+    ConnectionClosed,
+    HTTP1Error,
+    HTTP1RequestParser,
+    HTTP1ResponseParser,
+    MessageCompleted,
+    RequestReceived,
+    ResponseReceived,
+)
+from garrison.parsers.http2 import starts_with_h2_preface
+from garrison.policies.l7rules import L7Protocol, L7RuleSet, MismatchAction
+from garrison.policies.match_http import HTTPMatcher
+from garrison.policies.refs import RuleRef
+from garrison.proxy.commands import (
+    Close,
+    Command,
+    ConnectionContext,
+    ConnectionEngine,
+    Forward,
+    Inject,
+    Log,
+    PeerInfo,
+    Side,
+)
+from garrison.proxy.config import ProxyConfig
+from garrison.proxy.deny import http1_access_denied, http1_error_response
+
+__all__ = ["DISCARD_LIMIT", "HTTPEngine", "Waiting"]
+
+# The most body bytes of a denied request the engine reads (and throws away) to keep the
+# connection: beyond it, closing is cheaper than reading.
+DISCARD_LIMIT = 64 * 1024
+
+_MATCHERS_KEY = "http1.matchers"  # in ConnectionContext.shared: compiled matchers by rule set
+_REDACTION_KEY = "http1.redaction"
+_MAX_CACHED_MATCHERS = 64
+# Requests queued on one connection (pipelined, waiting for earlier answers) before the server
+# stops reading from the client (`pipeline_full`).
+MAX_PIPELINE = 32
+
+
+class Waiting:
+    """What a connection waits for (`HTTPEngine.waiting`), for the server's timers."""
+
+    IDLE = "idle"  # nothing in flight: between requests on a keep-alive connection
+    HEAD = "head"  # part of a request head has come; the rest has not
+    CLIENT = "client"  # the body of a request is still coming from the client
+    UPSTREAM = "upstream"  # a response is owed by the upstream
+    CLOSED = "closed"
+
+
+_UP = Side.UPSTREAM
+_CLIENT = Side.CLIENT
+_BOTH = Side.BOTH
+
+
+class _Exchange:
+    """One request on the connection, from its head to its answer."""
+
+    __slots__ = (
+        "answer",
+        "close_after",
+        "headers",
+        "host",
+        "method",
+        "path",
+        "refs",
+        "responded",
+        "start",
+        "verdict",
+        "version",
+    )
+
+    def __init__(
+        self,
+        event: RequestReceived,
+        host: str,
+        start: float,
+        verdict: Verdict,
+        refs: tuple[RuleRef, ...],
+    ) -> None:
+        self.method = event.method
+        self.path = event.path
+        self.version = event.version
+        self.headers = event.headers
+        self.host = host
+        self.start = start
+        self.verdict = verdict
+        self.refs = refs
+        self.answer: bytes | None = None  # set for requests garrison answers itself
+        self.close_after = not event.keep_alive
+        self.responded = False  # response bytes went to the client
+
+
+def _refs_of(ruleset: L7RuleSet) -> tuple[RuleRef, ...]:
+    """The policy rules whose L7 rules a denied request failed to match, each once."""
+    seen: dict[RuleRef, None] = {}
+    for _rule, ref in ruleset.rules:
+        if ref is not None:
+            seen.setdefault(ref, None)
+    return tuple(seen)
+
+
+class HTTPEngine:
+    """HTTP/1.1 enforcement for one client connection (implements `ConnectionEngine`)."""
+
+    # The server may share this engine's upstream connections through a pool.
+    pooled_upstream = True
+
+    def __init__(self, context: ConnectionContext, config: ProxyConfig) -> None:
+        self._context = context
+        self._config = config
+        self._requests = HTTP1RequestParser(config.http1)
+        self._responses = HTTP1ResponseParser(config.http1)
+        self._queue: deque[_Exchange] = deque()
+        self._current: _Exchange | None = None  # the request whose body is being read
+        self._forwarding = False  # the current request's body goes upstream
+        self._discarded = 0  # bytes read for a denied request's body
+        self._informational = False  # the response being read is a 1xx
+        self._client_done = False  # the client ended its stream
+        self._closed = False
+        self._ignore_rest = False  # a request was answered with close: read nothing more
+        self._preface: bytes | None = b""  # bytes held until HTTP/2's preface is ruled out
+        self._delegate: ConnectionEngine | None = None
+        self._redaction = _redaction(context, config)
+        self._direction = context.direction
+        self._node = context.node_name
+        self._client = _endpoint(context.source)
+        self._server = _endpoint(context.destination)
+        self._host_hint = context.host_hint or ""
+        self._ruleset = context.ruleset
+        self._matcher = _matcher(context, context.ruleset)
+        self._denied_by = _refs_of(context.ruleset)
+        self._audit = context.audit
+
+    # -- state the server reads ---------------------------------------------------------------
+
+    @property
+    def upstream_reusable(self) -> bool:
+        """Nothing is in flight to the upstream and its last response kept the connection."""
+        return (
+            not self._queue_has_forwarded()
+            and not self._forwarding
+            and self._delegate is None
+            and self._preface is None
+            and not self._closed
+        )
+
+    @property
+    def waiting(self) -> str:
+        if self._closed:
+            return Waiting.CLOSED
+        if self._delegate is not None:
+            return Waiting.UPSTREAM
+        if self._current is not None:
+            return Waiting.CLIENT
+        if self._queue_has_forwarded():
+            return Waiting.UPSTREAM
+        if self._requests.buffered or self._preface:
+            return Waiting.HEAD
+        return Waiting.IDLE
+
+    @property
+    def pipeline_full(self) -> bool:
+        """Enough requests wait for answers: the server should stop reading the client."""
+        return len(self._queue) >= MAX_PIPELINE
+
+    @property
+    def delegate(self) -> ConnectionEngine | None:
+        """The HTTP/2 engine this connection was handed to (h2c), if any."""
+        return self._delegate
+
+    def _queue_has_forwarded(self) -> bool:
+        return any(ex.answer is None for ex in self._queue)
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def update_ruleset(self, ruleset: L7RuleSet) -> None:
+        """A reloaded policy: requests whose head comes from now on are matched against it."""
+        if self._delegate is not None:
+            update = getattr(self._delegate, "update_ruleset", None)
+            if update is not None:
+                update(ruleset)
+            return
+        self._ruleset = ruleset
+        self._matcher = _matcher(self._context, ruleset)
+        self._denied_by = _refs_of(ruleset)
+
+    # -- client side --------------------------------------------------------------------------
+
+    def client_data(self, data: bytes, now: float) -> Sequence[Command]:
+        if self._delegate is not None:
+            return self._delegate.client_data(data, now)
+        if self._closed or self._ignore_rest or not data:
+            return ()
+        if self._preface is not None:
+            held = self._preface + data
+            is_h2 = starts_with_h2_preface(held)
+            if is_h2 is None:
+                self._preface = held
+                return ()
+            self._preface = None
+            if is_h2:
+                return self._hand_to_h2(held, now)
+            data = held
+        out: list[Command] = []
+        if self._current is not None and not self._forwarding:
+            self._discarded += len(data)
+        try:
+            self._requests.receive_data(data)
+            self._client_events(now, out)
+        except HTTP1Error as exc:
+            self._client_error(exc, now, out)
+        if self._current is not None and not self._forwarding and self._discarded > DISCARD_LIMIT:
+            self._stop_discarding(out)
+        return out
+
+    def client_eof(self, now: float) -> Sequence[Command]:
+        if self._delegate is not None:
+            return self._delegate.client_eof(now)
+        if self._closed:
+            return ()
+        self._client_done = True
+        if self._ignore_rest:  # the answer owed closes the connection anyway
+            if not self._queue:
+                self._closed = True
+                return (Close(_BOTH, "client closed"),)
+            return ()
+        if self._preface:  # a partial preface or request line, then nothing
+            self._preface = None
+            with contextlib.suppress(HTTP1Error):
+                self._requests.receive_data(b"")
+            self._closed = True
+            return (Close(_BOTH, "client closed before a request"),)
+        self._preface = None
+        out: list[Command] = []
+        try:
+            self._requests.receive_data(b"")
+            self._client_events(now, out)
+        except HTTP1Error as exc:
+            if self._current is not None and self._forwarding:
+                # The client gave up in the middle of a request body: nothing to answer.
+                self._fail(out, now, f"client closed inside a request: {exc.message}",
+                           DropReasonDesc.PARSE_ERROR, answer=None)
+                return out
+            self._client_error(exc, now, out)
+            return out
+        if not self._closed and not self._queue:
+            self._closed = True
+            out.append(Close(_BOTH, "client closed"))
+        return out
+
+    def _client_events(self, now: float, out: list[Command]) -> None:
+        for event in self._requests.events():
+            kind = type(event)
+            if kind is BodyReceived:
+                if self._forwarding:
+                    out.append(Forward(_UP, event.data))  # type: ignore[union-attr]
+            elif kind is RequestReceived:
+                self._request(event, now, out)  # type: ignore[arg-type]
+            elif kind is MessageCompleted:
+                self._forwarding = False
+                self._current = None
+                self._discarded = 0
+            elif kind is ConnectionClosed:
+                pass
+            if self._closed or self._ignore_rest:
+                return
+
+    def _request(self, event: RequestReceived, now: float, out: list[Command]) -> None:
+        verdict = self._matcher.match(event.method, event.path, event.host, event.text_headers)
+        host = event.host or self._host_hint
+        has_body = event.chunked or bool(event.content_length)
+        if verdict.allowed or self._audit:
+            if verdict.allowed:
+                ex = _Exchange(event, host, now, Verdict.FORWARDED, _one(verdict.rule))
+            else:
+                ex = _Exchange(event, host, now, Verdict.AUDIT, self._denied_by)
+            try:
+                head = _head(event, verdict.header_edits) if verdict.header_edits else (
+                    event.forward_head()
+                )
+            except LocalProtocolError as exc:
+                # The policy asks for an edit the proxy refuses (a framing field): deny.
+                self._fail(out, now, f"header edit refused: {exc}", DropReasonDesc.PROXY_ERROR,
+                           answer=500)
+                return
+            self._queue.append(ex)
+            self._responses.expect_response(event.method)
+            out.append(Forward(_UP, head))
+            out.append(Log(self._request_record(ex, now, event)))
+            if has_body:
+                self._current = ex
+                self._forwarding = True
+            return
+        # Denied: never forwarded; the body is read and thrown away.
+        ex = _Exchange(event, host, now, Verdict.DROPPED, self._denied_by)
+        if has_body:
+            self._requests.discard_body()
+            self._current = ex
+            self._forwarding = False
+            self._discarded = 0
+            if (event.content_length or 0) > DISCARD_LIMIT or event.expect_continue:
+                ex.close_after = True
+        ex.answer = http1_access_denied(event.version, keep_alive=not ex.close_after)
+        if ex.close_after:
+            self._ignore_rest = True  # nothing after it may be forwarded
+        self._queue.append(ex)
+        out.append(Log(self._request_record(ex, now, event)))
+        self._flush(out, now)
+
+    def _stop_discarding(self, out: list[Command]) -> None:
+        """A denied request's body is too large to read for nothing: close after its answer."""
+        ex = self._current
+        assert ex is not None
+        if ex.close_after:
+            return
+        ex.close_after = True
+        self._ignore_rest = True
+        if ex in self._queue:
+            ex.answer = http1_access_denied(ex.version, keep_alive=False)
+        else:  # already answered with keep-alive; nothing was read after it
+            self._closed = True
+            out.append(Close(_BOTH, "denied request body too large to discard"))
+
+    def _client_error(self, exc: HTTP1Error, now: float, out: list[Command]) -> None:
+        """Answer `exc.status` after the responses owed, then close; one ERROR record."""
+        if self._closed:
+            return
+        status = exc.status or 400
+        if self._current is not None and self._forwarding:
+            # The failing request is partly upstream: its response will never be forwarded.
+            with contextlib.suppress(ValueError):
+                self._queue.remove(self._current)
+        self._current = None
+        self._forwarding = False
+        out.append(Log(self._error_record(now, f"HTTP/1.1 parse error: {exc.message}",
+                                          DropReasonDesc.PARSE_ERROR)))
+        if not self._queue_has_forwarded() or self._client_done:
+            self._queue.clear()
+            self._closed = True
+            out.append(Inject(_CLIENT, http1_error_response(status)))
+            out.append(Close(_BOTH, f"parse error: {exc.message}", error=True))
+            return
+        # Earlier requests still wait for upstream: answer after them, then close.
+        marker = _ErrorExchange(http1_error_response(status))
+        self._queue.append(marker)
+
+    # -- upstream side ------------------------------------------------------------------------
+
+    def upstream_data(self, data: bytes, now: float) -> Sequence[Command]:
+        if self._delegate is not None:
+            return self._delegate.upstream_data(data, now)
+        if self._closed or not data:
+            return ()
+        out: list[Command] = []
+        try:
+            self._responses.receive_data(data)
+            self._upstream_events(now, out)
+        except HTTP1Error as exc:
+            self._upstream_error(f"bad response from upstream: {exc.message}", now, out)
+        return out
+
+    def upstream_eof(self, now: float) -> Sequence[Command]:
+        if self._delegate is not None:
+            return self._delegate.upstream_eof(now)
+        if self._closed:
+            return ()
+        out: list[Command] = []
+        try:
+            self._responses.receive_data(b"")
+            self._upstream_events(now, out)
+        except HTTP1Error as exc:
+            self._upstream_error(f"upstream closed inside a response: {exc.message}", now, out)
+            return out
+        if self._closed:
+            return out
+        if self._queue_has_forwarded():
+            self._upstream_error("upstream closed before answering", now, out)
+            return out
+        # Closed between messages with nothing owed: the next request gets a new upstream.
+        self._responses = HTTP1ResponseParser(self._config.http1)
+        return out
+
+    def upstream_unavailable(self, reason: str, now: float) -> Sequence[Command]:
+        """The server could not connect to the upstream: 503 for the request owed, close."""
+        if self._delegate is not None:
+            return self._delegate.abort(reason, now)
+        out: list[Command] = []
+        if not self._closed:
+            self._fail(out, now, f"upstream unavailable: {reason}",
+                       DropReasonDesc.UPSTREAM_ERROR, answer=503)
+        return out
+
+    def _upstream_events(self, now: float, out: list[Command]) -> None:
+        for event in self._responses.events():
+            kind = type(event)
+            if kind is BodyReceived:
+                out.append(Forward(_CLIENT, event.data))  # type: ignore[union-attr]
+            elif kind is ResponseReceived:
+                self._response(event, now, out)  # type: ignore[arg-type]
+            elif kind is MessageCompleted:
+                if self._informational:
+                    self._informational = False
+                    continue
+                ex = self._queue.popleft()
+                if not event.keep_alive or ex.close_after:  # type: ignore[union-attr]
+                    self._closed = True
+                    out.append(Close(_BOTH, "connection closes after this response"))
+                    return
+                self._flush(out, now)
+            if self._closed:
+                return
+
+    def _response(self, event: ResponseReceived, now: float, out: list[Command]) -> None:
+        out.append(Forward(_CLIENT, event.raw_head))
+        if event.status < 200:
+            self._informational = True
+            return
+        ex = self._queue[0]
+        ex.responded = True
+        out.append(Log(l7_http_response(
+            time_ns=int(now * 1e9),
+            verdict=ex.verdict,
+            direction=self._direction,
+            client=self._client,
+            server=self._server,
+            method=ex.method,
+            path=ex.path,
+            code=event.status,
+            latency_ns=int((now - ex.start) * 1e9),
+            host=ex.host,
+            protocol=_protocol(event.version),
+            headers=event.headers,
+            allowed_by=ex.refs if ex.verdict is Verdict.FORWARDED else (),
+            denied_by=ex.refs if ex.verdict is not Verdict.FORWARDED else (),
+            node_name=self._node,
+            redaction=self._redaction,
+        )))
+
+    def _upstream_error(self, reason: str, now: float, out: list[Command]) -> None:
+        head = self._head_forwarded()
+        answer = 502 if head is not None and not head.responded else None
+        self._fail(out, now, reason, DropReasonDesc.UPSTREAM_ERROR, answer=answer)
+
+    def _head_forwarded(self) -> _Exchange | None:
+        for ex in self._queue:
+            if ex.answer is None:
+                return ex
+        return None
+
+    # -- shared -------------------------------------------------------------------------------
+
+    def _flush(self, out: list[Command], now: float) -> None:
+        """Write the answers garrison owes that have reached the head of the queue."""
+        queue = self._queue
+        while queue and queue[0].answer is not None:
+            ex = queue.popleft()
+            assert ex.answer is not None
+            out.append(Inject(_CLIENT, ex.answer))
+            if isinstance(ex, _ErrorExchange):
+                self._closed = True
+                out.append(Close(_BOTH, "parse error", error=True))
+                return
+            out.append(Log(l7_http_response(
+                time_ns=int(now * 1e9),
+                verdict=ex.verdict,
+                direction=self._direction,
+                client=self._client,
+                server=self._server,
+                method=ex.method,
+                path=ex.path,
+                code=403,
+                latency_ns=int((now - ex.start) * 1e9),
+                host=ex.host,
+                protocol=_protocol(ex.version),
+                denied_by=ex.refs,
+                node_name=self._node,
+                redaction=self._redaction,
+            )))
+            if ex.close_after:
+                self._closed = True
+                out.append(Close(_BOTH, "connection closes after this answer"))
+                return
+        if not queue and self._client_done and not self._closed:
+            self._closed = True
+            out.append(Close(_BOTH, "client closed"))
+
+    def _fail(
+        self,
+        out: list[Command],
+        now: float,
+        reason: str,
+        drop: DropReasonDesc,
+        *,
+        answer: int | None,
+    ) -> None:
+        """Give up on the connection: answer the request owed (if any), close, log ERROR."""
+        out.append(Log(self._error_record(now, reason, drop)))
+        # Answers garrison already owes before the failing request still go out first.
+        queue = self._queue
+        while queue and queue[0].answer is not None and not isinstance(queue[0], _ErrorExchange):
+            ex = queue.popleft()
+            assert ex.answer is not None
+            out.append(Inject(_CLIENT, ex.answer))
+            if ex.close_after:
+                answer = None
+                break
+        if answer is not None:
+            out.append(Inject(_CLIENT, http1_error_response(answer)))
+        queue.clear()
+        self._closed = True
+        out.append(Close(_BOTH, reason, error=True))
+
+    def timeout(self, waiting: str, now: float) -> Sequence[Command]:
+        """The server's timer for `waiting` (a `Waiting` value) ran out."""
+        if self._delegate is not None:
+            return self._delegate.abort(f"timeout waiting for {waiting}", now)
+        if self._closed:
+            return ()
+        if waiting == Waiting.IDLE:
+            self._closed = True
+            return (Close(_BOTH, "idle keep-alive connection"),)
+        out: list[Command] = []
+        if waiting == Waiting.UPSTREAM:
+            head = self._head_forwarded()
+            answer = 504 if head is not None and not head.responded else None
+            self._fail(out, now, "upstream did not answer in time",
+                       DropReasonDesc.UPSTREAM_ERROR, answer=answer)
+        else:
+            answer = 408 if not self._queue_has_forwarded() else None
+            self._fail(out, now, f"client too slow ({waiting})",
+                       DropReasonDesc.PARSE_ERROR, answer=answer)
+        return out
+
+    def abort(self, reason: str, now: float) -> Sequence[Command]:
+        if self._delegate is not None:
+            return self._delegate.abort(reason, now)
+        if self._closed:
+            return ()
+        self._closed = True
+        self._queue.clear()
+        return (
+            Log(self._error_record(now, reason, DropReasonDesc.PROXY_ERROR)),
+            Close(_BOTH, reason, error=True),
+        )
+
+    def _hand_to_h2(self, held: bytes, now: float) -> Sequence[Command]:
+        try:
+            from garrison.proxy.engine_h2 import H2Engine
+        except ImportError:
+            self._closed = True
+            return (
+                Log(self._error_record(now, "HTTP/2 (h2c) is not supported by this proxy yet",
+                                       DropReasonDesc.PARSE_ERROR)),
+                Close(_BOTH, "h2c unsupported", error=True),
+            )
+        self._delegate = H2Engine(self._context, self._config, rules="http")
+        return self._delegate.client_data(held, now)
+
+    # -- records ------------------------------------------------------------------------------
+
+    def _request_record(self, ex: _Exchange, now: float, event: RequestReceived) -> FlowRecord:
+        allowed = ex.verdict is Verdict.FORWARDED
+        return l7_http_request(
+            time_ns=int(now * 1e9),
+            verdict=ex.verdict,
+            direction=self._direction,
+            client=self._client,
+            server=self._server,
+            method=ex.method,
+            path=ex.path,
+            host=ex.host,
+            protocol=_protocol(event.version),
+            headers=event.headers,
+            allowed_by=ex.refs if allowed else (),
+            denied_by=() if allowed else ex.refs,
+            node_name=self._node,
+            redaction=self._redaction,
+        )
+
+    def _error_record(self, now: float, reason: str, drop: DropReasonDesc) -> FlowRecord:
+        return proxy_error(
+            time_ns=int(now * 1e9),
+            direction=self._direction,
+            client=self._client,
+            server=self._server,
+            protocol=L7Protocol.HTTP,
+            error=reason,
+            reason=drop,
+            node_name=self._node,
+        )
+
+
+class _ErrorExchange(_Exchange):
+    """A parse error's answer, queued behind the responses owed; the connection closes."""
+
+    __slots__ = ()
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.close_after = True
+        self.responded = False
+
+
+def _one(ref: RuleRef | None) -> tuple[RuleRef, ...]:
+    return (ref,) if ref is not None else ()
+
+
+def _protocol(version: bytes) -> str:
+    return "HTTP/1.0" if version == b"HTTP/1.0" else "HTTP/1.1"
+
+
+def _head(event: RequestReceived, edits: Sequence[object]) -> bytes:
+    add: list[tuple[bytes, bytes]] = []
+    remove: list[bytes] = []
+    for edit in edits:
+        action = edit.action  # type: ignore[attr-defined]
+        name = edit.name.encode("latin-1")  # type: ignore[attr-defined]
+        if action is MismatchAction.ADD:
+            add.append((name, edit.value.encode("latin-1")))  # type: ignore[attr-defined]
+        elif action is MismatchAction.DELETE:
+            remove.append(name)
+        else:  # REPLACE
+            remove.append(name)
+            add.append((name, edit.value.encode("latin-1")))  # type: ignore[attr-defined]
+    return event.forward_head(add=add, remove=remove)
+
+
+def _endpoint(peer: PeerInfo) -> Endpoint:
+    return Endpoint.of(
+        peer.identity,
+        peer.labels,
+        namespace=peer.namespace,
+        pod_name=peer.pod_name or "",
+        ip=peer.ip,
+        port=peer.port,
+    )
+
+
+def _matcher(context: ConnectionContext, ruleset: L7RuleSet) -> HTTPMatcher:
+    """The compiled matcher of `ruleset`, shared by the connections of one upstream: compiling
+    an RE2 set per connection would cost more than the requests of a short connection."""
+    cache = context.shared.get(_MATCHERS_KEY)
+    if not isinstance(cache, dict):
+        cache = {}
+        context.shared[_MATCHERS_KEY] = cache
+    hit = cache.get(id(ruleset))
+    if hit is not None and hit[0] is ruleset:
+        matcher: HTTPMatcher = hit[1]
+        return matcher
+    if len(cache) >= _MAX_CACHED_MATCHERS:
+        cache.clear()
+    matcher = HTTPMatcher(ruleset)
+    cache[id(ruleset)] = (ruleset, matcher)
+    return matcher
+
+
+def _redaction(context: ConnectionContext, config: ProxyConfig) -> RedactionConfig:
+    cached = context.shared.get(_REDACTION_KEY)
+    if isinstance(cached, tuple) and cached[0] is config:
+        redaction: RedactionConfig = cached[1]
+        return redaction
+    redaction = RedactionConfig(headers=frozenset(config.redact_headers))
+    context.shared[_REDACTION_KEY] = (config, redaction)
+    return redaction

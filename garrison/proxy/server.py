@@ -1,0 +1,891 @@
+"""The proxy's asyncio I/O shell (uvloop): accept, admit, pump bytes, execute engine commands.
+
+    server = ProxyServer(ServerSettings(protocol=L7Protocol.HTTP), policy, sink)
+    await server.listen_standalone("127.0.0.1", 8080, upstream=("127.0.0.1", 80))
+    # or, for the datapath (root): await server.listen_transparent("0.0.0.0", 15001)
+    ...
+    server.update_policy(new_policy)   # new connections get it; live ones at the next request
+    await server.close()
+
+Per accepted connection: the `PolicySource` says who the client is and whether L3/L4 policy
+admits it. Not admitted → the connection is closed without a byte (as the datapath drops a
+SYN) and a DROPPED L3_L4 record is logged. Admitted → a `ConnectionContext`, an engine from
+`make_engine`, and the pump: bytes from either side go to the engine, its commands are
+executed in order (`Forward` / `Inject` write, `Close` closes after what was queued, `Log`
+goes to the `FlowSink`).
+
+- Upstream: in transparent mode the original destination (`getsockname()` of the accepted
+  socket), in standalone mode the configured address. HTTP/1.1 engines borrow connections
+  from the per-destination `UpstreamPool` when they first forward and give them back when
+  the engine says its upstream is reusable; other engines get their own connection at once.
+- Backpressure both ways: when one side's transport buffers more than `write_buffer_high`
+  bytes, the other side's reading is paused until it drains below `write_buffer_low`. So is
+  the client's while its upstream is being connected and while too many pipelined requests
+  wait for answers (`pipeline_full`). A slow reader cannot make the proxy buffer more than
+  about `write_buffer_high` per direction per connection.
+- Timers (one sweep per second over all connections): a request head must be complete
+  `header_read` seconds after its first byte (408); an upstream must answer within
+  `upstream_reply` (504); a connection with nothing in flight is closed after `idle`.
+- `max_connections`: connections beyond it are closed at once and logged as ERROR.
+- Any exception inside an engine or while executing its commands closes that connection with
+  an ERROR record; commands after the failure are not executed, so nothing the engine had not
+  yet decided is forwarded, and no other connection is touched.
+
+Policy reload (`update_policy`): new connections are admitted with the new policy. Live
+connections keep their L3/L4 admission (as the datapath keeps established connections), and
+engines that can (`update_ruleset`, the HTTP/1.1 engine) match their next request against the
+new L7 rules; a client the new policy no longer admits at L3/L4 is denied every further request
+(an empty rule set) rather than keeping the old, wider rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO, cast
+
+from garrison.flows.build import l3_l4_drop, proxy_error
+from garrison.flows.record import (
+    DropReasonDesc,
+    Endpoint,
+    FlowRecord,
+    FlowType,
+    L7FlowType,
+    Verdict,
+)
+from garrison.flows.render import render_compact
+from garrison.flows.store import FlowStore
+from garrison.flows.writer import AccessLogError, AccessLogWriter
+from garrison.policies.l7rules import L7Protocol, L7RuleSet
+from garrison.policies.mapstate import DropReason
+from garrison.proxy.commands import (
+    Close,
+    Command,
+    ConnectionContext,
+    ConnectionEngine,
+    Forward,
+    Inject,
+    Log,
+    PeerInfo,
+    Side,
+    TrafficDirection,
+)
+from garrison.proxy.config import ProxyConfig
+from garrison.proxy.engine import make_engine
+from garrison.proxy.metrics import ProxyMetrics
+from garrison.proxy.policyview import Admission, PolicySource
+from garrison.proxy.sockets import PROXY_UPSTREAM_MARK, listener
+from garrison.proxy.upstream import (
+    Address,
+    PoolConfig,
+    PoolStats,
+    UpstreamConnectError,
+    UpstreamConnection,
+    UpstreamPool,
+)
+
+__all__ = [
+    "FlowSink",
+    "ProxyServer",
+    "ServerSettings",
+    "StaticDestination",
+    "install_uvloop",
+]
+
+log = logging.getLogger("garrison.proxy")
+
+DestinationLookup = Callable[[str, int], PeerInfo]
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop policy when it is installed (it is a dependency)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+# ---- records --------------------------------------------------------------------------------
+
+
+class FlowSink:
+    """Where `Log` commands go: the in-memory ring, the access log, metrics, and (`-v`) a
+    compact line on a text stream.
+
+    Access-log lines are gathered during one turn of the event loop and written with one
+    system call at its end (`write_many`), in emission order; a failed write is counted in
+    metrics and reported once per failure streak, and the records stay in the ring.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: FlowStore | None = None,
+        writer: AccessLogWriter | None = None,
+        metrics: ProxyMetrics | None = None,
+        verbose: TextIO | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.store = store if store is not None else FlowStore()
+        self.writer = writer
+        self.metrics = metrics
+        self.verbose = verbose
+        self._loop = loop
+        self._pending: list[FlowRecord] = []
+        self._failing = False
+
+    def emit(self, record: FlowRecord) -> None:
+        self.store.add(record)
+        metrics = self.metrics
+        if metrics is not None:
+            _count(metrics, record)
+        if self.verbose is not None:
+            with contextlib.suppress(OSError, ValueError):
+                print(render_compact(record), file=self.verbose, flush=True)
+        if self.writer is not None:
+            if not self._pending:
+                loop = self._loop
+                if loop is None:
+                    self._pending.append(record)
+                    self.flush()
+                    return
+                loop.call_soon(self.flush)
+            self._pending.append(record)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending or self.writer is None:
+            return
+        try:
+            self.writer.write_many(pending)
+        except AccessLogError as exc:
+            if self.metrics is not None:
+                self.metrics.access_log_error()
+            if not self._failing:
+                log.error("%s (records stay in the in-memory ring)", exc)
+            self._failing = True
+        else:
+            self._failing = False
+
+
+def _count(metrics: ProxyMetrics, record: FlowRecord) -> None:
+    metrics.flow_recorded(record)
+    l7 = record.l7
+    if record.type is not FlowType.L7 or l7 is None:
+        return
+    proto = l7.protocol
+    direction = record.traffic_direction
+    verdict = record.verdict
+    if verdict is Verdict.ERROR:
+        if record.drop_reason_desc is DropReasonDesc.PARSE_ERROR:
+            metrics.parse_error(proto, direction)
+        return
+    if l7.type is L7FlowType.REQUEST:
+        metrics.request_received(proto, direction)
+        if verdict is Verdict.DROPPED:
+            metrics.request_denied(proto, direction)
+        else:
+            metrics.request_forwarded(proto, direction)
+    elif verdict is not Verdict.DROPPED and l7.latency_ns is not None:
+        metrics.observe_upstream_latency(proto, l7.latency_ns / 1e9)
+
+
+# ---- settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StaticDestination:
+    """The destination of every connection in standalone mode: one endpoint."""
+
+    peer: PeerInfo
+
+    def __call__(self, ip: str, port: int) -> PeerInfo:
+        return self.peer
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """How one proxy server behaves.
+
+    `destination`: describes the original destination (identity, labels) for records; the
+    agent passes its ipcache lookup. `upstream_mark`: SO_MARK of upstream sockets (transparent
+    mode uses the datapath's mark by default; None = no mark). `advertise`: the proxy's own
+    address, for the Kafka engine to write into Metadata answers.
+    """
+
+    protocol: L7Protocol = L7Protocol.HTTP
+    config: ProxyConfig = field(default_factory=ProxyConfig)
+    direction: TrafficDirection = TrafficDirection.INGRESS
+    destination: DestinationLookup | None = None
+    upstream_mark: int | None = None
+    advertise: tuple[str, int] | None = None
+    pool: PoolConfig | None = None
+    sweep_interval: float = 1.0
+
+
+# ---- one client connection ------------------------------------------------------------------
+
+_PAUSE_UPSTREAM_FULL = 1
+_PAUSE_CONNECTING = 2
+_PAUSE_PIPELINE = 4
+
+_FORWARD = Forward
+_INJECT = Inject
+_LOG = Log
+_CLIENT = Side.CLIENT
+_UPSTREAM = Side.UPSTREAM
+
+
+class _ClientConnection(asyncio.Protocol):
+    """One accepted client connection and the upstream connection it borrows or owns."""
+
+    def __init__(self, server: ProxyServer, transparent: bool) -> None:
+        self.server = server
+        self.transparent = transparent
+        self.transport: asyncio.Transport | None = None
+        self.engine: ConnectionEngine | None = None
+        self.context: ConnectionContext | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_address: Address = ("", 0)
+        self.pooled = False
+        self.closed = False
+        self.client_eof = False
+        self._pending_up: list[bytes] = []  # forwarded while the upstream connects
+        self._connecting: asyncio.Task[None] | None = None
+        self._pause_client = 0  # reasons the client's reading is paused (bit set)
+        self._client_write_paused = False
+        self.last_client = 0.0
+        self.last_upstream = 0.0
+        self.head_started = 0.0
+        self._was_idle = True
+        self.src: tuple[str, int] = ("", 0)
+        self.dst: tuple[str, int] = ("", 0)
+
+    # -- accept -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        server = self.server
+        now = time.time()
+        self.last_client = self.head_started = now
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        self.src = (str(peer[0]), int(peer[1])) if peer else ("", 0)
+        self.dst = (str(local[0]), int(local[1])) if local else ("", 0)
+        if len(server.connections) >= server.config.max_connections:
+            transport.abort()
+            self.closed = True
+            server.sink.emit(server.error_record(self, "too many connections", now))
+            return
+        try:
+            admission = server.policy.admit(self.src[0], self.dst[0], self.dst[1])
+        except Exception as exc:  # a broken policy source must not take the server down
+            log.exception("policy lookup failed for %s", self.src)
+            transport.abort()
+            self.closed = True
+            server.sink.emit(server.error_record(self, f"policy lookup failed: {exc}", now))
+            return
+        if not admission.allowed:
+            transport.abort()  # no answer, as the datapath drops the SYN
+            self.closed = True
+            server.sink.emit(server.l3_l4_drop_record(self, admission, now))
+            return
+        try:
+            self.context = server.context_for(self, admission)
+            self.engine = make_engine(self.context, server.config)
+        except Exception as exc:
+            log.exception("cannot build an engine for %s", self.src)
+            transport.abort()
+            self.closed = True
+            server.sink.emit(server.error_record(self, f"proxy error: {exc}", now))
+            return
+        server.connections.add(self)
+        if server.metrics is not None:
+            server.metrics.connection_opened(server.settings.protocol)
+        transport.set_write_buffer_limits(
+            high=server.config.write_buffer_high, low=server.config.write_buffer_low
+        )
+        self.upstream_address = server.upstream_for(self.dst)
+        self.pooled = bool(getattr(self.engine, "pooled_upstream", False))
+        if not self.pooled:
+            self._start_connect()
+
+    # -- client side --------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        engine = self.engine
+        if engine is None or self.closed:
+            return
+        now = time.time()
+        self.last_client = now
+        if self._was_idle:
+            self.head_started = now
+            self._was_idle = False
+        try:
+            commands = engine.client_data(data, now)
+            self._run(commands)
+        except Exception as exc:
+            self._internal_error(exc, now)
+            return
+        if self.pooled and not self.closed:
+            self._after_engine(engine)
+
+    def eof_received(self) -> bool:
+        engine = self.engine
+        self.client_eof = True
+        if engine is None or self.closed:
+            return False
+        now = time.time()
+        try:
+            self._run(engine.client_eof(now))
+        except Exception as exc:
+            self._internal_error(exc, now)
+        return not self.closed  # keep the transport half-open while answers are owed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.engine is None:
+            return
+        self.closed = True
+        self._teardown()
+
+    def pause_writing(self) -> None:
+        self._client_write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._client_write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # -- upstream side (called by UpstreamConnection) -----------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        engine = self.engine
+        if engine is None or self.closed:
+            return
+        now = time.time()
+        self.last_upstream = now
+        try:
+            self._run(engine.upstream_data(data, now))
+        except Exception as exc:
+            self._internal_error(exc, now)
+            return
+        if self.pooled and not self.closed:
+            self._after_engine(engine)
+
+    def upstream_eof(self) -> None:
+        engine = self.engine
+        if engine is None or self.closed:
+            return
+        conn = self.upstream
+        now = time.time()
+        try:
+            self._run(engine.upstream_eof(now))
+        except Exception as exc:
+            self._internal_error(exc, now)
+            return
+        if not self.closed and conn is not None and self.upstream is conn:
+            # The connection is finished; the next request (if any) gets another.
+            self._drop_upstream()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        conn = self.upstream
+        if conn is None or self.closed:
+            return
+        self.upstream = None
+        self.server.pool.discard(conn)
+        engine = self.engine
+        if engine is None:
+            return
+        now = time.time()
+        if not self.pooled:
+            # The engine's connection is gone: tell it the stream ended, then close.
+            try:
+                self._run(engine.upstream_eof(now))
+            except Exception as error:
+                self._internal_error(error, now)
+                return
+            if not self.closed:
+                self._close_all()
+            return
+        try:
+            self._run(engine.upstream_eof(now))
+        except Exception as error:
+            self._internal_error(error, now)
+
+    def upstream_pause_writing(self) -> None:
+        self._pause(_PAUSE_UPSTREAM_FULL)
+
+    def upstream_resume_writing(self) -> None:
+        self._resume(_PAUSE_UPSTREAM_FULL)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _run(self, commands: Sequence[Command]) -> None:
+        for command in commands:
+            kind = type(command)
+            if kind is _FORWARD or kind is _INJECT:
+                if self.closed:
+                    continue
+                if command.side is _CLIENT:  # type: ignore[union-attr]
+                    assert self.transport is not None
+                    self.transport.write(command.data)  # type: ignore[union-attr]
+                else:
+                    self._to_upstream(command.data)  # type: ignore[union-attr]
+            elif kind is _LOG:
+                self.server.sink.emit(command.record)  # type: ignore[union-attr]
+            else:
+                self._close(command)  # type: ignore[arg-type]
+
+    def _to_upstream(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.write(data)
+            return
+        if self._connecting is None:
+            conn = self.server.pool.take_idle(self.upstream_address) if self.pooled else None
+            if conn is not None:
+                self._attach(conn)
+                conn.write(data)
+                return
+            self._start_connect()
+        self._pending_up.append(data)
+
+    def _close(self, command: Close) -> None:
+        side = command.side
+        if side is Side.UPSTREAM:
+            self._drop_upstream()
+            return
+        if side is Side.CLIENT and self.upstream is not None:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self._close_all()
+
+    def _after_engine(self, engine: ConnectionEngine) -> None:
+        waiting = getattr(engine, "waiting", None)
+        if waiting == "idle":
+            self._was_idle = True
+        if self.upstream is not None and getattr(engine, "upstream_reusable", False):
+            conn, self.upstream = self.upstream, None
+            self.server.pool.release(conn)
+        if getattr(engine, "pipeline_full", False):
+            self._pause(_PAUSE_PIPELINE)
+        elif self._pause_client & _PAUSE_PIPELINE:
+            self._resume(_PAUSE_PIPELINE)
+
+    # -- upstream connections -----------------------------------------------------------------
+
+    def _start_connect(self) -> None:
+        self._pause(_PAUSE_CONNECTING)
+        self._connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self.server.pool.connect(self.upstream_address)
+        except UpstreamConnectError as exc:
+            self._connecting = None
+            self._upstream_unavailable(str(exc))
+            return
+        except asyncio.CancelledError:
+            self._connecting = None
+            raise
+        except Exception as exc:
+            self._connecting = None
+            self._internal_error(exc, time.time())
+            return
+        self._connecting = None
+        if self.closed:
+            self.server.pool.discard(conn)
+            return
+        self._attach(conn)
+        pending, self._pending_up = self._pending_up, []
+        for data in pending:
+            conn.write(data)
+        self._resume(_PAUSE_CONNECTING)
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        conn.owner = self
+        self.upstream = conn
+        self.last_upstream = time.time()
+        assert conn.transport is not None
+        conn.transport.set_write_buffer_limits(
+            high=self.server.config.write_buffer_high, low=self.server.config.write_buffer_low
+        )
+        if self._client_write_paused:
+            conn.pause_reading()
+        else:
+            conn.resume_reading()
+
+    def _drop_upstream(self) -> None:
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            self.server.pool.discard(conn)
+        if self._pause_client & _PAUSE_UPSTREAM_FULL:
+            self._resume(_PAUSE_UPSTREAM_FULL)
+
+    def _upstream_unavailable(self, reason: str) -> None:
+        engine = self.engine
+        if engine is None or self.closed:
+            return
+        now = time.time()
+        self._pending_up = []
+        handler = getattr(engine, "upstream_unavailable", None)
+        try:
+            if handler is not None:
+                self._run(handler(reason, now))
+            else:
+                self._run(engine.abort(f"upstream unavailable: {reason}", now))
+        except Exception as exc:
+            self._internal_error(exc, now)
+            return
+        if not self.closed:
+            self._close_all()
+
+    # -- flow control -------------------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._pause_client and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._pause_client |= reason
+
+    def _resume(self, reason: int) -> None:
+        was = self._pause_client
+        self._pause_client &= ~reason
+        if was and not self._pause_client and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # -- endings ------------------------------------------------------------------------------
+
+    def timeout(self, waiting: str, now: float) -> None:
+        engine = self.engine
+        if engine is None or self.closed:
+            return
+        try:
+            handler = getattr(engine, "timeout", None)
+            if handler is not None:
+                self._run(handler(waiting, now))
+            else:
+                self._run(engine.abort(f"timeout ({waiting})", now))
+        except Exception as exc:
+            self._internal_error(exc, now)
+            return
+        if not self.closed:
+            self._close_all()
+
+    def _internal_error(self, exc: Exception, now: float) -> None:
+        """Anything unexpected: this connection ends with an ERROR record, nothing else."""
+        if self.closed:
+            return
+        log.error("connection %s:%s: internal error: %r", *self.src, exc, exc_info=exc)
+        self.server.sink.emit(self.server.error_record(self, f"proxy error: {exc!r}", now))
+        self._abort_all()
+
+    def _close_all(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        self._teardown()
+
+    def _abort_all(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            conn.owner = None
+            self.server.pool.discard(conn)
+        self._teardown()
+
+    def _teardown(self) -> None:
+        server = self.server
+        if self in server.connections:
+            server.connections.discard(self)
+            if server.metrics is not None:
+                server.metrics.connection_closed(server.settings.protocol)
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
+        self._pending_up = []
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            engine = self.engine
+            if self.pooled and engine is not None and getattr(engine, "upstream_reusable", False):
+                server.pool.release(conn)
+            else:
+                server.pool.discard(conn)
+
+
+# ---- the server -----------------------------------------------------------------------------
+
+
+class ProxyServer:
+    """Listeners of one L7 protocol, their connections, the upstream pool and the policy."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        policy: PolicySource,
+        sink: FlowSink,
+        *,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = settings.config
+        self.policy = policy
+        self.sink = sink
+        self.metrics = metrics if metrics is not None else sink.metrics
+        self.connections: set[_ClientConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._upstream: Address | None = None
+        self._shared: dict[Address, dict[str, object]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._pool: UpstreamPool | None = None
+        self.addresses: list[tuple[str, int]] = []
+
+    @property
+    def pool(self) -> UpstreamPool:
+        assert self._pool is not None, "the server is not listening"
+        return self._pool
+
+    # -- listening ----------------------------------------------------------------------------
+
+    async def listen_standalone(
+        self, host: str, port: int, *, upstream: Address, reuse_port: bool = False
+    ) -> tuple[str, int]:
+        """Listen on host:port and proxy every connection to `upstream`."""
+        self._upstream = upstream
+        sock = listener(host, port, reuse_port=reuse_port)
+        return await self._serve(sock, transparent=False)
+
+    async def listen_transparent(
+        self, host: str, port: int, *, reuse_port: bool = False
+    ) -> tuple[str, int]:
+        """A transparent (`IP_TRANSPARENT`) listener for connections the datapath steers to
+        the proxy; each goes upstream to its original destination, with `upstream_mark`
+        (default: the datapath's proxy mark). Needs CAP_NET_ADMIN."""
+        sock = listener(host, port, transparent=True, reuse_port=reuse_port)
+        return await self._serve(sock, transparent=True)
+
+    async def _serve(self, sock: socket.socket, *, transparent: bool) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        if self._pool is None:
+            mark = self.settings.upstream_mark
+            if transparent and mark is None:
+                mark = PROXY_UPSTREAM_MARK
+            self._pool = UpstreamPool(
+                loop, self.settings.pool or PoolConfig(
+                    connect_timeout=self.config.timeouts.connect
+                ), mark=mark, on_change=self._pool_changed,
+            )
+        try:
+            server = await loop.create_server(
+                lambda: _ClientConnection(self, transparent), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self._servers.append(server)
+        name = sock.getsockname()
+        address = (str(name[0]), int(name[1]))
+        self.addresses.append(address)
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
+        return address
+
+    def _pool_changed(self, stats: PoolStats) -> None:
+        if self.metrics is not None:
+            self.metrics.set_upstream_pool(stats.idle, stats.busy)
+
+    # -- per connection -----------------------------------------------------------------------
+
+    def upstream_for(self, original_destination: Address) -> Address:
+        return self._upstream if self._upstream is not None else original_destination
+
+    def context_for(self, conn: _ClientConnection, admission: Admission) -> ConnectionContext:
+        settings = self.settings
+        upstream = self.upstream_for(conn.dst)
+        shared = self._shared.get(upstream)
+        if shared is None:
+            shared = self._shared[upstream] = {}
+        return ConnectionContext(
+            source=PeerInfo(
+                admission.identity,
+                admission.labels,
+                conn.src[0],
+                conn.src[1],
+                admission.namespace,
+            ),
+            destination=self.destination_of(conn.dst),
+            direction=settings.direction,
+            protocol=settings.protocol,
+            ruleset=admission.ruleset,
+            connection_id=id(conn),
+            node_name=self.config.node_name,
+            host_hint=None,
+            audit=admission.audit,
+            advertise=settings.advertise,
+            shared=shared,
+        )
+
+    def destination_of(self, dst: Address) -> PeerInfo:
+        lookup = self.settings.destination
+        if lookup is not None:
+            return lookup(dst[0], dst[1])
+        from garrison.policies.labels import Labels
+
+        return PeerInfo(0, Labels(), dst[0], dst[1])
+
+    def _source_endpoint(self, conn: _ClientConnection, admission: Admission | None) -> Endpoint:
+        if admission is None:
+            return Endpoint(ip=conn.src[0], port=conn.src[1])
+        return Endpoint.of(
+            admission.identity,
+            admission.labels,
+            namespace=admission.namespace,
+            ip=conn.src[0],
+            port=conn.src[1],
+        )
+
+    def _destination_endpoint(self, conn: _ClientConnection) -> Endpoint:
+        peer = self.destination_of(conn.dst)
+        return Endpoint.of(
+            peer.identity,
+            peer.labels,
+            namespace=peer.namespace,
+            pod_name=peer.pod_name or "",
+            ip=peer.ip,
+            port=peer.port,
+        )
+
+    def l3_l4_drop_record(
+        self, conn: _ClientConnection, admission: Admission, now: float
+    ) -> FlowRecord:
+        reason = admission.lookup.drop_reason or DropReason.POLICY_DENIED
+        denied_by = admission.lookup.refs if reason is DropReason.POLICY_DENY else ()
+        return l3_l4_drop(
+            time_ns=int(now * 1e9),
+            direction=self.settings.direction,
+            source=self._source_endpoint(conn, admission),
+            destination=self._destination_endpoint(conn),
+            reason=reason,
+            denied_by=denied_by,
+            node_name=self.config.node_name,
+        )
+
+    def error_record(self, conn: _ClientConnection, reason: str, now: float) -> FlowRecord:
+        context = conn.context
+        if context is not None:
+            src = context.source
+            source = Endpoint.of(
+                src.identity, src.labels, namespace=src.namespace, ip=src.ip, port=src.port
+            )
+        else:
+            source = self._source_endpoint(conn, None)
+        return proxy_error(
+            time_ns=int(now * 1e9),
+            direction=self.settings.direction,
+            client=source,
+            server=self._destination_endpoint(conn),
+            protocol=self.settings.protocol,
+            error=reason,
+            reason=DropReasonDesc.PROXY_ERROR,
+            node_name=self.config.node_name,
+        )
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def update_policy(self, policy: PolicySource) -> None:
+        """Swap the policy: new connections are admitted by it; live connections' engines
+        that support it match their next request against the new L7 rules."""
+        self.policy = policy
+        for conn in list(self.connections):
+            engine = conn.engine
+            update = getattr(engine, "update_ruleset", None)
+            if update is None or conn.closed:
+                continue
+            try:
+                admission = policy.admit(conn.src[0], conn.dst[0], conn.dst[1])
+                ruleset = admission.ruleset if admission.allowed else L7RuleSet(
+                    self.settings.protocol, ()
+                )
+                update(ruleset)
+            except Exception as exc:
+                conn._internal_error(exc, time.time())
+
+    # -- timers -------------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        interval = self.settings.sweep_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.sweep(time.time())
+            except Exception:  # the sweeper must survive anything
+                log.exception("timer sweep failed")
+
+    def sweep(self, now: float) -> None:
+        """Apply the timeouts to every connection (the sweeper calls this every second)."""
+        timeouts = self.config.timeouts
+        for conn in list(self.connections):
+            if conn.closed or conn.engine is None:
+                continue
+            waiting = getattr(conn.engine, "waiting", None)
+            if waiting is None:  # engines without states: idle on both sides
+                if now - max(conn.last_client, conn.last_upstream) > timeouts.idle:
+                    conn.timeout("idle", now)
+            elif waiting == "idle":
+                if now - max(conn.last_client, conn.last_upstream) > timeouts.idle:
+                    conn.timeout(waiting, now)
+            elif waiting == "head":
+                if now - conn.head_started > timeouts.header_read:
+                    conn.timeout(waiting, now)
+            elif waiting == "client":
+                if now - conn.last_client > timeouts.idle:
+                    conn.timeout(waiting, now)
+            elif waiting == "upstream" and conn._connecting is None and (
+                now - max(conn.last_upstream, conn.last_client) > timeouts.upstream_reply
+            ):
+                conn.timeout(waiting, now)
+        if self._pool is not None:
+            self._pool.expire()
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop listening, close every connection (after `grace` seconds), flush records."""
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+        if grace > 0 and self.connections:
+            deadline = time.monotonic() + grace
+            while self.connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn._close_all()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._pool is not None:
+            self._pool.close()
+        self.sink.flush()
+
+
+def print_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

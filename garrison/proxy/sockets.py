@@ -1,0 +1,104 @@
+"""Sockets the proxy server needs beyond what asyncio makes: transparent listeners and marked
+upstream sockets.
+
+- A transparent listener (`IP_TRANSPARENT`) accepts connections the datapath assigned to it
+  with `bpf_sk_assign` whatever their destination address; the accepted socket's
+  `getsockname()` is the original destination. Needs CAP_NET_ADMIN.
+- Upstream sockets carry `SO_MARK` = the datapath's proxy-upstream mark, so the tc program at
+  the destination recognises the proxy's own connection and does not redirect it again.
+  Needs CAP_NET_ADMIN too; standalone mode sets no mark.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+
+# Linux values; the socket module lacks IP_TRANSPARENT on some builds.
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
+SO_MARK = getattr(socket, "SO_MARK", 36)
+
+
+def _proxy_upstream_mark() -> int:
+    """The mark from the datapath's ABI mirror (`garrison.bpf.abi`), or the value of
+    `GAR_MARK_PROXY_UPSTREAM` in `garrison/bpf/abi.h` while no mirror exists."""
+    try:
+        from garrison.bpf import abi
+    except ImportError:
+        return 0x0B00
+    for name in ("MARK_PROXY_UPSTREAM", "GAR_MARK_PROXY_UPSTREAM", "PROXY_UPSTREAM_MARK"):
+        value = getattr(abi, name, None)
+        if isinstance(value, int):
+            return value
+    return 0x0B00
+
+
+PROXY_UPSTREAM_MARK = _proxy_upstream_mark()
+
+
+class ListenError(OSError):
+    """A listener could not be opened; the message says why, for the operator."""
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.AF_INET
+
+
+def listener(
+    host: str,
+    port: int,
+    *,
+    transparent: bool = False,
+    reuse_port: bool = False,
+    backlog: int = 1024,
+) -> socket.socket:
+    """A listening, non-blocking TCP socket on host:port (port 0 picks a free one)."""
+    family = family_of(host)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if transparent:
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            except PermissionError as exc:
+                raise ListenError(
+                    exc.errno, "IP_TRANSPARENT needs CAP_NET_ADMIN (run as root)"
+                ) from exc
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenError(exc.errno, f"{host}:{port} is already in use") from exc
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ListenError(exc.errno, f"{host} is not an address of this host") from exc
+            raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def upstream_socket(host: str, mark: int | None) -> socket.socket:
+    """A non-blocking TCP socket for connecting to `host`, marked when `mark` is given."""
+    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

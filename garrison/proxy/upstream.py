@@ -1,0 +1,277 @@
+"""Upstream connections: the protocol object of one upstream socket, and a per-destination
+pool of idle HTTP/1.1 keep-alive connections shared by every client connection.
+
+A client connection borrows an upstream connection when its engine first forwards bytes and,
+for HTTP/1.1, gives it back as soon as the engine reports it reusable (the response is
+complete and kept the connection alive). So 1,000 idle keep-alive clients hold no upstream
+connection at all, and a busy client reuses the same one request after request.
+
+An idle pooled connection that the upstream closes, or that sends anything, is dropped. Idle
+connections older than `idle_timeout` are closed (keep it below the upstream's own keep-alive
+timeout, so the proxy rarely sends a request on a connection the upstream is closing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from garrison.proxy.sockets import upstream_socket
+
+Address = tuple[str, int]
+
+
+class UpstreamOwner(Protocol):
+    """What an upstream connection reports to while a client connection holds it."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_eof(self) -> None: ...
+
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+
+    def upstream_pause_writing(self) -> None: ...
+
+    def upstream_resume_writing(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream. Dispatches to its owner; idle in the pool it has none."""
+
+    __slots__ = ("_paused_writing", "address", "closed", "idle_since", "owner", "pool", "transport")
+
+    def __init__(self, address: Address, pool: UpstreamPool | None) -> None:
+        self.address = address
+        self.pool = pool
+        self.owner: UpstreamOwner | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._paused_writing = False
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_data(data)
+        else:  # an idle connection must not speak: drop it
+            self.close()
+
+    def eof_received(self) -> bool:
+        owner = self.owner
+        if owner is not None:
+            owner.upstream_eof()
+            return True  # the owner decides when to close
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.pool is not None:
+            self.pool.forget(self)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+        if self.owner is not None:
+            self.owner.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self.owner is not None:
+            self.owner.upstream_resume_writing()
+
+    # -- use -------------------------------------------------------------------------------------
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._paused_writing
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+            if self.pool is not None:
+                self.pool.forget(self)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+            if self.pool is not None:
+                self.pool.forget(self)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """`max_idle`: idle connections kept per destination; `idle_timeout`: seconds an idle
+    connection is kept; `connect_timeout`: seconds to connect."""
+
+    max_idle: int = 256
+    idle_timeout: float = 15.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(slots=True)
+class PoolStats:
+    idle: int = 0
+    busy: int = 0
+    connects: int = 0
+    reuses: int = 0
+    connect_failures: int = 0
+
+
+class UpstreamConnectError(OSError):
+    """The upstream could not be reached (refused, unreachable, timed out)."""
+
+
+class UpstreamPool:
+    """Upstream connections by destination address; idle ones are reused (LIFO: the most
+    recently used connection is the least likely to have been closed by the upstream)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: PoolConfig | None = None,
+        *,
+        mark: int | None = None,
+        on_change: Callable[[PoolStats], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._loop = loop
+        self.config = config or PoolConfig()
+        self._mark = mark
+        self._idle: dict[Address, deque[UpstreamConnection]] = {}
+        self._on_change = on_change
+        self._clock = clock
+        self.stats = PoolStats()
+
+    def take_idle(self, address: Address) -> UpstreamConnection | None:
+        """An idle connection to `address`, now busy; None if there is none."""
+        idle = self._idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            self.stats.idle -= 1
+            self.stats.busy += 1
+            self.stats.reuses += 1
+            self._changed()
+            return conn
+        return None
+
+    async def connect(self, address: Address) -> UpstreamConnection:
+        """A new connection to `address`, busy (raises UpstreamConnectError)."""
+        host, port = address
+        sock = upstream_socket(host, self._mark)
+        try:
+            await asyncio.wait_for(
+                self._loop.sock_connect(sock, address), self.config.connect_timeout
+            )
+            _, conn = await self._loop.create_connection(
+                lambda: UpstreamConnection(address, self), sock=sock
+            )
+        except TimeoutError as exc:
+            sock.close()
+            self.stats.connect_failures += 1
+            raise UpstreamConnectError(
+                f"connecting to {host}:{port} timed out after {self.config.connect_timeout}s"
+            ) from exc
+        except OSError as exc:
+            sock.close()
+            self.stats.connect_failures += 1
+            raise UpstreamConnectError(
+                f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+        except BaseException:
+            sock.close()
+            raise
+        self.stats.connects += 1
+        self.stats.busy += 1
+        self._changed()
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """A busy connection whose conversation is complete and kept alive: make it idle."""
+        conn.owner = None
+        self.stats.busy -= 1
+        if conn.closed or conn.writing_paused:
+            conn.close()
+            self._changed()
+            return
+        idle = self._idle.setdefault(conn.address, deque())
+        if len(idle) >= self.config.max_idle:
+            conn.close()
+            self._changed()
+            return
+        conn.resume_reading()  # an idle connection must notice the upstream closing it
+        conn.idle_since = self._clock()
+        idle.append(conn)
+        self.stats.idle += 1
+        self._changed()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """A busy connection that cannot be reused: close it."""
+        conn.owner = None
+        self.stats.busy -= 1
+        conn.pool = None
+        conn.close()
+        self._changed()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        """`conn` closed: if it was idle, it is gone from the pool."""
+        idle = self._idle.get(conn.address)
+        if idle is not None and conn.owner is None:
+            try:
+                idle.remove(conn)
+            except ValueError:
+                return
+            self.stats.idle -= 1
+            self._changed()
+
+    def expire(self) -> None:
+        """Close idle connections older than `idle_timeout` (call periodically)."""
+        limit = self._clock() - self.config.idle_timeout
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since < limit:
+                conn = idle.popleft()
+                self.stats.idle -= 1
+                conn.pool = None
+                conn.close()
+        self._changed()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                conn = idle.popleft()
+                conn.pool = None
+                conn.close()
+        self._idle.clear()
+        self.stats.idle = 0
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.stats)
