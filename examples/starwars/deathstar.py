@@ -9,6 +9,8 @@
 - `POST|PUT /v1/echo` → 200, the request body streamed back (chunked) as it arrives
 - `GET /v1/download?bytes=N` → 200, N bytes streamed (chunked)
 - `GET /v1/headers` → 200, the request's header fields as JSON (to see header edits)
+- `GET /v1/stats` → 200, `{"requests": N}`: requests this process has received (tests ask it
+  directly, not through the proxy, to prove that a request never reached the app)
 - anything else → 404
 
 Keep-alive and pipelining: responses go out in request order; the connection closes after a
@@ -73,7 +75,8 @@ _CLOSE = object()
 class DeathStarProtocol(asyncio.Protocol):
     """One client connection. Responses are queued in order and written by one task."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: dict[str, int]) -> None:
+        self.stats = stats
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.out: asyncio.Queue[object] = asyncio.Queue()
@@ -126,6 +129,7 @@ class DeathStarProtocol(asyncio.Protocol):
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.stats["requests"] += 1
         self.url = b""
         self.headers = []
         self.echo = False
@@ -174,6 +178,9 @@ class DeathStarProtocol(asyncio.Protocol):
             if method == b"HEAD":
                 return answer[: answer.index(b"\r\n\r\n") + 4]
             return answer
+        if path == "/v1/stats" and method == b"GET":
+            body = json.dumps(self.stats).encode() + b"\n"
+            return _response("200 OK", body, b"application/json", keep_alive)
         if path == "/v1/headers" and method == b"GET":
             body = json.dumps(self.headers).encode() + b"\n"
             return _response("200 OK", body, b"application/json", keep_alive)
@@ -226,7 +233,10 @@ class DeathStarProtocol(asyncio.Protocol):
 
 async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(DeathStarProtocol, host, port, reuse_address=True)
+    stats = {"requests": 0}
+    server = await loop.create_server(
+        lambda: DeathStarProtocol(stats), host, port, reuse_address=True
+    )
     bound = server.sockets[0].getsockname()
     print(f"deathstar listening on {bound[0]}:{bound[1]}", flush=True)
     stop = asyncio.Event()

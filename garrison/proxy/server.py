@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO, cast
 
-from garrison.flows.build import l3_l4_drop, proxy_error
+from garrison.flows.build import l3_l4_drop, l3_l4_verdict, proxy_error
 from garrison.flows.record import (
     DropReasonDesc,
     Endpoint,
@@ -272,7 +272,7 @@ class _ClientConnection(asyncio.Protocol):
     # -- accept -------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        transport = self.transport = cast(asyncio.Transport, transport)  # uvloop: no subclass
         server = self.server
         now = time.time()
         self.last_client = self.head_started = now
@@ -298,6 +298,8 @@ class _ClientConnection(asyncio.Protocol):
             self.closed = True
             server.sink.emit(server.l3_l4_drop_record(self, admission, now))
             return
+        if not admission.lookup.allowed:  # admitted only because of audit mode
+            server.sink.emit(server.l3_l4_audit_record(self, admission, now))
         try:
             self.context = server.context_for(self, admission)
             self.engine = make_engine(self.context, server.config)
@@ -781,6 +783,23 @@ class ProxyServer:
             destination=self._destination_endpoint(conn),
             reason=reason,
             denied_by=denied_by,
+            node_name=self.config.node_name,
+        )
+
+    def l3_l4_audit_record(
+        self, conn: _ClientConnection, admission: Admission, now: float
+    ) -> FlowRecord:
+        """A connection L3/L4 policy would have dropped, admitted because of audit mode."""
+        reason = admission.lookup.drop_reason or DropReason.POLICY_DENIED
+        return l3_l4_verdict(
+            time_ns=int(now * 1e9),
+            direction=self.settings.direction,
+            source=self._source_endpoint(conn, admission),
+            destination=self._destination_endpoint(conn),
+            verdict=Verdict.AUDIT,
+            match_type=admission.lookup.match_type,
+            denied_by=admission.lookup.refs if reason is DropReason.POLICY_DENY else (),
+            drop_reason=reason,
             node_name=self.config.node_name,
         )
 
