@@ -249,7 +249,7 @@ class Datapath:
     def check_pinned_layout(self) -> None:
         """Refuse maps pinned by a build with another ABI (their sizes differ)."""
         for name, (key, value) in abi.MAPS.items():
-            info = map_info(self._bpf[name].map_fd)
+            info = map_info(self._bpf[name.encode()].map_fd)
             value_size = ctypes.sizeof(value)
             if info.key_size != ctypes.sizeof(key) or info.value_size != value_size:
                 raise PinnedMapMismatchError(
@@ -289,7 +289,7 @@ def _compile(bcc: Any, text: str, cflags: list[str]) -> Any:
     failure: Exception | None = None
     with _stderr_captured() as log:
         try:
-            bpf = bcc.BPF(text=text, cflags=cflags)
+            bpf = bcc.BPF(text=text.encode(), cflags=cflags)
         except Exception as exc:
             failure = exc
     if failure is not None:
@@ -301,7 +301,7 @@ def _load_programs(bcc: Any, bpf: Any) -> list[Any]:
     failure: Exception | None = None
     with _stderr_captured() as log:
         try:
-            fns = [bpf.load_func(name, bcc.BPF.SCHED_CLS) for name in PROGRAMS]
+            fns = [bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS) for name in PROGRAMS]
         except Exception as exc:
             failure = exc
     if failure is not None:

@@ -512,7 +512,7 @@ class EventReader:
         self._bpf = bpf
         self._pending: list[DatapathEvent] = []
         self._callback: Callable[[Any, Any, int], None] = self._on_record
-        bpf[abi.RINGBUF].open_ring_buffer(self._callback)
+        bpf[abi.RINGBUF.encode()].open_ring_buffer(self._callback)
         self._open = True
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> None:
@@ -538,10 +538,10 @@ class DatapathMaps:
     """Every map of a loaded Datapath, typed."""
 
     def __init__(self, bpf: Any) -> None:
-        self.ipcache = IPCache(bpf["gar_ipcache"])
-        self.policy = PolicyMap(bpf["gar_policy"])
-        self.endpoints = EndpointMap(bpf["gar_endpoints"])
-        self.conntrack = Conntrack(bpf["gar_ct"])
-        self.settings = DatapathSettings(bpf["gar_config"])
-        self.counters = Counters(bpf["gar_counters"])
+        self.ipcache = IPCache(bpf[b"gar_ipcache"])
+        self.policy = PolicyMap(bpf[b"gar_policy"])
+        self.endpoints = EndpointMap(bpf[b"gar_endpoints"])
+        self.conntrack = Conntrack(bpf[b"gar_ct"])
+        self.settings = DatapathSettings(bpf[b"gar_config"])
+        self.counters = Counters(bpf[b"gar_counters"])
         self.events = EventReader(bpf)

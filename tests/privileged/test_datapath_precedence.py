@@ -1,0 +1,337 @@
+"""The kernel's policy lookup agrees with the model, case by case.
+
+Each case resolves a policy with the real resolver, writes the endpoint's MapState to the
+kernel the way the agent does (PolicySync), runs `from_container` (egress of the endpoint)
+or `to_container` (its ingress) on a crafted frame with BPF_PROG_TEST_RUN, and compares the
+kernel's policy-verdict event and return code with `mapstate.lookup()` on the same
+MapState: allowed or not, match type, drop reason, redirect.
+
+The endpoint under test runs "on" loopback (ifindex 1, what test runs use); its peers are
+ipcache entries that are not local endpoints, so each run judges exactly one side.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+from functools import cache
+from ipaddress import IPv4Address
+
+import pytest
+
+from garrison.bpf import abi
+from garrison.bpf.loader import Datapath
+from garrison.bpf.maps import DatapathEvent
+from garrison.bpf.sync import LocalEndpoint, PolicySync
+from garrison.bpf.syscall import TC_ACT_OK, TC_ACT_SHOT, SkbContext
+from garrison.policies.mapstate import (
+    PROTO_ICMP,
+    PROTO_SCTP,
+    PROTO_TCP,
+    PROTO_UDP,
+    DropReason,
+    MatchType,
+    lookup,
+)
+from garrison.policies.model import Direction, EnforcementMode
+from garrison.policies.resolve import PolicyResolver, ResolverConfig
+from garrison.policies.selectorcache import cidr_of, is_cidr
+from garrison.policies.trace import build_resolver
+
+from .test_datapath_harness import (  # noqa: F401 (fixtures)
+    PROXY_PORTS,
+    fixture_bpffs,
+    fixture_datapath,
+    fixture_dp,
+    fixture_no_leftovers,
+    labels_of,
+    policies,
+)
+
+pytestmark = pytest.mark.privileged
+
+LO = 1
+ME = ("198.18.1.1", 400, "app=me")
+PEERS = {
+    "a": ("198.18.1.2", 401, "app=peer-a"),
+    "b": ("198.18.1.3", 402, "app=peer-b"),
+    "world": ("198.18.1.4", abi.IDENTITY_WORLD, None),  # not in the ipcache
+    "cidr": ("198.18.9.7", 0, None),  # a CIDR identity, found by prefix
+}
+PROTOS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP, "ICMP": PROTO_ICMP}
+
+HEAD = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: {name}}}
+spec:
+  endpointSelector: {{matchLabels: {{app: me}}}}
+"""
+
+SCENARIOS: dict[str, tuple[str, ResolverConfig | None]] = {
+    # one allow of every precedence class; egress: allow-all with denies at two classes
+    "classes": (
+        HEAD.format(name="classes")
+        + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "0", protocol: UDP}]}]
+  - toPorts: [{ports: [{port: "0", protocol: SCTP}]}]
+  - fromEndpoints: [{matchLabels: {app: peer-b}}]
+  egress:
+  - toEntities: [all]
+  egressDeny:
+  - toEndpoints: [{matchLabels: {app: peer-b}}]
+    toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+  - toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+""",
+        None,
+    ),
+    # ranges (overlapping, protocol ANY vs TCP), denies over ranges, an unenforced
+    # direction that still has a deny
+    "ranges": (
+        HEAD.format(name="ranges")
+        + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts:
+    - ports: [{port: "1000", endPort: 1999, protocol: TCP}]
+    - ports: [{port: "1500", endPort: 1599, protocol: ANY}]
+    - ports: [{port: "53", protocol: ANY}, {port: "53", protocol: TCP}]
+  - toPorts: [{ports: [{port: "3000", endPort: 3999, protocol: TCP}]}]
+  ingressDeny:
+  - toPorts: [{ports: [{port: "1500", endPort: 1509, protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: peer-b}}]
+  egressDeny:
+  - toEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  enableDefaultDeny: {egress: false}
+""",
+        None,
+    ),
+    # L7 on a port inside an L4 range of the same peer; ICMP by type; a CIDR peer
+    "l7": (
+        HEAD.format(name="l7")
+        + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET, path: /}]}
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "1", endPort: 79, protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: peer-b}}]
+    icmps: [{fields: [{type: 8, family: IPv4}]}]
+  egress:
+  - toCIDR: [198.18.9.0/24]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts:
+    - ports: [{port: "9092", protocol: TCP}]
+      rules: {kafka: [{role: produce, topic: t}]}
+""",
+        None,
+    ),
+    # audit: verdicts computed and logged, nothing dropped
+    "audit": (
+        HEAD.format(name="audit")
+        + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  egressDeny:
+  - toEndpoints: [{matchLabels: {app: peer-b}}]
+""",
+        ResolverConfig(audit=True),
+    ),
+    # enforcement never: nothing applies
+    "never": (
+        HEAD.format(name="never")
+        + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+""",
+        ResolverConfig(enforcement=EnforcementMode.NEVER),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    scenario: str
+    direction: Direction
+    peer: str
+    proto: str
+    port: int
+    # the expectation in words (also checked against the model, so a wrong line fails)
+    expect: str
+
+    def __str__(self) -> str:
+        return f"{self.scenario}-{self.direction.value}-{self.peer}-{self.proto}-{self.port}"
+
+
+IN, OUT = Direction.INGRESS, Direction.EGRESS
+CASES = [
+    Case("classes", IN, "a", "TCP", 80, "allow L3-L4"),
+    Case("classes", IN, "a", "TCP", 81, "drop POLICY_DENIED"),
+    Case("classes", IN, "a", "UDP", 5000, "allow L3-proto"),
+    Case("classes", IN, "b", "TCP", 8080, "allow L4-only"),
+    Case("classes", IN, "b", "TCP", 9999, "allow L3-only"),
+    Case("classes", IN, "b", "UDP", 53, "allow L3-only"),
+    Case("classes", IN, "world", "TCP", 8080, "allow L4-only"),
+    Case("classes", IN, "world", "TCP", 80, "drop POLICY_DENIED"),
+    Case("classes", IN, "world", "SCTP", 1, "allow proto-only"),
+    Case("classes", IN, "a", "SCTP", 7, "allow proto-only"),
+    Case("classes", IN, "world", "ICMP", 8, "drop POLICY_DENIED"),
+    Case("classes", OUT, "b", "TCP", 22, "drop POLICY_DENY L3-L4"),
+    Case("classes", OUT, "a", "TCP", 22, "allow all"),
+    Case("classes", OUT, "world", "UDP", 53, "drop POLICY_DENY L4-only"),
+    Case("classes", OUT, "b", "UDP", 53, "drop POLICY_DENY L4-only"),
+    Case("classes", OUT, "world", "ICMP", 8, "allow all"),
+    Case("ranges", IN, "a", "TCP", 1000, "allow L3-L4"),
+    Case("ranges", IN, "a", "TCP", 1999, "allow L3-L4"),
+    Case("ranges", IN, "a", "TCP", 2000, "drop POLICY_DENIED"),
+    Case("ranges", IN, "a", "UDP", 1550, "allow L3-L4"),
+    Case("ranges", IN, "a", "UDP", 1499, "drop POLICY_DENIED"),
+    Case("ranges", IN, "a", "TCP", 1505, "drop POLICY_DENY L4-only"),
+    Case("ranges", IN, "a", "TCP", 1510, "allow L3-L4"),
+    Case("ranges", IN, "a", "UDP", 1505, "allow L3-L4"),
+    Case("ranges", IN, "a", "UDP", 53, "allow L3-L4"),
+    Case("ranges", IN, "a", "TCP", 53, "allow L3-L4"),
+    Case("ranges", IN, "world", "TCP", 3500, "allow L4-only"),
+    Case("ranges", IN, "world", "TCP", 2999, "drop POLICY_DENIED"),
+    Case("ranges", IN, "b", "TCP", 3500, "drop POLICY_DENY L3-only"),
+    Case("ranges", IN, "b", "TCP", 1505, "drop POLICY_DENY L4-only"),
+    Case("ranges", OUT, "a", "TCP", 5432, "drop POLICY_DENY L3-L4"),
+    Case("ranges", OUT, "a", "TCP", 5433, "allow none"),
+    Case("ranges", OUT, "b", "UDP", 5432, "allow none"),
+    Case("l7", IN, "a", "TCP", 80, "redirect L3-L4"),
+    Case("l7", IN, "a", "TCP", 79, "allow L3-L4"),
+    Case("l7", IN, "a", "TCP", 81, "drop POLICY_DENIED"),
+    Case("l7", IN, "b", "ICMP", 8, "allow L3-L4"),
+    Case("l7", IN, "b", "ICMP", 13, "drop POLICY_DENIED"),
+    Case("l7", OUT, "cidr", "TCP", 443, "allow L3-L4"),
+    Case("l7", OUT, "world", "TCP", 443, "drop POLICY_DENIED"),
+    Case("l7", OUT, "a", "TCP", 9092, "redirect L3-L4"),
+    Case("audit", IN, "a", "TCP", 80, "allow L3-L4"),
+    Case("audit", IN, "b", "TCP", 80, "drop POLICY_DENIED"),
+    Case("audit", OUT, "b", "UDP", 53, "drop POLICY_DENY L3-only"),
+    Case("audit", OUT, "a", "UDP", 53, "drop POLICY_DENIED"),
+    Case("never", IN, "b", "TCP", 80, "allow none"),
+    Case("never", OUT, "a", "TCP", 80, "allow none"),
+]
+
+
+@cache
+def resolver_for(scenario: str) -> PolicyResolver:
+    text, config = SCENARIOS[scenario]
+    eps = [(ME[1], labels_of(ME[2]))] + [
+        (ident, labels_of(lab)) for _, ident, lab in PEERS.values() if lab is not None
+    ]
+    return build_resolver(policies(text), eps, config)
+
+
+def cidr_identities(resolver: PolicyResolver) -> dict[str, int]:
+    out = {}
+    for ident, labels in resolver.cache.identities().items():
+        if is_cidr(ident) and (net := cidr_of(labels)) is not None:
+            out[str(net)] = ident
+    return out
+
+
+def frame(src: str, dst: str, proto: int, sport: int, dport: int) -> bytes:
+    eth = bytes.fromhex("020000000002" "020000000001") + struct.pack("!H", 0x0800)
+    if proto == PROTO_TCP:
+        l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+    elif proto == PROTO_UDP:
+        l4 = struct.pack("!HHHH", sport, dport, 8, 0)
+    elif proto == PROTO_SCTP:
+        l4 = struct.pack("!HHII", sport, dport, 0, 0)
+    else:  # ICMP: the port is the type; the identifier rides as "source port"
+        l4 = struct.pack("!BBHHH", dport, 0, 0, sport, 1)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0x4000, 64, proto, 0,
+        socket.inet_aton(src), socket.inet_aton(dst),
+    )
+    return eth + ip + l4
+
+
+def install(dp: Datapath, resolver: PolicyResolver) -> int:
+    """ipcache for the peers (CIDR prefixes included), the policy via PolicySync; returns
+    the identity the cidr peer's address resolves to."""
+    for ip, ident, _ in PEERS.values():
+        if ident not in (0, abi.IDENTITY_WORLD):
+            dp.maps.ipcache.upsert(f"{ip}/32", ident)
+    for prefix, ident in cidr_identities(resolver).items():
+        dp.maps.ipcache.upsert(prefix, ident)
+    sync = PolicySync(dp.maps, PROXY_PORTS)
+    sync.reconcile(resolver, [LocalEndpoint(LO, ME[1], IPv4Address(ME[0]))])
+    return dp.maps.ipcache.lookup(PEERS["cidr"][0])
+
+
+def verdicts(events: list[DatapathEvent]) -> list[DatapathEvent]:
+    return [e for e in events if e.type is abi.EventType.POLICY_VERDICT]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_verdict_equals_model(dp: Datapath, case: Case) -> None:
+    resolver = resolver_for(case.scenario)
+    cidr_identity = install(dp, resolver)
+    peer_ip, peer_identity, _ = PEERS[case.peer]
+    if case.peer == "cidr":
+        peer_identity = cidr_identity
+    proto = PROTOS[case.proto]
+    state = resolver.map_state(ME[1])
+    model = lookup(state, case.direction, peer_identity, proto, case.port)
+
+    # the table's words agree with the model (a typo in the table must not go unnoticed)
+    words = case.expect.split()
+    assert model.allowed == (words[0] in ("allow", "redirect"))
+    assert (model.redirect is not None) == (words[0] == "redirect")
+    if words[0] == "drop":
+        assert model.drop_reason is DropReason(words[1])
+    assert model.match_type is MatchType(words[-1] if words[-1] != "POLICY_DENIED" else "none")
+
+    if case.direction is Direction.EGRESS:
+        program, src, dst = "from_container", ME[0], peer_ip
+    else:
+        program, src, dst = "to_container", peer_ip, ME[0]
+    dp.maps.events.drain()
+    result = dp.test_run(program, frame(src, dst, proto, 40000, case.port), SkbContext(ifindex=LO))
+    events = dp.maps.events.drain()
+    [verdict] = verdicts(events)
+
+    assert verdict.allowed == model.allowed
+    assert verdict.match_type.model is model.match_type
+    assert (verdict.reason.model if verdict.reason else None) is model.drop_reason
+    assert verdict.redirect == (model.redirect is not None)
+    assert verdict.direction is abi.TrafficDirection.of(case.direction)
+    assert verdict.audit == state.audit
+    me, peer = ME[1], peer_identity
+    assert (verdict.src_identity, verdict.dst_identity) == (
+        (me, peer) if case.direction is Direction.EGRESS else (peer, me)
+    )
+
+    drops = [e for e in events if e.type is abi.EventType.DROP]
+    if state.audit or (model.allowed and model.redirect is None):
+        assert result.retval == TC_ACT_OK
+        assert not [d for d in drops if not d.audit]
+    else:
+        assert result.retval == TC_ACT_SHOT
+        [drop] = drops
+        if not model.allowed:
+            assert drop.reason is not None and drop.reason.model is model.drop_reason
+        elif case.direction is Direction.EGRESS:  # no proxy listens: fail closed
+            assert drop.reason is abi.DropReason.PROXY_NOT_LISTENING
+        else:  # ingress redirect cannot happen at to_container for a non-local source
+            assert drop.reason is abi.DropReason.PROXY_REDIRECT_UNSUPPORTED
+
+
+def test_table_is_large_enough() -> None:
+    assert len(CASES) >= 30
+    assert {c.scenario for c in CASES} == set(SCENARIOS)
