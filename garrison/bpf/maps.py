@@ -535,7 +535,14 @@ class EventReader:
 
 
 class DatapathMaps:
-    """Every map of a loaded Datapath, typed."""
+    """Every map of a loaded Datapath, typed.
+
+    An endpoint's identity lives in two places: its endpoint config (the identity its own
+    host veth acts as, used at from_container) and its ipcache /32 (what every other
+    endpoint sees, used when it is the remote side). `write_endpoint` keeps them together —
+    admitting an endpoint and relabelling it are both one call. Write the policy entries of
+    a new identity (PolicySync) before moving an endpoint to it.
+    """
 
     def __init__(self, bpf: Any) -> None:
         self.ipcache = IPCache(bpf[b"gar_ipcache"])
@@ -545,3 +552,17 @@ class DatapathMaps:
         self.settings = DatapathSettings(bpf[b"gar_config"])
         self.counters = Counters(bpf[b"gar_counters"])
         self.events = EventReader(bpf)
+
+    def write_endpoint(self, ifindex: int, config: EndpointConfig) -> None:
+        """Admit or relabel a local endpoint: its config, then its ipcache entry."""
+        self.endpoints.upsert(ifindex, config)
+        self.ipcache.upsert(
+            IPv4Network((config.ipv4, 32)), config.identity, ifindex=ifindex,
+            local_endpoint=True,
+        )
+
+    def remove_endpoint(self, ifindex: int, ipv4: IPv4Address) -> None:
+        """Forget a local endpoint: its ipcache entry first (nobody reaches it as itself
+        any more), then its config (its programs then drop everything it sends)."""
+        self.ipcache.delete(IPv4Network((ipv4, 32)))
+        self.endpoints.delete(ifindex)

@@ -20,6 +20,7 @@ from garrison.bpf.abi import MARK_MASK, MARK_TO_PROXY, PROXY_ROUTE_TABLE
 
 PROXY_RULE_PRIORITY = 9  # before the main table (32766); after the local one (0)
 RTN_LOCAL = 2
+SCOPE_HOST = 254
 
 
 def _our_rules(ipr: IPRoute) -> list[int]:
@@ -60,7 +61,7 @@ def install_proxy_steering() -> None:
             type="local",
             oif=lo,
             table=PROXY_ROUTE_TABLE,
-            scope=254,  # host
+            scope=SCOPE_HOST,
         )
 
 
@@ -84,7 +85,12 @@ def remove_proxy_steering() -> None:
             lo = ipr.link_lookup(ifname="lo")[0]
             try:
                 ipr.route(
-                    "del", dst="0.0.0.0/0", type="local", oif=lo, table=PROXY_ROUTE_TABLE
+                    "del",
+                    dst="0.0.0.0/0",
+                    type="local",
+                    oif=lo,
+                    table=PROXY_ROUTE_TABLE,
+                    scope=SCOPE_HOST,  # must match: pyroute2 sends another scope otherwise
                 )
             except NetlinkError as exc:
                 if exc.code != errno.ESRCH:

@@ -193,9 +193,7 @@ class Endpoints:
         ep = NetnsEndpoint(name, link, labels_of(labels), identity)
         self.made.append(ep)
         maps = self.datapath.maps
-        maps.endpoints.upsert(link.host_ifindex, EndpointConfig(identity, link.ipv4))
-        maps.ipcache.upsert(f"{ip}/32", identity, ifindex=link.host_ifindex,
-                            local_endpoint=True)
+        maps.write_endpoint(link.host_ifindex, EndpointConfig(identity, link.ipv4))
         maps.ipcache.upsert(f"{DEFAULT_GATEWAY}/32", abi.IDENTITY_HOST)
         attach_endpoint_programs(link.host_ifindex, self.datapath.programs)
         return ep
