@@ -35,6 +35,7 @@ the client expects an answer, a response record with the answer's error code and
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ from garrison.parsers.kafka import (
     KafkaResponseParser,
     TopicIdRegistry,
     decode_response_body,
+    parse_request_frame,
 )
 from garrison.parsers.kafka_apis import (
     FETCH,
@@ -82,6 +84,7 @@ from garrison.proxy.config import ProxyConfig
 from garrison.proxy.deny import kafka_deny_encodable, kafka_deny_response
 from garrison.proxy.deny_kafka_support import (
     CLUSTER_AUTHORIZATION_FAILED,
+    TOPIC_AUTHORIZATION_FAILED,
     KafkaDenyUnencodableError,
 )
 
@@ -126,8 +129,12 @@ class _Slot:
     started: float
     topics: tuple[str, ...]
     local: bool = False
-    allowed_topics: frozenset[str] | None = None  # filter an all-topics Metadata answer
+    allowed_topics: frozenset[str] | None = None  # the topics a Metadata answer may list
     unanswerable: str = ""
+    # Metadata naming allowed and denied topics: the denied ones, and their entries (error
+    # 29, from the deny encoder) to add to the broker's answer for the allowed ones.
+    denied_topics: tuple[str, ...] = ()
+    denied_entries: tuple[Any, ...] = ()
 
 
 class _Out:
@@ -291,6 +298,8 @@ class KafkaEngine:
         refs = (verdict.rule,) if verdict.rule is not None else ()
         if verdict.allowed or self._audit:
             self._forward(request, verdict.allowed, refs, verdict.allowed_topics, topics, now, out)
+        elif request.api_key == METADATA and (split := self._split_metadata(request)):
+            self._forward_allowed_part(request, *split, now, out)
         else:
             self._deny(request, topics, now, out)
 
@@ -346,6 +355,85 @@ class KafkaEngine:
         if every.allowed and every.allowed_topics is None:
             return None  # the rules allow any topic: nothing to hide
         return frozenset(request.topics)
+
+    def _split_metadata(
+        self, request: KafkaRequest
+    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[RuleRef, ...]] | None:
+        """(allowed topics, denied topics, refs) of a denied Metadata request naming some
+        topics the rules allow; None when it names none (or names topics by id only).
+
+        A Kafka broker with ACLs authorizes Metadata per topic: the allowed topics are
+        described, the others carry error 29. Clients rely on it: kafka-python asks for every
+        topic it knows in one request, and if that answer failed every topic because of one it
+        may not use, a single send to a forbidden topic would stop it sending to its own.
+        """
+        decoded = request.decoded
+        if request.all_topics or not request.topics_complete or decoded is None:
+            return None
+        if not all(entry.name for entry in decoded.topics or ()):
+            return None
+        allowed: list[str] = []
+        denied: list[str] = []
+        refs: tuple[RuleRef, ...] = ()
+        for topic in request.topics:
+            verdict = self._matcher.match(
+                METADATA, request.api_version, request.client_id, (topic,)
+            )
+            if verdict.allowed:
+                allowed.append(topic)
+                if not refs and verdict.rule is not None:
+                    refs = (verdict.rule,)
+            else:
+                denied.append(topic)
+        if not allowed or not denied:
+            return None
+        return tuple(allowed), tuple(denied), refs
+
+    def _forward_allowed_part(
+        self,
+        request: KafkaRequest,
+        allowed: tuple[str, ...],
+        denied: tuple[str, ...],
+        refs: tuple[RuleRef, ...],
+        now: float,
+        out: _Out,
+    ) -> None:
+        """Forward the Metadata request for its allowed topics only (a denied topic must not
+        reach the broker: it could create it) and remember the error entries of the others."""
+        narrowed = self._narrowed(request, allowed)
+        refused = self._narrowed(request, denied)
+        answer = kafka_deny_response(refused)
+        entries = decode_response_body(refused, answer).topics if answer is not None else []
+        try:
+            self._responses.expect(narrowed)
+        except KafkaError as exc:
+            self._fail(out, now, f"client pipelines without reading: {exc}")
+            return
+        out.log(self._request_record(request, Verdict.FORWARDED, refs, allowed, now))
+        out.log(self._request_record(request, Verdict.DROPPED, (), denied, now))
+        out.write(Forward, Side.UPSTREAM, narrowed.raw)
+        self._pending.append(
+            _Slot(
+                narrowed,
+                Verdict.FORWARDED,
+                refs,
+                now,
+                allowed,
+                allowed_topics=frozenset(allowed),
+                denied_topics=denied,
+                denied_entries=tuple(entries),
+            )
+        )
+
+    def _narrowed(self, request: KafkaRequest, topics: tuple[str, ...]) -> KafkaRequest:
+        """The same Metadata request (version, correlation id, client id) for `topics` only,
+        encoded by kafka-python and read back by the parser."""
+        keep = frozenset(topics)
+        message = copy.copy(request.decoded)
+        message.topics = [entry for entry in request.decoded.topics if entry.name in keep]
+        message.with_header(correlation_id=request.correlation_id, client_id=request.client_id)
+        frame = bytes(message.encode(header=True, framed=True))
+        return parse_request_frame(frame, self._topic_ids)
 
     def _deny(self, request: KafkaRequest, topics: tuple[str, ...], now: float, out: _Out) -> None:
         out.log(self._request_record(request, Verdict.DROPPED, (), topics, now))
@@ -415,6 +503,9 @@ class KafkaEngine:
                 return
             out.write(Forward, Side.CLIENT, raw)
             out.log(self._response_record(slot, _error_code(response), now))
+            if slot.denied_topics:
+                denied = _Slot(slot.request, Verdict.DROPPED, (), slot.started, slot.denied_topics)
+                out.log(self._response_record(denied, TOPIC_AUTHORIZATION_FAILED, now))
             self._release(out, now)
         if self._client_eof and not self._pending and not self._closed:
             self._finish(out, "client closed the connection")
@@ -427,6 +518,12 @@ class KafkaEngine:
             decoded = response.decoded
             if decoded is None:
                 raise LocalProtocolError("a Metadata answer to filter was not decoded")
+            if slot.denied_entries:
+                merged = copy.copy(decoded)
+                merged.topics = [t for t in decoded.topics or () if t.name in keep]
+                merged.topics += slot.denied_entries
+                whole = KafkaResponse(response.request, response.correlation_id, b"", merged)
+                return rewrite_metadata_response(whole, address_for=address_for)
             if any(topic.name not in keep for topic in decoded.topics or ()):
                 return rewrite_metadata_response(
                     response, allowed_topics=keep, address_for=address_for

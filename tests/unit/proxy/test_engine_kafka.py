@@ -716,3 +716,60 @@ def test_the_records_error_code_is_the_answers_first_error() -> None:
         parser.receive_data(connection.responses_bytes)
         for response in parser.events():
             assert _error_code(response) == (response.error_code or 0)
+
+
+# ---- Metadata naming allowed and denied topics ------------------------------------------------
+
+
+def metadata_for(*topics: str, correlation_id: int = 3) -> bytes:
+    """kafka-python's producer Metadata v12 request (as captured) for `topics`."""
+    api = kafka_api(3)
+    assert api is not None
+    entry = api.request_class.fields["topics"].data_class
+    message = api.request_class[12](
+        topics=[entry(name=name, topic_id=None) for name in topics],
+        allow_auto_topic_creation=True,
+        include_topic_authorized_operations=False,
+    )
+    message.with_header(correlation_id=correlation_id, client_id="kafka-python-producer-1")
+    return bytes(message.encode(header=True, framed=True))
+
+
+def test_metadata_for_allowed_and_denied_topics_is_answered_per_topic() -> None:
+    """As a broker with ACLs: the allowed topic described by the broker, the other one with
+    error 29. Only the allowed topic reaches the broker (a denied one could be created)."""
+    connection = conn("kafka-python-producer/conn1")
+    (captured,) = request_frames(connection, 3)  # the same request for kp-orders alone
+    assert metadata_for("kp-orders") == captured
+    eng = engine(rules(KafkaRule(role=KafkaRole.PRODUCE, topic="kp-orders")), advertise=ADVERTISE)
+    sent = eng.client_data(metadata_for("secret-plans", "kp-orders"), NOW)
+    assert written(sent, Side.UPSTREAM) == captured
+    assert [(r.verdict, r.l7.kafka.topics) for r in records(sent)] == [  # type: ignore[union-attr]
+        (Verdict.FORWARDED, ("kp-orders",)),
+        (Verdict.DROPPED, ("secret-plans",)),
+    ]
+    (broker_answer,) = response_frames(connection, 3)
+    out = eng.upstream_data(broker_answer, NOW)
+    (request,) = parsed_requests([metadata_for("secret-plans", "kp-orders")])
+    decoded = decode_answer(request, written(out, Side.CLIENT))
+    assert [(t.name, t.error_code, len(t.partitions)) for t in decoded.topics] == [
+        ("kp-orders", 0, 4),  # the captured answer: four partitions
+        ("secret-plans", 29, 0),
+    ]
+    assert [(b.host, b.port) for b in decoded.brokers] == [ADVERTISE]
+    assert [(r.verdict, r.l7.kafka.topics, r.l7.kafka.error_code) for r in records(out)] == [  # type: ignore[union-attr]
+        (Verdict.FORWARDED, ("kp-orders",), 0),
+        (Verdict.DROPPED, ("secret-plans",), 29),
+    ]
+
+
+def test_metadata_for_denied_topics_only_is_denied_whole() -> None:
+    eng = engine(rules(KafkaRule(role=KafkaRole.PRODUCE, topic="kp-orders")))
+    out = eng.client_data(metadata_for("secret-plans", "other"), NOW)
+    assert not written(out, Side.UPSTREAM)
+    (request,) = parsed_requests([metadata_for("secret-plans", "other")])
+    decoded = decode_answer(request, injected(out))
+    assert [(t.name, t.error_code) for t in decoded.topics] == [
+        ("secret-plans", 29),
+        ("other", 29),
+    ]
