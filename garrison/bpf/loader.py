@@ -237,9 +237,11 @@ class Datapath:
         check_pin_root(config.pin_root)
         bpf = _compile(bcc, flatten_source(PROGRAM_SOURCE), config.cflags())
         try:
+            # before loading: the verifier would reject programs over a foreign map, with
+            # a message that does not say why
+            check_pinned_layout(bpf, config.pin_root)
             fns = _load_programs(bcc, bpf)
             dp = cls(config, bpf, EndpointPrograms(fns[0].fd, fns[1].fd))
-            dp.check_pinned_layout()
             dp.maps.settings.write(config.ct_timeouts)
             return dp
         except BaseException:
@@ -247,17 +249,12 @@ class Datapath:
             raise
 
     def check_pinned_layout(self) -> None:
-        """Refuse maps pinned by a build with another ABI (their sizes differ)."""
-        for name, (key, value) in abi.MAPS.items():
-            info = map_info(self._bpf[name.encode()].map_fd)
-            value_size = ctypes.sizeof(value)
-            if info.key_size != ctypes.sizeof(key) or info.value_size != value_size:
-                raise PinnedMapMismatchError(
-                    f"map {name} pinned at {self.config.pin_root}/{name} has key/value sizes "
-                    f"{info.key_size}/{info.value_size}, this build expects "
-                    f"{ctypes.sizeof(key)}/{value_size}: remove the stale pins "
-                    f"(garrison.redirect.remove_pin_dir) and reload"
-                )
+        check_pinned_layout(self._bpf, self.config.pin_root)
+
+    def map_ids(self) -> dict[str, int]:
+        """Kernel ids of the maps this loader opened: equal across a restart over the same
+        pins (the maps were reused, not recreated)."""
+        return {name: map_info(self._bpf[name.encode()].map_fd).id for name in abi.MAPS}
 
     def test_run(
         self, program: str, frame: bytes, ctx: SkbContext | None = None
@@ -283,6 +280,19 @@ class Datapath:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def check_pinned_layout(bpf: Any, pin_root: Path) -> None:
+    """Refuse maps pinned by a build with another ABI (their sizes differ)."""
+    for name, (key, value) in abi.MAPS.items():
+        info = map_info(bpf[name.encode()].map_fd)
+        if info.key_size != ctypes.sizeof(key) or info.value_size != ctypes.sizeof(value):
+            raise PinnedMapMismatchError(
+                f"map {name} pinned at {pin_root}/{name} has key/value sizes "
+                f"{info.key_size}/{info.value_size}, this build expects "
+                f"{ctypes.sizeof(key)}/{ctypes.sizeof(value)}: remove the stale pins "
+                f"(garrison.redirect.remove_pin_dir) and load again"
+            )
 
 
 def _compile(bcc: Any, text: str, cflags: list[str]) -> Any:

@@ -16,6 +16,7 @@ from ipaddress import IPv4Address
 from garrison.bpf.maps import DatapathMaps, EndpointConfig
 from garrison.bpf.policymap import DesiredPolicy, PolicyDiff, endpoint_flags
 from garrison.policies.l7rules import L7Protocol
+from garrison.policies.mapstate import MapState
 from garrison.policies.resolve import PolicyResolver
 
 
@@ -58,18 +59,19 @@ class PolicySync:
     ) -> PolicyDiff:
         """After a policy or identity change: only the keys the resolver reports changed
         for `identities` (those with local endpoints), then those endpoints' flags."""
-        eps = [ep for ep in endpoints]
+        eps = list(endpoints)
+        changed = set(identities)
         local = {ep.identity for ep in eps}
         diff = PolicyDiff()
-        for identity, keys in resolver.updates(set(identities) & local).items():
+        for identity, keys in resolver.updates(changed & local).items():
             changes = {key: resolver.entry(identity, key) for key in keys}
             diff = diff.then(self.desired.update(identity, changes))
         self.maps.policy.apply(diff)
-        self._write_flags(resolver, [ep for ep in eps if ep.identity in set(identities)])
+        self._write_flags(resolver, [ep for ep in eps if ep.identity in changed])
         return diff
 
     def _write_flags(self, resolver: PolicyResolver, endpoints: list[LocalEndpoint]) -> None:
-        states = {}
+        states: dict[int, MapState] = {}
         for ep in endpoints:
             state = states.get(ep.identity)
             if state is None:

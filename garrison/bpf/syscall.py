@@ -16,6 +16,7 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390
 BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_OBJ_GET = 7
+BPF_PROG_GET_FD_BY_ID = 13
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -58,6 +59,27 @@ def map_info(fd: int) -> MapInfo:
     type_, id_, key_size, value_size, max_entries, flags = struct.unpack_from("6I", info, 0)
     name = bytes(info.raw[24:40]).split(b"\0", 1)[0].decode()
     return MapInfo(type_, id_, key_size, value_size, max_entries, flags, name)
+
+
+def prog_id(fd: int) -> int:
+    """The kernel id of the program behind `fd`."""
+    info = ctypes.create_string_buffer(256)
+    attr = ctypes.create_string_buffer(32)
+    struct.pack_into("IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return int(struct.unpack_from("I", info, 4)[0])
+
+
+def prog_exists(id_: int) -> bool:
+    """Whether a program with this id is still loaded (something still holds it)."""
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("I", attr, 0, id_)
+    try:
+        fd = bpf(BPF_PROG_GET_FD_BY_ID, attr)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def obj_get(path: str) -> int:

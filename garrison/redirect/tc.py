@@ -26,7 +26,6 @@ ETH_P_ALL = 0x0003
 class AttachedFilter:
     parent: int
     name: str
-    prog_id: int | None
 
 
 def _replace_filter(ipr: IPRoute, ifindex: int, parent: int, fd: int, name: str) -> None:
@@ -84,10 +83,8 @@ def attached_filters(ifindex: int) -> list[AttachedFilter]:
                     continue
                 opts = msg.get_attr("TCA_OPTIONS")
                 name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
-                prog_id = opts.get_attr("TCA_BPF_ID") if opts is not None else None
-                if name is None:
-                    continue
-                out.append(AttachedFilter(parent, str(name), prog_id))
+                if name is not None:
+                    out.append(AttachedFilter(parent, str(name)))
     return out
 
 
