@@ -1,19 +1,22 @@
 """Kafka produce through garrison vs. direct to the broker, measured in one run.
 
-Run: .venv/bin/python bench/proxy_kafka.py [--messages N] [--requests N] [--rounds R]
+Run: .venv/bin/python bench/proxy_kafka.py [--messages N] [--rounds R] [--requests N]
+         [--blocks B]
 
 A tansu broker (tests/kafka_broker.py) and `garrison proxy --protocol kafka` in front of it,
 enforcing examples/kafka/kafka_policy.yaml for the producer identity (empire-hq may produce to
 empire-announce), writing every flow record to a JSON-lines access log, as deployed. The same
-kafka-python producer code runs against the broker directly and through the proxy, rounds
-alternating, best round of each kept:
+kafka-python producer code runs against the broker directly and through the proxy; direct
+and proxied runs alternate and medians are reported, so load that comes and goes on the
+machine hits both sides alike:
 
 - `batched`: N messages of 100 bytes sent without waiting, then `flush()`: kafka-python packs
   them into record batches (16 KiB, up to 5 requests in flight). Messages per second; the
   ratio garrison / direct is the throughput a producer keeps behind the proxy.
 - `one request per message`: each `send()` waited for (`.get()`), so every message is one
   Produce request and one answer, nothing else in flight: the proxy's added time per request
-  is (time through garrison - time direct) / requests.
+  is (time through garrison - time direct) / requests, from blocks of B requests on two warm
+  producers (one direct, one through garrison).
 
 The proxy's CPU time (from /proc/PID/stat) is divided by the Produce requests it handled in
 the timed rounds (counted in its access log), as µs of proxy CPU per request.
@@ -27,12 +30,13 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,16 +127,12 @@ def batched(bootstrap: str, messages: int) -> float:
         p.close(timeout=5)
 
 
-def one_by_one(bootstrap: str, requests: int) -> float:
+def one_by_one(p: KafkaProducer, requests: int) -> float:
     """Seconds for `requests` Produce round trips, one message each, one at a time."""
-    p = producer(bootstrap)
-    try:
-        start = time.perf_counter()
-        for _ in range(requests):
-            p.send(TOPIC, PAYLOAD).get(timeout=30)
-        return time.perf_counter() - start
-    finally:
-        p.close(timeout=5)
+    start = time.perf_counter()
+    for _ in range(requests):
+        p.send(TOPIC, PAYLOAD).get(timeout=30)
+    return time.perf_counter() - start
 
 
 def produce_requests(access_log: Path) -> int:
@@ -147,68 +147,109 @@ def produce_requests(access_log: Path) -> int:
 
 
 @dataclass
-class Case:
-    name: str
-    run: Callable[[str], float]
-    units: int  # messages (batched) or requests (one by one)
-    direct: float = float("inf")
-    proxied: float = float("inf")
-    proxy_cpu: float = 0.0
-    proxy_requests: int = 0
+class Measured:
+    direct: list[float] = field(default_factory=list)  # seconds per round or block
+    proxied: list[float] = field(default_factory=list)
+    proxy_cpu: float = 0.0  # seconds of proxy CPU during the proxied runs
+    proxy_requests: int = 0  # Produce requests the proxy logged during them
+
+
+class ProxyMeter:
+    """Proxy CPU and Produce requests over a stretch of proxied traffic."""
+
+    def __init__(self, pid: int, access_log: Path, into: Measured) -> None:
+        self.pid, self.access_log, self.into = pid, access_log, into
+
+    def __enter__(self) -> None:
+        self.cpu, self.requests = cpu_seconds(self.pid), produce_requests(self.access_log)
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.05)  # the access log is written at the end of the proxy's loop turn
+        self.into.proxy_cpu += cpu_seconds(self.pid) - self.cpu
+        self.into.proxy_requests += produce_requests(self.access_log) - self.requests
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--messages", type=int, default=100_000, help="batched case")
-    parser.add_argument("--requests", type=int, default=2_000, help="one-by-one case")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--messages", type=int, default=50_000, help="batched, per round")
+    parser.add_argument("--rounds", type=int, default=5, help="batched rounds per side")
+    parser.add_argument("--requests", type=int, default=200, help="single requests per block")
+    parser.add_argument("--blocks", type=int, default=15, help="blocks per side")
     args = parser.parse_args()
-    cases = [
-        Case("batched", lambda b: batched(b, args.messages), args.messages),
-        Case("one request per message", lambda b: one_by_one(b, args.requests), args.requests),
-    ]
+    batch, single = Measured(), Measured()
     with running_tansu() as broker, tempfile.TemporaryDirectory() as tmp:
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
         admin.create_topics([NewTopic(TOPIC, 1, 1)])
         admin.close()
         access_log = Path(tmp) / "access.log"
         with running_proxy(broker.bootstrap, access_log) as (through, pid):
-            for case in cases:
-                case.run(broker.bootstrap)  # warm-up, not timed
-                case.run(through)
-                for _ in range(args.rounds):
-                    case.direct = min(case.direct, case.run(broker.bootstrap))
-                    time.sleep(0.2)  # let the access log catch up before counting
-                    before, cpu = produce_requests(access_log), cpu_seconds(pid)
-                    elapsed = case.run(through)
-                    time.sleep(0.2)
-                    case.proxy_cpu += cpu_seconds(pid) - cpu
-                    case.proxy_requests += produce_requests(access_log) - before
-                    case.proxied = min(case.proxied, elapsed)
-    print(
-        f"kafka-python {args.messages} x 100 B batched, {args.requests} single requests; "
-        f"best of {args.rounds} rounds"
+            # Batched: whole rounds, alternating direct / through garrison.
+            batched(broker.bootstrap, args.messages // 10)  # warm-up, not timed
+            batched(through, args.messages // 10)
+            for _ in range(args.rounds):
+                batch.direct.append(batched(broker.bootstrap, args.messages))
+                with ProxyMeter(pid, access_log, batch):
+                    batch.proxied.append(batched(through, args.messages))
+            # One request per message: two warm producers, alternating blocks.
+            direct, proxied = producer(broker.bootstrap), producer(through)
+            one_by_one(direct, args.requests)
+            one_by_one(proxied, args.requests)
+            for _ in range(args.blocks):
+                single.direct.append(one_by_one(direct, args.requests))
+                with ProxyMeter(pid, access_log, single):
+                    single.proxied.append(one_by_one(proxied, args.requests))
+            direct.close(timeout=5)
+            proxied.close(timeout=5)
+    report(args, batch, single)
+    return 0
+
+
+def report(args: argparse.Namespace, batch: Measured, single: Measured) -> None:
+    """Medians over rounds / blocks; each ratio pairs a proxied run with the direct run
+    just before it, so load that comes and goes on the machine hits both alike."""
+    batch_ratio = statistics.median(d / p for d, p in zip(batch.direct, batch.proxied, strict=True))
+    batch_requests = batch.proxy_requests / len(batch.proxied)
+    batch_added = statistics.median(
+        (p - d) / batch_requests for d, p in zip(batch.direct, batch.proxied, strict=True)
+    )
+    single_direct = statistics.median(single.direct) / args.requests
+    single_proxied = statistics.median(single.proxied) / args.requests
+    single_added = statistics.median(
+        (p - d) / args.requests for d, p in zip(single.direct, single.proxied, strict=True)
     )
     print(
-        f"{'case':<26}{'direct':>14}{'garrison':>14}{'ratio':>8}{'added/req':>12}"
+        f"kafka-python producer, 100-byte messages. Batched: {args.rounds} rounds of "
+        f"{args.messages} messages ({batch_requests:.0f} Produce requests each); single: "
+        f"{args.blocks} blocks of {args.requests} requests. Medians; direct and proxied "
+        "runs alternate."
+    )
+    rows = [
+        (
+            "batched",
+            f"{args.messages / statistics.median(batch.direct):,.0f} msg/s",
+            f"{args.messages / statistics.median(batch.proxied):,.0f} msg/s",
+            batch_ratio,
+            batch_added,
+            batch.proxy_cpu / max(1, batch.proxy_requests),
+        ),
+        (
+            "one request per message",
+            f"{single_direct * 1e6:,.0f} µs/req",
+            f"{single_proxied * 1e6:,.0f} µs/req",
+            single_direct / single_proxied,
+            single_added,
+            single.proxy_cpu / max(1, single.proxy_requests),
+        ),
+    ]
+    print(
+        f"{'case':<26}{'direct':>15}{'garrison':>15}{'ratio':>7}{'added/req':>11}"
         f"{'proxy CPU/req':>15}"
     )
-    for case in cases:
-        ratio = case.direct / case.proxied
-        cpu = case.proxy_cpu / case.proxy_requests * 1e6 if case.proxy_requests else 0.0
-        if case.name == "batched":
-            direct = f"{case.units / case.direct:,.0f} msg/s"
-            proxied = f"{case.units / case.proxied:,.0f} msg/s"
-            added = (case.proxied - case.direct) / max(1, case.proxy_requests // args.rounds)
-        else:
-            direct = f"{case.direct / case.units * 1e6:,.0f} µs/req"
-            proxied = f"{case.proxied / case.units * 1e6:,.0f} µs/req"
-            added = (case.proxied - case.direct) / case.units
+    for name, direct, proxied, ratio, added, cpu in rows:
         print(
-            f"{case.name:<26}{direct:>14}{proxied:>14}{ratio:>8.2f}{added * 1e6:>9.0f} µs"
-            f"{cpu:>12.0f} µs"
+            f"{name:<26}{direct:>15}{proxied:>15}{ratio:>7.2f}{added * 1e6:>8.0f} µs"
+            f"{cpu * 1e6:>12.0f} µs"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -138,12 +138,16 @@ class _Slot:
 
 
 class _Out:
-    """Commands of one call; consecutive bytes for the same side become one write."""
+    """Commands of one call. Consecutive bytes for the same side become one write, and the
+    records come after the writes: the server executes commands in order, and the bytes
+    should reach the peers before the records are counted and stored."""
 
-    __slots__ = ("_commands", "_data", "_kind", "_side")
+    __slots__ = ("_close", "_commands", "_data", "_kind", "_logs", "_side")
 
     def __init__(self) -> None:
         self._commands: list[Command] = []
+        self._logs: list[Command] = []
+        self._close: Close | None = None
         self._data: list[bytes] = []
         self._kind: type[Forward] | type[Inject] | None = None
         self._side = Side.CLIENT
@@ -155,11 +159,10 @@ class _Out:
         self._data.append(data)
 
     def log(self, record: FlowRecord) -> None:
-        self._commands.append(Log(record))  # records may go before writes: they order nothing
+        self._logs.append(Log(record))
 
     def close(self, reason: str, error: bool) -> None:
-        self._flush()
-        self._commands.append(Close(Side.BOTH, reason, error))
+        self._close = Close(Side.BOTH, reason, error)  # the last command: nothing follows
 
     def _flush(self) -> None:
         if self._data and self._kind is not None:
@@ -169,7 +172,12 @@ class _Out:
 
     def commands(self) -> list[Command]:
         self._flush()
-        return self._commands
+        commands = self._commands
+        if self._logs:
+            commands += self._logs
+        if self._close is not None:
+            commands.append(self._close)
+        return commands
 
 
 class KafkaEngine:
