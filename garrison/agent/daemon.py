@@ -19,13 +19,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 from garrison.agent.api import APIError
 from garrison.agent.config import AgentConfig
-from garrison.agent.datapath import Datapath, EndpointFlags
 from garrison.agent.endpoints import EndpointError, EndpointRecord, EndpointRegistry
+from garrison.agent.kernel import KernelDatapath, Link
+from garrison.bpf.sync import LocalEndpoint
 from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowFilter, FlowStore, StoreConfig
 from garrison.identity.allocator import AllocatorConfig, IdentityAllocator
@@ -35,7 +37,7 @@ from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
 from garrison.policies.labels import Labels
 from garrison.policies.loader import load_paths
-from garrison.policies.mapstate import PROTO_TCP, MapState, lookup
+from garrison.policies.mapstate import PROTO_TCP, LookupResult, MapState, MatchType, lookup
 from garrison.policies.model import Direction, IPNetwork, Policy
 from garrison.policies.repository import PolicyChange, PolicyRepository
 from garrison.policies.resolve import PolicyResolver, ResolverConfig
@@ -44,11 +46,11 @@ from garrison.proxy.policyview import Admission
 
 log = logging.getLogger("garrison.agent")
 
-FlowSink = Callable[[FlowRecord], None]
+FlowSink = Callable[[FlowRecord], object]
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, datapath: Datapath) -> None:
+    def __init__(self, config: AgentConfig, datapath: KernelDatapath) -> None:
         self.config = config
         self.datapath = datapath
         self.lock = threading.RLock()
@@ -63,9 +65,13 @@ class Agent:
         self.repository = PolicyRepository()
         self.resolver = PolicyResolver(ResolverConfig(config.enforcement, config.audit))
         self.flows = FlowStore(StoreConfig(capacity=config.flow_ring_size))
-        self.flow_sinks: list[FlowSink] = []
+        # where flow records go; the agent command replaces this with the proxy's sink
+        self.flow_sinks: list[FlowSink] = [self.flows.add]
+        # called (from any thread) after a policy or identity change that the proxy must see
+        self.policy_listeners: list[Callable[[], None]] = []
+        self.proxy_status: dict[str, object] = {}
         self._cidr_ids: dict[IPNetwork, int] = {}
-        self._synced: set[int] = set()
+        self._links: dict[str, Link] = {}
         self._policy_files: dict[Path, float] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -80,17 +86,24 @@ class Agent:
             for identity in RESERVED.values():
                 self.resolver.add_identity(identity.id, identity.labels)
             for ep in list(self.endpoints):
+                link = self.datapath.link_of(ep.name)
+                if link is None:
+                    log.warning("endpoint %s: its network is gone; recreating it", ep.name)
+                    link = self.datapath.create_endpoint(ep.name, ep.ipv4)
+                self._links[ep.name] = link
                 ident = self.allocator.allocate(ep.full_labels, owner=f"endpoint:{ep.name}")
-                if ident.id != ep.identity:
-                    ep = replace(ep, identity=ident.id)
+                if ident.id != ep.identity or ep.host_ifname != link.host_ifname:
+                    ep = replace(ep, identity=ident.id, host_ifname=link.host_ifname)
                     self.endpoints.update(ep)
                 self.resolver.add_identity(ident.id, ident.labels)
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)
             self._sync_cidrs()
+            self.datapath.reconcile(self.resolver, self._local_endpoints())
             for ep in self.endpoints:
-                self._install_endpoint(ep)
-            self._sync_all()
+                link = self._links[ep.name]
+                self.datapath.write_endpoint(link, ep.identity, ep.ipv4, self.resolver)
+                self.datapath.attach(link)
         gc.collect()
         gc.freeze()  # the resolved state is long-lived: keep it out of GC passes
         self._spawn(self._event_loop, "garrison-events")
@@ -120,6 +133,8 @@ class Agent:
                 parsed = Labels.parse(list(labels))
             except ValueError as exc:
                 raise EndpointError(f"--labels: {exc}") from exc
+            if not parsed.items:
+                raise EndpointError("--labels: give at least one label, e.g. app=web")
             record = EndpointRecord(
                 id=0,
                 name=name,
@@ -130,13 +145,17 @@ class Agent:
             )
             record = self.endpoints.add(record)
             try:
-                record = self.datapath.create_endpoint(record)
+                link = self.datapath.create_endpoint(record.name, record.ipv4)
+                self._links[name] = link
                 ident = self.allocator.allocate(record.full_labels, owner=f"endpoint:{name}")
-                record = replace(record, identity=ident.id)
+                record = replace(record, identity=ident.id, host_ifname=link.host_ifname)
                 self.endpoints.update(record)
                 changed = self.resolver.add_identity(ident.id, ident.labels)
-                self._install_endpoint(record)
+                # policy of the identity first, then the endpoint's config + ipcache, then
+                # its programs: it is enforced from its first packet
                 self._sync(changed | {ident.id})
+                self.datapath.write_endpoint(link, ident.id, record.ipv4, self.resolver)
+                self.datapath.attach(link)
             except BaseException:
                 self._remove_endpoint(record)
                 raise
@@ -149,7 +168,8 @@ class Agent:
             return record
 
     def relabel_endpoint(self, name: str, labels: Sequence[str]) -> EndpointRecord:
-        """New labels → new identity; only map writes (ipcache, endpoint config, policy)."""
+        """New labels → new identity: map writes only (policy of the new identity, then the
+        endpoint's config and ipcache entry); no program is touched."""
         with self.lock:
             record = self.endpoints.get(name)
             parsed = Labels.parse(list(labels))
@@ -159,23 +179,23 @@ class Agent:
             changed = self.resolver.add_identity(ident.id, ident.labels)
             self.endpoints.update(new)
             self._sync(changed | {ident.id})
-            self._install_endpoint(new, attach=False)
-            self._release_identity(record)
+            self.datapath.write_endpoint(self._links[name], ident.id, new.ipv4, self.resolver)
+            if ident.id != record.identity:
+                self._release_identity(record)
             return new
 
-    def _install_endpoint(self, record: EndpointRecord, attach: bool = True) -> None:
-        net = ipaddress.ip_network(f"{record.ipv4}/32")
-        self.datapath.set_ipcache(net, record.identity, record)
-        self.datapath.set_endpoint(record, record.identity, self._flags(record.identity))
-        if attach:
-            self.datapath.attach(record)
+    def _local_endpoints(self) -> list[LocalEndpoint]:
+        return [
+            LocalEndpoint(self._links[ep.name].ifindex, ep.identity, IPv4Address(ep.ipv4))
+            for ep in self.endpoints
+            if ep.name in self._links and ep.identity
+        ]
 
     def _remove_endpoint(self, record: EndpointRecord) -> None:
         try:
-            self.datapath.delete_endpoint(record)
+            self.datapath.delete_endpoint(record.name, record.ipv4)
         finally:
-            if record.ipv4:
-                self.datapath.delete_ipcache(ipaddress.ip_network(f"{record.ipv4}/32"))
+            self._links.pop(record.name, None)
             with contextlib.suppress(EndpointError):
                 self.endpoints.remove(record.name)
             self._release_identity(record)
@@ -188,10 +208,9 @@ class Agent:
         )
         if freed:
             changed = self.resolver.remove_identity(record.identity)
-            if record.identity in self._synced:
-                self.map_writes += self.datapath.delete_policy(record.identity)
-                self._synced.discard(record.identity)
             self._sync(changed)
+            # no local endpoint has this identity any more: drop its policy entries
+            self.datapath.reconcile(self.resolver, self._local_endpoints())
 
     # -- policy ------------------------------------------------------------------------------
 
@@ -223,6 +242,14 @@ class Agent:
         for policy in change.added:
             changed |= self.resolver.add_policy(policy)
         self._sync(changed)
+        for listener in self.policy_listeners:
+            listener()
+
+    def reload_policy_dir(self) -> None:
+        if self.config.policy_dir is None:
+            return
+        with self.lock:
+            self._load_policy_dir(initial=True)
 
     def _load_policy_dir(self, initial: bool = False) -> None:
         assert self.config.policy_dir is not None
@@ -262,38 +289,17 @@ class Agent:
             ident = self.allocator.cidr_identity(prefix)
             self._cidr_ids[prefix] = ident.id
             self._sync(self.resolver.add_identity(ident.id, ident.labels))
-            self.datapath.set_ipcache(prefix, ident.id, None)
+            self.datapath.set_prefix(prefix, ident.id)
         for prefix in set(self._cidr_ids) - wanted:
             ident_id = self._cidr_ids.pop(prefix)
-            self.datapath.delete_ipcache(prefix)
+            self.datapath.delete_prefix(prefix)
             self._sync(self.resolver.remove_identity(ident_id))
 
     # -- kernel sync -------------------------------------------------------------------------
 
-    def _flags(self, identity: int) -> EndpointFlags:
-        state = self.resolver.map_state(identity)
-        return EndpointFlags(state.ingress_enforced, state.egress_enforced, state.audit)
-
-    def _proxy_ports(self) -> dict[str, int]:
-        return {proto.value: port for proto, port in self.config.proxy_ports.items()}
-
     def _sync(self, identities: set[int]) -> None:
-        local = {ep.identity for ep in self.endpoints}
-        updates = self.resolver.updates(i for i in identities if i in local)
-        for ident, keys in updates.items():
-            state = self.resolver.map_state(ident)
-            self.map_writes += self.datapath.sync_policy(
-                ident, state, self._proxy_ports(), keys if ident in self._synced else None
-            )
-            self._synced.add(ident)
-            flags = self._flags(ident)
-            for ep in self.endpoints:
-                if ep.identity == ident:
-                    self.datapath.set_endpoint(ep, ident, flags)
-
-    def _sync_all(self) -> None:
-        self._synced.clear()
-        self._sync({ep.identity for ep in self.endpoints})
+        diff = self.datapath.apply_updates(self.resolver, identities, self._local_endpoints())
+        self.map_writes += len(diff.upserts) + len(diff.deletes)
 
     # -- proxy policy ------------------------------------------------------------------------
 
@@ -334,9 +340,6 @@ class Agent:
                 ruleset = redirecting[0].l7
             else:
                 ruleset = L7RuleSet(L7Protocol.HTTP, (), allow_all=True)
-            assert decisive is not None or not results
-            from garrison.policies.mapstate import LookupResult, MatchType
-
             result = decisive or LookupResult(True, MatchType.NONE, enforced=False)
             return Admission(
                 src_id, src_labels, src.namespace if src else None, allowed, result, ruleset,
@@ -363,7 +366,6 @@ class Agent:
     # -- flows -------------------------------------------------------------------------------
 
     def emit(self, record: FlowRecord) -> None:
-        self.flows.add(record)
         for sink in self.flow_sinks:
             try:
                 sink(record)
@@ -399,6 +401,7 @@ class Agent:
         with self.lock:
             return {
                 "datapath": dict(self.datapath.status()),
+                "proxy": dict(self.proxy_status),
                 "policy_revision": self.repository.revision,
                 "policies": len(self.repository),
                 "endpoints": len(self.endpoints),

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from garrison import __version__
-from garrison.cli import agentctl, policy_trace, policy_validate
+from garrison.cli import agent_cmd, agentctl, policy_trace, policy_validate
 from garrison.cli import proxy as proxy_command
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     agentctl.register_policy(policy_sub)
     agentctl.register_endpoint(sub)
     agentctl.register_others(sub)
+    agent_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,103 @@
+"""Datapath events → flow records, the same record type the proxy writes, so a kernel drop
+and an L7 deny are reviewed the same way.
+
+Time: the kernel stamps events with the monotonic clock; records carry wall-clock time, so
+the offset between the two is taken once per conversion.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from garrison.bpf.abi import DropReason, EventType
+from garrison.bpf.maps import DatapathEvent
+from garrison.flows.build import l3_l4_drop, l3_l4_verdict
+from garrison.flows.record import (
+    DropReasonDesc,
+    Endpoint,
+    FlowRecord,
+    L4Protocol,
+    TCPFlags,
+    Verdict,
+)
+from garrison.policies.labels import Labels
+from garrison.policies.mapstate import PROTO_TCP, PROTO_UDP
+
+if TYPE_CHECKING:
+    from garrison.agent.daemon import Agent
+
+_REASONS = {
+    DropReason.POLICY_DENIED: DropReasonDesc.POLICY_DENIED,
+    DropReason.POLICY_DENY: DropReasonDesc.POLICY_DENY,
+    DropReason.PROXY_NOT_LISTENING: DropReasonDesc.PROXY_NOT_LISTENING,
+    DropReason.PROXY_ASSIGN_FAILED: DropReasonDesc.PROXY_NOT_LISTENING,
+}
+
+
+def _protocol(number: int) -> L4Protocol | str:
+    if number == PROTO_TCP:
+        return L4Protocol.TCP
+    if number == PROTO_UDP:
+        return L4Protocol.UDP
+    return "ICMPv4" if number == 1 else str(number)
+
+
+def _endpoint(agent: Agent, identity: int, ip: str, port: int) -> Endpoint:
+    ep = agent.endpoints.by_ip(ip)
+    labels = agent.resolver.cache.labels_of(identity) or Labels()
+    return Endpoint.of(
+        identity,
+        labels,
+        namespace=ep.namespace if ep else None,
+        pod_name=ep.name if ep else "",
+        ip=ip,
+        port=port,
+    )
+
+
+def wall_ns(monotonic_ns: int) -> int:
+    return time.time_ns() - (time.monotonic_ns() - monotonic_ns)
+
+
+def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
+    """The flow record of one event; None for events that make no record."""
+    src = _endpoint(agent, event.src_identity, str(event.saddr), event.sport)
+    dst = _endpoint(agent, event.dst_identity, str(event.daddr), event.dport)
+    proto = _protocol(event.protocol)
+    flags = TCPFlags.from_bits(event.tcp_flags) if proto is L4Protocol.TCP else None
+    direction = event.direction.model if event.direction is not None else "UNKNOWN"
+    node = agent.config.node_name
+    if event.type is EventType.DROP:
+        reason = _REASONS.get(event.reason, DropReasonDesc.DROP_REASON_UNKNOWN) if (
+            event.reason is not None
+        ) else DropReasonDesc.DROP_REASON_UNKNOWN
+        return l3_l4_drop(
+            time_ns=wall_ns(event.time_ns),
+            direction=direction,
+            source=src,
+            destination=dst,
+            reason=reason,
+            protocol=proto,
+            flags=flags,
+            node_name=node,
+        )
+    if event.audit and not event.allowed:
+        verdict = Verdict.AUDIT
+    elif event.allowed:
+        verdict = Verdict.FORWARDED
+    else:
+        verdict = Verdict.DROPPED
+    verdict_reason = _REASONS.get(event.reason) if event.reason is not None else None
+    return l3_l4_verdict(
+        time_ns=wall_ns(event.time_ns),
+        direction=direction,
+        source=src,
+        destination=dst,
+        verdict=verdict,
+        match_type=event.match_type.model,
+        protocol=proto,
+        flags=flags,
+        drop_reason=verdict_reason,
+        node_name=node,
+    )

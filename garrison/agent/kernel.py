@@ -1,0 +1,198 @@
+"""The agent's kernel side: the bcc-loaded datapath (`garrison.bpf`) and its plumbing
+(`garrison.redirect`), behind the few calls the agent makes.
+
+Write order (from `garrison.bpf.sync`): an identity's policy entries before any endpoint
+moves to it; an endpoint's config and ipcache entry before its programs are attached; on
+delete, programs and ipcache first. Nothing is flushed on start: pinned maps are reused and
+reconciled by diff, so enforcement never has an open window across an agent restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from garrison.bpf.loader import Datapath, DatapathConfig
+from garrison.bpf.maps import DatapathEvent, EndpointConfig
+from garrison.bpf.policymap import PolicyDiff, endpoint_flags
+from garrison.bpf.sync import LocalEndpoint, PolicySync
+from garrison.policies.l7rules import L7Protocol
+from garrison.policies.mapstate import PROTOCOL_NAMES
+from garrison.policies.model import IPNetwork
+from garrison.policies.resolve import PolicyResolver
+from garrison.redirect import endpoint as netdev
+from garrison.redirect.bpffs import ensure_bpffs, prepare_pin_dir
+from garrison.redirect.steering import install_proxy_steering, proxy_steering_installed
+from garrison.redirect.tc import attach_endpoint_programs, detach_endpoint_programs
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    host_ifname: str
+    ifindex: int
+
+
+class KernelDatapath:
+    def __init__(self, pin_root: Path, proxy_ports: Mapping[L7Protocol, int]) -> None:
+        self.pin_root = pin_root
+        self.proxy_ports = dict(proxy_ports)
+        self._dp: Datapath | None = None
+        self._sync: PolicySync | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        ensure_bpffs()
+        prepare_pin_dir(self.pin_root)
+        self._dp = Datapath.load(DatapathConfig(pin_root=self.pin_root))
+        self._sync = PolicySync(self._dp.maps, self.proxy_ports)
+        install_proxy_steering()
+
+    def close(self) -> None:
+        """Release handles only: programs stay attached and maps pinned."""
+        if self._dp is not None:
+            self._dp.close()
+            self._dp = None
+
+    @property
+    def dp(self) -> Datapath:
+        if self._dp is None:
+            raise RuntimeError("the datapath is not loaded")
+        return self._dp
+
+    @property
+    def sync(self) -> PolicySync:
+        assert self._sync is not None
+        return self._sync
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def create_endpoint(self, name: str, ipv4: str) -> Link:
+        link = netdev.create_endpoint(netdev.EndpointSpec(name, IPv4Address(ipv4)))
+        return Link(link.host_ifname, link.host_ifindex)
+
+    def link_of(self, name: str) -> Link | None:
+        ifname = netdev.host_ifname_for(name)
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+        return Link(ifname, found[0]) if found else None
+
+    def write_endpoint(
+        self, link: Link, identity: int, ipv4: str, resolver: PolicyResolver
+    ) -> None:
+        flags = endpoint_flags(resolver.map_state(identity))
+        config = EndpointConfig(identity, IPv4Address(ipv4), flags)
+        self.dp.maps.write_endpoint(link.ifindex, config)
+
+    def attach(self, link: Link) -> None:
+        attach_endpoint_programs(link.ifindex, self.dp.programs)
+
+    def delete_endpoint(self, name: str, ipv4: str) -> None:
+        link = self.link_of(name)
+        if link is not None:
+            detach_endpoint_programs(link.ifindex)
+            if self._dp is not None:
+                self.dp.maps.remove_endpoint(link.ifindex, IPv4Address(ipv4))
+        elif self._dp is not None:
+            with contextlib.suppress(KeyError):
+                self.dp.maps.ipcache.delete(IPv4Network((IPv4Address(ipv4), 32)))
+        netdev.delete_endpoint(name)
+
+    # -- ipcache (CIDR identities) -----------------------------------------------------------
+
+    def set_prefix(self, prefix: IPNetwork, identity: int) -> None:
+        if isinstance(prefix, IPv4Network):
+            self.dp.maps.ipcache.upsert(prefix, identity)
+
+    def delete_prefix(self, prefix: IPNetwork) -> None:
+        if isinstance(prefix, IPv4Network):
+            self.dp.maps.ipcache.delete(prefix)
+
+    # -- policy ------------------------------------------------------------------------------
+
+    def reconcile(
+        self, resolver: PolicyResolver, endpoints: Iterable[LocalEndpoint]
+    ) -> PolicyDiff:
+        return self.sync.reconcile(resolver, endpoints)
+
+    def apply_updates(
+        self,
+        resolver: PolicyResolver,
+        identities: Iterable[int],
+        endpoints: Iterable[LocalEndpoint],
+    ) -> PolicyDiff:
+        return self.sync.apply_updates(resolver, identities, endpoints)
+
+    # -- inspection --------------------------------------------------------------------------
+
+    def dump_policy(self, identity: int) -> list[dict[str, object]]:
+        rows = []
+        entries = self.dp.maps.policy.entries([identity])
+        for key, value in sorted(entries.items(), key=lambda kv: tuple(kv[0])):
+            rows.append({**_jsonable(key._asdict()), **_jsonable(value._asdict())})
+        return rows
+
+    def dump_ipcache(self) -> list[dict[str, object]]:
+        return [
+            {
+                "prefix": str(e.prefix),
+                "identity": e.identity,
+                "ifindex": e.ifindex,
+                "local_endpoint": e.local_endpoint,
+            }
+            for e in sorted(self.dp.maps.ipcache.entries(), key=lambda e: str(e.prefix))
+        ]
+
+    def dump_ct(self) -> list[dict[str, object]]:
+        out = []
+        for entry in self.dp.maps.conntrack.entries():
+            row = _jsonable(_as_dict(entry))
+            out.append(row)
+        return out
+
+    def gc_ct(self) -> int:
+        return self.dp.maps.conntrack.gc()
+
+    def read_events(self, timeout_ms: int) -> list[DatapathEvent]:
+        return self.dp.maps.events.poll(timeout_ms)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "loaded": self._dp is not None,
+            "pin_root": str(self.pin_root),
+            "proxy_steering": proxy_steering_installed(),
+            "proxy_ports": {p.value: port for p, port in self.proxy_ports.items()},
+        }
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if hasattr(obj, "_asdict"):
+        return dict(obj._asdict())
+    slots = getattr(type(obj), "__slots__", ())
+    out: dict[str, Any] = {}
+    for name in slots:
+        value = getattr(obj, name)
+        if hasattr(value, "__slots__") or hasattr(value, "_asdict"):
+            for k, v in _as_dict(value).items():
+                out[f"{name}.{k}"] = v
+        else:
+            out[name] = value
+    return out
+
+
+def _jsonable(data: Mapping[str, Any]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in data.items():
+        if k == "protocol" and isinstance(v, int):
+            out[k] = PROTOCOL_NAMES.get(v, "ANY" if v == 0 else str(v))
+        elif isinstance(v, bool | int | float | str) or v is None:
+            out[k] = v
+        else:
+            out[k] = str(v)
+    return out

@@ -1,0 +1,176 @@
+"""`garrison agent`: the node agent in the foreground (a systemd unit is in packaging/).
+
+It owns the datapath (BPF programs and pinned maps, endpoint plumbing) and the transparent
+proxy (one listener per L7 parser on 127.0.0.1), and serves the local API on a unix socket
+(root only, mode 0600). SIGTERM / SIGINT stop it — enforcement stays in the kernel (pinned
+maps, attached programs); redirected ports fail closed until it is back. SIGHUP re-reads the
+policy directory.
+
+Exit status: 0 after a clean stop; 1 when it cannot start (missing privilege or package —
+the message says which); 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from garrison.agent.api import AgentAPIServer
+from garrison.agent.config import DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, AgentConfig
+from garrison.agent.daemon import Agent
+from garrison.agent.handlers import make_handlers
+from garrison.agent.kernel import KernelDatapath
+from garrison.bpf.loader import DatapathError
+from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
+from garrison.policies.errors import PolicyValidationError
+from garrison.policies.l7rules import L7Protocol
+from garrison.policies.labels import Labels
+from garrison.policies.model import EnforcementMode
+from garrison.proxy.commands import PeerInfo
+from garrison.proxy.config import ProxyConfig
+from garrison.proxy.metrics import ProxyMetrics
+from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings, install_uvloop
+from garrison.proxy.sockets import ListenError
+
+log = logging.getLogger("garrison.agent")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("agent", help="run the node agent (datapath, proxy, API) as root")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    p.add_argument("--policy-dir", type=Path, help="watched: every change is applied")
+    p.add_argument("--access-log", type=Path, metavar="PATH")
+    p.add_argument("--access-log-max-bytes", type=int, default=100 * 1024 * 1024)
+    p.add_argument("--access-log-backups", type=int, default=5)
+    p.add_argument("--metrics", metavar="HOST:PORT")
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    p.add_argument("--bpffs-root", type=Path, default=DEFAULT_BPFFS_ROOT)
+    p.add_argument("--node-name", default=os.uname().nodename)
+    p.add_argument("--enforcement", choices=[m.value for m in EnforcementMode],
+                   default="default")
+    p.add_argument("--audit", action="store_true", help="log verdicts, drop and deny nothing")
+    p.add_argument("--proxy-ports", default="http=15001,grpc=15002,kafka=15003",
+                   metavar="http=N,grpc=N,kafka=N")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print every flow record as a compact line on stderr")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    ports: dict[L7Protocol, int] = {}
+    for part in args.proxy_ports.split(","):
+        name, _, number = part.partition("=")
+        ports[L7Protocol(name.strip())] = int(number)
+    metrics = None
+    if args.metrics:
+        host, _, port = args.metrics.rpartition(":")
+        metrics = (host or "127.0.0.1", int(port))
+    return AgentConfig(
+        state_dir=args.state_dir,
+        policy_dir=args.policy_dir,
+        socket_path=args.socket,
+        bpffs_root=args.bpffs_root,
+        access_log=args.access_log,
+        access_log_max_bytes=args.access_log_max_bytes,
+        access_log_backups=args.access_log_backups,
+        metrics=metrics,
+        node_name=args.node_name,
+        enforcement=EnforcementMode(args.enforcement),
+        audit=args.audit,
+        proxy_ports=ports,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        print(f"garrison agent: {exc}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("garrison agent: needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN): it loads "
+              "BPF programs, creates network namespaces and a transparent proxy", file=sys.stderr)
+        return 1
+    install_uvloop()
+    try:
+        return asyncio.run(_serve(config, args.verbose))
+    except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError) as exc:
+        print(f"garrison agent: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve(config: AgentConfig, verbose: bool) -> int:
+    loop = asyncio.get_running_loop()
+    agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports))
+    writer = None
+    if config.access_log is not None:
+        writer = AccessLogWriter(
+            AccessLogConfig(config.access_log, config.access_log_max_bytes,
+                            config.access_log_backups)
+        )
+    metrics = ProxyMetrics()
+    metrics_server = metrics.serve(*config.metrics) if config.metrics else None
+    sink = FlowSink(store=agent.flows, writer=writer, metrics=metrics,
+                    verbose=sys.stderr if verbose else None, loop=loop)
+    agent.flow_sinks = [lambda record: loop.call_soon_threadsafe(sink.emit, record)]
+    await loop.run_in_executor(None, agent.start)
+
+    def destination(ip: str, port: int) -> PeerInfo:
+        with agent.lock:
+            ep = agent.endpoints.by_ip(ip)
+            ident = ep.identity if ep else agent._identity_of_ip(ip)
+            labels = agent.resolver.cache.labels_of(ident) or Labels()
+        return PeerInfo(ident, labels, ip, port, ep.namespace if ep else None,
+                        ep.name if ep else None)
+
+    servers: list[ProxyServer] = []
+    proxy_status: dict[str, object] = {}
+    try:
+        for proto, port in config.proxy_ports.items():
+            settings = ServerSettings(
+                protocol=proto,
+                config=ProxyConfig(node_name=config.node_name),
+                destination=destination,
+            )
+            server = ProxyServer(settings, agent, sink, metrics=metrics)
+            address = await server.listen_transparent("127.0.0.1", port)
+            servers.append(server)
+            proxy_status[proto.value] = f"{address[0]}:{address[1]}"
+        agent.proxy_status = proxy_status
+
+        def policy_changed() -> None:
+            for server in servers:
+                loop.call_soon_threadsafe(server.update_policy, agent)
+
+        agent.policy_listeners.append(policy_changed)
+        api = AgentAPIServer(config.socket_path, make_handlers(agent))
+        api.start()
+        log.info("agent ready: API on %s, proxy %s, policy revision %d", config.socket_path,
+                 proxy_status, agent.revision)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: loop.run_in_executor(None, agent.reload_policy_dir)
+        )
+        await stop.wait()
+        log.info("stopping: enforcement stays in the kernel")
+        api.stop()
+    finally:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await server.close(grace=0.5)
+        await loop.run_in_executor(None, agent.stop)
+        sink.flush()
+        if writer is not None:
+            writer.close()
+        if metrics_server is not None:
+            metrics_server.close()
+    return 0
