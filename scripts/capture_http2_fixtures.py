@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Record real HTTP/2 traffic (grpcio and curl) as test fixtures under tests/data/http2/.
 
-A grpcio server serves the door-manager service (tests/data/grpc/doors.py) on 127.0.0.1; a
+A grpcio server serves the door-manager service (examples/grpc/doors.py) on 127.0.0.1; a
 recording relay, also on 127.0.0.1, sits in front of it. Real clients talk through the relay:
 
 - a grpcio channel: unary calls, concurrent unary calls, server- and client-streaming calls;
@@ -59,7 +59,7 @@ FRAME_TYPES = {
 
 
 def load_doors() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("doors", REPO / "tests/data/grpc/doors.py")
+    spec = importlib.util.spec_from_file_location("doors", REPO / "examples/grpc/doors.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -121,6 +121,22 @@ def http2_access_denied() -> tuple[list[tuple[bytes, bytes]], bytes]:
     return headers, HTTP2_DENIED_BODY
 
 
+def http2_error_response(status: int) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """A request over HTTP/2 the proxy refuses without a policy decision (400: a path that
+    cannot be normalized safely): (response headers, body `<reason>\\r\\n`), sent like
+    `http2_access_denied()`."""
+    reason = _HTTP1_REASONS.get(status)
+    if reason is None or status == 403:
+        raise ValueError(f"no HTTP/2 error answer for status {status}")
+    body = reason + b"\r\n"
+    headers = [
+        (b":status", str(status).encode()),
+        (b"content-type", b"text/plain"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return headers, body
+
+
 # ---- end gRPC / HTTP/2 ----------------------------------------------------------------------
 
 # ---- Kafka ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from garrison.parsers.http2 import (
 )
 from garrison.proxy.deny import grpc_permission_denied_headers, http2_access_denied
 
-DOORS_PY = Path(__file__).resolve().parents[2] / "data" / "grpc" / "doors.py"
+DOORS_PY = Path(__file__).resolve().parents[3] / "examples" / "grpc" / "doors.py"
 
 
 def load_doors() -> ModuleType:

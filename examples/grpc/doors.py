@@ -1,11 +1,15 @@
-"""The door-manager gRPC service (doors.proto) for fixtures and tests, without generated code.
+"""The door-manager gRPC service (doors.proto), without generated code.
+
+The one copy of the service: the example server and client next to this file, the HTTP/2
+fixture capture script, the parser tests, the proxy's end-to-end tests and the gRPC benchmark
+all use it.
 
 Messages use the protobuf wire format, encoded by hand (string, int32 and bool fields are all
 this service has). The grpcio server is built from generic handlers over raw bytes, and
 clients call `channel.unary_unary("/doors.DoorManager/GetName")` etc. with bytes, so grpcio
 sends and receives exactly what generated stubs would.
 
-Loaded by path (`load_doors()` in the tests, the capture script), not as a package.
+Imported by the scripts next to it; loaded by path elsewhere (`load_doors()`), not a package.
 """
 
 from __future__ import annotations
