@@ -25,6 +25,8 @@ import contextlib
 import json
 import multiprocessing
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -209,18 +211,12 @@ def check_response_line(
 
 
 def _bind_source(address: str) -> None:
-    """Make every socket kafka-python opens in this process leave from `address`."""
-    import kafka.net.inet
+    """Make every socket kafka-python opens in this process leave from `address` (the
+    example client's patch: examples/kafka/empire.py)."""
+    sys.path.insert(0, str(EXAMPLE))
+    from empire import bind_source  # type: ignore[import-not-found]
 
-    factory = kafka.net.inet.KafkaNetSocket
-    original = factory.socket
-
-    def bound(self: Any, *args: Any, **kwargs: Any) -> socket.socket:
-        sock: socket.socket = original(self, *args, **kwargs)
-        sock.bind((address, 0))
-        return sock
-
-    factory.socket = bound
+    bind_source(address)
 
 
 def _kp_produce(
@@ -656,3 +652,46 @@ def test_aiokafka_denied_produce_fails_fast(proxies: dict[str, ProxyHandle]) -> 
     assert error == "TopicAuthorizationFailedError" and elapsed < DENIED_WITHIN
     log.wait(is_kafka("REQUEST", "metadata", "DROPPED", PLANS))
     assert len([line for line in log.lines() if line["verdict"] == "DROPPED"]) <= 10
+
+
+# ---- the example's own client, as its README runs it ------------------------------------------
+
+
+def empire(proxy: ProxyHandle, source: str, *command: str) -> tuple[int, str]:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLE / "empire.py"),
+            *("--bootstrap", bootstrap(proxy), "--source", source),
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode, done.stdout
+
+
+def test_the_example_clients_behave_as_the_readme_says(proxies: dict[str, ProxyHandle]) -> None:
+    proxy = proxies["mapped"]
+    news = unique("readme").decode() + "The Emperor arrives"
+    code, out = empire(proxy, HQ, "produce", ANNOUNCE, news)
+    assert code == 0 and out.startswith(f"sent to {ANNOUNCE}[0]@")
+    code, out = empire(proxy, HQ, "produce", PLANS, "exhaust port")
+    assert code == 1 and out.startswith("TopicAuthorizationFailedError")
+    code, out = empire(
+        proxy,
+        OUTPOST,
+        "consume",
+        ANNOUNCE,
+        "--group",
+        "readme",
+        "--count",
+        "1000",
+        "--seconds",
+        "8",
+    )
+    assert news in out  # every announcement so far, in one group
+    code, out = empire(proxy, OUTPOST, "produce", ANNOUNCE, "forged")
+    assert code == 1 and "ClusterAuthorizationFailedError" in out
