@@ -17,13 +17,19 @@ Per connection the engine keeps one queue of pending answers, in request order: 
 waits either for the broker (forwarded) or only for its turn (answered by garrison). A broker
 response pops the head slot; local answers that then reach the head are written at once.
 
-Answers the proxy cannot forward unchanged:
-- all-topics Metadata allowed only for some topics: filtered to those topics, as a broker
-  with ACLs answers it (`L7Verdict.allowed_topics`);
-- standalone mode (`ConnectionContext.advertise` set): every broker address in Metadata,
-  FindCoordinator, DescribeCluster and KIP-951 Produce/Fetch answers is rewritten to the
-  proxy's own address, so clients keep talking to the proxy; denied Metadata answers list the
-  proxy as the broker too.
+Metadata is authorized per topic, as a Kafka broker with ACLs does it:
+- a request naming allowed and denied topics is forwarded for the allowed ones only (a
+  denied topic never reaches the broker, which could create it) and the answer gets error 29
+  entries for the others: kafka-python asks for every topic it knows in one request, and a
+  whole-request denial would stop it producing to its allowed topic after one forbidden send;
+- an all-topics request allowed only for some topics: the answer is filtered to those
+  (`L7Verdict.allowed_topics`); so is an answer listing topics the request did not name
+  (tansu answers a request for no topic with every topic).
+
+In standalone mode (`ConnectionContext.advertise` set) every broker address in Metadata,
+FindCoordinator, DescribeCluster and KIP-951 Produce/Fetch answers is rewritten to the proxy's
+own address, so clients keep talking to the proxy; denied Metadata answers list the proxy as
+the broker too. Every other answer is forwarded as the broker sent it.
 
 Topic ids (Fetch v13+, ...) are resolved through one `TopicIdRegistry` per upstream broker,
 kept in `ConnectionContext.shared` and fed by the Metadata answers every connection to that
