@@ -15,6 +15,11 @@ from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+# The agent's netlink plumbing forks (pyroute2 enters network namespaces in a child process)
+# while API threads are inside gRPC; gRPC's fork handlers then crash the child. The child never
+# uses gRPC, so the handlers are not needed. Must be set before grpc is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import grpc
 
 SERVICE = "garrison.Agent"

@@ -343,7 +343,7 @@ class Agent:
             result = decisive or LookupResult(True, MatchType.NONE, enforced=False)
             return Admission(
                 src_id, src_labels, src.namespace if src else None, allowed, result, ruleset,
-                audit,
+                audit, src.name if src else None,
             )
 
     def _identity_of_ip(self, ip: str) -> int:

@@ -23,6 +23,7 @@ from garrison.flows.record import (
 )
 from garrison.policies.labels import Labels
 from garrison.policies.mapstate import PROTO_TCP, PROTO_UDP
+from garrison.policies.mapstate import MatchType as ModelMatchType
 
 if TYPE_CHECKING:
     from garrison.agent.daemon import Agent
@@ -82,6 +83,8 @@ def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
             flags=flags,
             node_name=node,
         )
+    if event.allowed and not event.audit and event.match_type.model is ModelMatchType.NONE:
+        return None  # an unenforced direction let it pass: no policy decided anything
     if event.audit and not event.allowed:
         verdict = Verdict.AUDIT
     elif event.allowed:

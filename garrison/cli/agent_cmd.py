@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from garrison.agent.api import AgentAPIServer
@@ -35,7 +36,7 @@ from garrison.policies.model import EnforcementMode
 from garrison.proxy.commands import PeerInfo
 from garrison.proxy.config import ProxyConfig
 from garrison.proxy.metrics import ProxyMetrics
-from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings, install_uvloop
+from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings
 from garrison.proxy.sockets import ListenError
 
 log = logging.getLogger("garrison.agent")
@@ -98,12 +99,23 @@ def run(args: argparse.Namespace) -> int:
         print("garrison agent: needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN): it loads "
               "BPF programs, creates network namespaces and a transparent proxy", file=sys.stderr)
         return 1
-    install_uvloop()
     try:
-        return asyncio.run(_serve(config, args.verbose))
+        # uvloop for the agent's own loop only: pyroute2 runs its own asyncio loops in worker
+        # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_serve(config, args.verbose))
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _serve(config: AgentConfig, verbose: bool) -> int:
@@ -155,11 +167,22 @@ async def _serve(config: AgentConfig, verbose: bool) -> int:
         log.info("agent ready: API on %s, proxy %s, policy revision %d", config.socket_path,
                  proxy_status, agent.revision)
         stop = asyncio.Event()
+        main_pid = os.getpid()
+
+        # Plain handlers that check the pid, not loop.add_signal_handler: pyroute2 forks to
+        # enter network namespaces, and a signal a forked child receives must not stop (or
+        # reload) the agent through a shared wakeup fd.
+        def on_stop(signum: int, frame: object) -> None:
+            if os.getpid() == main_pid:
+                loop.call_soon_threadsafe(stop.set)
+
+        def on_hup(signum: int, frame: object) -> None:
+            if os.getpid() == main_pid:
+                loop.call_soon_threadsafe(loop.run_in_executor, None, agent.reload_policy_dir)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: loop.run_in_executor(None, agent.reload_policy_dir)
-        )
+            signal.signal(sig, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
         await stop.wait()
         log.info("stopping: enforcement stays in the kernel")
         api.stop()

@@ -78,6 +78,7 @@ class Admission:
     lookup: LookupResult
     ruleset: L7RuleSet
     audit: bool = False
+    pod_name: str | None = None  # the client endpoint's name, for flow records
 
 
 class PolicySource(Protocol):
