@@ -413,7 +413,7 @@ def test_kafka_python_denied_consume_reads_nothing(proxies: dict[str, ProxyHandl
     check_response_line(
         answers[0], verdict="DROPPED", api_key="metadata", error_code=29, client=OUTPOST
     )
-    assert answers[0]["l7"]["latency_ns"] < 50_000_000
+    assert answers[0]["l7"]["latency_ns"] < DENIED_WITHIN * 1e9
     assert len([line for line in log.lines() if line["verdict"] == "DROPPED"]) <= 10
     assert not [
         line

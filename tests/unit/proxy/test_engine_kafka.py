@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from garrison.flows.record import DropReasonDesc, FlowRecord, L7FlowType, Verdict
 from garrison.parsers.kafka import (
@@ -262,6 +264,21 @@ def test_denied_requests_wait_for_the_answers_of_allowed_requests_before_them() 
     ]
     assert [r.l7.kafka.error_code for r in records(last)] == [0, 29, 29, 29]  # type: ignore[union-attr]
     assert [r.l7.latency_ns for r in records(last)] == [ns(NOW + 0.0625) - ns(NOW)] * 4  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 17, 4096])
+def test_denied_answers_keep_their_place_however_the_bytes_arrive(chunk: int) -> None:
+    connection = conn("kafka-python-producer/conn1")
+    eng = engine(NO_PRODUCE)
+    data, answers = connection.requests_bytes, b"".join(response_frames(connection, 1, 2, 3))
+    upstream = client = b""
+    for at in range(0, len(data), chunk):
+        upstream += written(eng.client_data(data[at : at + chunk], NOW), Side.UPSTREAM)
+    for at in range(0, len(answers), chunk):
+        client += written(eng.upstream_data(answers[at : at + chunk], NOW), Side.CLIENT)
+    denied = parsed_requests(request_frames(connection, 4, 5, 6))
+    assert upstream == b"".join(request_frames(connection, 1, 2, 3))
+    assert client == answers + b"".join(kafka_deny_response(r) or b"" for r in denied)
 
 
 def test_a_denied_request_with_nothing_in_flight_is_answered_at_once() -> None:
@@ -773,3 +790,35 @@ def test_metadata_for_denied_topics_only_is_denied_whole() -> None:
         ("secret-plans", 29),
         ("other", 29),
     ]
+
+
+# ---- hostile bytes ----------------------------------------------------------------------------
+
+STREAMS = [c.requests_bytes for c in connections()]
+ANSWERS = [c.responses_bytes for c in connections()]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    stream=st.integers(0, len(STREAMS) - 1),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=4),
+    deny=st.booleans(),
+)
+def test_corrupted_client_bytes_end_in_forwarded_frames_answers_or_a_close(
+    stream: int, flips: list[tuple[int, int]], deny: bool
+) -> None:
+    """Whatever a client sends, the engine forwards whole frames it parsed, answers, or
+    closes with an ERROR record; it never raises."""
+    data = bytearray(STREAMS[stream])
+    for at, mask in flips:
+        data[at % len(data)] ^= mask
+    eng = engine(NO_PRODUCE if deny else CONSUME_RK)
+    out = eng.client_data(bytes(data), NOW)
+    out += eng.upstream_data(ANSWERS[stream], NOW)
+    out += eng.client_eof(NOW)
+    for command in out:
+        assert isinstance(command, Forward | Inject | Log | Close)
+    errors = [r for r in records(out) if r.verdict is Verdict.ERROR]
+    assert len(errors) <= 1
+    if errors:
+        assert isinstance(out[-1], Close) and out[-1].error
