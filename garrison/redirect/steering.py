@@ -42,8 +42,11 @@ def _local_route(ipr: IPRoute) -> bool:
     return False
 
 
-def install_proxy_steering() -> None:
-    """Idempotent: adds the rule and the local route only where missing."""
+def install_proxy_steering() -> bool:
+    """Idempotent: adds the rule and the local route only where missing. Returns whether
+    this call added anything — remove only what you installed: the rule is host-wide and
+    another agent may rely on it."""
+    added = False
     with IPRoute() as ipr:
         if not _our_rules(ipr):
             ipr.rule(
@@ -54,15 +57,19 @@ def install_proxy_steering() -> None:
                 table=PROXY_ROUTE_TABLE,
                 priority=PROXY_RULE_PRIORITY,
             )
-        lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.route(
-            "replace",
-            dst="0.0.0.0/0",
-            type="local",
-            oif=lo,
-            table=PROXY_ROUTE_TABLE,
-            scope=SCOPE_HOST,
-        )
+            added = True
+        if not _local_route(ipr):
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.route(
+                "replace",
+                dst="0.0.0.0/0",
+                type="local",
+                oif=lo,
+                table=PROXY_ROUTE_TABLE,
+                scope=SCOPE_HOST,
+            )
+            added = True
+    return added
 
 
 def remove_proxy_steering() -> None:

@@ -1,9 +1,11 @@
-"""Shared fixtures of the datapath tests, and the check that they leave nothing behind.
+"""Shared fixtures of the datapath tests, and the checks that they leave nothing behind.
 
 Test modules import the fixtures they use from here. Everything a test creates is named
-with the `gdp` prefix (namespaces `gdp-*`, pin dirs `garrison-test-*`); the `no_leftovers`
-fixture compares the machine before and after each test: namespaces, links, clsact qdiscs,
-ip rules, routes of the proxy table, bpffs pins and child processes.
+(namespaces `gdp-*` and their host veths, pin dirs `garrison-test-*`); `no_leftovers`
+compares those before and after each test — namespaces, veths, clsact qdiscs, bpffs pins —
+and this process's children. The proxy steering rule and route are host-wide and another
+agent on the machine may hold them: the `steering` fixture removes them only when it added
+them, and then checks they are gone.
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ from garrison.redirect import (
     create_endpoint,
     delete_endpoint,
     ensure_bpffs,
+    host_ifname_for,
+    install_proxy_steering,
     prepare_pin_dir,
+    proxy_steering_installed,
     remove_pin_dir,
+    remove_proxy_steering,
     unmount_bpffs,
 )
-from garrison.redirect.bpffs import BPFFS_MOUNT, KERNEL_ENTRIES
-from garrison.redirect.steering import _our_rules
+from garrison.redirect.bpffs import BPFFS_MOUNT
 
 PROXY_PORT = 15080
 PROXY_PORTS = {L7Protocol.HTTP: PROXY_PORT, L7Protocol.KAFKA: PROXY_PORT,
@@ -62,23 +67,27 @@ def _children() -> set[int]:
     return out
 
 
+# Every endpoint name the tests of this session created (other work on the machine may
+# create namespaces and veths of its own meanwhile: only ours are checked).
+CREATED: set[str] = set()
+
+
 def machine_state() -> dict[str, object]:
+    ours = {host_ifname_for(name) for name in CREATED}
     with IPRoute() as ipr:
-        links = sorted(str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links())
+        links = {str(link.get_attr("IFLA_IFNAME")): link["index"] for link in ipr.get_links()}
+        mine = {name: index for name, index in links.items() if name in ours}
         clsact = sorted(
-            q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"
+            q["index"] for q in ipr.get_qdiscs()
+            if q.get_attr("TCA_KIND") == "clsact" and q["index"] in mine.values()
         )
-        rules = _our_rules(ipr)
-        routes = len(ipr.get_routes(family=socket.AF_INET, table=abi.PROXY_ROUTE_TABLE))
     pins = sorted(
-        p.name for p in BPFFS_MOUNT.iterdir() if p.name not in KERNEL_ENTRIES
+        p.name for p in BPFFS_MOUNT.iterdir() if p.name.startswith("garrison-test-")
     ) if BPFFS_MOUNT.is_dir() else []
     return {
-        "netns": sorted(netns.listnetns()),
-        "links": links,
+        "netns": sorted(n for n in netns.listnetns() if n in CREATED or n.startswith("gdp-")),
+        "links": sorted(mine),
         "clsact": clsact,
-        "proxy rules": rules,
-        "proxy routes": routes,
         "pins": pins,
         "children": sorted(_children()),
     }
@@ -144,6 +153,19 @@ def fixture_dp(no_leftovers: None, datapath: Datapath) -> Iterator[Datapath]:
     reset_maps(datapath)
 
 
+@pytest.fixture(name="steering")
+def fixture_steering(dp: Datapath) -> Iterator[None]:
+    installed = install_proxy_steering()
+    assert not install_proxy_steering()  # idempotent: nothing more to add
+    try:
+        assert proxy_steering_installed()
+        yield
+    finally:
+        if installed:
+            remove_proxy_steering()
+            assert not proxy_steering_installed(), "the proxy rule or route was left behind"
+
+
 # ---- endpoints ----------------------------------------------------------------------------
 
 
@@ -189,6 +211,7 @@ class Endpoints:
 
     def add(self, short: str, ip: str, labels: str, identity: int) -> NetnsEndpoint:
         name = f"gdp-{short}"
+        CREATED.add(name)
         link = create_endpoint(EndpointSpec(name, IPv4Address(ip)))
         ep = NetnsEndpoint(name, link, labels_of(labels), identity)
         self.made.append(ep)

@@ -19,14 +19,7 @@ from garrison.bpf import abi
 from garrison.bpf.abi import CTFlags, DropReason, EventType, ObservationPoint
 from garrison.bpf.loader import Datapath
 from garrison.bpf.maps import CTTuple
-from garrison.redirect import (
-    DEFAULT_GATEWAY,
-    install_proxy_steering,
-    proxy_steering_installed,
-    remove_proxy_steering,
-    set_transparent,
-    set_upstream_mark,
-)
+from garrison.redirect import DEFAULT_GATEWAY, set_transparent, set_upstream_mark
 
 from .test_datapath_harness import (  # noqa: F401 (fixtures)
     PROXY_PORT,
@@ -40,6 +33,7 @@ from .test_datapath_harness import (  # noqa: F401 (fixtures)
     fixture_dp,
     fixture_endpoints,
     fixture_no_leftovers,
+    fixture_steering,
     wait_events,
 )
 
@@ -145,18 +139,6 @@ def proxy(relay: bool = False, mark: bool = True) -> Iterator[TransparentProxy]:
         yield p
     finally:
         p.close()
-
-
-@pytest.fixture(name="steering")
-def fixture_steering(dp: Datapath) -> Iterator[None]:
-    install_proxy_steering()
-    install_proxy_steering()  # idempotent
-    try:
-        assert proxy_steering_installed()
-        yield
-    finally:
-        remove_proxy_steering()
-        assert not proxy_steering_installed()
 
 
 def pair(endpoints: Endpoints) -> tuple[NetnsEndpoint, NetnsEndpoint]:
