@@ -1,39 +1,126 @@
 #!/usr/bin/env bash
-# The Star Wars scenario, offline part: validate the policies of each stage and trace every
-# request of the scenario through them (no root, no agent needed).
+# The Star Wars scenario, live: a garrison agent, endpoints in network namespaces, the
+# deathstar app in two replicas, curl from tiefighter and xwing through three stages of policy,
+# then the flow records of the run. Everything it creates is removed at the end, also on error.
+# Without root it runs the offline part only (validate + trace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-G=.venv/bin/garrison
+G=$PWD/.venv/bin/garrison
+PY=$PWD/.venv/bin/python
 EX=examples/starwars
 DEATHSTAR=org=empire,class=deathstar
 TIEFIGHTER=org=empire,class=tiefighter
 XWING=org=alliance,class=xwing
 
-banner() { printf '\n=== %s\n' "$*"; }
-run() { printf '$ %s\n' "garrison ${*:2}"; "$@"; }
+banner() { printf '\n\033[1m=== %s\033[0m\n' "$*"; }
+say() { printf '$ %s\n' "$*"; }
 
-banner "Validate the policies of stage 1 and stage 2"
-run $G policy validate $EX/sw_l3_l4_policy.yaml
-run $G policy validate $EX/sw_l3_l4_l7_policy.yaml
+offline() {
+    banner "Offline: validate and trace the policies (no root needed)"
+    say "garrison policy validate $EX/sw_l3_l4_l7_policy.yaml"
+    "$G" policy validate "$EX/sw_l3_l4_l7_policy.yaml"
+    say "garrison policy trace -f $EX/sw_l3_l4_l7_policy.yaml --src-labels $TIEFIGHTER --dst-labels $DEATHSTAR --dport 80 --http-method PUT --http-path /v1/exhaust-port"
+    "$G" policy trace -f "$EX/sw_l3_l4_l7_policy.yaml" --src-labels "$TIEFIGHTER" \
+        --dst-labels "$DEATHSTAR" --dport 80 --http-method PUT --http-path /v1/exhaust-port
+}
 
-banner "Stage 1 (L3/L4): only org=empire may reach the deathstar on TCP/80"
-for ship in "tiefighter $TIEFIGHTER" "xwing $XWING"; do
-    set -- $ship
-    run $G policy trace -f $EX/sw_l3_l4_policy.yaml --src-labels "$2" --dst-labels $DEATHSTAR \
-        --dport 80 --http-method POST --http-path /v1/request-landing
+offline
+if [[ $(id -u) -ne 0 ]]; then
     echo
+    echo "The live part needs root (BPF programs, network namespaces): run 'sudo make demo'."
+    exit 0
+fi
+
+WORK=$(mktemp -d /tmp/garrison-demo.XXXXXX)
+SOCK=$WORK/agent.sock
+PIN=/sys/fs/bpf/garrison-demo-$$
+ENDPOINTS=(deathstar-1 deathstar-2 tiefighter xwing)
+PIDS=()
+AGENT_PID=
+
+cleanup() {
+    set +e
+    for ep in "${ENDPOINTS[@]}"; do
+        [[ -S $SOCK ]] && "$G" endpoint delete "$ep" --socket "$SOCK" >/dev/null 2>&1
+    done
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    if [[ -n $AGENT_PID ]]; then
+        kill "$AGENT_PID" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.1; done
+    fi
+    # what the agent leaves in the kernel on purpose (enforcement survives it): remove it
+    for ep in "${ENDPOINTS[@]}"; do ip netns del "$ep" 2>/dev/null; done
+    "$PY" -c 'from garrison.redirect.steering import remove_proxy_steering as r; r()' 2>/dev/null
+    rm -rf "$PIN" "$WORK"
+}
+trap cleanup EXIT
+
+banner "Start the agent (datapath, transparent proxy, API)"
+say "garrison agent --state-dir $WORK/state --bpffs-root $PIN --access-log $WORK/access.log &"
+"$G" agent --state-dir "$WORK/state" --socket "$SOCK" --bpffs-root "$PIN" \
+    --access-log "$WORK/access.log" >"$WORK/agent.log" 2>&1 &
+AGENT_PID=$!
+for _ in $(seq 100); do
+    "$G" status --socket "$SOCK" >/dev/null 2>&1 && break
+    kill -0 "$AGENT_PID" 2>/dev/null || { cat "$WORK/agent.log"; exit 1; }
+    sleep 0.2
+done
+"$G" status --socket "$SOCK"
+
+banner "Endpoints: two deathstar replicas, a tiefighter and an xwing"
+add() { say "garrison endpoint add $1 --labels $2"; "$G" endpoint add "$1" --labels "$2" --socket "$SOCK" >/dev/null; }
+add deathstar-1 "$DEATHSTAR"
+add deathstar-2 "$DEATHSTAR"
+add tiefighter "$TIEFIGHTER"
+add xwing "$XWING"
+"$G" endpoint list --socket "$SOCK"
+declare -A IP
+while read -r name addr; do IP[$name]=$addr; done < <(
+    "$G" endpoint list --socket "$SOCK" -o json |
+        "$PY" -c 'import json,sys; [print(e["name"], e["ipv4"]) for e in json.load(sys.stdin)["endpoints"]]'
+)
+for ds in deathstar-1 deathstar-2; do
+    ip netns exec "$ds" "$PY" "$EX/deathstar.py" --listen 0.0.0.0:80 >"$WORK/$ds.log" 2>&1 &
+    PIDS+=($!)
+done
+for ds in deathstar-1 deathstar-2; do
+    for _ in $(seq 50); do
+        ip netns exec "$ds" "$PY" -c 'import socket; socket.create_connection(("127.0.0.1", 80), 1).close()' 2>/dev/null && break
+        sleep 0.1
+    done
 done
 
-banner "Stage 2 (L7): the tiefighter may only POST /v1/request-landing"
-run $G policy trace -f $EX/sw_l3_l4_l7_policy.yaml --src-labels $TIEFIGHTER \
-    --dst-labels $DEATHSTAR --dport 80 --http-method POST --http-path /v1/request-landing
-echo
-run $G policy trace -f $EX/sw_l3_l4_l7_policy.yaml --src-labels $TIEFIGHTER \
-    --dst-labels $DEATHSTAR --dport 80 --http-method PUT --http-path /v1/exhaust-port
-echo
-run $G policy trace -f $EX/sw_l3_l4_l7_policy.yaml --src-labels $XWING \
-    --dst-labels $DEATHSTAR --dport 80 --http-method POST --http-path /v1/request-landing
-echo
-banner "The same decision as JSON, for scripts"
-run $G policy trace -f $EX/sw_l3_l4_l7_policy.yaml --src-labels $TIEFIGHTER \
-    --dst-labels $DEATHSTAR --dport 80 --http-method PUT --http-path /v1/exhaust-port -o json
+request() { # ship method path deathstar
+    local ship=$1 method=$2 path=$3 ds=$4 out rc
+    say "garrison endpoint exec $ship -- curl -s -m 2 -X $method http://${IP[$ds]}$path   # $ds"
+    set +e
+    out=$("$G" endpoint exec "$ship" -- curl -s -m 2 -X "$method" "http://${IP[$ds]}$path")
+    rc=$?
+    set -e
+    if [[ $rc -eq 28 ]]; then echo "  (no answer: the connection was dropped)"; else echo "  $out"; fi
+}
+
+banner "Stage 0: no policy — every ship lands"
+request tiefighter POST /v1/request-landing deathstar-1
+request xwing POST /v1/request-landing deathstar-2
+
+banner "Stage 1: L3/L4 policy — only org=empire may reach the deathstar on TCP/80"
+say "garrison policy import $EX/sw_l3_l4_policy.yaml"
+"$G" policy import "$EX/sw_l3_l4_policy.yaml" --socket "$SOCK"
+request tiefighter POST /v1/request-landing deathstar-1
+request tiefighter POST /v1/request-landing deathstar-2
+request xwing POST /v1/request-landing deathstar-1
+
+banner "Stage 2: L7 policy — the tiefighter may only POST /v1/request-landing"
+say "garrison policy import $EX/sw_l3_l4_l7_policy.yaml"
+"$G" policy import "$EX/sw_l3_l4_l7_policy.yaml" --socket "$SOCK"
+request tiefighter POST /v1/request-landing deathstar-1
+request tiefighter PUT /v1/exhaust-port deathstar-2
+request xwing POST /v1/request-landing deathstar-1
+
+banner "Flow records of the run (garrison observe)"
+sleep 0.5
+"$G" observe --socket "$SOCK" --last 200
+
+banner "Clean up"
+echo "removing endpoints, the agent, pinned maps and the proxy steering rule"
