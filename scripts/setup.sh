@@ -21,8 +21,23 @@ if ((${#missing[@]})); then
         exit 1
     fi
     log "installing Debian packages: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Keep Debian from starting the daemons it installs (nginx, haproxy): the benchmarks run
+    # their own instances on loopback ports, and nothing should listen on the host's port 80.
+    rcd=/usr/sbin/policy-rc.d
+    made_rcd=0
+    if [[ ! -e $rcd ]]; then
+        printf '#!/bin/sh\nexit 101\n' > "$rcd" && chmod +x "$rcd" && made_rcd=1
+    fi
+    status=0
+    apt-get update -qq || status=$?
+    if ((status == 0)); then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || status=$?
+    fi
+    ((made_rcd)) && rm -f "$rcd"
+    if ((status != 0)); then
+        log "apt-get failed (exit $status) installing: ${missing[*]}"
+        exit "$status"
+    fi
 fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build; this kernel ships no headers, so point
