@@ -47,6 +47,7 @@ from garrison.bpf import abi
 from garrison.bpf.loader import Datapath, DatapathConfig
 from garrison.bpf.maps import EndpointConfig
 from garrison.bpf.sync import LocalEndpoint, PolicySync
+from garrison.bpf.syscall import ProgStats, prog_stats
 from garrison.identity.allocator import IdentityAllocator
 from garrison.kvstore.sqlite import SQLiteKVStore
 from garrison.policies.labels import Labels, endpoint_labels
@@ -385,6 +386,20 @@ def connects(port: int, timeout: float) -> bool:
 # ---- run ----------------------------------------------------------------------------------
 
 
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+@contextlib.contextmanager
+def bpf_stats() -> Iterator[None]:
+    """Kernel accounting of program run time, on for the run and restored after."""
+    before = BPF_STATS.read_text().strip()
+    BPF_STATS.write_text("1")
+    try:
+        yield
+    finally:
+        BPF_STATS.write_text(before)
+
+
 @contextlib.contextmanager
 def environment() -> Iterator[tuple[Datapath, int, int]]:
     with contextlib.ExitStack() as stack:
@@ -392,6 +407,7 @@ def environment() -> Iterator[tuple[Datapath, int, int]]:
         root = Path(f"/sys/fs/bpf/garrison-bench-{os.getpid()}")
         prepare_pin_dir(root)
         stack.callback(remove_pin_dir, root)
+        stack.enter_context(bpf_stats())
         stack.callback(nft_remove)
         for ns in (CLIENT_NS, SERVER_NS):
             stack.callback(delete_endpoint, ns)
@@ -453,12 +469,21 @@ def main() -> None:
             configs.append((f"nftables set of {n:,}",
                             lambda n=n: nft_install(host_server_if, n), nft_remove))
         samples: dict[str, list[Traffic]] = {name: [] for name, _, _ in configs}
+        fds = {"from_container": dp.programs.from_container,
+               "to_container": dp.programs.to_container}
+        runs = {name: ProgStats(0, 0) for name in fds}
         for round_ in range(args.rounds):
             for name, on, off in configs:
                 print(f"round {round_ + 1}/{args.rounds}: {name} ...", flush=True)
                 on()
                 try:
+                    start = {p: prog_stats(fd) for p, fd in fds.items()}
                     samples[name].append(traffic(args.seconds))
+                    for p, fd in fds.items():
+                        end = prog_stats(fd)
+                        runs[p] = ProgStats(
+                            runs[p].run_time_ns + end.run_time_ns - start[p].run_time_ns,
+                            runs[p].run_cnt + end.run_cnt - start[p].run_cnt)
                 finally:
                     off()
 
@@ -496,6 +521,11 @@ def main() -> None:
         print(f"| {name} | {t.gbps:.1f} | {t.gbps / ref.gbps:.2f} | {t.rr_p50_us:.1f} | "
               f"{t.rr_p50_us / ref.rr_p50_us:.2f} | {t.rr_p99_us:.1f} | {t.conn_rate:,.0f} | "
               f"{t.conn_rate / ref.conn_rate:.2f} |")
+    print("\n| program (kernel accounting over the garrison rounds) | runs | ns per run |")
+    print("|---|---|---|")
+    for p, st in runs.items():
+        per = st.run_time_ns / st.run_cnt if st.run_cnt else 0.0
+        print(f"| {p} | {st.run_cnt:,} | {per:.0f} |")
     print("\n| admit one endpoint | median | p99 |")
     print("|---|---|---|")
     for name, xs in (("garrison map writes, 2 ipcache entries", small),

@@ -202,7 +202,6 @@ struct gar_counter {
 #define GAR_EVENT_F_ALLOWED  0x01 /* verdict: the policy allows it */
 #define GAR_EVENT_F_AUDIT    0x02 /* audit mode: computed and logged, nothing dropped */
 #define GAR_EVENT_F_REDIRECT 0x04 /* steered to the proxy (proxy_port) */
-#define GAR_EVENT_F_IS_REPLY 0x08 /* packet of the reply direction of a tracked connection */
 
 struct gar_event {
 	__u64 time_ns;       /* bpf_ktime_get_ns */

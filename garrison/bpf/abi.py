@@ -218,7 +218,6 @@ class EventFlags(IntFlag):
     ALLOWED = 0x01
     AUDIT = 0x02
     REDIRECT = 0x04
-    IS_REPLY = 0x08
 
 
 # ---- Structures ----------------------------------------------------------------------------

@@ -70,6 +70,13 @@ class PolicySync:
         self._write_flags(resolver, [ep for ep in eps if ep.identity in changed])
         return diff
 
+    def forget(self, identity: int) -> PolicyDiff:
+        """Delete the entries of an identity no local endpoint has any more (call after its
+        last endpoint's config and ipcache entry are gone)."""
+        diff = self.desired.remove(identity)
+        self.maps.policy.apply(diff)
+        return diff
+
     def _write_flags(self, resolver: PolicyResolver, endpoints: list[LocalEndpoint]) -> None:
         states: dict[int, MapState] = {}
         for ep in endpoints:

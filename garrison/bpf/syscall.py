@@ -70,6 +70,23 @@ def prog_id(fd: int) -> int:
     return int(struct.unpack_from("I", info, 4)[0])
 
 
+@dataclass(frozen=True, slots=True)
+class ProgStats:
+    """Kernel accounting of a program (kept only while kernel.bpf_stats_enabled is 1)."""
+
+    run_time_ns: int
+    run_cnt: int
+
+
+def prog_stats(fd: int) -> ProgStats:
+    info = ctypes.create_string_buffer(256)
+    attr = ctypes.create_string_buffer(32)
+    struct.pack_into("IIQ", attr, 0, fd, len(info), ctypes.addressof(info))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    run_time, run_cnt = struct.unpack_from("QQ", info, 192)  # struct bpf_prog_info
+    return ProgStats(run_time, run_cnt)
+
+
 def prog_exists(id_: int) -> bool:
     """Whether a program with this id is still loaded (something still holds it)."""
     attr = ctypes.create_string_buffer(16)

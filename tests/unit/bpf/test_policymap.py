@@ -239,7 +239,7 @@ def _verdict(entries: dict[PolicyKey, PolicyValue], probe: tuple[Direction, int,
     return v.allowed, v.redirect
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     map_states(),
     map_states(),
