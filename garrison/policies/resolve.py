@@ -29,6 +29,7 @@ from garrison.policies.mapstate import (
     MapStateKey,
 )
 from garrison.policies.model import (
+    ICMP_TYPES,
     IP_PROTO,
     Direction,
     EndpointPeer,
@@ -46,46 +47,14 @@ from garrison.policies.repository import PolicyChange
 from garrison.policies.selector import EndpointSelector
 from garrison.policies.selectorcache import PeerKey, SelectorCache, is_endpoint
 
-ICMP_TYPES: dict[str, int] = {
-    "EchoReply": 0,
-    "DestinationUnreachable": 3,
-    "Redirect": 5,
-    "EchoRequest": 8,
-    "RouterAdvertisement": 9,
-    "RouterSelection": 10,
-    "TimeExceeded": 11,
-    "ParameterProblem": 12,
-    "Timestamp": 13,
-    "TimestampReply": 14,
-    "Photuris": 40,
-    "ExtendedEchoRequest": 42,
-    "ExtendedEchoReply": 43,
-}
-ICMPV6_TYPES: dict[str, int] = {
-    "DestinationUnreachable": 1,
-    "PacketTooBig": 2,
-    "TimeExceeded": 3,
-    "ParameterProblem": 4,
-    "EchoRequest": 128,
-    "EchoReply": 129,
-    "MulticastListenerQuery": 130,
-    "MulticastListenerReport": 131,
-    "MulticastListenerDone": 132,
-    "RouterSolicitation": 133,
-    "RouterAdvertisement": 134,
-    "NeighborSolicitation": 135,
-    "NeighborAdvertisement": 136,
-    "RedirectMessage": 137,
-}
-
 
 def icmp_type_number(family: str, value: int | str) -> int:
+    """The loader already turns names into numbers; this accepts either."""
     if isinstance(value, int):
         return value
     if value.isdigit():
         return int(value)
-    table = ICMPV6_TYPES if family.lower() == "ipv6" else ICMP_TYPES
-    return table[value]
+    return ICMP_TYPES["IPv6" if family.lower() == "ipv6" else "IPv4"][value]
 
 
 @dataclass(frozen=True, slots=True)
