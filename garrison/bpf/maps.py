@@ -122,6 +122,23 @@ class IPCache:
             )
         return out
 
+    def reconcile(self, desired: Iterable[IPCacheEntry]) -> tuple[int, int]:
+        """Make the map hold exactly `desired` (after a restart over pinned maps): writes
+        what is missing or different first, then deletes the rest. (written, deleted)"""
+        want = {e.prefix: e for e in desired}
+        have = {e.prefix: e for e in self.entries()}
+        written = 0
+        for prefix, entry in want.items():
+            if have.get(prefix) != entry:
+                self._table[self._key(prefix)] = abi.IPCacheValue(
+                    entry.identity, entry.ifindex, int(entry.flags)
+                )
+                written += 1
+        stale = [prefix for prefix in have if prefix not in want]
+        for prefix in stale:
+            self.delete(prefix)
+        return written, len(stale)
+
 
 # ---- policy --------------------------------------------------------------------------------
 
@@ -253,6 +270,20 @@ class EndpointMap:
             int(k.value): EndpointConfig(v.identity, _addr_from_be(v.ipv4), EndpointFlags(v.flags))
             for k, v in self._table.items()
         }
+
+    def reconcile(self, desired: Mapping[int, EndpointConfig]) -> tuple[int, int]:
+        """Make the map hold exactly `desired`; a deleted endpoint's programs drop all it
+        sends (fail closed). (written, deleted)"""
+        have = self.entries()
+        written = 0
+        for ifindex, config in desired.items():
+            if have.get(ifindex) != config:
+                self.upsert(ifindex, config)
+                written += 1
+        stale = [ifindex for ifindex in have if ifindex not in desired]
+        for ifindex in stale:
+            self.delete(ifindex)
+        return written, len(stale)
 
 
 # ---- settings ------------------------------------------------------------------------------

@@ -165,6 +165,10 @@ def test_loader_killed_and_restarted_under_traffic(dp: Datapath, endpoints: Endp
         diff = PolicySync(restarted.maps, PROXY_PORTS).reconcile(
             resolver, [e.local() for e in eps])
         assert not diff, f"a restart over correct pins rewrote {len(diff)} entries"
+        ipcache = restarted.maps.ipcache.entries()
+        assert restarted.maps.ipcache.reconcile(ipcache) == (0, 0)
+        configs = restarted.maps.endpoints.entries()
+        assert restarted.maps.endpoints.reconcile(configs) == (0, 0)
         time.sleep(0.3)
         new_ids = [prog_id(restarted.programs.from_container),
                    prog_id(restarted.programs.to_container)]
@@ -190,6 +194,13 @@ def test_loader_killed_and_restarted_under_traffic(dp: Datapath, endpoints: Endp
         late = connect(other, server.ip, 8080)
         assert late is not None
         late.close()
+
+        # an endpoint gone while no loader ran: reconciling drops its state, fail closed
+        gone = {k: v for k, v in configs.items() if k != other.ifindex}
+        assert restarted.maps.endpoints.reconcile(gone) == (0, 1)
+        kept = [e for e in ipcache if e.prefix.network_address != other.ip]
+        assert restarted.maps.ipcache.reconcile(kept) == (0, 1)
+        assert connect(other, server.ip, 8080, timeout=0.3) is None
 
 
 def kill(proc: subprocess.Popen[str]) -> None:
