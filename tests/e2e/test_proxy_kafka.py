@@ -513,10 +513,11 @@ def rdkafka_consume(
             message = consumer.poll(0.5)
             if message is None:
                 continue
-            if message.error():
-                errors.append(message.error().name())
-            elif (message.value() or b"").startswith(prefix):
-                values.append(message.value())
+            error, value = message.error(), message.value() or b""
+            if error is not None:
+                errors.append(error.name())
+            elif value.startswith(prefix):
+                values.append(value)
     finally:
         consumer.close()
     return values, errors, time.monotonic() - start
