@@ -48,6 +48,7 @@ from typing import Any
 
 from garrison.flows.build import l7_kafka_request, l7_kafka_response, proxy_error
 from garrison.flows.record import DropReasonDesc, Endpoint, FlowRecord, Verdict
+from garrison.flows.record import TrafficDirection as FlowDirection
 from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.kafka import (
     KafkaBrokerAddress,
@@ -194,7 +195,8 @@ class KafkaEngine:
         self._limits = config.kafka
         self._audit = context.audit
         self._advertise = context.advertise
-        self._direction = context.direction.value
+        # The records' own enum: builders take it as it is (a string would be parsed each time).
+        self._direction = FlowDirection(context.direction.value)
         self._node = context.node_name or config.node_name
         self._client = _endpoint(context.source)
         self._server = _endpoint(context.destination)
