@@ -696,3 +696,35 @@ def test_the_example_clients_behave_as_the_readme_says(proxies: dict[str, ProxyH
     assert news in out  # every announcement so far, in one group
     code, out = empire(proxy, OUTPOST, "produce", ANNOUNCE, "forged")
     assert code == 1 and "ClusterAuthorizationFailedError" in out
+
+
+async def aiokafka_denied_consume(outpost: ProxyHandle) -> tuple[str, float]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        PLANS,
+        bootstrap_servers=bootstrap(outpost),
+        group_id="ak-thieves",
+        auto_offset_reset="earliest",
+        session_timeout_ms=SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms=1000,
+    )
+    start = time.monotonic()
+    try:  # aiokafka raises from start() (its first Metadata answer) or from getone()
+        await consumer.start()
+        async with asyncio.timeout(10):
+            await consumer.getone()
+    except Exception as exc:
+        return type(exc).__name__, time.monotonic() - start
+    finally:
+        await consumer.stop()
+    return "", time.monotonic() - start
+
+
+def test_aiokafka_denied_consume_fails_fast(proxies: dict[str, ProxyHandle]) -> None:
+    log = AccessLog(proxies["outpost"])
+    error, elapsed = asyncio.run(aiokafka_denied_consume(proxies["outpost"]))
+    assert error == "TopicAuthorizationFailedError" and elapsed < DENIED_WITHIN
+    log.wait(is_kafka("REQUEST", "metadata", "DROPPED", PLANS))
+    assert len([line for line in log.lines() if line["verdict"] == "DROPPED"]) <= 10
+    assert not [line for line in log.lines() if is_kafka("REQUEST", "fetch", "FORWARDED")(line)]
