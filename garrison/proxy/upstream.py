@@ -42,7 +42,16 @@ class UpstreamOwner(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an upstream. Dispatches to its owner; idle in the pool it has none."""
 
-    __slots__ = ("_paused_writing", "address", "closed", "idle_since", "owner", "pool", "transport")
+    __slots__ = (
+        "_early",
+        "_paused_writing",
+        "address",
+        "closed",
+        "idle_since",
+        "owner",
+        "pool",
+        "transport",
+    )
 
     def __init__(self, address: Address, pool: UpstreamPool | None) -> None:
         self.address = address
@@ -52,6 +61,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._paused_writing = False
+        # Bytes an upstream that speaks first (an HTTP/2 server's SETTINGS) sent before the
+        # connection was handed to its first owner; None once handed out.
+        self._early: bytearray | None = bytearray()
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -61,7 +73,15 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         owner = self.owner
         if owner is not None:
+            early = self._early
+            if early:  # still undelivered: it comes first
+                self._early = None
+                data = bytes(early) + data
             owner.upstream_data(data)
+        elif self._early is not None:  # new, not attached yet: keep it for the owner
+            self._early += data
+            if self.transport is not None:
+                self.transport.pause_reading()
         else:  # an idle connection must not speak: drop it
             self.close()
 
@@ -108,6 +128,19 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+        if not self._early:
+            self._early = None
+        elif self.owner is not None:
+            # Delivered after the owner's attach has written what it queued while connecting
+            # (an HTTP/2 preface must precede our answer to the server's SETTINGS): on the
+            # next turn of the loop, or with the next bytes read if those come first.
+            asyncio.get_running_loop().call_soon(self._deliver_early)
+
+    def _deliver_early(self) -> None:
+        early, owner = self._early, self.owner
+        if early and owner is not None and not self.closed:
+            self._early = None
+            owner.upstream_data(bytes(early))
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
