@@ -67,7 +67,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from garrison.flows.build import (
     l7_grpc_request,
@@ -214,6 +214,15 @@ class _Half:
         )
 
 
+class _Outcome(NamedTuple):
+    """A request's verdict as its records carry it."""
+
+    verdict: Verdict
+    allowed_by: tuple[RuleRef, ...]
+    denied_by: tuple[RuleRef, ...]
+    drop_reason: DropReasonDesc | None
+
+
 class _Call:
     """One allowed (or audited) client stream and its upstream stream."""
 
@@ -223,21 +232,21 @@ class _Call:
         "headers_out",
         "http_code",
         "logged",
-        "ref",
+        "outcome",
+        "path",
         "request",
         "reset_when_drained",
         "response_headers",
         "start",
         "up",
-        "verdict",
     )
 
     def __init__(
         self,
         request: RequestReceived,
         headers_out: list[Header],
-        verdict: Verdict,
-        ref: RuleRef | None,
+        outcome: _Outcome,
+        path: str,
         start: float,
         up: _Half,
         down: _Half,
@@ -245,8 +254,8 @@ class _Call:
         self.request = request
         self.grpc: GrpcCall | None = request.grpc
         self.headers_out = headers_out
-        self.verdict = verdict
-        self.ref = ref
+        self.outcome = outcome
+        self.path = path  # as forwarded (normalized under HTTP rules)
         self.start = start
         self.up = up  # client -> upstream
         self.down = down  # upstream -> client
@@ -292,8 +301,10 @@ class H2Engine:
         self._client = H2ServerConnection(config.http2)
         self._upstream = H2ClientConnection(config.http2)
         self._upstream_started = False
-        self._grpc_matcher = GRPCMatcher(context.ruleset) if rules == "grpc" else None
-        self._http_matcher = HTTPMatcher(context.ruleset) if rules == "http" else None
+        self._grpc_matcher: GRPCMatcher | None = None
+        self._http_matcher: HTTPMatcher | None = None
+        self._denied_by: tuple[RuleRef, ...] = ()
+        self.update_ruleset(context.ruleset)
         self._client_ep = _endpoint(context.source)
         self._server_ep = _endpoint(context.destination)
         self._redaction = RedactionConfig(headers=frozenset(config.redact_headers))
@@ -388,6 +399,8 @@ class H2Engine:
             self._grpc_matcher = GRPCMatcher(ruleset)
         else:
             self._http_matcher = HTTPMatcher(ruleset)
+        refs = (ref for _rule, ref in ruleset.rules if ref is not None)
+        self._denied_by = tuple(dict.fromkeys(refs))
 
     # -- the ConnectionEngine interface ------------------------------------------------------------
 
@@ -541,19 +554,18 @@ class H2Engine:
     def _on_request(self, _call: _Call | None, ev: H2Event) -> None:
         assert type(ev) is RequestReceived
         verdict, path, unsafe = self._decide(ev)
-        now = self._now
-        if not verdict.allowed and not self._audit:
-            self._deny(ev, verdict, path, unsafe)
+        outcome = self._outcome(verdict, unsafe)
+        if outcome.verdict is Verdict.DROPPED:
+            self._deny(ev, outcome, path, unsafe)
             return
-        record = Verdict.FORWARDED if verdict.allowed else Verdict.AUDIT
         headers = self._forwarded_headers(ev, verdict, path)
         sid = ev.stream_id
         up = _Half(self._client, sid, self._upstream, 0)
         down = _Half(self._upstream, 0, self._client, sid)
-        call = _Call(ev, headers, record, verdict.rule, now, up, down)
+        call = _Call(ev, headers, outcome, path, self._now, up, down)
         up.ended = ev.end_stream
         self._calls[sid] = call
-        self._log_request(call, path)
+        self._log(self._request_record(ev, outcome, path))
         if self._waiting or not self._upstream.available_streams:
             self._waiting.append(call)
         else:
@@ -739,13 +751,15 @@ class H2Engine:
             headers = _edit(headers, edit)
         return headers
 
-    def _deny(self, ev: RequestReceived, verdict: L7Verdict, path: str, unsafe: bool) -> None:
+    def _deny(self, ev: RequestReceived, outcome: _Outcome, path: str, unsafe: bool) -> None:
         sid = ev.stream_id
         self._flush(Forward, upstream=False)  # what was owed before stays a Forward
         client = self._client
         if ev.is_grpc and not unsafe:
             client.send_trailers_only(sid, grpc_permission_denied_headers())
+            code = 200
         else:
+            code = 400 if unsafe else 403
             headers, body = http2_error_response(400) if unsafe else http2_access_denied()
             client.send_headers(sid, headers)
             client.send_data(sid, body, end_stream=True)
@@ -755,7 +769,7 @@ class H2Engine:
             else:
                 client.reset_stream(sid, H2ErrorCode.NO_ERROR)
         self._flush(Inject, upstream=False)
-        self._log_denied(ev, verdict, path, unsafe)
+        self._log_denied(ev, outcome, path, code)
 
     # -- upstream streams -----------------------------------------------------------------------
 
@@ -829,20 +843,22 @@ class H2Engine:
 
     # -- records --------------------------------------------------------------------------------
 
-    def _log_request(self, call: _Call, path: str) -> None:
-        ev = call.request
-        allowed_by = (call.ref,) if call.ref is not None else ()
-        self._log(self._request_record(ev, call.verdict, path, allowed_by))
+    def _outcome(self, verdict: L7Verdict, unsafe: bool = False) -> _Outcome:
+        """How a decision is recorded. Denied and audited requests name the policy rules
+        whose L7 rules they failed to match (`*_denied_by`), as the HTTP/1.1 engine does."""
+        if verdict.allowed:
+            return _Outcome(Verdict.FORWARDED, (verdict.rule,) if verdict.rule else (), (), None)
+        reason = DropReasonDesc.PARSE_ERROR if unsafe else DropReasonDesc.POLICY_DENIED
+        kind = Verdict.AUDIT if self._audit else Verdict.DROPPED
+        return _Outcome(kind, (), self._denied_by, reason)
 
-    def _request_record(
-        self, ev: RequestReceived, verdict: Verdict, path: str, allowed_by: tuple[RuleRef, ...]
-    ) -> FlowRecord:
+    def _request_record(self, ev: RequestReceived, outcome: _Outcome, path: str) -> FlowRecord:
         ctx = self._ctx
         authority = ev.authority or ctx.host_hint or ""
         if ev.grpc is not None:
             return l7_grpc_request(
                 time_ns=_ns(self._now),
-                verdict=verdict,
+                verdict=outcome.verdict,
                 direction=ctx.direction,
                 client=self._client_ep,
                 server=self._server_ep,
@@ -850,13 +866,15 @@ class H2Engine:
                 method=ev.grpc.method,
                 authority=authority,
                 headers=_plain(ev.headers),
-                allowed_by=allowed_by,
+                allowed_by=outcome.allowed_by,
+                denied_by=outcome.denied_by,
+                drop_reason=outcome.drop_reason,
                 node_name=ctx.node_name,
                 redaction=self._redaction,
             )
         return l7_http_request(
             time_ns=_ns(self._now),
-            verdict=verdict,
+            verdict=outcome.verdict,
             direction=ctx.direction,
             client=self._client_ep,
             server=self._server_ep,
@@ -866,7 +884,63 @@ class H2Engine:
             scheme=ev.scheme or "http",
             protocol="HTTP/2",
             headers=_plain(ev.headers),
-            allowed_by=allowed_by,
+            allowed_by=outcome.allowed_by,
+            denied_by=outcome.denied_by,
+            drop_reason=outcome.drop_reason,
+            node_name=ctx.node_name,
+            redaction=self._redaction,
+        )
+
+    def _response_record(
+        self,
+        ev: RequestReceived,
+        outcome: _Outcome,
+        path: str,
+        *,
+        http_code: int,
+        grpc_status: int | None,
+        latency_ns: int,
+        headers: Iterable[Header] = (),
+    ) -> FlowRecord:
+        ctx = self._ctx
+        authority = ev.authority or ctx.host_hint or ""
+        if ev.grpc is not None:
+            return l7_grpc_response(
+                time_ns=_ns(self._now),
+                verdict=outcome.verdict,
+                direction=ctx.direction,
+                client=self._client_ep,
+                server=self._server_ep,
+                service=ev.grpc.service,
+                method=ev.grpc.method,
+                status=grpc_status,
+                latency_ns=latency_ns,
+                http_code=http_code,
+                authority=authority,
+                headers=_plain(headers),
+                allowed_by=outcome.allowed_by,
+                denied_by=outcome.denied_by,
+                drop_reason=outcome.drop_reason,
+                node_name=ctx.node_name,
+                redaction=self._redaction,
+            )
+        return l7_http_response(
+            time_ns=_ns(self._now),
+            verdict=outcome.verdict,
+            direction=ctx.direction,
+            client=self._client_ep,
+            server=self._server_ep,
+            method=ev.method,
+            path=path,
+            code=http_code,
+            latency_ns=latency_ns,
+            host=authority,
+            scheme=ev.scheme or "http",
+            protocol="HTTP/2",
+            headers=_plain(headers),
+            allowed_by=outcome.allowed_by,
+            denied_by=outcome.denied_by,
+            drop_reason=outcome.drop_reason,
             node_name=ctx.node_name,
             redaction=self._redaction,
         )
@@ -875,92 +949,24 @@ class H2Engine:
         if call.logged:
             return
         call.logged = True
-        ctx = self._ctx
-        ev = call.request
-        authority = ev.authority or ctx.host_hint or ""
-        allowed_by = (call.ref,) if call.ref is not None else ()
-        latency = max(0, _ns(self._now - call.start))
-        headers = _plain(call.response_headers)
-        if call.grpc is not None:
-            record = l7_grpc_response(
-                time_ns=_ns(self._now),
-                verdict=call.verdict,
-                direction=ctx.direction,
-                client=self._client_ep,
-                server=self._server_ep,
-                service=call.grpc.service,
-                method=call.grpc.method,
-                status=status,
-                latency_ns=latency,
-                http_code=call.http_code,
-                authority=authority,
-                headers=headers,
-                allowed_by=allowed_by,
-                node_name=ctx.node_name,
-                redaction=self._redaction,
-            )
-        else:
-            path = _header(call.headers_out, b":path") or ev.path or ""
-            record = l7_http_response(
-                time_ns=_ns(self._now),
-                verdict=call.verdict,
-                direction=ctx.direction,
-                client=self._client_ep,
-                server=self._server_ep,
-                method=ev.method,
-                path=path,
-                code=call.http_code,
-                latency_ns=latency,
-                host=authority,
-                scheme=ev.scheme or "http",
-                protocol="HTTP/2",
-                headers=headers,
-                allowed_by=allowed_by,
-                node_name=ctx.node_name,
-                redaction=self._redaction,
-            )
-        self._log(record)
-
-    def _log_denied(self, ev: RequestReceived, verdict: L7Verdict, path: str, unsafe: bool) -> None:
-        ctx = self._ctx
-        reason = DropReasonDesc.PARSE_ERROR if unsafe else None
-        self._log(self._request_record(ev, Verdict.DROPPED, path, ()))
-        authority = ev.authority or ctx.host_hint or ""
-        if ev.grpc is not None and not unsafe:
-            self._log(
-                l7_grpc_response(
-                    time_ns=_ns(self._now),
-                    verdict=Verdict.DROPPED,
-                    direction=ctx.direction,
-                    client=self._client_ep,
-                    server=self._server_ep,
-                    service=ev.grpc.service,
-                    method=ev.grpc.method,
-                    status=GRPC_PERMISSION_DENIED,
-                    latency_ns=0,
-                    authority=authority,
-                    node_name=ctx.node_name,
-                    redaction=self._redaction,
-                )
-            )
-            return
         self._log(
-            l7_http_response(
-                time_ns=_ns(self._now),
-                verdict=Verdict.DROPPED,
-                direction=ctx.direction,
-                client=self._client_ep,
-                server=self._server_ep,
-                method=ev.method,
-                path=path,
-                code=400 if unsafe else (200 if ev.is_grpc else 403),
-                latency_ns=0,
-                host=authority,
-                scheme=ev.scheme or "http",
-                protocol="HTTP/2",
-                drop_reason=reason,
-                node_name=ctx.node_name,
-                redaction=self._redaction,
+            self._response_record(
+                call.request,
+                call.outcome,
+                call.path,
+                http_code=call.http_code,
+                grpc_status=status,
+                latency_ns=max(0, _ns(self._now - call.start)),
+                headers=call.response_headers,
+            )
+        )
+
+    def _log_denied(self, ev: RequestReceived, outcome: _Outcome, path: str, code: int) -> None:
+        self._log(self._request_record(ev, outcome, path))
+        status = GRPC_PERMISSION_DENIED if ev.grpc is not None and code == 200 else None
+        self._log(
+            self._response_record(
+                ev, outcome, path, http_code=code, grpc_status=status, latency_ns=0
             )
         )
 
@@ -976,13 +982,6 @@ class H2Engine:
             reason=reason,
             node_name=ctx.node_name,
         )
-
-
-def _header(headers: Iterable[Header], name: bytes) -> str | None:
-    for n, v in headers:
-        if n == name:
-            return v.decode("latin-1")
-    return None
 
 
 def _edit(headers: list[Header], edit: HeaderEdit) -> list[Header]:

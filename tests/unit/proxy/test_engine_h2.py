@@ -304,6 +304,8 @@ def test_denied_call_among_concurrent_allowed_calls() -> None:
     dropped = [r for r in p.records if r.verdict is Verdict.DROPPED]
     assert all(r.drop_reason_desc is DropReasonDesc.POLICY_DENIED for r in dropped)
     assert all(r.ingress_allowed_by == () for r in dropped)
+    # The policy whose L7 rules the call failed to match is named, as for HTTP/1.1.
+    assert all(r.ingress_denied_by == (Policy.from_ref(REF),) for r in dropped)
     assert p.engine.open_calls == 0 and p.engine.buffered_bytes == 0
     # The client can go on using the connection afterwards.
     sid = p.call("GetLocation", doors.message((1, "x")))
@@ -422,6 +424,10 @@ def test_audit_mode_forwards_what_would_be_denied_and_logs_audit() -> None:
     ]
     audit = [r for r in p.records if r.verdict is Verdict.AUDIT]
     assert all(r.ingress_allowed_by == () for r in audit)
+    assert all(r.ingress_denied_by == (Policy.from_ref(REF),) for r in audit)
+    assert all(r.drop_reason_desc is DropReasonDesc.POLICY_DENIED for r in audit)
+    forwarded = [r for r in p.records if r.verdict is Verdict.FORWARDED]
+    assert all(r.drop_reason_desc is None and r.ingress_denied_by == () for r in forwarded)
 
 
 # ---- streaming -----------------------------------------------------------------------------------
