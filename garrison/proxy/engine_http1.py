@@ -50,7 +50,6 @@ on (a request already being forwarded finishes under the rules that let it throu
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from collections.abc import Sequence
 
 from garrison.flows.build import l7_http_request, l7_http_response, proxy_error
@@ -93,6 +92,7 @@ DISCARD_LIMIT = 64 * 1024
 
 _MATCHERS_KEY = "http1.matchers"  # in ConnectionContext.shared: compiled matchers by rule set
 _REDACTION_KEY = "http1.redaction"
+_ENDPOINTS_KEY = "http1.endpoints"
 _MAX_CACHED_MATCHERS = 64
 # Requests queued on one connection (pipelined, waiting for earlier answers) before the server
 # stops reading from the client (`pipeline_full`).
@@ -162,7 +162,39 @@ def _refs_of(ruleset: L7RuleSet) -> tuple[RuleRef, ...]:
 
 
 class HTTPEngine:
-    """HTTP/1.1 enforcement for one client connection (implements `ConnectionEngine`)."""
+    """HTTP/1.1 enforcement for one client connection (implements `ConnectionEngine`).
+
+    Memory: an idle keep-alive connection is mostly this object; `compact()` drops both
+    parsers while nothing is in flight (the server calls it on connections idle a while), and
+    the response parser is only made when a request is first forwarded.
+    """
+
+    __slots__ = (
+        "_audit",
+        "_client",
+        "_client_done",
+        "_closed",
+        "_config",
+        "_context",
+        "_current",
+        "_delegate",
+        "_denied_by",
+        "_direction",
+        "_discarded",
+        "_forwarding",
+        "_host_hint",
+        "_ignore_rest",
+        "_informational",
+        "_matcher",
+        "_node",
+        "_preface",
+        "_queue",
+        "_redaction",
+        "_requests",
+        "_responses",
+        "_ruleset",
+        "_server",
+    )
 
     # The server may share this engine's upstream connections through a pool.
     pooled_upstream = True
@@ -170,9 +202,9 @@ class HTTPEngine:
     def __init__(self, context: ConnectionContext, config: ProxyConfig) -> None:
         self._context = context
         self._config = config
-        self._requests = HTTP1RequestParser(config.http1)
-        self._responses = HTTP1ResponseParser(config.http1)
-        self._queue: deque[_Exchange] = deque()
+        self._requests: HTTP1RequestParser | None = None
+        self._responses: HTTP1ResponseParser | None = None
+        self._queue: list[_Exchange] = []  # a handful at most: a list is smaller than a deque
         self._current: _Exchange | None = None  # the request whose body is being read
         self._forwarding = False  # the current request's body goes upstream
         self._discarded = 0  # bytes read for a denied request's body
@@ -186,7 +218,7 @@ class HTTPEngine:
         self._direction = context.direction
         self._node = context.node_name
         self._client = _endpoint(context.source)
-        self._server = _endpoint(context.destination)
+        self._server = _shared_endpoint(context, context.destination)
         self._host_hint = context.host_hint or ""
         self._ruleset = context.ruleset
         self._matcher = _matcher(context, context.ruleset)
@@ -216,9 +248,16 @@ class HTTPEngine:
             return Waiting.CLIENT
         if self._queue_has_forwarded():
             return Waiting.UPSTREAM
-        if self._requests.buffered or self._preface:
+        requests = self._requests
+        if (requests is not None and requests.buffered) or self._preface:
             return Waiting.HEAD
         return Waiting.IDLE
+
+    def compact(self) -> None:
+        """Drop the parsers of an idle connection; the next request makes new ones."""
+        if self.waiting == Waiting.IDLE and not self._informational and not self._ignore_rest:
+            self._requests = None
+            self._responses = None
 
     @property
     def pipeline_full(self) -> bool:
@@ -266,9 +305,12 @@ class HTTPEngine:
         out: list[Command] = []
         if self._current is not None and not self._forwarding:
             self._discarded += len(data)
+        requests = self._requests
+        if requests is None:
+            requests = self._requests = HTTP1RequestParser(self._config.http1)
         try:
-            self._requests.receive_data(data)
-            self._client_events(now, out)
+            requests.receive_data(data)
+            self._client_events(requests, now, out)
         except HTTP1Error as exc:
             self._client_error(exc, now, out)
         if self._current is not None and not self._forwarding and self._discarded > DISCARD_LIMIT:
@@ -281,6 +323,9 @@ class HTTPEngine:
         if self._closed:
             return ()
         self._client_done = True
+        requests = self._requests
+        if requests is None:
+            requests = self._requests = HTTP1RequestParser(self._config.http1)
         if self._ignore_rest:  # the answer owed closes the connection anyway
             if not self._queue:
                 self._closed = True
@@ -289,14 +334,14 @@ class HTTPEngine:
         if self._preface:  # a partial preface or request line, then nothing
             self._preface = None
             with contextlib.suppress(HTTP1Error):
-                self._requests.receive_data(b"")
+                requests.receive_data(b"")
             self._closed = True
             return (Close(_BOTH, "client closed before a request"),)
         self._preface = None
         out: list[Command] = []
         try:
-            self._requests.receive_data(b"")
-            self._client_events(now, out)
+            requests.receive_data(b"")
+            self._client_events(requests, now, out)
         except HTTP1Error as exc:
             if self._current is not None and self._forwarding:
                 # The client gave up in the middle of a request body: nothing to answer.
@@ -310,8 +355,10 @@ class HTTPEngine:
             out.append(Close(_BOTH, "client closed"))
         return out
 
-    def _client_events(self, now: float, out: list[Command]) -> None:
-        for event in self._requests.events():
+    def _client_events(
+        self, requests: HTTP1RequestParser, now: float, out: list[Command]
+    ) -> None:
+        for event in requests.events():
             kind = type(event)
             if kind is BodyReceived:
                 if self._forwarding:
@@ -346,7 +393,10 @@ class HTTPEngine:
                            answer=500)
                 return
             self._queue.append(ex)
-            self._responses.expect_response(event.method)
+            responses = self._responses
+            if responses is None:
+                responses = self._responses = HTTP1ResponseParser(self._config.http1)
+            responses.expect_response(event.method)
             out.append(Forward(_UP, head))
             out.append(Log(self._request_record(ex, now, event)))
             if has_body:
@@ -356,6 +406,7 @@ class HTTPEngine:
         # Denied: never forwarded; the body is read and thrown away.
         ex = _Exchange(event, host, now, Verdict.DROPPED, self._denied_by)
         if has_body:
+            assert self._requests is not None
             self._requests.discard_body()
             self._current = ex
             self._forwarding = False
@@ -414,9 +465,12 @@ class HTTPEngine:
         if self._closed or not data:
             return ()
         out: list[Command] = []
+        responses = self._responses
+        if responses is None:  # bytes nobody asked for: the parser refuses them
+            responses = self._responses = HTTP1ResponseParser(self._config.http1)
         try:
-            self._responses.receive_data(data)
-            self._upstream_events(now, out)
+            responses.receive_data(data)
+            self._upstream_events(responses, now, out)
         except HTTP1Error as exc:
             self._upstream_error(f"bad response from upstream: {exc.message}", now, out)
         return out
@@ -427,9 +481,12 @@ class HTTPEngine:
         if self._closed:
             return ()
         out: list[Command] = []
+        responses = self._responses
+        if responses is None:
+            responses = self._responses = HTTP1ResponseParser(self._config.http1)
         try:
-            self._responses.receive_data(b"")
-            self._upstream_events(now, out)
+            responses.receive_data(b"")
+            self._upstream_events(responses, now, out)
         except HTTP1Error as exc:
             self._upstream_error(f"upstream closed inside a response: {exc.message}", now, out)
             return out
@@ -439,7 +496,7 @@ class HTTPEngine:
             self._upstream_error("upstream closed before answering", now, out)
             return out
         # Closed between messages with nothing owed: the next request gets a new upstream.
-        self._responses = HTTP1ResponseParser(self._config.http1)
+        self._responses = None
         return out
 
     def upstream_unavailable(self, reason: str, now: float) -> Sequence[Command]:
@@ -452,8 +509,10 @@ class HTTPEngine:
                        DropReasonDesc.UPSTREAM_ERROR, answer=503)
         return out
 
-    def _upstream_events(self, now: float, out: list[Command]) -> None:
-        for event in self._responses.events():
+    def _upstream_events(
+        self, responses: HTTP1ResponseParser, now: float, out: list[Command]
+    ) -> None:
+        for event in responses.events():
             kind = type(event)
             if kind is BodyReceived:
                 out.append(Forward(_CLIENT, event.data))  # type: ignore[union-attr]
@@ -463,7 +522,7 @@ class HTTPEngine:
                 if self._informational:
                     self._informational = False
                     continue
-                ex = self._queue.popleft()
+                ex = self._queue.pop(0)
                 if not event.keep_alive or ex.close_after:  # type: ignore[union-attr]
                     self._closed = True
                     out.append(Close(_BOTH, "connection closes after this response"))
@@ -515,7 +574,7 @@ class HTTPEngine:
         """Write the answers garrison owes that have reached the head of the queue."""
         queue = self._queue
         while queue and queue[0].answer is not None:
-            ex = queue.popleft()
+            ex = queue.pop(0)
             assert ex.answer is not None
             out.append(Inject(_CLIENT, ex.answer))
             if isinstance(ex, _ErrorExchange):
@@ -560,7 +619,7 @@ class HTTPEngine:
         # Answers garrison already owes before the failing request still go out first.
         queue = self._queue
         while queue and queue[0].answer is not None and not isinstance(queue[0], _ErrorExchange):
-            ex = queue.popleft()
+            ex = queue.pop(0)
             assert ex.answer is not None
             out.append(Inject(_CLIENT, ex.answer))
             if ex.close_after:
@@ -696,6 +755,22 @@ def _endpoint(peer: PeerInfo) -> Endpoint:
         ip=peer.ip,
         port=peer.port,
     )
+
+
+def _shared_endpoint(context: ConnectionContext, peer: PeerInfo) -> Endpoint:
+    """One Endpoint per destination for all its connections: its JSON text (cached in the
+    Endpoint) is then made once, and idle connections do not each hold a copy."""
+    cache = context.shared.get(_ENDPOINTS_KEY)
+    if not isinstance(cache, dict):
+        cache = {}
+        context.shared[_ENDPOINTS_KEY] = cache
+    endpoint = cache.get(peer)
+    if isinstance(endpoint, Endpoint):
+        return endpoint
+    if len(cache) >= _MAX_CACHED_MATCHERS:
+        cache.clear()
+    endpoint = cache[peer] = _endpoint(peer)
+    return endpoint
 
 
 def _matcher(context: ConnectionContext, ruleset: L7RuleSet) -> HTTPMatcher:

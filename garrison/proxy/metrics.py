@@ -21,6 +21,7 @@ one), so tests and several proxies in one process do not collide.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,22 +158,40 @@ class ProxyMetrics:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def request_received(self, proto: ProtocolLike, direction: DirectionLike) -> None:
-        self._policy_l7.labels(RULE_RECEIVED, _proto(proto), _direction(direction)).inc()
+    def request_received(
+        self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
+    ) -> None:
+        self._policy_l7.labels(RULE_RECEIVED, _proto(proto), _direction(direction)).inc(amount)
 
-    def request_forwarded(self, proto: ProtocolLike, direction: DirectionLike) -> None:
-        self._policy_l7.labels(RULE_FORWARDED, _proto(proto), _direction(direction)).inc()
+    def request_forwarded(
+        self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
+    ) -> None:
+        self._policy_l7.labels(RULE_FORWARDED, _proto(proto), _direction(direction)).inc(amount)
 
-    def request_denied(self, proto: ProtocolLike, direction: DirectionLike) -> None:
-        self._policy_l7.labels(RULE_DENIED, _proto(proto), _direction(direction)).inc()
+    def request_denied(
+        self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
+    ) -> None:
+        self._policy_l7.labels(RULE_DENIED, _proto(proto), _direction(direction)).inc(amount)
 
-    def parse_error(self, proto: ProtocolLike, direction: DirectionLike) -> None:
-        self._policy_l7.labels(RULE_PARSE_ERRORS, _proto(proto), _direction(direction)).inc()
+    def parse_error(
+        self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
+    ) -> None:
+        self._policy_l7.labels(RULE_PARSE_ERRORS, _proto(proto), _direction(direction)).inc(
+            amount
+        )
 
     def observe_upstream_latency(
         self, proto: ProtocolLike, seconds: float, scope: str = SCOPE_HEADERS
     ) -> None:
         self._upstream_reply.labels(_proto(proto), scope).observe(seconds)
+
+    def observe_upstream_latencies(
+        self, proto: ProtocolLike, seconds: Iterable[float], scope: str = SCOPE_HEADERS
+    ) -> None:
+        """Several observations at once (the proxy batches them per event-loop turn)."""
+        child = self._upstream_reply.labels(_proto(proto), scope)
+        for value in seconds:
+            child.observe(value)
 
     # -- connections -------------------------------------------------------------------------
 
@@ -191,9 +210,9 @@ class ProxyMetrics:
     def access_log_error(self) -> None:
         self._access_log_errors.inc()
 
-    def flow_recorded(self, record: FlowRecord | Verdict) -> None:
+    def flow_recorded(self, record: FlowRecord | Verdict, amount: float = 1.0) -> None:
         verdict = record if isinstance(record, Verdict) else record.verdict
-        self._flows.labels(verdict.value).inc()
+        self._flows.labels(verdict.value).inc(amount)
 
     # -- exposition --------------------------------------------------------------------------
 

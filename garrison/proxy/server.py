@@ -120,9 +120,11 @@ class FlowSink:
     """Where `Log` commands go: the in-memory ring, the access log, metrics, and (`-v`) a
     compact line on a text stream.
 
-    Access-log lines are gathered during one turn of the event loop and written with one
-    system call at its end (`write_many`), in emission order; a failed write is counted in
-    metrics and reported once per failure streak, and the records stay in the ring.
+    Records reach the ring (and the `-v` stream) at once. Access-log lines and metric counts
+    are gathered during one turn of the event loop and applied at its end: the lines in one
+    system call (`write_many`), in emission order, the counters once per label set. A failed
+    write is counted in metrics and reported once per failure streak; the records stay in the
+    ring. Without a loop (tests), everything is applied at once.
     """
 
     def __init__(
@@ -140,29 +142,30 @@ class FlowSink:
         self.verbose = verbose
         self._loop = loop
         self._pending: list[FlowRecord] = []
+        self._scheduled = False
         self._failing = False
 
     def emit(self, record: FlowRecord) -> None:
         self.store.add(record)
-        metrics = self.metrics
-        if metrics is not None:
-            _count(metrics, record)
         if self.verbose is not None:
             with contextlib.suppress(OSError, ValueError):
                 print(render_compact(record), file=self.verbose, flush=True)
-        if self.writer is not None:
-            if not self._pending:
-                loop = self._loop
-                if loop is None:
-                    self._pending.append(record)
-                    self.flush()
-                    return
-                loop.call_soon(self.flush)
-            self._pending.append(record)
+        self._pending.append(record)
+        if not self._scheduled:
+            if self._loop is None:
+                self.flush()
+                return
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        self._scheduled = False
         pending, self._pending = self._pending, []
-        if not pending or self.writer is None:
+        if not pending:
+            return
+        if self.metrics is not None:
+            _count(self.metrics, pending)
+        if self.writer is None:
             return
         try:
             self.writer.write_many(pending)
@@ -176,26 +179,44 @@ class FlowSink:
             self._failing = False
 
 
-def _count(metrics: ProxyMetrics, record: FlowRecord) -> None:
-    metrics.flow_recorded(record)
-    l7 = record.l7
-    if record.type is not FlowType.L7 or l7 is None:
-        return
-    proto = l7.protocol
-    direction = record.traffic_direction
-    verdict = record.verdict
-    if verdict is Verdict.ERROR:
-        if record.drop_reason_desc is DropReasonDesc.PARSE_ERROR:
-            metrics.parse_error(proto, direction)
-        return
-    if l7.type is L7FlowType.REQUEST:
-        metrics.request_received(proto, direction)
-        if verdict is Verdict.DROPPED:
-            metrics.request_denied(proto, direction)
+def _count(metrics: ProxyMetrics, records: list[FlowRecord]) -> None:
+    """The metrics of a batch of records, one update per label set."""
+    verdicts: dict[Verdict, int] = {}
+    rules: dict[tuple[str, str, str], int] = {}
+    latencies: dict[str, list[float]] = {}
+    for record in records:
+        verdict = record.verdict
+        verdicts[verdict] = verdicts.get(verdict, 0) + 1
+        l7 = record.l7
+        if record.type is not FlowType.L7 or l7 is None:
+            continue
+        proto = l7.protocol
+        direction = record.traffic_direction.value
+        if verdict is Verdict.ERROR:
+            if record.drop_reason_desc is DropReasonDesc.PARSE_ERROR:
+                key = ("parse_error", proto, direction)
+                rules[key] = rules.get(key, 0) + 1
+            continue
+        if l7.type is L7FlowType.REQUEST:
+            key = ("received", proto, direction)
+            rules[key] = rules.get(key, 0) + 1
+            key = ("denied" if verdict is Verdict.DROPPED else "forwarded", proto, direction)
+            rules[key] = rules.get(key, 0) + 1
+        elif verdict is not Verdict.DROPPED and l7.latency_ns is not None:
+            latencies.setdefault(proto, []).append(l7.latency_ns / 1e9)
+    for verdict, n in verdicts.items():
+        metrics.flow_recorded(verdict, n)
+    for (rule, proto, direction), n in rules.items():
+        if rule == "received":
+            metrics.request_received(proto, direction, n)
+        elif rule == "forwarded":
+            metrics.request_forwarded(proto, direction, n)
+        elif rule == "denied":
+            metrics.request_denied(proto, direction, n)
         else:
-            metrics.request_forwarded(proto, direction)
-    elif verdict is not Verdict.DROPPED and l7.latency_ns is not None:
-        metrics.observe_upstream_latency(proto, l7.latency_ns / 1e9)
+            metrics.parse_error(proto, direction, n)
+    for proto, values in latencies.items():
+        metrics.observe_upstream_latencies(proto, values)
 
 
 # ---- settings -------------------------------------------------------------------------------
@@ -229,6 +250,8 @@ class ServerSettings:
     advertise: tuple[str, int] | None = None
     pool: PoolConfig | None = None
     sweep_interval: float = 1.0
+    # An HTTP/1.1 client idle this long returns its upstream connection to the pool.
+    release_idle_after: float = 1.0
 
 
 # ---- one client connection ------------------------------------------------------------------
@@ -246,6 +269,29 @@ _UPSTREAM = Side.UPSTREAM
 
 class _ClientConnection(asyncio.Protocol):
     """One accepted client connection and the upstream connection it borrows or owns."""
+
+    __slots__ = (
+        "_client_write_paused",
+        "_connecting",
+        "_pause_client",
+        "_pending_up",
+        "_was_idle",
+        "client_eof",
+        "closed",
+        "context",
+        "dst",
+        "engine",
+        "head_started",
+        "last_client",
+        "last_upstream",
+        "pooled",
+        "server",
+        "src",
+        "transparent",
+        "transport",
+        "upstream",
+        "upstream_address",
+    )
 
     def __init__(self, server: ProxyServer, transparent: bool) -> None:
         self.server = server
@@ -474,16 +520,28 @@ class _ClientConnection(asyncio.Protocol):
         self._close_all()
 
     def _after_engine(self, engine: ConnectionEngine) -> None:
-        waiting = getattr(engine, "waiting", None)
-        if waiting == "idle":
+        """After an HTTP/1.1 engine ran: note idleness (for the head timer) and pipelining."""
+        if engine.waiting == "idle":  # type: ignore[attr-defined]
             self._was_idle = True
-        if self.upstream is not None and getattr(engine, "upstream_reusable", False):
-            conn, self.upstream = self.upstream, None
-            self.server.pool.release(conn)
-        if getattr(engine, "pipeline_full", False):
+        if engine.pipeline_full:  # type: ignore[attr-defined]
             self._pause(_PAUSE_PIPELINE)
         elif self._pause_client & _PAUSE_PIPELINE:
             self._resume(_PAUSE_PIPELINE)
+
+    def release_idle(self) -> None:
+        """The connection has been idle a while: give its upstream connection back to the
+        pool (other clients may use it) and let the engine drop what it does not need.
+        Not done after every response: borrowing and returning per request costs more than
+        keeping it while the client keeps sending."""
+        engine = self.engine
+        if engine is None or self.closed or not self.pooled:
+            return
+        if self.upstream is not None and engine.upstream_reusable:  # type: ignore[attr-defined]
+            conn, self.upstream = self.upstream, None
+            self.server.pool.release(conn)
+        compact = getattr(engine, "compact", None)
+        if compact is not None:
+            compact()
 
     # -- upstream connections -----------------------------------------------------------------
 
@@ -857,6 +915,7 @@ class ProxyServer:
     def sweep(self, now: float) -> None:
         """Apply the timeouts to every connection (the sweeper calls this every second)."""
         timeouts = self.config.timeouts
+        release_after = self.settings.release_idle_after
         for conn in list(self.connections):
             if conn.closed or conn.engine is None:
                 continue
@@ -865,8 +924,11 @@ class ProxyServer:
                 if now - max(conn.last_client, conn.last_upstream) > timeouts.idle:
                     conn.timeout("idle", now)
             elif waiting == "idle":
-                if now - max(conn.last_client, conn.last_upstream) > timeouts.idle:
+                quiet = now - max(conn.last_client, conn.last_upstream)
+                if quiet > timeouts.idle:
                     conn.timeout(waiting, now)
+                elif quiet >= release_after:
+                    conn.release_idle()
             elif waiting == "head":
                 if now - conn.head_started > timeouts.header_read:
                     conn.timeout(waiting, now)

@@ -1,0 +1,344 @@
+"""HTTP/1.1 through garrison vs. direct to nginx vs. haproxy with the same path ACL.
+
+Run: .venv/bin/python bench/proxy_http.py [--duration S] [--connections N] [--idle N]
+                                          [--no-access-log] [--only garrison,haproxy,direct]
+
+Everything runs on loopback, as child processes this script starts and stops by PID, with
+configs generated into a temporary directory:
+
+- backend: nginx (Debian package), `return 200 "Ship landed\\n"` for the Star Wars paths,
+  2 workers, keep-alive without limits;
+- direct: wrk → nginx;
+- garrison: wrk → `garrison proxy` (one process, uvloop) → nginx, with the Star Wars L7 policy
+  (`POST /v1/request-landing` only), the client mapped to the tiefighter, and the access log
+  written (JSON lines, every request and response) unless `--no-access-log`;
+- haproxy 2.6 (Debian package), `nbthread 1` like garrison's single event loop, the same ACL
+  (`http-request deny deny_status 403` unless POST /v1/request-landing), `http-reuse always`.
+
+Each case runs wrk (`-t1 -cN --latency`, POST by a Lua script) on the allowed path
+(`POST /v1/request-landing` → 200 from nginx) and on a denied one (`PUT /v1/exhaust-port` → 403
+from the proxy). Reported: requests/s, p50/p99 latency, the proxy's CPU µs per request (utime +
+stime from /proc/PID/stat over the run, divided by the requests wrk completed) and, with
+`--idle` keep-alive connections opened and left idle after one request each, the proxy's RSS
+growth per idle connection. Ratios are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+POLICY = REPO / "examples" / "starwars" / "sw_l3_l4_l7_policy.yaml"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+NGINX_CONF = """
+worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location = /v1/request-landing {{ return 200 "Ship landed\\n"; }}
+        location = /v1/exhaust-port {{ return 503 "Panic: deathstar exploded\\n"; }}
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+HAPROXY_CONF = """
+global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    option http-keep-alive
+    http-reuse always
+frontend deathstar
+    bind 127.0.0.1:{port}
+    acl landing method POST
+    acl landing_path path /v1/request-landing
+    http-request deny deny_status 403 unless landing landing_path
+    default_backend nginx
+backend nginx
+    server nginx1 127.0.0.1:{backend}
+"""
+
+WRK_SCRIPT = """
+wrk.method = "{method}"
+wrk.body = "{{}}"
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} is not listening on {port}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    statuses: str
+    cpu_us: float | None = None
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _latency(text: str, pct: str) -> float:
+    match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+
+
+def wrk(url: str, method: str, duration: float, connections: int, workdir: Path,
+        pid: int | None) -> WrkResult:
+    script = workdir / f"{method}.lua"
+    script.write_text(WRK_SCRIPT.format(method=method))
+    before = cpu_seconds(pid) if pid else 0.0
+    done = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{round(duration)}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, timeout=duration + 30, check=True,
+    )
+    cpu = cpu_seconds(pid) - before if pid else None
+    out = done.stdout
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    statuses = f"{non2xx.group(1)} non-2xx" if non2xx else "all 2xx"
+    errors = re.search(r"Socket errors: (.*)", out)
+    if errors:
+        statuses += f"; socket errors: {errors.group(1)}"
+    return WrkResult(
+        requests, rps, _latency(out, "50"), _latency(out, "99"), statuses,
+        cpu * 1e6 / requests if cpu is not None and requests else None,
+    )
+
+
+def idle_rss_per_connection(port: int, pid: int, count: int, method: str = "POST") -> float:
+    """KB of proxy RSS per keep-alive connection left idle after one request."""
+    request = (f"{method} /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\n"
+               "Content-Length: 2\r\n\r\n{}").encode()
+    warm: list[socket.socket] = []
+    for _ in range(50):  # allocator and pool warm-up, not counted
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(request)
+        sock.recv(65536)
+        warm.append(sock)
+    time.sleep(0.5)
+    base = rss_kb(pid)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(request)
+            socks.append(sock)
+        for sock in socks:
+            sock.settimeout(10)
+            data = b""
+            while b"Ship landed" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("connection closed during the idle test")
+                data += chunk
+        time.sleep(1.0)
+        grown = rss_kb(pid) - base
+    finally:
+        for sock in socks + warm:
+            sock.close()
+    return grown / count
+
+
+@contextlib.contextmanager
+def nginx(workdir: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=workdir, port=port))
+    proc = subprocess.Popen(
+        ["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL, stderr=(workdir / "nginx.stderr").open("wb"),
+    )
+    try:
+        wait_port(port, proc, "nginx")
+        yield port, proc
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def haproxy(workdir: Path, backend: int) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(HAPROXY_CONF.format(port=port, backend=backend))
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=(workdir / "haproxy.stderr").open("wb"))
+    try:
+        wait_port(port, proc, "haproxy")
+        yield port, proc
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def garrison(workdir: Path, backend: int, access_log: bool
+             ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "garrison.cli.main", "proxy",
+        "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend}",
+        "-f", str(POLICY), "--dst-labels", "org=empire,class=deathstar", "--dport", "80",
+        "--peer", "127.0.0.1/32=org=empire,class=tiefighter",
+    ]
+    if access_log:
+        argv += ["--access-log", str(workdir / "access.log"),
+                 "--access-log-max-bytes", str(64 * 1024 * 1024), "--access-log-backups", "1"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=(workdir / "garrison.stderr").open("wb"))
+    try:
+        wait_port(port, proc, "garrison proxy")
+        yield port, proc
+    finally:
+        stop(proc)
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--idle", type=int, default=1000, help="idle keep-alive connections")
+    parser.add_argument("--no-access-log", action="store_true")
+    parser.add_argument("--only", default="direct,garrison,haproxy")
+    args = parser.parse_args(argv)
+    for tool in ("wrk", "nginx", "haproxy"):
+        if shutil.which(tool) is None:
+            print(f"needs {tool}: apt-get install {tool} (or make setup)", file=sys.stderr)
+            return 2
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    only = set(args.only.split(","))
+    results: dict[tuple[str, str], WrkResult] = {}
+    idle: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="garrison-bench-") as tmp:
+        workdir = Path(tmp)
+        with nginx(workdir) as (backend, _nginx_proc):
+            cases: list[tuple[str, contextlib.AbstractContextManager[tuple[int, subprocess.Popen[bytes]]] | None]] = []
+            if "direct" in only:
+                cases.append(("direct", None))
+            if "garrison" in only:
+                cases.append(("garrison", garrison(workdir, backend, not args.no_access_log)))
+            if "haproxy" in only:
+                cases.append(("haproxy", haproxy(workdir, backend)))
+            for name, manager in cases:
+                if manager is None:
+                    url = f"http://127.0.0.1:{backend}"
+                    results[(name, "allowed")] = wrk(f"{url}/v1/request-landing", "POST",
+                                                     args.duration, args.connections, workdir,
+                                                     None)
+                    continue
+                with manager as (port, proc):
+                    url = f"http://127.0.0.1:{port}"
+                    wrk(f"{url}/v1/request-landing", "POST", 1, args.connections, workdir,
+                        None)  # warm-up
+                    results[(name, "allowed")] = wrk(
+                        f"{url}/v1/request-landing", "POST", args.duration, args.connections,
+                        workdir, proc.pid)
+                    results[(name, "denied")] = wrk(
+                        f"{url}/v1/exhaust-port", "PUT", args.duration, args.connections,
+                        workdir, proc.pid)
+                    if args.idle:
+                        idle[name] = idle_rss_per_connection(port, proc.pid, args.idle)
+    print(f"wrk -t1 -c{args.connections} -d{args.duration}s, loopback, "
+          f"{os.cpu_count()} CPUs; garrison access log "
+          f"{'off' if args.no_access_log else 'on'}")
+    print(f"{'case':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}  statuses")
+    for (name, path), r in results.items():
+        print(f"{name + ' ' + path:<22}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+              f"{_fmt(r.cpu_us):>12}  {r.statuses}")
+    for name, kb in idle.items():
+        print(f"{name}: {kb:.2f} KB RSS per idle keep-alive connection ({args.idle} connections)")
+    direct = results.get(("direct", "allowed"))
+    g_allowed = results.get(("garrison", "allowed"))
+    h_allowed = results.get(("haproxy", "allowed"))
+    g_denied = results.get(("garrison", "denied"))
+    h_denied = results.get(("haproxy", "denied"))
+    print("ratios:")
+    if direct and g_allowed:
+        print(f"  garrison allowed throughput / direct: {g_allowed.rps / direct.rps:.2f} "
+              "(aim >= 0.35)")
+    if direct and h_allowed:
+        print(f"  haproxy allowed throughput / direct:  {h_allowed.rps / direct.rps:.2f}")
+    if g_allowed and h_allowed and g_allowed.cpu_us and h_allowed.cpu_us:
+        print(f"  garrison / haproxy CPU per allowed request: "
+              f"{g_allowed.cpu_us / h_allowed.cpu_us:.2f} (aim <= 1.3)")
+    if g_denied and h_denied and g_denied.cpu_us and h_denied.cpu_us:
+        print(f"  garrison / haproxy CPU per denied request:  "
+              f"{g_denied.cpu_us / h_denied.cpu_us:.2f}")
+    if "garrison" in idle:
+        print(f"  garrison KB per idle connection: {idle['garrison']:.2f} (aim < 4)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
