@@ -182,11 +182,33 @@ def client(mode: str, seconds: float) -> dict[str, float]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def traffic(seconds: float) -> Traffic:
-    gbps = iperf(seconds)
-    rr = client("rr", seconds)
-    conn = client("conn", seconds)
-    return Traffic(gbps, rr["p50"] * 1e6, rr["p99"] * 1e6, conn["rate"])
+Fds = dict[str, int]
+PhaseCost = dict[str, dict[str, ProgStats]]  # phase -> program -> runs and time
+
+
+def _stats(fds: Fds) -> dict[str, ProgStats]:
+    return {name: prog_stats(fd) for name, fd in fds.items()}
+
+
+def _delta(a: dict[str, ProgStats], b: dict[str, ProgStats]) -> dict[str, ProgStats]:
+    return {n: ProgStats(b[n].run_time_ns - a[n].run_time_ns, b[n].run_cnt - a[n].run_cnt)
+            for n in a}
+
+
+def traffic(seconds: float, fds: Fds | None = None) -> tuple[Traffic, PhaseCost]:
+    """The three measurements; with program fds, what the programs cost in each phase."""
+    cost: PhaseCost = {}
+    results: list[object] = []
+    for phase, run in (("throughput", lambda: iperf(seconds)),
+                       ("request/response", lambda: client("rr", seconds)),
+                       ("connections", lambda: client("conn", seconds))):
+        before = _stats(fds) if fds else {}
+        results.append(run())
+        if fds:
+            cost[phase] = _delta(before, _stats(fds))
+    gbps, rr, conn = results
+    assert isinstance(gbps, float) and isinstance(rr, dict) and isinstance(conn, dict)
+    return Traffic(gbps, rr["p50"] * 1e6, rr["p99"] * 1e6, conn["rate"]), cost
 
 
 # ---- nftables -----------------------------------------------------------------------------
@@ -471,19 +493,20 @@ def main() -> None:
         samples: dict[str, list[Traffic]] = {name: [] for name, _, _ in configs}
         fds = {"from_container": dp.programs.from_container,
                "to_container": dp.programs.to_container}
-        runs = {name: ProgStats(0, 0) for name in fds}
+        costs: PhaseCost = {}
         for round_ in range(args.rounds):
             for name, on, off in configs:
                 print(f"round {round_ + 1}/{args.rounds}: {name} ...", flush=True)
                 on()
                 try:
-                    start = {p: prog_stats(fd) for p, fd in fds.items()}
-                    samples[name].append(traffic(args.seconds))
-                    for p, fd in fds.items():
-                        end = prog_stats(fd)
-                        runs[p] = ProgStats(
-                            runs[p].run_time_ns + end.run_time_ns - start[p].run_time_ns,
-                            runs[p].run_cnt + end.run_cnt - start[p].run_cnt)
+                    measured = name.startswith("garrison")
+                    result, cost = traffic(args.seconds, fds if measured else None)
+                    samples[name].append(result)
+                    for phase, progs in cost.items():
+                        acc = costs.setdefault(phase, {p: ProgStats(0, 0) for p in fds})
+                        for p, st in progs.items():
+                            acc[p] = ProgStats(acc[p].run_time_ns + st.run_time_ns,
+                                               acc[p].run_cnt + st.run_cnt)
                 finally:
                     off()
 
@@ -521,11 +544,14 @@ def main() -> None:
         print(f"| {name} | {t.gbps:.1f} | {t.gbps / ref.gbps:.2f} | {t.rr_p50_us:.1f} | "
               f"{t.rr_p50_us / ref.rr_p50_us:.2f} | {t.rr_p99_us:.1f} | {t.conn_rate:,.0f} | "
               f"{t.conn_rate / ref.conn_rate:.2f} |")
-    print("\n| program (kernel accounting over the garrison rounds) | runs | ns per run |")
-    print("|---|---|---|")
-    for p, st in runs.items():
-        per = st.run_time_ns / st.run_cnt if st.run_cnt else 0.0
-        print(f"| {p} | {st.run_cnt:,} | {per:.0f} |")
+    print("\n| garrison programs, kernel accounting (bpf_stats) | program | runs | ns per run "
+          "| CPU time per second of traffic |")
+    print("|---|---|---|---|---|")
+    for phase, progs in costs.items():
+        for p, st in progs.items():
+            per = st.run_time_ns / st.run_cnt if st.run_cnt else 0.0
+            share = st.run_time_ns / (args.seconds * args.rounds * 1e9)
+            print(f"| {phase} | {p} | {st.run_cnt:,} | {per:.0f} | {share * 1e3:.1f} ms |")
     print("\n| admit one endpoint | median | p99 |")
     print("|---|---|---|")
     for name, xs in (("garrison map writes, 2 ipcache entries", small),
