@@ -194,6 +194,7 @@ class HTTPEngine:
         "_responses",
         "_ruleset",
         "_server",
+        "_upstream_ok",
     )
 
     # The server may share this engine's upstream connections through a pool.
@@ -212,6 +213,8 @@ class HTTPEngine:
         self._client_done = False  # the client ended its stream
         self._closed = False
         self._ignore_rest = False  # a request was answered with close: read nothing more
+        # The upstream conversation can go on (no error, no `Connection: close` either way).
+        self._upstream_ok = True
         self._preface: bytes | None = b""  # bytes held until HTTP/2's preface is ruled out
         self._delegate: ConnectionEngine | None = None
         self._redaction = _redaction(context, config)
@@ -231,11 +234,11 @@ class HTTPEngine:
     def upstream_reusable(self) -> bool:
         """Nothing is in flight to the upstream and its last response kept the connection."""
         return (
-            not self._queue_has_forwarded()
+            self._upstream_ok
             and not self._forwarding
+            and not self._informational
             and self._delegate is None
-            and self._preface is None
-            and not self._closed
+            and not self._queue_has_forwarded()
         )
 
     @property
@@ -392,6 +395,8 @@ class HTTPEngine:
                 self._fail(out, now, f"header edit refused: {exc}", DropReasonDesc.PROXY_ERROR,
                            answer=500)
                 return
+            if ex.close_after:
+                self._upstream_ok = False  # it carries `Connection: close` upstream
             self._queue.append(ex)
             responses = self._responses
             if responses is None:
@@ -441,6 +446,7 @@ class HTTPEngine:
         status = exc.status or 400
         if self._current is not None and self._forwarding:
             # The failing request is partly upstream: its response will never be forwarded.
+            self._upstream_ok = False
             with contextlib.suppress(ValueError):
                 self._queue.remove(self._current)
         self._current = None
@@ -476,6 +482,7 @@ class HTTPEngine:
         return out
 
     def upstream_eof(self, now: float) -> Sequence[Command]:
+        self._upstream_ok = False
         if self._delegate is not None:
             return self._delegate.upstream_eof(now)
         if self._closed:
@@ -497,6 +504,7 @@ class HTTPEngine:
             return out
         # Closed between messages with nothing owed: the next request gets a new upstream.
         self._responses = None
+        self._upstream_ok = True
         return out
 
     def upstream_unavailable(self, reason: str, now: float) -> Sequence[Command]:
@@ -524,6 +532,7 @@ class HTTPEngine:
                     continue
                 ex = self._queue.pop(0)
                 if not event.keep_alive or ex.close_after:  # type: ignore[union-attr]
+                    self._upstream_ok = False
                     self._closed = True
                     out.append(Close(_BOTH, "connection closes after this response"))
                     return
@@ -615,6 +624,7 @@ class HTTPEngine:
         answer: int | None,
     ) -> None:
         """Give up on the connection: answer the request owed (if any), close, log ERROR."""
+        self._upstream_ok = False
         out.append(Log(self._error_record(now, reason, drop)))
         # Answers garrison already owes before the failing request still go out first.
         queue = self._queue
@@ -658,6 +668,7 @@ class HTTPEngine:
         if self._closed:
             return ()
         self._closed = True
+        self._upstream_ok = False
         self._queue.clear()
         return (
             Log(self._error_record(now, reason, DropReasonDesc.PROXY_ERROR)),

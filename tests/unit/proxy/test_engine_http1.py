@@ -517,3 +517,48 @@ def test_a_request_starting_like_the_preface_is_http1() -> None:
                                                                   T0))
     assert engine.delegate is None
     assert result.injected == DENIED
+
+
+# ---- the upstream connection's reuse ----------------------------------------------------------
+
+
+def test_upstream_is_reusable_only_between_clean_keep_alive_exchanges() -> None:
+    engine = make()
+    engine.client_data(LAND, T0)
+    assert not engine.upstream_reusable  # a response is owed
+    engine.upstream_data(resp(), T0)
+    assert engine.upstream_reusable
+    engine.client_data(EXHAUST, T0)  # denied requests never touch the upstream
+    assert engine.upstream_reusable
+    engine.client_eof(T0)  # the client leaving does not spoil the upstream connection
+    assert engine.upstream_reusable
+
+
+@pytest.mark.parametrize("spoil", ["request-close", "response-close", "upstream-error", "abort"])
+def test_upstream_is_not_reused_after(spoil: str) -> None:
+    engine = make()
+    if spoil == "request-close":
+        engine.client_data(req("POST", "/v1/request-landing", extra="Connection: close\r\n"), T0)
+        engine.upstream_data(resp(), T0)
+    elif spoil == "response-close":
+        engine.client_data(LAND, T0)
+        engine.upstream_data(resp(extra="Connection: close\r\n"), T0)
+    elif spoil == "upstream-error":
+        engine.client_data(LAND, T0)
+        engine.upstream_data(b"garbage\r\n\r\n", T0)
+    else:
+        engine.client_data(LAND, T0)
+        engine.upstream_data(resp(), T0)
+        engine.abort("internal", T0)
+    assert not engine.upstream_reusable
+
+
+def test_compact_drops_the_parsers_of_an_idle_connection() -> None:
+    engine = make()
+    engine.client_data(LAND, T0)
+    engine.compact()  # not idle: kept
+    engine.upstream_data(resp(), T0)
+    engine.compact()
+    assert engine.waiting == Waiting.IDLE
+    result = out(engine.client_data(LAND, T0), engine.upstream_data(resp(), T0))
+    assert result.upstream == LAND and result.client == resp()

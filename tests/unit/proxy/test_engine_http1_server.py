@@ -1,0 +1,309 @@
+"""The HTTP/1.1 engine inside the asyncio server, in process on loopback: failures stay with
+their connection, limits, timers, the upstream pool, backpressure and policy swaps."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import pytest
+
+from garrison.flows.record import FlowRecord, FlowType, L7FlowType, Verdict
+from garrison.flows.store import FlowStore
+from garrison.policies.l7rules import HTTPRule, L7Protocol, L7RuleSet
+from garrison.policies.labels import Labels
+from garrison.policies.mapstate import LookupResult, MatchType
+from garrison.policies.refs import PolicyKind, RuleRef
+from garrison.proxy import server as server_module
+from garrison.proxy.commands import Command, ConnectionContext, PeerInfo
+from garrison.proxy.config import ProxyConfig, Timeouts
+from garrison.proxy.engine import make_engine
+from garrison.proxy.policyview import Admission
+from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings, StaticDestination
+
+RULE = RuleRef(PolicyKind.CNP, "default", "rule1", "ingress")
+LANDING = L7RuleSet(L7Protocol.HTTP, ((HTTPRule(method="POST", path="/v1/request-landing"),
+                                       RULE),))
+ANYTHING = L7RuleSet(L7Protocol.HTTP, ((HTTPRule(), RULE),))
+LAND = (b"POST /v1/request-landing HTTP/1.1\r\nHost: d\r\nContent-Length: 2\r\n\r\n{}")
+EXHAUST = b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: d\r\nContent-Length: 0\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nShip landed\n"
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class StaticPolicy:
+    """Admits everyone with one rule set (swappable)."""
+
+    def __init__(self, ruleset: L7RuleSet, allowed: bool = True) -> None:
+        self.ruleset = ruleset
+        self.allowed = allowed
+        self.revision = 1
+
+    def admit(self, src_ip: str, dst_ip: str = "", dst_port: int = 0) -> Admission:
+        lookup = LookupResult(self.allowed, MatchType.L3_L4)
+        return Admission(300, Labels.parse("app=client"), "default", self.allowed, lookup,
+                         self.ruleset)
+
+
+class Upstream:
+    """An HTTP/1.1 upstream that answers every request with OK; counts connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.address: tuple[str, int] = ("", 0)
+        self.slow_body = 0  # answer with a body this large (to test backpressure)
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.address = self.server.sockets[0].getsockname()[:2]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                self.requests += 1
+                if self.slow_body:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.slow_body)
+                    chunk = b"x" * 65536
+                    for _ in range(self.slow_body // len(chunk)):
+                        writer.write(chunk)
+                        await writer.drain()
+                else:
+                    writer.write(OK)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test in its own event loop (with a started `Upstream` as first argument)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        async def main() -> None:
+            up = Upstream()
+            await up.start()
+            try:
+                await test(up, *args, **kwargs)
+            finally:
+                assert up.server is not None
+                up.server.close()
+
+        asyncio.run(main())
+
+    # pytest must not ask for a fixture named `upstream`: hide the first parameter.
+    params = list(inspect.signature(test).parameters.values())[1:]
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return run
+
+
+async def start_proxy(
+    upstream: Upstream, policy: StaticPolicy, config: ProxyConfig | None = None,
+    **settings: Any,
+) -> tuple[ProxyServer, tuple[str, int]]:
+    settings.setdefault("sweep_interval", 0.1)
+    server = ProxyServer(
+        ServerSettings(
+            protocol=L7Protocol.HTTP,
+            config=config or ProxyConfig(),
+            destination=StaticDestination(PeerInfo(256, Labels.parse("app=svc"), "127.0.0.1",
+                                                   80)),
+            **settings,
+        ),
+        policy,  # type: ignore[arg-type]
+        FlowSink(store=FlowStore(), loop=asyncio.get_running_loop()),
+    )
+    address = await server.listen_standalone("127.0.0.1", 0, upstream=upstream.address)
+    return server, address
+
+
+async def ask(address: tuple[str, int], data: bytes, expect: bytes,
+              reader_writer: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
+              ) -> bytes:
+    reader, writer = reader_writer or await asyncio.open_connection(*address)
+    writer.write(data)
+    got = await asyncio.wait_for(reader.readexactly(len(expect)), 5)
+    if reader_writer is None:
+        writer.close()
+    return got
+
+
+def records(server: ProxyServer, check: Callable[[FlowRecord], bool]) -> list[FlowRecord]:
+    return [r for r in server.sink.store if check(r)]
+
+
+@in_loop
+async def test_an_engine_failure_closes_only_its_connection(
+    upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING))
+    good = await asyncio.open_connection(*address)
+    assert await ask(address, LAND, OK, good) == OK
+
+    class Exploding:
+        def __init__(self, engine: Any) -> None:
+            self.engine = engine
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.engine, name)
+
+        def client_data(self, data: bytes, now: float) -> Sequence[Command]:
+            raise RuntimeError("boom")
+
+    def exploding(context: ConnectionContext, config: ProxyConfig) -> Any:
+        return Exploding(make_engine(context, config))
+
+    monkeypatch.setattr(server_module, "make_engine", exploding)
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(LAND)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing forwarded
+    [error] = records(server, lambda r: r.verdict is Verdict.ERROR)
+    assert "boom" in error.error
+    assert upstream.requests == 1  # only the good connection's request
+    assert await ask(address, LAND, OK, good) == OK  # the other connection goes on
+    good[1].close()
+    await server.close()
+
+
+@in_loop
+async def test_max_connections(upstream: Upstream) -> None:
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING),
+                                        ProxyConfig(max_connections=1))
+    first = await asyncio.open_connection(*address)
+    assert await ask(address, LAND, OK, first) == OK
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(LAND)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert records(server, lambda r: "too many connections" in r.error)
+    first[1].close()
+    await server.close()
+
+
+@in_loop
+async def test_header_timeout_answers_408(upstream: Upstream) -> None:
+    config = ProxyConfig(timeouts=Timeouts(header_read=0.3))
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING), config)
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"POST /v1/request-landing HTTP/1.1\r\nHost:")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert records(server, lambda r: r.verdict is Verdict.ERROR)
+    await server.close()
+
+
+@in_loop
+async def test_idle_keep_alive_connection_is_closed_quietly(upstream: Upstream) -> None:
+    config = ProxyConfig(timeouts=Timeouts(idle=0.3))
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING), config)
+    reader, writer = await asyncio.open_connection(*address)
+    assert await ask(address, LAND, OK, (reader, writer)) == OK
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert not records(server, lambda r: r.verdict is Verdict.ERROR)
+    await server.close()
+
+
+@in_loop
+async def test_unreachable_upstream_answers_503(upstream: Upstream) -> None:
+    dead = Upstream()
+    dead.address = ("127.0.0.1", 1)
+    server, address = await start_proxy(dead, StaticPolicy(LANDING))
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(LAND)
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    [error] = records(server, lambda r: r.verdict is Verdict.ERROR)
+    assert "cannot connect" in error.error
+    await server.close()
+
+
+@in_loop
+async def test_upstream_connections_are_pooled_across_clients(upstream: Upstream) -> None:
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING),
+                                        release_idle_after=0.05)
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(*address)
+        assert await ask(address, LAND, OK, (reader, writer)) == OK
+        writer.close()
+        await asyncio.sleep(0.05)
+    assert upstream.connections == 1
+    assert server.pool.stats.reuses == 2
+    # A keep-alive client that went idle gave its upstream back: another client uses it.
+    first = await asyncio.open_connection(*address)
+    assert await ask(address, LAND, OK, first) == OK
+    await asyncio.sleep(0.4)
+    second = await asyncio.open_connection(*address)
+    assert await ask(address, LAND, OK, second) == OK
+    assert upstream.connections == 1
+    first[1].close()
+    second[1].close()
+    await server.close()
+
+
+@in_loop
+async def test_a_client_that_does_not_read_pauses_the_upstream(upstream: Upstream) -> None:
+    upstream.slow_body = 32 * 1024 * 1024
+    server, address = await start_proxy(upstream, StaticPolicy(ANYTHING))
+    reader, writer = await asyncio.open_connection(*address, limit=1 << 16)
+    transport = writer.transport
+    transport.pause_reading()  # the client stops reading
+    writer.write(LAND)
+    await asyncio.sleep(1.0)
+    [conn] = list(server.connections)
+    assert conn.transport is not None
+    buffered = conn.transport.get_write_buffer_size()
+    assert buffered <= server.config.write_buffer_high + 256 * 1024
+    assert conn.upstream is not None and conn.upstream.transport is not None
+    assert not conn.upstream.transport.is_reading()
+    transport.resume_reading()
+    total = 0
+    while total < upstream.slow_body:
+        chunk = await asyncio.wait_for(reader.read(1 << 20), 5)
+        assert chunk
+        total += len(chunk)
+    writer.close()
+    await server.close()
+
+
+@in_loop
+async def test_policy_swap_applies_to_the_next_request_of_a_live_connection(
+    upstream: Upstream,
+) -> None:
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING))
+    live = await asyncio.open_connection(*address)
+    denied = await ask(address, EXHAUST, b"HTTP/1.1 403", live)
+    assert denied == b"HTTP/1.1 403"
+    await asyncio.wait_for(live[0].readuntil(b"Access denied\r\n"), 5)
+    server.update_policy(StaticPolicy(ANYTHING))  # type: ignore[arg-type]
+    assert await ask(address, EXHAUST, OK, live) == OK
+    server.update_policy(StaticPolicy(ANYTHING, allowed=False))  # type: ignore[arg-type]
+    assert await ask(address, EXHAUST, b"HTTP/1.1 403", live) == b"HTTP/1.1 403"
+    live[1].close()
+    await server.close()
+
+
+@in_loop
+async def test_refused_client_is_logged_at_l3_l4(upstream: Upstream) -> None:
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING, allowed=False))
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(LAND)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    [drop] = records(server, lambda r: r.type is FlowType.L3_L4)
+    assert drop.verdict is Verdict.DROPPED and drop.source.identity == 300
+    assert not records(server, lambda r: r.l7 is not None and r.l7.type is L7FlowType.REQUEST)
+    assert upstream.connections == 0
+    await server.close()
