@@ -287,7 +287,6 @@ async def _serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await _check_upstream(options.upstream)
     log.info(
         "listening on %s:%d (%s) -> upstream %s:%d, policy for %s port %d",
         address[0], address[1], options.protocol.value, options.upstream[0],
@@ -295,12 +294,14 @@ async def _serve(
     )
     if metrics_server is not None:
         log.info("metrics on http://%s:%d/metrics", metrics_server.host, metrics_server.port)
+    check = loop.create_task(_check_upstream(options.upstream))
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        check.cancel()
         await reloader.stop()
         await server.close(grace=0.5)
         if metrics_server is not None:

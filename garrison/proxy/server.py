@@ -281,6 +281,7 @@ class _ClientConnection(asyncio.Protocol):
         "context",
         "dst",
         "engine",
+        "has_states",
         "head_started",
         "last_client",
         "last_upstream",
@@ -312,6 +313,7 @@ class _ClientConnection(asyncio.Protocol):
         self.last_upstream = 0.0
         self.head_started = 0.0
         self._was_idle = True
+        self.has_states = False  # the engine reports what it waits for (`waiting`)
         self.src: tuple[str, int] = ("", 0)
         self.dst: tuple[str, int] = ("", 0)
 
@@ -363,6 +365,7 @@ class _ClientConnection(asyncio.Protocol):
         )
         self.upstream_address = server.upstream_for(self.dst)
         self.pooled = bool(getattr(self.engine, "pooled_upstream", False))
+        self.has_states = hasattr(self.engine, "waiting")
         if not self.pooled:
             self._start_connect()
 
@@ -383,7 +386,7 @@ class _ClientConnection(asyncio.Protocol):
         except Exception as exc:
             self._internal_error(exc, now)
             return
-        if self.pooled and not self.closed:
+        if self.has_states and not self.closed:
             self._after_engine(engine)
 
     def eof_received(self) -> bool:
@@ -427,7 +430,7 @@ class _ClientConnection(asyncio.Protocol):
         except Exception as exc:
             self._internal_error(exc, now)
             return
-        if self.pooled and not self.closed:
+        if self.has_states and not self.closed:
             self._after_engine(engine)
 
     def upstream_eof(self) -> None:
@@ -441,9 +444,13 @@ class _ClientConnection(asyncio.Protocol):
         except Exception as exc:
             self._internal_error(exc, now)
             return
-        if not self.closed and conn is not None and self.upstream is conn:
-            # The connection is finished; the next request (if any) gets another.
+        if self.closed or conn is None or self.upstream is not conn:
+            return
+        if self.pooled:
+            # That upstream connection is finished; the next request (if any) gets another.
             self._drop_upstream()
+        else:
+            self._close_all()  # an engine with its own upstream cannot go on without it
 
     def upstream_lost(self, exc: Exception | None) -> None:
         conn = self.upstream
@@ -520,9 +527,12 @@ class _ClientConnection(asyncio.Protocol):
         self._close_all()
 
     def _after_engine(self, engine: ConnectionEngine) -> None:
-        """After an HTTP/1.1 engine ran: note idleness (for the head timer) and pipelining."""
+        """After an engine with states ran: note idleness (the head timer starts at the first
+        byte after it) and, for HTTP/1.1, whether too many requests wait for answers."""
         if engine.waiting == "idle":  # type: ignore[attr-defined]
             self._was_idle = True
+        if not self.pooled:
+            return
         if engine.pipeline_full:  # type: ignore[attr-defined]
             self._pause(_PAUSE_PIPELINE)
         elif self._pause_client & _PAUSE_PIPELINE:

@@ -209,7 +209,7 @@ def start_proxy(
     verbose: bool = True,
     extra_args: Sequence[str] = (),
     name: str = "proxy",
-    timeout: float = 10.0,
+    timeout: float = 30.0,
 ) -> ProxyHandle:
     """Start `garrison proxy` on a free port of `listen_host` and wait until it listens."""
     access_log = log_dir / f"{name}-access.log"
@@ -253,7 +253,7 @@ def start_proxy(
     return ProxyHandle(process, bound[0], access_log, metrics_address, argv)
 
 
-def start_deathstar(log_dir: Path, host: str = "127.0.0.1", timeout: float = 10.0) -> ServerProcess:
+def start_deathstar(log_dir: Path, host: str = "127.0.0.1", timeout: float = 30.0) -> ServerProcess:
     port = free_port(host)
     process = start_process(
         [PYTHON, str(STARWARS / "deathstar.py"), "--listen", f"{host}:{port}"],
