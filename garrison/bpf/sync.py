@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from garrison.bpf.maps import DatapathMaps, EndpointConfig
-from garrison.bpf.policymap import DesiredPolicy, PolicyDiff, endpoint_flags
+from garrison.bpf.policymap import (
+    DesiredPolicy,
+    PolicyDiff,
+    PolicyKey,
+    PolicyValue,
+    endpoint_flags,
+)
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.mapstate import MapState
 from garrison.policies.resolve import PolicyResolver
@@ -33,6 +39,7 @@ class PolicySync:
     def __init__(self, maps: DatapathMaps, proxy_ports: Mapping[L7Protocol, int]) -> None:
         self.maps = maps
         self.desired = DesiredPolicy(proxy_ports)
+        self._written: dict[int, EndpointConfig] = {}  # what this sync wrote, by ifindex
 
     def reconcile(
         self, resolver: PolicyResolver, endpoints: Iterable[LocalEndpoint]
@@ -48,6 +55,7 @@ class PolicySync:
             self.desired.replace(resolver.map_state(identity))
         resolver.updates(wanted)  # everything pending is now in `desired`
         diff = self.maps.policy.reconcile(self.desired.entries())
+        self._written = self.maps.endpoints.entries()
         self._write_flags(resolver, eps)
         return diff
 
@@ -62,10 +70,14 @@ class PolicySync:
         eps = list(endpoints)
         changed = set(identities)
         local = {ep.identity for ep in eps}
-        diff = PolicyDiff()
+        upserts: dict[PolicyKey, PolicyValue] = {}
+        deletes: set[PolicyKey] = set()
         for identity, keys in resolver.updates(changed & local).items():
             changes = {key: resolver.entry(identity, key) for key in keys}
-            diff = diff.then(self.desired.update(identity, changes))
+            step = self.desired.update(identity, changes)  # keys of one identity only
+            upserts.update(step.upserts)
+            deletes |= step.deletes
+        diff = PolicyDiff(upserts, frozenset(deletes))
         self.maps.policy.apply(diff)
         self._write_flags(resolver, [ep for ep in eps if ep.identity in changed])
         return diff
@@ -84,5 +96,6 @@ class PolicySync:
             if state is None:
                 state = states[ep.identity] = resolver.map_state(ep.identity)
             config = EndpointConfig(ep.identity, ep.ipv4, endpoint_flags(state))
-            if self.maps.endpoints.get(ep.ifindex) != config:
+            if self._written.get(ep.ifindex) != config:
                 self.maps.endpoints.upsert(ep.ifindex, config)
+                self._written[ep.ifindex] = config
