@@ -27,6 +27,7 @@ from garrison.agent.api import APIError
 from garrison.agent.config import AgentConfig
 from garrison.agent.endpoints import EndpointError, EndpointRecord, EndpointRegistry
 from garrison.agent.kernel import KernelDatapath, Link
+from garrison.agent.policystore import ImportedPolicies
 from garrison.bpf.sync import LocalEndpoint
 from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowFilter, FlowStore, StoreConfig
@@ -63,6 +64,8 @@ class Agent:
         )
         self.endpoints = EndpointRegistry(state / "endpoints.json", config.endpoint_pool)
         self.repository = PolicyRepository()
+        # what `policy import` brought in survives a restart (or a crash)
+        self.imported = ImportedPolicies(state / "policies.json")
         self.resolver = PolicyResolver(ResolverConfig(config.enforcement, config.audit))
         self.flows = FlowStore(StoreConfig(capacity=config.flow_ring_size))
         # where flow records go; the agent command replaces this with the proxy's sink
@@ -98,6 +101,9 @@ class Agent:
                 self.resolver.add_identity(ident.id, ident.labels)
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)
+            stored = self.imported.load()  # after the directory: an import overrides it
+            if stored:
+                self._apply(self.repository.upsert(stored))
             self._sync_cidrs()
             self.datapath.reconcile(self.resolver, self._local_endpoints())
             for ep in self.endpoints:
@@ -218,8 +224,10 @@ class Agent:
         """Validated first; rejected whole on any error (the old policy stays in force)."""
         loaded = load_paths(paths)
         with self.lock:
+            self.imported.record(loaded.policies)
             change = self.repository.upsert(loaded.policies)
             self._apply(change)
+            self.imported.save()
             return change
 
     def delete_policies(self, name: str | None, namespace: str | None, all_: bool) -> int:
@@ -232,6 +240,8 @@ class Agent:
                     raise APIError(f"no policy named {name!r}", _not_found())
             change = self.repository.delete(keys)
             self._apply(change)
+            self.imported.forget(p.key for p in change.removed)
+            self.imported.save()
             return len(change.removed)
 
     def _apply(self, change: PolicyChange) -> None:
@@ -383,8 +393,12 @@ class Agent:
                 self._stop.wait(1.0)
                 continue
             for event in events:
-                with self.lock:
-                    record = event_to_record(self, event)
+                try:
+                    with self.lock:
+                        record = event_to_record(self, event)
+                except Exception:  # one event that makes no record must not end the stream
+                    log.exception("datapath event %s: no flow record", event)
+                    continue
                 if record is not None:
                     self.emit(record)
 

@@ -19,11 +19,13 @@ from garrison.flows.record import (
     FlowRecord,
     L4Protocol,
     TCPFlags,
+    TrafficDirection,
     Verdict,
 )
 from garrison.policies.labels import Labels
 from garrison.policies.mapstate import PROTO_TCP, PROTO_UDP
 from garrison.policies.mapstate import MatchType as ModelMatchType
+from garrison.policies.model import Direction
 
 if TYPE_CHECKING:
     from garrison.agent.daemon import Agent
@@ -67,7 +69,12 @@ def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
     dst = _endpoint(agent, event.dst_identity, str(event.daddr), event.dport)
     proto = _protocol(event.protocol)
     flags = TCPFlags.from_bits(event.tcp_flags) if proto is L4Protocol.TCP else None
-    direction = event.direction.model if event.direction is not None else "UNKNOWN"
+    # some drops happen before any policy direction applies (a redirect with no proxy socket,
+    # a packet that cannot be parsed): Hubble's TRAFFIC_DIRECTION_UNKNOWN
+    direction: Direction | TrafficDirection = (
+        event.direction.model if event.direction is not None
+        else TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN
+    )
     node = agent.config.node_name
     if event.type is EventType.DROP:
         reason = _REASONS.get(event.reason, DropReasonDesc.DROP_REASON_UNKNOWN) if (

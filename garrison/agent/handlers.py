@@ -9,6 +9,7 @@ import grpc
 from garrison.agent.api import APIError, Handler
 from garrison.agent.daemon import Agent
 from garrison.agent.endpoints import EndpointError, EndpointRecord
+from garrison.agent.policystore import PolicyStoreError
 from garrison.flows.store import FlowFilter
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.mapstate import PROTOCOL_NAMES, MapState
@@ -58,7 +59,7 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         def call(req: dict[str, Any]) -> dict[str, Any]:
             try:
                 return fn(req)
-            except EndpointError as exc:
+            except (EndpointError, PolicyStoreError) as exc:
                 raise APIError(str(exc)) from exc
             except PolicyValidationError as exc:
                 raise APIError(

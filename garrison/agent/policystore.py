@@ -1,0 +1,89 @@
+"""Policies imported through the API, persisted so a restarted agent enforces them again.
+
+Without this, an agent killed and restarted would reconcile the pinned maps against an empty
+repository and open every endpoint it had enforced. An imported policy is kept until
+`policy delete` removes it (a later import of the same key replaces it). The store keeps each
+policy's key and the text of its file (once per distinct text); on start the texts are
+loaded again and only the stored keys kept (a file may also hold policies deleted since).
+Written atomically (temp file + rename) after every import and delete, under the state
+directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from garrison.policies.loader import load_text
+from garrison.policies.model import Policy
+from garrison.policies.repository import PolicyKey
+
+
+class PolicyStoreError(ValueError):
+    """An imported policy cannot be stored as it was imported."""
+
+
+class ImportedPolicies:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # key -> (the policy as imported, its file's path and text)
+        self._entries: dict[PolicyKey, tuple[Policy, str, str]] = {}
+
+    def load(self) -> list[Policy]:
+        """The stored policies (empty when nothing was ever imported)."""
+        if not self.path.exists():
+            return []
+        data = json.loads(self.path.read_text())
+        texts: dict[str, str] = data["texts"]
+        out = []
+        for item in data["policies"]:
+            key: PolicyKey = (item["key"][0], item["key"][1], item["key"][2])
+            path, text = item["path"], texts[item["text"]]
+            found = [p for p in load_text(text, path).policies if p.key == key]
+            if found:
+                self._entries[key] = (found[0], path, text)
+                out.append(found[0])
+        return out
+
+    def record(self, policies: Iterable[Policy]) -> None:
+        """Remember freshly imported policies with the text of the file each came from
+        (read again: refused if it no longer holds the same policy)."""
+        texts: dict[str, tuple[str, list[Policy]]] = {}
+        for policy in policies:
+            path = policy.source.path if policy.source else ""
+            if path not in texts:
+                text = Path(path).read_text(encoding="utf-8")
+                texts[path] = (text, list(load_text(text, path).policies))
+            text, found = texts[path]
+            if policy not in found:
+                raise PolicyStoreError(f"{path} changed while it was imported: import it again")
+            self._entries[policy.key] = (policy, path, text)
+
+    def forget(self, keys: Iterable[PolicyKey]) -> None:
+        """Deleted policies (`policy delete`) are not enforced again after a restart."""
+        for key in keys:
+            self._entries.pop(key, None)
+
+    def save(self) -> None:
+        texts: dict[str, str] = {}
+        policies = []
+        for key, (_, path, text) in self._entries.items():
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            texts[digest] = text
+            policies.append({"key": list(key), "path": path, "text": digest})
+        payload = json.dumps({"policies": policies, "texts": texts}, indent=1)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".policies.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(payload)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
