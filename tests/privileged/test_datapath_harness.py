@@ -1,7 +1,7 @@
 """Shared fixtures of the datapath tests, and the checks that they leave nothing behind.
 
 Test modules import the fixtures they use from here. Everything a test creates is named
-(namespaces `gdp-*` and their host veths, pin dirs `garrison-test-*`); `no_leftovers`
+(namespaces `gdp-*` and their host veths, pin dirs `garrison-test-<pid>-*`); `no_leftovers`
 compares those before and after each test — namespaces, veths, clsact qdiscs, bpffs pins —
 and this process's children. The proxy steering rule and route are host-wide and another
 agent on the machine may hold them: the `steering` fixture removes them only when it added
@@ -81,8 +81,9 @@ def machine_state() -> dict[str, object]:
             q["index"] for q in ipr.get_qdiscs()
             if q.get_attr("TCA_KIND") == "clsact" and q["index"] in mine.values()
         )
+    prefix = f"garrison-test-{os.getpid()}-"  # other test runs may pin meanwhile
     pins = sorted(
-        p.name for p in BPFFS_MOUNT.iterdir() if p.name.startswith("garrison-test-")
+        p.name for p in BPFFS_MOUNT.iterdir() if p.name.startswith(prefix)
     ) if BPFFS_MOUNT.is_dir() else []
     return {
         "netns": sorted(n for n in netns.listnetns() if n in CREATED or n.startswith("gdp-")),
