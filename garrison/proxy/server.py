@@ -15,9 +15,11 @@ executed in order (`Forward` / `Inject` write, `Close` closes after what was que
 goes to the `FlowSink`).
 
 - Upstream: in transparent mode the original destination (`getsockname()` of the accepted
-  socket), in standalone mode the configured address. HTTP/1.1 engines borrow connections
-  from the per-destination `UpstreamPool` when they first forward and give them back when
-  the engine says its upstream is reusable; other engines get their own connection at once.
+  socket), in standalone mode the configured address. HTTP/1.1 engines borrow a connection
+  from the per-destination `UpstreamPool` when they first forward, keep it while the client
+  keeps sending, and give it back (if the engine says it is reusable) when the client has
+  been idle for `release_idle_after` seconds or leaves; other engines get their own
+  connection at once.
 - Backpressure both ways: when one side's transport buffers more than `write_buffer_high`
   bytes, the other side's reading is paused until it drains below `write_buffer_low`. So is
   the client's while its upstream is being connected and while too many pipelined requests

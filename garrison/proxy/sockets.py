@@ -15,27 +15,16 @@ import errno
 import ipaddress
 import socket
 
+from garrison.bpf.abi import MARK_PROXY_UPSTREAM
+
 # Linux values; the socket module lacks IP_TRANSPARENT on some builds.
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = getattr(socket, "IPV6_TRANSPARENT", 75)
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
 
-def _proxy_upstream_mark() -> int:
-    """The mark from the datapath's ABI mirror (`garrison.bpf.abi`), or the value of
-    `GAR_MARK_PROXY_UPSTREAM` in `garrison/bpf/abi.h` while no mirror exists."""
-    try:
-        from garrison.bpf import abi
-    except ImportError:
-        return 0x0B00
-    for name in ("MARK_PROXY_UPSTREAM", "GAR_MARK_PROXY_UPSTREAM", "PROXY_UPSTREAM_MARK"):
-        value = getattr(abi, name, None)
-        if isinstance(value, int):
-            return value
-    return 0x0B00
-
-
-PROXY_UPSTREAM_MARK = _proxy_upstream_mark()
+# The datapath's one definition (`GAR_MARK_PROXY_UPSTREAM` in garrison/bpf/abi.h).
+PROXY_UPSTREAM_MARK = MARK_PROXY_UPSTREAM
 
 
 class ListenError(OSError):

@@ -2,9 +2,9 @@
 pool of idle HTTP/1.1 keep-alive connections shared by every client connection.
 
 A client connection borrows an upstream connection when its engine first forwards bytes and,
-for HTTP/1.1, gives it back as soon as the engine reports it reusable (the response is
-complete and kept the connection alive). So 1,000 idle keep-alive clients hold no upstream
-connection at all, and a busy client reuses the same one request after request.
+for HTTP/1.1, gives it back when the client has been idle a second (or leaves) and the engine
+reports it reusable (the last response is complete and kept the connection alive). So 1,000
+idle keep-alive clients hold no upstream connection, and a busy client keeps one.
 
 An idle pooled connection that the upstream closes, or that sends anything, is dropped. Idle
 connections older than `idle_timeout` are closed (keep it below the upstream's own keep-alive
