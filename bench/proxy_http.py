@@ -37,13 +37,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "examples" / "starwars" / "sw_l3_l4_l7_policy.yaml"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+Child = tuple[int, "subprocess.Popen[bytes]"]  # (port, process)
 
 NGINX_CONF = """
 worker_processes 2;
@@ -155,7 +156,8 @@ def wrk(url: str, method: str, duration: float, connections: int, workdir: Path,
     script.write_text(WRK_SCRIPT.format(method=method))
     before = cpu_seconds(pid) if pid else 0.0
     done = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{round(duration)}s", "--latency", "-s", str(script), url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{round(duration)}s", "--latency",
+         "-s", str(script), url],
         capture_output=True, text=True, timeout=duration + 30, check=True,
     )
     cpu = cpu_seconds(pid) - before if pid else None
@@ -259,6 +261,101 @@ def garrison(workdir: Path, backend: int, access_log: bool
         stop(proc)
 
 
+# ---- where an allowed request's CPU goes, in process (no sockets), same run --------------------
+
+BREAKDOWN_REQUEST = (b"POST /v1/request-landing HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                     b"User-Agent: wrk\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2\r\n\r\n{}")
+BREAKDOWN_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/plain\r\n"
+                      b"Content-Length: 12\r\nConnection: keep-alive\r\n\r\nShip landed\n")
+
+
+class _NoLoop:
+    """Stands in for the event loop: the benchmark flushes the sink itself."""
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        pass
+
+
+def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
+    """CPU µs per allowed request (best of `rounds`) of cumulative stages of the engine:
+    both parsers alone; + matching, engine bookkeeping and commands (records stubbed); + the
+    two flow records; + their JSON lines; + ring and metrics as the server's sink does."""
+    sys.path.insert(0, str(REPO))
+    import garrison.proxy.engine_http1 as engine_module
+    from garrison.flows.store import FlowStore
+    from garrison.parsers.http1 import HTTP1RequestParser, HTTP1ResponseParser
+    from garrison.policies.labels import Labels, endpoint_labels
+    from garrison.policies.loader import load_paths
+    from garrison.proxy.commands import ConnectionContext, Log, PeerInfo, TrafficDirection
+    from garrison.proxy.config import ProxyConfig
+    from garrison.proxy.metrics import ProxyMetrics
+    from garrison.proxy.policyview import PeerMapping, StandalonePolicy
+    from garrison.proxy.server import FlowSink
+
+    deathstar = endpoint_labels(Labels.parse("org=empire,class=deathstar"))
+    policy = StandalonePolicy(load_paths([POLICY]).policies, deathstar, 80,
+                              engine_module.L7Protocol.HTTP,
+                              [PeerMapping.parse("127.0.0.1/32=org=empire,class=tiefighter")])
+    admission = policy.admit("127.0.0.1")
+    context = ConnectionContext(
+        source=PeerInfo(admission.identity, admission.labels, "127.0.0.1", 40000, "default"),
+        destination=PeerInfo(256, deathstar, "127.0.0.1", 80, "default"),
+        direction=TrafficDirection.INGRESS, protocol=engine_module.L7Protocol.HTTP,
+        ruleset=admission.ruleset,
+    )
+    request, response = BREAKDOWN_REQUEST, BREAKDOWN_RESPONSE
+
+    def parsers() -> None:
+        requests, responses = HTTP1RequestParser(), HTTP1ResponseParser()
+        for _ in range(n):
+            requests.receive_data(request)
+            for _event in requests.events():
+                pass
+            responses.expect_response("POST")
+            responses.receive_data(response)
+            for _event in responses.events():
+                pass
+
+    def engine(sink: FlowSink | None, encode: bool) -> Callable[[], None]:
+        def run() -> None:
+            eng = engine_module.HTTPEngine(context, ProxyConfig())
+            for i in range(n):
+                for batch in (eng.client_data(request, 1.0), eng.upstream_data(response, 1.0)):
+                    for command in batch:
+                        if type(command) is Log:
+                            if encode:
+                                command.record.to_json()
+                            if sink is not None:
+                                sink.emit(command.record)
+                if sink is not None and i % 8 == 7:
+                    sink.flush()  # the server flushes once per loop turn (~8 requests here)
+        return run
+
+    def timed(run: Callable[[], None]) -> float:
+        run()
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.process_time()
+            run()
+            best = min(best, (time.process_time() - start) / n * 1e6)
+        return best
+
+    out = [("parse request + response", timed(parsers))]
+    real = engine_module.l7_http_request, engine_module.l7_http_response
+    engine_module.l7_http_request = lambda **kw: None  # type: ignore[assignment,return-value]
+    engine_module.l7_http_response = lambda **kw: None  # type: ignore[assignment,return-value]
+    try:
+        out.append(("+ match, engine, commands", timed(engine(None, False))))
+    finally:
+        engine_module.l7_http_request, engine_module.l7_http_response = real
+    out.append(("+ 2 flow records", timed(engine(None, False))))
+    out.append(("+ 2 JSON lines", timed(engine(None, True))))
+    flow_sink = FlowSink(store=FlowStore(), metrics=ProxyMetrics(), loop=_NoLoop())  # type: ignore[arg-type]
+    out.append(("+ ring + metrics (server sink)", timed(engine(flow_sink, True))))
+    return out
+
+
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -270,12 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=1000, help="idle keep-alive connections")
     parser.add_argument("--no-access-log", action="store_true")
     parser.add_argument("--only", default="direct,garrison,haproxy")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip the in-process cost breakdown of the engine")
     args = parser.parse_args(argv)
     for tool in ("wrk", "nginx", "haproxy"):
         if shutil.which(tool) is None:
             print(f"needs {tool}: apt-get install {tool} (or make setup)", file=sys.stderr)
             return 2
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     only = set(args.only.split(","))
     results: dict[tuple[str, str], WrkResult] = {}
@@ -283,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="garrison-bench-") as tmp:
         workdir = Path(tmp)
         with nginx(workdir) as (backend, _nginx_proc):
-            cases: list[tuple[str, contextlib.AbstractContextManager[tuple[int, subprocess.Popen[bytes]]] | None]] = []
+            cases: list[tuple[str, contextlib.AbstractContextManager[Child] | None]] = []
             if "direct" in only:
                 cases.append(("direct", None))
             if "garrison" in only:
@@ -337,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{g_denied.cpu_us / h_denied.cpu_us:.2f}")
     if "garrison" in idle:
         print(f"  garrison KB per idle connection: {idle['garrison']:.2f} (aim < 4)")
+    if "garrison" in only and not args.no_breakdown:
+        print("garrison CPU per allowed request in process, no sockets (cumulative, best of 5):")
+        for name, micros in breakdown():
+            print(f"  {name:<34}{micros:>7.1f} us")
     return 0
 
 

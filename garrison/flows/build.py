@@ -12,6 +12,7 @@ direction of the policy that applied (INGRESS when the proxy enforces the server
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -77,11 +78,19 @@ class _Refs(NamedTuple):
     egress_denied_by: tuple[Policy, ...] = ()
 
 
+# A proxy names the same few rules in every record: convert each RuleRef once. A memo of a pure
+# function of frozen values (bounded), not state a caller could observe.
+_policy_of = functools.lru_cache(maxsize=4096)(Policy.from_ref)
+_NO_REFS = _Refs()
+
+
 def _refs(
     direction: TrafficDirection, allowed_by: Sequence[RuleRef], denied_by: Sequence[RuleRef]
 ) -> _Refs:
-    allowed = tuple(Policy.from_ref(ref) for ref in allowed_by)
-    denied = tuple(Policy.from_ref(ref) for ref in denied_by)
+    if not allowed_by and not denied_by:
+        return _NO_REFS
+    allowed = tuple(_policy_of(ref) for ref in allowed_by)
+    denied = tuple(_policy_of(ref) for ref in denied_by)
     if direction is TrafficDirection.EGRESS:
         return _Refs(egress_allowed_by=allowed, egress_denied_by=denied)
     return _Refs(ingress_allowed_by=allowed, ingress_denied_by=denied)

@@ -54,10 +54,15 @@ def _text(value: str | bytes) -> str:
 
 
 def redact_headers(headers: HeaderPairs, config: RedactionConfig) -> tuple[HTTPHeader, ...]:
+    # Runs for every proxied request and response: `_text` and `is_sensitive` inlined.
+    sensitive = config._lower
     out = []
     for raw_key, raw_value in headers:
-        key = _text(raw_key)
-        value = REDACTED if config.is_sensitive(key) else _text(raw_value)
+        key = raw_key.decode("latin-1") if isinstance(raw_key, bytes) else raw_key
+        if key.lower() in sensitive:
+            value = REDACTED
+        else:
+            value = raw_value.decode("latin-1") if isinstance(raw_value, bytes) else raw_value
         out.append(HTTPHeader(key, value))
     return tuple(out)
 

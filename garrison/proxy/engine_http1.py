@@ -54,6 +54,7 @@ from collections.abc import Sequence
 
 from garrison.flows.build import l7_http_request, l7_http_response, proxy_error
 from garrison.flows.record import DropReasonDesc, Endpoint, FlowRecord, Verdict
+from garrison.flows.record import TrafficDirection as FlowDirection
 from garrison.flows.redact import RedactionConfig
 from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.http1 import (
@@ -218,7 +219,8 @@ class HTTPEngine:
         self._preface: bytes | None = b""  # bytes held until HTTP/2's preface is ruled out
         self._delegate: ConnectionEngine | None = None
         self._redaction = _redaction(context, config)
-        self._direction = context.direction
+        # The records' own enum: the builders convert anything else on every record.
+        self._direction = FlowDirection(str(context.direction))
         self._node = context.node_name
         self._client = _endpoint(context.source)
         self._server = _shared_endpoint(context, context.destination)
