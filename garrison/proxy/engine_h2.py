@@ -311,7 +311,11 @@ class H2Engine:
         self._calls: dict[int, _Call] = {}  # by client stream id
         self._by_upstream: dict[int, _Call] = {}
         self._waiting: deque[_Call] = deque()  # allowed, no upstream stream slot yet
-        self._deny_resets: set[int] = set()  # denied streams to reset once the answer is out
+        # Denied streams whose request body is still open: reset at the end of the batch
+        # unless the body ends in it (grpcio sends HEADERS and DATA together), or, when the
+        # answer still waits for the client's window, once it is out.
+        self._denied_open: dict[int, None] = {}
+        self._deny_resets: set[int] = set()
         self._closed = False
         self._client_bytes = 0
         self._now = 0.0
@@ -426,6 +430,8 @@ class H2Engine:
                     self._client_goaway(ev)
                 # StreamEnded: acted on with the event whose end_stream it follows;
                 # ConnectionClosed only comes from client_eof.
+            if self._denied_open and not self._closed:
+                self._settle_denies()
             self._open_waiting()
             return self._end()
         except Exception as exc:  # a bug here must not leave the connection half-enforced
@@ -574,9 +580,11 @@ class H2Engine:
     def _on_client_data(self, call: _Call | None, ev: H2Event) -> None:
         assert type(ev) is DataReceived
         if call is None or call.reset_when_drained is not None:
-            # A denied stream whose answer is still being written, or a call the upstream
-            # has stopped reading: the body goes nowhere.
+            # A denied stream's body, or a call the upstream has stopped reading: the body
+            # goes nowhere.
             self._client.acknowledge_received_data(ev.stream_id, ev.flow_controlled_length)
+            if ev.end_stream:
+                self._denied_body_ended(ev.stream_id)
             return
         call.up.data(ev.data, ev.flow_controlled_length, ev.end_stream)
         if ev.end_stream:
@@ -584,13 +592,15 @@ class H2Engine:
 
     def _on_client_trailers(self, call: _Call | None, ev: H2Event) -> None:
         assert type(ev) is TrailersReceived
-        if call is not None:
-            call.up.finish(list(ev.headers))
-            self._maybe_done(call)
+        if call is None:
+            self._denied_body_ended(ev.stream_id)
+            return
+        call.up.finish(list(ev.headers))
+        self._maybe_done(call)
 
     def _on_client_reset(self, call: _Call | None, ev: H2Event) -> None:
         assert type(ev) is StreamReset
-        self._deny_resets.discard(ev.stream_id)
+        self._denied_body_ended(ev.stream_id)
         if call is None:
             return
         code = ev.error_code if ev.remote else H2ErrorCode.CANCEL
@@ -764,12 +774,25 @@ class H2Engine:
             client.send_headers(sid, headers)
             client.send_data(sid, body, end_stream=True)
         if not ev.end_stream:
+            self._denied_open[sid] = None
+        self._flush(Inject, upstream=False)
+        self._log_denied(ev, outcome, path, code)
+
+    def _denied_body_ended(self, sid: int) -> None:
+        self._denied_open.pop(sid, None)
+        self._deny_resets.discard(sid)
+
+    def _settle_denies(self) -> None:
+        """End of a client batch: cut the bodies of denied requests that are still open
+        (RST_STREAM NO_ERROR, RFC 9113 §8.1), after their answers."""
+        client = self._client
+        for sid in self._denied_open:
             if client.buffered_bytes(sid):
                 self._deny_resets.add(sid)  # the answer waits for the client's window
             else:
                 client.reset_stream(sid, H2ErrorCode.NO_ERROR)
+        self._denied_open.clear()
         self._flush(Inject, upstream=False)
-        self._log_denied(ev, outcome, path, code)
 
     # -- upstream streams -----------------------------------------------------------------------
 
