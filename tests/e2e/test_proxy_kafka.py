@@ -728,3 +728,59 @@ def test_aiokafka_denied_consume_fails_fast(proxies: dict[str, ProxyHandle]) -> 
     log.wait(is_kafka("REQUEST", "metadata", "DROPPED", PLANS))
     assert len([line for line in log.lines() if line["verdict"] == "DROPPED"]) <= 10
     assert not [line for line in log.lines() if is_kafka("REQUEST", "fetch", "FORWARDED")(line)]
+
+
+# ---- acks=0: nobody answers ------------------------------------------------------------------
+
+
+def test_acks_0_produce_passes_when_allowed_and_is_dropped_silently_when_denied(
+    broker: TansuBroker, proxies: dict[str, ProxyHandle]
+) -> None:
+    """tansu answers acks=0 Produce requests (Kafka does not); the proxy never forwards such
+    an answer, and a denied acks=0 Produce is dropped without an answer, as the client
+    expects none. Neither producer hangs."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    log = AccessLog(proxies["hq"])
+    prefix = unique("acks0")
+    producer = KafkaProducer(bootstrap_servers=bootstrap(proxies["hq"]), acks=0)
+    start = time.monotonic()
+    for n in range(10):
+        producer.send(ANNOUNCE, prefix + str(n).encode())
+    producer.flush(timeout=10)
+    producer.close(timeout=5)
+    assert time.monotonic() - start < DENIED_WITHIN
+    # Read back from the broker itself: every message arrived.
+    reader = KafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest")
+    reader.assign([TopicPartition(ANNOUNCE, 0)])
+    reader.seek_to_beginning()
+    seen: list[bytes] = []
+    deadline = time.monotonic() + 10
+    while len(seen) < 10 and time.monotonic() < deadline:
+        for records in reader.poll(timeout_ms=500).values():
+            seen += [r.value for r in records if r.value.startswith(prefix)]
+    reader.close()
+    assert len(seen) == 10
+    produce = log.wait(is_kafka("REQUEST", "produce", "FORWARDED", ANNOUNCE))
+    assert not [line for line in log.lines() if is_kafka("RESPONSE", "produce")(line)]
+    assert produce
+
+    # Denied: an outpost may describe empire-announce but not write to it. Its acks=0
+    # Produce is dropped without an answer (the client expects none) and reaches nobody.
+    log = AccessLog(proxies["outpost"])
+    producer = KafkaProducer(bootstrap_servers=bootstrap(proxies["outpost"]), acks=0)
+    start = time.monotonic()
+    producer.send(ANNOUNCE, prefix + b"forged").get(timeout=DENIED_WITHIN)
+    producer.flush(timeout=DENIED_WITHIN)
+    producer.close(timeout=5)
+    assert time.monotonic() - start < DENIED_WITHIN
+    (dropped,) = log.wait(is_kafka("REQUEST", "produce", "DROPPED", ANNOUNCE))
+    check_request_line(
+        dropped,
+        verdict="DROPPED",
+        api_key="produce",
+        topic=ANNOUNCE,
+        source="127.0.0.1",
+        labels=OUTPOST_LABELS,
+    )
+    assert not [line for line in log.lines() if is_kafka("RESPONSE", "produce")(line)]
