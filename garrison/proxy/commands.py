@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from garrison.flows.record import FlowRecord
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
 from garrison.policies.labels import Labels
 
@@ -61,7 +62,7 @@ class Close:
 
 @dataclass(frozen=True, slots=True)
 class Log:
-    record: object  # garrison.flows.record.FlowRecord (kept untyped here: flows is a peer)
+    record: FlowRecord
 
 
 Command = Forward | Inject | Close | Log
@@ -85,6 +86,11 @@ class ConnectionContext:
 
     `ruleset` is the L7 rule set for (destination endpoint, port, source identity) in
     `direction`. `host_hint` is used to render URLs when the request has no Host.
+    `advertise`: in standalone Kafka mode, the proxy's own listen address, which the engine
+    writes into Metadata and FindCoordinator responses so clients stay on the proxy.
+    `shared`: state shared by every connection to the same upstream (the Kafka engine keeps
+    the broker's topic-id registry there); the server owns it, engines only read/write keys
+    of their own protocol.
     """
 
     source: PeerInfo
@@ -96,7 +102,8 @@ class ConnectionContext:
     node_name: str = ""
     host_hint: str | None = None
     audit: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
+    advertise: tuple[str, int] | None = None
+    shared: dict[str, object] = field(default_factory=dict)
 
 
 class ConnectionEngine(Protocol):
