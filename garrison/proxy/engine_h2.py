@@ -23,11 +23,13 @@ Per client stream, on its request headers:
   response (gRPC: at the end of the call, status from the trailers or the trailers-only
   answer; HTTP: at the response headers), each with its latency from the request.
 - Denied: gRPC-content-type requests get the trailers-only PERMISSION_DENIED answer, others
-  `403 Access denied`; a request body still open is cut with RST_STREAM(NO_ERROR) once the
-  answer is out (RFC 9113 §8.1); nothing reaches the upstream; records DROPPED. Sibling
-  streams are untouched.
+  `403 Access denied`; a request body still open at the end of the read that carried the
+  headers is cut with RST_STREAM(NO_ERROR) after the answer (RFC 9113 §8.1; grpcio sends a
+  unary call's HEADERS and DATA together, so its denied calls need no reset). Nothing reaches
+  the upstream; records DROPPED, naming the policy rules whose L7 rules the request failed
+  (`*_denied_by`, as the HTTP/1.1 engine does). Sibling streams are untouched.
 - Audit mode (`context.audit`): everything is forwarded; what would have been denied is
-  logged AUDIT.
+  logged AUDIT (with `*_denied_by` and POLICY_DENIED as the reason it would have had).
 
 Flow control. Inbound DATA is acknowledged to its sender only once the other side took it:
 the bytes `send_data` sent now at once, the rest when `DataFlushed` reports them (padding at
@@ -53,11 +55,16 @@ exception aborts the connection (`abort`): nothing fails open.
 Commands. All bytes towards one side come from that connection object's single
 `data_to_send()`, since frame order and HPACK state are per connection. The engine drains it
 around each deny answer, so a deny's frames (and the GOAWAY of an error) form their own
-`Inject(CLIENT, ...)` command, while relayed frames, and the SETTINGS, WINDOW_UPDATE and PING
-frames that go with relaying, are `Forward` commands. Commands keep the wire order per side.
-The upstream connection's first bytes (its preface) are produced with the first allowed
-request or the first bytes the upstream sends, so a client whose calls are all denied never
-needs an upstream connection.
+`Inject(CLIENT, ...)` command (the RST_STREAM frames that cut denied bodies at the end of a
+read form one more), while relayed frames, and the SETTINGS, WINDOW_UPDATE and PING frames
+that go with relaying, are `Forward` commands. Commands keep the wire order per side. The
+upstream connection's first bytes (its preface) are produced with the first allowed request
+or the first bytes the upstream sends (a shell that connects eagerly gets them then), so a
+client whose calls are all denied needs no upstream connection.
+
+Server hooks beyond `ConnectionEngine`: `waiting` (what the timers should watch),
+`timeout()`, `upstream_unavailable()` and `update_ruleset()` (policy reload: new requests are
+matched against the new rules, calls already decided keep their verdict).
 
 `now` is seconds since the epoch (`time.time()`): record times and latencies come from it, and
 the HTTP/2 rate limits only need it to advance.
@@ -549,10 +556,10 @@ class H2Engine:
             handler(call, ev)
         except LocalProtocolError as exc:
             # A frame the other side's connection refuses to send: this call fails, alone.
+            if call is None and type(ev) is RequestReceived:
+                call = self._calls.get(ev.stream_id)  # opened by this very event
             if call is None:
-                call = self._calls.get(getattr(ev, "stream_id", 0))
-                if call is None:
-                    raise
+                raise
             self._fail_call(call, f"cannot relay on stream {call.request.stream_id}: {exc}")
 
     # -- client events --------------------------------------------------------------------------
