@@ -814,6 +814,7 @@ class ProxyServer:
                 conn.src[0],
                 conn.src[1],
                 admission.namespace,
+                admission.pod_name,
             ),
             destination=self.destination_of(conn.dst),
             direction=settings.direction,
@@ -842,6 +843,7 @@ class ProxyServer:
             admission.identity,
             admission.labels,
             namespace=admission.namespace,
+            pod_name=admission.pod_name or "",
             ip=conn.src[0],
             port=conn.src[1],
         )
