@@ -25,7 +25,7 @@ from typing import Any
 
 from garrison.agent.api import APIError
 from garrison.agent.config import AgentConfig
-from garrison.agent.endpoints import EndpointError, EndpointRecord, EndpointRegistry
+from garrison.agent.endpoints import GATEWAY, EndpointError, EndpointRecord, EndpointRegistry
 from garrison.agent.kernel import KernelDatapath, Link
 from garrison.agent.policystore import ImportedPolicies
 from garrison.bpf.sync import LocalEndpoint
@@ -42,8 +42,10 @@ from garrison.policies.mapstate import PROTO_TCP, LookupResult, MapState, MatchT
 from garrison.policies.model import Direction, IPNetwork, Policy
 from garrison.policies.repository import PolicyChange, PolicyRepository
 from garrison.policies.resolve import PolicyResolver, ResolverConfig
-from garrison.policies.selectorcache import WORLD_IDENTITY
+from garrison.policies.selectorcache import RESERVED_IDENTITIES, WORLD_IDENTITY
 from garrison.proxy.policyview import Admission
+
+HOST_IDENTITY = RESERVED_IDENTITIES["host"]
 
 log = logging.getLogger("garrison.agent")
 
@@ -99,6 +101,8 @@ class Agent:
                     ep = replace(ep, identity=ident.id, host_ifname=link.host_ifname)
                     self.endpoints.update(ep)
                 self.resolver.add_identity(ident.id, ident.labels)
+            # traffic from the host reaches endpoints from the gateway address: it is the host
+            self.datapath.set_prefix(ipaddress.ip_network(f"{GATEWAY}/32"), HOST_IDENTITY)
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)
             stored = self.imported.load()  # after the directory: an import overrides it

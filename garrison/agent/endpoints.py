@@ -18,6 +18,9 @@ from pathlib import Path
 
 from garrison.policies.labels import Labels, endpoint_labels
 
+# The host's side of every endpoint link (garrison.redirect.endpoint.DEFAULT_GATEWAY).
+GATEWAY = ipaddress.IPv4Address("198.19.255.254")
+
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 
 
@@ -134,11 +137,14 @@ class EndpointRegistry:
                 )
             if wanted in used:
                 raise EndpointError(f"--ip {wanted}: already used by another endpoint")
+            if addr == GATEWAY:
+                raise EndpointError(f"--ip {wanted}: the host's gateway address on every link")
             return wanted
-        # .0 is the network, .1 is kept for the host side; start at .2
+        # .0 is the network and .1 is kept; the gateway (the host's side of every endpoint
+        # link) is never handed out
         for offset in range(2, self.pool.num_addresses - 1):
             candidate = str(self.pool.network_address + offset)
-            if candidate not in used:
+            if candidate not in used and candidate != str(GATEWAY):
                 return candidate
         raise EndpointError(f"no free address left in {self.pool}")
 

@@ -221,7 +221,11 @@ def decide(
         )
     allows = [(k, e) for k, e in cands if not e.deny]
     if allows:
-        key, entry = min(allows, key=lambda ke: precedence(ke[0], port))
+        # equal precedence (a single-port entry and a one-port block of a range): the
+        # redirect wins, as the kernel merges such entries and keeps the redirect
+        key, entry = min(
+            allows, key=lambda ke: (*precedence(ke[0], port), ke[1].redirect is None)
+        )
         return LookupResult(
             True, match_type_of(key), None, key, entry, state.l7.get(key), enforced
         )
