@@ -22,9 +22,10 @@ goes to the `FlowSink`).
   connection at once.
 - Backpressure both ways: when one side's transport buffers more than `write_buffer_high`
   bytes, the other side's reading is paused until it drains below `write_buffer_low`. So is
-  the client's while its upstream is being connected and while too many pipelined requests
-  wait for answers (`pipeline_full`). A slow reader cannot make the proxy buffer more than
-  about `write_buffer_high` per direction per connection.
+  the client's while its upstream is being connected, while too many pipelined requests
+  wait for answers (`pipeline_full`), and while the client leaves its answers unread (a
+  client pipelining denied requests without reading the 403s). A slow reader cannot make
+  the proxy buffer more than about `write_buffer_high` per direction per connection.
 - Timers (one sweep per second over all connections): a request head must be complete
   `header_read` seconds after its first byte (408); an upstream must answer within
   `upstream_reply` (504); a connection with nothing in flight is closed after `idle`.
@@ -261,6 +262,7 @@ class ServerSettings:
 _PAUSE_UPSTREAM_FULL = 1
 _PAUSE_CONNECTING = 2
 _PAUSE_PIPELINE = 4
+_PAUSE_CLIENT_FULL = 8  # answers pile up unread: reading more requests would pile up more
 
 _FORWARD = Forward
 _INJECT = Inject
@@ -413,11 +415,13 @@ class _ClientConnection(asyncio.Protocol):
         self._client_write_paused = True
         if self.upstream is not None:
             self.upstream.pause_reading()
+        self._pause(_PAUSE_CLIENT_FULL)
 
     def resume_writing(self) -> None:
         self._client_write_paused = False
         if self.upstream is not None:
             self.upstream.resume_reading()
+        self._resume(_PAUSE_CLIENT_FULL)
 
     # -- upstream side (called by UpstreamConnection) -----------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import socket
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -306,4 +307,30 @@ async def test_refused_client_is_logged_at_l3_l4(upstream: Upstream) -> None:
     assert drop.verdict is Verdict.DROPPED and drop.source.identity == 300
     assert not records(server, lambda r: r.l7 is not None and r.l7.type is L7FlowType.REQUEST)
     assert upstream.connections == 0
+    await server.close()
+
+
+@in_loop
+async def test_a_client_pipelining_denied_requests_without_reading_is_paused(
+    upstream: Upstream,
+) -> None:
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little
+    sock.connect(address)
+    sock.setblocking(False)
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    writer.transport.pause_reading()  # never reads its 403s
+    writer.write(EXHAUST * 100_000)  # 6.6 MB of requests, 10 MB of answers
+    while not server.connections:
+        await asyncio.sleep(0.01)
+    [conn] = list(server.connections)
+    assert conn.transport is not None
+    for _ in range(200):  # the proxy stops reading once its answers back up
+        if not conn.transport.is_reading():
+            break
+        await asyncio.sleep(0.1)
+    assert not conn.transport.is_reading()
+    assert conn.transport.get_write_buffer_size() <= server.config.write_buffer_high + 256 * 1024
+    writer.transport.abort()
     await server.close()
