@@ -34,6 +34,12 @@ goes to the `FlowSink`).
   an ERROR record; commands after the failure are not executed, so nothing the engine had not
   yet decided is forwarded, and no other connection is touched.
 
+Optional engine hooks (beyond `ConnectionEngine`; an engine without them gets the plain
+behaviour): `waiting` ("idle" / "head" / "client" / "upstream") picks the timer, `timeout
+(waiting, now)` answers it (else `abort`), `upstream_unavailable(reason, now)` answers a failed
+connect (else `abort`), `update_ruleset(ruleset)` takes a reloaded policy; HTTP/1.1 only:
+`pooled_upstream`, `upstream_reusable`, `pipeline_full`, `compact()`.
+
 Policy reload (`update_policy`): new connections are admitted with the new policy. Live
 connections keep their L3/L4 admission (as the datapath keeps established connections), and
 engines that can (`update_ruleset`, the HTTP/1.1 engine) match their next request against the
@@ -47,7 +53,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -1000,7 +1005,3 @@ class ProxyServer:
         if self._pool is not None:
             self._pool.close()
         self.sink.flush()
-
-
-def print_to_stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
