@@ -189,7 +189,7 @@ def test_stage2_l7_policy_lands_and_denies_by_request(
         tie.identity, TIEFIGHTER_LABELS, "default", tie.ip)
     assert (dst["identity"], dst["labels"], dst["namespace"], dst["ip"], dst["port"]) == (
         ds2.identity, DEATHSTAR_LABELS, "default", ds2.ip, 80)
-    assert dst["pod_name"] == ds2.name
+    assert (src["pod_name"], dst["pod_name"]) == (tie.name, ds2.name)
     assert [p["name"] for p in rec["ingress_denied_by"]] == ["rule1"]
     assert "ingress_allowed_by" not in rec
     response = agent.wait_access_record(
@@ -208,21 +208,3 @@ def test_stage2_l7_policy_lands_and_denies_by_request(
     l7 = [r for r in since(agent.flows(cli=True), t0) if r.type is FlowType.L7]
     assert {(r.verdict, r.l7.http.method if r.l7 and r.l7.http else "") for r in l7} >= {
         (Verdict.FORWARDED, "POST"), (Verdict.DROPPED, "PUT")}
-
-
-@pytest.mark.xfail(strict=True, reason="garrison/proxy/server.py builds the client's PeerInfo "
-                   "without Admission.pod_name: proxy records name the client by address only")
-def test_stage2_access_log_names_the_client_endpoint(
-    agent: AgentProcess, galaxy: Galaxy, clean: None
-) -> None:
-    agent.import_file(L7)
-    tie, ds1 = galaxy.tiefighter, galaxy.deathstars[0]
-    sock = tie.connect(ds1.ip, 80)
-    assert sock is not None
-    with sock:
-        assert http_request(sock, "GET", "/v1/")[0] == 403
-    rec = agent.wait_access_record(
-        lambda r: r.get("l7", {}).get("http", {}).get("method") == "GET"
-        and r["source"].get("ip") == tie.ip
-    )
-    assert rec["source"].get("pod_name") == tie.name
