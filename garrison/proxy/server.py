@@ -905,7 +905,8 @@ class ProxyServer:
         if context is not None:
             src = context.source
             source = Endpoint.of(
-                src.identity, src.labels, namespace=src.namespace, ip=src.ip, port=src.port
+                src.identity, src.labels, namespace=src.namespace, pod_name=src.pod_name or "",
+                ip=src.ip, port=src.port,
             )
         else:
             source = self._source_endpoint(conn, None)
