@@ -1,8 +1,13 @@
 """gRPC unary calls through garrison vs. direct to the door manager vs. haproxy (h2c both sides).
 
 Run: .venv/bin/python bench/proxy_grpc.py [--requests N] [--clients C] [--streams M]
-                                          [--rounds R] [--no-access-log]
+                                          [--rounds R] [--no-access-log] [--skip-in-process]
                                           [--only direct,garrison,haproxy]
+
+First, in process (CPU time, best of rounds): what one unary call costs in `H2Engine`,
+with and without building its two flow records, against the floor of any proxy built on h2 —
+a bare relay on two h2 connections that decodes and re-encodes each header block and passes
+DATA on, nothing else. Then the processes:
 
 Everything runs on loopback, as child processes this script starts and stops by PID, with
 configs generated into a temporary directory:
