@@ -22,9 +22,14 @@ lint: setup
 	$(VENV)/bin/ruff check garrison tests bench
 	$(VENV)/bin/mypy garrison
 
+# Each benchmark also runs alone; the datapath one needs root (namespaces, BPF).
 bench: setup
 	$(PY) bench/policy.py
 	$(PY) bench/parsers.py
+	$(PY) bench/proxy_http.py
+	$(PY) bench/proxy_grpc.py
+	$(PY) bench/proxy_kafka.py
+	$(PY) bench/datapath.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
