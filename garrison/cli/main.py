@@ -3,39 +3,79 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from garrison import __version__
-from garrison.cli import agent_cmd, agentctl, policy_trace, policy_validate
-from garrison.cli import proxy as proxy_command
+
+# Commands and the modules that define them. Only the modules of the command being run are
+# imported: the agent and proxy stacks take most of a second to import, and commands such as
+# `garrison endpoint exec` run many times in scripts.
+AGENT_CLIENT = "garrison.cli.agentctl"
+TOP_LEVEL = {
+    "proxy": "garrison.cli.proxy",
+    "agent": "garrison.cli.agent_cmd",
+    "endpoint": AGENT_CLIENT,
+    "identity": AGENT_CLIENT,
+    "bpf": AGENT_CLIENT,
+    "status": AGENT_CLIENT,
+    "observe": AGENT_CLIENT,
+}
+POLICY_OFFLINE = {"validate": "garrison.cli.policy_validate", "trace": "garrison.cli.policy_trace"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _wanted(argv: Sequence[str]) -> tuple[str | None, str | None]:
+    words = [a for a in argv if not a.startswith("-")]
+    command = words[0] if words else None
+    sub = words[1] if len(words) > 1 else None
+    return command, sub
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (given argv) just what the command in argv needs."""
+    command, sub = _wanted(argv) if argv is not None else (None, None)
+    known = command in TOP_LEVEL or command == "policy"
+    everything = not known
+
     parser = argparse.ArgumentParser(
         prog="garrison",
         description="Identity-aware L7 security sidecar: policy, datapath, proxy, flows.",
     )
     parser.add_argument("--version", action="version", version=f"garrison {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs.required = True
 
-    policy = sub.add_parser("policy", help="validate, trace and manage policies")
-    policy_sub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
-    policy_sub.required = True
-    policy_validate.register(policy_sub)
-    policy_trace.register(policy_sub)
-    proxy_command.register(sub)
-    agentctl.register_policy(policy_sub)
-    agentctl.register_endpoint(sub)
-    agentctl.register_others(sub)
-    agent_cmd.register(sub)
+    if everything or command == "policy":
+        policy = subs.add_parser("policy", help="validate, trace and manage policies")
+        policy_sub = policy.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
+        policy_sub.required = True
+        offline = sub in POLICY_OFFLINE
+        if everything or offline or sub is None or sub not in ("import", "delete", "get"):
+            _module("garrison.cli.policy_validate").register(policy_sub)
+            _module("garrison.cli.policy_trace").register(policy_sub)
+        if everything or not offline:
+            _module(AGENT_CLIENT).register_policy(policy_sub)
+    if everything or command == "proxy":
+        _module("garrison.cli.proxy").register(subs)
+    if everything or TOP_LEVEL.get(command or "") == AGENT_CLIENT:
+        client = _module(AGENT_CLIENT)
+        client.register_endpoint(subs)
+        client.register_others(subs)
+    if everything or command == "agent":
+        _module("garrison.cli.agent_cmd").register(subs)
     return parser
 
 
+def _module(name: str) -> Any:
+    return importlib.import_module(name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_in)
+    args = parser.parse_args(args_in)
     try:
         rc: int = args.func(args)
     except BrokenPipeError:
