@@ -78,6 +78,7 @@ class Agent:
         self._cidr_ids: dict[IPNetwork, int] = {}
         self._links: dict[str, Link] = {}
         self._policy_files: dict[Path, float] = {}
+        self._dir_keys: set[tuple[str, str | None, str]] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.map_writes = 0
@@ -250,11 +251,12 @@ class Agent:
 
     def _apply(self, change: PolicyChange) -> None:
         changed: set[int] = set()
+        # one kernel sync for the whole change: no window with only half of it applied
         for policy in change.removed:
             changed |= self.resolver.remove_policy(policy)
-        self._sync_cidrs()
         for policy in change.added:
             changed |= self.resolver.add_policy(policy)
+        changed |= self._sync_cidrs(sync=False)
         self._sync(changed)
         for listener in self.policy_listeners:
             listener()
@@ -284,8 +286,12 @@ class Agent:
             self._policy_files = files
             return
         policies: tuple[Policy, ...] = loaded.policies if loaded else ()
-        change = self.repository.replace_all(policies)
-        self._apply(change)
+        # The directory owns only what it holds: policies imported through the API stay.
+        keys = {p.key for p in policies}
+        gone = [k for k in self._dir_keys - keys if self.repository.get(k) is not None]
+        changed = [p for p in policies if self.repository.get(p.key) != p]
+        self._apply(self.repository.update(changed, gone))
+        self._dir_keys = keys
         self._policy_files = files
         log.info("policy directory %s: revision %d", directory, self.repository.revision)
 
@@ -297,17 +303,27 @@ class Agent:
             except Exception:
                 log.exception("policy directory watch failed")
 
-    def _sync_cidrs(self) -> None:
+    def _sync_cidrs(self, sync: bool = True) -> set[int]:
+        """A CIDR identity and ipcache entry for every prefix the policies name. The ipcache
+        entry of a new prefix is written once its identity is in the resolver; policy
+        entries referring to it are synced here (sync=True) or by the caller."""
+        changed: set[int] = set()
         wanted = self.repository.prefixes()
+        added = []
         for prefix in wanted - set(self._cidr_ids):
             ident = self.allocator.cidr_identity(prefix)
             self._cidr_ids[prefix] = ident.id
-            self._sync(self.resolver.add_identity(ident.id, ident.labels))
-            self.datapath.set_prefix(prefix, ident.id)
+            changed |= self.resolver.add_identity(ident.id, ident.labels)
+            added.append(prefix)
         for prefix in set(self._cidr_ids) - wanted:
             ident_id = self._cidr_ids.pop(prefix)
             self.datapath.delete_prefix(prefix)
-            self._sync(self.resolver.remove_identity(ident_id))
+            changed |= self.resolver.remove_identity(ident_id)
+        if sync:
+            self._sync(changed)
+        for prefix in added:
+            self.datapath.set_prefix(prefix, self._cidr_ids[prefix])
+        return changed
 
     # -- kernel sync -------------------------------------------------------------------------
 

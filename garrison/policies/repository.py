@@ -72,6 +72,16 @@ class PolicyRepository:
         removed = tuple(self._policies.pop(k) for k in list(keys) if k in self._policies)
         return self._commit((), removed)
 
+    def update(self, upserts: Iterable[Policy], deletes: Iterable[PolicyKey]) -> PolicyChange:
+        """Upserts and deletes as one change (one revision), so a consumer never sees the
+        state between them."""
+        new = list(upserts)
+        removed = [self._policies.pop(k) for k in list(deletes) if k in self._policies]
+        removed += [self._policies[p.key] for p in new if p.key in self._policies]
+        for p in new:
+            self._policies[p.key] = p
+        return self._commit(tuple(new), tuple(removed))
+
     def replace_all(self, policies: Iterable[Policy]) -> PolicyChange:
         """Make the repository hold exactly `policies` (a policy directory reload)."""
         new = {p.key: p for p in policies}
