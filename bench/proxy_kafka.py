@@ -19,8 +19,11 @@ machine hits both sides alike:
   producers (one direct, one through garrison).
 
 The proxy's CPU time (from /proc/PID/stat) is divided by the Produce requests it handled in
-the timed rounds (counted in its access log), as µs of proxy CPU per request. A last line
-compares the best (least disturbed) blocks and rounds of each side.
+the timed rounds (counted in its access log), as µs of proxy CPU per request. References
+measured in the same run: a bare uvloop relay (no parsing, no records; in front of a second
+broker that advertises it), the floor of any Python proxy hop on the machine, and the Kafka
+engine alone in this process (no I/O). A last line compares the best (least disturbed)
+blocks and rounds of each side.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -104,6 +108,81 @@ def running_proxy(upstream: str, access_log: Path) -> Iterator[tuple[str, int]]:
                 proc.wait(5)
 
 
+def serve_relay(listen_port: int, upstream_port: int) -> None:
+    """A bare uvloop TCP relay (no parsing, no records): the floor of any Python proxy hop
+    on this machine. Run in a child process by `running_relay`."""
+    import asyncio
+
+    import uvloop
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, client: asyncio.Transport) -> None:
+            self.client = client
+
+        def data_received(self, data: bytes) -> None:
+            self.client.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.client.close()
+
+    class Client(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+            self.upstream: asyncio.Transport | None = None
+            self.queued: list[bytes] = []
+            asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self) -> None:
+            loop = asyncio.get_running_loop()
+            upstream, _ = await loop.create_connection(
+                lambda: Upstream(self.transport), LOOPBACK, upstream_port
+            )
+            self.upstream = upstream
+            for data in self.queued:
+                upstream.write(data)
+
+        def data_received(self, data: bytes) -> None:
+            if self.upstream is None:
+                self.queued.append(data)
+            else:
+                self.upstream.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.upstream is not None:
+                self.upstream.close()
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(Client, LOOPBACK, listen_port)
+        await server.serve_forever()
+
+    uvloop.install()
+    asyncio.run(serve())
+
+
+@contextlib.contextmanager
+def running_relay() -> Iterator[str]:
+    """A second broker that advertises a bare relay in front of it (so clients stay on the
+    relay, as they stay on garrison): yields the relay's HOST:PORT."""
+    port = free_port()
+    with running_tansu(advertised_port=port) as broker:
+        command = [sys.executable, __file__, "--serve-relay", f"{port}:{broker.port}"]
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    socket.create_connection((LOOPBACK, port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise
+                    time.sleep(0.05)
+            yield f"{LOOPBACK}:{port}"
+        finally:
+            proc.kill()  # our own child, by its handle
+            proc.wait(5)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
@@ -151,6 +230,7 @@ def produce_requests(access_log: Path) -> int:
 class Measured:
     direct: list[float] = field(default_factory=list)  # seconds per round or block
     proxied: list[float] = field(default_factory=list)
+    relayed: list[float] = field(default_factory=list)  # through the bare relay
     proxy_cpu: float = 0.0  # seconds of proxy CPU during the proxied runs
     proxy_requests: int = 0  # Produce requests the proxy logged during them
 
@@ -237,7 +317,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="batched rounds per side")
     parser.add_argument("--requests", type=int, default=200, help="single requests per block")
     parser.add_argument("--blocks", type=int, default=15, help="blocks per side")
+    parser.add_argument("--serve-relay", metavar="PORT:UPSTREAM_PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_relay:
+        listen_port, upstream_port = map(int, args.serve_relay.split(":"))
+        serve_relay(listen_port, upstream_port)
+        return 0
     batch, single = Measured(), Measured()
     with running_tansu() as broker, tempfile.TemporaryDirectory() as tmp:
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
@@ -252,16 +337,23 @@ def main() -> int:
                 batch.direct.append(batched(broker.bootstrap, args.messages))
                 with ProxyMeter(pid, access_log, batch):
                     batch.proxied.append(batched(through, args.messages))
-            # One request per message: two warm producers, alternating blocks.
-            direct, proxied = producer(broker.bootstrap), producer(through)
-            one_by_one(direct, args.requests)
-            one_by_one(proxied, args.requests)
-            for _ in range(args.blocks):
-                single.direct.append(one_by_one(direct, args.requests))
-                with ProxyMeter(pid, access_log, single):
-                    single.proxied.append(one_by_one(proxied, args.requests))
-            direct.close(timeout=5)
-            proxied.close(timeout=5)
+            # One request per message: warm producers, alternating blocks; the bare relay
+            # (in front of a second broker) is the floor of a Python proxy hop.
+            with running_relay() as relay_address:
+                admin = KafkaAdminClient(bootstrap_servers=relay_address)
+                admin.create_topics([NewTopic(TOPIC, 1, 1)])
+                admin.close()
+                direct, proxied = producer(broker.bootstrap), producer(through)
+                relayed = producer(relay_address)
+                for p in (direct, proxied, relayed):
+                    one_by_one(p, args.requests)
+                for _ in range(args.blocks):
+                    single.direct.append(one_by_one(direct, args.requests))
+                    single.relayed.append(one_by_one(relayed, args.requests))
+                    with ProxyMeter(pid, access_log, single):
+                        single.proxied.append(one_by_one(proxied, args.requests))
+                for p in (direct, proxied, relayed):
+                    p.close(timeout=5)
     engine, records = engine_alone()
     report(args, batch, single)
     print(
@@ -317,13 +409,27 @@ def report(args: argparse.Namespace, batch: Measured, single: Measured) -> None:
             f"{name:<26}{direct:>15}{proxied:>15}{ratio:>7.2f}{added * 1e6:>8.0f} µs"
             f"{cpu * 1e6:>12.0f} µs"
         )
-    # The least disturbed blocks: what the proxy itself adds when the machine is quiet.
-    best_direct, best_proxied = min(single.direct), min(single.proxied)
+    relay_added = statistics.median(
+        (r - d) / args.requests for d, r in zip(single.direct, single.relayed, strict=True)
+    )
     print(
-        f"one request per message, best blocks: direct {best_direct / args.requests * 1e6:,.0f}"
-        f" µs/req, garrison {best_proxied / args.requests * 1e6:,.0f} µs/req, added "
-        f"{(best_proxied - best_direct) / args.requests * 1e6:,.0f} µs/req; batched best "
-        f"rounds: ratio {min(batch.direct) / min(batch.proxied):.2f}"
+        f"{'  bare uvloop relay':<26}{'':>15}"
+        f"{statistics.median(single.relayed) / args.requests * 1e6:>11,.0f} µs/req"
+        f"{single_direct / (statistics.median(single.relayed) / args.requests):>7.2f}"
+        f"{relay_added * 1e6:>8.0f} µs"
+    )
+    # The least disturbed blocks: what each hop adds when the machine is quiet.
+    per = 1e6 / args.requests
+    best_direct, best_proxied, best_relayed = (
+        min(single.direct) * per,
+        min(single.proxied) * per,
+        min(single.relayed) * per,
+    )
+    print(
+        f"one request per message, best blocks: direct {best_direct:,.0f} µs/req, garrison "
+        f"{best_proxied:,.0f} (+{best_proxied - best_direct:,.0f}), bare relay "
+        f"{best_relayed:,.0f} (+{best_relayed - best_direct:,.0f}); batched best rounds: "
+        f"ratio {min(batch.direct) / min(batch.proxied):.2f}"
     )
 
 
