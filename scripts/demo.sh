@@ -34,7 +34,7 @@ fi
 WORK=$(mktemp -d /tmp/garrison-demo.XXXXXX)
 SOCK=$WORK/agent.sock
 PIN=/sys/fs/bpf/garrison-demo-$$
-ENDPOINTS=(deathstar-1 deathstar-2 tiefighter xwing)
+ENDPOINTS=(deathstar-1 deathstar-2 tiefighter xwing door-manager guard)
 PIDS=()
 AGENT_PID=
 
@@ -117,6 +117,30 @@ say "garrison policy import $EX/sw_l3_l4_l7_policy.yaml"
 request tiefighter POST /v1/request-landing deathstar-1
 request tiefighter PUT /v1/exhaust-port deathstar-2
 request xwing POST /v1/request-landing deathstar-1
+
+banner "Stage 3: gRPC — the guard may read doors but not set access codes"
+add door-manager app=door-manager
+add guard app=guard
+while read -r name addr; do IP[$name]=$addr; done < <(
+    "$G" endpoint list --socket "$SOCK" -o json |
+        "$PY" -c 'import json,sys; [print(e["name"], e["ipv4"]) for e in json.load(sys.stdin)["endpoints"]]'
+)
+ip netns exec door-manager "$PY" examples/grpc/doors_server.py --listen 0.0.0.0:50051 \
+    >"$WORK/doors.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 50); do
+    ip netns exec door-manager "$PY" -c 'import socket; socket.create_connection(("127.0.0.1", 50051), 1).close()' 2>/dev/null && break
+    sleep 0.1
+done
+say "garrison policy import examples/grpc/doors-policy.yaml"
+"$G" policy import examples/grpc/doors-policy.yaml --socket "$SOCK"
+grpc_call() { # method
+    say "garrison endpoint exec guard -- python examples/grpc/doors_client.py --target ${IP[door-manager]}:50051 $1"
+    "$G" endpoint exec guard -- "$PY" examples/grpc/doors_client.py \
+        --target "${IP[door-manager]}:50051" "$1" | sed 's/^/  /' || true
+}
+grpc_call GetName
+grpc_call SetAccessCode
 
 banner "Flow records of the run (garrison observe)"
 sleep 0.5
