@@ -255,7 +255,7 @@ def decode_answer(request: KafkaRequest, answer: bytes) -> Any:
     return decoded
 
 
-@pytest.mark.parametrize(("case", "version"), all_versions())
+@pytest.mark.parametrize(("case", "version"), list(all_versions()))
 def test_deny_answers_decode_with_kafka_python_and_carry_the_error_everywhere(
     case: DenyCase, version: int
 ) -> None:
