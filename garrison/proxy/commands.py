@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from garrison.flows.record import FlowRecord
+from garrison.flows.record import Endpoint, FlowRecord
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
 from garrison.policies.labels import Labels
 
@@ -78,6 +78,18 @@ class PeerInfo:
     port: int
     namespace: str | None = None
     pod_name: str | None = None
+
+
+def flow_endpoint(peer: PeerInfo) -> Endpoint:
+    """How a flow record names one end of a proxied connection."""
+    return Endpoint.of(
+        peer.identity,
+        peer.labels,
+        namespace=peer.namespace,
+        pod_name=peer.pod_name or "",
+        ip=peer.ip,
+        port=peer.port,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,7 @@ from garrison.flows.build import (
     l7_http_response,
     proxy_error,
 )
-from garrison.flows.record import DropReasonDesc, Endpoint, FlowRecord, Verdict
+from garrison.flows.record import DropReasonDesc, FlowRecord, Verdict
 from garrison.flows.redact import RedactionConfig
 from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.grpc import GrpcCall
@@ -116,8 +116,8 @@ from garrison.proxy.commands import (
     Forward,
     Inject,
     Log,
-    PeerInfo,
     Side,
+    flow_endpoint,
 )
 from garrison.proxy.config import ProxyConfig
 from garrison.proxy.deny import (
@@ -276,17 +276,6 @@ class _Call:
 _PREFACE_AND_FRAME = len(H2_PREFACE) + 9
 
 
-def _endpoint(peer: PeerInfo) -> Endpoint:
-    return Endpoint.of(
-        peer.identity,
-        peer.labels,
-        namespace=peer.namespace,
-        pod_name=peer.pod_name or "",
-        ip=peer.ip,
-        port=peer.port,
-    )
-
-
 def _plain(headers: Iterable[Header]) -> list[Header]:
     """The regular fields of a header block (pseudo-headers are in the record's own fields)."""
     return [h for h in headers if h[0][:1] != b":"]
@@ -312,8 +301,8 @@ class H2Engine:
         self._http_matcher: HTTPMatcher | None = None
         self._denied_by: tuple[RuleRef, ...] = ()
         self.update_ruleset(context.ruleset)
-        self._client_ep = _endpoint(context.source)
-        self._server_ep = _endpoint(context.destination)
+        self._client_ep = flow_endpoint(context.source)
+        self._server_ep = flow_endpoint(context.destination)
         self._redaction = RedactionConfig(headers=frozenset(config.redact_headers))
         self._calls: dict[int, _Call] = {}  # by client stream id
         self._by_upstream: dict[int, _Call] = {}

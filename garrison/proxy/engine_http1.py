@@ -81,6 +81,7 @@ from garrison.proxy.commands import (
     Log,
     PeerInfo,
     Side,
+    flow_endpoint,
 )
 from garrison.proxy.config import ProxyConfig
 from garrison.proxy.deny import http1_access_denied, http1_error_response
@@ -222,7 +223,7 @@ class HTTPEngine:
         # The records' own enum: the builders convert anything else on every record.
         self._direction = FlowDirection(str(context.direction))
         self._node = context.node_name
-        self._client = _endpoint(context.source)
+        self._client = flow_endpoint(context.source)
         self._server = _shared_endpoint(context, context.destination)
         self._host_hint = context.host_hint or ""
         self._ruleset = context.ruleset
@@ -759,17 +760,6 @@ def _head(event: RequestReceived, edits: Sequence[object]) -> bytes:
     return event.forward_head(add=add, remove=remove)
 
 
-def _endpoint(peer: PeerInfo) -> Endpoint:
-    return Endpoint.of(
-        peer.identity,
-        peer.labels,
-        namespace=peer.namespace,
-        pod_name=peer.pod_name or "",
-        ip=peer.ip,
-        port=peer.port,
-    )
-
-
 def _shared_endpoint(context: ConnectionContext, peer: PeerInfo) -> Endpoint:
     """One Endpoint per destination for all its connections: its JSON text (cached in the
     Endpoint) is then made once, and idle connections do not each hold a copy."""
@@ -782,7 +772,7 @@ def _shared_endpoint(context: ConnectionContext, peer: PeerInfo) -> Endpoint:
         return endpoint
     if len(cache) >= _MAX_CACHED_MATCHERS:
         cache.clear()
-    endpoint = cache[peer] = _endpoint(peer)
+    endpoint = cache[peer] = flow_endpoint(peer)
     return endpoint
 
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from garrison.flows.build import l7_kafka_request, l7_kafka_response, proxy_error
-from garrison.flows.record import DropReasonDesc, Endpoint, FlowRecord, Verdict
+from garrison.flows.record import DropReasonDesc, FlowRecord, Verdict
 from garrison.flows.record import TrafficDirection as FlowDirection
 from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.kafka import (
@@ -84,8 +84,8 @@ from garrison.proxy.commands import (
     Forward,
     Inject,
     Log,
-    PeerInfo,
     Side,
+    flow_endpoint,
 )
 from garrison.proxy.config import ProxyConfig
 from garrison.proxy.deny import kafka_deny_encodable, kafka_deny_response
@@ -108,17 +108,6 @@ def shared_topic_ids(shared: dict[str, object]) -> TopicIdRegistry:
         registry = TopicIdRegistry()
         shared[TOPIC_IDS_KEY] = registry
     return registry
-
-
-def _endpoint(peer: PeerInfo) -> Endpoint:
-    return Endpoint.of(
-        peer.identity,
-        peer.labels,
-        namespace=peer.namespace,
-        pod_name=peer.pod_name or "",
-        ip=peer.ip,
-        port=peer.port,
-    )
 
 
 @dataclass(slots=True)
@@ -198,8 +187,8 @@ class KafkaEngine:
         # The records' own enum: builders take it as it is (a string would be parsed each time).
         self._direction = FlowDirection(context.direction.value)
         self._node = context.node_name or config.node_name
-        self._client = _endpoint(context.source)
-        self._server = _endpoint(context.destination)
+        self._client = flow_endpoint(context.source)
+        self._server = flow_endpoint(context.destination)
         self._matcher = KafkaMatcher(context.ruleset)
         self._topic_ids = shared_topic_ids(context.shared)
         self._requests = KafkaRequestParser(self._limits, self._topic_ids)
