@@ -84,11 +84,36 @@ _policy_of = functools.lru_cache(maxsize=4096)(Policy.from_ref)
 _NO_REFS = _Refs()
 
 
+# The refs of one record are nearly always the one rule that allowed it, the same object
+# request after request: remember its `_Refs` by that object's identity (the entry holds the
+# object, so the id cannot be reused while it is there), which also gives the codec the same
+# tuples to reuse their JSON. Bounded; forgotten all at once when full.
+_ONE_REF: dict[tuple[int, bool, TrafficDirection], tuple[RuleRef, _Refs]] = {}
+_ONE_REF_SIZE = 1024
+
+
 def _refs(
     direction: TrafficDirection, allowed_by: Sequence[RuleRef], denied_by: Sequence[RuleRef]
 ) -> _Refs:
     if not allowed_by and not denied_by:
         return _NO_REFS
+    if len(allowed_by) + len(denied_by) == 1:
+        ref = allowed_by[0] if allowed_by else denied_by[0]
+        key = (id(ref), bool(allowed_by), direction)
+        entry = _ONE_REF.get(key)
+        if entry is not None and entry[0] is ref:
+            return entry[1]
+        refs = _new_refs(direction, allowed_by, denied_by)
+        if len(_ONE_REF) >= _ONE_REF_SIZE:
+            _ONE_REF.clear()
+        _ONE_REF[key] = (ref, refs)
+        return refs
+    return _new_refs(direction, allowed_by, denied_by)
+
+
+def _new_refs(
+    direction: TrafficDirection, allowed_by: Sequence[RuleRef], denied_by: Sequence[RuleRef]
+) -> _Refs:
     allowed = tuple(_policy_of(ref) for ref in allowed_by)
     denied = tuple(_policy_of(ref) for ref in denied_by)
     if direction is TrafficDirection.EGRESS:

@@ -12,7 +12,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
 from typing import Any
@@ -232,6 +232,53 @@ def record_to_dict(r: FlowRecord) -> dict[str, Any]:
 _q = encode_basestring_ascii  # a JSON string literal, non-ASCII escaped (C implementation)
 
 
+# JSON fragments of frozen values the record builders hand out again and again (the same
+# endpoints, redacted header tuples and policy tuples, request after request), by identity:
+# an entry holds its value, so the id cannot be reused while the entry is there. Memos of pure
+# functions, bounded, forgotten all at once when full; one per kind of fragment.
+_MEMO_SIZE = 512
+_Fragments = dict[int, tuple[Any, str]]
+_HEADERS: _Fragments = {}
+_POLICIES: _Fragments = {}
+_ENDS: dict[tuple[int, int, int], tuple[Endpoint, Endpoint, Layer4, str]] = {}
+
+
+def _known(memo: _Fragments, value: Any, encode: Callable[[Any], str]) -> str:
+    entry = memo.get(id(value))
+    if entry is not None and entry[0] is value:
+        return entry[1]
+    text = encode(value)
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[id(value)] = (value, text)
+    return text
+
+
+def _policies_json(policies: tuple[Policy, ...]) -> str:
+    return ",".join(_policy_json(p) for p in policies)
+
+
+def _ends_json(src: Endpoint, dst: Endpoint, l4: Layer4 | None) -> str:
+    """`"IP":…,"l4":…,"source":…,"destination":…` (each part only when the record has it)."""
+    out = []
+    if src.ip or dst.ip:
+        version = _ip_version(src.ip or dst.ip)
+        out.append(
+            f',"IP":{{"source":{_q(src.ip)},"destination":{_q(dst.ip)},"ipVersion":"{version}"}}'
+        )
+    if l4 is not None:
+        out.append(
+            f',"l4":{{"{l4.protocol}":{{"source_port":{src.port},'
+            f'"destination_port":{dst.port}'
+        )
+        if l4.flags is not None:
+            flags = ",".join(f'"{name}":true' for name in l4.flags.names())
+            out.append(f',"flags":{{{flags}}}')
+        out.append("}}")
+    out.append(f',"source":{_endpoint_json(src)},"destination":{_endpoint_json(dst)}')
+    return "".join(out)
+
+
 def _endpoint_json(ep: Endpoint) -> str:
     text = ep._json
     if not text:
@@ -251,9 +298,13 @@ def _http_json(http: HTTP) -> str:
     if http.protocol:
         out.append(f'"protocol":{_q(http.protocol)}')
     if http.headers:
-        headers = ",".join(f'{{"key":{_q(h.key)},"value":{_q(h.value)}}}' for h in http.headers)
-        out.append(f'"headers":[{headers}]')
+        out.append(_known(_HEADERS, http.headers, _headers_json))
     return "{" + ",".join(out) + "}"
+
+
+def _headers_json(headers: tuple[HTTPHeader, ...]) -> str:
+    items = ",".join(f'{{"key":{_q(h.key)},"value":{_q(h.value)}}}' for h in headers)
+    return f'"headers":[{items}]'
 
 
 def _kafka_json(kafka: Kafka) -> str:
@@ -314,23 +365,19 @@ def record_to_json(r: FlowRecord) -> str:
 
     The enums are StrEnums and format as their value (`.value` is a Python-level descriptor
     in Python 3.11, measurable at one call per field per record)."""
-    src, dst = r.source, r.destination
+    src, dst, l4 = r.source, r.destination, r.l4
     out = [f'{{"time":"{format_time(r.time)}","verdict":"{r.verdict}"']
-    if src.ip or dst.ip:
-        version = _ip_version(src.ip or dst.ip)
-        out.append(
-            f',"IP":{{"source":{_q(src.ip)},"destination":{_q(dst.ip)},"ipVersion":"{version}"}}'
-        )
-    if r.l4 is not None:
-        out.append(
-            f',"l4":{{"{r.l4.protocol}":{{"source_port":{src.port},'
-            f'"destination_port":{dst.port}'
-        )
-        if r.l4.flags is not None:
-            flags = ",".join(f'"{name}":true' for name in r.l4.flags.names())
-            out.append(f',"flags":{{{flags}}}')
-        out.append("}}")
-    out.append(f',"source":{_endpoint_json(src)},"destination":{_endpoint_json(dst)}')
+    ends_key = (id(src), id(dst), id(l4))
+    entry = _ENDS.get(ends_key)
+    if entry is not None and entry[0] is src and entry[1] is dst and entry[2] is l4:
+        out.append(entry[3])
+    else:
+        ends = _ends_json(src, dst, l4)
+        if l4 is not None:  # a record without l4 is a datapath one-off: not worth keeping
+            if len(_ENDS) >= _MEMO_SIZE:
+                _ENDS.clear()
+            _ENDS[ends_key] = (src, dst, l4, ends)
+        out.append(ends)
     out.append(f',"Type":"{r.type}"')
     if r.node_name:
         out.append(f',"node_name":{_q(r.node_name)}')
@@ -355,7 +402,7 @@ def record_to_json(r: FlowRecord) -> str:
     for key in _POLICY_LISTS:
         policies: tuple[Policy, ...] = getattr(r, key)
         if policies:
-            out.append(f',"{key}":[{",".join(_policy_json(p) for p in policies)}]')
+            out.append(f',"{key}":[{_known(_POLICIES, policies, _policies_json)}]')
     out.append("}")
     return "".join(out)
 

@@ -35,9 +35,14 @@ class RedactionConfig:
     redact_query_values: bool = False
     redact_userinfo: bool = True
     _lower: frozenset[str] = field(init=False, repr=False, compare=False)
+    # Redacted header tuples by the raw header tuple they came from (see redact_headers).
+    _memo: dict[tuple[tuple[str | bytes, str | bytes], ...], tuple[HTTPHeader, ...]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_lower", frozenset(name.lower() for name in self.headers))
+        object.__setattr__(self, "_memo", {})
 
     def is_sensitive(self, header_name: str) -> bool:
         return header_name.lower() in self._lower
@@ -53,18 +58,36 @@ def _text(value: str | bytes) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
+# How many header lists a RedactionConfig remembers; it forgets them all when full.
+_MEMO_SIZE = 256
+
+
 def redact_headers(headers: HeaderPairs, config: RedactionConfig) -> tuple[HTTPHeader, ...]:
-    # Runs for every proxied request and response: `_text` and `is_sensitive` inlined.
+    # Runs for every proxied request and response, and a client (or upstream) sends the same
+    # header list again and again on a connection: a list seen before gives the same tuple.
+    # Only lists without a sensitive header are remembered, so no secret outlives its request.
+    memo = config._memo
+    if type(headers) is tuple:
+        known = memo.get(headers)
+        if known is not None:
+            return known
     sensitive = config._lower
     out = []
+    keep = True
     for raw_key, raw_value in headers:
         key = raw_key.decode("latin-1") if isinstance(raw_key, bytes) else raw_key
         if key.lower() in sensitive:
             value = REDACTED
+            keep = False
         else:
             value = raw_value.decode("latin-1") if isinstance(raw_value, bytes) else raw_value
         out.append(HTTPHeader(key, value))
-    return tuple(out)
+    result = tuple(out)
+    if keep and type(headers) is tuple:
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        memo[headers] = result
+    return result
 
 
 def redact_url(url: str, config: RedactionConfig) -> str:
