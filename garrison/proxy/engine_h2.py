@@ -294,8 +294,13 @@ class H2Engine:
         self._ctx = context
         self._rules = rules
         self._audit = context.audit
-        self._client = H2ServerConnection(config.http2)
-        self._upstream = H2ClientConnection(config.http2)
+        # Towards the client go the upstream's header blocks, validated on receipt by
+        # `_upstream` and relayed unchanged, and garrison's constant deny answers: h2 need not
+        # validate them again on the way out. Towards the upstream the same holds for gRPC
+        # rules (requests and trailers relayed exactly as `_client` received them); HTTP
+        # rules may rewrite the path and edit fields, so h2 keeps checking what it sends.
+        self._client = H2ServerConnection(config.http2, prevalidated_headers=True)
+        self._upstream = H2ClientConnection(config.http2, prevalidated_headers=rules == "grpc")
         self._upstream_started = False
         self._grpc_matcher: GRPCMatcher | None = None
         self._http_matcher: HTTPMatcher | None = None
