@@ -233,14 +233,18 @@ _q = encode_basestring_ascii  # a JSON string literal, non-ASCII escaped (C impl
 
 
 # JSON fragments of frozen values the record builders hand out again and again (the same
-# endpoints, redacted header tuples and policy tuples, request after request), by identity:
-# an entry holds its value, so the id cannot be reused while the entry is there. Memos of pure
-# functions, bounded, forgotten all at once when full; one per kind of fragment.
+# endpoints, HTTP parts, redacted header tuples and policy tuples, request after request), by
+# identity: an entry holds its value, so the id cannot be reused while the entry is there.
+# Memos of pure functions, bounded, forgotten all at once when full; one per kind of fragment.
 _MEMO_SIZE = 512
 _Fragments = dict[int, tuple[Any, str]]
 _HEADERS: _Fragments = {}
 _POLICIES: _Fragments = {}
-_ENDS: dict[tuple[int, int, int], tuple[Endpoint, Endpoint, Layer4, str]] = {}
+_HTTPS: _Fragments = {}
+# The IP and l4 parts are per connection (the client's port): a few dozen busy connections'
+# worth, so that a proxy holding thousands of idle ones does not keep theirs alive.
+_ADDRESSES_SIZE = 64
+_ADDRESSES: dict[tuple[int, int, int], tuple[Endpoint, Endpoint, Layer4, str]] = {}
 
 
 def _known(memo: _Fragments, value: Any, encode: Callable[[Any], str]) -> str:
@@ -258,8 +262,8 @@ def _policies_json(policies: tuple[Policy, ...]) -> str:
     return ",".join(_policy_json(p) for p in policies)
 
 
-def _ends_json(src: Endpoint, dst: Endpoint, l4: Layer4 | None) -> str:
-    """`"IP":…,"l4":…,"source":…,"destination":…` (each part only when the record has it)."""
+def _addresses_json(src: Endpoint, dst: Endpoint, l4: Layer4 | None) -> str:
+    """`,"IP":…,"l4":…` (each part only when the record has it)."""
     out = []
     if src.ip or dst.ip:
         version = _ip_version(src.ip or dst.ip)
@@ -275,7 +279,6 @@ def _ends_json(src: Endpoint, dst: Endpoint, l4: Layer4 | None) -> str:
             flags = ",".join(f'"{name}":true' for name in l4.flags.names())
             out.append(f',"flags":{{{flags}}}')
         out.append("}}")
-    out.append(f',"source":{_endpoint_json(src)},"destination":{_endpoint_json(dst)}')
     return "".join(out)
 
 
@@ -340,7 +343,7 @@ def _l7_json(l7: Layer7) -> str:
     if l7.latency_ns is not None:
         out.append(f',"latency_ns":{l7.latency_ns}')
     if l7.http is not None:
-        out.append(f',"http":{_http_json(l7.http)}')
+        out.append(f',"http":{_known(_HTTPS, l7.http, _http_json)}')
     if l7.kafka is not None:
         out.append(f',"kafka":{_kafka_json(l7.kafka)}')
     if l7.grpc is not None:
@@ -367,17 +370,18 @@ def record_to_json(r: FlowRecord) -> str:
     in Python 3.11, measurable at one call per field per record)."""
     src, dst, l4 = r.source, r.destination, r.l4
     out = [f'{{"time":"{format_time(r.time)}","verdict":"{r.verdict}"']
-    ends_key = (id(src), id(dst), id(l4))
-    entry = _ENDS.get(ends_key)
+    addresses_key = (id(src), id(dst), id(l4))
+    entry = _ADDRESSES.get(addresses_key)
     if entry is not None and entry[0] is src and entry[1] is dst and entry[2] is l4:
         out.append(entry[3])
     else:
-        ends = _ends_json(src, dst, l4)
+        addresses = _addresses_json(src, dst, l4)
         if l4 is not None:  # a record without l4 is a datapath one-off: not worth keeping
-            if len(_ENDS) >= _MEMO_SIZE:
-                _ENDS.clear()
-            _ENDS[ends_key] = (src, dst, l4, ends)
-        out.append(ends)
+            if len(_ADDRESSES) >= _ADDRESSES_SIZE:
+                _ADDRESSES.clear()
+            _ADDRESSES[addresses_key] = (src, dst, l4, addresses)
+        out.append(addresses)
+    out.append(f',"source":{_endpoint_json(src)},"destination":{_endpoint_json(dst)}')
     out.append(f',"Type":"{r.type}"')
     if r.node_name:
         out.append(f',"node_name":{_q(r.node_name)}')

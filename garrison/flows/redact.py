@@ -39,10 +39,15 @@ class RedactionConfig:
     _memo: dict[tuple[tuple[str | bytes, str | bytes], ...], tuple[HTTPHeader, ...]] = field(
         init=False, repr=False, compare=False
     )
+    # HTTP parts by (method, url, protocol, code, identity of the redacted header tuple).
+    _http_memo: dict[tuple[str, str, str, int, int], HTTP] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_lower", frozenset(name.lower() for name in self.headers))
         object.__setattr__(self, "_memo", {})
+        object.__setattr__(self, "_http_memo", {})
 
     def is_sensitive(self, header_name: str) -> bool:
         return header_name.lower() in self._lower
@@ -138,14 +143,27 @@ def redacted_http(
     code: int = 0,
 ) -> HTTP:
     """The HTTP part of a record, built with its secrets replaced: the one place redaction
-    happens (the record builders call it for every HTTP and gRPC record)."""
-    return HTTP(
+    happens (the record builders call it for every HTTP and gRPC record).
+
+    A keep-alive client asks the same thing with the same headers again and again: the same
+    inputs give the same (frozen) HTTP part, which lets the line encoder reuse its JSON."""
+    redacted = redact_headers(headers, config)
+    memo = config._http_memo
+    key = (method, url, protocol, code, id(redacted))
+    known = memo.get(key)
+    if known is not None and known.headers is redacted:
+        return known
+    http = HTTP(
         method=method,
         url=redact_url(url, config),
         protocol=protocol,
         code=code,
-        headers=redact_headers(headers, config),
+        headers=redacted,
     )
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[key] = http  # holds `redacted`, so its id is not reused while the entry is here
+    return http
 
 
 def redact_http(http: HTTP, config: RedactionConfig) -> HTTP:
