@@ -883,6 +883,12 @@ class _H2Connection:
         if not data and not end_stream:
             return 0
         window = 0 if out is not None else self._window(stream_id)
+        if 0 < len(data) <= min(window, self._h2.max_outbound_frame_size):
+            # Nothing queued and it fits one frame (every unary gRPC message does): send it
+            # as is, without a queue entry and its copies.
+            self._h2.send_data(stream_id, data, end_stream=end_stream)
+            self._drain()
+            return len(data)
         queued = len(data) - min(len(data), window)
         if queued:
             if self.buffered_bytes(stream_id) + queued > self.limits.max_buffered_per_stream:
