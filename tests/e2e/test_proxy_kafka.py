@@ -607,7 +607,7 @@ async def aiokafka_round_trip(
     await consumer.start()
     got: list[bytes] = []
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(60):
             async for message in consumer:
                 if message.value is not None and message.value.startswith(prefix):
                     got.append(message.value)
