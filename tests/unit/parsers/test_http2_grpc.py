@@ -272,3 +272,38 @@ def test_authority_falls_back_to_host_and_connect_has_no_path() -> None:
         None,
         None,
     )
+
+
+@pytest.mark.parametrize("plain_credential", [True, False])
+def test_prevalidated_connections_send_the_same_bytes_and_never_index_credentials(
+    plain_credential: bool,
+) -> None:
+    """Skipping h2's outbound checks for already validated blocks changes nothing on the
+    wire: a credential (marked or not by the sender) still goes out never-indexed."""
+    auth = (b"authorization", b"Bearer s3cret")
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/doors.DoorManager/GetName"),
+        (b":authority", b"doors"),
+        (b"content-type", b"application/grpc"),
+        (b"cookie", b"a=b"),
+        auth if plain_credential else NeverIndexedHeaderTuple(*auth),
+    ]
+    wires = []
+    for prevalidated in (False, True):
+        client = H2ClientConnection(prevalidated_headers=prevalidated)
+        server = H2ServerConnection()
+        server.receive_data(client.data_to_send(), 0.0)
+        client.receive_data(server.data_to_send(), 0.0)
+        client.data_to_send()
+        client.send_request(headers, end_stream=True)
+        wire = client.data_to_send()
+        wires.append(wire)
+        (req, *_) = server.receive_data(wire, 0.0)
+        assert isinstance(req, RequestReceived)
+        sent = dict(req.headers)
+        assert sent[b"authorization"] == b"Bearer s3cret"
+        assert isinstance(req.headers[-1], NeverIndexedHeaderTuple)
+        assert auth not in client._h2.encoder.header_table.dynamic_entries
+    assert wires[0] == wires[1]
