@@ -23,7 +23,7 @@ from garrison.flows.record import (
     Verdict,
 )
 from garrison.policies.labels import Labels
-from garrison.policies.mapstate import PROTO_TCP, PROTO_UDP
+from garrison.policies.mapstate import PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP
 from garrison.policies.mapstate import MatchType as ModelMatchType
 from garrison.policies.model import Direction
 
@@ -38,12 +38,12 @@ _REASONS = {
 }
 
 
-def _protocol(number: int) -> L4Protocol | str:
-    if number == PROTO_TCP:
-        return L4Protocol.TCP
-    if number == PROTO_UDP:
-        return L4Protocol.UDP
-    return "ICMPv4" if number == 1 else str(number)
+_PROTOCOLS = {
+    PROTO_TCP: L4Protocol.TCP,
+    PROTO_UDP: L4Protocol.UDP,
+    PROTO_SCTP: L4Protocol.SCTP,
+    PROTO_ICMP: L4Protocol.ICMPV4,
+}
 
 
 def _endpoint(agent: Agent, identity: int, ip: str, port: int) -> Endpoint:
@@ -67,7 +67,7 @@ def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
     """The flow record of one event; None for events that make no record."""
     src = _endpoint(agent, event.src_identity, str(event.saddr), event.sport)
     dst = _endpoint(agent, event.dst_identity, str(event.daddr), event.dport)
-    proto = _protocol(event.protocol)
+    proto = _PROTOCOLS.get(event.protocol)  # None: recorded without an l4 part
     flags = TCPFlags.from_bits(event.tcp_flags) if proto is L4Protocol.TCP else None
     # some drops happen before any policy direction applies (a redirect with no proxy socket,
     # a packet that cannot be parsed): Hubble's TRAFFIC_DIRECTION_UNKNOWN

@@ -534,8 +534,11 @@ def proxy_error(
 _SYN = TCPFlags(syn=True)
 
 
-def _l4(protocol: L4Protocol | str, flags: TCPFlags | None) -> Layer4:
-    proto = L4Protocol(str(protocol).upper())
+def _l4(protocol: L4Protocol | str | None, flags: TCPFlags | None) -> Layer4 | None:
+    """None: a protocol flow records do not model (the record still says who and why)."""
+    if protocol is None:
+        return None
+    proto = protocol if isinstance(protocol, L4Protocol) else L4Protocol.of(protocol)
     return Layer4(proto, flags if proto is L4Protocol.TCP else None)
 
 
@@ -546,7 +549,7 @@ def l3_l4_drop(
     source: Endpoint,
     destination: Endpoint,
     reason: ReasonLike,
-    protocol: L4Protocol | str = L4Protocol.TCP,
+    protocol: L4Protocol | str | None = L4Protocol.TCP,
     flags: TCPFlags | None = _SYN,
     denied_by: Sequence[RuleRef] = (),
     is_reply: bool | None = None,
@@ -586,7 +589,7 @@ def l3_l4_verdict(
     destination: Endpoint,
     verdict: Verdict,
     match_type: MatchType,
-    protocol: L4Protocol | str = L4Protocol.TCP,
+    protocol: L4Protocol | str | None = L4Protocol.TCP,
     flags: TCPFlags | None = _SYN,
     allowed_by: Sequence[RuleRef] = (),
     denied_by: Sequence[RuleRef] = (),
@@ -630,7 +633,7 @@ def l3_l4_trace(
     destination: Endpoint,
     observation_point: TraceObservationPoint,
     direction: DirectionLike = TrafficDirection.TRAFFIC_DIRECTION_UNKNOWN,
-    protocol: L4Protocol | str = L4Protocol.TCP,
+    protocol: L4Protocol | str | None = L4Protocol.TCP,
     flags: TCPFlags | None = _SYN,
     is_reply: bool | None = None,
     node_name: str = "",

@@ -98,6 +98,8 @@ def _endpoint_to_dict(ep: Endpoint) -> dict[str, Any]:
 
 
 def _l4_to_dict(l4: Layer4, src: Endpoint, dst: Endpoint) -> dict[str, Any]:
+    if l4.protocol is L4Protocol.ICMPV4:
+        return {l4.protocol.value: {"type": dst.port}}
     inner: dict[str, Any] = {"source_port": src.port, "destination_port": dst.port}
     if l4.flags is not None:
         inner["flags"] = {name: True for name in l4.flags.names()}
@@ -270,7 +272,9 @@ def _addresses_json(src: Endpoint, dst: Endpoint, l4: Layer4 | None) -> str:
         out.append(
             f',"IP":{{"source":{_q(src.ip)},"destination":{_q(dst.ip)},"ipVersion":"{version}"}}'
         )
-    if l4 is not None:
+    if l4 is not None and l4.protocol is L4Protocol.ICMPV4:
+        out.append(f',"l4":{{"{l4.protocol}":{{"type":{dst.port}}}}}')
+    elif l4 is not None:
         out.append(
             f',"l4":{{"{l4.protocol}":{{"source_port":{src.port},'
             f'"destination_port":{dst.port}'
@@ -481,6 +485,8 @@ def _l4_from_dict(data: Mapping[str, Any] | None) -> tuple[Layer4 | None, int, i
         inner = _obj(data, proto.value)
         if inner is None:
             continue
+        if proto is L4Protocol.ICMPV4:
+            return Layer4(protocol=proto), 0, _int(inner.get("type", 0), "type")
         flags_data = _obj(inner, "flags")
         flags = None
         if flags_data is not None:
@@ -491,7 +497,7 @@ def _l4_from_dict(data: Mapping[str, Any] | None) -> tuple[Layer4 | None, int, i
         src = _int(inner.get("source_port", 0), "source_port")
         dst = _int(inner.get("destination_port", 0), "destination_port")
         return Layer4(protocol=proto, flags=flags), src, dst
-    return None, 0, 0  # ICMP and others: not modelled
+    return None, 0, 0  # ICMPv6 and others: not modelled
 
 
 def _l7_from_dict(data: Mapping[str, Any] | None) -> Layer7 | None:

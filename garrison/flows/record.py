@@ -186,6 +186,15 @@ class L4Protocol(StrEnum):
     TCP = "TCP"
     UDP = "UDP"
     SCTP = "SCTP"
+    ICMPV4 = "ICMPv4"  # Hubble's `l4.ICMPv4 {type, code}`: the type is the destination port
+
+    @classmethod
+    def of(cls, text: str) -> L4Protocol:
+        """`tcp`, `TCP`, `icmpv4`...: protocol names are case-insensitive."""
+        for proto in cls:
+            if proto.value.upper() == text.upper():
+                return proto
+        raise ValueError(f"unknown L4 protocol {text!r}")
 
 
 class L7FlowType(StrEnum):

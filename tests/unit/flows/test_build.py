@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from garrison.flows.build import (
@@ -15,6 +17,7 @@ from garrison.flows.build import (
 )
 from garrison.flows.record import (
     DropReasonDesc,
+    FlowRecord,
     FlowType,
     L4Protocol,
     Policy,
@@ -143,6 +146,33 @@ def test_udp_carries_no_flags() -> None:
     )
     assert record.l4 is not None and record.l4.protocol is L4Protocol.UDP
     assert record.l4.flags is None and record.summary == "UDP"
+
+
+def test_icmp_and_unmodelled_protocols_still_make_a_record() -> None:
+    """An ICMP drop (icmps rules are enforced) is a record with Hubble's `l4.ICMPv4.type`;
+    a protocol records do not model is a record without `l4`, never a lost one."""
+    icmp = l3_l4_drop(
+        time_ns=samples.T0,
+        direction="ingress",
+        source=samples.XWING,
+        destination=samples.DEATHSTAR.with_port(8),
+        reason="POLICY_DENIED",
+        protocol="icmpv4",
+    )
+    assert icmp.l4 is not None and icmp.l4.protocol is L4Protocol.ICMPV4
+    line = json.loads(icmp.to_json())
+    assert line["l4"] == {"ICMPv4": {"type": 8}}
+    assert line == icmp.to_dict()
+    assert FlowRecord.from_json(icmp.to_json()).l4 == icmp.l4
+    other = l3_l4_drop(
+        time_ns=samples.T0,
+        direction="ingress",
+        source=samples.XWING,
+        destination=samples.DEATHSTAR,
+        reason="POLICY_DENIED",
+        protocol=None,
+    )
+    assert other.l4 is None and "l4" not in json.loads(other.to_json())
 
 
 def test_drop_reasons_from_the_policy_model() -> None:
