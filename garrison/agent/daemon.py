@@ -42,10 +42,10 @@ from garrison.policies.mapstate import PROTO_TCP, LookupResult, MapState, MatchT
 from garrison.policies.model import Direction, IPNetwork, Policy
 from garrison.policies.repository import PolicyChange, PolicyRepository
 from garrison.policies.resolve import PolicyResolver, ResolverConfig
-from garrison.policies.selectorcache import RESERVED_IDENTITIES, WORLD_IDENTITY
+from garrison.policies.selectorcache import WORLD_IDENTITY
 from garrison.proxy.policyview import Admission
 
-HOST_IDENTITY = RESERVED_IDENTITIES["host"]
+HOST_IDENTITY = RESERVED["host"].id
 
 log = logging.getLogger("garrison.agent")
 
@@ -344,8 +344,8 @@ class Agent:
         with self.lock:
             src = self.endpoints.by_ip(src_ip)
             dst = self.endpoints.by_ip(dst_ip)
-            src_id = src.identity if src else self._identity_of_ip(src_ip)
-            dst_id = dst.identity if dst else self._identity_of_ip(dst_ip)
+            src_id = src.identity if src else self.identity_of_ip(src_ip)
+            dst_id = dst.identity if dst else self.identity_of_ip(dst_ip)
             src_labels = self.resolver.cache.labels_of(src_id) or Labels()
             audit = self.config.audit
             ingress = egress = None
@@ -376,7 +376,8 @@ class Agent:
                 audit, src.name if src else None,
             )
 
-    def _identity_of_ip(self, ip: str) -> int:
+    def identity_of_ip(self, ip: str) -> int:
+        """The identity of a non-endpoint address: its longest CIDR prefix, else world."""
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:

@@ -137,7 +137,7 @@ async def _serve(config: AgentConfig, verbose: bool) -> int:
     def destination(ip: str, port: int) -> PeerInfo:
         with agent.lock:
             ep = agent.endpoints.by_ip(ip)
-            ident = ep.identity if ep else agent._identity_of_ip(ip)
+            ident = ep.identity if ep else agent.identity_of_ip(ip)
             labels = agent.resolver.cache.labels_of(ident) or Labels()
         return PeerInfo(ident, labels, ip, port, ep.namespace if ep else None,
                         ep.name if ep else None)

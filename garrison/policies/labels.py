@@ -114,13 +114,11 @@ class Labels:
         return label in self.items
 
     def get(self, key: str, source: str = SOURCE_ANY) -> str | None:
-        for label in self.items:
-            if label.matches_key(source, key):
-                return label.value
-        return None
+        found = self.values_of(key, source)
+        return found[0] if found else None
 
     def has(self, key: str, source: str = SOURCE_ANY) -> bool:
-        return any(label.matches_key(source, key) for label in self.items)
+        return bool(self.values_of(key, source))
 
     def union(self, other: Iterable[Label]) -> Labels:
         return Labels(self.items | frozenset(other))

@@ -227,12 +227,6 @@ class Rule:
         has = self.egress is not None or self.egress_deny is not None
         return has and self.default_deny_egress
 
-    def allows(self, direction: Direction) -> tuple[PolicySection, ...]:
-        return (self.ingress if direction is Direction.INGRESS else self.egress) or ()
-
-    def denies(self, direction: Direction) -> tuple[PolicySection, ...]:
-        return (self.ingress_deny if direction is Direction.INGRESS else self.egress_deny) or ()
-
 
 @dataclass(frozen=True, slots=True)
 class Source:

@@ -7,7 +7,6 @@ recomputes only what a change affects.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -118,7 +117,3 @@ def rule_prefixes(rule: Rule) -> set[IPNetwork]:
                     out.add(peer.cidr)
                     out.update(peer.excepts)
     return out
-
-
-def parse_prefix(text: str) -> IPNetwork:
-    return ipaddress.ip_network(text, strict=False)

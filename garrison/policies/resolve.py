@@ -12,11 +12,11 @@ A MapState is merged from the contributions on demand and cached until they chan
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from garrison.policies.l7rules import L7Protocol, L7Rule, L7Rules, L7RuleSet
-from garrison.policies.labels import Labels
+from garrison.policies.labels import SOURCE_RESERVED, Label, Labels
 from garrison.policies.mapstate import (
     ANY_IDENTITY,
     ANY_PORT,
@@ -43,9 +43,15 @@ from garrison.policies.model import (
     Rule,
 )
 from garrison.policies.refs import RuleRef
-from garrison.policies.repository import PolicyChange
+from garrison.policies.repository import PolicyChange, rule_prefixes
 from garrison.policies.selector import EndpointSelector
-from garrison.policies.selectorcache import PeerKey, SelectorCache, is_endpoint
+from garrison.policies.selectorcache import (
+    CIDR_IDENTITY_FLAG,
+    RESERVED_IDENTITIES,
+    PeerKey,
+    SelectorCache,
+    is_endpoint,
+)
 
 
 def icmp_type_number(family: str, value: int | str) -> int:
@@ -143,12 +149,6 @@ class _EndpointPolicy:
     touched: set[MapStateKey] = field(default_factory=set)
     # what every allowed peer must also match (the requires of the rules selecting it)
     requires: dict[Direction, list[set[int]]] = field(default_factory=dict)
-
-    def add(self, key: MapStateKey, contribution: Contribution) -> None:
-        self.contribs.setdefault(key, []).append(contribution)
-        self.by_rule[contribution.rule_id].add(key)
-        self.dirty.add(key)
-        self.cached = None
 
     def add_many(self, keys: list[MapStateKey], contribution: Contribution) -> None:
         contribs = self.contribs
@@ -749,3 +749,29 @@ def _l7_override(
 def _ref_order(ref: RuleRef) -> tuple[str, str, str, str, int, int]:
     return (ref.kind.value, ref.namespace or "", ref.name, ref.section, ref.spec_index,
             ref.rule_index)
+
+
+def build_resolver(
+    policies: Sequence[Policy],
+    endpoints: Sequence[tuple[int, Labels]],
+    config: ResolverConfig | None = None,
+) -> PolicyResolver:
+    """A resolver holding `policies`, the reserved identities, a CIDR identity for every
+    prefix the policies name, and the given endpoint identities."""
+    resolver = PolicyResolver(config)
+    for name, number in RESERVED_IDENTITIES.items():
+        resolver.add_identity(number, Labels.of([Label(name, "", SOURCE_RESERVED)]))
+    prefixes = set()
+    for policy in policies:
+        for rule in policy.rules:
+            prefixes |= rule_prefixes(rule)
+    for n, prefix in enumerate(sorted(prefixes, key=lambda p: (p.version, str(p))), start=1):
+        resolver.add_identity(
+            CIDR_IDENTITY_FLAG | n,
+            Labels.of([Label(str(prefix), "", "cidr"), Label("world", "", SOURCE_RESERVED)]),
+        )
+    for number, labels in endpoints:
+        if resolver.cache.labels_of(number) is None:
+            resolver.add_identity(number, labels)
+    resolver.add_policies(policies)
+    return resolver

@@ -17,19 +17,16 @@ from garrison.policies.l7rules import (
     L7RuleSet,
     L7Verdict,
 )
-from garrison.policies.labels import NAMESPACE_KEY, SOURCE_RESERVED, Label, Labels
+from garrison.policies.labels import NAMESPACE_KEY, SOURCE_RESERVED, Labels
 from garrison.policies.mapstate import (
-    PROTOCOL_NAMES,
     DropReason,
     LookupResult,
-    MapState,
     lookup,
 )
-from garrison.policies.model import IP_PROTO, Direction, Policy, Protocol
+from garrison.policies.model import IP_PROTO, Direction, Policy, Protocol, Rule
 from garrison.policies.refs import RuleRef
-from garrison.policies.repository import rule_prefixes
-from garrison.policies.resolve import PolicyResolver, ResolverConfig
-from garrison.policies.selectorcache import CIDR_IDENTITY_FLAG, RESERVED_IDENTITIES
+from garrison.policies.resolve import ResolverConfig, build_resolver
+from garrison.policies.selectorcache import RESERVED_IDENTITIES
 
 SOURCE_IDENTITY = 256
 DESTINATION_IDENTITY = 257
@@ -236,32 +233,6 @@ def _identity_for(labels: Labels, default: int) -> int:
     return default
 
 
-def build_resolver(
-    policies: Sequence[Policy],
-    endpoints: Sequence[tuple[int, Labels]],
-    config: ResolverConfig | None = None,
-) -> PolicyResolver:
-    """A resolver holding `policies`, the reserved identities, a CIDR identity for every
-    prefix the policies name, and the given endpoint identities."""
-    resolver = PolicyResolver(config)
-    for name, number in RESERVED_IDENTITIES.items():
-        resolver.add_identity(number, Labels.of([Label(name, "", SOURCE_RESERVED)]))
-    prefixes = set()
-    for policy in policies:
-        for rule in policy.rules:
-            prefixes |= rule_prefixes(rule)
-    for n, prefix in enumerate(sorted(prefixes, key=lambda p: (p.version, str(p))), start=1):
-        resolver.add_identity(
-            CIDR_IDENTITY_FLAG | n,
-            Labels.of([Label(str(prefix), "", "cidr"), Label("world", "", SOURCE_RESERVED)]),
-        )
-    for number, labels in endpoints:
-        if resolver.cache.labels_of(number) is None:
-            resolver.add_identity(number, labels)
-    resolver.add_policies(policies)
-    return resolver
-
-
 def trace(
     policies: Sequence[Policy],
     source: TraceEndpoint,
@@ -326,11 +297,8 @@ def trace(
     )
 
 
-def _rule_refs(policy: Policy, rule: object, direction: Direction) -> list[RuleRef]:
+def _rule_refs(policy: Policy, rule: Rule, direction: Direction) -> list[RuleRef]:
     """One ref per policy rule that enforces `direction` (its first section of it)."""
-    from garrison.policies.model import Rule
-
-    assert isinstance(rule, Rule)
     sections = (rule.ingress, rule.ingress_deny) if direction is Direction.INGRESS else (
         rule.egress, rule.egress_deny
     )
@@ -420,13 +388,3 @@ def describe_request(request: L7RequestSpec) -> str:
     topics = f" topics {','.join(request.topics)}" if request.topics else ""
     version = f" v{request.api_version}" if request.api_version is not None else ""
     return f"Kafka {name}{version}{topics}"
-
-
-def protocol_name(number: int) -> str:
-    return PROTOCOL_NAMES.get(number, str(number))
-
-
-def state_summary(state: MapState) -> str:
-    return f"{len(state.entries)} entries, {len(state.l7)} redirected"
-
-

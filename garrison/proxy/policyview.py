@@ -23,9 +23,8 @@ from garrison.policies.labels import (
 )
 from garrison.policies.mapstate import PROTO_TCP, LookupResult, lookup
 from garrison.policies.model import Direction, IPNetwork, Policy
-from garrison.policies.resolve import ResolverConfig
+from garrison.policies.resolve import ResolverConfig, build_resolver
 from garrison.policies.selectorcache import WORLD_IDENTITY
-from garrison.policies.trace import build_resolver
 
 DESTINATION_IDENTITY = 256
 

@@ -32,8 +32,7 @@ from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import Labels, endpoint_labels
 from garrison.policies.loader import load_text
 from garrison.policies.model import Policy
-from garrison.policies.resolve import PolicyResolver, ResolverConfig
-from garrison.policies.trace import build_resolver
+from garrison.policies.resolve import PolicyResolver, ResolverConfig, build_resolver
 from garrison.redirect import (
     DEFAULT_GATEWAY,
     EndpointLink,

@@ -35,9 +35,8 @@ from garrison.policies.mapstate import (
     lookup,
 )
 from garrison.policies.model import Direction, EnforcementMode
-from garrison.policies.resolve import PolicyResolver, ResolverConfig
+from garrison.policies.resolve import PolicyResolver, ResolverConfig, build_resolver
 from garrison.policies.selectorcache import cidr_of, is_cidr
-from garrison.policies.trace import build_resolver
 
 from .test_datapath_harness import (  # noqa: F401 (fixtures)
     PROXY_PORTS,

@@ -18,7 +18,7 @@ import pytest
 from garrison.bpf.loader import Datapath
 from garrison.bpf.sync import PolicySync
 from garrison.bpf.syscall import prog_exists, prog_id
-from garrison.policies.trace import build_resolver
+from garrison.policies.resolve import build_resolver
 from garrison.redirect import attach_endpoint_programs, attached_filters
 
 from .test_datapath_harness import (  # noqa: F401 (fixtures)

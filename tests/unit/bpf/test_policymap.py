@@ -44,7 +44,7 @@ from garrison.policies.mapstate import (
     prefix_block,
 )
 from garrison.policies.model import Direction
-from garrison.policies.trace import build_resolver
+from garrison.policies.resolve import build_resolver
 
 PROXY_PORTS = {L7Protocol.HTTP: 15001, L7Protocol.KAFKA: 15002, L7Protocol.GRPC: 15003}
 EP = 300

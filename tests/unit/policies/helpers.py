@@ -17,8 +17,7 @@ from garrison.policies.mapstate import (
     lookup,
 )
 from garrison.policies.model import Direction, Policy
-from garrison.policies.resolve import PolicyResolver, ResolverConfig
-from garrison.policies.trace import build_resolver
+from garrison.policies.resolve import PolicyResolver, ResolverConfig, build_resolver
 
 PROTOS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP, "ICMP": PROTO_ICMP}
 
