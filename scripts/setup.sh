@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-bpfcc linux-headers-amd64 iproute2 curl nftables iperf3 wrk nginx haproxy nghttp2-client)
+APT_PACKAGES=(python3-bpfcc linux-headers-amd64 iproute2 curl nftables iperf3 wrk nginx haproxy nghttp2-client jq)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.garrison-installed

@@ -30,7 +30,7 @@ from garrison.agent.kernel import KernelDatapath, Link
 from garrison.agent.policystore import ImportedPolicies
 from garrison.bpf.sync import LocalEndpoint
 from garrison.flows.record import FlowRecord
-from garrison.flows.store import FlowFilter, FlowStore, StoreConfig
+from garrison.flows.store import FlowStore, StoreConfig
 from garrison.identity.allocator import AllocatorConfig, IdentityAllocator
 from garrison.identity.model import RESERVED, Identity
 from garrison.kvstore.sqlite import SQLiteKVStore
@@ -428,9 +428,6 @@ class Agent:
     def map_state(self, identity: int) -> MapState:
         with self.lock:
             return self.resolver.map_state(identity)
-
-    def query_flows(self, flt: FlowFilter, limit: int) -> list[FlowRecord]:
-        return self.flows.last(limit, flt)
 
     def status(self) -> dict[str, Any]:
         with self.lock:

@@ -10,7 +10,8 @@ from garrison.agent.api import APIError, Handler
 from garrison.agent.daemon import Agent
 from garrison.agent.endpoints import EndpointError, EndpointRecord
 from garrison.agent.policystore import PolicyStoreError
-from garrison.flows.store import FlowFilter
+from garrison.flows.query import FilterError, FlowQuery
+from garrison.flows.summary import rule_keys
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.mapstate import PROTOCOL_NAMES, MapState
 
@@ -119,6 +120,8 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
                         "namespace": p.namespace,
                         "name": p.name,
                         "rules": len(p.rules),
+                        # every rule section, so a review can list those never matched
+                        "rule_refs": [key.to_dict() for key in rule_keys([p])],
                         "source": p.source.path if p.source else None,
                     }
                     for p in agent.repository
@@ -156,10 +159,33 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         with agent.lock:
             return {"entries": list(agent.datapath.dump_ct())}
 
+    def _query(req: dict[str, Any]) -> Any:
+        try:
+            return FlowQuery.from_dict(req.get("query") or {}).compile()
+        except FilterError as exc:
+            raise APIError(str(exc)) from exc
+
     def flows(req: dict[str, Any]) -> dict[str, Any]:
-        flt = FlowFilter.build(**{k: v for k, v in req.get("filter", {}).items() if v})
-        records = agent.query_flows(flt, int(req.get("limit", 100)))
-        return {"flows": [r.to_json() for r in records]}
+        """The newest `limit` matching records, oldest first, and the cursor after them
+        (for `FlowsSince`): `garrison observe --last N [--follow]`; with `first`, the oldest
+        ones instead."""
+        query = _query(req)
+        if req.get("first") is not None:  # --first N: the oldest in the ring
+            cursor = agent.flows.total
+            records = agent.flows.query(query, limit=int(req["first"]))
+            return {"flows": [r.to_json() for r in records], "cursor": cursor}
+        batch = agent.flows.tail(int(req.get("limit", 100)), query)
+        return {"flows": [r.to_json() for r in batch.records], "cursor": batch.cursor}
+
+    def flows_since(req: dict[str, Any]) -> dict[str, Any]:
+        """The matching records added since `cursor`: `garrison observe --follow` polls it.
+        `missed` counts records the ring evicted before the follower read them."""
+        batch = agent.flows.since(int(req.get("cursor", 0)), _query(req))
+        return {
+            "flows": [r.to_json() for r in batch.records],
+            "cursor": batch.cursor,
+            "missed": batch.missed,
+        }
 
     handlers: dict[str, Handler] = {
         "Status": status,
@@ -177,5 +203,6 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         "BpfIpcacheList": bpf_ipcache_list,
         "BpfCtList": bpf_ct_list,
         "Flows": flows,
+        "FlowsSince": flows_since,
     }
     return {name: guard(fn) for name, fn in handlers.items()}

@@ -1,5 +1,6 @@
 """Commands that talk to a running agent over its local API: endpoint, policy import/delete/get,
-identity, bpf, status, observe. Each prints a table, or `-o json`."""
+identity, bpf, status (`observe` lives in `garrison.cli.observe`). Each prints a table, or
+`-o json`."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from typing import Any
 
 from garrison.agent.api import AgentClient, AgentUnreachableError, APIError
 from garrison.agent.config import DEFAULT_SOCKET
-from garrison.flows.record import FlowRecord
-from garrison.flows.render import render_compact
 
 EXIT_ERROR = 1
 EXIT_UNREACHABLE = 3
@@ -192,7 +191,7 @@ def policy_get(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- identity / bpf / status / observe -------------------------------------------------------
+# -- identity / bpf / status ---------------------------------------------------------------
 
 
 @_run
@@ -259,26 +258,6 @@ def status(args: argparse.Namespace) -> int:
         return "\n".join(lines)
 
     _print(args, data, text)
-    return 0
-
-
-@_run
-def observe(args: argparse.Namespace) -> int:
-    flt = {
-        "verdicts": args.verdict or [],
-        "protocols": args.protocol or [],
-        "namespaces": args.namespace or [],
-        "pods": args.pod or [],
-        "labels": args.label or [],
-    }
-    data = _call(args, "Flows", filter=flt, limit=args.last)
-    records = [FlowRecord.from_json(line) for line in data["flows"]]
-    if args.output == "json":
-        for line in data["flows"]:
-            print(line)
-    else:
-        for record in records:
-            print(render_compact(record))
     return 0
 
 
@@ -363,13 +342,3 @@ def register_others(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("status", help="agent health; exits 3 when the agent is not reachable")
     _common(p)
     p.set_defaults(func=status)
-
-    p = sub.add_parser("observe", help="flow records from the agent, Hubble-style")
-    p.add_argument("--last", type=int, default=100)
-    p.add_argument("--verdict", action="append", help="FORWARDED, DROPPED, AUDIT, ERROR")
-    p.add_argument("--protocol", action="append", help="http, grpc, kafka, l3")
-    p.add_argument("--namespace", action="append")
-    p.add_argument("--pod", action="append")
-    p.add_argument("--label", action="append", metavar="k=v")
-    _common(p)
-    p.set_defaults(func=observe)

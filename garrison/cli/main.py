@@ -21,7 +21,8 @@ TOP_LEVEL = {
     "identity": AGENT_CLIENT,
     "bpf": AGENT_CLIENT,
     "status": AGENT_CLIENT,
-    "observe": AGENT_CLIENT,
+    "observe": "garrison.cli.observe",
+    "accesslog": "garrison.cli.observe",
 }
 POLICY_OFFLINE = {"validate": "garrison.cli.policy_validate", "trace": "garrison.cli.policy_trace"}
 
@@ -63,6 +64,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         client = _module(AGENT_CLIENT)
         client.register_endpoint(subs)
         client.register_others(subs)
+    if everything or TOP_LEVEL.get(command or "") == "garrison.cli.observe":
+        _module("garrison.cli.observe").register(subs)
     if everything or command == "agent":
         _module("garrison.cli.agent_cmd").register(subs)
     return parser

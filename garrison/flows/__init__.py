@@ -1,8 +1,9 @@
 """Flow records (Hubble's field names), their builders, redaction, rendering, store, access log.
 
-Everything here is pure except `writer` (file I/O). The proxy engine and the datapath event
-reader build records with `garrison.flows.build`; the server stores them in a `FlowStore` and
-writes them with an `AccessLogWriter`.
+Everything here is pure except `writer` and `reader` (file I/O). The proxy engine and the
+datapath event reader build records with `garrison.flows.build`; the server stores them in a
+`FlowStore` and writes them with an `AccessLogWriter`. `query` filters flows, `render` and
+`export` print them, `summary` sums them up for a review.
 """
 
 from garrison.flows.build import (
@@ -17,6 +18,7 @@ from garrison.flows.build import (
     l7_kafka_response,
     proxy_error,
 )
+from garrison.flows.query import FilterError, FlowQuery
 from garrison.flows.record import (
     DropReasonDesc,
     Endpoint,
@@ -31,14 +33,15 @@ from garrison.flows.record import (
 )
 from garrison.flows.redact import DEFAULT_REDACTION, RedactionConfig
 from garrison.flows.render import RenderOptions, render_compact
-from garrison.flows.store import FlowFilter, FlowStore, StoreConfig
+from garrison.flows.store import FlowStore, StoreConfig
 
 __all__ = [
     "DEFAULT_REDACTION",
     "DropReasonDesc",
     "Endpoint",
+    "FilterError",
     "FlowDecodeError",
-    "FlowFilter",
+    "FlowQuery",
     "FlowRecord",
     "FlowStore",
     "FlowType",

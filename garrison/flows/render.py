@@ -1,10 +1,10 @@
-"""The compact one-line rendering of a flow, as `hubble observe` prints it.
+"""Flows as people read them: Hubble's compact line, its `dict` block and its table.
 
     Nov 21 12:00:00.123: default/tiefighter:42690 (ID:31028) -> default/deathstar:80
     (ID:16530) http-request DROPPED (HTTP/1.1 PUT http://deathstar/v1/exhaust-port)
 
-(one line). The layout is Hubble's compact printer: `TIME[ [NODE]]: SRC (ID) ARROW DST (ID)
-TYPE VERDICT (SUMMARY)`. A reply is printed from the initiator's side with `<-`, a flow whose
+(one line). The compact layout is Hubble's: `TIME[ [NODE]]: SRC (ID) ARROW DST (ID) TYPE
+VERDICT (SUMMARY)`. A reply is printed from the initiator's side with `<-`, a flow whose
 direction is unknown (a datapath drop) with `<>`. Reserved identities print by name
 (`(world)`), others as `(ID:n)`. Times are UTC with milliseconds, Go's `Jan _2 15:04:05.000`.
 
@@ -12,29 +12,41 @@ The type column: `http-request`, `kafka-response`, ... for proxy records (`grpc-
 `grpc-response` are garrison's, Hubble has no gRPC record); for datapath records the drop
 reason (`Policy denied`), the observation point (`to-endpoint`) or
 `policy-verdict:<match> <DIRECTION>`, where the verdict reads ALLOWED / DENIED / AUDITED.
+
+Everything renders from the flow's JSON object (an access-log line, decoded), so a file, the
+agent's answer and a `FlowRecord` (through `to_dict()`) print the same.
+`policy_names` appends the rules that decided: `[ingress allowed by CiliumNetworkPolicy
+default/rule1 ingress[0]]`.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
+from garrison.flows.codec import parse_time
+from garrison.flows.query import FlowDict, FlowSide, flow_side
 from garrison.flows.record import (
+    MATCH_TYPE_BY_NUMBER,
     MATCH_TYPE_TEXT,
     DropReasonDesc,
-    Endpoint,
-    EventType,
+    FlowDecodeError,
     FlowRecord,
-    Verdict,
 )
 from garrison.identity.model import RESERVED_BY_ID
 
 
 @dataclass(frozen=True, slots=True)
 class RenderOptions:
+    """`color`: ANSI colours for the verdict (a terminal); `policy_names`: the deciding rules."""
+
     time: bool = True
     node_name: bool = False
+    color: bool = False
+    policy_names: bool = False
 
 
 DEFAULT_RENDER = RenderOptions()
@@ -42,11 +54,19 @@ DEFAULT_RENDER = RenderOptions()
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 _POLICY_VERDICT_TEXT = {
-    Verdict.FORWARDED: "ALLOWED",
-    Verdict.DROPPED: "DENIED",
-    Verdict.ERROR: "DENIED",
-    Verdict.AUDIT: "AUDITED",
+    "FORWARDED": "ALLOWED",
+    "DROPPED": "DENIED",
+    "ERROR": "DENIED",
+    "AUDIT": "AUDITED",
 }
+_COLOR = {"FORWARDED": "32", "ALLOWED": "32", "DROPPED": "31", "DENIED": "31",
+          "ERROR": "31", "AUDIT": "33", "AUDITED": "33"}
+_POLICY_LISTS = (
+    ("ingress_allowed_by", "ingress allowed by"),
+    ("egress_allowed_by", "egress allowed by"),
+    ("ingress_denied_by", "ingress denied by"),
+    ("egress_denied_by", "egress denied by"),
+)
 
 
 def render_time(time_ns: int) -> str:
@@ -54,6 +74,23 @@ def render_time(time_ns: int) -> str:
     seconds, nanos = divmod(time_ns, 1_000_000_000)
     t = datetime.fromtimestamp(seconds, UTC)
     return f"{_MONTHS[t.month - 1]} {t.day:>2} {t:%H:%M:%S}.{nanos // 1_000_000:03d}"
+
+
+def render_time_text(text: Any) -> str:
+    """The compact time of an RFC 3339 `time` field; `-` when there is none to read."""
+    if isinstance(text, str) and len(text) >= 23 and text[4] == "-" and text[10] == "T" and (
+        text[19] == "." and text.endswith("Z")
+    ):
+        month = int(text[5:7]) if text[5:7].isdigit() else 0
+        if 1 <= month <= 12:  # garrison's own spelling: slice, do not parse
+            day = text[8:10].lstrip("0")
+            return f"{_MONTHS[month - 1]} {day:>2} {text[11:19]}.{text[20:23]}"
+    if isinstance(text, str):
+        try:
+            return render_time(parse_time(text))
+        except FlowDecodeError:
+            pass
+    return "-"
 
 
 def render_identity(identity: int) -> str:
@@ -65,7 +102,18 @@ def render_identity(identity: int) -> str:
     return f"(ID:{identity})"
 
 
-def render_host(ep: Endpoint) -> str:
+class _Host(Protocol):
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def pod_name(self) -> str: ...
+    @property
+    def ip(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
+def render_host(ep: _Host) -> str:
     """`namespace/pod:port`, or `ip:port` when the endpoint is no pod (brackets for IPv6)."""
     if ep.pod_name:
         host = f"{ep.namespace}/{ep.pod_name}" if ep.namespace else ep.pod_name
@@ -85,43 +133,179 @@ def _is_ipv6(text: str) -> bool:
         return False
 
 
-def flow_type_text(record: FlowRecord) -> str:
-    if record.l7 is not None:
-        return f"{record.l7.protocol}-{record.l7.type.value.lower()}"
-    if record.event_type is EventType.DROP:
-        reason = record.drop_reason_desc or DropReasonDesc.DROP_REASON_UNKNOWN
-        return reason.text
-    if record.event_type is EventType.TRACE and record.trace_observation_point is not None:
-        return record.trace_observation_point.text
-    if record.event_type is EventType.POLICY_VERDICT and record.policy_match_type is not None:
-        match = MATCH_TYPE_TEXT[record.policy_match_type]
-        return f"policy-verdict:{match} {record.traffic_direction.value}"
+def _obj(d: Any, key: str) -> Mapping[str, Any]:
+    value = d.get(key) if isinstance(d, Mapping) else None
+    return value if isinstance(value, Mapping) else {}
+
+
+def _event_type(d: FlowDict) -> int:
+    value = _obj(d, "event_type").get("type", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def flow_type_text(d: FlowDict) -> str:
+    l7 = _obj(d, "l7")
+    if l7:
+        protocol = next((p for p in ("grpc", "http", "kafka") if p in l7), "l7")
+        kind = l7.get("type", "REQUEST")
+        return f"{protocol}-{str(kind).lower()}"
+    event = _event_type(d)
+    if event == 1:
+        try:
+            return DropReasonDesc(d.get("drop_reason_desc", "DROP_REASON_UNKNOWN")).text
+        except ValueError:
+            return str(d.get("drop_reason_desc"))
+    point = d.get("trace_observation_point")
+    if event == 4 and isinstance(point, str):
+        return point.lower().replace("_", "-")
+    match = d.get("policy_match_type")
+    if event == 5 and isinstance(match, int) and match in MATCH_TYPE_BY_NUMBER:
+        direction = d.get("traffic_direction", "TRAFFIC_DIRECTION_UNKNOWN")
+        return f"policy-verdict:{MATCH_TYPE_TEXT[MATCH_TYPE_BY_NUMBER[match]]} {direction}"
     return "UNKNOWN"
 
 
-def verdict_text(record: FlowRecord) -> str:
-    if record.event_type is EventType.POLICY_VERDICT:
-        return _POLICY_VERDICT_TEXT[record.verdict]
-    return record.verdict.value
+def verdict_text(d: FlowDict) -> str:
+    verdict = str(d.get("verdict", "VERDICT_UNKNOWN"))
+    if _event_type(d) == 5:
+        return _POLICY_VERDICT_TEXT.get(verdict, verdict)
+    return verdict
+
+
+def policy_names(d: FlowDict) -> list[str]:
+    """`ingress allowed by CiliumNetworkPolicy default/rule1 ingress[0]`, one per rule."""
+    out = []
+    for key, what in _POLICY_LISTS:
+        items = d.get(key)
+        if not isinstance(items, list):
+            continue
+        for p in items:
+            if isinstance(p, Mapping):
+                out.append(f"{what} {policy_text(p)}")
+    return out
+
+
+def policy_text(p: Mapping[str, Any]) -> str:
+    """`CiliumNetworkPolicy default/rule1 ingress[0]` from a {name, namespace, kind, rule}."""
+    name = f"{p['namespace']}/{p.get('name', '')}" if p.get("namespace") else p.get("name", "")
+    return " ".join(str(part) for part in (p.get("kind"), name, p.get("rule")) if part)
+
+
+def _sides(d: FlowDict) -> tuple[str, str, str]:
+    """Source and destination as printed (the initiator first), and the arrow."""
+    src, dst = flow_side(d, "source"), flow_side(d, "destination")
+    src_text = f"{render_host(src)} {render_identity(src.identity)}"
+    dst_text = f"{render_host(dst)} {render_identity(dst.identity)}"
+    is_reply = d.get("is_reply")
+    if is_reply is True:
+        return dst_text, src_text, "<-"
+    if is_reply is False:
+        return src_text, dst_text, "->"
+    return src_text, dst_text, "<>"
+
+
+def _paint(text: str, options: RenderOptions) -> str:
+    code = _COLOR.get(text) if options.color else None
+    return f"\x1b[{code}m{text}\x1b[0m" if code else text
+
+
+def render_compact_flow(d: FlowDict, options: RenderOptions = DEFAULT_RENDER) -> str:
+    """One line, no trailing newline."""
+    left, right, arrow = _sides(d)
+    summary = d.get("Summary", "")
+    line = (
+        f"{left} {arrow} {right} {flow_type_text(d)} {_paint(verdict_text(d), options)} "
+        f"({summary})"
+    )
+    if options.policy_names:
+        names = policy_names(d)
+        if names:
+            line += f" [{'; '.join(names)}]"
+    prefix = render_time_text(d.get("time")) if options.time else ""
+    if options.node_name:
+        node = d.get("node_name", "")
+        prefix += f" [{node}]" if prefix else f"[{node}]"
+    return f"{prefix}: {line}" if prefix else line
 
 
 def render_compact(record: FlowRecord, options: RenderOptions = DEFAULT_RENDER) -> str:
-    """One line, no trailing newline."""
-    src, dst = render_host(record.source), render_host(record.destination)
-    src_id = render_identity(record.source.identity)
-    dst_id = render_identity(record.destination.identity)
-    if record.is_reply is None:
-        arrow = "<>"
-    elif record.is_reply:
-        src, dst, src_id, dst_id = dst, src, dst_id, src_id
-        arrow = "<-"
-    else:
-        arrow = "->"
-    line = (
-        f"{src} {src_id} {arrow} {dst} {dst_id} "
-        f"{flow_type_text(record)} {verdict_text(record)} ({record.summary})"
-    )
-    prefix = render_time(record.time) if options.time else ""
+    """The compact line of a record (the proxy's `-v`)."""
+    return render_compact_flow(record.to_dict(), options)
+
+
+def render_dict_flow(d: FlowDict, options: RenderOptions = DEFAULT_RENDER) -> str:
+    """Hubble's `-o dict`: one `KEY: value` line per field, keys right-aligned, then a
+    `------------` separator line (included, without a final newline)."""
+    left, right, _ = _sides(d)
+    rows = [
+        ("TIMESTAMP", render_time_text(d.get("time"))),
+        ("SOURCE", left),
+        ("DESTINATION", right),
+        ("TYPE", flow_type_text(d)),
+        ("VERDICT", _paint(verdict_text(d), options)),
+        ("SUMMARY", str(d.get("Summary", ""))),
+    ]
     if options.node_name:
-        prefix += f" [{record.node_name}]" if prefix else f"[{record.node_name}]"
-    return f"{prefix}: {line}" if prefix else line
+        rows.insert(1, ("NODE", str(d.get("node_name", ""))))
+    if options.policy_names:
+        rows.extend(("POLICY", name) for name in policy_names(d))
+    return "\n".join(f"{key:>11}: {value}" for key, value in rows) + "\n------------"
+
+
+TABLE_HEADER = ("TIMESTAMP", "SOURCE", "DESTINATION", "TYPE", "VERDICT", "SUMMARY")
+
+
+def table_row(d: FlowDict, options: RenderOptions = DEFAULT_RENDER) -> tuple[str, ...]:
+    """The cells of Hubble's `-o table` for one flow (uncoloured: colour breaks alignment)."""
+    left, right, _ = _sides(d)
+    row = [render_time_text(d.get("time")), left, right, flow_type_text(d), verdict_text(d),
+           str(d.get("Summary", ""))]
+    if options.node_name:
+        row.insert(1, str(d.get("node_name", "")))
+    if options.policy_names:
+        row.append("; ".join(policy_names(d)))
+    return tuple(row)
+
+
+def table_header(options: RenderOptions = DEFAULT_RENDER) -> tuple[str, ...]:
+    header = list(TABLE_HEADER)
+    if options.node_name:
+        header.insert(1, "NODE")
+    if options.policy_names:
+        header.append("POLICIES")
+    return tuple(header)
+
+
+def render_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows (the first one the header) aligned in columns two spaces apart, as Go's
+    tabwriter does for `hubble observe -o table`; the last column is not padded."""
+    if not rows:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        cells.append(row[-1])
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+__all__ = [
+    "DEFAULT_RENDER",
+    "FlowSide",
+    "RenderOptions",
+    "flow_type_text",
+    "policy_names",
+    "policy_text",
+    "render_compact",
+    "render_compact_flow",
+    "render_dict_flow",
+    "render_host",
+    "render_identity",
+    "render_table",
+    "render_time",
+    "render_time_text",
+    "table_header",
+    "table_row",
+    "verdict_text",
+]

@@ -6,25 +6,18 @@ import threading
 
 import pytest
 
-from garrison.flows.record import FlowRecord, FlowType, TrafficDirection, Verdict
-from garrison.flows.store import (
-    FilterError,
-    FlowFilter,
-    FlowStore,
-    LabelSelector,
-    StoreConfig,
-)
-from garrison.policies.labels import parse_label
+from garrison.flows.query import CompiledQuery, FlowQuery
+from garrison.flows.record import FlowRecord
+from garrison.flows.store import FlowStore, StoreConfig
 from tests.unit.flows import samples
+
+
+def q(*flags: tuple[str, str]) -> CompiledQuery:
+    return FlowQuery.of((name, value, False) for name, value in flags).compile()
 
 
 def _all_kinds() -> dict[str, FlowRecord]:
     return {name: make() for name, make in samples.ALL_KINDS.items()}
-
-
-def _names(store: FlowStore, flt: FlowFilter) -> set[str]:
-    by_id = {id(record): name for name, record in RECORDS.items()}
-    return {by_id[id(record)] for record in store.query(flt)}
 
 
 RECORDS = _all_kinds()
@@ -35,98 +28,6 @@ def store() -> FlowStore:
     s = FlowStore(StoreConfig(capacity=100))
     s.extend(RECORDS.values())
     return s
-
-
-L7_DROPPED = {
-    "http_request_denied",
-    "kafka_request_denied",
-    "kafka_response_denied",
-    "grpc_response_denied",
-}
-
-
-@pytest.mark.parametrize(
-    ("flt", "expected"),
-    [
-        (FlowFilter.build(verdicts=["dropped"], types=["L7"]), L7_DROPPED),
-        (FlowFilter.build(verdicts=["ERROR"]), {"proxy_parse_error"}),
-        (FlowFilter.build(protocols=["kafka"]), {
-            "kafka_request_denied", "kafka_response_denied", "kafka_request_many_topics",
-            "proxy_parse_error",
-        }),
-        (FlowFilter.build(protocols=["grpc"]), {"grpc_request_allowed", "grpc_response_denied"}),
-        (FlowFilter.build(protocols=["l3"], verdicts=["DROPPED"]), {
-            "l3_drop_denied", "l3_drop_deny_rule", "l3_verdict_denied_egress",
-        }),
-        (FlowFilter.build(directions=["egress"]), {"l3_verdict_denied_egress"}),
-        (FlowFilter.build(namespaces=["kafka"]), {
-            "kafka_request_denied", "kafka_response_denied", "kafka_request_many_topics",
-            "proxy_parse_error",
-        }),
-        (FlowFilter.build(pods=["default/door"]), {"grpc_request_allowed", "grpc_response_denied"}),
-        (FlowFilter.build(pods=["kafka/door"]), set()),
-        (FlowFilter.build(pods=["kafka-"]), {
-            "kafka_request_denied", "kafka_response_denied", "kafka_request_many_topics",
-            "proxy_parse_error",
-        }),
-        (FlowFilter.build(identities=[2]), {"l3_verdict_denied_egress"}),
-        (FlowFilter.build(labels=["class=xwing"], verdicts=["DROPPED"]), {
-            "kafka_request_denied", "kafka_response_denied", "grpc_response_denied",
-            "l3_drop_denied", "l3_drop_deny_rule", "l3_verdict_denied_egress",
-        }),
-        # a selector must hold on one endpoint: xwing is never a deathstar
-        (FlowFilter.build(labels=["class=xwing,class=deathstar"]), set()),
-        # several selectors: either
-        (FlowFilter.build(labels=["app=door-manager", "reserved:world"]), {
-            "grpc_request_allowed", "grpc_response_denied", "l3_verdict_denied_egress",
-        }),
-        (FlowFilter.build(labels=["k8s:app"], protocols=["http"]), set()),
-        (FlowFilter.build(labels=["reserved:app=kafka"]), set()),
-    ],
-)  # fmt: skip
-def test_filters(store: FlowStore, flt: FlowFilter, expected: set[str]) -> None:
-    assert _names(store, flt) == expected
-
-
-def test_time_bounds_are_inclusive(store: FlowStore) -> None:
-    t = samples.T0
-    later = {"http_response_allowed", "kafka_response_denied", "grpc_response_denied"}
-    assert _names(store, FlowFilter(since_ns=t + 1)) == later
-    assert _names(store, FlowFilter(until_ns=t)) == set(RECORDS) - later
-    assert _names(store, FlowFilter(since_ns=t + 2_500_000, until_ns=t + 2_500_000)) == {
-        "http_response_allowed"
-    }
-
-
-def test_empty_filter_matches_all(store: FlowStore) -> None:
-    assert store.query() == list(RECORDS.values())
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"verdicts": ["MAYBE"]},
-        {"types": ["L9"]},
-        {"protocols": ["dns"]},
-        {"directions": ["sideways"]},
-        {"labels": [""]},
-        {"labels": ["=v"]},
-    ],
-)
-def test_bad_filters(kwargs: dict[str, list[str]]) -> None:
-    with pytest.raises(FilterError):
-        FlowFilter.build(**kwargs)  # type: ignore[arg-type]
-
-
-def test_label_selector_terms() -> None:
-    labels = [parse_label("k8s:org=empire"), parse_label("reserved:host")]
-    assert LabelSelector.parse("org=empire").matches(labels)
-    assert LabelSelector.parse("k8s:org=empire").matches(labels)
-    assert not LabelSelector.parse("container:org=empire").matches(labels)
-    assert LabelSelector.parse("org").matches(labels)
-    assert not LabelSelector.parse("org=").matches(labels)  # exists with an empty value
-    assert LabelSelector.parse("reserved:host").matches(labels)
-    assert LabelSelector.parse(" org = empire , host ").matches(labels)
 
 
 def test_ring_evicts_oldest() -> None:
@@ -144,7 +45,7 @@ def test_last(store: FlowStore) -> None:
     assert store.last(2) == [RECORDS[names[-2]], RECORDS[names[-1]]]
     assert store.last(0) == []
     assert store.last(1000) == list(RECORDS.values())
-    dropped_l3 = store.last(2, FlowFilter.build(protocols=["l3"], verdicts=["DROPPED"]))
+    dropped_l3 = store.last(2, q(("verdict", "DROPPED"), ("protocol", "tcp"), ("protocol", "udp")))
     assert dropped_l3 == [RECORDS["l3_drop_deny_rule"], RECORDS["l3_verdict_denied_egress"]]
 
 
@@ -169,13 +70,15 @@ def test_since_follows_without_gaps_or_repeats() -> None:
     assert store.since(third.cursor).records == []
 
 
-def test_filter_by_type_and_verdict_enums() -> None:
-    flt = FlowFilter(verdicts=frozenset({Verdict.FORWARDED}), types=frozenset({FlowType.L3_L4}))
-    assert flt.matches(samples.l3_verdict_allowed())
-    assert not flt.matches(samples.http_request_allowed())
-    assert FlowFilter(directions=frozenset({TrafficDirection.INGRESS})).matches(
-        samples.l3_drop_denied()
-    )
+def test_tail_returns_the_cursor_after_the_last_records(store: FlowStore) -> None:
+    dropped = q(("verdict", "DROPPED"), ("type", "drop"))
+    batch = store.tail(1, dropped)
+    assert batch.records == [RECORDS["l3_drop_deny_rule"]]
+    assert batch.cursor == store.total
+    new = samples.l3_drop_denied()
+    store.add(new)
+    assert store.since(batch.cursor, dropped).records == [new]
+    assert store.tail(0).records == []
 
 
 def test_concurrent_writers_and_readers() -> None:
@@ -192,7 +95,7 @@ def test_concurrent_writers_and_readers() -> None:
         try:
             while not stop.is_set():
                 assert len(store.last(50)) <= 50
-                assert len(store.query(FlowFilter.build(protocols=["http"]))) <= 500
+                assert len(store.query(q(("protocol", "http")))) <= 500
                 list(store)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)

@@ -1,0 +1,114 @@
+"""The filter flags shared by `garrison observe`, `accesslog summary` and `accesslog export`.
+
+Every flag of `garrison.flows.query.FLAGS` becomes `--NAME VALUE` (repeatable); `--not`
+negates the filter flag right after it. argparse runs the actions in command-line order, so
+each one records (flag, value, negated) and the query is built from that list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from garrison.flows.query import FLAGS, FilterError, FlowQuery, parse_time_bound
+
+_FILTERS = "flow_filters"
+_PENDING = "_not_pending"
+
+
+class _FilterAction(argparse.Action):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        filters = list(getattr(namespace, _FILTERS, None) or [])
+        negated = bool(getattr(namespace, _PENDING, False))
+        filters.append((self.metavar_name, str(values), negated))
+        setattr(namespace, _FILTERS, filters)
+        setattr(namespace, _PENDING, False)
+
+    @property
+    def metavar_name(self) -> str:
+        return self.dest.removeprefix("filter_").replace("_", "-")
+
+
+class _NotAction(argparse.Action):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, _PENDING, False):
+            parser.error("--not --not: negate a filter flag once")
+        setattr(namespace, _PENDING, True)
+
+
+class _BoundAction(argparse.Action):
+    """--since / --until: not negatable, so a pending --not before them is a mistake."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, _PENDING, False):
+            parser.error(f"--not cannot negate {option_string}: it applies to filter flags")
+        setattr(namespace, self.dest, values)
+
+
+def add_filter_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "filters",
+        "Flags AND together; a repeated flag ORs its values; --not negates the next flag. "
+        "--from-* is the record's source, --to-* its destination, the plain flag either side.",
+    )
+    group.add_argument("--not", action=_NotAction, nargs=0, dest=_PENDING, default=False,
+                       help="negate the filter flag that follows")
+    for name, spec in FLAGS.items():
+        flags = [f"--{name}"]
+        if name == "type":
+            flags.insert(0, "-t")
+        group.add_argument(*flags, action=_FilterAction, dest="filter_" + name.replace("-", "_"),
+                           metavar=spec.metavar, help=spec.help)
+    group.add_argument("--since", action=_BoundAction, metavar="TIME",
+                       help="records at or after TIME: a duration back from now (5m, 1h30m), "
+                       "an RFC 3339 time or 'YYYY-MM-DD[ HH:MM[:SS]]' (UTC)")
+    group.add_argument("--until", action=_BoundAction, metavar="TIME",
+                       help="records at or before TIME (same forms as --since)")
+    group.add_argument("--first", type=_count, metavar="N", help="the first N matching records")
+    group.add_argument("--last", type=_count, metavar="N", help="the last N matching records")
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of records, got {n}")
+    return n
+
+
+def build_query(args: argparse.Namespace, now_ns: int | None = None) -> FlowQuery:
+    """The query the filter flags describe; raises FilterError (exit 2 for the caller)."""
+    if getattr(args, _PENDING, False):
+        raise FilterError("--not must be followed by a filter flag (--not --verdict FORWARDED)")
+    if args.first is not None and args.last is not None:
+        raise FilterError("--first and --last exclude each other")
+    now = time.time_ns() if now_ns is None else now_ns
+    since = None if args.since is None else parse_time_bound(args.since, now, "since")
+    until = None if args.until is None else parse_time_bound(args.until, now, "until")
+    if since is not None and until is not None and since > until:
+        raise FilterError(f"--since {args.since} is after --until {args.until}: nothing between")
+    query = FlowQuery.of(getattr(args, _FILTERS, None) or [], since_ns=since, until_ns=until)
+    query.compile()  # every value checked now, with the flag's name in the message
+    return query

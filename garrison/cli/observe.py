@@ -1,0 +1,522 @@
+"""`garrison observe` and `garrison accesslog summary|export`: review flow records.
+
+Sources: `--input-file PATH` (repeatable; an access log with its rotated and gzip-compressed
+backups, or `-` for standard input), else the local agent's in-memory ring over its API.
+`--follow` keeps reading: new lines of the file (across rotation), or the agent's new records.
+
+Records flow as JSON objects from the source through the query to the printer; a line that is
+no flow record is counted, named on standard error (the first few), and skipped: it is never
+printed as if it matched. Exit codes: 0 done, 1 a source could not be read or held bad
+lines, 2 bad usage (a filter, a field mask), 3 no agent answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from garrison.agent.config import DEFAULT_SOCKET
+from garrison.cli.flowargs import add_filter_flags, build_query
+from garrison.flows.export import FieldMask, FieldMaskError, csv_header, csv_row
+from garrison.flows.query import CompiledQuery, FilterError, FlowQuery
+from garrison.flows.reader import FlowSourceError, LogFollower, log_files, open_lines
+from garrison.flows.render import (
+    RenderOptions,
+    render_compact_flow,
+    render_dict_flow,
+    render_table,
+    table_header,
+    table_row,
+)
+
+EXIT_OK = 0
+EXIT_SOURCE = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+AGENT_DEFAULT_LAST = 100  # the agent's ring holds a few thousand: show the newest
+FOLLOW_POLL_S = 0.25
+TABLE_PAGE = 1000  # rows aligned together, as a tabwriter flushes
+MAX_REPORTED_BAD_LINES = 5
+
+Flow = tuple[dict[str, Any], bytes]  # the decoded object and its line as read
+
+
+class UsageError(Exception):
+    """Bad flags found after parsing: printed and exit 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class ReadStats:
+    """What a read saw besides matches: lines that were no flow record."""
+
+    read: int = 0
+    bad: int = 0
+    reported: int = 0
+
+    def bad_line(self, where: str, reason: str) -> None:
+        self.bad += 1
+        if self.reported < MAX_REPORTED_BAD_LINES:
+            self.reported += 1
+            print(f"garrison: {where}: not a flow record ({reason}); skipped", file=sys.stderr)
+
+    def report(self) -> None:
+        if self.bad > self.reported:
+            print(f"garrison: {self.bad} lines in all were not flow records and were skipped",
+                  file=sys.stderr)
+
+
+def _decode(line: bytes, where: Callable[[], str], stats: ReadStats) -> dict[str, Any] | None:
+    try:
+        d = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        stats.bad_line(where(), f"not JSON: {exc}")
+        return None
+    if not isinstance(d, dict):
+        stats.bad_line(where(), "not a JSON object")
+        return None
+    return d
+
+
+def matches_in_lines(
+    lines: Iterable[bytes], name: str, query: CompiledQuery, stats: ReadStats
+) -> Iterator[Flow]:
+    """The hot loop: a substring pre-test, then JSON, then the whole query."""
+    may_match, matches = query.may_match, query.matches
+    count = 0
+    for count, line in enumerate(lines, 1):
+        if not may_match(line):
+            continue
+        d = _decode(line, lambda n=count: f"{name}:{n}", stats)  # type: ignore[misc]
+        if d is not None and matches(d):
+            yield d, line
+    stats.read += count
+
+
+def file_matches(
+    inputs: list[str], query: CompiledQuery, stats: ReadStats, *, backups: bool
+) -> Iterator[Flow]:
+    for path in inputs:
+        for log in log_files(path, include_backups=backups):
+            yield from matches_in_lines(open_lines(log), log.name, query, stats)
+
+
+def select(flows: Iterable[Flow], first: int | None, last: int | None) -> Iterable[Flow]:
+    if first is not None:
+        return _first(flows, first)
+    if last is not None:
+        return deque(flows, maxlen=last) if last else ()
+    return flows
+
+
+def _first(flows: Iterable[Flow], n: int) -> Iterator[Flow]:
+    if n <= 0:
+        return
+    for i, flow in enumerate(flows, 1):
+        yield flow
+        if i >= n:
+            return
+
+
+class AgentSource:
+    """The agent's ring over its local API (imported only when used: grpc is slow to load)."""
+
+    def __init__(self, socket: Path) -> None:
+        from garrison.agent.api import AgentClient
+
+        self._client = AgentClient(socket)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        return self._client.call(method, **params)
+
+    def _flows(self, data: dict[str, Any], stats: ReadStats) -> list[Flow]:
+        out = []
+        for text in data.get("flows", []):
+            line = text.encode() if isinstance(text, str) else bytes(text)
+            d = _decode(line, lambda: "agent", stats)
+            if d is not None:
+                out.append((d, line))
+        return out
+
+    def recent(
+        self, query: FlowQuery, stats: ReadStats, first: int | None, last: int | None
+    ) -> tuple[list[Flow], int]:
+        params: dict[str, Any] = {"query": query.to_dict()}
+        if first is not None:
+            params["first"] = first
+        else:
+            params["limit"] = AGENT_DEFAULT_LAST if last is None else last
+        data = self.call("Flows", **params)
+        return self._flows(data, stats), int(data.get("cursor", 0))
+
+    def since(self, query: FlowQuery, cursor: int, stats: ReadStats) -> tuple[list[Flow], int]:
+        data = self.call("FlowsSince", query=query.to_dict(), cursor=cursor)
+        missed = int(data.get("missed", 0))
+        if missed:
+            print(f"garrison: {missed} records left the agent's ring before they were read "
+                  "(a larger --flow-ring-size on the agent keeps more)", file=sys.stderr)
+        return self._flows(data, stats), int(data.get("cursor", cursor))
+
+    def rule_keys(self) -> list[dict[str, Any]]:
+        data = self.call("PolicyGet")
+        return [ref for p in data.get("policies", []) for ref in p.get("rule_refs", [])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Printers
+
+
+class Printer:
+    """Writes flows in one of observe's formats to a binary stream."""
+
+    def __init__(self, fmt: str, options: RenderOptions, mask: FieldMask | None,
+                 out: IO[bytes]) -> None:
+        self.fmt, self.options, self.mask, self.out = fmt, options, mask, out
+        self._rows: list[tuple[str, ...]] = []
+        self._chunk: list[bytes] = []
+        self._header_done = False
+
+    def emit(self, d: dict[str, Any], line: bytes) -> None:
+        fmt = self.fmt
+        if fmt == "json":
+            text = line if self.mask is None else orjson.dumps(self.mask.apply(d))
+            self._chunk.append(text + b"\n")
+        elif fmt == "compact":
+            self._chunk.append(render_compact_flow(d, self.options).encode() + b"\n")
+        elif fmt == "dict":
+            self._chunk.append(render_dict_flow(d, self.options).encode() + b"\n")
+        else:
+            self._rows.append(table_row(d, self.options))
+            if len(self._rows) >= TABLE_PAGE:
+                self._table_page()
+        if len(self._chunk) >= 512:
+            self.out.write(b"".join(self._chunk))
+            self._chunk.clear()
+
+    def _table_page(self) -> None:
+        rows = self._rows if self._header_done else [table_header(self.options), *self._rows]
+        if len(rows) > 0 and (self._rows or not self._header_done):
+            self._chunk.append(render_table(rows).encode() + b"\n")
+            self._header_done = True
+        self._rows = []
+
+    def flush(self) -> None:
+        if self._rows:
+            self._table_page()
+        if self._chunk:
+            self.out.write(b"".join(self._chunk))
+            self._chunk.clear()
+        self.out.flush()
+
+
+def _color(choice: str, stream: IO[Any]) -> bool:
+    if choice == "always":
+        return True
+    if choice == "never" or os.environ.get("NO_COLOR"):
+        return False
+    return stream.isatty()
+
+
+def _mask(args: argparse.Namespace, allowed: tuple[str, ...]) -> FieldMask | None:
+    if not args.field_mask:
+        return None
+    if args.output not in allowed:
+        raise UsageError(f"--field-mask applies to -o {' and -o '.join(allowed)}, "
+                         f"not -o {args.output}")
+    try:
+        return FieldMask.parse(args.field_mask)
+    except FieldMaskError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands
+
+
+def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from garrison.agent.api import AgentUnreachableError, APIError
+
+        try:
+            return fn(args)
+        except (FilterError, UsageError) as exc:
+            print(f"garrison: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except FlowSourceError as exc:
+            print(f"garrison: {exc}", file=sys.stderr)
+            return EXIT_SOURCE
+        except AgentUnreachableError as exc:
+            print(f"garrison: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        except APIError as exc:
+            print(f"garrison: {exc}", file=sys.stderr)
+            return EXIT_SOURCE
+
+    return run
+
+
+def _gather(args: argparse.Namespace, query: FlowQuery, stats: ReadStats) -> Iterable[Flow]:
+    """The matching flows of the source, --first / --last applied (no follow)."""
+    if args.input_file:
+        compiled = query.compile()
+        found = file_matches(args.input_file, compiled, stats, backups=not args.no_backups)
+        return select(found, args.first, args.last)
+    agent = AgentSource(args.socket)
+    try:
+        recent, _ = agent.recent(query, stats, args.first, args.last)
+    finally:
+        agent.close()
+    return recent
+
+
+@_guarded
+def observe(args: argparse.Namespace) -> int:
+    query = build_query(args)
+    mask = _mask(args, ("json", "dict"))
+    out = sys.stdout.buffer
+    options = RenderOptions(
+        node_name=args.print_node_name,
+        color=args.output in ("compact", "dict") and _color(args.color, sys.stdout),
+        policy_names=args.print_policy_names,
+    )
+    printer = Printer(args.output, options, mask, out)
+    if args.output == "dict" and mask is not None:
+        printer = _MaskedDictPrinter("dict", options, mask, out)
+    stats = ReadStats()
+    if args.follow:
+        _follow(args, query, printer, stats)
+    else:
+        for d, line in _gather(args, query, stats):
+            printer.emit(d, line)
+        printer.flush()
+    stats.report()
+    return EXIT_SOURCE if stats.bad else EXIT_OK
+
+
+class _MaskedDictPrinter(Printer):
+    """`-o dict --field-mask`: one `path: value` line per masked field."""
+
+    def emit(self, d: dict[str, Any], line: bytes) -> None:
+        from garrison.flows.export import lookup
+
+        assert self.mask is not None
+        lines = []
+        for path in self.mask.paths:
+            found, value = lookup(d, path)
+            if found:
+                text = value if isinstance(value, str) else orjson.dumps(value).decode()
+                lines.append(f"{'.'.join(path)}: {text}")
+        self._chunk.append(("\n".join(lines) + "\n------------\n").encode())
+
+
+def _follow(args: argparse.Namespace, query: FlowQuery, printer: Printer,
+            stats: ReadStats) -> None:
+    """Print what is there (when --last / --first / --since asks for it), then new records
+    until interrupted."""
+    backlog = args.last is not None or args.first is not None or query.since_ns is not None
+    if args.input_file:
+        if len(args.input_file) != 1 or args.input_file[0] == "-":
+            raise UsageError("--follow reads one file: give one --input-file PATH (not -)")
+        path = args.input_file[0]
+        compiled = query.compile()
+        follower = LogFollower(path, start_at_end=not backlog)
+        try:
+            pending = follower.poll()
+            if backlog:
+                # what the file held when we started, with --first/--last; then the rest
+                for d, line in select(matches_in_lines(pending, path, compiled, stats),
+                                      args.first, args.last):
+                    printer.emit(d, line)
+                printer.flush()
+            while True:
+                for d, line in matches_in_lines(follower.poll(), path, compiled, stats):
+                    printer.emit(d, line)
+                printer.flush()
+                time.sleep(FOLLOW_POLL_S)
+        finally:
+            follower.close()
+    agent = AgentSource(args.socket)
+    try:
+        recent, cursor = agent.recent(query, stats, args.first, args.last if backlog else 0)
+        for d, line in recent:
+            printer.emit(d, line)
+        printer.flush()
+        while True:
+            time.sleep(FOLLOW_POLL_S)
+            new, cursor = agent.since(query, cursor, stats)
+            for d, line in new:
+                printer.emit(d, line)
+            printer.flush()
+    finally:
+        agent.close()
+
+
+@_guarded
+def summary(args: argparse.Namespace) -> int:
+    from garrison.flows.summary import RuleKey, SummaryBuilder, SummaryConfig, rule_keys
+
+    query = build_query(args)
+    known: list[RuleKey] | None = None
+    if args.policy:
+        from garrison.policies.errors import PolicyValidationError
+        from garrison.policies.loader import load_paths
+
+        try:
+            known = rule_keys(load_paths(args.policy).policies)
+        except PolicyValidationError as exc:
+            raise UsageError(f"--policy: {exc}") from exc
+    elif not args.input_file:
+        agent = AgentSource(args.socket)
+        try:
+            known = [RuleKey.from_dict(ref) for ref in agent.rule_keys()]
+        finally:
+            agent.close()
+    try:
+        config = SummaryConfig(top=args.top, interval_s=args.interval)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    builder = SummaryBuilder(config, known_rules=known)
+    stats = ReadStats()
+    for d, _ in _gather(args, query, stats):
+        builder.add(d)
+    result = builder.result(skipped=stats.bad)
+    if args.output == "json":
+        sys.stdout.buffer.write(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2))
+        sys.stdout.buffer.write(b"\n")
+        sys.stdout.flush()
+    else:
+        from rich.console import Console
+
+        from garrison.cli.accesslog_view import render_summary
+
+        render_summary(result, Console(highlight=False, no_color=args.color == "never" or None))
+    stats.report()
+    return EXIT_SOURCE if stats.bad else EXIT_OK
+
+
+@_guarded
+def export(args: argparse.Namespace) -> int:
+    query = build_query(args)
+    mask = _mask(args, ("jsonl", "csv"))
+    stats = ReadStats()
+    target: IO[bytes]
+    if args.out and args.out != "-":
+        try:
+            target = open(args.out, "wb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise FlowSourceError(f"--out {args.out}: cannot create: {exc.strerror}") from exc
+    else:
+        target = sys.stdout.buffer
+    try:
+        flows = _gather(args, query, stats)
+        if args.output == "csv":
+            text = io.TextIOWrapper(target, encoding="utf-8", newline="", write_through=True)
+            writer = csv.writer(text)
+            writer.writerow(csv_header(mask))
+            for d, _ in flows:
+                writer.writerow(csv_row(d, mask))
+            text.flush()
+            text.detach()
+        else:
+            chunk: list[bytes] = []
+            for d, line in flows:
+                chunk.append((line if mask is None else orjson.dumps(mask.apply(d))) + b"\n")
+                if len(chunk) >= 512:
+                    target.write(b"".join(chunk))
+                    chunk.clear()
+            target.write(b"".join(chunk))
+        target.flush()
+    finally:
+        if target is not sys.stdout.buffer:
+            target.close()
+    stats.report()
+    return EXIT_SOURCE if stats.bad else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+
+def _sources(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("source (default: the local agent)")
+    group.add_argument("--input-file", action="append", metavar="PATH",
+                       help="an access log (JSON lines; its rotated PATH.N and gzip backups "
+                       "are read too, oldest first), or - for standard input; repeatable")
+    group.add_argument("--no-backups", action="store_true",
+                       help="read only the named file, not its rotated backups")
+    group.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                       help="agent API socket (default: %(default)s)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "observe", help="flow records from the agent or access-log files, Hubble-style",
+        description="Show flow records, filtered, in Hubble's formats. Without --input-file "
+        f"it reads the agent's recent records (the last {AGENT_DEFAULT_LAST} unless --first/"
+        "--last say otherwise); from files, every matching record.",
+    )
+    _sources(p)
+    add_filter_flags(p)
+    out = p.add_argument_group("output")
+    out.add_argument("-o", "--output", choices=["compact", "json", "dict", "table"],
+                     default="compact", help="default: %(default)s")
+    out.add_argument("-f", "--follow", action="store_true",
+                     help="keep printing new records (a file across rotation, or the agent)")
+    out.add_argument("--field-mask", action="append", metavar="PATHS",
+                     help="only these fields (time,source.pod_name,l7.http), for -o json/dict")
+    out.add_argument("--print-policy-names", action="store_true",
+                     help="name the policy rules that allowed or denied")
+    out.add_argument("--print-node-name", action="store_true", help="show the node name")
+    out.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                     help="colour the verdict (default: on a terminal; NO_COLOR turns it off)")
+    p.set_defaults(func=observe)
+
+    log = sub.add_parser("accesslog", help="summarise and export access logs")
+    lsub = log.add_subparsers(dest="accesslog_command", metavar="SUBCOMMAND", required=True)
+    s = lsub.add_parser(
+        "summary", help="verdicts, top denied, rate over time, use of every policy rule",
+        description="Sum up the matching records: counts by verdict, the most frequent "
+        "denials, decisions per second over time and how often each policy rule allowed or "
+        "denied. Rules that never matched are listed when the policies are known: --policy, "
+        "or the agent's policies when reading from the agent.",
+    )
+    _sources(s)
+    add_filter_flags(s)
+    s.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    s.add_argument("--policy", action="append", metavar="PATH",
+                   help="policy files or directories in force: lists rules never matched")
+    s.add_argument("--top", type=int, default=10, metavar="N",
+                   help="denied groups to show (default: %(default)s)")
+    s.add_argument("--interval", type=int, metavar="SECONDS",
+                   help="time-series bucket (default: chosen for at most 60 buckets)")
+    s.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    s.set_defaults(func=summary)
+
+    e = lsub.add_parser("export", help="matching records as JSON lines or CSV",
+                        description="Write the matching records for a log pipeline: JSON "
+                        "lines as the access log has them, or CSV with a header row.")
+    _sources(e)
+    add_filter_flags(e)
+    e.add_argument("-o", "--output", choices=["jsonl", "csv"], default="jsonl")
+    e.add_argument("--field-mask", action="append", metavar="PATHS",
+                   help="only these fields; with CSV, these are the columns")
+    e.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    e.set_defaults(func=export)
