@@ -407,7 +407,11 @@ def summary(args: argparse.Namespace) -> int:
 
         from garrison.cli.accesslog_view import render_summary
 
-        render_summary(result, Console(highlight=False, no_color=args.color == "never" or None))
+        # piped or captured: wide enough that tables do not wrap into unreadable columns
+        width = None if sys.stdout.isatty() else 160
+        console = Console(highlight=False, width=width, no_color=args.color == "never" or None,
+                          force_terminal=True if args.color == "always" else None)
+        render_summary(result, console)
     stats.report()
     return EXIT_SOURCE if stats.bad else EXIT_OK
 
