@@ -55,8 +55,9 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and CPU seconds (user + system of the child)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
-                          check=False)
+    # GNU grep stops at the first match when its output is /dev/null: give it a pipe
+    out = subprocess.PIPE if cmd[0] == "grep" else subprocess.DEVNULL
+    proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, cwd=ROOT, check=False)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode not in (0, 1):

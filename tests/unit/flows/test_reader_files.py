@@ -73,7 +73,7 @@ def test_missing_and_corrupt(tmp_path: Path) -> None:
         log_files(tmp_path / "nope.log")
     bad = tmp_path / "bad.log"
     bad.write_bytes(gzip.compress(os.urandom(100_000))[:5000])  # cut short
-    with pytest.raises(FlowSourceError, match="bad.log: cannot read"):
+    with pytest.raises(FlowSourceError, match=r"bad\.log: cannot read"):
         _read(bad)
     with pytest.raises(FlowSourceError, match="is a directory"):
         log_files(tmp_path)
