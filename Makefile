@@ -30,6 +30,7 @@ bench: setup
 	$(PY) bench/proxy_grpc.py
 	$(PY) bench/proxy_kafka.py
 	$(PY) bench/datapath.py
+	$(PY) bench/observe.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
