@@ -9,6 +9,8 @@ configs generated into a temporary directory:
 - backend: nginx (Debian package), `return 200 "Ship landed\\n"` for the Star Wars paths,
   2 workers, keep-alive without limits;
 - direct: wrk → nginx;
+- floor: wrk → `bench/floor_http.py` (uvloop + httptools, relay only: no policy, no records)
+  → nginx, the least a CPython proxy on this design can cost (allowed path only);
 - garrison: wrk → `garrison proxy` (one process, uvloop) → nginx, with the Star Wars L7 policy
   (`POST /v1/request-landing` only), the client mapped to the tiefighter, and the access log
   written (JSON lines, every request and response) unless `--no-access-log`;
@@ -261,6 +263,19 @@ def garrison(workdir: Path, backend: int, access_log: bool
         stop(proc)
 
 
+@contextlib.contextmanager
+def floor(backend: int) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """The minimal uvloop + httptools relay of `bench/floor_http.py`: the design's floor."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "floor_http.py"), str(port),
+                             str(backend)], stdout=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, "floor relay")
+        yield port, proc
+    finally:
+        stop(proc)
+
+
 # ---- where an allowed request's CPU goes, in process (no sockets), same run --------------------
 
 BREAKDOWN_REQUEST = (b"POST /v1/request-landing HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
@@ -317,17 +332,19 @@ def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
             for _event in responses.events():
                 pass
 
-    def engine(sink: FlowSink | None, encode: bool) -> Callable[[], None]:
+    def engine(sink: FlowSink | None, build: bool, encode: bool) -> Callable[[], None]:
         def run() -> None:
             eng = engine_module.HTTPEngine(context, ProxyConfig())
             for i in range(n):
                 for batch in (eng.client_data(request, 1.0), eng.upstream_data(response, 1.0)):
                     for command in batch:
                         if type(command) is Log:
+                            if build:  # records are made when first read (`Log.later`)
+                                record = command.record
                             if encode:
-                                command.record.to_json()
+                                record.to_json()
                             if sink is not None:
-                                sink.emit(command.record)
+                                sink.emit(record)
                 if sink is not None and i % 8 == 7:
                     sink.flush()  # the server flushes once per loop turn (~8 requests here)
         return run
@@ -346,13 +363,13 @@ def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
     engine_module.l7_http_request = lambda **kw: None  # type: ignore[assignment,return-value]
     engine_module.l7_http_response = lambda **kw: None  # type: ignore[assignment,return-value]
     try:
-        out.append(("+ match, engine, commands", timed(engine(None, False))))
+        out.append(("+ match, engine, commands", timed(engine(None, True, False))))
     finally:
         engine_module.l7_http_request, engine_module.l7_http_response = real
-    out.append(("+ 2 flow records", timed(engine(None, False))))
-    out.append(("+ 2 JSON lines", timed(engine(None, True))))
+    out.append(("+ 2 flow records", timed(engine(None, True, False))))
+    out.append(("+ 2 JSON lines", timed(engine(None, True, True))))
     flow_sink = FlowSink(store=FlowStore(), metrics=ProxyMetrics(), loop=_NoLoop())  # type: ignore[arg-type]
-    out.append(("+ ring + metrics (server sink)", timed(engine(flow_sink, True))))
+    out.append(("+ ring + metrics (server sink)", timed(engine(flow_sink, True, True))))
     return out
 
 
@@ -366,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--idle", type=int, default=1000, help="idle keep-alive connections")
     parser.add_argument("--no-access-log", action="store_true")
-    parser.add_argument("--only", default="direct,garrison,haproxy")
+    parser.add_argument("--only", default="direct,floor,garrison,haproxy")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the in-process cost breakdown of the engine")
     args = parser.parse_args(argv)
@@ -385,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             cases: list[tuple[str, contextlib.AbstractContextManager[Child] | None]] = []
             if "direct" in only:
                 cases.append(("direct", None))
+            if "floor" in only:
+                cases.append(("floor", floor(backend)))
             if "garrison" in only:
                 cases.append(("garrison", garrison(workdir, backend, not args.no_access_log)))
             if "haproxy" in only:
@@ -403,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[(name, "allowed")] = wrk(
                         f"{url}/v1/request-landing", "POST", args.duration, args.connections,
                         workdir, proc.pid)
+                    if name == "floor":  # a relay without policy: nothing to deny
+                        continue
                     results[(name, "denied")] = wrk(
                         f"{url}/v1/exhaust-port", "PUT", args.duration, args.connections,
                         workdir, proc.pid)
@@ -420,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     direct = results.get(("direct", "allowed"))
     g_allowed = results.get(("garrison", "allowed"))
     h_allowed = results.get(("haproxy", "allowed"))
+    f_allowed = results.get(("floor", "allowed"))
     g_denied = results.get(("garrison", "denied"))
     h_denied = results.get(("haproxy", "denied"))
     print("ratios:")
@@ -434,6 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     if g_denied and h_denied and g_denied.cpu_us and h_denied.cpu_us:
         print(f"  garrison / haproxy CPU per denied request:  "
               f"{g_denied.cpu_us / h_denied.cpu_us:.2f}")
+    if direct and f_allowed:
+        print(f"  floor (uvloop + httptools relay) throughput / direct: "
+              f"{f_allowed.rps / direct.rps:.2f}")
+    if f_allowed and h_allowed and f_allowed.cpu_us and h_allowed.cpu_us:
+        print(f"  floor / haproxy CPU per allowed request: "
+              f"{f_allowed.cpu_us / h_allowed.cpu_us:.2f}")
+    if g_allowed and f_allowed and g_allowed.cpu_us and f_allowed.cpu_us:
+        print(f"  garrison / floor CPU per allowed request: "
+              f"{g_allowed.cpu_us / f_allowed.cpu_us:.2f}")
     if "garrison" in idle:
         print(f"  garrison KB per idle connection: {idle['garrison']:.2f} (aim < 4)")
     if "garrison" in only and not args.no_breakdown:

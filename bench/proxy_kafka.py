@@ -256,6 +256,7 @@ def engine_alone(requests: int = 20_000) -> tuple[float, float]:
     engine, the part spent building the two flow records, found by timing again with the
     record builders replaced by a stub)."""
     import garrison.proxy.engine_kafka as engine_kafka
+    from garrison.flows.record import Endpoint
     from garrison.policies.l7rules import KafkaRole, KafkaRule, L7Protocol, L7RuleSet
     from garrison.policies.labels import Labels
     from garrison.policies.refs import PolicyKind, RuleRef
@@ -296,8 +297,8 @@ def engine_alone(requests: int = 20_000) -> tuple[float, float]:
         time_ns=0,
         verdict=engine_kafka.Verdict.FORWARDED,
         direction="INGRESS",
-        client=engine_kafka.Endpoint(),
-        server=engine_kafka.Endpoint(),
+        client=Endpoint(),
+        server=Endpoint(),
         api_key=0,
         api_version=9,
         correlation_id=0,

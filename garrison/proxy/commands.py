@@ -13,15 +13,18 @@ Commands, executed in the order given:
 - `Inject(side, data)`: bytes garrison itself answers with (deny answers, errors) to `side`;
 - `Close(side, reason)`: close `side` (BOTH = the whole proxied connection) after writing
   what was queued for it;
-- `Log(record)`: emit a flow record (access log, ring, metrics).
+- `Log(record)`: emit a flow record (access log, ring, metrics). `Log.later(build, *args)`
+  is the same record built only when first read: the server reads it after the loop turn's
+  bytes are written, so making records is not on the path of the bytes it describes. `build`
+  must only read values that do not change afterwards (the engines pass their arguments).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from garrison.flows.record import Endpoint, FlowRecord
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
@@ -60,9 +63,45 @@ class Close:
     error: bool = False  # the close is the result of an error (protocol or internal)
 
 
-@dataclass(frozen=True, slots=True)
 class Log:
-    record: FlowRecord
+    """Emit a flow record; equal to another `Log` of an equal record."""
+
+    __slots__ = ("_args", "_build", "_record")
+    __match_args__ = ("record",)
+
+    def __init__(self, record: FlowRecord) -> None:
+        self._record: FlowRecord | None = record
+        self._build: Callable[..., FlowRecord] | None = None
+        self._args: tuple[Any, ...] = ()
+
+    @classmethod
+    def later(cls, build: Callable[..., FlowRecord], *args: Any) -> Log:
+        """A record made by `build(*args)` when first read (see the module's docstring)."""
+        log = cls.__new__(cls)
+        log._record = None
+        log._build = build
+        log._args = args
+        return log
+
+    @property
+    def record(self) -> FlowRecord:
+        record = self._record
+        if record is None:
+            assert self._build is not None
+            record = self._record = self._build(*self._args)
+            self._build, self._args = None, ()
+        return record
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Log):
+            return NotImplemented
+        return self.record == other.record
+
+    def __hash__(self) -> int:
+        return hash(self.record)
+
+    def __repr__(self) -> str:
+        return f"Log(record={self.record!r})"
 
 
 Command = Forward | Inject | Close | Log

@@ -406,7 +406,7 @@ class HTTPEngine:
                 responses = self._responses = HTTP1ResponseParser(self._config.http1)
             responses.expect_response(event.method)
             out.append(Forward(_UP, head))
-            out.append(Log(self._request_record(ex, now, event)))
+            out.append(Log.later(self._request_record, ex, now, event))
             if has_body:
                 self._current = ex
                 self._forwarding = True
@@ -425,7 +425,7 @@ class HTTPEngine:
         if ex.close_after:
             self._ignore_rest = True  # nothing after it may be forwarded
         self._queue.append(ex)
-        out.append(Log(self._request_record(ex, now, event)))
+        out.append(Log.later(self._request_record, ex, now, event))
         self._flush(out, now)
 
     def _stop_discarding(self, out: list[Command]) -> None:
@@ -550,24 +550,8 @@ class HTTPEngine:
             return
         ex = self._queue[0]
         ex.responded = True
-        out.append(Log(l7_http_response(
-            time_ns=int(now * 1e9),
-            verdict=ex.verdict,
-            direction=self._direction,
-            client=self._client,
-            server=self._server,
-            method=ex.method,
-            path=ex.path,
-            code=event.status,
-            latency_ns=int((now - ex.start) * 1e9),
-            host=ex.host,
-            protocol=_protocol(event.version),
-            headers=event.headers,
-            allowed_by=ex.refs if ex.verdict is Verdict.FORWARDED else (),
-            denied_by=ex.refs if ex.verdict is not Verdict.FORWARDED else (),
-            node_name=self._node,
-            redaction=self._redaction,
-        )))
+        out.append(Log.later(self._response_record, ex, now, event.status, event.version,
+                             event.headers))
 
     def _upstream_error(self, reason: str, now: float, out: list[Command]) -> None:
         head = self._head_forwarded()
@@ -593,22 +577,7 @@ class HTTPEngine:
                 self._closed = True
                 out.append(Close(_BOTH, "parse error", error=True))
                 return
-            out.append(Log(l7_http_response(
-                time_ns=int(now * 1e9),
-                verdict=ex.verdict,
-                direction=self._direction,
-                client=self._client,
-                server=self._server,
-                method=ex.method,
-                path=ex.path,
-                code=403,
-                latency_ns=int((now - ex.start) * 1e9),
-                host=ex.host,
-                protocol=_protocol(ex.version),
-                denied_by=ex.refs,
-                node_name=self._node,
-                redaction=self._redaction,
-            )))
+            out.append(Log.later(self._response_record, ex, now, 403, ex.version, ()))
             if ex.close_after:
                 self._closed = True
                 out.append(Close(_BOTH, "connection closes after this answer"))
@@ -708,6 +677,35 @@ class HTTPEngine:
             headers=event.headers,
             allowed_by=ex.refs if allowed else (),
             denied_by=() if allowed else ex.refs,
+            node_name=self._node,
+            redaction=self._redaction,
+        )
+
+    def _response_record(
+        self,
+        ex: _Exchange,
+        now: float,
+        code: int,
+        version: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+    ) -> FlowRecord:
+        """A response's record; garrison's own answers (`code` 403) carry no headers."""
+        forwarded = ex.verdict is Verdict.FORWARDED
+        return l7_http_response(
+            time_ns=int(now * 1e9),
+            verdict=ex.verdict,
+            direction=self._direction,
+            client=self._client,
+            server=self._server,
+            method=ex.method,
+            path=ex.path,
+            code=code,
+            latency_ns=int((now - ex.start) * 1e9),
+            host=ex.host,
+            protocol=_protocol(version),
+            headers=headers,
+            allowed_by=ex.refs if forwarded else (),
+            denied_by=() if forwarded else ex.refs,
             node_name=self._node,
             redaction=self._redaction,
         )

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +157,10 @@ class _Out:
 
     def log(self, record: FlowRecord) -> None:
         self._logs.append(Log(record))
+
+    def log_later(self, build: Callable[..., FlowRecord], *args: Any) -> None:
+        """A record built after the bytes are written (`Log.later`): `args` must not change."""
+        self._logs.append(Log.later(build, *args))
 
     def close(self, reason: str, error: bool) -> None:
         self._close = Close(Side.BOTH, reason, error)  # the last command: nothing follows
@@ -324,7 +329,7 @@ class KafkaEngine:
             self._fail(out, now, f"client pipelines without reading: {exc}")
             return
         flow = Verdict.FORWARDED if allowed else Verdict.AUDIT
-        out.log(self._request_record(request, flow, refs, topics, now))
+        out.log_later(self._request_record, request, flow, refs, topics, now)
         out.write(Forward, Side.UPSTREAM, request.raw)
         if request.expects_response:
             self._pending.append(
@@ -414,8 +419,8 @@ class KafkaEngine:
         except KafkaError as exc:
             self._fail(out, now, f"client pipelines without reading: {exc}")
             return
-        out.log(self._request_record(request, Verdict.FORWARDED, refs, allowed, now))
-        out.log(self._request_record(request, Verdict.DROPPED, (), denied, now))
+        out.log_later(self._request_record, request, Verdict.FORWARDED, refs, allowed, now)
+        out.log_later(self._request_record, request, Verdict.DROPPED, (), denied, now)
         out.write(Forward, Side.UPSTREAM, narrowed.raw)
         self._pending.append(
             _Slot(
@@ -441,7 +446,7 @@ class KafkaEngine:
         return parse_request_frame(frame, self._topic_ids)
 
     def _deny(self, request: KafkaRequest, topics: tuple[str, ...], now: float, out: _Out) -> None:
-        out.log(self._request_record(request, Verdict.DROPPED, (), topics, now))
+        out.log_later(self._request_record, request, Verdict.DROPPED, (), topics, now)
         if not request.expects_response:
             return  # Produce with acks=0: the client expects nothing
         slot = _Slot(request, Verdict.DROPPED, (), now, topics, local=True)
@@ -507,10 +512,10 @@ class KafkaEngine:
                 )
                 return
             out.write(Forward, Side.CLIENT, raw)
-            out.log(self._response_record(slot, _error_code(response), now))
+            out.log_later(self._forwarded_response_record, slot, response, now)
             if slot.denied_topics:
                 denied = _Slot(slot.request, Verdict.DROPPED, (), slot.started, slot.denied_topics)
-                out.log(self._response_record(denied, TOPIC_AUTHORIZATION_FAILED, now))
+                out.log_later(self._response_record, denied, TOPIC_AUTHORIZATION_FAILED, now)
             self._release(out, now)
         if self._client_eof and not self._pending and not self._closed:
             self._finish(out, "client closed the connection")
@@ -557,8 +562,7 @@ class KafkaEngine:
             if answer is None:
                 continue
             out.write(Inject, Side.CLIENT, answer)
-            error_code = _answer_error_code(slot.request, answer)
-            out.log(self._response_record(slot, error_code, now))
+            out.log_later(self._answer_record, slot, answer, now)
 
     # ---- endings -----------------------------------------------------------------------------
 
@@ -614,6 +618,15 @@ class KafkaEngine:
             drop_reason=DropReasonDesc.POLICY_DENIED if verdict is not Verdict.FORWARDED else None,
             node_name=self._node,
         )
+
+    def _forwarded_response_record(
+        self, slot: _Slot, response: KafkaResponse, now: float
+    ) -> FlowRecord:
+        return self._response_record(slot, _error_code(response), now)
+
+    def _answer_record(self, slot: _Slot, answer: bytes, now: float) -> FlowRecord:
+        """The record of garrison's own answer, with the error code it carries."""
+        return self._response_record(slot, _answer_error_code(slot.request, answer), now)
 
     def _response_record(self, slot: _Slot, error_code: int, now: float) -> FlowRecord:
         request = slot.request

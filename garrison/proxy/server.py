@@ -128,11 +128,13 @@ class FlowSink:
     """Where `Log` commands go: the in-memory ring, the access log, metrics, and (`-v`) a
     compact line on a text stream.
 
-    Records reach the ring (and the `-v` stream) at once. Access-log lines and metric counts
-    are gathered during one turn of the event loop and applied at its end: the lines in one
-    system call (`write_many`), in emission order, the counters once per label set. A failed
-    write is counted in metrics and reported once per failure streak; the records stay in the
-    ring. Without a loop (tests), everything is applied at once.
+    Records are gathered during one turn of the event loop and handled at its end, after the
+    bytes of that turn were written: records an engine made with `Log.later` are built then,
+    go to the ring (and the `-v` stream), the access-log lines are written in one system call
+    (`write_many`) in emission order, and the metrics are counted once per label set. So a
+    record reaches `observe` one loop turn after its decision, and making it is not on the
+    path of the request. A failed write is counted in metrics and reported once per failure
+    streak; the records stay in the ring. Without a loop (tests), everything is done at once.
     """
 
     def __init__(
@@ -149,15 +151,12 @@ class FlowSink:
         self.metrics = metrics
         self.verbose = verbose
         self._loop = loop
-        self._pending: list[FlowRecord] = []
+        self._pending: list[FlowRecord | Log] = []
         self._scheduled = False
         self._failing = False
 
-    def emit(self, record: FlowRecord) -> None:
-        self.store.add(record)
-        if self.verbose is not None:
-            with contextlib.suppress(OSError, ValueError):
-                print(render_compact(record), file=self.verbose, flush=True)
+    def emit(self, record: FlowRecord | Log) -> None:
+        """Take a record, or a `Log` command whose record is built at the end of the turn."""
         self._pending.append(record)
         if not self._scheduled:
             if self._loop is None:
@@ -171,12 +170,20 @@ class FlowSink:
         pending, self._pending = self._pending, []
         if not pending:
             return
+        records = _built(pending)
+        add = self.store.add
+        for record in records:
+            add(record)
+        if self.verbose is not None:
+            with contextlib.suppress(OSError, ValueError):
+                for record in records:
+                    print(render_compact(record), file=self.verbose, flush=True)
         if self.metrics is not None:
-            _count(self.metrics, pending)
+            _count(self.metrics, records)
         if self.writer is None:
             return
         try:
-            self.writer.write_many(pending)
+            self.writer.write_many(records)
         except AccessLogError as exc:
             if self.metrics is not None:
                 self.metrics.access_log_error()
@@ -185,6 +192,21 @@ class FlowSink:
             self._failing = True
         else:
             self._failing = False
+
+
+def _built(pending: list[FlowRecord | Log]) -> list[FlowRecord]:
+    """The records of `pending`, in order; a record that cannot be built is reported, not
+    allowed to take the others with it (the decision it describes was already carried out)."""
+    records: list[FlowRecord] = []
+    for item in pending:
+        if isinstance(item, Log):
+            try:
+                records.append(item.record)
+            except Exception:
+                log.exception("a flow record could not be built and is lost")
+        else:
+            records.append(item)
+    return records
 
 
 def _count(metrics: ProxyMetrics, records: list[FlowRecord]) -> None:
@@ -510,7 +532,7 @@ class _ClientConnection(asyncio.Protocol):
                 else:
                     to_upstream.append(command.data)  # type: ignore[union-attr]
             elif kind is _LOG:
-                self.server.sink.emit(command.record)  # type: ignore[union-attr]
+                self.server.sink.emit(command)  # type: ignore[arg-type]
             else:
                 self._write(to_client, to_upstream)
                 to_client, to_upstream = [], []
