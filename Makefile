@@ -11,9 +11,12 @@ setup:
 demo: setup
 	./scripts/demo.sh
 
-# The whole suite: lint, then unit, privileged (root + kernel) and end-to-end tests.
+# The whole suite: lint, then unit, privileged (root + kernel) and end-to-end tests, all on
+# the mypyc-compiled modules users run; then the unit tests again on the pure-Python source,
+# which runs wherever the compiled build is missing or stale (garrison/native.py).
 test: setup lint
 	$(PYTEST) tests
+	GARRISON_PURE=1 $(PYTEST) -q tests/unit
 
 test-unit: setup
 	$(PYTEST) tests/unit
@@ -33,4 +36,5 @@ bench: setup
 	$(PY) bench/observe.py
 
 clean:
+	-$(PY) scripts/compile.py --remove
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,8 @@
 """HTTP/1.1 through garrison vs. direct to nginx vs. haproxy with the same path ACL.
 
 Run: .venv/bin/python bench/proxy_http.py [--duration S] [--connections N] [--idle N]
-                                          [--no-access-log] [--only garrison,haproxy,direct]
+                                          [--no-access-log]
+                                          [--only direct,floor,garrison,source,haproxy]
 
 Everything runs on loopback, as child processes this script starts and stops by PID, with
 configs generated into a temporary directory:
@@ -14,6 +15,8 @@ configs generated into a temporary directory:
 - garrison: wrk → `garrison proxy` (one process, uvloop) → nginx, with the Star Wars L7 policy
   (`POST /v1/request-landing` only), the client mapped to the tiefighter, and the access log
   written (JSON lines, every request and response) unless `--no-access-log`;
+- source: the same garrison with `GARRISON_PURE=1`, its mypyc-compiled modules
+  (garrison/native.py) run from source instead: what the compiled build buys;
 - haproxy 2.6 (Debian package), `nbthread 1` like garrison's single event loop, the same ACL
   (`http-request deny deny_status 403` unless POST /v1/request-landing), `http-reuse always`.
 
@@ -65,6 +68,8 @@ http {{
     }}
 }}
 """
+
+PURE_ENV = "GARRISON_PURE"  # garrison/native.py: run the compiled modules from source
 
 HAPROXY_CONF = """
 global
@@ -242,8 +247,9 @@ def haproxy(workdir: Path, backend: int) -> Iterator[tuple[int, subprocess.Popen
 
 
 @contextlib.contextmanager
-def garrison(workdir: Path, backend: int, access_log: bool
+def garrison(workdir: Path, backend: int, access_log: bool, source: bool = False
              ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """`garrison proxy`; `source`: the same code run from source (GARRISON_PURE=1)."""
     port = free_port()
     argv = [
         sys.executable, "-m", "garrison.cli.main", "proxy",
@@ -254,7 +260,10 @@ def garrison(workdir: Path, backend: int, access_log: bool
     if access_log:
         argv += ["--access-log", str(workdir / "access.log"),
                  "--access-log-max-bytes", str(64 * 1024 * 1024), "--access-log-backups", "1"]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+    env = {k: v for k, v in os.environ.items() if k != PURE_ENV}
+    if source:
+        env[PURE_ENV] = "1"
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, env=env,
                             stderr=(workdir / "garrison.stderr").open("wb"))
     try:
         wait_port(port, proc, "garrison proxy")
@@ -294,7 +303,7 @@ class _NoLoop:
 
 def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
     """CPU µs per allowed request (best of `rounds`) of cumulative stages of the engine:
-    both parsers alone; + matching, engine bookkeeping and commands (records stubbed); + the
+    both parsers alone; + matching, engine bookkeeping and commands (records not made); + the
     two flow records; + their JSON lines; + ring and metrics as the server's sink does."""
     sys.path.insert(0, str(REPO))
     import garrison.proxy.engine_http1 as engine_module
@@ -359,13 +368,8 @@ def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
         return best
 
     out = [("parse request + response", timed(parsers))]
-    real = engine_module.l7_http_request, engine_module.l7_http_response
-    engine_module.l7_http_request = lambda **kw: None  # type: ignore[assignment,return-value]
-    engine_module.l7_http_response = lambda **kw: None  # type: ignore[assignment,return-value]
-    try:
-        out.append(("+ match, engine, commands", timed(engine(None, True, False))))
-    finally:
-        engine_module.l7_http_request, engine_module.l7_http_response = real
+    # records are made when first read (`Log.later`): not reading them leaves them unmade
+    out.append(("+ match, engine, commands", timed(engine(None, False, False))))
     out.append(("+ 2 flow records", timed(engine(None, True, False))))
     out.append(("+ 2 JSON lines", timed(engine(None, True, True))))
     flow_sink = FlowSink(store=FlowStore(), metrics=ProxyMetrics(), loop=_NoLoop())  # type: ignore[arg-type]
@@ -383,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--idle", type=int, default=1000, help="idle keep-alive connections")
     parser.add_argument("--no-access-log", action="store_true")
-    parser.add_argument("--only", default="direct,floor,garrison,haproxy")
+    parser.add_argument("--only", default="direct,floor,garrison,source,haproxy")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the in-process cost breakdown of the engine")
     args = parser.parse_args(argv)
@@ -406,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append(("floor", floor(backend)))
             if "garrison" in only:
                 cases.append(("garrison", garrison(workdir, backend, not args.no_access_log)))
+            if "source" in only:
+                cases.append(("source", garrison(workdir, backend, not args.no_access_log,
+                                                 source=True)))
             if "haproxy" in only:
                 cases.append(("haproxy", haproxy(workdir, backend)))
             for name, manager in cases:
@@ -465,11 +472,19 @@ def main(argv: list[str] | None = None) -> int:
     if g_allowed and f_allowed and g_allowed.cpu_us and f_allowed.cpu_us:
         print(f"  garrison / floor CPU per allowed request: "
               f"{g_allowed.cpu_us / f_allowed.cpu_us:.2f}")
+    s_allowed = results.get(("source", "allowed"))
+    if g_allowed and s_allowed and g_allowed.cpu_us and s_allowed.cpu_us:
+        print(f"  garrison compiled / from source CPU per allowed request: "
+              f"{g_allowed.cpu_us / s_allowed.cpu_us:.2f}")
     if "garrison" in idle:
         print(f"  garrison KB per idle connection: {idle['garrison']:.2f} (aim < 4)")
     if "garrison" in only and not args.no_breakdown:
-        print("garrison CPU per allowed request in process, no sockets (cumulative, best of 5):")
-        for name, micros in breakdown():
+        rows = breakdown()
+        import garrison as garrison_package
+        state = "compiled" if garrison_package.COMPILED_IN_USE else "from source"
+        print(f"garrison CPU per allowed request in process, {state}, no sockets "
+              "(cumulative, best of 5):")
+        for name, micros in rows:
             print(f"  {name:<34}{micros:>7.1f} us")
     return 0
 

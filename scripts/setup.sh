@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-bpfcc linux-headers-amd64 iproute2 curl nftables iperf3 wrk nginx haproxy nghttp2-client jq)
+APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 curl nftables iperf3 wrk nginx haproxy nghttp2-client jq)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.garrison-installed
@@ -72,4 +72,6 @@ if [[ ! -f $STAMP || pyproject.toml -nt $STAMP ]]; then
     "$VENV/bin/pip" install -q -e '.[test]'
     touch "$STAMP"
 fi
+# The proxy's per-request path runs compiled (mypyc); recompiled only when a source changed.
+"$VENV/bin/python" scripts/compile.py
 log "ready"

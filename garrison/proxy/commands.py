@@ -69,19 +69,23 @@ class Log:
     __slots__ = ("_args", "_build", "_record")
     __match_args__ = ("record",)
 
-    def __init__(self, record: FlowRecord) -> None:
+    def __init__(
+        self,
+        record: FlowRecord | None = None,
+        *,
+        build: Callable[..., FlowRecord] | None = None,
+        args: tuple[Any, ...] = (),
+    ) -> None:
+        if (record is None) == (build is None):
+            raise TypeError("Log takes a record or a build function, not both")
         self._record: FlowRecord | None = record
-        self._build: Callable[..., FlowRecord] | None = None
-        self._args: tuple[Any, ...] = ()
+        self._build: Callable[..., FlowRecord] | None = build
+        self._args: tuple[Any, ...] = args
 
     @classmethod
     def later(cls, build: Callable[..., FlowRecord], *args: Any) -> Log:
         """A record made by `build(*args)` when first read (see the module's docstring)."""
-        log = cls.__new__(cls)
-        log._record = None
-        log._build = build
-        log._args = args
-        return log
+        return cls(build=build, args=args)
 
     @property
     def record(self) -> FlowRecord:

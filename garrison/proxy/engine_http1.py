@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Final
 
 from garrison.flows.build import l7_http_request, l7_http_response, proxy_error
 from garrison.flows.record import DropReasonDesc, Endpoint, FlowRecord, Verdict
@@ -104,11 +105,11 @@ MAX_PIPELINE = 32
 class Waiting:
     """What a connection waits for (`HTTPEngine.waiting`), for the server's timers."""
 
-    IDLE = "idle"  # nothing in flight: between requests on a keep-alive connection
-    HEAD = "head"  # part of a request head has come; the rest has not
-    CLIENT = "client"  # the body of a request is still coming from the client
-    UPSTREAM = "upstream"  # a response is owed by the upstream
-    CLOSED = "closed"
+    IDLE: Final = "idle"  # nothing in flight: between requests on a keep-alive connection
+    HEAD: Final = "head"  # part of a request head has come; the rest has not
+    CLIENT: Final = "client"  # the body of a request is still coming from the client
+    UPSTREAM: Final = "upstream"  # a response is owed by the upstream
+    CLOSED: Final = "closed"
 
 
 _UP = Side.UPSTREAM

@@ -19,7 +19,6 @@ from garrison.parsers.http1 import (
     MessageCompleted,
     RequestReceived,
     ResponseReceived,
-    _request_received,
 )
 from tests.unit.parsers.test_http1_support import bodies_of, feed, requests_of, responses_of
 
@@ -50,14 +49,6 @@ def test_a_simple_request() -> None:
     assert parser.next_event() is None
     parser.receive_data(b"")
     assert list(parser.events()) == [ConnectionClosed()]
-
-
-def test_the_fast_constructor_builds_the_same_event() -> None:
-    values = ("GET", "/a/../b", "/b", b"HTTP/1.1", ((b"Host", b"a"),), "a", True, False, 3, GET)
-    fast = _request_received(*values)
-    assert fast == RequestReceived(*values)
-    assert repr(fast) == repr(RequestReceived(*values))
-    assert hash(fast) == hash(RequestReceived(*values))
 
 
 def test_events_are_frozen_facts() -> None:

@@ -1,0 +1,133 @@
+"""The modules garrison runs compiled (mypyc), and the guard that never runs a stale build.
+
+`make setup` compiles the proxy's per-request path (`COMPILED`) with mypyc into extension
+modules beside their sources (`scripts/compile.py`) and writes `garrison/native-build.json`:
+the SHA-256 of every source it compiled and the shared library the build made. The same
+source, compiled, runs the allowed HTTP request in about two thirds of the CPU time
+(BENCHMARKS.md, "Proxy: HTTP").
+
+Python imports an extension module in preference to the `.py` beside it, so an edited source
+would silently keep running its old compiled code — a policy fix that does not apply. And
+compiled modules call each other directly in C, so one of them cannot fall back to source
+alone. So at `import garrison`, `select()` reads the record: when a source differs from what
+was compiled, a compiled file is missing, or the record is unreadable, every module in
+`COMPILED` loads from source, with a warning that says how to rebuild. `GARRISON_PURE=1`
+asks for the source on purpose (no warning). With no compiled files at all (an install that
+never ran the compile step) the source runs, as it always can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+# The per-request path of the HTTP/1.1 proxy: parser, engine, record building and encoding,
+# redaction, rule matching, commands. Each must type-check under mypy --strict and must not
+# be monkeypatched by tests (compiled callers bind other compiled functions directly).
+COMPILED: tuple[str, ...] = (
+    "garrison.parsers.pathnorm",
+    "garrison.parsers.http1",
+    "garrison.policies.match_http",
+    "garrison.flows.record",
+    "garrison.flows.redact",
+    "garrison.flows.build",
+    "garrison.flows.codec",
+    "garrison.proxy.commands",
+    "garrison.proxy.engine_http1",
+)
+
+PURE_ENV = "GARRISON_PURE"
+PACKAGE_DIR = Path(__file__).resolve().parent
+ROOT = PACKAGE_DIR.parent  # the directory holding the package (and mypyc's shared library)
+RECORD = PACKAGE_DIR / "native-build.json"
+REBUILD_HINT = "run `make setup` (scripts/compile.py) to compile them again"
+
+
+def source_path(module: str) -> Path:
+    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def extension_path(module: str) -> Path:
+    source = source_path(module)
+    return source.with_name(source.stem + importlib.machinery.EXTENSION_SUFFIXES[0])
+
+
+def source_digest(module: str) -> str:
+    return hashlib.sha256(source_path(module).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class BuildState:
+    """What `check()` found: `fresh` means the compiled modules may be imported."""
+
+    fresh: bool
+    compiled_files: int  # how many of COMPILED have an extension module beside the source
+    problem: str = ""  # why the build may not be used, for the warning
+
+
+def check() -> BuildState:
+    present = sum(1 for module in COMPILED if extension_path(module).exists())
+    if present == 0:
+        return BuildState(fresh=False, compiled_files=0, problem="not compiled")
+    try:
+        record = json.loads(RECORD.read_text())
+        digests: dict[str, str] = record["sources"]
+        shared: str = record["shared_library"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return BuildState(False, present, f"{RECORD} is missing or unreadable ({exc})")
+    if present < len(COMPILED):
+        missing = [m for m in COMPILED if not extension_path(m).exists()]
+        return BuildState(False, present, f"compiled files are missing for {', '.join(missing)}")
+    if not (ROOT / shared).exists():
+        return BuildState(False, present, f"the shared library {ROOT / shared} is missing")
+    changed = [
+        str(source_path(m).relative_to(ROOT))
+        for m in COMPILED
+        if digests.get(m) != source_digest(m)
+    ]
+    if changed:
+        return BuildState(False, present, f"changed since they were compiled: {', '.join(changed)}")
+    return BuildState(fresh=True, compiled_files=present)
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Finds the modules of COMPILED as their `.py` sources, ahead of the extension modules."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname not in COMPILED:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source_path(fullname))
+
+
+def select() -> bool:
+    """Decide, once per process, whether the compiled modules run; True if they do."""
+    if any(isinstance(finder, _SourceFinder) for finder in sys.meta_path):
+        return False
+    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+        sys.meta_path.insert(0, _SourceFinder())
+        return False
+    state = check()
+    if state.fresh:
+        return True
+    if state.compiled_files:
+        warnings.warn(
+            f"garrison: not using the compiled modules, {state.problem}; running them all "
+            f"from source (slower) — {REBUILD_HINT}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        sys.meta_path.insert(0, _SourceFinder())
+    return False
