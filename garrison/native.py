@@ -32,9 +32,10 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-# The per-request path of the HTTP/1.1 proxy: parser, engine, record building and encoding,
-# redaction, rule matching, commands. Each must type-check under mypy --strict and must not
-# be monkeypatched by tests (compiled callers bind other compiled functions directly).
+# The per-request path of the HTTP/1.1 and Kafka proxies: parsers, engines, record building
+# and encoding, redaction, rule matching, commands. Each must type-check under mypy --strict
+# and must not be monkeypatched by tests (compiled callers bind other compiled functions
+# directly).
 COMPILED: tuple[str, ...] = (
     "garrison.parsers.pathnorm",
     "garrison.parsers.http1",
@@ -45,6 +46,10 @@ COMPILED: tuple[str, ...] = (
     "garrison.flows.codec",
     "garrison.proxy.commands",
     "garrison.proxy.engine_http1",
+    "garrison.parsers.kafka",
+    "garrison.parsers.kafka_topics",
+    "garrison.policies.match_kafka",
+    "garrison.proxy.engine_kafka",
 )
 
 PURE_ENV = "GARRISON_PURE"

@@ -145,6 +145,12 @@ class ProxyMetrics:
             ["verdict"],
             registry=self.registry,
         )
+        # The labelled children, by the arguments they were asked for: prometheus_client's
+        # `labels()` validates and joins its arguments on every call, several µs each, and the
+        # proxy asks for the same few children on every loop turn.
+        self._l7_children: dict[tuple[str, ProtocolLike, DirectionLike], Any] = {}
+        self._reply_children: dict[tuple[ProtocolLike, str], Any] = {}
+        self._flow_children: dict[Verdict, Any] = {}
         for rule in RULES:
             for proto in L7Protocol:
                 for direction in Direction:
@@ -161,35 +167,33 @@ class ProxyMetrics:
     def request_received(
         self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
     ) -> None:
-        self._policy_l7.labels(RULE_RECEIVED, _proto(proto), _direction(direction)).inc(amount)
+        self._l7(RULE_RECEIVED, proto, direction).inc(amount)
 
     def request_forwarded(
         self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
     ) -> None:
-        self._policy_l7.labels(RULE_FORWARDED, _proto(proto), _direction(direction)).inc(amount)
+        self._l7(RULE_FORWARDED, proto, direction).inc(amount)
 
     def request_denied(
         self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
     ) -> None:
-        self._policy_l7.labels(RULE_DENIED, _proto(proto), _direction(direction)).inc(amount)
+        self._l7(RULE_DENIED, proto, direction).inc(amount)
 
     def parse_error(
         self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
     ) -> None:
-        self._policy_l7.labels(RULE_PARSE_ERRORS, _proto(proto), _direction(direction)).inc(
-            amount
-        )
+        self._l7(RULE_PARSE_ERRORS, proto, direction).inc(amount)
 
     def observe_upstream_latency(
         self, proto: ProtocolLike, seconds: float, scope: str = SCOPE_HEADERS
     ) -> None:
-        self._upstream_reply.labels(_proto(proto), scope).observe(seconds)
+        self._reply(proto, scope).observe(seconds)
 
     def observe_upstream_latencies(
         self, proto: ProtocolLike, seconds: Iterable[float], scope: str = SCOPE_HEADERS
     ) -> None:
         """Several observations at once (the proxy batches them per event-loop turn)."""
-        child = self._upstream_reply.labels(_proto(proto), scope)
+        child = self._reply(proto, scope)
         for value in seconds:
             child.observe(value)
 
@@ -212,7 +216,26 @@ class ProxyMetrics:
 
     def flow_recorded(self, record: FlowRecord | Verdict, amount: float = 1.0) -> None:
         verdict = record if isinstance(record, Verdict) else record.verdict
-        self._flows.labels(verdict.value).inc(amount)
+        child = self._flow_children.get(verdict)
+        if child is None:
+            child = self._flow_children[verdict] = self._flows.labels(verdict.value)
+        child.inc(amount)
+
+    def _l7(self, rule: str, proto: ProtocolLike, direction: DirectionLike) -> Any:
+        key = (rule, proto, direction)
+        child = self._l7_children.get(key)
+        if child is None:
+            child = self._l7_children[key] = self._policy_l7.labels(
+                rule, _proto(proto), _direction(direction)
+            )
+        return child
+
+    def _reply(self, proto: ProtocolLike, scope: str) -> Any:
+        key = (proto, scope)
+        child = self._reply_children.get(key)
+        if child is None:
+            child = self._reply_children[key] = self._upstream_reply.labels(_proto(proto), scope)
+        return child
 
     # -- exposition --------------------------------------------------------------------------
 
