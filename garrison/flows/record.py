@@ -223,6 +223,24 @@ class Endpoint:
     # their labels are most of a line.
     _json: str = field(default="", init=False, repr=False, compare=False, hash=False)
 
+    def __init__(
+        self,
+        identity: int = 0,
+        labels: tuple[str, ...] = (),
+        namespace: str = "",
+        pod_name: str = "",
+        ip: str = "",
+        port: int = 0,
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "identity", identity)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "namespace", namespace)
+        object.__setattr__(self, "pod_name", pod_name)
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "port", port)
+        object.__setattr__(self, "_json", "")
+
     @classmethod
     def of(
         cls,
@@ -294,11 +312,25 @@ class Layer4:
     protocol: L4Protocol = L4Protocol.TCP
     flags: TCPFlags | None = None
 
+    def __init__(
+        self,
+        protocol: L4Protocol = L4Protocol.TCP,
+        flags: TCPFlags | None = None,
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "protocol", protocol)
+        object.__setattr__(self, "flags", flags)
+
 
 @dataclass(frozen=True, slots=True)
 class HTTPHeader:
     key: str
     value: str
+
+    def __init__(self, key: str, value: str) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "key", key)
+        object.__setattr__(self, "value", value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +342,21 @@ class HTTP:
     protocol: str = ""
     code: int = 0
     headers: tuple[HTTPHeader, ...] = ()
+
+    def __init__(
+        self,
+        method: str = "",
+        url: str = "",
+        protocol: str = "",
+        code: int = 0,
+        headers: tuple[HTTPHeader, ...] = (),
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "url", url)
+        object.__setattr__(self, "protocol", protocol)
+        object.__setattr__(self, "code", code)
+        object.__setattr__(self, "headers", headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +373,23 @@ class Kafka:
     topics: tuple[str, ...] = ()
     error_code: int | None = None
 
+    def __init__(
+        self,
+        api_key: str = "",
+        api_version: int | None = None,
+        correlation_id: int | None = None,
+        topic: str = "",
+        topics: tuple[str, ...] = (),
+        error_code: int | None = None,
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "api_key", api_key)
+        object.__setattr__(self, "api_version", api_version)
+        object.__setattr__(self, "correlation_id", correlation_id)
+        object.__setattr__(self, "topic", topic)
+        object.__setattr__(self, "topics", topics)
+        object.__setattr__(self, "error_code", error_code)
+
 
 @dataclass(frozen=True, slots=True)
 class GRPC:
@@ -336,6 +400,12 @@ class GRPC:
     method: str = ""
     status: int | None = None
 
+    def __init__(self, service: str = "", method: str = "", status: int | None = None) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "service", service)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "status", status)
+
 
 @dataclass(frozen=True, slots=True)
 class Layer7:
@@ -344,6 +414,21 @@ class Layer7:
     http: HTTP | None = None
     kafka: Kafka | None = None
     grpc: GRPC | None = None
+
+    def __init__(
+        self,
+        type: L7FlowType = L7FlowType.REQUEST,
+        latency_ns: int | None = None,
+        http: HTTP | None = None,
+        kafka: Kafka | None = None,
+        grpc: GRPC | None = None,
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "type", type)
+        object.__setattr__(self, "latency_ns", latency_ns)
+        object.__setattr__(self, "http", http)
+        object.__setattr__(self, "kafka", kafka)
+        object.__setattr__(self, "grpc", grpc)
 
     @property
     def protocol(self) -> str:
@@ -366,6 +451,13 @@ class Policy:
     namespace: str = ""
     kind: str = ""
     rule: str = ""
+
+    def __init__(self, name: str, namespace: str = "", kind: str = "", rule: str = "") -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "namespace", namespace)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "rule", rule)
 
     @classmethod
     def from_ref(cls, ref: RuleRef) -> Policy:
@@ -411,6 +503,52 @@ class FlowRecord:
     summary: str = ""
     node_name: str = ""
     error: str = ""
+
+    def __init__(
+        self,
+        *,
+        time: int,
+        verdict: Verdict,
+        type: FlowType,
+        event_type: EventType,
+        traffic_direction: TrafficDirection,
+        source: Endpoint,
+        destination: Endpoint,
+        is_reply: bool | None = None,
+        l4: Layer4 | None = None,
+        l7: Layer7 | None = None,
+        drop_reason_desc: DropReasonDesc | None = None,
+        policy_match_type: MatchType | None = None,
+        trace_observation_point: TraceObservationPoint | None = None,
+        ingress_allowed_by: tuple[Policy, ...] = (),
+        egress_allowed_by: tuple[Policy, ...] = (),
+        ingress_denied_by: tuple[Policy, ...] = (),
+        egress_denied_by: tuple[Policy, ...] = (),
+        summary: str = "",
+        node_name: str = "",
+        error: str = "",
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "time", time)
+        object.__setattr__(self, "verdict", verdict)
+        object.__setattr__(self, "type", type)
+        object.__setattr__(self, "event_type", event_type)
+        object.__setattr__(self, "traffic_direction", traffic_direction)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "destination", destination)
+        object.__setattr__(self, "is_reply", is_reply)
+        object.__setattr__(self, "l4", l4)
+        object.__setattr__(self, "l7", l7)
+        object.__setattr__(self, "drop_reason_desc", drop_reason_desc)
+        object.__setattr__(self, "policy_match_type", policy_match_type)
+        object.__setattr__(self, "trace_observation_point", trace_observation_point)
+        object.__setattr__(self, "ingress_allowed_by", ingress_allowed_by)
+        object.__setattr__(self, "egress_allowed_by", egress_allowed_by)
+        object.__setattr__(self, "ingress_denied_by", ingress_denied_by)
+        object.__setattr__(self, "egress_denied_by", egress_denied_by)
+        object.__setattr__(self, "summary", summary)
+        object.__setattr__(self, "node_name", node_name)
+        object.__setattr__(self, "error", error)
 
     @property
     def protocol(self) -> str:

@@ -213,6 +213,31 @@ class RequestReceived:
     content_length: int | None
     raw_head: bytes
 
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        path: str,
+        version: bytes,
+        headers: Headers,
+        host: str | None,
+        keep_alive: bool,
+        chunked: bool,
+        content_length: int | None,
+        raw_head: bytes,
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "version", version)
+        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "keep_alive", keep_alive)
+        object.__setattr__(self, "chunked", chunked)
+        object.__setattr__(self, "content_length", content_length)
+        object.__setattr__(self, "raw_head", raw_head)
+
     @property
     def text_headers(self) -> HeaderText:
         """`headers` as text for the rule matcher, decoded only if it looks at them."""
@@ -278,6 +303,27 @@ class ResponseReceived:
     chunked: bool
     content_length: int | None
 
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        headers: Headers,
+        raw_head: bytes,
+        keep_alive: bool,
+        chunked: bool,
+        content_length: int | None,
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "version", version)
+        object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "raw_head", raw_head)
+        object.__setattr__(self, "keep_alive", keep_alive)
+        object.__setattr__(self, "chunked", chunked)
+        object.__setattr__(self, "content_length", content_length)
+
 
 @dataclass(frozen=True, slots=True)
 class BodyReceived:
@@ -285,12 +331,20 @@ class BodyReceived:
 
     data: bytes
 
+    def __init__(self, data: bytes) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "data", data)
+
 
 @dataclass(frozen=True, slots=True)
 class MessageCompleted:
     """The message whose head came last is complete; `keep_alive` False: nothing follows."""
 
     keep_alive: bool
+
+    def __init__(self, keep_alive: bool) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "keep_alive", keep_alive)
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,6 +153,33 @@ class KafkaRequest:
     raw: bytes = field(default=b"", repr=False)
     decoded: Any = field(default=None, repr=False, hash=False)
 
+    def __init__(
+        self,
+        api_key: int,
+        api_version: int,
+        correlation_id: int,
+        client_id: str | None,
+        topics: tuple[str, ...] = (),
+        all_topics: bool = False,
+        unresolved_topic_ids: tuple[UUID, ...] = (),
+        topics_unknown: bool = False,
+        acks: int | None = None,
+        raw: bytes = b"",
+        decoded: Any = None,
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "api_key", api_key)
+        object.__setattr__(self, "api_version", api_version)
+        object.__setattr__(self, "correlation_id", correlation_id)
+        object.__setattr__(self, "client_id", client_id)
+        object.__setattr__(self, "topics", topics)
+        object.__setattr__(self, "all_topics", all_topics)
+        object.__setattr__(self, "unresolved_topic_ids", unresolved_topic_ids)
+        object.__setattr__(self, "topics_unknown", topics_unknown)
+        object.__setattr__(self, "acks", acks)
+        object.__setattr__(self, "raw", raw)
+        object.__setattr__(self, "decoded", decoded)
+
     @property
     def expects_response(self) -> bool:
         return self.acks != 0
@@ -183,6 +210,19 @@ class KafkaResponse:
     correlation_id: int
     raw: bytes = field(repr=False)
     decoded: Any = field(default=None, repr=False, hash=False)
+
+    def __init__(
+        self,
+        request: KafkaRequest,
+        correlation_id: int,
+        raw: bytes,
+        decoded: Any = None,
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "request", request)
+        object.__setattr__(self, "correlation_id", correlation_id)
+        object.__setattr__(self, "raw", raw)
+        object.__setattr__(self, "decoded", decoded)
 
     @property
     def unsolicited(self) -> bool:

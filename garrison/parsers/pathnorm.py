@@ -75,6 +75,12 @@ class NormalizedTarget:
     form: TargetForm
     authority: str | None = None
 
+    def __init__(self, path: str, form: TargetForm, authority: str | None = None) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "form", form)
+        object.__setattr__(self, "authority", authority)
+
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = b"0123456789ABCDEFabcdef"

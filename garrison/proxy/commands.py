@@ -49,11 +49,21 @@ class Forward:
     side: Side
     data: bytes
 
+    def __init__(self, side: Side, data: bytes) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "side", side)
+        object.__setattr__(self, "data", data)
+
 
 @dataclass(frozen=True, slots=True)
 class Inject:
     side: Side
     data: bytes
+
+    def __init__(self, side: Side, data: bytes) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "side", side)
+        object.__setattr__(self, "data", data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +71,12 @@ class Close:
     side: Side
     reason: str = ""
     error: bool = False  # the close is the result of an error (protocol or internal)
+
+    def __init__(self, side: Side, reason: str = "", error: bool = False) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "side", side)
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "error", error)
 
 
 class Log:

@@ -133,6 +133,31 @@ class _Slot:
     denied_topics: tuple[str, ...] = ()
     denied_entries: tuple[Any, ...] = ()
 
+    def __init__(
+        self,
+        request: KafkaRequest,
+        verdict: Verdict,
+        refs: tuple[RuleRef, ...],
+        started: float,
+        topics: tuple[str, ...],
+        local: bool = False,
+        allowed_topics: frozenset[str] | None = None,
+        unanswerable: str = "",
+        denied_topics: tuple[str, ...] = (),
+        denied_entries: tuple[Any, ...] = (),
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        self.request = request
+        self.verdict = verdict
+        self.refs = refs
+        self.started = started
+        self.topics = topics
+        self.local = local
+        self.allowed_topics = allowed_topics
+        self.unanswerable = unanswerable
+        self.denied_topics = denied_topics
+        self.denied_entries = denied_entries
+
 
 class _Out:
     """Commands of one call. Consecutive bytes for the same side become one write, and the

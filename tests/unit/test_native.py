@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.machinery
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,118 @@ def test_garrison_pure_asks_for_the_source_without_a_warning(built_copy: Path) -
     used, first, _ = done.stdout.split()
     assert (used, first) == ("False", str(built_copy / "garrison/parsers/http1.py"))
     assert done.stderr == ""
+
+
+# ---- written-out dataclass initialisers ("Initialisers" in garrison/native.py) ------------
+
+
+def _written_initialisers() -> list[tuple[str, ast.ClassDef, ast.FunctionDef]]:
+    """Every dataclass of a compiled module that defines its own `__init__`."""
+    found = []
+    for name in native.COMPILED:
+        path = native.ROOT / (name.replace(".", "/") + ".py")
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, ast.ClassDef) or not any(
+                _decorator_name(d) == "dataclass" for d in node.decorator_list
+            ):
+                continue
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                    found.append((name, node, item))
+    return found
+
+
+def _decorator_name(node: ast.expr) -> str:
+    target = node.func if isinstance(node, ast.Call) else node
+    return target.id if isinstance(target, ast.Name) else ""
+
+
+def _dataclass_options(cls: ast.ClassDef) -> dict[str, object]:
+    for node in cls.decorator_list:
+        if isinstance(node, ast.Call) and _decorator_name(node) == "dataclass":
+            return {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+    return {}
+
+
+def _fields(cls: ast.ClassDef) -> list[tuple[str, str, str | None, bool]]:
+    """(name, annotation, default source or None, init) of each field, in order."""
+    fields = []
+    for item in cls.body:
+        if not isinstance(item, ast.AnnAssign) or not isinstance(item.target, ast.Name):
+            continue
+        annotation = ast.unparse(item.annotation)
+        if annotation.startswith("ClassVar"):
+            continue
+        default: str | None = None
+        init = True
+        value = item.value
+        if isinstance(value, ast.Call) and _decorator_name(value) == "field":
+            for keyword in value.keywords:
+                if keyword.arg == "default":
+                    default = ast.unparse(keyword.value)
+                elif keyword.arg == "init":
+                    init = bool(ast.literal_eval(keyword.value))
+                elif keyword.arg == "default_factory":
+                    pytest.fail(f"{cls.name}.{item.target.id}: a default_factory field")
+        elif value is not None:
+            default = ast.unparse(value)
+        fields.append((item.target.id, annotation, default, init))
+    return fields
+
+
+WRITTEN = _written_initialisers()
+
+
+def test_the_per_request_dataclasses_write_their_initialisers() -> None:
+    names = {cls.name for _, cls, _ in WRITTEN}
+    assert {"FlowRecord", "Layer7", "HTTP", "Kafka", "Endpoint", "RequestReceived",
+            "ResponseReceived", "KafkaRequest", "KafkaResponse", "Forward"} <= names
+
+
+@pytest.mark.parametrize(("module", "cls", "init"), WRITTEN,
+                         ids=[f"{m}.{c.name}" for m, c, _ in WRITTEN])
+def test_a_written_initialiser_matches_its_fields(
+    module: str, cls: ast.ClassDef, init: ast.FunctionDef
+) -> None:
+    fields = _fields(cls)
+    options = _dataclass_options(cls)
+    wanted = [(name, annotation, default) for name, annotation, default, use in fields if use]
+    arguments = init.args.kwonlyargs if options.get("kw_only") else init.args.args[1:]
+    defaults = init.args.kw_defaults if options.get("kw_only") else (
+        [None] * (len(arguments) - len(init.args.defaults)) + list(init.args.defaults))
+    if options.get("kw_only"):
+        assert len(init.args.args) == 1, f"{cls.name}: kw_only, so only self is positional"
+    else:
+        assert not init.args.kwonlyargs, f"{cls.name}: its fields are positional"
+    got = [
+        (arg.arg, ast.unparse(arg.annotation) if arg.annotation else "",
+         ast.unparse(default) if default is not None else None)
+        for arg, default in zip(arguments, defaults, strict=True)
+    ]
+    assert got == wanted, f"{module}.{cls.name}.__init__ does not take its fields as declared"
+    frozen = bool(options.get("frozen"))
+    sets = []
+    for statement in init.body:
+        if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Call):
+            call = statement.value
+            assert frozen and ast.unparse(call.func) == "object.__setattr__", ast.unparse(call)
+            target, name, value = call.args
+            assert ast.unparse(target) == "self"
+            assert isinstance(name, ast.Constant)
+            sets.append((name.value, ast.unparse(value)))
+        elif isinstance(statement, ast.Assign):
+            assert not frozen, f"{cls.name} is frozen: set fields with object.__setattr__"
+            (target,) = statement.targets
+            assert isinstance(target, ast.Attribute) and ast.unparse(target.value) == "self"
+            sets.append((target.attr, ast.unparse(statement.value)))
+        else:
+            pytest.fail(f"{cls.name}.__init__ does more than set fields: {ast.unparse(statement)}")
+    expected = [(name, name if use else str(default)) for name, _, default, use in fields]
+    assert sets == expected, f"{module}.{cls.name}.__init__ must set each field, in order, once"
+
+
+@pytest.mark.skipif(PURE, reason="this run asked for the source (GARRISON_PURE=1)")
+def test_written_initialisers_run_compiled() -> None:
+    for module, cls, _ in WRITTEN:
+        init = vars(getattr(importlib.import_module(module), cls.name))["__init__"]
+        assert not isinstance(init, types.FunctionType), f"{module}.{cls.name}: interpreted"
