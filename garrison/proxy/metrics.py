@@ -86,7 +86,7 @@ class MetricsServer:
 
     def __init__(self, server: Any, thread: threading.Thread) -> None:
         self._server = server
-        self._thread = thread
+        self._serve_thread = thread
 
     @property
     def host(self) -> str:
@@ -99,7 +99,7 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join(timeout=5)
+        self._serve_thread.join(timeout=5)
 
 
 class ProxyMetrics:
