@@ -47,7 +47,10 @@ from types import ModuleType
 # the record sink, ring, access-log writer, metrics). Each must type-check under mypy --strict
 # and must not be monkeypatched by tests (compiled callers bind other compiled functions
 # directly). Not here: `garrison.proxy.upstream` (mypyc cannot compile its OSError
-# subclass), the HTTP/2 path (h2, pure Python, is most of its cost).
+# subclass) and the HTTP/2 path. Compiled, `garrison.parsers.http2` loses hpack's
+# NeverIndexedHeaderTuple marks: mypyc stores a value typed as a fixed-length tuple unboxed and
+# boxes it again as a plain tuple, so a credential would enter the HPACK table (the test of
+# never-indexed credentials fails). And h2 itself, pure Python, is most of that path's cost.
 COMPILED: tuple[str, ...] = (
     "garrison.parsers.pathnorm",
     "garrison.parsers.http1",
@@ -84,6 +87,18 @@ def extension_path(module: str) -> Path:
     return source.with_name(source.stem + importlib.machinery.EXTENSION_SUFFIXES[0])
 
 
+def leftover_extensions() -> list[str]:
+    """Modules with an extension file beside their source that `COMPILED` does not list (any
+    more): Python would import that old compiled code in preference to the source."""
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    found = []
+    for path in PACKAGE_DIR.rglob("*" + suffix):
+        module = ".".join(path.relative_to(ROOT).parts)[: -len(suffix)]
+        if module not in COMPILED and not path.name.startswith("compiled__mypyc"):
+            found.append(module)
+    return sorted(found)
+
+
 def source_digest(module: str) -> str:
     return hashlib.sha256(source_path(module).read_bytes()).hexdigest()
 
@@ -93,12 +108,16 @@ class BuildState:
     """What `check()` found: `fresh` means the compiled modules may be imported."""
 
     fresh: bool
-    compiled_files: int  # how many of COMPILED have an extension module beside the source
+    compiled_files: int  # how many extension modules are beside their sources
     problem: str = ""  # why the build may not be used, for the warning
 
 
 def check() -> BuildState:
     present = sum(1 for module in COMPILED if extension_path(module).exists())
+    leftovers = leftover_extensions()
+    if leftovers:  # a module no longer compiled: its old build must not run
+        problem = f"old compiled files remain for {', '.join(leftovers)}"
+        return BuildState(False, present + len(leftovers), problem)
     if present == 0:
         return BuildState(fresh=False, compiled_files=0, problem="not compiled")
     try:
@@ -123,12 +142,16 @@ def check() -> BuildState:
 
 
 class _SourceFinder(importlib.abc.MetaPathFinder):
-    """Finds the modules of COMPILED as their `.py` sources, ahead of the extension modules."""
+    """Finds the modules of COMPILED (and any left over from an older build) as their `.py`
+    sources, ahead of the extension modules."""
+
+    def __init__(self) -> None:
+        self.modules = frozenset(COMPILED) | frozenset(leftover_extensions())
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if fullname not in COMPILED:
+        if fullname not in self.modules:
             return None
         return importlib.util.spec_from_file_location(fullname, source_path(fullname))
 

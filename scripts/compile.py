@@ -44,7 +44,7 @@ def shared_libraries() -> list[Path]:
 
 def remove() -> None:
     native.RECORD.unlink(missing_ok=True)
-    for module in native.COMPILED:
+    for module in (*native.COMPILED, *native.leftover_extensions()):
         native.extension_path(module).unlink(missing_ok=True)
     for path in shared_libraries():
         path.unlink()

@@ -87,6 +87,22 @@ def test_a_missing_build_record_sends_every_one_back_to_source(built_copy: Path)
     assert "native-build.json is missing or unreadable" in done.stderr
 
 
+def test_a_module_compiled_by_an_older_build_runs_from_source(built_copy: Path) -> None:
+    # A module dropped from COMPILED keeps its extension file until the next compile; Python
+    # would import that in preference to the (maybe newer) source.
+    old = built_copy / "garrison/parsers" / f"grpc{EXTENSION}"
+    shutil.copy(built_copy / "garrison/parsers" / f"http1{EXTENSION}", old)
+    environment = {k: v for k, v in os.environ.items() if k != native.PURE_ENV}
+    environment["PYTHONPATH"] = str(built_copy)
+    done = subprocess.run(
+        [sys.executable, "-c", "import garrison, garrison.parsers.grpc as g; "
+         "print(garrison.COMPILED_IN_USE, g.__file__)"],
+        cwd=built_copy, env=environment, capture_output=True, text=True, check=True, timeout=60,
+    )
+    assert done.stdout.split() == ["False", str(built_copy / "garrison/parsers/grpc.py")]
+    assert "old compiled files remain for garrison.parsers.grpc" in done.stderr
+
+
 def test_garrison_pure_asks_for_the_source_without_a_warning(built_copy: Path) -> None:
     done = probe(built_copy, **{native.PURE_ENV: "1"})
     used, first, _ = done.stdout.split()
