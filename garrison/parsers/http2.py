@@ -64,7 +64,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import cast
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -83,6 +83,7 @@ from garrison.parsers.grpc import (
     grpc_status,
     is_grpc_content_type,
 )
+from garrison.parsers.h2memo import MemoDecoder, MemoEncoder, MemoStream
 
 __all__ = [
     "H2_PREFACE",
@@ -517,7 +518,16 @@ class _BoundedH2Connection(h2.connection.H2Connection):
         self.local_settings = h2.settings.Settings(
             client=config.client_side, initial_values=initial
         )
+        # Same codecs, with memos for the header blocks a busy connection repeats (h2memo).
+        self.encoder = MemoEncoder()
+        self.decoder = MemoDecoder()
         self.decoder.max_header_list_size = limits.max_header_list_size
+        self.header_memo: dict[Any, tuple[Any, ...]] = {}
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        MemoStream.adopt(stream, self.header_memo)
+        return stream
 
 
 @dataclass(slots=True)
