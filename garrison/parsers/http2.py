@@ -56,6 +56,10 @@ Memory is bounded over arbitrarily long connections: h2's per-stream objects are
 soon as streams close, the record of closed streams (needed to tell a late frame from a
 protocol error) keeps at most `max_closed_streams` ids, and this wrapper's own per-stream
 state exists only while a stream has queued or unacknowledged bytes.
+
+Repeated header blocks (every call of a gRPC channel) are answered from small per-connection
+memos instead of being decoded, validated and encoded again (`garrison.parsers.h2memo`, which
+says when a memo may answer); what goes out on the wire is byte for byte the same.
 """
 
 from __future__ import annotations
@@ -68,12 +72,13 @@ from typing import Any, cast
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
 from hpack.struct import NeverIndexedHeaderTuple
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
 
 from garrison.parsers.errors import LocalProtocolError, RemoteProtocolError
 from garrison.parsers.grpc import (
@@ -523,6 +528,37 @@ class _BoundedH2Connection(h2.connection.H2Connection):
         self.decoder = MemoDecoder()
         self.decoder.max_header_list_size = limits.max_header_list_size
         self.header_memo: dict[Any, tuple[Any, ...]] = {}
+
+    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        # h2's own method without its first line, `logger.trace("Received frame: %s",
+        # repr(frame))`: the repr is built even though the log is off, and formatting the
+        # flags and a hex preview of the body was ~15 % of a proxied gRPC call. The rest is
+        # h2's code as it is; a test holds the two equal, statement for statement.
+        events: list[h2.events.Event]
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+
+        return events
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
         stream = super()._begin_new_stream(stream_id, allowed_ids)
