@@ -65,7 +65,7 @@ says when a memo may answer); what goes out on the wire is byte for byte the sam
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, cast
@@ -77,8 +77,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import h2.stream
-from hpack.struct import NeverIndexedHeaderTuple
-from hyperframe.frame import Frame, GoAwayFrame, RstStreamFrame
+from h2.utilities import authority_from_headers, extract_method_header, is_informational_response
+from hpack.struct import HeaderTuple, NeverIndexedHeaderTuple
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from garrison.parsers.errors import LocalProtocolError, RemoteProtocolError
 from garrison.parsers.grpc import (
@@ -562,15 +563,65 @@ class _BoundedH2Connection(h2.connection.H2Connection):
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
         stream = super()._begin_new_stream(stream_id, allowed_ids)
-        MemoStream.adopt(stream, self.header_memo)
+        _Stream.adopt(stream, self.header_memo)
         return stream
+
+
+class _Stream(MemoStream):
+    """h2's stream with the memos, and a shorter `send_headers` for pre-validated blocks."""
+
+    def send_headers(
+        self, headers: Any, encoder: Any, end_stream: bool = False
+    ) -> list[Any]:
+        # On a connection with outbound normalization and validation off (garrison's
+        # `prevalidated_headers`), h2's own method minus two steps whose results nothing then
+        # uses: `utf8_encode_headers` (every block arrives here as bytes pairs from
+        # `_never_index_credentials`) and the validation flags (read only by the two passes
+        # that are off); ~8 % of a proxied gRPC call. The rest is h2's code as it is; a test
+        # holds the two equal, statement for statement.
+        if self.config.normalize_outbound_headers or self.config.validate_outbound_headers:
+            return list(super().send_headers(headers, encoder, end_stream))
+        self.config.logger.debug("Send headers %s on %r", headers, self)
+
+        input_ = h2.stream.StreamInputs.SEND_HEADERS
+
+        bytes_headers = headers
+
+        if (not self.state_machine.client) and is_informational_response(bytes_headers):
+            if end_stream:
+                msg = "Cannot set END_STREAM on informational responses."
+                raise h2.exceptions.ProtocolError(msg)
+
+            input_ = h2.stream.StreamInputs.SEND_INFORMATIONAL_HEADERS
+
+        self.state_machine.process_input(input_)
+
+        hf = HeadersFrame(self.stream_id)
+        frames = self._build_headers_frames(
+            bytes_headers, encoder, hf, None  # type: ignore[arg-type]  # read by no pass here
+        )
+
+        if end_stream:
+            self.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+            frames[0].flags.add("END_STREAM")
+
+        if self.state_machine.trailers_sent and not end_stream:
+            msg = "Trailers must have END_STREAM set."
+            raise h2.exceptions.ProtocolError(msg)
+
+        if self.state_machine.client and self._authority is None:
+            self._authority = authority_from_headers(bytes_headers)
+
+        self.request_method = extract_method_header(bytes_headers)
+
+        return frames
 
 
 @dataclass(slots=True)
 class _Outbound:
     buffer: bytearray
     end_stream: bool = False
-    trailers: list[tuple[bytes | str, bytes | str]] | None = None
+    trailers: Sequence[tuple[bytes | str, bytes | str]] | None = None
 
 
 def _headers(raw: object) -> tuple[Header, ...]:
@@ -584,21 +635,26 @@ def _latin1(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
 
 
-def _never_index_credentials(headers: HeadersIn) -> list[tuple[bytes | str, bytes | str]]:
+def _never_index_credentials(headers: HeadersIn) -> list[Header]:
     """What h2's outbound normalization does for HPACK safety, without the rest of it:
     `authorization`, `proxy-authorization` and a cookie shorter than 20 bytes are sent
     never-indexed, so that no compression context learns a credential (h2 `_secure_headers`,
-    after Firefox and nghttp2)."""
-    out: list[tuple[bytes | str, bytes | str]] = []
+    after Firefox and nghttp2). Also what h2's `utf8_encode_headers` does: every name and
+    value comes out as bytes (UTF-8), a header tuple keeping its type (`_Stream.send_headers`
+    relies on it)."""
+    out: list[Header] = []
     for header in headers:
         name, value = header[0], header[1]
-        if isinstance(name, str):
-            name = name.encode("utf-8")
-        if name == b"cookie" and isinstance(value, str):
-            value = value.encode("utf-8")
+        if type(name) is not bytes or type(value) is not bytes:
+            name = name.encode("utf-8") if isinstance(name, str) else name
+            value = value.encode("utf-8") if isinstance(value, str) else value
+            if isinstance(header, HeaderTuple):
+                header = header.__class__(name, value)
+            else:
+                header = (name, value)
         if name in _CREDENTIAL_FIELDS or (name == b"cookie" and len(value) < 20):
             header = NeverIndexedHeaderTuple(name, value)
-        out.append(header)
+        out.append(cast(Header, header))
     return out
 
 
@@ -1047,7 +1103,7 @@ class _H2Connection:
             raise LocalProtocolError(f"stream {stream_id}: trailers after the end of the stream")
         out.trailers = self._outbound_headers(headers)
 
-    def _outbound_headers(self, headers: HeadersIn) -> list[tuple[bytes | str, bytes | str]]:
+    def _outbound_headers(self, headers: HeadersIn) -> Sequence[tuple[bytes | str, bytes | str]]:
         if self.prevalidated_headers:
             return _never_index_credentials(headers)
         return list(headers)

@@ -274,22 +274,32 @@ def test_authority_falls_back_to_host_and_connect_has_no_path() -> None:
     )
 
 
+@pytest.mark.parametrize("as_text", [False, True])
 @pytest.mark.parametrize("plain_credential", [True, False])
 def test_prevalidated_connections_send_the_same_bytes_and_never_index_credentials(
-    plain_credential: bool,
+    plain_credential: bool, as_text: bool
 ) -> None:
     """Skipping h2's outbound checks for already validated blocks changes nothing on the
-    wire: a credential (marked or not by the sender) still goes out never-indexed."""
+    wire: a credential (marked or not by the sender) still goes out never-indexed, and
+    fields given as text go out UTF-8 as h2 would send them."""
     auth = (b"authorization", b"Bearer s3cret")
-    headers = [
+    headers: list[tuple[bytes | str, bytes | str]] = [
         (b":method", b"POST"),
         (b":scheme", b"http"),
         (b":path", b"/doors.DoorManager/GetName"),
         (b":authority", b"doors"),
         (b"content-type", b"application/grpc"),
         (b"cookie", b"a=b"),
+        (b"x-drink", "caf\u00e9".encode()),
         auth if plain_credential else NeverIndexedHeaderTuple(*auth),
     ]
+    if as_text:
+        headers = [
+            h.__class__(h[0].decode(), h[1].decode())
+            if isinstance(h, NeverIndexedHeaderTuple)
+            else (h[0].decode(), h[1].decode())  # type: ignore[union-attr]
+            for h in headers
+        ]
     wires = []
     for prevalidated in (False, True):
         client = H2ClientConnection(prevalidated_headers=prevalidated)
