@@ -317,3 +317,42 @@ def test_prevalidated_connections_send_the_same_bytes_and_never_index_credential
         assert isinstance(req.headers[-1], NeverIndexedHeaderTuple)
         assert auth not in client._h2.encoder.header_table.dynamic_entries
     assert wires[0] == wires[1]
+
+
+def test_prevalidated_server_sends_text_fields_as_h2_would() -> None:
+    """A pre-validated connection skips h2's UTF-8 pass, so its own encoding must hand h2
+    bytes: a response (1xx, final, trailers) given as text goes out as the normal path sends
+    it (h2's informational-response check fails on text)."""
+    blocks: list[list[tuple[bytes | str, bytes | str]]] = [
+        [(":status", "103"), ("link", "</a.css>")],
+        [(":status", "200"), ("content-type", "application/grpc"), ("x-drink", "caf\u00e9")],
+        [("grpc-status", "0")],
+    ]
+    wires = []
+    for prevalidated in (False, True):
+        client = H2ClientConnection()
+        server = H2ServerConnection(prevalidated_headers=prevalidated)
+        server.receive_data(client.data_to_send(), 0.0)
+        client.receive_data(server.data_to_send(), 0.0)
+        request = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/a.B/C"),
+            (b":authority", b"doors"),
+            (b"content-type", b"application/grpc"),
+        ]
+        sid = client.send_request(request, end_stream=True)
+        server.receive_data(client.data_to_send(), 0.0)
+        server.data_to_send()
+        server.send_headers(sid, blocks[0])
+        server.send_headers(sid, blocks[1])
+        server.send_trailers(sid, blocks[2])
+        wire = server.data_to_send()
+        wires.append(wire)
+        events = client.receive_data(wire, 0.0)
+        informational, response = [e for e in events if isinstance(e, ResponseReceived)]
+        assert (informational.status, response.status) == (103, 200)
+        assert (b"x-drink", "caf\u00e9".encode()) in response.headers
+        (trailers,) = [e for e in events if isinstance(e, TrailersReceived)]
+        assert trailers.grpc_status == 0
+    assert wires[0] == wires[1]

@@ -285,6 +285,7 @@ def test_never_indexed_fields_stay_never_indexed_through_the_engine() -> None:
     assert tuple(api_key) not in learned and auth not in learned
     assert (b"te", b"trailers") in learned  # the hop does index what it may
 
+
 def test_denied_call_among_concurrent_allowed_calls() -> None:
     """Twenty calls open at once on one connection, every other one denied: the denied ones
     get PERMISSION_DENIED and a reset of their request body, the others their answers."""
