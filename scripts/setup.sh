@@ -41,6 +41,51 @@ if ((${#missing[@]})); then
     fi
 fi
 
+# Containers for the CNI tests and demo (podman 4.3 from Debian): the CNI network backend, no
+# default open-files limit (crun may not raise it here), and in a hybrid cgroup layout whose
+# cgroup2 mount still offers hugetlb, that controller mounted as v1 (else crun refuses hybrid
+# mode). Only the keys named are written; everything else in containers.conf is kept.
+if [[ $(id -u) -eq 0 ]] && command -v podman >/dev/null; then
+    conf=/etc/containers/containers.conf
+    changed=$(python3 - "$conf" <<'PY'
+import re, sys
+from pathlib import Path
+path = Path(sys.argv[1])
+want = {"network_backend": '"cni"', "default_ulimits": "[]"}
+text = path.read_text() if path.exists() else ""
+lines = text.splitlines()
+start = next((i for i, l in enumerate(lines) if l.strip() == "[containers]"), None)
+if start is None:
+    lines += ([""] if lines else []) + ["[containers]"]
+    start = len(lines) - 1
+end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+done = []
+for key, value in want.items():
+    line = f"{key} = {value}"
+    hit = next((i for i in range(start + 1, end) if re.match(rf"\s*{key}\s*=", lines[i])), None)
+    if hit is None:
+        lines.insert(start + 1, line)
+        end += 1
+        done.append(line)
+    elif lines[hit].strip() != line:
+        lines[hit] = line
+        done.append(line)
+if done:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+print("; ".join(done))
+PY
+)
+    [[ -z $changed ]] || log "set in $conf under [containers]: $changed"
+    if [[ -r /sys/fs/cgroup/unified/cgroup.controllers ]] \
+        && grep -qw hugetlb /sys/fs/cgroup/unified/cgroup.controllers \
+        && ! mountpoint -q /sys/fs/cgroup/hugetlb; then
+        mkdir -p /sys/fs/cgroup/hugetlb
+        mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb
+        log "mounted the v1 hugetlb cgroup controller on /sys/fs/cgroup/hugetlb (crun refuses hybrid mode without it)"
+    fi
+fi
+
 # bcc compiles against /lib/modules/$(uname -r)/build; this kernel ships no headers, so point
 # the links at Debian's headers — only when they are missing, never over a real tree.
 kver=$(uname -r)
