@@ -88,7 +88,7 @@ from garrison.proxy.config import ProxyConfig
 from garrison.proxy.engine import make_engine
 from garrison.proxy.metrics import ProxyMetrics
 from garrison.proxy.policyview import Admission, PolicySource
-from garrison.proxy.sockets import PROXY_UPSTREAM_MARK, listener
+from garrison.proxy.sockets import PROXY_UPSTREAM_MARK, listener, system_backlog
 from garrison.proxy.upstream import (
     Address,
     PoolConfig,
@@ -809,8 +809,10 @@ class ProxyServer:
                 ), mark=mark, on_change=self._pool_changed,
             )
         try:
+            # create_server listens again, with 100 unless told: keep the system's maximum.
             server = await loop.create_server(
-                lambda: _ClientConnection(self, transparent), sock=sock
+                lambda: _ClientConnection(self, transparent), sock=sock,
+                backlog=system_backlog(),
             )
         except BaseException:
             sock.close()

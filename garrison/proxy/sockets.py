@@ -7,6 +7,8 @@ upstream sockets.
 - Upstream sockets carry `SO_MARK` = the datapath's proxy-upstream mark, so the tc program at
   the destination recognises the proxy's own connection and does not redirect it again.
   Needs CAP_NET_ADMIN too; standalone mode sets no mark.
+- Listeners take the system's largest accept queue (`net.core.somaxconn`), not Python's 100:
+  a burst of connects beyond the queue waits as SYN cookies or retransmitted SYNs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 PROXY_UPSTREAM_MARK = MARK_PROXY_UPSTREAM
 
 
+_SOMAXCONN = "/proc/sys/net/core/somaxconn"
+
+
+def system_backlog(path: str = _SOMAXCONN) -> int:
+    """The kernel's cap on a listener's accept queue (`net.core.somaxconn`; 4096 on Linux
+    since 5.4); `socket.SOMAXCONN` where it cannot be read."""
+    try:
+        with open(path, encoding="ascii") as f:
+            value = int(f.read().strip())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+    return value if value > 0 else socket.SOMAXCONN
+
+
 class ListenError(OSError):
     """A listener could not be opened; the message says why, for the operator."""
 
@@ -44,9 +60,10 @@ def listener(
     *,
     transparent: bool = False,
     reuse_port: bool = False,
-    backlog: int = 1024,
+    backlog: int | None = None,
 ) -> socket.socket:
-    """A listening, non-blocking TCP socket on host:port (port 0 picks a free one)."""
+    """A listening, non-blocking TCP socket on host:port (port 0 picks a free one), with an
+    accept queue of `backlog` (default: `system_backlog()`)."""
     family = family_of(host)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -71,7 +88,7 @@ def listener(
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise ListenError(exc.errno, f"{host} is not an address of this host") from exc
             raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        sock.listen(backlog)
+        sock.listen(system_backlog() if backlog is None else backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -334,3 +334,24 @@ async def test_a_client_pipelining_denied_requests_without_reading_is_paused(
     assert conn.transport.get_write_buffer_size() <= server.config.write_buffer_high + 256 * 1024
     writer.transport.abort()
     await server.close()
+
+
+def _accept_queue(port: int) -> int:
+    """The accept queue the kernel gave the listener on `port` (`ss`: Send-Q of LISTEN)."""
+    import subprocess
+
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True, timeout=10).stdout.split()
+    return int(out[2])  # State Recv-Q Send-Q Local Peer
+
+
+@in_loop
+async def test_the_listener_takes_the_systems_largest_accept_queue(upstream: Upstream) -> None:
+    from garrison.proxy.sockets import system_backlog
+
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING))
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+    assert system_backlog() == somaxconn
+    assert _accept_queue(address[1]) == somaxconn  # asyncio's own default would be 100
+    await server.close()
