@@ -246,6 +246,11 @@ class HTTPEngine:
         )
 
     @property
+    def upstream_protocol(self) -> str:
+        """What this connection speaks upstream: the pool never mixes the two."""
+        return "http/1.1" if self._delegate is None else "h2"
+
+    @property
     def waiting(self) -> str:
         if self._closed:
             return Waiting.CLOSED

@@ -556,7 +556,10 @@ class _ClientConnection(asyncio.Protocol):
             upstream.write(data)
             return
         if self._connecting is None:
-            conn = self.server.pool.take_idle(self.upstream_address) if self.pooled else None
+            conn = (
+                self.server.pool.take_idle(self.upstream_address, self._upstream_protocol())
+                if self.pooled else None
+            )
             if conn is not None:
                 self._attach(conn)
                 conn.write(data)
@@ -610,7 +613,9 @@ class _ClientConnection(asyncio.Protocol):
 
     async def _connect(self) -> None:
         try:
-            conn = await self.server.pool.connect(self.upstream_address)
+            conn = await self.server.pool.connect(
+                self.upstream_address, self._upstream_protocol()
+            )
         except UpstreamConnectError as exc:
             self._connecting = None
             self._upstream_unavailable(str(exc))
@@ -631,6 +636,11 @@ class _ClientConnection(asyncio.Protocol):
         for data in pending:
             conn.write(data)
         self._resume(_PAUSE_CONNECTING)
+
+    def _upstream_protocol(self) -> str:
+        """What the engine speaks upstream now: the pool hands out and takes back connections
+        by it (an HTTP/1.1 engine that took an h2c client speaks "h2")."""
+        return str(getattr(self.engine, "upstream_protocol", self.server.settings.protocol))
 
     def _attach(self, conn: UpstreamConnection) -> None:
         conn.owner = self

@@ -1,6 +1,10 @@
 """Upstream connections: the protocol object of one upstream socket, and a per-destination
 pool of idle HTTP/1.1 keep-alive connections shared by every client connection.
 
+The pool is keyed by (address, protocol): a connection is only ever handed to a client
+connection that speaks the protocol it was opened for (an HTTP/2 client's preface must never
+go down an idle HTTP/1.1 connection, which the upstream would read as a `PRI *` request).
+
 A client connection borrows an upstream connection when its engine first forwards bytes and,
 for HTTP/1.1, gives it back when the client has been idle a second (or leaves) and the engine
 reports it reusable (the last response is complete and kept the connection alive). So 1,000
@@ -23,6 +27,8 @@ from typing import Protocol, cast
 from garrison.proxy.sockets import upstream_socket
 
 Address = tuple[str, int]
+# What an upstream connection speaks: ALPN-style names ("http/1.1", "h2", "kafka").
+HTTP1 = "http/1.1"
 
 
 class UpstreamOwner(Protocol):
@@ -50,11 +56,15 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "owner",
         "pool",
+        "protocol",
         "transport",
     )
 
-    def __init__(self, address: Address, pool: UpstreamPool | None) -> None:
+    def __init__(
+        self, address: Address, pool: UpstreamPool | None, protocol: str = HTTP1
+    ) -> None:
         self.address = address
+        self.protocol = protocol
         self.pool = pool
         self.owner: UpstreamOwner | None = None
         self.transport: asyncio.Transport | None = None
@@ -196,14 +206,14 @@ class UpstreamPool:
         self._loop = loop
         self.config = config or PoolConfig()
         self._mark = mark
-        self._idle: dict[Address, deque[UpstreamConnection]] = {}
+        self._idle: dict[tuple[Address, str], deque[UpstreamConnection]] = {}
         self._on_change = on_change
         self._clock = clock
         self.stats = PoolStats()
 
-    def take_idle(self, address: Address) -> UpstreamConnection | None:
-        """An idle connection to `address`, now busy; None if there is none."""
-        idle = self._idle.get(address)
+    def take_idle(self, address: Address, protocol: str = HTTP1) -> UpstreamConnection | None:
+        """An idle connection to `address` speaking `protocol`, now busy; None if none."""
+        idle = self._idle.get((address, protocol))
         while idle:
             conn = idle.pop()
             if conn.closed:
@@ -215,8 +225,8 @@ class UpstreamPool:
             return conn
         return None
 
-    async def connect(self, address: Address) -> UpstreamConnection:
-        """A new connection to `address`, busy (raises UpstreamConnectError)."""
+    async def connect(self, address: Address, protocol: str = HTTP1) -> UpstreamConnection:
+        """A new connection to `address` for `protocol`, busy (raises UpstreamConnectError)."""
         host, port = address
         sock = upstream_socket(host, self._mark)
         try:
@@ -224,7 +234,7 @@ class UpstreamPool:
                 self._loop.sock_connect(sock, address), self.config.connect_timeout
             )
             _, conn = await self._loop.create_connection(
-                lambda: UpstreamConnection(address, self), sock=sock
+                lambda: UpstreamConnection(address, self, protocol), sock=sock
             )
         except TimeoutError as exc:
             sock.close()
@@ -254,7 +264,7 @@ class UpstreamPool:
             conn.close()
             self._changed()
             return
-        idle = self._idle.setdefault(conn.address, deque())
+        idle = self._idle.setdefault((conn.address, conn.protocol), deque())
         if len(idle) >= self.config.max_idle:
             conn.close()
             self._changed()
@@ -275,7 +285,7 @@ class UpstreamPool:
 
     def forget(self, conn: UpstreamConnection) -> None:
         """`conn` closed: if it was idle, it is gone from the pool."""
-        idle = self._idle.get(conn.address)
+        idle = self._idle.get((conn.address, conn.protocol))
         if idle is not None and conn.owner is None:
             try:
                 idle.remove(conn)

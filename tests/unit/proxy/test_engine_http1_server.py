@@ -56,6 +56,7 @@ class Upstream:
     def __init__(self) -> None:
         self.connections = 0
         self.requests = 0
+        self.heads: list[tuple[int, bytes]] = []  # (connection number, request head)
         self.server: asyncio.AbstractServer | None = None
         self.address: tuple[str, int] = ("", 0)
         self.slow_body = 0  # answer with a body this large (to test backpressure)
@@ -66,9 +67,11 @@ class Upstream:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        number = self.connections
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append((number, head))
                 length = 0
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
@@ -354,4 +357,36 @@ async def test_the_listener_takes_the_systems_largest_accept_queue(upstream: Ups
         somaxconn = int(f.read())
     assert system_backlog() == somaxconn
     assert _accept_queue(address[1]) == somaxconn  # asyncio's own default would be 100
+    await server.close()
+
+
+@in_loop
+async def test_an_h2c_client_never_gets_a_pooled_http1_upstream(upstream: Upstream) -> None:
+    """`curl --http1.1 URL; curl --http2-prior-knowledge URL`: the second client's preface
+    must open its own upstream connection, never go down the idle HTTP/1.1 one."""
+    import h2.config
+    import h2.connection
+
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING))
+    reader, writer = await asyncio.open_connection(*address)
+    assert await ask(address, LAND, OK, (reader, writer)) == OK
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert server.pool.stats.idle == 1  # the HTTP/1.1 connection waits in the pool
+
+    h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    h2c.initiate_connection()
+    h2c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "d"),
+                         (":path", "/v1/request-landing")])
+    h2c.send_data(1, b"{}", end_stream=True)
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(h2c.data_to_send())
+    for _ in range(100):
+        if any(head.startswith(b"PRI") for _n, head in upstream.heads):
+            break
+        await asyncio.sleep(0.02)
+    prefaces = [number for number, head in upstream.heads if head.startswith(b"PRI")]
+    assert prefaces == [2], upstream.heads  # a new connection, not the pooled one (1)
+    assert server.pool.stats.idle == 1 and server.pool.stats.reuses == 0
+    writer.close()
     await server.close()
