@@ -11,8 +11,14 @@ policy enforced is the ingress policy of the destination (`--dst-labels`, `--dst
 on port `--dport` (default: the upstream's port). SIGHUP or a changed policy file reloads the
 policy; an invalid one is refused and the old one stays. SIGTERM / SIGINT stop the proxy.
 
+When no loaded policy selects the destination for ingress (often a typo in `--dst-labels`),
+nothing in the files applies and every request would be forwarded: the proxy refuses to
+start, and refuses such a reload, unless `--allow-unselected` is given; then it warns at
+start and on every reload. The metric `garrison_proxy_destination_selected` is 1 or 0.
+
 Exit status: 0 after a clean stop; 2 for bad usage, an invalid policy (every problem printed
-as `file:line: ...`) or an access log that cannot be opened; 1 when the proxy cannot listen
+as `file:line: ...`), a policy that does not select the destination (without
+`--allow-unselected`) or an access log that cannot be opened; 1 when the proxy cannot listen
 (the address is in use, not local) or fails at run time.
 """
 
@@ -42,6 +48,7 @@ from garrison.proxy.metrics import ProxyMetrics
 from garrison.proxy.policyview import (
     DESTINATION_IDENTITY,
     PeerMapping,
+    PolicyConfigError,
     PolicySource,
     StandalonePolicy,
 )
@@ -63,6 +70,10 @@ log = logging.getLogger("garrison.proxy")
 
 class UsageError(Exception):
     pass
+
+
+class UnselectedDestinationError(PolicyConfigError):
+    """No loaded policy selects the destination: the proxy would enforce nothing."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -97,6 +108,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--access-log-backups", type=int, default=5, metavar="N",
                    help="rotated access logs to keep (default: %(default)s)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    p.add_argument("--allow-unselected", action="store_true",
+                   help="start (and reload) even when no policy selects the destination for "
+                   "ingress, i.e. forward every request; without it the proxy refuses")
     p.add_argument("--audit", action="store_true",
                    help="audit mode: log what policy would deny, deny nothing")
     p.add_argument("--enforcement", default="default", choices=[m.value for m in EnforcementMode])
@@ -159,7 +173,10 @@ class _Options:
         if not labels.items:
             raise UsageError("--dst-labels: give at least one label, e.g. app=web")
         self.dst_namespace = args.dst_namespace
+        self.dst_labels_text = args.dst_labels
         self.dst_labels = endpoint_labels(labels, args.dst_namespace)
+        self.files = list(args.files)
+        self.allow_unselected = bool(args.allow_unselected)
         self.peers: list[PeerMapping] = []
         for text in args.peer:
             try:
@@ -180,7 +197,7 @@ class _Options:
         )
 
     def build_policy(self, policies: Sequence[Policy], revision: int) -> PolicySource:
-        return StandalonePolicy(
+        policy = StandalonePolicy(
             policies,
             self.dst_labels,
             self.dport,
@@ -189,6 +206,21 @@ class _Options:
             self.resolver,
             revision,
         )
+        if not policy.destination_selected:
+            what = (
+                f"no policy in {', '.join(self.files)} selects the destination "
+                f"--dst-labels {self.dst_labels_text} (namespace {self.dst_namespace}) for "
+                f"ingress, so every "
+                + ("client would be refused" if policy.ingress_enforced
+                   else "request would be forwarded")
+            )
+            if not self.allow_unselected:
+                raise UnselectedDestinationError(
+                    f"{what}: check --dst-labels and --dst-namespace against the policy's "
+                    "endpointSelector, or pass --allow-unselected to run without policy"
+                )
+            log.warning("WARNING: %s (--allow-unselected)", what)
+        return policy
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,6 +235,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         policy = load_policy(args.files, options.build_policy, 1)
     except PolicyLoadError as exc:
+        if isinstance(exc.__cause__, UnselectedDestinationError):
+            print(f"garrison proxy: not started: {exc.__cause__}", file=sys.stderr)
+            return EXIT_USAGE
         for line in exc.lines:
             print(line, file=sys.stderr)
         print("garrison proxy: invalid policy; not started", file=sys.stderr)
@@ -234,6 +269,7 @@ async def _serve(
 ) -> int:
     loop = asyncio.get_running_loop()
     metrics = ProxyMetrics()
+    metrics.set_destination_selected(_selected(policy))
     metrics_server = None
     if options.metrics is not None:
         try:
@@ -282,7 +318,11 @@ async def _serve(
     # generations, so collections triggered by per-request garbage stay short.
     gc.collect()
     gc.freeze()
-    reloader = PolicyReloader(args.files, options.build_policy, server.update_policy)
+    def apply(new: PolicySource) -> None:
+        metrics.set_destination_selected(_selected(new))
+        server.update_policy(new)
+
+    reloader = PolicyReloader(args.files, options.build_policy, apply)
     reloader.start(loop)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -308,6 +348,10 @@ async def _serve(
             metrics_server.close()
     log.info("stopped")
     return 0
+
+
+def _selected(policy: PolicySource) -> bool:
+    return not isinstance(policy, StandalonePolicy) or policy.destination_selected
 
 
 async def _check_upstream(upstream: tuple[str, int]) -> None:

@@ -9,6 +9,8 @@
 - `garrison_proxy_upstream_pool_connections{state}` gauge: `state` = idle, busy.
 - `garrison_proxy_access_log_errors_total` counter.
 - `garrison_proxy_flows_total{verdict}` counter: FORWARDED, DROPPED, AUDIT, ERROR.
+- `garrison_proxy_destination_selected` gauge (standalone proxy): 1 when a loaded policy
+  selects the destination for ingress, 0 when none does (every request is forwarded).
 
 Cilium's `cilium_policy_l7_total` counts with the same `rule` values (received / forwarded /
 denied / parse_errors). Every `rule` × `proxy_type` × `direction` series exists from the start
@@ -145,6 +147,9 @@ class ProxyMetrics:
             ["verdict"],
             registry=self.registry,
         )
+        self._prefix = p
+        # only the standalone proxy has one destination: registered on first use
+        self._destination_selected: Gauge | None = None
         # The labelled children, by the arguments they were asked for: prometheus_client's
         # `labels()` validates and joins its arguments on every call, several µs each, and the
         # proxy asks for the same few children on every loop turn.
@@ -208,6 +213,15 @@ class ProxyMetrics:
     def set_upstream_pool(self, idle: int, busy: int) -> None:
         self._pool.labels("idle").set(idle)
         self._pool.labels("busy").set(busy)
+
+    def set_destination_selected(self, selected: bool) -> None:
+        if self._destination_selected is None:
+            self._destination_selected = Gauge(
+                f"{self._prefix}_proxy_destination_selected",
+                "1 when a loaded policy selects the proxied destination for ingress, else 0",
+                registry=self.registry,
+            )
+        self._destination_selected.set(1 if selected else 0)
 
     # -- records -----------------------------------------------------------------------------
 

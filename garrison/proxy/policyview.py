@@ -97,7 +97,8 @@ class StandalonePolicy:
     Unknown addresses are `reserved:world`. A connection the L3/L4 policy does not allow is
     refused (the datapath would have dropped its SYN). When the port is allowed at L4 only, or
     no policy enforces the destination's ingress, every request passes (still parsed and
-    logged): the rule set is allow-all.
+    logged): the rule set is allow-all. `destination_selected` says whether any rule selects
+    the destination for ingress at all.
     """
 
     def __init__(
@@ -122,6 +123,13 @@ class StandalonePolicy:
         resolver = build_resolver(policies, [(i, lab) for lab, i in ids.items()], config)
         self.audit = resolver.config.audit
         self._state = resolver.map_state(DESTINATION_IDENTITY)
+        # False when no rule selects the destination with an ingress section: then nothing
+        # the policy files say applies here (often a typo in the destination's labels).
+        self.destination_selected = any(
+            rule.ingress is not None or rule.ingress_deny is not None
+            for _, rule in resolver.rules_selecting(DESTINATION_IDENTITY)
+        )
+        self.ingress_enforced = self._state.ingress_enforced
         self._check_protocol()
 
     @property
