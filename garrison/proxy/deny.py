@@ -42,19 +42,23 @@ _HTTP1_REASONS: dict[int, bytes] = {
 }
 
 
-def http1_access_denied(version: bytes = b"HTTP/1.1", *, keep_alive: bool) -> bytes:
+def http1_access_denied(
+    version: bytes = b"HTTP/1.1", *, keep_alive: bool, head: bool = False
+) -> bytes:
     """The answer to a denied HTTP/1.x request, as Cilium's proxy gives it:
 
     `403 Forbidden`, `Content-Length: 15`, `Content-Type: text/plain`, body
     `Access denied\\r\\n`; `Connection: close` when the connection closes after it, and
     `Connection: keep-alive` for an HTTP/1.0 client whose connection stays open (HTTP/1.0
     closes by default). `version` is the request's (`RequestReceived.version`).
+    `head`: the request was a HEAD, whose answer has the same fields but no body (RFC 9110
+    §9.3.2); a body there is read by the client as the start of the next response.
     """
-    return _http1_answer(version, 403, HTTP1_DENIED_BODY, keep_alive)
+    return _http1_answer(version, 403, HTTP1_DENIED_BODY, keep_alive, head)
 
 
 def http1_error_response(
-    status: int, *, keep_alive: bool = False, version: bytes = b"HTTP/1.1"
+    status: int, *, keep_alive: bool = False, version: bytes = b"HTTP/1.1", head: bool = False
 ) -> bytes:
     """The answer to a request the parser refused (`HTTP1Error.status`: 400, 413, 414, 431,
     501, 505; 502 when upstream's response could not be parsed), body `<reason>\\r\\n`.
@@ -65,10 +69,12 @@ def http1_error_response(
     reason = _HTTP1_REASONS.get(status)
     if reason is None or status == 403:
         raise ValueError(f"no HTTP/1.1 error answer for status {status}")
-    return _http1_answer(version, status, reason + b"\r\n", keep_alive)
+    return _http1_answer(version, status, reason + b"\r\n", keep_alive, head)
 
 
-def _http1_answer(version: bytes, status: int, body: bytes, keep_alive: bool) -> bytes:
+def _http1_answer(
+    version: bytes, status: int, body: bytes, keep_alive: bool, head: bool = False
+) -> bytes:
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise ValueError(f"no HTTP/1.x answer for version {version!r}")
     if not keep_alive:
@@ -83,7 +89,7 @@ def _http1_answer(version: bytes, status: int, body: bytes, keep_alive: bool) ->
         _HTTP1_REASONS[status],
         len(body),
         connection,
-        body,
+        b"" if head else body,
     )
 
 

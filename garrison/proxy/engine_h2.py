@@ -23,11 +23,12 @@ Per client stream, on its request headers:
   response (gRPC: at the end of the call, status from the trailers or the trailers-only
   answer; HTTP: at the response headers), each with its latency from the request.
 - Denied: gRPC-content-type requests get the trailers-only PERMISSION_DENIED answer, others
-  `403 Access denied`; a request body still open at the end of the read that carried the
-  headers is cut with RST_STREAM(NO_ERROR) after the answer (RFC 9113 §8.1; grpcio sends a
-  unary call's HEADERS and DATA together, so its denied calls need no reset). Nothing reaches
-  the upstream; records DROPPED, naming the policy rules whose L7 rules the request failed
-  (`*_denied_by`, as the HTTP/1.1 engine does). Sibling streams are untouched.
+  `403 Access denied` (to a HEAD: the header block alone, with END_STREAM); a request body
+  still open at the end of the read that carried the headers is cut with RST_STREAM(NO_ERROR)
+  after the answer (RFC 9113 §8.1; grpcio sends a unary call's HEADERS and DATA together, so
+  its denied calls need no reset). Nothing reaches the upstream; records DROPPED, naming the
+  policy rules whose L7 rules the request failed (`*_denied_by`, as the HTTP/1.1 engine
+  does). Sibling streams are untouched.
 - Audit mode (`context.audit`): everything is forwarded; what would have been denied is
   logged AUDIT (with `*_denied_by` and POLICY_DENIED as the reason it would have had).
 
@@ -772,8 +773,11 @@ class H2Engine:
         else:
             code = 400 if unsafe else 403
             headers, body = http2_error_response(400) if unsafe else http2_access_denied()
-            client.send_headers(sid, headers)
-            client.send_data(sid, body, end_stream=True)
+            if ev.method == "HEAD":  # same fields, no body (RFC 9110 §9.3.2)
+                client.send_headers(sid, headers, end_stream=True)
+            else:
+                client.send_headers(sid, headers)
+                client.send_data(sid, body, end_stream=True)
         if not ev.end_stream:
             self._denied_open[sid] = None
         self._flush(Inject, upstream=False)

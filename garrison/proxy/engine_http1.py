@@ -427,7 +427,8 @@ class HTTPEngine:
             self._discarded = 0
             if (event.content_length or 0) > DISCARD_LIMIT or event.expect_continue:
                 ex.close_after = True
-        ex.answer = http1_access_denied(event.version, keep_alive=not ex.close_after)
+        ex.answer = http1_access_denied(event.version, keep_alive=not ex.close_after,
+                                        head=event.method == "HEAD")
         if ex.close_after:
             self._ignore_rest = True  # nothing after it may be forwarded
         self._queue.append(ex)
@@ -443,7 +444,8 @@ class HTTPEngine:
         ex.close_after = True
         self._ignore_rest = True
         if ex in self._queue:
-            ex.answer = http1_access_denied(ex.version, keep_alive=False)
+            ex.answer = http1_access_denied(ex.version, keep_alive=False,
+                                            head=ex.method == "HEAD")
         else:  # already answered with keep-alive; nothing was read after it
             self._closed = True
             out.append(Close(_BOTH, "denied request body too large to discard"))
@@ -604,6 +606,8 @@ class HTTPEngine:
         """Give up on the connection: answer the request owed (if any), close, log ERROR."""
         self._upstream_ok = False
         out.append(Log(self._error_record(now, reason, drop)))
+        failing = self._head_forwarded()
+        head = failing is not None and failing.method == "HEAD"
         # Answers garrison already owes before the failing request still go out first.
         queue = self._queue
         while queue and queue[0].answer is not None and not isinstance(queue[0], _ErrorExchange):
@@ -614,7 +618,7 @@ class HTTPEngine:
                 answer = None
                 break
         if answer is not None:
-            out.append(Inject(_CLIENT, http1_error_response(answer)))
+            out.append(Inject(_CLIENT, http1_error_response(answer, head=head)))
         queue.clear()
         self._closed = True
         out.append(Close(_BOTH, reason, error=True))

@@ -718,3 +718,37 @@ def test_upstream_refusing_a_stream_refuses_it_to_the_client() -> None:
     p.pump()
     assert p.client_resets(sid) == [7]
     assert p.engine.open_calls == 0
+
+
+def test_denied_head_is_answered_with_headers_only() -> None:
+    """A HEAD answer has no body: a DATA frame after it made curl and httpx report a protocol
+    error. The 403's fields stay (content-length 15, as for GET) and the stream ends with them;
+    the connection goes on."""
+    p = Pipe(http_rules(HTTPRule(method="GET", path="/v1/.*")), rules="http", handler=None)
+
+    def ask(method: bytes, path: bytes) -> int:
+        return p.client.send_request(
+            [(b":method", method), (b":scheme", b"http"), (b":path", path),
+             (b":authority", b"d")],
+            end_stream=True,
+        )
+
+    head = ask(b"HEAD", b"/v1/doors")
+    p.pump()
+    response, ended = p.client_stream(head)
+    assert isinstance(response, ResponseReceived) and response.status == 403
+    assert (b"content-length", b"15") in response.headers
+    assert isinstance(ended, StreamEnded)
+    data = [f for f in frames(b"".join(c.data for c in p.writes(Side.CLIENT)))
+            if f.type == "Data"]
+    assert data == []
+    get = ask(b"GET", b"/v1/doors")
+    p.pump()
+    [usid] = p.upstream_requests
+    p.upstream.send_headers(usid, [(b":status", b"200")], end_stream=True)
+    p.pump()
+    response = p.client_stream(get)[0]
+    assert isinstance(response, ResponseReceived) and response.status == 200
+    assert [(r.l7.http.method, r.l7.http.code) for r in p.records
+            if r.l7 and r.l7.http and r.l7.type.value == "RESPONSE"] == [
+        ("HEAD", 403), ("GET", 200)]

@@ -330,6 +330,26 @@ def test_head_response_has_no_body() -> None:
     assert out(engine.upstream_data(head + head, T0)).client == head + head
 
 
+def test_denied_head_is_answered_without_a_body_and_the_next_request_goes_on() -> None:
+    """`curl -I` saw 15 excess bytes; httpx, aiohttp and Node read them as the next status
+    line. A HEAD answer carries the GET answer's fields, Content-Length included, no body."""
+    engine = make()
+    result = out(engine.client_data(req("HEAD", "/v1/exhaust-port") + LAND, T0))
+    answer = (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 15\r\nContent-Type: text/plain\r\n"
+              b"\r\n")
+    assert result.client == answer
+    assert result.upstream == LAND and result.closes == []
+    assert out(engine.upstream_data(resp(), T0)).client == resp()
+
+
+def test_upstream_unavailable_for_a_head_answers_without_a_body() -> None:
+    engine = make(ruleset((HTTPRule(method="HEAD"), RULE1)))
+    engine.client_data(req("HEAD", "/v1/"), T0)
+    result = out(engine.upstream_unavailable("connection refused", T0))
+    assert result.client == (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 21\r\n"
+                             b"Content-Type: text/plain\r\nConnection: close\r\n\r\n")
+
+
 def test_client_connection_close_closes_after_the_response() -> None:
     engine = make()
     engine.client_data(req("POST", "/v1/request-landing", extra="Connection: close\r\n"), T0)
