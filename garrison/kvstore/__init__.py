@@ -1,6 +1,21 @@
-"""Key-value backends: the embedded SQLite store (single node) now, etcd (multi-node) later."""
+"""Key-value backends: the embedded SQLite store (single node) and etcd (`kvstore.etcd`, a cluster)."""
 
-from garrison.kvstore.base import InvalidKeyError, KVStore, KVStoreError, KVStoreOpenError
+from garrison.kvstore.base import (
+    InvalidKeyError,
+    KVStore,
+    KVStoreError,
+    KVStoreOpenError,
+    KVStoreUnavailableError,
+    TransactionalKVStore,
+)
 from garrison.kvstore.sqlite import SQLiteKVStore
 
-__all__ = ["InvalidKeyError", "KVStore", "KVStoreError", "KVStoreOpenError", "SQLiteKVStore"]
+__all__ = [
+    "InvalidKeyError",
+    "KVStore",
+    "KVStoreError",
+    "KVStoreOpenError",
+    "KVStoreUnavailableError",
+    "SQLiteKVStore",
+    "TransactionalKVStore",
+]

@@ -14,10 +14,18 @@ transaction, and an etcd backend maps each one to a single request:
 | `compare_and_swap`   | Txn(If Value(key) == expected Then Put); None: as `create`  |
 | `delete`             | DeleteRange(key), deleted > 0                               |
 | `compare_and_delete` | Txn(If Value(key) == expected Then DeleteRange(key))        |
+| `transaction`        | Txn(If every condition Then every op)                       |
+
+A `TransactionalKVStore` also writes several keys at once under several conditions (the
+cluster identity allocator needs "claim a number, name its labels and add this node's
+reference" as one step). Only the etcd backend has leases: a `Put` bound to a lease vanishes
+when its owner stops renewing the lease; `garrison/kvstore/etcd.py` has sessions and watches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -33,6 +41,10 @@ class KVStoreOpenError(KVStoreError):
         super().__init__(f"cannot open kvstore {path!r}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class KVStoreUnavailableError(KVStoreError):
+    """The store did not answer (down, partitioned, or too slow); the operation may be retried."""
 
 
 class InvalidKeyError(KVStoreError, ValueError):
@@ -97,3 +109,92 @@ class KVStore(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+# Transactions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ValueIs:
+    """Condition: `key` exists and holds exactly `value`."""
+
+    key: str
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Absent:
+    """Condition: `key` does not exist."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class NoneWithPrefix:
+    """Condition: no key starts with `prefix` (which must be non-empty)."""
+
+    prefix: str
+
+
+Condition = ValueIs | Absent | NoneWithPrefix
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Op: store `value` at `key`; `lease` binds the key to a lease (etcd only; None: no lease)."""
+
+    key: str
+    value: bytes
+    lease: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Op: remove `key` if present."""
+
+    key: str
+
+
+Op = Put | Delete
+
+
+class TransactionalKVStore(KVStore, Protocol):
+    """A `KVStore` that applies several writes atomically when several conditions hold."""
+
+    def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> bool:
+        """Apply every op if every condition holds, all at once; True if they were applied."""
+        ...
+
+
+# Watches ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPut:
+    """A key under a watched prefix was created or changed at store revision `revision`."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyDeleted:
+    """A key under a watched prefix was deleted (or its lease expired) at `revision`."""
+
+    key: str
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Relisted:
+    """The whole content of a watched prefix at `revision`: the first event of every watch,
+    and again when the store compacted away the history the watch needed to resume (`reason`
+    says so). A consumer replaces its view with `items`; later events follow `revision`."""
+
+    items: Mapping[str, bytes]
+    revision: int
+    reason: str
+
+
+WatchEvent = KeyPut | KeyDeleted | Relisted

@@ -14,13 +14,24 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Self
 
-from garrison.kvstore.base import KVStoreError, KVStoreOpenError, check_key
+from garrison.kvstore.base import (
+    Absent,
+    Condition,
+    Delete,
+    KVStoreError,
+    KVStoreOpenError,
+    NoneWithPrefix,
+    Op,
+    Put,
+    ValueIs,
+    check_key,
+)
 
 MEMORY = ":memory:"
 FILENAME = "kvstore.sqlite"
@@ -226,6 +237,44 @@ class SQLiteKVStore:
         with self._write() as conn:
             cur = conn.execute("DELETE FROM kv WHERE key = ? AND value = ?", (key, expected))
             return cur.rowcount == 1
+
+    def transaction(self, conditions: Sequence[Condition], ops: Sequence[Op]) -> bool:
+        for op in ops:
+            check_key(op.key)
+            if isinstance(op, Put) and op.lease is not None:
+                raise KVStoreError(
+                    "the embedded SQLite kvstore has no leases: use --kvstore etcd for a cluster"
+                )
+        with self._write() as conn:
+            for cond in conditions:
+                if isinstance(cond, NoneWithPrefix):
+                    if not cond.prefix:
+                        raise KVStoreError("NoneWithPrefix needs a non-empty prefix")
+                    row = conn.execute(
+                        "SELECT 1 FROM kv WHERE key >= ?1 AND substr(key, 1, length(?1)) = ?1"
+                        " LIMIT 1",
+                        (cond.prefix,),
+                    ).fetchone()
+                    if row is not None:
+                        return False
+                    continue
+                found = conn.execute(
+                    "SELECT value FROM kv WHERE key = ?", (check_key(cond.key),)
+                ).fetchone()
+                if isinstance(cond, Absent) and found is not None:
+                    return False
+                if isinstance(cond, ValueIs) and (found is None or bytes(found[0]) != cond.value):
+                    return False
+            for op in ops:
+                if isinstance(op, Put):
+                    conn.execute(
+                        "INSERT INTO kv (key, value) VALUES (?, ?)"
+                        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (op.key, op.value),
+                    )
+                elif isinstance(op, Delete):
+                    conn.execute("DELETE FROM kv WHERE key = ?", (op.key,))
+            return True
 
     def close(self) -> None:
         with self._lock:
