@@ -1,4 +1,4 @@
-"""Key-value backends: the embedded SQLite store (single node) and etcd (`kvstore.etcd`, a cluster)."""
+"""Key-value backends: the embedded SQLite store (one node) and etcd (`kvstore.etcd`, a cluster)."""
 
 from garrison.kvstore.base import (
     InvalidKeyError,
