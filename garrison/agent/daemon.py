@@ -25,14 +25,20 @@ from typing import Any
 
 from garrison.agent.api import APIError
 from garrison.agent.config import AgentConfig
-from garrison.agent.endpoints import GATEWAY, EndpointError, EndpointRecord, EndpointRegistry
+from garrison.agent.endpoints import (
+    GATEWAY,
+    OWNS_ALL,
+    EndpointError,
+    EndpointRecord,
+    EndpointRegistry,
+)
 from garrison.agent.kernel import KernelDatapath, Link
 from garrison.agent.policystore import ImportedPolicies
 from garrison.bpf.sync import LocalEndpoint
 from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowStore, StoreConfig
 from garrison.identity.allocator import AllocatorConfig, IdentityAllocator
-from garrison.identity.model import RESERVED, Identity
+from garrison.identity.model import RESERVED, RESERVED_BY_ID, Identity
 from garrison.kvstore.sqlite import SQLiteKVStore
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
@@ -44,6 +50,8 @@ from garrison.policies.repository import PolicyChange, PolicyRepository
 from garrison.policies.resolve import PolicyResolver, ResolverConfig
 from garrison.policies.selectorcache import WORLD_IDENTITY
 from garrison.proxy.policyview import Admission
+from garrison.redirect import endpoint as netdev
+from garrison.redirect.tc import ForeignFilterError
 
 HOST_IDENTITY = RESERVED["host"].id
 
@@ -92,12 +100,18 @@ class Agent:
             for identity in RESERVED.values():
                 self.resolver.add_identity(identity.id, identity.labels)
             for ep in list(self.endpoints):
-                link = self.datapath.link_of(ep.name)
+                link = self.datapath.link_of(ep.name, ep.host_ifname or None)
+                if link is None and ep.adopted:
+                    # a namespace garrison did not make went away (a container stopped while
+                    # the agent was down): forget it, never recreate someone else's network
+                    log.warning("endpoint %s: its adopted network is gone; removing", ep.name)
+                    self._remove_endpoint(ep)
+                    continue
                 if link is None:
                     log.warning("endpoint %s: its network is gone; recreating it", ep.name)
                     link = self.datapath.create_endpoint(ep.name, ep.ipv4)
                 self._links[ep.name] = link
-                ident = self.allocator.allocate(ep.full_labels, owner=f"endpoint:{ep.name}")
+                ident = self._identity_for(ep)
                 if ident.id != ep.identity or ep.host_ifname != link.host_ifname:
                     ep = replace(ep, identity=ident.id, host_ifname=link.host_ifname)
                     self.endpoints.update(ep)
@@ -137,28 +151,67 @@ class Agent:
     # -- endpoints ---------------------------------------------------------------------------
 
     def add_endpoint(
-        self, name: str, labels: Sequence[str], namespace: str = "default", ip: str | None = None
+        self, name: str, labels: Sequence[str], namespace: str = "default", ip: str | None = None,
+        netns: str | None = None, interface: str = "eth0", container_id: str = "",
     ) -> EndpointRecord:
+        """A new endpoint; with `netns` (a path or `ip netns` name) one adopting a namespace
+        someone else made. Without labels (a container whose labels are still being read)
+        the endpoint gets the reserved `init` identity, which is denied both ways until a
+        policy selects it: no window where its traffic is unpoliced."""
         with self.lock:
             try:
                 parsed = Labels.parse(list(labels))
             except ValueError as exc:
                 raise EndpointError(f"--labels: {exc}") from exc
-            if not parsed.items:
+            if not parsed.items and not container_id:
                 raise EndpointError("--labels: give at least one label, e.g. app=web")
+            netns_path = ""
+            if netns is not None:
+                try:
+                    netns_path = netdev.netns_path_of(netns)
+                    peer = netdev.find_host_peer(netns_path, interface)
+                    found = netdev.container_ipv4(netns_path, interface) if peer else None
+                except (netdev.EndpointNetworkError, OSError) as exc:
+                    raise EndpointError(str(exc)) from exc
+                if peer is not None and found is None:
+                    raise EndpointError(
+                        f"{netns_path}: {interface} has no IPv4 address; garrison identifies "
+                        "an endpoint's traffic by it"
+                    )
+                if found is not None and ip is not None and ip != str(found):
+                    raise EndpointError(f"--ip {ip}: {interface} already has {found}")
+                ipv4 = self.endpoints.claim_ip(str(found)) if found else (
+                    self.endpoints.allocate_ip(ip)
+                )
+            else:
+                ipv4 = self.endpoints.allocate_ip(ip)
             record = EndpointRecord(
                 id=0,
                 name=name,
                 namespace=namespace,
                 labels=tuple(sorted(f"{lab.key}={lab.value}" for lab in parsed)),
-                ipv4=self.endpoints.allocate_ip(ip),
+                ipv4=ipv4,
                 created=time.time(),
+                netns_path=netns_path,
+                ifname=interface if netns_path else "",
+                owned=() if netns_path else OWNS_ALL,
+                container_id=container_id,
             )
             record = self.endpoints.add(record)
             try:
-                link = self.datapath.create_endpoint(record.name, record.ipv4)
+                if netns_path:
+                    try:
+                        link, _, owned = self.datapath.adopt_endpoint(
+                            name, netns_path, interface, None if found else ipv4
+                        )
+                    except netdev.EndpointNetworkError as exc:
+                        raise EndpointError(str(exc)) from exc
+                    record = replace(record, host_ifname=link.host_ifname, owned=owned)
+                    self.endpoints.update(record)
+                else:
+                    link = self.datapath.create_endpoint(record.name, record.ipv4)
                 self._links[name] = link
-                ident = self.allocator.allocate(record.full_labels, owner=f"endpoint:{name}")
+                ident = self._identity_for(record)
                 record = replace(record, identity=ident.id, host_ifname=link.host_ifname)
                 self.endpoints.update(record)
                 changed = self.resolver.add_identity(ident.id, ident.labels)
@@ -166,11 +219,22 @@ class Agent:
                 # its programs: it is enforced from its first packet
                 self._sync(changed | {ident.id})
                 self.datapath.write_endpoint(link, ident.id, record.ipv4, self.resolver)
-                self.datapath.attach(link)
+                try:
+                    made_clsact = self.datapath.attach(link)
+                except ForeignFilterError as exc:
+                    raise EndpointError(str(exc)) from exc
+                if made_clsact and "clsact" not in record.owned:
+                    record = replace(record, owned=(*record.owned, "clsact"))
+                    self.endpoints.update(record)
             except BaseException:
                 self._remove_endpoint(record)
                 raise
             return record
+
+    def _identity_for(self, ep: EndpointRecord) -> Identity:
+        if not ep.labels:  # labels not known yet: reserved:init (Cilium's, for the same case)
+            return RESERVED["init"]
+        return self.allocator.allocate(ep.full_labels, owner=f"endpoint:{ep.name}")
 
     def delete_endpoint(self, name: str) -> EndpointRecord:
         with self.lock:
@@ -178,13 +242,16 @@ class Agent:
             self._remove_endpoint(record)
             return record
 
-    def relabel_endpoint(self, name: str, labels: Sequence[str]) -> EndpointRecord:
+    def relabel_endpoint(
+        self, name: str, labels: Sequence[str], namespace: str | None = None
+    ) -> EndpointRecord:
         """New labels → new identity: map writes only (policy of the new identity, then the
         endpoint's config and ipcache entry); no program is touched."""
         with self.lock:
             record = self.endpoints.get(name)
             parsed = Labels.parse(list(labels))
-            new = replace(record, labels=tuple(sorted(f"{la.key}={la.value}" for la in parsed)))
+            new = replace(record, labels=tuple(sorted(f"{la.key}={la.value}" for la in parsed)),
+                          namespace=namespace or record.namespace)
             ident = self.allocator.allocate(new.full_labels, owner=f"endpoint:{name}")
             new = replace(new, identity=ident.id)
             changed = self.resolver.add_identity(ident.id, ident.labels)
@@ -204,7 +271,9 @@ class Agent:
 
     def _remove_endpoint(self, record: EndpointRecord) -> None:
         try:
-            self.datapath.delete_endpoint(record.name, record.ipv4)
+            self.datapath.delete_endpoint(
+                record.name, record.ipv4, record.host_ifname or None, record.owned
+            )
         finally:
             self._links.pop(record.name, None)
             with contextlib.suppress(EndpointError):
@@ -212,7 +281,7 @@ class Agent:
             self._release_identity(record)
 
     def _release_identity(self, record: EndpointRecord) -> None:
-        if not record.identity:
+        if not record.identity or record.identity in RESERVED_BY_ID:
             return
         freed = self.allocator.release(
             Identity(record.identity, record.full_labels), owner=f"endpoint:{record.name}"

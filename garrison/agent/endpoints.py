@@ -1,8 +1,11 @@
 """The agent's endpoint registry: what it created, persisted so a restart finds it again.
 
 An endpoint is a network namespace NAME with a veth pair to the host and an address from the
-endpoint pool. The registry is a JSON file under the state directory, replaced atomically on
-every change; addresses are allocated host-scope from the pool, lowest free first.
+endpoint pool; or an adopted namespace (`netns_path`: one someone else made, e.g. a container
+runtime's) whose host-side veth garrison governs. `owned` names what garrison created (of
+`netns`, `veth`, `clsact`): a delete removes exactly that. The registry is a JSON file under
+the state directory, replaced atomically on every change; addresses are allocated host-scope
+from the pool, lowest free first (an adopted veth keeps the address it has).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from garrison.policies.labels import Labels, endpoint_labels
 # The host's side of every endpoint link (garrison.redirect.endpoint.DEFAULT_GATEWAY).
 GATEWAY = ipaddress.IPv4Address("198.19.255.254")
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+# a container name is a valid endpoint name; interface names derive from a hash of it
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+OWNS_ALL = ("netns", "veth", "clsact")
 
 
 class EndpointError(ValueError):
@@ -41,6 +46,14 @@ class EndpointRecord:
     host_ifname: str = ""
     created: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
+    netns_path: str = ""
+    ifname: str = ""
+    owned: tuple[str, ...] = OWNS_ALL
+    container_id: str = ""
+
+    @property
+    def adopted(self) -> bool:
+        return bool(self.netns_path)
 
     @property
     def full_labels(self) -> Labels:
@@ -63,8 +76,8 @@ def host_veth_name(name: str) -> str:
 def validate_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise EndpointError(
-            f"endpoint name {name!r}: use 1-15 lower-case letters, digits or '-' "
-            "(it names a network namespace and an interface)"
+            f"endpoint name {name!r}: use 1-63 letters, digits, '_', '.' or '-', starting "
+            "with a letter or digit (it names a network namespace)"
         )
 
 
@@ -84,6 +97,8 @@ class EndpointRegistry:
             raise EndpointError(f"{self.path}: cannot read the endpoint registry: {exc}") from exc
         for item in data.get("endpoints", []):
             item["labels"] = tuple(item.get("labels", ()))
+            if "owned" in item:
+                item["owned"] = tuple(item["owned"])
             rec = EndpointRecord(**item)
             self._endpoints[rec.name] = rec
         self._next_id = int(data.get("next_id", len(self._endpoints) + 1))
@@ -122,6 +137,20 @@ class EndpointRegistry:
 
     def by_ip(self, ip: str) -> EndpointRecord | None:
         return next((e for e in self._endpoints.values() if e.ipv4 == ip), None)
+
+    def by_container(self, container_id: str) -> EndpointRecord | None:
+        if not container_id:
+            return None
+        return next((e for e in self._endpoints.values() if e.container_id == container_id), None)
+
+    def claim_ip(self, ip: str) -> str:
+        """An address the workload already has (an adopted veth's): only checked for clashes."""
+        if ip == str(GATEWAY):
+            raise EndpointError(f"{ip}: the host's gateway address on every link")
+        other = self.by_ip(ip)
+        if other is not None:
+            raise EndpointError(f"{ip}: already the address of endpoint {other.name!r}")
+        return ip
 
     def allocate_ip(self, wanted: str | None = None) -> str:
         used = {e.ipv4 for e in self._endpoints.values()}

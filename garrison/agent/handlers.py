@@ -26,6 +26,9 @@ def endpoint_view(agent: Agent, ep: EndpointRecord) -> dict[str, Any]:
         "labels": list(ep.labels),
         "ipv4": ep.ipv4,
         "host_veth": ep.host_veth,
+        "netns": ep.netns_path or f"/run/netns/{ep.name}",
+        "adopted": ep.adopted,
+        "container_id": ep.container_id,
         "ingress_enforcement": bool(state and state.ingress_enforced),
         "egress_enforcement": bool(state and state.egress_enforced),
         "audit": bool(state and state.audit),
@@ -78,7 +81,8 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
 
     def endpoint_add(req: dict[str, Any]) -> dict[str, Any]:
         ep = agent.add_endpoint(
-            req["name"], req.get("labels", []), req.get("namespace") or "default", req.get("ip")
+            req["name"], req.get("labels", []), req.get("namespace") or "default", req.get("ip"),
+            netns=req.get("netns") or None, interface=req.get("interface") or "eth0",
         )
         return endpoint_view(agent, ep)
 

@@ -77,8 +77,18 @@ class KernelDatapath:
         link = netdev.create_endpoint(netdev.EndpointSpec(name, IPv4Address(ipv4)))
         return Link(link.host_ifname, link.host_ifindex)
 
-    def link_of(self, name: str) -> Link | None:
-        ifname = netdev.host_ifname_for(name)
+    def adopt_endpoint(
+        self, name: str, netns_path: str, ifname: str, ipv4: str | None
+    ) -> tuple[Link, str, tuple[str, ...]]:
+        """A namespace someone else made: its link, address and what garrison created."""
+        link = netdev.adopt_endpoint(
+            name, netns_path, ifname, IPv4Address(ipv4) if ipv4 else None
+        )
+        owned = tuple(k for k, v in link.owned.to_dict().items() if v)
+        return Link(link.host_ifname, link.host_ifindex), str(link.ipv4), owned
+
+    def link_of(self, name: str, host_ifname: str | None = None) -> Link | None:
+        ifname = host_ifname or netdev.host_ifname_for(name)
         with IPRoute() as ipr:
             found = ipr.link_lookup(ifname=ifname)
         return Link(ifname, found[0]) if found else None
@@ -90,19 +100,27 @@ class KernelDatapath:
         config = EndpointConfig(identity, IPv4Address(ipv4), flags)
         self.dp.maps.write_endpoint(link.ifindex, config)
 
-    def attach(self, link: Link) -> None:
-        attach_endpoint_programs(link.ifindex, self.dp.programs)
+    def attach(self, link: Link) -> bool:
+        """True when this created the clsact qdisc."""
+        return attach_endpoint_programs(link.ifindex, self.dp.programs)
 
-    def delete_endpoint(self, name: str, ipv4: str) -> None:
-        link = self.link_of(name)
+    def delete_endpoint(
+        self, name: str, ipv4: str, host_ifname: str | None = None,
+        owned: tuple[str, ...] = ("netns", "veth", "clsact"),
+    ) -> None:
+        """Programs and map entries off, then exactly what `owned` says garrison created."""
+        link = self.link_of(name, host_ifname) if host_ifname or "veth" in owned else None
         if link is not None:
-            detach_endpoint_programs(link.ifindex)
+            detach_endpoint_programs(link.ifindex, remove_qdisc="clsact" in owned)
             if self._dp is not None:
                 self.dp.maps.remove_endpoint(link.ifindex, IPv4Address(ipv4))
         elif self._dp is not None:
             with contextlib.suppress(KeyError):
                 self.dp.maps.ipcache.delete(IPv4Network((IPv4Address(ipv4), 32)))
-        netdev.delete_endpoint(name)
+        if "netns" in owned:
+            netdev.delete_endpoint(name)
+        elif host_ifname:
+            netdev.release_endpoint(host_ifname, netdev.Ownership(veth="veth" in owned))
 
     # -- ipcache (CIDR identities) -----------------------------------------------------------
 

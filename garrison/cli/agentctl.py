@@ -81,8 +81,9 @@ def _endpoint_rows(eps: Sequence[dict[str, Any]]) -> str:
 
 @_run
 def endpoint_add(args: argparse.Namespace) -> int:
+    netns = f"/proc/{args.pid}/ns/net" if args.pid is not None else args.netns
     data = _call(args, "EndpointAdd", name=args.name, labels=args.labels.split(","),
-                 namespace=args.namespace, ip=args.ip)
+                 namespace=args.namespace, ip=args.ip, netns=netns, interface=args.interface)
     _print(args, data, lambda: _endpoint_rows([data]))
     return 0
 
@@ -272,6 +273,15 @@ def register_endpoint(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--labels", required=True, metavar="k=v,...")
     p.add_argument("--namespace", default="default", metavar="NS")
     p.add_argument("--ip", metavar="ADDR", help="an address from 198.18.0.0/15")
+    adopt = p.add_mutually_exclusive_group()
+    adopt.add_argument("--netns", metavar="PATH",
+                       help="adopt this network namespace (a path or an `ip netns` name) "
+                       "instead of creating one; garrison never deletes it")
+    adopt.add_argument("--pid", type=int, metavar="PID",
+                       help="adopt the network namespace of process PID")
+    p.add_argument("--interface", default="eth0", metavar="IF",
+                   help="with --netns/--pid: the workload's interface; an existing veth to "
+                   "the host is used as it is, else garrison adds one (default: %(default)s)")
     _common(p)
     p.set_defaults(func=endpoint_add)
     p = esub.add_parser("list", help="list endpoints")

@@ -13,6 +13,12 @@ gateway address (shared by every host veth, the host's side of each link) defaul
 
 `create_endpoint` is idempotent (what exists is kept or replaced); `delete_endpoint` removes
 the veth pair, its routes and qdiscs (they go with the device) and the namespace.
+
+Adoption (`adopt_endpoint`) governs a namespace someone else made (a container runtime's, a
+hand-made one): when its interface is already a veth to the host, that veth is used as it is;
+otherwise garrison adds a veth of its own. Every object garrison adds is noted in an
+`Ownership`; a failed adoption and `release_endpoint` remove exactly those, so the namespace,
+its interfaces, addresses and routes are left as they were.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -39,8 +46,35 @@ class EndpointNetworkError(Exception):
 
 
 def host_ifname_for(name: str) -> str:
-    """The host-side veth name of endpoint `name` (stable, 13 characters)."""
+    """The host-side veth name of endpoint `name` (stable, 13 characters, whatever the length
+    of `name`: interface names are at most 15 bytes)."""
     return "gar" + hashlib.sha256(name.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """What garrison created for an endpoint; a clean-up removes exactly this.
+
+    `netns`: the named namespace; `veth`: the veth pair (the addresses and routes garrison puts
+    on it, inside and on the host, and its qdiscs go with it); `clsact`: the clsact qdisc on a
+    veth garrison did not make (else only garrison's two filters are removed from it). An
+    adopted namespace's own veth is never owned: garrison only attaches programs to it. An
+    endpoint garrison made whole owns all three.
+    """
+
+    netns: bool = False
+    veth: bool = False
+    clsact: bool = False
+
+    def to_dict(self) -> dict[str, bool]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> Ownership:
+        return cls(**{k: bool(data.get(k)) for k in ("netns", "veth", "clsact")})
+
+
+OWNS_ALL = Ownership(netns=True, veth=True, clsact=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +110,7 @@ class EndpointLink:
     host_ifindex: int
     container_ifname: str
     gateway: IPv4Address
+    owned: Ownership = field(default=OWNS_ALL)
 
 
 def _write_sysctl(path: str, value: str) -> None:
@@ -168,3 +203,172 @@ def endpoint_exists(name: str) -> bool:
     with IPRoute() as ipr:
         has_link = bool(ipr.link_lookup(ifname=host_ifname_for(name)))
     return has_link or name in netns.listnetns()
+
+
+# -- adoption: namespaces garrison did not create ---------------------------------------------
+
+
+def netns_path_of(netns_path: str | None = None, pid: int | None = None) -> str:
+    """The namespace file to adopt: a path (or an `ip netns` name), or that of process `pid`."""
+    if pid is not None:
+        path = f"/proc/{pid}/ns/net"
+    elif netns_path:
+        path = netns_path if "/" in netns_path else str(NETNS_DIR / netns_path)
+    else:
+        raise EndpointNetworkError("give --netns PATH or --pid PID")
+    if not os.path.exists(path):
+        raise EndpointNetworkError(f"no network namespace at {path}")
+    return path
+
+
+def _is_root_netns(path: str) -> bool:
+    here = os.stat("/proc/self/ns/net")
+    there = os.stat(path)
+    return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
+
+
+def find_host_peer(netns_path: str, ifname: str) -> tuple[int, str] | None:
+    """The host-side (ifindex, name) of `ifname` in the namespace at `netns_path` when it is a
+    veth whose peer lives in the host's namespace; None when `ifname` does not exist.
+
+    The peer is found from the link's `IFLA_LINK` (the peer's ifindex) and
+    `IFLA_LINK_NETNSID`, checked from the host's side: that link must point back at `ifname`'s
+    index, in the namespace with the id the host gives `netns_path`.
+    """
+    with IPRoute(netns=netns_path) as ns:
+        links = ns.get_links(ifname=ifname) if ns.link_lookup(ifname=ifname) else []
+    if not links:
+        return None
+    link = links[0]
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    peer_index = link.get_attr("IFLA_LINK")
+    if kind != "veth" or link.get_attr("IFLA_LINK_NETNSID") is None or not peer_index:
+        raise EndpointNetworkError(
+            f"{netns_path}: {ifname} exists and is not a veth to the host (kind "
+            f"{kind or 'unknown'}); pass --interface with a name not in use and garrison adds "
+            "its own veth"
+        )
+    fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        with IPRoute() as ipr:
+            nsid = ipr.get_netnsid(fd=fd).get("nsid")
+            try:
+                host = ipr.get_links(peer_index)[0]
+            except NetlinkError:
+                host = None
+    finally:
+        os.close(fd)
+    if (
+        host is None
+        or host.get_attr("IFLA_LINK") != link["index"]
+        or host.get_attr("IFLA_LINK_NETNSID") != nsid
+    ):
+        raise EndpointNetworkError(
+            f"{netns_path}: the peer of veth {ifname} is not in the host's namespace; "
+            "garrison attaches its programs to a host-side veth"
+        )
+    return int(host["index"]), str(host.get_attr("IFLA_IFNAME"))
+
+
+def container_ipv4(netns_path: str, ifname: str) -> IPv4Address | None:
+    """The first IPv4 address on `ifname` inside the namespace."""
+    with IPRoute(netns=netns_path) as ns:
+        index = ns.link_lookup(ifname=ifname)
+        if not index:
+            return None
+        for msg in ns.get_addr(family=2, index=index[0]):
+            return IPv4Address(msg.get_attr("IFA_ADDRESS"))
+    return None
+
+
+def adopt_endpoint(
+    name: str,
+    netns_path: str,
+    ifname: str = CONTAINER_IFNAME,
+    ipv4: IPv4Address | None = None,
+    gateway: IPv4Address = DEFAULT_GATEWAY,
+    routes: tuple[IPv4Network, ...] = (ENDPOINT_RANGE,),
+) -> EndpointLink:
+    """Govern the namespace at `netns_path`. An existing veth `ifname` to the host is used as
+    it is (nothing is changed on either end; its address is the endpoint's); otherwise a veth
+    of garrison's own joins it, addressed `ipv4`. On failure only what was added is removed."""
+    if _is_root_netns(netns_path):
+        raise EndpointNetworkError(
+            f"{netns_path} is the host's own network namespace; adopt a workload's namespace"
+        )
+    peer = find_host_peer(netns_path, ifname)
+    if peer is not None:
+        index, host_if = peer
+        found = container_ipv4(netns_path, ifname)
+        if found is None:
+            raise EndpointNetworkError(
+                f"{netns_path}: {ifname} has no IPv4 address; garrison identifies traffic by it"
+            )
+        if ipv4 is not None and ipv4 != found:
+            raise EndpointNetworkError(
+                f"{netns_path}: {ifname} has address {found}, not {ipv4}; leave out --ip"
+            )
+        return EndpointLink(name, found, host_if, index, ifname, gateway, Ownership())
+    if ipv4 is None:
+        raise EndpointNetworkError(f"{name}: an address is needed for a new veth")
+    host_if = host_ifname_for(name)
+    owned = Ownership()
+    try:
+        with IPRoute() as ipr:
+            if ipr.link_lookup(ifname=host_if):
+                raise EndpointNetworkError(
+                    f"{host_if} already exists on the host (another endpoint named {name!r}?)"
+                )
+            fd = os.open(netns_path, os.O_RDONLY)
+            try:
+                ipr.link("add", ifname=host_if, kind="veth",
+                         peer={"ifname": ifname, "net_ns_fd": fd})
+            except NetlinkError as exc:
+                raise EndpointNetworkError(
+                    f"creating veth {host_if} <-> {netns_path}/{ifname}: {exc}"
+                ) from exc
+            finally:
+                os.close(fd)
+            owned = Ownership(veth=True)
+            index = ipr.link_lookup(ifname=host_if)[0]
+            _write_sysctl(f"net/ipv6/conf/{host_if}/disable_ipv6", "1")
+            _write_sysctl(f"net/ipv4/conf/{host_if}/forwarding", "1")
+            ipr.link("set", index=index, state="up")
+            ipr.addr("replace", index=index, address=str(gateway), prefixlen=32)
+            try:
+                ipr.route("add", dst=f"{ipv4}/32", oif=index, scope=SCOPE_LINK,
+                          prefsrc=str(gateway))
+            except NetlinkError as exc:
+                raise EndpointNetworkError(
+                    f"route to {ipv4}/32 on the host: {exc} (is the address in use?)"
+                ) from exc
+        # everything inside goes on garrison's own interface: it leaves with the veth
+        with IPRoute(netns=netns_path) as ns:
+            eth = ns.link_lookup(ifname=ifname)[0]
+            ns.link("set", index=eth, state="up")
+            ns.addr("add", index=eth, address=str(ipv4), prefixlen=32)
+            ns.route("add", dst=f"{gateway}/32", oif=eth, scope=SCOPE_LINK)
+            for net in routes:
+                try:
+                    ns.route("add", dst=str(net), gateway=str(gateway), oif=eth)
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+                    # the namespace routes this range itself: keep its route
+    except BaseException:
+        release_endpoint(host_if, owned)
+        raise
+    return EndpointLink(name, ipv4, host_if, index, ifname, gateway, owned)
+
+
+def release_endpoint(host_ifname: str, owned: Ownership) -> None:
+    """Remove exactly what `owned` says garrison created; a no-op for what is already gone."""
+    if owned.veth:
+        with IPRoute() as ipr:
+            for index in ipr.link_lookup(ifname=host_ifname):
+                try:
+                    ipr.link("del", index=index)
+                except NetlinkError as exc:
+                    if exc.code != errno.ENODEV:
+                        raise

@@ -44,27 +44,81 @@ def _replace_filter(ipr: IPRoute, ifindex: int, parent: int, fd: int, name: str)
     )
 
 
-def attach_endpoint_programs(ifindex: int, programs: EndpointPrograms) -> None:
+OUR_FILTERS = frozenset({"from_container", "to_container"})
+
+
+class ForeignFilterError(Exception):
+    """The device already has a filter of someone else's where garrison's would go."""
+
+
+def attach_endpoint_programs(ifindex: int, programs: EndpointPrograms) -> bool:
     """clsact on the host veth (kept if present), from_container at ingress and
-    to_container at egress (replaced if present)."""
+    to_container at egress (replaced if present). True when this call created the clsact.
+
+    A filter of someone else's at garrison's priority is never replaced: that is an error."""
     with IPRoute() as ipr:
         try:
             ipr.tc("add", "clsact", ifindex)
+            created = True
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise
+            created = False
+        if not created:
+            foreign = [
+                f for f in _filters(ipr, ifindex)
+                if f[1] == FILTER_PRIO and f[2] not in OUR_FILTERS
+            ]
+            if foreign:
+                raise ForeignFilterError(
+                    f"interface {ifindex} already has a tc filter at priority {FILTER_PRIO} "
+                    f"({foreign[0][2] or 'unnamed'}); garrison leaves it alone: remove it first"
+                )
         _replace_filter(ipr, ifindex, PARENT_INGRESS, programs.from_container, "from_container")
         _replace_filter(ipr, ifindex, PARENT_EGRESS, programs.to_container, "to_container")
+        return created
 
 
-def detach_endpoint_programs(ifindex: int) -> None:
-    """Remove the clsact qdisc (and with it both filters); a no-op when absent."""
+def detach_endpoint_programs(ifindex: int, remove_qdisc: bool = True) -> None:
+    """Remove the clsact qdisc (and with it both filters), or with `remove_qdisc=False` (a
+    clsact garrison did not create) only garrison's two filters; a no-op when absent."""
+    gone = (errno.ENOENT, errno.EINVAL, errno.ENODEV)
     with IPRoute() as ipr:
+        if remove_qdisc:
+            try:
+                ipr.tc("del", "clsact", ifindex)
+            except NetlinkError as exc:
+                if exc.code not in gone:
+                    raise
+            return
+        for parent, prio, name in _filters(ipr, ifindex):
+            if prio != FILTER_PRIO or name not in OUR_FILTERS:
+                continue
+            try:
+                ipr.tc("del-filter", "bpf", ifindex, FILTER_HANDLE, parent=parent, prio=prio,
+                       protocol=ETH_P_ALL)
+            except NetlinkError as exc:
+                if exc.code not in gone:
+                    raise
+
+
+def _filters(ipr: IPRoute, ifindex: int) -> list[tuple[int, int, str]]:
+    """(parent, priority, bpf name) of every bpf filter on the clsact hooks."""
+    out = []
+    for parent in (PARENT_INGRESS, PARENT_EGRESS):
         try:
-            ipr.tc("del", "clsact", ifindex)
+            msgs = ipr.get_filters(index=ifindex, parent=parent)
         except NetlinkError as exc:
-            if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-                raise
+            if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                continue
+            raise
+        for msg in msgs:
+            if msg.get_attr("TCA_KIND") != "bpf":
+                continue
+            opts = msg.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+            out.append((parent, int(msg["info"] >> 16), str(name or "")))
+    return out
 
 
 def attached_filters(ifindex: int) -> list[AttachedFilter]:

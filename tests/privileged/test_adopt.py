@@ -1,0 +1,158 @@
+"""Adopting network namespaces garrison did not create: `garrison endpoint add NAME --netns
+PATH|--pid PID [--interface IF]`.
+
+A hand-made namespace with its own veth to the host, a second veth pair inside, addresses and
+routes (and a host route of its own) is snapshotted with `ip -d link/addr/route` inside and on
+the host side before and after each step: adopting its veth and deleting the endpoint, adopting
+by PID, adding garrison's own veth beside it, and two failed adoptions (an interface that is not
+a veth to the host — the `File exists` case that used to delete the namespace — and a failure
+after garrison had created its veth) must all leave it exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from .agent_harness import (  # noqa: F401 (fixtures)
+    AgentProcess,
+    fixture_agent,
+    tc_filters,
+)
+
+pytestmark = pytest.mark.privileged
+
+NS = f"gc-adp{os.getpid() % 100000}"
+HOST_IF = f"gcah{os.getpid() % 100000}"
+NS_PATH = f"/run/netns/{NS}"
+ADDR = "198.18.77.10"
+LONG_NAME = "gc-adopted-endpoint-with-a-long-name"  # > 15: interface names come from a hash
+
+SETUP = [
+    f"ip netns add {NS}",
+    f"ip -n {NS} link add eth0 type veth peer name {HOST_IF} netns 1",
+    f"ip -n {NS} link add in0 type veth peer name in1",
+    f"ip -n {NS} link set lo up",
+    f"ip -n {NS} link set eth0 up",
+    f"ip -n {NS} link set in0 up",
+    f"ip -n {NS} addr add {ADDR}/24 dev eth0",
+    f"ip -n {NS} addr add 198.18.78.1/24 dev in0",
+    f"ip -n {NS} route add 198.18.90.0/24 via 198.18.77.1 dev eth0",
+    f"ip link set {HOST_IF} up",
+    f"ip route add 198.19.100.50/32 dev {HOST_IF}",
+]
+
+
+def sh(cmd: str) -> str:
+    return subprocess.run(cmd.split(), capture_output=True, text=True, check=True).stdout
+
+
+def snapshot() -> dict[str, str]:
+    return {
+        "ns link": sh(f"ip -n {NS} -d link show"),
+        "ns addr": sh(f"ip -n {NS} addr show"),
+        "ns route": sh(f"ip -n {NS} route show table all"),
+        "host link": sh(f"ip -d link show dev {HOST_IF}"),
+        "host addr": sh(f"ip addr show dev {HOST_IF}"),
+        "host routes": sh(f"ip route show dev {HOST_IF}"),
+        "host qdisc": sh(f"tc qdisc show dev {HOST_IF}"),
+    }
+
+
+@pytest.fixture(name="handmade")
+def fixture_handmade() -> Iterator[dict[str, str]]:
+    assert not os.path.exists(NS_PATH), f"{NS} is left from an earlier run: ip netns del {NS}"
+    try:
+        for cmd in SETUP:
+            sh(cmd)
+        yield snapshot()
+    finally:
+        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+        subprocess.run(["ip", "link", "del", HOST_IF], capture_output=True)
+
+
+def endpoint_names(agent: AgentProcess) -> list[str]:
+    return [e["name"] for e in agent.cli_json("endpoint", "list")["endpoints"]]
+
+
+def add(agent: AgentProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    agent.created.add(args[0])
+    return agent.cli("endpoint", "add", *args, "--labels", "app=adopted", "-o", "json",
+                     check=check)
+
+
+def test_adopting_an_existing_veth_changes_nothing_and_delete_leaves_it(
+    agent: AgentProcess, handmade: dict[str, str]
+) -> None:
+    import json
+
+    data = json.loads(add(agent, LONG_NAME, "--netns", NS_PATH).stdout)
+    assert data["name"] == LONG_NAME and data["ipv4"] == ADDR
+    assert data["host_veth"] == HOST_IF and data["adopted"] is True
+    assert data["netns"] == NS_PATH
+    # enforced: both programs on the host side, the address in the ipcache
+    assert [f.split()[0] for f in tc_filters(HOST_IF)["ingress"]] == ["from_container"]
+    assert [f.split()[0] for f in tc_filters(HOST_IF)["egress"]] == ["to_container"]
+    ipcache = {e["prefix"]: e for e in agent.call("BpfIpcacheList")["entries"]}
+    assert ipcache[f"{ADDR}/32"]["identity"] == data["identity"]
+    during = snapshot()
+    assert {k: v for k, v in during.items() if k != "host qdisc"} == {
+        k: v for k, v in handmade.items() if k != "host qdisc"
+    }, "adoption changed the namespace or its veth"
+
+    out = agent.cli("endpoint", "delete", LONG_NAME)
+    assert f"endpoint {LONG_NAME} deleted" in out.stdout
+    assert snapshot() == handmade, "delete changed what garrison did not create"
+    assert os.path.exists(NS_PATH)
+    assert f"{ADDR}/32" not in {e["prefix"] for e in agent.call("BpfIpcacheList")["entries"]}
+    assert LONG_NAME not in endpoint_names(agent)
+
+
+def test_adopting_by_pid(agent: AgentProcess, handmade: dict[str, str]) -> None:
+    proc = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-c",
+                             "import time; time.sleep(60)"])
+    try:
+        add(agent, "gc-by-pid", "--pid", str(proc.pid))
+        assert tc_filters(HOST_IF)["ingress"]
+        agent.cli("endpoint", "delete", "gc-by-pid")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert snapshot() == handmade
+
+
+def test_a_new_veth_beside_the_namespaces_own_goes_with_delete(
+    agent: AgentProcess, handmade: dict[str, str]
+) -> None:
+    import json
+
+    data = json.loads(add(agent, "gc-own-veth", "--netns", NS, "--interface", "eth1",
+                          "--ip", "198.19.100.51").stdout)
+    assert data["host_veth"].startswith("gar") and len(data["host_veth"]) <= 15
+    inside = sh(f"ip -n {NS} -4 addr show dev eth1")
+    assert "198.19.100.51/32" in inside
+    agent.cli("endpoint", "delete", "gc-own-veth")
+    assert snapshot() == handmade
+
+
+def test_failed_adoptions_roll_back_only_their_own_changes(
+    agent: AgentProcess, handmade: dict[str, str]
+) -> None:
+    # in0 exists and is not a veth to the host: refused, the namespace stays
+    done = add(agent, "gc-not-host-veth", "--netns", NS_PATH, "--interface", "in0",
+               check=False)
+    assert done.returncode == 1
+    assert "in0 exists and is not a veth to the host" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert snapshot() == handmade and os.path.exists(NS_PATH)
+    # a failure after garrison made its veth: the host already routes this address elsewhere
+    done = add(agent, "gc-route-clash", "--netns", NS_PATH, "--interface", "eth1",
+               "--ip", "198.19.100.50", check=False)
+    assert done.returncode == 1, done.stdout
+    assert "198.19.100.50/32" in done.stderr
+    assert snapshot() == handmade and os.path.exists(NS_PATH)
+    assert not {"gc-not-host-veth", "gc-route-clash"} & set(endpoint_names(agent))
