@@ -31,16 +31,26 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 0
 fi
 
+ENDPOINTS=(deathstar-1 deathstar-2 tiefighter xwing door-manager guard kafka empire-hq outpost)
+# The demo deletes the namespaces of its endpoints at the end: never one it did not make.
+for ep in "${ENDPOINTS[@]}"; do
+    if [[ -e /run/netns/$ep ]]; then
+        echo "demo: a network namespace named '$ep' exists already and is not the demo's;" \
+            "it is left alone: delete or rename it (ip netns), then run the demo again" >&2
+        exit 1
+    fi
+done
 WORK=$(mktemp -d /tmp/garrison-demo.XXXXXX)
 SOCK=$WORK/agent.sock
 PIN=/sys/fs/bpf/garrison-demo-$$
-ENDPOINTS=(deathstar-1 deathstar-2 tiefighter xwing door-manager guard kafka empire-hq outpost)
+AGENT_ARGS=(--state-dir "$WORK/state" --socket "$SOCK" --bpffs-root "$PIN")
+CREATED=()  # endpoints the demo's agent made
 PIDS=()
 AGENT_PID=
 
 cleanup() {
     set +e
-    for ep in "${ENDPOINTS[@]}"; do
+    for ep in "${CREATED[@]}"; do
         [[ -S $SOCK ]] && "$G" endpoint delete "$ep" --socket "$SOCK" >/dev/null 2>&1
     done
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
@@ -48,17 +58,18 @@ cleanup() {
         kill "$AGENT_PID" 2>/dev/null
         for _ in $(seq 50); do kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.1; done
     fi
-    # what the agent leaves in the kernel on purpose (enforcement survives it): remove it
-    for ep in "${ENDPOINTS[@]}"; do ip netns del "$ep" 2>/dev/null; done
-    "$PY" -c 'from garrison.redirect.steering import remove_proxy_steering as r; r()' 2>/dev/null
-    rm -rf "$PIN" "$WORK"
+    # the namespaces the agent made for the demo, if it could not delete them itself
+    for ep in "${CREATED[@]}"; do [[ -e /run/netns/$ep ]] && ip netns del "$ep" 2>/dev/null; done
+    # what the agent leaves in the kernel on purpose (enforcement survives it): its pinned
+    # maps, and of the proxy steering rule and route only what it added
+    [[ -n $AGENT_PID ]] && "$G" agent --cleanup "${AGENT_ARGS[@]}" | sed 's/^/  /'
+    rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 banner "Start the agent (datapath, transparent proxy, API)"
 say "garrison agent --state-dir $WORK/state --bpffs-root $PIN --access-log $WORK/access.log &"
-"$G" agent --state-dir "$WORK/state" --socket "$SOCK" --bpffs-root "$PIN" \
-    --access-log "$WORK/access.log" >"$WORK/agent.log" 2>&1 &
+"$G" agent "${AGENT_ARGS[@]}" --access-log "$WORK/access.log" >"$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
 for _ in $(seq 100); do
     "$G" status --socket "$SOCK" >/dev/null 2>&1 && break
@@ -68,7 +79,11 @@ done
 "$G" status --socket "$SOCK"
 
 banner "Endpoints: two deathstar replicas, a tiefighter and an xwing"
-add() { say "garrison endpoint add $1 --labels $2"; "$G" endpoint add "$1" --labels "$2" --socket "$SOCK" >/dev/null; }
+add() {
+    say "garrison endpoint add $1 --labels $2"
+    "$G" endpoint add "$1" --labels "$2" --socket "$SOCK" >/dev/null
+    CREATED+=("$1")
+}
 add deathstar-1 "$DEATHSTAR"
 add deathstar-2 "$DEATHSTAR"
 add tiefighter "$TIEFIGHTER"
@@ -186,4 +201,4 @@ sleep 0.5
 "$G" observe --socket "$SOCK" --last 1000
 
 banner "Clean up"
-echo "removing endpoints, the agent, pinned maps and the proxy steering rule"
+echo "removing the endpoints, the agent, its pinned maps and the proxy steering it added"

@@ -28,8 +28,10 @@ from garrison.policies.model import IPNetwork
 from garrison.policies.resolve import PolicyResolver
 from garrison.redirect import endpoint as netdev
 from garrison.redirect.bpffs import ensure_bpffs, prepare_pin_dir
-from garrison.redirect.steering import install_proxy_steering, proxy_steering_installed
+from garrison.redirect.steering import SteeringParts, SteeringRecord, proxy_steering_installed
 from garrison.redirect.tc import attach_endpoint_programs, detach_endpoint_programs
+
+STEERING_RECORD = "steering.json"  # in the state directory: what this agent added
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +41,15 @@ class Link:
 
 
 class KernelDatapath:
-    def __init__(self, pin_root: Path, proxy_ports: Mapping[L7Protocol, int]) -> None:
+    def __init__(
+        self, pin_root: Path, proxy_ports: Mapping[L7Protocol, int], state_dir: Path
+    ) -> None:
         self.pin_root = pin_root
         self.proxy_ports = dict(proxy_ports)
+        # the steering rule and route are host-wide: record which of them this agent added
+        # (across restarts), so that its clean-up removes those and nothing else
+        self.steering = SteeringRecord(state_dir / STEERING_RECORD)
+        self.steering_added = SteeringParts()
         self._dp: Datapath | None = None
         self._sync: PolicySync | None = None
 
@@ -52,7 +60,7 @@ class KernelDatapath:
         prepare_pin_dir(self.pin_root)
         self._dp = Datapath.load(DatapathConfig(pin_root=self.pin_root))
         self._sync = PolicySync(self._dp.maps, self.proxy_ports)
-        install_proxy_steering()
+        self.steering_added = self.steering.install()
 
     def close(self) -> None:
         """Release handles only: programs stay attached and maps pinned."""
@@ -185,6 +193,9 @@ class KernelDatapath:
             "loaded": self._dp is not None,
             "pin_root": str(self.pin_root),
             "proxy_steering": proxy_steering_installed(),
+            "proxy_steering_added": {
+                "rule": self.steering_added.rule, "route": self.steering_added.route
+            },
             "proxy_ports": {p.value: port for p, port in self.proxy_ports.items()},
         }
 

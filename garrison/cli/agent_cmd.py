@@ -6,8 +6,14 @@ proxy (one listener per L7 parser on 127.0.0.1), and serves the local API on a u
 maps, attached programs); redirected ports fail closed until it is back. SIGHUP re-reads the
 policy directory.
 
+`garrison agent --cleanup` (with the same --state-dir, --socket and --bpffs-root) removes
+what an agent leaves in the kernel on purpose, once it is stopped: its pinned maps and the
+proxy steering ip rule / local route — only those of the two that this agent added (recorded in
+the state directory); a rule or route that was there before the agent stays. Delete the
+endpoints (`garrison endpoint delete`) while the agent still runs.
+
 Exit status: 0 after a clean stop; 1 when it cannot start (missing privilege or package —
-the message says which); 2 for bad usage.
+the message says which), or `--cleanup` while the agent runs; 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -22,12 +28,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from garrison.agent.api import AgentAPIServer
+from garrison.agent.api import AgentAPIServer, AgentClient, AgentUnreachableError, APIError
 from garrison.agent.config import DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, AgentConfig
 from garrison.agent.daemon import Agent
 from garrison.agent.handlers import make_handlers
-from garrison.agent.kernel import KernelDatapath
-from garrison.bpf.loader import DatapathError
+from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
+from garrison.bpf.loader import BPFFSError, DatapathError
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol
@@ -38,6 +44,8 @@ from garrison.proxy.config import ProxyConfig
 from garrison.proxy.metrics import ProxyMetrics
 from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings
 from garrison.proxy.sockets import ListenError
+from garrison.redirect.bpffs import remove_pin_dir
+from garrison.redirect.steering import SteeringRecord
 
 log = logging.getLogger("garrison.agent")
 
@@ -60,6 +68,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    metavar="http=N,grpc=N,kafka=N")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print every flow record as a compact line on stderr")
+    p.add_argument("--cleanup", action="store_true",
+                   help="do not start: remove what a stopped agent with this --state-dir left "
+                   "(pinned maps, the proxy steering rule/route it added), then exit")
     p.set_defaults(func=run)
 
 
@@ -99,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         print("garrison agent: needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN): it loads "
               "BPF programs, creates network namespaces and a transparent proxy", file=sys.stderr)
         return 1
+    if args.cleanup:
+        return _cleanup(config)
     try:
         # uvloop for the agent's own loop only: pyroute2 runs its own asyncio loops in worker
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
@@ -107,6 +120,32 @@ def run(args: argparse.Namespace) -> int:
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
+
+
+def _cleanup(config: AgentConfig) -> int:
+    try:
+        with AgentClient(config.socket_path, timeout=5) as client:
+            client.call("Status")
+    except AgentUnreachableError:
+        pass
+    except APIError:
+        pass
+    else:
+        print(f"garrison agent --cleanup: the agent on {config.socket_path} is running; stop it "
+              "first (SIGTERM)", file=sys.stderr)
+        return 1
+    try:
+        remove_pin_dir(config.bpffs_root)
+    except (BPFFSError, OSError) as exc:
+        print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
+        return 1
+    print(f"removed the pinned maps under {config.bpffs_root}")
+    removed = SteeringRecord(config.state_dir / STEERING_RECORD).remove()
+    for what, added in (("ip rule fwmark 0x200/0xf00 lookup 2004", removed.rule),
+                        ("local route in table 2004", removed.route)):
+        print(f"removed the {what}" if added
+              else f"kept the {what}: this agent did not add it")
+    return 0
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -120,7 +159,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
 async def _serve(config: AgentConfig, verbose: bool) -> int:
     loop = asyncio.get_running_loop()
-    agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports))
+    agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir))
     writer = None
     if config.access_log is not None:
         writer = AccessLogWriter(

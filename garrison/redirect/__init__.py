@@ -16,8 +16,11 @@ from garrison.redirect.endpoint import (
 )
 from garrison.redirect.sockets import set_transparent, set_upstream_mark
 from garrison.redirect.steering import (
+    SteeringParts,
+    SteeringRecord,
     install_proxy_steering,
     proxy_steering_installed,
+    proxy_steering_present,
     remove_proxy_steering,
 )
 from garrison.redirect.tc import (
@@ -33,6 +36,8 @@ __all__ = [
     "EndpointLink",
     "EndpointNetworkError",
     "EndpointSpec",
+    "SteeringParts",
+    "SteeringRecord",
     "attach_endpoint_programs",
     "attached_filters",
     "create_endpoint",
@@ -45,6 +50,7 @@ __all__ = [
     "install_proxy_steering",
     "prepare_pin_dir",
     "proxy_steering_installed",
+    "proxy_steering_present",
     "remove_pin_dir",
     "remove_proxy_steering",
     "set_transparent",

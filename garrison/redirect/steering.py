@@ -6,12 +6,22 @@ forward it instead. So:
 
     ip rule add fwmark 0x200/0xf00 lookup 2004
     ip route add local 0.0.0.0/0 dev lo table 2004
+
+Both are host-wide and may have been there before (another agent, an operator, a CNI set-up):
+`install_proxy_steering()` says which of the two it added (`SteeringParts`), and
+`remove_proxy_steering(added)` removes exactly those. The agent keeps that record in its state
+directory (`SteeringRecord`), so a restarted agent, or its clean-up, knows what it made.
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import os
 import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -42,11 +52,25 @@ def _local_route(ipr: IPRoute) -> bool:
     return False
 
 
-def install_proxy_steering() -> bool:
-    """Idempotent: adds the rule and the local route only where missing. Returns whether
-    this call added anything — remove only what you installed: the rule is host-wide and
-    another agent may rely on it."""
-    added = False
+@dataclass(frozen=True, slots=True)
+class SteeringParts:
+    """The two parts of the steering, each there or not: what an installer added, or what
+    is present now."""
+
+    rule: bool = False
+    route: bool = False
+
+    def __bool__(self) -> bool:
+        return self.rule or self.route
+
+    def __or__(self, other: SteeringParts) -> SteeringParts:
+        return SteeringParts(self.rule or other.rule, self.route or other.route)
+
+
+def install_proxy_steering() -> SteeringParts:
+    """Idempotent: adds the rule and the local route only where missing, and says which it
+    added — remove only what you installed: both are host-wide and others may rely on them."""
+    rule = route = False
     with IPRoute() as ipr:
         if not _our_rules(ipr):
             ipr.rule(
@@ -57,7 +81,7 @@ def install_proxy_steering() -> bool:
                 table=PROXY_ROUTE_TABLE,
                 priority=PROXY_RULE_PRIORITY,
             )
-            added = True
+            rule = True
         if not _local_route(ipr):
             lo = ipr.link_lookup(ifname="lo")[0]
             ipr.route(
@@ -68,14 +92,15 @@ def install_proxy_steering() -> bool:
                 table=PROXY_ROUTE_TABLE,
                 scope=SCOPE_HOST,
             )
-            added = True
-    return added
+            route = True
+    return SteeringParts(rule, route)
 
 
-def remove_proxy_steering() -> None:
-    """Removes the rule(s) and the route; a no-op for what is already gone."""
+def remove_proxy_steering(added: SteeringParts) -> None:
+    """Removes what `added` says was installed (the rule at our priority, the local route);
+    a no-op for what is already gone. Never touches what someone else put there."""
     with IPRoute() as ipr:
-        for priority in _our_rules(ipr):
+        if added.rule and PROXY_RULE_PRIORITY in _our_rules(ipr):
             try:
                 ipr.rule(
                     "del",
@@ -83,12 +108,12 @@ def remove_proxy_steering() -> None:
                     fwmark=MARK_TO_PROXY,
                     fwmask=MARK_MASK,
                     table=PROXY_ROUTE_TABLE,
-                    priority=priority,
+                    priority=PROXY_RULE_PRIORITY,
                 )
             except NetlinkError as exc:
                 if exc.code != errno.ENOENT:
                     raise
-        if _local_route(ipr):
+        if added.route and _local_route(ipr):
             lo = ipr.link_lookup(ifname="lo")[0]
             try:
                 ipr.route(
@@ -107,3 +132,49 @@ def remove_proxy_steering() -> None:
 def proxy_steering_installed() -> bool:
     with IPRoute() as ipr:
         return bool(_our_rules(ipr)) and _local_route(ipr)
+
+
+def proxy_steering_present() -> SteeringParts:
+    """Which of the rule and the route are there now (whoever put them there)."""
+    with IPRoute() as ipr:
+        return SteeringParts(bool(_our_rules(ipr)), _local_route(ipr))
+
+
+class SteeringRecord:
+    """What an agent added, kept in `path` (JSON) across restarts until its clean-up."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> SteeringParts:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return SteeringParts()
+        return SteeringParts(bool(data.get("rule")), bool(data.get("route")))
+
+    def install(self) -> SteeringParts:
+        """Install what is missing; the record becomes what this and earlier runs added."""
+        added = self.load() | install_proxy_steering()
+        self._save(added)
+        return added
+
+    def remove(self) -> SteeringParts:
+        """Remove what the record says was added, then the record; what was removed."""
+        added = self.load()
+        remove_proxy_steering(added)
+        self.path.unlink(missing_ok=True)
+        return added
+
+    def _save(self, added: SteeringParts) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".steering.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"rule": added.rule, "route": added.route}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -11,10 +11,12 @@ API socket, bpffs pin root (`/sys/fs/bpf/garrison-test-<pid>-<module>`), proxy p
 (`PROXY_PORTS`, apart from the defaults and from the datapath tests' 15080) and access log;
 it is ready once the API answers `Status` and `garrison status` exits 0. Test modules that need
 an agent in audit mode set `AGENT_ARGS = ("--audit",)`. Teardown deletes the endpoints through
-the agent, stops it by PID, then removes what it leaves in the kernel on purpose (namespaces,
-pinned maps; the proxy steering rule only when it was absent before and no other agent runs)
-and checks that nothing is left: no `ta-*` namespace, none of its host veths or clsact qdiscs,
-no pin dir, no child process.
+the agent, stops it by PID, then removes what it leaves in the kernel on purpose with
+`garrison agent --cleanup` (pinned maps; of the proxy steering rule and route, only those the
+agent added — not while another agent runs, which may rely on them), deletes any namespace the
+test asked the agent to create that is still there, and checks that nothing is left: no `ta-*`
+namespace, none of its host veths or clsact qdiscs, no pin dir, no child process, and the
+steering rule and route exactly as they were before.
 
 `clean` (function scope) stops the processes a test started (`agent.spawn_in`), deletes the
 endpoints it added and every policy, and checks the test left no namespace, veth, qdisc or
@@ -50,17 +52,18 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from garrison.agent.api import AgentClient, AgentUnreachableError
+from garrison.agent.kernel import STEERING_RECORD
 from garrison.flows.record import FlowRecord
 from garrison.flows.render import render_compact
 from garrison.redirect import (
     delete_endpoint,
     ensure_bpffs,
     host_ifname_for,
-    proxy_steering_installed,
+    proxy_steering_present,
     remove_pin_dir,
-    remove_proxy_steering,
 )
 from garrison.redirect.bpffs import BPFFS_MOUNT
+from garrison.redirect.steering import SteeringRecord
 
 REPO = Path(__file__).resolve().parents[2]
 STARWARS = REPO / "examples" / "starwars"
@@ -433,6 +436,9 @@ class AgentProcess:
         name = f"{PREFIX}{short}"
         ip = str(ADDRESS_BLOCK.network_address + host)
         assert IPv4Address(ip) in ADDRESS_BLOCK and 0 < host < 255
+        # teardown deletes the namespaces of `created`: never one someone else made
+        assert name in self.endpoints or name not in netns.listnetns(), (
+            f"namespace {name} exists and is not this test's: left alone")
         self.created.add(name)
         if cli:
             data = self.cli_json("endpoint", "add", name, "--labels", labels, "--ip", ip)
@@ -547,7 +553,6 @@ def module_agent(request: pytest.FixtureRequest, tmp: Path) -> Iterator[AgentPro
     stale = sorted(n for n in netns.listnetns() if n.startswith(PREFIX))
     assert not stale, f"namespaces of an earlier run are left: {stale} (ip netns del NAME)"
     children_before = _children()
-    steering_before = proxy_steering_installed()
     agent = AgentProcess(tmp, pin_root, tuple(getattr(request.module, "AGENT_ARGS", ())))
     try:
         agent.start()
@@ -559,21 +564,30 @@ def module_agent(request: pytest.FixtureRequest, tmp: Path) -> Iterator[AgentPro
             with contextlib.suppress(Exception):
                 agent.delete_endpoints()
         status = agent.stop()
-        # enforcement outlives the agent on purpose: what it leaves, the test removes
+        # enforcement outlives the agent on purpose: what it leaves, the test removes (only
+        # namespaces of names checked absent above, that the test had the agent create)
         for ep_name in agent.created:
             delete_endpoint(ep_name)
-        if pin_root.exists():
-            remove_pin_dir(pin_root)
         others = other_agents({agent.pid} if agent.proc else set())
-        if not steering_before and not others:
-            remove_proxy_steering()
+        added = SteeringRecord(agent.workdir / "state" / STEERING_RECORD).load()
+        if not others:
+            cleanup = agent.cli("agent", "--cleanup", *agent.argv()[2:], check=False,
+                                socket_arg=False)
+        elif pin_root.exists():
+            remove_pin_dir(pin_root)  # the steering stays: another agent may rely on it
     assert not was_alive or status == 0, (
         f"the agent did not stop cleanly ({status}):\n{agent.log()}")
     assert "Traceback" not in agent.log(), f"the agent logged a crash:\n{agent.log()}"
+    if not others:
+        assert cleanup.returncode == 0, cleanup.stderr
     left = leftovers(agent, children_before)
     assert left == {"netns": [], "links": [], "clsact": [], "pins": False, "children": []}, left
-    if not steering_before and not other_agents(set()):
-        assert not proxy_steering_installed(), "the proxy steering rule or route was left"
+    if not others and not other_agents(set()):
+        now = proxy_steering_present()
+        # what the agent added is gone (that what was there before it stays is checked in
+        # tests/privileged/test_agent_cleanup.py, where no other agent can change it)
+        assert not (added.rule and now.rule), "the agent's steering rule was left"
+        assert not (added.route and now.route), "the agent's steering route was left"
 
 
 @pytest.fixture(scope="module", name="agent")

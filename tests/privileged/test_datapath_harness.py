@@ -4,8 +4,8 @@ Test modules import the fixtures they use from here. Everything a test creates i
 (namespaces `gdp-*` and their host veths, pin dirs `garrison-test-<pid>-*`); `no_leftovers`
 compares those before and after each test — namespaces, veths, clsact qdiscs, bpffs pins —
 and this process's children. The proxy steering rule and route are host-wide and another
-agent on the machine may hold them: the `steering` fixture removes them only when it added
-them, and then checks they are gone.
+agent on the machine may hold them: the `steering` fixture removes of the two only what it
+added, and then checks that is gone.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from garrison.redirect import (
     install_proxy_steering,
     prepare_pin_dir,
     proxy_steering_installed,
+    proxy_steering_present,
     remove_pin_dir,
     remove_proxy_steering,
     unmount_bpffs,
@@ -161,9 +162,11 @@ def fixture_steering(dp: Datapath) -> Iterator[None]:
         assert proxy_steering_installed()
         yield
     finally:
-        if installed:
-            remove_proxy_steering()
-            assert not proxy_steering_installed(), "the proxy rule or route was left behind"
+        # only the parts this fixture added: a rule or route that was there stays
+        remove_proxy_steering(installed)
+        now = proxy_steering_present()
+        assert not (installed.rule and now.rule), "the proxy rule was left behind"
+        assert not (installed.route and now.route), "the proxy route was left behind"
 
 
 # ---- endpoints ----------------------------------------------------------------------------
@@ -211,6 +214,8 @@ class Endpoints:
 
     def add(self, short: str, ip: str, labels: str, identity: int) -> NetnsEndpoint:
         name = f"gdp-{short}"
+        # never adopt (and later delete) a namespace someone else made under our name
+        assert name not in netns.listnetns(), f"namespace {name} exists: not ours, left alone"
         CREATED.add(name)
         link = create_endpoint(EndpointSpec(name, IPv4Address(ip)))
         ep = NetnsEndpoint(name, link, labels_of(labels), identity)

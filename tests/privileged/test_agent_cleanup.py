@@ -1,0 +1,187 @@
+"""Clean-ups remove what they made and nothing else (issue 18, items 2 and 3).
+
+The proxy steering (`ip rule fwmark 0x200/0xf00 lookup 2004`, a local route in table 2004) is
+host-wide: another agent or an operator may have put either part there before. So each test
+runs its agent inside a network namespace of its own (`nsenter --net`), where no other test
+or agent can add or remove a rule meanwhile, pre-creates one of the two parts, and checks
+after the agent's stop and clean-up that exactly that part is still there and the other gone
+— also across an agent restart after SIGKILL (the record is in the state directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from garrison.agent.api import AgentClient, AgentUnreachableError
+from garrison.redirect.bpffs import BPFFS_MOUNT
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, BPF, ip rules")
+
+GARRISON = str(Path(sys.executable).with_name("garrison"))
+REPO = Path(__file__).resolve().parents[2]
+FOREIGN_PRIORITY = "100"  # a rule someone else added, at a priority garrison does not use
+
+
+def ip(netns: str, *args: str) -> str:
+    return subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def steering(netns: str) -> dict[str, object]:
+    """The fwmark 0x200 rules (by priority) and whether table 2004 has the local route."""
+    rules = [
+        r["priority"] for r in json.loads(ip(netns, "-j", "rule", "show"))
+        if r.get("fwmark") == "0x200" and r.get("table") == "2004"
+    ]
+    route = "local default dev lo" in ip(netns, "route", "show", "table", "2004")
+    return {"rules": rules, "route": route}
+
+
+class NsAgent:
+    """A `garrison agent` inside `netns` (the API socket is a file: reachable from here)."""
+
+    def __init__(self, netns: str, workdir: Path, pin_root: Path) -> None:
+        self.netns = netns
+        self.workdir = workdir
+        self.pin_root = pin_root
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def args(self) -> list[str]:
+        return ["--state-dir", str(self.workdir / "state"), "--socket",
+                str(self.workdir / "agent.sock"), "--bpffs-root", str(self.pin_root)]
+
+    def start(self) -> None:
+        self.starts += 1
+        with (self.workdir / f"agent-{self.starts}.log").open("wb") as log:
+            self.proc = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{self.netns}", GARRISON, "agent", *self.args()],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.log()
+            try:
+                with AgentClient(self.workdir / "agent.sock", timeout=5) as client:
+                    client.call("Status")
+                return
+            except AgentUnreachableError:
+                assert time.monotonic() < deadline, self.log()
+                time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(20)
+
+    def cleanup(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nsenter", f"--net=/run/netns/{self.netns}", GARRISON, "agent", "--cleanup",
+             *self.args()], capture_output=True, text=True, timeout=60,
+        )
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace")
+                         for p in sorted(self.workdir.glob("agent-*.log")))
+
+
+@pytest.fixture(name="ns_agent")
+def fixture_ns_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NsAgent]:
+    if shutil.which("nsenter") is None:
+        pytest.skip("needs nsenter (util-linux)")
+    name = f"go-steer-{os.getpid()}"
+    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    pin_root = BPFFS_MOUNT / f"go-cleanup-{os.getpid()}"
+    agent = NsAgent(name, tmp_path, pin_root)
+    try:
+        ip(name, "link", "set", "lo", "up")
+        yield agent
+    finally:
+        if agent.proc is not None:
+            agent.stop(signal.SIGKILL)
+        if pin_root.exists():
+            from garrison.redirect.bpffs import remove_pin_dir
+
+            remove_pin_dir(pin_root)
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run(["ip", "netns", "delete", name], check=True)  # ours: made above
+
+
+def test_cleanup_keeps_a_rule_that_was_there_and_removes_the_route_it_added(
+    ns_agent: NsAgent,
+) -> None:
+    ns = ns_agent.netns
+    ip(ns, "rule", "add", "fwmark", "0x200/0xf00", "lookup", "2004",
+       "priority", FOREIGN_PRIORITY)
+    ns_agent.start()
+    assert steering(ns) == {"rules": [int(FOREIGN_PRIORITY)], "route": True}
+    # killed, then restarted: it finds both parts there, and still knows which it added
+    ns_agent.stop(signal.SIGKILL)
+    ns_agent.start()
+    status = json.loads(subprocess.run(
+        [GARRISON, "status", "-o", "json", "--socket", str(ns_agent.workdir / "agent.sock")],
+        capture_output=True, text=True, check=True).stdout)
+    assert status["datapath"]["proxy_steering_added"] == {"rule": False, "route": True}
+    assert ns_agent.stop() == 0
+
+    done = ns_agent.cleanup()
+    assert done.returncode == 0, done.stderr
+    assert "kept the ip rule fwmark 0x200/0xf00 lookup 2004" in done.stdout
+    assert "removed the local route in table 2004" in done.stdout
+    assert steering(ns) == {"rules": [int(FOREIGN_PRIORITY)], "route": False}
+    assert not ns_agent.pin_root.exists()
+
+
+def test_cleanup_keeps_a_route_that_was_there_and_removes_the_rule_it_added(
+    ns_agent: NsAgent,
+) -> None:
+    ns = ns_agent.netns
+    ip(ns, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "2004")
+    ns_agent.start()
+    assert steering(ns) == {"rules": [9], "route": True}
+    # refused while the agent runs: its maps and steering are in use
+    done = ns_agent.cleanup()
+    assert done.returncode == 1 and "is running" in done.stderr
+    assert steering(ns) == {"rules": [9], "route": True}
+    assert ns_agent.stop() == 0
+
+    done = ns_agent.cleanup()
+    assert done.returncode == 0, done.stderr
+    assert "removed the ip rule" in done.stdout and "kept the local route" in done.stdout
+    assert steering(ns) == {"rules": [], "route": True}
+    assert "Traceback" not in ns_agent.log()
+
+
+def test_demo_refuses_a_namespace_it_did_not_make() -> None:
+    """The demo deletes its endpoints' namespaces at the end: with one of those names already
+    taken it must refuse to start, and leave that namespace alone."""
+    name = "outpost"  # one of the demo's endpoint names
+    if Path(f"/run/netns/{name}").exists():
+        pytest.skip(f"a namespace {name!r} exists (a demo running?): not ours to use")
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        done = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], capture_output=True,
+                              text=True, timeout=120, cwd=REPO, stdin=subprocess.DEVNULL)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert f"a network namespace named '{name}' exists already" in done.stderr
+        assert "Start the agent" not in done.stdout
+        assert Path(f"/run/netns/{name}").exists()
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)  # made above
