@@ -349,7 +349,8 @@ class PolicyResolver:
         """Register an identity; returns the endpoint identities whose policy changed."""
         matched = self.cache.add_identity(identity, labels)
         changed: set[int] = set()
-        if is_endpoint(identity):
+        if is_endpoint(identity) or identity == RESERVED_IDENTITIES["init"]:
+            # init: the identity of an endpoint whose labels are not known yet
             self._endpoints[identity] = self._build_endpoint(identity)
             changed.add(identity)
         rebuilt = set()
@@ -581,6 +582,10 @@ class PolicyResolver:
             r.enforces(Direction.INGRESS) for r in rules
         )
         egress = mode is EnforcementMode.ALWAYS or any(r.enforces(Direction.EGRESS) for r in rules)
+        if ep.identity == RESERVED_IDENTITIES["init"]:
+            # an endpoint whose labels are not known yet: default deny both ways (what a
+            # policy selecting reserved:init allows, only), never an unpoliced window
+            ingress = egress = True
         ep.merge()
         return MapState(
             ep.identity, ingress, egress, dict(ep.entries), dict(ep.l7), self.config.audit
