@@ -17,6 +17,11 @@ A known key at a version kafka-python does not know is a protocol error, as it i
 broker (which closes the connection), except ApiVersions: clients send their newest ApiVersions
 first and expect an UNSUPPORTED_VERSION answer, so it stays a header-only event.
 
+Every length and count is checked against the schema and the frame before kafka-python reads
+it (`garrison.parsers.kafka_lengths`): one the protocol cannot carry (negative other than -1,
+null where the schema allows none, past the end, more elements than the frame could hold, an
+overflowing varint) is a `KafkaLengthError`, never "empty".
+
 Every malformed input raises a `KafkaError` (a `RemoteProtocolError`), from `next_event()` /
 `events()` at the position of the bad frame, in stream order. Buffers are bounded: a frame
 header is checked as soon as its 4 bytes arrive, and at most one partial frame (of at most
@@ -42,6 +47,7 @@ from garrison.parsers.kafka_apis import (
     request_codec,
     response_codec,
 )
+from garrison.parsers.kafka_lengths import LengthError, skip_tagged_fields
 from garrison.parsers.kafka_topics import (
     KafkaBrokerAddress,
     KafkaCluster,
@@ -56,6 +62,7 @@ __all__ = [
     "KafkaDecodeError",
     "KafkaError",
     "KafkaFrameSizeError",
+    "KafkaLengthError",
     "KafkaLimits",
     "KafkaRequest",
     "KafkaRequestParser",
@@ -112,6 +119,12 @@ class KafkaTruncatedError(KafkaError):
 
 class KafkaDecodeError(KafkaError):
     """A frame's header or body does not decode (garbage, or sizes that lie)."""
+
+
+class KafkaLengthError(KafkaDecodeError):
+    """A length or count the protocol cannot carry: negative other than -1 (null), null where
+    the schema allows none, past the end of the frame, more elements than the bytes left could
+    hold, a varint that overflows (`garrison.parsers.kafka_lengths`). Never read as "empty"."""
 
 
 class KafkaUnsupportedVersionError(KafkaError):
@@ -338,31 +351,11 @@ class _FrameReader:
         self._start = 0
 
 
-def _uvarint(data: bytes, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end:
-            raise KafkaDecodeError("varint runs past the end of the frame")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 28:
-            raise KafkaDecodeError("varint longer than 5 bytes")
-
-
 def _skip_tagged_fields(data: bytes, pos: int) -> int:
-    end = len(data)
-    count, pos = _uvarint(data, pos, end)
-    for _ in range(count):
-        _, pos = _uvarint(data, pos, end)
-        size, pos = _uvarint(data, pos, end)
-        pos += size
-        if pos > end:
-            raise KafkaDecodeError("tagged field runs past the end of the frame")
-    return pos
+    try:
+        return skip_tagged_fields(data, pos)
+    except LengthError as exc:
+        raise KafkaLengthError(str(exc)) from None
 
 
 # ---- requests ---------------------------------------------------------------------------------
@@ -413,6 +406,8 @@ def parse_request_frame(frame: bytes, topic_ids: TopicIdRegistry | None = None) 
         pos = _skip_tagged_fields(frame, pos)
     try:
         decoded = codec.decode(memoryview(frame)[pos:])
+    except LengthError as exc:
+        raise KafkaLengthError(f"{codec.api.name} v{api_version}: {exc}") from None
     except Exception as exc:  # kafka-python raises struct.error, ValueError, IndexError, ...
         raise KafkaDecodeError(f"{codec.api.name} v{api_version} does not decode: {exc}") from exc
     try:
@@ -609,6 +604,8 @@ def decode_response_body(request: KafkaRequest, frame: bytes) -> Any:
         pos = _skip_tagged_fields(frame, 8) if codec.flexible else 8
     try:
         return codec.decode(memoryview(frame)[pos:])
+    except LengthError as exc:
+        raise KafkaLengthError(f"{codec.api.response_class.name} v{version}: {exc}") from None
     except Exception as exc:  # kafka-python raises struct.error, ValueError, IndexError, ...
         raise KafkaDecodeError(
             f"{codec.api.response_class.name} v{version} does not decode: {exc}"

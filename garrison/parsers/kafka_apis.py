@@ -24,6 +24,8 @@ import kafka.protocol.producer
 import kafka.protocol.sasl
 from kafka.protocol.api_message import ApiMessage
 
+from garrison.parsers.kafka_lengths import FieldPlan, LengthError, check_message, message_plan
+
 # Keys of the APIs garrison inspects by name.
 PRODUCE = 0
 FETCH = 1
@@ -130,19 +132,22 @@ class MessageCodec:
     version: int
     flexible: bool  # compact encodings and tagged fields; header v2 (request) / v1 (response)
     decode_from: Decoder
+    plan: FieldPlan  # every length and count, checked before kafka-python reads them
 
     def decode(self, data: memoryview) -> Any:
         """Decode a whole body (no header).
 
-        Raises `ValueError` when the schema reads past the end: kafka-python's compiled
-        decoders slice past the end of short strings instead of failing, so the position is
-        the check. Bytes left after the schema's last field are ignored, as Kafka's brokers
-        ignore them (librdkafka 2.x sends three stray bytes in its all-topics Metadata v12
-        request). Any other exception from kafka-python means the bytes do not fit the schema.
+        Raises `LengthError` (a `ValueError`) for a length or count the protocol cannot carry
+        (`garrison.parsers.kafka_lengths`): kafka-python's compiled decoders trust them, and
+        would read an array count of -2**31 as an empty array. Bytes left after the schema's
+        last field are ignored, as Kafka's brokers ignore them (librdkafka 2.x sends three
+        stray bytes in its all-topics Metadata v12 request). Any other exception from
+        kafka-python means the bytes do not fit the schema.
         """
+        checked = check_message(self.plan, data)
         decoded, end = self.decode_from(data, 0)
-        if end > len(data):
-            raise ValueError(f"body is {len(data)} bytes, schema needs {end}")
+        if end != checked:
+            raise LengthError(f"kafka-python read {end} bytes of the body, the schema {checked}")
         return decoded
 
 
@@ -169,7 +174,8 @@ def _codec(api_key: int, version: int, request: bool) -> MessageCodec:
     decoder = message_class._struct.compiled_decode_from(
         version, compact=flexible, tagged=flexible, data_class=message_class
     )
-    return MessageCodec(api, version, flexible, decoder)
+    plan = message_plan(message_class, version, flexible, request)
+    return MessageCodec(api, version, flexible, decoder, plan)
 
 
 # ---- where requests name topics ---------------------------------------------------------------
