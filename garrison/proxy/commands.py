@@ -12,7 +12,10 @@ Commands, executed in the order given:
 - `Forward(side, data)`: relay bytes the peer sent (possibly normalized) to `side`;
 - `Inject(side, data)`: bytes garrison itself answers with (deny answers, errors) to `side`;
 - `Close(side, reason)`: close `side` (BOTH = the whole proxied connection) after writing
-  what was queued for it;
+  what was queued for it; `linger=True`: the client may still be sending what garrison
+  refused to read (a denied request's body), so its side is half-closed after the answer
+  and what it still sends is read and thrown away (bounded), as nginx's lingering close
+  does: closing with unread bytes would reset the connection and lose the answer;
 - `Log(record)`: emit a flow record (access log, ring, metrics). `Log.later(build, *args)`
   is the same record built only when first read: the server reads it after the loop turn's
   bytes are written, so making records is not on the path of the bytes it describes. `build`
@@ -71,12 +74,16 @@ class Close:
     side: Side
     reason: str = ""
     error: bool = False  # the close is the result of an error (protocol or internal)
+    linger: bool = False  # half-close the client, read and discard what it still sends
 
-    def __init__(self, side: Side, reason: str = "", error: bool = False) -> None:
+    def __init__(
+        self, side: Side, reason: str = "", error: bool = False, linger: bool = False
+    ) -> None:
         # Written out, not generated: see "Initialisers" in garrison/native.py.
         object.__setattr__(self, "side", side)
         object.__setattr__(self, "reason", reason)
         object.__setattr__(self, "error", error)
+        object.__setattr__(self, "linger", linger)
 
 
 class Log:

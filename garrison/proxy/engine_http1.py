@@ -12,9 +12,9 @@ L7 rule set are matched against method, normalized path, host and headers.
   request record is logged. The upstream's response is forwarded unchanged and logged with its
   status and the latency from the request head to the response head.
 - Denied: the request is never forwarded; its body is parsed and thrown away
-  (`discard_body()`), the client gets `http1_access_denied` in request order, and a DROPPED
-  request record and a DROPPED 403 response record are logged. In audit mode the request is
-  forwarded instead, with an AUDIT record.
+  (`discard_body()`), the client gets `http1_access_denied` in request order (no body for a
+  HEAD), and a DROPPED request record and a DROPPED 403 response record are logged. In audit
+  mode the request is forwarded instead, with an AUDIT record.
 - A parse error: the status answer (`http1_error_response`) after the responses still owed,
   then the connection closes; one ERROR record. Nothing after the bad bytes is forwarded.
 
@@ -24,9 +24,14 @@ denied ones carry their answer and are written as soon as they reach the head of
 so a 403 for a request pipelined behind an allowed one goes out after that one's response.
 
 A denied request's connection stays open unless: the client asked to close; it announced
-`Expect: 100-continue` with a body (the body may never come); its body is larger than
-`DISCARD_LIMIT` (Content-Length at once, a chunked body as soon as that much was read for
-nothing). Then the answer says `Connection: close` and the connection closes after it.
+`Expect: 100-continue` with a body (it gets the 403 instead of `100 Continue`, and the body
+may never come); its body is larger than `DISCARD_LIMIT` (Content-Length at once, a chunked
+body as soon as that much was read for nothing). Then the answer says `Connection: close`,
+and the close lingers (`Close(linger=True)`): the server half-closes after the answer and
+reads and throws away what the client still sends, so a client that sends its whole body
+before reading (urllib, http.client, Node) reads the 403 instead of a reset. Every close is
+announced: a chunked body's answer waits until the body ended (keep-alive) or grew past
+`DISCARD_LIMIT` (close), since only then is it known which the answer must say.
 
 Upstream failures: a response the upstream botches, or an upstream that closes with requests
 owed, gives the client a 502 if nothing of that response was sent yet (else just a close);
@@ -326,7 +331,7 @@ class HTTPEngine:
         except HTTP1Error as exc:
             self._client_error(exc, now, out)
         if self._current is not None and not self._forwarding and self._discarded > DISCARD_LIMIT:
-            self._stop_discarding(out)
+            self._stop_discarding(out, now)
         return out
 
     def client_eof(self, now: float) -> Sequence[Command]:
@@ -378,9 +383,12 @@ class HTTPEngine:
             elif kind is RequestReceived:
                 self._request(event, now, out)  # type: ignore[arg-type]
             elif kind is MessageCompleted:
+                ex = self._current
                 self._forwarding = False
                 self._current = None
                 self._discarded = 0
+                if ex is not None and ex.answer is None and ex.verdict is Verdict.DROPPED:
+                    self._denied_answer(ex, out, now)  # a chunked body, read to its end
             elif kind is ConnectionClosed:
                 pass
             if self._closed or self._ignore_rest:
@@ -419,6 +427,7 @@ class HTTPEngine:
             return
         # Denied: never forwarded; the body is read and thrown away.
         ex = _Exchange(event, host, now, Verdict.DROPPED, self._denied_by)
+        out.append(Log.later(self._request_record, ex, now, event))
         if has_body:
             assert self._requests is not None
             self._requests.discard_body()
@@ -427,28 +436,27 @@ class HTTPEngine:
             self._discarded = 0
             if (event.content_length or 0) > DISCARD_LIMIT or event.expect_continue:
                 ex.close_after = True
-        ex.answer = http1_access_denied(event.version, keep_alive=not ex.close_after,
-                                        head=event.method == "HEAD")
+            elif event.chunked:
+                return  # answered when the body ends or grows too large (`_denied_answer`)
+        self._denied_answer(ex, out, now)
+
+    def _denied_answer(self, ex: _Exchange, out: list[Command], now: float) -> None:
+        """Queue a denied request's 403 (in request order) and write what is due."""
+        ex.answer = http1_access_denied(ex.version, keep_alive=not ex.close_after,
+                                        head=ex.method == "HEAD")
         if ex.close_after:
             self._ignore_rest = True  # nothing after it may be forwarded
         self._queue.append(ex)
-        out.append(Log.later(self._request_record, ex, now, event))
         self._flush(out, now)
 
-    def _stop_discarding(self, out: list[Command]) -> None:
-        """A denied request's body is too large to read for nothing: close after its answer."""
+    def _stop_discarding(self, out: list[Command], now: float) -> None:
+        """A denied chunked body is too large to read for nothing: answer with close."""
         ex = self._current
         assert ex is not None
-        if ex.close_after:
+        if ex.close_after or ex.answer is not None:
             return
         ex.close_after = True
-        self._ignore_rest = True
-        if ex in self._queue:
-            ex.answer = http1_access_denied(ex.version, keep_alive=False,
-                                            head=ex.method == "HEAD")
-        else:  # already answered with keep-alive; nothing was read after it
-            self._closed = True
-            out.append(Close(_BOTH, "denied request body too large to discard"))
+        self._denied_answer(ex, out, now)
 
     def _client_error(self, exc: HTTP1Error, now: float, out: list[Command]) -> None:
         """Answer `exc.status` after the responses owed, then close; one ERROR record."""
@@ -588,7 +596,8 @@ class HTTPEngine:
             out.append(Log.later(self._response_record, ex, now, 403, ex.version, ()))
             if ex.close_after:
                 self._closed = True
-                out.append(Close(_BOTH, "connection closes after this answer"))
+                # The client may still be sending the body garrison did not read.
+                out.append(Close(_BOTH, "connection closes after this answer", linger=True))
                 return
         if not queue and self._client_done and not self._closed:
             self._closed = True

@@ -282,6 +282,11 @@ class ServerSettings:
     sweep_interval: float = 1.0
     # An HTTP/1.1 client idle this long returns its upstream connection to the pool.
     release_idle_after: float = 1.0
+    # A lingering close (`Close(linger=True)`) reads and discards at most this much, this
+    # long, of what the client still sends after its answer, then closes (nginx's
+    # lingering_time is 30 s).
+    linger_bytes: int = 64 * 1024 * 1024
+    linger_time: float = 10.0
 
 
 # ---- one client connection ------------------------------------------------------------------
@@ -304,6 +309,8 @@ class _ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_client_write_paused",
         "_connecting",
+        "_linger_timer",
+        "_lingered",
         "_pause_client",
         "_pending_up",
         "_was_idle",
@@ -337,6 +344,8 @@ class _ClientConnection(asyncio.Protocol):
         self.closed = False
         self.client_eof = False
         self._pending_up: list[bytes] = []  # forwarded while the upstream connects
+        self._linger_timer: asyncio.TimerHandle | None = None  # set while lingering
+        self._lingered = 0  # bytes read and thrown away while lingering
         self._connecting: asyncio.Task[None] | None = None
         self._pause_client = 0  # reasons the client's reading is paused (bit set)
         self._client_write_paused = False
@@ -405,6 +414,10 @@ class _ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         engine = self.engine
         if engine is None or self.closed:
+            if self._linger_timer is not None:
+                self._lingered += len(data)
+                if self._lingered > self.server.settings.linger_bytes:
+                    self._end_linger()
             return
         now = time.time()
         self.last_client = now
@@ -424,6 +437,8 @@ class _ClientConnection(asyncio.Protocol):
         engine = self.engine
         self.client_eof = True
         if engine is None or self.closed:
+            if self._linger_timer is not None:
+                self._end_linger()
             return False
         now = time.time()
         try:
@@ -433,6 +448,10 @@ class _ClientConnection(asyncio.Protocol):
         return not self.closed  # keep the transport half-open while answers are owed
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+            self.server.lingering.discard(self)
         if self.engine is None:
             return
         self.closed = True
@@ -576,7 +595,37 @@ class _ClientConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        if command.linger:
+            self._linger()
+            return
         self._close_all()
+
+    def _linger(self) -> None:
+        """Close after the answer without resetting the client: half-close (FIN once the
+        answer is written), then read and throw away what it still sends until it closes,
+        `linger_bytes` were read or `linger_time` passed. Closing a socket with unread bytes
+        sends a reset, and the client would lose the answer it has not read yet."""
+        transport = self.transport
+        if self.closed or transport is None or self.client_eof or not transport.can_write_eof():
+            self._close_all()
+            return
+        self.closed = True
+        self._teardown()
+        transport.write_eof()
+        transport.resume_reading()
+        server = self.server
+        server.lingering.add(self)
+        self._linger_timer = asyncio.get_running_loop().call_later(
+            server.settings.linger_time, self._end_linger
+        )
+
+    def _end_linger(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        self.server.lingering.discard(self)
+        if self.transport is not None:
+            self.transport.close()
 
     def _after_engine(self, engine: ConnectionEngine) -> None:
         """After an engine with states ran: note idleness (the head timer starts at the first
@@ -776,6 +825,7 @@ class ProxyServer:
         self.sink = sink
         self.metrics = metrics if metrics is not None else sink.metrics
         self.connections: set[_ClientConnection] = set()
+        self.lingering: set[_ClientConnection] = set()  # closed, draining the client
         self._servers: list[asyncio.AbstractServer] = []
         self._upstream: Address | None = None
         self._shared: dict[Address, dict[str, object]] = {}
@@ -1032,6 +1082,8 @@ class ProxyServer:
                 await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn._close_all()
+        for conn in list(self.lingering):
+            conn._end_linger()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

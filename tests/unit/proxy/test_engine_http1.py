@@ -281,33 +281,65 @@ def test_allowed_body_streams_as_it_arrives() -> None:
 
 
 def test_denied_body_over_the_discard_limit_closes_after_the_answer() -> None:
+    """The answer says `Connection: close` and the close lingers: a client that sends its
+    whole body before reading (urllib, http.client) must read the 403, not a reset."""
     engine = make()
     big = req("PUT", "/v1/exhaust-port", extra=f"Content-Length: {DISCARD_LIMIT + 1}\r\n")
     result = out(engine.client_data(big + b"x" * 100 + LAND, T0))
     assert result.injected == http1_access_denied(keep_alive=False)
-    assert [c.side for c in result.closes] == [Side.BOTH]
+    assert result.closes == [Close(Side.BOTH, "connection closes after this answer",
+                                   linger=True)]
     assert result.upstream == b""
+    assert out(engine.client_data(b"x" * 100_000, T0)).commands == []  # read, thrown away
 
 
-def test_denied_chunked_body_that_keeps_coming_closes() -> None:
+CHUNKED_PUT = b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def test_denied_chunked_body_is_answered_keep_alive_once_it_ended() -> None:
+    """Whether the connection stays is only known at the body's end: the 403 waits for it,
+    so it never says keep-alive for a connection that then closes."""
     engine = make()
-    head = b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n\r\n"
-    first = out(engine.client_data(head, T0))
-    assert first.injected == DENIED  # answered at once, keep-alive so far
+    assert out(engine.client_data(CHUNKED_PUT, T0)).commands[1:] == []  # the request record
+    assert engine.waiting == Waiting.CLIENT
+    chunk = b"%x\r\n%s\r\n" % (1000, b"z" * 1000)
+    assert out(engine.client_data(chunk * 3, T0)).client == b""
+    result = out(engine.client_data(b"0\r\n\r\n" + LAND, T0))
+    assert result.client == DENIED and result.closes == []
+    assert result.upstream == LAND
+    [answer] = [r for r in result.records if r.l7 and r.l7.type is L7FlowType.RESPONSE]
+    assert answer.verdict is Verdict.DROPPED
+
+
+def test_denied_chunked_body_that_keeps_coming_is_answered_with_close() -> None:
+    engine = make()
+    out(engine.client_data(CHUNKED_PUT, T0))
     chunk = b"%x\r\n%s\r\n" % (32 * 1024, b"z" * 32 * 1024)
     result = Out()
     for _ in range(3):
         result.commands.extend(engine.client_data(chunk, T0))
-    assert [c.side for c in result.closes] == [Side.BOTH]
+    assert result.client == http1_access_denied(keep_alive=False)  # the close is announced
+    assert result.closes == [Close(Side.BOTH, "connection closes after this answer",
+                                   linger=True)]
     assert result.upstream == b""
 
 
+def test_denied_chunked_answer_waits_behind_an_earlier_response() -> None:
+    engine = make()
+    first = out(engine.client_data(LAND + CHUNKED_PUT + b"3\r\nabc\r\n0\r\n\r\n", T0))
+    assert first.upstream == LAND and first.client == b""
+    assert out(engine.upstream_data(resp(), T0)).client == resp() + DENIED
+
+
 def test_denied_expect_continue_closes() -> None:
+    """No `100 Continue`: the 403 at once, announcing the close; the close lingers in case
+    the client sends its body anyway."""
     engine = make()
     raw = req("PUT", "/v1/exhaust-port", extra="Expect: 100-continue\r\nContent-Length: 5\r\n")
     result = out(engine.client_data(raw, T0))
     assert result.injected == http1_access_denied(keep_alive=False)
-    assert result.closes
+    assert [c.linger for c in result.closes] == [True]
+    assert out(engine.client_data(b"12345" + LAND, T0)).commands == []
 
 
 def test_informational_responses_go_through_before_the_final_one() -> None:

@@ -390,3 +390,64 @@ async def test_an_h2c_client_never_gets_a_pooled_http1_upstream(upstream: Upstre
     assert server.pool.stats.idle == 1 and server.pool.stats.reuses == 0
     writer.close()
     await server.close()
+
+
+def _send_all_then_read(address: tuple[str, int], head: bytes, body: bytes) -> bytes:
+    """What http.client and urllib do: send the whole request, then read the answer."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(head)
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+@in_loop
+async def test_a_denied_upload_is_read_and_answered_not_reset(upstream: Upstream) -> None:
+    """Over DISCARD_LIMIT: the 403 says `Connection: close`, the proxy half-closes after it
+    and reads the rest of the body, so the client reads the answer instead of ECONNRESET."""
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING))
+    body = b"x" * (4 * 1024 * 1024)
+    head = b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: d\r\nContent-Length: %d\r\n\r\n" % len(body)
+    answer = await asyncio.to_thread(_send_all_then_read, address, head, body)
+    assert answer == (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 15\r\n"
+                      b"Content-Type: text/plain\r\nConnection: close\r\n\r\nAccess denied\r\n")
+    chunked = b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"%x\r\n%s\r\n" % (65536, b"y" * 65536) * 64 + b"0\r\n\r\n"
+    answer = await asyncio.to_thread(_send_all_then_read, address, chunked, body)
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert b"\r\nConnection: close\r\n" in answer  # the close is announced
+    assert upstream.requests == 0
+    for _ in range(50):  # the client's close reaches the proxy: lingering ends with it
+        if not server.lingering:
+            break
+        await asyncio.sleep(0.02)
+    assert not server.lingering and not server.connections
+    await server.close()
+
+
+@in_loop
+async def test_a_lingering_close_is_bounded(upstream: Upstream) -> None:
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING),
+                                        linger_bytes=256 * 1024, linger_time=0.5)
+    head = b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: d\r\nContent-Length: 9999999999\r\n\r\n"
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(head)
+    answer = await asyncio.wait_for(reader.read(), 5)  # the answer, then the proxy's FIN
+    assert answer.endswith(b"Connection: close\r\n\r\nAccess denied\r\n")
+    assert len(server.lingering) == 1
+    await asyncio.sleep(0.8)  # the client neither sends nor closes: the timer ends it
+    assert not server.lingering
+    writer.close()
+    # A client that keeps sending past linger_bytes is cut off.
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(head)
+    await asyncio.wait_for(reader.read(), 5)
+    with pytest.raises(ConnectionError):
+        for _ in range(100):
+            writer.write(b"z" * 65536)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+    assert not server.lingering
+    await server.close()
