@@ -110,8 +110,8 @@ def message_plan(message_class: Any, version: int, flexible: bool, request: bool
 def _struct_plan(
     struct_field: Any, version: int, flexible: bool, nullable: bool, request: bool, name: str
 ) -> FieldPlan:
-    fields = tuple(
-        _field_plan(f, version, flexible, request) for f in struct_field.untagged_fields(version)
+    fields = _merge_fixed(
+        [_field_plan(f, version, flexible, request) for f in struct_field.untagged_fields(version)]
     )
     tagged = None
     if flexible:
@@ -124,6 +124,18 @@ def _struct_plan(
     return FieldPlan(
         STRUCT, name, minimum, nullable=nullable, fields=fields, tagged=tagged, flexible=flexible
     )
+
+
+def _merge_fixed(fields: list[FieldPlan]) -> tuple[FieldPlan, ...]:
+    """Runs of fixed-size fields become one (fewer steps per message)."""
+    merged: list[FieldPlan] = []
+    for field in fields:
+        if field.kind == FIXED and merged and merged[-1].kind == FIXED:
+            size = merged[-1].size + field.size
+            merged[-1] = FieldPlan(FIXED, f"{merged[-1].name}+{field.name}", size, size=size)
+        else:
+            merged.append(field)
+    return tuple(merged)
 
 
 def _field_plan(field: Any, version: int, flexible: bool, request: bool) -> FieldPlan:
@@ -189,8 +201,12 @@ def _length(
 ) -> tuple[int, int]:
     """A length or count and the position after it; -1 = null, checked against the schema."""
     if compact:
-        raw, pos = _uvarint(data, pos, end, plan.name)
-        value = raw - 1
+        if pos < end and data[pos] < 0x80:  # one-byte varints: nearly every length
+            value = data[pos] - 1
+            pos += 1
+        else:
+            raw, pos = _uvarint(data, pos, end, plan.name)
+            value = raw - 1
     else:
         if pos + unpack.size > end:
             raise LengthError(f"{plan.name}: length runs past the end of the frame")
@@ -267,6 +283,8 @@ def _tagged_fields(
     known: dict[int, FieldPlan],
     name: str,
 ) -> int:
+    if pos < end and data[pos] == 0:  # no tagged fields: nearly every struct
+        return pos + 1
     where = f"{name} tagged fields"
     count, pos = _uvarint(data, pos, end, where)
     if count * 2 > end - pos:  # a tag and a size at least
