@@ -16,11 +16,17 @@ allocation cannot both succeed: either the new owner joins before the release (w
 two owners) or the release deletes the key first (and the new owner allocates afresh). A number
 is released only after the labels key pointing at it is gone, so a labels key always points at
 a claimed number and one number never serves two label sets.
+
+`ClusterIdentityAllocator` is the same idea for several nodes on etcd, after Cilium's kvstore
+allocator: per-node references bound to the node's lease instead of an owner list, and
+multi-key transactions (its docstring has the key layout).
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
@@ -42,7 +48,15 @@ from garrison.identity.model import (
     parse_prefix,
     reserved_identity_for_labels,
 )
-from garrison.kvstore.base import KVStore
+from garrison.kvstore.base import (
+    Absent,
+    Delete,
+    KVStore,
+    NoneWithPrefix,
+    Put,
+    TransactionalKVStore,
+    ValueIs,
+)
 from garrison.policies.labels import SOURCE_CIDR, Label, Labels
 
 ID_PREFIX = "identities/id/"
@@ -106,7 +120,7 @@ class _IdentityRecord:
     def decode(cls, key: str, raw: bytes) -> _IdentityRecord:
         try:
             doc = json.loads(raw)
-            return cls(id=int(doc["id"]), owners=frozenset(str(o) for o in doc["owners"]))
+            return cls(id=int(doc["id"]), owners=frozenset(str(o) for o in doc.get("owners", ())))
         except (ValueError, KeyError, TypeError) as exc:
             raise IdentityError(f"corrupt identity record at {key!r}: {exc}") from None
 
@@ -126,8 +140,20 @@ class IdentityAllocator:
     Owners are a set: allocating twice for one owner holds one reference.
     """
 
-    def __init__(self, store: KVStore, config: AllocatorConfig | None = None) -> None:
+    # Where endpoint identities live in the store (the cluster allocator uses its own layout).
+    id_prefix = ID_PREFIX
+    labels_prefix = LABELS_PREFIX
+
+    def __init__(
+        self,
+        store: KVStore,
+        config: AllocatorConfig | None = None,
+        *,
+        local_store: KVStore | None = None,
+    ) -> None:
         self._store = store
+        # CIDR identities never leave the node: a cluster keeps them in the node's own store.
+        self._local = local_store if local_store is not None else store
         self._config = config if config is not None else AllocatorConfig()
         self._cidr_root = f"nodes/{self._config.node_name}/identities/cidr/"
 
@@ -147,6 +173,41 @@ class IdentityAllocator:
         Labels that name a reserved identity return it (not reference-counted). Raises
         `IdentityRangeExhaustedError` when every number of the endpoint range is in use.
         """
+        relevant = self._allocatable(labels, owner)
+        if isinstance(relevant, Identity):
+            return relevant
+        canonical = canonical_labels(relevant)
+        labels_key = self.labels_prefix + canonical
+        for _ in range(self._config.max_attempts):
+            raw = self._store.get(labels_key)
+            if raw is not None:
+                record = _IdentityRecord.decode(labels_key, raw)
+                if owner in record.owners:
+                    return Identity(record.id, relevant)
+                joined = _IdentityRecord(record.id, record.owners | {owner})
+                if self._store.compare_and_swap(labels_key, raw, joined.encode()):
+                    return Identity(record.id, relevant)
+                continue  # another owner came or went meanwhile: read again
+            number = self._claim_number(
+                self._store,
+                self.id_prefix,
+                self._config.min_endpoint_id,
+                self._config.max_endpoint_id,
+                canonical.encode(),
+                "endpoint",
+            )
+            record = _IdentityRecord(number, frozenset({owner}))
+            if self._store.create(labels_key, record.encode()):
+                return Identity(number, relevant)
+            # Another process created these labels' identity first: give our number back.
+            self._store.compare_and_delete(self.id_prefix + str(number), canonical.encode())
+        raise IdentityError(
+            f"no identity for {relevant} after {self._config.max_attempts} attempts:"
+            " the store keeps changing under us"
+        )
+
+    def _allocatable(self, labels: Labels, owner: str) -> Labels | Identity:
+        """The filtered labels to allocate for, or the reserved identity they name."""
         if not owner:
             raise ValueError("owner must be a non-empty string")
         if cidr_prefix(labels) is not None:
@@ -159,34 +220,7 @@ class IdentityAllocator:
             return reserved
         if not relevant:
             raise InvalidIdentityLabelsError(f"labels {labels} hold no identity-relevant label")
-        canonical = canonical_labels(relevant)
-        labels_key = LABELS_PREFIX + canonical
-        for _ in range(self._config.max_attempts):
-            raw = self._store.get(labels_key)
-            if raw is not None:
-                record = _IdentityRecord.decode(labels_key, raw)
-                if owner in record.owners:
-                    return Identity(record.id, relevant)
-                joined = _IdentityRecord(record.id, record.owners | {owner})
-                if self._store.compare_and_swap(labels_key, raw, joined.encode()):
-                    return Identity(record.id, relevant)
-                continue  # another owner came or went meanwhile: read again
-            number = self._claim_number(
-                ID_PREFIX,
-                self._config.min_endpoint_id,
-                self._config.max_endpoint_id,
-                canonical.encode(),
-                "endpoint",
-            )
-            record = _IdentityRecord(number, frozenset({owner}))
-            if self._store.create(labels_key, record.encode()):
-                return Identity(number, relevant)
-            # Another process created these labels' identity first: give our number back.
-            self._store.compare_and_delete(ID_PREFIX + str(number), canonical.encode())
-        raise IdentityError(
-            f"no identity for {relevant} after {self._config.max_attempts} attempts:"
-            " the store keeps changing under us"
-        )
+        return relevant
 
     def release(self, identity_or_labels: Identity | Labels, owner: str) -> bool:
         """Drop `owner`'s reference; True when that freed the identity (it was the last owner).
@@ -205,7 +239,7 @@ class IdentityAllocator:
         if relevant is None:
             return False
         canonical = canonical_labels(relevant)
-        labels_key = LABELS_PREFIX + canonical
+        labels_key = self.labels_prefix + canonical
         for _ in range(self._config.max_attempts):
             raw = self._store.get(labels_key)
             if raw is None:
@@ -215,7 +249,8 @@ class IdentityAllocator:
                 return False
             if record.owners == {owner}:
                 if self._store.compare_and_delete(labels_key, raw):
-                    self._store.compare_and_delete(ID_PREFIX + str(record.id), canonical.encode())
+                    id_key = self.id_prefix + str(record.id)
+                    self._store.compare_and_delete(id_key, canonical.encode())
                     return True
             else:
                 remaining = _IdentityRecord(record.id, record.owners - {owner})
@@ -236,7 +271,7 @@ class IdentityAllocator:
         relevant = self._endpoint_labels(labels)
         if relevant is None:
             return frozenset()
-        key = LABELS_PREFIX + canonical_labels(relevant)
+        key = self.labels_prefix + canonical_labels(relevant)
         raw = self._store.get(key)
         if raw is None:
             return frozenset()
@@ -270,7 +305,7 @@ class IdentityAllocator:
             return reserved
         if not relevant:
             return None
-        key = LABELS_PREFIX + canonical_labels(relevant)
+        key = self.labels_prefix + canonical_labels(relevant)
         raw = self._store.get(key)
         if raw is None:
             return None
@@ -281,19 +316,19 @@ class IdentityAllocator:
         if number in RESERVED_BY_ID:
             return RESERVED_BY_ID[number]
         if CIDR_ID_FLAG < number <= MAX_CIDR_ID:
-            raw = self._store.get(self._cidr_root + f"id/{number}")
+            raw = self._local.get(self._cidr_root + f"id/{number}")
             if raw is None:
                 return None
             identity = self._lookup_cidr(parse_prefix(raw.decode()))
             return identity if identity is not None and identity.id == number else None
         if not MIN_ENDPOINT_ID <= number <= MAX_ENDPOINT_ID:
             return None
-        raw = self._store.get(ID_PREFIX + str(number))
+        raw = self._store.get(self.id_prefix + str(number))
         if raw is None:
             return None
         canonical = raw.decode()
         # A claim is an identity only once its labels key points back at it.
-        key = LABELS_PREFIX + canonical
+        key = self.labels_prefix + canonical
         ref = self._store.get(key)
         if ref is None or _IdentityRecord.decode(key, ref).id != number:
             return None
@@ -302,11 +337,11 @@ class IdentityAllocator:
     def all(self) -> dict[int, Labels]:
         """Every identity in use: reserved, endpoint (cluster-wide) and this node's CIDR ones."""
         out = {identity.id: identity.labels for identity in RESERVED.values()}
-        for key, raw in self._store.list_prefix(LABELS_PREFIX).items():
+        for key, raw in self._store.list_prefix(self.labels_prefix).items():
             record = _IdentityRecord.decode(key, raw)
-            out[record.id] = parse_canonical(key.removeprefix(LABELS_PREFIX))
+            out[record.id] = parse_canonical(key.removeprefix(self.labels_prefix))
         prefix_root = self._cidr_root + "prefix/"
-        for key, raw in self._store.list_prefix(prefix_root).items():
+        for key, raw in self._local.list_prefix(prefix_root).items():
             out[_decode_number(key, raw)] = cidr_labels(key.removeprefix(prefix_root))
         return out
 
@@ -318,19 +353,20 @@ class IdentityAllocator:
         network = parse_prefix(prefix)
         prefix_key = self._cidr_root + f"prefix/{network}"
         for _ in range(self._config.max_attempts):
-            raw = self._store.get(prefix_key)
+            raw = self._local.get(prefix_key)
             if raw is not None:
                 return Identity(_decode_number(prefix_key, raw), cidr_labels(network))
             number = self._claim_number(
+                self._local,
                 self._cidr_root + "id/",
                 CIDR_ID_FLAG + 1,
                 MAX_CIDR_ID,
                 str(network).encode(),
                 "CIDR",
             )
-            if self._store.create(prefix_key, str(number).encode()):
+            if self._local.create(prefix_key, str(number).encode()):
                 return Identity(number, cidr_labels(network))
-            self._store.compare_and_delete(self._cidr_root + f"id/{number}", str(network).encode())
+            self._local.compare_and_delete(self._cidr_root + f"id/{number}", str(network).encode())
         raise IdentityError(f"no CIDR identity for {network} after {self._config.max_attempts}")
 
     def identity_for_prefix(self, prefix: str | IPNetwork) -> Identity:
@@ -342,22 +378,263 @@ class IdentityAllocator:
 
     def _lookup_cidr(self, network: IPNetwork) -> Identity | None:
         key = self._cidr_root + f"prefix/{network}"
-        raw = self._store.get(key)
+        raw = self._local.get(key)
         return None if raw is None else Identity(_decode_number(key, raw), cidr_labels(network))
 
     # Number claims ----------------------------------------------------------------------------
 
-    def _claim_number(self, key_prefix: str, low: int, high: int, value: bytes, kind: str) -> int:
+    def _claim_number(
+        self, store: KVStore, key_prefix: str, low: int, high: int, value: bytes, kind: str
+    ) -> int:
         """Claim the lowest free number in [low, high] under `key_prefix` (create-if-absent)."""
         used = {
             int(suffix)
-            for key in self._store.list_prefix(key_prefix)
+            for key in store.list_prefix(key_prefix)
             if (suffix := key.removeprefix(key_prefix)).isdecimal()
         }
         for number in range(low, high + 1):
-            if number not in used and self._store.create(key_prefix + str(number), value):
+            if number not in used and store.create(key_prefix + str(number), value):
                 return number
         raise IdentityRangeExhaustedError(
             f"{kind} identity range {low}–{high} is exhausted: all {high - low + 1} numbers are"
             " in use"
         )
+
+
+# Cluster ------------------------------------------------------------------------------------
+
+CLUSTER_IDENTITIES_PREFIX = "state/identities/v1/"
+
+
+@dataclass(slots=True)
+class _HeldIdentity:
+    """An identity this node references, and the local owners (endpoints) behind the reference."""
+
+    id: int
+    labels: Labels
+    owners: set[str]
+
+
+def _master_value(number: int) -> bytes:
+    return json.dumps({"id": number}, separators=(",", ":")).encode()
+
+
+class ClusterIdentityAllocator(IdentityAllocator):
+    """Endpoint identities shared by every node of a cluster, after Cilium's kvstore allocator.
+
+    Key layout (under the store's root, `garrison/` on etcd):
+
+        state/identities/v1/id/<n>                     [canonical labels]  claim on number n
+        state/identities/v1/labels/<canonical labels>  [{"id": n}]         the identity itself
+        state/identities/v1/refs/<quoted labels>/<node>  [{"id": n, "owners": [...]}]
+                                                        this node's reference, bound to its lease
+
+    A new identity is one transaction: "neither the number nor the labels exist" → write the
+    number's claim, the labels key and this node's reference together. Joining an existing
+    identity is "the labels key still names n" → write this node's reference. Two nodes
+    allocating the same new labels at once: one transaction wins, the other fails on the labels
+    key, reads it and joins, so both get the same number; two nodes allocating different labels
+    fail on the number and take the next one. Nothing collides without a lock service.
+
+    References are per node (owners are the node's endpoints, kept in memory and mirrored in the
+    reference's value) and vanish with the node's lease when it dies. An identity without any
+    reference is deleted by `collect` ("the labels key still names n and no reference exists"
+    → delete both master keys) — on release by its last holder, and by `collect_garbage` sweeps
+    for the identities of nodes that died. Because joining requires the labels key and
+    collecting requires no reference, a join and a collection cannot both succeed.
+
+    CIDR identities stay node-local in `local_store` (the node's SQLite file).
+    """
+
+    id_prefix = CLUSTER_IDENTITIES_PREFIX + "id/"
+    labels_prefix = CLUSTER_IDENTITIES_PREFIX + "labels/"
+    refs_prefix = CLUSTER_IDENTITIES_PREFIX + "refs/"
+
+    def __init__(
+        self,
+        store: TransactionalKVStore,
+        config: AllocatorConfig | None = None,
+        *,
+        local_store: KVStore | None = None,
+        lease: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        super().__init__(store, config, local_store=local_store)
+        self._tx = store
+        self._lease = lease
+        self._lock = threading.RLock()
+        self._held: dict[str, _HeldIdentity] = {}
+
+    def _refs_of(self, canonical: str) -> str:
+        # Quoted without a safe "/", so one label set's references are never a prefix of
+        # another's (canonical labels may contain "/").
+        return self.refs_prefix + quote(canonical, safe="") + "/"
+
+    def _ref_key(self, canonical: str) -> str:
+        return self._refs_of(canonical) + self._config.node_name
+
+    def _ref_value(self, held: _HeldIdentity) -> bytes:
+        doc = {"id": held.id, "owners": sorted(held.owners)}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def held(self) -> dict[int, frozenset[str]]:
+        """The identities this node references → its owners of each."""
+        with self._lock:
+            return {h.id: frozenset(h.owners) for h in self._held.values()}
+
+    def allocate(self, labels: Labels, owner: str) -> Identity:
+        relevant = self._allocatable(labels, owner)
+        if isinstance(relevant, Identity):
+            return relevant
+        canonical = canonical_labels(relevant)
+        with self._lock:
+            held = self._held.get(canonical)
+            if held is not None:
+                if owner not in held.owners:
+                    held.owners.add(owner)
+                    self._tx.transaction([], [self._ref_put(canonical, held)])
+                return Identity(held.id, relevant)
+            held = _HeldIdentity(0, relevant, {owner})
+            held.id = self._reference(canonical, held, keep_id=None)
+            self._held[canonical] = held
+            return Identity(held.id, relevant)
+
+    def _ref_put(self, canonical: str, held: _HeldIdentity) -> Put:
+        return Put(self._ref_key(canonical), self._ref_value(held), lease=self._lease())
+
+    def _reference(self, canonical: str, held: _HeldIdentity, *, keep_id: int | None) -> int:
+        """Join the identity of `canonical` or create it; the number it has. With `keep_id`,
+        recreate a vanished identity with that number when it is still free (after a lost
+        lease, so endpoints keep their identity)."""
+        labels_key = self.labels_prefix + canonical
+        for _ in range(self._config.max_attempts):
+            raw = self._store.get(labels_key)
+            if raw is not None:
+                number = _IdentityRecord.decode(labels_key, raw).id
+                held.id = number
+                if self._tx.transaction(
+                    [ValueIs(labels_key, raw)], [self._ref_put(canonical, held)]
+                ):
+                    return number
+                continue  # collected meanwhile: create it again
+            for number in self._candidates(keep_id):
+                held.id = number
+                id_key = self.id_prefix + str(number)
+                created = self._tx.transaction(
+                    [Absent(labels_key), Absent(id_key)],
+                    [
+                        Put(id_key, canonical.encode()),
+                        Put(labels_key, _master_value(number)),
+                        self._ref_put(canonical, held),
+                    ],
+                )
+                if created:
+                    return number
+                if self._store.get(labels_key) is not None:
+                    break  # another node created these labels' identity: join it
+            else:
+                if keep_id is None:
+                    self._raise_exhausted()
+                keep_id = None  # the old number went to other labels: take a new one
+        raise IdentityError(
+            f"no identity for {held.labels} after {self._config.max_attempts} attempts:"
+            " the store keeps changing under us"
+        )
+
+    def _candidates(self, keep_id: int | None) -> Iterator[int]:
+        if keep_id is not None:
+            yield keep_id
+            return
+        used = {
+            int(suffix)
+            for key in self._store.list_prefix(self.id_prefix)
+            if (suffix := key.removeprefix(self.id_prefix)).isdecimal()
+        }
+        low, high = self._config.min_endpoint_id, self._config.max_endpoint_id
+        yield from (n for n in range(low, high + 1) if n not in used)
+
+    def _raise_exhausted(self) -> None:
+        low, high = self._config.min_endpoint_id, self._config.max_endpoint_id
+        raise IdentityRangeExhaustedError(
+            f"endpoint identity range {low}–{high} is exhausted: all {high - low + 1} numbers"
+            " are in use"
+        )
+
+    def release(self, identity_or_labels: Identity | Labels, owner: str) -> bool:
+        """Drop `owner`'s reference; True when that freed the identity cluster-wide (no node
+        references it any more)."""
+        labels = (
+            identity_or_labels.labels
+            if isinstance(identity_or_labels, Identity)
+            else identity_or_labels
+        )
+        relevant = self._endpoint_labels(labels)
+        if relevant is None:
+            return False
+        canonical = canonical_labels(relevant)
+        with self._lock:
+            held = self._held.get(canonical)
+            if held is None or owner not in held.owners:
+                return False
+            if isinstance(identity_or_labels, Identity) and identity_or_labels.id != held.id:
+                return False
+            held.owners.discard(owner)
+            if held.owners:
+                self._tx.transaction([], [self._ref_put(canonical, held)])
+                return False
+            self._store.delete(self._ref_key(canonical))
+            del self._held[canonical]
+            return self.collect(canonical, held.id)
+
+    def collect(self, canonical: str, number: int) -> bool:
+        """Delete the identity `number` of `canonical` if no node references it; True if so."""
+        labels_key = self.labels_prefix + canonical
+        return self._tx.transaction(
+            [ValueIs(labels_key, _master_value(number)), NoneWithPrefix(self._refs_of(canonical))],
+            [Delete(labels_key), Delete(self.id_prefix + str(number))],
+        )
+
+    def collect_garbage(self) -> list[int]:
+        """Delete every identity that no node references (their nodes died); the numbers freed.
+        Any node may run it at any time."""
+        freed = []
+        for key, raw in self._store.list_prefix(self.labels_prefix).items():
+            canonical = key.removeprefix(self.labels_prefix)
+            number = _IdentityRecord.decode(key, raw).id
+            if not self._store.list_prefix(self._refs_of(canonical)) and self.collect(
+                canonical, number
+            ):
+                freed.append(number)
+        return freed
+
+    def restore(self) -> dict[int, int]:
+        """Write this node's references again after its lease was lost (each with the new
+        lease), recreating identities that were collected meanwhile with their old numbers
+        when those are free. Returns old → new numbers for identities that had to change."""
+        changed = {}
+        with self._lock:
+            for canonical, held in self._held.items():
+                old = held.id
+                new = self._reference(canonical, held, keep_id=old)
+                if new != old:
+                    changed[old] = new
+        return changed
+
+    def owners(self, identity_or_labels: Identity | Labels) -> frozenset[str]:
+        """`<node>/<owner>` for every owner on every node referencing the identity."""
+        labels = (
+            identity_or_labels.labels
+            if isinstance(identity_or_labels, Identity)
+            else identity_or_labels
+        )
+        relevant = self._endpoint_labels(labels)
+        if relevant is None:
+            return frozenset()
+        refs = self._refs_of(canonical_labels(relevant))
+        out: set[str] = set()
+        for key, raw in self._store.list_prefix(refs).items():
+            record = _IdentityRecord.decode(key, raw)
+            if isinstance(identity_or_labels, Identity) and record.id != identity_or_labels.id:
+                continue
+            node = key.removeprefix(refs)
+            out.update(f"{node}/{owner}" for owner in record.owners)
+        return frozenset(out)
