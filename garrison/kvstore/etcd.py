@@ -466,7 +466,7 @@ class EtcdSession:
         self._lock = threading.Lock()
         self._keys: dict[str, bytes] = {}
         self._dirty: set[str] = set()
-        self._hooks: list[Callable[[int], None]] = []
+        self._hooks: list[Callable[[int], object]] = []
         self._stop = threading.Event()
         self._call: Any = None
         self._lease: int | None = None
@@ -501,7 +501,7 @@ class EtcdSession:
             )
         return lease
 
-    def on_new_lease(self, hook: Callable[[int], None]) -> None:
+    def on_new_lease(self, hook: Callable[[int], object]) -> None:
         with self._lock:
             self._hooks.append(hook)
 
