@@ -563,7 +563,10 @@ class EtcdSession:
                     if self.leases_granted > 1:
                         log.warning("etcd %s: lease lost, new lease %x", self.name, lease)
                         for hook in hooks:
-                            hook(lease)
+                            try:
+                                hook(lease)
+                            except Exception:
+                                log.exception("etcd %s: new-lease hook %r failed", self.name, hook)
                 lease = self._lease
                 self._flush(lease)
                 self._ready.set()
