@@ -195,6 +195,11 @@ def request_topics(
                 # Every topic it could refer to counts: a name cannot vouch for another id.
                 name = getattr(entry, name_attr) if name_attr else None
                 topic_id = getattr(entry, id_attr) if id_attr else None
+                if name is None and topic_id is None:
+                    # Neither a name nor an id (kafka-python reads the all-zero id as None):
+                    # the entry names no topic garrison can check, never "no topic".
+                    unknown = True
+                    continue
                 if name is not None and (name or topic_id is None):
                     names[name] = None
                 if topic_id is not None:

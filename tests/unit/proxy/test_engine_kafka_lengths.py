@@ -8,12 +8,14 @@ connection with exactly one ERROR record (PARSE_ERROR) and a Close, and forward 
 from __future__ import annotations
 
 import struct
+import uuid
 
 import pytest
 
 from garrison.flows.build import proxy_error
-from garrison.flows.record import DropReasonDesc
+from garrison.flows.record import DropReasonDesc, Verdict
 from garrison.flows.record import TrafficDirection as FlowDirection
+from garrison.parsers.kafka_apis import kafka_api
 from garrison.policies.l7rules import KafkaRole, KafkaRule, L7Protocol
 from garrison.proxy.commands import Close, Log, Side, flow_endpoint
 from tests.unit.parsers.kafka_hostile_corpus import HostileFrame, hostile_answers, hostile_requests
@@ -25,6 +27,7 @@ from tests.unit.proxy.test_engine_kafka import (
     conn,
     engine,
     ns,
+    records,
     request_frames,
     rules,
     written,
@@ -126,3 +129,35 @@ def test_every_hostile_answer_closes_the_connection_and_reaches_no_client(
     assert written(eng.client_data(case.request, NOW), Side.UPSTREAM) == case.request
     out = eng.upstream_data(case.frame, NOW)
     assert out == error_close(f"broker sent a bad Kafka frame: {case.error}")
+
+
+# ---- an entry naming no topic at all ---------------------------------------------------------
+
+
+def zero_id_produce() -> bytes:
+    """Produce v13 names topics by id only; the all-zero id is "no id" (kafka-python: None)."""
+    api = kafka_api(0)
+    assert api is not None
+    topic = api.request_class.fields["topic_data"].data_class
+    partition = api.request_class.fields["topic_data"].fields["partition_data"].data_class
+    message = api.request_class[13](
+        transactional_id=None,
+        acks=-1,
+        timeout_ms=1000,
+        topic_data=[topic(topic_id=uuid.UUID(int=0), partition_data=[partition(index=0)])],
+    )
+    message.with_header(correlation_id=3, client_id="zero-id")
+    return bytes(message.encode(header=True, framed=True))
+
+
+def test_a_produce_entry_with_neither_name_nor_id_is_denied_not_read_as_no_topic() -> None:
+    out = engine(OTHER_TOPIC_ONLY).client_data(zero_id_produce(), NOW)
+    assert not written(out, Side.UPSTREAM)
+    assert [r.verdict for r in records(out)] == [Verdict.DROPPED, Verdict.DROPPED]
+    assert records(out)[1].l7.kafka.error_code == 29  # type: ignore[union-attr]
+
+
+def test_a_rule_for_any_topic_still_allows_it() -> None:
+    frame = zero_id_produce()
+    out = engine(rules(KafkaRule(role=KafkaRole.PRODUCE))).client_data(frame, NOW)
+    assert written(out, Side.UPSTREAM) == frame
