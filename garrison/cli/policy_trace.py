@@ -79,6 +79,31 @@ def _endpoint(labels_text: str, namespace: str, flag: str) -> TraceEndpoint:
     return TraceEndpoint(endpoint_labels(labels, namespace), namespace)
 
 
+def _proxy_refusal(
+    method: str, target: str, host: str | None, headers: list[tuple[str, str]]
+) -> str | None:
+    """What the proxy answers before any rule is consulted, by its own request parser: the
+    trace must not allow `post` (an unknown method, 501) or a field it refuses (400)."""
+    from http import HTTPStatus
+
+    from garrison.parsers.http1 import HTTP1Error, HTTP1RequestParser
+
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host or 'service'}"]
+    lines += [f"{name}: {value}" for name, value in headers if name.lower() != "host"]
+    try:
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return "400 Bad Request: the request line or a field is not UTF-8"
+    parser = HTTP1RequestParser()
+    try:
+        parser.receive_data(head)
+        while parser.next_event() is not None:
+            pass
+    except HTTP1Error as exc:
+        return f"{exc.status} {HTTPStatus(exc.status).phrase}: {exc}"
+    return None
+
+
 def _request(args: argparse.Namespace) -> L7RequestSpec | None:
     http = any([args.http_method, args.http_path, args.http_host, args.http_header])
     grpc = any([args.grpc_service, args.grpc_method])
@@ -93,14 +118,15 @@ def _request(args: argparse.Namespace) -> L7RequestSpec | None:
             if not sep or not name.strip():
                 raise UsageError(f"--http-header {h!r}: expected 'Name: value'")
             headers.append((name.strip(), value.strip()))
+        method = args.http_method or "GET"
         raw = args.http_path or "/"
+        rejected = _proxy_refusal(method, raw, args.http_host, headers)
         try:
-            path, rejected = normalize_target(raw.encode("utf-8")).path, None
+            path = normalize_target(raw.encode("utf-8")).path
         except UnsafeTargetError as exc:
-            path, rejected = raw, exc.message
-        return HTTPRequestSpec(
-            (args.http_method or "GET").upper(), path, args.http_host, tuple(headers), rejected
-        )
+            path = raw
+            rejected = rejected or f"400 Bad Request: {exc.message}"
+        return HTTPRequestSpec(method, path, args.http_host, tuple(headers), rejected)
     if grpc:
         if not (args.grpc_service and args.grpc_method):
             raise UsageError("--grpc-service and --grpc-method go together")

@@ -35,7 +35,8 @@ DESTINATION_IDENTITY = 257
 @dataclass(frozen=True, slots=True)
 class HTTPRequestSpec:
     """`path` as the proxy's rules see it (already normalized by the caller);
-    `rejected`: why the proxy would answer 400 before any rule is consulted."""
+    `rejected`: the proxy's answer ("400 Bad Request: reason", "501 Not Implemented: ...")
+    when its request parser refuses the request before any rule is consulted."""
 
     method: str = "GET"
     path: str = "/"
@@ -353,7 +354,7 @@ def match_l7(ruleset: L7RuleSet, request: L7RequestSpec) -> L7Verdict | None:
         if not isinstance(request, HTTPRequestSpec):
             return None
         if request.rejected:
-            return L7Verdict(False, None, f"answered 400 Bad Request: {request.rejected}")
+            return L7Verdict(False, None, f"answered {request.rejected}")
         return HTTPMatcher(ruleset).match(
             request.method, request.path, request.host, list(request.headers)
         )

@@ -300,3 +300,32 @@ def test_cli_normalizes_http_path_like_the_proxy(
     assert rc == 0 and data["verdict"] == verdict
     if reason:
         assert reason in data["steps"][1]["l7"]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "verdict", "reason"),
+    [
+        ("POST", [], "allowed", None),
+        # The proxy's parser (llhttp, strict) answers these before any rule is consulted.
+        ("post", [], "denied", "501 Not Implemented: unknown method"),
+        ("FOO", [], "denied", "501 Not Implemented: unknown method"),
+        ("POST", ["Transfer-Encoding: gzip"], "denied", "501 Not Implemented"),
+        ("POST", ["Bad Name: x"], "denied", "400 Bad Request"),
+    ],
+)
+def test_cli_validates_the_request_as_the_proxy_does(
+    capsys: pytest.CaptureFixture[str],
+    method: str,
+    headers: list[str],
+    verdict: str,
+    reason: str | None,
+) -> None:
+    header_args = [a for h in headers for a in ("--http-header", h)]
+    rc, out, _ = cli(capsys, "-f", str(L7), "--src-labels", "org=empire,class=tiefighter",
+                     *STAR_ARGS, "--http-method", method, "--http-path", "/v1/request-landing",
+                     *header_args, "-o", "json")
+    data = json.loads(out)
+    assert rc == 0 and data["verdict"] == verdict
+    if reason:
+        assert data["denied_at"] == "L7"
+        assert data["steps"][1]["l7"]["reason"].startswith(f"answered {reason}")
