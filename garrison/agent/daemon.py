@@ -34,6 +34,7 @@ from garrison.agent.endpoints import (
 )
 from garrison.agent.kernel import KernelDatapath, Link
 from garrison.agent.policystore import ImportedPolicies
+from garrison.agent.runtime import pending_deletes
 from garrison.bpf.sync import LocalEndpoint
 from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowStore, StoreConfig
@@ -86,6 +87,9 @@ class Agent:
         self._cidr_ids: dict[IPNetwork, int] = {}
         self._links: dict[str, Link] = {}
         self._policy_files: dict[Path, float] = {}
+        # why the policy directory's current content is not in force (`garrison status`)
+        self.policy_dir_errors: list[str] = []
+        self._policy_dir_gone = False
         self._dir_keys: set[tuple[str, str | None, str]] = set()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -99,7 +103,14 @@ class Agent:
             self.datapath.start()
             for identity in RESERVED.values():
                 self.resolver.add_identity(identity.id, identity.labels)
+            # a container runtime's DEL that came while the agent was down
+            pending = pending_deletes(self.config.state_dir)
             for ep in list(self.endpoints):
+                missed = pending.get(ep.container_id) if ep.container_id else None
+                if missed is not None and ep.created <= missed.stat().st_mtime:
+                    log.info("endpoint %s: its container was deleted meanwhile", ep.name)
+                    self._remove_endpoint(ep)
+                    continue
                 link = self.datapath.link_of(ep.name, ep.host_ifname or None)
                 if link is None and ep.adopted:
                     # a namespace garrison did not make went away (a container stopped while
@@ -116,6 +127,8 @@ class Agent:
                     ep = replace(ep, identity=ident.id, host_ifname=link.host_ifname)
                     self.endpoints.update(ep)
                 self.resolver.add_identity(ident.id, ident.labels)
+            for path in pending.values():
+                path.unlink(missing_ok=True)
             # traffic from the host reaches endpoints from the gateway address: it is the host
             self.datapath.set_prefix(ipaddress.ip_network(f"{GATEWAY}/32"), HOST_IDENTITY)
             if self.config.policy_dir is not None:
@@ -339,21 +352,32 @@ class Agent:
     def _load_policy_dir(self, initial: bool = False) -> None:
         assert self.config.policy_dir is not None
         directory = self.config.policy_dir
+        if not directory.is_dir():
+            # gone (or replaced by a file) while the agent runs: never read as "no policy"
+            error = f"{directory}: not a directory any more; the previous policy stays"
+            if self.policy_dir_errors != [error]:
+                log.error("policy directory %s", error)
+            self.policy_dir_errors = [error]
+            self._policy_dir_gone = True
+            return
         files = {
             p: p.stat().st_mtime
             for p in directory.rglob("*")
             if p.suffix in (".yaml", ".yml", ".json") and p.is_file()
         }
-        if files == self._policy_files and not initial:
+        if files == self._policy_files and not initial and not self._policy_dir_gone:
             return
+        self._policy_dir_gone = False
         try:
             loaded = load_paths([directory]) if files else None
         except PolicyValidationError as exc:
+            self.policy_dir_errors = [str(issue) for issue in exc.issues]
             for issue in exc.issues:
                 log.error("policy directory: %s", issue)
             log.error("policy directory %s: change refused, the previous policy stays", directory)
             self._policy_files = files
             return
+        self.policy_dir_errors = []
         policies: tuple[Policy, ...] = loaded.policies if loaded else ()
         # The directory owns only what it holds: policies imported through the API stay.
         keys = {p.key for p in policies}
@@ -505,7 +529,16 @@ class Agent:
                 "proxy": dict(self.proxy_status),
                 "policy_revision": self.repository.revision,
                 "policies": len(self.repository),
+                **({"policy_dir": {"path": str(self.config.policy_dir),
+                                   "errors": list(self.policy_dir_errors)}}
+                   if self.config.policy_dir is not None else {}),
                 "endpoints": len(self.endpoints),
+                # no rule selects them: all their traffic is allowed (no policy, no default
+                # deny), which is worth seeing next to the count
+                "endpoints_unselected": sorted(
+                    ep.name for ep in self.endpoints
+                    if ep.identity and not self.resolver.rules_selecting(ep.identity)
+                ),
                 "identities": len(self.allocator.all()),
                 "flows": {"in_ring": len(self.flows), "total": self.flows.total},
                 "map_writes": self.map_writes,

@@ -112,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.cleanup:
         return _cleanup(config)
+    problem = _prepare_paths(config)
+    if problem is not None:
+        print(f"garrison agent: {problem}", file=sys.stderr)
+        return 2
     try:
         # uvloop for the agent's own loop only: pyroute2 runs its own asyncio loops in worker
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
@@ -120,6 +124,32 @@ def run(args: argparse.Namespace) -> int:
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
+
+
+def _prepare_paths(config: AgentConfig) -> str | None:
+    """A --policy-dir or --access-log directory that does not exist is created (and said);
+    a path that cannot be one is refused with the reason. Never silently ignored."""
+    if config.policy_dir is not None:
+        if config.policy_dir.exists() and not config.policy_dir.is_dir():
+            return f"--policy-dir {config.policy_dir}: not a directory; give a directory"
+        if not config.policy_dir.exists():
+            try:
+                config.policy_dir.mkdir(parents=True, mode=0o755)
+            except OSError as exc:
+                return f"--policy-dir {config.policy_dir}: cannot create it: {exc.strerror}"
+            log.warning("created the policy directory %s: it is empty, no policy from it yet",
+                        config.policy_dir)
+    if config.access_log is not None:
+        if config.access_log.is_dir():
+            return f"--access-log {config.access_log}: a directory; give a file path in it"
+        parent = config.access_log.parent
+        if not parent.exists():
+            try:
+                parent.mkdir(parents=True, mode=0o750)
+            except OSError as exc:
+                return f"--access-log {config.access_log}: cannot create {parent}: {exc.strerror}"
+            log.warning("created the access log's directory %s", parent)
+    return None
 
 
 def _cleanup(config: AgentConfig) -> int:

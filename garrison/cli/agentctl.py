@@ -243,23 +243,84 @@ def bpf_ct_list(args: argparse.Namespace) -> int:
 @_run
 def status(args: argparse.Namespace) -> int:
     data = _call(args, "Status")
+    problems = status_problems(data)
+    _print(args, data, lambda: status_text(data, problems))
+    return EXIT_ERROR if problems else 0
 
-    def text() -> str:
-        lines = [
-            f"Datapath:        {json.dumps(data['datapath'], default=str)}",
-            f"Policy revision: {data['policy_revision']} ({data['policies']} policies)",
-            f"Endpoints:       {data['endpoints']}",
-            f"Identities:      {data['identities']}",
-            f"Flows:           {data['flows']['total']} ({data['flows']['in_ring']} in memory)",
-            f"Map writes:      {data['map_writes']}",
-            f"Uptime:          {data['uptime_s']} s",
-        ]
-        if "proxy" in data:
-            lines.insert(1, f"Proxy:           {json.dumps(data['proxy'], default=str)}")
-        return "\n".join(lines)
 
-    _print(args, data, text)
-    return 0
+def status_problems(data: dict[str, Any]) -> list[str]:
+    """What is wrong with a running agent (each a line that names the fix); none: exit 0."""
+    out = []
+    datapath = data.get("datapath", {})
+    if not datapath.get("loaded", True):
+        out.append("the datapath is not loaded: see the agent's log")
+    if datapath.get("loaded", True) and not datapath.get("proxy_steering", True):
+        out.append("the proxy steering ip rule or route is missing: redirected ports fail "
+                   "closed; restart the agent to install it")
+    policy_dir = data.get("policy_dir") or {}
+    for error in policy_dir.get("errors", []):
+        out.append(f"policy directory: {error}")
+    return out
+
+
+def status_text(data: dict[str, Any], problems: Sequence[str]) -> str:
+    datapath = data.get("datapath", {})
+    pins = datapath.get("pin_root", "?")
+    lines = [
+        f"Datapath:        {'loaded' if datapath.get('loaded') else 'NOT LOADED'}, "
+        f"maps pinned under {pins}",
+    ]
+    if "proxy_steering" in datapath:
+        added = datapath.get("proxy_steering_added") or {}
+        made = [part for part in ("rule", "route") if added.get(part)]
+        lines.append(
+            "Proxy steering:  "
+            + ("installed" if datapath["proxy_steering"] else "MISSING")
+            + " (fwmark 0x200 rule, table 2004 route; "
+            + (f"this agent added the {' and the '.join(made)})" if made
+               else "both there before this agent)")
+        )
+    proxy = data.get("proxy") or {}
+    if proxy:
+        lines.append("Proxy:           "
+                     + ", ".join(f"{proto} on {addr}" for proto, addr in sorted(proxy.items())))
+    lines.append(f"Policy revision: {data['policy_revision']} ({data['policies']} "
+                 f"{'policy' if data['policies'] == 1 else 'policies'})")
+    policy_dir = data.get("policy_dir")
+    if policy_dir:
+        errors = policy_dir.get("errors", [])
+        lines.append(f"Policy dir:      {policy_dir['path']}: "
+                     + (f"{len(errors)} problem{'' if len(errors) == 1 else 's'}, "
+                        "the previous policy stays in force" if errors else "in force"))
+        lines += [f"                   {e}" for e in errors]
+    unselected = data.get("endpoints_unselected") or []
+    lines.append(f"Endpoints:       {data['endpoints']}"
+                 + (f" ({len(unselected)} selected by no policy, all traffic allowed: "
+                    f"{', '.join(unselected)})" if unselected else ""))
+    lines += [
+        f"Identities:      {data['identities']}",
+        f"Flows:           {data['flows']['total']} ({data['flows']['in_ring']} in memory)",
+        f"Map writes:      {data['map_writes']}",
+        f"Uptime:          {_duration(float(data['uptime_s']))}",
+    ]
+    if problems:
+        lines.append("")
+        lines += [f"PROBLEM: {p}" for p in problems]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{seconds:.1f}s"
 
 
 # -- registration ----------------------------------------------------------------------------
@@ -349,6 +410,10 @@ def register_others(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _common(p)
     p.set_defaults(func=bpf_ct_list)
 
-    p = sub.add_parser("status", help="agent health; exits 3 when the agent is not reachable")
+    p = sub.add_parser(
+        "status",
+        help="agent health: exits 0 when healthy, 1 when something is wrong (a bad policy "
+        "file, the proxy steering missing; each printed as PROBLEM), 3 when no agent answers",
+    )
     _common(p)
     p.set_defaults(func=status)

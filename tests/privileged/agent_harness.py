@@ -35,6 +35,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -521,6 +522,97 @@ class AgentProcess:
             if time.monotonic() > deadline:
                 raise AssertionError("no matching record in the access log")
             time.sleep(0.1)
+
+
+# ---- an agent in a network namespace of its own --------------------------------------------
+
+
+def ip(netns: str, *args: str) -> str:
+    return subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+class NsAgent:
+    """A `garrison agent` inside `netns` (the API socket is a file: reachable from here)."""
+
+    def __init__(self, netns: str, workdir: Path, pin_root: Path) -> None:
+        self.netns = netns
+        self.workdir = workdir
+        self.pin_root = pin_root
+        self.extra: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def args(self) -> list[str]:
+        return ["--state-dir", str(self.workdir / "state"), "--socket",
+                str(self.workdir / "agent.sock"), "--bpffs-root", str(self.pin_root)]
+
+    def start(self) -> None:
+        self.starts += 1
+        with (self.workdir / f"agent-{self.starts}.log").open("wb") as log:
+            self.proc = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{self.netns}", GARRISON, "agent", *self.args(),
+                 *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, self.log()
+            try:
+                with AgentClient(self.workdir / "agent.sock", timeout=5) as client:
+                    client.call("Status")
+                return
+            except AgentUnreachableError:
+                assert time.monotonic() < deadline, self.log()
+                time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(20)
+
+    def cleanup(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nsenter", f"--net=/run/netns/{self.netns}", GARRISON, "agent", "--cleanup",
+             *self.args()], capture_output=True, text=True, timeout=60,
+        )
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([GARRISON, *args, "--socket", str(self.workdir / "agent.sock")],
+                              capture_output=True, text=True, timeout=60)
+
+    def log(self) -> str:
+        return "\n".join(p.read_text(errors="replace")
+                         for p in sorted(self.workdir.glob("agent-*.log")))
+
+
+@pytest.fixture(name="ns_agent")
+def fixture_ns_agent(tmp_path: Path) -> Iterator[NsAgent]:
+    """An agent of its own in a network namespace of its own (`go-steer-<pid>`): host-wide
+    state such as the proxy steering rule is then the test's alone. Not started: set
+    `extra` arguments, then `start()`."""
+    if shutil.which("nsenter") is None:
+        pytest.skip("needs nsenter (util-linux)")
+    name = f"go-steer-{os.getpid()}"
+    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    pin_root = BPFFS_MOUNT / f"go-cleanup-{os.getpid()}"
+    agent = NsAgent(name, tmp_path, pin_root)
+    try:
+        ip(name, "link", "set", "lo", "up")
+        yield agent
+    finally:
+        if agent.proc is not None:
+            agent.stop(signal.SIGKILL)
+        if pin_root.exists():
+            remove_pin_dir(pin_root)
+        with contextlib.suppress(subprocess.CalledProcessError):
+            subprocess.run(["ip", "netns", "delete", name], check=True)  # ours: made above
 
 
 # ---- what is left on the machine ----------------------------------------------------------

@@ -10,21 +10,16 @@ after the agent's stop and clean-up that exactly that part is still there and th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from garrison.agent.api import AgentClient, AgentUnreachableError
-from garrison.redirect.bpffs import BPFFS_MOUNT
+from tests.privileged.agent_harness import NsAgent, fixture_ns_agent, ip  # noqa: F401
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, BPF, ip rules")
 
@@ -33,9 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 FOREIGN_PRIORITY = "100"  # a rule someone else added, at a priority garrison does not use
 
 
-def ip(netns: str, *args: str) -> str:
-    return subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True,
-                          text=True).stdout
 
 
 def steering(netns: str) -> dict[str, object]:
@@ -46,82 +38,6 @@ def steering(netns: str) -> dict[str, object]:
     ]
     route = "local default dev lo" in ip(netns, "route", "show", "table", "2004")
     return {"rules": rules, "route": route}
-
-
-class NsAgent:
-    """A `garrison agent` inside `netns` (the API socket is a file: reachable from here)."""
-
-    def __init__(self, netns: str, workdir: Path, pin_root: Path) -> None:
-        self.netns = netns
-        self.workdir = workdir
-        self.pin_root = pin_root
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def args(self) -> list[str]:
-        return ["--state-dir", str(self.workdir / "state"), "--socket",
-                str(self.workdir / "agent.sock"), "--bpffs-root", str(self.pin_root)]
-
-    def start(self) -> None:
-        self.starts += 1
-        with (self.workdir / f"agent-{self.starts}.log").open("wb") as log:
-            self.proc = subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{self.netns}", GARRISON, "agent", *self.args()],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.proc.poll() is None, self.log()
-            try:
-                with AgentClient(self.workdir / "agent.sock", timeout=5) as client:
-                    client.call("Status")
-                return
-            except AgentUnreachableError:
-                assert time.monotonic() < deadline, self.log()
-                time.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait(20)
-
-    def cleanup(self) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["nsenter", f"--net=/run/netns/{self.netns}", GARRISON, "agent", "--cleanup",
-             *self.args()], capture_output=True, text=True, timeout=60,
-        )
-
-    def log(self) -> str:
-        return "\n".join(p.read_text(errors="replace")
-                         for p in sorted(self.workdir.glob("agent-*.log")))
-
-
-@pytest.fixture(name="ns_agent")
-def fixture_ns_agent(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NsAgent]:
-    if shutil.which("nsenter") is None:
-        pytest.skip("needs nsenter (util-linux)")
-    name = f"go-steer-{os.getpid()}"
-    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    pin_root = BPFFS_MOUNT / f"go-cleanup-{os.getpid()}"
-    agent = NsAgent(name, tmp_path, pin_root)
-    try:
-        ip(name, "link", "set", "lo", "up")
-        yield agent
-    finally:
-        if agent.proc is not None:
-            agent.stop(signal.SIGKILL)
-        if pin_root.exists():
-            from garrison.redirect.bpffs import remove_pin_dir
-
-            remove_pin_dir(pin_root)
-        with contextlib.suppress(subprocess.CalledProcessError):
-            subprocess.run(["ip", "netns", "delete", name], check=True)  # ours: made above
 
 
 def test_cleanup_keeps_a_rule_that_was_there_and_removes_the_route_it_added(
