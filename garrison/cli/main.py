@@ -23,6 +23,8 @@ TOP_LEVEL = {
     "status": AGENT_CLIENT,
     "observe": "garrison.cli.observe",
     "accesslog": "garrison.cli.observe",
+    "ui": "garrison.cli.ui_cmd",
+    "cni": "garrison.cli.cni_cmd",
 }
 POLICY_OFFLINE = {"validate": "garrison.cli.policy_validate", "trace": "garrison.cli.policy_trace"}
 
@@ -68,6 +70,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         _module("garrison.cli.observe").register(subs)
     if everything or command == "agent":
         _module("garrison.cli.agent_cmd").register(subs)
+    if everything or command == "ui":
+        _module("garrison.cli.ui_cmd").register(subs)
+    if everything or command == "cni":
+        _module("garrison.cli.cni_cmd").register(subs)
     return parser
 
 

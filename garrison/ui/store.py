@@ -1,0 +1,558 @@
+"""The records the review page shows: read once, aggregated once, paged by number.
+
+Every record gets a sequence number, oldest first across the inputs (each log's rotated and
+compressed backups first, as `garrison observe` reads them). The store keeps no decoded
+records: a plain log file is kept as the byte offset where each record starts and read again
+with `pread` for the page asked for; a compressed backup and the agent's records are kept as
+their lines. While loading, one `ServiceMapBuilder` counts everything, so the map and the
+policy review are ready when the log is read; new records are added to it as they come.
+
+A large plain file is read by several processes at once (one per core, each a byte range
+aligned on a line start); their offsets and builders are merged in order. Forking is done
+before any thread starts (`FileSource.load()` is called before the server runs).
+
+Following: the live file of each `--input-file` (the last of its files) is polled; lines
+appended are numbered and counted. When the path names a new file (rotation), the rest of the
+old one is read and the new one followed from its start. A file cut shorter than what was read
+(copytruncate) is followed from its start; the records read from it before are still counted
+in the map but can no longer be shown (their rows say so).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import itertools
+import multiprocessing
+import os
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from garrison.flows.query import CompiledQuery
+from garrison.flows.reader import FlowSourceError, LogFile, log_files, open_lines
+from garrison.flows.servicemap import ServiceMapBuilder
+
+PARALLEL_MIN_BYTES = 32 << 20  # below this one process reads faster than several start
+READ_CHUNK = 4 << 20
+MAX_BAD_SAMPLES = 5
+TAIL_CAP = 500_000  # records that arrive while the page runs, kept in memory
+LOST = b""  # a record whose file was truncated under us
+
+
+@dataclass
+class LoadStats:
+    """What loading saw: lines that were no flow record (the first few named)."""
+
+    bad: int = 0
+    samples: list[str] = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        self.bad += 1
+        if len(self.samples) < MAX_BAD_SAMPLES:
+            self.samples.append(f"{where}: not a flow record ({reason})")
+
+    def merge(self, other: LoadStats) -> None:
+        self.bad += other.bad
+        self.samples.extend(other.samples[: MAX_BAD_SAMPLES - len(self.samples)])
+
+
+def decode(line: bytes) -> tuple[dict[str, Any] | None, str]:
+    """A line's flow dict, or None and why not."""
+    try:
+        d = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return None, f"not JSON: {exc}"
+    if not isinstance(d, dict):
+        return None, "not a JSON object"
+    return d, ""
+
+
+class Segment(Protocol):
+    def __len__(self) -> int: ...
+
+    def lines(self, lo: int, hi: int) -> list[bytes]: ...
+
+
+class MemorySegment:
+    """Lines kept in memory: a compressed backup, or the agent's records (`cap`: the newest
+    ones kept; older ones read as LOST)."""
+
+    def __init__(self, cap: int | None = None) -> None:
+        self._lines: deque[bytes] = deque(maxlen=cap)
+        self._dropped = 0
+
+    def __len__(self) -> int:
+        return self._dropped + len(self._lines)
+
+    def append(self, line: bytes) -> None:
+        if self._lines.maxlen is not None and len(self._lines) == self._lines.maxlen:
+            self._dropped += 1
+        self._lines.append(line)
+
+    def lines(self, lo: int, hi: int) -> list[bytes]:
+        out = []
+        for i in range(lo, hi):
+            j = i - self._dropped
+            out.append(self._lines[j] if j >= 0 else LOST)
+        return out
+
+
+class FileSegment:
+    """A plain log file read in place: where each record starts, and where the last one ends
+    (`stop`)."""
+
+    def __init__(self, path: Path, fd: int, starts: array[int], stop: int) -> None:
+        self.path, self.fd, self.starts, self.stop = path, fd, starts, stop
+        self.lost = False
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def lines(self, lo: int, hi: int) -> list[bytes]:
+        if lo >= hi:
+            return []
+        if self.lost:
+            return [LOST] * (hi - lo)
+        starts = self.starts
+        base = starts[lo]
+        stop = starts[hi] if hi < len(starts) else self.stop
+        try:
+            data = os.pread(self.fd, stop - base, base)
+        except OSError:
+            return [LOST] * (hi - lo)
+        out = []
+        for i in range(lo, hi):
+            a = starts[i] - base
+            b = (starts[i + 1] if i + 1 < hi else stop) - base
+            out.append(data[a:b].strip())
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _Follow:
+    """New complete lines of a live file from `offset` on (`final`: the last line without a
+    newline too, for a file rotated away)."""
+
+    def __init__(self, path: Path, fd: int, offset: int, segment: FileSegment | None) -> None:
+        self.path, self.fd, self.offset, self.segment = path, fd, offset, segment
+
+    def read(self, final: bool = False) -> list[bytes]:
+        try:
+            size = os.fstat(self.fd).st_size
+            if size <= self.offset:
+                return []
+            data = os.pread(self.fd, size - self.offset, self.offset)
+        except OSError:
+            return []
+        cut = len(data) if final else data.rfind(b"\n") + 1
+        if cut <= 0:
+            return []
+        self.offset += cut
+        return [line.strip() for line in data[:cut].split(b"\n") if line.strip()]
+
+    def close(self) -> None:
+        if self.segment is None or self.segment.fd != self.fd:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a plain file, in one or several processes
+
+
+def _scan(path: str, begin: int, end: int, name: str,
+          first_line: int) -> tuple[array[int], ServiceMapBuilder, LoadStats]:
+    """Record offsets and the map of the lines in [begin, end) of `path` (begin is a line
+    start). Runs in a worker process for large files."""
+    starts: array[int] = array("q")
+    builder = ServiceMapBuilder()
+    stats = LoadStats()
+    loads, add, append = orjson.loads, builder.add, starts.append
+    pos, rest, number = begin, b"", first_line
+    with open(path, "rb") as f:
+        f.seek(begin)
+        left = end - begin
+        while left > 0:
+            chunk = f.read(min(READ_CHUNK, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop() if left > 0 else b""
+            if left <= 0 and lines and lines[-1] == b"":
+                lines.pop()
+            for line in lines:
+                number += 1
+                if line and not line.isspace():
+                    append(pos)
+                    try:
+                        d = loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        d = None
+                        stats.add(f"{name}:{number}", f"not JSON: {exc}")
+                    if type(d) is dict:
+                        add(d)
+                    elif d is not None:
+                        stats.add(f"{name}:{number}", "not a JSON object")
+                pos += len(line) + 1
+    return starts, builder, stats
+
+
+def _split_points(fd: int, size: int, parts: int) -> list[int]:
+    """Offsets that cut [0, size) into `parts` ranges, each starting on a line start."""
+    points = [0]
+    for k in range(1, parts):
+        at = size * k // parts
+        while at < size:
+            block = os.pread(fd, 1 << 16, at)
+            nl = block.find(b"\n")
+            if nl >= 0:
+                at += nl + 1
+                break
+            at += len(block)
+            if not block:
+                break
+        if at > points[-1] and at < size:
+            points.append(at)
+    points.append(size)
+    return points
+
+
+def _line_count(fd: int, begin: int, end: int) -> int:
+    count, at = 0, begin
+    while at < end:
+        block = os.pread(fd, min(READ_CHUNK, end - at), at)
+        if not block:
+            break
+        count += block.count(b"\n")
+        at += len(block)
+    return count
+
+
+def read_file(log: LogFile, *, live: bool, workers: int) -> tuple[FileSegment,
+                                                                   ServiceMapBuilder, LoadStats]:
+    """Offsets and map of a plain file; the live file's unfinished last line is left for
+    following."""
+    try:
+        fd = os.open(log.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FlowSourceError(f"access log {log.name}: cannot open: {exc.strerror}") from exc
+    size = os.fstat(fd).st_size
+    if live and size:
+        tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+        nl = tail.rfind(b"\n")
+        end = size - len(tail) + nl + 1 if nl >= 0 else 0
+    else:
+        end = size
+    parts = max(1, min(workers, end // PARALLEL_MIN_BYTES))
+    points = _split_points(fd, end, parts) if parts > 1 else [0, end]
+    if len(points) > 2:
+        firsts = [0]
+        for a, b in itertools.pairwise(points[:-1]):
+            firsts.append(firsts[-1] + _line_count(fd, a, b))
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(len(points) - 1, mp_context=ctx) as pool:
+            futures = [pool.submit(_scan, str(log.path), a, b, log.name, first)
+                       for a, b, first in zip(points[:-1], points[1:], firsts, strict=False)]
+            results = [f.result() for f in futures]
+    else:
+        results = [_scan(str(log.path), 0, end, log.name, 0)]
+    starts: array[int] = array("q")
+    builder = ServiceMapBuilder()
+    stats = LoadStats()
+    for part_starts, part_builder, part_stats in results:
+        starts.extend(part_starts)
+        builder.merge(part_builder)
+        stats.merge(part_stats)
+    return FileSegment(log.path, fd, starts, end), builder, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+class FlowStore:
+    """Numbered records in segments, the map of all of them, and a condition that is notified
+    when records are added (`version` counts the additions)."""
+
+    def __init__(self) -> None:
+        self.builder = ServiceMapBuilder()
+        self.stats = LoadStats()
+        self.changed = threading.Condition()
+        self.version = 0
+        self._segments: list[Segment] = []
+        self._firsts: list[int] = []
+        self._count = 0
+        self._tail = MemorySegment(0)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add_segment(self, segment: Segment, builder: ServiceMapBuilder | None = None,
+                    stats: LoadStats | None = None) -> None:
+        """A loaded part of the log; before `start_tail()`."""
+        with self.changed:
+            self._firsts.append(self._count)
+            self._segments.append(segment)
+            self._count += len(segment)
+            if builder is not None:
+                self.builder.merge(builder)
+            if stats is not None:
+                self.stats.merge(stats)
+            self.version += 1
+            self.changed.notify_all()
+
+    def start_tail(self, cap: int = TAIL_CAP) -> None:
+        """After loading: records that come later are kept here (the newest `cap`)."""
+        self._tail = MemorySegment(cap)
+        self.add_segment(self._tail)
+
+    def append(self, lines: list[bytes], where: str) -> None:
+        """New records: numbered after all others, counted in the map, announced."""
+        if not lines:
+            return
+        with self.changed:
+            tail = self._tail
+            for line in lines:
+                tail.append(line)
+                d, why = decode(line)
+                if d is None:
+                    self.stats.add(where, why)
+                    self.builder.skipped += 1
+                else:
+                    self.builder.add(d)
+            self._count = self._firsts[-1] + len(tail)
+            self.version += 1
+            self.changed.notify_all()
+
+    def lines(self, lo: int, hi: int) -> list[bytes]:
+        """Records lo..hi-1 as lines (LOST where they can no longer be read)."""
+        out: list[bytes] = []
+        with self.changed:
+            segments = list(zip(self._firsts, self._segments, strict=True))
+        for first, segment in segments:
+            n = len(segment)
+            a, b = max(lo, first), min(hi, first + n)
+            if a < b:
+                out.extend(segment.lines(a - first, b - first))
+        return out
+
+    def newest_first(self, before: int, block: int = 2048) -> Iterator[tuple[int, bytes]]:
+        """(seq, line) from `before - 1` down to 0."""
+        hi = min(before, self._count)
+        while hi > 0:
+            lo = max(0, hi - block)
+            lines = self.lines(lo, hi)
+            for i in range(len(lines) - 1, -1, -1):
+                yield lo + i, lines[i]
+            hi = lo
+
+    def page(self, query: CompiledQuery, before: int, limit: int,
+             scan_limit: int) -> tuple[list[tuple[int, dict[str, Any] | None]], int, bool]:
+        """The newest `limit` matching records before `before`, newest first; looks at no
+        more than `scan_limit` records. Returns them, where the next page starts, and whether
+        the start of the log was reached. A LOST record is (seq, None)."""
+        found: list[tuple[int, dict[str, Any] | None]] = []
+        nxt = min(before, self._count)
+        everything = query.selects_all
+        for scanned, (seq, line) in enumerate(self.newest_first(before), 1):
+            nxt = seq
+            if line is LOST or not line:
+                if everything:
+                    found.append((seq, None))
+            elif everything or query.may_match(line):
+                d, _ = decode(line)
+                if d is not None and (everything or query.matches(d)):
+                    found.append((seq, d))
+            if len(found) >= limit or scanned >= scan_limit:
+                return found, nxt, nxt == 0
+        return found, 0, True
+
+    def matching_after(self, query: CompiledQuery, after: int,
+                       limit: int) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+        """Matching records from `after` on (at most `limit`, the newest when more) and the
+        sequence number to continue from."""
+        end = self._count
+        start = max(after, end - 100 * limit)  # a burst larger than this is skipped
+        out = []
+        query_all = query.selects_all
+        for offset, line in enumerate(self.lines(start, end)):
+            if not line or (not query_all and not query.may_match(line)):
+                continue
+            d, _ = decode(line)
+            if d is not None and (query_all or query.matches(d)):
+                out.append((start + offset, d))
+        return out[-limit:], end
+
+    def scan_map(self, query: CompiledQuery) -> ServiceMapBuilder:
+        """The map of the matching records only (a full read)."""
+        builder = ServiceMapBuilder()
+        for seq in range(0, self._count, 8192):
+            for line in self.lines(seq, min(self._count, seq + 8192)):
+                if line and query.may_match(line):
+                    d, _ = decode(line)
+                    if d is not None and query.matches(d):
+                        builder.add(d)
+        return builder
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+class FileSource:
+    """`--input-file` paths: loaded into a store, then their live files followed."""
+
+    def __init__(self, paths: list[str], *, backups: bool = True,
+                 workers: int | None = None) -> None:
+        for path in paths:
+            if path == "-":
+                raise FlowSourceError("the review page reads files, not standard input: give "
+                                      "--input-file PATH")
+        self.paths = paths
+        self.backups = backups
+        self.workers = workers or os.cpu_count() or 1
+        self._live: list[_Follow] = []
+
+    def describe(self) -> str:
+        return ", ".join(self.paths)
+
+    def load(self, store: FlowStore) -> None:
+        for path in self.paths:
+            files = log_files(path, include_backups=self.backups)
+            for log in files:
+                live = log is files[-1]
+                if log.compressed:
+                    segment = MemorySegment()
+                    builder = ServiceMapBuilder()
+                    stats = LoadStats()
+                    for number, line in enumerate(open_lines(log), 1):
+                        segment.append(line)
+                        d, why = decode(line)
+                        if d is None:
+                            stats.add(f"{log.name}:{number}", why)
+                            builder.skipped += 1
+                        else:
+                            builder.add(d)
+                    store.add_segment(segment, builder, stats)
+                    continue  # a compressed file is not written to: not followed
+                file_segment, builder, stats = read_file(log, live=live, workers=self.workers)
+                builder.skipped += stats.bad
+                store.add_segment(file_segment, builder, stats)
+                if live:
+                    self._live.append(
+                        _Follow(log.path, file_segment.fd, file_segment.stop, file_segment))
+        store.start_tail()
+
+    def poll(self, store: FlowStore) -> None:
+        for i, follow in enumerate(self._live):
+            path = follow.path
+            store.append(follow.read(), str(path))
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # rotated away and not yet replaced: the old file is read on
+            ident = os.fstat(follow.fd)
+            if (st.st_dev, st.st_ino) != (ident.st_dev, ident.st_ino):
+                store.append(follow.read(final=True), str(path))  # the rest of the old file
+            elif st.st_size < follow.offset:
+                if follow.segment is not None and follow.segment.fd == follow.fd:
+                    follow.segment.lost = True  # copytruncate: what was read is gone
+            else:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            follow.close()
+            fresh = _Follow(path, fd, 0, None)
+            self._live[i] = fresh
+            store.append(fresh.read(), str(path))
+
+    def close(self) -> None:
+        for follow in self._live:
+            follow.close()
+
+
+class AgentFeed:
+    """The local agent's flow ring over its API: what it holds now, then its new records."""
+
+    RING_READ = 100_000
+    KEEP = 200_000
+
+    def __init__(self, socket: Path) -> None:
+        from garrison.agent.api import AgentClient
+
+        self.socket = socket
+        self._client = AgentClient(socket, timeout=10.0)
+        self._cursor = 0
+        self.missed = 0
+
+    def describe(self) -> str:
+        return f"agent at {self.socket}"
+
+    def load(self, store: FlowStore) -> None:
+        data = self._client.call("Flows", query={}, limit=self.RING_READ)
+        store.start_tail(self.KEEP)
+        store.append(self._take(data), "agent")
+        self._cursor = int(data.get("cursor", 0))
+
+    @staticmethod
+    def _take(data: dict[str, Any]) -> list[bytes]:
+        return [text.encode() if isinstance(text, str) else bytes(text)
+                for text in data.get("flows", [])]
+
+    def poll(self, store: FlowStore) -> None:
+        data = self._client.call("FlowsSince", query={}, cursor=self._cursor)
+        self.missed += int(data.get("missed", 0))
+        self._cursor = int(data.get("cursor", self._cursor))
+        store.append(self._take(data), "agent")
+
+    def rule_keys(self) -> list[dict[str, Any]]:
+        data = self._client.call("PolicyGet")
+        return [ref for p in data.get("policies", []) for ref in p.get("rule_refs", [])]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class Source(Protocol):
+    def describe(self) -> str: ...
+
+    def load(self, store: FlowStore) -> None: ...
+
+    def poll(self, store: FlowStore) -> None: ...
+
+
+class Poller(threading.Thread):
+    """Polls the source for new records until stopped; errors are kept for the page."""
+
+    def __init__(self, source: Source, store: FlowStore, interval_s: float = 0.25,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        super().__init__(name="garrison-ui-poll", daemon=True)
+        self.source, self.store, self.interval_s = source, store, interval_s
+        self.on_error = on_error
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                self.source.poll(self.store)
+            except Exception as exc:  # a source error is shown, the page keeps serving
+                if self.on_error is not None:
+                    self.on_error(str(exc))
+                time.sleep(1.0)
+
+    def stop(self) -> None:
+        self._stop_event.set()
