@@ -372,14 +372,14 @@ def parse_request_frame(frame: bytes, topic_ids: TopicIdRegistry | None = None) 
     client_id = None
     if client_id_len >= 0:
         if pos + client_id_len > len(frame):
-            raise KafkaDecodeError("client id runs past the end of the frame")
+            raise KafkaLengthError("client id runs past the end of the frame")
         try:
             client_id = frame[pos : pos + client_id_len].decode("utf-8")
         except UnicodeDecodeError as exc:
             raise KafkaDecodeError("client id is not UTF-8") from exc
         pos += client_id_len
     elif client_id_len != -1:
-        raise KafkaDecodeError(f"client id length {client_id_len}")
+        raise KafkaLengthError(f"client id length {client_id_len}")
 
     codec = request_codec(api_key, api_version)
     if codec is None:

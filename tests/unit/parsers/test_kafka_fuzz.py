@@ -4,6 +4,7 @@ buffers bounded, and a request that does parse can always be denied or is refuse
 from __future__ import annotations
 
 import itertools
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,19 +12,24 @@ from hypothesis import strategies as st
 
 from garrison.parsers.kafka import (
     KafkaError,
+    KafkaLengthError,
     KafkaLimits,
     KafkaRequest,
     KafkaRequestParser,
     KafkaResponseParser,
     TopicIdRegistry,
 )
+from garrison.parsers.kafka_apis import kafka_api
 from garrison.proxy.deny import kafka_deny_response
 from garrison.proxy.deny_kafka_support import KafkaDenyUnencodableError
 from tests.unit.parsers.kafka_fixtures import connections, request_frames
+from tests.unit.parsers.kafka_hostile_corpus import hostile_requests
 
 LIMIT = 4096
 LIMITS = KafkaLimits(max_request_frame=LIMIT, max_response_frame=LIMIT)
 REQUEST_FRAMES = [frame for _, _, frame in request_frames()]
+# Seeds: captured frames and the hostile corpus (lengths no protocol version carries).
+SEEDS = REQUEST_FRAMES + [case.frame for case in hostile_requests()]
 FUZZ = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )
@@ -47,10 +53,19 @@ def drain_requests(parser: KafkaRequestParser) -> list[KafkaRequest]:
 
 @st.composite
 def mutated_frame(draw: st.DrawFn) -> bytes:
-    frame = bytearray(draw(st.sampled_from(REQUEST_FRAMES)))
+    frame = bytearray(draw(st.sampled_from(SEEDS)))
     for _ in range(draw(st.integers(1, 6))):
-        kind = draw(st.sampled_from(["flip", "insert", "delete", "set"]))
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "set", "length", "varint"]))
         at = draw(st.integers(0, len(frame)))
+        if kind == "length":  # a length or count no reader accepts, or one past the end
+            width = draw(st.sampled_from([2, 4]))
+            limit = 2 ** (8 * width - 1)
+            value = draw(st.sampled_from([-limit, -2, limit - 1]) | st.integers(-limit, -2))
+            frame[at : at + width] = value.to_bytes(width, "big", signed=True)
+        elif kind == "varint":  # over-long or overflowing unsigned varints
+            frame[at : at + 1] = draw(
+                st.sampled_from([b"\xff\xff\xff\xff\x7f", b"\x80\x80\x80\x80\x80\x01", b"\x00"])
+            )
         if kind == "flip" and at < len(frame):
             frame[at] ^= 1 << draw(st.integers(0, 7))
         elif kind == "insert":
@@ -133,3 +148,88 @@ def test_the_mutation_strategy_reaches_the_parser(frame: bytes) -> None:
     parser = KafkaRequestParser(LIMITS)
     parser.receive_data(frame)
     assert len(drain_requests(parser)) == 1
+
+
+# ---- every count the protocol cannot carry, in generated requests ------------------------------
+
+PRODUCE = kafka_api(0)
+assert PRODUCE is not None
+TOPIC = PRODUCE.request_class.fields["topic_data"].data_class
+PARTITION = PRODUCE.request_class.fields["topic_data"].fields["partition_data"].data_class
+NAMES = st.text("abcdefghijklmnopqrstuvwxyz._-", min_size=3, max_size=40)
+
+
+def produce(version: int, names: list[str]) -> bytes:
+    message = PRODUCE.request_class[version](
+        transactional_id=None,
+        acks=-1,
+        timeout_ms=1000,
+        topic_data=[TOPIC(name=n, partition_data=[PARTITION(index=0, records=b"")]) for n in names],
+    )
+    message.with_header(correlation_id=1, client_id="fuzz")
+    return bytes(message.encode(header=True, framed=True))
+
+
+def name_at(frame: bytes, name: str, flexible: bool) -> int:
+    prefix = bytes([len(name) + 1]) if flexible else struct.pack(">h", len(name))
+    return frame.index(prefix + name.encode())
+
+
+@FUZZ
+@given(
+    version=st.integers(3, 12),
+    names=st.lists(NAMES, min_size=1, max_size=4, unique=True),
+    count=st.integers(-(2**31), -2) | st.integers(2**20, 2**31 - 1),
+)
+def test_a_produce_topic_count_no_reader_accepts_is_always_a_length_error(
+    version: int, names: list[str], count: int
+) -> None:
+    """Int32 counts (v3-v8) below -1 or larger than the frame, compact ones (v9+) that are
+    null or overflow: the parser never reads them as an empty or short topic list."""
+    flexible = version >= 9
+    frame = produce(version, names)
+    at = name_at(frame, names[0], flexible)
+    if flexible:  # a compact count: N + 1 as an unsigned varint (there is no negative one)
+        width, encoded = 1, _uvarint(count + 1 if count >= 0 else 2**32 + count + 1)
+    else:
+        width, encoded = 4, count.to_bytes(4, "big", signed=True)
+    at -= width
+    body = frame[4:at] + encoded + frame[at + width :]
+    parser = KafkaRequestParser()
+    parser.receive_data(len(body).to_bytes(4, "big") + body)
+    with pytest.raises(KafkaLengthError):
+        parser.next_event()
+
+
+@FUZZ
+@given(
+    version=st.integers(3, 12),
+    names=st.lists(NAMES, min_size=1, max_size=3, unique=True),
+    which=st.integers(0, 2),
+    length=st.integers(-(2**15), -2) | st.integers(1000, 2**15 - 1),
+)
+def test_a_produce_topic_name_length_no_reader_accepts_is_always_a_length_error(
+    version: int, names: list[str], which: int, length: int
+) -> None:
+    flexible = version >= 9
+    frame = produce(version, names)
+    name = names[which % len(names)]
+    at = name_at(frame, name, flexible)
+    if flexible:
+        width, encoded = 1, _uvarint(length + 1 if length >= 0 else 2**32 + length + 1)
+    else:
+        width, encoded = 2, length.to_bytes(2, "big", signed=True)
+    body = frame[4:at] + encoded + frame[at + width :]
+    parser = KafkaRequestParser()
+    parser.receive_data(len(body).to_bytes(4, "big") + body)
+    with pytest.raises(KafkaLengthError):
+        parser.next_event()
+
+
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -13,6 +13,7 @@ from garrison.parsers.kafka import (
     KafkaDecodeError,
     KafkaError,
     KafkaFrameSizeError,
+    KafkaLengthError,
     KafkaLimits,
     KafkaRequest,
     KafkaRequestParser,
@@ -20,7 +21,10 @@ from garrison.parsers.kafka import (
     KafkaTruncatedError,
     KafkaUnsupportedVersionError,
 )
-from garrison.parsers.kafka_apis import kafka_api
+from garrison.parsers.kafka_apis import kafka_api, known_api_keys, request_codec, response_codec
+from garrison.parsers.kafka_lengths import RECORDS, FieldPlan
+from tests.unit.parsers.kafka_fixtures import connections
+from tests.unit.parsers.kafka_hostile_corpus import HostileFrame, hostile_answers, hostile_requests
 
 
 def request_frame(api_key: int, version: int, correlation_id: int = 7, **fields: object) -> bytes:
@@ -267,6 +271,68 @@ def test_a_string_running_past_the_frame_is_a_decode_error() -> None:
     frame[name_at] = 0x7F  # a topic name longer than the frame
     with pytest.raises(KafkaDecodeError):
         feed(bytes(frame))
+
+
+# ---- lengths and counts no protocol version carries (tests/data/kafka/hostile) ----------------
+
+
+@pytest.mark.parametrize("case", hostile_requests(), ids=lambda case: case.name)
+def test_every_hostile_request_is_a_length_error(case: HostileFrame) -> None:
+    parser = KafkaRequestParser()
+    parser.receive_data(case.frame)
+    with pytest.raises(KafkaLengthError) as exc:
+        parser.next_event()
+    assert str(exc.value) == case.error
+
+
+@pytest.mark.parametrize("case", hostile_answers(), ids=lambda case: case.name)
+def test_every_hostile_answer_is_a_length_error(case: HostileFrame) -> None:
+    requests = KafkaRequestParser()
+    requests.receive_data(case.request)
+    parser = KafkaResponseParser()
+    parser.expect(requests.events()[0])
+    parser.receive_data(case.frame)
+    with pytest.raises(KafkaLengthError) as exc:
+        parser.next_event()
+    assert str(exc.value) == case.error
+
+
+def test_the_hostile_corpus_frames_have_honest_sizes() -> None:
+    """Each case fails on the length it names, not on its frame size."""
+    for case in hostile_requests() + hostile_answers():
+        assert struct.unpack_from(">i", case.frame)[0] == len(case.frame) - 4, case.name
+
+
+def _plans(plan: FieldPlan) -> list[FieldPlan]:
+    found = [plan]
+    for child in (*plan.fields, *(plan.tagged or {}).values(), plan.element):
+        if child is not None:
+            found += _plans(child)
+    return found
+
+
+@pytest.mark.parametrize("api_key", sorted(known_api_keys()))
+def test_every_version_of_every_api_has_a_length_plan(api_key: int) -> None:
+    api = kafka_api(api_key)
+    assert api is not None
+    for version in range(api.max_version + 1):
+        request, response = request_codec(api_key, version), response_codec(api_key, version)
+        assert request is not None and response is not None
+        # Record batches are checked in requests only: a Fetch answer may end mid-batch.
+        assert not any(p.kind == RECORDS for p in _plans(response.plan))
+        if api_key == 0:
+            assert any(p.kind == RECORDS for p in _plans(request.plan))
+
+
+def test_every_captured_frame_passes_the_length_checks() -> None:
+    for conn in connections():
+        requests = KafkaRequestParser()
+        requests.receive_data(conn.requests_bytes)
+        responses = KafkaResponseParser()
+        for request in requests.events():
+            responses.expect(request)
+        responses.receive_data(conn.responses_bytes)
+        assert len(responses.events()) == len(conn.responses)
 
 
 def test_bytes_after_the_last_field_are_ignored_as_kafka_brokers_do() -> None:
