@@ -10,6 +10,7 @@ from garrison.agent.api import APIError, Handler
 from garrison.agent.daemon import Agent
 from garrison.agent.endpoints import EndpointError, EndpointRecord
 from garrison.agent.policystore import PolicyStoreError
+from garrison.agent.runtime import RuntimeEndpoints
 from garrison.flows.query import FilterError, FlowQuery
 from garrison.flows.summary import rule_keys
 from garrison.policies.errors import PolicyValidationError
@@ -78,6 +79,18 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
 
     def status(_: dict[str, Any]) -> dict[str, Any]:
         return agent.status()
+
+    runtime = RuntimeEndpoints(agent)
+    runtime.resume()  # containers whose labels were not read before a restart
+
+    def cni_add(req: dict[str, Any]) -> dict[str, Any]:
+        return endpoint_view(agent, runtime.add(req))
+
+    def cni_del(req: dict[str, Any]) -> dict[str, Any]:
+        return runtime.delete(req)
+
+    def cni_check(req: dict[str, Any]) -> dict[str, Any]:
+        return runtime.check(req)
 
     def endpoint_add(req: dict[str, Any]) -> dict[str, Any]:
         ep = agent.add_endpoint(
@@ -198,6 +211,9 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         "EndpointGet": endpoint_get,
         "EndpointDelete": endpoint_delete,
         "EndpointLabels": endpoint_labels,
+        "CniAdd": cni_add,
+        "CniDel": cni_del,
+        "CniCheck": cni_check,
         "PolicyImport": policy_import,
         "PolicyDelete": policy_delete,
         "PolicyGet": policy_get,

@@ -71,11 +71,12 @@ def _endpoint_rows(eps: Sequence[dict[str, Any]]) -> str:
             e["id"], e["name"], e["namespace"], e["identity"], ",".join(e["labels"]), e["ipv4"],
             "Enabled" if e["ingress_enforcement"] else "Disabled",
             "Enabled" if e["egress_enforcement"] else "Disabled",
+            (e.get("container_id") or "")[:12] or ("adopted" if e.get("adopted") else "-"),
         )
         for e in eps
     ]
     header = ("ENDPOINT", "NAME", "NAMESPACE", "IDENTITY", "LABELS", "IPv4",
-              "POLICY (ingress)", "POLICY (egress)")
+              "POLICY (ingress)", "POLICY (egress)", "CONTAINER")
     return _table(rows, header)
 
 

@@ -1,0 +1,167 @@
+"""Endpoints a container runtime asks for through `garrison-cni`.
+
+ADD adopts the container's namespace and its existing host-side veth; the endpoint is made
+with the reserved `init` identity (default deny both ways) because podman holds the
+container's lock during CNI ADD, so `podman inspect` from inside ADD would wait forever
+(measured: it blocks until the ADD chain ends). A resolver thread then reads the container's
+labels with `podman container inspect` (it returns as soon as podman releases the lock) and
+relabels the endpoint: map writes only, the programs stay. DEL removes the endpoint and
+releases its identity; a DEL the agent missed (it was down) is read from
+`STATE/cni-pending/` on start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import subprocess
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from garrison.agent.endpoints import EndpointError, EndpointRecord
+from garrison.identity.model import RESERVED
+from garrison.redirect.tc import attached_filters
+
+if TYPE_CHECKING:
+    from garrison.agent.daemon import Agent
+
+log = logging.getLogger("garrison.agent.runtime")
+
+PENDING_DIR = "cni-pending"  # garrison.cni.plugin.PENDING_DIR
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+INSPECT_TIMEOUT = 120.0
+PODMAN = "podman"
+
+
+def pending_deletes(state_dir: Path) -> dict[str, Path]:
+    """Container ids whose DEL the agent missed, with the file that records each."""
+    out = {}
+    directory = state_dir / PENDING_DIR
+    if directory.is_dir():
+        for path in directory.glob("*.json"):
+            out[path.stem] = path
+    return out
+
+
+def labels_from_podman(container_id: str, podman: str = PODMAN) -> tuple[str, dict[str, str]]:
+    """(container name, labels) from `podman container inspect`; waits while podman holds
+    the container's lock."""
+    done = subprocess.run(
+        [podman, "container", "inspect", "--format", "json", container_id],
+        capture_output=True, text=True, timeout=INSPECT_TIMEOUT, stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0:
+        raise LookupError(done.stderr.strip() or f"podman exited {done.returncode}")
+    data = json.loads(done.stdout)
+    item = data[0] if isinstance(data, list) and data else {}
+    labels = (item.get("Config") or {}).get("Labels") or {}
+    return str(item.get("Name") or ""), {str(k): str(v) for k, v in labels.items()}
+
+
+class RuntimeEndpoints:
+    """The CNI requests of one agent and its label resolvers."""
+
+    def __init__(self, agent: Agent, podman: str = PODMAN) -> None:
+        self.agent = agent
+        self.podman = podman
+        self._threads: dict[str, threading.Thread] = {}
+
+    # -- CNI verbs -------------------------------------------------------------------------
+
+    def add(self, req: dict[str, Any]) -> EndpointRecord:
+        agent = self.agent
+        container_id = str(req["container_id"])
+        ipv4 = str(req["ipv4"])
+        with agent.lock:
+            old = agent.endpoints.by_container(container_id)
+            if old is not None:
+                if old.ipv4 == ipv4 and old.netns_path == req["netns"]:
+                    return old  # the runtime asked again: the same attachment
+                agent.delete_endpoint(old.name)
+            gateway = str(req.get("gateway") or "")
+            if gateway:
+                # the host's side of a ptp link answers from this address: it is the host
+                agent.datapath.set_prefix(
+                    ipaddress.ip_network(f"{gateway}/32"), RESERVED["host"].id
+                )
+            record = agent.add_endpoint(
+                str(req["name"]), [], str(req.get("namespace") or "default"), ipv4,
+                netns=str(req["netns"]), interface=str(req.get("interface") or "eth0"),
+                container_id=container_id,
+            )
+        self.resolve_later(record)
+        return record
+
+    def delete(self, req: dict[str, Any]) -> dict[str, Any]:
+        record = self.agent.endpoints.by_container(str(req["container_id"]))
+        if record is None:
+            return {"deleted": None}  # DEL twice, or for a container never added: success
+        with contextlib.suppress(EndpointError):
+            self.agent.delete_endpoint(record.name)
+        return {"deleted": record.name}
+
+    def check(self, req: dict[str, Any]) -> dict[str, Any]:
+        agent = self.agent
+        problems = []
+        record = agent.endpoints.by_container(str(req["container_id"]))
+        if record is None:
+            return {"problems": [f"no endpoint for container {req['container_id']}"]}
+        if req.get("ipv4") and req["ipv4"] != record.ipv4:
+            problems.append(f"endpoint address {record.ipv4}, container has {req['ipv4']}")
+        link = agent.datapath.link_of(record.name, record.host_ifname)
+        if link is None:
+            problems.append(f"host veth {record.host_ifname} is gone")
+        else:
+            names = {f.name for f in attached_filters(link.ifindex)}
+            for prog in ("from_container", "to_container"):
+                if prog not in names:
+                    problems.append(f"{prog} is not attached to {record.host_ifname}")
+        with agent.lock:
+            cache = {e["prefix"]: e for e in agent.datapath.dump_ipcache()}
+        entry = cache.get(f"{record.ipv4}/32")
+        if entry is None or entry["identity"] != record.identity:
+            problems.append(f"no ipcache entry {record.ipv4}/32 -> identity {record.identity}")
+        return {"endpoint": record.name, "problems": problems}
+
+    # -- labels ----------------------------------------------------------------------------
+
+    def resolve_later(self, record: EndpointRecord) -> None:
+        if record.labels or not record.container_id:
+            return
+        t = threading.Thread(target=self._resolve, args=(record.name, record.container_id),
+                             name=f"garrison-labels-{record.name}", daemon=True)
+        self._threads[record.container_id] = t
+        t.start()
+
+    def _resolve(self, name: str, container_id: str) -> None:
+        try:
+            _, labels = labels_from_podman(container_id, self.podman)
+        except (LookupError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            log.error("container %s (%s): labels not read, it stays reserved:init (deny "
+                      "all): %s", name, container_id[:12], exc)
+            return
+        finally:
+            self._threads.pop(container_id, None)
+        namespace = labels.get(NAMESPACE_LABEL) or None
+        own = sorted(f"{k}={v}" for k, v in labels.items() if k != NAMESPACE_LABEL)
+        if not own:
+            log.warning("container %s has no labels: it stays reserved:init", name)
+            return
+        with self.agent.lock:
+            current = self.agent.endpoints.by_container(container_id)
+            if current is None or current.name != name:
+                return  # deleted meanwhile
+            try:
+                self.agent.relabel_endpoint(name, own, namespace)
+            except (EndpointError, ValueError) as exc:
+                log.error("container %s: labels %s refused: %s", name, own, exc)
+                return
+        log.info("container %s: labels %s", name, ",".join(own))
+
+    def resume(self) -> None:
+        """On agent start: read the labels of containers whose labels were not read yet."""
+        for record in list(self.agent.endpoints):
+            self.resolve_later(record)

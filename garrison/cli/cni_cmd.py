@@ -1,0 +1,155 @@
+"""`garrison cni install|uninstall`: a CNI network whose containers garrison governs.
+
+install writes a conflist (`ptp` + `host-local`, then `garrison-cni` chained after them) into
+the runtime's configuration directory and the plugin into its plugin directory, and records
+what it wrote (with each file's digest) in `<conf-dir>/.garrison-cni-<network>.json`.
+uninstall removes exactly the files recorded there that still hold what install wrote.
+
+Why ptp and not bridge: the datapath steers a connection into the L7 proxy with
+`bpf_sk_assign` at tc ingress of the client's host-side veth, which only takes effect when the
+host routes the packet. On a bridge, two containers of the same subnet are switched at layer 2
+and the proxy never sees their connection; ptp routes every packet through the host, as
+garrison's own endpoints do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from garrison.agent.config import DEFAULT_SOCKET, DEFAULT_STATE_DIR
+
+PLUGIN = "garrison-cni"
+DEFAULT_NETWORK = "garrison"
+DEFAULT_SUBNET = "198.18.128.0/17"
+DEFAULT_ROUTES = ("198.18.0.0/15",)
+
+
+def conflist(network: str, subnet: str, routes: list[str], socket: str,
+             state_dir: str) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": network,
+        "plugins": [
+            {
+                "type": "ptp",
+                "ipMasq": False,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet}]],
+                    "routes": [{"dst": r} for r in routes],
+                },
+            },
+            {"type": PLUGIN, "agentSocket": socket, "stateDir": state_dir},
+        ],
+    }
+
+
+def plugin_script(python: str) -> str:
+    # -I: the runtime's environment (PYTHONPATH and the like) never changes what runs as root
+    return (f"#!{python} -I\n# written by `garrison cni install`\n"
+            "from garrison.cni.plugin import main\n\nraise SystemExit(main())\n")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _record_path(conf_dir: Path, network: str) -> Path:
+    return conf_dir / f".garrison-cni-{network}.json"
+
+
+def _write(path: Path, data: bytes, mode: int, written: list[dict[str, str]]) -> None:
+    if path.exists():
+        if path.read_bytes() == data:
+            return  # already there as wanted (not ours to remove unless we wrote it)
+        raise FileExistsError(f"{path} exists with other content; garrison does not replace "
+                              "what it did not write: move it away or pick another name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    written.append({"path": str(path), "sha256": _digest(data)})
+
+
+def install(args: argparse.Namespace) -> int:
+    try:
+        subnet = ipaddress.ip_network(args.subnet)
+        routes = [str(ipaddress.ip_network(r)) for r in (args.route or DEFAULT_ROUTES)]
+    except ValueError as exc:
+        print(f"garrison cni install: {exc}", file=sys.stderr)
+        return 2
+    conf_dir, bin_dir = Path(args.cni_conf_dir), Path(args.cni_bin_dir)
+    record = _record_path(conf_dir, args.network)
+    previous = json.loads(record.read_text()) if record.exists() else {"files": []}
+    written: list[dict[str, str]] = list(previous["files"])
+    fresh: list[dict[str, str]] = []
+    conf = conflist(args.network, str(subnet), routes, str(args.socket), str(args.state_dir))
+    try:
+        _write(bin_dir / PLUGIN, plugin_script(sys.executable).encode(), 0o755, fresh)
+        _write(conf_dir / f"{args.network}.conflist",
+               (json.dumps(conf, indent=2) + "\n").encode(), 0o644, fresh)
+    except OSError as exc:
+        for item in fresh:
+            Path(item["path"]).unlink(missing_ok=True)
+        print(f"garrison cni install: {exc}", file=sys.stderr)
+        return 1
+    written += fresh
+    record.write_text(json.dumps({"network": args.network, "files": written}, indent=1) + "\n")
+    for item in fresh:
+        print(f"wrote {item['path']}")
+    print(f"network {args.network!r} ({subnet}): podman run --network {args.network} ...")
+    return 0
+
+
+def uninstall(args: argparse.Namespace) -> int:
+    conf_dir = Path(args.cni_conf_dir)
+    record = _record_path(conf_dir, args.network)
+    if not record.exists():
+        print(f"garrison cni uninstall: nothing recorded for network {args.network!r} in "
+              f"{conf_dir} (was it installed with another --cni-conf-dir?)", file=sys.stderr)
+        return 1
+    status = 0
+    for item in json.loads(record.read_text())["files"]:
+        path = Path(item["path"])
+        if not path.exists():
+            continue
+        if _digest(path.read_bytes()) != item["sha256"]:
+            print(f"kept {path}: changed since install", file=sys.stderr)
+            status = 1
+            continue
+        path.unlink()
+        print(f"removed {path}")
+    record.unlink()
+    return status
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cni = sub.add_parser("cni", help="install the CNI plugin for podman and other runtimes")
+    csub = cni.add_subparsers(dest="cni_command", metavar="SUBCOMMAND", required=True)
+    for name, fn, helptext in (
+        ("install", install, "write a conflist and the plugin where the runtime looks"),
+        ("uninstall", uninstall, "remove exactly what install wrote"),
+    ):
+        p = csub.add_parser(name, help=helptext)
+        p.add_argument("--network", default=DEFAULT_NETWORK, help="default: %(default)s")
+        p.add_argument("--cni-conf-dir", default="/etc/cni/net.d", help="default: %(default)s")
+        p.add_argument("--cni-bin-dir", default="/usr/lib/cni",
+                       help="where the runtime looks for plugins (default: %(default)s)")
+        if name == "install":
+            p.add_argument("--subnet", default=DEFAULT_SUBNET, help="default: %(default)s")
+            p.add_argument("--route", action="append", metavar="CIDR",
+                           help="routes in the container (repeatable; default: "
+                           f"{', '.join(DEFAULT_ROUTES)})")
+            p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                           help="the agent's API socket (default: %(default)s)")
+            p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                           help="the agent's state directory (default: %(default)s)")
+        p.set_defaults(func=fn)

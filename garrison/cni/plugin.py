@@ -1,0 +1,138 @@
+"""`garrison-cni`: the CNI verbs, each a thin call to the local agent's API.
+
+ADD asks the agent to govern the container's host-side veth (endpoint named after the
+container, programs attached, ipcache entry written) before the runtime starts the container,
+and fails the start when no agent answers (fail closed). DEL always succeeds: with no agent it
+records the delete under the agent's state directory for the agent to carry out on start.
+CHECK asks the agent whether the programs and map entries are in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+from garrison.cni import spec
+from garrison.cni.spec import CNIError
+
+DEFAULT_SOCKET = "/run/garrison/agent.sock"  # garrison.agent.config.DEFAULT_SOCKET
+DEFAULT_STATE_DIR = "/var/lib/garrison"  # garrison.agent.config.DEFAULT_STATE_DIR
+PENDING_DIR = "cni-pending"
+AGENT_TIMEOUT = 20.0
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+
+
+def pending_dir(state_dir: str | Path) -> Path:
+    return Path(state_dir) / PENDING_DIR
+
+
+def record_pending_delete(state_dir: str, container_id: str, network: str) -> Path:
+    """Note a DEL the agent could not take; it carries it out on its next start."""
+    directory = pending_dir(state_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / f"{container_id}.json"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pending.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"container_id": container_id, "network": network, "time": time.time()}, fh)
+    os.replace(tmp, path)
+    return path
+
+
+def _call(conf: spec.NetConf, method: str, **params: Any) -> dict[str, Any]:
+    from garrison.agent.api import AgentClient, AgentUnreachableError, APIError
+
+    try:
+        with AgentClient(Path(conf.agent_socket), timeout=AGENT_TIMEOUT) as client:
+            return client.call(method, **params)
+    except AgentUnreachableError as exc:
+        raise CNIError(
+            spec.TRY_AGAIN_LATER,
+            f"no garrison agent answers on {conf.agent_socket}: start it with `garrison agent` "
+            "(as root); the container is not started without its policy",
+            str(exc),
+        ) from None
+    except APIError as exc:
+        raise CNIError(spec.AGENT_REFUSED, f"garrison agent: {exc}") from None
+
+
+def _container_id(env: spec.Environment) -> str:
+    if not _CONTAINER_ID.match(env.container_id):
+        raise CNIError(spec.INVALID_ENVIRONMENT, f"CNI_CONTAINERID {env.container_id!r}: "
+                       "expected letters, digits, '_', '.' or '-'")
+    return env.container_id
+
+
+def cmd_add(env: spec.Environment, conf: spec.NetConf) -> dict[str, Any]:
+    attachment = spec.container_attachment(conf.prev_result, env)
+    container_id = _container_id(env)
+    name = env.args.get("K8S_POD_NAME") or container_id[:12]
+    _call(
+        conf, "CniAdd", container_id=container_id, name=name,
+        namespace=env.args.get("K8S_POD_NAMESPACE") or "",
+        netns=env.netns, interface=env.ifname, ipv4=attachment.ipv4,
+        gateway=attachment.gateway, network=conf.name,
+    )
+    return spec.add_result(conf)
+
+
+def cmd_del(env: spec.Environment, conf: spec.NetConf) -> None:
+    container_id = _container_id(env)
+    try:
+        _call(conf, "CniDel", container_id=container_id, network=conf.name)
+    except CNIError:
+        # DEL must succeed: the agent carries it out on its next start
+        record_pending_delete(conf.state_dir, container_id, conf.name)
+
+
+def cmd_check(env: spec.Environment, conf: spec.NetConf) -> None:
+    if not conf.check_supported:
+        raise CNIError(spec.INCOMPATIBLE_VERSION, f"CHECK needs cniVersion {spec.CHECK_SINCE} "
+                       f"or later, not {conf.cni_version}")
+    attachment = spec.container_attachment(conf.prev_result, env)
+    state = _call(conf, "CniCheck", container_id=_container_id(env), ipv4=attachment.ipv4)
+    if state.get("problems"):
+        raise CNIError(spec.NOT_ENFORCED, "garrison: " + "; ".join(state["problems"]))
+
+
+def run(environ: Mapping[str, str], stdin: BinaryIO, stdout: TextIO) -> int:
+    version = spec.SPEC_VERSION
+    try:
+        env = spec.Environment.from_environ(environ)
+        if env.command == "VERSION":
+            stdout.write(json.dumps(spec.version_result()))
+            return 0
+        try:
+            data = stdin.read()
+        except OSError as exc:
+            raise CNIError(spec.IO_FAILURE, f"reading the network configuration: {exc}") from None
+        conf = spec.NetConf.parse(data, DEFAULT_SOCKET, DEFAULT_STATE_DIR)
+        version = conf.cni_version
+        if env.command == "ADD":
+            stdout.write(json.dumps(cmd_add(env, conf)))
+        elif env.command == "DEL":
+            cmd_del(env, conf)
+        else:
+            cmd_check(env, conf)
+        return 0
+    except CNIError as exc:
+        stdout.write(json.dumps(exc.to_json(version)))
+        return 1
+    except Exception as exc:  # never a traceback to the runtime: an error object
+        err = CNIError(spec.AGENT_REFUSED, f"garrison-cni: {type(exc).__name__}: {exc}")
+        stdout.write(json.dumps(err.to_json(version)))
+        return 1
+
+
+def main() -> int:
+    return run(os.environ, sys.stdin.buffer, sys.stdout)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
