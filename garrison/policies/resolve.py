@@ -27,6 +27,7 @@ from garrison.policies.mapstate import (
     MapState,
     MapStateEntry,
     MapStateKey,
+    precedence,
 )
 from garrison.policies.model import (
     ICMP_TYPES,
@@ -136,8 +137,8 @@ class _EndpointPolicy:
     base: dict[MapStateKey, MapStateEntry] = field(default_factory=dict)
     base_l7: dict[MapStateKey, L7RuleSet] = field(default_factory=dict)
     l7_ports: dict[tuple[Direction, int], int] = field(default_factory=dict)
-    # direction -> identity -> keys with a port (TCP or any protocol): the L4 entries that
-    # the cross-key L7 merge looks at.
+    # direction -> identity -> keys of protocol TCP or any (any port included): the entries
+    # that cover a redirected TCP port, which the cross-key L7 merge looks at.
     port_keys: dict[Direction, dict[int, set[MapStateKey]]] = field(
         default_factory=lambda: {Direction.INGRESS: {}, Direction.EGRESS: {}}
     )
@@ -221,7 +222,7 @@ class _EndpointPolicy:
                     del self.l7_ports[port]
             if was_l7 or is_l7:
                 touch((key.direction, key.port), key.identity)
-            if key.port != ANY_PORT and key.protocol in (ANY_PROTOCOL, PROTO_TCP):
+            if key.protocol in (ANY_PROTOCOL, PROTO_TCP):
                 by_ident = self.port_keys[key.direction]
                 if key in self.base:
                     by_ident.setdefault(key.identity, set()).add(key)
@@ -230,7 +231,7 @@ class _EndpointPolicy:
                     if not by_ident[key.identity]:
                         del by_ident[key.identity]
                 for d, p in self.l7_ports:
-                    if d is key.direction and key.port <= p <= key.end_port:
+                    if d is key.direction and _covers_tcp(key, p):
                         touch((d, p), key.identity)
             self._restore(key)
         for port, identities in affected.items():
@@ -255,15 +256,13 @@ class _EndpointPolicy:
             return
         direction, number = port
         by_ident = self.port_keys[direction]
-        any_ref = _l4_ref(self.base, by_ident.get(ANY_IDENTITY, ()), number)
+        any_keys = by_ident.get(ANY_IDENTITY, ())
         if identities is None:
-            identities = {k.identity for k in self.base_l7 if k.direction is direction
-                          and k.port == number}
-            identities |= set(by_ident)
+            identities = {ANY_IDENTITY} | set(by_ident)
         for ident in identities:
             got = _l7_override(
-                direction, number, ident, self.base, self.base_l7, by_ident.get(ident, ()),
-                any_ref,
+                direction, number, ident, self.base, self.base_l7, self.contribs,
+                by_ident.get(ident, ()), any_keys,
             )
             if got is not None:
                 key, entry, ruleset = got
@@ -631,15 +630,13 @@ def merge_contributions(
     for direction, port in {(k.direction, k.port) for k in base_l7}:
         by_ident: dict[int, set[MapStateKey]] = {}
         for k in base:
-            if k.direction is direction and k.port != ANY_PORT and k.protocol in (
-                ANY_PROTOCOL, PROTO_TCP
-            ):
+            if k.direction is direction and k.protocol in (ANY_PROTOCOL, PROTO_TCP):
                 by_ident.setdefault(k.identity, set()).add(k)
-        any_ref = _l4_ref(base, by_ident.get(ANY_IDENTITY, ()), port)
-        idents = {k.identity for k in base_l7 if k.direction is direction and k.port == port}
-        for ident in idents | set(by_ident):
+        any_keys = by_ident.get(ANY_IDENTITY, set())
+        for ident in {ANY_IDENTITY} | set(by_ident):
             got = _l7_override(
-                direction, port, ident, base, base_l7, by_ident.get(ident, ()), any_ref
+                direction, port, ident, base, base_l7, contribs, by_ident.get(ident, ()),
+                any_keys,
             )
             if got is not None:
                 entries[got[0]] = got[1]
@@ -680,30 +677,9 @@ def _merge_key(cs: list[Contribution]) -> tuple[MapStateEntry, L7RuleSet | None]
     return MapStateEntry(False, protocol, _refs(cs)), ruleset
 
 
-def _l4_entries(
-    base: dict[MapStateKey, MapStateEntry], keys: Iterable[MapStateKey], port: int
-) -> list[MapStateEntry]:
-    """Plain (L4-only, not deny) allow entries among `keys` that cover `port`."""
-    out = []
-    for k in keys:
-        if k.port <= port <= k.end_port:
-            entry = base.get(k)
-            if entry is not None and not entry.deny and entry.redirect is None:
-                out.append(entry)
-    return out
-
-
-def _first_ref(entries: list[MapStateEntry]) -> RuleRef | None:
-    refs = [r for e in entries for r in e.derived_from]
-    return min(refs, key=_ref_order) if refs else None
-
-
-def _l4_ref(
-    base: dict[MapStateKey, MapStateEntry], keys: Iterable[MapStateKey], port: int
-) -> RuleRef | bool | None:
-    """The ref of an any-identity L4-only allow on `port`; False when there is none."""
-    entries = _l4_entries(base, keys, port)
-    return _first_ref(entries) if entries else False
+def _covers_tcp(key: MapStateKey, port: int) -> bool:
+    """Whether `key` (already known to be TCP or any protocol) covers TCP `port`."""
+    return key.port == ANY_PORT or key.port <= port <= key.end_port
 
 
 def _l7_override(
@@ -712,43 +688,81 @@ def _l7_override(
     identity: int,
     base: dict[MapStateKey, MapStateEntry],
     base_l7: dict[MapStateKey, L7RuleSet],
-    identity_port_keys: Iterable[MapStateKey],
-    any_l4_ref: RuleRef | bool | None,
+    contribs: dict[MapStateKey, list[Contribution]],
+    identity_tcp_keys: Iterable[MapStateKey],
+    any_tcp_keys: Iterable[MapStateKey],
 ) -> tuple[MapStateKey, MapStateEntry, L7RuleSet] | None:
-    """Cilium's merge across keys, for one identity on one redirected (direction, TCP port):
+    """Cilium's union of rules, for one peer on one redirected (direction, TCP port).
 
-    - the L7 rules that apply to any identity there also apply to this identity's own L7
-      entry (the proxy checks every selector that matches the peer);
-    - a peer also allowed on that port at L4 only (by its own entry or an any-identity
-      entry, single port or range) gets allow-all L7 there — still redirected, so the
-      proxy logs it; where its own L4 entry would win the lookup over the any-identity
-      L7 entry, a derived redirect entry for exactly that TCP port takes its place.
-    Returns the key, entry and rule set when they differ from the key's own merge.
+    Every allow that covers the peer on that port applies to it: the peer's own entries and
+    the any-identity entries, whatever their kind (L3-only, L3 + protocol, a port or a range,
+    with L7 rules or without). So on a port where some L7 rule applies to the peer:
+    - the L7 rules of the any-identity entry there also apply to the peer's own L7 entry
+      (the proxy checks every selector that matches the peer);
+    - a covering allow without L7 rules (L3-only, L4-only, any protocol, a range) makes its
+      L7 allow-all there — still redirected, so the proxy logs it; adding an allow never
+      removes access;
+    - two L7 types on the port for one peer fail closed (no rule allows).
+    The result is one entry for exactly (peer, TCP, port), the most precedent key there is,
+    so the lookup (and the kernel) find it. A covering deny decides alone: no entry.
+    Returns the key, entry and rule set when they differ from that key's own merge.
     """
     target = MapStateKey(direction, identity, PROTO_TCP, port, port)
     wildcard_key = MapStateKey(direction, ANY_IDENTITY, PROTO_TCP, port, port)
-    wildcard = base_l7.get(wildcard_key)
-    own = _l4_entries(base, identity_port_keys, port) if identity != ANY_IDENTITY else []
-    ruleset = base_l7.get(target)
-    if ruleset is not None:
-        merged = ruleset
-        if wildcard is not None and identity != ANY_IDENTITY and (
-            wildcard.protocol == ruleset.protocol
-        ):
-            merged = replace(merged, rules=merged.rules + wildcard.rules)
-        if own:
-            merged = replace(merged, allow_all=True, allow_all_ref=_first_ref(own))
-        elif any_l4_ref is not False:
-            ref = any_l4_ref if isinstance(any_l4_ref, RuleRef) else None
-            merged = replace(merged, allow_all=True, allow_all_ref=ref)
-        return None if merged == ruleset else (target, base[target], merged)
+    l7_keys = [target] if target in base_l7 else []
+    if identity != ANY_IDENTITY and wildcard_key in base_l7:
+        l7_keys.append(wildcard_key)
+    if not l7_keys:
+        return None
+    own = [k for k in identity_tcp_keys if _covers_tcp(k, port) and k in base]
+    if identity != ANY_IDENTITY and not own:
+        return None  # the lookup lands on the any-identity entry, whose merge is the same
+    covering = own if identity == ANY_IDENTITY else own + [
+        k for k in any_tcp_keys if _covers_tcp(k, port) and k in base
+    ]
+    if any(base[k].deny for k in covering):
+        return None
+    rulesets = [base_l7[k] for k in l7_keys]
+    protocols = sorted({c.protocol for k in l7_keys for c in contribs[k] if c.protocol})
+    protocol = protocols[0] if protocols else rulesets[0].protocol
+    # what makes the rule set allow-all, the most precedent first
+    plain = [
+        (precedence(k, port), ref)
+        for k in covering
+        if base[k].redirect is None
+        for ref in base[k].derived_from or (None,)
+    ] + [
+        (precedence(k, port), rs.allow_all_ref)
+        for k, rs in zip(l7_keys, rulesets, strict=True)
+        if rs.allow_all
+    ]
+    if len(protocols) > 1:
+        merged = L7RuleSet(protocol, ())
+    elif plain:
+        ref = min(plain, key=lambda pr: (pr[0], pr[1] is None, _ref_key(pr[1])))[1]
+        merged = L7RuleSet(
+            protocol, tuple(r for rs in rulesets for r in rs.rules), True, ref
+        )
+    else:
+        merged = L7RuleSet(protocol, tuple(r for rs in rulesets for r in rs.rules))
     existing = base.get(target)
-    if wildcard is not None and own and not (existing is not None and existing.deny):
-        refs = tuple(dict.fromkeys(r for e in own for r in e.derived_from))
-        derived = MapStateEntry(False, wildcard.protocol, refs + base[wildcard_key].derived_from)
-        merged = replace(wildcard, allow_all=True, allow_all_ref=_first_ref(own))
-        return target, derived, merged
-    return None
+    if target in base_l7:
+        assert existing is not None
+        entry = existing if existing.redirect is protocol else replace(
+            existing, redirect=protocol
+        )
+    else:
+        refs = [r for k in sorted(own, key=lambda k: (precedence(k, port), k))
+                for r in base[k].derived_from]
+        refs += base[wildcard_key].derived_from
+        entry = MapStateEntry(False, protocol, tuple(dict.fromkeys(refs)))
+    if existing == entry and base_l7.get(target) == merged:
+        return None
+    return target, entry, merged
+
+
+def _ref_key(ref: RuleRef | None) -> tuple[str, str, str, str, int, int]:
+    return _ref_order(ref) if ref is not None else ("", "", "", "", 0, 0)
 
 
 def _ref_order(ref: RuleRef) -> tuple[str, str, str, str, int, int]:

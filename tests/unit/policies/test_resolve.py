@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import Labels, endpoint_labels
-from garrison.policies.mapstate import PROTO_TCP, DropReason, MatchType, lookup
+from garrison.policies.mapstate import PROTO_TCP, DropReason, LookupResult, MatchType, lookup
+from garrison.policies.match_http import HTTPMatcher
 from garrison.policies.model import Direction, EnforcementMode
 from garrison.policies.resolve import ResolverConfig
 
@@ -126,8 +129,9 @@ def test_deny_only_policy_switches_to_default_deny() -> None:
     assert w.ingress("tiefighter", "deathstar", 80).drop_reason is DropReason.POLICY_DENIED
 
 
-def test_l3_only_peer_is_redirected_by_portwide_l7_rule() -> None:
-    """Cilium's Star Wars v2 header demo: an L3-only allow does not escape L7 on port 80."""
+def test_l3_only_peer_is_redirected_by_portwide_l7_rule_and_allowed_all() -> None:
+    """Cilium's Star Wars v2 header demo: the port-wide L7 rule redirects the L3-only peer,
+    and the union of rules lets every request of that peer through (allow-all L7), logged."""
     w = world(
         """
         apiVersion: cilium.io/v2
@@ -145,10 +149,157 @@ def test_l3_only_peer_is_redirected_by_portwide_l7_rule() -> None:
     )
     res = w.ingress("tiefighter", "deathstar", 80)
     assert res.allowed and res.redirect is L7Protocol.HTTP
-    assert res.match_type is MatchType.L4_ONLY
-    assert res.l7 is not None and not res.l7.allow_all
+    assert res.match_type is MatchType.L3_L4
+    assert res.l7 is not None and res.l7.allow_all
+    assert res.l7.allow_all_ref is not None and res.l7.allow_all_ref.section == "ingress"
+    assert http_allowed(res, "PUT", "/v1/exhaust-port")
+    # a peer only the port-wide rule allows: its L7 rules decide
+    xwing = w.ingress("xwing", "deathstar", 80)
+    assert xwing.redirect is L7Protocol.HTTP and xwing.l7 is not None
+    assert not xwing.l7.allow_all and not http_allowed(xwing, "GET", "/v1/")
     other = w.ingress("tiefighter", "deathstar", 22)
     assert other.allowed and other.match_type is MatchType.L3_ONLY and other.redirect is None
+
+
+def http_allowed(res: LookupResult, method: str, path: str) -> bool:
+    """What the client sees: L3/L4 lets it in and, when redirected, the proxy's matcher
+    (with the rule set the lookup hands it) allows the request."""
+    if not res.allowed:
+        return False
+    if res.redirect is None:
+        return True
+    assert res.l7 is not None
+    return HTTPMatcher(res.l7).match(method, path, None, []).allowed
+
+
+UNION_EPS = {"web": "app=web", "foo": "app=foo", "bar": "app=bar"}
+ANY_PEER_GET = """
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: any-peer-get}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET, path: /}]}
+"""
+
+
+@pytest.mark.parametrize(
+    "ports",
+    [
+        '[{port: "80", protocol: TCP}]',
+        '[{port: "80"}]',  # protocol ANY
+        '[{port: "79", endPort: 81, protocol: TCP}]',
+        '[{port: "0", protocol: TCP}]',  # TCP, any port
+    ],
+)
+def test_adding_an_any_peer_l7_rule_keeps_l4_allowed_peer_allow_all(ports: str) -> None:
+    """Issue 20: an L4-only allow for foo on port 80, then an HTTP `GET /` rule for any peer on
+    port 80: foo is redirected, but its L4-only allow makes its L7 allow-all (union of rules);
+    `PUT /private` from foo is allowed with and without the any-peer rule."""
+    foo_l4 = f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: foo-l4}}
+spec:
+  endpointSelector: {{matchLabels: {{app: web}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: foo}}}}]
+    toPorts: [{{ports: {ports}}}]
+"""
+    alone = world(foo_l4, UNION_EPS)
+    assert http_allowed(alone.ingress("foo", "web", 80), "PUT", "/private")
+    both = world(foo_l4 + ANY_PEER_GET, UNION_EPS)
+    res = both.ingress("foo", "web", 80)
+    assert res.redirect is L7Protocol.HTTP
+    assert http_allowed(res, "PUT", "/private")
+    assert res.l7 is not None and res.l7.allow_all_ref is not None
+    assert res.l7.allow_all_ref.name == "foo-l4"
+    bar = both.ingress("bar", "web", 80)
+    assert http_allowed(bar, "GET", "/") and not http_allowed(bar, "PUT", "/private")
+
+
+def test_any_peer_l4_allow_keeps_l7_allow_all_for_peer_with_own_l7_rules() -> None:
+    """Any peer may use port 80 at L4 only; foo also has its own L7 rule there. Adding an
+    any-peer L7 rule on port 80 must not take foo's allow-all away."""
+    base = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: base}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: foo}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET, path: /}]}
+"""
+    assert http_allowed(world(base, UNION_EPS).ingress("foo", "web", 80), "PUT", "/private")
+    both = world(base + ANY_PEER_GET, UNION_EPS)
+    for peer in ("foo", "bar"):
+        res = both.ingress(peer, "web", 80)
+        assert res.redirect is L7Protocol.HTTP, peer
+        assert http_allowed(res, "PUT", "/private"), peer
+
+
+def test_any_peer_http_and_own_kafka_on_one_port_fail_closed_for_that_peer() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: types}
+        spec:
+          endpointSelector: {matchLabels: {app: web}}
+          ingress:
+          - toPorts:
+            - ports: [{port: "80", protocol: TCP}]
+              rules: {http: [{}]}
+        ---
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: foo-kafka}
+        spec:
+          endpointSelector: {matchLabels: {app: web}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {app: foo}}]
+            toPorts:
+            - ports: [{port: "80", protocol: TCP}]
+              rules: {kafka: [{topic: t}]}
+        """,
+        UNION_EPS,
+    )
+    foo = w.ingress("foo", "web", 80)
+    assert foo.allowed and foo.redirect is L7Protocol.HTTP
+    assert foo.l7 is not None and foo.l7.rules == () and not foo.l7.allow_all
+    assert http_allowed(w.ingress("bar", "web", 80), "PUT", "/private")
+
+
+def test_deny_of_the_peer_is_not_turned_into_an_l7_allow_all() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: mixed}
+        spec:
+          endpointSelector: {matchLabels: {app: web}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {app: foo}}]
+          - toPorts:
+            - ports: [{port: "80", protocol: TCP}]
+              rules: {http: [{method: GET, path: /}]}
+          ingressDeny:
+          - fromEndpoints: [{matchLabels: {app: foo}}]
+            toPorts: [{ports: [{port: "80", protocol: ANY}]}]
+        """,
+        UNION_EPS,
+    )
+    res = w.ingress("foo", "web", 80)
+    assert not res.allowed and res.drop_reason is DropReason.POLICY_DENY
+    assert w.ingress("foo", "web", 81).allowed
 
 
 def test_l4_only_allow_of_same_peer_and_port_makes_l7_allow_all() -> None:

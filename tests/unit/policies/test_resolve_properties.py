@@ -7,9 +7,10 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from garrison.policies.l7rules import HTTPRule, L7Rules
+from garrison.policies.l7rules import HTTPRule, L7Rules, L7RuleSet
 from garrison.policies.labels import Labels, endpoint_labels
 from garrison.policies.mapstate import PROTO_TCP, PROTO_UDP, MapState, lookup
+from garrison.policies.match_http import HTTPMatcher
 from garrison.policies.model import (
     Direction,
     EndpointPeer,
@@ -37,6 +38,11 @@ ENDPOINTS = [
 PORTS = [80, 443, 8080]
 QUERIES = [(ident, proto, port) for ident, _ in ENDPOINTS for proto in (PROTO_TCP, PROTO_UDP)
            for port in (*PORTS, 22)]
+# L7 rules the generator puts on ports, and the requests every redirected lookup is asked
+HTTP_RULES = [HTTPRule(method="GET", path="/"), HTTPRule(method="PUT"), HTTPRule()]
+REQUESTS = [("GET", "/"), ("PUT", "/private")]
+# (port, end port): any port, 80 (shared, drawn more often), a range holding 80, the others
+PORT_CHOICES = [(0, 0), (80, 0), (80, 0), (79, 81), *((p, 0) for p in PORTS)]
 
 
 def selector(draw: st.DrawFn) -> EndpointSelector:
@@ -50,7 +56,10 @@ def selector(draw: st.DrawFn) -> EndpointSelector:
 
 @st.composite
 def sections(draw: st.DrawFn, name: str, section: str, deny: bool) -> PolicySection:
-    kind = draw(st.sampled_from(["endpoints", "all", "none"]))
+    """Specific peers (1-2 selectors, `{}` among them), the `all` entity or no peer list (any
+    peer); L3-only (no ports, when there are peers), L4-only and L7 port rules, mostly on the
+    shared port 80, single ports, ranges and any port, TCP, UDP or any protocol."""
+    kind = draw(st.sampled_from(["endpoints", "endpoints", "all", "none"]))
     peers: tuple[EndpointPeer | EntityPeer, ...] | None
     if kind == "endpoints":
         peers = tuple(EndpointPeer(selector(draw)) for _ in range(draw(st.integers(1, 2))))
@@ -60,12 +69,12 @@ def sections(draw: st.DrawFn, name: str, section: str, deny: bool) -> PolicySect
         peers = None
     port_rules = []
     for _ in range(draw(st.integers(0 if peers is not None else 1, 2))):
-        port = draw(st.sampled_from([0, *PORTS]))
+        port, end = draw(st.sampled_from(PORT_CHOICES))
         proto = draw(st.sampled_from([Protocol.TCP, Protocol.UDP, Protocol.ANY]))
         l7 = None
-        if not deny and port and proto is Protocol.TCP and draw(st.booleans()):
-            l7 = L7Rules(http=(HTTPRule(method="GET"),))
-        port_rules.append(PortRule((PortProtocol(port, 0, proto),), l7))
+        if not deny and port and not end and proto is not Protocol.UDP and draw(st.booleans()):
+            l7 = L7Rules(http=(draw(st.sampled_from(HTTP_RULES)),))
+        port_rules.append(PortRule((PortProtocol(port, end, proto),), l7))
     ref = RuleRef(PolicyKind.CNP, NS, name, section)
     return PolicySection(peers, tuple(port_rules), (), ref)
 
@@ -110,6 +119,28 @@ def verdicts(r: PolicyResolver) -> dict[tuple[int, int, int, int], tuple[bool, o
     return out
 
 
+def access(r: PolicyResolver) -> dict[tuple[int, int, int, int, str], bool]:
+    """What a client sees: per (destination, source, protocol, port, request), whether the
+    request gets through — L3/L4 allows it and, where the connection is redirected, the L7
+    rule set the proxy gets for it allows the request (`GET /` and `PUT /private`)."""
+    matchers: dict[L7RuleSet, HTTPMatcher] = {}
+    out = {}
+    for dst, _ in ENDPOINTS:
+        state = r.map_state(dst)
+        for src, proto, port in QUERIES:
+            res = lookup(state, Direction.INGRESS, src, proto, port)
+            for method, path in REQUESTS:
+                ok = res.allowed
+                if ok and res.redirect is not None:
+                    assert res.l7 is not None, "a redirect without a rule set"
+                    matcher = matchers.get(res.l7) or matchers.setdefault(
+                        res.l7, HTTPMatcher(res.l7)
+                    )
+                    ok = matcher.match(method, path, None, []).allowed
+                out[(dst, src, proto, port, f"{method} {path}")] = ok
+    return out
+
+
 def normalized(state: MapState) -> dict[object, object]:
     return {
         k: (e.deny, e.redirect, frozenset(e.derived_from)) for k, e in state.entries.items()
@@ -144,17 +175,19 @@ def test_deny_always_wins(pols: tuple[Policy, ...], data: st.DataObject) -> None
 
 @FAST
 @given(policy_sets, st.data())
-def test_adding_an_allow_rule_never_removes_l3_l4_access(
+def test_adding_an_allow_rule_never_removes_access(
     pols: tuple[Policy, ...], data: st.DataObject
 ) -> None:
+    """At L3/L4 and at L7: an allow rule (L3-only, L4-only or L7, for specific or any peers)
+    may redirect a connection to the proxy, but the proxy must then allow every request the
+    other rules allowed (Cilium's union of rules)."""
     # In `always` mode every direction is already default-deny, so an allow can only add.
     config = ResolverConfig(EnforcementMode.ALWAYS)
     extra = data.draw(policies("extra", allow_deny=False))
-    before = verdicts(resolve(pols, config))
-    after = verdicts(resolve([*pols, extra], config))
-    for key, (allowed, _) in before.items():
-        if allowed:
-            assert after[key][0], key
+    before = access(resolve(pols, config))
+    after = access(resolve([*pols, extra], config))
+    lost = [key for key, ok in before.items() if ok and not after[key]]
+    assert not lost, f"adding {extra} removed (dst, src, proto, port, request) {lost[:5]}"
 
 
 def test_default_with_no_selecting_rule_is_allow() -> None:
