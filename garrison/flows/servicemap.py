@@ -236,7 +236,8 @@ class ServiceMapBuilder:
         kind = get("Type")
         if kind is None:
             kind = "L7" if "l7" in flow else "L3_L4"
-        slot = _SLOT.get(get("verdict"), _OTHER)  # type: ignore[arg-type]
+        verdict = get("verdict")
+        slot = _SLOT.get(verdict, _OTHER) if type(verdict) is str else _OTHER
         event = 0
         if kind == "L7":
             l7 = get("l7")
