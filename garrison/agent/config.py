@@ -41,3 +41,11 @@ class AgentConfig:
     endpoint_pool: ipaddress.IPv4Network = ENDPOINT_POOL
     flow_ring_size: int = 10_000
     policy_poll_interval: float = 1.0
+    # `etcd`: this node is one of a cluster (garrison/cluster/, docs/cluster.md); `sqlite`:
+    # alone, identities in the state directory.
+    kvstore: str = "sqlite"
+    kvstore_endpoints: tuple[str, ...] = ()
+    # The cluster's view of this node: its endpoints' addresses come from `pod_cidr`, which the
+    # other nodes route through `node_ip` (None: the address this node uses towards etcd).
+    pod_cidr: ipaddress.IPv4Network | None = None
+    node_ip: ipaddress.IPv4Address | None = None

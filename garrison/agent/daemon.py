@@ -36,10 +36,12 @@ from garrison.agent.kernel import KernelDatapath, Link
 from garrison.agent.policystore import ImportedPolicies
 from garrison.agent.runtime import pending_deletes
 from garrison.bpf.sync import LocalEndpoint
+from garrison.cluster.agent import AgentCluster
 from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowStore, StoreConfig
 from garrison.identity.allocator import AllocatorConfig, IdentityAllocator
 from garrison.identity.model import RESERVED, RESERVED_BY_ID, Identity
+from garrison.kvstore.base import KVStoreError
 from garrison.kvstore.sqlite import SQLiteKVStore
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
@@ -47,7 +49,7 @@ from garrison.policies.labels import Labels
 from garrison.policies.loader import load_paths
 from garrison.policies.mapstate import PROTO_TCP, LookupResult, MapState, MatchType, lookup
 from garrison.policies.model import Direction, IPNetwork, Policy
-from garrison.policies.repository import PolicyChange, PolicyRepository
+from garrison.policies.repository import PolicyChange, PolicyKey, PolicyRepository
 from garrison.policies.resolve import PolicyResolver, ResolverConfig
 from garrison.policies.selectorcache import WORLD_IDENTITY
 from garrison.proxy.policyview import Admission
@@ -94,6 +96,10 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.map_writes = 0
+        self.cluster: AgentCluster | None = None
+        if config.kvstore == "etcd":
+            self.cluster = AgentCluster.for_agent(self, config)
+            self.allocator = self.cluster.allocator
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -142,6 +148,8 @@ class Agent:
                 link = self._links[ep.name]
                 self.datapath.write_endpoint(link, ep.identity, ep.ipv4, self.resolver)
                 self.datapath.attach(link)
+        if self.cluster is not None:
+            self.cluster.start()
         gc.collect()
         gc.freeze()  # the resolved state is long-lived: keep it out of GC passes
         self._spawn(self._event_loop, "garrison-events")
@@ -152,6 +160,8 @@ class Agent:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
+        if self.cluster is not None:
+            self.cluster.close()
         with self.lock:
             self.datapath.close()
             self.kvstore.close()
@@ -242,6 +252,8 @@ class Agent:
             except BaseException:
                 self._remove_endpoint(record)
                 raise
+            if self.cluster is not None:
+                self.cluster.endpoint_changed(record)
             return record
 
     def _identity_for(self, ep: EndpointRecord) -> Identity:
@@ -273,6 +285,8 @@ class Agent:
             self.datapath.write_endpoint(self._links[name], ident.id, new.ipv4, self.resolver)
             if ident.id != record.identity:
                 self._release_identity(record)
+            if self.cluster is not None:
+                self.cluster.endpoint_changed(new)
             return new
 
     def _local_endpoints(self) -> list[LocalEndpoint]:
@@ -291,6 +305,8 @@ class Agent:
             self._links.pop(record.name, None)
             with contextlib.suppress(EndpointError):
                 self.endpoints.remove(record.name)
+            if self.cluster is not None:
+                self.cluster.endpoint_removed(record)
             self._release_identity(record)
 
     def _release_identity(self, record: EndpointRecord) -> None:
@@ -310,6 +326,8 @@ class Agent:
     def import_policies(self, paths: Sequence[str]) -> PolicyChange:
         """Validated first; rejected whole on any error (the old policy stays in force)."""
         loaded = load_paths(paths)
+        if self.cluster is not None:  # the cluster's first: refused whole when etcd is away
+            self.cluster.policies_imported(loaded.policies)
         with self.lock:
             self.imported.record(loaded.policies)
             change = self.repository.upsert(loaded.policies)
@@ -325,6 +343,8 @@ class Agent:
                 keys = [p.key for p in self.repository.find(name or "", namespace)]
                 if not keys:
                     raise APIError(f"no policy named {name!r}", _not_found())
+            if self.cluster is not None:
+                self.cluster.policies_deleted(keys)
             change = self.repository.delete(keys)
             self._apply(change)
             self.imported.forget(p.key for p in change.removed)
@@ -417,6 +437,18 @@ class Agent:
         for prefix in added:
             self.datapath.set_prefix(prefix, self._cidr_ids[prefix])
         return changed
+
+    # -- the cluster (garrison/cluster/agent.py, from its watch threads) ---------------------
+
+    def sync_identities(self, identities: set[int]) -> None:
+        with self.lock:
+            self._sync(identities)
+
+    def apply_cluster_policies(self, policies: list[Policy], gone: list[PolicyKey]) -> None:
+        """Policies another node imported (or deleted), as one change."""
+        with self.lock:
+            new = [p for p in policies if self.repository.get(p.key) != p]
+            self._apply(self.repository.update(new, [k for k in gone if self.repository.get(k)]))
 
     # -- kernel sync -------------------------------------------------------------------------
 
@@ -539,11 +571,18 @@ class Agent:
                     ep.name for ep in self.endpoints
                     if ep.identity and not self.resolver.rules_selecting(ep.identity)
                 ),
-                "identities": len(self.allocator.all()),
+                "identities": self._identity_count(),
+                **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
                 "flows": {"in_ring": len(self.flows), "total": self.flows.total},
                 "map_writes": self.map_writes,
                 "uptime_s": round(time.time() - self.started, 1),
             }
+
+    def _identity_count(self) -> int | None:
+        try:
+            return len(self.allocator.all())
+        except KVStoreError:  # etcd away: the status says so under "cluster"
+            return None
 
 
 def _not_found() -> Any:

@@ -13,6 +13,7 @@ from garrison.agent.policystore import PolicyStoreError
 from garrison.agent.runtime import RuntimeEndpoints
 from garrison.flows.query import FilterError, FlowQuery
 from garrison.flows.summary import rule_keys
+from garrison.kvstore.base import KVStoreError
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.mapstate import PROTOCOL_NAMES, MapState
 
@@ -74,6 +75,8 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
                 ) from exc
             except KeyError as exc:
                 raise APIError(str(exc), grpc.StatusCode.NOT_FOUND) from exc
+            except KVStoreError as exc:  # etcd away (cluster mode): nothing was changed
+                raise APIError(str(exc), grpc.StatusCode.UNAVAILABLE) from exc
 
         return call
 

@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from garrison.agent.api import AgentAPIServer, AgentClient, AgentUnreachableError, APIError
 from garrison.agent.config import DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, AgentConfig
@@ -34,7 +36,10 @@ from garrison.agent.daemon import Agent
 from garrison.agent.handlers import make_handlers
 from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
 from garrison.bpf.loader import BPFFSError, DatapathError
+from garrison.cluster.agent import ClusterConfigError
+from garrison.cluster.routes import RouteError
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
+from garrison.kvstore.base import KVStoreError
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import Labels
@@ -61,6 +66,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
     p.add_argument("--bpffs-root", type=Path, default=DEFAULT_BPFFS_ROOT)
     p.add_argument("--node-name", default=os.uname().nodename)
+    p.add_argument("--kvstore", choices=["sqlite", "etcd"], default="sqlite",
+                   help="etcd: join a cluster (docs/cluster.md); sqlite: this node alone")
+    p.add_argument("--kvstore-endpoints", default="", metavar="URL[,URL]",
+                   help="etcd client URLs, e.g. http://198.19.0.250:2379")
+    p.add_argument("--pod-cidr", metavar="CIDR",
+                   help="with --kvstore etcd: this node's endpoint addresses")
+    p.add_argument("--node-ip", metavar="IP",
+                   help="with --kvstore etcd: where other nodes route --pod-cidr (default: the "
+                   "address towards etcd)")
     p.add_argument("--enforcement", choices=[m.value for m in EnforcementMode],
                    default="default")
     p.add_argument("--audit", action="store_true", help="log verdicts, drop and deny nothing")
@@ -83,7 +97,9 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     if args.metrics:
         host, _, port = args.metrics.rpartition(":")
         metrics = (host or "127.0.0.1", int(port))
+    cluster = _cluster_config(args)
     return AgentConfig(
+        **cluster,
         state_dir=args.state_dir,
         policy_dir=args.policy_dir,
         socket_path=args.socket,
@@ -97,6 +113,23 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         audit=args.audit,
         proxy_ports=ports,
     )
+
+
+def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
+    if args.kvstore != "etcd":
+        if args.kvstore_endpoints or args.pod_cidr or args.node_ip:
+            raise ValueError("--kvstore-endpoints, --pod-cidr and --node-ip need --kvstore etcd")
+        return {}
+    if not args.kvstore_endpoints or not args.pod_cidr:
+        raise ValueError("--kvstore etcd needs --kvstore-endpoints URL and --pod-cidr CIDR")
+    pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
+    return {
+        "kvstore": "etcd",
+        "kvstore_endpoints": tuple(u.strip() for u in args.kvstore_endpoints.split(",") if u),
+        "pod_cidr": pod_cidr,
+        "endpoint_pool": pod_cidr,
+        "node_ip": ipaddress.IPv4Address(args.node_ip) if args.node_ip else None,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_serve(config, args.verbose))
-    except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError) as exc:
+    except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError,
+            KVStoreError, ClusterConfigError, RouteError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,255 @@
+"""The agent's side of the cluster: etcd client, session, cluster identities, and what the
+other nodes' news does to this node's maps and routes.
+
+`AgentCluster` is built by the agent when it runs with `--kvstore etcd`. It
+- allocates endpoint identities cluster-wide (`ClusterIdentityAllocator`; CIDR identities stay
+  in the node's SQLite store);
+- publishes each local endpoint's address, identity and labels (`IPEntry`, lease-bound);
+- for every other node's endpoint: adds its identity to the policy resolver (so selectors
+  match it), writes the policy entries that changed, then its ipcache entry — removal in the
+  reverse order; nothing is flushed;
+- routes other nodes' pod CIDRs through their node IPs;
+- stores imported policies in etcd and applies the ones other nodes imported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from garrison.cluster.keys import IPEntry, NodeRecord, StoredPolicy
+from garrison.cluster.node import ClusterNode
+from garrison.cluster.routes import NodeRoutes, RouteError, source_address_towards
+from garrison.identity.allocator import (
+    AllocatorConfig,
+    ClusterIdentityAllocator,
+    canonical_labels,
+    parse_canonical,
+)
+from garrison.identity.model import IdentityError
+from garrison.kvstore.base import KVStore, KVStoreError
+from garrison.kvstore.etcd import EtcdKVStore, parse_endpoints
+from garrison.policies.errors import PolicyValidationError
+from garrison.policies.loader import load_text
+from garrison.policies.model import Policy
+from garrison.policies.repository import PolicyKey
+
+if TYPE_CHECKING:
+    from garrison.agent.config import AgentConfig
+    from garrison.agent.daemon import Agent
+    from garrison.agent.endpoints import EndpointRecord
+
+log = logging.getLogger("garrison.cluster")
+
+DEFAULT_LEASE_TTL_S = 15
+START_TIMEOUT_S = 10.0
+
+
+class ClusterConfigError(ValueError):
+    """The agent's cluster flags do not fit together; the message names the fix."""
+
+
+class AgentCluster:
+    def __init__(
+        self,
+        agent: Agent,
+        endpoints: tuple[str, ...],
+        node_name: str,
+        node_ip: ipaddress.IPv4Address,
+        pod_cidr: ipaddress.IPv4Network,
+        local_store: KVStore,
+        *,
+        lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
+    ) -> None:
+        self._agent = agent
+        self.store = EtcdKVStore(endpoints)
+        self.session = self.store.session(lease_ttl_s, name=f"node-{node_name}")
+        if not self.session.wait_ready(START_TIMEOUT_S):
+            error = self.session.last_error or "no answer"
+            self.store.close()
+            raise KVStoreError(f"cannot join the cluster: {error}")
+        self.allocator = ClusterIdentityAllocator(
+            self.store,
+            AllocatorConfig(node_name=node_name),
+            local_store=local_store,
+            lease=self.session.require_lease,
+        )
+        self.session.on_new_lease(self._restore_identities)
+        self.routes = NodeRoutes()
+        self.node = ClusterNode(
+            self.store, self.session, NodeRecord(node_name, node_ip, pod_cidr), self
+        )
+        self._remote: dict[ipaddress.IPv4Address, IPEntry] = {}
+        # When each remote IP's ipcache entry was last written (time.time()), for benchmarks.
+        self.learnt_at: dict[ipaddress.IPv4Address, float] = {}
+        self.route_errors: dict[str, str] = {}
+
+    @classmethod
+    def for_agent(cls, agent: Agent, config: AgentConfig) -> AgentCluster:
+        if not config.kvstore_endpoints:
+            raise ClusterConfigError(
+                "--kvstore etcd needs --kvstore-endpoints http://HOST:PORT[,...]"
+            )
+        if config.pod_cidr is None:
+            raise ClusterConfigError(
+                "--kvstore etcd needs --pod-cidr: the block this node's endpoints get addresses"
+                " from, which the other nodes route here (e.g. 198.18.1.0/24)"
+            )
+        endpoints = parse_endpoints(config.kvstore_endpoints)
+        node_ip = config.node_ip or source_address_towards(endpoints[0].rpartition(":")[0])
+        return cls(agent, endpoints, config.node_name, node_ip, config.pod_cidr, agent.kvstore)
+
+    def start(self) -> None:
+        """Publish this node and its endpoints, then follow the others."""
+        for record in list(self._agent.endpoints):
+            if record.identity:
+                self.endpoint_changed(record)
+        self.node.start()
+
+    def close(self) -> None:
+        self.node.close()
+        self.routes.close()
+        self.store.close()
+
+    def _restore_identities(self, _lease: int) -> None:
+        changed = self.allocator.restore()
+        for old, new in changed.items():
+            log.error(
+                "identity %d was collected while this node was away and its number reused;"
+                " its endpoints keep %d in their maps until relabelled (now %d in etcd)",
+                old,
+                old,
+                new,
+            )
+
+    # Local endpoints -----------------------------------------------------------------------
+
+    def endpoint_changed(self, record: EndpointRecord) -> None:
+        labels = self._agent.resolver.cache.labels_of(record.identity)
+        entry = IPEntry(
+            ip=ipaddress.IPv4Address(record.ipv4),
+            identity=record.identity,
+            labels=canonical_labels(labels) if labels is not None else "",
+            node=self.node.me.name,
+            endpoint=record.name,
+        )
+        self.node.publish_endpoint(entry)
+
+    def endpoint_removed(self, record: EndpointRecord) -> None:
+        self.node.withdraw_endpoint(ipaddress.IPv4Address(record.ipv4))
+
+    # Policies ------------------------------------------------------------------------------
+
+    def policies_imported(self, policies: tuple[Policy, ...]) -> None:
+        texts: dict[str, str] = {}
+        for policy in policies:
+            path = policy.source.path if policy.source else ""
+            if path not in texts:
+                with open(path, encoding="utf-8") as fh:
+                    texts[path] = fh.read()
+            self.node.publish_policy(policy.key, StoredPolicy(path, texts[path]))
+
+    def policies_deleted(self, keys: list[PolicyKey]) -> None:
+        for key in keys:
+            self.node.delete_policy(key)
+
+    # ClusterHandler ------------------------------------------------------------------------
+
+    def remote_endpoints_changed(
+        self, upserts: list[IPEntry], gone: list[ipaddress.IPv4Address]
+    ) -> None:
+        agent = self._agent
+        with agent.lock:
+            local_ips = {ipaddress.IPv4Address(ep.ipv4) for ep in agent.endpoints}
+            changed: set[int] = set()
+            new_ids: set[int] = set()
+            for entry in upserts:
+                if entry.ip in local_ips:
+                    log.error("cluster: %s of node %s is a local endpoint's", entry.ip, entry.node)
+                    continue
+                if agent.resolver.cache.labels_of(entry.identity) is None:
+                    try:
+                        labels = parse_canonical(entry.labels)
+                    except IdentityError as exc:
+                        log.error("cluster: %s: %s", entry.ip, exc)
+                        continue
+                    changed |= agent.resolver.add_identity(entry.identity, labels)
+                    new_ids.add(entry.identity)
+            # Policy entries that allow the new identities first, then the ipcache entries
+            # that make their traffic carry them: no packet sees half of it.
+            if changed or new_ids:
+                agent.sync_identities(changed | new_ids)
+            old_ids: set[int] = set()
+            for entry in upserts:
+                if entry.ip in local_ips or agent.resolver.cache.labels_of(entry.identity) is None:
+                    continue
+                previous = self._remote.get(entry.ip)
+                if previous is not None and previous.identity != entry.identity:
+                    old_ids.add(previous.identity)
+                self._remote[entry.ip] = entry
+                agent.datapath.set_prefix(ipaddress.IPv4Network(f"{entry.ip}/32"), entry.identity)
+                self.learnt_at[entry.ip] = time.time()
+            for ip in gone:
+                previous = self._remote.pop(ip, None)
+                if previous is None:
+                    continue
+                agent.datapath.delete_prefix(ipaddress.IPv4Network(f"{ip}/32"))
+                self.learnt_at.pop(ip, None)
+                old_ids.add(previous.identity)
+            self._forget_unused(old_ids)
+
+    def _forget_unused(self, identities: set[int]) -> None:
+        agent = self._agent
+        in_use = {e.identity for e in self._remote.values()} | {
+            ep.identity for ep in agent.endpoints
+        }
+        changed: set[int] = set()
+        for identity in identities - in_use:
+            if identity >= 256:  # reserved identities stay
+                changed |= agent.resolver.remove_identity(identity)
+        if changed:
+            agent.sync_identities(changed)
+
+    def nodes_changed(self, upserts: list[NodeRecord], gone: list[str]) -> None:
+        for node in upserts:
+            try:
+                self.routes.set(node.pod_cidr, node.ip)
+                self.route_errors.pop(node.name, None)
+            except RouteError as exc:
+                log.error("cluster: node %s: %s", node.name, exc)
+                self.route_errors[node.name] = str(exc)
+        installed = self.routes.installed()
+        known = self.node.nodes()
+        for name in gone:
+            self.route_errors.pop(name, None)
+            for cidr in list(installed):
+                if not any(n.pod_cidr == cidr for n in known.values()):
+                    self.routes.remove(cidr)
+
+    def policies_changed(
+        self, upserts: dict[PolicyKey, StoredPolicy], gone: list[PolicyKey]
+    ) -> None:
+        policies = []
+        for key, stored in upserts.items():
+            try:
+                found = [p for p in load_text(stored.text, stored.path).policies if p.key == key]
+            except PolicyValidationError as exc:
+                log.error("cluster: policy %s from etcd refused: %s", key, exc)
+                continue
+            if not found:
+                log.error("cluster: policy %s not in its stored text %s", key, stored.path)
+                continue
+            policies.append(found[0])
+        self._agent.apply_cluster_policies(policies, gone)
+
+    # Status --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        out = self.node.status()
+        out["remote_endpoints"] = len(self._remote)
+        out["routes"] = {str(c): str(v) for c, v in self.routes.installed().items()}
+        if self.route_errors:
+            out["route_errors"] = dict(self.route_errors)
+        return out

@@ -1,0 +1,158 @@
+"""The cluster's key layout in etcd, after Cilium's kvstore mode, and its records (pure).
+
+Under the store's root (`garrison/`):
+
+| key                                           | value                          | lease   |
+|-----------------------------------------------|--------------------------------|---------|
+| `state/identities/v1/id/<n>`                  | canonical labels               | none    |
+| `state/identities/v1/labels/<labels>`         | `{"id": n}`                    | none    |
+| `state/identities/v1/refs/<labels>/<node>`    | `{"id": n, "owners": [...]}`   | node's  |
+| `state/ip/v1/<ip>`                            | `IPEntry`: identity, node, ... | node's  |
+| `state/nodes/v1/<node>`                       | `NodeRecord`: IP, pod CIDR     | node's  |
+| `state/heartbeat/v1/<node>`                   | unix time of the last beat     | node's  |
+| `state/policies/v1/<kind>/<namespace>/<name>` | `{"path": ..., "text": ...}`   | none    |
+
+(identities: `garrison.identity.allocator.ClusterIdentityAllocator`). Everything a node
+publishes about itself is bound to its lease, so a dead node disappears from every other node
+within the lease TTL; identities and policies outlive any one node.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from garrison.identity.allocator import CLUSTER_IDENTITIES_PREFIX
+from garrison.policies.repository import PolicyKey
+
+IDENTITIES_PREFIX = CLUSTER_IDENTITIES_PREFIX
+IP_PREFIX = "state/ip/v1/"
+NODES_PREFIX = "state/nodes/v1/"
+HEARTBEAT_PREFIX = "state/heartbeat/v1/"
+POLICIES_PREFIX = "state/policies/v1/"
+
+
+class ClusterRecordError(ValueError):
+    """A value in the store that is not what this layout says (written by something else)."""
+
+
+def _load(key: str, raw: bytes) -> dict[str, object]:
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ClusterRecordError(f"{key}: not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ClusterRecordError(f"{key}: expected a JSON object")
+    return doc
+
+
+def _dump(doc: dict[str, object]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A node as the others see it: where its pod CIDR is routed."""
+
+    name: str
+    ip: ipaddress.IPv4Address
+    pod_cidr: ipaddress.IPv4Network
+
+    @property
+    def key(self) -> str:
+        return NODES_PREFIX + self.name
+
+    def encode(self) -> bytes:
+        return _dump({"name": self.name, "ip": str(self.ip), "pod_cidr": str(self.pod_cidr)})
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> NodeRecord:
+        doc = _load(key, raw)
+        try:
+            return cls(
+                name=str(doc["name"]),
+                ip=ipaddress.IPv4Address(str(doc["ip"])),
+                pod_cidr=ipaddress.IPv4Network(str(doc["pod_cidr"])),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ClusterRecordError(f"{key}: bad node record: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class IPEntry:
+    """An endpoint address, its identity (with the identity's canonical labels, so a node can
+    resolve policy for it without another read) and the node that hosts it."""
+
+    ip: ipaddress.IPv4Address
+    identity: int
+    labels: str
+    node: str
+    endpoint: str = ""
+
+    @property
+    def key(self) -> str:
+        return IP_PREFIX + str(self.ip)
+
+    def encode(self) -> bytes:
+        return _dump(
+            {
+                "ip": str(self.ip),
+                "identity": self.identity,
+                "labels": self.labels,
+                "node": self.node,
+                "endpoint": self.endpoint,
+            }
+        )
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> IPEntry:
+        doc = _load(key, raw)
+        try:
+            identity = doc["identity"]
+            if not isinstance(identity, int) or identity <= 0:
+                raise ValueError(f"identity {identity!r} is not a positive integer")
+            return cls(
+                ip=ipaddress.IPv4Address(str(doc["ip"])),
+                identity=identity,
+                labels=str(doc["labels"]),
+                node=str(doc["node"]),
+                endpoint=str(doc.get("endpoint", "")),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ClusterRecordError(f"{key}: bad ipcache entry: {exc}") from None
+
+
+def policy_key(key: PolicyKey) -> str:
+    """`state/policies/v1/<kind>/<namespace or _>/<name>`, each part percent-quoted."""
+    kind, namespace, name = key
+    parts = (kind, "_" if namespace is None else f"ns:{namespace}", name)
+    return POLICIES_PREFIX + "/".join(quote(part, safe="") for part in parts)
+
+
+def parse_policy_key(key: str) -> PolicyKey:
+    parts = key.removeprefix(POLICIES_PREFIX).split("/")
+    if len(parts) != 3:
+        raise ClusterRecordError(f"{key}: not a policy key")
+    kind, namespace, name = (unquote(part) for part in parts)
+    return (kind, None if namespace == "_" else namespace.removeprefix("ns:"), name)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPolicy:
+    """A policy as stored: the text of the file it came from (which may hold others)."""
+
+    path: str
+    text: str
+
+    def encode(self) -> bytes:
+        return _dump({"path": self.path, "text": self.text})
+
+    @classmethod
+    def decode(cls, key: str, raw: bytes) -> StoredPolicy:
+        doc = _load(key, raw)
+        try:
+            return cls(path=str(doc["path"]), text=str(doc["text"]))
+        except KeyError as exc:
+            raise ClusterRecordError(f"{key}: bad policy record: missing {exc}") from None

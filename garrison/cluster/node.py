@@ -1,0 +1,244 @@
+"""One node's membership in the cluster: what it publishes, and what it learns from the others.
+
+`ClusterNode` publishes this node's record, heartbeat and endpoint addresses under its etcd
+session (bound to its lease), and follows the other nodes, the ipcache and the policies with
+three prefix watches. The watches' `Relisted` events (the first one, and one after a
+compaction) are diffed against what was known, so the `ClusterHandler` only ever hears about
+changes — the agent applies them to its maps incrementally, never by flushing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from garrison.cluster.keys import (
+    HEARTBEAT_PREFIX,
+    IP_PREFIX,
+    NODES_PREFIX,
+    POLICIES_PREFIX,
+    ClusterRecordError,
+    IPEntry,
+    NodeRecord,
+    StoredPolicy,
+    parse_policy_key,
+    policy_key,
+)
+from garrison.kvstore.base import KeyDeleted, KeyPut, KVStoreError, Relisted, WatchEvent
+from garrison.kvstore.etcd import EtcdKVStore, EtcdSession, EtcdWatch
+from garrison.policies.repository import PolicyKey
+
+log = logging.getLogger("garrison.cluster")
+
+DEFAULT_HEARTBEAT_S = 5.0
+
+
+class ClusterHandler(Protocol):
+    """What the agent does with news from the cluster (called from watch threads)."""
+
+    def remote_endpoints_changed(
+        self, upserts: list[IPEntry], gone: list[ipaddress.IPv4Address]
+    ) -> None: ...
+
+    def nodes_changed(self, upserts: list[NodeRecord], gone: list[str]) -> None: ...
+
+    def policies_changed(
+        self, upserts: dict[PolicyKey, StoredPolicy], gone: list[PolicyKey]
+    ) -> None: ...
+
+
+def _diff(view: dict[str, bytes], event: WatchEvent) -> tuple[dict[str, bytes], list[str]]:
+    """Apply `event` to `view`; the keys it set (key → value) and the keys it removed."""
+    if isinstance(event, Relisted):
+        gone = [key for key in view if key not in event.items]
+        upserts = {k: v for k, v in event.items.items() if view.get(k) != v}
+        view.clear()
+        view.update(event.items)
+        return upserts, gone
+    if isinstance(event, KeyPut):
+        if view.get(event.key) == event.value:
+            return {}, []
+        view[event.key] = event.value
+        return {event.key: event.value}, []
+    if isinstance(event, KeyDeleted) and view.pop(event.key, None) is not None:
+        return {}, [event.key]
+    return {}, []
+
+
+class ClusterNode:
+    def __init__(
+        self,
+        store: EtcdKVStore,
+        session: EtcdSession,
+        me: NodeRecord,
+        handler: ClusterHandler,
+        *,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.session = session
+        self.me = me
+        self._handler = handler
+        self._heartbeat_s = heartbeat_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._views: dict[str, dict[str, bytes]] = {
+            NODES_PREFIX: {},
+            IP_PREFIX: {},
+            POLICIES_PREFIX: {},
+            HEARTBEAT_PREFIX: {},
+        }
+        self._watches: list[EtcdWatch] = []
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        # When each watch last delivered (monotonic), and how many changes it applied.
+        self.applied: dict[str, int] = dict.fromkeys(self._views, 0)
+        self.errors: list[str] = []
+
+    # Publishing ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.session.put(self.me.key, self.me.encode())
+        self._heartbeat()
+        for prefix in self._views:
+            self._watches.append(
+                self.store.watch(prefix, self._on_event(prefix), name=f"watch-{prefix}")
+            )
+        self._beat = threading.Thread(target=self._beat_loop, name="cluster-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        self.session.put(HEARTBEAT_PREFIX + self.me.name, f"{self._clock():.3f}".encode())
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            self._heartbeat()
+
+    def publish_endpoint(self, entry: IPEntry) -> None:
+        """Bound to this node's lease; retried by the session while etcd is away."""
+        self.session.put(entry.key, entry.encode())
+
+    def withdraw_endpoint(self, ip: ipaddress.IPv4Address) -> None:
+        self.session.delete(IP_PREFIX + str(ip))
+
+    def published_endpoints(self) -> dict[str, bytes]:
+        return {k: v for k, v in self.session.keys().items() if k.startswith(IP_PREFIX)}
+
+    def publish_policy(self, key: PolicyKey, stored: StoredPolicy) -> None:
+        """Stored for the whole cluster (no lease). Raises `KVStoreError` when etcd is away:
+        an import must not look done on one node only."""
+        self.store.put(policy_key(key), stored.encode())
+
+    def delete_policy(self, key: PolicyKey) -> None:
+        self.store.delete(policy_key(key))
+
+    # Following -----------------------------------------------------------------------------
+
+    def _on_event(self, prefix: str) -> Callable[[WatchEvent], None]:
+        def handle(event: WatchEvent) -> None:
+            with self._lock:
+                upserts, gone = _diff(self._views[prefix], event)
+            if not upserts and not gone:
+                return
+            self.applied[prefix] += len(upserts) + len(gone)
+            try:
+                self._dispatch(prefix, upserts, gone)
+            except (ClusterRecordError, KVStoreError) as exc:
+                log.error("cluster: %s", exc)
+                self.errors = [*self.errors[-9:], str(exc)]
+
+        return handle
+
+    def _dispatch(self, prefix: str, upserts: Mapping[str, bytes], gone: list[str]) -> None:
+        if prefix == IP_PREFIX:
+            entries = []
+            for key, raw in upserts.items():
+                entry = IPEntry.decode(key, raw)
+                if entry.node != self.me.name:
+                    entries.append(entry)
+            removed = [ipaddress.IPv4Address(key.removeprefix(IP_PREFIX)) for key in gone]
+            if entries or removed:
+                self._handler.remote_endpoints_changed(entries, removed)
+        elif prefix == NODES_PREFIX:
+            nodes = [NodeRecord.decode(key, raw) for key, raw in upserts.items()]
+            others = [n for n in nodes if n.name != self.me.name]
+            names = [key.removeprefix(NODES_PREFIX) for key in gone]
+            self._handler.nodes_changed(others, [n for n in names if n != self.me.name])
+        elif prefix == POLICIES_PREFIX:
+            policies = {
+                parse_policy_key(key): StoredPolicy.decode(key, raw) for key, raw in upserts.items()
+            }
+            self._handler.policies_changed(policies, [parse_policy_key(key) for key in gone])
+
+    # Views ---------------------------------------------------------------------------------
+
+    def nodes(self) -> dict[str, NodeRecord]:
+        with self._lock:
+            view = dict(self._views[NODES_PREFIX])
+        return {
+            key.removeprefix(NODES_PREFIX): NodeRecord.decode(key, raw) for key, raw in view.items()
+        }
+
+    def heartbeats(self) -> dict[str, float]:
+        with self._lock:
+            view = dict(self._views[HEARTBEAT_PREFIX])
+        out = {}
+        for key, raw in view.items():
+            try:
+                out[key.removeprefix(HEARTBEAT_PREFIX)] = float(raw)
+            except ValueError:
+                continue
+        return out
+
+    def status(self) -> dict[str, object]:
+        now = self._clock()
+        beats = self.heartbeats()
+        session = self.session
+        watches = {
+            w.prefix: {
+                "connected": w.connected,
+                "next_revision": w.next_revision,
+                "relists": w.relists,
+                "reconnects": w.reconnects,
+                **({"error": w.last_error} if w.last_error else {}),
+            }
+            for w in self._watches
+        }
+        return {
+            "node": self.me.name,
+            "endpoints": list(self.store.endpoints),
+            "connected": session.connected and all(w.connected for w in self._watches),
+            "lease": f"{session.lease:x}" if session.lease is not None else None,
+            "lease_ttl_s": session.ttl_s,
+            **({"error": session.last_error} if session.last_error else {}),
+            "revision": max((w.next_revision or 1) - 1 for w in self._watches)
+            if self._watches
+            else 0,
+            "watches": watches,
+            "nodes": {
+                name: {
+                    "ip": str(node.ip),
+                    "pod_cidr": str(node.pod_cidr),
+                    "heartbeat_age_s": round(now - beats[name], 1) if name in beats else None,
+                    "healthy": name in beats and now - beats[name] < 3 * self._heartbeat_s,
+                }
+                for name, node in sorted(self.nodes().items())
+            },
+            "errors": list(self.errors),
+        }
+
+    def close(self, *, leave: bool = False) -> None:
+        """Stop following. With `leave`, revoke the lease: this node's records vanish from
+        every other node now; without, they stay until the lease expires (a restart within
+        the TTL republishes them and nobody notices)."""
+        self._stop.set()
+        for watch in self._watches:
+            watch.close()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+        self.session.close(revoke=leave)

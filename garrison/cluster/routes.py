@@ -1,0 +1,97 @@
+"""Routes to other nodes' pod CIDRs through their node IPs (Cilium's auto-direct-node-routes).
+
+Only routes this object added are changed or removed: a route to the same CIDR that was there
+before (someone else's) is left alone, and reported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger("garrison.cluster")
+
+# The protocol number our routes carry (`ip route show proto 0xa7`): recognisable, and not one
+# of the well-known ones in /etc/iproute2/rt_protos.
+ROUTE_PROTO = 0xA7
+
+
+class RouteError(RuntimeError):
+    """A route to another node's pod CIDR could not be installed; the message says why."""
+
+
+class NodeRoutes:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._routes: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
+
+    def installed(self) -> dict[ipaddress.IPv4Network, ipaddress.IPv4Address]:
+        with self._lock:
+            return dict(self._routes)
+
+    def _foreign(self, ipr: IPRoute, cidr: ipaddress.IPv4Network) -> bool:
+        for route in ipr.get_routes(
+            family=2, dst=str(cidr.network_address), dst_len=cidr.prefixlen, table=254
+        ):
+            if route.get("proto") != ROUTE_PROTO:
+                return True
+        return False
+
+    def set(self, cidr: ipaddress.IPv4Network, via: ipaddress.IPv4Address) -> None:
+        with self._lock, IPRoute() as ipr:
+            if self._routes.get(cidr) == via:
+                return
+            if cidr not in self._routes and self._foreign(ipr, cidr):
+                raise RouteError(
+                    f"a route to {cidr} that garrison did not add exists; remove it or give the"
+                    " node another --pod-cidr"
+                )
+            try:
+                ipr.route("replace", dst=str(cidr), gateway=str(via), proto=ROUTE_PROTO, table=254)
+            except NetlinkError as exc:
+                raise RouteError(
+                    f"cannot route {cidr} via {via}: {exc.args[-1] if exc.args else exc};"
+                    f" is {via} on a directly connected network?"
+                ) from None
+            self._routes[cidr] = via
+
+    def remove(self, cidr: ipaddress.IPv4Network) -> None:
+        with self._lock:
+            via = self._routes.pop(cidr, None)
+            if via is None:
+                return
+            with IPRoute() as ipr:
+                try:
+                    ipr.route("del", dst=str(cidr), gateway=str(via), proto=ROUTE_PROTO, table=254)
+                except NetlinkError as exc:
+                    log.warning("route to %s via %s already gone: %s", cidr, via, exc)
+
+    def close(self) -> None:
+        for cidr in list(self.installed()):
+            self.remove(cidr)
+
+
+def source_address_towards(host: str) -> ipaddress.IPv4Address:
+    """The address this node sends from towards `host` (its node IP when none is given)."""
+    try:
+        target = ipaddress.IPv4Address(host.strip("[]"))
+    except ValueError:
+        raise RouteError(f"give --node-ip: etcd endpoint {host!r} is not an IPv4 address") from None
+    if target.is_loopback:
+        raise RouteError(
+            f"give --node-ip: etcd is on loopback ({target}), so its route names no node address"
+        )
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=str(target))
+        except NetlinkError as exc:
+            raise RouteError(f"give --node-ip: no route to etcd at {target}: {exc}") from None
+    for route in routes:
+        src = route.get("RTA_PREFSRC") or route.get_attr("RTA_PREFSRC")
+        if src:
+            return ipaddress.IPv4Address(src)
+    raise RouteError(f"give --node-ip: the route to etcd at {target} names no source address")
