@@ -23,12 +23,15 @@ Per client stream, on its request headers:
   response (gRPC: at the end of the call, status from the trailers or the trailers-only
   answer; HTTP: at the response headers), each with its latency from the request.
 - Denied: gRPC-content-type requests get the trailers-only PERMISSION_DENIED answer, others
-  `403 Access denied` (to a HEAD: the header block alone, with END_STREAM); a request body
-  still open at the end of the read that carried the headers is cut with RST_STREAM(NO_ERROR)
-  after the answer (RFC 9113 §8.1; grpcio sends a unary call's HEADERS and DATA together, so
-  its denied calls need no reset). Nothing reaches the upstream; records DROPPED, naming the
-  policy rules whose L7 rules the request failed (`*_denied_by`, as the HTTP/1.1 engine
-  does). Sibling streams are untouched.
+  `403 Access denied` (to a HEAD: the header block alone, with END_STREAM). A denied call's
+  request body still open at the end of the read that carried the headers is cut with
+  RST_STREAM(NO_ERROR) after the answer (RFC 9113 §8.1; grpcio sends a unary call's HEADERS
+  and DATA together, so its denied calls need no reset). A plain HTTP request's body is
+  drained instead: its DATA is acknowledged (the client's windows stay open) and thrown away
+  until END_STREAM, up to `DENIED_BODY_LIMIT`, past which the stream is reset. 403 + DATA +
+  RST_STREAM(NO_ERROR) is legal, but curl 7.88 and httpx report the upload failed. Nothing
+  reaches the upstream; records DROPPED, naming the policy rules whose L7 rules the request
+  failed (`*_denied_by`, as the HTTP/1.1 engine does). Sibling streams are untouched.
 - Audit mode (`context.audit`): everything is forwarded; what would have been denied is
   logged AUDIT (with `*_denied_by` and POLICY_DENIED as the reason it would have had).
 
@@ -275,6 +278,9 @@ class _Call:
 
 # The client's first bytes: the connection preface and at least one frame header.
 _PREFACE_AND_FRAME = len(H2_PREFACE) + 9
+# The most request body bytes of one denied (non-gRPC) stream drained for nothing before the
+# stream is reset: as much as the HTTP/1.1 proxy reads in a lingering close.
+DENIED_BODY_LIMIT = 64 * 1024 * 1024
 
 
 def _plain(headers: Iterable[Header]) -> list[Header]:
@@ -313,11 +319,13 @@ class H2Engine:
         self._calls: dict[int, _Call] = {}  # by client stream id
         self._by_upstream: dict[int, _Call] = {}
         self._waiting: deque[_Call] = deque()  # allowed, no upstream stream slot yet
-        # Denied streams whose request body is still open: reset at the end of the batch
+        # Denied gRPC calls whose request body is still open: reset at the end of the batch
         # unless the body ends in it (grpcio sends HEADERS and DATA together), or, when the
         # answer still waits for the client's window, once it is out.
         self._denied_open: dict[int, None] = {}
         self._deny_resets: set[int] = set()
+        # Denied plain HTTP requests whose body is being drained: bytes thrown away so far.
+        self._draining: dict[int, int] = {}
         self._closed = False
         self._client_bytes = 0
         self._now = 0.0
@@ -584,9 +592,15 @@ class H2Engine:
         if call is None or call.reset_when_drained is not None:
             # A denied stream's body, or a call the upstream has stopped reading: the body
             # goes nowhere.
-            self._client.acknowledge_received_data(ev.stream_id, ev.flow_controlled_length)
+            sid = ev.stream_id
+            self._client.acknowledge_received_data(sid, ev.flow_controlled_length)
             if ev.end_stream:
-                self._denied_body_ended(ev.stream_id)
+                self._denied_body_ended(sid)
+            elif sid in self._draining:
+                drained = self._draining[sid] = self._draining[sid] + ev.flow_controlled_length
+                if drained > DENIED_BODY_LIMIT:
+                    del self._draining[sid]
+                    self._denied_open[sid] = None  # enough: reset it after its answer
             return
         call.up.data(ev.data, ev.flow_controlled_length, ev.end_stream)
         if ev.end_stream:
@@ -779,12 +793,16 @@ class H2Engine:
                 client.send_headers(sid, headers)
                 client.send_data(sid, body, end_stream=True)
         if not ev.end_stream:
-            self._denied_open[sid] = None
+            if ev.is_grpc:
+                self._denied_open[sid] = None
+            else:
+                self._draining[sid] = 0
         self._flush(Inject, upstream=False)
         self._log_denied(ev, outcome, path, code)
 
     def _denied_body_ended(self, sid: int) -> None:
         self._denied_open.pop(sid, None)
+        self._draining.pop(sid, None)
         self._deny_resets.discard(sid)
 
     def _settle_denies(self) -> None:

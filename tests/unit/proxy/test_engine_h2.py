@@ -752,3 +752,51 @@ def test_denied_head_is_answered_with_headers_only() -> None:
     assert [(r.l7.http.method, r.l7.http.code) for r in p.records
             if r.l7 and r.l7.http and r.l7.type.value == "RESPONSE"] == [
         ("HEAD", 403), ("GET", 200)]
+
+
+def _denied_put(p: Pipe, size: int) -> int:
+    sid = p.client.send_request(
+        [(b":method", b"PUT"), (b":scheme", b"http"), (b":path", b"/v1/upload"),
+         (b":authority", b"d")],
+        end_stream=False,
+    )
+    p.pump()  # the 403 comes while the body is still open
+    sent = 0
+    while sent < size:  # the client's window only reopens as the engine acknowledges
+        piece = min(size - sent, 16384)
+        p.client.send_data(sid, b"u" * piece, end_stream=sent + piece == size)
+        sent += piece
+        p.pump()
+    return sid
+
+
+def test_denied_upload_is_drained_not_reset() -> None:
+    """403 + DATA + RST_STREAM(NO_ERROR) made curl 7.88 and httpx fail the upload. The body
+    is drained instead: acknowledged (windows reopen) and thrown away until END_STREAM."""
+    p = Pipe(http_rules(HTTPRule(method="GET")), rules="http", handler=None)
+    sid = _denied_put(p, 1_000_000)  # far beyond the initial 64 KiB window
+    response, body, ended = p.client_stream(sid)
+    assert isinstance(response, ResponseReceived) and response.status == 403
+    assert isinstance(body, DataReceived) and body.data == b"Access denied\r\n"
+    assert isinstance(ended, StreamEnded)
+    assert p.client_resets(sid) == []
+    writes = b"".join(c.data for c in p.writes(Side.CLIENT))
+    assert not [f for f in frames(writes) if f.type == "RstStream"]
+    assert p.writes(Side.UPSTREAM) == [] and p.closed is None
+    assert p.engine.buffered_bytes == 0 and not p.engine._draining
+
+
+def test_a_denied_upload_past_the_limit_is_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("garrison.proxy.engine_h2.DENIED_BODY_LIMIT", 100_000)
+    p = Pipe(http_rules(HTTPRule(method="GET")), rules="http", handler=None)
+    sid = p.client.send_request(
+        [(b":method", b"PUT"), (b":scheme", b"http"), (b":path", b"/v1/upload"),
+         (b":authority", b"d")],
+        end_stream=False,
+    )
+    p.pump()
+    for _ in range(10):
+        p.client.send_data(sid, b"u" * 16384)
+        p.pump()
+    assert p.client_resets(sid) == [0]  # NO_ERROR, after the complete answer
+    assert p.closed is None
