@@ -5,8 +5,8 @@ enforcement mode says for unselected endpoints, so its traffic is never unpolice
 from __future__ import annotations
 
 from garrison.identity.model import RESERVED
-from garrison.policies.resolve import PolicyResolver, ResolverConfig
 from garrison.policies.model import EnforcementMode
+from garrison.policies.resolve import PolicyResolver, ResolverConfig
 
 INIT = RESERVED["init"]
 
