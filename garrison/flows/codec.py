@@ -23,6 +23,7 @@ from garrison.flows.record import (
     MATCH_TYPE_BY_NUMBER,
     MATCH_TYPE_NUMBER,
     TCP_FLAG_BITS,
+    Aggregate,
     DropReasonDesc,
     Endpoint,
     EventType,
@@ -225,6 +226,8 @@ def record_to_dict(r: FlowRecord) -> dict[str, Any]:
         policies: tuple[Policy, ...] = getattr(r, key)
         if policies:
             out[key] = [_policy_to_dict(p) for p in policies]
+    if r.aggregate is not None:
+        out["aggregate"] = r.aggregate.to_dict()
     return out
 
 
@@ -411,6 +414,9 @@ def record_to_json(r: FlowRecord) -> str:
         policies: tuple[Policy, ...] = getattr(r, key)
         if policies:
             out.append(f',"{key}":[{_known(_POLICIES, policies, _policies_json)}]')
+    if r.aggregate is not None:
+        counts = ",".join(f'"{k}":{v}' for k, v in r.aggregate.to_dict().items())
+        out.append(f',"aggregate":{{{counts}}}')
     out.append("}")
     return "".join(out)
 
@@ -610,4 +616,15 @@ def _record_from_dict(data: Mapping[str, Any]) -> FlowRecord:
         summary=_str(data.get("Summary", ""), "Summary"),
         node_name=_str(data.get("node_name", ""), "node_name"),
         error=_str(data.get("error", ""), "error"),
+        aggregate=_aggregate_from(_obj(data, "aggregate")),
+    )
+
+
+def _aggregate_from(data: Mapping[str, Any] | None) -> Aggregate | None:
+    if data is None:
+        return None
+    return Aggregate(
+        ingress_flow_count=_int(data.get("ingress_flow_count", 0), "aggregate"),
+        egress_flow_count=_int(data.get("egress_flow_count", 0), "aggregate"),
+        unknown_direction_flow_count=_int(data.get("unknown_direction_flow_count", 0), "aggregate"),
     )

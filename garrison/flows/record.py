@@ -470,6 +470,43 @@ class Policy:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """Hubble's flow aggregation counters: one record that stands for this many flows (its
+    own included), by direction. The record's time is the first flow's."""
+
+    ingress_flow_count: int = 0
+    egress_flow_count: int = 0
+    unknown_direction_flow_count: int = 0
+
+    def __init__(
+        self,
+        ingress_flow_count: int = 0,
+        egress_flow_count: int = 0,
+        unknown_direction_flow_count: int = 0,
+    ) -> None:
+        # Written out, not generated: see "Initialisers" in garrison/native.py.
+        object.__setattr__(self, "ingress_flow_count", ingress_flow_count)
+        object.__setattr__(self, "egress_flow_count", egress_flow_count)
+        object.__setattr__(self, "unknown_direction_flow_count", unknown_direction_flow_count)
+
+    @classmethod
+    def of(cls, direction: TrafficDirection, count: int) -> Aggregate:
+        if direction is TrafficDirection.INGRESS:
+            return cls(ingress_flow_count=count)
+        if direction is TrafficDirection.EGRESS:
+            return cls(egress_flow_count=count)
+        return cls(unknown_direction_flow_count=count)
+
+    def to_dict(self) -> dict[str, int]:
+        counts = {
+            "ingress_flow_count": self.ingress_flow_count,
+            "egress_flow_count": self.egress_flow_count,
+            "unknown_direction_flow_count": self.unknown_direction_flow_count,
+        }
+        return {key: value for key, value in counts.items() if value}
+
+
 # ---------------------------------------------------------------------------------------------
 # The record
 
@@ -503,6 +540,7 @@ class FlowRecord:
     summary: str = ""
     node_name: str = ""
     error: str = ""
+    aggregate: Aggregate | None = None
 
     def __init__(
         self,
@@ -527,6 +565,7 @@ class FlowRecord:
         summary: str = "",
         node_name: str = "",
         error: str = "",
+        aggregate: Aggregate | None = None,
     ) -> None:
         # Written out, not generated: see "Initialisers" in garrison/native.py.
         object.__setattr__(self, "time", time)
@@ -549,6 +588,7 @@ class FlowRecord:
         object.__setattr__(self, "summary", summary)
         object.__setattr__(self, "node_name", node_name)
         object.__setattr__(self, "error", error)
+        object.__setattr__(self, "aggregate", aggregate)
 
     @property
     def protocol(self) -> str:

@@ -13,6 +13,7 @@ from garrison.flows.codec import format_time, parse_time, record_to_dict
 from garrison.flows.record import (
     GRPC,
     HTTP,
+    Aggregate,
     DropReasonDesc,
     Endpoint,
     EventType,
@@ -56,6 +57,7 @@ HUBBLE_KEYS = {
     "ingress_allowed_by",
     "egress_denied_by",
     "ingress_denied_by",
+    "aggregate",
 }
 GARRISON_KEYS = {"error"}
 
@@ -433,6 +435,7 @@ def records(draw: st.DrawFn) -> FlowRecord:
         summary=draw(_text),
         node_name=draw(_text),
         error=draw(_text),
+        aggregate=draw(st.none() | st.builds(Aggregate, _u32, _u32, _u32)),
     )
 
 
