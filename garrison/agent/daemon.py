@@ -33,7 +33,7 @@ from garrison.agent.endpoints import (
     EndpointRegistry,
 )
 from garrison.agent.kernel import KernelDatapath, Link
-from garrison.agent.policystore import ImportedPolicies
+from garrison.agent.policystore import ImportedPolicies, RevisionRecord
 from garrison.agent.runtime import pending_deletes
 from garrison.bpf.sync import LocalEndpoint
 from garrison.cluster.agent import AgentCluster
@@ -76,7 +76,9 @@ class Agent:
             self.kvstore, AllocatorConfig(node_name=config.node_name)
         )
         self.endpoints = EndpointRegistry(state / "endpoints.json", config.endpoint_pool)
-        self.repository = PolicyRepository()
+        # the revision counts on across restarts (audit lines and status name it)
+        self.revisions = RevisionRecord(state / "policy-revision")
+        self.repository = PolicyRepository(revision=self.revisions.load() + 1)
         # what `policy import` brought in survives a restart (or a crash)
         self.imported = ImportedPolicies(state / "policies.json")
         self.resolver = PolicyResolver(ResolverConfig(config.enforcement, config.audit))
@@ -360,6 +362,7 @@ class Agent:
             changed |= self.resolver.add_policy(policy)
         changed |= self._sync_cidrs(sync=False)
         self._sync(changed)
+        self.revisions.save(self.repository.revision)
         for listener in self.policy_listeners:
             listener()
 

@@ -87,3 +87,28 @@ class ImportedPolicies:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class RevisionRecord:
+    """The last policy revision, so a restarted agent counts on from it: a revision number
+    in an audit line or a flow record then names one policy state, across restarts too."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._saved = 0
+
+    def load(self) -> int:
+        try:
+            self._saved = int(self.path.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            self._saved = 0
+        return self._saved
+
+    def save(self, revision: int) -> None:
+        if revision == self._saved:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(f"{revision}\n")
+        os.replace(tmp, self.path)
+        self._saved = revision

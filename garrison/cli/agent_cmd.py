@@ -265,7 +265,8 @@ async def _serve(config: AgentConfig, verbose: bool) -> int:
                 loop.call_soon_threadsafe(server.update_policy, agent)
 
         agent.policy_listeners.append(policy_changed)
-        api = AgentAPIServer(config.socket_path, make_handlers(agent))
+        api = AgentAPIServer(config.socket_path, make_handlers(agent),
+                             revision=lambda: agent.revision)
         api.start()
         log.info("agent ready: API on %s, proxy %s, policy revision %d", config.socket_path,
                  proxy_status, agent.revision)

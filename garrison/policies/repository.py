@@ -26,9 +26,10 @@ Listener = Callable[[PolicyChange], None]
 
 
 class PolicyRepository:
-    def __init__(self) -> None:
+    def __init__(self, revision: int = 1) -> None:
+        """`revision`: where the count starts (an agent continues from its last one)."""
         self._policies: dict[PolicyKey, Policy] = {}
-        self._revision = 1
+        self._revision = revision
         self._listeners: list[Listener] = []
 
     @property

@@ -539,13 +539,14 @@ class NsAgent:
         self.netns = netns
         self.workdir = workdir
         self.pin_root = pin_root
+        self.socket = workdir / "agent.sock"
         self.extra: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def args(self) -> list[str]:
-        return ["--state-dir", str(self.workdir / "state"), "--socket",
-                str(self.workdir / "agent.sock"), "--bpffs-root", str(self.pin_root)]
+        return ["--state-dir", str(self.workdir / "state"), "--socket", str(self.socket),
+                "--bpffs-root", str(self.pin_root)]
 
     def start(self) -> None:
         self.starts += 1
@@ -559,7 +560,7 @@ class NsAgent:
         while True:
             assert self.proc.poll() is None, self.log()
             try:
-                with AgentClient(self.workdir / "agent.sock", timeout=5) as client:
+                with AgentClient(self.socket, timeout=5) as client:
                     client.call("Status")
                 return
             except AgentUnreachableError:
@@ -583,7 +584,7 @@ class NsAgent:
         )
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([GARRISON, *args, "--socket", str(self.workdir / "agent.sock")],
+        return subprocess.run([GARRISON, *args, "--socket", str(self.socket)],
                               capture_output=True, text=True, timeout=60)
 
     def log(self) -> str:
