@@ -97,3 +97,28 @@ def test_installed_command() -> None:
     assert (bad.returncode, bad.stdout) == (1, "")
     assert bad.stderr.splitlines()[-1] == "3 errors in 1 file; no policy was loaded"
     assert len(bad.stderr.splitlines()) == 4
+
+
+def test_json_output_of_valid_and_invalid_files(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    rc = main(["policy", "validate", "-o", "json", str(VALID)])
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert rc == 0 and err == ""
+    assert data["valid"] is True and data["errors"] == []
+    assert len(data["policies"]) == 3 and len(data["files"]) == 2
+    assert set(data["policies"][0]) == {"kind", "namespace", "name", "path", "rules"}
+    assert data["warnings"][0]["path"] == str(VALID / "backend.yml")
+
+    rc = main(["policy", "validate", "-o", "json", str(INVALID)])
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert rc == 1 and err == ""
+    assert data["valid"] is False and data["policies"] == []
+    assert [(e["line"], e["field"]) for e in data["errors"]] == [
+        (16, "spec.egress[0].toPorts[0].ports[0].port"),
+        (21, "spec.egress[0].toPorts[0].rules.http[0].path"),
+        (22, "spec.egress[1].toEntities[0]"),
+    ]
+    assert data["errors"][0]["path"] == str(INVALID)
