@@ -205,7 +205,7 @@ function drawMap(data) {
     who.textContent = clip(`${n.namespace || "(no namespace)"} · ${id}` +
       (n.pod_count > 1 ? ` · ${n.pod_count} endpoints` : ""), 40);
     const labels = svg("text", { x: 10, y: 62, class: "sub" });
-    labels.textContent = clip(n.labels.join(", "), 40);
+    labels.textContent = clip(n.labels.join(", "), 38);
     const title = svg("title");
     title.textContent = `${n.name}\n${n.labels.join("\n")}`;
     g.append(title, name, who, labels);
