@@ -27,6 +27,7 @@ lint: setup
 
 # Each benchmark also runs alone; the datapath one needs root (namespaces, BPF).
 bench: setup
+	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) bench/policy.py
 	$(PY) bench/parsers.py
 	$(PY) bench/proxy_http.py
@@ -34,6 +35,7 @@ bench: setup
 	$(PY) bench/proxy_kafka.py
 	$(PY) bench/datapath.py
 	$(PY) bench/observe.py
+	$(PY) bench/probe_h2codec.py
 
 clean:
 	-$(PY) scripts/compile.py --remove
