@@ -35,12 +35,23 @@ def _free_port() -> int:
 class EtcdServer:
     """One etcd member on 127.0.0.1; `url` is its client URL."""
 
-    def __init__(self, *, name: str = "ge-etcd", extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        name: str = "ge-etcd",
+        extra_args: tuple[str, ...] = (),
+        netns: str | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        """With `netns`, etcd runs in that network namespace (ours, made by the test) on
+        `host`, ports 2379/2380 (the namespace is private: nothing else listens there)."""
         self.name = name
+        self.netns = netns
+        self.host = host
         self.data_dir = Path(tempfile.mkdtemp(prefix="ge-etcd-"))
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.client_port = 2379 if netns else _free_port()
+        self.peer_port = 2380 if netns else _free_port()
+        self.url = f"http://{host}:{self.client_port}"
         self.peer_url = f"http://127.0.0.1:{self.peer_port}"
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
@@ -51,6 +62,7 @@ class EtcdServer:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
+                *self._enter(),
                 ETCD,
                 "--name",
                 self.name,
@@ -77,12 +89,13 @@ class EtcdServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
-                    pass
-            except OSError:
-                time.sleep(0.05)
-                continue
+            if self.netns is None:
+                try:
+                    with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
+                        pass
+                except OSError:
+                    time.sleep(0.05)
+                    continue
             if self._healthy():
                 return
             time.sleep(0.05)
@@ -93,12 +106,23 @@ class EtcdServer:
         if etcdctl is None:
             return True
         done = subprocess.run(
-            [etcdctl, "--endpoints", self.url, "--command-timeout=1s", "endpoint", "health"],
+            [
+                *self._enter(),
+                etcdctl,
+                "--endpoints",
+                self.url,
+                "--command-timeout=1s",
+                "endpoint",
+                "health",
+            ],
             capture_output=True,
             env={**os.environ, "ETCDCTL_API": "3"},
             check=False,
         )
         return done.returncode == 0
+
+    def _enter(self) -> list[str]:
+        return ["nsenter", f"--net=/run/netns/{self.netns}"] if self.netns else []
 
     def tail(self) -> str:
         try:

@@ -151,6 +151,9 @@ class ClusterNode:
             except (ClusterRecordError, KVStoreError) as exc:
                 log.error("cluster: %s", exc)
                 self.errors = [*self.errors[-9:], str(exc)]
+            except Exception as exc:  # a bug must not stop the watch: logged and shown
+                log.exception("cluster: applying %s failed", prefix)
+                self.errors = [*self.errors[-9:], f"applying {prefix}: {exc!r}"]
 
         return handle
 

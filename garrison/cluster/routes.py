@@ -34,10 +34,13 @@ class NodeRoutes:
             return dict(self._routes)
 
     def _foreign(self, ipr: IPRoute, cidr: ipaddress.IPv4Network) -> bool:
-        for route in ipr.get_routes(
-            family=2, dst=str(cidr.network_address), dst_len=cidr.prefixlen, table=254
-        ):
-            if route.get("proto") != ROUTE_PROTO:
+        # A dump, filtered here: get_routes(dst=...) would be a lookup, not a filter.
+        for route in ipr.get_routes(family=2, table=254):
+            if (
+                route.get("dst_len") == cidr.prefixlen
+                and route.get_attr("RTA_DST") == str(cidr.network_address)
+                and route.get("proto") != ROUTE_PROTO
+            ):
                 return True
         return False
 

@@ -1,0 +1,245 @@
+"""Two nodes on one etcd: cross-node L3/L4 enforcement by identity learnt through etcd.
+
+    netns ge-ul-<pid>:  bridge, etcd on 198.19.0.250:2379
+        │ 198.19.0.0/24 underlay
+    netns ge-n1-<pid> (198.19.0.201): garrison agent, pod CIDR 198.18.201.0/24
+        endpoints ge-a (app=a, 198.18.201.10), ge-c (app=c, 198.18.201.11)
+    netns ge-n2-<pid> (198.19.0.202): garrison agent, pod CIDR 198.18.202.0/24
+        endpoint  ge-b (app=b, 198.18.202.10), echo servers on 7000 and 7001
+
+The policy (imported on node 1 only) lets app=a reach app=b on TCP 7000. Node 2 decides by
+the source's identity, which it only knows from etcd: a reaches 7000, not 7001; c (same node,
+same kind of address as a) reaches nothing.
+
+Every namespace here is made by this module and deleted by it, also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from garrison.redirect import remove_pin_dir
+from garrison.redirect.bpffs import BPFFS_MOUNT
+from tests.etcd_server import EtcdServer, etcd_skip_reason
+from tests.privileged.agent_harness import AgentEndpoint, NsAgent, echo_servers, ip, roundtrip
+
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.skipif(etcd_skip_reason() is not None, reason=str(etcd_skip_reason())),
+    pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter (util-linux)"),
+]
+
+PID = os.getpid()
+UNDERLAY = f"ge-ul-{PID}"
+ETCD_IP = "198.19.0.250"
+POLICY = """\
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata:
+      name: ge-b-from-a
+    spec:
+      endpointSelector:
+        matchLabels:
+          app: ge-b
+      ingress:
+      - fromEndpoints:
+        - matchLabels:
+            app: ge-a
+        toPorts:
+        - ports:
+          - port: "7000"
+            protocol: TCP
+"""
+
+
+@dataclass
+class Node:
+    name: str
+    netns: str
+    ip: str
+    pod_cidr: str
+    agent: NsAgent
+
+    def api(self, method: str, **params: Any) -> dict[str, Any]:
+        from garrison.agent.api import AgentClient
+
+        with AgentClient(self.agent.workdir / "agent.sock", timeout=30) as client:
+            return client.call(method, **params)
+
+    def cli_json(self, *args: str) -> Any:
+        done = self.agent.cli(*args, "-o", "json")
+        assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}\n{self.agent.log()}"
+        return json.loads(done.stdout)
+
+    def ipcache(self) -> dict[str, int]:
+        entries = self.api("BpfIpcacheList")["entries"]
+        return {e["prefix"]: int(e["identity"]) for e in entries}
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _netns_add(name: str, made: list[str]) -> None:
+    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    made.append(name)
+    ip(name, "link", "set", "lo", "up")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
+    made: list[str] = []
+    nodes: dict[str, Node] = {}
+    etcd: EtcdServer | None = None
+    pins: list[Path] = []
+    try:
+        _netns_add(UNDERLAY, made)
+        ip(UNDERLAY, "link", "add", "ge-br", "type", "bridge")
+        ip(UNDERLAY, "addr", "add", f"{ETCD_IP}/24", "dev", "ge-br")
+        ip(UNDERLAY, "link", "set", "ge-br", "up")
+        etcd = EtcdServer(name="ge-cluster", netns=UNDERLAY, host=ETCD_IP)
+        etcd.start()
+        for n in (1, 2):
+            netns = f"ge-n{n}-{PID}"
+            _netns_add(netns, made)
+            node_ip = f"198.19.0.{200 + n}"
+            # the node's leg on the underlay: ge-u<n> in the node, its peer on the bridge
+            ip(netns, "link", "add", f"ge-u{n}", "type", "veth", "peer", "name", f"ge-p{n}",
+               "netns", UNDERLAY)
+            ip(netns, "addr", "add", f"{node_ip}/24", "dev", f"ge-u{n}")
+            ip(netns, "link", "set", f"ge-u{n}", "up")
+            ip(UNDERLAY, "link", "set", f"ge-p{n}", "master", "ge-br", "up")
+            subprocess.run(
+                ["ip", "netns", "exec", netns, "sysctl", "-qw",
+                 "net.ipv4.ip_forward=1", f"net.ipv4.conf.ge-u{n}.forwarding=1"],
+                check=True,
+            )
+            pin = BPFFS_MOUNT / f"ge-cluster-{n}-{PID}"
+            pins.append(pin)
+            workdir = tmp_path_factory.mktemp(f"ge-n{n}")
+            agent = NsAgent(netns, workdir, pin)
+            agent.extra = [
+                "--kvstore", "etcd", "--kvstore-endpoints", etcd.url,
+                "--node-name", f"ge-n{n}", "--pod-cidr", f"198.18.{200 + n}.0/24",
+                "--node-ip", node_ip,
+            ]
+            node = Node(f"ge-n{n}", netns, node_ip, f"198.18.{200 + n}.0/24", agent)
+            nodes[node.name] = node
+            agent.start()
+        yield nodes
+    finally:
+        for node in nodes.values():
+            if node.agent.proc is not None and node.agent.proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    for ep in node.api("EndpointList")["endpoints"]:
+                        node.api("EndpointDelete", name=ep["name"])
+                node.agent.stop()
+            node.agent.cleanup()
+        for pin in pins:
+            if pin.exists():
+                remove_pin_dir(pin)
+        if etcd is not None:
+            etcd.close()
+        for name in reversed(made):  # ours: made above
+            with contextlib.suppress(subprocess.CalledProcessError):
+                subprocess.run(["ip", "netns", "delete", name], check=True)
+        for ep in ("ge-a", "ge-b", "ge-c"):
+            # endpoint namespaces the agents made and did not remove (a failed test)
+            if Path(f"/run/netns/{ep}").exists():
+                subprocess.run(["ip", "netns", "delete", ep], check=False)
+
+
+def add_endpoint(node: Node, name: str, labels: str, ip_: str) -> AgentEndpoint:
+    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
+    data = node.cli_json("endpoint", "add", name, "--labels", labels, "--ip", ip_)
+    return AgentEndpoint(name, ip_, tuple(data["labels"]), int(data["identity"]),
+                         str(data["host_veth"]))
+
+
+def test_cross_node_l3_l4_by_identity_learnt_through_etcd(cluster: dict[str, Node]) -> None:
+    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
+    a = add_endpoint(n1, "ge-a", "app=ge-a", "198.18.201.10")
+    c = add_endpoint(n1, "ge-c", "app=ge-c", "198.18.201.11")
+    b = add_endpoint(n2, "ge-b", "app=ge-b", "198.18.202.10")
+    assert len({a.identity, b.identity, c.identity}) == 3
+
+    policy = n1.agent.workdir / "ge-b-from-a.yaml"
+    policy.write_text(textwrap.dedent(POLICY))
+    done = n1.agent.cli("policy", "import", str(policy))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    # Node 2 learns a's and c's identities (and the policy) from etcd alone.
+    wait_for(
+        lambda: n2.ipcache().get(f"{a.ip}/32") == a.identity
+        and n2.ipcache().get(f"{c.ip}/32") == c.identity,
+        10.0,
+        "node 2's ipcache to hold node 1's endpoints",
+    )
+    wait_for(lambda: n2.api("Status")["policies"] >= 1, 10.0, "the policy to reach node 2")
+    assert n1.ipcache().get(f"{b.ip}/32") == b.identity
+    status = n2.api("Status")["cluster"]
+    assert status["connected"] is True
+    assert set(status["nodes"]) == {"ge-n1", "ge-n2"}
+    assert status["routes"] == {n1.pod_cidr: n1.ip}, json.dumps(status)
+
+    with echo_servers(b, 7000, 7001):
+        allowed = a.connect(b.ip, 7000)
+        assert allowed is not None, n2.agent.log()[-3000:]
+        with allowed:
+            assert roundtrip(allowed)
+        assert a.connect(b.ip, 7001, timeout=1.5) is None  # port not allowed
+        assert c.connect(b.ip, 7000, timeout=1.5) is None  # identity not allowed
+    drops = [
+        f for f in n2.api("Flows", filter={}, limit=1000)["flows"]
+        if '"DROPPED"' in f and c.ip in f
+    ]
+    assert drops, "node 2 records its drop of c's connection"
+
+
+def test_endpoint_removed_on_one_node_leaves_the_others_ipcache(
+    cluster: dict[str, Node],
+) -> None:
+    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
+    d = add_endpoint(n1, "ge-d", "app=ge-d", "198.18.201.12")
+    wait_for(lambda: f"{d.ip}/32" in n2.ipcache(), 10.0, "d to reach node 2's ipcache")
+    n1.api("EndpointDelete", name="ge-d")
+    wait_for(lambda: f"{d.ip}/32" not in n2.ipcache(), 10.0, "d to leave node 2's ipcache")
+
+
+def test_a_stopped_agent_keeps_enforcing_and_catches_up(cluster: dict[str, Node]) -> None:
+    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
+    a = AgentEndpoint("ge-a", "198.18.201.10", (), 0, "")
+    b = AgentEndpoint("ge-b", "198.18.202.10", (), 0, "")
+    c = AgentEndpoint("ge-c", "198.18.201.11", (), 0, "")
+    n2.agent.stop(signal.SIGKILL)
+    try:
+        with echo_servers(b, 7000):
+            sock = a.connect(b.ip, 7000)
+            assert sock is not None
+            sock.close()
+            assert c.connect(b.ip, 7000, timeout=1.5) is None
+    finally:
+        n2.agent.start()
+    # Restarted, it follows the cluster again: a new endpoint on node 1 reaches it.
+    e = add_endpoint(n1, "ge-e", "app=ge-e", "198.18.201.13")
+    wait_for(lambda: f"{e.ip}/32" in n2.ipcache(), 15.0, "node 2 to catch up")
+    n1.api("EndpointDelete", name="ge-e")
