@@ -90,6 +90,11 @@ def _decode(line: bytes, where: Callable[[], str], stats: ReadStats) -> dict[str
     if not isinstance(d, dict):
         stats.bad_line(where(), "not a JSON object")
         return None
+    # every flow record has both (Hubble's too): without them it is some other JSON
+    missing = [k for k in ("time", "verdict") if not isinstance(d.get(k), str)]
+    if missing:
+        stats.bad_line(where(), f"a JSON object without {' and '.join(map(repr, missing))}")
+        return None
     return d
 
 

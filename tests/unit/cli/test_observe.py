@@ -238,3 +238,21 @@ def test_follow_picks_up_appends_and_rotation(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_json_that_is_no_flow_record_is_an_error_per_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Some other JSON (a config file, a log of another tool) is not shown as an UNKNOWN
+    record with exit 0: each line is named with its reason, and the exit is 1."""
+    path = tmp_path / "other.log"
+    good = DEMO.read_text().splitlines()[0]
+    path.write_text('{"level": "info", "msg": "hello"}\n' + good + '\n{"time": "x"}\n')
+    rc, out, err = run(capsys, "observe", "--input-file", str(path))
+    assert rc == 1
+    assert "UNKNOWN" not in out and len(out.splitlines()) == 1  # the one real record
+    assert err.splitlines() == [
+        f"garrison: {path}:1: not a flow record (a JSON object without 'time' and "
+        "'verdict'); skipped",
+        f"garrison: {path}:3: not a flow record (a JSON object without 'verdict'); skipped",
+    ]
