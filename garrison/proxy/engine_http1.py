@@ -29,7 +29,9 @@ may never come); its body is larger than `DISCARD_LIMIT` (Content-Length at once
 body as soon as that much was read for nothing). Then the answer says `Connection: close`,
 and the close lingers (`Close(linger=True)`): the server half-closes after the answer and
 reads and throws away what the client still sends, so a client that sends its whole body
-before reading (urllib, http.client, Node) reads the 403 instead of a reset. Every close is
+before reading (urllib, http.client, Node) reads the 403 instead of a reset. Every close
+after an answer the client may not have read yet (a parse error's, a 502/503/504, a response
+that closes) lingers the same way. Every close is
 announced: a chunked body's answer waits until the body ended (keep-alive) or grew past
 `DISCARD_LIMIT` (close), since only then is it known which the answer must say.
 
@@ -476,7 +478,7 @@ class HTTPEngine:
             self._queue.clear()
             self._closed = True
             out.append(Inject(_CLIENT, http1_error_response(status)))
-            out.append(Close(_BOTH, f"parse error: {exc.message}", error=True))
+            out.append(Close(_BOTH, f"parse error: {exc.message}", error=True, linger=True))
             return
         # Earlier requests still wait for upstream: answer after them, then close.
         marker = _ErrorExchange(http1_error_response(status))
@@ -553,7 +555,8 @@ class HTTPEngine:
                 if not event.keep_alive or ex.close_after:  # type: ignore[union-attr]
                     self._upstream_ok = False
                     self._closed = True
-                    out.append(Close(_BOTH, "connection closes after this response"))
+                    out.append(Close(_BOTH, "connection closes after this response",
+                                     linger=True))
                     return
                 self._flush(out, now)
             if self._closed:
@@ -591,7 +594,7 @@ class HTTPEngine:
             out.append(Inject(_CLIENT, ex.answer))
             if isinstance(ex, _ErrorExchange):
                 self._closed = True
-                out.append(Close(_BOTH, "parse error", error=True))
+                out.append(Close(_BOTH, "parse error", error=True, linger=True))
                 return
             out.append(Log.later(self._response_record, ex, now, 403, ex.version, ()))
             if ex.close_after:
@@ -630,7 +633,7 @@ class HTTPEngine:
             out.append(Inject(_CLIENT, http1_error_response(answer, head=head)))
         queue.clear()
         self._closed = True
-        out.append(Close(_BOTH, reason, error=True))
+        out.append(Close(_BOTH, reason, error=True, linger=answer is not None))
 
     def timeout(self, waiting: str, now: float) -> Sequence[Command]:
         """The server's timer for `waiting` (a `Waiting` value) ran out."""

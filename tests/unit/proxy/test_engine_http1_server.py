@@ -451,3 +451,15 @@ async def test_a_lingering_close_is_bounded(upstream: Upstream) -> None:
             await asyncio.sleep(0.01)
     assert not server.lingering
     await server.close()
+
+
+@in_loop
+async def test_an_error_answer_is_read_not_reset(upstream: Upstream) -> None:
+    """A request the parser refuses, with more bytes behind it: the 400 reaches the client."""
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING))
+    head = b"POST /v1/request-landing HTTP/1.1\r\nHost: d\r\nbad header\r\n\r\n"
+    answer = await asyncio.to_thread(_send_all_then_read, address, head, b"x" * (2 << 20))
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"\r\nConnection: close\r\n" in answer
+    assert upstream.requests == 0
+    await server.close()
