@@ -28,7 +28,8 @@ class _FilterAction(argparse.Action):
     ) -> None:
         filters = list(getattr(namespace, _FILTERS, None) or [])
         negated = bool(getattr(namespace, _PENDING, False))
-        filters.append((self.metavar_name, str(values), negated))
+        value = "true" if self.nargs == 0 else str(values)
+        filters.append((self.metavar_name, value, negated))
         setattr(namespace, _FILTERS, filters)
         setattr(namespace, _PENDING, False)
 
@@ -68,20 +69,29 @@ class _BoundAction(argparse.Action):
 def add_filter_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "filters",
-        "Flags AND together; a repeated flag ORs its values; --not negates the next flag. "
-        "--from-* is the record's source, --to-* its destination, the plain flag either side.",
+        "As hubble observe: flags AND together, a repeated flag ORs its values. A flag without "
+        "a direction (--pod, --namespace, --label, --ip, --port, --identity) selects flows "
+        "from it or to it, the other flags applying to the same side. --not moves the next "
+        "flag to one exclusion filter: a flow is hidden when it matches all the --not flags. "
+        "A bare pod NAME is default/NAME; NS/ is every pod of NS.",
     )
     group.add_argument("--not", action=_NotAction, nargs=0, dest=_PENDING, default=False,
                        help="negate the filter flag that follows")
     for name, spec in FLAGS.items():
         flags = [f"--{name}"]
-        if name == "type":
-            flags.insert(0, "-t")
-        group.add_argument(*flags, action=_FilterAction, dest="filter_" + name.replace("-", "_"),
-                           metavar=spec.metavar, help=spec.help)
+        if spec.short:
+            flags.insert(0, f"-{spec.short}")
+        dest = "filter_" + name.replace("-", "_")
+        if spec.takes_value:
+            group.add_argument(*flags, action=_FilterAction, dest=dest, metavar=spec.metavar,
+                               help=spec.help)
+        else:
+            group.add_argument(*flags, action=_FilterAction, dest=dest, nargs=0,
+                               help=spec.help)
     group.add_argument("--since", action=_BoundAction, metavar="TIME",
                        help="records at or after TIME: a duration back from now (5m, 1h30m), "
-                       "an RFC 3339 time or 'YYYY-MM-DD[ HH:MM[:SS]]' (UTC)")
+                       "an RFC 3339 time (also 2026-12-05T11:59Z), an RFC 1123 time, or "
+                       "'YYYY-MM-DD[ HH:MM[:SS]]' (UTC)")
     group.add_argument("--until", action=_BoundAction, metavar="TIME",
                        help="records at or before TIME (same forms as --since)")
     group.add_argument("--first", type=_count, metavar="N", help="the first N matching records")

@@ -52,9 +52,10 @@ CASES: list[tuple[FlowQuery, set[str]]] = [
      L7_DROPPED | {"proxy_parse_error"}),
     (query(("protocol", "kafka")), KAFKA),
     (query(("protocol", "grpc")), {"grpc_request_allowed", "grpc_response_denied"}),
-    # a gRPC record has an http part too; --protocol http means plain HTTP
+    # Hubble: --protocol http is any record with an HTTP part, gRPC calls included
     (query(("protocol", "http")), {"http_request_denied", "http_request_allowed",
-                                   "http_response_allowed"}),
+                                   "http_response_allowed", "grpc_request_allowed",
+                                   "grpc_response_denied"}),
     (query(("protocol", "udp")), {"l3_verdict_denied_egress"}),
     (query(("type", "drop")), {"l3_drop_denied", "l3_drop_deny_rule"}),
     (query(("type", "policy-verdict")), {"l3_verdict_allowed", "l3_verdict_denied_egress"}),
@@ -69,7 +70,10 @@ CASES: list[tuple[FlowQuery, set[str]]] = [
     (query(("from-namespace", "kafka")), {"kafka_response_denied"}),
     (query(("pod", "default/door")), {"grpc_request_allowed", "grpc_response_denied"}),
     (query(("pod", "kafka/door")), set()),
-    (query(("pod", "kafka-")), KAFKA),
+    # a bare pod name is in `default` (Hubble); NS/ is the whole namespace
+    (query(("pod", "kafka-")), set()),
+    (query(("pod", "kafka/kafka-")), KAFKA),
+    (query(("pod", "kafka/")), KAFKA),
     (query(("identity", "2")), {"l3_verdict_denied_egress"}),
     (query(("to-identity", "world")), {"l3_verdict_denied_egress"}),
     (query(("from-identity", "world")), set()),
@@ -81,7 +85,7 @@ CASES: list[tuple[FlowQuery, set[str]]] = [
     (query(("label", "class in (xwing, deathstar)"), ("type", "drop")),
      {"l3_drop_denied", "l3_drop_deny_rule"}),
     (query(("from-label", "class notin (xwing,tiefighter)"), ("protocol", "http")),
-     {"http_response_allowed"}),
+     {"http_response_allowed", "grpc_response_denied"}),
     (query(("from-label", "org=alliance,!app"), ("type", "drop")),
      {"l3_drop_denied", "l3_drop_deny_rule"}),
     (query(("from-label", "class!=xwing"), ("to-label", "org==empire"), ("type", "drop")),
@@ -89,7 +93,8 @@ CASES: list[tuple[FlowQuery, set[str]]] = [
     # several selectors: either
     (query(("label", "app=door-manager"), ("label", "reserved:world")),
      {"grpc_request_allowed", "grpc_response_denied", "l3_verdict_denied_egress"}),
-    (query(("label", "k8s:app"), ("protocol", "http")), set()),
+    (query(("label", "k8s:app"), ("protocol", "http")),
+     {"grpc_request_allowed", "grpc_response_denied"}),
     (query(("label", "reserved:app=kafka")), set()),
     (query(("from-ip", "198.18.0.0/15"), ("to-ip", "203.0.113.9")),
      {"l3_verdict_denied_egress"}),
@@ -114,13 +119,17 @@ CASES: list[tuple[FlowQuery, set[str]]] = [
     (query(("kafka-topic", "empire-announce")), {"kafka_request_many_topics"}),
     (query(("kafka-api-key", "fetch")), {"kafka_request_many_topics"}),
     (query(("kafka-api-key", "0")), {"kafka_request_denied", "kafka_response_denied"}),
-    # --not negates the flag that follows; negated values of one flag: neither
+    # --not moves the flag that follows to one exclusion filter; its values: any
     (query(("protocol", "kafka"), ("verdict", "DROPPED", True)),
      {"kafka_request_many_topics", "proxy_parse_error"}),
     (query(("protocol", "kafka"), ("verdict", "DROPPED", True), ("verdict", "ERROR", True)),
      {"kafka_request_many_topics"}),
+    # several --not flags: hidden only when all of them match (an L7 record of alliance)
     (query(("type", "l7", True), ("label", "org=alliance", True)),
-     {"l3_verdict_allowed", "l3_trace_to_endpoint"}),
+     {"http_request_denied", "http_request_allowed", "http_response_allowed",
+      "kafka_request_many_topics", "grpc_request_allowed", "l3_drop_denied",
+      "l3_drop_deny_rule", "l3_verdict_allowed", "l3_verdict_denied_egress",
+      "l3_trace_to_endpoint"}),
 ]  # fmt: skip
 
 
@@ -251,24 +260,26 @@ def test_mistyped_records_never_raise(garbage: dict[str, object]) -> None:
     ("flag", "value", "message"),
     [
         ("verdict", "MAYBE", "--verdict 'MAYBE': expected one of FORWARDED"),
-        ("type", "l9", "--type 'l9': expected one of drop, trace"),
-        ("type", "drop:x", "only trace takes a sub type"),
-        ("protocol", "dns", "--protocol 'dns'"),
+        ("type", "l9", "--type 'l9': not a type name (drop, debug"),
+        ("type", "drop:x", "--type 'drop:x': sub type 'x' is no number"),
+        ("type", "trace:typo", "nor an observation point (to-endpoint"),
+        ("protocol", "smtp", "--protocol 'smtp'"),
         ("traffic-direction", "sideways", "expected one of INGRESS, EGRESS"),
         ("label", "", "empty label selector"),
         ("label", "=v", "cannot read '=v'"),
         ("label", "k in (a", "unbalanced '('"),
-        ("label", "k in ()", "empty value list"),
+        ("label", "k > x", "'>' needs an integer"),
         ("from-ip", "300.1.1.1", "--from-ip '300.1.1.1': not an address or CIDR"),
-        ("to-port", "0", "--to-port '0': expected a port"),
+        ("to-port", "65536", "--to-port '65536': expected a port, 0-65535"),
         ("identity", "galaxy", "--identity 'galaxy': expected a number or a reserved"),
         ("http-path", "(", "--http-path '(': not a regular expression"),
         ("http-status", "600", "--http-status '600'"),
         ("http-status", "40", "--http-status '40'"),
+        ("http-status", "404+", "--http-status '404+'"),
         ("grpc-status", "NOPE", "--grpc-status 'NOPE'"),
         ("kafka-api-key", "brew", "--kafka-api-key 'brew'"),
         ("drop-reason-desc", "BAD", "--drop-reason-desc 'BAD'"),
-        ("pod", "ns/", "--pod 'ns/': empty pod name"),
+        ("pod", "", "--pod: empty pod name"),
     ],
 )
 def test_bad_values_name_the_flag_and_the_fix(flag: str, value: str, message: str) -> None:
@@ -299,7 +310,7 @@ def test_round_trip_through_the_api_form() -> None:
 def test_every_flag_has_help_and_both_directions() -> None:
     for noun in ("label", "identity", "ip", "port", "namespace", "pod"):
         assert {noun, f"from-{noun}", f"to-{noun}"} <= set(FLAGS)
-    assert all(spec.help and spec.metavar for spec in FLAGS.values())
+    assert all(spec.help and (spec.metavar or not spec.takes_value) for spec in FLAGS.values())
 
 
 def test_selector_grammar() -> None:
