@@ -75,8 +75,6 @@ _FWD, _DROP, _AUDIT, _ERROR, _OTHER, _VDENIED = range(6)
 _SLOT = {"FORWARDED": _FWD, "DROPPED": _DROP, "AUDIT": _AUDIT, "ERROR": _ERROR}
 # Rule slots: allowed, denied (L7), audited, L3/L4 denied by drop, by policy verdict, first, last
 _R_ALLOWED, _R_DENIED, _R_AUDITED, _R_DROP, _R_VERDICT, _R_FIRST, _R_LAST = range(7)
-_POLICY_KEYS = ("ingress_allowed_by", "egress_allowed_by", "ingress_denied_by",
-                "egress_denied_by")
 _L4_NAMES = ("TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6")
 _MAX_PODS = 50  # endpoint names kept per node (the count goes on)
 _MEMO = 4096
@@ -215,6 +213,7 @@ class ServiceMapBuilder:
         self._edges: dict[tuple[NodeKey, NodeKey], _Edge] = {}
         self._patterns: dict[str, str] = {}
         self._seen: dict[tuple[Any, Any, Any], NodeKey] = {}
+        self._l7memo: dict[tuple[Any, ...], list[tuple[str, str]]] = {}
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -224,15 +223,29 @@ class ServiceMapBuilder:
             return
         self.records += 1
         get = flow.get
-        t = _time(get("time"))
+        t = get("time")
+        if type(t) is not str or len(t) != 30 or t[29] != "Z" or t[19] != ".":
+            t = _time(t)
         if t is not None:
             if self.first is None or t < self.first:
                 self.first = t
             if self.last is None or t > self.last:
                 self.last = t
         reply = get("is_reply") is True
-        src, dst = self._node(get("source")), self._node(get("destination"))
+        # endpoints seen before are one dict lookup (the common case: few pods, many records)
+        seen = self._seen
+        ep: Any = get("source")
+        try:
+            src = seen[(ep.get("namespace"), ep.get("identity"), ep.get("pod_name"))]
+        except (KeyError, TypeError, AttributeError):
+            src = self._node(ep)
+        ep = get("destination")
+        try:
+            dst = seen[(ep.get("namespace"), ep.get("identity"), ep.get("pod_name"))]
+        except (KeyError, TypeError, AttributeError):
+            dst = self._node(ep)
         client, server = (dst, src) if reply else (src, dst)
+        edges = self._edges
         kind = get("Type")
         if kind is None:
             kind = "L7" if "l7" in flow else "L3_L4"
@@ -243,7 +256,7 @@ class ServiceMapBuilder:
             l7 = get("l7")
             if type(l7) is not dict and not isinstance(l7, Mapping):
                 return
-            edge = self._edge(client, server)
+            edge = edges.get((client, server)) or self._edge(client, server)
             for key in self._l7_keys(l7):
                 entry = edge.l7.get(key)
                 if entry is None:
@@ -268,7 +281,7 @@ class ServiceMapBuilder:
                     slot = _VDENIED
             else:
                 return
-            edge = self._edge(client, server)
+            edge = edges.get((client, server)) or self._edge(client, server)
             port = _l4_port(flow)
             counts = edge.ports.get(port)
             if counts is None:
@@ -279,20 +292,26 @@ class ServiceMapBuilder:
         edge.counts[slot] += 1
         if t is not None and (edge.last is None or t > edge.last):
             edge.last = t
-        for i, name in enumerate(_POLICY_KEYS):
-            refs = get(name)
-            if refs:
-                if i < 2:
-                    what = _R_ALLOWED
-                elif slot == _AUDIT:
-                    what = _R_AUDITED
-                elif event == 1:
-                    what = _R_DROP
-                elif event == 5:
-                    what = _R_VERDICT
-                else:
-                    what = _R_DENIED
-                _count_rules(edge.rules, refs, what, t)
+        refs = get("ingress_allowed_by")
+        if refs:
+            _count_rules(edge.rules, refs, _R_ALLOWED, t)
+        refs = get("egress_allowed_by")
+        if refs:
+            _count_rules(edge.rules, refs, _R_ALLOWED, t)
+        denied, egress_denied = get("ingress_denied_by"), get("egress_denied_by")
+        if denied or egress_denied:
+            if slot == _AUDIT:
+                what = _R_AUDITED
+            elif event == 1:
+                what = _R_DROP
+            elif event == 5:
+                what = _R_VERDICT
+            else:
+                what = _R_DENIED
+            if denied:
+                _count_rules(edge.rules, denied, what, t)
+            if egress_denied:
+                _count_rules(edge.rules, egress_denied, what, t)
 
     def _node(self, value: Any) -> NodeKey:
         ep = value if _is_obj(value) else {}
@@ -333,6 +352,22 @@ class ServiceMapBuilder:
         return edge
 
     def _l7_keys(self, l7: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The L7 entries a record counts in, remembered by the values they are made of."""
+        grpc, http = l7.get("grpc"), l7.get("http")
+        if grpc is None and type(http) is dict:
+            memo = ("http", http.get("method"), http.get("url"))
+            try:
+                keys = self._l7memo.get(memo)
+            except TypeError:
+                return self._make_l7_keys(l7)
+            if keys is None:
+                if len(self._l7memo) >= _MEMO:
+                    self._l7memo.clear()
+                keys = self._l7memo[memo] = self._make_l7_keys(l7)
+            return keys
+        return self._make_l7_keys(l7)
+
+    def _make_l7_keys(self, l7: Mapping[str, Any]) -> list[tuple[str, str]]:
         grpc = l7.get("grpc")
         if _is_obj(grpc):
             return [("grpc", f"{_text(grpc.get('service'))}/{_text(grpc.get('method'))}")]
