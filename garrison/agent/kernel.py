@@ -18,8 +18,9 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from garrison.bpf.abi import CTFlags
 from garrison.bpf.loader import Datapath, DatapathConfig
-from garrison.bpf.maps import DatapathEvent, EndpointConfig
+from garrison.bpf.maps import ConntrackEntry, DatapathEvent, EndpointConfig, monotonic_ns
 from garrison.bpf.policymap import PolicyDiff, endpoint_flags
 from garrison.bpf.sync import LocalEndpoint, PolicySync
 from garrison.policies.l7rules import L7Protocol
@@ -176,11 +177,11 @@ class KernelDatapath:
         ]
 
     def dump_ct(self) -> list[dict[str, object]]:
-        out = []
-        for entry in self.dp.maps.conntrack.entries():
-            row = _jsonable(_as_dict(entry))
-            out.append(row)
-        return out
+        """Typed rows, oldest expiry first: names for protocols and flags, seconds left."""
+        now = monotonic_ns()
+        rows = [ct_row(entry, now) for entry in self.dp.maps.conntrack.entries()]
+        rows.sort(key=lambda r: (r["expires_in_s"], r["source"], r["source_port"]))
+        return rows
 
     def gc_ct(self) -> int:
         return self.dp.maps.conntrack.gc()
@@ -200,19 +201,30 @@ class KernelDatapath:
         }
 
 
-def _as_dict(obj: Any) -> dict[str, Any]:
-    if hasattr(obj, "_asdict"):
-        return dict(obj._asdict())
-    slots = getattr(type(obj), "__slots__", ())
-    out: dict[str, Any] = {}
-    for name in slots:
-        value = getattr(obj, name)
-        if hasattr(value, "__slots__") or hasattr(value, "_asdict"):
-            for k, v in _as_dict(value).items():
-                out[f"{name}.{k}"] = v
-        else:
-            out[name] = value
-    return out
+TCP_FLAG_NAMES = ((0x01, "FIN"), (0x02, "SYN"), (0x04, "RST"), (0x08, "PSH"), (0x10, "ACK"),
+                  (0x20, "URG"))
+
+
+def ct_row(entry: ConntrackEntry, now_ns: int) -> dict[str, Any]:
+    """One conntrack entry as `garrison bpf ct list -o json` gives it."""
+    t = entry.tuple
+    return {
+        "protocol": PROTOCOL_NAMES.get(t.protocol, str(t.protocol)),
+        "source": str(t.saddr),
+        "source_port": t.sport,
+        "destination": str(t.daddr),
+        "destination_port": t.dport,
+        "expires_in_s": max(0, (entry.expires_ns - now_ns) // 1_000_000_000),
+        "expired": entry.expired(now_ns),
+        "flags": [f.name for f in CTFlags if f and f in entry.flags and f.name],
+        "tcp_flags_orig": [n for bit, n in TCP_FLAG_NAMES if entry.tcp_flags_orig & bit],
+        "tcp_flags_reply": [n for bit, n in TCP_FLAG_NAMES if entry.tcp_flags_reply & bit],
+        "packets_orig": entry.packets_orig,
+        "packets_reply": entry.packets_reply,
+        "src_identity": entry.src_identity,
+        "dst_identity": entry.dst_identity,
+        "proxy_port": entry.proxy_port or None,
+    }
 
 
 def _jsonable(data: Mapping[str, Any]) -> dict[str, object]:

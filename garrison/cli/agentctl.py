@@ -237,8 +237,30 @@ def bpf_ipcache_list(args: argparse.Namespace) -> int:
 @_run
 def bpf_ct_list(args: argparse.Namespace) -> int:
     data = _call(args, "BpfCtList")
-    _print(args, data, lambda: _dump_table(data["entries"]))
+    _print(args, data, lambda: ct_text(data["entries"]))
     return 0
+
+
+def ct_text(entries: Sequence[dict[str, Any]]) -> str:
+    """One line per connection, as `cilium-dbg bpf ct list global` prints them."""
+    if not entries:
+        return "(no connections tracked)"
+    lines = []
+    for e in entries:
+        tcp = ""
+        if e["protocol"] == "TCP":
+            tcp = (f" tcp_flags={'|'.join(e['tcp_flags_orig']) or '-'}"
+                   f"/{'|'.join(e['tcp_flags_reply']) or '-'}")
+        lines.append(
+            f"{e['protocol']} {e['source']}:{e['source_port']} -> "
+            f"{e['destination']}:{e['destination_port']} "
+            + ("expired" if e["expired"] else f"expires={e['expires_in_s']}s")
+            + f" packets={e['packets_orig']}/{e['packets_reply']}{tcp}"
+            f" flags=[{' '.join(e['flags'])}]"
+            f" identity={e['src_identity']}->{e['dst_identity']}"
+            + (f" proxy_port={e['proxy_port']}" if e["proxy_port"] else "")
+        )
+    return "\n".join(lines)
 
 
 @_run

@@ -194,3 +194,31 @@ def test_deny_beats_allow(agent: AgentProcess, trio: Trio, clean: None) -> None:
         assert (drop.source.identity, drop.destination.identity) == (a.identity, b.identity)
         agent.cli("policy", "delete", "b-deny-a")
         assert connects(a, b, 7001)
+
+
+def test_bpf_ct_list_reads_as_connections(agent: AgentProcess, trio: Trio, clean: None) -> None:
+    """`garrison bpf ct list`: a line a person reads (addresses, ports, protocol and flag
+    names, seconds left); `-o json` typed fields, no Python internals."""
+    a, b = trio.a, trio.b
+    with echo_servers(b, 7300):
+        sock = a.connect(b.ip, 7300)
+        assert sock is not None
+        with sock:
+            assert roundtrip(sock)
+            source_port = sock.getsockname()[1]
+            rows = [r for r in agent.cli_json("bpf", "ct", "list")["entries"]
+                    if r["source"] == a.ip and r["source_port"] == source_port]
+            text = agent.cli("bpf", "ct", "list").stdout
+    [row] = rows
+    assert row["protocol"] == "TCP" and (row["destination"], row["destination_port"]) == (
+        b.ip, 7300)
+    assert (row["src_identity"], row["dst_identity"]) == (a.identity, b.identity)
+    assert "ESTABLISHED" in row["flags"] and "SEEN_REPLY" in row["flags"]
+    assert {"SYN", "ACK"} <= set(row["tcp_flags_orig"]) and row["expired"] is False
+    assert 0 < row["expires_in_s"] <= 21600 and row["packets_orig"] >= 3
+    assert all(isinstance(row[k], int) for k in (
+        "source_port", "destination_port", "expires_in_s", "packets_orig", "packets_reply"))
+    assert "__" not in str(rows) and "." not in "".join(row)  # no TUPLE.SADDR.__WEAKREF__
+    [line] = [ln for ln in text.splitlines() if f"{a.ip}:{source_port} ->" in ln]
+    assert line.startswith(f"TCP {a.ip}:{source_port} -> {b.ip}:7300 expires=")
+    assert "ESTABLISHED" in line and f"identity={a.identity}->{b.identity}" in line

@@ -52,3 +52,27 @@ def test_problems_are_listed_with_their_fix() -> None:
         "                   /etc/p/a.yaml:12: x: bad" in text
     assert text.endswith("\n\nPROBLEM: " + "\nPROBLEM: ".join(problems))
     assert "{" not in text
+
+
+def test_ct_list_text() -> None:
+    from garrison.cli.agentctl import ct_text
+
+    row = {
+        "protocol": "TCP", "source": "198.18.0.2", "source_port": 40000,
+        "destination": "198.18.0.3", "destination_port": 80, "expires_in_s": 21590,
+        "expired": False, "flags": ["SEEN_REPLY", "ESTABLISHED", "REDIRECT"],
+        "tcp_flags_orig": ["SYN", "ACK"], "tcp_flags_reply": ["SYN", "ACK"],
+        "packets_orig": 5, "packets_reply": 4, "src_identity": 256, "dst_identity": 257,
+        "proxy_port": 15001,
+    }
+    assert ct_text([row]) == (
+        "TCP 198.18.0.2:40000 -> 198.18.0.3:80 expires=21590s packets=5/4 "
+        "tcp_flags=SYN|ACK/SYN|ACK flags=[SEEN_REPLY ESTABLISHED REDIRECT] identity=256->257 "
+        "proxy_port=15001"
+    )
+    udp = {**row, "protocol": "UDP", "expired": True, "flags": [], "proxy_port": None}
+    assert ct_text([udp]) == (
+        "UDP 198.18.0.2:40000 -> 198.18.0.3:80 expired packets=5/4 flags=[] "
+        "identity=256->257"
+    )
+    assert ct_text([]) == "(no connections tracked)"
