@@ -72,7 +72,7 @@ def attach_endpoint_programs(ifindex: int, programs: EndpointPrograms) -> bool:
             if foreign:
                 raise ForeignFilterError(
                     f"interface {ifindex} already has a tc filter at priority {FILTER_PRIO} "
-                    f"({foreign[0][2] or 'unnamed'}); garrison leaves it alone: remove it first"
+                    f"({foreign[0][2]}); garrison leaves it alone: remove it first"
                 )
         _replace_filter(ipr, ifindex, PARENT_INGRESS, programs.from_container, "from_container")
         _replace_filter(ipr, ifindex, PARENT_EGRESS, programs.to_container, "to_container")
@@ -103,7 +103,8 @@ def detach_endpoint_programs(ifindex: int, remove_qdisc: bool = True) -> None:
 
 
 def _filters(ipr: IPRoute, ifindex: int) -> list[tuple[int, int, str]]:
-    """(parent, priority, bpf name) of every bpf filter on the clsact hooks."""
+    """(parent, priority, name) of every filter on the clsact hooks (a bpf filter's program
+    name; `<kind> filter` for others)."""
     out = []
     for parent in (PARENT_INGRESS, PARENT_EGRESS):
         try:
@@ -113,11 +114,15 @@ def _filters(ipr: IPRoute, ifindex: int) -> list[tuple[int, int, str]]:
                 continue
             raise
         for msg in msgs:
-            if msg.get_attr("TCA_KIND") != "bpf":
-                continue
+            kind = msg.get_attr("TCA_KIND")
             opts = msg.get_attr("TCA_OPTIONS")
-            name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
-            out.append((parent, int(msg["info"] >> 16), str(name or "")))
+            if kind == "bpf":
+                name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+                if name is None:
+                    continue  # the priority's head message, not a filter instance
+            else:
+                name = f"{kind} filter"
+            out.append((parent, int(msg["info"] >> 16), str(name)))
     return out
 
 

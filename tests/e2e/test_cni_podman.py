@@ -1,0 +1,300 @@
+"""Containers started by podman (4.3, CNI backend) on a garrison-chained network.
+
+One agent and one network per module: `garrison cni install` writes a ptp + host-local +
+garrison-cni conflist and the plugin into this module's own directories, and podman is pointed
+at them through its own containers.conf (CONTAINERS_CONF), so nothing of the user's podman
+set-up is read or changed. Containers run on the host's root with an overlay
+(`--rootfs /:O`): no image is pulled.
+
+The Star Wars scenario as containers (deathstar, tiefighter, xwing): the xwing is dropped at
+L3/L4, the tiefighter's `PUT /v1/exhaust-port` gets the proxy's 403, and the flow records name
+the containers. Then the lifecycle: stop/start/remove, the agent down during ADD (the container
+does not start) and during DEL (cleaned up when the agent starts), and an agent restart with
+containers running (enforcement never stops).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from garrison.flows.record import DropReasonDesc, FlowType, Verdict
+from garrison.redirect import ensure_bpffs, remove_pin_dir
+from garrison.redirect.bpffs import BPFFS_MOUNT
+from tests.privileged.agent_harness import AgentProcess, other_agents, wait_for
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.privileged,
+    pytest.mark.skipif(shutil.which("podman") is None,
+                       reason="podman is not installed (apt-get install podman "
+                       "containernetworking-plugins; make setup)"),
+    pytest.mark.skipif(not Path("/usr/lib/cni/ptp").exists(),
+                       reason="the reference CNI plugins are not installed "
+                       "(apt-get install containernetworking-plugins)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, tc, podman)"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+STARWARS = REPO / "examples" / "starwars"
+TAG = f"{os.getpid() % 100000}"
+NET = f"gc-e2e{TAG}"
+SUBNET = "198.18.203.0/24"
+CURL_TIMEOUT = 2.0
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# the harness's agent, on proxy ports of this module's own (the last --proxy-ports wins)
+_PORTS = free_ports(3)
+AGENT_ARGS = ("--proxy-ports", f"http={_PORTS[0]},grpc={_PORTS[1]},kafka={_PORTS[2]}")
+
+
+@dataclass
+class Runtime:
+    agent: AgentProcess
+    dir: Path
+    env: dict[str, str]
+    names: list[str]
+
+    def podman(self, *args: str, check: bool = True,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["podman", *args], capture_output=True, text=True,
+                              env=self.env, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and done.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)}: exit {done.returncode}\n"
+                                 f"{done.stdout}{done.stderr}")
+        return done
+
+    def run(self, short: str, labels: str, *cmd: str,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        name = f"gc-{short}{TAG}"
+        self.names.append(name)
+        label_args = [a for kv in labels.split(",") if kv for a in ("--label", kv)]
+        return self.podman("run", "-d", "--network", NET, "--name", name, *label_args,
+                           "--rootfs", "/:O", *cmd, check=check)
+
+    def endpoint(self, name: str) -> dict[str, object] | None:
+        eps = self.agent.call("EndpointList")["endpoints"]
+        return next((e for e in eps if e["name"] == name), None)
+
+    def labelled(self, name: str) -> dict[str, object]:
+        """The container's endpoint once its labels were read (identity no longer init)."""
+        found: dict[str, object] = {}
+
+        def ready() -> bool:
+            ep = self.endpoint(name)
+            if ep and ep["labels"] and int(str(ep["identity"])) >= 256:
+                found.update(ep)
+                return True
+            return False
+
+        wait_for(ready, f"endpoint {name} with its labels", timeout=20)
+        return found
+
+    def curl(self, ship: str, method: str, ip: str, path: str) -> tuple[int, int, str]:
+        done = subprocess.run(
+            ["podman", "exec", ship, "curl", "-s", "-i", "-m", str(CURL_TIMEOUT), "-X", method,
+             f"http://{ip}{path}"], capture_output=True, env=self.env, timeout=60,
+            stdin=subprocess.DEVNULL)
+        head, _, body = done.stdout.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+        return done.returncode, status, body.decode()
+
+
+@pytest.fixture(scope="module")
+def rt(request: pytest.FixtureRequest,
+       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    work = tmp_path_factory.mktemp("cni")
+    conf_dir, bin_dir = work / "net.d", work / "bin"
+    containers_conf = work / "containers.conf"
+    containers_conf.write_text(
+        "[containers]\ndefault_ulimits = []\n[network]\nnetwork_backend = \"cni\"\n"
+        f"cni_plugin_dirs = [\"{bin_dir}\", \"/usr/lib/cni\"]\n"
+        f"network_config_dir = \"{conf_dir}\"\n"
+    )
+    env = {**os.environ, "CONTAINERS_CONF": str(containers_conf)}
+    agent_dir = work / "agent"
+    agent_dir.mkdir()
+    ensure_bpffs()
+    pin_root = BPFFS_MOUNT / f"garrison-test-{os.getpid()}-cni"
+    agent = AgentProcess(agent_dir, pin_root, AGENT_ARGS)
+    runtime = Runtime(agent, work, env, [])
+    garrison = str(Path(sys.executable).with_name("garrison"))
+    try:
+        agent.start()
+        subprocess.run(
+            [garrison, "cni", "install", "--network", NET, "--subnet", SUBNET,
+             "--cni-bin-dir", str(bin_dir), "--cni-conf-dir", str(conf_dir),
+             "--socket", str(agent.socket), "--state-dir", str(agent_dir / "state")],
+            check=True, capture_output=True)
+        yield runtime
+    finally:
+        if runtime.names:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", "--ignore", *runtime.names],
+                           env=env, capture_output=True, timeout=120)
+        subprocess.run([garrison, "cni", "uninstall", "--network", NET, "--cni-conf-dir",
+                        str(conf_dir)], capture_output=True)
+        shutil.rmtree(f"/var/lib/cni/networks/{NET}", ignore_errors=True)
+        if agent.alive:
+            agent.stop()
+        # the agent's pins (and the steering it added, when no other agent runs)
+        if not other_agents(set()):
+            agent.cli("agent", "--cleanup", *agent.argv()[2:], check=False, socket_arg=False)
+        if pin_root.exists():
+            remove_pin_dir(pin_root)
+    assert "Traceback" not in agent.log(), f"the agent logged a crash:\n{agent.log()}"
+    left = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], env=env,
+                          capture_output=True, text=True).stdout.split()
+    assert not set(left) & set(runtime.names), f"containers left: {left}"
+    assert not any(e["container_id"] for e in json.loads(
+        (agent_dir / "state" / "endpoints.json").read_text())["endpoints"]), \
+        "a removed container is still an endpoint"
+
+
+@dataclass(frozen=True)
+class Galaxy:
+    deathstar: dict[str, object]
+    tiefighter: dict[str, object]
+    xwing: dict[str, object]
+
+
+@pytest.fixture(scope="module")
+def galaxy(rt: Runtime) -> Galaxy:
+    rt.run("deathstar", "org=empire,class=deathstar", sys.executable,
+           str(STARWARS / "deathstar.py"), "--listen", "0.0.0.0:80")
+    rt.run("tiefighter", "org=empire,class=tiefighter", "sleep", "600")
+    rt.run("xwing", "org=alliance,class=xwing", "sleep", "600")
+    return Galaxy(rt.labelled(f"gc-deathstar{TAG}"), rt.labelled(f"gc-tiefighter{TAG}"),
+                  rt.labelled(f"gc-xwing{TAG}"))
+
+
+def test_containers_are_endpoints_with_their_labels(rt: Runtime, galaxy: Galaxy) -> None:
+    ds = galaxy.deathstar
+    assert ds["labels"] == ["class=deathstar", "org=empire"]
+    assert ds["namespace"] == "default"
+    assert str(ds["ipv4"]).startswith("198.18.203.")
+    cid = rt.podman("inspect", "--format", "{{.Id}}", str(ds["name"])).stdout.strip()
+    assert ds["container_id"] == cid
+    listed = rt.agent.cli("endpoint", "list").stdout
+    assert any(str(ds["name"]) in line and cid[:12] in line for line in listed.splitlines())
+    check = rt.agent.call("CniCheck", container_id=cid, ipv4=ds["ipv4"])
+    assert check["problems"] == []
+
+
+def test_starwars_l3_l4_drops_the_xwing_and_l7_denies_the_exhaust_port(
+    rt: Runtime, galaxy: Galaxy
+) -> None:
+    ds_ip = str(galaxy.deathstar["ipv4"])
+    tie, xwing = str(galaxy.tiefighter["name"]), str(galaxy.xwing["name"])
+    # no policy: both land
+    assert rt.curl(xwing, "POST", ds_ip, "/v1/request-landing") == (0, 200, "Ship landed\n")
+    rt.agent.import_file(STARWARS / "sw_l3_l4_policy.yaml")
+    t0 = time.time_ns()
+    assert rt.curl(tie, "POST", ds_ip, "/v1/request-landing") == (0, 200, "Ship landed\n")
+    code, status, _ = rt.curl(xwing, "POST", ds_ip, "/v1/request-landing")
+    assert (code, status) == (28, 0)  # curl's timeout: the SYN was dropped
+    drop = rt.agent.wait_flow(lambda r: r.time >= t0 and r.verdict is Verdict.DROPPED
+                              and r.source.ip == galaxy.xwing["ipv4"], cli=True)
+    assert drop.type is FlowType.L3_L4
+    assert drop.drop_reason_desc is DropReasonDesc.POLICY_DENIED
+    assert (drop.source.pod_name, drop.destination.pod_name) == (xwing, galaxy.deathstar["name"])
+    assert (drop.source.identity, drop.destination.identity) == (
+        galaxy.xwing["identity"], galaxy.deathstar["identity"])
+
+    rt.agent.import_file(STARWARS / "sw_l3_l4_l7_policy.yaml")
+    assert rt.curl(tie, "POST", ds_ip, "/v1/request-landing") == (0, 200, "Ship landed\n")
+    assert rt.curl(tie, "PUT", ds_ip, "/v1/exhaust-port") == (0, 403, "Access denied\r\n")
+    rec = rt.agent.wait_access_record(
+        lambda r: r.get("l7", {}).get("http", {}).get("method") == "PUT"
+        and r["source"].get("ip") == galaxy.tiefighter["ipv4"])
+    assert rec["verdict"] == "DROPPED" and rec["Type"] == "L7"
+    assert (rec["source"]["pod_name"], rec["destination"]["pod_name"]) == (
+        tie, galaxy.deathstar["name"])
+    rt.agent.delete_policies()
+
+
+def test_stop_start_and_remove(rt: Runtime) -> None:
+    rt.run("shuttle", "org=empire,class=shuttle", "sleep", "600")
+    name = f"gc-shuttle{TAG}"
+    first = rt.labelled(name)
+    ident = int(str(first["identity"]))
+    rt.podman("stop", "-t", "0", name)
+    assert rt.endpoint(name) is None
+    ids = {i["id"] for i in rt.agent.call("IdentityList")["identities"]}
+    assert ident not in ids, "the identity outlived its only endpoint"
+    assert f"{first['ipv4']}/32" not in {
+        e["prefix"] for e in rt.agent.call("BpfIpcacheList")["entries"]}
+    rt.podman("start", name)
+    again = rt.labelled(name)
+    assert again["labels"] == first["labels"]
+    rt.podman("rm", "-f", "-t", "0", name)
+    assert rt.endpoint(name) is None
+
+
+def test_agent_down_during_add_fails_the_container(rt: Runtime) -> None:
+    rt.agent.stop()
+    try:
+        done = rt.run("nopolicy", "org=empire", "sleep", "600", check=False)
+        assert done.returncode != 0
+        assert "start it with `garrison agent`" in done.stderr, done.stderr
+        running = rt.podman("ps", "--format", "{{.Names}}").stdout.split()
+        assert f"gc-nopolicy{TAG}" not in running
+    finally:
+        rt.agent.start()
+    assert rt.endpoint(f"gc-nopolicy{TAG}") is None
+
+
+def test_agent_down_during_del_is_cleaned_up_on_start(rt: Runtime) -> None:
+    rt.run("probe", "org=empire,class=probe", "sleep", "600")
+    name = f"gc-probe{TAG}"
+    ep = rt.labelled(name)
+    rt.agent.stop()
+    try:
+        rt.podman("rm", "-f", "-t", "0", name)  # DEL succeeds with no agent
+        pending = list((rt.agent.workdir / "state" / "cni-pending").glob("*.json"))
+        assert [p.stem for p in pending] == [ep["container_id"]]
+    finally:
+        rt.agent.start()
+    assert rt.endpoint(name) is None
+    assert f"{ep['ipv4']}/32" not in {
+        e["prefix"] for e in rt.agent.call("BpfIpcacheList")["entries"]}
+    assert not list((rt.agent.workdir / "state" / "cni-pending").glob("*.json"))
+
+
+def test_agent_restart_keeps_running_containers_enforced(rt: Runtime, galaxy: Galaxy) -> None:
+    rt.agent.import_file(STARWARS / "sw_l3_l4_policy.yaml")
+    ds_ip = str(galaxy.deathstar["ipv4"])
+    xwing, tie = str(galaxy.xwing["name"]), str(galaxy.tiefighter["name"])
+    rt.agent.kill()  # no clean-up at all
+    try:
+        # enforcement outlives the agent: programs and maps stay
+        assert rt.curl(xwing, "POST", ds_ip, "/v1/request-landing")[:2] == (28, 0)
+    finally:
+        rt.agent.start()
+    after = {e["name"]: e for e in rt.agent.call("EndpointList")["endpoints"]}
+    for ep in (galaxy.deathstar, galaxy.tiefighter, galaxy.xwing):
+        assert after[str(ep["name"])]["identity"] == ep["identity"]
+    assert rt.curl(tie, "POST", ds_ip, "/v1/request-landing") == (0, 200, "Ship landed\n")
+    assert rt.curl(xwing, "POST", ds_ip, "/v1/request-landing")[:2] == (28, 0)
+    rt.agent.delete_policies()
