@@ -115,11 +115,16 @@ if [[ -d /usr/lib/python3/dist-packages/bcc ]]; then
 fi
 
 if [[ ! -f $STAMP || pyproject.toml -nt $STAMP ]]; then
-    log "installing garrison and its test dependencies into $VENV"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    "$VENV/bin/pip" install -q -e '.[test]'
+    log "installing garrison and its test dependencies into $VENV (output: $VENV/pip-install.log)"
+    # pip and the build backend's banners go to the log; shown only when the install fails
+    if ! { "$VENV/bin/pip" install -q --upgrade pip &&
+           "$VENV/bin/pip" install -q -e '.[test]'; } >"$VENV/pip-install.log" 2>&1; then
+        tail -n 40 "$VENV/pip-install.log" >&2
+        log "pip install failed; the whole output is in $VENV/pip-install.log"
+        exit 1
+    fi
     touch "$STAMP"
 fi
 # The proxy's per-request path runs compiled (mypyc); recompiled only when a source changed.
 "$VENV/bin/python" scripts/compile.py
-log "ready"
+log "ready; the garrison command is $VENV/bin/garrison: export PATH=\"$PWD/$VENV/bin:\$PATH\""
