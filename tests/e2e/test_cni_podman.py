@@ -298,3 +298,30 @@ def test_agent_restart_keeps_running_containers_enforced(rt: Runtime, galaxy: Ga
     assert rt.curl(tie, "POST", ds_ip, "/v1/request-landing") == (0, 200, "Ship landed\n")
     assert rt.curl(xwing, "POST", ds_ip, "/v1/request-landing")[:2] == (28, 0)
     rt.agent.delete_policies()
+
+
+def test_a_refused_add_leaves_no_endpoint(rt: Runtime, galaxy: Galaxy) -> None:
+    """The plugin as podman runs it, against the live agent, with a prevResult that does not
+    match the namespace (another address): error 100, nothing made, the real one untouched."""
+    tie = str(galaxy.tiefighter["name"])
+    sandbox = rt.podman("inspect", "--format", "{{.NetworkSettings.SandboxKey}}",
+                        tie).stdout.strip()
+    conf = json.loads((rt.dir / "net.d" / f"{NET}.conflist").read_text())
+    plugin = {**conf["plugins"][1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "vethx"}, {"name": "eth0", "sandbox": sandbox}],
+        "ips": [{"interface": 1, "address": "198.18.203.250/24", "gateway": "198.18.203.1"}],
+    }}
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "gcbogus" + TAG, "CNI_NETNS": sandbox,
+           "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni", "GARRISON_PURE": "1",
+           "CNI_ARGS": f"K8S_POD_NAME=gc-bogus{TAG}"}
+    done = subprocess.run([str(rt.dir / "bin" / "garrison-cni")], input=json.dumps(plugin),
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 1
+    err = json.loads(done.stdout)
+    assert err["code"] == 100 and str(galaxy.tiefighter["ipv4"]) in err["msg"], err
+    assert rt.endpoint(f"gc-bogus{TAG}") is None
+    still = rt.endpoint(tie)
+    assert still is not None
+    assert (still["identity"], still["ipv4"], still["host_veth"]) == (
+        galaxy.tiefighter["identity"], galaxy.tiefighter["ipv4"], galaxy.tiefighter["host_veth"])
