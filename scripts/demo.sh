@@ -58,10 +58,9 @@ cleanup() {
         kill "$AGENT_PID" 2>/dev/null
         for _ in $(seq 50); do kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.1; done
     fi
-    # the namespaces the agent made for the demo, if it could not delete them itself
-    for ep in "${CREATED[@]}"; do [[ -e /run/netns/$ep ]] && ip netns del "$ep" 2>/dev/null; done
-    # what the agent leaves in the kernel on purpose (enforcement survives it): its pinned
-    # maps, and of the proxy steering rule and route only what it added
+    # what the agent leaves in the kernel on purpose (enforcement survives it): endpoints it
+    # could not delete, its pinned maps, and of the proxy steering rule and route only what
+    # it added (its state dir records what it made)
     [[ -n $AGENT_PID ]] && "$G" agent --cleanup "${AGENT_ARGS[@]}" | sed 's/^/  /'
     rm -rf "$WORK"
 }

@@ -7,10 +7,11 @@ maps, attached programs); redirected ports fail closed until it is back. SIGHUP 
 policy directory.
 
 `garrison agent --cleanup` (with the same --state-dir, --socket and --bpffs-root) removes
-what an agent leaves in the kernel on purpose, once it is stopped: its pinned maps and the
-proxy steering ip rule / local route — only those of the two that this agent added (recorded in
-the state directory); a rule or route that was there before the agent stays. Delete the
-endpoints (`garrison endpoint delete`) while the agent still runs.
+what an agent leaves in the kernel on purpose, once it is stopped: its endpoints (the
+namespaces and veths it made; of an adopted namespace only garrison's programs and what it
+added), its pinned maps, and the proxy steering ip rule / local route — only those of the two
+that this agent added (recorded in the state directory); a rule or route that was there
+before the agent stays.
 
 Exit status: 0 after a clean stop; 1 when it cannot start (missing privilege or package —
 the message says which), or `--cleanup` while the agent runs; 2 for bad usage.
@@ -33,6 +34,7 @@ from typing import Any
 from garrison.agent.api import AgentAPIServer, AgentClient, AgentUnreachableError, APIError
 from garrison.agent.config import DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, AgentConfig
 from garrison.agent.daemon import Agent
+from garrison.agent.endpoints import EndpointError, EndpointRegistry
 from garrison.agent.handlers import make_handlers
 from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
 from garrison.bpf.loader import BPFFSError, DatapathError
@@ -84,7 +86,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="print every flow record as a compact line on stderr")
     p.add_argument("--cleanup", action="store_true",
                    help="do not start: remove what a stopped agent with this --state-dir left "
-                   "(pinned maps, the proxy steering rule/route it added), then exit")
+                   "(its endpoints, pinned maps, the proxy steering rule/route it added), "
+                   "then exit")
     p.set_defaults(func=run)
 
 
@@ -198,9 +201,20 @@ def _cleanup(config: AgentConfig) -> int:
         print(f"garrison agent --cleanup: the agent on {config.socket_path} is running; stop it "
               "first (SIGTERM)", file=sys.stderr)
         return 1
+    # endpoints first: their programs go, then what garrison made of their network (an
+    # adopted namespace stays, only garrison's veth/qdisc of it go — the record says which)
     try:
+        registry = EndpointRegistry(config.state_dir / "endpoints.json", config.endpoint_pool)
+        kernel = KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir)
+        for ep in list(registry):
+            kernel.delete_endpoint(ep.name, ep.ipv4, ep.host_ifname or None, ep.owned)
+            registry.remove(ep.name)
+            print(f"removed endpoint {ep.name}: "
+                  + ("its namespace and veth" if "netns" in ep.owned
+                     else f"garrison's part of it ({', '.join(ep.owned) or 'programs only'}); "
+                     "its namespace stays"))
         remove_pin_dir(config.bpffs_root)
-    except (BPFFSError, OSError) as exc:
+    except (BPFFSError, EndpointError, OSError) as exc:
         print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
         return 1
     print(f"removed the pinned maps under {config.bpffs_root}")

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, BP
 
 GARRISON = str(Path(sys.executable).with_name("garrison"))
 REPO = Path(__file__).resolve().parents[2]
-FOREIGN_PRIORITY = "100"  # a rule someone else added, at a priority garrison does not use
+FOREIGN_PRIORITY = "100"
+ENDPOINT = "go-clean"  # a rule someone else added, at a priority garrison does not use
 
 
 
@@ -69,20 +70,32 @@ def test_cleanup_keeps_a_route_that_was_there_and_removes_the_rule_it_added(
     ns_agent: NsAgent,
 ) -> None:
     ns = ns_agent.netns
+    endpoint = Path(f"/run/netns/{ENDPOINT}")
+    assert not endpoint.exists(), f"{ENDPOINT} exists: not ours, left alone"
     ip(ns, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "2004")
-    ns_agent.start()
-    assert steering(ns) == {"rules": [9], "route": True}
-    # refused while the agent runs: its maps and steering are in use
-    done = ns_agent.cleanup()
-    assert done.returncode == 1 and "is running" in done.stderr
-    assert steering(ns) == {"rules": [9], "route": True}
-    assert ns_agent.stop() == 0
+    try:
+        ns_agent.start()
+        assert steering(ns) == {"rules": [9], "route": True}
+        done = ns_agent.cli("endpoint", "add", ENDPOINT, "--labels", "app=clean",
+                            "--ip", "198.18.250.20")
+        assert done.returncode == 0, done.stderr
+        # refused while the agent runs: its maps and steering are in use
+        done = ns_agent.cleanup()
+        assert done.returncode == 1 and "is running" in done.stderr
+        assert steering(ns) == {"rules": [9], "route": True}
+        assert ns_agent.stop() == 0
+        assert endpoint.exists()  # enforcement outlives the agent
 
-    done = ns_agent.cleanup()
-    assert done.returncode == 0, done.stderr
-    assert "removed the ip rule" in done.stdout and "kept the local route" in done.stdout
-    assert steering(ns) == {"rules": [], "route": True}
-    assert "Traceback" not in ns_agent.log()
+        done = ns_agent.cleanup()
+        assert done.returncode == 0, done.stderr
+        assert f"removed endpoint {ENDPOINT}: its namespace and veth" in done.stdout
+        assert "removed the ip rule" in done.stdout and "kept the local route" in done.stdout
+        assert steering(ns) == {"rules": [], "route": True}
+        assert not endpoint.exists()
+        assert "Traceback" not in ns_agent.log()
+    finally:
+        if endpoint.exists():  # the agent made it for this test
+            subprocess.run(["ip", "netns", "delete", ENDPOINT], check=False)
 
 
 def test_demo_refuses_a_namespace_it_did_not_make() -> None:
