@@ -86,13 +86,16 @@ class KafkaLimits:
     100 MiB by default). `max_response_frame`: largest response (clients'
     `receive.message.max.bytes`, 100 MB by default). `max_in_flight`: requests forwarded and not
     answered yet. `max_unanswered_acks0`: Produce requests with acks=0 remembered in case the
-    broker answers them after all (Kafka never does, tansu does).
+    broker answers them after all (Kafka never does, tansu does). `repeat_window`: seconds
+    during which denials identical to an earlier one on the same connection are counted into
+    one record (Hubble's `aggregate`) instead of one record each; 0 records every one.
     """
 
     max_request_frame: int = 100 * _MIB
     max_response_frame: int = 100 * _MIB
     max_in_flight: int = 1024
     max_unanswered_acks0: int = 64
+    repeat_window: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("max_request_frame", "max_response_frame", "max_in_flight"):
@@ -100,6 +103,8 @@ class KafkaLimits:
                 raise ValueError(f"{name} must be positive")
         if self.max_unanswered_acks0 < 0:
             raise ValueError("max_unanswered_acks0 must not be negative")
+        if self.repeat_window < 0:
+            raise ValueError("repeat_window must not be negative")
 
 
 # ---- errors -----------------------------------------------------------------------------------

@@ -42,13 +42,14 @@ the client expects an answer, a response record with the answer's error code and
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from garrison.flows.build import l7_kafka_request, l7_kafka_response, proxy_error
-from garrison.flows.record import DropReasonDesc, FlowRecord, Verdict
+from garrison.flows.record import Aggregate, DropReasonDesc, FlowRecord, L7FlowType, Verdict
 from garrison.flows.record import TrafficDirection as FlowDirection
 from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.kafka import (
@@ -64,6 +65,7 @@ from garrison.parsers.kafka import (
     parse_request_frame,
 )
 from garrison.parsers.kafka_apis import (
+    API_VERSIONS,
     FETCH,
     GET_TELEMETRY_SUBSCRIPTIONS,
     METADATA,
@@ -72,6 +74,7 @@ from garrison.parsers.kafka_apis import (
 )
 from garrison.parsers.kafka_rewrite import (
     carries_broker_addresses,
+    encode_response,
     rewrite_broker_addresses,
     rewrite_metadata_response,
 )
@@ -159,6 +162,78 @@ class _Slot:
         self.denied_entries = denied_entries
 
 
+@dataclass(slots=True)
+class _Group:
+    """Repeats of one denial: the first repeat's record (built when flushed) and how many."""
+
+    first: float
+    count: int
+    build: Callable[..., FlowRecord]
+    args: tuple[Any, ...]
+
+
+class _Repeats:
+    """Identical denials on one connection, recorded once with a count (Hubble's aggregate).
+
+    The first denial of a kind is recorded in full, at once. Its repeats (same API key,
+    version, topics; only the correlation id and time differ) are counted; the group is
+    recorded as the first repeat's record with `aggregate` = how many it stands for, when
+    `window` seconds have passed since that repeat (checked on every event of the
+    connection) and when the connection ends. A client that re-sends a denied Metadata
+    without backoff (aiokafka with an assigned, denied topic: ~900 per second) then costs
+    two records per window instead of two per request, and none is lost.
+    """
+
+    _MAX_KINDS = 256  # kinds of denial remembered per connection; beyond: record each one
+
+    __slots__ = ("_direction", "_groups", "_seen", "_window")
+
+    def __init__(self, window: float, direction: FlowDirection) -> None:
+        self._window = window
+        self._direction = direction
+        self._seen: set[Hashable] = set()
+        self._groups: dict[Hashable, _Group] = {}
+
+    def log(
+        self, out: _Out, key: Hashable, now: float, build: Callable[..., FlowRecord], *args: Any
+    ) -> None:
+        if self._window <= 0 or (key not in self._seen and len(self._seen) >= self._MAX_KINDS):
+            out.log_later(build, *args)
+            return
+        if key not in self._seen:
+            self._seen.add(key)
+            out.log_later(build, *args)
+            return
+        group = self._groups.get(key)
+        if group is None:
+            self._groups[key] = _Group(now, 1, build, args)
+        else:
+            group.count += 1
+
+    def flush_due(self, out: _Out, now: float) -> None:
+        if self._groups:
+            for key, group in list(self._groups.items()):
+                if now - group.first >= self._window:
+                    del self._groups[key]
+                    self._emit(out, group)
+
+    def flush(self, out: _Out) -> None:
+        for group in self._groups.values():
+            self._emit(out, group)
+        self._groups.clear()
+
+    def _emit(self, out: _Out, group: _Group) -> None:
+        out.log_later(
+            _aggregated, group.build, group.args, Aggregate.of(self._direction, group.count)
+        )
+
+
+def _aggregated(
+    build: Callable[..., FlowRecord], args: tuple[Any, ...], aggregate: Aggregate
+) -> FlowRecord:
+    return dataclasses.replace(build(*args), aggregate=aggregate)
+
+
 class _Out:
     """Commands of one call. Consecutive bytes for the same side become one write, and the
     records come after the writes: the server executes commands in order, and the bytes
@@ -230,6 +305,7 @@ class KafkaEngine:
         self._stop_reading = False  # an unanswerable deny is queued: forward nothing more
         self._client_eof = False
         self._deny_cluster: tuple[KafkaCluster | None, KafkaCluster | None] = (None, None)
+        self._repeats = _Repeats(self._limits.repeat_window, self._direction)
 
     # ---- what the server asks ----------------------------------------------------------------
 
@@ -253,6 +329,7 @@ class KafkaEngine:
         if self._closed or self._stop_reading or not data:
             return []
         out = _Out()
+        self._repeats.flush_due(out, now)
         self._requests.receive_data(data)
         while not self._closed and not self._stop_reading:
             try:
@@ -269,6 +346,7 @@ class KafkaEngine:
         if self._closed or not data:
             return []
         out = _Out()
+        self._repeats.flush_due(out, now)
         self._responses.receive_data(data)
         self._read_responses(out, now)
         return out.commands()
@@ -420,8 +498,19 @@ class KafkaEngine:
                     refs = (verdict.rule,)
             else:
                 denied.append(topic)
-        if not allowed or not denied:
+        if not denied:
             return None
+        if not allowed:
+            # Every topic denied. Answered here, with the brokers learnt from an earlier
+            # Metadata answer; before there is one, the request is forwarded for no topic
+            # (where the rules allow that) and the answer keeps its brokers, controller and
+            # cluster id: a Metadata answer without brokers makes clients retry, not report.
+            if self._topic_ids.cluster is not None:
+                return None
+            bare = self._matcher.match(METADATA, request.api_version, request.client_id, ())
+            if not bare.allowed:
+                return None
+            refs = (bare.rule,) if bare.rule is not None else ()
         return tuple(allowed), tuple(denied), refs
 
     def _forward_allowed_part(
@@ -444,7 +533,8 @@ class KafkaEngine:
         except KafkaError as exc:
             self._fail(out, now, f"client pipelines without reading: {exc}")
             return
-        out.log_later(self._request_record, request, Verdict.FORWARDED, refs, allowed, now)
+        if allowed:
+            out.log_later(self._request_record, request, Verdict.FORWARDED, refs, allowed, now)
         out.log_later(self._request_record, request, Verdict.DROPPED, (), denied, now)
         out.write(Forward, Side.UPSTREAM, narrowed.raw)
         self._pending.append(
@@ -471,7 +561,10 @@ class KafkaEngine:
         return parse_request_frame(frame, self._topic_ids)
 
     def _deny(self, request: KafkaRequest, topics: tuple[str, ...], now: float, out: _Out) -> None:
-        out.log_later(self._request_record, request, Verdict.DROPPED, (), topics, now)
+        key = (L7FlowType.REQUEST, request.api_key, request.api_version, topics)
+        self._repeats.log(
+            out, key, now, self._request_record, request, Verdict.DROPPED, (), topics, now
+        )
         if not request.expects_response:
             return  # Produce with acks=0: the client expects nothing
         slot = _Slot(request, Verdict.DROPPED, (), now, topics, local=True)
@@ -537,7 +630,8 @@ class KafkaEngine:
                 )
                 return
             out.write(Forward, Side.CLIENT, raw)
-            out.log_later(self._forwarded_response_record, slot, response, now)
+            if slot.topics or not slot.denied_topics:
+                out.log_later(self._forwarded_response_record, slot, response, now)
             if slot.denied_topics:
                 denied = _Slot(slot.request, Verdict.DROPPED, (), slot.started, slot.denied_topics)
                 out.log_later(self._response_record, denied, TOPIC_AUTHORIZATION_FAILED, now)
@@ -546,6 +640,8 @@ class KafkaEngine:
             self._finish(out, "client closed the connection")
 
     def _rewritten(self, response: KafkaResponse, slot: _Slot) -> bytes:
+        if response.request.api_key == API_VERSIONS:
+            return self._api_versions_answer(response)
         advertise = self._advertise
         address_for = None if advertise is None else (lambda _n, _h, _p: advertise)
         keep = slot.allowed_topics
@@ -567,6 +663,30 @@ class KafkaEngine:
             return rewrite_broker_addresses(response, address_for)
         return response.raw
 
+    def _api_versions_answer(self, response: KafkaResponse) -> bytes:
+        """The broker's ApiVersions answer, without the client telemetry APIs (KIP-714) when
+        the rules deny them to this client.
+
+        librdkafka asks for telemetry subscriptions on every connection to a broker that
+        advertises them; denied, each would be a DROPPED record an operator has to read past.
+        A Kafka broker with no telemetry receiver configured does not advertise them, and
+        clients then send none: garrison answers as such a broker would. Audit mode, and rules
+        that allow the APIs, leave the answer as the broker sent it.
+        """
+        decoded, request = response.decoded, response.request
+        if self._audit or decoded is None or decoded.error_code != 0:
+            return response.raw
+        hidden = {
+            key
+            for key in (GET_TELEMETRY_SUBSCRIPTIONS, PUSH_TELEMETRY)
+            if not self._matcher.match(key, 0, request.client_id, ()).allowed
+        }
+        if not hidden or not any(entry.api_key in hidden for entry in decoded.api_keys or ()):
+            return response.raw
+        message = copy.copy(decoded)
+        message.api_keys = [entry for entry in decoded.api_keys if entry.api_key not in hidden]
+        return encode_response(API_VERSIONS, decoded.API_VERSION, response.correlation_id, message)
+
     def _release(self, out: _Out, now: float) -> None:
         """Write garrison's own answers that have reached the head of the queue.
 
@@ -587,13 +707,16 @@ class KafkaEngine:
             if answer is None:
                 continue
             out.write(Inject, Side.CLIENT, answer)
-            out.log_later(self._answer_record, slot, answer, now)
+            request = slot.request
+            key = (L7FlowType.RESPONSE, request.api_key, request.api_version, slot.topics)
+            self._repeats.log(out, key, now, self._answer_record, slot, answer, now)
 
     # ---- endings -----------------------------------------------------------------------------
 
     def _finish(self, out: _Out, reason: str) -> None:
         self._closed = True
         self._pending.clear()
+        self._repeats.flush(out)
         out.close(reason, error=False)
 
     def _fail(
@@ -605,6 +728,7 @@ class KafkaEngine:
     ) -> None:
         self._closed = True
         self._pending.clear()
+        self._repeats.flush(out)
         out.log(
             proxy_error(
                 time_ns=int(now * _NS),

@@ -132,13 +132,34 @@ def request_frames(connection: FixtureConnection, *correlation_ids: int) -> list
     return [frames[c] for c in correlation_ids] if correlation_ids else list(frames.values())
 
 
-def response_frames(connection: FixtureConnection, *correlation_ids: int) -> list[bytes]:
+def response_frames(
+    connection: FixtureConnection, *correlation_ids: int, hide_telemetry: bool = False
+) -> list[bytes]:
+    """The broker's answers; `hide_telemetry`: as a client whose rules deny the telemetry APIs
+    receives them (ApiVersions without keys 71 and 72, see `without_telemetry`)."""
     frames = {
-        f.correlation_id: connection.response_frame(f)
+        f.correlation_id: (
+            without_telemetry(connection.response_frame(f), f.api_version)
+            if hide_telemetry and f.api_key == 18
+            else connection.response_frame(f)
+        )
         for f in connection.responses
         if not f.answers_acks_0
     }
     return [frames[c] for c in correlation_ids] if correlation_ids else list(frames.values())
+
+
+def without_telemetry(frame: bytes, version: int) -> bytes:
+    """An ApiVersions answer as a broker with no telemetry receiver sends it (KIP-714): the
+    same answer re-encoded by kafka-python without GetTelemetrySubscriptions (71) and
+    PushTelemetry (72)."""
+    api = kafka_api(18)
+    assert api is not None
+    decoded = api.response_class.decode(frame, version=version, header=True, framed=True)
+    assert {71} <= {k.api_key for k in decoded.api_keys}  # tansu advertises telemetry
+    decoded.api_keys = [k for k in decoded.api_keys if k.api_key not in (71, 72)]
+    decoded.with_header(correlation_id=decoded.header.correlation_id)
+    return bytes(decoded.encode(header=True, framed=True))
 
 
 def parsed_requests(
@@ -227,9 +248,11 @@ NO_PRODUCE = rules(
 
 def test_denied_requests_wait_for_the_answers_of_allowed_requests_before_them() -> None:
     """kafka-python pipelines ApiVersions, InitProducerId, Metadata and three Produce
-    requests; the Produce answers (error 29) come after the broker's three answers."""
+    requests; the Produce answers (error 29) come after the broker's three answers. (Every
+    denial recorded on its own: the repeats are not aggregated here, see
+    test_engine_kafka_noise.py.)"""
     connection = conn("kafka-python-producer/conn1")
-    eng = engine(NO_PRODUCE)
+    eng = engine(NO_PRODUCE, limits=KafkaLimits(repeat_window=0))
     sent = eng.client_data(connection.requests_bytes, NOW)
     assert written(sent, Side.UPSTREAM) == b"".join(request_frames(connection, 1, 2, 3))
     assert not written(sent, Side.CLIENT)
@@ -242,7 +265,9 @@ def test_denied_requests_wait_for_the_answers_of_allowed_requests_before_them() 
         ("REQUEST", "DROPPED", 6),
     ]
     first = eng.upstream_data(b"".join(response_frames(connection, 1, 2)), NOW + 0.001)
-    assert written(first, Side.CLIENT) == b"".join(response_frames(connection, 1, 2))
+    assert written(first, Side.CLIENT) == b"".join(
+        response_frames(connection, 1, 2, hide_telemetry=True)
+    )
     assert not injected(first)
 
     last = eng.upstream_data(response_frames(connection, 3)[0], NOW + 0.0625)
@@ -278,7 +303,8 @@ def test_denied_answers_keep_their_place_however_the_bytes_arrive(chunk: int) ->
         client += written(eng.upstream_data(answers[at : at + chunk], NOW), Side.CLIENT)
     denied = parsed_requests(request_frames(connection, 4, 5, 6))
     assert upstream == b"".join(request_frames(connection, 1, 2, 3))
-    assert client == answers + b"".join(kafka_deny_response(r) or b"" for r in denied)
+    proxied = b"".join(response_frames(connection, 1, 2, 3, hide_telemetry=True))
+    assert client == proxied + b"".join(kafka_deny_response(r) or b"" for r in denied)
 
 
 def test_a_denied_request_with_nothing_in_flight_is_answered_at_once() -> None:
@@ -307,7 +333,8 @@ def test_denied_requests_between_allowed_ones_keep_their_place() -> None:
     (denied,) = parsed_requests([produce])
     answer = kafka_deny_response(denied) or b""
     r1, r3 = response_frames(connection, 1, 3)
-    assert written(eng.upstream_data(r1, NOW), Side.CLIENT) == r1 + answer
+    (proxied,) = response_frames(connection, 1, hide_telemetry=True)
+    assert written(eng.upstream_data(r1, NOW), Side.CLIENT) == proxied + answer
     assert written(eng.upstream_data(r3, NOW), Side.CLIENT) == r3 + answer
 
 
@@ -318,7 +345,7 @@ def test_a_denied_produce_with_acks_0_gets_no_answer() -> None:
     assert written(sent, Side.UPSTREAM) == request_frames(connection, 1)[0]
     assert summary(sent) == [("REQUEST", "FORWARDED", 1), ("REQUEST", "DROPPED", 2)]
     answered = eng.upstream_data(response_frames(connection, 1)[0], NOW)
-    assert written(answered, Side.CLIENT) == response_frames(connection, 1)[0]
+    assert written(answered, Side.CLIENT) == response_frames(connection, 1, hide_telemetry=True)[0]
     assert summary(answered) == [("RESPONSE", "FORWARDED", 1)]
 
 
@@ -329,7 +356,7 @@ def test_the_brokers_answer_to_an_allowed_acks_0_produce_is_not_forwarded() -> N
         connection.requests_bytes
     )
     answered = eng.upstream_data(connection.responses_bytes, NOW)  # tansu answers acks=0
-    assert written(answered, Side.CLIENT) == response_frames(connection, 1)[0]
+    assert written(answered, Side.CLIENT) == response_frames(connection, 1, hide_telemetry=True)[0]
     assert summary(answered) == [("RESPONSE", "FORWARDED", 1)]
 
 
@@ -400,7 +427,8 @@ def test_an_all_topics_metadata_answer_is_filtered_to_the_allowed_topics() -> No
     metadata = parsed_responses(requests, answers)[1]
     assert [t.name for t in metadata.decoded.topics] == ["kp-admin", "kp-orders"]
     filtered = filter_metadata_response(metadata, {"kp-orders"})
-    assert written(out, Side.CLIENT) == answers[0] + filtered
+    (proxied,) = response_frames(connection, 1, hide_telemetry=True)
+    assert written(out, Side.CLIENT) == proxied + filtered
     assert [t.name for t in decode_answer(requests[1], filtered).topics] == ["kp-orders"]
 
 
@@ -409,7 +437,8 @@ def test_an_all_topics_metadata_answer_passes_when_any_topic_is_allowed() -> Non
     eng = engine(rules(KafkaRule(role=KafkaRole.CONSUME)))
     eng.client_data(b"".join(request_frames(connection, 1, 4)), NOW)
     answers = b"".join(response_frames(connection, 1, 4))
-    assert written(eng.upstream_data(answers, NOW), Side.CLIENT) == answers
+    proxied = b"".join(response_frames(connection, 1, 4, hide_telemetry=True))
+    assert written(eng.upstream_data(answers, NOW), Side.CLIENT) == proxied
 
 
 def test_a_metadata_answer_lists_only_the_topics_the_request_named() -> None:
@@ -423,7 +452,8 @@ def test_a_metadata_answer_lists_only_the_topics_the_request_named() -> None:
     out = eng.upstream_data(b"".join(answers), NOW)
     metadata = parsed_requests(frames)[1]
     assert metadata.topics == () and not metadata.all_topics
-    decoded = decode_answer(metadata, written(out, Side.CLIENT)[len(answers[0]) :])
+    (proxied,) = response_frames(connection, 1, hide_telemetry=True)
+    decoded = decode_answer(metadata, written(out, Side.CLIENT)[len(proxied) :])
     assert decoded.topics == [] and decoded.brokers
     # Rules allowing any topic leave the answer as the broker gave it.
     eng = engine(ALLOW_ALL)
@@ -522,7 +552,7 @@ def test_a_denied_request_without_possible_answer_closes_after_the_answers_befor
     assert not closes(sent)
     assert eng.client_data(metadata, NOW) == []
     out = eng.upstream_data(response_frames(connection, 1)[0], NOW)
-    assert written(out, Side.CLIENT) == response_frames(connection, 1)[0]
+    assert written(out, Side.CLIENT) == response_frames(connection, 1, hide_telemetry=True)[0]
     assert summary(out) == [("RESPONSE", "FORWARDED", 1), ("ERROR", "ERROR", None)]
     error = records(out)[-1]
     assert error.drop_reason_desc is DropReasonDesc.POLICY_DENIED and "99" in error.error
@@ -608,7 +638,8 @@ def test_a_client_closing_with_answers_pending_gets_them_first() -> None:
     eng.client_data(b"".join(frames), NOW)
     assert eng.client_eof(NOW) == []
     out = eng.upstream_data(response_frames(connection, 1)[0], NOW)
-    assert written(out, Side.CLIENT).startswith(response_frames(connection, 1)[0])
+    proxied = response_frames(connection, 1, hide_telemetry=True)[0]
+    assert written(out, Side.CLIENT).startswith(proxied)
     assert injected(out) and out[-1] == Close(Side.BOTH, "client closed the connection")
 
 
@@ -781,7 +812,9 @@ def test_metadata_for_allowed_and_denied_topics_is_answered_per_topic() -> None:
 
 
 def test_metadata_for_denied_topics_only_is_denied_whole() -> None:
-    eng = engine(rules(KafkaRule(role=KafkaRole.PRODUCE, topic="kp-orders")))
+    shared: dict[str, object] = {}
+    learnt_registry(shared)  # the brokers are known: answered here, nothing forwarded
+    eng = engine(rules(KafkaRule(role=KafkaRole.PRODUCE, topic="kp-orders")), shared=shared)
     out = eng.client_data(metadata_for("secret-plans", "other"), NOW)
     assert not written(out, Side.UPSTREAM)
     (request,) = parsed_requests([metadata_for("secret-plans", "other")])
