@@ -249,6 +249,9 @@ class AgentCluster:
     def status(self) -> dict[str, object]:
         out = self.node.status()
         out["remote_endpoints"] = len(self._remote)
+        # When the latest remote entries reached this node's ipcache (bench/cluster.py).
+        latest = sorted(self.learnt_at.items(), key=lambda item: item[1])[-256:]
+        out["ipcache_written_at"] = {str(ip): at for ip, at in latest}
         out["routes"] = {str(c): str(v) for c, v in self.routes.installed().items()}
         if self.route_errors:
             out["route_errors"] = dict(self.route_errors)
