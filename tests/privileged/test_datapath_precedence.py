@@ -135,6 +135,28 @@ SCENARIOS: dict[str, tuple[str, ResolverConfig | None]] = {
 """,
         None,
     ),
+    # the union of rules (issue 20): peers allowed at L3 only (a) or on TCP any port (b) are
+    # redirected on a port where some rule has L7 rules — by the derived entry for exactly
+    # (peer, TCP, port) — with allow-all L7 (the unit tests check the rule sets)
+    "union": (
+        HEAD.format(name="union")
+        + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+  - fromEndpoints: [{matchLabels: {app: peer-b}}]
+    toPorts: [{ports: [{port: "0", protocol: TCP}]}]
+  - toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET, path: /}]}
+  egress:
+  - toEndpoints: [{matchLabels: {app: peer-a}}]
+  - toEndpoints: [{matchLabels: {app: peer-b}}]
+    toPorts:
+    - ports: [{port: "9092", protocol: TCP}]
+      rules: {kafka: [{role: produce, topic: t}]}
+""",
+        None,
+    ),
     # audit: verdicts computed and logged, nothing dropped
     "audit": (
         HEAD.format(name="audit")
@@ -217,6 +239,17 @@ CASES = [
     Case("l7", OUT, "cidr", "TCP", 443, "allow L3-L4"),
     Case("l7", OUT, "world", "TCP", 443, "drop POLICY_DENIED"),
     Case("l7", OUT, "a", "TCP", 9092, "redirect L3-L4"),
+    Case("union", IN, "a", "TCP", 80, "redirect L3-L4"),
+    Case("union", IN, "a", "TCP", 81, "allow L3-only"),
+    Case("union", IN, "a", "UDP", 80, "allow L3-only"),
+    Case("union", IN, "b", "TCP", 80, "redirect L3-L4"),
+    Case("union", IN, "b", "TCP", 22, "allow L3-proto"),
+    Case("union", IN, "world", "TCP", 80, "redirect L4-only"),
+    Case("union", IN, "world", "TCP", 81, "drop POLICY_DENIED"),
+    Case("union", OUT, "a", "TCP", 9092, "redirect L3-L4"),
+    Case("union", OUT, "a", "TCP", 9093, "allow L3-only"),
+    Case("union", OUT, "b", "TCP", 9092, "redirect L3-L4"),
+    Case("union", OUT, "world", "TCP", 9092, "drop POLICY_DENIED"),
     Case("audit", IN, "a", "TCP", 80, "allow L3-L4"),
     Case("audit", IN, "b", "TCP", 80, "drop POLICY_DENIED"),
     Case("audit", OUT, "b", "UDP", 53, "drop POLICY_DENY L3-only"),

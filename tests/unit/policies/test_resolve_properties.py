@@ -254,6 +254,7 @@ def test_incremental_merge_equals_reference_merge(
     r.add_identity(*ENDPOINTS[1])
     for ident, _ in ENDPOINTS:
         state = r.map_state(ident)
-        entries, l7 = merge_contributions(r._endpoints[ident].contribs)
+        ep = r._endpoints[ident]
+        entries, l7 = merge_contributions(ep.contribs, ep.l7_ports)
         assert dict(state.entries) == entries
         assert dict(state.l7) == l7
