@@ -498,6 +498,11 @@ class Aggregate:
             return cls(egress_flow_count=count)
         return cls(unknown_direction_flow_count=count)
 
+    @property
+    def flows(self) -> int:
+        """How many flows the record stands for, in every direction."""
+        return self.ingress_flow_count + self.egress_flow_count + self.unknown_direction_flow_count
+
     def to_dict(self) -> dict[str, int]:
         counts = {
             "ingress_flow_count": self.ingress_flow_count,

@@ -216,7 +216,9 @@ def _count(metrics: ProxyMetrics, records: list[FlowRecord]) -> None:
     latencies: dict[str, list[float]] = {}
     for record in records:
         verdict = record.verdict
-        verdicts[verdict] = verdicts.get(verdict, 0) + 1
+        # A record with an aggregate stands for that many flows (repeated Kafka denials).
+        flows = 1 if record.aggregate is None else record.aggregate.flows
+        verdicts[verdict] = verdicts.get(verdict, 0) + flows
         l7 = record.l7
         if record.type is not FlowType.L7 or l7 is None:
             continue
@@ -229,9 +231,9 @@ def _count(metrics: ProxyMetrics, records: list[FlowRecord]) -> None:
             continue
         if l7.type is L7FlowType.REQUEST:
             key = ("received", proto, direction)
-            rules[key] = rules.get(key, 0) + 1
+            rules[key] = rules.get(key, 0) + flows
             key = ("denied" if verdict is Verdict.DROPPED else "forwarded", proto, direction)
-            rules[key] = rules.get(key, 0) + 1
+            rules[key] = rules.get(key, 0) + flows
         elif verdict is not Verdict.DROPPED and l7.latency_ns is not None:
             latencies.setdefault(proto, []).append(l7.latency_ns / 1e9)
     for verdict, n in verdicts.items():
