@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from observe import write_log  # noqa: E402 - the generator beside this file
+from observe import write_log  # the generator beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 
