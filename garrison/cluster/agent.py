@@ -81,6 +81,7 @@ class AgentCluster:
         self.node = ClusterNode(
             self.store, self.session, NodeRecord(node_name, node_ip, pod_cidr), self
         )
+        self.node.on_beat.append(self.allocator.flush_pending)
         self._remote: dict[ipaddress.IPv4Address, IPEntry] = {}
         # When each remote IP's ipcache entry was last written (time.time()), for benchmarks.
         self.learnt_at: dict[ipaddress.IPv4Address, float] = {}
@@ -115,6 +116,7 @@ class AgentCluster:
 
     def _restore_identities(self, _lease: int) -> None:
         changed = self.allocator.restore()
+        self.allocator.flush_pending()
         for old, new in changed.items():
             log.error(
                 "identity %d was collected while this node was away and its number reused;"

@@ -99,6 +99,8 @@ class ClusterNode:
         # When each watch last delivered (monotonic), and how many changes it applied.
         self.applied: dict[str, int] = dict.fromkeys(self._views, 0)
         self.errors: list[str] = []
+        # Run after every heartbeat (in its thread): retries of writes that found etcd away.
+        self.on_beat: list[Callable[[], object]] = []
 
     # Publishing ----------------------------------------------------------------------------
 
@@ -118,6 +120,11 @@ class ClusterNode:
     def _beat_loop(self) -> None:
         while not self._stop.wait(self._heartbeat_s):
             self._heartbeat()
+            for hook in self.on_beat:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("cluster: heartbeat hook %r failed", hook)
 
     def publish_endpoint(self, entry: IPEntry) -> None:
         """Bound to this node's lease; retried by the session while etcd is away."""

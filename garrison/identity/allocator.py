@@ -52,6 +52,7 @@ from garrison.kvstore.base import (
     Absent,
     Delete,
     KVStore,
+    KVStoreUnavailableError,
     NoneWithPrefix,
     Put,
     TransactionalKVStore,
@@ -463,6 +464,10 @@ class ClusterIdentityAllocator(IdentityAllocator):
         self._lease = lease
         self._lock = threading.RLock()
         self._held: dict[str, _HeldIdentity] = {}
+        # Writes of this node's references that found the store away: canonical labels → the
+        # identity to reference again, or the number whose reference to drop. `flush_pending`
+        # retries them (the agent calls it periodically).
+        self._pending: dict[str, _HeldIdentity | int] = {}
 
     def _refs_of(self, canonical: str) -> str:
         # Quoted without a safe "/", so one label set's references are never a prefix of
@@ -489,9 +494,10 @@ class ClusterIdentityAllocator(IdentityAllocator):
         with self._lock:
             held = self._held.get(canonical)
             if held is not None:
+                # Known here: no round trip needed, so it works while etcd is away.
                 if owner not in held.owners:
                     held.owners.add(owner)
-                    self._tx.transaction([], [self._ref_put(canonical, held)])
+                    self._write_ref(canonical, held)
                 return Identity(held.id, relevant)
             held = _HeldIdentity(0, relevant, {owner})
             held.id = self._reference(canonical, held, keep_id=None)
@@ -579,11 +585,39 @@ class ClusterIdentityAllocator(IdentityAllocator):
                 return False
             held.owners.discard(owner)
             if held.owners:
-                self._tx.transaction([], [self._ref_put(canonical, held)])
+                self._write_ref(canonical, held)
                 return False
-            self._store.delete(self._ref_key(canonical))
             del self._held[canonical]
-            return self.collect(canonical, held.id)
+            try:
+                self._store.delete(self._ref_key(canonical))
+                return self.collect(canonical, held.id)
+            except KVStoreUnavailableError:
+                self._pending[canonical] = held.id
+                return False
+
+    def _write_ref(self, canonical: str, held: _HeldIdentity) -> None:
+        """Update this node's reference (its owner list); later when the store is away."""
+        try:
+            self._tx.transaction([], [self._ref_put(canonical, held)])
+            self._pending.pop(canonical, None)
+        except KVStoreUnavailableError:
+            self._pending[canonical] = held
+
+    def flush_pending(self) -> int:
+        """Retry the reference writes that found the store away; how many are still waiting."""
+        with self._lock:
+            for canonical, what in list(self._pending.items()):
+                try:
+                    if isinstance(what, _HeldIdentity):
+                        if self._held.get(canonical) is what:
+                            self._tx.transaction([], [self._ref_put(canonical, what)])
+                    elif canonical not in self._held:
+                        self._store.delete(self._ref_key(canonical))
+                        self.collect(canonical, what)
+                except KVStoreUnavailableError:
+                    break
+                del self._pending[canonical]
+            return len(self._pending)
 
     def collect(self, canonical: str, number: int) -> bool:
         """Delete the identity `number` of `canonical` if no node references it; True if so."""

@@ -187,3 +187,30 @@ def test_restore_takes_a_new_number_when_the_old_one_went_to_other_labels(
     assert isinstance(new, Identity) and new.id != old.id
     assert changed == {old.id: new.id}
     assert node.lookup_id(old.id) == taken
+
+
+def test_known_labels_allocate_while_etcd_is_down_and_catch_up_after() -> None:
+    from garrison.kvstore.base import KVStoreUnavailableError
+
+    with EtcdServer(name="ge-id-down") as server:
+        node = Node(server.url, "ge-down/", "node1")
+        try:
+            node.store.timeout_s = 1.0
+            web = node.allocator.allocate(labels("web"), "ep-1")
+            gone = node.allocator.allocate(labels("gone"), "ep-2")
+            server.stop()
+            # Known labels: from memory, no round trip.
+            assert node.allocator.allocate(labels("web"), "ep-3") == web
+            assert node.allocator.release(web, "ep-1") is False
+            assert node.allocator.release(gone, "ep-2") is False  # freed once etcd is back
+            # New labels wait for etcd, and say so.
+            with pytest.raises(KVStoreUnavailableError, match="start etcd"):
+                node.allocator.allocate(labels("new"), "ep-4")
+            assert node.allocator.flush_pending() == 2
+            server.start()
+            wait_for(lambda: node.allocator.flush_pending() == 0, 10.0, "pending writes")
+            assert node.allocator.owners(web) == {"node1/ep-3"}
+            assert node.allocator.lookup_id(gone.id) is None
+            assert node.allocator.allocate(labels("new"), "ep-4").id != web.id
+        finally:
+            node.close()
