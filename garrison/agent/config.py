@@ -49,3 +49,5 @@ class AgentConfig:
     # other nodes route through `node_ip` (None: the address this node uses towards etcd).
     pod_cidr: ipaddress.IPv4Network | None = None
     node_ip: ipaddress.IPv4Address | None = None
+    # This node's records vanish from the others this long after it stops renewing its lease.
+    kvstore_lease_ttl_s: int = 15

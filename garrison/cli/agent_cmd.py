@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from garrison.agent.api import AgentAPIServer, AgentClient, AgentUnreachableError, APIError
+from garrison.agent.cnisocket import CNISocketServer
 from garrison.agent.config import DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, AgentConfig
 from garrison.agent.daemon import Agent
 from garrison.agent.endpoints import EndpointError, EndpointRegistry
@@ -40,6 +41,7 @@ from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
 from garrison.bpf.loader import BPFFSError, DatapathError
 from garrison.cluster.agent import ClusterConfigError
 from garrison.cluster.routes import RouteError
+from garrison.cni.wire import cni_socket_for
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
 from garrison.kvstore.base import KVStoreError
 from garrison.policies.errors import PolicyValidationError
@@ -77,6 +79,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--node-ip", metavar="IP",
                    help="with --kvstore etcd: where other nodes route --pod-cidr (default: the "
                    "address towards etcd)")
+    p.add_argument("--kvstore-lease-ttl", type=int, default=15, metavar="SECONDS",
+                   help="with --kvstore etcd: how long after this agent stops the other nodes "
+                   "forget its endpoints (default 15)")
     p.add_argument("--enforcement", choices=[m.value for m in EnforcementMode],
                    default="default")
     p.add_argument("--audit", action="store_true", help="log verdicts, drop and deny nothing")
@@ -125,6 +130,8 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     if not args.kvstore_endpoints or not args.pod_cidr:
         raise ValueError("--kvstore etcd needs --kvstore-endpoints URL and --pod-cidr CIDR")
+    if args.kvstore_lease_ttl < 2:
+        raise ValueError("--kvstore-lease-ttl must be at least 2 seconds")
     pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
     return {
         "kvstore": "etcd",
@@ -132,6 +139,7 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         "pod_cidr": pod_cidr,
         "endpoint_pool": pod_cidr,
         "node_ip": ipaddress.IPv4Address(args.node_ip) if args.node_ip else None,
+        "kvstore_lease_ttl_s": args.kvstore_lease_ttl,
     }
 
 
@@ -279,9 +287,12 @@ async def _serve(config: AgentConfig, verbose: bool) -> int:
                 loop.call_soon_threadsafe(server.update_policy, agent)
 
         agent.policy_listeners.append(policy_changed)
-        api = AgentAPIServer(config.socket_path, make_handlers(agent),
-                             revision=lambda: agent.revision)
+        handlers = make_handlers(agent)
+        api = AgentAPIServer(config.socket_path, handlers, revision=lambda: agent.revision)
         api.start()
+        # the CNI plugin's socket: the CNI methods without gRPC (garrison.cni.wire)
+        cni = CNISocketServer(Path(cni_socket_for(str(config.socket_path))), handlers)
+        cni.start()
         log.info("agent ready: API on %s, proxy %s, policy revision %d", config.socket_path,
                  proxy_status, agent.revision)
         stop = asyncio.Event()
@@ -303,6 +314,7 @@ async def _serve(config: AgentConfig, verbose: bool) -> int:
         signal.signal(signal.SIGHUP, on_hup)
         await stop.wait()
         log.info("stopping: enforcement stays in the kernel")
+        cni.stop()
         api.stop()
     finally:
         for server in servers:

@@ -100,7 +100,15 @@ class AgentCluster:
             )
         endpoints = parse_endpoints(config.kvstore_endpoints)
         node_ip = config.node_ip or source_address_towards(endpoints[0].rpartition(":")[0])
-        return cls(agent, endpoints, config.node_name, node_ip, config.pod_cidr, agent.kvstore)
+        return cls(
+            agent,
+            endpoints,
+            config.node_name,
+            node_ip,
+            config.pod_cidr,
+            agent.kvstore,
+            lease_ttl_s=config.kvstore_lease_ttl_s,
+        )
 
     def start(self) -> None:
         """Publish this node and its endpoints, then follow the others."""

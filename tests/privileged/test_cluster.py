@@ -45,6 +45,7 @@ pytestmark = [
 PID = os.getpid()
 UNDERLAY = f"ge-ul-{PID}"
 ETCD_IP = "198.19.0.250"
+LEASE_TTL_S = 3
 POLICY = """\
     apiVersion: cilium.io/v2
     kind: CiliumNetworkPolicy
@@ -140,7 +141,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node
             agent.extra = [
                 "--kvstore", "etcd", "--kvstore-endpoints", etcd.url,
                 "--node-name", f"ge-n{n}", "--pod-cidr", f"198.18.{200 + n}.0/24",
-                "--node-ip", node_ip,
+                "--node-ip", node_ip, "--kvstore-lease-ttl", str(LEASE_TTL_S),
             ]
             node = Node(f"ge-n{n}", netns, node_ip, f"198.18.{200 + n}.0/24", agent)
             nodes[node.name] = node
@@ -243,3 +244,23 @@ def test_a_stopped_agent_keeps_enforcing_and_catches_up(cluster: dict[str, Node]
     e = add_endpoint(n1, "ge-e", "app=ge-e", "198.18.201.13")
     wait_for(lambda: f"{e.ip}/32" in n2.ipcache(), 15.0, "node 2 to catch up")
     n1.api("EndpointDelete", name="ge-e")
+
+
+def test_a_dead_node_leaves_every_ipcache_within_the_lease_ttl(cluster: dict[str, Node]) -> None:
+    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
+    mine = {"198.18.201.10/32", "198.18.201.11/32"}  # ge-a, ge-c
+    assert mine <= set(n2.ipcache())
+    n1.agent.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        wait_for(lambda: not mine & set(n2.ipcache()), LEASE_TTL_S + 5.0, "n1's endpoints to go")
+        gone_after = time.monotonic() - killed
+        assert gone_after < LEASE_TTL_S + 2.0, gone_after
+        status = n2.api("Status")["cluster"]
+        assert set(status["nodes"]) == {"ge-n2"}
+        assert status["routes"] == {}
+    finally:
+        n1.agent.start()
+    # Back: it republishes its endpoints (same identities) and the route returns.
+    wait_for(lambda: mine <= set(n2.ipcache()), 15.0, "n1's endpoints to come back")
+    assert n2.api("Status")["cluster"]["routes"] == {n1.pod_cidr: n1.ip}
