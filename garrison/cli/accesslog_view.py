@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from garrison.flows.render import render_time
-from garrison.flows.summary import AccessLogSummary, RateSeries, VerdictCounts
+from garrison.flows.summary import AccessLogSummary, QuietSpan, RateSeries, VerdictCounts
 
 BAR_WIDTH = 20
 _BAR = "█"
@@ -61,6 +61,9 @@ def _records(summary: AccessLogSummary, console: Console) -> None:
     if summary.first_time_ns is not None:
         line += f", from {_time(summary.first_time_ns)} to {_time(summary.last_time_ns)}"
     console.print(Text(line))
+    if summary.retried_syns:
+        console.print(Text(f"{summary.retried_syns} retransmitted SYNs of denied connection "
+                           "attempts are counted as records, not again as decisions"))
 
 
 def _verdicts(summary: AccessLogSummary, console: Console) -> None:
@@ -96,13 +99,18 @@ def _top_denied(summary: AccessLogSummary, console: Console) -> None:
     for group in summary.top_denied:
         table.add_row(
             Text(str(group.count)),
-            Text(group.source.text),
-            Text(group.destination.text),
+            Text(_side(group.source.text, group.source_pods)),
+            Text(_side(group.destination.text, group.destination_pods)),
             Text(group.what or group.protocol or "-"),
             Text(_time(group.first_seen_ns)),
             Text(_time(group.last_seen_ns)),
         )
     console.print(table)
+
+
+def _side(text: str, pods: tuple[str, ...]) -> str:
+    """Source and destination alike: who (identity, namespace, labels), then the pods seen."""
+    return f"{text} pods: {', '.join(pods)}" if pods else text
 
 
 def _rate(rate: RateSeries, console: Console) -> None:
@@ -117,7 +125,17 @@ def _rate(rate: RateSeries, console: Console) -> None:
     columns = ["START", "DECISIONS", "FORWARDED", "DROPPED", *extra, "RATE/s", ""]
     table = _table(*columns, right=tuple(columns[1:-1]))
     most = max(b.count for b in rate.buckets)
-    for bucket in rate.buckets:
+    for bucket in rate.rows():
+        if isinstance(bucket, QuietSpan):
+            # a run of empty buckets is one row, not a column of zeros
+            table.add_row(
+                Text(render_time(bucket.start_ns)),
+                Text("0"),
+                *(Text("") for _ in columns[2:-1]),
+                Text(f"no decisions until {render_time(bucket.end_ns)} "
+                     f"({bucket.buckets} intervals)", style="dim"),
+            )
+            continue
         counts = [_count(bucket.verdicts, name) for name in ("FORWARDED", "DROPPED", *extra)]
         bar = round(bucket.count / most * BAR_WIDTH) if most else 0
         if bucket.count and not bar:

@@ -20,18 +20,25 @@ type 4) report forwarded packets; neither is a decision. The datapath writes two
 one denied connection attempt, a policy-verdict DENIED record and a drop record; so when the
 log holds any drop record, policy-verdict records with verdict DROPPED are not counted as
 decisions (their drop record is). A log without drop records (filtered to policy verdicts,
-say) counts its policy-verdict denials instead.
+say) counts its policy-verdict denials instead. A client retransmits a SYN that got no
+answer (Linux: after 1, 2, 4, 8, 16 and 32 s), and the datapath records each copy: a denied
+SYN of the same TCP 5-tuple (source and destination address and port) and event type as one
+seen at most `syn_retry_window_s` (64 s) before it is the same decision, counted as a record
+but not again as a decision (`retried_syns` says how many there were).
 
 **Verdict counts**: FORWARDED, DROPPED, AUDIT, ERROR, and `other` for a missing or unknown
 verdict; once over all records, once over decisions.
 
-**Top denied**: the decisions with verdict DROPPED, grouped by source, destination and what
-was asked, largest group first (then the earliest). The source is its identity and
-`namespace/pod`, or its labels when it has no pod name; the destination is its identity,
-namespace and labels (the replicas of a workload have different pod names but the same
-labels). Labels are shown short: without the `k8s:` source prefix and without the namespace
-labels (`io.kubernetes.pod.namespace`, `io.cilium.k8s.namespace.labels.*`), as the namespace
-is shown on its own; other sources stay (`reserved:world`). What was asked:
+**Top denied**: the decisions with verdict DROPPED, and the ERROR records of requests the
+proxy could not parse (`drop_reason_desc` PARSE_ERROR: refused, as nothing unparsed is
+forwarded), grouped by source, destination and what was asked, largest group first (then the
+earliest). Source and destination are named the same way: identity, namespace and labels
+(the replicas of a workload have different pod names but the same labels); the pod name when
+an endpoint has no labels, the address when it has neither. The pod names seen are kept
+beside (`pods`, at most 5 per side). Labels are shown short: without the `k8s:` source prefix
+and without the namespace labels (`io.kubernetes.pod.namespace`,
+`io.cilium.k8s.namespace.labels.*`), as the namespace is shown on its own; other sources stay
+(`reserved:world`). What was asked (` PARSE_ERROR` added for a parse error):
 
 - HTTP: the method and the path pattern of `l7.http.url`: the path without query and
   fragment, each segment of only digits read as `{n}`, a UUID as `{uuid}`, a hexadecimal
@@ -50,6 +57,8 @@ granularity) that gives at most `max_buckets` buckets, whole days beyond that; o
 `interval_s`, raised to a multiple of the kept granularity (and to fewer than 100,000
 buckets). Buckets start at multiples of the interval since the epoch (UTC), and the ones
 between the first and the last decision without any are included with zeros.
+`RateSeries.rows()` gives them for a table: a run of two or more empty buckets is one
+`QuietSpan`.
 
 **Per policy rule**: for each rule section named by a decision's `ingress_allowed_by` /
 `egress_allowed_by` (counted as *allowed*) or `ingress_denied_by` / `egress_denied_by`
@@ -70,12 +79,13 @@ JSON (`AccessLogSummary.to_dict()`)
 Times are RFC 3339 strings as in the log (`null` when no record had one)::
 
     {
-      "records_read": int, "records_skipped": int,
+      "records_read": int, "records_skipped": int, "retried_syns": int,
       "first_time": str | null, "last_time": str | null,
       "verdicts": {"records": COUNTS, "decisions": COUNTS},
       "top_denied": {"total_groups": int, "groups": [
         {"count": int, "first_seen": str | null, "last_seen": str | null,
-         "source": PEER, "destination": PEER, "protocol": str, "what": str}]},
+         "source": PEER, "destination": PEER, "protocol": str, "what": str,
+         "verdict": str}]},
       "rate": {"interval_s": int, "granularity_s": int, "buckets": [
         {"start": str, "count": int, "rate_per_s": float,
          "forwarded": int, "dropped": int, "audit": int, "error": int, "other": int}]},
@@ -88,8 +98,9 @@ Times are RFC 3339 strings as in the log (`null` when no record had one)::
 
 COUNTS is {"total", "forwarded", "dropped", "audit", "error", "other": int}. PEER is
 {"identity": int, "namespace": str, "pod_name": str, "labels": [str], "ip": str,
-"text": str}: the parts the group is keyed on, the others empty (a destination has no
-`pod_name` when it has labels; `ip` only when there is neither). `protocol` is `http`,
+"text": str, "pods": [str]}: the parts the group is keyed on, the others empty (no
+`pod_name` when there are labels; `ip` only when there is neither), and the pod names seen.
+`verdict` is DROPPED, or ERROR for parse errors. `protocol` is `http`,
 `grpc`, `kafka`, `l7`, or the L4 protocol in lower case (`tcp`). `never_matched` is empty
 when `policies_given` is false.
 """
@@ -124,6 +135,7 @@ DISPLAY_INTERVALS = (
 _DAY = 86400
 _NS = 1_000_000_000
 _MEMO_SIZE = 4096
+_MAX_SYNS = 65536  # denied SYNs remembered before the ones past the window are forgotten
 
 _NAMESPACE_LABEL = "io.kubernetes.pod.namespace="
 _NAMESPACE_LABELS = "io.cilium.k8s.namespace.labels."
@@ -141,13 +153,19 @@ _ALLOWED, _DENIED, _AUDITED, _DENIED_DROP, _DENIED_VERDICT, _FIRST, _LAST = rang
 @dataclass(frozen=True, slots=True)
 class SummaryConfig:
     """`top`: how many denied groups to keep; `max_buckets`: the most time buckets the
-    interval is chosen for; `interval_s`: a fixed interval instead (None: choose)."""
+    interval is chosen for; `interval_s`: a fixed interval instead (None: choose);
+    `syn_retry_window_s`: how long after a denied SYN a copy of it is a retransmission
+    (0: never)."""
 
     top: int = 10
     max_buckets: int = 60
     interval_s: int | None = None
+    syn_retry_window_s: float = 64.0
 
     def __post_init__(self) -> None:
+        if self.syn_retry_window_s < 0:
+            raise ValueError(f"syn_retry_window_s must be 0 or more, not "
+                             f"{self.syn_retry_window_s}")
         if self.top < 0:
             raise ValueError(f"top must be 0 or more, not {self.top}")
         if self.max_buckets < 1:
@@ -229,7 +247,8 @@ class PeerKey:
 
 @dataclass(frozen=True, slots=True)
 class DeniedGroup:
-    """Denied decisions of one source, destination and request kind (`what`)."""
+    """Denied decisions of one source, destination and request kind (`what`); the pod
+    names seen on each side (at most `MAX_GROUP_PODS`, sorted)."""
 
     source: PeerKey
     destination: PeerKey
@@ -238,17 +257,25 @@ class DeniedGroup:
     count: int
     first_seen_ns: int | None
     last_seen_ns: int | None
+    source_pods: tuple[str, ...] = ()
+    destination_pods: tuple[str, ...] = ()
+    verdict: str = "DROPPED"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "count": self.count,
             "first_seen": _time_text(self.first_seen_ns),
             "last_seen": _time_text(self.last_seen_ns),
-            "source": self.source.to_dict(),
-            "destination": self.destination.to_dict(),
+            "source": {**self.source.to_dict(), "pods": list(self.source_pods)},
+            "destination": {**self.destination.to_dict(), "pods": list(self.destination_pods)},
             "protocol": self.protocol,
             "what": self.what,
+            "verdict": self.verdict,
         }
+
+
+MAX_GROUP_PODS = 5
+"""Pod names kept per side of a denied group."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +306,16 @@ class RateBucket:
 
 
 @dataclass(frozen=True, slots=True)
+class QuietSpan:
+    """Two or more consecutive buckets without a decision, from `start_ns` to `end_ns`
+    (exclusive): one row of a table instead of a run of empty ones."""
+
+    start_ns: int
+    end_ns: int
+    buckets: int
+
+
+@dataclass(frozen=True, slots=True)
 class RateSeries:
     """`granularity_s`: what the builder kept (1 s unless the log was too long);
     `buckets`: consecutive, from the first decision's bucket to the last one's."""
@@ -293,6 +330,24 @@ class RateSeries:
             "granularity_s": self.granularity_s,
             "buckets": [b.to_dict() for b in self.buckets],
         }
+
+    def rows(self) -> list[RateBucket | QuietSpan]:
+        """The buckets for a table: a run of two or more empty buckets as one QuietSpan."""
+        out: list[RateBucket | QuietSpan] = []
+        run: list[RateBucket] = []
+        for bucket in (*self.buckets, None):
+            if bucket is not None and not bucket.count:
+                run.append(bucket)
+                continue
+            if len(run) == 1:
+                out.append(run[0])
+            elif run:
+                end = run[-1].start_ns + run[-1].interval_s * _NS
+                out.append(QuietSpan(run[0].start_ns, end, len(run)))
+            run = []
+            if bucket is not None:
+                out.append(bucket)
+        return out
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -383,12 +438,14 @@ class AccessLogSummary:
     rate: RateSeries
     rules: tuple[RuleCount, ...]
     never_matched: tuple[RuleKey, ...] | None
+    retried_syns: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The `-o json` object (layout in the module docstring)."""
         return {
             "records_read": self.records_read,
             "records_skipped": self.records_skipped,
+            "retried_syns": self.retried_syns,
             "first_time": _time_text(self.first_time_ns),
             "last_time": _time_text(self.last_time_ns),
             "verdicts": {
@@ -531,6 +588,10 @@ class SummaryBuilder:
         self._denied: dict[_GroupKey, list[Any]] = {}
         self._verdict_denied: dict[_GroupKey, list[Any]] = {}
         self._rules: dict[_RuleTuple, list[Any]] = {}
+        # denied SYNs: (event type, addresses, ports) -> the last time one was seen (ns)
+        self._syns: dict[tuple[Any, ...], int] = {}
+        self._syn_window_ns = int(config.syn_retry_window_s * _NS)
+        self._retried_syns = 0
         # memos of pure functions, bounded: the second of a time prefix, URL patterns, peers
         self._second_text = ""
         self._second = 0
@@ -585,6 +646,9 @@ class SummaryBuilder:
                     slot = _VERDICT_DENIED
             else:
                 return
+            if slot in _DENIED_SLOTS and ns is not None and self._retried_syn(flow, event, ns):
+                self._retried_syns += 1
+                return
         else:
             return
 
@@ -598,6 +662,8 @@ class SummaryBuilder:
                 self._new_bucket(start, slot)
         if slot in _DENIED_SLOTS:
             self._count_denied(flow, kind, ns, slot == _VERDICT_DENIED)
+        elif slot == _ERROR and get("drop_reason_desc") == "PARSE_ERROR":
+            self._count_denied(flow, kind, ns, False, "ERROR")
         allowed, egress_allowed = get("ingress_allowed_by"), get("egress_allowed_by")
         if allowed:
             self._count_rules(allowed, _ALLOWED, ns)
@@ -661,38 +727,71 @@ class SummaryBuilder:
                     into[i] += n
             self._granularity, self._buckets = g, merged
 
+    def _retried_syn(self, flow: Mapping[str, Any], event: int, ns: int) -> bool:
+        """True for a copy of a denied SYN seen at most the window before (its
+        retransmission); remembers this one either way."""
+        if not self._syn_window_ns:
+            return False
+        l4 = _obj(flow.get("l4"))
+        tcp = _obj(l4.get("TCP")) if l4 is not None else None
+        if tcp is None:
+            return False
+        flags = _obj(tcp.get("flags"))
+        if flags is None or flags.get("SYN") is not True or flags.get("ACK") is True:
+            return False
+        source, destination = _address(flow, "source"), _address(flow, "destination")
+        sport, dport = tcp.get("source_port"), tcp.get("destination_port")
+        if not (source and destination and _int(sport) and _int(dport)):
+            return False  # not known to be the same connection
+        key = (event, source, sport, destination, dport)
+        last = self._syns.get(key)
+        self._syns[key] = ns if last is None else max(last, ns)
+        if last is not None and abs(ns - last) <= self._syn_window_ns:
+            return True
+        if len(self._syns) > _MAX_SYNS:  # forget the ones no retransmission can follow
+            newest = max(self._syns.values())
+            self._syns = {k: t for k, t in self._syns.items()
+                          if newest - t <= self._syn_window_ns}
+        return False
+
     def _count_denied(self, flow: Mapping[str, Any], kind: str, ns: int | None,
-                      by_verdict: bool) -> None:
-        source = self._peer(flow.get("source"), True)
-        destination = self._peer(flow.get("destination"), False)
+                      by_verdict: bool, verdict: str = "DROPPED") -> None:
+        src, dst = flow.get("source"), flow.get("destination")
+        source, destination = self._peer(src), self._peer(dst)
         groups = self._verdict_denied if by_verdict else self._denied
         for protocol, what in self._whats(flow, kind):
+            if verdict == "ERROR":
+                what = f"{what} PARSE_ERROR" if what else "PARSE_ERROR"
             key = (source, destination, protocol, what)
             group = groups.get(key)
             if group is None:
-                groups[key] = [1, ns, ns]
-                continue
+                group = groups[key] = [0, ns, ns, set(), set(), verdict]
             group[0] += 1
             if ns is not None:
                 if group[1] is None or ns < group[1]:
                     group[1] = ns
                 if group[2] is None or ns > group[2]:
                     group[2] = ns
+            for pods, ep in ((group[3], src), (group[4], dst)):
+                if len(pods) < MAX_GROUP_PODS:
+                    pod = _text(ep.get("pod_name")) if isinstance(ep, Mapping) else ""
+                    if pod:
+                        pods.add(pod)
 
-    def _peer(self, value: Any, prefer_pod: bool) -> PeerKey:
+    def _peer(self, value: Any) -> PeerKey:
         ep = _obj(value)
         if ep is None:
             return PeerKey()
         get = ep.get
         labels = get("labels")
         try:
-            key = (prefer_pod, get("identity"), get("namespace"), get("pod_name"),
+            key = (get("identity"), get("namespace"), get("pod_name"),
                    tuple(labels) if type(labels) is list else None)
             peer = self._peers.get(key)
         except TypeError:  # a part that is no JSON scalar: not worth remembering
-            return _peer(ep, prefer_pod=prefer_pod)
+            return _peer(ep)
         if peer is None:
-            peer = _peer(ep, prefer_pod=prefer_pod)
+            peer = _peer(ep)
             if peer.ip:  # keyed on the address: one entry per client is not worth keeping
                 return peer
             if len(self._peers) >= _MEMO_SIZE:
@@ -777,7 +876,8 @@ class SummaryBuilder:
             ),
         )
         top = tuple(
-            DeniedGroup(src, dst, protocol, what, stats[0], stats[1], stats[2])
+            DeniedGroup(src, dst, protocol, what, stats[0], stats[1], stats[2],
+                        tuple(sorted(stats[3])), tuple(sorted(stats[4])), stats[5])
             for (src, dst, protocol, what), stats in ranked[: self._config.top]
         )
         merged = self._merged_rules()
@@ -808,6 +908,7 @@ class SummaryBuilder:
             rate=self._series(with_verdict_denials),
             rules=rules,
             never_matched=never,
+            retried_syns=self._retried_syns,
         )
 
     def _merged_rules(self) -> dict[RuleKey, list[Any]]:
@@ -860,7 +961,8 @@ class SummaryBuilder:
         return RateSeries(interval, g, out)
 
 
-def _peer(ep: Mapping[str, Any] | None, *, prefer_pod: bool) -> PeerKey:
+def _peer(ep: Mapping[str, Any] | None) -> PeerKey:
+    """One side of a denied group, keyed the same way for source and destination."""
     if ep is None:
         return PeerKey()
     identity = _int(ep.get("identity"))
@@ -868,13 +970,21 @@ def _peer(ep: Mapping[str, Any] | None, *, prefer_pod: bool) -> PeerKey:
     pod = _text(ep.get("pod_name"))
     raw = ep.get("labels")
     labels = short_labels(x for x in raw if isinstance(x, str)) if isinstance(raw, list) else ()
-    if prefer_pod and pod:
-        return PeerKey(identity, namespace, pod, labels)
     if labels:
         return PeerKey(identity, namespace, "", labels)
     if pod:
         return PeerKey(identity, namespace, pod)
     return PeerKey(identity, namespace, ip=_text(ep.get("ip")))
+
+
+def _address(flow: Mapping[str, Any], side: str) -> str:
+    """An endpoint's address: its `ip`, else Hubble's `IP.source` / `IP.destination`."""
+    ep = _obj(flow.get(side))
+    ip = _text(ep.get("ip")) if ep is not None else ""
+    if not ip:
+        header = _obj(flow.get("IP"))
+        ip = _text(header.get(side)) if header is not None else ""
+    return ip
 
 
 def _l4_what(flow: Mapping[str, Any]) -> tuple[str, str]:
@@ -902,6 +1012,7 @@ __all__ = [
     "AccessLogSummary",
     "DeniedGroup",
     "PeerKey",
+    "QuietSpan",
     "RateBucket",
     "RateSeries",
     "RuleCount",

@@ -30,6 +30,8 @@ from garrison.flows.summary import (
     MAX_KEPT_BUCKETS,
     AccessLogSummary,
     PeerKey,
+    QuietSpan,
+    RateBucket,
     RuleKey,
     SummaryBuilder,
     SummaryConfig,
@@ -120,14 +122,16 @@ def test_demo_counts_every_record_and_each_decision_once() -> None:
     assert s.record_verdicts.to_dict() == {
         "total": 81, "forwarded": 67, "dropped": 14, "audit": 0, "error": 0, "other": 0,
     }
+    # the xwing's two connection attempts: each SYN retransmitted once, one decision each
     assert s.decision_verdicts.to_dict() == {
-        "total": 47, "forwarded": 40, "dropped": 7, "audit": 0, "error": 0, "other": 0,
+        "total": 45, "forwarded": 40, "dropped": 5, "audit": 0, "error": 0, "other": 0,
     }
+    assert s.retried_syns == 4  # a drop and a policy-verdict record per retransmission
     assert format_time(s.first_time_ns or 0) == "2026-12-05T11:59:39.547156290Z"
     assert format_time(s.last_time_ns or 0) == "2026-12-05T11:59:51.503159296Z"
 
 
-def test_demo_top_denied_counts_each_denied_syn_once_and_every_l7_deny() -> None:
+def test_demo_top_denied_counts_each_connection_attempt_once_and_every_l7_deny() -> None:
     s = summarise(demo_flows())
     assert s.denied_groups == 4
     rows = [
@@ -135,35 +139,38 @@ def test_demo_top_denied_counts_each_denied_syn_once_and_every_l7_deny() -> None
          format_time(g.first_seen_ns or 0), format_time(g.last_seen_ns or 0))
         for g in s.top_denied
     ]
+    # sources and destinations are named alike: identity, namespace, labels
     assert rows == [
-        (4, "default/xwing (ID:258)", "default class=deathstar,org=empire (ID:256)", "tcp",
-         "TCP/80 POLICY_DENIED",
-         "2026-12-05T11:59:39.893652613Z", "2026-12-05T11:59:43.549781434Z"),
-        (1, "default/tiefighter (ID:257)", "default class=deathstar,org=empire (ID:256)",
-         "http", "PUT /v1/exhaust-port",
+        (2, "default class=xwing,org=alliance (ID:258)",
+         "default class=deathstar,org=empire (ID:256)", "tcp", "TCP/80 POLICY_DENIED",
+         "2026-12-05T11:59:39.893652613Z", "2026-12-05T11:59:42.539526549Z"),
+        (1, "default class=tiefighter,org=empire (ID:257)",
+         "default class=deathstar,org=empire (ID:256)", "http", "PUT /v1/exhaust-port",
          "2026-12-05T11:59:42.390661376Z", "2026-12-05T11:59:42.390661376Z"),
-        (1, "default/guard (ID:260)", "default app=door-manager (ID:259)", "grpc",
+        (1, "default app=guard (ID:260)", "default app=door-manager (ID:259)", "grpc",
          "doors.DoorManager/SetAccessCode",
          "2026-12-05T11:59:45.958536960Z", "2026-12-05T11:59:45.958536960Z"),
-        (1, "default/empire-hq (ID:262)", "default app=kafka (ID:261)", "kafka",
+        (1, "default app=empire-hq (ID:262)", "default app=kafka (ID:261)", "kafka",
          "metadata topic deathstar-plans",
          "2026-12-05T11:59:48.051732736Z", "2026-12-05T11:59:48.051732736Z"),
     ]
     xwing = s.top_denied[0]
-    assert xwing.source == PeerKey(258, "default", "xwing", ("class=xwing", "org=alliance"))
-    # the destination is the workload (two deathstar replicas), not the pod
+    assert xwing.source == PeerKey(258, "default", "", ("class=xwing", "org=alliance"))
+    # a workload (two deathstar replicas), not a pod; the pods seen are kept beside
     assert xwing.destination == PeerKey(256, "default", "", ("class=deathstar", "org=empire"))
+    assert (xwing.source_pods, xwing.destination_pods) == (("xwing",), ("deathstar-1",))
 
 
 def test_demo_without_drop_records_counts_the_policy_verdict_denials() -> None:
     flows = [f for f in demo_flows() if f["event_type"]["type"] != 1]
     s = summarise(flows)
     assert s.records_read == 77
-    assert s.decision_verdicts.dropped == 7
+    assert s.decision_verdicts.dropped == 5
+    assert s.retried_syns == 2
     xwing = s.top_denied[0]
-    assert (xwing.count, xwing.what) == (4, "TCP/80 POLICY_DENIED")
+    assert (xwing.count, xwing.what) == (2, "TCP/80 POLICY_DENIED")
     assert format_time(xwing.first_seen_ns or 0) == "2026-12-05T11:59:39.893651287Z"
-    assert format_time(xwing.last_seen_ns or 0) == "2026-12-05T11:59:43.549780199Z"
+    assert format_time(xwing.last_seen_ns or 0) == "2026-12-05T11:59:42.539525331Z"
 
 
 def test_demo_rate_is_per_second_with_the_quiet_seconds_as_zeros() -> None:
@@ -171,9 +178,17 @@ def test_demo_rate_is_per_second_with_the_quiet_seconds_as_zeros() -> None:
     assert (s.rate.interval_s, s.rate.granularity_s) == (1, 1)
     assert format_time(s.rate.buckets[0].start_ns) == "2026-12-05T11:59:39.000000000Z"
     assert format_time(s.rate.buckets[-1].start_ns) == "2026-12-05T11:59:51.000000000Z"
-    assert [b.count for b in s.rate.buckets] == [3, 1, 0, 5, 1, 0, 4, 0, 14, 12, 0, 0, 7]
-    assert [b.verdicts.dropped for b in s.rate.buckets] == [1, 1, 0, 2, 1, 0, 1, 0, 0, 1, 0, 0, 0]
+    assert [b.count for b in s.rate.buckets] == [3, 0, 0, 5, 0, 0, 4, 0, 14, 12, 0, 0, 7]
+    assert [b.verdicts.dropped for b in s.rate.buckets] == [1, 0, 0, 2, 0, 0, 1, 0, 0, 1, 0, 0, 0]
     assert s.rate.buckets[8].rate_per_s == 14.0
+    # for a table, a run of empty seconds is one span; a lone empty second stays a row
+    rows = s.rate.rows()
+    assert [r.count if isinstance(r, RateBucket) else ("quiet", r.buckets) for r in rows] == [
+        3, ("quiet", 2), 5, ("quiet", 2), 4, 0, 14, 12, ("quiet", 2), 7]
+    quiet = rows[1]
+    assert isinstance(quiet, QuietSpan)
+    assert (format_time(quiet.start_ns), format_time(quiet.end_ns)) == (
+        "2026-12-05T11:59:40.000000000Z", "2026-12-05T11:59:42.000000000Z")
 
 
 def test_demo_rules_and_the_sections_that_never_matched() -> None:
@@ -294,7 +309,7 @@ def test_l3_l4_denies_name_protocol_port_and_reason_and_world_by_labels() -> Non
     s = summarise(flows)
     assert [(g.count, g.source.text, g.protocol, g.what) for g in s.top_denied] == [
         (2, "reserved:world (world)", "tcp", "TCP/80 POLICY_DENIED"),
-        (1, "default/client (ID:1001)", "udp", "UDP/53 POLICY_DENY"),
+        (1, "default app=client (ID:1001)", "udp", "UDP/53 POLICY_DENY"),
         (1, "10.0.0.9 (unknown)", "icmpv4", "ICMPv4/8 POLICY_DENIED"),
     ]
 
@@ -560,25 +575,28 @@ def test_rule_key_json() -> None:
 def test_json_layout() -> None:
     known = rule_keys(load_paths(EXAMPLE_POLICIES).policies)
     d = orjson.loads(orjson.dumps(summarise(demo_flows(), known=known).to_dict()))
-    assert list(d) == ["records_read", "records_skipped", "first_time", "last_time",
-                       "verdicts", "top_denied", "rate", "rules"]
+    assert list(d) == ["records_read", "records_skipped", "retried_syns", "first_time",
+                       "last_time", "verdicts", "top_denied", "rate", "rules"]
     assert (d["records_read"], d["first_time"]) == (81, "2026-12-05T11:59:39.547156290Z")
+    assert d["retried_syns"] == 4
     assert d["verdicts"]["decisions"] == {
-        "total": 47, "forwarded": 40, "dropped": 7, "audit": 0, "error": 0, "other": 0,
+        "total": 45, "forwarded": 40, "dropped": 5, "audit": 0, "error": 0, "other": 0,
     }
     assert d["top_denied"]["total_groups"] == 4
     assert d["top_denied"]["groups"][0] == {
-        "count": 4,
+        "count": 2,
         "first_seen": "2026-12-05T11:59:39.893652613Z",
-        "last_seen": "2026-12-05T11:59:43.549781434Z",
-        "source": {"identity": 258, "namespace": "default", "pod_name": "xwing",
+        "last_seen": "2026-12-05T11:59:42.539526549Z",
+        "source": {"identity": 258, "namespace": "default", "pod_name": "",
                    "labels": ["class=xwing", "org=alliance"], "ip": "",
-                   "text": "default/xwing (ID:258)"},
+                   "text": "default class=xwing,org=alliance (ID:258)", "pods": ["xwing"]},
         "destination": {"identity": 256, "namespace": "default", "pod_name": "",
                         "labels": ["class=deathstar", "org=empire"], "ip": "",
-                        "text": "default class=deathstar,org=empire (ID:256)"},
+                        "text": "default class=deathstar,org=empire (ID:256)",
+                        "pods": ["deathstar-1"]},
         "protocol": "tcp",
         "what": "TCP/80 POLICY_DENIED",
+        "verdict": "DROPPED",
     }
     assert list(d["rate"]) == ["interval_s", "granularity_s", "buckets"]
     assert d["rate"]["buckets"][0] == {
@@ -604,6 +622,7 @@ def test_json_of_an_empty_summary() -> None:
     assert SummaryBuilder().result().to_dict() == {
         "records_read": 0,
         "records_skipped": 0,
+        "retried_syns": 0,
         "first_time": None,
         "last_time": None,
         "verdicts": {
@@ -633,25 +652,25 @@ def rendered(summary: AccessLogSummary) -> list[str]:
 def test_tables_of_the_demo() -> None:
     known = rule_keys(load_paths(EXAMPLE_POLICIES).policies)
     lines = rendered(summarise(demo_flows(), known=known))
-    assert lines[0] == (
-        "81 records read, 0 skipped, from Dec  5 11:59:39.547 to Dec  5 11:59:51.503"
-    )
+    assert lines[:2] == [
+        "81 records read, 0 skipped, from Dec  5 11:59:39.547 to Dec  5 11:59:51.503",
+        "4 retransmitted SYNs of denied connection attempts are counted as records, not "
+        "again as decisions",
+    ]
     for line in [
         "VERDICT    RECORDS  DECISIONS",
         "FORWARDED       67         40",
-        "DROPPED         14          7",
-        "TOTAL           81         47",
+        "DROPPED         14          5",
+        "TOTAL           81         45",
         "Top denied (4 of 4 groups)",
-        "COUNT  SOURCE                  DESTINATION              WHAT                    "
-        "FIRST SEEN           LAST SEEN",
-        "    4  default/xwing (ID:258)  default                  TCP/80 POLICY_DENIED    "
-        "Dec  5 11:59:39.893  Dec  5 11:59:43.549",
         "Decisions over time (per 1 s)",
         "START                DECISIONS  FORWARDED  DROPPED  RATE/s",
-        "Dec  5 11:59:41.000          0          0        0    0.00",
+        "Dec  5 11:59:39.000          3          2        1    3.00  " + "█" * 4,
+        "Dec  5 11:59:40.000          0                              no decisions until Dec  5 "
+        "11:59:42.000 (2 intervals)",
+        "Dec  5 11:59:46.000          0          0        0    0.00",
         "Dec  5 11:59:47.000         14         14        0   14.00  " + "█" * 20,
         "Dec  5 11:59:48.000         12         11        1   12.00  " + "█" * 17,
-        "Dec  5 11:59:40.000          1          0        1    1.00  █",
         "RULE                                                        ALLOWED  DENIED  AUDITED"
         "  LAST SEEN",
         "CiliumNetworkPolicy default/rule1 ingress[0]                      1       1        0"
