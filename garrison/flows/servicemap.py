@@ -354,18 +354,29 @@ class ServiceMapBuilder:
     def _l7_keys(self, l7: Mapping[str, Any]) -> list[tuple[str, str]]:
         """The L7 entries a record counts in, remembered by the values they are made of."""
         grpc, http = l7.get("grpc"), l7.get("http")
-        if grpc is None and type(http) is dict:
-            memo = ("http", http.get("method"), http.get("url"))
-            try:
-                keys = self._l7memo.get(memo)
-            except TypeError:
+        memo: tuple[Any, ...]
+        if grpc is not None:
+            if type(grpc) is not dict:
                 return self._make_l7_keys(l7)
-            if keys is None:
-                if len(self._l7memo) >= _MEMO:
-                    self._l7memo.clear()
-                keys = self._l7memo[memo] = self._make_l7_keys(l7)
-            return keys
-        return self._make_l7_keys(l7)
+            memo = ("grpc", grpc.get("service"), grpc.get("method"))
+        elif type(http) is dict:
+            memo = ("http", http.get("method"), http.get("url"))
+        else:
+            kafka = l7.get("kafka")
+            if type(kafka) is not dict:
+                return self._make_l7_keys(l7)
+            topics = kafka.get("topics")
+            memo = ("kafka", kafka.get("api_key"), kafka.get("topic"),
+                    tuple(topics) if type(topics) is list else topics)
+        try:
+            keys = self._l7memo.get(memo)
+        except TypeError:  # a part that is no JSON scalar
+            return self._make_l7_keys(l7)
+        if keys is None:
+            if len(self._l7memo) >= _MEMO:
+                self._l7memo.clear()
+            keys = self._l7memo[memo] = self._make_l7_keys(l7)
+        return keys
 
     def _make_l7_keys(self, l7: Mapping[str, Any]) -> list[tuple[str, str]]:
         grpc = l7.get("grpc")
