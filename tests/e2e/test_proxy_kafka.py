@@ -73,7 +73,9 @@ def broker() -> Iterator[TansuBroker]:
         yield running
 
 
-def _proxy(broker: TansuBroker, log_dir: Path, name: str, *peers: str) -> ProxyHandle:
+def _proxy(
+    broker: TansuBroker, log_dir: Path, name: str, *peers: str, metrics: bool = False
+) -> ProxyHandle:
     return start_proxy(
         log_dir,
         protocol="kafka",
@@ -84,6 +86,7 @@ def _proxy(broker: TansuBroker, log_dir: Path, name: str, *peers: str) -> ProxyH
         dport=9092,
         verbose=False,
         name=name,
+        metrics=metrics,
     )
 
 
@@ -98,7 +101,9 @@ def proxies(
             broker, log_dir, "mapped", f"{HQ}/32={HQ_LABELS}", f"{OUTPOST}/32={OUTPOST_LABELS}"
         )
         started["hq"] = _proxy(broker, log_dir, "hq", f"0.0.0.0/0={HQ_LABELS}")
-        started["outpost"] = _proxy(broker, log_dir, "outpost", f"0.0.0.0/0={OUTPOST_LABELS}")
+        started["outpost"] = _proxy(
+            broker, log_dir, "outpost", f"0.0.0.0/0={OUTPOST_LABELS}", metrics=True
+        )
         yield started
     finally:
         for handle in started.values():
@@ -546,12 +551,12 @@ def test_librdkafka_round_trip_in_a_consumer_group(proxies: dict[str, ProxyHandl
     assert fetch[0]["l7"]["kafka"]["api_version"] >= 13
     for api in ("joingroup", "syncgroup", "offsetcommit"):
         assert outpost.wait(is_kafka("REQUEST", api, "FORWARDED")), api
-    # librdkafka's telemetry requests (no kafka-python class) are denied on their header.
-    forbidden = [
-        line for log in (hq, outpost) for line in log.lines() if line["verdict"] != "FORWARDED"
-    ]
-    assert {kafka(line)["api_key"] for line in forbidden} <= {"gettelemetrysubscriptions"}
-    assert not [line for log in (hq, outpost) for line in log.lines() if line["verdict"] == "ERROR"]
+    # tansu advertises client telemetry (KIP-714) and librdkafka would ask for it on every
+    # connection; the rules do not allow it, so the proxy's ApiVersions answers leave it out,
+    # as a broker without a telemetry receiver does: librdkafka never asks, nothing is denied.
+    lines = [line for log in (hq, outpost) for line in log.lines()]
+    assert not [line for line in lines if line["verdict"] != "FORWARDED"]
+    assert not [line for line in lines if "telemetry" in kafka(line).get("api_key", "")]
 
 
 def test_librdkafka_denied_produce_fails_fast(proxies: dict[str, ProxyHandle]) -> None:
@@ -728,6 +733,97 @@ def test_aiokafka_denied_consume_fails_fast(proxies: dict[str, ProxyHandle]) -> 
     log.wait(is_kafka("REQUEST", "metadata", "DROPPED", PLANS))
     assert len([line for line in log.lines() if line["verdict"] == "DROPPED"]) <= 10
     assert not [line for line in log.lines() if is_kafka("REQUEST", "fetch", "FORWARDED")(line)]
+
+
+def denied_kafka_requests(proxy: ProxyHandle) -> float:
+    """The proxy's own count of denied Kafka requests (Prometheus, Cilium's name)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert proxy.metrics is not None
+    host, port = proxy.metrics
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "garrison_policy_l7_total"
+                and labels.get("rule") == "denied"
+                and labels.get("proxy_type") == "kafka"
+            ):
+                return float(sample.value)
+    raise AssertionError("no garrison_policy_l7_total{rule=denied,proxy_type=kafka}")
+
+
+async def aiokafka_assigned_denied(outpost: ProxyHandle, seconds: float) -> list[Any]:
+    """aiokafka with a denied partition assigned (no group): it re-sends Metadata for the
+    topic without backoff and never reports the error; `getone` just waits."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap(outpost), auto_offset_reset="earliest")
+    await consumer.start()
+    got: list[Any] = []
+    try:
+        consumer.assign([TopicPartition(PLANS, 0)])
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                got.append(await consumer.getone())
+    finally:
+        await consumer.stop()
+    return got
+
+
+def test_a_denied_metadata_flood_is_recorded_once_with_a_count(
+    proxies: dict[str, ProxyHandle],
+) -> None:
+    """Issue 17: 65,000 DROPPED records in 11 s. Now the first denial is one request and one
+    response record, at once; the repeats are one more pair with Hubble's aggregate count,
+    written when the connection ends (or every 10 s); the metrics still count each one."""
+    outpost = proxies["outpost"]
+    log = AccessLog(outpost)
+    denied_before = denied_kafka_requests(outpost)
+    got = asyncio.run(aiokafka_assigned_denied(outpost, 3.0))
+    assert got == []  # nothing of the plans reached the client
+    # The connection closed: the counted repeats are written.
+    log.wait(
+        lambda line: is_kafka("REQUEST", "metadata", "DROPPED", PLANS)(line) and "aggregate" in line
+    )
+    lines = log.lines()
+    denied = [line for line in lines if line["verdict"] == "DROPPED"]
+    requests = [line for line in denied if line["l7"]["type"] == "REQUEST"]
+    responses = [line for line in denied if line["l7"]["type"] == "RESPONSE"]
+    first, *repeats = requests
+    assert "aggregate" not in first and all("aggregate" in line for line in repeats)
+    check_request_line(
+        first,
+        verdict="DROPPED",
+        api_key="metadata",
+        topic=PLANS,
+        source="127.0.0.1",
+        labels=OUTPOST_LABELS,
+    )
+    counted = [line["aggregate"]["ingress_flow_count"] for line in repeats]
+    assert all(set(line["aggregate"]) == {"ingress_flow_count"} for line in repeats)
+    total = 1 + sum(counted)
+    assert total > 100  # the client really flooded: about 900 requests a second here
+    assert len(requests) <= 3  # 3 s: the first, then at most one group per 10 s and the close
+    assert [kafka(line)["error_code"] for line in responses] == [29] * len(responses)
+    assert [line.get("aggregate") for line in responses] == [
+        line.get("aggregate") for line in requests
+    ]
+    for line in responses:
+        check_response_line(
+            line, verdict="DROPPED", api_key="metadata", error_code=29, client="127.0.0.1"
+        )
+    assert not [line for line in lines if is_kafka("REQUEST", "fetch", "FORWARDED")(line)]
+    wait_until(
+        lambda: denied_kafka_requests(outpost) - denied_before == total,
+        f"{total} denied requests in the proxy's metrics",
+        5.0,
+        outpost.process,
+    )
 
 
 # ---- acks=0: nobody answers ------------------------------------------------------------------
