@@ -25,7 +25,7 @@ lint: setup
 	$(VENV)/bin/ruff check garrison tests bench
 	$(VENV)/bin/mypy garrison
 
-# Each benchmark also runs alone; the datapath one needs root (namespaces, BPF).
+# Each benchmark also runs alone; the datapath and cluster ones need root (namespaces, BPF).
 bench: setup
 	$(VENV)/bin/pip install -q -e '.[bench]'
 	$(PY) bench/policy.py
@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/datapath.py
 	$(PY) bench/observe.py
 	$(PY) bench/probe_h2codec.py
+	$(PY) bench/cluster.py
 
 clean:
 	-$(PY) scripts/compile.py --remove
