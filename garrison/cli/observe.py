@@ -336,7 +336,10 @@ def _follow(args: argparse.Namespace, query: FlowQuery, printer: Printer,
             stats: ReadStats) -> None:
     """Print what is there (when --last / --first / --since asks for it), then new records
     until interrupted."""
-    backlog = args.last is not None or args.first is not None or query.since_ns is not None
+    if args.first is not None:
+        raise UsageError("--first and --follow cannot be combined (as in Hubble): --first "
+                         "stops after N records; write --last N --follow")
+    backlog = args.last is not None or query.since_ns is not None
     if args.input_file:
         if len(args.input_file) != 1 or args.input_file[0] == "-":
             raise UsageError("--follow reads one file: give one --input-file PATH (not -)")

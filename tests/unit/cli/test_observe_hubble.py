@@ -127,3 +127,10 @@ def test_what_hubble_refuses_is_one_line_and_exit_2(
         assert rc == 2 and out == ""
         assert err.count("\n") == 1 and err.startswith("garrison: ")
         assert message in err
+
+
+def test_first_and_follow_are_refused_together(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "observe", "--input-file", str(DEMO), "--first", "3", "--follow")
+    assert (rc, out) == (2, "")
+    assert err == ("garrison: --first and --follow cannot be combined (as in Hubble): --first "
+                   "stops after N records; write --last N --follow\n")
