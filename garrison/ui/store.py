@@ -171,15 +171,28 @@ class _Follow:
 # Reading a plain file, in one or several processes
 
 
-def _scan(path: str, begin: int, end: int, name: str,
-          first_line: int) -> tuple[array[int], ServiceMapBuilder, LoadStats]:
+@dataclass
+class _Part:
+    """What one reader of a byte range found. `bad` holds (line number in the range, reason)
+    of the first few lines that were no flow record; `lines` counts every line, blank ones
+    too, so the parts' line numbers add up without a pass to count them first."""
+
+    starts: array[int]
+    builder: ServiceMapBuilder
+    bad: list[tuple[int, str]]
+    bad_count: int
+    lines: int
+
+
+def _scan(path: str, begin: int, end: int) -> _Part:
     """Record offsets and the map of the lines in [begin, end) of `path` (begin is a line
     start). Runs in a worker process for large files."""
     starts: array[int] = array("q")
     builder = ServiceMapBuilder()
-    stats = LoadStats()
+    bad: list[tuple[int, str]] = []
+    bad_count = 0
     loads, add, append = orjson.loads, builder.add, starts.append
-    pos, rest, number = begin, b"", first_line
+    pos, rest, number = begin, b"", 0
     with open(path, "rb") as f:
         f.seek(begin)
         left = end - begin
@@ -199,14 +212,18 @@ def _scan(path: str, begin: int, end: int, name: str,
                     try:
                         d = loads(line)
                     except orjson.JSONDecodeError as exc:
-                        d = None
-                        stats.add(f"{name}:{number}", f"not JSON: {exc}")
+                        d, why = None, f"not JSON: {exc}"
+                    else:
+                        why = "not a JSON object"
                     if type(d) is dict:
                         add(d)
-                    elif d is not None:
-                        stats.add(f"{name}:{number}", "not a JSON object")
+                    else:
+                        bad_count += 1
+                        if len(bad) < MAX_BAD_SAMPLES:
+                            bad.append((number, why))
                 pos += len(line) + 1
-    return starts, builder, stats
+    builder.skipped += bad_count
+    return _Part(starts, builder, bad, bad_count, number)
 
 
 def _split_points(fd: int, size: int, parts: int) -> list[int]:
@@ -229,17 +246,6 @@ def _split_points(fd: int, size: int, parts: int) -> list[int]:
     return points
 
 
-def _line_count(fd: int, begin: int, end: int) -> int:
-    count, at = 0, begin
-    while at < end:
-        block = os.pread(fd, min(READ_CHUNK, end - at), at)
-        if not block:
-            break
-        count += block.count(b"\n")
-        at += len(block)
-    return count
-
-
 def read_file(log: LogFile, *, live: bool, workers: int) -> tuple[FileSegment,
                                                                    ServiceMapBuilder, LoadStats]:
     """Offsets and map of a plain file; the live file's unfinished last line is left for
@@ -258,23 +264,24 @@ def read_file(log: LogFile, *, live: bool, workers: int) -> tuple[FileSegment,
     parts = max(1, min(workers, end // PARALLEL_MIN_BYTES))
     points = _split_points(fd, end, parts) if parts > 1 else [0, end]
     if len(points) > 2:
-        firsts = [0]
-        for a, b in itertools.pairwise(points[:-1]):
-            firsts.append(firsts[-1] + _line_count(fd, a, b))
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(len(points) - 1, mp_context=ctx) as pool:
-            futures = [pool.submit(_scan, str(log.path), a, b, log.name, first)
-                       for a, b, first in zip(points[:-1], points[1:], firsts, strict=False)]
+            futures = [pool.submit(_scan, str(log.path), a, b)
+                       for a, b in itertools.pairwise(points)]
             results = [f.result() for f in futures]
     else:
-        results = [_scan(str(log.path), 0, end, log.name, 0)]
+        results = [_scan(str(log.path), 0, end)]
     starts: array[int] = array("q")
     builder = ServiceMapBuilder()
     stats = LoadStats()
-    for part_starts, part_builder, part_stats in results:
-        starts.extend(part_starts)
-        builder.merge(part_builder)
-        stats.merge(part_stats)
+    lines_before = 0
+    for part in results:
+        starts.extend(part.starts)
+        builder.merge(part.builder)
+        for number, why in part.bad:
+            stats.add(f"{log.name}:{lines_before + number}", why)
+        stats.bad += part.bad_count - len(part.bad)
+        lines_before += part.lines
     return FileSegment(log.path, fd, starts, end), builder, stats
 
 
@@ -448,7 +455,6 @@ class FileSource:
                     store.add_segment(segment, builder, stats)
                     continue  # a compressed file is not written to: not followed
                 file_segment, builder, stats = read_file(log, live=live, workers=self.workers)
-                builder.skipped += stats.bad
                 store.add_segment(file_segment, builder, stats)
                 if live:
                     self._live.append(
