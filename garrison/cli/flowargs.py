@@ -16,6 +16,7 @@ from garrison.flows.query import FLAGS, FilterError, FlowQuery, parse_time_bound
 
 _FILTERS = "flow_filters"
 _PENDING = "_not_pending"
+_MISTAKE = "_filter_mistake"  # the first misuse of --not, reported by build_query in one line
 
 
 class _FilterAction(argparse.Action):
@@ -46,8 +47,9 @@ class _NotAction(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        if getattr(namespace, _PENDING, False):
-            parser.error("--not --not: negate a filter flag once")
+        if getattr(namespace, _PENDING, False) and not getattr(namespace, _MISTAKE, None):
+            setattr(namespace, _MISTAKE, "--not --not: negate a filter flag once (as Hubble, "
+                    "which refuses consecutive --not)")
         setattr(namespace, _PENDING, True)
 
 
@@ -61,8 +63,9 @@ class _BoundAction(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        if getattr(namespace, _PENDING, False):
-            parser.error(f"--not cannot negate {option_string}: it applies to filter flags")
+        if getattr(namespace, _PENDING, False) and not getattr(namespace, _MISTAKE, None):
+            setattr(namespace, _MISTAKE, f"--not cannot negate {option_string}: it applies to "
+                    "filter flags")
         setattr(namespace, self.dest, values)
 
 
@@ -110,6 +113,9 @@ def _count(text: str) -> int:
 
 def build_query(args: argparse.Namespace, now_ns: int | None = None) -> FlowQuery:
     """The query the filter flags describe; raises FilterError (exit 2 for the caller)."""
+    mistake = getattr(args, _MISTAKE, None)
+    if mistake:
+        raise FilterError(mistake)
     if getattr(args, _PENDING, False):
         raise FilterError("--not must be followed by a filter flag (--not --verdict FORWARDED)")
     if args.first is not None and args.last is not None:

@@ -117,6 +117,8 @@ def test_hubble_forms_are_read(capsys: pytest.CaptureFixture[str]) -> None:
          "filters --from-pod and --namespace cannot be combined"),
         (("--http-method", "PUT", "-t", "drop"), "--http-method needs --type l7 among the "
                                                  "types given"),
+        (("--not", "--not", "--verdict", "DROPPED"), "--not --not: negate a filter flag once"),
+        (("--not", "--since", "5m"), "--not cannot negate --since"),
     ],
 )
 def test_what_hubble_refuses_is_one_line_and_exit_2(
