@@ -222,7 +222,9 @@ class Agent:
                 owned=() if netns_path else OWNS_ALL,
                 container_id=container_id,
             )
-            record = self.endpoints.add(record)
+            # garrison's own namespace is on disk before it exists (a crash leaves a record to
+            # clean up); adopting creates nothing that outlives the workload's veth
+            record = self.endpoints.add(record, persist=not netns_path)
             try:
                 if netns_path:
                     try:
@@ -232,13 +234,14 @@ class Agent:
                     except netdev.EndpointNetworkError as exc:
                         raise EndpointError(str(exc)) from exc
                     record = replace(record, host_ifname=link.host_ifname, owned=owned)
-                    self.endpoints.update(record)
+                    # a veth garrison made is on disk before anything else can fail
+                    self.endpoints.update(record, persist=bool(owned))
                 else:
                     link = self.datapath.create_endpoint(record.name, record.ipv4)
                 self._links[name] = link
                 ident = self._identity_for(record)
                 record = replace(record, identity=ident.id, host_ifname=link.host_ifname)
-                self.endpoints.update(record)
+                self.endpoints.update(record, persist=False)
                 changed = self.resolver.add_identity(ident.id, ident.labels)
                 # policy of the identity first, then the endpoint's config + ipcache, then
                 # its programs: it is enforced from its first packet
@@ -250,7 +253,7 @@ class Agent:
                     raise EndpointError(str(exc)) from exc
                 if made_clsact and "clsact" not in record.owned:
                     record = replace(record, owned=(*record.owned, "clsact"))
-                    self.endpoints.update(record)
+                self.endpoints.update(record)
             except BaseException:
                 self._remove_endpoint(record)
                 raise

@@ -177,19 +177,23 @@ class EndpointRegistry:
                 return candidate
         raise EndpointError(f"no free address left in {self.pool}")
 
-    def add(self, record: EndpointRecord) -> EndpointRecord:
+    def add(self, record: EndpointRecord, persist: bool = True) -> EndpointRecord:
         validate_name(record.name)
         if record.name in self._endpoints:
             raise EndpointError(f"endpoint {record.name!r} already exists")
         rec = EndpointRecord(**{**record.to_dict(), "id": self._next_id})  # type: ignore[arg-type]
         self._next_id += 1
         self._endpoints[rec.name] = rec
-        self._save()
+        if persist:
+            self._save()
         return rec
 
-    def update(self, record: EndpointRecord) -> None:
+    def update(self, record: EndpointRecord, persist: bool = True) -> None:
+        """`persist=False`: in memory only, a later update writes it (each write is an fsync,
+        ~6 ms; an endpoint add makes one at its start and one at its end)."""
         self._endpoints[record.name] = record
-        self._save()
+        if persist:
+            self._save()
 
     def remove(self, name: str) -> EndpointRecord:
         rec = self.get(name)

@@ -13,13 +13,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from garrison.cni import spec
+from garrison.cni import spec, wire
 from garrison.cni.spec import CNIError
 
 DEFAULT_SOCKET = "/run/garrison/agent.sock"  # garrison.agent.config.DEFAULT_SOCKET
@@ -29,37 +27,37 @@ AGENT_TIMEOUT = 20.0
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
 
 
-def pending_dir(state_dir: str | Path) -> Path:
-    return Path(state_dir) / PENDING_DIR
+def pending_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, PENDING_DIR)
 
 
-def record_pending_delete(state_dir: str, container_id: str, network: str) -> Path:
+def record_pending_delete(state_dir: str, container_id: str, network: str) -> str:
     """Note a DEL the agent could not take; it carries it out on its next start."""
     directory = pending_dir(state_dir)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = directory / f"{container_id}.json"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pending.")
-    with os.fdopen(fd, "w") as fh:
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, f"{container_id}.json")
+    tmp = os.path.join(directory, f".{container_id}.{os.getpid()}")
+    with open(tmp, "w") as fh:
         json.dump({"container_id": container_id, "network": network, "time": time.time()}, fh)
     os.replace(tmp, path)
     return path
 
 
 def _call(conf: spec.NetConf, method: str, **params: Any) -> dict[str, Any]:
-    from garrison.agent.api import AgentClient, AgentUnreachableError, APIError
-
+    path = wire.cni_socket_for(conf.agent_socket)
     try:
-        with AgentClient(Path(conf.agent_socket), timeout=AGENT_TIMEOUT) as client:
-            return client.call(method, **params)
-    except AgentUnreachableError as exc:
+        return wire.call(path, method, params, AGENT_TIMEOUT)
+    except wire.AgentUnreachable as exc:
         raise CNIError(
             spec.TRY_AGAIN_LATER,
             f"no garrison agent answers on {conf.agent_socket}: start it with `garrison agent` "
             "(as root); the container is not started without its policy",
             str(exc),
         ) from None
-    except APIError as exc:
+    except wire.AgentRefused as exc:
         raise CNIError(spec.AGENT_REFUSED, f"garrison agent: {exc}") from None
+    except (OSError, ValueError) as exc:  # a timeout, a broken answer
+        raise CNIError(spec.TRY_AGAIN_LATER, f"garrison agent at {path}: {exc}") from None
 
 
 def _container_id(env: spec.Environment) -> str:
