@@ -15,6 +15,7 @@ from typing import Any
 
 from garrison.agent.api import AgentClient, AgentUnreachableError, APIError
 from garrison.agent.config import DEFAULT_SOCKET
+from garrison.cluster.status import cluster_lines, cluster_problems
 
 EXIT_ERROR = 1
 EXIT_UNREACHABLE = 3
@@ -283,6 +284,7 @@ def status_problems(data: dict[str, Any]) -> list[str]:
     policy_dir = data.get("policy_dir") or {}
     for error in policy_dir.get("errors", []):
         out.append(f"policy directory: {error}")
+    out += cluster_problems(data)
     return out
 
 
@@ -320,6 +322,7 @@ def status_text(data: dict[str, Any], problems: Sequence[str]) -> str:
     lines.append(f"Endpoints:       {data['endpoints']}"
                  + (f" ({len(unselected)} selected by no policy, all traffic allowed: "
                     f"{', '.join(unselected)})" if unselected else ""))
+    lines += cluster_lines(data)
     lines += [
         f"Identities:      {data['identities']}",
         f"Flows:           {data['flows']['total']} ({data['flows']['in_ring']} in memory)",

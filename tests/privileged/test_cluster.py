@@ -201,6 +201,12 @@ def test_cross_node_l3_l4_by_identity_learnt_through_etcd(cluster: dict[str, Nod
     assert status["connected"] is True
     assert set(status["nodes"]) == {"ge-n1", "ge-n2"}
     assert status["routes"] == {n1.pod_cidr: n1.ip}, json.dumps(status)
+    shown = n2.agent.cli("status")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert f"Kvstore:         etcd {ETCD_IP}:2379, connected" in shown.stdout
+    assert f"  ge-n1          {n1.ip}    {n1.pod_cidr}    healthy, routed via {n1.ip}" in (
+        shown.stdout
+    )
 
     with echo_servers(b, 7000, 7001):
         allowed = a.connect(b.ip, 7000)

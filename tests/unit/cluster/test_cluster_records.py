@@ -1,0 +1,135 @@
+"""The cluster's records and key layout, and the status lines built from an agent's status."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from garrison.cluster.keys import (
+    ClusterRecordError,
+    IPEntry,
+    NodeRecord,
+    StoredPolicy,
+    parse_policy_key,
+    policy_key,
+)
+from garrison.cluster.status import cluster_lines, cluster_problems
+from garrison.kvstore.etcd import parse_endpoints, prefix_range_end
+
+
+def test_node_and_ip_records_round_trip() -> None:
+    node = NodeRecord(
+        "n1", ipaddress.IPv4Address("198.19.0.201"), ipaddress.IPv4Network("198.18.201.0/24")
+    )
+    assert NodeRecord.decode(node.key, node.encode()) == node
+    assert node.key == "state/nodes/v1/n1"
+    entry = IPEntry(ipaddress.IPv4Address("198.18.201.10"), 300, "k8s:app=a", "n1", "ep")
+    assert IPEntry.decode(entry.key, entry.encode()) == entry
+    assert entry.key == "state/ip/v1/198.18.201.10"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1]", "expected a JSON object"),
+        (b'{"ip": "198.18.0.1", "identity": -1, "labels": "", "node": "n"}', "positive"),
+        (b'{"ip": "198.18.0.1", "identity": "300", "labels": "", "node": "n"}', "positive"),
+        (b'{"ip": "nope", "identity": 300, "labels": "", "node": "n"}', "bad ipcache entry"),
+        (b'{"identity": 300}', "bad ipcache entry"),
+    ],
+)
+def test_bad_ip_entries_are_typed_errors(raw: bytes, message: str) -> None:
+    with pytest.raises(ClusterRecordError, match=message):
+        IPEntry.decode("state/ip/v1/x", raw)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        ("CiliumNetworkPolicy", "default", "web"),
+        ("CiliumClusterwideNetworkPolicy", None, "all"),
+        ("NetworkPolicy", "_", "a/b c"),  # a namespace named "_" is not "no namespace"
+    ],
+)
+def test_policy_keys_round_trip(key: tuple[str, str | None, str]) -> None:
+    text = policy_key(key)
+    assert text.count("/") == 5  # state/policies/v1/<kind>/<ns>/<name>
+    assert parse_policy_key(text) == key
+    stored = StoredPolicy("/p.yaml", "kind: x\n")
+    assert StoredPolicy.decode(text, stored.encode()) == stored
+
+
+def test_prefix_range_end_and_endpoints() -> None:
+    assert prefix_range_end(b"garrison/ip/") == b"garrison/ip0"
+    assert prefix_range_end(b"a\xff\xff") == b"b"
+    assert prefix_range_end(b"\xff") == b"\x00"
+    assert parse_endpoints(["http://[::1]:2379"]) == ("[::1]:2379",)
+
+
+def cluster_status(**overrides: object) -> dict[str, object]:
+    cluster: dict[str, object] = {
+        "node": "n1",
+        "endpoints": ["198.19.0.250:2379"],
+        "connected": True,
+        "lease": "6a6c",
+        "lease_ttl_s": 15,
+        "revision": 42,
+        "watches": {},
+        "nodes": {
+            "n1": {
+                "ip": "198.19.0.201",
+                "pod_cidr": "198.18.201.0/24",
+                "healthy": True,
+                "heartbeat_age_s": 1.0,
+            },
+            "n2": {
+                "ip": "198.19.0.202",
+                "pod_cidr": "198.18.202.0/24",
+                "healthy": True,
+                "heartbeat_age_s": 2.0,
+            },
+        },
+        "remote_endpoints": 3,
+        "routes": {"198.18.202.0/24": "198.19.0.202"},
+        "errors": [],
+    }
+    cluster.update(overrides)
+    return {"cluster": cluster}
+
+
+def test_status_lines_of_a_healthy_cluster() -> None:
+    data = cluster_status()
+    assert cluster_problems(data) == []
+    assert cluster_lines(data) == [
+        "Kvstore:         etcd 198.19.0.250:2379, connected, revision 42, lease 6a6c (TTL 15 s)",
+        "Cluster:         node n1, 3 remote endpoints",
+        "  n1             198.19.0.201    198.18.201.0/24    healthy",
+        "  n2             198.19.0.202    198.18.202.0/24    healthy, routed via 198.19.0.202",
+    ]
+    assert cluster_lines({}) == [] and cluster_problems({}) == []
+
+
+def test_status_problems_name_the_cause() -> None:
+    data = cluster_status(
+        connected=False,
+        error="etcd lease keepalive: no etcd answers at 198.19.0.250:2379",
+        nodes={
+            "n2": {
+                "ip": "198.19.0.202",
+                "pod_cidr": "198.18.202.0/24",
+                "healthy": False,
+                "heartbeat_age_s": 31.5,
+            }
+        },
+        route_errors={"n3": "a route to 198.18.203.0/24 that garrison did not add exists"},
+    )
+    assert cluster_problems(data) == [
+        "etcd at 198.19.0.250:2379 is not connected: etcd lease keepalive: no etcd answers at"
+        " 198.19.0.250:2379; enforcement stays as it is, new identities and policy imports wait"
+        " until it answers",
+        "node n2: no heartbeat for 31.5 s; its lease ends its endpoints",
+        "route to node n3: a route to 198.18.203.0/24 that garrison did not add exists",
+    ]
+    assert "NOT CONNECTED" in cluster_lines(data)[0]
