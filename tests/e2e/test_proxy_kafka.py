@@ -826,6 +826,91 @@ def test_a_denied_metadata_flood_is_recorded_once_with_a_count(
     )
 
 
+def metadata_over_a_socket(address: tuple[str, int], topic: str) -> Any:
+    """One Metadata v12 request for `topic` as the first request of a new connection,
+    encoded and decoded with kafka-python's protocol classes: the answer as the wire has it."""
+    from kafka.protocol.metadata import MetadataRequest, MetadataResponse
+
+    entry = MetadataRequest[12].fields["topics"].data_class
+    request = MetadataRequest[12](
+        topics=[entry(name=topic, topic_id=None)],
+        allow_auto_topic_creation=False,
+        include_topic_authorized_operations=False,
+    )
+    request.with_header(correlation_id=1, client_id="garrison-e2e")
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(bytes(request.encode(header=True, framed=True)))
+        size = int.from_bytes(_read_exactly(sock, 4), "big")
+        frame = size.to_bytes(4, "big") + _read_exactly(sock, size)
+    return MetadataResponse.decode(frame, version=12, header=True, framed=True)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "the proxy closed the connection"
+        data += chunk
+    return data
+
+
+def test_after_a_proxy_restart_a_denied_metadata_still_lists_the_brokers(
+    broker: TansuBroker, tmp_path: Path
+) -> None:
+    """A client that already knows its topics talks to a proxy that has seen no Metadata
+    answer yet (restarted, or another worker): its first Metadata request may name only a
+    denied topic. The answer lists the brokers (here the proxy itself), the controller and the
+    cluster id the client needs to go on, not 0 brokers and controller -1; the denied topic
+    never reaches the broker; kafka-python reports the denial at once."""
+    from kafka import KafkaProducer
+    from kafka.errors import TopicAuthorizationFailedError
+
+    first = _proxy(broker, tmp_path, "before-restart", f"0.0.0.0/0={HQ_LABELS}")
+    host, port = first.address
+    producer = KafkaProducer(bootstrap_servers=f"{host}:{port}", max_block_ms=15000)
+    try:
+        with pytest.raises(TopicAuthorizationFailedError):
+            producer.send(PLANS, b"stolen").get(timeout=DENIED_WITHIN)
+        first.stop()
+        second = start_proxy(
+            tmp_path,
+            protocol="kafka",
+            policy_files=[POLICY],
+            dst_labels="app=kafka",
+            upstream=broker.address,
+            peers=[f"0.0.0.0/0={HQ_LABELS}"],
+            dport=9092,
+            verbose=False,
+            name="after-restart",
+            extra_args=["--listen", f"{host}:{port}"],
+        )
+        try:
+            log = AccessLog(second)
+            answer = metadata_over_a_socket((host, port), PLANS)
+            assert [(b.host, b.port) for b in answer.brokers] == [(host, port)]
+            assert answer.controller_id == answer.brokers[0].node_id
+            assert answer.cluster_id == "tansu_cluster"
+            assert [(t.name, t.error_code) for t in answer.topics] == [(PLANS, 29)]
+            start = time.monotonic()
+            with pytest.raises(TopicAuthorizationFailedError):
+                producer.send(PLANS, b"stolen again").get(timeout=DENIED_WITHIN)
+            assert time.monotonic() - start < DENIED_WITHIN
+            dropped = log.wait(is_kafka("RESPONSE", "metadata", "DROPPED", PLANS), 2)
+            for line in dropped:
+                check_response_line(
+                    line, verdict="DROPPED", api_key="metadata", error_code=29, client="127.0.0.1"
+                )
+            requests = [line for line in log.lines() if is_kafka("REQUEST", "metadata")(line)]
+            assert {(line["verdict"], kafka(line)["topic"]) for line in requests} == {
+                ("DROPPED", PLANS)
+            }
+        finally:
+            second.stop()
+    finally:
+        producer.close(timeout=5)
+        first.stop()
+
+
 # ---- acks=0: nobody answers ------------------------------------------------------------------
 
 
