@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -97,42 +98,53 @@ def log(workdir: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def ui(workdir: Path, log: Path) -> Iterator[str]:
-    """`garrison ui` as a process on a free loopback port; its URL."""
-    policy = workdir / "rebel-base.yaml"
-    policy.write_text(UNUSED_POLICY)
-    cmd = [sys.executable, "-m", "garrison.cli.main", "ui", "--listen", "127.0.0.1:0",
-           "--input-file", str(log),
-           "--policy", str(REPO / "examples" / "starwars" / "sw_l3_l4_l7_policy.yaml"),
-           "--policy", str(REPO / "examples" / "grpc" / "doors-policy.yaml"),
-           "--policy", str(REPO / "examples" / "kafka" / "kafka_policy.yaml"),
-           "--policy", str(policy)]
+def start_ui(args: list[str]) -> tuple[str, subprocess.Popen[bytes]]:
+    """`garrison ui ARGS` as a process on a free loopback port: its URL and the process."""
+    cmd = [sys.executable, "-m", "garrison.cli.main", "ui", "--listen", "127.0.0.1:0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
                             env={**os.environ, "GARRISON_PURE": "1"})
-    try:
-        url = ""
-        deadline = time.monotonic() + 30
-        assert proc.stdout is not None
-        while not url and time.monotonic() < deadline:
-            line = proc.stdout.readline().decode()
-            if not line:
-                break
-            if m := re.search(r"serving (http://127\.0\.0\.1:\d+/)", line):
-                url = m.group(1)
-        if not url:
+    url = ""
+    deadline = time.monotonic() + 30
+    assert proc.stdout is not None
+    while not url and time.monotonic() < deadline:
+        line = proc.stdout.readline().decode()
+        if not line:
+            break
+        if m := re.search(r"serving (http://127\.0\.0\.1:\d+/)", line):
+            url = m.group(1)
+    if not url:
+        stop_ui(proc)
+        assert proc.stderr is not None
+        pytest.fail(f"garrison ui did not start: {proc.stderr.read().decode()}")
+    return url, proc
+
+
+def stop_ui(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            _, err = proc.communicate(timeout=5)
-            pytest.fail(f"garrison ui did not start: {err.decode()}")
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ui(workdir: Path, log: Path) -> Iterator[str]:
+    """The page over the demo's log and the example policies (plus one never matched)."""
+    policy = workdir / "rebel-base.yaml"
+    policy.write_text(UNUSED_POLICY)
+    examples = REPO / "examples"
+    url, proc = start_ui([
+        "--input-file", str(log),
+        "--policy", str(examples / "starwars" / "sw_l3_l4_l7_policy.yaml"),
+        "--policy", str(examples / "grpc" / "doors-policy.yaml"),
+        "--policy", str(examples / "kafka" / "kafka_policy.yaml"),
+        "--policy", str(policy)])
+    try:
         yield url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_ui(proc)
 
 
 @pytest.fixture(scope="module")
@@ -291,8 +303,59 @@ def test_hostile_strings_are_shown_as_text_never_run(ui: str, browser: Browser) 
     page.close()
 
 
+def test_broken_lines_and_an_empty_log(workdir: Path, browser: Browser) -> None:
+    broken = workdir / "broken.log"
+    demo = DEMO.read_bytes().splitlines()
+    broken.write_bytes(b"\n".join([demo[0], b"garbage {", demo[1][:50], b"[1, 2]", *demo[2:4]])
+                       + b"\n")
+    empty = workdir / "empty.log"
+    empty.write_bytes(b"")
+    for path, note, rows in ((broken, "3 records, 3 nodes, 2 edges; 3 lines were no flow "
+                              "record and were skipped", 3),
+                             (empty, "No flow records in this log yet.", 0)):
+        url, proc = start_ui(["--input-file", str(path)])
+        try:
+            page = browser.page()
+            page.goto(url)
+            expect(page.locator("#map-note")).to_have_text(note)
+            page.goto(url + "?view=flows")
+            expect(page.locator("#flows-status")).to_contain_text("shown of")
+            expect(page.locator("#flows tbody tr")).to_have_count(rows)
+            page.close()
+        finally:
+            stop_ui(proc)
+
+
+def test_ten_thousand_endpoints_are_grouped(workdir: Path, browser: Browser) -> None:
+    template = json.loads(DEMO.read_bytes().splitlines()[0])
+    path = workdir / "many.log"
+    with path.open("w") as f:
+        for i in range(10_000):
+            record = copy.deepcopy(template)
+            record["source"].update(identity=10_000 + i, pod_name=f"client-{i}",
+                                    namespace=f"team-{i % 20}",
+                                    labels=[f"k8s:app=client-{i}"])
+            f.write(json.dumps(record) + "\n")
+    url, proc = start_ui(["--input-file", str(path)])
+    try:
+        page = browser.page()
+        started = time.monotonic()
+        page.goto(url)
+        expect(page.locator("#map-note")).to_contain_text("grouped by namespace")
+        assert time.monotonic() - started < 5
+        expect(page.locator("#map .node")).to_have_count(21)  # 20 teams and default
+        edges = page.locator("#map .edge")
+        expect(edges).to_have_count(20)
+        assert set(edges.locator("text").all_text_contents()) == {"500 fwd"}
+        page.close()
+    finally:
+        stop_ui(proc)
+
+
 def test_no_request_left_loopback(ui: str, browser: Browser) -> None:
-    """Runs last in this module: every request the page made in all the tests above."""
+    """Runs last in this module: every request the pages made in all the tests above went to
+    the servers the tests started on 127.0.0.1."""
     assert browser.requests, "no request recorded"
-    others = [url for url in browser.requests if not url.startswith(ui)]
+    assert any(url.startswith(ui) for url in browser.requests)
+    others = [url for url in browser.requests if urlsplit(url).hostname != "127.0.0.1"]
     assert others == []

@@ -319,8 +319,10 @@ async function loadMap() {
     const data = await api("/api/map", { q: state.q });
     state.map = data;
     drawMap(data);
-    note.textContent = `${data.records} records, ${data.nodes.length} nodes, ` +
-      `${data.edges.length} edges` + (data.skipped ? `, ${data.skipped} lines skipped` : "") +
+    note.textContent = data.records === 0 && !data.skipped ?
+      "No flow records" + (state.q ? " match this filter." : " in this log yet.") :
+      `${data.records} records, ${data.nodes.length} nodes, ${data.edges.length} edges` +
+      (data.skipped ? `; ${data.skipped} lines were no flow record and were skipped` : "") +
       (data.grouped ? " — many endpoints: grouped by namespace" : "");
     if (state.selected) {
       const e = data.edges.find((x) => x.id === state.selected);
@@ -456,8 +458,11 @@ async function loadPolicy() {
 async function loadInfo() {
   try {
     const info = await api("/api/info");
-    document.getElementById("source").textContent = `${info.source} · ${info.records} records` +
+    const source = document.getElementById("source");
+    source.textContent = `${info.source} · ${info.records} records` +
+      (info.skipped ? ` · ${info.skipped} lines skipped` : "") +
       (info.policies ? ` · policies: ${info.policies}` : "");
+    source.title = info.skipped_samples.join("\n");
   } catch (err) {
     fail(err);
   }
