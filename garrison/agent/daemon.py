@@ -191,11 +191,11 @@ class Agent:
             if not parsed.items and not container_id:
                 raise EndpointError("--labels: give at least one label, e.g. app=web")
             netns_path = ""
+            peer: tuple[int, str] | None = None
             if netns is not None:
                 try:
                     netns_path = netdev.netns_path_of(netns)
-                    peer = netdev.find_host_peer(netns_path, interface)
-                    found = netdev.container_ipv4(netns_path, interface) if peer else None
+                    peer, found = netdev.probe_interface(netns_path, interface)
                 except (netdev.EndpointNetworkError, OSError) as exc:
                     raise EndpointError(str(exc)) from exc
                 if peer is not None and found is None:
@@ -226,10 +226,13 @@ class Agent:
             # clean up); adopting creates nothing that outlives the workload's veth
             record = self.endpoints.add(record, persist=not netns_path)
             try:
-                if netns_path:
+                owned: tuple[str, ...] = ()
+                if peer is not None:  # the workload's own veth, used as it is
+                    link = Link(peer[1], peer[0])
+                elif netns_path:
                     try:
                         link, _, owned = self.datapath.adopt_endpoint(
-                            name, netns_path, interface, None if found else ipv4
+                            name, netns_path, interface, ipv4
                         )
                     except netdev.EndpointNetworkError as exc:
                         raise EndpointError(str(exc)) from exc

@@ -17,7 +17,7 @@ import ipaddress
 import json
 import logging
 import subprocess
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +67,8 @@ class RuntimeEndpoints:
     def __init__(self, agent: Agent, podman: str = PODMAN) -> None:
         self.agent = agent
         self.podman = podman
-        self._threads: dict[str, threading.Thread] = {}
+        # label reads wait on podman's lock: each in a worker of its own, never the ADD
+        self._readers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="garrison-labels")
 
     # -- CNI verbs -------------------------------------------------------------------------
 
@@ -131,10 +132,7 @@ class RuntimeEndpoints:
     def resolve_later(self, record: EndpointRecord) -> None:
         if record.labels or not record.container_id:
             return
-        t = threading.Thread(target=self._resolve, args=(record.name, record.container_id),
-                             name=f"garrison-labels-{record.name}", daemon=True)
-        self._threads[record.container_id] = t
-        t.start()
+        self._readers.submit(self._resolve, record.name, record.container_id)
 
     def _resolve(self, name: str, container_id: str) -> None:
         try:
@@ -143,8 +141,6 @@ class RuntimeEndpoints:
             log.error("container %s (%s): labels not read, it stays reserved:init (deny "
                       "all): %s", name, container_id[:12], exc)
             return
-        finally:
-            self._threads.pop(container_id, None)
         namespace = labels.get(NAMESPACE_LABEL) or None
         own = sorted(f"{k}={v}" for k, v in labels.items() if k != NAMESPACE_LABEL)
         if not own:

@@ -255,19 +255,24 @@ def _is_root_netns(path: str) -> bool:
     return (there.st_dev, there.st_ino) == (here.st_dev, here.st_ino)
 
 
-def find_host_peer(netns_path: str, ifname: str) -> tuple[int, str] | None:
-    """The host-side (ifindex, name) of `ifname` in the namespace at `netns_path` when it is a
-    veth whose peer lives in the host's namespace; None when `ifname` does not exist.
+def probe_interface(
+    netns_path: str, ifname: str
+) -> tuple[tuple[int, str] | None, IPv4Address | None]:
+    """What `ifname` in the namespace at `netns_path` is, in one look: the host-side (ifindex,
+    name) of its veth peer, and its first IPv4 address; (None, None) when it does not exist.
 
     The peer is found from the link's `IFLA_LINK` (the peer's ifindex) and
     `IFLA_LINK_NETNSID`, checked from the host's side: that link must point back at `ifname`'s
-    index, in the namespace with the id the host gives `netns_path`.
+    index, in the namespace with the id the host gives `netns_path`. An interface that exists
+    and is not a veth to the host is an error.
     """
     with _netns_socket(netns_path) as ns:
         links = ns.get_links(ifname=ifname) if ns.link_lookup(ifname=ifname) else []
-    if not links:
-        return None
-    link = links[0]
+        if not links:
+            return None, None
+        link = links[0]
+        addrs = ns.get_addr(family=2, index=link["index"])
+        ipv4 = IPv4Address(addrs[0].get_attr("IFA_ADDRESS")) if addrs else None
     info = link.get_attr("IFLA_LINKINFO")
     kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
     peer_index = link.get_attr("IFLA_LINK")
@@ -296,18 +301,7 @@ def find_host_peer(netns_path: str, ifname: str) -> tuple[int, str] | None:
             f"{netns_path}: the peer of veth {ifname} is not in the host's namespace; "
             "garrison attaches its programs to a host-side veth"
         )
-    return int(host["index"]), str(host.get_attr("IFLA_IFNAME"))
-
-
-def container_ipv4(netns_path: str, ifname: str) -> IPv4Address | None:
-    """The first IPv4 address on `ifname` inside the namespace."""
-    with _netns_socket(netns_path) as ns:
-        index = ns.link_lookup(ifname=ifname)
-        if not index:
-            return None
-        for msg in ns.get_addr(family=2, index=index[0]):
-            return IPv4Address(msg.get_attr("IFA_ADDRESS"))
-    return None
+    return (int(host["index"]), str(host.get_attr("IFLA_IFNAME"))), ipv4
 
 
 def adopt_endpoint(
@@ -325,10 +319,9 @@ def adopt_endpoint(
         raise EndpointNetworkError(
             f"{netns_path} is the host's own network namespace; adopt a workload's namespace"
         )
-    peer = find_host_peer(netns_path, ifname)
+    peer, found = probe_interface(netns_path, ifname)
     if peer is not None:
         index, host_if = peer
-        found = container_ipv4(netns_path, ifname)
         if found is None:
             raise EndpointNetworkError(
                 f"{netns_path}: {ifname} has no IPv4 address; garrison identifies traffic by it"
