@@ -12,7 +12,7 @@ A MapState is merged from the contributions on demand and cached until they chan
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from garrison.policies.l7rules import L7Protocol, L7Rule, L7Rules, L7RuleSet
@@ -136,11 +136,7 @@ class _EndpointPolicy:
     dirty: set[MapStateKey] = field(default_factory=set)
     base: dict[MapStateKey, MapStateEntry] = field(default_factory=dict)
     base_l7: dict[MapStateKey, L7RuleSet] = field(default_factory=dict)
-    # (direction, TCP port) -> L7 type -> how many rule sections selecting this endpoint put
-    # L7 rules of that type there: the ports with a proxy, whichever peers those rules
-    # select (Cilium's L7 filter of a port exists with its rule)
-    l7_ports: dict[tuple[Direction, int], dict[L7Protocol, int]] = field(default_factory=dict)
-    l7_ports_dirty: set[tuple[Direction, int]] = field(default_factory=set)
+    l7_ports: dict[tuple[Direction, int], int] = field(default_factory=dict)
     # direction -> identity -> keys of protocol TCP or any (any port included): the entries
     # that cover a redirected TCP port, which the cross-key L7 merge looks at.
     port_keys: dict[Direction, dict[int, set[MapStateKey]]] = field(
@@ -167,27 +163,6 @@ class _EndpointPolicy:
         self.dirty.update(keys)
         self.cached = None
 
-    def count_l7_ports(self, sections: Iterable[_Section], step: int) -> None:
-        """A rule starts (`step` 1) or stops (-1) selecting this endpoint."""
-        for section in sections:
-            if section.deny:
-                continue
-            for _, port, _, contribution in section.ports:
-                if contribution.protocol is None:
-                    continue
-                where = (section.direction, port)
-                types = self.l7_ports.setdefault(where, {})
-                count = types.get(contribution.protocol, 0) + step
-                if count:
-                    types[contribution.protocol] = count
-                else:
-                    del types[contribution.protocol]
-                if not types:
-                    del self.l7_ports[where]
-                if count in (0, 1):
-                    self.l7_ports_dirty.add(where)
-                    self.cached = None
-
     def drop_rule(self, rule_id: int) -> None:
         for key in self.by_rule.pop(rule_id, set()):
             remaining = [c for c in self.contribs.get(key, []) if c.rule_id != rule_id]
@@ -212,14 +187,11 @@ class _EndpointPolicy:
     def merge(self) -> set[MapStateKey]:
         """Bring `entries`/`l7` up to date with the dirty keys only; return the keys whose
         final entry or L7 rule set may have changed."""
-        if not self.dirty and not self.l7_ports_dirty:
+        if not self.dirty:
             return set()
         self.touched = set(self.dirty)
         # (direction, port) -> identities to redo, or None for every identity on that port
-        affected: dict[tuple[Direction, int], set[int] | None] = dict.fromkeys(
-            self.l7_ports_dirty
-        )
-        self.l7_ports_dirty.clear()
+        affected: dict[tuple[Direction, int], set[int] | None] = {}
 
         def touch(port: tuple[Direction, int], identity: int) -> None:
             if identity == ANY_IDENTITY:
@@ -230,7 +202,7 @@ class _EndpointPolicy:
                     got.add(identity)
 
         for key in self.dirty:
-            was = self.base_l7.get(key)
+            was_l7 = key in self.base_l7
             cs = self.contribs.get(key)
             merged = merge_key(cs) if cs else None
             if merged is None:
@@ -242,7 +214,13 @@ class _EndpointPolicy:
                     self.base_l7[key] = merged[1]
                 else:
                     self.base_l7.pop(key, None)
-            if was is not None or key in self.base_l7:
+            is_l7 = key in self.base_l7
+            if was_l7 != is_l7:
+                port = (key.direction, key.port)
+                self.l7_ports[port] = self.l7_ports.get(port, 0) + (1 if is_l7 else -1)
+                if not self.l7_ports[port]:
+                    del self.l7_ports[port]
+            if was_l7 or is_l7:
                 touch((key.direction, key.port), key.identity)
             if key.protocol in (ANY_PROTOCOL, PROTO_TCP):
                 by_ident = self.port_keys[key.direction]
@@ -279,11 +257,12 @@ class _EndpointPolicy:
         direction, number = port
         by_ident = self.port_keys[direction]
         any_keys = by_ident.get(ANY_IDENTITY, ())
-        protocols = sorted(self.l7_ports[port])
-        for ident in by_ident if identities is None else identities:
+        if identities is None:
+            identities = {ANY_IDENTITY} | set(by_ident)
+        for ident in identities:
             got = _l7_override(
                 direction, number, ident, self.base, self.base_l7, self.contribs,
-                by_ident.get(ident, ()), any_keys, protocols,
+                by_ident.get(ident, ()), any_keys,
             )
             if got is not None:
                 key, entry, ruleset = got
@@ -479,7 +458,6 @@ class PolicyResolver:
                 ep = self._endpoints.get(ep_id)
                 if ep is not None and rule_id in ep.rules:
                     ep.drop_rule(rule_id)
-                    ep.count_l7_ports(entry.sections, -1)
                     if entry.requires:
                         self._rebuild(ep_id)
                     changed.add(ep_id)
@@ -575,10 +553,6 @@ class PolicyResolver:
     def _contribute(
         self, ep: _EndpointPolicy, entry: _RuleEntry, only_identity: int | None = None
     ) -> None:
-        """Add the keys `entry` grants `ep` (only those for `only_identity` when given: the
-        rule already selects the endpoint, a new peer identity appeared)."""
-        if only_identity is None:
-            ep.count_l7_ports(entry.sections, 1)
         for section in entry.sections:
             if only_identity is not None:
                 if not section.has(only_identity):
@@ -638,11 +612,8 @@ def _refs(contribs: Iterable[Contribution]) -> tuple[RuleRef, ...]:
 
 def merge_contributions(
     contribs: dict[MapStateKey, list[Contribution]],
-    l7_ports: Mapping[tuple[Direction, int], Iterable[L7Protocol]],
 ) -> tuple[dict[MapStateKey, MapStateEntry], dict[MapStateKey, L7RuleSet]]:
-    """Merge every key's contributions, then apply Cilium's union of rules across keys on
-    every port with a proxy (`l7_ports`: the L7 types the rules put on each (direction,
-    TCP port)).
+    """Merge every key's contributions, then apply Cilium's L7 merge rules across keys.
 
     The reference (non-incremental) form of `_EndpointPolicy.merge`; tests compare them.
     """
@@ -656,17 +627,16 @@ def merge_contributions(
         if merged[1] is not None:
             l7[key] = merged[1]
     base, base_l7 = dict(entries), dict(l7)
-    for (direction, port), types in l7_ports.items():
+    for direction, port in {(k.direction, k.port) for k in base_l7}:
         by_ident: dict[int, set[MapStateKey]] = {}
         for k in base:
             if k.direction is direction and k.protocol in (ANY_PROTOCOL, PROTO_TCP):
                 by_ident.setdefault(k.identity, set()).add(k)
         any_keys = by_ident.get(ANY_IDENTITY, set())
-        protocols = sorted(types)
-        for ident in by_ident:
+        for ident in {ANY_IDENTITY} | set(by_ident):
             got = _l7_override(
                 direction, port, ident, base, base_l7, contribs, by_ident.get(ident, ()),
-                any_keys, protocols,
+                any_keys,
             )
             if got is not None:
                 entries[got[0]] = got[1]
@@ -721,50 +691,40 @@ def _l7_override(
     contribs: dict[MapStateKey, list[Contribution]],
     identity_tcp_keys: Iterable[MapStateKey],
     any_tcp_keys: Iterable[MapStateKey],
-    port_protocols: Sequence[L7Protocol],
 ) -> tuple[MapStateKey, MapStateEntry, L7RuleSet] | None:
     """Cilium's union of rules, for one peer on one redirected (direction, TCP port).
 
-    A port where some rule has L7 rules (`port_protocols`: their types, for any peer) has a
-    proxy, and every allow that covers a peer on that port applies to it: the peer's own
-    entries and the any-identity entries, whatever their kind (L3-only, L3 + protocol, a port
-    or a range, with L7 rules or without). So a peer allowed on the port at all:
-    - is redirected there (Cilium adds the peers of L3-only and L4-only rules to the port's
-      L7 filter);
-    - gets the L7 rules of its own entry and of the any-identity entry together (the proxy
-      checks every selector that matches the peer);
-    - gets allow-all L7 when a covering allow has no L7 rules (L3-only, L4-only, any
-      protocol, a range): every request passes, still logged; adding an allow never removes
-      access;
-    - fails closed when two L7 types meet on its rules; a peer with no L7 rules of its own
-      on a port whose rules mix types is left at L4 (no parser to choose).
+    Every allow that covers the peer on that port applies to it: the peer's own entries and
+    the any-identity entries, whatever their kind (L3-only, L3 + protocol, a port or a range,
+    with L7 rules or without). So on a port where some L7 rule applies to the peer:
+    - the L7 rules of the any-identity entry there also apply to the peer's own L7 entry
+      (the proxy checks every selector that matches the peer);
+    - a covering allow without L7 rules (L3-only, L4-only, any protocol, a range) makes its
+      L7 allow-all there — still redirected, so the proxy logs it; adding an allow never
+      removes access;
+    - two L7 types on the port for one peer fail closed (no rule allows).
     The result is one entry for exactly (peer, TCP, port), the most precedent key there is,
     so the lookup (and the kernel) find it. A covering deny decides alone: no entry.
     Returns the key, entry and rule set when they differ from that key's own merge.
     """
     target = MapStateKey(direction, identity, PROTO_TCP, port, port)
     wildcard_key = MapStateKey(direction, ANY_IDENTITY, PROTO_TCP, port, port)
-    own = [k for k in identity_tcp_keys if _covers_tcp(k, port) and k in base]
-    if not own:
-        # another peer lands on the any-identity entry (whose own merge is this peer's)
+    l7_keys = [target] if target in base_l7 else []
+    if identity != ANY_IDENTITY and wildcard_key in base_l7:
+        l7_keys.append(wildcard_key)
+    if not l7_keys:
         return None
+    own = [k for k in identity_tcp_keys if _covers_tcp(k, port) and k in base]
+    if identity != ANY_IDENTITY and not own:
+        return None  # the lookup lands on the any-identity entry, whose merge is the same
     covering = own if identity == ANY_IDENTITY else own + [
         k for k in any_tcp_keys if _covers_tcp(k, port) and k in base
     ]
     if any(base[k].deny for k in covering):
         return None
-    l7_keys = [target] if target in base_l7 else []
-    if identity != ANY_IDENTITY and wildcard_key in base_l7:
-        l7_keys.append(wildcard_key)
     rulesets = [base_l7[k] for k in l7_keys]
-    if l7_keys:
-        protocols = sorted({c.protocol for k in l7_keys for c in contribs[k] if c.protocol})
-        protocol = protocols[0] if protocols else rulesets[0].protocol
-    elif len(port_protocols) == 1:
-        protocols = list(port_protocols)
-        protocol = protocols[0]
-    else:
-        return None
+    protocols = sorted({c.protocol for k in l7_keys for c in contribs[k] if c.protocol})
+    protocol = protocols[0] if protocols else rulesets[0].protocol
     # what makes the rule set allow-all, the most precedent first
     plain = [
         (precedence(k, port), ref)
@@ -794,8 +754,7 @@ def _l7_override(
     else:
         refs = [r for k in sorted(own, key=lambda k: (precedence(k, port), k))
                 for r in base[k].derived_from]
-        if wildcard_key in l7_keys:
-            refs += base[wildcard_key].derived_from
+        refs += base[wildcard_key].derived_from
         entry = MapStateEntry(False, protocol, tuple(dict.fromkeys(refs)))
     if existing == entry and base_l7.get(target) == merged:
         return None

@@ -136,8 +136,8 @@ SCENARIOS: dict[str, tuple[str, ResolverConfig | None]] = {
         None,
     ),
     # the union of rules (issue 20): peers allowed at L3 only (a) or on TCP any port (b) are
-    # redirected on a port where some rule has L7 rules — by the derived entry for exactly
-    # (peer, TCP, port) — with allow-all L7 (the unit tests check the rule sets)
+    # redirected on a port where an any-peer rule has L7 rules — by the derived entry for
+    # exactly (peer, TCP, port) — with allow-all L7 (the unit tests check the rule sets)
     "union": (
         HEAD.format(name="union")
         + """
@@ -151,7 +151,8 @@ SCENARIOS: dict[str, tuple[str, ResolverConfig | None]] = {
   egress:
   - toEndpoints: [{matchLabels: {app: peer-a}}]
   - toEndpoints: [{matchLabels: {app: peer-b}}]
-    toPorts:
+    toPorts: [{ports: [{port: "0", protocol: TCP}]}]
+  - toPorts:
     - ports: [{port: "9092", protocol: TCP}]
       rules: {kafka: [{role: produce, topic: t}]}
 """,
@@ -249,7 +250,9 @@ CASES = [
     Case("union", OUT, "a", "TCP", 9092, "redirect L3-L4"),
     Case("union", OUT, "a", "TCP", 9093, "allow L3-only"),
     Case("union", OUT, "b", "TCP", 9092, "redirect L3-L4"),
-    Case("union", OUT, "world", "TCP", 9092, "drop POLICY_DENIED"),
+    Case("union", OUT, "b", "TCP", 22, "allow L3-proto"),
+    Case("union", OUT, "world", "TCP", 9092, "redirect L4-only"),
+    Case("union", OUT, "world", "TCP", 9093, "drop POLICY_DENIED"),
     Case("audit", IN, "a", "TCP", 80, "allow L3-L4"),
     Case("audit", IN, "b", "TCP", 80, "drop POLICY_DENIED"),
     Case("audit", OUT, "b", "UDP", 53, "drop POLICY_DENY L3-only"),

@@ -254,7 +254,6 @@ def test_incremental_merge_equals_reference_merge(
     r.add_identity(*ENDPOINTS[1])
     for ident, _ in ENDPOINTS:
         state = r.map_state(ident)
-        ep = r._endpoints[ident]
-        entries, l7 = merge_contributions(ep.contribs, ep.l7_ports)
+        entries, l7 = merge_contributions(r._endpoints[ident].contribs)
         assert dict(state.entries) == entries
         assert dict(state.l7) == l7

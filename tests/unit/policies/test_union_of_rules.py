@@ -2,9 +2,11 @@
 sets, `policy trace` and the standalone proxy's view give the same answer, request by request.
 
 The scenario is Cilium's union of rules: tiefighter is allowed at L3 only (no `toPorts`), a
-second rule puts HTTP rules on port 80 for any peer (or for another peer). tiefighter's
-connections to port 80 are redirected — the HTTP rules apply to it — but its L3-only allow
-makes its L7 allow-all there: every request passes, and the flow names the L3-only rule.
+second rule puts HTTP rules on port 80 for any peer. tiefighter's connections to port 80 are
+redirected — the HTTP rules apply to it — but its L3-only allow makes its L7 allow-all there:
+every request passes, and the flow names the L3-only rule. When the HTTP rules are for
+another peer only, tiefighter is not redirected (Cilium redirects per selector) and every
+request passes at L3.
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ def test_resolver_trace_and_proxy_view_agree(peers: str) -> None:
                 ship, method, path
             )
             if ship == "tiefighter":
-                assert traced.redirected and traced.denied_at is None
-                # the port has a proxy (the landing rule's HTTP rules), whoever they select
+                assert traced.denied_at is None
+                assert traced.redirected == (peers != "other-peer")
+                assert admission.lookup.redirect == res.redirect
                 landing = ["landing"] if peers != "other-peer" else []
                 assert [r.name for r in traced.allowed_by] == ["tiefighter-l3", *landing]
 
@@ -139,40 +142,28 @@ def test_l3_only_peer_gets_its_own_redirect_entry_naming_both_rules() -> None:
     assert after.l7 is not None and not after.l7.allow_all
 
 
-def test_peer_without_l7_rules_stays_at_l4_on_a_port_whose_rules_mix_l7_types() -> None:
-    pols = policies(
+
+def test_rebuilt_endpoint_reports_its_derived_entry_for_deletion() -> None:
+    """A fromRequires policy rebuilds the endpoint; the derived (peer, TCP, port) entry it
+    no longer has must be among the keys a datapath sync rewrites or deletes."""
+    pols = scenario(HTTP_PEERS["any-peer"])
+    tie = endpoint_labels(Labels.parse(SHIPS["tiefighter"][1]))
+    resolver = build_resolver(pols, [(DESTINATION_IDENTITY, DEATHSTAR), (300, tie)])
+    derived = lookup(resolver.map_state(DESTINATION_IDENTITY), Direction.INGRESS, 300,
+                     PROTO_TCP, 80).key
+    assert derived is not None and derived.identity == 300
+    requires = policies(
         """
         apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy
-        metadata: {name: http-for-xwing}
+        metadata: {name: alliance-only}
         spec:
           endpointSelector: {matchLabels: {class: deathstar}}
           ingress:
-          - fromEndpoints: [{matchLabels: {class: tiefighter}}]
-          - fromEndpoints: [{matchLabels: {class: xwing}}]
-            toPorts:
-            - ports: [{port: "80", protocol: TCP}]
-              rules: {http: [{method: GET}]}
-        ---
-        apiVersion: cilium.io/v2
-        kind: CiliumNetworkPolicy
-        metadata: {name: kafka-for-shuttle}
-        spec:
-          endpointSelector: {matchLabels: {class: deathstar}}
-          ingress:
-          - fromEndpoints: [{matchLabels: {class: shuttle}}]
-            toPorts:
-            - ports: [{port: "80", protocol: TCP}]
-              rules: {kafka: [{topic: t}]}
+          - fromRequires: [{matchLabels: {org: alliance}}]
         """
-    )
-    eps = [(DESTINATION_IDENTITY, DEATHSTAR)] + [
-        (300 + i, endpoint_labels(Labels.parse(lab))) for i, (_, lab) in enumerate(SHIPS.values())
-    ]
-    state = build_resolver(pols, eps).map_state(DESTINATION_IDENTITY)
-    tie = lookup(state, Direction.INGRESS, 300, PROTO_TCP, 80)
-    assert tie.allowed and tie.redirect is None and tie.match_type is MatchType.L3_ONLY
-    xwing = lookup(state, Direction.INGRESS, 301, PROTO_TCP, 80)
-    assert xwing.redirect is L7Protocol.HTTP
-    shuttle = lookup(state, Direction.INGRESS, 302, PROTO_TCP, 80)
-    assert shuttle.redirect is L7Protocol.KAFKA
+    )[0]
+    changed = resolver.add_policy(requires)
+    touched = resolver.updates(changed)[DESTINATION_IDENTITY]
+    assert derived in touched
+    assert derived not in resolver.map_state(DESTINATION_IDENTITY).entries
