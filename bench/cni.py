@@ -34,8 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from garrison.agent.api import AgentClient, AgentUnreachableError  # noqa: E402
-from garrison.redirect import remove_pin_dir  # noqa: E402
+from garrison.agent.api import AgentClient, AgentUnreachableError
+from garrison.redirect import remove_pin_dir
 
 BIN = Path(sys.executable).parent
 GARRISON = str(BIN / "garrison")
@@ -102,13 +102,18 @@ def direct_chain(rounds: int, work: Path, socket_path: Path, state: Path) -> Non
     print(f"  ptp + host-local alone:          {ms(base)}")
     print(f"  garrison-cni added after it:     {ms(added)}")
     print(f"  garrison-cni DEL:                {ms(dels)}")
-    # what a bare Python start of the same interpreter costs, for scale
-    starts = []
+    # the plugin's own floor: the same process answering VERSION (no agent), and a bare start
+    version, starts = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-I", "-c", "pass"], check=True)
+        subprocess.run([plugin], input=b"{}", env={"CNI_COMMAND": "VERSION"}, check=True,
+                       capture_output=True)
+        version.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-IS", "-c", "pass"], check=True)
         starts.append(time.perf_counter() - t0)
-    print(f"  (python -I -c pass, for scale:   {ms(starts)})")
+    print(f"  garrison-cni VERSION (no agent): {ms(version)}")
+    print(f"  python -IS -c pass, for scale:   {ms(starts)}")
 
 
 def podman_runs(count: int, work: Path, client: AgentClient, env: dict[str, str]) -> None:
@@ -164,6 +169,7 @@ def podman_runs(count: int, work: Path, client: AgentClient, env: dict[str, str]
 
 
 def main() -> int:
+    print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--containers", type=int, default=5)
@@ -197,7 +203,8 @@ def main() -> int:
                 break
             except AgentUnreachableError:
                 if time.monotonic() > deadline or agent.poll() is not None:
-                    raise SystemExit(f"agent did not start: {(work / 'agent.log').read_text()}")
+                    raise SystemExit(
+                        f"agent did not start: {(work / 'agent.log').read_text()}") from None
                 time.sleep(0.05)
         subprocess.run([GARRISON, "cni", "install", "--network", f"gc-pod{TAG}", "--subnet",
                         SUBNET_PODMAN, "--cni-bin-dir", str(bin_dir), "--cni-conf-dir",
