@@ -11,6 +11,7 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"garrison: {exc}", file=sys.stderr)
             return 3
         raise
-    skipped = app.store.stats.bad
-    note = f"; {skipped} lines were no flow record" if skipped else ""
-    print(f"garrison ui: {len(app.store)} records from {source.describe()}{note}", flush=True)
     print(f"garrison ui: serving {url} (Ctrl-C stops)", flush=True)
+    started = time.monotonic()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    reported = False
     with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
+        while not stop.wait(0.1):
+            if not reported and app.store.loading is None:
+                reported = True
+                skipped = app.store.stats.bad
+                note = f"; {skipped} lines were no flow record" if skipped else ""
+                print(f"garrison ui: {len(app.store)} records from {source.describe()} read in "
+                      f"{time.monotonic() - started:.1f} s{note}", flush=True)
     app.stop()
     return 0
 

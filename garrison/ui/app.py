@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,13 @@ class ReviewApp:
         self._poller: Poller | None = None
 
     def start(self) -> str:
-        """Load, bind, serve in the background; the URL of the page."""
-        self.source.load(self.store)
+        """Start reading, bind, serve in the background; the URL of the page. Files are read
+        while the page is served (the map grows until they are read); the agent's ring is read
+        first."""
+        if isinstance(self.source, FileSource):
+            self.source.start(self.store)  # forks the readers: before any thread starts
+        else:
+            self.source.load(self.store)
         if self.known_rules is None and isinstance(self.source, AgentFeed):
             self.known_rules = [RuleKey.from_dict(r) for r in self.source.rule_keys()]
             self.policies_from = self.policies_from or "the agent's policies"
@@ -93,21 +99,54 @@ class ReviewApp:
                                   daemon=True)
         thread.start()
         self._poller = Poller(self.source, self.store, on_error=server.source_error)
-        self._poller.start()
         self._threads = [thread, self._poller]
+        if isinstance(self.source, FileSource):
+            loader = threading.Thread(target=self._finish_loading, args=(self.source, server),
+                                      name="garrison-ui-load", daemon=True)
+            loader.start()
+            self._threads.append(loader)
+        else:
+            self._poller.start()
         return self.listen.url
+
+    def _finish_loading(self, source: FileSource, server: ReviewServer) -> None:
+        try:
+            source.finish(self.store)
+        except Exception as exc:  # a file that vanished, a reader that died: said on the page
+            server.source_error(f"reading the log failed: {exc}")
+            if self.store.loading is not None:
+                self.store.loading = {**self.store.loading, "failed": 1}
+            return
+        if self._poller is not None and not server.stopping.is_set():
+            self._poller.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """True once every input was read."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.store.changed:
+            while self.store.loading is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.store.changed.wait(left if left is not None else 1.0)
+        return True
 
     def stop(self) -> None:
         if self._poller is not None:
             self._poller.stop()
+        close = getattr(self.source, "close", None)
+        if isinstance(self.source, FileSource) and close is not None:
+            close()  # cancels readers still running
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
         for thread in self._threads:
-            thread.join(timeout=5)
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
+            if thread.is_alive():
+                thread.join(timeout=5)
+        if not isinstance(self.source, FileSource):
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                close()
 
 
 def file_source(paths: list[str], backups: bool = True) -> FileSource:

@@ -6,6 +6,7 @@ Endpoints (GET only; anything else is 405):
 - `/api/info`: the source, how many records, lines that were no flow record, the policies;
 - `/api/map?q=FILTER`: the service map (`garrison.flows.servicemap`); without a filter it is
   the one kept up to date while reading, with one it is computed by reading the records again;
+  while the inputs are still being read, `loading` says how far (`{"bytes", "done"}`);
 - `/api/flows?q=FILTER&before=SEQ&limit=N`: matching records, newest first, from sequence
   number SEQ down; one answer looks at no more than `SCAN_LIMIT` records and says where to go on
   (`next_before`) and whether the start was reached (`complete`);
@@ -101,6 +102,7 @@ class ReviewServer(ThreadingHTTPServer):
                 return self._map_cache[1]
             with store.changed:
                 result = store.builder.result(known_rules=self.config.known_rules)
+                result["loading"] = store.loading
             self._map_cache = (version, result)
             return result
 
@@ -206,6 +208,7 @@ class Handler(BaseHTTPRequestHandler):
             "skipped_samples": store.stats.samples,
             "policies": config.policies_from,
             "errors": self.server.errors,
+            "loading": store.loading,
             "read_only": True,
         })
 
@@ -214,8 +217,11 @@ class Handler(BaseHTTPRequestHandler):
         if query.selects_all:
             self._json(self.server.service_map())
             return
-        builder = self.server.store.scan_map(query)
-        self._json(builder.result(known_rules=self.server.config.known_rules))
+        store = self.server.store
+        loading = store.loading
+        builder = store.scan_map(query)
+        self._json({**builder.result(known_rules=self.server.config.known_rules),
+                    "loading": loading})
 
     def _int(self, params: dict[str, str], name: str, default: int, high: int) -> int:
         text = params.get(name, "")
@@ -236,6 +242,7 @@ class Handler(BaseHTTPRequestHandler):
             "flows": [row(seq, d) for seq, d in found],
             "next_before": next_before,
             "complete": complete,
+            "loading": store.loading,
         })
 
     def _stream(self, params: dict[str, str]) -> None:

@@ -41,6 +41,7 @@ from garrison.flows.reader import FlowSourceError, LogFile, log_files, open_line
 from garrison.flows.servicemap import ServiceMapBuilder
 
 PARALLEL_MIN_BYTES = 32 << 20  # below this one process reads faster than several start
+CHUNK_BYTES = 64 << 20  # the part of a file one reader process reads at a time
 READ_CHUNK = 4 << 20
 MAX_BAD_SAMPLES = 5
 TAIL_CAP = 500_000  # records that arrive while the page runs, kept in memory
@@ -142,10 +143,11 @@ class FileSegment:
 
 class _Follow:
     """New complete lines of a live file from `offset` on (`final`: the last line without a
-    newline too, for a file rotated away)."""
+    newline too, for a file rotated away). `segments`: the loaded parts of this file, which
+    are lost if it is truncated."""
 
-    def __init__(self, path: Path, fd: int, offset: int, segment: FileSegment | None) -> None:
-        self.path, self.fd, self.offset, self.segment = path, fd, offset, segment
+    def __init__(self, path: Path, fd: int, offset: int, segments: list[FileSegment]) -> None:
+        self.path, self.fd, self.offset, self.segments = path, fd, offset, segments
 
     def read(self, final: bool = False) -> list[bytes]:
         try:
@@ -162,7 +164,7 @@ class _Follow:
         return [line.strip() for line in data[:cut].split(b"\n") if line.strip()]
 
     def close(self) -> None:
-        if self.segment is None or self.segment.fd != self.fd:
+        if not self.segments:  # a file opened for following; loaded ones close with the source
             with contextlib.suppress(OSError):
                 os.close(self.fd)
 
@@ -246,43 +248,26 @@ def _split_points(fd: int, size: int, parts: int) -> list[int]:
     return points
 
 
-def read_file(log: LogFile, *, live: bool, workers: int) -> tuple[FileSegment,
-                                                                   ServiceMapBuilder, LoadStats]:
-    """Offsets and map of a plain file; the live file's unfinished last line is left for
-    following."""
+def _open_plain(log: LogFile, live: bool) -> tuple[int, int]:
+    """An open descriptor of a plain log and where its records end (the live file's
+    unfinished last line excluded: it is followed)."""
     try:
         fd = os.open(log.path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise FlowSourceError(f"access log {log.name}: cannot open: {exc.strerror}") from exc
     size = os.fstat(fd).st_size
-    if live and size:
-        tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
-        nl = tail.rfind(b"\n")
-        end = size - len(tail) + nl + 1 if nl >= 0 else 0
-    else:
-        end = size
-    parts = max(1, min(workers, end // PARALLEL_MIN_BYTES))
-    points = _split_points(fd, end, parts) if parts > 1 else [0, end]
-    if len(points) > 2:
-        ctx = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(len(points) - 1, mp_context=ctx) as pool:
-            futures = [pool.submit(_scan, str(log.path), a, b)
-                       for a, b in itertools.pairwise(points)]
-            results = [f.result() for f in futures]
-    else:
-        results = [_scan(str(log.path), 0, end)]
-    starts: array[int] = array("q")
-    builder = ServiceMapBuilder()
-    stats = LoadStats()
-    lines_before = 0
-    for part in results:
-        starts.extend(part.starts)
-        builder.merge(part.builder)
-        for number, why in part.bad:
-            stats.add(f"{log.name}:{lines_before + number}", why)
-        stats.bad += part.bad_count - len(part.bad)
-        lines_before += part.lines
-    return FileSegment(log.path, fd, starts, end), builder, stats
+    if not live or not size:
+        return fd, size
+    tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+    nl = tail.rfind(b"\n")
+    return fd, (size - len(tail) + nl + 1 if nl >= 0 else 0)
+
+
+def _size(log: LogFile) -> int:
+    try:
+        return log.path.stat().st_size
+    except OSError:
+        return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +287,8 @@ class FlowStore:
         self._firsts: list[int] = []
         self._count = 0
         self._tail = MemorySegment(0)
+        # while the inputs are read: {"bytes": total, "done": read so far}; None after
+        self.loading: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return self._count
@@ -320,9 +307,14 @@ class FlowStore:
             self.version += 1
             self.changed.notify_all()
 
+    def progress(self, done: int) -> None:
+        if self.loading is not None:
+            self.loading = {**self.loading, "done": self.loading["done"] + done}
+
     def start_tail(self, cap: int = TAIL_CAP) -> None:
         """After loading: records that come later are kept here (the newest `cap`)."""
         self._tail = MemorySegment(cap)
+        self.loading = None
         self.add_segment(self._tail)
 
     def append(self, lines: list[bytes], where: str) -> None:
@@ -418,8 +410,25 @@ class FlowStore:
 # Sources
 
 
+@dataclass
+class _FileJob:
+    """One file of the inputs: a compressed one is read whole in memory; a plain one in byte
+    ranges (`ranges`), up to `end` (the live file's unfinished last line is left for
+    following)."""
+
+    log: LogFile
+    live: bool
+    fd: int = -1
+    end: int = 0
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+
+
 class FileSource:
-    """`--input-file` paths: loaded into a store, then their live files followed."""
+    """`--input-file` paths: loaded into a store, then their live files followed.
+
+    `start()` plans the reading and starts the reader processes (it forks: call it before any
+    thread starts); `finish()` adds the parts to the store in order as they come (the map grows
+    while the page is already served), then starts following. `load()` does both."""
 
     def __init__(self, paths: list[str], *, backups: bool = True,
                  workers: int | None = None) -> None:
@@ -431,35 +440,85 @@ class FileSource:
         self.backups = backups
         self.workers = workers or os.cpu_count() or 1
         self._live: list[_Follow] = []
+        self._jobs: list[_FileJob] = []
+        self._futures: list[concurrent.futures.Future[_Part]] = []
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._fds: list[int] = []
 
     def describe(self) -> str:
         return ", ".join(self.paths)
 
     def load(self, store: FlowStore) -> None:
+        self.start(store)
+        self.finish(store)
+
+    def start(self, store: FlowStore) -> None:
+        jobs: list[_FileJob] = []
         for path in self.paths:
             files = log_files(path, include_backups=self.backups)
             for log in files:
-                live = log is files[-1]
-                if log.compressed:
-                    segment = MemorySegment()
-                    builder = ServiceMapBuilder()
+                job = _FileJob(log, live=log is files[-1])
+                if not log.compressed:
+                    job.fd, job.end = _open_plain(log, job.live)
+                    self._fds.append(job.fd)
+                    parts = max(1, -(-job.end // CHUNK_BYTES))
+                    points = _split_points(job.fd, job.end, parts) if parts > 1 else [0, job.end]
+                    job.ranges = list(itertools.pairwise(points))
+                jobs.append(job)
+        plain = sum(job.end for job in jobs)
+        store.loading = {"bytes": plain + sum(
+            _size(job.log) for job in jobs if job.log.compressed), "done": 0}
+        if self.workers > 1 and plain >= PARALLEL_MIN_BYTES:
+            ctx = multiprocessing.get_context("fork")
+            self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
+            self._futures = [self._pool.submit(_scan, str(job.log.path), a, b)
+                             for job in jobs for a, b in job.ranges]
+        self._jobs = jobs
+
+    def finish(self, store: FlowStore) -> None:
+        futures = iter(self._futures)
+        try:
+            for job in self._jobs:
+                if job.log.compressed:
+                    self._read_compressed(job.log, store)
+                    store.progress(_size(job.log))
+                    continue
+                segments: list[FileSegment] = []
+                lines_before = 0
+                for a, b in job.ranges:
+                    part = next(futures).result() if self._pool else _scan(str(job.log.path),
+                                                                            a, b)
                     stats = LoadStats()
-                    for number, line in enumerate(open_lines(log), 1):
-                        segment.append(line)
-                        d, why = decode(line)
-                        if d is None:
-                            stats.add(f"{log.name}:{number}", why)
-                            builder.skipped += 1
-                        else:
-                            builder.add(d)
-                    store.add_segment(segment, builder, stats)
-                    continue  # a compressed file is not written to: not followed
-                file_segment, builder, stats = read_file(log, live=live, workers=self.workers)
-                store.add_segment(file_segment, builder, stats)
-                if live:
-                    self._live.append(
-                        _Follow(log.path, file_segment.fd, file_segment.stop, file_segment))
+                    for number, why in part.bad:
+                        stats.add(f"{job.log.name}:{lines_before + number}", why)
+                    stats.bad += part.bad_count - len(part.bad)
+                    lines_before += part.lines
+                    segment = FileSegment(job.log.path, job.fd, part.starts, b)
+                    segments.append(segment)
+                    store.add_segment(segment, part.builder, stats)
+                    store.progress(b - a)
+                if job.live:
+                    self._live.append(_Follow(job.log.path, job.fd, job.end, segments))
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
         store.start_tail()
+
+    @staticmethod
+    def _read_compressed(log: LogFile, store: FlowStore) -> None:
+        segment = MemorySegment()
+        builder = ServiceMapBuilder()
+        stats = LoadStats()
+        for number, line in enumerate(open_lines(log), 1):
+            segment.append(line)
+            d, why = decode(line)
+            if d is None:
+                stats.add(f"{log.name}:{number}", why)
+                builder.skipped += 1
+            else:
+                builder.add(d)
+        store.add_segment(segment, builder, stats)
 
     def poll(self, store: FlowStore) -> None:
         for i, follow in enumerate(self._live):
@@ -473,8 +532,8 @@ class FileSource:
             if (st.st_dev, st.st_ino) != (ident.st_dev, ident.st_ino):
                 store.append(follow.read(final=True), str(path))  # the rest of the old file
             elif st.st_size < follow.offset:
-                if follow.segment is not None and follow.segment.fd == follow.fd:
-                    follow.segment.lost = True  # copytruncate: what was read is gone
+                for segment in follow.segments:
+                    segment.lost = True  # copytruncate: what was read is gone
             else:
                 continue
             try:
@@ -482,13 +541,19 @@ class FileSource:
             except OSError:
                 continue
             follow.close()
-            fresh = _Follow(path, fd, 0, None)
+            fresh = _Follow(path, fd, 0, [])
             self._live[i] = fresh
             store.append(fresh.read(), str(path))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         for follow in self._live:
             follow.close()
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
 
 
 class AgentFeed:

@@ -4,7 +4,7 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const state = { view: "map", q: "", map: null, selected: null, oldest: null, stream: null,
-  total: 0 };
+  total: 0, mapTimer: 0 };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -319,6 +319,16 @@ async function loadMap() {
     const data = await api("/api/map", { q: state.q });
     state.map = data;
     drawMap(data);
+    if (data.loading) {
+      const pct = data.loading.bytes ? Math.floor(100 * data.loading.done / data.loading.bytes) : 0;
+      note.textContent = data.loading.failed ? "Reading the log failed (see the source line)." :
+        `Reading the log: ${pct}% — ${data.records} records so far…`;
+      if (!data.loading.failed) {
+        clearTimeout(state.mapTimer);
+        state.mapTimer = setTimeout(() => { if (state.view === "map") loadMap(); }, 700);
+      }
+      return;
+    }
     note.textContent = data.records === 0 && !data.skipped ?
       "No flow records" + (state.q ? " match this filter." : " in this log yet.") :
       `${data.records} records, ${data.nodes.length} nodes, ${data.edges.length} edges` +
@@ -378,7 +388,8 @@ async function loadFlows(fresh) {
     state.oldest = data.next_before;
     more.hidden = data.complete;
     status.textContent = `${body.children.length} shown of ${data.total} records` +
-      (data.complete ? "" : " (more below)");
+      (data.complete ? "" : " (more below)") +
+      (data.loading ? " — still reading the log: reload for the newest" : "");
   } catch (err) {
     status.textContent = "";
     fail(err);

@@ -23,6 +23,7 @@ def app(tmp_path: Path) -> Iterator[ReviewApp]:
     shutil.copy(DEMO, log)
     review = ReviewApp(file_source([str(log)]), Listen("127.0.0.1", 0))
     review.start()
+    assert review.wait_loaded(10)
     yield review
     review.stop()
 

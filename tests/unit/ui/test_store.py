@@ -55,6 +55,7 @@ def test_parallel_read_equals_one_process(tmp_path: Path, monkeypatch: pytest.Mo
     body = (b"\n".join(LINES) + b"\n") * 40 + b"not json\n" + b"\n".join(LINES) + b"\n"
     log.write_bytes(body)
     monkeypatch.setattr(store_mod, "PARALLEL_MIN_BYTES", len(body) // 4)
+    monkeypatch.setattr(store_mod, "CHUNK_BYTES", len(body) // 7)  # parts read one by one
     _, one = loaded([log], workers=1)
     src, many = loaded([log], workers=3)
     assert len(many) == len(one) == 41 * len(LINES) + 1  # the bad line keeps its number
