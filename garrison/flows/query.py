@@ -44,27 +44,62 @@ Time bounds (`since_ns`, `until_ns`, inclusive) compare the RFC 3339 text garris
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from typing import Any, TypeGuard
 
 import re2
 
-from garrison.flows.build import GRPC_STATUS_NAMES
 from garrison.flows.codec import format_time, parse_time
+from garrison.flows.errors import FilterError
+from garrison.flows.filterfields import (
+    DROP_REASONS,
+    EVENT_TYPES,
+    FIELDS,
+    GRPC_STATUS_BY_NAME,
+    HTTP_STATUS_FULL,
+    HTTP_STATUS_PREFIX,
+    L4_PROTOCOLS,
+    L7_PROTOCOLS,
+    VERDICTS,
+    Needles,
+    Test,
+    identity_number,
+    parse_event_type,
+)
+from garrison.flows.flowdict import (
+    FlowDict,
+    FlowSide,
+    flow_protocol,
+    flow_side,
+    request_uri_path,
+    url_path,
+)
 from garrison.flows.record import DropReasonDesc, FlowDecodeError, FlowRecord
+from garrison.flows.selectors import parse_selector
+from garrison.flows.timebounds import parse_duration_ns, parse_time_bound
 from garrison.identity.model import RESERVED
-from garrison.policies.l7rules import KAFKA_API_KEYS, KAFKA_API_NAMES
-from garrison.policies.labels import KNOWN_SOURCES, SOURCE_ANY
+from garrison.policies.l7rules import KAFKA_API_KEYS
 
-FlowDict = Mapping[str, Any]
-
-
-class FilterError(ValueError):
-    """A filter that cannot be read: the message names the flag, the value and why."""
+__all__ = [
+    "FLAGS",
+    "MATCH_ALL",
+    "CompiledQuery",
+    "FilterError",
+    "FilterTerm",
+    "FlagSpec",
+    "FlowDict",
+    "FlowQuery",
+    "FlowSide",
+    "flow_protocol",
+    "flow_side",
+    "parse_duration_ns",
+    "parse_event_type",
+    "parse_selector",
+    "parse_time_bound",
+    "request_uri_path",
+    "url_path",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,352 +189,6 @@ class FlowQuery:
         return CompiledQuery(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading the parts of a flow dict (absent or mistyped parts read as empty)
-
-
-def _obj(d: Any, key: str) -> Mapping[str, Any]:
-    value = d.get(key) if isinstance(d, Mapping) else None
-    return value if isinstance(value, Mapping) else {}
-
-
-_PORTED = ("TCP", "UDP", "SCTP")
-
-
-def _l4_ports(d: FlowDict) -> tuple[int, int]:
-    for inner in _obj(d, "l4").values():
-        if isinstance(inner, Mapping):
-            src, dst = inner.get("source_port", 0), inner.get("destination_port", 0)
-            if "type" in inner:  # ICMP: shown with the type where a port would be
-                dst = inner.get("type", 0)
-            return _as_int(src), _as_int(dst)
-    return 0, 0
-
-
-def _as_int(value: Any) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)  # protobuf's JSON quotes 64-bit integers
-    return 0
-
-
-@dataclass(frozen=True, slots=True)
-class FlowSide:
-    """One endpoint of a flow dict, with Hubble's fallbacks (`IP.source`, `l4.*.source_port`)."""
-
-    identity: int
-    labels: tuple[str, ...]
-    namespace: str
-    pod_name: str
-    ip: str
-    port: int
-
-
-def flow_side(d: FlowDict, which: str) -> FlowSide:
-    """`which` is `source` or `destination`."""
-    ep = _obj(d, which)
-    ip = ep.get("ip")
-    if not isinstance(ip, str) or not ip:
-        fallback = _obj(d, "IP").get(which, "")
-        ip = fallback if isinstance(fallback, str) else ""
-    port = _as_int(ep.get("port", 0))
-    if not port:
-        src, dst = _l4_ports(d)
-        port = src if which == "source" else dst
-    labels = ep.get("labels")
-    return FlowSide(
-        identity=_as_int(ep.get("identity", 0)),
-        labels=tuple(x for x in labels if isinstance(x, str)) if isinstance(labels, list) else (),
-        namespace=_text(ep.get("namespace")),
-        pod_name=_text(ep.get("pod_name")),
-        ip=ip,
-        port=port,
-    )
-
-
-def _side_ip(d: FlowDict, which: str) -> str:
-    ip = _obj(d, which).get("ip")
-    if isinstance(ip, str) and ip:
-        return ip
-    fallback = _obj(d, "IP").get(which)
-    return fallback if isinstance(fallback, str) else ""
-
-
-def _side_port(d: FlowDict, which: str) -> int | None:
-    """The TCP, UDP or SCTP port of one side, None when the flow has none (Hubble: an ICMP
-    flow has no port). Hubble's JSON has it under `l4`; a record without `l4` may still carry
-    it on the endpoint."""
-    l4 = _obj(d, "l4")
-    key = "source_port" if which == "source" else "destination_port"
-    for name in _PORTED:
-        inner = l4.get(name)
-        if isinstance(inner, Mapping):
-            return _as_int(inner.get(key, 0))
-    if l4:
-        return None
-    port = _as_int(_obj(d, which).get("port", 0))
-    return port or None
-
-
-def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def flow_protocol(d: FlowDict) -> str:
-    """`grpc`, `http`, `kafka` for proxy records (a gRPC record also has an `http` part),
-    else the L4 protocol in lower case (`tcp`, `udp`, `icmpv4`...), `""` when none is named."""
-    l7 = _obj(d, "l7")
-    if l7:
-        for name in ("grpc", "http", "kafka"):
-            if name in l7:
-                return name
-    for name in _obj(d, "l4"):
-        return str(name).lower()
-    return ""
-
-
-def url_path(url: str) -> str:
-    """The path of `scheme://host/path?query` (or of a bare `/path?query`)."""
-    if "://" in url:
-        rest = url.split("://", 1)[1]
-        slash = rest.find("/")
-        url = rest[slash:] if slash >= 0 else "/"
-    for stop in "?#":
-        url = url.split(stop, 1)[0]
-    return url or "/"
-
-
-_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-
-
-def request_uri_path(url: str) -> str | None:
-    """The decoded path of a request URI as Go's `url.ParseRequestURI` reads it (what
-    `hubble observe --http-path` matches): an absolute URL or an absolute path; the query
-    is cut at `?` (a `#` is part of the path: a request carries no fragment); `%2F` and
-    `%20` are decoded. None for what Go refuses (a relative path, a bad `%` escape)."""
-    if not url:
-        return None
-    if _SCHEME.match(url):
-        rest = url.split(":", 1)[1]
-        if not rest.startswith("//"):
-            return None  # `mailto:x`: opaque, no path
-        rest = rest[2:]
-        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-        path = rest[cut:]
-        if path.startswith("?"):
-            path = ""
-    elif url.startswith("/"):
-        path = url
-    else:
-        return None
-    path = path.split("?", 1)[0]
-    if _ESCAPE.search(path):
-        return None
-    return _unquote(path)
-
-
-def _unquote(text: str) -> str:
-    if "%" not in text:
-        return text
-    raw = bytearray()
-    i = 0
-    while i < len(text):
-        if text[i] == "%":
-            raw.append(int(text[i + 1:i + 3], 16))
-            i += 3
-        else:
-            raw += text[i].encode()
-            i += 1
-    return raw.decode("utf-8", "replace")
-
-
-# ---------------------------------------------------------------------------------------------
-# Label selectors: Kubernetes' `k=v,k2 in (a,b),!k3`
-
-
-@dataclass(frozen=True, slots=True)
-class _Requirement:
-    source: str
-    key: str
-    op: str  # in | notin | exists | !exists | gt | lt
-    values: tuple[str, ...] = ()
-
-    def holds(self, labels: Sequence[tuple[str, str, str]]) -> bool:
-        found = [v for s, k, v in labels if k == self.key and self.source in (SOURCE_ANY, s)]
-        if self.op == "in":
-            return any(v in self.values for v in found)
-        if self.op == "notin":
-            return not any(v in self.values for v in found)
-        if self.op == "exists":
-            return bool(found)
-        if self.op == "!exists":
-            return not found
-        bound = int(self.values[0])
-        for v in found:
-            try:
-                number = int(v)
-            except ValueError:
-                continue
-            if (number > bound) if self.op == "gt" else (number < bound):
-                return True
-        return False
-
-
-_SET_OP = re.compile(r"^(!?)\s*([^\s=!()<>]+)\s+(in|notin)\s*\(([^()]*)\)$")
-_EQ_OP = re.compile(r"^([^\s=!()<>]+)\s*(==|=|!=|>|<)\s*([^\s=!(),<>]*)$")
-_KEY = re.compile(r"^(!?)\s*([^\s=!(),<>]+)$")
-
-
-def _split_selector(text: str) -> list[str]:
-    """Split at commas outside parentheses."""
-    parts: list[str] = []
-    current: list[str] = []
-    depth = 0
-    for ch in text:
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth < 0:
-                raise FilterError(f"label selector {text!r}: unbalanced ')'")
-        if ch == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    if depth:
-        raise FilterError(f"label selector {text!r}: unbalanced '('")
-    parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
-
-
-def _source_key(text: str) -> tuple[str, str]:
-    if ":" in text:
-        source, _, key = text.partition(":")
-        if source in KNOWN_SOURCES:
-            return source, key
-    return SOURCE_ANY, text
-
-
-def parse_selector(text: str) -> tuple[_Requirement, ...]:
-    """Kubernetes' selector text: `k=v` (`==`), `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k`,
-    `!k`, `k>5`, `k<5`; keys may carry a source (`k8s:app`, `reserved:world`); a key without
-    one matches any source. Every requirement must hold on one endpoint. As in Kubernetes'
-    parser, an empty list `()` holds the empty value: `k notin ()` is "k absent or not
-    empty"."""
-    reqs = []
-    for part in _split_selector(text):
-        if m := _SET_OP.match(part):
-            bang, key_text, op, values_text = m.groups()
-            if bang:
-                raise FilterError(f"label selector {text!r}: '!' before {op!r} in {part!r}")
-            values = tuple(dict.fromkeys(v.strip() for v in values_text.split(",")))
-            source, key = _source_key(key_text)
-            reqs.append(_Requirement(source, key, op, values))
-        elif m := _EQ_OP.match(part):
-            key_text, op, value = m.groups()
-            source, key = _source_key(key_text)
-            if op in "<>":
-                if not re.fullmatch(r"-?\d+", value):
-                    raise FilterError(f"label selector {text!r}: {op!r} needs an integer in "
-                                      f"{part!r}")
-                reqs.append(_Requirement(source, key, "gt" if op == ">" else "lt", (value,)))
-            else:
-                reqs.append(_Requirement(source, key, "notin" if op == "!=" else "in",
-                                         (value,)))
-        elif m := _KEY.match(part):
-            bang, key_text = m.groups()
-            source, key = _source_key(key_text)
-            reqs.append(_Requirement(source, key, "!exists" if bang else "exists"))
-        else:
-            raise FilterError(
-                f"label selector {text!r}: cannot read {part!r} "
-                "(write k=v, k!=v, k in (a,b), k notin (a,b), k or !k)"
-            )
-        if not reqs[-1].key:
-            raise FilterError(f"label selector {text!r}: empty key in {part!r}")
-    if not reqs:
-        raise FilterError("empty label selector")
-    return tuple(reqs)
-
-
-def _parsed_labels(labels: tuple[str, ...]) -> list[tuple[str, str, str]]:
-    out = []
-    for text in labels:
-        key_part, _, value = text.partition("=")
-        source, key = _source_key(key_part)
-        out.append(("k8s" if source == SOURCE_ANY else source, key, value))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Hubble's vocabulary
-
-VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "ERROR", "REDIRECTED", "TRACED", "TRANSLATED",
-            "VERDICT_UNKNOWN")
-"""Hubble's verdicts; garrison writes the first four."""
-
-EVENT_TYPES = {"drop": 1, "debug": 2, "capture": 3, "trace": 4, "policy-verdict": 5,
-               "trace-sock": 7, "l7": 129, "agent": 130}
-"""Cilium's monitor message types by the name `-t` takes."""
-
-TRACE_POINTS = {
-    "to-endpoint": 0, "to-proxy": 1, "to-host": 2, "to-stack": 3, "to-overlay": 4,
-    "from-endpoint": 5, "from-proxy": 6, "from-host": 7, "from-stack": 8, "from-overlay": 9,
-    "from-network": 10, "to-network": 11, "from-crypto": 12, "to-crypto": 13,
-}
-"""The trace observation points (`-t trace:to-endpoint`), as Cilium numbers them."""
-
-_AGENT_EVENTS = {
-    "unspecified": 0, "message": 1, "agent-started": 2, "policy-updated": 3,
-    "policy-deleted": 4, "endpoint-regenerate-success": 5, "endpoint-regenerate-failure": 6,
-    "endpoint-created": 7, "endpoint-deleted": 8, "ipcache-upserted": 9, "ipcache-deleted": 10,
-}
-
-_HUBBLE_DROP_REASON_NAMES = """
-DROP_REASON_UNKNOWN INVALID_SOURCE_MAC INVALID_DESTINATION_MAC INVALID_SOURCE_IP POLICY_DENIED
-INVALID_PACKET_DROPPED CT_TRUNCATED_OR_INVALID_HEADER CT_MISSING_TCP_ACK_FLAG
-CT_UNKNOWN_L4_PROTOCOL CT_CANNOT_CREATE_ENTRY_FROM_PACKET UNSUPPORTED_L3_PROTOCOL
-MISSED_TAIL_CALL ERROR_WRITING_TO_PACKET UNKNOWN_L4_PROTOCOL UNKNOWN_ICMPV4_CODE
-UNKNOWN_ICMPV4_TYPE UNKNOWN_ICMPV6_CODE UNKNOWN_ICMPV6_TYPE ERROR_RETRIEVING_TUNNEL_KEY
-ERROR_RETRIEVING_TUNNEL_OPTIONS INVALID_GENEVE_OPTION UNKNOWN_L3_TARGET_ADDRESS
-STALE_OR_UNROUTABLE_IP NO_MATCHING_LOCAL_CONTAINER_FOUND ERROR_WHILE_CORRECTING_L3_CHECKSUM
-ERROR_WHILE_CORRECTING_L4_CHECKSUM CT_MAP_INSERTION_FAILED INVALID_IPV6_EXTENSION_HEADER
-IP_FRAGMENTATION_NOT_SUPPORTED SERVICE_BACKEND_NOT_FOUND NO_TUNNEL_OR_ENCAPSULATION_ENDPOINT
-FAILED_TO_INSERT_INTO_PROXYMAP REACHED_EDT_RATE_LIMITING_DROP_HORIZON
-UNKNOWN_CONNECTION_TRACKING_STATE LOCAL_HOST_IS_UNREACHABLE
-NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION UNSUPPORTED_L2_PROTOCOL
-NO_MAPPING_FOR_NAT_MASQUERADE UNSUPPORTED_PROTOCOL_FOR_NAT_MASQUERADE FIB_LOOKUP_FAILED
-ENCAPSULATION_TRAFFIC_IS_PROHIBITED INVALID_IDENTITY UNKNOWN_SENDER NAT_NOT_NEEDED
-IS_A_CLUSTERIP FIRST_LOGICAL_DATAGRAM_FRAGMENT_NOT_FOUND FORBIDDEN_ICMPV6_MESSAGE
-DENIED_BY_LB_SRC_RANGE_CHECK SOCKET_LOOKUP_FAILED SOCKET_ASSIGN_FAILED
-PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL POLICY_DENY VLAN_FILTERED INVALID_VNI
-INVALID_TC_BUFFER NO_SID MISSING_SRV6_STATE NAT46 NAT64 AUTH_REQUIRED CT_NO_MAP_FOUND
-SNAT_NO_MAP_FOUND INVALID_CLUSTER_ID UNSUPPORTED_PROTOCOL_FOR_DSR_ENCAP NO_EGRESS_GATEWAY
-UNENCRYPTED_TRAFFIC TTL_EXCEEDED NO_NODE_ID DROP_RATE_LIMITED IGMP_HANDLED IGMP_SUBSCRIBED
-MULTICAST_HANDLED DROP_HOST_NOT_READY DROP_EP_NOT_READY DROP_NO_EGRESS_IP DROP_PUNT_PROXY
-"""
-HUBBLE_DROP_REASONS = frozenset(_HUBBLE_DROP_REASON_NAMES.split())
-"""Hubble's `DropReason` names (flow.proto): a saved `--drop-reason-desc` of any of them is
-read, though garrison's datapath records only a few."""
-
-DROP_REASONS = frozenset({r.value for r in DropReasonDesc} | HUBBLE_DROP_REASONS)
-
-L4_PROTOCOLS = ("tcp", "udp", "sctp", "icmp", "icmpv4", "icmpv6", "vrrp", "igmp")
-L7_PROTOCOLS = ("http", "grpc", "kafka", "dns")
-
-_HTTP_STATUS_FULL = re.compile(r"^[1-5][0-9]{2}$")
-_HTTP_STATUS_PREFIX = re.compile(r"^[1-5][0-9]?\+$")
-
-_GRPC_STATUS_BY_NAME = {name: code for code, name in GRPC_STATUS_NAMES.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking one flag's value (the message names the flag and the fix)
 
 
 def _check_choice(flag: str, known: Sequence[str]) -> Callable[[str], None]:
@@ -515,41 +204,6 @@ def _check_drop_reason(value: str) -> None:
         names = ", ".join(r.value for r in DropReasonDesc if r.value != "DROP_REASON_UNKNOWN")
         raise FilterError(f"--drop-reason-desc {value!r}: expected a drop reason ({names}, "
                           "or another of Hubble's)")
-
-
-def parse_event_type(value: str) -> tuple[int, int | None]:
-    """`-t` as Hubble reads it: a type name (`drop`, `trace`, `l7`, `policy-verdict`...) or
-    number (`129`), then optionally `:` and a sub type: a number (`drop:133`), or for `trace`
-    an observation point (`trace:to-endpoint`), for `agent` an agent event. Returns the type
-    (0 matches any) and the sub type (None: any)."""
-    text = value.strip()
-    name, colon, sub = text.partition(":")
-    by_name = EVENT_TYPES.get(name.lower())
-    if by_name is not None:
-        number = by_name
-    elif name.isascii() and name.isdigit() and int(name) < 2**31:
-        number = int(name)
-    else:
-        raise FilterError(
-            f"--type {value!r}: not a type name ({', '.join(EVENT_TYPES)}) or number "
-            "(write l7, drop, drop:133, trace:to-endpoint or 129)"
-        )
-    if not colon:
-        return number, None
-    sub_number: int | None = None
-    if by_name == EVENT_TYPES["trace"]:
-        sub_number = TRACE_POINTS.get(sub.lower())
-    elif by_name == EVENT_TYPES["agent"]:
-        sub_number = _AGENT_EVENTS.get(sub.lower())
-    if sub_number is None:
-        if not (sub.isascii() and sub.isdigit() and int(sub) < 2**31):
-            points = ", ".join(TRACE_POINTS)
-            raise FilterError(
-                f"--type {value!r}: sub type {sub!r} is no number"
-                + (f" nor an observation point ({points})" if by_name == 4 else "")
-            )
-        sub_number = int(sub)
-    return number, sub_number
 
 
 def _check_event_type(value: str) -> None:
@@ -588,14 +242,14 @@ def _check_regex(flag: str) -> Callable[[str], None]:
 
 def _check_http_status(value: str) -> None:
     v = value.strip()
-    if not (_HTTP_STATUS_FULL.match(v) or _HTTP_STATUS_PREFIX.match(v)):
+    if not (HTTP_STATUS_FULL.match(v) or HTTP_STATUS_PREFIX.match(v)):
         raise FilterError(f"--http-status {value!r}: expected a status code (403) or one or "
                           "two leading digits and + (4+, 40+)")
 
 
 def _check_grpc_status(value: str) -> None:
     v = value.strip().upper()
-    if not v.isdigit() and v not in _GRPC_STATUS_BY_NAME:
+    if not v.isdigit() and v not in GRPC_STATUS_BY_NAME:
         raise FilterError(f"--grpc-status {value!r}: expected a code (7) or a name "
                           "(PERMISSION_DENIED, OK, ...)")
 
@@ -617,17 +271,9 @@ def _check_label(flag: str) -> Callable[[str], None]:
     return check
 
 
-def _identity_number(value: str) -> int | None:
-    v = value.strip()
-    if v.isascii() and v.isdigit() and int(v) < 2**32:
-        return int(v)
-    reserved = RESERVED.get(v.lower())
-    return None if reserved is None else reserved.id
-
-
 def _check_identity(flag: str) -> Callable[[str], None]:
     def check(value: str) -> None:
-        if _identity_number(value) is None:
+        if identity_number(value) is None:
             raise FilterError(f"--{flag} {value!r}: expected a number or a reserved identity "
                               f"({', '.join(RESERVED)})")
 
@@ -675,7 +321,6 @@ def _no_check(value: str) -> None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
 # Hubble's filter construction: a left and a right filter per list
 
 
@@ -778,334 +423,6 @@ _HTTP_FIELDS = {"http_status": "--http-status", "http_method": "--http-method",
                 "http_path": "--http-path", "http_url": "--http-url"}
 
 
-# ---------------------------------------------------------------------------------------------
-# The fields of a filter: each becomes a test on a flow dict (values ORed), and where it can
-# the byte strings a matching line must contain one of
-
-Test = Callable[[FlowDict], bool]
-Needles = tuple[bytes, ...] | None
-
-
-def _needle(text: str) -> Needles:
-    """`"text"` as it appears in a line, when it can be written without escapes."""
-    if not text or not text.isascii() or '"' in text or "\\" in text or not text.isprintable():
-        return None
-    return (f'"{text}"'.encode(),)
-
-
-def _bare_needle(text: str) -> Needles:
-    needle = _needle(text)
-    return (needle[0][1:-1],) if needle else None
-
-
-def _join(needles: list[Needles]) -> Needles:
-    if any(n is None for n in needles):
-        return None
-    return tuple(dict.fromkeys(b for n in needles if n for b in n))
-
-
-def _namespace_name(value: str) -> tuple[str, str]:
-    """Hubble's ParseNamespaceName: `ns/name`, `name` (namespace `default`), `ns/` (any
-    name); what follows a second `/` is ignored, as there."""
-    parts = value.split("/")
-    if len(parts) > 1:
-        return parts[0], parts[1]
-    return ("", "") if not parts[0] else ("default", parts[0])
-
-
-def _pod_field(which: str) -> Callable[[tuple[str, ...]], tuple[Test, Needles]]:
-    def build(values: tuple[str, ...]) -> tuple[Test, Needles]:
-        names = [_namespace_name(v.strip()) for v in values]
-
-        def test(d: FlowDict) -> bool:
-            ep = _obj(d, which)
-            ns, pod = _text(ep.get("namespace")), _text(ep.get("pod_name"))
-            if not ns and not pod:
-                return False
-            return any((not p or pod.startswith(p)) and (not n or n == ns) for n, p in names)
-
-        needles: list[Needles] = []
-        for ns, prefix in names:
-            if prefix:
-                needle = _needle(prefix)
-                needles.append((needle[0][:-1],) if needle else None)  # `"prefix`
-            else:
-                needles.append(_needle(ns) if ns else None)
-        return test, _join(needles)
-
-    return build
-
-
-def _ip_field(which: str) -> Callable[[tuple[str, ...]], tuple[Test, Needles]]:
-    def build(values: tuple[str, ...]) -> tuple[Test, Needles]:
-        networks = [ipaddress.ip_network(v.strip(), strict=False) for v in values]
-
-        def test(d: FlowDict) -> bool:
-            ip = _side_ip(d, which)
-            if not ip:
-                return False
-            try:
-                address = ipaddress.ip_address(ip)
-            except ValueError:
-                return False
-            return any(address in network for network in networks)
-
-        needles: list[Needles] = [
-            _needle(str(n.network_address)) if n.num_addresses == 1 else None for n in networks
-        ]
-        return test, _join(needles)
-
-    return build
-
-
-def _label_field(which: str) -> Callable[[tuple[str, ...]], tuple[Test, Needles]]:
-    def build(values: tuple[str, ...]) -> tuple[Test, Needles]:
-        selectors = [parse_selector(v) for v in values]
-
-        def test(d: FlowDict) -> bool:
-            raw = _obj(d, which).get("labels")
-            if not isinstance(raw, list):
-                raw = []
-            labels = _parsed_labels(tuple(x for x in raw if isinstance(x, str)))
-            return any(all(r.holds(labels) for r in reqs) for reqs in selectors)
-
-        needles: list[Needles] = []
-        for reqs in selectors:
-            # a matching line holds one of the values of the first `in` requirement
-            found: Needles = None
-            for r in reqs:
-                if r.op == "in":
-                    texts = [_bare_needle(f"{r.key}={v}") for v in r.values]
-                    found = _join(texts)
-                    break
-            needles.append(found)
-        return test, _join(needles)
-
-    return build
-
-
-def _port_field(which: str) -> Callable[[tuple[str, ...]], tuple[Test, Needles]]:
-    def build(values: tuple[str, ...]) -> tuple[Test, Needles]:
-        ports = frozenset(int(v.strip()) for v in values)
-
-        def test(d: FlowDict) -> bool:
-            return _side_port(d, which) in ports
-
-        return test, tuple(str(p).encode() for p in sorted(ports))
-
-    return build
-
-
-def _identity_field(which: str) -> Callable[[tuple[str, ...]], tuple[Test, Needles]]:
-    def build(values: tuple[str, ...]) -> tuple[Test, Needles]:
-        numbers = frozenset(n for v in values if (n := _identity_number(v)) is not None)
-
-        def test(d: FlowDict) -> bool:
-            ep = d.get(which) if isinstance(d, Mapping) else None
-            return isinstance(ep, Mapping) and _as_int(ep.get("identity", 0)) in numbers
-
-        return test, tuple(str(n).encode() for n in sorted(numbers))
-
-    return build
-
-
-def _verdict_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    wanted = frozenset(v.strip().upper() for v in values)
-    unknown = "VERDICT_UNKNOWN" in wanted
-
-    def test(d: FlowDict) -> bool:
-        verdict = d.get("verdict")
-        if verdict in wanted:
-            return True
-        return unknown and (verdict is None or verdict == 0)
-
-    return test, None if unknown else _join([_needle(v) for v in sorted(wanted)])
-
-
-def _drop_reason_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    wanted = frozenset(v.strip().upper() for v in values)
-
-    def test(d: FlowDict) -> bool:
-        # Hubble: dropped flows only. garrison's ERROR records (a connection the proxy
-        # closed) carry their reason too; AUDIT and FORWARDED ones never match
-        return d.get("verdict") in ("DROPPED", "ERROR") and d.get("drop_reason_desc") in wanted
-
-    return test, _join([_needle(v) for v in sorted(wanted)])
-
-
-def _event_type_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    wanted = [parse_event_type(v) for v in values]
-
-    def test(d: FlowDict) -> bool:
-        event = d.get("event_type") if isinstance(d, Mapping) else None
-        if not isinstance(event, Mapping):
-            return False
-        number, sub = _as_int(event.get("type", 0)), _as_int(event.get("sub_type", 0))
-        return any((not t or t == number) and (s is None or s == sub) for t, s in wanted)
-
-    return test, None
-
-
-def _direction_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    wanted = frozenset(v.strip().upper() for v in values)
-    return (lambda d: d.get("traffic_direction") in wanted), _join(
-        [_needle(v) for v in sorted(wanted)]
-    )
-
-
-_L4_NEEDLES = {"tcp": (b'"TCP"',), "udp": (b'"UDP"',), "sctp": (b'"SCTP"',),
-               "icmp": (b'"ICMPv4"', b'"ICMPv6"'), "icmpv4": (b'"ICMPv4"',),
-               "icmpv6": (b'"ICMPv6"',), "http": (b'"http"',), "grpc": (b'"grpc"',),
-               "kafka": (b'"kafka"',)}
-
-
-def _protocol_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    wanted = frozenset(v.strip().lower() for v in values)
-    l4_names = set()
-    for name in wanted:
-        if name == "icmp":
-            l4_names |= {"ICMPv4", "ICMPv6"}
-        elif name in L4_PROTOCOLS:
-            l4_names.add({"icmpv4": "ICMPv4", "icmpv6": "ICMPv6"}.get(name, name.upper()))
-    l7_names = wanted & set(L7_PROTOCOLS)
-
-    def test(d: FlowDict) -> bool:
-        l4 = _obj(d, "l4")
-        if any(isinstance(l4.get(name), Mapping) for name in l4_names):
-            return True
-        l7 = _obj(d, "l7")
-        # Hubble: `http` is any record with an HTTP part, gRPC calls included
-        return any(isinstance(l7.get(name), Mapping) for name in l7_names)
-
-    return test, _join([_L4_NEEDLES.get(name) for name in sorted(wanted)])
-
-
-def _http_status_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    full = {v.strip() for v in values if _HTTP_STATUS_FULL.match(v.strip())}
-    prefixes = tuple(v.strip()[:-1] for v in values if v.strip().endswith("+"))
-
-    def test(d: FlowDict) -> bool:
-        code = _as_int(_obj(_obj(d, "l7"), "http").get("code", 0))
-        if not code:
-            return False  # a request: no status
-        text = f"{code:03d}"
-        return text in full or text.startswith(prefixes)
-
-    return test, None
-
-
-def _http_method_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    wanted = frozenset(v.strip().upper() for v in values)
-
-    def test(d: FlowDict) -> bool:
-        method = _obj(_obj(d, "l7"), "http").get("method")
-        return isinstance(method, str) and bool(method) and method.upper() in wanted
-
-    return test, None
-
-
-def _http_path_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    patterns = [re2.compile(v) for v in values]
-
-    def test(d: FlowDict) -> bool:
-        url = _obj(_obj(d, "l7"), "http").get("url")
-        path = request_uri_path(url) if isinstance(url, str) else None
-        return path is not None and any(p.search(path) is not None for p in patterns)
-
-    return test, None
-
-
-def _http_url_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    patterns = [re2.compile(v) for v in values]
-
-    def test(d: FlowDict) -> bool:
-        url = _obj(_obj(d, "l7"), "http").get("url")
-        return isinstance(url, str) and bool(url) and any(
-            p.search(url) is not None for p in patterns
-        )
-
-    return test, None
-
-
-def _l7_text_field(part: str, key: str) -> Callable[[tuple[str, ...]], tuple[Test, Needles]]:
-    def build(values: tuple[str, ...]) -> tuple[Test, Needles]:
-        wanted = frozenset(v.strip() for v in values)
-        return (lambda d: _obj(_obj(d, "l7"), part).get(key) in wanted), _join(
-            [_needle(v) for v in sorted(wanted)]
-        )
-
-    return build
-
-
-def _grpc_status_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    codes = frozenset(
-        int(v) if v.isdigit() else _GRPC_STATUS_BY_NAME[v] for v in (x.strip().upper()
-                                                                    for x in values)
-    )
-
-    def test(d: FlowDict) -> bool:
-        status = _obj(_obj(d, "l7"), "grpc").get("status")
-        return status is not None and not isinstance(status, bool) and _as_int(status) in codes
-
-    return test, None
-
-
-def _kafka_topic_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    wanted = frozenset(v.strip() for v in values)
-
-    def test(d: FlowDict) -> bool:
-        kafka = _obj(_obj(d, "l7"), "kafka")
-        topics = kafka.get("topics")
-        if isinstance(topics, list) and any(t in wanted for t in topics if isinstance(t, str)):
-            return True
-        return kafka.get("topic") in wanted
-
-    return test, _join([_needle(v) for v in sorted(wanted)])
-
-
-def _kafka_api_key_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
-    accepted: set[str] = set()
-    for value in values:
-        v = value.strip().lower()
-        name = KAFKA_API_NAMES.get(int(v), v) if v.isdigit() else v
-        accepted |= {name, str(KAFKA_API_KEYS.get(name, name))}
-
-    def test(d: FlowDict) -> bool:
-        key = _obj(_obj(d, "l7"), "kafka").get("api_key")
-        return isinstance(key, str) and key.lower() in accepted
-
-    return test, None
-
-
-_FIELDS: Mapping[str, Callable[[tuple[str, ...]], tuple[Test, Needles]]] = {
-    "source_pod": _pod_field("source"),
-    "destination_pod": _pod_field("destination"),
-    "source_ip": _ip_field("source"),
-    "destination_ip": _ip_field("destination"),
-    "source_label": _label_field("source"),
-    "destination_label": _label_field("destination"),
-    "source_port": _port_field("source"),
-    "destination_port": _port_field("destination"),
-    "source_identity": _identity_field("source"),
-    "destination_identity": _identity_field("destination"),
-    "verdict": _verdict_field,
-    "drop_reason_desc": _drop_reason_field,
-    "event_type": _event_type_field,
-    "traffic_direction": _direction_field,
-    "protocol": _protocol_field,
-    "http_status": _http_status_field,
-    "http_method": _http_method_field,
-    "http_path": _http_path_field,
-    "http_url": _http_url_field,
-    "grpc_service": _l7_text_field("grpc", "service"),
-    "grpc_method": _l7_text_field("grpc", "method"),
-    "grpc_status": _grpc_status_field,
-    "kafka_topic": _kafka_topic_field,
-    "kafka_api_key": _kafka_api_key_field,
-}
-
-
-# ---------------------------------------------------------------------------------------------
 # The flags
 
 
@@ -1204,7 +521,6 @@ FLAGS: Mapping[str, FlagSpec] = _flags()
 """Every filter flag by name, in the order `--help` lists them."""
 
 
-# ---------------------------------------------------------------------------------------------
 # Compiled
 
 
@@ -1249,7 +565,7 @@ def _build_list(tracker: _Tracker, negated: bool) -> tuple[list[Test], list[list
             if used is not None:
                 raise FilterError(f"{where}{used} needs --type l7 among the types given "
                                   "(HTTP fields are only in l7 records, as Hubble says)")
-        built = [_FIELDS[name](values) for name, values in f.items()]
+        built = [FIELDS[name](values) for name, values in f.items()]
         tests.append(_all_of([t for t, _ in built]))
         needles.append([n for _, n in built if n is not None])
     return tests, needles
@@ -1356,90 +672,3 @@ def _always(d: FlowDict) -> bool:
 
 
 MATCH_ALL = FlowQuery().compile()
-
-
-# ---------------------------------------------------------------------------------------------
-# Time bounds from the command line
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h|d)")
-_UNIT_NS = {
-    "ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
-    "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000,
-}
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_NAIVE = re.compile(r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)$")
-# Hubble's short RFC 3339 layouts: to the hour (`2006-01-02T15Z07:00`) or the minute
-_SHORT = re.compile(r"^(\d{4}-\d{2}-\d{2})[Tt](\d{2})(:\d{2})?([Zz]|[+-]\d{2}:\d{2})$")
-
-
-def parse_duration_ns(text: str) -> int | None:
-    """A Go duration (`90s`, `5m`, `1h30m`, `1.5h`, `300ms`, `0`, `-5m`) or days (`2d`) in
-    nanoseconds; None when `text` is no duration."""
-    text = text.strip()
-    sign = 1
-    if text[:1] in "+-" and text:
-        sign, text = (-1 if text[0] == "-" else 1), text[1:]
-    if text == "0":
-        return 0
-    if not text:
-        return None
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            return None
-        total += float(m.group(1)) * _UNIT_NS[m.group(2)]
-        pos = m.end()
-    return sign * int(total) if pos == len(text) and pos else None
-
-
-def parse_time_bound(text: str, now_ns: int, flag: str = "since") -> int:
-    """A `--since` / `--until` value, as Hubble reads it: a duration back from now (`5m`,
-    `1h30m`), an RFC 3339 time, also to the minute or hour (`2026-12-05T11:59Z`,
-    `2026-12-05T11+01:00`), a date (`2026-12-05`, UTC) or an RFC 1123 time (`Sat, 05 Dec
-    2026 11:59:00 +0000`, `... GMT`); and garrison's `now` and `2026-12-05 11:59[:SS]` (UTC)."""
-    value = text.strip()
-    if value.lower() == "now":
-        return now_ns
-    duration = parse_duration_ns(value)
-    if duration is not None:
-        return now_ns - duration
-    if _DATE.match(value):
-        value += "T00:00:00Z"
-    elif m := _SHORT.match(value):
-        date, hour, minute, zone = m.groups()
-        value = f"{date}T{hour}{minute or ':00'}:00{zone}"
-    elif m := _NAIVE.match(value):
-        date, clock = m.groups()
-        if clock.count(":") == 1:
-            clock += ":00"
-        value = f"{date}T{clock}Z"
-    try:
-        return parse_time(value)
-    except (FlowDecodeError, ValueError):
-        pass
-    rfc1123 = _rfc1123(value)
-    if rfc1123 is not None:
-        return rfc1123
-    raise FilterError(
-        f"--{flag} {text!r}: expected a duration (30s, 5m, 1h30m, 2d), a time "
-        "(2026-12-05T11:59:00Z, 2026-12-05T11:59Z, 2026-12-05, 2026-12-05 11:59, "
-        "Sat, 05 Dec 2026 11:59:00 +0000) or now"
-    )
-
-
-_RFC1123 = re.compile(r"^[A-Za-z]{3}, \d{1,2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} "
-                      r"([+-]\d{4}|GMT|UTC|UT|Z)$")
-
-
-def _rfc1123(value: str) -> int | None:
-    """`Mon, 02 Jan 2006 15:04:05 -0700` (Go's RFC1123Z, what Hubble reads) or with `GMT`;
-    other zone names are refused: their offset is not known."""
-    if not _RFC1123.match(value):
-        return None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp()) * 1_000_000_000  # whole seconds only
