@@ -560,6 +560,44 @@ _GroupKey = tuple[PeerKey, PeerKey, str, str]
 _RuleTuple = tuple[Any, ...]  # kind, namespace, name, rule as read
 
 
+class RetriedSyns:
+    """Tells a retransmitted denied SYN from a new connection attempt: the same TCP 5-tuple
+    (addresses and ports) and event type as a SYN seen at most `window_s` before. Feed it
+    the denied L3/L4 records in log order; memory is bounded by the SYNs of one window.
+    A record without both addresses and ports is never a retry (it cannot be told apart)."""
+
+    __slots__ = ("_last", "_window_ns")
+
+    def __init__(self, window_s: float) -> None:
+        self._window_ns = int(window_s * _NS)
+        self._last: dict[tuple[Any, ...], int] = {}
+
+    def is_retry(self, flow: Mapping[str, Any], event: int, ns: int) -> bool:
+        """True for a copy of a SYN seen at most the window before; remembers this one."""
+        if not self._window_ns:
+            return False
+        l4 = _obj(flow.get("l4"))
+        tcp = _obj(l4.get("TCP")) if l4 is not None else None
+        if tcp is None:
+            return False
+        flags = _obj(tcp.get("flags"))
+        if flags is None or flags.get("SYN") is not True or flags.get("ACK") is True:
+            return False
+        source, destination = _address(flow, "source"), _address(flow, "destination")
+        sport, dport = tcp.get("source_port"), tcp.get("destination_port")
+        if not (source and destination and _int(sport) and _int(dport)):
+            return False
+        key = (event, source, sport, destination, dport)
+        last = self._last.get(key)
+        self._last[key] = ns if last is None else max(last, ns)
+        if last is not None and abs(ns - last) <= self._window_ns:
+            return True
+        if len(self._last) > _MAX_SYNS:  # forget the ones no retransmission can follow
+            newest = max(self._last.values())
+            self._last = {k: t for k, t in self._last.items() if newest - t <= self._window_ns}
+        return False
+
+
 class SummaryBuilder:
     """Counts flow dicts as they are read; `result()` summarises what it has seen so far.
 
@@ -589,8 +627,7 @@ class SummaryBuilder:
         self._verdict_denied: dict[_GroupKey, list[Any]] = {}
         self._rules: dict[_RuleTuple, list[Any]] = {}
         # denied SYNs: (event type, addresses, ports) -> the last time one was seen (ns)
-        self._syns: dict[tuple[Any, ...], int] = {}
-        self._syn_window_ns = int(config.syn_retry_window_s * _NS)
+        self._syn_retries = RetriedSyns(config.syn_retry_window_s)
         self._retried_syns = 0
         # memos of pure functions, bounded: the second of a time prefix, URL patterns, peers
         self._second_text = ""
@@ -646,7 +683,8 @@ class SummaryBuilder:
                     slot = _VERDICT_DENIED
             else:
                 return
-            if slot in _DENIED_SLOTS and ns is not None and self._retried_syn(flow, event, ns):
+            if slot in _DENIED_SLOTS and ns is not None and self._syn_retries.is_retry(
+                    flow, event, ns):
                 self._retried_syns += 1
                 return
         else:
@@ -726,33 +764,6 @@ class SummaryBuilder:
                 for i, n in enumerate(counts):
                     into[i] += n
             self._granularity, self._buckets = g, merged
-
-    def _retried_syn(self, flow: Mapping[str, Any], event: int, ns: int) -> bool:
-        """True for a copy of a denied SYN seen at most the window before (its
-        retransmission); remembers this one either way."""
-        if not self._syn_window_ns:
-            return False
-        l4 = _obj(flow.get("l4"))
-        tcp = _obj(l4.get("TCP")) if l4 is not None else None
-        if tcp is None:
-            return False
-        flags = _obj(tcp.get("flags"))
-        if flags is None or flags.get("SYN") is not True or flags.get("ACK") is True:
-            return False
-        source, destination = _address(flow, "source"), _address(flow, "destination")
-        sport, dport = tcp.get("source_port"), tcp.get("destination_port")
-        if not (source and destination and _int(sport) and _int(dport)):
-            return False  # not known to be the same connection
-        key = (event, source, sport, destination, dport)
-        last = self._syns.get(key)
-        self._syns[key] = ns if last is None else max(last, ns)
-        if last is not None and abs(ns - last) <= self._syn_window_ns:
-            return True
-        if len(self._syns) > _MAX_SYNS:  # forget the ones no retransmission can follow
-            newest = max(self._syns.values())
-            self._syns = {k: t for k, t in self._syns.items()
-                          if newest - t <= self._syn_window_ns}
-        return False
 
     def _count_denied(self, flow: Mapping[str, Any], kind: str, ns: int | None,
                       by_verdict: bool, verdict: str = "DROPPED") -> None:
@@ -1015,6 +1026,7 @@ __all__ = [
     "QuietSpan",
     "RateBucket",
     "RateSeries",
+    "RetriedSyns",
     "RuleCount",
     "RuleKey",
     "SummaryBuilder",

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from garrison.cli.accesslog_view import render_summary
 from garrison.flows.codec import format_time
-from garrison.flows.summary import AccessLogSummary, SummaryBuilder, SummaryConfig
+from garrison.flows.summary import AccessLogSummary, RetriedSyns, SummaryBuilder, SummaryConfig
 
 T0 = 1_764_936_000 * 1_000_000_000  # 2025-12-05T12:00:00Z
 
@@ -188,3 +188,12 @@ def test_the_time_table_has_no_runs_of_empty_rows() -> None:
     assert "no decisions until" in table[1] and "(49 intervals)" in table[1]
     zero_rows = [line for line in table if line.split()[3] == "0"]
     assert len(zero_rows) == 1
+
+
+def test_retried_syns_on_its_own_for_other_counters() -> None:
+    # the service map and other counters can tell retries apart the same way
+    retries = RetriedSyns(64)
+    at = [T0 + s * 1_000_000_000 for s in (0, 1, 3, 70, 200)]
+    assert [retries.is_retry(syn_drop(0), 1, ns) for ns in at] == [
+        False, True, True, False, False]  # 70 s is 67 s after the last copy: a new attempt
+    assert not retries.is_retry(syn_drop(0), 5, at[1])  # another record kind: its own first
