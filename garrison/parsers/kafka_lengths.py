@@ -79,7 +79,8 @@ class LengthError(ValueError):
 class FieldPlan:
     """How to check one field (or a whole message: a STRUCT).
 
-    `size`: the byte size of a FIXED field. `nullable`: null is allowed in this version.
+    `size`: the byte size of a FIXED field; of a STRUCT made of fixed-size fields only (its
+    tagged fields aside), else 0. `nullable`: null is allowed in this version.
     `element`: an ARRAY's element. `fields`, `tagged` (tag → plan): a STRUCT's untagged fields
     in order and its known tagged fields. `flexible`: compact lengths and tagged fields.
     `minimum`: the fewest bytes the field can take (bounds array counts).
@@ -121,8 +122,17 @@ def _struct_plan(
             if f.for_version_q(version) and f.tagged_field_q(version)
         }
     minimum = 1 if nullable else sum(f.minimum for f in fields) + (1 if flexible else 0)
+    # A struct of fixed-size fields only (most partition entries) is walked without a call.
+    size = fields[0].size if len(fields) == 1 and fields[0].kind == FIXED else 0
     return FieldPlan(
-        STRUCT, name, minimum, nullable=nullable, fields=fields, tagged=tagged, flexible=flexible
+        STRUCT,
+        name,
+        minimum,
+        size=size,
+        nullable=nullable,
+        fields=fields,
+        tagged=tagged,
+        flexible=flexible,
     )
 
 
@@ -260,6 +270,19 @@ def _field(plan: FieldPlan, data: bytes | memoryview, pos: int, end: int, compac
             raise LengthError(
                 f"{plan.name}: {count} elements cannot fit in the {end - pos} bytes left"
             )
+        if element.kind == STRUCT and element.size and not element.nullable:
+            size, tagged = element.size, element.tagged
+            for _ in range(count):
+                pos += size
+                if tagged is None:
+                    continue
+                if pos < end and data[pos] == 0:
+                    pos += 1
+                else:
+                    pos = _tagged_fields(data, pos, end, tagged, element.name)
+            if pos > end:
+                raise LengthError(f"{element.name}: runs past the end of the frame")
+            return pos
         for _ in range(count):
             pos = _field(element, data, pos, end, compact)
         return pos
