@@ -31,6 +31,17 @@ FindCoordinator, DescribeCluster and KIP-951 Produce/Fetch answers is rewritten 
 own address, so clients keep talking to the proxy; denied Metadata answers list the proxy as
 the broker too. Every other answer is forwarded as the broker sent it.
 
+A denied Metadata answer lists the brokers learnt from an earlier Metadata answer; before there
+is one, the request is forwarded for no topic and the broker's answer carries error 29 for
+each requested topic (clients retry on an answer without brokers instead of reporting).
+
+Where the rules deny client telemetry (KIP-714, API keys 71 and 72), the broker's ApiVersions
+answer is passed on without them, as a broker with no telemetry receiver answers: librdkafka
+would otherwise ask on every connection and leave a denial record each time.
+
+Repeats of a denial on one connection (same API key, version, topics) are recorded once with
+a count (`_Repeats`, Hubble's `aggregate`); the first one is recorded at once, in full.
+
 Topic ids (Fetch v13+, ...) are resolved through one `TopicIdRegistry` per upstream broker,
 kept in `ConnectionContext.shared` and fed by the Metadata answers every connection to that
 broker sees. An id the registry has not learnt fails closed: only a rule allowing any topic
