@@ -155,6 +155,7 @@ _MAX_FRAME_SIZE = 16_384
 # a peer advertising a 4 GiB table must not make us remember every header we ever sent.
 _ENCODER_TABLE_SIZE = 4_096
 _DEFAULT_WINDOW = 65_535
+_LARGEST_WINDOW = 2**31 - 1  # RFC 9113 §6.9.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -1066,6 +1067,22 @@ class _H2Connection:
         else:
             del self._unacked[stream_id]
         self._call(self._h2.acknowledge_received_data, n, stream_id)
+
+    def open_window(self, stream_id: int, n: int) -> None:
+        """Let the peer send `n` bytes on `stream_id` without waiting for a WINDOW_UPDATE, and
+        `n` more on the connection: for a body the engine throws away as it comes (a denied
+        request's), as nginx opens a discarded body's windows. The connection's window stays
+        that much larger while the body does not come. A closed or reset stream is ignored.
+        """
+        stream = self._h2.streams.get(stream_id)
+        if self._dead(stream_id) or n <= 0 or stream is None or stream.closed:
+            return
+        conn = min(n, _LARGEST_WINDOW - self._h2.inbound_flow_control_window)
+        if conn > 0:
+            self._call(self._h2.increment_flow_control_window, conn)
+        more = min(n, _LARGEST_WINDOW) - stream.inbound_flow_control_window
+        if more > 0:
+            self._call(self._h2.increment_flow_control_window, more, stream_id)
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -27,8 +27,9 @@ Per client stream, on its request headers:
   request body still open at the end of the read that carried the headers is cut with
   RST_STREAM(NO_ERROR) after the answer (RFC 9113 §8.1; grpcio sends a unary call's HEADERS
   and DATA together, so its denied calls need no reset). A plain HTTP request's body is
-  drained instead: its DATA is acknowledged (the client's windows stay open) and thrown away
-  until END_STREAM, up to `DENIED_BODY_LIMIT`, past which the stream is reset. 403 + DATA +
+  drained instead: its windows are opened for it at once (`DENIED_BODY_CREDIT`, as nginx
+  does for a discarded body), its DATA is acknowledged and thrown away until END_STREAM, up
+  to `DENIED_BODY_LIMIT`, past which the stream is reset. 403 + DATA +
   RST_STREAM(NO_ERROR) is legal, but curl 7.88 and httpx report the upload failed. Nothing
   reaches the upstream; records DROPPED, naming the policy rules whose L7 rules the request
   failed (`*_denied_by`, as the HTTP/1.1 engine does). Sibling streams are untouched.
@@ -281,6 +282,10 @@ _PREFACE_AND_FRAME = len(H2_PREFACE) + 9
 # The most request body bytes of one denied (non-gRPC) stream drained for nothing before the
 # stream is reset: as much as the HTTP/1.1 proxy reads in a lingering close.
 DENIED_BODY_LIMIT = 64 * 1024 * 1024
+# The windows opened at once for a denied body (its content-length, at most this): a client
+# must not wait on flow control for a body nobody reads (httpx's HTTP/2 uploads stall when
+# several wait at once).
+DENIED_BODY_CREDIT = 1024 * 1024
 
 
 def _plain(headers: Iterable[Header]) -> list[Header]:
@@ -797,6 +802,9 @@ class H2Engine:
                 self._denied_open[sid] = None
             else:
                 self._draining[sid] = 0
+                declared = _content_length(ev.headers)
+                credit = DENIED_BODY_CREDIT if declared is None else declared
+                client.open_window(sid, min(credit, DENIED_BODY_CREDIT))
         self._flush(Inject, upstream=False)
         self._log_denied(ev, outcome, path, code)
 
@@ -1028,6 +1036,13 @@ class H2Engine:
             reason=reason,
             node_name=ctx.node_name,
         )
+
+
+def _content_length(headers: Iterable[Header]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None  # h2 checked it against DATA
+    return None
 
 
 def _edit(headers: list[Header], edit: HeaderEdit) -> list[Header]:

@@ -225,3 +225,19 @@ def test_sending_on_a_stream_that_never_existed_is_a_local_error() -> None:
         server.send_data(7, b"x")
     with pytest.raises(LocalProtocolError):
         server.reset_stream(7)
+
+
+def test_open_window_lets_the_peer_send_that_much_at_once() -> None:
+    client, server = pair(
+        server_limits=H2Limits(initial_window_size=1_000, connection_window_size=65_535)
+    )
+    sid = open_stream(client, server)
+    server.open_window(sid, 100_000)  # a body the server will throw away as it comes
+    client.receive_data(server.data_to_send(), 0.0)
+    assert client.send_data(sid, b"u" * 100_000, end_stream=True) == 100_000
+    got = server.receive_data(client.data_to_send(), 0.0)
+    assert len(body_of(got, sid)) == 100_000
+    server.send_data(sid, b"", end_stream=True)
+    server.data_to_send()
+    server.open_window(sid, 100_000)  # ended both ways: nothing to open
+    assert server.data_to_send() == b""

@@ -800,3 +800,26 @@ def test_a_denied_upload_past_the_limit_is_reset(monkeypatch: pytest.MonkeyPatch
         p.pump()
     assert p.client_resets(sid) == [0]  # NO_ERROR, after the complete answer
     assert p.closed is None
+
+
+def test_a_denied_body_gets_its_windows_at_once() -> None:
+    """The client may send the whole declared body without waiting for a WINDOW_UPDATE
+    (nginx does the same for a body it discards): httpx's uploads stall when several wait."""
+    p = Pipe(http_rules(HTTPRule(method="GET")), rules="http", handler=None)
+    sids = [
+        p.client.send_request(
+            [(b":method", b"PUT"), (b":scheme", b"http"), (b":path", b"/v1/upload"),
+             (b":authority", b"d"), (b"content-length", b"300000")],
+            end_stream=False,
+        )
+        for _ in range(5)
+    ]
+    p.pump()
+    # 1.5 MB: more than the 256 KiB stream windows and the 1 MiB connection window advertised.
+    for sid in sids:
+        assert p.client.send_data(sid, b"u" * 300_000, end_stream=True) == 300_000
+    p.pump()
+    for sid in sids:
+        assert isinstance(p.client_stream(sid)[0], ResponseReceived)
+        assert p.client_resets(sid) == []
+    assert not p.engine._draining and p.closed is None
