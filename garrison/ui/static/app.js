@@ -112,7 +112,7 @@ function layout(nodes, edges) {
     (layers[r] = layers[r] || []).push(n);
   }
   const pos = new Map();
-  const W = 250, H = 84, X0 = 30, Y0 = 30, GAP = 170;
+  const W = 250, H = 84, X0 = 30, Y0 = 30, GAP = 200;
   layers.forEach((layer, r) => {
     if (r > 0) {  // order by the mean position of the callers (barycentre)
       const key = (n) => {
@@ -163,7 +163,7 @@ function drawMap(data) {
   for (const e of data.edges) {
     const a = pos.get(e.source), b = pos.get(e.target);
     if (!a || !b) continue;
-    let d, lx, ly;
+    let d, lx, ly, anchor = "middle";
     if (e.source === e.target) {
       const x = a.x + a.w, y = a.y + a.h / 2;
       d = `M ${x} ${y - 10} C ${x + 60} ${y - 50}, ${x + 60} ${y + 50}, ${x} ${y + 10}`;
@@ -172,8 +172,8 @@ function drawMap(data) {
       const x1 = a.x + a.w, y1 = a.y + a.h / 2, x2 = b.x, y2 = b.y + b.h / 2;
       const mx = (x1 + x2) / 2;
       d = `M ${x1} ${y1} C ${mx} ${y1}, ${mx} ${y2}, ${x2} ${y2}`;
-      // the label near the caller, where edges of different callers are still apart
-      lx = x1 + (x2 - x1) * 0.3; ly = y1 + (y2 - y1) * 0.216 - 6;
+      // the label starts near the caller, where edges of different callers are still apart
+      lx = x1 + (x2 - x1) * 0.2; ly = y1 + (y2 - y1) * 0.104 - 5; anchor = "start";
     } else {  // back or same-rank edge: around below
       const x1 = a.x + a.w / 2, y1 = a.y + a.h, x2 = b.x + b.w / 2, y2 = b.y + b.h;
       const low = Math.max(y1, y2) + 45;
@@ -188,7 +188,7 @@ function drawMap(data) {
     g.append(title);
     g.append(svg("path", { class: "hit", d }));
     g.append(svg("path", { class: "line", d, "marker-end": `url(#arrow-${e.state})` }));
-    const label = svg("text", { x: lx, y: ly, "text-anchor": "middle" });
+    const label = svg("text", { x: lx, y: ly, "text-anchor": anchor });
     label.textContent = edgeLabel(e.counts);
     g.append(label);
     g.addEventListener("click", () => selectEdge(e));
@@ -259,7 +259,9 @@ function selectEdge(e) {
   box.append(el("p", { class: "edge-counts",
     text: `${edgeLabel(e.counts) || "no decisions"}; last ${e.last_time || "—"}` }));
   if (e.l7.length) {
-    const t = el("table", { class: "l7" }, countsHead("L7 request"));
+    const head = countsHead("L7 request");
+    head.append(el("th", { text: "answers" }));
+    const t = el("table", { class: "l7" }, head);
     for (const x of e.l7) {
       const answers = el("td", { class: "answers" });
       for (const a of x.answers) answers.append(el("span", { class: "chip",
