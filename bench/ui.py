@@ -4,16 +4,17 @@ Run: .venv/bin/python bench/ui.py [--records 1000000] [--keep PATH] [--runs 3]
 
 Writes a log of N records made from the demo's real records (bench/observe.py's generator,
 ~1 KB a line), then, per run, starts `garrison ui --input-file LOG --listen 127.0.0.1:0` as a
-process and times, from the process start: the page answering, the service map (`/api/map`)
-answered, the newest page of flows, and a page of flows with a selective filter. Prints each
-time and the CPU seconds of the server process. Aim: the map in under 3 s for 1,000,000
-records.
+process and times, from the process start: the page served, the first (partial) service map
+answered, the whole map (the log read), then the newest page of flows and a page of flows with
+a selective filter. Prints each time and the CPU seconds of the server and its reader
+processes. Aim: the map of 1,000,000 records in under 3 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import re
 import resource
@@ -62,7 +63,11 @@ def run_once(log: Path) -> dict[str, float]:
         times = {"serving": time.perf_counter() - t0}
         fetch(port, "/")
         fetch(port, "/api/map")
-        times["map"] = time.perf_counter() - t0
+        times["first map"] = time.perf_counter() - t0
+        while json.loads(fetch(port, "/api/info"))["loading"] is not None:
+            time.sleep(0.05)
+        fetch(port, "/api/map")
+        times["whole map"] = time.perf_counter() - t0
         t = time.perf_counter()
         fetch(port, "/api/flows?limit=100")
         times["flows page"] = time.perf_counter() - t
