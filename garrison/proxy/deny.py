@@ -20,7 +20,12 @@ from __future__ import annotations
 # 3. Answer with keep_alive=False and close after writing when the next request cannot be
 #    found or is not worth waiting for: the request carries `Expect: 100-continue`
 #    (`RequestReceived.expect_continue`) and its body has not arrived (the client may never
-#    send it); the body is larger than the engine wants to read for nothing (its threshold).
+#    send it; answer instead of `100 Continue`); the body is larger than the engine wants to
+#    read for nothing (its threshold). The close lingers (`Close(linger=True)`): the client
+#    may still be sending, and closing with unread bytes resets the connection before the
+#    client read the answer. A chunked body's answer waits until the body ended or passed
+#    the threshold, so that it says truly whether the connection stays.
+# 5. A HEAD gets the same fields and no body (`head=True`).
 # 4. A parse error (`HTTP1Error`): the parser is dead. Answer `http1_error_response(
 #    exc.status)` after the responses owed, then close.
 
