@@ -17,7 +17,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[4]
 sys.path.insert(0, str(ROOT))
 
-from kafka.protocol.admin import DeleteTopicsRequest  # noqa: E402
+from kafka.protocol.admin import (  # noqa: E402
+    DeleteTopicsRequest,
+    DescribeTopicPartitionsRequest,
+)
 from kafka.protocol.metadata import MetadataRequest  # noqa: E402
 
 from tests.unit.parsers.kafka_fixtures import scenario_connections  # noqa: E402
@@ -277,6 +280,26 @@ case(
     "an element of an array of names is never null",
     replace(D3, find(D3, b"\x00\x02t1"), 4, i16(-1)),
     "DeleteTopicsRequest v3: topic_names: null where the schema allows none",
+)
+
+case(
+    "produce-v10-records-past-the-end",
+    "a compact bytes length larger than the frame",
+    replace(P10, M + 10 + 4 + 1, 1, b"\xff\xff\xff\x07"),
+    E10 + "records: 16777214 bytes run past the end of the frame",
+)
+dtp = DescribeTopicPartitionsRequest[0](
+    topics=[DescribeTopicPartitionsRequest[0].fields["topics"].data_class(name="t1")],
+    response_partition_limit=10,
+    cursor=None,
+)
+dtp.with_header(correlation_id=1, client_id="hostile")
+DTP = bytes(dtp.encode(header=True, framed=True))
+case(
+    "describetopicpartitions-v0-cursor-marker-5",
+    "a nullable struct's marker is -1 (null) or 1, nothing else",
+    replace(DTP, len(DTP) - 2, 1, b"\x05"),
+    "DescribeTopicPartitionsRequest v0: cursor: null marker 5 (only -1 or 1)",
 )
 
 # ---- answers from the broker --------------------------------------------------------------------
