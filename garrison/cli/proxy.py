@@ -244,6 +244,15 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     writer: AccessLogWriter | None = None
     if args.access_log:
+        parent = Path(args.access_log).parent
+        if not parent.exists():  # created, as the agent does, and said
+            try:
+                parent.mkdir(parents=True, mode=0o750)
+            except OSError as exc:
+                print(f"garrison proxy: --access-log {args.access_log}: cannot create {parent}: "
+                      f"{exc.strerror}", file=sys.stderr)
+                return EXIT_USAGE
+            log.warning("created the access log's directory %s", parent)
         try:
             writer = AccessLogWriter(AccessLogConfig(
                 Path(args.access_log),

@@ -88,3 +88,19 @@ def test_reload_to_an_unselecting_policy_is_refused_and_said(
     [answer] = exchange(proxy.address, TIEFIGHTER, request("PUT", "/v1/exhaust-port"), ["PUT"])
     assert answer.status == 403
     assert _selected_gauge(proxy.metrics) == 1
+
+
+def test_access_log_directory_is_created(
+    proxy_runner: ProxyRunner, deathstar: Address, tmp_path: Path
+) -> None:
+    """A --access-log in a directory that does not exist yet: made, said, and written to."""
+    log_dir = tmp_path / "new" / "logs"
+    access_log = log_dir / "access.log"
+    proxy = proxy_runner(protocol="http", policy_files=[L7_POLICY], dst_labels=DEATHSTAR_LABELS,
+                         peers=[TIEFIGHTER_PEER], upstream=deathstar, dport=80,
+                         extra_args=["--access-log", str(access_log)])
+    assert f"created the access log's directory {log_dir}" in proxy.stderr()
+    [answer] = exchange(proxy.address, TIEFIGHTER, request("PUT", "/v1/exhaust-port"), ["PUT"])
+    assert answer.status == 403
+    wait_until(lambda: access_log.exists() and access_log.stat().st_size > 0, "access log", 5,
+               proxy.process)
