@@ -3,13 +3,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo test test-unit lint bench clean
+.PHONY: setup demo demo-containers test test-unit lint bench clean
 
 setup:
 	./scripts/setup.sh
 
 demo: setup
 	./scripts/demo.sh
+
+# The Star Wars scenario with podman containers on a garrison-chained CNI network.
+demo-containers: setup
+	./scripts/demo-containers.sh
 
 # The whole suite: lint, then unit, privileged (root + kernel) and end-to-end tests, all on
 # the mypyc-compiled modules users run; then the unit tests again on the pure-Python source,
