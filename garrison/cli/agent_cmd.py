@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--access-log-max-bytes", type=int, default=100 * 1024 * 1024)
     p.add_argument("--access-log-backups", type=int, default=5)
     p.add_argument("--metrics", metavar="HOST:PORT")
+    p.add_argument("--ui", metavar="HOST:PORT",
+                   help="also serve the review page of this agent's flows (`garrison ui`; "
+                   "loopback only, port 0 picks one and logs it)")
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
     p.add_argument("--bpffs-root", type=Path, default=DEFAULT_BPFFS_ROOT)
     p.add_argument("--node-name", default=os.uname().nodename)
@@ -156,6 +159,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.cleanup:
         return _cleanup(config)
+    if args.ui:
+        from garrison.ui.app import UIError, parse_listen
+
+        try:
+            parse_listen(args.ui, allow_remote=False)
+        except UIError as exc:
+            print(f"garrison agent: --ui: {exc}", file=sys.stderr)
+            return 2
     problem = _prepare_paths(config)
     if problem is not None:
         print(f"garrison agent: {problem}", file=sys.stderr)
@@ -164,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         # uvloop for the agent's own loop only: pyroute2 runs its own asyncio loops in worker
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_serve(config, args.verbose))
+            return runner.run(_serve(config, args.verbose, args.ui))
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError,
             KVStoreError, ClusterConfigError, RouteError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
@@ -243,7 +254,21 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return factory
 
 
-async def _serve(config: AgentConfig, verbose: bool) -> int:
+def _start_ui(listen: str, socket_path: Path) -> Any:
+    """The review page over this agent's API, as `garrison ui --socket` serves it; a page that
+    cannot start is logged, the agent runs on."""
+    from garrison.ui.app import ReviewApp, UIError, agent_source, parse_listen
+
+    review = ReviewApp(agent_source(socket_path), parse_listen(listen, allow_remote=False))
+    try:
+        log.info("review page on %s", review.start())
+    except UIError as exc:
+        log.error("no review page: %s", exc)
+        return None
+    return review
+
+
+async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> int:
     loop = asyncio.get_running_loop()
     agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir))
     writer = None
@@ -295,6 +320,7 @@ async def _serve(config: AgentConfig, verbose: bool) -> int:
         cni.start()
         log.info("agent ready: API on %s, proxy %s, policy revision %d", config.socket_path,
                  proxy_status, agent.revision)
+        review = await loop.run_in_executor(None, _start_ui, ui, config.socket_path) if ui else None
         stop = asyncio.Event()
         main_pid = os.getpid()
 
@@ -314,6 +340,8 @@ async def _serve(config: AgentConfig, verbose: bool) -> int:
         signal.signal(signal.SIGHUP, on_hup)
         await stop.wait()
         log.info("stopping: enforcement stays in the kernel")
+        if review is not None:
+            review.stop()
         cni.stop()
         api.stop()
     finally:
