@@ -43,7 +43,7 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 # Methods that only read: not in the audit trail (every other method is, new ones included).
 READ_ONLY = frozenset({
-    "Status", "Flows", "EndpointList", "EndpointGet", "PolicyGet", "IdentityList",
+    "Status", "Flows", "FlowsSince", "EndpointList", "EndpointGet", "PolicyGet", "IdentityList",
     "IdentityGet", "BpfPolicyGet", "BpfIpcacheList", "BpfCtList",
 })
 
