@@ -230,8 +230,9 @@ class _EndpointPolicy:
                     by_ident[key.identity].discard(key)
                     if not by_ident[key.identity]:
                         del by_ident[key.identity]
+                any_port = key.port == ANY_PORT
                 for d, p in self.l7_ports:
-                    if d is key.direction and _covers_tcp(key, p):
+                    if d is key.direction and (any_port or key.port <= p <= key.end_port):
                         touch((d, p), key.identity)
             self._restore(key)
         for port, identities in affected.items():
@@ -677,11 +678,6 @@ def _merge_key(cs: list[Contribution]) -> tuple[MapStateEntry, L7RuleSet | None]
     return MapStateEntry(False, protocol, _refs(cs)), ruleset
 
 
-def _covers_tcp(key: MapStateKey, port: int) -> bool:
-    """Whether `key` (already known to be TCP or any protocol) covers TCP `port`."""
-    return key.port == ANY_PORT or key.port <= port <= key.end_port
-
-
 def _l7_override(
     direction: Direction,
     port: int,
@@ -714,12 +710,16 @@ def _l7_override(
         l7_keys.append(wildcard_key)
     if not l7_keys:
         return None
-    own = [k for k in identity_tcp_keys if _covers_tcp(k, port) and k in base]
+    own = [k for k in identity_tcp_keys
+           if (k.port == ANY_PORT or k.port <= port <= k.end_port) and k in base]
     if identity != ANY_IDENTITY and not own:
         return None  # the lookup lands on the any-identity entry, whose merge is the same
     covering = own if identity == ANY_IDENTITY else own + [
-        k for k in any_tcp_keys if _covers_tcp(k, port) and k in base
+        k for k in any_tcp_keys
+        if (k.port == ANY_PORT or k.port <= port <= k.end_port) and k in base
     ]
+    if len(covering) == 1 and len(l7_keys) == 1:
+        return None  # only its own L7 entry covers it: that entry's merge stands
     if any(base[k].deny for k in covering):
         return None
     rulesets = [base_l7[k] for k in l7_keys]
