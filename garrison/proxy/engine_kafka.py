@@ -546,7 +546,10 @@ class KafkaEngine:
             return
         if allowed:
             out.log_later(self._request_record, request, Verdict.FORWARDED, refs, allowed, now)
-        out.log_later(self._request_record, request, Verdict.DROPPED, (), denied, now)
+        key = (L7FlowType.REQUEST, METADATA, request.api_version, denied)
+        self._repeats.log(
+            out, key, now, self._request_record, request, Verdict.DROPPED, (), denied, now
+        )
         out.write(Forward, Side.UPSTREAM, narrowed.raw)
         self._pending.append(
             _Slot(
@@ -644,8 +647,12 @@ class KafkaEngine:
             if slot.topics or not slot.denied_topics:
                 out.log_later(self._forwarded_response_record, slot, response, now)
             if slot.denied_topics:
-                denied = _Slot(slot.request, Verdict.DROPPED, (), slot.started, slot.denied_topics)
-                out.log_later(self._response_record, denied, TOPIC_AUTHORIZATION_FAILED, now)
+                topics = slot.denied_topics
+                denied = _Slot(slot.request, Verdict.DROPPED, (), slot.started, topics)
+                key = (L7FlowType.RESPONSE, METADATA, slot.request.api_version, topics)
+                self._repeats.log(
+                    out, key, now, self._response_record, denied, TOPIC_AUTHORIZATION_FAILED, now
+                )
             self._release(out, now)
         if self._client_eof and not self._pending and not self._closed:
             self._finish(out, "client closed the connection")

@@ -278,3 +278,42 @@ def test_rules_that_deny_metadata_itself_never_send_it_to_the_broker() -> None:
     produce_only = rules(KafkaRule(api_key=0, topic="kp-orders"))
     out = engine(produce_only).client_data(metadata_for("secret-plans"), NOW)
     assert not written(out, Side.UPSTREAM) and injected(out)
+
+
+def test_repeated_metadata_for_allowed_and_denied_topics_aggregates_only_the_denials() -> None:
+    """kafka-python asks for every topic it knows in one Metadata request, again on every
+    refresh: the allowed part is forwarded and recorded each time, the denied part once and
+    then counted."""
+    connection = conn("kafka-python-producer/conn1")
+    (answer,) = response_frames(connection, 3)  # the broker's answer for kp-orders
+    eng = engine(PRODUCE_ORDERS, shared=known_brokers())
+    seen = []
+    for n in range(4):
+        frame = metadata_for("kp-orders", "secret-plans", correlation_id=3)
+        out = eng.client_data(frame, NOW + n)
+        assert written(out, Side.UPSTREAM) == metadata_for("kp-orders", correlation_id=3)
+        out += eng.upstream_data(answer, NOW + n)
+        (request,) = parsed_requests([frame])
+        decoded = decode_answer(request, written(out, Side.CLIENT))
+        assert [(t.name, t.error_code) for t in decoded.topics] == [
+            ("kp-orders", 0),
+            ("secret-plans", 29),
+        ]
+        seen += [(r.verdict, kafka_of(r)[0], kafka_of(r)[2]) for r in records(out)]
+    forwarded = (Verdict.FORWARDED, "REQUEST", ("kp-orders",))
+    answered = (Verdict.FORWARDED, "RESPONSE", ("kp-orders",))
+    assert (
+        seen
+        == [
+            forwarded,
+            (Verdict.DROPPED, "REQUEST", ("secret-plans",)),
+            answered,
+            (Verdict.DROPPED, "RESPONSE", ("secret-plans",)),
+        ]
+        + [forwarded, answered] * 3
+    )
+    closed = records(eng.client_eof(NOW + 5))
+    assert [(kafka_of(r)[0], kafka_of(r)[2], r.aggregate) for r in closed] == [
+        ("REQUEST", ("secret-plans",), Aggregate(ingress_flow_count=3)),
+        ("RESPONSE", ("secret-plans",), Aggregate(ingress_flow_count=3)),
+    ]
