@@ -126,6 +126,75 @@ def parse_event_type(value: str) -> tuple[int, int | None]:
     return number, sub_number
 
 
+TCP_FLAGS = ("SYN", "FIN", "RST", "PSH", "ACK", "URG", "ECE", "CWR", "NS")
+
+
+def parse_tcp_flags(value: str) -> frozenset[str]:
+    """`--tcp-flags syn,ack`: the flags a packet must all have (any case)."""
+    names = [part.strip().upper() for part in value.split(",")]
+    for name in names:
+        if name not in TCP_FLAGS:
+            raise FilterError(f"--tcp-flags {value!r}: unknown TCP flag {name!r} (write "
+                              f"{', '.join(TCP_FLAGS)}, comma-separated)")
+    return frozenset(names)
+
+
+def parse_http_header(value: str) -> tuple[str, str]:
+    """`--http-header key:value`, both exact."""
+    key, colon, header_value = value.partition(":")
+    if not colon:
+        raise FilterError(f"--http-header {value!r}: expected name:value")
+    return key, header_value
+
+
+# A DNS name as Hubble's patterns read it, `*` any run of name characters
+_NAME_CHARS = r"[-0-9_a-z]+(?:\.[-0-9_a-z]+)*"
+
+
+def node_name_pattern(values: tuple[str, ...]) -> re.Pattern[str]:
+    """Hubble's `--node-name` patterns: `[CLUSTER/]NODE`, each part lower case letters,
+    digits, `-`, `_`, `.` and `*` (any run of them); a missing part matches any name. A
+    record's node name without a cluster is in cluster `default`."""
+    alternatives = []
+    for value in values:
+        parts = value.split("/")
+        if not value or len(parts) > 2:
+            raise FilterError(f"--node-name {value!r}: expected [CLUSTER/]NODE")
+        cluster, node = parts if len(parts) == 2 else ("", parts[0])
+        alternatives.append(f"{_name_pattern(cluster, value)}/{_name_pattern(node, value)}")
+    return re.compile("(?:" + "|".join(alternatives) + ")")
+
+
+def _name_pattern(text: str, value: str) -> str:
+    text = text.strip().lower()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        return _NAME_CHARS
+    out = []
+    for ch in text:
+        if ch == "*":
+            out.append(r"[-.0-9a-z]*")
+        elif ch == ".":
+            out.append(r"\.")
+        elif ch in "-_" or (ch.isdigit() and ch.isascii()) or "a" <= ch <= "z":
+            out.append(ch)
+        else:
+            raise FilterError(f"--node-name {value!r}: {ch!r} cannot be in a node name pattern")
+    return "".join(out)
+
+
+def ip_version(value: str) -> str:
+    """Hubble's `--ip-version` words: `4`, `v4`, `ipv4`, `ip4` (and 6); anything else is
+    `IP_NOT_USED` (a flow without IP)."""
+    v = value.strip().lower()
+    if v in ("4", "v4", "ipv4", "ip4"):
+        return "IPv4"
+    if v in ("6", "v6", "ipv6", "ip6"):
+        return "IPv6"
+    return "IP_NOT_USED"
+
+
 def identity_number(value: str) -> int | None:
     v = value.strip()
     if v.isascii() and v.isdigit() and int(v) < 2**32:
@@ -433,6 +502,60 @@ def _kafka_api_key_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
     return test, None
 
 
+def _tcp_flags_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
+    wanted = [parse_tcp_flags(v) for v in values]
+
+    def test(d: FlowDict) -> bool:
+        flags = obj(obj(d, "l4"), "TCP").get("flags")
+        if not isinstance(flags, Mapping):
+            return False
+        # Hubble: a packet with SYN and ACK passes `--tcp-flags syn`
+        return any(all(flags.get(name) is True for name in names) for names in wanted)
+
+    return test, None
+
+
+def _http_header_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
+    wanted = frozenset(parse_http_header(v) for v in values)
+
+    def test(d: FlowDict) -> bool:
+        headers = obj(obj(d, "l7"), "http").get("headers")
+        if not isinstance(headers, list):
+            return False
+        return any(isinstance(h, Mapping) and (h.get("key"), h.get("value")) in wanted
+                   for h in headers)
+
+    return test, None
+
+
+def _node_name_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
+    pattern = node_name_pattern(values)
+
+    def test(d: FlowDict) -> bool:
+        name = text_of(d.get("node_name"))
+        if not name:
+            return False
+        if "/" not in name:
+            name = f"default/{name}"
+        return pattern.fullmatch(name) is not None
+
+    return test, None
+
+
+def _ip_version_field(values: tuple[str, ...]) -> tuple[Test, Needles]:
+    wanted = frozenset(ip_version(v) for v in values)
+
+    def test(d: FlowDict) -> bool:
+        version = obj(d, "IP").get("ipVersion")
+        if version in (None, 0, ""):
+            version = "IP_NOT_USED"
+        elif version in (1, 2):
+            version = "IPv4" if version == 1 else "IPv6"
+        return version in wanted
+
+    return test, None
+
+
 FIELDS: Mapping[str, Callable[[tuple[str, ...]], tuple[Test, Needles]]] = {
     "source_pod": _pod_field("source"),
     "destination_pod": _pod_field("destination"),
@@ -458,4 +581,8 @@ FIELDS: Mapping[str, Callable[[tuple[str, ...]], tuple[Test, Needles]]] = {
     "grpc_status": _grpc_status_field,
     "kafka_topic": _kafka_topic_field,
     "kafka_api_key": _kafka_api_key_field,
+    "tcp_flags": _tcp_flags_field,
+    "http_header": _http_header_field,
+    "node_name": _node_name_field,
+    "ip_version": _ip_version_field,
 }

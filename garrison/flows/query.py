@@ -65,7 +65,10 @@ from garrison.flows.filterfields import (
     Needles,
     Test,
     identity_number,
+    node_name_pattern,
     parse_event_type,
+    parse_http_header,
+    parse_tcp_flags,
 )
 from garrison.flows.flowdict import (
     FlowDict,
@@ -317,6 +320,15 @@ def _check_namespace(flag: str) -> Callable[[str], None]:
     return check
 
 
+def _parses(parse: Callable[[str], object]) -> Callable[[str], None]:
+    """A check that reads the value as the filter will (the parser raises FilterError)."""
+
+    def check(value: str) -> None:
+        parse(value)
+
+    return check
+
+
 def _no_check(value: str) -> None:
     return None
 
@@ -420,7 +432,8 @@ def _conflict(flags: Iterable[str]) -> tuple[str, str] | None:
 
 
 _HTTP_FIELDS = {"http_status": "--http-status", "http_method": "--http-method",
-                "http_path": "--http-path", "http_url": "--http-url"}
+                "http_path": "--http-path", "http_url": "--http-url",
+                "http_header": "--http-header"}
 
 
 # The flags
@@ -479,6 +492,19 @@ def _flags() -> dict[str, FlagSpec]:
              _check_nonempty("kafka-topic", "topic")),
         both("kafka-api-key", "Kafka API key name or number (produce, 0)", "KEY",
              _check_kafka_api_key),
+        both("http-header", "HTTP header NAME:VALUE, both exact", "NAME:VALUE",
+             _parses(parse_http_header)),
+        both("tcp-flags", "TCP flags the packet has, all of them (syn; syn,ack)", "FLAGS",
+             _parses(parse_tcp_flags)),
+        both("node-name", "node name pattern [CLUSTER/]NODE, * any run of name characters",
+             "PATTERN", _parses(lambda value: node_name_pattern((value,)))),
+        both("ip-version", "4, 6, or none (flows without IP)", "VERSION", _no_check),
+        FlagSpec("ipv4", "IPv4 flows only (--ip-version 4)", "", _no_check,
+                 lambda tracker, value: tracker.both("ip_version", "4"), takes_value=False,
+                 short="4"),
+        FlagSpec("ipv6", "IPv6 flows only (--ip-version 6)", "", _no_check,
+                 lambda tracker, value: tracker.both("ip_version", "6"), takes_value=False,
+                 short="6"),
     ]
     sided: list[tuple[str, str, str, Callable[[str], Callable[[str], None]], str]] = [
         ("label", "labels match the selector (k=v,k2 in (a,b),!k3)", "SELECTOR", _check_label,

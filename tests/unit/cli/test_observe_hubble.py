@@ -100,6 +100,12 @@ def test_hubble_forms_are_read(capsys: pytest.CaptureFixture[str]) -> None:
     since = observed(capsys, "--since", "2026-12-05T11:59Z")
     assert since == observed(capsys, "--since", "Sat, 05 Dec 2026 11:59:00 +0000")
     assert len(since) == len(DEMO_LINES)
+    # Hubble's flags for what garrison records too
+    assert len(observed(capsys, "-4")) == len(DEMO_LINES) and observed(capsys, "-6") == []
+    assert len(observed(capsys, "--node-name", "vm")) == len(DEMO_LINES)
+    syns = observed(capsys, "--tcp-flags", "syn")
+    assert syns and all(f["l4"]["TCP"]["flags"]["SYN"] for f in syns)  # type: ignore[index]
+    assert len(observed(capsys, "--http-header", "User-Agent:curl/7.88.1")) == 2
 
 
 @pytest.mark.parametrize(

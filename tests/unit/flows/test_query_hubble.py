@@ -64,12 +64,12 @@ def q(*argv: str) -> FlowQuery:
     negate = False
     i = 0
     while i < len(argv):
-        name = {"-t": "type"}.get(argv[i], argv[i].lstrip("-"))
+        name = {"-t": "type", "-4": "ipv4", "-6": "ipv6"}.get(argv[i], argv[i].lstrip("-"))
         if name == "not":
             negate = True
             i += 1
             continue
-        if name.endswith("all-namespaces"):
+        if name.endswith("all-namespaces") or name in ("ipv4", "ipv6"):
             flags.append((name, "true", negate))
             i += 1
         else:
@@ -388,3 +388,70 @@ def test_pretest_agrees_with_either_side_filters() -> None:
         line = orjson.dumps(f)
         assert query.matches(f) and query.may_match(line)
     assert not query.may_match(orjson.dumps(flow("cilium/a", "default/b", dport=443)))
+
+
+# --- Hubble's other flags that garrison's records can answer ---------------------------------
+
+
+def test_tcp_flags_a_packet_has_all_of() -> None:
+    syn = flow(l4="TCP")
+    syn["l4"]["TCP"]["flags"] = {"SYN": True}
+    syn_ack = flow()
+    syn_ack["l4"]["TCP"]["flags"] = {"SYN": True, "ACK": True}
+    no_flags = flow()  # a proxy record: no packet, no flags
+    every = (syn, syn_ack, no_flags)
+    assert selects(q("--tcp-flags", "syn"), *every) == [True, True, False]
+    assert selects(q("--tcp-flags", "SYN,ACK"), *every) == [False, True, False]
+    assert selects(q("--tcp-flags", "fin", "--tcp-flags", "ack"), *every) == [False, True, False]
+    with pytest.raises(FilterError, match="--tcp-flags 'syn,bogus': unknown TCP flag 'BOGUS'"):
+        q("--tcp-flags", "syn,bogus").compile()
+
+
+def test_http_header_name_and_value_exactly() -> None:
+    request = flow(l7={"http": {"method": "GET", "url": "/",
+                                "headers": [{"key": "X-Team", "value": "empire"}]}})
+    assert selects(q("--http-header", "X-Team:empire"), request) == [True]
+    assert selects(q("--http-header", "x-team:empire"), request) == [False]
+    assert selects(q("--http-header", "X-Team:Empire"), request) == [False]
+    with pytest.raises(FilterError, match="expected name:value"):
+        q("--http-header", "X-Team").compile()
+    with pytest.raises(FilterError, match="--http-header needs --type l7"):
+        q("--http-header", "a:b", "-t", "drop").compile()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "node", "selected"),
+    [
+        ("vm", "vm", True),
+        ("default/vm", "vm", True),  # a node name without a cluster is in `default`
+        ("v*", "vm", True),
+        ("*", "vm", True),
+        ("other/vm", "vm", False),
+        ("VM", "vm", True),  # patterns are lower case
+        ("vm", "vm-2", False),  # whole names
+        ("east/*", "east/node-1.example.com", True),
+        ("*.example.com", "east/node-1.example.com", True),
+    ],
+)
+def test_node_name_patterns(pattern: str, node: str, selected: bool) -> None:
+    assert selects(q("--node-name", pattern), flow(node_name=node)) == [selected]
+
+
+@pytest.mark.parametrize("pattern", ["a/b/c", "", "vm!"])
+def test_node_name_patterns_hubble_refuses(pattern: str) -> None:
+    with pytest.raises(FilterError, match="--node-name"):
+        q("--node-name", pattern).compile()
+
+
+def test_ip_versions() -> None:
+    v4 = flow()
+    v4["IP"]["ipVersion"] = "IPv4"
+    v6 = flow()
+    v6["IP"]["ipVersion"] = "IPv6"
+    none = flow()
+    del none["IP"]
+    assert selects(q("-4"), v4, v6, none) == [True, False, False]
+    assert selects(q("--ipv6"), v4, v6, none) == [False, True, False]
+    assert selects(q("--ip-version", "v4", "--ip-version", "ip6"), v4, v6, none) == [
+        True, True, False]
+    assert selects(q("--ip-version", "none"), v4, v6, none) == [False, False, True]
