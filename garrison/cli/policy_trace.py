@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from garrison.identity.model import MIN_ENDPOINT_ID as FIRST_LOCAL_IDENTITY
 from garrison.parsers.pathnorm import UnsafeTargetError, normalize_target
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import kafka_api_key
@@ -170,7 +171,15 @@ def run(args: argparse.Namespace) -> int:
         ResolverConfig(enforcement=EnforcementMode(args.enforcement)),
     )
     if args.output == "json":
-        print(json.dumps(result.to_dict(), indent=2))
+        data = result.to_dict()
+        # Endpoint identities are numbered by the trace, not by the agent (reserved ones are
+        # the same everywhere): say so next to each number.
+        for side in ("source", "destination"):
+            if isinstance(data.get(side), dict) and isinstance(data[side].get("identity"), int):
+                data[side]["identity_scope"] = (
+                    "trace" if data[side]["identity"] >= FIRST_LOCAL_IDENTITY else "reserved"
+                )
+        print(json.dumps(data, indent=2))
     else:
         print(render(result))
     return 0
@@ -189,6 +198,13 @@ def render(result: TraceResult) -> str:
         lines.extend(_render_step(step))
     for note in result.notes:
         lines.append(f"  note: {note}")
+    local = sorted({i for i in (result.source_identity, result.destination_identity)
+                    if i >= FIRST_LOCAL_IDENTITY})
+    if local:
+        numbers = " and ".join(str(i) for i in local)
+        what = "identities" if len(local) > 1 else "identity"
+        lines.append(f"  note: {what} {numbers} numbered for this trace only; the agent "
+                     "numbers the same labels its own way (garrison identity list)")
     verdict = "ALLOWED" if result.allowed else "DENIED"
     where = f" at {result.denied_at.replace('_', '/')}" if result.denied_at else ""
     if result.allowed and result.l7_state == "not evaluated":
