@@ -8,8 +8,9 @@ uninstall removes exactly the files recorded there that still hold what install 
 Why ptp and not bridge: the datapath steers a connection into the L7 proxy with
 `bpf_sk_assign` at tc ingress of the client's host-side veth, which only takes effect when the
 host routes the packet. On a bridge, two containers of the same subnet are switched at layer 2
-and the proxy never sees their connection; ptp routes every packet through the host, as
-garrison's own endpoints do.
+and the proxy never sees their connection (measured: an L7-denied request reached the app),
+so the agent refuses a bridge port; ptp routes every packet through the host, as garrison's
+own endpoints do.
 """
 
 from __future__ import annotations

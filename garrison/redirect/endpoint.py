@@ -264,7 +264,7 @@ def probe_interface(
     The peer is found from the link's `IFLA_LINK` (the peer's ifindex) and
     `IFLA_LINK_NETNSID`, checked from the host's side: that link must point back at `ifname`'s
     index, in the namespace with the id the host gives `netns_path`. An interface that exists
-    and is not a veth to the host is an error.
+    and is not a veth to the host, or whose host side is a bridge port, is an error.
     """
     with _netns_socket(netns_path) as ns:
         links = ns.get_links(ifname=ifname) if ns.link_lookup(ifname=ifname) else []
@@ -301,7 +301,16 @@ def probe_interface(
             f"{netns_path}: the peer of veth {ifname} is not in the host's namespace; "
             "garrison attaches its programs to a host-side veth"
         )
-    return (int(host["index"]), str(host.get_attr("IFLA_IFNAME"))), ipv4
+    host_name = str(host.get_attr("IFLA_IFNAME"))
+    if host.get_attr("IFLA_MASTER"):
+        # measured: on a bridge, L3/L4 holds but an L7-denied request reaches the workload
+        raise EndpointNetworkError(
+            f"the host side of {ifname}, {host_name}, is a bridge port: traffic between the "
+            "bridge's workloads is switched at layer 2 and never reaches garrison's L7 proxy, "
+            "so L7 rules would not hold; route it instead (CNI: ptp, as `garrison cni "
+            "install` writes; by hand: a veth with no master)"
+        )
+    return (int(host["index"]), host_name), ipv4
 
 
 def adopt_endpoint(

@@ -26,6 +26,24 @@ from .agent_harness import (  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.privileged
 
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+# proxy ports of this module's own (the harness's last --proxy-ports wins): suites of other
+# modules may run at the same time
+_PORTS = _free_ports(3)
+AGENT_ARGS = ("--proxy-ports", f"http={_PORTS[0]},grpc={_PORTS[1]},kafka={_PORTS[2]}")
+
 NS = f"gc-adp{os.getpid() % 100000}"
 HOST_IF = f"gcah{os.getpid() % 100000}"
 NS_PATH = f"/run/netns/{NS}"
@@ -156,3 +174,21 @@ def test_failed_adoptions_roll_back_only_their_own_changes(
     assert "198.19.100.50/32" in done.stderr
     assert snapshot() == handmade and os.path.exists(NS_PATH)
     assert not {"gc-not-host-veth", "gc-route-clash"} & set(endpoint_names(agent))
+
+
+def test_a_veth_on_a_bridge_is_refused(agent: AgentProcess, handmade: dict[str, str]) -> None:
+    """Measured with podman's bridge plugin: L3/L4 held but an L7-denied PUT reached the app.
+    So a bridge port is refused (fail closed), and nothing is changed."""
+    bridge = f"gcab{os.getpid() % 100000}"
+    sh(f"ip link add {bridge} type bridge")
+    try:
+        sh(f"ip link set {HOST_IF} master {bridge}")
+        before = snapshot()
+        done = add(agent, "gc-bridged", "--netns", NS_PATH, check=False)
+        assert done.returncode == 1
+        assert f"{HOST_IF}, is a bridge port" in done.stderr
+        assert "L7 rules would not hold" in done.stderr
+        assert snapshot() == before
+        assert "gc-bridged" not in endpoint_names(agent)
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
