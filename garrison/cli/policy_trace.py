@@ -175,10 +175,10 @@ def run(args: argparse.Namespace) -> int:
         # Endpoint identities are numbered by the trace, not by the agent (reserved ones are
         # the same everywhere): say so next to each number.
         for side in ("source", "destination"):
-            if isinstance(data.get(side), dict) and isinstance(data[side].get("identity"), int):
-                data[side]["identity_scope"] = (
-                    "trace" if data[side]["identity"] >= FIRST_LOCAL_IDENTITY else "reserved"
-                )
+            part = data.get(side)
+            if isinstance(part, dict) and isinstance(part.get("identity"), int):
+                local = part["identity"] >= FIRST_LOCAL_IDENTITY
+                part["identity_scope"] = "trace" if local else "reserved"
         print(json.dumps(data, indent=2))
     else:
         print(render(result))
