@@ -223,8 +223,8 @@ class PeerKey:
 
     @property
     def text(self) -> str:
-        """`default/xwing (ID:258)`, `default class=deathstar,org=empire (ID:256)`,
-        `reserved:world (world)`, `203.0.113.9 (world)`."""
+        """`default class=deathstar,org=empire (ID:256)`, `reserved:world (world)`; without
+        labels `default/xwing (ID:258)`, without a pod either `203.0.113.9 (world)`."""
         if self.pod_name:
             where = f"{self.namespace}/{self.pod_name}" if self.namespace else self.pod_name
         else:
