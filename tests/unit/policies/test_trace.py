@@ -329,3 +329,16 @@ def test_cli_validates_the_request_as_the_proxy_does(
     if reason:
         assert data["denied_at"] == "L7"
         assert data["steps"][1]["l7"]["reason"].startswith(f"answered {reason}")
+
+
+def test_cli_says_endpoint_identities_are_local_to_the_trace(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rc, out, _ = cli(capsys, "-f", str(L3L4), "--src-labels", "reserved:world", *STAR_ARGS,
+                     "-o", "json")
+    data = json.loads(out)
+    assert rc == 0
+    assert (data["source"]["identity"], data["source"]["identity_scope"]) == (2, "reserved")
+    assert data["destination"]["identity_scope"] == "trace"
+    rc, out, _ = cli(capsys, "-f", str(L3L4), "--src-labels", "reserved:world", *STAR_ARGS)
+    assert "note: identity 257 numbered for this trace only" in out
