@@ -316,5 +316,7 @@ def row(seq: int, d: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def loopback_hosts(host: str, port: int) -> frozenset[str]:
+    """The Host header values a browser sends for this server (`host` as in its URL)."""
     names: Iterable[str] = {host, "127.0.0.1", "localhost", "[::1]"}
-    return frozenset(f"{name}:{port}".lower() for name in names)
+    with_port = {f"{name}:{port}".lower() for name in names}
+    return frozenset(with_port | ({n.lower() for n in names} if port == 80 else set()))
