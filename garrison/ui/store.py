@@ -45,6 +45,7 @@ CHUNK_BYTES = 64 << 20  # the part of a file one reader process reads at a time
 READ_CHUNK = 4 << 20
 MAX_BAD_SAMPLES = 5
 TAIL_CAP = 500_000  # records that arrive while the page runs, kept in memory
+FOLLOW_READ = 16 << 20  # what one poll reads of a followed file at most
 LOST = b""  # a record whose file was truncated under us
 
 
@@ -150,16 +151,22 @@ class _Follow:
         self.path, self.fd, self.offset, self.segments = path, fd, offset, segments
 
     def read(self, final: bool = False) -> list[bytes]:
+        """At most FOLLOW_READ bytes a call; a line longer than that is passed on cut (it is
+        no flow record a writer of garrison's makes, and is counted as a bad line)."""
         try:
             size = os.fstat(self.fd).st_size
             if size <= self.offset:
                 return []
-            data = os.pread(self.fd, size - self.offset, self.offset)
+            want = min(size - self.offset, FOLLOW_READ)
+            data = os.pread(self.fd, want, self.offset)
         except OSError:
             return []
-        cut = len(data) if final else data.rfind(b"\n") + 1
+        whole = final and self.offset + len(data) >= size
+        cut = len(data) if whole else data.rfind(b"\n") + 1
         if cut <= 0:
-            return []
+            if len(data) < FOLLOW_READ:
+                return []  # the writer is still writing this line
+            cut = len(data)
         self.offset += cut
         return [line.strip() for line in data[:cut].split(b"\n") if line.strip()]
 
@@ -530,7 +537,8 @@ class FileSource:
                 continue  # rotated away and not yet replaced: the old file is read on
             ident = os.fstat(follow.fd)
             if (st.st_dev, st.st_ino) != (ident.st_dev, ident.st_ino):
-                store.append(follow.read(final=True), str(path))  # the rest of the old file
+                while batch := follow.read(final=True):  # the rest of the old file
+                    store.append(batch, str(path))
             elif st.st_size < follow.offset:
                 for segment in follow.segments:
                     segment.lost = True  # copytruncate: what was read is gone

@@ -132,3 +132,29 @@ def test_empty_log_and_missing_log(tmp_path: Path) -> None:
         loaded([tmp_path / "missing.log"])
     with pytest.raises(FlowSourceError, match="standard input"):
         FileSource(["-"])
+
+
+def test_following_reads_in_bounded_steps(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "FOLLOW_READ", 3000)  # about three records a poll
+    log = tmp_path / "access.log"
+    log.write_bytes(LINES[0] + b"\n")
+    source, store = loaded([log])
+    with log.open("ab") as f:
+        f.write(b"\n".join(LINES[1:20]) + b"\n")
+    wait_for(lambda: len(store) == 20, source, store)
+    assert store.lines(0, 20) == LINES[:20]
+    # a line longer than one read is passed on cut, counted as no flow record, and skipped
+    with log.open("ab") as f:
+        f.write(b"x" * 7000 + b"\n" + LINES[20] + b"\n")
+    wait_for(lambda: store.lines(len(store) - 1, len(store)) == [LINES[20]], source, store)
+    assert store.stats.bad >= 1
+    # rotation with more left in the old file than one read: all of it, then the new file
+    with log.open("ab") as f:
+        f.write(b"\n".join(LINES[21:40]) + b"\n")
+    os.rename(log, tmp_path / "access.log.1")
+    log.write_bytes(LINES[40] + b"\n")
+    wait_for(lambda: store.lines(len(store) - 1, len(store)) == [LINES[40]], source, store)
+    tail = [line for line in store.lines(0, len(store)) if line.startswith(b"{")]
+    assert tail == LINES[:41]
+    source.close()
