@@ -30,6 +30,9 @@ class AgentConfig:
     node_name: str = "node"
     enforcement: EnforcementMode = EnforcementMode.DEFAULT
     audit: bool = False
+    # the local host (reserved identity 1) reaches every endpoint in ingress under default
+    # deny (Cilium's allow-localhost); False: only what policy allows
+    allow_localhost: bool = True
     # One transparent proxy listener per L7 parser, on 127.0.0.1.
     proxy_ports: dict[L7Protocol, int] = field(
         default_factory=lambda: {

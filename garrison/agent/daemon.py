@@ -81,7 +81,9 @@ class Agent:
         self.repository = PolicyRepository(revision=self.revisions.load() + 1)
         # what `policy import` brought in survives a restart (or a crash)
         self.imported = ImportedPolicies(state / "policies.json")
-        self.resolver = PolicyResolver(ResolverConfig(config.enforcement, config.audit))
+        self.resolver = PolicyResolver(
+            ResolverConfig(config.enforcement, config.audit, config.allow_localhost)
+        )
         self.flows = FlowStore(StoreConfig(capacity=config.flow_ring_size))
         # where flow records go; the agent command replaces this with the proxy's sink
         self.flow_sinks: list[FlowSink] = [self.flows.add]

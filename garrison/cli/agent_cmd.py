@@ -88,6 +88,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--enforcement", choices=[m.value for m in EnforcementMode],
                    default="default")
     p.add_argument("--audit", action="store_true", help="log verdicts, drop and deny nothing")
+    p.add_argument("--allow-localhost", choices=["always", "policy"], default="always",
+                   help="always (default): the local host reaches every endpoint (ingress) "
+                   "even under default deny, so health checks keep working, as Cilium's "
+                   "allow-localhost; policy: the host only reaches what policy allows")
     p.add_argument("--proxy-ports", default="http=15001,grpc=15002,kafka=15003",
                    metavar="http=N,grpc=N,kafka=N")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -122,6 +126,7 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         node_name=args.node_name,
         enforcement=EnforcementMode(args.enforcement),
         audit=args.audit,
+        allow_localhost=args.allow_localhost == "always",
         proxy_ports=ports,
     )
 

@@ -64,6 +64,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kafka-topic", action="append", default=[], metavar="T")
     p.add_argument("--enforcement", default="default", choices=["default", "always", "never"],
                    help="policy enforcement mode (default: %(default)s)")
+    p.add_argument("--allow-localhost", default="always", choices=["always", "policy"],
+                   help="as the agent's flag: does the local host (reserved:host) reach "
+                   "endpoints whatever policy says (default: %(default)s)")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
     p.set_defaults(func=run)
 
@@ -168,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
 
     result = trace(
         loaded.policies, source, destination, args.dport, Protocol(args.protocol), request,
-        ResolverConfig(enforcement=EnforcementMode(args.enforcement)),
+        ResolverConfig(
+            enforcement=EnforcementMode(args.enforcement),
+            allow_localhost=args.allow_localhost == "always",
+        ),
     )
     if args.output == "json":
         data = result.to_dict()

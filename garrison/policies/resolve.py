@@ -67,10 +67,15 @@ def icmp_type_number(family: str, value: int | str) -> int:
 @dataclass(frozen=True, slots=True)
 class ResolverConfig:
     """`enforcement`: default | always | never (POLICY-SEMANTICS.md "Selection and default
-    deny"); `audit`: verdicts computed and logged as AUDIT, nothing dropped."""
+    deny"); `audit`: verdicts computed and logged as AUDIT, nothing dropped;
+    `allow_localhost`: the local host (reserved identity 1) reaches every endpoint in
+    ingress even under default deny, as Cilium's `allow-localhost` does, so health checks
+    keep working; an explicit deny of the host still wins. False (`policy`): only what
+    policy allows."""
 
     enforcement: EnforcementMode = EnforcementMode.DEFAULT
     audit: bool = False
+    allow_localhost: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,6 +536,8 @@ class PolicyResolver:
         for rule_id in ep.rules:
             for direction, sets in self._rules[rule_id].requires.items():
                 ep.requires.setdefault(direction, []).extend(sets)
+        if self.config.allow_localhost:
+            ep.add_many([LOCALHOST_KEY], LOCALHOST)
         for rule_id in sorted(ep.rules):
             self._contribute(ep, self._rules[rule_id])
         return ep
@@ -759,6 +766,14 @@ def _l7_override(
     if existing == entry and base_l7.get(target) == merged:
         return None
     return target, entry, merged
+
+
+# What allow-localhost contributes to every endpoint: an L3-only ingress allow of the host.
+# Rule id 0 belongs to no rule (rules count from 1), so no rule removal takes it away.
+LOCALHOST_KEY = MapStateKey(
+    Direction.INGRESS, RESERVED_IDENTITIES["host"], ANY_PROTOCOL, ANY_PORT, ANY_PORT
+)
+LOCALHOST = Contribution(0, None, False, None)
 
 
 def _ref_key(ref: RuleRef | None) -> tuple[str, str, str, str, int, int]:

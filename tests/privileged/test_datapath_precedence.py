@@ -57,6 +57,7 @@ PEERS = {
     "b": ("198.18.1.3", 402, "app=peer-b"),
     "world": ("198.18.1.4", abi.IDENTITY_WORLD, None),  # not in the ipcache
     "cidr": ("198.18.9.7", 0, None),  # a CIDR identity, found by prefix
+    "host": ("198.18.1.5", abi.IDENTITY_HOST, None),  # the node: reserved identity 1
 }
 PROTOS = {"TCP": PROTO_TCP, "UDP": PROTO_UDP, "SCTP": PROTO_SCTP, "ICMP": PROTO_ICMP}
 
@@ -158,6 +159,31 @@ SCENARIOS: dict[str, tuple[str, ResolverConfig | None]] = {
 """,
         None,
     ),
+    # allow-localhost (the default): the host reaches the endpoint under default deny, an
+    # explicit deny of the host still wins; egress to the host stays with policy
+    "localhost": (
+        HEAD.format(name="localhost")
+        + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  ingressDeny:
+  - fromEntities: [host]
+    toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+  egress: [{}]
+""",
+        None,
+    ),
+    # --allow-localhost policy: the host reaches only what policy allows
+    "no-localhost": (
+        HEAD.format(name="no-localhost")
+        + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+""",
+        ResolverConfig(allow_localhost=False),
+    ),
     # audit: verdicts computed and logged, nothing dropped
     "audit": (
         HEAD.format(name="audit")
@@ -253,6 +279,13 @@ CASES = [
     Case("union", OUT, "b", "TCP", 22, "allow L3-proto"),
     Case("union", OUT, "world", "TCP", 9092, "redirect L4-only"),
     Case("union", OUT, "world", "TCP", 9093, "drop POLICY_DENIED"),
+    Case("localhost", IN, "host", "TCP", 8080, "allow L3-only"),
+    Case("localhost", IN, "host", "UDP", 53, "allow L3-only"),
+    Case("localhost", IN, "host", "TCP", 22, "drop POLICY_DENY L3-L4"),
+    Case("localhost", IN, "world", "TCP", 8080, "drop POLICY_DENIED"),
+    Case("localhost", OUT, "host", "TCP", 10250, "drop POLICY_DENIED"),
+    Case("no-localhost", IN, "host", "TCP", 8080, "drop POLICY_DENIED"),
+    Case("no-localhost", IN, "a", "TCP", 80, "allow L3-L4"),
     Case("audit", IN, "a", "TCP", 80, "allow L3-L4"),
     Case("audit", IN, "b", "TCP", 80, "drop POLICY_DENIED"),
     Case("audit", OUT, "b", "UDP", 53, "drop POLICY_DENY L3-only"),

@@ -19,6 +19,7 @@ from garrison.bpf import abi
 from garrison.bpf.abi import CTFlags, DropReason, EventType, ObservationPoint
 from garrison.bpf.loader import Datapath
 from garrison.bpf.maps import CTTuple
+from garrison.policies.resolve import ResolverConfig
 from garrison.redirect import DEFAULT_GATEWAY, set_transparent, set_upstream_mark
 
 from .test_datapath_harness import (  # noqa: F401 (fixtures)
@@ -192,7 +193,9 @@ def test_proxy_upstream_is_admitted_by_its_mark_only(
     dp: Datapath, endpoints: Endpoints, steering: None
 ) -> None:
     client, server = pair(endpoints)
-    enforce(dp, SERVER_L7, [client, server])
+    # allow-localhost off: the proxy's upstream comes from the host identity, which the
+    # default would let in whatever its mark; here only the mark may admit it
+    enforce(dp, SERVER_L7, [client, server], ResolverConfig(allow_localhost=False))
     with echo_server(server, 8080):
         with proxy(relay=True) as p:
             sock = connect(client, server.ip, 8080)

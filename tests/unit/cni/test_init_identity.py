@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from garrison.identity.model import RESERVED
 from garrison.policies.model import EnforcementMode
-from garrison.policies.resolve import PolicyResolver, ResolverConfig
+from garrison.policies.resolve import LOCALHOST_KEY, PolicyResolver, ResolverConfig
 
 INIT = RESERVED["init"]
 
@@ -16,7 +16,11 @@ def test_init_identity_is_default_deny_both_ways() -> None:
     resolver.add_identity(INIT.id, INIT.labels)
     state = resolver.map_state(INIT.id)
     assert state.ingress_enforced and state.egress_enforced
-    assert not state.entries
+    # nothing but the local host's ingress allow (allow-localhost, on by default)
+    assert list(state.entries) == [LOCALHOST_KEY]
+    strict = PolicyResolver(ResolverConfig(EnforcementMode.DEFAULT, allow_localhost=False))
+    strict.add_identity(INIT.id, INIT.labels)
+    assert not strict.map_state(INIT.id).entries
 
 
 def test_never_mode_still_never_enforces() -> None:

@@ -616,3 +616,59 @@ def test_removing_the_requires_policy_restores_access() -> None:
     requires_policy = next(p for p in policies(REQUIRES) if p.name == "requires-rule")
     w.resolver.remove_policy(requires_policy)
     assert w.allowed("client-dev", "web-prod", 80)
+
+
+HOST_EPS = {**EPS, "host": "reserved:host", "world": "reserved:world"}
+
+
+def test_local_host_reaches_endpoints_under_default_deny() -> None:
+    """allow-localhost (on by default, as in Cilium): health checks from the node keep
+    working when a policy switches an endpoint's ingress to default deny."""
+    w = world(L3L4, HOST_EPS)
+    res = w.ingress("host", "deathstar", 8080)
+    assert res.allowed and res.enforced and res.match_type is MatchType.L3_ONLY
+    assert res.refs == ()  # no policy rule allowed it: the agent's allow-localhost did
+    assert not w.ingress("world", "deathstar", 8080).allowed
+    assert not w.ingress("xwing", "deathstar", 80).allowed
+
+
+def test_allow_localhost_policy_leaves_the_host_to_policy() -> None:
+    w = world(L3L4, HOST_EPS, ResolverConfig(allow_localhost=False))
+    res = w.ingress("host", "deathstar", 8080)
+    assert not res.allowed and res.drop_reason is DropReason.POLICY_DENIED
+
+
+def test_explicit_deny_of_the_host_wins_over_allow_localhost() -> None:
+    w = world(
+        L3L4
+        + """
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: no-host}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingressDeny:
+  - fromEntities: [host]
+""",
+        HOST_EPS,
+    )
+    res = w.ingress("host", "deathstar", 80)
+    assert not res.allowed and res.drop_reason is DropReason.POLICY_DENY
+    assert [r.name for r in res.refs] == ["no-host"]
+
+
+def test_allow_localhost_is_ingress_only() -> None:
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: egress-lockdown}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          egress: [{}]
+        """,
+        HOST_EPS,
+    )
+    state = w.resolver.map_state(w.ids["deathstar"])
+    assert not lookup(state, Direction.EGRESS, 1, PROTO_TCP, 10250).allowed

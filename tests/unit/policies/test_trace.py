@@ -342,3 +342,18 @@ def test_cli_says_endpoint_identities_are_local_to_the_trace(
     assert data["destination"]["identity_scope"] == "trace"
     rc, out, _ = cli(capsys, "-f", str(L3L4), "--src-labels", "reserved:world", *STAR_ARGS)
     assert "note: identity 257 numbered for this trace only" in out
+
+
+@pytest.mark.parametrize(("flag", "verdict"), [([], "allowed"),
+                                                (["--allow-localhost", "policy"], "denied")])
+def test_cli_allow_localhost(
+    capsys: pytest.CaptureFixture[str], flag: list[str], verdict: str
+) -> None:
+    """The local host reaches an endpoint under default deny, as the agent's default does;
+    `--allow-localhost policy` traces an agent started with it."""
+    rc, out, _ = cli(capsys, "-f", str(L3L4), "--src-labels", "reserved:host",
+                     "--dst-labels", "org=empire,class=deathstar", "--dport", "8080",
+                     *flag, "-o", "json")
+    data = json.loads(out)
+    assert rc == 0 and data["verdict"] == verdict
+    assert data["source"]["identity"] == 1
