@@ -31,9 +31,9 @@ and the close lingers (`Close(linger=True)`): the server half-closes after the a
 reads and throws away what the client still sends, so a client that sends its whole body
 before reading (urllib, http.client, Node) reads the 403 instead of a reset. Every close
 after an answer the client may not have read yet (a parse error's, a 502/503/504, a response
-that closes) lingers the same way. Every close is
-announced: a chunked body's answer waits until the body ended (keep-alive) or grew past
-`DISCARD_LIMIT` (close), since only then is it known which the answer must say.
+that closes) lingers the same way. Every close is announced: a chunked body's answer waits
+until the body ended (keep-alive) or grew past `DISCARD_LIMIT` (close), since only then is it
+known which the answer must say.
 
 Upstream failures: a response the upstream botches, or an upstream that closes with requests
 owed, gives the client a 502 if nothing of that response was sent yet (else just a close);
