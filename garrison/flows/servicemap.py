@@ -34,7 +34,9 @@ listed as never matched. In audit mode, the L7 entries and ports with AUDIT deci
 enforcing would deny.
 
 **Grouping**: past `max_nodes` nodes, `result()` draws one node per namespace (the edges merged
-by namespace pair) so a map of 10,000 endpoints stays readable; the page says so.
+by namespace pair, their filter `--from-namespace A --to-namespace B`) so a map of 10,000
+endpoints stays readable; the page says so. Past `max_nodes` namespaces, the ones with the
+fewest decisions are one node, `(other namespaces)`.
 
 JSON (`result()`)::
 
@@ -459,7 +461,7 @@ class ServiceMapBuilder:
         nodes, edges = self._nodes, self._edges
         grouped = len(nodes) > max_nodes
         if grouped:
-            nodes, edges = _by_namespace(nodes, edges)
+            nodes, edges = _by_namespace(nodes, edges, max_nodes)
         node_ids = {key: _node_id(key) for key in nodes}
         out_nodes = [_node_json(node_ids[key], node) for key, node in nodes.items()]
         out_nodes.sort(key=lambda n: (n["namespace"], n["name"], n["id"]))
@@ -497,6 +499,8 @@ class ServiceMapBuilder:
                 if slots[_AUDIT]:
                     audited.append(_audit_json(node_ids, client, server, "l4", port,
                                                slots[_AUDIT], rule_list))
+            edge_filter = (_group_filter(client, server) if grouped
+                           else _edge_filter(client, server))
             out_edges.append({
                 "id": f"{node_ids[client]}>{node_ids[server]}",
                 "source": node_ids[client],
@@ -507,7 +511,7 @@ class ServiceMapBuilder:
                 "ports": ports,
                 "l7": l7,
                 "rules": rule_list,
-                "filter": "" if grouped else _edge_filter(client, server),
+                "filter": edge_filter,
             })
         out_edges.sort(key=lambda e: (e["source"], e["target"]))
         never = None
@@ -706,25 +710,52 @@ def _audit_json(node_ids: Mapping[NodeKey, str], client: NodeKey, server: NodeKe
     }
 
 
+OTHER_NAMESPACES = "(other namespaces)"  # no namespace is named with parentheses
+
+
 def _by_namespace(
-    nodes: Mapping[NodeKey, _Node], edges: Mapping[tuple[NodeKey, NodeKey], _Edge]
+    nodes: Mapping[NodeKey, _Node], edges: Mapping[tuple[NodeKey, NodeKey], _Edge],
+    max_nodes: int,
 ) -> tuple[dict[NodeKey, _Node], dict[tuple[NodeKey, NodeKey], _Edge]]:
-    """One node per namespace (identity -1), edges merged by namespace pair."""
+    """One node per namespace (identity -1), edges merged by namespace pair; past `max_nodes`
+    namespaces, the ones with the fewest decisions are one node, OTHER_NAMESPACES."""
+    namespaces = {namespace for namespace, _ in nodes}
+    keep = namespaces
+    if len(namespaces) > max_nodes:
+        traffic = dict.fromkeys(namespaces, 0)
+        for (client, server), edge in edges.items():
+            total = sum(edge.counts)
+            traffic[client[0]] += total
+            traffic[server[0]] += total
+        ranked = sorted(namespaces, key=lambda ns: (-traffic[ns], ns))
+        keep = set(ranked[: max(1, max_nodes - 1)])
+
+    def group_of(namespace: str) -> NodeKey:
+        return (namespace if namespace in keep else OTHER_NAMESPACES, -1)
+
     grouped: dict[NodeKey, _Node] = {}
     for (namespace, _), node in nodes.items():
-        key = (namespace, -1)
+        key = group_of(namespace)
         group = grouped.get(key)
         if group is None:
-            group = grouped[key] = _Node(namespace, -1)
+            group = grouped[key] = _Node(key[0], -1)
         group.pod_count += max(node.pod_count, 1)
     merged: dict[tuple[NodeKey, NodeKey], _Edge] = {}
     for (client, server), edge in edges.items():
-        pair = ((client[0], -1), (server[0], -1))
+        pair = (group_of(client[0]), group_of(server[0]))
         into = merged.get(pair)
         if into is None:
             into = merged[pair] = _Edge()
         into.merge(edge)
     return grouped, merged
+
+
+def _group_filter(client: NodeKey, server: NodeKey) -> str:
+    """The `observe` filter of an edge between two namespace groups ("" when a side has no
+    single namespace)."""
+    if OTHER_NAMESPACES in (client[0], server[0]) or not client[0] or not server[0]:
+        return ""
+    return f"--from-namespace {client[0]} --to-namespace {server[0]}"
 
 
 __all__ = ["DEFAULT_MAX_NODES", "ServiceMapBuilder"]

@@ -140,6 +140,31 @@ def test_many_endpoints_group_by_namespace() -> None:
     assert sorted(n["name"] for n in result["nodes"]) == ["shop", "team0", "team1", "team2"]
     assert sum(e["counts"]["forwarded"] for e in result["edges"]) == 1000
     assert {e["target"] for e in result["edges"]} == {"shop/-1"}
+    assert sorted(e["filter"] for e in result["edges"]) == [
+        f"--from-namespace team{i} --to-namespace shop" for i in range(3)]
+
+
+def test_past_max_nodes_namespaces_the_quietest_are_one_node() -> None:
+    flows = []
+    for i in range(300):
+        for _ in range(1 + (i % 7 == 0) * 5):  # every 7th namespace is busier
+            flows.append({
+                "verdict": "DROPPED", "Type": "L3_L4", "event_type": {"type": 1},
+                "l4": {"TCP": {"destination_port": 443}},
+                "source": {"identity": 5000 + i, "namespace": f"ns{i:03d}", "pod_name": "a"},
+                "destination": {"identity": 2, "labels": ["reserved:world"]},
+            })
+    builder = ServiceMapBuilder()
+    for flow in flows:
+        builder.add(flow)
+    result = builder.result(max_nodes=50)
+    names = {n["name"] for n in result["nodes"]}
+    assert len(result["nodes"]) == 50
+    assert "(other namespaces)" in names
+    assert {f"ns{i:03d}" for i in range(0, 300, 7)} <= names  # the busy ones are kept
+    assert sum(e["counts"]["dropped"] for e in result["edges"]) == len(flows)
+    other = next(e for e in result["edges"] if e["source"] == "(other namespaces)/-1")
+    assert other["filter"] == "" and other["state"] == "dropped"
 
 
 @pytest.mark.parametrize("bad", [
