@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address
@@ -35,6 +36,7 @@ from garrison.agent.endpoints import (
 from garrison.agent.kernel import KernelDatapath, Link
 from garrison.agent.policystore import ImportedPolicies, RevisionRecord
 from garrison.agent.runtime import pending_deletes
+from garrison.bpf.maps import DatapathEvent
 from garrison.bpf.sync import LocalEndpoint
 from garrison.cluster.agent import AgentCluster
 from garrison.flows.record import FlowRecord
@@ -89,6 +91,8 @@ class Agent:
         self.flow_sinks: list[FlowSink] = [self.flows.add]
         # called (from any thread) after a policy or identity change that the proxy must see
         self.policy_listeners: list[Callable[[], None]] = []
+        # called on the event thread with every datapath event (the agent's metrics)
+        self.event_listeners: list[Callable[[DatapathEvent], None]] = []
         self.proxy_status: dict[str, object] = {}
         self._cidr_ids: dict[IPNetwork, int] = {}
         self._links: dict[str, Link] = {}
@@ -100,6 +104,8 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.map_writes = 0
+        # policy changes applied ("success") and refused ("failure"): garrison_policy_change
+        self.policy_changes: Counter[str] = Counter()
         self.cluster: AgentCluster | None = None
         if config.kvstore == "etcd":
             self.cluster = AgentCluster.for_agent(self, config)
@@ -335,7 +341,11 @@ class Agent:
 
     def import_policies(self, paths: Sequence[str]) -> PolicyChange:
         """Validated first; rejected whole on any error (the old policy stays in force)."""
-        loaded = load_paths(paths)
+        try:
+            loaded = load_paths(paths)
+        except PolicyValidationError:
+            self.policy_changes["failure"] += 1
+            raise
         if self.cluster is not None:  # the cluster's first: refused whole when etcd is away
             self.cluster.policies_imported(loaded.policies)
         with self.lock:
@@ -371,6 +381,7 @@ class Agent:
         changed |= self._sync_cidrs(sync=False)
         self._sync(changed)
         self.revisions.save(self.repository.revision)
+        self.policy_changes["success"] += 1
         for listener in self.policy_listeners:
             listener()
 
@@ -403,6 +414,7 @@ class Agent:
             loaded = load_paths([directory]) if files else None
         except PolicyValidationError as exc:
             self.policy_dir_errors = [str(issue) for issue in exc.issues]
+            self.policy_changes["failure"] += 1
             for issue in exc.issues:
                 log.error("policy directory: %s", issue)
             log.error("policy directory %s: change refused, the previous policy stays", directory)
@@ -550,6 +562,8 @@ class Agent:
                 self._stop.wait(1.0)
                 continue
             for event in events:
+                for listener in self.event_listeners:
+                    listener(event)
                 try:
                     with self.lock:
                         record = event_to_record(self, event)

@@ -18,9 +18,15 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from garrison.bpf.abi import CTFlags
+from garrison.bpf.abi import CTFlags, ObservationPoint
 from garrison.bpf.loader import Datapath, DatapathConfig
-from garrison.bpf.maps import ConntrackEntry, DatapathEvent, EndpointConfig, monotonic_ns
+from garrison.bpf.maps import (
+    ConntrackEntry,
+    CounterValue,
+    DatapathEvent,
+    EndpointConfig,
+    monotonic_ns,
+)
 from garrison.bpf.policymap import PolicyDiff, endpoint_flags
 from garrison.bpf.sync import LocalEndpoint, PolicySync
 from garrison.policies.l7rules import L7Protocol
@@ -185,6 +191,13 @@ class KernelDatapath:
 
     def gc_ct(self) -> int:
         return self.dp.maps.conntrack.gc()
+
+    def counters(self) -> dict[tuple[ObservationPoint, int], CounterValue]:
+        """The datapath's packet counters: (observation point, drop reason or count code)."""
+        return self.dp.maps.counters.read()
+
+    def map_usage(self) -> dict[str, tuple[int, int]]:
+        return self.dp.map_usage()
 
     def read_events(self, timeout_ms: int) -> list[DatapathEvent]:
         return self.dp.maps.events.poll(timeout_ms)

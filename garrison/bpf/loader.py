@@ -219,6 +219,10 @@ def _stderr_captured() -> Iterator[list[str]]:
             out.append(tmp.read().decode(errors="replace"))
 
 
+# the maps that fill up (arrays are always full, the ring buffer is not a map of entries)
+PRESSURE_MAPS = ("gar_ipcache", "gar_policy", "gar_endpoints", "gar_ct")
+
+
 class Datapath:
     """The loaded endpoint programs and their pinned maps."""
 
@@ -255,6 +259,17 @@ class Datapath:
         """Kernel ids of the maps this loader opened: equal across a restart over the same
         pins (the maps were reused, not recreated)."""
         return {name: map_info(self._bpf[name.encode()].map_fd).id for name in abi.MAPS}
+
+    def map_usage(self) -> dict[str, tuple[int, int]]:
+        """(entries, max_entries) of the hash and trie maps, whose fill is map pressure.
+        Counting walks the keys, one bpf(2) call each: about a second for a full
+        131072-entry map, so read it at scrape intervals, not per packet."""
+        usage = {}
+        for name in PRESSURE_MAPS:
+            table = self._bpf[name.encode()]
+            size = map_info(table.map_fd).max_entries
+            usage[name] = (sum(1 for _ in table), size)
+        return usage
 
     def test_run(
         self, program: str, frame: bytes, ctx: SkbContext | None = None

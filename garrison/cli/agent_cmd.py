@@ -38,6 +38,7 @@ from garrison.agent.daemon import Agent
 from garrison.agent.endpoints import EndpointError, EndpointRegistry
 from garrison.agent.handlers import make_handlers
 from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
+from garrison.agent.metrics import AgentMetrics
 from garrison.bpf.loader import BPFFSError, DatapathError
 from garrison.cluster.agent import ClusterConfigError
 from garrison.cluster.routes import RouteError
@@ -283,9 +284,12 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> i
                             config.access_log_backups)
         )
     metrics = ProxyMetrics()
+    agent_metrics = AgentMetrics(agent)  # the datapath's and the agent's, beside the proxy's
+    metrics.registry.register(agent_metrics)
     metrics_server = metrics.serve(*config.metrics) if config.metrics else None
     sink = FlowSink(store=agent.flows, writer=writer, metrics=metrics,
                     verbose=sys.stderr if verbose else None, loop=loop)
+    agent.event_listeners.append(agent_metrics.event_seen)
     agent.flow_sinks = [lambda record: loop.call_soon_threadsafe(sink.emit, record)]
     await loop.run_in_executor(None, agent.start)
 
