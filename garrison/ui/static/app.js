@@ -3,6 +3,7 @@
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
+const MAX_ROWS = 5000;  // rows follow mode keeps in the table (older ones: "Load older")
 const state = { view: "map", q: "", map: null, selected: null, oldest: null, stream: null,
   total: 0, mapTimer: 0 };
 
@@ -407,6 +408,7 @@ function startFollow() {
     const f = JSON.parse(ev.data);
     const body = document.querySelector("#flows tbody");
     body.prepend(flowRow(f));
+    while (body.children.length > MAX_ROWS) body.lastElementChild.remove();  // bounded
   });
   source.addEventListener("total", (ev) => { state.total = Number(ev.data); });
   state.stream = source;
