@@ -519,7 +519,7 @@ def _cilium_rule(
     elif "endpointSelector" not in f:
         at.missing("endpointSelector")
     else:
-        selector = _cilium_selector(f["endpointSelector"])
+        selector = _cilium_selector(f["endpointSelector"], own_namespace=ctx.namespace)
     if selector is not None and ctx.namespace is not None:
         selector = selector.with_requirement(
             Requirement(NAMESPACE_KEY, Operator.IN, (ctx.namespace,), SOURCE_K8S)
@@ -1175,6 +1175,7 @@ class _Term:
     operator: Operator
     values: tuple[str, ...]
     at: At
+    match_label: bool = False  # written in matchLabels
 
 
 def _selector_terms(at: At) -> list[_Term] | None:
@@ -1187,7 +1188,7 @@ def _selector_terms(at: At) -> list[_Term] | None:
         for key, value_at in raw_entries(f["matchLabels"]):
             value = text(value_at)
             if _label_key_ok(key, value_at) and value is not None:
-                terms.append(_Term(key, Operator.IN, (value,), value_at))
+                terms.append(_Term(key, Operator.IN, (value,), value_at, match_label=True))
     if "matchExpressions" in f:
         for item in sequence(f["matchExpressions"]) or ():
             term = _expression(item)
@@ -1246,13 +1247,26 @@ def _expression(at: At) -> _Term | None:
     return _Term(key, operator, tuple(values), at)
 
 
-def _cilium_selector(at: At) -> EndpointSelector | None:
+def _cilium_selector(at: At, own_namespace: str | None = None) -> EndpointSelector | None:
+    """`own_namespace`: the subject selector of a namespaced policy, which always selects in
+    the policy's namespace: as Cilium does, a `matchLabels` entry
+    `k8s:io.kubernetes.pod.namespace` naming another namespace is dropped with a warning
+    (the caller adds the policy's own)."""
     terms = _selector_terms(at)
     if terms is None:
         return None
     reqs = []
     for term in terms:
         source, key = split_source(term.key, SOURCE_ANY)
+        if (own_namespace is not None and term.match_label and source == SOURCE_K8S
+                and key == NAMESPACE_KEY):
+            if term.values != (own_namespace,):
+                term.at.warn_key(
+                    f"endpointSelector always selects in the policy's namespace "
+                    f"'{own_namespace}', not '{term.values[0]}' (as in Cilium): remove this "
+                    f"label, or move the policy to namespace '{term.values[0]}'"
+                )
+            continue
         reqs.append(Requirement(key, term.operator, tuple(sorted(set(term.values))), source))
     return EndpointSelector.of(reqs)
 

@@ -128,12 +128,24 @@ def test_cnp_subject_gets_the_policy_namespace() -> None:
     assert rule.namespace == "web"
 
 
-def test_cnp_subject_naming_another_namespace_selects_nothing_outside_its_own() -> None:
+def test_cnp_subject_naming_another_namespace_selects_in_its_own() -> None:
+    """Cilium replaces a matchLabels namespace of a namespaced policy's endpointSelector by
+    the policy's own (with a warning); a matchExpressions condition stays (ANDed)."""
     rule = one_rule(
         cnp("endpointSelector: {matchLabels: {'k8s:io.kubernetes.pod.namespace': other}}")
     )
-    assert ns_in("web") in rule.endpoint_selector.requirements
+    assert rule.endpoint_selector.requirements == (ns_in("web"),)
+    rule = one_rule(
+        cnp(
+            """
+            endpointSelector:
+              matchExpressions:
+              - {key: 'k8s:io.kubernetes.pod.namespace', operator: In, values: [other]}
+            """
+        )
+    )
     assert ns_in("other") in rule.endpoint_selector.requirements
+    assert ns_in("web") in rule.endpoint_selector.requirements
 
 
 def test_cnp_peers_are_limited_to_the_policy_namespace() -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import Labels, endpoint_labels
+from garrison.policies.loader import load_text
 from garrison.policies.mapstate import PROTO_TCP, DropReason, LookupResult, MatchType, lookup
 from garrison.policies.match_http import HTTPMatcher
 from garrison.policies.model import Direction, EnforcementMode
@@ -672,3 +673,36 @@ def test_allow_localhost_is_ingress_only() -> None:
     )
     state = w.resolver.map_state(w.ids["deathstar"])
     assert not lookup(state, Direction.EGRESS, 1, PROTO_TCP, 10250).allowed
+
+
+OTHER_NS_SUBJECT = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-lockdown, namespace: shop}
+spec:
+  endpointSelector:
+    matchLabels: {app: web, "k8s:io.kubernetes.pod.namespace": bank}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+
+
+def test_endpoint_selector_naming_another_namespace_selects_in_its_own() -> None:
+    """As Cilium: a namespaced policy's endpointSelector always applies in the policy's
+    namespace; a matchLabels entry for another namespace is dropped with a warning."""
+    result = load_text(OTHER_NS_SUBJECT, "ns.yaml")
+    assert [str(w) for w in result.warnings] == [
+        "ns.yaml:7: warning: spec.endpointSelector.matchLabels."
+        "k8s:io.kubernetes.pod.namespace: endpointSelector always selects in the policy's "
+        "namespace 'shop', not 'bank' (as in Cilium): remove this label, or move the "
+        "policy to namespace 'bank'"
+    ]
+    w = world(
+        result.policies,
+        {"shop-web": "app=web,ns=shop", "bank-web": "app=web,ns=bank",
+         "shop-client": "app=client,ns=shop", "bank-client": "app=client,ns=bank"},
+    )
+    assert w.allowed("shop-client", "shop-web", 80)
+    assert not w.allowed("shop-client", "shop-web", 22)  # shop/web is selected: enforced
+    assert w.allowed("bank-client", "bank-web", 22)  # bank/web is not selected
