@@ -601,7 +601,7 @@ class CompiledQuery:
     """A query ready to run. `matches(flow_dict)` is the whole test; `may_match(line)` the
     cheap necessary condition on the raw line; `matches_record(record)` for FlowRecords."""
 
-    __slots__ = ("_match", "_needles", "_since", "_until", "query")
+    __slots__ = ("_match", "_pretest", "_since", "_until", "query")
 
     def __init__(self, query: FlowQuery) -> None:
         self.query = query
@@ -621,11 +621,11 @@ class CompiledQuery:
         denied, _ = _build_list(deny, True)
         self._match = _combine(allowed, denied)
         # a line may match when it could match one allow filter: all of its needle groups
-        self._needles: tuple[tuple[tuple[bytes, ...], ...], ...] | None = None
+        self._pretest: Callable[[bytes], bool] | None = None
         if allowed and all(allow_needles):
-            self._needles = tuple(
-                tuple(n for n in groups if n is not None) for groups in allow_needles
-            )
+            self._pretest = _any_line([
+                _all_groups([n for n in groups if n is not None]) for groups in allow_needles
+            ])
         self._since = None if query.since_ns is None else format_time(query.since_ns)
         self._until = None if query.until_ns is None else format_time(query.until_ns)
 
@@ -640,11 +640,10 @@ class CompiledQuery:
             stamp = line[9:39].decode("ascii", "replace")
             if _fixed_time(stamp) and not self._in_time(stamp):
                 return False
-        if self._needles is None or b"\\" in line:
+        pretest = self._pretest
+        if pretest is None or b"\\" in line:
             return True
-        return any(
-            all(any(n in line for n in group) for group in groups) for groups in self._needles
-        )
+        return pretest(line)
 
     def _in_time(self, stamp: str) -> bool:
         if self._since is not None and stamp < self._since:
@@ -672,6 +671,31 @@ class CompiledQuery:
 
     def matches_record(self, record: FlowRecord) -> bool:
         return self.selects_all or self.matches(record.to_dict())
+
+
+LineTest = Callable[[bytes], bool]
+
+
+def _all_groups(groups: list[tuple[bytes, ...]]) -> LineTest:
+    """A line that holds one needle of every group (written out for one or two needles: this
+    runs for every line of a log)."""
+    singles = tuple(g[0] for g in groups if len(g) == 1)
+    several = tuple(g for g in groups if len(g) > 1)
+    if not several and len(singles) == 1:
+        only = singles[0]
+        return lambda line: only in line
+    if not several and len(singles) == 2:
+        a, b = singles
+        return lambda line: a in line and b in line
+    return lambda line: all(n in line for n in singles) and all(
+        any(n in line for n in g) for g in several
+    )
+
+
+def _any_line(tests: list[LineTest]) -> LineTest:
+    if len(tests) == 1:
+        return tests[0]
+    return lambda line: any(t(line) for t in tests)
 
 
 def _combine(allowed: list[Test], denied: list[Test]) -> Test:
