@@ -3,13 +3,21 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo demo-containers test test-unit lint bench clean
+.PHONY: setup demo demo-containers test test-unit lint bench clean install uninstall
 
 setup:
 	./scripts/setup.sh
 
 demo: setup
 	./scripts/demo.sh
+
+# The garrison command on the PATH (a link in /usr/local/bin) and the agent's systemd unit;
+# uninstall removes those and what the agent left in the kernel (docs/operating.md).
+install: setup
+	./scripts/install.sh
+
+uninstall:
+	./scripts/uninstall.sh
 
 # The Star Wars scenario with podman containers on a garrison-chained CNI network.
 demo-containers: setup
@@ -28,6 +36,7 @@ test-unit: setup
 lint: setup
 	$(VENV)/bin/ruff check garrison tests bench
 	$(VENV)/bin/mypy garrison
+	$(PYTEST) -q -p no:cacheprovider tests/unit/test_layers.py
 
 # Each benchmark also runs alone; the datapath and cluster ones need root (namespaces, BPF).
 bench: setup

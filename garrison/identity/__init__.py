@@ -1,30 +1,5 @@
-"""Security identities: labels → numbers, reserved and CIDR identities, the label filter."""
+"""Security identities: labels → numbers, reserved and CIDR identities, the label filter.
 
-from garrison.identity.allocator import AllocatorConfig, IdentityAllocator
-from garrison.identity.filter import LabelFilter, LabelFilterError, LabelPattern
-from garrison.identity.model import (
-    RESERVED,
-    Identity,
-    IdentityError,
-    IdentityRangeExhaustedError,
-    InvalidIdentityLabelsError,
-    UnknownReservedIdentityError,
-    cidr_labels,
-    reserved_identity,
-)
-
-__all__ = [
-    "RESERVED",
-    "AllocatorConfig",
-    "Identity",
-    "IdentityAllocator",
-    "IdentityError",
-    "IdentityRangeExhaustedError",
-    "InvalidIdentityLabelsError",
-    "LabelFilter",
-    "LabelFilterError",
-    "LabelPattern",
-    "UnknownReservedIdentityError",
-    "cidr_labels",
-    "reserved_identity",
-]
+The package imports nothing itself, so importing the pure `model` and `filter` does not load
+the allocator and its key-value store (tests/unit/test_layers.py).
+"""
