@@ -217,6 +217,13 @@ class Agent:
                     self.endpoints.allocate_ip(ip)
                 )
             else:
+                if (netdev.NETNS_DIR / name).exists():
+                    # never create into (and on failure delete) a namespace of someone else's
+                    raise EndpointError(
+                        f"a network namespace named {name!r} exists and garrison did not "
+                        f"create it: adopt it with `garrison endpoint add {name} --netns "
+                        f"{name}`, or pick another name"
+                    )
                 ipv4 = self.endpoints.allocate_ip(ip)
             record = EndpointRecord(
                 id=0,

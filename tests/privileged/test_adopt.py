@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -50,9 +51,14 @@ NS_PATH = f"/run/netns/{NS}"
 ADDR = "198.18.77.10"
 LONG_NAME = "gc-adopted-endpoint-with-a-long-name"  # > 15: interface names come from a hash
 
+# IPv6 off on both sides: its link-local addresses and routes appear (and lose "tentative")
+# on their own timer, which would make two snapshots differ with nothing done
 SETUP = [
     f"ip netns add {NS}",
+    f"ip netns exec {NS} sysctl -qw net.ipv6.conf.all.disable_ipv6=1",
+    f"ip netns exec {NS} sysctl -qw net.ipv6.conf.default.disable_ipv6=1",
     f"ip -n {NS} link add eth0 type veth peer name {HOST_IF} netns 1",
+    f"sysctl -qw net.ipv6.conf.{HOST_IF}.disable_ipv6=1",
     f"ip -n {NS} link add in0 type veth peer name in1",
     f"ip -n {NS} link set lo up",
     f"ip -n {NS} link set eth0 up",
@@ -87,10 +93,31 @@ def fixture_handmade() -> Iterator[dict[str, str]]:
     try:
         for cmd in SETUP:
             sh(cmd)
+        # eth0's carrier comes up a moment after its host peer does: snapshot once settled
+        deadline = time.monotonic() + 5
+        while "state UP" not in sh(f"ip -n {NS} link show dev eth0"):
+            assert time.monotonic() < deadline, "eth0 of the hand-made namespace never came up"
+            time.sleep(0.02)
         yield snapshot()
     finally:
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
         subprocess.run(["ip", "link", "del", HOST_IF], capture_output=True)
+
+
+def changes(before: dict[str, str], after: dict[str, str]) -> str:
+    """The lines that differ, per snapshot part (for assertion messages)."""
+    import difflib
+
+    return "\n".join(
+        f"{k}:\n" + "\n".join(difflib.unified_diff(before[k].splitlines(),
+                                                   after[k].splitlines(), lineterm=""))
+        for k in before if before[k] != after.get(k)
+    )
+
+
+def assert_unchanged(before: dict[str, str], what: str = "") -> None:
+    after = snapshot()
+    assert after == before, f"{what or 'the namespace changed'}:\n{changes(before, after)}"
 
 
 def endpoint_names(agent: AgentProcess) -> list[str]:
@@ -120,11 +147,11 @@ def test_adopting_an_existing_veth_changes_nothing_and_delete_leaves_it(
     during = snapshot()
     assert {k: v for k, v in during.items() if k != "host qdisc"} == {
         k: v for k, v in handmade.items() if k != "host qdisc"
-    }, "adoption changed the namespace or its veth"
+    }, "adoption changed the namespace or its veth:\n" + changes(handmade, during)
 
     out = agent.cli("endpoint", "delete", LONG_NAME)
     assert f"endpoint {LONG_NAME} deleted" in out.stdout
-    assert snapshot() == handmade, "delete changed what garrison did not create"
+    assert_unchanged(handmade, "delete changed what garrison did not create")
     assert os.path.exists(NS_PATH)
     assert f"{ADDR}/32" not in {e["prefix"] for e in agent.call("BpfIpcacheList")["entries"]}
     assert LONG_NAME not in endpoint_names(agent)
@@ -140,7 +167,7 @@ def test_adopting_by_pid(agent: AgentProcess, handmade: dict[str, str]) -> None:
     finally:
         proc.kill()
         proc.wait()
-    assert snapshot() == handmade
+    assert_unchanged(handmade)
 
 
 def test_a_new_veth_beside_the_namespaces_own_goes_with_delete(
@@ -154,7 +181,7 @@ def test_a_new_veth_beside_the_namespaces_own_goes_with_delete(
     inside = sh(f"ip -n {NS} -4 addr show dev eth1")
     assert "198.19.100.51/32" in inside
     agent.cli("endpoint", "delete", "gc-own-veth")
-    assert snapshot() == handmade
+    assert_unchanged(handmade)
 
 
 def test_failed_adoptions_roll_back_only_their_own_changes(
@@ -166,13 +193,15 @@ def test_failed_adoptions_roll_back_only_their_own_changes(
     assert done.returncode == 1
     assert "in0 exists and is not a veth to the host" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    assert snapshot() == handmade and os.path.exists(NS_PATH)
+    assert_unchanged(handmade)
+    assert os.path.exists(NS_PATH)
     # a failure after garrison made its veth: the host already routes this address elsewhere
     done = add(agent, "gc-route-clash", "--netns", NS_PATH, "--interface", "eth1",
                "--ip", "198.19.100.50", check=False)
     assert done.returncode == 1, done.stdout
     assert "198.19.100.50/32" in done.stderr
-    assert snapshot() == handmade and os.path.exists(NS_PATH)
+    assert_unchanged(handmade)
+    assert os.path.exists(NS_PATH)
     assert not {"gc-not-host-veth", "gc-route-clash"} & set(endpoint_names(agent))
 
 
@@ -188,7 +217,21 @@ def test_a_veth_on_a_bridge_is_refused(agent: AgentProcess, handmade: dict[str, 
         assert done.returncode == 1
         assert f"{HOST_IF}, is a bridge port" in done.stderr
         assert "L7 rules would not hold" in done.stderr
-        assert snapshot() == before
+        assert_unchanged(before)
         assert "gc-bridged" not in endpoint_names(agent)
     finally:
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def test_endpoint_add_without_netns_refuses_an_existing_namespace(
+    agent: AgentProcess, handmade: dict[str, str]
+) -> None:
+    """The issue's case: `endpoint add NAME` where NAME is a hand-made namespace with an eth0
+    used to fail with `File exists` and delete that namespace in its rollback."""
+    done = agent.cli("endpoint", "add", NS, "--labels", "app=x", check=False)
+    assert done.returncode == 1
+    assert f"a network namespace named {NS!r} exists and garrison did not create it" in (
+        done.stderr)
+    assert f"--netns {NS}" in done.stderr
+    assert os.path.exists(NS_PATH)
+    assert_unchanged(handmade)
