@@ -30,7 +30,7 @@ from garrison.policies.model import Direction
 if TYPE_CHECKING:
     from garrison.agent.daemon import Agent
 
-_REASONS = {
+DROP_REASONS = {
     DropReason.POLICY_DENIED: DropReasonDesc.POLICY_DENIED,
     DropReason.POLICY_DENY: DropReasonDesc.POLICY_DENY,
     DropReason.PROXY_NOT_LISTENING: DropReasonDesc.PROXY_NOT_LISTENING,
@@ -77,7 +77,7 @@ def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
     )
     node = agent.config.node_name
     if event.type is EventType.DROP:
-        reason = _REASONS.get(event.reason, DropReasonDesc.DROP_REASON_UNKNOWN) if (
+        reason = DROP_REASONS.get(event.reason, DropReasonDesc.DROP_REASON_UNKNOWN) if (
             event.reason is not None
         ) else DropReasonDesc.DROP_REASON_UNKNOWN
         return l3_l4_drop(
@@ -98,7 +98,7 @@ def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
         verdict = Verdict.FORWARDED
     else:
         verdict = Verdict.DROPPED
-    verdict_reason = _REASONS.get(event.reason) if event.reason is not None else None
+    verdict_reason = DROP_REASONS.get(event.reason) if event.reason is not None else None
     return l3_l4_verdict(
         time_ns=wall_ns(event.time_ns),
         direction=direction,

@@ -6,8 +6,9 @@ Datapath:
 
 - `garrison_drop_count_total{reason, direction}`, `garrison_drop_bytes_total{...}` counters:
   packets the datapath dropped, from its drop events: `reason` is Hubble's drop reason name
-  (what `observe --drop-reason-desc` takes: POLICY_DENIED, POLICY_DENY, SOCKET_LOOKUP_FAILED,
-  ...; Cilium's label is a sentence), `direction` the policy direction that dropped it
+  as the flow records name it (what `observe --drop-reason-desc` takes: POLICY_DENIED,
+  POLICY_DENY, PROXY_NOT_LISTENING), else Hubble's (INVALID_PACKET_DROPPED, ...); Cilium's
+  label is a sentence, `direction` the policy direction that dropped it
   (INGRESS, EGRESS; UNKNOWN for drops before any policy, e.g. a redirect with no proxy).
 - `garrison_policy_verdict_total{direction, match, action}` counter: the datapath's verdicts
   on new connections: direction INGRESS / EGRESS; match as `observe` prints it (L3-L4,
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from garrison.agent.events import DROP_REASONS
 from garrison.bpf.abi import HUBBLE_DROP_NAMES, CounterCode, DropReason, ObservationPoint
 from garrison.bpf.abi import EventType as DatapathEventType
 from garrison.bpf.maps import DatapathEvent
@@ -73,7 +75,8 @@ def drop_reason_name(code: int) -> str:
         reason = DropReason(code)
     except ValueError:
         return f"UNKNOWN_{code}"
-    return HUBBLE_DROP_NAMES.get(reason, reason.name)
+    flow_name = DROP_REASONS.get(reason)  # the flow records' name, where they have one
+    return str(flow_name) if flow_name else HUBBLE_DROP_NAMES.get(reason, reason.name)
 
 
 def identity_type(identity: int) -> str:
