@@ -217,7 +217,8 @@ class Agent:
                     self.endpoints.allocate_ip(ip)
                 )
             else:
-                if (netdev.NETNS_DIR / name).exists():
+                known = any(ep.name == name for ep in self.endpoints)
+                if not known and (netdev.NETNS_DIR / name).exists():
                     # never create into (and on failure delete) a namespace of someone else's
                     raise EndpointError(
                         f"a network namespace named {name!r} exists and garrison did not "
