@@ -533,7 +533,9 @@ def _cilium_rule(
                 _cilium_section(ctx, item, name, direction, deny, spec_index, i, has_specs)
                 for i, item in enumerate(items or ())
             ]
-            sections[name] = tuple(s for s in built if s is not None)
+            # Cilium: "if omitted or empty, this rule does not apply at ingress" (or egress):
+            # an empty list is absent and switches nothing to default deny
+            sections[name] = tuple(s for s in built if s is not None) or None
     default_deny = {"ingress": True, "egress": True}
     if "enableDefaultDeny" in f:
         dd = mapping(f["enableDefaultDeny"], ("ingress", "egress"))

@@ -20,6 +20,7 @@ from garrison.policies.labels import NAMESPACE_KEY
 from garrison.policies.loader import LoadResult, load_text
 from garrison.policies.model import (
     CIDRPeer,
+    Direction,
     EndpointPeer,
     Entity,
     EntityPeer,
@@ -85,10 +86,12 @@ def peers(section: PolicySection) -> tuple[object, ...] | None:
 # --- sections: absent, empty, peers ---------------------------------------------------------
 
 
-def test_direction_absent_is_none_and_empty_list_is_empty() -> None:
-    rule = one_rule(cnp("endpointSelector: {}\ningress: []"))
-    assert rule.ingress == ()
-    assert rule.egress is None and rule.ingress_deny is None and rule.egress_deny is None
+def test_direction_absent_or_empty_list_is_none() -> None:
+    """Cilium: "If omitted or empty, this rule does not apply at ingress"."""
+    rule = one_rule(cnp("endpointSelector: {}\ningress: []\negressDeny: []"))
+    assert rule.ingress is None and rule.egress_deny is None
+    assert rule.egress is None and rule.ingress_deny is None
+    assert not rule.enforces(Direction.INGRESS) and not rule.enforces(Direction.EGRESS)
 
 
 def test_empty_element_selects_nothing() -> None:

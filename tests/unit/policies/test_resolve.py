@@ -706,3 +706,23 @@ def test_endpoint_selector_naming_another_namespace_selects_in_its_own() -> None
     assert w.allowed("shop-client", "shop-web", 80)
     assert not w.allowed("shop-client", "shop-web", 22)  # shop/web is selected: enforced
     assert w.allowed("bank-client", "bank-web", 22)  # bank/web is not selected
+
+
+def test_empty_ingress_list_does_not_apply_at_ingress() -> None:
+    """Cilium: "If omitted or empty, this rule does not apply at ingress" — `ingress: []`
+    switches nothing to default deny (`ingress: [{}]` does)."""
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: nothing}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress: []
+          egress: []
+        """,
+        EPS,
+    )
+    res = w.ingress("xwing", "deathstar", 80)
+    assert res.allowed and not res.enforced
+    assert w.allowed("deathstar", "xwing", 443)
