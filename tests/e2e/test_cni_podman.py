@@ -325,3 +325,16 @@ def test_a_refused_add_leaves_no_endpoint(rt: Runtime, galaxy: Galaxy) -> None:
     assert still is not None
     assert (still["identity"], still["ipv4"], still["host_veth"]) == (
         galaxy.tiefighter["identity"], galaxy.tiefighter["ipv4"], galaxy.tiefighter["host_veth"])
+
+
+def test_namespace_comes_from_the_kubernetes_namespace_label(rt: Runtime) -> None:
+    rt.run("nsprobe", "io.kubernetes.pod.namespace=empire-ns,app=nsprobe", "sleep", "600")
+    name = f"gc-nsprobe{TAG}"
+    ep = rt.labelled(name)
+    assert (ep["namespace"], ep["labels"]) == ("empire-ns", ["app=nsprobe"])
+    ident = int(str(ep["identity"]))
+    labels = next(i["labels"] for i in rt.agent.call("IdentityList")["identities"]
+                  if i["id"] == ident)
+    assert "k8s:io.kubernetes.pod.namespace=empire-ns" in labels, labels
+    rt.podman("rm", "-f", "-t", "0", name)
+    assert rt.endpoint(name) is None
