@@ -18,8 +18,11 @@ datapath record name the client as `source`; a reply (`is_reply` true) names it 
 
 **Decision**: an L7 request (not a reply), or an L3/L4 drop (event type 1) or policy verdict
 (event type 5). When the log holds a drop record, policy-verdict denials are not counted (their
-drop record is: the datapath writes both for one denied attempt). Traces (event type 4) and
-replies decide nothing. An edge counts its decisions by verdict.
+drop record is: the datapath writes both for one denied attempt). A denied SYN that repeats
+one seen at most 64 s before (same addresses, ports and event type: the client retransmitting)
+is the same attempt, counted in `retried_syns` only (`summary.RetriedSyns`; a log read in
+parts misses a retransmission split from its SYN at a part boundary). Traces (event type 4)
+and replies decide nothing. An edge counts its decisions by verdict.
 
 **L7 detail** of an edge: one entry per HTTP method and path pattern (`summary.path_pattern`:
 `/v1/ships/{n}`), gRPC `service/method`, Kafka API key and topic (one entry per topic), with
@@ -40,7 +43,8 @@ fewest decisions are one node, `(other namespaces)`.
 
 JSON (`result()`)::
 
-    {"records": int, "skipped": int, "first_time": str|null, "last_time": str|null,
+    {"records": int, "skipped": int, "retried_syns": int,
+     "first_time": str|null, "last_time": str|null,
      "grouped": bool,
      "nodes": [{"id": str, "namespace": str, "identity": int|null, "name": str,
                 "labels": [str], "pods": [str], "pod_count": int}],
@@ -68,7 +72,13 @@ from typing import Any, TypeGuard
 
 from garrison.flows.build import GRPC_STATUS_NAMES
 from garrison.flows.codec import format_time, parse_time
-from garrison.flows.summary import RuleKey, path_pattern, short_labels
+from garrison.flows.summary import (
+    DEFAULT_SUMMARY,
+    RetriedSyns,
+    RuleKey,
+    path_pattern,
+    short_labels,
+)
 from garrison.identity.model import RESERVED_BY_ID
 
 # Verdict slots; a policy-verdict denial is kept apart until `result()` knows whether drop
@@ -190,6 +200,14 @@ def _int(value: Any) -> int:
     return 0
 
 
+def _ns(text: str) -> int | None:
+    """Nanoseconds of a time `_time` gave; None for one that only looks like a time."""
+    try:
+        return parse_time(text)
+    except ValueError:
+        return None
+
+
 def _time(value: Any) -> str | None:
     """garrison's fixed-width UTC text as it is (it sorts as text), anything else normalised."""
     if type(value) is str and len(value) == 30 and value[29] == "Z" and value[19] == ".":
@@ -205,12 +223,14 @@ def _time(value: Any) -> str | None:
 class ServiceMapBuilder:
     """Add flow dicts with `add()`; `merge()` another builder's counts; `result()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, syn_retry_window_s: float = DEFAULT_SUMMARY.syn_retry_window_s) -> None:
         self.records = 0
         self.skipped = 0
         self.first: str | None = None
         self.last: str | None = None
         self.saw_drop = False
+        self.retried_syns = 0
+        self._syns = RetriedSyns(syn_retry_window_s)
         self._nodes: dict[NodeKey, _Node] = {}
         self._edges: dict[tuple[NodeKey, NodeKey], _Edge] = {}
         self._patterns: dict[str, str] = {}
@@ -283,6 +303,11 @@ class ServiceMapBuilder:
                     slot = _VDENIED
             else:
                 return
+            if slot in (_DROP, _VDENIED) and t is not None:
+                ns = _ns(t)
+                if ns is not None and self._syns.is_retry(flow, event, ns):
+                    self.retried_syns += 1  # a retransmitted SYN: the same attempt again
+                    return
             edge = edges.get((client, server)) or self._edge(client, server)
             port = _l4_port(flow)
             counts = edge.ports.get(port)
@@ -415,6 +440,7 @@ class ServiceMapBuilder:
         self.first = _earlier(self.first, other.first)
         self.last = _later(self.last, other.last)
         self.saw_drop = self.saw_drop or other.saw_drop
+        self.retried_syns += other.retried_syns
         for key, node in other._nodes.items():
             mine = self._nodes.get(key)
             if mine is None:
@@ -431,7 +457,8 @@ class ServiceMapBuilder:
     def __getstate__(self) -> dict[str, Any]:
         """Plain containers only: builders cross process boundaries."""
         return {
-            "counters": (self.records, self.skipped, self.first, self.last, self.saw_drop),
+            "counters": (self.records, self.skipped, self.first, self.last, self.saw_drop,
+                         self.retried_syns),
             "nodes": [(k, n.labels, sorted(n.pods), n.pod_count, sorted(n.ips))
                       for k, n in self._nodes.items()],
             "edges": [(k, e.counts, e.ports, e.l7, e.rules, e.last)
@@ -440,7 +467,8 @@ class ServiceMapBuilder:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]
-        self.records, self.skipped, self.first, self.last, self.saw_drop = state["counters"]
+        (self.records, self.skipped, self.first, self.last, self.saw_drop,
+         self.retried_syns) = state["counters"]
         for key, labels, pods, pod_count, ips in state["nodes"]:
             node = self._nodes[(key[0], key[1])] = _Node(key[0], key[1])
             node.labels, node.pods, node.pod_count, node.ips = (
@@ -522,6 +550,7 @@ class ServiceMapBuilder:
         return {
             "records": self.records,
             "skipped": self.skipped,
+            "retried_syns": self.retried_syns,
             "first_time": self.first,
             "last_time": self.last,
             "grouped": grouped,

@@ -60,12 +60,29 @@ def test_demo_tiefighter_edge_has_the_denied_put_its_403_and_the_rule() -> None:
 
 
 def test_demo_xwing_edge_is_dropped_and_counts_each_attempt_once() -> None:
-    e = edge(built(demo_flows()), "xwing", "deathstar")
+    result = built(demo_flows())
+    e = edge(result, "xwing", "deathstar")
     assert e["state"] == "dropped"
-    # 4 SYNs, each written as a policy-verdict and a drop record
-    assert e["counts"]["dropped"] == 4
-    assert e["ports"] == [{"port": "TCP/80", "forwarded": 0, "dropped": 4, "audit": 0,
+    # two connection attempts, each SYN sent twice, each written as a policy-verdict and a
+    # drop record
+    assert e["counts"]["dropped"] == 2
+    assert e["ports"] == [{"port": "TCP/80", "forwarded": 0, "dropped": 2, "audit": 0,
                            "error": 0, "other": 0}]
+    assert result["retried_syns"] == 4
+
+
+def test_decisions_agree_with_accesslog_summary() -> None:
+    flows = demo_flows()
+    summary = SummaryBuilder()
+    for flow in flows:
+        summary.add(flow)
+    expected = summary.result().to_dict()["verdicts"]["decisions"]
+    del expected["total"]
+    got = dict.fromkeys(expected, 0)
+    for e in built(flows)["edges"]:
+        for verdict, n in e["counts"].items():
+            got[verdict] += n
+    assert got == expected
 
 
 def test_demo_grpc_and_kafka_detail() -> None:
