@@ -818,7 +818,7 @@ def _port_rules(
             if deny:
                 f["rules"].key_error("L7 rules are not allowed in deny sections")
             else:
-                l7, l7_unsupported = _l7_rules(f["rules"])
+                l7, l7_unsupported = _l7_rules(f["rules"], direction)
                 fail_closed = fail_closed or l7_unsupported
         # Ports that failed to parse are already reported; L7 checks the rest.
         if l7 is not None and (ports or ports_complete):
@@ -962,9 +962,10 @@ def _l7_group(name: str) -> str:
     return "l7proto/l7" if name in ("l7proto", "l7") else name
 
 
-def _l7_rules(at: At) -> tuple[_L7 | None, bool]:
+def _l7_rules(at: At, direction: Direction) -> tuple[_L7 | None, bool]:
     """`rules`: exactly one L7 type. Returns the rules and whether an unsupported type makes
-    the element allow nothing."""
+    the element allow nothing. DNS rules on ingress are an error, as Cilium's validation
+    says ("DNS rules are not allowed on ingress")."""
     f = mapping(at, L7_TYPES, also_known=L7_UNSUPPORTED)
     if f is None:
         return None, False
@@ -979,7 +980,13 @@ def _l7_rules(at: At) -> tuple[_L7 | None, bool]:
         list(groups.values())[1].key_error(f"one L7 type per port: {', '.join(groups)}")
     else:
         for name in unsupported:
-            f[name].warn_key(FAIL_CLOSED)
+            if name == "dns" and direction is Direction.INGRESS:
+                f[name].key_error(
+                    "DNS rules are not allowed on ingress (as in Cilium): they belong in an "
+                    "egress section"
+                )
+            else:
+                f[name].warn_key(FAIL_CLOSED)
     # Rules of every supported type are read, so their own problems are reported too.
     parsed = [
         _L7(name, type_at, _typed_l7_rules(name, type_at))

@@ -623,6 +623,18 @@ CASES = [
     ),
     pytest.param(
         cnp("""
+            ingress:
+            - toPorts:
+              - ports: [{port: "53", protocol: UDP}]
+                rules:
+                  dns: [{matchPattern: "*"}]  # <-
+            """),
+        "spec.ingress[0].toPorts[0].rules.dns: DNS rules are not allowed on ingress (as in "
+        "Cilium): they belong in an egress section",
+        id="dns-on-ingress",
+    ),
+    pytest.param(
+        cnp("""
             egressDeny:
             - toPorts:
               - ports: [{port: 443}]
