@@ -44,6 +44,11 @@ PURE_MODULES = (
     "garrison.flows.codec",
     "garrison.flows.redact",
     "garrison.flows.query",
+    "garrison.flows.errors",
+    "garrison.flows.flowdict",
+    "garrison.flows.selectors",
+    "garrison.flows.timebounds",
+    "garrison.flows.filterfields",
     "garrison.flows.render",
     "garrison.flows.summary",
 )
