@@ -186,6 +186,7 @@ class Agent:
     def add_endpoint(
         self, name: str, labels: Sequence[str], namespace: str = "default", ip: str | None = None,
         netns: str | None = None, interface: str = "eth0", container_id: str = "",
+        extra: dict[str, str] | None = None,
     ) -> EndpointRecord:
         """A new endpoint; with `netns` (a path or `ip netns` name) one adopting a namespace
         someone else made. Without labels (a container whose labels are still being read)
@@ -237,6 +238,7 @@ class Agent:
                 ifname=interface if netns_path else "",
                 owned=() if netns_path else OWNS_ALL,
                 container_id=container_id,
+                extra=dict(extra or {}),
             )
             # garrison's own namespace is on disk before it exists (a crash leaves a record to
             # clean up); adopting creates nothing that outlives the workload's veth

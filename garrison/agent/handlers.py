@@ -95,6 +95,12 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
     def cni_check(req: dict[str, Any]) -> dict[str, Any]:
         return runtime.check(req)
 
+    def cni_gc(req: dict[str, Any]) -> dict[str, Any]:
+        return runtime.gc(req)
+
+    def cni_status(_: dict[str, Any]) -> dict[str, Any]:
+        return {"ready": bool(agent.datapath.status().get("loaded"))}
+
     def endpoint_add(req: dict[str, Any]) -> dict[str, Any]:
         ep = agent.add_endpoint(
             req["name"], req.get("labels", []), req.get("namespace") or "default", req.get("ip"),
@@ -217,6 +223,8 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         "CniAdd": cni_add,
         "CniDel": cni_del,
         "CniCheck": cni_check,
+        "CniGc": cni_gc,
+        "CniStatus": cni_status,
         "PolicyImport": policy_import,
         "PolicyDelete": policy_delete,
         "PolicyGet": policy_get,

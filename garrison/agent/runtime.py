@@ -91,7 +91,7 @@ class RuntimeEndpoints:
             record = agent.add_endpoint(
                 str(req["name"]), [], str(req.get("namespace") or "default"), ipv4,
                 netns=str(req["netns"]), interface=str(req.get("interface") or "eth0"),
-                container_id=container_id,
+                container_id=container_id, extra={"network": str(req.get("network") or "")},
             )
         self.resolve_later(record)
         return record
@@ -103,6 +103,21 @@ class RuntimeEndpoints:
         with contextlib.suppress(EndpointError):
             self.agent.delete_endpoint(record.name)
         return {"deleted": record.name}
+
+    def gc(self, req: dict[str, Any]) -> dict[str, Any]:
+        """CNI GC (spec 1.1): the endpoints of containers on `network` that the runtime no
+        longer lists as attached go."""
+        network = str(req.get("network") or "")
+        valid = {str(c) for c in req.get("valid") or ()}
+        gone = [
+            ep.name for ep in list(self.agent.endpoints)
+            if ep.container_id and ep.extra.get("network") == network
+            and ep.container_id not in valid
+        ]
+        for name in gone:
+            with contextlib.suppress(EndpointError):
+                self.agent.delete_endpoint(name)
+        return {"deleted": gone}
 
     def check(self, req: dict[str, Any]) -> dict[str, Any]:
         agent = self.agent

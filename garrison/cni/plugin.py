@@ -4,7 +4,9 @@ ADD asks the agent to govern the container's host-side veth (endpoint named afte
 container, programs attached, ipcache entry written) before the runtime starts the container,
 and fails the start when no agent answers (fail closed). DEL always succeeds: with no agent it
 records the delete under the agent's state directory for the agent to carry out on start.
-CHECK asks the agent whether the programs and map entries are in place.
+CHECK asks the agent whether the programs and map entries are in place. STATUS (spec 1.1)
+says whether the agent can take an ADD; GC (spec 1.1) removes the endpoints of this network's
+containers that the runtime no longer lists.
 """
 
 from __future__ import annotations
@@ -99,6 +101,27 @@ def cmd_check(env: spec.Environment, conf: spec.NetConf) -> None:
         raise CNIError(spec.NOT_ENFORCED, "garrison: " + "; ".join(state["problems"]))
 
 
+def _since_11(conf: spec.NetConf, verb: str) -> None:
+    if not conf.status_gc_supported:
+        raise CNIError(spec.INCOMPATIBLE_VERSION, f"{verb} needs cniVersion "
+                       f"{spec.STATUS_GC_SINCE} or later, not {conf.cni_version}")
+
+
+def cmd_status(conf: spec.NetConf) -> None:
+    _since_11(conf, "STATUS")
+    try:
+        ready = _call(conf, "CniStatus").get("ready")
+    except CNIError as exc:
+        raise CNIError(spec.NOT_AVAILABLE, exc.msg, exc.details) from None
+    if not ready:
+        raise CNIError(spec.NOT_AVAILABLE, "the garrison agent's datapath is not loaded")
+
+
+def cmd_gc(conf: spec.NetConf) -> None:
+    _since_11(conf, "GC")
+    _call(conf, "CniGc", network=conf.name, valid=conf.valid_attachments())
+
+
 def run(environ: Mapping[str, str], stdin: BinaryIO, stdout: TextIO) -> int:
     version = spec.SPEC_VERSION
     try:
@@ -116,8 +139,12 @@ def run(environ: Mapping[str, str], stdin: BinaryIO, stdout: TextIO) -> int:
             stdout.write(json.dumps(cmd_add(env, conf)))
         elif env.command == "DEL":
             cmd_del(env, conf)
-        else:
+        elif env.command == "CHECK":
             cmd_check(env, conf)
+        elif env.command == "STATUS":
+            cmd_status(conf)
+        else:
+            cmd_gc(conf)
         return 0
     except CNIError as exc:
         stdout.write(json.dumps(exc.to_json(version)))

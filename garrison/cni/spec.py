@@ -13,10 +13,12 @@ import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-SPEC_VERSION = "1.0.0"
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
+SPEC_VERSION = "1.0.0"  # what the plugin writes when no configuration says otherwise
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 CHECK_SINCE = "0.4.0"
-VERBS = ("ADD", "DEL", "CHECK", "VERSION")
+STATUS_GC_SINCE = "1.1.0"
+VERBS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
+VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 
 # error codes of the specification (SPEC.md, "Error")
 INCOMPATIBLE_VERSION = 1
@@ -27,6 +29,7 @@ IO_FAILURE = 5
 DECODING_FAILURE = 6
 INVALID_NETWORK_CONFIG = 7
 TRY_AGAIN_LATER = 11
+NOT_AVAILABLE = 50  # STATUS: cannot service ADD
 # 100 and up are the plugin's own
 AGENT_REFUSED = 100
 NOT_ENFORCED = 101
@@ -153,6 +156,22 @@ class NetConf(NamedTuple):
     @property
     def check_supported(self) -> bool:
         return _version_key(self.cni_version) >= _version_key(CHECK_SINCE)
+
+    @property
+    def status_gc_supported(self) -> bool:
+        return _version_key(self.cni_version) >= _version_key(STATUS_GC_SINCE)
+
+    def valid_attachments(self) -> list[str]:
+        """GC: the container ids the runtime still has attached to this network."""
+        raw = self.raw.get(VALID_ATTACHMENTS)
+        if raw is None:
+            return []
+        if not isinstance(raw, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("containerID"), str) for a in raw
+        ):
+            raise CNIError(INVALID_NETWORK_CONFIG,
+                           f"{VALID_ATTACHMENTS}: expected a list of {{containerID, ifname}}")
+        return [a["containerID"] for a in raw]
 
 
 class ContainerAttachment(NamedTuple):

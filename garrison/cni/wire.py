@@ -14,7 +14,7 @@ import os
 import socket
 from typing import Any
 
-CNI_METHODS = ("CniAdd", "CniDel", "CniCheck")
+CNI_METHODS = ("CniAdd", "CniDel", "CniCheck", "CniGc", "CniStatus")
 MAX_MESSAGE = 1 << 20
 
 

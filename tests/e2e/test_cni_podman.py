@@ -338,3 +338,27 @@ def test_namespace_comes_from_the_kubernetes_namespace_label(rt: Runtime) -> Non
     assert "k8s:io.kubernetes.pod.namespace=empire-ns" in labels, labels
     rt.podman("rm", "-f", "-t", "0", name)
     assert rt.endpoint(name) is None
+
+
+def run_plugin(rt: Runtime, command: str, conf: dict[str, object]) -> tuple[int, str]:
+    env = {"CNI_COMMAND": command, "CNI_PATH": "/usr/lib/cni", "GARRISON_PURE": "1"}
+    done = subprocess.run([str(rt.dir / "bin" / "garrison-cni")], input=json.dumps(conf),
+                          capture_output=True, text=True, env=env, timeout=30)
+    return done.returncode, done.stdout
+
+
+def test_status_and_gc_of_spec_110(rt: Runtime, galaxy: Galaxy) -> None:
+    conflist = json.loads((rt.dir / "net.d" / f"{NET}.conflist").read_text())
+    conf = {**conflist["plugins"][1], "cniVersion": "1.1.0", "name": NET}
+    assert run_plugin(rt, "STATUS", conf) == (0, "")
+    rt.run("gcprobe", "app=gcprobe", "sleep", "600")
+    name = f"gc-gcprobe{TAG}"
+    rt.labelled(name)
+    keep = [str(e["container_id"]) for e in (galaxy.deathstar, galaxy.tiefighter,
+                                              galaxy.xwing)]
+    conf["cni.dev/valid-attachments"] = [{"containerID": c, "ifname": "eth0"} for c in keep]
+    assert run_plugin(rt, "GC", conf) == (0, "")
+    assert rt.endpoint(name) is None  # the runtime no longer lists it: gone
+    assert all(rt.endpoint(str(e["name"])) for e in (galaxy.deathstar, galaxy.tiefighter,
+                                                     galaxy.xwing))
+    rt.podman("rm", "-f", "-t", "0", name)

@@ -78,7 +78,7 @@ def test_version() -> None:
     rc, obj, _ = run("VERSION", b'{"cniVersion": "1.0.0"}')
     assert rc == 0
     assert obj == {"cniVersion": "1.0.0",
-                   "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]}
+                   "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
 
 
 def test_add_without_an_agent_fails_closed_with_try_again_later(tmp_path: Path) -> None:
@@ -170,3 +170,23 @@ def test_missing_or_bad_environment(tmp_path: Path, env: dict[str, str], word: s
                  json.dumps(netconf(tmp_path)).encode(), **env)
     assert_error(result, 4, word)
     assert not (tmp_path / "state").exists()
+
+
+def test_status_without_an_agent_is_not_available(tmp_path: Path) -> None:
+    body = json.dumps(netconf(tmp_path, cniVersion="1.1.0", prevResult=None)).encode()
+    obj = assert_error(run("STATUS", body, CNI_CONTAINERID="<unset>", CNI_NETNS="<unset>",
+                           CNI_IFNAME="<unset>"), 50, "start it with `garrison agent`")
+    assert obj["cniVersion"] == "1.1.0"
+
+
+def test_status_and_gc_need_110(tmp_path: Path) -> None:
+    for verb in ("STATUS", "GC"):
+        assert_error(run(verb, json.dumps(netconf(tmp_path)).encode()), 1, "1.1.0")
+
+
+def test_gc_without_an_agent_is_try_again_later(tmp_path: Path) -> None:
+    conf = netconf(tmp_path, cniVersion="1.1.0", prevResult=None)
+    conf["cni.dev/valid-attachments"] = [{"containerID": CONTAINER, "ifname": "eth0"}]
+    assert_error(run("GC", json.dumps(conf).encode()), 11)
+    conf["cni.dev/valid-attachments"] = "all of them"
+    assert_error(run("GC", json.dumps(conf).encode()), 7, "valid-attachments")
