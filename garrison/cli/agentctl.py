@@ -26,7 +26,8 @@ def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
                    help="agent API socket (default: %(default)s)")
     if output:
-        p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+        p.add_argument("-o", "--output", choices=["text", "json"], default="text",
+                       help="text for people, json (typed fields) for scripts")
 
 
 def _call(args: argparse.Namespace, method: str, **params: Any) -> dict[str, Any]:
@@ -356,9 +357,11 @@ def register_endpoint(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     ep = sub.add_parser("endpoint", help="create, list, inspect and delete endpoints")
     esub = ep.add_subparsers(dest="endpoint_command", metavar="SUBCOMMAND", required=True)
     p = esub.add_parser("add", help="create an endpoint: netns, veth, address, identity")
-    p.add_argument("name")
-    p.add_argument("--labels", required=True, metavar="k=v,...")
-    p.add_argument("--namespace", default="default", metavar="NS")
+    p.add_argument("name", help="the endpoint's name (and its network namespace's)")
+    p.add_argument("--labels", required=True, metavar="k=v,...",
+                   help="the labels policies select it by; they make its identity")
+    p.add_argument("--namespace", default="default", metavar="NS",
+                   help="its Kubernetes-style namespace (policies are namespaced)")
     p.add_argument("--ip", metavar="ADDR", help="an address from 198.18.0.0/15")
     adopt = p.add_mutually_exclusive_group()
     adopt.add_argument("--netns", metavar="PATH",
@@ -375,33 +378,37 @@ def register_endpoint(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _common(p)
     p.set_defaults(func=endpoint_list)
     p = esub.add_parser("get", help="an endpoint and its resolved policy")
-    p.add_argument("name")
+    p.add_argument("name", help="the endpoint's name")
     _common(p)
     p.set_defaults(func=endpoint_get)
     p = esub.add_parser("delete", help="delete an endpoint and everything it created")
-    p.add_argument("name")
+    p.add_argument("name", help="the endpoint's name")
     _common(p)
     p.set_defaults(func=endpoint_delete)
     p = esub.add_parser("labels", help="replace an endpoint's labels (new identity)")
-    p.add_argument("name")
-    p.add_argument("--labels", required=True, metavar="k=v,...")
+    p.add_argument("name", help="the endpoint's name")
+    p.add_argument("--labels", required=True, metavar="k=v,...",
+                   help="the new labels, all of them (they replace the old ones)")
     _common(p)
     p.set_defaults(func=endpoint_labels)
     p = esub.add_parser("exec", help="run a command inside an endpoint")
-    p.add_argument("name")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    p.add_argument("name", help="the endpoint's name")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
+                   help="the command and its arguments, after --")
     p.set_defaults(func=endpoint_exec)
 
 
 def register_policy(policy_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = policy_sub.add_parser("import", help="import policy files into the agent (all or nothing)")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="policy file or directory (*.yaml, *.yml, *.json)")
     _common(p)
     p.set_defaults(func=policy_import)
     p = policy_sub.add_parser("delete", help="delete policies by name, or all")
-    p.add_argument("name", nargs="?")
-    p.add_argument("--namespace", metavar="NS")
-    p.add_argument("--all", action="store_true")
+    p.add_argument("name", nargs="?", help="the policy's metadata.name")
+    p.add_argument("--namespace", metavar="NS",
+                   help="only the policy of that name in NS (else in any namespace)")
+    p.add_argument("--all", action="store_true", help="delete every policy the agent has")
     _common(p)
     p.set_defaults(func=policy_delete)
     p = policy_sub.add_parser("get", help="the policies in force, with the revision")
@@ -412,27 +419,30 @@ def register_policy(policy_sub: argparse._SubParsersAction[argparse.ArgumentPars
 def register_others(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ident = sub.add_parser("identity", help="list and inspect identities")
     isub = ident.add_subparsers(dest="identity_command", metavar="SUBCOMMAND", required=True)
-    p = isub.add_parser("list")
+    p = isub.add_parser("list", help="every identity in use: number and labels")
     _common(p)
     p.set_defaults(func=identity_list)
-    p = isub.add_parser("get")
-    p.add_argument("id", type=int)
+    p = isub.add_parser("get", help="one identity's labels")
+    p.add_argument("id", type=int, help="the identity number, e.g. 256")
     _common(p)
     p.set_defaults(func=identity_get)
 
     bpf = sub.add_parser("bpf", help="inspect the datapath maps")
     bsub = bpf.add_subparsers(dest="bpf_command", metavar="MAP", required=True)
-    pol = bsub.add_parser("policy").add_subparsers(dest="c", metavar="get", required=True)
-    p = pol.add_parser("get")
-    p.add_argument("endpoint")
+    pol = bsub.add_parser("policy", help="an endpoint's policy map entries").add_subparsers(
+        dest="c", metavar="get", required=True)
+    p = pol.add_parser("get", help="the policy map entries of one endpoint's identity")
+    p.add_argument("endpoint", help="the endpoint's name")
     _common(p)
     p.set_defaults(func=bpf_policy_get)
-    ipc = bsub.add_parser("ipcache").add_subparsers(dest="c", metavar="list", required=True)
-    p = ipc.add_parser("list")
+    ipc = bsub.add_parser("ipcache", help="address prefix → identity").add_subparsers(
+        dest="c", metavar="list", required=True)
+    p = ipc.add_parser("list", help="every ipcache entry")
     _common(p)
     p.set_defaults(func=bpf_ipcache_list)
-    ct = bsub.add_parser("ct").add_subparsers(dest="c", metavar="list", required=True)
-    p = ct.add_parser("list")
+    ct = bsub.add_parser("ct", help="the connection tracking table").add_subparsers(
+        dest="c", metavar="list", required=True)
+    p = ct.add_parser("list", help="every tracked connection, with flags and expiry")
     _common(p)
     p.set_defaults(func=bpf_ct_list)
 
