@@ -236,6 +236,7 @@ class ServiceMapBuilder:
         self._patterns: dict[str, str] = {}
         self._seen: dict[tuple[Any, Any, Any], NodeKey] = {}
         self._l7memo: dict[tuple[Any, ...], list[tuple[str, str]]] = {}
+        self._seconds: dict[str, int] = {}
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -304,7 +305,7 @@ class ServiceMapBuilder:
             else:
                 return
             if slot in (_DROP, _VDENIED) and t is not None:
-                ns = _ns(t)
+                ns = self._ns(t)
                 if ns is not None and self._syns.is_retry(flow, event, ns):
                     self.retried_syns += 1  # a retransmitted SYN: the same attempt again
                     return
@@ -339,6 +340,19 @@ class ServiceMapBuilder:
                 _count_rules(edge.rules, denied, what, t)
             if egress_denied:
                 _count_rules(edge.rules, egress_denied, what, t)
+
+    def _ns(self, text: str) -> int | None:
+        """Nanoseconds of a time `_time` gave, each second parsed once."""
+        second = self._seconds.get(text[:19])
+        if second is None:
+            ns = _ns(text)
+            if ns is None:
+                return None
+            if len(self._seconds) >= _MEMO:
+                self._seconds.clear()
+            self._seconds[text[:19]] = second = ns // 1_000_000_000
+        fraction = text[20:29]
+        return second * 1_000_000_000 + int(fraction) if fraction.isdigit() else _ns(text)
 
     def _node(self, value: Any) -> NodeKey:
         ep = value if _is_obj(value) else {}

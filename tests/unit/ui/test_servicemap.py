@@ -190,6 +190,10 @@ def test_past_max_nodes_namespaces_the_quietest_are_one_node() -> None:
     {"Type": "L3_L4", "event_type": "drop", "verdict": ["DROPPED"]},
     {"ingress_allowed_by": [{"name": ["x"]}], "Type": "L7", "l7": {"kafka": {"topics": 7}}},
     {"source": {"identity": {"a": 1}, "namespace": ["x"], "pod_name": {}}},
+    *({"time": t, "verdict": "DROPPED", "Type": "L3_L4", "event_type": {"type": 1},
+       "l4": {"TCP": {"source_port": 1, "destination_port": 2, "flags": {"SYN": True}}},
+       "source": {"ip": "198.18.0.1"}, "destination": {"ip": "198.18.0.2"}}
+      for t in ("2026-13-99T99:99:99.999999999Z", "2026-12-05T12:00:00.abcdefghiZ")),
 ])
 def test_hostile_records_never_crash(bad: Any) -> None:
     builder = ServiceMapBuilder()
