@@ -62,18 +62,30 @@ log = logging.getLogger("garrison.agent")
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("agent", help="run the node agent (datapath, proxy, API) as root")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    p.add_argument("--policy-dir", type=Path, help="watched: every change is applied")
-    p.add_argument("--access-log", type=Path, metavar="PATH")
-    p.add_argument("--access-log-max-bytes", type=int, default=100 * 1024 * 1024)
-    p.add_argument("--access-log-backups", type=int, default=5)
-    p.add_argument("--metrics", metavar="HOST:PORT")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                   help="where the agent keeps its endpoints, identities, imported policies "
+                   "and policy revision (docs/operating.md)")
+    p.add_argument("--policy-dir", type=Path,
+                   help="policy files to enforce, watched: every change is applied (a "
+                   "change that does not validate is refused, the previous policy stays)")
+    p.add_argument("--access-log", type=Path, metavar="PATH",
+                   help="write every flow record (kernel drops, L7 decisions) as JSON lines")
+    p.add_argument("--access-log-max-bytes", type=int, default=100 * 1024 * 1024, metavar="N",
+                   help="rotate the access log at this size in bytes (0: never)")
+    p.add_argument("--access-log-backups", type=int, default=5, metavar="N",
+                   help="rotated access logs to keep")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics of the datapath, agent and proxy here "
+                   "(docs/operating.md#metrics)")
     p.add_argument("--ui", metavar="HOST:PORT",
                    help="also serve the review page of this agent's flows (`garrison ui`; "
                    "loopback only, port 0 picks one and logs it)")
-    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
-    p.add_argument("--bpffs-root", type=Path, default=DEFAULT_BPFFS_ROOT)
-    p.add_argument("--node-name", default=os.uname().nodename)
+    p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
+                   help="the local API's unix socket (root only)")
+    p.add_argument("--bpffs-root", type=Path, default=DEFAULT_BPFFS_ROOT,
+                   help="bpffs directory of the pinned maps (one per agent)")
+    p.add_argument("--node-name", default=os.uname().nodename,
+                   help="this node's name in flow records and in a cluster")
     p.add_argument("--kvstore", choices=["sqlite", "etcd"], default="sqlite",
                    help="etcd: join a cluster (docs/cluster.md); sqlite: this node alone")
     p.add_argument("--kvstore-endpoints", default="", metavar="URL[,URL]",
@@ -87,14 +99,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="with --kvstore etcd: how long after this agent stops the other nodes "
                    "forget its endpoints (default 15)")
     p.add_argument("--enforcement", choices=[m.value for m in EnforcementMode],
-                   default="default")
+                   default="default",
+                   help="Cilium's policy enforcement mode: default: a direction is enforced "
+                   "(default deny) once a rule selects the endpoint for it; always: "
+                   "everything is denied that no rule allows; never: nothing is enforced")
     p.add_argument("--audit", action="store_true", help="log verdicts, drop and deny nothing")
     p.add_argument("--allow-localhost", choices=["always", "policy"], default="always",
                    help="always (default): the local host reaches every endpoint (ingress) "
                    "even under default deny, so health checks keep working, as Cilium's "
                    "allow-localhost; policy: the host only reaches what policy allows")
     p.add_argument("--proxy-ports", default="http=15001,grpc=15002,kafka=15003",
-                   metavar="http=N,grpc=N,kafka=N")
+                   metavar="http=N,grpc=N,kafka=N",
+                   help="the transparent proxy's listeners on 127.0.0.1, one per L7 parser")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print every flow record as a compact line on stderr")
     p.add_argument("--cleanup", action="store_true",
