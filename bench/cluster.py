@@ -291,13 +291,17 @@ def publisher(etcd_url: str) -> int:
     published = 0
     print("ready", flush=True)
     for line in sys.stdin:
-        verb, _, arg = line.partition(" ")
+        verb, _, arg = line.strip().partition(" ")
         if verb == "up":
             while published < int(arg):
                 entry = IPEntry(base + published, identity.id, canonical, "ge-bench-c")
                 session.put(entry.key, entry.encode())
                 published += 1
             print("done", flush=True)
+        elif verb == "size":
+            items = store.list_prefix("")
+            nbytes = sum(len(store.root) + len(k.encode()) + len(v) for k, v in items.items())
+            print(f"{len(items)} {nbytes}", flush=True)
         elif verb == "one":
             entry = IPEntry(base + int(arg), identity.id, canonical, "ge-bench-c")
             t0 = time.time()
@@ -309,35 +313,51 @@ def publisher(etcd_url: str) -> int:
     return 0
 
 
-def scale(etcd: EtcdServer, b: Agent, known: list[int]) -> list[dict[str, float]]:
-    """A third node publishes remote endpoints that node B's policy allows."""
-    worker = subprocess.Popen(
-        [
-            "nsenter",
-            f"--net=/run/netns/{UNDERLAY}",
-            sys.executable,
-            __file__,
-            "--publisher",
-            etcd.url,
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert worker.stdin is not None and worker.stdout is not None
+class Publisher:
+    """The third node (`publisher()` in the underlay namespace), asked one line at a time."""
 
-    def ask(command: str) -> str:
-        assert worker.stdin is not None and worker.stdout is not None
-        worker.stdin.write(command + "\n")
-        worker.stdin.flush()
-        return worker.stdout.readline().strip()
+    def __init__(self, etcd: EtcdServer) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/run/netns/{UNDERLAY}",
+                sys.executable,
+                __file__,
+                "--publisher",
+                etcd.url,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the publisher did not start")
 
+    def ask(self, command: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def size(self) -> tuple[int, int]:
+        keys, nbytes = self.ask("size").split()
+        return int(keys), int(nbytes)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(20)
+
+
+def scale(worker: Publisher, b: Agent, known: list[int]) -> list[dict[str, float]]:
+    """The third node publishes remote endpoints that node B's policy allows."""
+    ask = worker.ask
     scratch = f"ge-bnft-{PID}"
     subprocess.run(["ip", "netns", "add", scratch], check=True)
     rows = []
     base = ipaddress.IPv4Address("198.18.230.0")
     try:
-        assert worker.stdout.readline().strip() == "ready"
         for n in known:
             assert ask(f"up {n}") == "done"
             written_at(b, str(base + (n - 1)), timeout_s=60)
@@ -357,15 +377,78 @@ def scale(etcd: EtcdServer, b: Agent, known: list[int]) -> list[dict[str, float]
             )
     finally:
         subprocess.run(["ip", "netns", "delete", scratch], check=False)
-        worker.stdin.close()
-        worker.wait(20)
     return rows
+
+
+def _allocate_worker(url: str, node: str, names: list[str], start: Any, out: Any) -> None:
+    store = EtcdKVStore(url)
+    session = store.session(30, name=node)
+    session.wait_ready(10)
+    allocator = ClusterIdentityAllocator(
+        store, AllocatorConfig(node_name=node), lease=session.require_lease
+    )
+    got = {}
+    start.wait()
+    t0 = time.perf_counter()
+    for name in names:
+        labels = Labels.parse(f"k8s:app={name},k8s:io.kubernetes.pod.namespace=default")
+        got[name] = allocator.allocate(labels, "bench").id
+    out.put((node, time.perf_counter() - t0, got))
+    session.close(revoke=False)
+    store.close()
+
+
+def allocation(agents: int, labels: int) -> dict[str, dict[str, float]]:
+    """`agents` processes, each with its own etcd client, session and allocator, allocate at
+    once: `distinct` — each its own new labels; `shared` — all the same new labels (each must
+    get the one number); `alone` — one agent, the reference. A loopback etcd of its own."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    result = {}
+    with EtcdServer(name="ge-bench-alloc") as etcd:
+        for phase, count in (("alone", 1), ("distinct", agents), ("shared", agents)):
+            start, out = ctx.Event(), ctx.Queue()
+            procs = []
+            for i in range(count):
+                prefix = phase if phase == "shared" else f"{phase}-{i}"
+                names = [f"{prefix}-{j}" for j in range(labels)]
+                proc = ctx.Process(
+                    target=_allocate_worker, args=(etcd.url, f"agent{i}", names, start, out)
+                )
+                proc.start()
+                procs.append(proc)
+            time.sleep(2.0)  # every worker connected and waiting
+            start.set()
+            results = [out.get(timeout=300) for _ in procs]
+            for proc in procs:
+                proc.join(30)
+            wall = max(seconds for _, seconds, _ in results)
+            by_name: dict[str, set[int]] = {}
+            for _, _, got in results:
+                for name, number in got.items():
+                    by_name.setdefault(name, set()).add(number)
+            if any(len(numbers) != 1 for numbers in by_name.values()):
+                raise RuntimeError(f"{phase}: agents disagree on a number")
+            numbers = [next(iter(n)) for n in by_name.values()]
+            if len(set(numbers)) != len(numbers):
+                raise RuntimeError(f"{phase}: two label sets got one number")
+            total = count * labels
+            result[phase] = {
+                "allocations": total,
+                "seconds": wall,
+                "per_s": total / wall,
+                "distinct_ids": len(set(numbers)),
+            }
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoints", type=int, default=100)
     parser.add_argument("--known", default="10,100,1000")
+    parser.add_argument("--agents", type=int, default=3)
+    parser.add_argument("--labels", type=int, default=200)
     parser.add_argument("--publisher", metavar="ETCD_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.publisher:
@@ -383,9 +466,24 @@ def main() -> int:
             check=True,
             capture_output=True,
         )
-        p = propagation(a, b, args.endpoints)
-        rows = scale(etcd, b, known)
-    print(json.dumps({"propagation": p, "scale": rows}, indent=1))
+        worker = Publisher(etcd)
+        try:
+            keys0, bytes0 = worker.size()
+            p = propagation(a, b, args.endpoints)
+            keys1, bytes1 = worker.size()
+            rows = scale(worker, b, known)
+        finally:
+            worker.close()
+    alloc = allocation(args.agents, args.labels)
+    footprint = {
+        "keys_per_endpoint": (keys1 - keys0) / args.endpoints,
+        "bytes_per_endpoint": (bytes1 - bytes0) / args.endpoints,
+    }
+    print(
+        json.dumps(
+            {"propagation": p, "etcd": footprint, "scale": rows, "allocation": alloc}, indent=1
+        )
+    )
     print(
         f"\nendpoint add on A -> ipcache entry on B, {args.endpoints} endpoints: "
         f"median {p['median_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms "
@@ -400,6 +498,16 @@ def main() -> int:
         print(
             f"{row['known']:>6} {row['policy_map_writes']:>14} {row['ipcache_ms']:>11.1f} "
             f"{row['nft_set_ms']:>11.1f} {row['nft_rules_ms']:>13.1f}"
+        )
+    print(
+        f"etcd per endpoint: {footprint['keys_per_endpoint']:.2f} keys,"
+        f" {footprint['bytes_per_endpoint']:.0f} bytes (keys + values)"
+    )
+    for phase, row in alloc.items():
+        print(
+            f"allocation, {phase}: {row['per_s']:.0f} identities/s"
+            f" ({row['allocations']} allocations in {row['seconds']:.2f} s,"
+            f" {row['distinct_ids']} numbers)"
         )
     return 0
 

@@ -24,7 +24,9 @@ multi-key transactions (its docstring has the key layout).
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -405,6 +407,8 @@ class IdentityAllocator:
 # Cluster ------------------------------------------------------------------------------------
 
 CLUSTER_IDENTITIES_PREFIX = "state/identities/v1/"
+# How many free numbers after the lowest a node tries in its own random order.
+_CONTENDED_WINDOW = 32
 
 
 @dataclass(slots=True)
@@ -468,6 +472,7 @@ class ClusterIdentityAllocator(IdentityAllocator):
         # identity to reference again, or the number whose reference to drop. `flush_pending`
         # retries them (the agent calls it periodically).
         self._pending: dict[str, _HeldIdentity | int] = {}
+        self._rng = random.Random()
 
     def _refs_of(self, canonical: str) -> str:
         # Quoted without a safe "/", so one label set's references are never a prefix of
@@ -556,7 +561,17 @@ class ClusterIdentityAllocator(IdentityAllocator):
             if (suffix := key.removeprefix(self.id_prefix)).isdecimal()
         }
         low, high = self._config.min_endpoint_id, self._config.max_endpoint_id
-        yield from (n for n in range(low, high + 1) if n not in used)
+        free = (n for n in range(low, high + 1) if n not in used)
+        first = next(free, None)
+        if first is None:
+            return
+        yield first
+        # Lost the lowest number to another node: nodes racing on together would keep
+        # colliding on each next one, so try the next few free numbers in an order of our own.
+        window = list(itertools.islice(free, _CONTENDED_WINDOW))
+        self._rng.shuffle(window)
+        yield from window
+        yield from free
 
     def _raise_exhausted(self) -> None:
         low, high = self._config.min_endpoint_id, self._config.max_endpoint_id
