@@ -295,6 +295,9 @@ def _gather(args: argparse.Namespace, query: FlowQuery, stats: ReadStats) -> Ite
 @_guarded
 def observe(args: argparse.Namespace) -> int:
     query = build_query(args)
+    if args.print_raw_filters:
+        sys.stdout.write(_raw_filters_yaml(query))
+        return EXIT_OK
     mask = _mask(args, ("json", "dict"))
     out = sys.stdout.buffer
     options = RenderOptions(
@@ -314,6 +317,17 @@ def observe(args: argparse.Namespace) -> int:
         printer.flush()
     stats.report()
     return EXIT_SOURCE if stats.bad else EXIT_OK
+
+
+def _raw_filters_yaml(query: FlowQuery) -> str:
+    """Hubble's `--print-raw-filters`: the allow and deny lists as YAML, a filter a JSON text."""
+    lines = []
+    for name, filters in query.compile().raw_filters().items():
+        lines.append(f"{name}:")
+        for f in filters:
+            text = orjson.dumps(f).decode().replace("'", "''")
+            lines.append(f"    - '{text}'")
+    return "".join(line + "\n" for line in lines)
 
 
 class _MaskedDictPrinter(Printer):
@@ -497,6 +511,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     out.add_argument("--print-policy-names", action="store_true",
                      help="name the policy rules that allowed or denied")
     out.add_argument("--print-node-name", action="store_true", help="show the node name")
+    out.add_argument("--print-raw-filters", action="store_true",
+                     help="print the allow and deny filters the flags make (as Hubble's) and "
+                     "exit without reading any record")
     out.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                      help="colour the verdict (default: on a terminal; NO_COLOR turns it off)")
     p.set_defaults(func=observe)

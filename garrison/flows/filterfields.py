@@ -572,7 +572,7 @@ FIELDS: Mapping[str, Callable[[tuple[str, ...]], tuple[Test, Needles]]] = {
     "event_type": _event_type_field,
     "traffic_direction": _direction_field,
     "protocol": _protocol_field,
-    "http_status": _http_status_field,
+    "http_status_code": _http_status_field,
     "http_method": _http_method_field,
     "http_path": _http_path_field,
     "http_url": _http_url_field,

@@ -431,7 +431,7 @@ def _conflict(flags: Iterable[str]) -> tuple[str, str] | None:
     return None
 
 
-_HTTP_FIELDS = {"http_status": "--http-status", "http_method": "--http-method",
+_HTTP_FIELDS = {"http_status_code": "--http-status", "http_method": "--http-method",
                 "http_path": "--http-path", "http_url": "--http-url",
                 "http_header": "--http-header"}
 
@@ -460,8 +460,9 @@ def _to_both(name: str) -> Callable[[_Tracker, str], None]:
 def _flags() -> dict[str, FlagSpec]:
     def both(name: str, help_: str, metavar: str, check: Callable[[str], None],
              short: str = "") -> FlagSpec:
-        return FlagSpec(name, help_, metavar, check, _to_both(name.replace("-", "_")),
-                        short=short)
+        # the filter field of a flag is its name, as Hubble's FlowFilter spells it
+        field_name = {"http-status": "http_status_code"}.get(name, name.replace("-", "_"))
+        return FlagSpec(name, help_, metavar, check, _to_both(field_name), short=short)
 
     specs = [
         both("verdict", f"{', '.join(VERDICTS[:5])}, ...", "VERDICT",
@@ -601,7 +602,7 @@ class CompiledQuery:
     """A query ready to run. `matches(flow_dict)` is the whole test; `may_match(line)` the
     cheap necessary condition on the raw line; `matches_record(record)` for FlowRecords."""
 
-    __slots__ = ("_match", "_pretest", "_since", "_until", "query")
+    __slots__ = ("_match", "_pretest", "_raw", "_since", "_until", "query")
 
     def __init__(self, query: FlowQuery) -> None:
         self.query = query
@@ -619,6 +620,7 @@ class CompiledQuery:
                 spec.apply(tracker, value)
         allowed, allow_needles = _build_list(allow, False)
         denied, _ = _build_list(deny, True)
+        self._raw = (allow.filters(), deny.filters())
         self._match = _combine(allowed, denied)
         # a line may match when it could match one allow filter: all of its needle groups
         self._pretest: Callable[[bytes], bool] | None = None
@@ -632,6 +634,18 @@ class CompiledQuery:
     @property
     def selects_all(self) -> bool:
         return self.query.is_empty
+
+    def raw_filters(self) -> dict[str, list[dict[str, list[str]]]]:
+        """The allow and deny lists, as `hubble observe --print-raw-filters` shows them: each
+        filter maps Hubble's FlowFilter field names (`source_pod`, `verdict`) to the values
+        given, namespaces applied; an empty list is left out."""
+        out: dict[str, list[dict[str, list[str]]]] = {}
+        for name, filters in zip(("allowlist", "denylist"), self._raw, strict=True):
+            if filters:
+                out[name] = [
+                    {k: list(f[k]) for k in sorted(f, key=_field_place)} for f in filters
+                ]
+        return out
 
     def may_match(self, line: bytes) -> bool:
         """False only when no flow written as `line` can match."""
@@ -696,6 +710,21 @@ def _any_line(tests: list[LineTest]) -> LineTest:
     if len(tests) == 1:
         return tests[0]
     return lambda line: any(t(line) for t in tests)
+
+
+# Hubble's FlowFilter fields in the order flow.proto declares them (its JSON's order)
+_FIELD_ORDER = (
+    "source_ip", "source_pod", "source_label", "destination_ip", "destination_pod",
+    "destination_label", "traffic_direction", "verdict", "drop_reason_desc", "event_type",
+    "http_status_code", "protocol", "source_port", "destination_port", "http_method",
+    "http_path", "http_url", "http_header", "tcp_flags", "node_name", "ip_version",
+    "source_identity", "destination_identity",
+)
+
+
+def _field_place(name: str) -> tuple[int, str]:
+    """Hubble's fields in its order, garrison's own (`grpc_*`, `kafka_*`) after them."""
+    return (_FIELD_ORDER.index(name), "") if name in _FIELD_ORDER else (len(_FIELD_ORDER), name)
 
 
 def _combine(allowed: list[Test], denied: list[Test]) -> Test:

@@ -142,3 +142,37 @@ def test_first_and_follow_are_refused_together(capsys: pytest.CaptureFixture[str
     assert (rc, out) == (2, "")
     assert err == ("garrison: --first and --follow cannot be combined (as in Hubble): --first "
                    "stops after N records; write --last N --follow\n")
+
+
+def test_print_raw_filters_shows_hubbles_filters(capsys: pytest.CaptureFixture[str]) -> None:
+    # as `hubble observe --print-raw-filters`: the flags' filters, nothing read
+    rc, out, err = run(capsys, "observe", "--namespace", "cilium", "--port", "443", "--not",
+                       "--verdict", "DROPPED", "--not", "--pod", "kube-system/",
+                       "--print-raw-filters")
+    assert (rc, err) == (0, "")
+    assert out.splitlines() == [
+        "allowlist:",
+        """    - '{"source_pod":["cilium/"],"source_port":["443"]}'""",
+        """    - '{"destination_pod":["cilium/"],"destination_port":["443"]}'""",
+        "denylist:",
+        """    - '{"source_pod":["kube-system/"],"verdict":["DROPPED"]}'""",
+        """    - '{"destination_pod":["kube-system/"],"verdict":["DROPPED"]}'""",
+    ]
+    rc, out, _ = run(capsys, "observe", "--from-pod", "xwing", "--to-port", "80",
+                     "--print-raw-filters")
+    assert out == """allowlist:\n    - '{"source_pod":["xwing"],"destination_port":["80"]}'\n"""
+    rc, out, _ = run(capsys, "observe", "--print-raw-filters")
+    assert (rc, out) == (0, "")
+
+
+def test_the_print_raw_filters_example_in_the_docs_runs_as_written(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shlex
+
+    doc = (REPO / "docs" / "observe.md").read_text()
+    block = doc.split("$ garrison observe --namespace cilium", 1)[1].split("```", 1)[0]
+    command, *expected = ("observe --namespace cilium" + block).splitlines()
+    rc, out, err = run(capsys, *shlex.split(command))
+    assert (rc, err) == (0, "")
+    assert out.splitlines() == expected
