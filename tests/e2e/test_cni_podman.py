@@ -362,3 +362,29 @@ def test_status_and_gc_of_spec_110(rt: Runtime, galaxy: Galaxy) -> None:
     assert all(rt.endpoint(str(e["name"])) for e in (galaxy.deathstar, galaxy.tiefighter,
                                                      galaxy.xwing))
     rt.podman("rm", "-f", "-t", "0", name)
+
+
+def test_check_through_the_plugin(rt: Runtime, galaxy: Galaxy) -> None:
+    """CHECK as a runtime runs it: the container's prevResult, the live agent."""
+    ds = galaxy.deathstar
+    sandbox = rt.podman("inspect", "--format", "{{.NetworkSettings.SandboxKey}}",
+                        str(ds["name"])).stdout.strip()
+    conflist = json.loads((rt.dir / "net.d" / f"{NET}.conflist").read_text())
+    conf = {**conflist["plugins"][1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": str(ds["host_veth"])}, {"name": "eth0", "sandbox": sandbox}],
+        "ips": [{"interface": 1, "address": f"{ds['ipv4']}/24"}],
+    }}
+
+    def check(container_id: str) -> tuple[int, str]:
+        env = {"CNI_COMMAND": "CHECK", "CNI_CONTAINERID": container_id, "CNI_NETNS": sandbox,
+               "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni", "GARRISON_PURE": "1"}
+        done = subprocess.run([str(rt.dir / "bin" / "garrison-cni")], input=json.dumps(conf),
+                              capture_output=True, text=True, env=env, timeout=30)
+        return done.returncode, done.stdout
+
+    assert check(str(ds["container_id"])) == (0, "")
+    rc, out = check("gcunknown" + TAG)
+    assert rc == 1
+    err = json.loads(out)
+    assert err["code"] == 101 and f"no endpoint for container gcunknown{TAG}" in err["msg"]

@@ -235,3 +235,23 @@ def test_endpoint_add_without_netns_refuses_an_existing_namespace(
     assert f"--netns {NS}" in done.stderr
     assert os.path.exists(NS_PATH)
     assert_unchanged(handmade)
+
+
+def test_a_long_name_for_a_namespace_garrison_makes(agent: AgentProcess) -> None:
+    """Interface names are at most 15 bytes: the host veth's name derives from a hash."""
+    import json
+
+    name = f"gc-a-rather-long-endpoint-name-{os.getpid() % 100000}"
+    agent.created.add(name)
+    data = json.loads(agent.cli("endpoint", "add", name, "--labels", "app=long", "--ip",
+                                "198.19.100.61", "-o", "json").stdout)
+    try:
+        assert data["name"] == name and data["adopted"] is False
+        assert data["host_veth"].startswith("gar") and len(data["host_veth"]) == 13
+        assert os.path.exists(f"/run/netns/{name}")
+        assert tc_filters(data["host_veth"])["ingress"]
+    finally:
+        agent.cli("endpoint", "delete", name)
+    assert not os.path.exists(f"/run/netns/{name}")
+    assert subprocess.run(["ip", "link", "show", data["host_veth"]],
+                          capture_output=True).returncode != 0
