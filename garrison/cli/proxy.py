@@ -96,7 +96,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    metavar="POLICY", help="policy file or directory (repeatable)")
     p.add_argument("--dst-labels", required=True, metavar="k=v,...",
                    help="labels of the upstream service (the policy's endpointSelector)")
-    p.add_argument("--dst-namespace", default=DEFAULT_NAMESPACE, metavar="NS")
+    p.add_argument("--dst-namespace", default=DEFAULT_NAMESPACE, metavar="NS",
+                   help="namespace of the upstream service (namespaced policies select in it)")
     p.add_argument("--dport", type=int, metavar="N",
                    help="port the policy's toPorts are matched against (default: upstream's)")
     p.add_argument("--peer", action="append", default=[], metavar="CIDR=k=v,...",
@@ -113,15 +114,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "ingress, i.e. forward every request; without it the proxy refuses")
     p.add_argument("--audit", action="store_true",
                    help="audit mode: log what policy would deny, deny nothing")
-    p.add_argument("--enforcement", default="default", choices=[m.value for m in EnforcementMode])
+    p.add_argument("--enforcement", default="default", choices=[m.value for m in EnforcementMode],
+                   help="Cilium's policy enforcement mode: default: enforced once a rule "
+                   "selects the destination; always: deny what no rule allows; never: allow all")
     p.add_argument("--max-connections", type=int, default=ProxyConfig().max_connections,
-                   metavar="N")
-    p.add_argument("--connect-timeout", type=float, default=Timeouts().connect, metavar="S")
-    p.add_argument("--header-timeout", type=float, default=Timeouts().header_read, metavar="S")
-    p.add_argument("--idle-timeout", type=float, default=Timeouts().idle, metavar="S")
+                   metavar="N",
+                   help="client connections held at once; more are closed (an ERROR record)")
+    p.add_argument("--connect-timeout", type=float, default=Timeouts().connect, metavar="S",
+                   help="seconds to connect to the upstream")
+    p.add_argument("--header-timeout", type=float, default=Timeouts().header_read, metavar="S",
+                   help="seconds a client may take to send a request's headers")
+    p.add_argument("--idle-timeout", type=float, default=Timeouts().idle, metavar="S",
+                   help="seconds an idle client connection is kept")
     p.add_argument("--upstream-timeout", type=float, default=Timeouts().upstream_reply,
                    metavar="S", help="seconds the upstream may take to answer")
-    p.add_argument("--node-name", default="", metavar="NAME")
+    p.add_argument("--node-name", default="", metavar="NAME",
+                   help="node name written into flow records (default: none)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print every flow record as one compact line on stderr")
     p.set_defaults(func=run)
