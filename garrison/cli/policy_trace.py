@@ -45,29 +45,41 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-f", "--file", dest="files", action="append", required=True,
                    metavar="PATH", help="policy file or directory (repeatable)")
-    p.add_argument("--src-labels", required=True, metavar="k=v,...")
-    p.add_argument("--src-namespace", default=DEFAULT_NAMESPACE, metavar="NS")
-    p.add_argument("--dst-labels", required=True, metavar="k=v,...")
-    p.add_argument("--dst-namespace", default=DEFAULT_NAMESPACE, metavar="NS")
-    p.add_argument("--dport", required=True, type=int, metavar="N")
+    p.add_argument("--src-labels", required=True, metavar="k=v,...",
+                   help="labels of the source endpoint, e.g. org=empire,class=tiefighter")
+    p.add_argument("--src-namespace", default=DEFAULT_NAMESPACE, metavar="NS",
+                   help="namespace of the source")
+    p.add_argument("--dst-labels", required=True, metavar="k=v,...",
+                   help="labels of the destination endpoint")
+    p.add_argument("--dst-namespace", default=DEFAULT_NAMESPACE, metavar="NS",
+                   help="namespace of the destination")
+    p.add_argument("--dport", required=True, type=int, metavar="N",
+                   help="destination port of the connection")
     p.add_argument("--protocol", default="TCP", type=str.upper,
-                   choices=["TCP", "UDP", "SCTP"])
-    p.add_argument("--http-method", metavar="M")
-    p.add_argument("--http-path", metavar="P")
-    p.add_argument("--http-host", metavar="H")
-    p.add_argument("--http-header", action="append", default=[], metavar="'Name: value'")
-    p.add_argument("--grpc-service", metavar="S")
-    p.add_argument("--grpc-method", metavar="M")
-    p.add_argument("--kafka-api-key", metavar="NAME|NUMBER")
-    p.add_argument("--kafka-api-version", type=int, metavar="N")
-    p.add_argument("--kafka-client-id", metavar="ID")
-    p.add_argument("--kafka-topic", action="append", default=[], metavar="T")
+                   choices=["TCP", "UDP", "SCTP"], help="L4 protocol of the connection")
+    p.add_argument("--http-method", metavar="M",
+                   help="an HTTP request to trace through the L7 rules: its method")
+    p.add_argument("--http-path", metavar="P", help="the HTTP request's path")
+    p.add_argument("--http-host", metavar="H", help="the HTTP request's Host")
+    p.add_argument("--http-header", action="append", default=[], metavar="'Name: value'",
+                   help="a header of the HTTP request (repeatable)")
+    p.add_argument("--grpc-service", metavar="S",
+                   help="a gRPC call to trace: its service, e.g. helloworld.Greeter")
+    p.add_argument("--grpc-method", metavar="M", help="the gRPC call's method, e.g. SayHello")
+    p.add_argument("--kafka-api-key", metavar="NAME|NUMBER",
+                   help="a Kafka request to trace: its API key, e.g. produce or 0")
+    p.add_argument("--kafka-api-version", type=int, metavar="N",
+                   help="the Kafka request's API version")
+    p.add_argument("--kafka-client-id", metavar="ID", help="the Kafka request's client id")
+    p.add_argument("--kafka-topic", action="append", default=[], metavar="T",
+                   help="a topic the Kafka request names (repeatable)")
     p.add_argument("--enforcement", default="default", choices=["default", "always", "never"],
                    help="policy enforcement mode (default: %(default)s)")
     p.add_argument("--allow-localhost", default="always", choices=["always", "policy"],
                    help="as the agent's flag: does the local host (reserved:host) reach "
                    "endpoints whatever policy says (default: %(default)s)")
-    p.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    p.add_argument("-o", "--output", choices=["text", "json"], default="text",
+                   help="text: the explanation; json: one object (verdict, allowed_by, ...)")
     p.set_defaults(func=run)
 
 
