@@ -503,7 +503,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_filter_flags(p)
     out = p.add_argument_group("output")
     out.add_argument("-o", "--output", choices=["compact", "json", "dict", "table"],
-                     default="compact", help="default: %(default)s")
+                     default="compact",
+                     help="compact: Hubble's one-line form; json: one record per line; dict: "
+                     "one field per line; table: columns (default: %(default)s)")
     out.add_argument("-f", "--follow", action="store_true",
                      help="keep printing new records (a file across rotation, or the agent)")
     out.add_argument("--field-mask", action="append", metavar="PATHS",
@@ -529,14 +531,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _sources(s)
     add_filter_flags(s)
-    s.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    s.add_argument("-o", "--output", choices=["table", "json"], default="table",
+                   help="table for people, json (one object) for scripts")
     s.add_argument("--policy", action="append", metavar="PATH",
                    help="policy files or directories in force: lists rules never matched")
     s.add_argument("--top", type=int, default=10, metavar="N",
                    help="denied groups to show (default: %(default)s)")
     s.add_argument("--interval", type=int, metavar="SECONDS",
                    help="time-series bucket (default: chosen for at most 60 buckets)")
-    s.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    s.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colour the verdicts: auto on a terminal (NO_COLOR turns it off)")
     s.set_defaults(func=summary)
 
     e = lsub.add_parser("export", help="matching records as JSON lines or CSV",
@@ -544,7 +548,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "lines as the access log has them, or CSV with a header row.")
     _sources(e)
     add_filter_flags(e)
-    e.add_argument("-o", "--output", choices=["jsonl", "csv"], default="jsonl")
+    e.add_argument("-o", "--output", choices=["jsonl", "csv"], default="jsonl",
+                   help="jsonl: one flow record per line; csv: one row per record")
     e.add_argument("--field-mask", action="append", metavar="PATHS",
                    help="only these fields; with CSV, these are the columns")
     e.add_argument("--out", metavar="FILE", help="write here instead of standard output")
