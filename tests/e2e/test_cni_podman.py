@@ -388,3 +388,22 @@ def test_check_through_the_plugin(rt: Runtime, galaxy: Galaxy) -> None:
     assert rc == 1
     err = json.loads(out)
     assert err["code"] == 101 and f"no endpoint for container gcunknown{TAG}" in err["msg"]
+
+
+def test_a_container_whose_labels_are_unknown_is_denied_both_ways(
+    rt: Runtime, galaxy: Galaxy
+) -> None:
+    """Until its labels are read a container is reserved:init, denied both ways; one without
+    labels stays so (with no policy at all, every other container may talk)."""
+    rt.agent.delete_policies()
+    rt.run("nolabels", "", "sleep", "600")
+    name = f"gc-nolabels{TAG}"
+    wait_for(lambda: rt.endpoint(name) is not None, f"endpoint {name}")
+    ep = rt.endpoint(name)
+    assert ep is not None and ep["identity"] == 5 and ep["labels"] == []
+    assert ep["ingress_enforcement"] and ep["egress_enforcement"]
+    ds_ip = str(galaxy.deathstar["ipv4"])
+    assert rt.curl(name, "POST", ds_ip, "/v1/request-landing")[:2] == (28, 0)
+    assert rt.curl(str(galaxy.tiefighter["name"]), "POST", ds_ip,
+                   "/v1/request-landing") == (0, 200, "Ship landed\n")
+    rt.podman("rm", "-f", "-t", "0", name)
