@@ -25,6 +25,7 @@ TOP_LEVEL = {
     "accesslog": "garrison.cli.observe",
     "ui": "garrison.cli.ui_cmd",
     "cni": "garrison.cli.cni_cmd",
+    "completion": "garrison.cli.completion",
 }
 POLICY_OFFLINE = {"validate": "garrison.cli.policy_validate", "trace": "garrison.cli.policy_trace"}
 
@@ -44,7 +45,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="garrison",
-        description="Identity-aware L7 security sidecar: policy, datapath, proxy, flows.",
+        description="Identity-aware L7 security sidecar: policy, datapath, proxy, flows. "
+        "`garrison COMMAND --help` describes each command; docs/ holds the manual.",
     )
     parser.add_argument("--version", action="version", version=f"garrison {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -74,7 +76,55 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         _module("garrison.cli.ui_cmd").register(subs)
     if everything or command == "cni":
         _module("garrison.cli.cni_cmd").register(subs)
+    if everything or command == "completion":
+        _module("garrison.cli.completion").register(subs)
+    _finish(parser, "")
     return parser
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Prose is wrapped to the terminal; a block with indented lines (the examples) keeps its
+    lines. Each option's default follows its meaning unless the help names it already or there
+    is none worth saying (unset, off, empty)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        blocks = []
+        for block in text.split("\n\n"):
+            lines = block.splitlines()
+            if any(line.startswith(" ") for line in lines[1:]):
+                blocks.append("\n".join(indent + line for line in lines))
+            else:
+                blocks.append(super()._fill_text(block, width, indent))
+        return "\n\n".join(blocks)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "default" in text.lower()
+            or default is None
+            or default is False
+            or default == ""
+            or default is argparse.SUPPRESS
+            or default == []
+            or isinstance(action, argparse._VersionAction | argparse._HelpAction)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _finish(parser: argparse.ArgumentParser, path: str) -> None:
+    """Every parser of the tree: the help formatter, and the command's examples as epilog."""
+    from garrison.cli.examples import epilog
+
+    parser.formatter_class = HelpFormatter
+    if parser.epilog is None:
+        parser.epilog = epilog(path)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                _finish(child, f"{path} {name}".strip())
 
 
 def _module(name: str) -> Any:
