@@ -147,7 +147,6 @@ UNSUPPORTED_PEER_KINDS = frozenset(
     {"fromGroups", "fromNodes", "toFQDNs", "toServices", "toGroups", "toNodes"}
 )
 REQUIRES_FIELDS = frozenset({"fromRequires", "toRequires"})
-REQUIRES_IN_DENY = "not allowed in deny sections (it only narrows what allow rules grant)"
 TO_PORTS_UNSUPPORTED = ("terminatingTLS", "originatingTLS", "serverNames", "listener")
 L7_TYPES = ("http", "kafka", "grpc")
 L7_UNSUPPORTED = ("dns", "l7proto", "l7")
@@ -595,11 +594,10 @@ def _cilium_section(
         return None
     fail_closed = False
     for name in unsupported:
-        if name in f:
-            if name in REQUIRES_FIELDS:
-                if deny:
-                    f[name].key_error(REQUIRES_IN_DENY)
-            elif deny:
+        # fromRequires / toRequires are enforced (they narrow the endpoint peers of the
+        # allow, or deny, sections of the rules selecting the endpoint)
+        if name in f and name not in REQUIRES_FIELDS:
+            if deny:
                 f[name].key_error(DENY_NOT_ENFORCEABLE)
             else:
                 f[name].warn_key(FAIL_CLOSED)

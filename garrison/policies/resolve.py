@@ -100,18 +100,29 @@ class _Section:
 
     direction: Direction
     deny: bool
-    any_peer: bool  # no peer list, or the `all` entity: keyed by identity 0
-    peer_sets: list[set[int]]
+    any_peer: bool  # no peer list: keyed by identity 0
+    peer_sets: list[set[int]]  # endpoint selectors
     ports: list[tuple[int, int, int, Contribution]]
+    # Entity and CIDR peers (`all` = any_entity, keyed by identity 0). fromRequires /
+    # toRequires narrow only endpoint peers and "no peer list", as in Cilium, which folds
+    # the requirements into fromEndpoints selectors and leaves entities and CIDRs alone.
+    any_entity: bool = False
+    fixed_sets: list[set[int]] = field(default_factory=list)
 
-    def identities(self) -> set[int]:
-        out: set[int] = {ANY_IDENTITY} if self.any_peer else set()
+    def identities(self, only: int | None = None) -> tuple[set[int], set[int]]:
+        """(peers requirements narrow, peers they do not); with `only`, just that identity
+        where a peer selects it."""
+        if only is not None:
+            narrow = {only} if any(only in ids for ids in self.peer_sets) else set()
+            fixed = {only} if any(only in ids for ids in self.fixed_sets) else set()
+            return narrow, fixed
+        narrow = {ANY_IDENTITY} if self.any_peer else set()
         for ids in self.peer_sets:
-            out |= ids
-        return out
-
-    def has(self, identity: int) -> bool:
-        return any(identity in ids for ids in self.peer_sets)
+            narrow |= ids
+        fixed = {ANY_IDENTITY} if self.any_entity else set()
+        for ids in self.fixed_sets:
+            fixed |= ids
+        return narrow, fixed
 
 
 @dataclass(slots=True)
@@ -122,8 +133,9 @@ class _RuleEntry:
     subject: EndpointSelector
     peers: tuple[PeerKey, ...]
     sections: list[_Section] = field(default_factory=list)
-    # fromRequires / toRequires selectors of its sections, per direction (live sets)
-    requires: dict[Direction, list[set[int]]] = field(default_factory=dict)
+    # fromRequires / toRequires selectors of its sections, per direction and deny|allow
+    # (live sets)
+    requires: dict[tuple[Direction, bool], list[set[int]]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -153,8 +165,9 @@ class _EndpointPolicy:
     l7: dict[MapStateKey, L7RuleSet] = field(default_factory=dict)
     cached: MapState | None = None
     touched: set[MapStateKey] = field(default_factory=set)
-    # what every allowed peer must also match (the requires of the rules selecting it)
-    requires: dict[Direction, list[set[int]]] = field(default_factory=dict)
+    # what every allowed (denied) endpoint peer must also match: the requires of the allow
+    # (deny) sections of the rules selecting it, per direction
+    requires: dict[tuple[Direction, bool], list[set[int]]] = field(default_factory=dict)
 
     def add_many(self, keys: list[MapStateKey], contribution: Contribution) -> None:
         contribs = self.contribs
@@ -428,9 +441,11 @@ class PolicyResolver:
             for peer in peers:
                 self._peer_users[peer].add(rule_id)
             entry.sections = [self._compile(rule_id, *s) for s in rule_sections(rule)]
-            for direction, _, section in rule_sections(rule):
+            for direction, deny, section in rule_sections(rule):
                 for sel in section.requires:
-                    entry.requires.setdefault(direction, []).append(self.cache.select(sel))
+                    entry.requires.setdefault((direction, deny), []).append(
+                        self.cache.select(sel)
+                    )
             for ep_id in self.cache.select(entry.subject):
                 ep = self._endpoints.get(ep_id)
                 if ep is None:
@@ -534,8 +549,8 @@ class PolicyResolver:
             if identity in self.cache.select(subject):
                 ep.rules |= rule_ids
         for rule_id in ep.rules:
-            for direction, sets in self._rules[rule_id].requires.items():
-                ep.requires.setdefault(direction, []).extend(sets)
+            for kind, sets in self._rules[rule_id].requires.items():
+                ep.requires.setdefault(kind, []).extend(sets)
         if self.config.allow_localhost:
             ep.add_many([LOCALHOST_KEY], LOCALHOST)
         for rule_id in sorted(ep.rules):
@@ -545,32 +560,34 @@ class PolicyResolver:
     def _compile(
         self, rule_id: int, direction: Direction, deny: bool, section: PolicySection
     ) -> _Section:
-        any_peer = section.peers is None
+        any_entity = False
         peer_sets = []
+        fixed_sets = []
         for peer in section.peers or ():
             if isinstance(peer, EntityPeer) and peer.entity is Entity.ALL:
-                any_peer = True
-            else:
+                any_entity = True
+            elif isinstance(peer, EndpointPeer):
                 peer_sets.append(self.cache.select(peer_key(peer)))
+            else:
+                fixed_sets.append(self.cache.select(peer_key(peer)))
         ports = [
             (proto, port, end, Contribution(rule_id, section.ref, deny, l7))
             for proto, port, end, l7 in section_ports(section)
         ]
-        return _Section(direction, deny, any_peer, peer_sets, ports)
+        return _Section(
+            direction, deny, section.peers is None, peer_sets, ports, any_entity, fixed_sets
+        )
 
     def _contribute(
         self, ep: _EndpointPolicy, entry: _RuleEntry, only_identity: int | None = None
     ) -> None:
         for section in entry.sections:
-            if only_identity is not None:
-                if not section.has(only_identity):
-                    continue
-                idents: set[int] = {only_identity}
-            else:
-                idents = section.identities()
-            required = ep.requires.get(section.direction)
-            if required and not section.deny:
+            idents, fixed = section.identities(only_identity)
+            required = ep.requires.get((section.direction, section.deny))
+            if required and idents:
                 idents = _narrow(idents, required)
+            if fixed:
+                idents |= fixed
             if not idents:
                 continue
             direction = section.direction
@@ -600,7 +617,7 @@ class PolicyResolver:
 
 
 def _narrow(idents: set[int], required: list[set[int]]) -> set[int]:
-    """The peers of an allow section that also match every requires selector; "any peer"
+    """The endpoint peers of a section that also match every requires selector; "any peer"
     becomes exactly the identities that match them all."""
     if ANY_IDENTITY in idents:
         out = set(required[0])

@@ -726,3 +726,54 @@ def test_empty_ingress_list_does_not_apply_at_ingress() -> None:
     res = w.ingress("xwing", "deathstar", 80)
     assert res.allowed and not res.enforced
     assert w.allowed("deathstar", "xwing", 443)
+
+
+def test_from_requires_narrows_endpoint_peers_only_not_entities_or_cidrs() -> None:
+    """As Cilium, which folds the requirements into fromEndpoints selectors (and into a rule
+    without peers) and leaves entity and CIDR peers alone."""
+    w = world(
+        REQUIRES
+        + """
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: probes}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEntities: [host, world]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {role: client}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+""",
+        {**REQ_EPS, "world": "reserved:world"},
+        ResolverConfig(allow_localhost=False),
+    )
+    assert w.allowed("world", "web-prod", 8080)
+    assert w.allowed("client-prod", "web-prod", 8080)
+    assert not w.allowed("client-dev", "web-prod", 8080)
+    state = w.resolver.map_state(w.ids["web-prod"])
+    assert lookup(state, Direction.INGRESS, 1, PROTO_TCP, 8080).allowed  # host entity
+
+
+def test_from_requires_in_a_deny_section_narrows_the_deny() -> None:
+    """Cilium accepts fromRequires in ingressDeny and folds it into the deny rules'
+    fromEndpoints: here only dev clients are denied."""
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: web}
+        spec:
+          endpointSelector: {matchLabels: {app: web}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {role: client}}]
+          ingressDeny:
+          - fromEndpoints: [{matchLabels: {role: client}}]
+            fromRequires: [{matchLabels: {env: dev}}]
+        """,
+        REQ_EPS,
+    )
+    assert w.allowed("client-prod", "web-prod", 80)
+    res = w.ingress("client-dev", "web-prod", 80)
+    assert not res.allowed and res.drop_reason is DropReason.POLICY_DENY
