@@ -272,6 +272,8 @@ class ServiceMapBuilder:
         kind = get("Type")
         if kind is None:
             kind = "L7" if "l7" in flow else "L3_L4"
+        # a record with Hubble's `aggregate` stands for that many identical flows
+        n = 1 if get("aggregate") is None else _aggregated(get("aggregate"))
         verdict = get("verdict")
         slot = _SLOT.get(verdict, _OTHER) if type(verdict) is str else _OTHER
         event = 0
@@ -287,9 +289,9 @@ class ServiceMapBuilder:
                 if reply:
                     code = _answer(key[0], l7)
                     if code is not None:
-                        entry[1][code] = entry[1].get(code, 0) + 1
+                        entry[1][code] = entry[1].get(code, 0) + n
                 else:
-                    entry[0][slot] += 1
+                    entry[0][slot] += n
             if reply:
                 return
         elif kind == "L3_L4":
@@ -314,18 +316,18 @@ class ServiceMapBuilder:
             counts = edge.ports.get(port)
             if counts is None:
                 counts = edge.ports[port] = [0] * 6
-            counts[slot] += 1
+            counts[slot] += n
         else:
             return
-        edge.counts[slot] += 1
+        edge.counts[slot] += n
         if t is not None and (edge.last is None or t > edge.last):
             edge.last = t
         refs = get("ingress_allowed_by")
         if refs:
-            _count_rules(edge.rules, refs, _R_ALLOWED, t)
+            _count_rules(edge.rules, refs, _R_ALLOWED, t, n)
         refs = get("egress_allowed_by")
         if refs:
-            _count_rules(edge.rules, refs, _R_ALLOWED, t)
+            _count_rules(edge.rules, refs, _R_ALLOWED, t, n)
         denied, egress_denied = get("ingress_denied_by"), get("egress_denied_by")
         if denied or egress_denied:
             if slot == _AUDIT:
@@ -337,9 +339,9 @@ class ServiceMapBuilder:
             else:
                 what = _R_DENIED
             if denied:
-                _count_rules(edge.rules, denied, what, t)
+                _count_rules(edge.rules, denied, what, t, n)
             if egress_denied:
-                _count_rules(edge.rules, egress_denied, what, t)
+                _count_rules(edge.rules, egress_denied, what, t, n)
 
     def _ns(self, text: str) -> int | None:
         """Nanoseconds of a time `_time` gave, each second parsed once."""
@@ -577,8 +579,17 @@ class ServiceMapBuilder:
         }
 
 
+def _aggregated(value: Any) -> int:
+    """How many flows a record with Hubble's `aggregate` counters stands for (at least 1)."""
+    if not _is_obj(value):
+        return 1
+    total = sum(_int(value.get(k)) for k in
+                ("ingress_flow_count", "egress_flow_count", "unknown_direction_flow_count"))
+    return max(total, 1)
+
+
 def _count_rules(rules: dict[_RuleTuple, list[Any]], refs: Any, what: int,
-                 t: str | None) -> None:
+                 t: str | None, n: int = 1) -> None:
     if type(refs) is not list:
         return
     for ref in refs:
@@ -594,7 +605,7 @@ def _count_rules(rules: dict[_RuleTuple, list[Any]], refs: Any, what: int,
             stats = rules.get(key)
         if stats is None:
             stats = rules[key] = [0, 0, 0, 0, 0, t, t]
-        stats[what] += 1
+        stats[what] += n
         if t is not None:
             if stats[_R_FIRST] is None or t < stats[_R_FIRST]:
                 stats[_R_FIRST] = t

@@ -213,3 +213,23 @@ def test_labels_and_paths_are_data_not_markup() -> None:
     node = next(n for n in result["nodes"] if n["identity"] == 4242)
     assert node["labels"] == ["app=<script>alert(1)</script>"]
     assert result["edges"][0]["l7"][0]["what"] == "PUT /<img src=x onerror=alert(1)>"
+
+
+def test_an_aggregated_record_counts_every_flow_it_stands_for() -> None:
+    """A proxy may record repeated identical denials once, with Hubble's `aggregate`
+    counters (the Kafka proxy does): the map counts each flow, on the edge, its L7 entry,
+    its answer and the rule that denied it."""
+    flows = demo_flows()
+    request, response = (
+        f for f in flows if f.get("l7", {}).get("http", {}).get("method") == "PUT"
+    )
+    before = edge(built(flows), "tiefighter", "deathstar")
+    repeated = [copy.deepcopy(request), copy.deepcopy(response)]
+    for record in repeated:
+        record["aggregate"] = {"ingress_flow_count": 41}
+    after = edge(built([*flows, *repeated]), "tiefighter", "deathstar")
+    assert after["counts"]["dropped"] == before["counts"]["dropped"] + 41
+    put = next(x for x in after["l7"] if x["what"] == "PUT /v1/exhaust-port")
+    assert put["dropped"] == 42
+    assert [(a["code"], a["count"]) for a in put["answers"]] == [("403", 42)]
+    assert after["rules"][0]["denied"] == before["rules"][0]["denied"] + 41
