@@ -67,9 +67,10 @@ upstream connection's first bytes (its preface) are produced with the first allo
 or the first bytes the upstream sends (a shell that connects eagerly gets them then), so a
 client whose calls are all denied needs no upstream connection.
 
-Server hooks beyond `ConnectionEngine`: `waiting` (what the timers should watch),
-`timeout()`, `upstream_unavailable()` and `update_ruleset()` (policy reload: new requests are
-matched against the new rules, calls already decided keep their verdict).
+It is an `EngineCore` (`garrison.proxy.engine`, driven by `EventEngine`): `waiting` (what the
+timers should watch), `timeout()`, `upstream_unavailable()`, `update_ruleset()` (policy
+reload: new requests are matched against the new rules, calls already decided keep their
+verdict), `stop()`; its upstream connection is its own (never pooled).
 
 `now` is seconds since the epoch (`time.time()`): record times and latencies come from it, and
 the HTTP/2 rate limits only need it to advance.
@@ -410,6 +411,20 @@ class H2Engine:
         self._flush(Forward, upstream=False)
         self._out.append(Close(Side.BOTH, f"upstream unavailable: {reason}", error=True))
         return self._out
+
+    # `EngineCore`: the upstream connection is this client's own, opened at once.
+    pooled_upstream = False
+    upstream_protocol = "h2"
+    upstream_reusable = False
+    pipeline_full = False
+
+    def compact(self) -> None:
+        pass
+
+    def stop(self, reason: str, now: float) -> Sequence[Command]:
+        """The connection ends now: nothing is owed (every record is written as it comes)."""
+        self._closed = True
+        return ()
 
     def update_ruleset(self, ruleset: L7RuleSet) -> None:
         """A reloaded policy: requests from now on are matched against `ruleset`; calls
