@@ -43,6 +43,7 @@ from garrison.policies.labels import (
     NAMESPACE_LABELS_PREFIX,
     SOURCE_ANY,
     SOURCE_K8S,
+    SOURCE_RESERVED,
     split_source,
 )
 from garrison.policies.model import (
@@ -519,7 +520,11 @@ def _cilium_rule(
         at.missing("endpointSelector")
     else:
         selector = _cilium_selector(f["endpointSelector"], own_namespace=ctx.namespace)
-    if selector is not None and ctx.namespace is not None:
+    if selector is not None and ctx.namespace is not None and not any(
+        r.key == "init" and r.source == SOURCE_RESERVED for r in selector.requirements
+    ):
+        # Cilium adds no namespace to a selector of initializing endpoints (reserved:init):
+        # they have no labels yet, the namespace label included
         selector = selector.with_requirement(
             Requirement(NAMESPACE_KEY, Operator.IN, (ctx.namespace,), SOURCE_K8S)
         )

@@ -10,7 +10,7 @@ from garrison.policies.loader import load_text
 from garrison.policies.mapstate import PROTO_TCP, DropReason, LookupResult, MatchType, lookup
 from garrison.policies.match_http import HTTPMatcher
 from garrison.policies.model import Direction, EnforcementMode
-from garrison.policies.resolve import ResolverConfig
+from garrison.policies.resolve import ResolverConfig, build_resolver
 
 from .helpers import policies, world
 
@@ -777,3 +777,34 @@ def test_from_requires_in_a_deny_section_narrows_the_deny() -> None:
     assert w.allowed("client-prod", "web-prod", 80)
     res = w.ingress("client-dev", "web-prod", 80)
     assert not res.allowed and res.drop_reason is DropReason.POLICY_DENY
+
+
+INIT_POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: init, namespace: shop}
+specs:
+  - endpointSelector:
+      matchLabels:
+        "reserved:init": ""
+    ingress:
+    - fromEntities: [host]
+    egress:
+    - toEntities: [host]
+"""
+
+
+def test_namespaced_policy_selects_initializing_endpoints() -> None:
+    """Cilium's documented policy for endpoints whose labels are not known yet: their
+    selector gets no namespace (they have no namespace label), so it selects them."""
+    from garrison.identity.model import RESERVED
+
+    init = RESERVED["init"]
+    resolver = build_resolver(policies(INIT_POLICY), [], ResolverConfig(allow_localhost=False))
+    resolver.add_identity(init.id, init.labels)
+    state = resolver.map_state(init.id)
+    assert [p.name for p, _ in resolver.rules_selecting(init.id)] == ["init"]
+    assert lookup(state, Direction.INGRESS, 1, PROTO_TCP, 8080).allowed
+    assert lookup(state, Direction.EGRESS, 1, PROTO_TCP, 53).allowed
+    assert not lookup(state, Direction.INGRESS, 2, PROTO_TCP, 8080).allowed
+    assert not lookup(state, Direction.EGRESS, 2, PROTO_TCP, 443).allowed
