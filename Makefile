@@ -3,12 +3,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo demo-containers test test-unit lint bench clean install uninstall
+.PHONY: setup setup-runtime demo demo-containers test test-unit lint bench clean install uninstall
 
 setup:
 	./scripts/setup.sh
 
-demo: setup
+# What garrison and its demo need, without the test and lint tools (setup installs those too).
+setup-runtime:
+	GARRISON_SETUP=runtime ./scripts/setup.sh
+
+demo: setup-runtime
 	./scripts/demo.sh
 
 # The garrison command on the PATH (a link in /usr/local/bin) and the agent's systemd unit;

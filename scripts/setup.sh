@@ -1,29 +1,47 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian machine of this kind: Debian packages, the kernel
 # header links bcc needs, and the project's virtualenv in .venv (seeing Debian's bcc).
+# One line per phase: `setup: [2/5] kernel headers for bcc ... ok`; the tools' own output goes
+# to logs under .venv, shown when a phase fails.
+#   GARRISON_SETUP=runtime (make setup-runtime, make demo): what garrison and its demo need —
+#   no test and lint tools, no container runtime set-up, no mypyc build (garrison then runs
+#   from source). The default, full, is everything `make test` needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${GARRISON_SETUP:-full}
+case $MODE in full|runtime) ;; *) echo "setup: GARRISON_SETUP=$MODE: use full or runtime" >&2; exit 2;; esac
 
+RUNTIME_APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 curl)
 APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 curl nftables iperf3 wrk nginx haproxy nghttp2-client jq
               chromium
               podman containernetworking-plugins etcd-server etcd-client
               libnghttp2-dev wget)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-STAMP=$VENV/.garrison-installed
+STAMP=$VENV/.garrison-installed          # the full install (test extras)
+RUNTIME_STAMP=$VENV/.garrison-installed-runtime
 
 log() { printf 'setup: %s\n' "$*" >&2; }
+PHASES=5
+phase_no=0
+phase() { phase_no=$((phase_no + 1)); printf 'setup: [%d/%d] %s ... ' "$phase_no" "$PHASES" "$1" >&2; }
+result() { printf '%s\n' "${1:-ok}" >&2; }   # ends the phase's line
+fail() { printf 'failed\n' >&2; log "$*"; exit 1; }
 
+if [[ $MODE == runtime ]]; then
+    APT_PACKAGES=("${RUNTIME_APT_PACKAGES[@]}")
+fi
+
+phase "Debian packages (${#APT_PACKAGES[@]})"
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
-        log "missing Debian packages: ${missing[*]}; run 'make setup' as root or: apt-get install ${missing[*]}"
-        exit 1
+        fail "missing Debian packages: ${missing[*]}; run 'make setup' as root or: apt-get install ${missing[*]}"
     fi
-    log "installing Debian packages: ${missing[*]}"
+    printf 'installing %s ... ' "${missing[*]}" >&2
     # Keep Debian from starting the daemons it installs (nginx, haproxy): the benchmarks run
     # their own instances on loopback ports, and nothing should listen on the host's port 80.
     rcd=/usr/sbin/policy-rc.d
@@ -32,22 +50,34 @@ if ((${#missing[@]})); then
         printf '#!/bin/sh\nexit 101\n' > "$rcd" && chmod +x "$rcd" && made_rcd=1
     fi
     status=0
-    apt-get update -qq || status=$?
+    mkdir -p "$VENV"
+    apt-get update -qq >"$VENV/apt.log" 2>&1 || status=$?
     if ((status == 0)); then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || status=$?
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >>"$VENV/apt.log" 2>&1 || status=$?
     fi
     ((made_rcd)) && rm -f "$rcd"
     if ((status != 0)); then
-        log "apt-get failed (exit $status) installing: ${missing[*]}"
+        printf 'failed\n' >&2
+        tail -n 20 "$VENV/apt.log" >&2
+        log "apt-get failed (exit $status) installing: ${missing[*]}; the whole output is in $VENV/apt.log"
         exit "$status"
     fi
+    result "installed"
+else
+    result "ok (all installed)"
 fi
 
 # Containers for the CNI tests and demo (podman 4.3 from Debian): the CNI network backend, no
 # default open-files limit (crun may not raise it here), and in a hybrid cgroup layout whose
 # cgroup2 mount still offers hugetlb, that controller mounted as v1 (else crun refuses hybrid
 # mode). Only the keys named are written; everything else in containers.conf is kept.
-if [[ $(id -u) -eq 0 ]] && command -v podman >/dev/null; then
+phase "container runtime (podman, for the CNI tests and make demo-containers)"
+notes=()
+if [[ $MODE == runtime ]]; then
+    notes+=("skipped (make setup does it)")
+elif [[ $(id -u) -ne 0 ]] || ! command -v podman >/dev/null; then
+    notes+=("skipped (needs root and podman)")
+else
     conf=/etc/containers/containers.conf
     changed=$(python3 - "$conf" <<'PY'
 import re, sys
@@ -78,31 +108,43 @@ if done:
 print("; ".join(done))
 PY
 )
-    [[ -z $changed ]] || log "set in $conf under [containers]: $changed"
+    [[ -z $changed ]] || notes+=("set in $conf under [containers]: $changed")
     if [[ -r /sys/fs/cgroup/unified/cgroup.controllers ]] \
         && grep -qw hugetlb /sys/fs/cgroup/unified/cgroup.controllers \
         && ! mountpoint -q /sys/fs/cgroup/hugetlb; then
         mkdir -p /sys/fs/cgroup/hugetlb
         mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb
-        log "mounted the v1 hugetlb cgroup controller on /sys/fs/cgroup/hugetlb (crun refuses hybrid mode without it)"
+        notes+=("mounted the v1 hugetlb cgroup controller on /sys/fs/cgroup/hugetlb (crun refuses hybrid mode without it)")
     fi
 fi
+if ((${#notes[@]})); then result "$(IFS=';'; echo "${notes[*]}")"; else result "ok"; fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build; this kernel ships no headers, so point
 # the links at Debian's headers — only when they are missing, never over a real tree.
+phase "kernel headers for bcc"
+notes=()
 kver=$(uname -r)
 moddir=/lib/modules/$kver
 hdr_amd64=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1 || true)
 hdr_common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1 || true)
 if [[ -n $hdr_amd64 && -n $hdr_common && $(id -u) -eq 0 ]]; then
     mkdir -p "$moddir"
-    [[ -e $moddir/build ]] || { ln -s "$hdr_amd64" "$moddir/build"; log "linked $moddir/build -> $hdr_amd64"; }
-    [[ -e $moddir/source ]] || { ln -s "$hdr_common" "$moddir/source"; log "linked $moddir/source -> $hdr_common"; }
+    [[ -e $moddir/build ]] || { ln -s "$hdr_amd64" "$moddir/build"; notes+=("linked $moddir/build -> $hdr_amd64"); }
+    [[ -e $moddir/source ]] || { ln -s "$hdr_common" "$moddir/source"; notes+=("linked $moddir/source -> $hdr_common"); }
+fi
+if ((${#notes[@]})); then
+    result "$(IFS=';'; echo "${notes[*]}")"
+elif [[ -e $moddir/build ]]; then
+    result "ok"
+else
+    result "missing: $moddir/build (install linux-headers-amd64 as root)"
 fi
 
+phase "Python packages in $VENV"
+made_venv=0
 if [[ ! -x $VENV/bin/python ]]; then
-    log "creating virtualenv $VENV with $PYTHON"
-    "$PYTHON" -m venv "$VENV"
+    "$PYTHON" -m venv "$VENV" || fail "could not create $VENV with $PYTHON"
+    made_venv=1
 fi
 
 # Debian's bcc module is pure Python over libbcc.so; the PyPI package named 'bcc' is unrelated.
@@ -111,20 +153,42 @@ if [[ -d /usr/lib/python3/dist-packages/bcc ]]; then
     # Expose only the bcc package (not all of Debian's dist-packages) through a one-entry dir.
     mkdir -p "$VENV/debian-bcc"
     ln -sfn /usr/lib/python3/dist-packages/bcc "$VENV/debian-bcc/bcc"
-    echo "$(cd "$VENV/debian-bcc" && pwd)" > "$site/garrison-debian-bcc.pth"
+    echo "$(cd "$VENV/debian-bcc" && pwd -P)" > "$site/garrison-debian-bcc.pth"
 fi
 
-if [[ ! -f $STAMP || pyproject.toml -nt $STAMP ]]; then
-    log "installing garrison and its test dependencies into $VENV (output: $VENV/pip-install.log)"
+if [[ $MODE == full ]]; then
+    want_stamp=$STAMP; extras='.[test]'; what="garrison and its test tools"
+else
+    want_stamp=$RUNTIME_STAMP; extras='.[demo]'; what="garrison and what its demo runs"
+fi
+# a full install serves the runtime too
+if [[ -f $STAMP && ! pyproject.toml -nt $STAMP ]] \
+    || [[ $MODE == runtime && -f $RUNTIME_STAMP && ! pyproject.toml -nt $RUNTIME_STAMP ]]; then
+    result "ok (up to date)"
+else
+    printf 'installing %s (log: %s) ... ' "$what" "$VENV/pip-install.log" >&2
     # pip and the build backend's banners go to the log; shown only when the install fails
     if ! { "$VENV/bin/pip" install -q --upgrade pip &&
-           "$VENV/bin/pip" install -q -e '.[test]'; } >"$VENV/pip-install.log" 2>&1; then
+           "$VENV/bin/pip" install -q -e "$extras"; } >"$VENV/pip-install.log" 2>&1; then
+        printf 'failed\n' >&2
         tail -n 40 "$VENV/pip-install.log" >&2
         log "pip install failed; the whole output is in $VENV/pip-install.log"
         exit 1
     fi
-    touch "$STAMP"
+    touch "$want_stamp"
+    result "installed$( ((made_venv)) && echo " (new virtualenv)")"
 fi
+
 # The proxy's per-request path runs compiled (mypyc); recompiled only when a source changed.
-"$VENV/bin/python" scripts/compile.py
-log "ready; the garrison command is $VENV/bin/garrison: export PATH=\"$PWD/$VENV/bin:\$PATH\""
+phase "compiled proxy path (mypyc)"
+if [[ $MODE == runtime ]]; then
+    result "skipped (make setup compiles it; garrison runs from source meanwhile)"
+elif "$VENV/bin/python" scripts/compile.py >"$VENV/compile.log" 2>&1; then
+    result "$(tail -n 1 "$VENV/compile.log" | sed 's/^compile: //')"
+else
+    printf 'failed\n' >&2
+    tail -n 40 "$VENV/compile.log" >&2
+    log "mypyc failed; the whole output is in $VENV/compile.log"
+    exit 1
+fi
+log "ready; the garrison command is $VENV/bin/garrison: export PATH=\"$PWD/$VENV/bin:\$PATH\" (or: sudo make install)"
