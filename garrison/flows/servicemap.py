@@ -76,6 +76,7 @@ from garrison.flows.summary import (
     DEFAULT_SUMMARY,
     RetriedSyns,
     RuleKey,
+    aggregated_flows,
     path_pattern,
     short_labels,
 )
@@ -273,7 +274,7 @@ class ServiceMapBuilder:
         if kind is None:
             kind = "L7" if "l7" in flow else "L3_L4"
         # a record with Hubble's `aggregate` stands for that many identical flows
-        n = 1 if get("aggregate") is None else _aggregated(get("aggregate"))
+        n = 1 if get("aggregate") is None else aggregated_flows(get("aggregate"))
         verdict = get("verdict")
         slot = _SLOT.get(verdict, _OTHER) if type(verdict) is str else _OTHER
         event = 0
@@ -577,15 +578,6 @@ class ServiceMapBuilder:
             "never_matched": never,
             "audited": audited,
         }
-
-
-def _aggregated(value: Any) -> int:
-    """How many flows a record with Hubble's `aggregate` counters stands for (at least 1)."""
-    if not _is_obj(value):
-        return 1
-    total = sum(_int(value.get(k)) for k in
-                ("ingress_flow_count", "egress_flow_count", "unknown_direction_flow_count"))
-    return max(total, 1)
 
 
 def _count_rules(rules: dict[_RuleTuple, list[Any]], refs: Any, what: int,

@@ -526,6 +526,15 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def aggregated_flows(value: Any) -> int:
+    """How many flows a record with Hubble's `aggregate` counters stands for (at least 1)."""
+    if type(value) is not dict and not isinstance(value, Mapping):
+        return 1
+    total = sum(_int(value.get(k)) for k in
+                ("ingress_flow_count", "egress_flow_count", "unknown_direction_flow_count"))
+    return max(total, 1)
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
@@ -690,23 +699,25 @@ class SummaryBuilder:
         else:
             return
 
-        self._decisions[slot] += 1
+        # a record with Hubble's `aggregate` counters stands for that many identical flows
+        n = 1 if get("aggregate") is None else aggregated_flows(get("aggregate"))
+        self._decisions[slot] += n
         if second is not None:
             start = second - second % self._granularity
             bucket = self._buckets.get(start)
             if bucket is not None:
-                bucket[slot] += 1
+                bucket[slot] += n
             else:
-                self._new_bucket(start, slot)
+                self._new_bucket(start, slot, n)
         if slot in _DENIED_SLOTS:
-            self._count_denied(flow, kind, ns, slot == _VERDICT_DENIED)
+            self._count_denied(flow, kind, ns, slot == _VERDICT_DENIED, n=n)
         elif slot == _ERROR and get("drop_reason_desc") == "PARSE_ERROR":
-            self._count_denied(flow, kind, ns, False, "ERROR")
+            self._count_denied(flow, kind, ns, False, "ERROR", n=n)
         allowed, egress_allowed = get("ingress_allowed_by"), get("egress_allowed_by")
         if allowed:
-            self._count_rules(allowed, _ALLOWED, ns)
+            self._count_rules(allowed, _ALLOWED, ns, n)
         if egress_allowed:
-            self._count_rules(egress_allowed, _ALLOWED, ns)
+            self._count_rules(egress_allowed, _ALLOWED, ns, n)
         denied, egress_denied = get("ingress_denied_by"), get("egress_denied_by")
         if denied or egress_denied:
             if slot == _AUDIT:
@@ -718,9 +729,9 @@ class SummaryBuilder:
             else:
                 what = _DENIED
             if denied:
-                self._count_rules(denied, what, ns)
+                self._count_rules(denied, what, ns, n)
             if egress_denied:
-                self._count_rules(egress_denied, what, ns)
+                self._count_rules(egress_denied, what, ns, n)
 
     def _time_ns(self, text: str) -> int | None:
         """Nanoseconds of an RFC 3339 time, None if it is none. garrison writes
@@ -747,9 +758,9 @@ class SummaryBuilder:
         except ValueError:  # FlowDecodeError, or a date such as month 13
             return None
 
-    def _new_bucket(self, start: int, slot: int) -> None:
+    def _new_bucket(self, start: int, slot: int, n: int = 1) -> None:
         bucket = self._buckets[start] = [0] * 6
-        bucket[slot] += 1
+        bucket[slot] += n
         if len(self._buckets) > MAX_KEPT_BUCKETS:
             self._coarsen()
 
@@ -766,7 +777,7 @@ class SummaryBuilder:
             self._granularity, self._buckets = g, merged
 
     def _count_denied(self, flow: Mapping[str, Any], kind: str, ns: int | None,
-                      by_verdict: bool, verdict: str = "DROPPED") -> None:
+                      by_verdict: bool, verdict: str = "DROPPED", n: int = 1) -> None:
         src, dst = flow.get("source"), flow.get("destination")
         source, destination = self._peer(src), self._peer(dst)
         groups = self._verdict_denied if by_verdict else self._denied
@@ -777,7 +788,7 @@ class SummaryBuilder:
             group = groups.get(key)
             if group is None:
                 group = groups[key] = [0, ns, ns, set(), set(), verdict]
-            group[0] += 1
+            group[0] += n
             if ns is not None:
                 if group[1] is None or ns < group[1]:
                     group[1] = ns
@@ -842,7 +853,7 @@ class SummaryBuilder:
             return [("kafka", f"{api} topic {name}") for name in names]
         return [("l7", "")]
 
-    def _count_rules(self, refs: Any, what: int, ns: int | None) -> None:
+    def _count_rules(self, refs: Any, what: int, ns: int | None, n: int = 1) -> None:
         if type(refs) is not list:
             return
         rules = self._rules
@@ -859,7 +870,7 @@ class SummaryBuilder:
                 stats = rules.get(key)
             if stats is None:
                 stats = rules[key] = [0, 0, 0, 0, 0, ns, ns]
-            stats[what] += 1
+            stats[what] += n
             if ns is not None:
                 if stats[_FIRST] is None or ns < stats[_FIRST]:
                     stats[_FIRST] = ns

@@ -4,9 +4,12 @@ runs of empty rows."""
 
 from __future__ import annotations
 
+import copy
 import io
+from pathlib import Path
 from typing import Any
 
+import orjson
 from rich.console import Console
 
 from garrison.cli.accesslog_view import render_summary
@@ -197,3 +200,25 @@ def test_retried_syns_on_its_own_for_other_counters() -> None:
     assert [retries.is_retry(syn_drop(0), 1, ns) for ns in at] == [
         False, True, True, False, False]  # 70 s is 67 s after the last copy: a new attempt
     assert not retries.is_retry(syn_drop(0), 5, at[1])  # another record kind: its own first
+
+
+def test_an_aggregated_record_counts_every_flow_it_stands_for() -> None:
+    """Repeated identical denials recorded once with Hubble's `aggregate` counters (the Kafka
+    proxy does this) count as that many decisions, denials and rule hits."""
+    log = Path(__file__).resolve().parents[2] / "data" / "flows" / "starwars-demo.log"
+    flows = [orjson.loads(line) for line in log.read_bytes().splitlines() if line.strip()]
+    put = next(f for f in flows if f.get("l7", {}).get("http", {}).get("method") == "PUT")
+
+    def summed(records: list[dict[str, object]]) -> dict[str, object]:
+        builder = SummaryBuilder()
+        for record in records:
+            builder.add(record)
+        return builder.result().to_dict()
+
+    repeated = copy.deepcopy(put)
+    repeated["aggregate"] = {"ingress_flow_count": 41}
+    before, after = summed(flows), summed([*flows, repeated])
+    decisions = after["verdicts"]["decisions"]  # type: ignore[index]
+    assert decisions["dropped"] == before["verdicts"]["decisions"]["dropped"] + 41  # type: ignore[index]
+    top = {(g["what"], g["count"]) for g in after["top_denied"]["groups"]}  # type: ignore[index]
+    assert ("PUT /v1/exhaust-port", 42) in top
