@@ -22,7 +22,7 @@ STAMP=$VENV/.garrison-installed          # the full install (test extras)
 RUNTIME_STAMP=$VENV/.garrison-installed-runtime
 
 log() { printf 'setup: %s\n' "$*" >&2; }
-PHASES=5
+PHASES=6
 phase_no=0
 phase() { phase_no=$((phase_no + 1)); printf 'setup: [%d/%d] %s ... ' "$phase_no" "$PHASES" "$1" >&2; }
 result() { printf '%s\n' "${1:-ok}" >&2; }   # ends the phase's line
@@ -189,6 +189,17 @@ else
     printf 'failed\n' >&2
     tail -n 40 "$VENV/compile.log" >&2
     log "mypyc failed; the whole output is in $VENV/compile.log"
+    exit 1
+fi
+# The HTTP/2 codec of the proxy (both modes: the proxy needs it): nghttp2 through a cffi
+# extension, rebuilt only when its declarations changed.
+phase "HTTP/2 codec (nghttp2 binding)"
+if "$VENV/bin/python" -m garrison.parsers.nghttp2_build >"$VENV/nghttp2-build.log" 2>&1; then
+    result "$(tail -n 1 "$VENV/nghttp2-build.log" | sed 's/^nghttp2 binding: //')"
+else
+    printf 'failed\n' >&2
+    tail -n 40 "$VENV/nghttp2-build.log" >&2
+    log "the nghttp2 binding did not build; the whole output is in $VENV/nghttp2-build.log"
     exit 1
 fi
 log "ready; the garrison command is $VENV/bin/garrison: export PATH=\"$PWD/$VENV/bin:\$PATH\" (or: sudo make install)"

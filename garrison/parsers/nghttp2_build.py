@@ -1,0 +1,219 @@
+"""Build the cffi binding of nghttp2 that `garrison.parsers.nghttp2` uses; `make setup` runs it.
+
+    .venv/bin/python -m garrison.parsers.nghttp2_build           # build if missing or stale
+    .venv/bin/python -m garrison.parsers.nghttp2_build --force   # build again
+
+An API-mode cffi extension (`garrison/parsers/_nghttp2*.so`, git-ignored) compiled against
+Debian's `libnghttp2-dev`: the C declarations below, and the callbacks nghttp2 calls as
+`extern "Python"` functions. The extension carries a digest of this file's declarations
+(`garrison_build_digest()`); `garrison.parsers.nghttp2` refuses to load one that does not
+match, with the command that fixes it. Nothing here runs at import time of garrison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.machinery
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+MODULE = "garrison.parsers._nghttp2"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+CDEF = """
+typedef struct nghttp2_session nghttp2_session;
+typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
+typedef struct nghttp2_option nghttp2_option;
+typedef struct nghttp2_stream nghttp2_stream;
+typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags; ...; }
+    nghttp2_frame_hd;
+typedef int... nghttp2_headers_category;
+typedef struct { nghttp2_frame_hd hd; nghttp2_headers_category cat; ...; } nghttp2_headers;
+typedef struct { nghttp2_frame_hd hd; uint32_t error_code; } nghttp2_rst_stream;
+typedef struct { nghttp2_frame_hd hd; int32_t last_stream_id; uint32_t error_code;
+                 uint8_t *opaque_data; size_t opaque_data_len; ...; } nghttp2_goaway;
+typedef union { nghttp2_frame_hd hd; nghttp2_headers headers; nghttp2_rst_stream rst_stream;
+                nghttp2_goaway goaway; ...; } nghttp2_frame;
+typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen;
+                 uint8_t flags; } nghttp2_nv;
+typedef union { int fd; void *ptr; } nghttp2_data_source;
+typedef ssize_t (*nghttp2_data_source_read_callback)(nghttp2_session *, int32_t, uint8_t *,
+    size_t, uint32_t *, nghttp2_data_source *, void *);
+typedef struct { nghttp2_data_source source; nghttp2_data_source_read_callback read_callback; }
+    nghttp2_data_provider;
+typedef struct { int32_t settings_id; uint32_t value; } nghttp2_settings_entry;
+
+#define NGHTTP2_DATA_FLAG_EOF ...
+#define NGHTTP2_DATA_FLAG_NO_END_STREAM ...
+#define NGHTTP2_FLAG_NONE ...
+#define NGHTTP2_FLAG_END_STREAM ...
+#define NGHTTP2_FLAG_ACK ...
+#define NGHTTP2_NV_FLAG_NO_INDEX ...
+#define NGHTTP2_DATA ...
+#define NGHTTP2_HEADERS ...
+#define NGHTTP2_RST_STREAM ...
+#define NGHTTP2_SETTINGS ...
+#define NGHTTP2_GOAWAY ...
+#define NGHTTP2_HCAT_REQUEST ...
+#define NGHTTP2_HCAT_RESPONSE ...
+#define NGHTTP2_HCAT_HEADERS ...
+#define NGHTTP2_ERR_DEFERRED ...
+#define NGHTTP2_ERR_CALLBACK_FAILURE ...
+#define NGHTTP2_ERR_BAD_CLIENT_MAGIC ...
+#define NGHTTP2_ERR_FLOODED ...
+#define NGHTTP2_SETTINGS_HEADER_TABLE_SIZE ...
+#define NGHTTP2_SETTINGS_ENABLE_PUSH ...
+#define NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS ...
+#define NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE ...
+#define NGHTTP2_SETTINGS_MAX_FRAME_SIZE ...
+#define NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE ...
+#define NGHTTP2_STREAM_STATE_OPEN ...
+#define NGHTTP2_STREAM_STATE_HALF_CLOSED_REMOTE ...
+
+int nghttp2_session_callbacks_new(nghttp2_session_callbacks **);
+void nghttp2_session_callbacks_del(nghttp2_session_callbacks *);
+void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_callbacks *,
+    int (*)(nghttp2_session *, const nghttp2_frame *, void *));
+void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *,
+    int (*)(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,
+            const uint8_t *, size_t, uint8_t, void *));
+void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *,
+    int (*)(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *));
+void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *,
+    int (*)(nghttp2_session *, const nghttp2_frame *, void *));
+void nghttp2_session_callbacks_set_on_frame_send_callback(nghttp2_session_callbacks *,
+    int (*)(nghttp2_session *, const nghttp2_frame *, void *));
+void nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(nghttp2_session_callbacks *,
+    int (*)(nghttp2_session *, const nghttp2_frame *, int, void *));
+void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *,
+    int (*)(nghttp2_session *, int32_t, uint32_t, void *));
+
+int nghttp2_option_new(nghttp2_option **);
+void nghttp2_option_del(nghttp2_option *);
+void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int);
+void nghttp2_option_set_peer_max_concurrent_streams(nghttp2_option *, uint32_t);
+void nghttp2_option_set_max_deflate_dynamic_table_size(nghttp2_option *, size_t);
+void nghttp2_option_set_max_continuations(nghttp2_option *, size_t);
+void nghttp2_option_set_no_closed_streams(nghttp2_option *, int);
+void nghttp2_option_set_max_send_header_block_length(nghttp2_option *, size_t);
+
+int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
+    const nghttp2_option *);
+int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
+    const nghttp2_option *);
+void nghttp2_session_del(nghttp2_session *);
+ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t);
+ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **);
+int nghttp2_session_resume_data(nghttp2_session *, int32_t);
+int nghttp2_session_consume(nghttp2_session *, int32_t, size_t);
+int nghttp2_session_consume_connection(nghttp2_session *, size_t);
+int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t);
+int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t);
+int32_t nghttp2_session_get_stream_effective_local_window_size(nghttp2_session *, int32_t);
+int32_t nghttp2_session_get_stream_effective_recv_data_length(nghttp2_session *, int32_t);
+int32_t nghttp2_session_get_effective_local_window_size(nghttp2_session *);
+int32_t nghttp2_session_get_local_window_size(nghttp2_session *);
+int32_t nghttp2_session_get_stream_local_window_size(nghttp2_session *, int32_t);
+uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
+uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *);
+int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *);
+size_t nghttp2_session_get_hd_deflate_dynamic_table_size(nghttp2_session *);
+nghttp2_stream *nghttp2_session_find_stream(nghttp2_session *, int32_t);
+int nghttp2_stream_get_state(nghttp2_stream *);
+int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t);
+int32_t nghttp2_submit_headers(nghttp2_session *, uint8_t, int32_t, const void *,
+    const nghttp2_nv *, size_t, void *);
+int nghttp2_submit_data(nghttp2_session *, uint8_t, int32_t, const nghttp2_data_provider *);
+int nghttp2_submit_trailer(nghttp2_session *, int32_t, const nghttp2_nv *, size_t);
+int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t);
+int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *,
+    size_t);
+int nghttp2_session_terminate_session2(nghttp2_session *, int32_t, uint32_t);
+const char *nghttp2_strerror(int);
+int nghttp2_check_header_name(const uint8_t *, size_t);
+int nghttp2_check_header_value(const uint8_t *, size_t);
+
+const char *garrison_build_digest(void);
+
+extern "Python" int garrison_on_begin_headers(nghttp2_session *, const nghttp2_frame *, void *);
+extern "Python" int garrison_on_header(nghttp2_session *, const nghttp2_frame *,
+    const uint8_t *, size_t, const uint8_t *, size_t, uint8_t, void *);
+extern "Python" int garrison_on_data_chunk(nghttp2_session *, uint8_t, int32_t,
+    const uint8_t *, size_t, void *);
+extern "Python" int garrison_on_frame_recv(nghttp2_session *, const nghttp2_frame *, void *);
+extern "Python" int garrison_on_frame_send(nghttp2_session *, const nghttp2_frame *, void *);
+extern "Python" int garrison_on_invalid_frame(nghttp2_session *, const nghttp2_frame *, int,
+    void *);
+extern "Python" int garrison_on_stream_close(nghttp2_session *, int32_t, uint32_t, void *);
+extern "Python" ssize_t garrison_read_data(nghttp2_session *, int32_t, uint8_t *, size_t,
+    uint32_t *, nghttp2_data_source *, void *);
+"""
+
+SOURCE_TEMPLATE = """
+#include <nghttp2/nghttp2.h>
+static const char *garrison_build_digest(void) {{ return "{digest}"; }}
+"""
+
+
+def digest() -> str:
+    """What a fresh build carries: the declarations and the C source, hashed."""
+    return hashlib.sha256((CDEF + SOURCE_TEMPLATE).encode()).hexdigest()[:32]
+
+
+def extension_path() -> Path:
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    return PACKAGE_DIR / ("_nghttp2" + suffix)
+
+
+def is_fresh() -> bool:
+    """The extension exists and was built from these declarations (read from the file, so
+    that nothing is imported)."""
+    path = extension_path()
+    return path.exists() and digest().encode() in path.read_bytes()
+
+
+def build() -> Path:
+    """Compile the extension into the package directory; returns its path."""
+    import cffi  # type: ignore[import-untyped]
+
+    ffibuilder = cffi.FFI()
+    ffibuilder.cdef(CDEF)
+    ffibuilder.set_source(
+        MODULE, SOURCE_TEMPLATE.format(digest=digest()), libraries=["nghttp2"]
+    )
+    with tempfile.TemporaryDirectory(prefix="garrison-nghttp2-") as tmp:
+        built = Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
+        target = extension_path()
+        tmp_target = target.with_suffix(".tmp")
+        shutil.copyfile(built, tmp_target)
+        tmp_target.replace(target)
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="build even if up to date")
+    args = parser.parse_args()
+    if not args.force and is_fresh():
+        print("nghttp2 binding: up to date", file=sys.stderr)
+        return 0
+    try:
+        path = build()
+    except Exception as exc:  # one line: what failed and what fixes it
+        print(
+            f"nghttp2 binding: build failed ({type(exc).__name__}: {exc}); it needs gcc, the "
+            "Python headers and nghttp2's (Debian: apt-get install gcc python3-dev "
+            "libnghttp2-dev) and cffi (pip install -e .)",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"nghttp2 binding: built {path.relative_to(PACKAGE_DIR.parent.parent)}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
