@@ -248,6 +248,9 @@ def _render_step(step: TraceStep) -> list[str]:
         if res.refs:
             rules = "; ".join(str(r) for r in res.refs)
             out.append(f"    L3/L4 allowed by {rules} ({res.match_type.value} match: {res.key})")
+        elif res.key is not None:  # an entry no policy rule wrote
+            out.append("    L3/L4 allowed by allow-localhost: the local host reaches its "
+                       "endpoints (--allow-localhost policy turns it off)")
         else:
             out.append("    L3/L4 allowed (no rule applies in an unenforced direction)")
         if res.redirect is not None:

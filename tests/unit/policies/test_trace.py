@@ -357,3 +357,12 @@ def test_cli_allow_localhost(
     data = json.loads(out)
     assert rc == 0 and data["verdict"] == verdict
     assert data["source"]["identity"] == 1
+
+
+def test_cli_text_names_allow_localhost(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = cli(capsys, "-f", str(L3L4), "--src-labels", "reserved:host",
+                     "--dst-labels", "org=empire,class=deathstar", "--dport", "8080")
+    assert rc == 0
+    assert ("L3/L4 allowed by allow-localhost: the local host reaches its endpoints "
+            "(--allow-localhost policy turns it off)") in out
+    assert out.rstrip().endswith("Final verdict: ALLOWED")
