@@ -27,6 +27,7 @@ from typing import IO, Any
 import orjson
 
 from garrison.agent.config import DEFAULT_SOCKET
+from garrison.cli import progress
 from garrison.cli.flowargs import add_filter_flags, build_query
 from garrison.flows.export import FieldMask, FieldMaskError, csv_header, csv_row
 from garrison.flows.query import CompiledQuery, FilterError, FlowQuery
@@ -114,11 +115,17 @@ def matches_in_lines(
 
 
 def file_matches(
-    inputs: list[str], query: CompiledQuery, stats: ReadStats, *, backups: bool
+    inputs: list[str], query: CompiledQuery, stats: ReadStats, *, backups: bool,
+    show_progress: bool = False,
 ) -> Iterator[Flow]:
-    for path in inputs:
-        for log in log_files(path, include_backups=backups):
+    logs = [log for path in inputs for log in log_files(path, include_backups=backups)]
+    if not show_progress or progress.total_bytes(logs) < progress.MIN_BYTES:
+        for log in logs:
             yield from matches_in_lines(open_lines(log), log.name, query, stats)
+        return
+    with progress.ReadProgress(logs) as bar:
+        for log in logs:
+            yield from matches_in_lines(bar.track(log, open_lines(log)), log.name, query, stats)
 
 
 def select(flows: Iterable[Flow], first: int | None, last: int | None) -> Iterable[Flow]:
@@ -278,11 +285,15 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return run
 
 
-def _gather(args: argparse.Namespace, query: FlowQuery, stats: ReadStats) -> Iterable[Flow]:
-    """The matching flows of the source, --first / --last applied (no follow)."""
+def _gather(args: argparse.Namespace, query: FlowQuery, stats: ReadStats,
+            output_streams_to_terminal: bool = False) -> Iterable[Flow]:
+    """The matching flows of the source, --first / --last applied (no follow); reading files,
+    a progress bar on a terminal that nothing else is printed to meanwhile."""
     if args.input_file:
         compiled = query.compile()
-        found = file_matches(args.input_file, compiled, stats, backups=not args.no_backups)
+        found = file_matches(args.input_file, compiled, stats, backups=not args.no_backups,
+                             show_progress=progress.wanted(sys.stderr,
+                                                           output_streams_to_terminal))
         return select(found, args.first, args.last)
     agent = AgentSource(args.socket)
     try:
@@ -312,7 +323,8 @@ def observe(args: argparse.Namespace) -> int:
     if args.follow:
         _follow(args, query, printer, stats)
     else:
-        for d, line in _gather(args, query, stats):
+        streaming = args.last is None and sys.stdout.isatty()
+        for d, line in _gather(args, query, stats, streaming):
             printer.emit(d, line)
         printer.flush()
     stats.report()
@@ -452,7 +464,8 @@ def export(args: argparse.Namespace) -> int:
     else:
         target = sys.stdout.buffer
     try:
-        flows = _gather(args, query, stats)
+        flows = _gather(args, query, stats,
+                        target is sys.stdout.buffer and sys.stdout.isatty())
         if args.output == "csv":
             text = io.TextIOWrapper(target, encoding="utf-8", newline="", write_through=True)
             writer = csv.writer(text)
