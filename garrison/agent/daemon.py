@@ -263,7 +263,9 @@ class Agent:
                 ident = self._identity_for(record)
                 record = replace(record, identity=ident.id, host_ifname=link.host_ifname)
                 self.endpoints.update(record, persist=False)
-                changed = self.resolver.add_identity(ident.id, ident.labels)
+                # a reserved identity (init) is in the resolver since start
+                changed = set() if ident.id in RESERVED_BY_ID else (
+                    self.resolver.add_identity(ident.id, ident.labels))
                 # policy of the identity first, then the endpoint's config + ipcache, then
                 # its programs: it is enforced from its first packet
                 self._sync(changed | {ident.id})
