@@ -15,7 +15,7 @@ RUNTIME_APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 c
 APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 curl nftables iperf3 wrk nginx haproxy nghttp2-client jq
               chromium
               podman containernetworking-plugins etcd-server etcd-client
-              libnghttp2-dev wget)
+              libnghttp2-dev wget zsh)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.garrison-installed          # the full install (test extras)

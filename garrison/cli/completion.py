@@ -3,7 +3,8 @@ generated from the command's own argument parser (shtab), so it never lags behin
 
     source <(garrison completion bash)                       # this shell
     garrison completion bash > /etc/bash_completion.d/garrison
-    garrison completion zsh > "${fpath[1]}/_garrison"        # then: compinit
+    eval "$(garrison completion zsh)"                        # zsh, this shell
+    garrison completion zsh > "${fpath[1]}/_garrison"        # zsh, from the next compinit
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "completion": (
         "source <(garrison completion bash)       # this shell",
         "garrison completion bash > /etc/bash_completion.d/garrison",
-        "garrison completion zsh > \"${fpath[1]}/_garrison\"",
+        "garrison completion zsh > \"${fpath[1]}/_garrison\"   # zsh: a file in $fpath",
     ),
 }
 

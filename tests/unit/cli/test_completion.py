@@ -3,6 +3,7 @@ subcommands, options, option choices and file names, as bash itself runs it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -74,3 +75,16 @@ def test_the_zsh_script_names_every_command() -> None:
     assert text.startswith("#compdef garrison")
     for word in ("endpoint", "observe", "--kvstore-endpoints", "--drop-reason-desc"):
         assert word in text
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="needs zsh (make setup installs it)")
+def test_the_zsh_script_registers_both_ways(tmp_path: Path) -> None:
+    """`eval "$(garrison completion zsh)"`, and the file `_garrison` in $fpath."""
+    (tmp_path / "_garrison").write_text(script("zsh"))
+    init = "autoload -U compinit; compinit -u -D -d /dev/null"
+    for setup in (f'eval "$({GARRISON} completion zsh)"', f"fpath=({tmp_path} $fpath); {init}"):
+        done = subprocess.run(["zsh", "-fc", f"{init}; {setup}; print -r -- ${{_comps[garrison]}}"],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "GARRISON_PURE": "1"})
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert done.stdout.strip() in ("_shtab_garrison", "_garrison"), done.stdout
