@@ -105,6 +105,7 @@ __all__ = [
     "H2Limits",
     "H2ServerConnection",
     "Header",
+    "NeverIndexed",
     "RequestReceived",
     "ResponseReceived",
     "SendBufferFullError",
@@ -224,6 +225,14 @@ class H2Error(RemoteProtocolError):
 
 class SendBufferFullError(LocalProtocolError):
     """`send_data` would queue more than `H2Limits` allows; nothing was queued."""
+
+
+class NeverIndexed(tuple[bytes, bytes]):
+    """A header field its sender marked never-indexed (HPACK, RFC 7541 §7.1.3): a credential.
+    The nghttp2 connections hand such fields out as this pair type and send a pair of this type
+    on never-indexed; it compares equal to the plain pair."""
+
+    __slots__ = ()
 
 
 # ---- events -----------------------------------------------------------------------------------
