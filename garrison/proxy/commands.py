@@ -1,12 +1,22 @@
-"""What a connection engine tells the I/O shell to do, and what it needs to know.
+"""The events a connection engine is given and the commands it answers with (sans-io).
 
-The engine (pure, one per proxied connection) turns bytes from either side into commands;
-the asyncio server (`garrison.proxy.server`) executes them in order. Nothing here does I/O.
+The engine (pure, one per proxied connection, `garrison.proxy.engine`) turns every input into
+commands; the asyncio server (`garrison.proxy.server`) executes them in order. Nothing here
+does I/O, and the server knows no engine by name: it only calls `engine.handle(event)`.
 
-    engine = make_engine(context)          # per accepted connection
-    for cmd in engine.client_data(data, now): ...   # bytes from the client
-    for cmd in engine.upstream_data(data, now): ... # bytes from the upstream
-    engine.client_eof(now) / engine.upstream_eof(now) / engine.abort(reason, now)
+    engine = make_engine(context, config)
+    for cmd in engine.handle(Started(now, mono)): ...
+    for cmd in engine.handle(ClientData(data, now, mono)): ...
+
+Every event carries `now` (wall clock, `time.time()`: record timestamps only) and `mono`
+(`time.monotonic()`: every timer). A step of the wall clock therefore moves record times but
+never fires or stalls a timeout.
+
+Events: `Started` (the connection was admitted), `ClientData` / `UpstreamData` (bytes),
+`ClientClosed` (FIN, or `reset`: the connection ended without one), `UpstreamConnected`,
+`UpstreamFailed` (a connect failed), `UpstreamClosed` (FIN or `reset`), `Wakeup` (a time
+the engine asked for with `RequestWakeup` has come), `RulesetChanged` (a policy reload),
+`Stopping` (the proxy stops: hand over what is owed, e.g. pending aggregated records).
 
 Commands, executed in the order given:
 - `Forward(side, data)`: relay bytes the peer sent (possibly normalized) to `side`;
@@ -16,6 +26,13 @@ Commands, executed in the order given:
   refused to read (a denied request's body), so its side is half-closed after the answer
   and what it still sends is read and thrown away (bounded), as nginx's lingering close
   does: closing with unread bytes would reset the connection and lose the answer;
+- `OpenUpstream(protocol, pooled)`: `pooled=False`: connect a connection of this client's
+  own now; `pooled=True`: borrow one speaking `protocol` from the per-destination pool when
+  bytes are next sent upstream without one (and again after each release);
+- `ReleaseUpstream(reusable)`: give the upstream connection back to the pool (`reusable`)
+  or close it;
+- `RequestWakeup(at)`: deliver a `Wakeup` at monotonic time `at` (replaces an earlier one);
+- `PauseClient(paused)`: stop / resume reading the client (too many requests in flight);
 - `Log(record)`: emit a flow record (access log, ring, metrics). `Log.later(build, *args)`
   is the same record built only when first read: the server reads it after the loop turn's
   bytes are written, so making records is not on the path of the bytes it describes. `build`
@@ -24,10 +41,10 @@ Commands, executed in the order given:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from garrison.flows.record import Endpoint, FlowRecord
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
@@ -86,6 +103,40 @@ class Close:
         object.__setattr__(self, "linger", linger)
 
 
+@dataclass(frozen=True, slots=True)
+class OpenUpstream:
+    protocol: str
+    pooled: bool = False
+
+    def __init__(self, protocol: str, pooled: bool = False) -> None:
+        object.__setattr__(self, "protocol", protocol)
+        object.__setattr__(self, "pooled", pooled)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseUpstream:
+    reusable: bool
+
+    def __init__(self, reusable: bool) -> None:
+        object.__setattr__(self, "reusable", reusable)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestWakeup:
+    at: float  # time.monotonic()
+
+    def __init__(self, at: float) -> None:
+        object.__setattr__(self, "at", at)
+
+
+@dataclass(frozen=True, slots=True)
+class PauseClient:
+    paused: bool
+
+    def __init__(self, paused: bool) -> None:
+        object.__setattr__(self, "paused", paused)
+
+
 class Log:
     """Emit a flow record; equal to another `Log` of an equal record."""
 
@@ -131,7 +182,139 @@ class Log:
         return f"Log(record={self.record!r})"
 
 
-Command = Forward | Inject | Close | Log
+Command = (
+    Forward | Inject | Close | Log | OpenUpstream | ReleaseUpstream | RequestWakeup | PauseClient
+)
+
+
+# ---- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The connection was admitted and its engine made."""
+
+    now: float
+    mono: float
+
+    def __init__(self, now: float, mono: float) -> None:
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientData:
+    data: bytes
+    now: float
+    mono: float
+
+    def __init__(self, data: bytes, now: float, mono: float) -> None:
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamData:
+    data: bytes
+    now: float
+    mono: float
+
+    def __init__(self, data: bytes, now: float, mono: float) -> None:
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClosed:
+    """The client sent FIN (`reset=False`: answers may still be owed) or the connection
+    ended without one (`reset=True`: nothing can be written any more)."""
+
+    now: float
+    mono: float
+    reset: bool = False
+
+    def __init__(self, now: float, mono: float, reset: bool = False) -> None:
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+        object.__setattr__(self, "reset", reset)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConnected:
+    now: float
+    mono: float
+
+    def __init__(self, now: float, mono: float) -> None:
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    reason: str
+    now: float
+    mono: float
+
+    def __init__(self, reason: str, now: float, mono: float) -> None:
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamClosed:
+    """The upstream sent FIN (`reset=False`) or its connection was lost without one."""
+
+    now: float
+    mono: float
+    reset: bool = False
+
+    def __init__(self, now: float, mono: float, reset: bool = False) -> None:
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+        object.__setattr__(self, "reset", reset)
+
+
+@dataclass(frozen=True, slots=True)
+class Wakeup:
+    now: float
+    mono: float
+
+    def __init__(self, now: float, mono: float) -> None:
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+
+
+@dataclass(frozen=True, slots=True)
+class RulesetChanged:
+    ruleset: L7RuleSet
+    now: float
+    mono: float
+
+    def __init__(self, ruleset: L7RuleSet, now: float, mono: float) -> None:
+        object.__setattr__(self, "ruleset", ruleset)
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+
+
+@dataclass(frozen=True, slots=True)
+class Stopping:
+    """The proxy stops: the connection is closed next; hand over what is still owed."""
+
+    now: float
+    mono: float
+
+    def __init__(self, now: float, mono: float) -> None:
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
+
+
+Event = (
+    Started | ClientData | UpstreamData | ClientClosed | UpstreamConnected | UpstreamFailed
+    | UpstreamClosed | Wakeup | RulesetChanged | Stopping
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,19 +365,3 @@ class ConnectionContext:
     audit: bool = False
     advertise: tuple[str, int] | None = None
     shared: dict[str, object] = field(default_factory=dict)
-
-
-class ConnectionEngine(Protocol):
-    """One proxied connection's enforcement state machine (sans-io)."""
-
-    def client_data(self, data: bytes, now: float) -> Sequence[Command]: ...
-
-    def upstream_data(self, data: bytes, now: float) -> Sequence[Command]: ...
-
-    def client_eof(self, now: float) -> Sequence[Command]: ...
-
-    def upstream_eof(self, now: float) -> Sequence[Command]: ...
-
-    def abort(self, reason: str, now: float) -> Sequence[Command]:
-        """An internal error or a timeout: close everything, log an ERROR record."""
-        ...

@@ -83,7 +83,6 @@ from garrison.proxy.commands import (
     Close,
     Command,
     ConnectionContext,
-    ConnectionEngine,
     Forward,
     Inject,
     Log,
@@ -93,6 +92,7 @@ from garrison.proxy.commands import (
 )
 from garrison.proxy.config import ProxyConfig
 from garrison.proxy.deny import http1_access_denied, http1_error_response
+from garrison.proxy.engine import EngineCore
 
 __all__ = ["DISCARD_LIMIT", "HTTPEngine", "Waiting"]
 
@@ -226,7 +226,7 @@ class HTTPEngine:
         # The upstream conversation can go on (no error, no `Connection: close` either way).
         self._upstream_ok = True
         self._preface: bytes | None = b""  # bytes held until HTTP/2's preface is ruled out
-        self._delegate: ConnectionEngine | None = None
+        self._delegate: EngineCore | None = None
         self._redaction = _redaction(context, config)
         # The records' own enum: the builders convert anything else on every record.
         self._direction = FlowDirection(str(context.direction))
@@ -284,7 +284,7 @@ class HTTPEngine:
         return len(self._queue) >= MAX_PIPELINE
 
     @property
-    def delegate(self) -> ConnectionEngine | None:
+    def delegate(self) -> EngineCore | None:
         """The HTTP/2 engine this connection was handed to (h2c), if any."""
         return self._delegate
 
@@ -296,9 +296,7 @@ class HTTPEngine:
     def update_ruleset(self, ruleset: L7RuleSet) -> None:
         """A reloaded policy: requests whose head comes from now on are matched against it."""
         if self._delegate is not None:
-            update = getattr(self._delegate, "update_ruleset", None)
-            if update is not None:
-                update(ruleset)
+            self._delegate.update_ruleset(ruleset)
             return
         self._ruleset = ruleset
         self._matcher = _matcher(self._context, ruleset)
@@ -655,6 +653,13 @@ class HTTPEngine:
             self._fail(out, now, f"client too slow ({waiting})",
                        DropReasonDesc.PARSE_ERROR, answer=answer)
         return out
+
+    def stop(self, reason: str, now: float) -> Sequence[Command]:
+        """The connection ends now: every record was written as it came, nothing is owed."""
+        if self._delegate is not None:
+            return self._delegate.stop(reason, now)
+        self._closed = True
+        return ()
 
     def abort(self, reason: str, now: float) -> Sequence[Command]:
         if self._delegate is not None:

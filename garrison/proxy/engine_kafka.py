@@ -334,6 +334,32 @@ class KafkaEngine:
         """Policy reload: requests from now on are matched against `ruleset`."""
         self._matcher = KafkaMatcher(ruleset)
 
+    # `EngineCore`: the broker connection is this client's own, opened at once.
+    pooled_upstream = False
+    upstream_protocol = "kafka"
+    upstream_reusable = False
+    pipeline_full = False
+
+    def compact(self) -> None:
+        pass
+
+    def upstream_unavailable(self, reason: str, now: float) -> list[Command]:
+        return self.abort(f"upstream unavailable: {reason}", now)
+
+    def timeout(self, waiting: str, now: float) -> list[Command]:
+        return self.abort(f"timeout ({waiting})", now)
+
+    def stop(self, reason: str, now: float) -> list[Command]:
+        """The connection ends without a FIN, or the proxy stops: the aggregated denials
+        still counting are recorded now (nothing else is owed; nothing can be written)."""
+        if self._closed:
+            return []
+        self._closed = True
+        self._pending.clear()
+        out = _Out()
+        self._repeats.flush(out)
+        return out.commands()
+
     # ---- the ConnectionEngine interface ------------------------------------------------------
 
     def client_data(self, data: bytes, now: float) -> list[Command]:

@@ -26,19 +26,24 @@ goes to the `FlowSink`).
   wait for answers (`pipeline_full`), and while the client leaves its answers unread (a
   client pipelining denied requests without reading the 403s). A slow reader cannot make
   the proxy buffer more than about `write_buffer_high` per direction per connection.
-- Timers (one sweep per second over all connections): a request head must be complete
-  `header_read` seconds after its first byte (408); an upstream must answer within
-  `upstream_reply` (504); a connection with nothing in flight is closed after `idle`.
+- Timers: the engine asks for a wakeup at a monotonic time (`RequestWakeup`); a sweep every
+  `sweep_interval` seconds (on the loop's monotonic clock) hands `Wakeup` to the connections
+  whose time has come. The engine decides what ran out (`garrison.proxy.engine`): a request
+  head `header_read` seconds after its first byte (408), an answer owed `upstream_reply`
+  (504), a connection with nothing in flight `idle`. The wall clock (`time.time()`) only
+  stamps records: stepping it neither fires nor stalls a timeout.
 - `max_connections`: connections beyond it are closed at once and logged as ERROR.
 - Any exception inside an engine or while executing its commands closes that connection with
   an ERROR record; commands after the failure are not executed, so nothing the engine had not
   yet decided is forwarded, and no other connection is touched.
 
-Optional engine hooks (beyond `ConnectionEngine`; an engine without them gets the plain
-behaviour): `waiting` ("idle" / "head" / "client" / "upstream") picks the timer, `timeout
-(waiting, now)` answers it (else `abort`), `upstream_unavailable(reason, now)` answers a failed
-connect (else `abort`), `update_ruleset(ruleset)` takes a reloaded policy; HTTP/1.1 only:
-`pooled_upstream`, `upstream_reusable`, `pipeline_full`, `compact()`.
+The server knows no engine by name and probes nothing: it makes each connection's engine
+with `make_engine`, wraps it in the shared `EventEngine`, and only calls `handle(event)`
+(`garrison.proxy.commands`); what the upstream is (its own, or borrowed from the pool and
+given back), when to wake, when to stop reading the client all come back as commands. When
+the client's connection ends without a FIN, and when the proxy stops, the engine is told
+(`ClientClosed(reset=True)`, `Stopping`) and hands over the records it still owes (the Kafka
+engine's aggregated denials).
 
 Policy reload (`update_policy`): new connections are admitted with the new policy. Live
 connections keep their L3/L4 admission (as the datapath keeps established connections), and
@@ -73,19 +78,33 @@ from garrison.flows.writer import AccessLogError, AccessLogWriter
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
 from garrison.policies.mapstate import DropReason
 from garrison.proxy.commands import (
+    ClientClosed,
+    ClientData,
     Close,
     Command,
     ConnectionContext,
-    ConnectionEngine,
+    Event,
     Forward,
     Inject,
     Log,
+    OpenUpstream,
+    PauseClient,
     PeerInfo,
+    ReleaseUpstream,
+    RequestWakeup,
+    RulesetChanged,
     Side,
+    Started,
+    Stopping,
     TrafficDirection,
+    UpstreamClosed,
+    UpstreamConnected,
+    UpstreamData,
+    UpstreamFailed,
+    Wakeup,
 )
 from garrison.proxy.config import ProxyConfig
-from garrison.proxy.engine import make_engine
+from garrison.proxy.engine import ConnectionEngine, EventEngine, make_engine
 from garrison.proxy.metrics import ProxyMetrics
 from garrison.proxy.policyview import Admission, PolicySource
 from garrison.proxy.sockets import PROXY_UPSTREAM_MARK, listener, system_backlog
@@ -282,7 +301,7 @@ class ServerSettings:
     advertise: tuple[str, int] | None = None
     pool: PoolConfig | None = None
     sweep_interval: float = 1.0
-    # An HTTP/1.1 client idle this long returns its upstream connection to the pool.
+    # A pooled (HTTP/1.1) client idle this long returns its upstream connection to the pool.
     release_idle_after: float = 1.0
     # A lingering close (`Close(linger=True)`) reads and discards at most this much, this
     # long, of what the client still sends after its answer, then closes (nginx's
@@ -301,6 +320,11 @@ _PAUSE_CLIENT_FULL = 8  # answers pile up unread: reading more requests would pi
 _FORWARD = Forward
 _INJECT = Inject
 _LOG = Log
+_WAKEUP = RequestWakeup
+_PAUSE = PauseClient
+_RELEASE = ReleaseUpstream
+_OPEN = OpenUpstream
+_NEVER = float("inf")
 _CLIENT = Side.CLIENT
 _UPSTREAM = Side.UPSTREAM
 
@@ -315,23 +339,20 @@ class _ClientConnection(asyncio.Protocol):
         "_lingered",
         "_pause_client",
         "_pending_up",
-        "_was_idle",
         "client_eof",
         "closed",
         "context",
         "dst",
         "engine",
-        "has_states",
-        "head_started",
-        "last_client",
-        "last_upstream",
         "pooled",
+        "protocol",
         "server",
         "src",
         "transparent",
         "transport",
         "upstream",
         "upstream_address",
+        "wake_at",
     )
 
     def __init__(self, server: ProxyServer, transparent: bool) -> None:
@@ -351,11 +372,8 @@ class _ClientConnection(asyncio.Protocol):
         self._connecting: asyncio.Task[None] | None = None
         self._pause_client = 0  # reasons the client's reading is paused (bit set)
         self._client_write_paused = False
-        self.last_client = 0.0
-        self.last_upstream = 0.0
-        self.head_started = 0.0
-        self._was_idle = True
-        self.has_states = False  # the engine reports what it waits for (`waiting`)
+        self.protocol = str(server.settings.protocol)  # what the upstream speaks (pool key)
+        self.wake_at = _NEVER  # monotonic time of the engine's next Wakeup
         self.src: tuple[str, int] = ("", 0)
         self.dst: tuple[str, int] = ("", 0)
 
@@ -365,7 +383,6 @@ class _ClientConnection(asyncio.Protocol):
         transport = self.transport = cast(asyncio.Transport, transport)  # uvloop: no subclass
         server = self.server
         now = time.time()
-        self.last_client = self.head_started = now
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.src = (str(peer[0]), int(peer[1])) if peer else ("", 0)
@@ -392,7 +409,10 @@ class _ClientConnection(asyncio.Protocol):
             server.sink.emit(server.l3_l4_audit_record(self, admission, now))
         try:
             self.context = server.context_for(self, admission)
-            self.engine = make_engine(self.context, server.config)
+            self.engine = EventEngine(
+                make_engine(self.context, server.config), server.config.timeouts,
+                server.settings.release_idle_after,
+            )
         except Exception as exc:
             log.exception("cannot build an engine for %s", self.src)
             transport.abort()
@@ -406,10 +426,18 @@ class _ClientConnection(asyncio.Protocol):
             high=server.config.write_buffer_high, low=server.config.write_buffer_low
         )
         self.upstream_address = server.upstream_for(self.dst)
-        self.pooled = bool(getattr(self.engine, "pooled_upstream", False))
-        self.has_states = hasattr(self.engine, "waiting")
-        if not self.pooled:
-            self._start_connect()
+        self.dispatch(Started(now, time.monotonic()))
+
+    def dispatch(self, event: Event) -> None:
+        """Hand `event` to the engine and execute its commands; any failure ends this
+        connection (only) with an ERROR record."""
+        engine = self.engine
+        if engine is None:
+            return
+        try:
+            self._run(engine.handle(event))
+        except Exception as exc:
+            self._internal_error(exc, event.now)
 
     # -- client side --------------------------------------------------------------------------
 
@@ -422,18 +450,10 @@ class _ClientConnection(asyncio.Protocol):
                     self._end_linger()
             return
         now = time.time()
-        self.last_client = now
-        if self._was_idle:
-            self.head_started = now
-            self._was_idle = False
         try:
-            commands = engine.client_data(data, now)
-            self._run(commands)
+            self._run(engine.handle(ClientData(data, now, time.monotonic())))
         except Exception as exc:
             self._internal_error(exc, now)
-            return
-        if self.has_states and not self.closed:
-            self._after_engine(engine)
 
     def eof_received(self) -> bool:
         engine = self.engine
@@ -442,11 +462,7 @@ class _ClientConnection(asyncio.Protocol):
             if self._linger_timer is not None:
                 self._end_linger()
             return False
-        now = time.time()
-        try:
-            self._run(engine.client_eof(now))
-        except Exception as exc:
-            self._internal_error(exc, now)
+        self.dispatch(ClientClosed(time.time(), time.monotonic()))
         return not self.closed  # keep the transport half-open while answers are owed
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -454,8 +470,11 @@ class _ClientConnection(asyncio.Protocol):
             self._linger_timer.cancel()
             self._linger_timer = None
             self.server.lingering.discard(self)
-        if self.engine is None:
+        if self.engine is None or self.closed:
             return
+        # Gone without our close (a reset, or a FIN after which it stopped reading): the
+        # engine hands over what it still owes (records) and gives its upstream back.
+        self.dispatch(ClientClosed(time.time(), time.monotonic(), reset=True))
         self.closed = True
         self._teardown()
 
@@ -478,33 +497,16 @@ class _ClientConnection(asyncio.Protocol):
         if engine is None or self.closed:
             return
         now = time.time()
-        self.last_upstream = now
         try:
-            self._run(engine.upstream_data(data, now))
+            self._run(engine.handle(UpstreamData(data, now, time.monotonic())))
         except Exception as exc:
             self._internal_error(exc, now)
-            return
-        if self.has_states and not self.closed:
-            self._after_engine(engine)
 
     def upstream_eof(self) -> None:
         engine = self.engine
         if engine is None or self.closed:
             return
-        conn = self.upstream
-        now = time.time()
-        try:
-            self._run(engine.upstream_eof(now))
-        except Exception as exc:
-            self._internal_error(exc, now)
-            return
-        if self.closed or conn is None or self.upstream is not conn:
-            return
-        if self.pooled:
-            # That upstream connection is finished; the next request (if any) gets another.
-            self._drop_upstream()
-        else:
-            self._close_all()  # an engine with its own upstream cannot go on without it
+        self.dispatch(UpstreamClosed(time.time(), time.monotonic()))
 
     def upstream_lost(self, exc: Exception | None) -> None:
         conn = self.upstream
@@ -512,24 +514,7 @@ class _ClientConnection(asyncio.Protocol):
             return
         self.upstream = None
         self.server.pool.discard(conn)
-        engine = self.engine
-        if engine is None:
-            return
-        now = time.time()
-        if not self.pooled:
-            # The engine's connection is gone: tell it the stream ended, then close.
-            try:
-                self._run(engine.upstream_eof(now))
-            except Exception as error:
-                self._internal_error(error, now)
-                return
-            if not self.closed:
-                self._close_all()
-            return
-        try:
-            self._run(engine.upstream_eof(now))
-        except Exception as error:
-            self._internal_error(error, now)
+        self.dispatch(UpstreamClosed(time.time(), time.monotonic(), reset=exc is not None))
 
     def upstream_pause_writing(self) -> None:
         self._pause(_PAUSE_UPSTREAM_FULL)
@@ -554,10 +539,22 @@ class _ClientConnection(asyncio.Protocol):
                     to_upstream.append(command.data)  # type: ignore[union-attr]
             elif kind is _LOG:
                 self.server.sink.emit(command)  # type: ignore[arg-type]
+            elif kind is _WAKEUP:
+                self.wake_at = command.at  # type: ignore[union-attr]
+            elif kind is _PAUSE:
+                if command.paused:  # type: ignore[union-attr]
+                    self._pause(_PAUSE_PIPELINE)
+                elif self._pause_client & _PAUSE_PIPELINE:
+                    self._resume(_PAUSE_PIPELINE)
             else:
                 self._write(to_client, to_upstream)
                 to_client, to_upstream = [], []
-                self._close(command)  # type: ignore[arg-type]
+                if kind is _RELEASE:
+                    self._release_upstream(command.reusable)  # type: ignore[union-attr]
+                elif kind is _OPEN:
+                    self._open_upstream(command)  # type: ignore[arg-type]
+                else:
+                    self._close(command)  # type: ignore[arg-type]
         if to_client or to_upstream:
             self._write(to_client, to_upstream)
 
@@ -629,32 +626,24 @@ class _ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _after_engine(self, engine: ConnectionEngine) -> None:
-        """After an engine with states ran: note idleness (the head timer starts at the first
-        byte after it) and, for HTTP/1.1, whether too many requests wait for answers."""
-        if engine.waiting == "idle":  # type: ignore[attr-defined]
-            self._was_idle = True
-        if not self.pooled:
-            return
-        if engine.pipeline_full:  # type: ignore[attr-defined]
-            self._pause(_PAUSE_PIPELINE)
-        elif self._pause_client & _PAUSE_PIPELINE:
-            self._resume(_PAUSE_PIPELINE)
+    def _open_upstream(self, command: OpenUpstream) -> None:
+        """Connect now (a connection of its own) or, pooled, borrow one when bytes are next
+        sent upstream without one."""
+        self.pooled = command.pooled
+        self.protocol = command.protocol
+        if not command.pooled and self.upstream is None and self._connecting is None:
+            self._start_connect()
 
-    def release_idle(self) -> None:
-        """The connection has been idle a while: give its upstream connection back to the
-        pool (other clients may use it) and let the engine drop what it does not need.
-        Not done after every response: borrowing and returning per request costs more than
-        keeping it while the client keeps sending."""
-        engine = self.engine
-        if engine is None or self.closed or not self.pooled:
-            return
-        if self.upstream is not None and engine.upstream_reusable:  # type: ignore[attr-defined]
-            conn, self.upstream = self.upstream, None
-            self.server.pool.release(conn)
-        compact = getattr(engine, "compact", None)
-        if compact is not None:
-            compact()
+    def _release_upstream(self, reusable: bool) -> None:
+        """Give the upstream connection back to the pool (`reusable`) or close it."""
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            if reusable:
+                self.server.pool.release(conn)
+            else:
+                self.server.pool.discard(conn)
+        if self._pause_client & _PAUSE_UPSTREAM_FULL:
+            self._resume(_PAUSE_UPSTREAM_FULL)
 
     # -- upstream connections -----------------------------------------------------------------
 
@@ -689,14 +678,13 @@ class _ClientConnection(asyncio.Protocol):
         self._resume(_PAUSE_CONNECTING)
 
     def _upstream_protocol(self) -> str:
-        """What the engine speaks upstream now: the pool hands out and takes back connections
-        by it (an HTTP/1.1 engine that took an h2c client speaks "h2")."""
-        return str(getattr(self.engine, "upstream_protocol", self.server.settings.protocol))
+        """What the engine speaks upstream now (`OpenUpstream`): the pool hands out and takes
+        back connections by it (an HTTP/1.1 engine that took an h2c client speaks "h2")."""
+        return self.protocol
 
     def _attach(self, conn: UpstreamConnection) -> None:
         conn.owner = self
         self.upstream = conn
-        self.last_upstream = time.time()
         assert conn.transport is not None
         conn.transport.set_write_buffer_limits(
             high=self.server.config.write_buffer_high, low=self.server.config.write_buffer_low
@@ -705,31 +693,17 @@ class _ClientConnection(asyncio.Protocol):
             conn.pause_reading()
         else:
             conn.resume_reading()
+        self.dispatch(UpstreamConnected(time.time(), time.monotonic()))
 
     def _drop_upstream(self) -> None:
-        conn, self.upstream = self.upstream, None
-        if conn is not None:
-            self.server.pool.discard(conn)
-        if self._pause_client & _PAUSE_UPSTREAM_FULL:
-            self._resume(_PAUSE_UPSTREAM_FULL)
+        self._release_upstream(False)
 
     def _upstream_unavailable(self, reason: str) -> None:
         engine = self.engine
         if engine is None or self.closed:
             return
-        now = time.time()
         self._pending_up = []
-        handler = getattr(engine, "upstream_unavailable", None)
-        try:
-            if handler is not None:
-                self._run(handler(reason, now))
-            else:
-                self._run(engine.abort(f"upstream unavailable: {reason}", now))
-        except Exception as exc:
-            self._internal_error(exc, now)
-            return
-        if not self.closed:
-            self._close_all()
+        self.dispatch(UpstreamFailed(reason, time.time(), time.monotonic()))
 
     # -- flow control -------------------------------------------------------------------------
 
@@ -746,21 +720,12 @@ class _ClientConnection(asyncio.Protocol):
 
     # -- endings ------------------------------------------------------------------------------
 
-    def timeout(self, waiting: str, now: float) -> None:
-        engine = self.engine
-        if engine is None or self.closed:
+    def wakeup(self, mono: float) -> None:
+        """The time the engine asked for has come."""
+        if self.engine is None or self.closed:
             return
-        try:
-            handler = getattr(engine, "timeout", None)
-            if handler is not None:
-                self._run(handler(waiting, now))
-            else:
-                self._run(engine.abort(f"timeout ({waiting})", now))
-        except Exception as exc:
-            self._internal_error(exc, now)
-            return
-        if not self.closed:
-            self._close_all()
+        self.wake_at = _NEVER
+        self.dispatch(Wakeup(time.time(), mono))
 
     def _internal_error(self, exc: Exception, now: float) -> None:
         """Anything unexpected: this connection ends with an ERROR record, nothing else."""
@@ -799,12 +764,8 @@ class _ClientConnection(asyncio.Protocol):
             self._connecting = None
         self._pending_up = []
         conn, self.upstream = self.upstream, None
-        if conn is not None:
-            engine = self.engine
-            if self.pooled and engine is not None and getattr(engine, "upstream_reusable", False):
-                server.pool.release(conn)
-            else:
-                server.pool.discard(conn)
+        if conn is not None:  # not given back (`ReleaseUpstream`) by the engine: not reusable
+            server.pool.discard(conn)
 
 
 # ---- the server -----------------------------------------------------------------------------
@@ -1014,18 +975,17 @@ class ProxyServer:
         that support it match their next request against the new L7 rules."""
         self.policy = policy
         for conn in list(self.connections):
-            engine = conn.engine
-            update = getattr(engine, "update_ruleset", None)
-            if update is None or conn.closed:
+            if conn.engine is None or conn.closed:
                 continue
             try:
                 admission = policy.admit(conn.src[0], conn.dst[0], conn.dst[1])
                 ruleset = admission.ruleset if admission.allowed else L7RuleSet(
                     self.settings.protocol, ()
                 )
-                update(ruleset)
             except Exception as exc:
                 conn._internal_error(exc, time.time())
+                continue
+            conn.dispatch(RulesetChanged(ruleset, time.time(), time.monotonic()))
 
     # -- timers -------------------------------------------------------------------------------
 
@@ -1034,37 +994,16 @@ class ProxyServer:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.sweep(time.time())
+                self.sweep(time.monotonic())
             except Exception:  # the sweeper must survive anything
                 log.exception("timer sweep failed")
 
-    def sweep(self, now: float) -> None:
-        """Apply the timeouts to every connection (the sweeper calls this every second)."""
-        timeouts = self.config.timeouts
-        release_after = self.settings.release_idle_after
+    def sweep(self, mono: float) -> None:
+        """Wake the connections whose requested time (`RequestWakeup`, monotonic) has come;
+        the sweeper calls this every `sweep_interval` seconds with `time.monotonic()`."""
         for conn in list(self.connections):
-            if conn.closed or conn.engine is None:
-                continue
-            waiting = getattr(conn.engine, "waiting", None)
-            if waiting is None:  # engines without states: idle on both sides
-                if now - max(conn.last_client, conn.last_upstream) > timeouts.idle:
-                    conn.timeout("idle", now)
-            elif waiting == "idle":
-                quiet = now - max(conn.last_client, conn.last_upstream)
-                if quiet > timeouts.idle:
-                    conn.timeout(waiting, now)
-                elif quiet >= release_after:
-                    conn.release_idle()
-            elif waiting == "head":
-                if now - conn.head_started > timeouts.header_read:
-                    conn.timeout(waiting, now)
-            elif waiting == "client":
-                if now - conn.last_client > timeouts.idle:
-                    conn.timeout(waiting, now)
-            elif waiting == "upstream" and conn._connecting is None and (
-                now - max(conn.last_upstream, conn.last_client) > timeouts.upstream_reply
-            ):
-                conn.timeout(waiting, now)
+            if conn.wake_at <= mono:
+                conn.wakeup(mono)
         if self._pool is not None:
             self._pool.expire()
 
@@ -1083,6 +1022,8 @@ class ProxyServer:
             while self.connections and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         for conn in list(self.connections):
+            # Engines hand over what they still owe (Kafka's aggregated denials) first.
+            conn.dispatch(Stopping(time.time(), time.monotonic()))
             conn._close_all()
         for conn in list(self.lingering):
             conn._end_linger()
