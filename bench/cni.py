@@ -6,8 +6,10 @@ Run (root, podman + containernetworking-plugins installed): .venv/bin/python ben
 Starts its own agent (temporary state, pins and socket; free proxy ports) and, in one run:
 
 1. The CNI ADD chain driven directly, as a runtime drives it (env vars + stdin), on a fresh
-   network namespace each round: `ptp` (+ `host-local`) alone, then `garrison-cni` with ptp's
-   result as prevResult. The plugin's added time is its own ADD (process start included).
+   network namespace each round (0.4 s apart, so the agent's label read of the previous
+   round's container, a `podman inspect` after ADD returned, is not timed with the next
+   ADD): `ptp` (+ `host-local`) alone, then `garrison-cni` with ptp's result as prevResult.
+   The plugin's added time is its own ADD (process start included).
    The chain's DELs follow each round.
 2. `podman run -d` on a network without garrison and on one chained with garrison-cni; for
    the latter, the time from starting `podman run` until the agent lists the container as an
@@ -96,6 +98,9 @@ def direct_chain(rounds: int, work: Path, socket_path: Path, state: Path) -> Non
             dels.append(t_del)
             run_plugin("/usr/lib/cni/ptp", "DEL", {**ptp, "prevResult": result}, container,
                        netns, "/usr/lib/cni")
+            # the agent reads each new container's labels with `podman inspect` (~0.1 s of
+            # CPU, after ADD returned): let it finish before the next round is timed
+            time.sleep(0.4)
         finally:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     print("CNI ADD chain, driven directly (process start included):")
