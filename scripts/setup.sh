@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 MODE=${GARRISON_SETUP:-full}
 case $MODE in full|runtime) ;; *) echo "setup: GARRISON_SETUP=$MODE: use full or runtime" >&2; exit 2;; esac
 
-RUNTIME_APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 curl)
+RUNTIME_APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 curl libnghttp2-dev)
 APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 curl nftables iperf3 wrk nginx haproxy nghttp2-client jq
               chromium
               podman containernetworking-plugins etcd-server etcd-client
