@@ -371,6 +371,12 @@ class PolicyResolver:
             # init: the identity of an endpoint whose labels are not known yet
             self._endpoints[identity] = self._build_endpoint(identity)
             changed.add(identity)
+        if identity == LOCALHOST_KEY.identity and self.config.allow_localhost:
+            # back after a removal of the host identity took its keys away
+            for ep in self._endpoints.values():
+                if LOCALHOST not in ep.contribs.get(LOCALHOST_KEY, ()):
+                    ep.add_many([LOCALHOST_KEY], LOCALHOST)
+                    changed.add(ep.identity)
         rebuilt = set()
         for ep in list(self._endpoints.values()):
             if ep.identity != identity and any(

@@ -808,3 +808,14 @@ def test_namespaced_policy_selects_initializing_endpoints() -> None:
     assert lookup(state, Direction.EGRESS, 1, PROTO_TCP, 53).allowed
     assert not lookup(state, Direction.INGRESS, 2, PROTO_TCP, 8080).allowed
     assert not lookup(state, Direction.EGRESS, 2, PROTO_TCP, 443).allowed
+
+
+def test_allow_localhost_comes_back_with_the_host_identity() -> None:
+    w = world(L3L4, HOST_EPS)
+    dst = w.ids["deathstar"]
+    host_labels = w.resolver.cache.labels_of(1)
+    assert host_labels is not None
+    w.resolver.remove_identity(1)
+    assert not lookup(w.resolver.map_state(dst), Direction.INGRESS, 1, PROTO_TCP, 8080).allowed
+    assert dst in w.resolver.add_identity(1, host_labels)
+    assert lookup(w.resolver.map_state(dst), Direction.INGRESS, 1, PROTO_TCP, 8080).allowed
