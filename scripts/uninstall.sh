@@ -10,7 +10,7 @@
 # policy directory, the logs and the virtualenv (`make clean`).
 #   GARRISON_STATE_DIR, GARRISON_SOCKET, GARRISON_BPFFS_ROOT   the agent's (default: its defaults)
 #   GARRISON_BIN_DIR, GARRISON_UNIT_DIR                        as for make install
-#   GARRISON_CNI_CONF_DIR, GARRISON_CNI_BIN_DIR                as for garrison cni install
+#   GARRISON_CNI_NETWORK, GARRISON_CNI_CONF_DIR, GARRISON_CNI_BIN_DIR   as for garrison cni install
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -21,6 +21,7 @@ bin_dir=${GARRISON_BIN_DIR:-/usr/local/bin}
 unit_dir=${GARRISON_UNIT_DIR:-/etc/systemd/system}
 cni_conf_dir=${GARRISON_CNI_CONF_DIR:-/etc/cni/net.d}
 cni_bin_dir=${GARRISON_CNI_BIN_DIR:-/usr/lib/cni}
+cni_network=${GARRISON_CNI_NETWORK:-garrison}
 garrison=$repo/.venv/bin/garrison
 unit=$unit_dir/garrison-agent.service
 link=$bin_dir/garrison
@@ -51,7 +52,8 @@ fi
 
 # 2. the CNI plugin, when this version has the command and something was installed
 if "$garrison" cni uninstall --help >/dev/null 2>&1; then
-    out=$("$garrison" cni uninstall --cni-conf-dir "$cni_conf_dir" --cni-bin-dir "$cni_bin_dir" 2>&1)
+    out=$("$garrison" cni uninstall --network "$cni_network" --cni-conf-dir "$cni_conf_dir" \
+        --cni-bin-dir "$cni_bin_dir" 2>&1)
     rc=$?
     if [[ $rc -eq 0 ]]; then
         [[ -z $out ]] || printf '%s\n' "$out"
