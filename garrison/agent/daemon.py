@@ -152,6 +152,10 @@ class Agent:
             stored = self.imported.load()  # after the directory: an import overrides it
             if stored:
                 self._apply(self.repository.upsert(stored))
+            if self.cluster is not None:
+                # the cluster's policies and remote endpoints before the first reconcile: a
+                # restarted agent never enforces less than the cluster asks, not even briefly
+                self.cluster.prime()
             self._sync_cidrs()
             self.datapath.reconcile(self.resolver, self._local_endpoints())
             for ep in self.endpoints:
@@ -537,11 +541,16 @@ class Agent:
             )
 
     def identity_of_ip(self, ip: str) -> int:
-        """The identity of a non-endpoint address: its longest CIDR prefix, else world."""
+        """The identity of a non-endpoint address: another node's endpoint's (cluster), else
+        its longest CIDR prefix, else world."""
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
             return WORLD_IDENTITY
+        if self.cluster is not None:
+            remote = self.cluster.remote_identity(addr)
+            if remote is not None:
+                return remote
         best: tuple[int, int] | None = None
         for prefix, ident in self._cidr_ids.items():
             if addr.version == prefix.version and addr in prefix and (

@@ -117,6 +117,17 @@ class AgentCluster:
                 self.endpoint_changed(record)
         self.node.start()
 
+    def prime(self) -> None:
+        """The cluster's policies and other nodes' endpoints, now (the agent's start)."""
+        self.node.prime()
+
+    def remote_identity(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int | None:
+        """The identity of another node's endpoint at `address` (for the proxy's source)."""
+        if not isinstance(address, ipaddress.IPv4Address):
+            return None
+        entry = self._remote.get(address)
+        return entry.identity if entry is not None else None
+
     def close(self) -> None:
         self.node.close()
         self.routes.close()

@@ -114,6 +114,14 @@ class ClusterNode:
         self._beat = threading.Thread(target=self._beat_loop, name="cluster-heartbeat", daemon=True)
         self._beat.start()
 
+    def prime(self) -> None:
+        """Read the ipcache and the policies once, synchronously, and hand them to the handler
+        as the watches would: the agent enforces them before its first reconcile. The watches
+        (`start`) then begin with a re-list that finds nothing new."""
+        for prefix in (NODES_PREFIX, POLICIES_PREFIX, IP_PREFIX):
+            items, revision = self.store.snapshot(prefix)
+            self._on_event(prefix)(Relisted(items=items, revision=revision, reason="prime"))
+
     def _heartbeat(self) -> None:
         self.session.put(HEARTBEAT_PREFIX + self.me.name, f"{self._clock():.3f}".encode())
 
