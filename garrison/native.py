@@ -60,6 +60,7 @@ COMPILED: tuple[str, ...] = (
     "garrison.flows.build",
     "garrison.flows.codec",
     "garrison.proxy.commands",
+    "garrison.proxy.engine",
     "garrison.proxy.engine_http1",
     "garrison.parsers.kafka",
     "garrison.parsers.kafka_topics",
