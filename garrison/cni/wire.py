@@ -42,7 +42,10 @@ def read_message(sock: socket.socket) -> dict[str, Any]:
         data += chunk
         if len(data) > MAX_MESSAGE:
             raise ValueError("message too large")
-    value = json.loads(data or b"null")
+    try:
+        value = json.loads(data or b"null")
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
     return value

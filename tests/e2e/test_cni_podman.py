@@ -167,9 +167,10 @@ def rt(request: pytest.FixtureRequest,
     left = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}"], env=env,
                           capture_output=True, text=True).stdout.split()
     assert not set(left) & set(runtime.names), f"containers left: {left}"
-    assert not any(e["container_id"] for e in json.loads(
-        (agent_dir / "state" / "endpoints.json").read_text())["endpoints"]), \
-        "a removed container is still an endpoint"
+    registry = agent_dir / "state" / "endpoints.json"
+    assert not registry.exists() or not any(
+        e["container_id"] for e in json.loads(registry.read_text())["endpoints"]
+    ), "a removed container is still an endpoint"
 
 
 @dataclass(frozen=True)
@@ -407,3 +408,27 @@ def test_a_container_whose_labels_are_unknown_is_denied_both_ways(
     assert rt.curl(str(galaxy.tiefighter["name"]), "POST", ds_ip,
                    "/v1/request-landing") == (0, 200, "Ship landed\n")
     rt.podman("rm", "-f", "-t", "0", name)
+
+
+def test_the_cni_socket_answers_garbage_with_an_error(rt: Runtime) -> None:
+    """The plugin's socket is root only, but a bad request must not hurt the agent."""
+    import socket
+
+    from garrison.cni.wire import cni_socket_for
+
+    path = cni_socket_for(str(rt.agent.socket))
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    for payload in (b"not json\n", b"[1]\n", b'{"method": "Shutdown", "params": {}}\n',
+                    b'{"method": "CniAdd", "params": {}}\n', b"{" * 70000 + b"\n",
+                    b"[" * 70000 + b"\n", b"x" * (2 << 20)):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # too large: the agent answered and closed before reading it all
+            answer = json.loads(sock.makefile("rb").readline())
+        assert answer["ok"] is False and answer["error"], (payload[:40], answer)
+    assert rt.agent.call("Status")["endpoints"] >= 0  # still serving
