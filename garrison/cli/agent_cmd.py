@@ -100,8 +100,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "forget its endpoints (default 15)")
     p.add_argument("--enforcement", choices=[m.value for m in EnforcementMode],
                    default="default",
-                   help="Cilium's policy enforcement mode: default: a direction is enforced "
-                   "(default deny) once a rule selects the endpoint for it; always: "
+                   help="Cilium's policy enforcement mode: default: a direction is enforced, "
+                   "denying what no rule allows, once a rule selects the endpoint for it; always: "
                    "everything is denied that no rule allows; never: nothing is enforced")
     p.add_argument("--audit", action="store_true", help="log verdicts, drop and deny nothing")
     p.add_argument("--allow-localhost", choices=["always", "policy"], default="always",

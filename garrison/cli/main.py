@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +83,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# a help text that already gives the default: "(default: X)", "(default 15)", "text (default)",
+# "0: never; default 100 MiB" (a choice named "default" is not one)
+_NAMES_DEFAULT = re.compile(r"\(default\b|[;,]\s*default\b|%\(default\)")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Prose is wrapped to the terminal; a block with indented lines (the examples) keeps its
     lines. Each option's default follows its meaning unless the help names it already or there
@@ -102,7 +108,7 @@ class HelpFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             not action.option_strings
-            or "default" in text.lower()
+            or _NAMES_DEFAULT.search(text)
             or default is None
             or default is False
             or default == ""
