@@ -91,5 +91,9 @@ def test_help_and_version_from_the_command_line() -> None:
     assert "--state-dir STATE_DIR where the agent keeps its endpoints, identities" in text
     assert "(default: /var/lib/garrison)" in text
     assert "example" in done.stdout and "garrison agent --cleanup" in done.stdout
+    # a choice named "default" does not hide the default; a text that gives it is not repeated
+    proxy = flat(PARSERS["garrison proxy"].format_help())
+    assert "never: allow all (default: default)" in proxy
+    assert "(0: never; default 100 MiB) --access-log-backups" in proxy
     done = subprocess.run([GARRISON, "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"garrison {__version__}"
