@@ -126,7 +126,7 @@ class NetConf(NamedTuple):
     def parse(cls, data: bytes, default_socket: str, default_state_dir: str) -> NetConf:
         try:
             conf = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CNIError(DECODING_FAILURE, f"network configuration is not JSON: {exc}") from None
         if not isinstance(conf, dict):
             raise CNIError(DECODING_FAILURE, "network configuration is not a JSON object")

@@ -149,7 +149,9 @@ def test_interface_without_ipv4(tmp_path: Path) -> None:
                  "no IPv4")
 
 
-@pytest.mark.parametrize("body", [b"", b"{", b"not json", b"[1, 2]", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "body", [b"", b"{", b"not json", b"[1, 2]", b"\xff\xfe", b"[" * 100000, b"{" * 100000]
+)
 def test_garbage_on_stdin(body: bytes) -> None:
     assert_error(run("ADD", body), 6)
 
