@@ -418,3 +418,14 @@ def test_watch_and_session_survive_an_etcd_restart_missing_and_repeating_nothing
     finally:
         agent.close()
         writer.close()
+
+
+@pytest.mark.parametrize("dead_first", [True, False])
+def test_a_dead_endpoint_in_the_list_is_failed_over(etcd: EtcdServer, dead_first: bool) -> None:
+    from tests.etcd_server import _free_port
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    urls = [dead, etcd.url] if dead_first else [etcd.url, dead]
+    with EtcdKVStore(",".join(urls), root=f"ge-fo-{uuid.uuid4().hex[:8]}/", timeout_s=3.0) as kv:
+        kv.put("k", b"v")
+        assert kv.get("k") == b"v"
