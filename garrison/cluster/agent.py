@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from garrison.cluster.keys import IPEntry, NodeRecord, StoredPolicy
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("garrison.cluster")
 
 DEFAULT_LEASE_TTL_S = 15
+CACHE_FILE = "cluster-cache.json"
 START_TIMEOUT_S = 10.0
 
 
@@ -62,14 +64,23 @@ class AgentCluster:
         local_store: KVStore,
         *,
         lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
+        cache_path: Path | None = None,
     ) -> None:
         self._agent = agent
         self.store = EtcdKVStore(endpoints)
         self.session = self.store.session(lease_ttl_s, name=f"node-{node_name}")
-        if not self.session.wait_ready(START_TIMEOUT_S):
+        me = NodeRecord(node_name, node_ip, pod_cidr)
+        has_cache = cache_path is not None and cache_path.is_file()
+        # etcd away at start: go on from the saved copy of the cluster (enforcement as before
+        # the restart, endpoints keep their identities), else refuse to start.
+        self.degraded = not self.session.wait_ready(START_TIMEOUT_S)
+        if self.degraded and not has_cache:
             error = self.session.last_error or "no answer"
             self.store.close()
-            raise KVStoreError(f"cannot join the cluster: {error}")
+            raise KVStoreError(
+                f"cannot join the cluster: {error} (this node has never been connected, so it"
+                " has no saved copy of the cluster to start from)"
+            )
         self.allocator = ClusterIdentityAllocator(
             self.store,
             AllocatorConfig(node_name=node_name),
@@ -78,10 +89,20 @@ class AgentCluster:
         )
         self.session.on_new_lease(self._restore_identities)
         self.routes = NodeRoutes()
-        self.node = ClusterNode(
-            self.store, self.session, NodeRecord(node_name, node_ip, pod_cidr), self
-        )
+        self.node = ClusterNode(self.store, self.session, me, self, cache_path=cache_path)
         self.node.on_beat.append(self.allocator.flush_pending)
+        if self.degraded:
+            log.warning(
+                "cluster: etcd does not answer (%s): starting from the saved copy; new"
+                " identities and policy imports wait for it",
+                self.session.last_error,
+            )
+            for record in agent.endpoints:
+                if record.identity >= 256 and record.labels:
+                    # the owner name the agent allocates with (Agent._identity_for)
+                    self.allocator.adopt(
+                        record.full_labels, f"endpoint:{record.name}", record.identity
+                    )
         self._remote: dict[ipaddress.IPv4Address, IPEntry] = {}
         # When each remote IP's ipcache entry was last written (time.time()), for benchmarks.
         self.learnt_at: dict[ipaddress.IPv4Address, float] = {}
@@ -108,6 +129,7 @@ class AgentCluster:
             config.pod_cidr,
             agent.kvstore,
             lease_ttl_s=config.kvstore_lease_ttl_s,
+            cache_path=config.state_dir / CACHE_FILE,
         )
 
     def start(self) -> None:

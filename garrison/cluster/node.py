@@ -9,11 +9,16 @@ changes — the agent applies them to its maps incrementally, never by flushing.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
+import json
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Protocol
 
 from garrison.cluster.keys import (
@@ -35,6 +40,8 @@ from garrison.policies.repository import PolicyKey
 log = logging.getLogger("garrison.cluster")
 
 DEFAULT_HEARTBEAT_S = 5.0
+# What a node keeps on disk (nodes first: routes before the endpoints behind them).
+_CACHED = (NODES_PREFIX, POLICIES_PREFIX, IP_PREFIX)
 
 
 class ClusterHandler(Protocol):
@@ -79,6 +86,7 @@ class ClusterNode:
         *,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         clock: Callable[[], float] = time.time,
+        cache_path: Path | None = None,
     ) -> None:
         self.store = store
         self.session = session
@@ -101,6 +109,10 @@ class ClusterNode:
         self.errors: list[str] = []
         # Run after every heartbeat (in its thread): retries of writes that found etcd away.
         self.on_beat: list[Callable[[], object]] = []
+        # What the other nodes published, kept on disk for a start while etcd is away.
+        self._cache_path = cache_path
+        self._cache_dirty = False
+        self.primed_from_cache = False
 
     # Publishing ----------------------------------------------------------------------------
 
@@ -118,9 +130,60 @@ class ClusterNode:
         """Read the ipcache and the policies once, synchronously, and hand them to the handler
         as the watches would: the agent enforces them before its first reconcile. The watches
         (`start`) then begin with a re-list that finds nothing new."""
-        for prefix in (NODES_PREFIX, POLICIES_PREFIX, IP_PREFIX):
-            items, revision = self.store.snapshot(prefix)
-            self._on_event(prefix)(Relisted(items=items, revision=revision, reason="prime"))
+        try:
+            snapshots = {p: self.store.snapshot(p) for p in _CACHED}
+        except KVStoreError as exc:
+            cached = self._load_cache()
+            if cached is None:
+                raise
+            log.warning("cluster: %s; starting from the copy saved at %s", exc, self._cache_path)
+            self.primed_from_cache = True
+            snapshots = {p: (cached.get(p, {}), 0) for p in _CACHED}
+        for prefix in _CACHED:
+            items, revision = snapshots[prefix]
+            reason = "cache" if self.primed_from_cache else "prime"
+            self._on_event(prefix)(Relisted(items=items, revision=revision, reason=reason))
+        self.save_cache()
+
+    def has_cache(self) -> bool:
+        return self._cache_path is not None and self._cache_path.is_file()
+
+    def _load_cache(self) -> dict[str, dict[str, bytes]] | None:
+        if not self.has_cache():
+            return None
+        assert self._cache_path is not None
+        try:
+            doc = json.loads(self._cache_path.read_text())
+            return {
+                prefix: {k: base64.b64decode(v) for k, v in items.items()}
+                for prefix, items in doc["views"].items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("cluster: the saved copy %s is unreadable: %s", self._cache_path, exc)
+            return None
+
+    def save_cache(self) -> None:
+        """Write what the other nodes published (nodes, ipcache, policies) to the cache file,
+        atomically; a no-op without one."""
+        if self._cache_path is None:
+            return
+        with self._lock:
+            views = {
+                prefix: {k: base64.b64encode(v).decode() for k, v in self._views[prefix].items()}
+                for prefix in _CACHED
+            }
+            self._cache_dirty = False
+        directory = self._cache_path.parent
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cluster-cache.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"views": views}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._cache_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _heartbeat(self) -> None:
         self.session.put(HEARTBEAT_PREFIX + self.me.name, f"{self._clock():.3f}".encode())
@@ -128,6 +191,11 @@ class ClusterNode:
     def _beat_loop(self) -> None:
         while not self._stop.wait(self._heartbeat_s):
             self._heartbeat()
+            if self._cache_dirty:
+                try:
+                    self.save_cache()
+                except OSError as exc:
+                    log.error("cluster: cannot save %s: %s", self._cache_path, exc)
             for hook in self.on_beat:
                 try:
                     hook()
@@ -160,6 +228,8 @@ class ClusterNode:
                 upserts, gone = _diff(self._views[prefix], event)
             if not upserts and not gone:
                 return
+            if prefix in _CACHED:
+                self._cache_dirty = True
             self.applied[prefix] += len(upserts) + len(gone)
             try:
                 self._dispatch(prefix, upserts, gone)
@@ -248,6 +318,7 @@ class ClusterNode:
                 for name, node in sorted(self.nodes().items())
             },
             "errors": list(self.errors),
+            **({"started_from_cache": True} if self.primed_from_cache else {}),
         }
 
     def close(self, *, leave: bool = False) -> None:

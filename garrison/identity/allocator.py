@@ -473,6 +473,8 @@ class ClusterIdentityAllocator(IdentityAllocator):
         # retries them (the agent calls it periodically).
         self._pending: dict[str, _HeldIdentity | int] = {}
         self._rng = random.Random()
+        # Identities whose number changed when a reference was written again (old → new).
+        self.changed: dict[int, int] = {}
 
     def _refs_of(self, canonical: str) -> str:
         # Quoted without a safe "/", so one label set's references are never a prefix of
@@ -507,6 +509,21 @@ class ClusterIdentityAllocator(IdentityAllocator):
             held = _HeldIdentity(0, relevant, {owner})
             held.id = self._reference(canonical, held, keep_id=None)
             self._held[canonical] = held
+            return Identity(held.id, relevant)
+
+    def adopt(self, labels: Labels, owner: str, number: int) -> Identity:
+        """Hold `number` for `labels` on this node's word alone (its endpoint registry), while
+        the store is away at start: endpoints keep their identities. The reference is written,
+        conditionally like `restore`, once the store answers (`flush_pending`)."""
+        relevant = self.relevant_labels(labels)
+        canonical = canonical_labels(relevant)
+        with self._lock:
+            held = self._held.get(canonical)
+            if held is None:
+                held = _HeldIdentity(number, relevant, set())
+                self._held[canonical] = held
+            held.owners.add(owner)
+            self._pending[canonical] = held
             return Identity(held.id, relevant)
 
     def _ref_put(self, canonical: str, held: _HeldIdentity) -> Put:
@@ -625,7 +642,11 @@ class ClusterIdentityAllocator(IdentityAllocator):
                 try:
                     if isinstance(what, _HeldIdentity):
                         if self._held.get(canonical) is what:
-                            self._tx.transaction([], [self._ref_put(canonical, what)])
+                            # conditional: the identity may have been collected meanwhile
+                            old = what.id
+                            new = self._reference(canonical, what, keep_id=old)
+                            if new != old:
+                                self.changed[old] = new
                     elif canonical not in self._held:
                         self._store.delete(self._ref_key(canonical))
                         self.collect(canonical, what)

@@ -83,6 +83,7 @@ class Node:
     ip: str
     pod_cidr: str
     agent: NsAgent
+    etcd: EtcdServer
 
     def api(self, method: str, **params: Any) -> dict[str, Any]:
         from garrison.agent.api import AgentClient
@@ -153,7 +154,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node
                 "--node-name", f"ge-n{n}", "--pod-cidr", f"198.18.{200 + n}.0/24",
                 "--node-ip", node_ip, "--kvstore-lease-ttl", str(LEASE_TTL_S),
             ]
-            node = Node(f"ge-n{n}", netns, node_ip, f"198.18.{200 + n}.0/24", agent)
+            node = Node(f"ge-n{n}", netns, node_ip, f"198.18.{200 + n}.0/24", agent, etcd)
             nodes[node.name] = node
             agent.start()
         yield nodes
@@ -310,6 +311,43 @@ def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
         n2.api("EndpointDelete", name="ge-ds")
         with contextlib.suppress(Exception):
             n1.api("PolicyDelete", name="rule1")
+
+
+def test_an_agent_restarted_while_etcd_is_down_enforces_from_its_saved_copy(
+    cluster: dict[str, Node],
+) -> None:
+    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
+    a = AgentEndpoint("ge-a", "198.18.201.10", (), 0, "")
+    b = AgentEndpoint("ge-b", "198.18.202.10", (), 0, "")
+    c = AgentEndpoint("ge-c", "198.18.201.11", (), 0, "")
+    b_identity = n2.cli_json("endpoint", "get", "ge-b")["identity"]
+    etcd = n2.etcd
+    etcd.stop()
+    try:
+        n2.agent.stop(signal.SIGKILL)
+        n2.agent.start()
+        status = n2.api("Status")
+        assert status["cluster"]["started_from_cache"] is True
+        assert status["cluster"]["connected"] is False
+        assert status["policies"] >= 1  # ge-b-from-a, imported on node 1, from the copy
+        shown = n2.agent.cli("status")
+        assert shown.returncode == 1
+        assert f"PROBLEM: etcd at {ETCD_IP}:2379 is not connected" in shown.stdout
+        # The endpoint keeps its identity, and the verdicts are the cluster's.
+        assert n2.cli_json("endpoint", "get", "ge-b")["identity"] == b_identity
+        with echo_servers(b, 7000):
+            sock = a.connect(b.ip, 7000)
+            assert sock is not None
+            with sock:
+                assert roundtrip(sock)
+            assert c.connect(b.ip, 7000, timeout=1.5) is None
+    finally:
+        etcd.start()
+    wait_for(lambda: n2.api("Status")["cluster"]["connected"], 20.0, "node 2 to reconnect")
+    e = add_endpoint(n1, "ge-e", "app=ge-e", "198.18.201.13")
+    wait_for(lambda: f"{e.ip}/32" in n2.ipcache(), 15.0, "node 2 to follow again")
+    n1.api("EndpointDelete", name="ge-e")
+    assert n2.api("Status")["cluster"].get("started_from_cache") is True
 
 
 def test_a_stopped_agent_keeps_enforcing_and_catches_up(cluster: dict[str, Node]) -> None:
