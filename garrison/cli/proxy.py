@@ -11,6 +11,12 @@ policy enforced is the ingress policy of the destination (`--dst-labels`, `--dst
 on port `--dport` (default: the upstream's port). SIGHUP or a changed policy file reloads the
 policy; an invalid one is refused and the old one stays. SIGTERM / SIGINT stop the proxy.
 
+`--workers N` (default: the number of CPUs) runs N worker processes on the one port
+(`SO_REUSEPORT`, `garrison.proxy.workers`): the kernel spreads connections over them, SIGHUP
+and policy-file changes reach every worker, a worker that dies is restarted, the access log
+gets whole lines from all of them, and `--metrics` serves their sum (prometheus_client's
+multiprocess mode, in a per-run directory removed at exit). `--workers 1` is one process.
+
 When no loaded policy selects the destination for ingress (often a typo in `--dst-labels`),
 nothing in the files applies and every request would be forwarded: the proxy refuses to
 start, and refuses such a reload, unless `--allow-unselected` is given; then it warns at
@@ -30,10 +36,14 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from garrison.flows.store import FlowStore
@@ -44,7 +54,14 @@ from garrison.policies.model import EnforcementMode, Policy
 from garrison.policies.resolve import ResolverConfig
 from garrison.proxy.commands import PeerInfo
 from garrison.proxy.config import ProxyConfig, Timeouts
-from garrison.proxy.metrics import ProxyMetrics
+from garrison.proxy.metrics import (
+    MetricsConfig,
+    MetricsServer,
+    ProxyMetrics,
+    serve_multiprocess,
+    use_multiprocess,
+    worker_exited,
+)
 from garrison.proxy.policyview import (
     DESTINATION_IDENTITY,
     PeerMapping,
@@ -60,7 +77,8 @@ from garrison.proxy.server import (
     StaticDestination,
     install_uvloop,
 )
-from garrison.proxy.sockets import ListenError
+from garrison.proxy.sockets import ListenError, listener
+from garrison.proxy.workers import Supervisor, default_workers
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -128,6 +146,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="seconds an idle client connection is kept")
     p.add_argument("--upstream-timeout", type=float, default=Timeouts().upstream_reply,
                    metavar="S", help="seconds the upstream may take to answer")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes sharing the listen port (SO_REUSEPORT); "
+                   "default: the number of CPUs")
     p.add_argument("--node-name", default="", metavar="NAME",
                    help="node name written into flow records (default: none)")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -192,6 +213,9 @@ class _Options:
             except (ValueError, LabelError) as exc:
                 raise UsageError(str(exc)) from exc
         self.metrics = parse_address(args.metrics, "--metrics") if args.metrics else None
+        self.workers = default_workers() if args.workers is None else int(args.workers)
+        if not 0 < self.workers <= 1024:
+            raise UsageError("--workers: a number of processes, 1-1024")
         self.resolver = ResolverConfig(EnforcementMode(args.enforcement), args.audit)
         self.config = ProxyConfig(
             timeouts=Timeouts(
@@ -251,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
         print("garrison proxy: invalid policy; not started", file=sys.stderr)
         return EXIT_USAGE
     writer: AccessLogWriter | None = None
+    log_config: AccessLogConfig | None = None
     if args.access_log:
         parent = Path(args.access_log).parent
         if not parent.exists():  # created, as the agent does, and said
@@ -262,14 +287,19 @@ def run(args: argparse.Namespace) -> int:
                 return EXIT_USAGE
             log.warning("created the access log's directory %s", parent)
         try:
-            writer = AccessLogWriter(AccessLogConfig(
+            log_config = AccessLogConfig(
                 Path(args.access_log),
                 max_bytes=args.access_log_max_bytes,
                 backups=args.access_log_backups,
-            ))
+            )
+            writer = AccessLogWriter(log_config)
         except (AccessLogError, ValueError) as exc:
             print(f"garrison proxy: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if options.workers > 1:
+        if writer is not None:
+            writer.close()  # opened to check it can be; each worker opens its own
+        return _run_workers(args, options, policy, log_config)
     install_uvloop()
     try:
         return asyncio.run(_serve(args, options, policy, writer))
@@ -278,17 +308,100 @@ def run(args: argparse.Namespace) -> int:
             writer.close()
 
 
+@dataclass(frozen=True, slots=True)
+class _Worker:
+    """This process is worker `index` of several, on `address` (SO_REUSEPORT)."""
+
+    index: int
+    address: tuple[str, int]
+    ready_fd: int
+
+
+def _run_workers(
+    args: argparse.Namespace,
+    options: _Options,
+    policy: PolicySource,
+    log_config: AccessLogConfig | None,
+) -> int:
+    """The parent of `--workers N`: reserve the port, fork the workers, serve the summed
+    metrics, supervise (garrison.proxy.workers)."""
+    try:
+        reserved = listener(*options.listen, reuse_port=True, listen=False)
+    except ListenError as exc:
+        print(f"garrison proxy: cannot listen: {exc.strerror}", file=sys.stderr)
+        return EXIT_RUNTIME
+    name = reserved.getsockname()
+    address = (str(name[0]), int(name[1]))
+    metrics_dir = Path(tempfile.mkdtemp(prefix="garrison-proxy-metrics-"))
+    use_multiprocess(metrics_dir)
+    metrics_server: MetricsServer | None = None
+
+    def run_worker(index: int, ready_fd: int) -> int:
+        reserved.close()
+        if metrics_server is not None:
+            metrics_server.forget()  # the parent's; this process only has its copy
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(
+                logging.Formatter(f"garrison proxy (worker {index}): %(message)s")
+            )
+        writer = AccessLogWriter(log_config) if log_config is not None else None
+        install_uvloop()
+        try:
+            return asyncio.run(
+                _serve(args, options, policy, writer, _Worker(index, address, ready_fd))
+            )
+        finally:
+            if writer is not None:
+                writer.close()
+
+    supervisor = Supervisor(
+        options.workers, run_worker, on_exit=lambda pid: worker_exited(pid, metrics_dir)
+    )
+    supervisor.block_signals()  # before the metrics thread starts: it must not get them
+    try:
+        if options.metrics is not None:
+            try:
+                metrics_server = serve_multiprocess(*options.metrics, metrics_dir)
+            except OSError as exc:
+                print(f"garrison proxy: --metrics {args.metrics}: {exc.strerror or exc}",
+                      file=sys.stderr)
+                return EXIT_RUNTIME
+
+        def ready() -> None:
+            log.info(
+                "listening on %s:%d (%s) -> upstream %s:%d, policy for %s port %d, "
+                "%d workers (pids %s)",
+                address[0], address[1], options.protocol.value, options.upstream[0],
+                options.upstream[1], options.dst_labels.short(), options.dport,
+                options.workers, " ".join(str(pid) for pid in supervisor.pids),
+            )
+            if metrics_server is not None:
+                log.info("metrics on http://%s:%d/metrics", metrics_server.host,
+                         metrics_server.port)
+
+        status = supervisor.run(ready)
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+        reserved.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if status == 0:
+        log.info("stopped")
+    return status
+
+
 async def _serve(
     args: argparse.Namespace,
     options: _Options,
     policy: PolicySource,
     writer: AccessLogWriter | None,
+    worker: _Worker | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
-    metrics = ProxyMetrics()
+    metrics = ProxyMetrics(MetricsConfig(worker=worker.index if worker is not None else 0))
     metrics.set_destination_selected(_selected(policy))
     metrics_server = None
-    if options.metrics is not None:
+    if options.metrics is not None and worker is None:
         try:
             metrics_server = metrics.serve(*options.metrics)
         except OSError as exc:
@@ -317,7 +430,12 @@ async def _serve(
     )
     server = ProxyServer(settings, policy, sink, metrics=metrics)
     try:
-        address = await server.listen_standalone(*options.listen, upstream=options.upstream)
+        if worker is None:
+            address = await server.listen_standalone(*options.listen, upstream=options.upstream)
+        else:
+            address = await server.listen_standalone(
+                *worker.address, upstream=options.upstream, reuse_port=True
+            )
     except ListenError as exc:
         print(f"garrison proxy: cannot listen: {exc.strerror}", file=sys.stderr)
         if metrics_server is not None:
@@ -344,26 +462,35 @@ async def _serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info(
-        "listening on %s:%d (%s) -> upstream %s:%d, policy for %s port %d",
-        address[0], address[1], options.protocol.value, options.upstream[0],
-        options.upstream[1], options.dst_labels.short(), options.dport,
-    )
+    if worker is None:
+        log.info(
+            "listening on %s:%d (%s) -> upstream %s:%d, policy for %s port %d",
+            address[0], address[1], options.protocol.value, options.upstream[0],
+            options.upstream[1], options.dst_labels.short(), options.dport,
+        )
+    else:  # the parent says it once every worker listens
+        os.write(worker.ready_fd, b"\x01")
+        os.close(worker.ready_fd)
     if metrics_server is not None:
         log.info("metrics on http://%s:%d/metrics", metrics_server.host, metrics_server.port)
-    check = loop.create_task(_check_upstream(options.upstream))
+    check = (
+        loop.create_task(_check_upstream(options.upstream))
+        if worker is None or worker.index == 0 else None
+    )
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-        check.cancel()
+        if check is not None:
+            check.cancel()
         await reloader.stop()
         await server.close(grace=0.5)
         if metrics_server is not None:
             metrics_server.close()
-    log.info("stopped")
+    if worker is None:
+        log.info("stopped")
     return 0
 
 

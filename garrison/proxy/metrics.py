@@ -11,6 +11,8 @@
 - `garrison_proxy_flows_total{verdict}` counter: FORWARDED, DROPPED, AUDIT, ERROR.
 - `garrison_proxy_destination_selected` gauge (standalone proxy): 1 when a loaded policy
   selects the destination for ingress, 0 when none does (every request is forwarded).
+- `garrison_proxy_accepted_connections_total{worker}` counter: client connections each worker
+  process accepted (`--workers`: how the kernel spread them).
 
 Cilium's `cilium_policy_l7_total` counts with the same `rule` values (received / forwarded /
 denied / parse_errors). Every `rule` × `proxy_type` × `direction` series exists from the start
@@ -18,17 +20,27 @@ at 0, so a rate over a counter that never moved is 0 rather than absent.
 
 Each `ProxyMetrics` has its own `CollectorRegistry` (nothing goes to prometheus_client's global
 one), so tests and several proxies in one process do not collide.
+
+Several worker processes (`garrison proxy --workers N`): `use_multiprocess(directory)` switches
+prometheus_client to its multiprocess mode before the workers make their metrics; each
+worker's values live in files of that per-run directory, and the parent serves their sum
+(`serve_multiprocess`): counters and histograms summed, the connection and pool gauges summed
+over live workers, `destination_selected` the least of the live workers'.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from garrison.flows.record import FlowRecord, TrafficDirection, Verdict
 from garrison.policies.l7rules import L7Protocol
@@ -73,6 +85,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class MetricsConfig:
     latency_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS
     prefix: str = "garrison"
+    worker: int = 0  # the worker process these metrics belong to (`--workers`)
 
 
 def _proto(proto: ProtocolLike) -> str:
@@ -97,6 +110,11 @@ class MetricsServer:
     @property
     def port(self) -> int:
         return int(self._server.server_port)
+
+    def forget(self) -> None:
+        """In a forked child: close this process's copy of the listening socket (the thread
+        serving it is the parent's, and did not come along)."""
+        self._server.socket.close()
 
     def close(self) -> None:
         self._server.shutdown()
@@ -129,13 +147,21 @@ class ProxyMetrics:
             "Client connections the proxy holds open",
             ["proxy_type"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self._pool = Gauge(
             f"{p}_proxy_upstream_pool_connections",
             "Upstream connections in the pool by state",
             ["state"],
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
+        self._accepted = Counter(
+            f"{p}_proxy_accepted_connections",
+            "Client connections accepted, by worker process",
+            ["worker"],
+            registry=self.registry,
+        ).labels(str(cfg.worker))
         self._access_log_errors = Counter(
             f"{p}_proxy_access_log_errors",
             "Access log writes that failed (the records stay in the in-memory ring)",
@@ -206,6 +232,7 @@ class ProxyMetrics:
 
     def connection_opened(self, proto: ProtocolLike) -> None:
         self._connections.labels(_proto(proto)).inc()
+        self._accepted.inc()
 
     def connection_closed(self, proto: ProtocolLike) -> None:
         self._connections.labels(_proto(proto)).dec()
@@ -220,6 +247,7 @@ class ProxyMetrics:
                 f"{self._prefix}_proxy_destination_selected",
                 "1 when a loaded policy selects the proxied destination for ingress, else 0",
                 registry=self.registry,
+                multiprocess_mode="livemin",
             )
         self._destination_selected.set(1 if selected else 0)
 
@@ -265,3 +293,25 @@ class ProxyMetrics:
         """Serve the text format over HTTP on host:port (port 0 picks a free one)."""
         server, thread = start_http_server(port, addr=host, registry=self.registry)
         return MetricsServer(server, thread)
+
+
+def use_multiprocess(directory: Path) -> None:
+    """Keep the values of every metric made from now on (in this process and the processes
+    it forks) in files under `directory`, prometheus_client's multiprocess mode. Its
+    documented switch is the environment variable read when the library is imported; the
+    proxy has imported it already, so the value class is chosen again here."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def serve_multiprocess(host: str, port: int, directory: Path) -> MetricsServer:
+    """Serve the sum of every worker's metrics in `directory` over HTTP on host:port."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
+
+
+def worker_exited(pid: int, directory: Path) -> None:
+    """A worker process is gone: its live gauges stop counting (its counters stay)."""
+    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]

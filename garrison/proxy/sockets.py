@@ -7,6 +7,9 @@ upstream sockets.
 - Upstream sockets carry `SO_MARK` = the datapath's proxy-upstream mark, so the tc program at
   the destination recognises the proxy's own connection and does not redirect it again.
   Needs CAP_NET_ADMIN too; standalone mode sets no mark.
+- Several worker processes share one port with `SO_REUSEPORT` (the kernel spreads new
+  connections over their listeners by a hash of the 4-tuple); the parent holds a bound,
+  not listening, socket on the port (`listen=False`) so port 0 resolves once for all.
 - Listeners take the system's largest accept queue (`net.core.somaxconn`), not Python's 100:
   a burst of connects beyond the queue waits as SYN cookies or retransmitted SYNs.
 """
@@ -61,9 +64,12 @@ def listener(
     transparent: bool = False,
     reuse_port: bool = False,
     backlog: int | None = None,
+    listen: bool = True,
 ) -> socket.socket:
     """A listening, non-blocking TCP socket on host:port (port 0 picks a free one), with an
-    accept queue of `backlog` (default: `system_backlog()`)."""
+    accept queue of `backlog` (default: `system_backlog()`). `listen=False`: bound only —
+    with `reuse_port`, a reservation of the port for worker processes that listen on it with
+    `SO_REUSEPORT` (a bound socket that does not listen is never given a connection)."""
     family = family_of(host)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -88,7 +94,8 @@ def listener(
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise ListenError(exc.errno, f"{host} is not an address of this host") from exc
             raise ListenError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        sock.listen(system_backlog() if backlog is None else backlog)
+        if listen:
+            sock.listen(system_backlog() if backlog is None else backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()
