@@ -31,9 +31,13 @@ class MismatchAction(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class HeaderMatch:
+    """`value`: the exact value; `regex` (garrison extension, `garrison.io/v1` files only): an
+    RE2 pattern the whole value must match instead (`value` is then ""; no `mismatch`)."""
+
     name: str
     value: str
     mismatch: MismatchAction | None = None  # None: a mismatch makes the rule fail
+    regex: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,12 +214,17 @@ class L7RuleSet:
     A request is allowed when it matches any rule. `allow_all` is set when another rule allows
     the same peer on the same port at L4 only (Cilium's merge rule): every request passes,
     still parsed and logged. `rules` keeps the ref of the policy rule each L7 rule came from.
+
+    `deny_rules` (garrison extension: L7 rules in `ingressDeny`/`egressDeny`): a request that
+    matches any of them is denied whatever `rules` and `allow_all` say (deny always wins),
+    and the verdict names the deny rule.
     """
 
     protocol: L7Protocol
     rules: tuple[tuple[L7Rule, RuleRef | None], ...] = ()
     allow_all: bool = False
     allow_all_ref: RuleRef | None = None
+    deny_rules: tuple[tuple[L7Rule, RuleRef | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +241,7 @@ class L7Verdict:
     """The result of matching one request against an L7RuleSet.
 
     `rule` names the policy rule that allowed; `reason` says why nothing matched.
+    `denied_by`: the L7 deny rule (garrison extension) the request matched, when one did.
     `allowed_topics` (Kafka, all-topics Metadata): the response must be filtered to these
     topics; None = no filtering needed (any topic allowed).
     """
@@ -243,3 +253,4 @@ class L7Verdict:
     logged_mismatches: tuple[str, ...] = ()
     filter_response: bool = False
     allowed_topics: frozenset[str] | None = None
+    denied_by: RuleRef | None = None

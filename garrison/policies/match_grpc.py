@@ -6,7 +6,9 @@ Pure and parser-free: the engine passes the service and method it read from `:pa
 - `{service, method}` matches that exact method, case-sensitively (gRPC paths are);
 - `{service}` (method absent) matches every method of that service;
 - `allow_all` (another rule allows the peer on this port at L4 only) allows every call;
-- a call is allowed when any rule matches; the first matching rule in policy order is named.
+- a call is allowed when any rule matches; the first matching rule in policy order is named;
+- `deny_rules` (garrison extension): a call matching any deny rule is denied whatever the allow
+  rules and `allow_all` say, naming the first matching deny rule (`denied_by`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from garrison.policies.refs import RuleRef
 class GRPCMatcher:
     """Compiled once per rule set, then `match()` per call: two dict lookups."""
 
-    __slots__ = ("_allow_all", "_allow_all_ref", "_methods", "_services")
+    __slots__ = ("_allow_all", "_allow_all_ref", "_deny", "_methods", "_services")
 
     def __init__(self, ruleset: L7RuleSet) -> None:
+        self._deny: GRPCMatcher | None = None
+        if ruleset.deny_rules:
+            self._deny = GRPCMatcher(L7RuleSet(ruleset.protocol, ruleset.deny_rules))
         self._allow_all = ruleset.allow_all
         self._allow_all_ref = ruleset.allow_all_ref
         # (position in the rule set, ref): the earliest matching rule is the one named.
@@ -35,6 +40,12 @@ class GRPCMatcher:
                 self._methods.setdefault((rule.service, rule.method), (index, ref))
 
     def match(self, service: str, method: str) -> L7Verdict:
+        if self._deny is not None:
+            denied = self._deny.match(service, method)
+            if denied.allowed:
+                return L7Verdict(
+                    allowed=False, reason=f"denied by {denied.rule}", denied_by=denied.rule
+                )
         if self._allow_all:
             return L7Verdict(allowed=True, rule=self._allow_all_ref, reason="allow-all at L4")
         exact = self._methods.get((service, method))

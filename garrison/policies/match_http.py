@@ -18,6 +18,11 @@ Compiled once per rule set. Pinned meaning (POLICY-SEMANTICS, and where it is si
   are often secrets); ADD → the rule matches, edit ADD(name, value) (append a field); REPLACE →
   edit REPLACE(name, value) (drop every field of that name, add this one); DELETE → edit
   DELETE(name, "") when the field is present (nothing to do when it is absent).
+- `headerMatches` with `regex` (garrison extension): the joined value must fully match the
+  RE2 pattern; an absent field fails the rule.
+- `deny_rules` (garrison extension): a request matching any deny rule (same matching as an
+  allow rule, header conditions included) is denied, naming the deny rule in `denied_by`,
+  whatever the allow rules and `allow_all` say. Deny rules have no mismatch actions.
 - Several rules can match: the first one (in rule order) that matches with no mismatch at all
   wins; only if none does, the first that matches with mismatch actions decides, and its
   edits and logs are the verdict's.
@@ -63,7 +68,7 @@ class _CompiledRule:
     ref: RuleRef | None
     # (lower-case name, display name, exact value or None for presence)
     required: tuple[tuple[str, str, str | None], ...]
-    header_matches: tuple[tuple[str, HeaderMatch], ...]
+    header_matches: tuple[tuple[str, HeaderMatch, re2._Regexp | None], ...]
     has_header_conditions: bool
     allowed: L7Verdict  # the verdict of a clean match, built once
     # Rules whose patterns use text anchors are matched field by field.
@@ -74,6 +79,9 @@ class HTTPMatcher:
     """Compiled HTTP rules of one L7RuleSet. `match()` is pure and thread-safe."""
 
     def __init__(self, ruleset: L7RuleSet) -> None:
+        self._deny: HTTPMatcher | None = None
+        if ruleset.deny_rules:
+            self._deny = HTTPMatcher(L7RuleSet(ruleset.protocol, ruleset.deny_rules))
         self._allow_all = ruleset.allow_all
         self._allow_all_verdict = L7Verdict(allowed=True, rule=ruleset.allow_all_ref)
         rules: list[_CompiledRule] = []
@@ -107,7 +115,10 @@ class HTTPMatcher:
                 _CompiledRule(
                     ref=ref,
                     required=tuple(_parse_header_entry(entry) for entry in rule.headers),
-                    header_matches=tuple((hm.name.lower(), hm) for hm in rule.header_matches),
+                    header_matches=tuple(
+                        (hm.name.lower(), hm, _compile_value(hm.regex))
+                        for hm in rule.header_matches
+                    ),
                     has_header_conditions=bool(rule.headers or rule.header_matches),
                     allowed=L7Verdict(allowed=True, rule=ref),
                     separate=separate,
@@ -138,6 +149,14 @@ class HTTPMatcher:
         headers: Sequence[tuple[str, str]],
     ) -> L7Verdict:
         """The verdict for one request. `headers`: (name, value) as received, any case."""
+        if self._deny is not None:
+            denied = self._deny.match(method, path, host, headers)
+            if denied.allowed:
+                return L7Verdict(
+                    allowed=False,
+                    reason=f"denied by {denied.rule}" if denied.rule else "denied by a deny rule",
+                    denied_by=denied.rule,
+                )
         if self._allow_all:
             return self._allow_all_verdict
         candidates = 0
@@ -197,6 +216,15 @@ def _check_alone(pattern: str | None) -> None:
         raise ValueError(f"invalid RE2 pattern {pattern!r} in HTTP rules: {exc}") from exc
 
 
+def _compile_value(pattern: str | None) -> re2._Regexp | None:
+    if pattern is None:
+        return None
+    try:
+        return re2.compile(pattern)
+    except re2.error as exc:
+        raise ValueError(f"invalid RE2 pattern {pattern!r} in headerMatches: {exc}") from exc
+
+
 def _part(pattern: str | None) -> str:
     return f"(?m:(?:{pattern}))" if pattern else _ANY_PART
 
@@ -245,8 +273,14 @@ def _check_headers(
             return f"header {name!r} has another value", (), ()
     edits: list[HeaderEdit] = []
     logs: list[str] = []
-    for lname, header_match in rule.header_matches:
+    for lname, header_match, regex in rule.header_matches:
         values = fields.get(lname)
+        if regex is not None:
+            if values is None:
+                return f"header {header_match.name!r} missing", (), ()
+            if regex.fullmatch(",".join(values)) is None:
+                return f"header {header_match.name!r} does not match {header_match.regex!r}", (), ()
+            continue
         if values is not None and ",".join(values) == header_match.value:
             continue
         action = header_match.mismatch

@@ -17,6 +17,11 @@ Semantics (docs: POLICY-SEMANTICS.md, Kafka rules):
   not learnt yet, a body the parser could not decode, a null "every topic" list outside
   Metadata). Only an applicable rule allowing any topic can allow it: nothing fails open.
 - A rule set with `allow_all` allows everything.
+- `deny_rules` (garrison extension) are checked first and win: a deny rule that applies to the
+  request (API key, version, client id as above) denies it when it has no `topic` or the
+  request names its topic. A topic-bound deny rule also denies an all-topics Metadata or a
+  request with unknown topics (it might name the topic: fail closed). The verdict names the
+  deny rule in `denied_by`.
 """
 
 from __future__ import annotations
@@ -92,6 +97,18 @@ class KafkaMatcher:
             if isinstance(rule, KafkaRule)
         )
         self._allow_all = L7Verdict(True, ruleset.allow_all_ref, "allow-all (L4-only rule)")
+        self._deny_rules = tuple(
+            _CompiledRule(
+                rule.api_keys,
+                rule.api_version,
+                rule.client_id,
+                rule.topic,
+                ref,
+                L7Verdict(False, None, f"denied by {ref}", denied_by=ref),
+            )
+            for rule, ref in ruleset.deny_rules
+            if isinstance(rule, KafkaRule)
+        )
         # api key -> (rules for the key, indexed when no rule constrains version or client id)
         self._by_key: dict[int, tuple[tuple[_CompiledRule, ...], _Applicable | None]] = {}
 
@@ -119,6 +136,17 @@ class KafkaMatcher:
         *,
         unknown_topics: bool = False,
     ) -> L7Verdict:
+        for deny in self._deny_rules:
+            if (not deny.api_keys or api_key in deny.api_keys) and deny.applies(
+                api_version, client_id
+            ):
+                if (
+                    deny.topic is None
+                    or all_topics
+                    or unknown_topics
+                    or deny.topic in topics
+                ):
+                    return deny.verdict
         if self.ruleset.allow_all:
             return self._allow_all
         applicable = self._applicable(api_key, api_version, client_id)

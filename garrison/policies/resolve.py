@@ -85,7 +85,9 @@ class Contribution:
     deny: bool
     l7: L7Rules | None  # None = allowed at L4 only
     # The merge of a key this is the only contribution to (shared by every such key).
-    alone: tuple[MapStateEntry, L7RuleSet | None] = field(init=False, compare=False, repr=False)
+    alone: tuple[MapStateEntry | None, L7RuleSet | None] = field(
+        init=False, compare=False, repr=False
+    )
     protocol: L7Protocol | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -227,7 +229,10 @@ class _EndpointPolicy:
                 self.base.pop(key, None)
                 self.base_l7.pop(key, None)
             else:
-                self.base[key] = merged[0]
+                if merged[0] is None:  # L7 deny rules only: they grant nothing
+                    self.base.pop(key, None)
+                else:
+                    self.base[key] = merged[0]
                 if merged[1] is not None:
                     self.base_l7[key] = merged[1]
                 else:
@@ -277,7 +282,9 @@ class _EndpointPolicy:
         by_ident = self.port_keys[direction]
         any_keys = by_ident.get(ANY_IDENTITY, ())
         if identities is None:
-            identities = {ANY_IDENTITY} | set(by_ident)
+            identities = {ANY_IDENTITY} | set(by_ident) | _deny_only_identities(
+                self.base, self.base_l7, direction, number
+            )
         for ident in identities:
             got = _l7_override(
                 direction, number, ident, self.base, self.base_l7, self.contribs,
@@ -296,7 +303,7 @@ class _EndpointPolicy:
             self.entries[key] = self.base[key]
         else:
             self.entries.pop(key, None)
-        if key in self.base_l7:
+        if key in self.base_l7 and key in self.base:
             self.l7[key] = self.base_l7[key]
         else:
             self.l7.pop(key, None)
@@ -654,17 +661,21 @@ def merge_contributions(
         merged = merge_key(cs) if cs else None
         if merged is None:
             continue
-        entries[key] = merged[0]
+        if merged[0] is not None:
+            entries[key] = merged[0]
         if merged[1] is not None:
             l7[key] = merged[1]
     base, base_l7 = dict(entries), dict(l7)
+    for key in [k for k in l7 if k not in entries]:
+        del l7[key]  # L7 deny rules only: no entry; the cross-key merge below uses them
     for direction, port in {(k.direction, k.port) for k in base_l7}:
         by_ident: dict[int, set[MapStateKey]] = {}
         for k in base:
             if k.direction is direction and k.protocol in (ANY_PROTOCOL, PROTO_TCP):
                 by_ident.setdefault(k.identity, set()).add(k)
         any_keys = by_ident.get(ANY_IDENTITY, set())
-        for ident in {ANY_IDENTITY} | set(by_ident):
+        deny_only = _deny_only_identities(base, base_l7, direction, port)
+        for ident in {ANY_IDENTITY} | set(by_ident) | deny_only:
             got = _l7_override(
                 direction, port, ident, base, base_l7, contribs, by_ident.get(ident, ()),
                 any_keys,
@@ -675,8 +686,28 @@ def merge_contributions(
     return entries, l7
 
 
-def merge_key(cs: list[Contribution]) -> tuple[MapStateEntry, L7RuleSet | None] | None:
-    """One key: any deny wins; else allow, redirected if some contribution has L7 rules."""
+def _deny_only_identities(
+    base: dict[MapStateKey, MapStateEntry],
+    base_l7: dict[MapStateKey, L7RuleSet],
+    direction: Direction,
+    port: int,
+) -> set[int]:
+    """The identities with L7 deny rules but no entry of their own on a redirected port."""
+    return {
+        k.identity
+        for k in base_l7
+        if k.direction is direction and k.port == port and k not in base
+    }
+
+
+def merge_key(
+    cs: list[Contribution],
+) -> tuple[MapStateEntry | None, L7RuleSet | None] | None:
+    """One key: any L3/L4 deny wins; else allow, redirected if some contribution has L7 rules.
+
+    L7 deny rules (garrison extension) go into the rule set's `deny_rules` and redirect the
+    key; a key with L7 deny rules only has no entry (an L7 deny grants nothing) but keeps
+    its rule set, which the cross-key merge adds to the allows that cover the peer."""
     if not cs:
         return None
     if len(cs) == 1:
@@ -684,14 +715,23 @@ def merge_key(cs: list[Contribution]) -> tuple[MapStateEntry, L7RuleSet | None] 
     return _merge_key(cs)
 
 
-def _merge_key(cs: list[Contribution]) -> tuple[MapStateEntry, L7RuleSet | None]:
-    denies = [c for c in cs if c.deny]
+def _merge_key(cs: list[Contribution]) -> tuple[MapStateEntry | None, L7RuleSet | None]:
+    denies = [c for c in cs if c.deny and c.l7 is None]
     if denies:
         return MapStateEntry(True, None, _refs(denies)), None
+    l7_denies = [c for c in cs if c.deny]
+    if l7_denies:
+        cs = [c for c in cs if not c.deny]
+        if not cs:
+            protocols = sorted({c.protocol for c in l7_denies if c.protocol is not None})
+            only = tuple((r, c.ref) for c in l7_denies if c.l7 for r in c.l7.rules)
+            if len(protocols) > 1:
+                only = ()  # two L7 types: the allows' merge fails closed anyway
+            return None, L7RuleSet(protocols[0], (), deny_rules=only)
     l7s = [c for c in cs if c.l7 is not None]
-    if not l7s:
+    if not l7s and not l7_denies:
         return MapStateEntry(False, None, _refs(cs)), None
-    protocols = sorted({c.protocol for c in l7s if c.protocol is not None})
+    protocols = sorted({c.protocol for c in l7s + l7_denies if c.protocol is not None})
     protocol = protocols[0] if protocols else L7Protocol.HTTP
     # Two L7 types on one port from different policies: fail closed (no L7 rule allows).
     conflict = len(protocols) > 1
@@ -699,11 +739,15 @@ def _merge_key(cs: list[Contribution]) -> tuple[MapStateEntry, L7RuleSet | None]
     if not conflict:
         rules = tuple((r, c.ref) for c in l7s if c.l7 is not None for r in c.l7.rules)
     l4_only = [c for c in cs if c.l7 is None]
+    deny_rules: tuple[tuple[L7Rule, RuleRef | None], ...] = ()
+    if not conflict:
+        deny_rules = tuple((r, c.ref) for c in l7_denies if c.l7 for r in c.l7.rules)
     ruleset = L7RuleSet(
         protocol,
         rules,
         allow_all=bool(l4_only) and not conflict,
         allow_all_ref=l4_only[0].ref if l4_only else None,
+        deny_rules=deny_rules,
     )
     return MapStateEntry(False, protocol, _refs(cs)), ruleset
 
@@ -742,13 +786,17 @@ def _l7_override(
         return None
     own = [k for k in identity_tcp_keys
            if (k.port == ANY_PORT or k.port <= port <= k.end_port) and k in base]
-    if identity != ANY_IDENTITY and not own:
+    # L7 deny rules of this very peer with no allow of its own there (garrison extension)
+    own_deny_only = target in base_l7 and target not in base
+    if identity != ANY_IDENTITY and not own and not own_deny_only:
         return None  # the lookup lands on the any-identity entry, whose merge is the same
     covering = own if identity == ANY_IDENTITY else own + [
         k for k in any_tcp_keys
         if (k.port == ANY_PORT or k.port <= port <= k.end_port) and k in base
     ]
-    if len(covering) == 1 and len(l7_keys) == 1:
+    if not covering:
+        return None  # nothing allows the peer there: L7 deny rules alone grant nothing
+    if len(covering) == 1 and len(l7_keys) == 1 and covering[0] == l7_keys[0]:
         return None  # only its own L7 entry covers it: that entry's merge stands
     if any(base[k].deny for k in covering):
         return None
@@ -766,25 +814,31 @@ def _l7_override(
         for k, rs in zip(l7_keys, rulesets, strict=True)
         if rs.allow_all
     ]
+    deny_rules = tuple(r for rs in rulesets for r in rs.deny_rules)
     if len(protocols) > 1:
         merged = L7RuleSet(protocol, ())
     elif plain:
         ref = min(plain, key=lambda pr: (pr[0], pr[1] is None, _ref_key(pr[1])))[1]
         merged = L7RuleSet(
-            protocol, tuple(r for rs in rulesets for r in rs.rules), True, ref
+            protocol, tuple(r for rs in rulesets for r in rs.rules), True, ref, deny_rules
         )
     else:
-        merged = L7RuleSet(protocol, tuple(r for rs in rulesets for r in rs.rules))
+        merged = L7RuleSet(
+            protocol, tuple(r for rs in rulesets for r in rs.rules), deny_rules=deny_rules
+        )
     existing = base.get(target)
-    if target in base_l7:
-        assert existing is not None
+    if existing is not None and target in base_l7:
         entry = existing if existing.redirect is protocol else replace(
             existing, redirect=protocol
         )
     else:
         refs = [r for k in sorted(own, key=lambda k: (precedence(k, port), k))
                 for r in base[k].derived_from]
-        refs += base[wildcard_key].derived_from
+        if wildcard_key in base:
+            refs += base[wildcard_key].derived_from
+        if not refs:
+            refs = [r for k in sorted(covering, key=lambda k: (precedence(k, port), k))
+                    for r in base[k].derived_from]
         entry = MapStateEntry(False, protocol, tuple(dict.fromkeys(refs)))
     if existing == entry and base_l7.get(target) == merged:
         return None
