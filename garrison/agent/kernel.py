@@ -36,7 +36,12 @@ from garrison.policies.resolve import PolicyResolver
 from garrison.redirect import endpoint as netdev
 from garrison.redirect.bpffs import ensure_bpffs, prepare_pin_dir
 from garrison.redirect.steering import SteeringParts, SteeringRecord, proxy_steering_installed
-from garrison.redirect.tc import attach_endpoint_programs, detach_endpoint_programs
+from garrison.redirect.tc import (
+    attach_endpoint_programs,
+    attach_netdev_program,
+    detach_endpoint_programs,
+    detach_netdev_program,
+)
 
 STEERING_RECORD = "steering.json"  # in the state directory: what this agent added
 
@@ -118,6 +123,13 @@ class KernelDatapath:
     def attach(self, link: Link) -> bool:
         """True when this created the clsact qdisc."""
         return attach_endpoint_programs(link.ifindex, self.dp.programs)
+
+    def attach_netdev(self, ifindex: int) -> bool:
+        """from_netdev on a cluster node's underlay device; True when this made the clsact."""
+        return attach_netdev_program(ifindex, self.dp.programs.from_netdev)
+
+    def detach_netdev(self, ifindex: int, made_clsact: bool) -> None:
+        detach_netdev_program(ifindex, remove_qdisc=made_clsact)
 
     def delete_endpoint(
         self, name: str, ipv4: str, host_ifname: str | None = None,

@@ -2,6 +2,8 @@
  * garrison's endpoint programs, attached to the host-side veth of every endpoint:
  *   from_container  tc ingress: packets leaving the endpoint
  *   to_container    tc egress:  packets entering the endpoint
+ *   from_netdev     tc ingress of the node's underlay device (several nodes, garrison/cluster):
+ *                   packets from other nodes; steers them to the proxy, nothing else
  * One compiled object serves every endpoint; the endpoint is found by skb->ifindex (the host
  * veth) in gar_endpoints.
  *
@@ -19,6 +21,10 @@
  *     address outside the node) is judged there by the destination's ingress policy. A
  *     redirect is not possible at that hook: such a connection is dropped with
  *     GAR_DROP_PROXY_REDIRECT_UNSUPPORTED (fail closed).
+ *   - several nodes: a connection from another node's endpoint whose ingress rule here
+ *     redirects is judged and steered at from_netdev, the tc ingress hook it crosses on this
+ *     node (where bpf_sk_assign works); its later packets go to the same proxy socket there.
+ *     Everything else passes from_netdev untouched and is judged at to_container as above.
  * Every new connection produces a policy-verdict event per side judged; every dropped
  * packet a drop event; audit mode (per endpoint) logs the verdict and drops nothing.
  */
@@ -251,4 +257,53 @@ int to_container(struct __sk_buff *skb)
 	if (rc)
 		return gar_drop(&c, c.ifindex, src_id, ep->identity, 0, rc, GAR_MATCH_NONE, 0);
 	return gar_pass(&c);
+}
+
+int from_netdev(struct __sk_buff *skb)
+{
+	/* Its events describe packets on their way into an endpoint: to_container's. */
+	struct gar_ctx c = { .obs = GAR_OBS_TO_CONTAINER, .ifindex = skb->ifindex };
+	struct gar_ipcache_value *dst_info;
+	struct gar_verdict ingress;
+	struct gar_endpoint *ep;
+	struct gar_ct_entry *ct;
+	__u32 src_id, dst_ifindex;
+	__u16 ct_flags = GAR_CT_INGRESS_DONE | GAR_CT_REDIRECT;
+	int rc, dir, audit;
+	__u64 now;
+
+	/* Only connections to local endpoints can need steering; to_container judges the rest. */
+	if (gar_parse(skb, &c.pkt) != GAR_PARSE_IPV4 || c.pkt.tuple.protocol != IPPROTO_TCP)
+		return TC_ACT_OK;
+	dst_info = gar_ipcache_lookup(c.pkt.tuple.daddr);
+	if (!dst_info || !(dst_info->flags & GAR_IPCACHE_LOCAL_ENDPOINT))
+		return TC_ACT_OK;
+	dst_ifindex = dst_info->ifindex;
+	ep = gar_endpoint_of(dst_ifindex);
+	if (!ep)
+		return TC_ACT_OK;
+
+	now = bpf_ktime_get_ns();
+	ct = gar_ct_lookup(&c.pkt, now, &dir);
+	if (ct) {
+		if (dir != GAR_CT_ORIGINAL || !(ct->flags & GAR_CT_REDIRECT))
+			return TC_ACT_OK;
+		gar_ct_update(ct, &c.pkt, dir, now);
+		return gar_redirect(&c, skb, ct->src_identity, ct->dst_identity, ct->proxy_port,
+				    ct->flags & GAR_CT_AUDIT);
+	}
+
+	src_id = gar_identity_of(gar_ipcache_lookup(c.pkt.tuple.saddr));
+	ingress = gar_policy_lookup(ep->identity, GAR_DIR_INGRESS, src_id, c.pkt.tuple.protocol,
+				    c.pkt.dport, ep->flags & GAR_EP_INGRESS_ENFORCED);
+	if (!ingress.allowed || !ingress.redirect)
+		return TC_ACT_OK; /* to_container's decision, with its verdict event */
+	gar_judge(&c, ep, dst_ifindex, GAR_DIR_INGRESS, src_id, &ingress);
+	audit = ep->flags & GAR_EP_AUDIT;
+	if (audit)
+		ct_flags |= GAR_CT_AUDIT;
+	rc = gar_ct_create(&c.pkt, now, src_id, ep->identity, ct_flags, ingress.proxy_port);
+	if (rc)
+		return gar_drop(&c, dst_ifindex, src_id, ep->identity, 0, rc, GAR_MATCH_NONE, 0);
+	return gar_redirect(&c, skb, src_id, ep->identity, ingress.proxy_port, audit);
 }

@@ -1,6 +1,7 @@
 """Compile and load the endpoint programs with bcc, over maps pinned in bpffs.
 
-`Datapath.load(config)` compiles `bpf_lxc.c`, loads `from_container` and `to_container`,
+`Datapath.load(config)` compiles `bpf_lxc.c`, loads `from_container`, `to_container` and
+`from_netdev` (for a cluster node's underlay device),
 and opens the maps pinned under `config.pin_root` — creating them only when they are not
 there yet. A restarted loader therefore keeps every entry (policy, ipcache, conntrack,
 queued events): enforcement has no gap and no flush. Attach the new programs with
@@ -32,7 +33,7 @@ PROGRAM_SOURCE = BPF_DIR / "bpf_lxc.c"
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/garrison")
 BPF_FS_MAGIC = 0xCAFE4A11
 PINNED_MAPS = (*abi.MAPS, abi.RINGBUF)
-PROGRAMS = ("from_container", "to_container")
+PROGRAMS = ("from_container", "to_container", "from_netdev")
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -104,6 +105,8 @@ class EndpointPrograms:
 
     from_container: int
     to_container: int
+    # on a node's underlay device when it is one of a cluster (garrison/cluster/)
+    from_netdev: int
 
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
@@ -245,7 +248,7 @@ class Datapath:
             # a message that does not say why
             check_pinned_layout(bpf, config.pin_root)
             fns = _load_programs(bcc, bpf)
-            dp = cls(config, bpf, EndpointPrograms(fns[0].fd, fns[1].fd))
+            dp = cls(config, bpf, EndpointPrograms(fns[0].fd, fns[1].fd, fns[2].fd))
             dp.maps.settings.write(config.ct_timeouts)
             return dp
         except BaseException:

@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING
 
 from garrison.cluster.keys import IPEntry, NodeRecord, StoredPolicy
 from garrison.cluster.node import ClusterNode
-from garrison.cluster.routes import NodeRoutes, RouteError, source_address_towards
+from garrison.cluster.routes import (
+    NodeRoutes,
+    RouteError,
+    interface_with_address,
+    source_address_towards,
+)
 from garrison.identity.allocator import (
     AllocatorConfig,
     ClusterIdentityAllocator,
@@ -107,6 +112,9 @@ class AgentCluster:
         # When each remote IP's ipcache entry was last written (time.time()), for benchmarks.
         self.learnt_at: dict[ipaddress.IPv4Address, float] = {}
         self.route_errors: dict[str, str] = {}
+        # The underlay device with from_netdev attached, and whether its clsact is ours.
+        self._netdev: tuple[int, bool] | None = None
+        self.netdev_error: str | None = None
 
     @classmethod
     def for_agent(cls, agent: Agent, config: AgentConfig) -> AgentCluster:
@@ -133,7 +141,18 @@ class AgentCluster:
         )
 
     def start(self) -> None:
-        """Publish this node and its endpoints, then follow the others."""
+        """Steer connections from other nodes to the proxy, publish this node and its
+        endpoints, then follow the others."""
+        ifindex = interface_with_address(self.node.me.ip)
+        if ifindex is None:
+            self.netdev_error = (
+                f"no interface holds the node IP {self.node.me.ip}: connections from other"
+                " nodes that an L7 rule here redirects are dropped; fix --node-ip"
+            )
+            log.error("cluster: %s", self.netdev_error)
+        else:
+            made = self._agent.datapath.attach_netdev(ifindex)
+            self._netdev = (ifindex, made)
         for record in list(self._agent.endpoints):
             if record.identity:
                 self.endpoint_changed(record)
@@ -151,6 +170,12 @@ class AgentCluster:
         return entry.identity if entry is not None else None
 
     def close(self) -> None:
+        if self._netdev is not None:
+            try:
+                self._agent.datapath.detach_netdev(*self._netdev)
+            except OSError as exc:
+                log.warning("cluster: from_netdev not detached: %s", exc)
+            self._netdev = None
         self.node.close()
         self.routes.close()
         self.store.close()
@@ -298,4 +323,8 @@ class AgentCluster:
         out["routes"] = {str(c): str(v) for c, v in self.routes.installed().items()}
         if self.route_errors:
             out["route_errors"] = dict(self.route_errors)
+        if self._netdev is not None:
+            out["underlay_ifindex"] = self._netdev[0]
+        if self.netdev_error:
+            out["underlay_error"] = self.netdev_error
         return out

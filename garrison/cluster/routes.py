@@ -98,3 +98,12 @@ def source_address_towards(host: str) -> ipaddress.IPv4Address:
         if src:
             return ipaddress.IPv4Address(src)
     raise RouteError(f"give --node-ip: the route to etcd at {target} names no source address")
+
+
+def interface_with_address(address: ipaddress.IPv4Address) -> int | None:
+    """The index of the interface that holds `address` (the node IP), None when none does."""
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=2):
+            if msg.get_attr("IFA_ADDRESS") == str(address):
+                return int(msg["index"])
+    return None

@@ -31,6 +31,8 @@ def cluster_problems(status: Mapping[str, Any]) -> list[str]:
             )
     for node, error in sorted(cluster.get("route_errors", {}).items()):
         out.append(f"route to node {node}: {error}")
+    if cluster.get("underlay_error"):
+        out.append(str(cluster["underlay_error"]))
     return out
 
 

@@ -44,7 +44,7 @@ def _replace_filter(ipr: IPRoute, ifindex: int, parent: int, fd: int, name: str)
     )
 
 
-OUR_FILTERS = frozenset({"from_container", "to_container"})
+OUR_FILTERS = frozenset({"from_container", "to_container", "from_netdev"})
 
 
 class ForeignFilterError(Exception):
@@ -77,6 +77,53 @@ def attach_endpoint_programs(ifindex: int, programs: EndpointPrograms) -> bool:
         _replace_filter(ipr, ifindex, PARENT_INGRESS, programs.from_container, "from_container")
         _replace_filter(ipr, ifindex, PARENT_EGRESS, programs.to_container, "to_container")
         return created
+
+
+def attach_netdev_program(ifindex: int, program: int) -> bool:
+    """from_netdev at tc ingress of a cluster node's underlay device (a clsact added when
+    missing; True when this call created it). A filter of someone else's at garrison's
+    priority is never replaced: that is an error."""
+    with IPRoute() as ipr:
+        try:
+            ipr.tc("add", "clsact", ifindex)
+            created = True
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
+            created = False
+        foreign = [
+            f for f in _filters(ipr, ifindex)
+            if f[0] == PARENT_INGRESS and f[1] == FILTER_PRIO and f[2] != "from_netdev"
+        ]
+        if foreign:
+            raise ForeignFilterError(
+                f"interface {ifindex} already has a tc ingress filter at priority {FILTER_PRIO}"
+                f" ({foreign[0][2]}); garrison leaves it alone: remove it first"
+            )
+        _replace_filter(ipr, ifindex, PARENT_INGRESS, program, "from_netdev")
+        return created
+
+
+def detach_netdev_program(ifindex: int, remove_qdisc: bool) -> None:
+    """Remove from_netdev (and the clsact when garrison created it); a no-op when absent."""
+    gone = (errno.ENOENT, errno.EINVAL, errno.ENODEV)
+    with IPRoute() as ipr:
+        if remove_qdisc:
+            try:
+                ipr.tc("del", "clsact", ifindex)
+            except NetlinkError as exc:
+                if exc.code not in gone:
+                    raise
+            return
+        for parent, prio, name in _filters(ipr, ifindex):
+            if parent != PARENT_INGRESS or prio != FILTER_PRIO or name != "from_netdev":
+                continue
+            try:
+                ipr.tc("del-filter", "bpf", ifindex, FILTER_HANDLE, parent=parent, prio=prio,
+                       protocol=ETH_P_ALL)
+            except NetlinkError as exc:
+                if exc.code not in gone:
+                    raise
 
 
 def detach_endpoint_programs(ifindex: int, remove_qdisc: bool = True) -> None:

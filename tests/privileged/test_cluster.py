@@ -248,9 +248,9 @@ def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
 
     - L3/L4 (sw_l3_l4_policy.yaml), decided on node 2 by identities it learnt from etcd: the
       tiefighter lands, the xwing is dropped and node 2 records the drop with its identity.
-    - L7 (sw_l3_l4_l7_policy.yaml) would need node 2 to steer connections arriving from the
-      network to its proxy, which its datapath cannot do yet (docs/cluster.md): the
-      tiefighter's connection is dropped and the app sees nothing — closed, never open.
+    - L7 (sw_l3_l4_l7_policy.yaml) in node 2's proxy, where the connection from node 1 is
+      steered at tc ingress of node 2's underlay device: landing 200, the exhaust port 403
+      (the app never sees it), the proxy's record naming the tiefighter's identity.
     """
     n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
     ds = add_endpoint(n2, "ge-ds", "org=empire,class=deathstar", "198.18.202.20")
@@ -274,13 +274,13 @@ def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
             f"{path.name} to reach node 2",
         )
 
-    def land() -> tuple[int, bytes]:
+    def request(ep: AgentEndpoint, method: str, path: str) -> tuple[int, bytes]:
         deadline = time.monotonic() + 10
         while True:
-            sock = tie.connect(ds.ip, 80, timeout=2.0)
+            sock = ep.connect(ds.ip, 80, timeout=2.0)
             if sock is not None:
                 with sock:
-                    return http_request(sock, "POST", "/v1/request-landing")
+                    return http_request(sock, method, path)
             assert time.monotonic() < deadline, "the deathstar never answered"
 
     try:
@@ -290,7 +290,7 @@ def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
             "node 2 to know the tiefighter",
         )
         import_on_n1(STARWARS / "sw_l3_l4_policy.yaml", 1)
-        assert land() == (200, b"Ship landed\n")
+        assert request(tie, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
         assert xwing.connect(ds.ip, 80, timeout=1.5) is None
         xwing_drops = [
             json.loads(f) for f in n2.api("Flows", filter={}, limit=1000)["flows"]
@@ -298,11 +298,22 @@ def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
         ]
         assert xwing_drops and xwing_drops[-1]["source"]["identity"] == xwing.identity
 
-        before = app_requests(ds)
+        # L7: node 2's from_netdev steers the tiefighter's connection to node 2's proxy.
         import_on_n1(STARWARS / "sw_l3_l4_l7_policy.yaml", 1)
-        time.sleep(0.2)
-        assert tie.connect(ds.ip, 80, timeout=1.5) is None
-        assert app_requests(ds) == before + 1  # only this question: nothing got through
+        assert request(tie, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
+        before = app_requests(ds)
+        assert request(tie, "PUT", "/v1/exhaust-port") == (403, b"Access denied\r\n")
+        assert app_requests(ds) == before + 1, "the denied request reached the app"
+        assert xwing.connect(ds.ip, 80, timeout=1.5) is None
+        denied = [
+            r for f in n2.api("Flows", filter={}, limit=1000)["flows"]
+            if '"L7"' in f and "exhaust-port" in f
+            and (r := json.loads(f))["l7"].get("type") == "REQUEST"
+        ]
+        assert denied, "node 2's proxy records the denied request"
+        record = denied[-1]
+        assert record["verdict"] == "DROPPED"
+        assert record["source"]["identity"] == tie.identity  # learnt through etcd
     finally:
         app.terminate()
         app.wait(10)
