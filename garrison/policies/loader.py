@@ -93,6 +93,12 @@ API_VERSIONS: dict[PolicyKind, str] = {
     PolicyKind.KNP: "networking.k8s.io/v1",
 }
 
+# The garrison extensions dialect: a CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy
+# written with this apiVersion may use L7 deny rules and header value regex (docs/policy.md,
+# "garrison extensions"); with cilium.io/v2 it keeps Cilium's meaning and validation exactly.
+EXTENSION_API_VERSION = "garrison.io/v1"
+EXTENSION_HINT = f"a garrison extension: write apiVersion: {EXTENSION_API_VERSION} to use it"
+
 NOT_SUPPORTED = "not supported by garrison"
 FAIL_CLOSED = f"{NOT_SUPPORTED}; this element allows nothing"
 DENY_NOT_ENFORCEABLE = f"{NOT_SUPPORTED}; garrison cannot enforce this deny rule"
@@ -153,7 +159,7 @@ L7_TYPES = ("http", "kafka", "grpc")
 L7_UNSUPPORTED = ("dns", "l7proto", "l7")
 
 HTTP_FIELDS = ("method", "path", "host", "headers", "headerMatches")
-HEADER_MATCH_FIELDS = ("name", "value", "mismatch")
+HEADER_MATCH_FIELDS = ("name", "value", "mismatch", "regex")
 KAFKA_FIELDS = ("role", "apiKey", "apiVersion", "clientID", "topic")
 GRPC_FIELDS = ("service", "method")
 
@@ -354,12 +360,15 @@ def _document(at: At, list_kind: PolicyKind | None) -> list[_Loaded]:
         kind_at.error(f"unknown kind '{kind_text}' (expected one of: {expected})")
         return []
     expected_version = API_VERSIONS[kind]
+    extensions = False
     if version_at is None:
         if list_kind is None:
             at.missing("apiVersion")
     else:
         version = string(version_at)
-        if version is not None and version != expected_version:
+        if version == EXTENSION_API_VERSION and kind is not PolicyKind.KNP:
+            extensions = True
+        elif version is not None and version != expected_version:
             version_at.error(
                 f"apiVersion '{version}' does not match kind {kind.value} "
                 f"(expected {expected_version})"
@@ -372,7 +381,7 @@ def _document(at: At, list_kind: PolicyKind | None) -> list[_Loaded]:
     if kind is PolicyKind.KNP:
         policy = _network_policy(at, fields, meta)
     else:
-        policy = _cilium_policy(at, fields, kind, meta)
+        policy = _cilium_policy(at, fields, kind, meta, extensions)
     if policy is None or meta.name_at is None:
         return []
     name_at = meta.name_at
@@ -460,6 +469,8 @@ class _PolicyCtx:
     name: str
     namespace: str | None
     # (direction, port) -> (L7 type, line) for the one-L7-type-per-port check.
+    # apiVersion garrison.io/v1: the garrison extensions are allowed
+    extensions: bool = False
     l7_ports: dict[tuple[Direction, int], tuple[str, int]] = field(default_factory=dict)
 
     def ref(self, section: str, spec_index: int, rule_index: int, has_specs: bool) -> RuleRef:
@@ -468,8 +479,10 @@ class _PolicyCtx:
         )
 
 
-def _cilium_policy(doc: At, fields: dict[str, At], kind: PolicyKind, meta: _Meta) -> Policy | None:
-    ctx = _PolicyCtx(kind, meta.name, meta.namespace)
+def _cilium_policy(
+    doc: At, fields: dict[str, At], kind: PolicyKind, meta: _Meta, extensions: bool = False
+) -> Policy | None:
+    ctx = _PolicyCtx(kind, meta.name, meta.namespace, extensions)
     description = text(fields["description"]) if "description" in fields else None
     specs: list[tuple[At, int, bool]] = []
     if "spec" in fields:
@@ -818,10 +831,12 @@ def _port_rules(
         ports, ports_complete = _ports(f["ports"]) if "ports" in f else ([], True)
         l7: _L7 | None = None
         if "rules" in f:
-            if deny:
-                f["rules"].key_error("L7 rules are not allowed in deny sections")
+            if deny and not ctx.extensions:
+                f["rules"].key_error(f"L7 rules are not allowed in deny sections ({EXTENSION_HINT})")
             else:
-                l7, l7_unsupported = _l7_rules(f["rules"], direction)
+                l7, l7_unsupported = _l7_rules(f["rules"], direction, _Dialect(ctx.extensions, deny))
+                if deny and l7_unsupported:
+                    f["rules"].key_error(DENY_NOT_ENFORCEABLE)
                 fail_closed = fail_closed or l7_unsupported
         # Ports that failed to parse are already reported; L7 checks the rest.
         if l7 is not None and (ports or ports_complete):
@@ -965,7 +980,16 @@ def _l7_group(name: str) -> str:
     return "l7proto/l7" if name in ("l7proto", "l7") else name
 
 
-def _l7_rules(at: At, direction: Direction) -> tuple[_L7 | None, bool]:
+@dataclass(frozen=True, slots=True)
+class _Dialect:
+    """What the L7 rules being read may use: the garrison extensions, and whether they are
+    deny rules (no header mismatch actions there)."""
+
+    extensions: bool = False
+    deny: bool = False
+
+
+def _l7_rules(at: At, direction: Direction, dialect: _Dialect) -> tuple[_L7 | None, bool]:
     """`rules`: exactly one L7 type. Returns the rules and whether an unsupported type makes
     the element allow nothing. DNS rules on ingress are an error, as Cilium's validation
     says ("DNS rules are not allowed on ingress")."""
@@ -992,7 +1016,7 @@ def _l7_rules(at: At, direction: Direction) -> tuple[_L7 | None, bool]:
                 f[name].warn_key(FAIL_CLOSED)
     # Rules of every supported type are read, so their own problems are reported too.
     parsed = [
-        _L7(name, type_at, _typed_l7_rules(name, type_at))
+        _L7(name, type_at, _typed_l7_rules(name, type_at, dialect))
         for name, type_at in f.items()
         if name in L7_TYPES
     ]
@@ -1001,12 +1025,12 @@ def _l7_rules(at: At, direction: Direction) -> tuple[_L7 | None, bool]:
     return parsed[0], False
 
 
-def _typed_l7_rules(name: str, at: At) -> L7Rules:
+def _typed_l7_rules(name: str, at: At, dialect: _Dialect) -> L7Rules:
     items = sequence(at)
     if items is not None and not items:
         at.error(f"needs at least one rule (write [{{}}] to allow all {name})")
     if name == "http":
-        http = [_http_rule(item) for item in items or ()]
+        http = [_http_rule(item, dialect) for item in items or ()]
         return L7Rules(http=tuple(r for r in http if r is not None))
     if name == "kafka":
         kafka = [_kafka_rule(item) for item in items or ()]
@@ -1032,7 +1056,7 @@ def _regex(at: At) -> str | None:
     return pattern
 
 
-def _http_rule(at: At) -> HTTPRule | None:
+def _http_rule(at: At, dialect: _Dialect) -> HTTPRule | None:
     f = mapping(at, HTTP_FIELDS)
     if f is None:
         return None
@@ -1052,7 +1076,7 @@ def _http_rule(at: At) -> HTTPRule | None:
         headers.append(f"{name.strip()}: {value.strip()}" if sep else name.strip())
     matches: list[HeaderMatch] = []
     for item in _items(f, "headerMatches"):
-        match = _header_match(item)
+        match = _header_match(item, dialect)
         if match is not None:
             matches.append(match)
     if at.rep.error_count() != errors_before:
@@ -1062,9 +1086,36 @@ def _http_rule(at: At) -> HTTPRule | None:
     )
 
 
-def _header_match(at: At) -> HeaderMatch | None:
-    f = mapping(at, HEADER_MATCH_FIELDS, also_known=("secret",), required=("name", "value"))
+def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | None:
+    f = mapping(at, HEADER_MATCH_FIELDS, also_known=("secret",), required=("name",))
     if f is None:
+        return None
+    regex: str | None = None
+    if "regex" in f:
+        if not dialect.extensions:
+            f["regex"].key_error(f"headerMatches regex is {EXTENSION_HINT}")
+            return None
+        if "value" in f:
+            f["regex"].key_error("give either value or regex, not both")
+            return None
+        if "mismatch" in f:
+            f["mismatch"].key_error("mismatch needs a value, not a regex")
+            return None
+        regex = _regex(f["regex"])
+        name = string(f["name"]) if "name" in f else None
+        if name is not None and not HTTP_TOKEN.fullmatch(name):
+            f["name"].error(f"invalid header name '{name}'")
+            return None
+        if regex is None or name is None or "secret" in f:
+            if "secret" in f:
+                f["secret"].key_error(NOT_SUPPORTED)
+            return None
+        return HeaderMatch(name=name, value="", regex=regex)
+    if "value" not in f:
+        at.missing("value")
+        return None
+    if dialect.deny and "mismatch" in f:
+        f["mismatch"].key_error("mismatch actions are not allowed in deny rules")
         return None
     if "secret" in f:
         f["secret"].key_error(NOT_SUPPORTED)
