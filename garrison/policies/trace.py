@@ -158,7 +158,9 @@ class TraceResult:
             else:  # default-deny: the rules that switched the direction to default-deny
                 out.extend(s.enforced_by)
         for s in self.steps:
-            if s.l7 is not None and not s.l7.allowed and s.lookup is not None:
+            if s.l7 is not None and not s.l7.allowed and s.l7.denied_by is not None:
+                out.append(s.l7.denied_by)  # an L7 deny rule (garrison extension)
+            elif s.l7 is not None and not s.l7.allowed and s.lookup is not None:
                 out.extend(s.lookup.refs)
         return _unique(out)
 
@@ -220,6 +222,8 @@ def _step_dict(step: TraceStep) -> dict[str, object]:
                 rule=step.l7.rule.to_dict() if step.l7.rule else None,
                 reason=step.l7.reason,
             )
+            if step.l7.denied_by is not None:
+                l7["denied_by"] = step.l7.denied_by.to_dict()
         out["l7"] = l7
     if step.note:
         out["note"] = step.note
