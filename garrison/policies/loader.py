@@ -64,6 +64,7 @@ from garrison.policies.model import (
     Protocol,
     Rule,
     Source,
+    port_name_problem,
 )
 from garrison.policies.refs import PolicyKind, RuleRef
 from garrison.policies.selector import EndpointSelector, Operator, Requirement
@@ -471,7 +472,7 @@ class _PolicyCtx:
     # (direction, port) -> (L7 type, line) for the one-L7-type-per-port check.
     # apiVersion garrison.io/v1: the garrison extensions are allowed
     extensions: bool = False
-    l7_ports: dict[tuple[Direction, int], tuple[str, int]] = field(default_factory=dict)
+    l7_ports: dict[tuple[Direction, int | str], tuple[str, int]] = field(default_factory=dict)
 
     def ref(self, section: str, spec_index: int, rule_index: int, has_specs: bool) -> RuleRef:
         return RuleRef(
@@ -865,16 +866,22 @@ def _port_protocol(at: At, protocols: tuple[Protocol, ...], default: Protocol) -
     if f is None:
         return None
     port = 0
+    name = ""
     if "port" in f:
-        parsed = _port_number(f["port"], named_ports_hint=True)
-        ok = parsed is not None
+        named = _port_name(f["port"])
+        parsed = _port_number(f["port"]) if named is None else 0
+        ok = parsed is not None and named != ""
         port = parsed or 0
+        name = named or ""
     else:
         ok = True
     end_port = 0
     if "endPort" in f:
-        parsed = _port_number(f["endPort"], named_ports_hint=False)
+        parsed = _port_number(f["endPort"])
         if parsed is None or not ok:
+            ok = False
+        elif name:
+            f["endPort"].key_error(f"endPort needs a numeric port, not the named port '{name}'")
             ok = False
         elif parsed and port == 0:
             f["endPort"].error("endPort needs a non-zero port")
@@ -898,20 +905,33 @@ def _port_protocol(at: At, protocols: tuple[Protocol, ...], default: Protocol) -
             protocol = canonical[written.upper()]
     if not ok:
         return None
-    return _Port(PortProtocol(port, end_port, protocol), at, f)
+    return _Port(PortProtocol(port, end_port, protocol, name), at, f)
 
 
-def _port_number(at: At, *, named_ports_hint: bool) -> int | None:
+def _port_name(at: At) -> str | None:
+    """A named port (`port: http`): its name; "" for an invalid name (reported); None when
+    the value is not a name (a number, quoted or not, or not a string at all)."""
+    if scalar_kind(at) != TAG_STR:
+        return None
+    written = str(at.node.value).strip()
+    if not written or re.fullmatch(r"-?[0-9]+", written):
+        return None
+    problem = port_name_problem(written)
+    if problem is not None:
+        at.error(f"invalid port '{written}': neither a number 0-65535 nor a port name "
+                 f"({problem})")
+        return ""
+    return written
+
+
+def _port_number(at: At) -> int | None:
     kind = scalar_kind(at)
     if kind == TAG_INT:
         number = integer(at)
     elif kind == TAG_STR:
         written = str(at.node.value).strip()
         if not re.fullmatch(r"-?[0-9]+", written):
-            if named_ports_hint and written:
-                at.error(f"named ports are not supported (port '{written}'; use a number)")
-            else:
-                at.error(f"invalid port '{written}' (expected a number 0-65535)")
+            at.error(f"invalid port '{written}' (expected a number 0-65535)")
             return None
         number = int(written)
     else:
@@ -941,7 +961,7 @@ def _l7_ports(
     out = []
     for p in ports:
         pp = p.value
-        if pp.port == 0:
+        if pp.port == 0 and not pp.name:
             port_at = p.fields.get("port")
             if port_at is not None:
                 port_at.error("L7 rules need a specific TCP port (port 0 means any port)")
@@ -954,15 +974,16 @@ def _l7_ports(
         if pp.protocol not in (Protocol.TCP, Protocol.ANY):
             p.fields["protocol"].error(f"L7 rules need protocol TCP, not {pp.protocol.value}")
             continue
-        out.append(_Port(PortProtocol(pp.port, 0, Protocol.TCP), p.at, p.fields))
-        key = (direction, pp.port)
+        out.append(_Port(PortProtocol(pp.port, 0, Protocol.TCP, pp.name), p.at, p.fields))
+        key = (direction, pp.name or pp.port)
         if key not in ctx.l7_ports:
             ctx.l7_ports[key] = (l7.name, l7.at.key_line)
             continue
         other, line = ctx.l7_ports[key]
         if other != l7.name:
             l7.at.key_error(
-                f"port {pp.port}/TCP has {other} rules at line {line}; one L7 type per port"
+                f"port {pp.name or pp.port}/TCP has {other} rules at line {line}; one L7 type "
+                "per port"
             )
     return out
 

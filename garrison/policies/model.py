@@ -69,18 +69,45 @@ class EnforcementMode(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PortProtocol:
-    """`port` 0 = any port; `end_port` 0 = no range (a range is port..end_port inclusive)."""
+    """`port` 0 = any port; `end_port` 0 = no range (a range is port..end_port inclusive).
+
+    `name` set: a named port (`port: http`), `port` is then 0 and means nothing by itself.
+    The resolver maps the name per destination endpoint, from the port names that endpoint
+    declares; an endpoint that declares no such name is selected on no port by it."""
 
     port: int = 0
     end_port: int = 0
     protocol: Protocol = Protocol.ANY
+    name: str = ""
 
     @property
     def last(self) -> int:
         return self.end_port if self.end_port else self.port
 
     def covers(self, port: int) -> bool:
+        if self.name:
+            return False  # only the resolver knows what a name means on an endpoint
         return self.port == 0 or self.port <= port <= self.last
+
+
+# Kubernetes' IANA_SVC_NAME: 1-15 lower-case letters, digits and '-', at least one letter,
+# no '-' at either end and no '--'.
+_PORT_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def port_name_problem(name: str) -> str | None:
+    """Why `name` is not a valid port name (Kubernetes' IANA_SVC_NAME rules), or None."""
+    if not 1 <= len(name) <= 15:
+        return "a port name has 1-15 characters"
+    if not set(name) <= _PORT_NAME_CHARS:
+        return "a port name has only lower-case letters, digits and '-'"
+    if not any(c.isalpha() for c in name):
+        return "a port name has at least one letter"
+    if name.startswith("-") or name.endswith("-"):
+        return "a port name neither starts nor ends with '-'"
+    if "--" in name:
+        return "a port name has no '--'"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,6 +110,8 @@ class _Section:
     # the requirements into fromEndpoints selectors and leaves entities and CIDRs alone.
     any_entity: bool = False
     fixed_sets: list[set[int]] = field(default_factory=list)
+    # named ports: (protocol, name, contribution); resolved per destination endpoint
+    named: list[tuple[int, str, Contribution]] = field(default_factory=list)
 
     def identities(self, only: int | None = None) -> tuple[set[int], set[int]]:
         """(peers requirements narrow, peers they do not); with `only`, just that identity
@@ -332,8 +334,23 @@ def peer_key(peer: Peer) -> PeerKey:
     return peer
 
 
+def section_named_ports(section: PolicySection) -> list[tuple[int, str, L7Rules | None]]:
+    """(protocol, name, l7) for each named port of the section (ANY = the declared one)."""
+    out: list[tuple[int, str, L7Rules | None]] = []
+    for port_rule in section.to_ports:
+        l7 = port_rule.rules if port_rule.rules and port_rule.rules.protocol else None
+        for pp in port_rule.ports:
+            if pp.name:
+                proto = IP_PROTO[pp.protocol]
+                if l7 is not None and pp.protocol is Protocol.ANY:
+                    proto = PROTO_TCP
+                out.append((proto, pp.name, l7))
+    return out
+
+
 def section_ports(section: PolicySection) -> list[tuple[int, int, int, L7Rules | None]]:
-    """(protocol, port, end_port, l7) for each port the section names; any = zeros."""
+    """(protocol, port, end_port, l7) for each numbered port the section names; any = zeros.
+    Named ports are in `section_named_ports`."""
     out: list[tuple[int, int, int, L7Rules | None]] = []
     if section.icmps:
         for icmp in section.icmps:
@@ -349,6 +366,8 @@ def section_ports(section: PolicySection) -> list[tuple[int, int, int, L7Rules |
             out.append((ANY_PROTOCOL, ANY_PORT, ANY_PORT, None))
             continue
         for pp in port_rule.ports:
+            if pp.name:
+                continue
             proto = IP_PROTO[pp.protocol]
             if l7 is not None and pp.protocol is Protocol.ANY:
                 proto = PROTO_TCP  # L7 rules apply to TCP only
@@ -367,6 +386,50 @@ class PolicyResolver:
         self._subject_users: dict[EndpointSelector, set[int]] = defaultdict(set)
         self._endpoints: dict[int, _EndpointPolicy] = {}
         self._next_rule_id = 1
+        # identity -> port name -> {(protocol, port)}: the port names the endpoints of that
+        # identity declare (`set_named_ports`); rules with named ports, by id
+        self._named_ports: dict[int, dict[str, frozenset[tuple[int, int]]]] = {}
+        self._named_rules: set[int] = set()
+
+    # -- named ports -----------------------------------------------------------------------
+
+    def set_named_ports(
+        self, identity: int, ports: dict[str, frozenset[tuple[int, int]]]
+    ) -> set[int]:
+        """The port names the endpoints of `identity` declare: name -> {(ip protocol,
+        port)} (several where endpoints sharing the identity map a name differently). A
+        rule's named port selects, on ingress, the ports the selected endpoint's identity
+        declares under that name; on egress, those the destination identity declares.
+        Returns the endpoint identities whose policy changed."""
+        ports = {name: frozenset(pp) for name, pp in ports.items() if pp}
+        if self._named_ports.get(identity, {}) == ports:
+            return set()
+        if ports:
+            self._named_ports[identity] = ports
+        else:
+            self._named_ports.pop(identity, None)
+        return self._rebuild_named(identity)
+
+    def named_ports(self, identity: int) -> dict[str, frozenset[tuple[int, int]]]:
+        return dict(self._named_ports.get(identity, {}))
+
+    def _rebuild_named(self, identity: int) -> set[int]:
+        """Recompute the endpoints whose rules name ports: the identity itself (ingress) and
+        every endpoint with a rule naming ports (egress, to the identity)."""
+        changed: set[int] = set()
+        if not self._named_rules:
+            return changed
+        for ep_id, ep in list(self._endpoints.items()):
+            if ep.rules & self._named_rules:
+                self._rebuild(ep_id)
+                changed.add(ep_id)
+        return changed
+
+    def _resolve_name(self, identity: int, name: str, proto: int) -> list[tuple[int, int]]:
+        """The (protocol, port) pairs `name` means on `identity`: none when it declares no
+        such name or only for another protocol (never "any port")."""
+        declared = self._named_ports.get(identity, {}).get(name, ())
+        return sorted(pp for pp in declared if proto == ANY_PROTOCOL or pp[0] == proto)
 
     # -- identities ------------------------------------------------------------------------
 
@@ -406,6 +469,7 @@ class PolicyResolver:
         return changed
 
     def remove_identity(self, identity: int) -> set[int]:
+        self._named_ports.pop(identity, None)
         self.cache.remove_identity(identity)
         self._endpoints.pop(identity, None)
         changed = set()
@@ -486,6 +550,7 @@ class PolicyResolver:
         changed: set[int] = set()
         for rule_id in self._rule_ids.pop(policy.key, []):
             entry = self._rules.pop(rule_id)
+            self._named_rules.discard(rule_id)
             subjects = set(self.cache.select(entry.subject))
             self._subject_users[entry.subject].discard(rule_id)
             for ep_id in subjects:
@@ -587,8 +652,15 @@ class PolicyResolver:
             (proto, port, end, Contribution(rule_id, section.ref, deny, l7))
             for proto, port, end, l7 in section_ports(section)
         ]
+        named = [
+            (proto, name, Contribution(rule_id, section.ref, deny, l7))
+            for proto, name, l7 in section_named_ports(section)
+        ]
+        if named:
+            self._named_rules.add(rule_id)
         return _Section(
-            direction, deny, section.peers is None, peer_sets, ports, any_entity, fixed_sets
+            direction, deny, section.peers is None, peer_sets, ports, any_entity, fixed_sets,
+            named,
         )
 
     def _contribute(
@@ -609,6 +681,33 @@ class PolicyResolver:
                     [MapStateKey(direction, ident, proto, port, end) for ident in idents],
                     contribution,
                 )
+            if section.named:
+                self._contribute_named(ep, section, idents)
+
+    def _contribute_named(
+        self, ep: _EndpointPolicy, section: _Section, idents: set[int]
+    ) -> None:
+        """Named ports, per destination: on ingress the endpoint's own port names, on egress
+        each peer's. An egress "any peer" means every identity that declares the name."""
+        direction = section.direction
+        for proto, name, contribution in section.named:
+            keys = []
+            if direction is Direction.INGRESS:
+                for dproto, dport in self._resolve_name(ep.identity, name, proto):
+                    keys += [MapStateKey(direction, i, dproto, dport, dport) for i in idents]
+            else:
+                peers = idents
+                if ANY_IDENTITY in idents:
+                    peers = (idents - {ANY_IDENTITY}) | {
+                        i for i, names in self._named_ports.items() if name in names
+                    }
+                for peer in peers:
+                    keys += [
+                        MapStateKey(direction, peer, dproto, dport, dport)
+                        for dproto, dport in self._resolve_name(peer, name, proto)
+                    ]
+            if keys:
+                ep.add_many(keys, contribution)
 
     def _materialize(self, ep: _EndpointPolicy) -> MapState:
         mode = self.config.enforcement

@@ -44,8 +44,9 @@ def test_every_error_goes_to_stderr_with_a_count(capsys: pytest.CaptureFixture[s
     assert out == ""
     lines = err.splitlines()
     assert lines == [
-        f"{INVALID}:16: spec.egress[0].toPorts[0].ports[0].port: named ports are not "
-        "supported (port 'web'; use a number)",
+        f"{INVALID}:16: spec.egress[0].toPorts[0].ports[0].port: invalid port 'web_api': "
+        "neither a number 0-65535 nor a port name (a port name has only lower-case letters, "
+        "digits and '-')",
         f"{INVALID}:21: spec.egress[0].toPorts[0].rules.http[0].path: invalid regular "
         "expression: missing ): /api/(v1|v2",
         f"{INVALID}:22: spec.egress[1].toEntities[0]: unknown entity 'internet' (expected one "

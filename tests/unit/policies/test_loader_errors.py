@@ -462,11 +462,67 @@ CASES = [
             ingress:
             - toPorts:
               - ports:
-                - port: http  # <-
+                - port: Http  # <-
             """),
-        "spec.ingress[0].toPorts[0].ports[0].port: named ports are not supported "
-        "(port 'http'; use a number)",
-        id="named-port",
+        "spec.ingress[0].toPorts[0].ports[0].port: invalid port 'Http': neither a number "
+        "0-65535 nor a port name (a port name has only lower-case letters, digits and '-')",
+        id="named-port-upper-case",
+    ),
+    pytest.param(
+        cnp("""
+            ingress:
+            - toPorts:
+              - ports:
+                - port: serve-80-tcp-and-more  # <-
+            """),
+        "spec.ingress[0].toPorts[0].ports[0].port: invalid port 'serve-80-tcp-and-more': "
+        "neither a number 0-65535 nor a port name (a port name has 1-15 characters)",
+        id="named-port-too-long",
+    ),
+    pytest.param(
+        cnp("""
+            ingress:
+            - toPorts:
+              - ports:
+                - port: 80-90  # <-
+            """),
+        "spec.ingress[0].toPorts[0].ports[0].port: invalid port '80-90': neither a number "
+        "0-65535 nor a port name (a port name has at least one letter)",
+        id="named-port-no-letter",
+    ),
+    pytest.param(
+        cnp("""
+            ingress:
+            - toPorts:
+              - ports:
+                - port: web--api  # <-
+            """),
+        "spec.ingress[0].toPorts[0].ports[0].port: invalid port 'web--api': neither a number "
+        "0-65535 nor a port name (a port name has no '--')",
+        id="named-port-double-dash",
+    ),
+    pytest.param(
+        cnp("""
+            ingress:
+            - toPorts:
+              - ports:
+                - port: -web  # <-
+            """),
+        "spec.ingress[0].toPorts[0].ports[0].port: invalid port '-web': neither a number "
+        "0-65535 nor a port name (a port name neither starts nor ends with '-')",
+        id="named-port-leading-dash",
+    ),
+    pytest.param(
+        cnp("""
+            ingress:
+            - toPorts:
+              - ports:
+                - port: web
+                  endPort: 90  # <-
+            """),
+        "spec.ingress[0].toPorts[0].ports[0].endPort: endPort needs a numeric port, not the "
+        "named port 'web'",
+        id="named-port-range",
     ),
     pytest.param(
         cnp("""
@@ -895,10 +951,10 @@ CASES = [
             podSelector: {}
             ingress:
             - ports:
-              - port: metrics  # <-
+              - port: Metrics_1  # <-
             """),
-        "spec.ingress[0].ports[0].port: named ports are not supported (port 'metrics'; "
-        "use a number)",
+        "spec.ingress[0].ports[0].port: invalid port 'Metrics_1': neither a number 0-65535 "
+        "nor a port name (a port name has only lower-case letters, digits and '-')",
         id="knp-named-port",
     ),
     pytest.param(
@@ -967,7 +1023,7 @@ def test_every_error_of_a_file_is_reported() -> None:
         - fromEntities: [internet]
           toPorts:
           - ports:
-            - port: http
+            - port: HTTP
         egress:
         - toCIDR: [10.0.0.1/8]
         """)
@@ -976,8 +1032,9 @@ def test_every_error_of_a_file_is_reported() -> None:
         "test.yaml:8: spec.ingress[0].fromEntities[0]: unknown entity 'internet' (expected one "
         "of: all, world, cluster, host, remote-node, health, init, unmanaged, none, "
         "kube-apiserver, ingress, world-ipv4, world-ipv6)",
-        "test.yaml:11: spec.ingress[0].toPorts[0].ports[0].port: named ports are not supported "
-        "(port 'http'; use a number)",
+        "test.yaml:11: spec.ingress[0].toPorts[0].ports[0].port: invalid port 'HTTP': neither a "
+        "number 0-65535 nor a port name (a port name has only lower-case letters, digits and "
+        "'-')",
         "test.yaml:13: spec.egress[0].toCIDR[0]: CIDR '10.0.0.1/8' has host bits set "
         "(did you mean 10.0.0.0/8?)",
     ]
@@ -994,7 +1051,7 @@ def test_errors_of_every_document_are_reported_with_their_document_index() -> No
         apiVersion: cilium.io/v2
         kind: CiliumNetworkPolicy
         metadata: {name: b}
-        spec: {endpointSelector: {}, egress: [{toPorts: [{ports: [{port: web}]}]}]}
+        spec: {endpointSelector: {}, egress: [{toPorts: [{ports: [{port: WEB}]}]}]}
         """)
     issues = load_issues(text)
     assert [(i.line, i.document, i.field) for i in issues] == [

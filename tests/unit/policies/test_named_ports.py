@@ -1,0 +1,197 @@
+"""Named ports (issue 20 §1): `port: http` resolves per destination endpoint, from the port
+names that endpoint declares; a name it does not declare selects nothing on it."""
+
+from __future__ import annotations
+
+import textwrap
+
+from garrison.policies.labels import Labels, endpoint_labels
+from garrison.policies.loader import load_text
+from garrison.policies.mapstate import PROTO_TCP, PROTO_UDP, lookup
+from garrison.policies.model import Direction, PortProtocol, Protocol, port_name_problem
+from garrison.policies.resolve import PolicyResolver, build_resolver
+
+from .helpers import policies
+
+CNP_INGRESS = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web}
+spec:
+  endpointSelector: {matchLabels: {role: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {role: client}}]
+    toPorts: [{ports: [{port: http}]}]
+"""
+
+KNP_INGRESS = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web}
+spec:
+  podSelector: {matchLabels: {role: server}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {role: client}}}]
+    ports: [{port: serve-80-tcp}]
+"""
+
+CNP_EGRESS = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: out}
+spec:
+  endpointSelector: {matchLabels: {role: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {tier: backend}}]
+    toPorts: [{ports: [{port: "http", protocol: TCP}]}]
+"""
+
+CLIENT, SERVER_A, SERVER_B = 256, 257, 258
+TCP = frozenset
+
+
+def labels(text: str) -> Labels:
+    return endpoint_labels(Labels.parse(text), "default")
+
+
+def resolver(yaml_text: str) -> PolicyResolver:
+    return build_resolver(
+        policies(yaml_text),
+        [
+            (CLIENT, labels("role=client")),
+            (SERVER_A, labels("role=server,tier=backend,name=a")),
+            (SERVER_B, labels("role=server,tier=backend,name=b")),
+        ],
+    )
+
+
+def ingress_ok(r: PolicyResolver, dst: int, port: int, proto: int = PROTO_TCP) -> bool:
+    return lookup(r.map_state(dst), Direction.INGRESS, CLIENT, proto, port).allowed
+
+
+def egress_ok(r: PolicyResolver, dst: int, port: int, proto: int = PROTO_TCP) -> bool:
+    return lookup(r.map_state(CLIENT), Direction.EGRESS, dst, proto, port).allowed
+
+
+def test_port_names_follow_kubernetes_iana_svc_name_rules() -> None:
+    for good in ("http", "serve-80-tcp", "h2c", "a", "x" * 15, "8080-web"):
+        assert port_name_problem(good) is None, good
+    for bad in ("", "x" * 16, "HTTP", "web_api", "8080", "-web", "web-", "web--api", "wéb"):
+        assert port_name_problem(bad) is not None, bad
+
+
+def test_loader_reads_named_ports_of_both_dialects() -> None:
+    (cnp,) = load_text(textwrap.dedent(CNP_INGRESS)).policies
+    (section,) = cnp.rules[0].ingress or ()
+    assert section.to_ports[0].ports == (PortProtocol(0, 0, Protocol.ANY, "http"),)
+    (knp,) = load_text(textwrap.dedent(KNP_INGRESS)).policies
+    (section,) = knp.rules[0].ingress or ()
+    assert section.to_ports[0].ports == (PortProtocol(0, 0, Protocol.TCP, "serve-80-tcp"),)
+    # a quoted number stays a number
+    text = CNP_INGRESS.replace("port: http", 'port: "8080"')
+    (cnp,) = load_text(textwrap.dedent(text)).policies
+    assert (cnp.rules[0].ingress or ())[0].to_ports[0].ports == (PortProtocol(8080),)
+
+
+def test_l7_rules_on_a_named_port_are_accepted() -> None:
+    text = CNP_INGRESS.replace(
+        "toPorts: [{ports: [{port: http}]}]",
+        "toPorts: [{ports: [{port: http}], rules: {http: [{method: GET}]}}]",
+    )
+    (cnp,) = load_text(textwrap.dedent(text)).policies
+    (section,) = cnp.rules[0].ingress or ()
+    assert section.to_ports[0].ports == (PortProtocol(0, 0, Protocol.TCP, "http"),)
+
+
+def test_ingress_name_maps_to_different_numbers_on_different_endpoints() -> None:
+    r = resolver(CNP_INGRESS)
+    r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})})
+    r.set_named_ports(SERVER_B, {"http": TCP({(PROTO_TCP, 9090)})})
+    assert ingress_ok(r, SERVER_A, 8080) and not ingress_ok(r, SERVER_A, 9090)
+    assert ingress_ok(r, SERVER_B, 9090) and not ingress_ok(r, SERVER_B, 8080)
+    # the name's protocol is the declared one (the policy wrote none)
+    assert not ingress_ok(r, SERVER_A, 8080, PROTO_UDP)
+
+
+def test_a_name_the_endpoint_does_not_declare_selects_nothing_never_any_port() -> None:
+    r = resolver(CNP_INGRESS)
+    r.set_named_ports(SERVER_A, {"metrics": TCP({(PROTO_TCP, 9100)})})
+    state = r.map_state(SERVER_A)
+    assert state.ingress_enforced
+    assert not [k for k in state.entries if k.direction is Direction.INGRESS and
+                k.identity == CLIENT]
+    for port in (80, 8080, 9100):
+        assert not ingress_ok(r, SERVER_A, port)
+    # no port names at all: the same
+    assert not ingress_ok(r, SERVER_B, 80)
+
+
+def test_networkpolicy_named_port_with_its_tcp_default_ignores_a_udp_declaration() -> None:
+    r = resolver(KNP_INGRESS)
+    r.set_named_ports(SERVER_A, {"serve-80-tcp": TCP({(PROTO_TCP, 80)})})
+    r.set_named_ports(SERVER_B, {"serve-80-tcp": TCP({(PROTO_UDP, 80)})})
+    assert ingress_ok(r, SERVER_A, 80)
+    assert not ingress_ok(r, SERVER_B, 80) and not ingress_ok(r, SERVER_B, 80, PROTO_UDP)
+
+
+def test_declaring_a_name_later_opens_it_and_withdrawing_it_closes_it() -> None:
+    r = resolver(CNP_INGRESS)
+    assert not ingress_ok(r, SERVER_A, 8080)
+    assert r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})}) >= {SERVER_A}
+    assert ingress_ok(r, SERVER_A, 8080)
+    assert r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})}) == set()
+    r.set_named_ports(SERVER_A, {})
+    assert not ingress_ok(r, SERVER_A, 8080)
+
+
+def test_updates_report_the_keys_a_named_port_change_touches() -> None:
+    """What the agent writes to the kernel: the key of the new number appears and the one
+    of the old number goes."""
+    r = resolver(CNP_INGRESS)
+    r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})})
+    r.updates([SERVER_A])
+    r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8081)})})
+    touched = r.updates([SERVER_A])[SERVER_A]
+    ports = {(k.port, r.entry(SERVER_A, k) is not None) for k in touched
+             if k.identity == CLIENT}
+    assert ports == {(8080, False), (8081, True)}
+
+
+def test_egress_name_resolves_against_each_destination() -> None:
+    r = resolver(CNP_EGRESS)
+    r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})})
+    r.set_named_ports(SERVER_B, {"http": TCP({(PROTO_TCP, 9090)})})
+    assert egress_ok(r, SERVER_A, 8080) and not egress_ok(r, SERVER_A, 9090)
+    assert egress_ok(r, SERVER_B, 9090) and not egress_ok(r, SERVER_B, 8080)
+
+
+def test_egress_to_any_peer_reaches_each_declaring_identity_on_its_own_number() -> None:
+    text = CNP_EGRESS.replace("- toEndpoints: [{matchLabels: {tier: backend}}]\n    toPorts",
+                              "- toPorts")
+    r = resolver(text)
+    r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})})
+    assert egress_ok(r, SERVER_A, 8080)
+    assert not egress_ok(r, SERVER_B, 8080)  # B declares no name
+    r.set_named_ports(SERVER_B, {"http": TCP({(PROTO_TCP, 9090)})})
+    assert egress_ok(r, SERVER_B, 9090) and not egress_ok(r, SERVER_B, 8080)
+
+
+def test_a_named_deny_wins_on_the_number_it_means_there() -> None:
+    text = CNP_INGRESS + """  ingressDeny:
+  - fromEndpoints: [{matchLabels: {role: client}}]
+    toPorts: [{ports: [{port: admin}]}]
+"""
+    r = resolver(text.replace("port: http}", "port: 0}"))
+    r.set_named_ports(SERVER_A, {"admin": TCP({(PROTO_TCP, 8443)})})
+    assert ingress_ok(r, SERVER_A, 80)
+    assert not ingress_ok(r, SERVER_A, 8443)
+    assert ingress_ok(r, SERVER_B, 8443)  # admin is not a name there
+
+
+def test_removing_the_policy_removes_its_named_keys() -> None:
+    r = resolver(CNP_INGRESS)
+    r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})})
+    (policy,) = policies(CNP_INGRESS)
+    r.remove_policy(policy)
+    assert not r.map_state(SERVER_A).ingress_enforced
+    assert not [k for k in r.map_state(SERVER_A).entries if k.identity == CLIENT]
