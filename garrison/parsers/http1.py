@@ -1,55 +1,71 @@
 """HTTP/1.1 sans-io parsers for the L7 proxy: client requests and upstream responses.
 
 Bytes in (`receive_data`, `b""` = end of stream), typed events out (`next_event` / `events`).
-llhttp (through httptools) checks the grammar and, fed the very same bytes, must agree with
-our framing on where every message ends; the glue here finds message boundaries itself, because
-a proxy must forward exactly the bytes it validated and must not lose the next pipelined
-request, and rejects what llhttp tolerates or what makes the message length ambiguous.
+llhttp (httptools >= 0.9, strict: no leniency is ever set) is the single judge of grammar:
+every byte of a message is fed to it, in order, and its callbacks (`on_url`, `on_status`,
+`on_header`, `on_headers_complete`, `on_message_complete`) give the target, the fields and
+keep-alive. The code here adds exact message boundaries (the first CRLF CRLF ends a head; a
+body ends after Content-Length bytes or at the end of the chunked framing, walked line by
+line) so that `raw_head` and `BodyReceived` are slices of the input as llhttp accepted it,
+never re-joined, a denied body can be discarded and the next pipelined request is not lost;
+llhttp must fire `on_headers_complete` / `on_message_complete` exactly at each boundary, or the
+message is refused. And the checks below, each marked `# check <name>` in the code and tested
+(with bytes httptools alone accepts) in tests/unit/parsers/test_http1_llhttp.py:
 
-What the parser refuses, and the status the engine answers with (`HTTP1Error.status`; every
-error from `HTTP1ResponseParser` carries 502, the answer the proxy gives its own client when
-upstream misbehaves):
+- `request_line_exact`: llhttp lets through runs of SP (`GET  /  HTTP/1.1`), bytes before the
+  method and a line without a version; garrison refuses with 400: one SP each (RFC 9112 3).
+- `version_1x`: llhttp lets through HTTP/0.9 and HTTP/2.0; garrison refuses with 505 (502 for
+  a response) because only 1.0 and 1.1 are proxied. `h2_preface`: llhttp pauses silently on
+  `PRI * HTTP/2.0`; garrison refuses with 505.
+- `host_exactly_one`: llhttp lets through HTTP/1.1 without Host, several Host fields, a Host
+  that is no authority; garrison refuses with 400 (RFC 9112 3.2): policy matches on one Host.
+- `absolute_form_authority`: llhttp lets through an absolute-form target whose authority is
+  not the Host; garrison refuses with 400: which host is meant would be ambiguous.
+- `upgrade_field`: llhttp lets `Upgrade` through without `Connection: upgrade`; garrison
+  refuses with 501: no rule can allow a tunnel (CONNECT and `Connection: upgrade` are llhttp's
+  `HttpParserUpgrade`: 501 as well; a 101 response: 502).
+- `connection_close`: llhttp keeps an HTTP/1.0 `Connection: keep-alive, close` alive; garrison
+  closes: `close` wins.
+- `transfer_coding_chunked`: llhttp lets `gzip, chunked` and `,chunked` through; garrison
+  refuses with 501 (400 for an empty or non-token coding): only chunked framing is proxied.
+- `transfer_encoding_http10`: llhttp frames an HTTP/1.0 message by Transfer-Encoding; garrison
+  refuses with 400 (RFC 9112 6.1): a 1.0 upstream would frame it differently.
+- `content_length_digits`: llhttp lets through 19-20 digits below 2^64; garrison refuses with
+  400: past int63 upstreams wrap. `chunk_size_digits`: the same for chunk sizes of more than 16
+  hex digits or over 2^63-1.
+- `chunk_ext_value`: llhttp lets through an empty extension value (`5;a=`); garrison refuses
+  with 400: it is not chunk-ext grammar (a quoted value holding `=;` is refused too).
+- `status_100_plus` (status 000-099) and `response_expected` (no request asked for it):
+  llhttp lets them through; garrison answers its client 502.
+- Limits (`HTTP1Limits`; llhttp has none): 414 request line, 431 head, field count or trailer
+  section, 413 body, 400 chunk-size line. The end of the stream inside a message: 400 (httptools
+  cannot be told the stream ended).
 
-- HTTP1HeadError 400: NUL or another control byte (not HTAB) in the head, bare CR, bare LF;
-  a request line that is not `method SP target SP HTTP/x.y` (one space each); a method that
-  is not a token; obs-fold, whitespace before the colon, an empty or non-token field name;
-  HTTP/1.1 without Host, several Host fields, an invalid Host.
-- HTTP1HeadError 501: a token method llhttp does not know (`FOO`, `get`).
-  HTTP1HeadError 505: `HTTP/d.d` other than 1.0 and 1.1.
-- HTTP1TargetError 400: a target `pathnorm` refuses; absolute-form authority != Host.
-- HTTP1FramingError 400: Content-Length and Transfer-Encoding together; more than one
-  Content-Length (even equal ones); Content-Length not 1*DIGIT (`+5`, `5, 6`) or over 18
-  digits; `chunked` twice or not last (`chunked, gzip`), an empty or non-token coding;
-  Transfer-Encoding in an HTTP/1.0 message; a chunk-size that is not 1-16 hex digits or has
-  whitespace around it, a malformed chunk extension, a chunk-size line over `max_chunk_line`,
-  chunk data not followed by CRLF, a malformed trailer field; the end of the stream inside a
-  message.
-- HTTP1FramingError 501: any other Transfer-Encoding than exactly `chunked` (`gzip, chunked`,
-  `xchunked`, `identity`): a coding the proxy does not implement.
-- HTTP1LimitError 414: request line over `max_request_line`. 431: head over
-  `max_header_block` bytes, more than `max_headers` fields (trailers alike). 413: body over
-  `max_body` (Content-Length at once; chunked as soon as a chunk-size would pass it).
-- HTTP1UpgradeRefusedError 501: CONNECT, or any `Upgrade` field (websocket, h2c): no rule can
-  allow a tunnel yet, so it is refused before anything is forwarded. A 101 response: 502.
+Everything else is llhttp's verdict (its reason is in the error's message): 400 (HTTP1HeadError
+for a head or trailers, HTTP1FramingError for Content-Length, Transfer-Encoding and a body),
+501 for a token method llhttp does not know, 505 for HTTP/1.2, 501 for a final coding other
+than chunked that is a token (RFC 9112 6.1). Every error from `HTTP1ResponseParser` carries 502,
+the answer the proxy gives its own client when upstream misbehaves. HTTP1TargetError 400: a
+target `pathnorm` cannot normalize safely.
 
 Pinned behaviour:
-- Chunk extensions are accepted when well formed (`;name`, `;name=token`, `;name="quoted"`)
-  and the chunk-size line fits `max_chunk_line`; they are forwarded untouched.
-- Empty lines (CRLF) before a request line are skipped and not forwarded (RFC 9112 §2.2).
-- Keep-alive: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `Connection:
-  keep-alive` (and no `close`); responses without a length are read until the end of the
-  stream and never keep-alive. Computed from the head rather than read from llhttp's
-  `should_keep_alive()`, which cannot know that a response answers a HEAD request. After a
-  message that closes the connection every further byte is discarded, never parsed, so
-  nothing after it can be forwarded.
+- Chunk extensions llhttp accepts are forwarded untouched if the line fits `max_chunk_line`.
+- Empty lines (CRLF) before a request line are skipped and not forwarded (RFC 9112 2.2).
+- Keep-alive is llhttp's `should_keep_alive()`, read in `on_headers_complete`, but for
+  `connection_close` and the answer to a HEAD request (llhttp cannot be told the method, and
+  takes a response without length for one that runs until EOF): HTTP/1.1 unless `Connection:
+  close`, HTTP/1.0 only with `keep-alive`. A response without a length runs until the end of
+  the stream, never keep-alive. After a message that closes the connection every further byte
+  is discarded, never parsed, so nothing after it can be forwarded.
 - `headers` are the field lines as sent: names with their case, values without the
   surrounding whitespace (OWS). Trailers of a chunked body are validated and forwarded as part
   of the body bytes; they are not reported as headers (rules never match them).
 - Errors are raised by `next_event()` / `events()` after the events that precede them on the
   wire, so a valid request pipelined before a bad one is still served. After an error the parser
-  is dead: `receive_data` raises the same error. Body bytes of the failing message that the
-  framing accepted before the error are reported first (they are not forwarded anywhere by
-  the parser; an engine that streams bodies closes the upstream side on the error).
+  is dead: `receive_data` raises the same error. Body bytes llhttp accepted before the error are
+  reported first (not forwarded by the parser; an engine that streams bodies closes the upstream
+  side on the error). llhttp sees no byte past a limit and a framing line is fed to it whole or
+  in arriving pieces alike, so the outcome does not depend on how the bytes were split.
 - Memory: a partial head is buffered only up to `max_header_block`, a partial chunk-size or
   trailer line up to its limit; body bytes become `BodyReceived` events in the call that
   delivered them (`buffered` tells how much is held).
@@ -57,9 +73,8 @@ Pinned behaviour:
 
 from __future__ import annotations
 
-import re
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, overload
 
@@ -360,64 +375,70 @@ _CLOSED_EVENT = ConnectionClosed()
 HTTP1Event = RequestReceived | ResponseReceived | BodyReceived | MessageCompleted | ConnectionClosed
 
 
-# ---- grammar --------------------------------------------------------------------------------
+# ---- what llhttp lets through ---------------------------------------------------------------
 
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-# Bytes a field value may hold: VCHAR, SP, obs-text, HTAB; a head also CR/LF (whose pairing
-# is checked apart).
+# Bytes a field value may hold (VCHAR, SP, obs-text, HTAB): what `forward_head(add=...)` checks.
 _VALUE_BYTES = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)) + b"\t"
-_HEAD_BYTES = _VALUE_BYTES + b"\r\n"
-_FIELD_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
-# One match per valid field line, anchored at line starts: a line that does not match is
-# skipped, so fewer matches than lines means a malformed line. The value group leaves out the
-# whitespace around the value (OWS).
-_FIELD = re.compile(rb"^(" + _TOKEN + rb"):[ \t]*((?:[^\r\n]*[^\r\n \t])?)[ \t]*\r\n", re.MULTILINE)
-# The one shape of a valid request head, checked in one pass: request line, field lines of
-# visible characters, SP, HTAB and obs-text (so no NUL, no bare CR or LF, no obs-fold).
-# Anything else goes to `_refuse_head`, which says what is wrong.
-_REQUEST_HEAD = re.compile(
-    rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) (HTTP/1\.[01])\r\n"
-    rb"((?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n"
-)
-_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
-_STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9]) ([0-9]{3})(?: ([^\r\n]*))?")
-_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
-_CHUNK_LINE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})((?:;" + _TOKEN + rb"(?:=(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*)\r\n"
-)
 _SUPPORTED_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 # Request fields the head's meaning depends on (lower-case).
 _REQUEST_FIELDS = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"connection", b"upgrade"}
+    {b"host", b"content-length", b"transfer-encoding", b"upgrade", b"connection"}
 )
 _MAX_CONTENT_LENGTH_DIGITS = 18
+_MAX_CHUNK_SIZE = 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _is_token(value: bytes) -> bool:
+    return bool(value) and not value.translate(None, _TCHAR)
+
+
+def _check_transfer_coding(te_values: list[bytes], status: int) -> None:
+    """Exactly `chunked`: llhttp has refused it not being last."""
+    codings = [c.strip(b" \t").lower() for v in te_values for c in v.split(b",")]
+    if codings != [b"chunked"]:
+        if not all(_is_token(c) for c in codings):
+            raise HTTP1FramingError("invalid Transfer-Encoding value", status=status)
+        raise HTTP1FramingError(
+            f"unsupported transfer-coding {b', '.join(codings)!r}: only chunked is proxied",
+            status=501 if status == 400 else status,
+        )
+
+
+def _content_length(value: bytes, limits: HTTP1Limits, status: int) -> int:
+    """The length, within `max_body`; llhttp has checked the value is 1*DIGIT."""
+    if len(value) > _MAX_CONTENT_LENGTH_DIGITS:  # check content_length_digits
+        raise HTTP1FramingError("Content-Length out of range", status=status)
+    length = int(value)
+    max_body = limits.max_body
+    if max_body is not None and length > max_body:
+        raise HTTP1LimitError(
+            f"body larger than {max_body} bytes", status=413 if status == 400 else status
+        )
+    return length
+
+
+def _keep_alive(version: bytes, connection: list[bytes]) -> bool:
+    """Keep-alive from the Connection fields: for what llhttp gets wrong (`connection_close`:
+    HTTP/1.0 with `keep-alive, close`; a response to HEAD, taken for one that runs to EOF)."""
+    tokens = {t.strip(b" \t").lower() for v in connection for t in v.split(b",")}
+    if b"close" in tokens:
+        return False
+    return version == b"HTTP/1.1" or b"keep-alive" in tokens
+
 
 # Parser states.
 _HEAD = 0
 _LENGTH = 1  # Content-Length body
-_CHUNK_LINE_STATE = 2
+_CHUNK_LINE = 2
 _CHUNK_DATA = 3
-_CHUNK_CRLF = 4
+_CHUNK_CRLF = 4  # the CRLF after chunk data: fed to llhttp as one unit, which checks it
 _TRAILER = 5
 _UNTIL_EOF = 6  # response body delimited by the end of the stream
 _CLOSED = 7  # a message said the connection closes: further bytes are discarded
 _EOF = 8
 
-
 _LLHTTP = httptools.HttpRequestParser | httptools.HttpResponseParser
-
-
-class _Witness:
-    """llhttp's callbacks: only message completion matters, to compare framings."""
-
-    __slots__ = ("completed",)
-
-    def __init__(self) -> None:
-        self.completed = 0
-
-    def on_message_complete(self) -> None:
-        self.completed += 1
 
 
 # ---- the shared machinery -------------------------------------------------------------------
@@ -431,18 +452,27 @@ class _HTTP1Parser:
         self._events: deque[HTTP1Event] = deque()
         self._error: HTTP1Error | None = None
         self._state = _HEAD
-        self._buf = b""  # partial head, chunk-size line, trailer line or chunk CRLF
-        self._remaining = 0  # bytes left in a Content-Length body or a chunk
+        self._buf = b""  # partial head (or chunk-size / trailer line) not yet a whole
+        self._fed = 0  # bytes of `_buf` llhttp has been fed
+        self._remaining = 0  # bytes left in a Content-Length body or a chunk (+ its CRLF)
         self._body_size = 0  # decoded body bytes so far (max_body)
         self._trailer_bytes = 0
         self._trailer_fields = 0
-        self._pending: list[bytes] = []  # validated body bytes not yet in an event
+        self._pending: list[bytes] = []  # body bytes llhttp accepted, not yet in an event
         self._keep_alive = True
         self._discard = False
         self._head_event: HTTP1Event | None = None  # the head of the message being parsed
-        self._witness = _Witness()
+        # What llhttp's callbacks told about the message being parsed.
+        self._url = b""
+        self._reason = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._headers_complete = False
+        self._llhttp_keep_alive = True
+        self._method = b""
+        self._status_code = 0
+        self._completed = 0  # messages llhttp completed
+        self._ended = 0  # messages whose end our framing found
         self._llhttp: _LLHTTP | None = self._new_llhttp()
-        self._llhttp_completed = 0  # messages llhttp was fed in full
 
     # -- public ------------------------------------------------------------------------------
 
@@ -463,8 +493,8 @@ class _HTTP1Parser:
             else:
                 self._receive_eof()
         except HTTP1Error as exc:
-            # Body bytes our framing accepted before the error are facts too: report them, so
-            # the events do not depend on how the bytes were split into receive_data calls.
+            # Body bytes accepted before the error are facts too: report them, so the events
+            # do not depend on how the bytes were split into receive_data calls.
             if self._pending and not self._discard:
                 self._events.append(BodyReceived(b"".join(self._pending)))
             self._error = exc
@@ -487,6 +517,30 @@ class _HTTP1Parser:
         if self._error is not None:
             raise self._error
 
+    # -- llhttp's callbacks (the httptools protocol); not for callers ------------------------
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url  # llhttp hands a span over in pieces when the input was split
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name, value.rstrip(b" \t")))  # llhttp drops leading OWS only
+
+    def on_headers_complete(self) -> None:
+        self._headers_complete = True
+        llhttp = self._llhttp
+        assert llhttp is not None
+        self._llhttp_keep_alive = llhttp.should_keep_alive()
+        if isinstance(llhttp, httptools.HttpRequestParser):
+            self._method = llhttp.get_method()
+        else:
+            self._status_code = llhttp.get_status_code()
+
+    def on_message_complete(self) -> None:
+        self._completed += 1
+
     # -- subclass hooks ----------------------------------------------------------------------
 
     def _new_llhttp(self) -> _LLHTTP:
@@ -497,6 +551,54 @@ class _HTTP1Parser:
 
     def _status(self, status: int) -> int:
         return status
+
+    # -- llhttp ------------------------------------------------------------------------------
+
+    def _feed(self, chunk: bytes, head: bytes = b"") -> None:
+        """Give llhttp the next bytes of the stream; `head`: the head so far, for errors."""
+        assert self._llhttp is not None
+        try:
+            self._llhttp.feed_data(chunk)
+        except httptools.HttpParserUpgrade:
+            raise HTTP1UpgradeRefusedError(
+                "CONNECT or protocol upgrade refused: no rule can allow a tunnel",
+                status=self._status(501),
+            ) from None
+        except httptools.HttpParserError as exc:
+            raise self._llhttp_error(exc, head) from None
+
+    def _llhttp_error(self, exc: httptools.HttpParserError, head: bytes) -> HTTP1Error:
+        """llhttp's verdict as a typed error with the status a client should get."""
+        reason = str(exc)
+        state = self._state
+        message = f"llhttp: {reason}"
+        if state == _TRAILER:
+            return HTTP1HeadError(f"{message} (trailer)", status=self._status(400))
+        if state != _HEAD:
+            return HTTP1FramingError(message, status=self._status(400))
+        if isinstance(exc, httptools.HttpParserInvalidMethodError):
+            # A token method llhttp does not know is not implemented; anything else is garbage.
+            method, space, _ = head.partition(b" ")
+            status = 501 if space and _is_token(method) else 400
+            return HTTP1HeadError(message, status=self._status(status))
+        if reason == "Invalid HTTP version" or reason.startswith("Pause on PRI"):
+            return HTTP1HeadError(message, status=self._status(505))
+        if reason.startswith("Pause on CONNECT"):  # a 101 answer
+            return HTTP1UpgradeRefusedError(message, status=self._status(501))
+        if reason.endswith("has invalid `Transfer-Encoding`"):
+            # The final coding is not chunked: 501 for a token coding (RFC 9112 6.1).
+            te = [v for n, v in self._fields if n.lower() == b"transfer-encoding"]
+            codings = [c.strip(b" \t") for v in te for c in v.split(b",")]
+            status = 501 if codings and all(_is_token(c) for c in codings) else 400
+            return HTTP1FramingError(message, status=self._status(status))
+        if "Content-Length" in reason or "Transfer-Encoding" in reason:
+            return HTTP1FramingError(message, status=self._status(400))
+        return HTTP1HeadError(message, status=self._status(400))
+
+    def _disagree(self) -> NoReturn:
+        raise HTTP1FramingError(
+            "llhttp disagrees on where the message ends", status=self._status(400)
+        )
 
     # -- the byte loop -----------------------------------------------------------------------
 
@@ -509,7 +611,9 @@ class _HTTP1Parser:
                 pos = self._read_head(data, pos)
             elif state in (_LENGTH, _CHUNK_DATA):
                 size = min(self._remaining, end - pos)
-                self._pending.append(data if size == end else data[pos : pos + size])
+                chunk = data if size == end else data[pos : pos + size]
+                self._feed(chunk)
+                self._pending.append(chunk)
                 pos += size
                 self._remaining -= size
                 if not self._remaining:
@@ -517,13 +621,18 @@ class _HTTP1Parser:
                         self._complete()
                     else:
                         self._state = _CHUNK_CRLF
-            elif state == _CHUNK_LINE_STATE:
-                pos = self._read_chunk_line(data, pos)
             elif state == _CHUNK_CRLF:
-                line, pos = self._read_line(data, pos, 2, self._chunk_crlf_missing)
-                if line is not None:
-                    self._pending.append(line)
-                    self._state = _CHUNK_LINE_STATE
+                crlf = self._buf + data[pos : pos + 2 - len(self._buf)]
+                pos += len(crlf) - len(self._buf)
+                if len(crlf) < 2:
+                    self._buf = crlf
+                else:
+                    self._buf = b""
+                    self._feed(crlf)
+                    self._pending.append(crlf)
+                    self._state = _CHUNK_LINE
+            elif state == _CHUNK_LINE:
+                pos = self._read_chunk_line(data, pos)
             elif state == _TRAILER:
                 pos = self._read_trailer_line(data, pos)
             elif state == _UNTIL_EOF:
@@ -532,12 +641,12 @@ class _HTTP1Parser:
             else:  # _CLOSED: the connection is done; nothing after it is parsed
                 pos = end
         if self._pending:
-            self._flush_body(final=False)
+            self._flush_body()
 
     def _receive_eof(self) -> None:
         state = self._state
         if state == _UNTIL_EOF:
-            self._flush_body(final=False)
+            self._flush_body()
             self._events.append(_CLOSING)
         elif not (state == _CLOSED or (state == _HEAD and not self._buf)):
             raise HTTP1FramingError("end of stream inside a message", status=self._status(400))
@@ -545,7 +654,9 @@ class _HTTP1Parser:
         self._state = _EOF
 
     def _read_head(self, data: bytes, pos: int) -> int:
-        max_head = self._limits.max_header_block
+        limits = self._limits
+        max_head = limits.max_header_block
+        line_cap = limits.max_request_line + 2
         buf = self._buf
         if not buf:
             if self._is_request:
@@ -553,46 +664,76 @@ class _HTTP1Parser:
                     pos += 2
                 if pos == len(data):
                     return pos
-            found = data.find(b"\r\n\r\n", pos, pos + max_head)
-            if found >= 0:
-                end = found + 4
-                self._on_head(data if pos == 0 and end == len(data) else data[pos:end])
+                if len(data) - pos == 1 and data[pos] == 0x0D:
+                    self._buf = b"\r"  # maybe the first half of an empty line: not fed yet
+                    self._fed = 0
+                    return pos + 1
+            end = data.find(b"\r\n\r\n", pos, pos + max_head)
+            if end >= 0:
+                end += 4
+                head = data if pos == 0 and end == len(data) else data[pos:end]
+                if head.find(b"\r\n", 0, line_cap) < 0:
+                    self._feed(head[:line_cap], head[:line_cap])
+                    self._raise_line_too_long()
+                self._feed(head, head)
+                self._end_head(head)
                 return end
-            rest = data[pos : pos + max_head]
-            self._check_partial_head(rest)
-            self._buf = rest
-            return pos + len(rest)
-        take = data[pos : pos + max_head - len(buf)]
-        combined = buf + take
-        start = max(0, len(buf) - 3)
-        skipped = 0
-        if self._is_request:
-            while combined.startswith(b"\r\n", skipped):
-                skipped += 2
-            if skipped:
-                combined = combined[skipped:]
-                start = 0
-        found = combined.find(b"\r\n\r\n", start)
-        if found >= 0:
+            combined = data[pos : pos + max_head]
+            taken = len(combined)
+            fed = 0
+        else:
+            take = data[pos : pos + max_head - len(buf)]
+            taken = len(take)
+            combined = buf + take
+            fed = self._fed
+            if self._is_request and fed == 0 and combined.startswith(b"\r\n"):
+                skipped = 0
+                while combined.startswith(b"\r\n", skipped):
+                    skipped += 2
+                self._buf = b""
+                return pos + skipped - len(buf)  # on to a fresh head after the empty lines
+        # A partial head: feed llhttp what arrived, within the limits, so it refuses bad bytes
+        # as soon as they come (a head with bare LFs would otherwise never end); but not a
+        # method before its SP: whether it is a token decides between 400 and 501.
+        if combined.find(b"\r\n", 0, line_cap) < 0:
+            if fed == 0 and len(combined) < line_cap and combined.find(b" ") < 0:
+                self._buf = combined
+                return pos + taken
+            if len(combined) > fed:
+                self._feed(combined[fed:line_cap], combined[:line_cap])
+            if len(combined) >= line_cap:
+                self._raise_line_too_long()
+            self._buf = combined
+            self._fed = len(combined)
+            return pos + taken
+        end = combined.find(b"\r\n\r\n", max(0, fed - 3))
+        if end >= 0:
+            end += 4
+            head = combined[:end]
+            self._feed(head[fed:], head)
             self._buf = b""
-            self._on_head(combined[: found + 4])
-            return pos + skipped + found + 4 - len(buf)
-        self._check_partial_head(combined)
+            self._fed = 0
+            self._end_head(head)
+            return pos + end - len(buf)
+        self._feed(combined[fed:], combined)
+        if self._headers_complete:
+            self._disagree()
+        if len(combined) >= max_head:
+            raise HTTP1LimitError(f"head larger than {max_head} bytes", status=self._status(431))
         self._buf = combined
-        return pos + len(take)
+        self._fed = len(combined)
+        return pos + taken
 
-    def _check_partial_head(self, partial: bytes) -> None:
-        # Refuse bad bytes as soon as they arrive: a head with bare LFs would otherwise never
-        # end, and the client would wait for an answer until a timeout.
-        self._check_head_bytes(partial[:-1] if partial.endswith(b"\r") else partial)
-        limits = self._limits
-        line_limit = limits.max_request_line + 2
-        if len(partial) >= line_limit and partial.find(b"\r\n", 0, line_limit) < 0:
-            self._raise_line_too_long()
-        if len(partial) >= limits.max_header_block:
+    def _end_head(self, head: bytes) -> None:
+        if not self._headers_complete:
+            if head.startswith(b"PRI * HTTP/2.0\r\n"):  # check h2_preface: llhttp just pauses
+                raise HTTP1HeadError("HTTP/2 connection preface", status=self._status(505))
+            self._disagree()
+        if len(self._fields) > self._limits.max_headers:
             raise HTTP1LimitError(
-                f"head larger than {limits.max_header_block} bytes", status=self._status(431)
+                f"more than {self._limits.max_headers} header fields", status=self._status(431)
             )
+        self._on_head(head)
 
     def _raise_line_too_long(self) -> NoReturn:
         raise HTTP1LimitError(
@@ -600,60 +741,53 @@ class _HTTP1Parser:
             status=self._status(414),
         )
 
-    def _read_line(
-        self, data: bytes, pos: int, limit: int, too_long: Callable[[], HTTP1Error]
-    ) -> tuple[bytes | None, int]:
-        """A CRLF-terminated line of at most `limit` bytes (CRLF included), or None for now."""
+    def _read_line(self, data: bytes, pos: int, limit: int) -> tuple[bytes | None, int]:
+        """A CRLF-terminated line of at most `limit` bytes (CRLF included), fed to llhttp as
+        it arrives, or None for now; `b""` when `limit` bytes came without a CRLF."""
         buf = self._buf
         if not buf:
             found = data.find(b"\r\n", pos, pos + limit)
             if found >= 0:
-                return data[pos : found + 2], found + 2
+                line = data[pos : found + 2]
+                self._feed(line)
+                return line, found + 2
             rest = data[pos : pos + limit]
+            self._feed(rest)
             if len(rest) >= limit:
-                raise too_long()
+                return b"", pos + len(rest)
             self._buf = rest
             return None, pos + len(rest)
         take = data[pos : pos + limit - len(buf)]
-        combined = buf + take
-        found = combined.find(b"\r\n", max(0, len(buf) - 1))
+        found = (buf[-1:] + take).find(b"\r\n")
         if found >= 0:
+            take = take[: found + 1]
+            self._feed(take)
             self._buf = b""
-            return combined[: found + 2], pos + found + 2 - len(buf)
+            return buf + take, pos + len(take)
+        self._feed(take)
+        combined = buf + take
         if len(combined) >= limit:
-            raise too_long()
+            return b"", pos + len(take)
         self._buf = combined
         return None, pos + len(take)
 
-    def _chunk_crlf_missing(self) -> HTTP1Error:
-        return HTTP1FramingError("chunk data not followed by CRLF", status=self._status(400))
-
-    def _chunk_line_too_long(self) -> HTTP1Error:
-        return HTTP1FramingError(
-            f"chunk-size line longer than {self._limits.max_chunk_line} bytes",
-            status=self._status(400),
-        )
-
-    def _trailers_too_large(self) -> HTTP1Error:
-        return HTTP1LimitError(
-            f"trailer section larger than {self._limits.max_header_block} bytes",
-            status=self._status(431),
-        )
-
     def _read_chunk_line(self, data: bytes, pos: int) -> int:
-        line, pos = self._read_line(
-            data, pos, self._limits.max_chunk_line, self._chunk_line_too_long
-        )
+        line, pos = self._read_line(data, pos, self._limits.max_chunk_line)
         if line is None:
             return pos
-        match = _CHUNK_LINE.fullmatch(line)
-        if match is None:
+        status = self._status(400)
+        if not line:
             raise HTTP1FramingError(
-                f"invalid chunk-size line {line[:40]!r}", status=self._status(400)
+                f"chunk-size line longer than {self._limits.max_chunk_line} bytes", status=status
             )
-        size = int(match.group(1), 16)
-        if size > 0x7FFF_FFFF_FFFF_FFFF:
-            raise HTTP1FramingError("chunk size out of range", status=self._status(400))
+        size_hex = line[:-2].partition(b";")[0]  # llhttp has checked HEXDIG+ [ext]
+        if len(size_hex) > 16:  # check chunk_size_digits
+            raise HTTP1FramingError("chunk-size of more than 16 hex digits", status=status)
+        size = int(size_hex, 16)
+        if size > _MAX_CHUNK_SIZE:
+            raise HTTP1FramingError("chunk size out of range", status=status)
+        if b"=;" in line or line.endswith(b"=\r\n"):  # check chunk_ext_value
+            raise HTTP1FramingError("chunk extension without a value", status=status)
         self._body_size += size
         max_body = self._limits.max_body
         if max_body is not None and self._body_size > max_body:
@@ -669,186 +803,65 @@ class _HTTP1Parser:
         return pos
 
     def _read_trailer_line(self, data: bytes, pos: int) -> int:
-        budget = self._limits.max_header_block - self._trailer_bytes
-        line, pos = self._read_line(data, pos, budget, self._trailers_too_large)
+        limits = self._limits
+        line, pos = self._read_line(data, pos, limits.max_header_block - self._trailer_bytes)
         if line is None:
             return pos
+        if not line:
+            raise HTTP1LimitError(
+                f"trailer section larger than {limits.max_header_block} bytes",
+                status=self._status(431),
+            )
         self._pending.append(line)
         if line == b"\r\n":
             self._complete()
             return pos
         self._trailer_bytes += len(line)
         self._trailer_fields += 1
-        if self._trailer_fields > self._limits.max_headers:
+        if self._trailer_fields > limits.max_headers:
             raise HTTP1LimitError(
-                f"more than {self._limits.max_headers} trailer fields", status=self._status(431)
+                f"more than {limits.max_headers} trailer fields", status=self._status(431)
             )
-        self._check_head_bytes(line)
-        if _FIELD_BLOCK.fullmatch(line) is None:
-            self._raise_field_error(line[:-2])
         return pos
 
-    def _flush_body(self, *, final: bool) -> None:
+    def _flush_body(self) -> None:
         pending = self._pending
-        if pending:
-            chunk = pending[0] if len(pending) == 1 else b"".join(pending)
-            self._pending = []
-            if self._llhttp is not None:
-                self._feed_llhttp(chunk)
-            if not self._discard:
-                self._events.append(BodyReceived(chunk))
-        if self._llhttp is not None:
-            expected = self._llhttp_completed + (1 if final else 0)
-            if self._witness.completed != expected:
-                raise HTTP1FramingError(
-                    "llhttp disagrees on where the message ends", status=self._status(400)
-                )
-
-    def _feed_llhttp(self, chunk: bytes) -> None:
-        assert self._llhttp is not None
-        try:
-            self._llhttp.feed_data(chunk)
-        except httptools.HttpParserUpgrade as exc:
-            raise HTTP1UpgradeRefusedError(
-                "protocol upgrade refused", status=self._status(501)
-            ) from exc
-        except httptools.HttpParserInvalidMethodError as exc:
-            raise HTTP1HeadError(f"unknown method: {exc}", status=self._status(501)) from exc
-        except httptools.HttpParserError as exc:
-            raise HTTP1HeadError(f"llhttp: {exc}", status=self._status(400)) from exc
+        if not pending:
+            return
+        chunk = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._pending = []
+        if not self._discard:
+            self._events.append(BodyReceived(chunk))
 
     def _start_body(self, content_length: int | None, chunked: bool) -> None:
-        """After a head (already fed to llhttp): pick the body state, or complete at once."""
+        """After a head llhttp accepted: pick the body state, or complete at once."""
         self._discard = False
-        if not chunked and not content_length:
-            # Bodyless, the common case: what _complete() does, without a body to flush.
-            if self._witness.completed != self._llhttp_completed + 1:
-                raise HTTP1FramingError(
-                    "llhttp disagrees on where the message ends", status=self._status(400)
-                )
-            self._llhttp_completed += 1
-            if self._keep_alive:
-                self._events.append(_KEEPING)
-            else:
-                self._events.append(_CLOSING)
-                self._state = _CLOSED
-            return
         if chunked:
             self._body_size = 0
-            self._state = _CHUNK_LINE_STATE
-        else:
-            self._remaining = content_length or 0
+            self._state = _CHUNK_LINE
+        elif content_length:
+            self._remaining = content_length
             self._state = _LENGTH
-        self._flush_body(final=False)  # llhttp must still be waiting for the body
+        else:
+            self._complete()
+            return
+        if self._completed != self._ended:
+            self._disagree()  # llhttp took the message for bodyless
 
     def _complete(self) -> None:
-        self._flush_body(final=True)
-        self._llhttp_completed += 1
+        """Our framing says the message ends here: llhttp must have said so too."""
+        if self._pending:
+            self._flush_body()
+        self._ended += 1
+        if self._completed != self._ended:
+            self._disagree()
         self._events.append(_KEEPING if self._keep_alive else _CLOSING)
         self._discard = False
         self._state = _HEAD if self._keep_alive else _CLOSED
-
-    # -- head validation shared by requests and responses -----------------------------------
-
-    def _check_head_bytes(self, head: bytes) -> None:
-        bad = head.translate(None, _HEAD_BYTES)
-        if bad:
-            what = "NUL byte" if bad[0] == 0 else f"control byte 0x{bad[0]:02x}"
-            raise HTTP1HeadError(f"{what} in head", status=self._status(400))
-        crlf = head.count(b"\r\n")
-        if head.count(b"\r") != crlf:
-            raise HTTP1HeadError("bare CR in head", status=self._status(400))
-        if head.count(b"\n") != crlf:
-            raise HTTP1HeadError("bare LF in head", status=self._status(400))
-
-    def _split_head(self, head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """(start line, field lines) of a head that passed `_check_head_bytes`."""
-        line_end = head.index(b"\r\n")
-        if line_end > self._limits.max_request_line:
-            self._raise_line_too_long()
-        block = head[line_end + 2 : -2]
-        if not block:
-            return head[:line_end], []
-        lines = block.count(b"\r\n")
-        if lines > self._limits.max_headers:
-            raise HTTP1LimitError(
-                f"more than {self._limits.max_headers} header fields", status=self._status(431)
-            )
-        fields: list[tuple[bytes, bytes]] = _FIELD.findall(block)
-        if len(fields) != lines:
-            for line in block.split(b"\r\n"):
-                if _FIELD_BLOCK.fullmatch(line + b"\r\n") is None:
-                    self._raise_field_error(line)
-        return head[:line_end], fields
-
-    def _raise_field_error(self, line: bytes) -> NoReturn:
-        if line[:1] in (b" ", b"\t"):
-            reason = "obsolete line folding (obs-fold)"
-        elif b":" not in line:
-            reason = "field line without a colon"
-        else:
-            name = line.split(b":", 1)[0]
-            if not name:
-                reason = "empty field name"
-            elif name.rstrip(b" \t") != name:
-                reason = "whitespace between field name and colon"
-            else:
-                reason = f"invalid field name {name[:40]!r}"
-        raise HTTP1HeadError(reason, status=self._status(400))
-
-    def _framing(
-        self, version: bytes, te_values: list[bytes], cl_values: list[bytes]
-    ) -> tuple[int | None, bool]:
-        """(content_length, chunked) from the framing fields, refusing every ambiguity."""
-        if te_values:
-            if cl_values:
-                raise HTTP1FramingError(
-                    "both Content-Length and Transfer-Encoding", status=self._status(400)
-                )
-            if version != b"HTTP/1.1":
-                raise HTTP1FramingError(
-                    "Transfer-Encoding in an HTTP/1.0 message", status=self._status(400)
-                )
-            codings = [c.strip(b" \t").lower() for v in te_values for c in v.split(b",")]
-            if codings != [b"chunked"]:
-                if any(not c or c.translate(None, _TCHAR) for c in codings):
-                    raise HTTP1FramingError(
-                        "invalid Transfer-Encoding value", status=self._status(400)
-                    )
-                if codings.count(b"chunked") > 1 or codings[:-1].count(b"chunked"):
-                    # The length cannot be determined: a framing error, not a missing feature.
-                    raise HTTP1FramingError(
-                        "chunked must be the final transfer-coding, once",
-                        status=self._status(400),
-                    )
-                raise HTTP1FramingError(
-                    f"unsupported transfer-coding {b', '.join(codings)!r}",
-                    status=self._status(501),
-                )
-            return None, True
-        if not cl_values:
-            return None, False
-        if len(cl_values) > 1:
-            raise HTTP1FramingError("several Content-Length fields", status=self._status(400))
-        value = cl_values[0]
-        if not value.isdigit():
-            raise HTTP1FramingError(
-                f"invalid Content-Length {value[:40]!r}", status=self._status(400)
-            )
-        if len(value) > _MAX_CONTENT_LENGTH_DIGITS:
-            raise HTTP1FramingError("Content-Length out of range", status=self._status(400))
-        length = int(value)
-        max_body = self._limits.max_body
-        if max_body is not None and length > max_body:
-            raise HTTP1LimitError(f"body larger than {max_body} bytes", status=self._status(413))
-        return length, False
-
-
-def _keep_alive(version: bytes, connection: list[bytes]) -> bool:
-    tokens = {t.strip(b" \t").lower() for v in connection for t in v.split(b",")}
-    if b"close" in tokens:
-        return False
-    return version == b"HTTP/1.1" or b"keep-alive" in tokens
+        self._url = b""
+        self._reason = b""
+        self._fields = []
+        self._headers_complete = False
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -862,7 +875,7 @@ class HTTP1RequestParser(_HTTP1Parser):
     _is_request = True
 
     def _new_llhttp(self) -> _LLHTTP:
-        return httptools.HttpRequestParser(self._witness)
+        return httptools.HttpRequestParser(self)
 
     def discard_body(self) -> None:
         """Stop reporting the body of the request whose RequestReceived came last.
@@ -879,49 +892,56 @@ class HTTP1RequestParser(_HTTP1Parser):
             self._discard = True  # the message being parsed is the one whose head was taken
 
     def _on_head(self, head: bytes) -> None:
-        match = _REQUEST_HEAD.fullmatch(head)
-        if match is None:
-            self._refuse_head(head)
-        method, target, version, block = match.groups()
-        limits = self._limits
-        if match.end(3) > limits.max_request_line:
-            self._raise_line_too_long()
-        fields: list[tuple[bytes, bytes]] = _FIELD.findall(block) if block else []
-        if len(fields) > limits.max_headers:
-            raise HTTP1LimitError(f"more than {limits.max_headers} header fields", status=431)
-
+        method = self._method
+        target = self._url
+        line_end = head.find(b"\r\n")
+        # check request_line_exact: `method SP target SP HTTP/x.y`, nothing around them
+        if len(method) + len(target) + 10 != line_end or not head.startswith(method + b" "):
+            raise HTTP1HeadError(
+                "request line is not `method SP target SP HTTP-version`", status=400
+            )
+        version = head[line_end - 8 : line_end]
+        if version not in _SUPPORTED_VERSIONS:  # check version_1x
+            raise HTTP1HeadError(
+                f"unsupported version {version!r}",
+                status=505 if version.startswith(b"HTTP/") else 400,
+            )
+        fields = self._fields
         host_value: bytes | None = None
         te_values: list[bytes] = []
-        cl_values: list[bytes] = []
+        cl_value: bytes | None = None
         connection: list[bytes] = []
         for name, value in fields:
             lname = name.lower()
             if lname not in _REQUEST_FIELDS:
                 continue
-            if lname == b"host":
-                if host_value is not None:
+            if lname == b"connection":
+                connection.append(value)
+            elif lname == b"host":
+                if host_value is not None:  # check host_exactly_one
                     raise HTTP1HeadError("several Host fields", status=400)
                 host_value = value
             elif lname == b"content-length":
-                cl_values.append(value)
+                cl_value = value  # llhttp refuses a second one
             elif lname == b"transfer-encoding":
                 te_values.append(value)
-            elif lname == b"connection":
-                connection.append(value)
-            else:  # upgrade
+            else:  # check upgrade_field
                 raise HTTP1UpgradeRefusedError("protocol upgrade refused", status=501)
-        if method == b"CONNECT":
-            raise HTTP1UpgradeRefusedError("CONNECT is not supported", status=501)
 
-        if te_values or cl_values:
-            content_length, chunked = self._framing(version, te_values, cl_values)
-        else:
-            content_length, chunked = None, False
+        content_length: int | None = None
+        chunked = False
+        if te_values:  # llhttp refuses it together with Content-Length
+            if version != b"HTTP/1.1":  # check transfer_encoding_http10
+                raise HTTP1FramingError("Transfer-Encoding in an HTTP/1.0 message", status=400)
+            _check_transfer_coding(te_values, 400)  # check transfer_coding_chunked
+            chunked = True
+        elif cl_value is not None:
+            content_length = _content_length(cl_value, self._limits, 400)
 
         host: str | None = None
         if host_value is not None:
             host = host_value.decode("latin-1")
-            if not valid_authority(host):
+            if not valid_authority(host):  # check host_exactly_one
                 raise HTTP1HeadError(f"invalid Host {host[:60]!r}", status=400)
         elif version == b"HTTP/1.1":
             raise HTTP1HeadError("HTTP/1.1 request without Host", status=400)
@@ -932,6 +952,7 @@ class HTTP1RequestParser(_HTTP1Parser):
                 normalized = normalize_target(target, allow_asterisk=method == b"OPTIONS")
                 path = normalized.path
                 if normalized.authority is not None:
+                    # check absolute_form_authority
                     if host is not None and host.lower() != normalized.authority.lower():
                         raise HTTP1TargetError(
                             "absolute-form authority differs from the Host field", status=400
@@ -940,9 +961,10 @@ class HTTP1RequestParser(_HTTP1Parser):
         except UnsafeTargetError as exc:
             raise HTTP1TargetError(exc.message, status=400) from exc
 
-        keep_alive = _keep_alive(version, connection) if connection else version == b"HTTP/1.1"
+        keep_alive = self._llhttp_keep_alive
+        if keep_alive and connection:  # check connection_close
+            keep_alive = _keep_alive(version, connection)
         self._keep_alive = keep_alive
-        self._feed_llhttp(head)
         self._head_event = event = RequestReceived(
             method.decode("ascii"),
             target.decode("ascii"),
@@ -957,22 +979,6 @@ class HTTP1RequestParser(_HTTP1Parser):
         )
         self._events.append(event)
         self._start_body(content_length, chunked)
-
-    def _refuse_head(self, head: bytes) -> NoReturn:
-        """The head is not in the one shape a valid request head has: say precisely why."""
-        self._check_head_bytes(head)
-        request_line, _ = self._split_head(head)
-        parts = request_line.split(b" ")
-        if len(parts) != 3 or not parts[0] or not parts[1]:
-            raise HTTP1HeadError("request line is not `method SP target SP version`", status=400)
-        method, _target, version = parts
-        if method.translate(None, _TCHAR):
-            raise HTTP1HeadError(f"invalid method {method[:40]!r}", status=400)
-        if version in _SUPPORTED_VERSIONS:
-            raise HTTP1HeadError("malformed request head", status=400)
-        if _VERSION.fullmatch(version):
-            raise HTTP1HeadError(f"unsupported version {version!r}", status=505)
-        raise HTTP1HeadError(f"invalid version {version[:40]!r}", status=400)
 
 
 # ---- responses ------------------------------------------------------------------------------
@@ -989,69 +995,69 @@ class HTTP1ResponseParser(_HTTP1Parser):
     def __init__(self, limits: HTTP1Limits | None = None) -> None:
         super().__init__(limits)
         self._methods: deque[str] = deque()
-        self._current_method: str | None = None
 
     def expect_response(self, method: str) -> None:
         """A request with this method was forwarded; its response comes after earlier ones."""
         self._methods.append(method)
 
     def _new_llhttp(self) -> _LLHTTP:
-        return httptools.HttpResponseParser(self._witness)
+        return httptools.HttpResponseParser(self)
 
     def _status(self, status: int) -> int:
         return 502
 
     def _on_head(self, head: bytes) -> None:
-        self._check_head_bytes(head)
-        status_line, fields = self._split_head(head)
-        match = _STATUS_LINE.fullmatch(status_line)
-        if match is None:
-            raise HTTP1HeadError(f"invalid status line {status_line[:60]!r}", status=502)
-        version, status_bytes, reason = match.groups()
-        if version not in _SUPPORTED_VERSIONS:
+        version = head[:8]
+        if version not in _SUPPORTED_VERSIONS:  # check version_1x
             raise HTTP1HeadError(f"unsupported version {version!r}", status=502)
-        status = int(status_bytes)
-        if status < 100:
+        status = self._status_code
+        if status < 100:  # check status_100_plus
             raise HTTP1HeadError(f"invalid status {status}", status=502)
-        if status == 101:
-            raise HTTP1UpgradeRefusedError("101 Switching Protocols refused", status=502)
-        informational = status < 200
+        informational = status < 200  # 101 never gets here: llhttp raises an upgrade
+        method: str | None = None
         if not informational:
-            if not self._methods:
+            if not self._methods:  # check response_expected
                 raise HTTP1HeadError("response without a request", status=502)
-            self._current_method = self._methods.popleft()
+            method = self._methods.popleft()
 
+        fields = self._fields
         te_values: list[bytes] = []
-        cl_values: list[bytes] = []
+        cl_value: bytes | None = None
         connection: list[bytes] = []
         for name, value in fields:
             lname = name.lower()
             if lname == b"content-length":
-                cl_values.append(value)
+                cl_value = value
             elif lname == b"transfer-encoding":
                 te_values.append(value)
             elif lname == b"connection":
                 connection.append(value)
 
-        bodyless = informational or status in (204, 304) or self._current_method == "HEAD"
+        head_answer = method == "HEAD"
+        bodyless = informational or status == 204 or status == 304 or head_answer
         content_length: int | None = None
         chunked = False
         if not bodyless:
-            content_length, chunked = self._framing(version, te_values, cl_values)
+            if te_values:
+                if version != b"HTTP/1.1":  # check transfer_encoding_http10
+                    raise HTTP1FramingError("Transfer-Encoding in an HTTP/1.0 message", status=502)
+                _check_transfer_coding(te_values, 502)  # check transfer_coding_chunked
+                chunked = True
+            elif cl_value is not None:
+                content_length = _content_length(cl_value, self._limits, 502)
         until_eof = not bodyless and content_length is None and not chunked
-        keep_alive = informational or (_keep_alive(version, connection) and not until_eof)
+        if head_answer and not informational:
+            keep_alive = _keep_alive(version, connection)
+            if self._completed == self._ended:
+                # llhttp cannot be told the request was HEAD: it waits for a body. Start afresh.
+                self._llhttp = self._new_llhttp()
+                self._completed += 1
+        else:
+            keep_alive = self._llhttp_keep_alive
         self._keep_alive = keep_alive
-
-        self._feed_llhttp(head)
-        if bodyless and self._witness.completed == self._llhttp_completed:
-            # llhttp cannot be told the request was HEAD: it waits for a body. Start afresh
-            # (-1: the completion check below counts this message as llhttp's first).
-            self._witness = _Witness()
-            self._llhttp = self._new_llhttp()
-            self._llhttp_completed = -1
         self._head_event = event = ResponseReceived(
             status=status,
-            reason=reason or b"",
+            reason=self._reason,
             version=version,
             headers=tuple(fields),
             raw_head=head,
