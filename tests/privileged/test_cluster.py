@@ -399,3 +399,17 @@ def test_a_dead_node_leaves_every_ipcache_within_the_lease_ttl(cluster: dict[str
     # Back: it republishes its endpoints (same identities) and the route returns.
     wait_for(lambda: mine <= set(n2.ipcache()), 15.0, "n1's endpoints to come back")
     assert n2.api("Status")["cluster"]["routes"] == {n1.pod_cidr: n1.ip}
+
+
+def test_a_stopped_agent_removes_its_underlay_program(cluster: dict[str, Node]) -> None:
+    n2 = cluster["ge-n2"]
+
+    def underlay_filters() -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", n2.netns, "tc", "filter", "show", "dev", "ge-u2", "ingress"],
+            capture_output=True, text=True, check=False,
+        ).stdout
+
+    assert "from_netdev" in underlay_filters()
+    assert n2.agent.stop() == 0
+    assert "from_netdev" not in underlay_filters()
