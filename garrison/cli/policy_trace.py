@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from garrison.identity.model import MIN_ENDPOINT_ID as FIRST_LOCAL_IDENTITY
 from garrison.parsers.pathnorm import UnsafeTargetError, normalize_target
@@ -12,7 +13,7 @@ from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import kafka_api_key
 from garrison.policies.labels import DEFAULT_NAMESPACE, LabelError, Labels, endpoint_labels
 from garrison.policies.loader import load_paths
-from garrison.policies.model import Protocol
+from garrison.policies.model import Protocol, parse_named_port
 from garrison.policies.resolve import ResolverConfig
 from garrison.policies.trace import (
     GRPCRequestSpec,
@@ -53,6 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="labels of the destination endpoint")
     p.add_argument("--dst-namespace", default=DEFAULT_NAMESPACE, metavar="NS",
                    help="namespace of the destination")
+    p.add_argument("--dst-port-name", action="append", default=[], metavar="NAME=PORT/PROTO",
+                   help="a port name the destination declares, e.g. http=8080/TCP "
+                   "(repeatable; named ports in policies resolve against them)")
     p.add_argument("--dport", required=True, type=int, metavar="N",
                    help="destination port of the connection")
     p.add_argument("--protocol", default="TCP", type=str.upper,
@@ -167,6 +171,13 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--dport {args.dport}: must be 1-65535")
         source = _endpoint(args.src_labels, args.src_namespace, "--src-labels")
         destination = _endpoint(args.dst_labels, args.dst_namespace, "--dst-labels")
+        ports = []
+        for text in args.dst_port_name:
+            try:
+                ports.append(parse_named_port(text))
+            except ValueError as exc:
+                raise UsageError(f"--dst-port-name {exc}") from exc
+        destination = replace(destination, ports=tuple(ports))
         request = _request(args)
     except UsageError as exc:
         print(f"garrison policy trace: {exc}", file=sys.stderr)
@@ -212,6 +223,8 @@ def render(result: TraceResult) -> str:
         f"{result.protocol.value}/{result.port}"
         + (f", {describe_request(result.request)}" if result.request else "")
     )
+    if dst.ports:
+        lines.append("  destination port names: " + ", ".join(str(p) for p in dst.ports))
     for step in result.steps:
         lines.extend(_render_step(step))
     for note in result.notes:

@@ -8,6 +8,7 @@ documented on each field.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -108,6 +109,46 @@ def port_name_problem(name: str) -> str | None:
     if "--" in name:
         return "a port name has no '--'"
     return None
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class NamedPort:
+    """A port name an endpoint declares: `http=8080/TCP` (a container port's name)."""
+
+    name: str
+    port: int
+    protocol: Protocol = Protocol.TCP
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.port}/{self.protocol.value}"
+
+
+def parse_named_port(text: str) -> NamedPort:
+    """`NAME=PORT[/PROTO]` (protocol TCP, UDP or SCTP; TCP when absent); ValueError names
+    what is wrong and the expected form."""
+    name, sep, rest = text.strip().partition("=")
+    form = "expected NAME=PORT/PROTO, e.g. http=8080/TCP"
+    if not sep:
+        raise ValueError(f"{text!r}: {form}")
+    problem = port_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{text!r}: invalid port name {name!r} ({problem})")
+    number, _, proto_text = rest.partition("/")
+    if not number.isdigit() or not 1 <= int(number) <= 65535:
+        raise ValueError(f"{text!r}: port {number!r} is not a number 1-65535 ({form})")
+    protocols = {p.value: p for p in (Protocol.TCP, Protocol.UDP, Protocol.SCTP)}
+    proto = protocols.get((proto_text or "TCP").upper())
+    if proto is None:
+        raise ValueError(f"{text!r}: protocol {proto_text!r} is not TCP, UDP or SCTP")
+    return NamedPort(name, int(number), proto)
+
+
+def named_port_map(ports: Iterable[NamedPort]) -> dict[str, frozenset[tuple[int, int]]]:
+    """Port names as the resolver takes them: name -> {(IP protocol number, port)}."""
+    out: dict[str, set[tuple[int, int]]] = {}
+    for np in ports:
+        out.setdefault(np.name, set()).add((IP_PROTO[np.protocol], np.port))
+    return {name: frozenset(pp) for name, pp in out.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,15 @@ from garrison.policies.mapstate import (
     LookupResult,
     lookup,
 )
-from garrison.policies.model import IP_PROTO, Direction, Policy, Protocol, Rule
+from garrison.policies.model import (
+    IP_PROTO,
+    Direction,
+    NamedPort,
+    Policy,
+    Protocol,
+    Rule,
+    named_port_map,
+)
 from garrison.policies.refs import RuleRef
 from garrison.policies.resolve import ResolverConfig, build_resolver
 from garrison.policies.selectorcache import RESERVED_IDENTITIES
@@ -69,6 +77,8 @@ class TraceEndpoint:
     labels: Labels
     namespace: str | None = None
     name: str = ""
+    # the port names the endpoint declares (named ports in policies resolve against them)
+    ports: tuple[NamedPort, ...] = ()
 
     def describe(self) -> str:
         own = Labels.of(lab for lab in self.labels.items if lab.key != NAMESPACE_KEY)
@@ -182,6 +192,7 @@ class TraceResult:
                 "labels": [str(lab) for lab in self.destination.labels],
                 "namespace": self.destination.namespace,
                 "identity": self.destination_identity,
+                "port_names": [str(p) for p in self.destination.ports],
                 "port": self.port,
                 "protocol": self.protocol.value,
             },
@@ -255,6 +266,12 @@ def trace(
         dst_id = src_id  # same labels, same identity
     endpoints = [(i, ep.labels) for i, ep in ((src_id, source), (dst_id, destination))]
     resolver = build_resolver(policies, endpoints, config)
+    declared: dict[int, list[NamedPort]] = {}
+    for ident, ep in ((src_id, source), (dst_id, destination)):
+        declared.setdefault(ident, []).extend(ep.ports)
+    for ident, ports in declared.items():
+        if ports:
+            resolver.set_named_ports(ident, named_port_map(ports))
     proto_num = IP_PROTO[protocol]
     notes: list[str] = []
     steps = []

@@ -195,3 +195,63 @@ def test_removing_the_policy_removes_its_named_keys() -> None:
     r.remove_policy(policy)
     assert not r.map_state(SERVER_A).ingress_enforced
     assert not [k for k in r.map_state(SERVER_A).entries if k.identity == CLIENT]
+
+
+# -- policy trace -------------------------------------------------------------------------
+
+
+def test_parse_named_port() -> None:
+    from garrison.policies.model import NamedPort, parse_named_port
+
+    assert parse_named_port("http=8080/TCP") == NamedPort("http", 8080, Protocol.TCP)
+    assert parse_named_port("dns=53/udp") == NamedPort("dns", 53, Protocol.UDP)
+    assert parse_named_port("web=80") == NamedPort("web", 80, Protocol.TCP)
+    for bad, says in (("http", "expected NAME=PORT/PROTO"), ("HTTP=80", "invalid port name"),
+                      ("http=0", "not a number 1-65535"), ("http=x/TCP", "not a number"),
+                      ("http=80/ICMP", "is not TCP, UDP or SCTP")):
+        try:
+            parse_named_port(bad)
+        except ValueError as exc:
+            assert says in str(exc), (bad, exc)
+        else:
+            raise AssertionError(bad)
+
+
+def test_trace_resolves_the_destination_port_names() -> None:
+    from garrison.policies.model import NamedPort
+    from garrison.policies.trace import TraceEndpoint, trace
+
+    pols = policies(KNP_INGRESS)
+    src = TraceEndpoint(labels("role=client"), "default")
+    dst = TraceEndpoint(labels("role=server"), "default",
+                        ports=(NamedPort("serve-80-tcp", 8080),))
+    assert trace(pols, src, dst, 8080).allowed
+    denied = trace(pols, src, dst, 80)
+    assert not denied.allowed and denied.denied_at == "L3_L4"
+    # the same destination without port names: the name selects nothing
+    bare = TraceEndpoint(labels("role=server"), "default")
+    assert not trace(pols, src, bare, 8080).allowed
+
+
+def test_trace_cli_takes_dst_port_names(tmp_path: object, capsys: object) -> None:
+    import json
+    from pathlib import Path
+
+    from garrison.cli.main import main
+
+    path = Path(str(tmp_path)) / "p.yaml"
+    path.write_text(textwrap.dedent(CNP_INGRESS))
+    base = ["policy", "trace", "-f", str(path), "--src-labels", "role=client",
+            "--dst-labels", "role=server", "-o", "json"]
+    assert main([*base, "--dport", "9090", "--dst-port-name", "metrics=9100/TCP",
+                 "--dst-port-name", "http=9090/TCP"]) == 0
+    out = json.loads(capsys.readouterr()[0])  # type: ignore[attr-defined]
+    assert out["verdict"] == "allowed"
+    assert out["destination"]["port_names"] == ["metrics=9100/TCP", "http=9090/TCP"]
+    assert out["allowed_by"][0]["name"] == "web"
+    assert main([*base, "--dport", "9090"]) == 0
+    assert json.loads(capsys.readouterr()[0])["verdict"] == "denied"  # type: ignore[attr-defined]
+    assert main([*base, "--dport", "80", "--dst-port-name", "http"]) == 2
+    err = capsys.readouterr()[1]  # type: ignore[attr-defined]
+    assert err == ("garrison policy trace: --dst-port-name 'http': expected NAME=PORT/PROTO, "
+                   "e.g. http=8080/TCP\n")
