@@ -76,7 +76,7 @@ from garrison.parsers.http1 import (
     ResponseReceived,
 )
 from garrison.parsers.http2 import starts_with_h2_preface
-from garrison.policies.l7rules import L7Protocol, L7RuleSet, MismatchAction
+from garrison.policies.l7rules import L7Protocol, L7RuleSet, L7Verdict, MismatchAction
 from garrison.policies.match_http import HTTPMatcher
 from garrison.policies.refs import RuleRef
 from garrison.proxy.commands import (
@@ -402,7 +402,7 @@ class HTTPEngine:
             if verdict.allowed:
                 ex = _Exchange(event, host, now, Verdict.FORWARDED, _one(verdict.rule))
             else:
-                ex = _Exchange(event, host, now, Verdict.AUDIT, self._denied_by)
+                ex = _Exchange(event, host, now, Verdict.AUDIT, _denied(verdict, self._denied_by))
             try:
                 head = _head(event, verdict.header_edits) if verdict.header_edits else (
                     event.forward_head()
@@ -426,7 +426,7 @@ class HTTPEngine:
                 self._forwarding = True
             return
         # Denied: never forwarded; the body is read and thrown away.
-        ex = _Exchange(event, host, now, Verdict.DROPPED, self._denied_by)
+        ex = _Exchange(event, host, now, Verdict.DROPPED, _denied(verdict, self._denied_by))
         out.append(Log.later(self._request_record, ex, now, event))
         if has_body:
             assert self._requests is not None
@@ -763,6 +763,12 @@ class _ErrorExchange(_Exchange):
 
 def _one(ref: RuleRef | None) -> tuple[RuleRef, ...]:
     return (ref,) if ref is not None else ()
+
+
+def _denied(verdict: L7Verdict, failed: tuple[RuleRef, ...]) -> tuple[RuleRef, ...]:
+    """What a denied request's record names: the L7 deny rule (garrison extension) that
+    matched it, else the rules whose L7 rules it failed to match."""
+    return (verdict.denied_by,) if verdict.denied_by is not None else failed
 
 
 def _protocol(version: bytes) -> str:

@@ -446,12 +446,14 @@ class KafkaEngine:
             unknown_topics=not request.topics_complete,
         )
         refs = (verdict.rule,) if verdict.rule is not None else ()
+        if verdict.denied_by is not None:  # an L7 deny rule (garrison extension)
+            refs = (verdict.denied_by,)
         if verdict.allowed or self._audit:
             self._forward(request, verdict.allowed, refs, verdict.allowed_topics, topics, now, out)
         elif request.api_key == METADATA and (split := self._split_metadata(request)):
             self._forward_allowed_part(request, *split, now, out)
         else:
-            self._deny(request, topics, now, out)
+            self._deny(request, topics, now, out, refs)
 
     def _forward(
         self,
@@ -600,14 +602,22 @@ class KafkaEngine:
         frame = bytes(message.encode(header=True, framed=True))
         return parse_request_frame(frame, self._topic_ids)
 
-    def _deny(self, request: KafkaRequest, topics: tuple[str, ...], now: float, out: _Out) -> None:
+    def _deny(
+        self,
+        request: KafkaRequest,
+        topics: tuple[str, ...],
+        now: float,
+        out: _Out,
+        refs: tuple[RuleRef, ...] = (),
+    ) -> None:
+        """`refs`: the L7 deny rule that denied it, if one did (named in `*_denied_by`)."""
         key = (L7FlowType.REQUEST, request.api_key, request.api_version, topics)
         self._repeats.log(
-            out, key, now, self._request_record, request, Verdict.DROPPED, (), topics, now
+            out, key, now, self._request_record, request, Verdict.DROPPED, refs, topics, now
         )
         if not request.expects_response:
             return  # Produce with acks=0: the client expects nothing
-        slot = _Slot(request, Verdict.DROPPED, (), now, topics, local=True)
+        slot = _Slot(request, Verdict.DROPPED, refs, now, topics, local=True)
         if not kafka_deny_encodable(request):
             slot.unanswerable = (
                 f"denied {describe_api(request.api_key)} v{request.api_version} has no "
@@ -807,7 +817,8 @@ class KafkaEngine:
             api_version=request.api_version,
             correlation_id=request.correlation_id,
             topics=topics,
-            allowed_by=refs if verdict is not Verdict.DROPPED else (),
+            allowed_by=refs if verdict is Verdict.FORWARDED else (),
+            denied_by=refs if verdict is not Verdict.FORWARDED else (),
             drop_reason=DropReasonDesc.POLICY_DENIED if verdict is not Verdict.FORWARDED else None,
             node_name=self._node,
         )
@@ -837,7 +848,8 @@ class KafkaEngine:
             error_code=error_code,
             latency_ns=max(0, time_ns - int(slot.started * _NS)),
             topics=slot.topics,
-            allowed_by=slot.refs if verdict is not Verdict.DROPPED else (),
+            allowed_by=slot.refs if verdict is Verdict.FORWARDED else (),
+            denied_by=slot.refs if verdict is not Verdict.FORWARDED else (),
             drop_reason=DropReasonDesc.POLICY_DENIED if verdict is not Verdict.FORWARDED else None,
             node_name=self._node,
         )
