@@ -919,7 +919,8 @@ class H2Engine:
             return _Outcome(Verdict.FORWARDED, (verdict.rule,) if verdict.rule else (), (), None)
         reason = DropReasonDesc.PARSE_ERROR if unsafe else DropReasonDesc.POLICY_DENIED
         kind = Verdict.AUDIT if self._audit else Verdict.DROPPED
-        return _Outcome(kind, (), self._denied_by, reason)
+        denied_by = (verdict.denied_by,) if verdict.denied_by is not None else self._denied_by
+        return _Outcome(kind, (), denied_by, reason)
 
     def _request_record(self, ev: RequestReceived, outcome: _Outcome, path: str) -> FlowRecord:
         ctx = self._ctx
