@@ -52,8 +52,8 @@ PURE_MODULES = (
     "garrison.flows.render",
     "garrison.flows.summary",
 )
-# The edges of the pure packages: they read files.
-EDGES = ("garrison.policies.loader",)
+# The edges of the pure packages: they read files, or build a C extension at set-up.
+EDGES = ("garrison.policies.loader", "garrison.parsers.nghttp2_build")
 
 IO_PREFIXES = (
     "garrison.kvstore",
