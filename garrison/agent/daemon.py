@@ -50,7 +50,14 @@ from garrison.policies.l7rules import L7Protocol, L7RuleSet
 from garrison.policies.labels import Labels
 from garrison.policies.loader import load_paths
 from garrison.policies.mapstate import PROTO_TCP, LookupResult, MapState, MatchType, lookup
-from garrison.policies.model import Direction, IPNetwork, Policy
+from garrison.policies.model import (
+    Direction,
+    IPNetwork,
+    NamedPort,
+    Policy,
+    named_port_map,
+    parse_named_port,
+)
 from garrison.policies.repository import PolicyChange, PolicyKey, PolicyRepository
 from garrison.policies.resolve import PolicyResolver, ResolverConfig
 from garrison.policies.selectorcache import WORLD_IDENTITY
@@ -143,6 +150,8 @@ class Agent:
                     ep = replace(ep, identity=ident.id, host_ifname=link.host_ifname)
                     self.endpoints.update(ep)
                 self.resolver.add_identity(ident.id, ident.labels)
+            for ident_id in {ep.identity for ep in self.endpoints if ep.ports}:
+                self._sync_named_ports(ident_id)
             for path in pending.values():
                 path.unlink(missing_ok=True)
             # traffic from the host reaches endpoints from the gateway address: it is the host
@@ -190,7 +199,7 @@ class Agent:
     def add_endpoint(
         self, name: str, labels: Sequence[str], namespace: str = "default", ip: str | None = None,
         netns: str | None = None, interface: str = "eth0", container_id: str = "",
-        extra: dict[str, str] | None = None,
+        extra: dict[str, str] | None = None, ports: Sequence[str] = (),
     ) -> EndpointRecord:
         """A new endpoint; with `netns` (a path or `ip netns` name) one adopting a namespace
         someone else made. Without labels (a container whose labels are still being read)
@@ -203,6 +212,7 @@ class Agent:
                 raise EndpointError(f"--labels: {exc}") from exc
             if not parsed.items and not container_id:
                 raise EndpointError("--labels: give at least one label, e.g. app=web")
+            named = _named_ports(ports)
             netns_path = ""
             peer: tuple[int, str] | None = None
             if netns is not None:
@@ -243,6 +253,7 @@ class Agent:
                 owned=() if netns_path else OWNS_ALL,
                 container_id=container_id,
                 extra=dict(extra or {}),
+                ports=tuple(str(p) for p in named),
             )
             # garrison's own namespace is on disk before it exists (a crash leaves a record to
             # clean up); adopting creates nothing that outlives the workload's veth
@@ -270,6 +281,7 @@ class Agent:
                 # a reserved identity (init) is in the resolver since start
                 changed = set() if ident.id in RESERVED_BY_ID else (
                     self.resolver.add_identity(ident.id, ident.labels))
+                changed |= self._sync_named_ports(ident.id)
                 # policy of the identity first, then the endpoint's config + ipcache, then
                 # its programs: it is enforced from its first packet
                 self._sync(changed | {ident.id})
@@ -313,6 +325,7 @@ class Agent:
             new = replace(new, identity=ident.id)
             changed = self.resolver.add_identity(ident.id, ident.labels)
             self.endpoints.update(new)
+            changed |= self._sync_named_ports(ident.id)
             self._sync(changed | {ident.id})
             self.datapath.write_endpoint(self._links[name], ident.id, new.ipv4, self.resolver)
             if ident.id != record.identity:
@@ -352,6 +365,21 @@ class Agent:
             self._sync(changed)
             # no local endpoint has this identity any more: drop its policy entries
             self.datapath.reconcile(self.resolver, self._local_endpoints())
+        elif record.ports:  # the endpoints left with the identity declare what they declare
+            self._sync(self._sync_named_ports(record.identity))
+
+    def _sync_named_ports(self, identity: int) -> set[int]:
+        """The port names of the local endpoints of `identity`, to the resolver (named ports
+        in policies resolve against them); returns the identities whose policy changed."""
+        if identity in RESERVED_BY_ID:
+            return set()
+        ports = [
+            parse_named_port(text)
+            for ep in self.endpoints
+            if ep.identity == identity
+            for text in ep.ports
+        ]
+        return self.resolver.set_named_ports(identity, named_port_map(ports))
 
     # -- policy ------------------------------------------------------------------------------
 
@@ -629,6 +657,25 @@ class Agent:
             return len(self.allocator.all())
         except KVStoreError:  # etcd away: the status says so under "cluster"
             return None
+
+
+def _named_ports(ports: Sequence[str]) -> list[NamedPort]:
+    """`--port NAME=PORT/PROTO` values, checked; one number per name and protocol."""
+    out: list[NamedPort] = []
+    for text in ports:
+        try:
+            np = parse_named_port(str(text))
+        except ValueError as exc:
+            raise EndpointError(f"--port {exc}") from exc
+        clash = next((o for o in out if o.name == np.name and o.protocol is np.protocol), None)
+        if clash is not None and clash != np:
+            raise EndpointError(
+                f"--port {np}: the name {np.name!r} already means {clash}; one port per name "
+                "and protocol"
+            )
+        if np not in out:
+            out.append(np)
+    return out
 
 
 def _not_found() -> Any:

@@ -50,6 +50,9 @@ class EndpointRecord:
     ifname: str = ""
     owned: tuple[str, ...] = OWNS_ALL
     container_id: str = ""
+    # port names the workload declares (`http=8080/TCP`): named ports in policies resolve
+    # against them
+    ports: tuple[str, ...] = ()
 
     @property
     def adopted(self) -> bool:
@@ -99,6 +102,7 @@ class EndpointRegistry:
             item["labels"] = tuple(item.get("labels", ()))
             if "owned" in item:
                 item["owned"] = tuple(item["owned"])
+            item["ports"] = tuple(item.get("ports", ()))
             rec = EndpointRecord(**item)
             self._endpoints[rec.name] = rec
         self._next_id = int(data.get("next_id", len(self._endpoints) + 1))

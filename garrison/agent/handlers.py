@@ -26,6 +26,7 @@ def endpoint_view(agent: Agent, ep: EndpointRecord) -> dict[str, Any]:
         "namespace": ep.namespace,
         "identity": ep.identity,
         "labels": list(ep.labels),
+        "ports": list(ep.ports),
         "ipv4": ep.ipv4,
         "host_veth": ep.host_veth,
         "netns": ep.netns_path or f"/run/netns/{ep.name}",
@@ -105,6 +106,7 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         ep = agent.add_endpoint(
             req["name"], req.get("labels", []), req.get("namespace") or "default", req.get("ip"),
             netns=req.get("netns") or None, interface=req.get("interface") or "eth0",
+            ports=[str(p) for p in req.get("ports") or []],
         )
         return endpoint_view(agent, ep)
 

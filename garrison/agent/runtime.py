@@ -92,6 +92,7 @@ class RuntimeEndpoints:
                 str(req["name"]), [], str(req.get("namespace") or "default"), ipv4,
                 netns=str(req["netns"]), interface=str(req.get("interface") or "eth0"),
                 container_id=container_id, extra={"network": str(req.get("network") or "")},
+                ports=[str(p) for p in req.get("ports") or []],  # NAME=PORT/PROTO
             )
         self.resolve_later(record)
         return record

@@ -86,7 +86,8 @@ def _endpoint_rows(eps: Sequence[dict[str, Any]]) -> str:
 def endpoint_add(args: argparse.Namespace) -> int:
     netns = f"/proc/{args.pid}/ns/net" if args.pid is not None else args.netns
     data = _call(args, "EndpointAdd", name=args.name, labels=args.labels.split(","),
-                 namespace=args.namespace, ip=args.ip, netns=netns, interface=args.interface)
+                 namespace=args.namespace, ip=args.ip, netns=netns, interface=args.interface,
+                 ports=args.ports)
     _print(args, data, lambda: _endpoint_rows([data]))
     return 0
 
@@ -363,6 +364,10 @@ def register_endpoint(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--namespace", default="default", metavar="NS",
                    help="its Kubernetes-style namespace (policies are namespaced)")
     p.add_argument("--ip", metavar="ADDR", help="an address from 198.18.0.0/15")
+    p.add_argument("--port", dest="ports", action="append", default=[],
+                   metavar="NAME=PORT/PROTO",
+                   help="a port name the workload declares, e.g. http=8080/TCP (repeatable); "
+                   "named ports in policies (port: http) resolve against it")
     adopt = p.add_mutually_exclusive_group()
     adopt.add_argument("--netns", metavar="PATH",
                        help="adopt this network namespace (a path or an `ip netns` name) "

@@ -431,9 +431,11 @@ class AgentProcess:
     # -- endpoints ---------------------------------------------------------------------------
 
     def add_endpoint(self, short: str, labels: str, host: int,
-                     cli: bool = True) -> AgentEndpoint:
+                     cli: bool = True, ports: Sequence[str] = (),
+                     namespace: str | None = None) -> AgentEndpoint:
         """`garrison endpoint add ta-SHORT --labels LABELS --ip 198.19.100.HOST` (or the same
-        request straight to the API, where the command itself is not under test)."""
+        request straight to the API, where the command itself is not under test); `ports`:
+        `--port NAME=PORT/PROTO` each, `namespace`: `--namespace NS`."""
         name = f"{PREFIX}{short}"
         ip = str(ADDRESS_BLOCK.network_address + host)
         assert IPv4Address(ip) in ADDRESS_BLOCK and 0 < host < 255
@@ -441,10 +443,20 @@ class AgentProcess:
         assert name in self.endpoints or name not in netns.listnetns(), (
             f"namespace {name} exists and is not this test's: left alone")
         self.created.add(name)
+        extra: dict[str, Any] = {}
+        flags: list[str] = []
+        if ports:
+            extra["ports"] = list(ports)
+            flags += [arg for p in ports for arg in ("--port", p)]
+        if namespace:
+            extra["namespace"] = namespace
+            flags += ["--namespace", namespace]
         if cli:
-            data = self.cli_json("endpoint", "add", name, "--labels", labels, "--ip", ip)
+            data = self.cli_json("endpoint", "add", name, "--labels", labels, "--ip", ip,
+                                 *flags)
         else:
-            data = self.call("EndpointAdd", name=name, labels=labels.split(","), ip=ip)
+            data = self.call("EndpointAdd", name=name, labels=labels.split(","), ip=ip,
+                             **extra)
         ep = AgentEndpoint(name, ip, tuple(data["labels"]), int(data["identity"]),
                            str(data["host_veth"]))
         assert ep.ip == data["ipv4"] and ep.identity >= 256
