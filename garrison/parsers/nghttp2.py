@@ -319,6 +319,11 @@ class _H2Connection:
         # garrison's guard counts CONTINUATION frames first and answers ENHANCE_YOUR_CALM
         lib.nghttp2_option_set_max_continuations(opt, limits.max_continuation_frames + 1)
         lib.nghttp2_option_set_no_closed_streams(opt, 1)
+        # nghttp2's rapid-reset guard (1000 streams, then 33/s) would end a legitimate busy
+        # connection before garrison's own limit (max_resets_per_second) is reached: it is
+        # set above that limit, so garrison's typed ENHANCE_YOUR_CALM answers first.
+        rate = int(limits.max_resets_per_second) * 2 + 1
+        lib.nghttp2_option_set_stream_reset_rate_limit(opt, rate * 10, rate)
         session = ffi.new("nghttp2_session **")
         new = (
             lib.nghttp2_session_client_new2
@@ -451,6 +456,7 @@ class _H2Connection:
                 )
             out.trailers = fields
             lib.nghttp2_session_resume_data(self._session, stream_id)
+            self._pump()  # out now if the queue is empty: a reset may follow at once
             return
         outbound = stream_id % 2 == int(self._client_side)
         if outbound and stream_id > self._highest_outbound:
@@ -618,6 +624,9 @@ class _H2Connection:
             return
         if cat == _HCAT_REQUEST:
             if self._local_goaway is not None and sid > self._local_goaway:
+                # Crossed our graceful GOAWAY: never processed, safe to retry elsewhere.
+                self._forget(sid)
+                lib.nghttp2_submit_rst_stream(self._session, 0, sid, H2ErrorCode.REFUSED_STREAM)
                 return
             self._events.append(self._request(sid, headers, end))
         elif headers and headers[0][0] == b":status":
@@ -672,15 +681,21 @@ class _H2Connection:
         )
         if remote or refused or code != H2ErrorCode.NO_ERROR:
             self._forget(sid)
-            if not remote and not refused:  # the peer made us reset it: counts as a reset
-                try:
-                    self._guard.count_reset(self._now)
-                except _LimitExceeded as exc:
-                    self._fatal = (exc.message, exc.error_code)
-                    return _ERR_CALLBACK
             self._events.append(StreamReset(sid, code, remote or refused))
         else:
             self._credit(sid)
+        return 0
+
+    def _on_rst_sent(self, sid: int) -> int:
+        if sid in self._reset_ids:
+            return 0  # the engine asked for it
+        # nghttp2 reset (or refused) a stream because of the peer (MadeYouReset,
+        # CVE-2025-8671): counted with the peer's own resets.
+        try:
+            self._guard.count_reset(self._now)
+        except _LimitExceeded as exc:
+            self._fatal = (exc.message, exc.error_code)
+            return _ERR_CALLBACK
         return 0
 
     def _on_goaway_sent(self, code: int, debug: bytes) -> None:
@@ -1008,6 +1023,9 @@ def garrison_on_frame_recv(session: Any, frame: Any, user: Any) -> int:
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def garrison_on_frame_send(session: Any, frame: Any, user: Any) -> int:
+    if frame.hd.type == _RST_STREAM:
+        me_: _H2Connection = ffi.from_handle(user)
+        return me_._on_rst_sent(frame.hd.stream_id)
     if frame.hd.type == _GOAWAY:
         me: _H2Connection = ffi.from_handle(user)
         g = frame.goaway

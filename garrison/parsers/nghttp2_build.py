@@ -99,6 +99,7 @@ void nghttp2_option_set_max_deflate_dynamic_table_size(nghttp2_option *, size_t)
 void nghttp2_option_set_max_continuations(nghttp2_option *, size_t);
 void nghttp2_option_set_no_closed_streams(nghttp2_option *, int);
 void nghttp2_option_set_max_send_header_block_length(nghttp2_option *, size_t);
+void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *, uint64_t, uint64_t);
 
 int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *,
     const nghttp2_option *);

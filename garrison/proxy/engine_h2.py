@@ -3,10 +3,11 @@
     engine = H2Engine(context, config)               # a gRPC port (rules.grpc)
     engine = H2Engine(context, config, rules="http")  # h2c on an HTTP port (rules.http)
 
-Two HTTP/2 endpoints per proxied connection: an `H2ServerConnection` facing the client and an
-`H2ClientConnection` facing the upstream. Frames are never relayed raw (HPACK state is per
-connection); what policy allows is re-sent with the other object's `send_*` methods, header
-pairs exactly as received. The client's streams are multiplexed onto ONE upstream connection
+Two HTTP/2 endpoints per proxied connection (`garrison.parsers.nghttp2`, nghttp2 through cffi):
+an `H2ServerConnection` facing the client and an `H2ClientConnection` facing the upstream.
+Frames are never relayed raw (HPACK state is per connection); what policy allows is re-sent
+with the other object's `send_*` methods, header pairs exactly as received. The client's
+streams are multiplexed onto ONE upstream connection
 opened for this client connection (no pool shared between clients: a client's calls never
 wait behind another client's, and closing one side closes its pair).
 
@@ -98,11 +99,9 @@ from garrison.parsers.http2 import (
     ConnectionTerminated,
     DataFlushed,
     DataReceived,
-    H2ClientConnection,
     H2Error,
     H2ErrorCode,
     H2Event,
-    H2ServerConnection,
     Header,
     RequestReceived,
     ResponseReceived,
@@ -110,6 +109,7 @@ from garrison.parsers.http2 import (
     StreamReset,
     TrailersReceived,
 )
+from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
 from garrison.parsers.pathnorm import UnsafeTargetError, normalize_path
 from garrison.policies.l7rules import HeaderEdit, L7RuleSet, L7Verdict, MismatchAction
 from garrison.policies.match_grpc import GRPCMatcher
@@ -308,10 +308,10 @@ class H2Engine:
         self._rules = rules
         self._audit = context.audit
         # Towards the client go the upstream's header blocks, validated on receipt by
-        # `_upstream` and relayed unchanged, and garrison's constant deny answers: h2 need not
-        # validate them again on the way out. Towards the upstream the same holds for gRPC
-        # rules (requests and trailers relayed exactly as `_client` received them); HTTP
-        # rules may rewrite the path and edit fields, so h2 keeps checking what it sends.
+        # `_upstream` (nghttp2's messaging rules) and relayed unchanged, and garrison's
+        # constant deny answers: they need no outbound field checks. Towards the upstream the
+        # same holds for gRPC rules (requests and trailers relayed exactly as `_client`
+        # received them); HTTP rules may rewrite the path and edit fields, which are checked.
         self._client = H2ServerConnection(config.http2, prevalidated_headers=True)
         self._upstream = H2ClientConnection(config.http2, prevalidated_headers=rules == "grpc")
         self._upstream_started = False
@@ -1057,7 +1057,7 @@ class H2Engine:
 def _content_length(headers: Iterable[Header]) -> int | None:
     for name, value in headers:
         if name == b"content-length":
-            return int(value) if value.isdigit() else None  # h2 checked it against DATA
+            return int(value) if value.isdigit() else None  # nghttp2 checks it against DATA
     return None
 
 

@@ -19,15 +19,14 @@ import pytest
 from garrison.parsers.http2 import (
     DataReceived,
     GrpcCall,
-    H2ClientConnection,
     H2Event,
-    H2ServerConnection,
     RequestReceived,
     ResponseReceived,
     StreamEnded,
     StreamReset,
     TrailersReceived,
 )
+from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "http2"
 INDEX: dict[str, Any] = json.loads((DATA / "index.json").read_text())

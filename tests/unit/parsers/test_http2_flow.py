@@ -8,21 +8,21 @@ FLOW_CONTROL_ERROR on a single byte past its window); frame sizes are checked on
 from __future__ import annotations
 
 import pytest
+from hyperframe.frame import SettingsFrame
 
 from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.http2 import (
     DataFlushed,
     DataReceived,
-    H2ClientConnection,
     H2Event,
     H2Limits,
-    H2ServerConnection,
     RequestReceived,
     SendBufferFullError,
     StreamEnded,
     StreamReset,
     TrailersReceived,
 )
+from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"), (b":path", b"/")]
 RESPONSE = [(b":status", b"200")]
@@ -214,8 +214,9 @@ def test_a_larger_initial_window_from_settings_flushes_queues() -> None:
     sid = open_stream(client, server)
     server.send_data(sid, b"s" * 100)
     server.data_to_send()
-    client._h2.update_settings({0x4: 1_000})  # INITIAL_WINDOW_SIZE, as a peer may send it
-    events = server.receive_data(client.data_to_send(), 0.0)
+    client.data_to_send()
+    # INITIAL_WINDOW_SIZE grows, as a peer may send it at any time
+    events = server.receive_data(SettingsFrame(0, settings={0x4: 1_000}).serialize(), 0.0)
     assert events == [DataFlushed(sid, 90, 0)]
 
 

@@ -15,11 +15,10 @@ from hypothesis import strategies as st
 
 from garrison.parsers.http2 import (
     H2_PREFACE,
-    H2ClientConnection,
     H2Error,
     H2Limits,
-    H2ServerConnection,
 )
+from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LIMITS = H2Limits(max_concurrent_streams=8, max_continuation_frames=4, initial_window_size=4096)

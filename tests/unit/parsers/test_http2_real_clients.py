@@ -26,10 +26,10 @@ import pytest
 from garrison.parsers.errors import ParserError
 from garrison.parsers.http2 import (
     DataReceived,
-    H2ServerConnection,
     RequestReceived,
     StreamEnded,
 )
+from garrison.parsers.nghttp2 import H2ServerConnection
 from garrison.proxy.deny import grpc_permission_denied_headers, http2_access_denied
 
 DOORS_PY = Path(__file__).resolve().parents[3] / "examples" / "grpc" / "doors.py"

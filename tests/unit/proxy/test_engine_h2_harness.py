@@ -24,16 +24,15 @@ from hyperframe.frame import Frame
 from garrison.flows.record import FlowRecord
 from garrison.parsers.http2 import (
     DataReceived,
-    H2ClientConnection,
     H2Event,
     H2Limits,
-    H2ServerConnection,
     RequestReceived,
     ResponseReceived,
     StreamEnded,
     StreamReset,
     TrailersReceived,
 )
+from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
 from garrison.policies.l7rules import GRPCRule, HTTPRule, L7Protocol, L7RuleSet
 from garrison.policies.labels import Labels
 from garrison.policies.refs import PolicyKind, RuleRef

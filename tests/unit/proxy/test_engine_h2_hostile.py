@@ -104,9 +104,10 @@ def test_rapid_reset_flood_is_enhance_your_calm() -> None:
     assert [t.error_code for t in terminated] == [11]  # ENHANCE_YOUR_CALM
 
 
-def test_more_streams_than_advertised_is_a_connection_error() -> None:
+def test_more_streams_than_advertised_are_refused() -> None:
     """A client that ignores our MAX_CONCURRENT_STREAMS (100), with raw frames: the first 100
-    calls are forwarded, the 101st ends the connection."""
+    calls are forwarded, the 101st is refused (RST_STREAM REFUSED_STREAM, RFC 9113 §5.1.2)
+    and never reaches the upstream."""
     e = engine(ALL)
     encoder = hpack.Encoder()
     commands = list(e.client_data(H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", NOW))
@@ -127,9 +128,10 @@ def test_more_streams_than_advertised_is_a_connection_error() -> None:
     forwarded = [c for c in commands if isinstance(c, Forward) and c.side is Side.UPSTREAM]
     upstream_heads = [f for c in forwarded for f in frames(c.data) if f.type == "Headers"]
     assert len(upstream_heads) == 100
-    assert isinstance(commands[-1], Close) and commands[-1].error
-    (error,) = [r for r in records(commands) if r.verdict is Verdict.ERROR]
-    assert error.drop_reason_desc is DropReasonDesc.PARSE_ERROR
+    to_client = [c for c in commands if isinstance(c, Forward | Inject) and c.side is Side.CLIENT]
+    refused = [f for c in to_client for f in frames(c.data) if f.type == "RstStream"]
+    assert [(f.stream_id, f.payload.error_code) for f in refused] == [(201, 7)]
+    assert not any(isinstance(c, Close) for c in commands)
 
 
 @pytest.mark.parametrize("seed", range(40))
