@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -188,11 +189,12 @@ def test_llhttp_keeps_alive_what_says_close() -> None:
 
 
 def test_every_named_check_has_a_case_and_a_line_in_the_docstring() -> None:
-    source = Path(http1.__file__).with_suffix(".py").read_text()
+    source = (Path(http1.__file__).parent / "http1.py").read_text()
     checks = set(re.findall(r"# check (\w+)", source))
     assert len(checks) >= 14
     assert checks == {c[0] for c in LET_THROUGH if not c[0].startswith(("limit_", "end_"))} | {
         "connection_close"
     }
+    docstring = ast.get_docstring(ast.parse(source)) or ""  # mypyc drops a module's __doc__
     for name in checks:
-        assert f"`{name}`" in (http1.__doc__ or ""), name
+        assert f"`{name}`" in docstring, name
