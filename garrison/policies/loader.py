@@ -833,9 +833,12 @@ def _port_rules(
         l7: _L7 | None = None
         if "rules" in f:
             if deny and not ctx.extensions:
-                f["rules"].key_error(f"L7 rules are not allowed in deny sections ({EXTENSION_HINT})")
+                f["rules"].key_error(
+                    f"L7 rules are not allowed in deny sections ({EXTENSION_HINT})"
+                )
             else:
-                l7, l7_unsupported = _l7_rules(f["rules"], direction, _Dialect(ctx.extensions, deny))
+                dialect = _Dialect(ctx.extensions, deny)
+                l7, l7_unsupported = _l7_rules(f["rules"], direction, dialect)
                 if deny and l7_unsupported:
                     f["rules"].key_error(DENY_NOT_ENFORCEABLE)
                 fail_closed = fail_closed or l7_unsupported
