@@ -104,7 +104,7 @@ class KafkaMatcher:
                 rule.client_id,
                 rule.topic,
                 ref,
-                L7Verdict(False, None, f"denied by {ref}", denied_by=ref),
+                L7Verdict(False, None, f"denied by {ref or 'a deny rule'}", denied_by=ref),
             )
             for rule, ref in ruleset.deny_rules
             if isinstance(rule, KafkaRule)
@@ -137,16 +137,13 @@ class KafkaMatcher:
         unknown_topics: bool = False,
     ) -> L7Verdict:
         for deny in self._deny_rules:
-            if (not deny.api_keys or api_key in deny.api_keys) and deny.applies(
+            applies = (not deny.api_keys or api_key in deny.api_keys) and deny.applies(
                 api_version, client_id
+            )
+            if applies and (
+                deny.topic is None or all_topics or unknown_topics or deny.topic in topics
             ):
-                if (
-                    deny.topic is None
-                    or all_topics
-                    or unknown_topics
-                    or deny.topic in topics
-                ):
-                    return deny.verdict
+                return deny.verdict
         if self.ruleset.allow_all:
             return self._allow_all
         applicable = self._applicable(api_key, api_version, client_id)

@@ -674,7 +674,8 @@ CASES = [
                 rules:  # <-
                   http: [{method: GET}]
             """),
-        "spec.ingressDeny[0].toPorts[0].rules: L7 rules are not allowed in deny sections",
+        "spec.ingressDeny[0].toPorts[0].rules: L7 rules are not allowed in deny sections "
+        "(a garrison extension: write apiVersion: garrison.io/v1 to use it)",
         id="l7-in-deny",
     ),
     pytest.param(
