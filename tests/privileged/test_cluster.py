@@ -56,6 +56,11 @@ PID = os.getpid()
 UNDERLAY = f"ge-ul-{PID}"
 ETCD_IP = "198.19.0.250"
 LEASE_TTL_S = 3
+# Every endpoint this module adds (each asserted absent before it is added): a failed test's
+# leftovers are removed at the end.
+ENDPOINT_NAMES = (
+    "ge-a", "ge-b", "ge-c", "ge-d", "ge-e", "ge-ds", "ge-tie", "ge-xw", "ge-t1", "ge-t2",
+)
 POLICY = """\
     apiVersion: cilium.io/v2
     kind: CiliumNetworkPolicy
@@ -174,7 +179,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node
         for name in reversed(made):  # ours: made above
             with contextlib.suppress(subprocess.CalledProcessError):
                 subprocess.run(["ip", "netns", "delete", name], check=True)
-        for ep in ("ge-a", "ge-b", "ge-c"):
+        for ep in ENDPOINT_NAMES:
             # endpoint namespaces the agents made and did not remove (a failed test)
             if Path(f"/run/netns/{ep}").exists():
                 subprocess.run(["ip", "netns", "delete", ep], check=False)
@@ -231,6 +236,42 @@ def test_cross_node_l3_l4_by_identity_learnt_through_etcd(cluster: dict[str, Nod
         if '"DROPPED"' in f and c.ip in f
     ]
     assert drops, "node 2 records its drop of c's connection"
+
+
+def test_same_new_labels_on_two_nodes_at_once_get_one_identity(cluster: dict[str, Node]) -> None:
+    import threading
+
+    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
+    got: dict[str, int] = {}
+    barrier = threading.Barrier(2)
+
+    def add(node: Node, name: str, ip_: str) -> None:
+        assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
+        barrier.wait()
+        got[name] = int(
+            node.api("EndpointAdd", name=name, labels=["app=ge-twin"], ip=ip_)["identity"]
+        )
+
+    threads = [
+        threading.Thread(target=add, args=(n1, "ge-t1", "198.18.201.30")),
+        threading.Thread(target=add, args=(n2, "ge-t2", "198.18.202.30")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(got) == 2 and got["ge-t1"] == got["ge-t2"] >= 256
+        wait_for(
+            lambda: n2.ipcache().get("198.18.201.30/32") == got["ge-t1"]
+            and n1.ipcache().get("198.18.202.30/32") == got["ge-t2"],
+            10.0,
+            "each node to know the other's twin",
+        )
+    finally:
+        for node, name in ((n1, "ge-t1"), (n2, "ge-t2")):
+            with contextlib.suppress(Exception):
+                node.api("EndpointDelete", name=name)
 
 
 def test_endpoint_removed_on_one_node_leaves_the_others_ipcache(
