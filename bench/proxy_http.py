@@ -1,7 +1,7 @@
 """HTTP/1.1 through garrison vs. direct to nginx vs. haproxy with the same path ACL.
 
 Run: .venv/bin/python bench/proxy_http.py [--duration S] [--connections N] [--idle N]
-                                          [--no-access-log]
+                                          [--no-access-log] [--workers 1,2]
                                           [--only direct,floor,garrison,source,haproxy]
 
 Everything runs on loopback, as child processes this script starts and stops by PID, with
@@ -17,6 +17,9 @@ configs generated into a temporary directory:
   written (JSON lines, every request and response) unless `--no-access-log`;
 - source: the same garrison with `GARRISON_PURE=1`, its mypyc-compiled modules
   (garrison/native.py) run from source instead: what the compiled build buys;
+- `--workers 1,2`: the garrison case once per count (`garrison proxy --workers N`, N worker
+  processes on one SO_REUSEPORT port; default 1); its CPU is that of the parent and every
+  worker, and the throughput of each count is compared with one worker's;
 - haproxy 2.6 (Debian package), `nbthread 1` like garrison's single event loop, the same ACL
   (`http-request deny deny_status 403` unless POST /v1/request-landing), `http-reuse always`.
 
@@ -128,15 +131,32 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    """utime + stime of `pid` and its live children (`garrison proxy --workers N`)."""
+    total = 0.0
+    for one in [pid, *children(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
 
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    """VmRSS of `pid` and its live children."""
+    total = 0
+    for one in [pid, *children(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
 
 
 @dataclass
@@ -247,12 +267,13 @@ def haproxy(workdir: Path, backend: int) -> Iterator[tuple[int, subprocess.Popen
 
 
 @contextlib.contextmanager
-def garrison(workdir: Path, backend: int, access_log: bool, source: bool = False
-             ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """`garrison proxy`; `source`: the same code run from source (GARRISON_PURE=1)."""
+def garrison(workdir: Path, backend: int, access_log: bool, source: bool = False,
+             workers: int = 1) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """`garrison proxy --workers N`; `source`: the same code run from source
+    (GARRISON_PURE=1)."""
     port = free_port()
     argv = [
-        sys.executable, "-m", "garrison.cli.main", "proxy",
+        sys.executable, "-m", "garrison.cli.main", "proxy", "--workers", str(workers),
         "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend}",
         "-f", str(POLICY), "--dst-labels", "org=empire,class=deathstar", "--dport", "80",
         "--peer", "127.0.0.1/32=org=empire,class=tiefighter",
@@ -267,6 +288,11 @@ def garrison(workdir: Path, backend: int, access_log: bool, source: bool = False
                             stderr=(workdir / "garrison.stderr").open("wb"))
     try:
         wait_port(port, proc, "garrison proxy")
+        if workers > 1:  # listening once the parent says every worker does
+            log = workdir / "garrison.stderr"
+            deadline = time.monotonic() + 30
+            while "workers (pids" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
         yield port, proc
     finally:
         stop(proc)
@@ -309,6 +335,7 @@ def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
     import garrison.proxy.engine_http1 as engine_module
     from garrison.flows.store import FlowStore
     from garrison.parsers.http1 import HTTP1RequestParser, HTTP1ResponseParser
+    from garrison.policies.l7rules import L7Protocol
     from garrison.policies.labels import Labels, endpoint_labels
     from garrison.policies.loader import load_paths
     from garrison.proxy.commands import ConnectionContext, Log, PeerInfo, TrafficDirection
@@ -319,13 +346,13 @@ def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
 
     deathstar = endpoint_labels(Labels.parse("org=empire,class=deathstar"))
     policy = StandalonePolicy(load_paths([POLICY]).policies, deathstar, 80,
-                              engine_module.L7Protocol.HTTP,
+                              L7Protocol.HTTP,
                               [PeerMapping.parse("127.0.0.1/32=org=empire,class=tiefighter")])
     admission = policy.admit("127.0.0.1")
     context = ConnectionContext(
         source=PeerInfo(admission.identity, admission.labels, "127.0.0.1", 40000, "default"),
         destination=PeerInfo(256, deathstar, "127.0.0.1", 80, "default"),
-        direction=TrafficDirection.INGRESS, protocol=engine_module.L7Protocol.HTTP,
+        direction=TrafficDirection.INGRESS, protocol=L7Protocol.HTTP,
         ruleset=admission.ruleset,
     )
     request, response = BREAKDOWN_REQUEST, BREAKDOWN_RESPONSE
@@ -388,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=1000, help="idle keep-alive connections")
     parser.add_argument("--no-access-log", action="store_true")
     parser.add_argument("--only", default="direct,floor,garrison,source,haproxy")
+    parser.add_argument("--workers", default="1",
+                        help="garrison worker counts to run, comma-separated (e.g. 1,2)")
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the in-process cost breakdown of the engine")
     args = parser.parse_args(argv)
@@ -408,8 +437,12 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append(("direct", None))
             if "floor" in only:
                 cases.append(("floor", floor(backend)))
+            counts = [int(n) for n in args.workers.split(",")]
             if "garrison" in only:
-                cases.append(("garrison", garrison(workdir, backend, not args.no_access_log)))
+                for count in counts:
+                    name = "garrison" if count == 1 else f"garrison x{count}"
+                    cases.append((name, garrison(workdir, backend, not args.no_access_log,
+                                                 workers=count)))
             if "source" in only:
                 cases.append(("source", garrison(workdir, backend, not args.no_access_log,
                                                  source=True)))
@@ -439,9 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrk -t1 -c{args.connections} -d{args.duration}s, loopback, "
           f"{os.cpu_count()} CPUs; garrison access log "
           f"{'off' if args.no_access_log else 'on'}")
-    print(f"{'case':<22}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}  statuses")
+    print(f"{'case':<24}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}  statuses")
     for (name, path), r in results.items():
-        print(f"{name + ' ' + path:<22}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
+        print(f"{name + ' ' + path:<24}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
               f"{_fmt(r.cpu_us):>12}  {r.statuses}")
     for name, kb in idle.items():
         print(f"{name}: {kb:.2f} KB RSS per idle keep-alive connection ({args.idle} connections)")
@@ -476,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     if g_allowed and s_allowed and g_allowed.cpu_us and s_allowed.cpu_us:
         print(f"  garrison compiled / from source CPU per allowed request: "
               f"{g_allowed.cpu_us / s_allowed.cpu_us:.2f}")
+    for (name, path), r in results.items():
+        if name.startswith("garrison x") and path == "allowed" and g_allowed:
+            print(f"  {name} / garrison (1 worker) allowed throughput: "
+                  f"{r.rps / g_allowed.rps:.2f}; CPU per request "
+                  f"{_fmt(r.cpu_us)} vs {_fmt(g_allowed.cpu_us)} us")
     if "garrison" in idle:
         print(f"  garrison KB per idle connection: {idle['garrison']:.2f} (aim < 4)")
     if "garrison" in only and not args.no_breakdown:
