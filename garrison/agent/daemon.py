@@ -170,7 +170,12 @@ class Agent:
             for ep in self.endpoints:
                 link = self._links[ep.name]
                 self.datapath.write_endpoint(link, ep.identity, ep.ipv4, self.resolver)
-                self.datapath.attach(link)
+                try:
+                    self.datapath.attach(link)
+                except ForeignFilterError as exc:
+                    # someone's filter took garrison's place on this veth meanwhile: the other
+                    # endpoints are still started (this one's maps are current)
+                    log.error("endpoint %s: programs not attached: %s", ep.name, exc)
         if self.cluster is not None:
             self.cluster.start()
         gc.collect()
