@@ -26,13 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from garrison.parsers.http2 import (
-    DataReceived,
-    H2ClientConnection,
-    H2Event,
-    H2ServerConnection,
-    RequestReceived,
-)
+from garrison.parsers.http2 import DataReceived, H2Event, RequestReceived
+from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
 from garrison.policies.l7rules import GRPCRule, L7Protocol, L7RuleSet
 from garrison.policies.match_grpc import GRPCMatcher
 from garrison.policies.refs import PolicyKind, RuleRef

@@ -359,12 +359,8 @@ def h2_relay_floor(doors: ModuleType, calls: int, batch: int) -> float:
 def engine_cost(doors: ModuleType, calls: int, batch: int, records: bool) -> float:
     """CPU µs per unary call spent in `H2Engine` (both of its connections, policy, records),
     between a real HTTP/2 client and upstream (garrison's own connection objects)."""
-    from garrison.parsers.http2 import (
-        DataReceived,
-        H2ClientConnection,
-        H2ServerConnection,
-        StreamEnded,
-    )
+    from garrison.parsers.http2 import DataReceived, StreamEnded
+    from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
     from garrison.policies.l7rules import GRPCRule, L7Protocol, L7RuleSet
     from garrison.policies.labels import Labels
     from garrison.policies.refs import PolicyKind, RuleRef

@@ -47,10 +47,9 @@ from types import ModuleType
 # the record sink, ring, access-log writer, metrics). Each must type-check under mypy --strict
 # and must not be monkeypatched by tests (compiled callers bind other compiled functions
 # directly). Not here: `garrison.proxy.upstream` (mypyc cannot compile its OSError
-# subclass) and the HTTP/2 path. Compiled, `garrison.parsers.http2` loses hpack's
-# NeverIndexedHeaderTuple marks: mypyc stores a value typed as a fixed-length tuple unboxed and
-# boxes it again as a plain tuple, so a credential would enter the HPACK table (the test of
-# never-indexed credentials fails). And h2 itself, pure Python, is most of that path's cost.
+# subclass) and the HTTP/2 path, whose codec is nghttp2 (C, through cffi): compiled, the
+# `NeverIndexed` pairs of `garrison.parsers.http2` would be boxed again as plain tuples (mypyc
+# stores a fixed-length tuple unboxed) and a credential would lose its never-indexed mark.
 COMPILED: tuple[str, ...] = (
     "garrison.parsers.pathnorm",
     "garrison.parsers.http1",
