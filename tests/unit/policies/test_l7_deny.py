@@ -421,3 +421,22 @@ def test_removing_the_deny_policy_takes_the_deny_rules_away_incrementally() -> N
     assert res.l7 is not None and [str(ref) for _, ref in res.l7.deny_rules] == [
         "CiliumNetworkPolicy default/deny ingressDeny[0]"
     ]
+
+
+def test_the_docs_show_the_cilium_dialect_errors_as_validate_prints_them(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    from garrison.cli.main import main
+
+    root = Path(__file__).resolve().parents[3]
+    monkeypatch.chdir(root)
+    docs = (root / "docs" / "policy.md").read_text()
+    command = (
+        "$ garrison policy validate tests/data/policies/invalid/cilium-dialect-extensions.yaml"
+    )
+    shown = docs.split(command + "\n", 1)[1].split("```", 1)[0].splitlines()
+    code = main(command.split()[2:])
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == shown
