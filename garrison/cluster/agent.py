@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from garrison.cluster.keys import IPEntry, NodeRecord, StoredPolicy
+from garrison.cluster.keys import IPEntry, NodeRecord, StoredPolicy, identities_to_learn
 from garrison.cluster.node import ClusterNode
 from garrison.cluster.routes import (
     NodeRoutes,
@@ -32,9 +32,7 @@ from garrison.identity.allocator import (
     AllocatorConfig,
     ClusterIdentityAllocator,
     canonical_labels,
-    parse_canonical,
 )
-from garrison.identity.model import IdentityError
 from garrison.kvstore.base import KVStore, KVStoreError
 from garrison.kvstore.etcd import EtcdKVStore, parse_endpoints
 from garrison.policies.errors import PolicyValidationError
@@ -233,18 +231,21 @@ class AgentCluster:
             local_ips = {ipaddress.IPv4Address(ep.ipv4) for ep in agent.endpoints}
             changed: set[int] = set()
             new_ids: set[int] = set()
+            remote = []
             for entry in upserts:
                 if entry.ip in local_ips:
                     log.error("cluster: %s of node %s is a local endpoint's", entry.ip, entry.node)
-                    continue
-                if agent.resolver.cache.labels_of(entry.identity) is None:
-                    try:
-                        labels = parse_canonical(entry.labels)
-                    except IdentityError as exc:
-                        log.error("cluster: %s: %s", entry.ip, exc)
-                        continue
-                    changed |= agent.resolver.add_identity(entry.identity, labels)
-                    new_ids.add(entry.identity)
+                else:
+                    remote.append(entry)
+            learn, replace, refused = identities_to_learn(remote, agent.resolver.cache.labels_of)
+            for entry, why in refused:
+                log.error("cluster: %s of node %s refused: %s", entry.ip, entry.node, why)
+            for identity in replace:
+                log.warning("cluster: identity %d now names %s", identity, learn[identity])
+                changed |= agent.resolver.remove_identity(identity)
+            for identity, labels in learn.items():
+                changed |= agent.resolver.add_identity(identity, labels)
+                new_ids.add(identity)
             # Policy entries that allow the new identities first, then the ipcache entries
             # that make their traffic carry them: no packet sees half of it.
             if changed or new_ids:

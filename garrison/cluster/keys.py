@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-from garrison.identity.allocator import CLUSTER_IDENTITIES_PREFIX
+from garrison.identity.allocator import CLUSTER_IDENTITIES_PREFIX, parse_canonical
+from garrison.identity.model import IdentityError
+from garrison.policies.labels import Labels
 from garrison.policies.repository import PolicyKey
 
 IDENTITIES_PREFIX = CLUSTER_IDENTITIES_PREFIX
@@ -156,3 +159,31 @@ class StoredPolicy:
             return cls(path=str(doc["path"]), text=str(doc["text"]))
         except KeyError as exc:
             raise ClusterRecordError(f"{key}: bad policy record: missing {exc}") from None
+
+
+def identities_to_learn(
+    entries: Iterable[IPEntry], labels_of: Callable[[int], Labels | None]
+) -> tuple[dict[int, Labels], set[int], list[tuple[IPEntry, str]]]:
+    """What other nodes' entries teach this node's policy resolver, which knows `labels_of`:
+    identities to add (→ labels), those to remove first because their number now names other
+    labels (collected and given out again while this node knew the old ones: the cluster's
+    word wins), and the entries refused (with why)."""
+    learn: dict[int, Labels] = {}
+    replace: set[int] = set()
+    refused = []
+    for entry in entries:
+        try:
+            labels = parse_canonical(entry.labels)
+        except IdentityError as exc:
+            refused.append((entry, str(exc)))
+            continue
+        known = labels_of(entry.identity)
+        if known == labels or learn.get(entry.identity) == labels:
+            continue
+        if entry.identity in learn:
+            refused.append((entry, f"identity {entry.identity} has two label sets in one batch"))
+            continue
+        if known is not None:
+            replace.add(entry.identity)
+        learn[entry.identity] = labels
+    return learn, replace, refused

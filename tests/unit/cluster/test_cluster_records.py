@@ -133,3 +133,36 @@ def test_status_problems_name_the_cause() -> None:
         "route to node n3: a route to 198.18.203.0/24 that garrison did not add exists",
     ]
     assert "NOT CONNECTED" in cluster_lines(data)[0]
+
+
+def test_identities_to_learn_adds_new_keeps_known_and_replaces_reused_numbers() -> None:
+    from garrison.cluster.keys import identities_to_learn
+    from garrison.policies.labels import Labels
+
+    web = "k8s:app=web;k8s:io.kubernetes.pod.namespace=default"
+    db = "k8s:app=db;k8s:io.kubernetes.pod.namespace=default"
+    known = {
+        300: Labels.parse("k8s:app=web,k8s:io.kubernetes.pod.namespace=default"),
+        301: Labels.parse("k8s:app=old,k8s:io.kubernetes.pod.namespace=default"),
+    }
+
+    def entry(n: int, identity: int, labels: str) -> IPEntry:
+        return IPEntry(ipaddress.IPv4Address(f"198.18.201.{n}"), identity, labels, "n1")
+
+    learn, replace, refused = identities_to_learn(
+        [
+            entry(1, 300, web),  # known with these labels: nothing to do
+            entry(2, 301, db),  # 301 was given out again to other labels
+            entry(3, 302, db.replace("db", "cache")),  # new
+            entry(4, 302, db.replace("db", "cache")),  # the same again: once
+            entry(5, 303, "not canonical"),
+            entry(6, 302, web),  # one number, two label sets in one batch
+        ],
+        known.get,
+    )
+    assert set(learn) == {301, 302} and replace == {301}
+    assert learn[301] == Labels.parse("k8s:app=db,k8s:io.kubernetes.pod.namespace=default")
+    assert [(e.identity, why.split(":")[0]) for e, why in refused] == [
+        (303, "malformed canonical labels 'not canonical'"),
+        (302, "identity 302 has two label sets in one batch"),
+    ]
