@@ -44,6 +44,7 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 # Methods that only read: not in the audit trail (every other method is, new ones included).
 READ_ONLY = frozenset({
     "Status", "Flows", "FlowsSince", "EndpointList", "EndpointGet", "PolicyGet", "IdentityList",
+    "NamespaceGet", "NamespaceList",
     "IdentityGet", "BpfPolicyGet", "BpfIpcacheList", "BpfCtList",
 })
 

@@ -43,11 +43,12 @@ from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowStore, StoreConfig
 from garrison.identity.allocator import AllocatorConfig, IdentityAllocator
 from garrison.identity.model import RESERVED, RESERVED_BY_ID, Identity
+from garrison.identity.namespaces import NamespaceStore
 from garrison.kvstore.base import KVStoreError
 from garrison.kvstore.sqlite import SQLiteKVStore
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
-from garrison.policies.labels import Labels
+from garrison.policies.labels import NAMESPACE_NAME_LABEL, Labels
 from garrison.policies.loader import load_paths
 from garrison.policies.mapstate import PROTO_TCP, LookupResult, MapState, MatchType, lookup
 from garrison.policies.model import (
@@ -85,6 +86,8 @@ class Agent:
             self.kvstore, AllocatorConfig(node_name=config.node_name)
         )
         self.endpoints = EndpointRegistry(state / "endpoints.json", config.endpoint_pool)
+        # namespaces' labels, beside the identities they become part of
+        self.namespaces = NamespaceStore(self.kvstore)
         # the revision counts on across restarts (audit lines and status name it)
         self.revisions = RevisionRecord(state / "policy-revision")
         self.repository = PolicyRepository(revision=self.revisions.load() + 1)
@@ -259,6 +262,7 @@ class Agent:
                 container_id=container_id,
                 extra=dict(extra or {}),
                 ports=tuple(str(p) for p in named),
+                namespace_labels=self._namespace_labels(namespace),
             )
             # garrison's own namespace is on disk before it exists (a crash leaves a record to
             # clean up); adopting creates nothing that outlives the workload's veth
@@ -324,8 +328,9 @@ class Agent:
         with self.lock:
             record = self.endpoints.get(name)
             parsed = Labels.parse(list(labels))
+            ns = namespace or record.namespace
             new = replace(record, labels=tuple(sorted(f"{la.key}={la.value}" for la in parsed)),
-                          namespace=namespace or record.namespace)
+                          namespace=ns, namespace_labels=self._namespace_labels(ns))
             ident = self.allocator.allocate(new.full_labels, owner=f"endpoint:{name}")
             new = replace(new, identity=ident.id)
             changed = self.resolver.add_identity(ident.id, ident.labels)
@@ -338,6 +343,27 @@ class Agent:
             if self.cluster is not None:
                 self.cluster.endpoint_changed(new)
             return new
+
+    def _namespace_labels(self, namespace: str) -> tuple[str, ...]:
+        labels = self.namespaces.labels(namespace)
+        labels.pop(NAMESPACE_NAME_LABEL, None)
+        return tuple(f"{k}={v}" for k, v in sorted(labels.items()))
+
+    def label_namespace(
+        self, namespace: str, changes: Sequence[str]
+    ) -> tuple[dict[str, str], list[EndpointRecord]]:
+        """`k=v` / `k-` on a namespace's labels; each endpoint of the namespace gets the
+        identity of its new labels, written to the kernel as a relabel is (the new
+        identity's policy, then its ipcache entry and endpoint config; the old identity is
+        released). Returns the labels and the endpoints after the change."""
+        with self.lock:
+            labels, changed = self.namespaces.label(namespace, changes)
+            moved = []
+            if changed:
+                for ep in list(self.endpoints):
+                    if ep.namespace == namespace and ep.labels and ep.name in self._links:
+                        moved.append(self.relabel_endpoint(ep.name, ep.labels))
+            return labels, moved
 
     def _local_endpoints(self) -> list[LocalEndpoint]:
         return [

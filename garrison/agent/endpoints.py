@@ -53,6 +53,8 @@ class EndpointRecord:
     # port names the workload declares (`http=8080/TCP`): named ports in policies resolve
     # against them
     ports: tuple[str, ...] = ()
+    # the labels of its namespace (`k=v`) when its identity was allocated
+    namespace_labels: tuple[str, ...] = ()
 
     @property
     def adopted(self) -> bool:
@@ -60,8 +62,10 @@ class EndpointRecord:
 
     @property
     def full_labels(self) -> Labels:
-        """The labels identity is derived from: its own plus the namespace label."""
-        return endpoint_labels(Labels.parse(list(self.labels)), self.namespace)
+        """The labels identity is derived from: its own, the namespace label and the labels
+        of its namespace (`io.cilium.k8s.namespace.labels.<k>`)."""
+        ns_labels = dict(kv.split("=", 1) for kv in self.namespace_labels)
+        return endpoint_labels(Labels.parse(list(self.labels)), self.namespace, ns_labels)
 
     @property
     def host_veth(self) -> str:
@@ -103,6 +107,7 @@ class EndpointRegistry:
             if "owned" in item:
                 item["owned"] = tuple(item["owned"])
             item["ports"] = tuple(item.get("ports", ()))
+            item["namespace_labels"] = tuple(item.get("namespace_labels", ()))
             rec = EndpointRecord(**item)
             self._endpoints[rec.name] = rec
         self._next_id = int(data.get("next_id", len(self._endpoints) + 1))

@@ -13,6 +13,7 @@ from garrison.agent.policystore import PolicyStoreError
 from garrison.agent.runtime import RuntimeEndpoints
 from garrison.flows.query import FilterError, FlowQuery
 from garrison.flows.summary import rule_keys
+from garrison.identity.namespaces import NamespaceError, check_namespace
 from garrison.kvstore.base import KVStoreError
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.mapstate import PROTOCOL_NAMES, MapState
@@ -26,6 +27,7 @@ def endpoint_view(agent: Agent, ep: EndpointRecord) -> dict[str, Any]:
         "namespace": ep.namespace,
         "identity": ep.identity,
         "labels": list(ep.labels),
+        "namespace_labels": list(ep.namespace_labels),
         "ports": list(ep.ports),
         "ipv4": ep.ipv4,
         "host_veth": ep.host_veth,
@@ -66,7 +68,7 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         def call(req: dict[str, Any]) -> dict[str, Any]:
             try:
                 return fn(req)
-            except (EndpointError, PolicyStoreError) as exc:
+            except (EndpointError, PolicyStoreError, NamespaceError) as exc:
                 raise APIError(str(exc)) from exc
             except PolicyValidationError as exc:
                 raise APIError(
@@ -126,6 +128,34 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
     def endpoint_labels(req: dict[str, Any]) -> dict[str, Any]:
         ep = agent.relabel_endpoint(str(req["name"]), req.get("labels", []))
         return endpoint_view(agent, ep)
+
+    def namespace_view(name: str, labels: dict[str, str]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "labels": [f"{k}={v}" for k, v in sorted(labels.items())],
+            "endpoints": sorted(ep.name for ep in agent.endpoints if ep.namespace == name),
+        }
+
+    def namespace_label(req: dict[str, Any]) -> dict[str, Any]:
+        name = str(req["name"])
+        labels, moved = agent.label_namespace(name, [str(c) for c in req.get("labels", [])])
+        view = namespace_view(name, labels)
+        view["relabelled"] = [{"name": ep.name, "identity": ep.identity} for ep in moved]
+        return view
+
+    def namespace_get(req: dict[str, Any]) -> dict[str, Any]:
+        name = str(req["name"])
+        check_namespace(name)
+        with agent.lock:
+            return namespace_view(name, agent.namespaces.labels(name))
+
+    def namespace_list(_: dict[str, Any]) -> dict[str, Any]:
+        with agent.lock:
+            known = agent.namespaces.all()
+            for ep in agent.endpoints:
+                if ep.namespace not in known:
+                    known[ep.namespace] = agent.namespaces.labels(ep.namespace)
+            return {"namespaces": [namespace_view(n, known[n]) for n in sorted(known)]}
 
     def policy_import(req: dict[str, Any]) -> dict[str, Any]:
         change = agent.import_policies(req["paths"])
@@ -222,6 +252,9 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         "EndpointGet": endpoint_get,
         "EndpointDelete": endpoint_delete,
         "EndpointLabels": endpoint_labels,
+        "NamespaceLabel": namespace_label,
+        "NamespaceGet": namespace_get,
+        "NamespaceList": namespace_list,
         "CniAdd": cni_add,
         "CniDel": cni_del,
         "CniCheck": cni_check,

@@ -137,6 +137,38 @@ def endpoint_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _namespace_rows(namespaces: list[dict[str, Any]]) -> str:
+    rows = [(n["name"], ",".join(n["labels"]), len(n["endpoints"])) for n in namespaces]
+    return _table(rows, ("NAMESPACE", "LABELS", "ENDPOINTS"))
+
+
+@_run
+def namespace_label(args: argparse.Namespace) -> int:
+    data = _call(args, "NamespaceLabel", name=args.name, labels=args.labels)
+
+    def text() -> str:
+        moved = "".join(f"\nendpoint {e['name']}: identity {e['identity']}"
+                        for e in data["relabelled"])
+        return _namespace_rows([data]) + moved
+
+    _print(args, data, text)
+    return 0
+
+
+@_run
+def namespace_get(args: argparse.Namespace) -> int:
+    data = _call(args, "NamespaceGet", name=args.name)
+    _print(args, data, lambda: _namespace_rows([data]))
+    return 0
+
+
+@_run
+def namespace_list(args: argparse.Namespace) -> int:
+    data = _call(args, "NamespaceList")
+    _print(args, data, lambda: _namespace_rows(data["namespaces"]))
+    return 0
+
+
 def endpoint_exec(args: argparse.Namespace) -> int:
     """`ip netns exec NAME CMD...`: run a command inside the endpoint, as kubectl exec does."""
     cmd = list(args.cmd)
@@ -431,6 +463,26 @@ def register_others(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("id", type=int, help="the identity number, e.g. 256")
     _common(p)
     p.set_defaults(func=identity_get)
+
+    ns = sub.add_parser("namespace", help="label and list namespaces")
+    nsub = ns.add_subparsers(dest="namespace_command", metavar="SUBCOMMAND", required=True)
+    p = nsub.add_parser(
+        "label", help="set (KEY=VALUE) or remove (KEY-) labels of a namespace",
+        description="Set or remove labels of a namespace, as `kubectl label namespace`. "
+        "NetworkPolicy namespaceSelector and io.cilium.k8s.namespace.labels.KEY selectors "
+        "match them; the namespace's endpoints get new identities at once. "
+        "kubernetes.io/metadata.name is always the namespace's name.")
+    p.add_argument("name", help="the namespace, e.g. prod")
+    p.add_argument("labels", nargs="+", metavar="KEY=VALUE|KEY-", help="label changes")
+    _common(p)
+    p.set_defaults(func=namespace_label)
+    p = nsub.add_parser("get", help="a namespace's labels and endpoints")
+    p.add_argument("name", help="the namespace")
+    _common(p)
+    p.set_defaults(func=namespace_get)
+    p = nsub.add_parser("list", help="namespaces that are labelled or have endpoints")
+    _common(p)
+    p.set_defaults(func=namespace_list)
 
     bpf = sub.add_parser("bpf", help="inspect the datapath maps")
     bsub = bpf.add_subparsers(dest="bpf_command", metavar="MAP", required=True)

@@ -42,6 +42,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "endpoint add": (
         "garrison endpoint add deathstar --labels org=empire,class=deathstar",
         "garrison endpoint add web --netns /run/netns/web --labels app=web   # adopt a namespace",
+        "garrison endpoint add api --labels app=api --port http=8080/TCP   # a named port",
     ),
     "endpoint list": ("garrison endpoint list -o json",),
     "endpoint get": ("garrison endpoint get deathstar",),
@@ -50,6 +51,13 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "garrison endpoint labels deathstar --labels org=empire,class=deathstar,v=2",
     ),
     "endpoint exec": ("garrison endpoint exec tiefighter -- curl -s http://198.18.0.2/",),
+    "namespace": ("garrison namespace label prod team=blue", "garrison namespace list"),
+    "namespace label": (
+        "garrison namespace label prod team=blue tier=back",
+        "garrison namespace label prod tier-   # remove a label",
+    ),
+    "namespace get": ("garrison namespace get prod -o json",),
+    "namespace list": ("garrison namespace list",),
     "identity": ("garrison identity list",),
     "identity list": ("garrison identity list -o json",),
     "identity get": ("garrison identity get 256",),

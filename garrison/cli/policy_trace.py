@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 from garrison.identity.model import MIN_ENDPOINT_ID as FIRST_LOCAL_IDENTITY
+from garrison.identity.namespaces import NamespaceError, check_label
 from garrison.parsers.pathnorm import UnsafeTargetError, normalize_target
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import kafka_api_key
@@ -50,10 +51,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="labels of the source endpoint, e.g. org=empire,class=tiefighter")
     p.add_argument("--src-namespace", default=DEFAULT_NAMESPACE, metavar="NS",
                    help="namespace of the source")
+    p.add_argument("--src-namespace-labels", default="", metavar="k=v,...",
+                   help="labels of the source's namespace (namespaceSelector matches them)")
     p.add_argument("--dst-labels", required=True, metavar="k=v,...",
                    help="labels of the destination endpoint")
     p.add_argument("--dst-namespace", default=DEFAULT_NAMESPACE, metavar="NS",
                    help="namespace of the destination")
+    p.add_argument("--dst-namespace-labels", default="", metavar="k=v,...",
+                   help="labels of the destination's namespace")
     p.add_argument("--dst-port-name", action="append", default=[], metavar="NAME=PORT/PROTO",
                    help="a port name the destination declares, e.g. http=8080/TCP "
                    "(repeatable; named ports in policies resolve against them)")
@@ -87,7 +92,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
-def _endpoint(labels_text: str, namespace: str, flag: str) -> TraceEndpoint:
+def _namespace_labels(text: str, flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag}: {item!r}: expected KEY=VALUE, e.g. {flag} team=blue")
+        try:
+            check_label(key.strip(), value.strip())
+        except NamespaceError as exc:
+            raise UsageError(f"{flag}: {exc}") from exc
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _endpoint(
+    labels_text: str, namespace: str, flag: str, namespace_labels: dict[str, str] | None = None
+) -> TraceEndpoint:
     try:
         labels = Labels.parse(labels_text)
     except LabelError as exc:
@@ -96,7 +119,7 @@ def _endpoint(labels_text: str, namespace: str, flag: str) -> TraceEndpoint:
         raise UsageError(f"{flag}: give at least one label, e.g. {flag} app=web")
     if all(lab.source == "reserved" for lab in labels.items):
         return TraceEndpoint(labels, None)
-    return TraceEndpoint(endpoint_labels(labels, namespace), namespace)
+    return TraceEndpoint(endpoint_labels(labels, namespace, namespace_labels), namespace)
 
 
 def _proxy_refusal(
@@ -169,8 +192,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not 0 < args.dport < 65536:
             raise UsageError(f"--dport {args.dport}: must be 1-65535")
-        source = _endpoint(args.src_labels, args.src_namespace, "--src-labels")
-        destination = _endpoint(args.dst_labels, args.dst_namespace, "--dst-labels")
+        source = _endpoint(
+            args.src_labels, args.src_namespace, "--src-labels",
+            _namespace_labels(args.src_namespace_labels, "--src-namespace-labels"),
+        )
+        destination = _endpoint(
+            args.dst_labels, args.dst_namespace, "--dst-labels",
+            _namespace_labels(args.dst_namespace_labels, "--dst-namespace-labels"),
+        )
         ports = []
         for text in args.dst_port_name:
             try:

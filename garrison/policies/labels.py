@@ -20,6 +20,8 @@ KNOWN_SOURCES = frozenset(
 
 NAMESPACE_KEY = "io.kubernetes.pod.namespace"
 NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+# the label Kubernetes sets on every namespace object: its own name
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 POLICY_CLUSTER_KEY = "io.cilium.k8s.policy.cluster"
 DEFAULT_NAMESPACE = "default"
 
@@ -144,6 +146,24 @@ def namespace_label(namespace: str) -> Label:
     return Label(key=NAMESPACE_KEY, value=namespace, source=SOURCE_K8S)
 
 
-def endpoint_labels(labels: Labels, namespace: str = DEFAULT_NAMESPACE) -> Labels:
-    """The labels an endpoint in `namespace` carries: its own plus the namespace label."""
-    return labels.union([namespace_label(namespace)])
+def namespace_object_labels(namespace_labels: Mapping[str, str]) -> list[Label]:
+    """The labels of its namespace object an endpoint carries, as Cilium writes them:
+    `io.cilium.k8s.namespace.labels.<key>=<value>`. `kubernetes.io/metadata.name` (always
+    the namespace's own name) is not repeated: the namespace label says it, and a
+    namespaceSelector on it matches that label."""
+    return [
+        Label(NAMESPACE_LABELS_PREFIX + key, value, SOURCE_K8S)
+        for key, value in namespace_labels.items()
+        if key != NAMESPACE_NAME_LABEL
+    ]
+
+
+def endpoint_labels(
+    labels: Labels,
+    namespace: str = DEFAULT_NAMESPACE,
+    namespace_labels: Mapping[str, str] | None = None,
+) -> Labels:
+    """The labels an endpoint in `namespace` carries: its own, the namespace label, and the
+    labels of the namespace object (`namespace_labels`)."""
+    extra = namespace_object_labels(namespace_labels) if namespace_labels else []
+    return labels.union([namespace_label(namespace), *extra])
