@@ -58,8 +58,8 @@ def test_the_bash_script_sources_and_registers_garrison() -> None:
 
 def test_bash_completes_commands_options_choices_and_files(bash_script: Path) -> None:
     assert complete(bash_script, "garrison ") == sorted([
-        "policy", "proxy", "endpoint", "identity", "namespace", "bpf", "status", "observe", "accesslog",
-        "agent", "ui", "cni", "completion"])
+        "policy", "proxy", "endpoint", "identity", "namespace", "bpf", "status", "observe",
+        "accesslog", "agent", "ui", "cni", "completion"])
     assert complete(bash_script, "garrison endpoint ") == [
         "add", "delete", "exec", "get", "labels", "list"]
     assert complete(bash_script, "garrison agent --kvs") == [
