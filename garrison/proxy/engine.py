@@ -71,7 +71,8 @@ class EngineCore(Protocol):
 
     @property
     def upstream_protocol(self) -> str:
-        """What it speaks upstream now: the pool never mixes protocols."""
+        """What it speaks upstream at the start (the pool never mixes protocols; a core whose
+        upstream protocol changes says so with an `OpenUpstream` command: HTTP/1.1 → h2c)."""
         ...
 
     @property
@@ -128,7 +129,6 @@ class EventEngine:
         "_last_upstream",
         "_paused",
         "_pooled",
-        "_protocol",
         "_release_after",
         "_released",
         "_timeouts",
@@ -144,7 +144,6 @@ class EventEngine:
         self._timeouts = timeouts
         self._release_after = release_idle_after
         self._pooled = core.pooled_upstream
-        self._protocol = core.upstream_protocol
         self._attached = False  # an upstream connection is attached
         self._released = False  # idle, and the upstream went back to the pool
         self._paused = False  # PauseClient(True) is in force
@@ -170,11 +169,7 @@ class EventEngine:
                 self._head_started = mono
                 self._was_idle = False
                 self._released = False
-            out = core.client_data(data, event.now)
-            if self._pooled and core.upstream_protocol != self._protocol:  # h2c handover
-                self._protocol = core.upstream_protocol
-                out = [OpenUpstream(self._protocol, pooled=True), *out]
-            return self._after(out, mono)
+            return self._after(core.client_data(data, event.now), mono)
         if kind is UpstreamData:
             mono = event.mono
             self._last_upstream = mono
@@ -184,7 +179,7 @@ class EventEngine:
         if kind is Started:
             mono = event.mono
             self._last_client = self._head_started = mono
-            out = [OpenUpstream(self._protocol, pooled=self._pooled)]
+            out: list[Command] = [OpenUpstream(core.upstream_protocol, pooled=self._pooled)]
             return self._after(out, mono)
         if kind is UpstreamConnected:
             self._attached = True

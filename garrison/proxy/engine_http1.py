@@ -86,6 +86,7 @@ from garrison.proxy.commands import (
     Forward,
     Inject,
     Log,
+    OpenUpstream,
     PeerInfo,
     Side,
     flow_endpoint,
@@ -685,7 +686,9 @@ class HTTPEngine:
                 Close(_BOTH, "h2c unsupported", error=True),
             )
         self._delegate = H2Engine(self._context, self._config, rules="http")
-        return self._delegate.client_data(held, now)
+        # From here the upstream speaks h2: the pool must never hand over (or take back) an
+        # HTTP/1.1 connection for it.
+        return [OpenUpstream("h2", pooled=True), *self._delegate.client_data(held, now)]
 
     # -- records ------------------------------------------------------------------------------
 
