@@ -30,11 +30,23 @@ from garrison.policies.model import Direction
 if TYPE_CHECKING:
     from garrison.agent.daemon import Agent
 
+# Every reason the datapath drops for, by its Hubble name: none of them reads as "unknown".
 DROP_REASONS = {
     DropReason.POLICY_DENIED: DropReasonDesc.POLICY_DENIED,
     DropReason.POLICY_DENY: DropReasonDesc.POLICY_DENY,
     DropReason.PROXY_NOT_LISTENING: DropReasonDesc.PROXY_NOT_LISTENING,
     DropReason.PROXY_ASSIGN_FAILED: DropReasonDesc.PROXY_NOT_LISTENING,
+    DropReason.INVALID_SOURCE_IP: DropReasonDesc.INVALID_SOURCE_IP,
+    DropReason.INVALID_PACKET: DropReasonDesc.INVALID_PACKET_DROPPED,
+    DropReason.UNSUPPORTED_L3: DropReasonDesc.UNSUPPORTED_L3_PROTOCOL,
+    DropReason.CT_INSERT_FAILED: DropReasonDesc.CT_MAP_INSERTION_FAILED,
+    DropReason.FRAGMENT: DropReasonDesc.IP_FRAGMENTATION_NOT_SUPPORTED,
+    DropReason.NO_ENDPOINT_CONFIG: (
+        DropReasonDesc.NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION
+    ),
+    DropReason.PROXY_REDIRECT_UNSUPPORTED: (
+        DropReasonDesc.PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL
+    ),
 }
 
 

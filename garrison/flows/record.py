@@ -72,14 +72,23 @@ class TrafficDirection(StrEnum):
 class DropReasonDesc(StrEnum):
     """Why a flow was dropped (Hubble's `drop_reason_desc`).
 
-    The first three are Hubble's names and Cilium's drop codes; the rest are garrison's: the
-    datapath found no proxy listener for a redirected port, the proxy could not parse a frame,
-    could not reach or read the upstream, or failed inside.
+    The datapath's reasons are Hubble's names and Cilium's drop codes; the last four are
+    garrison's: the datapath found no proxy listener for a redirected port, the proxy could not
+    parse a frame, could not reach or read the upstream, or failed inside.
     """
 
     DROP_REASON_UNKNOWN = "DROP_REASON_UNKNOWN"
     POLICY_DENIED = "POLICY_DENIED"  # enforced direction, no allow matched
     POLICY_DENY = "POLICY_DENY"  # an explicit deny rule matched
+    INVALID_SOURCE_IP = "INVALID_SOURCE_IP"
+    INVALID_PACKET_DROPPED = "INVALID_PACKET_DROPPED"
+    UNSUPPORTED_L3_PROTOCOL = "UNSUPPORTED_L3_PROTOCOL"  # IPv6: garrison enforces IPv4 only
+    CT_MAP_INSERTION_FAILED = "CT_MAP_INSERTION_FAILED"
+    IP_FRAGMENTATION_NOT_SUPPORTED = "IP_FRAGMENTATION_NOT_SUPPORTED"
+    NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION = (
+        "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION"
+    )
+    PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL = "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL"
     PROXY_NOT_LISTENING = "PROXY_NOT_LISTENING"
     PARSE_ERROR = "PARSE_ERROR"
     UPSTREAM_ERROR = "UPSTREAM_ERROR"
@@ -104,12 +113,33 @@ _DROP_TEXT = {
     DropReasonDesc.DROP_REASON_UNKNOWN: "Unknown drop reason",
     DropReasonDesc.POLICY_DENIED: "Policy denied",
     DropReasonDesc.POLICY_DENY: "Policy denied by denylist",
+    DropReasonDesc.INVALID_SOURCE_IP: "Invalid source ip",
+    DropReasonDesc.INVALID_PACKET_DROPPED: "Invalid packet",
+    DropReasonDesc.UNSUPPORTED_L3_PROTOCOL: "Unsupported L3 protocol",
+    DropReasonDesc.CT_MAP_INSERTION_FAILED: "CT: Map insertion failed",
+    DropReasonDesc.IP_FRAGMENTATION_NOT_SUPPORTED: "IP fragmentation not supported",
+    DropReasonDesc.NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION: (
+        "No configuration available to perform policy decision"
+    ),
+    DropReasonDesc.PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL: (
+        "Proxy redirection not supported for protocol"
+    ),
     DropReasonDesc.PROXY_NOT_LISTENING: "Proxy not listening",
     DropReasonDesc.PARSE_ERROR: "L7 parse error",
     DropReasonDesc.UPSTREAM_ERROR: "Upstream error",
     DropReasonDesc.PROXY_ERROR: "Proxy error",
 }
-_DROP_CODE = {DropReasonDesc.POLICY_DENIED: 133, DropReasonDesc.POLICY_DENY: 181}
+_DROP_CODE = {
+    DropReasonDesc.INVALID_SOURCE_IP: 132,
+    DropReasonDesc.POLICY_DENIED: 133,
+    DropReasonDesc.INVALID_PACKET_DROPPED: 134,
+    DropReasonDesc.UNSUPPORTED_L3_PROTOCOL: 139,
+    DropReasonDesc.CT_MAP_INSERTION_FAILED: 155,
+    DropReasonDesc.IP_FRAGMENTATION_NOT_SUPPORTED: 157,
+    DropReasonDesc.NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION: 165,
+    DropReasonDesc.PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL: 180,
+    DropReasonDesc.POLICY_DENY: 181,
+}
 
 
 class EventType(IntEnum):
