@@ -16,6 +16,7 @@ from rich.text import Text
 
 from garrison.flows.render import render_time
 from garrison.flows.summary import AccessLogSummary, QuietSpan, RateSeries, VerdictCounts
+from garrison.flows.whatif import WhatIfReport
 
 BAR_WIDTH = 20
 _BAR = "█"
@@ -185,3 +186,34 @@ def _rules(summary: AccessLogSummary, console: Console) -> None:
         console.print(Text("Never matched — candidates for removal:"))
         for key in never:
             console.print(Text(f"  {key.text}"))
+
+
+def render_whatif(report: WhatIfReport, console: Console) -> None:
+    """`accesslog summary --what-if`: what the candidate policies would change."""
+    console.print(Text(
+        f"{report.records_read} records read: {report.decisions} decisions replayed, "
+        f"{report.unchanged} unchanged, {report.skipped} not decisions or not replayable"
+    ))
+    console.print(Text(
+        f"{report.newly_denied} newly denied, {report.newly_allowed} newly allowed "
+        "by the candidate policies"
+    ))
+    if not report.changes:
+        return
+    _heading(console, "Changes (source, destination, request)")
+    table = _table("CHANGE", "COUNT", "SOURCE", "DESTINATION", "REQUEST", "RECORDED", "AT",
+                   "CANDIDATE RULES", "LAST SEEN", right=("COUNT",))
+    for change in report.changes:
+        style = "red" if change.change == "newly denied" else "green"
+        table.add_row(
+            Text(change.change, style=style),
+            Text(str(change.count)),
+            Text(change.source),
+            Text(change.destination),
+            Text(change.request),
+            Text(change.recorded),
+            Text(change.denied_at or "-"),
+            Text("\n".join(change.rules)),
+            Text(_time(change.last_ns or None)),
+        )
+    console.print(table)

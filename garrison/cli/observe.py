@@ -408,6 +408,8 @@ def summary(args: argparse.Namespace) -> int:
     from garrison.flows.summary import RuleKey, SummaryBuilder, SummaryConfig, rule_keys
 
     query = build_query(args)
+    if args.what_if:
+        return _what_if(args, query)
     known: list[RuleKey] | None = None
     if args.policy:
         from garrison.policies.errors import PolicyValidationError
@@ -446,6 +448,39 @@ def summary(args: argparse.Namespace) -> int:
         console = Console(highlight=False, width=width, no_color=args.color == "never" or None,
                           force_terminal=True if args.color == "always" else None)
         render_summary(result, console)
+    stats.report()
+    return EXIT_SOURCE if stats.bad else EXIT_OK
+
+
+def _what_if(args: argparse.Namespace, query: Any) -> int:
+    """`summary --what-if POLICY...`: replay the matching records against the candidate."""
+    from garrison.flows.whatif import WhatIf
+    from garrison.policies.errors import PolicyValidationError
+    from garrison.policies.loader import load_paths
+
+    paths = [path for group in args.what_if for path in group]
+    try:
+        candidate = load_paths(paths).policies
+    except PolicyValidationError as exc:
+        raise UsageError(f"--what-if: {exc}") from exc
+    replay = WhatIf(candidate)
+    stats = ReadStats()
+    for d, _ in _gather(args, query, stats):
+        replay.add(d)
+    report = replay.report()
+    if args.output == "json":
+        sys.stdout.buffer.write(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
+        sys.stdout.buffer.write(b"\n")
+        sys.stdout.flush()
+    else:
+        from rich.console import Console
+
+        from garrison.cli.accesslog_view import render_whatif
+
+        width = None if sys.stdout.isatty() else 200  # a row names the rules in full
+        console = Console(highlight=False, width=width, no_color=args.color == "never" or None,
+                          force_terminal=True if args.color == "always" else None)
+        render_whatif(report, console)
     stats.report()
     return EXIT_SOURCE if stats.bad else EXIT_OK
 
@@ -548,6 +583,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="table for people, json (one object) for scripts")
     s.add_argument("--policy", action="append", metavar="PATH",
                    help="policy files or directories in force: lists rules never matched")
+    s.add_argument("--what-if", action="append", nargs="+", metavar="POLICY",
+                   help="replay the records against these candidate policy files or "
+                   "directories instead, and list what they would newly deny or allow, by "
+                   "source, destination and request")
     s.add_argument("--top", type=int, default=10, metavar="N",
                    help="denied groups to show (default: %(default)s)")
     s.add_argument("--interval", type=int, metavar="SECONDS",
