@@ -14,7 +14,8 @@ configs generated into a temporary directory:
 
 - upstream: the door manager (examples/grpc/doors_server.py: grpcio, 8 handler threads);
 - direct: h2load → door manager;
-- garrison: h2load → `garrison proxy --protocol grpc` (one process, uvloop) → door manager,
+- garrison: h2load → `garrison proxy --protocol grpc --workers 1` (one process, uvloop) → door
+  manager,
   with examples/grpc/doors-policy.yaml, the client mapped to the guard, and the access log
   written (JSON lines, every call's request and response records) unless `--no-access-log`;
 - haproxy 2.6 (Debian package), `nbthread 1` like garrison's single event loop, HTTP/2 on
@@ -115,8 +116,21 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    """utime + stime of `pid` and its live children (a proxy with worker processes)."""
+    total = 0.0
+    for one in [pid, *children(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+    return total
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
 
 
 @contextlib.contextmanager
@@ -153,6 +167,7 @@ def garrison(
         "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{backend}",
         "--protocol", "grpc", "-f", str(POLICY), "--dst-labels", "app=door-manager",
         "--dport", "50051", "--peer", "127.0.0.1/32=app=guard",
+        "--workers", "1",  # one process, as haproxy runs nbthread 1
     ]  # fmt: skip
     if access_log:
         log = str(workdir / "access.log")
