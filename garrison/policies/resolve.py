@@ -414,13 +414,35 @@ class PolicyResolver:
         return dict(self._named_ports.get(identity, {}))
 
     def _rebuild_named(self, identity: int) -> set[int]:
-        """Recompute the endpoints whose rules name ports: the identity itself (ingress) and
-        every endpoint with a rule naming ports (egress, to the identity)."""
+        """Recompute the endpoints whose policy a change of `identity`'s port names can
+        change: the identity itself where a rule selecting it names ports, and the endpoints
+        whose egress rules name ports toward a peer list that holds the identity (or any
+        peer)."""
         changed: set[int] = set()
         if not self._named_rules:
             return changed
+        egress_rules = {
+            rule_id
+            for rule_id in self._named_rules
+            if any(
+                s.named and s.direction is Direction.EGRESS and (
+                    s.any_peer or s.any_entity
+                    or any(identity in ids for ids in s.peer_sets)
+                    or any(identity in ids for ids in s.fixed_sets)
+                )
+                for s in self._rules[rule_id].sections
+            )
+        }
+        own = self._endpoints.get(identity)
+        if own is not None and any(
+            s.named and s.direction is Direction.INGRESS
+            for rule_id in own.rules & self._named_rules
+            for s in self._rules[rule_id].sections
+        ):
+            self._rebuild(identity)
+            changed.add(identity)
         for ep_id, ep in list(self._endpoints.items()):
-            if ep.rules & self._named_rules:
+            if ep_id not in changed and ep.rules & egress_rules:
                 self._rebuild(ep_id)
                 changed.add(ep_id)
         return changed

@@ -255,3 +255,12 @@ def test_trace_cli_takes_dst_port_names(tmp_path: object, capsys: object) -> Non
     err = capsys.readouterr()[1]  # type: ignore[attr-defined]
     assert err == ("garrison policy trace: --dst-port-name 'http': expected NAME=PORT/PROTO, "
                    "e.g. http=8080/TCP\n")
+
+
+def test_a_port_name_change_recomputes_only_the_endpoints_it_can_reach() -> None:
+    r = resolver(CNP_EGRESS)  # the client's egress names `http` toward tier=backend
+    assert r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})}) == {CLIENT}
+    # the client is no backend: its own port names change no endpoint's policy
+    assert r.set_named_ports(CLIENT, {"http": TCP({(PROTO_TCP, 8080)})}) == set()
+    ingress = resolver(CNP_INGRESS)  # servers name `http` on their ingress
+    assert ingress.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})}) == {SERVER_A}
