@@ -55,6 +55,10 @@ REQUESTS: list[tuple[str, bytes, type[HTTP1Error], int]] = [
     ("HTTP/0.9", b"GET / HTTP/0.9\r\n" + H + b"\r\n", HTTP1HeadError, 505),
     ("h2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", HTTP1HeadError, 505),
     ("version garbage", b"GET / HTTP/1\r\n" + H + b"\r\n", HTTP1HeadError, 400),
+    # --- what llhttp lets through (garrison/parsers/http1.py, `# check <name>`)
+    ("LF before the method", b"\nGET / HTTP/1.1\r\n" + H + b"\r\n", HTTP1HeadError, 400),
+    ("two spaces after target", b"GET /  HTTP/1.1\r\n" + H + b"\r\n", HTTP1HeadError, 400),
+    ("RTSP version", b"GET / RTSP/1.0\r\n" + H + b"\r\n", HTTP1HeadError, 400),
     ("lower-case version", b"GET / http/1.1\r\n" + H + b"\r\n", HTTP1HeadError, 400),
     # --- Host
     ("no Host", b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", HTTP1HeadError, 400),
@@ -170,6 +174,12 @@ REQUESTS: list[tuple[str, bytes, type[HTTP1Error], int]] = [
     ("CL empty", POST + b"Content-Length:\r\n\r\n", HTTP1FramingError, 400),
     ("CL huge", POST + b"Content-Length: 9999999999999999999\r\n\r\n", HTTP1FramingError, 400),
     (
+        "CL 2^64-1",
+        POST + b"Content-Length: 18446744073709551615\r\n\r\n",
+        HTTP1FramingError,
+        400,
+    ),
+    (
         "CL duplicate differing",
         POST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         HTTP1FramingError,
@@ -233,6 +243,18 @@ REQUESTS: list[tuple[str, bytes, type[HTTP1Error], int]] = [
     (
         "chunk ext empty",
         POST + b"Transfer-Encoding: chunked\r\n\r\n5;\r\nhello\r\n0\r\n\r\n",
+        HTTP1FramingError,
+        400,
+    ),
+    (
+        "chunk size 2^63",
+        POST + b"Transfer-Encoding: chunked\r\n\r\n8000000000000000\r\nhello\r\n",
+        HTTP1FramingError,
+        400,
+    ),
+    (
+        "chunk ext empty value before another",
+        POST + b"Transfer-Encoding: chunked\r\n\r\n5;a=;b\r\nhello\r\n0\r\n\r\n",
         HTTP1FramingError,
         400,
     ),
