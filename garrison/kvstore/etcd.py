@@ -474,10 +474,15 @@ class EtcdSession:
         self.last_renewed: float | None = None
         self.leases_granted = 0
         self.last_error: str | None = None
+        self._kick = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"etcd-{name}", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"etcd-{name}-writer", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
+        self._writer.start()
 
     def wait_ready(self, timeout_s: float) -> bool:
         """True once the session holds a lease (False after `timeout_s` without one)."""
@@ -506,31 +511,52 @@ class EtcdSession:
             self._hooks.append(hook)
 
     def put(self, key: str, value: bytes) -> None:
-        """Bind `key` = `value` to the session's lease. Never raises on an unreachable etcd:
-        the write is remembered and retried."""
+        """Bind `key` = `value` to the session's lease. Returns at once, never blocks on etcd
+        (a caller may hold the agent's lock): the writer thread writes it, and again until
+        etcd takes it."""
         with self._lock:
             self._keys[key] = value
             self._dirty.add(key)
-        self._flush_now()
+        self._kick.set()
 
     def delete(self, key: str) -> None:
         with self._lock:
             self._keys.pop(key, None)
             self._dirty.add(key)
-        self._flush_now()
+        self._kick.set()
+
+    def wait_flushed(self, timeout_s: float) -> bool:
+        """True once every put and delete so far is in etcd (False after `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._dirty:
+                    return True
+            self._kick.set()
+            time.sleep(0.01)
+        with self._lock:
+            return not self._dirty
 
     def keys(self) -> dict[str, bytes]:
         with self._lock:
             return dict(self._keys)
 
-    def _flush_now(self) -> None:
-        if self._lease is None:
-            return
-        try:
-            self._flush(self._lease)
-        except KVStoreError as exc:
-            # Left dirty: the session thread writes it with the next renewal.
-            self.last_error = str(exc)
+    def _write_loop(self) -> None:
+        """The writer thread: flushes dirty keys when kicked, retrying with backoff."""
+        backoff = _Backoff()
+        while not self._stop.is_set():
+            self._kick.wait(1.0)
+            self._kick.clear()
+            lease = self._lease
+            if lease is None:
+                continue
+            try:
+                self._flush(lease)
+                backoff.reset()
+            except KVStoreError as exc:
+                self.last_error = str(exc)
+                backoff.wait(self._stop)
+                self._kick.set()
 
     def _flush(self, lease: int) -> None:
         while True:
@@ -568,7 +594,7 @@ class EtcdSession:
                             except Exception:
                                 log.exception("etcd %s: new-lease hook %r failed", self.name, hook)
                 lease = self._lease
-                self._flush(lease)
+                self._kick.set()
                 self._ready.set()
                 self._keepalive(lease, interval, backoff)
             except KVStoreError as exc:
@@ -597,22 +623,27 @@ class EtcdSession:
                 self.last_error = None
                 backoff.reset()
                 with self._lock:
-                    dirty = bool(self._dirty)
-                if dirty:
-                    self._flush(lease)
+                    if self._dirty:
+                        self._kick.set()
         finally:
             stop.set()
             call.cancel()
             self._call = None
 
-    def close(self, *, revoke: bool = True) -> None:
-        """Stop renewing; with `revoke`, drop the lease (and its keys) now rather than at TTL."""
+    def close(self, *, revoke: bool = True, flush_s: float = 2.0) -> None:
+        """Stop renewing; with `revoke`, drop the lease (and its keys) now rather than at TTL.
+        Without, writes still pending get `flush_s` to reach etcd first."""
+        if not revoke and self._lease is not None and self._writer.is_alive():
+            self.wait_flushed(flush_s)
         self._stop.set()
+        self._kick.set()
         call = self._call
         if call is not None:
             call.cancel()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        if self._writer.is_alive():
+            self._writer.join(timeout=5)
         lease, self._lease = self._lease, None
         if revoke and lease is not None and not self._store.closed:
             try:

@@ -6,6 +6,8 @@ One etcd per module (its root prefix differs per test); the restart tests use th
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -231,8 +233,11 @@ def test_session_keeps_its_keys_alive_past_the_ttl_and_revokes_on_close(
     time.sleep(4.5)  # more than twice the TTL
     assert store.get("nodes/n1") == b"up"
     session.delete("nodes/n1")
+    assert session.wait_flushed(5.0)
     assert store.get("nodes/n1") is None
     session.put("nodes/n1", b"again")
+    assert session.wait_flushed(5.0)
+    assert store.get("nodes/n1") == b"again"
     lease = session.lease
     assert lease is not None
     session.close()
@@ -246,6 +251,7 @@ def test_session_rewrites_its_keys_after_its_lease_was_lost(store: EtcdKVStore) 
     new_leases: list[int] = []
     session.on_new_lease(new_leases.append)
     session.put("nodes/n1", b"up")
+    assert session.wait_flushed(5.0)
     first = session.lease
     assert first is not None
     store.revoke_lease(first)  # what etcd does when the agent was away for longer than the TTL
@@ -429,3 +435,20 @@ def test_a_dead_endpoint_in_the_list_is_failed_over(etcd: EtcdServer, dead_first
     with EtcdKVStore(",".join(urls), root=f"ge-fo-{uuid.uuid4().hex[:8]}/", timeout_s=3.0) as kv:
         kv.put("k", b"v")
         assert kv.get("k") == b"v"
+
+
+def test_session_writes_never_block_the_caller_while_etcd_is_away(own_etcd: EtcdServer) -> None:
+    with EtcdKVStore(own_etcd.url, root="ge-away/", timeout_s=5.0) as kv:
+        session = kv.session(10, name="ge-away")
+        assert session.wait_ready(5.0)
+        assert own_etcd.proc is not None
+        os.kill(own_etcd.proc.pid, signal.SIGSTOP)  # a partition: requests hang, no reset
+        t0 = time.monotonic()
+        for n in range(20):
+            session.put(f"ip/{n}", b"x")
+        session.delete("ip/0")
+        assert time.monotonic() - t0 < 0.5  # no round trip to a dead etcd on the caller
+        assert not session.wait_flushed(0.5)
+        os.kill(own_etcd.proc.pid, signal.SIGCONT)
+        assert session.wait_flushed(15.0)
+        assert sorted(kv.list_prefix("ip/")) == sorted(f"ip/{n}" for n in range(1, 20))
