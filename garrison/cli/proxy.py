@@ -36,7 +36,6 @@ import contextlib
 import gc
 import ipaddress
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -78,7 +77,7 @@ from garrison.proxy.server import (
     install_uvloop,
 )
 from garrison.proxy.sockets import ListenError, listener
-from garrison.proxy.workers import Supervisor, default_workers
+from garrison.proxy.workers import Supervisor, default_workers, message
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -314,7 +313,8 @@ class _Worker:
 
     index: int
     address: tuple[str, int]
-    ready_fd: int
+    message_fd: int  # lines to the parent (`garrison.proxy.workers.message`)
+    revision: int  # of the policy it starts with
 
 
 def _run_workers(
@@ -335,8 +335,43 @@ def _run_workers(
     metrics_dir = Path(tempfile.mkdtemp(prefix="garrison-proxy-metrics-"))
     use_multiprocess(metrics_dir)
     metrics_server: MetricsServer | None = None
+    # The parent owns the policy: it watches the files (and takes SIGHUP), validates, and
+    # when valid has every worker reload (SIGHUP); a worker started later is forked with the
+    # policy in force. "policy revision N applied" is said once every worker applied it.
+    current = {"policy": policy}
+    pending: set[int] = set()
+    reloader = PolicyReloader(args.files, options.build_policy,
+                              lambda new: _apply_in_workers(new), announce=False)
 
-    def run_worker(index: int, ready_fd: int) -> int:
+    def _apply_in_workers(new: PolicySource) -> None:
+        current["policy"] = new
+        pending.clear()
+        pending.update(range(options.workers))
+        supervisor.signal_workers(signal.SIGHUP)
+
+    def settle(index: int) -> None:
+        if index in pending:
+            pending.discard(index)
+            if not pending:
+                log.info("policy revision %d applied (%d workers)", reloader.revision,
+                         options.workers)
+
+    def on_message(index: int, text: str) -> None:
+        what, _, revision_text = text.partition(" ")
+        if not revision_text.isdigit() or int(revision_text) != reloader.revision:
+            return
+        if what == "refused":
+            log.error("worker %d refused policy revision %s (did the files change again?); "
+                      "the next change or SIGHUP loads them again", index, revision_text)
+        settle(index)
+
+    def on_exit(pid: int) -> None:
+        worker_exited(pid, metrics_dir)
+        for index in list(pending):  # forked again, it starts with the policy in force
+            if supervisor.worker_pid(index) in (0, pid):
+                settle(index)
+
+    def run_worker(index: int, message_fd: int) -> int:
         reserved.close()
         if metrics_server is not None:
             metrics_server.forget()  # the parent's; this process only has its copy
@@ -347,15 +382,23 @@ def _run_workers(
         writer = AccessLogWriter(log_config) if log_config is not None else None
         install_uvloop()
         try:
-            return asyncio.run(
-                _serve(args, options, policy, writer, _Worker(index, address, ready_fd))
-            )
+            worker = _Worker(index, address, message_fd, reloader.revision)
+            return asyncio.run(_serve(args, options, current["policy"], writer, worker))
         finally:
             if writer is not None:
                 writer.close()
 
+    def on_tick() -> None:
+        if reloader.changed():
+            reloader.reload()
+
+    def on_hup() -> None:
+        log.info("SIGHUP: reloading the policy")
+        reloader.reload()
+
     supervisor = Supervisor(
-        options.workers, run_worker, on_exit=lambda pid: worker_exited(pid, metrics_dir)
+        options.workers, run_worker, on_exit=on_exit, on_message=on_message,
+        on_hup=on_hup, on_tick=on_tick,
     )
     supervisor.block_signals()  # before the metrics thread starts: it must not get them
     try:
@@ -457,8 +500,22 @@ async def _serve(
         metrics.set_destination_selected(_selected(new))
         server.update_policy(new)
 
-    reloader = PolicyReloader(args.files, options.build_policy, apply)
-    reloader.start(loop)
+    if worker is None:
+        reloader = PolicyReloader(args.files, options.build_policy, apply)
+        reloader.start(loop)
+    else:  # the parent watches the files and sends SIGHUP once they are valid
+        reloader = PolicyReloader(args.files, options.build_policy, apply,
+                                  revision=worker.revision, announce=False)
+        reloader.start(loop, sighup=False, watch=False)
+        index, fd = worker.index, worker.message_fd
+
+        def on_hup() -> None:
+            if reloader.reload():
+                message(fd, index, f"applied {reloader.revision}")
+            else:  # the revision the parent asked for
+                message(fd, index, f"refused {reloader.revision + 1}")
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -469,8 +526,7 @@ async def _serve(
             options.upstream[1], options.dst_labels.short(), options.dport,
         )
     else:  # the parent says it once every worker listens
-        os.write(worker.ready_fd, b"\x01")
-        os.close(worker.ready_fd)
+        message(worker.message_fd, worker.index, "ready")
     if metrics_server is not None:
         log.info("metrics on http://%s:%d/metrics", metrics_server.host, metrics_server.port)
     check = (

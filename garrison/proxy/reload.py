@@ -79,7 +79,11 @@ class PolicyReloader:
         *,
         interval: float = 1.0,
         revision: int = 1,
+        announce: bool = True,
     ) -> None:
+        # announce: log "policy revision N applied" (the parent of several workers says it
+        # itself, once every worker has applied it)
+        self._announce = announce
         self._paths = list(paths)
         self._build = build
         self._apply = apply
@@ -91,11 +95,24 @@ class PolicyReloader:
         self.reloads = 0
         self.refusals = 0
 
-    def start(self, loop: asyncio.AbstractEventLoop, *, sighup: bool = True) -> None:
+    def start(
+        self, loop: asyncio.AbstractEventLoop, *, sighup: bool = True, watch: bool = True
+    ) -> None:
+        """SIGHUP reloads (`sighup`); the files are polled (`watch`)."""
         self._loop = loop
         if sighup:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self._task = loop.create_task(self._poll())
+        if watch:
+            self._task = loop.create_task(self._poll())
+
+    def changed(self) -> bool:
+        """Whether the files changed since the last load (for a caller that polls itself)."""
+        current = snapshot(self._paths)
+        if current == self._snapshot:
+            return False
+        self._snapshot = current
+        log.info("policy files changed")
+        return True
 
     async def stop(self) -> None:
         if self._loop is not None:
@@ -143,5 +160,6 @@ class PolicyReloader:
         self.revision += 1
         self._apply(policy)
         self.reloads += 1
-        log.info("policy revision %d applied", self.revision)
+        if self._announce:
+            log.info("policy revision %d applied", self.revision)
         return True

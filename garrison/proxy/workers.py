@@ -5,10 +5,12 @@ The parent forks `count` workers, each running a whole proxy (its own event loop
 pool, policy reloader and access-log writer) on a `SO_REUSEPORT` listener of the same port,
 so the kernel spreads new connections over them. The parent only supervises:
 
-- it waits until every worker listens (each writes one byte to a pipe) before saying it is
-  ready; a worker that fails before that (the port is taken) stops the start, with its exit
-  status;
-- SIGHUP is passed on to every worker (each reloads the policy; each also watches the files);
+- workers tell it things in lines on one pipe (`message(fd, text)`): `ready` once listening
+  (the parent waits for every worker's before saying it is ready; a worker that fails before
+  that — the port is taken — stops the start, with its exit status), anything else goes to
+  `on_message(index, text)`;
+- SIGHUP, and a tick about once a second, go to `on_hup` / `on_tick` (the CLI reloads the
+  policy there and passes SIGHUP on to the workers with `signal_workers`);
 - a worker that exits while the proxy runs is restarted, after 0.5 s, doubling up to 30 s
   while restarted workers keep failing within 10 s of their start;
 - SIGTERM / SIGINT: every worker gets SIGTERM (each closes its connections and writes what
@@ -41,9 +43,14 @@ RESTART_FIRST = 0.5  # seconds before a crashed worker is started again
 RESTART_MAX = 30.0
 STABLE_AFTER = 10.0  # a worker that ran this long resets the backoff
 
-# run_worker(index, ready_fd) -> exit status; runs in the forked child, writes one byte to
-# ready_fd once it listens.
+# run_worker(index, message_fd) -> exit status; runs in the forked child, sends `ready` on
+# message_fd (`message`) once it listens.
 WorkerMain = Callable[[int, int], int]
+
+
+def message(fd: int, index: int, text: str) -> None:
+    """One line from worker `index` to the parent (one write below PIPE_BUF: atomic)."""
+    os.write(fd, f"{index} {text.replace(chr(10), ' ')[:400]}\n".encode())
 
 
 def default_workers() -> int:
@@ -82,8 +89,16 @@ class Supervisor:
         *,
         grace: float = 5.0,
         on_exit: Callable[[int], None] | None = None,
+        on_message: Callable[[int, str], None] | None = None,
+        on_hup: Callable[[], None] | None = None,
+        on_tick: Callable[[], None] | None = None,
         start_timeout: float = 60.0,
     ) -> None:
+        self._on_message = on_message
+        self._on_hup = on_hup
+        self._on_tick = on_tick
+        self._buffer = b""
+        self._ready: set[int] = set()
         self.count = count
         self._run_worker = run_worker
         self._grace = grace
@@ -93,6 +108,7 @@ class Supervisor:
         self._ready_r = -1
         self._ready_w = -1
         self._stopping = False
+        self._next_tick = 0.0
         self.restarts = 0
 
     @property
@@ -160,7 +176,8 @@ class Supervisor:
                 return 1
             readable, _, _ = select.select([self._ready_r], [], [], min(left, 0.1))
             if readable:
-                ready += len(os.read(self._ready_r, 64))
+                self._read_messages()
+            ready = len(self._ready)
             for slot, status in self._reap():
                 if self._on_exit is not None:
                     self._on_exit(slot.pid)
@@ -179,16 +196,21 @@ class Supervisor:
         while not self._stopping:
             now = time.monotonic()
             waits = [slot.restart_at - now for slot in self._slots if slot.restart_at]
-            timeout = max(0.0, min([1.0, *waits]))
+            timeout = max(0.0, min([0.05, *waits]))
             info = signal.sigtimedwait(SIGNALS, timeout)
             if info is not None:
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT):
                     self._stopping = True
                     break
                 if info.si_signo == signal.SIGHUP:
-                    log.info("SIGHUP: reloading the policy in %d workers", len(self.pids))
-                    self._signal_all(signal.SIGHUP)
-            self._drain_ready()
+                    if self._on_hup is not None:
+                        self._on_hup()
+                    else:
+                        self.signal_workers(signal.SIGHUP)
+            self._read_messages()
+            if self._on_tick is not None and now >= self._next_tick:
+                self._next_tick = now + 1.0
+                self._on_tick()
             self._handle_exits()
             now = time.monotonic()
             for slot in self._slots:
@@ -224,11 +246,29 @@ class Supervisor:
             log.error("worker %d (pid %d) %s; restarting it in %.1f s",
                       slot.index, pid, describe_status(status), delay)
 
-    def _drain_ready(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._ready_r, 4096)
+    def _read_messages(self) -> None:
+        while True:
+            try:
+                data = os.read(self._ready_r, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            self._buffer += data
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for raw in lines:
+                index_text, _, text = raw.decode(errors="replace").partition(" ")
+                if not index_text.isdigit():
+                    continue
+                if text == "ready":
+                    self._ready.add(int(index_text))
+                elif self._on_message is not None:
+                    self._on_message(int(index_text), text)
 
-    def _signal_all(self, sig: int) -> None:
+    def worker_pid(self, index: int) -> int:
+        return self._slots[index].pid
+
+    def signal_workers(self, sig: int) -> None:
         for pid in self.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -236,7 +276,7 @@ class Supervisor:
     # -- stop -------------------------------------------------------------------------------------
 
     def _stop_all(self) -> None:
-        self._signal_all(signal.SIGTERM)
+        self.signal_workers(signal.SIGTERM)
         deadline = time.monotonic() + self._grace
         while self.pids and time.monotonic() < deadline:
             for slot, _status in self._reap():
