@@ -135,6 +135,14 @@ def http_url(host: str, target: str, scheme: str = "http") -> str:
     return f"{scheme}://{host}{target}"
 
 
+def raw_target_of(raw_target: str, path: str, url: str) -> str:
+    """The request-target as sent, kept in the record only when the proxy changed it: "" when
+    it is the (normalized) path or the URL the record shows."""
+    if not raw_target or raw_target in (path, url):
+        return ""
+    return raw_target
+
+
 def l4_summary(l4: Layer4 | None) -> str:
     """`TCP Flags: SYN, ACK` as Hubble words the summary of a TCP packet."""
     if l4 is None:
@@ -217,15 +225,19 @@ def l7_http_request(
     drop_reason: ReasonLike | None = None,
     node_name: str = "",
     redaction: RedactionConfig = DEFAULT_REDACTION,
+    raw_target: str = "",
 ) -> FlowRecord:
     """An HTTP request the proxy forwarded (FORWARDED), denied (DROPPED) or let through in
-    audit mode (AUDIT). `path` is the request target as forwarded (normalized)."""
+    audit mode (AUDIT). `path` is the request target as forwarded (normalized); `raw_target`
+    the target as the client sent it (kept as `raw_target` when it differs)."""
+    url = http_url(host, path, scheme)
     http = redacted_http(
         method=method,
-        url=http_url(host, path, scheme),
+        url=url,
         protocol=protocol,
         headers=headers,
         config=redaction,
+        raw_target=raw_target_of(raw_target, path, url),
     )
     return _l7_record(
         time_ns=time_ns,
@@ -412,15 +424,20 @@ def l7_grpc_request(
     drop_reason: ReasonLike | None = None,
     node_name: str = "",
     redaction: RedactionConfig = DEFAULT_REDACTION,
+    raw_target: str = "",
 ) -> FlowRecord:
     """A gRPC call (`service` = `pkg.Service`). The HTTP/2 request is recorded too, under
-    `http`, so HTTP filters and Hubble tooling see it; its headers are gRPC metadata."""
+    `http`, so HTTP filters and Hubble tooling see it; its headers are gRPC metadata.
+    `raw_target`: the `:path` as sent (kept when it differs from `/service/method`)."""
+    path = f"/{service}/{method}"
+    url = http_url(authority, path)
     http = redacted_http(
         method="POST",
-        url=http_url(authority, f"/{service}/{method}"),
+        url=url,
         protocol="HTTP/2",
         headers=headers,
         config=redaction,
+        raw_target=raw_target_of(raw_target, path, url),
     )
     return _l7_record(
         time_ns=time_ns,

@@ -115,6 +115,8 @@ def _http_to_dict(http: HTTP) -> dict[str, Any]:
         out["method"] = http.method
     if http.url:
         out["url"] = http.url
+    if http.raw_target:
+        out["raw_target"] = http.raw_target
     if http.protocol:
         out["protocol"] = http.protocol
     if http.headers:
@@ -305,6 +307,8 @@ def _http_json(http: HTTP) -> str:
         out.append(f'"method":{_q(http.method)}')
     if http.url:
         out.append(f'"url":{_q(http.url)}')
+    if http.raw_target:
+        out.append(f'"raw_target":{_q(http.raw_target)}')
     if http.protocol:
         out.append(f'"protocol":{_q(http.protocol)}')
     if http.headers:
@@ -524,6 +528,7 @@ def _l7_from_dict(data: Mapping[str, Any] | None) -> Layer7 | None:
                 HTTPHeader(_str(h["key"], "header key"), _str(h.get("value", ""), "header value"))
                 for h in headers
             ),
+            raw_target=_str(http_data.get("raw_target", ""), "raw_target"),
         )
     kafka_data = _obj(data, "kafka")
     kafka = None

@@ -19,6 +19,8 @@ Where garrison's JSON differs from Hubble's, on purpose:
   and proxy errors (Hubble leaves it empty for L7).
 - policy refs (`ingress_allowed_by`, ...) carry `rule`, the section of the policy that decided
   (`specs[0].ingress[1]`), beside Hubble's {name, namespace, kind}.
+- `l7.http.raw_target` is the request-target as the client sent it, when the proxy normalized
+  it (`url` holds the normalized form, what policy matched and what went upstream).
 - `latency_ns` is a JSON number (protobuf's JSON mapping would quote a uint64).
 
 Absent values are omitted, as protobuf's JSON mapping does: a request has no `code`, a flow
@@ -365,13 +367,17 @@ class HTTPHeader:
 
 @dataclass(frozen=True, slots=True)
 class HTTP:
-    """`code` is 0 for requests. `url` is `scheme://host/path?query` when the host is known."""
+    """`code` is 0 for requests. `url` is `scheme://host/path?query` when the host is known,
+    with the path as the proxy normalized, matched and forwarded it. `raw_target` (garrison's,
+    not Hubble's) is the request-target exactly as the client sent it, set on request records
+    only when it differs from what `url` shows (`/v1/./x/../y` became `/v1/y`)."""
 
     method: str = ""
     url: str = ""
     protocol: str = ""
     code: int = 0
     headers: tuple[HTTPHeader, ...] = ()
+    raw_target: str = ""
 
     def __init__(
         self,
@@ -380,6 +386,7 @@ class HTTP:
         protocol: str = "",
         code: int = 0,
         headers: tuple[HTTPHeader, ...] = (),
+        raw_target: str = "",
     ) -> None:
         # Written out, not generated: see "Initialisers" in garrison/native.py.
         object.__setattr__(self, "method", method)
@@ -387,6 +394,7 @@ class HTTP:
         object.__setattr__(self, "protocol", protocol)
         object.__setattr__(self, "code", code)
         object.__setattr__(self, "headers", headers)
+        object.__setattr__(self, "raw_target", raw_target)
 
 
 @dataclass(frozen=True, slots=True)

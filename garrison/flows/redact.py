@@ -7,14 +7,19 @@ read back from JSON are not redacted again.
 By default the values of `Authorization`, `Proxy-Authorization`, `Cookie`, `Set-Cookie` and
 `X-Api-Key` become `[REDACTED]` (names compared case-insensitively; the header stays, so a
 review can still see that a client sent credentials), and a password in the userinfo of an
-absolute URL is replaced. Query values are kept unless `redact_query_values` is set, as Hubble
-does by default: paths and queries are what L7 policy matches on.
+absolute URL is replaced. Query values are kept unless `redact_query_values` is set (every
+value) or a parameter is named in `query_params` (`garrison proxy --redact-query-param NAME`):
+Hubble keeps them by default, and paths and queries are what L7 policy matches on. Names are
+compared case-sensitively, as sent, after percent-decoding (`%74oken` and `token` are one
+name; `+` reads as a space, as form decoding has it). Redaction runs on the record only, after
+the policy decided: what policy matches on is never redacted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from urllib.parse import unquote, unquote_plus
 
 from garrison.flows.record import HTTP, HTTPHeader
 
@@ -29,18 +34,20 @@ HeaderPairs = Iterable[tuple[str | bytes, str | bytes]]
 
 @dataclass(frozen=True, slots=True)
 class RedactionConfig:
-    """What to hide. `headers` are header names, any case."""
+    """What to hide. `headers` are header names, any case; `query_params` query parameter
+    names, exact case (decoded)."""
 
     headers: frozenset[str] = DEFAULT_SENSITIVE_HEADERS
     redact_query_values: bool = False
     redact_userinfo: bool = True
+    query_params: frozenset[str] = frozenset()
     _lower: frozenset[str] = field(init=False, repr=False, compare=False)
     # Redacted header tuples by the raw header tuple they came from (see redact_headers).
     _memo: dict[tuple[tuple[str | bytes, str | bytes], ...], tuple[HTTPHeader, ...]] = field(
         init=False, repr=False, compare=False
     )
-    # HTTP parts by (method, url, protocol, code, identity of the redacted header tuple).
-    _http_memo: dict[tuple[str, str, str, int, int], HTTP] = field(
+    # HTTP parts by (method, url, raw target, protocol, code, identity of the header tuple).
+    _http_memo: dict[tuple[str, str, str, str, int, int], HTTP] = field(
         init=False, repr=False, compare=False
     )
 
@@ -98,8 +105,8 @@ def redact_headers(headers: HeaderPairs, config: RedactionConfig) -> tuple[HTTPH
 def redact_url(url: str, config: RedactionConfig) -> str:
     if config.redact_userinfo:
         url = _redact_userinfo(url)
-    if config.redact_query_values:
-        url = _redact_query(url)
+    if config.redact_query_values or config.query_params:
+        url = _redact_query(url, config)
     return url
 
 
@@ -121,7 +128,7 @@ def _redact_userinfo(url: str) -> str:
     return f"{url[:start]}{user}:{REDACTED}@{host}{url[end:]}"
 
 
-def _redact_query(url: str) -> str:
+def _redact_query(url: str, config: RedactionConfig) -> str:
     base, question, rest = url.partition("?")
     if not question:
         return url
@@ -129,8 +136,19 @@ def _redact_query(url: str) -> str:
     parts = []
     for part in query.split("&"):
         key, eq, _ = part.partition("=")
-        parts.append(f"{key}={REDACTED}" if eq else part)
+        if eq and (config.redact_query_values or _named(key, config.query_params)):
+            parts.append(f"{key}={REDACTED}")
+        else:
+            parts.append(part)
     return f"{base}?{'&'.join(parts)}{hash_}{fragment}"
+
+
+def _named(key: str, names: frozenset[str]) -> bool:
+    if key in names:
+        return True
+    if "%" not in key and "+" not in key:
+        return False
+    return unquote(key) in names or unquote_plus(key) in names
 
 
 def redacted_http(
@@ -141,15 +159,17 @@ def redacted_http(
     headers: HeaderPairs,
     config: RedactionConfig,
     code: int = 0,
+    raw_target: str = "",
 ) -> HTTP:
     """The HTTP part of a record, built with its secrets replaced: the one place redaction
-    happens (the record builders call it for every HTTP and gRPC record).
+    happens (the record builders call it for every HTTP and gRPC record). `raw_target`, the
+    request-target as sent, is redacted as `url` is.
 
     A keep-alive client asks the same thing with the same headers again and again: the same
     inputs give the same (frozen) HTTP part, which lets the line encoder reuse its JSON."""
     redacted = redact_headers(headers, config)
     memo = config._http_memo
-    key = (method, url, protocol, code, id(redacted))
+    key = (method, url, raw_target, protocol, code, id(redacted))
     known = memo.get(key)
     if known is not None and known.headers is redacted:
         return known
@@ -159,6 +179,7 @@ def redacted_http(
         protocol=protocol,
         code=code,
         headers=redacted,
+        raw_target=redact_url(raw_target, config) if raw_target else "",
     )
     if len(memo) >= _MEMO_SIZE:
         memo.clear()
@@ -175,4 +196,5 @@ def redact_http(http: HTTP, config: RedactionConfig) -> HTTP:
         headers=[(h.key, h.value) for h in http.headers],
         config=config,
         code=http.code,
+        raw_target=http.raw_target,
     )

@@ -12,6 +12,8 @@ The type column: `http-request`, `kafka-response`, ... for proxy records (`grpc-
 `grpc-response` are garrison's, Hubble has no gRPC record); for datapath records the drop
 reason (`Policy denied`), the observation point (`to-endpoint`) or
 `policy-verdict:<match> <DIRECTION>`, where the verdict reads ALLOWED / DENIED / AUDITED.
+A request whose target the proxy normalized ends in `(normalized from /v1/./x/../y)`: the
+target as the client sent it (`l7.http.raw_target`).
 
 Everything renders from the flow's JSON object (an access-log line, decoded), so a file, the
 agent's answer and a `FlowRecord` (through `to_dict()`) print the same.
@@ -217,6 +219,9 @@ def render_compact_flow(d: FlowDict, options: RenderOptions = DEFAULT_RENDER) ->
         f"{left} {arrow} {right} {flow_type_text(d)} {_paint(verdict_text(d), options)} "
         f"({summary})"
     )
+    raw = _obj(_obj(d, "l7"), "http").get("raw_target")
+    if raw:
+        line += f" (normalized from {raw})"
     if options.policy_names:
         names = policy_names(d)
         if names:

@@ -38,4 +38,6 @@ class ProxyConfig:
         "set-cookie",
         "x-api-key",
     )
+    # Query parameters whose values flow records show as [REDACTED] (exact name, decoded).
+    redact_query_params: tuple[str, ...] = ()
     node_name: str = ""

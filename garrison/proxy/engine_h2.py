@@ -321,7 +321,10 @@ class H2Engine:
         self.update_ruleset(context.ruleset)
         self._client_ep = flow_endpoint(context.source)
         self._server_ep = flow_endpoint(context.destination)
-        self._redaction = RedactionConfig(headers=frozenset(config.redact_headers))
+        self._redaction = RedactionConfig(
+            headers=frozenset(config.redact_headers),
+            query_params=frozenset(config.redact_query_params),
+        )
         self._calls: dict[int, _Call] = {}  # by client stream id
         self._by_upstream: dict[int, _Call] = {}
         self._waiting: deque[_Call] = deque()  # allowed, no upstream stream slot yet
@@ -941,6 +944,7 @@ class H2Engine:
                 drop_reason=outcome.drop_reason,
                 node_name=ctx.node_name,
                 redaction=self._redaction,
+                raw_target=ev.path or "",
             )
         return l7_http_request(
             time_ns=_ns(self._now),
@@ -959,6 +963,7 @@ class H2Engine:
             drop_reason=outcome.drop_reason,
             node_name=ctx.node_name,
             redaction=self._redaction,
+            raw_target=ev.path or "",
         )
 
     def _response_record(

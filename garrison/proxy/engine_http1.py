@@ -709,6 +709,7 @@ class HTTPEngine:
             denied_by=() if allowed else ex.refs,
             node_name=self._node,
             redaction=self._redaction,
+            raw_target=event.target,
         )
 
     def _response_record(
@@ -833,6 +834,9 @@ def _redaction(context: ConnectionContext, config: ProxyConfig) -> RedactionConf
     if isinstance(cached, tuple) and cached[0] is config:
         redaction: RedactionConfig = cached[1]
         return redaction
-    redaction = RedactionConfig(headers=frozenset(config.redact_headers))
+    redaction = RedactionConfig(
+        headers=frozenset(config.redact_headers),
+        query_params=frozenset(config.redact_query_params),
+    )
     context.shared[_REDACTION_KEY] = (config, redaction)
     return redaction
