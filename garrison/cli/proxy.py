@@ -12,9 +12,10 @@ on port `--dport` (default: the upstream's port). SIGHUP or a changed policy fil
 policy; an invalid one is refused and the old one stays. SIGTERM / SIGINT stop the proxy.
 
 `--workers N` (default: the number of CPUs) runs N worker processes on the one port
-(`SO_REUSEPORT`, `garrison.proxy.workers`): the kernel spreads connections over them, SIGHUP
-and policy-file changes reach every worker, a worker that dies is restarted, the access log
-gets whole lines from all of them, and `--metrics` serves their sum (prometheus_client's
+(`SO_REUSEPORT`, `garrison.proxy.workers`): the kernel spreads connections over them; the
+parent watches the policy files and takes SIGHUP, and has every worker load a valid policy
+("policy revision N applied (N workers)" once all did); a worker that dies is restarted with
+the policy in force; the access log gets whole lines from all of them; and `--metrics` serves their sum (prometheus_client's
 multiprocess mode, in a per-run directory removed at exit). `--workers 1` is one process.
 
 When no loaded policy selects the destination for ingress (often a typo in `--dst-labels`),
