@@ -28,6 +28,8 @@ class AgentConfig:
     access_log_backups: int = 5
     metrics: tuple[str, int] | None = None
     node_name: str = "node"
+    # Query parameters flow records redact (`--redact-query-param`).
+    redact_query_params: tuple[str, ...] = ()
     enforcement: EnforcementMode = EnforcementMode.DEFAULT
     audit: bool = False
     # the local host (reserved identity 1) reaches every endpoint in ingress under default

@@ -86,6 +86,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="bpffs directory of the pinned maps (one per agent)")
     p.add_argument("--node-name", default=os.uname().nodename,
                    help="this node's name in flow records and in a cluster")
+    p.add_argument("--redact-query-param", action="append", default=[], metavar="NAME",
+                   help="flow records show this query parameter's value as [REDACTED] "
+                   "(exact case, percent-decoded name; repeatable); policy still sees it")
     p.add_argument("--kvstore", choices=["sqlite", "etcd"], default="sqlite",
                    help="etcd: join a cluster (docs/cluster.md); sqlite: this node alone")
     p.add_argument("--kvstore-endpoints", default="", metavar="URL[,URL]",
@@ -141,6 +144,7 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         access_log_backups=args.access_log_backups,
         metrics=metrics,
         node_name=args.node_name,
+        redact_query_params=tuple(args.redact_query_param),
         enforcement=EnforcementMode(args.enforcement),
         audit=args.audit,
         allow_localhost=args.allow_localhost == "always",
@@ -323,7 +327,9 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> i
         for proto, port in config.proxy_ports.items():
             settings = ServerSettings(
                 protocol=proto,
-                config=ProxyConfig(node_name=config.node_name),
+                config=ProxyConfig(
+                    node_name=config.node_name, redact_query_params=config.redact_query_params
+                ),
                 destination=destination,
             )
             server = ProxyServer(settings, agent, sink, metrics=metrics)

@@ -151,6 +151,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "default: the number of CPUs")
     p.add_argument("--node-name", default="", metavar="NAME",
                    help="node name written into flow records (default: none)")
+    p.add_argument("--redact-query-param", action="append", default=[], metavar="NAME",
+                   help="flow records show this query parameter's value as [REDACTED] "
+                   "(exact case, percent-decoded name; repeatable); policy still sees it")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print every flow record as one compact line on stderr")
     p.set_defaults(func=run)
@@ -226,6 +229,7 @@ class _Options:
             ),
             max_connections=args.max_connections,
             node_name=args.node_name,
+            redact_query_params=tuple(args.redact_query_param),
         )
 
     def build_policy(self, policies: Sequence[Policy], revision: int) -> PolicySource:
