@@ -269,6 +269,9 @@ def render(result: TraceResult) -> str:
     where = f" at {result.denied_at.replace('_', '/')}" if result.denied_at else ""
     if result.allowed and result.l7_state == "not evaluated":
         where = " at L3/L4 (L7 not evaluated)"
+    if result.audited_at:
+        at = result.audited_at.replace("_", "/")
+        where = f", recorded AUDIT (audited policies would deny it at {at})"
     lines.append(f"Final verdict: {verdict}{where}")
     return "\n".join(lines)
 

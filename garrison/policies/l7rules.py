@@ -225,6 +225,31 @@ class L7RuleSet:
     allow_all: bool = False
     allow_all_ref: RuleRef | None = None
     deny_rules: tuple[tuple[L7Rule, RuleRef | None], ...] = ()
+    # Audited policies (the garrison.io/audit annotation): the rule set with them, where it
+    # differs. This rule set (without them) decides; a request it allows that `audit_layer`
+    # would deny is allowed with `audited` set, naming what would have denied it.
+    audit_layer: L7RuleSet | None = None
+
+
+def audit_refs(ruleset: L7RuleSet) -> tuple[RuleRef, ...]:
+    """The rules a request the rule set denies failed to match (its allow rules' refs)."""
+    return tuple(dict.fromkeys(ref for _, ref in ruleset.rules if ref is not None))
+
+
+def audited(verdict: L7Verdict, would: L7Verdict, refs: tuple[RuleRef, ...]) -> L7Verdict:
+    """`verdict` (allowed) marked audited because `would` (the audit layer's) denies."""
+    return L7Verdict(
+        True,
+        verdict.rule,
+        f"audit: {would.reason}",
+        verdict.header_edits,
+        verdict.logged_mismatches,
+        verdict.filter_response,
+        verdict.allowed_topics,
+        None,
+        True,
+        (would.denied_by,) if would.denied_by is not None else refs,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,3 +279,6 @@ class L7Verdict:
     filter_response: bool = False
     allowed_topics: frozenset[str] | None = None
     denied_by: RuleRef | None = None
+    # allowed, but the audited policies would deny it: recorded AUDIT, naming these rules
+    audited: bool = False
+    audit_denied_by: tuple[RuleRef, ...] = ()

@@ -100,6 +100,9 @@ API_VERSIONS: dict[PolicyKind, str] = {
 EXTENSION_API_VERSION = "garrison.io/v1"
 EXTENSION_HINT = f"a garrison extension: write apiVersion: {EXTENSION_API_VERSION} to use it"
 
+# `metadata.annotations: {garrison.io/audit: "true"}`: the policy is audited, not enforced
+AUDIT_ANNOTATION = "garrison.io/audit"
+
 NOT_SUPPORTED = "not supported by garrison"
 FAIL_CLOSED = f"{NOT_SUPPORTED}; this element allows nothing"
 DENY_NOT_ENFORCEABLE = f"{NOT_SUPPORTED}; garrison cannot enforce this deny rule"
@@ -416,6 +419,7 @@ class _Meta:
     namespace: str | None = None
     labels: tuple[tuple[str, str], ...] = ()
     name_at: At | None = None
+    audit: bool = False  # the garrison.io/audit annotation
 
 
 def _metadata(doc: At, fields: dict[str, At], kind: PolicyKind) -> _Meta:
@@ -457,6 +461,15 @@ def _metadata(doc: At, fields: dict[str, At], kind: PolicyKind) -> _Meta:
             if value is not None:
                 pairs.append((key, value))
         meta.labels = tuple(sorted(pairs))
+    if "annotations" in m:
+        for key, value_at in raw_entries(m["annotations"]):
+            if key != AUDIT_ANNOTATION:
+                continue
+            value = text(value_at)
+            if value in ("true", "false"):
+                meta.audit = value == "true"
+            elif value is not None:
+                value_at.error(f'{AUDIT_ANNOTATION} must be "true" or "false", not {value!r}')
     return meta
 
 
@@ -509,6 +522,7 @@ def _cilium_policy(
         rules=tuple(rules),
         source=Source(doc.rep.path, doc.rep.document, doc.line),
         labels=meta.labels,
+        audit=meta.audit,
     )
 
 
@@ -1414,6 +1428,7 @@ def _network_policy(doc: At, fields: dict[str, At], meta: _Meta) -> Policy | Non
         rules=(rule,),
         source=Source(doc.rep.path, doc.rep.document, doc.line),
         labels=meta.labels,
+        audit=meta.audit,
     )
 
 

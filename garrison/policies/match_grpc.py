@@ -13,16 +13,23 @@ Pure and parser-free: the engine passes the service and method it read from `:pa
 
 from __future__ import annotations
 
-from garrison.policies.l7rules import GRPCRule, L7RuleSet, L7Verdict
+from garrison.policies.l7rules import GRPCRule, L7RuleSet, L7Verdict, audit_refs, audited
 from garrison.policies.refs import RuleRef
 
 
 class GRPCMatcher:
     """Compiled once per rule set, then `match()` per call: two dict lookups."""
 
-    __slots__ = ("_allow_all", "_allow_all_ref", "_deny", "_methods", "_services")
+    __slots__ = (
+        "_allow_all", "_allow_all_ref", "_audit", "_audit_refs", "_deny", "_methods", "_services"
+    )
 
     def __init__(self, ruleset: L7RuleSet) -> None:
+        self._audit: GRPCMatcher | None = None
+        self._audit_refs: tuple[RuleRef, ...] = ()
+        if ruleset.audit_layer is not None:
+            self._audit = GRPCMatcher(ruleset.audit_layer)
+            self._audit_refs = audit_refs(ruleset.audit_layer)
         self._deny: GRPCMatcher | None = None
         if ruleset.deny_rules:
             self._deny = GRPCMatcher(L7RuleSet(ruleset.protocol, ruleset.deny_rules))
@@ -40,6 +47,14 @@ class GRPCMatcher:
                 self._methods.setdefault((rule.service, rule.method), (index, ref))
 
     def match(self, service: str, method: str) -> L7Verdict:
+        verdict = self._match(service, method)
+        if self._audit is not None and verdict.allowed:
+            would = self._audit.match(service, method)
+            if not would.allowed:
+                return audited(verdict, would, self._audit_refs)
+        return verdict
+
+    def _match(self, service: str, method: str) -> L7Verdict:
         if self._deny is not None:
             denied = self._deny.match(service, method)
             if denied.allowed:

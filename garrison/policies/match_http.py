@@ -54,6 +54,8 @@ from garrison.policies.l7rules import (
     L7RuleSet,
     L7Verdict,
     MismatchAction,
+    audit_refs,
+    audited,
 )
 from garrison.policies.refs import RuleRef
 
@@ -79,6 +81,11 @@ class HTTPMatcher:
     """Compiled HTTP rules of one L7RuleSet. `match()` is pure and thread-safe."""
 
     def __init__(self, ruleset: L7RuleSet) -> None:
+        self._audit: HTTPMatcher | None = None
+        self._audit_refs: tuple[RuleRef, ...] = ()
+        if ruleset.audit_layer is not None:
+            self._audit = HTTPMatcher(ruleset.audit_layer)
+            self._audit_refs = audit_refs(ruleset.audit_layer)
         self._deny: HTTPMatcher | None = None
         if ruleset.deny_rules:
             self._deny = HTTPMatcher(L7RuleSet(ruleset.protocol, ruleset.deny_rules))
@@ -149,6 +156,20 @@ class HTTPMatcher:
         headers: Sequence[tuple[str, str]],
     ) -> L7Verdict:
         """The verdict for one request. `headers`: (name, value) as received, any case."""
+        verdict = self._match(method, path, host, headers)
+        if self._audit is not None and verdict.allowed:
+            would = self._audit.match(method, path, host, headers)
+            if not would.allowed:
+                return audited(verdict, would, self._audit_refs)
+        return verdict
+
+    def _match(
+        self,
+        method: str,
+        path: str,
+        host: str | None,
+        headers: Sequence[tuple[str, str]],
+    ) -> L7Verdict:
         if self._deny is not None:
             denied = self._deny.match(method, path, host, headers)
             if denied.allowed:

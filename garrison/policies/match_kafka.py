@@ -29,7 +29,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from garrison.policies.l7rules import KAFKA_API_NAMES, KafkaRule, L7RuleSet, L7Verdict
+from garrison.policies.l7rules import (
+    KAFKA_API_NAMES,
+    KafkaRule,
+    L7RuleSet,
+    L7Verdict,
+    audit_refs,
+    audited,
+)
 from garrison.policies.refs import RuleRef
 
 
@@ -84,6 +91,11 @@ class KafkaMatcher:
 
     def __init__(self, ruleset: L7RuleSet) -> None:
         self.ruleset = ruleset
+        self._audit: KafkaMatcher | None = None
+        self._audit_refs: tuple[RuleRef, ...] = ()
+        if ruleset.audit_layer is not None:
+            self._audit = KafkaMatcher(ruleset.audit_layer)
+            self._audit_refs = audit_refs(ruleset.audit_layer)
         self._rules = tuple(
             _CompiledRule(
                 rule.api_keys,
@@ -127,6 +139,28 @@ class KafkaMatcher:
         return _Applicable.of(tuple(r for r in rules if r.applies(api_version, client_id)))
 
     def match(
+        self,
+        api_key: int,
+        api_version: int,
+        client_id: str | None,
+        topics: Sequence[str],
+        all_topics: bool = False,
+        *,
+        unknown_topics: bool = False,
+    ) -> L7Verdict:
+        verdict = self._match(
+            api_key, api_version, client_id, topics, all_topics, unknown_topics=unknown_topics
+        )
+        if self._audit is not None and verdict.allowed:
+            would = self._audit.match(
+                api_key, api_version, client_id, topics, all_topics,
+                unknown_topics=unknown_topics,
+            )
+            if not would.allowed:
+                return audited(verdict, would, self._audit_refs)
+        return verdict
+
+    def _match(
         self,
         api_key: int,
         api_version: int,

@@ -313,6 +313,10 @@ class Policy:
     rules: tuple[Rule, ...]
     source: Source | None = None
     labels: tuple[tuple[str, str], ...] = field(default=())
+    # `metadata.annotations: {garrison.io/audit: "true"}`: try before enforce. What this
+    # policy would deny is let through and recorded AUDIT with its rule; an allow it adds
+    # allows nothing (POLICY-SEMANTICS, docs/policy.md "garrison extensions").
+    audit: bool = False
 
     @property
     def key(self) -> tuple[str, str | None, str]:

@@ -121,6 +121,10 @@ class TraceResult:
     request: L7RequestSpec | None = None
     notes: tuple[str, ...] = field(default=())
     audit: bool = False
+    # audited policies (garrison.io/audit) would deny what the others allow: allowed, and
+    # recorded AUDIT naming these rules; `audited_at`: L3_L4 | L7
+    audited_by: tuple[RuleRef, ...] = ()
+    audited_at: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -178,6 +182,8 @@ class TraceResult:
         return {
             "verdict": "allowed" if self.allowed else "denied",
             "audit": self.audit,
+            "audited_by": [r.to_dict() for r in self.audited_by],
+            "audited_at": self.audited_at,
             "denied_at": self.denied_at,
             "allowed_by": [r.to_dict() for r in self.allowed_by],
             "denied_by": [r.to_dict() for r in self.denied_by],
@@ -250,6 +256,35 @@ def _identity_for(labels: Labels, default: int) -> int:
 
 
 def trace(
+    policies: Sequence[Policy],
+    source: TraceEndpoint,
+    destination: TraceEndpoint,
+    port: int,
+    protocol: Protocol = Protocol.TCP,
+    request: L7RequestSpec | None = None,
+    config: ResolverConfig | None = None,
+) -> TraceResult:
+    """The verdict of the policies for one connection (and request). Audited policies
+    (garrison.io/audit) enforce nothing: the others decide; where they allow what all the
+    policies together would deny, the result is allowed with `audited_by`/`audited_at`."""
+    enforced = [p for p in policies if not p.audit]
+    result = _trace(enforced, source, destination, port, protocol, request, config)
+    if len(enforced) == len(policies) or not result.allowed:
+        return result
+    would = _trace(policies, source, destination, port, protocol, request, config)
+    if would.allowed:
+        return result
+    at = would.denied_at or "L3_L4"
+    by = tuple(would.denied_by)
+    names = ", ".join(str(r) for r in by) or "default deny"
+    note = (f"audited policies (garrison.io/audit) would deny it at {at.replace('_', '/')} "
+            f"({names}): allowed, recorded AUDIT")
+    from dataclasses import replace
+
+    return replace(result, audited_by=by, audited_at=at, notes=(*result.notes, note))
+
+
+def _trace(
     policies: Sequence[Policy],
     source: TraceEndpoint,
     destination: TraceEndpoint,

@@ -918,6 +918,10 @@ class H2Engine:
     def _outcome(self, verdict: L7Verdict, unsafe: bool = False) -> _Outcome:
         """How a decision is recorded. Denied and audited requests name the policy rules
         whose L7 rules they failed to match (`*_denied_by`), as the HTTP/1.1 engine does."""
+        if verdict.audited:  # allowed, but an audited policy would deny it
+            return _Outcome(
+                Verdict.AUDIT, (), verdict.audit_denied_by, DropReasonDesc.POLICY_DENIED
+            )
         if verdict.allowed:
             return _Outcome(Verdict.FORWARDED, (verdict.rule,) if verdict.rule else (), (), None)
         reason = DropReasonDesc.PARSE_ERROR if unsafe else DropReasonDesc.POLICY_DENIED

@@ -400,7 +400,9 @@ class HTTPEngine:
         host = event.host or self._host_hint
         has_body = event.chunked or bool(event.content_length)
         if verdict.allowed or self._audit:
-            if verdict.allowed:
+            if verdict.audited:  # allowed, but an audited policy would deny it
+                ex = _Exchange(event, host, now, Verdict.AUDIT, verdict.audit_denied_by)
+            elif verdict.allowed:
                 ex = _Exchange(event, host, now, Verdict.FORWARDED, _one(verdict.rule))
             else:
                 ex = _Exchange(event, host, now, Verdict.AUDIT, _denied(verdict, self._denied_by))

@@ -448,7 +448,10 @@ class KafkaEngine:
         refs = (verdict.rule,) if verdict.rule is not None else ()
         if verdict.denied_by is not None:  # an L7 deny rule (garrison extension)
             refs = (verdict.denied_by,)
-        if verdict.allowed or self._audit:
+        if verdict.audited:  # allowed, but an audited policy would deny it: recorded AUDIT
+            self._forward(request, False, verdict.audit_denied_by, verdict.allowed_topics,
+                          topics, now, out)
+        elif verdict.allowed or self._audit:
             self._forward(request, verdict.allowed, refs, verdict.allowed_topics, topics, now, out)
         elif request.api_key == METADATA and (split := self._split_metadata(request)):
             self._forward_allowed_part(request, *split, now, out)

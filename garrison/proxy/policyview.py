@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
@@ -120,7 +120,15 @@ class StandalonePolicy:
         for peer in self.peers:
             ids.setdefault(peer.labels, DESTINATION_IDENTITY + len(ids))
         self._ids = ids
-        resolver = build_resolver(policies, [(i, lab) for lab, i in ids.items()], config)
+        endpoints = [(i, lab) for lab, i in ids.items()]
+        # Audited policies (garrison.io/audit) enforce nothing: the others decide
+        # (`_state`); `_would` (all of them) names what they would deny, recorded AUDIT.
+        enforced = [p for p in policies if not p.audit]
+        resolver = build_resolver(policies, endpoints, config)
+        self._would = None
+        if len(enforced) != len(policies):
+            self._would = resolver.map_state(DESTINATION_IDENTITY)
+            resolver = build_resolver(enforced, endpoints, config)
         self.audit = resolver.config.audit
         self._state = resolver.map_state(DESTINATION_IDENTITY)
         # False when no rule selects the destination with an ingress section: then nothing
@@ -137,7 +145,10 @@ class StandalonePolicy:
         return self._revision
 
     def _check_protocol(self) -> None:
-        for key, ruleset in self._state.l7.items():
+        rulesets = list(self._state.l7.items())
+        if self._would is not None:
+            rulesets += self._would.l7.items()
+        for key, ruleset in rulesets:
             if key.direction is Direction.INGRESS and key.port == self.port and (
                 ruleset.protocol is not self.protocol
             ):
@@ -160,10 +171,21 @@ class StandalonePolicy:
     def admit(self, src_ip: str, dst_ip: str = "", dst_port: int = 0) -> Admission:
         identity, labels, namespace = self.classify(src_ip)
         result = lookup(self._state, Direction.INGRESS, identity, PROTO_TCP, self.port)
-        if result.allowed and result.l7 is not None and result.redirect is self.protocol:
-            ruleset = result.l7
-        else:
-            ref = result.refs[0] if result.refs else None
-            ruleset = L7RuleSet(self.protocol, (), allow_all=True, allow_all_ref=ref)
+        ruleset = self._ruleset(result)
+        if self._would is not None and result.allowed:
+            would = lookup(self._would, Direction.INGRESS, identity, PROTO_TCP, self.port)
+            if not would.allowed:
+                # the audited policies would drop the connection: admitted, and the server
+                # records the L3/L4 decision AUDIT with the lookup that would have dropped it
+                return Admission(identity, labels, namespace, True, would, ruleset, self.audit)
+            layer = self._ruleset(would)
+            if layer != ruleset and not (layer.allow_all and not layer.deny_rules):
+                ruleset = replace(ruleset, audit_layer=layer)
         allowed = result.allowed or self.audit
         return Admission(identity, labels, namespace, allowed, result, ruleset, self.audit)
+
+    def _ruleset(self, result: LookupResult) -> L7RuleSet:
+        if result.allowed and result.l7 is not None and result.redirect is self.protocol:
+            return result.l7
+        ref = result.refs[0] if result.refs else None
+        return L7RuleSet(self.protocol, (), allow_all=True, allow_all_ref=ref)
