@@ -282,8 +282,6 @@ class _H2Connection:
         # per-receive state, filled by the callbacks
         self._events: list[H2Event] = []
         self._flushed: dict[int, int] = {}
-        self._fields: dict[int, list[Header]] = {}
-        self._field_bytes: dict[int, int] = {}
         self._chunks: dict[int, list[bytes]] = {}
         self._fatal: tuple[str, int] | None = None
         self._invalid: str | None = None
@@ -294,13 +292,21 @@ class _H2Connection:
         self._provider.read_callback = lib.garrison_read_data
 
         handle = ffi.new_handle(self)
+        block = lib.garrison_block_new(handle, limits.max_header_list_size)
+        if block == ffi.NULL:
+            raise MemoryError("garrison_block_new")
+        self._block = block
         cbs = ffi.new("nghttp2_session_callbacks **")
         if lib.nghttp2_session_callbacks_new(cbs) != 0:
             raise MemoryError("nghttp2_session_callbacks_new")
         cb = cbs[0]
-        on_begin, on_chunk = lib.garrison_on_begin_headers, lib.garrison_on_data_chunk
+        # Header fields are collected in C (garrison_block, nghttp2_build.py) and read here
+        # once per header block.
+        on_begin = ffi.addressof(lib, "garrison_on_begin_headers_c")
         lib.nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin)
-        lib.nghttp2_session_callbacks_set_on_header_callback(cb, lib.garrison_on_header)
+        on_header = ffi.addressof(lib, "garrison_on_header_c")
+        lib.nghttp2_session_callbacks_set_on_header_callback(cb, on_header)
+        on_chunk = lib.garrison_on_data_chunk
         lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_chunk)
         lib.nghttp2_session_callbacks_set_on_frame_recv_callback(cb, lib.garrison_on_frame_recv)
         lib.nghttp2_session_callbacks_set_on_frame_send_callback(cb, lib.garrison_on_frame_send)
@@ -330,16 +336,15 @@ class _H2Connection:
             if self._client_side
             else lib.nghttp2_session_server_new2
         )
-        rv = new(session, cb, handle, opt)
+        rv = new(session, cb, block, opt)
         lib.nghttp2_session_callbacks_del(cb)
         lib.nghttp2_option_del(opt)
         if rv != 0:
+            lib.garrison_block_free(block)
             raise MemoryError(f"nghttp2_session_new: {ffi.string(lib.nghttp2_strerror(rv))!r}")
-        # The session is freed when this object is; the destructor keeps the handle alive
-        # until then, so no callback can ever see a freed handle.
-        self._session = ffi.gc(
-            session[0], lambda s, _h=handle: lib.nghttp2_session_del(s)
-        )
+        # The session is freed when this object is; the destructor keeps the handle and the
+        # block alive until then, so no callback can ever see either freed.
+        self._session = ffi.gc(session[0], lambda s, _h=handle, _b=block: _free(s, _b))
         entries = (
             (lib.NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams),
             (lib.NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, limits.max_header_list_size),
@@ -414,6 +419,11 @@ class _H2Connection:
         rv = lib.nghttp2_session_mem_recv(self._session, data, len(data))
         if self._fatal is not None:
             raise self._fail(*self._fatal)
+        if rv < 0 and self._block.oversize:
+            raise self._fail(
+                f"header list larger than {self.limits.max_header_list_size} bytes",
+                H2ErrorCode.ENHANCE_YOUR_CALM,
+            )
         if rv < 0:
             raise self._fail(self._lib_error(rv), self._error_code(rv))
         self._pump()
@@ -593,33 +603,25 @@ class _H2Connection:
 
     # -- callbacks (from nghttp2, through the extern "Python" functions below) ------------------
 
-    def _on_begin_headers(self, sid: int) -> None:
-        self._fields[sid] = []
-        self._field_bytes[sid] = 0
-        if sid % 2 != int(self._client_side) and sid > self._highest_inbound:
+    def _on_headers(self, sid: int, cat: int, end: bool) -> None:
+        block = self._block
+        n = block.count
+        blob = ffi.buffer(block.buf, block.len)[:]
+        lengths = ffi.unpack(block.lengths, 2 * n)
+        flags = ffi.buffer(block.flags, n)[:]
+        fields: list[Header] = []
+        pos = 0
+        for i in range(n):
+            end_name = pos + lengths[2 * i]
+            end_value = end_name + lengths[2 * i + 1]
+            pair = (blob[pos:end_name], blob[end_name:end_value])
+            fields.append(NeverIndexed(pair) if flags[i] & _NO_INDEX else pair)
+            pos = end_value
+        headers = tuple(fields)
+        if cat == _HCAT_REQUEST and sid > self._highest_inbound:
             self._highest_inbound = sid
             self._open[sid] = None
-            if not self._client_side:
-                self._sendable.add(sid)
-
-    def _on_header(self, sid: int, name: bytes, value: bytes, flags: int) -> int:
-        size = self._field_bytes.get(sid, 0) + len(name) + len(value) + 32
-        if size > self.limits.max_header_list_size:
-            self._fatal = (
-                f"header list larger than {self.limits.max_header_list_size} bytes",
-                H2ErrorCode.ENHANCE_YOUR_CALM,
-            )
-            return _ERR_CALLBACK
-        self._field_bytes[sid] = size
-        fields = self._fields.get(sid)
-        if fields is None:
-            fields = self._fields[sid] = []
-        fields.append(NeverIndexed((name, value)) if flags & _NO_INDEX else (name, value))
-        return 0
-
-    def _on_headers(self, sid: int, cat: int, end: bool) -> None:
-        headers = tuple(self._fields.pop(sid, ()))
-        self._field_bytes.pop(sid, None)
+            self._sendable.add(sid)
         if sid in self._reset_ids:
             return
         if cat == _HCAT_REQUEST:
@@ -632,13 +634,13 @@ class _H2Connection:
         elif headers and headers[0][0] == b":status":
             self._events.append(self._response(sid, headers, end))
         else:
-            fields = dict(headers)
+            trailer = dict(headers)
             self._events.append(
                 TrailersReceived(
                     sid,
                     headers,
-                    grpc_status(fields.get(b"grpc-status")),
-                    grpc_message(fields.get(b"grpc-message")),
+                    grpc_status(trailer.get(b"grpc-status")),
+                    grpc_message(trailer.get(b"grpc-message")),
                 )
             )
         if end:
@@ -668,7 +670,6 @@ class _H2Connection:
     def _on_stream_close(self, sid: int, code: int) -> int:
         self._open.pop(sid, None)
         self._sendable.discard(sid)
-        self._fields.pop(sid, None)
         self._chunks.pop(sid, None)
         remote = sid in self._remote_rst
         self._remote_rst.discard(sid)
@@ -721,9 +722,7 @@ class _H2Connection:
             if out.trailers is not None:
                 flags[0] = _EOF | _NO_END_STREAM
                 del self._send[sid]
-                nva, keep = self._nva(out.trailers)
-                lib.nghttp2_submit_trailer(self._session, sid, nva, len(out.trailers))
-                del keep
+                self._submit_headers(sid, out.trailers, True)  # nghttp2's submit_trailer
                 self._sendable.discard(sid)
             elif out.end_stream:
                 flags[0] = _EOF
@@ -748,37 +747,26 @@ class _H2Connection:
                 return
 
     def _submit_headers(self, stream_id: int, fields: list[Header], end_stream: bool) -> int:
-        nva, keep = self._nva(fields)
-        rv = lib.nghttp2_submit_headers(
-            self._session, _END_STREAM if end_stream else 0, stream_id, ffi.NULL, nva,
-            len(fields), ffi.NULL,
-        )
-        del keep
-        if rv < 0:
-            raise LocalProtocolError(f"stream {stream_id}: {self._lib_error(rv)}")
-        return int(rv)
-
-    @staticmethod
-    def _nva(fields: list[Header]) -> tuple[Any, list[Any]]:
-        nva = ffi.new("nghttp2_nv[]", len(fields))
-        keep: list[Any] = [nva]
+        parts: list[bytes] = []
+        lengths: list[int] = []
+        flags = bytearray(len(fields))
         for i, header in enumerate(fields):
             name, value = header
-            nv = nva[i]
-            n = ffi.from_buffer(name)
-            v = ffi.from_buffer(value)
-            keep += (n, v)
-            nv.name = n
-            nv.value = v
-            nv.namelen = len(name)
-            nv.valuelen = len(value)
+            parts += header
+            lengths += (len(name), len(value))
             if (
                 type(header) is NeverIndexed
                 or name in _CREDENTIAL_FIELDS
                 or (name == b"cookie" and len(value) < 20)
             ):
-                nv.flags = _NO_INDEX
-        return nva, keep
+                flags[i] = _NO_INDEX
+        rv = lib.garrison_submit_headers(
+            self._session, _END_STREAM if end_stream else 0, stream_id, b"".join(parts),
+            lengths, bytes(flags), len(fields),
+        )
+        if rv < 0:
+            raise LocalProtocolError(f"stream {stream_id}: {self._lib_error(rv)}")
+        return int(rv)
 
     def _outbound(self, headers: HeadersIn) -> list[Header]:
         out: list[Header] = []
@@ -957,6 +945,15 @@ class H2ClientConnection(_H2Connection):
 # into C, so it fails the session (the connection then raises H2Error with the cause).
 
 
+def _free(session: Any, block: Any) -> None:
+    lib.nghttp2_session_del(session)
+    lib.garrison_block_free(block)
+
+
+def _me(user: Any) -> Any:
+    return ffi.from_handle(ffi.cast("garrison_block *", user).handle)
+
+
 def _guarded_failure(me: _H2Connection, exc: BaseException) -> int:
     me._fatal = (f"internal error in the HTTP/2 codec: {type(exc).__name__}: {exc}",
                  H2ErrorCode.INTERNAL_ERROR)
@@ -964,35 +961,10 @@ def _guarded_failure(me: _H2Connection, exc: BaseException) -> int:
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
-def garrison_on_begin_headers(session: Any, frame: Any, user: Any) -> int:
-    me: _H2Connection = ffi.from_handle(user)
-    try:
-        me._on_begin_headers(frame.hd.stream_id)
-    except Exception as exc:
-        return _guarded_failure(me, exc)
-    return 0
-
-
-@ffi.def_extern()  # type: ignore[untyped-decorator]
-def garrison_on_header(
-    session: Any, frame: Any, name: Any, namelen: int, value: Any, valuelen: int, flags: int,
-    user: Any,
-) -> int:
-    me: _H2Connection = ffi.from_handle(user)
-    try:
-        return me._on_header(
-            frame.hd.stream_id, ffi.buffer(name, namelen)[:], ffi.buffer(value, valuelen)[:],
-            flags,
-        )
-    except Exception as exc:
-        return _guarded_failure(me, exc)
-
-
-@ffi.def_extern()  # type: ignore[untyped-decorator]
 def garrison_on_data_chunk(
     session: Any, flags: int, sid: int, data: Any, length: int, user: Any
 ) -> int:
-    me: _H2Connection = ffi.from_handle(user)
+    me: _H2Connection = _me(user)
     chunks = me._chunks.get(sid)
     if chunks is None:
         chunks = me._chunks[sid] = []
@@ -1002,7 +974,7 @@ def garrison_on_data_chunk(
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def garrison_on_frame_recv(session: Any, frame: Any, user: Any) -> int:
-    me: _H2Connection = ffi.from_handle(user)
+    me: _H2Connection = _me(user)
     hd = frame.hd
     ftype = hd.type
     try:
@@ -1024,10 +996,10 @@ def garrison_on_frame_recv(session: Any, frame: Any, user: Any) -> int:
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def garrison_on_frame_send(session: Any, frame: Any, user: Any) -> int:
     if frame.hd.type == _RST_STREAM:
-        me_: _H2Connection = ffi.from_handle(user)
+        me_: _H2Connection = _me(user)
         return me_._on_rst_sent(frame.hd.stream_id)
     if frame.hd.type == _GOAWAY:
-        me: _H2Connection = ffi.from_handle(user)
+        me: _H2Connection = _me(user)
         g = frame.goaway
         debug = ffi.buffer(g.opaque_data, g.opaque_data_len)[:] if g.opaque_data_len else b""
         me._on_goaway_sent(g.error_code, debug)
@@ -1036,14 +1008,14 @@ def garrison_on_frame_send(session: Any, frame: Any, user: Any) -> int:
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def garrison_on_invalid_frame(session: Any, frame: Any, error: int, user: Any) -> int:
-    me: _H2Connection = ffi.from_handle(user)
+    me: _H2Connection = _me(user)
     me._invalid = ffi.string(lib.nghttp2_strerror(error)).decode()
     return 0
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def garrison_on_stream_close(session: Any, sid: int, code: int, user: Any) -> int:
-    me: _H2Connection = ffi.from_handle(user)
+    me: _H2Connection = _me(user)
     try:
         return me._on_stream_close(sid, code)
     except Exception as exc:
@@ -1054,7 +1026,7 @@ def garrison_on_stream_close(session: Any, sid: int, code: int, user: Any) -> in
 def garrison_read_data(
     session: Any, sid: int, buf: Any, length: int, flags: Any, source: Any, user: Any
 ) -> int:
-    me: _H2Connection = ffi.from_handle(user)
+    me: _H2Connection = _me(user)
     try:
         return me._read(sid, buf, length, flags)
     except Exception as exc:

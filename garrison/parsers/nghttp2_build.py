@@ -138,10 +138,21 @@ int nghttp2_check_header_name(const uint8_t *, size_t);
 int nghttp2_check_header_value(const uint8_t *, size_t);
 
 const char *garrison_build_digest(void);
+typedef struct {
+    void *handle;
+    uint8_t *buf; size_t len;
+    size_t *lengths; uint8_t *flags; size_t count;
+    size_t list_size; size_t max_list_size; int oversize;
+    ...;
+} garrison_block;
+garrison_block *garrison_block_new(void *, size_t);
+void garrison_block_free(garrison_block *);
+int garrison_on_begin_headers_c(nghttp2_session *, const nghttp2_frame *, void *);
+int garrison_on_header_c(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,
+    const uint8_t *, size_t, uint8_t, void *);
+int32_t garrison_submit_headers(nghttp2_session *, uint8_t, int32_t, const uint8_t *,
+    const size_t *, const uint8_t *, size_t);
 
-extern "Python" int garrison_on_begin_headers(nghttp2_session *, const nghttp2_frame *, void *);
-extern "Python" int garrison_on_header(nghttp2_session *, const nghttp2_frame *,
-    const uint8_t *, size_t, const uint8_t *, size_t, uint8_t, void *);
 extern "Python" int garrison_on_data_chunk(nghttp2_session *, uint8_t, int32_t,
     const uint8_t *, size_t, void *);
 extern "Python" int garrison_on_frame_recv(nghttp2_session *, const nghttp2_frame *, void *);
@@ -154,8 +165,96 @@ extern "Python" ssize_t garrison_read_data(nghttp2_session *, int32_t, uint8_t *
 """
 
 SOURCE_TEMPLATE = """
+#include <stdlib.h>
 #include <nghttp2/nghttp2.h>
+#include <string.h>
 static const char *garrison_build_digest(void) {{ return "{digest}"; }}
+
+/* The header block being received, collected in C (one Python call per block instead of one
+   per field): the names and values one after the other in `buf`, their lengths (name, value,
+   ...) in `lengths`, nghttp2's flags per field (NO_INDEX: the sender marked it never-indexed)
+   in `flags`. `list_size` counts RFC 9113 §6.5.2 sizes; past `max_list_size` the field is
+   refused and `oversize` set. The session's user data; `handle` is the Python object. */
+typedef struct {{
+    void *handle;
+    uint8_t *buf; size_t len, cap;
+    size_t *lengths; uint8_t *flags; size_t count, fields_cap;
+    size_t list_size, max_list_size; int oversize;
+}} garrison_block;
+
+static garrison_block *garrison_block_new(void *handle, size_t max_list_size) {{
+    garrison_block *b = calloc(1, sizeof(garrison_block));
+    if (b == NULL) return NULL;
+    b->handle = handle;
+    b->max_list_size = max_list_size;
+    return b;
+}}
+
+static void garrison_block_free(garrison_block *b) {{
+    if (b == NULL) return;
+    free(b->buf); free(b->lengths); free(b->flags); free(b);
+}}
+
+static int garrison_on_begin_headers_c(nghttp2_session *s, const nghttp2_frame *f, void *u) {{
+    garrison_block *b = u;
+    b->len = 0; b->count = 0; b->list_size = 0;
+    return 0;
+}}
+
+static int garrison_on_header_c(nghttp2_session *s, const nghttp2_frame *f,
+    const uint8_t *name, size_t namelen, const uint8_t *value, size_t valuelen,
+    uint8_t flags, void *u) {{
+    garrison_block *b = u;
+    b->list_size += namelen + valuelen + 32;
+    if (b->list_size > b->max_list_size) {{ b->oversize = 1; return NGHTTP2_ERR_CALLBACK_FAILURE; }}
+    if (b->len + namelen + valuelen > b->cap) {{
+        size_t cap = b->cap ? b->cap : 1024;
+        while (cap < b->len + namelen + valuelen) cap *= 2;
+        uint8_t *nb = realloc(b->buf, cap);
+        if (nb == NULL) return NGHTTP2_ERR_CALLBACK_FAILURE;
+        b->buf = nb; b->cap = cap;
+    }}
+    if (b->count == b->fields_cap) {{
+        size_t cap = b->fields_cap ? b->fields_cap * 2 : 32;
+        size_t *nl = realloc(b->lengths, 2 * cap * sizeof(size_t));
+        if (nl == NULL) return NGHTTP2_ERR_CALLBACK_FAILURE;
+        b->lengths = nl;
+        uint8_t *nf = realloc(b->flags, cap);
+        if (nf == NULL) return NGHTTP2_ERR_CALLBACK_FAILURE;
+        b->flags = nf; b->fields_cap = cap;
+    }}
+    memcpy(b->buf + b->len, name, namelen); b->len += namelen;
+    memcpy(b->buf + b->len, value, valuelen); b->len += valuelen;
+    b->lengths[2 * b->count] = namelen;
+    b->lengths[2 * b->count + 1] = valuelen;
+    b->flags[b->count] = flags;
+    b->count++;
+    return 0;
+}}
+
+/* nghttp2_submit_headers for a header block given as one buffer: the names and values one
+   after the other, their lengths (name, value, name, ...) and one nghttp2_nv flag per field.
+   Saves building the nghttp2_nv array field by field from Python; nghttp2 copies it. */
+static int32_t garrison_submit_headers(nghttp2_session *session, uint8_t flags,
+    int32_t stream_id, const uint8_t *blob, const size_t *lengths, const uint8_t *nvflags,
+    size_t n) {{
+    nghttp2_nv local[32] = {{{{0}}}};
+    nghttp2_nv *nva = n <= 32 ? local : malloc(n * sizeof(nghttp2_nv));
+    if (nva == NULL) return NGHTTP2_ERR_NOMEM;
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {{
+        nva[i].name = (uint8_t *)blob + off;
+        nva[i].namelen = lengths[2 * i];
+        off += lengths[2 * i];
+        nva[i].value = (uint8_t *)blob + off;
+        nva[i].valuelen = lengths[2 * i + 1];
+        off += lengths[2 * i + 1];
+        nva[i].flags = nvflags[i];
+    }}
+    int32_t rv = nghttp2_submit_headers(session, flags, stream_id, NULL, nva, n, NULL);
+    if (nva != local) free(nva);
+    return rv;
+}}
 """
 
 
