@@ -441,6 +441,50 @@ _EOF = 8
 _LLHTTP = httptools.HttpRequestParser | httptools.HttpResponseParser
 
 
+class _Sink:
+    """llhttp's callbacks (the httptools protocol): what it told about the message being
+    parsed. It holds llhttp only while llhttp runs, so no reference cycle outlives a call."""
+
+    def __init__(self) -> None:
+        self.llhttp: _LLHTTP | None = None
+        self.url = b""
+        self.reason = b""
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.headers_complete = False
+        self.keep_alive = True  # should_keep_alive(): llhttp forgets it once a message ends
+        self.method = b""
+        self.status_code = 0
+        self.completed = 0  # messages llhttp completed
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url  # llhttp hands a span over in pieces when the input was split
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value.rstrip(b" \t")))  # llhttp drops leading OWS only
+
+    def on_headers_complete(self) -> None:
+        self.headers_complete = True
+        llhttp = self.llhttp
+        assert llhttp is not None
+        self.keep_alive = llhttp.should_keep_alive()
+        if isinstance(llhttp, httptools.HttpRequestParser):
+            self.method = llhttp.get_method()
+        else:
+            self.status_code = llhttp.get_status_code()
+
+    def on_message_complete(self) -> None:
+        self.completed += 1
+
+    def next_message(self) -> None:
+        self.url = b""
+        self.reason = b""
+        self.fields = []
+        self.headers_complete = False
+
+
 # ---- the shared machinery -------------------------------------------------------------------
 
 
@@ -454,7 +498,7 @@ class _HTTP1Parser:
         self._state = _HEAD
         self._buf = b""  # partial head (or chunk-size / trailer line) not yet a whole
         self._fed = 0  # bytes of `_buf` llhttp has been fed
-        self._remaining = 0  # bytes left in a Content-Length body or a chunk (+ its CRLF)
+        self._remaining = 0  # bytes left in a Content-Length body or a chunk
         self._body_size = 0  # decoded body bytes so far (max_body)
         self._trailer_bytes = 0
         self._trailer_fields = 0
@@ -462,15 +506,7 @@ class _HTTP1Parser:
         self._keep_alive = True
         self._discard = False
         self._head_event: HTTP1Event | None = None  # the head of the message being parsed
-        # What llhttp's callbacks told about the message being parsed.
-        self._url = b""
-        self._reason = b""
-        self._fields: list[tuple[bytes, bytes]] = []
-        self._headers_complete = False
-        self._llhttp_keep_alive = True
-        self._method = b""
-        self._status_code = 0
-        self._completed = 0  # messages llhttp completed
+        self._sink = _Sink()
         self._ended = 0  # messages whose end our framing found
         self._llhttp: _LLHTTP | None = self._new_llhttp()
 
@@ -517,30 +553,6 @@ class _HTTP1Parser:
         if self._error is not None:
             raise self._error
 
-    # -- llhttp's callbacks (the httptools protocol); not for callers ------------------------
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url  # llhttp hands a span over in pieces when the input was split
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields.append((name, value.rstrip(b" \t")))  # llhttp drops leading OWS only
-
-    def on_headers_complete(self) -> None:
-        self._headers_complete = True
-        llhttp = self._llhttp
-        assert llhttp is not None
-        self._llhttp_keep_alive = llhttp.should_keep_alive()
-        if isinstance(llhttp, httptools.HttpRequestParser):
-            self._method = llhttp.get_method()
-        else:
-            self._status_code = llhttp.get_status_code()
-
-    def on_message_complete(self) -> None:
-        self._completed += 1
-
     # -- subclass hooks ----------------------------------------------------------------------
 
     def _new_llhttp(self) -> _LLHTTP:
@@ -556,9 +568,11 @@ class _HTTP1Parser:
 
     def _feed(self, chunk: bytes, head: bytes = b"") -> None:
         """Give llhttp the next bytes of the stream; `head`: the head so far, for errors."""
-        assert self._llhttp is not None
+        sink = self._sink
+        sink.llhttp = self._llhttp
         try:
-            self._llhttp.feed_data(chunk)
+            assert sink.llhttp is not None
+            sink.llhttp.feed_data(chunk)
         except httptools.HttpParserUpgrade:
             raise HTTP1UpgradeRefusedError(
                 "CONNECT or protocol upgrade refused: no rule can allow a tunnel",
@@ -566,6 +580,8 @@ class _HTTP1Parser:
             ) from None
         except httptools.HttpParserError as exc:
             raise self._llhttp_error(exc, head) from None
+        finally:
+            sink.llhttp = None
 
     def _llhttp_error(self, exc: httptools.HttpParserError, head: bytes) -> HTTP1Error:
         """llhttp's verdict as a typed error with the status a client should get."""
@@ -587,7 +603,7 @@ class _HTTP1Parser:
             return HTTP1UpgradeRefusedError(message, status=self._status(501))
         if reason.endswith("has invalid `Transfer-Encoding`"):
             # The final coding is not chunked: 501 for a token coding (RFC 9112 6.1).
-            te = [v for n, v in self._fields if n.lower() == b"transfer-encoding"]
+            te = [v for n, v in self._sink.fields if n.lower() == b"transfer-encoding"]
             codings = [c.strip(b" \t") for v in te for c in v.split(b",")]
             status = 501 if codings and all(_is_token(c) for c in codings) else 400
             return HTTP1FramingError(message, status=self._status(status))
@@ -716,7 +732,7 @@ class _HTTP1Parser:
             self._end_head(head)
             return pos + end - len(buf)
         self._feed(combined[fed:], combined)
-        if self._headers_complete:
+        if self._sink.headers_complete:
             self._disagree()
         if len(combined) >= max_head:
             raise HTTP1LimitError(f"head larger than {max_head} bytes", status=self._status(431))
@@ -725,11 +741,11 @@ class _HTTP1Parser:
         return pos + taken
 
     def _end_head(self, head: bytes) -> None:
-        if not self._headers_complete:
+        if not self._sink.headers_complete:
             if head.startswith(b"PRI * HTTP/2.0\r\n"):  # check h2_preface: llhttp just pauses
                 raise HTTP1HeadError("HTTP/2 connection preface", status=self._status(505))
             self._disagree()
-        if len(self._fields) > self._limits.max_headers:
+        if len(self._sink.fields) > self._limits.max_headers:
             raise HTTP1LimitError(
                 f"more than {self._limits.max_headers} header fields", status=self._status(431)
             )
@@ -845,7 +861,7 @@ class _HTTP1Parser:
         else:
             self._complete()
             return
-        if self._completed != self._ended:
+        if self._sink.completed != self._ended:
             self._disagree()  # llhttp took the message for bodyless
 
     def _complete(self) -> None:
@@ -853,15 +869,12 @@ class _HTTP1Parser:
         if self._pending:
             self._flush_body()
         self._ended += 1
-        if self._completed != self._ended:
+        if self._sink.completed != self._ended:
             self._disagree()
         self._events.append(_KEEPING if self._keep_alive else _CLOSING)
         self._discard = False
         self._state = _HEAD if self._keep_alive else _CLOSED
-        self._url = b""
-        self._reason = b""
-        self._fields = []
-        self._headers_complete = False
+        self._sink.next_message()
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -875,7 +888,7 @@ class HTTP1RequestParser(_HTTP1Parser):
     _is_request = True
 
     def _new_llhttp(self) -> _LLHTTP:
-        return httptools.HttpRequestParser(self)
+        return httptools.HttpRequestParser(self._sink)
 
     def discard_body(self) -> None:
         """Stop reporting the body of the request whose RequestReceived came last.
@@ -892,8 +905,8 @@ class HTTP1RequestParser(_HTTP1Parser):
             self._discard = True  # the message being parsed is the one whose head was taken
 
     def _on_head(self, head: bytes) -> None:
-        method = self._method
-        target = self._url
+        method = self._sink.method
+        target = self._sink.url
         line_end = head.find(b"\r\n")
         # check request_line_exact: `method SP target SP HTTP/x.y`, nothing around them
         if len(method) + len(target) + 10 != line_end or not head.startswith(method + b" "):
@@ -906,7 +919,7 @@ class HTTP1RequestParser(_HTTP1Parser):
                 f"unsupported version {version!r}",
                 status=505 if version.startswith(b"HTTP/") else 400,
             )
-        fields = self._fields
+        fields = self._sink.fields
         host_value: bytes | None = None
         te_values: list[bytes] = []
         cl_value: bytes | None = None
@@ -961,7 +974,7 @@ class HTTP1RequestParser(_HTTP1Parser):
         except UnsafeTargetError as exc:
             raise HTTP1TargetError(exc.message, status=400) from exc
 
-        keep_alive = self._llhttp_keep_alive
+        keep_alive = self._sink.keep_alive
         if keep_alive and connection:  # check connection_close
             keep_alive = _keep_alive(version, connection)
         self._keep_alive = keep_alive
@@ -1001,7 +1014,7 @@ class HTTP1ResponseParser(_HTTP1Parser):
         self._methods.append(method)
 
     def _new_llhttp(self) -> _LLHTTP:
-        return httptools.HttpResponseParser(self)
+        return httptools.HttpResponseParser(self._sink)
 
     def _status(self, status: int) -> int:
         return 502
@@ -1010,7 +1023,7 @@ class HTTP1ResponseParser(_HTTP1Parser):
         version = head[:8]
         if version not in _SUPPORTED_VERSIONS:  # check version_1x
             raise HTTP1HeadError(f"unsupported version {version!r}", status=502)
-        status = self._status_code
+        status = self._sink.status_code
         if status < 100:  # check status_100_plus
             raise HTTP1HeadError(f"invalid status {status}", status=502)
         informational = status < 200  # 101 never gets here: llhttp raises an upgrade
@@ -1020,7 +1033,7 @@ class HTTP1ResponseParser(_HTTP1Parser):
                 raise HTTP1HeadError("response without a request", status=502)
             method = self._methods.popleft()
 
-        fields = self._fields
+        fields = self._sink.fields
         te_values: list[bytes] = []
         cl_value: bytes | None = None
         connection: list[bytes] = []
@@ -1048,16 +1061,16 @@ class HTTP1ResponseParser(_HTTP1Parser):
         until_eof = not bodyless and content_length is None and not chunked
         if head_answer and not informational:
             keep_alive = _keep_alive(version, connection)
-            if self._completed == self._ended:
+            if self._sink.completed == self._ended:
                 # llhttp cannot be told the request was HEAD: it waits for a body. Start afresh.
                 self._llhttp = self._new_llhttp()
-                self._completed += 1
+                self._sink.completed += 1
         else:
-            keep_alive = self._llhttp_keep_alive
+            keep_alive = self._sink.keep_alive
         self._keep_alive = keep_alive
         self._head_event = event = ResponseReceived(
             status=status,
-            reason=self._reason,
+            reason=self._sink.reason,
             version=version,
             headers=tuple(fields),
             raw_head=head,

@@ -342,3 +342,14 @@ def test_response_status_line_without_reason() -> None:
     events = _responses(["GET"], b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n")
     (response,) = responses_of(events)  # type: ignore[arg-type]
     assert (response.status, response.reason) == (200, b"")
+
+
+def test_no_reference_cycle_outlives_a_call() -> None:
+    """llhttp holds the callbacks object; that object holds llhttp only while llhttp runs, so
+    a parser the engine drops is freed at once, not by the cycle collector."""
+    for parser, data in (
+        (HTTP1RequestParser(), GET + POST),
+        (HTTP1RequestParser(), b"GET / HTTP/1.1\r\nX: \x00\r\n\r\n"),
+    ):
+        parser.receive_data(data)
+        assert parser._sink.llhttp is None
