@@ -513,9 +513,10 @@ class KafkaEngine:
 
     def _split_metadata(
         self, request: KafkaRequest
-    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[RuleRef, ...]] | None:
-        """(allowed topics, denied topics, refs) of a denied Metadata request naming some
-        topics the rules allow; None when it names none (or names topics by id only).
+    ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[RuleRef, ...], tuple[RuleRef, ...]] | None:
+        """(allowed topics, denied topics, refs, the L7 deny rules that denied topics) of a
+        denied Metadata request naming some topics the rules allow; None when it names none
+        (or names topics by id only).
 
         A Kafka broker with ACLs authorizes Metadata per topic: the allowed topics are
         described, the others carry error 29. Clients rely on it: kafka-python asks for every
@@ -530,6 +531,7 @@ class KafkaEngine:
         allowed: list[str] = []
         denied: list[str] = []
         refs: tuple[RuleRef, ...] = ()
+        denied_by: dict[RuleRef, None] = {}
         for topic in request.topics:
             verdict = self._matcher.match(
                 METADATA, request.api_version, request.client_id, (topic,)
@@ -540,6 +542,8 @@ class KafkaEngine:
                     refs = (verdict.rule,)
             else:
                 denied.append(topic)
+                if verdict.denied_by is not None:  # an L7 deny rule (garrison extension)
+                    denied_by[verdict.denied_by] = None
         if not denied:
             return None
         if not allowed:
@@ -553,7 +557,7 @@ class KafkaEngine:
             if not bare.allowed:
                 return None
             refs = (bare.rule,) if bare.rule is not None else ()
-        return tuple(allowed), tuple(denied), refs
+        return tuple(allowed), tuple(denied), refs, tuple(denied_by)
 
     def _forward_allowed_part(
         self,
@@ -561,6 +565,7 @@ class KafkaEngine:
         allowed: tuple[str, ...],
         denied: tuple[str, ...],
         refs: tuple[RuleRef, ...],
+        denied_by: tuple[RuleRef, ...],
         now: float,
         out: _Out,
     ) -> None:
@@ -579,7 +584,7 @@ class KafkaEngine:
             out.log_later(self._request_record, request, Verdict.FORWARDED, refs, allowed, now)
         key = (L7FlowType.REQUEST, METADATA, request.api_version, denied)
         self._repeats.log(
-            out, key, now, self._request_record, request, Verdict.DROPPED, (), denied, now
+            out, key, now, self._request_record, request, Verdict.DROPPED, denied_by, denied, now
         )
         out.write(Forward, Side.UPSTREAM, narrowed.raw)
         self._pending.append(

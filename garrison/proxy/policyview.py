@@ -124,10 +124,10 @@ class StandalonePolicy:
         # Audited policies (garrison.io/audit) enforce nothing: the others decide
         # (`_state`); `_would` (all of them) names what they would deny, recorded AUDIT.
         enforced = [p for p in policies if not p.audit]
-        resolver = build_resolver(policies, endpoints, config)
+        resolver = full = build_resolver(policies, endpoints, config)
         self._would = None
         if len(enforced) != len(policies):
-            self._would = resolver.map_state(DESTINATION_IDENTITY)
+            self._would = full.map_state(DESTINATION_IDENTITY)
             resolver = build_resolver(enforced, endpoints, config)
         self.audit = resolver.config.audit
         self._state = resolver.map_state(DESTINATION_IDENTITY)
@@ -135,7 +135,7 @@ class StandalonePolicy:
         # the policy files say applies here (often a typo in the destination's labels).
         self.destination_selected = any(
             rule.ingress is not None or rule.ingress_deny is not None
-            for _, rule in resolver.rules_selecting(DESTINATION_IDENTITY)
+            for _, rule in full.rules_selecting(DESTINATION_IDENTITY)
         )
         self.ingress_enforced = self._state.ingress_enforced
         self._check_protocol()

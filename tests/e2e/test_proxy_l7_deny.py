@@ -3,11 +3,16 @@ proxy: HTTP (the deathstar app, raw clients bound to the ships' addresses), gRPC
 manager, grpcio) and Kafka (a tansu broker, librdkafka). Each denial is what the client sees
 (403, PERMISSION_DENIED, TOPIC_AUTHORIZATION_FAILED) and an access-log record naming the deny
 rule in `ingress_denied_by`; what the deny rules do not match passes.
+
+The same deny rules in an audited policy (`garrison.io/audit: "true"`) are tried, not
+enforced: the request passes and its record says AUDIT, naming the rule that would have denied
+it (here too, so the broker and the door manager are started once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -92,6 +97,70 @@ def _http_record(ship: str, method: str, path: str) -> Callable[[FlowRecord], bo
     return check
 
 
+def audited(text: str) -> str:
+    """The same policy, audited."""
+    head, _, rest = text.partition("metadata: {name: ")
+    name, _, tail = rest.partition("}")
+    return f'{head}metadata: {{name: {name}, annotations: {{garrison.io/audit: "true"}}}}{tail}'
+
+
+HTTP_IN_FORCE = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: in-force}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+HTTP_CANDIDATE = """
+apiVersion: garrison.io/v1
+kind: CiliumNetworkPolicy
+metadata: {name: candidate}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: alliance}}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: PUT, path: /v1/exhaust-port}]}
+"""
+
+
+def test_http_audited_policy_lets_its_denials_through_as_audit(
+    proxy_runner: ProxyRunner, deathstar: Address, tmp_path: Path
+) -> None:
+    policy = tmp_path / "audit.yaml"
+    policy.write_text(HTTP_IN_FORCE + "---" + audited(HTTP_CANDIDATE))
+    proxy = proxy_runner(
+        protocol="http", policy_files=[policy], dst_labels=DEATHSTAR_LABELS,
+        peers=[TIEFIGHTER_PEER, XWING_PEER], upstream=deathstar, dport=80,
+    )
+    tie = exchange(proxy.address, TIEFIGHTER, request("PUT", "/v1/exhaust-port"), ["PUT"])
+    assert [(a.status, a.body) for a in tie] == [(503, b"Panic: deathstar exploded\n")]
+    # the audited policy's allow of the alliance allows nothing
+    assert exchange(proxy.address, XWING, request("GET", "/v1/"), ["GET"]) == []
+    record = proxy.wait_record(_http_record(TIEFIGHTER, "PUT", "/v1/exhaust-port"))
+    assert record.verdict is Verdict.AUDIT
+    assert [p.name for p in record.ingress_denied_by] == ["candidate"]
+
+    # alone, the audited policy would switch the deathstar to default-deny: the connection
+    # is admitted and its L3/L4 decision recorded AUDIT
+    alone = tmp_path / "alone.yaml"
+    alone.write_text(audited(HTTP_CANDIDATE))
+    proxy = proxy_runner(
+        protocol="http", policy_files=[alone], dst_labels=DEATHSTAR_LABELS,
+        peers=[TIEFIGHTER_PEER], upstream=deathstar, dport=80,
+    )
+    got = exchange(proxy.address, TIEFIGHTER, request("GET", "/v1/"), ["GET"])
+    assert [a.status for a in got] == [200]
+    l3 = proxy.wait_record(lambda r: r.l7 is None and r.source.ip == TIEFIGHTER)
+    assert l3.verdict is Verdict.AUDIT
+
+
 def test_http_deny_rule_wins_and_header_regex_decides(
     proxy_runner: ProxyRunner, deathstar: Address
 ) -> None:
@@ -145,6 +214,42 @@ def grpc_proxy(
         proxy.stop()
 
 
+def test_grpc_audited_deny_rule_is_recorded_audit(
+    door_manager: Address, tmp_path: Path
+) -> None:
+    policy = tmp_path / "doors-audit.yaml"
+    policy.write_text(audited_split(GRPC_POLICY, "doors-no-codes"))
+    proxy = start_proxy(
+        tmp_path, protocol="grpc", policy_files=[policy], dst_labels="app=door-manager",
+        upstream=door_manager, peers=["127.0.0.1/32=app=admin"], dport=50051, name="gd-audit",
+    )
+    try:
+        with channel(proxy) as ch:
+            reply = unary(ch, "SetAccessCode", doors.message((1, "front"), (2, "1234")))
+        assert reply is not None
+
+        def set_code(r: FlowRecord) -> bool:
+            return (
+                r.l7 is not None and r.l7.type is L7FlowType.REQUEST and r.l7.grpc is not None
+                and r.l7.grpc.method == "SetAccessCode"
+            )
+
+        record = proxy.wait_record(set_code)
+        assert record.verdict is Verdict.AUDIT
+        assert [p.name for p in record.ingress_denied_by] == ["doors-no-codes-audited"]
+    finally:
+        proxy.stop()
+
+
+def audited_split(text: str, name: str) -> str:
+    """`text`'s allow sections in force, its deny sections in an audited copy."""
+    allow, _, deny = text.partition("  ingressDeny:")
+    audit = allow.split("  ingress:")[0].replace(
+        f"metadata: {{name: {name}}}", f"metadata: {{name: {name}-audited}}"
+    ) + "  ingressDeny:" + deny
+    return allow + "---" + audited(audit)
+
+
 def test_grpc_deny_rule_wins_over_an_l4_allow(grpc_proxy: ProxyHandle) -> None:
     with channel(grpc_proxy) as ch:
         assert doors.decode(unary(ch, "GetName", doors.message((1, "front")))) == {
@@ -178,6 +283,24 @@ def kafka_proxy(
     )
     try:
         yield proxy
+    finally:
+        proxy.stop()
+
+
+def test_kafka_audited_deny_rule_is_recorded_audit(broker: TansuBroker, tmp_path: Path) -> None:
+    policy = tmp_path / "no-plans-audit.yaml"
+    policy.write_text(audited_split(KAFKA_POLICY, "no-plans"))
+    proxy = start_proxy(
+        tmp_path, protocol="kafka", policy_files=[policy], dst_labels="app=kafka",
+        upstream=broker.address, peers=["0.0.0.0/0=app=empire-hq"], dport=9092,
+        verbose=False, name="gd-kafka-audit",
+    )
+    try:
+        log = AccessLog(proxy)
+        delivery, _ = rdkafka_produce(proxy, PLANS, [b"tried"])
+        assert (delivery.errors, delivery.delivered) == ([], 1)
+        (record, *_) = log.wait(is_kafka("REQUEST", "produce", "AUDIT", PLANS))
+        assert [p["name"] for p in record["ingress_denied_by"]] == ["no-plans-audited"]
     finally:
         proxy.stop()
 
