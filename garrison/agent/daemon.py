@@ -421,6 +421,19 @@ class Agent:
         except PolicyValidationError:
             self.policy_changes["failure"] += 1
             raise
+        audited = [p for p in loaded.policies if p.audit]
+        if audited:
+            # Not silently enforced, never silently dropped: the agent's datapath has no
+            # per-policy audit entries yet (docs/policy.md, "Audit per policy").
+            self.policy_changes["failure"] += 1
+            first = audited[0]
+            where = f"{first.namespace}/" if first.namespace else ""
+            raise APIError(
+                f"{first.kind.value} {where}{first.name}: "
+                "the agent cannot audit a single policy yet (garrison.io/audit); try it with "
+                "garrison policy trace, garrison accesslog summary --what-if or garrison "
+                "proxy, or remove the annotation to enforce it"
+            )
         if self.cluster is not None:  # the cluster's first: refused whole when etcd is away
             self.cluster.policies_imported(loaded.policies)
         with self.lock:

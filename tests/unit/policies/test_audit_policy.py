@@ -7,6 +7,7 @@ matchers (HTTP, gRPC, Kafka) agree.
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +172,24 @@ def test_grpc_and_kafka_matchers_audit_what_the_layer_denies() -> None:
     ))
     assert not http.match("PUT", "/", None, []).allowed
     assert http.match("GET", "/b", None, []).audited
+
+
+def test_the_agent_refuses_an_audited_policy_rather_than_enforce_it(tmp_path: Path) -> None:
+    """The agent's datapath cannot audit one policy yet: importing one is refused whole,
+    with what to use instead, and nothing changes (the repository is never reached)."""
+    from types import SimpleNamespace
+
+    from garrison.agent.api import APIError
+    from garrison.agent.daemon import Agent
+
+    path = tmp_path / "candidate.yaml"
+    path.write_text(textwrap.dedent(ENFORCED) + "---" + textwrap.dedent(AUDITED))
+    fake = SimpleNamespace(policy_changes={"failure": 0})
+    with pytest.raises(APIError) as info:
+        Agent.import_policies(fake, [str(path)])  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "CiliumNetworkPolicy default/candidate: the agent cannot audit a single policy yet "
+        "(garrison.io/audit); try it with garrison policy trace, garrison accesslog summary "
+        "--what-if or garrison proxy, or remove the annotation to enforce it"
+    )
+    assert fake.policy_changes == {"failure": 1}
