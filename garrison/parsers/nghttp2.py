@@ -29,6 +29,7 @@ Errors: anything the peer does wrong at connection level raises `H2Error` with t
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -233,7 +234,7 @@ class _Outbound:
 
     buffer: bytearray
     end_stream: bool = False
-    trailers: list[Header] | None = None
+    trailers: list[Any] | None = None
 
 
 def _goaway_frame(last_stream_id: int, error_code: int, debug: bytes) -> bytes:
@@ -308,8 +309,12 @@ class _H2Connection:
         lib.nghttp2_session_callbacks_set_on_header_callback(cb, on_header)
         on_chunk = lib.garrison_on_data_chunk
         lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_chunk)
-        lib.nghttp2_session_callbacks_set_on_frame_recv_callback(cb, lib.garrison_on_frame_recv)
-        lib.nghttp2_session_callbacks_set_on_frame_send_callback(cb, lib.garrison_on_frame_send)
+        # C filters in front of the Python callbacks: only DATA, HEADERS, RST_STREAM and
+        # GOAWAY received, RST_STREAM and GOAWAY sent, reach Python.
+        on_recv = ffi.addressof(lib, "garrison_on_frame_recv_c")
+        lib.nghttp2_session_callbacks_set_on_frame_recv_callback(cb, on_recv)
+        on_send = ffi.addressof(lib, "garrison_on_frame_send_c")
+        lib.nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_send)
         lib.nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(
             cb, lib.garrison_on_invalid_frame
         )
@@ -345,6 +350,7 @@ class _H2Connection:
         # The session is freed when this object is; the destructor keeps the handle and the
         # block alive until then, so no callback can ever see either freed.
         self._session = ffi.gc(session[0], lambda s, _h=handle, _b=block: _free(s, _b))
+        _connections[ffi.cast("void *", block)] = weakref.ref(self)
         entries = (
             (lib.NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams),
             (lib.NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, limits.max_header_list_size),
@@ -455,7 +461,9 @@ class _H2Connection:
             return
         if self.closing and not self._known(stream_id):
             raise LocalProtocolError("connection is closing: no new streams")
-        fields = self._outbound(headers)
+        # Checked and made bytes here only when not pre-validated; `_submit_headers` turns
+        # text into bytes in its own pass.
+        fields = list(headers) if self.prevalidated_headers else self._outbound(headers)
         out = self._send.get(stream_id)
         if out is not None:
             if not end_stream:
@@ -746,13 +754,17 @@ class _H2Connection:
                     self._fatal = (self._lib_error(n), self._error_code(n))
                 return
 
-    def _submit_headers(self, stream_id: int, fields: list[Header], end_stream: bool) -> int:
+    def _submit_headers(
+        self, stream_id: int, fields: list[Any], end_stream: bool
+    ) -> int:
         parts: list[bytes] = []
         lengths: list[int] = []
         flags = bytearray(len(fields))
         for i, header in enumerate(fields):
             name, value = header
-            parts += header
+            if type(name) is not bytes or type(value) is not bytes:
+                name, value = _as_bytes(header)
+            parts += (name, value)
             lengths += (len(name), len(value))
             if (
                 type(header) is NeverIndexed
@@ -769,6 +781,8 @@ class _H2Connection:
         return int(rv)
 
     def _outbound(self, headers: HeadersIn) -> list[Header]:
+        """The fields as bytes pairs (a `NeverIndexed` stays one), checked as RFC 9113 §8.2
+        wants them sent: nghttp2 sends what it is given."""
         out: list[Header] = []
         for header in headers:
             if type(header[0]) is bytes and type(header[1]) is bytes:
@@ -776,17 +790,16 @@ class _H2Connection:
             else:
                 pair = _as_bytes(header)
                 out.append(NeverIndexed(pair) if type(header) is NeverIndexed else pair)
-        if not self.prevalidated_headers:
-            for name, value in out:
-                bare = name[1:] if name[:1] == b":" else name
-                if not bare or not lib.nghttp2_check_header_name(bare, len(bare)):
-                    raise LocalProtocolError(f"invalid header field name {name!r}")
-                if not lib.nghttp2_check_header_value(value, len(value)) or (
-                    value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t")
-                ):
-                    raise LocalProtocolError(f"invalid value of header field {name!r}")
-                if name in _CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
-                    raise LocalProtocolError(f"connection-specific header field {name!r}")
+        for name, value in out:
+            bare = name[1:] if name[:1] == b":" else name
+            if not bare or not lib.nghttp2_check_header_name(bare, len(bare)):
+                raise LocalProtocolError(f"invalid header field name {name!r}")
+            if not lib.nghttp2_check_header_value(value, len(value)) or (
+                value[:1] in (b" ", b"\t") or value[-1:] in (b" ", b"\t")
+            ):
+                raise LocalProtocolError(f"invalid value of header field {name!r}")
+            if name in _CONNECTION_FIELDS or (name == b"te" and value != b"trailers"):
+                raise LocalProtocolError(f"connection-specific header field {name!r}")
         return out
 
     def _window(self, stream_id: int) -> int:
@@ -922,8 +935,7 @@ class H2ClientConnection(_H2Connection):
         limit = lib.nghttp2_session_get_remote_settings(
             self._session, lib.NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
         )
-        mine = sum(1 for sid in self._open if sid % 2)
-        return max(0, int(limit) - mine)
+        return max(0, int(limit) - len(self._open))  # a client opens only odd streams
 
     def new_stream(self) -> int:
         """The id for the next request; open it with `send_headers` before calling again."""
@@ -945,13 +957,21 @@ class H2ClientConnection(_H2Connection):
 # into C, so it fails the session (the connection then raises H2Error with the cause).
 
 
+# The connection object of a session's user data (its garrison_block): a dict lookup is five
+# times cheaper than reading the handle through a cast, and callbacks are frequent.
+_connections: dict[Any, weakref.ref[_H2Connection]] = {}
+
+
 def _free(session: Any, block: Any) -> None:
     lib.nghttp2_session_del(session)
+    _connections.pop(ffi.cast("void *", block), None)
     lib.garrison_block_free(block)
 
 
 def _me(user: Any) -> Any:
-    return ffi.from_handle(ffi.cast("garrison_block *", user).handle)
+    ref = _connections.get(user)
+    me = ref() if ref is not None else None
+    return me if me is not None else ffi.from_handle(ffi.cast("garrison_block *", user).handle)
 
 
 def _guarded_failure(me: _H2Connection, exc: BaseException) -> int:

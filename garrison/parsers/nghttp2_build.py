@@ -148,6 +148,8 @@ typedef struct {
 garrison_block *garrison_block_new(void *, size_t);
 void garrison_block_free(garrison_block *);
 int garrison_on_begin_headers_c(nghttp2_session *, const nghttp2_frame *, void *);
+int garrison_on_frame_recv_c(nghttp2_session *, const nghttp2_frame *, void *);
+int garrison_on_frame_send_c(nghttp2_session *, const nghttp2_frame *, void *);
 int garrison_on_header_c(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,
     const uint8_t *, size_t, uint8_t, void *);
 int32_t garrison_submit_headers(nghttp2_session *, uint8_t, int32_t, const uint8_t *,
@@ -193,6 +195,25 @@ static garrison_block *garrison_block_new(void *handle, size_t max_list_size) {{
 static void garrison_block_free(garrison_block *b) {{
     if (b == NULL) return;
     free(b->buf); free(b->lengths); free(b->flags); free(b);
+}}
+
+/* Only the frames the Python side acts on cross into Python. */
+static int garrison_on_frame_recv(nghttp2_session *, const nghttp2_frame *, void *);
+static int garrison_on_frame_send(nghttp2_session *, const nghttp2_frame *, void *);
+
+static int garrison_on_frame_recv_c(nghttp2_session *s, const nghttp2_frame *f, void *u) {{
+    switch (f->hd.type) {{
+    case NGHTTP2_DATA: case NGHTTP2_HEADERS: case NGHTTP2_RST_STREAM: case NGHTTP2_GOAWAY:
+        return garrison_on_frame_recv(s, f, u);
+    default:
+        return 0;
+    }}
+}}
+
+static int garrison_on_frame_send_c(nghttp2_session *s, const nghttp2_frame *f, void *u) {{
+    if (f->hd.type == NGHTTP2_RST_STREAM || f->hd.type == NGHTTP2_GOAWAY)
+        return garrison_on_frame_send(s, f, u);
+    return 0;
 }}
 
 static int garrison_on_begin_headers_c(nghttp2_session *s, const nghttp2_frame *f, void *u) {{

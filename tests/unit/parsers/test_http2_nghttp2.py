@@ -9,6 +9,7 @@ import pytest
 from hpack import NeverIndexedHeaderTuple
 
 from garrison.parsers import nghttp2_build
+from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.http2 import (
     DataReceived,
     H2Error,
@@ -17,7 +18,7 @@ from garrison.parsers.http2 import (
     RequestReceived,
     StreamEnded,
 )
-from garrison.parsers.nghttp2 import H2ServerConnection
+from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
 
 REQUEST = [
     (b":method", b"POST"),
@@ -95,3 +96,19 @@ def test_a_bad_preface_is_a_typed_error_with_a_goaway() -> None:
         out = out[9 + int.from_bytes(out[:3], "big") :]
     assert types[-1] == 0x7
     assert conn.receive_data(b"more", 0.0) == []
+
+
+@pytest.mark.parametrize(
+    "field",
+    [(b"X-Upper", b"v"), (b"x-nl", b"a\nb"), (b"x-space", b" v"), (b"connection", b"close"),
+     (b"te", b"gzip")],
+)
+def test_blocks_that_are_not_prevalidated_are_checked_before_they_are_sent(
+    field: tuple[bytes, bytes],
+) -> None:
+    """nghttp2 sends what it is given: an edited block (not pre-validated) is checked here."""
+    client = H2ClientConnection()
+    with pytest.raises(LocalProtocolError):
+        client.send_request([*REQUEST, field])
+    sid = client.send_request(REQUEST)  # nothing was sent for the refused block
+    assert sid == 1
