@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from garrison.flows.record import FlowRecord, TrafficDirection, Verdict
@@ -304,14 +306,38 @@ def use_multiprocess(directory: Path) -> None:
     prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
 
 
+# Held while the parent reads the workers' files and while it removes a dead worker's.
+_FILES = threading.Lock()
+
+
+class _WorkersSum:
+    """prometheus_client's `MultiProcessCollector`, read again when a worker's file changed
+    under it (a worker starting, or one marked dead, while it read)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._inner = MultiProcessCollector(None, path=str(directory))  # type: ignore[no-untyped-call]
+
+    def collect(self) -> list[Metric]:
+        for attempt in range(5):
+            try:
+                with _FILES:
+                    return list(self._inner.collect())  # type: ignore[no-untyped-call]
+            except Exception:
+                if attempt == 4:
+                    raise
+                time.sleep(0.02)
+        return []
+
+
 def serve_multiprocess(host: str, port: int, directory: Path) -> MetricsServer:
     """Serve the sum of every worker's metrics in `directory` over HTTP on host:port."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    registry.register(_WorkersSum(directory))
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server, thread)
 
 
 def worker_exited(pid: int, directory: Path) -> None:
     """A worker process is gone: its live gauges stop counting (its counters stay)."""
-    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+    with _FILES:
+        mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]

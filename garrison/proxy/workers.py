@@ -14,7 +14,8 @@ so the kernel spreads new connections over them. The parent only supervises:
 - a worker that exits while the proxy runs is restarted, after 0.5 s, doubling up to 30 s
   while restarted workers keep failing within 10 s of their start;
 - SIGTERM / SIGINT: every worker gets SIGTERM (each closes its connections and writes what
-  it owes) and `grace` seconds to exit, then SIGKILL.
+  it owes) and `grace` seconds to exit, then SIGKILL. A parent that dies without stopping
+  them (SIGKILL) takes them along: each asked the kernel for SIGTERM when it does.
 
 The parent blocks those signals and takes them with `sigtimedwait`, so threads it starts
 after `block_signals()` (the metrics endpoint) never receive them; each worker unblocks them
@@ -25,6 +26,7 @@ on a file opened with `O_APPEND`, which Linux never interleaves with another pro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -42,6 +44,7 @@ SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 RESTART_FIRST = 0.5  # seconds before a crashed worker is started again
 RESTART_MAX = 30.0
 STABLE_AFTER = 10.0  # a worker that ran this long resets the backoff
+PR_SET_PDEATHSIG = 1
 
 # run_worker(index, message_fd) -> exit status; runs in the forked child, sends `ready` on
 # message_fd (`message`) once it listens.
@@ -68,6 +71,18 @@ class _Slot:
     started: float = 0.0
     failures: int = 0  # consecutive quick failures
     restart_at: float = 0.0  # monotonic; 0 = not waiting for a restart
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the parent dies (even by SIGKILL): no orphaned workers keep
+    the port. Linux `prctl(PR_SET_PDEATHSIG)`; where it is missing, nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def describe_status(status: int) -> str:
@@ -108,6 +123,7 @@ class Supervisor:
         self._ready_r = -1
         self._ready_w = -1
         self._stopping = False
+        self._parent = 0
         self._next_tick = 0.0
         self.restarts = 0
 
@@ -126,6 +142,7 @@ class Supervisor:
         """Start the workers, call `on_ready` once all listen, supervise until SIGTERM /
         SIGINT; the exit status (a worker's when the start failed)."""
         self.block_signals()
+        self._parent = os.getpid()
         self._ready_r, self._ready_w = os.pipe()
         os.set_blocking(self._ready_r, False)
         try:
@@ -150,6 +167,7 @@ class Supervisor:
         if pid == 0:  # the worker
             status = 1
             try:
+                _die_with_parent(self._parent)
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
                 os.close(self._ready_r)
                 status = self._run_worker(slot.index, self._ready_w)

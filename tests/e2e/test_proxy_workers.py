@@ -205,3 +205,28 @@ def test_sigterm_stops_every_worker(proxy: ProxyHandle) -> None:
 
     wait_until(lambda: all(gone(pid) for pid in pids.values()), "the workers gone", 10)
     assert "stopped" in proxy.stderr()
+
+
+def test_workers_do_not_outlive_a_killed_parent(
+    tmp_path: Path, deathstar: Address
+) -> None:
+    handle = start_proxy(
+        tmp_path, protocol="http", policy_files=[L7_POLICY], dst_labels=DEATHSTAR_LABELS,
+        upstream=deathstar, peers=[TIEFIGHTER_PEER], dport=80, verbose=False,
+        extra_args=["--workers", "2"], name="gw-orphans",
+    )
+    try:
+        pids = worker_pids(handle)
+        os.kill(handle.pid, signal.SIGKILL)
+
+        def gone(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        # Not reaped by us (their parent is gone): init reaps them once they exit.
+        wait_until(lambda: all(gone(pid) for pid in pids.values()), "the workers gone", 10)
+    finally:
+        handle.stop()
