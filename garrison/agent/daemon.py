@@ -172,7 +172,9 @@ class Agent:
             self.datapath.reconcile(self.resolver, self._local_endpoints())
             for ep in self.endpoints:
                 link = self._links[ep.name]
-                self.datapath.write_endpoint(link, ep.identity, ep.ipv4, self.resolver)
+                self.datapath.write_endpoint(
+                    link, ep.identity, ep.ipv4, self.resolver, ep.audit
+                )
                 try:
                     self.datapath.attach(link)
                 except ForeignFilterError as exc:
@@ -294,7 +296,9 @@ class Agent:
                 # policy of the identity first, then the endpoint's config + ipcache, then
                 # its programs: it is enforced from its first packet
                 self._sync(changed | {ident.id})
-                self.datapath.write_endpoint(link, ident.id, record.ipv4, self.resolver)
+                self.datapath.write_endpoint(
+                    link, ident.id, record.ipv4, self.resolver, record.audit
+                )
                 try:
                     made_clsact = self.datapath.attach(link)
                 except ForeignFilterError as exc:
@@ -320,6 +324,20 @@ class Agent:
             self._remove_endpoint(record)
             return record
 
+    def configure_endpoint(self, name: str, audit: bool) -> EndpointRecord:
+        """`endpoint config NAME audit=true|false`: the endpoint's own audit mode (Cilium's
+        PolicyAuditMode), one map write; kept across restarts in the registry."""
+        with self.lock:
+            record = self.endpoints.get(name)
+            new = replace(record, audit=audit)
+            self.endpoints.update(new)
+            link = self._links.get(name)
+            if link is not None and new.identity:
+                self.datapath.write_endpoint(
+                    link, new.identity, new.ipv4, self.resolver, new.audit
+                )
+            return new
+
     def relabel_endpoint(
         self, name: str, labels: Sequence[str], namespace: str | None = None
     ) -> EndpointRecord:
@@ -337,7 +355,9 @@ class Agent:
             self.endpoints.update(new)
             changed |= self._sync_named_ports(ident.id)
             self._sync(changed | {ident.id})
-            self.datapath.write_endpoint(self._links[name], ident.id, new.ipv4, self.resolver)
+            self.datapath.write_endpoint(
+                self._links[name], ident.id, new.ipv4, self.resolver, new.audit
+            )
             if ident.id != record.identity:
                 self._release_identity(record)
             if self.cluster is not None:
@@ -367,7 +387,9 @@ class Agent:
 
     def _local_endpoints(self) -> list[LocalEndpoint]:
         return [
-            LocalEndpoint(self._links[ep.name].ifindex, ep.identity, IPv4Address(ep.ipv4))
+            LocalEndpoint(
+                self._links[ep.name].ifindex, ep.identity, IPv4Address(ep.ipv4), ep.audit
+            )
             for ep in self.endpoints
             if ep.name in self._links and ep.identity
         ]
@@ -596,7 +618,13 @@ class Agent:
                     dst_port,
                 )
             results = [r for r in (ingress, egress) if r is not None]
-            allowed = all(r.allowed for r in results) or audit
+
+            def side_audit(r: LookupResult) -> bool:
+                # the agent's audit mode, or the deciding endpoint's own
+                ep = dst if r is ingress else src
+                return audit or bool(ep is not None and ep.audit)
+
+            allowed = all(r.allowed or side_audit(r) for r in results)
             redirecting = [r for r in results if r.allowed and r.l7 is not None]
             decisive = redirecting[0] if redirecting else (results[0] if results else None)
             if len(redirecting) == 2 and redirecting[0].l7 != redirecting[1].l7:
@@ -607,6 +635,8 @@ class Agent:
             else:
                 ruleset = L7RuleSet(L7Protocol.HTTP, (), allow_all=True)
             result = decisive or LookupResult(True, MatchType.NONE, enforced=False)
+            if decisive is not None:
+                audit = side_audit(decisive)
             return Admission(
                 src_id, src_labels, src.namespace if src else None, allowed, result, ruleset,
                 audit, src.name if src else None,

@@ -55,6 +55,9 @@ class EndpointRecord:
     ports: tuple[str, ...] = ()
     # the labels of its namespace (`k=v`) when its identity was allocated
     namespace_labels: tuple[str, ...] = ()
+    # `garrison endpoint config NAME audit=true` (Cilium's PolicyAuditMode): its policy
+    # verdicts are computed and recorded, what they would drop passes as AUDIT
+    audit: bool = False
 
     @property
     def adopted(self) -> bool:

@@ -36,7 +36,7 @@ def endpoint_view(agent: Agent, ep: EndpointRecord) -> dict[str, Any]:
         "container_id": ep.container_id,
         "ingress_enforcement": bool(state and state.ingress_enforced),
         "egress_enforcement": bool(state and state.egress_enforced),
-        "audit": bool(state and state.audit),
+        "audit": bool(state and state.audit) or ep.audit,
     }
 
 
@@ -124,6 +124,19 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
     def endpoint_delete(req: dict[str, Any]) -> dict[str, Any]:
         ep = agent.delete_endpoint(str(req["name"]))
         return {"deleted": ep.name}
+
+    def endpoint_config(req: dict[str, Any]) -> dict[str, Any]:
+        settings = dict(req.get("settings") or {})
+        unknown = sorted(set(settings) - {"audit"})
+        if unknown:
+            raise APIError(f"unknown endpoint setting {unknown[0]!r}: the one there is: audit")
+        ep = agent.endpoints.get(str(req["name"]))
+        if "audit" in settings:
+            value = str(settings["audit"]).lower()
+            if value not in ("true", "false"):
+                raise APIError(f"audit={settings['audit']}: expected audit=true or audit=false")
+            ep = agent.configure_endpoint(ep.name, value == "true")
+        return endpoint_view(agent, ep)
 
     def endpoint_labels(req: dict[str, Any]) -> dict[str, Any]:
         ep = agent.relabel_endpoint(str(req["name"]), req.get("labels", []))
@@ -252,6 +265,7 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         "EndpointGet": endpoint_get,
         "EndpointDelete": endpoint_delete,
         "EndpointLabels": endpoint_labels,
+        "EndpointConfig": endpoint_config,
         "NamespaceLabel": namespace_label,
         "NamespaceGet": namespace_get,
         "NamespaceList": namespace_list,

@@ -18,7 +18,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from garrison.bpf.abi import CTFlags, ObservationPoint
+from garrison.bpf.abi import CTFlags, EndpointFlags, ObservationPoint
 from garrison.bpf.loader import Datapath, DatapathConfig
 from garrison.bpf.maps import (
     ConntrackEntry,
@@ -114,9 +114,13 @@ class KernelDatapath:
         return Link(ifname, found[0]) if found else None
 
     def write_endpoint(
-        self, link: Link, identity: int, ipv4: str, resolver: PolicyResolver
+        self, link: Link, identity: int, ipv4: str, resolver: PolicyResolver,
+        audit: bool = False,
     ) -> None:
+        """`audit`: the endpoint's own audit mode, beside what its MapState implies."""
         flags = endpoint_flags(resolver.map_state(identity))
+        if audit:
+            flags |= EndpointFlags.AUDIT
         config = EndpointConfig(identity, IPv4Address(ipv4), flags)
         self.dp.maps.write_endpoint(link.ifindex, config)
 

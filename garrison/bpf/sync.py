@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from garrison.bpf.abi import EndpointFlags
 from garrison.bpf.maps import DatapathMaps, EndpointConfig
 from garrison.bpf.policymap import (
     DesiredPolicy,
@@ -33,6 +34,7 @@ class LocalEndpoint:
     ifindex: int
     identity: int
     ipv4: IPv4Address
+    audit: bool = False  # the endpoint's own audit mode (`endpoint config NAME audit=true`)
 
 
 class PolicySync:
@@ -95,7 +97,10 @@ class PolicySync:
             state = states.get(ep.identity)
             if state is None:
                 state = states[ep.identity] = resolver.map_state(ep.identity)
-            config = EndpointConfig(ep.identity, ep.ipv4, endpoint_flags(state))
+            flags = endpoint_flags(state)
+            if ep.audit:
+                flags |= EndpointFlags.AUDIT
+            config = EndpointConfig(ep.identity, ep.ipv4, flags)
             if self._written.get(ep.ifindex) != config:
                 self.maps.endpoints.upsert(ep.ifindex, config)
                 self._written[ep.ifindex] = config

@@ -131,6 +131,19 @@ def endpoint_delete(args: argparse.Namespace) -> int:
 
 
 @_run
+def endpoint_config(args: argparse.Namespace) -> int:
+    settings: dict[str, str] = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise APIError(f"{item!r}: expected KEY=VALUE, e.g. audit=true")
+        settings[key.strip()] = value.strip()
+    data = _call(args, "EndpointConfig", name=args.name, settings=settings)
+    _print(args, data, lambda: f"endpoint {data['name']}: audit={str(data['audit']).lower()}")
+    return 0
+
+
+@_run
 def endpoint_labels(args: argparse.Namespace) -> int:
     data = _call(args, "EndpointLabels", name=args.name, labels=args.labels.split(","))
     _print(args, data, lambda: _endpoint_rows([data]))
@@ -428,6 +441,13 @@ def register_endpoint(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="the new labels, all of them (they replace the old ones)")
     _common(p)
     p.set_defaults(func=endpoint_labels)
+    p = esub.add_parser("config", help="show or change an endpoint's settings (audit=true)")
+    p.add_argument("name", help="the endpoint's name")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                   help="audit=true: its policy verdicts are recorded, what they would drop "
+                   "passes as AUDIT (Cilium's PolicyAuditMode); audit=false: enforced")
+    _common(p)
+    p.set_defaults(func=endpoint_config)
     p = esub.add_parser("exec", help="run a command inside an endpoint")
     p.add_argument("name", help="the endpoint's name")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
