@@ -297,6 +297,8 @@ def publisher(etcd_url: str) -> int:
                 entry = IPEntry(base + published, identity.id, canonical, "ge-bench-c")
                 session.put(entry.key, entry.encode())
                 published += 1
+            if not session.wait_flushed(120):
+                raise RuntimeError("etcd did not take the entries in 120 s")
             print("done", flush=True)
         elif verb == "size":
             items = store.list_prefix("")

@@ -465,7 +465,8 @@ class EtcdSession:
         self.name = name
         self._lock = threading.Lock()
         self._keys: dict[str, bytes] = {}
-        self._dirty: set[str] = set()
+        # Keys to write, oldest change first (a dict as an ordered set).
+        self._dirty: dict[str, None] = {}
         self._hooks: list[Callable[[int], object]] = []
         self._stop = threading.Event()
         self._call: Any = None
@@ -516,13 +517,15 @@ class EtcdSession:
         etcd takes it."""
         with self._lock:
             self._keys[key] = value
-            self._dirty.add(key)
+            self._dirty.pop(key, None)
+            self._dirty[key] = None
         self._kick.set()
 
     def delete(self, key: str) -> None:
         with self._lock:
             self._keys.pop(key, None)
-            self._dirty.add(key)
+            self._dirty.pop(key, None)
+            self._dirty[key] = None
         self._kick.set()
 
     def wait_flushed(self, timeout_s: float) -> bool:
@@ -572,7 +575,7 @@ class EtcdSession:
             with self._lock:
                 # Written as it is now? Else (changed meanwhile) it stays dirty.
                 if self._keys.get(key) == value:
-                    self._dirty.discard(key)
+                    self._dirty.pop(key, None)
 
     def _run(self) -> None:
         backoff = _Backoff()
@@ -583,7 +586,7 @@ class EtcdSession:
                     lease = self._store.grant_lease(self.ttl_s)
                     self.leases_granted += 1
                     with self._lock:
-                        self._dirty |= set(self._keys)
+                        self._dirty.update(dict.fromkeys(self._keys))
                         hooks = list(self._hooks)
                     self._lease = lease
                     if self.leases_granted > 1:
