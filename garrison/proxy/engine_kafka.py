@@ -224,7 +224,9 @@ class _Repeats:
     def flush_due(self, out: _Out, now: float) -> None:
         if self._groups:
             for key, group in list(self._groups.items()):
-                if now - group.first >= self._window:
+                # `now` is the wall clock (the records' time): stepped back, a window would
+                # wait for the clock to catch up, so the group is recorded at once instead.
+                if now - group.first >= self._window or now < group.first:
                     del self._groups[key]
                     self._emit(out, group)
 

@@ -158,3 +158,11 @@ def test_pending_kafka_denial_counts_are_recorded_when_the_proxy_stops() -> None
     assert aggregated(engine.handle(Stopping(WALL, MONO + 1))) == [
         Aggregate(ingress_flow_count=6)
     ] * 2
+
+
+def test_pending_kafka_denial_counts_do_not_wait_for_a_wall_clock_stepped_back() -> None:
+    engine = kafka_flooded(5)
+    # The next event comes with the wall clock an hour behind: the group is recorded now
+    # (it used to wait an hour, until the clock caught up with the group's first time).
+    out = engine.handle(ClientData(b"".join(flood(1, first=900)), WALL - 3600, MONO + 1))
+    assert aggregated(out) == [Aggregate(ingress_flow_count=4)] * 2
