@@ -379,6 +379,7 @@ _http = st.builds(
     protocol=st.sampled_from(["", "HTTP/1.1", "HTTP/2"]),
     code=st.integers(0, 599),
     headers=st.lists(st.builds(HTTPHeader, _text, _text), max_size=3).map(tuple),
+    raw_target=_text,
 )
 _kafka = st.builds(
     Kafka,
