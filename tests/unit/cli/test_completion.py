@@ -61,7 +61,7 @@ def test_bash_completes_commands_options_choices_and_files(bash_script: Path) ->
         "policy", "proxy", "endpoint", "identity", "namespace", "bpf", "status", "observe",
         "accesslog", "agent", "ui", "cni", "completion"])
     assert complete(bash_script, "garrison endpoint ") == [
-        "add", "delete", "exec", "get", "labels", "list"]
+        "add", "config", "delete", "exec", "get", "labels", "list"]
     assert complete(bash_script, "garrison agent --kvs") == [
         "--kvstore", "--kvstore-endpoints", "--kvstore-lease-ttl"]
     assert complete(bash_script, "garrison observe -o ") == ["compact", "dict", "json", "table"]
