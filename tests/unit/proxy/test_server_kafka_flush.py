@@ -55,7 +55,7 @@ async def scenario() -> None:
             destination=StaticDestination(PeerInfo(256, Labels.parse("app=kafka"),
                                                    "127.0.0.1", 9092)),
         ),
-        policy,  # type: ignore[arg-type]
+        policy,
         FlowSink(store=FlowStore(), loop=asyncio.get_running_loop()),
     )
     address = await server.listen_standalone(
