@@ -445,6 +445,18 @@ class _Sink:
     """llhttp's callbacks (the httptools protocol): what it told about the message being
     parsed. It holds llhttp only while llhttp runs, so no reference cycle outlives a call."""
 
+    __slots__ = (
+        "completed",
+        "fields",
+        "headers_complete",
+        "keep_alive",
+        "llhttp",
+        "method",
+        "reason",
+        "status_code",
+        "url",
+    )
+
     def __init__(self) -> None:
         self.llhttp: _LLHTTP | None = None
         self.url = b""
@@ -873,6 +885,7 @@ class _HTTP1Parser:
             self._disagree()
         self._events.append(_KEEPING if self._keep_alive else _CLOSING)
         self._discard = False
+        self._head_event = None  # an idle connection's parser holds no message
         self._state = _HEAD if self._keep_alive else _CLOSED
         self._sink.next_message()
 

@@ -353,3 +353,16 @@ def test_no_reference_cycle_outlives_a_call() -> None:
     ):
         parser.receive_data(data)
         assert parser._sink.llhttp is None
+
+
+def test_an_idle_parser_holds_no_message() -> None:
+    """Between messages the parser keeps no event of the last one alive (idle memory)."""
+    parser = HTTP1RequestParser()
+    parser.receive_data(POST)
+    events = list(parser.events())
+    assert parser._head_event is None and parser._sink.fields == []
+    responses = HTTP1ResponseParser()
+    responses.expect_response("GET")
+    responses.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert len(list(responses.events())) == 3 and len(events) == 3
+    assert responses._head_event is None and responses._sink.fields == []
