@@ -1,6 +1,6 @@
 """gRPC over HTTP/2: recognise a call from its request headers, read its status from trailers.
 
-Pure helpers used by `garrison.parsers.http2`; no framing of messages (the proxy forwards DATA
+Pure helpers used by `garrison.parsers.nghttp2`; no framing of messages (the proxy forwards DATA
 unchanged and never needs to look inside a message).
 
 What counts as a gRPC call (garrison's pinned meaning, see docs POLICY-SEMANTICS "gRPC rules"):

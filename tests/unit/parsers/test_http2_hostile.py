@@ -460,3 +460,17 @@ def test_provoked_stream_errors_count_as_resets() -> None:
     )
     err = expect_error(conn, overflow, H2ErrorCode.ENHANCE_YOUR_CALM)
     assert "resets" in err.message
+
+
+def test_padding_is_credited_without_being_acknowledged() -> None:
+    """`flow_controlled_length` is the payload; nghttp2 credits padding itself, so a padded
+    body longer than the window flows while the engine acknowledges payload only."""
+    conn, peer = server()
+    conn.receive_data(frame(SettingsFrame(0), "ACK") + peer.headers(1, end_stream=False), 0.0)
+    for _ in range(400):  # 400 x 1201 bytes on the wire: more than the 262144-byte window
+        padded = DataFrame(1, data=b"x" * 1000, pad_length=200)
+        padded.flags.add("PADDED")
+        (ev,) = conn.receive_data(padded.serialize(), 0.0)
+        assert ev == DataReceived(1, b"x" * 1000, 1000, False)
+        conn.acknowledge_received_data(1, ev.flow_controlled_length)
+        conn.data_to_send()
