@@ -185,6 +185,11 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         with agent.lock:
             return {
                 "revision": agent.revision,
+                **(
+                    {"cluster_revision": agent.cluster.node.policy_revision()}
+                    if agent.cluster is not None
+                    else {}
+                ),
                 "policies": [
                     {
                         "kind": p.kind.value,

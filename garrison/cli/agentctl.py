@@ -233,7 +233,9 @@ def policy_get(args: argparse.Namespace) -> int:
     def text() -> str:
         rows = [(p["kind"], p["namespace"] or "", p["name"], p["rules"], p["source"] or "")
                 for p in data["policies"]]
-        return f"Revision: {data['revision']}\n" + _table(
+        cluster = (f" (the cluster's policies: etcd revision {data['cluster_revision']})"
+                   if "cluster_revision" in data else "")
+        return f"Revision: {data['revision']}{cluster}\n" + _table(
             rows, ("KIND", "NAMESPACE", "NAME", "RULES", "SOURCE")
         )
 

@@ -106,6 +106,8 @@ class ClusterNode:
         self._beat: threading.Thread | None = None
         # When each watch last delivered (monotonic), and how many changes it applied.
         self.applied: dict[str, int] = dict.fromkeys(self._views, 0)
+        # The etcd revision each prefix's view is at (0: read from the cache, not etcd).
+        self.revisions: dict[str, int] = dict.fromkeys(self._views, 0)
         self.errors: list[str] = []
         # Run after every heartbeat (in its thread): retries of writes that found etcd away.
         self.on_beat: list[Callable[[], object]] = []
@@ -226,6 +228,8 @@ class ClusterNode:
         def handle(event: WatchEvent) -> None:
             with self._lock:
                 upserts, gone = _diff(self._views[prefix], event)
+                if event.revision:
+                    self.revisions[prefix] = event.revision
             if not upserts and not gone:
                 return
             if prefix in _CACHED:
@@ -264,6 +268,11 @@ class ClusterNode:
             self._handler.policies_changed(policies, [parse_policy_key(key) for key in gone])
 
     # Views ---------------------------------------------------------------------------------
+
+    def policy_revision(self) -> int:
+        """The etcd revision of the cluster's policies as this node applied them."""
+        with self._lock:
+            return self.revisions[POLICIES_PREFIX]
 
     def nodes(self) -> dict[str, NodeRecord]:
         with self._lock:

@@ -212,6 +212,10 @@ def test_cross_node_l3_l4_by_identity_learnt_through_etcd(cluster: dict[str, Nod
         "node 2's ipcache to hold node 1's endpoints",
     )
     wait_for(lambda: n2.api("Status")["policies"] >= 1, 10.0, "the policy to reach node 2")
+    shown = n2.agent.cli("policy", "get")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "(the cluster's policies: etcd revision " in shown.stdout
+    assert n2.api("PolicyGet")["cluster_revision"] == n1.api("PolicyGet")["cluster_revision"] > 0
     assert n1.ipcache().get(f"{b.ip}/32") == b.identity
     status = n2.api("Status")["cluster"]
     assert status["connected"] is True
