@@ -41,7 +41,7 @@ from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
 from garrison.agent.metrics import AgentMetrics
 from garrison.bpf.loader import BPFFSError, DatapathError
 from garrison.cluster.agent import ClusterConfigError
-from garrison.cluster.routes import RouteError
+from garrison.cluster.routes import RouteError, remove_node_routes
 from garrison.cni.wire import cni_socket_for
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
 from garrison.kvstore.base import KVStoreError
@@ -268,6 +268,8 @@ def _cleanup(config: AgentConfig) -> int:
                         ("local route in table 2004", removed.route)):
         print(f"removed the {what}" if added
               else f"kept the {what}: this agent did not add it")
+    for route in remove_node_routes():
+        print(f"removed the route to another node's pod CIDR {route}")
     return 0
 
 

@@ -157,8 +157,13 @@ class AgentCluster:
         self.node.start()
 
     def prime(self) -> None:
-        """The cluster's policies and other nodes' endpoints, now (the agent's start)."""
+        """The cluster's policies and other nodes' endpoints, now (the agent's start); routes
+        an earlier run left for nodes that are gone are removed."""
+        self.routes.adopt_existing()
         self.node.prime()
+        wanted = {n.pod_cidr for n in self.node.nodes().values() if n.name != self.node.me.name}
+        for cidr in set(self.routes.installed()) - wanted:
+            self.routes.remove(cidr)
 
     def remote_identity(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int | None:
         """The identity of another node's endpoint at `address` (for the proxy's source)."""
@@ -175,7 +180,8 @@ class AgentCluster:
                 log.warning("cluster: from_netdev not detached: %s", exc)
             self._netdev = None
         self.node.close()
-        self.routes.close()
+        # Routes stay, like the maps and programs: traffic between nodes keeps flowing while
+        # the agent restarts (`garrison agent --cleanup` removes them).
         self.store.close()
 
     def _restore_identities(self, _lease: int) -> None:

@@ -29,6 +29,17 @@ class NodeRoutes:
         self._lock = threading.Lock()
         self._routes: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
 
+    def adopt_existing(self) -> None:
+        """Take over the routes an earlier run left (ours by their protocol number): a clean
+        stop keeps them, so traffic between nodes flows while the agent restarts."""
+        with self._lock, IPRoute() as ipr:
+            for route in ipr.get_routes(family=2, table=254):
+                gateway = route.get_attr("RTA_GATEWAY")
+                dst = route.get_attr("RTA_DST")
+                if route.get("proto") == ROUTE_PROTO and gateway and dst:
+                    cidr = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}")
+                    self._routes[cidr] = ipaddress.IPv4Address(gateway)
+
     def installed(self) -> dict[ipaddress.IPv4Network, ipaddress.IPv4Address]:
         with self._lock:
             return dict(self._routes)
@@ -74,8 +85,19 @@ class NodeRoutes:
                     log.warning("route to %s via %s already gone: %s", cidr, via, exc)
 
     def close(self) -> None:
+        """Remove every route this object holds (`remove_node_routes` for a stopped agent)."""
         for cidr in list(self.installed()):
             self.remove(cidr)
+
+
+def remove_node_routes() -> list[str]:
+    """`garrison agent --cleanup`: remove the routes to other nodes' pod CIDRs that agents
+    left (ours by their protocol number); what was removed, as `CIDR via IP`."""
+    routes = NodeRoutes()
+    routes.adopt_existing()
+    removed = [f"{cidr} via {via}" for cidr, via in sorted(routes.installed().items())]
+    routes.close()
+    return removed
 
 
 def source_address_towards(host: str) -> ipaddress.IPv4Address:

@@ -448,7 +448,9 @@ def test_a_dead_node_leaves_every_ipcache_within_the_lease_ttl(cluster: dict[str
     assert n2.api("Status")["cluster"]["routes"] == {n1.pod_cidr: n1.ip}
 
 
-def test_a_stopped_agent_removes_its_underlay_program(cluster: dict[str, Node]) -> None:
+def test_a_stopped_agent_removes_its_underlay_program_and_cleanup_its_routes(
+    cluster: dict[str, Node],
+) -> None:
     n2 = cluster["ge-n2"]
 
     def underlay_filters() -> str:
@@ -457,6 +459,18 @@ def test_a_stopped_agent_removes_its_underlay_program(cluster: dict[str, Node]) 
             capture_output=True, text=True, check=False,
         ).stdout
 
+    def node_routes() -> str:
+        return ip(n2.netns, "route", "show", "proto", "0xa7")
+
     assert "from_netdev" in underlay_filters()
+    assert "198.18.201.0/24 via 198.19.0.201" in node_routes()
     assert n2.agent.stop() == 0
     assert "from_netdev" not in underlay_filters()
+    # The route stays, like the maps: traffic between nodes flows while the agent restarts.
+    assert "198.18.201.0/24 via 198.19.0.201" in node_routes()
+    done = n2.agent.cleanup()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "removed the route to another node's pod CIDR 198.18.201.0/24 via 198.19.0.201" in (
+        done.stdout
+    )
+    assert node_routes() == ""
