@@ -11,7 +11,8 @@ what an agent leaves in the kernel on purpose, once it is stopped: its endpoints
 namespaces and veths it made; of an adopted namespace only garrison's programs and what it
 added), its pinned maps, and the proxy steering ip rule / local route — only those of the two
 that this agent added (recorded in the state directory); a rule or route that was there
-before the agent stays.
+before the agent stays. With `--kvstore etcd` also the routes to other nodes' pod CIDRs
+(protocol 0xa7, docs/cluster.md).
 
 Exit status: 0 after a clean stop; 1 when it cannot start (missing privilege or package —
 the message says which), or `--cleanup` while the agent runs; 2 for bad usage.
