@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import h2.config
 import h2.connection
 import h2.events
@@ -112,3 +116,20 @@ def test_blocks_that_are_not_prevalidated_are_checked_before_they_are_sent(
         client.send_request([*REQUEST, field])
     sid = client.send_request(REQUEST)  # nothing was sent for the refused block
     assert sid == 1
+
+
+def test_a_stale_build_fails_loudly_with_the_fix() -> None:
+    """A binding built from other declarations is refused at import, naming the command."""
+    code = (
+        "import garrison.parsers.nghttp2_build as b\n"
+        "b.digest = lambda: 'other'\n"
+        "try:\n"
+        "    import garrison.parsers.nghttp2\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, "GARRISON_PURE": "1"},
+    )
+    assert "binding is stale" in done.stdout and "make setup" in done.stdout
