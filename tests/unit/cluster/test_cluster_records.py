@@ -166,3 +166,23 @@ def test_identities_to_learn_adds_new_keeps_known_and_replaces_reused_numbers() 
         (303, "malformed canonical labels 'not canonical'"),
         (302, "identity 302 has two label sets in one batch"),
     ]
+
+
+def test_a_relist_becomes_only_the_changes_since_what_was_known() -> None:
+    from garrison.cluster.node import _diff
+    from garrison.kvstore.base import KeyDeleted, KeyPut, Relisted
+
+    view: dict[str, bytes] = {}
+    assert _diff(view, Relisted({"a": b"1", "b": b"2"}, 10, "initial list")) == (
+        {"a": b"1", "b": b"2"},
+        [],
+    )
+    assert _diff(view, KeyPut("a", b"1", 11)) == ({}, [])  # the same value again: no change
+    assert _diff(view, KeyPut("c", b"3", 12)) == ({"c": b"3"}, [])
+    assert _diff(view, KeyDeleted("zz", 13)) == ({}, [])  # never known
+    # After a compaction: b changed, c went, d came, a stayed — only those are news.
+    assert _diff(view, Relisted({"a": b"1", "b": b"20", "d": b"4"}, 20, "compacted")) == (
+        {"b": b"20", "d": b"4"},
+        ["c"],
+    )
+    assert view == {"a": b"1", "b": b"20", "d": b"4"}
