@@ -7,6 +7,14 @@ the time to add one endpoint and one rule incrementally (resolver update plus th
 every changed key of every endpoint it affects — what a datapath sync then writes), and the
 peak RSS. The reference in the same run is the full resolve:
 the incremental ratios say how much work incrementality saves.
+
+Named ports and namespace labels (issue 20): every app declares the port names `http` and
+`metrics` (its own numbers), 10% of the ports rules write are named, and 5% of the peers
+select an app by a namespace label (`io.cilium.k8s.namespace.labels.env`, any namespace).
+Also timed: adding an endpoint that declares port names (identity + port names + merge),
+and relabelling one namespace (each of its identities replaced by one with the new
+namespace label: port names and the new identity added, the old one removed, what changed
+merged).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from garrison.policies.l7rules import HTTPRule, KafkaRole, KafkaRule, L7Rules
-from garrison.policies.labels import Labels, endpoint_labels
+from garrison.policies.labels import NAMESPACE_KEY, NAMESPACE_LABELS_PREFIX, Labels, endpoint_labels
+from garrison.policies.mapstate import PROTO_TCP
 from garrison.policies.model import (
     EndpointPeer,
     Policy,
@@ -35,7 +44,7 @@ from garrison.policies.model import (
 )
 from garrison.policies.refs import PolicyKind, RuleRef
 from garrison.policies.resolve import PolicyResolver
-from garrison.policies.selector import EndpointSelector
+from garrison.policies.selector import EndpointSelector, Operator, Requirement
 
 TIERS = ["web", "api", "db", "cache", "worker"]
 ENVS = ["prod", "staging"]
@@ -46,7 +55,15 @@ class Scenario:
     def __init__(self, endpoints: int, rules: int, seed: int) -> None:
         self.rnd = random.Random(seed)
         self.namespaces = [f"ns{i}" for i in range(20)]
+        # namespace labels: half the namespaces are env=prod
+        self.ns_labels = {ns: {"env": ENVS[i % 2]} for i, ns in enumerate(self.namespaces)}
         self.apps = [(f"app{i}", self.rnd.choice(self.namespaces)) for i in range(200)]
+        # port names per app: `http` and `metrics`, each app its own numbers
+        self.app_ports = {
+            app: {"http": frozenset({(PROTO_TCP, 8000 + i % 50)}),
+                  "metrics": frozenset({(PROTO_TCP, 9100 + i % 7)})}
+            for i, (app, _) in enumerate(self.apps)
+        }
         self.teams = [f"team{i}" for i in range(30)]
         self.endpoints = [self.endpoint() for _ in range(endpoints)]
         self.policies = [self.policy(i) for i in range(rules)]
@@ -57,13 +74,20 @@ class Scenario:
             f"app={app},tier={self.rnd.choice(TIERS)},env={self.rnd.choice(ENVS)},"
             f"team={self.teams[int(app[3:]) % len(self.teams)]},version=v{self.rnd.randint(1, 3)}"
         )
-        return endpoint_labels(labels, ns)
+        return endpoint_labels(labels, ns, self.ns_labels[ns])
 
     def selector(self, ns: str) -> EndpointSelector:
         """A peer: mostly an app of the same namespace; some apps of another namespace
         (named with the namespace label, as cross-namespace rules must); some team or tier
         selectors within the namespace."""
         kind = self.rnd.random()
+        if kind < 0.05:  # an app wherever its namespace has a label (a namespaceSelector)
+            return EndpointSelector.of([
+                Requirement(NAMESPACE_KEY, Operator.EXISTS, (), "k8s"),
+                Requirement(NAMESPACE_LABELS_PREFIX + "env", Operator.IN,
+                            (self.rnd.choice(ENVS),), "k8s"),
+                Requirement("app", Operator.IN, (self.rnd.choice(self.apps)[0],), "k8s"),
+            ])
         if kind < 0.7:
             local = [a for a, n in self.apps if n == ns]
             if local and self.rnd.random() < 0.8:
@@ -94,7 +118,10 @@ class Scenario:
                     l7 = L7Rules(http=(HTTPRule(method="GET", path=f"/api/v{j}/.*"),))
                 elif roll < 0.1:
                     l7 = L7Rules(kafka=(KafkaRule(role=KafkaRole.CONSUME, topic=f"t{i}"),))
-                ports.append(PortRule((PortProtocol(port, 0, Protocol.TCP),), l7))
+                pp = PortProtocol(port, 0, Protocol.TCP)
+                if self.rnd.random() < 0.1 and (l7 is None or l7.http):
+                    pp = PortProtocol(0, 0, Protocol.TCP, self.rnd.choice(["http", "metrics"]))
+                ports.append(PortRule((pp,), l7))
             peers = tuple(EndpointPeer(self.selector(ns)) for _ in range(self.rnd.randint(1, 2)))
             ref = RuleRef(PolicyKind.CNP, ns, name, "ingress", 0, j)
             sections.append(PolicySection(peers, tuple(ports), (), ref))
@@ -129,6 +156,7 @@ def main() -> int:
     t0 = time.perf_counter()
     resolver = PolicyResolver()
     for labels, ident in ids.items():
+        resolver.set_named_ports(ident, sc.app_ports[str(labels.get("app"))])
         resolver.add_identity(ident, labels)
     resolver.add_policies(sc.policies)
     entries = materialize(resolver, resolver.endpoint_identities())
@@ -140,7 +168,7 @@ def main() -> int:
     gc.collect()
     gc.freeze()
 
-    add_ep, add_rule = [], []
+    add_ep, add_named, add_rule, relabel = [], [], [], []
     next_id = 256 + len(ids)
     for k in range(args.repeat):
         labels = sc.endpoint().union(Labels.parse(f"instance=new{k}"))
@@ -150,11 +178,43 @@ def main() -> int:
         add_ep.append(time.perf_counter() - t)
         next_id += 1
 
+        labels = sc.endpoint().union(Labels.parse(f"instance=named{k}"))
+        t = time.perf_counter()
+        changed = resolver.set_named_ports(next_id, sc.app_ports[str(labels.get("app"))])
+        changed |= resolver.add_identity(next_id, labels)
+        resolver.updates(changed)
+        add_named.append(time.perf_counter() - t)
+        next_id += 1
+
         pol = sc.policy(args.rules + k)
         t = time.perf_counter()
         changed = resolver.add_policy(pol)
         resolver.updates(changed)
         add_rule.append(time.perf_counter() - t)
+
+    # namespace relabels: env flips on one namespace, every identity of it replaced
+    moved_ids = []
+    for k in range(min(args.repeat, len(sc.namespaces))):
+        ns = sc.namespaces[k]
+        env = "staging" if sc.ns_labels[ns]["env"] == "prod" else "prod"
+        sc.ns_labels[ns] = {"env": env}
+        old = {lab: i for lab, i in ids.items() if lab.namespace == ns}
+        t = time.perf_counter()
+        changed: set[int] = set()
+        for labels, ident in old.items():
+            new_labels = Labels.of(
+                [lab for lab in labels if not lab.key.startswith(NAMESPACE_LABELS_PREFIX)]
+            ).union(Labels.parse(f"{NAMESPACE_LABELS_PREFIX}env={env}"))
+            changed |= resolver.set_named_ports(next_id, sc.app_ports[str(labels.get("app"))])
+            changed |= resolver.add_identity(next_id, new_labels)
+            changed |= resolver.remove_identity(ident)
+            changed.discard(ident)
+            del ids[labels]
+            ids[new_labels] = next_id
+            next_id += 1
+        resolver.updates(changed)
+        relabel.append(time.perf_counter() - t)
+        moved_ids.append(len(old))
 
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ep_ms = statistics.median(add_ep) * 1000
@@ -168,6 +228,13 @@ def main() -> int:
     print(f"  add one rule:            {rule_ms:9.2f} ms   median of {args.repeat}, "
           f"max {max(add_rule) * 1000:.2f} ms (aim < 10 ms)  ratio to full "
           f"{rule_ms / (full * 1000):.5f}")
+    named_ms = statistics.median(add_named) * 1000
+    print(f"  add one endpoint + port names: {named_ms:7.2f} ms   median of {args.repeat}, "
+          f"max {max(add_named) * 1000:.2f} ms")
+    relabel_ms = statistics.median(relabel) * 1000
+    print(f"  relabel one namespace:   {relabel_ms:9.2f} ms   median of {len(relabel)} "
+          f"({statistics.median(moved_ids):.0f} identities each), max "
+          f"{max(relabel) * 1000:.2f} ms")
     print(f"  peak RSS:                {rss_mb:9.1f} MB")
     return 0
 

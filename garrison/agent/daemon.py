@@ -290,9 +290,10 @@ class Agent:
                 record = replace(record, identity=ident.id, host_ifname=link.host_ifname)
                 self.endpoints.update(record, persist=False)
                 # a reserved identity (init) is in the resolver since start
-                changed = set() if ident.id in RESERVED_BY_ID else (
-                    self.resolver.add_identity(ident.id, ident.labels))
-                changed |= self._sync_named_ports(ident.id)
+                # port names first: a new identity's policy is then built once, with them
+                changed = self._sync_named_ports(ident.id)
+                if ident.id not in RESERVED_BY_ID:
+                    changed |= self.resolver.add_identity(ident.id, ident.labels)
                 # policy of the identity first, then the endpoint's config + ipcache, then
                 # its programs: it is enforced from its first packet
                 self._sync(changed | {ident.id})
@@ -351,9 +352,9 @@ class Agent:
                           namespace=ns, namespace_labels=self._namespace_labels(ns))
             ident = self.allocator.allocate(new.full_labels, owner=f"endpoint:{name}")
             new = replace(new, identity=ident.id)
-            changed = self.resolver.add_identity(ident.id, ident.labels)
             self.endpoints.update(new)
-            changed |= self._sync_named_ports(ident.id)
+            changed = self._sync_named_ports(ident.id)
+            changed |= self.resolver.add_identity(ident.id, ident.labels)
             self._sync(changed | {ident.id})
             self.datapath.write_endpoint(
                 self._links[name], ident.id, new.ipv4, self.resolver, new.audit

@@ -52,6 +52,7 @@ from garrison.policies.selectorcache import (
     PeerKey,
     SelectorCache,
     is_endpoint,
+    is_reserved,
 )
 
 
@@ -390,6 +391,9 @@ class PolicyResolver:
         # identity declare (`set_named_ports`); rules with named ports, by id
         self._named_ports: dict[int, dict[str, frozenset[tuple[int, int]]]] = {}
         self._named_rules: set[int] = set()
+        self._named_ingress: set[int] = set()  # ... in an ingress section
+        self._named_egress: set[int] = set()  # ... in an egress section
+        self._named_egress_any: set[int] = set()  # ... toward any peer (or entity all)
 
     # -- named ports -----------------------------------------------------------------------
 
@@ -400,7 +404,8 @@ class PolicyResolver:
         port)} (several where endpoints sharing the identity map a name differently). A
         rule's named port selects, on ingress, the ports the selected endpoint's identity
         declares under that name; on egress, those the destination identity declares.
-        Returns the endpoint identities whose policy changed."""
+        Returns the endpoint identities whose policy changed. Cheapest before the identity's
+        `add_identity` (its policy is then built once, with them)."""
         ports = {name: frozenset(pp) for name, pp in ports.items() if pp}
         if self._named_ports.get(identity, {}) == ports:
             return set()
@@ -423,7 +428,7 @@ class PolicyResolver:
             return changed
         egress_rules = {
             rule_id
-            for rule_id in self._named_rules
+            for rule_id in self._named_egress
             if any(
                 s.named and s.direction is Direction.EGRESS and (
                     s.any_peer or s.any_entity
@@ -434,11 +439,7 @@ class PolicyResolver:
             )
         }
         own = self._endpoints.get(identity)
-        if own is not None and any(
-            s.named and s.direction is Direction.INGRESS
-            for rule_id in own.rules & self._named_rules
-            for s in self._rules[rule_id].sections
-        ):
+        if own is not None and own.rules & self._named_ingress:
             self._rebuild(identity)
             changed.add(identity)
         for ep_id, ep in list(self._endpoints.items()):
@@ -491,11 +492,24 @@ class PolicyResolver:
         return changed
 
     def remove_identity(self, identity: int) -> set[int]:
-        self._named_ports.pop(identity, None)
-        self.cache.remove_identity(identity)
+        had_ports = self._named_ports.pop(identity, None) is not None
+        lost = self.cache.remove_identity(identity)
         self._endpoints.pop(identity, None)
+        candidates: Iterable[_EndpointPolicy]
+        if is_reserved(identity):
+            candidates = self._endpoints.values()  # e.g. the host: allow-localhost's key
+        else:
+            # only rules whose peers selected it (requires included) wrote keys for it;
+            # looking at those endpoints alone keeps a namespace relabel (many identities
+            # replaced at once) from scanning every endpoint's keys per identity
+            rules: set[int] = set()
+            for peer in lost:
+                rules |= self._peer_users.get(peer, set())
+            if had_ports:  # any-peer egress rules naming ports wrote keys for it too
+                rules |= self._named_egress_any
+            candidates = [ep for ep in self._endpoints.values() if ep.rules & rules]
         changed = set()
-        for ep in self._endpoints.values():
+        for ep in candidates:
             if ep.drop_identity(identity):
                 changed.add(ep.identity)
         return changed
@@ -572,7 +586,9 @@ class PolicyResolver:
         changed: set[int] = set()
         for rule_id in self._rule_ids.pop(policy.key, []):
             entry = self._rules.pop(rule_id)
-            self._named_rules.discard(rule_id)
+            for named in (self._named_rules, self._named_ingress, self._named_egress,
+                          self._named_egress_any):
+                named.discard(rule_id)
             subjects = set(self.cache.select(entry.subject))
             self._subject_users[entry.subject].discard(rule_id)
             for ep_id in subjects:
@@ -680,6 +696,12 @@ class PolicyResolver:
         ]
         if named:
             self._named_rules.add(rule_id)
+            if direction is Direction.INGRESS:
+                self._named_ingress.add(rule_id)
+            else:
+                self._named_egress.add(rule_id)
+                if section.peers is None or any_entity:
+                    self._named_egress_any.add(rule_id)
         return _Section(
             direction, deny, section.peers is None, peer_sets, ports, any_entity, fixed_sets,
             named,
