@@ -4,8 +4,10 @@
     .venv/bin/python -m garrison.parsers.nghttp2_build --force   # build again
 
 An API-mode cffi extension (`garrison/parsers/_nghttp2*.so`, git-ignored) compiled against
-Debian's `libnghttp2-dev`: the C declarations below, and the callbacks nghttp2 calls as
-`extern "Python"` functions. The extension carries a digest of this file's declarations
+Debian's `libnghttp2-dev`: the C declarations below, a little C of garrison's own (header
+blocks collected per block and submitted from one buffer, frame filters, so that Python is
+called once per header block or frame it acts on rather than once per field), and the
+callbacks nghttp2 calls as `extern "Python"` functions. The extension carries a digest of this file's declarations
 (`garrison_build_digest()`); `garrison.parsers.nghttp2` refuses to load one that does not
 match, with the command that fixes it. Nothing here runs at import time of garrison.
 """
