@@ -444,19 +444,10 @@ class Agent:
         except PolicyValidationError:
             self.policy_changes["failure"] += 1
             raise
-        audited = [p for p in loaded.policies if p.audit]
-        if audited:
-            # Not silently enforced, never silently dropped: the agent's datapath has no
-            # per-policy audit entries yet (docs/policy.md, "Audit per policy").
+        refused = _audited_refusal(loaded.policies)
+        if refused:
             self.policy_changes["failure"] += 1
-            first = audited[0]
-            where = f"{first.namespace}/" if first.namespace else ""
-            raise APIError(
-                f"{first.kind.value} {where}{first.name}: "
-                "the agent cannot audit a single policy yet (garrison.io/audit); try it with "
-                "garrison policy trace, garrison accesslog summary --what-if or garrison "
-                "proxy, or remove the annotation to enforce it"
-            )
+            raise APIError(refused)
         if self.cluster is not None:  # the cluster's first: refused whole when etcd is away
             self.cluster.policies_imported(loaded.policies)
         with self.lock:
@@ -529,6 +520,13 @@ class Agent:
             for issue in exc.issues:
                 log.error("policy directory: %s", issue)
             log.error("policy directory %s: change refused, the previous policy stays", directory)
+            self._policy_files = files
+            return
+        refused = _audited_refusal(loaded.policies if loaded else ())
+        if refused:
+            self.policy_dir_errors = [refused]
+            self.policy_changes["failure"] += 1
+            log.error("policy directory %s: %s; the previous policy stays", directory, refused)
             self._policy_files = files
             return
         self.policy_dir_errors = []
@@ -751,6 +749,22 @@ def _named_ports(ports: Sequence[str]) -> list[NamedPort]:
         if np not in out:
             out.append(np)
     return out
+
+
+def _audited_refusal(policies: Sequence[Policy]) -> str | None:
+    """Why the agent refuses these policies, if one is marked garrison.io/audit: not silently
+    enforced, never silently dropped — the datapath has no per-policy audit entries yet
+    (docs/policy.md, "Audit per policy")."""
+    audited = [p for p in policies if p.audit]
+    if not audited:
+        return None
+    first = audited[0]
+    where = f"{first.namespace}/" if first.namespace else ""
+    return (
+        f"{first.kind.value} {where}{first.name}: the agent cannot audit a single policy yet "
+        "(garrison.io/audit); try it with garrison policy trace, garrison accesslog summary "
+        "--what-if or garrison proxy, or remove the annotation to enforce it"
+    )
 
 
 def _not_found() -> Any:

@@ -193,3 +193,24 @@ def test_the_agent_refuses_an_audited_policy_rather_than_enforce_it(tmp_path: Pa
         "--what-if or garrison proxy, or remove the annotation to enforce it"
     )
     assert fake.policy_changes == {"failure": 1}
+
+
+def test_the_agent_refuses_an_audited_policy_in_its_policy_directory(tmp_path: Path) -> None:
+    """The policy directory is refused the same way; the previous policy stays, and the
+    error is what `garrison status` reports for the directory."""
+    from types import SimpleNamespace
+
+    from garrison.agent.daemon import Agent
+
+    (tmp_path / "candidate.yaml").write_text(textwrap.dedent(AUDITED))
+    fake = SimpleNamespace(
+        config=SimpleNamespace(policy_dir=tmp_path), policy_dir_errors=[],
+        _policy_dir_gone=False, _policy_files={}, policy_changes={"failure": 0},
+    )
+    Agent._load_policy_dir(fake, initial=True)  # type: ignore[arg-type]
+    assert fake.policy_dir_errors == [
+        "CiliumNetworkPolicy default/candidate: the agent cannot audit a single policy yet "
+        "(garrison.io/audit); try it with garrison policy trace, garrison accesslog summary "
+        "--what-if or garrison proxy, or remove the annotation to enforce it"
+    ]
+    assert fake.policy_changes == {"failure": 1}
