@@ -440,3 +440,30 @@ def test_the_docs_show_the_cilium_dialect_errors_as_validate_prints_them(
     code = main(command.split()[2:])
     assert code == 1
     assert capsys.readouterr().err.splitlines() == shown
+
+
+def test_egress_deny_rules_apply_to_the_source_side() -> None:
+    pols = load("""
+apiVersion: garrison.io/v1
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: no-plans}
+spec:
+  endpointSelector: {matchLabels: {class: tiefighter}}
+  egress:
+  - toEndpoints: [{matchLabels: {class: deathstar}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  egressDeny:
+  - toEndpoints: [{matchLabels: {class: deathstar}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{path: "/v1/plans.*"}]}
+""")
+    tie = endpoint_labels(Labels.parse(SHIPS["tiefighter"][1]))
+    denied = trace(pols, TraceEndpoint(tie, "default"), TraceEndpoint(DEATHSTAR, "default"), 80,
+                   request=HTTPRequestSpec("GET", "/v1/plans/secret"))
+    assert (denied.allowed, denied.denied_at) == (False, "L7")
+    assert [str(r) for r in denied.denied_by] == [
+        "CiliumClusterwideNetworkPolicy no-plans egressDeny[0]"
+    ]
+    assert trace(pols, TraceEndpoint(tie, "default"), TraceEndpoint(DEATHSTAR, "default"), 80,
+                 request=HTTPRequestSpec("GET", "/v1/")).allowed
