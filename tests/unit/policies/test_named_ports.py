@@ -264,3 +264,21 @@ def test_a_port_name_change_recomputes_only_the_endpoints_it_can_reach() -> None
     assert r.set_named_ports(CLIENT, {"http": TCP({(PROTO_TCP, 8080)})}) == set()
     ingress = resolver(CNP_INGRESS)  # servers name `http` on their ingress
     assert ingress.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080)})}) == {SERVER_A}
+
+
+def test_l7_rules_on_a_named_port_redirect_the_number_it_means() -> None:
+    from garrison.policies.model import NamedPort
+    from garrison.policies.trace import HTTPRequestSpec, TraceEndpoint, trace
+
+    text = CNP_INGRESS.replace(
+        "toPorts: [{ports: [{port: http}]}]",
+        "toPorts: [{ports: [{port: http}], rules: {http: [{method: GET, path: /ok}]}}]",
+    )
+    pols = policies(text)
+    src = TraceEndpoint(labels("role=client"), "default")
+    dst = TraceEndpoint(labels("role=server"), "default", ports=(NamedPort("http", 8080),))
+    ok = trace(pols, src, dst, 8080, request=HTTPRequestSpec("GET", "/ok"))
+    assert ok.allowed and ok.redirected
+    denied = trace(pols, src, dst, 8080, request=HTTPRequestSpec("GET", "/admin"))
+    assert not denied.allowed and denied.denied_at == "L7"
+    assert not trace(pols, src, dst, 80, request=HTTPRequestSpec("GET", "/ok")).allowed
