@@ -143,3 +143,25 @@ def test_an_invalid_candidate_is_a_usage_error(
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("garrison: --what-if: ") and "bad.yaml:1" in err
+
+
+def test_a_grpc_call_is_replayed_as_the_grpc_proxy_sees_it() -> None:
+    no_get_name = load_text("""
+apiVersion: garrison.io/v1
+kind: CiliumNetworkPolicy
+metadata: {name: guard-blind}
+spec:
+  endpointSelector: {matchLabels: {app: door-manager}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: guard}}]
+    toPorts:
+    - ports: [{port: "50051", protocol: TCP}]
+      rules: {grpc: [{service: doors.DoorManager, method: GetName}]}
+""", "candidate.yaml").policies
+    report = what_if(records(), (*load_paths([L7, KAFKA, DOORS]).policies, *no_get_name))
+    (change,) = report.changes
+    assert (change.change, change.source, change.destination, change.request, change.rules) == (
+        NEWLY_DENIED, "default/guard", "default/door-manager:50051",
+        "gRPC doors.DoorManager/GetName",
+        ("CiliumNetworkPolicy default/guard-blind ingressDeny[0]",),
+    )
