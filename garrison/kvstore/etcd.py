@@ -704,6 +704,17 @@ class EtcdWatch:
         reason = "initial list"
         while not self._stop.is_set():
             try:
+                if self.next_revision is not None and self.reconnects:
+                    current = self._store.revision()
+                    if current < self.next_revision - 1:
+                        # etcd came back behind what we saw (restored from a backup, or a new
+                        # one): resuming would wait for revisions that mean other changes.
+                        reason = (
+                            f"etcd's revision went back from {self.next_revision - 1} to"
+                            f" {current} (restored or replaced): re-listed the prefix"
+                        )
+                        log.warning("etcd %s: %s", self.name, reason)
+                        self.next_revision = None
                 if self.next_revision is None:
                     self._relist(reason)
                 compacted = self._follow(backoff)

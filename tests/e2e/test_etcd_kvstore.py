@@ -7,6 +7,7 @@ One etcd per module (its root prefix differs per test); the restart tests use th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -452,3 +453,24 @@ def test_session_writes_never_block_the_caller_while_etcd_is_away(own_etcd: Etcd
         os.kill(own_etcd.proc.pid, signal.SIGCONT)
         assert session.wait_flushed(15.0)
         assert sorted(kv.list_prefix("ip/")) == sorted(f"ip/{n}" for n in range(1, 20))
+
+
+def test_a_watch_relists_when_etcd_comes_back_behind_what_it_saw(own_etcd: EtcdServer) -> None:
+    with EtcdKVStore(own_etcd.url, root="ge-back/", timeout_s=2.0) as kv:
+        for n in range(20):
+            kv.put(f"ip/{n}", b"old")
+        events = EventQueue()
+        watch = kv.watch("ip/", events, name="ge-back")
+        assert isinstance(events.get(10.0), Relisted)
+        own_etcd.stop()
+        shutil.rmtree(own_etcd.data_dir / "data")  # a fresh etcd at the same address
+        own_etcd.start()
+        kv.put("ip/new", b"1")
+        again = events.get(15.0)
+        assert isinstance(again, Relisted), again
+        assert "went back" in again.reason
+        # The put may land before or after the re-list: either way the view ends right.
+        view = dict(again.items)
+        while view != {"ip/new": b"1"}:
+            apply_event(view, events.get(10.0))
+        watch.close()
