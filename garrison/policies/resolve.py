@@ -450,9 +450,15 @@ class PolicyResolver:
 
     def _resolve_name(self, identity: int, name: str, proto: int) -> list[tuple[int, int]]:
         """The (protocol, port) pairs `name` means on `identity`: none when it declares no
-        such name or only for another protocol (never "any port")."""
+        such name or only for another protocol (never "any port"), and none for a protocol
+        its endpoints map to several numbers (as Cilium's named-port map: which one a
+        connection means cannot be told, so the name selects nothing there)."""
         declared = self._named_ports.get(identity, {}).get(name, ())
-        return sorted(pp for pp in declared if proto == ANY_PROTOCOL or pp[0] == proto)
+        by_proto: dict[int, list[int]] = {}
+        for p, port in declared:
+            if proto == ANY_PROTOCOL or p == proto:
+                by_proto.setdefault(p, []).append(port)
+        return sorted((p, ports[0]) for p, ports in by_proto.items() if len(ports) == 1)
 
     # -- identities ------------------------------------------------------------------------
 

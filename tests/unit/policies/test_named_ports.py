@@ -282,3 +282,13 @@ def test_l7_rules_on_a_named_port_redirect_the_number_it_means() -> None:
     denied = trace(pols, src, dst, 8080, request=HTTPRequestSpec("GET", "/admin"))
     assert not denied.allowed and denied.denied_at == "L7"
     assert not trace(pols, src, dst, 80, request=HTTPRequestSpec("GET", "/ok")).allowed
+
+
+def test_endpoints_of_one_identity_mapping_a_name_differently_select_nothing() -> None:
+    """As Cilium's named-port map: a name that means two numbers on one identity is skipped
+    there (never both numbers); its other protocols still resolve."""
+    r = resolver(CNP_INGRESS)
+    r.set_named_ports(SERVER_A, {"http": TCP({(PROTO_TCP, 8080), (PROTO_TCP, 8081),
+                                              (PROTO_UDP, 8080)})})
+    assert not ingress_ok(r, SERVER_A, 8080) and not ingress_ok(r, SERVER_A, 8081)
+    assert ingress_ok(r, SERVER_A, 8080, PROTO_UDP)
