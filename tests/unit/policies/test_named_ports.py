@@ -3,7 +3,10 @@ names that endpoint declares; a name it does not declare selects nothing on it."
 
 from __future__ import annotations
 
+import random
 import textwrap
+
+import pytest
 
 from garrison.policies.labels import Labels, endpoint_labels
 from garrison.policies.loader import load_text
@@ -292,3 +295,75 @@ def test_endpoints_of_one_identity_mapping_a_name_differently_select_nothing() -
                                               (PROTO_UDP, 8080)})})
     assert not ingress_ok(r, SERVER_A, 8080) and not ingress_ok(r, SERVER_A, 8081)
     assert ingress_ok(r, SERVER_A, 8080, PROTO_UDP)
+
+
+def _random_policy(rnd: random.Random, n: int) -> str:
+    direction = rnd.choice(["ingress", "egress"])
+    peer_key = "fromEndpoints" if direction == "ingress" else "toEndpoints"
+    peers = rnd.choice(["", f"  - {peer_key}: [{{matchLabels: {{role: client}}}}]\n",
+                        f"  - {peer_key}: [{{matchLabels: {{tier: backend}}}}]\n"])
+    ports = ", ".join(
+        rnd.choice(["{port: http}", "{port: metrics, protocol: TCP}", "{port: '80'}",
+                    "{port: dns, protocol: UDP}"])
+        for _ in range(rnd.randint(1, 2))
+    )
+    item = peers + "    toPorts" if peers else "  - toPorts"
+    subject = rnd.choice(["{role: server}", "{role: client}", "{}"])
+    section = rnd.choice([direction, direction + "Deny"]) if rnd.random() < 0.2 else direction
+    return (f"apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p{n}}}\n"
+            f"spec:\n  endpointSelector: {{matchLabels: {subject}}}\n  {section}:\n"
+            f"{item}: [{{ports: [{ports}]}}]\n")
+
+
+def _random_ports(rnd: random.Random) -> dict[str, frozenset[tuple[int, int]]]:
+    out = {}
+    for name in ("http", "metrics", "dns"):
+        if rnd.random() < 0.6:
+            out[name] = frozenset({(rnd.choice([PROTO_TCP, PROTO_UDP]),
+                                    rnd.choice([53, 80, 8080, 9090]))})
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_incremental_named_port_changes_equal_a_fresh_resolve(seed: int) -> None:
+    """Port names set before or after identities and policies, changed, identities removed
+    and added again: every endpoint's policy equals the one a fresh resolver computes."""
+    rnd = random.Random(seed)
+    idents = {CLIENT: labels("role=client"), SERVER_A: labels("role=server,tier=backend"),
+              SERVER_B: labels("role=server,tier=backend,name=b"),
+              259: labels("role=client,tier=backend")}
+    pols = [p for n in range(rnd.randint(1, 4)) for p in policies(_random_policy(rnd, n))]
+    ports = {i: _random_ports(rnd) for i in idents}
+    r = build_resolver(pols[:1], [])
+    for ident, labs in idents.items():
+        if rnd.random() < 0.5:
+            r.set_named_ports(ident, ports[ident])
+            r.add_identity(ident, labs)
+        else:
+            r.add_identity(ident, labs)
+            r.set_named_ports(ident, ports[ident])
+    for ident in idents:
+        r.map_state(ident)
+    r.add_policies(pols[1:])
+    for _ in range(4):
+        ident = rnd.choice(list(idents))
+        op = rnd.random()
+        if op < 0.5:
+            ports[ident] = _random_ports(rnd)
+            r.set_named_ports(ident, ports[ident])
+        else:
+            r.remove_identity(ident)
+            for other in r.endpoint_identities():
+                assert all(k.identity != ident for k in r.map_state(other).entries)
+            r.set_named_ports(ident, ports[ident])
+            r.add_identity(ident, idents[ident])
+        r.updates(list(idents))
+    fresh = build_resolver(pols, [])
+    for ident, labs in idents.items():
+        fresh.set_named_ports(ident, ports[ident])
+        fresh.add_identity(ident, labs)
+    for ident in idents:
+        got, want = r.map_state(ident), fresh.map_state(ident)
+        assert dict(got.entries) == dict(want.entries), (seed, ident)
+        assert (got.ingress_enforced, got.egress_enforced) == (
+            want.ingress_enforced, want.egress_enforced)
