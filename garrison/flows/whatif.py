@@ -33,12 +33,12 @@ skipped.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from garrison.flows.codec import parse_time
-from garrison.policies.l7rules import kafka_api_key
+from garrison.policies.l7rules import L7RuleSet, kafka_api_key
 from garrison.policies.labels import LabelError, Labels, parse_label
 from garrison.policies.model import Policy, Protocol
 from garrison.policies.refs import RuleRef
@@ -49,6 +49,7 @@ from garrison.policies.trace import (
     L7RequestSpec,
     TraceEndpoint,
     TraceResult,
+    match_l7,
     trace,
 )
 
@@ -135,6 +136,12 @@ class WhatIf:
         self._policies = tuple(policies)
         self._config = config
         self._answers: dict[_Question, TraceResult] = {}
+        # Without audited policies, one trace per (source, destination, port, protocol): each
+        # request is then matched against the rule sets its lookups found, with matchers
+        # compiled once per rule set (a log of many distinct paths stays fast).
+        self._fast = not any(p.audit for p in self._policies)
+        self._connections: dict[_Question, TraceResult] = {}
+        self._matchers: dict[int, tuple[L7RuleSet, Any]] = {}
         self._groups: dict[tuple[str, str, str, str], WhatIfChange] = {}
         self._report = WhatIfReport()
 
@@ -147,15 +154,7 @@ class WhatIf:
         question, recorded_allowed, verdict, request_text = decision
         answer = self._answers.get(question)
         if answer is None:
-            answer = self._answers[question] = trace(
-                self._policies,
-                TraceEndpoint(question.source, question.source_ns),
-                TraceEndpoint(question.destination, question.destination_ns),
-                question.port,
-                question.protocol,
-                question.request,
-                self._config,
-            )
+            answer = self._answers[question] = self._ask(question)
         self._report.decisions += 1
         if answer.allowed == recorded_allowed:
             self._report.unchanged += 1
@@ -180,6 +179,35 @@ class WhatIf:
         group.count += 1
         group.first_ns = min(group.first_ns, time_ns) if group.first_ns else time_ns
         group.last_ns = max(group.last_ns, time_ns)
+
+    def _ask(self, question: _Question) -> TraceResult:
+        if not self._fast or question.request is None:
+            return self._trace(question)
+        key = replace(question, request=None)
+        base = self._connections.get(key)
+        if base is None:
+            base = self._connections[key] = self._answers.get(key) or self._trace(key)
+        steps = []
+        for step in base.steps:
+            found = step.lookup
+            if found is not None and found.allowed and found.redirect is not None and (
+                found.l7 is not None
+            ):
+                verdict = match_l7(found.l7, question.request, self._matchers)
+                step = replace(step, l7=verdict, l7_evaluated=verdict is not None)
+            steps.append(step)
+        return replace(base, steps=tuple(steps), request=question.request, notes=())
+
+    def _trace(self, question: _Question) -> TraceResult:
+        return trace(
+            self._policies,
+            TraceEndpoint(question.source, question.source_ns),
+            TraceEndpoint(question.destination, question.destination_ns),
+            question.port,
+            question.protocol,
+            question.request,
+            self._config,
+        )
 
     def report(self) -> WhatIfReport:
         out = self._report

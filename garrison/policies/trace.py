@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from garrison.policies.l7rules import (
     KAFKA_API_NAMES,
@@ -392,13 +393,40 @@ def _evaluate_l7(
     return replace(step, l7_protocol=protocol, l7=verdict, l7_evaluated=True)
 
 
-def match_l7(ruleset: L7RuleSet, request: L7RequestSpec) -> L7Verdict | None:
+def match_l7(
+    ruleset: L7RuleSet,
+    request: L7RequestSpec,
+    matchers: dict[int, tuple[L7RuleSet, Any]] | None = None,
+) -> L7Verdict | None:
     """Evaluate `request` with the proxy's own matchers; None if the port's parser would not
-    see such a request (e.g. Kafka flags on an HTTP port)."""
+    see such a request (e.g. Kafka flags on an HTTP port). `matchers`: a cache of compiled
+    matchers by rule set, for callers that match many requests against the same sets."""
+    protocol = ruleset.protocol
+    if matchers is not None:
+        cached = matchers.get(id(ruleset))
+        if cached is None or cached[0] is not ruleset:
+            from garrison.policies.match_grpc import GRPCMatcher
+            from garrison.policies.match_http import HTTPMatcher
+            from garrison.policies.match_kafka import KafkaMatcher
+
+            kinds: dict[L7Protocol, Any] = {
+                L7Protocol.HTTP: HTTPMatcher, L7Protocol.GRPC: GRPCMatcher,
+                L7Protocol.KAFKA: KafkaMatcher,
+            }
+            cached = matchers[id(ruleset)] = (ruleset, kinds[protocol](ruleset))
+        return _match_with(cached[1], ruleset, request)
+    from garrison.policies.match_grpc import GRPCMatcher
+    from garrison.policies.match_http import HTTPMatcher
+    from garrison.policies.match_kafka import KafkaMatcher
+
+    kinds = {L7Protocol.HTTP: HTTPMatcher, L7Protocol.GRPC: GRPCMatcher,
+             L7Protocol.KAFKA: KafkaMatcher}
+    return _match_with(kinds[protocol](ruleset), ruleset, request)
+
+
+def _match_with(matcher: Any, ruleset: L7RuleSet, request: L7RequestSpec) -> L7Verdict | None:
     protocol = ruleset.protocol
     if protocol is L7Protocol.HTTP:
-        from garrison.policies.match_http import HTTPMatcher
-
         if isinstance(request, GRPCRequestSpec):
             # gRPC is HTTP/2 POST /pkg.Service/Method: HTTP rules apply to it.
             request = HTTPRequestSpec(
@@ -411,12 +439,11 @@ def match_l7(ruleset: L7RuleSet, request: L7RequestSpec) -> L7Verdict | None:
             return None
         if request.rejected:
             return L7Verdict(False, None, f"answered {request.rejected}")
-        return HTTPMatcher(ruleset).match(
+        verdict: L7Verdict = matcher.match(
             request.method, request.path, request.host, list(request.headers)
         )
+        return verdict
     if protocol is L7Protocol.GRPC:
-        from garrison.policies.match_grpc import GRPCMatcher
-
         if isinstance(request, HTTPRequestSpec):
             parts = request.path.split("?")[0].strip("/").split("/")
             if request.method != "POST" or len(parts) != 2:
@@ -424,15 +451,15 @@ def match_l7(ruleset: L7RuleSet, request: L7RequestSpec) -> L7Verdict | None:
             request = GRPCRequestSpec(parts[0], parts[1])
         if not isinstance(request, GRPCRequestSpec):
             return None
-        return GRPCMatcher(ruleset).match(request.service, request.method)
-    from garrison.policies.match_kafka import KafkaMatcher
-
+        grpc_verdict: L7Verdict = matcher.match(request.service, request.method)
+        return grpc_verdict
     if not isinstance(request, KafkaRequestSpec):
         return None
     version = request.api_version if request.api_version is not None else -1
-    return KafkaMatcher(ruleset).match(
+    kafka_verdict: L7Verdict = matcher.match(
         request.api_key, version, request.client_id, list(request.topics)
     )
+    return kafka_verdict
 
 
 def describe_request(request: L7RequestSpec) -> str:
