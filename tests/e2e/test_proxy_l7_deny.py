@@ -316,3 +316,20 @@ def test_kafka_deny_rule_wins_over_an_l4_allow(kafka_proxy: ProxyHandle) -> None
     produced = log.wait(is_kafka("REQUEST", "produce", "FORWARDED", ANNOUNCE))
     assert "ingress_denied_by" not in produced[0]
 
+
+
+def test_kafka_python_keeps_producing_to_its_allowed_topic(kafka_proxy: ProxyHandle) -> None:
+    """kafka-python asks Metadata for every topic it knows (or all of them): a topic-bound
+    deny rule must not stop it producing to the topics it may use."""
+    from tests.e2e.test_proxy_kafka import _kp_produce, bootstrap, in_child
+
+    log = AccessLog(kafka_proxy)
+    result = in_child(_kp_produce, "127.0.0.1", bootstrap(kafka_proxy), PLANS, [b"x"],
+                      [b"y", b"z"])
+    assert result["sent"] == 0 and result["error"] is not None
+    assert (result["then_sent"], result.get("then_error")) == (2, None), result
+    # however the Metadata request was split per topic, its denied part names the deny rule
+    dropped = [line for line in log.lines() if is_kafka("REQUEST", "metadata", "DROPPED")(line)]
+    assert dropped
+    for line in dropped:
+        assert [p["name"] for p in line["ingress_denied_by"]] == ["no-plans"], line
