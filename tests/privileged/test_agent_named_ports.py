@@ -86,3 +86,17 @@ def test_a_bad_port_name_is_refused_with_the_rule(agent: AgentProcess, clean: No
     assert "invalid port name 'HTTP' (a port name has only lower-case letters, digits and " \
         "'-')" in out.stderr
     assert "ta-gnf" not in [e["name"] for e in agent.call("EndpointList")["endpoints"]]
+
+
+def test_port_names_survive_an_agent_restart(agent: AgentProcess, clean: None) -> None:
+    """The registry keeps each endpoint's port names: a restarted agent resolves the policy
+    to the same numbers (never to "any port", never to nothing)."""
+    a = agent.add_endpoint("gng", "role=gnserver,name=gng", 207, ports=["http=8080/TCP"])
+    client = agent.add_endpoint("gnh", "role=gnclient", 208)
+    agent.import_policy("gn-named", INGRESS)
+    with echo_servers(a, 8080, 9090):
+        assert reaches(client, a, 8080) and not reaches(client, a, 9090)
+        agent.stop()
+        agent.start()
+        assert agent.call("EndpointGet", name=a.name)["ports"] == ["http=8080/TCP"]
+        assert reaches(client, a, 8080) and not reaches(client, a, 9090)

@@ -103,3 +103,18 @@ def test_namespace_label_refuses_the_name_label(agent: AgentProcess, clean: None
     assert "kubernetes.io/metadata.name is always the namespace's own name and cannot be " \
         "set or removed" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_namespace_labels_survive_an_agent_restart(agent: AgentProcess, clean: None) -> None:
+    db = agent.add_endpoint("gndb2", "app=gndb", 213, namespace="gnprod")
+    agent.cli("namespace", "label", "gnshop3", "team=blue")
+    web = agent.add_endpoint("gnweb3", "app=gnweb", 214, namespace="gnshop3")  # after: too
+    agent.import_policy("gn-from-blue", KNP)
+    with echo_servers(db, 5432):
+        assert reaches(web, db, 5432)
+        agent.stop()
+        agent.start()
+        assert agent.cli_json("namespace", "get", "gnshop3")["labels"] == [
+            "kubernetes.io/metadata.name=gnshop3", "team=blue"]
+        assert agent.refresh(web).identity == web.identity
+        assert reaches(web, db, 5432)
