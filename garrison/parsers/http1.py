@@ -280,6 +280,8 @@ class RequestReceived:
         Transfer-Encoding, Host, Connection) cannot be edited: changing them would make
         upstream frame the message differently from what was validated.
         """
+        if not add and not remove and self.path == self.target:
+            return self.raw_head  # the bytes llhttp accepted, as received
         line_end = self.raw_head.index(b"\r\n")
         if self.path == self.target:
             request_line = self.raw_head[:line_end]

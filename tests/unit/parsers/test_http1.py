@@ -366,3 +366,12 @@ def test_an_idle_parser_holds_no_message() -> None:
     responses.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert len(list(responses.events())) == 3 and len(events) == 3
     assert responses._head_event is None and responses._sink.fields == []
+
+
+def test_an_unchanged_head_is_forwarded_as_the_very_bytes_received() -> None:
+    parser = HTTP1RequestParser()
+    data = GET + GET
+    parser.receive_data(data)
+    request = parser.next_event()
+    assert isinstance(request, RequestReceived)
+    assert request.forward_head() is request.raw_head == GET  # a slice, not re-joined
