@@ -126,7 +126,7 @@ def test_drops_verdicts_endpoints_policy_and_map_pressure(agent: NsAgent,
     done = agent.cli("policy", "import", str(policy))
     assert done.returncode == 0, done.stderr
     bad = tmp_path / "bad.yaml"
-    bad.write_text(POLICY.replace('port: "8080"', 'port: "eighty"'))
+    bad.write_text(POLICY.replace('port: "8080"', 'port: "web_api"'))  # not a port name
     assert agent.cli("policy", "import", str(bad)).returncode != 0
 
     # one UDP datagram the web's ingress policy does not allow: one drop, one verdict
