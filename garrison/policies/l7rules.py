@@ -282,3 +282,6 @@ class L7Verdict:
     # allowed, but the audited policies would deny it: recorded AUDIT, naming these rules
     audited: bool = False
     audit_denied_by: tuple[RuleRef, ...] = ()
+    # Kafka all-topics Metadata under topic-bound L7 deny rules: topics the answer must not
+    # list (the proxy removes them), whatever `allowed_topics` says
+    hidden_topics: frozenset[str] = frozenset()

@@ -19,9 +19,10 @@ Semantics (docs: POLICY-SEMANTICS.md, Kafka rules):
 - A rule set with `allow_all` allows everything.
 - `deny_rules` (garrison extension) are checked first and win: a deny rule that applies to the
   request (API key, version, client id as above) denies it when it has no `topic` or the
-  request names its topic. A topic-bound deny rule also denies an all-topics Metadata or a
-  request with unknown topics (it might name the topic: fail closed). The verdict names the
-  deny rule in `denied_by`.
+  request names its topic. An all-topics Metadata request is not denied by topic-bound deny
+  rules: the allow rules decide, and the answer must not list their topics
+  (`hidden_topics`). A request with unknown topics is denied by any that applies (it might
+  name the topic: fail closed). The verdict names the deny rule in `denied_by`.
 """
 
 from __future__ import annotations
@@ -170,14 +171,36 @@ class KafkaMatcher:
         *,
         unknown_topics: bool = False,
     ) -> L7Verdict:
+        hidden: set[str] = set()
         for deny in self._deny_rules:
             applies = (not deny.api_keys or api_key in deny.api_keys) and deny.applies(
                 api_version, client_id
             )
-            if applies and (
-                deny.topic is None or all_topics or unknown_topics or deny.topic in topics
-            ):
+            if not applies:
+                continue
+            if all_topics and deny.topic is not None and not unknown_topics:
+                hidden.add(deny.topic)
+            elif deny.topic is None or all_topics or unknown_topics or deny.topic in topics:
                 return deny.verdict
+        verdict = self._match_allow(
+            api_key, api_version, client_id, topics, all_topics, unknown_topics
+        )
+        if hidden and verdict.allowed:
+            return L7Verdict(
+                True, verdict.rule, verdict.reason, filter_response=True,
+                allowed_topics=verdict.allowed_topics, hidden_topics=frozenset(hidden),
+            )
+        return verdict
+
+    def _match_allow(
+        self,
+        api_key: int,
+        api_version: int,
+        client_id: str | None,
+        topics: Sequence[str],
+        all_topics: bool,
+        unknown_topics: bool,
+    ) -> L7Verdict:
         if self.ruleset.allow_all:
             return self._allow_all
         applicable = self._applicable(api_key, api_version, client_id)

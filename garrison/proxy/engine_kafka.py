@@ -146,6 +146,10 @@ class _Slot:
     # 29, from the deny encoder) to add to the broker's answer for the allowed ones.
     denied_topics: tuple[str, ...] = ()
     denied_entries: tuple[Any, ...] = ()
+    # all-topics Metadata under topic-bound L7 deny rules: topics its answer must not list
+    hidden_topics: frozenset[str] = frozenset()
+    # the L7 deny rules that denied `denied_topics` (garrison extension)
+    denied_by: tuple[RuleRef, ...] = ()
 
     def __init__(
         self,
@@ -159,6 +163,8 @@ class _Slot:
         unanswerable: str = "",
         denied_topics: tuple[str, ...] = (),
         denied_entries: tuple[Any, ...] = (),
+        hidden_topics: frozenset[str] = frozenset(),
+        denied_by: tuple[RuleRef, ...] = (),
     ) -> None:
         # Written out, not generated: see "Initialisers" in garrison/native.py.
         self.request = request
@@ -171,6 +177,8 @@ class _Slot:
         self.unanswerable = unanswerable
         self.denied_topics = denied_topics
         self.denied_entries = denied_entries
+        self.hidden_topics = hidden_topics
+        self.denied_by = denied_by
 
 
 @dataclass(slots=True)
@@ -454,7 +462,8 @@ class KafkaEngine:
             self._forward(request, False, verdict.audit_denied_by, verdict.allowed_topics,
                           topics, now, out)
         elif verdict.allowed or self._audit:
-            self._forward(request, verdict.allowed, refs, verdict.allowed_topics, topics, now, out)
+            self._forward(request, verdict.allowed, refs, verdict.allowed_topics, topics, now, out,
+                          verdict.hidden_topics)
         elif request.api_key == METADATA and (split := self._split_metadata(request)):
             self._forward_allowed_part(request, *split, now, out)
         else:
@@ -469,6 +478,7 @@ class KafkaEngine:
         topics: tuple[str, ...],
         now: float,
         out: _Out,
+        hidden_topics: frozenset[str] = frozenset(),
     ) -> None:
         try:
             self._responses.expect(request)
@@ -487,6 +497,7 @@ class KafkaEngine:
                     now,
                     topics,
                     allowed_topics=self._answer_topics(request, allowed, allowed_topics),
+                    hidden_topics=hidden_topics if allowed and not self._audit else frozenset(),
                 )
             )
 
@@ -509,7 +520,7 @@ class KafkaEngine:
         every = self._matcher.match(
             METADATA, request.api_version, request.client_id, (), all_topics=True
         )
-        if every.allowed and every.allowed_topics is None:
+        if every.allowed and every.allowed_topics is None and not every.hidden_topics:
             return None  # the rules allow any topic: nothing to hide
         return frozenset(request.topics)
 
@@ -599,6 +610,7 @@ class KafkaEngine:
                 allowed_topics=frozenset(allowed),
                 denied_topics=denied,
                 denied_entries=tuple(entries),
+                denied_by=denied_by,
             )
         )
 
@@ -694,7 +706,7 @@ class KafkaEngine:
                 out.log_later(self._forwarded_response_record, slot, response, now)
             if slot.denied_topics:
                 topics = slot.denied_topics
-                denied = _Slot(slot.request, Verdict.DROPPED, (), slot.started, topics)
+                denied = _Slot(slot.request, Verdict.DROPPED, slot.denied_by, slot.started, topics)
                 key = (L7FlowType.RESPONSE, METADATA, slot.request.api_version, topics)
                 self._repeats.log(
                     out, key, now, self._response_record, denied, TOPIC_AUTHORIZATION_FAILED, now
@@ -709,6 +721,11 @@ class KafkaEngine:
         advertise = self._advertise
         address_for = None if advertise is None else (lambda _n, _h, _p: advertise)
         keep = slot.allowed_topics
+        if slot.hidden_topics and response.request.api_key == METADATA:
+            # what topic-bound L7 deny rules hide from an all-topics answer
+            listed = response.decoded.topics if response.decoded is not None else None
+            names = {t.name for t in listed or () if t.name}
+            keep = frozenset((keep if keep is not None else names) - slot.hidden_topics)
         if keep is not None and response.request.api_key == METADATA:
             decoded = response.decoded
             if decoded is None:
