@@ -249,6 +249,7 @@ def audited(verdict: L7Verdict, would: L7Verdict, refs: tuple[RuleRef, ...]) -> 
         None,
         True,
         (would.denied_by,) if would.denied_by is not None else refs,
+        verdict.hidden_topics,
     )
 
 
