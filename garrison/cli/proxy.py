@@ -15,8 +15,9 @@ policy; an invalid one is refused and the old one stays. SIGTERM / SIGINT stop t
 (`SO_REUSEPORT`, `garrison.proxy.workers`): the kernel spreads connections over them; the
 parent watches the policy files and takes SIGHUP, and has every worker load a valid policy
 ("policy revision N applied (N workers)" once all did); a worker that dies is restarted with
-the policy in force; the access log gets whole lines from all of them; and `--metrics` serves their sum (prometheus_client's
-multiprocess mode, in a per-run directory removed at exit). `--workers 1` is one process.
+the policy in force; the access log gets whole lines from all of them; and `--metrics` serves
+their sum (prometheus_client's multiprocess mode, in a per-run directory removed at exit).
+`--workers 1` is one process.
 
 When no loaded policy selects the destination for ingress (often a typo in `--dst-labels`),
 nothing in the files applies and every request would be forwarded: the proxy refuses to
