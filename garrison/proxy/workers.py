@@ -31,6 +31,7 @@ import errno
 import logging
 import os
 import select
+import shutil
 import signal
 import sys
 import time
@@ -83,6 +84,15 @@ def _die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # it died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _remove_orphaned_metrics() -> None:
+    """The parent died without its clean-up (SIGKILL): the last of its workers removes the
+    per-run metrics directory it made, so nothing of the run is left in /tmp. Several workers
+    may race here; whichever is last finds nothing left to remove."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(directory).startswith("garrison-proxy-metrics-"):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def describe_status(status: int) -> str:
@@ -178,6 +188,8 @@ class Supervisor:
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
+                if os.getppid() != self._parent:
+                    _remove_orphaned_metrics()
                 os._exit(status)
         slot.pid = pid
         slot.started = time.monotonic()

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 import urllib.request
@@ -210,6 +211,7 @@ def test_sigterm_stops_every_worker(proxy: ProxyHandle) -> None:
 def test_workers_do_not_outlive_a_killed_parent(
     tmp_path: Path, deathstar: Address
 ) -> None:
+    before = set(Path(tempfile.gettempdir()).glob("garrison-proxy-metrics-*"))
     handle = start_proxy(
         tmp_path, protocol="http", policy_files=[L7_POLICY], dst_labels=DEATHSTAR_LABELS,
         upstream=deathstar, peers=[TIEFIGHTER_PEER], dport=80, verbose=False,
@@ -217,6 +219,7 @@ def test_workers_do_not_outlive_a_killed_parent(
     )
     try:
         pids = worker_pids(handle)
+        made = set(Path(tempfile.gettempdir()).glob("garrison-proxy-metrics-*")) - before
         os.kill(handle.pid, signal.SIGKILL)
 
         def gone(pid: int) -> bool:
@@ -228,5 +231,8 @@ def test_workers_do_not_outlive_a_killed_parent(
 
         # Not reaped by us (their parent is gone): init reaps them once they exit.
         wait_until(lambda: all(gone(pid) for pid in pids.values()), "the workers gone", 10)
+        # and the last of them removed the run's metrics directory the parent could not
+        assert made, "the run made no metrics directory to look for"
+        wait_until(lambda: not any(d.exists() for d in made), "the metrics directory removed", 5)
     finally:
         handle.stop()
