@@ -133,9 +133,6 @@ class RequestWakeup:
 class PauseClient:
     paused: bool
 
-    def __init__(self, paused: bool) -> None:
-        object.__setattr__(self, "paused", paused)
-
 
 class Log:
     """Emit a flow record; equal to another `Log` of an equal record."""
@@ -188,6 +185,8 @@ Command = (
 
 
 # ---- events ---------------------------------------------------------------------------------
+# The events of every read (ClientData, UpstreamData) write their `__init__` out ("Initialisers"
+# in garrison/native.py); those that come once per connection keep the generated one.
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,10 +195,6 @@ class Started:
 
     now: float
     mono: float
-
-    def __init__(self, now: float, mono: float) -> None:
-        object.__setattr__(self, "now", now)
-        object.__setattr__(self, "mono", mono)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,20 +230,11 @@ class ClientClosed:
     mono: float
     reset: bool = False
 
-    def __init__(self, now: float, mono: float, reset: bool = False) -> None:
-        object.__setattr__(self, "now", now)
-        object.__setattr__(self, "mono", mono)
-        object.__setattr__(self, "reset", reset)
-
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConnected:
     now: float
     mono: float
-
-    def __init__(self, now: float, mono: float) -> None:
-        object.__setattr__(self, "now", now)
-        object.__setattr__(self, "mono", mono)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,11 +242,6 @@ class UpstreamFailed:
     reason: str
     now: float
     mono: float
-
-    def __init__(self, reason: str, now: float, mono: float) -> None:
-        object.__setattr__(self, "reason", reason)
-        object.__setattr__(self, "now", now)
-        object.__setattr__(self, "mono", mono)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,20 +252,11 @@ class UpstreamClosed:
     mono: float
     reset: bool = False
 
-    def __init__(self, now: float, mono: float, reset: bool = False) -> None:
-        object.__setattr__(self, "now", now)
-        object.__setattr__(self, "mono", mono)
-        object.__setattr__(self, "reset", reset)
-
 
 @dataclass(frozen=True, slots=True)
 class Wakeup:
     now: float
     mono: float
-
-    def __init__(self, now: float, mono: float) -> None:
-        object.__setattr__(self, "now", now)
-        object.__setattr__(self, "mono", mono)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,11 +265,6 @@ class RulesetChanged:
     now: float
     mono: float
 
-    def __init__(self, ruleset: L7RuleSet, now: float, mono: float) -> None:
-        object.__setattr__(self, "ruleset", ruleset)
-        object.__setattr__(self, "now", now)
-        object.__setattr__(self, "mono", mono)
-
 
 @dataclass(frozen=True, slots=True)
 class Stopping:
@@ -305,10 +272,6 @@ class Stopping:
 
     now: float
     mono: float
-
-    def __init__(self, now: float, mono: float) -> None:
-        object.__setattr__(self, "now", now)
-        object.__setattr__(self, "mono", mono)
 
 
 Event = (
