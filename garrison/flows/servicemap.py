@@ -77,6 +77,7 @@ from garrison.flows.summary import (
     RetriedSyns,
     RuleKey,
     aggregated_flows,
+    count_rules,
     path_pattern,
     short_labels,
 )
@@ -87,6 +88,7 @@ from garrison.identity.model import RESERVED_BY_ID
 _FWD, _DROP, _AUDIT, _ERROR, _OTHER, _VDENIED = range(6)
 _SLOT = {"FORWARDED": _FWD, "DROPPED": _DROP, "AUDIT": _AUDIT, "ERROR": _ERROR}
 # Rule slots: allowed, denied (L7), audited, L3/L4 denied by drop, by policy verdict, first, last
+# the slots of `summary.count_rules`, which counts rules for both
 _R_ALLOWED, _R_DENIED, _R_AUDITED, _R_DROP, _R_VERDICT, _R_FIRST, _R_LAST = range(7)
 _L4_NAMES = ("TCP", "UDP", "SCTP", "ICMPv4", "ICMPv6")
 _MAX_PODS = 50  # endpoint names kept per node (the count goes on)
@@ -94,7 +96,7 @@ _MEMO = 4096
 DEFAULT_MAX_NODES = 150
 
 NodeKey = tuple[str, int]  # namespace, identity
-_RuleTuple = tuple[Any, Any, Any, Any]  # as read; `_merged_rules` makes RuleKeys
+_RuleTuple = tuple[Any, ...]  # as read; `_merged_rules` makes RuleKeys
 
 
 class _Node:
@@ -325,10 +327,10 @@ class ServiceMapBuilder:
             edge.last = t
         refs = get("ingress_allowed_by")
         if refs:
-            _count_rules(edge.rules, refs, _R_ALLOWED, t, n)
+            count_rules(edge.rules, refs, _R_ALLOWED, t, n)
         refs = get("egress_allowed_by")
         if refs:
-            _count_rules(edge.rules, refs, _R_ALLOWED, t, n)
+            count_rules(edge.rules, refs, _R_ALLOWED, t, n)
         denied, egress_denied = get("ingress_denied_by"), get("egress_denied_by")
         if denied or egress_denied:
             if slot == _AUDIT:
@@ -340,9 +342,9 @@ class ServiceMapBuilder:
             else:
                 what = _R_DENIED
             if denied:
-                _count_rules(edge.rules, denied, what, t, n)
+                count_rules(edge.rules, denied, what, t, n)
             if egress_denied:
-                _count_rules(edge.rules, egress_denied, what, t, n)
+                count_rules(edge.rules, egress_denied, what, t, n)
 
     def _ns(self, text: str) -> int | None:
         """Nanoseconds of a time `_time` gave, each second parsed once."""
@@ -578,31 +580,6 @@ class ServiceMapBuilder:
             "never_matched": never,
             "audited": audited,
         }
-
-
-def _count_rules(rules: dict[_RuleTuple, list[Any]], refs: Any, what: int,
-                 t: str | None, n: int = 1) -> None:
-    if type(refs) is not list:
-        return
-    for ref in refs:
-        if not _is_obj(ref):
-            continue
-        get = ref.get
-        # the values as they are, normalised in `result()`: this runs for most records
-        key = (get("kind"), get("namespace"), get("name"), get("rule"))
-        try:
-            stats = rules.get(key)
-        except TypeError:
-            key = (_text(key[0]), _text(key[1]), _text(key[2]), _text(key[3]))
-            stats = rules.get(key)
-        if stats is None:
-            stats = rules[key] = [0, 0, 0, 0, 0, t, t]
-        stats[what] += n
-        if t is not None:
-            if stats[_R_FIRST] is None or t < stats[_R_FIRST]:
-                stats[_R_FIRST] = t
-            if stats[_R_LAST] is None or t > stats[_R_LAST]:
-                stats[_R_LAST] = t
 
 
 def _merged_rules(rules: Mapping[_RuleTuple, list[Any]]) -> dict[RuleKey, list[Any]]:

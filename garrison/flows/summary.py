@@ -569,6 +569,35 @@ _GroupKey = tuple[PeerKey, PeerKey, str, str]
 _RuleTuple = tuple[Any, ...]  # kind, namespace, name, rule as read
 
 
+def count_rules(rules: dict[_RuleTuple, list[Any]], refs: Any, what: int, when: Any,
+                n: int = 1) -> None:
+    """Count `n` decisions of kind `what` (a slot `_ALLOWED` .. `_DENIED_VERDICT`) for every
+    rule reference in `refs` (a record's `*_allowed_by` / `*_denied_by`), keeping the first and
+    last `when` (any comparable time, None when the record has none) in slots `_FIRST` and
+    `_LAST`. Keys are the values as read, normalised when the result is made: this runs for
+    most records. Shared by the summary and the service map."""
+    if type(refs) is not list:
+        return
+    for ref in refs:
+        if type(ref) is not dict and not isinstance(ref, Mapping):
+            continue
+        get = ref.get
+        key: _RuleTuple = (get("kind"), get("namespace"), get("name"), get("rule"))
+        try:
+            stats = rules.get(key)
+        except TypeError:  # an unhashable value: no text anyway
+            key = tuple(_text(v) for v in key)
+            stats = rules.get(key)
+        if stats is None:
+            stats = rules[key] = [0, 0, 0, 0, 0, when, when]
+        stats[what] += n
+        if when is not None:
+            if stats[_FIRST] is None or when < stats[_FIRST]:
+                stats[_FIRST] = when
+            if stats[_LAST] is None or when > stats[_LAST]:
+                stats[_LAST] = when
+
+
 class RetriedSyns:
     """Tells a retransmitted denied SYN from a new connection attempt: the same TCP 5-tuple
     (addresses and ports) and event type as a SYN seen at most `window_s` before. Feed it
@@ -854,28 +883,7 @@ class SummaryBuilder:
         return [("l7", "")]
 
     def _count_rules(self, refs: Any, what: int, ns: int | None, n: int = 1) -> None:
-        if type(refs) is not list:
-            return
-        rules = self._rules
-        for ref in refs:
-            if type(ref) is not dict and not isinstance(ref, Mapping):
-                continue
-            get = ref.get
-            # the values as they are (normalised in `result()`): this runs for most records
-            key: _RuleTuple = (get("kind"), get("namespace"), get("name"), get("rule"))
-            try:
-                stats = rules.get(key)
-            except TypeError:  # an unhashable value: no text anyway
-                key = tuple(_text(v) for v in key)
-                stats = rules.get(key)
-            if stats is None:
-                stats = rules[key] = [0, 0, 0, 0, 0, ns, ns]
-            stats[what] += n
-            if ns is not None:
-                if stats[_FIRST] is None or ns < stats[_FIRST]:
-                    stats[_FIRST] = ns
-                if stats[_LAST] is None or ns > stats[_LAST]:
-                    stats[_LAST] = ns
+        count_rules(self._rules, refs, what, ns, n)
 
     # -- the result ---------------------------------------------------------------------------
 
