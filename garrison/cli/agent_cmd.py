@@ -42,6 +42,9 @@ from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
 from garrison.agent.metrics import AgentMetrics
 from garrison.bpf.loader import BPFFSError, DatapathError
 from garrison.cluster.agent import ClusterConfigError
+from garrison.cluster.flowapi import DEFAULT_PORT as FLOW_API_PORT
+from garrison.cluster.flowapi import FlowAPIError, FlowAPIServer
+from garrison.cluster.keys import parse_host_port
 from garrison.cluster.routes import RouteError, remove_node_routes
 from garrison.cni.wire import cni_socket_for
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
@@ -102,6 +105,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kvstore-lease-ttl", type=int, default=15, metavar="SECONDS",
                    help="with --kvstore etcd: how long after this agent stops the other nodes "
                    "forget its endpoints (default 15)")
+    p.add_argument("--flow-api", default="auto", metavar="IP:PORT|none",
+                   help="with --kvstore etcd: serve this node's flow records read-only to the "
+                   "other nodes (`garrison observe --cluster`), unauthenticated plaintext like "
+                   "Hubble's port without TLS; auto: the node IP, port 4244; none: do not "
+                   "(docs/cluster.md)")
     p.add_argument("--enforcement", choices=[m.value for m in EnforcementMode],
                    default="default",
                    help="Cilium's policy enforcement mode: default: a direction is enforced, "
@@ -153,6 +161,41 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     )
 
 
+def _check_flow_api(args: argparse.Namespace) -> None:
+    if args.flow_api in ("auto", "none"):
+        return
+    if args.kvstore != "etcd":
+        raise ValueError("--flow-api serves the cluster's flow view: it needs --kvstore etcd")
+    try:
+        parse_host_port(args.flow_api)
+    except ValueError as exc:
+        raise ValueError(f"--flow-api: {exc}, auto or none") from None
+
+
+def _start_flow_api(agent: Agent, flag: str) -> FlowAPIServer | None:
+    """The read-only flow listener, its address published in the node's record. The default
+    address that cannot be bound is logged and shown by `garrison status` (the agent runs
+    on); an address given that cannot be is an error."""
+    cluster = agent.cluster
+    if cluster is None or flag == "none":
+        return None
+    explicit = flag != "auto"
+    host, port = parse_host_port(flag) if explicit else (cluster.node.me.ip, FLOW_API_PORT)
+    server = FlowAPIServer(agent.flows, str(host), port)
+    try:
+        server.start()
+    except FlowAPIError as exc:
+        if explicit:
+            raise
+        cluster.flow_api_error = f"no flow API for `observe --cluster`: {exc}"
+        log.error("%s", cluster.flow_api_error)
+        return None
+    published = cluster.node.me.ip if host.is_unspecified else host
+    cluster.serve_flow_api(f"{published}:{server.port}")
+    log.info("flow API (read-only) on %s", server.address)
+    return server
+
+
 def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.kvstore != "etcd":
         if args.kvstore_endpoints or args.pod_cidr or args.node_ip:
@@ -177,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = _config(args)
+        _check_flow_api(args)
     except ValueError as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 2
@@ -202,9 +246,9 @@ def run(args: argparse.Namespace) -> int:
         # uvloop for the agent's own loop only: pyroute2 runs its own asyncio loops in worker
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_serve(config, args.verbose, args.ui))
+            return runner.run(_serve(config, args.verbose, args.ui, args.flow_api))
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError,
-            KVStoreError, ClusterConfigError, RouteError) as exc:
+            KVStoreError, ClusterConfigError, RouteError, FlowAPIError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
 
@@ -297,7 +341,8 @@ def _start_ui(listen: str, socket_path: Path) -> Any:
     return review
 
 
-async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> int:
+async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
+                 flow_api_flag: str = "none") -> int:
     loop = asyncio.get_running_loop()
     agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir))
     writer = None
@@ -314,7 +359,13 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> i
                     verbose=sys.stderr if verbose else None, loop=loop)
     agent.event_listeners.append(agent_metrics.event_seen)
     agent.flow_sinks = [lambda record: loop.call_soon_threadsafe(sink.emit, record)]
-    await loop.run_in_executor(None, agent.start)
+    flow_api = _start_flow_api(agent, flow_api_flag)  # before start() publishes the node
+    try:
+        await loop.run_in_executor(None, agent.start)
+    except BaseException:
+        if flow_api is not None:
+            flow_api.stop(0)
+        raise
 
     def destination(ip: str, port: int) -> PeerInfo:
         with agent.lock:
@@ -379,6 +430,8 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> i
         cni.stop()
         api.stop()
     finally:
+        if flow_api is not None:
+            flow_api.stop()
         for server in servers:
             with contextlib.suppress(Exception):
                 await server.close(grace=0.5)

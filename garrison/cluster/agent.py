@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,6 +114,8 @@ class AgentCluster:
         # The underlay device with from_netdev attached, and whether its clsact is ours.
         self._netdev: tuple[int, bool] | None = None
         self.netdev_error: str | None = None
+        # Why this node serves no flow API although it was to (the default address failed).
+        self.flow_api_error: str | None = None
 
     @classmethod
     def for_agent(cls, agent: Agent, config: AgentConfig) -> AgentCluster:
@@ -137,6 +140,11 @@ class AgentCluster:
             lease_ttl_s=config.kvstore_lease_ttl_s,
             cache_path=config.state_dir / CACHE_FILE,
         )
+
+    def serve_flow_api(self, address: str) -> None:
+        """Publish where this node's flow API listens (`IP:PORT`) in its node record: called
+        before `start()`, which writes the record."""
+        self.node.me = replace(self.node.me, flow_api=address)
 
     def start(self) -> None:
         """Steer connections from other nodes to the proxy, publish this node and its
@@ -334,4 +342,7 @@ class AgentCluster:
             out["underlay_ifindex"] = self._netdev[0]
         if self.netdev_error:
             out["underlay_error"] = self.netdev_error
+        out["flow_api"] = self.node.me.flow_api or None
+        if self.flow_api_error:
+            out["flow_api_error"] = self.flow_api_error
         return out
