@@ -24,6 +24,9 @@ MARK_TO_PROXY = 0x0200
 MARK_PROXY_UPSTREAM = 0x0B00
 """The SO_MARK the proxy sets on its upstream sockets (see abi.h for what the datapath does
 with it): `sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK_PROXY_UPSTREAM)`."""
+MARK_DENY_RESPONSE = 0x0C00
+"""On an answer to_container made for a denied packet, redirected towards the sender through
+the ingress of the same host veth: from_container passes it (see abi.h)."""
 PROXY_ROUTE_TABLE = 2004
 PROXY_LISTEN_ADDR = 0x7F000001
 
@@ -44,6 +47,11 @@ CT_TIMEOUT_CLOSE_S_DEFAULT = 10
 CT_TIMEOUT_OTHER_S_DEFAULT = 60
 
 COUNTERS_MAX = 512
+
+# ---- Answers for denied packets: the per-CPU token bucket ----------------------------------
+DENY_RESPONSE_INTERVAL_NS = 1_000_000
+"""One answer per millisecond per CPU (1000/s), as Linux's own icmp_msgs_per_sec."""
+DENY_RESPONSE_BURST = 50
 
 
 class TrafficDirection(IntEnum):
@@ -165,6 +173,8 @@ class EndpointFlags(IntFlag):
     INGRESS_ENFORCED = 0x1
     EGRESS_ENFORCED = 0x2
     AUDIT = 0x4
+    DENY_RESPONSE_ICMP = 0x8
+    DENY_RESPONSE_TCP_RESET = 0x10
 
 
 class IPCacheFlags(IntFlag):
@@ -197,6 +207,8 @@ class CounterCode(IntEnum):
     REDIRECTED = 1
     AUDITED = 2
     EVENTS_LOST = 3
+    DENY_RESPONSE_SENT = 4
+    DENY_RESPONSE_LIMITED = 5
 
 
 def counter_index(obs: ObservationPoint, code: int) -> int:
@@ -218,6 +230,8 @@ class EventFlags(IntFlag):
     ALLOWED = 0x01
     AUDIT = 0x02
     REDIRECT = 0x04
+    DENY_RESPONSE_ICMP = 0x08
+    DENY_RESPONSE_TCP_RESET = 0x10
 
 
 # ---- Structures ----------------------------------------------------------------------------
