@@ -177,6 +177,21 @@ class EndpointFlags(IntFlag):
     DENY_RESPONSE_TCP_RESET = 0x10
 
 
+DENY_RESPONSES: dict[str, EndpointFlags] = {
+    "drop": EndpointFlags.NONE,
+    "icmp": EndpointFlags.DENY_RESPONSE_ICMP,
+    "tcp-reset": EndpointFlags.DENY_RESPONSE_TCP_RESET,
+}
+"""`garrison endpoint config NAME deny-response=VALUE`: the endpoint flag of each value
+(`drop`, the default, sets none)."""
+
+
+def deny_response_flags(value: str) -> EndpointFlags:
+    """The flag of a deny-response setting; an unknown one (a registry written by a later
+    version) is the default, a silent drop: answers never change what is allowed."""
+    return DENY_RESPONSES.get(value, EndpointFlags.NONE)
+
+
 class IPCacheFlags(IntFlag):
     """GAR_IPCACHE_*."""
 
