@@ -25,8 +25,11 @@
  * rate): an answer is never larger than 28 bytes plus the denied packet's first 68, one per
  * denied packet, so a flood of denied packets cannot be turned into a larger one.
  * Checksums: IP and TCP/ICMP are computed in full here. A packet the local stack sent
- * with checksum offload (CHECKSUM_PARTIAL) keeps that state; its receiver is local (the
- * endpoint, or the host that sent it) and does not verify it.
+ * with checksum offload (CHECKSUM_PARTIAL) keeps that state (there is no helper to clear
+ * it); its receiver is local (the endpoint, or the host that sent it) and does not verify
+ * it. The kernel will not cut such a packet before its L4 checksum field: its ICMP answer
+ * quotes 20 bytes beyond the IP header instead of 8, and a TCP segment of it with IP options
+ * is answered with ICMP instead of a RST.
  */
 #ifndef GARRISON_LIB_DENY_RESPONSE_H
 #define GARRISON_LIB_DENY_RESPONSE_H
@@ -126,7 +129,10 @@ struct gar_answer_tcp {
 	struct tcphdr tcp;
 };
 
-/* The denied TCP segment becomes the RST (eth + 20 + 20 bytes). */
+/* The denied TCP segment becomes the RST (eth + 20 + 20 bytes). Returns 0, -1 (failed), or
+ * 1: this one cannot be cut to a RST, answer with ICMP (a segment with IP options the local
+ * stack sent with checksum offload: the kernel keeps a CHECKSUM_PARTIAL packet at least as
+ * long as its checksum field's end). */
 static __always_inline int gar_answer_rst(struct __sk_buff *skb, const struct ethhdr *eth,
 					  const struct iphdr *ip)
 {
@@ -154,10 +160,10 @@ static __always_inline int gar_answer_rst(struct __sk_buff *skb, const struct et
 	a.tcp.check = gar_fold(sum + gar_sum16(&a.tcp, sizeof(a.tcp) / 2));
 
 	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(a), 0) < 0)
-		return -1;
+		return hlen > sizeof(*ip) ? 1 : -1;
 	if (gar_answer_eth(skb, eth) < 0)
 		return -1;
-	return bpf_skb_store_bytes(skb, ETH_HLEN, &a, sizeof(a), 0);
+	return bpf_skb_store_bytes(skb, ETH_HLEN, &a, sizeof(a), 0) < 0 ? -1 : 0;
 }
 
 struct gar_answer_icmp {
@@ -166,15 +172,19 @@ struct gar_answer_icmp {
 };
 
 /* The denied packet becomes the ICMP error: 28 bytes of new headers opened after the
- * Ethernet header, the packet cut after its IP header and 8 more bytes (those quoted). */
+ * Ethernet header, the packet cut after what is quoted: its IP header and 8 more bytes, or
+ * 20 when the kernel refuses that cut (a packet the local stack sent with checksum offload,
+ * CHECKSUM_PARTIAL, is kept at least as long as its L4 checksum field's end: 18 bytes into
+ * TCP). RFC 1812 allows quoting more than RFC 792's 8 bytes. */
 static __always_inline int gar_answer_icmp(struct __sk_buff *skb, const struct ethhdr *eth,
 					   const struct iphdr *ip)
 {
 	struct gar_answer_icmp a = {};
-	__u32 quoted[15 + 2] = {}; /* the IP header (options too) and 8 bytes beyond */
-	__u32 hlen = ip->ihl * 4, sum;
+	__u32 quoted[15 + 2] = {}, more[3] = {}; /* the IP header (options too), 8 + 12 bytes */
+	__u32 hlen = ip->ihl * 4, len = gar_ntohs(ip->tot_len), qlen = hlen + 8, sum;
+	int have_more = len >= hlen + 20 && skb->len >= ETH_HLEN + hlen + 20;
 
-	if (gar_ntohs(ip->tot_len) < hlen + 8 || skb->len < ETH_HLEN + hlen + 8)
+	if (len < hlen + 8 || skb->len < ETH_HLEN + hlen + 8)
 		return -1;
 	__builtin_memcpy(quoted, ip, sizeof(*ip));
 #pragma unroll
@@ -185,21 +195,28 @@ static __always_inline int gar_answer_icmp(struct __sk_buff *skb, const struct e
 	}
 	if (bpf_skb_load_bytes(skb, ETH_HLEN + hlen, &quoted[15], 8) < 0)
 		return -1;
-
-	gar_answer_ip(&a.ip, ip, IPPROTO_ICMP, sizeof(a) + hlen + 8, 0xc0, 0);
-	a.icmp.type = ICMP_DEST_UNREACH;
-	a.icmp.code = GAR_ICMP_PKT_FILTERED;
-	/* the words not loaded are zero and add nothing */
-	sum = gar_sum16(&a.icmp, sizeof(a.icmp) / 2) + gar_sum16(quoted, sizeof(quoted) / 2);
-	a.icmp.checksum = gar_fold(sum);
+	if (have_more && bpf_skb_load_bytes(skb, ETH_HLEN + hlen + 8, more, sizeof(more)) < 0)
+		return -1;
 
 	if (bpf_skb_adjust_room(skb, sizeof(a), BPF_ADJ_ROOM_MAC, 0) < 0)
 		return -1;
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(a) + hlen + 8, 0) < 0)
-		return -1;
+	/* the words not loaded are zero and add nothing */
+	sum = gar_sum16(quoted, sizeof(quoted) / 2);
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(a) + qlen, 0) < 0) {
+		if (!have_more)
+			return -1;
+		qlen = hlen + 20;
+		if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(a) + qlen, 0) < 0)
+			return -1;
+		sum += gar_sum16(more, sizeof(more) / 2);
+	}
+	gar_answer_ip(&a.ip, ip, IPPROTO_ICMP, sizeof(a) + qlen, 0xc0, 0);
+	a.icmp.type = ICMP_DEST_UNREACH;
+	a.icmp.code = GAR_ICMP_PKT_FILTERED;
+	a.icmp.checksum = gar_fold(sum + gar_sum16(&a.icmp, sizeof(a.icmp) / 2));
 	if (gar_answer_eth(skb, eth) < 0)
 		return -1;
-	return bpf_skb_store_bytes(skb, ETH_HLEN, &a, sizeof(a), 0);
+	return bpf_skb_store_bytes(skb, ETH_HLEN, &a, sizeof(a), 0) < 0 ? -1 : 0;
 }
 
 static __always_inline int gar_unanswerable_addr(__be32 addr, int source)
@@ -241,15 +258,16 @@ static __always_inline __u8 gar_deny_response(struct __sk_buff *skb,
 		gar_count(obs, GAR_COUNT_DENY_RESPONSE_LIMITED, pkt->length);
 		return 0;
 	}
+	sent = GAR_EVENT_F_DENY_RESPONSE_ICMP;
 	if (pkt->tuple.protocol == IPPROTO_TCP && (mode & GAR_EP_DENY_RESPONSE_TCP_RESET)) {
-		if (gar_answer_rst(skb, &eth, &ip) < 0)
+		rc = gar_answer_rst(skb, &eth, &ip);
+		if (rc < 0)
 			return 0;
-		sent = GAR_EVENT_F_DENY_RESPONSE_TCP_RESET;
-	} else {
-		if (gar_answer_icmp(skb, &eth, &ip) < 0)
-			return 0;
-		sent = GAR_EVENT_F_DENY_RESPONSE_ICMP;
+		if (rc == 0)
+			sent = GAR_EVENT_F_DENY_RESPONSE_TCP_RESET;
 	}
+	if (sent == GAR_EVENT_F_DENY_RESPONSE_ICMP && gar_answer_icmp(skb, &eth, &ip) < 0)
+		return 0;
 	if (obs == GAR_OBS_FROM_CONTAINER) {
 		rc = bpf_redirect_peer(skb->ifindex, 0);
 	} else {
