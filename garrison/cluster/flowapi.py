@@ -39,8 +39,9 @@ SERVICE = "garrison.Flows"
 METHODS = ("Flows", "FlowsSince")
 DEFAULT_PORT = 4244  # Hubble's
 MAX_REQUEST_BYTES = 64 * 1024
-# The ring's records as JSON: 10,000 records of a few KiB each stay under this.
-MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# The ring's records as JSON: 10,000 records of a few KiB each stay under this; a reader
+# never takes more from one node.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 WORKERS = 2
 MAX_CONCURRENT = 8
 DEFAULT_LIMIT = 100
@@ -229,6 +230,8 @@ def _describe(exc: grpc.RpcError, timeout_s: float) -> str:
         return f"no answer within {timeout_s:g} s"
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"unreachable ({details})"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"answer too large or node busy ({details}); ask for fewer records (--last N)"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return "no garrison flow API there (UNIMPLEMENTED)"
     name = code.name if code is not None else "error"
