@@ -81,7 +81,7 @@ from garrison.flows.summary import (
     path_pattern,
     short_labels,
 )
-from garrison.identity.model import RESERVED_BY_ID
+from garrison.identity.model import RESERVED
 
 # Verdict slots; a policy-verdict denial is kept apart until `result()` knows whether drop
 # records stand for it.
@@ -244,19 +244,32 @@ class ServiceMapBuilder:
     # -- reading ------------------------------------------------------------------------------
 
     def add(self, flow: Any) -> None:
+        """One record (anything but a JSON object is counted as skipped)."""
         if type(flow) is not dict and not isinstance(flow, Mapping):
             self.skipped += 1
             return
-        self.records += 1
-        get = flow.get
-        t = get("time")
+        t = flow.get("time")
         if type(t) is not str or len(t) != 30 or t[29] != "Z" or t[19] != ".":
             t = _time(t)
-        if t is not None:
-            if self.first is None or t < self.first:
-                self.first = t
-            if self.last is None or t > self.last:
-                self.last = t
+        self._add(flow, 1, t, t)
+
+    def add_alike(self, flow: Mapping[str, Any], count: int, first: str | None,
+                  last: str | None) -> None:
+        """`count` records equal to `flow` in every field `add` reads but their `time`, which
+        ranges from `first` to `last` (as `_time` gives them; None: none had a time).
+        Never denied TCP SYNs: whether one is a retransmission depends on its own time and
+        port, so those are `add`ed one by one, in log order (`garrison.flows.mapscan`)."""
+        self._add(flow, count, first, last)
+
+    def _add(self, flow: Mapping[str, Any], alike: int, t: str | None,
+             t_last: str | None) -> None:
+        # `t` is the (earliest) time; `t_last` the latest of `alike` records
+        self.records += alike
+        get = flow.get
+        if t is not None and (self.first is None or t < self.first):
+            self.first = t
+        if t_last is not None and (self.last is None or t_last > self.last):
+            self.last = t_last
         reply = get("is_reply") is True
         # endpoints seen before are one dict lookup (the common case: few pods, many records)
         seen = self._seen
@@ -276,7 +289,7 @@ class ServiceMapBuilder:
         if kind is None:
             kind = "L7" if "l7" in flow else "L3_L4"
         # a record with Hubble's `aggregate` stands for that many identical flows
-        n = 1 if get("aggregate") is None else aggregated_flows(get("aggregate"))
+        n = alike if get("aggregate") is None else alike * aggregated_flows(get("aggregate"))
         verdict = get("verdict")
         slot = _SLOT.get(verdict, _OTHER) if type(verdict) is str else _OTHER
         event = 0
@@ -309,8 +322,8 @@ class ServiceMapBuilder:
                     slot = _VDENIED
             else:
                 return
-            if slot in (_DROP, _VDENIED) and t is not None:
-                ns = self._ns(t)
+            if slot in (_DROP, _VDENIED) and t_last is not None:
+                ns = self._ns(t_last)
                 if ns is not None and self._syns.is_retry(flow, event, ns):
                     self.retried_syns += 1  # a retransmitted SYN: the same attempt again
                     return
@@ -323,14 +336,19 @@ class ServiceMapBuilder:
         else:
             return
         edge.counts[slot] += n
-        if t is not None and (edge.last is None or t > edge.last):
-            edge.last = t
+        if t_last is not None and (edge.last is None or t_last > edge.last):
+            edge.last = t_last
+        rules = edge.rules
         refs = get("ingress_allowed_by")
         if refs:
-            count_rules(edge.rules, refs, _R_ALLOWED, t, n)
+            count_rules(rules, refs, _R_ALLOWED, t, n)
+            if t_last != t:
+                count_rules(rules, refs, _R_ALLOWED, t_last, 0)
         refs = get("egress_allowed_by")
         if refs:
-            count_rules(edge.rules, refs, _R_ALLOWED, t, n)
+            count_rules(rules, refs, _R_ALLOWED, t, n)
+            if t_last != t:
+                count_rules(rules, refs, _R_ALLOWED, t_last, 0)
         denied, egress_denied = get("ingress_denied_by"), get("egress_denied_by")
         if denied or egress_denied:
             if slot == _AUDIT:
@@ -341,10 +359,11 @@ class ServiceMapBuilder:
                 what = _R_VERDICT
             else:
                 what = _R_DENIED
-            if denied:
-                count_rules(edge.rules, denied, what, t, n)
-            if egress_denied:
-                count_rules(edge.rules, egress_denied, what, t, n)
+            for refs in (denied, egress_denied):
+                if refs:
+                    count_rules(rules, refs, what, t, n)
+                    if t_last != t:
+                        count_rules(rules, refs, what, t_last, 0)
 
     def _ns(self, text: str) -> int | None:
         """Nanoseconds of a time `_time` gave, each second parsed once."""
@@ -683,7 +702,7 @@ def _node_json(node_id: str, node: _Node) -> dict[str, Any]:
         "id": node_id,
         "namespace": node.namespace,
         "identity": None if node.identity < 0 else node.identity,
-        "name": _display_name(node, pods, RESERVED_BY_ID),
+        "name": _display_name(node, pods, _RESERVED_NAMES),
         "labels": list(node.labels),
         "pods": pods,
         "pod_count": node.pod_count,
@@ -691,7 +710,10 @@ def _node_json(node_id: str, node: _Node) -> dict[str, Any]:
     }
 
 
-def _display_name(node: _Node, pods: list[str], reserved: Mapping[int, Any]) -> str:
+_RESERVED_NAMES = {identity.id: name for name, identity in RESERVED.items()}  # 2: "world"
+
+
+def _display_name(node: _Node, pods: list[str], reserved: Mapping[int, str]) -> str:
     if node.identity < 0:  # a namespace group
         return node.namespace or "(no namespace)"
     if len(pods) == 1:
@@ -702,7 +724,7 @@ def _display_name(node: _Node, pods: list[str], reserved: Mapping[int, Any]) -> 
             return prefix
         return pods[0]
     if node.identity in reserved:
-        return str(reserved[node.identity].name)
+        return reserved[node.identity]
     if node.labels:
         return ",".join(node.labels)
     if node.ips:

@@ -5,7 +5,8 @@ compressed backups first, as `garrison observe` reads them). The store keeps no 
 records: a plain log file is kept as the byte offset where each record starts and read again
 with `pread` for the page asked for; a compressed backup and the agent's records are kept as
 their lines. While loading, one `ServiceMapBuilder` counts everything, so the map and the
-policy review are ready when the log is read; new records are added to it as they come.
+policy review are ready when the log is read; new records are added to it as they come. A
+loaded line is decoded only as far as the map reads it (`garrison.flows.mapscan`).
 
 A large plain file is read by several processes at once (one per core, each a byte range
 aligned on a line start); their offsets and builders are merged in order. Forking is done
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from garrison.flows.mapscan import MapScan
 from garrison.flows.query import CompiledQuery
 from garrison.flows.reader import FlowSourceError, LogFile, log_files, open_lines
 from garrison.flows.servicemap import ServiceMapBuilder
@@ -198,9 +200,10 @@ def _scan(path: str, begin: int, end: int) -> _Part:
     start). Runs in a worker process for large files."""
     starts: array[int] = array("q")
     builder = ServiceMapBuilder()
+    scan = MapScan(builder)
     bad: list[tuple[int, str]] = []
     bad_count = 0
-    loads, add, append = orjson.loads, builder.add, starts.append
+    add_line, append = scan.add_line, starts.append
     pos, rest, number = begin, b"", 0
     with open(path, "rb") as f:
         f.seek(begin)
@@ -218,19 +221,13 @@ def _scan(path: str, begin: int, end: int) -> _Part:
                 number += 1
                 if line and not line.isspace():
                     append(pos)
-                    try:
-                        d = loads(line)
-                    except orjson.JSONDecodeError as exc:
-                        d, why = None, f"not JSON: {exc}"
-                    else:
-                        why = "not a JSON object"
-                    if type(d) is dict:
-                        add(d)
-                    else:
+                    why = add_line(line)
+                    if why:
                         bad_count += 1
                         if len(bad) < MAX_BAD_SAMPLES:
                             bad.append((number, why))
                 pos += len(line) + 1
+    scan.flush()
     builder.skipped += bad_count
     return _Part(starts, builder, bad, bad_count, number)
 
@@ -516,15 +513,15 @@ class FileSource:
     def _read_compressed(log: LogFile, store: FlowStore) -> None:
         segment = MemorySegment()
         builder = ServiceMapBuilder()
+        scan = MapScan(builder)
         stats = LoadStats()
         for number, line in enumerate(open_lines(log), 1):
             segment.append(line)
-            d, why = decode(line)
-            if d is None:
+            why = scan.add_line(line)
+            if why:
                 stats.add(f"{log.name}:{number}", why)
                 builder.skipped += 1
-            else:
-                builder.add(d)
+        scan.flush()
         store.add_segment(segment, builder, stats)
 
     def poll(self, store: FlowStore) -> None:
