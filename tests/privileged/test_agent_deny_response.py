@@ -521,3 +521,33 @@ def test_audit_wins_nothing_denied_nothing_answered(node: Node) -> None:
                     and r.destination.ip == SRV_IP]
     finally:
         node.configure(SRV, "audit=false", "deny-response=drop")
+
+
+def test_other_protocols_get_icmp_and_the_setting_survives_a_restart(node: Node) -> None:
+    """tcp-reset answers what is not TCP with ICMP: a connected UDP socket reads
+    EHOSTUNREACH. The setting is the endpoint's, kept across an agent restart."""
+    node.configure(CLI, "deny-response=tcp-reset")
+    try:
+        assert node.agent.stop() == 0
+        node.agent.start()
+        shown = json.loads(node.cli("endpoint", "get", CLI, "-o", "json"))
+        assert shown["deny_response"] == "tcp-reset"
+        t0 = time.time_ns()
+        udp = ns_socket(CLI, socket.SOCK_DGRAM)
+        try:
+            udp.settimeout(QUICK)
+            udp.connect((SRV_IP, 5353))
+            udp.send(b"are you there")
+            with pytest.raises(OSError) as err:
+                udp.recv(100)
+            assert err.value.errno == errno.EHOSTUNREACH, err.value
+        finally:
+            udp.close()
+        rec = node.wait_flow(lambda r: r.time >= t0 and r.verdict is Verdict.DROPPED
+                             and r.destination.port == 5353)
+        assert (rec.deny_response, rec.traffic_direction.value) == ("icmp", "EGRESS")
+        # and TCP gets its RST, after the restart as before
+        code, took = attempt(CLI, SRV_IP, EGRESS_DENIED)
+        assert (code, took < QUICK) == (errno.ECONNREFUSED, True), (code, took)
+    finally:
+        node.configure(CLI, "deny-response=drop")
