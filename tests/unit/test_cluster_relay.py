@@ -10,7 +10,7 @@ import ipaddress
 import json
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -284,3 +284,102 @@ def test_observe_cluster_usage_errors() -> None:
     rc, _, err = run_cli("observe", "--cluster", "--socket", "/nonexistent/agent.sock")
     assert rc == 3
     assert "or give --kvstore-endpoints URL to find the nodes in etcd" in err
+
+
+def test_follow_merges_live_streams_and_names_nodes_that_leave_join_or_stop(
+    etcd: EtcdServer, tmp_path: Path,
+) -> None:
+    import subprocess
+    import threading
+    import time
+
+    from garrison.kvstore.etcd import EtcdKVStore
+
+    ring1, ring2, ring3 = FlowStore(), FlowStore(), FlowStore()
+    ring1.add(stamped(RECORDS[0], 0, "n1"))  # before the follow: not shown
+    garrison = str(Path(sys.executable).with_name("garrison"))
+    with (flow_server(ring1) as s1, flow_server(ring2) as s2, flow_server(ring3) as s3,
+          EtcdKVStore(etcd.url) as store):
+        def publish(name: str, address: str) -> None:
+            rec = NodeRecord(name, ipaddress.IPv4Address("127.0.0.1"),
+                             ipaddress.IPv4Network("198.18.9.0/24"), address)
+            store.put(rec.key, rec.encode())
+
+        publish("n1", s1.address)
+        publish("n2", s2.address)
+        proc = subprocess.Popen(
+            [garrison, "observe", "--cluster", "--follow", "-o", "json",
+             "--kvstore-endpoints", etcd.url],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        out: list[str] = []
+        err: list[str] = []
+        for stream, sink in ((proc.stdout, out), (proc.stderr, err)):
+            threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")),
+                             daemon=True).start()
+
+        def wait(sink: list[str], predicate: Callable[[str], bool], what: str,
+                 timeout_s: float = 20) -> None:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if any(predicate(line) for line in list(sink)):
+                    return
+                assert proc.poll() is None, "".join(err)
+                time.sleep(0.05)
+            raise AssertionError(f"no {what}: {out} {err}")
+
+        try:
+            time.sleep(1.5)  # the follow has read where every ring ends
+            # node 2 reports a record older than node 1's, in the same moment: time order
+            ring1.add(stamped(RECORDS[1], 20, "n1"))
+            ring2.add(stamped(RECORDS[2], 10, "n2"))
+            wait(out, lambda line: '"n1"' in line, "node 1's record")
+            assert [json.loads(line)["node_name"] for line in out] == ["n2", "n1"], out
+            # a node joins: said, and followed from the start of the follow
+            publish("n3", s3.address)
+            # what it recorded before the follow began is not shown, what came after is
+            ring3.add(stamped(RECORDS[5], 25, "n3"))
+            ring3.add(replace(RECORDS[3], time=time.time_ns(), node_name="n3"))
+            wait(err, lambda line: line == f"garrison: node n3 ({s3.address}) joined: "
+                 "following it\n", "join line")
+            wait(out, lambda line: '"n3"' in line, "node 3's record")
+            # a node stops answering: named once; it leaves etcd: said
+            s2.stop(0)
+            wait(err, lambda line: line.startswith(f"garrison: node n2 ({s2.address}): "
+                                                   "unreachable ("), "node 2 named")
+            store.delete("state/nodes/v1/n2")
+            wait(err, lambda line: line == "garrison: node n2 left the cluster\n", "leave line")
+            ring1.add(stamped(RECORDS[4], 40, "n1"))
+            wait(out, lambda line: format_time(BASE_NS + 40_000_000) in line, "the last record")
+            assert [json.loads(line)["node_name"] for line in out] == ["n2", "n1", "n3", "n1"]
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            for name in ("n1", "n2", "n3"):
+                store.delete(f"state/nodes/v1/{name}")
+
+
+def test_status_shows_the_flow_api_and_names_why_there_is_none() -> None:
+    from garrison.cluster.status import cluster_lines, cluster_problems
+
+    base = {"endpoints": ["198.19.0.250:2379"], "connected": True, "node": "n1", "nodes": {}}
+    assert cluster_lines({"cluster": {**base, "flow_api": "198.19.0.201:4244"}})[2] == (
+        "Flow API:        198.19.0.201:4244 (read-only, plaintext: `garrison observe --cluster`)")
+    failed = {**base, "flow_api": None, "flow_api_error": "no flow API for `observe --cluster`:"
+              " --flow-api 198.19.0.201:4244: cannot listen (...)"}
+    assert cluster_lines({"cluster": failed})[2] == (
+        "Flow API:        none (this node's flows are not in `observe --cluster`)")
+    assert cluster_problems({"cluster": failed}) == [failed["flow_api_error"]]
+
+
+def test_agent_flow_api_flag_is_checked_before_anything_starts() -> None:
+    rc, _, err = run_cli("agent", "--flow-api", "198.19.0.1:4244")
+    assert rc == 2
+    assert err == "garrison agent: --flow-api serves the cluster's flow view: it needs " \
+        "--kvstore etcd\n"
+    rc, _, err = run_cli("agent", "--kvstore", "etcd", "--kvstore-endpoints",
+                         "http://127.0.0.1:1", "--pod-cidr", "198.18.9.0/24",
+                         "--flow-api", "node1:4244")
+    assert rc == 2
+    assert err == "garrison agent: --flow-api: 'node1:4244' is not IPV4:PORT (e.g. " \
+        "198.19.0.1:4244), auto or none\n"
