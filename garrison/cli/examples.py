@@ -50,7 +50,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "endpoint labels": (
         "garrison endpoint labels deathstar --labels org=empire,class=deathstar,v=2",
     ),
-    "endpoint config": ("garrison endpoint config deathstar audit=true",),
+    "endpoint config": (
+        "garrison endpoint config deathstar audit=true",
+        "garrison endpoint config deathstar deny-response=tcp-reset   # refuse, not drop",
+    ),
     "endpoint exec": ("garrison endpoint exec tiefighter -- curl -s http://198.18.0.2/",),
     "namespace": ("garrison namespace label prod team=blue", "garrison namespace list"),
     "namespace label": (

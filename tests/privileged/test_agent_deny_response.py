@@ -275,6 +275,8 @@ POLICY = """\
       ingress:
       - fromEndpoints: [{matchLabels: {app: gx-cli}}]
         toPorts: [{ports: [{port: "7000", protocol: TCP}, {port: "7001", protocol: TCP}]}]
+      ingressDeny:
+      - fromEntities: [host]
     ---
     apiVersion: cilium.io/v2
     kind: CiliumNetworkPolicy
@@ -497,6 +499,8 @@ def test_the_host_is_answered_through_the_endpoints_ingress(node: Node) -> None:
                          and r.destination.port == ALLOWED and r.source.ip != CLI_IP)
     assert rec.deny_response == "tcp-reset"
     assert rec.traffic_direction.value == "INGRESS"
+    # an explicit deny is answered as the default deny is
+    assert rec.drop_reason_desc is not None and rec.drop_reason_desc.value == "POLICY_DENY"
 
 
 def test_default_drop_still_times_out(node: Node) -> None:
