@@ -59,10 +59,16 @@ for ns in "${NAMESPACES[@]}"; do
     fi
 done
 
-WORK=$(mktemp -d /tmp/garrison-demo-cluster.XXXXXX)
 PIN_PREFIX=/sys/fs/bpf/garrison-demo-cluster-$$
+for n in "${NODES[@]}"; do
+    if [[ -e $PIN_PREFIX-n$n ]]; then
+        die "$PIN_PREFIX-n$n exists already and is not this run's; it is left alone" \
+            "(an agent of an earlier demo may still use it)"
+    fi
+done
+WORK=$(mktemp -d /tmp/garrison-demo-cluster.XXXXXX)
 MADE_NS=()      # namespaces this run made (deleted at the end)
-CREATED=()      # endpoints added through an agent
+CREATED=()      # endpoints this run asked an agent to add (their namespaces are this run's)
 PIDS=()         # the deathstar apps
 declare -A AGENT_PID=()
 ETCD_PID=
@@ -96,9 +102,9 @@ cleanup() {
             { echo "  node $n: garrison agent --cleanup failed:"; sed 's/^/    /' "$WORK/cleanup-n$n.log"; }
     done
     [[ -n $ETCD_PID ]] && stop_pid "$ETCD_PID"
-    # endpoint namespaces are the agents' to delete; one left (an agent that failed) is ours
-    # all the same: none of these names existed when the demo started
-    for ep in "${ENDPOINTS[@]}"; do
+    # endpoint namespaces are the agents' to delete; one left (an agent that failed) is this
+    # run's all the same: it did not exist when the agent was asked to add it
+    for ep in "${CREATED[@]}"; do
         [[ -e /run/netns/$ep ]] && ip netns delete "$ep"
     done
     for ((i = ${#MADE_NS[@]} - 1; i >= 0; i--)); do ip netns delete "${MADE_NS[i]}"; done
@@ -106,6 +112,7 @@ cleanup() {
         [[ -d $PIN_PREFIX-n$n ]] && rm -rf "$PIN_PREFIX-n$n"
     done
     if ((rc != 0 && rc != 130 && rc != 143)) && [[ -d $WORK ]]; then  # failed: say why
+        echo "demo-cluster: failed (exit $rc); the last lines of the agents' and etcd's logs:"
         for log in "$WORK"/n*/agent.log "$WORK/etcd.log"; do
             [[ -s $log ]] || continue
             echo "--- last lines of $log"
@@ -137,12 +144,16 @@ nsenter --net="/run/netns/$UNDERLAY" etcd --name gd-etcd --data-dir "$WORK/etcd"
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
     --initial-cluster gd-etcd=http://127.0.0.1:2380 >"$WORK/etcd.log" 2>&1 &
 ETCD_PID=$!
-for _ in $(seq 200); do
+etcd_healthy() {
     ETCDCTL_API=3 in_ns "$UNDERLAY" etcdctl --endpoints "$ETCD_URL" --command-timeout=1s \
-        endpoint health >/dev/null 2>&1 && break
-    kill -0 "$ETCD_PID" 2>/dev/null || die "etcd exited: $(tail -n 5 "$WORK/etcd.log")"
+        endpoint health >/dev/null 2>&1
+}
+for _ in $(seq 200); do
+    etcd_healthy && break
+    kill -0 "$ETCD_PID" 2>/dev/null || die "etcd exited (its log: below)"
     sleep 0.1
 done
+etcd_healthy || die "etcd did not answer within 20 s (its log: below)"
 
 banner "Three nodes on the underlay, one garrison agent each"
 for n in "${NODES[@]}"; do
@@ -163,11 +174,12 @@ for n in "${NODES[@]}"; do
     AGENT_PID[$n]=$!
 done
 for n in "${NODES[@]}"; do
-    for _ in $(seq 300); do
+    for i in $(seq 300); do
         rc=0
         "$G" status --socket "$(sock "$n")" >/dev/null 2>&1 || rc=$?
         ((rc != 3)) && break  # 3: no answer yet
-        kill -0 "${AGENT_PID[$n]}" 2>/dev/null || die "the agent of node $n exited"
+        kill -0 "${AGENT_PID[$n]}" 2>/dev/null || die "the agent of node $n exited (its log: below)"
+        ((i < 300)) || die "the agent of node $n did not answer within a minute (its log: below)"
         sleep 0.2
     done
 done
@@ -195,6 +207,9 @@ banner "Endpoints: deathstar replicas on nodes 1 and 2, the tiefighter and the x
 for ep in "${ENDPOINTS[@]}"; do
     n=${EP_NODE[$ep]}
     say "garrison endpoint add $ep --labels ${EP_LABELS[$ep]} --ip ${EP_IP[$ep]}   # node $n"
+    if [[ -e /run/netns/$ep ]]; then
+        die "a network namespace named '$ep' appeared meanwhile; it is left alone"
+    fi
     CREATED+=("$ep")
     "$G" endpoint add "$ep" --labels "${EP_LABELS[$ep]}" --ip "${EP_IP[$ep]}" \
         --socket "$(sock "$n")" >/dev/null
@@ -206,11 +221,13 @@ done
 # each node knows the others' endpoints (ipcache) and routes their pod CIDRs
 wait_nodes "every node to know the other nodes' endpoints and routes" status \
     'len(d["cluster"]["routes"]) == 2 and d["cluster"]["remote_endpoints"] == (2 if n == 3 else 3)'
+app_up() { ip netns exec "$1" "$PY" -c 'import socket; socket.create_connection(("127.0.0.1", 80), 1).close()' 2>/dev/null; }
 for ds in gd-deathstar-1 gd-deathstar-2; do
     for _ in $(seq 100); do
-        ip netns exec "$ds" "$PY" -c 'import socket; socket.create_connection(("127.0.0.1", 80), 1).close()' 2>/dev/null && break
+        app_up "$ds" && break
         sleep 0.1
     done
+    app_up "$ds" || die "the deathstar app in $ds did not start: $(tail -n 5 "$WORK/$ds.log")"
 done
 say "garrison endpoint list   # on node 3: its own endpoints"
 "$G" endpoint list --socket "$(sock 3)"

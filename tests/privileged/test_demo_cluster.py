@@ -252,6 +252,52 @@ def test_demo_cluster_interrupted_removes_what_it_made(host: Host) -> None:
     assert leftovers(host) == {}, text
 
 
+def _agent_pid(node: str) -> int:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"agent" in argv and b"--node-name" in argv and node.encode() in argv and any(
+            b"garrison-demo-cluster" in a for a in argv
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no agent of the demo's {node} runs")
+
+
+def test_demo_cluster_that_fails_removes_what_it_made(host: Host) -> None:
+    """A real fault in the middle: node 3's agent killed (SIGKILL: its pins, maps and routes
+    stay) before the ships are added there. The demo fails, shows the agents' logs, and
+    removes everything all the same."""
+    proc = subprocess.Popen(
+        [str(DEMO)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    assert proc.stdout is not None
+    out = b""
+    try:
+        deadline = time.monotonic() + 120
+        while b"$ garrison endpoint add gd-deathstar-1 " not in out:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk and time.monotonic() < deadline, out.decode(errors="replace")
+            out += chunk
+        os.kill(_agent_pid("gd-n3"), signal.SIGKILL)
+        out += proc.stdout.read()
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert rc not in (0, 130), text
+    assert "$ garrison endpoint add gd-tiefighter" in text and "Stage 0" not in text, text
+    assert "demo-cluster: removing what it made" in text, text
+    assert "--- last lines of " in text and "n3/agent.log" in text, text
+    assert leftovers(host) == {}, text
+
+
 def test_demo_cluster_refuses_a_namespace_it_did_not_make(host: Host) -> None:
     subprocess.run(["ip", "netns", "add", "gd-n2"], check=True)
     try:
