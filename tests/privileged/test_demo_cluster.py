@@ -1,5 +1,6 @@
 """`make demo-cluster` end to end: scripts/demo-cluster.sh shows what a user should see, and
-leaves nothing behind — after a full run, after Ctrl-C, and when it refuses to start.
+leaves nothing behind — after a full run, after Ctrl-C, after a fault that makes it fail, and
+when it refuses to start.
 
 What the user sees is read from the script's output as printed: each `curl` it shows and the
 line under it (status and body, or "no answer"), `garrison status` of node 3 naming the three
