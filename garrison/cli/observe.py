@@ -314,7 +314,7 @@ def _follow_cluster(args: argparse.Namespace, query: FlowQuery, printer: Printer
             printer.emit(d, line)
         printer.flush()
         follower = ClusterFollower(source, query.to_dict(), started_ns, poll_s=FOLLOW_POLL_S)
-        follower.start({a.node: a.cursor for a in answers}, [f.node for f in failures])
+        follower.start({a.node: (a.ring, a.cursor) for a in answers}, [f.node for f in failures])
         buffer: SortBuffer[Flow] = SortBuffer(delay_s=2 * FOLLOW_POLL_S)
         while True:
             for event in follower.get(FOLLOW_POLL_S):

@@ -3,10 +3,13 @@
 `FlowAPIServer` serves one agent's flow ring (`garrison.flows.store.FlowStore`) over gRPC on
 TCP, service `garrison.Flows`, two unary methods with JSON messages as the local API's:
 
-- `Flows` `{"query", "limit"|"first"}` → `{"flows": [record JSON...], "cursor"}`: the newest
-  `limit` (or the oldest `first`) matching records and the cursor after them;
-- `FlowsSince` `{"query", "cursor"}` → `{"flows", "cursor", "missed"}`: the records added
-  since `cursor` (a follower polls it).
+- `Flows` `{"query", "limit"|"first"}` → `{"flows": [record JSON...], "cursor", "ring"}`: the
+  newest `limit` (or the oldest `first`) matching records and the cursor after them;
+- `FlowsSince` `{"query", "cursor"}` → `{"flows", "cursor", "missed", "ring"}`: the records
+  added since `cursor` (a follower polls it).
+
+`ring` names this server's ring (random, new with every agent process): a follower that sees
+it change knows the cursor it holds means nothing any more (the agent restarted).
 
 The server holds the flow store and nothing else: no method of it can change the agent's
 state. It is unauthenticated plaintext, as a Hubble server without TLS: flow records carry
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import Any
@@ -80,6 +84,7 @@ def _query(req: Mapping[str, Any]) -> Any:
 
 def flow_handlers(store: FlowStore) -> dict[str, Handler]:
     """The two read-only methods over `store`: nothing else is reachable from them."""
+    ring = secrets.token_hex(8)
 
     def flows(req: dict[str, Any]) -> dict[str, Any]:
         query = _query(req)
@@ -87,11 +92,12 @@ def flow_handlers(store: FlowStore) -> dict[str, Handler]:
         if first is not None:
             cursor = store.total
             records = store.query(query, limit=first)
-            return {"flows": [r.to_json() for r in records], "cursor": cursor}
+            return {"flows": [r.to_json() for r in records], "cursor": cursor, "ring": ring}
         limit = _count(req, "limit", DEFAULT_LIMIT, store.capacity)
         assert limit is not None
         batch = store.tail(limit, query)
-        return {"flows": [r.to_json() for r in batch.records], "cursor": batch.cursor}
+        return {"flows": [r.to_json() for r in batch.records], "cursor": batch.cursor,
+                "ring": ring}
 
     def flows_since(req: dict[str, Any]) -> dict[str, Any]:
         query = _query(req)
@@ -102,6 +108,7 @@ def flow_handlers(store: FlowStore) -> dict[str, Handler]:
             "flows": [r.to_json() for r in batch.records],
             "cursor": batch.cursor,
             "missed": batch.missed,
+            "ring": ring,
         }
 
     return {"Flows": flows, "FlowsSince": flows_since}
@@ -217,6 +224,7 @@ class FlowAPIClient:
             or not all(isinstance(f, str) for f in flows)
             or isinstance(cursor, bool)
             or not isinstance(cursor, int)
+            or not isinstance(doc.get("ring", ""), str)
         ):
             raise FlowAPIError("answered something that is not a flow API answer")
         out: dict[str, Any] = doc

@@ -55,12 +55,12 @@ class NodeFailure:
 
 @dataclass(frozen=True, slots=True)
 class NodeFlows:
-    """One node's answer: its records (JSON texts, its ring's order) and its cursor."""
+    """One node's answer: its records (JSON texts, its ring's order), its cursor and ring."""
 
     node: str
     flows: list[str]
     cursor: int
-    missed: int = 0
+    ring: str = ""
 
 
 class ClusterFlowSource:
@@ -134,7 +134,7 @@ class ClusterFlowSource:
                 return NodeFailure(node.name, node.flow_api, str(exc))
             finally:
                 client.close()
-            return NodeFlows(node.name, data["flows"], data["cursor"])
+            return NodeFlows(node.name, data["flows"], data["cursor"], data.get("ring", ""))
 
         answers: list[NodeFlows] = []
         if nodes:
@@ -188,14 +188,16 @@ FollowEvent = FlowsArrived | NodeFailed | NodeRecovered | NodeJoined | NodeLeft 
 
 
 class _Poller:
-    """One node's FlowsSince loop. `cursor` None: read its ring from the start, records from
-    `bound_ns` on (a node that joined, or restarted, after the follow began)."""
+    """One node's FlowsSince loop from `position` (its ring and cursor there). None: read its
+    ring from the start, the records from the follow's start on (a node that joined, or
+    restarted, after the follow began)."""
 
-    def __init__(self, follower: ClusterFollower, node: NodeRecord, cursor: int | None,
-                 failing: bool) -> None:
+    def __init__(self, follower: ClusterFollower, node: NodeRecord,
+                 position: tuple[str, int] | None, failing: bool) -> None:
         self.node = node
         self._follower = follower
-        self.cursor = cursor
+        self.ring = position[0] if position is not None else ""
+        self.cursor: int | None = position[1] if position is not None else None
         self.failing = failing
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"follow-{node.name}",
@@ -220,12 +222,12 @@ class _Poller:
                 self.stop.wait(backoff)
                 continue
             backoff = f.poll_s
-            cursor = int(data["cursor"])
-            restarted = self.cursor is not None and cursor < self.cursor
-            if restarted:
-                # a new agent process: its ring starts again; read it from the start
+            cursor, ring = int(data["cursor"]), str(data.get("ring", ""))
+            if self.cursor is not None and (ring != self.ring or cursor < self.cursor):
+                # a new agent process, a new ring: the cursor held names nothing in it
                 self.cursor = None
                 continue
+            self.ring = ring
             if self.failing:
                 self.failing = False
                 f.events.put(NodeRecovered(self.node.name, self.node.flow_api))
@@ -260,16 +262,16 @@ class ClusterFollower:
         self._lister = threading.Thread(target=self._relist_loop, name="follow-nodes",
                                         daemon=True)
 
-    def start(self, cursors: dict[str, int], failed: Sequence[str]) -> None:
-        """Follow from these cursors (the nodes `recent()` read); the `failed` nodes are
-        followed from the start of the follow once they answer."""
+    def start(self, positions: dict[str, tuple[str, int]], failed: Sequence[str]) -> None:
+        """Follow from these positions (ring, cursor: where `recent()` left each node); the
+        `failed` nodes, and nodes that join, from the start of the follow once they answer."""
         nodes, _ = self.source.nodes()
         for node in nodes:
-            self._add(node, cursors.get(node.name), failing=node.name in failed)
+            self._add(node, positions.get(node.name), failing=node.name in failed)
         self._lister.start()
 
-    def _add(self, node: NodeRecord, cursor: int | None, failing: bool) -> None:
-        poller = _Poller(self, node, cursor, failing)
+    def _add(self, node: NodeRecord, position: tuple[str, int] | None, failing: bool) -> None:
+        poller = _Poller(self, node, position, failing)
         self._pollers[node.name] = poller
         poller.thread.start()
 

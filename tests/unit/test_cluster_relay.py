@@ -8,6 +8,7 @@ import contextlib
 import io
 import ipaddress
 import json
+import re
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -79,7 +80,8 @@ def test_the_flow_api_serves_the_ring_read_only() -> None:
             store.add(stamped(RECORDS[30], 30, "n1"))
             since = client.call("FlowsSince", query={}, cursor=30)
             assert since == {"flows": [stamped(RECORDS[30], 30, "n1").to_json()],
-                             "cursor": 31, "missed": 0}
+                             "cursor": 31, "missed": 0, "ring": newest["ring"]}
+            assert re.fullmatch("[0-9a-f]{16}", since["ring"])
         finally:
             client.close()
         # Nothing else is there: not the agent's methods, not under the agent's service name.
@@ -350,8 +352,24 @@ def test_follow_merges_live_streams_and_names_nodes_that_leave_join_or_stop(
             store.delete("state/nodes/v1/n2")
             wait(err, lambda line: line == "garrison: node n2 left the cluster\n", "leave line")
             ring1.add(stamped(RECORDS[4], 40, "n1"))
-            wait(out, lambda line: format_time(BASE_NS + 40_000_000) in line, "the last record")
-            assert [json.loads(line)["node_name"] for line in out] == ["n2", "n1", "n3", "n1"]
+            wait(out, lambda line: format_time(BASE_NS + 40_000_000) in line, "node 1's record")
+            # node 1's agent restarts at once on the same address: a new ring, whose cursor
+            # is already past the old one's; what it recorded since the follow began shows
+            port = s1.port
+            s1.stop(0)
+            fresh = FlowStore()
+            fresh.extend(stamped(RECORDS[i], 50 + i, "n1") for i in range(6))
+            now_ns = time.time_ns()
+            fresh.add(replace(RECORDS[7], time=now_ns, node_name="n1"))
+            again = FlowAPIServer(fresh, "127.0.0.1", port)
+            again.start()
+            try:
+                wait(out, lambda line: format_time(now_ns) in line,
+                     "the restarted node's new record")
+            finally:
+                again.stop(0)
+            assert [json.loads(line)["node_name"] for line in out] == [
+                "n2", "n1", "n3", "n1", "n1"]
         finally:
             proc.terminate()
             proc.wait(10)
