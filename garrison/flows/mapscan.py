@@ -27,14 +27,14 @@ feeds `add` a record that notes each field read and compares the maps of both wa
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 import msgspec
 import orjson
 from msgspec import UNSET, Meta, Struct, UnsetType
 from msgspec.structs import replace
 
-from garrison.flows.servicemap import ServiceMapBuilder
+from garrison.flows.servicemap import ServiceMapBuilder, record_time
 
 # orjson makes a float of an integer past 64 bits, which the map reads as no number (msgspec
 # bounds are int64: an integer in [2**63, 2**64) takes the builder's own way)
@@ -133,8 +133,51 @@ class MapFields(Struct, frozen=True, gc=False):
     egress_denied_by: tuple[RuleRef, ...] | None = None
 
 
-def _denied_syn(fields: MapFields) -> bool:
-    """A record whose count depends on its own time: a denied TCP SYN (maybe a retry)."""
+class _Flags(TypedDict, total=False):
+    SYN: bool | None
+    ACK: bool | None
+
+
+class _SynPorts(TypedDict, total=False):
+    source_port: Int | None
+    destination_port: Int | None
+    flags: _Flags | None
+
+
+class _SynL4(TypedDict, total=False):
+    TCP: _SynPorts | None
+
+
+class _Address(TypedDict, total=False):
+    ip: str | None
+
+
+class _Event(TypedDict, total=False):
+    type: Int | None
+
+
+class _IPHeader(TypedDict, total=False):
+    source: str | None
+    destination: str | None
+
+
+class SynFields(TypedDict, total=False):
+    """What `ServiceMapBuilder.retried_syn` reads of a denied SYN (a dict, as it takes)."""
+
+    time: str | None
+    verdict: str | None
+    Type: str | None
+    is_reply: bool | None
+    l7: Any
+    event_type: _Event | None
+    l4: _SynL4 | None
+    source: _Address | None
+    destination: _Address | None
+    IP: _IPHeader | None
+
+
+def _maybe_retried(fields: MapFields) -> bool:
+    """A record `retried_syn` may call a retransmission: a denied TCP SYN."""
     if fields.verdict != "DROPPED" or fields.l4 is None:
         return False
     tcp = fields.l4.TCP
@@ -142,54 +185,65 @@ def _denied_syn(fields: MapFields) -> bool:
 
 
 class MapScan:
-    """Feeds a `ServiceMapBuilder` access-log lines: `add_line()` each, then `flush()`."""
+    """Feeds a `ServiceMapBuilder` access-log lines: `add_lines()`, then `flush()`."""
 
     def __init__(self, builder: ServiceMapBuilder, window: int = DEFAULT_WINDOW) -> None:
         self.builder = builder
         self._window = window
         self._decode = msgspec.json.Decoder(MapFields).decode
-        # in order of first appearance: a distinct record (time None) -> [count, first, last],
-        # or a line number -> the record decoded whole, for `add`
+        self._decode_syn = msgspec.json.Decoder(SynFields).decode
+        # in order of first appearance: a distinct record (time None; in a 1-tuple when it
+        # is a retransmitted SYN) -> [count, first time, last time]; or a number -> (a line
+        # decoded whole, whether it is a retransmitted SYN)
         self._pending: dict[Any, Any] = {}
-        self._lines = 0
+        self._whole = 0
 
-    def add_line(self, line: bytes) -> str:
-        """Count one line; "" when it is a flow record, else why it is not (the line is then
-        for the caller to report, and to count in `builder.skipped`)."""
-        self._lines += 1
-        if line.isascii():
-            try:
-                fields = self._decode(line)
-            except (msgspec.DecodeError, RecursionError):  # not as garrison writes it
-                pass
-            else:
-                t = fields.time
-                if t is None:
-                    key = fields
-                elif len(t) == 30 and t[29] == "Z" and t[19] == ".":
-                    key = replace(fields, time=None)
+    def add_lines(self, lines: list[bytes]) -> list[tuple[int, str]]:
+        """Count non-blank lines; returns the lines that are no flow record, as (index in
+        `lines`, why), for the caller to report and to count in `builder.skipped`."""
+        bad: list[tuple[int, str]] = []
+        decode, decode_syn, pending = self._decode, self._decode_syn, self._pending
+        retried_syn = self.builder.retried_syn
+        for index, line in enumerate(lines):
+            key: Any = None
+            if line.isascii():
+                try:
+                    fields = decode(line)
+                    t = fields.time
+                    if t is None:
+                        key = fields
+                    elif len(t) == 30 and t[29] == "Z" and t[19] == ".":
+                        key = replace(fields, time=None)
+                    # else a time to normalise: the builder's own way
+                    # asked now, in log order; counted with the others when flushed
+                    if (key is not None and _maybe_retried(fields)
+                            and retried_syn(decode_syn(line))):
+                        key = (key,)
+                except (msgspec.DecodeError, RecursionError):  # not as garrison writes it
+                    key = None
+            if key is not None:
+                entry = pending.get(key)
+                if entry is None:
+                    self._hold(key, [1, t, t])
                 else:
-                    key = None  # a time to normalise: `add` does
-                if key is not None and not _denied_syn(fields):
-                    entry = self._pending.get(key)
-                    if entry is None:
-                        self._hold(key, [1, t, t])
-                    else:
-                        entry[0] += 1
-                        if t is not None:
-                            if entry[1] is None or t < entry[1]:
-                                entry[1] = t
-                            if entry[2] is None or t > entry[2]:
-                                entry[2] = t
-                    return ""
-        try:
-            flow = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            return f"not JSON: {exc}"
-        if type(flow) is not dict:
-            return "not a JSON object"
-        self._hold(self._lines, flow)
-        return ""
+                    entry[0] += 1
+                    if t is not None:
+                        if entry[1] is None or t < entry[1]:
+                            entry[1] = t
+                        if entry[2] is None or t > entry[2]:
+                            entry[2] = t
+                continue
+            try:
+                flow = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                bad.append((index, f"not JSON: {exc}"))
+                continue
+            if type(flow) is not dict:
+                bad.append((index, "not a JSON object"))
+                continue
+            self._whole += 1
+            self._hold(self._whole, (flow, retried_syn(flow)))
+        return bad
 
     def _hold(self, key: Any, value: Any) -> None:
         if len(self._pending) >= self._window:
@@ -198,13 +252,17 @@ class MapScan:
 
     def flush(self) -> None:
         """Give the builder what is held (call it at the end, before reading the builder)."""
-        add, add_alike, encode = self.builder.add, self.builder.add_alike, msgspec.json.encode
+        add_alike, encode = self.builder.add_alike, msgspec.json.encode
         for key, value in self._pending.items():
-            if type(value) is dict:
-                add(value)
-            else:
+            if type(value) is list:
+                retried = type(key) is tuple
                 # a dict as orjson makes it of a line holding these fields only
-                add_alike(orjson.loads(encode(key)), value[0], value[1], value[2])
+                flow = orjson.loads(encode(key[0] if retried else key))
+                add_alike(flow, value[0], value[1], value[2], retried)
+            else:
+                flow, retried = value
+                t = record_time(flow.get("time"))
+                add_alike(flow, 1, t, t, retried)
         self._pending.clear()
 
 

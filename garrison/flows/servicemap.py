@@ -204,15 +204,16 @@ def _int(value: Any) -> int:
 
 
 def _ns(text: str) -> int | None:
-    """Nanoseconds of a time `_time` gave; None for one that only looks like a time."""
+    """Nanoseconds of a time `record_time` gave; None for one that only looks like one."""
     try:
         return parse_time(text)
     except ValueError:
         return None
 
 
-def _time(value: Any) -> str | None:
-    """garrison's fixed-width UTC text as it is (it sorts as text), anything else normalised."""
+def record_time(value: Any) -> str | None:
+    """A record's `time` as the map keeps it: garrison's fixed-width UTC text as it is (it
+    sorts as text), another form normalised to it, None for no time."""
     if type(value) is str and len(value) == 30 and value[29] == "Z" and value[19] == ".":
         return value
     if not isinstance(value, str):
@@ -250,19 +251,38 @@ class ServiceMapBuilder:
             return
         t = flow.get("time")
         if type(t) is not str or len(t) != 30 or t[29] != "Z" or t[19] != ".":
-            t = _time(t)
-        self._add(flow, 1, t, t)
+            t = record_time(t)
+        self._add(flow, 1, t, t, None)
+
+    def retried_syn(self, flow: Mapping[str, Any]) -> bool:
+        """Whether a record is a client's retransmission of a denied SYN (the same addresses,
+        ports and event type as one seen at most the window before: `summary.RetriedSyns`),
+        which counts as that same attempt. Remembers the SYNs it is asked about: a reader
+        that counts with `add_alike` asks for every record, in log order, and passes the
+        answer on; `add` asks itself."""
+        get = flow.get
+        if get("is_reply") is True or get("verdict") != "DROPPED":
+            return False
+        kind = get("Type")
+        if kind is None:
+            kind = "L7" if "l7" in flow else "L3_L4"
+        event_type = get("event_type")
+        event = _int(event_type.get("type")) if _is_obj(event_type) else 0
+        if kind != "L3_L4" or event not in (1, 5):
+            return False
+        t = record_time(get("time"))
+        ns = self._ns(t) if t is not None else None
+        return ns is not None and self._syns.is_retry(flow, event, ns)
 
     def add_alike(self, flow: Mapping[str, Any], count: int, first: str | None,
-                  last: str | None) -> None:
+                  last: str | None, retried: bool = False) -> None:
         """`count` records equal to `flow` in every field `add` reads but their `time`, which
-        ranges from `first` to `last` (as `_time` gives them; None: none had a time).
-        Never denied TCP SYNs: whether one is a retransmission depends on its own time and
-        port, so those are `add`ed one by one, in log order (`garrison.flows.mapscan`)."""
-        self._add(flow, count, first, last)
+        ranges from `first` to `last` (as `record_time` gives them; None: none had one), and
+        all retransmitted SYNs or none (`retried`, as `retried_syn` answered for each)."""
+        self._add(flow, count, first, last, retried)
 
     def _add(self, flow: Mapping[str, Any], alike: int, t: str | None,
-             t_last: str | None) -> None:
+             t_last: str | None, retried: bool | None) -> None:
         # `t` is the (earliest) time; `t_last` the latest of `alike` records
         self.records += alike
         get = flow.get
@@ -323,9 +343,11 @@ class ServiceMapBuilder:
             else:
                 return
             if slot in (_DROP, _VDENIED) and t_last is not None:
-                ns = self._ns(t_last)
-                if ns is not None and self._syns.is_retry(flow, event, ns):
-                    self.retried_syns += 1  # a retransmitted SYN: the same attempt again
+                if retried is None:  # `add`: ask now (`retried_syn`'s conditions hold here)
+                    ns = self._ns(t_last)
+                    retried = ns is not None and self._syns.is_retry(flow, event, ns)
+                if retried:
+                    self.retried_syns += alike  # a retransmitted SYN: the same attempt again
                     return
             edge = edges.get((client, server)) or self._edge(client, server)
             port = _l4_port(flow)
@@ -366,7 +388,7 @@ class ServiceMapBuilder:
                         count_rules(rules, refs, what, t_last, 0)
 
     def _ns(self, text: str) -> int | None:
-        """Nanoseconds of a time `_time` gave, each second parsed once."""
+        """Nanoseconds of a time `record_time` gave, each second parsed once."""
         second = self._seconds.get(text[:19])
         if second is None:
             ns = _ns(text)
@@ -803,4 +825,4 @@ def _group_filter(client: NodeKey, server: NodeKey) -> str:
     return f"--from-namespace {client[0]} --to-namespace {server[0]}"
 
 
-__all__ = ["DEFAULT_MAX_NODES", "ServiceMapBuilder"]
+__all__ = ["DEFAULT_MAX_NODES", "ServiceMapBuilder", "record_time"]

@@ -30,7 +30,7 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +45,7 @@ from garrison.flows.servicemap import ServiceMapBuilder
 PARALLEL_MIN_BYTES = 32 << 20  # below this one process reads faster than several start
 CHUNK_BYTES = 64 << 20  # the part of a file one reader process reads at a time
 READ_CHUNK = 4 << 20
+BATCH_LINES = 4096  # lines of a compressed file given to the map at a time
 MAX_BAD_SAMPLES = 5
 TAIL_CAP = 500_000  # records that arrive while the page runs, kept in memory
 FOLLOW_READ = 16 << 20  # what one poll reads of a followed file at most
@@ -203,7 +204,6 @@ def _scan(path: str, begin: int, end: int) -> _Part:
     scan = MapScan(builder)
     bad: list[tuple[int, str]] = []
     bad_count = 0
-    add_line, append = scan.add_line, starts.append
     pos, rest, number = begin, b"", 0
     with open(path, "rb") as f:
         f.seek(begin)
@@ -217,19 +217,28 @@ def _scan(path: str, begin: int, end: int) -> _Part:
             rest = lines.pop() if left > 0 else b""
             if left <= 0 and lines and lines[-1] == b"":
                 lines.pop()
-            for line in lines:
-                number += 1
-                if line and not line.isspace():
-                    append(pos)
-                    why = add_line(line)
-                    if why:
-                        bad_count += 1
-                        if len(bad) < MAX_BAD_SAMPLES:
-                            bad.append((number, why))
-                pos += len(line) + 1
+            # where each line starts (and the next after the last)
+            at = list(itertools.accumulate(map(_NEXT, map(len, lines)), initial=pos))
+            numbers: Sequence[int]
+            if b"" in lines or any(map(bytes.isspace, lines)):  # blank lines: no records
+                numbers = [i for i, line in enumerate(lines) if line and not line.isspace()]
+                records = [lines[i] for i in numbers]
+                starts.extend(at[i] for i in numbers)
+            else:
+                numbers, records = range(len(lines)), lines
+                starts.extend(at[:-1])
+            for index, why in scan.add_lines(records):
+                bad_count += 1
+                if len(bad) < MAX_BAD_SAMPLES:
+                    bad.append((number + numbers[index] + 1, why))
+            number += len(lines)
+            pos = at[-1]
     scan.flush()
     builder.skipped += bad_count
     return _Part(starts, builder, bad, bad_count, number)
+
+
+_NEXT = (1).__add__  # a line's length to where the next one starts, with its newline
 
 
 def _split_points(fd: int, size: int, parts: int) -> list[int]:
@@ -515,12 +524,15 @@ class FileSource:
         builder = ServiceMapBuilder()
         scan = MapScan(builder)
         stats = LoadStats()
-        for number, line in enumerate(open_lines(log), 1):
-            segment.append(line)
-            why = scan.add_line(line)
-            if why:
-                stats.add(f"{log.name}:{number}", why)
+        lines = open_lines(log)
+        number = 0
+        while batch := list(itertools.islice(lines, BATCH_LINES)):
+            for line in batch:
+                segment.append(line)
+            for index, why in scan.add_lines(batch):
+                stats.add(f"{log.name}:{number + index + 1}", why)
                 builder.skipped += 1
+            number += len(batch)
         scan.flush()
         store.add_segment(segment, builder, stats)
 
