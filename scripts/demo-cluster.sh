@@ -47,6 +47,7 @@ if [[ $(id -u) -ne 0 ]]; then
     die "needs root (network namespaces, BPF programs): run 'sudo make demo-cluster'"
 fi
 command -v etcd >/dev/null || die "needs etcd: apt-get install etcd-server (make setup does)"
+command -v etcdctl >/dev/null || die "needs etcdctl: apt-get install etcd-client (make setup does)"
 command -v nsenter >/dev/null || die "needs nsenter: apt-get install util-linux"
 command -v curl >/dev/null || die "needs curl: apt-get install curl"
 [[ -x $G ]] || die "no $G: run 'make setup' first"
