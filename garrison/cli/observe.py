@@ -724,7 +724,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "observe", help="flow records from the agent or access-log files, Hubble-style",
         description="Show flow records, filtered, in Hubble's formats. Without --input-file "
         f"it reads the agent's recent records (the last {AGENT_DEFAULT_LAST} unless --first/"
-        "--last say otherwise); from files, every matching record.",
+        "--last say otherwise), with --cluster every node's, merged in time order; from "
+        "files, every matching record.",
     )
     _sources(p)
     add_filter_flags(p)

@@ -389,6 +389,8 @@ def test_observe_cluster_filters_as_on_one_node(starwars: Scene) -> None:
         ("gr-n1", XW, "DROPPED"), ("gr-n2", XW, "DROPPED"), ("gr-n3", XW, "DROPPED")}
     done = n3.run("observe", "--cluster", "--to-pod", "gr-ds2", "--last", "1000", "-o", "json")
     assert {r["node_name"] for r in records(done)} == {"gr-n2"}
+    done = n3.run("observe", "--cluster", "--node-name", "gr-n1", "--last", "1000", "-o", "json")
+    assert {r["node_name"] for r in records(done)} == {"gr-n1"}
     done = n3.run("observe", "--cluster", "--http-status", "403", "-t", "l7", "-o", "json")
     assert [(r["node_name"], r["l7"]["http"]["code"]) for r in records(done)] == [
         ("gr-n1", 403)]
