@@ -302,6 +302,7 @@ POLICY = """\
       - toEndpoints: [{matchLabels: {app: gx-srv}}]
         toPorts: [{ports: [{port: "7000", protocol: TCP}, {port: "7002", protocol: TCP}]}]
 """
+METRICS_PORT = 19477  # the agent's --metrics, inside its own namespace
 QUICK = 1.0  # an answered connection fails well within this; a dropped SYN takes all of it
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -409,7 +410,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     subprocess.run(["ip", "netns", "add", NODE], check=True)
     pin_root = BPFFS_MOUNT / f"gx-deny-response-{PID}"
     agent = NsAgent(NODE, tmp_path_factory.mktemp("gx-agent"), pin_root)
-    agent.extra = ["--allow-localhost", "policy"]
+    agent.extra = ["--allow-localhost", "policy", "--metrics", f"127.0.0.1:{METRICS_PORT}"]
     made: list[str] = []
     try:
         ip(NODE, "link", "set", "lo", "up")
@@ -465,6 +466,16 @@ def test_tcp_reset_refuses_at_once_and_the_record_says_so(node: Node) -> None:
     silent = node.wait_flow(lambda r: r.time >= t0 and answered(r, CLI_IP, SRV_IP,
                                                                 EGRESS_DENIED))
     assert silent.deny_response == ""
+    # the operator's counter: the answer sent
+    metrics = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{NODE}", "curl", "-sf",
+         f"http://127.0.0.1:{METRICS_PORT}/metrics"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout
+    sent = [line for line in metrics.splitlines()
+            if line.startswith("garrison_deny_response_total{")]
+    assert any('{outcome="sent"}' in line and float(line.rsplit(" ", 1)[1]) >= 1
+               for line in sent), metrics[-3000:]
 
 
 def test_icmp_unreachable_for_egress_and_ingress_denials(node: Node) -> None:
