@@ -649,8 +649,14 @@ class Agent:
                 audit = side_audit(decisive)
             return Admission(
                 src_id, src_labels, src.namespace if src else None, allowed, result, ruleset,
-                audit, src.name if src else None,
+                audit, src.name if src else self._remote_name(src_ip),
             )
+
+    def _remote_name(self, ip: str) -> str | None:
+        """Another node's endpoint's name, for the proxy's records (None: not one)."""
+        if self.cluster is None:
+            return None
+        return self.cluster.remote_endpoint_name(ip) or None
 
     def identity_of_ip(self, ip: str) -> int:
         """The identity of a non-endpoint address: another node's endpoint's (cluster), else

@@ -61,11 +61,17 @@ _PROTOCOLS = {
 def _endpoint(agent: Agent, identity: int, ip: str, port: int) -> Endpoint:
     ep = agent.endpoints.by_ip(ip)
     labels = agent.resolver.cache.labels_of(identity) or Labels()
+    if ep is not None:
+        name = ep.name
+    elif agent.cluster is not None:  # another node's endpoint: its name came through etcd
+        name = agent.cluster.remote_endpoint_name(ip)
+    else:
+        name = ""
     return Endpoint.of(
         identity,
         labels,
         namespace=ep.namespace if ep else None,
-        pod_name=ep.name if ep else "",
+        pod_name=name,
         ip=ip,
         port=port,
     )

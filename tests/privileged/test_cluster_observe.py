@@ -356,13 +356,15 @@ def test_observe_cluster_shows_every_nodes_records_in_time_order(starwars: Scene
     assert denied[0]["verdict"] == "DROPPED"
     assert denied[0]["source"]["identity"] == tie.identity
     assert xw.identity in {r["source"].get("identity") for r in got}
+    # another node's endpoint is named as a local one is (its name came through etcd)
+    assert denied[0]["source"]["pod_name"] == "gr-tie"
 
     # What a user reads: the compact lines of the drops and the 403, with their nodes.
     view = n3.run("observe", "--cluster", "--last", "1000", "--print-node-name")
     assert view.returncode == 0, view.stderr
     lines = compact(view)
     xwing_to = re.compile(
-        rf"^{re.escape(XW)}:\d+ \(ID:{xw.identity}\) -> default/(gr-ds\d):80 "
+        rf"^default/gr-xw:\d+ \(ID:{xw.identity}\) -> default/(gr-ds\d):80 "
         rf"\(ID:{starwars.endpoints['ds1'].identity}\) policy-verdict:none INGRESS DENIED "
         r"\(TCP Flags: SYN\)$")
     shown_drops = runs([(node, m[1]) for node, rest in lines if (m := xwing_to.match(rest))])
@@ -373,7 +375,7 @@ def test_observe_cluster_shows_every_nodes_records_in_time_order(starwars: Scene
     assert {node for node, rest in lines if egress.match(rest)} == {"gr-n3"}, lines
     l7 = [(node, rest) for node, rest in lines if "exhaust-port" in rest]
     assert l7[0] == ("gr-n1", (
-        f"{TIE}:{denied[0]['source']['port']} (ID:{tie.identity}) -> default/gr-ds1:80 "
+        f"default/gr-tie:{denied[0]['source']['port']} (ID:{tie.identity}) -> default/gr-ds1:80 "
         f"(ID:{starwars.endpoints['ds1'].identity}) http-request DROPPED "
         "(HTTP/1.1 PUT http://deathstar/v1/exhaust-port)")), l7
     assert l7[1][0] == "gr-n1" and " http-response " in l7[1][1] and "403" in l7[1][1]
@@ -388,7 +390,10 @@ def test_observe_cluster_filters_as_on_one_node(starwars: Scene) -> None:
     assert got and {(r["node_name"], r["source"]["ip"], r["verdict"]) for r in got} == {
         ("gr-n1", XW, "DROPPED"), ("gr-n2", XW, "DROPPED"), ("gr-n3", XW, "DROPPED")}
     done = n3.run("observe", "--cluster", "--to-pod", "gr-ds2", "--last", "1000", "-o", "json")
-    assert {r["node_name"] for r in records(done)} == {"gr-n2"}
+    to_ds2 = records(done)
+    # node 2 hosts it; node 3 records its ships' connections to it, under its name too
+    assert {r["node_name"] for r in to_ds2} == {"gr-n2", "gr-n3"}
+    assert {r["destination"]["pod_name"] for r in to_ds2} == {"gr-ds2"}
     done = n3.run("observe", "--cluster", "--node-name", "gr-n1", "--last", "1000", "-o", "json")
     assert {r["node_name"] for r in records(done)} == {"gr-n1"}
     done = n3.run("observe", "--cluster", "--http-status", "403", "-t", "l7", "-o", "json")
