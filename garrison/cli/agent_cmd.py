@@ -49,6 +49,7 @@ from garrison.cluster.routes import RouteError, remove_node_routes
 from garrison.cni.wire import cni_socket_for
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
 from garrison.kvstore.base import KVStoreError
+from garrison.kvstore.etcd import EtcdTLS, load_tls, parse_endpoint_urls
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import Labels
@@ -96,7 +97,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kvstore", choices=["sqlite", "etcd"], default="sqlite",
                    help="etcd: join a cluster (docs/cluster.md); sqlite: this node alone")
     p.add_argument("--kvstore-endpoints", default="", metavar="URL[,URL]",
-                   help="etcd client URLs, e.g. http://198.19.0.250:2379")
+                   help="etcd client URLs, e.g. http://198.19.0.250:2379; https:// for TLS "
+                   "(all one scheme)")
+    p.add_argument("--kvstore-ca", type=Path, metavar="FILE",
+                   help="with https:// endpoints: the CA bundle (PEM) etcd's certificate must "
+                   "chain to (default: the system's CA roots)")
+    p.add_argument("--kvstore-cert", type=Path, metavar="FILE",
+                   help="with https:// endpoints: this node's client certificate (PEM), for "
+                   "etcd's --client-cert-auth; with --kvstore-key")
+    p.add_argument("--kvstore-key", type=Path, metavar="FILE",
+                   help="the private key (PEM, unencrypted) of --kvstore-cert")
     p.add_argument("--pod-cidr", metavar="CIDR",
                    help="with --kvstore etcd: this node's endpoint addresses")
     p.add_argument("--node-ip", metavar="IP",
@@ -197,23 +207,43 @@ def _start_flow_api(agent: Agent, flag: str) -> FlowAPIServer | None:
 
 
 def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
+    tls = EtcdTLS(args.kvstore_ca, args.kvstore_cert, args.kvstore_key)
     if args.kvstore != "etcd":
-        if args.kvstore_endpoints or args.pod_cidr or args.node_ip:
-            raise ValueError("--kvstore-endpoints, --pod-cidr and --node-ip need --kvstore etcd")
+        if args.kvstore_endpoints or args.pod_cidr or args.node_ip or tls.given:
+            raise ValueError("--kvstore-endpoints, --kvstore-ca/-cert/-key, --pod-cidr and "
+                             "--node-ip need --kvstore etcd")
         return {}
     if not args.kvstore_endpoints or not args.pod_cidr:
         raise ValueError("--kvstore etcd needs --kvstore-endpoints URL and --pod-cidr CIDR")
     if args.kvstore_lease_ttl < 2:
         raise ValueError("--kvstore-lease-ttl must be at least 2 seconds")
+    _check_kvstore_tls(args.kvstore_endpoints, tls)
     pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
     return {
         "kvstore": "etcd",
         "kvstore_endpoints": tuple(u.strip() for u in args.kvstore_endpoints.split(",") if u),
+        "kvstore_ca": tls.ca_file,
+        "kvstore_cert": tls.cert_file,
+        "kvstore_key": tls.key_file,
         "pod_cidr": pod_cidr,
         "endpoint_pool": pod_cidr,
         "node_ip": ipaddress.IPv4Address(args.node_ip) if args.node_ip else None,
         "kvstore_lease_ttl_s": args.kvstore_lease_ttl,
     }
+
+
+def _check_kvstore_tls(endpoints: str, tls: EtcdTLS) -> None:
+    """The endpoints' scheme and the TLS files, checked before anything starts: one line
+    naming the file or the flag and the fix (exit status 2, as other usage errors)."""
+    try:
+        parsed = parse_endpoint_urls(endpoints)
+        if parsed.tls:
+            load_tls(tls)
+        elif tls.given:
+            raise KVStoreError("--kvstore-ca/--kvstore-cert/--kvstore-key are for TLS but the "
+                               "etcd endpoints are http://: use https:// URLs")
+    except KVStoreError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -385,6 +415,7 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
                     node_name=config.node_name, redact_query_params=config.redact_query_params
                 ),
                 destination=destination,
+                transparent_to=agent.cluster.is_remote_endpoint if agent.cluster else None,
             )
             server = ProxyServer(settings, agent, sink, metrics=metrics)
             address = await server.listen_transparent("127.0.0.1", port)

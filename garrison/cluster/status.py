@@ -52,6 +52,8 @@ def cluster_lines(status: Mapping[str, Any]) -> list[str]:
         f"Cluster:         node {cluster.get('node')}, "
         f"{cluster.get('remote_endpoints', 0)} remote endpoints",
     ]
+    if cluster.get("tls"):
+        lines.insert(1, f"Kvstore TLS:     {cluster['tls']}")
     if "flow_api" in cluster:
         where = cluster["flow_api"]
         lines.append(
