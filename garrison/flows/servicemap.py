@@ -1,7 +1,9 @@
 """Who talked to whom, and under which rules: the service map of the review page.
 
 A `ServiceMapBuilder` reads flow dicts (access-log lines, decoded; Hubble's field names) one at
-a time and keeps counters only, so a log of any length fits in memory bounded by the variety of
+a time (`add`), or many records alike but for their time at once (`add_alike`, with
+`retried_syn` asked for each in log order: `garrison.flows.mapscan` reads a log that way), and
+keeps counters only, so a log of any length fits in memory bounded by the variety of
 endpoints, requests and rules, not by its length. Builders of parts of a log `merge()` into the
 builder of the whole (the review server splits a large log across cores). `result()` gives the
 JSON object the page draws. Nothing here reads files or sockets.
@@ -225,7 +227,8 @@ def record_time(value: Any) -> str | None:
 
 
 class ServiceMapBuilder:
-    """Add flow dicts with `add()`; `merge()` another builder's counts; `result()`."""
+    """Add flow dicts with `add()` (or `add_alike()`); `merge()` another builder's counts;
+    `result()`."""
 
     def __init__(self, syn_retry_window_s: float = DEFAULT_SUMMARY.syn_retry_window_s) -> None:
         self.records = 0
