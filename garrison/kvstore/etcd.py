@@ -19,8 +19,9 @@ Every key is stored under `root` (`garrison/` by default), so one etcd can serve
   revision, then follows from the next revision; after a disconnect it resumes at the revision
   after the last one delivered (none missed, none repeated); when etcd compacted that history
   away it re-lists and says so.
-- **TLS** (`https://` endpoints, `EtcdTLS`): gRPC's TLS with a CA bundle (default: gRPC's
-  roots, the system's) and optionally a client certificate, for etcd's `--client-cert-auth`.
+- **TLS** (`https://` endpoints, `EtcdTLS`): gRPC's TLS with a CA bundle (default: the
+  system's, OpenSSL's default CA file, rather than the roots grpcio ships) and optionally a
+  client certificate, for etcd's `--client-cert-auth`.
   The files are checked before any connection (readable, PEM, the key matches the
   certificate); the server's certificate must chain to the CA and name the endpoint's host
   (an IP SAN for an IP address). One channel serves all endpoints and gRPC checks one name
@@ -139,7 +140,8 @@ def parse_endpoints(text: str | Sequence[str]) -> tuple[str, ...]:
 class EtcdTLS:
     """Client TLS towards etcd (`--kvstore-ca`, `--kvstore-cert`, `--kvstore-key`).
 
-    `ca_file` None: gRPC's default roots (the system's CA bundle). `cert_file` and `key_file`
+    `ca_file` None: the system's CA bundle (OpenSSL's default CA file, `SSL_CERT_FILE` if set;
+    gRPC's built-in roots where there is none). `cert_file` and `key_file`
     together or neither: the client certificate etcd's `--client-cert-auth` asks for.
     """
 
@@ -163,6 +165,20 @@ class _TLSMaterial:
     ca: bytes | None
     key: bytes | None
     cert: bytes | None
+    # What the server's certificate is verified against, for messages.
+    ca_source: str
+
+
+def _system_roots() -> tuple[bytes | None, str]:
+    """The system's CA bundle as OpenSSL finds it (`SSL_CERT_FILE`, else its default file),
+    or None (gRPC's built-in roots) when there is none to read."""
+    path = ssl.get_default_verify_paths().cafile
+    if path:
+        try:
+            return Path(path).read_bytes(), f"the system's CA roots ({path}; no --kvstore-ca)"
+        except OSError:
+            pass
+    return None, "gRPC's built-in CA roots (no system CA file; no --kvstore-ca)"
 
 
 def _read(flag: str, path: Path, what: str) -> bytes:
@@ -186,7 +202,9 @@ def load_tls(tls: EtcdTLS) -> _TLSMaterial:
             "--kvstore-cert and --kvstore-key go together: give both (the client certificate"
             " and its private key) or neither"
         )
-    ca = None
+    ca, ca_source = (
+        _system_roots() if tls.ca_file is None else (None, f"--kvstore-ca {tls.ca_file}")
+    )
     if tls.ca_file is not None:
         ca_what = "the CA bundle (PEM) that issued etcd's server certificate"
         ca = _read("--kvstore-ca", tls.ca_file, ca_what)
@@ -199,7 +217,7 @@ def load_tls(tls: EtcdTLS) -> _TLSMaterial:
                 f"--kvstore-ca {tls.ca_file}: no PEM certificate in it; give {ca_what}"
             ) from None
     if tls.cert_file is None or tls.key_file is None:
-        return _TLSMaterial(ca, None, None)
+        return _TLSMaterial(ca, None, None, ca_source)
     cert = _read("--kvstore-cert", tls.cert_file, "the client certificate (PEM)")
     key = _read("--kvstore-key", tls.key_file, "the client certificate's private key (PEM)")
     if b"-----BEGIN CERTIFICATE-----" not in cert:
@@ -236,7 +254,7 @@ def load_tls(tls: EtcdTLS) -> _TLSMaterial:
             f"--kvstore-cert {tls.cert_file} / --kvstore-key {tls.key_file}: cannot read"
             f" them ({exc.strerror or exc})"
         ) from None
-    return _TLSMaterial(ca, key, cert)
+    return _TLSMaterial(ca, key, cert, ca_source)
 
 
 def _grpc_target(addresses: Sequence[str]) -> str:
@@ -289,7 +307,7 @@ class EtcdKVStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         tls: EtcdTLS | None = None,
     ) -> None:
-        """`tls`: the files for `https://` endpoints (None there: the system's CA roots, no
+        """`tls`: the files for `https://` endpoints (None there: the system's CA bundle, no
         client certificate); files given with `http://` endpoints are refused, not ignored."""
         parsed = parse_endpoint_urls(endpoints)
         self.endpoints = parsed.addresses
@@ -301,9 +319,11 @@ class EtcdKVStore:
         target = _grpc_target(self.endpoints)
         self.tls: EtcdTLS | None = None
         self.server_name: str | None = None
+        self._ca_source = ""
         if parsed.tls:
             self.tls = tls or EtcdTLS()
             material = load_tls(self.tls)
+            self._ca_source = material.ca_source
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=material.ca,
                 private_key=material.key,
@@ -430,13 +450,8 @@ class EtcdKVStore:
         if "CERTIFICATE_VERIFY_FAILED" in details:
             reason = details.partition("CERTIFICATE_VERIFY_FAILED")[2].strip(": ")
             reason = reason.removesuffix(": OK").strip() or "verify failed"
-            against = (
-                f"--kvstore-ca {self.tls.ca_file}"
-                if self.tls.ca_file
-                else "the system's CA roots (no --kvstore-ca)"
-            )
             return (
-                f"the certificate of etcd at {where} does not verify against {against}"
+                f"the certificate of etcd at {where} does not verify against {self._ca_source}"
                 f" ({reason}); give the CA that issued it with --kvstore-ca"
             )
         if any(

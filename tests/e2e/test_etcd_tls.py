@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -141,7 +142,20 @@ def test_a_server_certificate_of_another_ca_is_refused(
     ), message
     # no --kvstore-ca: the system's roots, which do not hold the test's CA
     message = failure(TLS_URL, EtcdTLS(None, pki.client_cert, pki.client_key))
-    assert "does not verify against the system's CA roots (no --kvstore-ca)" in message
+    system = ssl.get_default_verify_paths().cafile
+    assert f"does not verify against the system's CA roots ({system}; no --kvstore-ca)" in message
+
+
+def test_without_a_ca_file_the_systems_bundle_verifies_etcd(
+    etcd: EtcdServer, pki: EtcdPKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test's CA as the system's bundle (SSL_CERT_FILE, OpenSSL's override): no
+    --kvstore-ca needed."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    tls = EtcdTLS(None, pki.client_cert, pki.client_key)
+    with EtcdKVStore(TLS_URL, root=root(), tls=tls) as kv:
+        kv.put("k", b"v")
+        assert kv.get("k") == b"v"
 
 
 def test_a_server_certificate_for_another_name_is_refused(

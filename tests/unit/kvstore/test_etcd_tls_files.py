@@ -47,7 +47,21 @@ def test_https_endpoints_are_parsed_and_mixing_schemes_is_refused() -> None:
 def test_a_good_set_of_files_loads(pki: EtcdPKI) -> None:
     material = load_tls(EtcdTLS(pki.ca, pki.client_cert, pki.client_key))
     assert material.ca == pki.ca.read_bytes() and material.cert == pki.client_cert.read_bytes()
-    assert load_tls(EtcdTLS()).ca is None  # gRPC's default roots
+
+
+
+def test_without_a_ca_file_the_systems_bundle_is_used(
+    pki: EtcdPKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL's default CA file (SSL_CERT_FILE overrides it, as for every OpenSSL client),
+    not the roots grpcio ships; none there: gRPC's own, and messages say which."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    material = load_tls(EtcdTLS())
+    assert material.ca == pki.ca.read_bytes()
+    assert material.ca_source == f"the system's CA roots ({pki.ca}; no --kvstore-ca)"
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))
+    material = load_tls(EtcdTLS())
+    assert material.ca is None and material.ca_source.startswith("gRPC's built-in CA roots")
 
 
 def refused(tls: EtcdTLS, url: str = URL) -> str:
