@@ -68,6 +68,8 @@ for n in "${NODES[@]}"; do
     fi
 done
 WORK=$(mktemp -d /tmp/garrison-demo-cluster.XXXXXX)
+# in the environment of every process the demo starts: one left behind can be found
+export GARRISON_DEMO_CLUSTER=$WORK
 MADE_NS=()      # namespaces this run made (deleted at the end)
 CREATED=()      # endpoints this run asked an agent to add (their namespaces are this run's)
 PIDS=()         # the deathstar apps
