@@ -3,7 +3,9 @@
  *   from_container  tc ingress: packets leaving the endpoint
  *   to_container    tc egress:  packets entering the endpoint
  *   from_netdev     tc ingress of the node's underlay device (several nodes, garrison/cluster):
- *                   packets from other nodes; steers them to the proxy, nothing else
+ *                   packets from other nodes; steers them to the proxy (new connections an
+ *                   ingress L7 rule redirects, and replies to the proxy's transparent
+ *                   upstream connections), nothing else
  * One compiled object serves every endpoint; the endpoint is found by skb->ifindex (the host
  * veth) in gar_endpoints.
  *
@@ -24,6 +26,11 @@
  *   - several nodes: a connection from another node's endpoint whose ingress rule here
  *     redirects is judged and steered at from_netdev, the tc ingress hook it crosses on this
  *     node (where bpf_sk_assign works); its later packets go to the same proxy socket there.
+ *     A local endpoint's connection that an egress L7 rule redirects toward another node's
+ *     endpoint is judged at from_container as above; the proxy's upstream connection leaves
+ *     from the endpoint's own address (transparent, so the other node judges the endpoint's
+ *     identity) and crosses none of this node's programs on the way out; its replies are
+ *     handed to it at from_netdev (lib/proxy.h, gar_proxy_upstream_reply).
  *     Everything else passes from_netdev untouched and is judged at to_container as above.
  * Every new connection produces a policy-verdict event per side judged; every dropped
  * packet a drop event; audit mode (per endpoint) logs the verdict and drops nothing.
@@ -305,6 +312,17 @@ int from_netdev(struct __sk_buff *skb)
 	ep = gar_endpoint_of(dst_ifindex);
 	if (!ep)
 		return TC_ACT_OK;
+
+	/* A reply to the proxy's transparent upstream connection (an egress L7 rule of a local
+	 * endpoint toward this remote one): the proxy's socket, before any conntrack entry of
+	 * the endpoint's own, which may share the tuple. */
+	rc = gar_proxy_upstream_reply(skb, &c.pkt.tuple);
+	if (rc > 0) {
+		gar_count(c.obs, GAR_COUNT_REDIRECTED, c.pkt.length);
+		return TC_ACT_OK;
+	}
+	if (rc < 0)
+		return gar_drop(&c, dst_ifindex, 0, ep->identity, 0, -rc, GAR_MATCH_NONE, 0);
 
 	now = bpf_ktime_get_ns();
 	ct = gar_ct_lookup(&c.pkt, now, &dir);

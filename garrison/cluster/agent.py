@@ -183,6 +183,15 @@ class AgentCluster:
         entry = self._remote.get(address)
         return entry.identity if entry is not None else None
 
+    def is_remote_endpoint(self, address: str) -> bool:
+        """Whether `address` is another node's endpoint: the proxy's upstream connections to
+        it leave from the client's own address (transparent), so that node judges the
+        client's identity (docs/cluster.md). Called from the proxy's loop: one dict read."""
+        try:
+            return ipaddress.IPv4Address(address) in self._remote
+        except ValueError:
+            return False
+
     def remote_endpoint_name(self, address: str) -> str:
         """The name of another node's endpoint at `address` ("" when none is known): flow
         records name remote peers as they name local ones."""

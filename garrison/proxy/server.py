@@ -16,10 +16,10 @@ goes to the `FlowSink`).
 
 - Upstream: in transparent mode the original destination (`getsockname()` of the accepted
   socket), in standalone mode the configured address. HTTP/1.1 engines borrow a connection
-  from the per-destination `UpstreamPool` when they first forward, keep it while the client
-  keeps sending, and give it back (if the engine says it is reusable) when the client has
-  been idle for `release_idle_after` seconds or leaves; other engines get their own
-  connection at once.
+  from the per-destination `UpstreamPool` when they forward, keep it while a request is in
+  flight, and give it back (if the engine says it is reusable) as soon as nothing is: an
+  idle keep-alive client holds no upstream connection (nor parsers: see
+  `garrison.proxy.engine`); other engines get their own connection at once.
 - Backpressure both ways: when one side's transport buffers more than `write_buffer_high`
   bytes, the other side's reading is paused until it drains below `write_buffer_low`. So is
   the client's while its upstream is being connected, while too many pipelined requests
@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,7 +112,6 @@ from garrison.proxy.sockets import PROXY_UPSTREAM_MARK, listener, system_backlog
 from garrison.proxy.upstream import (
     Address,
     PoolConfig,
-    PoolStats,
     UpstreamConnectError,
     UpstreamConnection,
     UpstreamPool,
@@ -149,12 +149,17 @@ class FlowSink:
 
     Records are gathered during one turn of the event loop and handled at its end, after the
     bytes of that turn were written: records an engine made with `Log.later` are built then,
-    go to the ring (and the `-v` stream), the access-log lines are written in one system call
-    (`write_many`) in emission order, and the metrics are counted once per label set. So a
+    go to the ring (and the `-v` stream), and the metrics are counted once per label set. So a
     record reaches `observe` one loop turn after its decision, and making it is not on the
-    path of the request. A failed write is counted in metrics and reported once per failure
-    streak; the records stay in the ring. Without a loop (tests), everything is done at once.
+    path of the request. The access-log lines of the turns of `write_delay` seconds (or up to
+    `write_batch` records) are written together, in emission order, in one system call
+    (`write_many`): a client that sends one request at a time (a Kafka producer waiting for
+    each answer) would otherwise cost two writes per request. `flush()` writes everything at
+    once (the server calls it when it stops). A failed write is counted in metrics and
+    reported once per failure streak; the records stay in the ring. Without a loop (tests),
+    everything is done at once.
     """
+
 
     def __init__(
         self,
@@ -172,6 +177,10 @@ class FlowSink:
         self._loop = loop
         self._pending: list[FlowRecord | Log] = []
         self._scheduled = False
+        self.write_delay = 0.02  # seconds
+        self.write_batch = 512  # records
+        self._unwritten: list[FlowRecord] = []  # in the ring, not yet in the access log
+        self._write_timer: asyncio.TimerHandle | None = None
         self._failing = False
 
     def emit(self, record: FlowRecord | Log) -> None:
@@ -182,9 +191,14 @@ class FlowSink:
                 self.flush()
                 return
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self._loop.call_soon(self._end_turn)
 
     def flush(self) -> None:
+        """Handle every record taken so far and write every line owed, now."""
+        self._end_turn()
+        self._write()
+
+    def _end_turn(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
         if not pending:
@@ -200,6 +214,20 @@ class FlowSink:
         if self.metrics is not None:
             _count(self.metrics, records)
         if self.writer is None:
+            return
+        unwritten = self._unwritten
+        unwritten.extend(records)
+        if self._loop is None or len(unwritten) >= self.write_batch:
+            self._write()
+        elif self._write_timer is None:
+            self._write_timer = self._loop.call_later(self.write_delay, self._write)
+
+    def _write(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        records, self._unwritten = self._unwritten, []
+        if not records or self.writer is None:
             return
         try:
             self.writer.write_many(records)
@@ -290,7 +318,10 @@ class ServerSettings:
     `destination`: describes the original destination (identity, labels) for records; the
     agent passes its ipcache lookup. `upstream_mark`: SO_MARK of upstream sockets (transparent
     mode uses the datapath's mark by default; None = no mark). `advertise`: the proxy's own
-    address, for the Kafka engine to write into Metadata answers.
+    address, for the Kafka engine to write into Metadata answers. `transparent_to`: in
+    transparent mode, the destination IPs whose upstream connections leave from the client's
+    own address (another node's endpoints, which judge the client by it; the agent passes
+    its cluster's lookup); None or False: from the node's address.
     """
 
     protocol: L7Protocol = L7Protocol.HTTP
@@ -299,10 +330,9 @@ class ServerSettings:
     destination: DestinationLookup | None = None
     upstream_mark: int | None = None
     advertise: tuple[str, int] | None = None
+    transparent_to: Callable[[str], bool] | None = None
     pool: PoolConfig | None = None
     sweep_interval: float = 1.0
-    # A pooled (HTTP/1.1) client idle this long returns its upstream connection to the pool.
-    release_idle_after: float = 1.0
     # A lingering close (`Close(linger=True)`) reads and discards at most this much, this
     # long, of what the client still sends after its answer, then closes (nginx's
     # lingering_time is 30 s).
@@ -325,6 +355,7 @@ _PAUSE = PauseClient
 _RELEASE = ReleaseUpstream
 _OPEN = OpenUpstream
 _NEVER = float("inf")
+_MAX_LOCAL_ADDRESSES = 4096
 _CLIENT = Side.CLIENT
 _UPSTREAM = Side.UPSTREAM
 
@@ -366,13 +397,13 @@ class _ClientConnection(asyncio.Protocol):
         self.pooled = False
         self.closed = False
         self.client_eof = False
-        self._pending_up: list[bytes] = []  # forwarded while the upstream connects
+        self._pending_up: list[bytes] | None = None  # forwarded while the upstream connects
         self._linger_timer: asyncio.TimerHandle | None = None  # set while lingering
         self._lingered = 0  # bytes read and thrown away while lingering
         self._connecting: asyncio.Task[None] | None = None
         self._pause_client = 0  # reasons the client's reading is paused (bit set)
         self._client_write_paused = False
-        self.protocol = str(server.settings.protocol)  # what the upstream speaks (pool key)
+        self.protocol = server.upstream_protocol  # what the upstream speaks (pool key)
         self.wake_at = _NEVER  # monotonic time of the engine's next Wakeup
         self.src: tuple[str, int] = ("", 0)
         self.dst: tuple[str, int] = ("", 0)
@@ -385,8 +416,9 @@ class _ClientConnection(asyncio.Protocol):
         now = time.time()
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
-        self.src = (str(peer[0]), int(peer[1])) if peer else ("", 0)
-        self.dst = (str(local[0]), int(local[1])) if local else ("", 0)
+        # Every connection from one address shares its text, to one address its tuple.
+        self.src = (sys.intern(str(peer[0])), int(peer[1])) if peer else ("", 0)
+        self.dst = server.local_address(str(local[0]), int(local[1])) if local else ("", 0)
         if len(server.connections) >= server.config.max_connections:
             transport.abort()
             self.closed = True
@@ -410,8 +442,7 @@ class _ClientConnection(asyncio.Protocol):
         try:
             self.context = server.context_for(self, admission)
             self.engine = EventEngine(
-                make_engine(self.context, server.config), server.config.timeouts,
-                server.settings.release_idle_after,
+                make_engine(self.context, server.config), server.config.timeouts
             )
         except Exception as exc:
             log.exception("cannot build an engine for %s", self.src)
@@ -575,7 +606,9 @@ class _ClientConnection(asyncio.Protocol):
             return
         if self._connecting is None:
             conn = (
-                self.server.pool.take_idle(self.upstream_address, self._upstream_protocol())
+                self.server.pool.take_idle(
+                    self.upstream_address, self._upstream_protocol(), self._upstream_source()
+                )
                 if self.pooled else None
             )
             if conn is not None:
@@ -583,7 +616,10 @@ class _ClientConnection(asyncio.Protocol):
                 conn.write(data)
                 return
             self._start_connect()
-        self._pending_up.append(data)
+        if self._pending_up is None:
+            self._pending_up = [data]
+        else:
+            self._pending_up.append(data)
 
     def _close(self, command: Close) -> None:
         side = command.side
@@ -654,7 +690,7 @@ class _ClientConnection(asyncio.Protocol):
     async def _connect(self) -> None:
         try:
             conn = await self.server.pool.connect(
-                self.upstream_address, self._upstream_protocol()
+                self.upstream_address, self._upstream_protocol(), self._upstream_source()
             )
         except UpstreamConnectError as exc:
             self._connecting = None
@@ -671,9 +707,13 @@ class _ClientConnection(asyncio.Protocol):
         if self.closed:
             self.server.pool.discard(conn)
             return
+        assert conn.transport is not None  # once per connection: every client uses the same
+        conn.transport.set_write_buffer_limits(
+            high=self.server.config.write_buffer_high, low=self.server.config.write_buffer_low
+        )
         self._attach(conn)
-        pending, self._pending_up = self._pending_up, []
-        for data in pending:
+        pending, self._pending_up = self._pending_up, None
+        for data in pending or ():
             conn.write(data)
         self._resume(_PAUSE_CONNECTING)
 
@@ -682,13 +722,18 @@ class _ClientConnection(asyncio.Protocol):
         back connections by it (an HTTP/1.1 engine that took an h2c client speaks "h2")."""
         return self.protocol
 
+    def _upstream_source(self) -> str | None:
+        """The client's address when the upstream leaves from it (`transparent_to`)."""
+        leave_from_client = self.server.settings.transparent_to
+        if self.transparent and leave_from_client is not None and leave_from_client(
+            self.upstream_address[0]
+        ):
+            return self.src[0]
+        return None
+
     def _attach(self, conn: UpstreamConnection) -> None:
         conn.owner = self
         self.upstream = conn
-        assert conn.transport is not None
-        conn.transport.set_write_buffer_limits(
-            high=self.server.config.write_buffer_high, low=self.server.config.write_buffer_low
-        )
         if self._client_write_paused:
             conn.pause_reading()
         else:
@@ -702,7 +747,7 @@ class _ClientConnection(asyncio.Protocol):
         engine = self.engine
         if engine is None or self.closed:
             return
-        self._pending_up = []
+        self._pending_up = None
         self.dispatch(UpstreamFailed(reason, time.time(), time.monotonic()))
 
     # -- flow control -------------------------------------------------------------------------
@@ -762,7 +807,7 @@ class _ClientConnection(asyncio.Protocol):
         if self._connecting is not None:
             self._connecting.cancel()
             self._connecting = None
-        self._pending_up = []
+        self._pending_up = None
         conn, self.upstream = self.upstream, None
         if conn is not None:  # not given back (`ReleaseUpstream`) by the engine: not reusable
             server.pool.discard(conn)
@@ -784,6 +829,7 @@ class ProxyServer:
     ) -> None:
         self.settings = settings
         self.config = settings.config
+        self.upstream_protocol = str(settings.protocol)  # shared by the connections
         self.policy = policy
         self.sink = sink
         self.metrics = metrics if metrics is not None else sink.metrics
@@ -792,6 +838,7 @@ class ProxyServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._upstream: Address | None = None
         self._shared: dict[Address, dict[str, object]] = {}
+        self._local: dict[Address, Address] = {}  # `local_address`
         self._sweeper: asyncio.Task[None] | None = None
         self._pool: UpstreamPool | None = None
         self.addresses: list[tuple[str, int]] = []
@@ -829,7 +876,7 @@ class ProxyServer:
             self._pool = UpstreamPool(
                 loop, self.settings.pool or PoolConfig(
                     connect_timeout=self.config.timeouts.connect
-                ), mark=mark, on_change=self._pool_changed,
+                ), mark=mark,
             )
         try:
             # create_server listens again, with 100 unless told: keep the system's maximum.
@@ -848,11 +895,18 @@ class ProxyServer:
             self._sweeper = loop.create_task(self._sweep())
         return address
 
-    def _pool_changed(self, stats: PoolStats) -> None:
-        if self.metrics is not None:
-            self.metrics.set_upstream_pool(stats.idle, stats.busy)
-
     # -- per connection -----------------------------------------------------------------------
+
+    def local_address(self, host: str, port: int) -> Address:
+        """The accepted connections' local address, one tuple for all connections to it (in
+        transparent mode, one per original destination)."""
+        key = (host, port)
+        known = self._local.get(key)
+        if known is None:
+            if len(self._local) >= _MAX_LOCAL_ADDRESSES:
+                self._local.clear()
+            known = self._local[key] = (sys.intern(host), port)
+        return known
 
     def upstream_for(self, original_destination: Address) -> Address:
         return self._upstream if self._upstream is not None else original_destination
@@ -1006,6 +1060,11 @@ class ProxyServer:
                 conn.wakeup(mono)
         if self._pool is not None:
             self._pool.expire()
+            if self.metrics is not None:
+                # Sampled here rather than on every change: a keep-alive client takes and
+                # gives back its upstream connection with every request.
+                stats = self._pool.stats
+                self.metrics.set_upstream_pool(stats.idle, stats.busy)
 
     # -- shutdown -----------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ upstream sockets.
 - Upstream sockets carry `SO_MARK` = the datapath's proxy-upstream mark, so the tc program at
   the destination recognises the proxy's own connection and does not redirect it again.
   Needs CAP_NET_ADMIN too; standalone mode sets no mark.
+- An upstream socket toward another node's endpoint leaves from the client's address
+  (`source`: `IP_TRANSPARENT` and a bind to it), so the other node judges the client's
+  identity; the datapath hands its replies back to it by its mark (garrison/bpf/lib/proxy.h).
 - Several worker processes share one port with `SO_REUSEPORT` (the kernel spreads new
   connections over their listeners by a hash of the 4-tuple); the parent holds a bound,
   not listening, socket on the port (`listen=False`) so port 0 resolves once for all.
@@ -103,14 +106,37 @@ def listener(
     return sock
 
 
-def upstream_socket(host: str, mark: int | None) -> socket.socket:
-    """A non-blocking TCP socket for connecting to `host`, marked when `mark` is given."""
-    sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+class UpstreamSourceError(OSError):
+    """An upstream socket could not take the client's address as its source."""
+
+
+def upstream_socket(host: str, mark: int | None, source: str | None = None) -> socket.socket:
+    """A non-blocking TCP socket for connecting to `host`, marked when `mark` is given.
+    `source`: the address it leaves from — an address of another host (a local endpoint's, in
+    its own network namespace), so the socket is transparent (`IP_TRANSPARENT`, CAP_NET_ADMIN)
+    and bound to it with a port the kernel picks."""
+    family = family_of(host)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        if source is not None:
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+                else:
+                    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                sock.bind((source, 0))
+            except PermissionError as exc:
+                raise UpstreamSourceError(
+                    exc.errno, "IP_TRANSPARENT needs CAP_NET_ADMIN (run as root)"
+                ) from exc
+            except OSError as exc:
+                raise UpstreamSourceError(
+                    exc.errno, f"cannot leave from {source}: {exc.strerror or exc}"
+                ) from exc
     except BaseException:
         sock.close()
         raise

@@ -1,14 +1,18 @@
 """Upstream connections: the protocol object of one upstream socket, and a per-destination
 pool of idle HTTP/1.1 keep-alive connections shared by every client connection.
 
-The pool is keyed by (address, protocol): a connection is only ever handed to a client
+The pool is keyed by (address, protocol, source): a connection is only ever handed to a client
 connection that speaks the protocol it was opened for (an HTTP/2 client's preface must never
-go down an idle HTTP/1.1 connection, which the upstream would read as a `PRI *` request).
+go down an idle HTTP/1.1 connection, which the upstream would read as a `PRI *` request), and
+a connection that leaves from a client's own address (`source`: transparent, toward another
+node's endpoint, which judges the client by that address) only to a connection of that same
+client address — never one client's identity lent to another.
 
 A client connection borrows an upstream connection when its engine first forwards bytes and,
-for HTTP/1.1, gives it back when the client has been idle a second (or leaves) and the engine
-reports it reusable (the last response is complete and kept the connection alive). So 1,000
-idle keep-alive clients hold no upstream connection, and a busy client keeps one.
+for HTTP/1.1, gives it back as soon as nothing is in flight (or the client leaves) if the
+engine reports it reusable (the last response is complete and kept the connection alive). So
+1,000 idle keep-alive clients hold no upstream connection, and a keep-alive client takes the
+most recently released one (usually its own again) for its next request.
 
 An idle pooled connection that the upstream closes, or that sends anything, is dropped. Idle
 connections older than `idle_timeout` are closed (keep it below the upstream's own keep-alive
@@ -24,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from garrison.proxy.sockets import upstream_socket
+from garrison.proxy.sockets import UpstreamSourceError, upstream_socket
 
 Address = tuple[str, int]
 # What an upstream connection speaks: ALPN-style names ("http/1.1", "h2", "kafka").
@@ -57,14 +61,17 @@ class UpstreamConnection(asyncio.Protocol):
         "owner",
         "pool",
         "protocol",
+        "source",
         "transport",
     )
 
     def __init__(
-        self, address: Address, pool: UpstreamPool | None, protocol: str = HTTP1
+        self, address: Address, pool: UpstreamPool | None, protocol: str = HTTP1,
+        source: str | None = None,
     ) -> None:
         self.address = address
         self.protocol = protocol
+        self.source = source  # the client address it leaves from; None: the node's own
         self.pool = pool
         self.owner: UpstreamOwner | None = None
         self.transport: asyncio.Transport | None = None
@@ -200,20 +207,21 @@ class UpstreamPool:
         config: PoolConfig | None = None,
         *,
         mark: int | None = None,
-        on_change: Callable[[PoolStats], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._loop = loop
         self.config = config or PoolConfig()
         self._mark = mark
-        self._idle: dict[tuple[Address, str], deque[UpstreamConnection]] = {}
-        self._on_change = on_change
+        self._idle: dict[tuple[Address, str, str | None], deque[UpstreamConnection]] = {}
         self._clock = clock
         self.stats = PoolStats()
 
-    def take_idle(self, address: Address, protocol: str = HTTP1) -> UpstreamConnection | None:
-        """An idle connection to `address` speaking `protocol`, now busy; None if none."""
-        idle = self._idle.get((address, protocol))
+    def take_idle(
+        self, address: Address, protocol: str = HTTP1, source: str | None = None
+    ) -> UpstreamConnection | None:
+        """An idle connection to `address` speaking `protocol`, leaving from `source`, now
+        busy; None if none."""
+        idle = self._idle.get((address, protocol, source))
         while idle:
             conn = idle.pop()
             if conn.closed:
@@ -221,20 +229,28 @@ class UpstreamPool:
             self.stats.idle -= 1
             self.stats.busy += 1
             self.stats.reuses += 1
-            self._changed()
             return conn
         return None
 
-    async def connect(self, address: Address, protocol: str = HTTP1) -> UpstreamConnection:
-        """A new connection to `address` for `protocol`, busy (raises UpstreamConnectError)."""
+    async def connect(
+        self, address: Address, protocol: str = HTTP1, source: str | None = None
+    ) -> UpstreamConnection:
+        """A new connection to `address` for `protocol`, busy (raises UpstreamConnectError).
+        `source`: leave from this client address (transparent) instead of the node's own."""
         host, port = address
-        sock = upstream_socket(host, self._mark)
+        try:
+            sock = upstream_socket(host, self._mark, source)
+        except UpstreamSourceError as exc:
+            self.stats.connect_failures += 1
+            raise UpstreamConnectError(
+                f"cannot connect to {host}:{port}: {exc.strerror}"
+            ) from exc
         try:
             await asyncio.wait_for(
                 self._loop.sock_connect(sock, address), self.config.connect_timeout
             )
             _, conn = await self._loop.create_connection(
-                lambda: UpstreamConnection(address, self, protocol), sock=sock
+                lambda: UpstreamConnection(address, self, protocol, source), sock=sock
             )
         except TimeoutError as exc:
             sock.close()
@@ -253,7 +269,6 @@ class UpstreamPool:
             raise
         self.stats.connects += 1
         self.stats.busy += 1
-        self._changed()
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -262,18 +277,15 @@ class UpstreamPool:
         self.stats.busy -= 1
         if conn.closed or conn.writing_paused:
             conn.close()
-            self._changed()
             return
-        idle = self._idle.setdefault((conn.address, conn.protocol), deque())
+        idle = self._idle.setdefault((conn.address, conn.protocol, conn.source), deque())
         if len(idle) >= self.config.max_idle:
             conn.close()
-            self._changed()
             return
         conn.resume_reading()  # an idle connection must notice the upstream closing it
         conn.idle_since = self._clock()
         idle.append(conn)
         self.stats.idle += 1
-        self._changed()
 
     def discard(self, conn: UpstreamConnection) -> None:
         """A busy connection that cannot be reused: close it."""
@@ -281,18 +293,16 @@ class UpstreamPool:
         self.stats.busy -= 1
         conn.pool = None
         conn.close()
-        self._changed()
 
     def forget(self, conn: UpstreamConnection) -> None:
         """`conn` closed: if it was idle, it is gone from the pool."""
-        idle = self._idle.get((conn.address, conn.protocol))
+        idle = self._idle.get((conn.address, conn.protocol, conn.source))
         if idle is not None and conn.owner is None:
             try:
                 idle.remove(conn)
             except ValueError:
                 return
             self.stats.idle -= 1
-            self._changed()
 
     def expire(self) -> None:
         """Close idle connections older than `idle_timeout` (call periodically)."""
@@ -303,7 +313,6 @@ class UpstreamPool:
                 self.stats.idle -= 1
                 conn.pool = None
                 conn.close()
-        self._changed()
 
     def close(self) -> None:
         for idle in self._idle.values():
@@ -313,8 +322,3 @@ class UpstreamPool:
                 conn.close()
         self._idle.clear()
         self.stats.idle = 0
-        self._changed()
-
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change(self.stats)

@@ -1,0 +1,374 @@
+"""Egress L7 rules toward another node's endpoint: the source node's proxy decides, the
+destination node still judges the client's own identity.
+
+    netns gw-ul-<pid>:  bridge, etcd on 198.19.0.241:2379
+        │ 198.19.0.0/24 underlay
+    netns gw-n1-<pid> (198.19.0.221): garrison agent, pod CIDR 198.18.221.0/24
+        endpoints gw-tie (tiefighter, 198.18.221.20), gw-xw (xwing, 198.18.221.21)
+    netns gw-n2-<pid> (198.19.0.222): garrison agent, pod CIDR 198.18.222.0/24
+        endpoint  gw-ds (deathstar, 198.18.222.20) running the Star Wars app
+
+The ships' egress policy (HTTP rules toward the deathstar) sends their connections into node
+1's proxy; its upstream connection leaves from the ship's own address (transparent), so node 2,
+whose deathstar admits only the tiefighter's identity, tells the two ships apart. Node 1's
+underlay program hands the deathstar's replies back to that upstream socket.
+
+Every namespace and pin here is made by this module and removed by it, also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from garrison.redirect import remove_pin_dir
+from garrison.redirect.bpffs import BPFFS_MOUNT
+from tests.etcd_server import EtcdServer, etcd_skip_reason
+from tests.privileged.agent_harness import (
+    STARWARS,
+    AgentEndpoint,
+    NsAgent,
+    app_requests,
+    http_request,
+    ip,
+)
+
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.skipif(etcd_skip_reason() is not None, reason=str(etcd_skip_reason())),
+    pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter (util-linux)"),
+]
+
+PID = os.getpid()
+UNDERLAY = f"gw-ul-{PID}"
+ETCD_IP = "198.19.0.241"
+ENDPOINT_NAMES = ("gw-tie", "gw-xw", "gw-ds")
+SHIPS_EGRESS = """\
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata:
+      name: gw-ships-egress
+    spec:
+      endpointSelector:
+        matchExpressions:
+        - key: class
+          operator: In
+          values: [tiefighter, xwing]
+      egress:
+      - toEndpoints:
+        - matchLabels:
+            class: deathstar
+        toPorts:
+        - ports:
+          - port: "80"
+            protocol: TCP
+          rules:
+            http:
+            - method: POST
+              path: /v1/request-landing
+"""
+DEATHSTAR_INGRESS = """\
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata:
+      name: gw-deathstar-ingress
+    spec:
+      endpointSelector:
+        matchLabels:
+          class: deathstar
+      ingress:
+      - fromEndpoints:
+        - matchLabels:
+            class: tiefighter
+        toPorts:
+        - ports:
+          - port: "80"
+            protocol: TCP
+"""
+
+
+@dataclass
+class Node:
+    name: str
+    netns: str
+    ip: str
+    agent: NsAgent
+
+    def api(self, method: str, **params: Any) -> dict[str, Any]:
+        from garrison.agent.api import AgentClient
+
+        with AgentClient(self.agent.workdir / "agent.sock", timeout=30) as client:
+            return client.call(method, **params)
+
+    def ipcache(self) -> dict[str, int]:
+        entries = self.api("BpfIpcacheList")["entries"]
+        return {e["prefix"]: int(e["identity"]) for e in entries}
+
+    def flows(self, *having: str) -> list[dict[str, Any]]:
+        return [
+            json.loads(f) for f in self.api("Flows", filter={}, limit=2000)["flows"]
+            if all(h in f for h in having)
+        ]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _netns_add(name: str, made: list[str]) -> None:
+    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    made.append(name)
+    ip(name, "link", "set", "lo", "up")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
+    made: list[str] = []
+    nodes: dict[str, Node] = {}
+    etcd: EtcdServer | None = None
+    pins: list[Path] = []
+    try:
+        _netns_add(UNDERLAY, made)
+        ip(UNDERLAY, "link", "add", "gw-br", "type", "bridge")
+        ip(UNDERLAY, "addr", "add", f"{ETCD_IP}/24", "dev", "gw-br")
+        ip(UNDERLAY, "link", "set", "gw-br", "up")
+        etcd = EtcdServer(name="gw-cluster", netns=UNDERLAY, host=ETCD_IP)
+        etcd.start()
+        for n in (1, 2):
+            netns = f"gw-n{n}-{PID}"
+            _netns_add(netns, made)
+            node_ip = f"198.19.0.{220 + n}"
+            ip(netns, "link", "add", f"gw-u{n}", "type", "veth", "peer", "name", f"gw-p{n}",
+               "netns", UNDERLAY)
+            ip(netns, "addr", "add", f"{node_ip}/24", "dev", f"gw-u{n}")
+            ip(netns, "link", "set", f"gw-u{n}", "up")
+            ip(UNDERLAY, "link", "set", f"gw-p{n}", "master", "gw-br", "up")
+            subprocess.run(
+                ["ip", "netns", "exec", netns, "sysctl", "-qw",
+                 "net.ipv4.ip_forward=1", f"net.ipv4.conf.gw-u{n}.forwarding=1"],
+                check=True,
+            )
+            pin = BPFFS_MOUNT / f"gw-cluster-{n}-{PID}"
+            pins.append(pin)
+            workdir = tmp_path_factory.mktemp(f"gw-n{n}")
+            agent = NsAgent(netns, workdir, pin)
+            agent.extra = [
+                "--kvstore", "etcd", "--kvstore-endpoints", etcd.url,
+                "--node-name", f"gw-n{n}", "--pod-cidr", f"198.18.{220 + n}.0/24",
+                "--node-ip", node_ip, "--kvstore-lease-ttl", "3",
+            ]
+            node = Node(f"gw-n{n}", netns, node_ip, agent)
+            nodes[node.name] = node
+            agent.start()
+        yield nodes
+    finally:
+        for node in nodes.values():
+            if node.agent.proc is not None and node.agent.proc.poll() is None:
+                with contextlib.suppress(Exception):
+                    for ep in node.api("EndpointList")["endpoints"]:
+                        node.api("EndpointDelete", name=ep["name"])
+                node.agent.stop()
+            node.agent.cleanup()
+        for pin in pins:
+            if pin.exists():
+                remove_pin_dir(pin)
+        if etcd is not None:
+            etcd.close()
+        for name in reversed(made):  # ours: made above
+            with contextlib.suppress(subprocess.CalledProcessError):
+                subprocess.run(["ip", "netns", "delete", name], check=True)
+        for ep in ENDPOINT_NAMES:
+            # endpoint namespaces the agents made and did not remove (a failed test)
+            if Path(f"/run/netns/{ep}").exists():
+                subprocess.run(["ip", "netns", "delete", ep], check=False)
+
+
+@dataclass
+class Scene:
+    n1: Node
+    n2: Node
+    tie: AgentEndpoint
+    xwing: AgentEndpoint
+    ds: AgentEndpoint
+
+
+def _add_endpoint(node: Node, name: str, labels: str, ip_: str) -> AgentEndpoint:
+    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
+    done = node.agent.cli("endpoint", "add", name, "--labels", labels, "--ip", ip_, "-o", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(done.stdout)
+    return AgentEndpoint(name, ip_, tuple(data["labels"]), int(data["identity"]),
+                         str(data["host_veth"]))
+
+
+@pytest.fixture(scope="module")
+def scene(cluster: dict[str, Node]) -> Iterator[Scene]:
+    n1, n2 = cluster["gw-n1"], cluster["gw-n2"]
+    tie = _add_endpoint(n1, "gw-tie", "org=empire,class=tiefighter", "198.18.221.20")
+    xwing = _add_endpoint(n1, "gw-xw", "org=alliance,class=xwing", "198.18.221.21")
+    ds = _add_endpoint(n2, "gw-ds", "org=empire,class=deathstar", "198.18.222.20")
+    app = subprocess.Popen(
+        ["ip", "netns", "exec", ds.name, sys.executable, str(STARWARS / "deathstar.py"),
+         "--listen", "0.0.0.0:80"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: n2.ipcache().get(f"{tie.ip}/32") == tie.identity
+            and n2.ipcache().get(f"{xwing.ip}/32") == xwing.identity
+            and n1.ipcache().get(f"{ds.ip}/32") == ds.identity,
+            10.0, "both nodes to know each other's endpoints",
+        )
+        wait_for(lambda: _app_up(ds), 15.0, "the deathstar app")
+        yield Scene(n1, n2, tie, xwing, ds)
+    finally:
+        app.terminate()
+        app.wait(10)
+
+
+def _app_up(ds: AgentEndpoint) -> bool:
+    try:
+        app_requests(ds)
+    except OSError:
+        return False
+    return True
+
+
+def _written(scene: Scene, name: str, text: str) -> Path:
+    path = scene.n1.agent.workdir / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _import(scene: Scene, name: str, path: Path) -> None:
+    """Imported on node 1, in force on node 2 (through etcd)."""
+    done = scene.n1.agent.cli("policy", "import", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_for(
+        lambda: any(p["source"] == str(path) for p in scene.n2.api("PolicyGet")["policies"]),
+        10.0, f"{name} to reach node 2",
+    )
+
+
+def _delete(scene: Scene, name: str) -> None:
+    with contextlib.suppress(Exception):
+        scene.n1.api("PolicyDelete", name=name)
+    wait_for(
+        lambda: all(p["name"] != name for p in scene.n2.api("PolicyGet")["policies"]),
+        10.0, f"{name} to leave node 2",
+    )
+
+
+def _request(ship: AgentEndpoint, ds: AgentEndpoint, method: str, path: str,
+             timeout: float = 5.0) -> tuple[int, bytes]:
+    sock = ship.connect(ds.ip, 80, timeout=3.0)
+    assert sock is not None, f"{ship.name} could not connect to {ds.ip}:80"
+    with sock:
+        return http_request(sock, method, path, timeout=timeout)
+
+
+def test_egress_l7_toward_another_node_keeps_the_clients_identity(scene: Scene) -> None:
+    n1, n2, tie, xwing, ds = scene.n1, scene.n2, scene.tie, scene.xwing, scene.ds
+    _import(scene, "gw-ships-egress", _written(scene, "gw-ships-egress", SHIPS_EGRESS))
+    _import(
+        scene, "gw-deathstar-ingress",
+        _written(scene, "gw-deathstar-ingress", DEATHSTAR_INGRESS),
+    )
+    try:
+        # Allowed by node 1's proxy, admitted by node 2 for the tiefighter's identity.
+        assert _request(tie, ds, "POST", "/v1/request-landing") == (200, b"Ship landed\n"), (
+            n1.agent.log()[-3000:]
+        )
+        # Denied by node 1's proxy: the app never sees it.
+        before = app_requests(ds)
+        assert _request(tie, ds, "PUT", "/v1/exhaust-port") == (403, b"Access denied\r\n")
+        assert app_requests(ds) == before + 1, "the denied request reached the deathstar"
+
+        # Node 1's proxy records both, by the tiefighter's identity.
+        l7 = [r for r in n1.flows('"L7"', tie.ip) if r["l7"].get("type") == "REQUEST"]
+        landed = [r for r in l7 if "request-landing" in json.dumps(r)]
+        denied = [r for r in l7 if "exhaust-port" in json.dumps(r)]
+        assert landed and landed[-1]["verdict"] == "FORWARDED", l7
+        assert denied and denied[-1]["verdict"] == "DROPPED", l7
+        for record in (landed[-1], denied[-1]):
+            assert record["source"]["identity"] == tie.identity
+            assert record["destination"]["identity"] == ds.identity
+        # Node 2 judged the upstream connection by the tiefighter's identity.
+        seen = [r for r in n2.flows(tie.ip, ds.ip) if r["verdict"] == "FORWARDED"]
+        assert any(r["source"]["identity"] == tie.identity for r in seen), seen
+        assert not n2.flows(n1.ip), "node 2 saw node 1's own address"
+
+        # The xwing's request passes node 1's proxy (same egress rules) but node 2's
+        # deathstar admits only the tiefighter: dropped there, by the xwing's identity.
+        before = app_requests(ds)
+        status, _ = _request(xwing, ds, "POST", "/v1/request-landing", timeout=15.0)
+        assert status != 200
+        assert app_requests(ds) == before + 1, "the xwing's request reached the deathstar"
+        drops = [r for r in n2.flows(xwing.ip, '"DROPPED"')]
+        assert drops and drops[-1]["source"]["identity"] == xwing.identity, drops
+
+        # Still allowed afterwards, on a fresh connection (the pool never lends the xwing's
+        # address to the tiefighter, or the other way round).
+        assert _request(tie, ds, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
+    finally:
+        _delete(scene, "gw-ships-egress")
+        _delete(scene, "gw-deathstar-ingress")
+
+
+def test_ingress_l7_across_nodes_still_in_the_destinations_proxy(scene: Scene) -> None:
+    n2, tie, xwing, ds = scene.n2, scene.tie, scene.xwing, scene.ds
+    _import(scene, "rule1", STARWARS / "sw_l3_l4_l7_policy.yaml")
+    try:
+        assert _request(tie, ds, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
+        before = app_requests(ds)
+        assert _request(tie, ds, "PUT", "/v1/exhaust-port") == (403, b"Access denied\r\n")
+        assert app_requests(ds) == before + 1, "the denied request reached the deathstar"
+        denied = [
+            r for r in n2.flows('"L7"', "exhaust-port") if r["l7"].get("type") == "REQUEST"
+        ]
+        assert denied and denied[-1]["verdict"] == "DROPPED"
+        assert denied[-1]["source"]["identity"] == tie.identity
+        assert xwing.connect(ds.ip, 80, timeout=1.5) is None
+    finally:
+        _delete(scene, "rule1")
+
+
+def test_egress_and_ingress_l7_across_nodes_both_proxies_decide(scene: Scene) -> None:
+    """Both nodes' proxies in a row: node 1's for the ships' egress rules, node 2's for the
+    deathstar's ingress rules — each records the request, by the tiefighter's identity."""
+    n1, n2, tie, ds = scene.n1, scene.n2, scene.tie, scene.ds
+    _import(scene, "gw-ships-egress", _written(scene, "gw-ships-egress", SHIPS_EGRESS))
+    _import(scene, "rule1", STARWARS / "sw_l3_l4_l7_policy.yaml")
+    try:
+        assert _request(tie, ds, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
+        for node in (n1, n2):
+            landed = [
+                r for r in node.flows('"L7"', "request-landing", tie.ip)
+                if r["l7"].get("type") == "REQUEST" and r["verdict"] == "FORWARDED"
+            ]
+            assert landed, f"{node.name}'s proxy records the request"
+            assert landed[-1]["source"]["identity"] == tie.identity
+        before = app_requests(ds)
+        assert _request(tie, ds, "PUT", "/v1/exhaust-port") == (403, b"Access denied\r\n")
+        assert app_requests(ds) == before + 1
+    finally:
+        _delete(scene, "gw-ships-egress")
+        _delete(scene, "rule1")
