@@ -18,10 +18,12 @@ Every namespace and pin here is made by this module and removed by it, also on f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +35,8 @@ from typing import Any
 
 import pytest
 
+from garrison.proxy.sockets import IP_TRANSPARENT, PROXY_UPSTREAM_MARK, SO_MARK
+from garrison.proxy.upstream import UpstreamPool
 from garrison.redirect import remove_pin_dir
 from garrison.redirect.bpffs import BPFFS_MOUNT
 from tests.etcd_server import EtcdServer, etcd_skip_reason
@@ -43,6 +47,7 @@ from tests.privileged.agent_harness import (
     app_requests,
     http_request,
     ip,
+    ns_socket,
 )
 
 pytestmark = [
@@ -372,3 +377,70 @@ def test_egress_and_ingress_l7_across_nodes_both_proxies_decide(scene: Scene) ->
     finally:
         _delete(scene, "gw-ships-egress")
         _delete(scene, "rule1")
+
+
+def _from_client_address(scene: Scene, mark: int | None) -> bool:
+    """Whether a socket in node 1's own namespace, leaving from the tiefighter's address as
+    the proxy's upstream does, gets its connection to the deathstar established."""
+    sock = ns_socket(scene.n1.netns)
+    with sock:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        if mark is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        sock.bind((scene.tie.ip, 0))
+        sock.settimeout(2.5)
+        try:
+            sock.connect((scene.ds.ip, 80))
+        except OSError:
+            return False
+        return True
+
+
+def test_replies_go_only_to_sockets_carrying_the_proxys_mark(scene: Scene) -> None:
+    """from_netdev hands a reply to a host socket only when that socket carries the proxy's
+    upstream mark; any other one's replies go on to the endpoint (which knows no such
+    connection and resets it), as every packet did before."""
+    assert _from_client_address(scene, PROXY_UPSTREAM_MARK)
+    assert not _from_client_address(scene, None)
+    assert not _from_client_address(scene, 0x100)
+
+
+def test_the_pool_lends_a_client_addresss_connection_only_to_that_address() -> None:
+    """Upstream connections that leave from a client's address (transparent) are kept per
+    address: another client (or the node's own address) never gets one, so a destination
+    never sees one client's requests under another's identity. On loopback, in the host
+    namespace."""
+
+    async def scenario() -> None:
+        peers: list[str] = []
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer.get_extra_info("peername")[0])
+            await reader.read()
+            writer.close()
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()[:2]
+        pool = UpstreamPool(asyncio.get_running_loop())
+        try:
+            conn = await pool.connect(address, source="127.0.0.5")
+            await asyncio.sleep(0.1)
+            assert peers == ["127.0.0.5"]
+            pool.release(conn)
+            assert pool.take_idle(address) is None
+            assert pool.take_idle(address, source="127.0.0.6") is None
+            assert pool.take_idle(address, source="127.0.0.5") is conn
+            plain = await pool.connect(address)
+            await asyncio.sleep(0.1)
+            assert peers[-1] == "127.0.0.1"
+            pool.release(plain)
+            assert pool.take_idle(address, source="127.0.0.5") is None
+            assert pool.take_idle(address) is plain
+            pool.discard(conn)
+            pool.discard(plain)
+        finally:
+            pool.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(scenario())
