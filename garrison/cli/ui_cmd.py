@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.input_file:
-            source: Any = file_source(args.input_file, backups=not args.no_backups)
+            source: Any = file_source(args.input_file, backups=not args.no_backups,
+                                      cache=not args.no_cache)
         else:
             source = agent_source(args.socket)
         app = ReviewApp(source, listen, allow_remote=args.allow_remote, known_rules=known,
@@ -94,6 +95,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "repeatable; without it the local agent's records are shown")
     p.add_argument("--no-backups", action="store_true",
                    help="read only the named files, not their rotated backups")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither use nor keep the map of a large log between runs "
+                        "(kept in $XDG_CACHE_HOME/garrison/ui)")
     p.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
                    help="agent API socket (default: %(default)s)")
     p.add_argument("--policy", action="append", metavar="PATH",

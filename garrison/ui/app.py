@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from garrison.flows.summary import RuleKey
+from garrison.ui.mapcache import MapCache, default_directory
 from garrison.ui.server import ReviewServer, UIConfig, loopback_hosts
 from garrison.ui.store import AgentFeed, FileSource, FlowStore, Poller, Source
 
@@ -149,8 +150,10 @@ class ReviewApp:
                 close()
 
 
-def file_source(paths: list[str], backups: bool = True) -> FileSource:
-    return FileSource(paths, backups=backups)
+def file_source(paths: list[str], backups: bool = True, cache: bool = True) -> FileSource:
+    """`cache`: keep what was read of large logs for the next run (`garrison.ui.mapcache`)."""
+    return FileSource(paths, backups=backups,
+                      cache=MapCache(default_directory()) if cache else None)
 
 
 def agent_source(socket_path: Path) -> AgentFeed:

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import pickle
 import threading
 import time
 from array import array
@@ -41,6 +42,7 @@ from garrison.flows.mapscan import MapScan
 from garrison.flows.query import CompiledQuery
 from garrison.flows.reader import FlowSourceError, LogFile, log_files, open_lines
 from garrison.flows.servicemap import ServiceMapBuilder
+from garrison.ui.mapcache import MapCache
 
 PARALLEL_MIN_BYTES = 32 << 20  # below this one process reads faster than several start
 CHUNK_BYTES = 64 << 20  # the part of a file one reader process reads at a time
@@ -241,11 +243,12 @@ def _scan(path: str, begin: int, end: int) -> _Part:
 _NEXT = (1).__add__  # a line's length to where the next one starts, with its newline
 
 
-def _split_points(fd: int, size: int, parts: int) -> list[int]:
-    """Offsets that cut [0, size) into `parts` ranges, each starting on a line start."""
-    points = [0]
+def _split_points(fd: int, size: int, parts: int, begin: int = 0) -> list[int]:
+    """Offsets that cut [begin, size) into `parts` ranges, each starting on a line start
+    (`begin` is one)."""
+    points = [begin]
     for k in range(1, parts):
-        at = size * k // parts
+        at = begin + (size - begin) * k // parts
         while at < size:
             block = os.pread(fd, 1 << 16, at)
             nl = block.find(b"\n")
@@ -434,6 +437,7 @@ class _FileJob:
     fd: int = -1
     end: int = 0
     ranges: list[tuple[int, int]] = field(default_factory=list)
+    cached: list[tuple[int, int, bytes]] = field(default_factory=list)  # read before
 
 
 class FileSource:
@@ -444,7 +448,7 @@ class FileSource:
     while the page is already served), then starts following. `load()` does both."""
 
     def __init__(self, paths: list[str], *, backups: bool = True,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, cache: MapCache | None = None) -> None:
         for path in paths:
             if path == "-":
                 raise FlowSourceError("the review page reads files, not standard input: give "
@@ -452,6 +456,7 @@ class FileSource:
         self.paths = paths
         self.backups = backups
         self.workers = workers or os.cpu_count() or 1
+        self.cache = cache  # what was read of large files before (`garrison.ui.mapcache`)
         self._live: list[_Follow] = []
         self._jobs: list[_FileJob] = []
         self._futures: list[concurrent.futures.Future[_Part]] = []
@@ -474,14 +479,20 @@ class FileSource:
                 if not log.compressed:
                     job.fd, job.end = _open_plain(log, job.live)
                     self._fds.append(job.fd)
-                    parts = max(1, -(-job.end // CHUNK_BYTES))
-                    points = _split_points(job.fd, job.end, parts) if parts > 1 else [0, job.end]
-                    job.ranges = list(itertools.pairwise(points))
+                    begin = 0
+                    kept = self.cache.load(log.path, job.fd, job.end) if self.cache else None
+                    if kept is not None:
+                        job.cached, begin = kept.parts, kept.end
+                    parts = max(1, -(-(job.end - begin) // CHUNK_BYTES))
+                    points = _split_points(job.fd, job.end, parts, begin)
+                    job.ranges = list(itertools.pairwise(points)) if job.end > begin or \
+                        not job.cached else []
                 jobs.append(job)
         plain = sum(job.end for job in jobs)
         store.loading = {"bytes": plain + sum(
             _size(job.log) for job in jobs if job.log.compressed), "done": 0}
-        if self.workers > 1 and plain >= PARALLEL_MIN_BYTES:
+        to_read = sum(b - a for job in jobs for a, b in job.ranges)
+        if self.workers > 1 and to_read >= PARALLEL_MIN_BYTES:
             ctx = multiprocessing.get_context("fork")
             self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=ctx)
             self._futures = [self._pool.submit(_scan, str(job.log.path), a, b)
@@ -498,9 +509,17 @@ class FileSource:
                     continue
                 segments: list[FileSegment] = []
                 lines_before = 0
-                for a, b in job.ranges:
-                    part = next(futures).result() if self._pool else _scan(str(job.log.path),
-                                                                            a, b)
+                keep = self.cache is not None and job.end >= self.cache.min_bytes
+                kept: list[tuple[int, int, bytes]] = []
+                parts: Iterator[tuple[int, int, _Part, bytes | None]] = itertools.chain(
+                    # entries of the user's own, trusted cache (`mapcache`)
+                    ((a, b, pickle.loads(data), data) for a, b, data in job.cached),
+                    ((a, b, next(futures).result() if self._pool
+                      else _scan(str(job.log.path), a, b), None) for a, b in job.ranges))
+                for a, b, part, data in parts:
+                    if keep:  # as read: the store's map takes the part's counters over
+                        kept.append((a, b, data if data is not None
+                                     else pickle.dumps(part, pickle.HIGHEST_PROTOCOL)))
                     stats = LoadStats()
                     for number, why in part.bad:
                         stats.add(f"{job.log.name}:{lines_before + number}", why)
@@ -510,6 +529,8 @@ class FileSource:
                     segments.append(segment)
                     store.add_segment(segment, part.builder, stats)
                     store.progress(b - a)
+                if keep and job.ranges and self.cache is not None:
+                    self.cache.save(job.log.path, job.fd, kept)
                 if job.live:
                     self._live.append(_Follow(job.log.path, job.fd, job.end, segments))
         finally:
