@@ -115,6 +115,8 @@ class EtcdServer:
         self.client_port = client_port or (2379 if netns else _free_port())
         self.peer_port = 2380 if netns else _free_port()
         self.tls = tls
+        # "NAME:PASSWORD" for the health check once a test has turned etcd's auth on.
+        self.etcdctl_user: str | None = None
         self.client_cert_auth = client_cert_auth
         self.url = f"{'https' if tls else 'http'}://{host}:{self.client_port}"
         self.peer_url = f"http://127.0.0.1:{self.peer_port}"
@@ -193,6 +195,7 @@ class EtcdServer:
                 self.url,
                 "--command-timeout=1s",
                 *self._etcdctl_tls(),
+                *(["--user", self.etcdctl_user] if self.etcdctl_user else []),
                 "endpoint",
                 "health",
             ],

@@ -55,6 +55,9 @@ class AgentConfig:
     kvstore_ca: Path | None = None
     kvstore_cert: Path | None = None
     kvstore_key: Path | None = None
+    # An etcd user to log in as, its password read from the file (None: no login).
+    kvstore_user: str | None = None
+    kvstore_password_file: Path | None = None
     # The cluster's view of this node: its endpoints' addresses come from `pod_cidr`, which the
     # other nodes route through `node_ip` (None: the address this node uses towards etcd).
     pod_cidr: ipaddress.IPv4Network | None = None

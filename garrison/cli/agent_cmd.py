@@ -49,7 +49,7 @@ from garrison.cluster.routes import RouteError, remove_node_routes
 from garrison.cni.wire import cni_socket_for
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
 from garrison.kvstore.base import KVStoreError
-from garrison.kvstore.etcd import EtcdTLS, load_tls, parse_endpoint_urls
+from garrison.kvstore.etcd import EtcdTLS, load_auth, load_tls, parse_endpoint_urls
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import Labels
@@ -107,6 +107,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "etcd's --client-cert-auth; with --kvstore-key")
     p.add_argument("--kvstore-key", type=Path, metavar="FILE",
                    help="the private key (PEM, unencrypted) of --kvstore-cert")
+    p.add_argument("--kvstore-user", metavar="NAME",
+                   help="log in to etcd as this user (etcd's auth enable); with "
+                   "--kvstore-password-file")
+    p.add_argument("--kvstore-password-file", type=Path, metavar="FILE",
+                   help="the file whose first line is --kvstore-user's etcd password")
     p.add_argument("--pod-cidr", metavar="CIDR",
                    help="with --kvstore etcd: this node's endpoint addresses")
     p.add_argument("--node-ip", metavar="IP",
@@ -208,16 +213,21 @@ def _start_flow_api(agent: Agent, flag: str) -> FlowAPIServer | None:
 
 def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
     tls = EtcdTLS(args.kvstore_ca, args.kvstore_cert, args.kvstore_key)
+    login = args.kvstore_user is not None or args.kvstore_password_file is not None
     if args.kvstore != "etcd":
-        if args.kvstore_endpoints or args.pod_cidr or args.node_ip or tls.given:
-            raise ValueError("--kvstore-endpoints, --kvstore-ca/-cert/-key, --pod-cidr and "
-                             "--node-ip need --kvstore etcd")
+        if args.kvstore_endpoints or args.pod_cidr or args.node_ip or tls.given or login:
+            raise ValueError("--kvstore-endpoints, --kvstore-ca/-cert/-key, --kvstore-user, "
+                             "--pod-cidr and --node-ip need --kvstore etcd")
         return {}
     if not args.kvstore_endpoints or not args.pod_cidr:
         raise ValueError("--kvstore etcd needs --kvstore-endpoints URL and --pod-cidr CIDR")
     if args.kvstore_lease_ttl < 2:
         raise ValueError("--kvstore-lease-ttl must be at least 2 seconds")
     _check_kvstore_tls(args.kvstore_endpoints, tls)
+    try:
+        load_auth(args.kvstore_user, args.kvstore_password_file)
+    except KVStoreError as exc:
+        raise ValueError(str(exc)) from None
     pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
     return {
         "kvstore": "etcd",
@@ -225,6 +235,8 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         "kvstore_ca": tls.ca_file,
         "kvstore_cert": tls.cert_file,
         "kvstore_key": tls.key_file,
+        "kvstore_user": args.kvstore_user,
+        "kvstore_password_file": args.kvstore_password_file,
         "pod_cidr": pod_cidr,
         "endpoint_pool": pod_cidr,
         "node_ip": ipaddress.IPv4Address(args.node_ip) if args.node_ip else None,

@@ -35,7 +35,7 @@ from garrison.identity.allocator import (
     canonical_labels,
 )
 from garrison.kvstore.base import KVStore, KVStoreError
-from garrison.kvstore.etcd import EtcdKVStore, EtcdTLS, parse_endpoints
+from garrison.kvstore.etcd import EtcdAuth, EtcdKVStore, EtcdTLS, load_auth, parse_endpoints
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.loader import load_text
 from garrison.policies.model import Policy
@@ -70,9 +70,10 @@ class AgentCluster:
         lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
         cache_path: Path | None = None,
         tls: EtcdTLS | None = None,
+        auth: EtcdAuth | None = None,
     ) -> None:
         self._agent = agent
-        self.store = EtcdKVStore(endpoints, tls=tls)
+        self.store = EtcdKVStore(endpoints, tls=tls, auth=auth)
         self.session = self.store.session(lease_ttl_s, name=f"node-{node_name}")
         me = NodeRecord(node_name, node_ip, pod_cidr)
         has_cache = cache_path is not None and cache_path.is_file()
@@ -142,6 +143,7 @@ class AgentCluster:
             lease_ttl_s=config.kvstore_lease_ttl_s,
             cache_path=config.state_dir / CACHE_FILE,
             tls=tls if tls.given else None,
+            auth=load_auth(config.kvstore_user, config.kvstore_password_file),
         )
 
     def serve_flow_api(self, address: str) -> None:
@@ -366,6 +368,8 @@ class AgentCluster:
         out["flow_api"] = self.node.me.flow_api or None
         if self.store.tls is not None:
             out["tls"] = self.store.tls.describe()
+        if self.store.auth is not None:
+            out["user"] = self.store.auth.user
         if self.flow_api_error:
             out["flow_api_error"] = self.flow_api_error
         return out

@@ -54,6 +54,8 @@ def cluster_lines(status: Mapping[str, Any]) -> list[str]:
     ]
     if cluster.get("tls"):
         lines.insert(1, f"Kvstore TLS:     {cluster['tls']}")
+    if cluster.get("user"):
+        lines.insert(1, f"Kvstore user:    {cluster['user']}")
     if "flow_api" in cluster:
         where = cluster["flow_api"]
         lines.append(

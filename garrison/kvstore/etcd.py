@@ -27,6 +27,10 @@ Every key is stored under `root` (`garrison/` by default), so one etcd can serve
   (an IP SAN for an IP address). One channel serves all endpoints and gRPC checks one name
   per channel: with several endpoints that is the first URL's host, which every member's
   certificate must then carry. Never a fallback to plaintext.
+- **Users** (`EtcdAuth`, etcd's `auth enable`): Auth.Authenticate with a name and password
+  gives a token, sent as `token` metadata on every call and stream; when etcd says the token
+  is invalid (it expired: `--auth-token-ttl`, or etcd restarted) the store logs in again and
+  retries the call once, and streams log in again when they reconnect.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -158,6 +162,34 @@ class EtcdTLS:
         ca = f"CA {self.ca_file}" if self.ca_file else "the system's CA roots"
         cert = f", client certificate {self.cert_file}" if self.cert_file else ""
         return f"TLS, server verified against {ca}{cert}"
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdAuth:
+    """An etcd user (`--kvstore-user`) and its password (`--kvstore-password-file`)."""
+
+    user: str
+    password: str = field(repr=False)
+
+
+def load_auth(user: str | None, password_file: Path | None) -> EtcdAuth | None:
+    """The user and the password file's first line; both or neither (`KVStoreError` naming
+    the flag or the file and the fix)."""
+    if user is None and password_file is None:
+        return None
+    if not user or password_file is None:
+        raise KVStoreError(
+            "--kvstore-user and --kvstore-password-file go together: give both (the etcd user"
+            " and a file holding its password) or neither"
+        )
+    raw = _read("--kvstore-password-file", password_file, "a file holding the user's password")
+    password = raw.decode("utf-8", errors="replace").splitlines()[0] if raw.strip() else ""
+    if not password:
+        raise KVStoreError(
+            f"--kvstore-password-file {password_file}: empty; give a file holding the etcd"
+            f" password of {user!r} on its first line"
+        )
+    return EtcdAuth(user, password)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,8 +338,11 @@ class EtcdKVStore:
         root: str = DEFAULT_ROOT,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         tls: EtcdTLS | None = None,
+        auth: EtcdAuth | None = None,
     ) -> None:
-        """`tls`: the files for `https://` endpoints (None there: the system's CA bundle, no
+        """`auth`: log in as this etcd user (None: no token; etcd then takes a client
+        certificate's CN as the user, or has authentication off). `tls`: the files for
+        `https://` endpoints (None there: the system's CA bundle, no
         client certificate); files given with `http://` endpoints are refused, not ignored."""
         parsed = parse_endpoint_urls(endpoints)
         self.endpoints = parsed.addresses
@@ -345,6 +380,11 @@ class EtcdKVStore:
                     f" endpoints {','.join(self.endpoints)} are http://: use https:// URLs"
                 )
             self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.auth = auth
+        # The token of the last login; "" while etcd has authentication off.
+        self._token: str | None = None
+        self._token_lock = threading.RLock()
+        self.logins = 0
         self._closed = threading.Event()
         self._children: list[EtcdSession | EtcdWatch] = []
         self._children_lock = threading.Lock()
@@ -372,6 +412,9 @@ class EtcdKVStore:
         )
         self._status = _unary(
             ch, "Maintenance/Status", rpc_pb2.StatusRequest, rpc_pb2.StatusResponse
+        )
+        self._authenticate = _unary(
+            ch, "Auth/Authenticate", rpc_pb2.AuthenticateRequest, rpc_pb2.AuthenticateResponse
         )
         self.lease_keepalive = ch.stream_stream(
             "/etcdserverpb.Lease/LeaseKeepAlive",
@@ -401,13 +444,58 @@ class EtcdKVStore:
         return raw_key[len(self._root_bytes) :].decode()
 
     def call(self, method: Callable[..., Any], request: Any, what: str) -> Any:
-        """Run one unary call, turning gRPC failures into `KVStoreError`s that say what to do."""
+        """Run one unary call, turning gRPC failures into `KVStoreError`s that say what to do.
+        A token etcd no longer knows is renewed and the call made once more."""
         if self._closed.is_set():
             raise KVStoreError(f"kvstore {self!r} is closed")
+        for attempt in (1, 2):
+            metadata = self.metadata()
+            try:
+                return method(request, timeout=self.timeout_s, metadata=metadata)
+            except grpc.RpcError as exc:
+                if attempt == 1 and metadata and _token_rejected(exc):
+                    self._forget_token(metadata)
+                    continue
+                raise self.describe_rpc_error(exc, what) from None
+        raise AssertionError("unreachable")
+
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """What every call and stream sends: the login token (logging in first when there is
+        none), or nothing without `auth`."""
+        if self.auth is None:
+            return None
+        with self._token_lock:
+            if self._token is None:
+                self._token = self._login(self.auth)
+            token = self._token
+        return (("token", token),) if token else None
+
+    def _forget_token(self, metadata: tuple[tuple[str, str], ...] | None) -> None:
+        with self._token_lock:
+            if metadata and self._token == dict(metadata).get("token"):
+                self._token = None
+
+    def _login(self, auth: EtcdAuth) -> str:
+        where = ",".join(self.endpoints)
+        request = rpc_pb2.AuthenticateRequest(name=auth.user, password=auth.password)
         try:
-            return method(request, timeout=self.timeout_s)
+            resp = self._authenticate(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            raise self.describe_rpc_error(exc, what) from None
+            details = str(exc.details()) if isinstance(exc, grpc.Call) else str(exc)
+            if "authentication is not enabled" in details:
+                log.warning(
+                    "etcd at %s has authentication off: --kvstore-user %s is not used", where,
+                    auth.user,
+                )
+                return ""
+            if "authentication failed" in details:
+                raise KVStoreError(
+                    f"etcd at {where} refused user {auth.user!r}: wrong user name or password"
+                    " (--kvstore-user, --kvstore-password-file)"
+                ) from None
+            raise self.describe_rpc_error(exc, "login") from None
+        self.logins += 1
+        return str(resp.token)
 
     def describe_rpc_error(self, exc: grpc.RpcError, what: str) -> KVStoreError:
         code = exc.code() if isinstance(exc, grpc.Call) else None
@@ -428,7 +516,31 @@ class EtcdKVStore:
             )
         if code == grpc.StatusCode.CANCELLED and self._closed.is_set():
             return KVStoreError(f"kvstore {self!r} is closed")
+        auth_problem = self._describe_auth_failure(code, str(details or ""))
+        if auth_problem is not None:
+            return KVStoreError(f"etcd {what}: {auth_problem}")
         return KVStoreError(f"etcd {what} at {where} failed: {details}")
+
+    def _describe_auth_failure(self, code: grpc.StatusCode | None, details: str) -> str | None:
+        where = ",".join(self.endpoints)
+        if "invalid auth token" in details:
+            # Streams meet this when they reconnect: the next attempt logs in again.
+            with self._token_lock:
+                self._token = None
+            return f"etcd at {where} no longer knows this client's token; logging in again"
+        if "user name is empty" in details or "user name not found" in details:
+            return (
+                f"etcd at {where} has authentication on: give --kvstore-user and"
+                " --kvstore-password-file (or a client certificate whose CN is an etcd user)"
+            )
+        if code == grpc.StatusCode.PERMISSION_DENIED or "permission denied" in details:
+            user = repr(self.auth.user) if self.auth else "this client"
+            return (
+                f"etcd at {where} denied {user} (permission denied): grant its role readwrite"
+                f" on the prefix {self.root!r} (etcdctl role grant-permission ROLE --prefix"
+                f" readwrite {self.root})"
+            )
+        return None
 
     def _describe_tls_failure(self, details: str) -> str | None:
         """What a connection failure says about TLS, in words naming the fix; None when it
@@ -651,6 +763,11 @@ class EtcdKVStore:
         self.close()
 
 
+def _token_rejected(exc: grpc.RpcError) -> bool:
+    details = exc.details() if isinstance(exc, grpc.Call) else ""
+    return "invalid auth token" in str(details or "")
+
+
 def _last_error(details: str) -> str:
     """The cause at the end of gRPC's "failed to connect to all addresses; last error: ..."."""
     return details.rpartition("last error: ")[2] or details
@@ -852,7 +969,9 @@ class EtcdSession:
         (then `_lease` becomes None), or a write needs retrying."""
         stop = threading.Event()
         request = rpc_pb2.LeaseKeepAliveRequest(ID=lease)
-        call = self._store.lease_keepalive(_requests_until(stop, request, interval, request))
+        call = self._store.lease_keepalive(
+            _requests_until(stop, request, interval, request), metadata=self._store.metadata()
+        )
         self._call = call
         if self._stop.is_set():
             call.cancel()
@@ -990,7 +1109,9 @@ class EtcdWatch:
             )
         )
         stop = threading.Event()
-        call = self._store.watch_stream(_requests_until(stop, create, None))
+        call = self._store.watch_stream(
+            _requests_until(stop, create, None), metadata=self._store.metadata()
+        )
         self._call = call
         if self._stop.is_set():
             call.cancel()

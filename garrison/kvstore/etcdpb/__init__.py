@@ -1,4 +1,5 @@
-"""etcd's v3 API messages (the KV, Watch, Lease and Maintenance.Status parts), generated.
+"""etcd's v3 API messages (the KV, Watch, Lease, Maintenance.Status and Auth.Authenticate
+parts), generated.
 
 `rpc.proto` and `kv.proto` are etcd 3.4's definitions without their gogoproto and gateway
 options; `*_pb2.py` and `*_pb2.pyi` are what grpcio-tools' protoc makes of them. Regenerate
