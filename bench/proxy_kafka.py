@@ -54,7 +54,6 @@ from tests.kafka_broker import LOOPBACK, free_port, running_tansu  # noqa: E402
 
 TOPIC = "empire-announce"
 POLICY = ROOT / "examples" / "kafka" / "kafka_policy.yaml"
-GARRISON = ROOT / ".venv" / "bin" / "garrison"
 PAYLOAD = b"x" * 100
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -65,7 +64,9 @@ def running_proxy(upstream: str, access_log: Path) -> Iterator[tuple[str, int]]:
     (the proxy's address as HOST:PORT, its PID)."""
     port = free_port()
     command = [
-        str(GARRISON),
+        sys.executable,
+        "-m",
+        "garrison.cli.main",  # this checkout's garrison (as bench/proxy_http.py runs it)
         "proxy",
         "--listen",
         f"{LOOPBACK}:{port}",
@@ -83,8 +84,12 @@ def running_proxy(upstream: str, access_log: Path) -> Iterator[tuple[str, int]]:
         "0.0.0.0/0=app=empire-hq",
         "--access-log",
         str(access_log),
+        # One worker: the CPU per request is one process's (the default, one worker per
+        # CPU, would make PID the supervisor, whose own CPU time is nearly nothing).
+        "--workers",
+        "1",
     ]
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -160,9 +165,9 @@ def serve_relay(listen_port: int, upstream_port: int) -> None:
 
 
 @contextlib.contextmanager
-def running_relay() -> Iterator[str]:
+def running_relay() -> Iterator[tuple[str, int]]:
     """A second broker that advertises a bare relay in front of it (so clients stay on the
-    relay, as they stay on garrison): yields the relay's HOST:PORT."""
+    relay, as they stay on garrison): yields the relay's HOST:PORT and its PID."""
     port = free_port()
     with running_tansu(advertised_port=port) as broker:
         command = [sys.executable, __file__, "--serve-relay", f"{port}:{broker.port}"]
@@ -177,7 +182,7 @@ def running_relay() -> Iterator[str]:
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise
                     time.sleep(0.05)
-            yield f"{LOOPBACK}:{port}"
+            yield f"{LOOPBACK}:{port}", proc.pid
         finally:
             proc.kill()  # our own child, by its handle
             proc.wait(5)
@@ -233,6 +238,8 @@ class Measured:
     relayed: list[float] = field(default_factory=list)  # through the bare relay
     proxy_cpu: float = 0.0  # seconds of proxy CPU during the proxied runs
     proxy_requests: int = 0  # Produce requests the proxy logged during them
+    relay_cpu: float = 0.0  # seconds of the bare relay's CPU during the relayed runs
+    relay_requests: int = 0  # Produce requests sent through the relay in them
 
 
 class ProxyMeter:
@@ -325,7 +332,7 @@ def main() -> int:
                     batch.proxied.append(batched(through, args.messages))
             # One request per message: warm producers, alternating blocks; the bare relay
             # (in front of a second broker) is the floor of a Python proxy hop.
-            with running_relay() as relay_address:
+            with running_relay() as (relay_address, relay_pid):
                 admin = KafkaAdminClient(bootstrap_servers=relay_address)
                 admin.create_topics([NewTopic(TOPIC, 1, 1)])
                 admin.close()
@@ -335,7 +342,10 @@ def main() -> int:
                     one_by_one(p, args.requests)
                 for _ in range(args.blocks):
                     single.direct.append(one_by_one(direct, args.requests))
+                    relay_cpu = cpu_seconds(relay_pid)
                     single.relayed.append(one_by_one(relayed, args.requests))
+                    single.relay_cpu += cpu_seconds(relay_pid) - relay_cpu
+                    single.relay_requests += args.requests
                     with ProxyMeter(pid, access_log, single):
                         single.proxied.append(one_by_one(proxied, args.requests))
                 for p in (direct, proxied, relayed):
@@ -403,6 +413,7 @@ def report(args: argparse.Namespace, batch: Measured, single: Measured) -> None:
         f"{statistics.median(single.relayed) / args.requests * 1e6:>11,.0f} µs/req"
         f"{single_direct / (statistics.median(single.relayed) / args.requests):>7.2f}"
         f"{relay_added * 1e6:>8.0f} µs"
+        f"{single.relay_cpu / max(1, single.relay_requests) * 1e6:>12.0f} µs"
     )
     # The least disturbed blocks: what each hop adds when the machine is quiet.
     per = 1e6 / args.requests

@@ -61,6 +61,7 @@ COMPILED: tuple[str, ...] = (
     "garrison.proxy.commands",
     "garrison.proxy.engine",
     "garrison.proxy.engine_http1",
+    "garrison.parsers.kafka_lengths",
     "garrison.parsers.kafka",
     "garrison.parsers.kafka_topics",
     "garrison.policies.match_kafka",

@@ -185,8 +185,9 @@ Command = (
 
 
 # ---- events ---------------------------------------------------------------------------------
-# The events of every read (ClientData, UpstreamData) write their `__init__` out ("Initialisers"
-# in garrison/native.py); those that come once per connection keep the generated one.
+# The events of every read (ClientData, UpstreamData) or request (UpstreamConnected) write their
+# `__init__` out ("Initialisers" in garrison/native.py); those that come once per connection
+# keep the generated one.
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,8 +234,15 @@ class ClientClosed:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConnected:
+    """An upstream connection was attached: a new one, or (HTTP/1.1) one from the pool, for
+    every request of a keep-alive client."""
+
     now: float
     mono: float
+
+    def __init__(self, now: float, mono: float) -> None:
+        object.__setattr__(self, "now", now)
+        object.__setattr__(self, "mono", mono)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +310,29 @@ def flow_endpoint(peer: PeerInfo) -> Endpoint:
         ip=peer.ip,
         port=peer.port,
     )
+
+
+_CLIENT_LABELS_KEY = "proxy.client_labels"  # in ConnectionContext.shared
+_MAX_CACHED_CLIENTS = 256
+
+
+def client_endpoint(context: ConnectionContext) -> Endpoint:
+    """`flow_endpoint(context.source)`, its label texts shared with every other connection of
+    the same identity to the same upstream (they are most of an endpoint: an idle connection
+    keeps only its address of its own)."""
+    peer = context.source
+    cache = context.shared.get(_CLIENT_LABELS_KEY)
+    if not isinstance(cache, dict):
+        cache = {}
+        context.shared[_CLIENT_LABELS_KEY] = cache
+    key = (peer.identity, peer.labels, peer.namespace, peer.pod_name)
+    model = cache.get(key)
+    if not isinstance(model, Endpoint):
+        if len(cache) >= _MAX_CACHED_CLIENTS:
+            cache.clear()
+        model = cache[key] = flow_endpoint(peer)
+    return Endpoint(model.identity, model.labels, model.namespace, model.pod_name, peer.ip,
+                    peer.port)
 
 
 @dataclass(frozen=True, slots=True)

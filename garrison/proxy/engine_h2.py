@@ -123,6 +123,7 @@ from garrison.proxy.commands import (
     Inject,
     Log,
     Side,
+    client_endpoint,
     flow_endpoint,
 )
 from garrison.proxy.config import ProxyConfig
@@ -319,7 +320,7 @@ class H2Engine:
         self._http_matcher: HTTPMatcher | None = None
         self._denied_by: tuple[RuleRef, ...] = ()
         self.update_ruleset(context.ruleset)
-        self._client_ep = flow_endpoint(context.source)
+        self._client_ep = client_endpoint(context)
         self._server_ep = flow_endpoint(context.destination)
         self._redaction = RedactionConfig(
             headers=frozenset(config.redact_headers),

@@ -89,6 +89,7 @@ from garrison.proxy.commands import (
     OpenUpstream,
     PeerInfo,
     Side,
+    client_endpoint,
     flow_endpoint,
 )
 from garrison.proxy.config import ProxyConfig
@@ -175,9 +176,11 @@ def _refs_of(ruleset: L7RuleSet) -> tuple[RuleRef, ...]:
 class HTTPEngine:
     """HTTP/1.1 enforcement for one client connection (implements `ConnectionEngine`).
 
-    Memory: an idle keep-alive connection is mostly this object; `compact()` drops both
-    parsers while nothing is in flight (the server calls it on connections idle a while), and
-    the response parser is only made when a request is first forwarded.
+    Memory: an idle keep-alive connection is this object and its client's endpoint (issue 17,
+    at most 2 KB each with the server's part): `compact()` drops both parsers whenever
+    nothing is in flight, each is made again by the next message that needs it; what every
+    connection of one upstream has alike (matchers, denial refs, the server's endpoint, label
+    texts, redaction) is shared through `ConnectionContext.shared`.
     """
 
     __slots__ = (
@@ -232,25 +235,27 @@ class HTTPEngine:
         # The records' own enum: the builders convert anything else on every record.
         self._direction = FlowDirection(str(context.direction))
         self._node = context.node_name
-        self._client = flow_endpoint(context.source)
+        self._client = client_endpoint(context)
         self._server = _shared_endpoint(context, context.destination)
         self._host_hint = context.host_hint or ""
         self._ruleset = context.ruleset
-        self._matcher = _matcher(context, context.ruleset)
-        self._denied_by = _refs_of(context.ruleset)
+        self._matcher, self._denied_by = _matcher(context, context.ruleset)
         self._audit = context.audit
 
     # -- state the server reads ---------------------------------------------------------------
 
     @property
     def upstream_reusable(self) -> bool:
-        """Nothing is in flight to the upstream and its last response kept the connection."""
+        """Nothing is in flight to the upstream, its last response kept the connection, and it
+        sent nothing after it."""
+        responses = self._responses
         return (
             self._upstream_ok
             and not self._forwarding
             and not self._informational
             and self._delegate is None
             and not self._queue_has_forwarded()
+            and (responses is None or not responses.buffered)
         )
 
     @property
@@ -274,7 +279,8 @@ class HTTPEngine:
         return Waiting.IDLE
 
     def compact(self) -> None:
-        """Drop the parsers of an idle connection; the next request makes new ones."""
+        """Drop the parsers of an idle connection (the server's `EventEngine` calls it each
+        time nothing is in flight any more); the next request makes new ones."""
         if self.waiting == Waiting.IDLE and not self._informational and not self._ignore_rest:
             self._requests = None
             self._responses = None
@@ -300,8 +306,7 @@ class HTTPEngine:
             self._delegate.update_ruleset(ruleset)
             return
         self._ruleset = ruleset
-        self._matcher = _matcher(self._context, ruleset)
-        self._denied_by = _refs_of(ruleset)
+        self._matcher, self._denied_by = _matcher(self._context, ruleset)
 
     # -- client side --------------------------------------------------------------------------
 
@@ -813,9 +818,12 @@ def _shared_endpoint(context: ConnectionContext, peer: PeerInfo) -> Endpoint:
     return endpoint
 
 
-def _matcher(context: ConnectionContext, ruleset: L7RuleSet) -> HTTPMatcher:
-    """The compiled matcher of `ruleset`, shared by the connections of one upstream: compiling
-    an RE2 set per connection would cost more than the requests of a short connection."""
+def _matcher(
+    context: ConnectionContext, ruleset: L7RuleSet
+) -> tuple[HTTPMatcher, tuple[RuleRef, ...]]:
+    """The compiled matcher of `ruleset` and the rules a denial names (`_refs_of`), shared by
+    the connections of one upstream: compiling an RE2 set per connection would cost more than
+    the requests of a short connection."""
     cache = context.shared.get(_MATCHERS_KEY)
     if not isinstance(cache, dict):
         cache = {}
@@ -823,12 +831,14 @@ def _matcher(context: ConnectionContext, ruleset: L7RuleSet) -> HTTPMatcher:
     hit = cache.get(id(ruleset))
     if hit is not None and hit[0] is ruleset:
         matcher: HTTPMatcher = hit[1]
-        return matcher
+        refs: tuple[RuleRef, ...] = hit[2]
+        return matcher, refs
     if len(cache) >= _MAX_CACHED_MATCHERS:
         cache.clear()
     matcher = HTTPMatcher(ruleset)
-    cache[id(ruleset)] = (ruleset, matcher)
-    return matcher
+    refs = _refs_of(ruleset)
+    cache[id(ruleset)] = (ruleset, matcher, refs)
+    return matcher, refs
 
 
 def _redaction(context: ConnectionContext, config: ProxyConfig) -> RedactionConfig:

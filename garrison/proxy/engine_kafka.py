@@ -100,6 +100,7 @@ from garrison.proxy.commands import (
     Inject,
     Log,
     Side,
+    client_endpoint,
     flow_endpoint,
 )
 from garrison.proxy.config import ProxyConfig
@@ -313,7 +314,7 @@ class KafkaEngine:
         # The records' own enum: builders take it as it is (a string would be parsed each time).
         self._direction = FlowDirection(context.direction.value)
         self._node = context.node_name or config.node_name
-        self._client = flow_endpoint(context.source)
+        self._client = client_endpoint(context)
         self._server = flow_endpoint(context.destination)
         self._matcher = KafkaMatcher(context.ruleset)
         self._topic_ids = shared_topic_ids(context.shared)

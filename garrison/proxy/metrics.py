@@ -6,7 +6,8 @@
 - `garrison_proxy_upstream_reply_seconds{protocol, scope}` histogram: `scope` = headers
   (request forwarded → response headers) or total (→ end of the response).
 - `garrison_proxy_connections{proxy_type}` gauge: client connections open now.
-- `garrison_proxy_upstream_pool_connections{state}` gauge: `state` = idle, busy.
+- `garrison_proxy_upstream_pool_connections{state}` gauge: `state` = idle, busy (sampled
+  by the server every `sweep_interval`, 1 s).
 - `garrison_proxy_access_log_errors_total` counter.
 - `garrison_proxy_flows_total{verdict}` counter: FORWARDED, DROPPED, AUDIT, ERROR.
 - `garrison_proxy_destination_selected` gauge (standalone proxy): 1 when a loaded policy

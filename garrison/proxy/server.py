@@ -178,7 +178,7 @@ class FlowSink:
         self._pending: list[FlowRecord | Log] = []
         self._scheduled = False
         self.write_delay = 0.02  # seconds
-        self.write_batch = 512  # records
+        self.write_batch = 32  # records (a write stays small, and rotation stays close to its size)
         self._unwritten: list[FlowRecord] = []  # in the ring, not yet in the access log
         self._write_timer: asyncio.TimerHandle | None = None
         self._failing = False
