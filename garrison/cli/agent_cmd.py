@@ -41,6 +41,11 @@ from garrison.agent.handlers import make_handlers
 from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
 from garrison.agent.metrics import AgentMetrics
 from garrison.bpf.loader import BPFFSError, DatapathError
+from garrison.cli.kvstore_args import (
+    add_etcd_client_flags,
+    etcd_client_flags_given,
+    etcd_client_options,
+)
 from garrison.cluster.agent import ClusterConfigError
 from garrison.cluster.flowapi import DEFAULT_PORT as FLOW_API_PORT
 from garrison.cluster.flowapi import FlowAPIError, FlowAPIServer
@@ -49,7 +54,6 @@ from garrison.cluster.routes import RouteError, remove_node_routes
 from garrison.cni.wire import cni_socket_for
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
 from garrison.kvstore.base import KVStoreError
-from garrison.kvstore.etcd import EtcdTLS, load_auth, load_tls, parse_endpoint_urls
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import Labels
@@ -99,19 +103,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kvstore-endpoints", default="", metavar="URL[,URL]",
                    help="etcd client URLs, e.g. http://198.19.0.250:2379; https:// for TLS "
                    "(all one scheme)")
-    p.add_argument("--kvstore-ca", type=Path, metavar="FILE",
-                   help="with https:// endpoints: the CA bundle (PEM) etcd's certificate must "
-                   "chain to (default: the system's CA roots)")
-    p.add_argument("--kvstore-cert", type=Path, metavar="FILE",
-                   help="with https:// endpoints: this node's client certificate (PEM), for "
-                   "etcd's --client-cert-auth; with --kvstore-key")
-    p.add_argument("--kvstore-key", type=Path, metavar="FILE",
-                   help="the private key (PEM, unencrypted) of --kvstore-cert")
-    p.add_argument("--kvstore-user", metavar="NAME",
-                   help="log in to etcd as this user (etcd's auth enable); with "
-                   "--kvstore-password-file")
-    p.add_argument("--kvstore-password-file", type=Path, metavar="FILE",
-                   help="the file whose first line is --kvstore-user's etcd password")
+    add_etcd_client_flags(p)
     p.add_argument("--pod-cidr", metavar="CIDR",
                    help="with --kvstore etcd: this node's endpoint addresses")
     p.add_argument("--node-ip", metavar="IP",
@@ -212,10 +204,9 @@ def _start_flow_api(agent: Agent, flag: str) -> FlowAPIServer | None:
 
 
 def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
-    tls = EtcdTLS(args.kvstore_ca, args.kvstore_cert, args.kvstore_key)
-    login = args.kvstore_user is not None or args.kvstore_password_file is not None
     if args.kvstore != "etcd":
-        if args.kvstore_endpoints or args.pod_cidr or args.node_ip or tls.given or login:
+        if (args.kvstore_endpoints or args.pod_cidr or args.node_ip
+                or etcd_client_flags_given(args)):
             raise ValueError("--kvstore-endpoints, --kvstore-ca/-cert/-key, --kvstore-user, "
                              "--pod-cidr and --node-ip need --kvstore etcd")
         return {}
@@ -223,18 +214,14 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--kvstore etcd needs --kvstore-endpoints URL and --pod-cidr CIDR")
     if args.kvstore_lease_ttl < 2:
         raise ValueError("--kvstore-lease-ttl must be at least 2 seconds")
-    _check_kvstore_tls(args.kvstore_endpoints, tls)
-    try:
-        load_auth(args.kvstore_user, args.kvstore_password_file)
-    except KVStoreError as exc:
-        raise ValueError(str(exc)) from None
+    etcd_client_options(args, args.kvstore_endpoints)  # files checked before anything starts
     pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
     return {
         "kvstore": "etcd",
         "kvstore_endpoints": tuple(u.strip() for u in args.kvstore_endpoints.split(",") if u),
-        "kvstore_ca": tls.ca_file,
-        "kvstore_cert": tls.cert_file,
-        "kvstore_key": tls.key_file,
+        "kvstore_ca": args.kvstore_ca,
+        "kvstore_cert": args.kvstore_cert,
+        "kvstore_key": args.kvstore_key,
         "kvstore_user": args.kvstore_user,
         "kvstore_password_file": args.kvstore_password_file,
         "pod_cidr": pod_cidr,
@@ -242,20 +229,6 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         "node_ip": ipaddress.IPv4Address(args.node_ip) if args.node_ip else None,
         "kvstore_lease_ttl_s": args.kvstore_lease_ttl,
     }
-
-
-def _check_kvstore_tls(endpoints: str, tls: EtcdTLS) -> None:
-    """The endpoints' scheme and the TLS files, checked before anything starts: one line
-    naming the file or the flag and the fix (exit status 2, as other usage errors)."""
-    try:
-        parsed = parse_endpoint_urls(endpoints)
-        if parsed.tls:
-            load_tls(tls)
-        elif tls.given:
-            raise KVStoreError("--kvstore-ca/--kvstore-cert/--kvstore-key are for TLS but the "
-                               "etcd endpoints are http://: use https:// URLs")
-    except KVStoreError as exc:
-        raise ValueError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
