@@ -366,8 +366,8 @@ class AgentCluster:
         if self.netdev_error:
             out["underlay_error"] = self.netdev_error
         out["flow_api"] = self.node.me.flow_api or None
-        if self.store.tls is not None:
-            out["tls"] = self.store.tls.describe()
+        if self.store.tls_description is not None:
+            out["tls"] = self.store.tls_description
         if self.store.auth is not None:
             out["user"] = self.store.auth.user
         if self.flow_api_error:

@@ -157,12 +157,6 @@ class EtcdTLS:
     def given(self) -> bool:
         return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
 
-    def describe(self) -> str:
-        """For `garrison status`: what the server is verified against, what we show it."""
-        ca = f"CA {self.ca_file}" if self.ca_file else "the system's CA roots"
-        cert = f", client certificate {self.cert_file}" if self.cert_file else ""
-        return f"TLS, server verified against {ca}{cert}"
-
 
 @dataclass(frozen=True, slots=True)
 class EtcdAuth:
@@ -426,6 +420,15 @@ class EtcdKVStore:
             request_serializer=rpc_pb2.WatchRequest.SerializeToString,
             response_deserializer=rpc_pb2.WatchResponse.FromString,
         )
+
+    @property
+    def tls_description(self) -> str | None:
+        """For `garrison status`: what etcd's certificate is verified against, and the client
+        certificate shown to it; None without TLS."""
+        if self.tls is None:
+            return None
+        cert = f", client certificate {self.tls.cert_file}" if self.tls.cert_file else ""
+        return f"TLS, server verified against {self._ca_source}{cert}"
 
     def __repr__(self) -> str:
         return f"EtcdKVStore({','.join(self.endpoints)!r}, root={self.root!r})"

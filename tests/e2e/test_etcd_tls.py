@@ -156,6 +156,10 @@ def test_without_a_ca_file_the_systems_bundle_verifies_etcd(
     with EtcdKVStore(TLS_URL, root=root(), tls=tls) as kv:
         kv.put("k", b"v")
         assert kv.get("k") == b"v"
+        assert kv.tls_description == (
+            f"TLS, server verified against the system's CA roots ({pki.ca}; no --kvstore-ca),"
+            f" client certificate {pki.client_cert}"
+        )
 
 
 def test_a_server_certificate_for_another_name_is_refused(
@@ -219,7 +223,7 @@ def test_a_session_that_cannot_verify_etcd_says_why_in_status(
             "endpoints": list(kv.endpoints),
             "connected": session.connected,
             "error": session.last_error,
-            "tls": tls.describe(),
+            "tls": kv.tls_description,
         }
     problems = cluster_problems({"cluster": status})
     assert len(problems) == 1
@@ -228,8 +232,8 @@ def test_a_session_that_cannot_verify_etcd_says_why_in_status(
         f" etcd at 127.0.0.1:{TLS_PORT} does not verify against --kvstore-ca {pki.other_ca}"
     ), problems[0]
     assert (
-        f"Kvstore TLS:     TLS, server verified against CA {pki.other_ca}, client certificate"
-        f" {pki.client_cert}"
+        f"Kvstore TLS:     TLS, server verified against --kvstore-ca {pki.other_ca}, client"
+        f" certificate {pki.client_cert}"
     ) in cluster_lines({"cluster": status})
 
 
