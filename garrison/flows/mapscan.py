@@ -44,10 +44,11 @@ DEFAULT_WINDOW = 4096  # distinct records held before they are given to the buil
 
 
 class Endpoint(Struct, frozen=True, gc=False):
+    """An endpoint, but its labels: a node's are those of the first record naming it."""
+
     namespace: str | None = None
     identity: Int | None = None
     pod_name: str | None = None
-    labels: tuple[str, ...] | None = None
     ip: str | None = None
 
 
@@ -176,6 +177,19 @@ class SynFields(TypedDict, total=False):
     IP: _IPHeader | None
 
 
+class _Labels(TypedDict, total=False):
+    labels: Any
+
+
+class FirstLabels(TypedDict, total=False):
+    """The endpoints' labels, read from the first record of each distinct record: the map
+    reads them only from the record that first names a node, which is always the first of
+    its distinct record (those are given to the builder in the order they first appear)."""
+
+    source: _Labels | None
+    destination: _Labels | None
+
+
 def _maybe_retried(fields: MapFields) -> bool:
     """A record `retried_syn` may call a retransmission: a denied TCP SYN."""
     if fields.verdict != "DROPPED" or fields.l4 is None:
@@ -192,6 +206,7 @@ class MapScan:
         self._window = window
         self._decode = msgspec.json.Decoder(MapFields).decode
         self._decode_syn = msgspec.json.Decoder(SynFields).decode
+        self._decode_labels = msgspec.json.Decoder(FirstLabels).decode
         # in order of first appearance: a distinct record (time None; in a 1-tuple when it
         # is a retransmitted SYN) -> [count, first time, last time]; or a number -> (a line
         # decoded whole, whether it is a retransmitted SYN)
@@ -207,6 +222,7 @@ class MapScan:
         for index, line in enumerate(lines):
             key: Any = None
             if line.isascii():
+                # nothing is counted or remembered until the line has been read
                 try:
                     fields = decode(line)
                     t = fields.time
@@ -215,16 +231,27 @@ class MapScan:
                     elif len(t) == 30 and t[29] == "Z" and t[19] == ".":
                         key = replace(fields, time=None)
                     # else a time to normalise: the builder's own way
-                    # asked now, in log order; counted with the others when flushed
-                    if (key is not None and _maybe_retried(fields)
-                            and retried_syn(decode_syn(line))):
-                        key = (key,)
+                    syn = entry = labels = None
+                    if key is None:
+                        pass
+                    elif fields.verdict == "DROPPED" and _maybe_retried(fields):
+                        syn = decode_syn(line)
+                        if key not in pending or (key,) not in pending:
+                            labels = self._decode_labels(line)  # maybe the first of its kind
+                    else:
+                        entry = pending.get(key)
+                        if entry is None:
+                            labels = self._decode_labels(line)  # the first of its kind
                 except (msgspec.DecodeError, RecursionError):  # not as garrison writes it
                     key = None
             if key is not None:
-                entry = pending.get(key)
+                if syn is not None:
+                    # asked now, in log order; counted with the others when flushed
+                    if retried_syn(syn):
+                        key = (key,)
+                    entry = pending.get(key)
                 if entry is None:
-                    self._hold(key, [1, t, t])
+                    self._hold(key, [1, t, t, labels])
                 else:
                     entry[0] += 1
                     if t is not None:
@@ -256,8 +283,13 @@ class MapScan:
         for key, value in self._pending.items():
             if type(value) is list:
                 retried = type(key) is tuple
-                # a dict as orjson makes it of a line holding these fields only
+                # a dict as orjson makes it of a line holding these fields only, with the
+                # labels of the first such line
                 flow = orjson.loads(encode(key[0] if retried else key))
+                for side, labels in value[3].items():
+                    endpoint = flow.get(side)
+                    if type(endpoint) is dict and type(labels) is dict and "labels" in labels:
+                        endpoint["labels"] = labels["labels"]
                 add_alike(flow, value[0], value[1], value[2], retried)
             else:
                 flow, retried = value
@@ -266,4 +298,4 @@ class MapScan:
         self._pending.clear()
 
 
-__all__ = ["DEFAULT_WINDOW", "MapFields", "MapScan"]
+__all__ = ["DEFAULT_WINDOW", "FirstLabels", "MapFields", "MapScan", "SynFields"]
