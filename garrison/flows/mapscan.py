@@ -9,20 +9,25 @@ the same rules — are counted once per distinct value, with how many and the fi
 time (`ServiceMapBuilder.add_alike`); the builder then does its work once per distinct record
 in a window of `window` of them, not once per line.
 
-A line takes the builder's own way (`orjson`, then `add`), so that the map is the one `add`
+A line is decoded whole with orjson, as `add` would get it, so that the map is the one `add`
 makes line by line, when it is not plain ASCII (orjson's UTF-8 checks are the reference),
 when a field the map reads has another type than garrison writes (`"identity": "5"`, a time
-that is not garrison's fixed-width UTC), when it is no JSON object at all, and for a denied
-TCP SYN (whether it is a client's retransmission depends on its own time and port). The
-distinct records and the lines taken that way are given to the builder in the order they
-first appeared, so the first labels, pods and addresses seen of a node are the same.
+that is not garrison's fixed-width UTC), or when it is no JSON object at all. Whether a
+denied TCP SYN is a client's retransmission depends on its own time and port: such a record
+is read once more for its addresses and ports (`SynFields`) and `retried_syn` asked, for
+every record in log order as lines are read. The distinct records and the lines decoded
+whole are given to the builder in the order they first appeared, so the first labels, pods
+and addresses seen of a node are the same.
 
 One difference from decoding with orjson remains, in fields the map does not read: a number
 too large for a float (`1e400`) there is valid JSON to msgspec, so such a line is counted as a
 record where orjson calls it "not JSON".
 
-`MapFields` must name every field `ServiceMapBuilder.add` reads: tests/unit/ui/test_mapscan.py
-feeds `add` a record that notes each field read and compares the maps of both ways.
+`MapFields` must name every field `ServiceMapBuilder.add` reads but the endpoints' labels
+(`FirstLabels`: a node's labels are those of the first record naming it, which is always the
+first of its distinct record, so they are read from that one only). tests/unit/ui/
+test_mapscan.py feeds `add` a record that notes each field read and compares the maps of both
+ways.
 """
 
 from __future__ import annotations
