@@ -13,7 +13,9 @@ the source's identity, which it only knows from etcd: a reaches 7000, not 7001; 
 same kind of address as a) reaches nothing. The Star Wars test puts the deathstar's replicas on
 nodes 1 and 2 and the ships on node 3.
 
-Every namespace here is made by this module and deleted by it, also on failure.
+Every namespace here is made by this module and deleted by it, also on failure; each
+endpoint's name (its namespace's, which is host-wide) ends in -<pid>, so two runs at once
+never meet.
 """
 
 from __future__ import annotations
@@ -58,12 +60,20 @@ PID = os.getpid()
 UNDERLAY = f"ge-ul-{PID}"
 ETCD_IP = "198.19.0.250"
 LEASE_TTL_S = 3
+
+
+def ep(short: str) -> str:
+    """An endpoint's name (and its network namespace's, which is host-wide): ge-a-<pid>, so
+    two runs of this module at once never touch each other's."""
+    return f"{short}-{PID}"
+
+
 # Every endpoint this module adds (each asserted absent before it is added): a failed test's
 # leftovers are removed at the end.
-ENDPOINT_NAMES = (
+ENDPOINT_NAMES = tuple(ep(short) for short in (
     "ge-a", "ge-b", "ge-c", "ge-d", "ge-e", "ge-ds1", "ge-ds2", "ge-tie", "ge-xw",
     "ge-t1", "ge-t2", "ge-t3",
-)
+))
 POLICY = """\
     apiVersion: cilium.io/v2
     kind: CiliumNetworkPolicy
@@ -170,8 +180,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node
         for node in nodes.values():
             if node.agent.proc is not None and node.agent.proc.poll() is None:
                 with contextlib.suppress(Exception):
-                    for ep in node.api("EndpointList")["endpoints"]:
-                        node.api("EndpointDelete", name=ep["name"])
+                    for endpoint in node.api("EndpointList")["endpoints"]:
+                        node.api("EndpointDelete", name=endpoint["name"])
                 node.agent.stop()
             node.agent.cleanup()
         for pin in pins:
@@ -182,13 +192,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node
         for name in reversed(made):  # ours: made above
             with contextlib.suppress(subprocess.CalledProcessError):
                 subprocess.run(["ip", "netns", "delete", name], check=True)
-        for ep in ENDPOINT_NAMES:
+        for name in ENDPOINT_NAMES:
             # endpoint namespaces the agents made and did not remove (a failed test)
-            if Path(f"/run/netns/{ep}").exists():
-                subprocess.run(["ip", "netns", "delete", ep], check=False)
+            if Path(f"/run/netns/{name}").exists():
+                subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
-def add_endpoint(node: Node, name: str, labels: str, ip_: str) -> AgentEndpoint:
+def add_endpoint(node: Node, short: str, labels: str, ip_: str) -> AgentEndpoint:
+    """`garrison endpoint add` on `node` of endpoint `ep(short)`."""
+    name = ep(short)
     assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
     data = node.cli_json("endpoint", "add", name, "--labels", labels, "--ip", ip_)
     return AgentEndpoint(name, ip_, tuple(data["labels"]), int(data["identity"]),
@@ -253,7 +265,7 @@ def test_same_new_labels_on_three_nodes_at_once_get_one_identity(
     import threading
 
     nodes = [cluster[f"ge-n{n}"] for n in (1, 2, 3)]
-    twins = {f"ge-t{n}": f"198.18.20{n}.30" for n in (1, 2, 3)}
+    twins = {ep(f"ge-t{n}"): f"198.18.20{n}.30" for n in (1, 2, 3)}
     got: dict[str, int] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(len(nodes))
@@ -279,7 +291,7 @@ def test_same_new_labels_on_three_nodes_at_once_get_one_identity(
     try:
         assert not errors, errors
         assert len(got) == 3 and len(set(got.values())) == 1, got
-        identity = got["ge-t1"]
+        identity = got[ep("ge-t1")]
         assert identity >= 256
         # every node has the one identity, for its own twin and the two others'
         wait_for(
@@ -308,7 +320,7 @@ def test_endpoint_removed_on_one_node_leaves_the_others_ipcache(
     n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
     d = add_endpoint(n1, "ge-d", "app=ge-d", "198.18.201.12")
     wait_for(lambda: f"{d.ip}/32" in n2.ipcache(), 10.0, "d to reach node 2's ipcache")
-    n1.api("EndpointDelete", name="ge-d")
+    n1.api("EndpointDelete", name=d.name)
     wait_for(lambda: f"{d.ip}/32" not in n2.ipcache(), 10.0, "d to leave node 2's ipcache")
 
 
@@ -405,9 +417,9 @@ def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
         for app in apps:
             app.terminate()
             app.wait(10)
-        for node, name in ((n3, "ge-xw"), (n3, "ge-tie"), (n1, "ge-ds1"), (n2, "ge-ds2")):
+        for node, endpoint in ((n3, xwing), (n3, tie), *replicas):
             with contextlib.suppress(Exception):
-                node.api("EndpointDelete", name=name)
+                node.api("EndpointDelete", name=endpoint.name)
         with contextlib.suppress(Exception):
             n1.api("PolicyDelete", name="rule1")
 
@@ -416,10 +428,10 @@ def test_an_agent_restarted_while_etcd_is_down_enforces_from_its_saved_copy(
     cluster: dict[str, Node],
 ) -> None:
     n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
-    a = AgentEndpoint("ge-a", "198.18.201.10", (), 0, "")
-    b = AgentEndpoint("ge-b", "198.18.202.10", (), 0, "")
-    c = AgentEndpoint("ge-c", "198.18.201.11", (), 0, "")
-    b_identity = n2.cli_json("endpoint", "get", "ge-b")["identity"]
+    a = AgentEndpoint(ep("ge-a"), "198.18.201.10", (), 0, "")
+    b = AgentEndpoint(ep("ge-b"), "198.18.202.10", (), 0, "")
+    c = AgentEndpoint(ep("ge-c"), "198.18.201.11", (), 0, "")
+    b_identity = n2.cli_json("endpoint", "get", b.name)["identity"]
     etcd = n2.etcd
     etcd.stop()
     try:
@@ -433,7 +445,7 @@ def test_an_agent_restarted_while_etcd_is_down_enforces_from_its_saved_copy(
         assert shown.returncode == 1
         assert f"PROBLEM: etcd at {ETCD_IP}:2379 is not connected" in shown.stdout
         # The endpoint keeps its identity, and the verdicts are the cluster's.
-        assert n2.cli_json("endpoint", "get", "ge-b")["identity"] == b_identity
+        assert n2.cli_json("endpoint", "get", b.name)["identity"] == b_identity
         with echo_servers(b, 7000):
             sock = a.connect(b.ip, 7000)
             assert sock is not None
@@ -445,15 +457,15 @@ def test_an_agent_restarted_while_etcd_is_down_enforces_from_its_saved_copy(
     wait_for(lambda: n2.api("Status")["cluster"]["connected"], 20.0, "node 2 to reconnect")
     e = add_endpoint(n1, "ge-e", "app=ge-e", "198.18.201.13")
     wait_for(lambda: f"{e.ip}/32" in n2.ipcache(), 15.0, "node 2 to follow again")
-    n1.api("EndpointDelete", name="ge-e")
+    n1.api("EndpointDelete", name=e.name)
     assert n2.api("Status")["cluster"].get("started_from_cache") is True
 
 
 def test_a_stopped_agent_keeps_enforcing_and_catches_up(cluster: dict[str, Node]) -> None:
     n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
-    a = AgentEndpoint("ge-a", "198.18.201.10", (), 0, "")
-    b = AgentEndpoint("ge-b", "198.18.202.10", (), 0, "")
-    c = AgentEndpoint("ge-c", "198.18.201.11", (), 0, "")
+    a = AgentEndpoint(ep("ge-a"), "198.18.201.10", (), 0, "")
+    b = AgentEndpoint(ep("ge-b"), "198.18.202.10", (), 0, "")
+    c = AgentEndpoint(ep("ge-c"), "198.18.201.11", (), 0, "")
     n2.agent.stop(signal.SIGKILL)
     try:
         with echo_servers(b, 7000):
@@ -466,7 +478,7 @@ def test_a_stopped_agent_keeps_enforcing_and_catches_up(cluster: dict[str, Node]
     # Restarted, it follows the cluster again: a new endpoint on node 1 reaches it.
     e = add_endpoint(n1, "ge-e", "app=ge-e", "198.18.201.13")
     wait_for(lambda: f"{e.ip}/32" in n2.ipcache(), 15.0, "node 2 to catch up")
-    n1.api("EndpointDelete", name="ge-e")
+    n1.api("EndpointDelete", name=e.name)
 
 
 def test_a_dead_node_leaves_every_ipcache_within_the_lease_ttl(cluster: dict[str, Node]) -> None:
