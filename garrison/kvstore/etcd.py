@@ -557,6 +557,13 @@ class EtcdKVStore:
                 )
             return None
         if "Hostname Verification" in details or "Peer name" in details:
+            if len(self.endpoints) > 1:
+                return (
+                    f"the certificate of an etcd member at {where} is not issued for"
+                    f" {self.server_name}: with several endpoints every member's certificate"
+                    " must name the first endpoint's host (one TLS name per gRPC channel);"
+                    " issue them so, or give one endpoint"
+                )
             return (
                 f"the certificate of etcd at {where} is not issued for {self.server_name}"
                 f" (not in its subject alternative names); issue it for the host in"

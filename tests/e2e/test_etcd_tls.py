@@ -131,6 +131,21 @@ def test_several_endpoints_are_verified_against_the_first_urls_host(
         assert kv.get("k") == b"v" and kv.server_name == "127.0.0.1"
 
 
+def test_several_endpoints_whose_first_host_the_certificate_does_not_name_are_refused(
+    etcd: EtcdServer, client_tls: EtcdTLS
+) -> None:
+    """127.0.0.2 first (nothing listens there): the live member's certificate names only
+    127.0.0.1, and gRPC checks every member against the first host."""
+    urls = f"https://127.0.0.2:{DEAD_PORT},{TLS_URL}"
+    message = failure(urls, client_tls)
+    assert message == (
+        f"etcd get: the certificate of an etcd member at 127.0.0.2:{DEAD_PORT},127.0.0.1:"
+        f"{TLS_PORT} is not issued for 127.0.0.2: with several endpoints every member's"
+        " certificate must name the first endpoint's host (one TLS name per gRPC channel);"
+        " issue them so, or give one endpoint"
+    )
+
+
 def test_a_server_certificate_of_another_ca_is_refused(
     etcd: EtcdServer, pki: EtcdPKI
 ) -> None:
