@@ -341,12 +341,11 @@ class FlowStore:
             tail = self._tail
             for line in lines:
                 tail.append(line)
-                d, why = decode(line)
-                if d is None:
-                    self.stats.add(where, why)
-                    self.builder.skipped += 1
-                else:
-                    self.builder.add(d)
+            scan = MapScan(self.builder)
+            for _, why in scan.add_lines(lines):
+                self.stats.add(where, why)
+                self.builder.skipped += 1
+            scan.flush()
             self._count = self._firsts[-1] + len(tail)
             self.version += 1
             self.changed.notify_all()

@@ -86,3 +86,18 @@ def test_a_log_loads_as_line_by_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert store.stats.bad == len(bad)
     finally:
         source.close()
+
+
+def test_records_that_come_later_count_as_line_by_line() -> None:
+    """Lines a followed file or the agent gives after loading, in batches as polls bring
+    them."""
+    store = FlowStore()
+    store.start_tail()
+    lines = [line.strip() for line in BODY_LINES if line.strip()]
+    for at in range(0, len(lines), 7):
+        store.append(lines[at:at + 7], "agent")
+    result, bad, records = expected(False)
+    assert store.builder.result() == result
+    assert store.lines(0, len(store)) == records
+    assert store.stats.bad == len(bad)
+    assert all(s.startswith("agent: not a flow record (not") for s in store.stats.samples)
