@@ -25,7 +25,7 @@
  *     ip rule add fwmark 0x200/0xf00 lookup 2004
  *     ip route add local 0.0.0.0/0 dev lo table 2004
  * GAR_MARK_PROXY_UPSTREAM: the SO_MARK of the proxy's upstream sockets. Semantics at
- *   to_container (the only hook that honours it): a new connection carrying this mark is the
+ *   to_container (the only hook that honours it on a packet): a new connection carrying this mark is the
  *   proxy forwarding a connection it accepted from a redirect; the L3/L4 policy of both sides
  *   was applied when the client's SYN was redirected and L7 by the proxy, so the datapath
  *   admits it without a policy lookup, creates a conntrack entry flagged
@@ -33,6 +33,10 @@
  *   honoured at from_container: packets from an endpoint have crossed a network namespace and
  *   the kernel has cleared their mark, so an endpoint cannot forge it. Its value must not
  *   match GAR_MARK_TO_PROXY under GAR_MARK_MASK (it would be routed to the local table).
+ *   from_netdev reads it on a *socket*: a reply from another node to a local endpoint's
+ *   address is handed to the host socket its tuple names only when that socket's SO_MARK is
+ *   this value (the proxy's transparent upstream leg of an egress L7 connection,
+ *   lib/proxy.h); the packet's own mark is never trusted there.
  * GAR_MARK_DENY_RESPONSE: set by to_container on the answer it made for a denied packet
  *   (lib/deny_response.h) and redirected to the ingress of the same host veth, towards the
  *   sender; from_container passes a packet carrying it without a lookup and clears it. Only
