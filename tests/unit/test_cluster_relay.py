@@ -281,8 +281,9 @@ def test_observe_cluster_usage_errors() -> None:
     assert rc == 2 and "--kvstore-endpoints names etcd for --cluster: add --cluster" in err
     rc, _, err = run_cli("observe", "--cluster", "--input-file", str(DEMO))
     assert rc == 2 and "give one" in err
-    rc, _, err = run_cli("observe", "--cluster", "--kvstore-endpoints", "https://127.0.0.1:1")
-    assert rc == 2 and "TLS is not supported yet" in err
+    rc, _, err = run_cli("observe", "--cluster", "--kvstore-endpoints",
+                         "https://127.0.0.1:1,http://127.0.0.1:2")
+    assert rc == 2 and "mix http:// and https://" in err
     rc, _, err = run_cli("observe", "--cluster", "--socket", "/nonexistent/agent.sock")
     assert rc == 3
     assert "or give --kvstore-endpoints URL to find the nodes in etcd" in err
