@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MIN_BYTES = 32 << 20  # a smaller log is read again in well under a second
 KEEP = 8
@@ -57,10 +58,10 @@ def code_digest() -> str:
 @dataclass(frozen=True)
 class CachedParts:
     """The parts of a file read before, covering bytes [0, `end`): (begin, end, the part
-    pickled) in file order."""
+    pickled, the part) in file order."""
 
     end: int
-    parts: list[tuple[int, int, bytes]]
+    parts: list[tuple[int, int, bytes, Any]]
 
 
 class MapCache:
@@ -101,8 +102,9 @@ class MapCache:
             if not (same or st.st_size > kept["size"]) or not 0 < covered <= end \
                     or kept["tail"] != _tail(fd, covered):
                 return None
+            parts = [(a, b, data, pickle.loads(data)) for a, b, data in kept["parts"]]
             os.utime(entry)  # recently used
-            return CachedParts(covered, kept["parts"])
+            return CachedParts(covered, parts)
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError,
                 AttributeError, ImportError, IndexError):
             return None

@@ -436,7 +436,7 @@ class _FileJob:
     fd: int = -1
     end: int = 0
     ranges: list[tuple[int, int]] = field(default_factory=list)
-    cached: list[tuple[int, int, bytes]] = field(default_factory=list)  # read before
+    cached: list[tuple[int, int, bytes, Any]] = field(default_factory=list)  # read before
 
 
 class FileSource:
@@ -511,8 +511,7 @@ class FileSource:
                 keep = self.cache is not None and job.end >= self.cache.min_bytes
                 kept: list[tuple[int, int, bytes]] = []
                 parts: Iterator[tuple[int, int, _Part, bytes | None]] = itertools.chain(
-                    # entries of the user's own, trusted cache (`mapcache`)
-                    ((a, b, pickle.loads(data), data) for a, b, data in job.cached),
+                    ((a, b, part, data) for a, b, data, part in job.cached),
                     ((a, b, next(futures).result() if self._pool
                       else _scan(str(job.log.path), a, b), None) for a, b in job.ranges))
                 for a, b, part, data in parts:

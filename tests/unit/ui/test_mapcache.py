@@ -5,6 +5,7 @@ cache entry, or other code reads the log again — with the same map every time.
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_a_damaged_or_foreign_entry_is_not_used(tmp_path: Path, cache: MapCache,
     expected = opened(log, None)
     opened(log, cache)
     (entry,) = cache.directory.glob("*.map")
-    for damage in ("group-writable", "other owner", "garbage", "other code"):
+    for damage in ("group-writable", "other owner", "garbage", "a damaged part", "other code"):
         opened(log, cache)  # written again, trusted
         if damage == "group-writable":
             entry.chmod(0o660)
@@ -138,6 +139,10 @@ def test_a_damaged_or_foreign_entry_is_not_used(tmp_path: Path, cache: MapCache,
             os.chown(entry, 65534, 65534)
         elif damage == "garbage":
             entry.write_bytes(b"\x80\x05not a pickle")
+        elif damage == "a damaged part":
+            kept = pickle.loads(entry.read_bytes())
+            kept["parts"][-1] = (*kept["parts"][-1][:2], b"\x80\x05damaged")
+            entry.write_bytes(pickle.dumps(kept))
         else:
             monkeypatch.setattr(cache, "_code", "another version")
         scans.ranges.clear()
