@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, TypeGuard
 
 from garrison.flows.build import GRPC_STATUS_NAMES
@@ -735,7 +736,8 @@ def _node_json(node_id: str, node: _Node) -> dict[str, Any]:
     }
 
 
-_RESERVED_NAMES = {identity.id: name for name, identity in RESERVED.items()}  # 2: "world"
+_RESERVED_NAMES: Mapping[int, str] = MappingProxyType(
+    {identity.id: name for name, identity in RESERVED.items()})  # 2: "world", ...
 
 
 def _display_name(node: _Node, pods: list[str], reserved: Mapping[int, str]) -> str:
