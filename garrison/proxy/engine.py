@@ -16,13 +16,14 @@ carried by the events:
   after its first byte (after the connection opened, for the first one);
 - `client`: a request body must keep coming (`idle` seconds of silence at most);
 - `upstream`: an answer is owed: `upstream_reply` seconds of silence both ways at most;
-- `idle`: nothing in flight: the connection is closed `idle` seconds after the last byte
-  either way.
+- `idle`: nothing in flight: after `release_idle_after` seconds (the server's default: 20 ms)
+  a pooled upstream goes back to the pool (`ReleaseUpstream`) and the core drops its parsers
+  (`compact`); after `idle` the connection is closed.
 
-An idle connection holds nothing it does not need (issue 17: at most 2 KB each): the moment
-the core has nothing in flight, a pooled upstream goes back to the pool (`ReleaseUpstream`,
-for another client or this one's next request) and the core drops its per-message state
-(`compact`: parsers and their buffers); the next request takes them again.
+So an idle keep-alive connection holds neither an upstream connection nor parsers (issue 17:
+at most 2 KB each), while a client that sends its next request within `release_idle_after`
+keeps both: giving them back after every answer and taking them again cost an allowed HTTP/1.1
+request 10-18 µs of CPU more (bench/proxy_http.py, 2026-12-07).
 
 A timer is requested lazily: a `RequestWakeup` only when the next deadline is earlier than
 the one already asked for; a wakeup that comes early asks again. So keeping a busy
@@ -133,16 +134,23 @@ class EventEngine:
         "_last_upstream",
         "_paused",
         "_pooled",
+        "_release_after",
+        "_released",
         "_timeouts",
         "_wake_at",
         "_was_idle",
     )
 
-    def __init__(self, core: EngineCore, timeouts: Timeouts) -> None:
+    def __init__(
+        self, core: EngineCore, timeouts: Timeouts, release_idle_after: float = 0.02
+    ) -> None:
+        # `release_idle_after`: an idle pooled client gives its upstream back this soon.
         self._core = core
         self._timeouts = timeouts
+        self._release_after = release_idle_after
         self._pooled = core.pooled_upstream
         self._attached = False  # an upstream connection is attached
+        self._released = False  # idle, and the upstream went back to the pool
         self._paused = False  # PauseClient(True) is in force
         self._done = False
         self._last_client = 0.0
@@ -165,6 +173,7 @@ class EventEngine:
             if self._was_idle:
                 self._head_started = mono
                 self._was_idle = False
+                self._released = False
             return self._after(core.client_data(data, event.now), mono)
         if kind is UpstreamData:
             mono = event.mono
@@ -224,6 +233,8 @@ class EventEngine:
         """After the core ran: flow control and the next deadline, as commands if needed."""
         core = self._core
         waiting = core.waiting
+        if waiting == "idle":
+            self._was_idle = True
         extra: list[Command] | None = None
         if self._pooled:
             if self._attached and out:
@@ -234,21 +245,10 @@ class EventEngine:
                     self._attached = False
                     reusable = core.upstream_reusable and not last.error
                     out = [*out[:-1], ReleaseUpstream(reusable), last]
-            if waiting == "idle" and self._attached:
-                # Nothing in flight: the upstream goes back to the pool now (the next request
-                # takes the most recently released one, usually this one again).
-                self._attached = False
-                extra = [ReleaseUpstream(core.upstream_reusable)]
             full = core.pipeline_full
             if full is not self._paused:
                 self._paused = full
-                if extra is None:
-                    extra = [PauseClient(full)]
-                else:
-                    extra.append(PauseClient(full))
-        if waiting == "idle" and not self._was_idle:
-            self._was_idle = True
-            core.compact()
+                extra = [PauseClient(full)]
         due = self._deadline(waiting)
         if due < self._wake_at:
             self._wake_at = due
@@ -264,7 +264,10 @@ class EventEngine:
         """When the timer of what the core waits for runs out (monotonic)."""
         timeouts = self._timeouts
         if waiting == "idle":
-            return max(self._last_client, self._last_upstream) + timeouts.idle
+            quiet_since = max(self._last_client, self._last_upstream)
+            if self._pooled and not self._released:
+                return quiet_since + self._release_after
+            return quiet_since + timeouts.idle
         if waiting == "head":
             return self._head_started + timeouts.header_read
         if waiting == "client":
@@ -280,6 +283,17 @@ class EventEngine:
         due = self._deadline(waiting)
         if mono < due:  # early (a deadline moved on): ask again for the new one
             return self._after((), mono)
+        if waiting == "idle" and self._pooled and not self._released:
+            # Idle a moment: the upstream connection may serve other clients (not given back
+            # after every response: borrowing per request costs more than keeping it), and
+            # the core drops what it does not need while idle.
+            self._released = True
+            out: list[Command] = []
+            if self._attached:
+                self._attached = False
+                out.append(ReleaseUpstream(core.upstream_reusable))
+            core.compact()
+            return self._after(out, mono)
         if waiting == "upstream" and self._pooled and not self._attached:
             return self._after((), mono)  # still connecting: the connect timeout applies
         out = list(core.timeout(waiting, now))

@@ -177,8 +177,8 @@ class HTTPEngine:
     """HTTP/1.1 enforcement for one client connection (implements `ConnectionEngine`).
 
     Memory: an idle keep-alive connection is this object and its client's endpoint (issue 17,
-    at most 2 KB each with the server's part): `compact()` drops both parsers whenever
-    nothing is in flight, each is made again by the next message that needs it; what every
+    at most 2 KB each with the server's part): `compact()` drops both parsers once nothing
+    has been in flight a moment, each is made again by the next message that needs it; what every
     connection of one upstream has alike (matchers, denial refs, the server's endpoint, label
     texts, redaction) is shared through `ConnectionContext.shared`.
     """
@@ -279,8 +279,8 @@ class HTTPEngine:
         return Waiting.IDLE
 
     def compact(self) -> None:
-        """Drop the parsers of an idle connection (the server's `EventEngine` calls it each
-        time nothing is in flight any more); the next request makes new ones."""
+        """Drop the parsers of an idle connection (`EventEngine` calls it once nothing has been
+        in flight for `release_idle_after`); the next request makes new ones."""
         if self.waiting == Waiting.IDLE and not self._informational and not self._ignore_rest:
             self._requests = None
             self._responses = None

@@ -16,10 +16,11 @@ goes to the `FlowSink`).
 
 - Upstream: in transparent mode the original destination (`getsockname()` of the accepted
   socket), in standalone mode the configured address. HTTP/1.1 engines borrow a connection
-  from the per-destination `UpstreamPool` when they forward, keep it while a request is in
-  flight, and give it back (if the engine says it is reusable) as soon as nothing is: an
-  idle keep-alive client holds no upstream connection (nor parsers: see
-  `garrison.proxy.engine`); other engines get their own connection at once.
+  from the per-destination `UpstreamPool` when they forward, keep it while the client keeps
+  sending, and give it back (if the engine says it is reusable) when the client has been
+  idle `release_idle_after` (20 ms) or leaves: an idle keep-alive client holds no upstream
+  connection (nor parsers: see `garrison.proxy.engine`); other engines get their own
+  connection at once.
 - Backpressure both ways: when one side's transport buffers more than `write_buffer_high`
   bytes, the other side's reading is paused until it drains below `write_buffer_low`. So is
   the client's while its upstream is being connected, while too many pipelined requests
@@ -28,10 +29,11 @@ goes to the `FlowSink`).
   the proxy buffer more than about `write_buffer_high` per direction per connection.
 - Timers: the engine asks for a wakeup at a monotonic time (`RequestWakeup`); a sweep every
   `sweep_interval` seconds (on the loop's monotonic clock) hands `Wakeup` to the connections
-  whose time has come. The engine decides what ran out (`garrison.proxy.engine`): a request
-  head `header_read` seconds after its first byte (408), an answer owed `upstream_reply`
-  (504), a connection with nothing in flight `idle`. The wall clock (`time.time()`) only
-  stamps records: stepping it neither fires nor stalls a timeout.
+  whose time has come, and one shared timer those due sooner than that (the release of an
+  idle client's upstream, `release_idle_after`). The engine decides what ran out
+  (`garrison.proxy.engine`): a request head `header_read` seconds after its first byte (408),
+  an answer owed `upstream_reply` (504), a connection with nothing in flight `idle`. The wall
+  clock (`time.time()`) only stamps records: stepping it neither fires nor stalls a timeout.
 - `max_connections`: connections beyond it are closed at once and logged as ERROR.
 - Any exception inside an engine or while executing its commands closes that connection with
   an ERROR record; commands after the failure are not executed, so nothing the engine had not
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import socket
 import sys
@@ -149,17 +152,12 @@ class FlowSink:
 
     Records are gathered during one turn of the event loop and handled at its end, after the
     bytes of that turn were written: records an engine made with `Log.later` are built then,
-    go to the ring (and the `-v` stream), and the metrics are counted once per label set. So a
+    go to the ring (and the `-v` stream), the access-log lines are written in one system call
+    (`write_many`) in emission order, and the metrics are counted once per label set. So a
     record reaches `observe` one loop turn after its decision, and making it is not on the
-    path of the request. The access-log lines of the turns of `write_delay` seconds (or up to
-    `write_batch` records) are written together, in emission order, in one system call
-    (`write_many`): a client that sends one request at a time (a Kafka producer waiting for
-    each answer) would otherwise cost two writes per request. `flush()` writes everything at
-    once (the server calls it when it stops). A failed write is counted in metrics and
-    reported once per failure streak; the records stay in the ring. Without a loop (tests),
-    everything is done at once.
+    path of the request. A failed write is counted in metrics and reported once per failure
+    streak; the records stay in the ring. Without a loop (tests), everything is done at once.
     """
-
 
     def __init__(
         self,
@@ -177,10 +175,6 @@ class FlowSink:
         self._loop = loop
         self._pending: list[FlowRecord | Log] = []
         self._scheduled = False
-        self.write_delay = 0.02  # seconds
-        self.write_batch = 32  # records (a write stays small, and rotation stays close to its size)
-        self._unwritten: list[FlowRecord] = []  # in the ring, not yet in the access log
-        self._write_timer: asyncio.TimerHandle | None = None
         self._failing = False
 
     def emit(self, record: FlowRecord | Log) -> None:
@@ -191,14 +185,9 @@ class FlowSink:
                 self.flush()
                 return
             self._scheduled = True
-            self._loop.call_soon(self._end_turn)
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Handle every record taken so far and write every line owed, now."""
-        self._end_turn()
-        self._write()
-
-    def _end_turn(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
         if not pending:
@@ -214,20 +203,6 @@ class FlowSink:
         if self.metrics is not None:
             _count(self.metrics, records)
         if self.writer is None:
-            return
-        unwritten = self._unwritten
-        unwritten.extend(records)
-        if self._loop is None or len(unwritten) >= self.write_batch:
-            self._write()
-        elif self._write_timer is None:
-            self._write_timer = self._loop.call_later(self.write_delay, self._write)
-
-    def _write(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
-        records, self._unwritten = self._unwritten, []
-        if not records or self.writer is None:
             return
         try:
             self.writer.write_many(records)
@@ -333,6 +308,8 @@ class ServerSettings:
     transparent_to: Callable[[str], bool] | None = None
     pool: PoolConfig | None = None
     sweep_interval: float = 1.0
+    # A pooled (HTTP/1.1) client idle this long returns its upstream connection to the pool.
+    release_idle_after: float = 0.02
     # A lingering close (`Close(linger=True)`) reads and discards at most this much, this
     # long, of what the client still sends after its answer, then closes (nginx's
     # lingering_time is 30 s).
@@ -442,7 +419,8 @@ class _ClientConnection(asyncio.Protocol):
         try:
             self.context = server.context_for(self, admission)
             self.engine = EventEngine(
-                make_engine(self.context, server.config), server.config.timeouts
+                make_engine(self.context, server.config), server.config.timeouts,
+                server.settings.release_idle_after,
             )
         except Exception as exc:
             log.exception("cannot build an engine for %s", self.src)
@@ -571,7 +549,9 @@ class _ClientConnection(asyncio.Protocol):
             elif kind is _LOG:
                 self.server.sink.emit(command)  # type: ignore[arg-type]
             elif kind is _WAKEUP:
-                self.wake_at = command.at  # type: ignore[union-attr]
+                at: float = command.at  # type: ignore[union-attr]
+                self.wake_at = at
+                self.server.wake_at(self, at)
             elif kind is _PAUSE:
                 if command.paused:  # type: ignore[union-attr]
                     self._pause(_PAUSE_PIPELINE)
@@ -840,6 +820,11 @@ class ProxyServer:
         self._shared: dict[Address, dict[str, object]] = {}
         self._local: dict[Address, Address] = {}  # `local_address`
         self._sweeper: asyncio.Task[None] | None = None
+        # Wakeups due before the next sweep: (monotonic time, sequence, connection), a heap.
+        self._soon: list[tuple[float, int, _ClientConnection]] = []
+        self._soon_count = 0
+        self._soon_timer: asyncio.TimerHandle | None = None
+        self._soon_due = _NEVER
         self._pool: UpstreamPool | None = None
         self.addresses: list[tuple[str, int]] = []
 
@@ -1043,6 +1028,38 @@ class ProxyServer:
 
     # -- timers -------------------------------------------------------------------------------
 
+    def wake_at(self, conn: _ClientConnection, at: float) -> None:
+        """`conn`'s engine asked for a wakeup at monotonic time `at`: the sweep delivers it,
+        or the shared timer when it is due before the next sweep could (20 ms)."""
+        now = time.monotonic()
+        if at - now >= self.settings.sweep_interval:
+            return
+        self._soon_count += 1
+        heapq.heappush(self._soon, (at, self._soon_count, conn))
+        if at < self._soon_due:
+            if self._soon_timer is not None:
+                self._soon_timer.cancel()
+            self._soon_due = at
+            self._soon_timer = asyncio.get_running_loop().call_later(
+                max(0.0, at - now), self._wake_soon
+            )
+
+    def _wake_soon(self) -> None:
+        self._soon_timer = None
+        self._soon_due = _NEVER
+        now = time.monotonic()
+        soon = self._soon
+        # The loop's timers run to the millisecond: one up to 1 ms early counts as on time.
+        while soon and soon[0][0] <= now + 0.001:
+            at, _, conn = heapq.heappop(soon)
+            if conn.wake_at <= at:  # still the time asked for (not delivered or replaced)
+                conn.wakeup(max(now, at))
+        if soon:
+            self._soon_due = soon[0][0]
+            self._soon_timer = asyncio.get_running_loop().call_later(
+                max(0.0, self._soon_due - now), self._wake_soon
+            )
+
     async def _sweep(self) -> None:
         interval = self.settings.sweep_interval
         while True:
@@ -1086,6 +1103,10 @@ class ProxyServer:
             conn._close_all()
         for conn in list(self.lingering):
             conn._end_linger()
+        if self._soon_timer is not None:
+            self._soon_timer.cancel()
+            self._soon_timer = None
+        self._soon.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -246,7 +246,8 @@ async def test_unreachable_upstream_answers_503(upstream: Upstream) -> None:
 
 @in_loop
 async def test_upstream_connections_are_pooled_across_clients(upstream: Upstream) -> None:
-    server, address = await start_proxy(upstream, StaticPolicy(LANDING))
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING),
+                                        release_idle_after=0.05)
     for _ in range(3):
         reader, writer = await asyncio.open_connection(*address)
         assert await ask(address, LAND, OK, (reader, writer)) == OK
@@ -254,20 +255,15 @@ async def test_upstream_connections_are_pooled_across_clients(upstream: Upstream
         await asyncio.sleep(0.05)
     assert upstream.connections == 1
     assert server.pool.stats.reuses == 2
-    # A keep-alive client gives its upstream back as soon as its answer is complete: the
-    # next client, right after, uses it (1,000 idle keep-alive clients hold no upstream).
-    clients = [await asyncio.open_connection(*address) for _ in range(3)]
-    for client in clients:
-        assert await ask(address, LAND, OK, client) == OK
-        assert server.pool.stats.busy == 0
-        assert all(conn.upstream is None for conn in server.connections)
+    # A keep-alive client that went idle gave its upstream back: another client uses it.
+    first = await asyncio.open_connection(*address)
+    assert await ask(address, LAND, OK, first) == OK
+    await asyncio.sleep(0.4)
+    second = await asyncio.open_connection(*address)
+    assert await ask(address, LAND, OK, second) == OK
     assert upstream.connections == 1
-    # And each keeps working on it.
-    for client in clients:
-        assert await ask(address, LAND, OK, client) == OK
-    assert upstream.connections == 1
-    for client in clients:
-        client[1].close()
+    first[1].close()
+    second[1].close()
     await server.close()
 
 
@@ -517,7 +513,8 @@ def test_an_idle_keep_alive_connection_holds_little() -> None:
 
 
 async def _idle_connections(upstream: Upstream) -> None:
-    server, address = await start_proxy(upstream, StaticPolicy(LANDING))
+    # The first sweep comes after a second: only the short timer can release them before.
+    server, address = await start_proxy(upstream, StaticPolicy(LANDING), sweep_interval=1.0)
     server.sink.store = FlowStore(StoreConfig(capacity=1))  # records are not the connection's
     clients = []
     for _ in range(3):  # warm: the shared caches are filled by the first connections
@@ -542,7 +539,7 @@ async def _idle_connections(upstream: Upstream) -> None:
     for _ in range(count):
         clients.append(await asyncio.open_connection(*address))
         assert await ask(address, LAND, OK, clients[-1]) == OK
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # idle longer than `release_idle_after` (20 ms)
     idle = [conn for conn in server.connections if conn not in before]
     assert len(idle) == count
     assert all(conn.upstream is None for conn in idle)

@@ -3,18 +3,14 @@ and a record that cannot be built is reported without losing the others."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from garrison.flows.build import proxy_error
 from garrison.flows.record import DropReasonDesc, Endpoint, FlowRecord
 from garrison.flows.store import FlowStore
-from garrison.flows.writer import AccessLogConfig, AccessLogWriter
 from garrison.policies.l7rules import L7Protocol
 from garrison.proxy.commands import Log
 from garrison.proxy.server import FlowSink
@@ -90,40 +86,3 @@ def test_a_record_that_cannot_be_built_is_reported_and_the_others_are_kept(
         sink.emit(_record(5))
     assert [r.error for r in store.tail(10).records] == ["error 5"]
     assert "could not be built" in caplog.text
-
-
-def test_the_access_log_lines_of_nearby_turns_are_written_together(tmp_path: Path) -> None:
-    """A client that sends one request at a time makes one record per loop turn: their lines
-    go to the file together once per `write_delay`, in order, and `flush()` writes the rest at
-    once; the ring has every record at the end of its turn."""
-    path = tmp_path / "access.log"
-
-    def written() -> list[str]:
-        return [json.loads(line)["error"] for line in path.read_text().splitlines()]
-
-    async def main() -> None:
-        writer = AccessLogWriter(AccessLogConfig(path))
-        store = FlowStore()
-        sink = FlowSink(store=store, writer=writer, loop=asyncio.get_running_loop())
-        sink.write_delay = 0.2
-        for n in range(5):  # five turns, one record each
-            sink.emit(_record(n))
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
-            assert len(store) == n + 1
-        assert written() == []
-        await asyncio.sleep(0.3)
-        assert written() == [f"error {n}" for n in range(5)]
-        sink.emit(_record(5))
-        await asyncio.sleep(0)
-        sink.flush()  # the server stops: everything owed is written now
-        assert written() == [f"error {n}" for n in range(6)]
-        sink.write_batch = 3  # a busy server writes as soon as a batch is full
-        for n in range(6, 9):
-            sink.emit(_record(n))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        assert written() == [f"error {n}" for n in range(9)]
-        writer.close()
-
-    asyncio.run(main())
