@@ -25,7 +25,7 @@ class EtcdClientOptions:
     auth: EtcdAuth | None
 
 
-def add_etcd_client_flags(p: argparse.ArgumentParser) -> None:
+def add_etcd_client_flags(p: argparse._ActionsContainer) -> None:
     p.add_argument("--kvstore-ca", type=Path, metavar="FILE",
                    help="with https:// endpoints: the CA bundle (PEM) etcd's certificate must "
                    "chain to (default: the system's CA roots)")

@@ -31,6 +31,7 @@ import orjson
 from garrison.agent.config import DEFAULT_SOCKET
 from garrison.cli import progress
 from garrison.cli.flowargs import add_filter_flags, build_query
+from garrison.cli.kvstore_args import add_etcd_client_flags
 from garrison.flows.export import FieldMask, FieldMaskError, csv_header, csv_row
 from garrison.flows.query import CompiledQuery, FilterError, FlowQuery
 from garrison.flows.reader import FlowSourceError, LogFollower, log_files, open_lines
@@ -213,6 +214,7 @@ def _check_cluster_flags(args: argparse.Namespace) -> None:
 def _cluster_source(args: argparse.Namespace) -> Any:
     """The nodes' flow APIs, etcd from --kvstore-endpoints or from the local agent's status."""
     from garrison.agent.api import AgentUnreachableError
+    from garrison.cli.kvstore_args import etcd_client_options
     from garrison.cluster.relay import ClusterFlowSource
     from garrison.kvstore.base import KVStoreError
     from garrison.kvstore.etcd import parse_endpoints
@@ -230,12 +232,18 @@ def _cluster_source(args: argparse.Namespace) -> Any:
         if not cluster or not cluster.get("endpoints"):
             raise UsageError(f"the agent at {args.socket} is not in a cluster (--kvstore "
                              "sqlite): give --kvstore-endpoints URL, or drop --cluster")
-        endpoints = ",".join(str(e) for e in cluster["endpoints"])
+        # the agent's status lists HOST:PORT; its TLS line says whether they are https://
+        scheme = "https://" if cluster.get("tls") else "http://"
+        endpoints = ",".join(scheme + str(e) for e in cluster["endpoints"])
     try:
         parse_endpoints(endpoints)
     except KVStoreError as exc:
         raise UsageError(f"--kvstore-endpoints: {exc}") from None
-    return ClusterFlowSource(endpoints)
+    try:
+        options = etcd_client_options(args, endpoints)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return ClusterFlowSource(endpoints, tls=options.tls, auth=options.auth)
 
 
 def _timed(node: str, texts: list[str], stats: ReadStats) -> list[tuple[int, Flow]]:
@@ -715,8 +723,9 @@ def _sources(p: argparse.ArgumentParser) -> None:
                        "API (port 4244), merged in time order; a node that does not answer is "
                        "named on standard error, the others are shown (docs/cluster.md)")
     group.add_argument("--kvstore-endpoints", metavar="URL[,URL]",
-                       help="with --cluster: etcd's client URLs (http://HOST:PORT); default: "
-                       "the ones the local agent (--socket) uses")
+                       help="with --cluster: etcd's client URLs (http:// or https://HOST:PORT);"
+                       " default: the ones the local agent (--socket) uses")
+    add_etcd_client_flags(group)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

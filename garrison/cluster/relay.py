@@ -30,7 +30,7 @@ from garrison.cluster.keys import (
     parse_host_port,
     parse_policy_key,
 )
-from garrison.kvstore.etcd import EtcdKVStore
+from garrison.kvstore.etcd import EtcdAuth, EtcdKVStore, EtcdTLS
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.loader import load_text
 from garrison.policies.model import Policy
@@ -68,8 +68,9 @@ class ClusterFlowSource:
     does not answer."""
 
     def __init__(self, etcd_endpoints: str | Sequence[str],
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self.store = EtcdKVStore(etcd_endpoints, timeout_s=timeout_s)
+                 timeout_s: float = DEFAULT_TIMEOUT_S, *, tls: EtcdTLS | None = None,
+                 auth: EtcdAuth | None = None) -> None:
+        self.store = EtcdKVStore(etcd_endpoints, timeout_s=timeout_s, tls=tls, auth=auth)
         self.timeout_s = timeout_s
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ GARRISON = str(Path(sys.executable).with_name("garrison"))
 def cluster_args(etcd: EtcdServer, ca: Path, pki: EtcdPKI) -> list[str]:
     return [
         "--kvstore", "etcd", "--kvstore-endpoints", etcd.url, "--node-name", "ge-tls-n1",
-        "--pod-cidr", "198.18.96.0/24", "--node-ip", "127.0.0.1", "--flow-api", "none",
+        "--pod-cidr", "198.18.96.0/24", "--node-ip", "127.0.0.1", "--flow-api", "127.0.0.1:4244",
         "--kvstore-ca", str(ca), "--kvstore-cert", str(pki.client_cert),
         "--kvstore-key", str(pki.client_key),
     ]
@@ -55,6 +55,22 @@ def test_an_agent_joins_a_tls_etcd_and_status_says_how(
             f"Kvstore TLS:     TLS, server verified against --kvstore-ca {pki.ca}, client"
             f" certificate {pki.client_cert}"
         ) in shown.stdout
+
+        # the cluster's flow view over the same TLS, etcd's URLs taken from the agent's status
+        def observe_cluster(*tls: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["nsenter", f"--net=/run/netns/{ns_agent.netns}", GARRISON, "observe",
+                 "--cluster", "--socket", str(ns_agent.socket), "--last", "10", *tls],
+                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            )
+
+        view = observe_cluster("--kvstore-ca", str(pki.ca), "--kvstore-cert",
+                               str(pki.client_cert), "--kvstore-key", str(pki.client_key))
+        assert view.returncode == 0, view.stdout + view.stderr
+        # without the client certificate etcd refuses the reader: said in one line, exit 3
+        bare = observe_cluster("--kvstore-ca", str(pki.ca))
+        assert bare.returncode == 3, bare.stdout + bare.stderr
+        assert "Traceback" not in bare.stderr and "etcd" in bare.stderr, bare.stderr
         assert ns_agent.stop() == 0
 
         # restarted with a CA that did not issue etcd's certificate: it runs on from its
