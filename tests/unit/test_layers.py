@@ -49,6 +49,8 @@ PURE_MODULES = (
     "garrison.flows.selectors",
     "garrison.flows.timebounds",
     "garrison.flows.filterfields",
+    "garrison.flows.servicemap",
+    "garrison.flows.mapscan",
     "garrison.flows.render",
     "garrison.flows.summary",
 )
