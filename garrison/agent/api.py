@@ -71,6 +71,16 @@ class APIError(Exception):
         self.code = code
 
 
+# Trailing metadata on a handler's refusal: an UNAVAILABLE the agent answered (etcd away) is
+# not an agent that does not answer.
+_REFUSAL_KEY = "garrison-refusal"
+
+
+def _agent_refused(exc: grpc.RpcError) -> bool:
+    trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
+    return any(key == _REFUSAL_KEY for key, _ in trailing or ())
+
+
 class AgentUnreachableError(Exception):
     """No agent answers on the socket."""
 
@@ -213,6 +223,8 @@ class AgentAPIServer:
             except APIError as exc:
                 if audited:
                     self._audit(method, request, context, f"refused: {exc}")
+                # the agent's own refusal, also when its code is UNAVAILABLE (etcd away)
+                context.set_trailing_metadata(((_REFUSAL_KEY, "1"),))
                 context.abort(exc.code, str(exc))
             except Exception as exc:
                 if audited:
@@ -300,7 +312,7 @@ class AgentClient:
             result: dict[str, Any] = stub(params, timeout=self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
-            if code == grpc.StatusCode.UNAVAILABLE:
+            if code == grpc.StatusCode.UNAVAILABLE and not _agent_refused(exc):
                 raise AgentUnreachableError(
                     f"the agent at {self.socket_path} does not answer: is `garrison agent` "
                     "running?"

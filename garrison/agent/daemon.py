@@ -129,6 +129,10 @@ class Agent:
             self.datapath.start()
             for identity in RESERVED.values():
                 self.resolver.add_identity(identity.id, identity.labels)
+            if self.cluster is not None:
+                # the cluster's namespace labels before the endpoints' identities are made of
+                # them: an endpoint starts with the identity every node gives its labels
+                self.cluster.prime_namespaces()
             # a container runtime's DEL that came while the agent was down
             pending = pending_deletes(self.config.state_dir)
             for ep in list(self.endpoints):
@@ -148,10 +152,21 @@ class Agent:
                     log.warning("endpoint %s: its network is gone; recreating it", ep.name)
                     link = self.datapath.create_endpoint(ep.name, ep.ipv4)
                 self._links[ep.name] = link
+                stale = ep  # its namespace's labels may have changed meanwhile (a cluster's)
+                ep = replace(ep, namespace_labels=self._namespace_labels(ep.namespace))
                 ident = self._identity_for(ep)
-                if ident.id != ep.identity or ep.host_ifname != link.host_ifname:
+                if ep != stale or ident.id != ep.identity or ep.host_ifname != link.host_ifname:
                     ep = replace(ep, identity=ident.id, host_ifname=link.host_ifname)
                     self.endpoints.update(ep)
+                if (
+                    stale.namespace_labels != ep.namespace_labels
+                    and stale.identity
+                    and stale.identity not in RESERVED_BY_ID
+                ):
+                    # the old labels' reference (not in the resolver yet: nothing to sync)
+                    self.allocator.release(
+                        Identity(stale.identity, stale.full_labels), owner=f"endpoint:{ep.name}"
+                    )
                 self.resolver.add_identity(ident.id, ident.labels)
             for ident_id in {ep.identity for ep in self.endpoints if ep.ports}:
                 self._sync_named_ports(ident_id)
@@ -387,6 +402,8 @@ class Agent:
         identity of its new labels, written to the kernel as a relabel is (the new
         identity's policy, then its ipcache entry and endpoint config; the old identity is
         released). Returns the labels and the endpoints after the change."""
+        if self.cluster is not None:
+            return self._label_cluster_namespace(namespace, changes)
         with self.lock:
             labels, changed = self.namespaces.label(namespace, changes)
             moved = []
@@ -395,6 +412,41 @@ class Agent:
                     if ep.namespace == namespace and ep.labels and ep.name in self._links:
                         moved.append(self.relabel_endpoint(ep.name, ep.labels))
             return labels, moved
+
+    def _label_cluster_namespace(
+        self, namespace: str, changes: Sequence[str]
+    ) -> tuple[dict[str, str], list[EndpointRecord]]:
+        """In a cluster the labels are the cluster's: changed in etcd first, over etcd's
+        labels (refused whole when etcd is away), then applied here as the other nodes apply
+        them from their watches."""
+        assert self.cluster is not None
+        with self.lock:
+            before = {ep.name: ep for ep in self.endpoints if ep.namespace == namespace}
+        labels, replaced, written = self.cluster.label_namespace(namespace, list(changes))
+        with self.lock:
+            if self.cluster.namespace_is_current(namespace, replaced, written):
+                self.set_namespace_labels(namespace, labels)
+            moved = [
+                ep for ep in self.endpoints
+                if ep.name in before and ep.identity != before[ep.name].identity
+            ]
+        return {**labels, NAMESPACE_NAME_LABEL: namespace}, moved
+
+    def set_namespace_labels(
+        self, namespace: str, labels: dict[str, str]
+    ) -> list[EndpointRecord]:
+        """The namespace's labels are `labels` now (a cluster's: from etcd): stored, and each
+        of its endpoints relabelled as `label_namespace` does; the endpoints relabelled."""
+        with self.lock:
+            wanted = {**labels, NAMESPACE_NAME_LABEL: namespace}
+            if self.namespaces.labels(namespace) == wanted:
+                return []
+            self.namespaces.store(namespace, wanted)
+            return [
+                self.relabel_endpoint(ep.name, ep.labels)
+                for ep in list(self.endpoints)
+                if ep.namespace == namespace and ep.labels and ep.name in self._links
+            ]
 
     def _local_endpoints(self) -> list[LocalEndpoint]:
         return [

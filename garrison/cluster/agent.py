@@ -9,7 +9,9 @@ other nodes' news does to this node's maps and routes.
   match it), writes the policy entries that changed, then its ipcache entry — removal in the
   reverse order; nothing is flushed;
 - routes other nodes' pod CIDRs through their node IPs;
-- stores imported policies in etcd and applies the ones other nodes imported.
+- stores imported policies in etcd and applies the ones other nodes imported;
+- keeps namespace labels cluster-wide: `namespace label` writes them to etcd, and every
+  node relabels its endpoints of a namespace whose labels another node changed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from garrison.identity.allocator import (
 from garrison.kvstore.base import KVStore, KVStoreError
 from garrison.kvstore.etcd import EtcdAuth, EtcdKVStore, EtcdTLS, load_auth, parse_endpoints
 from garrison.policies.errors import PolicyValidationError
+from garrison.policies.labels import NAMESPACE_NAME_LABEL
 from garrison.policies.loader import load_text
 from garrison.policies.model import Policy
 from garrison.policies.repository import PolicyKey
@@ -177,6 +180,45 @@ class AgentCluster:
         wanted = {n.pod_cidr for n in self.node.nodes().values() if n.name != self.node.me.name}
         for cidr in set(self.routes.installed()) - wanted:
             self.routes.remove(cidr)
+
+    def prime_namespaces(self) -> None:
+        """The cluster's namespace labels into this node's namespace store, at the agent's
+        start before its endpoints get their identities: etcd's word wins over what the node
+        held (a namespace labelled here before it joined the cluster loses its labels, said in
+        the log). Etcd away: the saved copy, else the node's own labels stay."""
+        cluster = self.node.read_namespaces()
+        if cluster is None:
+            return
+        store = self._agent.namespaces
+        for namespace, labels in store.all().items():
+            if namespace not in cluster and set(labels) != {NAMESPACE_NAME_LABEL}:
+                log.warning(
+                    "cluster: namespace %s has labels on this node only, not in the cluster's"
+                    " (etcd): they are dropped; `garrison namespace label %s KEY=VALUE` sets"
+                    " them for every node",
+                    namespace,
+                    namespace,
+                )
+                store.store(namespace, {})
+        for namespace, labels in cluster.items():
+            if store.labels(namespace) != {**labels, NAMESPACE_NAME_LABEL: namespace}:
+                store.store(namespace, labels)
+
+    def label_namespace(
+        self, namespace: str, changes: list[str]
+    ) -> tuple[dict[str, str], bytes | None, bytes | None]:
+        """Change the namespace's labels in etcd, for every node (`ClusterNode.label_namespace`:
+        refused whole when etcd is away); the labels after, the record replaced and the one
+        written."""
+        return self.node.label_namespace(namespace, changes)
+
+    def namespace_is_current(
+        self, namespace: str, replaced: bytes | None, written: bytes | None
+    ) -> bool:
+        """Whether a change this node wrote (`label_namespace`) is still the newest its watch
+        knows of, so the node applies it now; if the watch brought a newer one it applies
+        that itself. Called with the agent's lock held (the watch applies under it too)."""
+        return self.node.namespace_value(namespace) in (replaced, written)
 
     def remote_identity(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int | None:
         """The identity of another node's endpoint at `address` (for the proxy's source)."""
@@ -349,6 +391,12 @@ class AgentCluster:
                 continue
             policies.append(found[0])
         self._agent.apply_cluster_policies(policies, gone)
+
+    def namespaces_changed(self, upserts: dict[str, dict[str, str]], gone: list[str]) -> None:
+        for namespace, labels in upserts.items():
+            self._agent.set_namespace_labels(namespace, labels)
+        for namespace in gone:
+            self._agent.set_namespace_labels(namespace, {})
 
     # Status --------------------------------------------------------------------------------
 

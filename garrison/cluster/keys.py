@@ -12,23 +12,30 @@ Under the store's root (`garrison/`):
 |                                               | flow API address               |         |
 | `state/heartbeat/v1/<node>`                   | unix time of the last beat     | node's  |
 | `state/policies/v1/<kind>/<namespace>/<name>` | `{"path": ..., "text": ...}`   | none    |
+| `state/namespaces/v1/<namespace>`             | `{"labels": {k: v, ...}}`      | none    |
 
 (identities: `garrison.identity.allocator.ClusterIdentityAllocator`). Everything a node
 publishes about itself is bound to its lease, so a dead node disappears from every other node
-within the lease TTL; identities and policies outlive any one node.
+within the lease TTL; identities, policies and namespace labels outlive any one node.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from garrison.identity.allocator import CLUSTER_IDENTITIES_PREFIX, parse_canonical
 from garrison.identity.model import IdentityError
-from garrison.policies.labels import Labels
+from garrison.identity.namespaces import (
+    NamespaceError,
+    check_label,
+    check_namespace,
+    parse_changes,
+)
+from garrison.policies.labels import NAMESPACE_NAME_LABEL, Labels
 from garrison.policies.repository import PolicyKey
 
 IDENTITIES_PREFIX = CLUSTER_IDENTITIES_PREFIX
@@ -36,6 +43,7 @@ IP_PREFIX = "state/ip/v1/"
 NODES_PREFIX = "state/nodes/v1/"
 HEARTBEAT_PREFIX = "state/heartbeat/v1/"
 POLICIES_PREFIX = "state/policies/v1/"
+NAMESPACES_PREFIX = "state/namespaces/v1/"
 
 
 class ClusterRecordError(ValueError):
@@ -184,6 +192,62 @@ class StoredPolicy:
             return cls(path=str(doc["path"]), text=str(doc["text"]))
         except KeyError as exc:
             raise ClusterRecordError(f"{key}: bad policy record: missing {exc}") from None
+
+
+def namespace_key(namespace: str) -> str:
+    """`state/namespaces/v1/<namespace>`; raises `NamespaceError` for a name that is not a
+    Kubernetes namespace name (which also keeps '/' and the like out of the key)."""
+    return NAMESPACES_PREFIX + check_namespace(namespace)
+
+
+def parse_namespace_key(key: str) -> str:
+    try:
+        return check_namespace(key.removeprefix(NAMESPACES_PREFIX))
+    except NamespaceError as exc:
+        raise ClusterRecordError(f"{key}: not a namespace key: {exc}") from None
+
+
+def encode_namespace_labels(labels: Mapping[str, str]) -> bytes:
+    """A namespace's labels as stored (the local store's form): its name label is left out,
+    it is always the namespace's own name."""
+    own = {k: v for k, v in sorted(labels.items()) if k != NAMESPACE_NAME_LABEL}
+    return _dump({"labels": own})
+
+
+def decode_namespace_labels(key: str, raw: bytes) -> dict[str, str]:
+    """The labels stored at `key` (without the name label), each checked as `namespace
+    label` checks it: a record written by something else never reaches a selector unchecked."""
+    doc = _load(key, raw)
+    labels = doc.get("labels")
+    if not isinstance(labels, dict):
+        raise ClusterRecordError(f"{key}: bad namespace record: 'labels' is not an object")
+    out: dict[str, str] = {}
+    for k, v in labels.items():
+        if not isinstance(v, str):
+            raise ClusterRecordError(f"{key}: bad namespace record: label {k!r} is not a string")
+        if k == NAMESPACE_NAME_LABEL:
+            continue  # always the namespace's own name, whatever a record says
+        try:
+            check_label(k, v)
+        except NamespaceError as exc:
+            raise ClusterRecordError(f"{key}: bad namespace record: {exc}") from None
+        out[k] = v
+    return out
+
+
+def relabelled(
+    namespace: str, current: Mapping[str, str], changes: Sequence[str]
+) -> dict[str, str]:
+    """`k=v` / `k-` changes (kubectl's form) applied to a namespace's `current` labels; the
+    labels after them, without the name label. Raises `NamespaceError` for a bad name or
+    change."""
+    check_namespace(namespace)
+    sets, removes = parse_changes(changes)
+    after = {
+        k: v for k, v in current.items() if k not in removes and k != NAMESPACE_NAME_LABEL
+    }
+    after.update(sets)
+    return after
 
 
 def identities_to_learn(

@@ -1,10 +1,10 @@
 """One node's membership in the cluster: what it publishes, and what it learns from the others.
 
 `ClusterNode` publishes this node's record, heartbeat and endpoint addresses under its etcd
-session (bound to its lease), and follows the other nodes, the ipcache and the policies with
-three prefix watches. The watches' `Relisted` events (the first one, and one after a
-compaction) are diffed against what was known, so the `ClusterHandler` only ever hears about
-changes — the agent applies them to its maps incrementally, never by flushing.
+session (bound to its lease), and follows the other nodes, the ipcache, the policies and the
+namespaces' labels with prefix watches. The watches' `Relisted` events (the first one, and
+one after a compaction) are diffed against what was known, so the `ClusterHandler` only ever
+hears about changes — the agent applies them to its maps incrementally, never by flushing.
 """
 
 from __future__ import annotations
@@ -17,23 +17,37 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from garrison.cluster.keys import (
     HEARTBEAT_PREFIX,
     IP_PREFIX,
+    NAMESPACES_PREFIX,
     NODES_PREFIX,
     POLICIES_PREFIX,
     ClusterRecordError,
     IPEntry,
     NodeRecord,
     StoredPolicy,
+    decode_namespace_labels,
+    encode_namespace_labels,
+    namespace_key,
+    parse_namespace_key,
     parse_policy_key,
     policy_key,
+    relabelled,
 )
-from garrison.kvstore.base import KeyDeleted, KeyPut, KVStoreError, Relisted, WatchEvent
+from garrison.identity.namespaces import parse_changes
+from garrison.kvstore.base import (
+    KeyDeleted,
+    KeyPut,
+    KVStoreError,
+    KVStoreUnavailableError,
+    Relisted,
+    WatchEvent,
+)
 from garrison.kvstore.etcd import EtcdKVStore, EtcdSession, EtcdWatch
 from garrison.policies.repository import PolicyKey
 
@@ -41,7 +55,9 @@ log = logging.getLogger("garrison.cluster")
 
 DEFAULT_HEARTBEAT_S = 5.0
 # What a node keeps on disk (nodes first: routes before the endpoints behind them).
-_CACHED = (NODES_PREFIX, POLICIES_PREFIX, IP_PREFIX)
+_CACHED = (NODES_PREFIX, NAMESPACES_PREFIX, POLICIES_PREFIX, IP_PREFIX)
+# Attempts of a namespace label change that meets another node's change in between.
+_LABEL_ATTEMPTS = 16
 
 
 class ClusterHandler(Protocol):
@@ -56,6 +72,10 @@ class ClusterHandler(Protocol):
     def policies_changed(
         self, upserts: dict[PolicyKey, StoredPolicy], gone: list[PolicyKey]
     ) -> None: ...
+
+    def namespaces_changed(self, upserts: dict[str, dict[str, str]], gone: list[str]) -> None:
+        """Namespaces whose labels changed (→ their labels, the name label left out), and
+        those whose labels were all removed."""
 
 
 def _diff(view: dict[str, bytes], event: WatchEvent) -> tuple[dict[str, bytes], list[str]]:
@@ -99,6 +119,7 @@ class ClusterNode:
             NODES_PREFIX: {},
             IP_PREFIX: {},
             POLICIES_PREFIX: {},
+            NAMESPACES_PREFIX: {},
             HEARTBEAT_PREFIX: {},
         }
         self._watches: list[EtcdWatch] = []
@@ -115,6 +136,7 @@ class ClusterNode:
         self._cache_path = cache_path
         self._cache_dirty = False
         self.primed_from_cache = False
+        self._namespaces_read = False
 
     # Publishing ----------------------------------------------------------------------------
 
@@ -132,20 +154,48 @@ class ClusterNode:
         """Read the ipcache and the policies once, synchronously, and hand them to the handler
         as the watches would: the agent enforces them before its first reconcile. The watches
         (`start`) then begin with a re-list that finds nothing new."""
+        # the namespaces' labels were read before the endpoints' identities (read_namespaces)
+        prefixes = [p for p in _CACHED if p != NAMESPACES_PREFIX or not self._namespaces_read]
         try:
-            snapshots = {p: self.store.snapshot(p) for p in _CACHED}
+            snapshots = {p: self.store.snapshot(p) for p in prefixes}
         except KVStoreError as exc:
             cached = self._load_cache()
             if cached is None:
                 raise
             log.warning("cluster: %s; starting from the copy saved at %s", exc, self._cache_path)
             self.primed_from_cache = True
-            snapshots = {p: (cached.get(p, {}), 0) for p in _CACHED}
-        for prefix in _CACHED:
+            snapshots = {p: (cached.get(p, {}), 0) for p in prefixes}
+        for prefix in prefixes:
             items, revision = snapshots[prefix]
             reason = "cache" if self.primed_from_cache else "prime"
             self._on_event(prefix)(Relisted(items=items, revision=revision, reason=reason))
         self.save_cache()
+
+    def read_namespaces(self) -> dict[str, dict[str, str]] | None:
+        """The cluster's namespace labels (namespace → labels, the name label left out),
+        read once at the agent's start, before its endpoints get their identities: from etcd,
+        else from the saved copy; None when neither has them (the node keeps its own). The
+        view is set without a call to the handler; the watch then begins from it."""
+        try:
+            items, revision = self.store.snapshot(NAMESPACES_PREFIX)
+        except KVStoreError as exc:
+            cached = self._load_cache()
+            if cached is None or NAMESPACES_PREFIX not in cached:
+                log.warning("cluster: namespace labels not read (%s): keeping this node's", exc)
+                return None
+            self.primed_from_cache = True
+            items, revision = cached[NAMESPACES_PREFIX], 0
+        out = {}
+        for key, raw in items.items():
+            try:
+                out[parse_namespace_key(key)] = decode_namespace_labels(key, raw)
+            except ClusterRecordError as exc:
+                self._record_error(str(exc))
+        with self._lock:
+            self._views[NAMESPACES_PREFIX] = dict(items)
+            self.revisions[NAMESPACES_PREFIX] = revision
+        self._namespaces_read = True
+        return out
 
     def has_cache(self) -> bool:
         return self._cache_path is not None and self._cache_path.is_file()
@@ -222,6 +272,52 @@ class ClusterNode:
     def delete_policy(self, key: PolicyKey) -> None:
         self.store.delete(policy_key(key))
 
+    def label_namespace(
+        self, namespace: str, changes: Sequence[str]
+    ) -> tuple[dict[str, str], bytes | None, bytes | None]:
+        """Apply `k=v` / `k-` changes to the namespace's labels in etcd, for the whole cluster
+        (no lease), over the labels etcd holds (a compare-and-swap: a change another node makes
+        at the same moment is never lost). Returns the labels after (the name label left out),
+        the record replaced and the record written (None: no key).
+        Raises `NamespaceError` for a bad change (before etcd is asked) and `KVStoreError` when
+        etcd is away: nothing is changed on any node."""
+        key = namespace_key(namespace)
+        parse_changes(changes)
+        try:
+            for _ in range(_LABEL_ATTEMPTS):
+                raw = self.store.get(key)
+                current: dict[str, str] = {}
+                if raw is not None:
+                    try:
+                        current = decode_namespace_labels(key, raw)
+                    except ClusterRecordError as exc:  # replaced by the labels asked for
+                        log.warning("cluster: %s; overwritten", exc)
+                after = relabelled(namespace, current, changes)
+                written = encode_namespace_labels(after) if after else None
+                if raw == written:  # nothing to change
+                    return after, raw, raw
+                if written is None:
+                    assert raw is not None
+                    done = self.store.compare_and_delete(key, raw)
+                else:
+                    done = self.store.compare_and_swap(key, raw, written)
+                if done:
+                    return after, raw, written
+        except KVStoreUnavailableError as exc:
+            raise KVStoreUnavailableError(
+                f"namespace {namespace} not labelled on any node (a cluster's namespace labels"
+                f" live in etcd): {exc}"
+            ) from None
+        raise KVStoreError(
+            f"namespace {namespace}: its labels changed on other nodes {_LABEL_ATTEMPTS} times"
+            " while this change was made; nothing changed here, run the command again"
+        )
+
+    def namespace_value(self, namespace: str) -> bytes | None:
+        """The namespace's record as this node's watch last saw it."""
+        with self._lock:
+            return self._views[NAMESPACES_PREFIX].get(namespace_key(namespace))
+
     # Following -----------------------------------------------------------------------------
 
     def _on_event(self, prefix: str) -> Callable[[WatchEvent], None]:
@@ -238,13 +334,16 @@ class ClusterNode:
             try:
                 self._dispatch(prefix, upserts, gone)
             except (ClusterRecordError, KVStoreError) as exc:
-                log.error("cluster: %s", exc)
-                self.errors = [*self.errors[-9:], str(exc)]
+                self._record_error(str(exc))
             except Exception as exc:  # a bug must not stop the watch: logged and shown
                 log.exception("cluster: applying %s failed", prefix)
                 self.errors = [*self.errors[-9:], f"applying {prefix}: {exc!r}"]
 
         return handle
+
+    def _record_error(self, error: str) -> None:
+        log.error("cluster: %s", error)
+        self.errors = [*self.errors[-9:], error]
 
     def _dispatch(self, prefix: str, upserts: Mapping[str, bytes], gone: list[str]) -> None:
         if prefix == IP_PREFIX:
@@ -266,6 +365,22 @@ class ClusterNode:
                 parse_policy_key(key): StoredPolicy.decode(key, raw) for key, raw in upserts.items()
             }
             self._handler.policies_changed(policies, [parse_policy_key(key) for key in gone])
+        elif prefix == NAMESPACES_PREFIX:
+            # one bad record is refused alone (its namespace keeps the labels it had here)
+            labelled: dict[str, dict[str, str]] = {}
+            for key, raw in upserts.items():
+                try:
+                    labelled[parse_namespace_key(key)] = decode_namespace_labels(key, raw)
+                except ClusterRecordError as exc:
+                    self._record_error(str(exc))
+            unlabelled = []
+            for key in gone:
+                try:
+                    unlabelled.append(parse_namespace_key(key))
+                except ClusterRecordError as exc:
+                    self._record_error(str(exc))
+            if labelled or unlabelled:
+                self._handler.namespaces_changed(labelled, unlabelled)
 
     # Views ---------------------------------------------------------------------------------
 
