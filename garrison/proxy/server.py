@@ -333,6 +333,7 @@ _RELEASE = ReleaseUpstream
 _OPEN = OpenUpstream
 _NEVER = float("inf")
 _MAX_LOCAL_ADDRESSES = 4096
+_SOON_SLACK = 0.002  # seconds a wakeup of the shared short timer may come early
 _CLIENT = Side.CLIENT
 _UPSTREAM = Side.UPSTREAM
 
@@ -1049,15 +1050,16 @@ class ProxyServer:
         self._soon_due = _NEVER
         now = time.monotonic()
         soon = self._soon
-        # The loop's timers run to the millisecond: one up to 1 ms early counts as on time.
-        while soon and soon[0][0] <= now + 0.001:
+        # The loop's timers run to the millisecond: what is due within `_SOON_SLACK` is woken
+        # now (a timer asked for that little would come back before it is due, again and again).
+        while soon and soon[0][0] <= now + _SOON_SLACK:
             at, _, conn = heapq.heappop(soon)
             if conn.wake_at <= at:  # still the time asked for (not delivered or replaced)
                 conn.wakeup(max(now, at))
         if soon:
             self._soon_due = soon[0][0]
             self._soon_timer = asyncio.get_running_loop().call_later(
-                max(0.0, self._soon_due - now), self._wake_soon
+                max(_SOON_SLACK, self._soon_due - now), self._wake_soon
             )
 
     async def _sweep(self) -> None:
