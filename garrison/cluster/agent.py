@@ -185,18 +185,21 @@ class AgentCluster:
         """The cluster's namespace labels into this node's namespace store, at the agent's
         start before its endpoints get their identities: etcd's word wins over what the node
         held (a namespace labelled here before it joined the cluster loses its labels, said in
-        the log). Etcd away: the saved copy, else the node's own labels stay."""
-        cluster = self.node.read_namespaces()
+        the log). With etcd away the store stays as it is: it is the node's saved copy, which
+        every change reached as it arrived (so its endpoints keep their identities)."""
+        store = self._agent.namespaces
+        saved = store.all()
+        cluster = self.node.read_namespaces(saved)
         if cluster is None:
             return
-        store = self._agent.namespaces
-        for namespace, labels in store.all().items():
+        for namespace, labels in saved.items():
             if namespace not in cluster and set(labels) != {NAMESPACE_NAME_LABEL}:
                 log.warning(
-                    "cluster: namespace %s has labels on this node only, not in the cluster's"
-                    " (etcd): they are dropped; `garrison namespace label %s KEY=VALUE` sets"
-                    " them for every node",
+                    "cluster: namespace %s: its labels here (%s) are not in etcd (removed on"
+                    " another node, or set before this node joined the cluster): dropped;"
+                    " `garrison namespace label %s KEY=VALUE` sets labels for every node",
                     namespace,
+                    ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
                     namespace,
                 )
                 store.store(namespace, {})

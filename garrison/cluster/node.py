@@ -49,13 +49,16 @@ from garrison.kvstore.base import (
     WatchEvent,
 )
 from garrison.kvstore.etcd import EtcdKVStore, EtcdSession, EtcdWatch
+from garrison.policies.labels import NAMESPACE_NAME_LABEL
 from garrison.policies.repository import PolicyKey
 
 log = logging.getLogger("garrison.cluster")
 
 DEFAULT_HEARTBEAT_S = 5.0
 # What a node keeps on disk (nodes first: routes before the endpoints behind them).
-_CACHED = (NODES_PREFIX, NAMESPACES_PREFIX, POLICIES_PREFIX, IP_PREFIX)
+# (Namespace labels are not in it: the agent's namespace store, written as each change
+# arrives, is the fresher copy; `read_namespaces`.)
+_CACHED = (NODES_PREFIX, POLICIES_PREFIX, IP_PREFIX)
 # Attempts of a namespace label change that meets another node's change in between.
 _LABEL_ATTEMPTS = 16
 
@@ -136,7 +139,6 @@ class ClusterNode:
         self._cache_path = cache_path
         self._cache_dirty = False
         self.primed_from_cache = False
-        self._namespaces_read = False
 
     # Publishing ----------------------------------------------------------------------------
 
@@ -154,37 +156,41 @@ class ClusterNode:
         """Read the ipcache and the policies once, synchronously, and hand them to the handler
         as the watches would: the agent enforces them before its first reconcile. The watches
         (`start`) then begin with a re-list that finds nothing new."""
-        # the namespaces' labels were read before the endpoints' identities (read_namespaces)
-        prefixes = [p for p in _CACHED if p != NAMESPACES_PREFIX or not self._namespaces_read]
         try:
-            snapshots = {p: self.store.snapshot(p) for p in prefixes}
+            snapshots = {p: self.store.snapshot(p) for p in _CACHED}
         except KVStoreError as exc:
             cached = self._load_cache()
             if cached is None:
                 raise
             log.warning("cluster: %s; starting from the copy saved at %s", exc, self._cache_path)
             self.primed_from_cache = True
-            snapshots = {p: (cached.get(p, {}), 0) for p in prefixes}
-        for prefix in prefixes:
+            snapshots = {p: (cached.get(p, {}), 0) for p in _CACHED}
+        for prefix in _CACHED:
             items, revision = snapshots[prefix]
             reason = "cache" if self.primed_from_cache else "prime"
             self._on_event(prefix)(Relisted(items=items, revision=revision, reason=reason))
         self.save_cache()
 
-    def read_namespaces(self) -> dict[str, dict[str, str]] | None:
-        """The cluster's namespace labels (namespace → labels, the name label left out),
-        read once at the agent's start, before its endpoints get their identities: from etcd,
-        else from the saved copy; None when neither has them (the node keeps its own). The
-        view is set without a call to the handler; the watch then begins from it."""
+    def read_namespaces(
+        self, saved: Mapping[str, Mapping[str, str]]
+    ) -> dict[str, dict[str, str]] | None:
+        """The cluster's namespace labels (namespace → labels, the name label left out), read
+        once at the agent's start, before its endpoints get their identities. With etcd away,
+        None: the node goes on with `saved`, its own copy (the agent's namespace store, which
+        each change reached as it arrived). Either way the watch begins from what is returned
+        or saved, so it only brings what changed since; the handler is not called."""
         try:
             items, revision = self.store.snapshot(NAMESPACES_PREFIX)
         except KVStoreError as exc:
-            cached = self._load_cache()
-            if cached is None or NAMESPACES_PREFIX not in cached:
-                log.warning("cluster: namespace labels not read (%s): keeping this node's", exc)
-                return None
-            self.primed_from_cache = True
-            items, revision = cached[NAMESPACES_PREFIX], 0
+            log.warning("cluster: namespace labels not read (%s): this node's copy stays", exc)
+            items = {
+                namespace_key(ns): encode_namespace_labels(labels)
+                for ns, labels in saved.items()
+                if set(labels) - {NAMESPACE_NAME_LABEL}
+            }
+            with self._lock:
+                self._views[NAMESPACES_PREFIX] = items
+            return None
         out = {}
         for key, raw in items.items():
             try:
@@ -194,7 +200,6 @@ class ClusterNode:
         with self._lock:
             self._views[NAMESPACES_PREFIX] = dict(items)
             self.revisions[NAMESPACES_PREFIX] = revision
-        self._namespaces_read = True
         return out
 
     def has_cache(self) -> bool:
