@@ -254,9 +254,11 @@ def _first(
     hits = [(k, e) for k, e in cands if k.tier == tier]
     if not hits:
         return None
-    # at equal rank the kernel keeps its first probe: own identity, then own protocol
+    # at equal rank the kernel keeps its first probe (own identity, then own protocol) and a
+    # probe finds the longest prefix (a port segment before the any-port entry)
     return min(hits, key=lambda ke: (
-        ke[1].rank, ke[0].identity == ANY_IDENTITY, ke[0].protocol == ANY_PROTOCOL
+        ke[1].rank, ke[0].identity == ANY_IDENTITY, ke[0].protocol == ANY_PROTOCOL,
+        ke[0].port == ANY_PORT,
     ))
 
 
