@@ -923,7 +923,10 @@ def tier_winner(cs: Iterable[Contribution]) -> MapStateEntry:
     every rule at that rank."""
     best = min(MapStateEntry(c.action is TierAction.DENY, None, (), c.action, c.order).rank
                for c in cs)
-    refs = _refs(c for c in cs if (c.order, ACTION_RANK[c.action or TierAction.ACCEPT]) == best)
+    refs = tuple(sorted(
+        _refs(c for c in cs if (c.order, ACTION_RANK[c.action or TierAction.ACCEPT]) == best),
+        key=_ref_order,
+    ))
     action = next(a for a, r in ACTION_RANK.items() if r == best[1])
     return MapStateEntry(action is TierAction.DENY, None, refs, action, best[0])
 
@@ -971,7 +974,7 @@ def _refs_of(entries: Iterable[MapStateEntry]) -> tuple[RuleRef, ...]:
     for e in entries:
         for r in e.derived_from:
             seen[r] = None
-    return tuple(seen)
+    return tuple(sorted(seen, key=_ref_order))
 
 
 def _deny_only_identities(
