@@ -285,6 +285,9 @@ def _render_step(step: TraceStep) -> list[str]:
     if step.enforced:
         by = ", ".join(r.policy for r in step.enforced_by) or "enforcement mode 'always'"
         out.append(f"{head} default-deny (enforced by {by})")
+    elif step.lookup.passed or (step.lookup.entry and step.lookup.entry.action):
+        out.append(f"{head} not enforced by the NetworkPolicy tier (none of its rules selects "
+                   f"it with an {step.direction.value} section)")
     else:
         out.append(f"{head} not enforced (no rule selects it with an {step.direction.value} "
                    "section)")
