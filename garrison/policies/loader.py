@@ -1,5 +1,6 @@
-"""Read policy files (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy) into
-the validated model, reporting every problem as `PATH:LINE: field.path: reason`.
+"""Read policy files (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy,
+ClusterNetworkPolicy) into the validated model, reporting every problem as
+`PATH:LINE: field.path: reason`.
 
 The YAML is composed, not constructed, so every value keeps its line; the model is built from
 those nodes. All problems of all files are collected and raised together as one
