@@ -79,6 +79,7 @@
 #define GAR_EP_INGRESS_ENFORCED 0x1
 #define GAR_EP_EGRESS_ENFORCED  0x2
 #define GAR_EP_AUDIT            0x4
+#define GAR_EP_TIERS            0x8 /* has ClusterNetworkPolicy (Admin/Baseline) entries */
 
 struct gar_endpoint {
 	__u32 identity;

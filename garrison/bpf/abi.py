@@ -171,6 +171,7 @@ class EndpointFlags(IntFlag):
     INGRESS_ENFORCED = 0x1
     EGRESS_ENFORCED = 0x2
     AUDIT = 0x4
+    TIERS = 0x8  # has ClusterNetworkPolicy (Admin / Baseline) entries: look them up
 
 
 class IPCacheFlags(IntFlag):

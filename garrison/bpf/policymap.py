@@ -172,6 +172,7 @@ def lookup_entries(
     protocol: int,
     port: int,
     enforced: bool,
+    tiers: bool = True,
 ) -> KernelVerdict:
     """lib/policy.h's lookup over kernel entries, step for step (its numbered comment):
     1. Admin tier: the four LPM lookups below in the Admin entries; the lowest `tier_rank`
@@ -180,7 +181,8 @@ def lookup_entries(
     3. allow: the same four, the most precedent hit (`specificity`) decides;
     4. nothing: drop POLICY_DENIED if enforced;
     5. Baseline tier as step 1 (Pass or no hit -> step 6);
-    6. allow."""
+    6. allow.
+    `tiers`: the endpoint's TIERS flag; without it steps 1 and 5 are skipped."""
     if remote_identity == ANY_IDENTITY:
         remote_identity = 2  # the world: what the datapath uses for an unknown address
     probes = (
@@ -203,7 +205,7 @@ def lookup_entries(
             return KernelVerdict(True, match)
         return KernelVerdict(False, match, DropReason.POLICY_DENY)
 
-    admin = tier_first(1)
+    admin = tier_first(1) if tiers else None
     if admin is not None:
         return admin
     for deny in (True, False):
@@ -221,7 +223,7 @@ def lookup_entries(
         return KernelVerdict(True, match, None, value.redirect, value.proxy_port)
     if enforced:
         return KernelVerdict(False, MatchType.NONE, DropReason.POLICY_DENIED)
-    baseline = tier_first(2)
+    baseline = tier_first(2) if tiers else None
     if baseline is not None:
         return baseline
     return KernelVerdict(True, MatchType.NONE)
@@ -297,6 +299,8 @@ def endpoint_flags(state: MapState) -> EndpointFlags:
         flags |= EndpointFlags.EGRESS_ENFORCED
     if state.audit:
         flags |= EndpointFlags.AUDIT
+    if state.tiers:
+        flags |= EndpointFlags.TIERS
     return flags
 
 

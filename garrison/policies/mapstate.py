@@ -142,6 +142,8 @@ class MapState:
     entries: Mapping[MapStateKey, MapStateEntry] = field(default_factory=dict)
     l7: Mapping[MapStateKey, L7RuleSet] = field(default_factory=dict)
     audit: bool = False
+    # some entry is of the Admin or Baseline tier (the datapath looks tiers up only then)
+    tiers: bool = False
 
     def enforced(self, direction: Direction) -> bool:
         return self.ingress_enforced if direction is Direction.INGRESS else self.egress_enforced

@@ -848,7 +848,8 @@ class PolicyResolver:
             ingress = egress = True
         ep.merge()
         return MapState(
-            ep.identity, ingress, egress, dict(ep.entries), dict(ep.l7), self.config.audit
+            ep.identity, ingress, egress, dict(ep.entries), dict(ep.l7), self.config.audit,
+            bool(ep.tier_out),
         )
 
 

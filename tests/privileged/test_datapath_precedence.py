@@ -505,3 +505,51 @@ def test_kernel_verdict_equals_model(dp: Datapath, case: Case) -> None:
 def test_table_is_large_enough() -> None:
     assert len(CASES) >= 30
     assert {c.scenario for c in CASES} == set(SCENARIOS)
+
+
+def test_tiers_arrive_and_leave_incrementally(dp: Datapath) -> None:
+    """An Admin Deny added to a running datapath (resolver update -> PolicySync.apply_updates,
+    as the agent does) sets the endpoint's TIERS flag and drops what the NetworkPolicy tier
+    allows; removing it clears the flag and the connection passes again."""
+    allow = HEAD.format(name="np") + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+"""
+    deny = policies("""
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: admin-deny}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {pods: {podSelector: {matchLabels: {app: me}}}}
+  ingress:
+  - action: Deny
+    from: [{pods: {podSelector: {matchLabels: {app: peer-a}}}}]
+    protocols: [{tcp: {destinationPort: {range: {start: 80, end: 89}}}}]
+""")[0]
+    eps = [(ME[1], labels_of(ME[2])), (PEERS["a"][1], labels_of(PEERS["a"][2]))]
+    resolver = build_resolver(policies(allow), eps)
+    dp.maps.ipcache.upsert(f"{PEERS['a'][0]}/32", PEERS["a"][1])
+    local = [LocalEndpoint(LO, ME[1], IPv4Address(ME[0]))]
+    sync = PolicySync(dp.maps, PROXY_PORTS)
+    sync.reconcile(resolver, local)
+    sports = iter(range(40001, 40010))  # a new connection each time (no conntrack hit)
+
+    def verdict() -> tuple[bool, int]:
+        dp.maps.events.drain()
+        syn = frame(PEERS["a"][0], ME[0], PROTO_TCP, next(sports), 85)
+        result = dp.test_run("to_container", syn, SkbContext(ifindex=LO))
+        [event] = verdicts(dp.maps.events.drain())
+        flags = dp.maps.endpoints.get(LO)
+        assert flags is not None
+        return event.allowed, int(flags.flags & abi.EndpointFlags.TIERS) + (
+            0 if result.retval == TC_ACT_OK else 100
+        )
+
+    assert verdict() == (True, 0)
+    sync.apply_updates(resolver, resolver.add_policy(deny), local)
+    assert verdict() == (False, abi.EndpointFlags.TIERS + 100)
+    sync.apply_updates(resolver, resolver.remove_policy(deny), local)
+    assert verdict() == (True, 0)
+    assert not [k for k in dp.maps.policy.entries() if k.tier]

@@ -12,7 +12,8 @@
  * each with its action (GAR_POLICY_ACCEPT / DENY / PASS) and order (priority, then place in
  * its policy; in `proxy_port`). The resolver made the port ranges of each (tier, remote,
  * protocol) disjoint apart from the any-port entry and put the first rule over both into
- * each, so one LPM lookup per pair yields the first rule there.
+ * each, so one LPM lookup per pair yields the first rule there. An endpoint without tier
+ * entries (no GAR_EP_TIERS) skips steps 0 and 4.
  *
  * Lookup order:
  *   0. Admin tier: the four LPM lookups of step 1 in the Admin entries; the lowest rank
@@ -186,7 +187,8 @@ static __always_inline int gar_policy_tier(struct gar_policy_key *key, __u8 tier
 
 static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_identity,
 							    __u8 direction, __u32 remote,
-							    __u8 proto, __u16 port, int enforced)
+							    __u8 proto, __u16 port, int enforced,
+							    int tiers)
 {
 	struct gar_verdict verdict = {};
 	struct gar_policy_best best = {};
@@ -201,8 +203,8 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 	if (remote == GAR_IDENTITY_ANY) /* never an ipcache answer; keep the classes apart */
 		remote = GAR_IDENTITY_WORLD;
 
-	/* 0. Admin tier */
-	if (gar_policy_tier(&key, GAR_POLICY_TIER_ADMIN, remote, proto, &verdict))
+	/* 0. Admin tier (`tiers`: GAR_EP_TIERS, the endpoint has tier entries; else skipped) */
+	if (tiers && gar_policy_tier(&key, GAR_POLICY_TIER_ADMIN, remote, proto, &verdict))
 		return verdict;
 	key.deny = 1;
 	/* 1. any deny */
@@ -231,7 +233,7 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 		return verdict;
 	}
 	/* 4. Baseline tier */
-	if (gar_policy_tier(&key, GAR_POLICY_TIER_BASELINE, remote, proto, &verdict))
+	if (tiers && gar_policy_tier(&key, GAR_POLICY_TIER_BASELINE, remote, proto, &verdict))
 		return verdict;
 	/* 5. nothing decided */
 	verdict.allowed = 1;

@@ -275,12 +275,15 @@ def test_kernel_entries_decide_as_the_model(sets: tuple[tuple[Policy, ...], ...]
         state = r.map_state(ep)
         whole = state_entries(state, {})
         assert desired.entries(ep) == whole
+        # the endpoint flag that makes the kernel look the tiers up
+        assert state.tiers == any(k.tier for k in state.entries)
+        assert inc.map_state(ep).tiers == state.tiers
         for direction in Direction:
             for remote, _ in ENDPOINTS:
                 for proto, port in QUERIES:
                     m = lookup(state, direction, remote, proto, port)
                     k = lookup_entries(whole, ep, direction, remote, proto, port,
-                                       state.enforced(direction))
+                                       state.enforced(direction), state.tiers)
                     assert (k.allowed, k.match_type, k.drop_reason) == (
                         m.allowed, m.match_type, m.drop_reason
                     )
