@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup setup-runtime demo demo-containers test test-unit lint bench clean install uninstall
+.PHONY: setup setup-runtime demo demo-containers demo-cluster test test-unit lint bench clean install uninstall
 
 setup:
 	./scripts/setup.sh
@@ -26,6 +26,11 @@ uninstall:
 # The Star Wars scenario with podman containers on a garrison-chained CNI network.
 demo-containers: setup
 	./scripts/demo-containers.sh
+
+# The Star Wars scenario on three nodes sharing etcd (network namespaces, docs/cluster.md#demo);
+# setup installs etcd (Debian's etcd-server).
+demo-cluster: setup
+	./scripts/demo-cluster.sh
 
 # The whole suite: lint, then unit, privileged (root + kernel) and end-to-end tests, all on
 # the mypyc-compiled modules users run; then the unit tests again on the pure-Python source,

@@ -2,6 +2,10 @@
 
 `EtcdServer.restart()` keeps the data directory and ports, as an etcd restart in production
 does, so clients can be tested for resuming where they were.
+
+`EtcdServer(tls=make_pki(dir))` serves clients over TLS (`https://` URL) with the test PKI's
+server certificate, and with `client_cert_auth` (the default) wants a client certificate
+issued by the PKI's CA, as a production etcd with `--client-cert-auth` does.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -32,6 +37,59 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True, slots=True)
+class EtcdPKI:
+    """PEM files made by `make_pki`: a CA, a server certificate for 127.0.0.1 and a client
+    certificate it issued, and a second CA that issued nothing of these (a wrong CA)."""
+
+    directory: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    other_key: Path
+
+
+def _openssl(*args: str) -> None:
+    done = subprocess.run(["openssl", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args)} failed: {done.stderr.strip()}")
+
+
+def _make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return cert, key
+
+
+def _issue(directory: Path, name: str, ca: tuple[Path, Path], extensions: str) -> tuple[Path, Path]:
+    cert, key, csr = (directory / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
+    ext_file = directory / f"{name}.ext"
+    ext_file.write_text(extensions)
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext_file))
+    return cert, key
+
+
+def make_pki(directory: Path, *, server_ips: tuple[str, ...] = ("127.0.0.1",)) -> EtcdPKI:
+    """A fresh CA in `directory` (which the caller made and removes), a server certificate
+    for `server_ips` (IP SANs) and a client certificate, with the `openssl` CLI."""
+    ca = _make_ca(directory, "ca")
+    sans = ",".join(f"IP:{ip}" for ip in server_ips)
+    server = _issue(directory, "server", ca, f"subjectAltName={sans}\n"
+                    "extendedKeyUsage=serverAuth,clientAuth\n")
+    client = _issue(directory, "client", ca, "extendedKeyUsage=clientAuth\n")
+    other = _make_ca(directory, "other-ca")
+    return EtcdPKI(directory, ca[0], *server, *client, *other)
+
+
 class EtcdServer:
     """One etcd member on 127.0.0.1; `url` is its client URL."""
 
@@ -42,16 +100,23 @@ class EtcdServer:
         extra_args: tuple[str, ...] = (),
         netns: str | None = None,
         host: str = "127.0.0.1",
+        tls: EtcdPKI | None = None,
+        client_cert_auth: bool = True,
+        client_port: int | None = None,
     ) -> None:
         """With `netns`, etcd runs in that network namespace (ours, made by the test) on
-        `host`, ports 2379/2380 (the namespace is private: nothing else listens there)."""
+        `host`, ports 2379/2380 (the namespace is private: nothing else listens there).
+        With `tls`, clients speak TLS to it (and, with `client_cert_auth`, must show a
+        certificate of the PKI's CA); peers stay plaintext on loopback."""
         self.name = name
         self.netns = netns
         self.host = host
         self.data_dir = Path(tempfile.mkdtemp(prefix="ge-etcd-"))
-        self.client_port = 2379 if netns else _free_port()
+        self.client_port = client_port or (2379 if netns else _free_port())
         self.peer_port = 2380 if netns else _free_port()
-        self.url = f"http://{host}:{self.client_port}"
+        self.tls = tls
+        self.client_cert_auth = client_cert_auth
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.client_port}"
         self.peer_url = f"http://127.0.0.1:{self.peer_port}"
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
@@ -78,6 +143,7 @@ class EtcdServer:
                 self.peer_url,
                 "--initial-cluster",
                 f"{self.name}={self.peer_url}",
+                *self._tls_args(),
                 *self.extra_args,
             ],
             stdout=log,
@@ -101,6 +167,20 @@ class EtcdServer:
             time.sleep(0.05)
         raise RuntimeError(f"etcd did not become healthy in {timeout_s} s: {self.tail()}")
 
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        args = ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key)]
+        if self.client_cert_auth:
+            args += ["--client-cert-auth", "--trusted-ca-file", str(self.tls.ca)]
+        return args
+
+    def _etcdctl_tls(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return ["--cacert", str(self.tls.ca), "--cert", str(self.tls.client_cert),
+                "--key", str(self.tls.client_key)]
+
     def _healthy(self) -> bool:
         etcdctl = shutil.which("etcdctl")
         if etcdctl is None:
@@ -112,6 +192,7 @@ class EtcdServer:
                 "--endpoints",
                 self.url,
                 "--command-timeout=1s",
+                *self._etcdctl_tls(),
                 "endpoint",
                 "health",
             ],

@@ -50,6 +50,11 @@ class AgentConfig:
     # alone, identities in the state directory.
     kvstore: str = "sqlite"
     kvstore_endpoints: tuple[str, ...] = ()
+    # TLS to etcd (`https://` endpoints): CA bundle (None: the system's roots), client
+    # certificate and key (None: none shown). garrison/kvstore/etcd.py `EtcdTLS`.
+    kvstore_ca: Path | None = None
+    kvstore_cert: Path | None = None
+    kvstore_key: Path | None = None
     # The cluster's view of this node: its endpoints' addresses come from `pod_cidr`, which the
     # other nodes route through `node_ip` (None: the address this node uses towards etcd).
     pod_cidr: ipaddress.IPv4Network | None = None

@@ -173,7 +173,7 @@ class Agent:
             for ep in self.endpoints:
                 link = self._links[ep.name]
                 self.datapath.write_endpoint(
-                    link, ep.identity, ep.ipv4, self.resolver, ep.audit
+                    link, ep.identity, ep.ipv4, self.resolver, ep.audit, ep.deny_response
                 )
                 try:
                     self.datapath.attach(link)
@@ -298,7 +298,8 @@ class Agent:
                 # its programs: it is enforced from its first packet
                 self._sync(changed | {ident.id})
                 self.datapath.write_endpoint(
-                    link, ident.id, record.ipv4, self.resolver, record.audit
+                    link, ident.id, record.ipv4, self.resolver, record.audit,
+                    record.deny_response,
                 )
                 try:
                     made_clsact = self.datapath.attach(link)
@@ -325,17 +326,25 @@ class Agent:
             self._remove_endpoint(record)
             return record
 
-    def configure_endpoint(self, name: str, audit: bool) -> EndpointRecord:
-        """`endpoint config NAME audit=true|false`: the endpoint's own audit mode (Cilium's
-        PolicyAuditMode), one map write; kept across restarts in the registry."""
+    def configure_endpoint(
+        self, name: str, audit: bool | None = None, deny_response: str | None = None
+    ) -> EndpointRecord:
+        """`endpoint config NAME audit=true|false deny-response=drop|icmp|tcp-reset`: the
+        endpoint's own audit mode (Cilium's PolicyAuditMode) and what its denied connections
+        get back (garrison.bpf.abi.DENY_RESPONSES); None leaves a setting as it is. One map
+        write; kept across restarts in the registry."""
         with self.lock:
             record = self.endpoints.get(name)
-            new = replace(record, audit=audit)
+            new = replace(
+                record,
+                audit=record.audit if audit is None else audit,
+                deny_response=record.deny_response if deny_response is None else deny_response,
+            )
             self.endpoints.update(new)
             link = self._links.get(name)
             if link is not None and new.identity:
                 self.datapath.write_endpoint(
-                    link, new.identity, new.ipv4, self.resolver, new.audit
+                    link, new.identity, new.ipv4, self.resolver, new.audit, new.deny_response
                 )
             return new
 
@@ -357,7 +366,8 @@ class Agent:
             changed |= self.resolver.add_identity(ident.id, ident.labels)
             self._sync(changed | {ident.id})
             self.datapath.write_endpoint(
-                self._links[name], ident.id, new.ipv4, self.resolver, new.audit
+                self._links[name], ident.id, new.ipv4, self.resolver, new.audit,
+                new.deny_response,
             )
             if ident.id != record.identity:
                 self._release_identity(record)
@@ -389,7 +399,8 @@ class Agent:
     def _local_endpoints(self) -> list[LocalEndpoint]:
         return [
             LocalEndpoint(
-                self._links[ep.name].ifindex, ep.identity, IPv4Address(ep.ipv4), ep.audit
+                self._links[ep.name].ifindex, ep.identity, IPv4Address(ep.ipv4), ep.audit,
+                ep.deny_response,
             )
             for ep in self.endpoints
             if ep.name in self._links and ep.identity
@@ -638,8 +649,14 @@ class Agent:
                 audit = side_audit(decisive)
             return Admission(
                 src_id, src_labels, src.namespace if src else None, allowed, result, ruleset,
-                audit, src.name if src else None,
+                audit, src.name if src else self._remote_name(src_ip),
             )
+
+    def _remote_name(self, ip: str) -> str | None:
+        """Another node's endpoint's name, for the proxy's records (None: not one)."""
+        if self.cluster is None:
+            return None
+        return self.cluster.remote_endpoint_name(ip) or None
 
     def identity_of_ip(self, ip: str) -> int:
         """The identity of a non-endpoint address: another node's endpoint's (cluster), else

@@ -58,6 +58,9 @@ class EndpointRecord:
     # `garrison endpoint config NAME audit=true` (Cilium's PolicyAuditMode): its policy
     # verdicts are computed and recorded, what they would drop passes as AUDIT
     audit: bool = False
+    # `garrison endpoint config NAME deny-response=drop|icmp|tcp-reset`: what a connection
+    # its L3/L4 policy denies gets back (garrison.bpf.abi.DENY_RESPONSES)
+    deny_response: str = "drop"
 
     @property
     def adopted(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from garrison.bpf.abi import DropReason, EventType
+from garrison.bpf.abi import DropReason, EventFlags, EventType
 from garrison.bpf.maps import DatapathEvent
 from garrison.flows.build import l3_l4_drop, l3_l4_verdict
 from garrison.flows.record import (
@@ -61,14 +61,30 @@ _PROTOCOLS = {
 def _endpoint(agent: Agent, identity: int, ip: str, port: int) -> Endpoint:
     ep = agent.endpoints.by_ip(ip)
     labels = agent.resolver.cache.labels_of(identity) or Labels()
+    if ep is not None:
+        name = ep.name
+    elif agent.cluster is not None:  # another node's endpoint: its name came through etcd
+        name = agent.cluster.remote_endpoint_name(ip)
+    else:
+        name = ""
     return Endpoint.of(
         identity,
         labels,
         namespace=ep.namespace if ep else None,
-        pod_name=ep.name if ep else "",
+        pod_name=name,
         ip=ip,
         port=port,
     )
+
+
+def deny_response_of(event: DatapathEvent) -> str:
+    """The answer a dropped packet got (`endpoint config NAME deny-response=...`), by the
+    setting's name; "" for a silent drop."""
+    if event.flags & EventFlags.DENY_RESPONSE_TCP_RESET:
+        return "tcp-reset"
+    if event.flags & EventFlags.DENY_RESPONSE_ICMP:
+        return "icmp"
+    return ""
 
 
 def wall_ns(monotonic_ns: int) -> int:
@@ -101,6 +117,7 @@ def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
             protocol=proto,
             flags=flags,
             node_name=node,
+            deny_response=deny_response_of(event),
         )
     if event.allowed and not event.audit and event.match_type.model is ModelMatchType.NONE:
         return None  # an unenforced direction let it pass: no policy decided anything

@@ -11,6 +11,7 @@ from garrison.agent.daemon import Agent
 from garrison.agent.endpoints import EndpointError, EndpointRecord
 from garrison.agent.policystore import PolicyStoreError
 from garrison.agent.runtime import RuntimeEndpoints
+from garrison.bpf.abi import DENY_RESPONSES
 from garrison.flows.query import FilterError, FlowQuery
 from garrison.flows.summary import rule_keys
 from garrison.identity.namespaces import NamespaceError, check_namespace
@@ -37,6 +38,7 @@ def endpoint_view(agent: Agent, ep: EndpointRecord) -> dict[str, Any]:
         "ingress_enforcement": bool(state and state.ingress_enforced),
         "egress_enforcement": bool(state and state.egress_enforced),
         "audit": bool(state and state.audit) or ep.audit,
+        "deny_response": ep.deny_response,
     }
 
 
@@ -128,15 +130,27 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
 
     def endpoint_config(req: dict[str, Any]) -> dict[str, Any]:
         settings = dict(req.get("settings") or {})
-        unknown = sorted(set(settings) - {"audit"})
+        unknown = sorted(set(settings) - {"audit", "deny-response"})
         if unknown:
-            raise APIError(f"unknown endpoint setting {unknown[0]!r}: the one there is: audit")
+            raise APIError(f"unknown endpoint setting {unknown[0]!r}: the ones there are: "
+                           "audit, deny-response")
         ep = agent.endpoints.get(str(req["name"]))
+        audit: bool | None = None
+        deny_response: str | None = None
         if "audit" in settings:
             value = str(settings["audit"]).lower()
             if value not in ("true", "false"):
                 raise APIError(f"audit={settings['audit']}: expected audit=true or audit=false")
-            ep = agent.configure_endpoint(ep.name, value == "true")
+            audit = value == "true"
+        if "deny-response" in settings:
+            deny_response = str(settings["deny-response"]).lower()
+            if deny_response not in DENY_RESPONSES:
+                raise APIError(
+                    f"deny-response={settings['deny-response']}: expected one of "
+                    + ", ".join(f"deny-response={v}" for v in DENY_RESPONSES)
+                )
+        if audit is not None or deny_response is not None:
+            ep = agent.configure_endpoint(ep.name, audit, deny_response)
         return endpoint_view(agent, ep)
 
     def endpoint_labels(req: dict[str, Any]) -> dict[str, Any]:

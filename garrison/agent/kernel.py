@@ -18,7 +18,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from garrison.bpf.abi import CTFlags, EndpointFlags, ObservationPoint
+from garrison.bpf.abi import CTFlags, EndpointFlags, ObservationPoint, deny_response_flags
 from garrison.bpf.loader import Datapath, DatapathConfig
 from garrison.bpf.maps import (
     ConntrackEntry,
@@ -115,10 +115,11 @@ class KernelDatapath:
 
     def write_endpoint(
         self, link: Link, identity: int, ipv4: str, resolver: PolicyResolver,
-        audit: bool = False,
+        audit: bool = False, deny_response: str = "drop",
     ) -> None:
-        """`audit`: the endpoint's own audit mode, beside what its MapState implies."""
-        flags = endpoint_flags(resolver.map_state(identity))
+        """`audit`: the endpoint's own audit mode, beside what its MapState implies;
+        `deny_response`: what its denied connections get back (abi.DENY_RESPONSES)."""
+        flags = endpoint_flags(resolver.map_state(identity)) | deny_response_flags(deny_response)
         if audit:
             flags |= EndpointFlags.AUDIT
         config = EndpointConfig(identity, IPv4Address(ipv4), flags)

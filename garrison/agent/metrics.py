@@ -19,6 +19,10 @@ Datapath:
   through, by the hook that saw them: EGRESS leaving an endpoint, INGRESS entering one.
 - `garrison_datapath_events_lost_total{direction}`: events the ring buffer had no room for
   (kernel counter). Drops and verdicts among them are missing from the counters above.
+- `garrison_deny_response_total{outcome}`: answers (ICMP unreachable or TCP RST)
+  to connections denied at L3/L4 on endpoints with `endpoint config NAME deny-response=...`,
+  from the kernel's counters: outcome `sent`, or `limited` (over the datapath's rate limit:
+  dropped silently instead).
 - `garrison_bpf_map_pressure{map_name}` gauge: entries / max entries of each hash and trie
   map (gar_ipcache, gar_policy, gar_endpoints, gar_ct); at 1.0 new entries fail.
 
@@ -67,6 +71,8 @@ Family = CounterMetricFamily | GaugeMetricFamily
 # from_container sees what the endpoint sends, to_container what it receives
 DIRECTIONS = {ObservationPoint.FROM_CONTAINER: "EGRESS", ObservationPoint.TO_CONTAINER: "INGRESS"}
 INIT_IDENTITY = RESERVED["init"].id
+ANSWER_OUTCOMES: dict[int, str] = {CounterCode.DENY_RESPONSE_SENT: "sent",
+                                   CounterCode.DENY_RESPONSE_LIMITED: "limited"}
 
 
 def drop_reason_name(code: int) -> str:
@@ -156,6 +162,10 @@ class AgentMetrics(Collector):
             "lost": CounterMetricFamily(f"{p}_datapath_events_lost",
                                         "Datapath events the ring buffer had no room for",
                                         labels=["direction"]),
+            "answers": CounterMetricFamily(f"{p}_deny_response",
+                                           "Answers to connections denied at L3/L4 "
+                                           "(endpoint config deny-response)",
+                                           labels=["outcome"]),
             "pressure": GaugeMetricFamily(f"{p}_bpf_map_pressure",
                                           "Fill of a BPF map: entries / max entries",
                                           labels=["map_name"]),
@@ -183,6 +193,8 @@ class AgentMetrics(Collector):
         except Exception as exc:  # not loaded yet, or stopping: leave the datapath part out
             log.debug("metrics: datapath not readable: %s", exc)
             return
+        # counted by the hook that answered (either side's); users ask how many, not where
+        answers = dict.fromkeys(ANSWER_OUTCOMES.values(), 0)
         for (obs, code), value in sorted(counters.items()):
             direction = DIRECTIONS[obs]
             if code == CounterCode.FORWARDED:
@@ -190,6 +202,10 @@ class AgentMetrics(Collector):
                 families["forward_bytes"].add_metric([direction], value.bytes)
             elif code == CounterCode.EVENTS_LOST:
                 families["lost"].add_metric([direction], value.packets)
+            elif code in ANSWER_OUTCOMES:
+                answers[ANSWER_OUTCOMES[code]] += value.packets
+        for outcome, packets in answers.items():
+            families["answers"].add_metric([outcome], packets)
         for name, (entries, size) in sorted(usage.items()):
             families["pressure"].add_metric([name], entries / size if size else 0.0)
 

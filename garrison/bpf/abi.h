@@ -33,10 +33,16 @@
  *   honoured at from_container: packets from an endpoint have crossed a network namespace and
  *   the kernel has cleared their mark, so an endpoint cannot forge it. Its value must not
  *   match GAR_MARK_TO_PROXY under GAR_MARK_MASK (it would be routed to the local table).
+ * GAR_MARK_DENY_RESPONSE: set by to_container on the answer it made for a denied packet
+ *   (lib/deny_response.h) and redirected to the ingress of the same host veth, towards the
+ *   sender; from_container passes a packet carrying it without a lookup and clears it. Only
+ *   the host network namespace can set it (an endpoint's packets lose their mark crossing
+ *   the veth).
  */
 #define GAR_MARK_MASK            0x0f00
 #define GAR_MARK_TO_PROXY        0x0200
 #define GAR_MARK_PROXY_UPSTREAM  0x0b00
+#define GAR_MARK_DENY_RESPONSE   0x0c00
 #define GAR_PROXY_ROUTE_TABLE    2004
 #define GAR_PROXY_LISTEN_ADDR    0x7f000001 /* 127.0.0.1, host byte order */
 
@@ -79,7 +85,11 @@
 #define GAR_EP_INGRESS_ENFORCED 0x1
 #define GAR_EP_EGRESS_ENFORCED  0x2
 #define GAR_EP_AUDIT            0x4
-#define GAR_EP_TIERS            0x8 /* has ClusterNetworkPolicy (Admin/Baseline) entries */
+/* `endpoint config NAME deny-response=...`: what a packet its L3/L4 policy denies gets back
+ * (lib/deny_response.h); neither = none, a silent drop. At most one is set. */
+#define GAR_EP_DENY_RESPONSE_ICMP      0x8  /* ICMP destination unreachable, code 13 */
+#define GAR_EP_DENY_RESPONSE_TCP_RESET 0x10 /* TCP: RST; anything else: as ICMP */
+#define GAR_EP_TIERS                   0x20 /* has ClusterNetworkPolicy (Admin/Baseline) entries */
 
 struct gar_endpoint {
 	__u32 identity;
@@ -198,6 +208,8 @@ struct gar_ct_entry {
 #define GAR_COUNT_REDIRECTED  1 /* assigned to a proxy socket */
 #define GAR_COUNT_AUDITED     2 /* would have been dropped; passed because of audit mode */
 #define GAR_COUNT_EVENTS_LOST 3 /* ring buffer full */
+#define GAR_COUNT_DENY_RESPONSE_SENT    4 /* a denied packet answered (ICMP or TCP RST) */
+#define GAR_COUNT_DENY_RESPONSE_LIMITED 5 /* an answer withheld by the rate limit */
 #define GAR_COUNTER_INDEX(obs, code) (((((obs) - 1) & 0x1) << 8) | ((code) & 0xff))
 #define GAR_COUNTERS_MAX 512
 
@@ -213,6 +225,15 @@ struct gar_counter {
 #define GAR_EVENT_F_ALLOWED  0x01 /* verdict: the policy allows it */
 #define GAR_EVENT_F_AUDIT    0x02 /* audit mode: computed and logged, nothing dropped */
 #define GAR_EVENT_F_REDIRECT 0x04 /* steered to the proxy (proxy_port) */
+/* drops: the answer sent to the sender instead of silence (deny-response) */
+#define GAR_EVENT_F_DENY_RESPONSE_ICMP      0x08
+#define GAR_EVENT_F_DENY_RESPONSE_TCP_RESET 0x10
+
+/* ---- Answers for denied packets (lib/deny_response.h): a token bucket per CPU ------------
+ * one answer per GAR_DENY_RESPONSE_INTERVAL_NS (1000/s) per CPU, bursts of up to
+ * GAR_DENY_RESPONSE_BURST; beyond it the packet is dropped silently (counted LIMITED). */
+#define GAR_DENY_RESPONSE_INTERVAL_NS 1000000
+#define GAR_DENY_RESPONSE_BURST       50
 
 struct gar_event {
 	__u64 time_ns;       /* bpf_ktime_get_ns */

@@ -24,6 +24,9 @@ MARK_TO_PROXY = 0x0200
 MARK_PROXY_UPSTREAM = 0x0B00
 """The SO_MARK the proxy sets on its upstream sockets (see abi.h for what the datapath does
 with it): `sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK_PROXY_UPSTREAM)`."""
+MARK_DENY_RESPONSE = 0x0C00
+"""On an answer to_container made for a denied packet, redirected towards the sender through
+the ingress of the same host veth: from_container passes it (see abi.h)."""
 PROXY_ROUTE_TABLE = 2004
 PROXY_LISTEN_ADDR = 0x7F000001
 
@@ -50,6 +53,11 @@ CT_TIMEOUT_CLOSE_S_DEFAULT = 10
 CT_TIMEOUT_OTHER_S_DEFAULT = 60
 
 COUNTERS_MAX = 512
+
+# ---- Answers for denied packets: the per-CPU token bucket ----------------------------------
+DENY_RESPONSE_INTERVAL_NS = 1_000_000
+"""One answer per millisecond per CPU (1000/s), as Linux's own icmp_msgs_per_sec."""
+DENY_RESPONSE_BURST = 50
 
 
 class TrafficDirection(IntEnum):
@@ -171,7 +179,24 @@ class EndpointFlags(IntFlag):
     INGRESS_ENFORCED = 0x1
     EGRESS_ENFORCED = 0x2
     AUDIT = 0x4
-    TIERS = 0x8  # has ClusterNetworkPolicy (Admin / Baseline) entries: look them up
+    DENY_RESPONSE_ICMP = 0x8
+    DENY_RESPONSE_TCP_RESET = 0x10
+    TIERS = 0x20  # has ClusterNetworkPolicy (Admin / Baseline) entries: look them up
+
+
+DENY_RESPONSES: dict[str, EndpointFlags] = {
+    "drop": EndpointFlags.NONE,
+    "icmp": EndpointFlags.DENY_RESPONSE_ICMP,
+    "tcp-reset": EndpointFlags.DENY_RESPONSE_TCP_RESET,
+}
+"""`garrison endpoint config NAME deny-response=VALUE`: the endpoint flag of each value
+(`drop`, the default, sets none)."""
+
+
+def deny_response_flags(value: str) -> EndpointFlags:
+    """The flag of a deny-response setting; an unknown one (a registry written by a later
+    version) is the default, a silent drop: answers never change what is allowed."""
+    return DENY_RESPONSES.get(value, EndpointFlags.NONE)
 
 
 class IPCacheFlags(IntFlag):
@@ -204,6 +229,8 @@ class CounterCode(IntEnum):
     REDIRECTED = 1
     AUDITED = 2
     EVENTS_LOST = 3
+    DENY_RESPONSE_SENT = 4
+    DENY_RESPONSE_LIMITED = 5
 
 
 def counter_index(obs: ObservationPoint, code: int) -> int:
@@ -225,6 +252,8 @@ class EventFlags(IntFlag):
     ALLOWED = 0x01
     AUDIT = 0x02
     REDIRECT = 0x04
+    DENY_RESPONSE_ICMP = 0x08
+    DENY_RESPONSE_TCP_RESET = 0x10
 
 
 # ---- Structures ----------------------------------------------------------------------------

@@ -27,6 +27,9 @@
  *     Everything else passes from_netdev untouched and is judged at to_container as above.
  * Every new connection produces a policy-verdict event per side judged; every dropped
  * packet a drop event; audit mode (per endpoint) logs the verdict and drops nothing.
+ * A new connection a side's L3/L4 policy denies is answered instead of dropped silently
+ * when that side's endpoint asks for it (deny-response: lib/deny_response.h); its drop
+ * event names the answer.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -39,6 +42,7 @@
 #include "lib/conntrack.h"
 #include "lib/proxy.h"
 #include "lib/events.h"
+#include "lib/deny_response.h"
 
 struct gar_ctx {
 	__u8 obs;         /* GAR_OBS_* */
@@ -59,6 +63,21 @@ static __always_inline int gar_drop(struct gar_ctx *c, __u32 ifindex, __u32 src,
 		 match_type, flags, 0);
 	gar_count(c->obs, reason, c->pkt.length);
 	return TC_ACT_SHOT;
+}
+
+/* A new connection one side's policy denied: answered when the denying endpoint asks for
+ * it (`ep_flags`: its GAR_EP_DENY_RESPONSE_*), else dropped; the drop event and counter
+ * either way, the event flagged with the answer sent. */
+static __always_inline int gar_deny(struct gar_ctx *c, struct __sk_buff *skb, __u32 ep_flags,
+				    __u32 ifindex, __u32 src, __u32 dst, __u8 direction,
+				    const struct gar_verdict *v)
+{
+	__u8 answer = gar_deny_response(skb, &c->pkt, ep_flags, c->obs);
+
+	gar_emit(GAR_EVENT_DROP, c->obs, &c->pkt, ifindex, src, dst, direction, v->reason,
+		 v->match_type, answer, 0);
+	gar_count(c->obs, v->reason, c->pkt.length);
+	return answer ? TC_ACT_REDIRECT : TC_ACT_SHOT;
 }
 
 /* One side's policy for a new connection, with its verdict event. Returns whether the packet
@@ -126,6 +145,11 @@ int from_container(struct __sk_buff *skb)
 	rc = gar_parse(skb, &c.pkt);
 	if (rc == GAR_PARSE_PASS)
 		return gar_pass(&c);
+	/* to_container's answer to a denied packet, on its way to the sender (abi.h) */
+	if ((skb->mark & GAR_MARK_MASK) == GAR_MARK_DENY_RESPONSE) {
+		skb->mark &= ~GAR_MARK_MASK;
+		return gar_pass(&c);
+	}
 	ep = gar_endpoint_of(c.ifindex);
 	if (!ep)
 		return gar_drop(&c, c.ifindex, 0, 0, 0, GAR_DROP_NO_ENDPOINT_CONFIG,
@@ -150,8 +174,8 @@ int from_container(struct __sk_buff *skb)
 	dst_info = gar_ipcache_lookup(c.pkt.tuple.daddr);
 	dst_id = gar_identity_of(dst_info);
 	if (!gar_judge(&c, ep, c.ifindex, GAR_DIR_EGRESS, dst_id, &egress))
-		return gar_drop(&c, c.ifindex, ep->identity, dst_id, GAR_DIR_EGRESS,
-				egress.reason, egress.match_type, 0);
+		return gar_deny(&c, skb, ep->flags, c.ifindex, ep->identity, dst_id,
+				GAR_DIR_EGRESS, &egress);
 	if (!egress.allowed)
 		ct_flags |= GAR_CT_AUDIT;
 	if (egress.redirect) {
@@ -167,9 +191,8 @@ int from_container(struct __sk_buff *skb)
 		if (dst_ep) {
 			if (!gar_judge(&c, dst_ep, dst_ifindex, GAR_DIR_INGRESS, ep->identity,
 				       &ingress))
-				return gar_drop(&c, dst_ifindex, ep->identity, dst_id,
-						GAR_DIR_INGRESS, ingress.reason,
-						ingress.match_type, 0);
+				return gar_deny(&c, skb, dst_ep->flags, dst_ifindex, ep->identity,
+						dst_id, GAR_DIR_INGRESS, &ingress);
 			ct_flags |= GAR_CT_INGRESS_DONE;
 			if (!ingress.allowed)
 				ct_flags |= GAR_CT_AUDIT;
@@ -234,8 +257,8 @@ int to_container(struct __sk_buff *skb)
 
 	src_id = gar_identity_of(gar_ipcache_lookup(c.pkt.tuple.saddr));
 	if (!gar_judge(&c, ep, c.ifindex, GAR_DIR_INGRESS, src_id, &ingress))
-		return gar_drop(&c, c.ifindex, src_id, ep->identity, GAR_DIR_INGRESS,
-				ingress.reason, ingress.match_type, 0);
+		return gar_deny(&c, skb, ep->flags, c.ifindex, src_id, ep->identity,
+				GAR_DIR_INGRESS, &ingress);
 	if (!ingress.allowed)
 		ct_flags |= GAR_CT_AUDIT;
 	if (ingress.redirect) {

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from garrison.bpf.abi import EndpointFlags
+from garrison.bpf.abi import EndpointFlags, deny_response_flags
 from garrison.bpf.maps import DatapathMaps, EndpointConfig
 from garrison.bpf.policymap import (
     DesiredPolicy,
@@ -35,6 +35,7 @@ class LocalEndpoint:
     identity: int
     ipv4: IPv4Address
     audit: bool = False  # the endpoint's own audit mode (`endpoint config NAME audit=true`)
+    deny_response: str = "drop"  # `endpoint config NAME deny-response=...` (abi.DENY_RESPONSES)
 
 
 class PolicySync:
@@ -97,7 +98,7 @@ class PolicySync:
             state = states.get(ep.identity)
             if state is None:
                 state = states[ep.identity] = resolver.map_state(ep.identity)
-            flags = endpoint_flags(state)
+            flags = endpoint_flags(state) | deny_response_flags(ep.deny_response)
             if ep.audit:
                 flags |= EndpointFlags.AUDIT
             config = EndpointConfig(ep.identity, ep.ipv4, flags)

@@ -42,10 +42,14 @@ from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
 from garrison.agent.metrics import AgentMetrics
 from garrison.bpf.loader import BPFFSError, DatapathError
 from garrison.cluster.agent import ClusterConfigError
+from garrison.cluster.flowapi import DEFAULT_PORT as FLOW_API_PORT
+from garrison.cluster.flowapi import FlowAPIError, FlowAPIServer
+from garrison.cluster.keys import parse_host_port
 from garrison.cluster.routes import RouteError, remove_node_routes
 from garrison.cni.wire import cni_socket_for
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
 from garrison.kvstore.base import KVStoreError
+from garrison.kvstore.etcd import EtcdTLS, load_tls, parse_endpoint_urls
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import Labels
@@ -93,7 +97,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kvstore", choices=["sqlite", "etcd"], default="sqlite",
                    help="etcd: join a cluster (docs/cluster.md); sqlite: this node alone")
     p.add_argument("--kvstore-endpoints", default="", metavar="URL[,URL]",
-                   help="etcd client URLs, e.g. http://198.19.0.250:2379")
+                   help="etcd client URLs, e.g. http://198.19.0.250:2379; https:// for TLS "
+                   "(all one scheme)")
+    p.add_argument("--kvstore-ca", type=Path, metavar="FILE",
+                   help="with https:// endpoints: the CA bundle (PEM) etcd's certificate must "
+                   "chain to (default: the system's CA roots)")
+    p.add_argument("--kvstore-cert", type=Path, metavar="FILE",
+                   help="with https:// endpoints: this node's client certificate (PEM), for "
+                   "etcd's --client-cert-auth; with --kvstore-key")
+    p.add_argument("--kvstore-key", type=Path, metavar="FILE",
+                   help="the private key (PEM, unencrypted) of --kvstore-cert")
     p.add_argument("--pod-cidr", metavar="CIDR",
                    help="with --kvstore etcd: this node's endpoint addresses")
     p.add_argument("--node-ip", metavar="IP",
@@ -102,6 +115,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kvstore-lease-ttl", type=int, default=15, metavar="SECONDS",
                    help="with --kvstore etcd: how long after this agent stops the other nodes "
                    "forget its endpoints (default 15)")
+    p.add_argument("--flow-api", default="auto", metavar="IP:PORT|none",
+                   help="with --kvstore etcd: serve this node's flow records read-only to the "
+                   "other nodes (`garrison observe --cluster`), unauthenticated plaintext like "
+                   "Hubble's port without TLS; auto: the node IP, port 4244; none: do not "
+                   "(docs/cluster.md)")
     p.add_argument("--enforcement", choices=[m.value for m in EnforcementMode],
                    default="default",
                    help="Cilium's policy enforcement mode: default: a direction is enforced, "
@@ -153,19 +171,60 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     )
 
 
-def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
+def _check_flow_api(args: argparse.Namespace) -> None:
+    if args.flow_api in ("auto", "none"):
+        return
     if args.kvstore != "etcd":
-        if args.kvstore_endpoints or args.pod_cidr or args.node_ip:
-            raise ValueError("--kvstore-endpoints, --pod-cidr and --node-ip need --kvstore etcd")
+        raise ValueError("--flow-api serves the cluster's flow view: it needs --kvstore etcd")
+    try:
+        parse_host_port(args.flow_api)
+    except ValueError as exc:
+        raise ValueError(f"--flow-api: {exc}, auto or none") from None
+
+
+def _start_flow_api(agent: Agent, flag: str) -> FlowAPIServer | None:
+    """The read-only flow listener, its address published in the node's record. The default
+    address that cannot be bound is logged and shown by `garrison status` (the agent runs
+    on); an address given that cannot be is an error."""
+    cluster = agent.cluster
+    if cluster is None or flag == "none":
+        return None
+    explicit = flag != "auto"
+    host, port = parse_host_port(flag) if explicit else (cluster.node.me.ip, FLOW_API_PORT)
+    server = FlowAPIServer(agent.flows, str(host), port)
+    try:
+        server.start()
+    except FlowAPIError as exc:
+        if explicit:
+            raise
+        cluster.flow_api_error = f"no flow API for `observe --cluster`: {exc}"
+        log.error("%s", cluster.flow_api_error)
+        return None
+    published = cluster.node.me.ip if host.is_unspecified else host
+    cluster.serve_flow_api(f"{published}:{server.port}")
+    log.info("flow API (read-only) on %s", server.address)
+    return server
+
+
+def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
+    tls = EtcdTLS(args.kvstore_ca, args.kvstore_cert, args.kvstore_key)
+    if args.kvstore != "etcd":
+        if args.kvstore_endpoints or args.pod_cidr or args.node_ip or tls.given:
+            raise ValueError("--kvstore-endpoints, --kvstore-ca/-cert/-key, --pod-cidr and "
+                             "--node-ip need --kvstore etcd")
         return {}
     if not args.kvstore_endpoints or not args.pod_cidr:
         raise ValueError("--kvstore etcd needs --kvstore-endpoints URL and --pod-cidr CIDR")
     if args.kvstore_lease_ttl < 2:
         raise ValueError("--kvstore-lease-ttl must be at least 2 seconds")
+    _check_kvstore_tls(args.kvstore_endpoints, tls)
     pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
     return {
         "kvstore": "etcd",
         "kvstore_endpoints": tuple(u.strip() for u in args.kvstore_endpoints.split(",") if u),
+        "kvstore_ca": tls.ca_file,
+        "kvstore_cert": tls.cert_file,
+        "kvstore_key": tls.key_file,
         "pod_cidr": pod_cidr,
         "endpoint_pool": pod_cidr,
         "node_ip": ipaddress.IPv4Address(args.node_ip) if args.node_ip else None,
@@ -173,10 +232,25 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _check_kvstore_tls(endpoints: str, tls: EtcdTLS) -> None:
+    """The endpoints' scheme and the TLS files, checked before anything starts: one line
+    naming the file or the flag and the fix (exit status 2, as other usage errors)."""
+    try:
+        parsed = parse_endpoint_urls(endpoints)
+        if parsed.tls:
+            load_tls(tls)
+        elif tls.given:
+            raise KVStoreError("--kvstore-ca/--kvstore-cert/--kvstore-key are for TLS but the "
+                               "etcd endpoints are http://: use https:// URLs")
+    except KVStoreError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = _config(args)
+        _check_flow_api(args)
     except ValueError as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 2
@@ -202,9 +276,9 @@ def run(args: argparse.Namespace) -> int:
         # uvloop for the agent's own loop only: pyroute2 runs its own asyncio loops in worker
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_serve(config, args.verbose, args.ui))
+            return runner.run(_serve(config, args.verbose, args.ui, args.flow_api))
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError,
-            KVStoreError, ClusterConfigError, RouteError) as exc:
+            KVStoreError, ClusterConfigError, RouteError, FlowAPIError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
 
@@ -297,7 +371,8 @@ def _start_ui(listen: str, socket_path: Path) -> Any:
     return review
 
 
-async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> int:
+async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
+                 flow_api_flag: str = "none") -> int:
     loop = asyncio.get_running_loop()
     agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir))
     writer = None
@@ -314,7 +389,13 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> i
                     verbose=sys.stderr if verbose else None, loop=loop)
     agent.event_listeners.append(agent_metrics.event_seen)
     agent.flow_sinks = [lambda record: loop.call_soon_threadsafe(sink.emit, record)]
-    await loop.run_in_executor(None, agent.start)
+    flow_api = _start_flow_api(agent, flow_api_flag)  # before start() publishes the node
+    try:
+        await loop.run_in_executor(None, agent.start)
+    except BaseException:
+        if flow_api is not None:
+            flow_api.stop(0)
+        raise
 
     def destination(ip: str, port: int) -> PeerInfo:
         with agent.lock:
@@ -334,6 +415,7 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> i
                     node_name=config.node_name, redact_query_params=config.redact_query_params
                 ),
                 destination=destination,
+                transparent_to=agent.cluster.is_remote_endpoint if agent.cluster else None,
             )
             server = ProxyServer(settings, agent, sink, metrics=metrics)
             address = await server.listen_transparent("127.0.0.1", port)
@@ -379,6 +461,8 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None) -> i
         cni.stop()
         api.stop()
     finally:
+        if flow_api is not None:
+            flow_api.stop()
         for server in servers:
             with contextlib.suppress(Exception):
                 await server.close(grace=0.5)

@@ -139,7 +139,8 @@ def endpoint_config(args: argparse.Namespace) -> int:
             raise APIError(f"{item!r}: expected KEY=VALUE, e.g. audit=true")
         settings[key.strip()] = value.strip()
     data = _call(args, "EndpointConfig", name=args.name, settings=settings)
-    _print(args, data, lambda: f"endpoint {data['name']}: audit={str(data['audit']).lower()}")
+    _print(args, data, lambda: f"endpoint {data['name']}: audit={str(data['audit']).lower()} "
+           f"deny-response={data.get('deny_response', 'drop')}")
     return 0
 
 
@@ -443,11 +444,15 @@ def register_endpoint(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="the new labels, all of them (they replace the old ones)")
     _common(p)
     p.set_defaults(func=endpoint_labels)
-    p = esub.add_parser("config", help="show or change an endpoint's settings (audit=true)")
+    p = esub.add_parser("config", help="show or change an endpoint's settings "
+                        "(audit=true, deny-response=icmp)")
     p.add_argument("name", help="the endpoint's name")
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                    help="audit=true: its policy verdicts are recorded, what they would drop "
-                   "passes as AUDIT (Cilium's PolicyAuditMode); audit=false: enforced")
+                   "passes as AUDIT (Cilium's PolicyAuditMode); audit=false: enforced. "
+                   "deny-response=drop|icmp|tcp-reset: what a connection its L3/L4 policy "
+                   "denies gets back: nothing (drop, the default), ICMP unreachable "
+                   "(administratively prohibited), or a TCP RST (other protocols: ICMP)")
     _common(p)
     p.set_defaults(func=endpoint_config)
     p = esub.add_parser("exec", help="run a command inside an endpoint")

@@ -50,7 +50,10 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "endpoint labels": (
         "garrison endpoint labels deathstar --labels org=empire,class=deathstar,v=2",
     ),
-    "endpoint config": ("garrison endpoint config deathstar audit=true",),
+    "endpoint config": (
+        "garrison endpoint config deathstar audit=true",
+        "garrison endpoint config deathstar deny-response=tcp-reset   # refuse, not drop",
+    ),
     "endpoint exec": ("garrison endpoint exec tiefighter -- curl -s http://198.18.0.2/",),
     "namespace": ("garrison namespace label prod team=blue", "garrison namespace list"),
     "namespace label": (
@@ -75,6 +78,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "garrison observe --input-file /var/log/garrison/access.log --to-pod deathstar "
         "--http-method PUT",
         "garrison observe --follow -o json",
+        "garrison observe --cluster --last 20 --print-node-name   # every node's, in time order",
     ),
     "accesslog": (
         "garrison accesslog summary --input-file /var/log/garrison/access.log",
@@ -84,6 +88,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "accesslog summary": (
         "garrison accesslog summary --input-file /var/log/garrison/access.log "
         "--policy examples/starwars/sw_l3_l4_l7_policy.yaml",
+        "garrison accesslog summary --cluster --since 1h",
     ),
     "accesslog export": (
         "garrison accesslog export --input-file access.log -o csv --since 1h --out denied.csv "

@@ -1,13 +1,15 @@
 """`garrison observe` and `garrison accesslog summary|export`: review flow records.
 
 Sources: `--input-file PATH` (repeatable; an access log with its rotated and gzip-compressed
-backups, or `-` for standard input), else the local agent's in-memory ring over its API.
-`--follow` keeps reading: new lines of the file (across rotation), or the agent's new records.
+backups, or `-` for standard input), `--cluster` (every node's flow API, the nodes read from
+etcd, merged in time order: docs/cluster.md), else the local agent's in-memory ring over its
+API. `--follow` keeps reading: new lines of the file (across rotation), or new records.
 
 Records flow as JSON objects from the source through the query to the printer; a line that is
 no flow record is counted, named on standard error (the first few), and skipped: it is never
 printed as if it matched. Exit codes: 0 done, 1 a source could not be read or held bad
-lines, 2 bad usage (a filter, a field mask), 3 no agent answered.
+lines (with --cluster: a node did not answer; the others' records are shown), 2 bad usage (a
+filter, a field mask), 3 no agent answered (with --cluster: etcd, or no node, answered).
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ class UsageError(Exception):
     """Bad flags found after parsing: printed and exit 2."""
 
 
+class NothingAnsweredError(Exception):
+    """`--cluster`: no node's flow API answered (exit 3)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Sources
 
@@ -69,6 +75,7 @@ class ReadStats:
     read: int = 0
     bad: int = 0
     reported: int = 0
+    failed: int = 0  # --cluster: nodes whose records are not shown
 
     def bad_line(self, where: str, reason: str) -> None:
         self.bad += 1
@@ -193,6 +200,153 @@ class AgentSource:
 
 
 # ---------------------------------------------------------------------------------------------
+# The cluster: every node's flow API (garrison.cluster.relay)
+
+
+def _check_cluster_flags(args: argparse.Namespace) -> None:
+    if args.kvstore_endpoints and not args.cluster:
+        raise UsageError("--kvstore-endpoints names etcd for --cluster: add --cluster")
+    if args.cluster and args.input_file:
+        raise UsageError("--cluster reads the nodes' flow APIs, --input-file a log: give one")
+
+
+def _cluster_source(args: argparse.Namespace) -> Any:
+    """The nodes' flow APIs, etcd from --kvstore-endpoints or from the local agent's status."""
+    from garrison.agent.api import AgentUnreachableError
+    from garrison.cluster.relay import ClusterFlowSource
+    from garrison.kvstore.base import KVStoreError
+    from garrison.kvstore.etcd import parse_endpoints
+
+    endpoints = args.kvstore_endpoints
+    if not endpoints:
+        agent = AgentSource(args.socket)
+        try:
+            cluster = agent.call("Status").get("cluster")
+        except AgentUnreachableError as exc:
+            raise AgentUnreachableError(
+                f"{exc}; or give --kvstore-endpoints URL to find the nodes in etcd") from None
+        finally:
+            agent.close()
+        if not cluster or not cluster.get("endpoints"):
+            raise UsageError(f"the agent at {args.socket} is not in a cluster (--kvstore "
+                             "sqlite): give --kvstore-endpoints URL, or drop --cluster")
+        endpoints = ",".join(str(e) for e in cluster["endpoints"])
+    try:
+        parse_endpoints(endpoints)
+    except KVStoreError as exc:
+        raise UsageError(f"--kvstore-endpoints: {exc}") from None
+    return ClusterFlowSource(endpoints)
+
+
+def _timed(node: str, texts: list[str], stats: ReadStats) -> list[tuple[int, Flow]]:
+    from garrison.cluster.flowmerge import flow_time_ns
+
+    out = []
+    for text in texts:
+        line = text.encode()
+        d = _decode(line, lambda: f"node {node}", stats)
+        if d is None:
+            continue
+        t = flow_time_ns(d)
+        if t is None:
+            stats.bad_line(f"node {node}", f"its time {d.get('time')!r} is not RFC 3339")
+            continue
+        out.append((t, (d, line)))
+    return out
+
+
+def _node_failed(failure: object, stats: ReadStats, what: str) -> None:
+    stats.failed += 1
+    print(f"garrison: {failure}; {what}", file=sys.stderr)
+
+
+def _cluster_recent(args: argparse.Namespace, query: FlowQuery, stats: ReadStats,
+                    last: int | None = None) -> list[Flow]:
+    """Every node's matching records, merged in time order, --first / --last applied to the
+    whole (each node sent its own first or last N)."""
+    from garrison.cluster.flowmerge import merge_recent
+
+    source = _cluster_source(args)
+    try:
+        if last is None:
+            last = AGENT_DEFAULT_LAST if args.last is None else args.last
+        answers, failures = source.recent(query.to_dict(), args.first, last)
+    finally:
+        source.close()
+    for failure in failures:
+        _node_failed(failure, stats, "its records are not shown")
+    if not answers:
+        where = ",".join(source.store.endpoints)
+        raise NothingAnsweredError(
+            "no node's flow API answered (named above)" if failures
+            else f"etcd at {where} lists no node: are the agents running with --kvstore etcd?")
+    merged = merge_recent([_timed(a.node, a.flows, stats) for a in answers], args.first,
+                          None if args.first is not None else last)
+    return merged
+
+
+def _follow_cluster(args: argparse.Namespace, query: FlowQuery, printer: Printer,
+                    stats: ReadStats) -> None:
+    """What --last / --since select on every node, then every node's new records, in time
+    order (each held a moment so that a record a slower node reports takes its place)."""
+    from garrison.cluster.flowmerge import SortBuffer, merge_recent
+    from garrison.cluster.relay import (
+        ClusterFollower,
+        FlowsArrived,
+        NodeFailed,
+        NodeJoined,
+        NodeLeft,
+        NodeListFailed,
+        NodeRecovered,
+    )
+
+    started_ns = time.time_ns()
+    backlog = args.last is not None or query.since_ns is not None
+    last = args.last if args.last is not None else (AGENT_DEFAULT_LAST if backlog else 0)
+    source = _cluster_source(args)
+    follower = None
+    try:
+        answers, failures = source.recent(query.to_dict(), None, last)
+        for failure in failures:
+            _node_failed(failure, stats, "following the others; retrying it")
+        for d, line in merge_recent([_timed(a.node, a.flows, stats) for a in answers], None,
+                                    last):
+            printer.emit(d, line)
+        printer.flush()
+        follower = ClusterFollower(source, query.to_dict(), started_ns, poll_s=FOLLOW_POLL_S)
+        follower.start({a.node: (a.ring, a.cursor) for a in answers}, [f.node for f in failures])
+        buffer: SortBuffer[Flow] = SortBuffer(delay_s=2 * FOLLOW_POLL_S)
+        while True:
+            for event in follower.get(FOLLOW_POLL_S):
+                if isinstance(event, FlowsArrived):
+                    for t, flow in _timed(event.node, event.flows, stats):
+                        buffer.add(t, flow, time.monotonic())
+                    if event.missed:
+                        print(f"garrison: node {event.node}: {event.missed} records left its "
+                              "ring before they were read", file=sys.stderr)
+                elif isinstance(event, NodeFailed):
+                    _node_failed(event.failure, stats, "following the others; retrying it")
+                elif isinstance(event, NodeRecovered):
+                    print(f"garrison: node {event.node} ({event.address}) answers again",
+                          file=sys.stderr)
+                elif isinstance(event, NodeJoined):
+                    print(f"garrison: node {event.node} ({event.address or 'no flow API'}) "
+                          "joined: following it", file=sys.stderr)
+                elif isinstance(event, NodeLeft):
+                    print(f"garrison: node {event.node} left the cluster", file=sys.stderr)
+                elif isinstance(event, NodeListFailed):
+                    print(f"garrison: cannot re-read the nodes: {event.reason}; following the "
+                          "nodes known", file=sys.stderr)
+            for d, line in buffer.drain(time.monotonic()):
+                printer.emit(d, line)
+            printer.flush()
+    finally:
+        if follower is not None:
+            follower.close()
+        source.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Printers
 
 
@@ -266,12 +420,16 @@ def _mask(args: argparse.Namespace, allowed: tuple[str, ...]) -> FieldMask | Non
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from garrison.agent.api import AgentUnreachableError, APIError
+        from garrison.kvstore.base import KVStoreError
 
         try:
             return fn(args)
         except (FilterError, UsageError) as exc:
             print(f"garrison: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except (KVStoreError, NothingAnsweredError) as exc:
+            print(f"garrison: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
         except FlowSourceError as exc:
             print(f"garrison: {exc}", file=sys.stderr)
             return EXIT_SOURCE
@@ -289,6 +447,9 @@ def _gather(args: argparse.Namespace, query: FlowQuery, stats: ReadStats,
             output_streams_to_terminal: bool = False) -> Iterable[Flow]:
     """The matching flows of the source, --first / --last applied (no follow); reading files,
     a progress bar on a terminal that nothing else is printed to meanwhile."""
+    _check_cluster_flags(args)
+    if args.cluster:
+        return _cluster_recent(args, query, stats)
     if args.input_file:
         compiled = query.compile()
         found = file_matches(args.input_file, compiled, stats, backups=not args.no_backups,
@@ -328,7 +489,7 @@ def observe(args: argparse.Namespace) -> int:
             printer.emit(d, line)
         printer.flush()
     stats.report()
-    return EXIT_SOURCE if stats.bad else EXIT_OK
+    return EXIT_SOURCE if stats.bad or stats.failed else EXIT_OK
 
 
 def _raw_filters_yaml(query: FlowQuery) -> str:
@@ -365,6 +526,10 @@ def _follow(args: argparse.Namespace, query: FlowQuery, printer: Printer,
     if args.first is not None:
         raise UsageError("--first and --follow cannot be combined (as in Hubble): --first "
                          "stops after N records; write --last N --follow")
+    _check_cluster_flags(args)
+    if args.cluster:
+        _follow_cluster(args, query, printer, stats)
+        return
     backlog = args.last is not None or query.since_ns is not None
     if args.input_file:
         if len(args.input_file) != 1 or args.input_file[0] == "-":
@@ -419,6 +584,12 @@ def summary(args: argparse.Namespace) -> int:
             known = rule_keys(load_paths(args.policy).policies)
         except PolicyValidationError as exc:
             raise UsageError(f"--policy: {exc}") from exc
+    elif args.cluster and not args.input_file:
+        source = _cluster_source(args)
+        try:  # the cluster's policies, from etcd
+            known = rule_keys(source.policies())
+        finally:
+            source.close()
     elif not args.input_file:
         agent = AgentSource(args.socket)
         try:
@@ -449,7 +620,7 @@ def summary(args: argparse.Namespace) -> int:
                           force_terminal=True if args.color == "always" else None)
         render_summary(result, console)
     stats.report()
-    return EXIT_SOURCE if stats.bad else EXIT_OK
+    return EXIT_SOURCE if stats.bad or stats.failed else EXIT_OK
 
 
 def _what_if(args: argparse.Namespace, query: Any) -> int:
@@ -482,7 +653,7 @@ def _what_if(args: argparse.Namespace, query: Any) -> int:
                           force_terminal=True if args.color == "always" else None)
         render_whatif(report, console)
     stats.report()
-    return EXIT_SOURCE if stats.bad else EXIT_OK
+    return EXIT_SOURCE if stats.bad or stats.failed else EXIT_OK
 
 
 @_guarded
@@ -522,7 +693,7 @@ def export(args: argparse.Namespace) -> int:
         if target is not sys.stdout.buffer:
             target.close()
     stats.report()
-    return EXIT_SOURCE if stats.bad else EXIT_OK
+    return EXIT_SOURCE if stats.bad or stats.failed else EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +708,15 @@ def _sources(p: argparse.ArgumentParser) -> None:
     group.add_argument("--no-backups", action="store_true",
                        help="read only the named file, not its rotated backups")
     group.add_argument("--socket", type=Path, default=DEFAULT_SOCKET,
-                       help="agent API socket (default: %(default)s)")
+                       help="agent API socket; with --cluster, the agent that names etcd "
+                       "(default: %(default)s)")
+    group.add_argument("--cluster", action="store_true",
+                       help="every node of the cluster: the nodes from etcd, each node's flow "
+                       "API (port 4244), merged in time order; a node that does not answer is "
+                       "named on standard error, the others are shown (docs/cluster.md)")
+    group.add_argument("--kvstore-endpoints", metavar="URL[,URL]",
+                       help="with --cluster: etcd's client URLs (http://HOST:PORT); default: "
+                       "the ones the local agent (--socket) uses")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -545,7 +724,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "observe", help="flow records from the agent or access-log files, Hubble-style",
         description="Show flow records, filtered, in Hubble's formats. Without --input-file "
         f"it reads the agent's recent records (the last {AGENT_DEFAULT_LAST} unless --first/"
-        "--last say otherwise); from files, every matching record.",
+        "--last say otherwise), with --cluster every node's, merged in time order; from "
+        "files, every matching record.",
     )
     _sources(p)
     add_filter_flags(p)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ from garrison.identity.allocator import (
     canonical_labels,
 )
 from garrison.kvstore.base import KVStore, KVStoreError
-from garrison.kvstore.etcd import EtcdKVStore, parse_endpoints
+from garrison.kvstore.etcd import EtcdKVStore, EtcdTLS, parse_endpoints
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.loader import load_text
 from garrison.policies.model import Policy
@@ -68,9 +69,10 @@ class AgentCluster:
         *,
         lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
         cache_path: Path | None = None,
+        tls: EtcdTLS | None = None,
     ) -> None:
         self._agent = agent
-        self.store = EtcdKVStore(endpoints)
+        self.store = EtcdKVStore(endpoints, tls=tls)
         self.session = self.store.session(lease_ttl_s, name=f"node-{node_name}")
         me = NodeRecord(node_name, node_ip, pod_cidr)
         has_cache = cache_path is not None and cache_path.is_file()
@@ -113,6 +115,8 @@ class AgentCluster:
         # The underlay device with from_netdev attached, and whether its clsact is ours.
         self._netdev: tuple[int, bool] | None = None
         self.netdev_error: str | None = None
+        # Why this node serves no flow API although it was to (the default address failed).
+        self.flow_api_error: str | None = None
 
     @classmethod
     def for_agent(cls, agent: Agent, config: AgentConfig) -> AgentCluster:
@@ -127,16 +131,23 @@ class AgentCluster:
             )
         endpoints = parse_endpoints(config.kvstore_endpoints)
         node_ip = config.node_ip or source_address_towards(endpoints[0].rpartition(":")[0])
+        tls = EtcdTLS(config.kvstore_ca, config.kvstore_cert, config.kvstore_key)
         return cls(
             agent,
-            endpoints,
+            config.kvstore_endpoints,  # the URLs: their scheme says TLS or not
             config.node_name,
             node_ip,
             config.pod_cidr,
             agent.kvstore,
             lease_ttl_s=config.kvstore_lease_ttl_s,
             cache_path=config.state_dir / CACHE_FILE,
+            tls=tls if tls.given else None,
         )
+
+    def serve_flow_api(self, address: str) -> None:
+        """Publish where this node's flow API listens (`IP:PORT`) in its node record: called
+        before `start()`, which writes the record."""
+        self.node.me = replace(self.node.me, flow_api=address)
 
     def start(self) -> None:
         """Steer connections from other nodes to the proxy, publish this node and its
@@ -171,6 +182,15 @@ class AgentCluster:
             return None
         entry = self._remote.get(address)
         return entry.identity if entry is not None else None
+
+    def remote_endpoint_name(self, address: str) -> str:
+        """The name of another node's endpoint at `address` ("" when none is known): flow
+        records name remote peers as they name local ones."""
+        try:
+            entry = self._remote.get(ipaddress.IPv4Address(address))
+        except ValueError:
+            return ""
+        return entry.endpoint if entry is not None else ""
 
     def close(self) -> None:
         if self._netdev is not None:
@@ -334,4 +354,9 @@ class AgentCluster:
             out["underlay_ifindex"] = self._netdev[0]
         if self.netdev_error:
             out["underlay_error"] = self.netdev_error
+        out["flow_api"] = self.node.me.flow_api or None
+        if self.store.tls is not None:
+            out["tls"] = self.store.tls.describe()
+        if self.flow_api_error:
+            out["flow_api_error"] = self.flow_api_error
         return out

@@ -8,7 +8,8 @@ Under the store's root (`garrison/`):
 | `state/identities/v1/labels/<labels>`         | `{"id": n}`                    | none    |
 | `state/identities/v1/refs/<labels>/<node>`    | `{"id": n, "owners": [...]}`   | node's  |
 | `state/ip/v1/<ip>`                            | `IPEntry`: identity, node, ... | node's  |
-| `state/nodes/v1/<node>`                       | `NodeRecord`: IP, pod CIDR     | node's  |
+| `state/nodes/v1/<node>`                       | `NodeRecord`: IP, pod CIDR,    | node's  |
+|                                               | flow API address               |         |
 | `state/heartbeat/v1/<node>`                   | unix time of the last beat     | node's  |
 | `state/policies/v1/<kind>/<namespace>/<name>` | `{"path": ..., "text": ...}`   | none    |
 
@@ -57,30 +58,54 @@ def _dump(doc: dict[str, object]) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class NodeRecord:
-    """A node as the others see it: where its pod CIDR is routed."""
+    """A node as the others see it: where its pod CIDR is routed, and where its agent serves
+    its flow records read-only (`flow_api`, `IP:PORT`; empty: it serves none)."""
 
     name: str
     ip: ipaddress.IPv4Address
     pod_cidr: ipaddress.IPv4Network
+    flow_api: str = ""
 
     @property
     def key(self) -> str:
         return NODES_PREFIX + self.name
 
     def encode(self) -> bytes:
-        return _dump({"name": self.name, "ip": str(self.ip), "pod_cidr": str(self.pod_cidr)})
+        doc: dict[str, object] = {
+            "name": self.name, "ip": str(self.ip), "pod_cidr": str(self.pod_cidr)
+        }
+        if self.flow_api:  # absent, not empty: a record as an agent without one writes it
+            doc["flow_api"] = self.flow_api
+        return _dump(doc)
 
     @classmethod
     def decode(cls, key: str, raw: bytes) -> NodeRecord:
         doc = _load(key, raw)
         try:
+            # kept as written: a reader checks it (`parse_host_port`), routing never needs it
+            flow_api = doc.get("flow_api", "")
+            if not isinstance(flow_api, str):
+                flow_api = repr(flow_api)
             return cls(
                 name=str(doc["name"]),
                 ip=ipaddress.IPv4Address(str(doc["ip"])),
                 pod_cidr=ipaddress.IPv4Network(str(doc["pod_cidr"])),
+                flow_api=flow_api,
             )
         except (KeyError, ValueError) as exc:
             raise ClusterRecordError(f"{key}: bad node record: {exc}") from None
+
+
+def parse_host_port(text: str) -> tuple[ipaddress.IPv4Address, int]:
+    """`IP:PORT` (an IPv4 address, a port 0-65535) as a flow API address is written; raises
+    `ValueError` naming the expected form."""
+    host, sep, port = text.strip().rpartition(":")
+    try:
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError
+        return ipaddress.IPv4Address(host), int(port)
+    except ValueError:
+        raise ValueError(f"{text!r} is not IPV4:PORT (e.g. 198.19.0.1:4244)") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -323,6 +323,7 @@ class ClusterNode:
                     "pod_cidr": str(node.pod_cidr),
                     "heartbeat_age_s": round(now - beats[name], 1) if name in beats else None,
                     "healthy": name in beats and now - beats[name] < 3 * self._heartbeat_s,
+                    **({"flow_api": node.flow_api} if node.flow_api else {}),
                 }
                 for name, node in sorted(self.nodes().items())
             },

@@ -33,6 +33,8 @@ def cluster_problems(status: Mapping[str, Any]) -> list[str]:
         out.append(f"route to node {node}: {error}")
     if cluster.get("underlay_error"):
         out.append(str(cluster["underlay_error"]))
+    if cluster.get("flow_api_error"):
+        out.append(str(cluster["flow_api_error"]))
     return out
 
 
@@ -50,6 +52,15 @@ def cluster_lines(status: Mapping[str, Any]) -> list[str]:
         f"Cluster:         node {cluster.get('node')}, "
         f"{cluster.get('remote_endpoints', 0)} remote endpoints",
     ]
+    if cluster.get("tls"):
+        lines.insert(1, f"Kvstore TLS:     {cluster['tls']}")
+    if "flow_api" in cluster:
+        where = cluster["flow_api"]
+        lines.append(
+            f"Flow API:        {where} (read-only, plaintext: `garrison observe --cluster`)"
+            if where
+            else "Flow API:        none (this node's flows are not in `observe --cluster`)"
+        )
     routes = cluster.get("routes", {})
     for node, info in sorted(cluster.get("nodes", {}).items()):
         health = "healthy" if info.get("healthy") else "NO HEARTBEAT"

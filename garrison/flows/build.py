@@ -571,10 +571,12 @@ def l3_l4_drop(
     denied_by: Sequence[RuleRef] = (),
     is_reply: bool | None = None,
     node_name: str = "",
+    deny_response: str = "",
 ) -> FlowRecord:
     """A packet the datapath dropped (a drop event): `Policy denied DROPPED (TCP Flags: SYN)`.
     `is_reply` None = unknown, as Hubble has it for drops. `denied_by`: the deny rules of a
-    POLICY_DENY drop."""
+    POLICY_DENY drop. `deny_response`: the answer sent instead of silence (`icmp`,
+    `tcp-reset`), if any."""
     tdir = TrafficDirection.of(direction)
     l4 = _l4(protocol, flags)
     refs = _refs(tdir, (), denied_by)
@@ -595,6 +597,7 @@ def l3_l4_drop(
         egress_allowed_by=refs.egress_allowed_by,
         ingress_denied_by=refs.ingress_denied_by,
         egress_denied_by=refs.egress_denied_by,
+        deny_response=deny_response,
     )
 
 

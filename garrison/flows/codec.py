@@ -224,6 +224,8 @@ def record_to_dict(r: FlowRecord) -> dict[str, Any]:
         out["Summary"] = r.summary
     if r.error:
         out["error"] = r.error
+    if r.deny_response:
+        out["deny_response"] = r.deny_response
     for key in _POLICY_LISTS:
         policies: tuple[Policy, ...] = getattr(r, key)
         if policies:
@@ -414,6 +416,8 @@ def record_to_json(r: FlowRecord) -> str:
         out.append(f',"Summary":{_q(r.summary)}')
     if r.error:
         out.append(f',"error":{_q(r.error)}')
+    if r.deny_response:
+        out.append(f',"deny_response":{_q(r.deny_response)}')
     for key in _POLICY_LISTS:
         policies: tuple[Policy, ...] = getattr(r, key)
         if policies:
@@ -621,6 +625,7 @@ def _record_from_dict(data: Mapping[str, Any]) -> FlowRecord:
         summary=_str(data.get("Summary", ""), "Summary"),
         node_name=_str(data.get("node_name", ""), "node_name"),
         error=_str(data.get("error", ""), "error"),
+        deny_response=_str(data.get("deny_response", ""), "deny_response"),
         aggregate=_aggregate_from(_obj(data, "aggregate")),
     )
 

@@ -584,6 +584,9 @@ class FlowRecord:
     node_name: str = ""
     error: str = ""
     aggregate: Aggregate | None = None
+    # garrison's: the answer a DROPPED packet got instead of silence, `icmp` or `tcp-reset`
+    # (`endpoint config NAME deny-response=...`); Hubble has no such field
+    deny_response: str = ""
 
     def __init__(
         self,
@@ -609,6 +612,7 @@ class FlowRecord:
         node_name: str = "",
         error: str = "",
         aggregate: Aggregate | None = None,
+        deny_response: str = "",
     ) -> None:
         # Written out, not generated: see "Initialisers" in garrison/native.py.
         object.__setattr__(self, "time", time)
@@ -632,6 +636,7 @@ class FlowRecord:
         object.__setattr__(self, "node_name", node_name)
         object.__setattr__(self, "error", error)
         object.__setattr__(self, "aggregate", aggregate)
+        object.__setattr__(self, "deny_response", deny_response)
 
     @property
     def protocol(self) -> str:

@@ -222,6 +222,9 @@ def render_compact_flow(d: FlowDict, options: RenderOptions = DEFAULT_RENDER) ->
     raw = _obj(_obj(d, "l7"), "http").get("raw_target")
     if raw:
         line += f" (normalized from {raw})"
+    answer = d.get("deny_response")
+    if answer:
+        line += f" (answered with {answer})"
     if options.policy_names:
         names = policy_names(d)
         if names:

@@ -81,7 +81,7 @@ from garrison.flows.summary import (
     path_pattern,
     short_labels,
 )
-from garrison.identity.model import RESERVED_BY_ID
+from garrison.identity.model import RESERVED
 
 # Verdict slots; a policy-verdict denial is kept apart until `result()` knows whether drop
 # records stand for it.
@@ -204,15 +204,16 @@ def _int(value: Any) -> int:
 
 
 def _ns(text: str) -> int | None:
-    """Nanoseconds of a time `_time` gave; None for one that only looks like a time."""
+    """Nanoseconds of a time `record_time` gave; None for one that only looks like one."""
     try:
         return parse_time(text)
     except ValueError:
         return None
 
 
-def _time(value: Any) -> str | None:
-    """garrison's fixed-width UTC text as it is (it sorts as text), anything else normalised."""
+def record_time(value: Any) -> str | None:
+    """A record's `time` as the map keeps it: garrison's fixed-width UTC text as it is (it
+    sorts as text), another form normalised to it, None for no time."""
     if type(value) is str and len(value) == 30 and value[29] == "Z" and value[19] == ".":
         return value
     if not isinstance(value, str):
@@ -244,19 +245,51 @@ class ServiceMapBuilder:
     # -- reading ------------------------------------------------------------------------------
 
     def add(self, flow: Any) -> None:
+        """One record (anything but a JSON object is counted as skipped)."""
         if type(flow) is not dict and not isinstance(flow, Mapping):
             self.skipped += 1
             return
-        self.records += 1
-        get = flow.get
-        t = get("time")
+        t = flow.get("time")
         if type(t) is not str or len(t) != 30 or t[29] != "Z" or t[19] != ".":
-            t = _time(t)
-        if t is not None:
-            if self.first is None or t < self.first:
-                self.first = t
-            if self.last is None or t > self.last:
-                self.last = t
+            t = record_time(t)
+        self._add(flow, 1, t, t, None)
+
+    def retried_syn(self, flow: Mapping[str, Any]) -> bool:
+        """Whether a record is a client's retransmission of a denied SYN (the same addresses,
+        ports and event type as one seen at most the window before: `summary.RetriedSyns`),
+        which counts as that same attempt. Remembers the SYNs it is asked about: a reader
+        that counts with `add_alike` asks for every record, in log order, and passes the
+        answer on; `add` asks itself."""
+        get = flow.get
+        if get("is_reply") is True or get("verdict") != "DROPPED":
+            return False
+        kind = get("Type")
+        if kind is None:
+            kind = "L7" if "l7" in flow else "L3_L4"
+        event_type = get("event_type")
+        event = _int(event_type.get("type")) if _is_obj(event_type) else 0
+        if kind != "L3_L4" or event not in (1, 5):
+            return False
+        t = record_time(get("time"))
+        ns = self._ns(t) if t is not None else None
+        return ns is not None and self._syns.is_retry(flow, event, ns)
+
+    def add_alike(self, flow: Mapping[str, Any], count: int, first: str | None,
+                  last: str | None, retried: bool = False) -> None:
+        """`count` records equal to `flow` in every field `add` reads but their `time`, which
+        ranges from `first` to `last` (as `record_time` gives them; None: none had one), and
+        all retransmitted SYNs or none (`retried`, as `retried_syn` answered for each)."""
+        self._add(flow, count, first, last, retried)
+
+    def _add(self, flow: Mapping[str, Any], alike: int, t: str | None,
+             t_last: str | None, retried: bool | None) -> None:
+        # `t` is the (earliest) time; `t_last` the latest of `alike` records
+        self.records += alike
+        get = flow.get
+        if t is not None and (self.first is None or t < self.first):
+            self.first = t
+        if t_last is not None and (self.last is None or t_last > self.last):
+            self.last = t_last
         reply = get("is_reply") is True
         # endpoints seen before are one dict lookup (the common case: few pods, many records)
         seen = self._seen
@@ -276,7 +309,7 @@ class ServiceMapBuilder:
         if kind is None:
             kind = "L7" if "l7" in flow else "L3_L4"
         # a record with Hubble's `aggregate` stands for that many identical flows
-        n = 1 if get("aggregate") is None else aggregated_flows(get("aggregate"))
+        n = alike if get("aggregate") is None else alike * aggregated_flows(get("aggregate"))
         verdict = get("verdict")
         slot = _SLOT.get(verdict, _OTHER) if type(verdict) is str else _OTHER
         event = 0
@@ -309,10 +342,12 @@ class ServiceMapBuilder:
                     slot = _VDENIED
             else:
                 return
-            if slot in (_DROP, _VDENIED) and t is not None:
-                ns = self._ns(t)
-                if ns is not None and self._syns.is_retry(flow, event, ns):
-                    self.retried_syns += 1  # a retransmitted SYN: the same attempt again
+            if slot in (_DROP, _VDENIED) and t_last is not None:
+                if retried is None:  # `add`: ask now (`retried_syn`'s conditions hold here)
+                    ns = self._ns(t_last)
+                    retried = ns is not None and self._syns.is_retry(flow, event, ns)
+                if retried:
+                    self.retried_syns += alike  # a retransmitted SYN: the same attempt again
                     return
             edge = edges.get((client, server)) or self._edge(client, server)
             port = _l4_port(flow)
@@ -323,14 +358,19 @@ class ServiceMapBuilder:
         else:
             return
         edge.counts[slot] += n
-        if t is not None and (edge.last is None or t > edge.last):
-            edge.last = t
+        if t_last is not None and (edge.last is None or t_last > edge.last):
+            edge.last = t_last
+        rules = edge.rules
         refs = get("ingress_allowed_by")
         if refs:
-            count_rules(edge.rules, refs, _R_ALLOWED, t, n)
+            count_rules(rules, refs, _R_ALLOWED, t, n)
+            if t_last != t:
+                count_rules(rules, refs, _R_ALLOWED, t_last, 0)
         refs = get("egress_allowed_by")
         if refs:
-            count_rules(edge.rules, refs, _R_ALLOWED, t, n)
+            count_rules(rules, refs, _R_ALLOWED, t, n)
+            if t_last != t:
+                count_rules(rules, refs, _R_ALLOWED, t_last, 0)
         denied, egress_denied = get("ingress_denied_by"), get("egress_denied_by")
         if denied or egress_denied:
             if slot == _AUDIT:
@@ -341,13 +381,14 @@ class ServiceMapBuilder:
                 what = _R_VERDICT
             else:
                 what = _R_DENIED
-            if denied:
-                count_rules(edge.rules, denied, what, t, n)
-            if egress_denied:
-                count_rules(edge.rules, egress_denied, what, t, n)
+            for refs in (denied, egress_denied):
+                if refs:
+                    count_rules(rules, refs, what, t, n)
+                    if t_last != t:
+                        count_rules(rules, refs, what, t_last, 0)
 
     def _ns(self, text: str) -> int | None:
-        """Nanoseconds of a time `_time` gave, each second parsed once."""
+        """Nanoseconds of a time `record_time` gave, each second parsed once."""
         second = self._seconds.get(text[:19])
         if second is None:
             ns = _ns(text)
@@ -683,7 +724,7 @@ def _node_json(node_id: str, node: _Node) -> dict[str, Any]:
         "id": node_id,
         "namespace": node.namespace,
         "identity": None if node.identity < 0 else node.identity,
-        "name": _display_name(node, pods, RESERVED_BY_ID),
+        "name": _display_name(node, pods, _RESERVED_NAMES),
         "labels": list(node.labels),
         "pods": pods,
         "pod_count": node.pod_count,
@@ -691,7 +732,10 @@ def _node_json(node_id: str, node: _Node) -> dict[str, Any]:
     }
 
 
-def _display_name(node: _Node, pods: list[str], reserved: Mapping[int, Any]) -> str:
+_RESERVED_NAMES = {identity.id: name for name, identity in RESERVED.items()}  # 2: "world"
+
+
+def _display_name(node: _Node, pods: list[str], reserved: Mapping[int, str]) -> str:
     if node.identity < 0:  # a namespace group
         return node.namespace or "(no namespace)"
     if len(pods) == 1:
@@ -702,7 +746,7 @@ def _display_name(node: _Node, pods: list[str], reserved: Mapping[int, Any]) -> 
             return prefix
         return pods[0]
     if node.identity in reserved:
-        return str(reserved[node.identity].name)
+        return reserved[node.identity]
     if node.labels:
         return ",".join(node.labels)
     if node.ips:
@@ -781,4 +825,4 @@ def _group_filter(client: NodeKey, server: NodeKey) -> str:
     return f"--from-namespace {client[0]} --to-namespace {server[0]}"
 
 
-__all__ = ["DEFAULT_MAX_NODES", "ServiceMapBuilder"]
+__all__ = ["DEFAULT_MAX_NODES", "ServiceMapBuilder", "record_time"]

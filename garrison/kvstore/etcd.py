@@ -19,6 +19,13 @@ Every key is stored under `root` (`garrison/` by default), so one etcd can serve
   revision, then follows from the next revision; after a disconnect it resumes at the revision
   after the last one delivered (none missed, none repeated); when etcd compacted that history
   away it re-lists and says so.
+- **TLS** (`https://` endpoints, `EtcdTLS`): gRPC's TLS with a CA bundle (default: gRPC's
+  roots, the system's) and optionally a client certificate, for etcd's `--client-cert-auth`.
+  The files are checked before any connection (readable, PEM, the key matches the
+  certificate); the server's certificate must chain to the CA and name the endpoint's host
+  (an IP SAN for an IP address). One channel serves all endpoints and gRPC checks one name
+  per channel: with several endpoints that is the first URL's host, which every member's
+  certificate must then carry. Never a fallback to plaintext.
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -76,19 +85,29 @@ _CHANNEL_OPTIONS = (
 )
 
 
-def parse_endpoints(text: str | Sequence[str]) -> tuple[str, ...]:
-    """`http://127.0.0.1:2379,http://127.0.0.1:22379` (or a list) → the gRPC addresses
-    (`127.0.0.1:2379`, ...). Raises `KVStoreError` naming the bad URL and the expected form."""
+@dataclass(frozen=True, slots=True)
+class EtcdEndpoints:
+    """The parsed `--kvstore-endpoints`: gRPC addresses (`HOST:PORT`), their hosts as written
+    (what a server certificate must name) and whether they are `https://` (TLS)."""
+
+    addresses: tuple[str, ...]
+    hosts: tuple[str, ...]
+    tls: bool
+
+
+def parse_endpoint_urls(text: str | Sequence[str]) -> EtcdEndpoints:
+    """`https://10.0.0.1:2379,https://10.0.0.2:2379` (or a list) → `EtcdEndpoints`. Raises
+    `KVStoreError` naming the bad URL and the expected form; all http:// or all https://."""
     items = [part.strip() for part in text.split(",")] if isinstance(text, str) else list(text)
-    out = []
+    out: list[str] = []
+    hosts: list[str] = []
+    schemes: set[str] = set()
     for item in items:
         if not item:
             continue
         url = urlsplit(item if "://" in item else f"http://{item}")
-        hint = "expected http://HOST:PORT, e.g. http://127.0.0.1:2379"
-        if url.scheme == "https":
-            raise KVStoreError(f"etcd endpoint {item!r}: TLS is not supported yet; {hint}")
-        if url.scheme != "http" or not url.hostname or url.path not in ("", "/"):
+        hint = "expected http://HOST:PORT or https://HOST:PORT, e.g. http://127.0.0.1:2379"
+        if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
             raise KVStoreError(f"bad etcd endpoint {item!r}: {hint}")
         try:
             port = url.port
@@ -96,11 +115,128 @@ def parse_endpoints(text: str | Sequence[str]) -> tuple[str, ...]:
             port = None
         if port is None:
             raise KVStoreError(f"bad etcd endpoint {item!r}: no port; {hint}")
+        schemes.add(url.scheme)
         host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
         out.append(f"{host}:{port}")
+        hosts.append(url.hostname)
     if not out:
         raise KVStoreError("no etcd endpoint given: pass --kvstore-endpoints http://HOST:PORT")
-    return tuple(out)
+    if len(schemes) > 1:
+        raise KVStoreError(
+            f"etcd endpoints {','.join(i for i in items if i)!r} mix http:// and https://: give"
+            " them all https:// when etcd serves TLS (else all http://)"
+        )
+    return EtcdEndpoints(tuple(out), tuple(hosts), schemes == {"https"})
+
+
+def parse_endpoints(text: str | Sequence[str]) -> tuple[str, ...]:
+    """`http://127.0.0.1:2379,http://127.0.0.1:22379` (or a list) → the gRPC addresses
+    (`127.0.0.1:2379`, ...). Raises `KVStoreError` naming the bad URL and the expected form."""
+    return parse_endpoint_urls(text).addresses
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTLS:
+    """Client TLS towards etcd (`--kvstore-ca`, `--kvstore-cert`, `--kvstore-key`).
+
+    `ca_file` None: gRPC's default roots (the system's CA bundle). `cert_file` and `key_file`
+    together or neither: the client certificate etcd's `--client-cert-auth` asks for.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def given(self) -> bool:
+        return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
+
+    def describe(self) -> str:
+        """For `garrison status`: what the server is verified against, what we show it."""
+        ca = f"CA {self.ca_file}" if self.ca_file else "the system's CA roots"
+        cert = f", client certificate {self.cert_file}" if self.cert_file else ""
+        return f"TLS, server verified against {ca}{cert}"
+
+
+@dataclass(frozen=True, slots=True)
+class _TLSMaterial:
+    ca: bytes | None
+    key: bytes | None
+    cert: bytes | None
+
+
+def _read(flag: str, path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise KVStoreError(
+            f"{flag} {path}: cannot read it ({exc.strerror or exc}); give {what}"
+        ) from None
+
+
+def _no_password() -> bytes:
+    raise KVStoreError("encrypted")
+
+
+def load_tls(tls: EtcdTLS) -> _TLSMaterial:
+    """Read and check the TLS files before any connection: each `KVStoreError` names the file,
+    what is wrong with it and what to give instead."""
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise KVStoreError(
+            "--kvstore-cert and --kvstore-key go together: give both (the client certificate"
+            " and its private key) or neither"
+        )
+    ca = None
+    if tls.ca_file is not None:
+        ca_what = "the CA bundle (PEM) that issued etcd's server certificate"
+        ca = _read("--kvstore-ca", tls.ca_file, ca_what)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+                cadata=ca.decode("ascii", errors="replace")
+            )
+        except (ssl.SSLError, ValueError):
+            raise KVStoreError(
+                f"--kvstore-ca {tls.ca_file}: no PEM certificate in it; give {ca_what}"
+            ) from None
+    if tls.cert_file is None or tls.key_file is None:
+        return _TLSMaterial(ca, None, None)
+    cert = _read("--kvstore-cert", tls.cert_file, "the client certificate (PEM)")
+    key = _read("--kvstore-key", tls.key_file, "the client certificate's private key (PEM)")
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        raise KVStoreError(
+            f"--kvstore-cert {tls.cert_file}: no PEM certificate in it; give the client"
+            " certificate (PEM)"
+        )
+    if b"PRIVATE KEY-----" not in key:
+        raise KVStoreError(
+            f"--kvstore-key {tls.key_file}: no PEM private key in it; give the client"
+            " certificate's private key (PEM)"
+        )
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+            tls.cert_file, tls.key_file, password=_no_password
+        )
+    except KVStoreError:
+        raise KVStoreError(
+            f"--kvstore-key {tls.key_file}: the key is encrypted; give it unencrypted"
+            f" (openssl pkey -in {tls.key_file} -out KEY) and readable by root only"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise KVStoreError(
+                f"--kvstore-key {tls.key_file} is not the key of --kvstore-cert"
+                f" {tls.cert_file}: give the key the certificate was issued for"
+            ) from None
+        raise KVStoreError(
+            f"--kvstore-cert {tls.cert_file} / --kvstore-key {tls.key_file}: not a usable"
+            f" certificate and key ({exc.reason or exc}); give PEM files"
+        ) from None
+    except OSError as exc:
+        raise KVStoreError(
+            f"--kvstore-cert {tls.cert_file} / --kvstore-key {tls.key_file}: cannot read"
+            f" them ({exc.strerror or exc})"
+        ) from None
+    return _TLSMaterial(ca, key, cert)
 
 
 def _grpc_target(addresses: Sequence[str]) -> str:
@@ -151,16 +287,44 @@ class EtcdKVStore:
         *,
         root: str = DEFAULT_ROOT,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        tls: EtcdTLS | None = None,
     ) -> None:
-        self.endpoints = parse_endpoints(endpoints)
+        """`tls`: the files for `https://` endpoints (None there: the system's CA roots, no
+        client certificate); files given with `http://` endpoints are refused, not ignored."""
+        parsed = parse_endpoint_urls(endpoints)
+        self.endpoints = parsed.addresses
         if not root or "\x00" in root:
             raise KVStoreError(f"bad etcd key root {root!r}: non-empty, no NUL")
         self.root = root
         self._root_bytes = root.encode()
         self.timeout_s = timeout_s
-        self._channel: grpc.Channel | None = grpc.insecure_channel(
-            _grpc_target(self.endpoints), options=_CHANNEL_OPTIONS
-        )
+        target = _grpc_target(self.endpoints)
+        self.tls: EtcdTLS | None = None
+        self.server_name: str | None = None
+        if parsed.tls:
+            self.tls = tls or EtcdTLS()
+            material = load_tls(self.tls)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=material.ca,
+                private_key=material.key,
+                certificate_chain=material.cert,
+            )
+            # gRPC checks one name per channel, by default the target's host; an ipv4:/ipv6:
+            # list has none, so the first URL's host is the name every member must carry.
+            self.server_name = parsed.hosts[0]
+            options: tuple[tuple[str, int | str], ...] = _CHANNEL_OPTIONS
+            if len(self.endpoints) > 1:
+                options += (("grpc.ssl_target_name_override", self.server_name),)
+            self._channel: grpc.Channel | None = grpc.secure_channel(
+                target, credentials, options=options
+            )
+        else:
+            if tls is not None and tls.given:
+                raise KVStoreError(
+                    "--kvstore-ca/--kvstore-cert/--kvstore-key are for TLS but the etcd"
+                    f" endpoints {','.join(self.endpoints)} are http://: use https:// URLs"
+                )
+            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._closed = threading.Event()
         self._children: list[EtcdSession | EtcdWatch] = []
         self._children_lock = threading.Lock()
@@ -230,6 +394,9 @@ class EtcdKVStore:
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         where = ",".join(self.endpoints)
         if code == grpc.StatusCode.UNAVAILABLE:
+            tls_problem = self._describe_tls_failure(str(details or ""))
+            if tls_problem is not None:
+                return KVStoreUnavailableError(f"etcd {what}: {tls_problem}")
             return KVStoreUnavailableError(
                 f"etcd {what}: no etcd answers at {where} ({details}); start etcd or fix"
                 " --kvstore-endpoints"
@@ -242,6 +409,59 @@ class EtcdKVStore:
         if code == grpc.StatusCode.CANCELLED and self._closed.is_set():
             return KVStoreError(f"kvstore {self!r} is closed")
         return KVStoreError(f"etcd {what} at {where} failed: {details}")
+
+    def _describe_tls_failure(self, details: str) -> str | None:
+        """What a connection failure says about TLS, in words naming the fix; None when it
+        says nothing about TLS (gRPC reports all of these as UNAVAILABLE)."""
+        where = ",".join(self.endpoints)
+        if self.tls is None:
+            if "Socket closed" in details:
+                return (
+                    f"etcd at {where} closed the connection ({_last_error(details)}); if it"
+                    " serves TLS, use https:// endpoints (and --kvstore-ca)"
+                )
+            return None
+        if "Hostname Verification" in details or "Peer name" in details:
+            return (
+                f"the certificate of etcd at {where} is not issued for {self.server_name}"
+                f" (not in its subject alternative names); issue it for the host in"
+                " --kvstore-endpoints, or give the endpoint by a name the certificate carries"
+            )
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            reason = details.partition("CERTIFICATE_VERIFY_FAILED")[2].strip(": ")
+            reason = reason.removesuffix(": OK").strip() or "verify failed"
+            against = (
+                f"--kvstore-ca {self.tls.ca_file}"
+                if self.tls.ca_file
+                else "the system's CA roots (no --kvstore-ca)"
+            )
+            return (
+                f"the certificate of etcd at {where} does not verify against {against}"
+                f" ({reason}); give the CA that issued it with --kvstore-ca"
+            )
+        if any(
+            mark in details
+            for mark in ("TSI_DATA_CORRUPTED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED")
+        ):
+            if self.tls.cert_file is None:
+                return (
+                    f"etcd at {where} refused this client: it wants a client certificate"
+                    " (--client-cert-auth); give --kvstore-cert and --kvstore-key"
+                )
+            return (
+                f"etcd at {where} refused the client certificate --kvstore-cert"
+                f" {self.tls.cert_file}: not issued by a CA etcd trusts (its"
+                " --trusted-ca-file), or expired; give one that is"
+            )
+        if any(
+            mark in details
+            for mark in ("Handshake read failed", "WRONG_VERSION_NUMBER", "Tls handshake failed")
+        ):
+            return (
+                f"etcd at {where} did not complete a TLS handshake ({_last_error(details)});"
+                " if it serves plaintext, use http:// endpoints"
+            )
+        return None
 
     # KVStore ------------------------------------------------------------------------------
 
@@ -414,6 +634,11 @@ class EtcdKVStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _last_error(details: str) -> str:
+    """The cause at the end of gRPC's "failed to connect to all addresses; last error: ..."."""
+    return details.rpartition("last error: ")[2] or details
 
 
 def _unary(channel: grpc.Channel, method: str, request: Any, response: Any) -> Any:

@@ -5,7 +5,8 @@ compressed backups first, as `garrison observe` reads them). The store keeps no 
 records: a plain log file is kept as the byte offset where each record starts and read again
 with `pread` for the page asked for; a compressed backup and the agent's records are kept as
 their lines. While loading, one `ServiceMapBuilder` counts everything, so the map and the
-policy review are ready when the log is read; new records are added to it as they come.
+policy review are ready when the log is read; new records are added to it as they come. A
+loaded line is decoded only as far as the map reads it (`garrison.flows.mapscan`).
 
 A large plain file is read by several processes at once (one per core, each a byte range
 aligned on a line start); their offsets and builders are merged in order. Forking is done
@@ -29,13 +30,14 @@ import threading
 import time
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
+from garrison.flows.mapscan import MapScan
 from garrison.flows.query import CompiledQuery
 from garrison.flows.reader import FlowSourceError, LogFile, log_files, open_lines
 from garrison.flows.servicemap import ServiceMapBuilder
@@ -43,6 +45,7 @@ from garrison.flows.servicemap import ServiceMapBuilder
 PARALLEL_MIN_BYTES = 32 << 20  # below this one process reads faster than several start
 CHUNK_BYTES = 64 << 20  # the part of a file one reader process reads at a time
 READ_CHUNK = 4 << 20
+BATCH_LINES = 4096  # lines of a compressed file given to the map at a time
 MAX_BAD_SAMPLES = 5
 TAIL_CAP = 500_000  # records that arrive while the page runs, kept in memory
 FOLLOW_READ = 16 << 20  # what one poll reads of a followed file at most
@@ -198,9 +201,9 @@ def _scan(path: str, begin: int, end: int) -> _Part:
     start). Runs in a worker process for large files."""
     starts: array[int] = array("q")
     builder = ServiceMapBuilder()
+    scan = MapScan(builder)
     bad: list[tuple[int, str]] = []
     bad_count = 0
-    loads, add, append = orjson.loads, builder.add, starts.append
     pos, rest, number = begin, b"", 0
     with open(path, "rb") as f:
         f.seek(begin)
@@ -214,25 +217,28 @@ def _scan(path: str, begin: int, end: int) -> _Part:
             rest = lines.pop() if left > 0 else b""
             if left <= 0 and lines and lines[-1] == b"":
                 lines.pop()
-            for line in lines:
-                number += 1
-                if line and not line.isspace():
-                    append(pos)
-                    try:
-                        d = loads(line)
-                    except orjson.JSONDecodeError as exc:
-                        d, why = None, f"not JSON: {exc}"
-                    else:
-                        why = "not a JSON object"
-                    if type(d) is dict:
-                        add(d)
-                    else:
-                        bad_count += 1
-                        if len(bad) < MAX_BAD_SAMPLES:
-                            bad.append((number, why))
-                pos += len(line) + 1
+            # where each line starts (and the next after the last)
+            at = list(itertools.accumulate(map(_NEXT, map(len, lines)), initial=pos))
+            numbers: Sequence[int]
+            if b"" in lines or any(map(bytes.isspace, lines)):  # blank lines: no records
+                numbers = [i for i, line in enumerate(lines) if line and not line.isspace()]
+                records = [lines[i] for i in numbers]
+                starts.extend(at[i] for i in numbers)
+            else:
+                numbers, records = range(len(lines)), lines
+                starts.extend(at[:-1])
+            for index, why in scan.add_lines(records):
+                bad_count += 1
+                if len(bad) < MAX_BAD_SAMPLES:
+                    bad.append((number + numbers[index] + 1, why))
+            number += len(lines)
+            pos = at[-1]
+    scan.flush()
     builder.skipped += bad_count
     return _Part(starts, builder, bad, bad_count, number)
+
+
+_NEXT = (1).__add__  # a line's length to where the next one starts, with its newline
 
 
 def _split_points(fd: int, size: int, parts: int) -> list[int]:
@@ -516,15 +522,18 @@ class FileSource:
     def _read_compressed(log: LogFile, store: FlowStore) -> None:
         segment = MemorySegment()
         builder = ServiceMapBuilder()
+        scan = MapScan(builder)
         stats = LoadStats()
-        for number, line in enumerate(open_lines(log), 1):
-            segment.append(line)
-            d, why = decode(line)
-            if d is None:
-                stats.add(f"{log.name}:{number}", why)
+        lines = open_lines(log)
+        number = 0
+        while batch := list(itertools.islice(lines, BATCH_LINES)):
+            for line in batch:
+                segment.append(line)
+            for index, why in scan.add_lines(batch):
+                stats.add(f"{log.name}:{number + index + 1}", why)
                 builder.skipped += 1
-            else:
-                builder.add(d)
+            number += len(batch)
+        scan.flush()
         store.add_segment(segment, builder, stats)
 
     def poll(self, store: FlowStore) -> None:

@@ -190,8 +190,8 @@ def test_endpoints_are_parsed_and_bad_ones_named() -> None:
     )
     with pytest.raises(KVStoreError, match="no port"):
         parse_endpoints("http://127.0.0.1")
-    with pytest.raises(KVStoreError, match="TLS is not supported"):
-        parse_endpoints("https://127.0.0.1:2379")
+    with pytest.raises(KVStoreError, match="mix http:// and https://"):
+        parse_endpoints("https://127.0.0.1:2379,http://127.0.0.1:2380")
     with pytest.raises(KVStoreError, match="no etcd endpoint"):
         parse_endpoints(" , ")
 

@@ -48,7 +48,7 @@ def test_one_endpoint_in_audit_mode(agent: AgentProcess, clean: None) -> None:
     agent.deathstar(other)
     agent.import_file(L7)
     shown = agent.cli("endpoint", "config", ds.name, "audit=true").stdout
-    assert shown == f"endpoint {ds.name}: audit=true\n"
+    assert shown == f"endpoint {ds.name}: audit=true deny-response=drop\n"
     listed = {e["name"]: e for e in agent.cli_json("endpoint", "list")["endpoints"]}
     assert (listed[ds.name]["audit"], listed[other.name]["audit"]) == (True, False)
     t0 = time.time_ns()

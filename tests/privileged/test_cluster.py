@@ -1,4 +1,4 @@
-"""Two nodes on one etcd: cross-node L3/L4 enforcement by identity learnt through etcd.
+"""Three nodes on one etcd: cross-node enforcement by identity learnt through etcd, faults.
 
     netns ge-ul-<pid>:  bridge, etcd on 198.19.0.250:2379
         │ 198.19.0.0/24 underlay
@@ -6,10 +6,12 @@
         endpoints ge-a (app=a, 198.18.201.10), ge-c (app=c, 198.18.201.11)
     netns ge-n2-<pid> (198.19.0.202): garrison agent, pod CIDR 198.18.202.0/24
         endpoint  ge-b (app=b, 198.18.202.10), echo servers on 7000 and 7001
+    netns ge-n3-<pid> (198.19.0.203): garrison agent, pod CIDR 198.18.203.0/24
 
 The policy (imported on node 1 only) lets app=a reach app=b on TCP 7000. Node 2 decides by
 the source's identity, which it only knows from etcd: a reaches 7000, not 7001; c (same node,
-same kind of address as a) reaches nothing.
+same kind of address as a) reaches nothing. The Star Wars test puts the deathstar's replicas on
+nodes 1 and 2 and the ships on node 3.
 
 Every namespace here is made by this module and deleted by it, also on failure.
 """
@@ -59,7 +61,8 @@ LEASE_TTL_S = 3
 # Every endpoint this module adds (each asserted absent before it is added): a failed test's
 # leftovers are removed at the end.
 ENDPOINT_NAMES = (
-    "ge-a", "ge-b", "ge-c", "ge-d", "ge-e", "ge-ds", "ge-tie", "ge-xw", "ge-t1", "ge-t2",
+    "ge-a", "ge-b", "ge-c", "ge-d", "ge-e", "ge-ds1", "ge-ds2", "ge-tie", "ge-xw",
+    "ge-t1", "ge-t2", "ge-t3",
 )
 POLICY = """\
     apiVersion: cilium.io/v2
@@ -135,7 +138,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node
         ip(UNDERLAY, "link", "set", "ge-br", "up")
         etcd = EtcdServer(name="ge-cluster", netns=UNDERLAY, host=ETCD_IP)
         etcd.start()
-        for n in (1, 2):
+        for n in (1, 2, 3):
             netns = f"ge-n{n}-{PID}"
             _netns_add(netns, made)
             node_ip = f"198.19.0.{200 + n}"
@@ -193,7 +196,7 @@ def add_endpoint(node: Node, name: str, labels: str, ip_: str) -> AgentEndpoint:
 
 
 def test_cross_node_l3_l4_by_identity_learnt_through_etcd(cluster: dict[str, Node]) -> None:
-    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
+    n1, n2, n3 = cluster["ge-n1"], cluster["ge-n2"], cluster["ge-n3"]
     a = add_endpoint(n1, "ge-a", "app=ge-a", "198.18.201.10")
     c = add_endpoint(n1, "ge-c", "app=ge-c", "198.18.201.11")
     b = add_endpoint(n2, "ge-b", "app=ge-b", "198.18.202.10")
@@ -219,8 +222,8 @@ def test_cross_node_l3_l4_by_identity_learnt_through_etcd(cluster: dict[str, Nod
     assert n1.ipcache().get(f"{b.ip}/32") == b.identity
     status = n2.api("Status")["cluster"]
     assert status["connected"] is True
-    assert set(status["nodes"]) == {"ge-n1", "ge-n2"}
-    assert status["routes"] == {n1.pod_cidr: n1.ip}, json.dumps(status)
+    assert set(status["nodes"]) == {"ge-n1", "ge-n2", "ge-n3"}
+    assert status["routes"] == {n1.pod_cidr: n1.ip, n3.pod_cidr: n3.ip}, json.dumps(status)
     shown = n2.agent.cli("status")
     assert shown.returncode == 0, shown.stdout + shown.stderr
     assert f"Kvstore:         etcd {ETCD_IP}:2379, connected" in shown.stdout
@@ -242,38 +245,59 @@ def test_cross_node_l3_l4_by_identity_learnt_through_etcd(cluster: dict[str, Nod
     assert drops, "node 2 records its drop of c's connection"
 
 
-def test_same_new_labels_on_two_nodes_at_once_get_one_identity(cluster: dict[str, Node]) -> None:
+def test_same_new_labels_on_three_nodes_at_once_get_one_identity(
+    cluster: dict[str, Node],
+) -> None:
+    """Three agents allocate an identity for the same labels, new to the cluster, at the same
+    moment: etcd's transactions let one win, the other two join it — one number."""
     import threading
 
-    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
+    nodes = [cluster[f"ge-n{n}"] for n in (1, 2, 3)]
+    twins = {f"ge-t{n}": f"198.18.20{n}.30" for n in (1, 2, 3)}
     got: dict[str, int] = {}
-    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(nodes))
 
     def add(node: Node, name: str, ip_: str) -> None:
         assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
         barrier.wait()
-        got[name] = int(
-            node.api("EndpointAdd", name=name, labels=["app=ge-twin"], ip=ip_)["identity"]
-        )
+        try:
+            got[name] = int(
+                node.api("EndpointAdd", name=name, labels=["app=ge-twin"], ip=ip_)["identity"]
+            )
+        except BaseException as e:  # shown by the assertion below
+            errors.append(e)
 
     threads = [
-        threading.Thread(target=add, args=(n1, "ge-t1", "198.18.201.30")),
-        threading.Thread(target=add, args=(n2, "ge-t2", "198.18.202.30")),
+        threading.Thread(target=add, args=(node, name, ip_))
+        for node, (name, ip_) in zip(nodes, twins.items(), strict=True)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     try:
-        assert len(got) == 2 and got["ge-t1"] == got["ge-t2"] >= 256
+        assert not errors, errors
+        assert len(got) == 3 and len(set(got.values())) == 1, got
+        identity = got["ge-t1"]
+        assert identity >= 256
+        # every node has the one identity, for its own twin and the two others'
         wait_for(
-            lambda: n2.ipcache().get("198.18.201.30/32") == got["ge-t1"]
-            and n1.ipcache().get("198.18.202.30/32") == got["ge-t2"],
+            lambda: all(
+                node.ipcache().get(f"{ip_}/32") == identity
+                for node in nodes for ip_ in twins.values()
+            ),
             10.0,
-            "each node to know the other's twin",
+            "each node to know the other nodes' twins",
         )
+        ids = {
+            node.name: [i["id"] for i in node.cli_json("identity", "list")["identities"]
+                        if any(lab.endswith("app=ge-twin") for lab in i["labels"])]
+            for node in nodes
+        }
+        assert all(v == [identity] for v in ids.values()), ids
     finally:
-        for node, name in ((n1, "ge-t1"), (n2, "ge-t2")):
+        for node, name in zip(nodes, twins, strict=True):
             with contextlib.suppress(Exception):
                 node.api("EndpointDelete", name=name)
 
@@ -289,82 +313,101 @@ def test_endpoint_removed_on_one_node_leaves_the_others_ipcache(
 
 
 def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
-    """The deathstar on node 2, both ships on node 1, the example policies imported on node 1.
+    """The deathstar's replicas on nodes 1 and 2, both ships on node 3, the example policies
+    imported on node 1 only.
 
-    - L3/L4 (sw_l3_l4_policy.yaml), decided on node 2 by identities it learnt from etcd: the
-      tiefighter lands, the xwing is dropped and node 2 records the drop with its identity.
-    - L7 (sw_l3_l4_l7_policy.yaml) in node 2's proxy, where the connection from node 1 is
-      steered at tc ingress of node 2's underlay device: landing 200, the exhaust port 403
-      (the app never sees it), the proxy's record naming the tiefighter's identity.
+    - L3/L4 (sw_l3_l4_policy.yaml), decided on each deathstar's node by identities it learnt
+      from etcd: the tiefighter lands on both, the xwing is dropped and the node records the
+      drop with the xwing's identity.
+    - L7 (sw_l3_l4_l7_policy.yaml) in each deathstar node's proxy, where the connection from
+      node 3 is steered at tc ingress of the node's underlay device: landing 200, the exhaust
+      port 403 (the app never sees it), the proxy's record naming the tiefighter's identity.
     """
-    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
-    ds = add_endpoint(n2, "ge-ds", "org=empire,class=deathstar", "198.18.202.20")
-    tie = add_endpoint(n1, "ge-tie", "org=empire,class=tiefighter", "198.18.201.20")
-    xwing = add_endpoint(n1, "ge-xw", "org=alliance,class=xwing", "198.18.201.21")
-    app = subprocess.Popen(
-        ["ip", "netns", "exec", ds.name, sys.executable, str(STARWARS / "deathstar.py"),
-         "--listen", "0.0.0.0:80"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-    )
+    n1, n2, n3 = cluster["ge-n1"], cluster["ge-n2"], cluster["ge-n3"]
+    replicas = [
+        (n1, add_endpoint(n1, "ge-ds1", "org=empire,class=deathstar", "198.18.201.20")),
+        (n2, add_endpoint(n2, "ge-ds2", "org=empire,class=deathstar", "198.18.202.20")),
+    ]
+    tie = add_endpoint(n3, "ge-tie", "org=empire,class=tiefighter", "198.18.203.20")
+    xwing = add_endpoint(n3, "ge-xw", "org=alliance,class=xwing", "198.18.203.21")
+    apps = [
+        subprocess.Popen(
+            ["ip", "netns", "exec", ds.name, sys.executable, str(STARWARS / "deathstar.py"),
+             "--listen", "0.0.0.0:80"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )
+        for _, ds in replicas
+    ]
 
     def import_on_n1(path: Path, rules: int) -> None:
         done = n1.agent.cli("policy", "import", str(path))
         assert done.returncode == 0, done.stdout + done.stderr
         wait_for(
-            lambda: any(
-                p["name"] == "rule1" and p["source"] == str(path) and p["rules"] == rules
-                for p in n2.api("PolicyGet")["policies"]
+            lambda: all(
+                any(
+                    p["name"] == "rule1" and p["source"] == str(path) and p["rules"] == rules
+                    for p in node.api("PolicyGet")["policies"]
+                )
+                for node in (n2, n3)
             ),
             10.0,
-            f"{path.name} to reach node 2",
+            f"{path.name} to reach nodes 2 and 3",
         )
 
-    def request(ep: AgentEndpoint, method: str, path: str) -> tuple[int, bytes]:
+    def request(ds: AgentEndpoint, method: str, path: str) -> tuple[int, bytes]:
         deadline = time.monotonic() + 10
         while True:
-            sock = ep.connect(ds.ip, 80, timeout=2.0)
+            sock = tie.connect(ds.ip, 80, timeout=2.0)
             if sock is not None:
                 with sock:
                     return http_request(sock, method, path)
-            assert time.monotonic() < deadline, "the deathstar never answered"
+            assert time.monotonic() < deadline, f"{ds.name} never answered"
+
+    def flows(node: Node, *having: str) -> list[dict[str, Any]]:
+        return [
+            json.loads(f) for f in node.api("Flows", filter={}, limit=1000)["flows"]
+            if all(h in f for h in having)
+        ]
 
     try:
         wait_for(
-            lambda: n2.ipcache().get(f"{tie.ip}/32") == tie.identity,
+            lambda: all(
+                node.ipcache().get(f"{ship.ip}/32") == ship.identity
+                for node, _ in replicas for ship in (tie, xwing)
+            ),
             10.0,
-            "node 2 to know the tiefighter",
+            "nodes 1 and 2 to know the ships",
         )
         import_on_n1(STARWARS / "sw_l3_l4_policy.yaml", 1)
-        assert request(tie, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
-        assert xwing.connect(ds.ip, 80, timeout=1.5) is None
-        xwing_drops = [
-            json.loads(f) for f in n2.api("Flows", filter={}, limit=1000)["flows"]
-            if xwing.ip in f and '"DROPPED"' in f
-        ]
-        assert xwing_drops and xwing_drops[-1]["source"]["identity"] == xwing.identity
+        for node, ds in replicas:
+            assert request(ds, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
+            assert xwing.connect(ds.ip, 80, timeout=1.5) is None
+            drops = flows(node, xwing.ip, '"DROPPED"')
+            assert drops and drops[-1]["source"]["identity"] == xwing.identity, node.name
 
-        # L7: node 2's from_netdev steers the tiefighter's connection to node 2's proxy.
+        # L7: each node's from_netdev steers the tiefighter's connection to its proxy.
         import_on_n1(STARWARS / "sw_l3_l4_l7_policy.yaml", 1)
-        assert request(tie, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
-        before = app_requests(ds)
-        assert request(tie, "PUT", "/v1/exhaust-port") == (403, b"Access denied\r\n")
-        assert app_requests(ds) == before + 1, "the denied request reached the app"
-        assert xwing.connect(ds.ip, 80, timeout=1.5) is None
-        denied = [
-            r for f in n2.api("Flows", filter={}, limit=1000)["flows"]
-            if '"L7"' in f and "exhaust-port" in f
-            and (r := json.loads(f))["l7"].get("type") == "REQUEST"
-        ]
-        assert denied, "node 2's proxy records the denied request"
-        record = denied[-1]
-        assert record["verdict"] == "DROPPED"
-        assert record["source"]["identity"] == tie.identity  # learnt through etcd
+        for node, ds in replicas:
+            assert request(ds, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
+            before = app_requests(ds)
+            assert request(ds, "PUT", "/v1/exhaust-port") == (403, b"Access denied\r\n")
+            assert app_requests(ds) == before + 1, f"the denied request reached {ds.name}"
+            denied = [
+                r for r in flows(node, '"L7"', "exhaust-port")
+                if r["l7"].get("type") == "REQUEST"
+            ]
+            assert denied, f"{node.name}'s proxy records the denied request"
+            record = denied[-1]
+            assert record["verdict"] == "DROPPED"
+            assert record["source"]["identity"] == tie.identity  # learnt through etcd
+        assert xwing.connect(replicas[1][1].ip, 80, timeout=1.5) is None
     finally:
-        app.terminate()
-        app.wait(10)
-        for name in ("ge-xw", "ge-tie"):
-            n1.api("EndpointDelete", name=name)
-        n2.api("EndpointDelete", name="ge-ds")
+        for app in apps:
+            app.terminate()
+            app.wait(10)
+        for node, name in ((n3, "ge-xw"), (n3, "ge-tie"), (n1, "ge-ds1"), (n2, "ge-ds2")):
+            with contextlib.suppress(Exception):
+                node.api("EndpointDelete", name=name)
         with contextlib.suppress(Exception):
             n1.api("PolicyDelete", name="rule1")
 
@@ -427,25 +470,33 @@ def test_a_stopped_agent_keeps_enforcing_and_catches_up(cluster: dict[str, Node]
 
 
 def test_a_dead_node_leaves_every_ipcache_within_the_lease_ttl(cluster: dict[str, Node]) -> None:
-    n1, n2 = cluster["ge-n1"], cluster["ge-n2"]
+    n1, n2, n3 = cluster["ge-n1"], cluster["ge-n2"], cluster["ge-n3"]
     mine = {"198.18.201.10/32", "198.18.201.11/32"}  # ge-a, ge-c
-    assert mine <= set(n2.ipcache())
+    assert mine <= set(n2.ipcache()) and mine <= set(n3.ipcache())
     n1.agent.stop(signal.SIGKILL)
     killed = time.monotonic()
     try:
-        wait_for(lambda: not mine & set(n2.ipcache()), LEASE_TTL_S + 8.0, "n1's endpoints to go")
+        wait_for(
+            lambda: not mine & (set(n2.ipcache()) | set(n3.ipcache())),
+            LEASE_TTL_S + 8.0,
+            "n1's endpoints to leave nodes 2 and 3",
+        )
         gone_after = time.monotonic() - killed
         # etcd expires leases on its own clock tick, then the watch and the map write: a few
         # seconds' slack on this busy 2-core machine
         assert gone_after < LEASE_TTL_S + 4.0, gone_after
         status = n2.api("Status")["cluster"]
-        assert set(status["nodes"]) == {"ge-n2"}
-        assert status["routes"] == {}
+        assert set(status["nodes"]) == {"ge-n2", "ge-n3"}
+        assert status["routes"] == {n3.pod_cidr: n3.ip}
     finally:
         n1.agent.start()
     # Back: it republishes its endpoints (same identities) and the route returns.
-    wait_for(lambda: mine <= set(n2.ipcache()), 15.0, "n1's endpoints to come back")
-    assert n2.api("Status")["cluster"]["routes"] == {n1.pod_cidr: n1.ip}
+    wait_for(
+        lambda: mine <= set(n2.ipcache()) and mine <= set(n3.ipcache()),
+        15.0,
+        "n1's endpoints to come back",
+    )
+    assert n2.api("Status")["cluster"]["routes"] == {n1.pod_cidr: n1.ip, n3.pod_cidr: n3.ip}
 
 
 def test_a_stopped_agent_removes_its_underlay_program_and_cleanup_its_routes(
@@ -464,13 +515,13 @@ def test_a_stopped_agent_removes_its_underlay_program_and_cleanup_its_routes(
 
     assert "from_netdev" in underlay_filters()
     assert "198.18.201.0/24 via 198.19.0.201" in node_routes()
+    assert "198.18.203.0/24 via 198.19.0.203" in node_routes()
     assert n2.agent.stop() == 0
     assert "from_netdev" not in underlay_filters()
     # The route stays, like the maps: traffic between nodes flows while the agent restarts.
     assert "198.18.201.0/24 via 198.19.0.201" in node_routes()
     done = n2.agent.cleanup()
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "removed the route to another node's pod CIDR 198.18.201.0/24 via 198.19.0.201" in (
-        done.stdout
-    )
+    for cidr, via in (("198.18.201.0/24", "198.19.0.201"), ("198.18.203.0/24", "198.19.0.203")):
+        assert f"removed the route to another node's pod CIDR {cidr} via {via}" in done.stdout
     assert node_routes() == ""

@@ -14,12 +14,15 @@
 #define gar_htons(x) ((__be16)__builtin_bswap16(x))
 #define gar_ntohs(x) ((__u16)__builtin_bswap16(x))
 #define gar_htonl(x) ((__be32)__builtin_bswap32(x))
+#define gar_ntohl(x) ((__u32)__builtin_bswap32(x))
 #else
 #define gar_htons(x) ((__be16)(x))
 #define gar_ntohs(x) ((__u16)(x))
 #define gar_htonl(x) ((__be32)(x))
+#define gar_ntohl(x) ((__u32)(x))
 #endif
 
+#define GAR_IP_DF     0x4000
 #define GAR_IP_MF     0x2000
 #define GAR_IP_OFFSET 0x1fff
 #define GAR_ICMP_ECHO_REPLY   0

@@ -233,3 +233,14 @@ def test_an_aggregated_record_counts_every_flow_it_stands_for() -> None:
     assert put["dropped"] == 42
     assert [(a["code"], a["count"]) for a in put["answers"]] == [("403", 42)]
     assert after["rules"][0]["denied"] == before["rules"][0]["denied"] + 41
+
+
+def test_a_reserved_identity_without_pods_is_named_by_its_reserved_name() -> None:
+    """World traffic (identity 2) has no pod: the node is `world`, not an error."""
+    result = built([{"Type": "L3_L4", "event_type": {"type": 1}, "verdict": "DROPPED",
+                     "source": {"identity": 2, "ip": "198.51.100.7"},
+                     "destination": {"identity": 256, "namespace": "default",
+                                     "pod_name": "deathstar-1"},
+                     "l4": {"TCP": {"destination_port": 80}}}])
+    names = {n["id"]: n["name"] for n in result["nodes"]}
+    assert names == {"2": "world", "default/256": "deathstar-1"}
