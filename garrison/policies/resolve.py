@@ -15,7 +15,7 @@ into the entries the lookup reads: the first rule (lowest order) wins wherever r
 
 from __future__ import annotations
 
-import itertools
+import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -938,7 +938,8 @@ def flatten_tier_bucket(
     """The entries of one tier bucket (keys of one direction, tier, identity and protocol):
     the any-port key keeps its own winner; the port ranges are cut into disjoint segments,
     each holding the first rule over every key that covers it, the any-port key included.
-    So a longest-prefix match (or any covering entry of lowest order) finds the first rule."""
+    So a longest-prefix match (or any covering entry of lowest order) finds the first rule.
+    A sweep over the range bounds: O(k log k) for k keys."""
     any_key = next((k for k in raw if k.port == ANY_PORT), None)
     any_win = tier_winner(raw[any_key]) if any_key is not None else None
     out: dict[MapStateKey, MapStateEntry] = {}
@@ -948,18 +949,34 @@ def flatten_tier_bucket(
     if not ranged:
         return out
     first = ranged[0][0]
-    bounds = sorted({k.port for k, _ in ranged} | {k.end_port + 1 for k, _ in ranged})
+    events: dict[int, list[tuple[bool, int]]] = defaultdict(list)
+    for idx, (k, _) in enumerate(ranged):
+        events[k.port].append((True, idx))
+        events[k.end_port + 1].append((False, idx))
+    points = sorted(events)
+    active: dict[tuple[int, int], set[int]] = {}  # rank -> keys covering the segment
+    ranks: list[tuple[int, int]] = []  # a heap of the active ranks (stale ones skipped)
     segments: list[tuple[int, int, MapStateEntry]] = []
-    for start, nxt in itertools.pairwise(bounds):
-        end = nxt - 1
-        covering = [w for k, w in ranged if k.port <= start and end <= k.end_port]
-        if not covering:
+    for i, point in enumerate(points):
+        for opens, idx in events[point]:
+            rank = ranged[idx][1].rank
+            if opens:
+                active.setdefault(rank, set()).add(idx)
+                heapq.heappush(ranks, rank)
+            else:
+                active[rank].discard(idx)
+                if not active[rank]:
+                    del active[rank]
+        while ranks and ranks[0] not in active:
+            heapq.heappop(ranks)
+        if not ranks or i + 1 == len(points):
             continue
-        if any_win is not None:
-            covering.append(any_win)
-        win = min(covering, key=lambda w: w.rank)
-        refs = _refs_of(w for w in covering if w.rank == win.rank)
-        win = replace(win, derived_from=refs)
+        best = ranks[0]
+        wins = [ranged[j][1] for j in active[best]]
+        if any_win is not None and any_win.rank <= best:
+            wins = [any_win] if any_win.rank < best else [*wins, any_win]
+        win = replace(wins[0], derived_from=_refs_of(wins))
+        start, end = point, points[i + 1] - 1
         if segments and segments[-1][1] == start - 1 and segments[-1][2] == win:
             segments[-1] = (segments[-1][0], end, win)
         else:

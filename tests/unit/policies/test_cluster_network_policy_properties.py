@@ -369,3 +369,45 @@ def test_admin_decisions_are_final(
                     assert res.decided_by == "Admin"
                     if not res.allowed:
                         assert res.drop_reason is DropReason.POLICY_DENY
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), st.integers(0, 3),
+                          st.sampled_from(list(TierAction))), min_size=1, max_size=12))
+def test_flattened_bucket_holds_the_first_rule_at_every_port(
+    keys: list[tuple[int, int, int, TierAction]],
+) -> None:
+    """flatten_tier_bucket over overlapping ranges, single ports and the any-port key (port
+    0): the longest-prefix entry at every port is the covering rule of lowest rank, with the
+    refs of every rule at that rank; segments are disjoint."""
+    from garrison.bpf.policymap import port_blocks
+    from garrison.policies.mapstate import MapStateKey
+    from garrison.policies.resolve import Contribution, flatten_tier_bucket
+
+    raw: dict[MapStateKey, list[Contribution]] = {}
+    for n, (port, width, order, action) in enumerate(keys):
+        key = MapStateKey(Direction.INGRESS, 300, PROTO_TCP, port, port + width if port else 0,
+                          1)
+        ref = RuleRef(PolicyKind.CLUSTER, None, f"p{n}", "ingress", 0, order)
+        raw.setdefault(key, []).append(
+            Contribution(n + 1, ref, action is TierAction.DENY, None, action, order, 1)
+        )
+    out = flatten_tier_bucket(raw)
+    blocks: dict[tuple[int, int], MapStateKey] = {}
+    for key in out:
+        for block in port_blocks(key.port, key.end_port):
+            assert block not in blocks, "segments overlap"
+            blocks[block] = key
+    for port in range(1, 50):
+        want = [(c.order, ACTION_RANK[c.action], c.ref) for k, cs in raw.items()
+                for c in cs if c.action and (k.port == 0 or k.port <= port <= k.end_port)]
+        found = [k for k in out if k.port == 0 or k.port <= port <= k.end_port]
+        narrow = [k for k in found if k.port]
+        got = out[narrow[0]] if narrow else (out[found[0]] if found else None)
+        assert len(narrow) <= 1
+        if not want:
+            assert got is None
+            continue
+        best = min(w[:2] for w in want)
+        assert got is not None and got.rank == best
+        assert set(got.derived_from) == {w[2] for w in want if w[:2] == best}
