@@ -175,14 +175,14 @@ def lookup_entries(
     tiers: bool = True,
 ) -> KernelVerdict:
     """lib/policy.h's lookup over kernel entries, step for step (its numbered comment):
-    1. Admin tier: the four LPM lookups below in the Admin entries; the lowest `tier_rank`
-       decides: Accept -> allow, Deny -> drop POLICY_DENY, Pass (or no hit) -> step 2;
-    2. deny: four LPM lookups, (remote, proto), (remote, any), (any, proto), (any, any);
-    3. allow: the same four, the most precedent hit (`specificity`) decides;
-    4. nothing: drop POLICY_DENIED if enforced;
-    5. Baseline tier as step 1 (Pass or no hit -> step 6);
-    6. allow.
-    `tiers`: the endpoint's TIERS flag; without it steps 1 and 5 are skipped."""
+    0. Admin tier: the four LPM lookups below in the Admin entries; the lowest `tier_rank`
+       decides: Accept -> allow, Deny -> drop POLICY_DENY, Pass (or no hit) -> step 1;
+    1. deny: four LPM lookups, (remote, proto), (remote, any), (any, proto), (any, any);
+    2. allow: the same four, the most precedent hit (`specificity`) decides;
+    3. nothing: drop POLICY_DENIED if enforced;
+    4. Baseline tier as step 0 (Pass or no hit -> step 5);
+    5. allow.
+    `tiers`: the endpoint's TIERS flag; without it steps 0 and 4 are skipped."""
     if remote_identity == ANY_IDENTITY:
         remote_identity = 2  # the world: what the datapath uses for an unknown address
     probes = (

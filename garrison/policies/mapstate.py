@@ -229,18 +229,19 @@ def precedence(key: MapStateKey, port: int) -> tuple[int, int, int]:
 def lookup(
     state: MapState, direction: Direction, remote_identity: int, protocol: int, port: int
 ) -> LookupResult:
-    """The verdict for a new connection, exactly as the datapath decides it.
+    """The verdict for a new connection, exactly as the datapath decides it (the numbered
+    steps of lib/policy.h):
 
-    1. Admin tier: the covering Admin entry of lowest rank decides: Accept -> allow,
-       Deny -> drop (POLICY_DENY), Pass -> on to step 2 (so does no match)
-    2. any matching explicit deny of the NetworkPolicy tier -> drop (POLICY_DENY)
-    3. otherwise the most specific allow decides (see `precedence`); a redirect entry sends
+    0. Admin tier: the covering Admin entry of lowest rank decides: Accept -> allow,
+       Deny -> drop (POLICY_DENY), Pass -> on to step 1 (so does no match)
+    1. any matching explicit deny of the NetworkPolicy tier -> drop (POLICY_DENY)
+    2. otherwise the most specific allow decides (see `precedence`); a redirect entry sends
        the connection to the proxy
-    4. nothing matches and the direction is enforced (some NetworkPolicy-tier rule selects the
+    3. nothing matches and the direction is enforced (some NetworkPolicy-tier rule selects the
        endpoint in this direction, or enforcement `always`): drop (POLICY_DENIED)
-    5. Baseline tier, as step 1: Accept -> allow, Deny -> drop (POLICY_DENY), Pass or no
-       match -> step 6
-    6. allow (nothing enforces the direction)
+    4. Baseline tier, as step 0: Accept -> allow, Deny -> drop (POLICY_DENY), Pass or no
+       match -> step 5
+    5. allow (nothing enforces the direction)
     """
     candidates = [
         (key, entry)
@@ -283,7 +284,7 @@ def decide(
     candidates: Iterable[tuple[MapStateKey, MapStateEntry]],
     port: int,
 ) -> LookupResult:
-    """Steps 1-6 of `lookup` over entries already known to cover the packet."""
+    """Steps 0-5 of `lookup` over entries already known to cover the packet."""
     cands = list(candidates)
     enforced = state.enforced(direction)
     passed: tuple[RuleRef, ...] = ()
