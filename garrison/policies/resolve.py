@@ -106,12 +106,20 @@ class Contribution:
         init=False, compare=False, repr=False
     )
     protocol: L7Protocol | None = field(init=False, compare=False, repr=False)
+    # a tier contribution: the entry it makes where it is the only rule (`tier_winner`)
+    tier_alone: MapStateEntry | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocol", self.l7.protocol if self.l7 is not None else None)
-        object.__setattr__(
-            self, "alone", _merge_key([self]) if self.action is None else (None, None)
-        )
+        if self.action is None:
+            object.__setattr__(self, "alone", _merge_key([self]))
+            object.__setattr__(self, "tier_alone", None)
+        else:
+            object.__setattr__(self, "alone", (None, None))
+            refs = (self.ref,) if self.ref is not None else ()
+            object.__setattr__(self, "tier_alone", MapStateEntry(
+                self.action is TierAction.DENY, None, refs, self.action, self.order
+            ))
 
 
 @dataclass(slots=True)
@@ -321,7 +329,7 @@ class _EndpointPolicy:
                 continue
             made = flatten_tier_bucket({k: self.contribs[k] for k in raw})
             self.entries.update(made)
-            self.touched |= made.keys()
+            self.touched.update(made)  # not |= a keys view: that copies the set
             self.tier_out[bucket] = set(made)
 
     def _propagate(self, port: tuple[Direction, int], identities: set[int] | None) -> None:
@@ -918,17 +926,17 @@ def merge_contributions(
     return entries, l7
 
 
-def tier_winner(cs: Iterable[Contribution]) -> MapStateEntry:
+def tier_winner(cs: Sequence[Contribution]) -> MapStateEntry:
     """What the first of these ClusterNetworkPolicy rules does: the lowest order; at equal
     order Deny, then Pass, then Accept (`mapstate.ACTION_RANK`). Its refs are those of
     every rule at that rank."""
-    best = min(MapStateEntry(c.action is TierAction.DENY, None, (), c.action, c.order).rank
-               for c in cs)
-    refs = tuple(sorted(
-        _refs(c for c in cs if (c.order, ACTION_RANK[c.action or TierAction.ACCEPT]) == best),
-        key=_ref_order,
-    ))
-    action = next(a for a, r in ACTION_RANK.items() if r == best[1])
+    if len(cs) == 1 and cs[0].tier_alone is not None:
+        return cs[0].tier_alone
+    ranked = [((c.order, ACTION_RANK[c.action or TierAction.ACCEPT]), c) for c in cs]
+    best = min(rank for rank, _ in ranked)
+    at_best = [c for rank, c in ranked if rank == best]
+    refs = tuple(sorted(_refs(at_best), key=_ref_order))
+    action = at_best[0].action or TierAction.ACCEPT
     return MapStateEntry(action is TierAction.DENY, None, refs, action, best[0])
 
 
@@ -940,6 +948,9 @@ def flatten_tier_bucket(
     each holding the first rule over every key that covers it, the any-port key included.
     So a longest-prefix match (or any covering entry of lowest order) finds the first rule.
     A sweep over the range bounds: O(k log k) for k keys."""
+    if len(raw) == 1:  # the common case: one key, its own segment
+        ((key, cs),) = raw.items()
+        return {key: tier_winner(cs)}
     any_key = next((k for k in raw if k.port == ANY_PORT), None)
     any_win = tier_winner(raw[any_key]) if any_key is not None else None
     out: dict[MapStateKey, MapStateEntry] = {}
