@@ -17,7 +17,7 @@ from garrison.flows.summary import rule_keys
 from garrison.identity.namespaces import NamespaceError, check_namespace
 from garrison.kvstore.base import KVStoreError
 from garrison.policies.errors import PolicyValidationError
-from garrison.policies.mapstate import PROTOCOL_NAMES, MapState
+from garrison.policies.mapstate import PROTOCOL_NAMES, TIER_NAMES, MapState
 
 
 def endpoint_view(agent: Agent, ep: EndpointRecord) -> dict[str, Any]:
@@ -54,9 +54,10 @@ def map_state_view(state: MapState) -> list[dict[str, Any]]:
                                                str(key.protocol)),
                 "port": key.port,
                 "end_port": key.end_port,
-                "verdict": "deny" if entry.deny else (
-                    f"redirect:{entry.redirect.value}" if entry.redirect else "allow"
-                ),
+                # a ClusterNetworkPolicy tier entry: its action (accept / deny / pass)
+                "verdict": entry.action.value.lower() if entry.action else "deny" if entry.deny
+                else (f"redirect:{entry.redirect.value}" if entry.redirect else "allow"),
+                "tier": TIER_NAMES[key.tier],
                 "l7_rules": len(ruleset.rules) if ruleset else 0,
                 "l7_allow_all": bool(ruleset and ruleset.allow_all),
                 "derived_from": [str(r) for r in entry.derived_from],

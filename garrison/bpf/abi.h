@@ -93,6 +93,7 @@
  * (lib/deny_response.h); neither = none, a silent drop. At most one is set. */
 #define GAR_EP_DENY_RESPONSE_ICMP      0x8  /* ICMP destination unreachable, code 13 */
 #define GAR_EP_DENY_RESPONSE_TCP_RESET 0x10 /* TCP: RST; anything else: as ICMP */
+#define GAR_EP_TIERS                   0x20 /* has ClusterNetworkPolicy (Admin/Baseline) entries */
 
 struct gar_endpoint {
 	__u32 identity;
@@ -130,7 +131,7 @@ struct gar_ipcache_value {
 };
 
 /* ---- Policy (map gar_policy: LPM trie) --------------------------------------------------
- * One trie for every endpoint identity. The fixed part (endpoint identity .. pad0, 96 bits)
+ * One trie for every endpoint identity. The fixed part (endpoint identity .. tier, 96 bits)
  * always matches in full; the prefix then runs over the big-endian destination port, so a
  * port range is stored as the aligned power-of-two blocks it splits into. prefixlen =
  * GAR_POLICY_FIXED_BITS + port prefix bits (0 = any port, 16 = one port). Allow and deny
@@ -145,14 +146,24 @@ struct gar_policy_key {
 	__u8 direction;          /* GAR_DIR_* */
 	__u8 deny;               /* 1 = explicit deny entry, 0 = allow entry */
 	__u8 protocol;           /* IP protocol, 0 = any */
-	__u8 pad0;
+	__u8 tier;               /* GAR_POLICY_TIER_*; in the Admin/Baseline tiers deny is 0 */
 	__be16 dport;            /* block start (ICMP: type), network byte order */
 	__u16 pad1;              /* beyond every prefix; zero */
 };
 
 #define GAR_POLICY_REDIRECT 0x1 /* allowed, and redirected to proxy_port */
+/* ClusterNetworkPolicy tiers: a tier entry's action is one of these flags, and its
+ * proxy_port field holds the rule's order in the tier (lower first) */
+#define GAR_POLICY_ACCEPT 0x2
+#define GAR_POLICY_DENY   0x4
+#define GAR_POLICY_PASS   0x8
+
+#define GAR_POLICY_TIER_NETWORKPOLICY 0
+#define GAR_POLICY_TIER_ADMIN         1
+#define GAR_POLICY_TIER_BASELINE      2
 
 struct gar_policy_value {
+	/* tier entries (GAR_POLICY_ACCEPT / DENY / PASS): proxy_port holds the rule's order */
 	__u16 proxy_port;     /* host byte order; with GAR_POLICY_REDIRECT, 0 = no proxy (drop) */
 	__u8 flags;           /* GAR_POLICY_* */
 	__u8 port_prefixlen;  /* the entry's port prefix bits (0..16): precedence + match type */

@@ -39,6 +39,12 @@ IDENTITY_WORLD = 2
 POLICY_FIXED_BITS = 96
 POLICY_FULL_BITS = 112
 POLICY_REDIRECT = 0x1
+POLICY_ACCEPT = 0x2
+POLICY_DENY = 0x4
+POLICY_PASS = 0x8
+POLICY_TIER_NETWORKPOLICY = 0
+POLICY_TIER_ADMIN = 1
+POLICY_TIER_BASELINE = 2
 
 # ---- Conntrack timeouts (seconds) ----------------------------------------------------------
 CT_TIMEOUT_SYN_S_DEFAULT = 60
@@ -175,6 +181,7 @@ class EndpointFlags(IntFlag):
     AUDIT = 0x4
     DENY_RESPONSE_ICMP = 0x8
     DENY_RESPONSE_TCP_RESET = 0x10
+    TIERS = 0x20  # has ClusterNetworkPolicy (Admin / Baseline) entries: look them up
 
 
 DENY_RESPONSES: dict[str, EndpointFlags] = {
@@ -282,7 +289,7 @@ class PolicyKey(ctypes.Structure):
         ("direction", _u8),
         ("deny", _u8),
         ("protocol", _u8),
-        ("pad0", _u8),
+        ("tier", _u8),
         ("dport", _u16),
         ("pad1", _u16),
     ]

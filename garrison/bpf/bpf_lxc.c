@@ -99,7 +99,7 @@ static __always_inline int gar_judge(struct gar_ctx *c, const struct gar_endpoin
 	__u8 flags = 0;
 
 	*v = gar_policy_lookup(ep->identity, direction, remote, c->pkt.tuple.protocol,
-			       c->pkt.dport, ep->flags & enforced_flag);
+			       c->pkt.dport, ep->flags & enforced_flag, ep->flags & GAR_EP_TIERS);
 	if (v->allowed)
 		flags |= GAR_EVENT_F_ALLOWED;
 	if (v->redirect)
@@ -336,7 +336,8 @@ int from_netdev(struct __sk_buff *skb)
 
 	src_id = gar_identity_of(gar_ipcache_lookup(c.pkt.tuple.saddr));
 	ingress = gar_policy_lookup(ep->identity, GAR_DIR_INGRESS, src_id, c.pkt.tuple.protocol,
-				    c.pkt.dport, ep->flags & GAR_EP_INGRESS_ENFORCED);
+				    c.pkt.dport, ep->flags & GAR_EP_INGRESS_ENFORCED,
+				    ep->flags & GAR_EP_TIERS);
 	if (!ingress.allowed || !ingress.redirect)
 		return TC_ACT_OK; /* to_container's decision, with its verdict event */
 	gar_judge(&c, ep, dst_ifindex, GAR_DIR_INGRESS, src_id, &ingress);

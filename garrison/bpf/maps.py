@@ -151,6 +151,7 @@ def policy_key_to_abi(key: PolicyKey) -> abi.PolicyKey:
         direction=TrafficDirection.of(key.direction),
         deny=int(key.deny),
         protocol=key.protocol,
+        tier=key.tier,
         dport=socket.htons(key.port),
     )
 
@@ -164,15 +165,21 @@ def policy_key_from_abi(key: abi.PolicyKey) -> PolicyKey:
         protocol=key.protocol,
         port=socket.ntohs(key.dport),
         port_prefixlen=key.prefixlen - abi.POLICY_FIXED_BITS,
+        tier=key.tier,
     )
 
 
 def policy_value_to_abi(value: PolicyValue) -> abi.PolicyValue:
+    if value.action:  # a ClusterNetworkPolicy tier entry: its order in the port field
+        return abi.PolicyValue(value.order, value.action, value.port_prefixlen)
     flags = abi.POLICY_REDIRECT if value.redirect else 0
     return abi.PolicyValue(value.proxy_port, flags, value.port_prefixlen)
 
 
 def policy_value_from_abi(value: abi.PolicyValue) -> PolicyValue:
+    action = value.flags & (abi.POLICY_ACCEPT | abi.POLICY_DENY | abi.POLICY_PASS)
+    if action:
+        return PolicyValue(False, 0, value.port_prefixlen, value.proxy_port, action)
     return PolicyValue(
         bool(value.flags & abi.POLICY_REDIRECT), value.proxy_port, value.port_prefixlen
     )

@@ -10,6 +10,12 @@ lookups rank entries exactly as `mapstate.precedence` does. Deny entries are kep
 allow entries (the `deny` field) and looked up first, so a deny covering an allow's traffic
 drops it whatever their specificity — no propagation of denies into allow entries is needed.
 
+ClusterNetworkPolicy entries (MapStateKey.tier: Admin, Baseline) are kernel entries of that
+tier (the key's `tier` byte, `deny` 0) whose value holds the rule's action and order. The
+resolver made each tier bucket's port ranges disjoint apart from the any-port entry and put
+the first rule over both into each, so one LPM lookup per (remote, protocol) pair returns the
+first rule there, and the lowest order of the four lookups is the tier's first match.
+
 Several MapStateKeys can produce the same kernel key (overlapping ranges share a block; a
 single-port L7 entry and a range whose block at that port is a single port). Such allow
 entries merge into one: redirect wins (the L7 merge of the resolver already made the rule
@@ -23,7 +29,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from garrison.bpf.abi import EndpointFlags
+from garrison.bpf.abi import (
+    POLICY_ACCEPT,
+    POLICY_DENY,
+    POLICY_PASS,
+    EndpointFlags,
+)
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.mapstate import (
     ANY_IDENTITY,
@@ -35,7 +46,7 @@ from garrison.policies.mapstate import (
     MapStateKey,
     MatchType,
 )
-from garrison.policies.model import Direction
+from garrison.policies.model import Direction, TierAction
 
 PORT_BITS = 16
 
@@ -51,6 +62,7 @@ class PolicyKey(NamedTuple):
     protocol: int
     port: int
     port_prefixlen: int
+    tier: int = 0  # mapstate.TIER_*: 0 NetworkPolicy, 1 Admin, 2 Baseline
 
     @property
     def port_end(self) -> int:
@@ -65,9 +77,23 @@ class PolicyValue(NamedTuple):
     redirect: bool
     proxy_port: int
     port_prefixlen: int
+    # tier entries: the rule's order in its tier and its action (POLICY_ACCEPT / DENY / PASS)
+    order: int = 0
+    action: int = 0
+
+    @property
+    def tier_rank(self) -> int:
+        """lib/policy.h's rank of a tier entry: order, then Deny before Pass before Accept."""
+        return (self.order << 2) | _ACTION_RANK[self.action]
 
 
 ALLOW = PolicyValue(False, 0, 0)
+ACTION_FLAGS = {
+    TierAction.ACCEPT: POLICY_ACCEPT,
+    TierAction.DENY: POLICY_DENY,
+    TierAction.PASS: POLICY_PASS,
+}
+_ACTION_RANK = {POLICY_DENY: 0, POLICY_PASS: 1, POLICY_ACCEPT: 2}
 
 
 def port_blocks(port: int, end_port: int) -> list[tuple[int, int]]:
@@ -127,10 +153,11 @@ def _lpm(
     remote: int,
     protocol: int,
     port: int,
+    tier: int = 0,
 ) -> tuple[PolicyKey, PolicyValue] | None:
     for plen in range(PORT_BITS, -1, -1):
         start = port & ~((1 << (PORT_BITS - plen)) - 1) & 0xFFFF if plen else 0
-        key = PolicyKey(endpoint, direction, deny, remote, protocol, start, plen)
+        key = PolicyKey(endpoint, direction, deny, remote, protocol, start, plen, tier)
         value = entries.get(key)
         if value is not None:
             return key, value
@@ -145,11 +172,17 @@ def lookup_entries(
     protocol: int,
     port: int,
     enforced: bool,
+    tiers: bool = True,
 ) -> KernelVerdict:
     """lib/policy.h's lookup over kernel entries, step for step (its numbered comment):
+    0. Admin tier: the four LPM lookups below in the Admin entries; the lowest `tier_rank`
+       decides: Accept -> allow, Deny -> drop POLICY_DENY, Pass (or no hit) -> step 1;
     1. deny: four LPM lookups, (remote, proto), (remote, any), (any, proto), (any, any);
     2. allow: the same four, the most precedent hit (`specificity`) decides;
-    3. nothing: drop POLICY_DENIED if enforced, else allow."""
+    3. nothing: drop POLICY_DENIED if enforced;
+    4. Baseline tier as step 0 (Pass or no hit -> step 5);
+    5. allow.
+    `tiers`: the endpoint's TIERS flag; without it steps 0 and 4 are skipped."""
     if remote_identity == ANY_IDENTITY:
         remote_identity = 2  # the world: what the datapath uses for an unknown address
     probes = (
@@ -158,6 +191,23 @@ def lookup_entries(
         (ANY_IDENTITY, protocol),
         (ANY_IDENTITY, ANY_PROTOCOL),
     )
+
+    def tier_first(tier: int) -> KernelVerdict | None:
+        best: tuple[int, PolicyKey, PolicyValue] | None = None
+        for rid, proto in probes:
+            hit = _lpm(entries, endpoint_identity, direction, False, rid, proto, port, tier)
+            if hit is not None and (best is None or hit[1].tier_rank < best[0]):
+                best = (hit[1].tier_rank, *hit)
+        if best is None or best[2].action == POLICY_PASS:
+            return None
+        match = _CLASS_MATCH[specificity(best[1])[0]]
+        if best[2].action == POLICY_ACCEPT:
+            return KernelVerdict(True, match)
+        return KernelVerdict(False, match, DropReason.POLICY_DENY)
+
+    admin = tier_first(1) if tiers else None
+    if admin is not None:
+        return admin
     for deny in (True, False):
         hits = [
             hit
@@ -173,6 +223,9 @@ def lookup_entries(
         return KernelVerdict(True, match, None, value.redirect, value.proxy_port)
     if enforced:
         return KernelVerdict(False, MatchType.NONE, DropReason.POLICY_DENIED)
+    baseline = tier_first(2) if tiers else None
+    if baseline is not None:
+        return baseline
     return KernelVerdict(True, MatchType.NONE)
 
 
@@ -183,6 +236,8 @@ class MissingProxyPortError(LookupError):
 def _value(
     key: MapStateKey, entry: MapStateEntry, prefixlen: int, proxy_ports: Mapping[L7Protocol, int]
 ) -> PolicyValue:
+    if entry.action is not None:
+        return PolicyValue(False, 0, prefixlen, entry.order, ACTION_FLAGS[entry.action])
     if entry.deny or entry.redirect is None:
         return PolicyValue(False, 0, prefixlen)
     port = proxy_ports.get(entry.redirect)
@@ -204,7 +259,8 @@ def kernel_entries(
     return [
         (
             PolicyKey(
-                identity, key.direction, entry.deny, key.identity, key.protocol, start, plen
+                identity, key.direction, entry.deny and not key.tier, key.identity,
+                key.protocol, start, plen, key.tier,
             ),
             _value(key, entry, plen, proxy_ports),
         )
@@ -243,6 +299,8 @@ def endpoint_flags(state: MapState) -> EndpointFlags:
         flags |= EndpointFlags.EGRESS_ENFORCED
     if state.audit:
         flags |= EndpointFlags.AUDIT
+    if state.tiers:
+        flags |= EndpointFlags.TIERS
     return flags
 
 
@@ -274,9 +332,14 @@ class PolicyDiff:
            while a more specific stale entry it used to lose to is already gone);
         4. delete stale deny entries.
         """
-        deny_up = [(k, v) for k, v in self.upserts.items() if k.deny]
+        # ClusterNetworkPolicy entries: a Deny is written with the denies, the others with
+        # the allows (each tier bucket's entries are disjoint, so their order matters less)
+        deny_up = [
+            (k, v) for k, v in self.upserts.items() if k.deny or v.action == POLICY_DENY
+        ]
         allow_up = sorted(
-            ((k, v) for k, v in self.upserts.items() if not k.deny),
+            ((k, v) for k, v in self.upserts.items()
+             if not k.deny and v.action != POLICY_DENY),
             key=lambda kv: specificity(kv[0]),
         )
         allow_del = sorted(

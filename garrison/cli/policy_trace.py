@@ -285,11 +285,23 @@ def _render_step(step: TraceStep) -> list[str]:
     if step.enforced:
         by = ", ".join(r.policy for r in step.enforced_by) or "enforcement mode 'always'"
         out.append(f"{head} default-deny (enforced by {by})")
+    elif step.lookup.passed or (step.lookup.entry and step.lookup.entry.action):
+        out.append(f"{head} not enforced by the NetworkPolicy tier (none of its rules selects "
+                   f"it with an {step.direction.value} section)")
     else:
         out.append(f"{head} not enforced (no rule selects it with an {step.direction.value} "
                    "section)")
     res = step.lookup
-    if res.allowed:
+    for ref in res.passed:
+        out.append(f"    Pass by {ref}: on to the next tier")
+    tier = res.decided_by
+    if res.entry is not None and res.entry.action is not None:
+        verdict = "allowed" if res.allowed else "DENIED"
+        rules = "; ".join(str(r) for r in res.refs)
+        reason = "" if res.allowed else ", drop reason POLICY_DENY"
+        out.append(f"    L3/L4 {verdict} in the {tier} tier by {res.entry.action.value} rule "
+                   f"{rules} ({res.match_type.value} match: {res.key}{reason})")
+    elif res.allowed:
         if res.refs:
             rules = "; ".join(str(r) for r in res.refs)
             out.append(f"    L3/L4 allowed by {rules} ({res.match_type.value} match: {res.key})")

@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "validate",
         help="validate policy files or directories",
-        description="Validate CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and "
-        "NetworkPolicy files. Directories are searched for *.yaml, *.yml and *.json.",
+        description="Validate CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, "
+        "NetworkPolicy and ClusterNetworkPolicy files. Directories are searched for *.yaml, "
+        "*.yml and *.json.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="policy file or directory")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text",

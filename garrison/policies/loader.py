@@ -1,5 +1,6 @@
-"""Read policy files (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy) into
-the validated model, reporting every problem as `PATH:LINE: field.path: reason`.
+"""Read policy files (CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy,
+ClusterNetworkPolicy) into the validated model, reporting every problem as
+`PATH:LINE: field.path: reason`.
 
 The YAML is composed, not constructed, so every value keeps its line; the model is built from
 those nodes. All problems of all files are collected and raised together as one
@@ -47,6 +48,8 @@ from garrison.policies.labels import (
     split_source,
 )
 from garrison.policies.model import (
+    CNP_MAX_PRIORITY,
+    CNP_MAX_RULES,
     ICMP_TYPES,
     MAX_PORTS_PER_RULE,
     CIDRPeer,
@@ -64,6 +67,8 @@ from garrison.policies.model import (
     Protocol,
     Rule,
     Source,
+    Tier,
+    TierAction,
     port_name_problem,
 )
 from garrison.policies.refs import PolicyKind, RuleRef
@@ -92,6 +97,7 @@ API_VERSIONS: dict[PolicyKind, str] = {
     PolicyKind.CNP: "cilium.io/v2",
     PolicyKind.CCNP: "cilium.io/v2",
     PolicyKind.KNP: "networking.k8s.io/v1",
+    PolicyKind.CLUSTER: "policy.networking.k8s.io/v1alpha2",
 }
 
 # The garrison extensions dialect: a CiliumNetworkPolicy / CiliumClusterwideNetworkPolicy
@@ -370,20 +376,22 @@ def _document(at: At, list_kind: PolicyKind | None) -> list[_Loaded]:
             at.missing("apiVersion")
     else:
         version = string(version_at)
-        if version == EXTENSION_API_VERSION and kind is not PolicyKind.KNP:
+        if version == EXTENSION_API_VERSION and kind in (PolicyKind.CNP, PolicyKind.CCNP):
             extensions = True
         elif version is not None and version != expected_version:
             version_at.error(
                 f"apiVersion '{version}' does not match kind {kind.value} "
                 f"(expected {expected_version})"
             )
-    top = KNP_TOP_FIELDS if kind is PolicyKind.KNP else CILIUM_TOP_FIELDS
+    top = KNP_TOP_FIELDS if kind in (PolicyKind.KNP, PolicyKind.CLUSTER) else CILIUM_TOP_FIELDS
     fields = mapping(at, top)
     if fields is None:
         return []
     meta = _metadata(at, fields, kind)
     if kind is PolicyKind.KNP:
         policy = _network_policy(at, fields, meta)
+    elif kind is PolicyKind.CLUSTER:
+        policy = _cluster_network_policy(at, fields, meta)
     else:
         policy = _cilium_policy(at, fields, kind, meta, extensions)
     if policy is None or meta.name_at is None:
@@ -451,9 +459,9 @@ def _metadata(doc: At, fields: dict[str, At], kind: PolicyKind) -> _Meta:
             )
         elif ns is not None:
             namespace = ns
-        if kind is PolicyKind.CCNP:
+        if kind in (PolicyKind.CCNP, PolicyKind.CLUSTER):
             m["namespace"].warn_key(f"ignored: a {kind.value} is not namespaced")
-    meta.namespace = None if kind is PolicyKind.CCNP else namespace
+    meta.namespace = None if kind in (PolicyKind.CCNP, PolicyKind.CLUSTER) else namespace
     if "labels" in m:
         pairs = []
         for key, value_at in raw_entries(m["labels"]):
@@ -1538,3 +1546,288 @@ def _ip_block(at: At) -> list[Peer]:
             continue
         excepts.append(ex)
     return [CIDRPeer(net, tuple(excepts))] if net is not None else []
+
+
+# ---------------------------------------------------------------------------------------------
+# ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2): the Admin and Baseline tiers
+
+CNP_SPEC_FIELDS = ("tier", "priority", "subject", "ingress", "egress")
+CNP_SUBJECT_FIELDS = ("namespaces", "pods")
+CNP_PODS_FIELDS = ("namespaceSelector", "podSelector")
+CNP_INGRESS_PEER_FIELDS = ("namespaces", "pods")
+CNP_EGRESS_PEER_FIELDS = ("namespaces", "pods", "nodes", "networks", "domainNames")
+CNP_PROTOCOL_FIELDS = ("tcp", "udp", "sctp", "destinationNamedPort")
+CNP_PROTOCOLS = {"tcp": Protocol.TCP, "udp": Protocol.UDP, "sctp": Protocol.SCTP}
+CNP_MAX_PEERS = 25
+CNP_MAX_NAME = 100
+
+
+def _cluster_network_policy(doc: At, fields: dict[str, At], meta: _Meta) -> Policy | None:
+    """One ClusterNetworkPolicy: a single Rule with `tier`/`priority`, whose ingress/egress
+    sections carry their `action` in the order written (the order decides in the policy)."""
+    if "spec" not in fields:
+        doc.missing("spec")
+        return None
+    f = mapping(fields["spec"], CNP_SPEC_FIELDS, required=("tier", "priority", "subject"))
+    if f is None:
+        return None
+    errors_before = doc.rep.error_count()
+    tier: Tier | None = None
+    if "tier" in f:
+        written = string(f["tier"])
+        if written is not None:
+            try:
+                tier = Tier(written)
+            except ValueError:
+                f["tier"].error(f"unknown tier '{written}' (expected Admin or Baseline)")
+    priority = 0
+    if "priority" in f:
+        number = integer(f["priority"])
+        if number is not None and not 0 <= number <= CNP_MAX_PRIORITY:
+            f["priority"].error(f"priority {number} out of range 0-{CNP_MAX_PRIORITY}")
+        elif number is not None:
+            priority = number
+    subject = _cnp_subject(f["subject"]) if "subject" in f else None
+    where = f"{tier.value if tier else '?'} {priority}"
+    sections: dict[str, tuple[PolicySection, ...] | None] = {"ingress": None, "egress": None}
+    for name, direction in (("ingress", Direction.INGRESS), ("egress", Direction.EGRESS)):
+        if name not in f:
+            continue
+        items = sequence(f[name]) or []
+        if len(items) > CNP_MAX_RULES:
+            f[name].key_error(f"at most {CNP_MAX_RULES} rules (got {len(items)})")
+        built = [
+            _cnp_rule(meta.name, where, item, direction, index)
+            for index, item in enumerate(items)
+        ]
+        sections[name] = tuple(s for s in built if s is not None)
+    if subject is None or tier is None or doc.rep.error_count() != errors_before:
+        return None
+    rule = Rule(
+        endpoint_selector=subject,
+        ingress=sections["ingress"],
+        egress=sections["egress"],
+        tier=tier,
+        priority=priority,
+    )
+    return Policy(
+        kind=PolicyKind.CLUSTER,
+        name=meta.name,
+        namespace=None,
+        rules=(rule,),
+        source=Source(doc.rep.path, doc.rep.document, doc.line),
+        labels=meta.labels,
+        audit=meta.audit,
+    )
+
+
+def _cnp_one_of(at: At, allowed: tuple[str, ...], what: str) -> tuple[str, At] | None:
+    """A mapping with exactly one of `allowed` set (the API's MinProperties/MaxProperties 1)."""
+    f = mapping(at, allowed)
+    if f is None:
+        return None
+    if len(f) != 1:
+        names = " or ".join(allowed)
+        got = f" (got {', '.join(f)})" if f else ""
+        at.error(f"{what} needs exactly one of {names}{got}")
+        return None
+    return next(iter(f.items()))
+
+
+def _cnp_subject(at: At) -> EndpointSelector | None:
+    got = _cnp_one_of(at, CNP_SUBJECT_FIELDS, "subject")
+    if got is None:
+        return None
+    name, value = got
+    return _cnp_namespaces(value) if name == "namespaces" else _cnp_pods(value)
+
+
+def _cnp_namespaces(at: At) -> EndpointSelector | None:
+    """Every pod of the namespaces a namespace label selector picks (`{}`: all)."""
+    reqs = _k8s_namespace_requirements(at)
+    return EndpointSelector.of(reqs) if reqs is not None else None
+
+
+def _cnp_pods(at: At) -> EndpointSelector | None:
+    """`{namespaceSelector, podSelector}`: the pods podSelector picks in the namespaces
+    namespaceSelector picks (absent or `{}`: all namespaces)."""
+    f = mapping(at, CNP_PODS_FIELDS, required=("podSelector",))
+    if f is None or "podSelector" not in f:
+        return None
+    pod = _k8s_pod_selector(f["podSelector"])
+    if "namespaceSelector" in f:
+        ns = _k8s_namespace_requirements(f["namespaceSelector"])
+    else:
+        ns = [Requirement(NAMESPACE_KEY, Operator.EXISTS, (), SOURCE_K8S)]
+    if pod is None or ns is None:
+        return None
+    return EndpointSelector.of([*ns, *pod.requirements])
+
+
+def _cnp_rule(
+    policy: str, where: str, at: At, direction: Direction, index: int
+) -> PolicySection | None:
+    peers_key = "from" if direction is Direction.INGRESS else "to"
+    f = mapping(at, ("name", "action", peers_key, "protocols"), required=("action", peers_key))
+    if f is None:
+        return None
+    errors_before = at.rep.error_count()
+    rule_name = ""
+    if "name" in f:
+        rule_name = string(f["name"]) or ""
+        if len(rule_name) > CNP_MAX_NAME:
+            f["name"].error(f"a rule name has at most {CNP_MAX_NAME} characters")
+    action: TierAction | None = None
+    if "action" in f:
+        written = string(f["action"])
+        if written is not None:
+            try:
+                action = TierAction(written)
+            except ValueError:
+                f["action"].error(f"unknown action '{written}' (expected Accept, Deny or Pass)")
+    peers: list[Peer] = []
+    has_networks = False
+    if peers_key in f:
+        items = sequence(f[peers_key])
+        if items is not None and not 1 <= len(items) <= CNP_MAX_PEERS:
+            f[peers_key].key_error(
+                f"{peers_key} needs 1-{CNP_MAX_PEERS} peers (got {len(items)}); a rule "
+                "applies to the peers it names"
+            )
+        allowed = CNP_INGRESS_PEER_FIELDS if direction is Direction.INGRESS else (
+            CNP_EGRESS_PEER_FIELDS
+        )
+        for item in items or ():
+            got = _cnp_peer(item, allowed, action)
+            if got is not None:
+                peers += got[1]
+                has_networks = has_networks or got[0]
+    ports: list[PortProtocol] = []
+    if "protocols" in f:
+        items = sequence(f["protocols"])
+        if items is not None and not 1 <= len(items) <= CNP_MAX_PEERS:
+            f["protocols"].key_error(
+                f"protocols needs 1-{CNP_MAX_PEERS} entries (got {len(items)}); leave it out "
+                "to match every protocol and port"
+            )
+        for item in items or ():
+            port = _cnp_protocol(item)
+            if port is None:
+                continue
+            if port.name and has_networks:
+                item.error(
+                    "destinationNamedPort cannot be used with networks or nodes peers (they "
+                    "have no named ports)"
+                )
+                continue
+            ports.append(port)
+    if action is None or at.rep.error_count() != errors_before:
+        return None
+    return PolicySection(
+        peers=tuple(peers),
+        to_ports=(PortRule(ports=tuple(ports)),) if ports else (),
+        ref=RuleRef(
+            PolicyKind.CLUSTER, None, policy, direction.value, 0, index, False, rule_name, where
+        ),
+        action=action,
+    )
+
+
+def _cnp_peer(
+    at: At, allowed: tuple[str, ...], action: TierAction | None
+) -> tuple[bool, list[Peer]] | None:
+    """(whether it names networks or nodes, the peers)."""
+    got = _cnp_one_of(at, allowed, "a peer")
+    if got is None:
+        return None
+    name, value = got
+    if name == "namespaces":
+        sel = _cnp_namespaces(value)
+        return (False, [EndpointPeer(sel)]) if sel is not None else None
+    if name == "pods":
+        sel = _cnp_pods(value)
+        return (False, [EndpointPeer(sel)]) if sel is not None else None
+    if name == "domainNames":
+        value.key_error(
+            f"domainNames {NOT_SUPPORTED} (garrison has no DNS-based peers); name the "
+            "addresses with networks instead"
+        )
+        return None
+    if name == "nodes":
+        terms = _selector_terms(value)
+        if terms is None:
+            return None
+        if terms:
+            value.key_error(
+                f"a nodes selector with labels is {NOT_SUPPORTED} (garrison does not know "
+                "node labels); write nodes: {} for every node"
+            )
+            return None
+        return True, [EntityPeer(Entity.HOST), EntityPeer(Entity.REMOTE_NODE)]
+    items = sequence(value)
+    if items is None:
+        return None
+    if not 1 <= len(items) <= CNP_MAX_PEERS:
+        value.key_error(f"networks needs 1-{CNP_MAX_PEERS} CIDRs (got {len(items)})")
+    peers: list[Peer] = []
+    for item in items:
+        net = _cidr(item)
+        if net is not None:
+            peers.append(CIDRPeer(net))
+    if action in (TierAction.DENY, TierAction.PASS):
+        value.warn_key(
+            "networks match addresses outside the cluster only (as Cilium's CIDR rules): "
+            "endpoints inside a CIDR are matched by their identity, so name them with "
+            "namespaces or pods peers to deny or pass them too"
+        )
+    return True, peers
+
+
+def _cnp_protocol(at: At) -> PortProtocol | None:
+    got = _cnp_one_of(at, CNP_PROTOCOL_FIELDS, "a protocols entry")
+    if got is None:
+        return None
+    name, value = got
+    if name == "destinationNamedPort":
+        port_name = string(value)
+        if port_name is None:
+            return None
+        problem = port_name_problem(port_name)
+        if problem is not None:
+            value.error(f"invalid port name '{port_name}' ({problem})")
+            return None
+        return PortProtocol(0, 0, Protocol.ANY, port_name)
+    protocol = CNP_PROTOCOLS[name]
+    f = mapping(value, ("destinationPort",))
+    if f is None:
+        return None
+    if "destinationPort" not in f:
+        return PortProtocol(0, 0, protocol)  # every port of the protocol
+    got = _cnp_one_of(f["destinationPort"], ("number", "range"), "destinationPort")
+    if got is None:
+        return None
+    kind, port_at = got
+    if kind == "number":
+        number = _cnp_port_number(port_at)
+        return PortProtocol(number, 0, protocol) if number is not None else None
+    r = mapping(port_at, ("start", "end"), required=("start", "end"))
+    if r is None or "start" not in r or "end" not in r:
+        return None
+    start = _cnp_port_number(r["start"])
+    end = _cnp_port_number(r["end"])
+    if start is None or end is None:
+        return None
+    if start >= end:
+        port_at.error(f"range start {start} must be less than end {end}")
+        return None
+    return PortProtocol(start, end, protocol)
+
+
+def _cnp_port_number(at: At) -> int | None:
+    number = integer(at)
+    if number is None:
+        return None
+    if not 1 <= number <= 65535:
+        at.error(f"port {number} out of range 1-65535")
+        return None
+    return number

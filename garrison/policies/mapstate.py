@@ -5,6 +5,13 @@
 each an allow, a deny, or an allow that redirects to the proxy with an L7 parser. For
 redirected entries `l7` holds the rule set the proxy applies to that remote identity.
 
+ClusterNetworkPolicy rules (the Admin and Baseline tiers) are entries of their own `tier`
+(`TIER_ADMIN`, `TIER_BASELINE`; 0 is the NetworkPolicy tier of every other kind), each an
+Accept, Deny or Pass with the `order` of its rule (priority, then place in the policy). The
+resolver makes the entries of one tier disjoint per (direction, identity, protocol) apart from
+the any-port entry, each holding the first rule that covers it (the any-port rule included), so
+the first match of the tier is simply the covering entry of lowest order.
+
 `lookup()` is the reference model of the datapath's policy lookup; the BPF program follows the
 same numbered precedence and a privileged test proves they agree.
 """
@@ -17,7 +24,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from garrison.policies.l7rules import L7Protocol, L7RuleSet
-from garrison.policies.model import Direction
+from garrison.policies.model import Direction, TierAction
 from garrison.policies.refs import RuleRef
 
 ANY_IDENTITY = 0
@@ -29,6 +36,16 @@ PROTO_UDP = 17
 PROTO_SCTP = 132
 PROTO_ICMP = 1
 PROTO_ICMPV6 = 58
+
+TIER_NETWORKPOLICY = 0  # NetworkPolicy, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy
+TIER_ADMIN = 1  # ClusterNetworkPolicy tier: Admin, before the NetworkPolicy tier
+TIER_BASELINE = 2  # ClusterNetworkPolicy tier: Baseline, where no NetworkPolicy selects
+
+TIER_NAMES = {TIER_ADMIN: "Admin", TIER_NETWORKPOLICY: "NetworkPolicy", TIER_BASELINE: "Baseline"}
+
+# At equal order (two policies of one priority, rules at the same place), the safest action
+# decides: Deny, then Pass, then Accept (the API leaves the choice to the implementation).
+ACTION_RANK = {TierAction.DENY: 0, TierAction.PASS: 1, TierAction.ACCEPT: 2}
 
 
 class MatchType(StrEnum):
@@ -60,6 +77,7 @@ class MapStateKey(NamedTuple):
     protocol: int
     port: int
     end_port: int
+    tier: int = TIER_NETWORKPOLICY
 
     @property
     def port_width(self) -> int:
@@ -83,7 +101,8 @@ class MapStateKey(NamedTuple):
             port = f"{self.port}-{self.end_port}"
         else:
             port = str(self.port)
-        return f"{self.direction.value} identity={ident} {proto}/{port}"
+        tier = f" tier={TIER_NAMES[self.tier]}" if self.tier else ""
+        return f"{self.direction.value} identity={ident} {proto}/{port}{tier}"
 
 
 PROTOCOL_NAMES = {
@@ -97,9 +116,20 @@ PROTOCOL_NAMES = {
 
 @dataclass(frozen=True, slots=True)
 class MapStateEntry:
+    """NetworkPolicy tier: an allow (maybe redirected) or a deny. Admin/Baseline tier
+    (`action` set): what the first rule covering the entry does, and its `order`; `deny`
+    repeats action Deny."""
+
     deny: bool
     redirect: L7Protocol | None = None
     derived_from: tuple[RuleRef, ...] = ()
+    action: TierAction | None = None
+    order: int = 0
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """A tier entry's precedence in its tier, lower first."""
+        return (self.order, ACTION_RANK[self.action] if self.action else 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +142,8 @@ class MapState:
     entries: Mapping[MapStateKey, MapStateEntry] = field(default_factory=dict)
     l7: Mapping[MapStateKey, L7RuleSet] = field(default_factory=dict)
     audit: bool = False
+    # some entry is of the Admin or Baseline tier (the datapath looks tiers up only then)
+    tiers: bool = False
 
     def enforced(self, direction: Direction) -> bool:
         return self.ingress_enforced if direction is Direction.INGRESS else self.egress_enforced
@@ -126,6 +158,16 @@ class LookupResult:
     entry: MapStateEntry | None = None
     l7: L7RuleSet | None = None
     enforced: bool = True
+    # which tier decided (TIER_*; None: no entry matched, the default decided), and the
+    # Pass rules that sent the connection on to the next tier
+    tier: int | None = None
+    passed: tuple[RuleRef, ...] = ()
+
+    @property
+    def decided_by(self) -> str:
+        if self.tier is not None:
+            return TIER_NAMES[self.tier]
+        return "default deny" if not self.allowed else "default allow"
 
     @property
     def redirect(self) -> L7Protocol | None:
@@ -187,14 +229,19 @@ def precedence(key: MapStateKey, port: int) -> tuple[int, int, int]:
 def lookup(
     state: MapState, direction: Direction, remote_identity: int, protocol: int, port: int
 ) -> LookupResult:
-    """The verdict for a new connection, exactly as the datapath decides it.
+    """The verdict for a new connection, exactly as the datapath decides it (the numbered
+    steps of lib/policy.h):
 
-    1. any matching explicit deny -> drop (POLICY_DENY)
+    0. Admin tier: the covering Admin entry of lowest rank decides: Accept -> allow,
+       Deny -> drop (POLICY_DENY), Pass -> on to step 1 (so does no match)
+    1. any matching explicit deny of the NetworkPolicy tier -> drop (POLICY_DENY)
     2. otherwise the most specific allow decides (see `precedence`); a redirect entry sends
        the connection to the proxy
-    3. nothing matches: drop (POLICY_DENIED) if the direction is enforced (default-deny),
-       otherwise pass (no rule selects the endpoint in this direction, or
-       `enableDefaultDeny` is false for every rule that does)
+    3. nothing matches and the direction is enforced (some NetworkPolicy-tier rule selects the
+       endpoint in this direction, or enforcement `always`): drop (POLICY_DENIED)
+    4. Baseline tier, as step 0: Accept -> allow, Deny -> drop (POLICY_DENY), Pass or no
+       match -> step 5
+    5. allow (nothing enforces the direction)
     """
     candidates = [
         (key, entry)
@@ -204,22 +251,61 @@ def lookup(
     return decide(state, direction, candidates, port)
 
 
+def _first(
+    cands: list[tuple[MapStateKey, MapStateEntry]], tier: int
+) -> tuple[MapStateKey, MapStateEntry] | None:
+    hits = [(k, e) for k, e in cands if k.tier == tier]
+    if not hits:
+        return None
+    # at equal rank the kernel keeps its first probe (own identity, then own protocol) and a
+    # probe finds the longest prefix (a port segment before the any-port entry)
+    return min(hits, key=lambda ke: (
+        ke[1].rank, ke[0].identity == ANY_IDENTITY, ke[0].protocol == ANY_PROTOCOL,
+        ke[0].port == ANY_PORT,
+    ))
+
+
+def _tier_result(
+    key: MapStateKey, entry: MapStateEntry, enforced: bool, passed: tuple[RuleRef, ...]
+) -> LookupResult:
+    if entry.action is TierAction.ACCEPT:
+        return LookupResult(
+            True, match_type_of(key), None, key, entry, None, enforced, key.tier, passed
+        )
+    return LookupResult(
+        False, match_type_of(key), DropReason.POLICY_DENY, key, entry, None, enforced,
+        key.tier, passed,
+    )
+
+
 def decide(
     state: MapState,
     direction: Direction,
     candidates: Iterable[tuple[MapStateKey, MapStateEntry]],
     port: int,
 ) -> LookupResult:
-    """Steps 1-3 of `lookup` over entries already known to cover the packet."""
+    """Steps 0-5 of `lookup` over entries already known to cover the packet."""
     cands = list(candidates)
     enforced = state.enforced(direction)
-    denies = [(k, e) for k, e in cands if e.deny]
+    passed: tuple[RuleRef, ...] = ()
+    tiered = any(k.tier for k, _ in cands)
+    if tiered:
+        admin = _first(cands, TIER_ADMIN)
+        if admin is not None:
+            if admin[1].action is not TierAction.PASS:
+                return _tier_result(*admin, enforced, passed)
+            passed = admin[1].derived_from
+        cands_np = [(k, e) for k, e in cands if k.tier == TIER_NETWORKPOLICY]
+    else:
+        cands_np = cands
+    denies = [(k, e) for k, e in cands_np if e.deny]
     if denies:
         key, entry = min(denies, key=lambda ke: precedence(ke[0], port))
         return LookupResult(
-            False, match_type_of(key), DropReason.POLICY_DENY, key, entry, None, enforced
+            False, match_type_of(key), DropReason.POLICY_DENY, key, entry, None, enforced,
+            TIER_NETWORKPOLICY, passed,
         )
-    allows = [(k, e) for k, e in cands if not e.deny]
+    allows = [(k, e) for k, e in cands_np if not e.deny]
     if allows:
         # equal precedence (a single-port entry and a one-port block of a range): the
         # redirect wins, as the kernel merges such entries and keeps the redirect
@@ -227,8 +313,17 @@ def decide(
             allows, key=lambda ke: (*precedence(ke[0], port), ke[1].redirect is None)
         )
         return LookupResult(
-            True, match_type_of(key), None, key, entry, state.l7.get(key), enforced
+            True, match_type_of(key), None, key, entry, state.l7.get(key), enforced,
+            TIER_NETWORKPOLICY, passed,
         )
     if enforced:
-        return LookupResult(False, MatchType.NONE, DropReason.POLICY_DENIED, enforced=True)
-    return LookupResult(True, MatchType.NONE, None, enforced=False)
+        return LookupResult(
+            False, MatchType.NONE, DropReason.POLICY_DENIED, enforced=True, passed=passed
+        )
+    if tiered:
+        baseline = _first(cands, TIER_BASELINE)
+        if baseline is not None:
+            if baseline[1].action is not TierAction.PASS:
+                return _tier_result(*baseline, enforced, passed)
+            passed = (*passed, *baseline[1].derived_from)
+    return LookupResult(True, MatchType.NONE, None, enforced=False, passed=passed)

@@ -62,6 +62,32 @@ class Entity(StrEnum):
     WORLD_IPV6 = "world-ipv6"
 
 
+class Tier(StrEnum):
+    """ClusterNetworkPolicy tiers (`spec.tier`): Admin before NetworkPolicy, Baseline after."""
+
+    ADMIN = "Admin"
+    BASELINE = "Baseline"
+
+
+class TierAction(StrEnum):
+    """A ClusterNetworkPolicy rule's `action`."""
+
+    ACCEPT = "Accept"
+    DENY = "Deny"
+    PASS = "Pass"
+
+
+# What a ClusterNetworkPolicy's priority (0-1000) allows, and rules per direction (25).
+CNP_MAX_PRIORITY = 1000
+CNP_MAX_RULES = 25
+
+
+def tier_order(priority: int, rule_index: int) -> int:
+    """The precedence of a ClusterNetworkPolicy rule in its tier, lower first: priority,
+    then the rule's place in its policy's ingress (egress) list. Fits 16 bits."""
+    return priority * 32 + rule_index
+
+
 class EnforcementMode(StrEnum):
     DEFAULT = "default"
     ALWAYS = "always"
@@ -266,6 +292,9 @@ class PolicySection:
     # `fromRequires` / `toRequires`: grants nothing itself; every peer that any allow rule
     # grants to an endpoint this rule selects must also match all of these (Cilium).
     requires: tuple[EndpointSelector, ...] = ()
+    # ClusterNetworkPolicy rules: what a match does (the section is in `ingress`/`egress`,
+    # never in a deny list); None for every other kind
+    action: TierAction | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,8 +316,14 @@ class Rule:
     description: str = ""
     # Namespace the rule is limited to (CNP / NetworkPolicy); None = cluster-wide.
     namespace: str | None = None
+    # ClusterNetworkPolicy: its tier and priority. Such a rule never switches a direction to
+    # default-deny (no implicit isolation): its sections act only where they match.
+    tier: Tier | None = None
+    priority: int = 0
 
     def enforces(self, direction: Direction) -> bool:
+        if self.tier is not None:
+            return False
         if direction is Direction.INGRESS:
             has = self.ingress is not None or self.ingress_deny is not None
             return has and self.default_deny_ingress

@@ -10,6 +10,8 @@ class PolicyKind(StrEnum):
     CNP = "CiliumNetworkPolicy"
     CCNP = "CiliumClusterwideNetworkPolicy"
     KNP = "NetworkPolicy"
+    # policy.networking.k8s.io ClusterNetworkPolicy: the Admin and Baseline tiers
+    CLUSTER = "ClusterNetworkPolicy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,9 @@ class RuleRef:
     spec_index: int = 0
     rule_index: int = 0
     has_specs: bool = False  # the policy used `specs:` (affects rendering only)
+    # ClusterNetworkPolicy: the rule's `name`, and "Admin 10" (tier and priority)
+    rule_name: str = ""
+    tier: str = ""
 
     @property
     def policy(self) -> str:
@@ -34,7 +39,12 @@ class RuleRef:
 
     def __str__(self) -> str:
         spec = f"specs[{self.spec_index}]." if self.has_specs else ""
-        return f"{self.kind.value} {self.policy} {spec}{self.section}[{self.rule_index}]"
+        out = f"{self.kind.value} {self.policy} {spec}{self.section}[{self.rule_index}]"
+        if self.rule_name:
+            out += f" ({self.rule_name})"
+        if self.tier:
+            out += f" [{self.tier}]"
+        return out
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -44,4 +54,6 @@ class RuleRef:
             "section": self.section,
             "spec_index": self.spec_index,
             "rule_index": self.rule_index,
+            **({"rule_name": self.rule_name} if self.rule_name else {}),
+            **({"tier": self.tier} if self.tier else {}),
         }

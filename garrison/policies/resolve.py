@@ -7,10 +7,15 @@ subject selector selects; contributions are indexed by rule and by remote identi
   endpoints whose rules' peers now select it;
 - removing an identity drops only its keys.
 A MapState is merged from the contributions on demand and cached until they change.
+
+ClusterNetworkPolicy rules contribute keys of their tier (Admin, Baseline) with their action
+and order; `flatten_tier_bucket` turns the keys of one (direction, tier, identity, protocol)
+into the entries the lookup reads: the first rule (lowest order) wins wherever rules overlap.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,12 +23,16 @@ from dataclasses import dataclass, field, replace
 from garrison.policies.l7rules import L7Protocol, L7Rule, L7Rules, L7RuleSet
 from garrison.policies.labels import SOURCE_RESERVED, Label, Labels
 from garrison.policies.mapstate import (
+    ACTION_RANK,
     ANY_IDENTITY,
     ANY_PORT,
     ANY_PROTOCOL,
     PROTO_ICMP,
     PROTO_ICMPV6,
     PROTO_TCP,
+    TIER_ADMIN,
+    TIER_BASELINE,
+    TIER_NETWORKPOLICY,
     MapState,
     MapStateEntry,
     MapStateKey,
@@ -42,6 +51,9 @@ from garrison.policies.model import (
     PolicySection,
     Protocol,
     Rule,
+    Tier,
+    TierAction,
+    tier_order,
 )
 from garrison.policies.refs import RuleRef
 from garrison.policies.repository import PolicyChange, rule_prefixes
@@ -85,15 +97,29 @@ class Contribution:
     ref: RuleRef | None
     deny: bool
     l7: L7Rules | None  # None = allowed at L4 only
+    # ClusterNetworkPolicy rules: their action, order in the tier and tier (TIER_*)
+    action: TierAction | None = None
+    order: int = 0
+    tier: int = TIER_NETWORKPOLICY
     # The merge of a key this is the only contribution to (shared by every such key).
     alone: tuple[MapStateEntry | None, L7RuleSet | None] = field(
         init=False, compare=False, repr=False
     )
     protocol: L7Protocol | None = field(init=False, compare=False, repr=False)
+    # a tier contribution: the entry it makes where it is the only rule (`tier_winner`)
+    tier_alone: MapStateEntry | None = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocol", self.l7.protocol if self.l7 is not None else None)
-        object.__setattr__(self, "alone", _merge_key([self]))
+        if self.action is None:
+            object.__setattr__(self, "alone", _merge_key([self]))
+            object.__setattr__(self, "tier_alone", None)
+        else:
+            object.__setattr__(self, "alone", (None, None))
+            refs = (self.ref,) if self.ref is not None else ()
+            object.__setattr__(self, "tier_alone", MapStateEntry(
+                self.action is TierAction.DENY, None, refs, self.action, self.order
+            ))
 
 
 @dataclass(slots=True)
@@ -113,6 +139,7 @@ class _Section:
     fixed_sets: list[set[int]] = field(default_factory=list)
     # named ports: (protocol, name, contribution); resolved per destination endpoint
     named: list[tuple[int, str, Contribution]] = field(default_factory=list)
+    tier: int = TIER_NETWORKPOLICY  # a ClusterNetworkPolicy rule's: TIER_ADMIN / BASELINE
 
     def identities(self, only: int | None = None) -> tuple[set[int], set[int]]:
         """(peers requirements narrow, peers they do not); with `only`, just that identity
@@ -173,6 +200,14 @@ class _EndpointPolicy:
     # what every allowed (denied) endpoint peer must also match: the requires of the allow
     # (deny) sections of the rules selecting it, per direction
     requires: dict[tuple[Direction, bool], list[set[int]]] = field(default_factory=dict)
+    # tier keys (ClusterNetworkPolicy) with contributions, per (direction, tier, identity,
+    # protocol) bucket, and the entries `flatten_tier_bucket` made of each bucket
+    tier_raw: dict[tuple[Direction, int, int, int], set[MapStateKey]] = field(
+        default_factory=dict
+    )
+    tier_out: dict[tuple[Direction, int, int, int], set[MapStateKey]] = field(
+        default_factory=dict
+    )
 
     def add_many(self, keys: list[MapStateKey], contribution: Contribution) -> None:
         contribs = self.contribs
@@ -212,6 +247,9 @@ class _EndpointPolicy:
         final entry or L7 rule set may have changed."""
         if not self.dirty:
             return set()
+        tier_dirty = {k for k in self.dirty if k.tier}
+        if tier_dirty:
+            self.dirty -= tier_dirty
         self.touched = set(self.dirty)
         # (direction, port) -> identities to redo, or None for every identity on that port
         affected: dict[tuple[Direction, int], set[int] | None] = {}
@@ -264,8 +302,35 @@ class _EndpointPolicy:
         for port, identities in affected.items():
             self._propagate(port, identities)
         self.dirty.clear()
+        if tier_dirty:
+            self._merge_tiers(tier_dirty)
         touched, self.touched = self.touched, set()
         return touched
+
+    def _merge_tiers(self, dirty: set[MapStateKey]) -> None:
+        """Recompute the tier buckets the dirty keys are in (their old entries are
+        reported as touched, so a sync deletes what is gone)."""
+        buckets = set()
+        for key in dirty:
+            bucket = (key.direction, key.tier, key.identity, key.protocol)
+            buckets.add(bucket)
+            if key in self.contribs:
+                self.tier_raw.setdefault(bucket, set()).add(key)
+            elif bucket in self.tier_raw:
+                self.tier_raw[bucket].discard(key)
+        self.touched |= dirty
+        for bucket in buckets:
+            for key in self.tier_out.pop(bucket, ()):
+                self.entries.pop(key, None)
+                self.touched.add(key)
+            raw = self.tier_raw.get(bucket)
+            if not raw:
+                self.tier_raw.pop(bucket, None)
+                continue
+            made = flatten_tier_bucket({k: self.contribs[k] for k in raw})
+            self.entries.update(made)
+            self.touched.update(made)  # not |= a keys view: that copies the set
+            self.tier_out[bucket] = set(made)
 
     def _propagate(self, port: tuple[Direction, int], identities: set[int] | None) -> None:
         done = self.overrides.setdefault(port, {})
@@ -692,14 +757,26 @@ class PolicyResolver:
                 peer_sets.append(self.cache.select(peer_key(peer)))
             else:
                 fixed_sets.append(self.cache.select(peer_key(peer)))
-        ports = [
-            (proto, port, end, Contribution(rule_id, section.ref, deny, l7))
-            for proto, port, end, l7 in section_ports(section)
-        ]
-        named = [
-            (proto, name, Contribution(rule_id, section.ref, deny, l7))
-            for proto, name, l7 in section_named_ports(section)
-        ]
+        rule = self._rules[rule_id].rule
+        tier = TIER_NETWORKPOLICY
+        if rule.tier is not None and section.action is not None:
+            tier = TIER_ADMIN if rule.tier is Tier.ADMIN else TIER_BASELINE
+            assert section.ref is not None
+            contribution = Contribution(
+                rule_id, section.ref, section.action is TierAction.DENY, None, section.action,
+                tier_order(rule.priority, section.ref.rule_index), tier,
+            )
+            ports = [(p, port, end, contribution) for p, port, end, _ in section_ports(section)]
+            named = [(p, name, contribution) for p, name, _ in section_named_ports(section)]
+        else:
+            ports = [
+                (proto, port, end, Contribution(rule_id, section.ref, deny, l7))
+                for proto, port, end, l7 in section_ports(section)
+            ]
+            named = [
+                (proto, name, Contribution(rule_id, section.ref, deny, l7))
+                for proto, name, l7 in section_named_ports(section)
+            ]
         if named:
             self._named_rules.add(rule_id)
             if direction is Direction.INGRESS:
@@ -710,7 +787,7 @@ class PolicyResolver:
                     self._named_egress_any.add(rule_id)
         return _Section(
             direction, deny, section.peers is None, peer_sets, ports, any_entity, fixed_sets,
-            named,
+            named, tier,
         )
 
     def _contribute(
@@ -718,17 +795,19 @@ class PolicyResolver:
     ) -> None:
         for section in entry.sections:
             idents, fixed = section.identities(only_identity)
+            # fromRequires / toRequires narrow the rules of their own tier only
             required = ep.requires.get((section.direction, section.deny))
-            if required and idents:
+            if required and idents and not section.tier:
                 idents = _narrow(idents, required)
             if fixed:
                 idents |= fixed
             if not idents:
                 continue
             direction = section.direction
+            tier = section.tier
             for proto, port, end, contribution in section.ports:
                 ep.add_many(
-                    [MapStateKey(direction, ident, proto, port, end) for ident in idents],
+                    [MapStateKey(direction, ident, proto, port, end, tier) for ident in idents],
                     contribution,
                 )
             if section.named:
@@ -740,11 +819,14 @@ class PolicyResolver:
         """Named ports, per destination: on ingress the endpoint's own port names, on egress
         each peer's. An egress "any peer" means every identity that declares the name."""
         direction = section.direction
+        tier = section.tier
         for proto, name, contribution in section.named:
             keys = []
             if direction is Direction.INGRESS:
                 for dproto, dport in self._resolve_name(ep.identity, name, proto):
-                    keys += [MapStateKey(direction, i, dproto, dport, dport) for i in idents]
+                    keys += [
+                        MapStateKey(direction, i, dproto, dport, dport, tier) for i in idents
+                    ]
             else:
                 peers = idents
                 if ANY_IDENTITY in idents:
@@ -753,7 +835,7 @@ class PolicyResolver:
                     }
                 for peer in peers:
                     keys += [
-                        MapStateKey(direction, peer, dproto, dport, dport)
+                        MapStateKey(direction, peer, dproto, dport, dport, tier)
                         for dproto, dport in self._resolve_name(peer, name, proto)
                     ]
             if keys:
@@ -774,7 +856,8 @@ class PolicyResolver:
             ingress = egress = True
         ep.merge()
         return MapState(
-            ep.identity, ingress, egress, dict(ep.entries), dict(ep.l7), self.config.audit
+            ep.identity, ingress, egress, dict(ep.entries), dict(ep.l7), self.config.audit,
+            bool(ep.tier_out),
         )
 
 
@@ -806,7 +889,13 @@ def merge_contributions(
     """
     entries: dict[MapStateKey, MapStateEntry] = {}
     l7: dict[MapStateKey, L7RuleSet] = {}
+    buckets: dict[tuple[Direction, int, int, int], dict[MapStateKey, list[Contribution]]] = {}
     for key, cs in contribs.items():
+        if key.tier:
+            if cs:
+                bucket = (key.direction, key.tier, key.identity, key.protocol)
+                buckets.setdefault(bucket, {})[key] = cs
+            continue
         merged = merge_key(cs) if cs else None
         if merged is None:
             continue
@@ -832,7 +921,89 @@ def merge_contributions(
             if got is not None:
                 entries[got[0]] = got[1]
                 l7[got[0]] = got[2]
+    for raw in buckets.values():
+        entries.update(flatten_tier_bucket(raw))
     return entries, l7
+
+
+def tier_winner(cs: Sequence[Contribution]) -> MapStateEntry:
+    """What the first of these ClusterNetworkPolicy rules does: the lowest order; at equal
+    order Deny, then Pass, then Accept (`mapstate.ACTION_RANK`). Its refs are those of
+    every rule at that rank."""
+    if len(cs) == 1 and cs[0].tier_alone is not None:
+        return cs[0].tier_alone
+    ranked = [((c.order, ACTION_RANK[c.action or TierAction.ACCEPT]), c) for c in cs]
+    best = min(rank for rank, _ in ranked)
+    at_best = [c for rank, c in ranked if rank == best]
+    refs = tuple(sorted(_refs(at_best), key=_ref_order))
+    action = at_best[0].action or TierAction.ACCEPT
+    return MapStateEntry(action is TierAction.DENY, None, refs, action, best[0])
+
+
+def flatten_tier_bucket(
+    raw: dict[MapStateKey, list[Contribution]],
+) -> dict[MapStateKey, MapStateEntry]:
+    """The entries of one tier bucket (keys of one direction, tier, identity and protocol):
+    the any-port key keeps its own winner; the port ranges are cut into disjoint segments,
+    each holding the first rule over every key that covers it, the any-port key included.
+    So a longest-prefix match (or any covering entry of lowest order) finds the first rule.
+    A sweep over the range bounds: O(k log k) for k keys."""
+    if len(raw) == 1:  # the common case: one key, its own segment
+        ((key, cs),) = raw.items()
+        return {key: tier_winner(cs)}
+    any_key = next((k for k in raw if k.port == ANY_PORT), None)
+    any_win = tier_winner(raw[any_key]) if any_key is not None else None
+    out: dict[MapStateKey, MapStateEntry] = {}
+    if any_key is not None and any_win is not None:
+        out[any_key] = any_win
+    ranged = [(k, tier_winner(cs)) for k, cs in raw.items() if k.port != ANY_PORT]
+    if not ranged:
+        return out
+    first = ranged[0][0]
+    events: dict[int, list[tuple[bool, int]]] = defaultdict(list)
+    for idx, (k, _) in enumerate(ranged):
+        events[k.port].append((True, idx))
+        events[k.end_port + 1].append((False, idx))
+    points = sorted(events)
+    active: dict[tuple[int, int], set[int]] = {}  # rank -> keys covering the segment
+    ranks: list[tuple[int, int]] = []  # a heap of the active ranks (stale ones skipped)
+    segments: list[tuple[int, int, MapStateEntry]] = []
+    for i, point in enumerate(points):
+        for opens, idx in events[point]:
+            rank = ranged[idx][1].rank
+            if opens:
+                active.setdefault(rank, set()).add(idx)
+                heapq.heappush(ranks, rank)
+            else:
+                active[rank].discard(idx)
+                if not active[rank]:
+                    del active[rank]
+        while ranks and ranks[0] not in active:
+            heapq.heappop(ranks)
+        if not ranks or i + 1 == len(points):
+            continue
+        best = ranks[0]
+        wins = [ranged[j][1] for j in active[best]]
+        if any_win is not None and any_win.rank <= best:
+            wins = [any_win] if any_win.rank < best else [*wins, any_win]
+        win = replace(wins[0], derived_from=_refs_of(wins))
+        start, end = point, points[i + 1] - 1
+        if segments and segments[-1][1] == start - 1 and segments[-1][2] == win:
+            segments[-1] = (segments[-1][0], end, win)
+        else:
+            segments.append((start, end, win))
+    for start, end, win in segments:
+        out[MapStateKey(first.direction, first.identity, first.protocol, start, end,
+                        first.tier)] = win
+    return out
+
+
+def _refs_of(entries: Iterable[MapStateEntry]) -> tuple[RuleRef, ...]:
+    seen: dict[RuleRef, None] = {}
+    for e in entries:
+        for r in e.derived_from:
+            seen[r] = None
+    return tuple(sorted(seen, key=_ref_order))
 
 
 def _deny_only_identities(

@@ -228,6 +228,12 @@ def _step_dict(step: TraceStep) -> dict[str, object]:
             "entry": str(step.lookup.key) if step.lookup.key else None,
             "rules": [r.to_dict() for r in step.lookup.refs],
             "redirect": step.lookup.redirect.value if step.lookup.redirect else None,
+            # which tier decided: Admin | NetworkPolicy | Baseline | default allow / deny
+            "tier": step.lookup.decided_by,
+            "action": step.lookup.entry.action.value
+            if step.lookup.entry is not None and step.lookup.entry.action is not None
+            else None,
+            "passed_by": [r.to_dict() for r in step.lookup.passed],
         }
     if step.l7_protocol is not None:
         l7: dict[str, object] = {"protocol": step.l7_protocol.value}

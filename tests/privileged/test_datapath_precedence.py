@@ -206,6 +206,89 @@ SCENARIOS: dict[str, tuple[str, ResolverConfig | None]] = {
 """,
         ResolverConfig(enforcement=EnforcementMode.NEVER),
     ),
+    # ClusterNetworkPolicy tiers around a CiliumNetworkPolicy: Admin Pass inside an Admin
+    # Accept range, Admin rules of two priorities in two protocol buckets, an any-port Deny
+    # over single-port Accepts before and after it, Admin networks; Baseline where the
+    # NetworkPolicy tier leaves the direction unenforced (egress), its Pass and Deny
+    "tiers": (
+        """
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: admin}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {pods: {podSelector: {matchLabels: {app: me}}}}
+  ingress:
+  - action: Pass
+    from: [{pods: {podSelector: {matchLabels: {app: peer-a}}}}]
+    protocols: [{tcp: {destinationPort: {number: 80}}}]
+  - action: Accept
+    from: [{pods: {podSelector: {matchLabels: {app: peer-a}}}}]
+    protocols: [{tcp: {destinationPort: {range: {start: 70, end: 90}}}}]
+  - action: Deny
+    from: [{pods: {podSelector: {matchLabels: {app: peer-b}}}}]
+  egress:
+  - action: Deny
+    to: [{networks: [198.18.9.0/24]}]
+    protocols: [{tcp: {destinationPort: {number: 443}}}]
+  - action: Accept
+    to: [{pods: {podSelector: {matchLabels: {app: peer-b}}}}]
+    protocols: [{udp: {destinationPort: {number: 53}}}]
+  - action: Accept
+    to: [{pods: {podSelector: {matchLabels: {app: peer-b}}}}]
+    protocols: [{tcp: {destinationPort: {number: 5000}}}]
+  - action: Deny
+    to: [{pods: {podSelector: {matchLabels: {app: peer-b}}}}]
+    protocols: [{tcp: {}}]
+  - action: Accept
+    to: [{pods: {podSelector: {matchLabels: {app: peer-b}}}}]
+    protocols: [{tcp: {destinationPort: {number: 6000}}}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: admin-first}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {}}
+  ingress:
+  - action: Accept
+    from: [{pods: {podSelector: {matchLabels: {app: peer-b}}}}]
+    protocols: [{tcp: {destinationPort: {number: 8080}}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: np-tier}
+spec:
+  endpointSelector: {matchLabels: {app: me}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "81", endPort: 85, protocol: TCP}]}]
+  ingressDeny:
+  - toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: baseline}
+spec:
+  tier: Baseline
+  priority: 1
+  subject: {pods: {podSelector: {matchLabels: {app: me}}}}
+  ingress:
+  - action: Accept
+    from: [{namespaces: {}}]
+  egress:
+  - action: Deny
+    to: [{pods: {podSelector: {matchLabels: {app: peer-a}}}}]
+    protocols: [{tcp: {destinationPort: {range: {start: 1000, end: 2000}}}}]
+  - action: Pass
+    to: [{pods: {podSelector: {matchLabels: {app: peer-b}}}}]
+  - action: Deny
+    to: [{namespaces: {}}]
+""",
+        None,
+    ),
 }
 
 
@@ -292,6 +375,25 @@ CASES = [
     Case("audit", OUT, "a", "UDP", 53, "drop POLICY_DENIED"),
     Case("never", IN, "b", "TCP", 80, "allow none"),
     Case("never", OUT, "a", "TCP", 80, "allow none"),
+    Case("tiers", IN, "a", "TCP", 80, "drop POLICY_DENY L4-only"),
+    Case("tiers", IN, "a", "TCP", 82, "allow L3-L4"),
+    Case("tiers", IN, "a", "TCP", 70, "allow L3-L4"),
+    Case("tiers", IN, "a", "TCP", 95, "drop POLICY_DENIED"),
+    Case("tiers", IN, "b", "TCP", 8080, "allow L3-L4"),
+    Case("tiers", IN, "b", "TCP", 22, "drop POLICY_DENY L3-only"),
+    Case("tiers", IN, "b", "UDP", 8080, "drop POLICY_DENY L3-only"),
+    Case("tiers", IN, "world", "TCP", 80, "drop POLICY_DENY L4-only"),
+    Case("tiers", IN, "world", "TCP", 82, "drop POLICY_DENIED"),
+    Case("tiers", OUT, "cidr", "TCP", 443, "drop POLICY_DENY L3-L4"),
+    Case("tiers", OUT, "cidr", "TCP", 444, "allow none"),
+    Case("tiers", OUT, "b", "UDP", 53, "allow L3-L4"),
+    Case("tiers", OUT, "b", "TCP", 5000, "allow L3-L4"),
+    Case("tiers", OUT, "b", "TCP", 5001, "drop POLICY_DENY L3-proto"),
+    Case("tiers", OUT, "b", "TCP", 6000, "drop POLICY_DENY L3-L4"),
+    Case("tiers", OUT, "b", "UDP", 54, "allow none"),
+    Case("tiers", OUT, "a", "TCP", 1500, "drop POLICY_DENY L3-L4"),
+    Case("tiers", OUT, "a", "TCP", 22, "drop POLICY_DENY L3-only"),
+    Case("tiers", OUT, "world", "TCP", 80, "allow none"),
 ]
 
 
@@ -403,3 +505,51 @@ def test_kernel_verdict_equals_model(dp: Datapath, case: Case) -> None:
 def test_table_is_large_enough() -> None:
     assert len(CASES) >= 30
     assert {c.scenario for c in CASES} == set(SCENARIOS)
+
+
+def test_tiers_arrive_and_leave_incrementally(dp: Datapath) -> None:
+    """An Admin Deny added to a running datapath (resolver update -> PolicySync.apply_updates,
+    as the agent does) sets the endpoint's TIERS flag and drops what the NetworkPolicy tier
+    allows; removing it clears the flag and the connection passes again."""
+    allow = HEAD.format(name="np") + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+"""
+    deny = policies("""
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: admin-deny}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {pods: {podSelector: {matchLabels: {app: me}}}}
+  ingress:
+  - action: Deny
+    from: [{pods: {podSelector: {matchLabels: {app: peer-a}}}}]
+    protocols: [{tcp: {destinationPort: {range: {start: 80, end: 89}}}}]
+""")[0]
+    eps = [(ME[1], labels_of(ME[2])), (PEERS["a"][1], labels_of(PEERS["a"][2]))]
+    resolver = build_resolver(policies(allow), eps)
+    dp.maps.ipcache.upsert(f"{PEERS['a'][0]}/32", PEERS["a"][1])
+    local = [LocalEndpoint(LO, ME[1], IPv4Address(ME[0]))]
+    sync = PolicySync(dp.maps, PROXY_PORTS)
+    sync.reconcile(resolver, local)
+    sports = iter(range(40001, 40010))  # a new connection each time (no conntrack hit)
+
+    def verdict() -> tuple[bool, int]:
+        dp.maps.events.drain()
+        syn = frame(PEERS["a"][0], ME[0], PROTO_TCP, next(sports), 85)
+        result = dp.test_run("to_container", syn, SkbContext(ifindex=LO))
+        [event] = verdicts(dp.maps.events.drain())
+        flags = dp.maps.endpoints.get(LO)
+        assert flags is not None
+        return event.allowed, int(flags.flags & abi.EndpointFlags.TIERS) + (
+            0 if result.retval == TC_ACT_OK else 100
+        )
+
+    assert verdict() == (True, 0)
+    sync.apply_updates(resolver, resolver.add_policy(deny), local)
+    assert verdict() == (False, abi.EndpointFlags.TIERS + 100)
+    sync.apply_updates(resolver, resolver.remove_policy(deny), local)
+    assert verdict() == (True, 0)
+    assert not [k for k in dp.maps.policy.entries() if k.tier]

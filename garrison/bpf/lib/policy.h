@@ -8,7 +8,17 @@
  * blocks it splits into, any port is /0. One LPM lookup for a (remote, protocol) pair returns
  * the narrowest entry covering the port, or that pair's any-port entry.
  *
+ * ClusterNetworkPolicy rules are entries of their tier (key field `tier`: Admin, Baseline),
+ * each with its action (GAR_POLICY_ACCEPT / DENY / PASS) and order (priority, then place in
+ * its policy; in `proxy_port`). The resolver made the port ranges of each (tier, remote,
+ * protocol) disjoint apart from the any-port entry and put the first rule over both into
+ * each, so one LPM lookup per pair yields the first rule there. An endpoint without tier
+ * entries (no GAR_EP_TIERS) skips steps 0 and 4.
+ *
  * Lookup order:
+ *   0. Admin tier: the four LPM lookups of step 1 in the Admin entries; the lowest rank
+ *      (order << 2 | Deny 0, Pass 1, Accept 2) decides: Accept -> allow, Deny -> DROP
+ *      POLICY_DENY, Pass or no hit -> step 1. The match type is the hit's class (step 2).
  *   1. Deny: four LPM lookups in the deny entries, for (remote, proto), (remote, any proto),
  *      (any identity, proto), (any identity, any proto). Any hit -> DROP POLICY_DENY, whatever
  *      allow exists (deny wins over allow, whatever the specificity). The reported match type
@@ -24,8 +34,11 @@
  *      within classes 1 and 2: the smaller port block first (a longer prefix), then a
  *      specific protocol before protocol any. A winning entry with GAR_POLICY_REDIRECT sends
  *      the connection to its proxy port.
- *   3. No hit: DROP POLICY_DENIED (match type none) if the direction is enforced, else allow
- *      (match type none).
+ *   3. No hit: DROP POLICY_DENIED (match type none) if the direction is enforced (a
+ *      NetworkPolicy-tier rule selects the endpoint in it, or enforcement `always`).
+ *   4. Baseline tier, as step 0: Accept -> allow, Deny -> DROP POLICY_DENY, Pass or no hit ->
+ *      step 5.
+ *   5. Allow (match type none).
  * Audit mode does not change the verdict computed here; the caller logs and passes.
  */
 #ifndef GARRISON_LIB_POLICY_H
@@ -119,9 +132,63 @@ static __always_inline void gar_policy_search(struct gar_policy_key *key, __u32 
 	gar_policy_probe(key, GAR_IDENTITY_ANY, 0, best);
 }
 
+/* Steps 0 and 4: the first rule of one ClusterNetworkPolicy tier over the four lookups. */
+struct gar_tier_best {
+	__u32 rank;  /* order << 2 | action rank */
+	__u32 cls;   /* gar_policy_rank() of the hit, for its match type */
+	__u8 flags;  /* GAR_POLICY_ACCEPT / DENY / PASS */
+};
+
+static __always_inline void gar_tier_probe(struct gar_policy_key *key, __u32 remote, __u8 proto,
+					   struct gar_tier_best *best)
+{
+	struct gar_policy_value *v;
+	__u32 rank;
+
+	key->remote_identity = remote;
+	key->protocol = proto;
+	v = gar_policy.lookup(key);
+	if (!v)
+		return;
+	rank = (__u32)v->proxy_port << 2;
+	if (v->flags & GAR_POLICY_PASS)
+		rank |= 1;
+	else if (v->flags & GAR_POLICY_ACCEPT)
+		rank |= 2;
+	if (rank < best->rank) {
+		best->rank = rank;
+		best->cls = gar_policy_rank(v, remote != GAR_IDENTITY_ANY, proto != 0);
+		best->flags = v->flags;
+	}
+}
+
+/* 1 when the tier decided (*verdict filled in), 0 on Pass or no hit. */
+static __always_inline int gar_policy_tier(struct gar_policy_key *key, __u8 tier, __u32 remote,
+					   __u8 proto, struct gar_verdict *verdict)
+{
+	struct gar_tier_best best = { .rank = GAR_RANK_NONE };
+
+	key->tier = tier;
+	key->deny = 0;
+	gar_tier_probe(key, remote, proto, &best);
+	gar_tier_probe(key, remote, 0, &best);
+	gar_tier_probe(key, GAR_IDENTITY_ANY, proto, &best);
+	gar_tier_probe(key, GAR_IDENTITY_ANY, 0, &best);
+	key->tier = GAR_POLICY_TIER_NETWORKPOLICY;
+	if (best.rank == GAR_RANK_NONE || (best.flags & GAR_POLICY_PASS))
+		return 0;
+	verdict->match_type = gar_match_type(best.cls);
+	if (best.flags & GAR_POLICY_ACCEPT)
+		verdict->allowed = 1;
+	else
+		verdict->reason = GAR_DROP_POLICY_DENY;
+	return 1;
+}
+
 static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_identity,
 							    __u8 direction, __u32 remote,
-							    __u8 proto, __u16 port, int enforced)
+							    __u8 proto, __u16 port, int enforced,
+							    int tiers)
 {
 	struct gar_verdict verdict = {};
 	struct gar_policy_best best = {};
@@ -136,6 +203,10 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 	if (remote == GAR_IDENTITY_ANY) /* never an ipcache answer; keep the classes apart */
 		remote = GAR_IDENTITY_WORLD;
 
+	/* 0. Admin tier (`tiers`: GAR_EP_TIERS, the endpoint has tier entries; else skipped) */
+	if (tiers && gar_policy_tier(&key, GAR_POLICY_TIER_ADMIN, remote, proto, &verdict))
+		return verdict;
+	key.deny = 1;
 	/* 1. any deny */
 	gar_policy_search(&key, remote, proto, &best);
 	if (best.rank != GAR_RANK_NONE) {
@@ -157,10 +228,15 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 	}
 	/* 3. nothing matched */
 	verdict.match_type = GAR_MATCH_NONE;
-	if (enforced)
+	if (enforced) {
 		verdict.reason = GAR_DROP_POLICY_DENIED;
-	else
-		verdict.allowed = 1;
+		return verdict;
+	}
+	/* 4. Baseline tier */
+	if (tiers && gar_policy_tier(&key, GAR_POLICY_TIER_BASELINE, remote, proto, &verdict))
+		return verdict;
+	/* 5. nothing decided */
+	verdict.allowed = 1;
 	return verdict;
 }
 

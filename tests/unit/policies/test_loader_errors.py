@@ -105,7 +105,8 @@ CASES = [
             metadata: {name: p}
             """),
         "kind: unknown kind 'CiliumNetworkPolicies' (expected one of: "
-        "CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy, List, NetworkPolicy)",
+        "CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy, ClusterNetworkPolicy, List, "
+        "NetworkPolicy)",
         id="unknown-kind",
     ),
     pytest.param(
