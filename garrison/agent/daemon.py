@@ -425,7 +425,7 @@ class Agent:
         labels, replaced, written = self.cluster.label_namespace(namespace, list(changes))
         with self.lock:
             if self.cluster.namespace_is_current(namespace, replaced, written):
-                self.set_namespace_labels(namespace, labels)
+                self.cluster.apply_namespace(namespace, labels)
             moved = [
                 ep for ep in self.endpoints
                 if ep.name in before and ep.identity != before[ep.name].identity
@@ -436,16 +436,19 @@ class Agent:
         self, namespace: str, labels: dict[str, str]
     ) -> list[EndpointRecord]:
         """The namespace's labels are `labels` now (a cluster's: from etcd): stored, and each
-        of its endpoints relabelled as `label_namespace` does; the endpoints relabelled."""
+        of its endpoints that does not carry them yet relabelled as `label_namespace` does;
+        the endpoints relabelled. Raises `KVStoreError` when an identity cannot be allocated
+        (etcd away): called again, it goes on with the endpoints left."""
         with self.lock:
             wanted = {**labels, NAMESPACE_NAME_LABEL: namespace}
-            if self.namespaces.labels(namespace) == wanted:
-                return []
-            self.namespaces.store(namespace, wanted)
+            if self.namespaces.labels(namespace) != wanted:
+                self.namespaces.store(namespace, wanted)
+            target = self._namespace_labels(namespace)
             return [
                 self.relabel_endpoint(ep.name, ep.labels)
                 for ep in list(self.endpoints)
                 if ep.namespace == namespace and ep.labels and ep.name in self._links
+                and ep.namespace_labels != target
             ]
 
     def _local_endpoints(self) -> list[LocalEndpoint]:

@@ -100,6 +100,10 @@ class AgentCluster:
         self.routes = NodeRoutes()
         self.node = ClusterNode(self.store, self.session, me, self, cache_path=cache_path)
         self.node.on_beat.append(self.allocator.flush_pending)
+        # Namespaces whose endpoints could not all be relabelled (→ the labels), retried on
+        # each heartbeat; read and written under the agent's lock.
+        self._namespaces_pending: dict[str, dict[str, str]] = {}
+        self.node.on_beat.append(self._retry_namespaces)
         if self.degraded:
             log.warning(
                 "cluster: etcd does not answer (%s): starting from the saved copy; new"
@@ -397,9 +401,33 @@ class AgentCluster:
 
     def namespaces_changed(self, upserts: dict[str, dict[str, str]], gone: list[str]) -> None:
         for namespace, labels in upserts.items():
-            self._agent.set_namespace_labels(namespace, labels)
+            self.apply_namespace(namespace, labels)
         for namespace in gone:
-            self._agent.set_namespace_labels(namespace, {})
+            self.apply_namespace(namespace, {})
+
+    def apply_namespace(self, namespace: str, labels: dict[str, str]) -> None:
+        """The namespace's labels to this node (`Agent.set_namespace_labels`). An endpoint
+        whose new identity cannot be allocated now (etcd gone again) keeps its identity and
+        is retried on the next heartbeat; the labels are stored already."""
+        with self._agent.lock:
+            try:
+                self._agent.set_namespace_labels(namespace, labels)
+            except KVStoreError as exc:
+                if namespace not in self._namespaces_pending:
+                    log.error(
+                        "cluster: namespace %s: endpoints not relabelled yet (%s); retried on"
+                        " each heartbeat",
+                        namespace,
+                        exc,
+                    )
+                self._namespaces_pending[namespace] = labels
+            else:
+                self._namespaces_pending.pop(namespace, None)
+
+    def _retry_namespaces(self) -> None:
+        with self._agent.lock:
+            for namespace, labels in list(self._namespaces_pending.items()):
+                self.apply_namespace(namespace, labels)
 
     # Status --------------------------------------------------------------------------------
 
@@ -423,4 +451,6 @@ class AgentCluster:
             out["user"] = self.store.auth.user
         if self.flow_api_error:
             out["flow_api_error"] = self.flow_api_error
+        if self._namespaces_pending:
+            out["namespaces_not_applied"] = sorted(self._namespaces_pending)
         return out

@@ -75,3 +75,14 @@ def test_changes_apply_over_the_clusters_labels() -> None:
         relabelled("shop", current, ["team=red", "team-"])
     with pytest.raises(NamespaceError, match="namespace 'Shop'"):
         relabelled("Shop", current, ["team=red"])
+
+
+def test_a_namespace_whose_endpoints_wait_for_etcd_is_a_status_problem() -> None:
+    from garrison.cluster.status import cluster_problems
+
+    status = {"cluster": {"connected": True, "endpoints": ["198.19.0.242:2379"],
+                          "namespaces_not_applied": ["shop"]}}
+    assert cluster_problems(status) == [
+        "namespace shop: its new labels are stored here but some of its endpoints keep their"
+        " old identity until etcd answers (retried on each heartbeat)"
+    ]
