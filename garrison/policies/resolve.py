@@ -208,20 +208,65 @@ class _EndpointPolicy:
     tier_out: dict[tuple[Direction, int, int, int], set[MapStateKey]] = field(
         default_factory=dict
     )
+    # keys a shared build (`PolicyResolver._build_shared`) merged already that the next
+    # `merge()` still reports as touched
+    pending: set[MapStateKey] = field(default_factory=set)
+    # the containers above are shared with clones (`clone`): copy them before a change
+    shared: bool = False
+
+    def clone(self, identity: int) -> _EndpointPolicy:
+        """The same policy for another endpoint identity of the same class (the same rules
+        and port names). Copy on write: the two share every container until one of them
+        changes (`_unshare`), so a clone costs no per-key work."""
+        self.shared = True
+        return replace(
+            self,
+            identity=identity,
+            rules=set(self.rules),
+            requires={kind: list(sets) for kind, sets in self.requires.items()},
+            pending=set(self.pending),
+            cached=None,
+        )
+
+    def _unshare(self) -> None:
+        """Own copies of the containers a clone shares, before changing any of them. The
+        contribution lists stay shared: nothing changes a list in place (`add_many` and
+        `drop_rule` replace it)."""
+        if not self.shared:
+            return
+        self.shared = False
+        self.contribs = dict(self.contribs)
+        self.by_rule = defaultdict(set, {r: set(keys) for r, keys in self.by_rule.items()})
+        self.dirty = set(self.dirty)
+        self.base = dict(self.base)
+        self.base_l7 = dict(self.base_l7)
+        self.l7_ports = dict(self.l7_ports)
+        self.port_keys = {
+            d: {i: set(keys) for i, keys in by_ident.items()}
+            for d, by_ident in self.port_keys.items()
+        }
+        self.overrides = {port: dict(done) for port, done in self.overrides.items()}
+        self.entries = dict(self.entries)
+        self.l7 = dict(self.l7)
+        self.touched = set(self.touched)
+        self.tier_raw = {b: set(keys) for b, keys in self.tier_raw.items()}
+        self.tier_out = {b: set(keys) for b, keys in self.tier_out.items()}
 
     def add_many(self, keys: list[MapStateKey], contribution: Contribution) -> None:
+        self._unshare()
         contribs = self.contribs
         for key in keys:
             got = contribs.get(key)
             if got is None:
                 contribs[key] = [contribution]
-            else:
-                got.append(contribution)
+            else:  # a new list: clones share the old one (`clone`)
+                contribs[key] = [*got, contribution]
         self.by_rule[contribution.rule_id].update(keys)
         self.dirty.update(keys)
         self.cached = None
 
     def drop_rule(self, rule_id: int) -> None:
+        self._unshare()
         for key in self.by_rule.pop(rule_id, set()):
             remaining = [c for c in self.contribs.get(key, []) if c.rule_id != rule_id]
             if remaining:
@@ -233,6 +278,7 @@ class _EndpointPolicy:
         self.cached = None
 
     def drop_identity(self, identity: int) -> bool:
+        self._unshare()
         # No per-identity index: removing an identity is rare, adding keys is not.
         keys = [k for k in self.contribs if k.identity == identity]
         for key in keys:
@@ -246,7 +292,9 @@ class _EndpointPolicy:
         """Bring `entries`/`l7` up to date with the dirty keys only; return the keys whose
         final entry or L7 rule set may have changed."""
         if not self.dirty:
-            return set()
+            pending, self.pending = self.pending, set()
+            return pending
+        self._unshare()
         tier_dirty = {k for k in self.dirty if k.tier}
         if tier_dirty:
             self.dirty -= tier_dirty
@@ -305,6 +353,9 @@ class _EndpointPolicy:
         if tier_dirty:
             self._merge_tiers(tier_dirty)
         touched, self.touched = self.touched, set()
+        if self.pending:
+            touched |= self.pending
+            self.pending = set()
         return touched
 
     def _merge_tiers(self, dirty: set[MapStateKey]) -> None:
@@ -376,6 +427,9 @@ class _EndpointPolicy:
         else:
             self.l7.pop(key, None)
 
+
+# endpoints with the same rules, own port names and init-ness resolve alike
+_EndpointClass = tuple[frozenset[int], frozenset[tuple[str, frozenset[tuple[int, int]]]], bool]
 
 SECTION_KINDS: tuple[tuple[Direction, bool], ...] = (
     (Direction.INGRESS, False),
@@ -459,6 +513,8 @@ class PolicyResolver:
         self._named_ingress: set[int] = set()  # ... in an ingress section
         self._named_egress: set[int] = set()  # ... in an egress section
         self._named_egress_any: set[int] = set()  # ... toward any peer (or entity all)
+        # endpoints `add_policies` builds at its end (`add_policy` only records their rules)
+        self._deferred: set[int] = set()
 
     # -- named ports -----------------------------------------------------------------------
 
@@ -597,9 +653,22 @@ class PolicyResolver:
         return changed
 
     def add_policies(self, policies: Iterable[Policy]) -> set[int]:
+        """`add_policy` for each; the endpoints no rule selected before (all of them at a
+        start) are built once at the end instead of rule by rule, one build per class of
+        endpoints with the same rules and port names (`_build_shared`)."""
+        policies = list(policies)
         changed: set[int] = set()
-        for policy in policies:
-            changed |= self.add_policy(policy)
+        if len(policies) < 2:
+            for policy in policies:
+                changed |= self.add_policy(policy)
+            return changed
+        self._deferred = {i for i, ep in self._endpoints.items() if not ep.rules}
+        try:
+            for policy in policies:
+                changed |= self.add_policy(policy)
+        finally:
+            deferred, self._deferred = self._deferred, set()
+            self._build_shared(deferred & changed)
         return changed
 
     def add_policy(self, policy: Policy) -> set[int]:
@@ -634,6 +703,10 @@ class PolicyResolver:
                 ep = self._endpoints.get(ep_id)
                 if ep is None:
                     continue
+                if ep_id in self._deferred:  # built at the end of `add_policies`
+                    ep.rules.add(rule_id)
+                    changed.add(ep_id)
+                    continue
                 if entry.requires:
                     # narrows what every other rule grants this endpoint: rebuild it
                     ep.rules.add(rule_id)
@@ -644,6 +717,30 @@ class PolicyResolver:
                     ep.cached = None
                 changed.add(ep_id)
         return changed
+
+    def _build_shared(self, identities: Iterable[int]) -> None:
+        """Rebuild endpoints from scratch (as `_rebuild`), one build and merge per class:
+        endpoints whose rules are the same and whose own port names are the same get the
+        same contributions and so the same merge (nothing in them depends on the subject's
+        own identity but its port names), so the others are clones of the first."""
+        templates: dict[_EndpointClass, _EndpointPolicy] = {}
+        for identity in sorted(identities):
+            old = self._endpoints[identity]
+            old.merge()
+            stale = set(old.entries)
+            rules = frozenset(old.rules)
+            # init (labels not known yet) is enforced both ways: a class of its own
+            init = identity == RESERVED_IDENTITIES["init"]
+            cls = (rules, frozenset(self._named_ports.get(identity, {}).items()), init)
+            template = templates.get(cls)
+            if template is None:
+                new = self._build_endpoint(identity, rules)
+                new.pending = new.merge()
+                templates[cls] = new
+            else:
+                new = template.clone(identity)
+            new.pending |= stale
+            self._endpoints[identity] = new
 
     def _rebuild(self, identity: int) -> None:
         """Recompute one endpoint from scratch, reporting every old key as touched."""
@@ -730,11 +827,17 @@ class PolicyResolver:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _build_endpoint(self, identity: int) -> _EndpointPolicy:
+    def _build_endpoint(
+        self, identity: int, rules: Iterable[int] | None = None
+    ) -> _EndpointPolicy:
+        """`rules`: the ids of the rules selecting it, where the caller knows them."""
         ep = _EndpointPolicy(identity)
-        for subject, rule_ids in self._subject_users.items():
-            if identity in self.cache.select(subject):
-                ep.rules |= rule_ids
+        if rules is not None:
+            ep.rules = set(rules)
+        else:
+            for subject, rule_ids in self._subject_users.items():
+                if identity in self.cache.select(subject):
+                    ep.rules |= rule_ids
         for rule_id in ep.rules:
             for kind, sets in self._rules[rule_id].requires.items():
                 ep.requires.setdefault(kind, []).extend(sets)
