@@ -702,9 +702,12 @@ class Agent:
             result = decisive or LookupResult(True, MatchType.NONE, enforced=False)
             if decisive is not None:
                 audit = side_audit(decisive)
+            side = None
+            if decisive is not None:
+                side = Direction.INGRESS if decisive is ingress else Direction.EGRESS
             return Admission(
                 src_id, src_labels, src.namespace if src else None, allowed, result, ruleset,
-                audit, src.name if src else self._remote_name(src_ip),
+                audit, src.name if src else self._remote_name(src_ip), side,
             )
 
     def _remote_name(self, ip: str) -> str | None:

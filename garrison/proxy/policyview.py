@@ -78,6 +78,9 @@ class Admission:
     ruleset: L7RuleSet
     audit: bool = False
     pod_name: str | None = None  # the client endpoint's name, for flow records
+    # the side whose rules apply (the agent: the destination's ingress or the source's
+    # egress); None: the proxy's own setting (a standalone proxy judges ingress)
+    direction: Direction | None = None
 
 
 class PolicySource(Protocol):

@@ -913,7 +913,7 @@ class ProxyServer:
                 admission.pod_name,
             ),
             destination=self.destination_of(conn.dst),
-            direction=settings.direction,
+            direction=self._direction(admission),
             protocol=settings.protocol,
             ruleset=admission.ruleset,
             connection_id=id(conn),
@@ -931,6 +931,12 @@ class ProxyServer:
         from garrison.policies.labels import Labels
 
         return PeerInfo(0, Labels(), dst[0], dst[1])
+
+    def _direction(self, admission: Admission | None) -> TrafficDirection:
+        """The side whose rules judge the connection, as its records say."""
+        if admission is None or admission.direction is None:
+            return self.settings.direction
+        return TrafficDirection(admission.direction.value.upper())
 
     def _source_endpoint(self, conn: _ClientConnection, admission: Admission | None) -> Endpoint:
         if admission is None:
@@ -962,7 +968,7 @@ class ProxyServer:
         denied_by = admission.lookup.refs if reason is DropReason.POLICY_DENY else ()
         return l3_l4_drop(
             time_ns=int(now * 1e9),
-            direction=self.settings.direction,
+            direction=self._direction(admission),
             source=self._source_endpoint(conn, admission),
             destination=self._destination_endpoint(conn),
             reason=reason,
@@ -977,7 +983,7 @@ class ProxyServer:
         reason = admission.lookup.drop_reason or DropReason.POLICY_DENIED
         return l3_l4_verdict(
             time_ns=int(now * 1e9),
-            direction=self.settings.direction,
+            direction=self._direction(admission),
             source=self._source_endpoint(conn, admission),
             destination=self._destination_endpoint(conn),
             verdict=Verdict.AUDIT,
@@ -999,7 +1005,7 @@ class ProxyServer:
             source = self._source_endpoint(conn, None)
         return proxy_error(
             time_ns=int(now * 1e9),
-            direction=self.settings.direction,
+            direction=context.direction if context is not None else self.settings.direction,
             client=source,
             server=self._destination_endpoint(conn),
             protocol=self.settings.protocol,

@@ -316,6 +316,8 @@ def test_egress_l7_toward_another_node_keeps_the_clients_identity(scene: Scene) 
         for record in (landed[-1], denied[-1]):
             assert record["source"]["identity"] == tie.identity
             assert record["destination"]["identity"] == ds.identity
+            # the tiefighter's egress rules judged it: the records say so
+            assert record["traffic_direction"] == "EGRESS", record
         # Node 2 judged the upstream connection by the tiefighter's identity.
         seen = [r for r in n2.flows(tie.ip, ds.ip) if r["verdict"] == "FORWARDED"]
         assert any(r["source"]["identity"] == tie.identity for r in seen), seen
@@ -351,6 +353,7 @@ def test_ingress_l7_across_nodes_still_in_the_destinations_proxy(scene: Scene) -
         ]
         assert denied and denied[-1]["verdict"] == "DROPPED"
         assert denied[-1]["source"]["identity"] == tie.identity
+        assert denied[-1]["traffic_direction"] == "INGRESS"
         assert xwing.connect(ds.ip, 80, timeout=1.5) is None
     finally:
         _delete(scene, "rule1")
