@@ -36,6 +36,7 @@ from garrison.agent.endpoints import (
 from garrison.agent.kernel import KernelDatapath, Link
 from garrison.agent.policystore import ImportedPolicies, RevisionRecord
 from garrison.agent.runtime import pending_deletes
+from garrison.agent.whatif import AuditingResolver
 from garrison.bpf.maps import DatapathEvent
 from garrison.bpf.sync import LocalEndpoint
 from garrison.cluster.agent import AgentCluster
@@ -60,7 +61,7 @@ from garrison.policies.model import (
     parse_named_port,
 )
 from garrison.policies.repository import PolicyChange, PolicyKey, PolicyRepository
-from garrison.policies.resolve import PolicyResolver, ResolverConfig
+from garrison.policies.resolve import ResolverConfig
 from garrison.policies.selectorcache import WORLD_IDENTITY
 from garrison.proxy.policyview import Admission
 from garrison.redirect import endpoint as netdev
@@ -93,7 +94,9 @@ class Agent:
         self.repository = PolicyRepository(revision=self.revisions.load() + 1)
         # what `policy import` brought in survives a restart (or a crash)
         self.imported = ImportedPolicies(state / "policies.json")
-        self.resolver = PolicyResolver(
+        # the enforced policies; with policies in audit mode (garrison.io/audit) also their
+        # what-if state (`resolver.what_if`, garrison/agent/whatif.py)
+        self.resolver = AuditingResolver(
             ResolverConfig(config.enforcement, config.audit, config.allow_localhost)
         )
         self.flows = FlowStore(StoreConfig(capacity=config.flow_ring_size))
@@ -184,11 +187,14 @@ class Agent:
                 # restarted agent never enforces less than the cluster asks, not even briefly
                 self.cluster.prime()
             self._sync_cidrs()
-            self.datapath.reconcile(self.resolver, self._local_endpoints())
+            self.datapath.reconcile(
+                self.resolver, self._local_endpoints(), self.resolver.what_if
+            )
             for ep in self.endpoints:
                 link = self._links[ep.name]
                 self.datapath.write_endpoint(
-                    link, ep.identity, ep.ipv4, self.resolver, ep.audit, ep.deny_response
+                    link, ep.identity, ep.ipv4, self.resolver, ep.audit, ep.deny_response,
+                    self.resolver.what_if,
                 )
                 try:
                     self.datapath.attach(link)
@@ -314,7 +320,7 @@ class Agent:
                 self._sync(changed | {ident.id})
                 self.datapath.write_endpoint(
                     link, ident.id, record.ipv4, self.resolver, record.audit,
-                    record.deny_response,
+                    record.deny_response, self.resolver.what_if,
                 )
                 try:
                     made_clsact = self.datapath.attach(link)
@@ -359,7 +365,8 @@ class Agent:
             link = self._links.get(name)
             if link is not None and new.identity:
                 self.datapath.write_endpoint(
-                    link, new.identity, new.ipv4, self.resolver, new.audit, new.deny_response
+                    link, new.identity, new.ipv4, self.resolver, new.audit, new.deny_response,
+                    self.resolver.what_if,
                 )
             return new
 
@@ -382,7 +389,7 @@ class Agent:
             self._sync(changed | {ident.id})
             self.datapath.write_endpoint(
                 self._links[name], ident.id, new.ipv4, self.resolver, new.audit,
-                new.deny_response,
+                new.deny_response, self.resolver.what_if,
             )
             if ident.id != record.identity:
                 self._release_identity(record)
@@ -484,7 +491,9 @@ class Agent:
             changed = self.resolver.remove_identity(record.identity)
             self._sync(changed)
             # no local endpoint has this identity any more: drop its policy entries
-            self.datapath.reconcile(self.resolver, self._local_endpoints())
+            self.datapath.reconcile(
+                self.resolver, self._local_endpoints(), self.resolver.what_if
+            )
         elif record.ports:  # the endpoints left with the identity declare what they declare
             self._sync(self._sync_named_ports(record.identity))
 
@@ -510,10 +519,6 @@ class Agent:
         except PolicyValidationError:
             self.policy_changes["failure"] += 1
             raise
-        refused = _audited_refusal(loaded.policies)
-        if refused:
-            self.policy_changes["failure"] += 1
-            raise APIError(refused)
         if self.cluster is not None:  # the cluster's first: refused whole when etcd is away
             self.cluster.policies_imported(loaded.policies)
         with self.lock:
@@ -588,13 +593,6 @@ class Agent:
             log.error("policy directory %s: change refused, the previous policy stays", directory)
             self._policy_files = files
             return
-        refused = _audited_refusal(loaded.policies if loaded else ())
-        if refused:
-            self.policy_dir_errors = [refused]
-            self.policy_changes["failure"] += 1
-            log.error("policy directory %s: %s; the previous policy stays", directory, refused)
-            self._policy_files = files
-            return
         self.policy_dir_errors = []
         policies: tuple[Policy, ...] = loaded.policies if loaded else ()
         # The directory owns only what it holds: policies imported through the API stay.
@@ -651,7 +649,9 @@ class Agent:
     # -- kernel sync -------------------------------------------------------------------------
 
     def _sync(self, identities: set[int]) -> None:
-        diff = self.datapath.apply_updates(self.resolver, identities, self._local_endpoints())
+        diff = self.datapath.apply_updates(
+            self.resolver, identities, self._local_endpoints(), self.resolver.what_if
+        )
         self.map_writes += len(diff.upserts) + len(diff.deletes)
 
     # -- proxy policy ------------------------------------------------------------------------
@@ -776,6 +776,18 @@ class Agent:
         with self.lock:
             return self.resolver.map_state(identity)
 
+    def audit_policies(self, identity: int) -> list[str]:
+        """The policies in audit mode (garrison.io/audit) that select `identity`:
+        `[namespace/]name` each; what they would deny is recorded AUDIT, not enforced."""
+        with self.lock:
+            what_if = self.resolver.what_if
+            if what_if is None or not identity:
+                return []
+            return sorted({
+                f"{p.namespace}/{p.name}" if p.namespace else p.name
+                for p, _ in what_if.rules_selecting(identity) if p.audit
+            })
+
     def status(self) -> dict[str, Any]:
         with self.lock:
             return {
@@ -792,6 +804,11 @@ class Agent:
                 "endpoints_unselected": sorted(
                     ep.name for ep in self.endpoints
                     if ep.identity and not self.resolver.rules_selecting(ep.identity)
+                ),
+                # policies in audit mode (garrison.io/audit) and the endpoints they select
+                "audit_policies": len(self.resolver.audited_policies()),
+                "endpoints_with_audit_policies": sorted(
+                    ep.name for ep in self.endpoints if self.audit_policies(ep.identity)
                 ),
                 "identities": self._identity_count(),
                 **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
@@ -824,22 +841,6 @@ def _named_ports(ports: Sequence[str]) -> list[NamedPort]:
         if np not in out:
             out.append(np)
     return out
-
-
-def _audited_refusal(policies: Sequence[Policy]) -> str | None:
-    """Why the agent refuses these policies, if one is marked garrison.io/audit: not silently
-    enforced, never silently dropped — the datapath has no per-policy audit entries yet
-    (docs/policy.md, "Audit per policy")."""
-    audited = [p for p in policies if p.audit]
-    if not audited:
-        return None
-    first = audited[0]
-    where = f"{first.namespace}/" if first.namespace else ""
-    return (
-        f"{first.kind.value} {where}{first.name}: the agent cannot audit a single policy yet "
-        "(garrison.io/audit); try it with garrison policy trace, garrison accesslog summary "
-        "--what-if or garrison proxy, or remove the annotation to enforce it"
-    )
 
 
 def _not_found() -> Any:

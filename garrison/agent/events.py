@@ -23,9 +23,12 @@ from garrison.flows.record import (
     Verdict,
 )
 from garrison.policies.labels import Labels
-from garrison.policies.mapstate import PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP
+from garrison.policies.mapstate import PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, lookup
+from garrison.policies.mapstate import DropReason as ModelDropReason
 from garrison.policies.mapstate import MatchType as ModelMatchType
 from garrison.policies.model import Direction
+from garrison.policies.refs import RuleRef
+from garrison.policies.trace import _rule_refs
 
 if TYPE_CHECKING:
     from garrison.agent.daemon import Agent
@@ -87,6 +90,39 @@ def deny_response_of(event: DatapathEvent) -> str:
     return ""
 
 
+def audited_by(agent: Agent, event: DatapathEvent) -> tuple[RuleRef, ...]:
+    """The rules of policies in audit mode (garrison.io/audit) that would have denied a
+    connection the enforced policy allowed (a verdict event flagged AUDIT and allowed by
+    gar_policy): an audited deny rule, or the audited rules that make the direction
+    default-deny. Empty when no audited policy selects the deciding endpoint."""
+    what_if = agent.resolver.what_if
+    if what_if is None or event.direction is None:
+        return ()
+    direction = event.direction.model
+    if direction is Direction.INGRESS:
+        identity, remote = event.dst_identity, event.src_identity
+    else:
+        identity, remote = event.src_identity, event.dst_identity
+    try:
+        enforced = agent.resolver.map_state(identity)
+        state = what_if.map_state(identity)
+    except KeyError:
+        return ()
+    if not lookup(enforced, direction, remote, event.protocol, event.dport).allowed:
+        return ()  # the endpoint's own audit mode let through what is enforced as denied
+    result = lookup(state, direction, remote, event.protocol, event.dport)
+    if result.allowed:
+        return ()
+    if result.drop_reason is ModelDropReason.POLICY_DENY:
+        return result.refs
+    return tuple(
+        ref
+        for policy, rule in what_if.enforcing_rules(identity, direction)
+        if policy.audit
+        for ref in _rule_refs(policy, rule, direction)
+    )
+
+
 def wall_ns(monotonic_ns: int) -> int:
     return time.time_ns() - (time.monotonic_ns() - monotonic_ns)
 
@@ -121,8 +157,10 @@ def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
         )
     if event.allowed and not event.audit and event.match_type.model is ModelMatchType.NONE:
         return None  # an unenforced direction let it pass: no policy decided anything
+    denied_by: tuple[RuleRef, ...] = ()
     if event.audit and not event.allowed:
         verdict = Verdict.AUDIT
+        denied_by = audited_by(agent, event)
     elif event.allowed:
         verdict = Verdict.FORWARDED
     else:
@@ -138,5 +176,6 @@ def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
         protocol=proto,
         flags=flags,
         drop_reason=verdict_reason,
+        denied_by=denied_by,
         node_name=node,
     )

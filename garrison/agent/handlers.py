@@ -38,6 +38,8 @@ def endpoint_view(agent: Agent, ep: EndpointRecord) -> dict[str, Any]:
         "ingress_enforcement": bool(state and state.ingress_enforced),
         "egress_enforcement": bool(state and state.egress_enforced),
         "audit": bool(state and state.audit) or ep.audit,
+        # policies in audit mode selecting it: what they would deny is recorded AUDIT
+        "audit_policies": agent.audit_policies(ep.identity),
         "deny_response": ep.deny_response,
     }
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from garrison.bpf.abi import CTFlags, EndpointFlags, ObservationPoint, deny_response_flags
+from garrison.bpf.abi import CTFlags, ObservationPoint
 from garrison.bpf.loader import Datapath, DatapathConfig
 from garrison.bpf.maps import (
     ConntrackEntry,
@@ -27,8 +27,8 @@ from garrison.bpf.maps import (
     EndpointConfig,
     monotonic_ns,
 )
-from garrison.bpf.policymap import PolicyDiff, endpoint_flags
-from garrison.bpf.sync import LocalEndpoint, PolicySync
+from garrison.bpf.policymap import PolicyDiff
+from garrison.bpf.sync import LocalEndpoint, PolicySync, local_endpoint_flags
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.mapstate import PROTOCOL_NAMES
 from garrison.policies.model import IPNetwork
@@ -116,12 +116,12 @@ class KernelDatapath:
     def write_endpoint(
         self, link: Link, identity: int, ipv4: str, resolver: PolicyResolver,
         audit: bool = False, deny_response: str = "drop",
+        what_if: PolicyResolver | None = None,
     ) -> None:
         """`audit`: the endpoint's own audit mode, beside what its MapState implies;
-        `deny_response`: what its denied connections get back (abi.DENY_RESPONSES)."""
-        flags = endpoint_flags(resolver.map_state(identity)) | deny_response_flags(deny_response)
-        if audit:
-            flags |= EndpointFlags.AUDIT
+        `deny_response`: what its denied connections get back (abi.DENY_RESPONSES);
+        `what_if`: the resolver with the audited policies enforced (garrison.bpf.sync)."""
+        flags = local_endpoint_flags(resolver, what_if, identity, audit, deny_response)
         config = EndpointConfig(identity, IPv4Address(ipv4), flags)
         self.dp.maps.write_endpoint(link.ifindex, config)
 
@@ -167,17 +167,19 @@ class KernelDatapath:
     # -- policy ------------------------------------------------------------------------------
 
     def reconcile(
-        self, resolver: PolicyResolver, endpoints: Iterable[LocalEndpoint]
+        self, resolver: PolicyResolver, endpoints: Iterable[LocalEndpoint],
+        what_if: PolicyResolver | None = None,
     ) -> PolicyDiff:
-        return self.sync.reconcile(resolver, endpoints)
+        return self.sync.reconcile(resolver, endpoints, what_if)
 
     def apply_updates(
         self,
         resolver: PolicyResolver,
         identities: Iterable[int],
         endpoints: Iterable[LocalEndpoint],
+        what_if: PolicyResolver | None = None,
     ) -> PolicyDiff:
-        return self.sync.apply_updates(resolver, identities, endpoints)
+        return self.sync.apply_updates(resolver, identities, endpoints, what_if)
 
     # -- inspection --------------------------------------------------------------------------
 

@@ -94,6 +94,16 @@
 #define GAR_EP_DENY_RESPONSE_ICMP      0x8  /* ICMP destination unreachable, code 13 */
 #define GAR_EP_DENY_RESPONSE_TCP_RESET 0x10 /* TCP: RST; anything else: as ICMP */
 #define GAR_EP_TIERS                   0x20 /* has ClusterNetworkPolicy (Admin/Baseline) entries */
+/* Policies in audit mode (garrison.io/audit, "try before enforce"): the endpoint's identity
+ * has entries in gar_policy_audit, its what-if state (every policy enforced, the audited ones
+ * included). A connection gar_policy allows and the what-if state denies passes, and its
+ * verdict event says AUDIT with the what-if match type. The what-if state's own enforcement
+ * and tier bits are the three after it (an audited policy may switch a direction to
+ * default-deny that the enforced set leaves open). */
+#define GAR_EP_POLICY_AUDIT            0x40
+#define GAR_EP_AUDIT_INGRESS_ENFORCED  0x80
+#define GAR_EP_AUDIT_EGRESS_ENFORCED   0x100
+#define GAR_EP_AUDIT_TIERS             0x200
 
 struct gar_endpoint {
 	__u32 identity;
@@ -130,7 +140,9 @@ struct gar_ipcache_value {
 	__u32 flags; /* GAR_IPCACHE_* */
 };
 
-/* ---- Policy (map gar_policy: LPM trie) --------------------------------------------------
+/* ---- Policy (maps gar_policy and gar_policy_audit: LPM tries) ---------------------------
+ * gar_policy holds what is enforced; gar_policy_audit, of the same layout, the what-if state
+ * of the identities some audited policy selects (GAR_EP_POLICY_AUDIT).
  * One trie for every endpoint identity. The fixed part (endpoint identity .. tier, 96 bits)
  * always matches in full; the prefix then runs over the big-endian destination port, so a
  * port range is stored as the aligned power-of-two blocks it splits into. prefixlen =

@@ -182,6 +182,11 @@ class EndpointFlags(IntFlag):
     DENY_RESPONSE_ICMP = 0x8
     DENY_RESPONSE_TCP_RESET = 0x10
     TIERS = 0x20  # has ClusterNetworkPolicy (Admin / Baseline) entries: look them up
+    # audited policies select it: its what-if state is in gar_policy_audit (abi.h)
+    POLICY_AUDIT = 0x40
+    AUDIT_INGRESS_ENFORCED = 0x80
+    AUDIT_EGRESS_ENFORCED = 0x100
+    AUDIT_TIERS = 0x200
 
 
 DENY_RESPONSES: dict[str, EndpointFlags] = {
@@ -373,6 +378,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "gar_config": (ctypes.c_uint32, Config),
     "gar_ipcache": (IPCacheKey, IPCacheValue),
     "gar_policy": (PolicyKey, PolicyValue),
+    "gar_policy_audit": (PolicyKey, PolicyValue),
     "gar_ct": (CTKey, CTEntry),
     "gar_counters": (ctypes.c_uint32, Counter),
 }

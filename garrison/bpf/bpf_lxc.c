@@ -34,6 +34,9 @@
  *     Everything else passes from_netdev untouched and is judged at to_container as above.
  * Every new connection produces a policy-verdict event per side judged; every dropped
  * packet a drop event; audit mode (per endpoint) logs the verdict and drops nothing.
+ * Policies in audit mode (per policy, GAR_EP_POLICY_AUDIT): a connection the enforced
+ * policy allows is also looked up in the side's what-if state (lib/policy.h); if that denies
+ * it, it passes all the same and its verdict event says AUDIT.
  * A new connection a side's L3/L4 policy denies is answered instead of dropped silently
  * when that side's endpoint asks for it (deny-response: lib/deny_response.h); its drop
  * event names the answer.
@@ -95,21 +98,40 @@ static __always_inline int gar_judge(struct gar_ctx *c, const struct gar_endpoin
 {
 	__u32 enforced_flag = direction == GAR_DIR_INGRESS ? GAR_EP_INGRESS_ENFORCED
 							    : GAR_EP_EGRESS_ENFORCED;
+	__u32 audit_enforced_flag = direction == GAR_DIR_INGRESS ? GAR_EP_AUDIT_INGRESS_ENFORCED
+								  : GAR_EP_AUDIT_EGRESS_ENFORCED;
 	int audit = ep->flags & GAR_EP_AUDIT;
-	__u8 flags = 0;
+	struct gar_verdict what_if;
+	__u8 flags = 0, reason, match_type;
 
 	*v = gar_policy_lookup(ep->identity, direction, remote, c->pkt.tuple.protocol,
-			       c->pkt.dport, ep->flags & enforced_flag, ep->flags & GAR_EP_TIERS);
+			       c->pkt.dport, ep->flags & enforced_flag, ep->flags & GAR_EP_TIERS,
+			       GAR_POLICY_MAP_ENFORCED);
+	reason = v->reason;
+	match_type = v->match_type;
 	if (v->allowed)
 		flags |= GAR_EVENT_F_ALLOWED;
 	if (v->redirect)
 		flags |= GAR_EVENT_F_REDIRECT;
 	if (audit)
 		flags |= GAR_EVENT_F_AUDIT;
+	if (v->allowed && (ep->flags & GAR_EP_POLICY_AUDIT)) {
+		/* an audited policy would deny what the enforced ones allow: it passes, recorded
+		 * AUDIT with the what-if lookup's reason and match type */
+		what_if = gar_policy_lookup(ep->identity, direction, remote, c->pkt.tuple.protocol,
+					    c->pkt.dport, ep->flags & audit_enforced_flag,
+					    ep->flags & GAR_EP_AUDIT_TIERS, GAR_POLICY_MAP_WHAT_IF);
+		if (!what_if.allowed) {
+			flags = (flags & ~GAR_EVENT_F_ALLOWED) | GAR_EVENT_F_AUDIT;
+			reason = what_if.reason;
+			match_type = what_if.match_type;
+			gar_count(c->obs, GAR_COUNT_AUDITED, c->pkt.length);
+		}
+	}
 	gar_emit(GAR_EVENT_POLICY_VERDICT, c->obs, &c->pkt, ep_ifindex,
 		 direction == GAR_DIR_EGRESS ? ep->identity : remote,
-		 direction == GAR_DIR_EGRESS ? remote : ep->identity, direction, v->reason,
-		 v->match_type, flags, v->proxy_port);
+		 direction == GAR_DIR_EGRESS ? remote : ep->identity, direction, reason,
+		 match_type, flags, v->proxy_port);
 	if (!v->allowed && audit)
 		gar_count(c->obs, GAR_COUNT_AUDITED, c->pkt.length);
 	return v->allowed || audit;
@@ -337,7 +359,7 @@ int from_netdev(struct __sk_buff *skb)
 	src_id = gar_identity_of(gar_ipcache_lookup(c.pkt.tuple.saddr));
 	ingress = gar_policy_lookup(ep->identity, GAR_DIR_INGRESS, src_id, c.pkt.tuple.protocol,
 				    c.pkt.dport, ep->flags & GAR_EP_INGRESS_ENFORCED,
-				    ep->flags & GAR_EP_TIERS);
+				    ep->flags & GAR_EP_TIERS, GAR_POLICY_MAP_ENFORCED);
 	if (!ingress.allowed || !ingress.redirect)
 		return TC_ACT_OK; /* to_container's decision, with its verdict event */
 	gar_judge(&c, ep, dst_ifindex, GAR_DIR_INGRESS, src_id, &ingress);

@@ -223,7 +223,7 @@ def _stderr_captured() -> Iterator[list[str]]:
 
 
 # the maps that fill up (arrays are always full, the ring buffer is not a map of entries)
-PRESSURE_MAPS = ("gar_ipcache", "gar_policy", "gar_endpoints", "gar_ct")
+PRESSURE_MAPS = ("gar_ipcache", "gar_policy", "gar_policy_audit", "gar_endpoints", "gar_ct")
 
 
 class Datapath:

@@ -585,6 +585,8 @@ class DatapathMaps:
     def __init__(self, bpf: Any) -> None:
         self.ipcache = IPCache(bpf[b"gar_ipcache"])
         self.policy = PolicyMap(bpf[b"gar_policy"])
+        # the what-if state of identities audited policies select (lib/policy.h)
+        self.policy_audit = PolicyMap(bpf[b"gar_policy_audit"])
         self.endpoints = EndpointMap(bpf[b"gar_endpoints"])
         self.conntrack = Conntrack(bpf[b"gar_ct"])
         self.settings = DatapathSettings(bpf[b"gar_config"])

@@ -5,6 +5,13 @@ policy allows: the policy entries first (`PolicyDiff.ops`), then the endpoint fl
 direction that becomes enforced gets its allow entries before default-deny switches on
 (allow entries change nothing in an unenforced direction); one that stops being enforced
 loses its entries while still enforced (narrower for a moment, never wider).
+
+Policies in audit mode (garrison.io/audit): `what_if` is a second resolver with every policy
+enforced, the audited ones included. The identities an audited policy selects get that state
+in gar_policy_audit (same layout, same DesiredPolicy bookkeeping) and the endpoint flag
+GAR_EP_POLICY_AUDIT with the what-if state's enforcement bits; the kernel looks it up only
+for what gar_policy allows, so nothing written there can widen access. Its entries are
+written before the flag turns on and deleted after it turns off.
 """
 
 from __future__ import annotations
@@ -27,6 +34,38 @@ from garrison.policies.mapstate import MapState
 from garrison.policies.resolve import PolicyResolver
 
 
+def audits(what_if: PolicyResolver | None, identity: int) -> bool:
+    """Whether a policy in audit mode (garrison.io/audit) selects `identity`."""
+    if what_if is None:
+        return False
+    return any(policy.audit for policy, _ in what_if.rules_selecting(identity))
+
+
+def what_if_flags(state: MapState) -> EndpointFlags:
+    """The endpoint bits of an audited identity's what-if state."""
+    flags = EndpointFlags.POLICY_AUDIT
+    if state.ingress_enforced:
+        flags |= EndpointFlags.AUDIT_INGRESS_ENFORCED
+    if state.egress_enforced:
+        flags |= EndpointFlags.AUDIT_EGRESS_ENFORCED
+    if state.tiers:
+        flags |= EndpointFlags.AUDIT_TIERS
+    return flags
+
+
+def local_endpoint_flags(
+    resolver: PolicyResolver, what_if: PolicyResolver | None, identity: int, audit: bool,
+    deny_response: str,
+) -> EndpointFlags:
+    """Every GAR_EP_* bit of a local endpoint."""
+    flags = endpoint_flags(resolver.map_state(identity)) | deny_response_flags(deny_response)
+    if audit:
+        flags |= EndpointFlags.AUDIT
+    if what_if is not None and audits(what_if, identity):
+        flags |= what_if_flags(what_if.map_state(identity))
+    return flags
+
+
 @dataclass(frozen=True, slots=True)
 class LocalEndpoint:
     """An endpoint whose programs run on this node: its host veth and its identity."""
@@ -42,10 +81,14 @@ class PolicySync:
     def __init__(self, maps: DatapathMaps, proxy_ports: Mapping[L7Protocol, int]) -> None:
         self.maps = maps
         self.desired = DesiredPolicy(proxy_ports)
+        # gar_policy_audit: the what-if state of the identities audited policies select
+        self.desired_audit = DesiredPolicy(proxy_ports)
+        self.audited: set[int] = set()
         self._written: dict[int, EndpointConfig] = {}  # what this sync wrote, by ifindex
 
     def reconcile(
-        self, resolver: PolicyResolver, endpoints: Iterable[LocalEndpoint]
+        self, resolver: PolicyResolver, endpoints: Iterable[LocalEndpoint],
+        what_if: PolicyResolver | None = None,
     ) -> PolicyDiff:
         """The whole desired state against whatever the kernel holds (agent start, restart
         over pinned maps): writes what is missing or different, deletes what is stale
@@ -58,8 +101,17 @@ class PolicySync:
             self.desired.replace(resolver.map_state(identity))
         resolver.updates(wanted)  # everything pending is now in `desired`
         diff = self.maps.policy.reconcile(self.desired.entries())
+        audited = {i for i in wanted if audits(what_if, i)}
+        for identity in self.audited - audited:
+            self.desired_audit.remove(identity)
+        if what_if is not None:
+            for identity in audited:
+                self.desired_audit.replace(what_if.map_state(identity))
+            what_if.updates(wanted)
+        self.audited = audited
+        self.maps.policy_audit.reconcile(self.desired_audit.entries())
         self._written = self.maps.endpoints.entries()
-        self._write_flags(resolver, eps)
+        self._write_flags(resolver, eps, what_if)
         return diff
 
     def apply_updates(
@@ -67,9 +119,12 @@ class PolicySync:
         resolver: PolicyResolver,
         identities: Iterable[int],
         endpoints: Iterable[LocalEndpoint],
+        what_if: PolicyResolver | None = None,
     ) -> PolicyDiff:
         """After a policy or identity change: only the keys the resolver reports changed
-        for `identities` (those with local endpoints), then those endpoints' flags."""
+        for `identities` (those with local endpoints), then those endpoints' flags. The
+        same for the what-if state of audited identities (`what_if`); an identity that
+        stops being audited loses its what-if entries after its flag."""
         eps = list(endpoints)
         changed = set(identities)
         local = {ep.identity for ep in eps}
@@ -82,23 +137,63 @@ class PolicySync:
             deletes |= step.deletes
         diff = PolicyDiff(upserts, frozenset(deletes))
         self.maps.policy.apply(diff)
-        self._write_flags(resolver, [ep for ep in eps if ep.identity in changed])
+        gone = self._apply_what_if(what_if, changed, local)
+        self._write_flags(resolver, [ep for ep in eps if ep.identity in changed], what_if)
+        for identity in gone:
+            self.maps.policy_audit.apply(self.desired_audit.remove(identity))
         return diff
+
+    def _apply_what_if(
+        self, what_if: PolicyResolver | None, changed: set[int], local: set[int]
+    ) -> set[int]:
+        """The what-if entries of the changed audited identities (written now); returns
+        the identities that stop being audited (their entries go after their flags)."""
+        audited = {i for i in changed & local if audits(what_if, i)}
+        gone = (self.audited & changed) - audited
+        gone |= self.audited - local
+        if what_if is None:
+            gone |= self.audited
+        upserts: dict[PolicyKey, PolicyValue] = {}
+        deletes: set[PolicyKey] = set()
+        if what_if is not None:
+            pending = what_if.updates(changed & local)
+            for identity in audited:
+                if identity in self.audited:
+                    keys = pending.get(identity, set())
+                    step = self.desired_audit.update(
+                        identity, {key: what_if.entry(identity, key) for key in keys}
+                    )
+                else:  # newly audited: its whole what-if state
+                    step = self.desired_audit.replace(what_if.map_state(identity))
+                upserts.update(step.upserts)
+                deletes |= step.deletes
+        self.maps.policy_audit.apply(PolicyDiff(upserts, frozenset(deletes)))
+        self.audited = (self.audited - gone) | audited
+        return gone
 
     def forget(self, identity: int) -> PolicyDiff:
         """Delete the entries of an identity no local endpoint has any more (call after its
         last endpoint's config and ipcache entry are gone)."""
         diff = self.desired.remove(identity)
         self.maps.policy.apply(diff)
+        if identity in self.audited:
+            self.audited.discard(identity)
+            self.maps.policy_audit.apply(self.desired_audit.remove(identity))
         return diff
 
-    def _write_flags(self, resolver: PolicyResolver, endpoints: list[LocalEndpoint]) -> None:
-        states: dict[int, MapState] = {}
+    def _write_flags(
+        self, resolver: PolicyResolver, endpoints: list[LocalEndpoint],
+        what_if: PolicyResolver | None = None,
+    ) -> None:
+        states: dict[int, EndpointFlags] = {}
         for ep in endpoints:
-            state = states.get(ep.identity)
-            if state is None:
-                state = states[ep.identity] = resolver.map_state(ep.identity)
-            flags = endpoint_flags(state) | deny_response_flags(ep.deny_response)
+            policy_flags = states.get(ep.identity)
+            if policy_flags is None:
+                policy_flags = endpoint_flags(resolver.map_state(ep.identity))
+                if what_if is not None and ep.identity in self.audited:
+                    policy_flags |= what_if_flags(what_if.map_state(ep.identity))
+                states[ep.identity] = policy_flags
+            flags = policy_flags | deny_response_flags(ep.deny_response)
             if ep.audit:
                 flags |= EndpointFlags.AUDIT
             config = EndpointConfig(ep.identity, ep.ipv4, flags)

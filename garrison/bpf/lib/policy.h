@@ -40,6 +40,14 @@
  *      step 5.
  *   5. Allow (match type none).
  * Audit mode does not change the verdict computed here; the caller logs and passes.
+ *
+ * Policies in audit mode (garrison.io/audit): the same steps 0-5 run over a second map,
+ * gar_policy_audit, which holds the what-if state (every policy enforced, the audited ones
+ * too) of the identities an audited policy selects (GAR_EP_POLICY_AUDIT), with that state's
+ * own enforcement and tier bits (GAR_EP_AUDIT_*). The caller (bpf_lxc.c, gar_judge) asks it
+ * only when gar_policy allowed: allowed there and denied here -> the connection passes as
+ * gar_policy decided (its redirect included), and its verdict event says AUDIT with this
+ * lookup's match type and reason. The what-if lookup never allows what gar_policy denies.
  */
 #ifndef GARRISON_LIB_POLICY_H
 #define GARRISON_LIB_POLICY_H
@@ -54,6 +62,20 @@
 
 BPF_TABLE_PINNED("lpm_trie", struct gar_policy_key, struct gar_policy_value, gar_policy,
 		 GAR_POLICY_MAX, GAR_PIN(gar_policy), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct gar_policy_key, struct gar_policy_value, gar_policy_audit,
+		 GAR_POLICY_MAX, GAR_PIN(gar_policy_audit), BPF_F_NO_PREALLOC);
+
+/* Which map a lookup reads (`what_if`): the enforced entries, or the what-if state. */
+#define GAR_POLICY_MAP_ENFORCED 0
+#define GAR_POLICY_MAP_WHAT_IF  1
+
+static __always_inline struct gar_policy_value *gar_policy_get(struct gar_policy_key *key,
+							       int what_if)
+{
+	if (what_if)
+		return gar_policy_audit.lookup(key);
+	return gar_policy.lookup(key);
+}
 
 struct gar_verdict {
 	__u8 allowed;
@@ -104,14 +126,15 @@ struct gar_policy_best {
 
 /* One LPM lookup; keeps it in *best when it outranks what is there. */
 static __always_inline void gar_policy_probe(struct gar_policy_key *key, __u32 remote,
-					     __u8 proto, struct gar_policy_best *best)
+					     __u8 proto, struct gar_policy_best *best,
+					     int what_if)
 {
 	struct gar_policy_value *v;
 	__u32 rank;
 
 	key->remote_identity = remote;
 	key->protocol = proto;
-	v = gar_policy.lookup(key);
+	v = gar_policy_get(key, what_if);
 	if (!v)
 		return;
 	rank = gar_policy_rank(v, remote != GAR_IDENTITY_ANY, proto != 0);
@@ -123,13 +146,14 @@ static __always_inline void gar_policy_probe(struct gar_policy_key *key, __u32 r
 
 /* Steps 1 and 2 for one kind of entry (deny or allow): the most precedent hit. */
 static __always_inline void gar_policy_search(struct gar_policy_key *key, __u32 remote,
-					      __u8 proto, struct gar_policy_best *best)
+					      __u8 proto, struct gar_policy_best *best,
+					      int what_if)
 {
 	best->rank = GAR_RANK_NONE;
-	gar_policy_probe(key, remote, proto, best);
-	gar_policy_probe(key, remote, 0, best);
-	gar_policy_probe(key, GAR_IDENTITY_ANY, proto, best);
-	gar_policy_probe(key, GAR_IDENTITY_ANY, 0, best);
+	gar_policy_probe(key, remote, proto, best, what_if);
+	gar_policy_probe(key, remote, 0, best, what_if);
+	gar_policy_probe(key, GAR_IDENTITY_ANY, proto, best, what_if);
+	gar_policy_probe(key, GAR_IDENTITY_ANY, 0, best, what_if);
 }
 
 /* Steps 0 and 4: the first rule of one ClusterNetworkPolicy tier over the four lookups. */
@@ -140,14 +164,14 @@ struct gar_tier_best {
 };
 
 static __always_inline void gar_tier_probe(struct gar_policy_key *key, __u32 remote, __u8 proto,
-					   struct gar_tier_best *best)
+					   struct gar_tier_best *best, int what_if)
 {
 	struct gar_policy_value *v;
 	__u32 rank;
 
 	key->remote_identity = remote;
 	key->protocol = proto;
-	v = gar_policy.lookup(key);
+	v = gar_policy_get(key, what_if);
 	if (!v)
 		return;
 	rank = (__u32)v->proxy_port << 2;
@@ -164,16 +188,16 @@ static __always_inline void gar_tier_probe(struct gar_policy_key *key, __u32 rem
 
 /* 1 when the tier decided (*verdict filled in), 0 on Pass or no hit. */
 static __always_inline int gar_policy_tier(struct gar_policy_key *key, __u8 tier, __u32 remote,
-					   __u8 proto, struct gar_verdict *verdict)
+					   __u8 proto, struct gar_verdict *verdict, int what_if)
 {
 	struct gar_tier_best best = { .rank = GAR_RANK_NONE };
 
 	key->tier = tier;
 	key->deny = 0;
-	gar_tier_probe(key, remote, proto, &best);
-	gar_tier_probe(key, remote, 0, &best);
-	gar_tier_probe(key, GAR_IDENTITY_ANY, proto, &best);
-	gar_tier_probe(key, GAR_IDENTITY_ANY, 0, &best);
+	gar_tier_probe(key, remote, proto, &best, what_if);
+	gar_tier_probe(key, remote, 0, &best, what_if);
+	gar_tier_probe(key, GAR_IDENTITY_ANY, proto, &best, what_if);
+	gar_tier_probe(key, GAR_IDENTITY_ANY, 0, &best, what_if);
 	key->tier = GAR_POLICY_TIER_NETWORKPOLICY;
 	if (best.rank == GAR_RANK_NONE || (best.flags & GAR_POLICY_PASS))
 		return 0;
@@ -188,7 +212,7 @@ static __always_inline int gar_policy_tier(struct gar_policy_key *key, __u8 tier
 static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_identity,
 							    __u8 direction, __u32 remote,
 							    __u8 proto, __u16 port, int enforced,
-							    int tiers)
+							    int tiers, int what_if)
 {
 	struct gar_verdict verdict = {};
 	struct gar_policy_best best = {};
@@ -204,11 +228,12 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 		remote = GAR_IDENTITY_WORLD;
 
 	/* 0. Admin tier (`tiers`: GAR_EP_TIERS, the endpoint has tier entries; else skipped) */
-	if (tiers && gar_policy_tier(&key, GAR_POLICY_TIER_ADMIN, remote, proto, &verdict))
+	if (tiers &&
+	    gar_policy_tier(&key, GAR_POLICY_TIER_ADMIN, remote, proto, &verdict, what_if))
 		return verdict;
 	key.deny = 1;
 	/* 1. any deny */
-	gar_policy_search(&key, remote, proto, &best);
+	gar_policy_search(&key, remote, proto, &best, what_if);
 	if (best.rank != GAR_RANK_NONE) {
 		verdict.match_type = gar_match_type(best.rank);
 		verdict.reason = GAR_DROP_POLICY_DENY;
@@ -216,7 +241,7 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 	}
 	/* 2. the most precedent allow */
 	key.deny = 0;
-	gar_policy_search(&key, remote, proto, &best);
+	gar_policy_search(&key, remote, proto, &best, what_if);
 	if (best.rank != GAR_RANK_NONE) {
 		verdict.allowed = 1;
 		verdict.match_type = gar_match_type(best.rank);
@@ -233,7 +258,8 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 		return verdict;
 	}
 	/* 4. Baseline tier */
-	if (tiers && gar_policy_tier(&key, GAR_POLICY_TIER_BASELINE, remote, proto, &verdict))
+	if (tiers &&
+	    gar_policy_tier(&key, GAR_POLICY_TIER_BASELINE, remote, proto, &verdict, what_if))
 		return verdict;
 	/* 5. nothing decided */
 	verdict.allowed = 1;

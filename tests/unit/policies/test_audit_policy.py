@@ -7,7 +7,6 @@ matchers (HTTP, gRPC, Kafka) agree.
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -172,45 +171,3 @@ def test_grpc_and_kafka_matchers_audit_what_the_layer_denies() -> None:
     ))
     assert not http.match("PUT", "/", None, []).allowed
     assert http.match("GET", "/b", None, []).audited
-
-
-def test_the_agent_refuses_an_audited_policy_rather_than_enforce_it(tmp_path: Path) -> None:
-    """The agent's datapath cannot audit one policy yet: importing one is refused whole,
-    with what to use instead, and nothing changes (the repository is never reached)."""
-    from types import SimpleNamespace
-
-    from garrison.agent.api import APIError
-    from garrison.agent.daemon import Agent
-
-    path = tmp_path / "candidate.yaml"
-    path.write_text(textwrap.dedent(ENFORCED) + "---" + textwrap.dedent(AUDITED))
-    fake = SimpleNamespace(policy_changes={"failure": 0})
-    with pytest.raises(APIError) as info:
-        Agent.import_policies(fake, [str(path)])  # type: ignore[arg-type]
-    assert str(info.value) == (
-        "CiliumNetworkPolicy default/candidate: the agent cannot audit a single policy yet "
-        "(garrison.io/audit); try it with garrison policy trace, garrison accesslog summary "
-        "--what-if or garrison proxy, or remove the annotation to enforce it"
-    )
-    assert fake.policy_changes == {"failure": 1}
-
-
-def test_the_agent_refuses_an_audited_policy_in_its_policy_directory(tmp_path: Path) -> None:
-    """The policy directory is refused the same way; the previous policy stays, and the
-    error is what `garrison status` reports for the directory."""
-    from types import SimpleNamespace
-
-    from garrison.agent.daemon import Agent
-
-    (tmp_path / "candidate.yaml").write_text(textwrap.dedent(AUDITED))
-    fake = SimpleNamespace(
-        config=SimpleNamespace(policy_dir=tmp_path), policy_dir_errors=[],
-        _policy_dir_gone=False, _policy_files={}, policy_changes={"failure": 0},
-    )
-    Agent._load_policy_dir(fake, initial=True)  # type: ignore[arg-type]
-    assert fake.policy_dir_errors == [
-        "CiliumNetworkPolicy default/candidate: the agent cannot audit a single policy yet "
-        "(garrison.io/audit); try it with garrison policy trace, garrison accesslog summary "
-        "--what-if or garrison proxy, or remove the annotation to enforce it"
-    ]
-    assert fake.policy_changes == {"failure": 1}

@@ -1,0 +1,197 @@
+"""Policies in audit mode (`garrison.io/audit`, try before enforce) in the agent's datapath.
+
+A policy marked for audit decides nothing: the other policies do, in the kernel as before.
+What it would deny of what they allow passes and is recorded AUDIT naming its rule — the
+kernel looks the connection up a second time in `gar_policy_audit` (the what-if state of the
+identities the audited policy selects). Without the annotation the same policy drops; taking
+the annotation away enforces it at once (an incremental change, the agent keeps running); an
+audited allow never opens what the enforced policies deny; a restart keeps all of it.
+
+Own names and addresses (ga-*, 198.18.66.0/24) and proxy ports, so that this module can run
+beside other agent tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Network
+
+import pytest
+
+from garrison.flows.record import DropReasonDesc, FlowType, Verdict
+
+from . import agent_harness as harness
+from .agent_harness import (  # noqa: F401 (fixtures)
+    AgentEndpoint,
+    AgentProcess,
+    echo_servers,
+    fixture_clean,
+    roundtrip,
+)
+
+pytestmark = pytest.mark.privileged
+
+
+@pytest.fixture(scope="module", name="agent")
+def fixture_agent(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AgentProcess]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harness, "PREFIX", "ga-")
+        mp.setattr(harness, "ADDRESS_BLOCK", IPv4Network("198.18.66.0/24"))
+        mp.setattr(harness, "PROXY_PORTS", {"http": 15661, "grpc": 15662, "kafka": 15663})
+        yield from harness.module_agent(request, tmp_path_factory.mktemp("agent"))
+
+
+ENFORCED = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: in-force}
+spec:
+  endpointSelector: {matchLabels: {app: gasrv}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: gacli}}]
+    toPorts: [{ports: [{port: "7000", protocol: TCP}]}]
+"""
+
+CANDIDATE = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: candidate
+  {annotations}
+spec:
+  endpointSelector: {{matchLabels: {{app: gasrv}}}}
+  ingressDeny:
+  - fromEndpoints: [{{matchLabels: {{app: gacli}}}}]
+    toPorts: [{{ports: [{{port: "7000", protocol: TCP}}]}}]
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: gabad}}}}]
+"""
+AUDITED = CANDIDATE.format(annotations='annotations: {garrison.io/audit: "true"}')
+NOT_AUDITED = CANDIDATE.format(annotations="")
+
+# selects an endpoint no other policy selects: its ingress would become default-deny
+NEW_DEFAULT_DENY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: lockdown
+  annotations: {garrison.io/audit: "true"}
+spec:
+  endpointSelector: {matchLabels: {app: gaopen}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: gabad}}]
+"""
+
+
+def passes(src: AgentEndpoint, dst: AgentEndpoint, port: int = 7000) -> bool:
+    sock = src.connect(dst.ip, port, timeout=1.0)
+    if sock is None:
+        return False
+    with sock:
+        return roundtrip(sock)
+
+
+def test_an_audited_deny_passes_recorded_audit_then_is_enforced(
+    agent: AgentProcess, clean: None
+) -> None:
+    srv = agent.add_endpoint("srv", "app=gasrv", 10)
+    cli = agent.add_endpoint("cli", "app=gacli", 11)
+    bad = agent.add_endpoint("bad", "app=gabad", 12)
+    agent.import_policy("in-force", ENFORCED)
+    with echo_servers(srv, 7000):
+        assert passes(cli, srv)
+        assert not passes(bad, srv)  # enforced: only app=gacli
+
+        agent.import_policy("candidate", AUDITED)
+        got = agent.cli_json("endpoint", "get", srv.name)
+        assert got["audit_policies"] == ["default/candidate"] and not got["audit"]
+        status = agent.cli_json("status")
+        assert status["audit_policies"] == 1
+        assert status["endpoints_with_audit_policies"] == [srv.name]
+        t0 = time.time_ns()
+        assert passes(cli, srv)  # the audited ingressDeny would drop it: it passes
+        rec = agent.wait_flow(lambda r: r.time >= t0 and r.source.ip == cli.ip
+                              and r.type is FlowType.L3_L4 and r.verdict is Verdict.AUDIT)
+        assert [(p.name, p.namespace) for p in rec.ingress_denied_by] == [
+            ("candidate", "default")]
+        assert rec.drop_reason_desc is DropReasonDesc.POLICY_DENY
+        assert (rec.destination.ip, rec.destination.port) == (srv.ip, 7000)
+        # an audited allow opens nothing: app=gabad stays dropped by the enforced policy
+        assert not passes(bad, srv)
+        dropped = agent.wait_flow(lambda r: r.time >= t0 and r.source.ip == bad.ip
+                                  and r.type is FlowType.L3_L4)
+        assert dropped.verdict is Verdict.DROPPED
+
+        # a restart over the same pins and state: still audited, still passing
+        assert agent.stop() == 0
+        agent.start()
+        t1 = time.time_ns()
+        assert passes(cli, srv)
+        agent.wait_flow(lambda r: r.time >= t1 and r.source.ip == cli.ip
+                        and r.type is FlowType.L3_L4 and r.verdict is Verdict.AUDIT)
+        assert not passes(bad, srv)
+
+        # the annotation taken away: the same policy is enforced, the agent keeps running
+        pid = agent.pid
+        agent.import_policy("candidate", NOT_AUDITED)
+        assert agent.pid == pid
+        t2 = time.time_ns()
+        assert not passes(cli, srv)
+        rec = agent.wait_flow(lambda r: r.time >= t2 and r.source.ip == cli.ip
+                              and r.type is FlowType.L3_L4)
+        assert rec.verdict is Verdict.DROPPED
+        assert agent.cli_json("endpoint", "get", srv.name)["audit_policies"] == []
+        assert agent.cli_json("status")["endpoints_with_audit_policies"] == []
+
+        # and audited again: passes again
+        agent.import_policy("candidate", AUDITED)
+        assert passes(cli, srv)
+
+
+def test_the_same_policy_without_audit_drops(agent: AgentProcess, clean: None) -> None:
+    srv = agent.add_endpoint("srv2", "app=gasrv", 20)
+    cli = agent.add_endpoint("cli2", "app=gacli", 21)
+    agent.import_policy("in-force", ENFORCED)
+    agent.import_policy("candidate", NOT_AUDITED)
+    with echo_servers(srv, 7000):
+        t0 = time.time_ns()
+        assert not passes(cli, srv)
+        rec = agent.wait_flow(lambda r: r.time >= t0 and r.source.ip == cli.ip
+                              and r.type is FlowType.L3_L4)
+        assert rec.verdict is Verdict.DROPPED
+        assert rec.drop_reason_desc is DropReasonDesc.POLICY_DENY
+
+
+def test_an_audited_policy_that_would_switch_on_default_deny(
+    agent: AgentProcess, clean: None
+) -> None:
+    """No enforced policy selects the endpoint (all traffic allowed); the audited one would
+    make its ingress default-deny: connections pass, recorded AUDIT naming that policy; the
+    endpoint's own audit mode is not involved. Deleting the policy stops the records."""
+    srv = agent.add_endpoint("open", "app=gaopen", 30)
+    cli = agent.add_endpoint("cli3", "app=gacli", 31)
+    bad = agent.add_endpoint("bad3", "app=gabad", 32)
+    agent.import_policy("lockdown", NEW_DEFAULT_DENY)
+    with echo_servers(srv, 7000):
+        t0 = time.time_ns()
+        assert passes(cli, srv)
+        rec = agent.wait_flow(lambda r: r.time >= t0 and r.source.ip == cli.ip
+                              and r.type is FlowType.L3_L4 and r.verdict is Verdict.AUDIT)
+        assert [p.name for p in rec.ingress_denied_by] == ["lockdown"]
+        assert rec.drop_reason_desc is DropReasonDesc.POLICY_DENIED
+        assert passes(bad, srv)  # the audited rule allows it: no AUDIT record for it
+        time.sleep(0.5)
+        assert not [r for r in agent.flows() if r.time >= t0 and r.source.ip == bad.ip
+                    and r.verdict is Verdict.AUDIT]
+
+        agent.delete_policies()
+        t1 = time.time_ns()
+        assert passes(cli, srv)
+        time.sleep(0.5)
+        assert not [r for r in agent.flows() if r.time >= t1 and r.source.ip == cli.ip
+                    and r.verdict is Verdict.AUDIT]
+        dp = agent.cli_json("status")
+        assert dp["audit_policies"] == 0
