@@ -553,3 +553,100 @@ spec:
     sync.apply_updates(resolver, resolver.remove_policy(deny), local)
     assert verdict() == (True, 0)
     assert not [k for k in dp.maps.policy.entries() if k.tier]
+
+
+# ---- policies in audit mode (garrison.io/audit): the what-if map ---------------------------
+
+AUDIT_ENFORCED = HEAD.format(name="in-force") + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "80", endPort: 81, protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: peer-b}}]
+"""
+# an audited deny over part of what is allowed, an audited allow of what is denied, and an
+# egress the audited policy alone would switch to default-deny
+AUDIT_CANDIDATE = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: candidate
+  annotations: {garrison.io/audit: "true"}
+spec:
+  endpointSelector: {matchLabels: {app: me}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "81", protocol: TCP}]}]
+  - toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+  ingress:
+  - fromEntities: [world]
+  egress:
+  - toEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"""
+
+
+def test_what_if_lookup_equals_model(dp: Datapath) -> None:
+    """An audited policy (agent resolver, PolicySync with its what-if resolver): over a grid
+    of peers, ports, protocols and both directions, the kernel's verdict event and return
+    code are the enforced model's, except where the enforced model allows and the what-if
+    model denies: then the event says AUDIT (not allowed) with the what-if reason and match
+    type, and the packet passes. Removing the audited policy clears the flag and the map."""
+    from garrison.agent.whatif import AuditingResolver
+
+    resolver = AuditingResolver()
+    for ident, labels in [(ME[1], ME[2]), (PEERS["a"][1], PEERS["a"][2]),
+                          (PEERS["b"][1], PEERS["b"][2])]:
+        assert labels is not None
+        resolver.add_identity(ident, labels_of(labels))
+    enforced = policies(AUDIT_ENFORCED)[0]
+    [candidate] = policies(AUDIT_CANDIDATE)
+    resolver.add_policy(enforced)
+    resolver.add_policy(candidate)
+    assert resolver.what_if is not None
+    for peer in ("a", "b"):
+        dp.maps.ipcache.upsert(f"{PEERS[peer][0]}/32", PEERS[peer][1])
+    local = [LocalEndpoint(LO, ME[1], IPv4Address(ME[0]))]
+    sync = PolicySync(dp.maps, PROXY_PORTS)
+    sync.reconcile(resolver, local, resolver.what_if)
+    config = dp.maps.endpoints.get(LO)
+    assert config is not None and abi.EndpointFlags.POLICY_AUDIT in config.flags
+    assert abi.EndpointFlags.AUDIT_EGRESS_ENFORCED in config.flags
+    assert abi.EndpointFlags.EGRESS_ENFORCED not in config.flags
+    assert dp.maps.policy_audit.entries([ME[1]])
+
+    state, what_if = resolver.map_state(ME[1]), resolver.what_if.map_state(ME[1])
+    sports = iter(range(41000, 42000))
+    audited = 0
+    for direction in (Direction.INGRESS, Direction.EGRESS):
+        for peer in ("a", "b", "world"):
+            for proto in (PROTO_TCP, PROTO_UDP):
+                for port in (80, 81, 443, 8080):
+                    peer_ip, peer_identity, _ = PEERS[peer]
+                    model = lookup(state, direction, peer_identity, proto, port)
+                    would = lookup(what_if, direction, peer_identity, proto, port)
+                    audit = model.allowed and not would.allowed
+                    expect = would if audit else model
+                    if direction is Direction.EGRESS:
+                        program, src, dst = "from_container", ME[0], peer_ip
+                    else:
+                        program, src, dst = "to_container", peer_ip, ME[0]
+                    dp.maps.events.drain()
+                    result = dp.test_run(program, frame(src, dst, proto, next(sports), port),
+                                         SkbContext(ifindex=LO))
+                    [verdict] = verdicts(dp.maps.events.drain())
+                    where = f"{direction.value} {peer} {proto}/{port}"
+                    assert verdict.audit == audit, where
+                    assert verdict.allowed == (model.allowed and not audit), where
+                    assert verdict.match_type.model is expect.match_type, where
+                    assert (verdict.reason.model if verdict.reason else None) is (
+                        expect.drop_reason), where
+                    assert result.retval == (TC_ACT_OK if model.allowed else TC_ACT_SHOT), where
+                    audited += audit
+    assert audited >= 4  # the grid covers the audited deny, the default-deny and both
+
+    sync.apply_updates(resolver, resolver.remove_policy(candidate), local, resolver.what_if)
+    config = dp.maps.endpoints.get(LO)
+    assert resolver.what_if is None and config is not None
+    assert not config.flags & (abi.EndpointFlags.POLICY_AUDIT
+                               | abi.EndpointFlags.AUDIT_EGRESS_ENFORCED)
+    assert not dp.maps.policy_audit.entries()
