@@ -368,6 +368,36 @@ def test_a_restarted_node_starts_with_the_labels_set_while_it_was_down(
     same_identity_everywhere(c, (), (ns_label("tier", "gn-late"),))
 
 
+def test_a_record_written_by_something_else_is_refused_alone(cluster: Cluster) -> None:
+    """Hostile etcd content never reaches a selector and never stops the watch: a bad record
+    is named in status, the namespace keeps its labels, the next `namespace label`
+    replaces it."""
+    c = cluster
+    c.n1.cli_json("namespace", "label", SHOP, "team=blue")
+    blue = same_identity_everywhere(c, (ns_label("team", "blue"),), ())
+    key = f"garrison/state/namespaces/v1/{SHOP}"
+    etcdctl(c, "put", key, '{"labels": {"team": "blue green", "x": "1"}}')
+    etcdctl(c, "put", "garrison/state/namespaces/v1/Not_A/namespace", '{"labels": {}}')
+    try:
+        for node in (c.n1, c.n2):
+
+            def named(node: Node = node) -> bool:
+                errors = " ".join(node.api("Status")["cluster"]["errors"])
+                return "bad namespace record" in errors and "not a namespace key" in errors
+
+            wait_for(named, 10.0, f"{node.name} to name both bad records")
+            assert node.namespace_labels(SHOP) == [f"{NAME_LABEL}={SHOP}", "team=blue"]
+        assert c.n2.identity(c.w2.name) == blue == c.n1.identity(c.w1.name)
+        # the watch goes on: a good change after the bad ones arrives
+        out = c.n2.cli_json("namespace", "label", SHOP, "team=red")
+        assert out["labels"] == [f"{NAME_LABEL}={SHOP}", "team=red"]  # the bad record replaced
+        same_identity_everywhere(c, (ns_label("team", "red"),), (ns_label("x", "1"),))
+    finally:
+        etcdctl(c, "del", "garrison/state/namespaces/v1/Not_A/namespace")
+    c.n1.cli_json("namespace", "label", SHOP, "team-")
+    same_identity_everywhere(c, (), (ns_label("team", "red"),))
+
+
 def test_with_etcd_away_a_label_is_refused_and_a_restart_keeps_the_saved_labels(
     cluster: Cluster,
 ) -> None:
