@@ -157,3 +157,45 @@ def test_endpoints_with_the_same_rules_but_other_port_names_do_not_share() -> No
         for ident in (300, 301)
     }
     assert ports == {300: {(8080, 302)}, 301: {(9090, 302)}}
+
+
+def test_rules_first_then_identities_resolves_as_identities_first() -> None:
+    """An endpoint identity added after the rules finds the rules selecting it among the
+    selectors it matched (no scan of every rule's subject): the same policy either way."""
+    bp = bench_module()
+    sc = bp.Scenario(200, 400, 5)
+    ids: dict[Labels, int] = {}
+    for labels in sc.endpoints:
+        ids.setdefault(labels, 256 + len(ids))
+    identities_first, rules_first = PolicyResolver(), PolicyResolver()
+    for labels, ident in ids.items():
+        identities_first.set_named_ports(ident, sc.app_ports[str(labels.get("app"))])
+        identities_first.add_identity(ident, labels)
+    identities_first.add_policies(sc.policies)
+    rules_first.add_policies(sc.policies)
+    for labels, ident in ids.items():
+        rules_first.set_named_ports(ident, sc.app_ports[str(labels.get("app"))])
+        rules_first.add_identity(ident, labels)
+    assert snapshot(rules_first) == snapshot(identities_first)
+    assert any(rules_first.rules_selecting(ident) for ident in ids.values())
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_bulk_add_leaves_the_cycle_collector_as_it_found_it(enabled: bool) -> None:
+    import gc
+
+    bp = bench_module()
+    sc = bp.Scenario(20, 30, 3)
+    r = PolicyResolver()
+    for n, labels in enumerate(dict.fromkeys(sc.endpoints)):
+        r.add_identity(256 + n, labels)
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        r.add_policies(sc.policies)
+        assert gc.isenabled() is enabled
+        with pytest.raises(AttributeError):
+            r.add_policies([sc.policies[0], None])  # type: ignore[list-item]
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
