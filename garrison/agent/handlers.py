@@ -117,14 +117,19 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
         )
         return endpoint_view(agent, ep)
 
+    # Under the agent's lock: a relabel (namespace label, the cluster's watch) replaces an
+    # endpoint's identity, and a view read half before and half after names an identity that
+    # is gone.
     def endpoint_list(_: dict[str, Any]) -> dict[str, Any]:
-        return {"endpoints": [endpoint_view(agent, ep) for ep in agent.endpoints]}
+        with agent.lock:
+            return {"endpoints": [endpoint_view(agent, ep) for ep in agent.endpoints]}
 
     def endpoint_get(req: dict[str, Any]) -> dict[str, Any]:
-        ep = agent.endpoints.get(str(req["name"]))
-        view = endpoint_view(agent, ep)
-        view["policy"] = map_state_view(agent.map_state(ep.identity))
-        return view
+        with agent.lock:
+            ep = agent.endpoints.get(str(req["name"]))
+            view = endpoint_view(agent, ep)
+            view["policy"] = map_state_view(agent.map_state(ep.identity))
+            return view
 
     def endpoint_delete(req: dict[str, Any]) -> dict[str, Any]:
         ep = agent.delete_endpoint(str(req["name"]))
