@@ -38,7 +38,7 @@ from garrison.agent.policystore import ImportedPolicies, RevisionRecord
 from garrison.agent.runtime import pending_deletes
 from garrison.agent.whatif import AuditingResolver
 from garrison.bpf.maps import DatapathEvent
-from garrison.bpf.sync import LocalEndpoint
+from garrison.bpf.sync import LocalEndpoint, audits
 from garrison.cluster.agent import AgentCluster
 from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowStore, StoreConfig
@@ -699,6 +699,23 @@ class Agent:
                 ruleset = redirecting[0].l7
             else:
                 ruleset = L7RuleSet(L7Protocol.HTTP, (), allow_all=True)
+            # policies in audit mode: the what-if rule set of the side whose rules apply, as
+            # the audit layer (with an allow-all rule set where only the audited policies
+            # redirect: the kernel's GAR_REDIRECT_WHAT_IF, egress side first as there)
+            def side_of(r: LookupResult) -> tuple[int, int, Direction]:
+                if r is ingress:
+                    return dst_id, src_id, Direction.INGRESS
+                return src_id, dst_id, Direction.EGRESS
+
+            if redirecting and ruleset is redirecting[0].l7 and ruleset.audit_layer is None:
+                ruleset = self._audit_layer(ruleset, *side_of(redirecting[0]), dst_port) or ruleset
+            elif not redirecting:
+                for r in (egress, ingress):
+                    layered = self._audit_layer(None, *side_of(r), dst_port) if (
+                        r is not None and r.allowed) else None
+                    if layered is not None:
+                        ruleset = layered
+                        break
             result = decisive or LookupResult(True, MatchType.NONE, enforced=False)
             if decisive is not None:
                 audit = side_audit(decisive)
@@ -709,6 +726,36 @@ class Agent:
                 src_id, src_labels, src.namespace if src else None, allowed, result, ruleset,
                 audit, src.name if src else self._remote_name(src_ip), side,
             )
+
+    def _audit_layer(
+        self, ruleset: L7RuleSet | None, identity: int, remote: int, direction: Direction,
+        port: int,
+    ) -> L7RuleSet | None:
+        """`ruleset` (what the enforced policies redirect with; None: they do not redirect)
+        with the rule set of the what-if state as its audit layer, when a policy in audit
+        mode (garrison.io/audit) selects the deciding endpoint and would decide requests
+        differently: the proxy then records AUDIT what the layer denies and the rule set
+        allows, as the standalone proxy does. None when there is no such layer. A
+        connection the what-if state denies at L3/L4 was recorded AUDIT by the kernel; its
+        requests keep the enforced rules alone."""
+        what_if = self.resolver.what_if
+        if what_if is None or not audits(what_if, identity):
+            return None
+        would = lookup(what_if.map_state(identity), direction, remote, PROTO_TCP, port)
+        if not would.allowed:
+            return None
+        if ruleset is None:  # only the what-if state redirects: every request passes
+            if would.l7 is None or would.redirect is None:
+                return None
+            ruleset = L7RuleSet(would.l7.protocol, (), allow_all=True)
+        if would.l7 is not None and would.redirect is ruleset.protocol:
+            layer = would.l7
+        else:  # L4 only in the what-if state: every request passes there
+            layer = L7RuleSet(ruleset.protocol, (), allow_all=True,
+                              allow_all_ref=would.refs[0] if would.refs else None)
+        if layer == ruleset or (layer.allow_all and not layer.deny_rules):
+            return None
+        return replace(ruleset, audit_layer=layer)
 
     def _remote_name(self, ip: str) -> str | None:
         """Another node's endpoint's name, for the proxy's records (None: not one)."""

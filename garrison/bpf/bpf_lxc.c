@@ -126,6 +126,11 @@ static __always_inline int gar_judge(struct gar_ctx *c, const struct gar_endpoin
 			reason = what_if.reason;
 			match_type = what_if.match_type;
 			gar_count(c->obs, GAR_COUNT_AUDITED, c->pkt.length);
+		} else if (what_if.redirect && !v->redirect) {
+			/* only the audited policies have L7 rules here: the proxy audits them */
+			v->redirect = GAR_REDIRECT_WHAT_IF;
+			v->proxy_port = what_if.proxy_port;
+			flags |= GAR_EVENT_F_REDIRECT;
 		}
 	}
 	gar_emit(GAR_EVENT_POLICY_VERDICT, c->obs, &c->pkt, ep_ifindex,
@@ -208,9 +213,10 @@ int from_container(struct __sk_buff *skb)
 	if (!egress.allowed)
 		ct_flags |= GAR_CT_AUDIT;
 	if (egress.redirect) {
-		redirect = 1;
+		redirect = egress.redirect;
 		proxy_port = egress.proxy_port;
-		redirect_audit = ep->flags & GAR_EP_AUDIT;
+		redirect_audit = (ep->flags & GAR_EP_AUDIT) ||
+				 egress.redirect == GAR_REDIRECT_WHAT_IF;
 	}
 
 	/* ... and a local destination's ingress policy, here where a redirect still works. */
@@ -225,10 +231,15 @@ int from_container(struct __sk_buff *skb)
 			ct_flags |= GAR_CT_INGRESS_DONE;
 			if (!ingress.allowed)
 				ct_flags |= GAR_CT_AUDIT;
-			if (!redirect && ingress.redirect) {
-				redirect = 1;
+			/* the egress side's redirect first, unless only its audited
+			 * policies redirect and the ingress side's enforced ones do */
+			if (ingress.redirect &&
+			    (!redirect || (redirect == GAR_REDIRECT_WHAT_IF &&
+					   ingress.redirect == GAR_REDIRECT_ENFORCED))) {
+				redirect = ingress.redirect;
 				proxy_port = ingress.proxy_port;
-				redirect_audit = dst_ep->flags & GAR_EP_AUDIT;
+				redirect_audit = (dst_ep->flags & GAR_EP_AUDIT) ||
+						 ingress.redirect == GAR_REDIRECT_WHAT_IF;
 			}
 		}
 	}
@@ -290,7 +301,8 @@ int to_container(struct __sk_buff *skb)
 				GAR_DIR_INGRESS, &ingress);
 	if (!ingress.allowed)
 		ct_flags |= GAR_CT_AUDIT;
-	if (ingress.redirect) {
+	/* a redirect only the audited policies ask for cannot happen here: it passes */
+	if (ingress.redirect == GAR_REDIRECT_ENFORCED) {
 		if (!(ep->flags & GAR_EP_AUDIT))
 			return gar_drop(&c, c.ifindex, src_id, ep->identity, GAR_DIR_INGRESS,
 					GAR_DROP_PROXY_REDIRECT_UNSUPPORTED,

@@ -195,3 +195,42 @@ def test_an_audited_policy_that_would_switch_on_default_deny(
                     and r.verdict is Verdict.AUDIT]
         dp = agent.cli_json("status")
         assert dp["audit_policies"] == 0
+
+
+def test_an_audited_l7_policy_is_audited_by_the_agents_proxy(
+    agent: AgentProcess, clean: None
+) -> None:
+    """The enforced policy allows empire ships on port 80 at L4 only (no proxy); the audited
+    `deathstar-guard` would deny the tiefighter's PUT /v1/exhaust-port at L7. The kernel
+    steers the connection to the proxy for the audited policy alone; the proxy forwards every
+    request (the app answers) and records the PUT AUDIT naming the deny rule. Enforced (the
+    annotation taken away), the proxy answers 403."""
+    ds = agent.add_endpoint("ds", "org=empire,class=deathstar", 40)
+    tie = agent.add_endpoint("tie", "org=empire,class=tiefighter", 41)
+    xwing = agent.add_endpoint("xw", "org=alliance,class=xwing", 42)
+    agent.deathstar(ds)
+    agent.import_file(harness.STARWARS / "sw_l3_l4_policy.yaml")
+    guard = (harness.REPO / "examples" / "extensions" / "deathstar-guard-audit.yaml").read_text()
+    agent.import_policy("deathstar-guard", guard)
+
+    def put() -> int:
+        sock = tie.connect(ds.ip, 80)
+        assert sock is not None
+        with sock:
+            return harness.http_request(sock, "PUT", "/v1/exhaust-port")[0]
+
+    assert put() == 503  # the app's own answer: forwarded
+    rec = agent.wait_access_record(
+        lambda r: r.get("l7", {}).get("type") == "REQUEST" and r.get("verdict") == "AUDIT"
+        and r["destination"].get("ip") == ds.ip)
+    assert rec["l7"]["http"]["method"] == "PUT"
+    assert [p["name"] for p in rec["ingress_denied_by"]] == ["deathstar-guard"]
+    done = agent.exec_in(tie, "curl", "-s", "-m", "3", "-X", "POST",
+                         f"http://{ds.ip}/v1/request-landing")
+    assert (done.returncode, done.stdout) == (0, b"Ship landed\n")
+    assert agent.exec_in(xwing, "curl", "-s", "-m", "2", "-X", "POST",
+                         f"http://{ds.ip}/v1/request-landing").returncode != 0
+
+    agent.import_policy("deathstar-guard", guard.replace('garrison.io/audit: "true"',
+                                                         'garrison.io/audit: "false"'))
+    assert put() == 403

@@ -47,7 +47,9 @@
  * own enforcement and tier bits (GAR_EP_AUDIT_*). The caller (bpf_lxc.c, gar_judge) asks it
  * only when gar_policy allowed: allowed there and denied here -> the connection passes as
  * gar_policy decided (its redirect included), and its verdict event says AUDIT with this
- * lookup's match type and reason. The what-if lookup never allows what gar_policy denies.
+ * lookup's match type and reason; allowed in both, and only the what-if entry redirects ->
+ * the connection goes to the proxy (GAR_REDIRECT_WHAT_IF: it audits the L7 rules, and a
+ * failed redirect passes). The what-if lookup never allows what gar_policy denies.
  */
 #ifndef GARRISON_LIB_POLICY_H
 #define GARRISON_LIB_POLICY_H
@@ -81,9 +83,15 @@ struct gar_verdict {
 	__u8 allowed;
 	__u8 match_type; /* GAR_MATCH_* */
 	__u8 reason;     /* GAR_DROP_POLICY_DENY / GAR_DROP_POLICY_DENIED when not allowed */
-	__u8 redirect;   /* allowed and steered to proxy_port */
+	__u8 redirect;   /* allowed and steered to proxy_port: GAR_REDIRECT_* */
 	__u16 proxy_port;
 };
+
+/* gar_verdict.redirect: the enforced entry redirects, or (bpf_lxc.c) only the what-if state
+ * of a policy in audit mode does: then the proxy audits its L7 rules over an allow-all rule
+ * set, and a failed redirect passes instead of failing closed (audit changes no verdict). */
+#define GAR_REDIRECT_ENFORCED 1
+#define GAR_REDIRECT_WHAT_IF  2
 
 #define GAR_RANK_NONE 0xffffffff
 
@@ -246,7 +254,7 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 		verdict.allowed = 1;
 		verdict.match_type = gar_match_type(best.rank);
 		if (best.value.flags & GAR_POLICY_REDIRECT) {
-			verdict.redirect = 1;
+			verdict.redirect = GAR_REDIRECT_ENFORCED;
 			verdict.proxy_port = best.value.proxy_port;
 		}
 		return verdict;
