@@ -26,6 +26,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from garrison.agent.endpoints import EndpointError, EndpointRegistry
 from garrison.agent.handlers import make_handlers
 from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
 from garrison.agent.metrics import AgentMetrics
+from garrison.agent.proxyworkers import ProxyWorkers, WorkersConfig, new_metrics_dir
+from garrison.agent.proxyworkers import serve_metrics as serve_workers_metrics
 from garrison.bpf.loader import BPFFSError, DatapathError
 from garrison.cli.kvstore_args import (
     add_etcd_client_flags,
@@ -52,6 +55,7 @@ from garrison.cluster.flowapi import FlowAPIError, FlowAPIServer
 from garrison.cluster.keys import parse_host_port
 from garrison.cluster.routes import RouteError, remove_node_routes
 from garrison.cni.wire import cni_socket_for
+from garrison.flows.record import FlowRecord
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
 from garrison.kvstore.base import KVStoreError
 from garrison.policies.errors import PolicyValidationError
@@ -60,7 +64,7 @@ from garrison.policies.labels import Labels
 from garrison.policies.model import EnforcementMode
 from garrison.proxy.commands import PeerInfo
 from garrison.proxy.config import ProxyConfig
-from garrison.proxy.metrics import ProxyMetrics
+from garrison.proxy.metrics import MetricsServer, ProxyMetrics
 from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings
 from garrison.proxy.sockets import ListenError
 from garrison.redirect.bpffs import remove_pin_dir
@@ -130,6 +134,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--proxy-ports", default="http=15001,grpc=15002,kafka=15003",
                    metavar="http=N,grpc=N,kafka=N",
                    help="the transparent proxy's listeners on 127.0.0.1, one per L7 parser")
+    p.add_argument("--proxy-workers", type=int, default=1, metavar="N",
+                   help="serve the transparent proxy from N worker processes sharing its "
+                   "ports (SO_REUSEPORT; needs Linux 6.5 or later); 1 (default): in the "
+                   "agent's own process")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print every flow record as a compact line on stderr")
     p.add_argument("--cleanup", action="store_true",
@@ -236,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
         _check_flow_api(args)
+        if args.proxy_workers < 1:
+            raise ValueError(f"--proxy-workers {args.proxy_workers}: at least 1")
     except ValueError as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 2
@@ -261,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
         # uvloop for the agent's own loop only: pyroute2 runs its own asyncio loops in worker
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_serve(config, args.verbose, args.ui, args.flow_api))
+            return runner.run(_serve(config, args.verbose, args.ui, args.flow_api,
+                                     args.proxy_workers))
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError,
             KVStoreError, ClusterConfigError, RouteError, FlowAPIError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
@@ -342,6 +353,17 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return factory
 
 
+def _emit_soon(loop: asyncio.AbstractEventLoop, sink: FlowSink, records: list[FlowRecord]) -> None:
+    """A proxy worker's records, into the agent's sink (ring, access log, metrics), from the
+    thread reading them."""
+
+    def emit_all() -> None:
+        for record in records:
+            sink.emit(record)
+
+    loop.call_soon_threadsafe(emit_all)
+
+
 def _start_ui(listen: str, socket_path: Path) -> Any:
     """The review page over this agent's API, as `garrison ui --socket` serves it; a page that
     cannot start is logged, the agent runs on."""
@@ -357,7 +379,7 @@ def _start_ui(listen: str, socket_path: Path) -> Any:
 
 
 async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
-                 flow_api_flag: str = "none") -> int:
+                 flow_api_flag: str = "none", proxy_workers: int = 1) -> int:
     loop = asyncio.get_running_loop()
     agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir))
     writer = None
@@ -369,7 +391,13 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
     metrics = ProxyMetrics()
     agent_metrics = AgentMetrics(agent)  # the datapath's and the agent's, beside the proxy's
     metrics.registry.register(agent_metrics)
-    metrics_server = metrics.serve(*config.metrics) if config.metrics else None
+    # --proxy-workers N: the per-process proxy metrics are the workers', summed
+    workers_dir = new_metrics_dir() if proxy_workers > 1 else None
+    metrics_server: MetricsServer | None = None
+    if config.metrics and workers_dir is not None:
+        metrics_server = serve_workers_metrics(*config.metrics, metrics.registry, workers_dir)
+    else:
+        metrics_server = metrics.serve(*config.metrics) if config.metrics else None
     sink = FlowSink(store=agent.flows, writer=writer, metrics=metrics,
                     verbose=sys.stderr if verbose else None, loop=loop)
     agent.event_listeners.append(agent_metrics.event_seen)
@@ -391,21 +419,38 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
                         ep.name if ep else None)
 
     servers: list[ProxyServer] = []
+    workers: ProxyWorkers | None = None
     proxy_status: dict[str, object] = {}
     try:
-        for proto, port in config.proxy_ports.items():
-            settings = ServerSettings(
-                protocol=proto,
-                config=ProxyConfig(
-                    node_name=config.node_name, redact_query_params=config.redact_query_params
-                ),
-                destination=destination,
-                transparent_to=agent.cluster.is_remote_endpoint if agent.cluster else None,
+        if workers_dir is not None:
+            workers = ProxyWorkers(
+                WorkersConfig(proxy_workers, dict(config.proxy_ports), config.node_name,
+                              tuple(config.redact_query_params), agent.cluster is not None),
+                admit=agent.admit, destination=destination,
+                remote=agent.cluster.is_remote_endpoint if agent.cluster else None,
+                revision=lambda: agent.revision,
+                emit=lambda records: _emit_soon(loop, sink, records),
+                metrics_dir=workers_dir,
             )
-            server = ProxyServer(settings, agent, sink, metrics=metrics)
-            address = await server.listen_transparent("127.0.0.1", port)
-            servers.append(server)
-            proxy_status[proto.value] = f"{address[0]}:{address[1]}"
+            await loop.run_in_executor(None, workers.start)
+            proxy_status = {proto.value: f"127.0.0.1:{port}"
+                            for proto, port in config.proxy_ports.items()}
+            agent.policy_listeners.append(workers.policy_changed)
+        else:
+            for proto, port in config.proxy_ports.items():
+                settings = ServerSettings(
+                    protocol=proto,
+                    config=ProxyConfig(
+                        node_name=config.node_name,
+                        redact_query_params=config.redact_query_params,
+                    ),
+                    destination=destination,
+                    transparent_to=agent.cluster.is_remote_endpoint if agent.cluster else None,
+                )
+                server = ProxyServer(settings, agent, sink, metrics=metrics)
+                address = await server.listen_transparent("127.0.0.1", port)
+                servers.append(server)
+                proxy_status[proto.value] = f"{address[0]}:{address[1]}"
         agent.proxy_status = proxy_status
 
         def policy_changed() -> None:
@@ -451,6 +496,10 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
         for server in servers:
             with contextlib.suppress(Exception):
                 await server.close(grace=0.5)
+        if workers is not None:
+            await loop.run_in_executor(None, workers.stop)
+        elif workers_dir is not None:
+            shutil.rmtree(workers_dir, ignore_errors=True)
         await loop.run_in_executor(None, agent.stop)
         sink.flush()
         if writer is not None:
