@@ -70,8 +70,9 @@ class AuditingResolver(PolicyResolver):
         if self.what_if is None:
             return changed
         if not self.audited_policies():
-            # no audited policy left: every what-if state goes (the sync deletes it)
-            changed |= set(self.what_if.endpoint_identities())
+            # no audited policy left: every what-if state goes (the sync deletes what the
+            # kernel has of the identities this policy selected)
+            changed |= self._selected_by(policy)
             self.what_if = None
             return changed
         return changed | self.what_if.remove_policy(policy)
@@ -85,4 +86,15 @@ class AuditingResolver(PolicyResolver):
             what_if.add_identity(identity, labels)
         what_if.add_policies(self._policies.values())
         self.what_if = what_if
-        return set(what_if.endpoint_identities())
+        # only the identities an audited policy selects have a what-if state in the kernel
+        return {
+            identity for identity in what_if.endpoint_identities()
+            if any(p.audit for p, _ in what_if.rules_selecting(identity))
+        }
+
+    def _selected_by(self, policy: Policy) -> set[int]:
+        assert self.what_if is not None
+        return {
+            identity for identity in self.what_if.endpoint_identities()
+            if any(p.key == policy.key for p, _ in self.what_if.rules_selecting(identity))
+        }
