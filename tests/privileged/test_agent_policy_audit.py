@@ -5,7 +5,9 @@ What it would deny of what they allow passes and is recorded AUDIT naming its ru
 kernel looks the connection up a second time in `gar_policy_audit` (the what-if state of the
 identities the audited policy selects). Without the annotation the same policy drops; taking
 the annotation away enforces it at once (an incremental change, the agent keeps running); an
-audited allow never opens what the enforced policies deny; a restart keeps all of it.
+audited allow never opens what the enforced policies deny; a restart keeps all of it; an
+endpoint relabelled into its selection is audited too. At L7 the agent's proxy audits the
+requests an audited policy's HTTP rules would deny, also where only that policy redirects.
 
 Own names and addresses (ga-*, 198.18.66.0/24) and proxy ports, so that this module can run
 beside other agent tests.
@@ -186,6 +188,19 @@ def test_an_audited_policy_that_would_switch_on_default_deny(
         time.sleep(0.5)
         assert not [r for r in agent.flows() if r.time >= t0 and r.source.ip == bad.ip
                     and r.verdict is Verdict.AUDIT]
+
+        # an endpoint relabelled into the audited policy's selection gets its what-if state
+        late = agent.add_endpoint("late", "app=gaother", 33)
+        with echo_servers(late, 7000):
+            t1 = time.time_ns()
+            assert passes(cli, late)
+            agent.cli_json("endpoint", "labels", late.name, "--labels", "app=gaopen")
+            assert agent.cli_json("endpoint", "get", late.name)["audit_policies"] == [
+                "default/lockdown"]
+            assert passes(cli, late)
+            rec = agent.wait_flow(lambda r: r.time >= t1 and r.destination.ip == late.ip
+                                  and r.type is FlowType.L3_L4 and r.verdict is Verdict.AUDIT)
+            assert [p.name for p in rec.ingress_denied_by] == ["lockdown"]
 
         agent.delete_policies()
         t1 = time.time_ns()
