@@ -109,7 +109,11 @@ def endpoint_get(args: argparse.Namespace) -> int:
              _port(r["port"], r["end_port"]), r["verdict"], "; ".join(r["derived_from"]))
             for r in data["policy"]
         ]
-        return _endpoint_rows([data]) + "\n\n" + _table(
+        audited = data.get("audit_policies") or []
+        return _endpoint_rows([data]) + "\n\n" + (
+            f"Audit policies: {', '.join(audited)} (what they would deny is recorded AUDIT, "
+            "not enforced; not in the table below)\n\n" if audited else ""
+        ) + _table(
             rows, ("DIRECTION", "REMOTE IDENTITY", "PROTO", "PORT", "VERDICT", "FROM RULE")
         )
 
@@ -372,6 +376,11 @@ def status_text(data: dict[str, Any], problems: Sequence[str]) -> str:
     lines.append(f"Endpoints:       {data['endpoints']}"
                  + (f" ({len(unselected)} selected by no policy, all traffic allowed: "
                     f"{', '.join(unselected)})" if unselected else ""))
+    if data.get("audit_policies"):
+        audited = data.get("endpoints_with_audit_policies") or []
+        lines.append(f"Audit policies:  {data['audit_policies']} (garrison.io/audit: what they "
+                     "would deny is recorded AUDIT"
+                     + (f"; endpoints: {', '.join(audited)})" if audited else ")"))
     lines += cluster_lines(data)
     lines += [
         f"Identities:      {data['identities']}",

@@ -113,6 +113,11 @@ def test_an_audited_deny_passes_recorded_audit_then_is_enforced(
         status = agent.cli_json("status")
         assert status["audit_policies"] == 1
         assert status["endpoints_with_audit_policies"] == [srv.name]
+        assert (f"Audit policies:  1 (garrison.io/audit: what they would deny is recorded "
+                f"AUDIT; endpoints: {srv.name})") in agent.cli("status").stdout.splitlines()
+        assert ("Audit policies: default/candidate (what they would deny is recorded AUDIT, "
+                "not enforced; not in the table below)") in agent.cli(
+                    "endpoint", "get", srv.name).stdout.splitlines()
         t0 = time.time_ns()
         assert passes(cli, srv)  # the audited ingressDeny would drop it: it passes
         rec = agent.wait_flow(lambda r: r.time >= t0 and r.source.ip == cli.ip
@@ -147,6 +152,7 @@ def test_an_audited_deny_passes_recorded_audit_then_is_enforced(
         assert rec.verdict is Verdict.DROPPED
         assert agent.cli_json("endpoint", "get", srv.name)["audit_policies"] == []
         assert agent.cli_json("status")["endpoints_with_audit_policies"] == []
+        assert "Audit policies" not in agent.cli("status").stdout
 
         # and audited again: passes again
         agent.import_policy("candidate", AUDITED)
