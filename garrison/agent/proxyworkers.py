@@ -199,6 +199,8 @@ class ProxyWorkers:
         self._slots = [_Slot(i) for i in range(config.count)]
         self._reserved: list[socket.socket] = []
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # the supervisor has something to do now
+        self._revision_pending = False
         self._supervisor: threading.Thread | None = None
         self._start_error: str | None = None
         self._started = threading.Event()
@@ -243,6 +245,7 @@ class ProxyWorkers:
         """Stop every worker (SIGTERM: each closes its connections and sends what it owes;
         SIGKILL after `STOP_GRACE`), then the threads, the reserved ports and the metrics."""
         self._stopping.set()
+        self._wake.set()
         if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(timeout=STOP_GRACE + 5)
         for sock in self._reserved:
@@ -282,7 +285,14 @@ class ProxyWorkers:
         if self._start_error is not None:
             self._stop_workers()
             return
-        while not self._stopping.wait(0.05):
+        while True:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            if self._revision_pending:
+                self._revision_pending = False
+                self._send_revision()
             now = time.monotonic()
             for slot in self._slots:
                 proc = slot.proc
@@ -405,14 +415,28 @@ class ProxyWorkers:
                         self._emit(records)
 
     def policy_changed(self) -> None:
-        """Tell every worker the policy revision changed (any thread)."""
-        frame = _REVISION + str(self._revision()).encode()
+        """The policy changed: the supervising thread tells every worker (the agent calls
+        this holding its lock, which a worker's admission may be waiting for)."""
+        self._revision_pending = True
+        self._wake.set()
+
+    def _send_revision(self) -> None:
+        frame = _HEADER.pack(len(_REVISION) + 20) + _REVISION + b"%20d" % self._revision()
         for slot in self._slots:
-            sock = slot.events
-            if sock is None:
+            sock, proc = slot.events, slot.proc
+            if sock is None or proc is None:
                 continue
-            with slot.send_lock, contextlib.suppress(OSError):
-                send_frame(sock, frame)
+            try:
+                with slot.send_lock:
+                    sent = sock.send(frame, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                continue  # the worker is gone: restarted with the revision in force
+            if sent != len(frame):  # it has not read its socket for thousands of changes
+                log.error("proxy worker %d (pid %d) does not take policy changes: restarted",
+                          slot.index, proc.pid)
+                proc.kill()
 
 
 def _parse_request(data: bytes) -> tuple[str, str, int]:
