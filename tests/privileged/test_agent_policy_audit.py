@@ -255,3 +255,41 @@ def test_an_audited_l7_policy_is_audited_by_the_agents_proxy(
     agent.import_policy("deathstar-guard", guard.replace('garrison.io/audit: "true"',
                                                          'garrison.io/audit: "false"'))
     assert put() == 403
+
+
+NO_LANDING = """
+apiVersion: garrison.io/v1
+kind: CiliumNetworkPolicy
+metadata:
+  name: no-landing
+  annotations: {garrison.io/audit: "true"}
+spec:
+  endpointSelector: {matchLabels: {class: deathstar}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {class: tiefighter}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: POST, path: /v1/request-landing}]}
+"""
+
+
+def test_an_audited_l7_deny_over_enforced_l7_rules(agent: AgentProcess, clean: None) -> None:
+    """The enforced Star Wars L7 policy redirects; the audited policy's L7 deny rides on it
+    as the audit layer: the landing the enforced rules allow is forwarded and recorded AUDIT
+    naming `no-landing`; the PUT the enforced rules deny stays 403."""
+    ds = agent.add_endpoint("ds5", "org=empire,class=deathstar", 50)
+    tie = agent.add_endpoint("tie5", "org=empire,class=tiefighter", 51)
+    agent.deathstar(ds)
+    agent.import_file(harness.STARWARS / "sw_l3_l4_l7_policy.yaml")
+    agent.import_policy("no-landing", NO_LANDING)
+    done = agent.exec_in(tie, "curl", "-s", "-m", "3", "-X", "POST",
+                         f"http://{ds.ip}/v1/request-landing")
+    assert (done.returncode, done.stdout) == (0, b"Ship landed\n")
+    rec = agent.wait_access_record(
+        lambda r: r.get("l7", {}).get("type") == "REQUEST" and r.get("verdict") == "AUDIT"
+        and r["destination"].get("ip") == ds.ip)
+    assert [p["name"] for p in rec["ingress_denied_by"]] == ["no-landing"]
+    sock = tie.connect(ds.ip, 80)
+    assert sock is not None
+    with sock:
+        assert harness.http_request(sock, "PUT", "/v1/exhaust-port")[0] == 403
