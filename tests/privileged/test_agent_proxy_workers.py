@@ -341,6 +341,10 @@ def test_starwars_verdicts_through_two_workers_spread_logged_and_counted(node: N
     assert m1[key % "denied"] - m0[key % "denied"] == total // 2
     assert m1[key % "forwarded"] - m0[key % "forwarded"] == total // 2
     assert m1['garrison_proxy_connections{proxy_type="http"}'] == 0  # summed gauges: all closed
+    assert 'garrison_proxy_upstream_pool_connections{state="idle"}' in m1
+    # and the operator's view: healthy, the proxy on its ports
+    status = node.cli("status")
+    assert "PROBLEM" not in status and "15551" in status, status
 
 
 def keepalive(sock: socket.socket, method: str, path: str) -> int:
