@@ -44,6 +44,7 @@ import ctypes
 import logging
 import os
 import pickle
+import re
 import secrets
 import shutil
 import signal
@@ -215,6 +216,10 @@ class ProxyWorkers:
     def start(self) -> None:
         """Reserve the ports, start every worker (from the supervising thread: the workers'
         parent-death signal is tied to it) and wait until each listens. Blocking."""
+        if not reuseport_assign_supported():
+            log.warning("Linux %s does not spread connections the datapath assigns over a "
+                        "reuseport group (6.5 does): one proxy worker gets them all; upgrade "
+                        "the kernel or run with --proxy-workers 1", os.uname().release)
         self.metrics_dir.mkdir(mode=0o700)
         for port in self.config.ports.values():
             self._reserved.append(
@@ -437,6 +442,12 @@ class ProxyWorkers:
                 log.error("proxy worker %d (pid %d) does not take policy changes: restarted",
                           slot.index, proc.pid)
                 proc.kill()
+
+
+def reuseport_assign_supported(release: str | None = None) -> bool:
+    """Linux 6.5 and later select within a reuseport group for `bpf_sk_assign`."""
+    found = re.match(r"(\d+)\.(\d+)", release if release is not None else os.uname().release)
+    return found is not None and (int(found[1]), int(found[2])) >= (6, 5)
 
 
 def _parse_request(data: bytes) -> tuple[str, str, int]:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from garrison.agent.proxyworkers import reuseport_assign_supported
 from garrison.flows.record import FlowRecord, FlowType, Verdict
 from garrison.redirect import remove_pin_dir
 from garrison.redirect.bpffs import BPFFS_MOUNT
@@ -55,11 +56,6 @@ OPEN_POLICY = L7_POLICY.replace(
     '        - method: "PUT"\n          path: "/v1/exhaust-port"\n',
 )
 assert OPEN_POLICY != L7_POLICY
-
-
-def kernel_at_least(major: int, minor: int) -> bool:
-    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
-    return bool(found) and (int(found[1]), int(found[2])) >= (major, minor)  # type: ignore[index]
 
 
 @dataclass
@@ -180,7 +176,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     Empire ship `gp-tie` and the Star Wars L7 policy; everything removed afterwards."""
     if shutil.which("nsenter") is None or shutil.which("curl") is None:
         pytest.skip("needs nsenter (util-linux) and curl")
-    if not kernel_at_least(6, 5):
+    if not reuseport_assign_supported():
         pytest.skip("reuseport selection for bpf_sk_assign'ed listeners needs Linux 6.5")
     for name in (NODE, DS, TIE):
         assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"

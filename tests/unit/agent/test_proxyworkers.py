@@ -21,6 +21,7 @@ from garrison.agent.proxyworkers import (
     _decode_records,
     _Slot,
     recv_frame,
+    reuseport_assign_supported,
     send_frame,
 )
 from garrison.policies.l7rules import L7Protocol
@@ -148,3 +149,9 @@ def test_frames_are_length_prefixed_and_bounded() -> None:
         send_frame(a, b"toolong")
         with pytest.raises(WorkerChannelError, match="at most 5"):
             recv_frame(b, 5)
+
+
+def test_the_kernel_release_that_spreads_assigned_connections() -> None:
+    assert [reuseport_assign_supported(r) for r in ("6.18.0-1-amd64", "6.5.0", "6.4.16",
+                                                    "5.15.0-91-generic", "10.0", "x")] == [
+        True, True, False, False, True, False]
