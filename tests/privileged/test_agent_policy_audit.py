@@ -7,7 +7,8 @@ identities the audited policy selects). Without the annotation the same policy d
 the annotation away enforces it at once (an incremental change, the agent keeps running); an
 audited allow never opens what the enforced policies deny; a restart keeps all of it; an
 endpoint relabelled into its selection is audited too. At L7 the agent's proxy audits the
-requests an audited policy's HTTP rules would deny, also where only that policy redirects.
+requests an audited policy's HTTP or Kafka rules would deny (a real broker, tansu, and
+kafka-python for Kafka), also where only that policy redirects.
 
 Own names and addresses (ga-*, 198.18.66.0/24) and proxy ports, so that this module can run
 beside other agent tests.
@@ -15,9 +16,11 @@ beside other agent tests.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
+from typing import Any
 
 import pytest
 
@@ -293,3 +296,90 @@ def test_an_audited_l7_deny_over_enforced_l7_rules(agent: AgentProcess, clean: N
     assert sock is not None
     with sock:
         assert harness.http_request(sock, "PUT", "/v1/exhaust-port")[0] == 403
+
+
+KAFKA_ENFORCED = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: kafka-in-force}
+spec:
+  endpointSelector: {matchLabels: {app: gakafka}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: gaproducer}}]
+    toPorts: [{ports: [{port: "9092", protocol: TCP}]}]
+"""
+KAFKA_CANDIDATE = """
+apiVersion: garrison.io/v1
+kind: CiliumNetworkPolicy
+metadata:
+  name: kafka-candidate
+  annotations: {garrison.io/audit: "true"}
+spec:
+  endpointSelector: {matchLabels: {app: gakafka}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: gaproducer}}]
+    toPorts:
+    - ports: [{port: "9092", protocol: TCP}]
+      rules: {kafka: [{role: produce, topic: secret}]}
+"""
+PRODUCE = """
+import sys
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+broker = sys.argv[1]
+admin = KafkaAdminClient(bootstrap_servers=broker, request_timeout_ms=10000)
+admin.create_topics([NewTopic("public", 1, 1), NewTopic("secret", 1, 1)])
+admin.close()
+producer = KafkaProducer(bootstrap_servers=broker, request_timeout_ms=10000)
+for topic in ("public", "secret"):
+    producer.send(topic, b"message").get(timeout=10)
+producer.close()
+print("produced")
+"""
+
+
+def test_an_audited_kafka_deny_rule_is_audited_by_the_agents_proxy(
+    agent: AgentProcess, clean: None
+) -> None:
+    """Kafka through the agent's proxy, a real broker (tansu) and kafka-python: the enforced
+    policy allows the producer at L4; the audited policy's Kafka deny rule (produce to
+    `secret`) is applied by the proxy as the audit layer. Both topics get their message; the
+    produce to `secret` is recorded AUDIT naming `kafka-candidate`, the one to `public` not."""
+    tansu = pytest.importorskip("tests.kafka_broker").tansu_binary()
+    kb = agent.add_endpoint("kb", "app=gakafka", 60)
+    kc = agent.add_endpoint("kc", "app=gaproducer", 61)
+    listen = f"tcp://{kb.ip}:9092"
+    agent.spawn_in(kb, str(tansu), "broker", "--listener-url", listen,
+                   "--advertised-listener-url", listen, "--storage-engine", "memory://tansu/")
+    harness.wait_for(lambda: _accepts(kb, 9092), "tansu listening", timeout=15)
+    agent.import_policy("kafka-in-force", KAFKA_ENFORCED)
+    agent.import_policy("kafka-candidate", KAFKA_CANDIDATE)
+
+    done = agent.exec_in(kc, sys.executable, "-c", PRODUCE, f"{kb.ip}:9092",
+                         timeout=60)
+    assert (done.returncode, done.stdout) == (0, b"produced\n"), done.stderr.decode()[-2000:]
+
+    def produce_of(topic: str) -> dict[str, Any] | None:
+        found = [r for r in agent.access_records()
+                 if r.get("l7", {}).get("type") == "REQUEST"
+                 and r["l7"].get("kafka", {}).get("topic") == topic
+                 and r["l7"]["kafka"].get("api_key") == "produce"]
+        return found[-1] if found else None
+
+    harness.wait_for(lambda: produce_of("secret") is not None, "the produce record")
+    secret, public = produce_of("secret"), produce_of("public")
+    assert secret is not None and public is not None
+    assert (secret["verdict"], public["verdict"]) == ("AUDIT", "FORWARDED")
+    assert [p["name"] for p in secret["ingress_denied_by"]] == ["kafka-candidate"]
+
+
+def _accepts(ep: AgentEndpoint, port: int) -> bool:
+    sock = harness.ns_socket(ep.name)
+    try:
+        sock.settimeout(0.5)
+        sock.connect((ep.ip, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
