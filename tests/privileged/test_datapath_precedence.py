@@ -650,3 +650,79 @@ def test_what_if_lookup_equals_model(dp: Datapath) -> None:
     assert not config.flags & (abi.EndpointFlags.POLICY_AUDIT
                                | abi.EndpointFlags.AUDIT_EGRESS_ENFORCED)
     assert not dp.maps.policy_audit.entries()
+
+
+
+def test_a_redirect_only_audited_policies_ask_for_never_fails_closed(dp: Datapath) -> None:
+    """Port 8080 is allowed at L4 by the enforced policy, both ways; only the audited policy
+    puts HTTP rules there. from_container steers the egress connection to the proxy for it
+    (GAR_REDIRECT_WHAT_IF): with no proxy listening it passes, its drop event flagged AUDIT,
+    where an enforced redirect fails closed. to_container, where no redirect can happen,
+    passes the ingress connection without a drop event."""
+    from garrison.agent.whatif import AuditingResolver
+
+    enforced = HEAD.format(name="in-force") + """
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  egress:
+  - toEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
+    candidate = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: candidate
+  annotations: {garrison.io/audit: "true"}
+spec:
+  endpointSelector: {matchLabels: {app: me}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules: {http: [{method: GET}]}
+  egress:
+  - toEndpoints: [{matchLabels: {app: peer-a}}]
+    toPorts:
+    - ports: [{port: "8080", protocol: TCP}]
+      rules: {http: [{method: GET}]}
+"""
+    resolver = AuditingResolver()
+    for ident, labels in [(ME[1], ME[2]), (PEERS["a"][1], PEERS["a"][2])]:
+        assert labels is not None
+        resolver.add_identity(ident, labels_of(labels))
+    [audited] = policies(candidate)
+    for policy in (*policies(enforced), audited):
+        resolver.add_policy(policy)
+    assert resolver.what_if is not None
+    for direction in (Direction.INGRESS, Direction.EGRESS):
+        model = lookup(resolver.map_state(ME[1]), direction, PEERS["a"][1], PROTO_TCP, 8080)
+        would = lookup(resolver.what_if.map_state(ME[1]), direction, PEERS["a"][1],
+                       PROTO_TCP, 8080)
+        assert model.allowed and model.redirect is None
+        assert would.allowed and would.redirect is not None
+    dp.maps.ipcache.upsert(f"{PEERS['a'][0]}/32", PEERS["a"][1])
+    local = [LocalEndpoint(LO, ME[1], IPv4Address(ME[0]))]
+    sync = PolicySync(dp.maps, PROXY_PORTS)
+    sync.reconcile(resolver, local, resolver.what_if)
+    try:
+        dp.maps.events.drain()
+        result = dp.test_run("from_container", frame(ME[0], PEERS["a"][0], PROTO_TCP, 43000,
+                                                     8080), SkbContext(ifindex=LO))
+        events = dp.maps.events.drain()
+        [verdict] = verdicts(events)
+        [drop] = [e for e in events if e.type is abi.EventType.DROP]
+        assert result.retval == TC_ACT_OK
+        assert verdict.allowed and verdict.redirect and not verdict.audit
+        assert drop.audit and drop.reason is abi.DropReason.PROXY_NOT_LISTENING
+
+        result = dp.test_run("to_container", frame(PEERS["a"][0], ME[0], PROTO_TCP, 43001,
+                                                   8080), SkbContext(ifindex=LO))
+        events = dp.maps.events.drain()
+        [verdict] = verdicts(events)
+        assert result.retval == TC_ACT_OK and verdict.allowed
+        assert not [e for e in events if e.type is abi.EventType.DROP]
+    finally:
+        sync.apply_updates(resolver, resolver.remove_policy(audited), local, resolver.what_if)
+    assert not dp.maps.policy_audit.entries()
