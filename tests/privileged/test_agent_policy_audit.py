@@ -7,7 +7,7 @@ identities the audited policy selects). Without the annotation the same policy d
 the annotation away enforces it at once (an incremental change, the agent keeps running); an
 audited allow never opens what the enforced policies deny; a restart keeps all of it; an
 endpoint relabelled into its selection is audited too. At L7 the agent's proxy audits the
-requests an audited policy's HTTP or Kafka rules would deny (a real broker, tansu, and
+requests an audited policy's HTTP, gRPC or Kafka rules would deny (a real broker, tansu, and
 kafka-python for Kafka), also where only that policy redirects.
 
 Own names and addresses (ga-*, 198.18.66.0/24) and proxy ports, so that this module can run
@@ -16,6 +16,7 @@ beside other agent tests.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -323,6 +324,7 @@ spec:
       rules: {kafka: [{role: produce, topic: secret}]}
 """
 PRODUCE = """
+import subprocess
 import sys
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -383,3 +385,63 @@ def _accepts(ep: AgentEndpoint, port: int) -> bool:
         return False
     finally:
         sock.close()
+
+
+GRPC_ENFORCED = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: doors-in-force}
+spec:
+  endpointSelector: {matchLabels: {app: door-manager}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: guard}}]
+    toPorts: [{ports: [{port: "50051", protocol: TCP}]}]
+"""
+GRPC_CANDIDATE = """
+apiVersion: garrison.io/v1
+kind: CiliumNetworkPolicy
+metadata:
+  name: doors-candidate
+  annotations: {garrison.io/audit: "true"}
+spec:
+  endpointSelector: {matchLabels: {app: door-manager}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: guard}}]
+    toPorts:
+    - ports: [{port: "50051", protocol: TCP}]
+      rules: {grpc: [{service: doors.DoorManager, method: SetAccessCode}]}
+"""
+
+
+def test_an_audited_grpc_deny_rule_is_audited_by_the_agents_proxy(
+    agent: AgentProcess, clean: None
+) -> None:
+    """gRPC through the agent's proxy (grpcio client and server of examples/grpc): the guard
+    may call the door manager at L4; the audited policy would deny SetAccessCode. The call
+    succeeds and is recorded AUDIT naming `doors-candidate`; GetName is not audited."""
+    grpc_dir = harness.REPO / "examples" / "grpc"
+    dm = agent.add_endpoint("dm", "app=door-manager", 70)
+    guard = agent.add_endpoint("gd", "app=guard", 71)
+    agent.spawn_in(dm, sys.executable, str(grpc_dir / "doors_server.py"), "--listen",
+                   "0.0.0.0:50051")
+    harness.wait_for(lambda: _accepts(dm, 50051), "the door manager listening", timeout=15)
+    agent.import_policy("doors-in-force", GRPC_ENFORCED)
+    agent.import_policy("doors-candidate", GRPC_CANDIDATE)
+
+    def call(method: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return agent.exec_in(guard, sys.executable, str(grpc_dir / "doors_client.py"),
+                             "--target", f"{dm.ip}:50051", method, *args)
+
+    assert call("SetAccessCode", "--code", "1234").returncode == 0
+    assert call("GetName", "--door", "front").returncode == 0
+
+    def record_of(method: str) -> dict[str, Any] | None:
+        found = [r for r in agent.access_records()
+                 if r.get("l7", {}).get("grpc", {}).get("method") == method]
+        return found[-1] if found else None
+
+    harness.wait_for(lambda: record_of("GetName") is not None, "the gRPC records")
+    audited, name = record_of("SetAccessCode"), record_of("GetName")
+    assert audited is not None and name is not None
+    assert (audited["verdict"], name["verdict"]) == ("AUDIT", "FORWARDED")
+    assert [p["name"] for p in audited["ingress_denied_by"]] == ["doors-candidate"]
