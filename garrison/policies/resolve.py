@@ -183,14 +183,18 @@ class _EndpointPolicy:
     identity: int
     rules: set[int] = field(default_factory=set)
     contribs: dict[MapStateKey, list[Contribution]] = field(default_factory=dict)
-    by_rule: dict[int, set[MapStateKey]] = field(default_factory=lambda: defaultdict(set))
+    # A clone shares the sets of `by_rule` until it changes one: `own_rules` are the rule
+    # ids whose set is its own. The sets of `port_keys` and `tier_raw` (small) are frozen
+    # and replaced on change. So `_unshare` copies dicts, not the sets in them.
+    by_rule: dict[int, set[MapStateKey]] = field(default_factory=dict)
+    own_rules: set[int] = field(default_factory=set)
     dirty: set[MapStateKey] = field(default_factory=set)
     base: dict[MapStateKey, MapStateEntry] = field(default_factory=dict)
     base_l7: dict[MapStateKey, L7RuleSet] = field(default_factory=dict)
     l7_ports: dict[tuple[Direction, int], int] = field(default_factory=dict)
     # direction -> identity -> keys of protocol TCP or any (any port included): the entries
     # that cover a redirected TCP port, which the cross-key L7 merge looks at.
-    port_keys: dict[Direction, dict[int, set[MapStateKey]]] = field(
+    port_keys: dict[Direction, dict[int, frozenset[MapStateKey]]] = field(
         default_factory=lambda: {Direction.INGRESS: {}, Direction.EGRESS: {}}
     )
     # (direction, port) -> identity -> the key whose entry/rule set the L7 merge changed
@@ -204,7 +208,7 @@ class _EndpointPolicy:
     requires: dict[tuple[Direction, bool], list[set[int]]] = field(default_factory=dict)
     # tier keys (ClusterNetworkPolicy) with contributions, per (direction, tier, identity,
     # protocol) bucket, and the entries `flatten_tier_bucket` made of each bucket
-    tier_raw: dict[tuple[Direction, int, int, int], set[MapStateKey]] = field(
+    tier_raw: dict[tuple[Direction, int, int, int], frozenset[MapStateKey]] = field(
         default_factory=dict
     )
     tier_out: dict[tuple[Direction, int, int, int], set[MapStateKey]] = field(
@@ -221,9 +225,11 @@ class _EndpointPolicy:
         and port names). Copy on write: the two share every container until one of them
         changes (`_unshare`), so a clone costs no per-key work."""
         self.shared = True
+        self.own_rules = set()  # its sets of by_rule are the clone's too now
         return replace(
             self,
             identity=identity,
+            own_rules=set(),
             rules=set(self.rules),
             requires={kind: list(sets) for kind, sets in self.requires.items()},
             pending=set(self.pending),
@@ -238,21 +244,18 @@ class _EndpointPolicy:
             return
         self.shared = False
         self.contribs = dict(self.contribs)
-        self.by_rule = defaultdict(set, {r: set(keys) for r, keys in self.by_rule.items()})
+        self.by_rule = dict(self.by_rule)
         self.dirty = set(self.dirty)
         self.base = dict(self.base)
         self.base_l7 = dict(self.base_l7)
         self.l7_ports = dict(self.l7_ports)
-        self.port_keys = {
-            d: {i: set(keys) for i, keys in by_ident.items()}
-            for d, by_ident in self.port_keys.items()
-        }
+        self.port_keys = {d: dict(by_ident) for d, by_ident in self.port_keys.items()}
         self.overrides = {port: dict(done) for port, done in self.overrides.items()}
         self.entries = dict(self.entries)
         self.l7 = dict(self.l7)
         self.touched = set(self.touched)
-        self.tier_raw = {b: set(keys) for b, keys in self.tier_raw.items()}
-        self.tier_out = {b: set(keys) for b, keys in self.tier_out.items()}
+        self.tier_raw = dict(self.tier_raw)
+        self.tier_out = dict(self.tier_out)  # its sets are replaced, never changed
 
     def add_many(self, keys: list[MapStateKey], contribution: Contribution) -> None:
         self._unshare()
@@ -271,13 +274,19 @@ class _EndpointPolicy:
                 got = list(got)
                 bisect.insort_right(got, contribution, key=_rule_id)
                 contribs[key] = got
-        self.by_rule[contribution.rule_id].update(keys)
+        got_keys = self.by_rule.get(rule_id)
+        if got_keys is not None and rule_id in self.own_rules:
+            got_keys.update(keys)
+        else:
+            self.by_rule[rule_id] = set(keys) if got_keys is None else got_keys.union(keys)
+            self.own_rules.add(rule_id)
         self.dirty.update(keys)
         self.cached = None
 
     def drop_rule(self, rule_id: int) -> None:
         self._unshare()
-        for key in self.by_rule.pop(rule_id, set()):
+        self.own_rules.discard(rule_id)
+        for key in self.by_rule.pop(rule_id, ()):
             remaining = [c for c in self.contribs.get(key, []) if c.rule_id != rule_id]
             if remaining:
                 self.contribs[key] = remaining
@@ -293,7 +302,14 @@ class _EndpointPolicy:
         keys = [k for k in self.contribs if k.identity == identity]
         for key in keys:
             for c in self.contribs.pop(key, []):
-                self.by_rule[c.rule_id].discard(key)
+                got = self.by_rule.get(c.rule_id)
+                if got is None:
+                    continue
+                if c.rule_id in self.own_rules:
+                    got.discard(key)
+                else:
+                    self.by_rule[c.rule_id] = got - {key}
+                    self.own_rules.add(c.rule_id)
             self.dirty.add(key)
         self.cached = None
         return bool(keys)
@@ -346,12 +362,17 @@ class _EndpointPolicy:
                 touch((key.direction, key.port), key.identity)
             if key.protocol in (ANY_PROTOCOL, PROTO_TCP):
                 by_ident = self.port_keys[key.direction]
+                had = by_ident.get(key.identity)
                 if key in self.base:
-                    by_ident.setdefault(key.identity, set()).add(key)
-                elif key.identity in by_ident:
-                    by_ident[key.identity].discard(key)
-                    if not by_ident[key.identity]:
+                    if had is None:
+                        by_ident[key.identity] = frozenset((key,))
+                    elif key not in had:
+                        by_ident[key.identity] = had | {key}
+                elif had is not None and key in had:
+                    if len(had) == 1:
                         del by_ident[key.identity]
+                    else:
+                        by_ident[key.identity] = had - {key}
                 any_port = key.port == ANY_PORT
                 for d, p in self.l7_ports:
                     if d is key.direction and (any_port or key.port <= p <= key.end_port):
@@ -375,10 +396,11 @@ class _EndpointPolicy:
         for key in dirty:
             bucket = (key.direction, key.tier, key.identity, key.protocol)
             buckets.add(bucket)
+            raw = self.tier_raw.get(bucket)
             if key in self.contribs:
-                self.tier_raw.setdefault(bucket, set()).add(key)
-            elif bucket in self.tier_raw:
-                self.tier_raw[bucket].discard(key)
+                self.tier_raw[bucket] = frozenset((key,)) if raw is None else raw | {key}
+            elif raw is not None:
+                self.tier_raw[bucket] = raw - {key}
         self.touched |= dirty
         for bucket in buckets:
             for key in self.tier_out.pop(bucket, ()):
