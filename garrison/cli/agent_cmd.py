@@ -353,15 +353,10 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     return factory
 
 
-def _emit_soon(loop: asyncio.AbstractEventLoop, sink: FlowSink, records: list[FlowRecord]) -> None:
-    """A proxy worker's records, into the agent's sink (ring, access log, metrics), from the
-    thread reading them."""
-
-    def emit_all() -> None:
-        for record in records:
-            sink.emit(record)
-
-    loop.call_soon_threadsafe(emit_all)
+def _emit_all(sink: FlowSink, records: list[FlowRecord]) -> None:
+    """A proxy worker's records, into the agent's sink (ring, access log, metrics)."""
+    for record in records:
+        sink.emit(record)
 
 
 def _start_ui(listen: str, socket_path: Path) -> Any:
@@ -429,8 +424,8 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
                 admit=agent.admit, destination=destination,
                 remote=agent.cluster.is_remote_endpoint if agent.cluster else None,
                 revision=lambda: agent.revision,
-                emit=lambda records: _emit_soon(loop, sink, records),
-                metrics_dir=workers_dir,
+                emit=lambda records: _emit_all(sink, records),
+                metrics_dir=workers_dir, loop=loop,
             )
             await loop.run_in_executor(None, workers.start)
             proxy_status = {proto.value: f"127.0.0.1:{port}"

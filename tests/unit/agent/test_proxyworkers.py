@@ -5,6 +5,7 @@ a worker whose channel failed denies every connection after it (fails closed).""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import threading
@@ -14,11 +15,14 @@ from pathlib import Path
 import pytest
 
 from garrison.agent.proxyworkers import (
+    MAX_RECORDS_FRAME,
+    MAX_REQUEST,
     AgentPolicy,
     ProxyWorkers,
     WorkerChannelError,
     WorkersConfig,
     _decode_records,
+    _FrameReader,
     _Slot,
     recv_frame,
     reuseport_assign_supported,
@@ -155,3 +159,44 @@ def test_the_kernel_release_that_spreads_assigned_connections() -> None:
     assert [reuseport_assign_supported(r) for r in ("6.18.0-1-amd64", "6.5.0", "6.4.16",
                                                     "5.15.0-91-generic", "10.0", "x")] == [
         True, True, False, False, True, False]
+
+
+def test_on_the_event_loop_admissions_records_and_bad_frames(policy: StandalonePolicy) -> None:
+    """The agent's way (`loop=`): both sockets read on its event loop."""
+    good = l3_drop_denied()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        got: list[object] = []
+        workers = ProxyWorkers(
+            WorkersConfig(1, {L7Protocol.HTTP: 15001}, "node"),
+            admit=lambda src, dst, port: policy.admit(src, dst, port),
+            destination=lambda ip, port: PeerInfo(256, DEATHSTAR, ip, port),
+            remote=None, revision=lambda: 3, emit=got.extend,
+            metrics_dir=Path("/nonexistent"), loop=loop)
+        slot = _Slot(0)
+        calls_agent, calls_worker = socket.socketpair()
+        events_agent, events_worker = socket.socketpair()
+        events_worker.settimeout(5)
+        _FrameReader(slot, calls_agent, loop, MAX_REQUEST, workers._on_call).start()
+        _FrameReader(slot, events_agent, loop, MAX_RECORDS_FRAME, workers._on_events).start()
+        worker = AgentPolicy(calls_worker, 1, lambda: None)
+        admitted = await loop.run_in_executor(None, worker.admit, "10.0.0.2", "10.0.0.9", 80)
+        assert admitted == policy.admit("10.0.0.2")
+        send_frame(events_worker, b"r")
+        send_frame(events_worker, b"f" + good.to_json().encode() + b"\n{not a record")
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert slot.ready.is_set() and got == [good]
+        # a request that is not one closes the admission channel; an oversized frame the
+        # records' channel: the agent's loop runs on
+        send_frame(calls_worker, b"not json")
+        assert await loop.run_in_executor(None, calls_worker.recv, 1) == b""
+        events_worker.sendall(struct.pack("!I", MAX_RECORDS_FRAME + 1))
+        assert await loop.run_in_executor(None, events_worker.recv, 1) == b""
+        calls_worker.close()
+        events_worker.close()
+
+    asyncio.run(main())
