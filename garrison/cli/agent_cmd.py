@@ -245,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
         config = _config(args)
         _check_flow_api(args)
         if args.proxy_workers < 1:
-            raise ValueError(f"--proxy-workers {args.proxy_workers}: at least 1")
+            raise ValueError(f"--proxy-workers {args.proxy_workers}: give 1 (the proxy in the "
+                             "agent's own process) or more")
     except ValueError as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 2
