@@ -71,6 +71,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from garrison.flows.record import FlowDecodeError, FlowRecord
 from garrison.policies.l7rules import L7Protocol
+from garrison.policies.labels import Labels
 from garrison.proxy.commands import Log, PeerInfo
 from garrison.proxy.config import ProxyConfig
 from garrison.proxy.metrics import (
@@ -681,8 +682,6 @@ class AgentPolicy:
         known = self._destinations.get((ip, port))
         if known is not None:
             return known
-        from garrison.policies.labels import Labels
-
         return PeerInfo(0, Labels(), ip, port)
 
     def remote(self, ip: str) -> bool:
@@ -774,15 +773,15 @@ async def _run_worker(spec: dict[str, Any], ending: _Ending) -> int:
         with sink._lock:
             send_frame(events, _READY)
 
+        # the socket stays blocking for the records sent (the agent's pace holds the worker
+        # back, no record is dropped); the agent's pushes are read without waiting
         reader = _RevisionReader(events, policy, servers, agent_gone)
-        events.setblocking(False)
         loop.add_reader(events.fileno(), reader.readable)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(AGENT_GONE, agent_gone)
         await stop.wait()
         loop.remove_reader(events.fileno())
-        events.setblocking(True)
     finally:
         for server in servers:
             with contextlib.suppress(Exception):
@@ -810,7 +809,7 @@ class _RevisionReader:
 
     def readable(self) -> None:
         try:
-            data = self._sock.recv(65536)
+            data = self._sock.recv(65536, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
