@@ -303,32 +303,39 @@ class ProxyWorkers:
             self._wake.clear()
             if self._stopping.is_set():
                 break
-            if self._revision_pending:
-                self._revision_pending = False
-                self._send_revision()
-            now = time.monotonic()
-            for slot in self._slots:
-                proc = slot.proc
-                if proc is not None and proc.poll() is not None:
-                    self._forget(slot)
-                    if now - slot.started >= STABLE_AFTER:
-                        slot.failures = 0
-                    slot.failures += 1
-                    delay = min(RESTART_MAX, RESTART_FIRST * 2 ** (slot.failures - 1))
-                    slot.restart_at = now + delay
-                    log.error("proxy worker %d (pid %d) %s; restarting it in %.1f s",
-                              slot.index, proc.pid, _describe(proc.returncode), delay)
-                elif proc is None and slot.restart_at and now >= slot.restart_at:
-                    try:
-                        self._spawn(slot)
-                    except OSError as exc:
-                        log.error("proxy worker %d: cannot start it again: %s", slot.index, exc)
-                        slot.restart_at = now + RESTART_MAX
-                        continue
-                    self.restarts += 1
-                    assert slot.proc is not None
-                    log.info("proxy worker %d restarted (pid %d)", slot.index, slot.proc.pid)
+            try:
+                self._tick()
+            except Exception:  # the workers depend on this thread: it must go on
+                log.exception("supervising the proxy workers failed; going on")
         self._stop_workers()
+
+    def _tick(self) -> None:
+        """Send a pending revision, notice exited workers, restart those due."""
+        if self._revision_pending:
+            self._revision_pending = False
+            self._send_revision()
+        now = time.monotonic()
+        for slot in self._slots:
+            proc = slot.proc
+            if proc is not None and proc.poll() is not None:
+                self._forget(slot)
+                if now - slot.started >= STABLE_AFTER:
+                    slot.failures = 0
+                slot.failures += 1
+                delay = min(RESTART_MAX, RESTART_FIRST * 2 ** (slot.failures - 1))
+                slot.restart_at = now + delay
+                log.error("proxy worker %d (pid %d) %s; restarting it in %.1f s",
+                          slot.index, proc.pid, _describe(proc.returncode), delay)
+            elif proc is None and slot.restart_at and now >= slot.restart_at:
+                try:
+                    self._spawn(slot)
+                except OSError as exc:
+                    log.error("proxy worker %d: cannot start it again: %s", slot.index, exc)
+                    slot.restart_at = now + RESTART_MAX
+                    continue
+                self.restarts += 1
+                assert slot.proc is not None
+                log.info("proxy worker %d restarted (pid %d)", slot.index, slot.proc.pid)
 
     def _spawn(self, slot: _Slot) -> None:
         calls_agent, calls_worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
