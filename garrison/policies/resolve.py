@@ -7,6 +7,8 @@ subject selector selects; contributions are indexed by rule and by remote identi
   endpoints whose rules' peers now select it;
 - removing an identity drops only its keys.
 A MapState is merged from the contributions on demand and cached until they change.
+A bulk add (`add_policies`, every start) builds the endpoints no rule selected before once
+per class of endpoints with the same rules and port names; the others are copies on write.
 
 ClusterNetworkPolicy rules contribute keys of their tier (Admin, Baseline) with their action
 and order; `flatten_tier_bucket` turns the keys of one (direction, tier, identity, protocol)
