@@ -56,6 +56,19 @@ OPEN_POLICY = L7_POLICY.replace(
     '        - method: "PUT"\n          path: "/v1/exhaust-port"\n',
 )
 assert OPEN_POLICY != L7_POLICY
+# another rule, for the policy directory: Empire ships may also PUT the exhaust port
+EXHAUST_RULE = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: gp-exhaust}
+spec:
+  endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {org: empire}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: PUT, path: /v1/exhaust-port}]}
+"""
 
 
 @dataclass
@@ -186,7 +199,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     agent = NsAgent(NODE, workdir, pin_root)
     agent.extra = ["--proxy-workers", str(WORKERS), "--proxy-ports", PROXY_PORTS,
                    "--metrics", f"127.0.0.1:{METRICS_PORT}",
-                   "--access-log", str(workdir / "access.log"), "--node-name", "gp-node"]
+                   "--access-log", str(workdir / "access.log"), "--node-name", "gp-node",
+                   "--policy-dir", str(workdir / "policies")]
+    (workdir / "policies").mkdir()
     made: list[str] = []
     app: subprocess.Popen[bytes] | None = None
     pids: list[int] = []
@@ -382,9 +397,28 @@ def test_a_policy_change_reaches_every_worker(node: Node) -> None:
         time.sleep(0.5)
         assert [keepalive(s, "PUT", "/v1/exhaust-port") for s in conns] == [403] * len(conns)
         assert [request("PUT", "/v1/exhaust-port") for _ in range(10)] == [403] * 10
+        # the agent's reload (SIGHUP, --policy-dir) reaches them the same way
+        assert node.agent.proc is not None
+        rule = node.agent.workdir / "policies" / "gp-exhaust.yaml"
+        rule.write_text(EXHAUST_RULE)
+        os.kill(node.agent.proc.pid, signal.SIGHUP)
+        wait_status(conns[0], 503)
+        assert [keepalive(s, "PUT", "/v1/exhaust-port") for s in conns] == [503] * len(conns)
+        rule.unlink()
+        os.kill(node.agent.proc.pid, signal.SIGHUP)
+        wait_status(conns[0], 403)
+        assert [keepalive(s, "PUT", "/v1/exhaust-port") for s in conns] == [403] * len(conns)
     finally:
         for sock in conns:
             sock.close()
+
+
+def wait_status(sock: socket.socket, status: int, timeout: float = 10.0) -> None:
+    """Until a PUT on `sock` gets `status` (a reload is applied in the background)."""
+    deadline = time.monotonic() + timeout
+    while (got := keepalive(sock, "PUT", "/v1/exhaust-port")) != status:
+        assert time.monotonic() < deadline, f"still {got}, not {status}"
+        time.sleep(0.1)
 
 
 def test_a_killed_worker_is_restarted_and_service_continues(node: Node) -> None:
