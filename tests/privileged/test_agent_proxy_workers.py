@@ -4,12 +4,12 @@ metrics (docs/proxy.md "Workers in the agent").
 
 A real agent of its own in a network namespace of its own (`gp-node-<pid>`), real endpoints
 (`gp-ds`, the Star Wars deathstar app; `gp-tie`, an Empire ship), the Star Wars L7 policy and
-real HTTP clients: the verdicts (200 / 403) through the workers, the records in the agent's
-flow API and access log (whole lines only, under concurrent clients), the connections spread
-over both workers by the kernel (each worker's accepted-connections counter), a policy change
-reaching both workers' live connections, a worker killed with SIGKILL restarted while service
-continues, a worker that cannot get an answer from the agent denying (with a record), and no
-worker outliving the agent — killed with SIGKILL included.
+real HTTP clients: the verdicts (200 / 403) through the workers, the records in the agent's flow
+API and access log (whole lines only, under concurrent clients), the connections spread over
+both workers by the kernel (each worker's accepted-connections counter), a policy change and a
+SIGHUP reload reaching both workers' live connections, a worker killed with SIGKILL restarted
+while service continues, a worker that cannot get an answer from the agent denying (with a
+record), and no worker outliving the agent — killed with SIGKILL included.
 """
 
 from __future__ import annotations
