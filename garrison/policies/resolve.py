@@ -7,7 +7,7 @@ subject selector selects; contributions are indexed by rule and by remote identi
   endpoints whose rules' peers now select it;
 - removing an identity drops only its keys.
 A MapState is merged from the contributions on demand and cached until they change.
-A bulk add (`add_policies`, every start) builds the endpoints no rule selected before once
+A bulk add (`add_policies`, `apply`) builds the endpoints no rule selected before once
 per class of endpoints with the same rules and port names; the others are copies on write.
 
 ClusterNetworkPolicy rules contribute keys of their tier (Admin, Baseline) with their action
@@ -776,8 +776,9 @@ class PolicyResolver:
         templates: dict[_EndpointClass, _EndpointPolicy] = {}
         for identity in sorted(identities):
             old = self._endpoints[identity]
-            old.merge()
-            stale = set(old.entries)
+            # what it has and what it had but no sync was told of yet (a rule removed
+            # just before, as in `apply`): the next sync rewrites or deletes all of it
+            stale = old.merge() | set(old.entries)
             rules = frozenset(old.rules)
             # init (labels not known yet) is enforced both ways: a class of its own
             init = identity == RESERVED_IDENTITIES["init"]
@@ -795,9 +796,11 @@ class PolicyResolver:
     def _rebuild(self, identity: int) -> None:
         """Recompute one endpoint from scratch, reporting every old key as touched."""
         old = self._endpoints[identity]
-        old.merge()
+        # its entries (derived L7 ones too, not only the merged keys), and what changed
+        # since the last sync
+        stale = old.merge() | set(old.entries)
         new = self._build_endpoint(identity)
-        new.dirty |= set(old.entries)  # derived L7 entries too, not only the merged keys
+        new.dirty |= stale
         self._endpoints[identity] = new
 
     def remove_policy(self, policy: Policy) -> set[int]:

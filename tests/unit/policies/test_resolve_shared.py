@@ -199,3 +199,35 @@ def test_a_bulk_add_leaves_the_cycle_collector_as_it_found_it(enabled: bool) -> 
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_a_change_that_removes_every_rule_then_adds_others_reports_what_went() -> None:
+    """`apply` removes, then adds in bulk: an endpoint left without rules by the removal is
+    rebuilt at the end of the bulk add, and the sync still hears of the entries the removed
+    rules had (or the kernel map would keep them)."""
+    from garrison.policies.repository import PolicyChange
+
+    bp = bench_module()
+    sc = bp.Scenario(60, 120, 9)
+    r = PolicyResolver()
+    for n, labels in enumerate(dict.fromkeys(sc.endpoints)):
+        r.add_identity(256 + n, labels)
+    first, second = sc.policies[:60], sc.policies[60:]
+    r.updates(r.add_policies(first))
+    before = snapshot(r)
+    changed = r.apply(PolicyChange(1, tuple(second), tuple(first)))
+    touched = r.updates(changed)
+    after = snapshot(r)
+    gone = 0
+    for ident in before:
+        diff = changed_keys(before[ident], after[ident])
+        assert diff <= touched.get(ident, set()), ident
+        gone += len(set(before[ident].entries) - set(after[ident].entries))
+    assert gone  # the change did take entries away
+    fresh = PolicyResolver()
+    for n, labels in enumerate(dict.fromkeys(sc.endpoints)):
+        fresh.add_identity(256 + n, labels)
+    fresh.add_policies(second)
+    assert {i: (m.entries, m.l7) for i, m in snapshot(fresh).items()} == {
+        i: (m.entries, m.l7) for i, m in after.items()
+    }
