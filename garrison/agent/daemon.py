@@ -545,12 +545,9 @@ class Agent:
             return len(change.removed)
 
     def _apply(self, change: PolicyChange) -> None:
-        changed: set[int] = set()
-        # one kernel sync for the whole change: no window with only half of it applied
-        for policy in change.removed:
-            changed |= self.resolver.remove_policy(policy)
-        for policy in change.added:
-            changed |= self.resolver.add_policy(policy)
+        # one kernel sync for the whole change: no window with only half of it applied; the
+        # resolver builds endpoints with the same rules once (PolicyResolver.add_policies)
+        changed = self.resolver.apply(change)
         changed |= self._sync_cidrs(sync=False)
         self._sync(changed)
         self.revisions.save(self.repository.revision)
