@@ -28,7 +28,7 @@ from garrison.policies.mapstate import DropReason as ModelDropReason
 from garrison.policies.mapstate import MatchType as ModelMatchType
 from garrison.policies.model import Direction
 from garrison.policies.refs import RuleRef
-from garrison.policies.trace import _rule_refs
+from garrison.policies.trace import rule_refs
 
 if TYPE_CHECKING:
     from garrison.agent.daemon import Agent
@@ -119,7 +119,7 @@ def audited_by(agent: Agent, event: DatapathEvent) -> tuple[RuleRef, ...]:
         ref
         for policy, rule in what_if.enforcing_rules(identity, direction)
         if policy.audit
-        for ref in _rule_refs(policy, rule, direction)
+        for ref in rule_refs(policy, rule, direction)
     )
 
 

@@ -339,7 +339,7 @@ def _trace(
         enforced_by = tuple(
             ref
             for policy, rule in resolver.enforcing_rules(ident, direction)
-            for ref in _rule_refs(policy, rule, direction)
+            for ref in rule_refs(policy, rule, direction)
         )
         result = lookup(state, direction, remote, proto_num, port)
         step = TraceStep(
@@ -361,7 +361,7 @@ def _trace(
     )
 
 
-def _rule_refs(policy: Policy, rule: Rule, direction: Direction) -> list[RuleRef]:
+def rule_refs(policy: Policy, rule: Rule, direction: Direction) -> list[RuleRef]:
     """One ref per policy rule that enforces `direction` (its first section of it)."""
     sections = (rule.ingress, rule.ingress_deny) if direction is Direction.INGRESS else (
         rule.egress, rule.egress_deny
