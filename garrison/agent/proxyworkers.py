@@ -72,7 +72,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from garrison.flows.record import FlowDecodeError, FlowRecord
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import Labels
-from garrison.proxy.commands import Log, PeerInfo
+from garrison.proxy.commands import PeerInfo
 from garrison.proxy.config import ProxyConfig
 from garrison.proxy.metrics import (
     MetricsConfig,
@@ -145,7 +145,8 @@ class AdmissionAnswer:
     is (for records) and whether its upstream leaves from the client's address."""
 
     admission: Admission
-    destination: PeerInfo
+    # PeerInfo's fields: a compiled (mypyc) frozen class does not unpickle
+    destination: tuple[int, Labels, str, int, str | None, str | None]
     remote: bool
     revision: int
 
@@ -442,9 +443,10 @@ class ProxyWorkers:
         when the request is not one (the channel is closed)."""
         try:
             src, dst, port = _parse_request(request)
+            peer = self._destination(dst, port)
             answer = AdmissionAnswer(
                 self._admit(src, dst, port),
-                self._destination(dst, port),
+                (peer.identity, peer.labels, peer.ip, peer.port, peer.namespace, peer.pod_name),
                 bool(self._remote(dst)) if self._remote is not None else False,
                 self._revision(),
             )
@@ -680,7 +682,7 @@ class AgentPolicy:
         if len(self._destinations) > 4096:
             self._destinations.clear()
             self._remote.clear()
-        self._destinations[(dst_ip, dst_port)] = answer.destination
+        self._destinations[(dst_ip, dst_port)] = PeerInfo(*answer.destination)
         self._remote[dst_ip] = answer.remote
         return answer.admission
 
@@ -695,27 +697,23 @@ class AgentPolicy:
         return self._remote.get(ip, False)
 
 
-class ForwardingSink(FlowSink):
-    """A worker's records go to the agent: one frame of JSON lines per event-loop turn."""
+class ForwardingSink:
+    """A worker's records go to the agent: one frame of JSON lines per event-loop turn
+    (`sink` is the `FlowSink` the worker's servers emit to; it forwards here)."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop=loop)
         self._sock = sock
         self._lock = threading.Lock()
         self.lost = 0
+        self.sink = FlowSink(loop=loop, forward=self.send)
 
-    def flush(self) -> None:
-        self._scheduled = False
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
+    def send(self, records: list[FlowRecord]) -> None:
         lines: list[bytes] = []
-        for item in pending:
+        for record in records:
             try:
-                record = item.record if isinstance(item, Log) else item
                 lines.append(record.to_json().encode())
             except Exception:
-                log.exception("a flow record could not be built and is lost")
+                log.exception("a flow record could not be encoded and is lost")
         if not lines:
             return
         try:
@@ -774,7 +772,7 @@ async def _run_worker(spec: dict[str, Any], ending: _Ending) -> int:
                 destination=policy.destination,
                 transparent_to=policy.remote if spec["remote_endpoints"] else None,
             )
-            server = ProxyServer(settings, policy, sink, metrics=metrics)
+            server = ProxyServer(settings, policy, sink.sink, metrics=metrics)
             servers.append(server)
             await server.listen_transparent(str(spec["host"]), int(port), reuse_port=True)
         with sink._lock:
@@ -793,7 +791,7 @@ async def _run_worker(spec: dict[str, Any], ending: _Ending) -> int:
         for server in servers:
             with contextlib.suppress(Exception):
                 await server.close(grace=0.5)
-        sink.flush()
+        sink.sink.flush()
         calls.close()
         events.close()
     if ending.lost:

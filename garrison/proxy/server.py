@@ -167,12 +167,16 @@ class FlowSink:
         metrics: ProxyMetrics | None = None,
         verbose: TextIO | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        forward: Callable[[list[FlowRecord]], None] | None = None,
     ) -> None:
         self.store = store if store is not None else FlowStore()
         self.writer = writer
         self.metrics = metrics
         self.verbose = verbose
         self._loop = loop
+        # a proxy worker of the agent: each turn's records go to `forward` (to the agent's
+        # own sink) instead of the ring, the access log and the metrics here
+        self._forward = forward
         self._pending: list[FlowRecord | Log] = []
         self._scheduled = False
         self._failing = False
@@ -193,6 +197,9 @@ class FlowSink:
         if not pending:
             return
         records = _built(pending)
+        if self._forward is not None:
+            self._forward(records)
+            return
         add = self.store.add
         for record in records:
             add(record)
