@@ -22,42 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from garrison.redirect import remove_pin_dir
-from garrison.redirect.bpffs import BPFFS_MOUNT
-from tests.etcd_server import EtcdServer, etcd_skip_reason
 from tests.privileged.agent_harness import (
     STARWARS,
     AgentEndpoint,
-    NsAgent,
     app_requests,
     echo_servers,
     http_request,
     ip,
     roundtrip,
 )
+from tests.privileged.cluster_harness import CLUSTER_MARKS, PID, Node, running_cluster, wait_for
+from tests.privileged.cluster_harness import add_endpoint as add_cluster_endpoint
 
-pytestmark = [
-    pytest.mark.privileged,
-    pytest.mark.skipif(etcd_skip_reason() is not None, reason=str(etcd_skip_reason())),
-    pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter (util-linux)"),
-]
+pytestmark = CLUSTER_MARKS
 
-PID = os.getpid()
-UNDERLAY = f"ge-ul-{PID}"
 ETCD_IP = "198.19.0.250"
 LEASE_TTL_S = 3
 
@@ -68,12 +56,6 @@ def ep(short: str) -> str:
     return f"{short}-{PID}"
 
 
-# Every endpoint this module adds (each asserted absent before it is added): a failed test's
-# leftovers are removed at the end.
-ENDPOINT_NAMES = tuple(ep(short) for short in (
-    "ge-a", "ge-b", "ge-c", "ge-d", "ge-e", "ge-ds1", "ge-ds2", "ge-tie", "ge-xw",
-    "ge-t1", "ge-t2", "ge-t3",
-))
 POLICY = """\
     apiVersion: cilium.io/v2
     kind: CiliumNetworkPolicy
@@ -94,117 +76,15 @@ POLICY = """\
 """
 
 
-@dataclass
-class Node:
-    name: str
-    netns: str
-    ip: str
-    pod_cidr: str
-    agent: NsAgent
-    etcd: EtcdServer
-
-    def api(self, method: str, **params: Any) -> dict[str, Any]:
-        from garrison.agent.api import AgentClient
-
-        with AgentClient(self.agent.workdir / "agent.sock", timeout=30) as client:
-            return client.call(method, **params)
-
-    def cli_json(self, *args: str) -> Any:
-        done = self.agent.cli(*args, "-o", "json")
-        assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}\n{self.agent.log()}"
-        return json.loads(done.stdout)
-
-    def ipcache(self) -> dict[str, int]:
-        entries = self.api("BpfIpcacheList")["entries"]
-        return {e["prefix"]: int(e["identity"]) for e in entries}
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def _netns_add(name: str, made: list[str]) -> None:
-    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    made.append(name)
-    ip(name, "link", "set", "lo", "up")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
-    made: list[str] = []
-    nodes: dict[str, Node] = {}
-    etcd: EtcdServer | None = None
-    pins: list[Path] = []
-    try:
-        _netns_add(UNDERLAY, made)
-        ip(UNDERLAY, "link", "add", "ge-br", "type", "bridge")
-        ip(UNDERLAY, "addr", "add", f"{ETCD_IP}/24", "dev", "ge-br")
-        ip(UNDERLAY, "link", "set", "ge-br", "up")
-        etcd = EtcdServer(name="ge-cluster", netns=UNDERLAY, host=ETCD_IP)
-        etcd.start()
-        for n in (1, 2, 3):
-            netns = f"ge-n{n}-{PID}"
-            _netns_add(netns, made)
-            node_ip = f"198.19.0.{200 + n}"
-            # the node's leg on the underlay: ge-u<n> in the node, its peer on the bridge
-            ip(netns, "link", "add", f"ge-u{n}", "type", "veth", "peer", "name", f"ge-p{n}",
-               "netns", UNDERLAY)
-            ip(netns, "addr", "add", f"{node_ip}/24", "dev", f"ge-u{n}")
-            ip(netns, "link", "set", f"ge-u{n}", "up")
-            ip(UNDERLAY, "link", "set", f"ge-p{n}", "master", "ge-br", "up")
-            subprocess.run(
-                ["ip", "netns", "exec", netns, "sysctl", "-qw",
-                 "net.ipv4.ip_forward=1", f"net.ipv4.conf.ge-u{n}.forwarding=1"],
-                check=True,
-            )
-            pin = BPFFS_MOUNT / f"ge-cluster-{n}-{PID}"
-            pins.append(pin)
-            workdir = tmp_path_factory.mktemp(f"ge-n{n}")
-            agent = NsAgent(netns, workdir, pin)
-            agent.extra = [
-                "--kvstore", "etcd", "--kvstore-endpoints", etcd.url,
-                "--node-name", f"ge-n{n}", "--pod-cidr", f"198.18.{200 + n}.0/24",
-                "--node-ip", node_ip, "--kvstore-lease-ttl", str(LEASE_TTL_S),
-            ]
-            node = Node(f"ge-n{n}", netns, node_ip, f"198.18.{200 + n}.0/24", agent, etcd)
-            nodes[node.name] = node
-            agent.start()
+    with running_cluster(tmp_path_factory, "ge", 3, 200, ETCD_IP, LEASE_TTL_S) as nodes:
         yield nodes
-    finally:
-        for node in nodes.values():
-            if node.agent.proc is not None and node.agent.proc.poll() is None:
-                with contextlib.suppress(Exception):
-                    for endpoint in node.api("EndpointList")["endpoints"]:
-                        node.api("EndpointDelete", name=endpoint["name"])
-                node.agent.stop()
-            node.agent.cleanup()
-        for pin in pins:
-            if pin.exists():
-                remove_pin_dir(pin)
-        if etcd is not None:
-            etcd.close()
-        for name in reversed(made):  # ours: made above
-            with contextlib.suppress(subprocess.CalledProcessError):
-                subprocess.run(["ip", "netns", "delete", name], check=True)
-        for name in ENDPOINT_NAMES:
-            # endpoint namespaces the agents made and did not remove (a failed test)
-            if Path(f"/run/netns/{name}").exists():
-                subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def add_endpoint(node: Node, short: str, labels: str, ip_: str) -> AgentEndpoint:
     """`garrison endpoint add` on `node` of endpoint `ep(short)`."""
-    name = ep(short)
-    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
-    data = node.cli_json("endpoint", "add", name, "--labels", labels, "--ip", ip_)
-    return AgentEndpoint(name, ip_, tuple(data["labels"]), int(data["identity"]),
-                         str(data["host_veth"]))
+    return add_cluster_endpoint(node, ep(short), labels, ip_)
 
 
 def test_cross_node_l3_l4_by_identity_learnt_through_etcd(cluster: dict[str, Node]) -> None:
@@ -271,7 +151,7 @@ def test_same_new_labels_on_three_nodes_at_once_get_one_identity(
     barrier = threading.Barrier(len(nodes))
 
     def add(node: Node, name: str, ip_: str) -> None:
-        assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
+        node.claim(name)
         barrier.wait()
         try:
             got[name] = int(
@@ -375,12 +255,6 @@ def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
                     return http_request(sock, method, path)
             assert time.monotonic() < deadline, f"{ds.name} never answered"
 
-    def flows(node: Node, *having: str) -> list[dict[str, Any]]:
-        return [
-            json.loads(f) for f in node.api("Flows", filter={}, limit=1000)["flows"]
-            if all(h in f for h in having)
-        ]
-
     try:
         wait_for(
             lambda: all(
@@ -394,7 +268,7 @@ def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
         for node, ds in replicas:
             assert request(ds, "POST", "/v1/request-landing") == (200, b"Ship landed\n")
             assert xwing.connect(ds.ip, 80, timeout=1.5) is None
-            drops = flows(node, xwing.ip, '"DROPPED"')
+            drops = node.flows(xwing.ip, '"DROPPED"', limit=1000)
             assert drops and drops[-1]["source"]["identity"] == xwing.identity, node.name
 
         # L7: each node's from_netdev steers the tiefighter's connection to its proxy.
@@ -405,7 +279,7 @@ def test_star_wars_across_nodes(cluster: dict[str, Node]) -> None:
             assert request(ds, "PUT", "/v1/exhaust-port") == (403, b"Access denied\r\n")
             assert app_requests(ds) == before + 1, f"the denied request reached {ds.name}"
             denied = [
-                r for r in flows(node, '"L7"', "exhaust-port")
+                r for r in node.flows('"L7"', "exhaust-port", limit=1000)
                 if r["l7"].get("type") == "REQUEST"
             ]
             assert denied, f"{node.name}'s proxy records the denied request"

@@ -21,45 +21,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from garrison.proxy.sockets import IP_TRANSPARENT, PROXY_UPSTREAM_MARK, SO_MARK
 from garrison.proxy.upstream import UpstreamPool
-from garrison.redirect import remove_pin_dir
-from garrison.redirect.bpffs import BPFFS_MOUNT
-from tests.etcd_server import EtcdServer, etcd_skip_reason
 from tests.privileged.agent_harness import (
     STARWARS,
     AgentEndpoint,
-    NsAgent,
     app_requests,
     http_request,
-    ip,
     ns_socket,
 )
+from tests.privileged.cluster_harness import (
+    CLUSTER_MARKS,
+    Node,
+    add_endpoint,
+    running_cluster,
+    wait_for,
+)
 
-pytestmark = [
-    pytest.mark.privileged,
-    pytest.mark.skipif(etcd_skip_reason() is not None, reason=str(etcd_skip_reason())),
-    pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter (util-linux)"),
-]
+pytestmark = CLUSTER_MARKS
 
-PID = os.getpid()
-UNDERLAY = f"gw-ul-{PID}"
 ETCD_IP = "198.19.0.241"
-ENDPOINT_NAMES = ("gw-tie", "gw-xw", "gw-ds")
 SHIPS_EGRESS = """\
     apiVersion: cilium.io/v2
     kind: CiliumNetworkPolicy
@@ -104,106 +95,10 @@ DEATHSTAR_INGRESS = """\
 """
 
 
-@dataclass
-class Node:
-    name: str
-    netns: str
-    ip: str
-    agent: NsAgent
-
-    def api(self, method: str, **params: Any) -> dict[str, Any]:
-        from garrison.agent.api import AgentClient
-
-        with AgentClient(self.agent.workdir / "agent.sock", timeout=30) as client:
-            return client.call(method, **params)
-
-    def ipcache(self) -> dict[str, int]:
-        entries = self.api("BpfIpcacheList")["entries"]
-        return {e["prefix"]: int(e["identity"]) for e in entries}
-
-    def flows(self, *having: str) -> list[dict[str, Any]]:
-        return [
-            json.loads(f) for f in self.api("Flows", filter={}, limit=2000)["flows"]
-            if all(h in f for h in having)
-        ]
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def _netns_add(name: str, made: list[str]) -> None:
-    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    made.append(name)
-    ip(name, "link", "set", "lo", "up")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
-    made: list[str] = []
-    nodes: dict[str, Node] = {}
-    etcd: EtcdServer | None = None
-    pins: list[Path] = []
-    try:
-        _netns_add(UNDERLAY, made)
-        ip(UNDERLAY, "link", "add", "gw-br", "type", "bridge")
-        ip(UNDERLAY, "addr", "add", f"{ETCD_IP}/24", "dev", "gw-br")
-        ip(UNDERLAY, "link", "set", "gw-br", "up")
-        etcd = EtcdServer(name="gw-cluster", netns=UNDERLAY, host=ETCD_IP)
-        etcd.start()
-        for n in (1, 2):
-            netns = f"gw-n{n}-{PID}"
-            _netns_add(netns, made)
-            node_ip = f"198.19.0.{220 + n}"
-            ip(netns, "link", "add", f"gw-u{n}", "type", "veth", "peer", "name", f"gw-p{n}",
-               "netns", UNDERLAY)
-            ip(netns, "addr", "add", f"{node_ip}/24", "dev", f"gw-u{n}")
-            ip(netns, "link", "set", f"gw-u{n}", "up")
-            ip(UNDERLAY, "link", "set", f"gw-p{n}", "master", "gw-br", "up")
-            subprocess.run(
-                ["ip", "netns", "exec", netns, "sysctl", "-qw",
-                 "net.ipv4.ip_forward=1", f"net.ipv4.conf.gw-u{n}.forwarding=1"],
-                check=True,
-            )
-            pin = BPFFS_MOUNT / f"gw-cluster-{n}-{PID}"
-            pins.append(pin)
-            workdir = tmp_path_factory.mktemp(f"gw-n{n}")
-            agent = NsAgent(netns, workdir, pin)
-            agent.extra = [
-                "--kvstore", "etcd", "--kvstore-endpoints", etcd.url,
-                "--node-name", f"gw-n{n}", "--pod-cidr", f"198.18.{220 + n}.0/24",
-                "--node-ip", node_ip, "--kvstore-lease-ttl", "3",
-            ]
-            node = Node(f"gw-n{n}", netns, node_ip, agent)
-            nodes[node.name] = node
-            agent.start()
+    with running_cluster(tmp_path_factory, "gw", 2, 220, ETCD_IP, 3) as nodes:
         yield nodes
-    finally:
-        for node in nodes.values():
-            if node.agent.proc is not None and node.agent.proc.poll() is None:
-                with contextlib.suppress(Exception):
-                    for ep in node.api("EndpointList")["endpoints"]:
-                        node.api("EndpointDelete", name=ep["name"])
-                node.agent.stop()
-            node.agent.cleanup()
-        for pin in pins:
-            if pin.exists():
-                remove_pin_dir(pin)
-        if etcd is not None:
-            etcd.close()
-        for name in reversed(made):  # ours: made above
-            with contextlib.suppress(subprocess.CalledProcessError):
-                subprocess.run(["ip", "netns", "delete", name], check=True)
-        for ep in ENDPOINT_NAMES:
-            # endpoint namespaces the agents made and did not remove (a failed test)
-            if Path(f"/run/netns/{ep}").exists():
-                subprocess.run(["ip", "netns", "delete", ep], check=False)
 
 
 @dataclass
@@ -215,21 +110,12 @@ class Scene:
     ds: AgentEndpoint
 
 
-def _add_endpoint(node: Node, name: str, labels: str, ip_: str) -> AgentEndpoint:
-    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
-    done = node.agent.cli("endpoint", "add", name, "--labels", labels, "--ip", ip_, "-o", "json")
-    assert done.returncode == 0, done.stdout + done.stderr
-    data = json.loads(done.stdout)
-    return AgentEndpoint(name, ip_, tuple(data["labels"]), int(data["identity"]),
-                         str(data["host_veth"]))
-
-
 @pytest.fixture(scope="module")
 def scene(cluster: dict[str, Node]) -> Iterator[Scene]:
     n1, n2 = cluster["gw-n1"], cluster["gw-n2"]
-    tie = _add_endpoint(n1, "gw-tie", "org=empire,class=tiefighter", "198.18.221.20")
-    xwing = _add_endpoint(n1, "gw-xw", "org=alliance,class=xwing", "198.18.221.21")
-    ds = _add_endpoint(n2, "gw-ds", "org=empire,class=deathstar", "198.18.222.20")
+    tie = add_endpoint(n1, "gw-tie", "org=empire,class=tiefighter", "198.18.221.20")
+    xwing = add_endpoint(n1, "gw-xw", "org=alliance,class=xwing", "198.18.221.21")
+    ds = add_endpoint(n2, "gw-ds", "org=empire,class=deathstar", "198.18.222.20")
     app = subprocess.Popen(
         ["ip", "netns", "exec", ds.name, sys.executable, str(STARWARS / "deathstar.py"),
          "--listen", "0.0.0.0:80"],

@@ -21,40 +21,30 @@ once never meet.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from garrison.redirect import remove_pin_dir
-from garrison.redirect.bpffs import BPFFS_MOUNT
-from tests.etcd_server import EtcdServer, etcd_skip_reason
-from tests.privileged.agent_harness import (
-    AgentEndpoint,
-    NsAgent,
-    echo_servers,
-    ip,
-    roundtrip,
+from tests.etcd_server import EtcdServer
+from tests.privileged.agent_harness import AgentEndpoint, echo_servers, roundtrip
+from tests.privileged.cluster_harness import (
+    CLUSTER_MARKS,
+    PID,
+    Node,
+    add_endpoint,
+    running_cluster,
+    wait_for,
 )
 
-pytestmark = [
-    pytest.mark.privileged,
-    pytest.mark.skipif(etcd_skip_reason() is not None, reason=str(etcd_skip_reason())),
-    pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter (util-linux)"),
-]
+pytestmark = CLUSTER_MARKS
 
-PID = os.getpid()
 UNDERLAY = f"gn-ul-{PID}"
 ETCD_IP = "198.19.0.242"
 LEASE_TTL_S = 3
@@ -67,7 +57,6 @@ def ep(short: str) -> str:
     return f"{short}-{PID}"
 
 
-ENDPOINT_NAMES = tuple(ep(short) for short in ("gn-db", "gn-w1", "gn-w2"))
 POLICY = f"""\
     apiVersion: networking.k8s.io/v1
     kind: NetworkPolicy
@@ -81,46 +70,6 @@ POLICY = f"""\
 
 
 @dataclass
-class Node:
-    name: str
-    netns: str
-    agent: NsAgent
-
-    def api(self, method: str, **params: Any) -> dict[str, Any]:
-        from garrison.agent.api import AgentClient
-
-        with AgentClient(self.agent.workdir / "agent.sock", timeout=30) as client:
-            return client.call(method, **params)
-
-    def cli_json(self, *args: str) -> Any:
-        done = self.agent.cli(*args, "-o", "json")
-        assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}\n{self.agent.log()}"
-        return json.loads(done.stdout)
-
-    def identity(self, endpoint: str) -> int:
-        from garrison.agent.api import APIError
-
-        for _ in range(50):
-            try:
-                return int(self.api("EndpointGet", name=endpoint)["identity"])
-            except APIError as exc:
-                # EndpointGet reads the record outside the agent's lock: in the middle of a
-                # relabel it can meet the new identity before the resolver has it (a known
-                # race of the handler, reported); asked again, it answers
-                if "is not a known endpoint identity" not in str(exc):
-                    raise
-                time.sleep(0.02)
-        raise AssertionError(f"EndpointGet {endpoint} kept failing")
-
-    def ipcache(self) -> dict[str, int]:
-        entries = self.api("BpfIpcacheList")["entries"]
-        return {e["prefix"]: int(e["identity"]) for e in entries}
-
-    def namespace_labels(self, namespace: str) -> list[str]:
-        return list(self.cli_json("namespace", "get", namespace)["labels"])
-
-
-@dataclass
 class Cluster:
     n1: Node
     n2: Node
@@ -130,100 +79,20 @@ class Cluster:
     w2: AgentEndpoint
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def _netns_add(name: str, made: list[str]) -> None:
-    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    made.append(name)
-    ip(name, "link", "set", "lo", "up")
-
-
-def _add_endpoint(node: Node, short: str, labels: str, ip_: str, namespace: str) -> AgentEndpoint:
-    name = ep(short)
-    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
-    data = node.cli_json(
-        "endpoint", "add", name, "--labels", labels, "--ip", ip_, "--namespace", namespace
-    )
-    return AgentEndpoint(name, ip_, tuple(data["labels"]), int(data["identity"]),
-                         str(data["host_veth"]))
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    made: list[str] = []
-    nodes: dict[int, Node] = {}
-    etcd: EtcdServer | None = None
-    pins: list[Path] = []
-    try:
-        _netns_add(UNDERLAY, made)
-        ip(UNDERLAY, "link", "add", "gn-br", "type", "bridge")
-        ip(UNDERLAY, "addr", "add", f"{ETCD_IP}/24", "dev", "gn-br")
-        ip(UNDERLAY, "link", "set", "gn-br", "up")
-        etcd = EtcdServer(name="gn-cluster", netns=UNDERLAY, host=ETCD_IP)
-        etcd.start()
-        for n in (1, 2):
-            netns = f"gn-n{n}-{PID}"
-            _netns_add(netns, made)
-            node_ip = f"198.19.0.{230 + n}"
-            ip(netns, "link", "add", f"gn-u{n}", "type", "veth", "peer", "name", f"gn-p{n}",
-               "netns", UNDERLAY)
-            ip(netns, "addr", "add", f"{node_ip}/24", "dev", f"gn-u{n}")
-            ip(netns, "link", "set", f"gn-u{n}", "up")
-            ip(UNDERLAY, "link", "set", f"gn-p{n}", "master", "gn-br", "up")
-            subprocess.run(
-                ["ip", "netns", "exec", netns, "sysctl", "-qw",
-                 "net.ipv4.ip_forward=1", f"net.ipv4.conf.gn-u{n}.forwarding=1"],
-                check=True,
-            )
-            pin = BPFFS_MOUNT / f"gn-cluster-{n}-{PID}"
-            pins.append(pin)
-            agent = NsAgent(netns, tmp_path_factory.mktemp(f"gn-n{n}"), pin)
-            agent.extra = [
-                "--kvstore", "etcd", "--kvstore-endpoints", etcd.url,
-                "--node-name", f"gn-n{n}", "--pod-cidr", f"198.18.{230 + n}.0/24",
-                "--node-ip", node_ip, "--kvstore-lease-ttl", str(LEASE_TTL_S),
-            ]
-            nodes[n] = Node(f"gn-n{n}", netns, agent)
-            agent.start()
-        n1, n2 = nodes[1], nodes[2]
-        db = _add_endpoint(n1, "gn-db", "app=gn-db", "198.18.231.10", PROD)
-        w1 = _add_endpoint(n1, "gn-w1", "app=gn-web", "198.18.231.11", SHOP)
-        w2 = _add_endpoint(n2, "gn-w2", "app=gn-web", "198.18.232.10", SHOP)
+    with running_cluster(tmp_path_factory, "gn", 2, 230, ETCD_IP, LEASE_TTL_S) as nodes:
+        n1, n2 = nodes["gn-n1"], nodes["gn-n2"]
+        db = add_endpoint(n1, ep("gn-db"), "app=gn-db", "198.18.231.10", "--namespace", PROD)
+        w1 = add_endpoint(n1, ep("gn-w1"), "app=gn-web", "198.18.231.11", "--namespace", SHOP)
+        w2 = add_endpoint(n2, ep("gn-w2"), "app=gn-web", "198.18.232.10", "--namespace", SHOP)
         policy = n1.agent.workdir / "gn-db-from-blue.yaml"
         policy.write_text(textwrap.dedent(POLICY))
         done = n1.agent.cli("policy", "import", str(policy))
         assert done.returncode == 0, done.stdout + done.stderr
         wait_for(lambda: n1.ipcache().get(f"{w2.ip}/32") == w2.identity, 10.0,
                  "node 1 to learn gn-w2")
-        yield Cluster(n1, n2, etcd, db, w1, w2)
-    finally:
-        for node in nodes.values():
-            if node.agent.proc is not None and node.agent.proc.poll() is None:
-                with contextlib.suppress(Exception):
-                    for endpoint in node.api("EndpointList")["endpoints"]:
-                        node.api("EndpointDelete", name=endpoint["name"])
-                node.agent.stop()
-            node.agent.cleanup()
-        for pin in pins:
-            if pin.exists():
-                remove_pin_dir(pin)
-        if etcd is not None:
-            etcd.close()
-        for name in reversed(made):  # ours: made above
-            with contextlib.suppress(subprocess.CalledProcessError):
-                subprocess.run(["ip", "netns", "delete", name], check=True)
-        for name in ENDPOINT_NAMES:
-            # endpoint namespaces the agents made and did not remove (a failed test)
-            if Path(f"/run/netns/{name}").exists():
-                subprocess.run(["ip", "netns", "delete", name], check=False)
+        yield Cluster(n1, n2, n1.etcd, db, w1, w2)
 
 
 def reaches(client: AgentEndpoint, server: AgentEndpoint, port: int) -> bool:

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,75 +34,30 @@ from typing import IO, Any
 
 import pytest
 
-from garrison.redirect import remove_pin_dir
-from garrison.redirect.bpffs import BPFFS_MOUNT
-from tests.etcd_server import EtcdServer, etcd_skip_reason
+from tests.etcd_server import EtcdServer
 from tests.privileged.agent_harness import (
     GARRISON,
     STARWARS,
     AgentEndpoint,
-    NsAgent,
     http_request,
-    ip,
+)
+from tests.privileged.cluster_harness import (
+    CLUSTER_MARKS,
+    Node,
+    add_endpoint,
+    running_cluster,
+    wait_for,
 )
 
-pytestmark = [
-    pytest.mark.privileged,
-    pytest.mark.skipif(etcd_skip_reason() is not None, reason=str(etcd_skip_reason())),
-    pytest.mark.skipif(shutil.which("nsenter") is None, reason="needs nsenter (util-linux)"),
-]
+pytestmark = CLUSTER_MARKS
 
-PID = os.getpid()
-UNDERLAY = f"gr-ul-{PID}"
 ETCD_IP = "198.19.0.240"
 LEASE_TTL_S = 15  # long enough that a stopped agent's node stays listed during a test
-ENDPOINT_NAMES = ("gr-ds1", "gr-ds2", "gr-tie", "gr-xw")
 NODE_IP = {n: f"198.19.0.{210 + n}" for n in (1, 2, 3)}
 DS1, DS2, TIE, XW = "198.18.211.20", "198.18.212.20", "198.18.213.20", "198.18.213.21"
 # A compact line without its time: `Dec  7 12:00:00.123 [node]: ...`
 LINE = re.compile(
     r"^[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d\.\d{3} \[(?P<node>[^]]+)\]: (?P<rest>.*)$")
-
-
-@dataclass
-class Node:
-    name: str
-    netns: str
-    ip: str
-    agent: NsAgent
-
-    def api(self, method: str, **params: Any) -> dict[str, Any]:
-        from garrison.agent.api import AgentClient
-
-        with AgentClient(self.agent.workdir / "agent.sock", timeout=30) as client:
-            return client.call(method, **params)
-
-    def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """`garrison ARGS` on this node (its network namespace), beside its agent."""
-        return subprocess.run(
-            ["nsenter", f"--net=/run/netns/{self.netns}", GARRISON, *args,
-             "--socket", str(self.agent.socket)],
-            capture_output=True, text=True, timeout=timeout,
-        )
-
-    def ipcache(self) -> dict[str, int]:
-        return {e["prefix"]: int(e["identity"]) for e in self.api("BpfIpcacheList")["entries"]}
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def _netns_add(name: str, made: list[str]) -> None:
-    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    made.append(name)
-    ip(name, "link", "set", "lo", "up")
 
 
 @dataclass
@@ -114,98 +67,40 @@ class Scene:
     endpoints: dict[str, AgentEndpoint]
 
 
-def add_endpoint(node: Node, name: str, labels: str, ip_: str) -> AgentEndpoint:
-    assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
-    done = node.run("endpoint", "add", name, "--labels", labels, "--ip", ip_, "-o", "json")
-    assert done.returncode == 0, done.stdout + done.stderr
-    data = json.loads(done.stdout)
-    return AgentEndpoint(name, ip_, tuple(data["labels"]), int(data["identity"]),
-                         str(data["host_veth"]))
-
-
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scene]:
-    made: list[str] = []
-    nodes: dict[str, Node] = {}
-    etcd: EtcdServer | None = None
-    pins: list[Path] = []
-    apps: list[subprocess.Popen[bytes]] = []
-    try:
-        _netns_add(UNDERLAY, made)
-        ip(UNDERLAY, "link", "add", "gr-br", "type", "bridge")
-        ip(UNDERLAY, "addr", "add", f"{ETCD_IP}/24", "dev", "gr-br")
-        ip(UNDERLAY, "link", "set", "gr-br", "up")
-        etcd = EtcdServer(name="gr-cluster", netns=UNDERLAY, host=ETCD_IP)
-        etcd.start()
-        for n in (1, 2, 3):
-            netns = f"gr-n{n}-{PID}"
-            _netns_add(netns, made)
-            ip(netns, "link", "add", f"gr-u{n}", "type", "veth", "peer", "name", f"gr-p{n}",
-               "netns", UNDERLAY)
-            ip(netns, "addr", "add", f"{NODE_IP[n]}/24", "dev", f"gr-u{n}")
-            ip(netns, "link", "set", f"gr-u{n}", "up")
-            ip(UNDERLAY, "link", "set", f"gr-p{n}", "master", "gr-br", "up")
-            subprocess.run(
-                ["ip", "netns", "exec", netns, "sysctl", "-qw",
-                 "net.ipv4.ip_forward=1", f"net.ipv4.conf.gr-u{n}.forwarding=1"],
-                check=True,
-            )
-            pin = BPFFS_MOUNT / f"gr-cluster-{n}-{PID}"
-            pins.append(pin)
-            agent = NsAgent(netns, tmp_path_factory.mktemp(f"gr-n{n}"), pin)
-            agent.extra = [
-                "--kvstore", "etcd", "--kvstore-endpoints", etcd.url,
-                "--node-name", f"gr-n{n}", "--pod-cidr", f"198.18.{210 + n}.0/24",
-                "--node-ip", NODE_IP[n], "--kvstore-lease-ttl", str(LEASE_TTL_S),
-            ]  # --flow-api: the default, <node-ip>:4244
-            nodes[f"gr-n{n}"] = Node(f"gr-n{n}", netns, NODE_IP[n], agent)
-            agent.start()
-        n1, n2, n3 = nodes["gr-n1"], nodes["gr-n2"], nodes["gr-n3"]
-        eps = {
-            "ds1": add_endpoint(n1, "gr-ds1", "org=empire,class=deathstar", DS1),
-            "ds2": add_endpoint(n2, "gr-ds2", "org=empire,class=deathstar", DS2),
-            "tie": add_endpoint(n3, "gr-tie", "org=empire,class=tiefighter", TIE),
-            "xw": add_endpoint(n3, "gr-xw", "org=alliance,class=xwing", XW),
-        }
-        assert eps["ds1"].identity == eps["ds2"].identity  # one identity, two nodes
-        for ds in ("gr-ds1", "gr-ds2"):
-            apps.append(subprocess.Popen(
-                ["ip", "netns", "exec", ds, sys.executable, str(STARWARS / "deathstar.py"),
-                 "--listen", "0.0.0.0:80"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            ))
-        for node in (n1, n2):
-            def knows_the_ships(node: Node = node) -> bool:
-                cache = node.ipcache()
-                return (cache.get(f"{XW}/32") == eps["xw"].identity
-                        and cache.get(f"{TIE}/32") == eps["tie"].identity)
+    # --flow-api: the default, <node-ip>:4244
+    with running_cluster(tmp_path_factory, "gr", 3, 210, ETCD_IP, LEASE_TTL_S) as nodes:
+        apps: list[subprocess.Popen[bytes]] = []
+        try:
+            n1, n2, n3 = nodes["gr-n1"], nodes["gr-n2"], nodes["gr-n3"]
+            eps = {
+                "ds1": add_endpoint(n1, "gr-ds1", "org=empire,class=deathstar", DS1),
+                "ds2": add_endpoint(n2, "gr-ds2", "org=empire,class=deathstar", DS2),
+                "tie": add_endpoint(n3, "gr-tie", "org=empire,class=tiefighter", TIE),
+                "xw": add_endpoint(n3, "gr-xw", "org=alliance,class=xwing", XW),
+            }
+            assert eps["ds1"].identity == eps["ds2"].identity  # one identity, two nodes
+            for ds in ("gr-ds1", "gr-ds2"):
+                apps.append(subprocess.Popen(
+                    ["ip", "netns", "exec", ds, sys.executable, str(STARWARS / "deathstar.py"),
+                     "--listen", "0.0.0.0:80"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL,
+                ))
+            for node in (n1, n2):
+                def knows_the_ships(node: Node = node) -> bool:
+                    cache = node.ipcache()
+                    return (cache.get(f"{XW}/32") == eps["xw"].identity
+                            and cache.get(f"{TIE}/32") == eps["tie"].identity)
 
-            wait_for(knows_the_ships, 15.0, f"{node.name} to know the ships")
-        yield Scene(nodes, etcd, eps)
-    finally:
-        for app in apps:
-            app.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                app.wait(10)
-        for node in nodes.values():
-            if node.agent.proc is not None and node.agent.proc.poll() is None:
-                with contextlib.suppress(Exception):
-                    for ep in node.api("EndpointList")["endpoints"]:
-                        node.api("EndpointDelete", name=ep["name"])
-                node.agent.stop()
-            node.agent.cleanup()
-        for pin in pins:
-            if pin.exists():
-                remove_pin_dir(pin)
-        if etcd is not None:
-            etcd.close()
-        for name in reversed(made):  # ours: made above
-            with contextlib.suppress(subprocess.CalledProcessError):
-                subprocess.run(["ip", "netns", "delete", name], check=True)
-        for ep in ENDPOINT_NAMES:
-            # endpoint namespaces the agents made and did not remove (a failed test)
-            if Path(f"/run/netns/{ep}").exists():
-                subprocess.run(["ip", "netns", "delete", ep], check=False)
+                wait_for(knows_the_ships, 15.0, f"{node.name} to know the ships")
+            yield Scene(nodes, n1.etcd, eps)
+        finally:
+            for app in apps:
+                app.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    app.wait(10)
 
 
 def request(ep: AgentEndpoint, dst: str, method: str, path: str) -> tuple[int, bytes]:
