@@ -82,10 +82,13 @@ def test_the_zsh_script_names_every_command() -> None:
 def test_the_zsh_script_registers_both_ways(tmp_path: Path) -> None:
     """`eval "$(garrison completion zsh)"`, and the file `_garrison` in $fpath."""
     (tmp_path / "_garrison").write_text(script("zsh"))
-    init = "autoload -U compinit; compinit -u -D -d /dev/null"
+    # compinit writes its dump file even with -D, by renaming a new file over the path: never
+    # a path outside the test's own directory (given /dev/null, it replaced the device)
+    init = f"autoload -U compinit; compinit -u -d {tmp_path}/zcompdump"
     for setup in (f'eval "$({GARRISON} completion zsh)"', f"fpath=({tmp_path} $fpath); {init}"):
         done = subprocess.run(["zsh", "-fc", f"{init}; {setup}; print -r -- ${{_comps[garrison]}}"],
                               capture_output=True, text=True, timeout=60,
                               env={**os.environ, "GARRISON_PURE": "1"})
         assert done.returncode == 0 and done.stderr == "", done.stderr
         assert done.stdout.strip() in ("_shtab_garrison", "_garrison"), done.stdout
+    assert Path("/dev/null").is_char_device(), "the test replaced /dev/null"
