@@ -380,8 +380,8 @@ def parse_request_frame(frame: bytes, topic_ids: TopicIdRegistry | None = None) 
             raise KafkaLengthError("client id runs past the end of the frame")
         try:
             client_id = frame[pos : pos + client_id_len].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise KafkaDecodeError("client id is not UTF-8") from exc
+        except UnicodeDecodeError as bad_text:
+            raise KafkaDecodeError("client id is not UTF-8") from bad_text
         pos += client_id_len
     elif client_id_len != -1:
         raise KafkaLengthError(f"client id length {client_id_len}")
@@ -411,18 +411,18 @@ def parse_request_frame(frame: bytes, topic_ids: TopicIdRegistry | None = None) 
         pos = _skip_tagged_fields(frame, pos)
     try:
         decoded = codec.decode(memoryview(frame)[pos:])
-    except LengthError as exc:
-        raise KafkaLengthError(f"{codec.api.name} v{api_version}: {exc}") from None
+    except LengthError as length:
+        raise KafkaLengthError(f"{codec.api.name} v{api_version}: {length}") from None
     except Exception as exc:  # kafka-python raises struct.error, ValueError, IndexError, ...
         raise KafkaDecodeError(f"{codec.api.name} v{api_version} does not decode: {exc}") from exc
     try:
         names, unresolved, all_topics, unknown = request_topics(
             api_key, api_version, decoded, topic_ids
         )
-    except (AttributeError, TypeError) as exc:  # a field of an unexpected type (bug guard)
+    except (AttributeError, TypeError) as bug:  # a field of an unexpected type (bug guard)
         raise KafkaDecodeError(
-            f"{codec.api.name} v{api_version}: topics unreadable: {exc}"
-        ) from exc
+            f"{codec.api.name} v{api_version}: topics unreadable: {bug}"
+        ) from bug
     return KafkaRequest(
         api_key,
         api_version,
@@ -609,8 +609,8 @@ def decode_response_body(request: KafkaRequest, frame: bytes) -> Any:
         pos = _skip_tagged_fields(frame, 8) if codec.flexible else 8
     try:
         return codec.decode(memoryview(frame)[pos:])
-    except LengthError as exc:
-        raise KafkaLengthError(f"{codec.api.response_class.name} v{version}: {exc}") from None
+    except LengthError as length:
+        raise KafkaLengthError(f"{codec.api.response_class.name} v{version}: {length}") from None
     except Exception as exc:  # kafka-python raises struct.error, ValueError, IndexError, ...
         raise KafkaDecodeError(
             f"{codec.api.response_class.name} v{version} does not decode: {exc}"

@@ -693,12 +693,12 @@ class KafkaEngine:
             slot = self._pending.popleft()
             try:
                 raw = self._rewritten(response, slot)
-            except (LocalProtocolError, ValueError, TypeError, AttributeError) as exc:
+            except (LocalProtocolError, ValueError, TypeError, AttributeError) as unwritable:
                 # Never forward what should have been filtered: close instead.
                 self._fail(
                     out,
                     now,
-                    f"cannot rewrite the broker's answer: {exc}",
+                    f"cannot rewrite the broker's answer: {unwritable}",
                     DropReasonDesc.PROXY_ERROR,
                 )
                 return

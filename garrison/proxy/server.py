@@ -680,9 +680,9 @@ class _ClientConnection(asyncio.Protocol):
             conn = await self.server.pool.connect(
                 self.upstream_address, self._upstream_protocol(), self._upstream_source()
             )
-        except UpstreamConnectError as exc:
+        except UpstreamConnectError as failed:
             self._connecting = None
-            self._upstream_unavailable(str(exc))
+            self._upstream_unavailable(str(failed))
             return
         except asyncio.CancelledError:
             self._connecting = None

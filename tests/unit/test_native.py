@@ -223,3 +223,24 @@ def test_written_initialisers_run_compiled() -> None:
     for module, cls, _ in WRITTEN:
         init = vars(getattr(importlib.import_module(module), cls.name))["__init__"]
         assert not isinstance(init, types.FunctionType), f"{module}.{cls.name}: interpreted"
+
+
+def test_an_except_name_is_bound_to_one_type_per_function_in_compiled_modules() -> None:
+    """mypyc gives a local one type, from its first binding: `except LengthError as exc` then
+    `except Exception as exc` in one function made the compiled Kafka parser raise TypeError
+    instead of its decode error (found by the fuzz test once kafka_lengths was compiled)."""
+    package = Path(garrison.__file__).parent
+    mixed = []
+    for module in native.COMPILED:
+        path = package.parent / (module.replace(".", "/") + ".py")
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            types_by_name: dict[str, set[str]] = {}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ExceptHandler) and node.name:
+                    kind = ast.unparse(node.type) if node.type else "BaseException"
+                    types_by_name.setdefault(node.name, set()).add(kind)
+            mixed += [f"{path.name}:{fn.lineno} {fn.name}: {name} as {sorted(kinds)}"
+                      for name, kinds in types_by_name.items() if len(kinds) > 1]
+    assert mixed == []
