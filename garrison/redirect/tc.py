@@ -106,29 +106,19 @@ def attach_netdev_program(ifindex: int, program: int) -> bool:
 
 def detach_netdev_program(ifindex: int, remove_qdisc: bool) -> None:
     """Remove from_netdev (and the clsact when garrison created it); a no-op when absent."""
-    gone = (errno.ENOENT, errno.EINVAL, errno.ENODEV)
-    with IPRoute() as ipr:
-        if remove_qdisc:
-            try:
-                ipr.tc("del", "clsact", ifindex)
-            except NetlinkError as exc:
-                if exc.code not in gone:
-                    raise
-            return
-        for parent, prio, name in _filters(ipr, ifindex):
-            if parent != PARENT_INGRESS or prio != FILTER_PRIO or name != "from_netdev":
-                continue
-            try:
-                ipr.tc("del-filter", "bpf", ifindex, FILTER_HANDLE, parent=parent, prio=prio,
-                       protocol=ETH_P_ALL)
-            except NetlinkError as exc:
-                if exc.code not in gone:
-                    raise
+    _detach(ifindex, remove_qdisc, frozenset({(PARENT_INGRESS, "from_netdev")}))
 
 
 def detach_endpoint_programs(ifindex: int, remove_qdisc: bool = True) -> None:
     """Remove the clsact qdisc (and with it both filters), or with `remove_qdisc=False` (a
     clsact garrison did not create) only garrison's two filters; a no-op when absent."""
+    _detach(ifindex, remove_qdisc, None)
+
+
+def _detach(ifindex: int, remove_qdisc: bool,
+            only: frozenset[tuple[int, str]] | None) -> None:
+    """The clsact qdisc, or garrison's filters at FILTER_PRIO: those named in OUR_FILTERS, or
+    only the (parent, name) pairs of `only`. Already gone is not an error."""
     gone = (errno.ENOENT, errno.EINVAL, errno.ENODEV)
     with IPRoute() as ipr:
         if remove_qdisc:
@@ -140,6 +130,8 @@ def detach_endpoint_programs(ifindex: int, remove_qdisc: bool = True) -> None:
             return
         for parent, prio, name in _filters(ipr, ifindex):
             if prio != FILTER_PRIO or name not in OUR_FILTERS:
+                continue
+            if only is not None and (parent, name) not in only:
                 continue
             try:
                 ipr.tc("del-filter", "bpf", ifindex, FILTER_HANDLE, parent=parent, prio=prio,
