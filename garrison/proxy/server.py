@@ -26,7 +26,8 @@ goes to the `FlowSink`).
   the client's while its upstream is being connected, while too many pipelined requests
   wait for answers (`pipeline_full`), and while the client leaves its answers unread (a
   client pipelining denied requests without reading the 403s). A slow reader cannot make
-  the proxy buffer more than about `write_buffer_high` per direction per connection.
+  the proxy buffer more than `write_buffer_high` per direction per connection, plus the
+  answers to the one read (up to 256 KiB) being handled when the mark was crossed.
 - Timers: the engine asks for a wakeup at a monotonic time (`RequestWakeup`); a sweep every
   `sweep_interval` seconds (on the loop's monotonic clock) hands `Wakeup` to the connections
   whose time has come, and one shared timer those due sooner than that (the release of an
