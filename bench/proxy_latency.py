@@ -1,0 +1,232 @@
+"""HTTP/1.1 latency at a fixed request rate: what garrison adds over going direct.
+
+Run: .venv/bin/python bench/proxy_latency.py [--duration S] [--clients N] [--fraction F]
+                                             [--rate R] [--only garrison,haproxy]
+
+Issue 17's latency aim: at a fixed rate of half of garrison's one-worker capacity, the p99
+that garrison adds over direct is at most 0.3 ms. Open-loop, so a slow answer does not slow
+the load down (a closed loop like wrk's hides queueing: coordinated omission):
+
+1. capacity: `wrk` against garrison (one worker, access log on, compiled build as installed)
+   for `--capacity-duration` seconds on the allowed path; the rate is `--fraction` (0.5) of
+   the requests/s it completes, or `--rate` if given;
+2. at that rate, for `--duration` seconds each: direct to nginx, through garrison, through
+   haproxy (the same ACL as in `bench/proxy_http.py`, logging every request to a file as
+   garrison does) — `h2load --h1 -c N --rps R/N` (each client sends R/N requests per second,
+   one at a time) with `--log-file`, one line per request: its start, status and duration;
+3. percentiles from the logs (p50, p90, p99, p99.9, max), the p99 added over direct, and the
+   proxy's CPU per request at that rate.
+
+The backend, garrison and haproxy are `bench/proxy_http.py`'s (same configs, same policy:
+`POST /v1/request-landing` allowed). Everything on loopback, child processes stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy_http import Child, cpu_seconds, free_port, garrison, nginx, stop, wait_port, wrk
+
+PATH = "/v1/request-landing"
+HAPROXY_LOG_CONF = """
+global
+    nbthread 1
+    maxconn 9000
+    log {sock} local0 info
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    option http-keep-alive
+    http-reuse always
+frontend deathstar
+    bind 127.0.0.1:{port}
+    acl landing method POST
+    acl landing_path path /v1/request-landing
+    http-request deny deny_status 403 unless landing landing_path
+    default_backend nginx
+backend nginx
+    server nginx1 127.0.0.1:{backend}
+"""
+
+
+@dataclass(frozen=True)
+class Latency:
+    requests: int
+    failed: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    cpu_us: float | None
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list (nan when empty)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, -(-len(sorted_values) * pct // 100))
+    return sorted_values[int(rank) - 1]
+
+
+def read_h2load_log(path: Path) -> tuple[list[float], int]:
+    """Durations in ms of the requests answered 2xx, and how many were not (h2load's
+    `--log-file`: start µs, status, duration µs, tab-separated)."""
+    durations: list[float] = []
+    failed = 0
+    for line in path.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) < 3:
+            continue
+        if not fields[1].startswith("2"):
+            failed += 1
+            continue
+        durations.append(int(fields[2]) / 1000)
+    durations.sort()
+    return durations, failed
+
+
+def fixed_rate(url: str, rate: int, clients: int, duration: int, workdir: Path,
+               pid: int | None) -> Latency:
+    body = workdir / "body.json"
+    body.write_text("{}")
+    log = workdir / "h2load.log"
+    log.unlink(missing_ok=True)
+    per_client = max(1, round(rate / clients))
+    before = cpu_seconds(pid) if pid else 0.0
+    subprocess.run(
+        ["h2load", "--h1", f"-c{clients}", "-m1", f"--rps={per_client}",
+         f"-n{per_client * clients * duration}", "-d", str(body),
+         "-H", "content-type: application/json", f"--log-file={log}", url],
+        capture_output=True, text=True, timeout=duration * 3 + 60, check=True,
+    )
+    cpu = cpu_seconds(pid) - before if pid else None
+    durations, failed = read_h2load_log(log)
+    answered = len(durations)
+    return Latency(
+        answered + failed, failed, percentile(durations, 50), percentile(durations, 90),
+        percentile(durations, 99), percentile(durations, 99.9),
+        durations[-1] if durations else float("nan"),
+        cpu * 1e6 / answered if cpu is not None and answered else None,
+    )
+
+
+@contextlib.contextmanager
+def haproxy_logging(workdir: Path, backend: int) -> Iterator[Child]:
+    """haproxy logging one line per request (`option httplog`) to a UNIX datagram socket
+    that a thread of this script writes to a file: the work `garrison --access-log` does."""
+    sock_path = workdir / "haproxy-log.sock"
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(sock_path))
+    stop_flag = threading.Event()
+
+    def drain() -> None:
+        with (workdir / "haproxy-access.log").open("ab") as out:
+            sink.settimeout(0.2)
+            while not stop_flag.is_set():
+                with contextlib.suppress(TimeoutError):
+                    out.write(sink.recv(65536) + b"\n")
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    port = free_port()
+    conf = workdir / "haproxy-log.cfg"
+    conf.write_text(HAPROXY_LOG_CONF.format(sock=sock_path, port=port, backend=backend))
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=(workdir / "haproxy.stderr").open("wb"))
+    try:
+        wait_port(port, proc, "haproxy")
+        yield port, proc
+    finally:
+        stop(proc)
+        stop_flag.set()
+        thread.join(2)
+        sink.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per fixed-rate run")
+    parser.add_argument("--capacity-duration", type=int, default=5,
+                        help="seconds of wrk to find garrison's one-worker capacity")
+    parser.add_argument("--clients", type=int, default=20, help="h2load connections")
+    parser.add_argument("--fraction", type=float, default=0.5,
+                        help="the rate as a fraction of garrison's capacity")
+    parser.add_argument("--rate", type=int, default=0,
+                        help="requests/s to run at (skips the capacity run)")
+    parser.add_argument("--only", default="garrison,haproxy")
+    args = parser.parse_args(argv)
+    for tool in ("wrk", "nginx", "haproxy", "h2load"):
+        if shutil.which(tool) is None:
+            package = "nghttp2-client" if tool == "h2load" else tool
+            print(f"needs {tool}: apt-get install {package} (or make setup)", file=sys.stderr)
+            return 2
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    only = set(args.only.split(","))
+    results: dict[str, Latency] = {}
+    with tempfile.TemporaryDirectory(prefix="garrison-latency-") as tmp:
+        workdir = Path(tmp)
+        with nginx(workdir) as (backend, _nginx_proc):
+            rate = args.rate
+            capacity = None
+            if not rate:
+                with garrison(workdir, backend, True) as (port, proc):
+                    url = f"http://127.0.0.1:{port}{PATH}"
+                    wrk(url, "POST", 1, 32, workdir, None)  # warm-up
+                    capacity = wrk(url, "POST", args.capacity_duration, 32, workdir, proc.pid)
+                rate = max(args.clients, round(capacity.rps * args.fraction))
+            results["direct"] = fixed_rate(f"http://127.0.0.1:{backend}{PATH}", rate,
+                                           args.clients, args.duration, workdir, None)
+            cases: list[tuple[str, contextlib.AbstractContextManager[Child]]] = []
+            if "garrison" in only:
+                cases.append(("garrison", garrison(workdir, backend, True)))
+            if "haproxy" in only:
+                cases.append(("haproxy (logging)", haproxy_logging(workdir, backend)))
+            for name, manager in cases:
+                with manager as (port, proc):
+                    url = f"http://127.0.0.1:{port}{PATH}"
+                    wrk(url, "POST", 1, 8, workdir, None)  # warm-up
+                    results[name] = fixed_rate(url, rate, args.clients, args.duration,
+                                               workdir, proc.pid)
+    load = os.getloadavg()
+    if capacity is not None:
+        print(f"garrison one-worker capacity (wrk -t1 -c32, {args.capacity_duration} s): "
+              f"{capacity.rps:.0f} req/s, p99 at saturation {capacity.p99_ms:.2f} ms")
+    print(f"fixed rate {rate} req/s (h2load --h1 -c{args.clients} -m1 "
+          f"--rps={max(1, round(rate / args.clients))}, {args.duration} s), "
+          f"{os.cpu_count()} CPUs, load average {load[0]:.2f}")
+    print(f"{'case':<20}{'requests':>9}{'failed':>7}{'p50':>8}{'p90':>8}{'p99':>8}"
+          f"{'p99.9':>8}{'max':>8}{'CPU us/req':>12}   (ms)")
+    for name, r in results.items():
+        cpu = f"{r.cpu_us:.1f}" if r.cpu_us is not None else "-"
+        print(f"{name:<20}{r.requests:>9}{r.failed:>7}{r.p50_ms:>8.2f}{r.p90_ms:>8.2f}"
+              f"{r.p99_ms:>8.2f}{r.p999_ms:>8.2f}{r.max_ms:>8.2f}{cpu:>12}")
+    direct = results["direct"]
+    for name, r in results.items():
+        if name != "direct":
+            print(f"  {name}: p50 added {r.p50_ms - direct.p50_ms:+.2f} ms, p99 added "
+                  f"{r.p99_ms - direct.p99_ms:+.2f} ms"
+                  + (" (aim <= +0.3 ms)" if name == "garrison" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
