@@ -15,14 +15,14 @@ RUNTIME_APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 c
 APT_PACKAGES=(gcc libc6-dev python3-bpfcc linux-headers-amd64 iproute2 curl nftables iperf3 wrk nginx haproxy nghttp2-client jq
               chromium
               podman containernetworking-plugins etcd-server etcd-client
-              libnghttp2-dev wget zsh)
+              libnghttp2-dev wget zsh kcat nodejs)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.garrison-installed          # the full install (test extras)
 RUNTIME_STAMP=$VENV/.garrison-installed-runtime
 
 log() { printf 'setup: %s\n' "$*" >&2; }
-PHASES=6
+PHASES=7
 phase_no=0
 phase() { phase_no=$((phase_no + 1)); printf 'setup: [%d/%d] %s ... ' "$phase_no" "$PHASES" "$1" >&2; }
 result() { printf '%s\n' "${1:-ok}" >&2; }   # ends the phase's line
@@ -200,6 +200,24 @@ else
     printf 'failed\n' >&2
     tail -n 40 "$VENV/nghttp2-build.log" >&2
     log "the nghttp2 binding did not build; the whole output is in $VENV/nghttp2-build.log"
+    exit 1
+fi
+# Node clients of the real-client tests (grpc-js), pinned by tests/e2e/node/package-lock.json;
+# reinstalled only when the lock file is newer than what was installed.
+phase "Node test clients (npm ci in tests/e2e/node)"
+node_dir=tests/e2e/node
+if [[ $MODE == runtime ]]; then
+    result "skipped (make setup installs them)"
+elif ! command -v npm >/dev/null; then
+    fail "needs npm (it comes with Node.js: apt-get install nodejs)"
+elif [[ -f $node_dir/node_modules/.package-lock.json && ! $node_dir/package-lock.json -nt $node_dir/node_modules/.package-lock.json ]]; then
+    result "ok (up to date)"
+elif npm ci --prefix "$node_dir" --no-audit --no-fund >"$VENV/npm-ci.log" 2>&1; then
+    result "installed"
+else
+    printf 'failed\n' >&2
+    tail -n 40 "$VENV/npm-ci.log" >&2
+    log "npm ci failed; the whole output is in $VENV/npm-ci.log"
     exit 1
 fi
 log "ready; the garrison command is $VENV/bin/garrison: export PATH=\"$PWD/$VENV/bin:\$PATH\" (or: sudo make install)"
