@@ -38,7 +38,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import queue
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -67,6 +66,17 @@ from garrison.kvstore.base import (
     check_key,
 )
 from garrison.kvstore.etcdpb import kv_pb2, rpc_pb2
+from garrison.tlsfiles import (
+    TLSFailure,
+    TLSFileError,
+    TLSMaterial,
+    classify_tls_failure,
+    load_ca,
+    load_cert_pair,
+    read_file,
+    system_roots,
+    verify_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,41 +196,14 @@ def load_auth(user: str | None, password_file: Path | None) -> EtcdAuth | None:
     return EtcdAuth(user, password)
 
 
-@dataclass(frozen=True, slots=True)
-class _TLSMaterial:
-    ca: bytes | None
-    key: bytes | None
-    cert: bytes | None
-    # What the server's certificate is verified against, for messages.
-    ca_source: str
-
-
-def _system_roots() -> tuple[bytes | None, str]:
-    """The system's CA bundle as OpenSSL finds it (`SSL_CERT_FILE`, else its default file),
-    or None (gRPC's built-in roots) when there is none to read."""
-    path = ssl.get_default_verify_paths().cafile
-    if path:
-        try:
-            return Path(path).read_bytes(), f"the system's CA roots ({path}; no --kvstore-ca)"
-        except OSError:
-            pass
-    return None, "gRPC's built-in CA roots (no system CA file; no --kvstore-ca)"
-
-
 def _read(flag: str, path: Path, what: str) -> bytes:
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise KVStoreError(
-            f"{flag} {path}: cannot read it ({exc.strerror or exc}); give {what}"
-        ) from None
+        return read_file(flag, path, what)
+    except TLSFileError as exc:
+        raise KVStoreError(str(exc)) from None
 
 
-def _no_password() -> bytes:
-    raise KVStoreError("encrypted")
-
-
-def load_tls(tls: EtcdTLS) -> _TLSMaterial:
+def load_tls(tls: EtcdTLS) -> TLSMaterial:
     """Read and check the TLS files before any connection: each `KVStoreError` names the file,
     what is wrong with it and what to give instead."""
     if (tls.cert_file is None) != (tls.key_file is None):
@@ -228,59 +211,20 @@ def load_tls(tls: EtcdTLS) -> _TLSMaterial:
             "--kvstore-cert and --kvstore-key go together: give both (the client certificate"
             " and its private key) or neither"
         )
-    ca, ca_source = (
-        _system_roots() if tls.ca_file is None else (None, f"--kvstore-ca {tls.ca_file}")
-    )
-    if tls.ca_file is not None:
-        ca_what = "the CA bundle (PEM) that issued etcd's server certificate"
-        ca = _read("--kvstore-ca", tls.ca_file, ca_what)
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
-                cadata=ca.decode("ascii", errors="replace")
-            )
-        except (ssl.SSLError, ValueError):
-            raise KVStoreError(
-                f"--kvstore-ca {tls.ca_file}: no PEM certificate in it; give {ca_what}"
-            ) from None
-    if tls.cert_file is None or tls.key_file is None:
-        return _TLSMaterial(ca, None, None, ca_source)
-    cert = _read("--kvstore-cert", tls.cert_file, "the client certificate (PEM)")
-    key = _read("--kvstore-key", tls.key_file, "the client certificate's private key (PEM)")
-    if b"-----BEGIN CERTIFICATE-----" not in cert:
-        raise KVStoreError(
-            f"--kvstore-cert {tls.cert_file}: no PEM certificate in it; give the client"
-            " certificate (PEM)"
-        )
-    if b"PRIVATE KEY-----" not in key:
-        raise KVStoreError(
-            f"--kvstore-key {tls.key_file}: no PEM private key in it; give the client"
-            " certificate's private key (PEM)"
-        )
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
-            tls.cert_file, tls.key_file, password=_no_password
-        )
-    except KVStoreError:
-        raise KVStoreError(
-            f"--kvstore-key {tls.key_file}: the key is encrypted; give it unencrypted"
-            f" (openssl pkey -in {tls.key_file} -out KEY) and readable by root only"
-        ) from None
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise KVStoreError(
-                f"--kvstore-key {tls.key_file} is not the key of --kvstore-cert"
-                f" {tls.cert_file}: give the key the certificate was issued for"
-            ) from None
-        raise KVStoreError(
-            f"--kvstore-cert {tls.cert_file} / --kvstore-key {tls.key_file}: not a usable"
-            f" certificate and key ({exc.reason or exc}); give PEM files"
-        ) from None
-    except OSError as exc:
-        raise KVStoreError(
-            f"--kvstore-cert {tls.cert_file} / --kvstore-key {tls.key_file}: cannot read"
-            f" them ({exc.strerror or exc})"
-        ) from None
-    return _TLSMaterial(ca, key, cert, ca_source)
+        if tls.ca_file is None:
+            ca, ca_source = system_roots("--kvstore-ca")
+        else:
+            ca_what = "the CA bundle (PEM) that issued etcd's server certificate"
+            ca = load_ca("--kvstore-ca", tls.ca_file, ca_what)
+            ca_source = f"--kvstore-ca {tls.ca_file}"
+        if tls.cert_file is None or tls.key_file is None:
+            return TLSMaterial(ca, None, None, ca_source)
+        cert, key = load_cert_pair("--kvstore-cert", tls.cert_file, "--kvstore-key",
+                                   tls.key_file, "the client certificate")
+    except TLSFileError as exc:
+        raise KVStoreError(str(exc)) from None
+    return TLSMaterial(ca, key, cert, ca_source)
 
 
 def _grpc_target(addresses: Sequence[str]) -> str:
@@ -549,14 +493,15 @@ class EtcdKVStore:
         """What a connection failure says about TLS, in words naming the fix; None when it
         says nothing about TLS (gRPC reports all of these as UNAVAILABLE)."""
         where = ",".join(self.endpoints)
+        kind = classify_tls_failure(details)
         if self.tls is None:
-            if "Socket closed" in details:
+            if kind is TLSFailure.CLOSED:
                 return (
                     f"etcd at {where} closed the connection ({_last_error(details)}); if it"
                     " serves TLS, use https:// endpoints (and --kvstore-ca)"
                 )
             return None
-        if "Hostname Verification" in details or "Peer name" in details:
+        if kind is TLSFailure.NAME_MISMATCH:
             if len(self.endpoints) > 1:
                 return (
                     f"the certificate of an etcd member at {where} is not issued for"
@@ -569,17 +514,12 @@ class EtcdKVStore:
                 f" (not in its subject alternative names); issue it for the host in"
                 " --kvstore-endpoints, or give the endpoint by a name the certificate carries"
             )
-        if "CERTIFICATE_VERIFY_FAILED" in details:
-            reason = details.partition("CERTIFICATE_VERIFY_FAILED")[2].strip(": ")
-            reason = reason.removesuffix(": OK").strip() or "verify failed"
+        if kind is TLSFailure.UNTRUSTED:
             return (
                 f"the certificate of etcd at {where} does not verify against {self._ca_source}"
-                f" ({reason}); give the CA that issued it with --kvstore-ca"
+                f" ({verify_reason(details)}); give the CA that issued it with --kvstore-ca"
             )
-        if any(
-            mark in details
-            for mark in ("TSI_DATA_CORRUPTED", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED")
-        ):
+        if kind is TLSFailure.CLIENT_CERT_REFUSED:
             if self.tls.cert_file is None:
                 return (
                     f"etcd at {where} refused this client: it wants a client certificate"
@@ -590,10 +530,7 @@ class EtcdKVStore:
                 f" {self.tls.cert_file}: not issued by a CA etcd trusts (its"
                 " --trusted-ca-file), or expired; give one that is"
             )
-        if any(
-            mark in details
-            for mark in ("Handshake read failed", "WRONG_VERSION_NUMBER", "Tls handshake failed")
-        ):
+        if kind is TLSFailure.NO_HANDSHAKE:
             return (
                 f"etcd at {where} did not complete a TLS handshake ({_last_error(details)});"
                 " if it serves plaintext, use http:// endpoints"

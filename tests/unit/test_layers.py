@@ -75,6 +75,7 @@ IO_PREFIXES = (
     "garrison.flows.writer",
     "garrison.flows.reader",
     "garrison.flows.store",
+    "garrison.tlsfiles",
 )
 IO_LIBRARIES = {
     "socket", "ssl", "sqlite3", "asyncio", "subprocess", "threading", "multiprocessing",
