@@ -44,6 +44,11 @@ from garrison.agent.metrics import AgentMetrics
 from garrison.agent.proxyworkers import ProxyWorkers, WorkersConfig, new_metrics_dir
 from garrison.agent.proxyworkers import serve_metrics as serve_workers_metrics
 from garrison.bpf.loader import BPFFSError, DatapathError
+from garrison.cli.flow_api_args import (
+    add_flow_api_server_flags,
+    flow_api_server_flags_given,
+    flow_api_server_tls,
+)
 from garrison.cli.kvstore_args import (
     add_etcd_client_flags,
     etcd_client_flags_given,
@@ -51,7 +56,7 @@ from garrison.cli.kvstore_args import (
 )
 from garrison.cluster.agent import ClusterConfigError
 from garrison.cluster.flowapi import DEFAULT_PORT as FLOW_API_PORT
-from garrison.cluster.flowapi import FlowAPIError, FlowAPIServer
+from garrison.cluster.flowapi import FlowAPIError, FlowAPIServer, ServerTLS
 from garrison.cluster.keys import parse_host_port
 from garrison.cluster.routes import RouteError, remove_node_routes
 from garrison.cni.wire import cni_socket_for
@@ -118,9 +123,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "forget its endpoints (default 15)")
     p.add_argument("--flow-api", default="auto", metavar="IP:PORT|none",
                    help="with --kvstore etcd: serve this node's flow records read-only to the "
-                   "other nodes (`garrison observe --cluster`), unauthenticated plaintext like "
-                   "Hubble's port without TLS; auto: the node IP, port 4244; none: do not "
-                   "(docs/cluster.md)")
+                   "other nodes (`garrison observe --cluster`), over TLS with "
+                   "--flow-api-tls-cert, else unauthenticated plaintext like Hubble's port "
+                   "without TLS; auto: the node IP, port 4244; none: do not (docs/cluster.md)")
+    add_flow_api_server_flags(p)
     p.add_argument("--enforcement", choices=[m.value for m in EnforcementMode],
                    default="default",
                    help="Cilium's policy enforcement mode: default: a direction is enforced, "
@@ -176,18 +182,24 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     )
 
 
-def _check_flow_api(args: argparse.Namespace) -> None:
-    if args.flow_api in ("auto", "none"):
-        return
-    if args.kvstore != "etcd":
-        raise ValueError("--flow-api serves the cluster's flow view: it needs --kvstore etcd")
-    try:
-        parse_host_port(args.flow_api)
-    except ValueError as exc:
-        raise ValueError(f"--flow-api: {exc}, auto or none") from None
+def _check_flow_api(args: argparse.Namespace) -> ServerTLS | None:
+    """--flow-api and its TLS flags checked, the TLS files read, before anything starts."""
+    tls_flags = flow_api_server_flags_given(args)
+    if tls_flags and (args.kvstore != "etcd" or args.flow_api == "none"):
+        raise ValueError(f"{tls_flags[0]} is for the flow API, which serves the cluster's flow"
+                         " view: it needs --kvstore etcd and --flow-api other than none")
+    if args.flow_api not in ("auto", "none"):
+        if args.kvstore != "etcd":
+            raise ValueError("--flow-api serves the cluster's flow view: it needs --kvstore "
+                             "etcd")
+        try:
+            parse_host_port(args.flow_api)
+        except ValueError as exc:
+            raise ValueError(f"--flow-api: {exc}, auto or none") from None
+    return flow_api_server_tls(args)
 
 
-def _start_flow_api(agent: Agent, flag: str) -> FlowAPIServer | None:
+def _start_flow_api(agent: Agent, flag: str, tls: ServerTLS | None) -> FlowAPIServer | None:
     """The read-only flow listener, its address published in the node's record. The default
     address that cannot be bound is logged and shown by `garrison status` (the agent runs
     on); an address given that cannot be is an error."""
@@ -196,7 +208,7 @@ def _start_flow_api(agent: Agent, flag: str) -> FlowAPIServer | None:
         return None
     explicit = flag != "auto"
     host, port = parse_host_port(flag) if explicit else (cluster.node.me.ip, FLOW_API_PORT)
-    server = FlowAPIServer(agent.flows, str(host), port)
+    server = FlowAPIServer(agent.flows, str(host), port, tls)
     try:
         server.start()
     except FlowAPIError as exc:
@@ -206,8 +218,13 @@ def _start_flow_api(agent: Agent, flag: str) -> FlowAPIServer | None:
         log.error("%s", cluster.flow_api_error)
         return None
     published = cluster.node.me.ip if host.is_unspecified else host
-    cluster.serve_flow_api(f"{published}:{server.port}")
-    log.info("flow API (read-only) on %s", server.address)
+    cluster.serve_flow_api(f"{published}:{server.port}", tls.mode if tls else "plaintext")
+    if tls is None and not host.is_loopback:
+        log.warning("flow API on %s is plaintext and unauthenticated: whoever reaches it reads"
+                    " this node's flow records; give --flow-api-tls-cert/--flow-api-tls-key"
+                    " (and --flow-api-tls-client-ca) to serve TLS (docs/cluster.md)",
+                    server.address)
+    log.info("flow API (read-only, %s) on %s", tls.mode if tls else "plaintext", server.address)
     return server
 
 
@@ -243,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = _config(args)
-        _check_flow_api(args)
+        flow_api_tls = _check_flow_api(args)
         if args.proxy_workers < 1:
             raise ValueError(f"--proxy-workers {args.proxy_workers}: give 1 (the proxy in the "
                              "agent's own process) or more")
@@ -273,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_serve(config, args.verbose, args.ui, args.flow_api,
-                                     args.proxy_workers))
+                                     args.proxy_workers, flow_api_tls))
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError,
             KVStoreError, ClusterConfigError, RouteError, FlowAPIError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
@@ -375,7 +392,8 @@ def _start_ui(listen: str, socket_path: Path) -> Any:
 
 
 async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
-                 flow_api_flag: str = "none", proxy_workers: int = 1) -> int:
+                 flow_api_flag: str = "none", proxy_workers: int = 1,
+                 flow_api_tls: ServerTLS | None = None) -> int:
     loop = asyncio.get_running_loop()
     agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir))
     writer = None
@@ -398,7 +416,8 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
                     verbose=sys.stderr if verbose else None, loop=loop)
     agent.event_listeners.append(agent_metrics.event_seen)
     agent.flow_sinks = [lambda record: loop.call_soon_threadsafe(sink.emit, record)]
-    flow_api = _start_flow_api(agent, flow_api_flag)  # before start() publishes the node
+    # before start() publishes the node
+    flow_api = _start_flow_api(agent, flow_api_flag, flow_api_tls)
     try:
         await loop.run_in_executor(None, agent.start)
     except BaseException:

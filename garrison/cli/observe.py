@@ -30,6 +30,7 @@ import orjson
 
 from garrison.agent.config import DEFAULT_SOCKET
 from garrison.cli import progress
+from garrison.cli.flow_api_args import add_flow_api_reader_flags, flow_api_reader_flags_given
 from garrison.cli.flowargs import add_filter_flags, build_query
 from garrison.cli.kvstore_args import add_etcd_client_flags
 from garrison.flows.export import FieldMask, FieldMaskError, csv_header, csv_row
@@ -209,16 +210,24 @@ def _check_cluster_flags(args: argparse.Namespace) -> None:
         raise UsageError("--kvstore-endpoints names etcd for --cluster: add --cluster")
     if args.cluster and args.input_file:
         raise UsageError("--cluster reads the nodes' flow APIs, --input-file a log: give one")
+    given = flow_api_reader_flags_given(args)
+    if given and not args.cluster:
+        raise UsageError(f"{given[0]} is for reading the nodes' flow APIs: add --cluster")
 
 
 def _cluster_source(args: argparse.Namespace) -> Any:
     """The nodes' flow APIs, etcd from --kvstore-endpoints or from the local agent's status."""
     from garrison.agent.api import AgentUnreachableError
+    from garrison.cli.flow_api_args import flow_api_reader_tls
     from garrison.cli.kvstore_args import etcd_client_options
     from garrison.cluster.relay import ClusterFlowSource
     from garrison.kvstore.base import KVStoreError
     from garrison.kvstore.etcd import parse_endpoints
 
+    try:
+        flow_tls = flow_api_reader_tls(args)  # the files checked before anything is asked
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     endpoints = args.kvstore_endpoints
     if not endpoints:
         agent = AgentSource(args.socket)
@@ -243,7 +252,7 @@ def _cluster_source(args: argparse.Namespace) -> Any:
         options = etcd_client_options(args, endpoints)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return ClusterFlowSource(endpoints, tls=options.tls, auth=options.auth)
+    return ClusterFlowSource(endpoints, tls=options.tls, auth=options.auth, flow_tls=flow_tls)
 
 
 def _timed(node: str, texts: list[str], stats: ReadStats) -> list[tuple[int, Flow]]:
@@ -726,6 +735,7 @@ def _sources(p: argparse.ArgumentParser) -> None:
                        help="with --cluster: etcd's client URLs (http:// or https://HOST:PORT);"
                        " default: the ones the local agent (--socket) uses")
     add_etcd_client_flags(group)
+    add_flow_api_reader_flags(group)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

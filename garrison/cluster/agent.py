@@ -125,6 +125,7 @@ class AgentCluster:
         self.netdev_error: str | None = None
         # Why this node serves no flow API although it was to (the default address failed).
         self.flow_api_error: str | None = None
+        self.flow_api_security = "plaintext"
 
     @classmethod
     def for_agent(cls, agent: Agent, config: AgentConfig) -> AgentCluster:
@@ -153,10 +154,13 @@ class AgentCluster:
             auth=load_auth(config.kvstore_user, config.kvstore_password_file),
         )
 
-    def serve_flow_api(self, address: str) -> None:
-        """Publish where this node's flow API listens (`IP:PORT`) in its node record: called
-        before `start()`, which writes the record."""
-        self.node.me = replace(self.node.me, flow_api=address)
+    def serve_flow_api(self, address: str, security: str = "plaintext") -> None:
+        """Publish where this node's flow API listens (`IP:PORT`) and whether over TLS
+        (`security`: plaintext, tls, or mtls) in its node record: called before `start()`,
+        which writes the record."""
+        self.flow_api_security = security
+        self.node.me = replace(self.node.me, flow_api=address,
+                               flow_api_tls=security != "plaintext")
 
     def start(self) -> None:
         """Steer connections from other nodes to the proxy, publish this node and its
@@ -445,6 +449,8 @@ class AgentCluster:
         if self.netdev_error:
             out["underlay_error"] = self.netdev_error
         out["flow_api"] = self.node.me.flow_api or None
+        if self.node.me.flow_api:
+            out["flow_api_security"] = self.flow_api_security
         if self.store.tls_description is not None:
             out["tls"] = self.store.tls_description
         if self.store.auth is not None:

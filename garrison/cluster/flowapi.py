@@ -26,12 +26,23 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from garrison.cluster.keys import parse_host_port
 from garrison.flows.errors import FilterError
 from garrison.flows.query import FlowQuery
 from garrison.flows.store import FlowStore
+from garrison.tlsfiles import (
+    TLSFailure,
+    TLSFileError,
+    classify_tls_failure,
+    load_ca,
+    load_cert_pair,
+    system_roots,
+    verify_reason,
+)
 
 # The agent forks (pyroute2) while gRPC threads run; set before grpc is first imported, as
 # garrison.agent.api does.
@@ -55,6 +66,80 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 class FlowAPIError(Exception):
     """The flow API could not start, or a node's flow API did not answer as one."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """The flow API's TLS (`--flow-api-tls-cert/-key`), files read and checked; `client_ca`
+    set (`--flow-api-tls-client-ca`): readers must show a certificate it issued (mTLS)."""
+
+    cert: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+    client_ca: bytes | None = field(default=None, repr=False)
+
+    @property
+    def mode(self) -> str:
+        return "mtls" if self.client_ca is not None else "tls"
+
+
+def load_server_tls(cert_file: Path | None, key_file: Path | None,
+                    client_ca_file: Path | None) -> ServerTLS | None:
+    """The agent's flags checked before anything starts (None: plaintext); `TLSFileError`
+    (a `ValueError`) names the flag, the file and the fix."""
+    if cert_file is None and key_file is None:
+        if client_ca_file is not None:
+            raise TLSFileError(
+                f"--flow-api-tls-client-ca {client_ca_file}: client certificates are asked"
+                " over TLS only; give --flow-api-tls-cert and --flow-api-tls-key too"
+            )
+        return None
+    if cert_file is None or key_file is None:
+        raise TLSFileError(
+            "--flow-api-tls-cert and --flow-api-tls-key go together: give both (the flow"
+            " API's server certificate, with this node's IP as an IP SAN, and its private"
+            " key) or neither"
+        )
+    cert, key = load_cert_pair("--flow-api-tls-cert", cert_file, "--flow-api-tls-key",
+                               key_file, "the flow API's server certificate")
+    client_ca = None
+    if client_ca_file is not None:
+        client_ca = load_ca("--flow-api-tls-client-ca", client_ca_file,
+                            "the CA bundle (PEM) that issues the readers' client certificates")
+    return ServerTLS(cert, key, client_ca)
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderTLS:
+    """How a reader talks to a node whose record says TLS (`--flow-api-ca/-cert/-key`):
+    `ca` None is gRPC's built-in roots; `ca_source` says what the node is verified against."""
+
+    ca: bytes | None = field(repr=False)
+    ca_source: str
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+    cert_file: Path | None = None
+
+
+def load_reader_tls(ca_file: Path | None, cert_file: Path | None,
+                    key_file: Path | None) -> ReaderTLS:
+    """The reader's flags checked before any node is asked; no CA: the system's roots."""
+    if (cert_file is None) != (key_file is None):
+        raise TLSFileError(
+            "--flow-api-cert and --flow-api-key go together: give both (the client"
+            " certificate the nodes' --flow-api-tls-client-ca issued, and its private key)"
+            " or neither"
+        )
+    if ca_file is None:
+        ca, ca_source = system_roots("--flow-api-ca")
+    else:
+        ca = load_ca("--flow-api-ca", ca_file,
+                     "the CA bundle (PEM) that issued the nodes' flow API certificates")
+        ca_source = f"--flow-api-ca {ca_file}"
+    if cert_file is None or key_file is None:
+        return ReaderTLS(ca, ca_source)
+    cert, key = load_cert_pair("--flow-api-cert", cert_file, "--flow-api-key", key_file,
+                               "the client certificate")
+    return ReaderTLS(ca, ca_source, cert, key, cert_file)
 
 
 class BadRequestError(ValueError):
@@ -137,10 +222,12 @@ class FlowAPIServer:
     """`host:port` → the read-only flow methods over `store`. Port 0 picks one: `address`
     says which after `start()`."""
 
-    def __init__(self, store: FlowStore, host: str, port: int) -> None:
+    def __init__(self, store: FlowStore, host: str, port: int,
+                 tls: ServerTLS | None = None) -> None:
         self._handlers = flow_handlers(store)
         self.host = host
         self.port = port
+        self.tls = tls
         self._server: grpc.Server | None = None
 
     @property
@@ -166,7 +253,15 @@ class FlowAPIServer:
             ),
         ))
         try:
-            port = server.add_insecure_port(f"{self.host}:{self.port}")
+            where = f"{self.host}:{self.port}"
+            if self.tls is None:
+                port = server.add_insecure_port(where)
+            else:
+                port = server.add_secure_port(where, grpc.ssl_server_credentials(
+                    [(self.tls.key, self.tls.cert)],
+                    root_certificates=self.tls.client_ca,
+                    require_client_auth=self.tls.client_ca is not None,
+                ))
         except RuntimeError as exc:  # grpcio >= 1.5x raises where older ones returned 0
             port = 0
             reason = str(exc)
@@ -190,19 +285,27 @@ class FlowAPIServer:
 
 
 class FlowAPIClient:
-    """One node's flow API. Every call raises `FlowAPIError` with a one-line reason."""
+    """One node's flow API, over TLS with `tls` (the node's certificate must chain to
+    `tls.ca` and carry the address's IP as an IP SAN), else plaintext. Every call raises
+    `FlowAPIError` with a one-line reason."""
 
-    def __init__(self, address: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 5.0,
+                 tls: ReaderTLS | None = None) -> None:
         host, port = parse_host_port(address)  # ValueError for a bad published address
         self.address = f"{host}:{port}"
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(
-            self.address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
-                ("grpc.enable_http_proxy", 0),  # node addresses, never through a proxy
-            ],
-        )
+        self.tls = tls
+        options = [
+            ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+            ("grpc.enable_http_proxy", 0),  # node addresses, never through a proxy
+        ]
+        if tls is None:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+            )
+            self._channel = grpc.secure_channel(self.address, credentials, options=options)
 
     def close(self) -> None:
         self._channel.close()
@@ -212,7 +315,7 @@ class FlowAPIClient:
         try:
             data = stub(json.dumps(params).encode(), timeout=self.timeout_s)
         except grpc.RpcError as exc:
-            raise FlowAPIError(_describe(exc, self.timeout_s)) from None
+            raise FlowAPIError(_describe(exc, self.timeout_s, self.tls)) from None
         try:
             doc = json.loads(data)
         except ValueError as exc:
@@ -231,13 +334,43 @@ class FlowAPIClient:
         return out
 
 
-def _describe(exc: grpc.RpcError, timeout_s: float) -> str:
+def _describe_tls(details: str, tls: ReaderTLS | None) -> str | None:
+    """A failed connection's TLS cause in words naming the fix; None when it names none."""
+    kind = classify_tls_failure(details)
+    if tls is None:
+        if kind in (TLSFailure.CLOSED, TLSFailure.NO_HANDSHAKE):
+            return ("closed the plaintext connection (Socket closed): it serves TLS, but was"
+                    " asked without (its node record says plaintext: restart its agent to"
+                    " publish its record again)")
+        return None
+    if kind is TLSFailure.UNTRUSTED:
+        return (f"TLS handshake failed: certificate not trusted by {tls.ca_source}:"
+                f" {verify_reason(details)} (give --flow-api-ca, the CA that issued the"
+                " nodes' flow API certificates)")
+    if kind is TLSFailure.NAME_MISMATCH:
+        return ("TLS handshake failed: its certificate does not carry the IP it publishes as"
+                " an IP SAN (issue the node's flow API certificate with subjectAltName"
+                " IP:<node IP>)")
+    if kind in (TLSFailure.CLIENT_CERT_REFUSED, TLSFailure.CLOSED):
+        if tls.cert is None:
+            return ("TLS handshake failed: the node requires a client certificate (give"
+                    " --flow-api-cert/--flow-api-key)")
+        return (f"TLS handshake failed: the node refused the client certificate"
+                f" --flow-api-cert {tls.cert_file} (not issued by its"
+                " --flow-api-tls-client-ca, or expired; give one that is)")
+    if kind is TLSFailure.NO_HANDSHAKE:
+        return ("TLS handshake failed: it answers in plaintext though its node record says"
+                " TLS (restart its agent to publish its record again)")
+    return None
+
+
+def _describe(exc: grpc.RpcError, timeout_s: float, tls: ReaderTLS | None = None) -> str:
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"no answer within {timeout_s:g} s"
     if code == grpc.StatusCode.UNAVAILABLE:
-        return f"unreachable ({details})"
+        return _describe_tls(details or "", tls) or f"unreachable ({details})"
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return f"answer too large or node busy ({details}); ask for fewer records (--last N)"
     if code == grpc.StatusCode.UNIMPLEMENTED:

@@ -67,12 +67,15 @@ def _dump(doc: dict[str, object]) -> bytes:
 @dataclass(frozen=True, slots=True)
 class NodeRecord:
     """A node as the others see it: where its pod CIDR is routed, and where its agent serves
-    its flow records read-only (`flow_api`, `IP:PORT`; empty: it serves none)."""
+    its flow records read-only (`flow_api`, `IP:PORT`; empty: it serves none) and whether over
+    TLS (`flow_api_tls`; absent, as in records older than it, or anything but JSON `true`:
+    plaintext)."""
 
     name: str
     ip: ipaddress.IPv4Address
     pod_cidr: ipaddress.IPv4Network
     flow_api: str = ""
+    flow_api_tls: bool = False
 
     @property
     def key(self) -> str:
@@ -84,6 +87,8 @@ class NodeRecord:
         }
         if self.flow_api:  # absent, not empty: a record as an agent without one writes it
             doc["flow_api"] = self.flow_api
+        if self.flow_api_tls:  # absent for plaintext: the record as agents before TLS wrote it
+            doc["flow_api_tls"] = True
         return _dump(doc)
 
     @classmethod
@@ -99,6 +104,7 @@ class NodeRecord:
                 ip=ipaddress.IPv4Address(str(doc["ip"])),
                 pod_cidr=ipaddress.IPv4Network(str(doc["pod_cidr"])),
                 flow_api=flow_api,
+                flow_api_tls=doc.get("flow_api_tls") is True,
             )
         except (KeyError, ValueError) as exc:
             raise ClusterRecordError(f"{key}: bad node record: {exc}") from None

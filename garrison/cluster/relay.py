@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from garrison.cluster.flowapi import FlowAPIClient, FlowAPIError
+from garrison.cluster.flowapi import FlowAPIClient, FlowAPIError, ReaderTLS, load_reader_tls
 from garrison.cluster.keys import (
     NODES_PREFIX,
     POLICIES_PREFIX,
@@ -65,13 +65,16 @@ class NodeFlows:
 
 class ClusterFlowSource:
     """The cluster's nodes (from etcd) and their flow APIs. Raises `KVStoreError` when etcd
-    does not answer."""
+    does not answer. A node whose record says TLS is read over TLS with `flow_tls`
+    (`--flow-api-ca/-cert/-key`; None: the system's CA roots, no client certificate), the
+    others in plaintext."""
 
     def __init__(self, etcd_endpoints: str | Sequence[str],
                  timeout_s: float = DEFAULT_TIMEOUT_S, *, tls: EtcdTLS | None = None,
-                 auth: EtcdAuth | None = None) -> None:
+                 auth: EtcdAuth | None = None, flow_tls: ReaderTLS | None = None) -> None:
         self.store = EtcdKVStore(etcd_endpoints, timeout_s=timeout_s, tls=tls, auth=auth)
         self.timeout_s = timeout_s
+        self.flow_tls = flow_tls
 
     def close(self) -> None:
         self.store.close()
@@ -111,7 +114,11 @@ class ClusterFlowSource:
             parse_host_port(node.flow_api)
         except ValueError as exc:
             raise FlowAPIError(f"publishes a bad flow API address: {exc}") from None
-        return FlowAPIClient(node.flow_api, self.timeout_s)
+        if not node.flow_api_tls:
+            return FlowAPIClient(node.flow_api, self.timeout_s)
+        if self.flow_tls is None:
+            self.flow_tls = load_reader_tls(None, None, None)
+        return FlowAPIClient(node.flow_api, self.timeout_s, self.flow_tls)
 
     def recent(
         self, query: dict[str, Any], first: int | None, last: int
@@ -290,7 +297,8 @@ class ClusterFollower:
             seen = {node.name: node for node in nodes}
             for name, poller in list(self._pollers.items()):
                 node = seen.get(name)
-                if node is None or node.flow_api != poller.node.flow_api:
+                if node is None or (node.flow_api, node.flow_api_tls) != (
+                        poller.node.flow_api, poller.node.flow_api_tls):
                     poller.stop.set()
                     del self._pollers[name]
                     if node is None:

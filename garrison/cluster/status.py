@@ -63,8 +63,12 @@ def cluster_lines(status: Mapping[str, Any]) -> list[str]:
         lines.insert(1, f"Kvstore user:    {cluster['user']}")
     if "flow_api" in cluster:
         where = cluster["flow_api"]
+        security = {
+            "tls": "TLS, no client certificate asked",
+            "mtls": "mTLS, client certificates from --flow-api-tls-client-ca",
+        }.get(str(cluster.get("flow_api_security")), "plaintext")
         lines.append(
-            f"Flow API:        {where} (read-only, plaintext: `garrison observe --cluster`)"
+            f"Flow API:        {where} (read-only, {security}: `garrison observe --cluster`)"
             if where
             else "Flow API:        none (this node's flows are not in `observe --cluster`)"
         )
