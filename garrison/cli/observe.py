@@ -590,6 +590,7 @@ def summary(args: argparse.Namespace) -> int:
     from garrison.flows.summary import RuleKey, SummaryBuilder, SummaryConfig, rule_keys
 
     query = build_query(args)
+    _check_cluster_flags(args)  # before the agent is asked for its rules
     if args.what_if:
         return _what_if(args, query)
     known: list[RuleKey] | None = None
