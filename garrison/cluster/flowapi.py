@@ -1,4 +1,4 @@
-"""A node's flow records, read-only, for the other nodes (Hubble's port 4244, without TLS).
+"""A node's flow records, read-only, for the other nodes (Hubble's port 4244), over TLS or mTLS.
 
 `FlowAPIServer` serves one agent's flow ring (`garrison.flows.store.FlowStore`) over gRPC on
 TCP, service `garrison.Flows`, two unary methods with JSON messages as the local API's:
@@ -12,11 +12,23 @@ TCP, service `garrison.Flows`, two unary methods with JSON messages as the local
 it change knows the cursor it holds means nothing any more (the agent restarted).
 
 The server holds the flow store and nothing else: no method of it can change the agent's
-state. It is unauthenticated plaintext, as a Hubble server without TLS: flow records carry
-addresses, labels and HTTP paths, so it belongs on the node network only (docs/cluster.md).
-Requests are bounded (64 KiB, a few at a time); a bad one is refused with INVALID_ARGUMENT.
+state. Requests are bounded (64 KiB, a few at a time); a bad one is refused with
+INVALID_ARGUMENT.
 
-`FlowAPIClient` is the reader's side (`garrison observe --cluster`, `garrison.cluster.relay`).
+TLS, as Hubble's: with `ServerTLS` (`--flow-api-tls-cert/-key`, read and checked by
+`load_server_tls` before the agent starts) the server speaks TLS, and with its `client_ca`
+(`--flow-api-tls-client-ca`) it asks every reader for a certificate that CA issued (mTLS).
+The node's record says so (`NodeRecord.flow_api_tls`). Without TLS it is unauthenticated
+plaintext, as a Hubble server without TLS: flow records carry addresses, labels and HTTP
+paths, so it then belongs on the node network only (docs/cluster.md).
+
+`FlowAPIClient` is the reader's side (`garrison observe --cluster`, `garrison.cluster.relay`):
+plaintext, or TLS with `ReaderTLS` (`--flow-api-ca`, default the system's CA roots;
+`--flow-api-cert/-key` for mTLS; `load_reader_tls`). The node's certificate must chain to the
+CA and carry the IP it publishes as an IP SAN (gRPC checks the host dialled). A failed
+handshake is a `FlowAPIError` naming the cause and the flag that fixes it; never a fallback
+to plaintext. The file checks and the reading of gRPC's TLS errors are the etcd client's
+(`garrison.tlsfiles`).
 """
 
 from __future__ import annotations
