@@ -200,9 +200,7 @@ class FlowSink:
         if self._forward is not None:
             self._forward(records)
             return
-        add = self.store.add
-        for record in records:
-            add(record)
+        self.store.extend(records)
         if self.verbose is not None:
             with contextlib.suppress(OSError, ValueError):
                 for record in records:
