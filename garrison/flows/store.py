@@ -69,8 +69,14 @@ class FlowStore:
         return seq
 
     def extend(self, records: Iterable[FlowRecord]) -> None:
-        for record in records:
-            self.add(record)
+        """Keep every record of `records`, in order, under one hold of the lock."""
+        with self._lock:
+            seq = self._next_seq
+            append = self._ring.append
+            for record in records:
+                append((seq, record))
+                seq += 1
+            self._next_seq = seq
 
     def _snapshot(self) -> list[tuple[int, FlowRecord]]:
         with self._lock:

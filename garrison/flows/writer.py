@@ -121,9 +121,10 @@ class AccessLogWriter:
 
     def write_many(self, records: Iterable[FlowRecord]) -> None:
         """Several records in one system call (all or, on error, a reported prefix)."""
-        lines = [record.to_json().encode("ascii") + b"\n" for record in records]
+        lines = [record.to_json() for record in records]
         if lines:
-            self._write(b"".join(lines), len(lines))
+            lines.append("")  # the last line's newline
+            self._write("\n".join(lines).encode("ascii"), len(lines) - 1)
 
     def write_line(self, line: str) -> None:
         """One line of text (no newline inside; one is appended)."""

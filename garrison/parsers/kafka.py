@@ -281,12 +281,18 @@ _COMPACT_AT = 64 * 1024
 
 
 class _FrameReader:
-    """Splits a byte stream into size-prefixed frames, bounded by `max_frame`."""
+    """Splits a byte stream into size-prefixed frames, bounded by `max_frame`.
+
+    A read that is exactly one whole frame, with nothing buffered before it (a client waiting
+    for each answer, the broker answering it), is handed out as it came, without going through
+    the buffer; anything else is buffered and cut there.
+    """
 
     def __init__(self, max_frame: int, min_frame: int, peer: str) -> None:
         self._max = max_frame
         self._min = min_frame
         self._peer = peer
+        self._whole: bytes | None = None  # one whole frame as read, not buffered
         self._buffer = bytearray()
         self._start = 0  # first byte of the next frame to hand out
         self._checked = 0  # first byte whose frame header has not been validated yet
@@ -296,7 +302,8 @@ class _FrameReader:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer) - self._start
+        whole = self._whole
+        return len(self._buffer) - self._start + (len(whole) if whole is not None else 0)
 
     def feed(self, data: bytes) -> None:
         if self.eof:
@@ -306,6 +313,15 @@ class _FrameReader:
             return
         if self._error is not None:
             return  # nothing more is read after a bad frame header
+        whole = self._whole
+        if whole is not None:  # not handed out yet: it goes first
+            self._whole = None
+            self._buffer += whole
+        elif not self._buffer and len(data) >= 4 and type(data) is bytes:
+            (size,) = _SIZE.unpack_from(data, 0)
+            if len(data) == 4 + size and self._min <= size <= self._max:
+                self._whole = data
+                return
         self._buffer += data
         self._check_headers()
 
@@ -326,6 +342,10 @@ class _FrameReader:
 
     def next_frame(self) -> bytes | None:
         """The next whole frame (size prefix included); None if more bytes are needed."""
+        whole = self._whole
+        if whole is not None:
+            self._whole = None
+            return whole
         if self._start == self._error_at and self._error is not None:
             raise self._error
         available = len(self._buffer) - self._start

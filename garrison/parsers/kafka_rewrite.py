@@ -71,16 +71,23 @@ def filter_metadata_response(response: KafkaResponse, allowed_topics: Collection
 # Responses that carry broker addresses, by API key.
 ADDRESS_BEARING_APIS = frozenset({PRODUCE, FETCH, METADATA, FIND_COORDINATOR, DESCRIBE_CLUSTER})
 
+# The first version of the Produce and Fetch answers with KIP-951's `node_endpoints` (new
+# leaders' addresses); older answers have no such field, and asking kafka-python's object for
+# it raises and catches an AttributeError on every answer, most of the traffic.
+NODE_ENDPOINTS_SINCE = {PRODUCE: 10, FETCH: 16}
+
 
 def carries_broker_addresses(response: KafkaResponse) -> bool:
     """Whether `rewrite_broker_addresses` has anything to move in this (decoded) response:
     Metadata, FindCoordinator, DescribeCluster, and Produce/Fetch answers listing new leaders
     (KIP-951 `node_endpoints`, Produce v10+ and Fetch v16+)."""
-    api_key, decoded = response.request.api_key, response.decoded
+    request, decoded = response.request, response.decoded
+    api_key = request.api_key
     if api_key not in ADDRESS_BEARING_APIS or decoded is None:
         return False
-    if api_key in (PRODUCE, FETCH):
-        return bool(getattr(decoded, "node_endpoints", None))
+    since = NODE_ENDPOINTS_SINCE.get(api_key)
+    if since is not None:
+        return request.api_version >= since and bool(decoded.node_endpoints)
     return True
 
 

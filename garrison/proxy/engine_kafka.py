@@ -310,7 +310,11 @@ class KafkaEngine:
         self._context = context
         self._limits = config.kafka
         self._audit = context.audit
-        self._advertise = context.advertise
+        self._advertise = advertise = context.advertise
+        # Standalone mode: every broker address in an answer becomes the proxy's own.
+        self._address_for: Callable[[int, str, int], tuple[str, int]] | None = (
+            None if advertise is None else (lambda _n, _h, _p: advertise)
+        )
         # The records' own enum: builders take it as it is (a string would be parsed each time).
         self._direction = FlowDirection(context.direction.value)
         self._node = context.node_name or config.node_name
@@ -717,17 +721,21 @@ class KafkaEngine:
             self._finish(out, "client closed the connection")
 
     def _rewritten(self, response: KafkaResponse, slot: _Slot) -> bytes:
-        if response.request.api_key == API_VERSIONS:
-            return self._api_versions_answer(response)
-        advertise = self._advertise
-        address_for = None if advertise is None else (lambda _n, _h, _p: advertise)
+        api_key = response.request.api_key
+        address_for = self._address_for
+        if api_key != METADATA:  # Produce and Fetch answers, most of the traffic
+            if api_key == API_VERSIONS:
+                return self._api_versions_answer(response)
+            if address_for is not None and carries_broker_addresses(response):
+                return rewrite_broker_addresses(response, address_for)
+            return response.raw
         keep = slot.allowed_topics
-        if slot.hidden_topics and response.request.api_key == METADATA:
+        if slot.hidden_topics:
             # what topic-bound L7 deny rules hide from an all-topics answer
             listed = response.decoded.topics if response.decoded is not None else None
             names = {t.name for t in listed or () if t.name}
             keep = frozenset((keep if keep is not None else names) - slot.hidden_topics)
-        if keep is not None and response.request.api_key == METADATA:
+        if keep is not None:
             decoded = response.decoded
             if decoded is None:
                 raise LocalProtocolError("a Metadata answer to filter was not decoded")

@@ -45,7 +45,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from garrison.flows.record import FlowRecord, TrafficDirection, Verdict
+from garrison.flows.record import (
+    DropReasonDesc,
+    FlowRecord,
+    FlowType,
+    L7FlowType,
+    TrafficDirection,
+    Verdict,
+)
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.model import Direction
 
@@ -125,6 +132,17 @@ class MetricsServer:
         self._serve_thread.join(timeout=5)
 
 
+@dataclass(frozen=True, slots=True)
+class _L7Series:
+    """The labelled children one protocol and direction count into."""
+
+    received: Any
+    forwarded: Any
+    denied: Any
+    parse_errors: Any
+    latency: Any  # the `headers` scope of the upstream reply histogram
+
+
 class ProxyMetrics:
     """The counters the proxy engine and server update. Thread-safe (prometheus_client)."""
 
@@ -185,6 +203,7 @@ class ProxyMetrics:
         self._l7_children: dict[tuple[str, ProtocolLike, DirectionLike], Any] = {}
         self._reply_children: dict[tuple[ProtocolLike, str], Any] = {}
         self._flow_children: dict[Verdict, Any] = {}
+        self._series: dict[tuple[str, str], _L7Series] = {}  # by (protocol, direction)
         for rule in RULES:
             for proto in L7Protocol:
                 for direction in Direction:
@@ -265,6 +284,57 @@ class ProxyMetrics:
         if child is None:
             child = self._flow_children[verdict] = self._flows.labels(verdict.value)
         child.inc(amount)
+
+    def count_records(self, records: Iterable[FlowRecord]) -> None:
+        """The metrics of a batch of records (one loop turn's): each series is updated once
+        with its total, through children resolved once per protocol and direction. A record
+        with an aggregate stands for that many flows (repeated Kafka denials)."""
+        counts: dict[Any, float] = {}
+        latencies: dict[Any, list[float]] = {}
+        for record in records:
+            verdict = record.verdict
+            aggregate = record.aggregate
+            flows = 1 if aggregate is None else aggregate.flows
+            child = self._flow_children.get(verdict)
+            if child is None:
+                child = self._flow_children[verdict] = self._flows.labels(verdict.value)
+            counts[child] = counts.get(child, 0) + flows
+            l7 = record.l7
+            if record.type is not FlowType.L7 or l7 is None:
+                continue
+            series = self._l7_series(l7.protocol, record.traffic_direction)
+            if verdict is Verdict.ERROR:
+                if record.drop_reason_desc is DropReasonDesc.PARSE_ERROR:
+                    counts[series.parse_errors] = counts.get(series.parse_errors, 0) + 1
+                continue
+            if l7.type is L7FlowType.REQUEST:
+                counts[series.received] = counts.get(series.received, 0) + flows
+                decided = series.denied if verdict is Verdict.DROPPED else series.forwarded
+                counts[decided] = counts.get(decided, 0) + flows
+            elif verdict is not Verdict.DROPPED and l7.latency_ns is not None:
+                values = latencies.get(series.latency)
+                if values is None:
+                    latencies[series.latency] = [l7.latency_ns / 1e9]
+                else:
+                    values.append(l7.latency_ns / 1e9)
+        for child, amount in counts.items():
+            child.inc(amount)
+        for child, values in latencies.items():
+            for value in values:
+                child.observe(value)
+
+    def _l7_series(self, proto: str, direction: str) -> _L7Series:
+        key = (proto, direction)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _L7Series(
+                self._l7(RULE_RECEIVED, proto, direction),
+                self._l7(RULE_FORWARDED, proto, direction),
+                self._l7(RULE_DENIED, proto, direction),
+                self._l7(RULE_PARSE_ERRORS, proto, direction),
+                self._reply(proto, SCOPE_HEADERS),
+            )
+        return series
 
     def _l7(self, rule: str, proto: ProtocolLike, direction: DirectionLike) -> Any:
         key = (rule, proto, direction)

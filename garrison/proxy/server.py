@@ -73,8 +73,6 @@ from garrison.flows.record import (
     DropReasonDesc,
     Endpoint,
     FlowRecord,
-    FlowType,
-    L7FlowType,
     Verdict,
 )
 from garrison.flows.render import render_compact
@@ -154,7 +152,8 @@ class FlowSink:
     Records are gathered during one turn of the event loop and handled at its end, after the
     bytes of that turn were written: records an engine made with `Log.later` are built then,
     go to the ring (and the `-v` stream), the access-log lines are written in one system call
-    (`write_many`) in emission order, and the metrics are counted once per label set. So a
+    (`write_many`) in emission order, and the metrics are counted once per series
+    (`ProxyMetrics.count_records`). So a
     record reaches `observe` one loop turn after its decision, and making it is not on the
     path of the request. A failed write is counted in metrics and reported once per failure
     streak; the records stay in the ring. Without a loop (tests), everything is done at once.
@@ -201,15 +200,13 @@ class FlowSink:
         if self._forward is not None:
             self._forward(records)
             return
-        add = self.store.add
-        for record in records:
-            add(record)
+        self.store.extend(records)
         if self.verbose is not None:
             with contextlib.suppress(OSError, ValueError):
                 for record in records:
                     print(render_compact(record), file=self.verbose, flush=True)
         if self.metrics is not None:
-            _count(self.metrics, records)
+            self.metrics.count_records(records)
         if self.writer is None:
             return
         try:
@@ -237,48 +234,6 @@ def _built(pending: list[FlowRecord | Log]) -> list[FlowRecord]:
         else:
             records.append(item)
     return records
-
-
-def _count(metrics: ProxyMetrics, records: list[FlowRecord]) -> None:
-    """The metrics of a batch of records, one update per label set."""
-    verdicts: dict[Verdict, int] = {}
-    rules: dict[tuple[str, str, str], int] = {}
-    latencies: dict[str, list[float]] = {}
-    for record in records:
-        verdict = record.verdict
-        # A record with an aggregate stands for that many flows (repeated Kafka denials).
-        flows = 1 if record.aggregate is None else record.aggregate.flows
-        verdicts[verdict] = verdicts.get(verdict, 0) + flows
-        l7 = record.l7
-        if record.type is not FlowType.L7 or l7 is None:
-            continue
-        proto = l7.protocol
-        direction: str = record.traffic_direction  # a StrEnum: `.value` costs a descriptor
-        if verdict is Verdict.ERROR:
-            if record.drop_reason_desc is DropReasonDesc.PARSE_ERROR:
-                key = ("parse_error", proto, direction)
-                rules[key] = rules.get(key, 0) + 1
-            continue
-        if l7.type is L7FlowType.REQUEST:
-            key = ("received", proto, direction)
-            rules[key] = rules.get(key, 0) + flows
-            key = ("denied" if verdict is Verdict.DROPPED else "forwarded", proto, direction)
-            rules[key] = rules.get(key, 0) + flows
-        elif verdict is not Verdict.DROPPED and l7.latency_ns is not None:
-            latencies.setdefault(proto, []).append(l7.latency_ns / 1e9)
-    for verdict, n in verdicts.items():
-        metrics.flow_recorded(verdict, n)
-    for (rule, proto, direction), n in rules.items():
-        if rule == "received":
-            metrics.request_received(proto, direction, n)
-        elif rule == "forwarded":
-            metrics.request_forwarded(proto, direction, n)
-        elif rule == "denied":
-            metrics.request_denied(proto, direction, n)
-        else:
-            metrics.parse_error(proto, direction, n)
-    for proto, values in latencies.items():
-        metrics.observe_upstream_latencies(proto, values)
 
 
 # ---- settings -------------------------------------------------------------------------------

@@ -70,6 +70,19 @@ def test_since_follows_without_gaps_or_repeats() -> None:
     assert store.since(third.cursor).records == []
 
 
+def test_a_batch_is_numbered_like_records_added_one_by_one() -> None:
+    store = FlowStore(StoreConfig(capacity=4))
+    a, b, c, d, e = (samples.l3_drop_denied() for _ in range(5))
+    store.add(a)
+    first = store.since(0)
+    store.extend([b, c, d, e])  # a is evicted
+    batch = store.since(first.cursor)
+    assert batch.records == [b, c, d, e] and batch.missed == 0 and store.total == 5
+    assert store.since(0).missed == 1
+    store.extend([])
+    assert store.since(batch.cursor).records == [] and store.total == 5
+
+
 def test_tail_returns_the_cursor_after_the_last_records(store: FlowStore) -> None:
     dropped = q(("verdict", "DROPPED"), ("type", "drop"))
     batch = store.tail(1, dropped)

@@ -224,3 +224,28 @@ def test_the_smallest_frame_limit_that_fits_the_fixtures_accepts_them() -> None:
     parser = KafkaRequestParser(KafkaLimits(max_request_frame=largest - 4))
     parser.receive_data(conn.requests_bytes)
     assert len(parser.events()) == len(conn.requests)
+
+
+@pytest.mark.parametrize("conn", CONNECTIONS, ids=IDS)
+def test_one_frame_per_read_gives_the_same_events(conn: FixtureConnection) -> None:
+    """A read that is exactly one frame is handed out without buffering (a client waiting for
+    each answer): the same events as the stream read at once, and the same bytes."""
+    registry = learnt_registry(conn.scenario)
+    frames = [conn.request_frame(f) for f in conn.requests]
+    requests = parse_requests(conn, registry, frames)
+    assert requests == parse_requests(conn, registry)
+    assert [r.raw for r in requests] == frames
+    answers = [conn.response_frame(f) for f in conn.responses]
+    assert parse_responses(conn, requests, answers) == parse_responses(conn, requests)
+
+
+def test_a_whole_frame_not_yet_read_stays_ahead_of_what_comes_after_it() -> None:
+    conn = next(c for c in CONNECTIONS if len(c.requests) >= 3)
+    first, second, third = (conn.request_frame(f) for f in conn.requests[:3])
+    parser = KafkaRequestParser(topic_ids=learnt_registry(conn.scenario))
+    parser.receive_data(first)  # whole: kept as it came
+    parser.receive_data(second[:5])  # more before the first was read
+    assert parser.buffered == len(first) + 5
+    parser.receive_data(second[5:] + third)
+    assert [r.raw for r in parser.events()] == [first, second, third]
+    assert parser.buffered == 0

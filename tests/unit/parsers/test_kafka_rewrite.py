@@ -8,6 +8,7 @@ from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.kafka import KafkaRequestParser, KafkaResponse, KafkaResponseParser
 from garrison.parsers.kafka_apis import kafka_api
 from garrison.parsers.kafka_rewrite import (
+    NODE_ENDPOINTS_SINCE,
     filter_metadata_response,
     rewrite_broker_addresses,
     rewrite_metadata_response,
@@ -175,3 +176,12 @@ def test_describe_cluster_brokers_are_rewritten() -> None:
     response = _answered(bytes(request.encode(header=True, framed=True)), answer, 9)
     rewritten = decode(response, rewrite_broker_addresses(response, lambda n, h, p: ("proxy", 2)))
     assert [(b.broker_id, b.host, b.port) for b in rewritten.brokers] == [(1, "proxy", 2)]  # type: ignore[attr-defined]
+
+
+def test_the_versions_with_new_leader_endpoints_are_kafka_pythons() -> None:
+    """`carries_broker_addresses` looks for KIP-951's `node_endpoints` only from the version
+    whose schema has it (asking an older answer for it raises inside kafka-python)."""
+    for api_key, since in NODE_ENDPOINTS_SINCE.items():
+        api = kafka_api(api_key)
+        assert api is not None
+        assert api.response_class.fields["node_endpoints"].min_version == since

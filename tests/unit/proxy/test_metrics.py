@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from garrison.flows.record import Verdict
+from garrison.flows.record import Aggregate, Verdict
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.model import Direction
 from garrison.proxy.metrics import MetricsConfig, ProxyMetrics
@@ -142,3 +143,41 @@ def test_scrape_over_loopback() -> None:
         assert values[key] == 1
     finally:
         server.close()
+
+
+def test_a_turns_records_are_counted_into_their_series() -> None:
+    """What the proxy's sink counts per loop turn: requests received and forwarded or denied,
+    answer latencies, parse errors, flows by verdict; an aggregated record counts as the
+    flows it stands for."""
+    m = ProxyMetrics()
+    repeated = dataclasses.replace(
+        samples.kafka_request_denied(), aggregate=Aggregate(ingress_flow_count=41)
+    )
+    m.count_records(
+        [
+            samples.http_request_allowed(),
+            samples.http_response_allowed(),
+            samples.http_request_allowed(),
+            samples.http_request_denied(),
+            samples.kafka_request_denied(),
+            repeated,
+            samples.proxy_parse_error(),
+            samples.l3_drop_denied(),
+        ]
+    )
+    got = _samples(m.render().decode())
+    policy = "garrison_policy_l7_total"
+    assert got[_key(policy, rule="received", proxy_type="http", direction="ingress")] == 3
+    assert got[_key(policy, rule="forwarded", proxy_type="http", direction="ingress")] == 2
+    assert got[_key(policy, rule="denied", proxy_type="http", direction="ingress")] == 1
+    assert got[_key(policy, rule="received", proxy_type="kafka", direction="ingress")] == 42
+    assert got[_key(policy, rule="denied", proxy_type="kafka", direction="ingress")] == 42
+    assert got[_key(policy, rule="forwarded", proxy_type="kafka", direction="ingress")] == 0
+    assert got[_key(policy, rule="parse_errors", proxy_type="kafka", direction="ingress")] == 1
+    reply = "garrison_proxy_upstream_reply_seconds"
+    assert got[_key(f"{reply}_count", protocol="http", scope="headers")] == 1
+    assert got[_key(f"{reply}_sum", protocol="http", scope="headers")] == pytest.approx(0.0025)
+    flows = "garrison_proxy_flows_total"
+    assert got[_key(flows, verdict="FORWARDED")] == 3
+    assert got[_key(flows, verdict="DROPPED")] == 1 + 1 + 41 + 1
+    assert got[_key(flows, verdict="ERROR")] == 1
