@@ -902,6 +902,16 @@ class HTTP1RequestParser(_HTTP1Parser):
 
     _is_request = True
 
+    def __init__(self, limits: HTTP1Limits | None = None) -> None:
+        super().__init__(limits)
+        # The last Host and origin-form target, validated / normalized, with their text: a
+        # keep-alive client sends the same again and again (memos of pure functions).
+        self._last_host: bytes | None = None
+        self._last_host_text = ""
+        self._last_target: bytes | None = None
+        self._last_target_text = ""
+        self._last_path = ""
+
     def _new_llhttp(self) -> _LLHTTP:
         return httptools.HttpRequestParser(self._sink)
 
@@ -968,16 +978,26 @@ class HTTP1RequestParser(_HTTP1Parser):
 
         host: str | None = None
         if host_value is not None:
-            host = host_value.decode("latin-1")
-            if not valid_authority(host):  # check host_exactly_one
-                raise HTTP1HeadError(f"invalid Host {host[:60]!r}", status=400)
+            if host_value == self._last_host:
+                host = self._last_host_text
+            else:
+                host = host_value.decode("latin-1")
+                if not valid_authority(host):  # check host_exactly_one
+                    raise HTTP1HeadError(f"invalid Host {host[:60]!r}", status=400)
+                self._last_host, self._last_host_text = host_value, host
         elif version == b"HTTP/1.1":
             raise HTTP1HeadError("HTTP/1.1 request without Host", status=400)
         try:
             if target[0] == 0x2F:  # "/": origin-form, by far the most common
-                path = normalize_path(target)
+                if target != self._last_target:
+                    self._last_path = normalize_path(target)
+                    self._last_target_text = target.decode("ascii")
+                    self._last_target = target
+                path = self._last_path
+                target_text = self._last_target_text
             else:
                 normalized = normalize_target(target, allow_asterisk=method == b"OPTIONS")
+                target_text = target.decode("ascii")  # normalize_target allows only ASCII
                 path = normalized.path
                 if normalized.authority is not None:
                     # check absolute_form_authority
@@ -995,7 +1015,7 @@ class HTTP1RequestParser(_HTTP1Parser):
         self._keep_alive = keep_alive
         self._head_event = event = RequestReceived(
             method.decode("ascii"),
-            target.decode("ascii"),
+            target_text,
             path,
             version,
             tuple(fields),
