@@ -333,6 +333,9 @@ def floor(backend: int) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
 BREAKDOWN_REQUEST = (b"POST /v1/request-landing HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
                      b"User-Agent: wrk\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 2\r\n\r\n{}")
+BREAKDOWN_DENIED = (b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                    b"User-Agent: wrk\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 2\r\n\r\n{}")
 BREAKDOWN_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/plain\r\n"
                       b"Content-Length: 12\r\nConnection: keep-alive\r\n\r\nShip landed\n")
 
@@ -347,7 +350,8 @@ class _NoLoop:
 def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
     """CPU µs per allowed request (best of `rounds`) of cumulative stages of the engine:
     both parsers alone; + matching, engine bookkeeping and commands (records not made); + the
-    two flow records; + their JSON lines; + ring and metrics as the server's sink does."""
+    two flow records; + their JSON lines; + ring and metrics as the server's sink does; and
+    a denied request (answered by the engine) with all of it."""
     sys.path.insert(0, str(REPO))
     import garrison.proxy.engine_http1 as engine_module
     from garrison.flows.store import FlowStore
@@ -385,11 +389,14 @@ def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
             for _event in responses.events():
                 pass
 
-    def engine(sink: FlowSink | None, build: bool, encode: bool) -> Callable[[], None]:
+    def engine(sink: FlowSink | None, build: bool, encode: bool,
+               denied: bool = False) -> Callable[[], None]:
         def run() -> None:
             eng = engine_module.HTTPEngine(context, ProxyConfig())
             for i in range(n):
-                for batch in (eng.client_data(request, 1.0), eng.upstream_data(response, 1.0)):
+                batches = ((eng.client_data(BREAKDOWN_DENIED, 1.0),) if denied else
+                           (eng.client_data(request, 1.0), eng.upstream_data(response, 1.0)))
+                for batch in batches:
                     for command in batch:
                         if type(command) is Log:
                             if build:  # records are made when first read (`Log.later`)
@@ -418,6 +425,8 @@ def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
     out.append(("+ 2 JSON lines", timed(engine(None, True, True))))
     flow_sink = FlowSink(store=FlowStore(), metrics=ProxyMetrics(), loop=_NoLoop())  # type: ignore[arg-type]
     out.append(("+ ring + metrics (server sink)", timed(engine(flow_sink, True, True))))
+    # the denied request (403 by the engine), everything above at once
+    out.append(("denied request, all of the above", timed(engine(flow_sink, True, True, True))))
     return out
 
 
@@ -545,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = breakdown()
         import garrison as garrison_package
         state = "compiled" if garrison_package.COMPILED_IN_USE else "from source"
-        print(f"garrison CPU per allowed request in process, {state}, no sockets "
+        print(f"garrison CPU per request in process, {state}, no sockets "
               "(cumulative, best of 5):")
         for name, micros in rows:
             print(f"  {name:<34}{micros:>7.1f} us")
