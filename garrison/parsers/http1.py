@@ -387,6 +387,10 @@ _SUPPORTED_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 _REQUEST_FIELDS = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"upgrade", b"connection"}
 )
+# Their lengths, and those of the response fields read (content-length, transfer-encoding,
+# connection): a field of another length is none of them, without lower-casing its name.
+_REQUEST_FIELD_LENGTHS = frozenset(len(name) for name in _REQUEST_FIELDS)
+_RESPONSE_FIELD_LENGTHS = frozenset((14, 17, 10))
 _MAX_CONTENT_LENGTH_DIGITS = 18
 _MAX_CHUNK_SIZE = 0x7FFF_FFFF_FFFF_FFFF
 
@@ -477,7 +481,10 @@ class _Sink:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields.append((name, value.rstrip(b" \t")))  # llhttp drops leading OWS only
+        # llhttp drops leading OWS only; few values end in OWS (a method call costs)
+        if value and (value[-1] == 0x20 or value[-1] == 0x09):
+            value = value.rstrip(b" \t")
+        self.fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.headers_complete = True
@@ -950,6 +957,8 @@ class HTTP1RequestParser(_HTTP1Parser):
         cl_value: bytes | None = None
         connection: list[bytes] = []
         for name, value in fields:
+            if len(name) not in _REQUEST_FIELD_LENGTHS:
+                continue
             lname = name.lower()
             if lname not in _REQUEST_FIELDS:
                 continue
@@ -1073,6 +1082,8 @@ class HTTP1ResponseParser(_HTTP1Parser):
         cl_value: bytes | None = None
         connection: list[bytes] = []
         for name, value in fields:
+            if len(name) not in _RESPONSE_FIELD_LENGTHS:
+                continue
             lname = name.lower()
             if lname == b"content-length":
                 cl_value = value
