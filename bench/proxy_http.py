@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python bench/proxy_http.py [--duration S] [--connections N] [--idle N]
                                           [--no-access-log] [--workers 1,2]
-                                          [--only direct,floor,garrison,source,haproxy]
+                                          [--only direct,floor,garrison,source,haproxy,haproxy-log]
 
 Everything runs on loopback, as child processes this script starts and stops by PID, with
 configs generated into a temporary directory:
@@ -21,7 +21,10 @@ configs generated into a temporary directory:
   processes on one SO_REUSEPORT port; default 1); its CPU is that of the parent and every
   worker, and the throughput of each count is compared with one worker's;
 - haproxy 2.6 (Debian package), `nbthread 1` like garrison's single event loop, the same ACL
-  (`http-request deny deny_status 403` unless POST /v1/request-landing), `http-reuse always`.
+  (`http-request deny deny_status 403` unless POST /v1/request-landing), `http-reuse always`;
+- haproxy-log: the same haproxy writing one line per request (`option httplog`, `log stdout`)
+  into a file, as garrison writes its access log: issue 17's aim is garrison's CPU per request
+  within 2.0x of this case's.
 
 Each case runs wrk (`-t1 -cN --latency`, POST by a Lua script) on the allowed path
 (`POST /v1/request-landing` → 200 from nginx) and on a denied one (`PUT /v1/exhaust-port` → 403
@@ -78,9 +81,9 @@ HAPROXY_CONF = """
 global
     nbthread 1
     maxconn 9000
-defaults
+{global_log}defaults
     mode http
-    timeout connect 5s
+{defaults_log}    timeout connect 5s
     timeout client 300s
     timeout server 300s
     timeout http-keep-alive 300s
@@ -95,6 +98,10 @@ frontend deathstar
 backend nginx
     server nginx1 127.0.0.1:{backend}
 """
+# `haproxy-log`: one line per request (haproxy's `option httplog`) written by haproxy itself to
+# its stdout, which the bench points at a file: the fair comparison for garrison's access log.
+HAPROXY_LOG_GLOBAL = "    log stdout format raw local0 info\n"
+HAPROXY_LOG_DEFAULTS = "    log global\n    option httplog\n"
 
 WRK_SCRIPT = """
 wrk.method = "{method}"
@@ -257,12 +264,18 @@ def nginx(workdir: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
 
 
 @contextlib.contextmanager
-def haproxy(workdir: Path, backend: int) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def haproxy(workdir: Path, backend: int,
+            log: bool = False) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """haproxy with the same ACL; `log`: one log line per request into `haproxy.log`."""
     port = free_port()
     conf = workdir / "haproxy.cfg"
-    conf.write_text(HAPROXY_CONF.format(port=port, backend=backend))
-    proc = subprocess.Popen(["haproxy", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=(workdir / "haproxy.stderr").open("wb"))
+    conf.write_text(HAPROXY_CONF.format(
+        port=port, backend=backend, global_log=HAPROXY_LOG_GLOBAL if log else "",
+        defaults_log=HAPROXY_LOG_DEFAULTS if log else ""))
+    with (workdir / "haproxy.log").open("wb") as log_file:
+        proc = subprocess.Popen(["haproxy", "-db", "-f", str(conf)],
+                                stdout=log_file if log else subprocess.DEVNULL,
+                                stderr=(workdir / "haproxy.stderr").open("wb"))
     try:
         wait_port(port, proc, "haproxy")
         yield port, proc
@@ -320,6 +333,9 @@ def floor(backend: int) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
 BREAKDOWN_REQUEST = (b"POST /v1/request-landing HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
                      b"User-Agent: wrk\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 2\r\n\r\n{}")
+BREAKDOWN_DENIED = (b"PUT /v1/exhaust-port HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                    b"User-Agent: wrk\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 2\r\n\r\n{}")
 BREAKDOWN_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/plain\r\n"
                       b"Content-Length: 12\r\nConnection: keep-alive\r\n\r\nShip landed\n")
 
@@ -334,7 +350,8 @@ class _NoLoop:
 def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
     """CPU µs per allowed request (best of `rounds`) of cumulative stages of the engine:
     both parsers alone; + matching, engine bookkeeping and commands (records not made); + the
-    two flow records; + their JSON lines; + ring and metrics as the server's sink does."""
+    two flow records; + their JSON lines; + ring and metrics as the server's sink does; and
+    a denied request (answered by the engine) with all of it."""
     sys.path.insert(0, str(REPO))
     import garrison.proxy.engine_http1 as engine_module
     from garrison.flows.store import FlowStore
@@ -372,11 +389,14 @@ def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
             for _event in responses.events():
                 pass
 
-    def engine(sink: FlowSink | None, build: bool, encode: bool) -> Callable[[], None]:
+    def engine(sink: FlowSink | None, build: bool, encode: bool,
+               denied: bool = False) -> Callable[[], None]:
         def run() -> None:
             eng = engine_module.HTTPEngine(context, ProxyConfig())
             for i in range(n):
-                for batch in (eng.client_data(request, 1.0), eng.upstream_data(response, 1.0)):
+                batches = ((eng.client_data(BREAKDOWN_DENIED, 1.0),) if denied else
+                           (eng.client_data(request, 1.0), eng.upstream_data(response, 1.0)))
+                for batch in batches:
                     for command in batch:
                         if type(command) is Log:
                             if build:  # records are made when first read (`Log.later`)
@@ -405,6 +425,8 @@ def breakdown(rounds: int = 5, n: int = 10_000) -> list[tuple[str, float]]:
     out.append(("+ 2 JSON lines", timed(engine(None, True, True))))
     flow_sink = FlowSink(store=FlowStore(), metrics=ProxyMetrics(), loop=_NoLoop())  # type: ignore[arg-type]
     out.append(("+ ring + metrics (server sink)", timed(engine(flow_sink, True, True))))
+    # the denied request (403 by the engine), everything above at once
+    out.append(("denied request, all of the above", timed(engine(flow_sink, True, True, True))))
     return out
 
 
@@ -418,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--idle", type=int, default=1000, help="idle keep-alive connections")
     parser.add_argument("--no-access-log", action="store_true")
-    parser.add_argument("--only", default="direct,floor,garrison,source,haproxy")
+    parser.add_argument("--only",
+                        default="direct,floor,garrison,source,haproxy,haproxy-log")
     parser.add_argument("--workers", default="1",
                         help="garrison worker counts to run, comma-separated (e.g. 1,2)")
     parser.add_argument("--no-breakdown", action="store_true",
@@ -452,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  source=True)))
             if "haproxy" in only:
                 cases.append(("haproxy", haproxy(workdir, backend)))
+            if "haproxy-log" in only:
+                cases.append(("haproxy-log", haproxy(workdir, backend, log=True)))
             for name, manager in cases:
                 if manager is None:
                     url = f"http://127.0.0.1:{backend}"
@@ -500,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
     if g_denied and h_denied and g_denied.cpu_us and h_denied.cpu_us:
         print(f"  garrison / haproxy CPU per denied request:  "
               f"{g_denied.cpu_us / h_denied.cpu_us:.2f}")
+    for path in ("allowed", "denied"):  # issue 17's aim: <= 2.0x haproxy logging to a file
+        g, hl = results.get(("garrison", path)), results.get(("haproxy-log", path))
+        if g and hl and g.cpu_us and hl.cpu_us:
+            print(f"  garrison / haproxy-log CPU per {path} request: "
+                  f"{g.cpu_us / hl.cpu_us:.2f} (aim <= 2.0)")
     if direct and f_allowed:
         print(f"  floor (uvloop + httptools relay) throughput / direct: "
               f"{f_allowed.rps / direct.rps:.2f}")
@@ -524,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = breakdown()
         import garrison as garrison_package
         state = "compiled" if garrison_package.COMPILED_IN_USE else "from source"
-        print(f"garrison CPU per allowed request in process, {state}, no sockets "
+        print(f"garrison CPU per request in process, {state}, no sockets "
               "(cumulative, best of 5):")
         for name, micros in rows:
             print(f"  {name:<34}{micros:>7.1f} us")

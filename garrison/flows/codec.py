@@ -8,7 +8,6 @@ line, are encoded once per endpoint and reused. A property test holds the two eq
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import time
@@ -49,17 +48,22 @@ _POLICY_LISTS = ("egress_allowed_by", "ingress_allowed_by", "egress_denied_by", 
 # Time
 
 
-@functools.lru_cache(maxsize=8)
-def _second(seconds: int) -> str:
-    # Records come in bursts within the same second: format the second once (a memo of a
-    # pure function, not observable state).
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+# The last second formatted and its text: records come in bursts within the same second, and
+# formatting it is most of a record's time (a memo of a pure function, not observable state).
+_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
 
 
 def format_time(time_ns: int) -> str:
     """RFC 3339 in UTC with nanoseconds: `2024-11-21T12:00:00.123456789Z`."""
+    global _last_second
     seconds, nanos = divmod(time_ns, 1_000_000_000)
-    return f"{_second(seconds)}.{nanos:09d}Z"
+    last = _last_second
+    if last[0] == seconds:
+        text = last[1]
+    else:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, text)
+    return f"{text}.{str(nanos).zfill(9)}Z"
 
 
 _RFC3339 = re.compile(
@@ -250,10 +254,10 @@ _Fragments = dict[int, tuple[Any, str]]
 _HEADERS: _Fragments = {}
 _POLICIES: _Fragments = {}
 _HTTPS: _Fragments = {}
-# The IP and l4 parts are per connection (the client's port): a few dozen busy connections'
-# worth, so that a proxy holding thousands of idle ones does not keep theirs alive.
-_ADDRESSES_SIZE = 64
-_ADDRESSES: dict[tuple[int, int, int], tuple[Endpoint, Endpoint, Layer4, str]] = {}
+# The IP, l4 and endpoint parts are per connection (the client's port): a few dozen busy
+# connections' worth, so that a proxy holding thousands of idle ones does not keep theirs alive.
+_CONNECTIONS_SIZE = 64
+_CONNECTIONS: dict[tuple[int, int, int], tuple[Endpoint, Endpoint, Layer4, str]] = {}
 
 
 def _known(memo: _Fragments, value: Any, encode: Callable[[Any], str]) -> str:
@@ -352,17 +356,11 @@ def _grpc_json(grpc: GRPC) -> str:
 
 
 def _l7_json(l7: Layer7) -> str:
-    out = [f'{{"type":"{l7.type}"']
-    if l7.latency_ns is not None:
-        out.append(f',"latency_ns":{l7.latency_ns}')
-    if l7.http is not None:
-        out.append(f',"http":{_known(_HTTPS, l7.http, _http_json)}')
-    if l7.kafka is not None:
-        out.append(f',"kafka":{_kafka_json(l7.kafka)}')
-    if l7.grpc is not None:
-        out.append(f',"grpc":{_grpc_json(l7.grpc)}')
-    out.append("}")
-    return "".join(out)
+    latency = f',"latency_ns":{l7.latency_ns}' if l7.latency_ns is not None else ""
+    http = f',"http":{_known(_HTTPS, l7.http, _http_json)}' if l7.http is not None else ""
+    kafka = f',"kafka":{_kafka_json(l7.kafka)}' if l7.kafka is not None else ""
+    grpc = f',"grpc":{_grpc_json(l7.grpc)}' if l7.grpc is not None else ""
+    return f'{{"type":"{l7.type}"{latency}{http}{kafka}{grpc}}}'
 
 
 def _policy_json(policy: Policy) -> str:
@@ -376,57 +374,71 @@ def _policy_json(policy: Policy) -> str:
     return "{" + ",".join(out) + "}"
 
 
+def _connection_json(src: Endpoint, dst: Endpoint, l4: Layer4 | None) -> str:
+    """`,"IP":…,"l4":…,"source":…,"destination":…`: the part of a line a connection's
+    records share, made once per (source, destination, l4) of a busy connection."""
+    key = (id(src), id(dst), id(l4))
+    entry = _CONNECTIONS.get(key)
+    if entry is not None and entry[0] is src and entry[1] is dst and entry[2] is l4:
+        return entry[3]
+    text = (
+        f'{_addresses_json(src, dst, l4)},"source":{_endpoint_json(src)}'
+        f',"destination":{_endpoint_json(dst)}'
+    )
+    if l4 is not None:  # a record without l4 is a datapath one-off: not worth keeping
+        if len(_CONNECTIONS) >= _CONNECTIONS_SIZE:
+            _CONNECTIONS.clear()
+        _CONNECTIONS[key] = (src, dst, l4, text)
+    return text
+
+
 def record_to_json(r: FlowRecord) -> str:
     """`record_to_dict(r)` as one line of ASCII JSON, keys in the same order.
 
-    The enums are StrEnums and format as their value (`.value` is a Python-level descriptor
-    in Python 3.11, measurable at one call per field per record)."""
-    src, dst, l4 = r.source, r.destination, r.l4
-    out = [f'{{"time":"{format_time(r.time)}","verdict":"{r.verdict}"']
-    addresses_key = (id(src), id(dst), id(l4))
-    entry = _ADDRESSES.get(addresses_key)
-    if entry is not None and entry[0] is src and entry[1] is dst and entry[2] is l4:
-        out.append(entry[3])
-    else:
-        addresses = _addresses_json(src, dst, l4)
-        if l4 is not None:  # a record without l4 is a datapath one-off: not worth keeping
-            if len(_ADDRESSES) >= _ADDRESSES_SIZE:
-                _ADDRESSES.clear()
-            _ADDRESSES[addresses_key] = (src, dst, l4, addresses)
-        out.append(addresses)
-    out.append(f',"source":{_endpoint_json(src)},"destination":{_endpoint_json(dst)}')
-    out.append(f',"Type":"{r.type}"')
-    if r.node_name:
-        out.append(f',"node_name":{_q(r.node_name)}')
-    if r.l7 is not None:
-        out.append(f',"l7":{_l7_json(r.l7)}')
+    One string built from its parts, the optional ones "" when absent (an L7 record has most
+    of them absent). The enums are StrEnums and format as their value (`.value` is a
+    Python-level descriptor in Python 3.11, measurable at one call per field per record)."""
+    node = f',"node_name":{_q(r.node_name)}' if r.node_name else ""
+    l7 = f',"l7":{_l7_json(r.l7)}' if r.l7 is not None else ""
     sub_type = _event_sub_type(r)
     sub = f',"sub_type":{sub_type}' if sub_type else ""
-    out.append(f',"event_type":{{"type":{int(r.event_type)}{sub}}}')
-    out.append(f',"traffic_direction":"{r.traffic_direction}"')
+    optional = ""  # the rare keys between traffic_direction and Summary
     if r.policy_match_type is not None:
-        out.append(f',"policy_match_type":{MATCH_TYPE_NUMBER[r.policy_match_type]}')
+        optional = f',"policy_match_type":{MATCH_TYPE_NUMBER[r.policy_match_type]}'
     if r.trace_observation_point is not None:
-        out.append(f',"trace_observation_point":"{r.trace_observation_point}"')
+        optional += f',"trace_observation_point":"{r.trace_observation_point}"'
     if r.drop_reason_desc is not None:
-        out.append(f',"drop_reason_desc":"{r.drop_reason_desc}"')
+        optional += f',"drop_reason_desc":"{r.drop_reason_desc}"'
     if r.is_reply is not None:
-        out.append(',"is_reply":true' if r.is_reply else ',"is_reply":false')
-    if r.summary:
-        out.append(f',"Summary":{_q(r.summary)}')
+        optional += ',"is_reply":true' if r.is_reply else ',"is_reply":false'
+    summary = f',"Summary":{_q(r.summary)}' if r.summary else ""
+    tail = ""  # error, deny_response, the policy lists, aggregate
     if r.error:
-        out.append(f',"error":{_q(r.error)}')
+        tail = f',"error":{_q(r.error)}'
     if r.deny_response:
-        out.append(f',"deny_response":{_q(r.deny_response)}')
-    for key in _POLICY_LISTS:
-        policies: tuple[Policy, ...] = getattr(r, key)
-        if policies:
-            out.append(f',"{key}":[{_known(_POLICIES, policies, _policies_json)}]')
+        tail += f',"deny_response":{_q(r.deny_response)}'
+    if r.egress_allowed_by:
+        tail += _policy_list_json("egress_allowed_by", r.egress_allowed_by)
+    if r.ingress_allowed_by:
+        tail += _policy_list_json("ingress_allowed_by", r.ingress_allowed_by)
+    if r.egress_denied_by:
+        tail += _policy_list_json("egress_denied_by", r.egress_denied_by)
+    if r.ingress_denied_by:
+        tail += _policy_list_json("ingress_denied_by", r.ingress_denied_by)
     if r.aggregate is not None:
         counts = ",".join(f'"{k}":{v}' for k, v in r.aggregate.to_dict().items())
-        out.append(f',"aggregate":{{{counts}}}')
-    out.append("}")
-    return "".join(out)
+        tail += f',"aggregate":{{{counts}}}'
+    return (
+        f'{{"time":"{format_time(r.time)}","verdict":"{r.verdict}"'
+        f"{_connection_json(r.source, r.destination, r.l4)}"
+        f',"Type":"{r.type}"{node}{l7}'
+        f',"event_type":{{"type":{int(r.event_type)}{sub}}}'
+        f',"traffic_direction":"{r.traffic_direction}"{optional}{summary}{tail}}}'
+    )
+
+
+def _policy_list_json(key: str, policies: tuple[Policy, ...]) -> str:
+    return f',"{key}":[{_known(_POLICIES, policies, _policies_json)}]'
 
 
 def record_from_dict(data: Mapping[str, Any]) -> FlowRecord:

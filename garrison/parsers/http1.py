@@ -387,6 +387,10 @@ _SUPPORTED_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 _REQUEST_FIELDS = frozenset(
     {b"host", b"content-length", b"transfer-encoding", b"upgrade", b"connection"}
 )
+# Their lengths, and those of the response fields read (content-length, transfer-encoding,
+# connection): a field of another length is none of them, without lower-casing its name.
+_REQUEST_FIELD_LENGTHS = frozenset(len(name) for name in _REQUEST_FIELDS)
+_RESPONSE_FIELD_LENGTHS = frozenset((14, 17, 10))
 _MAX_CONTENT_LENGTH_DIGITS = 18
 _MAX_CHUNK_SIZE = 0x7FFF_FFFF_FFFF_FFFF
 
@@ -477,7 +481,10 @@ class _Sink:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields.append((name, value.rstrip(b" \t")))  # llhttp drops leading OWS only
+        # llhttp drops leading OWS only; few values end in OWS (a method call costs)
+        if value and (value[-1] == 0x20 or value[-1] == 0x09):
+            value = value.rstrip(b" \t")
+        self.fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.headers_complete = True
@@ -902,6 +909,16 @@ class HTTP1RequestParser(_HTTP1Parser):
 
     _is_request = True
 
+    def __init__(self, limits: HTTP1Limits | None = None) -> None:
+        super().__init__(limits)
+        # The last Host and origin-form target, validated / normalized, with their text: a
+        # keep-alive client sends the same again and again (memos of pure functions).
+        self._last_host: bytes | None = None
+        self._last_host_text = ""
+        self._last_target: bytes | None = None
+        self._last_target_text = ""
+        self._last_path = ""
+
     def _new_llhttp(self) -> _LLHTTP:
         return httptools.HttpRequestParser(self._sink)
 
@@ -940,6 +957,8 @@ class HTTP1RequestParser(_HTTP1Parser):
         cl_value: bytes | None = None
         connection: list[bytes] = []
         for name, value in fields:
+            if len(name) not in _REQUEST_FIELD_LENGTHS:
+                continue
             lname = name.lower()
             if lname not in _REQUEST_FIELDS:
                 continue
@@ -968,16 +987,26 @@ class HTTP1RequestParser(_HTTP1Parser):
 
         host: str | None = None
         if host_value is not None:
-            host = host_value.decode("latin-1")
-            if not valid_authority(host):  # check host_exactly_one
-                raise HTTP1HeadError(f"invalid Host {host[:60]!r}", status=400)
+            if host_value == self._last_host:
+                host = self._last_host_text
+            else:
+                host = host_value.decode("latin-1")
+                if not valid_authority(host):  # check host_exactly_one
+                    raise HTTP1HeadError(f"invalid Host {host[:60]!r}", status=400)
+                self._last_host, self._last_host_text = host_value, host
         elif version == b"HTTP/1.1":
             raise HTTP1HeadError("HTTP/1.1 request without Host", status=400)
         try:
             if target[0] == 0x2F:  # "/": origin-form, by far the most common
-                path = normalize_path(target)
+                if target != self._last_target:
+                    self._last_path = normalize_path(target)
+                    self._last_target_text = target.decode("ascii")
+                    self._last_target = target
+                path = self._last_path
+                target_text = self._last_target_text
             else:
                 normalized = normalize_target(target, allow_asterisk=method == b"OPTIONS")
+                target_text = target.decode("ascii")  # normalize_target allows only ASCII
                 path = normalized.path
                 if normalized.authority is not None:
                     # check absolute_form_authority
@@ -995,7 +1024,7 @@ class HTTP1RequestParser(_HTTP1Parser):
         self._keep_alive = keep_alive
         self._head_event = event = RequestReceived(
             method.decode("ascii"),
-            target.decode("ascii"),
+            target_text,
             path,
             version,
             tuple(fields),
@@ -1053,6 +1082,8 @@ class HTTP1ResponseParser(_HTTP1Parser):
         cl_value: bytes | None = None
         connection: list[bytes] = []
         for name, value in fields:
+            if len(name) not in _RESPONSE_FIELD_LENGTHS:
+                continue
             lname = name.lower()
             if lname == b"content-length":
                 cl_value = value

@@ -450,8 +450,7 @@ class HTTPEngine:
 
     def _denied_answer(self, ex: _Exchange, out: list[Command], now: float) -> None:
         """Queue a denied request's 403 (in request order) and write what is due."""
-        ex.answer = http1_access_denied(ex.version, keep_alive=not ex.close_after,
-                                        head=ex.method == "HEAD")
+        ex.answer = _access_denied(ex.version, not ex.close_after, ex.method == "HEAD")
         if ex.close_after:
             self._ignore_rest = True  # nothing after it may be forwarded
         self._queue.append(ex)
@@ -780,6 +779,20 @@ def _denied(verdict: L7Verdict, failed: tuple[RuleRef, ...]) -> tuple[RuleRef, .
     """What a denied request's record names: the L7 deny rule (garrison extension) that
     matched it, else the rules whose L7 rules it failed to match."""
     return (verdict.denied_by,) if verdict.denied_by is not None else failed
+
+
+# garrison's 403 answers by (version, keep-alive, HEAD): the parser lets only HTTP/1.0 and
+# HTTP/1.1 through, so eight at most, each made once (`http1_access_denied` formats bytes).
+_DENIED_ANSWERS: dict[tuple[bytes, bool, bool], bytes] = {}
+
+
+def _access_denied(version: bytes, keep_alive: bool, head: bool) -> bytes:
+    key = (version, keep_alive, head)
+    answer = _DENIED_ANSWERS.get(key)
+    if answer is None:
+        answer = http1_access_denied(version, keep_alive=keep_alive, head=head)
+        _DENIED_ANSWERS[key] = answer
+    return answer
 
 
 def _protocol(version: bytes) -> str:

@@ -20,7 +20,13 @@ from garrison.parsers.http1 import (
     RequestReceived,
     ResponseReceived,
 )
-from tests.unit.parsers.test_http1_support import bodies_of, feed, requests_of, responses_of
+from tests.unit.parsers.test_http1_support import (
+    bodies_of,
+    feed,
+    feed_error,
+    requests_of,
+    responses_of,
+)
 
 GET = b"GET /v1/ HTTP/1.1\r\nHost: deathstar\r\n\r\n"
 POST = b"POST /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 5\r\n\r\nhello"
@@ -375,3 +381,24 @@ def test_an_unchanged_head_is_forwarded_as_the_very_bytes_received() -> None:
     request = parser.next_event()
     assert isinstance(request, RequestReceived)
     assert request.forward_head() is request.raw_head == GET  # a slice, not re-joined
+
+
+def test_each_request_of_a_keep_alive_connection_is_judged_on_its_own() -> None:
+    """The parser remembers the last Host and target it validated (a keep-alive client sends
+    the same ones again): what a request gets never depends on the one before it."""
+    parser = HTTP1RequestParser()
+    odd = b"GET /a/../b/%7e?x=%41 HTTP/1.1\r\nHost: deathstar\r\n\r\n"
+    events = feed(parser, [GET, GET, odd, odd, GET], eof=False)
+    assert [(r.target, r.path, r.host) for r in requests_of(events)] == [
+        ("/v1/", "/v1/", "deathstar"),
+        ("/v1/", "/v1/", "deathstar"),
+        ("/a/../b/%7e?x=%41", "/b/~?x=A", "deathstar"),
+        ("/a/../b/%7e?x=%41", "/b/~?x=A", "deathstar"),
+        ("/v1/", "/v1/", "deathstar"),
+    ]
+    bad_host = feed_error(parser, [b"GET /v1/ HTTP/1.1\r\nHost: death star\r\n\r\n"])
+    assert bad_host.status == 400
+    parser = HTTP1RequestParser()
+    feed(parser, [GET], eof=False)
+    bad_target = feed_error(parser, [b"GET /v1/%2F HTTP/1.1\r\nHost: deathstar\r\n\r\n"])
+    assert bad_target.status == 400
