@@ -656,7 +656,7 @@ class _H2Connection:
         if end:
             self._events.append(StreamEnded(sid))
 
-    def _on_data(self, sid: int, length: int, end: bool) -> None:
+    def _on_data(self, sid: int, end: bool) -> None:
         n = self._block.data_len
         data = ffi.buffer(self._block.data, n)[:] if n else b""
         if sid in self._reset_ids:
@@ -981,21 +981,29 @@ def _guarded_failure(me: _H2Connection, exc: BaseException) -> int:
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
-def garrison_on_frame_recv(session: Any, frame: Any, user: Any) -> int:
+def garrison_on_stream_frame(user: Any, ftype: int, sid: int, flags: int, cat: int) -> int:
+    """A DATA, HEADERS (`cat`: nghttp2's header category) or RST_STREAM frame received."""
     me: _H2Connection = _me(user)
-    hd = frame.hd
-    ftype = hd.type
     try:
         if ftype == _DATA:
-            me._on_data(hd.stream_id, hd.length, bool(hd.flags & _END_STREAM))
+            me._on_data(sid, bool(flags & _END_STREAM))
         elif ftype == _HEADERS:
-            me._on_headers(hd.stream_id, frame.headers.cat, bool(hd.flags & _END_STREAM))
-        elif ftype == _RST_STREAM:
-            me._remote_rst.add(hd.stream_id)
-        elif ftype == _GOAWAY:
-            g = frame.goaway
-            debug = ffi.buffer(g.opaque_data, g.opaque_data_len)[:] if g.opaque_data_len else b""
-            me._on_goaway(g.error_code, g.last_stream_id, debug)
+            me._on_headers(sid, cat, bool(flags & _END_STREAM))
+        else:
+            me._remote_rst.add(sid)
+    except Exception as exc:
+        return _guarded_failure(me, exc)
+    return 0
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def garrison_on_frame_recv(session: Any, frame: Any, user: Any) -> int:
+    """A GOAWAY received (the only other frame the C filter passes on)."""
+    me: _H2Connection = _me(user)
+    try:
+        g = frame.goaway
+        debug = ffi.buffer(g.opaque_data, g.opaque_data_len)[:] if g.opaque_data_len else b""
+        me._on_goaway(g.error_code, g.last_stream_id, debug)
     except Exception as exc:
         return _guarded_failure(me, exc)
     return 0

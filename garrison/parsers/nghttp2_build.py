@@ -164,6 +164,7 @@ int32_t garrison_submit_headers(nghttp2_session *, uint8_t, int32_t, const uint8
     const size_t *, const uint8_t *, size_t);
 
 extern "Python" int garrison_on_frame_recv(nghttp2_session *, const nghttp2_frame *, void *);
+extern "Python" int garrison_on_stream_frame(void *, uint8_t, int32_t, uint8_t, int);
 extern "Python" int garrison_on_frame_send(nghttp2_session *, const nghttp2_frame *, void *);
 extern "Python" int garrison_on_invalid_frame(nghttp2_session *, const nghttp2_frame *, int,
     void *);
@@ -206,13 +207,20 @@ static void garrison_block_free(garrison_block *b) {{
     free(b->buf); free(b->lengths); free(b->flags); free(b->data); free(b);
 }}
 
-/* Only the frames the Python side acts on cross into Python. */
+/* Only the frames the Python side acts on cross into Python; DATA, HEADERS and RST_STREAM
+   with the few numbers it reads (no frame struct to read field by field from Python). */
 static int garrison_on_frame_recv(nghttp2_session *, const nghttp2_frame *, void *);
+static int garrison_on_stream_frame(void *, uint8_t, int32_t, uint8_t, int);
 static int garrison_on_frame_send(nghttp2_session *, const nghttp2_frame *, void *);
 
 static int garrison_on_frame_recv_c(nghttp2_session *s, const nghttp2_frame *f, void *u) {{
     switch (f->hd.type) {{
-    case NGHTTP2_DATA: case NGHTTP2_HEADERS: case NGHTTP2_RST_STREAM: case NGHTTP2_GOAWAY:
+    case NGHTTP2_DATA: case NGHTTP2_RST_STREAM:
+        return garrison_on_stream_frame(u, f->hd.type, f->hd.stream_id, f->hd.flags, 0);
+    case NGHTTP2_HEADERS:
+        return garrison_on_stream_frame(u, f->hd.type, f->hd.stream_id, f->hd.flags,
+                                        (int)f->headers.cat);
+    case NGHTTP2_GOAWAY:
         return garrison_on_frame_recv(s, f, u);
     default:
         return 0;
