@@ -5,9 +5,10 @@
 
 An API-mode cffi extension (`garrison/parsers/_nghttp2*.so`, git-ignored) compiled against
 Debian's `libnghttp2-dev`: the C declarations below, a little C of garrison's own (header
-blocks collected per block and submitted from one buffer, frame filters, so that Python is
-called once per header block or frame it acts on rather than once per field), and the
-callbacks nghttp2 calls as `extern "Python"` functions. The extension carries a digest of this
+blocks collected per block and submitted from one buffer, a DATA frame's chunks joined, frame
+filters passing a stream frame's numbers, so that Python is called once per header block or
+frame it acts on rather than once per field or chunk), and the callbacks nghttp2 calls as
+`extern "Python"` functions. The extension carries a digest of this
 file's declarations (`garrison_build_digest()`); `garrison.parsers.nghttp2` refuses to load one
 that does not match, with the command that fixes it. Nothing here runs at import time of garrison.
 """
