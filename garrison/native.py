@@ -66,6 +66,7 @@ COMPILED: tuple[str, ...] = (
     "garrison.parsers.kafka_topics",
     "garrison.policies.match_kafka",
     "garrison.proxy.engine_kafka",
+    "garrison.proxy.engine_h2",
     "garrison.flows.store",
     "garrison.flows.writer",
     "garrison.proxy.metrics",

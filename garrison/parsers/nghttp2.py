@@ -283,7 +283,6 @@ class _H2Connection:
         # per-receive state, filled by the callbacks
         self._events: list[H2Event] = []
         self._flushed: dict[int, int] = {}
-        self._chunks: dict[int, list[bytes]] = {}
         self._fatal: tuple[str, int] | None = None
         self._invalid: str | None = None
         self._closing_locally = False
@@ -307,8 +306,11 @@ class _H2Connection:
         lib.nghttp2_session_callbacks_set_on_begin_headers_callback(cb, on_begin)
         on_header = ffi.addressof(lib, "garrison_on_header_c")
         lib.nghttp2_session_callbacks_set_on_header_callback(cb, on_header)
-        on_chunk = lib.garrison_on_data_chunk
+        # So are a DATA frame's chunks, read once per frame (`_on_data`).
+        on_chunk = ffi.addressof(lib, "garrison_on_data_chunk_c")
         lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_chunk)
+        on_begin_frame = ffi.addressof(lib, "garrison_on_begin_frame_c")
+        lib.nghttp2_session_callbacks_set_on_begin_frame_callback(cb, on_begin_frame)
         # C filters in front of the Python callbacks: only DATA, HEADERS, RST_STREAM and
         # GOAWAY received, RST_STREAM and GOAWAY sent, reach Python.
         on_recv = ffi.addressof(lib, "garrison_on_frame_recv_c")
@@ -654,10 +656,9 @@ class _H2Connection:
         if end:
             self._events.append(StreamEnded(sid))
 
-    def _on_data(self, sid: int, length: int, end: bool) -> None:
-        chunks = self._chunks.pop(sid, None)
-        data = b"".join(chunks) if chunks else b""
-        n = len(data)
+    def _on_data(self, sid: int, end: bool) -> None:
+        n = self._block.data_len
+        data = ffi.buffer(self._block.data, n)[:] if n else b""
         if sid in self._reset_ids:
             if n:
                 lib.nghttp2_session_consume_connection(self._session, n)
@@ -678,7 +679,6 @@ class _H2Connection:
     def _on_stream_close(self, sid: int, code: int) -> int:
         self._open.pop(sid, None)
         self._sendable.discard(sid)
-        self._chunks.pop(sid, None)
         remote = sid in self._remote_rst
         self._remote_rst.discard(sid)
         if sid in self._reset_ids:
@@ -981,33 +981,29 @@ def _guarded_failure(me: _H2Connection, exc: BaseException) -> int:
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
-def garrison_on_data_chunk(
-    session: Any, flags: int, sid: int, data: Any, length: int, user: Any
-) -> int:
+def garrison_on_stream_frame(user: Any, ftype: int, sid: int, flags: int, cat: int) -> int:
+    """A DATA, HEADERS (`cat`: nghttp2's header category) or RST_STREAM frame received."""
     me: _H2Connection = _me(user)
-    chunks = me._chunks.get(sid)
-    if chunks is None:
-        chunks = me._chunks[sid] = []
-    chunks.append(ffi.buffer(data, length)[:])
+    try:
+        if ftype == _DATA:
+            me._on_data(sid, bool(flags & _END_STREAM))
+        elif ftype == _HEADERS:
+            me._on_headers(sid, cat, bool(flags & _END_STREAM))
+        else:
+            me._remote_rst.add(sid)
+    except Exception as exc:
+        return _guarded_failure(me, exc)
     return 0
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def garrison_on_frame_recv(session: Any, frame: Any, user: Any) -> int:
+    """A GOAWAY received (the only other frame the C filter passes on)."""
     me: _H2Connection = _me(user)
-    hd = frame.hd
-    ftype = hd.type
     try:
-        if ftype == _DATA:
-            me._on_data(hd.stream_id, hd.length, bool(hd.flags & _END_STREAM))
-        elif ftype == _HEADERS:
-            me._on_headers(hd.stream_id, frame.headers.cat, bool(hd.flags & _END_STREAM))
-        elif ftype == _RST_STREAM:
-            me._remote_rst.add(hd.stream_id)
-        elif ftype == _GOAWAY:
-            g = frame.goaway
-            debug = ffi.buffer(g.opaque_data, g.opaque_data_len)[:] if g.opaque_data_len else b""
-            me._on_goaway(g.error_code, g.last_stream_id, debug)
+        g = frame.goaway
+        debug = ffi.buffer(g.opaque_data, g.opaque_data_len)[:] if g.opaque_data_len else b""
+        me._on_goaway(g.error_code, g.last_stream_id, debug)
     except Exception as exc:
         return _guarded_failure(me, exc)
     return 0

@@ -5,9 +5,10 @@
 
 An API-mode cffi extension (`garrison/parsers/_nghttp2*.so`, git-ignored) compiled against
 Debian's `libnghttp2-dev`: the C declarations below, a little C of garrison's own (header
-blocks collected per block and submitted from one buffer, frame filters, so that Python is
-called once per header block or frame it acts on rather than once per field), and the
-callbacks nghttp2 calls as `extern "Python"` functions. The extension carries a digest of this
+blocks collected per block and submitted from one buffer, a DATA frame's chunks joined, frame
+filters passing a stream frame's numbers, so that Python is called once per header block or
+frame it acts on rather than once per field or chunk), and the callbacks nghttp2 calls as
+`extern "Python"` functions. The extension carries a digest of this
 file's declarations (`garrison_build_digest()`); `garrison.parsers.nghttp2` refuses to load one
 that does not match, with the command that fixes it. Nothing here runs at import time of garrison.
 """
@@ -84,6 +85,8 @@ void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks 
             const uint8_t *, size_t, uint8_t, void *));
 void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *,
     int (*)(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *));
+void nghttp2_session_callbacks_set_on_begin_frame_callback(nghttp2_session_callbacks *,
+    int (*)(nghttp2_session *, const nghttp2_frame_hd *, void *));
 void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *,
     int (*)(nghttp2_session *, const nghttp2_frame *, void *));
 void nghttp2_session_callbacks_set_on_frame_send_callback(nghttp2_session_callbacks *,
@@ -145,11 +148,15 @@ typedef struct {
     uint8_t *buf; size_t len;
     size_t *lengths; uint8_t *flags; size_t count;
     size_t list_size; size_t max_list_size; int oversize;
+    uint8_t *data; size_t data_len;
     ...;
 } garrison_block;
 garrison_block *garrison_block_new(void *, size_t);
 void garrison_block_free(garrison_block *);
 int garrison_on_begin_headers_c(nghttp2_session *, const nghttp2_frame *, void *);
+int garrison_on_begin_frame_c(nghttp2_session *, const nghttp2_frame_hd *, void *);
+int garrison_on_data_chunk_c(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t,
+    void *);
 int garrison_on_frame_recv_c(nghttp2_session *, const nghttp2_frame *, void *);
 int garrison_on_frame_send_c(nghttp2_session *, const nghttp2_frame *, void *);
 int garrison_on_header_c(nghttp2_session *, const nghttp2_frame *, const uint8_t *, size_t,
@@ -157,9 +164,8 @@ int garrison_on_header_c(nghttp2_session *, const nghttp2_frame *, const uint8_t
 int32_t garrison_submit_headers(nghttp2_session *, uint8_t, int32_t, const uint8_t *,
     const size_t *, const uint8_t *, size_t);
 
-extern "Python" int garrison_on_data_chunk(nghttp2_session *, uint8_t, int32_t,
-    const uint8_t *, size_t, void *);
 extern "Python" int garrison_on_frame_recv(nghttp2_session *, const nghttp2_frame *, void *);
+extern "Python" int garrison_on_stream_frame(void *, uint8_t, int32_t, uint8_t, int);
 extern "Python" int garrison_on_frame_send(nghttp2_session *, const nghttp2_frame *, void *);
 extern "Python" int garrison_on_invalid_frame(nghttp2_session *, const nghttp2_frame *, int,
     void *);
@@ -178,12 +184,15 @@ static const char *garrison_build_digest(void) {{ return "{digest}"; }}
    per field): the names and values one after the other in `buf`, their lengths (name, value,
    ...) in `lengths`, nghttp2's flags per field (NO_INDEX: the sender marked it never-indexed)
    in `flags`. `list_size` counts RFC 9113 §6.5.2 sizes; past `max_list_size` the field is
-   refused and `oversize` set. The session's user data; `handle` is the Python object. */
+   refused and `oversize` set. Likewise the payload of the DATA frame being received, in
+   `data` (its chunks joined; read once, when the frame is complete). The session's user
+   data; `handle` is the Python object. */
 typedef struct {{
     void *handle;
     uint8_t *buf; size_t len, cap;
     size_t *lengths; uint8_t *flags; size_t count, fields_cap;
     size_t list_size, max_list_size; int oversize;
+    uint8_t *data; size_t data_len, data_cap;
 }} garrison_block;
 
 static garrison_block *garrison_block_new(void *handle, size_t max_list_size) {{
@@ -196,16 +205,23 @@ static garrison_block *garrison_block_new(void *handle, size_t max_list_size) {{
 
 static void garrison_block_free(garrison_block *b) {{
     if (b == NULL) return;
-    free(b->buf); free(b->lengths); free(b->flags); free(b);
+    free(b->buf); free(b->lengths); free(b->flags); free(b->data); free(b);
 }}
 
-/* Only the frames the Python side acts on cross into Python. */
+/* Only the frames the Python side acts on cross into Python; DATA, HEADERS and RST_STREAM
+   with the few numbers it reads (no frame struct to read field by field from Python). */
 static int garrison_on_frame_recv(nghttp2_session *, const nghttp2_frame *, void *);
+static int garrison_on_stream_frame(void *, uint8_t, int32_t, uint8_t, int);
 static int garrison_on_frame_send(nghttp2_session *, const nghttp2_frame *, void *);
 
 static int garrison_on_frame_recv_c(nghttp2_session *s, const nghttp2_frame *f, void *u) {{
     switch (f->hd.type) {{
-    case NGHTTP2_DATA: case NGHTTP2_HEADERS: case NGHTTP2_RST_STREAM: case NGHTTP2_GOAWAY:
+    case NGHTTP2_DATA: case NGHTTP2_RST_STREAM:
+        return garrison_on_stream_frame(u, f->hd.type, f->hd.stream_id, f->hd.flags, 0);
+    case NGHTTP2_HEADERS:
+        return garrison_on_stream_frame(u, f->hd.type, f->hd.stream_id, f->hd.flags,
+                                        (int)f->headers.cat);
+    case NGHTTP2_GOAWAY:
         return garrison_on_frame_recv(s, f, u);
     default:
         return 0;
@@ -215,6 +231,30 @@ static int garrison_on_frame_recv_c(nghttp2_session *s, const nghttp2_frame *f, 
 static int garrison_on_frame_send_c(nghttp2_session *s, const nghttp2_frame *f, void *u) {{
     if (f->hd.type == NGHTTP2_RST_STREAM || f->hd.type == NGHTTP2_GOAWAY)
         return garrison_on_frame_send(s, f, u);
+    return 0;
+}}
+
+/* A DATA frame's chunks are joined in C: its payload reaches Python once, with the frame.
+   A frame's chunks come between its header and its end (nghttp2 reads one frame at a time),
+   so a new DATA frame header starts an empty payload (dropping chunks of a frame nghttp2
+   then ignored). */
+static int garrison_on_begin_frame_c(nghttp2_session *s, const nghttp2_frame_hd *hd, void *u) {{
+    if (hd->type == NGHTTP2_DATA) ((garrison_block *)u)->data_len = 0;
+    return 0;
+}}
+
+static int garrison_on_data_chunk_c(nghttp2_session *s, uint8_t flags, int32_t sid,
+    const uint8_t *data, size_t len, void *u) {{
+    garrison_block *b = u;
+    if (b->data_len + len > b->data_cap) {{
+        size_t cap = b->data_cap ? b->data_cap : 1024;
+        while (cap < b->data_len + len) cap *= 2;
+        uint8_t *nb = realloc(b->data, cap);
+        if (nb == NULL) return NGHTTP2_ERR_CALLBACK_FAILURE;
+        b->data = nb; b->data_cap = cap;
+    }}
+    memcpy(b->data + b->data_len, data, len);
+    b->data_len += len;
     return 0;
 }}
 

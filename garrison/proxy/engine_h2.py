@@ -452,8 +452,8 @@ class H2Engine:
         try:
             try:
                 events = self._client.receive_data(data, now)
-            except H2Error as exc:
-                return self._peer_failed(Side.CLIENT, exc)
+            except H2Error as broken:
+                return self._peer_failed(Side.CLIENT, broken)
             calls = self._calls
             handlers = self._client_handlers
             for ev in events:
@@ -481,8 +481,8 @@ class H2Engine:
         try:
             try:
                 events = self._upstream.receive_data(data, now)
-            except H2Error as exc:
-                return self._peer_failed(Side.UPSTREAM, exc)
+            except H2Error as broken:
+                return self._peer_failed(Side.UPSTREAM, broken)
             calls = self._by_upstream
             handlers = self._upstream_handlers
             for ev in events:

@@ -89,6 +89,26 @@ def test_credentials_are_sent_never_indexed_and_the_peers_mark_is_kept() -> None
     assert fields[b"x-plain"] is not NeverIndexedHeaderTuple
 
 
+@pytest.mark.parametrize("prevalidated", [False, True])
+def test_credentials_given_as_text_are_sent_never_indexed_too(prevalidated: bool) -> None:
+    """Fields given as text are encoded before the never-indexed test, so a credential named
+    in text is still never indexed (on both the checked and the pre-validated path)."""
+    peer = _peer()
+    conn = H2ServerConnection(prevalidated_headers=prevalidated)
+    peer.send_headers(1, REQUEST, end_stream=True)
+    _exchange(peer, conn)
+    conn.send_headers(
+        1,
+        [(":status", "200"), ("authorization", "Basic x"), ("cookie", "a=b"), ("x-plain", "v")],
+        end_stream=True,
+    )
+    (response, *_rest) = peer.receive_data(conn.data_to_send())
+    fields = {bytes(h[0]): (type(h), bytes(h[1])) for h in response.headers}
+    assert fields[b"authorization"] == (NeverIndexedHeaderTuple, b"Basic x")
+    assert fields[b"cookie"] == (NeverIndexedHeaderTuple, b"a=b")  # short cookies too
+    assert fields[b"x-plain"][0] is not NeverIndexedHeaderTuple
+
+
 def test_a_bad_preface_is_a_typed_error_with_a_goaway() -> None:
     conn = H2ServerConnection()
     with pytest.raises(H2Error) as err:
