@@ -42,14 +42,16 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-# The per-request path of the HTTP/1.1 and Kafka proxies: parsers, engines, record building
-# and encoding, redaction, rule matching, commands, and the server around them (connections,
-# the record sink, ring, access-log writer, metrics). Each must type-check under mypy --strict
-# and must not be monkeypatched by tests (compiled callers bind other compiled functions
-# directly). Not here: `garrison.proxy.upstream` (mypyc cannot compile its OSError
-# subclass) and the HTTP/2 path, whose codec is nghttp2 (C, through cffi): compiled, the
-# `NeverIndexed` pairs of `garrison.parsers.http2` would be boxed again as plain tuples (mypyc
-# stores a fixed-length tuple unboxed) and a credential would lose its never-indexed mark.
+# The per-request path of the proxies: parsers, engines, record building and encoding,
+# redaction, rule matching, commands, and the server around them (connections, the record
+# sink, ring, access-log writer, metrics). Each must type-check under mypy --strict and must
+# not be monkeypatched by tests (compiled callers bind other compiled functions directly).
+# Not here: `garrison.proxy.upstream` (mypyc cannot compile its OSError subclass) and
+# `garrison.parsers.nghttp2`, which does not compile unchanged: its connection objects are
+# weakly referenced from the callbacks' map, tests replace their methods, and its
+# `type(header) is NeverIndexed` checks on values typed as pairs would see them unboxed (mypyc
+# stores a fixed-length tuple unboxed: a credential would lose its never-indexed mark).
+# `garrison.proxy.engine_h2` only passes pairs on and keeps the mark (test_engine_h2).
 COMPILED: tuple[str, ...] = (
     "garrison.parsers.pathnorm",
     "garrison.parsers.http1",
