@@ -12,7 +12,6 @@ TLS flags are refused with one line and status 2 before anything starts.
 from __future__ import annotations
 
 import contextlib
-import io
 import ipaddress
 import json
 import os
@@ -40,6 +39,7 @@ from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowStore
 from garrison.tlsfiles import TLSFileError
 from tests.etcd_server import EtcdPKI, EtcdServer, _issue, etcd_skip_reason, make_pki
+from tests.unit.test_cluster_relay import run_cli
 
 pytestmark = [
     pytest.mark.e2e,
@@ -273,21 +273,6 @@ def test_readers_refuse_bad_flow_api_flags_with_one_line_and_status_2(
         2, "garrison: --flow-api-cert and --flow-api-key go together: give both (the client"
         " certificate the nodes' --flow-api-tls-client-ca issued, and its private key) or"
         " neither")
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    from garrison.cli.main import main
-
-    out, err = io.BytesIO(), io.StringIO()
-    wrapper = io.TextIOWrapper(out, encoding="utf-8")
-    old = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = wrapper, err
-    try:
-        rc = main(list(argv))
-        wrapper.flush()
-    finally:
-        sys.stdout, sys.stderr = old
-    return rc, out.getvalue().decode(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
