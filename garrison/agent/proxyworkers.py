@@ -84,7 +84,7 @@ from garrison.proxy.metrics import (
 from garrison.proxy.policyview import Admission
 from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings, install_uvloop
 from garrison.proxy.sockets import listener
-from garrison.proxy.workers import RESTART_FIRST, RESTART_MAX, STABLE_AFTER
+from garrison.proxy.workers import RESTART_MAX, schedule_restart
 
 log = logging.getLogger("garrison.agent")
 
@@ -320,11 +320,7 @@ class ProxyWorkers:
             proc = slot.proc
             if proc is not None and proc.poll() is not None:
                 self._forget(slot)
-                if now - slot.started >= STABLE_AFTER:
-                    slot.failures = 0
-                slot.failures += 1
-                delay = min(RESTART_MAX, RESTART_FIRST * 2 ** (slot.failures - 1))
-                slot.restart_at = now + delay
+                delay = schedule_restart(slot, now)
                 log.error("proxy worker %d (pid %d) %s; restarting it in %.1f s",
                           slot.index, proc.pid, _describe(proc.returncode), delay)
             elif proc is None and slot.restart_at and now >= slot.restart_at:

@@ -38,6 +38,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger("garrison.proxy")
 
@@ -72,6 +73,25 @@ class _Slot:
     started: float = 0.0
     failures: int = 0  # consecutive quick failures
     restart_at: float = 0.0  # monotonic; 0 = not waiting for a restart
+
+
+class Restartable(Protocol):
+    """A supervised worker's restart state (this module's slots and the agent's)."""
+
+    started: float  # monotonic, when it was last started
+    failures: int  # consecutive quick failures
+    restart_at: float  # monotonic; 0 = not waiting for a restart
+
+
+def schedule_restart(slot: Restartable, now: float) -> float:
+    """`slot`'s worker exited at `now`: when to start it again. RESTART_FIRST, doubling up to
+    RESTART_MAX while it keeps failing within STABLE_AFTER of its start. Returns the delay."""
+    if now - slot.started >= STABLE_AFTER:
+        slot.failures = 0
+    slot.failures += 1
+    delay = min(RESTART_MAX, RESTART_FIRST * 2.0 ** (slot.failures - 1))
+    slot.restart_at = now + delay
+    return delay
 
 
 def _die_with_parent(parent: int) -> None:
@@ -267,12 +287,7 @@ class Supervisor:
             pid, slot.pid = slot.pid, 0
             if self._on_exit is not None:
                 self._on_exit(pid)
-            now = time.monotonic()
-            if now - slot.started >= STABLE_AFTER:
-                slot.failures = 0
-            slot.failures += 1
-            delay = min(RESTART_MAX, RESTART_FIRST * 2 ** (slot.failures - 1))
-            slot.restart_at = now + delay
+            delay = schedule_restart(slot, time.monotonic())
             log.error("worker %d (pid %d) %s; restarting it in %.1f s",
                       slot.index, pid, describe_status(status), delay)
 
