@@ -599,6 +599,22 @@ class NsAgent:
         return subprocess.run([GARRISON, *args, "--socket", str(self.socket)],
                               capture_output=True, text=True, timeout=60)
 
+    def remove(self, endpoints: Sequence[str], namespaces: Sequence[str]) -> None:
+        """Take down what a test made around this agent: `endpoints` through the running agent,
+        the agent (SIGTERM), its state (`--cleanup`), its pins, then `namespaces` — the test's
+        own, each checked absent before the test made it."""
+        if self.proc is not None and self.proc.poll() is None:
+            for name in endpoints:
+                self.cli("endpoint", "delete", name)
+            self.stop()
+        if self.proc is not None:
+            self.cleanup()
+        if self.pin_root.exists():
+            remove_pin_dir(self.pin_root)
+        for name in namespaces:
+            if Path(f"/run/netns/{name}").exists():
+                subprocess.run(["ip", "netns", "delete", name], check=False)
+
     def log(self) -> str:
         return "\n".join(p.read_text(errors="replace")
                          for p in sorted(self.workdir.glob("agent-*.log")))

@@ -39,7 +39,6 @@ from garrison.bpf.loader import Datapath
 from garrison.bpf.maps import EndpointConfig
 from garrison.bpf.syscall import TC_ACT_SHOT, SkbContext
 from garrison.flows.record import FlowRecord, FlowType, Verdict
-from garrison.redirect import remove_pin_dir
 from garrison.redirect.bpffs import BPFFS_MOUNT
 
 from .agent_harness import NsAgent, ip, ns_socket
@@ -426,17 +425,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         assert "imported" in n.cli("policy", "import", str(policy))
         yield n
     finally:
-        if agent.proc is not None and agent.proc.poll() is None:
-            for name in made:
-                agent.cli("endpoint", "delete", name)
-            agent.stop()
-        if agent.proc is not None:
-            agent.cleanup()
-        if pin_root.exists():
-            remove_pin_dir(pin_root)
-        for name in (CLI, SRV, NODE):  # ours: checked absent above
-            if Path(f"/run/netns/{name}").exists():
-                subprocess.run(["ip", "netns", "delete", name], check=False)
+        agent.remove(made, (CLI, SRV, NODE))  # the namespaces: ours, checked absent above
 
 
 def answered(record: FlowRecord, src: str, dst: str, port: int) -> bool:

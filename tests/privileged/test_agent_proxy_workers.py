@@ -34,7 +34,6 @@ import pytest
 
 from garrison.agent.proxyworkers import reuseport_assign_supported
 from garrison.flows.record import FlowRecord, FlowType, Verdict
-from garrison.redirect import remove_pin_dir
 from garrison.redirect.bpffs import BPFFS_MOUNT
 
 from .agent_harness import STARWARS, NsAgent, http_request, ip, ns_socket
@@ -232,16 +231,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
             app.wait(10)
         if agent.proc is not None and agent.proc.poll() is None:
             pids = worker_pids(agent.proc.pid)
-            for name in made:
-                agent.cli("endpoint", "delete", name)
-            agent.stop()
-        if agent.proc is not None:
-            agent.cleanup()
-        if pin_root.exists():
-            remove_pin_dir(pin_root)
-        for name in (DS, TIE, NODE):  # ours: checked absent above
-            if Path(f"/run/netns/{name}").exists():
-                subprocess.run(["ip", "netns", "delete", name], check=False)
+        agent.remove(made, (DS, TIE, NODE))  # the namespaces: ours, checked absent above
     # after the agent's SIGTERM: no worker left, nothing of either run left in /tmp
     assert not any_worker_alive(pids), f"proxy workers outlived the agent: {pids}"
     assert n is not None and n.metrics_dirs
