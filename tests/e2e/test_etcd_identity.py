@@ -19,8 +19,7 @@ from garrison.identity.allocator import (
 from garrison.identity.model import Identity
 from garrison.kvstore.etcd import EtcdKVStore, EtcdSession
 from garrison.policies.labels import Labels
-from tests.e2e.test_etcd_kvstore import wait_for
-from tests.etcd_server import EtcdServer, etcd_skip_reason
+from tests.etcd_server import EtcdServer, etcd_skip_reason, wait_for
 
 pytestmark = [
     pytest.mark.e2e,

@@ -32,7 +32,7 @@ from garrison.kvstore.base import (
     WatchEvent,
 )
 from garrison.kvstore.etcd import EtcdKVStore, EtcdWatch, EventQueue, apply_event, parse_endpoints
-from tests.etcd_server import EtcdServer, etcd_skip_reason
+from tests.etcd_server import EtcdServer, etcd_skip_reason, wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -50,15 +50,6 @@ def etcd() -> Iterator[EtcdServer]:
 def store(etcd: EtcdServer) -> Iterator[EtcdKVStore]:
     with EtcdKVStore(etcd.url, root=f"ge-test-{uuid.uuid4().hex[:8]}/") as kv:
         yield kv
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 # The KVStore contract (as tests/unit/kvstore/test_kvstore_sqlite.py checks it for SQLite) ------

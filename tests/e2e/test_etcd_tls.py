@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,15 @@ import pytest
 from garrison.cluster.status import cluster_lines, cluster_problems
 from garrison.kvstore.base import Absent, KeyPut, KVStoreUnavailableError, Put, Relisted
 from garrison.kvstore.etcd import EtcdKVStore, EtcdTLS, EventQueue
-from tests.etcd_server import EtcdPKI, EtcdServer, _issue, _make_ca, etcd_skip_reason, make_pki
+from tests.etcd_server import (
+    EtcdPKI,
+    EtcdServer,
+    _issue,
+    _make_ca,
+    etcd_skip_reason,
+    make_pki,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -59,15 +67,6 @@ def client_tls(pki: EtcdPKI) -> EtcdTLS:
 
 def root() -> str:
     return f"ge-tls-{uuid.uuid4().hex[:8]}/"
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def failure(url: str, tls: EtcdTLS | None) -> str:

@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import pytest
 from garrison.redirect import remove_pin_dir
 from garrison.redirect.bpffs import BPFFS_MOUNT
 from tests.etcd_server import EtcdServer, etcd_skip_reason
+from tests.etcd_server import wait_for as wait_for  # the cluster tests take it from here
 from tests.privileged.agent_harness import GARRISON, AgentEndpoint, NsAgent, ip
 
 PID = os.getpid()
@@ -102,15 +103,6 @@ class Node:
         cluster's: if a failed test leaves it, the cluster's cleanup deletes it."""
         assert not Path(f"/run/netns/{endpoint}").exists(), f"{endpoint} exists: not ours"
         self.claimed.append(endpoint)
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def add_endpoint(node: Node, name: str, labels: str, ip_: str, *args: str) -> AgentEndpoint:
