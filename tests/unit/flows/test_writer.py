@@ -342,3 +342,37 @@ def test_failed_rotation_still_writes_and_reports(
     assert info.value.operation == "rotate" and info.value.written
     writer.close()
     assert [_tag(x) for x in path.read_text().splitlines()] == ["0000", "0001"]
+
+
+def test_rotation_never_renames_onto_an_existing_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replacing a file on ext4 frees the replaced one's blocks and first writes the renamed
+    one out, inside the system call: rotation moves the leaving file aside instead, and every
+    backup ends up where it did before."""
+    line_len = len(_record("0000").to_json()) + 1
+    real_replace = os.replace
+    onto_existing: list[str] = []
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if os.path.exists(dst):
+            onto_existing.append(f"{src} -> {dst}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("garrison.flows.writer.os.replace", replace)
+    for backups in (2, 0):
+        log = tmp_path / f"b{backups}" / "access.log"
+        log.parent.mkdir()
+        with AccessLogWriter(AccessLogConfig(path=log, max_bytes=line_len * 2,
+                                             backups=backups)) as writer:
+            for i in range(9):
+                writer.write(_record(f"{i:04d}"))
+        assert onto_existing == []
+        # close() waited for the rotated-out files' unlinks: nothing hidden is left behind
+        names = sorted(f.name for f in log.parent.iterdir())
+        assert names == (["access.log", "access.log.1", "access.log.2"] if backups
+                         else ["access.log"])
+        tags = [[_tag(x) for x in (log.parent / n).read_text().splitlines()]
+                for n in reversed(names)]
+        assert tags == ([["0004", "0005"], ["0006", "0007"], ["0008"]] if backups
+                        else [["0008"]])
