@@ -38,6 +38,7 @@ import errno as errno_mod
 import fcntl
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -131,6 +132,7 @@ class AccessLogWriter:
         self.rotations = 0
         with self._lock:
             self._open()
+            self._discard_leftovers()
 
     @property
     def config(self) -> AccessLogConfig:
@@ -269,6 +271,15 @@ class AccessLogWriter:
         except FileNotFoundError:
             return None
         return hidden
+
+    def _discard_leftovers(self) -> None:
+        """Rotated-out files a killed writer of this log left behind (ours by their name)."""
+        pattern = re.compile(rf"\.{re.escape(self._config.path.name)}\.\d+\.\d+"
+                             rf"{re.escape(_DISCARD_SUFFIX)}")
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self._config.path.parent):
+                if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    self._discard(Path(entry.path))
 
     def _discard(self, path: Path) -> None:
         """Unlink a file rotation let go, in a thread of its own. Freeing a large file's

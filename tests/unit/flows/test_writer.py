@@ -376,3 +376,19 @@ def test_rotation_never_renames_onto_an_existing_file(
                 for n in reversed(names)]
         assert tags == ([["0004", "0005"], ["0006", "0007"], ["0008"]] if backups
                         else [["0008"]])
+
+
+def test_rotated_out_files_a_killed_writer_left_are_removed_at_start(tmp_path: Path) -> None:
+    """A writer killed between moving a backup aside and unlinking it leaves a hidden file; the
+    next writer of that log removes it, and nothing else."""
+    path = tmp_path / "access.log"
+    leftover = tmp_path / ".access.log.4242.3.rotated-out"
+    leftover.write_text("old records\n")
+    others = [tmp_path / ".access.log.swp", tmp_path / ".other.log.1.1.rotated-out",
+              tmp_path / "access.log.1"]
+    for other in others:
+        other.write_text("not the writer's\n")
+    with AccessLogWriter(AccessLogConfig(path=path)) as writer:
+        writer.write(_record("0000"))
+    assert not leftover.exists()
+    assert all(other.exists() for other in others)
