@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from garrison.policies.labels import Labels, endpoint_labels
+from garrison.statefile import write_atomically
 
 # The host's side of every endpoint link (garrison.redirect.endpoint.DEFAULT_GATEWAY).
 GATEWAY = ipaddress.IPv4Address("198.19.255.254")
@@ -119,21 +118,11 @@ class EndpointRegistry:
         self._next_id = int(data.get("next_id", len(self._endpoints) + 1))
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         payload = {
             "next_id": self._next_id,
             "endpoints": [e.to_dict() for e in self._endpoints.values()],
         }
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".endpoints.")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(payload, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, json.dumps(payload, indent=1, sort_keys=True))
 
     def __iter__(self) -> Iterator[EndpointRecord]:
         return iter(sorted(self._endpoints.values(), key=lambda e: e.id))

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from garrison.policies.loader import load_text
 from garrison.policies.model import Policy
 from garrison.policies.repository import PolicyKey
+from garrison.statefile import write_atomically
 
 
 class PolicyStoreError(ValueError):
@@ -76,17 +76,7 @@ class ImportedPolicies:
             texts[digest] = text
             policies.append({"key": list(key), "path": path, "text": digest})
         payload = json.dumps({"policies": policies, "texts": texts}, indent=1)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".policies.")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, payload)
 
 
 class RevisionRecord:

@@ -13,8 +13,6 @@ import base64
 import ipaddress
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +49,7 @@ from garrison.kvstore.base import (
 from garrison.kvstore.etcd import EtcdKVStore, EtcdSession, EtcdWatch
 from garrison.policies.labels import NAMESPACE_NAME_LABEL
 from garrison.policies.repository import PolicyKey
+from garrison.statefile import write_atomically
 
 log = logging.getLogger("garrison.cluster")
 
@@ -230,17 +229,7 @@ class ClusterNode:
                 for prefix in _CACHED
             }
             self._cache_dirty = False
-        directory = self._cache_path.parent
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cluster-cache.")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"views": views}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._cache_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self._cache_path, json.dumps({"views": views}))
 
     def _heartbeat(self) -> None:
         self.session.put(HEARTBEAT_PREFIX + self.me.name, f"{self._clock():.3f}".encode())

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from garrison.bpf.abi import MARK_MASK, MARK_TO_PROXY, PROXY_ROUTE_TABLE
+from garrison.statefile import write_atomically
 
 PROXY_RULE_PRIORITY = 9  # before the main table (32766); after the local one (0)
 RTN_LOCAL = 2
@@ -167,14 +166,4 @@ class SteeringRecord:
         return added
 
     def _save(self, added: SteeringParts) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".steering.")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"rule": added.rule, "route": added.route}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, json.dumps({"rule": added.rule, "route": added.route}))
