@@ -40,10 +40,11 @@ from garrison.redirect.tc import (
     attach_endpoint_programs,
     attach_netdev_program,
     detach_endpoint_programs,
-    detach_netdev_program,
 )
+from garrison.redirect.underlay import UnderlayRecord
 
 STEERING_RECORD = "steering.json"  # in the state directory: what this agent added
+UNDERLAY_RECORD = "underlay.json"  # in the state directory: the underlay device's from_netdev
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class KernelDatapath:
         # (across restarts), so that its clean-up removes those and nothing else
         self.steering = SteeringRecord(state_dir / STEERING_RECORD)
         self.steering_added = SteeringParts()
+        self.underlay = UnderlayRecord(state_dir / UNDERLAY_RECORD)
         self._dp: Datapath | None = None
         self._sync: PolicySync | None = None
 
@@ -130,11 +132,14 @@ class KernelDatapath:
         return attach_endpoint_programs(link.ifindex, self.dp.programs)
 
     def attach_netdev(self, ifindex: int) -> bool:
-        """from_netdev on a cluster node's underlay device; True when this made the clsact."""
-        return attach_netdev_program(ifindex, self.dp.programs.from_netdev)
+        """from_netdev on a cluster node's underlay device, recorded in the state directory;
+        True when the device's clsact is garrison's (this agent's or a killed one's)."""
+        made = attach_netdev_program(ifindex, self.dp.programs.from_netdev)
+        return self.underlay.attached(ifindex, made)
 
-    def detach_netdev(self, ifindex: int, made_clsact: bool) -> None:
-        detach_netdev_program(ifindex, remove_qdisc=made_clsact)
+    def detach_netdev(self) -> None:
+        """Remove what `attach_netdev` recorded (the filter; the clsact when garrison's)."""
+        self.underlay.release()
 
     def delete_endpoint(
         self, name: str, ipv4: str, host_ifname: str | None = None,

@@ -12,7 +12,8 @@ namespaces and veths it made; of an adopted namespace only garrison's programs a
 added), its pinned maps, and the proxy steering ip rule / local route — only those of the two
 that this agent added (recorded in the state directory); a rule or route that was there
 before the agent stays. With `--kvstore etcd` also the routes to other nodes' pod CIDRs
-(protocol 0xa7, docs/cluster.md).
+(protocol 0xa7, docs/cluster.md) and from_netdev on the underlay device, with its clsact
+when garrison added it (recorded too, so a killed agent's is found).
 
 Exit status: 0 after a clean stop; 1 when it cannot start (missing privilege or package —
 the message says which), or `--cleanup` while the agent runs; 2 for bad usage.
@@ -33,13 +34,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from garrison.agent.api import AgentAPIServer, AgentClient, AgentUnreachableError, APIError
 from garrison.agent.cnisocket import CNISocketServer
 from garrison.agent.config import DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, AgentConfig
 from garrison.agent.daemon import Agent
 from garrison.agent.endpoints import EndpointError, EndpointRegistry
 from garrison.agent.handlers import make_handlers
-from garrison.agent.kernel import STEERING_RECORD, KernelDatapath
+from garrison.agent.kernel import STEERING_RECORD, UNDERLAY_RECORD, KernelDatapath
 from garrison.agent.metrics import AgentMetrics
 from garrison.agent.proxyworkers import ProxyWorkers, WorkersConfig, new_metrics_dir
 from garrison.agent.proxyworkers import serve_metrics as serve_workers_metrics
@@ -74,6 +77,7 @@ from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings
 from garrison.proxy.sockets import ListenError
 from garrison.redirect.bpffs import remove_pin_dir
 from garrison.redirect.steering import SteeringRecord
+from garrison.redirect.underlay import UnderlayRecord
 
 log = logging.getLogger("garrison.agent")
 
@@ -352,6 +356,17 @@ def _cleanup(config: AgentConfig) -> int:
         print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
         return 1
     print(f"removed the pinned maps under {config.bpffs_root}")
+    try:
+        released = UnderlayRecord(config.state_dir / UNDERLAY_RECORD).release()
+    except (ValueError, OSError, NetlinkError) as exc:
+        print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
+        return 1
+    if released.underlay is not None:
+        where = f"{released.underlay.ifname} (ifindex {released.underlay.ifindex})"
+        what = "from_netdev and the clsact garrison added" if released.underlay.clsact \
+            else "from_netdev (the clsact was there before garrison)"
+        print(f"removed {what} from the underlay device {where}" if released.removed
+              else f"left the underlay device {where} alone: it is gone or renamed")
     removed = SteeringRecord(config.state_dir / STEERING_RECORD).remove()
     for what, added in (("ip rule fwmark 0x200/0xf00 lookup 2004", removed.rule),
                         ("local route in table 2004", removed.route)):

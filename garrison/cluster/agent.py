@@ -120,8 +120,9 @@ class AgentCluster:
         # When each remote IP's ipcache entry was last written (time.time()), for benchmarks.
         self.learnt_at: dict[ipaddress.IPv4Address, float] = {}
         self.route_errors: dict[str, str] = {}
-        # The underlay device with from_netdev attached, and whether its clsact is ours.
-        self._netdev: tuple[int, bool] | None = None
+        # The underlay device with from_netdev attached (garrison.redirect.underlay records
+        # it, and whether its clsact is garrison's, in the state directory).
+        self._netdev: int | None = None
         self.netdev_error: str | None = None
         # Why this node serves no flow API although it was to (the default address failed).
         self.flow_api_error: str | None = None
@@ -173,8 +174,8 @@ class AgentCluster:
             )
             log.error("cluster: %s", self.netdev_error)
         else:
-            made = self._agent.datapath.attach_netdev(ifindex)
-            self._netdev = (ifindex, made)
+            self._agent.datapath.attach_netdev(ifindex)
+            self._netdev = ifindex
         for record in list(self._agent.endpoints):
             if record.identity:
                 self.endpoint_changed(record)
@@ -259,7 +260,7 @@ class AgentCluster:
     def close(self) -> None:
         if self._netdev is not None:
             try:
-                self._agent.datapath.detach_netdev(*self._netdev)
+                self._agent.datapath.detach_netdev()
             except OSError as exc:
                 log.warning("cluster: from_netdev not detached: %s", exc)
             self._netdev = None
@@ -445,7 +446,7 @@ class AgentCluster:
         if self.route_errors:
             out["route_errors"] = dict(self.route_errors)
         if self._netdev is not None:
-            out["underlay_ifindex"] = self._netdev[0]
+            out["underlay_ifindex"] = self._netdev
         if self.netdev_error:
             out["underlay_error"] = self.netdev_error
         out["flow_api"] = self.node.me.flow_api or None

@@ -411,3 +411,41 @@ def test_a_stopped_agent_removes_its_underlay_program_and_cleanup_its_routes(
     for cidr, via in (("198.18.201.0/24", "198.19.0.201"), ("198.18.203.0/24", "198.19.0.203")):
         assert f"removed the route to another node's pod CIDR {cidr} via {via}" in done.stdout
     assert node_routes() == ""
+
+
+def test_a_killed_agents_underlay_clsact_goes_at_the_next_stop_and_with_cleanup(
+    cluster: dict[str, Node],
+) -> None:
+    """The agent made the clsact on its underlay device; killed, it leaves the program and the
+    clsact. The next agent finds the clsact already there, yet its stop removes it (the state
+    directory's record says it is garrison's); killed again, `--cleanup` removes both."""
+    n3 = cluster["ge-n3"]
+
+    def tc(*what: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", n3.netns, "tc", *what],
+                              capture_output=True, text=True, check=False).stdout
+
+    def underlay() -> tuple[bool, bool]:
+        """(from_netdev attached, a clsact qdisc present) on n3's underlay leg."""
+        return ("from_netdev" in tc("filter", "show", "dev", "ge-u3", "ingress"),
+                "clsact" in tc("qdisc", "show", "dev", "ge-u3"))
+
+    assert underlay() == (True, True)
+    assert n3.agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert underlay() == (True, True)
+    try:
+        n3.agent.start()
+        assert underlay() == (True, True)
+        assert n3.agent.stop() == 0
+        assert underlay() == (False, False)
+
+        n3.agent.start()
+        assert n3.agent.stop(signal.SIGKILL) == -signal.SIGKILL
+        done = n3.agent.cleanup()
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert ("removed from_netdev and the clsact garrison added from the underlay device"
+                " ge-u3 (ifindex ") in done.stdout
+        assert underlay() == (False, False)
+    finally:
+        if n3.agent.proc is None or n3.agent.proc.poll() is not None:
+            n3.agent.start()  # as the module's fixture expects to find it
