@@ -18,7 +18,11 @@ INVALID_ARGUMENT.
 TLS, as Hubble's: with `ServerTLS` (`--flow-api-tls-cert/-key`, read and checked by
 `load_server_tls` before the agent starts) the server speaks TLS, and with its `client_ca`
 (`--flow-api-tls-client-ca`) it asks every reader for a certificate that CA issued (mTLS).
-The node's record says so (`NodeRecord.flow_api_tls`). Without TLS it is unauthenticated
+The node's record says so (`NodeRecord.flow_api_tls`). The files are watched, as Hubble's
+certloader does: at a new connection, at most once a second, the server looks whether any of
+them changed (a renewed certificate, a new client CA) and hands gRPC the new ones for the
+handshakes from then on; files that do not load (a certificate written before its key) are
+reported and the last good ones kept (`CertificateReloader`). Without TLS it is unauthenticated
 plaintext, as a Hubble server without TLS: flow records carry addresses, labels and HTTP
 paths, so it then belongs on the node network only (docs/cluster.md).
 
@@ -34,8 +38,10 @@ to plaintext. The file checks and the reading of gRPC's TLS errors are the etcd 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -75,6 +81,8 @@ DEFAULT_LIMIT = 100
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
+log = logging.getLogger("garrison.cluster")
+
 
 class FlowAPIError(Exception):
     """The flow API could not start, or a node's flow API did not answer as one."""
@@ -88,6 +96,8 @@ class ServerTLS:
     cert: bytes = field(repr=False)
     key: bytes = field(repr=False)
     client_ca: bytes | None = field(default=None, repr=False)
+    # the (cert, key, client CA) files read, which the server watches; None: bytes given
+    files: tuple[Path, Path, Path | None] | None = None
 
     @property
     def mode(self) -> str:
@@ -117,7 +127,66 @@ def load_server_tls(cert_file: Path | None, key_file: Path | None,
     if client_ca_file is not None:
         client_ca = load_ca("--flow-api-tls-client-ca", client_ca_file,
                             "the CA bundle (PEM) that issues the readers' client certificates")
-    return ServerTLS(cert, key, client_ca)
+    return ServerTLS(cert, key, client_ca, (cert_file, key_file, client_ca_file))
+
+
+def _signature(files: tuple[Path, Path, Path | None]) -> tuple[tuple[int, int, int], ...]:
+    """What changes when one of `files` is rewritten or replaced (a renamed-in copy, the
+    `..data` symlink swap of a Kubernetes secret volume): inode, size, mtime."""
+    out = []
+    for path in files:
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else (0, 0, 0))
+    return tuple(out)
+
+
+class CertificateReloader:
+    """gRPC's certificate fetcher for a server whose `ServerTLS` came from files: called at
+    every new connection, it looks at the files at most every `interval_s` seconds and
+    returns the new configuration when they changed and load, else None (keep the current
+    one). Calls may overlap (handshakes on several threads): the worst is one reload done
+twice. `reloads` counts the reloads that took."""
+
+    def __init__(self, tls: ServerTLS, *, interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        assert tls.files is not None
+        self.tls = tls
+        self._files = tls.files
+        self._seen = _signature(tls.files)
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next = clock() + interval_s
+        self.reloads = 0
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        now = self._clock()
+        if now < self._next:
+            return None
+        self._next = now + self._interval_s
+        seen = _signature(self._files)
+        if seen == self._seen:
+            return None
+        self._seen = seen
+        try:
+            new = load_server_tls(*self._files)
+        except (TLSFileError, OSError) as exc:
+            log.error("flow API: the changed certificate files do not load, the previous"
+                      " ones stay in use: %s", exc)
+            return None
+        assert new is not None
+        self.tls = new
+        self.reloads += 1
+        log.info("flow API: certificate files changed: new connections get them (%s)",
+                 ", ".join(str(p) for p in self._files if p is not None))
+        return _certificate_configuration(new)
+
+
+def _certificate_configuration(tls: ServerTLS) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(tls.key, tls.cert)],
+                                                     root_certificates=tls.client_ca)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +309,7 @@ class FlowAPIServer:
         self.host = host
         self.port = port
         self.tls = tls
+        self.reloader: CertificateReloader | None = None  # with TLS from files, once started
         self._server: grpc.Server | None = None
 
     @property
@@ -268,11 +338,17 @@ class FlowAPIServer:
             where = f"{self.host}:{self.port}"
             if self.tls is None:
                 port = server.add_insecure_port(where)
-            else:
+            elif self.tls.files is None:
                 port = server.add_secure_port(where, grpc.ssl_server_credentials(
                     [(self.tls.key, self.tls.cert)],
                     root_certificates=self.tls.client_ca,
                     require_client_auth=self.tls.client_ca is not None,
+                ))
+            else:
+                self.reloader = CertificateReloader(self.tls)
+                port = server.add_secure_port(where, grpc.dynamic_ssl_server_credentials(
+                    _certificate_configuration(self.tls), self.reloader,
+                    require_client_authentication=self.tls.client_ca is not None,
                 ))
         except RuntimeError as exc:  # grpcio >= 1.5x raises where older ones returned 0
             port = 0

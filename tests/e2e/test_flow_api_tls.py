@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +40,7 @@ from garrison.flows.codec import format_time
 from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowStore
 from garrison.tlsfiles import TLSFileError
-from tests.etcd_server import EtcdPKI, EtcdServer, _issue, etcd_skip_reason, make_pki
+from tests.etcd_server import EtcdPKI, EtcdServer, _issue, etcd_skip_reason, make_pki, wait_for
 from tests.unit.test_cluster_relay import run_cli
 
 pytestmark = [
@@ -205,6 +207,45 @@ def test_tls_files_are_checked_with_one_line_naming_flag_file_and_fix(
     with pytest.raises(TLSFileError, match=r"^--flow-api-cert and --flow-api-key go together"):
         load_reader_tls(None, b.client_cert, None)
     assert load_server_tls(None, None, None) is None
+
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(
+    pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As Hubble, the flow API follows its files: replaced by a certificate another CA issued,
+    the next reader that trusts that CA reads, and one that trusts only the old CA is refused.
+    Files that do not load (the new certificate written before its key) leave the last good
+    ones in use, said in the log."""
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    shutil.copy(pki.base.server_cert, cert)
+    shutil.copy(pki.base.server_key, key)
+    tls = load_server_tls(cert, key, None)
+    renewed_cert, renewed_key = _issue(
+        tmp_path, "renewed", (pki.base.other_ca, pki.base.other_key),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    old_ca = load_reader_tls(pki.base.ca, None, None)
+    new_ca = load_reader_tls(pki.base.other_ca, None, None)
+    with serving(tls) as server, caplog.at_level(logging.INFO, logger="garrison.cluster"):
+        assert len(read(server, old_ca)) == 5
+        shutil.copy(renewed_cert, cert)  # its key not yet
+        time.sleep(1.1)  # the files are looked at, at a new connection, once a second
+        assert len(read(server, old_ca)) == 5
+        assert any("the changed certificate files do not load, the previous ones stay in use:"
+                   f" --flow-api-tls-key {key} is not the key of --flow-api-tls-cert {cert}"
+                   in r.getMessage() for r in caplog.records)
+        shutil.copy(renewed_key, key)
+        wait_for(lambda: _reads(server, new_ca), 10.0, "the renewed certificate to be served")
+        assert refusal(server, old_ca).startswith(
+            "TLS handshake failed: certificate not trusted by --flow-api-ca")
+        assert server.reloader is not None and server.reloader.reloads == 1
+
+
+def _reads(server: FlowAPIServer, tls: ReaderTLS) -> bool:
+    try:
+        return len(read(server, tls)) == 5
+    except FlowAPIError:
+        return False
 
 
 # -- the commands ----------------------------------------------------------------------------
