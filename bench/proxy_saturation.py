@@ -146,7 +146,9 @@ def thread_cpu() -> dict[str, tuple[str, int]]:
 
 
 def _hist(table: object) -> dict[int, int]:
-    return {int(k.value): int(v.value) for k, v in table.items()}  # type: ignore[attr-defined]
+    """A log2 histogram's non-empty slots (bcc's histograms are arrays of 64)."""
+    return {int(k.value): int(v.value)
+            for k, v in table.items() if v.value}  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
