@@ -56,9 +56,6 @@ class RedactionConfig:
         object.__setattr__(self, "_memo", {})
         object.__setattr__(self, "_http_memo", {})
 
-    def is_sensitive(self, header_name: str) -> bool:
-        return header_name.lower() in self._lower
-
 
 DEFAULT_REDACTION = RedactionConfig()
 NO_REDACTION = RedactionConfig(headers=frozenset(), redact_userinfo=False)
@@ -185,16 +182,3 @@ def redacted_http(
         memo.clear()
     memo[key] = http  # holds `redacted`, so its id is not reused while the entry is here
     return http
-
-
-def redact_http(http: HTTP, config: RedactionConfig) -> HTTP:
-    """An existing HTTP part redacted (again) with `config`, for example a stricter one."""
-    return redacted_http(
-        method=http.method,
-        url=http.url,
-        protocol=http.protocol,
-        headers=[(h.key, h.value) for h in http.headers],
-        config=config,
-        code=http.code,
-        raw_target=http.raw_target,
-    )

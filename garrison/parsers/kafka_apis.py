@@ -72,12 +72,6 @@ class KafkaApi:
     def supports(self, version: int) -> bool:
         return 0 <= version <= self.max_version
 
-    def request_flexible(self, version: int) -> bool:
-        return bool(self.request_class.flexible_version_q(version))
-
-    def response_flexible(self, version: int) -> bool:
-        return bool(self.response_class.flexible_version_q(version))
-
 
 def _message_classes(base: Any) -> list[Any]:
     found = []
