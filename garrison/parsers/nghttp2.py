@@ -101,10 +101,6 @@ _NO_END_STREAM = int(lib.NGHTTP2_DATA_FLAG_NO_END_STREAM)
 _ERR_DEFERRED = int(lib.NGHTTP2_ERR_DEFERRED)
 _ERR_CALLBACK = int(lib.NGHTTP2_ERR_CALLBACK_FAILURE)
 _HCAT_REQUEST = int(lib.NGHTTP2_HCAT_REQUEST)
-_SENDING_STATES = (
-    int(lib.NGHTTP2_STREAM_STATE_OPEN),
-    int(lib.NGHTTP2_STREAM_STATE_HALF_CLOSED_REMOTE),
-)
 _CREDENTIAL_FIELDS = frozenset({b"authorization", b"proxy-authorization"})
 _CONNECTION_FIELDS = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
