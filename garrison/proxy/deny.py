@@ -497,24 +497,6 @@ def _kafka_deny_join_group(cls: _Any, version: int, req: _Any, cluster: _Any) ->
     )
 
 
-def _kafka_deny_heartbeat(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](throttle_time_ms=0, error_code=GROUP_AUTHORIZATION_FAILED)
-
-
-def _kafka_deny_leave_group(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](throttle_time_ms=0, error_code=GROUP_AUTHORIZATION_FAILED, members=[])
-
-
-def _kafka_deny_sync_group(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](
-        throttle_time_ms=0,
-        error_code=GROUP_AUTHORIZATION_FAILED,
-        protocol_type=None,
-        protocol_name=None,
-        assignment=b"",
-    )
-
-
 def _kafka_deny_describe_groups(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
     group_cls = entry_class(cls, "groups")
     return cls[version](
@@ -533,14 +515,6 @@ def _kafka_deny_describe_groups(cls: _Any, version: int, req: _Any, cluster: _An
             for group_id in req.groups or ()
         ],
     )
-
-
-def _kafka_deny_list_groups(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](throttle_time_ms=0, error_code=CLUSTER_AUTHORIZATION_FAILED, groups=[])
-
-
-def _kafka_deny_api_versions(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](error_code=CLUSTER_AUTHORIZATION_FAILED, api_keys=[], throttle_time_ms=0)
 
 
 def _kafka_deny_create_topics(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
@@ -605,12 +579,7 @@ _KAFKA_DENY_BUILDERS: dict[int, _KafkaDenyBuilder] = {
     9: _kafka_deny_offset_fetch,
     10: _kafka_deny_find_coordinator,
     11: _kafka_deny_join_group,
-    12: _kafka_deny_heartbeat,
-    13: _kafka_deny_leave_group,
-    14: _kafka_deny_sync_group,
     15: _kafka_deny_describe_groups,
-    16: _kafka_deny_list_groups,
-    18: _kafka_deny_api_versions,
     19: _kafka_deny_create_topics,
     20: _kafka_deny_delete_topics,
     22: _kafka_deny_init_producer_id,
