@@ -300,9 +300,6 @@ class Endpoint:
             port=port,
         )
 
-    def with_port(self, port: int) -> Endpoint:
-        return Endpoint(self.identity, self.labels, self.namespace, self.pod_name, self.ip, port)
-
 
 @dataclass(frozen=True, slots=True)
 class TCPFlags:

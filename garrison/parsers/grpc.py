@@ -36,11 +36,6 @@ class GrpcCall:
     service: str
     method: str
 
-    @property
-    def full_method(self) -> str:
-        """`pkg.Service/Method`, the form access logs and deny reasons use."""
-        return f"{self.service}/{self.method}"
-
 
 def is_grpc_content_type(value: bytes) -> bool:
     return value[: len(GRPC_CONTENT_TYPE)].lower() == GRPC_CONTENT_TYPE

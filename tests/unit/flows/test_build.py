@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -155,7 +156,7 @@ def test_icmp_and_unmodelled_protocols_still_make_a_record() -> None:
         time_ns=samples.T0,
         direction="ingress",
         source=samples.XWING,
-        destination=samples.DEATHSTAR.with_port(8),
+        destination=dataclasses.replace(samples.DEATHSTAR, port=8),
         reason="POLICY_DENIED",
         protocol="icmpv4",
     )
