@@ -111,7 +111,7 @@ from garrison.parsers.http2 import (
 )
 from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
 from garrison.parsers.pathnorm import UnsafeTargetError, normalize_path
-from garrison.policies.l7rules import HeaderEdit, L7RuleSet, L7Verdict, MismatchAction
+from garrison.policies.l7rules import HeaderEdit, L7RuleSet, L7Verdict, MismatchAction, audit_refs
 from garrison.policies.match_grpc import GRPCMatcher
 from garrison.policies.match_http import HTTPMatcher
 from garrison.policies.refs import RuleRef
@@ -437,8 +437,7 @@ class H2Engine:
             self._grpc_matcher = GRPCMatcher(ruleset)
         else:
             self._http_matcher = HTTPMatcher(ruleset)
-        refs = (ref for _rule, ref in ruleset.rules if ref is not None)
-        self._denied_by = tuple(dict.fromkeys(refs))
+        self._denied_by = audit_refs(ruleset)
 
     # -- the ConnectionEngine interface ------------------------------------------------------------
 

@@ -76,7 +76,7 @@ from garrison.parsers.http1 import (
     ResponseReceived,
 )
 from garrison.parsers.http2 import starts_with_h2_preface
-from garrison.policies.l7rules import L7Protocol, L7RuleSet, L7Verdict, MismatchAction
+from garrison.policies.l7rules import L7Protocol, L7RuleSet, L7Verdict, MismatchAction, audit_refs
 from garrison.policies.match_http import HTTPMatcher
 from garrison.policies.refs import RuleRef
 from garrison.proxy.commands import (
@@ -162,15 +162,6 @@ class _Exchange:
         self.answer: bytes | None = None  # set for requests garrison answers itself
         self.close_after = not event.keep_alive
         self.responded = False  # response bytes went to the client
-
-
-def _refs_of(ruleset: L7RuleSet) -> tuple[RuleRef, ...]:
-    """The policy rules whose L7 rules a denied request failed to match, each once."""
-    seen: dict[RuleRef, None] = {}
-    for _rule, ref in ruleset.rules:
-        if ref is not None:
-            seen.setdefault(ref, None)
-    return tuple(seen)
 
 
 class HTTPEngine:
@@ -834,7 +825,7 @@ def _shared_endpoint(context: ConnectionContext, peer: PeerInfo) -> Endpoint:
 def _matcher(
     context: ConnectionContext, ruleset: L7RuleSet
 ) -> tuple[HTTPMatcher, tuple[RuleRef, ...]]:
-    """The compiled matcher of `ruleset` and the rules a denial names (`_refs_of`), shared by
+    """The compiled matcher of `ruleset` and the rules a denial names (`audit_refs`), shared by
     the connections of one upstream: compiling an RE2 set per connection would cost more than
     the requests of a short connection."""
     cache = context.shared.get(_MATCHERS_KEY)
@@ -849,7 +840,7 @@ def _matcher(
     if len(cache) >= _MAX_CACHED_MATCHERS:
         cache.clear()
     matcher = HTTPMatcher(ruleset)
-    refs = _refs_of(ruleset)
+    refs = audit_refs(ruleset)
     cache[id(ruleset)] = (ruleset, matcher, refs)
     return matcher, refs
 
