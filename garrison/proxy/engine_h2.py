@@ -322,10 +322,7 @@ class H2Engine:
         self.update_ruleset(context.ruleset)
         self._client_ep = client_endpoint(context)
         self._server_ep = flow_endpoint(context.destination)
-        self._redaction = RedactionConfig(
-            headers=frozenset(config.redact_headers),
-            query_params=frozenset(config.redact_query_params),
-        )
+        self._redaction = RedactionConfig(query_params=frozenset(config.redact_query_params))
         self._calls: dict[int, _Call] = {}  # by client stream id
         self._by_upstream: dict[int, _Call] = {}
         self._waiting: deque[_Call] = deque()  # allowed, no upstream stream slot yet

@@ -850,9 +850,6 @@ def _redaction(context: ConnectionContext, config: ProxyConfig) -> RedactionConf
     if isinstance(cached, tuple) and cached[0] is config:
         redaction: RedactionConfig = cached[1]
         return redaction
-    redaction = RedactionConfig(
-        headers=frozenset(config.redact_headers),
-        query_params=frozenset(config.redact_query_params),
-    )
+    redaction = RedactionConfig(query_params=frozenset(config.redact_query_params))
     context.shared[_REDACTION_KEY] = (config, redaction)
     return redaction
