@@ -224,12 +224,6 @@ def entry_class(message_class: _Any, *path: str) -> _Any:
     return field.data_class if field is not None else message_class
 
 
-def flexible_frame(correlation_id: int, body: bytes) -> bytes:
-    """Frame a flexible-version body by hand: response header v1 (no tagged fields)."""
-    payload = struct.pack(">i", correlation_id) + b"\x00" + body
-    return struct.pack(">i", len(payload)) + payload
-
-
 _KafkaDenyBuilder = _Callable[[_Any, int, _Any, KafkaCluster | None], _Any]
 _DENIED = "Access denied"
 _NO_AUTHORIZED_OPERATIONS = None  # kafka-python encodes None as INT32_MIN ("not requested")
@@ -644,7 +638,9 @@ def _kafka_deny_telemetry(request: KafkaRequest) -> bytes:
             + b"\x01"  # RequestedMetrics: empty compact array
             + b"\x00"  # tagged fields
         )
-    return flexible_frame(request.correlation_id, body)
+    # Response header v1: the correlation id and no tagged fields.
+    payload = struct.pack(">i", request.correlation_id) + b"\x00" + body
+    return struct.pack(">i", len(payload)) + payload
 
 
 # ---- end Kafka ------------------------------------------------------------------------------
