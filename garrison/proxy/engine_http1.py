@@ -673,15 +673,8 @@ class HTTPEngine:
         )
 
     def _hand_to_h2(self, held: bytes, now: float) -> Sequence[Command]:
-        try:
-            from garrison.proxy.engine_h2 import H2Engine
-        except ImportError:
-            self._closed = True
-            return (
-                Log(self._error_record(now, "HTTP/2 (h2c) is not supported by this proxy yet",
-                                       DropReasonDesc.PARSE_ERROR)),
-                Close(_BOTH, "h2c unsupported", error=True),
-            )
+        from garrison.proxy.engine_h2 import H2Engine
+
         self._delegate = H2Engine(self._context, self._config, rules="http")
         # From here the upstream speaks h2: the pool must never hand over (or take back) an
         # HTTP/1.1 connection for it.
