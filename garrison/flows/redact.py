@@ -58,13 +58,6 @@ class RedactionConfig:
 
 
 DEFAULT_REDACTION = RedactionConfig()
-NO_REDACTION = RedactionConfig(headers=frozenset(), redact_userinfo=False)
-
-
-def _text(value: str | bytes) -> str:
-    # Header bytes are ISO-8859-1 on the wire (RFC 9110); latin-1 maps every byte, so nothing
-    # a peer sends can make building a record fail.
-    return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
 # How many header lists a RedactionConfig remembers; it forgets them all when full.
@@ -83,6 +76,7 @@ def redact_headers(headers: HeaderPairs, config: RedactionConfig) -> tuple[HTTPH
     sensitive = config._lower
     out = []
     keep = True
+    # Header bytes are ISO-8859-1 on the wire (RFC 9110): latin-1 decodes any byte a peer sends.
     for raw_key, raw_value in headers:
         key = raw_key.decode("latin-1") if isinstance(raw_key, bytes) else raw_key
         if key.lower() in sensitive:

@@ -83,7 +83,6 @@ class NormalizedTarget:
 
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = b"0123456789ABCDEFabcdef"
 
 # Targets that need no work: printable ASCII without `%`, `\`, `#`, and in the path no empty
 # segment but a trailing one and no segment starting with `.` (it could be a dot-segment).

@@ -8,12 +8,13 @@ from garrison.flows.build import l7_grpc_request, l7_http_request, l7_http_respo
 from garrison.flows.record import HTTP, HTTPHeader, Verdict
 from garrison.flows.redact import (
     DEFAULT_REDACTION,
-    NO_REDACTION,
     REDACTED,
     RedactionConfig,
     redact_url,
 )
 from tests.unit.flows import samples
+
+NO_REDACTION = RedactionConfig(headers=frozenset(), redact_userinfo=False)
 
 
 def _request(
