@@ -39,7 +39,6 @@ from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.grpc import (
     GrpcCall,
     grpc_call,
-    grpc_message,
     grpc_status,
     is_grpc_content_type,
 )
@@ -646,7 +645,6 @@ class _H2Connection:
                     sid,
                     headers,
                     grpc_status(trailer.get(b"grpc-status")),
-                    grpc_message(trailer.get(b"grpc-message")),
                 )
             )
         if end:
@@ -903,7 +901,6 @@ class _H2Connection:
             headers,
             end,
             grpc_status(fields.get(b"grpc-status")) if end else None,
-            grpc_message(fields.get(b"grpc-message")) if end else None,
         )
 
 
