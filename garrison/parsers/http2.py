@@ -254,7 +254,6 @@ class ConnectionTerminated:
 
     error_code: int
     last_stream_id: int
-    additional_data: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

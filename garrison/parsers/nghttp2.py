@@ -664,9 +664,9 @@ class _H2Connection:
         if end:
             self._events.append(StreamEnded(sid))
 
-    def _on_goaway(self, code: int, last: int, debug: bytes) -> None:
+    def _on_goaway(self, code: int, last: int) -> None:
         self._remote_goaway = last
-        self._events.append(ConnectionTerminated(code, last, debug))
+        self._events.append(ConnectionTerminated(code, last))
         if code != H2ErrorCode.NO_ERROR:
             self._terminated = True
 
@@ -995,8 +995,7 @@ def garrison_on_frame_recv(session: Any, frame: Any, user: Any) -> int:
     me: _H2Connection = _me(user)
     try:
         g = frame.goaway
-        debug = ffi.buffer(g.opaque_data, g.opaque_data_len)[:] if g.opaque_data_len else b""
-        me._on_goaway(g.error_code, g.last_stream_id, debug)
+        me._on_goaway(g.error_code, g.last_stream_id)
     except Exception as exc:
         return _guarded_failure(me, exc)
     return 0
