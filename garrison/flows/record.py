@@ -29,7 +29,6 @@ whose reply state is unknown (a drop) has no `is_reply`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -313,15 +312,6 @@ class TCPFlags:
     def from_bits(cls, bits: int) -> TCPFlags:
         """From the TCP header's flags byte, as the datapath's drop event carries it."""
         return cls(**{name: bool(bits & bit) for name, bit in TCP_FLAG_BITS})
-
-    @classmethod
-    def parse(cls, text: str) -> TCPFlags:
-        """`"SYN, ACK"` (any separator of commas and spaces, any case)."""
-        names = {part.lower() for part in re.split(r"[,\s]+", text) if part}
-        unknown = names - {name for name, _ in TCP_FLAG_BITS}
-        if unknown:
-            raise ValueError(f"unknown TCP flags: {', '.join(sorted(unknown))}")
-        return cls(**{name: True for name in names})
 
     def names(self) -> list[str]:
         """Set flags in the order Hubble's summary lists them."""

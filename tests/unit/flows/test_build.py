@@ -129,13 +129,6 @@ def test_tcp_flags_from_header_bits(bits: int, names: list[str]) -> None:
     assert TCPFlags.from_bits(bits).names() == names
 
 
-def test_tcp_flags_parse() -> None:
-    assert TCPFlags.parse("SYN, ACK") == TCPFlags(syn=True, ack=True)
-    assert TCPFlags.parse("fin rst") == TCPFlags(fin=True, rst=True)
-    with pytest.raises(ValueError):
-        TCPFlags.parse("SYN,URGENT")
-
-
 def test_udp_carries_no_flags() -> None:
     record = l3_l4_drop(
         time_ns=samples.T0,
