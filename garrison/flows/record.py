@@ -625,13 +625,6 @@ class FlowRecord:
         object.__setattr__(self, "aggregate", aggregate)
         object.__setattr__(self, "deny_response", deny_response)
 
-    @property
-    def protocol(self) -> str:
-        """`http`, `grpc`, `kafka` for proxy records, `l3` for datapath ones."""
-        if self.type is FlowType.L3_L4 or self.l7 is None:
-            return "l3"
-        return self.l7.protocol
-
     # The JSON codec lives in `garrison.flows.codec` (it needs every type of this module).
 
     def to_dict(self) -> dict[str, Any]:
@@ -645,12 +638,6 @@ class FlowRecord:
         from garrison.flows.codec import record_to_json
 
         return record_to_json(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FlowRecord:
-        from garrison.flows.codec import record_from_dict
-
-        return record_from_dict(data)
 
     @classmethod
     def from_json(cls, line: str | bytes) -> FlowRecord:

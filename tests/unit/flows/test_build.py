@@ -185,7 +185,7 @@ def test_policy_verdict_dropped_defaults_to_policy_denied() -> None:
         match_type=MatchType.NONE,
     )
     assert record.drop_reason_desc is DropReasonDesc.POLICY_DENIED
-    assert record.type is FlowType.L3_L4 and record.protocol == "l3"
+    assert record.type is FlowType.L3_L4 and record.l7 is None
 
 
 @pytest.mark.parametrize(
@@ -201,6 +201,6 @@ def test_proxy_error_keeps_the_protocol(proto: str, expected: str) -> None:
         error="upstream refused the connection",
         reason=DropReasonDesc.UPSTREAM_ERROR,
     )
-    assert record.protocol == expected
+    assert record.l7 is not None and record.l7.protocol == expected
     assert record.verdict is Verdict.ERROR
     assert record.drop_reason_desc is DropReasonDesc.UPSTREAM_ERROR
