@@ -539,10 +539,6 @@ class _H2Connection:
         self._pump()
         return self._flushed.pop(stream_id, 0)
 
-    def end_stream(self, stream_id: int) -> None:
-        """Half-close our side after the data already queued."""
-        self.send_data(stream_id, b"", end_stream=True)
-
     def reset_stream(self, stream_id: int, error_code: int = H2ErrorCode.CANCEL) -> None:
         """RST_STREAM; queued data of the stream is dropped. A closed stream is left alone."""
         if self._terminated or stream_id in self._reset_ids:
