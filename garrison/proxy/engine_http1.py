@@ -281,11 +281,6 @@ class HTTPEngine:
         """Enough requests wait for answers: the server should stop reading the client."""
         return len(self._queue) >= MAX_PIPELINE
 
-    @property
-    def delegate(self) -> EngineCore | None:
-        """The HTTP/2 engine this connection was handed to (h2c), if any."""
-        return self._delegate
-
     def _queue_has_forwarded(self) -> bool:
         return any(ex.answer is None for ex in self._queue)
 
