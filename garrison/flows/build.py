@@ -3,7 +3,7 @@
 Pure functions: the caller passes the time (nanoseconds since the epoch), the endpoints and
 what was decided. Each builder fills Hubble's `Summary` the way Hubble's parsers word it, puts
 the policy refs under `ingress_*` or `egress_*` by direction, and (for HTTP and gRPC) passes the
-HTTP part through `redact_http()`, so a record that exists has had its secrets removed.
+HTTP part through `redacted_http()`, so a record that exists has had its secrets removed.
 
 L7 builders take `client` and `server`. A request record goes client → server; a response
 record goes server → client with `is_reply` True, as Hubble records responses. Both keep the

@@ -29,7 +29,6 @@ whose reply state is unknown (a drop) has no `is_reply`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -300,9 +299,6 @@ class Endpoint:
             port=port,
         )
 
-    def with_port(self, port: int) -> Endpoint:
-        return Endpoint(self.identity, self.labels, self.namespace, self.pod_name, self.ip, port)
-
 
 @dataclass(frozen=True, slots=True)
 class TCPFlags:
@@ -316,15 +312,6 @@ class TCPFlags:
     def from_bits(cls, bits: int) -> TCPFlags:
         """From the TCP header's flags byte, as the datapath's drop event carries it."""
         return cls(**{name: bool(bits & bit) for name, bit in TCP_FLAG_BITS})
-
-    @classmethod
-    def parse(cls, text: str) -> TCPFlags:
-        """`"SYN, ACK"` (any separator of commas and spaces, any case)."""
-        names = {part.lower() for part in re.split(r"[,\s]+", text) if part}
-        unknown = names - {name for name, _ in TCP_FLAG_BITS}
-        if unknown:
-            raise ValueError(f"unknown TCP flags: {', '.join(sorted(unknown))}")
-        return cls(**{name: True for name in names})
 
     def names(self) -> list[str]:
         """Set flags in the order Hubble's summary lists them."""
@@ -638,13 +625,6 @@ class FlowRecord:
         object.__setattr__(self, "aggregate", aggregate)
         object.__setattr__(self, "deny_response", deny_response)
 
-    @property
-    def protocol(self) -> str:
-        """`http`, `grpc`, `kafka` for proxy records, `l3` for datapath ones."""
-        if self.type is FlowType.L3_L4 or self.l7 is None:
-            return "l3"
-        return self.l7.protocol
-
     # The JSON codec lives in `garrison.flows.codec` (it needs every type of this module).
 
     def to_dict(self) -> dict[str, Any]:
@@ -658,12 +638,6 @@ class FlowRecord:
         from garrison.flows.codec import record_to_json
 
         return record_to_json(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> FlowRecord:
-        from garrison.flows.codec import record_from_dict
-
-        return record_from_dict(data)
 
     @classmethod
     def from_json(cls, line: str | bytes) -> FlowRecord:

@@ -7,12 +7,12 @@ read back from JSON are not redacted again.
 By default the values of `Authorization`, `Proxy-Authorization`, `Cookie`, `Set-Cookie` and
 `X-Api-Key` become `[REDACTED]` (names compared case-insensitively; the header stays, so a
 review can still see that a client sent credentials), and a password in the userinfo of an
-absolute URL is replaced. Query values are kept unless `redact_query_values` is set (every
-value) or a parameter is named in `query_params` (`garrison proxy --redact-query-param NAME`):
-Hubble keeps them by default, and paths and queries are what L7 policy matches on. Names are
-compared case-sensitively, as sent, after percent-decoding (`%74oken` and `token` are one
-name; `+` reads as a space, as form decoding has it). Redaction runs on the record only, after
-the policy decided: what policy matches on is never redacted.
+absolute URL is replaced. Query values are kept unless their parameter is named in
+`query_params` (`garrison proxy --redact-query-param NAME`): Hubble keeps them by default, and
+paths and queries are what L7 policy matches on. Names are compared case-sensitively, as sent,
+after percent-decoding (`%74oken` and `token` are one name; `+` reads as a space, as form
+decoding has it). Redaction runs on the record only, after the policy decided: what policy
+matches on is never redacted.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ class RedactionConfig:
     names, exact case (decoded)."""
 
     headers: frozenset[str] = DEFAULT_SENSITIVE_HEADERS
-    redact_query_values: bool = False
-    redact_userinfo: bool = True
     query_params: frozenset[str] = frozenset()
     _lower: frozenset[str] = field(init=False, repr=False, compare=False)
     # Redacted header tuples by the raw header tuple they came from (see redact_headers).
@@ -56,18 +54,8 @@ class RedactionConfig:
         object.__setattr__(self, "_memo", {})
         object.__setattr__(self, "_http_memo", {})
 
-    def is_sensitive(self, header_name: str) -> bool:
-        return header_name.lower() in self._lower
-
 
 DEFAULT_REDACTION = RedactionConfig()
-NO_REDACTION = RedactionConfig(headers=frozenset(), redact_userinfo=False)
-
-
-def _text(value: str | bytes) -> str:
-    # Header bytes are ISO-8859-1 on the wire (RFC 9110); latin-1 maps every byte, so nothing
-    # a peer sends can make building a record fail.
-    return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
 # How many header lists a RedactionConfig remembers; it forgets them all when full.
@@ -86,6 +74,7 @@ def redact_headers(headers: HeaderPairs, config: RedactionConfig) -> tuple[HTTPH
     sensitive = config._lower
     out = []
     keep = True
+    # Header bytes are ISO-8859-1 on the wire (RFC 9110): latin-1 decodes any byte a peer sends.
     for raw_key, raw_value in headers:
         key = raw_key.decode("latin-1") if isinstance(raw_key, bytes) else raw_key
         if key.lower() in sensitive:
@@ -103,10 +92,9 @@ def redact_headers(headers: HeaderPairs, config: RedactionConfig) -> tuple[HTTPH
 
 
 def redact_url(url: str, config: RedactionConfig) -> str:
-    if config.redact_userinfo:
-        url = _redact_userinfo(url)
-    if config.redact_query_values or config.query_params:
-        url = _redact_query(url, config)
+    url = _redact_userinfo(url)
+    if config.query_params:
+        url = _redact_query(url, config.query_params)
     return url
 
 
@@ -128,7 +116,7 @@ def _redact_userinfo(url: str) -> str:
     return f"{url[:start]}{user}:{REDACTED}@{host}{url[end:]}"
 
 
-def _redact_query(url: str, config: RedactionConfig) -> str:
+def _redact_query(url: str, names: frozenset[str]) -> str:
     base, question, rest = url.partition("?")
     if not question:
         return url
@@ -136,7 +124,7 @@ def _redact_query(url: str, config: RedactionConfig) -> str:
     parts = []
     for part in query.split("&"):
         key, eq, _ = part.partition("=")
-        if eq and (config.redact_query_values or _named(key, config.query_params)):
+        if eq and _named(key, names):
             parts.append(f"{key}={REDACTED}")
         else:
             parts.append(part)
@@ -185,16 +173,3 @@ def redacted_http(
         memo.clear()
     memo[key] = http  # holds `redacted`, so its id is not reused while the entry is here
     return http
-
-
-def redact_http(http: HTTP, config: RedactionConfig) -> HTTP:
-    """An existing HTTP part redacted (again) with `config`, for example a stricter one."""
-    return redacted_http(
-        method=http.method,
-        url=http.url,
-        protocol=http.protocol,
-        headers=[(h.key, h.value) for h in http.headers],
-        config=config,
-        code=http.code,
-        raw_target=http.raw_target,
-    )

@@ -106,22 +106,10 @@ class FlowStore:
                     break
         return out
 
-    def last(self, n: int, flt: RecordTest = MATCH_ALL) -> list[FlowRecord]:
-        """The newest `n` matching records, oldest first (as `hubble observe --last n`)."""
-        if n <= 0:
-            return []
-        out: list[FlowRecord] = []
-        for _, record in reversed(self._snapshot()):
-            if flt.matches_record(record):
-                out.append(record)
-                if len(out) >= n:
-                    break
-        out.reverse()
-        return out
-
     def tail(self, n: int, flt: RecordTest = MATCH_ALL) -> FollowBatch:
-        """`last(n, flt)` and the cursor right after them, from one snapshot: what a follower
-        prints first before it asks `since(cursor)` for what comes next."""
+        """The newest `n` matching records, oldest first (as `hubble observe --last n`), and
+        the cursor right after them, from one snapshot: what a follower prints first before
+        it asks `since(cursor)` for what comes next."""
         with self._lock:
             items = list(self._ring)
             next_seq = self._next_seq
@@ -144,7 +132,3 @@ class FlowStore:
         missed = max(0, oldest - cursor)
         records = [record for seq, record in items if seq >= cursor and flt.matches_record(record)]
         return FollowBatch(records=records, cursor=next_seq, missed=missed)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._ring.clear()

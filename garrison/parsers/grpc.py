@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 GRPC_CONTENT_TYPE = b"application/grpc"
 
@@ -35,11 +34,6 @@ class GrpcCall:
 
     service: str
     method: str
-
-    @property
-    def full_method(self) -> str:
-        """`pkg.Service/Method`, the form access logs and deny reasons use."""
-        return f"{self.service}/{self.method}"
 
 
 def is_grpc_content_type(value: bytes) -> bool:
@@ -66,10 +60,3 @@ def grpc_status(value: bytes | None) -> int | None:
     if value is None or not value.isdigit() or len(value) > 10:
         return None
     return int(value)
-
-
-def grpc_message(value: bytes | None) -> str | None:
-    """`grpc-message` decoded: percent-encoded UTF-8 on the wire (gRPC PROTOCOL-HTTP2.md)."""
-    if value is None:
-        return None
-    return unquote(value.decode("latin-1"), encoding="utf-8", errors="replace")

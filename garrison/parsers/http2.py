@@ -200,7 +200,7 @@ class RequestReceived:
 class ResponseReceived:
     """A response's header block (client side); 1xx informational ones too, before the final.
 
-    `grpc_status`/`grpc_message` are set for a trailers-only gRPC response (end_stream).
+    `grpc_status` is set for a trailers-only gRPC response (end_stream).
     """
 
     stream_id: int
@@ -208,7 +208,6 @@ class ResponseReceived:
     headers: tuple[Header, ...]
     end_stream: bool
     grpc_status: int | None = None
-    grpc_message: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +227,6 @@ class TrailersReceived:
     stream_id: int
     headers: tuple[Header, ...]
     grpc_status: int | None = None
-    grpc_message: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +254,6 @@ class ConnectionTerminated:
 
     error_code: int
     last_stream_id: int
-    additional_data: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

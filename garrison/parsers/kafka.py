@@ -207,12 +207,6 @@ class KafkaRequest:
         """Every topic the request acts on is in `topics` (or it asks for all, Metadata)."""
         return not self.topics_unknown and not self.unresolved_topic_ids
 
-    @property
-    def api_name(self) -> str | None:
-        """kafka-python's name of the request type (`ProduceRequest`); None if unknown."""
-        api = kafka_api(self.api_key)
-        return api.name if api is not None else None
-
 
 @dataclass(frozen=True, slots=True)
 class KafkaResponse:

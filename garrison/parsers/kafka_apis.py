@@ -72,12 +72,6 @@ class KafkaApi:
     def supports(self, version: int) -> bool:
         return 0 <= version <= self.max_version
 
-    def request_flexible(self, version: int) -> bool:
-        return bool(self.request_class.flexible_version_q(version))
-
-    def response_flexible(self, version: int) -> bool:
-        return bool(self.response_class.flexible_version_q(version))
-
 
 def _message_classes(base: Any) -> list[Any]:
     found = []
@@ -129,7 +123,6 @@ class MessageCodec:
     """The compiled kafka-python decoder of one API version's request or response body."""
 
     api: KafkaApi
-    version: int
     flexible: bool  # compact encodings and tagged fields; header v2 (request) / v1 (response)
     decode_from: Decoder
     plan: FieldPlan  # every length and count, checked before kafka-python reads them
@@ -175,7 +168,7 @@ def _codec(api_key: int, version: int, request: bool) -> MessageCodec:
         version, compact=flexible, tagged=flexible, data_class=message_class
     )
     plan = message_plan(message_class, version, flexible, request)
-    return MessageCodec(api, version, flexible, decoder, plan)
+    return MessageCodec(api, flexible, decoder, plan)
 
 
 # ---- where requests name topics ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Pure rewrites of broker responses the proxy cannot forward unchanged.
 
 - An all-topics Metadata request is forwarded and its answer filtered to the topics the client
-  may see, as a Kafka broker with ACLs does (`filter_metadata_response`).
+  may see, as a Kafka broker with ACLs does (`rewrite_metadata_response`).
 - A proxy that fronts one broker must keep clients talking to it: broker addresses in Metadata,
   FindCoordinator and DescribeCluster answers, and the new-leader endpoints of Produce/Fetch
   answers (KIP-951), are rewritten (`rewrite_broker_addresses`). Those Produce/Fetch answers
@@ -61,11 +61,6 @@ def rewrite_metadata_response(
     if address_for is not None:
         rewritten.brokers = [_moved(broker, address_for) for broker in decoded.brokers or ()]
     return _encode(response, rewritten)
-
-
-def filter_metadata_response(response: KafkaResponse, allowed_topics: Collection[str]) -> bytes:
-    """An all-topics Metadata answer reduced to the topics in `allowed_topics`."""
-    return rewrite_metadata_response(response, allowed_topics=allowed_topics)
 
 
 # Responses that carry broker addresses, by API key.

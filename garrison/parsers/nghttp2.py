@@ -39,7 +39,6 @@ from garrison.parsers.errors import LocalProtocolError
 from garrison.parsers.grpc import (
     GrpcCall,
     grpc_call,
-    grpc_message,
     grpc_status,
     is_grpc_content_type,
 )
@@ -101,10 +100,6 @@ _NO_END_STREAM = int(lib.NGHTTP2_DATA_FLAG_NO_END_STREAM)
 _ERR_DEFERRED = int(lib.NGHTTP2_ERR_DEFERRED)
 _ERR_CALLBACK = int(lib.NGHTTP2_ERR_CALLBACK_FAILURE)
 _HCAT_REQUEST = int(lib.NGHTTP2_HCAT_REQUEST)
-_SENDING_STATES = (
-    int(lib.NGHTTP2_STREAM_STATE_OPEN),
-    int(lib.NGHTTP2_STREAM_STATE_HALF_CLOSED_REMOTE),
-)
 _CREDENTIAL_FIELDS = frozenset({b"authorization", b"proxy-authorization"})
 _CONNECTION_FIELDS = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
@@ -544,10 +539,6 @@ class _H2Connection:
         self._pump()
         return self._flushed.pop(stream_id, 0)
 
-    def end_stream(self, stream_id: int) -> None:
-        """Half-close our side after the data already queued."""
-        self.send_data(stream_id, b"", end_stream=True)
-
     def reset_stream(self, stream_id: int, error_code: int = H2ErrorCode.CANCEL) -> None:
         """RST_STREAM; queued data of the stream is dropped. A closed stream is left alone."""
         if self._terminated or stream_id in self._reset_ids:
@@ -650,7 +641,6 @@ class _H2Connection:
                     sid,
                     headers,
                     grpc_status(trailer.get(b"grpc-status")),
-                    grpc_message(trailer.get(b"grpc-message")),
                 )
             )
         if end:
@@ -670,9 +660,9 @@ class _H2Connection:
         if end:
             self._events.append(StreamEnded(sid))
 
-    def _on_goaway(self, code: int, last: int, debug: bytes) -> None:
+    def _on_goaway(self, code: int, last: int) -> None:
         self._remote_goaway = last
-        self._events.append(ConnectionTerminated(code, last, debug))
+        self._events.append(ConnectionTerminated(code, last))
         if code != H2ErrorCode.NO_ERROR:
             self._terminated = True
 
@@ -907,7 +897,6 @@ class _H2Connection:
             headers,
             end,
             grpc_status(fields.get(b"grpc-status")) if end else None,
-            grpc_message(fields.get(b"grpc-message")) if end else None,
         )
 
 
@@ -1002,8 +991,7 @@ def garrison_on_frame_recv(session: Any, frame: Any, user: Any) -> int:
     me: _H2Connection = _me(user)
     try:
         g = frame.goaway
-        debug = ffi.buffer(g.opaque_data, g.opaque_data_len)[:] if g.opaque_data_len else b""
-        me._on_goaway(g.error_code, g.last_stream_id, debug)
+        me._on_goaway(g.error_code, g.last_stream_id)
     except Exception as exc:
         return _guarded_failure(me, exc)
     return 0

@@ -36,14 +36,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 from urllib.parse import unquote_to_bytes
 
 from garrison.parsers.errors import RemoteProtocolError
 
 __all__ = [
     "NormalizedTarget",
-    "TargetForm",
     "UnsafeTargetError",
     "normalize_path",
     "normalize_target",
@@ -58,12 +56,6 @@ class UnsafeTargetError(RemoteProtocolError):
         super().__init__(message, status=400)
 
 
-class TargetForm(StrEnum):
-    ORIGIN = "origin"  # /path?query
-    ABSOLUTE = "absolute"  # http://authority/path?query
-    ASTERISK = "asterisk"  # *  (OPTIONS only)
-
-
 @dataclass(frozen=True, slots=True)
 class NormalizedTarget:
     """`path`: normalized origin-form path with its query (`*` for asterisk-form).
@@ -72,18 +64,15 @@ class NormalizedTarget:
     """
 
     path: str
-    form: TargetForm
     authority: str | None = None
 
-    def __init__(self, path: str, form: TargetForm, authority: str | None = None) -> None:
+    def __init__(self, path: str, authority: str | None = None) -> None:
         # Written out, not generated: see "Initialisers" in garrison/native.py.
         object.__setattr__(self, "path", path)
-        object.__setattr__(self, "form", form)
         object.__setattr__(self, "authority", authority)
 
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = b"0123456789ABCDEFabcdef"
 
 # Targets that need no work: printable ASCII without `%`, `\`, `#`, and in the path no empty
 # segment but a trailing one and no segment starting with `.` (it could be a dot-segment).
@@ -124,11 +113,11 @@ def normalize_target(target: bytes, *, allow_asterisk: bool = False) -> Normaliz
         raise UnsafeTargetError("empty request-target")
     first = target[0]
     if first == 0x2F:  # "/"
-        return NormalizedTarget(normalize_path(target), TargetForm.ORIGIN)
+        return NormalizedTarget(normalize_path(target))
     if target == b"*":
         if not allow_asterisk:
             raise UnsafeTargetError("asterisk-form target `*` is only valid for OPTIONS")
-        return NormalizedTarget("*", TargetForm.ASTERISK)
+        return NormalizedTarget("*")
     absolute = _ABSOLUTE.fullmatch(target)
     if absolute is None:
         raise UnsafeTargetError("request-target is neither origin-form nor absolute-form")
@@ -143,7 +132,7 @@ def normalize_target(target: bytes, *, allow_asterisk: bool = False) -> Normaliz
         rest = b"/"
     elif rest[0] == 0x3F:  # "http://host?q": the path is empty, i.e. "/"
         rest = b"/" + rest
-    return NormalizedTarget(normalize_path(rest), TargetForm.ABSOLUTE, authority)
+    return NormalizedTarget(normalize_path(rest), authority)
 
 
 def normalize_path(target: bytes) -> str:

@@ -31,13 +31,6 @@ class ProxyConfig:
     # Bytes buffered towards one side before the other side's reading is paused.
     write_buffer_high: int = 256 * 1024
     write_buffer_low: int = 64 * 1024
-    redact_headers: tuple[str, ...] = (
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "x-api-key",
-    )
     # Query parameters whose values flow records show as [REDACTED] (exact name, decoded).
     redact_query_params: tuple[str, ...] = ()
     node_name: str = ""

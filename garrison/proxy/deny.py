@@ -177,27 +177,52 @@ def http2_error_response(status: int) -> tuple[list[tuple[bytes, bytes]], bytes]
 # sends when the broker advertises them, are encoded by hand (kafka-python has no class): an
 # error makes librdkafka retry telemetry after its push interval instead of reconnecting.
 
-from collections.abc import Callable as _Callable  # noqa: E402 - each section owns its imports
+import struct  # noqa: E402 - each section owns its imports
+from collections.abc import Callable as _Callable  # noqa: E402
 from typing import Any as _Any  # noqa: E402
 
+from garrison.parsers.errors import LocalProtocolError  # noqa: E402
 from garrison.parsers.kafka import KafkaCluster, KafkaRequest  # noqa: E402
 from garrison.parsers.kafka_apis import (  # noqa: E402
     API_VERSIONS,
     GET_TELEMETRY_SUBSCRIPTIONS,
     PUSH_TELEMETRY,
+    KafkaApi,
     kafka_api,
 )
-from garrison.proxy.deny_kafka_support import (  # noqa: E402
-    CLUSTER_AUTHORIZATION_FAILED,
-    GROUP_AUTHORIZATION_FAILED,
-    TOPIC_AUTHORIZATION_FAILED,
-    TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-    KafkaDenyUnencodableError,
-    encode_response,
-    entry_class,
-    flexible_frame,
-    kafka_api_of,
-)
+from garrison.parsers.kafka_rewrite import encode_response  # noqa: E402
+
+# Kafka's error codes (`org.apache.kafka.common.protocol.Errors`).
+TOPIC_AUTHORIZATION_FAILED = 29
+GROUP_AUTHORIZATION_FAILED = 30
+CLUSTER_AUTHORIZATION_FAILED = 31
+TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53
+
+
+class KafkaDenyUnencodableError(LocalProtocolError):
+    """No deny answer can be built for this request (an API or version kafka-python cannot
+    encode, or a request that was not decoded). The connection must be closed instead, with
+    an ERROR flow record: the client would otherwise wait for an answer that never comes."""
+
+
+def kafka_api_of(request: KafkaRequest) -> KafkaApi:
+    api = kafka_api(request.api_key)
+    if api is None or request.decoded is None or not api.supports(request.api_version):
+        raise KafkaDenyUnencodableError(
+            f"no deny answer for api key {request.api_key} v{request.api_version}"
+        )
+    return api
+
+
+def entry_class(message_class: _Any, *path: str) -> _Any:
+    """The kafka-python class of the entries of the array at `path` (`"responses"`, ...)."""
+    fields = message_class.fields
+    field = None
+    for name in path:
+        field = fields[name]
+        fields = field.fields
+    return field.data_class if field is not None else message_class
+
 
 _KafkaDenyBuilder = _Callable[[_Any, int, _Any, KafkaCluster | None], _Any]
 _DENIED = "Access denied"
@@ -466,24 +491,6 @@ def _kafka_deny_join_group(cls: _Any, version: int, req: _Any, cluster: _Any) ->
     )
 
 
-def _kafka_deny_heartbeat(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](throttle_time_ms=0, error_code=GROUP_AUTHORIZATION_FAILED)
-
-
-def _kafka_deny_leave_group(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](throttle_time_ms=0, error_code=GROUP_AUTHORIZATION_FAILED, members=[])
-
-
-def _kafka_deny_sync_group(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](
-        throttle_time_ms=0,
-        error_code=GROUP_AUTHORIZATION_FAILED,
-        protocol_type=None,
-        protocol_name=None,
-        assignment=b"",
-    )
-
-
 def _kafka_deny_describe_groups(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
     group_cls = entry_class(cls, "groups")
     return cls[version](
@@ -502,14 +509,6 @@ def _kafka_deny_describe_groups(cls: _Any, version: int, req: _Any, cluster: _An
             for group_id in req.groups or ()
         ],
     )
-
-
-def _kafka_deny_list_groups(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](throttle_time_ms=0, error_code=CLUSTER_AUTHORIZATION_FAILED, groups=[])
-
-
-def _kafka_deny_api_versions(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
-    return cls[version](error_code=CLUSTER_AUTHORIZATION_FAILED, api_keys=[], throttle_time_ms=0)
 
 
 def _kafka_deny_create_topics(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
@@ -574,12 +573,7 @@ _KAFKA_DENY_BUILDERS: dict[int, _KafkaDenyBuilder] = {
     9: _kafka_deny_offset_fetch,
     10: _kafka_deny_find_coordinator,
     11: _kafka_deny_join_group,
-    12: _kafka_deny_heartbeat,
-    13: _kafka_deny_leave_group,
-    14: _kafka_deny_sync_group,
     15: _kafka_deny_describe_groups,
-    16: _kafka_deny_list_groups,
-    18: _kafka_deny_api_versions,
     19: _kafka_deny_create_topics,
     20: _kafka_deny_delete_topics,
     22: _kafka_deny_init_producer_id,
@@ -644,7 +638,9 @@ def _kafka_deny_telemetry(request: KafkaRequest) -> bytes:
             + b"\x01"  # RequestedMetrics: empty compact array
             + b"\x00"  # tagged fields
         )
-    return flexible_frame(request.correlation_id, body)
+    # Response header v1: the correlation id and no tagged fields.
+    payload = struct.pack(">i", request.correlation_id) + b"\x00" + body
+    return struct.pack(">i", len(payload)) + payload
 
 
 # ---- end Kafka ------------------------------------------------------------------------------

@@ -159,10 +159,6 @@ class EventEngine:
         self._was_idle = True
         self._wake_at = _NEVER  # the wakeup asked for (monotonic), none pending: inf
 
-    @property
-    def core(self) -> EngineCore:
-        return self._core
-
     def handle(self, event: Event) -> Sequence[Command]:
         kind = type(event)
         core = self._core

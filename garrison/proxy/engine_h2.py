@@ -111,7 +111,7 @@ from garrison.parsers.http2 import (
 )
 from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
 from garrison.parsers.pathnorm import UnsafeTargetError, normalize_path
-from garrison.policies.l7rules import HeaderEdit, L7RuleSet, L7Verdict, MismatchAction
+from garrison.policies.l7rules import HeaderEdit, L7RuleSet, L7Verdict, MismatchAction, audit_refs
 from garrison.policies.match_grpc import GRPCMatcher
 from garrison.policies.match_http import HTTPMatcher
 from garrison.policies.refs import RuleRef
@@ -322,10 +322,7 @@ class H2Engine:
         self.update_ruleset(context.ruleset)
         self._client_ep = client_endpoint(context)
         self._server_ep = flow_endpoint(context.destination)
-        self._redaction = RedactionConfig(
-            headers=frozenset(config.redact_headers),
-            query_params=frozenset(config.redact_query_params),
-        )
+        self._redaction = RedactionConfig(query_params=frozenset(config.redact_query_params))
         self._calls: dict[int, _Call] = {}  # by client stream id
         self._by_upstream: dict[int, _Call] = {}
         self._waiting: deque[_Call] = deque()  # allowed, no upstream stream slot yet
@@ -437,8 +434,7 @@ class H2Engine:
             self._grpc_matcher = GRPCMatcher(ruleset)
         else:
             self._http_matcher = HTTPMatcher(ruleset)
-        refs = (ref for _rule, ref in ruleset.rules if ref is not None)
-        self._denied_by = tuple(dict.fromkeys(refs))
+        self._denied_by = audit_refs(ruleset)
 
     # -- the ConnectionEngine interface ------------------------------------------------------------
 

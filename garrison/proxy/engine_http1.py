@@ -76,7 +76,7 @@ from garrison.parsers.http1 import (
     ResponseReceived,
 )
 from garrison.parsers.http2 import starts_with_h2_preface
-from garrison.policies.l7rules import L7Protocol, L7RuleSet, L7Verdict, MismatchAction
+from garrison.policies.l7rules import L7Protocol, L7RuleSet, L7Verdict, MismatchAction, audit_refs
 from garrison.policies.match_http import HTTPMatcher
 from garrison.policies.refs import RuleRef
 from garrison.proxy.commands import (
@@ -162,15 +162,6 @@ class _Exchange:
         self.answer: bytes | None = None  # set for requests garrison answers itself
         self.close_after = not event.keep_alive
         self.responded = False  # response bytes went to the client
-
-
-def _refs_of(ruleset: L7RuleSet) -> tuple[RuleRef, ...]:
-    """The policy rules whose L7 rules a denied request failed to match, each once."""
-    seen: dict[RuleRef, None] = {}
-    for _rule, ref in ruleset.rules:
-        if ref is not None:
-            seen.setdefault(ref, None)
-    return tuple(seen)
 
 
 class HTTPEngine:
@@ -289,11 +280,6 @@ class HTTPEngine:
     def pipeline_full(self) -> bool:
         """Enough requests wait for answers: the server should stop reading the client."""
         return len(self._queue) >= MAX_PIPELINE
-
-    @property
-    def delegate(self) -> EngineCore | None:
-        """The HTTP/2 engine this connection was handed to (h2c), if any."""
-        return self._delegate
 
     def _queue_has_forwarded(self) -> bool:
         return any(ex.answer is None for ex in self._queue)
@@ -682,15 +668,8 @@ class HTTPEngine:
         )
 
     def _hand_to_h2(self, held: bytes, now: float) -> Sequence[Command]:
-        try:
-            from garrison.proxy.engine_h2 import H2Engine
-        except ImportError:
-            self._closed = True
-            return (
-                Log(self._error_record(now, "HTTP/2 (h2c) is not supported by this proxy yet",
-                                       DropReasonDesc.PARSE_ERROR)),
-                Close(_BOTH, "h2c unsupported", error=True),
-            )
+        from garrison.proxy.engine_h2 import H2Engine
+
         self._delegate = H2Engine(self._context, self._config, rules="http")
         # From here the upstream speaks h2: the pool must never hand over (or take back) an
         # HTTP/1.1 connection for it.
@@ -834,7 +813,7 @@ def _shared_endpoint(context: ConnectionContext, peer: PeerInfo) -> Endpoint:
 def _matcher(
     context: ConnectionContext, ruleset: L7RuleSet
 ) -> tuple[HTTPMatcher, tuple[RuleRef, ...]]:
-    """The compiled matcher of `ruleset` and the rules a denial names (`_refs_of`), shared by
+    """The compiled matcher of `ruleset` and the rules a denial names (`audit_refs`), shared by
     the connections of one upstream: compiling an RE2 set per connection would cost more than
     the requests of a short connection."""
     cache = context.shared.get(_MATCHERS_KEY)
@@ -849,7 +828,7 @@ def _matcher(
     if len(cache) >= _MAX_CACHED_MATCHERS:
         cache.clear()
     matcher = HTTPMatcher(ruleset)
-    refs = _refs_of(ruleset)
+    refs = audit_refs(ruleset)
     cache[id(ruleset)] = (ruleset, matcher, refs)
     return matcher, refs
 
@@ -859,9 +838,6 @@ def _redaction(context: ConnectionContext, config: ProxyConfig) -> RedactionConf
     if isinstance(cached, tuple) and cached[0] is config:
         redaction: RedactionConfig = cached[1]
         return redaction
-    redaction = RedactionConfig(
-        headers=frozenset(config.redact_headers),
-        query_params=frozenset(config.redact_query_params),
-    )
+    redaction = RedactionConfig(query_params=frozenset(config.redact_query_params))
     context.shared[_REDACTION_KEY] = (config, redaction)
     return redaction

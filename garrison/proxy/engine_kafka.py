@@ -104,11 +104,12 @@ from garrison.proxy.commands import (
     flow_endpoint,
 )
 from garrison.proxy.config import ProxyConfig
-from garrison.proxy.deny import kafka_deny_encodable, kafka_deny_response
-from garrison.proxy.deny_kafka_support import (
+from garrison.proxy.deny import (
     CLUSTER_AUTHORIZATION_FAILED,
     TOPIC_AUTHORIZATION_FAILED,
     KafkaDenyUnencodableError,
+    kafka_deny_encodable,
+    kafka_deny_response,
 )
 
 # Key of the broker's topic-id registry in `ConnectionContext.shared`.

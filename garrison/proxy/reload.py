@@ -92,8 +92,6 @@ class PolicyReloader:
         self._snapshot = snapshot(self._paths)
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.reloads = 0
-        self.refusals = 0
 
     def start(
         self, loop: asyncio.AbstractEventLoop, *, sighup: bool = True, watch: bool = True
@@ -143,7 +141,6 @@ class PolicyReloader:
         try:
             policy = load_policy(self._paths, self._build, self.revision + 1)
         except PolicyLoadError as exc:
-            self.refusals += 1
             for line in exc.lines:
                 log.error("%s", line)
             log.error(
@@ -154,12 +151,10 @@ class PolicyReloader:
             )
             return False
         except Exception:
-            self.refusals += 1
             log.exception("policy reload failed; revision %d stays in force", self.revision)
             return False
         self.revision += 1
         self._apply(policy)
-        self.reloads += 1
         if self._announce:
             log.info("policy revision %d applied", self.revision)
         return True

@@ -190,7 +190,6 @@ class PoolStats:
     busy: int = 0
     connects: int = 0
     reuses: int = 0
-    connect_failures: int = 0
 
 
 class UpstreamConnectError(OSError):
@@ -241,7 +240,6 @@ class UpstreamPool:
         try:
             sock = upstream_socket(host, self._mark, source)
         except UpstreamSourceError as exc:
-            self.stats.connect_failures += 1
             raise UpstreamConnectError(
                 f"cannot connect to {host}:{port}: {exc.strerror}"
             ) from exc
@@ -254,13 +252,11 @@ class UpstreamPool:
             )
         except TimeoutError as exc:
             sock.close()
-            self.stats.connect_failures += 1
             raise UpstreamConnectError(
                 f"connecting to {host}:{port} timed out after {self.config.connect_timeout}s"
             ) from exc
         except OSError as exc:
             sock.close()
-            self.stats.connect_failures += 1
             raise UpstreamConnectError(
                 f"cannot connect to {host}:{port}: {exc.strerror or exc}"
             ) from exc

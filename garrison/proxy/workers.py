@@ -155,7 +155,6 @@ class Supervisor:
         self._stopping = False
         self._parent = 0
         self._next_tick = 0.0
-        self.restarts = 0
 
     @property
     def pids(self) -> list[int]:
@@ -266,7 +265,6 @@ class Supervisor:
             for slot in self._slots:
                 if slot.restart_at and now >= slot.restart_at:
                     self._spawn(slot)
-                    self.restarts += 1
                     log.info("worker %d restarted (pid %d)", slot.index, slot.pid)
 
     def _reap(self) -> list[tuple[_Slot, int]]:

@@ -33,7 +33,6 @@ PURE_MODULES = (
     "garrison.identity.filter",
     "garrison.proxy.commands",
     "garrison.proxy.deny",
-    "garrison.proxy.deny_kafka_support",
     "garrison.proxy.engine",
     "garrison.proxy.engine_http1",
     "garrison.proxy.engine_h2",

@@ -40,13 +40,13 @@ def test_ring_evicts_oldest() -> None:
     assert [id(r) for r in store] == [id(r) for r in records[2:]]
 
 
-def test_last(store: FlowStore) -> None:
+def test_tail_gives_the_newest_records_oldest_first(store: FlowStore) -> None:
     names = list(RECORDS)
-    assert store.last(2) == [RECORDS[names[-2]], RECORDS[names[-1]]]
-    assert store.last(0) == []
-    assert store.last(1000) == list(RECORDS.values())
-    dropped_l3 = store.last(2, q(("verdict", "DROPPED"), ("protocol", "tcp"), ("protocol", "udp")))
-    assert dropped_l3 == [RECORDS["l3_drop_deny_rule"], RECORDS["l3_verdict_denied_egress"]]
+    assert store.tail(2).records == [RECORDS[names[-2]], RECORDS[names[-1]]]
+    assert store.tail(0).records == []
+    assert store.tail(1000).records == list(RECORDS.values())
+    dropped_l3 = store.tail(2, q(("verdict", "DROPPED"), ("protocol", "tcp"), ("protocol", "udp")))
+    assert dropped_l3.records == [RECORDS["l3_drop_deny_rule"], RECORDS["l3_verdict_denied_egress"]]
 
 
 def test_query_limit_takes_the_oldest(store: FlowStore) -> None:
@@ -107,7 +107,7 @@ def test_concurrent_writers_and_readers() -> None:
     def read() -> None:
         try:
             while not stop.is_set():
-                assert len(store.last(50)) <= 50
+                assert len(store.tail(50).records) <= 50
                 assert len(store.query(q(("protocol", "http")))) <= 500
                 list(store)
         except BaseException as exc:  # pragma: no cover - reported below

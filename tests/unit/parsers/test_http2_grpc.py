@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from garrison.parsers.grpc import GrpcCall, grpc_call, grpc_message, grpc_status
+from garrison.parsers.grpc import GrpcCall, grpc_call, grpc_status
 from garrison.parsers.http2 import (
     NeverIndexed,
     RequestReceived,
@@ -147,12 +147,6 @@ def test_grpc_status_values(raw: bytes | None, expected: int | None) -> None:
     assert grpc_status(raw) == expected
 
 
-def test_grpc_message_is_percent_decoded_utf8() -> None:
-    assert grpc_message(b"Access denied") == "Access denied"
-    assert grpc_message(b"caf%C3%A9 100%25") == "café 100%"
-    assert grpc_message(None) is None
-
-
 def frames_of(out: bytes) -> list[tuple[int, int, int, bytes]]:
     found = []
     while out:
@@ -194,7 +188,6 @@ def test_grpc_deny_is_one_headers_frame_with_end_stream() -> None:
             ),
             end_stream=True,
             grpc_status=7,
-            grpc_message="Access denied",
         ),
         StreamEnded(denied),
     ]

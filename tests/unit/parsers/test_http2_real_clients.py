@@ -113,7 +113,7 @@ class DoorServer:
     @staticmethod
     def _denied(req: RequestReceived) -> bool:
         if req.is_grpc:
-            return req.grpc is None or req.grpc.full_method in DENIED_GRPC
+            return req.grpc is None or f"{req.grpc.service}/{req.grpc.method}" in DENIED_GRPC
         return req.path == "/v1/secret"
 
     def _answer(self, conn: H2ServerConnection, req: RequestReceived, body: bytes) -> None:

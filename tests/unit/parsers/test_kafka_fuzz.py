@@ -23,8 +23,7 @@ from garrison.parsers.kafka import (
 )
 from garrison.parsers.kafka_apis import kafka_api, known_api_keys, request_codec, response_codec
 from garrison.parsers.kafka_lengths import check_message
-from garrison.proxy.deny import kafka_deny_response
-from garrison.proxy.deny_kafka_support import KafkaDenyUnencodableError
+from garrison.proxy.deny import KafkaDenyUnencodableError, kafka_deny_response
 from tests.unit.parsers.kafka_fixtures import connections, request_frames
 from tests.unit.parsers.kafka_hostile_corpus import hostile_requests
 

@@ -9,7 +9,6 @@ from garrison.parsers.kafka import KafkaRequestParser, KafkaResponse, KafkaRespo
 from garrison.parsers.kafka_apis import kafka_api
 from garrison.parsers.kafka_rewrite import (
     NODE_ENDPOINTS_SINCE,
-    filter_metadata_response,
     rewrite_broker_addresses,
     rewrite_metadata_response,
 )
@@ -58,13 +57,13 @@ def test_the_fixtures_hold_all_topics_metadata_with_several_topics() -> None:
 def test_all_topics_metadata_is_filtered_to_the_allowed_topics(response: KafkaResponse) -> None:
     names = [t.name for t in response.decoded.topics]
     keep = names[0]
-    frame = filter_metadata_response(response, {keep, "not-in-the-answer"})
+    frame = rewrite_metadata_response(response, allowed_topics={keep, "not-in-the-answer"})
     filtered = decode(response, frame)
     assert [t.name for t in filtered.topics] == [keep]  # type: ignore[attr-defined]
     assert filtered.brokers == response.decoded.brokers  # type: ignore[attr-defined]
     assert filtered.topics[0] == response.decoded.topics[0]  # type: ignore[attr-defined]
     assert [t.name for t in response.decoded.topics] == names  # the input is left alone
-    assert decode(response, filter_metadata_response(response, set())).topics == []  # type: ignore[attr-defined]
+    assert decode(response, rewrite_metadata_response(response, allowed_topics=set())).topics == []  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("response", METADATA, ids=lambda r: f"v{r.request.api_version}")
@@ -117,7 +116,7 @@ def test_filter_and_rewrite_in_one_pass() -> None:
 def test_rewriting_another_api_is_a_local_error() -> None:
     produce = next(r for r in RESPONSES if r.request.api_key == 0)
     with pytest.raises(LocalProtocolError):
-        filter_metadata_response(produce, {"x"})
+        rewrite_metadata_response(produce, allowed_topics={"x"})
     commit = next(r for r in RESPONSES if r.request.api_key == 8)
     with pytest.raises(LocalProtocolError):
         rewrite_broker_addresses(commit, lambda n, h, p: (h, p))

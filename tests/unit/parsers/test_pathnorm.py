@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from garrison.parsers.pathnorm import (
-    TargetForm,
+    NormalizedTarget,
     UnsafeTargetError,
     normalize_path,
     normalize_target,
@@ -98,7 +98,7 @@ REJECTED = [
 def test_normalized(target: bytes, expected: str) -> None:
     assert normalize_path(target) == expected
     result = normalize_target(target)
-    assert (result.path, result.form, result.authority) == (expected, TargetForm.ORIGIN, None)
+    assert (result.path, result.authority) == (expected, None)
 
 
 @pytest.mark.parametrize(("target", "reason"), REJECTED)
@@ -121,7 +121,7 @@ def test_rejected_with_400(target: bytes, reason: str) -> None:
 )
 def test_absolute_form_is_reduced_to_its_path(target: bytes, path: str, authority: str) -> None:
     result = normalize_target(target)
-    assert (result.path, result.form, result.authority) == (path, TargetForm.ABSOLUTE, authority)
+    assert (result.path, result.authority) == (path, authority)
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,7 @@ def test_other_forms_rejected(target: bytes) -> None:
 
 def test_asterisk_only_where_allowed() -> None:
     assert normalize_target(b"*", allow_asterisk=True).path == "*"
-    assert normalize_target(b"*", allow_asterisk=True).form is TargetForm.ASTERISK
+    assert normalize_target(b"*", allow_asterisk=True) == NormalizedTarget("*")
     with pytest.raises(UnsafeTargetError, match="OPTIONS"):
         normalize_target(b"*")
 

@@ -32,8 +32,7 @@ from garrison.parsers.kafka import (
     TopicIdRegistry,
 )
 from garrison.parsers.kafka_apis import kafka_api
-from garrison.proxy.deny import kafka_deny_encodable, kafka_deny_response
-from garrison.proxy.deny_kafka_support import KafkaDenyUnencodableError
+from garrison.proxy.deny import KafkaDenyUnencodableError, kafka_deny_encodable, kafka_deny_response
 from tests.kafka_broker import LOOPBACK, TansuBroker, free_port, running_tansu
 
 TOPICS = {"orders": uuid.UUID(int=1), "payments": uuid.UUID(int=2)}

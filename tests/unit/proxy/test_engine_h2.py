@@ -494,7 +494,7 @@ def test_client_streaming_call_sent_in_pieces() -> None:
         p.client.send_data(sid, doors.frame(doors.message((1, "front"), (2, f"hinge {i}"))))
         p.pump()
         assert p.status(sid) == (None, None)
-    p.client.end_stream(sid)
+    p.client.send_data(sid, b"", end_stream=True)
     p.pump()
     assert p.replies(sid) == [doors.message((1, "T-1"), (2, 5))]
     assert p.status(sid) == (0, None)

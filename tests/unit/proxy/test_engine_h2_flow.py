@@ -96,7 +96,7 @@ def test_slow_upstream_stalls_the_client() -> None:
     # The upstream starts reading: everything arrives, in order.
     p.upstream_acks = True
     p.upstream.acknowledge_received_data(usid, len(p.upstream_bodies[usid]))
-    p.client.end_stream(sid)
+    p.client.send_data(sid, b"", end_stream=True)
     p.pump()
     assert doors.unframe(p.upstream_bodies[usid]) == [message] * 40
     assert p.replies(sid) == [doors.message((1, "T-1"), (2, 40))]

@@ -280,7 +280,8 @@ class Pipe:
         trailers-only)."""
         for ev in self.client_stream(sid):
             if isinstance(ev, TrailersReceived | ResponseReceived) and ev.grpc_status is not None:
-                return ev.grpc_status, ev.grpc_message
+                message = dict(ev.headers).get(b"grpc-message")
+                return ev.grpc_status, message.decode() if message is not None else None
         return None, None
 
     def client_resets(self, sid: int) -> list[int]:

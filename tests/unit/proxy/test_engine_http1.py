@@ -18,6 +18,7 @@ from garrison.proxy.commands import (
     Forward,
     Inject,
     Log,
+    OpenUpstream,
     PeerInfo,
     Side,
     TrafficDirection,
@@ -557,8 +558,8 @@ def test_h2c_preface_hands_the_connection_to_the_h2_engine() -> None:
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     assert out(engine.client_data(preface[:10], T0)).commands == []
     assert engine.waiting == Waiting.HEAD
-    engine.client_data(preface[10:], T0)
-    assert engine.delegate is not None
+    handed = out(engine.client_data(preface[10:], T0))
+    assert OpenUpstream("h2", pooled=True) in handed.commands  # the upstream speaks h2 now
     assert not engine.upstream_reusable
 
 
@@ -567,7 +568,7 @@ def test_a_request_starting_like_the_preface_is_http1() -> None:
     result = out(engine.client_data(b"P", T0), engine.client_data(b"OST /v1/request-landing "
                                                                   b"HTTP/1.1\r\nHost: d\r\n\r\n",
                                                                   T0))
-    assert engine.delegate is None
+    assert not any(isinstance(c, OpenUpstream) for c in result.commands)
     assert result.injected == DENIED
 
 

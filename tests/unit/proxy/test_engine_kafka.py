@@ -25,7 +25,7 @@ from garrison.parsers.kafka import (
     TopicIdRegistry,
 )
 from garrison.parsers.kafka_apis import kafka_api
-from garrison.parsers.kafka_rewrite import filter_metadata_response
+from garrison.parsers.kafka_rewrite import rewrite_metadata_response
 from garrison.policies.l7rules import KafkaRole, KafkaRule, L7Protocol, L7RuleSet
 from garrison.policies.labels import Labels
 from garrison.policies.refs import PolicyKind, RuleRef
@@ -426,7 +426,7 @@ def test_an_all_topics_metadata_answer_is_filtered_to_the_allowed_topics() -> No
     requests = parsed_requests(frames)
     metadata = parsed_responses(requests, answers)[1]
     assert [t.name for t in metadata.decoded.topics] == ["kp-admin", "kp-orders"]
-    filtered = filter_metadata_response(metadata, {"kp-orders"})
+    filtered = rewrite_metadata_response(metadata, allowed_topics={"kp-orders"})
     (proxied,) = response_frames(connection, 1, hide_telemetry=True)
     assert written(out, Side.CLIENT) == proxied + filtered
     assert [t.name for t in decode_answer(requests[1], filtered).topics] == ["kp-orders"]
