@@ -214,7 +214,6 @@ class ProxyWorkers:
         self._supervisor: threading.Thread | None = None
         self._start_error: str | None = None
         self._started = threading.Event()
-        self.restarts = 0
 
     @property
     def pids(self) -> list[int]:
@@ -330,7 +329,6 @@ class ProxyWorkers:
                     log.error("proxy worker %d: cannot start it again: %s", slot.index, exc)
                     slot.restart_at = now + RESTART_MAX
                     continue
-                self.restarts += 1
                 assert slot.proc is not None
                 log.info("proxy worker %d restarted (pid %d)", slot.index, slot.proc.pid)
 

@@ -16,7 +16,7 @@ blocks inside the system call, and replacing one also writes the renamed file ou
 each stalled the event loop for tens of milliseconds at every rotation. The
 writer also notices when someone else moved or removed the file (logrotate's `create` mode, or
 another process that rotated first): it checks the path every `reopen_check_interval_s` and
-reopens; `reopen()` does it at once (for a SIGHUP handler).
+reopens.
 
 Called from the event loop. A write is one system call into the page cache (microseconds);
 the lock is held at most for a rotation (a few renames and an open; `close()` waits for the
@@ -149,12 +149,6 @@ class AccessLogWriter:
         if lines:
             lines.append("")  # the last line's newline
             self._write("\n".join(lines).encode("ascii"), len(lines) - 1)
-
-    def write_line(self, line: str) -> None:
-        """One line of text (no newline inside; one is appended)."""
-        if "\n" in line or "\r" in line:
-            raise ValueError("an access log line cannot contain a line break")
-        self._write(line.encode("utf-8") + b"\n", 1)
 
     def _write(self, data: bytes, count: int) -> None:
         with self._lock:
@@ -293,12 +287,6 @@ class AccessLogWriter:
         )
         thread.start()
         self._discards.append(thread)
-
-    def reopen(self) -> None:
-        """Open the path again (after an external rotation moved the file)."""
-        with self._lock:
-            if self._fd is not None:
-                self._open()
 
     def flush(self) -> None:
         """Make the written lines durable (fsync). Blocks: call it from a thread."""
