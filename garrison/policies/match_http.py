@@ -98,8 +98,12 @@ class HTTPMatcher:
             self._audit = HTTPMatcher(ruleset.audit_layer)
             self._audit_refs = audit_refs(ruleset.audit_layer)
         self._deny: HTTPMatcher | None = None
+        # the denial naming each deny rule, built once (it does not depend on the request)
+        self._denied_by: dict[RuleRef | None, L7Verdict] = {}
         if ruleset.deny_rules:
             self._deny = HTTPMatcher(L7RuleSet(ruleset.protocol, ruleset.deny_rules))
+            for _, deny_ref in ruleset.deny_rules:
+                self._denied_by[deny_ref] = _denial_by(deny_ref)
         self._allow_all = ruleset.allow_all
         self._allow_all_verdict = L7Verdict(allowed=True, rule=ruleset.allow_all_ref)
         rules: list[_CompiledRule] = []
@@ -187,11 +191,8 @@ class HTTPMatcher:
         if self._deny is not None:
             denied = self._deny.match(method, path, host, headers)
             if denied.allowed:
-                return L7Verdict(
-                    allowed=False,
-                    reason=f"denied by {denied.rule}" if denied.rule else "denied by a deny rule",
-                    denied_by=denied.rule,
-                )
+                verdict = self._denied_by.get(denied.rule)
+                return verdict if verdict is not None else _denial_by(denied.rule)
         if self._allow_all:
             return self._allow_all_verdict
         candidates = 0
@@ -265,6 +266,15 @@ class HTTPMatcher:
                     denials.clear()
                 denials[reason] = verdict
         return verdict
+
+
+def _denial_by(rule: RuleRef | None) -> L7Verdict:
+    """The verdict of a request that matched the deny rule `rule`."""
+    return L7Verdict(
+        allowed=False,
+        reason=f"denied by {rule}" if rule else "denied by a deny rule",
+        denied_by=rule,
+    )
 
 
 def _check_alone(pattern: str | None) -> None:

@@ -363,3 +363,26 @@ def test_unique_paths_keep_the_memo_bounded_and_the_verdicts_right() -> None:
     assert len(m._seen) <= match_http._MEMO_ENTRIES
     assert len(m._denials) <= match_http._MEMO_ENTRIES
     assert all(len(text) <= match_http._MEMO_TEXT_MAX for text in m._seen)
+
+
+def test_each_deny_rule_denies_in_its_own_words_every_time() -> None:
+    deny_ref = RuleRef(PolicyKind.CNP, "default", "p", "ingressDeny", rule_index=1)
+    m = HTTPMatcher(
+        L7RuleSet(
+            L7Protocol.HTTP,
+            rules=((HTTPRule(), ref(0)),),
+            deny_rules=((HTTPRule(method="PUT"), deny_ref), (HTTPRule(method="DELETE"), None)),
+        )
+    )
+    for _ in range(2):
+        put = m.match("PUT", "/v1/exhaust-port", "deathstar", [])
+        assert (put.allowed, put.rule, put.denied_by) == (False, None, deny_ref)
+        assert put.reason == "denied by CiliumNetworkPolicy default/p ingressDeny[1]"
+        delete = m.match("DELETE", "/x", None, [])
+        assert (delete.allowed, delete.denied_by, delete.reason) == (
+            False,
+            None,
+            "denied by a deny rule",
+        )
+    assert m.match("PUT", "/a", None, []) is m.match("PUT", "/b", None, [])
+    assert m.match("GET", "/a", None, []).rule == ref(0)
