@@ -787,8 +787,9 @@ class ProxyServer:
         # Wakeups due before the next sweep: (monotonic time, sequence, connection), a heap.
         self._soon: list[tuple[float, int, _ClientConnection]] = []
         self._soon_count = 0
-        self._soon_timer: asyncio.TimerHandle | None = None
+        self._soon_timer: asyncio.TimerHandle | None = None  # the one armed, if any
         self._soon_due = _NEVER
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # kept: looked up once
         self._pool: UpstreamPool | None = None
         self.addresses: list[tuple[str, int]] = []
 
@@ -1007,12 +1008,22 @@ class ProxyServer:
         self._soon_count += 1
         heapq.heappush(self._soon, (at, self._soon_count, conn))
         if at < self._soon_due:
-            if self._soon_timer is not None:
-                self._soon_timer.cancel()
             self._soon_due = at
-            self._soon_timer = asyncio.get_running_loop().call_later(
-                max(0.0, at - now), self._wake_soon
-            )
+            self._arm(max(0.0, at - now))
+
+    def _arm(self, delay: float) -> None:
+        """Arm the shared timer `delay` seconds from now, in place of the one armed. One at a
+        time: a wakeup delivered by `_wake_soon` that asks again arms it from inside, and the
+        one `_wake_soon` then armed on top of it used to run on too, each such turn adding a
+        timer that re-armed itself while any wakeup was pending (tens of thousands of empty
+        timer runs a second under load). The loop is looked up once (`get_running_loop` is a
+        `getpid` system call on Python 3.11)."""
+        if self._soon_timer is not None:
+            self._soon_timer.cancel()
+        loop = self._timer_loop
+        if loop is None:
+            loop = self._timer_loop = asyncio.get_running_loop()
+        self._soon_timer = loop.call_later(delay, self._wake_soon)
 
     def _wake_soon(self) -> None:
         self._soon_timer = None
@@ -1024,12 +1035,10 @@ class ProxyServer:
         while soon and soon[0][0] <= now + _SOON_SLACK:
             at, _, conn = heapq.heappop(soon)
             if conn.wake_at <= at:  # still the time asked for (not delivered or replaced)
-                conn.wakeup(max(now, at))
-        if soon:
+                conn.wakeup(max(now, at))  # its engine may ask again: `wake_at` arms for it
+        if soon and soon[0][0] < self._soon_due:
             self._soon_due = soon[0][0]
-            self._soon_timer = asyncio.get_running_loop().call_later(
-                max(_SOON_SLACK, self._soon_due - now), self._wake_soon
-            )
+            self._arm(max(_SOON_SLACK, self._soon_due - now))
 
     async def _sweep(self) -> None:
         interval = self.settings.sweep_interval

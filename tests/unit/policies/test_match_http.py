@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from garrison.policies import match_http
 from garrison.policies.l7rules import (
     GRPCRule,
     HeaderEdit,
@@ -311,3 +312,77 @@ def test_one_re2_set_agrees_with_matching_rule_by_rule(
         None,
     )
     assert verdict.rule == (None if expected is None else ref(expected))
+
+
+# A matcher remembers recent answers (match_http's memo): the same requests, in any order and
+# with any repeats, must get the verdicts a matcher that never saw a request before gives.
+REQUESTS = st.tuples(
+    st.sampled_from(["GET", "POST", "PUT"]),
+    st.sampled_from(["/a", "/ab", "/b", "/bab", "/v1/x", "/v1/"]) | PATHS,  # repeats likely
+    st.sampled_from([None, "", "deathstar", "deathstar:80", "DEATHSTAR:8080", "other"]),
+    st.sampled_from([[], [("X-Token", "secret")], [("x-token", "other")]]),
+)
+MEMO_RULES = (
+    HTTPRule(method="GET", path="/a.*", host="deathstar"),
+    HTTPRule(path="/v1/.*", header_matches=(HeaderMatch("X-Token", "secret"),)),
+    HTTPRule(method="P.*", path="/(a|b)+", headers=("X-Token",)),
+    HTTPRule(path="\\A/b.*\\z"),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(REQUESTS, min_size=1, max_size=40))
+def test_a_remembered_answer_never_changes_a_verdict(
+    requests: list[tuple[str, str, str | None, list[tuple[str, str]]]],
+) -> None:
+    shared = matcher(*MEMO_RULES)
+    for method, path, host, headers in requests * 2:  # each request seen again
+        assert shared.match(method, path, host, headers) == matcher(*MEMO_RULES).match(
+            method, path, host, headers
+        )
+
+
+def test_host_none_and_empty_host_keep_their_own_verdicts() -> None:
+    # `method \n host \n path` is the same text for both: no host fails rules with a host
+    m = matcher(HTTPRule(path="/a", host=".*"), HTTPRule(path="/b"))
+    assert m.match("GET", "/a", "", []).allowed
+    assert not m.match("GET", "/a", None, []).allowed
+    assert m.match("GET", "/a", "", []).allowed
+    assert m.match("GET", "/b", None, []).rule == ref(1)
+
+
+def test_unique_paths_keep_the_memo_bounded_and_the_verdicts_right() -> None:
+    m = matcher(HTTPRule(method="GET", path="/v1/[0-9]+"))
+    for i in range(5000):  # a hostile client: every path new
+        assert m.match("GET", f"/v1/{i}", "deathstar", []).allowed
+        denied = m.match("PUT", f"/v1/{i}", "deathstar", [])
+        assert denied.reason == f"no rule matches PUT /v1/{i}"
+    long_path = "/v1/" + "9" * 10_000  # longer than what is remembered: matched every time
+    assert m.match("GET", long_path, "deathstar", []).allowed
+    assert m.match("PUT", long_path, "deathstar", []).reason == f"no rule matches PUT {long_path}"
+    assert len(m._seen) <= match_http._MEMO_ENTRIES
+    assert len(m._denials) <= match_http._MEMO_ENTRIES
+    assert all(len(text) <= match_http._MEMO_TEXT_MAX for text in m._seen)
+
+
+def test_each_deny_rule_denies_in_its_own_words_every_time() -> None:
+    deny_ref = RuleRef(PolicyKind.CNP, "default", "p", "ingressDeny", rule_index=1)
+    m = HTTPMatcher(
+        L7RuleSet(
+            L7Protocol.HTTP,
+            rules=((HTTPRule(), ref(0)),),
+            deny_rules=((HTTPRule(method="PUT"), deny_ref), (HTTPRule(method="DELETE"), None)),
+        )
+    )
+    for _ in range(2):
+        put = m.match("PUT", "/v1/exhaust-port", "deathstar", [])
+        assert (put.allowed, put.rule, put.denied_by) == (False, None, deny_ref)
+        assert put.reason == "denied by CiliumNetworkPolicy default/p ingressDeny[1]"
+        delete = m.match("DELETE", "/x", None, [])
+        assert (delete.allowed, delete.denied_by, delete.reason) == (
+            False,
+            None,
+            "denied by a deny rule",
+        )
+    assert m.match("PUT", "/a", None, []) is m.match("PUT", "/b", None, [])
+    assert m.match("GET", "/a", None, []).rule == ref(0)
