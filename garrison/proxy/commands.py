@@ -353,7 +353,6 @@ class ConnectionContext:
     direction: TrafficDirection
     protocol: L7Protocol
     ruleset: L7RuleSet
-    connection_id: int = 0
     node_name: str = ""
     host_hint: str | None = None
     audit: bool = False

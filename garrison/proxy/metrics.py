@@ -65,8 +65,7 @@ RULE_DENIED = "denied"
 RULE_PARSE_ERRORS = "parse_errors"
 RULES = (RULE_RECEIVED, RULE_FORWARDED, RULE_DENIED, RULE_PARSE_ERRORS)
 
-SCOPE_HEADERS = "headers"
-SCOPE_TOTAL = "total"
+SCOPE_HEADERS = "headers"  # the reply's head, not its end: the proxy's view of the upstream
 
 # 100 µs to 10 s: the proxy adds tens of µs, upstreams answer in ms to s.
 DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
@@ -215,41 +214,6 @@ class ProxyMetrics:
         for verdict in Verdict:
             self._flows.labels(verdict.value)
 
-    # -- requests ----------------------------------------------------------------------------
-
-    def request_received(
-        self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
-    ) -> None:
-        self._l7(RULE_RECEIVED, proto, direction).inc(amount)
-
-    def request_forwarded(
-        self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
-    ) -> None:
-        self._l7(RULE_FORWARDED, proto, direction).inc(amount)
-
-    def request_denied(
-        self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
-    ) -> None:
-        self._l7(RULE_DENIED, proto, direction).inc(amount)
-
-    def parse_error(
-        self, proto: ProtocolLike, direction: DirectionLike, amount: float = 1.0
-    ) -> None:
-        self._l7(RULE_PARSE_ERRORS, proto, direction).inc(amount)
-
-    def observe_upstream_latency(
-        self, proto: ProtocolLike, seconds: float, scope: str = SCOPE_HEADERS
-    ) -> None:
-        self._reply(proto, scope).observe(seconds)
-
-    def observe_upstream_latencies(
-        self, proto: ProtocolLike, seconds: Iterable[float], scope: str = SCOPE_HEADERS
-    ) -> None:
-        """Several observations at once (the proxy batches them per event-loop turn)."""
-        child = self._reply(proto, scope)
-        for value in seconds:
-            child.observe(value)
-
     # -- connections -------------------------------------------------------------------------
 
     def connection_opened(self, proto: ProtocolLike) -> None:
@@ -277,13 +241,6 @@ class ProxyMetrics:
 
     def access_log_error(self) -> None:
         self._access_log_errors.inc()
-
-    def flow_recorded(self, record: FlowRecord | Verdict, amount: float = 1.0) -> None:
-        verdict = record if isinstance(record, Verdict) else record.verdict
-        child = self._flow_children.get(verdict)
-        if child is None:
-            child = self._flow_children[verdict] = self._flows.labels(verdict.value)
-        child.inc(amount)
 
     def count_records(self, records: Iterable[FlowRecord]) -> None:
         """The metrics of a batch of records (one loop turn's): each series is updated once

@@ -880,7 +880,6 @@ class ProxyServer:
             direction=self._direction(admission),
             protocol=settings.protocol,
             ruleset=admission.ruleset,
-            connection_id=id(conn),
             node_name=self.config.node_name,
             host_hint=None,
             audit=admission.audit,

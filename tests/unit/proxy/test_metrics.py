@@ -8,9 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from garrison.flows.record import Aggregate, Verdict
-from garrison.policies.l7rules import L7Protocol
-from garrison.policies.model import Direction
+from garrison.flows.record import Aggregate
 from garrison.proxy.metrics import MetricsConfig, ProxyMetrics
 from tests.unit.flows import samples
 
@@ -28,25 +26,25 @@ def _key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 def _exercise(m: ProxyMetrics) -> None:
-    for _ in range(3):
-        m.request_received(L7Protocol.HTTP, Direction.INGRESS)
-    m.request_forwarded("http", "ingress")
-    m.request_forwarded("http", "ingress")
-    m.request_denied(L7Protocol.HTTP, "INGRESS")
-    m.request_received("kafka", Direction.EGRESS)
-    m.parse_error("kafka", Direction.EGRESS)
-    m.observe_upstream_latency("http", 0.0004)
-    m.observe_upstream_latency("http", 0.003)
-    m.observe_upstream_latency("http", 0.2, scope="total")
+    """Records as the proxy's sink counts them (one loop turn), then connections, the pool and
+    an access-log error."""
+    m.count_records(
+        [
+            samples.http_request_allowed(),
+            samples.http_response_allowed(),
+            samples.http_request_allowed(),
+            dataclasses.replace(samples.http_response_allowed(), l7=dataclasses.replace(
+                samples.http_response_allowed().l7, latency_ns=400_000)),
+            samples.http_request_denied(),
+            samples.proxy_parse_error(),
+        ]
+    )
     m.connection_opened("http")
     m.connection_opened("http")
     m.connection_opened("grpc")
     m.connection_closed("http")
     m.set_upstream_pool(idle=4, busy=2)
     m.access_log_error()
-    m.flow_recorded(samples.http_request_denied())
-    m.flow_recorded(samples.http_request_allowed())
-    m.flow_recorded(Verdict.FORWARDED)
 
 
 BUCKET = "garrison_proxy_upstream_reply_seconds_bucket"
@@ -54,16 +52,14 @@ EXPECTED = {
     _key("garrison_policy_l7_total", rule="received", proxy_type="http", direction="ingress"): 3,
     _key("garrison_policy_l7_total", rule="forwarded", proxy_type="http", direction="ingress"): 2,
     _key("garrison_policy_l7_total", rule="denied", proxy_type="http", direction="ingress"): 1,
-    _key("garrison_policy_l7_total", rule="received", proxy_type="kafka", direction="egress"): 1,
     _key(
-        "garrison_policy_l7_total", rule="parse_errors", proxy_type="kafka", direction="egress"
+        "garrison_policy_l7_total", rule="parse_errors", proxy_type="kafka", direction="ingress"
     ): 1,
     _key("garrison_policy_l7_total", rule="denied", proxy_type="grpc", direction="egress"): 0,
     _key("garrison_proxy_upstream_reply_seconds_count", protocol="http", scope="headers"): 2,
-    _key("garrison_proxy_upstream_reply_seconds_sum", protocol="http", scope="headers"): 0.0034,
+    _key("garrison_proxy_upstream_reply_seconds_sum", protocol="http", scope="headers"): 0.0029,
     _key(BUCKET, protocol="http", scope="headers", le="0.0005"): 1,
     _key(BUCKET, protocol="http", scope="headers", le="0.005"): 2,
-    _key("garrison_proxy_upstream_reply_seconds_count", protocol="http", scope="total"): 1,
     _key("garrison_proxy_connections", proxy_type="http"): 1,
     _key("garrison_proxy_connections", proxy_type="grpc"): 1,
     _key("garrison_proxy_connections", proxy_type="kafka"): 0,
@@ -71,8 +67,8 @@ EXPECTED = {
     _key("garrison_proxy_upstream_pool_connections", state="busy"): 2,
     _key("garrison_proxy_access_log_errors_total"): 1,
     _key("garrison_proxy_flows_total", verdict="DROPPED"): 1,
-    _key("garrison_proxy_flows_total", verdict="FORWARDED"): 2,
-    _key("garrison_proxy_flows_total", verdict="ERROR"): 0,
+    _key("garrison_proxy_flows_total", verdict="FORWARDED"): 4,
+    _key("garrison_proxy_flows_total", verdict="ERROR"): 1,
 }
 
 
@@ -118,10 +114,11 @@ def test_each_instance_has_its_own_registry() -> None:
 
 
 def test_custom_buckets() -> None:
-    m = ProxyMetrics(MetricsConfig(latency_buckets=(0.01, 1.0)))
-    m.observe_upstream_latency("grpc", 0.5)
-    text = m.render().decode()
-    assert 'garrison_proxy_upstream_reply_seconds_bucket{le="1.0",protocol="grpc"' in text
+    m = ProxyMetrics(MetricsConfig(latency_buckets=(0.001, 1.0)))
+    m.count_records([samples.http_response_allowed()])  # 2.5 ms
+    values = _samples(m.render().decode())
+    assert values[_key(BUCKET, protocol="http", scope="headers", le="0.001")] == 0
+    assert values[_key(BUCKET, protocol="http", scope="headers", le="1.0")] == 1
 
 
 def test_scrape_over_loopback() -> None:
@@ -136,11 +133,12 @@ def test_scrape_over_loopback() -> None:
             assert response.headers["Content-Type"].startswith("text/plain")
             body = response.read().decode()
         _check(_samples(body))
-        m.request_denied("grpc", "egress")  # a later scrape sees later values
+        m.count_records([samples.http_request_denied()])  # a later scrape sees later values
         with urllib.request.urlopen(url, timeout=5) as response:
             values = _samples(response.read().decode())
-        key = _key("garrison_policy_l7_total", rule="denied", proxy_type="grpc", direction="egress")
-        assert values[key] == 1
+        key = _key("garrison_policy_l7_total", rule="denied", proxy_type="http",
+                   direction="ingress")
+        assert values[key] == 2
     finally:
         server.close()
 
