@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python bench/proxy_latency.py [--duration S] [--clients N] [--fraction F]
                                              [--rate R] [--only garrison,haproxy]
+                                             [--workers 1,2]
 
 Issue 17's latency aim: at a fixed rate of half of garrison's one-worker capacity, the p99
 that garrison adds over direct is at most 0.3 ms. Open-loop, so a slow answer does not slow
@@ -21,6 +22,11 @@ the load down (a closed loop like wrk's hides queueing: coordinated omission):
    can sustain while answers take less than 5/R s;
 3. percentiles from the logs (p50, p90, p99, p99.9, max), the p99 added over direct, and the
    proxy's CPU per request at that rate.
+
+`--workers 1,2` runs garrison once per worker count at the same rate (the capacity is still
+one worker's). On a machine without a core to spare for a second worker, a throughput ratio
+says how the scheduler shared the cores; the CPU per request at a rate that leaves CPU idle
+says whether anything per request grows with the number of workers.
 
 The backend, garrison and haproxy are `bench/proxy_http.py`'s (same configs, same policy:
 `POST /v1/request-landing` allowed). Everything on loopback, child processes stopped by PID.
@@ -118,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=0,
                         help="requests/s to run at (skips the capacity run)")
     parser.add_argument("--only", default="garrison,haproxy")
+    parser.add_argument("--workers", default="1",
+                        help="garrison worker counts to run at the rate, comma-separated")
     args = parser.parse_args(argv)
+    worker_counts = [int(n) for n in args.workers.split(",")]
     for tool in ("wrk", "nginx", "haproxy", "h2load"):
         if shutil.which(tool) is None:
             package = "nghttp2-client" if tool == "h2load" else tool
@@ -143,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                                            args.clients, args.duration, workdir, None)
             cases: list[tuple[str, contextlib.AbstractContextManager[Child]]] = []
             if "garrison" in only:
-                cases.append(("garrison", garrison(workdir, backend, True)))
+                for n in worker_counts:
+                    name = "garrison" if n == 1 else f"garrison x{n}"
+                    cases.append((name, garrison(workdir, backend, True, workers=n)))
             if "haproxy" in only:
                 cases.append(("haproxy-log", haproxy(workdir, backend, log=True)))
             for name, manager in cases:
@@ -171,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: p50 added {r.p50_ms - direct.p50_ms:+.2f} ms, p99 added "
                   f"{r.p99_ms - direct.p99_ms:+.2f} ms"
                   + (" (aim <= +0.3 ms)" if name == "garrison" else ""))
+    if "garrison" in results:
+        for name, r in results.items():
+            if name.startswith("garrison x") and r.cpu_us and results["garrison"].cpu_us:
+                print(f"  {name} / garrison CPU per request at the same rate: "
+                      f"{r.cpu_us / results['garrison'].cpu_us:.2f}")
     return 0
 
 
