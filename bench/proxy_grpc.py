@@ -39,8 +39,6 @@ import contextlib
 import importlib.util
 import os
 import re
-import resource
-import shutil
 import signal
 import socket
 import statistics
@@ -52,6 +50,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from proxy_http import preflight
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "grpc"
@@ -490,13 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="direct,garrison,haproxy")
     parser.add_argument("--skip-in-process", action="store_true")
     args = parser.parse_args(argv)
-    for tool in ("h2load", "haproxy"):
-        if shutil.which(tool) is None:
-            package = "nghttp2-client" if tool == "h2load" else tool
-            print(f"needs {tool}: apt-get install {package} (or make setup)", file=sys.stderr)
-            return 2
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if not preflight("h2load", "haproxy"):
+        return 2
     only = args.only.split(",")
     doors = load_doors()
     costs = {} if args.skip_in_process else in_process(doors, max(3, args.rounds))

@@ -110,6 +110,22 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
+PACKAGES = {"h2load": "nghttp2-client"}  # Debian package of each tool, where named otherwise
+
+
+def preflight(*tools: str) -> bool:
+    """Every tool installed (else says which package to install and returns False), and the
+    open-files limit raised to its hard limit (thousands of connections)."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            package = PACKAGES.get(tool, tool)
+            print(f"needs {tool}: apt-get install {package} (or make setup)", file=sys.stderr)
+            return False
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -447,12 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-breakdown", action="store_true",
                         help="skip the in-process cost breakdown of the engine")
     args = parser.parse_args(argv)
-    for tool in ("wrk", "nginx", "haproxy"):
-        if shutil.which(tool) is None:
-            print(f"needs {tool}: apt-get install {tool} (or make setup)", file=sys.stderr)
-            return 2
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if not preflight("wrk", "nginx", "haproxy"):
+        return 2
     only = set(args.only.split(","))
     results: dict[tuple[str, str], WrkResult] = {}
     idle: dict[str, float] = {}

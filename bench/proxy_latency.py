@@ -37,15 +37,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import resource
-import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy_http import Child, cpu_seconds, garrison, haproxy, nginx, wrk
+from proxy_http import Child, cpu_seconds, garrison, haproxy, nginx, preflight, wrk
 
 PATH = "/v1/request-landing"
 
@@ -128,13 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="garrison worker counts to run at the rate, comma-separated")
     args = parser.parse_args(argv)
     worker_counts = [int(n) for n in args.workers.split(",")]
-    for tool in ("wrk", "nginx", "haproxy", "h2load"):
-        if shutil.which(tool) is None:
-            package = "nghttp2-client" if tool == "h2load" else tool
-            print(f"needs {tool}: apt-get install {package} (or make setup)", file=sys.stderr)
-            return 2
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if not preflight("wrk", "nginx", "haproxy", "h2load"):
+        return 2
     only = set(args.only.split(","))
     results: dict[str, Latency] = {}
     with tempfile.TemporaryDirectory(prefix="garrison-latency-") as tmp:
