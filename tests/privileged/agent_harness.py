@@ -595,6 +595,15 @@ class NsAgent:
              *self.args()], capture_output=True, text=True, timeout=60,
         )
 
+    def observe_cluster(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`garrison observe --cluster --last 10 ARGS` inside the agent's namespace, over its
+        socket (the cluster's flow view: etcd and the nodes' flow APIs as the agent sees them)."""
+        return subprocess.run(
+            ["nsenter", f"--net=/run/netns/{self.netns}", GARRISON, "observe", "--cluster",
+             "--socket", str(self.socket), "--last", "10", *args],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([GARRISON, *args, "--socket", str(self.socket)],
                               capture_output=True, text=True, timeout=60)

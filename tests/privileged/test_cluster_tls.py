@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.etcd_server import EtcdPKI, EtcdServer, etcd_skip_reason, make_pki
-from tests.privileged.agent_harness import NsAgent, fixture_ns_agent  # noqa: F401
+from tests.privileged.agent_harness import GARRISON, NsAgent, fixture_ns_agent  # noqa: F401
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: netns, BPF"),
@@ -26,7 +25,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI"),
 ]
 
-GARRISON = str(Path(sys.executable).with_name("garrison"))
 
 
 def cluster_args(etcd: EtcdServer, ca: Path, pki: EtcdPKI) -> list[str]:
@@ -57,18 +55,11 @@ def test_an_agent_joins_a_tls_etcd_and_status_says_how(
         ) in shown.stdout
 
         # the cluster's flow view over the same TLS, etcd's URLs taken from the agent's status
-        def observe_cluster(*tls: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                ["nsenter", f"--net=/run/netns/{ns_agent.netns}", GARRISON, "observe",
-                 "--cluster", "--socket", str(ns_agent.socket), "--last", "10", *tls],
-                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-            )
-
-        view = observe_cluster("--kvstore-ca", str(pki.ca), "--kvstore-cert",
+        view = ns_agent.observe_cluster("--kvstore-ca", str(pki.ca), "--kvstore-cert",
                                str(pki.client_cert), "--kvstore-key", str(pki.client_key))
         assert view.returncode == 0, view.stdout + view.stderr
         # without the client certificate etcd refuses the reader: said in one line, exit 3
-        bare = observe_cluster("--kvstore-ca", str(pki.ca))
+        bare = ns_agent.observe_cluster("--kvstore-ca", str(pki.ca))
         assert bare.returncode == 3, bare.stdout + bare.stderr
         assert "Traceback" not in bare.stderr and "etcd" in bare.stderr, bare.stderr
         assert ns_agent.stop() == 0

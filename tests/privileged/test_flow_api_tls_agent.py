@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +25,6 @@ pytestmark = [
     pytest.mark.skipif(etcd_skip_reason() is not None, reason=str(etcd_skip_reason())),
     pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI"),
 ]
-
-GARRISON = str(Path(sys.executable).with_name("garrison"))
-
 
 def test_an_agent_serves_its_flows_with_mtls_and_readers_need_the_certificate(
     ns_agent: NsAgent, tmp_path: Path
@@ -53,17 +48,10 @@ def test_an_agent_serves_its_flows_with_mtls_and_readers_need_the_certificate(
         assert (status["flow_api"], status["flow_api_security"]) == ("127.0.0.1:4244", "mtls")
         assert "plaintext and unauthenticated" not in ns_agent.log()
 
-        def observe_cluster(*tls: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                ["nsenter", f"--net=/run/netns/{ns_agent.netns}", GARRISON, "observe",
-                 "--cluster", "--socket", str(ns_agent.socket), "--last", "10", *tls],
-                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-            )
-
-        view = observe_cluster("--flow-api-ca", str(pki.ca), "--flow-api-cert",
+        view = ns_agent.observe_cluster("--flow-api-ca", str(pki.ca), "--flow-api-cert",
                                str(pki.client_cert), "--flow-api-key", str(pki.client_key))
         assert (view.returncode, view.stderr) == (0, ""), view.stdout + view.stderr
-        bare = observe_cluster("--flow-api-ca", str(pki.ca))
+        bare = ns_agent.observe_cluster("--flow-api-ca", str(pki.ca))
         assert bare.returncode == 3, bare.stdout + bare.stderr
         assert bare.stderr.splitlines() == [
             "garrison: node gf-tls-n1 (127.0.0.1:4244): TLS handshake failed: the node requires"
