@@ -47,7 +47,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from garrison.flows.store import FlowStore
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.labels import DEFAULT_NAMESPACE, LabelError, Labels, endpoint_labels
@@ -458,7 +457,6 @@ async def _serve(
                   file=sys.stderr)
             return EXIT_RUNTIME
     sink = FlowSink(
-        store=FlowStore(),
         writer=writer,
         metrics=metrics,
         verbose=sys.stderr if args.verbose else None,

@@ -25,10 +25,10 @@ synchronously from the loop, with no thread and no queue that could drop or reor
 `flush()` (an fsync, milliseconds) is for shutdown or a timer run in an executor.
 
 Failures are loud. A write that fails (disk full, file not writable, descriptor gone) raises
-`AccessLogError` with the errno; the caller logs it, counts it in
-`garrison_proxy_access_log_errors_total`, and keeps the record in the in-memory ring. A write
-that was cut short leaves a partial line; the next write starts with a newline, so the
-fragment stays alone on its line and the following records parse.
+`AccessLogError` with the errno; the caller logs it and counts it in
+`garrison_proxy_access_log_errors_total` (the agent also keeps the record in its in-memory
+ring). A write that was cut short leaves a partial line; the next write starts with a newline,
+so the fragment stays alone on its line and the following records parse.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ class ProxyMetrics:
         ).labels(str(cfg.worker))
         self._access_log_errors = Counter(
             f"{p}_proxy_access_log_errors",
-            "Access log writes that failed (the records stay in the in-memory ring)",
+            "Access log writes that failed (the agent keeps the records in its in-memory ring)",
             registry=self.registry,
         )
         self._flows = Counter(

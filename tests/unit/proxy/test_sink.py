@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from garrison.flows.build import proxy_error
 from garrison.flows.record import DropReasonDesc, Endpoint, FlowRecord
 from garrison.flows.store import FlowStore
+from garrison.flows.writer import AccessLogConfig, AccessLogWriter
 from garrison.policies.l7rules import L7Protocol
 from garrison.proxy.commands import Log
 from garrison.proxy.server import FlowSink
@@ -86,3 +88,23 @@ def test_a_record_that_cannot_be_built_is_reported_and_the_others_are_kept(
         sink.emit(_record(5))
     assert [r.error for r in store.tail(10).records] == ["error 5"]
     assert "could not be built" in caplog.text
+
+
+def test_without_a_ring_records_go_to_the_access_log_and_a_failed_write_says_they_are_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the standalone `garrison proxy`: nothing reads a ring there, so it keeps none
+    loop = _Loop()
+    writer = AccessLogWriter(AccessLogConfig(tmp_path / "access.log"))
+    sink = FlowSink(writer=writer, loop=loop)  # type: ignore[arg-type]
+    assert sink.store is None
+    sink.emit(_record(1))
+    sink.emit(Log.later(_record, 2))
+    loop.end_turn()
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    assert [FlowRecord.from_json(line).error for line in lines] == ["error 1", "error 2"]
+    writer.close()
+    with caplog.at_level(logging.ERROR):
+        sink.emit(_record(3))
+        loop.end_turn()
+    assert "writer is closed (records are lost: the standalone proxy keeps no ring)" in caplog.text
