@@ -156,7 +156,7 @@ class Log:
     @classmethod
     def later(cls, build: Callable[..., FlowRecord], *args: Any) -> Log:
         """A record made by `build(*args)` when first read (see the module's docstring)."""
-        return cls(build=build, args=args)
+        return Log(None, build=build, args=args)  # not `cls(...)`: compiled, a direct call
 
     @property
     def record(self) -> FlowRecord:
