@@ -149,7 +149,6 @@ class AdmissionAnswer:
     # PeerInfo's fields: a compiled (mypyc) frozen class does not unpickle
     destination: tuple[int, Labels, str, int, str | None, str | None]
     remote: bool
-    revision: int
 
 
 # ---- the agent's side ------------------------------------------------------------------------
@@ -346,7 +345,6 @@ class ProxyWorkers:
             "node_name": self.config.node_name,
             "redact_query_params": list(self.config.redact_query_params),
             "remote_endpoints": self.config.remote_endpoints,
-            "revision": self._revision(),
             "metrics_dir": str(self.metrics_dir),
         }
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))
@@ -443,7 +441,6 @@ class ProxyWorkers:
                 self._admit(src, dst, port),
                 (peer.identity, peer.labels, peer.ip, peer.port, peer.namespace, peer.pod_name),
                 bool(self._remote(dst)) if self._remote is not None else False,
-                self._revision(),
             )
             return pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         except ValueError as exc:
@@ -643,21 +640,13 @@ class AgentPolicy:
     connection with an ERROR record; a channel that failed once stays failed (a late answer
     would be taken for the next one) and the worker exits to be restarted."""
 
-    def __init__(self, sock: socket.socket, revision: int, on_broken: Callable[[], None]) -> None:
+    def __init__(self, sock: socket.socket, on_broken: Callable[[], None]) -> None:
         self._sock = sock
         self._sock.settimeout(CALL_TIMEOUT)
-        self._revision = revision
         self._broken: str | None = None
         self._on_broken = on_broken
         self._destinations: dict[tuple[str, int], PeerInfo] = {}
         self._remote: dict[str, bool] = {}
-
-    @property
-    def revision(self) -> int:
-        return self._revision
-
-    def set_revision(self, revision: int) -> None:
-        self._revision = revision
 
     def admit(self, src_ip: str, dst_ip: str, dst_port: int) -> Admission:
         if self._broken is not None:
@@ -754,7 +743,7 @@ async def _run_worker(spec: dict[str, Any], ending: _Ending) -> int:
         ending.gone = True
         stop.set()
 
-    policy = AgentPolicy(calls, int(spec["revision"]), broken)
+    policy = AgentPolicy(calls, broken)
     metrics = ProxyMetrics(MetricsConfig(worker=index))
     sink = ForwardingSink(events, loop)
     servers: list[ProxyServer] = []
@@ -831,7 +820,6 @@ class _RevisionReader:
             frame = self._buffer[_HEADER.size:_HEADER.size + size]
             self._buffer = self._buffer[_HEADER.size + size:]
             if frame[:1] == _REVISION:  # the policy or the endpoints changed: re-admit
-                self._policy.set_revision(int(frame[1:]))
                 changed = True
         if changed:
             for server in self._servers:

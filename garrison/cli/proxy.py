@@ -232,7 +232,7 @@ class _Options:
             redact_query_params=tuple(args.redact_query_param),
         )
 
-    def build_policy(self, policies: Sequence[Policy], revision: int) -> PolicySource:
+    def build_policy(self, policies: Sequence[Policy]) -> PolicySource:
         policy = StandalonePolicy(
             policies,
             self.dst_labels,
@@ -240,7 +240,6 @@ class _Options:
             self.protocol,
             self.peers,
             self.resolver,
-            revision,
         )
         if not policy.destination_selected:
             what = (
@@ -269,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"garrison proxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        policy = load_policy(args.files, options.build_policy, 1)
+        policy = load_policy(args.files, options.build_policy)
     except PolicyLoadError as exc:
         if isinstance(exc.__cause__, UnselectedDestinationError):
             print(f"garrison proxy: not started: {exc.__cause__}", file=sys.stderr)

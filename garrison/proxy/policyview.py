@@ -86,9 +86,6 @@ class Admission:
 class PolicySource(Protocol):
     def admit(self, src_ip: str, dst_ip: str, dst_port: int) -> Admission: ...
 
-    @property
-    def revision(self) -> int: ...
-
 
 def world_labels() -> Labels:
     return Labels.of([Label("world", "", SOURCE_RESERVED)])
@@ -112,13 +109,11 @@ class StandalonePolicy:
         protocol: L7Protocol,
         peers: Sequence[PeerMapping] = (),
         config: ResolverConfig | None = None,
-        revision: int = 1,
     ) -> None:
         self.destination = destination
         self.port = port
         self.protocol = protocol
         self.peers = sorted(peers, key=lambda p: p.network.prefixlen, reverse=True)
-        self._revision = revision
         ids: dict[Labels, int] = {destination: DESTINATION_IDENTITY}
         for peer in self.peers:
             ids.setdefault(peer.labels, DESTINATION_IDENTITY + len(ids))
@@ -142,10 +137,6 @@ class StandalonePolicy:
         )
         self.ingress_enforced = self._state.ingress_enforced
         self._check_protocol()
-
-    @property
-    def revision(self) -> int:
-        return self._revision
 
     def _check_protocol(self) -> None:
         rulesets = list(self._state.l7.items())

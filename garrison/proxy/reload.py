@@ -25,7 +25,7 @@ from garrison.proxy.policyview import PolicyConfigError, PolicySource
 log = logging.getLogger("garrison.proxy.reload")
 
 Snapshot = tuple[tuple[str, int, int, int], ...]
-PolicyBuilder = Callable[[Sequence[Policy], int], PolicySource]
+PolicyBuilder = Callable[[Sequence[Policy]], PolicySource]
 
 
 class PolicyLoadError(Exception):
@@ -50,7 +50,7 @@ def snapshot(paths: Sequence[str | Path]) -> Snapshot:
     return tuple(out)
 
 
-def load_policy(paths: Sequence[str | Path], build: PolicyBuilder, revision: int) -> PolicySource:
+def load_policy(paths: Sequence[str | Path], build: PolicyBuilder) -> PolicySource:
     """Read, validate and build; raises PolicyLoadError with every problem."""
     try:
         result = load_paths(paths)
@@ -60,7 +60,7 @@ def load_policy(paths: Sequence[str | Path], build: PolicyBuilder, revision: int
     for warning in result.warnings:
         log.warning("%s", warning)
     try:
-        return build(result.policies, revision)
+        return build(result.policies)
     except PolicyConfigError as exc:
         raise PolicyLoadError([str(exc)]) from exc
     except ValueError as exc:  # e.g. an RE2 pattern the matcher cannot compile
@@ -139,7 +139,7 @@ class PolicyReloader:
         """Load now; True when a new policy was applied."""
         self._snapshot = snapshot(self._paths)
         try:
-            policy = load_policy(self._paths, self._build, self.revision + 1)
+            policy = load_policy(self._paths, self._build)
         except PolicyLoadError as exc:
             for line in exc.lines:
                 log.error("%s", line)

@@ -80,7 +80,7 @@ def fixture_agent(policy: StandalonePolicy) -> Iterator[Agent]:
 
 def test_an_admission_crosses_the_channel_as_the_agent_made_it(agent: Agent) -> None:
     broken: list[bool] = []
-    worker = AgentPolicy(agent.worker_end, 1, lambda: broken.append(True))
+    worker = AgentPolicy(agent.worker_end, lambda: broken.append(True))
     got = worker.admit("10.0.0.2", "10.0.0.9", 80)
     assert got == agent.policy.admit("10.0.0.2")
     assert got.allowed and not got.ruleset.allow_all
@@ -116,7 +116,7 @@ def test_an_oversized_frame_closes_the_channel_unread(agent: Agent) -> None:
 
 def test_a_worker_that_lost_the_agent_denies_from_then_on(agent: Agent) -> None:
     broken: list[bool] = []
-    worker = AgentPolicy(agent.worker_end, 1, lambda: broken.append(True))
+    worker = AgentPolicy(agent.worker_end, lambda: broken.append(True))
     agent.agent_end.close()  # the agent's end is gone
     agent.thread.join(5)
     for _ in range(2):
@@ -129,7 +129,7 @@ def test_an_agent_that_cannot_answer_denies_that_connection_only(
     policy: StandalonePolicy,
 ) -> None:
     agent = Agent(policy, fail=True)
-    worker = AgentPolicy(agent.worker_end, 1, lambda: None)
+    worker = AgentPolicy(agent.worker_end, lambda: None)
     with pytest.raises(WorkerChannelError, match="could not answer"):
         worker.admit("10.0.0.2", "10.0.0.9", 80)
     agent.fail = False
@@ -180,7 +180,7 @@ def test_on_the_event_loop_admissions_records_and_bad_frames(policy: StandaloneP
         events_worker.settimeout(5)
         _FrameReader(slot, calls_agent, loop, MAX_REQUEST, workers._on_call).start()
         _FrameReader(slot, events_agent, loop, MAX_RECORDS_FRAME, workers._on_events).start()
-        worker = AgentPolicy(calls_worker, 1, lambda: None)
+        worker = AgentPolicy(calls_worker, lambda: None)
         admitted = await loop.run_in_executor(None, worker.admit, "10.0.0.2", "10.0.0.9", 80)
         assert admitted == policy.admit("10.0.0.2")
         send_frame(events_worker, b"r")

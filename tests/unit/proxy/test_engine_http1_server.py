@@ -46,7 +46,6 @@ class StaticPolicy:
     def __init__(self, ruleset: L7RuleSet, allowed: bool = True) -> None:
         self.ruleset = ruleset
         self.allowed = allowed
-        self.revision = 1
         self.labels = Labels.parse("app=client")  # one identity: its labels, as policies keep
 
     def admit(self, src_ip: str, dst_ip: str = "", dst_port: int = 0) -> Admission:

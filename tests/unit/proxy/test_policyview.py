@@ -107,7 +107,3 @@ def test_unselected_destination_is_unrestricted() -> None:
     admission = policy.admit("127.0.0.3")
     assert admission.allowed and admission.ruleset.allow_all
 
-
-def test_revision_is_reported() -> None:
-    policies = load_paths([STARWARS / "sw_l3_l4_policy.yaml"]).policies
-    assert StandalonePolicy(policies, DEATHSTAR, 80, L7Protocol.HTTP, revision=7).revision == 7
