@@ -355,6 +355,12 @@ def test_status_and_gc_of_spec_110(rt: Runtime, galaxy: Galaxy) -> None:
     rt.run("gcprobe", "app=gcprobe", "sleep", "600")
     name = f"gc-gcprobe{TAG}"
     rt.labelled(name)
+    # a GC without the runtime's list removes nothing: every container stays enforced
+    rc, out = run_plugin(rt, "GC", conf)
+    assert rc == 1 and json.loads(out)["code"] == 7, out
+    assert rt.endpoint(name) is not None
+    assert all(rt.endpoint(str(e["name"])) for e in (galaxy.deathstar, galaxy.tiefighter,
+                                                     galaxy.xwing))
     keep = [str(e["container_id"]) for e in (galaxy.deathstar, galaxy.tiefighter,
                                               galaxy.xwing)]
     conf["cni.dev/valid-attachments"] = [{"containerID": c, "ifname": "eth0"} for c in keep]
