@@ -20,6 +20,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from typing import Any
 from garrison.agent.config import DEFAULT_SOCKET, DEFAULT_STATE_DIR
 
 PLUGIN = "garrison-cni"
+# the CNI specification's network names; the name is also a file name in the conf directory
+NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DEFAULT_NETWORK = "garrison"
 DEFAULT_SUBNET = "198.18.128.0/17"
 DEFAULT_ROUTES = ("198.18.0.0/15",)
@@ -78,6 +81,31 @@ def _record_path(conf_dir: Path, network: str) -> Path:
     return conf_dir / f".garrison-cni-{network}.json"
 
 
+def _bad_network(command: str, network: str) -> bool:
+    if NETWORK_NAME.match(network):
+        return False
+    print(f"garrison cni {command}: --network {network!r}: a CNI network name is a letter or "
+          "digit, then letters, digits, '_', '.' or '-'", file=sys.stderr)
+    return True
+
+
+def _read_record(command: str, record: Path) -> list[dict[str, str]] | None:
+    """The files a record lists; None (after saying why) when it cannot be read."""
+    try:
+        files = json.loads(record.read_text())["files"]
+        if not isinstance(files, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("path"), str)
+            and isinstance(f.get("sha256"), str) for f in files
+        ):
+            raise ValueError("no list of files")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"garrison cni {command}: {record}: not a record garrison can read ({exc}); "
+              "nothing removed: remove the network's conflist and record by hand",
+              file=sys.stderr)
+        return None
+    return files
+
+
 def _write(path: Path, data: bytes, mode: int, written: list[dict[str, str]]) -> None:
     if path.exists():
         if path.read_bytes() == data:
@@ -99,10 +127,14 @@ def install(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"garrison cni install: {exc}", file=sys.stderr)
         return 2
+    if _bad_network("install", args.network):
+        return 2
     conf_dir, bin_dir = Path(args.cni_conf_dir), Path(args.cni_bin_dir)
     record = _record_path(conf_dir, args.network)
-    previous = json.loads(record.read_text()) if record.exists() else {"files": []}
-    written: list[dict[str, str]] = list(previous["files"])
+    previous = _read_record("install", record) if record.exists() else []
+    if previous is None:
+        return 1
+    written: list[dict[str, str]] = list(previous)
     fresh: list[dict[str, str]] = []
     conf = conflist(args.network, str(subnet), routes, str(args.socket), str(args.state_dir))
     try:
@@ -123,14 +155,19 @@ def install(args: argparse.Namespace) -> int:
 
 
 def uninstall(args: argparse.Namespace) -> int:
+    if _bad_network("uninstall", args.network):
+        return 2
     conf_dir = Path(args.cni_conf_dir)
     record = _record_path(conf_dir, args.network)
     if not record.exists():
         print(f"garrison cni uninstall: nothing recorded for network {args.network!r} in "
               f"{conf_dir} (was it installed with another --cni-conf-dir?)", file=sys.stderr)
         return 1
+    files = _read_record("uninstall", record)
+    if files is None:
+        return 1
     status = 0
-    for item in json.loads(record.read_text())["files"]:
+    for item in files:
         path = Path(item["path"])
         if not path.exists():
             continue

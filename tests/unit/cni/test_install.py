@@ -95,3 +95,30 @@ def test_uninstall_keeps_a_file_changed_since_install(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert f"kept {conf / 'garrison.conflist'}: changed since install" in done.stderr
     assert (conf / "garrison.conflist").exists() and not (bindir / "garrison-cni").exists()
+
+
+def test_a_network_name_that_is_not_a_cni_name_is_refused_and_nothing_written(
+    tmp_path: Path,
+) -> None:
+    """The name is a file name in the configuration directory: `../x` wrote x.conflist beside
+    that directory, then failed with a traceback and no record (uninstall could not remove
+    it). The CNI spec's network names: a letter or digit, then letters, digits, _ . -."""
+    _, _, where = dirs(tmp_path)
+    for bad in ("../gc-escape", "gc/unit", "gc unit", "", ".gc-unit"):
+        done = cli("install", "--network", bad, *where)
+        assert done.returncode == 2, (bad, done.stdout, done.stderr)
+        assert f"--network {bad!r}" in done.stderr and "Traceback" not in done.stderr
+        assert not list(tmp_path.rglob("*")), (bad, list(tmp_path.rglob("*")))
+        done = cli("uninstall", "--network", bad, "--cni-conf-dir", str(tmp_path / "net.d"))
+        assert done.returncode == 2 and f"--network {bad!r}" in done.stderr
+
+
+def test_uninstall_with_an_unreadable_record_says_so(tmp_path: Path) -> None:
+    conf, _, where = dirs(tmp_path)
+    assert cli("install", *where).returncode == 0
+    record = conf / ".garrison-cni-garrison.json"
+    record.write_text("{")
+    done = cli("uninstall", "--cni-conf-dir", str(conf))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert str(record) in done.stderr and "nothing removed" in done.stderr
+    assert (conf / "garrison.conflist").exists()  # nothing removed on a guess
