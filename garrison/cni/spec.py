@@ -195,8 +195,8 @@ def container_attachment(prev: Mapping[str, Any] | None, env: Environment) -> Co
     if prev is None:
         raise CNIError(
             INVALID_NETWORK_CONFIG,
-            "no prevResult: garrison-cni is a chained plugin; list it after an interface "
-            "plugin (ptp or bridge with host-local) in the conflist",
+            "no prevResult: garrison-cni is a chained plugin; list it after ptp with "
+            "host-local in the conflist, as `garrison cni install` writes it",
         )
     interfaces = prev.get("interfaces")
     ips = prev.get("ips")

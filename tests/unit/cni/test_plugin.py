@@ -209,3 +209,11 @@ def test_gc_without_the_runtimes_attachments_removes_nothing(tmp_path: Path) -> 
     assert_error(run("GC", json.dumps(conf).encode()), 11)
     conf["cni.dev/attachments"] = "all of them"
     assert_error(run("GC", json.dumps(conf).encode()), 7, "cni.dev/attachments")
+
+
+def test_no_prev_result_names_a_chain_that_works(tmp_path: Path) -> None:
+    """The fix the message gives must work: garrison refuses a bridge port (L7 rules would not
+    hold), so it names ptp, as `garrison cni install` writes it, and not bridge."""
+    obj = assert_error(run("ADD", json.dumps(netconf(tmp_path, prevResult=None)).encode()), 7,
+                       "chained plugin", "ptp", "garrison cni install")
+    assert "bridge" not in obj["msg"], obj
