@@ -438,3 +438,19 @@ def test_the_cni_socket_answers_garbage_with_an_error(rt: Runtime) -> None:
             answer = json.loads(sock.makefile("rb").readline())
         assert answer["ok"] is False and answer["error"], (payload[:40], answer)
     assert rt.agent.call("Status")["endpoints"] >= 0  # still serving
+
+
+def test_a_container_with_a_long_name_starts_as_its_endpoint(rt: Runtime) -> None:
+    """podman takes a name of any length (`podman kube play` names a container
+    `<pod>-<container>`); garrison refused every endpoint name over 63 characters, so such a
+    container could not start on its network (ADD refused)."""
+    short = "longname-" + "x" * 90
+    name = f"gc-{short}{TAG}"
+    done = rt.run(short, "app=longname", "sleep", "600", check=False)
+    assert done.returncode == 0, done.stderr
+    ep = rt.labelled(name)
+    assert ep["labels"] == ["app=longname"]
+    assert any(line.startswith(f"{ep['id']} ") and name in line
+               for line in rt.agent.cli("endpoint", "list").stdout.splitlines())
+    rt.podman("rm", "-f", "-t", "0", name)
+    assert rt.endpoint(name) is None
