@@ -76,11 +76,20 @@ class RuntimeEndpoints:
         agent = self.agent
         container_id = str(req["container_id"])
         ipv4 = str(req["ipv4"])
+        interface = str(req.get("interface") or "eth0")
         with agent.lock:
             old = agent.endpoints.by_container(container_id)
             if old is not None:
                 if old.ipv4 == ipv4 and old.netns_path == req["netns"]:
                     return old  # the runtime asked again: the same attachment
+                if old.netns_path == req["netns"] and old.ifname != interface:
+                    # replacing it would leave the first interface with no programs
+                    raise EndpointError(
+                        f"container {container_id[:12]} is already on garrison network "
+                        f"{old.extra.get('network') or '?'} ({old.ifname} {old.ipv4}); "
+                        "garrison enforces one interface per container: attach it to one "
+                        "garrison network"
+                    )
                 agent.delete_endpoint(old.name)
             gateway = str(req.get("gateway") or "")
             if gateway:
@@ -90,7 +99,7 @@ class RuntimeEndpoints:
                 )
             record = agent.add_endpoint(
                 str(req["name"]), [], str(req.get("namespace") or "default"), ipv4,
-                netns=str(req["netns"]), interface=str(req.get("interface") or "eth0"),
+                netns=str(req["netns"]), interface=interface,
                 container_id=container_id, extra={"network": str(req.get("network") or "")},
                 ports=[str(p) for p in req.get("ports") or []],  # NAME=PORT/PROTO
             )
@@ -101,6 +110,10 @@ class RuntimeEndpoints:
         record = self.agent.endpoints.by_container(str(req["container_id"]))
         if record is None:
             return {"deleted": None}  # DEL twice, or for a container never added: success
+        network = str(req.get("network") or "")
+        if network and record.extra.get("network") not in (None, "", network):
+            # a DEL on another network (one whose ADD was refused): the endpoint is not its
+            return {"deleted": None}
         with contextlib.suppress(EndpointError):
             self.agent.delete_endpoint(record.name)
         return {"deleted": record.name}

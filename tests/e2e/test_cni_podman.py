@@ -15,6 +15,7 @@ containers running (enforcement never stops).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -49,6 +50,8 @@ STARWARS = REPO / "examples" / "starwars"
 TAG = f"{os.getpid() % 100000}"
 NET = f"gc-e2e{TAG}"
 SUBNET = "198.18.203.0/24"
+NET2 = f"gc-e2e2-{TAG}"  # a second garrison network (installed by the test that needs it)
+SUBNET2 = "198.18.204.0/24"
 CURL_TIMEOUT = 2.0
 
 
@@ -153,9 +156,10 @@ def rt(request: pytest.FixtureRequest,
         if runtime.names:
             subprocess.run(["podman", "rm", "-f", "-t", "0", "--ignore", *runtime.names],
                            env=env, capture_output=True, timeout=120)
-        subprocess.run([garrison, "cni", "uninstall", "--network", NET, "--cni-conf-dir",
-                        str(conf_dir)], capture_output=True)
-        shutil.rmtree(f"/var/lib/cni/networks/{NET}", ignore_errors=True)
+        for net in (NET, NET2):
+            subprocess.run([garrison, "cni", "uninstall", "--network", net, "--cni-conf-dir",
+                            str(conf_dir)], capture_output=True)
+            shutil.rmtree(f"/var/lib/cni/networks/{net}", ignore_errors=True)
         if agent.alive:
             agent.stop()
         # the agent's pins (and the steering it added, when no other agent runs)
@@ -454,3 +458,47 @@ def test_a_container_with_a_long_name_starts_as_its_endpoint(rt: Runtime) -> Non
                for line in rt.agent.cli("endpoint", "list").stdout.splitlines())
     rt.podman("rm", "-f", "-t", "0", name)
     assert rt.endpoint(name) is None
+
+
+def install_second_network(rt: Runtime) -> None:
+    net2 = ipaddress.ip_network(SUBNET2)
+    # a route of its own: a second 198.18.0.0/15 route in the container is ptp's EEXIST
+    route = f"{list(net2.hosts())[-1]}/32"
+    subprocess.run(
+        [str(Path(sys.executable).with_name("garrison")), "cni", "install", "--network", NET2,
+         "--subnet", SUBNET2, "--route", route, "--cni-bin-dir", str(rt.dir / "bin"),
+         "--cni-conf-dir", str(rt.dir / "net.d"), "--socket", str(rt.agent.socket),
+         "--state-dir", str(rt.agent.workdir / "state")], check=True, capture_output=True)
+
+
+def test_a_second_garrison_network_is_refused_and_never_unenforces_the_first(
+    rt: Runtime,
+) -> None:
+    """garrison enforces one interface per container. A container on two garrison networks
+    had its first endpoint silently replaced by the second: its first interface ran with no
+    programs (unenforced). Now the second attachment is refused (the container does not
+    start), and `podman network connect` of a running container is refused too, its first
+    endpoint untouched (also by the DEL podman sends to undo the refused ADD)."""
+    install_second_network(rt)
+    both = f"gc-twonets{TAG}"
+    rt.names.append(both)
+    done = rt.podman("run", "-d", "--network", f"{NET},{NET2}", "--name", both, "--label",
+                     "app=twonets", "--rootfs", "/:O", "sleep", "600", check=False)
+    assert done.returncode != 0
+    assert "one garrison network" in done.stderr, done.stderr
+    assert rt.endpoint(both) is None
+    rt.podman("rm", "-f", "-t", "0", both)
+
+    rt.run("onenet", "app=onenet", "sleep", "600")
+    name = f"gc-onenet{TAG}"
+    ep = rt.labelled(name)
+    done = rt.podman("network", "connect", NET2, name, check=False)
+    assert done.returncode != 0 and "one garrison network" in done.stderr, done.stderr
+    still = rt.endpoint(name)
+    assert still is not None and (still["ipv4"], still["identity"]) == (
+        ep["ipv4"], ep["identity"])
+    assert rt.agent.call("CniCheck", container_id=ep["container_id"],
+                         ipv4=ep["ipv4"])["problems"] == []
+    rt.podman("rm", "-f", "-t", "0", name)
+    assert rt.endpoint(name) is None
+
