@@ -91,6 +91,17 @@ class RuntimeEndpoints:
                         "garrison network"
                     )
                 agent.delete_endpoint(old.name)
+            name = str(req["name"])
+            held = next((e for e in agent.endpoints if e.name == name), None)
+            if (
+                held is not None and held.container_id and held.container_id != container_id
+                and agent.datapath.link_of(held.name, held.host_ifname or None) is None
+            ):
+                # its container went without a DEL (the plugin could not run): a stale name
+                log.warning("endpoint %s: container %s is gone (veth %s too) and its DEL never "
+                            "came; container %s takes the name", name, held.container_id[:12],
+                            held.host_ifname, container_id[:12])
+                agent.delete_endpoint(name)
             gateway = str(req.get("gateway") or "")
             if gateway:
                 # the host's side of a ptp link answers from this address: it is the host
@@ -98,7 +109,7 @@ class RuntimeEndpoints:
                     ipaddress.ip_network(f"{gateway}/32"), RESERVED["host"].id
                 )
             record = agent.add_endpoint(
-                str(req["name"]), [], str(req.get("namespace") or "default"), ipv4,
+                name, [], str(req.get("namespace") or "default"), ipv4,
                 netns=str(req["netns"]), interface=interface,
                 container_id=container_id, extra={"network": str(req.get("network") or "")},
                 ports=[str(p) for p in req.get("ports") or []],  # NAME=PORT/PROTO

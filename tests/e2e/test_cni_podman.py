@@ -502,3 +502,32 @@ def test_a_second_garrison_network_is_refused_and_never_unenforces_the_first(
     rt.podman("rm", "-f", "-t", "0", name)
     assert rt.endpoint(name) is None
 
+
+
+def test_a_name_left_by_a_missed_del_is_taken_by_the_new_container(rt: Runtime) -> None:
+    """A container removed while its plugin could not run (here: `garrison cni uninstall`
+    first) leaves its endpoint behind, its veth gone. A new container of the same name was
+    refused (`endpoint ... already exists`) until the agent restarted; now the stale endpoint
+    gives way, and the agent's log says so."""
+    rt.run("reused", "app=reused-old", "sleep", "600")
+    name = f"gc-reused{TAG}"
+    old = rt.labelled(name)
+    garrison = str(Path(sys.executable).with_name("garrison"))
+    subprocess.run([garrison, "cni", "uninstall", "--network", NET, "--cni-conf-dir",
+                    str(rt.dir / "net.d")], check=True, capture_output=True)
+    try:
+        rt.podman("rm", "-f", "-t", "0", name)  # its DEL fails: no plugin
+    finally:
+        subprocess.run(
+            [garrison, "cni", "install", "--network", NET, "--subnet", SUBNET,
+             "--cni-bin-dir", str(rt.dir / "bin"), "--cni-conf-dir", str(rt.dir / "net.d"),
+             "--socket", str(rt.agent.socket), "--state-dir", str(rt.agent.workdir / "state")],
+            check=True, capture_output=True)
+    assert rt.endpoint(name) is not None  # what the missed DEL left
+    done = rt.run("reused", "app=reused-new", "sleep", "600", check=False)
+    assert done.returncode == 0, done.stderr
+    new = rt.labelled(name)
+    assert new["container_id"] != old["container_id"] and new["labels"] == ["app=reused-new"]
+    assert f"container {str(old['container_id'])[:12]} is gone" in rt.agent.log()
+    rt.podman("rm", "-f", "-t", "0", name)
+    assert rt.endpoint(name) is None
