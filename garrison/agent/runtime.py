@@ -102,20 +102,36 @@ class RuntimeEndpoints:
                             "came; container %s takes the name", name, held.container_id[:12],
                             held.host_ifname, container_id[:12])
                 agent.delete_endpoint(name)
-            gateway = str(req.get("gateway") or "")
-            if gateway:
-                # the host's side of a ptp link answers from this address: it is the host
-                agent.datapath.set_prefix(
-                    ipaddress.ip_network(f"{gateway}/32"), RESERVED["host"].id
-                )
+            gateway = self._gateway(str(req.get("gateway") or ""))
             record = agent.add_endpoint(
                 name, [], str(req.get("namespace") or "default"), ipv4,
                 netns=str(req["netns"]), interface=interface,
                 container_id=container_id, extra={"network": str(req.get("network") or "")},
                 ports=[str(p) for p in req.get("ports") or []],  # NAME=PORT/PROTO
             )
+            if gateway is not None:
+                # the host's side of a ptp link answers from this address: it is the host
+                # (written once the ADD holds; the container starts after ADD returns)
+                agent.datapath.set_prefix(gateway, RESERVED["host"].id)
         self.resolve_later(record)
         return record
+
+    def _gateway(self, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+        """prevResult's gateway as a host prefix, checked before anything is made: it must not
+        be an endpoint's address (it becomes the host identity)."""
+        if not text:
+            return None
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise EndpointError(f"prevResult's gateway {text!r} is not an IP address") from None
+        owner = self.agent.endpoints.by_ip(str(address))
+        if owner is not None:
+            raise EndpointError(
+                f"prevResult's gateway {address} is the address of endpoint {owner.name!r}, "
+                "not the host's side of the link; check the conflist"
+            )
+        return ipaddress.ip_network(address)
 
     def delete(self, req: dict[str, Any]) -> dict[str, Any]:
         record = self.agent.endpoints.by_container(str(req["container_id"]))

@@ -531,3 +531,47 @@ def test_a_name_left_by_a_missed_del_is_taken_by_the_new_container(rt: Runtime) 
     assert f"container {str(old['container_id'])[:12]} is gone" in rt.agent.log()
     rt.podman("rm", "-f", "-t", "0", name)
     assert rt.endpoint(name) is None
+
+
+def test_a_refused_add_leaves_the_ipcache_as_it_was(rt: Runtime, galaxy: Galaxy) -> None:
+    """ADD mapped prevResult's gateway to the host identity before anything was checked, and
+    kept it when the ADD was refused: a gateway that is another container's address (a
+    misconfigured chain) turned that container into `host` in the ipcache, for every policy
+    and flow record. Now a refused ADD changes nothing, and a gateway that is an endpoint's
+    address is refused by name."""
+    tie, ds = galaxy.tiefighter, galaxy.deathstar
+    sandbox = rt.podman("inspect", "--format", "{{.NetworkSettings.SandboxKey}}",
+                        str(tie["name"])).stdout.strip()
+    conf = json.loads((rt.dir / "net.d" / f"{NET}.conflist").read_text())
+
+    def add(address: str, gateway: str, cid: str) -> dict[str, object]:
+        plugin = {**conf["plugins"][1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "vethx"}, {"name": "eth0", "sandbox": sandbox}],
+            "ips": [{"interface": 1, "address": address, "gateway": gateway}],
+        }}
+        env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid + TAG, "CNI_NETNS": sandbox,
+               "CNI_IFNAME": "eth0", "CNI_PATH": "/usr/lib/cni", "GARRISON_PURE": "1",
+               "CNI_ARGS": f"K8S_POD_NAME=gc-{cid}{TAG}"}
+        done = subprocess.run([str(rt.dir / "bin" / "garrison-cni")],
+                              input=json.dumps(plugin), capture_output=True, text=True,
+                              env=env, timeout=30)
+        assert done.returncode == 1, done.stdout
+        err: dict[str, object] = json.loads(done.stdout)
+        return err
+
+    def ipcache() -> dict[str, int]:
+        return {e["prefix"]: e["identity"] for e in rt.agent.call("BpfIpcacheList")["entries"]}
+
+    before = ipcache()
+    assert before[f"{ds['ipv4']}/32"] == ds["identity"]
+    unused, gateway = (str(a) for a in list(ipaddress.ip_network(SUBNET).hosts())[-3:-1])
+    # refused for the address (it is not the namespace's): the gateway is not written
+    err = add(f"{unused}/24", gateway, "gcgw1")
+    assert err["code"] == 100 and str(tie["ipv4"]) in str(err["msg"]), err
+    assert f"{gateway}/32" not in ipcache()
+    # a gateway that is another container's address: refused, that container stays itself
+    err = add(f"{tie['ipv4']}/24", str(ds["ipv4"]), "gcgw2")
+    assert err["code"] == 100 and f"gateway {ds['ipv4']}" in str(err["msg"]), err
+    assert str(ds["name"]) in str(err["msg"])
+    assert ipcache() == before
