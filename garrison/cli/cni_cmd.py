@@ -1,7 +1,7 @@
 """`garrison cni install|uninstall`: a CNI network whose containers garrison governs.
 
-install writes a conflist (`ptp` + `host-local`, then `garrison-cni` chained after them) into
-the runtime's configuration directory and the plugin into its plugin directory, and records
+install writes a conflist (`ptp` + `host-local`, `portmap`, then `garrison-cni` chained last)
+into the runtime's configuration directory and the plugin into its plugin directory, and records
 what it wrote (with each file's digest) in `<conf-dir>/.garrison-cni-<network>.json`.
 uninstall removes exactly the files recorded there that still hold what install wrote.
 
@@ -50,6 +50,8 @@ def conflist(network: str, subnet: str, routes: list[str], socket: str,
                     "routes": [{"dst": r} for r in routes],
                 },
             },
+            # `podman run -p`: without it the mapping is accepted and publishes nothing
+            {"type": "portmap", "capabilities": {"portMappings": True}},
             {"type": PLUGIN, "agentSocket": socket, "stateDir": state_dir},
         ],
     }

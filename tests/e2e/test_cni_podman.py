@@ -312,7 +312,7 @@ def test_a_refused_add_leaves_no_endpoint(rt: Runtime, galaxy: Galaxy) -> None:
     sandbox = rt.podman("inspect", "--format", "{{.NetworkSettings.SandboxKey}}",
                         tie).stdout.strip()
     conf = json.loads((rt.dir / "net.d" / f"{NET}.conflist").read_text())
-    plugin = {**conf["plugins"][1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
+    plugin = {**conf["plugins"][-1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
         "cniVersion": "1.0.0",
         "interfaces": [{"name": "vethx"}, {"name": "eth0", "sandbox": sandbox}],
         "ips": [{"interface": 1, "address": "198.18.203.250/24", "gateway": "198.18.203.1"}],
@@ -354,7 +354,7 @@ def run_plugin(rt: Runtime, command: str, conf: dict[str, object]) -> tuple[int,
 
 def test_status_and_gc_of_spec_110(rt: Runtime, galaxy: Galaxy) -> None:
     conflist = json.loads((rt.dir / "net.d" / f"{NET}.conflist").read_text())
-    conf = {**conflist["plugins"][1], "cniVersion": "1.1.0", "name": NET}
+    conf = {**conflist["plugins"][-1], "cniVersion": "1.1.0", "name": NET}
     assert run_plugin(rt, "STATUS", conf) == (0, "")
     rt.run("gcprobe", "app=gcprobe", "sleep", "600")
     name = f"gc-gcprobe{TAG}"
@@ -381,7 +381,7 @@ def test_check_through_the_plugin(rt: Runtime, galaxy: Galaxy) -> None:
     sandbox = rt.podman("inspect", "--format", "{{.NetworkSettings.SandboxKey}}",
                         str(ds["name"])).stdout.strip()
     conflist = json.loads((rt.dir / "net.d" / f"{NET}.conflist").read_text())
-    conf = {**conflist["plugins"][1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
+    conf = {**conflist["plugins"][-1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
         "cniVersion": "1.0.0",
         "interfaces": [{"name": str(ds["host_veth"])}, {"name": "eth0", "sandbox": sandbox}],
         "ips": [{"interface": 1, "address": f"{ds['ipv4']}/24"}],
@@ -545,7 +545,7 @@ def test_a_refused_add_leaves_the_ipcache_as_it_was(rt: Runtime, galaxy: Galaxy)
     conf = json.loads((rt.dir / "net.d" / f"{NET}.conflist").read_text())
 
     def add(address: str, gateway: str, cid: str) -> dict[str, object]:
-        plugin = {**conf["plugins"][1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
+        plugin = {**conf["plugins"][-1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "vethx"}, {"name": "eth0", "sandbox": sandbox}],
             "ips": [{"interface": 1, "address": address, "gateway": gateway}],
@@ -575,3 +575,30 @@ def test_a_refused_add_leaves_the_ipcache_as_it_was(rt: Runtime, galaxy: Galaxy)
     assert err["code"] == 100 and f"gateway {ds['ipv4']}" in str(err["msg"]), err
     assert str(ds["name"]) in str(err["msg"])
     assert ipcache() == before
+
+
+def test_a_published_port_reaches_the_container_through_its_programs(rt: Runtime) -> None:
+    """`podman run -p` on a garrison network: the conflist had no portmap, so podman
+    accepted the mapping, `podman port` listed it, and the port timed out. Now the host
+    reaches the container on it, through garrison's programs (a flow record to it)."""
+    port = free_ports(1)[0]
+    name = f"gc-published{TAG}"
+    rt.names.append(name)
+    rt.podman("run", "-d", "--network", NET, "-p", f"127.0.0.1:{port}:80", "--name", name,
+              "--label", "app=published", "--rootfs", "/:O", sys.executable,
+              str(STARWARS / "deathstar.py"), "--listen", "0.0.0.0:80")
+    ep = rt.labelled(name)
+    t0 = time.time_ns()
+
+    def landed() -> bool:
+        done = subprocess.run(["curl", "-s", "-m", "2", "-X", "POST",
+                               f"http://127.0.0.1:{port}/v1/request-landing"],
+                              capture_output=True, text=True, timeout=30)
+        return done.stdout == "Ship landed\n"
+
+    wait_for(landed, f"POST to the published port {port}", timeout=15)
+    rec = rt.agent.wait_flow(lambda r: r.time >= t0 and r.destination.ip == ep["ipv4"]
+                             and r.destination.port == 80)
+    assert rec.destination.pod_name == name
+    rt.podman("rm", "-f", "-t", "0", name)
+    assert rt.endpoint(name) is None

@@ -32,11 +32,13 @@ def test_install_writes_a_chained_conflist_and_a_plugin_that_runs(tmp_path: Path
                                              f"wrote {conf / 'gc-unit.conflist'}"]
     conflist = json.loads((conf / "gc-unit.conflist").read_text())
     assert conflist["cniVersion"] == "1.0.0" and conflist["name"] == "gc-unit"
-    assert [p["type"] for p in conflist["plugins"]] == ["ptp", "garrison-cni"]
+    # portmap: `podman run -p` publishes nothing without it (the port silently times out)
+    assert [p["type"] for p in conflist["plugins"]] == ["ptp", "portmap", "garrison-cni"]
+    assert conflist["plugins"][1] == {"type": "portmap", "capabilities": {"portMappings": True}}
     assert conflist["plugins"][0]["ipam"] == {
         "type": "host-local", "ranges": [[{"subnet": "198.18.211.0/24"}]],
         "routes": [{"dst": "198.18.0.0/15"}]}
-    assert conflist["plugins"][1] == {"type": "garrison-cni",
+    assert conflist["plugins"][-1] == {"type": "garrison-cni",
                                       "agentSocket": "/run/gc/agent.sock",
                                       "stateDir": "/var/lib/gc"}
     plugin = bindir / "garrison-cni"
