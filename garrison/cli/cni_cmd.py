@@ -108,18 +108,27 @@ def _read_record(command: str, record: Path) -> list[dict[str, str]] | None:
     return files
 
 
-def _write(path: Path, data: bytes, mode: int, written: list[dict[str, str]]) -> None:
+def _write(path: Path, data: bytes, mode: int, written: list[tuple[dict[str, str], bool]],
+           ours: dict[str, str]) -> None:
+    """Write `path` unless a file not garrison's is there; `ours`: path -> digest of what an
+    earlier install wrote. Appends (record entry, whether it replaced such a file) to
+    `written`."""
+    replaced = False
     if path.exists():
-        if path.read_bytes() == data:
+        current = path.read_bytes()
+        if current == data:
             return  # already there as wanted (not ours to remove unless we wrote it)
-        raise FileExistsError(f"{path} exists with other content; garrison does not replace "
-                              "what it did not write: move it away or pick another name")
+        if ours.get(str(path)) != _digest(current):
+            raise FileExistsError(f"{path} exists with other content; garrison does not "
+                                  "replace what it did not write: move it away or pick "
+                                  "another name")
+        replaced = True
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
-    written.append({"path": str(path), "sha256": _digest(data)})
+    written.append(({"path": str(path), "sha256": _digest(data)}, replaced))
 
 
 def install(args: argparse.Namespace) -> int:
@@ -136,22 +145,30 @@ def install(args: argparse.Namespace) -> int:
     previous = _read_record("install", record) if record.exists() else []
     if previous is None:
         return 1
-    written: list[dict[str, str]] = list(previous)
-    fresh: list[dict[str, str]] = []
+    ours = {f["path"]: f["sha256"] for f in previous}
+    fresh: list[tuple[dict[str, str], bool]] = []
     conf = conflist(args.network, str(subnet), routes, str(args.socket), str(args.state_dir))
+    status = 0
     try:
-        _write(bin_dir / PLUGIN, plugin_script(sys.executable).encode(), 0o755, fresh)
+        _write(bin_dir / PLUGIN, plugin_script(sys.executable).encode(), 0o755, fresh, ours)
         _write(conf_dir / f"{args.network}.conflist",
-               (json.dumps(conf, indent=2) + "\n").encode(), 0o644, fresh)
+               (json.dumps(conf, indent=2) + "\n").encode(), 0o644, fresh, ours)
     except OSError as exc:
-        for item in fresh:
-            Path(item["path"]).unlink(missing_ok=True)
+        for item, replaced in fresh:
+            if not replaced:
+                Path(item["path"]).unlink(missing_ok=True)
+        fresh = [(item, True) for item, replaced in fresh if replaced]  # garrison's: recorded
         print(f"garrison cni install: {exc}", file=sys.stderr)
-        return 1
-    written += fresh
-    record.write_text(json.dumps({"network": args.network, "files": written}, indent=1) + "\n")
-    for item in fresh:
-        print(f"wrote {item['path']}")
+        status = 1
+    paths = {item["path"] for item, _ in fresh}
+    written = [f for f in previous if f["path"] not in paths] + [item for item, _ in fresh]
+    if written:
+        record.write_text(
+            json.dumps({"network": args.network, "files": written}, indent=1) + "\n")
+    if status:
+        return status
+    for item, replaced in fresh:
+        print(f"{'replaced' if replaced else 'wrote'} {item['path']}")
     print(f"network {args.network!r} ({subnet}): podman run --network {args.network} ...")
     return 0
 

@@ -124,3 +124,29 @@ def test_uninstall_with_an_unreadable_record_says_so(tmp_path: Path) -> None:
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert str(record) in done.stderr and "nothing removed" in done.stderr
     assert (conf / "garrison.conflist").exists()  # nothing removed on a guess
+
+
+def test_install_replaces_what_it_wrote_before_and_nothing_else(tmp_path: Path) -> None:
+    """An upgrade (or new options) changes what install writes. The files an earlier install
+    wrote, unchanged since (their digest is in the record), are garrison's: install replaces
+    them. It used to refuse them as `exists with other content`, so the only way to the new
+    conflist was uninstall + install. A file edited since is still never replaced."""
+    conf, bindir, where = dirs(tmp_path)
+    assert cli("install", "--subnet", "198.18.212.0/24", *where).returncode == 0
+    done = cli("install", "--subnet", "198.18.213.0/24", *where)
+    assert done.returncode == 0, done.stderr
+    assert f"replaced {conf / 'garrison.conflist'}" in done.stdout
+    conflist = json.loads((conf / "garrison.conflist").read_text())
+    assert conflist["plugins"][0]["ipam"]["ranges"] == [[{"subnet": "198.18.213.0/24"}]]
+    record = json.loads((conf / ".garrison-cni-garrison.json").read_text())
+    assert sorted(f["path"] for f in record["files"]) == sorted(
+        [str(bindir / "garrison-cni"), str(conf / "garrison.conflist")])
+    # uninstall still knows it as garrison's (the record has the new digest)
+    assert cli("uninstall", "--cni-conf-dir", str(conf)).returncode == 0
+    assert not (conf / "garrison.conflist").exists()
+
+    assert cli("install", *where).returncode == 0
+    (conf / "garrison.conflist").write_text('{"edited": true}\n')
+    done = cli("install", "--subnet", "198.18.213.0/24", *where)
+    assert done.returncode == 1 and "exists with other content" in done.stderr
+    assert (conf / "garrison.conflist").read_text() == '{"edited": true}\n'
