@@ -231,9 +231,11 @@ class Agent:
         self, name: str, labels: Sequence[str], namespace: str = "default", ip: str | None = None,
         netns: str | None = None, interface: str = "eth0", container_id: str = "",
         extra: dict[str, str] | None = None, ports: Sequence[str] = (),
+        make_interface: bool = True,
     ) -> EndpointRecord:
         """A new endpoint; with `netns` (a path or `ip netns` name) one adopting a namespace
-        someone else made. Without labels (a container whose labels are still being read)
+        someone else made (`make_interface=False`: only an existing veth, never one of
+        garrison's). Without labels (a container whose labels are still being read)
         the endpoint gets the reserved `init` identity, which is denied both ways until a
         policy selects it: no window where its traffic is unpoliced."""
         with self.lock:
@@ -252,6 +254,12 @@ class Agent:
                     peer, found = netdev.probe_interface(netns_path, interface)
                 except (netdev.EndpointNetworkError, OSError) as exc:
                     raise EndpointError(str(exc)) from exc
+                if peer is None and not make_interface:
+                    raise EndpointError(
+                        f"{netns_path} has no interface {interface!r}: garrison governs the "
+                        "veth the interface plugin before it made (ptp); check CNI_IFNAME "
+                        "and the conflist"
+                    )
                 if peer is not None and found is None:
                     raise EndpointError(
                         f"{netns_path}: {interface} has no IPv4 address; garrison identifies "

@@ -105,7 +105,7 @@ class RuntimeEndpoints:
             gateway = self._gateway(str(req.get("gateway") or ""))
             record = agent.add_endpoint(
                 name, [], str(req.get("namespace") or "default"), ipv4,
-                netns=str(req["netns"]), interface=interface,
+                netns=str(req["netns"]), interface=interface, make_interface=False,
                 container_id=container_id, extra={"network": str(req.get("network") or "")},
                 ports=[str(p) for p in req.get("ports") or []],  # NAME=PORT/PROTO
             )

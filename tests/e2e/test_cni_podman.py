@@ -602,3 +602,40 @@ def test_a_published_port_reaches_the_container_through_its_programs(rt: Runtime
     assert rec.destination.pod_name == name
     rt.podman("rm", "-f", "-t", "0", name)
     assert rt.endpoint(name) is None
+
+
+def test_an_add_for_an_interface_the_namespace_lacks_makes_nothing(
+    rt: Runtime, galaxy: Galaxy
+) -> None:
+    """CNI ADD governs the interface the plugins before it made; it never makes one. With a
+    CNI_IFNAME the namespace does not have (a chain whose interface plugin names it
+    otherwise, or a bad prevResult), the agent used to add a veth of its own into the
+    container, with prevResult's address and a route, and report success. Now the ADD is
+    refused, naming the interface, and the container's network is as it was."""
+    tie = galaxy.tiefighter
+    sandbox = rt.podman("inspect", "--format", "{{.NetworkSettings.SandboxKey}}",
+                        str(tie["name"])).stdout.strip()
+
+    def inside() -> str:
+        return subprocess.run(
+            ["nsenter", f"--net={sandbox}", "sh", "-c", "ip -o link; ip -o addr; ip route"],
+            capture_output=True, text=True, check=True).stdout
+
+    before = inside()
+    conf = json.loads((rt.dir / "net.d" / f"{NET}.conflist").read_text())
+    hosts = list(ipaddress.ip_network(SUBNET).hosts())
+    plugin = {**conf["plugins"][-1], "cniVersion": "1.0.0", "name": NET, "prevResult": {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "vethx"}, {"name": "eth5", "sandbox": sandbox}],
+        "ips": [{"interface": 1, "address": f"{hosts[-4]}/24", "gateway": str(hosts[0])}],
+    }}
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "gcnoif" + TAG, "CNI_NETNS": sandbox,
+           "CNI_IFNAME": "eth5", "CNI_PATH": "/usr/lib/cni", "GARRISON_PURE": "1",
+           "CNI_ARGS": f"K8S_POD_NAME=gc-noif{TAG}"}
+    done = subprocess.run([str(rt.dir / "bin" / "garrison-cni")], input=json.dumps(plugin),
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 1, done.stdout
+    err = json.loads(done.stdout)
+    assert err["code"] == 100 and "eth5" in err["msg"], err
+    assert rt.endpoint(f"gc-noif{TAG}") is None
+    assert inside() == before
