@@ -35,7 +35,7 @@ from garrison.agent.endpoints import (
 )
 from garrison.agent.kernel import KernelDatapath, Link
 from garrison.agent.policystore import ImportedPolicies, RevisionRecord
-from garrison.agent.runtime import pending_deletes
+from garrison.agent.runtime import missed_delete_applies, pending_deletes
 from garrison.agent.whatif import AuditingResolver
 from garrison.bpf.maps import DatapathEvent
 from garrison.bpf.sync import LocalEndpoint, audits
@@ -140,7 +140,10 @@ class Agent:
             pending = pending_deletes(self.config.state_dir)
             for ep in list(self.endpoints):
                 missed = pending.get(ep.container_id) if ep.container_id else None
-                if missed is not None and ep.created <= missed.stat().st_mtime:
+                if (
+                    missed is not None and ep.created <= missed.stat().st_mtime
+                    and missed_delete_applies(missed, ep.extra.get("network", ""))
+                ):
                     log.info("endpoint %s: its container was deleted meanwhile", ep.name)
                     self._remove_endpoint(ep)
                     continue

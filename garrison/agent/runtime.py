@@ -46,6 +46,17 @@ def pending_deletes(state_dir: Path) -> dict[str, Path]:
     return out
 
 
+def missed_delete_applies(path: Path, network: str) -> bool:
+    """Whether the DEL recorded at `path` is for the endpoint on `network`: a DEL on another
+    network (a refused second attachment) leaves it. An unreadable record leaves it too: an
+    endpoint whose container is gone is forgotten anyway, its veth being gone."""
+    try:
+        recorded = json.loads(path.read_text()).get("network")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return not recorded or not network or recorded == network
+
+
 def labels_from_podman(container_id: str, podman: str = PODMAN) -> tuple[str, dict[str, str]]:
     """(container name, labels) from `podman container inspect`; waits while podman holds
     the container's lock."""

@@ -639,3 +639,30 @@ def test_an_add_for_an_interface_the_namespace_lacks_makes_nothing(
     assert err["code"] == 100 and "eth5" in err["msg"], err
     assert rt.endpoint(f"gc-noif{TAG}") is None
     assert inside() == before
+
+
+def test_a_missed_del_on_another_network_leaves_the_endpoint(rt: Runtime) -> None:
+    """`podman network connect` to a second garrison network while the agent is down: the
+    ADD fails (no agent) and podman's DEL for that network is recorded for the agent. On
+    start the agent carried it out by container id alone and removed the container's
+    endpoint on its first network: the running container was unenforced. A recorded DEL now
+    removes only an endpoint on the DEL's network."""
+    install_second_network(rt)
+    rt.run("keepme", "app=keepme", "sleep", "600")
+    name = f"gc-keepme{TAG}"
+    ep = rt.labelled(name)
+    rt.agent.stop()
+    try:
+        done = rt.podman("network", "connect", NET2, name, check=False)
+        assert done.returncode != 0 and "start it with `garrison agent`" in done.stderr
+        pending = list((rt.agent.workdir / "state" / "cni-pending").glob("*.json"))
+        assert [p.stem for p in pending] == [ep["container_id"]]
+    finally:
+        rt.agent.start()
+    still = rt.endpoint(name)
+    assert still is not None and still["ipv4"] == ep["ipv4"]
+    assert rt.agent.call("CniCheck", container_id=ep["container_id"],
+                         ipv4=ep["ipv4"])["problems"] == []
+    assert not list((rt.agent.workdir / "state" / "cni-pending").glob("*.json"))
+    rt.podman("rm", "-f", "-t", "0", name)
+    assert rt.endpoint(name) is None
