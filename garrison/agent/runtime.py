@@ -57,9 +57,11 @@ def missed_delete_applies(path: Path, network: str) -> bool:
     return not recorded or not network or recorded == network
 
 
-def labels_from_podman(container_id: str, podman: str = PODMAN) -> tuple[str, dict[str, str]]:
-    """(container name, labels) from `podman container inspect`; waits while podman holds
-    the container's lock."""
+def labels_from_podman(
+    container_id: str, podman: str = PODMAN
+) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(container name, labels, its networks with its address on each) from `podman container
+    inspect`; waits while podman holds the container's lock."""
     done = subprocess.run(
         [podman, "container", "inspect", "--format", "json", container_id],
         capture_output=True, text=True, timeout=INSPECT_TIMEOUT, stdin=subprocess.DEVNULL,
@@ -69,7 +71,12 @@ def labels_from_podman(container_id: str, podman: str = PODMAN) -> tuple[str, di
     data = json.loads(done.stdout)
     item = data[0] if isinstance(data, list) and data else {}
     labels = (item.get("Config") or {}).get("Labels") or {}
-    return str(item.get("Name") or ""), {str(k): str(v) for k, v in labels.items()}
+    networks = (item.get("NetworkSettings") or {}).get("Networks") or {}
+    return (
+        str(item.get("Name") or ""),
+        {str(k): str(v) for k, v in labels.items()},
+        {str(k): str((v or {}).get("IPAddress") or "") for k, v in networks.items()},
+    )
 
 
 class RuntimeEndpoints:
@@ -203,11 +210,21 @@ class RuntimeEndpoints:
 
     def _resolve(self, name: str, container_id: str) -> None:
         try:
-            _, labels = labels_from_podman(container_id, self.podman)
-        except (LookupError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            _, labels, networks = labels_from_podman(container_id, self.podman)
+        except (LookupError, OSError, ValueError, AttributeError,
+                subprocess.TimeoutExpired) as exc:
             log.error("container %s (%s): labels not read, it stays reserved:init (deny "
                       "all): %s", name, container_id[:12], exc)
             return
+        record = self.agent.endpoints.by_container(container_id)
+        ours = record.extra.get("network", "") if record is not None else ""
+        others = [f"{net} ({ip or 'no IPv4'})" for net, ip in sorted(networks.items())
+                  if net != ours]
+        if record is not None and others:
+            # an interface garrison does not govern: its traffic never meets the programs
+            log.warning("container %s is also on %s: its traffic there bypasses garrison's "
+                        "policy, egress included; put it on garrison networks only", name,
+                        ", ".join(others))
         namespace = labels.get(NAMESPACE_LABEL) or None
         own = sorted(f"{k}={v}" for k, v in labels.items() if k != NAMESPACE_LABEL)
         if not own:

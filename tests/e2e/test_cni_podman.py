@@ -52,6 +52,8 @@ NET = f"gc-e2e{TAG}"
 SUBNET = "198.18.203.0/24"
 NET2 = f"gc-e2e2-{TAG}"  # a second garrison network (installed by the test that needs it)
 SUBNET2 = "198.18.204.0/24"
+PLAIN = f"gc-plain{TAG}"  # a network without garrison-cni (ptp + host-local only)
+SUBNET3 = "198.18.205.0/24"
 CURL_TIMEOUT = 2.0
 
 
@@ -160,6 +162,8 @@ def rt(request: pytest.FixtureRequest,
             subprocess.run([garrison, "cni", "uninstall", "--network", net, "--cni-conf-dir",
                             str(conf_dir)], capture_output=True)
             shutil.rmtree(f"/var/lib/cni/networks/{net}", ignore_errors=True)
+        (conf_dir / f"{PLAIN}.conflist").unlink(missing_ok=True)
+        shutil.rmtree(f"/var/lib/cni/networks/{PLAIN}", ignore_errors=True)
         if agent.alive:
             agent.stop()
         # the agent's pins (and the steering it added, when no other agent runs)
@@ -666,3 +670,26 @@ def test_a_missed_del_on_another_network_leaves_the_endpoint(rt: Runtime) -> Non
     assert not list((rt.agent.workdir / "state" / "cni-pending").glob("*.json"))
     rt.podman("rm", "-f", "-t", "0", name)
     assert rt.endpoint(name) is None
+
+
+def test_a_container_also_on_another_network_is_named_in_the_log(rt: Runtime) -> None:
+    """A container on a garrison network and on one without garrison-cni has an interface
+    garrison does not govern (here it also carries the container's routes to that network):
+    its traffic there bypasses every policy, egress included. Nothing said so; the agent's
+    log now names the container, the other network and its address."""
+    (rt.dir / "net.d" / f"{PLAIN}.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": PLAIN, "plugins": [{
+            "type": "ptp", "ipMasq": False,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET3}]]}}]}))
+    name = f"gc-mixed{TAG}"
+    rt.names.append(name)
+    rt.podman("run", "-d", "--network", f"{NET},{PLAIN}", "--name", name, "--label",
+              "app=mixed", "--rootfs", "/:O", "sleep", "600")
+    rt.labelled(name)
+    other = rt.podman("inspect", "--format",
+                      f"{{{{(index .NetworkSettings.Networks \"{PLAIN}\").IPAddress}}}}",
+                      name).stdout.strip()
+    assert ipaddress.ip_address(other) in ipaddress.ip_network(SUBNET3)
+    wait_for(lambda: f"container {name} is also on {PLAIN} ({other})" in rt.agent.log(),
+             "the agent's warning", timeout=10)
+    rt.podman("rm", "-f", "-t", "0", name)
