@@ -217,3 +217,14 @@ def test_no_prev_result_names_a_chain_that_works(tmp_path: Path) -> None:
     obj = assert_error(run("ADD", json.dumps(netconf(tmp_path, prevResult=None)).encode()), 7,
                        "chained plugin", "ptp", "garrison cni install")
     assert "bridge" not in obj["msg"], obj
+
+
+def test_del_that_cannot_be_recorded_says_where_and_why(tmp_path: Path) -> None:
+    """No agent, and the state directory cannot hold the record (here a file is in its way):
+    a one-line error naming the directory and the fix, not `FileExistsError: [Errno 17]`."""
+    blocker = tmp_path / "state"
+    blocker.write_text("not a directory")
+    obj = assert_error(run("DEL", json.dumps(netconf(tmp_path)).encode()), 5,
+                       f"{blocker}/cni-pending", "stateDir")
+    assert "Errno" not in obj["msg"], obj
+    assert blocker.read_text() == "not a directory"
