@@ -216,7 +216,8 @@ class RuntimeEndpoints:
             log.error("container %s (%s): labels not read, it stays reserved:init (deny "
                       "all): %s", name, container_id[:12], exc)
             return
-        record = self.agent.endpoints.by_container(container_id)
+        with self.agent.lock:  # other threads add and remove endpoints
+            record = self.agent.endpoints.by_container(container_id)
         ours = record.extra.get("network", "") if record is not None else ""
         others = [f"{net} ({ip or 'no IPv4'})" for net, ip in sorted(networks.items())
                   if net != ours]
