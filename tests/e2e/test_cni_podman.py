@@ -693,3 +693,28 @@ def test_a_container_also_on_another_network_is_named_in_the_log(rt: Runtime) ->
     wait_for(lambda: f"container {name} is also on {PLAIN} ({other})" in rt.agent.log(),
              "the agent's warning", timeout=10)
     rt.podman("rm", "-f", "-t", "0", name)
+
+
+def test_a_renamed_containers_old_name_can_be_used_again(rt: Runtime) -> None:
+    """`podman rename web web-old; podman run --name web ...` (a blue/green swap): the running
+    container's endpoint keeps the name it was added under, so the new container's ADD was
+    refused (`endpoint 'web' already exists`) and it could not start. Now the new one
+    starts, its endpoint named `NAME-<its id>` while the name is taken, and the log says so;
+    the old container's endpoint is untouched."""
+    rt.run("blue", "app=blue", "sleep", "600")
+    name = f"gc-blue{TAG}"
+    old = rt.labelled(name)
+    rt.podman("rename", name, f"{name}-old")
+    rt.names.append(f"{name}-old")
+    done = rt.run("blue", "app=blue-new", "sleep", "600", check=False)
+    assert done.returncode == 0, done.stderr
+    cid = rt.podman("inspect", "--format", "{{.Id}}", name).stdout.strip()
+    new = rt.labelled(f"{name}-{cid[:12]}")
+    assert new["container_id"] == cid and new["labels"] == ["app=blue-new"]
+    assert f"endpoint {name} is container {str(old['container_id'])[:12]}'s" in rt.agent.log()
+    still = rt.endpoint(name)
+    assert still is not None and still["container_id"] == old["container_id"]
+    assert rt.agent.call("CniCheck", container_id=old["container_id"],
+                         ipv4=old["ipv4"])["problems"] == []
+    rt.podman("rm", "-f", "-t", "0", name, f"{name}-old")
+    assert rt.endpoint(name) is None and rt.endpoint(f"{name}-{cid[:12]}") is None
