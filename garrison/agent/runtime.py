@@ -120,13 +120,15 @@ class RuntimeEndpoints:
                             "came; container %s takes the name", name, held.container_id[:12],
                             held.host_ifname, container_id[:12])
                 agent.delete_endpoint(name)
-            elif held is not None and held.container_id and held.container_id != container_id:
-                # a running container holds the name (renamed since: `podman rename`): this
-                # one starts under a name of its own rather than not at all
+            elif held is not None and held.container_id != container_id:
+                # a running container holds the name (renamed since: `podman rename`), or an
+                # endpoint of `garrison endpoint add`: this one starts under a name of its own
+                # rather than not at all
                 unique = f"{name[:240]}-{container_id[:12]}"
-                log.warning("endpoint %s is container %s's (renamed since?): container %s's "
-                            "endpoint is %s", name, held.container_id[:12], container_id[:12],
-                            unique)
+                whose = (f"container {held.container_id[:12]}'s (renamed since?)"
+                         if held.container_id else "not a container's")
+                log.warning("endpoint %s is %s: container %s's endpoint is %s", name, whose,
+                            container_id[:12], unique)
                 name = unique
             gateway = self._gateway(str(req.get("gateway") or ""))
             record = agent.add_endpoint(
