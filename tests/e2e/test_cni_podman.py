@@ -161,9 +161,12 @@ def rt(request: pytest.FixtureRequest,
         for net in (NET, NET2):
             subprocess.run([garrison, "cni", "uninstall", "--network", net, "--cni-conf-dir",
                             str(conf_dir)], capture_output=True)
-            shutil.rmtree(f"/var/lib/cni/networks/{net}", ignore_errors=True)
         (conf_dir / f"{PLAIN}.conflist").unlink(missing_ok=True)
-        shutil.rmtree(f"/var/lib/cni/networks/{PLAIN}", ignore_errors=True)
+        for net in (NET, NET2, PLAIN):
+            shutil.rmtree(f"/var/lib/cni/networks/{net}", ignore_errors=True)
+            # libcni's cached results of a DEL that failed (the missed-DEL test's)
+            for cached in Path("/var/lib/cni/results").glob(f"{net}-*"):
+                cached.unlink(missing_ok=True)
         if agent.alive:
             agent.stop()
         # the agent's pins (and the steering it added, when no other agent runs)
