@@ -128,7 +128,9 @@ def podman_runs(count: int, work: Path, client: AgentClient, env: dict[str, str]
         "cniVersion": "1.0.0", "name": plain, "plugins": [
             {"type": "ptp", "ipMasq": False, "ipam": {
                 "type": "host-local", "ranges": [[{"subnet": SUBNET_PLAIN}]],
-                "routes": [{"dst": "198.18.0.0/15"}]}}]}))
+                "routes": [{"dst": "198.18.0.0/15"}]}},
+            # as in garrison's conflist: the difference measured is garrison-cni's alone
+            {"type": "portmap", "capabilities": {"portMappings": True}}]}))
     try:
         t_plain, t_run, t_enforced, t_labels = [], [], [], []
         for i in range(count):

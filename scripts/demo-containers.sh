@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The Star Wars scenario with podman containers: a garrison agent, a CNI network chained with
-# garrison-cni (ptp + host-local + garrison-cni), the deathstar, a tiefighter and an xwing as
-# containers started by podman with their labels; L3/L4 and L7 policy; a container stopped and
-# started; the flow records naming the containers. podman reads a containers.conf and network
-# directory of the demo's own (CONTAINERS_CONF), so nothing of yours is read or changed.
-# Everything it creates is removed at the end, also on error.
+# garrison-cni (ptp + host-local + portmap + garrison-cni), the deathstar, a tiefighter and an
+# xwing as containers started by podman with their labels; L3/L4 and L7 policy; a container
+# stopped and started; the flow records naming the containers. podman reads a containers.conf
+# and network directory of the demo's own (CONTAINERS_CONF), so nothing of yours is read or
+# changed. Everything it creates is removed at the end, also on error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=$PWD/.venv/bin/garrison

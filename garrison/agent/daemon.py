@@ -35,7 +35,7 @@ from garrison.agent.endpoints import (
 )
 from garrison.agent.kernel import KernelDatapath, Link
 from garrison.agent.policystore import ImportedPolicies, RevisionRecord
-from garrison.agent.runtime import pending_deletes
+from garrison.agent.runtime import missed_delete_applies, pending_deletes
 from garrison.agent.whatif import AuditingResolver
 from garrison.bpf.maps import DatapathEvent
 from garrison.bpf.sync import LocalEndpoint, audits
@@ -140,7 +140,10 @@ class Agent:
             pending = pending_deletes(self.config.state_dir)
             for ep in list(self.endpoints):
                 missed = pending.get(ep.container_id) if ep.container_id else None
-                if missed is not None and ep.created <= missed.stat().st_mtime:
+                if (
+                    missed is not None and ep.created <= missed.stat().st_mtime
+                    and missed_delete_applies(missed, ep.extra.get("network", ""))
+                ):
                     log.info("endpoint %s: its container was deleted meanwhile", ep.name)
                     self._remove_endpoint(ep)
                     continue
@@ -231,9 +234,11 @@ class Agent:
         self, name: str, labels: Sequence[str], namespace: str = "default", ip: str | None = None,
         netns: str | None = None, interface: str = "eth0", container_id: str = "",
         extra: dict[str, str] | None = None, ports: Sequence[str] = (),
+        make_interface: bool = True,
     ) -> EndpointRecord:
         """A new endpoint; with `netns` (a path or `ip netns` name) one adopting a namespace
-        someone else made. Without labels (a container whose labels are still being read)
+        someone else made (`make_interface=False`: only an existing veth, never one of
+        garrison's). Without labels (a container whose labels are still being read)
         the endpoint gets the reserved `init` identity, which is denied both ways until a
         policy selects it: no window where its traffic is unpoliced."""
         with self.lock:
@@ -252,6 +257,12 @@ class Agent:
                     peer, found = netdev.probe_interface(netns_path, interface)
                 except (netdev.EndpointNetworkError, OSError) as exc:
                     raise EndpointError(str(exc)) from exc
+                if peer is None and not make_interface:
+                    raise EndpointError(
+                        f"{netns_path} has no interface {interface!r}: garrison governs the "
+                        "veth the interface plugin before it made (ptp); check CNI_IFNAME "
+                        "and the conflist"
+                    )
                 if peer is not None and found is None:
                     raise EndpointError(
                         f"{netns_path}: {interface} has no IPv4 address; garrison identifies "

@@ -23,8 +23,9 @@ from garrison.statefile import write_atomically
 # The host's side of every endpoint link (garrison.redirect.endpoint.DEFAULT_GATEWAY).
 GATEWAY = ipaddress.IPv4Address("198.19.255.254")
 
-# a container name is a valid endpoint name; interface names derive from a hash of it
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# a container name is a valid endpoint name (podman's names have no length limit; 253 is a
+# Kubernetes pod name's); interface names derive from a hash of it
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
 OWNS_ALL = ("netns", "veth", "clsact")
 
 
@@ -88,7 +89,7 @@ def host_veth_name(name: str) -> str:
 def validate_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise EndpointError(
-            f"endpoint name {name!r}: use 1-63 letters, digits, '_', '.' or '-', starting "
+            f"endpoint name {name!r}: use 1-253 letters, digits, '_', '.' or '-', starting "
             "with a letter or digit (it names a network namespace)"
         )
 

@@ -46,9 +46,22 @@ def pending_deletes(state_dir: Path) -> dict[str, Path]:
     return out
 
 
-def labels_from_podman(container_id: str, podman: str = PODMAN) -> tuple[str, dict[str, str]]:
-    """(container name, labels) from `podman container inspect`; waits while podman holds
-    the container's lock."""
+def missed_delete_applies(path: Path, network: str) -> bool:
+    """Whether the DEL recorded at `path` is for the endpoint on `network`: a DEL on another
+    network (a refused second attachment) leaves it. An unreadable record leaves it too: an
+    endpoint whose container is gone is forgotten anyway, its veth being gone."""
+    try:
+        recorded = json.loads(path.read_text()).get("network")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return not recorded or not network or recorded == network
+
+
+def labels_from_podman(
+    container_id: str, podman: str = PODMAN
+) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(container name, labels, its networks with its address on each) from `podman container
+    inspect`; waits while podman holds the container's lock."""
     done = subprocess.run(
         [podman, "container", "inspect", "--format", "json", container_id],
         capture_output=True, text=True, timeout=INSPECT_TIMEOUT, stdin=subprocess.DEVNULL,
@@ -58,7 +71,12 @@ def labels_from_podman(container_id: str, podman: str = PODMAN) -> tuple[str, di
     data = json.loads(done.stdout)
     item = data[0] if isinstance(data, list) and data else {}
     labels = (item.get("Config") or {}).get("Labels") or {}
-    return str(item.get("Name") or ""), {str(k): str(v) for k, v in labels.items()}
+    networks = (item.get("NetworkSettings") or {}).get("Networks") or {}
+    return (
+        str(item.get("Name") or ""),
+        {str(k): str(v) for k, v in labels.items()},
+        {str(k): str((v or {}).get("IPAddress") or "") for k, v in networks.items()},
+    )
 
 
 class RuntimeEndpoints:
@@ -76,31 +94,81 @@ class RuntimeEndpoints:
         agent = self.agent
         container_id = str(req["container_id"])
         ipv4 = str(req["ipv4"])
+        interface = str(req.get("interface") or "eth0")
         with agent.lock:
             old = agent.endpoints.by_container(container_id)
             if old is not None:
                 if old.ipv4 == ipv4 and old.netns_path == req["netns"]:
                     return old  # the runtime asked again: the same attachment
+                if old.netns_path == req["netns"] and old.ifname != interface:
+                    # replacing it would leave the first interface with no programs
+                    raise EndpointError(
+                        f"container {container_id[:12]} is already on garrison network "
+                        f"{old.extra.get('network') or '?'} ({old.ifname} {old.ipv4}); "
+                        "garrison enforces one interface per container: attach it to one "
+                        "garrison network"
+                    )
                 agent.delete_endpoint(old.name)
-            gateway = str(req.get("gateway") or "")
-            if gateway:
-                # the host's side of a ptp link answers from this address: it is the host
-                agent.datapath.set_prefix(
-                    ipaddress.ip_network(f"{gateway}/32"), RESERVED["host"].id
-                )
+            name = str(req["name"])
+            held = next((e for e in agent.endpoints if e.name == name), None)
+            if (
+                held is not None and held.container_id and held.container_id != container_id
+                and agent.datapath.link_of(held.name, held.host_ifname or None) is None
+            ):
+                # its container went without a DEL (the plugin could not run): a stale name
+                log.warning("endpoint %s: container %s is gone (veth %s too) and its DEL never "
+                            "came; container %s takes the name", name, held.container_id[:12],
+                            held.host_ifname, container_id[:12])
+                agent.delete_endpoint(name)
+            elif held is not None and held.container_id != container_id:
+                # a running container holds the name (renamed since: `podman rename`), or an
+                # endpoint of `garrison endpoint add`: this one starts under a name of its own
+                # rather than not at all
+                unique = f"{name[:240]}-{container_id[:12]}"
+                whose = (f"container {held.container_id[:12]}'s (renamed since?)"
+                         if held.container_id else "not a container's")
+                log.warning("endpoint %s is %s: container %s's endpoint is %s", name, whose,
+                            container_id[:12], unique)
+                name = unique
+            gateway = self._gateway(str(req.get("gateway") or ""))
             record = agent.add_endpoint(
-                str(req["name"]), [], str(req.get("namespace") or "default"), ipv4,
-                netns=str(req["netns"]), interface=str(req.get("interface") or "eth0"),
+                name, [], str(req.get("namespace") or "default"), ipv4,
+                netns=str(req["netns"]), interface=interface, make_interface=False,
                 container_id=container_id, extra={"network": str(req.get("network") or "")},
                 ports=[str(p) for p in req.get("ports") or []],  # NAME=PORT/PROTO
             )
+            if gateway is not None:
+                # the host's side of a ptp link answers from this address: it is the host
+                # (written once the ADD holds; the container starts after ADD returns)
+                agent.datapath.set_prefix(gateway, RESERVED["host"].id)
         self.resolve_later(record)
         return record
+
+    def _gateway(self, text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+        """prevResult's gateway as a host prefix, checked before anything is made: it must not
+        be an endpoint's address (it becomes the host identity)."""
+        if not text:
+            return None
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise EndpointError(f"prevResult's gateway {text!r} is not an IP address") from None
+        owner = self.agent.endpoints.by_ip(str(address))
+        if owner is not None:
+            raise EndpointError(
+                f"prevResult's gateway {address} is the address of endpoint {owner.name!r}, "
+                "not the host's side of the link; check the conflist"
+            )
+        return ipaddress.ip_network(address)
 
     def delete(self, req: dict[str, Any]) -> dict[str, Any]:
         record = self.agent.endpoints.by_container(str(req["container_id"]))
         if record is None:
             return {"deleted": None}  # DEL twice, or for a container never added: success
+        network = str(req.get("network") or "")
+        if network and record.extra.get("network") not in (None, "", network):
+            # a DEL on another network (one whose ADD was refused): the endpoint is not its
+            return {"deleted": None}
         with contextlib.suppress(EndpointError):
             self.agent.delete_endpoint(record.name)
         return {"deleted": record.name}
@@ -152,11 +220,22 @@ class RuntimeEndpoints:
 
     def _resolve(self, name: str, container_id: str) -> None:
         try:
-            _, labels = labels_from_podman(container_id, self.podman)
-        except (LookupError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            _, labels, networks = labels_from_podman(container_id, self.podman)
+        except (LookupError, OSError, ValueError, AttributeError,
+                subprocess.TimeoutExpired) as exc:
             log.error("container %s (%s): labels not read, it stays reserved:init (deny "
                       "all): %s", name, container_id[:12], exc)
             return
+        with self.agent.lock:  # other threads add and remove endpoints
+            record = self.agent.endpoints.by_container(container_id)
+        ours = record.extra.get("network", "") if record is not None else ""
+        others = [f"{net} ({ip or 'no IPv4'})" for net, ip in sorted(networks.items())
+                  if net != ours]
+        if record is not None and others:
+            # an interface garrison does not govern: its traffic never meets the programs
+            log.warning("container %s is also on %s: its traffic there bypasses garrison's "
+                        "policy, egress included; put it on garrison networks only", name,
+                        ", ".join(others))
         namespace = labels.get(NAMESPACE_LABEL) or None
         own = sorted(f"{k}={v}" for k, v in labels.items() if k != NAMESPACE_LABEL)
         if not own:

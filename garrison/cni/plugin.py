@@ -86,9 +86,17 @@ def cmd_del(env: spec.Environment, conf: spec.NetConf) -> None:
     container_id = _container_id(env)
     try:
         _call(conf, "CniDel", container_id=container_id, network=conf.name)
-    except CNIError:
+    except CNIError as exc:
         # DEL must succeed: the agent carries it out on its next start
-        record_pending_delete(conf.state_dir, container_id, conf.name)
+        try:
+            record_pending_delete(conf.state_dir, container_id, conf.name)
+        except OSError as err:
+            raise CNIError(
+                spec.IO_FAILURE,
+                f"no garrison agent took the DEL and it cannot be recorded for the agent in "
+                f"{pending_dir(conf.state_dir)}: {err.strerror}; stateDir in the conflist must "
+                "be the agent's --state-dir", exc.msg,
+            ) from None
 
 
 def cmd_check(env: spec.Environment, conf: spec.NetConf) -> None:

@@ -19,6 +19,8 @@ CHECK_SINCE = "0.4.0"
 STATUS_GC_SINCE = "1.1.0"
 VERBS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+# the key libcni 1.2.0-1.2.2 sent the same list under (1.2.3 sends both)
+OLD_VALID_ATTACHMENTS = "cni.dev/attachments"
 
 # error codes of the specification (SPEC.md, "Error")
 INCOMPATIBLE_VERSION = 1
@@ -162,15 +164,20 @@ class NetConf(NamedTuple):
         return _version_key(self.cni_version) >= _version_key(STATUS_GC_SINCE)
 
     def valid_attachments(self) -> list[str]:
-        """GC: the container ids the runtime still has attached to this network."""
-        raw = self.raw.get(VALID_ATTACHMENTS)
-        if raw is None:
-            return []
+        """GC: the container ids the runtime still has attached to this network. A GC
+        without the list is refused: read as "none is valid" it would take the programs off
+        every running container of the network."""
+        key = next((k for k in (VALID_ATTACHMENTS, OLD_VALID_ATTACHMENTS) if k in self.raw), "")
+        if not key:
+            raise CNIError(INVALID_NETWORK_CONFIG,
+                           f"GC without {VALID_ATTACHMENTS} (the runtime's current attachments): "
+                           "nothing was removed")
+        raw = self.raw[key]
         if not isinstance(raw, list) or not all(
             isinstance(a, dict) and isinstance(a.get("containerID"), str) for a in raw
         ):
             raise CNIError(INVALID_NETWORK_CONFIG,
-                           f"{VALID_ATTACHMENTS}: expected a list of {{containerID, ifname}}")
+                           f"{key}: expected a list of {{containerID, ifname}}")
         return [a["containerID"] for a in raw]
 
 
@@ -188,8 +195,8 @@ def container_attachment(prev: Mapping[str, Any] | None, env: Environment) -> Co
     if prev is None:
         raise CNIError(
             INVALID_NETWORK_CONFIG,
-            "no prevResult: garrison-cni is a chained plugin; list it after an interface "
-            "plugin (ptp or bridge with host-local) in the conflist",
+            "no prevResult: garrison-cni is a chained plugin; list it after ptp with "
+            "host-local in the conflist, as `garrison cni install` writes it",
         )
     interfaces = prev.get("interfaces")
     ips = prev.get("ips")

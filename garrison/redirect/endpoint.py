@@ -89,7 +89,7 @@ class EndpointSpec:
     routes: tuple[IPv4Network, ...] = (ENDPOINT_RANGE,)
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or len(self.name) > 64:
+        if not self.name or "/" in self.name or len(self.name) > 253:
             raise EndpointNetworkError(f"invalid endpoint name {self.name!r}")
         if self.ipv4 not in ENDPOINT_RANGE or self.ipv4 == self.gateway:
             raise EndpointNetworkError(

@@ -42,9 +42,9 @@ def test_registry_allocates_lowest_free_address_and_persists(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("name", "ip", "message"),
     [
-        ("-starts-with-a-dash", None, "use 1-63 letters, digits"),
-        ("has space", None, "use 1-63 letters, digits"),
-        ("x" * 64, None, "use 1-63 letters, digits"),
+        ("-starts-with-a-dash", None, "use 1-253 letters, digits"),
+        ("has space", None, "use 1-253 letters, digits"),
+        ("x" * 254, None, "use 1-253 letters, digits"),
         ("ok", "10.0.0.1", "must come from 198.18.0.0/15"),
         ("ok", "not-an-ip", "--ip 'not-an-ip'"),
     ],

@@ -53,6 +53,8 @@ def run(command: str | None, stdin: bytes, **env: str) -> tuple[int, Any, str]:
         "CNI_CONTAINERID": CONTAINER, "CNI_NETNS": NETNS, "CNI_IFNAME": "eth0",
         "CNI_PATH": "/usr/lib/cni", "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=gc-unit",
     }
+    if "PYTHONPATH" in os.environ:  # the tree under test (a worktree), not the installed one
+        environ["PYTHONPATH"] = os.environ["PYTHONPATH"]
     if command is not None:
         environ["CNI_COMMAND"] = command
     environ.update(env)
@@ -192,3 +194,37 @@ def test_gc_without_an_agent_is_try_again_later(tmp_path: Path) -> None:
     assert_error(run("GC", json.dumps(conf).encode()), 11)
     conf["cni.dev/valid-attachments"] = "all of them"
     assert_error(run("GC", json.dumps(conf).encode()), 7, "valid-attachments")
+
+
+def test_gc_without_the_runtimes_attachments_removes_nothing(tmp_path: Path) -> None:
+    """A GC with no list of valid attachments is refused before the agent is asked: taken as
+    "none is valid" it would take the programs off every running container of the network
+    (they would run unenforced)."""
+    conf = netconf(tmp_path, cniVersion="1.1.0", prevResult=None)
+    obj = assert_error(run("GC", json.dumps(conf).encode()), 7, "cni.dev/valid-attachments",
+                       "nothing was removed")
+    assert obj["cniVersion"] == "1.1.0"
+    # libcni 1.2.0-1.2.2 sent the list as `cni.dev/attachments`: taken (then no agent: 11)
+    conf["cni.dev/attachments"] = [{"containerID": CONTAINER, "ifname": "eth0"}]
+    assert_error(run("GC", json.dumps(conf).encode()), 11)
+    conf["cni.dev/attachments"] = "all of them"
+    assert_error(run("GC", json.dumps(conf).encode()), 7, "cni.dev/attachments")
+
+
+def test_no_prev_result_names_a_chain_that_works(tmp_path: Path) -> None:
+    """The fix the message gives must work: garrison refuses a bridge port (L7 rules would not
+    hold), so it names ptp, as `garrison cni install` writes it, and not bridge."""
+    obj = assert_error(run("ADD", json.dumps(netconf(tmp_path, prevResult=None)).encode()), 7,
+                       "chained plugin", "ptp", "garrison cni install")
+    assert "bridge" not in obj["msg"], obj
+
+
+def test_del_that_cannot_be_recorded_says_where_and_why(tmp_path: Path) -> None:
+    """No agent, and the state directory cannot hold the record (here a file is in its way):
+    a one-line error naming the directory and the fix, not `FileExistsError: [Errno 17]`."""
+    blocker = tmp_path / "state"
+    blocker.write_text("not a directory")
+    obj = assert_error(run("DEL", json.dumps(netconf(tmp_path)).encode()), 5,
+                       f"{blocker}/cni-pending", "stateDir")
+    assert "Errno" not in obj["msg"], obj
+    assert blocker.read_text() == "not a directory"
