@@ -24,6 +24,9 @@ from garrison.cni.spec import CNIError
 
 DEFAULT_SOCKET = "/run/garrison/agent.sock"  # garrison.agent.config.DEFAULT_SOCKET
 DEFAULT_STATE_DIR = "/var/lib/garrison"  # garrison.agent.config.DEFAULT_STATE_DIR
+# A runtime sends kilobytes (a GC's list of every attachment: ~100 bytes each); more is refused
+# before it is held in memory.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 PENDING_DIR = "cni-pending"
 AGENT_TIMEOUT = 20.0
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
@@ -138,9 +141,13 @@ def run(environ: Mapping[str, str], stdin: BinaryIO, stdout: TextIO) -> int:
             stdout.write(json.dumps(spec.version_result()))
             return 0
         try:
-            data = stdin.read()
+            data = stdin.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
             raise CNIError(spec.IO_FAILURE, f"reading the network configuration: {exc}") from None
+        if len(data) > MAX_CONFIG_BYTES:
+            raise CNIError(spec.INVALID_NETWORK_CONFIG,
+                           f"network configuration on stdin is larger than "
+                           f"{MAX_CONFIG_BYTES >> 20} MiB: refused")
         conf = spec.NetConf.parse(data, DEFAULT_SOCKET, DEFAULT_STATE_DIR)
         version = conf.cni_version
         if env.command == "ADD":

@@ -228,3 +228,10 @@ def test_del_that_cannot_be_recorded_says_where_and_why(tmp_path: Path) -> None:
                        f"{blocker}/cni-pending", "stateDir")
     assert "Errno" not in obj["msg"], obj
     assert blocker.read_text() == "not a directory"
+
+
+def test_an_oversized_configuration_is_refused_before_it_is_held(tmp_path: Path) -> None:
+    conf = netconf(tmp_path)
+    conf["padding"] = "x" * (16 * 1024 * 1024)  # valid JSON, but no runtime sends this much
+    obj = assert_error(run("ADD", json.dumps(conf).encode()), 7, "larger than 16 MiB")
+    assert obj["msg"] == "network configuration on stdin is larger than 16 MiB: refused"
