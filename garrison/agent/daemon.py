@@ -44,7 +44,7 @@ from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowStore, StoreConfig
 from garrison.identity.allocator import AllocatorConfig, IdentityAllocator
 from garrison.identity.model import RESERVED, RESERVED_BY_ID, Identity
-from garrison.identity.namespaces import NamespaceStore
+from garrison.identity.namespaces import NamespaceError, NamespaceStore, check_namespace
 from garrison.kvstore.base import KVStoreError
 from garrison.kvstore.sqlite import SQLiteKVStore
 from garrison.policies.errors import PolicyValidationError
@@ -248,6 +248,10 @@ class Agent:
                 raise EndpointError(f"--labels: {exc}") from exc
             if not parsed.items and not container_id:
                 raise EndpointError("--labels: give at least one label, e.g. app=web")
+            try:
+                check_namespace(namespace)
+            except NamespaceError as exc:
+                raise EndpointError(f"--namespace: {exc}") from exc
             named = _named_ports(ports)
             netns_path = ""
             peer: tuple[int, str] | None = None
@@ -390,6 +394,10 @@ class Agent:
             record = self.endpoints.get(name)
             parsed = Labels.parse(list(labels))
             ns = namespace or record.namespace
+            try:
+                check_namespace(ns)
+            except NamespaceError as exc:
+                raise EndpointError(str(exc)) from exc
             new = replace(record, labels=tuple(sorted(f"{la.key}={la.value}" for la in parsed)),
                           namespace=ns, namespace_labels=self._namespace_labels(ns))
             ident = self.allocator.allocate(new.full_labels, owner=f"endpoint:{name}")

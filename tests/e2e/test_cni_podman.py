@@ -352,6 +352,21 @@ def test_namespace_comes_from_the_kubernetes_namespace_label(rt: Runtime) -> Non
     assert rt.endpoint(name) is None
 
 
+
+def test_a_namespace_label_kubernetes_would_refuse_leaves_the_container_denied(
+    rt: Runtime,
+) -> None:
+    """A namespace is a label value of every identity: one Kubernetes would refuse as a
+    namespace name is refused, logged, and the container stays reserved:init (denied)."""
+    rt.run("badns", "io.kubernetes.pod.namespace=Empire_NS,app=badns", "sleep", "600")
+    name = f"gc-badns{TAG}"
+    wait_for(lambda: f"container {name}: labels ['app=badns'] refused: namespace 'Empire_NS'"
+             in rt.agent.log(), "the agent's refusal", timeout=15)
+    ep = rt.endpoint(name)
+    assert ep is not None and ep["identity"] == 5 and ep["namespace"] == "default"
+    rt.podman("rm", "-f", "-t", "0", name)
+    assert rt.endpoint(name) is None
+
 def run_plugin(rt: Runtime, command: str, conf: dict[str, object]) -> tuple[int, str]:
     env = {"CNI_COMMAND": command, "CNI_PATH": "/usr/lib/cni", "GARRISON_PURE": "1"}
     done = subprocess.run([str(rt.dir / "bin" / "garrison-cni")], input=json.dumps(conf),

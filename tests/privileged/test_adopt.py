@@ -255,3 +255,17 @@ def test_a_long_name_for_a_namespace_garrison_makes(agent: AgentProcess) -> None
     assert not os.path.exists(f"/run/netns/{name}")
     assert subprocess.run(["ip", "link", "show", data["host_veth"]],
                           capture_output=True).returncode != 0
+
+
+def test_a_namespace_kubernetes_would_refuse_is_refused_before_anything_is_made(
+    agent: AgentProcess,
+) -> None:
+    name = f"gc-badns-{os.getpid() % 100000}"
+    agent.created.add(name)
+    done = agent.cli("endpoint", "add", name, "--labels", "app=x", "--namespace",
+                     "default,org=empire", "--ip", "198.19.100.62", check=False)
+    assert done.returncode == 1
+    assert ("--namespace: namespace 'default,org=empire': use 1-63 lower-case letters, digits "
+            "and '-'") in done.stderr
+    assert not os.path.exists(f"/run/netns/{name}")
+    assert name not in endpoint_names(agent)
