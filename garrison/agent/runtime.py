@@ -162,15 +162,18 @@ class RuntimeEndpoints:
         return ipaddress.ip_network(address)
 
     def delete(self, req: dict[str, Any]) -> dict[str, Any]:
-        record = self.agent.endpoints.by_container(str(req["container_id"]))
-        if record is None:
-            return {"deleted": None}  # DEL twice, or for a container never added: success
-        network = str(req.get("network") or "")
-        if network and record.extra.get("network") not in (None, "", network):
-            # a DEL on another network (one whose ADD was refused): the endpoint is not its
-            return {"deleted": None}
-        with contextlib.suppress(EndpointError):
-            self.agent.delete_endpoint(record.name)
+        # under the agent's lock, as ADD: the endpoint looked up is the one deleted, and the
+        # registry is not read while another thread changes it
+        with self.agent.lock:
+            record = self.agent.endpoints.by_container(str(req["container_id"]))
+            if record is None:
+                return {"deleted": None}  # DEL twice, or for a container never added: success
+            network = str(req.get("network") or "")
+            if network and record.extra.get("network") not in (None, "", network):
+                # a DEL on another network (one whose ADD was refused): the endpoint is not its
+                return {"deleted": None}
+            with contextlib.suppress(EndpointError):
+                self.agent.delete_endpoint(record.name)
         return {"deleted": record.name}
 
     def gc(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -178,20 +181,22 @@ class RuntimeEndpoints:
         longer lists as attached go."""
         network = str(req.get("network") or "")
         valid = {str(c) for c in req.get("valid") or ()}
-        gone = [
-            ep.name for ep in list(self.agent.endpoints)
-            if ep.container_id and ep.extra.get("network") == network
-            and ep.container_id not in valid
-        ]
-        for name in gone:
-            with contextlib.suppress(EndpointError):
-                self.agent.delete_endpoint(name)
+        with self.agent.lock:
+            gone = [
+                ep.name for ep in list(self.agent.endpoints)
+                if ep.container_id and ep.extra.get("network") == network
+                and ep.container_id not in valid
+            ]
+            for name in gone:
+                with contextlib.suppress(EndpointError):
+                    self.agent.delete_endpoint(name)
         return {"deleted": gone}
 
     def check(self, req: dict[str, Any]) -> dict[str, Any]:
         agent = self.agent
         problems = []
-        record = agent.endpoints.by_container(str(req["container_id"]))
+        with agent.lock:
+            record = agent.endpoints.by_container(str(req["container_id"]))
         if record is None:
             return {"problems": [f"no endpoint for container {req['container_id']}"]}
         if req.get("ipv4") and req["ipv4"] != record.ipv4:
