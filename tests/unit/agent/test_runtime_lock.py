@@ -12,7 +12,7 @@ from typing import Any
 from garrison.agent.endpoints import EndpointRecord, EndpointRegistry
 from garrison.agent.runtime import RuntimeEndpoints
 
-POOL = ipaddress.ip_network("198.18.0.0/15")
+POOL = ipaddress.IPv4Network("198.18.0.0/15")
 
 
 class _Agent:
