@@ -55,6 +55,7 @@ bench: setup
 	$(PY) bench/proxy_http.py
 	$(PY) bench/proxy_latency.py
 	$(PY) bench/proxy_saturation.py
+	$(PY) bench/proxy_agent.py
 	$(PY) bench/proxy_grpc.py
 	$(PY) bench/proxy_kafka.py
 	$(PY) bench/datapath.py
