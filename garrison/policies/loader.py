@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import re2
-from yaml.nodes import MappingNode
+from yaml.nodes import MappingNode, SequenceNode
 
 from garrison.policies.errors import PolicyIssue, PolicyValidationError
 from garrison.policies.l7rules import (
@@ -1401,15 +1401,19 @@ def _network_policy(doc: At, fields: dict[str, At], meta: _Meta) -> Policy | Non
             Requirement(NAMESPACE_KEY, Operator.IN, (namespace,), SOURCE_K8S)
         )
     types: set[str] = set()
-    if "policyTypes" in f:
-        for item in sequence(f["policyTypes"]) or ():
-            written = string(item)
-            if written is not None and written not in ("Ingress", "Egress"):
-                item.error(f"unknown policy type '{written}' (expected Ingress or Egress)")
-            elif written is not None:
-                types.add(written)
-    else:
-        types = {"Ingress", "Egress"} if "egress" in f else {"Ingress"}
+    written_types = sequence(f["policyTypes"]) if "policyTypes" in f else None
+    for item in written_types or ():
+        written = string(item)
+        if written is not None and written not in ("Ingress", "Egress"):
+            item.error(f"unknown policy type '{written}' (expected Ingress or Egress)")
+        elif written is not None:
+            types.add(written)
+    if not written_types:
+        # the API server's default (SetDefaults_NetworkPolicy): an absent or empty list is
+        # Ingress, plus Egress when `egress` holds a rule (`egress: []` does not count)
+        egress = f["egress"].node if "egress" in f else None
+        has_egress = isinstance(egress, SequenceNode) and bool(egress.value)
+        types = {"Ingress", "Egress"} if has_egress else {"Ingress"}
     sections: dict[str, tuple[PolicySection, ...] | None] = {"ingress": None, "egress": None}
     for name, direction, type_name in (
         ("ingress", Direction.INGRESS, "Ingress"),
@@ -1419,7 +1423,7 @@ def _network_policy(doc: At, fields: dict[str, At], meta: _Meta) -> Policy | Non
         built = [_k8s_section(ctx, item, name, direction, i) for i, item in enumerate(items or ())]
         if type_name in types:
             sections[name] = tuple(s for s in built if s is not None)
-        elif name in f:
+        elif items:
             f[name].warn_key(f"ignored: policyTypes does not include {type_name}")
     if selector is None or doc.rep.error_count() != errors_before:
         return None
