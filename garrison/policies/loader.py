@@ -1459,7 +1459,15 @@ def _k8s_section(
         ports: list[PortProtocol] = []
         for item in sequence(f["ports"]) or ():
             port = _port_protocol(item, KNP_PORT_PROTOCOLS, Protocol.TCP)
-            if port is not None:
+            if port is not None and "port" in port.fields and not port.value.port and (
+                not port.value.name
+            ):
+                # the API server refuses it; "any port" here would widen the policy
+                port.fields["port"].error(
+                    "port 0 is not valid in a NetworkPolicy (1-65535; leave port out for "
+                    "every port)"
+                )
+            elif port is not None:
                 ports.append(port.value)
         # Kubernetes sets no limit on ports; the datapath's per-rule limit is met by splitting.
         for start in range(0, len(ports), MAX_PORTS_PER_RULE):

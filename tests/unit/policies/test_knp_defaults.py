@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 
+from garrison.policies.errors import PolicyValidationError
 from garrison.policies.labels import Labels, endpoint_labels
 from garrison.policies.loader import load_text
 from garrison.policies.model import Protocol
@@ -70,3 +71,18 @@ def test_empty_egress_list_without_policy_types_leaves_egress_open() -> None:
     result = trace(policies, WEB, DB, 5432)
     assert result.allowed
     assert not result.steps[0].enforced  # the source's egress
+
+
+@pytest.mark.parametrize("port", ["0", '"0"'])
+def test_port_zero_is_refused(port: str) -> None:
+    """The API server refuses `port: 0` ("must be between 1 and 65535"); garrison read it as
+    "every port", wider than any policy a cluster would run."""
+    with pytest.raises(PolicyValidationError) as info:
+        load_text(
+            knp(f"podSelector: {{}}\ningress: [{{ports: [{{port: {port}, protocol: TCP}}]}}]"),
+            "np.yaml",
+        )
+    assert [str(e) for e in info.value.issues] == [
+        "np.yaml:6: spec.ingress[0].ports[0].port: port 0 is not valid in a NetworkPolicy "
+        "(1-65535; leave port out for every port)"
+    ]
