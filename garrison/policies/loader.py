@@ -1193,6 +1193,8 @@ def _kafka_rule(at: At) -> KafkaRule | None:
     f = mapping(at, KAFKA_FIELDS)
     if f is None:
         return None
+    # Cilium's kafka.PortRule: each field "if omitted or empty" matches every request
+    f = {k: v for k, v in f.items() if not (scalar_kind(v) == TAG_STR and v.node.value == "")}
     ok = True
     role: KafkaRole | None = None
     if "role" in f:
