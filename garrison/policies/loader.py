@@ -1123,7 +1123,9 @@ def _http_rule(at: At, dialect: _Dialect) -> HTTPRule | None:
     matches: list[HeaderMatch] = []
     for item in _items(f, "headerMatches"):
         match = _header_match(item, dialect)
-        if match is not None:
+        if isinstance(match, str):
+            headers.append(match)  # presence only
+        elif match is not None:
             matches.append(match)
     if at.rep.error_count() != errors_before:
         return None
@@ -1132,7 +1134,9 @@ def _http_rule(at: At, dialect: _Dialect) -> HTTPRule | None:
     )
 
 
-def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | None:
+def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | str | None:
+    """The match, or the header's name alone where only its presence is asked: Cilium's
+    HeaderMatch with no value (absent or empty) and no mismatch action."""
     f = mapping(at, HEADER_MATCH_FIELDS, also_known=("secret",), required=("name",))
     if f is None:
         return None
@@ -1157,8 +1161,14 @@ def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | None:
                 f["secret"].key_error(NOT_SUPPORTED)
             return None
         return HeaderMatch(name=name, value="", regex=regex)
-    if "value" not in f:
-        at.missing("value")
+    acts = "mismatch" in f and scalar_kind(f["mismatch"]) == TAG_STR and bool(
+        f["mismatch"].node.value
+    )
+    if "value" not in f and acts:
+        at.rep.error(
+            at.key_line, at.path_of("value"),
+            "missing required field (a mismatch action needs a value)",
+        )
         return None
     if dialect.deny and "mismatch" in f:
         f["mismatch"].key_error("mismatch actions are not allowed in deny rules")
@@ -1169,7 +1179,7 @@ def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | None:
     if name is not None and not HTTP_TOKEN.fullmatch(name):
         f["name"].error(f"invalid header name '{name}'")
         name = None
-    value = string(f["value"]) if "value" in f else None
+    value = string(f["value"]) if "value" in f else ""
     mismatch: MismatchAction | None = None
     if "mismatch" in f:
         written = string(f["mismatch"])
@@ -1186,6 +1196,8 @@ def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | None:
                 return None
     if name is None or value is None or "secret" in f:
         return None
+    if not value and mismatch is None:
+        return name
     return HeaderMatch(name=name, value=value, mismatch=mismatch)
 
 
