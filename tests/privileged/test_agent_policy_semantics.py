@@ -1,0 +1,112 @@
+"""Policy fields read as Kubernetes and Cilium read them, end to end through a running agent:
+real connections and HTTP requests between endpoints, verdicts read back from the flow
+records.
+
+- A NetworkPolicy with `policyTypes: []` isolates its pods for ingress (the API server's
+  default); it used to enforce nothing, and every connection passed.
+- A `headerMatches` entry without a value asks for the header's presence (Cilium's
+  HeaderMatch); it used to be read as "sent empty", and the proxy denied every request
+  carrying the header with a value.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from garrison.flows.record import DropReasonDesc, FlowType, Verdict
+
+from .agent_harness import (  # noqa: F401 (fixtures)
+    AgentEndpoint,
+    AgentProcess,
+    echo_servers,
+    fixture_agent,
+    fixture_clean,
+    roundtrip,
+)
+
+pytestmark = pytest.mark.privileged
+
+EMPTY_POLICY_TYPES = """\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: ps-isolate}
+spec:
+  podSelector: {matchLabels: {app: psdb}}
+  policyTypes: []
+"""
+
+PRESENCE = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ps-token}
+spec:
+  endpointSelector: {matchLabels: {class: psdeathstar}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: psweb}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - path: /v1/request-landing
+          headerMatches: [{name: X-Token}]
+"""
+
+
+def test_empty_policy_types_isolates_ingress(agent: AgentProcess, clean: None) -> None:
+    web = agent.add_endpoint("psweb", "app=psweb", 141, cli=False)
+    db = agent.add_endpoint("psdb", "app=psdb", 142, cli=False)
+    with echo_servers(db, 7400):
+        sock = web.connect(db.ip, 7400)
+        assert sock is not None, "no policy yet: web reaches db"
+        with sock:
+            assert roundtrip(sock)
+        agent.import_policy("ps-isolate", EMPTY_POLICY_TYPES)
+        t0 = time.time_ns()
+        late = web.connect(db.ip, 7400, timeout=0.5)
+        if late is not None:
+            late.close()
+        assert late is None, "policyTypes: [] left db's ingress open"
+    drop = agent.wait_flow(
+        lambda r: r.time >= t0 and r.verdict is Verdict.DROPPED and r.type is FlowType.L3_L4
+        and r.source.ip == web.ip and r.destination.ip == db.ip and r.destination.port == 7400
+    )
+    assert drop.drop_reason_desc is DropReasonDesc.POLICY_DENIED
+    listed = {e["name"]: e for e in agent.cli_json("endpoint", "list")["endpoints"]}
+    assert listed[db.name]["ingress_enforcement"]
+
+
+def request(src: AgentEndpoint, dst: AgentEndpoint, headers: str) -> int:
+    """POST /v1/request-landing with `headers` (lines ending in CRLF); the answer's status."""
+    sock = src.connect(dst.ip, 80)
+    assert sock is not None, f"{src.name}: no connection to port 80"
+    with sock:
+        sock.settimeout(3)
+        sock.sendall(
+            ("POST /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 0\r\n"
+             f"{headers}Connection: close\r\n\r\n").encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    with_status = data.split(b" ", 2)
+    assert len(with_status) > 1, data
+    return int(with_status[1])
+
+
+def test_header_match_without_value_asks_for_presence(
+    agent: AgentProcess, clean: None
+) -> None:
+    ds = agent.add_endpoint("psds", "class=psdeathstar", 143, cli=False)
+    web = agent.add_endpoint("psweb2", "app=psweb", 144, cli=False)
+    agent.deathstar(ds)
+    agent.import_policy("ps-token", PRESENCE)
+    assert request(web, ds, "X-Token: tok-42\r\n") == 200  # the app's answer
+    assert request(web, ds, "") == 403  # the proxy's
+    for verdict in (Verdict.FORWARDED, Verdict.DROPPED):
+        agent.wait_flow(
+            lambda r, v=verdict: r.type is FlowType.L7 and r.verdict is v  # type: ignore[misc]
+            and r.source.identity == web.identity and r.l7 is not None
+            and r.l7.http is not None and r.l7.http.method == "POST"
+        )
