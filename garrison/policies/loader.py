@@ -556,6 +556,17 @@ def _cilium_rule(
         at.missing("endpointSelector")
     else:
         selector = _cilium_selector(f["endpointSelector"], own_namespace=ctx.namespace)
+        if selector is not None and any(
+            r.key == "host" and r.source == SOURCE_RESERVED
+            and r.operator in (Operator.IN, Operator.EXISTS)
+            for r in selector.requirements
+        ):
+            # Cilium's host policy: it would load here as a rule that enforces nothing
+            f["endpointSelector"].key_error(
+                f"selects the host (reserved:host): {NOT_SUPPORTED} (host policies; garrison "
+                "enforces policy on endpoints only)"
+            )
+            selector = None
     if selector is not None and ctx.namespace is not None and not any(
         r.key == "init" and r.source == SOURCE_RESERVED for r in selector.requirements
     ):
