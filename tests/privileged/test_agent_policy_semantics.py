@@ -7,6 +7,8 @@ records.
 - A `headerMatches` entry without a value asks for the header's presence (Cilium's
   HeaderMatch); it used to be read as "sent empty", and the proxy denied every request
   carrying the header with a value.
+- HTTP rules that are each valid RE2 but together too large for one RE2 set are matched rule
+  by rule; the proxy could not build its matcher for them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .agent_harness import (  # noqa: F401 (fixtures)
     echo_servers,
     fixture_agent,
     fixture_clean,
+    http_request,
     roundtrip,
 )
 
@@ -110,3 +113,38 @@ def test_header_match_without_value_asks_for_presence(
             and r.source.identity == web.identity and r.l7 is not None
             and r.l7.http is not None and r.l7.http.method == "POST"
         )
+
+
+def big_rules() -> str:
+    rules = "\n".join(
+        f'        - {{method: POST, path: "/v1/r{i}-[a-z]{{{{1,1000}}}}[0-9]{{{{1,1000}}}}"}}'
+        for i in range(40)
+    )
+    return f"""\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: ps-big}}
+spec:
+  endpointSelector: {{matchLabels: {{class: psdeathstar2}}}}
+  ingress:
+  - fromEndpoints: [{{matchLabels: {{app: psweb3}}}}]
+    toPorts:
+    - ports: [{{port: "80", protocol: TCP}}]
+      rules:
+        http:
+{rules}
+        - {{method: POST, path: /v1/request-landing}}
+"""
+
+
+def test_rules_too_large_for_one_re2_set_are_enforced(agent: AgentProcess, clean: None) -> None:
+    ds = agent.add_endpoint("psds2", "class=psdeathstar2", 145, cli=False)
+    web = agent.add_endpoint("psweb3", "app=psweb3", 146, cli=False)
+    agent.deathstar(ds)
+    agent.import_policy("ps-big", big_rules())
+    assert request(web, ds, "") == 200  # POST /v1/request-landing: the app's answer
+    sock = web.connect(ds.ip, 80)
+    assert sock is not None
+    with sock:
+        status, _ = http_request(sock, "PUT", "/v1/exhaust-port")
+    assert status == 403
