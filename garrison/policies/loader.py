@@ -855,6 +855,7 @@ def _port_rules(
         f = mapping(item, ("ports", "rules"), also_known=TO_PORTS_UNSUPPORTED)
         if f is None:
             continue
+        errors = item.rep.error_count()
         for name in TO_PORTS_UNSUPPORTED:
             if name in f:
                 if deny:
@@ -878,6 +879,13 @@ def _port_rules(
         # Ports that failed to parse are already reported; L7 checks the rest.
         if l7 is not None and (ports or ports_complete):
             ports = _l7_ports(ctx, item, f, ports, l7, direction)
+        elif l7 is None and not ports and ports_complete and item.rep.error_count() == errors:
+            # Cilium merges an entry port by port, and a non-empty toPorts is no L3-only
+            # rule: the entry allows (or denies) nothing. Reading it as "every port" was wider.
+            f.get("ports", item).error(
+                "a toPorts entry without ports selects no port (as in Cilium): list its ports "
+                "(a port without number means every port), or leave toPorts out for every port"
+            )
         rules.append(PortRule(ports=tuple(p.value for p in ports), rules=l7.rules if l7 else None))
     return tuple(rules), fail_closed
 
