@@ -53,7 +53,7 @@ and at most `_MEMO_ENTRIES` entries, never memory without bound.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import re2
 
@@ -170,9 +170,7 @@ class HTTPMatcher:
                 # Each pattern is valid, but together they exceed what one RE2 set may
                 # compile (its memory budget): match every rule on its own instead.
                 self._rules = tuple(
-                    c if c.separate or not _has_patterns(r)
-                    else replace(c, separate=_compile_separately(
-                        r.method or None, r.host or None, r.path or None))
+                    _matched_alone(c, r)
                     for c, (r, _) in zip(self._rules, ruleset.rules, strict=True)
                     if isinstance(r, HTTPRule)
                 )
@@ -283,8 +281,18 @@ class HTTPMatcher:
         return verdict
 
 
-def _has_patterns(rule: HTTPRule) -> bool:
-    return bool(rule.method or rule.path or rule.host)
+def _matched_alone(compiled: _CompiledRule, rule: HTTPRule) -> _CompiledRule:
+    """`compiled`, with its method, host and path patterns compiled on their own."""
+    if compiled.separate or not (rule.method or rule.path or rule.host):
+        return compiled
+    return _CompiledRule(
+        ref=compiled.ref,
+        required=compiled.required,
+        header_matches=compiled.header_matches,
+        has_header_conditions=compiled.has_header_conditions,
+        allowed=compiled.allowed,
+        separate=_compile_separately(rule.method or None, rule.host or None, rule.path or None),
+    )
 
 
 def _denial_by(rule: RuleRef | None) -> L7Verdict:
