@@ -7,6 +7,8 @@ records.
 - A `headerMatches` entry without a value asks for the header's presence (Cilium's
   HeaderMatch); it used to be read as "sent empty", and the proxy denied every request
   carrying the header with a value.
+- A deny rule's named port that the endpoints of one identity map to different numbers (a
+  rollout moving the port) denies every one of them; it used to deny none.
 - HTTP rules that are each valid RE2 but together too large for one RE2 set are matched rule
   by rule; the proxy could not build its matcher for them.
 """
@@ -148,3 +150,41 @@ def test_rules_too_large_for_one_re2_set_are_enforced(agent: AgentProcess, clean
     with sock:
         status, _ = http_request(sock, "PUT", "/v1/exhaust-port")
     assert status == 403
+
+
+NAMED_DENY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ps-admin}
+spec:
+  endpointSelector: {matchLabels: {app: psadmin}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: psclient}}]
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: psclient}}]
+    toPorts: [{ports: [{port: admin}]}]
+"""
+
+
+def test_deny_of_a_name_two_endpoints_map_differently(agent: AgentProcess, clean: None) -> None:
+    old = agent.add_endpoint("psadm1", "app=psadmin", 147, cli=False, ports=["admin=8443/TCP"])
+    new = agent.add_endpoint("psadm2", "app=psadmin", 148, cli=False, ports=["admin=9443/TCP"])
+    client = agent.add_endpoint("pscli", "app=psclient", 149, cli=False)
+    assert old.identity == new.identity
+    agent.import_policy("ps-admin", NAMED_DENY)
+    with echo_servers(old, 8443, 80), echo_servers(new, 9443):
+        t0 = time.time_ns()
+        for ep, port in ((old, 8443), (new, 9443)):
+            sock = client.connect(ep.ip, port, timeout=0.5)
+            if sock is not None:
+                sock.close()
+            assert sock is None, f"{ep.name}:{port} (admin) was reachable"
+        sock = client.connect(old.ip, 80)
+        assert sock is not None, "the allow of every other port was lost"
+        with sock:
+            assert roundtrip(sock)
+    drop = agent.wait_flow(
+        lambda r: r.time >= t0 and r.verdict is Verdict.DROPPED and r.type is FlowType.L3_L4
+        and r.source.ip == client.ip and r.destination.port == 9443
+    )
+    assert drop.drop_reason_desc is DropReasonDesc.POLICY_DENY
