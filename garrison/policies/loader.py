@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import re2
-from yaml.nodes import MappingNode
+from yaml.nodes import MappingNode, SequenceNode
 
 from garrison.policies.errors import PolicyIssue, PolicyValidationError
 from garrison.policies.l7rules import (
@@ -556,6 +556,17 @@ def _cilium_rule(
         at.missing("endpointSelector")
     else:
         selector = _cilium_selector(f["endpointSelector"], own_namespace=ctx.namespace)
+        if selector is not None and any(
+            r.key == "host" and r.source == SOURCE_RESERVED
+            and r.operator in (Operator.IN, Operator.EXISTS)
+            for r in selector.requirements
+        ):
+            # Cilium's host policy: it would load here as a rule that enforces nothing
+            f["endpointSelector"].key_error(
+                f"selects the host (reserved:host): {NOT_SUPPORTED} (host policies; garrison "
+                "enforces policy on endpoints only)"
+            )
+            selector = None
     if selector is not None and ctx.namespace is not None and not any(
         r.key == "init" and r.source == SOURCE_RESERVED for r in selector.requirements
     ):
@@ -844,6 +855,7 @@ def _port_rules(
         f = mapping(item, ("ports", "rules"), also_known=TO_PORTS_UNSUPPORTED)
         if f is None:
             continue
+        errors = item.rep.error_count()
         for name in TO_PORTS_UNSUPPORTED:
             if name in f:
                 if deny:
@@ -867,6 +879,13 @@ def _port_rules(
         # Ports that failed to parse are already reported; L7 checks the rest.
         if l7 is not None and (ports or ports_complete):
             ports = _l7_ports(ctx, item, f, ports, l7, direction)
+        elif l7 is None and not ports and ports_complete and item.rep.error_count() == errors:
+            # Cilium merges an entry port by port, and a non-empty toPorts is no L3-only
+            # rule: the entry allows (or denies) nothing. Reading it as "every port" was wider.
+            f.get("ports", item).error(
+                "a toPorts entry without ports selects no port (as in Cilium): list its ports "
+                "(a port without number means every port), or leave toPorts out for every port"
+            )
         rules.append(PortRule(ports=tuple(p.value for p in ports), rules=l7.rules if l7 else None))
     return tuple(rules), fail_closed
 
@@ -1123,7 +1142,9 @@ def _http_rule(at: At, dialect: _Dialect) -> HTTPRule | None:
     matches: list[HeaderMatch] = []
     for item in _items(f, "headerMatches"):
         match = _header_match(item, dialect)
-        if match is not None:
+        if isinstance(match, str):
+            headers.append(match)  # presence only
+        elif match is not None:
             matches.append(match)
     if at.rep.error_count() != errors_before:
         return None
@@ -1132,7 +1153,9 @@ def _http_rule(at: At, dialect: _Dialect) -> HTTPRule | None:
     )
 
 
-def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | None:
+def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | str | None:
+    """The match, or the header's name alone where only its presence is asked: Cilium's
+    HeaderMatch with no value (absent or empty) and no mismatch action."""
     f = mapping(at, HEADER_MATCH_FIELDS, also_known=("secret",), required=("name",))
     if f is None:
         return None
@@ -1157,8 +1180,14 @@ def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | None:
                 f["secret"].key_error(NOT_SUPPORTED)
             return None
         return HeaderMatch(name=name, value="", regex=regex)
-    if "value" not in f:
-        at.missing("value")
+    acts = "mismatch" in f and scalar_kind(f["mismatch"]) == TAG_STR and bool(
+        f["mismatch"].node.value
+    )
+    if "value" not in f and acts:
+        at.rep.error(
+            at.key_line, at.path_of("value"),
+            "missing required field (a mismatch action needs a value)",
+        )
         return None
     if dialect.deny and "mismatch" in f:
         f["mismatch"].key_error("mismatch actions are not allowed in deny rules")
@@ -1169,7 +1198,7 @@ def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | None:
     if name is not None and not HTTP_TOKEN.fullmatch(name):
         f["name"].error(f"invalid header name '{name}'")
         name = None
-    value = string(f["value"]) if "value" in f else None
+    value = string(f["value"]) if "value" in f else ""
     mismatch: MismatchAction | None = None
     if "mismatch" in f:
         written = string(f["mismatch"])
@@ -1186,6 +1215,8 @@ def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | None:
                 return None
     if name is None or value is None or "secret" in f:
         return None
+    if not value and mismatch is None:
+        return name
     return HeaderMatch(name=name, value=value, mismatch=mismatch)
 
 
@@ -1193,6 +1224,8 @@ def _kafka_rule(at: At) -> KafkaRule | None:
     f = mapping(at, KAFKA_FIELDS)
     if f is None:
         return None
+    # Cilium's kafka.PortRule: each field "if omitted or empty" matches every request
+    f = {k: v for k, v in f.items() if not (scalar_kind(v) == TAG_STR and v.node.value == "")}
     ok = True
     role: KafkaRole | None = None
     if "role" in f:
@@ -1401,15 +1434,19 @@ def _network_policy(doc: At, fields: dict[str, At], meta: _Meta) -> Policy | Non
             Requirement(NAMESPACE_KEY, Operator.IN, (namespace,), SOURCE_K8S)
         )
     types: set[str] = set()
-    if "policyTypes" in f:
-        for item in sequence(f["policyTypes"]) or ():
-            written = string(item)
-            if written is not None and written not in ("Ingress", "Egress"):
-                item.error(f"unknown policy type '{written}' (expected Ingress or Egress)")
-            elif written is not None:
-                types.add(written)
-    else:
-        types = {"Ingress", "Egress"} if "egress" in f else {"Ingress"}
+    written_types = sequence(f["policyTypes"]) if "policyTypes" in f else None
+    for item in written_types or ():
+        written = string(item)
+        if written is not None and written not in ("Ingress", "Egress"):
+            item.error(f"unknown policy type '{written}' (expected Ingress or Egress)")
+        elif written is not None:
+            types.add(written)
+    if not written_types:
+        # the API server's default (SetDefaults_NetworkPolicy): an absent or empty list is
+        # Ingress, plus Egress when `egress` holds a rule (`egress: []` does not count)
+        egress = f["egress"].node if "egress" in f else None
+        has_egress = isinstance(egress, SequenceNode) and bool(egress.value)
+        types = {"Ingress", "Egress"} if has_egress else {"Ingress"}
     sections: dict[str, tuple[PolicySection, ...] | None] = {"ingress": None, "egress": None}
     for name, direction, type_name in (
         ("ingress", Direction.INGRESS, "Ingress"),
@@ -1419,7 +1456,7 @@ def _network_policy(doc: At, fields: dict[str, At], meta: _Meta) -> Policy | Non
         built = [_k8s_section(ctx, item, name, direction, i) for i, item in enumerate(items or ())]
         if type_name in types:
             sections[name] = tuple(s for s in built if s is not None)
-        elif name in f:
+        elif items:
             f[name].warn_key(f"ignored: policyTypes does not include {type_name}")
     if selector is None or doc.rep.error_count() != errors_before:
         return None
@@ -1455,7 +1492,15 @@ def _k8s_section(
         ports: list[PortProtocol] = []
         for item in sequence(f["ports"]) or ():
             port = _port_protocol(item, KNP_PORT_PROTOCOLS, Protocol.TCP)
-            if port is not None:
+            if port is not None and "port" in port.fields and not port.value.port and (
+                not port.value.name
+            ):
+                # the API server refuses it; "any port" here would widen the policy
+                port.fields["port"].error(
+                    "port 0 is not valid in a NetworkPolicy (1-65535; leave port out for "
+                    "every port)"
+                )
+            elif port is not None:
                 ports.append(port.value)
         # Kubernetes sets no limit on ports; the datapath's per-rule limit is met by splitting.
         for start in range(0, len(ports), MAX_PORTS_PER_RULE):

@@ -36,8 +36,9 @@ text `method \\n host \\n path` (values never contain a newline), and all rules 
 RE2 `Set` run once per request. Each part is wrapped in `(?m:...)` so a user's `^` and `$`
 still anchor at the part's edges; a sub-pattern that swallowed a newline would leave the
 pattern one separator short, so parts cannot shift into each other. Patterns using `\\A` or
-`\\z` (text anchors) are checked one by one instead. Header conditions are then checked on
-the candidate rules only.
+`\\z` (text anchors) are checked one by one instead, and so is every rule when the set as a
+whole exceeds RE2's memory budget (rules that are each valid can together be too large for
+one set). Header conditions are then checked on the candidate rules only.
 
 Each matcher remembers the set's answer for the last few texts it matched, and the denial
 of the last few requests no rule matched (`_MEMO_ENTRIES` each, texts of at most
@@ -150,6 +151,7 @@ class HTTPMatcher:
         self._host_free = host_free
         self._set: re2.Set | None = None
         self._masks: tuple[int, ...] = ()
+        self._all_rules = 0  # every rule a candidate: the set could not be compiled
         # the candidate rules of `method \n host \n path` texts, and the denials by reason
         self._seen: dict[str, int] = {}
         self._denials: dict[str, L7Verdict] = {}
@@ -162,9 +164,20 @@ class HTTPMatcher:
                 except re2.error as exc:
                     raise ValueError(f"invalid RE2 pattern in HTTP rules: {exc}") from exc
                 masks.append(mask)
-            rule_set.Compile()
-            self._set = rule_set
-            self._masks = tuple(masks)
+            try:
+                rule_set.Compile()
+            except re2.error:
+                # Each pattern is valid, but together they exceed what one RE2 set may
+                # compile (its memory budget): match every rule on its own instead.
+                self._rules = tuple(
+                    _matched_alone(c, r)
+                    for c, (r, _) in zip(self._rules, ruleset.rules, strict=True)
+                    if isinstance(r, HTTPRule)
+                )
+                self._all_rules = (1 << len(self._rules)) - 1
+            else:
+                self._set = rule_set
+                self._masks = tuple(masks)
 
     def match(
         self,
@@ -195,11 +208,11 @@ class HTTPMatcher:
                 return verdict if verdict is not None else _denial_by(denied.rule)
         if self._allow_all:
             return self._allow_all_verdict
-        candidates = 0
+        candidates = self._all_rules
         if self._set is not None:
             candidates = self._candidates(f"{method}\n{host or ''}\n{path}")
-            if host is None:
-                candidates &= self._host_free
+        if host is None:
+            candidates &= self._host_free
         if not candidates:
             return self._no_match(f"no rule matches {method} {path}")
 
@@ -266,6 +279,20 @@ class HTTPMatcher:
                     denials.clear()
                 denials[reason] = verdict
         return verdict
+
+
+def _matched_alone(compiled: _CompiledRule, rule: HTTPRule) -> _CompiledRule:
+    """`compiled`, with its method, host and path patterns compiled on their own."""
+    if compiled.separate or not (rule.method or rule.path or rule.host):
+        return compiled
+    return _CompiledRule(
+        ref=compiled.ref,
+        required=compiled.required,
+        header_matches=compiled.header_matches,
+        has_header_conditions=compiled.has_header_conditions,
+        allowed=compiled.allowed,
+        separate=_compile_separately(rule.method or None, rule.host or None, rule.path or None),
+    )
 
 
 def _denial_by(rule: RuleRef | None) -> L7Verdict:

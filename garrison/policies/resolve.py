@@ -603,17 +603,23 @@ class PolicyResolver:
                 changed.add(ep_id)
         return changed
 
-    def _resolve_name(self, identity: int, name: str, proto: int) -> list[tuple[int, int]]:
+    def _resolve_name(
+        self, identity: int, name: str, proto: int, every: bool = False
+    ) -> list[tuple[int, int]]:
         """The (protocol, port) pairs `name` means on `identity`: none when it declares no
         such name or only for another protocol (never "any port"), and none for a protocol
         its endpoints map to several numbers (as Cilium's named-port map: which one a
-        connection means cannot be told, so the name selects nothing there)."""
+        connection means cannot be told, so the name selects nothing there) — unless
+        `every` (a deny rule's name: it denies every number the name means, fail closed)."""
         declared = self._named_ports.get(identity, {}).get(name, ())
         by_proto: dict[int, list[int]] = {}
         for p, port in declared:
             if proto == ANY_PROTOCOL or p == proto:
                 by_proto.setdefault(p, []).append(port)
-        return sorted((p, ports[0]) for p, ports in by_proto.items() if len(ports) == 1)
+        return sorted(
+            (p, port) for p, ports in by_proto.items() if every or len(ports) == 1
+            for port in ports
+        )
 
     # -- identities ------------------------------------------------------------------------
 
@@ -978,8 +984,9 @@ class PolicyResolver:
         tier = section.tier
         for proto, name, contribution in section.named:
             keys = []
+            every = contribution.deny or contribution.action is TierAction.DENY
             if direction is Direction.INGRESS:
-                for dproto, dport in self._resolve_name(ep.identity, name, proto):
+                for dproto, dport in self._resolve_name(ep.identity, name, proto, every):
                     keys += [
                         MapStateKey(direction, i, dproto, dport, dport, tier) for i in idents
                     ]
@@ -992,7 +999,7 @@ class PolicyResolver:
                 for peer in peers:
                     keys += [
                         MapStateKey(direction, peer, dproto, dport, dport, tier)
-                        for dproto, dport in self._resolve_name(peer, name, proto)
+                        for dproto, dport in self._resolve_name(peer, name, proto, every)
                     ]
             if keys:
                 ep.add_many(keys, contribution)

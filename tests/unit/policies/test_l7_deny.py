@@ -113,7 +113,9 @@ def test_extension_dialect_loads_deny_rules_and_regex() -> None:
         ('{name: X, regex: "a", value: b}', "regex: give either value or regex, not both"),
         ('{name: X, regex: "a", mismatch: LOG}', "mismatch: mismatch needs a value, not a regex"),
         ('{name: X, regex: "a("}', "regex: invalid regular expression: missing ): a("),
-        ("{name: X}", "value: missing required field"),
+        # without a value: presence (Cilium), but a mismatch action needs the value
+        ("{name: X, mismatch: LOG}",
+         "value: missing required field (a mismatch action needs a value)"),
     ],
 )
 def test_extension_dialect_header_regex_errors(header_match: str, message: str) -> None:
