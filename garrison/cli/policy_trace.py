@@ -131,8 +131,11 @@ def _proxy_refusal(
 
     from garrison.parsers.http1 import HTTP1Error, HTTP1RequestParser
 
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host or 'service'}"]
-    lines += [f"{name}: {value}" for name, value in headers if name.lower() != "host"]
+    # every Host field as given (`--http-host` is one more): two are refused as the proxy does
+    lines = [f"{method} {target} HTTP/1.1"]
+    if host is not None or not any(name.lower() == "host" for name, _ in headers):
+        lines.append(f"Host: {host or 'service'}")
+    lines += [f"{name}: {value}" for name, value in headers]
     try:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
     except UnicodeEncodeError:
@@ -164,12 +167,16 @@ def _request(args: argparse.Namespace) -> L7RequestSpec | None:
         method = args.http_method or "GET"
         raw = args.http_path or "/"
         rejected = _proxy_refusal(method, raw, args.http_host, headers)
+        # a Host given as a header is the request's host, as the proxy reads it
+        host = args.http_host
+        if host is None:
+            host = next((value for name, value in headers if name.lower() == "host"), None)
         try:
             path = normalize_target(raw.encode("utf-8")).path
         except UnsafeTargetError as exc:
             path = raw
             rejected = rejected or f"400 Bad Request: {exc.message}"
-        return HTTPRequestSpec(method, path, args.http_host, tuple(headers), rejected)
+        return HTTPRequestSpec(method, path, host, tuple(headers), rejected)
     if grpc:
         if not (args.grpc_service and args.grpc_method):
             raise UsageError("--grpc-service and --grpc-method go together")

@@ -311,6 +311,8 @@ def test_cli_normalizes_http_path_like_the_proxy(
         ("FOO", [], "denied", "501 Not Implemented"),
         ("POST", ["Transfer-Encoding: gzip"], "denied", "501 Not Implemented"),
         ("POST", ["Bad Name: x"], "denied", "400 Bad Request"),
+        # --http-header Host fields are the request's: two of them, the proxy refuses
+        ("POST", ["Host: a.example", "Host: b.example"], "denied", "400 Bad Request"),
     ],
 )
 def test_cli_validates_the_request_as_the_proxy_does(
@@ -366,3 +368,43 @@ def test_cli_text_names_allow_localhost(capsys: pytest.CaptureFixture[str]) -> N
     assert ("L3/L4 allowed by allow-localhost: the local host reaches its endpoints "
             "(--allow-localhost policy turns it off)") in out
     assert out.rstrip().endswith("Final verdict: ALLOWED")
+
+
+HOST_RULE = """apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: host-rule
+spec:
+  endpointSelector:
+    matchLabels: {app: api}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - method: GET
+          host: "api.example.com"
+"""
+
+
+@pytest.mark.parametrize(
+    ("flags", "verdict"),
+    [
+        (["--http-host", "api.example.com"], "allowed"),
+        (["--http-header", "Host: api.example.com"], "allowed"),
+        # a Host given as a header is the host the rules see, as the proxy's are
+        (["--http-header", "Host: evil.example.com"], "denied"),
+        (["--http-host", "api.example.com", "--http-header", "Host: api.example.com"], "denied"),
+    ],
+)
+def test_cli_takes_the_host_from_a_host_header(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], verdict: str
+) -> None:
+    policy = tmp_path / "host.yaml"
+    policy.write_text(HOST_RULE)
+    rc, out, _ = cli(capsys, "-f", str(policy), "--src-labels", "app=client", "--dst-labels",
+                     "app=api", "--dport", "80", "--http-method", "GET", "--http-path", "/",
+                     *flags, "-o", "json")
+    assert rc == 0 and json.loads(out)["verdict"] == verdict
