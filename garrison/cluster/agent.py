@@ -23,7 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from garrison.cluster.keys import IPEntry, NodeRecord, StoredPolicy, identities_to_learn
+from garrison.cluster.keys import (
+    IPEntry,
+    NodeRecord,
+    StoredPolicy,
+    identities_to_learn,
+    policy_key,
+)
 from garrison.cluster.node import ClusterNode
 from garrison.cluster.routes import (
     NodeRoutes,
@@ -396,10 +402,12 @@ class AgentCluster:
             try:
                 found = [p for p in load_text(stored.text, stored.path).policies if p.key == key]
             except PolicyValidationError as exc:
-                log.error("cluster: policy %s from etcd refused: %s", key, exc)
+                self.node.refuse(policy_key(key), f"{policy_key(key)}: policy refused: {exc}")
                 continue
             if not found:
-                log.error("cluster: policy %s not in its stored text %s", key, stored.path)
+                self.node.refuse(
+                    policy_key(key), f"{policy_key(key)}: policy not in its stored text"
+                )
                 continue
             policies.append(found[0])
         self._agent.apply_cluster_policies(policies, gone)
@@ -439,6 +447,7 @@ class AgentCluster:
     def status(self) -> dict[str, object]:
         out = self.node.status()
         out["remote_endpoints"] = len(self._remote)
+        out["root"] = self.store.root
         # When the latest remote entries reached this node's ipcache (bench/cluster.py).
         latest = sorted(self.learnt_at.items(), key=lambda item: item[1])[-256:]
         out["ipcache_written_at"] = {str(ip): at for ip, at in latest}

@@ -155,8 +155,12 @@ class IPEntry:
             identity = doc["identity"]
             if not isinstance(identity, int) or identity <= 0:
                 raise ValueError(f"identity {identity!r} is not a positive integer")
+            ip = ipaddress.IPv4Address(str(doc["ip"]))
+            if key.startswith(IP_PREFIX) and key != IP_PREFIX + str(ip):
+                # its deletion would remove another address: the entry would outlive it
+                raise ValueError(f"its address {ip} is not its key's")
             return cls(
-                ip=ipaddress.IPv4Address(str(doc["ip"])),
+                ip=ip,
                 identity=identity,
                 labels=str(doc["labels"]),
                 node=str(doc["node"]),

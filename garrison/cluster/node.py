@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from garrison.cluster.keys import (
     HEARTBEAT_PREFIX,
@@ -60,6 +60,7 @@ DEFAULT_HEARTBEAT_S = 5.0
 _CACHED = (NODES_PREFIX, POLICIES_PREFIX, IP_PREFIX)
 # Attempts of a namespace label change that meets another node's change in between.
 _LABEL_ATTEMPTS = 16
+_T = TypeVar("_T")
 
 
 class ClusterHandler(Protocol):
@@ -78,6 +79,31 @@ class ClusterHandler(Protocol):
     def namespaces_changed(self, upserts: dict[str, dict[str, str]], gone: list[str]) -> None:
         """Namespaces whose labels changed (→ their labels, the name label left out), and
         those whose labels were all removed."""
+
+
+def _ip_of_key(key: str) -> ipaddress.IPv4Address | None:
+    try:
+        return ipaddress.IPv4Address(key.removeprefix(IP_PREFIX))
+    except ValueError:
+        return None
+
+
+def _parsed(parse: Callable[[str], _T], key: str) -> _T | None:
+    """A removed key's name (`parse`), None for a key of another shape (never handed on)."""
+    try:
+        return parse(key)
+    except ClusterRecordError:
+        return None
+
+
+def _decode_policy(key: str, raw: bytes) -> StoredPolicy:
+    parse_policy_key(key)  # a key of another shape is refused with its record
+    return StoredPolicy.decode(key, raw)
+
+
+def _decode_namespace(key: str, raw: bytes) -> dict[str, str]:
+    parse_namespace_key(key)
+    return decode_namespace_labels(key, raw)
 
 
 def _diff(view: dict[str, bytes], event: WatchEvent) -> tuple[dict[str, bytes], list[str]]:
@@ -132,6 +158,9 @@ class ClusterNode:
         # The etcd revision each prefix's view is at (0: read from the cache, not etcd).
         self.revisions: dict[str, int] = dict.fromkeys(self._views, 0)
         self.errors: list[str] = []
+        # Records under the prefix this node refuses (key → why), while they are there: one
+        # bad record is skipped alone, named in `garrison status`, logged once.
+        self.refused: dict[str, str] = {}
         # Run after every heartbeat (in its thread): retries of writes that found etcd away.
         self.on_beat: list[Callable[[], object]] = []
         # What the other nodes published, kept on disk for a start while etcd is away.
@@ -193,9 +222,9 @@ class ClusterNode:
         out = {}
         for key, raw in items.items():
             try:
-                out[parse_namespace_key(key)] = decode_namespace_labels(key, raw)
+                out[parse_namespace_key(key)] = _decode_namespace(key, raw)
             except ClusterRecordError as exc:
-                self._record_error(str(exc))
+                self.refuse(key, str(exc))
         with self._lock:
             self._views[NAMESPACES_PREFIX] = dict(items)
             self.revisions[NAMESPACES_PREFIX] = revision
@@ -339,40 +368,62 @@ class ClusterNode:
         log.error("cluster: %s", error)
         self.errors = [*self.errors[-9:], error]
 
+    def refuse(self, key: str, why: str) -> None:
+        """The record at `key` is refused (`why` names it): shown in `garrison status` while
+        it is there, logged once (again only when the reason changes)."""
+        if self.refused.get(key) != why:
+            self.refused[key] = why
+            self._record_error(why)
+
+    def _decoded(
+        self, upserts: Mapping[str, bytes], decode: Callable[[str, bytes], _T]
+    ) -> dict[str, _T]:
+        """Each record decoded alone: a bad one is refused (`refuse`), the others go on."""
+        out: dict[str, _T] = {}
+        for key, raw in upserts.items():
+            try:
+                out[key] = decode(key, raw)
+            except ClusterRecordError as exc:
+                self.refuse(key, str(exc))
+            else:
+                self.refused.pop(key, None)
+        return out
+
     def _dispatch(self, prefix: str, upserts: Mapping[str, bytes], gone: list[str]) -> None:
+        for key in gone:  # a record deleted is no longer refused
+            self.refused.pop(key, None)
         if prefix == IP_PREFIX:
-            entries = []
-            for key, raw in upserts.items():
-                entry = IPEntry.decode(key, raw)
-                if entry.node != self.me.name:
-                    entries.append(entry)
-            removed = [ipaddress.IPv4Address(key.removeprefix(IP_PREFIX)) for key in gone]
+            entries = [
+                entry for entry in self._decoded(upserts, IPEntry.decode).values()
+                if entry.node != self.me.name
+            ]
+            removed = [ip for key in gone if (ip := _ip_of_key(key)) is not None]
             if entries or removed:
                 self._handler.remote_endpoints_changed(entries, removed)
         elif prefix == NODES_PREFIX:
-            nodes = [NodeRecord.decode(key, raw) for key, raw in upserts.items()]
+            nodes = self._decoded(upserts, NodeRecord.decode).values()
             others = [n for n in nodes if n.name != self.me.name]
             names = [key.removeprefix(NODES_PREFIX) for key in gone]
-            self._handler.nodes_changed(others, [n for n in names if n != self.me.name])
+            others_gone = [n for n in names if n != self.me.name]
+            if others or others_gone:
+                self._handler.nodes_changed(others, others_gone)
         elif prefix == POLICIES_PREFIX:
             policies = {
-                parse_policy_key(key): StoredPolicy.decode(key, raw) for key, raw in upserts.items()
+                parse_policy_key(key): stored
+                for key, stored in self._decoded(upserts, _decode_policy).items()
             }
-            self._handler.policies_changed(policies, [parse_policy_key(key) for key in gone])
+            removed_keys = [k for key in gone if (k := _parsed(parse_policy_key, key)) is not None]
+            if policies or removed_keys:
+                self._handler.policies_changed(policies, removed_keys)
         elif prefix == NAMESPACES_PREFIX:
             # one bad record is refused alone (its namespace keeps the labels it had here)
-            labelled: dict[str, dict[str, str]] = {}
-            for key, raw in upserts.items():
-                try:
-                    labelled[parse_namespace_key(key)] = decode_namespace_labels(key, raw)
-                except ClusterRecordError as exc:
-                    self._record_error(str(exc))
-            unlabelled = []
-            for key in gone:
-                try:
-                    unlabelled.append(parse_namespace_key(key))
-                except ClusterRecordError as exc:
-                    self._record_error(str(exc))
+            labelled = {
+                parse_namespace_key(key): labels
+                for key, labels in self._decoded(upserts, _decode_namespace).items()
+            }
+            unlabelled = [
+                ns for key in gone if (ns := _parsed(parse_namespace_key, key)) is not None
+            ]
             if labelled or unlabelled:
                 self._handler.namespaces_changed(labelled, unlabelled)
 
@@ -386,9 +437,13 @@ class ClusterNode:
     def nodes(self) -> dict[str, NodeRecord]:
         with self._lock:
             view = dict(self._views[NODES_PREFIX])
-        return {
-            key.removeprefix(NODES_PREFIX): NodeRecord.decode(key, raw) for key, raw in view.items()
-        }
+        out = {}
+        for key, raw in view.items():
+            try:
+                out[key.removeprefix(NODES_PREFIX)] = NodeRecord.decode(key, raw)
+            except ClusterRecordError:
+                continue  # refused when it arrived (`refused`)
+        return out
 
     def heartbeats(self) -> dict[str, float]:
         with self._lock:
@@ -437,6 +492,7 @@ class ClusterNode:
                 for name, node in sorted(self.nodes().items())
             },
             "errors": list(self.errors),
+            **({"refused": dict(sorted(self.refused.items()))} if self.refused else {}),
             **({"started_from_cache": True} if self.primed_from_cache else {}),
         }
 

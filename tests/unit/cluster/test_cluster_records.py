@@ -135,6 +135,23 @@ def test_status_problems_name_the_cause() -> None:
     assert "NOT CONNECTED" in cluster_lines(data)[0]
 
 
+def test_a_refused_record_is_a_problem_naming_its_key_and_the_fix() -> None:
+    data = cluster_status(
+        root="garrison/", refused={"state/nodes/v1/x": "state/nodes/v1/x: not JSON: bad"}
+    )
+    assert cluster_problems(data) == [
+        "etcd record refused, this node ignores it: state/nodes/v1/x: not JSON: bad; rewrite"
+        " or delete it (etcdctl del garrison/state/nodes/v1/x)"
+    ]
+
+
+def test_an_ip_entry_under_another_address_s_key_is_refused() -> None:
+    """Its deletion would remove the key's address, not the one it set: it would outlive it."""
+    entry = IPEntry(ipaddress.IPv4Address("198.18.201.10"), 300, "k8s:app=a", "n1", "ep")
+    with pytest.raises(ClusterRecordError, match=r"its address 198\.18\.201\.10 is not its key.s"):
+        IPEntry.decode("state/ip/v1/198.18.201.11", entry.encode())
+
+
 def test_identities_to_learn_adds_new_keeps_known_and_replaces_reused_numbers() -> None:
     from garrison.cluster.keys import identities_to_learn
     from garrison.policies.labels import Labels

@@ -1,0 +1,159 @@
+"""Two nodes on one etcd, treated as a demanding operator and a hostile writer would.
+
+    netns hk-ul-<pid>:  bridge, etcd on 198.19.0.249:2379
+        │ 198.19.0.0/24 underlay
+    netns hk-n1-<pid> (198.19.0.221): agent, pod CIDR 198.18.210.0/26
+        endpoints hk-a (app=hk-a, 198.18.210.10), hk-c (app=hk-c, 198.18.210.11)
+    netns hk-n2-<pid> (198.19.0.222): agent, pod CIDR 198.18.210.64/26
+        endpoint  hk-b (app=hk-b, 198.18.210.70), an echo server on 7000
+
+The policy lets app=hk-a reach app=hk-b on TCP 7000 (nothing else reaches hk-b). What is
+checked is what an operator sees: connections, `garrison status`, the agent staying up.
+Every namespace is this module's (names end in -<pid>) and is deleted by it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.privileged.agent_harness import AgentEndpoint, echo_servers, roundtrip
+from tests.privileged.cluster_harness import CLUSTER_MARKS, PID, Node, running_cluster, wait_for
+from tests.privileged.cluster_harness import add_endpoint as add_cluster_endpoint
+
+pytestmark = [
+    *CLUSTER_MARKS,
+    pytest.mark.skipif(shutil.which("etcdctl") is None, reason="needs etcdctl (etcd-client)"),
+]
+
+ETCD_IP = "198.19.0.249"
+LEASE_TTL_S = 3
+ROOT = "garrison/"
+
+POLICY = """\
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata:
+      name: hk-b-from-a
+    spec:
+      endpointSelector:
+        matchLabels:
+          app: hk-b
+      ingress:
+      - fromEndpoints:
+        - matchLabels:
+            app: hk-a
+        toPorts:
+        - ports:
+          - port: "7000"
+            protocol: TCP
+"""
+
+
+def ep(short: str) -> str:
+    return f"{short}-{PID}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Node]]:
+    with running_cluster(
+        tmp_path_factory, "hk", 2, 220, ETCD_IP, LEASE_TTL_S,
+        pod_cidrs=("198.18.210.0/26", "198.18.210.64/26"),
+    ) as nodes:
+        n1, n2 = nodes["hk-n1"], nodes["hk-n2"]
+        add_cluster_endpoint(n1, ep("hk-a"), "app=hk-a", "198.18.210.10")
+        add_cluster_endpoint(n1, ep("hk-c"), "app=hk-c", "198.18.210.11")
+        add_cluster_endpoint(n2, ep("hk-b"), "app=hk-b", "198.18.210.70")
+        policy = n1.agent.workdir / "hk-b-from-a.yaml"
+        policy.write_text(textwrap.dedent(POLICY))
+        done = n1.agent.cli("policy", "import", str(policy))
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for(lambda: n2.api("Status")["policies"] == 1, 10.0, "the policy to reach node 2")
+        yield nodes
+
+
+A = AgentEndpoint(ep("hk-a"), "198.18.210.10", (), 0, "")
+C = AgentEndpoint(ep("hk-c"), "198.18.210.11", (), 0, "")
+B = AgentEndpoint(ep("hk-b"), "198.18.210.70", (), 0, "")
+
+
+def etcdctl(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    """etcdctl against the cluster's etcd, inside etcd's namespace."""
+    etcd = node.etcd
+    return subprocess.run(
+        ["nsenter", f"--net=/run/netns/{etcd.netns}", "etcdctl", "--endpoints", etcd.url,
+         "--command-timeout=5s", *args],
+        capture_output=True, text=True, check=True, timeout=30,
+        env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+    )
+
+
+def assert_enforced(tag: str) -> None:
+    """a reaches b on 7000 (allowed by identity learnt through etcd), c does not."""
+    with echo_servers(B, 7000):
+        deadline = time.monotonic() + 10
+        while (sock := A.connect(B.ip, 7000, timeout=1.5)) is None:
+            assert time.monotonic() < deadline, f"{tag}: a never reached b"
+        with sock:
+            assert roundtrip(sock), tag
+        assert C.connect(B.ip, 7000, timeout=1.5) is None, f"{tag}: c reached b (fail open)"
+
+
+def test_hostile_records_under_the_prefix_are_refused_alone(cluster: dict[str, Node]) -> None:
+    """Values of the wrong shape under garrison's prefix, as something else (or someone) may
+    write them: each is refused alone and named in `garrison status`; the agent keeps
+    enforcing, also after a restart that reads them at its start."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    hostile = {
+        "state/nodes/v1/hk-bogus": "not json",
+        "state/nodes/v1/hk-list": "[1, 2]",
+        "state/policies/v1/junk": '{"path": "x", "text": "y"}',
+        "state/policies/v1/CiliumNetworkPolicy/_/hk-bad": '{"text": 7}',
+        "state/ip/v1/not-an-ip": '{"ip": "198.18.210.40", "identity": 300, "labels": "",'
+                                 ' "node": "hk-evil"}',
+        "state/ip/v1/198.18.210.41": '{"ip": "198.18.210.41", "identity": "x"}',
+        "state/heartbeat/v1/hk-bogus": "yesterday",
+        "state/namespaces/v1/Bad_NS": '{"labels": {"a": 1}}',
+    }
+    try:
+        for key, value in hostile.items():
+            etcdctl(n1, "put", ROOT + key, value)
+        # a new endpoint on node 1 still reaches node 2 after the hostile records
+        d = add_cluster_endpoint(n1, ep("hk-d"), "app=hk-d", "198.18.210.12")
+        wait_for(lambda: n2.ipcache().get(f"{d.ip}/32") == d.identity, 10.0,
+                 "node 2 to learn hk-d after the hostile records")
+        n1.api("EndpointDelete", name=d.name)
+        for node in (n1, n2):
+            shown = node.agent.cli("status")
+            assert shown.returncode == 1, shown.stdout + shown.stderr
+            assert "Traceback" not in shown.stdout + shown.stderr
+            for key in ("state/nodes/v1/hk-bogus", "state/policies/v1/junk",
+                        "state/ip/v1/not-an-ip", "state/ip/v1/198.18.210.41"):
+                assert key in shown.stdout, (key, shown.stdout)
+            assert node.agent.proc is not None and node.agent.proc.poll() is None
+        assert_enforced("with hostile records")
+
+        # A restart reads them all at its start (prime): it starts, and enforces.
+        assert n2.agent.stop(signal.SIGKILL) == -signal.SIGKILL
+        n2.agent.start()
+        wait_for(lambda: n2.api("Status")["cluster"]["connected"], 10.0, "node 2 to reconnect")
+        assert n2.api("Status")["policies"] == 1, n2.agent.log()[-3000:]
+        assert n2.ipcache().get(f"{A.ip}/32") is not None, n2.agent.log()[-3000:]
+        shown = n2.agent.cli("status", "-o", "json")
+        assert shown.returncode == 1 and json.loads(shown.stdout)["cluster"]["nodes"]
+        assert_enforced("restarted with hostile records")
+        log = n2.agent.log()
+        for key in hostile:
+            if not key.startswith("state/heartbeat/"):
+                # once when it arrived, once when the restarted agent read it
+                assert log.count(f"ERROR cluster: {key}:") == 2, (key, log[-3000:])
+    finally:
+        for key in hostile:
+            etcdctl(n1, "del", ROOT + key)
