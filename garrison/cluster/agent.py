@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from garrison.cluster.keys import (
+    HEARTBEAT_PREFIX,
+    ClusterRecordError,
     IPEntry,
     NodeRecord,
     StoredPolicy,
     identities_to_learn,
     policy_key,
 )
-from garrison.cluster.node import ClusterNode
+from garrison.cluster.node import DEFAULT_HEARTBEAT_S, ClusterNode
 from garrison.cluster.routes import (
     NodeRoutes,
     RouteError,
@@ -96,6 +98,8 @@ class AgentCluster:
                 f"cannot join the cluster: {error} (this node has never been connected, so it"
                 " has no saved copy of the cluster to start from)"
             )
+        if not self.degraded:
+            self._check_name_free(me)
         self.allocator = ClusterIdentityAllocator(
             self.store,
             AllocatorConfig(node_name=node_name),
@@ -133,6 +137,29 @@ class AgentCluster:
         # Why this node serves no flow API although it was to (the default address failed).
         self.flow_api_error: str | None = None
         self.flow_api_security = "plaintext"
+
+    def _check_name_free(self, me: NodeRecord) -> None:
+        """Refuse to be a second node of `me`'s name: one whose record has another address
+        and beat recently is running (it would flap every node's route to this name and take
+        this node's endpoints as its own). A record of this address is this node's own (a
+        restart within the lease)."""
+        try:
+            raw = self.store.get(me.key)
+            beat = self.store.get(HEARTBEAT_PREFIX + me.name)
+            if raw is None or beat is None:
+                return
+            other = NodeRecord.decode(me.key, raw)
+            age = time.time() - float(beat)
+        except (KVStoreError, ClusterRecordError, ValueError):
+            return  # a record of no use to anyone: taken over
+        if other.ip == me.ip or age >= 3 * DEFAULT_HEARTBEAT_S:
+            return
+        self.store.close()
+        raise ClusterConfigError(
+            f"--node-name {me.name} is taken: node {me.name} at {other.ip} (pod CIDR"
+            f" {other.pod_cidr}) beat {max(age, 0.0):.1f} s ago; give this node its own"
+            " --node-name (or stop that node's agent)"
+        )
 
     @classmethod
     def for_agent(cls, agent: Agent, config: AgentConfig) -> AgentCluster:

@@ -157,3 +157,75 @@ def test_hostile_records_under_the_prefix_are_refused_alone(cluster: dict[str, N
     finally:
         for key in hostile:
             etcdctl(n1, "del", ROOT + key)
+
+
+def _start_as(node: Node, name: str) -> None:
+    """Restart `node`'s agent with `--node-name name` (its other flags as they were)."""
+    args = node.agent.extra
+    at = args.index("--node-name") + 1
+    node.agent.extra = [*args[:at], name, *args[at + 1:]]
+    node.agent.start()
+
+
+def test_a_second_node_with_a_live_nodes_name_is_refused(cluster: dict[str, Node]) -> None:
+    """Node 2's agent restarted with node 1's name while node 1 runs: it would overwrite node
+    1's record (its route flapping on every other node) and ignore node 1's endpoints as its
+    own. It refuses to start, naming the node that has the name and the flag."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    original = list(n2.agent.extra)
+    assert n2.agent.stop() == 0
+    try:
+        with pytest.raises(AssertionError) as failed:
+            _start_as(n2, "hk-n1")
+        assert n2.agent.proc is not None and n2.agent.proc.wait(10) == 1
+        last = n2.agent.log().strip().splitlines()[-1]
+        assert last.startswith(
+            "garrison agent: --node-name hk-n1 is taken: node hk-n1 at 198.19.0.221 (pod CIDR"
+            " 198.18.210.0/26) beat "
+        ), failed.value
+        assert last.endswith(
+            " s ago; give this node its own --node-name (or stop that node's agent)"
+        ), last
+        assert "Traceback" not in n2.agent.log()
+        # node 1 was not disturbed: its record is its own, node 2's agent left nothing
+        record = json.loads(etcdctl(n1, "get", "--print-value-only",
+                                    ROOT + "state/nodes/v1/hk-n1").stdout)
+        assert record["ip"] == n1.ip and record["pod_cidr"] == n1.pod_cidr
+    finally:
+        n2.agent.extra = original
+        n2.agent.start()
+    wait_for(lambda: n1.ipcache().get(f"{B.ip}/32") is not None, 10.0, "node 1 to know b")
+    assert_enforced("after the refused start")
+
+
+def test_an_agent_restarted_under_another_name_takes_its_endpoints_along(
+    cluster: dict[str, Node],
+) -> None:
+    """Node 2 renamed (stopped, started with another --node-name): once the old name's lease
+    ends, node 1 knows node 2 by its new name only, still routes its pod CIDR and still
+    knows b; enforcement holds throughout."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    original = list(n2.agent.extra)
+    assert n2.agent.stop() == 0
+    try:
+        _start_as(n2, "hk-n2b")
+        assert_enforced("renamed")
+
+        def only_new_name() -> bool:
+            return set(n1.api("Status")["cluster"]["nodes"]) == {"hk-n1", "hk-n2b"}
+
+        wait_for(only_new_name, LEASE_TTL_S + 8.0, "the old name to leave node 1's view")
+        status = n1.api("Status")["cluster"]
+        assert status["routes"] == {n2.pod_cidr: n2.ip}, status
+        assert n1.ipcache().get(f"{B.ip}/32") is not None
+        shown = n1.agent.cli("status")
+        assert shown.returncode == 0, shown.stdout
+        assert_enforced("renamed, old name gone")
+    finally:
+        n2.agent.stop()
+        n2.agent.extra = original
+        n2.agent.start()
+    wait_for(lambda: set(n1.api("Status")["cluster"]["nodes"]) == {"hk-n1", "hk-n2"},
+             LEASE_TTL_S + 8.0, "the new name to leave again")
+    assert n1.api("Status")["cluster"]["routes"] == {n2.pod_cidr: n2.ip}
+    assert_enforced("named back")
