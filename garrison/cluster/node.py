@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -61,6 +62,8 @@ _CACHED = (NODES_PREFIX, POLICIES_PREFIX, IP_PREFIX)
 # Attempts of a namespace label change that meets another node's change in between.
 _LABEL_ATTEMPTS = 16
 _T = TypeVar("_T")
+# Records no lease ends: the cluster's, kept by every node when etcd comes back without them.
+_OUTLIVE_NODES = (POLICIES_PREFIX, NAMESPACES_PREFIX)
 
 
 class ClusterHandler(Protocol):
@@ -345,10 +348,20 @@ class ClusterNode:
 
     def _on_event(self, prefix: str) -> Callable[[WatchEvent], None]:
         def handle(event: WatchEvent) -> None:
+            lost: dict[str, bytes] = {}
             with self._lock:
+                if isinstance(event, Relisted) and event.restored and prefix in _OUTLIVE_NODES:
+                    # etcd came back without records no node's lease ended: lost with its data,
+                    # not deleted. Kept here (a policy is never dropped because etcd forgot
+                    # it) and written back for every node.
+                    view = self._views[prefix]
+                    lost = {k: v for k, v in view.items() if k not in event.items}
+                    event = replace(event, items={**lost, **event.items})
                 upserts, gone = _diff(self._views[prefix], event)
                 if event.revision:
                     self.revisions[prefix] = event.revision
+            if lost:
+                self._write_back(prefix, lost)
             if not upserts and not gone:
                 return
             if prefix in _CACHED:
@@ -363,6 +376,18 @@ class ClusterNode:
                 self.errors = [*self.errors[-9:], f"applying {prefix}: {exc!r}"]
 
         return handle
+
+    def _write_back(self, prefix: str, lost: Mapping[str, bytes]) -> None:
+        log.warning(
+            "cluster: etcd came back without %d record(s) under %s (restored or replaced):"
+            " kept in force here and written back: %s",
+            len(lost), prefix, ", ".join(sorted(lost)),
+        )
+        for key, value in lost.items():
+            try:
+                self.store.create(key, value)  # another node's copy, written first, stays
+            except KVStoreError as exc:
+                self._record_error(f"{key}: not written back to etcd: {exc}")
 
     def _record_error(self, error: str) -> None:
         log.error("cluster: %s", error)

@@ -999,15 +999,16 @@ class EtcdWatch:
         except Exception:
             log.exception("etcd %s: callback failed on %r", self.name, event)
 
-    def _relist(self, reason: str) -> None:
+    def _relist(self, reason: str, *, restored: bool = False) -> None:
         items, revision = self._store.snapshot(self.prefix)
         self.relists += 1
-        self._deliver(Relisted(items=items, revision=revision, reason=reason))
+        self._deliver(Relisted(items=items, revision=revision, reason=reason, restored=restored))
         self.next_revision = revision + 1
 
     def _run(self) -> None:
         backoff = _Backoff()
         reason = "initial list"
+        restored = False
         while not self._stop.is_set():
             try:
                 if self.next_revision is not None and self.reconnects:
@@ -1021,8 +1022,10 @@ class EtcdWatch:
                         )
                         log.warning("etcd %s: %s", self.name, reason)
                         self.next_revision = None
+                        restored = True
                 if self.next_revision is None:
-                    self._relist(reason)
+                    self._relist(reason, restored=restored)
+                    restored = False
                 compacted = self._follow(backoff)
                 if compacted is not None:
                     reason = (

@@ -229,3 +229,39 @@ def test_an_agent_restarted_under_another_name_takes_its_endpoints_along(
              LEASE_TTL_S + 8.0, "the new name to leave again")
     assert n1.api("Status")["cluster"]["routes"] == {n2.pod_cidr: n2.ip}
     assert_enforced("named back")
+
+
+def test_etcd_wiped_keeps_the_cluster_policies_and_converges(cluster: dict[str, Node]) -> None:
+    """etcd stopped, its data directory lost, started empty (a replaced or wiped member): no
+    node stops enforcing a policy because etcd forgot it, and etcd gets the cluster back —
+    nodes, endpoints, the policy — so a node restarted afterwards enforces it too."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    etcd = n1.etcd
+    revision = n2.api("Status")["cluster"]["revision"]
+    etcd.stop()
+    shutil.rmtree(etcd.data_dir / "data")
+    etcd.start()
+    for node in (n1, n2):
+        wait_for(
+            lambda node=node: node.api("Status")["cluster"]["connected"]
+            and node.api("Status")["cluster"]["revision"] < revision,
+            20.0, f"{node.name} to reconnect to the new etcd",
+        )
+    time.sleep(2.0)  # the watches' re-lists, the sessions' new leases
+    assert n2.api("Status")["policies"] == 1, n2.agent.log()[-3000:]
+    assert_enforced("etcd wiped")
+    wait_for(
+        lambda: etcdctl(n1, "get", "--prefix", "--keys-only",
+                        ROOT + "state/policies/v1/").stdout.strip() != "",
+        10.0, "the policy to be written back to etcd",
+    )
+    for node in (n1, n2):
+        shown = node.agent.cli("status")
+        assert shown.returncode == 0, shown.stdout
+    # a restart now reads everything from etcd (not the saved copy) and enforces
+    assert n2.agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    (n2.agent.workdir / "state" / "cluster-cache.json").unlink()
+    n2.agent.start()
+    assert n2.api("Status")["policies"] == 1, n2.agent.log()[-3000:]
+    wait_for(lambda: n2.ipcache().get(f"{A.ip}/32") is not None, 10.0, "node 2 to know a")
+    assert_enforced("restarted after the wipe")
