@@ -167,6 +167,12 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         host, _, port = args.metrics.rpartition(":")
         metrics = (host or "127.0.0.1", int(port))
     cluster = _cluster_config(args)
+    name = args.node_name
+    if (not name or len(name) > 253 or "/" in name
+            or any(c.isspace() or not c.isprintable() for c in name)):
+        # it names etcd keys and the flow records
+        raise ValueError(f"--node-name {name!r}: give 1-253 characters without '/', spaces or"
+                         " control characters (e.g. the host name)")
     return AgentConfig(
         **cluster,
         state_dir=args.state_dir,
@@ -244,7 +250,16 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.kvstore_lease_ttl < 2:
         raise ValueError("--kvstore-lease-ttl must be at least 2 seconds")
     etcd_client_options(args, args.kvstore_endpoints)  # files checked before anything starts
-    pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
+    try:
+        pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
+    except ValueError as exc:
+        raise ValueError(f"--pod-cidr {args.pod_cidr}: {exc}; give this node's IPv4 block, e.g."
+                         " 198.18.1.0/24") from None
+    try:
+        node_ip = ipaddress.IPv4Address(args.node_ip) if args.node_ip else None
+    except ValueError as exc:
+        raise ValueError(f"--node-ip {args.node_ip}: {exc}; give this node's IPv4 address on"
+                         " the network between the nodes") from None
     return {
         "kvstore": "etcd",
         "kvstore_endpoints": tuple(u.strip() for u in args.kvstore_endpoints.split(",") if u),
@@ -255,7 +270,7 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         "kvstore_password_file": args.kvstore_password_file,
         "pod_cidr": pod_cidr,
         "endpoint_pool": pod_cidr,
-        "node_ip": ipaddress.IPv4Address(args.node_ip) if args.node_ip else None,
+        "node_ip": node_ip,
         "kvstore_lease_ttl_s": args.kvstore_lease_ttl,
     }
 
