@@ -425,7 +425,10 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
                  flow_api_flag: str = "none", proxy_workers: int = 1,
                  flow_api_tls: ServerTLS | None = None) -> int:
     loop = asyncio.get_running_loop()
-    agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir))
+    # off the loop's thread: pyroute2 (the cluster's default --node-ip, looked up through
+    # netlink) runs an asyncio loop of its own, which cannot start in a thread running one
+    agent = await loop.run_in_executor(None, lambda: Agent(
+        config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir)))
     writer = None
     if config.access_log is not None:
         writer = AccessLogWriter(

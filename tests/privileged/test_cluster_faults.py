@@ -265,3 +265,25 @@ def test_etcd_wiped_keeps_the_cluster_policies_and_converges(cluster: dict[str, 
     assert n2.api("Status")["policies"] == 1, n2.agent.log()[-3000:]
     wait_for(lambda: n2.ipcache().get(f"{A.ip}/32") is not None, 10.0, "node 2 to know a")
     assert_enforced("restarted after the wipe")
+
+
+def test_without_node_ip_the_address_towards_etcd_is_the_node_ip(
+    cluster: dict[str, Node],
+) -> None:
+    """--node-ip is optional (docs/cluster.md): the agent takes the address it sends from
+    towards etcd."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    original = list(n2.agent.extra)
+    at = original.index("--node-ip")
+    assert n2.agent.stop() == 0
+    try:
+        n2.agent.extra = original[:at] + original[at + 2:]
+        n2.agent.start()
+        nodes = n2.api("Status")["cluster"]["nodes"]
+        assert nodes["hk-n2"]["ip"] == n2.ip, nodes
+        assert_enforced("without --node-ip")
+    finally:
+        n2.agent.stop()
+        n2.agent.extra = original
+        n2.agent.start()
+    assert n1.api("Status")["cluster"]["routes"] == {n2.pod_cidr: n2.ip}
