@@ -187,10 +187,10 @@ class ClusterNode:
         """Read the ipcache and the policies once, synchronously, and hand them to the handler
         as the watches would: the agent enforces them before its first reconcile. The watches
         (`start`) then begin with a re-list that finds nothing new."""
+        cached = self._load_cache()
         try:
             snapshots = {p: self.store.snapshot(p) for p in _CACHED}
         except KVStoreError as exc:
-            cached = self._load_cache()
             if cached is None:
                 raise
             log.warning("cluster: %s; starting from the copy saved at %s", exc, self._cache_path)
@@ -200,6 +200,14 @@ class ClusterNode:
             items, revision = snapshots[prefix]
             reason = "cache" if self.primed_from_cache else "prime"
             self._on_event(prefix)(Relisted(items=items, revision=revision, reason=reason))
+            # Deleted while this node was away: what the agent kept of them itself (the
+            # policies imported here, saved beside its identities) goes too.
+            away = [key for key in (cached or {}).get(prefix, {}) if key not in items]
+            if away and prefix == POLICIES_PREFIX:
+                try:
+                    self._dispatch(prefix, {}, away)
+                except (ClusterRecordError, KVStoreError) as exc:
+                    self._record_error(str(exc))
         self.save_cache()
 
     def read_namespaces(
@@ -374,6 +382,13 @@ class ClusterNode:
             except Exception as exc:  # a bug must not stop the watch: logged and shown
                 log.exception("cluster: applying %s failed", prefix)
                 self.errors = [*self.errors[-9:], f"applying {prefix}: {exc!r}"]
+            if prefix == POLICIES_PREFIX and not isinstance(event, Relisted):
+                # saved now, not at the next heartbeat: a policy deleted while this node is
+                # down is told from one it never saw by this copy (`prime`)
+                try:
+                    self.save_cache()
+                except OSError as exc:
+                    log.error("cluster: cannot save %s: %s", self._cache_path, exc)
 
         return handle
 

@@ -287,3 +287,44 @@ def test_without_node_ip_the_address_towards_etcd_is_the_node_ip(
         n2.agent.extra = original
         n2.agent.start()
     assert n1.api("Status")["cluster"]["routes"] == {n2.pod_cidr: n2.ip}
+
+
+def _reimport(n1: Node, n2: Node) -> None:
+    done = n1.agent.cli("policy", "import", str(n1.agent.workdir / "hk-b-from-a.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_for(lambda: n2.api("Status")["policies"] == 1, 10.0, "the policy to reach node 2")
+
+
+def test_a_policy_deleted_on_another_node_stays_deleted_on_its_importer(
+    cluster: dict[str, Node],
+) -> None:
+    """The policy imported on node 1, deleted on node 2: node 1 drops it, and a restart of
+    node 1 does not bring it back (from the policies it saved as imported here) — neither
+    when it was deleted while node 1 ran nor while node 1 was down."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    try:
+        done = n2.run("policy", "delete", "hk-b-from-a")
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for(lambda: n1.api("Status")["policies"] == 0, 10.0, "node 1 to drop the policy")
+        assert n1.agent.stop() == 0
+        n1.agent.start()
+        assert n1.api("Status")["policies"] == 0, n1.agent.log()[-2000:]
+        wait_for(lambda: n1.api("Status")["cluster"]["connected"], 10.0, "node 1 to connect")
+        time.sleep(1.0)  # the watches' first lists
+        assert n1.api("Status")["policies"] == 0
+
+        _reimport(n1, n2)
+        assert n1.agent.stop(signal.SIGKILL) == -signal.SIGKILL
+        done = n2.run("policy", "delete", "hk-b-from-a")
+        assert done.returncode == 0, done.stdout + done.stderr
+        n1.agent.start()
+        assert n1.api("Status")["policies"] == 0, n1.agent.log()[-2000:]
+        time.sleep(1.0)
+        assert n1.api("Status")["policies"] == 0
+    finally:
+        if n1.agent.proc is None or n1.agent.proc.poll() is not None:
+            n1.agent.start()
+        if n1.api("Status")["policies"] != 1 or n2.api("Status")["policies"] != 1:
+            _reimport(n1, n2)
+    assert_enforced("imported again")
+
