@@ -44,6 +44,7 @@ from garrison.identity.allocator import (
     ClusterIdentityAllocator,
     canonical_labels,
 )
+from garrison.identity.model import MAX_ENDPOINT_ID, MIN_ENDPOINT_ID
 from garrison.kvstore.base import KVStore, KVStoreError
 from garrison.kvstore.etcd import EtcdAuth, EtcdKVStore, EtcdTLS, load_auth, parse_endpoints
 from garrison.policies.errors import PolicyValidationError
@@ -222,6 +223,31 @@ class AgentCluster:
         wanted = {n.pod_cidr for n in self.node.nodes().values() if n.name != self.node.me.name}
         for cidr in set(self.routes.installed()) - wanted:
             self.routes.remove(cidr)
+        self._drop_stale_remote_entries()
+
+    def _drop_stale_remote_entries(self) -> None:
+        """The pinned ipcache outlives the agent: another node's endpoint removed while this
+        agent was away kept its entry (its address → its identity, a number etcd may give
+        other labels later). Entries of the endpoint identities' range that are neither this
+        node's endpoints nor the cluster's now go (CIDR identities and reserved ones stay)."""
+        agent = self._agent
+        local = {ep.ipv4 for ep in agent.endpoints}
+        for row in agent.datapath.dump_ipcache():
+            prefix = ipaddress.IPv4Network(str(row["prefix"]))
+            identity = int(str(row["identity"]))
+            if (
+                prefix.prefixlen != 32
+                or row.get("local_endpoint")
+                or not MIN_ENDPOINT_ID <= identity <= MAX_ENDPOINT_ID
+                or str(prefix.network_address) in local
+                or prefix.network_address in self._remote
+            ):
+                continue
+            agent.datapath.delete_prefix(prefix)
+            log.info(
+                "cluster: %s (identity %d) left the cluster while this agent was away:"
+                " its ipcache entry is removed", prefix.network_address, identity,
+            )
 
     def prime_namespaces(self) -> None:
         """The cluster's namespace labels into this node's namespace store, at the agent's

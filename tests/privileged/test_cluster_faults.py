@@ -328,3 +328,32 @@ def test_a_policy_deleted_on_another_node_stays_deleted_on_its_importer(
             _reimport(n1, n2)
     assert_enforced("imported again")
 
+
+def test_changes_made_while_a_node_is_down_are_enforced_when_it_returns(
+    cluster: dict[str, Node],
+) -> None:
+    """Node 2 killed; meanwhile node 1 changes the policy (7001 instead of 7000) and removes
+    an endpoint. Node 2, back, enforces the new policy and has forgotten the endpoint (its
+    pinned ipcache kept it while the agent was down)."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    d = add_cluster_endpoint(n1, ep("hk-d"), "app=hk-d", "198.18.210.12")
+    wait_for(lambda: f"{d.ip}/32" in n2.ipcache(), 10.0, "node 2 to learn hk-d")
+    changed = n1.agent.workdir / "hk-b-from-a-7001.yaml"
+    changed.write_text(textwrap.dedent(POLICY).replace('"7000"', '"7001"'))
+    assert n2.agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    try:
+        done = n1.agent.cli("policy", "import", str(changed))
+        assert done.returncode == 0, done.stdout + done.stderr
+        n1.api("EndpointDelete", name=d.name)
+    finally:
+        n2.agent.start()
+    try:
+        assert f"{d.ip}/32" not in n2.ipcache()
+        with echo_servers(B, 7000, 7001):
+            sock = A.connect(B.ip, 7001, timeout=3.0)
+            assert sock is not None, "a does not reach b on 7001, allowed now"
+            sock.close()
+            assert A.connect(B.ip, 7000, timeout=1.5) is None, "7000 no longer allowed"
+    finally:
+        _reimport(n1, n2)
+    assert_enforced("the policy back on 7000")  # (a's connection retried until node 2 has it)
