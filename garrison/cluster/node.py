@@ -510,13 +510,19 @@ class ClusterNode:
             }
             for w in self._watches
         }
+        silent = session.silent_for()
+        error = session.last_error or (
+            f"etcd has not renewed the lease for {silent:.0f} s (no answer on an open"
+            " connection: etcd stopped, or the network to it)"
+            if silent is not None else None
+        )
         return {
             "node": self.me.name,
             "endpoints": list(self.store.endpoints),
             "connected": session.connected and all(w.connected for w in self._watches),
             "lease": f"{session.lease:x}" if session.lease is not None else None,
             "lease_ttl_s": session.ttl_s,
-            **({"error": session.last_error} if session.last_error else {}),
+            **({"error": error} if error else {}),
             "revision": max((w.next_revision or 1) - 1 for w in self._watches)
             if self._watches
             else 0,

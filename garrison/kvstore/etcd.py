@@ -800,7 +800,17 @@ class EtcdSession:
 
     @property
     def connected(self) -> bool:
-        return self._lease is not None and self._ready.is_set()
+        return self._lease is not None and self._ready.is_set() and self.silent_for() is None
+
+    def silent_for(self) -> float | None:
+        """Seconds since etcd last renewed the lease when that is longer than two renewals
+        should take (an etcd that stopped answering on an open connection, a partition that
+        resets nothing: the stream neither ends nor errs), else None."""
+        renewed = self.last_renewed
+        if renewed is None or self._lease is None:
+            return None
+        silent = time.monotonic() - renewed
+        return silent if silent > 2 * max(self.ttl_s / 3, 0.5) + 1.0 else None
 
     def require_lease(self) -> int:
         lease = self._lease

@@ -15,6 +15,7 @@ Every namespace is this module's (names end in -<pid>) and is deleted by it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -357,3 +358,29 @@ def test_changes_made_while_a_node_is_down_are_enforced_when_it_returns(
     finally:
         _reimport(n1, n2)
     assert_enforced("the policy back on 7000")  # (a's connection retried until node 2 has it)
+
+
+def test_an_etcd_that_stops_answering_is_said_in_status(cluster: dict[str, Node]) -> None:
+    """etcd frozen (SIGSTOP: its connections stay open, nothing answers — a partition as a
+    node sees it): `garrison status` says etcd is not connected within a few seconds and
+    enforcement holds; thawed, the node says connected again and follows the cluster."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    etcd = n2.etcd
+    assert etcd.proc is not None
+    os.kill(etcd.proc.pid, signal.SIGSTOP)
+    try:
+        def said() -> bool:
+            shown = n2.agent.cli("status")
+            return shown.returncode == 1 and (
+                f"PROBLEM: etcd at {ETCD_IP}:2379 is not connected: etcd has not renewed the"
+                " lease for " in shown.stdout
+            ) and "NOT CONNECTED" in shown.stdout
+
+        wait_for(said, 3 * LEASE_TTL_S + 5.0, "status to say etcd does not answer")
+        assert_enforced("etcd frozen")
+    finally:
+        os.kill(etcd.proc.pid, signal.SIGCONT)
+    wait_for(lambda: n2.agent.cli("status").returncode == 0, 30.0, "status to be clean again")
+    d = add_cluster_endpoint(n1, ep("hk-d"), "app=hk-d", "198.18.210.12")
+    wait_for(lambda: f"{d.ip}/32" in n2.ipcache(), 15.0, "node 2 to follow again")
+    n1.api("EndpointDelete", name=d.name)
