@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from garrison.cluster.keys import (
     HEARTBEAT_PREFIX,
+    NODES_PREFIX,
     ClusterRecordError,
     IPEntry,
     NodeRecord,
@@ -100,7 +101,7 @@ class AgentCluster:
                 " has no saved copy of the cluster to start from)"
             )
         if not self.degraded:
-            self._check_name_free(me)
+            self._check_joinable(me)
         self.allocator = ClusterIdentityAllocator(
             self.store,
             AllocatorConfig(node_name=node_name),
@@ -139,28 +140,42 @@ class AgentCluster:
         self.flow_api_error: str | None = None
         self.flow_api_security = "plaintext"
 
-    def _check_name_free(self, me: NodeRecord) -> None:
-        """Refuse to be a second node of `me`'s name: one whose record has another address
-        and beat recently is running (it would flap every node's route to this name and take
-        this node's endpoints as its own). A record of this address is this node's own (a
-        restart within the lease)."""
+    def _check_joinable(self, me: NodeRecord) -> None:
+        """Refuse to join beside a running node (another address that beat within three
+        heartbeats) that has `me`'s name — it would flap every node's route to the name and
+        take this node's endpoints as its own — or a pod CIDR overlapping `me`'s — one address
+        for two endpoints, their entries overwriting each other. A record of this address
+        is this node's own (a restart within the lease, or under another name)."""
         try:
-            raw = self.store.get(me.key)
-            beat = self.store.get(HEARTBEAT_PREFIX + me.name)
-            if raw is None or beat is None:
-                return
-            other = NodeRecord.decode(me.key, raw)
-            age = time.time() - float(beat)
-        except (KVStoreError, ClusterRecordError, ValueError):
-            return  # a record of no use to anyone: taken over
-        if other.ip == me.ip or age >= 3 * DEFAULT_HEARTBEAT_S:
-            return
-        self.store.close()
-        raise ClusterConfigError(
-            f"--node-name {me.name} is taken: node {me.name} at {other.ip} (pod CIDR"
-            f" {other.pod_cidr}) beat {max(age, 0.0):.1f} s ago; give this node its own"
-            " --node-name (or stop that node's agent)"
-        )
+            records, _ = self.store.snapshot(NODES_PREFIX)
+            beats, _ = self.store.snapshot(HEARTBEAT_PREFIX)
+        except KVStoreError:
+            return  # the start goes on and says so
+        now = time.time()
+        for key, raw in sorted(records.items()):
+            try:
+                other = NodeRecord.decode(key, raw)
+                age = now - float(beats[HEARTBEAT_PREFIX + other.name])
+            except (ClusterRecordError, KeyError, ValueError):
+                continue  # of no use to anyone: not a running node
+            if other.ip == me.ip or age >= 3 * DEFAULT_HEARTBEAT_S:
+                continue
+            if other.name == me.name:
+                problem = (
+                    f"--node-name {me.name} is taken: node {me.name} at {other.ip} (pod CIDR"
+                    f" {other.pod_cidr}) beat {max(age, 0.0):.1f} s ago; give this node its own"
+                    " --node-name (or stop that node's agent)"
+                )
+            elif other.pod_cidr.overlaps(me.pod_cidr):
+                problem = (
+                    f"--pod-cidr {me.pod_cidr} overlaps node {other.name}'s {other.pod_cidr}"
+                    f" (at {other.ip}, beat {max(age, 0.0):.1f} s ago); give each node a block"
+                    " of its own"
+                )
+            else:
+                continue
+            self.store.close()
+            raise ClusterConfigError(problem)
 
     @classmethod
     def for_agent(cls, agent: Agent, config: AgentConfig) -> AgentCluster:

@@ -384,3 +384,31 @@ def test_an_etcd_that_stops_answering_is_said_in_status(cluster: dict[str, Node]
     d = add_cluster_endpoint(n1, ep("hk-d"), "app=hk-d", "198.18.210.12")
     wait_for(lambda: f"{d.ip}/32" in n2.ipcache(), 15.0, "node 2 to follow again")
     n1.api("EndpointDelete", name=d.name)
+
+
+def test_a_node_whose_pod_cidr_overlaps_a_running_nodes_is_refused(
+    cluster: dict[str, Node],
+) -> None:
+    """Two nodes giving out addresses from one block would publish one address for two
+    endpoints (each node's entry overwriting the other's: a third node would judge one
+    endpoint's traffic by the other's identity) and route each other's block to themselves."""
+    n2 = cluster["hk-n2"]
+    original = list(n2.agent.extra)
+    at = original.index("--pod-cidr") + 1
+    assert n2.agent.stop() == 0
+    try:
+        n2.agent.extra = [*original[:at], "198.18.210.0/25", *original[at + 1:]]
+        with pytest.raises(AssertionError):
+            n2.agent.start()
+        assert n2.agent.proc is not None and n2.agent.proc.wait(10) == 1
+        last = n2.agent.log().strip().splitlines()[-1]
+        assert last.startswith(
+            "garrison agent: --pod-cidr 198.18.210.0/25 overlaps node hk-n1's 198.18.210.0/26"
+            " (at 198.19.0.221, beat "
+        ), last
+        assert last.endswith(" s ago); give each node a block of its own"), last
+        assert "Traceback" not in n2.agent.log()
+    finally:
+        n2.agent.extra = original
+        n2.agent.start()
+    assert_enforced("after the refused start")
