@@ -99,8 +99,12 @@ class NodeRecord:
             flow_api = doc.get("flow_api", "")
             if not isinstance(flow_api, str):
                 flow_api = repr(flow_api)
+            name = str(doc["name"])
+            if key.startswith(NODES_PREFIX) and key != NODES_PREFIX + name:
+                # a record under another node's key: its removal would leave this one
+                raise ValueError(f"its name {name!r} is not its key's")
             return cls(
-                name=str(doc["name"]),
+                name=name,
                 ip=ipaddress.IPv4Address(str(doc["ip"])),
                 pod_cidr=ipaddress.IPv4Network(str(doc["pod_cidr"])),
                 flow_api=flow_api,

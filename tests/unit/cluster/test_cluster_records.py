@@ -145,6 +145,14 @@ def test_a_refused_record_is_a_problem_naming_its_key_and_the_fix() -> None:
     ]
 
 
+def test_a_node_record_under_another_node_s_key_is_refused() -> None:
+    record = NodeRecord("n1", ipaddress.IPv4Address("198.19.0.201"),
+                        ipaddress.IPv4Network("198.18.201.0/24"))
+    assert NodeRecord.decode(record.key, record.encode()) == record
+    with pytest.raises(ClusterRecordError, match="its name 'n1' is not its key's"):
+        NodeRecord.decode("state/nodes/v1/n2", record.encode())
+
+
 def test_an_ip_entry_under_another_address_s_key_is_refused() -> None:
     """Its deletion would remove the key's address, not the one it set: it would outlive it."""
     entry = IPEntry(ipaddress.IPv4Address("198.18.201.10"), 300, "k8s:app=a", "n1", "ep")
