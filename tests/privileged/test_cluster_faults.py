@@ -412,3 +412,64 @@ def test_a_node_whose_pod_cidr_overlaps_a_running_nodes_is_refused(
         n2.agent.extra = original
         n2.agent.start()
     assert_enforced("after the refused start")
+
+
+def test_with_etcd_down_changes_are_refused_in_one_line_and_work_once_it_is_back(
+    cluster: dict[str, Node],
+) -> None:
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    etcd = n1.etcd
+    etcd.stop()
+    try:
+        for node in (n1, n2):
+            wait_for(lambda node=node: not node.api("Status")["cluster"]["connected"], 10.0,
+                     f"{node.name} to see etcd gone")
+        started = time.monotonic()
+        done = n1.agent.cli("policy", "import", str(n1.agent.workdir / "hk-b-from-a.yaml"))
+        took = time.monotonic() - started
+        out = done.stdout + done.stderr
+        assert done.returncode != 0 and "Traceback" not in out
+        assert len(out.strip().splitlines()) == 1, out
+        assert "etcd" in out and "--kvstore-endpoints" in out, out
+        assert took < 12.0, took
+        n1.claim(ep("hk-e"))
+        done = n1.agent.cli("endpoint", "add", ep("hk-e"), "--labels", "app=hk-new",
+                            "--ip", "198.18.210.13")
+        out = done.stdout + done.stderr
+        assert done.returncode != 0 and "Traceback" not in out
+        assert len(out.strip().splitlines()) == 1, out
+        assert "etcd" in out, out
+        assert_enforced("etcd down")
+    finally:
+        etcd.start()
+    for node in (n1, n2):
+        wait_for(lambda node=node: node.agent.cli("status").returncode == 0, 30.0,
+                 f"{node.name}'s status to be clean")
+    e = add_cluster_endpoint(n1, ep("hk-e"), "app=hk-new", "198.18.210.13")
+    wait_for(lambda: n2.ipcache().get(f"{e.ip}/32") == e.identity, 10.0, "node 2 to learn e")
+    n1.api("EndpointDelete", name=e.name)
+
+
+def test_an_identity_record_naming_a_reserved_number_is_refused(
+    cluster: dict[str, Node],
+) -> None:
+    """state/identities/v1/labels/<L> written by someone else with the number of a reserved
+    identity (1: host, 2: world) or a CIDR identity: an endpoint of labels L must not get it
+    (it would be let through wherever the host is), its add is refused in one line."""
+    n1 = cluster["hk-n1"]
+    key = (ROOT + "state/identities/v1/labels/"
+           "k8s:app=hk-evil;k8s:io.kubernetes.pod.namespace=default")
+    try:
+        for number in (1, 2, 16777217, -3):
+            etcdctl(n1, "put", key, json.dumps({"id": number}))
+            n1.claim(ep("hk-evil"))
+            done = n1.agent.cli("endpoint", "add", ep("hk-evil"), "--labels", "app=hk-evil",
+                                "--ip", "198.18.210.14")
+            out = done.stdout + done.stderr
+            assert done.returncode != 0, (number, out)
+            assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+            assert f"id {number} is not an endpoint identity (256-65535)" in out, out
+            assert not [e for e in n1.api("EndpointList")["endpoints"]
+                        if e["name"] == ep("hk-evil")]
+    finally:
+        etcdctl(n1, "del", key)
