@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from garrison.identity.allocator import CLUSTER_IDENTITIES_PREFIX, parse_canonical
-from garrison.identity.model import IdentityError
+from garrison.identity.model import (
+    MAX_ENDPOINT_ID,
+    MIN_ENDPOINT_ID,
+    RESERVED,
+    RESERVED_BY_ID,
+    IdentityError,
+)
 from garrison.identity.namespaces import (
     NamespaceError,
     check_label,
@@ -38,6 +44,7 @@ from garrison.identity.namespaces import (
 from garrison.policies.labels import NAMESPACE_NAME_LABEL, Labels
 from garrison.policies.repository import PolicyKey
 
+HOST_IDENTITY = RESERVED["host"].id
 IDENTITIES_PREFIX = CLUSTER_IDENTITIES_PREFIX
 IP_PREFIX = "state/ip/v1/"
 NODES_PREFIX = "state/nodes/v1/"
@@ -157,8 +164,19 @@ class IPEntry:
         doc = _load(key, raw)
         try:
             identity = doc["identity"]
-            if not isinstance(identity, int) or identity <= 0:
+            if type(identity) is not int or identity <= 0:
                 raise ValueError(f"identity {identity!r} is not a positive integer")
+            if not (
+                MIN_ENDPOINT_ID <= identity <= MAX_ENDPOINT_ID
+                or (identity in RESERVED_BY_ID and identity != HOST_IDENTITY)
+            ):
+                # "host" is each node's own, and CIDR identities are node-local: another
+                # node's endpoint never has either (a record that says so would make its
+                # address the host, or a CIDR, in every policy here)
+                raise ValueError(
+                    f"identity {identity} is not an endpoint's (256-65535) nor a reserved one"
+                    " another node's endpoint may have"
+                )
             ip = ipaddress.IPv4Address(str(doc["ip"]))
             if key.startswith(IP_PREFIX) and key != IP_PREFIX + str(ip):
                 # its deletion would remove another address: the entry would outlive it

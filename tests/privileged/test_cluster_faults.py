@@ -120,6 +120,11 @@ def test_hostile_records_under_the_prefix_are_refused_alone(cluster: dict[str, N
         "state/ip/v1/not-an-ip": '{"ip": "198.18.210.40", "identity": 300, "labels": "",'
                                  ' "node": "hk-evil"}',
         "state/ip/v1/198.18.210.41": '{"ip": "198.18.210.41", "identity": "x"}',
+        # this node's host, or a CIDR's identity, claimed for an address of another node
+        "state/ip/v1/198.18.210.42": '{"ip": "198.18.210.42", "identity": 1, "labels":'
+                                     ' "reserved:host", "node": "hk-evil"}',
+        "state/ip/v1/198.18.210.43": '{"ip": "198.18.210.43", "identity": 16777217, "labels":'
+                                     ' "cidr:0.0.0.0/0;reserved:world", "node": "hk-evil"}',
         "state/heartbeat/v1/hk-bogus": "yesterday",
         "state/namespaces/v1/Bad_NS": '{"labels": {"a": 1}}',
     }
@@ -136,8 +141,10 @@ def test_hostile_records_under_the_prefix_are_refused_alone(cluster: dict[str, N
             assert shown.returncode == 1, shown.stdout + shown.stderr
             assert "Traceback" not in shown.stdout + shown.stderr
             for key in ("state/nodes/v1/hk-bogus", "state/policies/v1/junk",
-                        "state/ip/v1/not-an-ip", "state/ip/v1/198.18.210.41"):
+                        "state/ip/v1/not-an-ip", "state/ip/v1/198.18.210.41",
+                        "state/ip/v1/198.18.210.42", "state/ip/v1/198.18.210.43"):
                 assert key in shown.stdout, (key, shown.stdout)
+            assert not {"198.18.210.42/32", "198.18.210.43/32"} & set(node.ipcache())
             assert node.agent.proc is not None and node.agent.proc.poll() is None
         assert_enforced("with hostile records")
 

@@ -37,6 +37,12 @@ def test_node_and_ip_records_round_trip() -> None:
         (b'{"ip": "198.18.0.1", "identity": -1, "labels": "", "node": "n"}', "positive"),
         (b'{"ip": "198.18.0.1", "identity": "300", "labels": "", "node": "n"}', "positive"),
         (b'{"ip": "nope", "identity": 300, "labels": "", "node": "n"}', "bad ipcache entry"),
+        # this node's host, a CIDR identity (node-local), a bool: never another node's endpoint
+        (b'{"ip": "198.18.0.1", "identity": 1, "labels": "reserved:host", "node": "n"}',
+         "identity 1 is not an endpoint's"),
+        (b'{"ip": "198.18.0.1", "identity": 16777217, "labels": "", "node": "n"}',
+         "identity 16777217 is not an endpoint's"),
+        (b'{"ip": "198.18.0.1", "identity": true, "labels": "", "node": "n"}', "positive"),
         (b'{"identity": 300}', "bad ipcache entry"),
     ],
 )
