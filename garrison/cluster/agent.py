@@ -116,6 +116,7 @@ class AgentCluster:
         # each heartbeat; read and written under the agent's lock.
         self._namespaces_pending: dict[str, dict[str, str]] = {}
         self.node.on_beat.append(self._retry_namespaces)
+        self.node.on_beat.append(self._restore_routes)
         if self.degraded:
             log.warning(
                 "cluster: etcd does not answer (%s): starting from the saved copy; new"
@@ -461,6 +462,20 @@ class AgentCluster:
             for cidr in list(installed):
                 if not any(n.pod_cidr == cidr for n in known.values()):
                     self.routes.remove(cidr)
+
+    def _restore_routes(self) -> None:
+        """Routes to other nodes' pod CIDRs that left the kernel (the underlay link went down
+        and up: the kernel flushed them) are added again at each heartbeat."""
+        names = {n.pod_cidr: name for name, n in self.node.nodes().items()}
+        for cidr, error in self.routes.restore_missing():
+            name = names.get(cidr, str(cidr))
+            if error is None:
+                log.warning("cluster: the route to node %s (%s) was gone: added again", name, cidr)
+                self.route_errors.pop(name, None)
+            else:
+                if self.route_errors.get(name) != error:
+                    log.error("cluster: node %s: %s", name, error)
+                self.route_errors[name] = error
 
     def policies_changed(
         self, upserts: dict[PolicyKey, StoredPolicy], gone: list[PolicyKey]

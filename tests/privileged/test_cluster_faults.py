@@ -480,3 +480,37 @@ def test_an_identity_record_naming_a_reserved_number_is_refused(
                         if e["name"] == ep("hk-evil")]
     finally:
         etcdctl(n1, "del", key)
+
+
+def test_a_node_cut_off_longer_than_its_lease_rejoins(cluster: dict[str, Node]) -> None:
+    """Node 2's underlay link down for longer than the lease TTL (a partition; etcd runs on):
+    node 1 forgets node 2's endpoints and route when the lease expires, node 2 says etcd is
+    not connected. Link up: node 2 gets a new lease and writes itself back, node 1 learns b
+    again with the same identity, the routes on both sides are back, and traffic flows."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    b_identity = n2.identity(B.name)
+    leg = "hk-u2"
+    ip_link = ["ip", "-n", n2.netns, "link", "set", leg]
+    subprocess.run([*ip_link, "down"], check=True)
+    try:
+        wait_for(lambda: f"{B.ip}/32" not in n1.ipcache(), LEASE_TTL_S + 8.0,
+                 "node 1 to forget b when node 2's lease ends")
+        assert n1.api("Status")["cluster"]["routes"] == {}
+        shown = n2.agent.cli("status")
+        assert shown.returncode == 1 and "is not connected" in shown.stdout, shown.stdout
+    finally:
+        subprocess.run([*ip_link, "up"], check=True)
+    wait_for(lambda: n1.ipcache().get(f"{B.ip}/32") == b_identity, 20.0,
+             "node 1 to learn b again")
+    wait_for(lambda: n2.agent.cli("status").returncode == 0, 20.0, "node 2's status clean")
+    assert n1.api("Status")["cluster"]["routes"] == {n2.pod_cidr: n2.ip}
+
+
+    def routed() -> bool:
+        routes = subprocess.run(["ip", "-n", n2.netns, "route", "show", "proto", "0xa7"],
+                                capture_output=True, text=True, check=True).stdout
+        return f"{n1.pod_cidr} via {n1.ip}" in routes
+
+    # the link's flap flushed node 2's route to node 1: added again at its next heartbeat
+    wait_for(routed, 12.0, "node 2's route to node 1's pod CIDR to be back")
+    assert_enforced("after the partition")
