@@ -446,9 +446,18 @@ def test_with_etcd_down_changes_are_refused_in_one_line_and_work_once_it_is_back
         assert done.returncode != 0 and "Traceback" not in out
         assert len(out.strip().splitlines()) == 1, out
         assert "etcd" in out, out
+        done = n1.agent.cli("policy", "delete", "hk-b-from-a")
+        out = done.stdout + done.stderr
+        assert done.returncode != 0 and len(out.strip().splitlines()) == 1, out
+        assert "etcd" in out and n1.api("Status")["policies"] == 1, out
         assert_enforced("etcd down")
+        # an endpoint removed while etcd is away leaves the other nodes once it is back
+        assert n1.agent.cli("endpoint", "delete", C.name).returncode == 0
     finally:
         etcd.start()
+    wait_for(lambda: f"{C.ip}/32" not in n2.ipcache(), 20.0, "c to leave node 2")
+    add_cluster_endpoint(n1, C.name, "app=hk-c", C.ip)
+    wait_for(lambda: f"{C.ip}/32" in n2.ipcache(), 10.0, "c back on node 2")
     for node in (n1, n2):
         wait_for(lambda node=node: node.agent.cli("status").returncode == 0, 30.0,
                  f"{node.name}'s status to be clean")
