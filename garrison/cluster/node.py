@@ -169,6 +169,7 @@ class ClusterNode:
         # What the other nodes published, kept on disk for a start while etcd is away.
         self._cache_path = cache_path
         self._cache_dirty = False
+        self._cache_error = ""
         self.primed_from_cache = False
 
     # Publishing ----------------------------------------------------------------------------
@@ -191,6 +192,12 @@ class ClusterNode:
         try:
             snapshots = {p: self.store.snapshot(p) for p in _CACHED}
         except KVStoreError as exc:
+            if cached is None and self.has_cache():
+                raise KVStoreError(
+                    f"{exc}; and the copy of the cluster saved at {self._cache_path} is"
+                    f" unreadable ({self._cache_error}), so this node cannot start before etcd"
+                    " answers"
+                ) from None
             if cached is None:
                 raise
             log.warning("cluster: %s; starting from the copy saved at %s", exc, self._cache_path)
@@ -256,6 +263,7 @@ class ClusterNode:
             }
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("cluster: the saved copy %s is unreadable: %s", self._cache_path, exc)
+            self._cache_error = f"{type(exc).__name__}: {exc}"
             return None
 
     def save_cache(self) -> None:

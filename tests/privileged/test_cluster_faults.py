@@ -523,3 +523,30 @@ def test_a_node_cut_off_longer_than_its_lease_rejoins(cluster: dict[str, Node]) 
     # the link's flap flushed node 2's route to node 1: added again at its next heartbeat
     wait_for(routed, 12.0, "node 2's route to node 1's pod CIDR to be back")
     assert_enforced("after the partition")
+
+
+def test_etcd_down_and_the_saved_copy_unreadable_refuses_the_start_in_one_line(
+    cluster: dict[str, Node],
+) -> None:
+    n2 = cluster["hk-n2"]
+    cache = n2.agent.workdir / "state" / "cluster-cache.json"
+    etcd = n2.etcd
+    assert n2.agent.stop() == 0
+    etcd.stop()
+    saved = cache.read_bytes()
+    try:
+        cache.write_text('{"views": {"state/ip/v1/": 7')
+        with pytest.raises(AssertionError):
+            n2.agent.start()
+        assert n2.agent.proc is not None and n2.agent.proc.wait(30) == 1
+        log = n2.agent.log()
+        last = log.strip().splitlines()[-1]
+        assert "Traceback" not in log
+        assert last.startswith("garrison agent: "), last
+        assert str(cache) in last and f"{ETCD_IP}:2379" in last, last
+        assert "is unreadable (JSONDecodeError: " in last, last
+    finally:
+        cache.write_bytes(saved)
+        etcd.start()
+        n2.agent.start()
+    assert_enforced("after the refused start")
