@@ -96,6 +96,12 @@ def etcdctl(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def last_start_log(node: Node) -> list[str]:
+    """The lines of the agent's latest start (`agent.log()` joins every start's, by name)."""
+    path = node.agent.workdir / f"agent-{node.agent.starts}.log"
+    return path.read_text(errors="replace").strip().splitlines()
+
+
 def assert_enforced(tag: str) -> None:
     """a reaches b on 7000 (allowed by identity learnt through etcd), c does not."""
     with echo_servers(B, 7000):
@@ -186,7 +192,7 @@ def test_a_second_node_with_a_live_nodes_name_is_refused(cluster: dict[str, Node
         with pytest.raises(AssertionError) as failed:
             _start_as(n2, "hk-n1")
         assert n2.agent.proc is not None and n2.agent.proc.wait(10) == 1
-        last = n2.agent.log().strip().splitlines()[-1]
+        last = last_start_log(n2)[-1]
         assert last.startswith(
             "garrison agent: --node-name hk-n1 is taken: node hk-n1 at 198.19.0.221 (pod CIDR"
             " 198.18.210.0/26) beat "
@@ -287,6 +293,8 @@ def test_without_node_ip_the_address_towards_etcd_is_the_node_ip(
     try:
         n2.agent.extra = original[:at] + original[at + 2:]
         n2.agent.start()
+        # (its own record reaches its watch a moment after the start)
+        wait_for(lambda: "hk-n2" in n2.api("Status")["cluster"]["nodes"], 10.0, "hk-n2 listed")
         nodes = n2.api("Status")["cluster"]["nodes"]
         assert nodes["hk-n2"]["ip"] == n2.ip, nodes
         assert_enforced("without --node-ip")
@@ -408,7 +416,7 @@ def test_a_node_whose_pod_cidr_overlaps_a_running_nodes_is_refused(
         with pytest.raises(AssertionError):
             n2.agent.start()
         assert n2.agent.proc is not None and n2.agent.proc.wait(10) == 1
-        last = n2.agent.log().strip().splitlines()[-1]
+        last = last_start_log(n2)[-1]
         assert last.startswith(
             "garrison agent: --pod-cidr 198.18.210.0/25 overlaps node hk-n1's 198.18.210.0/26"
             " (at 198.19.0.221, beat "
@@ -539,9 +547,9 @@ def test_etcd_down_and_the_saved_copy_unreadable_refuses_the_start_in_one_line(
         with pytest.raises(AssertionError):
             n2.agent.start()
         assert n2.agent.proc is not None and n2.agent.proc.wait(30) == 1
-        log = n2.agent.log()
-        last = log.strip().splitlines()[-1]
-        assert "Traceback" not in log
+        log = last_start_log(n2)
+        last = log[-1]
+        assert "Traceback" not in "\n".join(log)
         assert last.startswith("garrison agent: "), last
         assert str(cache) in last and f"{ETCD_IP}:2379" in last, last
         assert "is unreadable (JSONDecodeError: " in last, last
