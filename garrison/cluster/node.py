@@ -62,6 +62,8 @@ _CACHED = (NODES_PREFIX, POLICIES_PREFIX, IP_PREFIX)
 # Attempts of a namespace label change that meets another node's change in between.
 _LABEL_ATTEMPTS = 16
 _T = TypeVar("_T")
+# Refused records `status` names one by one (the rest are counted).
+_REFUSED_SHOWN = 20
 # Records no lease ends: the cluster's, kept by every node when etcd comes back without them.
 _OUTLIVE_NODES = (POLICIES_PREFIX, NAMESPACES_PREFIX)
 
@@ -546,7 +548,9 @@ class ClusterNode:
                 for name, node in sorted(self.nodes().items())
             },
             "errors": list(self.errors),
-            **({"refused": dict(sorted(self.refused.items()))} if self.refused else {}),
+            # the first few by key (a writer may fill etcd with them), and how many there are
+            **({"refused": dict(sorted(self.refused.items())[:_REFUSED_SHOWN]),
+                "refused_count": len(self.refused)} if self.refused else {}),
             **({"started_from_cache": True} if self.primed_from_cache else {}),
         }
 

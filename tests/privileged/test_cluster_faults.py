@@ -133,6 +133,8 @@ def test_hostile_records_under_the_prefix_are_refused_alone(cluster: dict[str, N
                                      ' "cidr:0.0.0.0/0;reserved:world", "node": "hk-evil"}',
         "state/heartbeat/v1/hk-bogus": "yesterday",
         "state/namespaces/v1/Bad_NS": '{"labels": {"a": 1}}',
+        # many (status names the first 20 by key and counts the rest)
+        **{f"state/policies/v1/zz/bulk-{n:02}": "{}" for n in range(25)},
     }
     try:
         for key, value in hostile.items():
@@ -151,6 +153,9 @@ def test_hostile_records_under_the_prefix_are_refused_alone(cluster: dict[str, N
                         "state/ip/v1/198.18.210.42", "state/ip/v1/198.18.210.43"):
                 assert key in shown.stdout, (key, shown.stdout)
             assert not {"198.18.210.42/32", "198.18.210.43/32"} & set(node.ipcache())
+            assert "PROBLEM: 14 more etcd records refused (the agent's log names each)" in (
+                shown.stdout
+            )
             assert node.agent.proc is not None and node.agent.proc.poll() is None
         assert_enforced("with hostile records")
 

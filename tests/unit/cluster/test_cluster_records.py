@@ -149,6 +149,10 @@ def test_a_refused_record_is_a_problem_naming_its_key_and_the_fix() -> None:
         "etcd record refused, this node ignores it: state/nodes/v1/x: not JSON: bad; rewrite"
         " or delete it (etcdctl del garrison/state/nodes/v1/x)"
     ]
+    data["cluster"]["refused_count"] = 5001
+    assert cluster_problems(data)[-1] == (
+        "5000 more etcd records refused (the agent's log names each)"
+    )
 
 
 def test_a_node_record_under_another_node_s_key_is_refused() -> None:
