@@ -249,6 +249,11 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--kvstore etcd needs --kvstore-endpoints URL and --pod-cidr CIDR")
     if args.kvstore_lease_ttl < 2:
         raise ValueError("--kvstore-lease-ttl must be at least 2 seconds")
+    if args.kvstore_lease_ttl > 3600:
+        # etcd refuses more than ~285 years, and every node keeps a dead node's endpoints
+        # this long
+        raise ValueError(f"--kvstore-lease-ttl {args.kvstore_lease_ttl}: at most 3600 seconds"
+                         " (the other nodes keep a dead node's endpoints that long)")
     etcd_client_options(args, args.kvstore_endpoints)  # files checked before anything starts
     try:
         pod_cidr = ipaddress.IPv4Network(args.pod_cidr)

@@ -35,6 +35,9 @@ ETCD = ("--kvstore", "etcd", "--kvstore-endpoints", "http://198.19.0.249:2379")
         ((*ETCD, "--pod-cidr", "198.18.210.0/26", "--node-ip", "nope"),
          "garrison agent: --node-ip nope: Expected 4 octets in 'nope'; give this node's IPv4"
          " address on the network between the nodes"),
+        ((*ETCD, "--pod-cidr", "198.18.210.0/26", "--kvstore-lease-ttl", "99999999999"),
+         "garrison agent: --kvstore-lease-ttl 99999999999: at most 3600 seconds (the other"
+         " nodes keep a dead node's endpoints that long)"),
     ],
 )
 def test_bad_cluster_flags_are_one_line_and_exit_2(
