@@ -13,6 +13,7 @@ import base64
 import ipaddress
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -501,9 +502,11 @@ class ClusterNode:
         out = {}
         for key, raw in view.items():
             try:
-                out[key.removeprefix(HEARTBEAT_PREFIX)] = float(raw)
+                beat = float(raw)
             except ValueError:
                 continue
+            if math.isfinite(beat):  # "inf" would be a beat forever fresh
+                out[key.removeprefix(HEARTBEAT_PREFIX)] = beat
         return out
 
     def status(self) -> dict[str, object]:
