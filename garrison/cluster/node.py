@@ -173,6 +173,9 @@ class ClusterNode:
         self._cache_path = cache_path
         self._cache_dirty = False
         self._cache_error = ""
+        # The etcd revision the saved copy was seen at (None: not read yet).
+        self._cache_revision: int | None = None
+        self._restored_at_start: bool | None = None
         self.primed_from_cache = False
 
     # Publishing ----------------------------------------------------------------------------
@@ -206,10 +209,20 @@ class ClusterNode:
             log.warning("cluster: %s; starting from the copy saved at %s", exc, self._cache_path)
             self.primed_from_cache = True
             snapshots = {p: (cached.get(p, {}), 0) for p in _CACHED}
+        restored = not self.primed_from_cache and self._went_back(
+            max(revision for _, revision in snapshots.values())
+        )
         for prefix in _CACHED:
             items, revision = snapshots[prefix]
             reason = "cache" if self.primed_from_cache else "prime"
+            lost: dict[str, bytes] = {}
+            if restored and prefix in _OUTLIVE_NODES and cached is not None:
+                # etcd lost them with its data while this node was away: kept, written back
+                lost = {k: v for k, v in cached.get(prefix, {}).items() if k not in items}
+                items = {**lost, **items}
             self._on_event(prefix)(Relisted(items=items, revision=revision, reason=reason))
+            if lost:
+                self._write_back(prefix, lost)
             # Deleted while this node was away: what the agent kept of them itself (the
             # policies imported here, saved beside its identities) goes too.
             away = [key for key in (cached or {}).get(prefix, {}) if key not in items]
@@ -220,6 +233,27 @@ class ClusterNode:
                     self._record_error(str(exc))
         self.save_cache()
 
+    def _went_back(self, revision: int) -> bool:
+        """Whether etcd, at `revision` now, is behind the revision this node's saved copy was
+        seen at (wiped, replaced, restored from an older backup while this node was away):
+        what no lease ends and etcd lacks was lost, not deleted. Said once; the copy's
+        revision is etcd's from then on."""
+        if self._restored_at_start is not None:
+            return self._restored_at_start  # the namespaces' read and `prime` agree
+        if self._cache_revision is None:
+            self._load_cache()
+        seen = self._cache_revision or 0
+        self._restored_at_start = revision < seen
+        if revision >= seen:
+            return False
+        log.warning(
+            "cluster: etcd is at revision %d, behind the %d this node saw (restored or"
+            " replaced while it was away): the cluster's policies and namespace labels it"
+            " lacks are kept and written back", revision, seen,
+        )
+        self._cache_revision = 0
+        return True
+
     def read_namespaces(
         self, saved: Mapping[str, Mapping[str, str]]
     ) -> dict[str, dict[str, str]] | None:
@@ -228,18 +262,23 @@ class ClusterNode:
         None: the node goes on with `saved`, its own copy (the agent's namespace store, which
         each change reached as it arrived). Either way the watch begins from what is returned
         or saved, so it only brings what changed since; the handler is not called."""
+        mine = {
+            namespace_key(ns): encode_namespace_labels(labels)
+            for ns, labels in saved.items()
+            if set(labels) - {NAMESPACE_NAME_LABEL}
+        }
         try:
             items, revision = self.store.snapshot(NAMESPACES_PREFIX)
         except KVStoreError as exc:
             log.warning("cluster: namespace labels not read (%s): this node's copy stays", exc)
-            items = {
-                namespace_key(ns): encode_namespace_labels(labels)
-                for ns, labels in saved.items()
-                if set(labels) - {NAMESPACE_NAME_LABEL}
-            }
             with self._lock:
-                self._views[NAMESPACES_PREFIX] = items
+                self._views[NAMESPACES_PREFIX] = mine
             return None
+        if self._went_back(revision):
+            lost = {k: v for k, v in mine.items() if k not in items}
+            items = {**lost, **items}
+            if lost:
+                self._write_back(NAMESPACES_PREFIX, lost)
         out = {}
         for key, raw in items.items():
             try:
@@ -260,6 +299,9 @@ class ClusterNode:
         assert self._cache_path is not None
         try:
             doc = json.loads(self._cache_path.read_text())
+            revision = doc.get("revision", 0)
+            if self._cache_revision is None:
+                self._cache_revision = revision if type(revision) is int else 0
             return {
                 prefix: {k: base64.b64decode(v) for k, v in items.items()}
                 for prefix, items in doc["views"].items()
@@ -280,7 +322,10 @@ class ClusterNode:
                 for prefix in _CACHED
             }
             self._cache_dirty = False
-        write_atomically(self._cache_path, json.dumps({"views": views}))
+            # the etcd revision this copy was seen at (a start finding etcd behind it knows
+            # etcd lost data: `_went_back`)
+            seen = max(self._cache_revision or 0, *self.revisions.values())
+        write_atomically(self._cache_path, json.dumps({"views": views, "revision": seen}))
 
     def _heartbeat(self) -> None:
         self.session.put(HEARTBEAT_PREFIX + self.me.name, f"{self._clock():.3f}".encode())

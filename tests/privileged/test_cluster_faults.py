@@ -570,3 +570,27 @@ def test_etcd_down_and_the_saved_copy_unreadable_refuses_the_start_in_one_line(
         etcd.start()
         n2.agent.start()
     assert_enforced("after the refused start")
+
+
+def test_etcd_wiped_while_every_agent_is_down_keeps_the_policy(
+    cluster: dict[str, Node],
+) -> None:
+    """Every agent down, etcd wiped, the agents started again (a whole cluster restarted on
+    a fresh etcd): each finds etcd behind the revision it had seen, keeps the policy from its
+    saved copy and writes it back — not a node without it, and not one whose start removes it
+    as deleted while it was away."""
+    n1, n2 = cluster["hk-n1"], cluster["hk-n2"]
+    etcd = n1.etcd
+    for node in (n1, n2):
+        assert node.agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    etcd.stop()
+    shutil.rmtree(etcd.data_dir / "data")
+    etcd.start()
+    for node in (n2, n1):  # node 2 (which did not import it) first
+        node.agent.start()
+        assert node.api("Status")["policies"] == 1, node.agent.log()[-3000:]
+    wait_for(lambda: n1.ipcache().get(f"{B.ip}/32") is not None, 15.0, "node 1 to know b")
+    wait_for(lambda: n2.ipcache().get(f"{A.ip}/32") is not None, 15.0, "node 2 to know a")
+    assert_enforced("whole cluster restarted on a wiped etcd")
+    keys = etcdctl(n1, "get", "--prefix", "--keys-only", ROOT + "state/policies/v1/").stdout
+    assert "hk-b-from-a" in keys, keys
