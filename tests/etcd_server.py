@@ -104,6 +104,7 @@ class EtcdServer:
         tls: EtcdPKI | None = None,
         client_cert_auth: bool = True,
         client_port: int | None = None,
+        data_prefix: str = "ge-etcd-",
     ) -> None:
         """With `netns`, etcd runs in that network namespace (ours, made by the test) on
         `host`, ports 2379/2380 (the namespace is private: nothing else listens there).
@@ -112,7 +113,7 @@ class EtcdServer:
         self.name = name
         self.netns = netns
         self.host = host
-        self.data_dir = Path(tempfile.mkdtemp(prefix="ge-etcd-"))
+        self.data_dir = Path(tempfile.mkdtemp(prefix=data_prefix))
         self.client_port = client_port or (2379 if netns else _free_port())
         self.peer_port = 2380 if netns else _free_port()
         self.tls = tls

@@ -661,6 +661,9 @@ class Agent:
         with self.lock:
             new = [p for p in policies if self.repository.get(p.key) != p]
             self._apply(self.repository.update(new, [k for k in gone if self.repository.get(k)]))
+            if gone:  # one imported here and deleted on another node: not back at a restart
+                self.imported.forget(gone)
+                self.imported.save()
 
     # -- kernel sync -------------------------------------------------------------------------
 

@@ -167,6 +167,12 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         host, _, port = args.metrics.rpartition(":")
         metrics = (host or "127.0.0.1", int(port))
     cluster = _cluster_config(args)
+    name = args.node_name
+    if (not name or len(name) > 253 or "/" in name
+            or any(c.isspace() or not c.isprintable() for c in name)):
+        # it names etcd keys and the flow records
+        raise ValueError(f"--node-name {name!r}: give 1-253 characters without '/', spaces or"
+                         " control characters (e.g. the host name)")
     return AgentConfig(
         **cluster,
         state_dir=args.state_dir,
@@ -243,8 +249,22 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--kvstore etcd needs --kvstore-endpoints URL and --pod-cidr CIDR")
     if args.kvstore_lease_ttl < 2:
         raise ValueError("--kvstore-lease-ttl must be at least 2 seconds")
+    if args.kvstore_lease_ttl > 3600:
+        # etcd refuses more than ~285 years, and every node keeps a dead node's endpoints
+        # this long
+        raise ValueError(f"--kvstore-lease-ttl {args.kvstore_lease_ttl}: at most 3600 seconds"
+                         " (the other nodes keep a dead node's endpoints that long)")
     etcd_client_options(args, args.kvstore_endpoints)  # files checked before anything starts
-    pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
+    try:
+        pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
+    except ValueError as exc:
+        raise ValueError(f"--pod-cidr {args.pod_cidr}: {exc}; give this node's IPv4 block, e.g."
+                         " 198.18.1.0/24") from None
+    try:
+        node_ip = ipaddress.IPv4Address(args.node_ip) if args.node_ip else None
+    except ValueError as exc:
+        raise ValueError(f"--node-ip {args.node_ip}: {exc}; give this node's IPv4 address on"
+                         " the network between the nodes") from None
     return {
         "kvstore": "etcd",
         "kvstore_endpoints": tuple(u.strip() for u in args.kvstore_endpoints.split(",") if u),
@@ -255,7 +275,7 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         "kvstore_password_file": args.kvstore_password_file,
         "pod_cidr": pod_cidr,
         "endpoint_pool": pod_cidr,
-        "node_ip": ipaddress.IPv4Address(args.node_ip) if args.node_ip else None,
+        "node_ip": node_ip,
         "kvstore_lease_ttl_s": args.kvstore_lease_ttl,
     }
 
@@ -410,7 +430,10 @@ async def _serve(config: AgentConfig, verbose: bool, ui: str | None = None,
                  flow_api_flag: str = "none", proxy_workers: int = 1,
                  flow_api_tls: ServerTLS | None = None) -> int:
     loop = asyncio.get_running_loop()
-    agent = Agent(config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir))
+    # off the loop's thread: pyroute2 (the cluster's default --node-ip, looked up through
+    # netlink) runs an asyncio loop of its own, which cannot start in a thread running one
+    agent = await loop.run_in_executor(None, lambda: Agent(
+        config, KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir)))
     writer = None
     if config.access_log is not None:
         writer = AccessLogWriter(

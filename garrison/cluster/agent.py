@@ -23,8 +23,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from garrison.cluster.keys import IPEntry, NodeRecord, StoredPolicy, identities_to_learn
-from garrison.cluster.node import ClusterNode
+from garrison.cluster.keys import (
+    HEARTBEAT_PREFIX,
+    NODES_PREFIX,
+    ClusterRecordError,
+    IPEntry,
+    NodeRecord,
+    StoredPolicy,
+    identities_to_learn,
+    policy_key,
+)
+from garrison.cluster.node import DEFAULT_HEARTBEAT_S, ClusterNode
 from garrison.cluster.routes import (
     NodeRoutes,
     RouteError,
@@ -36,6 +45,7 @@ from garrison.identity.allocator import (
     ClusterIdentityAllocator,
     canonical_labels,
 )
+from garrison.identity.model import MAX_ENDPOINT_ID, MIN_ENDPOINT_ID
 from garrison.kvstore.base import KVStore, KVStoreError
 from garrison.kvstore.etcd import EtcdAuth, EtcdKVStore, EtcdTLS, load_auth, parse_endpoints
 from garrison.policies.errors import PolicyValidationError
@@ -90,6 +100,8 @@ class AgentCluster:
                 f"cannot join the cluster: {error} (this node has never been connected, so it"
                 " has no saved copy of the cluster to start from)"
             )
+        if not self.degraded:
+            self._check_joinable(me)
         self.allocator = ClusterIdentityAllocator(
             self.store,
             AllocatorConfig(node_name=node_name),
@@ -104,6 +116,7 @@ class AgentCluster:
         # each heartbeat; read and written under the agent's lock.
         self._namespaces_pending: dict[str, dict[str, str]] = {}
         self.node.on_beat.append(self._retry_namespaces)
+        self.node.on_beat.append(self._restore_routes)
         if self.degraded:
             log.warning(
                 "cluster: etcd does not answer (%s): starting from the saved copy; new"
@@ -127,6 +140,43 @@ class AgentCluster:
         # Why this node serves no flow API although it was to (the default address failed).
         self.flow_api_error: str | None = None
         self.flow_api_security = "plaintext"
+
+    def _check_joinable(self, me: NodeRecord) -> None:
+        """Refuse to join beside a running node (another address that beat within three
+        heartbeats) that has `me`'s name — it would flap every node's route to the name and
+        take this node's endpoints as its own — or a pod CIDR overlapping `me`'s — one address
+        for two endpoints, their entries overwriting each other. A record of this address
+        is this node's own (a restart within the lease, or under another name)."""
+        try:
+            records, _ = self.store.snapshot(NODES_PREFIX)
+            beats, _ = self.store.snapshot(HEARTBEAT_PREFIX)
+        except KVStoreError:
+            return  # the start goes on and says so
+        now = time.time()
+        for key, raw in sorted(records.items()):
+            try:
+                other = NodeRecord.decode(key, raw)
+                age = now - float(beats[HEARTBEAT_PREFIX + other.name])
+            except (ClusterRecordError, KeyError, ValueError):
+                continue  # of no use to anyone: not a running node
+            if other.ip == me.ip or age >= 3 * DEFAULT_HEARTBEAT_S:
+                continue
+            if other.name == me.name:
+                problem = (
+                    f"--node-name {me.name} is taken: node {me.name} at {other.ip} (pod CIDR"
+                    f" {other.pod_cidr}) beat {max(age, 0.0):.1f} s ago; give this node its own"
+                    " --node-name (or stop that node's agent)"
+                )
+            elif other.pod_cidr.overlaps(me.pod_cidr):
+                problem = (
+                    f"--pod-cidr {me.pod_cidr} overlaps node {other.name}'s {other.pod_cidr}"
+                    f" (at {other.ip}, beat {max(age, 0.0):.1f} s ago); give each node a block"
+                    " of its own"
+                )
+            else:
+                continue
+            self.store.close()
+            raise ClusterConfigError(problem)
 
     @classmethod
     def for_agent(cls, agent: Agent, config: AgentConfig) -> AgentCluster:
@@ -189,6 +239,31 @@ class AgentCluster:
         wanted = {n.pod_cidr for n in self.node.nodes().values() if n.name != self.node.me.name}
         for cidr in set(self.routes.installed()) - wanted:
             self.routes.remove(cidr)
+        self._drop_stale_remote_entries()
+
+    def _drop_stale_remote_entries(self) -> None:
+        """The pinned ipcache outlives the agent: another node's endpoint removed while this
+        agent was away kept its entry (its address → its identity, a number etcd may give
+        other labels later). Entries of the endpoint identities' range that are neither this
+        node's endpoints nor the cluster's now go (CIDR identities and reserved ones stay)."""
+        agent = self._agent
+        local = {ep.ipv4 for ep in agent.endpoints}
+        for row in agent.datapath.dump_ipcache():
+            prefix = ipaddress.IPv4Network(str(row["prefix"]))
+            identity = int(str(row["identity"]))
+            if (
+                prefix.prefixlen != 32
+                or row.get("local_endpoint")
+                or not MIN_ENDPOINT_ID <= identity <= MAX_ENDPOINT_ID
+                or str(prefix.network_address) in local
+                or prefix.network_address in self._remote
+            ):
+                continue
+            agent.datapath.delete_prefix(prefix)
+            log.info(
+                "cluster: %s (identity %d) left the cluster while this agent was away:"
+                " its ipcache entry is removed", prefix.network_address, identity,
+            )
 
     def prime_namespaces(self) -> None:
         """The cluster's namespace labels into this node's namespace store, at the agent's
@@ -388,6 +463,20 @@ class AgentCluster:
                 if not any(n.pod_cidr == cidr for n in known.values()):
                     self.routes.remove(cidr)
 
+    def _restore_routes(self) -> None:
+        """Routes to other nodes' pod CIDRs that left the kernel (the underlay link went down
+        and up: the kernel flushed them) are added again at each heartbeat."""
+        names = {n.pod_cidr: name for name, n in self.node.nodes().items()}
+        for cidr, error in self.routes.restore_missing():
+            name = names.get(cidr, str(cidr))
+            if error is None:
+                log.warning("cluster: the route to node %s (%s) was gone: added again", name, cidr)
+                self.route_errors.pop(name, None)
+            else:
+                if self.route_errors.get(name) != error:
+                    log.error("cluster: node %s: %s", name, error)
+                self.route_errors[name] = error
+
     def policies_changed(
         self, upserts: dict[PolicyKey, StoredPolicy], gone: list[PolicyKey]
     ) -> None:
@@ -396,10 +485,12 @@ class AgentCluster:
             try:
                 found = [p for p in load_text(stored.text, stored.path).policies if p.key == key]
             except PolicyValidationError as exc:
-                log.error("cluster: policy %s from etcd refused: %s", key, exc)
+                self.node.refuse(policy_key(key), f"{policy_key(key)}: policy refused: {exc}")
                 continue
             if not found:
-                log.error("cluster: policy %s not in its stored text %s", key, stored.path)
+                self.node.refuse(
+                    policy_key(key), f"{policy_key(key)}: policy not in its stored text"
+                )
                 continue
             policies.append(found[0])
         self._agent.apply_cluster_policies(policies, gone)
@@ -439,6 +530,7 @@ class AgentCluster:
     def status(self) -> dict[str, object]:
         out = self.node.status()
         out["remote_endpoints"] = len(self._remote)
+        out["root"] = self.store.root
         # When the latest remote entries reached this node's ipcache (bench/cluster.py).
         latest = sorted(self.learnt_at.items(), key=lambda item: item[1])[-256:]
         out["ipcache_written_at"] = {str(ip): at for ip, at in latest}

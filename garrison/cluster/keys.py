@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from garrison.identity.allocator import CLUSTER_IDENTITIES_PREFIX, parse_canonical
-from garrison.identity.model import IdentityError
+from garrison.identity.model import (
+    MAX_ENDPOINT_ID,
+    MIN_ENDPOINT_ID,
+    RESERVED,
+    RESERVED_BY_ID,
+    IdentityError,
+)
 from garrison.identity.namespaces import (
     NamespaceError,
     check_label,
@@ -38,6 +44,7 @@ from garrison.identity.namespaces import (
 from garrison.policies.labels import NAMESPACE_NAME_LABEL, Labels
 from garrison.policies.repository import PolicyKey
 
+HOST_IDENTITY = RESERVED["host"].id
 IDENTITIES_PREFIX = CLUSTER_IDENTITIES_PREFIX
 IP_PREFIX = "state/ip/v1/"
 NODES_PREFIX = "state/nodes/v1/"
@@ -99,8 +106,12 @@ class NodeRecord:
             flow_api = doc.get("flow_api", "")
             if not isinstance(flow_api, str):
                 flow_api = repr(flow_api)
+            name = str(doc["name"])
+            if key.startswith(NODES_PREFIX) and key != NODES_PREFIX + name:
+                # a record under another node's key: its removal would leave this one
+                raise ValueError(f"its name {name!r} is not its key's")
             return cls(
-                name=str(doc["name"]),
+                name=name,
                 ip=ipaddress.IPv4Address(str(doc["ip"])),
                 pod_cidr=ipaddress.IPv4Network(str(doc["pod_cidr"])),
                 flow_api=flow_api,
@@ -153,10 +164,25 @@ class IPEntry:
         doc = _load(key, raw)
         try:
             identity = doc["identity"]
-            if not isinstance(identity, int) or identity <= 0:
+            if type(identity) is not int or identity <= 0:
                 raise ValueError(f"identity {identity!r} is not a positive integer")
+            if not (
+                MIN_ENDPOINT_ID <= identity <= MAX_ENDPOINT_ID
+                or (identity in RESERVED_BY_ID and identity != HOST_IDENTITY)
+            ):
+                # "host" is each node's own, and CIDR identities are node-local: another
+                # node's endpoint never has either (a record that says so would make its
+                # address the host, or a CIDR, in every policy here)
+                raise ValueError(
+                    f"identity {identity} is not an endpoint's (256-65535) nor a reserved one"
+                    " another node's endpoint may have"
+                )
+            ip = ipaddress.IPv4Address(str(doc["ip"]))
+            if key.startswith(IP_PREFIX) and key != IP_PREFIX + str(ip):
+                # its deletion would remove another address: the entry would outlive it
+                raise ValueError(f"its address {ip} is not its key's")
             return cls(
-                ip=ipaddress.IPv4Address(str(doc["ip"])),
+                ip=ip,
                 identity=identity,
                 labels=str(doc["labels"]),
                 node=str(doc["node"]),

@@ -13,11 +13,13 @@ import base64
 import ipaddress
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from garrison.cluster.keys import (
     HEARTBEAT_PREFIX,
@@ -60,6 +62,11 @@ DEFAULT_HEARTBEAT_S = 5.0
 _CACHED = (NODES_PREFIX, POLICIES_PREFIX, IP_PREFIX)
 # Attempts of a namespace label change that meets another node's change in between.
 _LABEL_ATTEMPTS = 16
+_T = TypeVar("_T")
+# Refused records `status` names one by one (the rest are counted).
+_REFUSED_SHOWN = 20
+# Records no lease ends: the cluster's, kept by every node when etcd comes back without them.
+_OUTLIVE_NODES = (POLICIES_PREFIX, NAMESPACES_PREFIX)
 
 
 class ClusterHandler(Protocol):
@@ -78,6 +85,31 @@ class ClusterHandler(Protocol):
     def namespaces_changed(self, upserts: dict[str, dict[str, str]], gone: list[str]) -> None:
         """Namespaces whose labels changed (→ their labels, the name label left out), and
         those whose labels were all removed."""
+
+
+def _ip_of_key(key: str) -> ipaddress.IPv4Address | None:
+    try:
+        return ipaddress.IPv4Address(key.removeprefix(IP_PREFIX))
+    except ValueError:
+        return None
+
+
+def _parsed(parse: Callable[[str], _T], key: str) -> _T | None:
+    """A removed key's name (`parse`), None for a key of another shape (never handed on)."""
+    try:
+        return parse(key)
+    except ClusterRecordError:
+        return None
+
+
+def _decode_policy(key: str, raw: bytes) -> StoredPolicy:
+    parse_policy_key(key)  # a key of another shape is refused with its record
+    return StoredPolicy.decode(key, raw)
+
+
+def _decode_namespace(key: str, raw: bytes) -> dict[str, str]:
+    parse_namespace_key(key)
+    return decode_namespace_labels(key, raw)
 
 
 def _diff(view: dict[str, bytes], event: WatchEvent) -> tuple[dict[str, bytes], list[str]]:
@@ -132,11 +164,18 @@ class ClusterNode:
         # The etcd revision each prefix's view is at (0: read from the cache, not etcd).
         self.revisions: dict[str, int] = dict.fromkeys(self._views, 0)
         self.errors: list[str] = []
+        # Records under the prefix this node refuses (key → why), while they are there: one
+        # bad record is skipped alone, named in `garrison status`, logged once.
+        self.refused: dict[str, str] = {}
         # Run after every heartbeat (in its thread): retries of writes that found etcd away.
         self.on_beat: list[Callable[[], object]] = []
         # What the other nodes published, kept on disk for a start while etcd is away.
         self._cache_path = cache_path
         self._cache_dirty = False
+        self._cache_error = ""
+        # The etcd revision the saved copy was seen at (None: not read yet).
+        self._cache_revision: int | None = None
+        self._restored_at_start: bool | None = None
         self.primed_from_cache = False
 
     # Publishing ----------------------------------------------------------------------------
@@ -155,20 +194,65 @@ class ClusterNode:
         """Read the ipcache and the policies once, synchronously, and hand them to the handler
         as the watches would: the agent enforces them before its first reconcile. The watches
         (`start`) then begin with a re-list that finds nothing new."""
+        cached = self._load_cache()
         try:
             snapshots = {p: self.store.snapshot(p) for p in _CACHED}
         except KVStoreError as exc:
-            cached = self._load_cache()
+            if cached is None and self.has_cache():
+                raise KVStoreError(
+                    f"{exc}; and the copy of the cluster saved at {self._cache_path} is"
+                    f" unreadable ({self._cache_error}), so this node cannot start before etcd"
+                    " answers"
+                ) from None
             if cached is None:
                 raise
             log.warning("cluster: %s; starting from the copy saved at %s", exc, self._cache_path)
             self.primed_from_cache = True
             snapshots = {p: (cached.get(p, {}), 0) for p in _CACHED}
+        restored = not self.primed_from_cache and self._went_back(
+            max(revision for _, revision in snapshots.values())
+        )
         for prefix in _CACHED:
             items, revision = snapshots[prefix]
             reason = "cache" if self.primed_from_cache else "prime"
+            lost: dict[str, bytes] = {}
+            if restored and prefix in _OUTLIVE_NODES and cached is not None:
+                # etcd lost them with its data while this node was away: kept, written back
+                lost = {k: v for k, v in cached.get(prefix, {}).items() if k not in items}
+                items = {**lost, **items}
             self._on_event(prefix)(Relisted(items=items, revision=revision, reason=reason))
+            if lost:
+                self._write_back(prefix, lost)
+            # Deleted while this node was away: what the agent kept of them itself (the
+            # policies imported here, saved beside its identities) goes too.
+            away = [key for key in (cached or {}).get(prefix, {}) if key not in items]
+            if away and prefix == POLICIES_PREFIX:
+                try:
+                    self._dispatch(prefix, {}, away)
+                except (ClusterRecordError, KVStoreError) as exc:
+                    self._record_error(str(exc))
         self.save_cache()
+
+    def _went_back(self, revision: int) -> bool:
+        """Whether etcd, at `revision` now, is behind the revision this node's saved copy was
+        seen at (wiped, replaced, restored from an older backup while this node was away):
+        what no lease ends and etcd lacks was lost, not deleted. Said once; the copy's
+        revision is etcd's from then on."""
+        if self._restored_at_start is not None:
+            return self._restored_at_start  # the namespaces' read and `prime` agree
+        if self._cache_revision is None:
+            self._load_cache()
+        seen = self._cache_revision or 0
+        self._restored_at_start = revision < seen
+        if revision >= seen:
+            return False
+        log.warning(
+            "cluster: etcd is at revision %d, behind the %d this node saw (restored or"
+            " replaced while it was away): the cluster's policies and namespace labels it"
+            " lacks are kept and written back", revision, seen,
+        )
+        self._cache_revision = 0
+        return True
 
     def read_namespaces(
         self, saved: Mapping[str, Mapping[str, str]]
@@ -178,24 +262,29 @@ class ClusterNode:
         None: the node goes on with `saved`, its own copy (the agent's namespace store, which
         each change reached as it arrived). Either way the watch begins from what is returned
         or saved, so it only brings what changed since; the handler is not called."""
+        mine = {
+            namespace_key(ns): encode_namespace_labels(labels)
+            for ns, labels in saved.items()
+            if set(labels) - {NAMESPACE_NAME_LABEL}
+        }
         try:
             items, revision = self.store.snapshot(NAMESPACES_PREFIX)
         except KVStoreError as exc:
             log.warning("cluster: namespace labels not read (%s): this node's copy stays", exc)
-            items = {
-                namespace_key(ns): encode_namespace_labels(labels)
-                for ns, labels in saved.items()
-                if set(labels) - {NAMESPACE_NAME_LABEL}
-            }
             with self._lock:
-                self._views[NAMESPACES_PREFIX] = items
+                self._views[NAMESPACES_PREFIX] = mine
             return None
+        if self._went_back(revision):
+            lost = {k: v for k, v in mine.items() if k not in items}
+            items = {**lost, **items}
+            if lost:
+                self._write_back(NAMESPACES_PREFIX, lost)
         out = {}
         for key, raw in items.items():
             try:
-                out[parse_namespace_key(key)] = decode_namespace_labels(key, raw)
+                out[parse_namespace_key(key)] = _decode_namespace(key, raw)
             except ClusterRecordError as exc:
-                self._record_error(str(exc))
+                self.refuse(key, str(exc))
         with self._lock:
             self._views[NAMESPACES_PREFIX] = dict(items)
             self.revisions[NAMESPACES_PREFIX] = revision
@@ -210,12 +299,16 @@ class ClusterNode:
         assert self._cache_path is not None
         try:
             doc = json.loads(self._cache_path.read_text())
+            revision = doc.get("revision", 0)
+            if self._cache_revision is None:
+                self._cache_revision = revision if type(revision) is int else 0
             return {
                 prefix: {k: base64.b64decode(v) for k, v in items.items()}
                 for prefix, items in doc["views"].items()
             }
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.error("cluster: the saved copy %s is unreadable: %s", self._cache_path, exc)
+            self._cache_error = f"{type(exc).__name__}: {exc}"
             return None
 
     def save_cache(self) -> None:
@@ -229,7 +322,10 @@ class ClusterNode:
                 for prefix in _CACHED
             }
             self._cache_dirty = False
-        write_atomically(self._cache_path, json.dumps({"views": views}))
+            # the etcd revision this copy was seen at (a start finding etcd behind it knows
+            # etcd lost data: `_went_back`)
+            seen = max(self._cache_revision or 0, *self.revisions.values())
+        write_atomically(self._cache_path, json.dumps({"views": views, "revision": seen}))
 
     def _heartbeat(self) -> None:
         self.session.put(HEARTBEAT_PREFIX + self.me.name, f"{self._clock():.3f}".encode())
@@ -316,10 +412,20 @@ class ClusterNode:
 
     def _on_event(self, prefix: str) -> Callable[[WatchEvent], None]:
         def handle(event: WatchEvent) -> None:
+            lost: dict[str, bytes] = {}
             with self._lock:
+                if isinstance(event, Relisted) and event.restored and prefix in _OUTLIVE_NODES:
+                    # etcd came back without records no node's lease ended: lost with its data,
+                    # not deleted. Kept here (a policy is never dropped because etcd forgot
+                    # it) and written back for every node.
+                    view = self._views[prefix]
+                    lost = {k: v for k, v in view.items() if k not in event.items}
+                    event = replace(event, items={**lost, **event.items})
                 upserts, gone = _diff(self._views[prefix], event)
                 if event.revision:
                     self.revisions[prefix] = event.revision
+            if lost:
+                self._write_back(prefix, lost)
             if not upserts and not gone:
                 return
             if prefix in _CACHED:
@@ -332,47 +438,88 @@ class ClusterNode:
             except Exception as exc:  # a bug must not stop the watch: logged and shown
                 log.exception("cluster: applying %s failed", prefix)
                 self.errors = [*self.errors[-9:], f"applying {prefix}: {exc!r}"]
+            if prefix == POLICIES_PREFIX and not isinstance(event, Relisted):
+                # saved now, not at the next heartbeat: a policy deleted while this node is
+                # down is told from one it never saw by this copy (`prime`)
+                try:
+                    self.save_cache()
+                except OSError as exc:
+                    log.error("cluster: cannot save %s: %s", self._cache_path, exc)
 
         return handle
+
+    def _write_back(self, prefix: str, lost: Mapping[str, bytes]) -> None:
+        log.warning(
+            "cluster: etcd came back without %d record(s) under %s (restored or replaced):"
+            " kept in force here and written back: %s",
+            len(lost), prefix, ", ".join(sorted(lost)),
+        )
+        for key, value in lost.items():
+            try:
+                self.store.create(key, value)  # another node's copy, written first, stays
+            except KVStoreError as exc:
+                self._record_error(f"{key}: not written back to etcd: {exc}")
 
     def _record_error(self, error: str) -> None:
         log.error("cluster: %s", error)
         self.errors = [*self.errors[-9:], error]
 
+    def refuse(self, key: str, why: str) -> None:
+        """The record at `key` is refused (`why` names it): shown in `garrison status` while
+        it is there, logged once (again only when the reason changes)."""
+        if self.refused.get(key) != why:
+            self.refused[key] = why
+            self._record_error(why)
+
+    def _decoded(
+        self, upserts: Mapping[str, bytes], decode: Callable[[str, bytes], _T]
+    ) -> dict[str, _T]:
+        """Each record decoded alone: a bad one is refused (`refuse`), the others go on."""
+        out: dict[str, _T] = {}
+        for key, raw in upserts.items():
+            try:
+                out[key] = decode(key, raw)
+            except ClusterRecordError as exc:
+                self.refuse(key, str(exc))
+            else:
+                self.refused.pop(key, None)
+        return out
+
     def _dispatch(self, prefix: str, upserts: Mapping[str, bytes], gone: list[str]) -> None:
+        for key in gone:  # a record deleted is no longer refused
+            self.refused.pop(key, None)
         if prefix == IP_PREFIX:
-            entries = []
-            for key, raw in upserts.items():
-                entry = IPEntry.decode(key, raw)
-                if entry.node != self.me.name:
-                    entries.append(entry)
-            removed = [ipaddress.IPv4Address(key.removeprefix(IP_PREFIX)) for key in gone]
+            entries = [
+                entry for entry in self._decoded(upserts, IPEntry.decode).values()
+                if entry.node != self.me.name
+            ]
+            removed = [ip for key in gone if (ip := _ip_of_key(key)) is not None]
             if entries or removed:
                 self._handler.remote_endpoints_changed(entries, removed)
         elif prefix == NODES_PREFIX:
-            nodes = [NodeRecord.decode(key, raw) for key, raw in upserts.items()]
+            nodes = self._decoded(upserts, NodeRecord.decode).values()
             others = [n for n in nodes if n.name != self.me.name]
             names = [key.removeprefix(NODES_PREFIX) for key in gone]
-            self._handler.nodes_changed(others, [n for n in names if n != self.me.name])
+            others_gone = [n for n in names if n != self.me.name]
+            if others or others_gone:
+                self._handler.nodes_changed(others, others_gone)
         elif prefix == POLICIES_PREFIX:
             policies = {
-                parse_policy_key(key): StoredPolicy.decode(key, raw) for key, raw in upserts.items()
+                parse_policy_key(key): stored
+                for key, stored in self._decoded(upserts, _decode_policy).items()
             }
-            self._handler.policies_changed(policies, [parse_policy_key(key) for key in gone])
+            removed_keys = [k for key in gone if (k := _parsed(parse_policy_key, key)) is not None]
+            if policies or removed_keys:
+                self._handler.policies_changed(policies, removed_keys)
         elif prefix == NAMESPACES_PREFIX:
             # one bad record is refused alone (its namespace keeps the labels it had here)
-            labelled: dict[str, dict[str, str]] = {}
-            for key, raw in upserts.items():
-                try:
-                    labelled[parse_namespace_key(key)] = decode_namespace_labels(key, raw)
-                except ClusterRecordError as exc:
-                    self._record_error(str(exc))
-            unlabelled = []
-            for key in gone:
-                try:
-                    unlabelled.append(parse_namespace_key(key))
-                except ClusterRecordError as exc:
-                    self._record_error(str(exc))
+            labelled = {
+                parse_namespace_key(key): labels
+                for key, labels in self._decoded(upserts, _decode_namespace).items()
+            }
+            unlabelled = [
+                ns for key in gone if (ns := _parsed(parse_namespace_key, key)) is not None
+            ]
             if labelled or unlabelled:
                 self._handler.namespaces_changed(labelled, unlabelled)
 
@@ -386,9 +533,13 @@ class ClusterNode:
     def nodes(self) -> dict[str, NodeRecord]:
         with self._lock:
             view = dict(self._views[NODES_PREFIX])
-        return {
-            key.removeprefix(NODES_PREFIX): NodeRecord.decode(key, raw) for key, raw in view.items()
-        }
+        out = {}
+        for key, raw in view.items():
+            try:
+                out[key.removeprefix(NODES_PREFIX)] = NodeRecord.decode(key, raw)
+            except ClusterRecordError:
+                continue  # refused when it arrived (`refused`)
+        return out
 
     def heartbeats(self) -> dict[str, float]:
         with self._lock:
@@ -396,9 +547,11 @@ class ClusterNode:
         out = {}
         for key, raw in view.items():
             try:
-                out[key.removeprefix(HEARTBEAT_PREFIX)] = float(raw)
+                beat = float(raw)
             except ValueError:
                 continue
+            if math.isfinite(beat):  # "inf" would be a beat forever fresh
+                out[key.removeprefix(HEARTBEAT_PREFIX)] = beat
         return out
 
     def status(self) -> dict[str, object]:
@@ -415,13 +568,19 @@ class ClusterNode:
             }
             for w in self._watches
         }
+        silent = session.silent_for()
+        error = session.last_error or (
+            f"etcd has not renewed the lease for {silent:.0f} s (no answer on an open"
+            " connection: etcd stopped, or the network to it)"
+            if silent is not None else None
+        )
         return {
             "node": self.me.name,
             "endpoints": list(self.store.endpoints),
             "connected": session.connected and all(w.connected for w in self._watches),
             "lease": f"{session.lease:x}" if session.lease is not None else None,
             "lease_ttl_s": session.ttl_s,
-            **({"error": session.last_error} if session.last_error else {}),
+            **({"error": error} if error else {}),
             "revision": max((w.next_revision or 1) - 1 for w in self._watches)
             if self._watches
             else 0,
@@ -437,6 +596,9 @@ class ClusterNode:
                 for name, node in sorted(self.nodes().items())
             },
             "errors": list(self.errors),
+            # the first few by key (a writer may fill etcd with them), and how many there are
+            **({"refused": dict(sorted(self.refused.items())[:_REFUSED_SHOWN]),
+                "refused_count": len(self.refused)} if self.refused else {}),
             **({"started_from_cache": True} if self.primed_from_cache else {}),
         }
 

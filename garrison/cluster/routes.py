@@ -73,6 +73,35 @@ class NodeRoutes:
                 ) from None
             self._routes[cidr] = via
 
+    def restore_missing(self) -> list[tuple[ipaddress.IPv4Network, str | None]]:
+        """Add again the routes this object holds that the kernel no longer has (their link
+        went down — the kernel flushes its routes — or someone deleted them); each CIDR with
+        None when added, or why not (then it is tried again at the next call)."""
+        out: list[tuple[ipaddress.IPv4Network, str | None]] = []
+        with self._lock, IPRoute() as ipr:
+            present = {
+                (route.get_attr("RTA_DST"), route.get("dst_len"), route.get_attr("RTA_GATEWAY"))
+                for route in ipr.get_routes(family=2, table=254)
+                if route.get("proto") == ROUTE_PROTO
+            }
+            for cidr, via in self._routes.items():
+                if (str(cidr.network_address), cidr.prefixlen, str(via)) in present:
+                    continue
+                if self._foreign(ipr, cidr):
+                    out.append((cidr, f"a route to {cidr} that garrison did not add exists;"
+                                      " remove it or give the node another --pod-cidr"))
+                    continue
+                try:
+                    ipr.route("replace", dst=str(cidr), gateway=str(via), proto=ROUTE_PROTO,
+                              table=254)
+                except NetlinkError as exc:
+                    out.append((cidr, f"cannot route {cidr} via {via}:"
+                                      f" {exc.args[-1] if exc.args else exc}; is {via} on a"
+                                      " directly connected network?"))
+                else:
+                    out.append((cidr, None))
+        return out
+
     def remove(self, cidr: ipaddress.IPv4Network) -> None:
         with self._lock:
             via = self._routes.pop(cidr, None)

@@ -35,6 +35,15 @@ def cluster_problems(status: Mapping[str, Any]) -> list[str]:
         out.append(str(cluster["underlay_error"]))
     if cluster.get("flow_api_error"):
         out.append(str(cluster["flow_api_error"]))
+    refused = cluster.get("refused", {})
+    for key, why in sorted(refused.items()):
+        out.append(
+            f"etcd record refused, this node ignores it: {why}; rewrite or delete it"
+            f" (etcdctl del {cluster.get('root', 'garrison/')}{key})"
+        )
+    more = int(cluster.get("refused_count", len(refused))) - len(refused)
+    if more > 0:
+        out.append(f"{more} more etcd records refused (the agent's log names each)")
     for namespace in cluster.get("namespaces_not_applied", []):
         out.append(
             f"namespace {namespace}: its new labels are stored here but some of its endpoints"

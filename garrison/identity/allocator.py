@@ -123,7 +123,15 @@ class _IdentityRecord:
     def decode(cls, key: str, raw: bytes) -> _IdentityRecord:
         try:
             doc = json.loads(raw)
-            return cls(id=int(doc["id"]), owners=frozenset(str(o) for o in doc.get("owners", ())))
+            number = doc["id"]
+            if type(number) is not int or not MIN_ENDPOINT_ID <= number <= MAX_ENDPOINT_ID:
+                # a reserved number (host, world) or a CIDR one would give an endpoint its
+                # meaning in every policy
+                raise ValueError(
+                    f"id {number!r} is not an endpoint identity"
+                    f" ({MIN_ENDPOINT_ID}-{MAX_ENDPOINT_ID})"
+                )
+            return cls(id=number, owners=frozenset(str(o) for o in doc.get("owners", ())))
         except (ValueError, KeyError, TypeError) as exc:
             raise IdentityError(f"corrupt identity record at {key!r}: {exc}") from None
 

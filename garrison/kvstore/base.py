@@ -190,11 +190,14 @@ class KeyDeleted:
 class Relisted:
     """The whole content of a watched prefix at `revision`: the first event of every watch,
     and again when the store compacted away the history the watch needed to resume (`reason`
-    says so). A consumer replaces its view with `items`; later events follow `revision`."""
+    says so). A consumer replaces its view with `items`; later events follow `revision`.
+    `restored`: the store came back behind what the watch had seen (restored from a backup,
+    wiped, replaced): keys missing from `items` may have been lost, not deleted."""
 
     items: Mapping[str, bytes]
     revision: int
     reason: str
+    restored: bool = False
 
 
 WatchEvent = KeyPut | KeyDeleted | Relisted

@@ -800,7 +800,17 @@ class EtcdSession:
 
     @property
     def connected(self) -> bool:
-        return self._lease is not None and self._ready.is_set()
+        return self._lease is not None and self._ready.is_set() and self.silent_for() is None
+
+    def silent_for(self) -> float | None:
+        """Seconds since etcd last renewed the lease when that is longer than two renewals
+        should take (an etcd that stopped answering on an open connection, a partition that
+        resets nothing: the stream neither ends nor errs), else None."""
+        renewed = self.last_renewed
+        if renewed is None or self._lease is None:
+            return None
+        silent = time.monotonic() - renewed
+        return silent if silent > 2 * max(self.ttl_s / 3, 0.5) + 1.0 else None
 
     def require_lease(self) -> int:
         lease = self._lease
@@ -999,15 +1009,16 @@ class EtcdWatch:
         except Exception:
             log.exception("etcd %s: callback failed on %r", self.name, event)
 
-    def _relist(self, reason: str) -> None:
+    def _relist(self, reason: str, *, restored: bool = False) -> None:
         items, revision = self._store.snapshot(self.prefix)
         self.relists += 1
-        self._deliver(Relisted(items=items, revision=revision, reason=reason))
+        self._deliver(Relisted(items=items, revision=revision, reason=reason, restored=restored))
         self.next_revision = revision + 1
 
     def _run(self) -> None:
         backoff = _Backoff()
         reason = "initial list"
+        restored = False
         while not self._stop.is_set():
             try:
                 if self.next_revision is not None and self.reconnects:
@@ -1021,8 +1032,10 @@ class EtcdWatch:
                         )
                         log.warning("etcd %s: %s", self.name, reason)
                         self.next_revision = None
+                        restored = True
                 if self.next_revision is None:
-                    self._relist(reason)
+                    self._relist(reason, restored=restored)
+                    restored = False
                 compacted = self._follow(backoff)
                 if compacted is not None:
                     reason = (

@@ -320,6 +320,7 @@ def test_watch_relists_when_its_history_was_compacted(store: EtcdKVStore) -> Non
     relisted = events.get(10.0)
     assert isinstance(relisted, Relisted)
     assert "compacted" in relisted.reason
+    assert not relisted.restored
     assert dict(relisted.items) == {"c/2": b"2", "c/3": b"3"}
     store.put("c/4", b"4")
     after = events.get(10.0)
@@ -460,6 +461,7 @@ def test_a_watch_relists_when_etcd_comes_back_behind_what_it_saw(own_etcd: EtcdS
         again = events.get(15.0)
         assert isinstance(again, Relisted), again
         assert "went back" in again.reason
+        assert again.restored  # keys missing may have been lost, not deleted
         # The put may land before or after the re-list: either way the view ends right.
         view = dict(again.items)
         while view != {"ip/new": b"1"}:

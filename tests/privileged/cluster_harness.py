@@ -130,8 +130,10 @@ def running_cluster(
     lease_ttl_s: int,
     pod_base: int | None = None,
     extra_args: Sequence[str] = (),
+    pod_cidrs: Sequence[str] = (),
 ) -> Iterator[dict[str, Node]]:
-    """`nodes` agents on one etcd, by name (<prefix>-n1 ...), each started; see the module."""
+    """`nodes` agents on one etcd, by name (<prefix>-n1 ...), each started; see the module.
+    `pod_cidrs`: node n's pod CIDR is the n-th (default: 198.18.<pod_base + n>.0/24)."""
     pod_base = node_base if pod_base is None else pod_base
     underlay = f"{prefix}-ul-{PID}"
     bridge = f"{prefix}-br"
@@ -145,13 +147,14 @@ def running_cluster(
         ip(underlay, "link", "add", bridge, "type", "bridge")
         ip(underlay, "addr", "add", f"{etcd_ip}/24", "dev", bridge)
         ip(underlay, "link", "set", bridge, "up")
-        etcd = EtcdServer(name=f"{prefix}-cluster", netns=underlay, host=etcd_ip)
+        etcd = EtcdServer(name=f"{prefix}-cluster", netns=underlay, host=etcd_ip,
+                          data_prefix=f"{prefix}-etcd-")
         etcd.start()
         for n in range(1, nodes + 1):
             netns = f"{prefix}-n{n}-{PID}"
             _netns_add(netns, made)
             node_ip = f"198.19.0.{node_base + n}"
-            pod_cidr = f"198.18.{pod_base + n}.0/24"
+            pod_cidr = pod_cidrs[n - 1] if pod_cidrs else f"198.18.{pod_base + n}.0/24"
             leg = f"{prefix}-u{n}"
             # the node's leg on the underlay: in the node, its peer on the bridge
             ip(netns, "link", "add", leg, "type", "veth", "peer", "name", f"{prefix}-p{n}",

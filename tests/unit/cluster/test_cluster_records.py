@@ -37,6 +37,12 @@ def test_node_and_ip_records_round_trip() -> None:
         (b'{"ip": "198.18.0.1", "identity": -1, "labels": "", "node": "n"}', "positive"),
         (b'{"ip": "198.18.0.1", "identity": "300", "labels": "", "node": "n"}', "positive"),
         (b'{"ip": "nope", "identity": 300, "labels": "", "node": "n"}', "bad ipcache entry"),
+        # this node's host, a CIDR identity (node-local), a bool: never another node's endpoint
+        (b'{"ip": "198.18.0.1", "identity": 1, "labels": "reserved:host", "node": "n"}',
+         "identity 1 is not an endpoint's"),
+        (b'{"ip": "198.18.0.1", "identity": 16777217, "labels": "", "node": "n"}',
+         "identity 16777217 is not an endpoint's"),
+        (b'{"ip": "198.18.0.1", "identity": true, "labels": "", "node": "n"}', "positive"),
         (b'{"identity": 300}', "bad ipcache entry"),
     ],
 )
@@ -133,6 +139,35 @@ def test_status_problems_name_the_cause() -> None:
         "route to node n3: a route to 198.18.203.0/24 that garrison did not add exists",
     ]
     assert "NOT CONNECTED" in cluster_lines(data)[0]
+
+
+def test_a_refused_record_is_a_problem_naming_its_key_and_the_fix() -> None:
+    data = cluster_status(
+        root="garrison/", refused={"state/nodes/v1/x": "state/nodes/v1/x: not JSON: bad"}
+    )
+    assert cluster_problems(data) == [
+        "etcd record refused, this node ignores it: state/nodes/v1/x: not JSON: bad; rewrite"
+        " or delete it (etcdctl del garrison/state/nodes/v1/x)"
+    ]
+    data["cluster"]["refused_count"] = 5001
+    assert cluster_problems(data)[-1] == (
+        "5000 more etcd records refused (the agent's log names each)"
+    )
+
+
+def test_a_node_record_under_another_node_s_key_is_refused() -> None:
+    record = NodeRecord("n1", ipaddress.IPv4Address("198.19.0.201"),
+                        ipaddress.IPv4Network("198.18.201.0/24"))
+    assert NodeRecord.decode(record.key, record.encode()) == record
+    with pytest.raises(ClusterRecordError, match="its name 'n1' is not its key's"):
+        NodeRecord.decode("state/nodes/v1/n2", record.encode())
+
+
+def test_an_ip_entry_under_another_address_s_key_is_refused() -> None:
+    """Its deletion would remove the key's address, not the one it set: it would outlive it."""
+    entry = IPEntry(ipaddress.IPv4Address("198.18.201.10"), 300, "k8s:app=a", "n1", "ep")
+    with pytest.raises(ClusterRecordError, match=r"its address 198\.18\.201\.10 is not its key.s"):
+        IPEntry.decode("state/ip/v1/198.18.201.11", entry.encode())
 
 
 def test_identities_to_learn_adds_new_keeps_known_and_replaces_reused_numbers() -> None:
