@@ -26,3 +26,14 @@ def test_a_duration_too_long_is_a_usage_error(capfd: pytest.CaptureFixture[str],
 def test_a_long_duration_still_reads() -> None:
     assert main(["observe", "--input-file", str(DEMO), "--since", "2562047h", "--first",
                  "1", "-o", "json"]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--http-path", "--http-url"])
+def test_a_bad_regular_expression_is_one_line(capfd: pytest.CaptureFixture[str],
+                                             flag: str) -> None:
+    # RE2's C++ logger wrote two lines of its own to the terminal, and the reason was bytes
+    rc = main(["observe", "--input-file", str(DEMO), flag, "/v1/(exhaust"])
+    out, err = capfd.readouterr()
+    assert (rc, out) == (2, "")
+    assert err == (f"garrison: {flag} '/v1/(exhaust': not a regular expression (RE2 syntax, "
+                   "as Hubble's): missing ): /v1/(exhaust\n")
