@@ -553,6 +553,9 @@ def _follow(args: argparse.Namespace, query: FlowQuery, printer: Printer,
             raise UsageError("--follow reads one file: give one --input-file PATH (not -)")
         path = args.input_file[0]
         compiled = query.compile()
+        if log_files(path, include_backups=False)[0].compressed:
+            raise UsageError(f"--follow: access log {path} is compressed, a rotated backup "
+                             "that no longer grows: read it without --follow")
         follower = LogFollower(path, start_at_end=not backlog)
         try:
             pending = follower.poll()

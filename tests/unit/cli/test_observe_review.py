@@ -3,6 +3,11 @@ one line naming the flag and the fix, exit status 2, nothing else on the termina
 
 from __future__ import annotations
 
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from garrison.cli.main import main
@@ -37,3 +42,17 @@ def test_a_bad_regular_expression_is_one_line(capfd: pytest.CaptureFixture[str],
     assert (rc, out) == (2, "")
     assert err == (f"garrison: {flag} '/v1/(exhaust': not a regular expression (RE2 syntax, "
                    "as Hubble's): missing ): /v1/(exhaust\n")
+
+
+def test_follow_refuses_a_compressed_backup(tmp_path: Path) -> None:
+    # it printed the gzip bytes as lines that were "not a flow record (not JSON: ...)", then
+    # waited forever for a file that never grows (so: a real process, with a timeout)
+    backup = tmp_path / "access.log.2.gz"
+    backup.write_bytes(gzip.compress(DEMO.read_bytes()))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from garrison.cli.main import main; "
+         "sys.exit(main(sys.argv[1:]))", "observe", "--input-file", str(backup), "--last", "2",
+         "--follow"], capture_output=True, text=True, timeout=30, check=False)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"garrison: --follow: access log {backup} is compressed, a rotated "
+                           "backup that no longer grows: read it without --follow\n")
