@@ -382,6 +382,13 @@ class Printer:
         if fmt == "json":
             text = line if self.mask is None else orjson.dumps(self.mask.apply(d))
             self._chunk.append(text + b"\n")
+        elif fmt == "jsonpb":  # Hubble's GetFlowsResponse: {"flow", "node_name", "time"}
+            text = line if self.mask is None else orjson.dumps(self.mask.apply(d))
+            node, when = d.get("node_name"), d.get("time")
+            tail = b',"node_name":' + orjson.dumps(node) if isinstance(node, str) and node else b""
+            if isinstance(when, str):
+                tail += b',"time":' + orjson.dumps(when)
+            self._chunk.append(b'{"flow":' + text + tail + b"}\n")
         elif fmt == "compact":
             self._chunk.append(render_compact_flow(d, self.options).encode() + b"\n")
         elif fmt == "dict":
@@ -487,7 +494,7 @@ def observe(args: argparse.Namespace) -> int:
     if args.print_raw_filters:
         sys.stdout.write(_raw_filters_yaml(query))
         return EXIT_OK
-    mask = _mask(args, ("json", "dict"))
+    mask = _mask(args, ("json", "jsonpb", "dict"))
     out = sys.stdout.buffer
     options = RenderOptions(
         node_name=args.print_node_name,
@@ -753,14 +760,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _sources(p)
     add_filter_flags(p)
     out = p.add_argument_group("output")
-    out.add_argument("-o", "--output", choices=["compact", "json", "dict", "table"],
+    out.add_argument("-o", "--output", choices=["compact", "json", "jsonpb", "dict", "table"],
                      default="compact",
-                     help="compact: Hubble's one-line form; json: one record per line; dict: "
-                     "one field per line; table: columns (default: %(default)s)")
+                     help="compact: Hubble's one-line form; json: one record per line, as "
+                     "logged; jsonpb: as Hubble's -o json/jsonpb ({\"flow\": RECORD, "
+                     "\"node_name\", \"time\"}); dict: one field per line; table: columns "
+                     "(default: %(default)s)")
     out.add_argument("-f", "--follow", action="store_true",
                      help="keep printing new records (a file across rotation, or the agent)")
     out.add_argument("--field-mask", action="append", metavar="PATHS",
-                     help="only these fields (time,source.pod_name,l7.http), for -o json/dict")
+                     help="only these fields (time,source.pod_name,l7.http), for -o "
+                     "json/jsonpb/dict")
     out.add_argument("--print-policy-names", action="store_true",
                      help="name the policy rules that allowed or denied")
     out.add_argument("--print-node-name", action="store_true", help="show the node name")

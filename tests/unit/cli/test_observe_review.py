@@ -4,6 +4,7 @@ one line naming the flag and the fix, exit status 2, nothing else on the termina
 from __future__ import annotations
 
 import gzip
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,29 @@ def test_follow_refuses_a_compressed_backup(tmp_path: Path) -> None:
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == (f"garrison: --follow: access log {backup} is compressed, a rotated "
                            "backup that no longer grows: read it without --follow\n")
+
+
+def test_jsonpb_is_hubbles_get_flows_response(capfd: pytest.CaptureFixture[str],
+                                              tmp_path: Path) -> None:
+    # `hubble observe -o jsonpb` (and Hubble's -o json) print a GetFlowsResponse per flow, so
+    # scripts read `.flow`; garrison refused -o jsonpb as an invalid choice
+    on_node = next(line for line in DEMO.read_text().splitlines() if '"deathstar-plans"' in line)
+    first = json.loads(on_node)
+    assert first["node_name"] == "vm"
+    no_node = json.dumps({k: v for k, v in first.items() if k != "node_name"})
+    log = tmp_path / "access.log"
+    log.write_text(on_node + "\n" + no_node + "\n")
+    rc = main(["observe", "--input-file", str(log), "-o", "jsonpb"])
+    out, err = capfd.readouterr()
+    assert (rc, err) == (0, "")
+    assert out.splitlines() == [
+        '{"flow":' + on_node + ',"node_name":"vm","time":"' + first["time"] + '"}',
+        '{"flow":' + no_node + ',"time":"' + first["time"] + '"}',
+    ]
+    rc = main(["observe", "--input-file", str(log), "-o", "jsonpb", "--first", "1",
+               "--field-mask", "verdict,l7.kafka.topic"])
+    out, err = capfd.readouterr()
+    assert (rc, err) == (0, "")
+    assert json.loads(out) == {"flow": {"verdict": "DROPPED",
+                                        "l7": {"kafka": {"topic": "deathstar-plans"}}},
+                               "node_name": "vm", "time": first["time"]}
