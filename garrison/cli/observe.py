@@ -34,6 +34,7 @@ from garrison.cli.flow_api_args import add_flow_api_reader_flags, flow_api_reade
 from garrison.cli.flowargs import add_filter_flags, build_query
 from garrison.cli.kvstore_args import add_etcd_client_flags
 from garrison.flows.export import FieldMask, FieldMaskError, csv_header, csv_row
+from garrison.flows.flowdict import not_a_record
 from garrison.flows.query import CompiledQuery, FilterError, FlowQuery
 from garrison.flows.reader import FlowSourceError, LogFollower, log_files, open_lines
 from garrison.flows.render import (
@@ -100,10 +101,9 @@ def _decode(line: bytes, where: Callable[[], str], stats: ReadStats) -> dict[str
     if not isinstance(d, dict):
         stats.bad_line(where(), "not a JSON object")
         return None
-    # every flow record has both (Hubble's too): without them it is some other JSON
-    missing = [k for k in ("time", "verdict") if not isinstance(d.get(k), str)]
-    if missing:
-        stats.bad_line(where(), f"a JSON object without {' and '.join(map(repr, missing))}")
+    why = not_a_record(d)
+    if why is not None:
+        stats.bad_line(where(), why)
         return None
     return d
 

@@ -12,6 +12,14 @@ from typing import Any
 FlowDict = Mapping[str, Any]
 
 
+def not_a_record(d: Mapping[str, Any]) -> str | None:
+    """Why a JSON object is no flow record, or None: every record (Hubble's too) has a
+    `time` and a `verdict` as text; without them it is some other JSON (a line of another
+    tool's log, a config). `observe` and the review page skip such a line alike."""
+    missing = [k for k in ("time", "verdict") if not isinstance(d.get(k), str)]
+    return f"a JSON object without {' and '.join(map(repr, missing))}" if missing else None
+
+
 def obj(d: Any, key: str) -> Mapping[str, Any]:
     value = d.get(key) if isinstance(d, Mapping) else None
     return value if isinstance(value, Mapping) else {}

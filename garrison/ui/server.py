@@ -203,7 +203,7 @@ class Handler(BaseHTTPRequestHandler):
         store, config = self.server.store, self.server.config
         self._json({
             "source": config.source,
-            "records": len(store),
+            "records": len(store) - store.stats.bad,  # the store keeps skipped lines too
             "skipped": store.stats.bad,
             "skipped_samples": store.stats.samples,
             "policies": config.policies_from,
@@ -239,6 +239,7 @@ class Handler(BaseHTTPRequestHandler):
         found, next_before, complete = store.page(query, before, limit, SCAN_LIMIT)
         self._json({
             "total": len(store),
+            "records": len(store) - store.stats.bad,
             "flows": [row(seq, d) for seq, d in found],
             "next_before": next_before,
             "complete": complete,

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from garrison.flows.flowdict import not_a_record
 from garrison.flows.mapscan import MapScan
 from garrison.flows.query import CompiledQuery
 from garrison.flows.reader import FlowSourceError, LogFile, log_files, open_lines
@@ -79,6 +80,9 @@ def decode(line: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, f"not JSON: {exc}"
     if not isinstance(d, dict):
         return None, "not a JSON object"
+    why = not_a_record(d)
+    if why is not None:
+        return None, why
     return d, ""
 
 

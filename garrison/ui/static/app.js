@@ -390,7 +390,7 @@ async function loadFlows(fresh) {
     for (const f of data.flows) body.append(flowRow(f));
     state.oldest = data.next_before;
     more.hidden = data.complete;
-    status.textContent = `${body.children.length} shown of ${data.total} records` +
+    status.textContent = `${body.children.length} shown of ${data.records} records` +
       (data.complete ? "" : " (more below)") +
       (data.loading ? " — still reading the log: reload for the newest" : "");
   } catch (err) {

@@ -1,0 +1,44 @@
+"""Valid JSON that is no flow record (a line of another tool's log, a config) on the review
+page: not a row, not a record of the map, and named among the skipped lines, as
+`garrison observe` names it (tests/unit/cli/test_observe.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from garrison.cli.main import main
+from garrison.ui.app import Listen, ReviewApp, file_source
+from tests.unit.ui.test_server import DEMO, get_json
+
+OTHER = ['{"level": "info", "msg": "agent started"}', '{"time": "x"}',
+         '{"verdict": 5, "time": 7}']
+
+
+def test_json_that_is_no_record_is_skipped_as_observe_skips_it(tmp_path: Path,
+                                                               capsys: object) -> None:
+    log = tmp_path / "access.log"
+    good = DEMO.read_text().splitlines()[:3]
+    log.write_text("\n".join([good[0], OTHER[0], good[1], OTHER[1], OTHER[2], good[2]]) + "\n")
+    review = ReviewApp(file_source([str(log)]), Listen("127.0.0.1", 0))
+    review.start()
+    try:
+        assert review.wait_loaded(10)
+        info = get_json(review, "/api/info")
+        assert (info["records"], info["skipped"]) == (3, 3)
+        assert info["skipped_samples"] == [
+            f"{log}:2: not a flow record (a JSON object without 'time' and 'verdict')",
+            f"{log}:4: not a flow record (a JSON object without 'verdict')",
+            f"{log}:5: not a flow record (a JSON object without 'time' and 'verdict')",
+        ]
+        rows = get_json(review, "/api/flows?limit=50")["flows"]
+        assert [row["record"] for row in rows] == [json.loads(line) for line in good[::-1]]
+        assert "UNKNOWN" not in {row["type"] for row in rows}
+        the_map = get_json(review, "/api/map")
+        assert (the_map["records"], the_map["skipped"]) == (3, 3)
+        assert sorted(node["name"] for node in the_map["nodes"]) == [
+            "deathstar", "tiefighter", "xwing"]  # no node of nobody for the other JSON
+    finally:
+        review.stop()
+    # what observe says of the same log
+    assert main(["observe", "--input-file", str(log), "-o", "json"]) == 1
