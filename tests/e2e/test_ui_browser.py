@@ -313,14 +313,17 @@ def test_broken_lines_and_an_empty_log(workdir: Path, browser: Browser) -> None:
     for path, note, rows in ((broken, "3 records, 3 nodes, 2 edges; 3 lines were no flow "
                               "record and were skipped", 3),
                              (empty, "No flow records in this log yet.", 0)):
+        # the skipped lines are not counted as records (they were: "3 shown of 6 records")
+        source = f"{path} · {rows} records" + (" · 3 lines skipped" if rows else "")
         url, proc = start_ui(["--input-file", str(path)])
         try:
             page = browser.page()
             page.goto(url)
             expect(page.locator("#map-note")).to_have_text(note)
             page.goto(url + "?view=flows")
-            expect(page.locator("#flows-status")).to_contain_text("shown of")
+            expect(page.locator("#flows-status")).to_have_text(f"{rows} shown of {rows} records")
             expect(page.locator("#flows tbody tr")).to_have_count(rows)
+            expect(page.locator("#source")).to_have_text(source)
             page.close()
         finally:
             stop_ui(proc)
