@@ -83,3 +83,65 @@ def test_jsonpb_is_hubbles_get_flows_response(capfd: pytest.CaptureFixture[str],
     assert json.loads(out) == {"flow": {"verdict": "DROPPED",
                                         "l7": {"kafka": {"topic": "deathstar-plans"}}},
                                "node_name": "vm", "time": first["time"]}
+
+
+HOSTILE_RECORD = {
+    "time": "2026-12-05T11:59:42.390661376Z", "verdict": "DROPPED", "Type": "L7",
+    "is_reply": False,
+    "source": {"identity": 257, "namespace": "default", "pod_name": "tie\x1b[1mfighter\nfake"},
+    "destination": {"identity": 256, "namespace": "default", "pod_name": "deathstar"},
+    "l7": {"type": "REQUEST", "http": {"method": "PUT", "url": "http://d/\x1b]0;pwned\x07"}},
+    "Summary": "HTTP/1.1 PUT http://d/\x1b[2K\rFORWARDED\x9b31m\u202eup",
+}
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("compact", [
+        "Dec  5 11:59:42.390: default/tie\\x1b[1mfighter\\nfake (ID:257) -> default/deathstar "
+        "(ID:256) http-request DROPPED (HTTP/1.1 PUT http://d/\\x1b[2K\\rFORWARDED\\x9b31m"
+        "\\u202eup)"]),
+    ("dict", [
+        "  TIMESTAMP: Dec  5 11:59:42.390",
+        "     SOURCE: default/tie\\x1b[1mfighter\\nfake (ID:257)",
+        "DESTINATION: default/deathstar (ID:256)",
+        "       TYPE: http-request",
+        "    VERDICT: DROPPED",
+        "    SUMMARY: HTTP/1.1 PUT http://d/\\x1b[2K\\rFORWARDED\\x9b31m\\u202eup",
+        "------------"]),
+    ("table", [
+        "TIMESTAMP            SOURCE                                    DESTINATION         "
+        "        TYPE          VERDICT  SUMMARY",
+        "Dec  5 11:59:42.390  default/tie\\x1b[1mfighter\\nfake (ID:257)  default/deathstar "
+        "(ID:256)  http-request  DROPPED  HTTP/1.1 PUT http://d/\\x1b[2K\\rFORWARDED\\x9b31m"
+        "\\u202eup"]),
+])
+def test_control_characters_from_the_log_never_reach_the_terminal(
+        capfd: pytest.CaptureFixture[str], tmp_path: Path, output: str,
+        expected: list[str]) -> None:
+    # a path or a name in a record is the client's: raw, an escape sequence cleared the line,
+    # a CR wrote FORWARDED over DROPPED and a newline forged a line of its own (Hubble escapes
+    # them too)
+    log = tmp_path / "access.log"
+    log.write_text(json.dumps(HOSTILE_RECORD) + "\n")
+    for color in ("never", "always"):
+        rc = main(["observe", "--input-file", str(log), "-o", output, "--color", color])
+        out, err = capfd.readouterr()
+        assert (rc, err) == (0, "")
+        if color == "always" and output != "table":
+            assert "\x1b[31mDROPPED\x1b[0m" in out  # garrison's own colour stays
+            out = out.replace("\x1b[31mDROPPED\x1b[0m", "DROPPED")
+        assert out.splitlines() == expected
+
+
+def test_summary_shows_control_characters_as_escapes(capfd: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_text(json.dumps(HOSTILE_RECORD) + "\n")
+    rc = main(["accesslog", "summary", "--input-file", str(log), "--color", "never"])
+    out, err = capfd.readouterr()
+    assert (rc, err) == (0, "")
+    assert "\x1b" not in out and "\x9b" not in out and "\u202e" not in out
+    top = out.split("Top denied (1 of 1 groups)\n")[1].splitlines()
+    assert top[1].split()[:4] == ["1", "default/tie\\x1b[1mfighter\\nfake", "(ID:257)",
+                                  "default/deathstar"]
+    assert "PUT /\\x1b]0;pwned\\x07" in top[1]
