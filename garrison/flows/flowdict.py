@@ -16,8 +16,14 @@ def not_a_record(d: Mapping[str, Any]) -> str | None:
     """Why a JSON object is no flow record, or None: every record (Hubble's too) has a
     `time` and a `verdict` as text; without them it is some other JSON (a line of another
     tool's log, a config). `observe` and the review page skip such a line alike."""
-    missing = [k for k in ("time", "verdict") if not isinstance(d.get(k), str)]
-    return f"a JSON object without {' and '.join(map(repr, missing))}" if missing else None
+    missing = [k for k in ("time", "verdict") if k not in d]
+    mistyped = [k for k in ("time", "verdict") if k in d and not isinstance(d[k], str)]
+    if not missing and not mistyped:
+        return None
+    parts = [f"without {' and '.join(map(repr, missing))}"] if missing else []
+    if mistyped:
+        parts.append(f"with {' and '.join(map(repr, mistyped))} not text")
+    return f"a JSON object {', '.join(parts)}"
 
 
 def obj(d: Any, key: str) -> Mapping[str, Any]:

@@ -145,3 +145,19 @@ def test_summary_shows_control_characters_as_escapes(capfd: pytest.CaptureFixtur
     assert top[1].split()[:4] == ["1", "default/tie\\x1b[1mfighter\\nfake", "(ID:257)",
                                   "default/deathstar"]
     assert "PUT /\\x1b]0;pwned\\x07" in top[1]
+
+
+def test_a_record_with_a_time_that_is_no_text_is_named_so(capfd: pytest.CaptureFixture[str],
+                                                         tmp_path: Path) -> None:
+    # it said "a JSON object without 'time' and 'verdict'" of a line that has both
+    log = tmp_path / "access.log"
+    log.write_text('{"verdict": 5, "time": 7}\n{"time": 7}\n')
+    rc = main(["observe", "--input-file", str(log)])
+    out, err = capfd.readouterr()
+    assert (rc, out) == (1, "")
+    assert err.splitlines() == [
+        f"garrison: {log}:1: not a flow record (a JSON object with 'time' and 'verdict' not "
+        "text); skipped",
+        f"garrison: {log}:2: not a flow record (a JSON object without 'verdict', with 'time' "
+        "not text); skipped",
+    ]

@@ -12,7 +12,7 @@ from garrison.ui.app import Listen, ReviewApp, file_source
 from tests.unit.ui.test_server import DEMO, get_json
 
 OTHER = ['{"level": "info", "msg": "agent started"}', '{"time": "x"}',
-         '{"verdict": 5, "time": 7}']
+         '{"verdict": 5, "time": 7}']  # the last one said "without 'time' and 'verdict'"
 
 
 def test_json_that_is_no_record_is_skipped_as_observe_skips_it(tmp_path: Path,
@@ -29,7 +29,7 @@ def test_json_that_is_no_record_is_skipped_as_observe_skips_it(tmp_path: Path,
         assert info["skipped_samples"] == [
             f"{log}:2: not a flow record (a JSON object without 'time' and 'verdict')",
             f"{log}:4: not a flow record (a JSON object without 'verdict')",
-            f"{log}:5: not a flow record (a JSON object without 'time' and 'verdict')",
+            f"{log}:5: not a flow record (a JSON object with 'time' and 'verdict' not text)",
         ]
         rows = get_json(review, "/api/flows?limit=50")["flows"]
         assert [row["record"] for row in rows] == [json.loads(line) for line in good[::-1]]
