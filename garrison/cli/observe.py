@@ -600,6 +600,10 @@ def summary(args: argparse.Namespace) -> int:
     from garrison.flows.summary import RuleKey, SummaryBuilder, SummaryConfig, rule_keys
 
     query = build_query(args)
+    if args.interval is not None and args.interval < 1:
+        raise UsageError(f"--interval {args.interval}: expected 1 or more seconds")
+    if args.top < 0:
+        raise UsageError(f"--top {args.top}: expected 0 or more groups")
     _check_cluster_flags(args)  # before the agent is asked for its rules
     if args.what_if:
         return _what_if(args, query)

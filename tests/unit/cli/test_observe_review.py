@@ -161,3 +161,16 @@ def test_a_record_with_a_time_that_is_no_text_is_named_so(capfd: pytest.CaptureF
         f"garrison: {log}:2: not a flow record (a JSON object without 'verdict', with 'time' "
         "not text); skipped",
     ]
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--interval", "0", "--interval 0: expected 1 or more seconds"),
+    ("--interval", "-5", "--interval -5: expected 1 or more seconds"),
+    ("--top", "-1", "--top -1: expected 0 or more groups"),
+])
+def test_summary_names_the_flag_of_a_bad_number(capfd: pytest.CaptureFixture[str], flag: str,
+                                                value: str, message: str) -> None:
+    # it named the code's field: "garrison: interval_s must be 1 or more, not 0"
+    rc = main(["accesslog", "summary", "--input-file", str(DEMO), f"{flag}={value}"])
+    out, err = capfd.readouterr()
+    assert (rc, out, err) == (2, "", f"garrison: {message}\n")
