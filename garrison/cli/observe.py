@@ -42,6 +42,7 @@ from garrison.flows.render import (
     render_compact_flow,
     render_dict_flow,
     render_table,
+    safe_text,
     table_header,
     table_row,
 )
@@ -539,7 +540,7 @@ class _MaskedDictPrinter(Printer):
             found, value = lookup(d, path)
             if found:
                 text = value if isinstance(value, str) else orjson.dumps(value).decode()
-                lines.append(f"{'.'.join(path)}: {text}")
+                lines.append(safe_text(f"{'.'.join(path)}: {text}"))
         self._chunk.append(("\n".join(lines) + "\n------------\n").encode())
 
 

@@ -174,3 +174,18 @@ def test_summary_names_the_flag_of_a_bad_number(capfd: pytest.CaptureFixture[str
     rc = main(["accesslog", "summary", "--input-file", str(DEMO), f"{flag}={value}"])
     out, err = capfd.readouterr()
     assert (rc, out, err) == (2, "", f"garrison: {message}\n")
+
+
+def test_dict_with_a_field_mask_escapes_control_characters(capfd: pytest.CaptureFixture[str],
+                                                           tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_text(json.dumps(HOSTILE_RECORD) + "\n")
+    rc = main(["observe", "--input-file", str(log), "-o", "dict", "--field-mask",
+               "Summary,source.pod_name"])
+    out, err = capfd.readouterr()
+    assert (rc, err) == (0, "")
+    assert out.splitlines() == [
+        "Summary: HTTP/1.1 PUT http://d/\\x1b[2K\\rFORWARDED\\x9b31m\\u202eup",
+        "source.pod_name: tie\\x1b[1mfighter\\nfake",
+        "------------",
+    ]
