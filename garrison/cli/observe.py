@@ -34,7 +34,7 @@ from garrison.cli.flow_api_args import add_flow_api_reader_flags, flow_api_reade
 from garrison.cli.flowargs import add_filter_flags, build_query
 from garrison.cli.kvstore_args import add_etcd_client_flags
 from garrison.flows.export import FieldMask, FieldMaskError, csv_header, csv_row
-from garrison.flows.flowdict import not_a_record
+from garrison.flows.flowdict import flow_of, not_a_record
 from garrison.flows.query import CompiledQuery, FilterError, FlowQuery
 from garrison.flows.reader import FlowSourceError, LogFollower, log_files, open_lines
 from garrison.flows.render import (
@@ -94,19 +94,27 @@ class ReadStats:
 
 
 def _decode(line: bytes, where: Callable[[], str], stats: ReadStats) -> dict[str, Any] | None:
+    return _decode_flow(line, where, stats)[0]
+
+
+def _decode_flow(line: bytes, where: Callable[[], str],
+                 stats: ReadStats) -> tuple[dict[str, Any] | None, bytes]:
+    """The record of a line (None: it is no record, and `stats` says why) and its own line:
+    of Hubble's `{"flow": ...}`, the flow's."""
     try:
-        d = orjson.loads(line)
+        outer = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         stats.bad_line(where(), f"not JSON: {exc}")
-        return None
-    if not isinstance(d, dict):
+        return None, line
+    if not isinstance(outer, dict):
         stats.bad_line(where(), "not a JSON object")
-        return None
+        return None, line
+    d = flow_of(outer)
     why = not_a_record(d)
     if why is not None:
         stats.bad_line(where(), why)
-        return None
-    return d
+        return None, line
+    return d, line if d is outer else orjson.dumps(d)
 
 
 def matches_in_lines(
@@ -118,9 +126,9 @@ def matches_in_lines(
     for count, line in enumerate(lines, 1):
         if not may_match(line):
             continue
-        d = _decode(line, lambda n=count: f"{name}:{n}", stats)  # type: ignore[misc]
+        d, own = _decode_flow(line, lambda n=count: f"{name}:{n}", stats)  # type: ignore[misc]
         if d is not None and matches(d):
-            yield d, line
+            yield d, own
     stats.read += count
 
 

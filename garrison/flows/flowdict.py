@@ -12,6 +12,14 @@ from typing import Any
 FlowDict = Mapping[str, Any]
 
 
+def flow_of(d: dict[str, Any]) -> dict[str, Any]:
+    """The flow record a JSON line holds: the object itself, or the `flow` of Hubble's
+    `GetFlowsResponse` (`{"flow": {...}, "node_name": ..., "time": ...}`), which
+    `hubble observe -o json`/`jsonpb`, Hubble's exporter and `observe -o jsonpb` write."""
+    inner = d.get("flow")
+    return inner if type(inner) is dict and "verdict" not in d else d
+
+
 def not_a_record(d: Mapping[str, Any]) -> str | None:
     """Why a JSON object is no flow record, or None: every record (Hubble's too) has a
     `time` and a `verdict` as text; without them it is some other JSON (a line of another

@@ -39,7 +39,7 @@ import orjson
 from msgspec import UNSET, Meta, Struct, UnsetType
 from msgspec.structs import replace
 
-from garrison.flows.flowdict import not_a_record
+from garrison.flows.flowdict import flow_of, not_a_record
 from garrison.flows.servicemap import ServiceMapBuilder, record_time
 
 # orjson makes a float of an integer past 64 bits, which the map reads as no number (msgspec
@@ -274,6 +274,7 @@ class MapScan:
             if type(flow) is not dict:
                 bad.append((index, "not a JSON object"))
                 continue
+            flow = flow_of(flow)
             why = not_a_record(flow)
             if why is not None:
                 bad.append((index, why))

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from garrison.flows.flowdict import not_a_record
+from garrison.flows.flowdict import flow_of, not_a_record
 from garrison.flows.mapscan import MapScan
 from garrison.flows.query import CompiledQuery
 from garrison.flows.reader import FlowSourceError, LogFile, log_files, open_lines
@@ -80,6 +80,7 @@ def decode(line: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, f"not JSON: {exc}"
     if not isinstance(d, dict):
         return None, "not a JSON object"
+    d = flow_of(d)
     why = not_a_record(d)
     if why is not None:
         return None, why

@@ -189,3 +189,26 @@ def test_dict_with_a_field_mask_escapes_control_characters(capfd: pytest.Capture
         "source.pod_name: tie\\x1b[1mfighter\\nfake",
         "------------",
     ]
+
+
+def test_hubble_get_flows_responses_read_as_their_flows(capfd: pytest.CaptureFixture[str],
+                                                        tmp_path: Path) -> None:
+    # what `hubble observe -o json` and Hubble's exporter write ({"flow": ...}), and
+    # `observe -o jsonpb` too, was "not a flow record (a JSON object without 'verdict')"
+    assert main(["observe", "--input-file", str(DEMO), "-o", "jsonpb"]) == 0
+    wrapped = tmp_path / "hubble.json"
+    wrapped.write_text(capfd.readouterr().out)
+    for output in ("compact", "json", "jsonpb"):
+        assert main(["observe", "--input-file", str(DEMO), "-o", output]) == 0
+        expected = capfd.readouterr().out
+        rc = main(["observe", "--input-file", str(wrapped), "-o", output])
+        out, err = capfd.readouterr()
+        assert (rc, err) == (0, "")
+        assert out == expected
+    rc = main(["observe", "--input-file", str(wrapped), "--verdict", "DROPPED", "--to-pod",
+               "deathstar", "-o", "json"])
+    out, err = capfd.readouterr()
+    assert (rc, err) == (0, "")
+    assert out.splitlines() == [line for line in DEMO.read_text().splitlines()
+                                if '"verdict":"DROPPED"' in line and
+                                '"destination":{"identity":256' in line]

@@ -42,3 +42,29 @@ def test_json_that_is_no_record_is_skipped_as_observe_skips_it(tmp_path: Path,
         review.stop()
     # what observe says of the same log
     assert main(["observe", "--input-file", str(log), "-o", "json"]) == 1
+
+
+def test_hubble_get_flows_responses_are_their_flows(tmp_path: Path, capsys: object) -> None:
+    """`{"flow": ..., "node_name", "time"}` lines (Hubble's -o json, its exporter, `observe -o
+    jsonpb`) are the page's records, as they are observe's."""
+    wrapped = tmp_path / "hubble.json"
+    wrapped.write_text("".join(
+        json.dumps({"flow": json.loads(line), "node_name": "vm", "time": json.loads(line)["time"]})
+        + "\n" for line in DEMO.read_text().splitlines() if line.strip()))
+    plain = tmp_path / "access.log"
+    plain.write_bytes(DEMO.read_bytes())
+    answers = []
+    for log in (plain, wrapped):
+        review = ReviewApp(file_source([str(log)]), Listen("127.0.0.1", 0))
+        review.start()
+        try:
+            assert review.wait_loaded(10)
+            info = get_json(review, "/api/info")
+            the_map = get_json(review, "/api/map")
+            rows = get_json(review, "/api/flows?limit=500")["flows"]
+            answers.append(((info["records"], info["skipped"]), the_map["nodes"],
+                            the_map["edges"], [row["record"] for row in rows]))
+        finally:
+            review.stop()
+    assert answers[0][0] == (81, 0)
+    assert answers[1] == answers[0]
