@@ -68,3 +68,23 @@ def test_hubble_get_flows_responses_are_their_flows(tmp_path: Path, capsys: obje
             review.stop()
     assert answers[0][0] == (81, 0)
     assert answers[1] == answers[0]
+
+
+def test_rows_show_control_characters_as_observe_does(tmp_path: Path, capsys: object) -> None:
+    """A row's columns are observe's table cells: a client's ESC, CR, LF or U+202E (which
+    made the browser show the rest of the path reversed) read as escapes."""
+    from tests.unit.cli.test_observe_review import HOSTILE_RECORD
+
+    log = tmp_path / "access.log"
+    log.write_text(json.dumps(HOSTILE_RECORD) + "\n")
+    review = ReviewApp(file_source([str(log)]), Listen("127.0.0.1", 0))
+    review.start()
+    try:
+        assert review.wait_loaded(10)
+        (row,) = get_json(review, "/api/flows?limit=5")["flows"]
+    finally:
+        review.stop()
+    assert (row["source"], row["destination"], row["summary"]) == (
+        "default/tie\\x1b[1mfighter\\nfake (ID:257)", "default/deathstar (ID:256)",
+        "HTTP/1.1 PUT http://d/\\x1b[2K\\rFORWARDED\\x9b31m\\u202eup")
+    assert row["record"] == HOSTILE_RECORD  # the detail pane: the record itself, as JSON
