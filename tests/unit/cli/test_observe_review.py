@@ -212,3 +212,25 @@ def test_hubble_get_flows_responses_read_as_their_flows(capfd: pytest.CaptureFix
     assert out.splitlines() == [line for line in DEMO.read_text().splitlines()
                                 if '"verdict":"DROPPED"' in line and
                                 '"destination":{"identity":256' in line]
+
+
+@pytest.mark.parametrize("stamp", ["2026-02-30T00:00:00Z", "2026-12-05T25:00:00Z",
+                                   "0001-01-01T00:00:00+14:00"])
+@pytest.mark.parametrize("extra", [[], ["--since", "2026-01-01"], ["-o", "table"]])
+def test_a_time_that_is_no_date_is_shown_as_unknown(capfd: pytest.CaptureFixture[str],
+                                                    tmp_path: Path, stamp: str,
+                                                    extra: list[str]) -> None:
+    # February 30th ended observe in a traceback (ValueError from datetime)
+    good = DEMO.read_text().splitlines()[0]
+    log = tmp_path / "access.log"
+    log.write_text(json.dumps({"time": stamp, "verdict": "DROPPED"}) + "\n" + good + "\n")
+    rc = main(["observe", "--input-file", str(log), *extra])
+    out, err = capfd.readouterr()
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    if extra[:1] == ["--since"]:
+        assert len(lines) == 1 and lines[0].startswith("Dec  5 11:59:")  # outside any bound
+    elif extra:
+        assert lines[1].startswith("-  ") and lines[2].startswith("Dec  5 11:59:")
+    else:
+        assert lines[0] == "-: - (unknown) <> - (unknown) UNKNOWN DROPPED ()"
