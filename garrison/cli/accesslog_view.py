@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from garrison.flows.render import render_time
+from garrison.flows.render import render_time, safe_text
 from garrison.flows.summary import AccessLogSummary, QuietSpan, RateSeries, VerdictCounts
 from garrison.flows.whatif import WhatIfReport
 
@@ -100,9 +100,9 @@ def _top_denied(summary: AccessLogSummary, console: Console) -> None:
     for group in summary.top_denied:
         table.add_row(
             Text(str(group.count)),
-            Text(_side(group.source.text, group.source_pods)),
-            Text(_side(group.destination.text, group.destination_pods)),
-            Text(group.what or group.protocol or "-"),
+            Text(safe_text(_side(group.source.text, group.source_pods))),
+            Text(safe_text(_side(group.destination.text, group.destination_pods))),
+            Text(safe_text(group.what or group.protocol or "-")),
             Text(_time(group.first_seen_ns)),
             Text(_time(group.last_seen_ns)),
         )
@@ -165,7 +165,7 @@ def _rules(summary: AccessLogSummary, console: Console) -> None:
                        right=("ALLOWED", "DENIED", "AUDITED"))
         for rule in summary.rules:
             table.add_row(
-                Text(rule.key.text),
+                Text(safe_text(rule.key.text)),
                 Text(str(rule.allowed)),
                 Text(str(rule.denied)),
                 Text(str(rule.audited)),
@@ -185,7 +185,7 @@ def _rules(summary: AccessLogSummary, console: Console) -> None:
     else:
         console.print(Text("Never matched — candidates for removal:"))
         for key in never:
-            console.print(Text(f"  {key.text}"))
+            console.print(Text(f"  {safe_text(key.text)}"))
 
 
 def render_whatif(report: WhatIfReport, console: Console) -> None:
@@ -208,12 +208,12 @@ def render_whatif(report: WhatIfReport, console: Console) -> None:
         table.add_row(
             Text(change.change, style=style),
             Text(str(change.count)),
-            Text(change.source),
-            Text(change.destination),
-            Text(change.request),
-            Text(change.recorded),
-            Text(change.denied_at or "-"),
-            Text("\n".join(change.rules)),
+            Text(safe_text(change.source)),
+            Text(safe_text(change.destination)),
+            Text(safe_text(change.request)),
+            Text(safe_text(change.recorded)),
+            Text(safe_text(change.denied_at or "-")),
+            Text("\n".join(map(safe_text, change.rules))),
             Text(_time(change.last_ns or None)),
         )
     console.print(table)

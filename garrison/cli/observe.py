@@ -34,6 +34,7 @@ from garrison.cli.flow_api_args import add_flow_api_reader_flags, flow_api_reade
 from garrison.cli.flowargs import add_filter_flags, build_query
 from garrison.cli.kvstore_args import add_etcd_client_flags
 from garrison.flows.export import FieldMask, FieldMaskError, csv_header, csv_row
+from garrison.flows.flowdict import flow_of, not_a_record
 from garrison.flows.query import CompiledQuery, FilterError, FlowQuery
 from garrison.flows.reader import FlowSourceError, LogFollower, log_files, open_lines
 from garrison.flows.render import (
@@ -41,6 +42,7 @@ from garrison.flows.render import (
     render_compact_flow,
     render_dict_flow,
     render_table,
+    safe_text,
     table_header,
     table_row,
 )
@@ -92,20 +94,27 @@ class ReadStats:
 
 
 def _decode(line: bytes, where: Callable[[], str], stats: ReadStats) -> dict[str, Any] | None:
+    return _decode_flow(line, where, stats)[0]
+
+
+def _decode_flow(line: bytes, where: Callable[[], str],
+                 stats: ReadStats) -> tuple[dict[str, Any] | None, bytes]:
+    """The record of a line (None: it is no record, and `stats` says why) and its own line:
+    of Hubble's `{"flow": ...}`, the flow's."""
     try:
-        d = orjson.loads(line)
+        outer = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         stats.bad_line(where(), f"not JSON: {exc}")
-        return None
-    if not isinstance(d, dict):
+        return None, line
+    if not isinstance(outer, dict):
         stats.bad_line(where(), "not a JSON object")
-        return None
-    # every flow record has both (Hubble's too): without them it is some other JSON
-    missing = [k for k in ("time", "verdict") if not isinstance(d.get(k), str)]
-    if missing:
-        stats.bad_line(where(), f"a JSON object without {' and '.join(map(repr, missing))}")
-        return None
-    return d
+        return None, line
+    d = flow_of(outer)
+    why = not_a_record(d)
+    if why is not None:
+        stats.bad_line(where(), why)
+        return None, line
+    return d, line if d is outer else orjson.dumps(d)
 
 
 def matches_in_lines(
@@ -117,9 +126,9 @@ def matches_in_lines(
     for count, line in enumerate(lines, 1):
         if not may_match(line):
             continue
-        d = _decode(line, lambda n=count: f"{name}:{n}", stats)  # type: ignore[misc]
+        d, own = _decode_flow(line, lambda n=count: f"{name}:{n}", stats)  # type: ignore[misc]
         if d is not None and matches(d):
-            yield d, line
+            yield d, own
     stats.read += count
 
 
@@ -382,6 +391,13 @@ class Printer:
         if fmt == "json":
             text = line if self.mask is None else orjson.dumps(self.mask.apply(d))
             self._chunk.append(text + b"\n")
+        elif fmt == "jsonpb":  # Hubble's GetFlowsResponse: {"flow", "node_name", "time"}
+            text = line if self.mask is None else orjson.dumps(self.mask.apply(d))
+            node, when = d.get("node_name"), d.get("time")
+            tail = b',"node_name":' + orjson.dumps(node) if isinstance(node, str) and node else b""
+            if isinstance(when, str):
+                tail += b',"time":' + orjson.dumps(when)
+            self._chunk.append(b'{"flow":' + text + tail + b"}\n")
         elif fmt == "compact":
             self._chunk.append(render_compact_flow(d, self.options).encode() + b"\n")
         elif fmt == "dict":
@@ -487,7 +503,7 @@ def observe(args: argparse.Namespace) -> int:
     if args.print_raw_filters:
         sys.stdout.write(_raw_filters_yaml(query))
         return EXIT_OK
-    mask = _mask(args, ("json", "dict"))
+    mask = _mask(args, ("json", "jsonpb", "dict"))
     out = sys.stdout.buffer
     options = RenderOptions(
         node_name=args.print_node_name,
@@ -532,7 +548,7 @@ class _MaskedDictPrinter(Printer):
             found, value = lookup(d, path)
             if found:
                 text = value if isinstance(value, str) else orjson.dumps(value).decode()
-                lines.append(f"{'.'.join(path)}: {text}")
+                lines.append(safe_text(f"{'.'.join(path)}: {text}"))
         self._chunk.append(("\n".join(lines) + "\n------------\n").encode())
 
 
@@ -553,6 +569,9 @@ def _follow(args: argparse.Namespace, query: FlowQuery, printer: Printer,
             raise UsageError("--follow reads one file: give one --input-file PATH (not -)")
         path = args.input_file[0]
         compiled = query.compile()
+        if log_files(path, include_backups=False)[0].compressed:
+            raise UsageError(f"--follow: access log {path} is compressed, a rotated backup "
+                             "that no longer grows: read it without --follow")
         follower = LogFollower(path, start_at_end=not backlog)
         try:
             pending = follower.poll()
@@ -590,6 +609,10 @@ def summary(args: argparse.Namespace) -> int:
     from garrison.flows.summary import RuleKey, SummaryBuilder, SummaryConfig, rule_keys
 
     query = build_query(args)
+    if args.interval is not None and args.interval < 1:
+        raise UsageError(f"--interval {args.interval}: expected 1 or more seconds")
+    if args.top < 0:
+        raise UsageError(f"--top {args.top}: expected 0 or more groups")
     _check_cluster_flags(args)  # before the agent is asked for its rules
     if args.what_if:
         return _what_if(args, query)
@@ -750,14 +773,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _sources(p)
     add_filter_flags(p)
     out = p.add_argument_group("output")
-    out.add_argument("-o", "--output", choices=["compact", "json", "dict", "table"],
+    out.add_argument("-o", "--output", choices=["compact", "json", "jsonpb", "dict", "table"],
                      default="compact",
-                     help="compact: Hubble's one-line form; json: one record per line; dict: "
-                     "one field per line; table: columns (default: %(default)s)")
+                     help="compact: Hubble's one-line form; json: one record per line, as "
+                     "logged; jsonpb: as Hubble's -o json/jsonpb ({\"flow\": RECORD, "
+                     "\"node_name\", \"time\"}); dict: one field per line; table: columns "
+                     "(default: %(default)s)")
     out.add_argument("-f", "--follow", action="store_true",
                      help="keep printing new records (a file across rotation, or the agent)")
     out.add_argument("--field-mask", action="append", metavar="PATHS",
-                     help="only these fields (time,source.pod_name,l7.http), for -o json/dict")
+                     help="only these fields (time,source.pod_name,l7.http), for -o "
+                     "json/jsonpb/dict")
     out.add_argument("--print-policy-names", action="store_true",
                      help="name the policy rules that allowed or denied")
     out.add_argument("--print-node-name", action="store_true", help="show the node name")

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
                 reported = True
                 skipped = app.store.stats.bad
                 note = f"; {skipped} lines were no flow record" if skipped else ""
-                print(f"garrison ui: {len(app.store)} records from {source.describe()} read in "
+                records = len(app.store) - skipped  # the store keeps skipped lines too
+                print(f"garrison ui: {records} records from {source.describe()} read in "
                       f"{time.monotonic() - started:.1f} s{note}", flush=True)
     app.stop()
     return 0

@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
@@ -78,9 +78,13 @@ def parse_time(text: str) -> int:
         raise FlowDecodeError(f"not an RFC 3339 time: {text!r}")
     date, clock, fraction, zone = m.groups()
     offset = "+00:00" if zone in ("Z", "z") else zone
-    whole = datetime.fromisoformat(f"{date}T{clock}{offset}")
+    try:  # February 30th, hour 25, or outside years 1-9999 in UTC
+        when = datetime.fromisoformat(f"{date}T{clock}{offset}").astimezone(UTC)
+        seconds = int(when.timestamp())
+    except (ValueError, OverflowError) as exc:
+        raise FlowDecodeError(f"not a time: {text!r} ({exc})") from exc
     nanos = int((fraction or "").ljust(9, "0"))
-    return int(whole.timestamp()) * 1_000_000_000 + nanos
+    return seconds * 1_000_000_000 + nanos
 
 
 # ---------------------------------------------------------------------------------------------

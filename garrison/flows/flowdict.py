@@ -12,6 +12,28 @@ from typing import Any
 FlowDict = Mapping[str, Any]
 
 
+def flow_of(d: dict[str, Any]) -> dict[str, Any]:
+    """The flow record a JSON line holds: the object itself, or the `flow` of Hubble's
+    `GetFlowsResponse` (`{"flow": {...}, "node_name": ..., "time": ...}`), which
+    `hubble observe -o json`/`jsonpb`, Hubble's exporter and `observe -o jsonpb` write."""
+    inner = d.get("flow")
+    return inner if type(inner) is dict and "verdict" not in d else d
+
+
+def not_a_record(d: Mapping[str, Any]) -> str | None:
+    """Why a JSON object is no flow record, or None: every record (Hubble's too) has a
+    `time` and a `verdict` as text; without them it is some other JSON (a line of another
+    tool's log, a config). `observe` and the review page skip such a line alike."""
+    missing = [k for k in ("time", "verdict") if k not in d]
+    mistyped = [k for k in ("time", "verdict") if k in d and not isinstance(d[k], str)]
+    if not missing and not mistyped:
+        return None
+    parts = [f"without {' and '.join(map(repr, missing))}"] if missing else []
+    if mistyped:
+        parts.append(f"with {' and '.join(map(repr, mistyped))} not text")
+    return f"a JSON object {', '.join(parts)}"
+
+
 def obj(d: Any, key: str) -> Mapping[str, Any]:
     value = d.get(key) if isinstance(d, Mapping) else None
     return value if isinstance(value, Mapping) else {}

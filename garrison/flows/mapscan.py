@@ -39,6 +39,7 @@ import orjson
 from msgspec import UNSET, Meta, Struct, UnsetType
 from msgspec.structs import replace
 
+from garrison.flows.flowdict import flow_of, not_a_record
 from garrison.flows.servicemap import ServiceMapBuilder, record_time
 
 # orjson makes a float of an integer past 64 bits, which the map reads as no number (msgspec
@@ -231,8 +232,8 @@ class MapScan:
                 try:
                     fields = decode(line)
                     t = fields.time
-                    if t is None:
-                        key = fields
+                    if t is None or fields.verdict is None:
+                        pass  # no flow record: the whole line says why, below
                     elif len(t) == 30 and t[29] == "Z" and t[19] == ".":
                         key = replace(fields, time=None)
                     # else a time to normalise: the builder's own way
@@ -272,6 +273,11 @@ class MapScan:
                 continue
             if type(flow) is not dict:
                 bad.append((index, "not a JSON object"))
+                continue
+            flow = flow_of(flow)
+            why = not_a_record(flow)
+            if why is not None:
+                bad.append((index, why))
                 continue
             self._whole += 1
             self._hold(self._whole, (flow, retried_syn(flow)))

@@ -234,11 +234,16 @@ def _check_nonempty(flag: str, what: str) -> Callable[[str], None]:
 
 def _check_regex(flag: str) -> Callable[[str], None]:
     def check(value: str) -> None:
+        options = re2.Options()
+        options.log_errors = False  # RE2 would log the error on stderr itself
         try:
-            re2.compile(value)
+            re2.compile(value, options)
         except re2.error as exc:
+            reason = exc.args[0] if exc.args else exc
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
             raise FilterError(f"--{flag} {value!r}: not a regular expression (RE2 syntax, as "
-                              f"Hubble's): {exc}") from exc
+                              f"Hubble's): {reason}") from exc
 
     return check
 

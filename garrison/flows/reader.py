@@ -114,7 +114,9 @@ def open_lines(log: LogFile) -> Iterator[bytes]:
 
 
 def _lines(stream: IO[bytes], name: str) -> Iterator[bytes]:
-    rest = b""
+    # the line not yet ended, in pieces: a line longer than a read is joined once, when its
+    # newline comes, not copied again on every read (which was quadratic in its length)
+    pending: list[bytes] = []
     while True:
         try:
             chunk = stream.read(CHUNK)
@@ -122,13 +124,20 @@ def _lines(stream: IO[bytes], name: str) -> Iterator[bytes]:
             raise FlowSourceError(f"access log {name}: cannot read: {exc}") from exc
         if not chunk:
             break
-        lines = (rest + chunk).split(b"\n")
-        rest = lines.pop()
+        if b"\n" not in chunk:
+            pending.append(chunk)
+            continue
+        if pending:
+            pending.append(chunk)
+            chunk = b"".join(pending)
+        lines = chunk.split(b"\n")
+        pending = [lines.pop()]
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if line:
                 yield line
+    rest = b"".join(pending)
     if rest.endswith(b"\r"):
         rest = rest[:-1]
     if rest.strip():

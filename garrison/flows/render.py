@@ -24,6 +24,7 @@ default/rule1 ingress[0]]`.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -206,6 +207,26 @@ def _sides(d: FlowDict) -> tuple[str, str, str]:
     return src_text, dst_text, "<>"
 
 
+# What a log line may hold that a terminal would obey rather than show: C0 and C1 controls
+# (ESC starts a sequence that can clear the screen or retitle the window, CR lets text
+# overwrite the verdict, LF forges a line of its own) and the bidi controls that reorder
+# text. A path or a name in a record is the client's; printed, each reads as its escape.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(m: re.Match[str]) -> str:
+    ch = m.group()
+    code = ord(ch)
+    return _SHORT_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def safe_text(text: str) -> str:
+    """`text` with the characters a terminal would act on written as escapes (`\\x1b`,
+    `\\n`, `\\u202e`)."""
+    return _UNSAFE.sub(_escape_one, text) if _UNSAFE.search(text) else text
+
+
 def _paint(text: str, options: RenderOptions) -> str:
     code = _COLOR.get(text) if options.color else None
     return f"\x1b[{code}m{text}\x1b[0m" if code else text
@@ -215,10 +236,8 @@ def render_compact_flow(d: FlowDict, options: RenderOptions = DEFAULT_RENDER) ->
     """One line, no trailing newline."""
     left, right, arrow = _sides(d)
     summary = d.get("Summary", "")
-    line = (
-        f"{left} {arrow} {right} {flow_type_text(d)} {_paint(verdict_text(d), options)} "
-        f"({summary})"
-    )
+    head = f"{left} {arrow} {right} {flow_type_text(d)} "
+    line = f"({summary})"
     raw = _obj(_obj(d, "l7"), "http").get("raw_target")
     if raw:
         line += f" (normalized from {raw})"
@@ -233,7 +252,9 @@ def render_compact_flow(d: FlowDict, options: RenderOptions = DEFAULT_RENDER) ->
     if options.node_name:
         node = d.get("node_name", "")
         prefix += f" [{node}]" if prefix else f"[{node}]"
-    return f"{prefix}: {line}" if prefix else line
+    line = (f"{safe_text(head)}{_paint(safe_text(verdict_text(d)), options)} "
+            f"{safe_text(line)}")
+    return f"{safe_text(prefix)}: {line}" if prefix else line
 
 
 def render_compact(record: FlowRecord, options: RenderOptions = DEFAULT_RENDER) -> str:
@@ -246,17 +267,17 @@ def render_dict_flow(d: FlowDict, options: RenderOptions = DEFAULT_RENDER) -> st
     `------------` separator line (included, without a final newline)."""
     left, right, _ = _sides(d)
     rows = [
-        ("TIMESTAMP", render_time_text(d.get("time"))),
-        ("SOURCE", left),
-        ("DESTINATION", right),
-        ("TYPE", flow_type_text(d)),
-        ("VERDICT", _paint(verdict_text(d), options)),
-        ("SUMMARY", str(d.get("Summary", ""))),
+        ("TIMESTAMP", safe_text(render_time_text(d.get("time")))),
+        ("SOURCE", safe_text(left)),
+        ("DESTINATION", safe_text(right)),
+        ("TYPE", safe_text(flow_type_text(d))),
+        ("VERDICT", _paint(safe_text(verdict_text(d)), options)),
+        ("SUMMARY", safe_text(str(d.get("Summary", "")))),
     ]
     if options.node_name:
-        rows.insert(1, ("NODE", str(d.get("node_name", ""))))
+        rows.insert(1, ("NODE", safe_text(str(d.get("node_name", "")))))
     if options.policy_names:
-        rows.extend(("POLICY", name) for name in policy_names(d))
+        rows.extend(("POLICY", safe_text(name)) for name in policy_names(d))
     return "\n".join(f"{key:>11}: {value}" for key, value in rows) + "\n------------"
 
 
@@ -272,7 +293,7 @@ def table_row(d: FlowDict, options: RenderOptions = DEFAULT_RENDER) -> tuple[str
         row.insert(1, str(d.get("node_name", "")))
     if options.policy_names:
         row.append("; ".join(policy_names(d)))
-    return tuple(row)
+    return tuple(map(safe_text, row))
 
 
 def table_header(options: RenderOptions = DEFAULT_RENDER) -> tuple[str, ...]:
@@ -313,6 +334,7 @@ __all__ = [
     "render_table",
     "render_time",
     "render_time_text",
+    "safe_text",
     "table_header",
     "table_row",
     "verdict_text",

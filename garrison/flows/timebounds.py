@@ -15,6 +15,7 @@ _UNIT_NS = {
     "ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
     "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000,
 }
+_GO_MAX_DURATION_NS = (1 << 63) - 1  # Go's time.Duration is an int64 of nanoseconds
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _NAIVE = re.compile(r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)$")
 # Hubble's short RFC 3339 layouts: to the hour (`2006-01-02T15Z07:00`) or the minute
@@ -51,6 +52,9 @@ def parse_time_bound(text: str, now_ns: int, flag: str = "since") -> int:
         return now_ns
     duration = parse_duration_ns(value)
     if duration is not None:
+        if abs(duration) > _GO_MAX_DURATION_NS:
+            raise FilterError(f"--{flag} {text!r}: a duration is at most 2562047h (about 292 "
+                              "years, as in Go)")
         return now_ns - duration
     if _DATE.match(value):
         value += "T00:00:00Z"

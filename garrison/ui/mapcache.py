@@ -36,7 +36,7 @@ TAIL_BYTES = 64 << 10
 FORMAT = 1
 # the code whose counting is kept: another version of any of these reads the log again
 CODE = ("garrison.flows.servicemap", "garrison.flows.mapscan", "garrison.flows.summary",
-        "garrison.flows.codec", "garrison.ui.store")
+        "garrison.flows.codec", "garrison.flows.flowdict", "garrison.ui.store")
 
 
 def default_directory() -> Path:

@@ -43,6 +43,7 @@ from garrison.flows.render import (
     render_host,
     render_identity,
     render_time_text,
+    safe_text,
     verdict_text,
 )
 from garrison.flows.summary import RuleKey
@@ -203,7 +204,7 @@ class Handler(BaseHTTPRequestHandler):
         store, config = self.server.store, self.server.config
         self._json({
             "source": config.source,
-            "records": len(store),
+            "records": len(store) - store.stats.bad,  # the store keeps skipped lines too
             "skipped": store.stats.bad,
             "skipped_samples": store.stats.samples,
             "policies": config.policies_from,
@@ -239,6 +240,7 @@ class Handler(BaseHTTPRequestHandler):
         found, next_before, complete = store.page(query, before, limit, SCAN_LIMIT)
         self._json({
             "total": len(store),
+            "records": len(store) - store.stats.bad,
             "flows": [row(seq, d) for seq, d in found],
             "next_before": next_before,
             "complete": complete,
@@ -298,17 +300,17 @@ def row(seq: int, d: dict[str, Any] | None) -> dict[str, Any]:
         reply = d.get("is_reply")
         left, right, arrow = (dst, src, "<-") if reply is True else (
             src, dst, "->" if reply is False else "<>")
-        return {
+        return {  # text as observe prints it: controls from the log read as escapes
             "seq": seq,
-            "time": render_time_text(d.get("time")),
-            "source": left,
-            "destination": right,
+            "time": safe_text(render_time_text(d.get("time"))),
+            "source": safe_text(left),
+            "destination": safe_text(right),
             "arrow": arrow,
-            "type": flow_type_text(d),
-            "verdict": verdict_text(d),
+            "type": safe_text(flow_type_text(d)),
+            "verdict": safe_text(verdict_text(d)),
             "verdict_class": str(d.get("verdict", "")),
-            "summary": str(d.get("Summary", "")),
-            "policies": policy_names(d),
+            "summary": safe_text(str(d.get("Summary", ""))),
+            "policies": [safe_text(name) for name in policy_names(d)],
             "record": d,
         }
     except (TypeError, ValueError, AttributeError, KeyError) as exc:

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from garrison.flows.flowdict import flow_of, not_a_record
 from garrison.flows.mapscan import MapScan
 from garrison.flows.query import CompiledQuery
 from garrison.flows.reader import FlowSourceError, LogFile, log_files, open_lines
@@ -79,6 +80,10 @@ def decode(line: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, f"not JSON: {exc}"
     if not isinstance(d, dict):
         return None, "not a JSON object"
+    d = flow_of(d)
+    why = not_a_record(d)
+    if why is not None:
+        return None, why
     return d, ""
 
 
@@ -206,7 +211,10 @@ def _scan(path: str, begin: int, end: int) -> _Part:
     scan = MapScan(builder)
     bad: list[tuple[int, str]] = []
     bad_count = 0
-    pos, rest, number = begin, b"", 0
+    pos, number = begin, 0
+    # the line not yet ended, in pieces: joined once when its newline comes (copying it on
+    # every read was quadratic in the length of a long line)
+    pending: list[bytes] = []
     with open(path, "rb") as f:
         f.seek(begin)
         left = end - begin
@@ -215,8 +223,14 @@ def _scan(path: str, begin: int, end: int) -> _Part:
             if not chunk:
                 break
             left -= len(chunk)
-            lines = (rest + chunk).split(b"\n")
-            rest = lines.pop() if left > 0 else b""
+            if left > 0 and b"\n" not in chunk:
+                pending.append(chunk)
+                continue
+            if pending:
+                pending.append(chunk)
+                chunk = b"".join(pending)
+            lines = chunk.split(b"\n")
+            pending = [lines.pop()] if left > 0 else []
             if left <= 0 and lines and lines[-1] == b"":
                 lines.pop()
             # where each line starts (and the next after the last)

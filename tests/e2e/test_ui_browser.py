@@ -313,14 +313,17 @@ def test_broken_lines_and_an_empty_log(workdir: Path, browser: Browser) -> None:
     for path, note, rows in ((broken, "3 records, 3 nodes, 2 edges; 3 lines were no flow "
                               "record and were skipped", 3),
                              (empty, "No flow records in this log yet.", 0)):
+        # the skipped lines are not counted as records (they were: "3 shown of 6 records")
+        source = f"{path} · {rows} records" + (" · 3 lines skipped" if rows else "")
         url, proc = start_ui(["--input-file", str(path)])
         try:
             page = browser.page()
             page.goto(url)
             expect(page.locator("#map-note")).to_have_text(note)
             page.goto(url + "?view=flows")
-            expect(page.locator("#flows-status")).to_contain_text("shown of")
+            expect(page.locator("#flows-status")).to_have_text(f"{rows} shown of {rows} records")
             expect(page.locator("#flows tbody tr")).to_have_count(rows)
+            expect(page.locator("#source")).to_have_text(source)
             page.close()
         finally:
             stop_ui(proc)
@@ -359,3 +362,30 @@ def test_no_request_left_loopback(ui: str, browser: Browser) -> None:
     assert any(url.startswith(ui) for url in browser.requests)
     others = [url for url in browser.requests if urlsplit(url).hostname != "127.0.0.1"]
     assert others == []
+
+
+def test_control_and_bidi_characters_read_as_escapes(workdir: Path, browser: Browser) -> None:
+    """A path or a name is the client's: U+202E would show the rest of it reversed
+    ('/v1/\u202etrop-tsuahxe' read as '/v1/exhaust-port'), ESC and newlines vanished. The
+    page shows them as `garrison observe` prints them."""
+    log = workdir / "bidi.log"
+    record = json.loads(DEMO.read_bytes().splitlines()[0])
+    record["source"]["pod_name"] = "tie\x1b[1mfighter\nfake"
+    record["Summary"] = "HTTP/1.1 GET /v1/\u202etrop-tsuahxe"
+    log.write_text(json.dumps(record) + "\n")
+    url, proc = start_ui(["--input-file", str(log)])
+    try:
+        page = browser.page()
+        page.goto(url)
+        expect(page.locator("#map .node text.name")).to_contain_text(
+            ["tie\\x1b[1mfighter\\nfake"])
+        page.goto(url + "?view=flows")
+        cells = page.locator("#flows tbody tr").first.locator("td")
+        expect(cells.nth(1)).to_contain_text("tie\\x1b[1mfighter\\nfake")
+        expect(cells.last).to_have_text("HTTP/1.1 GET /v1/\\u202etrop-tsuahxe")
+        page.locator("#flows tbody tr").first.click()
+        expect(page.locator("#flow-detail pre")).to_contain_text(
+            '"Summary": "HTTP/1.1 GET /v1/\\u202etrop-tsuahxe"')
+        page.close()
+    finally:
+        stop_ui(proc)

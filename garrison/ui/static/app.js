@@ -7,16 +7,31 @@ const MAX_ROWS = 5000;  // rows follow mode keeps in the table (older ones: "Loa
 const state = { view: "map", q: "", map: null, selected: null, oldest: null, stream: null,
   total: 0, mapTimer: 0 };
 
+// A character the page would act on rather than show (a bidi control reverses the text
+// after it: a path could read as another; C0 and C1 controls) reads as its escape, as
+// `garrison observe` prints it (garrison/flows/render.py, safe_text).
+const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+const UNSAFE_BUT_NEWLINES = /[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+const SHORT_ESCAPES = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+
+function shown(value, pattern = UNSAFE) {
+  return String(value).replace(pattern, (c) => {
+    const n = c.charCodeAt(0);
+    return SHORT_ESCAPES[c] || (n < 0x100 ? "\\x" + n.toString(16).padStart(2, "0")
+      : "\\u" + n.toString(16).padStart(4, "0"));
+  });
+}
+
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
+    else if (k === "text") node.textContent = tag === "pre" ? shown(v, UNSAFE_BUT_NEWLINES) : shown(v);
     else node.setAttribute(k, v);
   }
   for (const child of children) {
     if (child !== null && child !== undefined) {
-      node.append(typeof child === "string" ? document.createTextNode(child) : child);
+      node.append(typeof child === "string" ? document.createTextNode(shown(child)) : child);
     }
   }
   return node;
@@ -184,7 +199,7 @@ function drawMap(data) {
     const g = svg("g", { class: "edge " + e.state, "data-id": e.id,
       "data-source": e.source, "data-target": e.target });
     const title = svg("title");
-    title.textContent = `${nodeName(data, e.source)} → ${nodeName(data, e.target)}: ` +
+    title.textContent = `${shown(nodeName(data, e.source))} → ${shown(nodeName(data, e.target))}: ` +
       edgeLabel(e.counts);
     g.append(title);
     g.append(svg("path", { class: "hit", d }));
@@ -200,15 +215,15 @@ function drawMap(data) {
     const g = svg("g", { class: "node", "data-id": n.id, transform: `translate(${p.x},${p.y})` });
     g.append(svg("rect", { width: p.w, height: p.h, rx: 8 }));
     const name = svg("text", { x: 10, y: 22, class: "name" });
-    name.textContent = clip(n.name, 30);
+    name.textContent = clip(shown(n.name), 30);
     const who = svg("text", { x: 10, y: 42, class: "sub" });
     const id = n.identity === null ? "namespace" : `ID ${n.identity}`;
-    who.textContent = clip(`${n.namespace || "(no namespace)"} · ${id}` +
+    who.textContent = clip(`${shown(n.namespace || "(no namespace)")} · ${id}` +
       (n.pod_count > 1 ? ` · ${n.pod_count} endpoints` : ""), 40);
     const labels = svg("text", { x: 10, y: 62, class: "sub" });
-    labels.textContent = clip(n.labels.join(", "), 38);
+    labels.textContent = clip(shown(n.labels.join(", ")), 38);
     const title = svg("title");
-    title.textContent = `${n.name}\n${n.labels.join("\n")}`;
+    title.textContent = `${shown(n.name)}\n${n.labels.map((l) => shown(l)).join("\n")}`;
     g.append(title, name, who, labels);
     g.addEventListener("click", () => selectNode(n));
     nodeLayer.append(g);
@@ -390,7 +405,7 @@ async function loadFlows(fresh) {
     for (const f of data.flows) body.append(flowRow(f));
     state.oldest = data.next_before;
     more.hidden = data.complete;
-    status.textContent = `${body.children.length} shown of ${data.total} records` +
+    status.textContent = `${body.children.length} shown of ${data.records} records` +
       (data.complete ? "" : " (more below)") +
       (data.loading ? " — still reading the log: reload for the newest" : "");
   } catch (err) {

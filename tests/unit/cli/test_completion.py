@@ -65,7 +65,8 @@ def test_bash_completes_commands_options_choices_and_files(bash_script: Path) ->
     assert complete(bash_script, "garrison agent --kvs") == [
         "--kvstore", "--kvstore-ca", "--kvstore-cert", "--kvstore-endpoints", "--kvstore-key",
         "--kvstore-lease-ttl", "--kvstore-password-file", "--kvstore-user"]
-    assert complete(bash_script, "garrison observe -o ") == ["compact", "dict", "json", "table"]
+    assert complete(bash_script, "garrison observe -o ") == ["compact", "dict", "json", "jsonpb",
+                                                               "table"]
     assert complete(bash_script, "garrison bpf ct list --out") == ["--output"]
     assert "examples/starwars/sw_l3_l4_l7_policy.yaml" in complete(
         bash_script, "garrison policy validate examples/starwars/sw_l3")

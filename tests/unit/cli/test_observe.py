@@ -80,7 +80,7 @@ def test_field_mask(capsys: pytest.CaptureFixture[str]) -> None:
         "source": {"pod_name": "deathstar-2"}, "l7": {"http": {"code": 403}},
     }]
     rc, _, err = run(capsys, "observe", "--input-file", str(DEMO), "--field-mask", "colour")
-    assert rc == 2 and "--field-mask applies to -o json and -o dict" in err
+    assert rc == 2 and "--field-mask applies to -o json and -o jsonpb and -o dict" in err
     rc, _, err = run(capsys, "observe", "--input-file", str(DEMO), "-o", "json",
                      "--field-mask", "colour")
     assert rc == 2 and "'colour' is no field of a flow record" in err

@@ -5,11 +5,13 @@ read in parts smaller than a line."""
 from __future__ import annotations
 
 import gzip
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 
+from garrison.flows.flowdict import not_a_record
 from garrison.flows.servicemap import ServiceMapBuilder
 from garrison.ui import store as store_mod
 from garrison.ui.store import FileSource, FlowStore
@@ -51,7 +53,7 @@ def expected(compressed: bool) -> tuple[dict[str, object], list[int], list[bytes
             flow = orjson.loads(line)
         except orjson.JSONDecodeError:
             flow = None
-        if type(flow) is dict:
+        if type(flow) is dict and not_a_record(flow) is None:
             builder.add(flow)
         else:
             builder.skipped += 1
@@ -101,3 +103,25 @@ def test_records_that_come_later_count_as_line_by_line() -> None:
     assert store.lines(0, len(store)) == records
     assert store.stats.bad == len(bad)
     assert all(s.startswith("agent: not a flow record (not") for s in store.stats.samples)
+
+
+def test_a_line_of_eight_mib_loads_in_linear_time(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line far longer than a read used to be copied again on every read."""
+    monkeypatch.setattr(store_mod, "READ_CHUNK", 4096)
+    log = tmp_path / "access.log"
+    log.write_bytes(DEMO_LINES[0] + b"\n" + b"x" * (8 << 20) + b"\n" + DEMO_LINES[1] + b"\n")
+    source = FileSource([str(log)], workers=1)
+    store = FlowStore()
+    started = time.process_time()
+    source.load(store)
+    spent = time.process_time() - started
+    try:
+        lines = store.lines(0, len(store))
+        assert [len(line) for line in lines] == [len(DEMO_LINES[0]), 8 << 20, len(DEMO_LINES[1])]
+        assert (lines[0], lines[2]) == (DEMO_LINES[0], DEMO_LINES[1])
+        assert store.stats.bad == 1
+        assert store.stats.samples[0].startswith(f"{log}:2: not a flow record")
+        assert spent < 1.0, f"{spent:.2f} s of CPU to load an 8 MiB line"
+    finally:
+        source.close()
