@@ -15,8 +15,13 @@ before the agent stays. With `--kvstore etcd` also the routes to other nodes' po
 (protocol 0xa7, docs/cluster.md) and from_netdev on the underlay device, with its clsact
 when garrison added it (recorded too, so a killed agent's is found).
 
+One agent per state directory, socket and pin root: an agent (or `--cleanup`) whose
+--state-dir, --socket or --bpffs-root a running agent holds refuses before it touches
+anything, naming the path and that agent's pid (garrison/agent/claim.py).
+
 Exit status: 0 after a clean stop; 1 when it cannot start (missing privilege or package —
-the message says which), or `--cleanup` while the agent runs; 2 for bad usage.
+the message says which — or another agent holds one of its paths), or `--cleanup` while the
+agent runs; 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from garrison.agent.api import AgentAPIServer, AgentClient, AgentUnreachableError, APIError
+from garrison.agent.claim import AgentRunningError, check_stopped, claim
 from garrison.agent.cnisocket import CNISocketServer
 from garrison.agent.config import DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, AgentConfig
 from garrison.agent.daemon import Agent
@@ -75,7 +81,7 @@ from garrison.proxy.config import ProxyConfig
 from garrison.proxy.metrics import MetricsServer, ProxyMetrics
 from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings
 from garrison.proxy.sockets import ListenError
-from garrison.redirect.bpffs import remove_pin_dir
+from garrison.redirect.bpffs import ensure_bpffs, prepare_pin_dir, remove_pin_dir
 from garrison.redirect.steering import SteeringRecord
 from garrison.redirect.underlay import UnderlayRecord
 
@@ -276,7 +282,18 @@ def run(args: argparse.Namespace) -> int:
               "BPF programs, creates network namespaces and a transparent proxy", file=sys.stderr)
         return 1
     if args.cleanup:
-        return _cleanup(config)
+        try:
+            held = check_stopped(config.state_dir, config.socket_path, config.bpffs_root)
+        except AgentRunningError as exc:
+            print(f"garrison agent --cleanup: {exc}; stop it first (SIGTERM)", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
+            return 1
+        try:
+            return _cleanup(config)
+        finally:
+            held.release()
     if args.ui:
         from garrison.ui.app import UIError, parse_listen
 
@@ -290,6 +307,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"garrison agent: {problem}", file=sys.stderr)
         return 2
     try:
+        # before anything is touched: no two agents on one state dir, socket or pin root
+        held = claim(config.state_dir, config.socket_path, None)
+        try:
+            ensure_bpffs()
+            held.take(prepare_pin_dir(config.bpffs_root), f"--bpffs-root {config.bpffs_root}",
+                      directory=True)
+        except BaseException:
+            held.release()
+            raise
+    except AgentRunningError as exc:
+        print(f"garrison agent: {exc}; stop it first, or give this agent its own "
+              "--state-dir, --socket and --bpffs-root", file=sys.stderr)
+        return 1
+    except (BPFFSError, OSError) as exc:
+        print(f"garrison agent: {exc}", file=sys.stderr)
+        return 1
+    try:
         # uvloop for the agent's own loop only: pyroute2 runs its own asyncio loops in worker
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -299,6 +333,8 @@ def run(args: argparse.Namespace) -> int:
             KVStoreError, ClusterConfigError, RouteError, FlowAPIError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
+    finally:
+        held.release()
 
 
 def _prepare_paths(config: AgentConfig) -> str | None:
