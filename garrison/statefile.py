@@ -26,3 +26,9 @@ def write_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class StateFileError(ValueError):
+    """A file of the state directory that cannot be read as what it records (corrupted or
+    edited by hand); the message names the file and what to do. The agent refuses to start
+    rather than run on less than the file recorded."""

@@ -129,6 +129,8 @@ class Agent:
     def start(self) -> None:
         """Reconcile: datapath up (pinned maps reused), identities, endpoints, policy, maps."""
         with self.lock:
+            # read before the kernel is touched: a record that does not read refuses the start
+            stored = self.imported.load()
             self.datapath.start()
             for identity in RESERVED.values():
                 self.resolver.add_identity(identity.id, identity.labels)
@@ -182,8 +184,7 @@ class Agent:
             self.datapath.set_prefix(ipaddress.ip_network(f"{GATEWAY}/32"), HOST_IDENTITY)
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)
-            stored = self.imported.load()  # after the directory: an import overrides it
-            if stored:
+            if stored:  # after the directory: an import overrides it
                 self._apply(self.repository.upsert(stored))
             if self.cluster is not None:
                 # the cluster's policies and remote endpoints before the first reconcile: a

@@ -17,10 +17,11 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from garrison.policies.errors import PolicyValidationError
 from garrison.policies.loader import load_text
 from garrison.policies.model import Policy
 from garrison.policies.repository import PolicyKey
-from garrison.statefile import write_atomically
+from garrison.statefile import StateFileError, write_atomically
 
 
 class PolicyStoreError(ValueError):
@@ -34,19 +35,32 @@ class ImportedPolicies:
         self._entries: dict[PolicyKey, tuple[Policy, str, str]] = {}
 
     def load(self) -> list[Policy]:
-        """The stored policies (empty when nothing was ever imported)."""
+        """The stored policies (empty when nothing was ever imported). A file that does not
+        read back as every policy it records is refused (StateFileError): the agent never
+        starts enforcing less than was imported."""
         if not self.path.exists():
             return []
-        data = json.loads(self.path.read_text())
-        texts: dict[str, str] = data["texts"]
         out = []
-        for item in data["policies"]:
-            key: PolicyKey = (item["key"][0], item["key"][1], item["key"][2])
-            path, text = item["path"], texts[item["text"]]
-            found = [p for p in load_text(text, path).policies if p.key == key]
-            if found:
+        try:
+            data = json.loads(self.path.read_text())
+            texts: dict[str, str] = data["texts"]
+            for item in data["policies"]:
+                key: PolicyKey = (item["key"][0], item["key"][1], item["key"][2])
+                path, text = item["path"], texts[item["text"]]
+                found = [p for p in load_text(text, path).policies if p.key == key]
+                if not found:
+                    name = "/".join(k or "" for k in key)
+                    raise ValueError(f"its text of {path} holds no policy {name}")
                 self._entries[key] = (found[0], path, text)
                 out.append(found[0])
+        except (OSError, ValueError, TypeError, KeyError, IndexError,
+                PolicyValidationError) as exc:
+            detail = "; ".join(map(str, exc.issues)) if isinstance(
+                exc, PolicyValidationError) else f"{type(exc).__name__}: {exc}"
+            raise StateFileError(
+                f"{self.path}: not a record of imported policies ({detail}); repair or restore"
+                " it, or move it away and import the policies again (garrison policy import)"
+            ) from exc
         return out
 
     def record(self, policies: Iterable[Policy]) -> None:
@@ -89,9 +103,19 @@ class RevisionRecord:
 
     def load(self) -> int:
         try:
-            self._saved = int(self.path.read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            self._saved = 0
+            text = self.path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        try:
+            self._saved = int(text or 0)
+            if self._saved < 0:
+                raise ValueError(text)
+        except ValueError:
+            raise StateFileError(
+                f"{self.path}: not a policy revision ({text[:40]!r}); write the last revision "
+                "there (a number, e.g. the highest in the audit log), or remove the file to "
+                "count from 0 again"
+            ) from None
         return self._saved
 
     def save(self, revision: int) -> None:

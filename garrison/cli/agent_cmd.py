@@ -84,6 +84,7 @@ from garrison.proxy.sockets import ListenError
 from garrison.redirect.bpffs import ensure_bpffs, prepare_pin_dir, remove_pin_dir
 from garrison.redirect.steering import SteeringRecord
 from garrison.redirect.underlay import UnderlayRecord
+from garrison.statefile import StateFileError
 
 log = logging.getLogger("garrison.agent")
 
@@ -330,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
             return runner.run(_serve(config, args.verbose, args.ui, args.flow_api,
                                      args.proxy_workers, flow_api_tls))
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError,
-            KVStoreError, ClusterConfigError, RouteError, FlowAPIError) as exc:
+            KVStoreError, ClusterConfigError, RouteError, FlowAPIError, StateFileError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -388,7 +389,7 @@ def _cleanup(config: AgentConfig) -> int:
                      else f"garrison's part of it ({', '.join(ep.owned) or 'programs only'}); "
                      "its namespace stays"))
         remove_pin_dir(config.bpffs_root)
-    except (BPFFSError, EndpointError, OSError) as exc:
+    except (BPFFSError, EndpointError, OSError, StateFileError) as exc:
         print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
         return 1
     print(f"removed the pinned maps under {config.bpffs_root}")
@@ -403,7 +404,11 @@ def _cleanup(config: AgentConfig) -> int:
             else "from_netdev (the clsact was there before garrison)"
         print(f"removed {what} from the underlay device {where}" if released.removed
               else f"left the underlay device {where} alone: it is gone or renamed")
-    removed = SteeringRecord(config.state_dir / STEERING_RECORD).remove()
+    try:
+        removed = SteeringRecord(config.state_dir / STEERING_RECORD).remove()
+    except StateFileError as exc:
+        print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
+        return 1
     for what, added in (("ip rule fwmark 0x200/0xf00 lookup 2004", removed.rule),
                         ("local route in table 2004", removed.route)):
         print(f"removed the {what}" if added
