@@ -18,9 +18,16 @@ import fcntl
 import os
 from pathlib import Path
 
+from garrison.statefile import StateWriteError
+
 
 class AgentRunningError(Exception):
-    """Another process holds one of the agent's locks; the message names it and the fix."""
+    """Another process holds one of the agent's locks: `flag` (`--socket PATH`), `who`."""
+
+    def __init__(self, flag: str, who: str) -> None:
+        super().__init__(f"{flag} is in use by a running agent ({who})")
+        self.flag = flag
+        self.who = who
 
 
 class Claim:
@@ -38,17 +45,22 @@ class Claim:
     def take(self, path: Path, flag: str, directory: bool = False) -> None:
         """Lock `path` (a lock file, made when missing, or an existing directory) or raise
         AgentRunningError naming `flag` and the process that holds it."""
-        flags = os.O_RDONLY | os.O_DIRECTORY if directory else os.O_RDWR | os.O_CREAT
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        if directory:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if not path.is_file():  # a read-only directory: say which and what to do
+                    raise StateWriteError(exc.errno, exc.strerror, str(path)) from exc
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # a lock needs no write
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
             who = f"pid {holder}" if holder else "another process"
-            raise AgentRunningError(
-                f"{flag} is in use by a running agent ({who})"
-            ) from None
+            raise AgentRunningError(flag, who) from None
         except BaseException:
             os.close(fd)
             raise

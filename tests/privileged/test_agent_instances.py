@@ -99,7 +99,7 @@ def test_a_second_agent_or_cleanup_on_a_running_agents_paths_is_refused(
                               str(other / "sock"), "--bpffs-root", str(pins))
         assert cleanup.returncode == 1
         assert cleanup.stderr.splitlines() == [
-            f"garrison agent --cleanup: --state-dir {state} is in use by a running agent "
+            f"garrison agent --cleanup: the agent with --state-dir {state} is running "
             f"(pid {pid}); stop it first (SIGTERM)"
         ]
         assert Path(f"/run/netns/{ENDPOINT}").exists()
