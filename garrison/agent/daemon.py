@@ -66,6 +66,7 @@ from garrison.policies.selectorcache import WORLD_IDENTITY
 from garrison.proxy.policyview import Admission
 from garrison.redirect import endpoint as netdev
 from garrison.redirect.tc import ForeignFilterError
+from garrison.statefile import StateWriteError
 
 HOST_IDENTITY = RESERVED["host"].id
 
@@ -542,10 +543,17 @@ class Agent:
         if self.cluster is not None:  # the cluster's first: refused whole when etcd is away
             self.cluster.policies_imported(loaded.policies)
         with self.lock:
-            self.imported.record(loaded.policies)
+            # on disk before in force: an import that cannot be kept (a full state dir) is
+            # refused whole, never enforced now and lost at the next restart
+            before = self.imported.snapshot()
+            try:
+                self.imported.record(loaded.policies)
+                self.imported.save()
+            except BaseException:
+                self.imported.restore(before)
+                raise
             change = self.repository.upsert(loaded.policies)
             self._apply(change)
-            self.imported.save()
             return change
 
     def delete_policies(self, name: str | None, namespace: str | None, all_: bool) -> int:
@@ -558,10 +566,16 @@ class Agent:
                     raise APIError(f"no policy named {name!r}", _not_found())
             if self.cluster is not None:
                 self.cluster.policies_deleted(keys)
+            # forgotten on disk first: a delete that cannot be kept is refused whole
+            before = self.imported.snapshot()
+            try:
+                self.imported.forget(keys)
+                self.imported.save()
+            except BaseException:
+                self.imported.restore(before)
+                raise
             change = self.repository.delete(keys)
             self._apply(change)
-            self.imported.forget(p.key for p in change.removed)
-            self.imported.save()
             return len(change.removed)
 
     def _apply(self, change: PolicyChange) -> None:
@@ -570,7 +584,10 @@ class Agent:
         changed = self.resolver.apply(change)
         changed |= self._sync_cidrs(sync=False)
         self._sync(changed)
-        self.revisions.save(self.repository.revision)
+        try:
+            self.revisions.save(self.repository.revision)
+        except StateWriteError as exc:  # in force already: the next change writes it again
+            log.error("policy revision %d: %s", self.repository.revision, exc)
         self.policy_changes["success"] += 1
         for listener in self.policy_listeners:
             listener()

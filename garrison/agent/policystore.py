@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -77,6 +76,13 @@ class ImportedPolicies:
                 raise PolicyStoreError(f"{path} changed while it was imported: import it again")
             self._entries[policy.key] = (policy, path, text)
 
+    def snapshot(self) -> dict[PolicyKey, tuple[Policy, str, str]]:
+        """What is recorded now, for `restore` when a change cannot be saved."""
+        return dict(self._entries)
+
+    def restore(self, entries: dict[PolicyKey, tuple[Policy, str, str]]) -> None:
+        self._entries = dict(entries)
+
     def forget(self, keys: Iterable[PolicyKey]) -> None:
         """Deleted policies (`policy delete`) are not enforced again after a restart."""
         for key in keys:
@@ -121,8 +127,5 @@ class RevisionRecord:
     def save(self, revision: int) -> None:
         if revision == self._saved:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(f"{revision}\n")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, f"{revision}\n")
         self._saved = revision

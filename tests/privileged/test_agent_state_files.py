@@ -9,6 +9,7 @@ with `garrison agent: FILE: ...; FIX` and exit 1; the intact files start it as b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -109,3 +110,55 @@ def test_a_corrupted_state_file_is_named_and_the_agent_refuses_to_start(
         assert status["policy_revision"] > int((intact / "policy-revision").read_text())
     finally:
         ns_agent.remove([], [])
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes every free byte of `directory`'s filesystem."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while os.write(fd, b"\0" * 4096):
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_policy_change_the_full_state_dir_cannot_keep_is_refused_whole(
+    ns_agent: NsAgent, tmp_path: Path,
+) -> None:
+    """An import used to be enforced, reported as `garrison: OSError: [Errno 28] No space
+    left on device` and lost at the next restart when the state directory was full."""
+    state = ns_agent.workdir / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "go-state", str(state)],
+                   check=True)
+    kept, new = tmp_path / "kept.yaml", tmp_path / "new.yaml"
+    kept.write_text(POLICY)
+    new.write_text(POLICY.replace("name: kept", "name: new"))
+    try:
+        ns_agent.start()
+        assert ns_agent.cli("policy", "import", str(kept)).returncode == 0
+        filler = fill(state)
+        for args, path in ((("policy", "import", str(new)), state / "policies.json"),
+                           (("policy", "delete", "kept"), state / "policies.json")):
+            refused = ns_agent.cli(*args)
+            assert refused.returncode == 1, refused.stdout
+            assert refused.stderr.splitlines() == [
+                f"garrison: cannot write {path}: No space left on device; free space on its "
+                "filesystem or make it writable (the agent keeps its records in --state-dir)"
+            ]
+        # nothing changed: what is in force is what a restart brings back
+        policies = ns_agent.cli("policy", "get", "-o", "json")
+        assert [p["name"] for p in json.loads(policies.stdout)["policies"]] == ["kept"]
+        filler.unlink()
+        assert ns_agent.cli("policy", "import", str(new)).returncode == 0
+        assert ns_agent.stop() == 0
+        ns_agent.start()
+        policies = ns_agent.cli("policy", "get", "-o", "json")
+        assert sorted(p["name"] for p in json.loads(policies.stdout)["policies"]) == [
+            "kept", "new"]
+    finally:
+        ns_agent.remove([], [])
+        subprocess.run(["umount", str(state)], check=False)
