@@ -576,6 +576,10 @@ class Agent:
                 raise
             change = self.repository.delete(keys)
             self._apply(change)
+            if self.config.policy_dir is not None and self._dir_keys & set(keys):
+                # the directory's policy of a name that was also imported: in force again,
+                # as on a restart
+                self._load_policy_dir(initial=True)
             return len(change.removed)
 
     def _apply(self, change: PolicyChange) -> None:
@@ -629,10 +633,18 @@ class Agent:
             return
         self.policy_dir_errors = []
         policies: tuple[Policy, ...] = loaded.policies if loaded else ()
-        # The directory owns only what it holds: policies imported through the API stay.
+        # The directory owns only what it holds: policies imported through the API stay, and
+        # an imported policy wins over the directory's of the same name, as on a restart
+        # (a file removed or changed there never removes or replaces an imported one).
         keys = {p.key for p in policies}
-        gone = [k for k in self._dir_keys - keys if self.repository.get(k) is not None]
-        changed = [p for p in policies if self.repository.get(p.key) != p]
+        gone = [k for k in self._dir_keys - keys
+                if self.repository.get(k) is not None and self.imported.policy(k) is None]
+        changed = [p for p in policies
+                   if self.repository.get(p.key) != p and self.imported.policy(p.key) is None]
+        for p in policies:
+            if self.imported.policy(p.key) is not None:
+                log.warning("policy directory: %s/%s is also imported (policy import): the "
+                            "imported one is in force", p.namespace or "", p.name)
         self._apply(self.repository.update(changed, gone))
         self._dir_keys = keys
         self._policy_files = files

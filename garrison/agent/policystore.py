@@ -76,6 +76,11 @@ class ImportedPolicies:
                 raise PolicyStoreError(f"{path} changed while it was imported: import it again")
             self._entries[policy.key] = (policy, path, text)
 
+    def policy(self, key: PolicyKey) -> Policy | None:
+        """The imported policy of `key` (None: not imported)."""
+        entry = self._entries.get(key)
+        return entry[0] if entry else None
+
     def snapshot(self) -> dict[PolicyKey, tuple[Policy, str, str]]:
         """What is recorded now, for `restore` when a change cannot be saved."""
         return dict(self._entries)
