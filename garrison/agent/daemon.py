@@ -540,6 +540,12 @@ class Agent:
         except PolicyValidationError:
             self.policy_changes["failure"] += 1
             raise
+        if not loaded.policies:  # an empty or truncated file: never a silent success
+            self.policy_changes["failure"] += 1
+            raise APIError(
+                f"{', '.join(loaded.files or paths)}: no policy in it (empty?); nothing "
+                "imported, the previous policy stays in force"
+            )
         if self.cluster is not None:  # the cluster's first: refused whole when etcd is away
             self.cluster.policies_imported(loaded.policies)
         with self.lock:
