@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             held = check_stopped(config.state_dir, config.socket_path, config.bpffs_root)
         except AgentRunningError as exc:
-            print(f"garrison agent --cleanup: the agent with {exc.flag} is running ({exc.who}); "
+            print(f"garrison agent --cleanup: the agent with {exc.flag} ({exc.who}) is running; "
                   "stop it first (SIGTERM)", file=sys.stderr)
             return 1
         except OSError as exc:

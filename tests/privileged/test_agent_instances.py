@@ -99,8 +99,8 @@ def test_a_second_agent_or_cleanup_on_a_running_agents_paths_is_refused(
                               str(other / "sock"), "--bpffs-root", str(pins))
         assert cleanup.returncode == 1
         assert cleanup.stderr.splitlines() == [
-            f"garrison agent --cleanup: the agent with --state-dir {state} is running "
-            f"(pid {pid}); stop it first (SIGTERM)"
+            f"garrison agent --cleanup: the agent with --state-dir {state} (pid {pid}) is "
+            "running; stop it first (SIGTERM)"
         ]
         assert Path(f"/run/netns/{ENDPOINT}").exists()
         assert ENDPOINT in ns_agent.cli("endpoint", "list").stdout
