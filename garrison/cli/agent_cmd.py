@@ -379,6 +379,10 @@ def _cleanup(config: AgentConfig) -> int:
         return 1
     # endpoints first: their programs go, then what garrison made of their network (an
     # adopted namespace stays, only garrison's veth/qdisc of it go — the record says which)
+    had_pins = config.bpffs_root.exists()
+    if not config.state_dir.is_dir():  # a typo must not read as a clean-up done
+        print(f"no state directory at {config.state_dir}: no endpoints or steering of an "
+              "agent recorded there (give the --state-dir the agent ran with)")
     try:
         registry = EndpointRegistry(config.state_dir / "endpoints.json", config.endpoint_pool)
         kernel = KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir)
@@ -393,7 +397,8 @@ def _cleanup(config: AgentConfig) -> int:
     except (BPFFSError, EndpointError, OSError, StateFileError) as exc:
         print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
         return 1
-    print(f"removed the pinned maps under {config.bpffs_root}")
+    print(f"removed the pinned maps under {config.bpffs_root}" if had_pins
+          else f"no pinned maps under {config.bpffs_root}")
     try:
         released = UnderlayRecord(config.state_dir / UNDERLAY_RECORD).release()
     except (ValueError, OSError, NetlinkError) as exc:

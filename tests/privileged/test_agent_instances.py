@@ -112,3 +112,19 @@ def test_a_second_agent_or_cleanup_on_a_running_agents_paths_is_refused(
         assert ns_agent.cli("bpf", "policy", "get", ENDPOINT).stdout == enforced
     finally:
         ns_agent.remove([ENDPOINT], [ENDPOINT])
+
+
+def test_cleanup_with_paths_no_agent_used_says_so(ns_agent: NsAgent) -> None:
+    """A mistyped --state-dir / --bpffs-root used to print `removed the pinned maps under
+    ...` (exit 0) though there was nothing: the operator believed the node clean while the
+    real agent's endpoints and pins stayed."""
+    state, pins = ns_agent.workdir / "state", ns_agent.pin_root
+    assert not state.exists() and not pins.exists()
+    done = ns_agent.cleanup()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:2] == [
+        f"no state directory at {state}: no endpoints or steering of an agent recorded there"
+        " (give the --state-dir the agent ran with)",
+        f"no pinned maps under {pins}",
+    ]
+    assert not state.exists()  # it made nothing either
