@@ -168,11 +168,17 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     ports: dict[L7Protocol, int] = {}
     for part in args.proxy_ports.split(","):
         name, _, number = part.partition("=")
-        ports[L7Protocol(name.strip())] = int(number)
+        try:
+            proto = L7Protocol(name.strip())
+        except ValueError:
+            raise ValueError(
+                f"--proxy-ports {args.proxy_ports}: {name.strip()!r} is no L7 parser; give "
+                "http=N,grpc=N,kafka=N") from None
+        ports[proto] = _port(number, f"--proxy-ports {args.proxy_ports}")
     metrics = None
     if args.metrics:
         host, _, port = args.metrics.rpartition(":")
-        metrics = (host or "127.0.0.1", int(port))
+        metrics = (host or "127.0.0.1", _port(port, f"--metrics {args.metrics}", HOST_PORT))
     cluster = _cluster_config(args)
     return AgentConfig(
         **cluster,
@@ -191,6 +197,20 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         allow_localhost=args.allow_localhost == "always",
         proxy_ports=ports,
     )
+
+
+HOST_PORT = "give HOST:PORT, e.g. 127.0.0.1:9962"
+
+
+def _port(text: str, flag: str, example: str = "give http=N,grpc=N,kafka=N") -> int:
+    """A TCP port number of an option, or a ValueError naming the option."""
+    try:
+        port = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{flag}: {text.strip()!r} is not a port number; {example}") from None
+    if not 0 < port <= 65535:
+        raise ValueError(f"{flag}: port {port} is not 1-65535; {example}")
+    return port
 
 
 def _check_flow_api(args: argparse.Namespace) -> ServerTLS | None:
