@@ -75,6 +75,10 @@ log = logging.getLogger("garrison.agent")
 FlowSink = Callable[[FlowRecord], object]
 
 
+class PolicyDirError(ValueError):
+    """The policy directory does not validate at start: the message names the first issue."""
+
+
 class Agent:
     def __init__(self, config: AgentConfig, datapath: KernelDatapath) -> None:
         self.config = config
@@ -132,6 +136,7 @@ class Agent:
         with self.lock:
             # read before the kernel is touched: a record that does not read refuses the start
             stored = self.imported.load()
+            self._check_policy_dir()
             self.datapath.start()
             for identity in RESERVED.values():
                 self.resolver.add_identity(identity.id, identity.labels)
@@ -655,6 +660,25 @@ class Agent:
         self._dir_keys = keys
         self._policy_files = files
         log.info("policy directory %s: revision %d", directory, self.repository.revision)
+
+    def _check_policy_dir(self) -> None:
+        """At start, before the kernel is touched: a --policy-dir that does not validate
+        refuses the start (PolicyDirError). Started without its policies, the agent would
+        enforce less than before its restart; the kernel goes on enforcing what it did."""
+        directory = self.config.policy_dir
+        if directory is None or not directory.is_dir() or not any(
+            p.suffix in (".yaml", ".yml", ".json") and p.is_file() for p in directory.rglob("*")
+        ):
+            return
+        try:
+            load_paths([directory])
+        except PolicyValidationError as exc:
+            more = f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else ""
+            raise PolicyDirError(
+                f"--policy-dir {directory} does not validate: {exc.issues[0]}{more}; fix it and "
+                "start again (without its policies the agent would enforce less than before; "
+                "until then the kernel enforces what it did)"
+            ) from exc
 
     def _watch_policy_dir(self) -> None:
         while not self._stop.wait(self.config.policy_poll_interval):

@@ -45,7 +45,7 @@ from garrison.agent.api import AgentAPIServer, AgentClient, AgentUnreachableErro
 from garrison.agent.claim import AgentRunningError, check_stopped, claim
 from garrison.agent.cnisocket import CNISocketServer
 from garrison.agent.config import DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, AgentConfig
-from garrison.agent.daemon import Agent
+from garrison.agent.daemon import Agent, PolicyDirError
 from garrison.agent.endpoints import EndpointError, EndpointRegistry
 from garrison.agent.handlers import make_handlers
 from garrison.agent.kernel import STEERING_RECORD, UNDERLAY_RECORD, KernelDatapath
@@ -352,7 +352,8 @@ def run(args: argparse.Namespace) -> int:
             return runner.run(_serve(config, args.verbose, args.ui, args.flow_api,
                                      args.proxy_workers, flow_api_tls))
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError,
-            KVStoreError, ClusterConfigError, RouteError, FlowAPIError, StateFileError) as exc:
+            KVStoreError, ClusterConfigError, RouteError, FlowAPIError, StateFileError,
+            PolicyDirError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
     finally:
