@@ -69,8 +69,12 @@ class ImportedPolicies:
         for policy in policies:
             path = policy.source.path if policy.source else ""
             if path not in texts:
-                text = Path(path).read_text(encoding="utf-8")
-                texts[path] = (text, list(load_text(text, path).policies))
+                try:
+                    text = Path(path).read_text(encoding="utf-8")
+                    texts[path] = (text, list(load_text(text, path).policies))
+                except (OSError, ValueError, PolicyValidationError):  # gone or rewritten
+                    raise PolicyStoreError(
+                        f"{path} changed while it was imported: import it again") from None
             text, found = texts[path]
             if policy not in found:
                 raise PolicyStoreError(f"{path} changed while it was imported: import it again")
