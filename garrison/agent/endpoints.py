@@ -117,6 +117,11 @@ class EndpointRegistry:
                 rec = EndpointRecord(**item)
                 if not isinstance(rec.name, str) or not isinstance(rec.ipv4, str):
                     raise ValueError(f"endpoint {rec.name!r}: name and ipv4 must be strings")
+                addr = ipaddress.IPv4Address(rec.ipv4)
+                if "netns" in rec.owned and (addr not in self.pool or addr == GATEWAY):
+                    # garrison would route it to a namespace it makes: never off the pool
+                    raise ValueError(f"endpoint {rec.name!r}: ipv4 {rec.ipv4} is not in the "
+                                     f"endpoint pool {self.pool}")
                 self._endpoints[rec.name] = rec
             self._next_id = int(data.get("next_id", len(self._endpoints) + 1))
         except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:

@@ -41,6 +41,12 @@ spec:
 """
 
 
+def endpoint(ipv4: str) -> str:
+    """An endpoints.json of one endpoint garrison made, at `ipv4`."""
+    return json.dumps({"endpoints": [{"id": 1, "name": "go-state-x", "namespace": "default",
+                                      "labels": [], "ipv4": ipv4}]})
+
+
 def rename_policy(state: Path) -> None:
     """policies.json edited so that its text no longer holds the policy it records."""
     path = state / "policies.json"
@@ -53,6 +59,11 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ("endpoints.json", lambda s: (s / "endpoints.json").write_text(
         json.dumps({"endpoints": [{"name": "x", "colour": "red"}]})), "not an endpoint registry"),
     ("endpoints.json", lambda s: (s / "endpoints.json").write_text("[]"),
+     "not an endpoint registry"),
+    ("endpoints.json", lambda s: (s / "endpoints.json").write_text(endpoint("abc")),
+     "not an endpoint registry"),
+    # an endpoint garrison makes is routed from the host: never to an address off the pool
+    ("endpoints.json", lambda s: (s / "endpoints.json").write_text(endpoint("192.0.2.1")),
      "not an endpoint registry"),
     ("policies.json", lambda s: (s / "policies.json").write_text('{"policies": ['),
      "not a record of imported policies"),
