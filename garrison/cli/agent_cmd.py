@@ -328,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"garrison agent: {problem}", file=sys.stderr)
         return 2
+    made_pins = not config.bpffs_root.exists()
     try:
         # before anything is touched: no two agents on one state dir, socket or pin root
         held = claim(config.state_dir, config.socket_path, None)
@@ -358,6 +359,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         held.release()
+        if made_pins:  # a start refused before the maps were pinned leaves no pin root
+            with contextlib.suppress(OSError):
+                config.bpffs_root.rmdir()  # only when empty
 
 
 def _prepare_paths(config: AgentConfig) -> str | None:

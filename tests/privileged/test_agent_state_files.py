@@ -173,3 +173,15 @@ def test_a_policy_change_the_full_state_dir_cannot_keep_is_refused_whole(
     finally:
         ns_agent.remove([], [])
         subprocess.run(["umount", str(state)], check=False)
+
+
+def test_a_refused_first_start_leaves_no_pin_root(ns_agent: NsAgent) -> None:
+    state = ns_agent.workdir / "state"
+    state.mkdir()
+    (state / "endpoints.json").write_text("{")
+    assert not ns_agent.pin_root.exists()
+    refused = run_agent(ns_agent)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1].startswith(
+        f"garrison agent: {state / 'endpoints.json'}: not an endpoint registry (")
+    assert not ns_agent.pin_root.exists()
