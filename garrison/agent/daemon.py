@@ -66,12 +66,17 @@ from garrison.policies.selectorcache import WORLD_IDENTITY
 from garrison.proxy.policyview import Admission
 from garrison.redirect import endpoint as netdev
 from garrison.redirect.tc import ForeignFilterError
+from garrison.statefile import StateWriteError
 
 HOST_IDENTITY = RESERVED["host"].id
 
 log = logging.getLogger("garrison.agent")
 
 FlowSink = Callable[[FlowRecord], object]
+
+
+class PolicyDirError(ValueError):
+    """The policy directory does not validate at start: the message names the first issue."""
 
 
 class Agent:
@@ -129,6 +134,9 @@ class Agent:
     def start(self) -> None:
         """Reconcile: datapath up (pinned maps reused), identities, endpoints, policy, maps."""
         with self.lock:
+            # read before the kernel is touched: a record that does not read refuses the start
+            stored = self.imported.load()
+            self._check_policy_dir()
             self.datapath.start()
             for identity in RESERVED.values():
                 self.resolver.add_identity(identity.id, identity.labels)
@@ -182,8 +190,7 @@ class Agent:
             self.datapath.set_prefix(ipaddress.ip_network(f"{GATEWAY}/32"), HOST_IDENTITY)
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)
-            stored = self.imported.load()  # after the directory: an import overrides it
-            if stored:
+            if stored:  # after the directory: an import overrides it
                 self._apply(self.repository.upsert(stored))
             if self.cluster is not None:
                 # the cluster's policies and remote endpoints before the first reconcile: a
@@ -538,13 +545,26 @@ class Agent:
         except PolicyValidationError:
             self.policy_changes["failure"] += 1
             raise
+        if not loaded.policies:  # an empty or truncated file: never a silent success
+            self.policy_changes["failure"] += 1
+            raise APIError(
+                f"{', '.join(loaded.files or paths)}: no policy in it (empty?); nothing "
+                "imported, the previous policy stays in force"
+            )
         if self.cluster is not None:  # the cluster's first: refused whole when etcd is away
             self.cluster.policies_imported(loaded.policies)
         with self.lock:
-            self.imported.record(loaded.policies)
+            # on disk before in force: an import that cannot be kept (a full state dir) is
+            # refused whole, never enforced now and lost at the next restart
+            before = self.imported.snapshot()
+            try:
+                self.imported.record(loaded.policies)
+                self.imported.save()
+            except BaseException:
+                self.imported.restore(before)
+                raise
             change = self.repository.upsert(loaded.policies)
             self._apply(change)
-            self.imported.save()
             return change
 
     def delete_policies(self, name: str | None, namespace: str | None, all_: bool) -> int:
@@ -557,10 +577,20 @@ class Agent:
                     raise APIError(f"no policy named {name!r}", _not_found())
             if self.cluster is not None:
                 self.cluster.policies_deleted(keys)
+            # forgotten on disk first: a delete that cannot be kept is refused whole
+            before = self.imported.snapshot()
+            try:
+                self.imported.forget(keys)
+                self.imported.save()
+            except BaseException:
+                self.imported.restore(before)
+                raise
             change = self.repository.delete(keys)
             self._apply(change)
-            self.imported.forget(p.key for p in change.removed)
-            self.imported.save()
+            if self.config.policy_dir is not None and self._dir_keys & set(keys):
+                # the directory's policy of a name that was also imported: in force again,
+                # as on a restart
+                self._load_policy_dir(initial=True)
             return len(change.removed)
 
     def _apply(self, change: PolicyChange) -> None:
@@ -569,7 +599,10 @@ class Agent:
         changed = self.resolver.apply(change)
         changed |= self._sync_cidrs(sync=False)
         self._sync(changed)
-        self.revisions.save(self.repository.revision)
+        try:
+            self.revisions.save(self.repository.revision)
+        except StateWriteError as exc:  # in force already: the next change writes it again
+            log.error("policy revision %d: %s", self.repository.revision, exc)
         self.policy_changes["success"] += 1
         for listener in self.policy_listeners:
             listener()
@@ -611,14 +644,41 @@ class Agent:
             return
         self.policy_dir_errors = []
         policies: tuple[Policy, ...] = loaded.policies if loaded else ()
-        # The directory owns only what it holds: policies imported through the API stay.
+        # The directory owns only what it holds: policies imported through the API stay, and
+        # an imported policy wins over the directory's of the same name, as on a restart
+        # (a file removed or changed there never removes or replaces an imported one).
         keys = {p.key for p in policies}
-        gone = [k for k in self._dir_keys - keys if self.repository.get(k) is not None]
-        changed = [p for p in policies if self.repository.get(p.key) != p]
+        gone = [k for k in self._dir_keys - keys
+                if self.repository.get(k) is not None and self.imported.policy(k) is None]
+        changed = [p for p in policies
+                   if self.repository.get(p.key) != p and self.imported.policy(p.key) is None]
+        for p in policies:
+            if self.imported.policy(p.key) is not None:
+                log.warning("policy directory: %s/%s is also imported (policy import): the "
+                            "imported one is in force", p.namespace or "", p.name)
         self._apply(self.repository.update(changed, gone))
         self._dir_keys = keys
         self._policy_files = files
         log.info("policy directory %s: revision %d", directory, self.repository.revision)
+
+    def _check_policy_dir(self) -> None:
+        """At start, before the kernel is touched: a --policy-dir that does not validate
+        refuses the start (PolicyDirError). Started without its policies, the agent would
+        enforce less than before its restart; the kernel goes on enforcing what it did."""
+        directory = self.config.policy_dir
+        if directory is None or not directory.is_dir() or not any(
+            p.suffix in (".yaml", ".yml", ".json") and p.is_file() for p in directory.rglob("*")
+        ):
+            return
+        try:
+            load_paths([directory])
+        except PolicyValidationError as exc:
+            more = f" (and {len(exc.issues) - 1} more)" if len(exc.issues) > 1 else ""
+            raise PolicyDirError(
+                f"--policy-dir {directory} does not validate: {exc.issues[0]}{more}; fix it and "
+                "start again (without its policies the agent would enforce less than before; "
+                "until then the kernel enforces what it did)"
+            ) from exc
 
     def _watch_policy_dir(self) -> None:
         while not self._stop.wait(self.config.policy_poll_interval):

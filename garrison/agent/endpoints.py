@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from garrison.policies.labels import Labels, endpoint_labels
-from garrison.statefile import write_atomically
+from garrison.statefile import StateFileError, write_atomically
 
 # The host's side of every endpoint link (garrison.redirect.endpoint.DEFAULT_GATEWAY).
 GATEWAY = ipaddress.IPv4Address("198.19.255.254")
@@ -106,17 +106,29 @@ class EndpointRegistry:
     def _load(self) -> None:
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, ValueError) as exc:
-            raise EndpointError(f"{self.path}: cannot read the endpoint registry: {exc}") from exc
-        for item in data.get("endpoints", []):
-            item["labels"] = tuple(item.get("labels", ()))
-            if "owned" in item:
-                item["owned"] = tuple(item["owned"])
-            item["ports"] = tuple(item.get("ports", ()))
-            item["namespace_labels"] = tuple(item.get("namespace_labels", ()))
-            rec = EndpointRecord(**item)
-            self._endpoints[rec.name] = rec
-        self._next_id = int(data.get("next_id", len(self._endpoints) + 1))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            for item in data.get("endpoints", []):
+                item["labels"] = tuple(item.get("labels", ()))
+                if "owned" in item:
+                    item["owned"] = tuple(item["owned"])
+                item["ports"] = tuple(item.get("ports", ()))
+                item["namespace_labels"] = tuple(item.get("namespace_labels", ()))
+                rec = EndpointRecord(**item)
+                if not isinstance(rec.name, str) or not isinstance(rec.ipv4, str):
+                    raise ValueError(f"endpoint {rec.name!r}: name and ipv4 must be strings")
+                addr = ipaddress.IPv4Address(rec.ipv4)
+                if "netns" in rec.owned and (addr not in self.pool or addr == GATEWAY):
+                    # garrison would route it to a namespace it makes: never off the pool
+                    raise ValueError(f"endpoint {rec.name!r}: ipv4 {rec.ipv4} is not in the "
+                                     f"endpoint pool {self.pool}")
+                self._endpoints[rec.name] = rec
+            self._next_id = int(data.get("next_id", len(self._endpoints) + 1))
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise StateFileError(
+                f"{self.path}: not an endpoint registry ({exc}); repair or restore it (without"
+                " it the agent forgets its endpoints, whose namespaces and programs stay)"
+            ) from exc
 
     def _save(self) -> None:
         payload = {

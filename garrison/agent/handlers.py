@@ -18,6 +18,7 @@ from garrison.identity.namespaces import NamespaceError, check_namespace
 from garrison.kvstore.base import KVStoreError
 from garrison.policies.errors import PolicyValidationError
 from garrison.policies.mapstate import PROTOCOL_NAMES, TIER_NAMES, MapState
+from garrison.statefile import StateWriteError
 
 
 def endpoint_view(agent: Agent, ep: EndpointRecord) -> dict[str, Any]:
@@ -85,6 +86,8 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
                 raise APIError(str(exc), grpc.StatusCode.NOT_FOUND) from exc
             except KVStoreError as exc:  # etcd away (cluster mode): nothing was changed
                 raise APIError(str(exc), grpc.StatusCode.UNAVAILABLE) from exc
+            except StateWriteError as exc:  # a full or read-only state dir: refused whole
+                raise APIError(str(exc), grpc.StatusCode.FAILED_PRECONDITION) from exc
 
         return call
 

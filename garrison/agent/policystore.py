@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from garrison.policies.errors import PolicyValidationError
 from garrison.policies.loader import load_text
 from garrison.policies.model import Policy
 from garrison.policies.repository import PolicyKey
-from garrison.statefile import write_atomically
+from garrison.statefile import StateFileError, write_atomically
 
 
 class PolicyStoreError(ValueError):
@@ -34,19 +34,32 @@ class ImportedPolicies:
         self._entries: dict[PolicyKey, tuple[Policy, str, str]] = {}
 
     def load(self) -> list[Policy]:
-        """The stored policies (empty when nothing was ever imported)."""
+        """The stored policies (empty when nothing was ever imported). A file that does not
+        read back as every policy it records is refused (StateFileError): the agent never
+        starts enforcing less than was imported."""
         if not self.path.exists():
             return []
-        data = json.loads(self.path.read_text())
-        texts: dict[str, str] = data["texts"]
         out = []
-        for item in data["policies"]:
-            key: PolicyKey = (item["key"][0], item["key"][1], item["key"][2])
-            path, text = item["path"], texts[item["text"]]
-            found = [p for p in load_text(text, path).policies if p.key == key]
-            if found:
+        try:
+            data = json.loads(self.path.read_text())
+            texts: dict[str, str] = data["texts"]
+            for item in data["policies"]:
+                key: PolicyKey = (item["key"][0], item["key"][1], item["key"][2])
+                path, text = item["path"], texts[item["text"]]
+                found = [p for p in load_text(text, path).policies if p.key == key]
+                if not found:
+                    name = "/".join(k or "" for k in key)
+                    raise ValueError(f"its text of {path} holds no policy {name}")
                 self._entries[key] = (found[0], path, text)
                 out.append(found[0])
+        except (OSError, ValueError, TypeError, KeyError, IndexError,
+                PolicyValidationError) as exc:
+            detail = "; ".join(map(str, exc.issues)) if isinstance(
+                exc, PolicyValidationError) else f"{type(exc).__name__}: {exc}"
+            raise StateFileError(
+                f"{self.path}: not a record of imported policies ({detail}); repair or restore"
+                " it, or move it away and import the policies again (garrison policy import)"
+            ) from exc
         return out
 
     def record(self, policies: Iterable[Policy]) -> None:
@@ -56,12 +69,28 @@ class ImportedPolicies:
         for policy in policies:
             path = policy.source.path if policy.source else ""
             if path not in texts:
-                text = Path(path).read_text(encoding="utf-8")
-                texts[path] = (text, list(load_text(text, path).policies))
+                try:
+                    text = Path(path).read_text(encoding="utf-8")
+                    texts[path] = (text, list(load_text(text, path).policies))
+                except (OSError, ValueError, PolicyValidationError):  # gone or rewritten
+                    raise PolicyStoreError(
+                        f"{path} changed while it was imported: import it again") from None
             text, found = texts[path]
             if policy not in found:
                 raise PolicyStoreError(f"{path} changed while it was imported: import it again")
             self._entries[policy.key] = (policy, path, text)
+
+    def policy(self, key: PolicyKey) -> Policy | None:
+        """The imported policy of `key` (None: not imported)."""
+        entry = self._entries.get(key)
+        return entry[0] if entry else None
+
+    def snapshot(self) -> dict[PolicyKey, tuple[Policy, str, str]]:
+        """What is recorded now, for `restore` when a change cannot be saved."""
+        return dict(self._entries)
+
+    def restore(self, entries: dict[PolicyKey, tuple[Policy, str, str]]) -> None:
+        self._entries = dict(entries)
 
     def forget(self, keys: Iterable[PolicyKey]) -> None:
         """Deleted policies (`policy delete`) are not enforced again after a restart."""
@@ -89,16 +118,23 @@ class RevisionRecord:
 
     def load(self) -> int:
         try:
-            self._saved = int(self.path.read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            self._saved = 0
+            text = self.path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        try:
+            self._saved = int(text or 0)
+            if self._saved < 0:
+                raise ValueError(text)
+        except ValueError:
+            raise StateFileError(
+                f"{self.path}: not a policy revision ({text[:40]!r}); write the last revision "
+                "there (a number, e.g. the highest in the audit log), or remove the file to "
+                "count from 0 again"
+            ) from None
         return self._saved
 
     def save(self, revision: int) -> None:
         if revision == self._saved:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(f"{revision}\n")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, f"{revision}\n")
         self._saved = revision

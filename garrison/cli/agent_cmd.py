@@ -15,8 +15,13 @@ before the agent stays. With `--kvstore etcd` also the routes to other nodes' po
 (protocol 0xa7, docs/cluster.md) and from_netdev on the underlay device, with its clsact
 when garrison added it (recorded too, so a killed agent's is found).
 
+One agent per state directory, socket and pin root: an agent (or `--cleanup`) whose
+--state-dir, --socket or --bpffs-root a running agent holds refuses before it touches
+anything, naming the path and that agent's pid (garrison/agent/claim.py).
+
 Exit status: 0 after a clean stop; 1 when it cannot start (missing privilege or package —
-the message says which), or `--cleanup` while the agent runs; 2 for bad usage.
+the message says which — or another agent holds one of its paths), or `--cleanup` while the
+agent runs; 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from typing import Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from garrison.agent.api import AgentAPIServer, AgentClient, AgentUnreachableError, APIError
+from garrison.agent.claim import AgentRunningError, check_stopped, claim
 from garrison.agent.cnisocket import CNISocketServer
 from garrison.agent.config import DEFAULT_BPFFS_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DIR, AgentConfig
-from garrison.agent.daemon import Agent
+from garrison.agent.daemon import Agent, PolicyDirError
 from garrison.agent.endpoints import EndpointError, EndpointRegistry
 from garrison.agent.handlers import make_handlers
 from garrison.agent.kernel import STEERING_RECORD, UNDERLAY_RECORD, KernelDatapath
@@ -75,9 +81,10 @@ from garrison.proxy.config import ProxyConfig
 from garrison.proxy.metrics import MetricsServer, ProxyMetrics
 from garrison.proxy.server import FlowSink, ProxyServer, ServerSettings
 from garrison.proxy.sockets import ListenError
-from garrison.redirect.bpffs import remove_pin_dir
+from garrison.redirect.bpffs import ensure_bpffs, prepare_pin_dir, remove_pin_dir
 from garrison.redirect.steering import SteeringRecord
 from garrison.redirect.underlay import UnderlayRecord
+from garrison.statefile import StateFileError
 
 log = logging.getLogger("garrison.agent")
 
@@ -161,11 +168,17 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     ports: dict[L7Protocol, int] = {}
     for part in args.proxy_ports.split(","):
         name, _, number = part.partition("=")
-        ports[L7Protocol(name.strip())] = int(number)
+        try:
+            proto = L7Protocol(name.strip())
+        except ValueError:
+            raise ValueError(
+                f"--proxy-ports {args.proxy_ports}: {name.strip()!r} is no L7 parser; give "
+                "http=N,grpc=N,kafka=N") from None
+        ports[proto] = _port(number, f"--proxy-ports {args.proxy_ports}")
     metrics = None
     if args.metrics:
         host, _, port = args.metrics.rpartition(":")
-        metrics = (host or "127.0.0.1", int(port))
+        metrics = (host or "127.0.0.1", _port(port, f"--metrics {args.metrics}", HOST_PORT))
     cluster = _cluster_config(args)
     name = args.node_name
     if (not name or len(name) > 253 or "/" in name
@@ -190,6 +203,20 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         allow_localhost=args.allow_localhost == "always",
         proxy_ports=ports,
     )
+
+
+HOST_PORT = "give HOST:PORT, e.g. 127.0.0.1:9962"
+
+
+def _port(text: str, flag: str, example: str = "give http=N,grpc=N,kafka=N") -> int:
+    """A TCP port number of an option, or a ValueError naming the option."""
+    try:
+        port = int(text.strip())
+    except ValueError:
+        raise ValueError(f"{flag}: {text.strip()!r} is not a port number; {example}") from None
+    if not 0 < port <= 65535:
+        raise ValueError(f"{flag}: port {port} is not 1-65535; {example}")
+    return port
 
 
 def _check_flow_api(args: argparse.Namespace) -> ServerTLS | None:
@@ -296,7 +323,19 @@ def run(args: argparse.Namespace) -> int:
               "BPF programs, creates network namespaces and a transparent proxy", file=sys.stderr)
         return 1
     if args.cleanup:
-        return _cleanup(config)
+        try:
+            held = check_stopped(config.state_dir, config.socket_path, config.bpffs_root)
+        except AgentRunningError as exc:
+            print(f"garrison agent --cleanup: the agent with {exc.flag} ({exc.who}) is running; "
+                  "stop it first (SIGTERM)", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
+            return 1
+        try:
+            return _cleanup(config)
+        finally:
+            held.release()
     if args.ui:
         from garrison.ui.app import UIError, parse_listen
 
@@ -309,6 +348,24 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"garrison agent: {problem}", file=sys.stderr)
         return 2
+    made_pins = not config.bpffs_root.exists()
+    try:
+        # before anything is touched: no two agents on one state dir, socket or pin root
+        held = claim(config.state_dir, config.socket_path, None)
+        try:
+            ensure_bpffs()
+            held.take(prepare_pin_dir(config.bpffs_root), f"--bpffs-root {config.bpffs_root}",
+                      directory=True)
+        except BaseException:
+            held.release()
+            raise
+    except AgentRunningError as exc:
+        print(f"garrison agent: {exc}; stop it first, or give this agent its own "
+              "--state-dir, --socket and --bpffs-root", file=sys.stderr)
+        return 1
+    except (BPFFSError, OSError) as exc:
+        print(f"garrison agent: {exc}", file=sys.stderr)
+        return 1
     try:
         # uvloop for the agent's own loop only: pyroute2 runs its own asyncio loops in worker
         # threads, and those must stay standard loops (uvloop cannot open netlink sockets).
@@ -316,9 +373,15 @@ def run(args: argparse.Namespace) -> int:
             return runner.run(_serve(config, args.verbose, args.ui, args.flow_api,
                                      args.proxy_workers, flow_api_tls))
     except (DatapathError, PolicyValidationError, ListenError, AccessLogError, OSError,
-            KVStoreError, ClusterConfigError, RouteError, FlowAPIError) as exc:
+            KVStoreError, ClusterConfigError, RouteError, FlowAPIError, StateFileError,
+            PolicyDirError) as exc:
         print(f"garrison agent: {exc}", file=sys.stderr)
         return 1
+    finally:
+        held.release()
+        if made_pins:  # a start refused before the maps were pinned leaves no pin root
+            with contextlib.suppress(OSError):
+                config.bpffs_root.rmdir()  # only when empty
 
 
 def _prepare_paths(config: AgentConfig) -> str | None:
@@ -361,6 +424,10 @@ def _cleanup(config: AgentConfig) -> int:
         return 1
     # endpoints first: their programs go, then what garrison made of their network (an
     # adopted namespace stays, only garrison's veth/qdisc of it go — the record says which)
+    had_pins = config.bpffs_root.exists()
+    if not config.state_dir.is_dir():  # a typo must not read as a clean-up done
+        print(f"no state directory at {config.state_dir}: no endpoints or steering of an "
+              "agent recorded there (give the --state-dir the agent ran with)")
     try:
         registry = EndpointRegistry(config.state_dir / "endpoints.json", config.endpoint_pool)
         kernel = KernelDatapath(config.bpffs_root, config.proxy_ports, config.state_dir)
@@ -372,10 +439,11 @@ def _cleanup(config: AgentConfig) -> int:
                      else f"garrison's part of it ({', '.join(ep.owned) or 'programs only'}); "
                      "its namespace stays"))
         remove_pin_dir(config.bpffs_root)
-    except (BPFFSError, EndpointError, OSError) as exc:
+    except (BPFFSError, EndpointError, OSError, StateFileError) as exc:
         print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
         return 1
-    print(f"removed the pinned maps under {config.bpffs_root}")
+    print(f"removed the pinned maps under {config.bpffs_root}" if had_pins
+          else f"no pinned maps under {config.bpffs_root}")
     try:
         released = UnderlayRecord(config.state_dir / UNDERLAY_RECORD).release()
     except (ValueError, OSError, NetlinkError) as exc:
@@ -387,7 +455,11 @@ def _cleanup(config: AgentConfig) -> int:
             else "from_netdev (the clsact was there before garrison)"
         print(f"removed {what} from the underlay device {where}" if released.removed
               else f"left the underlay device {where} alone: it is gone or renamed")
-    removed = SteeringRecord(config.state_dir / STEERING_RECORD).remove()
+    try:
+        removed = SteeringRecord(config.state_dir / STEERING_RECORD).remove()
+    except StateFileError as exc:
+        print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
+        return 1
     for what, added in (("ip rule fwmark 0x200/0xf00 lookup 2004", removed.rule),
                         ("local route in table 2004", removed.route)):
         print(f"removed the {what}" if added

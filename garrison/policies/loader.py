@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,9 +216,13 @@ def load_paths(paths: Sequence[str | Path]) -> LoadResult:
     loaded: list[_Loaded] = []
     for path in files:
         try:
-            data = Path(path).read_bytes()
+            data = _read_regular_file(path)
         except OSError as exc:
             issues.append(PolicyIssue(path, 0, "", f"cannot read: {exc.strerror or exc}"))
+            continue
+        if data is None:  # a FIFO would block the reader (the agent) until someone writes
+            issues.append(PolicyIssue(path, 0, "", "not a regular file (a FIFO, socket or "
+                                      "device): policy files must be regular files"))
             continue
         try:
             decoded = data.decode("utf-8")
@@ -230,6 +235,15 @@ def load_paths(paths: Sequence[str | Path]) -> LoadResult:
         issues += file_issues
     issues += _duplicate_issues(loaded)
     return _result(loaded, issues, tuple(files))
+
+
+def _read_regular_file(path: str) -> bytes | None:
+    """The bytes of `path`, None when it is not a regular file (opened without blocking)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return fh.read()
 
 
 def policy_files(paths: Sequence[str | Path]) -> tuple[list[str], list[PolicyIssue]]:

@@ -25,7 +25,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from garrison.bpf.abi import MARK_MASK, MARK_TO_PROXY, PROXY_ROUTE_TABLE
-from garrison.statefile import write_atomically
+from garrison.statefile import StateFileError, write_atomically
 
 PROXY_RULE_PRIORITY = 9  # before the main table (32766); after the local one (0)
 RTN_LOCAL = 2
@@ -148,9 +148,15 @@ class SteeringRecord:
     def load(self) -> SteeringParts:
         try:
             data = json.loads(self.path.read_text())
+            return SteeringParts(bool(data.get("rule")), bool(data.get("route")))
         except FileNotFoundError:
             return SteeringParts()
-        return SteeringParts(bool(data.get("rule")), bool(data.get("route")))
+        except (ValueError, AttributeError) as exc:
+            raise StateFileError(
+                f"{self.path}: not a steering record ({exc}); write {{\"rule\": true, "
+                "\"route\": true} for what this agent added (false: there before it), or "
+                "remove it: then no clean-up removes the rule or route"
+            ) from exc
 
     def install(self) -> SteeringParts:
         """Install what is missing; the record becomes what this and earlier runs added."""

@@ -58,3 +58,17 @@ def test_repository_update_is_one_revision_and_one_change(tmp_path: Path) -> Non
     assert [p.name for p in change.added] == ["c"]
     assert [p.name for p in change.removed] == ["b"]
     assert sorted(p.name for p in repo) == ["a", "c"]
+
+
+@pytest.mark.parametrize("change", ["removed", "broken"])
+def test_a_file_removed_or_broken_during_import_is_refused(tmp_path: Path, change: str) -> None:
+    """It used to reach the CLI as `garrison: FileNotFoundError: ...` (or a validation error
+    of a file that had validated)."""
+    f = write(tmp_path, "one", "a")
+    policies = load_paths([f]).policies
+    if change == "removed":
+        f.unlink()
+    else:
+        f.write_text("kind: [\n")
+    with pytest.raises(PolicyStoreError, match="changed while it was imported"):
+        ImportedPolicies(tmp_path / "policies.json").record(policies)

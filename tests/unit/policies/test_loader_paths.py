@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,25 @@ def test_warnings_are_kept_when_errors_are_raised(tmp_path: Path) -> None:
         load_paths([path])
     assert [(i.line, i.field) for i in info.value.issues] == [(9, "spec.egress[1].toEntities[0]")]
     assert [(w.line, w.field) for w in info.value.warnings] == [(8, "spec.egress[0].toFQDNs")]
+
+
+def test_a_fifo_among_policy_files_is_an_issue_and_never_blocks(tmp_path: Path) -> None:
+    """A FIFO named *.yaml used to block the reader until someone wrote to it (in the agent:
+    its policy-directory watcher, holding the agent's lock)."""
+    write(tmp_path / "a.yaml", cnp("a"))
+    os.mkfifo(tmp_path / "b.yaml")
+    raised: list[PolicyValidationError] = []
+
+    def load() -> None:
+        with pytest.raises(PolicyValidationError) as err:
+            load_paths([tmp_path])
+        raised.append(err.value)
+
+    reader = threading.Thread(target=load, daemon=True)  # a blocked read never returns
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "load_paths blocked on the FIFO"
+    assert [str(i) for i in raised[0].issues] == [
+        f"{tmp_path / 'b.yaml'}:0: not a regular file (a FIFO, socket or device): policy files "
+        "must be regular files"
+    ]
