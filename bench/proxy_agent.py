@@ -99,7 +99,9 @@ def agent(work: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[str]]]:
         yield proc, sock
     finally:
         stop(proc)
-        print(garrison("agent", "--cleanup", *where, check=False).stdout.strip().splitlines()[-1:])
+        done = garrison("agent", "--cleanup", *where, check=False)
+        for line in (done.stdout + done.stderr).strip().splitlines()[-1:]:
+            print(f"agent --cleanup: {line}")
 
 
 @contextlib.contextmanager
