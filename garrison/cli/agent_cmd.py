@@ -464,7 +464,12 @@ def _cleanup(config: AgentConfig) -> int:
                         ("local route in table 2004", removed.route)):
         print(f"removed the {what}" if added
               else f"kept the {what}: this agent did not add it")
-    for route in remove_node_routes():
+    try:
+        routes = remove_node_routes(config.state_dir)
+    except StateFileError as exc:
+        print(f"garrison agent --cleanup: {exc}", file=sys.stderr)
+        return 1
+    for route in routes:
         print(f"removed the route to another node's pod CIDR {route}")
     return 0
 

@@ -35,6 +35,7 @@ from garrison.cluster.keys import (
 )
 from garrison.cluster.node import DEFAULT_HEARTBEAT_S, ClusterNode
 from garrison.cluster.routes import (
+    ROUTES_RECORD,
     NodeRoutes,
     RouteError,
     interface_with_address,
@@ -82,6 +83,7 @@ class AgentCluster:
         *,
         lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
         cache_path: Path | None = None,
+        routes_record: Path | None = None,
         tls: EtcdTLS | None = None,
         auth: EtcdAuth | None = None,
     ) -> None:
@@ -109,7 +111,7 @@ class AgentCluster:
             lease=self.session.require_lease,
         )
         self.session.on_new_lease(self._restore_identities)
-        self.routes = NodeRoutes()
+        self.routes = NodeRoutes(routes_record)
         self.node = ClusterNode(self.store, self.session, me, self, cache_path=cache_path)
         self.node.on_beat.append(self.allocator.flush_pending)
         # Namespaces whose endpoints could not all be relabelled (→ the labels), retried on
@@ -201,6 +203,7 @@ class AgentCluster:
             agent.kvstore,
             lease_ttl_s=config.kvstore_lease_ttl_s,
             cache_path=config.state_dir / CACHE_FILE,
+            routes_record=config.state_dir / ROUTES_RECORD,
             tls=tls if tls.given else None,
             auth=load_auth(config.kvstore_user, config.kvstore_password_file),
         )

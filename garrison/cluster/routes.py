@@ -1,17 +1,24 @@
 """Routes to other nodes' pod CIDRs through their node IPs (Cilium's auto-direct-node-routes).
 
 Only routes this object added are changed or removed: a route to the same CIDR that was there
-before (someone else's) is left alone, and reported.
+before (someone else's) is left alone, and reported. Which routes an agent added is kept in its
+state directory (`ROUTES_RECORD`), so a restart takes back its own routes and `--cleanup`
+removes only those: another agent's routes in the same network namespace carry the same
+protocol number, and are not this agent's to take or remove.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import threading
+from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from garrison.statefile import StateFileError, write_atomically
 
 log = logging.getLogger("garrison.cluster")
 
@@ -19,26 +26,67 @@ log = logging.getLogger("garrison.cluster")
 # of the well-known ones in /etc/iproute2/rt_protos.
 ROUTE_PROTO = 0xA7
 
+# In the agent's state directory: {"routes": {"CIDR": "node IP", ...}}, what it added.
+ROUTES_RECORD = "node-routes.json"
+
 
 class RouteError(RuntimeError):
     """A route to another node's pod CIDR could not be installed; the message says why."""
 
 
+def _load_record(path: Path) -> dict[ipaddress.IPv4Network, ipaddress.IPv4Address]:
+    try:
+        data = json.loads(path.read_text())
+        return {
+            ipaddress.IPv4Network(cidr): ipaddress.IPv4Address(via)
+            for cidr, via in data["routes"].items()
+        }
+    except FileNotFoundError:
+        return {}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise StateFileError(
+            f"{path}: not a record of node routes ({exc}); remove it: then no restart or"
+            " clean-up takes or removes the routes an earlier run added (`ip route show proto"
+            " 0xa7` lists them)"
+        ) from exc
+
+
 class NodeRoutes:
-    def __init__(self) -> None:
+    """The routes of one agent. `record`: the file in its state directory that says which
+    routes it added (None: kept in memory only)."""
+
+    def __init__(self, record: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._routes: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
+        self._record = record
 
     def adopt_existing(self) -> None:
-        """Take over the routes an earlier run left (ours by their protocol number): a clean
-        stop keeps them, so traffic between nodes flows while the agent restarts."""
+        """Take over the routes an earlier run of this agent left (in its record, and in the
+        kernel with our protocol number): a clean stop keeps them, so traffic between nodes
+        flows while the agent restarts. Routes of other agents are left alone."""
+        if self._record is None:
+            return
+        recorded = _load_record(self._record)
         with self._lock, IPRoute() as ipr:
             for route in ipr.get_routes(family=2, table=254):
                 gateway = route.get_attr("RTA_GATEWAY")
                 dst = route.get_attr("RTA_DST")
                 if route.get("proto") == ROUTE_PROTO and gateway and dst:
                     cidr = ipaddress.IPv4Network(f"{dst}/{route['dst_len']}")
-                    self._routes[cidr] = ipaddress.IPv4Address(gateway)
+                    if recorded.get(cidr) == ipaddress.IPv4Address(gateway):
+                        self._routes[cidr] = recorded[cidr]
+            if recorded:
+                self._save()  # without those the kernel lost meanwhile
+
+    def _save(self) -> None:
+        """Write the record (called with the lock held, after every change)."""
+        if self._record is None:
+            return
+        routes = {str(cidr): str(via) for cidr, via in sorted(self._routes.items())}
+        try:
+            write_atomically(self._record, json.dumps({"routes": routes}))
+        except OSError as exc:  # the route works; only a later clean-up would miss it
+            log.error("cannot record the node routes in %s: %s", self._record, exc)
 
     def installed(self) -> dict[ipaddress.IPv4Network, ipaddress.IPv4Address]:
         with self._lock:
@@ -72,6 +120,7 @@ class NodeRoutes:
                     f" is {via} on a directly connected network?"
                 ) from None
             self._routes[cidr] = via
+            self._save()
 
     def restore_missing(self) -> list[tuple[ipaddress.IPv4Network, str | None]]:
         """Add again the routes this object holds that the kernel no longer has (their link
@@ -107,6 +156,7 @@ class NodeRoutes:
             via = self._routes.pop(cidr, None)
             if via is None:
                 return
+            self._save()
             with IPRoute() as ipr:
                 try:
                     ipr.route("del", dst=str(cidr), gateway=str(via), proto=ROUTE_PROTO, table=254)
@@ -119,13 +169,16 @@ class NodeRoutes:
             self.remove(cidr)
 
 
-def remove_node_routes() -> list[str]:
-    """`garrison agent --cleanup`: remove the routes to other nodes' pod CIDRs that agents
-    left (ours by their protocol number); what was removed, as `CIDR via IP`."""
-    routes = NodeRoutes()
+def remove_node_routes(state_dir: Path) -> list[str]:
+    """`garrison agent --cleanup`: remove the routes to other nodes' pod CIDRs that the agent
+    of `state_dir` left (in its record and in the kernel); what was removed, as `CIDR via IP`.
+    Raises StateFileError for a record that cannot be read."""
+    record = state_dir / ROUTES_RECORD
+    routes = NodeRoutes(record)
     routes.adopt_existing()
     removed = [f"{cidr} via {via}" for cidr, via in sorted(routes.installed().items())]
     routes.close()
+    record.unlink(missing_ok=True)
     return removed
 
 
