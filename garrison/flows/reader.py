@@ -9,7 +9,8 @@ recognised by the gzip magic bytes, not by the name.
 
 `LogFollower` notices rotation by the path naming another file (inode or device changed):
 it reads what is left of the old file, the final line without a newline included (it belongs
-to the rotated file and will never be completed), and goes on with the new one from its start.
+to the rotated file and will never be completed), then the backups made after it when the log
+rotated more than once between two polls, and goes on with the new one from its start.
 A file that shrank below what was read (copytruncate) is read again from the start.
 """
 
@@ -196,13 +197,33 @@ class LogFollower:
             out += self._read(final=True)
             self._file.close()
             self._file = None
-            if current is not None and self._open():
-                out += self._read(final=False)
+            if current is not None:
+                for backup in self._newer_backups():
+                    out += open_lines(backup)
+                if self._open():
+                    out += self._read(final=False)
             return out
         if os.fstat(self._file.fileno()).st_size < self._offset:  # truncated in place
             self._offset, self._partial = 0, b""
         out += self._read(final=False)
         return out
+
+    def _newer_backups(self) -> list[LogFile]:
+        """The backups made after the file just finished (the log rotated more than once
+        between two polls): whole files, read oldest first. None when that file is not
+        among the backups (it was removed or compressed): which ones are newer is unknown."""
+        try:
+            backups = log_files(self.path)[:-1]
+        except FlowSourceError:
+            return []
+        for index, backup in enumerate(backups):
+            try:
+                st = os.stat(backup.path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == self._ident:
+                return backups[index + 1:]
+        return []
 
     def close(self) -> None:
         if self._file is not None:

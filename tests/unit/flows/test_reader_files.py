@@ -106,6 +106,34 @@ def test_follower_start_partial_rotation_and_truncation(tmp_path: Path) -> None:
         assert follower.poll() == []
 
 
+def test_follower_reads_every_file_of_several_rotations_between_two_polls(
+    tmp_path: Path,
+) -> None:
+    """The writer rotates by renaming (live → .1 → .2 ...); twice within one poll interval the
+    middle file is already a backup when the follower notices: its lines come too, in order."""
+    path = tmp_path / "access.log"
+    path.write_bytes(b"old\n")
+
+    def rotate(new_content: bytes) -> None:
+        for index in (2, 1):
+            if (tmp_path / f"access.log.{index}").exists():
+                os.rename(tmp_path / f"access.log.{index}", tmp_path / f"access.log.{index + 1}")
+        os.rename(path, tmp_path / "access.log.1")
+        path.write_bytes(new_content)
+
+    with LogFollower(path) as follower:
+        _append(path, b"a\n")
+        assert follower.poll() == [b"a"]
+        _append(path, b"b\n")
+        rotate(b"m1\nm2\n")
+        rotate(b"n1\n")
+        assert follower.poll() == [b"b", b"m1", b"m2", b"n1"]
+        _append(path, b"n2\n")
+        assert follower.poll() == [b"n2"]
+        rotate(b"p1\n")  # one rotation: nothing read twice
+        assert follower.poll() == [b"p1"]
+
+
 def test_follower_from_the_start(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     path.write_bytes(b"one\ntwo\n")
