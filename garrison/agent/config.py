@@ -64,3 +64,5 @@ class AgentConfig:
     node_ip: ipaddress.IPv4Address | None = None
     # This node's records vanish from the others this long after it stops renewing its lease.
     kvstore_lease_ttl_s: int = 15
+    # An identity no node references is deleted from etcd after this long (its nodes died).
+    identity_gc_grace_s: int = 900

@@ -132,6 +132,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--kvstore-lease-ttl", type=int, default=15, metavar="SECONDS",
                    help="with --kvstore etcd: how long after this agent stops the other nodes "
                    "forget its endpoints (default 15)")
+    p.add_argument("--identity-gc-grace", type=int, default=900, metavar="SECONDS",
+                   help="with --kvstore etcd: how long an identity no node references (its "
+                   "nodes died) stays in etcd before this agent deletes it and frees its number "
+                   "(default 900, Cilium's identity GC interval)")
     p.add_argument("--flow-api", default="auto", metavar="IP:PORT|none",
                    help="with --kvstore etcd: serve this node's flow records read-only to the "
                    "other nodes (`garrison observe --cluster`), over TLS with "
@@ -281,6 +285,10 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         # this long
         raise ValueError(f"--kvstore-lease-ttl {args.kvstore_lease_ttl}: at most 3600 seconds"
                          " (the other nodes keep a dead node's endpoints that long)")
+    if not 1 <= args.identity_gc_grace <= 86400:
+        raise ValueError(f"--identity-gc-grace {args.identity_gc_grace}: give 1 to 86400 seconds"
+                         " (a node away longer than its lease TTL gets its identities back"
+                         " within it)")
     etcd_client_options(args, args.kvstore_endpoints)  # files checked before anything starts
     try:
         pod_cidr = ipaddress.IPv4Network(args.pod_cidr)
@@ -304,6 +312,7 @@ def _cluster_config(args: argparse.Namespace) -> dict[str, Any]:
         "endpoint_pool": pod_cidr,
         "node_ip": node_ip,
         "kvstore_lease_ttl_s": args.kvstore_lease_ttl,
+        "identity_gc_grace_s": args.identity_gc_grace,
     }
 
 

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("garrison.cluster")
 
 DEFAULT_LEASE_TTL_S = 15
+DEFAULT_IDENTITY_GC_GRACE_S = 900.0
 CACHE_FILE = "cluster-cache.json"
 START_TIMEOUT_S = 10.0
 
@@ -82,6 +83,7 @@ class AgentCluster:
         local_store: KVStore,
         *,
         lease_ttl_s: int = DEFAULT_LEASE_TTL_S,
+        identity_gc_grace_s: float = DEFAULT_IDENTITY_GC_GRACE_S,
         cache_path: Path | None = None,
         routes_record: Path | None = None,
         tls: EtcdTLS | None = None,
@@ -118,6 +120,9 @@ class AgentCluster:
         # each heartbeat; read and written under the agent's lock.
         self._namespaces_pending: dict[str, dict[str, str]] = {}
         self.node.on_beat.append(self._retry_namespaces)
+        self._gc_grace_s = identity_gc_grace_s
+        self._gc_last = 0.0
+        self.node.on_beat.append(self._collect_identities)
         self.node.on_beat.append(self._restore_routes)
         if self.degraded:
             log.warning(
@@ -202,6 +207,7 @@ class AgentCluster:
             config.pod_cidr,
             agent.kvstore,
             lease_ttl_s=config.kvstore_lease_ttl_s,
+            identity_gc_grace_s=config.identity_gc_grace_s,
             cache_path=config.state_dir / CACHE_FILE,
             routes_record=config.state_dir / ROUTES_RECORD,
             tls=tls if tls.given else None,
@@ -522,6 +528,23 @@ class AgentCluster:
                 self._namespaces_pending[namespace] = labels
             else:
                 self._namespaces_pending.pop(namespace, None)
+
+    def _collect_identities(self) -> None:
+        """Identities of dead nodes (no node references them) leave etcd after the grace:
+        swept at most every quarter of the grace (and at most once a minute), so an identity
+        goes between 1 and 1.25 graces after its last reference."""
+        now = time.monotonic()
+        if now - self._gc_last < min(self._gc_grace_s / 4, 60.0):
+            return
+        self._gc_last = now
+        try:
+            freed = self.allocator.collect_garbage(self._gc_grace_s, now)
+        except KVStoreError as exc:
+            log.warning("cluster: identity garbage collection: %s", exc)
+            return
+        if freed:
+            log.info("cluster: identities no node references any more deleted from etcd: %s",
+                     ", ".join(map(str, sorted(freed))))
 
     def _retry_namespaces(self) -> None:
         with self._agent.lock:

@@ -28,6 +28,7 @@ import itertools
 import json
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
@@ -483,6 +484,9 @@ class ClusterIdentityAllocator(IdentityAllocator):
         self._rng = random.Random()
         # Identities whose number changed when a reference was written again (old → new).
         self.changed: dict[int, int] = {}
+        # Identities the last `collect_garbage` found without references: labels → (number,
+        # when first found so by an unbroken run of sweeps).
+        self._unreferenced: dict[str, tuple[int, float]] = {}
 
     def _refs_of(self, canonical: str) -> str:
         # Quoted without a safe "/", so one label set's references are never a prefix of
@@ -671,17 +675,37 @@ class ClusterIdentityAllocator(IdentityAllocator):
             [Delete(labels_key), Delete(self.id_prefix + str(number))],
         )
 
-    def collect_garbage(self) -> list[int]:
-        """Delete every identity that no node references (their nodes died); the numbers freed.
-        Any node may run it at any time."""
+    def collect_garbage(self, grace_s: float = 0.0, now: float | None = None) -> list[int]:
+        """Delete the identities that no node references (their nodes died); the numbers
+        freed. Any node may run it at any time. With `grace_s`, an identity goes only once it
+        was found unreferenced by sweeps `grace_s` apart and by every sweep between (`now`:
+        monotonic seconds): a node away longer than its lease TTL writes its references again
+        when it is back, and within the grace its identities stay. Identities this node holds
+        are never collected here (their references may be waiting for etcd)."""
+        now = time.monotonic() if now is None else now
+        referenced = {
+            key.removeprefix(self.refs_prefix).partition("/")[0]
+            for key in self._store.list_prefix(self.refs_prefix)
+        }
+        with self._lock:
+            held = set(self._held)
+        unreferenced: dict[str, tuple[int, float]] = {}
         freed = []
         for key, raw in self._store.list_prefix(self.labels_prefix).items():
             canonical = key.removeprefix(self.labels_prefix)
-            number = _IdentityRecord.decode(key, raw).id
-            if not self._store.list_prefix(self._refs_of(canonical)) and self.collect(
-                canonical, number
-            ):
+            if quote(canonical, safe="") in referenced or canonical in held:
+                continue
+            try:
+                number = _IdentityRecord.decode(key, raw).id
+            except IdentityError:
+                continue  # corrupt: left as it is, never deleted on a guess
+            seen = self._unreferenced.get(canonical)
+            since = seen[1] if seen is not None and seen[0] == number else now
+            if now - since >= grace_s and self.collect(canonical, number):
                 freed.append(number)
+            else:
+                unreferenced[canonical] = (number, since)
+        self._unreferenced = unreferenced
         return freed
 
     def restore(self) -> dict[int, int]:

@@ -147,6 +147,44 @@ def test_a_dead_nodes_references_expire_and_its_identities_are_collected(
         dying.close()
 
 
+def test_with_a_grace_a_dead_nodes_identity_goes_only_after_unbroken_sweeps(
+    etcd: EtcdServer,
+) -> None:
+    """The agents sweep with a grace (`--identity-gc-grace`): an unreferenced identity is
+    deleted only once sweeps a grace apart, and every sweep between, found it unreferenced; a
+    reference written again in between (its node came back) starts the wait afresh. An
+    identity the sweeping node holds itself is never deleted by its sweep."""
+    root = f"ge-id-{uuid.uuid4().hex[:8]}/"
+    alive = Node(etcd.url, root, "alive")
+    dying = Node(etcd.url, root, "dying")
+    try:
+        gone = dying.allocator.allocate(labels("gone"), "ep-9")
+        back = dying.allocator.allocate(labels("back"), "ep-9")
+        mine = alive.allocator.allocate(labels("mine"), "ep-1")
+        back_ref = dying.allocator._ref_key(canonical_labels(back.labels))
+        # etcd forgot the dying node's lease: all its references vanished at once
+        lease = dying.session.lease
+        assert lease is not None
+        dying.session.close(revoke=False)
+        dying.store.revoke_lease(lease)
+        # this node's own reference missing (say its write waits for etcd): held, so kept
+        alive.store.delete(alive.allocator._ref_key(canonical_labels(mine.labels)))
+        sweep = alive.allocator.collect_garbage
+        assert sweep(60.0, now=1000.0) == []
+        alive.store.put(back_ref, b'{"id":%d,"owners":["ep-9"]}' % back.id)  # back
+        assert sweep(60.0, now=1030.0) == []
+        alive.store.delete(back_ref)  # and away again
+        assert sweep(60.0, now=1060.0) == [gone.id]
+        assert alive.allocator.lookup_id(gone.id) is None
+        assert sweep(60.0, now=1119.0) == []
+        assert alive.allocator.lookup_labels(labels("back")) == back
+        assert sweep(60.0, now=1120.0) == [back.id]
+        assert alive.allocator.lookup_labels(labels("mine")) == mine
+    finally:
+        alive.close()
+        dying.close()
+
+
 def test_a_node_that_lost_its_lease_gets_its_references_and_numbers_back(
     nodes: list[Node],
 ) -> None:

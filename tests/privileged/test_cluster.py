@@ -449,3 +449,35 @@ def test_a_killed_agents_underlay_clsact_goes_at_the_next_stop_and_with_cleanup(
     finally:
         if n3.agent.proc is None or n3.agent.proc.poll() is not None:
             n3.agent.start()  # as the module's fixture expects to find it
+
+
+def test_a_dead_nodes_identity_leaves_etcd_after_the_grace(cluster: dict[str, Node]) -> None:
+    """Node 1 dies holding the only reference to an identity: after its lease TTL and node 3's
+    `--identity-gc-grace`, node 3 deletes the identity from etcd (its number is free again).
+    Node 1 back writes its reference again and the identity returns with its number."""
+    n1, n3 = cluster["ge-n1"], cluster["ge-n3"]
+    plain = list(n3.agent.extra)
+    n3.agent.stop()
+    n3.agent.extra = [*plain, "--identity-gc-grace", "2"]
+    n3.agent.start()
+    try:
+        ep = add_endpoint(n1, "ge-gc", "app=ge-gc", "198.18.201.14")
+
+        def in_etcd() -> set[int]:
+            return {int(i["id"]) for i in n3.api("IdentityList")["identities"]}
+
+        assert ep.identity in in_etcd()
+        n1.agent.stop(signal.SIGKILL)
+        try:
+            # the lease TTL, then sweeps 2 s apart on node 3's 5 s heartbeats
+            wait_for(lambda: ep.identity not in in_etcd(), LEASE_TTL_S + 25.0,
+                     "node 3 to delete the dead node's identity")
+        finally:
+            n1.agent.start()
+        wait_for(lambda: ep.identity in in_etcd(), 15.0,
+                 "node 1 to write its identity back with its number")
+        n1.api("EndpointDelete", name=ep.name)
+    finally:
+        n3.agent.stop()
+        n3.agent.extra = plain
+        n3.agent.start()

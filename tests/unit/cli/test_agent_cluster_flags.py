@@ -38,6 +38,9 @@ ETCD = ("--kvstore", "etcd", "--kvstore-endpoints", "http://198.19.0.249:2379")
         ((*ETCD, "--pod-cidr", "198.18.210.0/26", "--kvstore-lease-ttl", "99999999999"),
          "garrison agent: --kvstore-lease-ttl 99999999999: at most 3600 seconds (the other"
          " nodes keep a dead node's endpoints that long)"),
+        ((*ETCD, "--pod-cidr", "198.18.210.0/26", "--identity-gc-grace", "0"),
+         "garrison agent: --identity-gc-grace 0: give 1 to 86400 seconds (a node away longer"
+         " than its lease TTL gets its identities back within it)"),
     ],
 )
 def test_bad_cluster_flags_are_one_line_and_exit_2(
