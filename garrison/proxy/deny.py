@@ -164,6 +164,7 @@ def http2_error_response(status: int) -> tuple[list[tuple[bytes, bytes]], bytes]
 #                                     producer: Kafka's IDEMPOTENT_WRITE is a cluster ACL;
 #                                     ListGroups with an empty list; ApiVersions; telemetry;
 #                                     other topic-less APIs with a top-level error code).
+#   ACL APIs: 29 on each ACL resource (or filter) of type TOPIC or ANY, 31 on the others.
 # Fetch partitions carry empty records (b""), not null. A denied Metadata request still lists
 # the brokers (`cluster`, learnt from an earlier Metadata answer): kafka-python treats a
 # broker-less answer as a failed update and retries until its timeout instead of raising
@@ -564,6 +565,46 @@ def _kafka_deny_init_producer_id(cls: _Any, version: int, req: _Any, cluster: _A
     )
 
 
+def _kafka_acl_error(resource_type: int) -> int:
+    # ResourceType TOPIC (2), or ANY (1) in a filter: a topic ACL; anything else the cluster's.
+    return TOPIC_AUTHORIZATION_FAILED if resource_type in (1, 2) else CLUSTER_AUTHORIZATION_FAILED
+
+
+def _kafka_deny_describe_acls(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    return cls[version](
+        throttle_time_ms=0,
+        error_code=_kafka_acl_error(req.resource_type_filter),
+        error_message=_DENIED,
+        resources=[],
+    )
+
+
+def _kafka_deny_create_acls(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    result_cls = entry_class(cls, "results")
+    return cls[version](
+        throttle_time_ms=0,
+        results=[
+            result_cls(error_code=_kafka_acl_error(c.resource_type), error_message=_DENIED)
+            for c in req.creations or ()
+        ],
+    )
+
+
+def _kafka_deny_delete_acls(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    result_cls = entry_class(cls, "filter_results")
+    return cls[version](
+        throttle_time_ms=0,
+        filter_results=[
+            result_cls(
+                error_code=_kafka_acl_error(f.resource_type_filter),
+                error_message=_DENIED,
+                matching_acls=[],
+            )
+            for f in req.filters or ()
+        ],
+    )
+
+
 _KAFKA_DENY_BUILDERS: dict[int, _KafkaDenyBuilder] = {
     0: _kafka_deny_produce,
     1: _kafka_deny_fetch,
@@ -577,6 +618,9 @@ _KAFKA_DENY_BUILDERS: dict[int, _KafkaDenyBuilder] = {
     19: _kafka_deny_create_topics,
     20: _kafka_deny_delete_topics,
     22: _kafka_deny_init_producer_id,
+    29: _kafka_deny_describe_acls,
+    30: _kafka_deny_create_acls,
+    31: _kafka_deny_delete_acls,
 }
 
 
