@@ -226,3 +226,107 @@ def test_describe_and_delete_acls_of_a_denied_or_any_topic_are_answered_29(
         assert [line["verdict"] for line in lines] == ["DROPPED", "DROPPED"]
 
 
+
+
+# ---- every topic API a client may name a denied topic with ------------------------------------
+
+# API keys whose denial is answered (garrison.proxy.deny), with the array naming the topics
+# and the versions that name them by name in it.
+TOPIC_APIS = {
+    0: ("topic_data", 12), 1: ("topics", 12), 2: ("topics", None), 8: ("topics", 9),
+    9: ("topics", 7), 19: ("topics", None), 21: ("topics", None), 23: ("topics", None),
+    24: ("v3_and_below_topics", 3), 28: ("topics", None), 37: ("topics", None),
+    61: ("topics", None), 75: ("topics", None),
+}
+_NAMES = ("name", "topic", "topic_name")
+
+
+def _entry(field: Any, version: int, topic: str) -> Any:
+    """One entry of a topic array: the topic's name, partition 0 where the schema has one."""
+    values: dict[str, Any] = {}
+    for name, sub in field.fields.items():
+        if not sub.for_version_q(version):
+            continue
+        if name in _NAMES:
+            values[name] = topic
+        elif name in ("partitions", "partition_indexes", "partition_data"):
+            if sub.is_struct_array():
+                values[name] = [sub.data_class()]  # kafka-python's defaults: partition 0
+            else:
+                values[name] = [0]
+        elif sub.is_struct_array():
+            values[name] = []
+    return field.data_class(**values)
+
+
+def naming(api_key: int, version: int, correlation_id: int, topic: str) -> bytes:
+    api = kafka_api(api_key)
+    assert api is not None
+    cls = api.request_class
+    array, _ = TOPIC_APIS[api_key]
+    fields: dict[str, Any] = {array: [_entry(cls.fields[array], version, topic)]}
+    if api_key == 0:
+        fields["acks"] = -1
+    for name, field in cls.fields.items():
+        if name not in fields and field.for_version_q(version) and field.is_struct_array():
+            fields[name] = []
+    return request(api_key, version, correlation_id, **fields)
+
+
+def error_codes(node: Any) -> list[int]:
+    """Every error code of a decoded answer (`error_code`, `partition_error_code`, ...)."""
+    found = []
+    for name in node.fields:
+        value = getattr(node, name)
+        if name.endswith("error_code") and isinstance(value, int):
+            found.append(value)
+        elif isinstance(value, list):
+            for element in value:
+                if hasattr(element, "fields"):
+                    found += error_codes(element)
+    return found
+
+
+def _versions() -> list[tuple[int, int]]:
+    found = []
+    for api_key, (_, top) in TOPIC_APIS.items():
+        api = kafka_api(api_key)
+        assert api is not None
+        found += [(api_key, v) for v in range((top if top is not None else api.max_version) + 1)]
+    return found
+
+
+@pytest.mark.parametrize(("api_key", "version"), _versions(), ids=lambda v: str(v))
+def test_every_topic_api_naming_a_denied_topic_is_answered_29(
+    proxy: ProxyHandle, api_key: int, version: int
+) -> None:
+    correlation_id = 10_000 + api_key * 100 + version
+    frame = naming(api_key, version, correlation_id, SECRET)
+    assert parse_request_frame(frame).topics == (SECRET,)
+
+    answer = exchange(proxy, frame)
+
+    assert set(error_codes(answer)) - {0} == {TOPIC_AUTHORIZATION_FAILED}
+    lines = records_of(proxy, correlation_id)
+    assert [line["verdict"] for line in lines] == ["DROPPED", "DROPPED"]
+    assert only(lines, "REQUEST")["l7"]["kafka"]["topic"] == SECRET
+
+
+def test_librdkafka_admin_describing_a_denied_topics_configs_gets_topic_authorization_failed(
+    proxy: ProxyHandle,
+) -> None:
+    """It used to see the connection closed, and retried until its timeout."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": f"{proxy.address[0]}:{proxy.address[1]}"})
+
+    def describe(topic: str) -> Any:
+        futures = admin.describe_configs([ConfigResource("topic", topic)], request_timeout=10)
+        [future] = futures.values()
+        return future.result(timeout=10)
+
+    assert isinstance(describe(ALLOWED), dict)
+    with pytest.raises(KafkaException) as denied:
+        describe(SECRET)
+    assert denied.value.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED

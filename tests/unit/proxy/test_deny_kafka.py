@@ -449,10 +449,12 @@ def test_requests_without_a_possible_answer_raise_the_documented_error(
 
 
 def test_topic_bearing_apis_without_an_encoder_are_refused_not_half_answered() -> None:
-    api = kafka_api(21)  # DeleteRecords: names topics, no dedicated encoder
+    api = kafka_api(46)  # ListPartitionReassignments: names topics, no dedicated encoder
     assert api is not None
     topic = entries(api.request_class, "topics")
-    message = api.request_class[2](topics=[topic(name="orders", partitions=[])], timeout_ms=1)
+    message = api.request_class[0](
+        topics=[topic(name="orders", partition_indexes=[0])], timeout_ms=1
+    )
     message.with_header(correlation_id=3, client_id="x")
     request = parsed(bytes(message.encode(header=True, framed=True)))
     assert request.topics == ("orders",)
