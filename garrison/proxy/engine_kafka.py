@@ -90,6 +90,7 @@ from garrison.parsers.kafka_apis import (
     METADATA,
     PRODUCE,
     PUSH_TELEMETRY,
+    kafka_api,
 )
 from garrison.parsers.kafka_rewrite import (
     carries_broker_addresses,
@@ -827,27 +828,44 @@ class KafkaEngine:
         return response.raw
 
     def _api_versions_answer(self, response: KafkaResponse) -> bytes:
-        """The broker's ApiVersions answer, without the client telemetry APIs (KIP-714) when
-        the rules deny them to this client.
+        """The broker's ApiVersions answer, with the versions garrison can read, and without
+        the client telemetry APIs (KIP-714) when the rules deny them to this client.
+
+        A client uses the newest version both it and the broker support. A version of a known
+        API newer than kafka-python can decode is a parse error (the connection closes), so
+        the answer advertises at most what garrison reads: the client then uses that one,
+        as with an older broker. An API whose oldest version is already too new is left out.
 
         librdkafka asks for telemetry subscriptions on every connection to a broker that
         advertises them; denied, each would be a DROPPED record an operator has to read past.
         A Kafka broker with no telemetry receiver configured does not advertise them, and
         clients then send none: garrison answers as such a broker would. Audit mode, and rules
-        that allow the APIs, leave the answer as the broker sent it.
+        that allow the APIs, leave them in the answer.
         """
         decoded, request = response.decoded, response.request
-        if self._audit or decoded is None or decoded.error_code != 0:
+        if decoded is None or decoded.error_code != 0:
             return response.raw
-        hidden = {
-            key
-            for key in (GET_TELEMETRY_SUBSCRIPTIONS, PUSH_TELEMETRY)
-            if not self._matcher.match(key, 0, request.client_id, ()).allowed
-        }
-        if not hidden or not any(entry.api_key in hidden for entry in decoded.api_keys or ()):
+        hidden: set[int] = set()
+        if not self._audit:
+            hidden = {
+                key
+                for key in (GET_TELEMETRY_SUBSCRIPTIONS, PUSH_TELEMETRY)
+                if not self._matcher.match(key, 0, request.client_id, ()).allowed
+            }
+        entries = decoded.api_keys or ()
+        too_new = [entry for entry in entries if entry.max_version > _readable(entry.api_key)]
+        if not too_new and not any(entry.api_key in hidden for entry in entries):
             return response.raw
         message = copy.copy(decoded)
-        message.api_keys = [entry for entry in decoded.api_keys if entry.api_key not in hidden]
+        message.api_keys = []
+        for entry in entries:
+            readable = _readable(entry.api_key)
+            if entry.api_key in hidden or entry.min_version > readable:
+                continue
+            if entry.max_version > readable:
+                entry = copy.copy(entry)
+                entry.max_version = readable
+            message.api_keys.append(entry)
         return encode_response(API_VERSIONS, decoded.API_VERSION, response.correlation_id, message)
 
     def _release(self, out: _Out, now: float) -> None:
@@ -962,6 +980,16 @@ class KafkaEngine:
             drop_reason=DropReasonDesc.POLICY_DENIED if verdict is not Verdict.FORWARDED else None,
             node_name=self._node,
         )
+
+
+def _readable(api_key: int) -> int:
+    """The newest version of an API garrison decodes; an API kafka-python has no class for is
+    decided on its header whatever its version (any version is readable)."""
+    api = kafka_api(api_key)
+    return api.max_version if api is not None else _ANY_VERSION
+
+
+_ANY_VERSION = 32767
 
 
 def _error_code(response: KafkaResponse) -> int:
