@@ -130,7 +130,7 @@ class MessageCodec:
     decode_from: Decoder
     plan: FieldPlan  # every length and count, checked before kafka-python reads them
 
-    def decode(self, data: memoryview) -> Any:
+    def decode(self, data: memoryview, max_elements: int | None = None) -> Any:
         """Decode a whole body (no header).
 
         Raises `LengthError` (a `ValueError`) for a length or count the protocol cannot carry
@@ -138,9 +138,10 @@ class MessageCodec:
         would read an array count of -2**31 as an empty array. Bytes left after the schema's
         last field are ignored, as Kafka's brokers ignore them (librdkafka 2.x sends three
         stray bytes in its all-topics Metadata v12 request). Any other exception from
-        kafka-python means the bytes do not fit the schema.
+        kafka-python means the bytes do not fit the schema. `max_elements`: see
+        `check_message`.
         """
-        checked = check_message(self.plan, data)
+        checked = check_message(self.plan, data, max_elements)
         decoded, end = self.decode_from(data, 0)
         if end != checked:
             raise LengthError(f"kafka-python read {end} bytes of the body, the schema {checked}")

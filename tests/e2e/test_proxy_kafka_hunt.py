@@ -85,7 +85,7 @@ def access_log(proxy: ProxyHandle) -> list[dict[str, Any]]:
 def records_of(
     proxy: ProxyHandle, correlation_id: int, count: int = 2
 ) -> list[dict[str, Any]]:
-    """The access-log lines of one request (request and answer, or an ERROR line)."""
+    """The access-log lines of one request (its request and answer records)."""
     found: list[dict[str, Any]] = []
 
     def check() -> bool:
@@ -94,7 +94,6 @@ def records_of(
             line
             for line in access_log(proxy)
             if line.get("l7", {}).get("kafka", {}).get("correlation_id") == correlation_id
-            or line["verdict"] == "ERROR"
         ]
         return len(found) >= count
 
@@ -330,3 +329,31 @@ def test_librdkafka_admin_describing_a_denied_topics_configs_gets_topic_authoriz
     with pytest.raises(KafkaException) as denied:
         describe(SECRET)
     assert denied.value.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+
+# ---- what one request may cost ----------------------------------------------------------------
+
+
+def test_a_request_of_a_million_tiny_entries_closes_its_connection_and_stalls_no_one(
+    proxy: ProxyHandle,
+) -> None:
+    """A 3.8 MiB Produce naming a topic a million times (4 bytes an entry) kept the proxy's
+    event loop busy for seconds (a 100 MiB one for minutes): every other client of that
+    worker waited. It is now refused, from its element count, before it is decoded."""
+    from tests.unit.parsers.test_kafka_hostile import tiny_topics_produce
+
+    with socket.create_connection(proxy.address, timeout=10.0) as sock:
+        sock.sendall(tiny_topics_produce(1_000_000, correlation_id=5001))
+        assert sock.recv(4) == b""  # closed, nothing answered
+
+    def refused() -> bool:
+        return any(
+            line["verdict"] == "ERROR" and "more than 250000 array elements" in line["error"]
+            and line["drop_reason_desc"] == "PARSE_ERROR"
+            for line in access_log(proxy)
+        )
+
+    wait_until(refused, "an ERROR record naming the element limit", 5.0)
+    # the proxy is as it was
+    versions = request(18, 3, 5002, client_software_name="hunt", client_software_version="1")
+    assert exchange(proxy, versions).error_code == 0
