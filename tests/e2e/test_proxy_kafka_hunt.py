@@ -225,8 +225,6 @@ def test_describe_and_delete_acls_of_a_denied_or_any_topic_are_answered_29(
         assert [line["verdict"] for line in lines] == ["DROPPED", "DROPPED"]
 
 
-
-
 # ---- every topic API a client may name a denied topic with ------------------------------------
 
 # API keys whose denial is answered (garrison.proxy.deny), with the array naming the topics
