@@ -121,8 +121,12 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
 
 def exchange(proxy: ProxyHandle, frame: bytes) -> Any:
     """Send one request frame on a new connection; the decoded answer."""
+    return exchange_at(proxy.address, frame)
+
+
+def exchange_at(address: tuple[str, int], frame: bytes) -> Any:
     sent = parse_request_frame(frame)
-    with socket.create_connection(proxy.address, timeout=5.0) as sock:
+    with socket.create_connection(address, timeout=5.0) as sock:
         sock.sendall(frame)
         size = _read_exactly(sock, 4)
         answer = size + _read_exactly(sock, int.from_bytes(size, "big"))
@@ -355,3 +359,34 @@ def test_a_request_of_a_million_tiny_entries_closes_its_connection_and_stalls_no
     # the proxy is as it was
     versions = request(18, 3, 5002, client_software_name="hunt", client_software_version="1")
     assert exchange(proxy, versions).error_code == 0
+
+
+# ---- the broker address clients are told -----------------------------------------------------
+
+
+def test_a_proxy_listening_on_every_address_advertises_the_one_each_client_reached(
+    broker: TansuBroker, tmp_path: Path
+) -> None:
+    """`--listen 0.0.0.0:PORT` used to answer Metadata with broker 0.0.0.0:PORT: a client on
+    another host, told to connect there, connected to its own host and never produced."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    handle = start_proxy(
+        tmp_path, protocol="kafka", policy_files=[policy], dst_labels="app=kafka",
+        upstream=broker.address, peers=["0.0.0.0/0=app=client"], dport=9092,
+        listen_host="0.0.0.0", verbose=False, name="wildcard",
+    )
+    try:
+        port = handle.address[1]
+        api = kafka_api(3)
+        assert api is not None
+        topic = api.request_class.fields["topics"].data_class
+        for host in ("127.0.0.1", "127.0.0.2"):
+            metadata = request(
+                3, 12, 4001, topics=[topic(name=ALLOWED)], allow_auto_topic_creation=False,
+                include_topic_authorized_operations=False,
+            )
+            answer = exchange_at((host, port), metadata)
+            assert [(b.host, b.port) for b in answer.brokers] == [(host, port)]
+    finally:
+        handle.stop()
