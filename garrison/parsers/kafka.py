@@ -83,8 +83,12 @@ class KafkaLimits:
     """Bounds of one connection's parsers.
 
     `max_request_frame`: largest request accepted (Kafka's `socket.request.max.bytes`,
-    100 MiB by default). `max_response_frame`: largest response (clients'
-    `receive.message.max.bytes`, 100 MB by default). `max_in_flight`: requests forwarded and not
+    100 MiB by default). `max_request_elements`: most array elements and record batches one
+    request may hold in all (each costs a Python object to decode; 250,000 is about half a
+    second of CPU, and more than the partitions any client fetches or commits in one request;
+    a 100 MiB request of tiny entries would otherwise hold 26 million).
+    `max_response_frame`: largest response (clients' `receive.message.max.bytes`, 100 MB by
+    default). `max_in_flight`: requests forwarded and not
     answered yet. `max_unanswered_acks0`: Produce requests with acks=0 remembered in case the
     broker answers them after all (Kafka never does, tansu does). `repeat_window`: seconds
     during which denials identical to an earlier one on the same connection are counted into
@@ -92,13 +96,16 @@ class KafkaLimits:
     """
 
     max_request_frame: int = 100 * _MIB
+    max_request_elements: int = 250_000
     max_response_frame: int = 100 * _MIB
     max_in_flight: int = 1024
     max_unanswered_acks0: int = 64
     repeat_window: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("max_request_frame", "max_response_frame", "max_in_flight"):
+        for name in (
+            "max_request_frame", "max_request_elements", "max_response_frame", "max_in_flight"
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.max_unanswered_acks0 < 0:
@@ -380,8 +387,12 @@ def _skip_tagged_fields(data: bytes, pos: int) -> int:
 # ---- requests ---------------------------------------------------------------------------------
 
 
-def parse_request_frame(frame: bytes, topic_ids: TopicIdRegistry | None = None) -> KafkaRequest:
-    """Decode one whole request frame (size prefix included) into a `KafkaRequest`."""
+def parse_request_frame(
+    frame: bytes, topic_ids: TopicIdRegistry | None = None, max_elements: int | None = None
+) -> KafkaRequest:
+    """Decode one whole request frame (size prefix included) into a `KafkaRequest`.
+
+    `max_elements`: `KafkaLimits.max_request_elements` (None: no limit)."""
     if len(frame) < 4 + _MIN_REQUEST:
         raise KafkaDecodeError(f"request frame of {len(frame)} bytes has no complete header")
     api_key, api_version, correlation_id, client_id_len = _REQUEST_HEADER.unpack_from(frame, 4)
@@ -424,7 +435,7 @@ def parse_request_frame(frame: bytes, topic_ids: TopicIdRegistry | None = None) 
     if codec.flexible:
         pos = _skip_tagged_fields(frame, pos)
     try:
-        decoded = codec.decode(memoryview(frame)[pos:])
+        decoded = codec.decode(memoryview(frame)[pos:], max_elements)
     except LengthError as length:
         raise KafkaLengthError(f"{codec.api.name} v{api_version}: {length}") from None
     except Exception as exc:  # kafka-python raises struct.error, ValueError, IndexError, ...
@@ -484,7 +495,9 @@ class KafkaRequestParser:
             frame = self._frames.next_frame()
             if frame is None:
                 return None
-            return parse_request_frame(frame, self.topic_ids)
+            return parse_request_frame(
+                frame, self.topic_ids, self.limits.max_request_elements
+            )
         except KafkaError as exc:
             self._error = exc
             raise

@@ -36,6 +36,9 @@ OFFSET_FETCH = 9
 FIND_COORDINATOR = 10
 API_VERSIONS = 18
 CREATE_TOPICS = 19
+DESCRIBE_ACLS = 29
+CREATE_ACLS = 30
+DELETE_ACLS = 31
 DESCRIBE_CONFIGS = 32
 ALTER_CONFIGS = 33
 INCREMENTAL_ALTER_CONFIGS = 44
@@ -127,7 +130,7 @@ class MessageCodec:
     decode_from: Decoder
     plan: FieldPlan  # every length and count, checked before kafka-python reads them
 
-    def decode(self, data: memoryview) -> Any:
+    def decode(self, data: memoryview, max_elements: int | None = None) -> Any:
         """Decode a whole body (no header).
 
         Raises `LengthError` (a `ValueError`) for a length or count the protocol cannot carry
@@ -135,9 +138,10 @@ class MessageCodec:
         would read an array count of -2**31 as an empty array. Bytes left after the schema's
         last field are ignored, as Kafka's brokers ignore them (librdkafka 2.x sends three
         stray bytes in its all-topics Metadata v12 request). Any other exception from
-        kafka-python means the bytes do not fit the schema.
+        kafka-python means the bytes do not fit the schema. `max_elements`: see
+        `check_message`.
         """
-        checked = check_message(self.plan, data)
+        checked = check_message(self.plan, data, max_elements)
         decoded, end = self.decode_from(data, 0)
         if end != checked:
             raise LengthError(f"kafka-python read {end} bytes of the body, the schema {checked}")
@@ -223,3 +227,14 @@ TOPIC_FIELDS: dict[int, tuple[TopicField, ...]] = {
 
 # Config APIs name topics as resources of type TOPIC.
 CONFIG_RESOURCE_APIS = frozenset({DESCRIBE_CONFIGS, ALTER_CONFIGS, INCREMENTAL_ALTER_CONFIGS})
+
+# ACL APIs name topics as ACL resources: `ResourceType` TOPIC (2), or ANY (1) in a filter,
+# which matches topics too. A topic is named exactly only by a LITERAL (3) pattern (v0 has no
+# pattern type: literal) with a name other than the wildcard "*"; a PREFIXED (4) pattern, the
+# wildcard, a MATCH (2) or ANY (1) filter or a null name filter reach topics garrison cannot
+# list. Resource types other than TOPIC and ANY name no topic.
+ACL_APIS = frozenset({DESCRIBE_ACLS, CREATE_ACLS, DELETE_ACLS})
+ACL_RESOURCE_ANY = 1
+ACL_RESOURCE_TOPIC = 2
+ACL_PATTERN_LITERAL = 3
+ACL_WILDCARD = "*"

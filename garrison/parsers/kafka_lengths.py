@@ -20,7 +20,10 @@ So before kafka-python decodes a body, `check_message` walks it with a plan buil
   size past the end, a known tag whose contents do not take exactly its declared size;
 - record batches in a Produce request (`records` fields): each batch's length must fit the
   records field exactly and be at least its magic's header size, the magic known (0, 1, 2), and
-  an uncompressed v2 batch's record count non-negative and no larger than its bytes could hold.
+  an uncompressed v2 batch's record count non-negative and no larger than its bytes could hold;
+- with `max_elements`: more array elements and record batches in the whole message than that
+  (each costs a Python object to decode: a 100 MiB Produce of 4-byte topic entries would hold
+  26 million, minutes of CPU and gigabytes of memory in one request).
 
 The caller then decodes with kafka-python and checks both agree on where the message ends.
 Kafka's own readers are laxer in places (they read any negative length of a nullable field as
@@ -73,6 +76,27 @@ _MIN_RECORD = 7  # length, attributes, timestamp delta, offset delta, key, value
 
 class LengthError(ValueError):
     """A length or count in a Kafka message that the protocol cannot carry."""
+
+
+class _Budget:
+    """Array elements and record batches a message may still hold (`max_elements`)."""
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+        self.limit = limit
+
+    def spend(self, count: int, name: str) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise LengthError(
+                f"{name}: more than {self.limit} array elements and record batches in one "
+                "message (the limit bounds what one request may cost to decode)"
+            )
+
+
+_UNLIMITED = 2**62
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +203,15 @@ def _simple_plan(field: Any, flexible: bool, nullable: bool, request: bool) -> F
 # ---- the walk ---------------------------------------------------------------------------------
 
 
-def check_message(plan: FieldPlan, data: bytes | memoryview) -> int:
-    """Walk a message body (no header) with `plan`; the offset where it ends."""
-    return _struct(plan, data, 0, len(data))
+def check_message(
+    plan: FieldPlan, data: bytes | memoryview, max_elements: int | None = None
+) -> int:
+    """Walk a message body (no header) with `plan`; the offset where it ends.
+
+    `max_elements`: the most array elements and record batches the message may hold in all
+    (None: no limit)."""
+    budget = _Budget(_UNLIMITED if max_elements is None else max_elements)
+    return _struct(plan, data, 0, len(data), budget)
 
 
 def _uvarint(data: bytes | memoryview, pos: int, end: int, name: str) -> tuple[int, int]:
@@ -229,17 +259,26 @@ def _length(
     return value, pos
 
 
-def _struct(plan: FieldPlan, data: bytes | memoryview, pos: int, end: int) -> int:
+def _struct(
+    plan: FieldPlan, data: bytes | memoryview, pos: int, end: int, budget: _Budget
+) -> int:
     """A whole message, or a struct inside one (its null marker read by the caller)."""
     compact = plan.flexible
     for field in plan.fields:
-        pos = _field(field, data, pos, end, compact)
+        pos = _field(field, data, pos, end, compact, budget)
     if plan.tagged is not None:
-        pos = _tagged_fields(data, pos, end, plan.tagged, plan.name)
+        pos = _tagged_fields(data, pos, end, plan.tagged, plan.name, budget)
     return pos
 
 
-def _field(plan: FieldPlan, data: bytes | memoryview, pos: int, end: int, compact: bool) -> int:
+def _field(
+    plan: FieldPlan,
+    data: bytes | memoryview,
+    pos: int,
+    end: int,
+    compact: bool,
+    budget: _Budget,
+) -> int:
     kind = plan.kind
     if kind == FIXED:
         pos += plan.size
@@ -260,7 +299,7 @@ def _field(plan: FieldPlan, data: bytes | memoryview, pos: int, end: int, compac
         if size <= 0:
             return pos
         if kind == RECORDS:
-            _record_batches(data, pos, pos + size, plan.name)
+            _record_batches(data, pos, pos + size, plan.name, budget)
         return pos + size
     if kind == ARRAY:
         element = plan.element
@@ -270,6 +309,8 @@ def _field(plan: FieldPlan, data: bytes | memoryview, pos: int, end: int, compac
             raise LengthError(
                 f"{plan.name}: {count} elements cannot fit in the {end - pos} bytes left"
             )
+        if count > 0:
+            budget.spend(count, plan.name)
         if element.kind == STRUCT and element.size and not element.nullable:
             size, tagged = element.size, element.tagged
             for _ in range(count):
@@ -279,12 +320,12 @@ def _field(plan: FieldPlan, data: bytes | memoryview, pos: int, end: int, compac
                 if pos < end and data[pos] == 0:
                     pos += 1
                 else:
-                    pos = _tagged_fields(data, pos, end, tagged, element.name)
+                    pos = _tagged_fields(data, pos, end, tagged, element.name, budget)
             if pos > end:
                 raise LengthError(f"{element.name}: runs past the end of the frame")
             return pos
         for _ in range(count):
-            pos = _field(element, data, pos, end, compact)
+            pos = _field(element, data, pos, end, compact, budget)
         return pos
     # STRUCT: a nested struct, with a null marker where the schema allows null.
     if plan.nullable:
@@ -296,7 +337,7 @@ def _field(plan: FieldPlan, data: bytes | memoryview, pos: int, end: int, compac
             return pos
         if marker != 1:
             raise LengthError(f"{plan.name}: null marker {marker} (only -1 or 1)")
-    return _struct(plan, data, pos, end)
+    return _struct(plan, data, pos, end, budget)
 
 
 def _tagged_fields(
@@ -305,6 +346,7 @@ def _tagged_fields(
     end: int,
     known: dict[int, FieldPlan],
     name: str,
+    budget: _Budget,
 ) -> int:
     if pos < end and data[pos] == 0:  # no tagged fields: nearly every struct
         return pos + 1
@@ -323,7 +365,7 @@ def _tagged_fields(
             raise LengthError(f"{where}: tag {tag} of {size} bytes runs past the end")
         plan = known.get(tag)
         if plan is not None:
-            stop = _field(plan, data, pos, pos + size, True)
+            stop = _field(plan, data, pos, pos + size, True, budget)
             if stop != pos + size:
                 raise LengthError(
                     f"{where}: tag {tag} ({plan.name}) declares {size} bytes, holds {stop - pos}"
@@ -335,12 +377,15 @@ def _tagged_fields(
 def skip_tagged_fields(data: bytes | memoryview, pos: int, name: str = "header") -> int:
     """The position after a tagged-field section none of whose tags garrison reads (request
     header v2, response header v1), checked as `check_message` checks one."""
-    return _tagged_fields(data, pos, len(data), {}, name)
+    return _tagged_fields(data, pos, len(data), {}, name, _Budget(_UNLIMITED))
 
 
-def _record_batches(data: bytes | memoryview, pos: int, end: int, name: str) -> None:
+def _record_batches(
+    data: bytes | memoryview, pos: int, end: int, name: str, budget: _Budget
+) -> None:
     """Record batches (or legacy message sets) must fill a Produce records field exactly."""
     while pos < end:
+        budget.spend(1, name)
         if end - pos < _BATCH_PREFIX + 5:
             raise LengthError(f"{name}: {end - pos} bytes left, too few for a record batch")
         (length,) = _I32.unpack_from(data, pos + 8)

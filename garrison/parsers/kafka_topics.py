@@ -18,9 +18,16 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 from garrison.parsers.kafka_apis import (
+    ACL_APIS,
+    ACL_PATTERN_LITERAL,
+    ACL_RESOURCE_ANY,
+    ACL_RESOURCE_TOPIC,
+    ACL_WILDCARD,
     CONFIG_RESOURCE_APIS,
     CONFIG_RESOURCE_TOPIC,
+    CREATE_ACLS,
     CREATE_TOPICS,
+    DESCRIBE_ACLS,
     DESCRIBE_TOPIC_PARTITIONS,
     METADATA,
     TOPIC_FIELDS,
@@ -212,6 +219,12 @@ def request_topics(
         all_topics = True  # v0 had no null: an empty list asked for every topic
     elif api_key in CONFIG_RESOURCE_APIS:
         names.update(dict.fromkeys(_config_topics(decoded.resources)))
+    elif api_key in ACL_APIS:
+        for name in _acl_topics(api_key, version, decoded):
+            if name is None:
+                unknown = True
+            else:
+                names[name] = None
     elif api_key == DESCRIBE_TOPIC_PARTITIONS:
         if not decoded.topics:
             unknown = True  # an empty list describes every topic
@@ -226,3 +239,31 @@ def _config_topics(resources: Iterable[Any] | None) -> Iterator[str]:
     for resource in resources or ():
         if resource.resource_type == CONFIG_RESOURCE_TOPIC:
             yield resource.resource_name
+
+
+def _acl_topics(api_key: int, version: int, decoded: Any) -> Iterator[str | None]:
+    """The topics the ACL resources (or filters) of a CreateAcls, DescribeAcls or DeleteAcls
+    request name; None for one that reaches topics that cannot be listed (`ACL_APIS`)."""
+    if api_key == CREATE_ACLS:
+        entries = [
+            (c.resource_type, c.resource_name, c.resource_pattern_type if version else None)
+            for c in decoded.creations or ()
+        ]
+    else:
+        filters = [decoded] if api_key == DESCRIBE_ACLS else list(decoded.filters or ())
+        entries = [
+            (
+                f.resource_type_filter,
+                f.resource_name_filter,
+                f.pattern_type_filter if version else None,
+            )
+            for f in filters
+        ]
+    for resource_type, name, pattern in entries:
+        if resource_type not in (ACL_RESOURCE_TOPIC, ACL_RESOURCE_ANY):
+            continue
+        literal = pattern is None or pattern == ACL_PATTERN_LITERAL
+        if resource_type == ACL_RESOURCE_TOPIC and literal and name and name != ACL_WILDCARD:
+            yield name
+        else:
+            yield None

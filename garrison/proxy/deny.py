@@ -164,6 +164,12 @@ def http2_error_response(status: int) -> tuple[list[tuple[bytes, bytes]], bytes]
 #                                     producer: Kafka's IDEMPOTENT_WRITE is a cluster ACL;
 #                                     ListGroups with an empty list; ApiVersions; telemetry;
 #                                     other topic-less APIs with a top-level error code).
+#   ACL APIs: 29 on each ACL resource (or filter) of type TOPIC or ANY, 31 on the others;
+#   config APIs: 29 on each TOPIC resource, 31 on the others.
+# Topic APIs with an encoder here (Produce, Fetch, ListOffsets, OffsetCommit/Fetch,
+# CreateTopics, DeleteTopics, DeleteRecords, OffsetForLeaderEpoch, AddPartitionsToTxn,
+# TxnOffsetCommit, CreatePartitions, DescribeProducers, DescribeTopicPartitions, the ACL and
+# config APIs) are answered; the others (replica and reassignment admin) close.
 # Fetch partitions carry empty records (b""), not null. A denied Metadata request still lists
 # the brokers (`cluster`, learnt from an earlier Metadata answer): kafka-python treats a
 # broker-less answer as a failed update and retries until its timeout instead of raising
@@ -564,6 +570,253 @@ def _kafka_deny_init_producer_id(cls: _Any, version: int, req: _Any, cluster: _A
     )
 
 
+def _kafka_acl_error(resource_type: int) -> int:
+    # ResourceType TOPIC (2), or ANY (1) in a filter: a topic ACL; anything else the cluster's.
+    return TOPIC_AUTHORIZATION_FAILED if resource_type in (1, 2) else CLUSTER_AUTHORIZATION_FAILED
+
+
+def _kafka_deny_describe_acls(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    return cls[version](
+        throttle_time_ms=0,
+        error_code=_kafka_acl_error(req.resource_type_filter),
+        error_message=_DENIED,
+        resources=[],
+    )
+
+
+def _kafka_deny_create_acls(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    result_cls = entry_class(cls, "results")
+    return cls[version](
+        throttle_time_ms=0,
+        results=[
+            result_cls(error_code=_kafka_acl_error(c.resource_type), error_message=_DENIED)
+            for c in req.creations or ()
+        ],
+    )
+
+
+def _kafka_deny_delete_acls(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    result_cls = entry_class(cls, "filter_results")
+    return cls[version](
+        throttle_time_ms=0,
+        filter_results=[
+            result_cls(
+                error_code=_kafka_acl_error(f.resource_type_filter),
+                error_message=_DENIED,
+                matching_acls=[],
+            )
+            for f in req.filters or ()
+        ],
+    )
+
+
+def _kafka_deny_delete_records(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    topic_cls = entry_class(cls, "topics")
+    partition_cls = entry_class(cls, "topics", "partitions")
+    return cls[version](
+        throttle_time_ms=0,
+        topics=[
+            topic_cls(
+                name=topic.name,
+                partitions=[
+                    partition_cls(
+                        partition_index=partition.partition_index,
+                        low_watermark=-1,
+                        error_code=TOPIC_AUTHORIZATION_FAILED,
+                    )
+                    for partition in topic.partitions or ()
+                ],
+            )
+            for topic in req.topics or ()
+        ],
+    )
+
+
+def _kafka_deny_offset_for_leader_epoch(
+    cls: _Any, version: int, req: _Any, cluster: _Any
+) -> _Any:
+    topic_cls = entry_class(cls, "topics")
+    partition_cls = entry_class(cls, "topics", "partitions")
+    return cls[version](
+        throttle_time_ms=0,
+        topics=[
+            topic_cls(
+                topic=topic.topic,
+                partitions=[
+                    partition_cls(
+                        error_code=TOPIC_AUTHORIZATION_FAILED,
+                        partition=partition.partition,
+                        leader_epoch=-1,
+                        end_offset=-1,
+                    )
+                    for partition in topic.partitions or ()
+                ],
+            )
+            for topic in req.topics or ()
+        ],
+    )
+
+
+def _kafka_deny_add_partitions_to_txn(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    def results(topic_cls: _Any, partition_cls: _Any, topics: _Any) -> list[_Any]:
+        return [
+            topic_cls(
+                name=topic.name,
+                results_by_partition=[
+                    partition_cls(
+                        partition_index=index, partition_error_code=TOPIC_AUTHORIZATION_FAILED
+                    )
+                    for index in topic.partitions or ()
+                ],
+            )
+            for topic in topics or ()
+        ]
+
+    if version < 4:
+        return cls[version](
+            throttle_time_ms=0,
+            results_by_topic_v3_and_below=results(
+                entry_class(cls, "results_by_topic_v3_and_below"),
+                entry_class(cls, "results_by_topic_v3_and_below", "results_by_partition"),
+                req.v3_and_below_topics,
+            ),
+        )
+    path = ("results_by_transaction", "topic_results")
+    transaction_cls = entry_class(cls, path[0])
+    return cls[version](
+        throttle_time_ms=0,
+        error_code=0,
+        results_by_transaction=[
+            transaction_cls(
+                transactional_id=transaction.transactional_id,
+                topic_results=results(
+                    entry_class(cls, *path),
+                    entry_class(cls, *path, "results_by_partition"),
+                    transaction.topics,
+                ),
+            )
+            for transaction in req.transactions or ()
+        ],
+    )
+
+
+def _kafka_deny_txn_offset_commit(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    topic_cls = entry_class(cls, "topics")
+    partition_cls = entry_class(cls, "topics", "partitions")
+    return cls[version](
+        throttle_time_ms=0,
+        topics=[
+            topic_cls(
+                name=topic.name,
+                partitions=[
+                    partition_cls(
+                        partition_index=partition.partition_index,
+                        error_code=TOPIC_AUTHORIZATION_FAILED,
+                    )
+                    for partition in topic.partitions or ()
+                ],
+            )
+            for topic in req.topics or ()
+        ],
+    )
+
+
+def _kafka_config_error(resource_type: int) -> int:
+    # ConfigResource.Type TOPIC (2): a topic's; BROKER, BROKER_LOGGER, ...: the cluster's.
+    return TOPIC_AUTHORIZATION_FAILED if resource_type == 2 else CLUSTER_AUTHORIZATION_FAILED
+
+
+def _kafka_deny_describe_configs(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    result_cls = entry_class(cls, "results")
+    return cls[version](
+        throttle_time_ms=0,
+        results=[
+            result_cls(
+                error_code=_kafka_config_error(resource.resource_type),
+                error_message=_DENIED,
+                resource_type=resource.resource_type,
+                resource_name=resource.resource_name,
+                configs=[],
+            )
+            for resource in req.resources or ()
+        ],
+    )
+
+
+def _kafka_deny_alter_configs(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    """AlterConfigs and IncrementalAlterConfigs: the same answer."""
+    result_cls = entry_class(cls, "responses")
+    return cls[version](
+        throttle_time_ms=0,
+        responses=[
+            result_cls(
+                error_code=_kafka_config_error(resource.resource_type),
+                error_message=_DENIED,
+                resource_type=resource.resource_type,
+                resource_name=resource.resource_name,
+            )
+            for resource in req.resources or ()
+        ],
+    )
+
+
+def _kafka_deny_create_partitions(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    result_cls = entry_class(cls, "results")
+    return cls[version](
+        throttle_time_ms=0,
+        results=[
+            result_cls(
+                name=topic.name, error_code=TOPIC_AUTHORIZATION_FAILED, error_message=_DENIED
+            )
+            for topic in req.topics or ()
+        ],
+    )
+
+
+def _kafka_deny_describe_producers(cls: _Any, version: int, req: _Any, cluster: _Any) -> _Any:
+    topic_cls = entry_class(cls, "topics")
+    partition_cls = entry_class(cls, "topics", "partitions")
+    return cls[version](
+        throttle_time_ms=0,
+        topics=[
+            topic_cls(
+                name=topic.name,
+                partitions=[
+                    partition_cls(
+                        partition_index=index,
+                        error_code=TOPIC_AUTHORIZATION_FAILED,
+                        error_message=_DENIED,
+                        active_producers=[],
+                    )
+                    for index in topic.partition_indexes or ()
+                ],
+            )
+            for topic in req.topics or ()
+        ],
+    )
+
+
+def _kafka_deny_describe_topic_partitions(
+    cls: _Any, version: int, req: _Any, cluster: _Any
+) -> _Any:
+    topic_cls = entry_class(cls, "topics")
+    return cls[version](
+        throttle_time_ms=0,
+        topics=[
+            topic_cls(
+                error_code=TOPIC_AUTHORIZATION_FAILED,
+                name=topic.name,
+                topic_id=None,
+                is_internal=False,
+                partitions=[],
+                topic_authorized_operations=-(2**31),  # "not requested"; not nullable here
+            )
+            for topic in req.topics or ()  # an empty list (every topic): nothing to see
+        ],
+        next_cursor=None,
+    )
+
+
 _KAFKA_DENY_BUILDERS: dict[int, _KafkaDenyBuilder] = {
     0: _kafka_deny_produce,
     1: _kafka_deny_fetch,
@@ -576,7 +829,20 @@ _KAFKA_DENY_BUILDERS: dict[int, _KafkaDenyBuilder] = {
     15: _kafka_deny_describe_groups,
     19: _kafka_deny_create_topics,
     20: _kafka_deny_delete_topics,
+    21: _kafka_deny_delete_records,
     22: _kafka_deny_init_producer_id,
+    23: _kafka_deny_offset_for_leader_epoch,
+    24: _kafka_deny_add_partitions_to_txn,
+    28: _kafka_deny_txn_offset_commit,
+    29: _kafka_deny_describe_acls,
+    30: _kafka_deny_create_acls,
+    31: _kafka_deny_delete_acls,
+    32: _kafka_deny_describe_configs,
+    33: _kafka_deny_alter_configs,
+    37: _kafka_deny_create_partitions,
+    44: _kafka_deny_alter_configs,
+    61: _kafka_deny_describe_producers,
+    75: _kafka_deny_describe_topic_partitions,
 }
 
 

@@ -42,6 +42,14 @@ would otherwise ask on every connection and leave a denial record each time.
 Repeats of a denial on one connection (same API key, version, topics) are recorded once with
 a count (`_Repeats`, Hubble's `aggregate`); the first one is recorded at once, in full.
 
+Fetch sessions (KIP-227, Fetch v7+): after a full Fetch opens a session, the client's
+incremental Fetches list only the partitions that changed, often none, and the broker answers
+for every partition of the session. The engine remembers, per connection, the topics of each
+session the broker opened on it; an incremental Fetch is authorized for those topics plus the
+ones it names (rules reloaded since the session opened apply to all of them). One for a
+session not opened on this connection acts on topics garrison cannot know: only a rule
+allowing any topic allows it.
+
 Topic ids (Fetch v13+, ...) are resolved through one `TopicIdRegistry` per upstream broker,
 kept in `ConnectionContext.shared` and fed by the Metadata answers every connection to that
 broker sees. An id the registry has not learnt fails closed: only a rule allowing any topic
@@ -82,6 +90,7 @@ from garrison.parsers.kafka_apis import (
     METADATA,
     PRODUCE,
     PUSH_TELEMETRY,
+    kafka_api,
 )
 from garrison.parsers.kafka_rewrite import (
     carries_broker_addresses,
@@ -181,6 +190,22 @@ class _Slot:
         self.denied_entries = denied_entries
         self.hidden_topics = hidden_topics
         self.denied_by = denied_by
+
+
+@dataclass(slots=True)
+class _FetchSession:
+    """The topics of one fetch session the broker opened on this connection; `unknown`: a
+    topic of it was named by an id the registry had not learnt."""
+
+    topics: dict[str, None]
+    unknown: bool
+
+
+# Fetch sessions remembered per connection (a client keeps one per broker connection).
+_MAX_FETCH_SESSIONS = 16
+# Fetch v7+ carries a session id and epoch; epoch 0 opens a session, -1 fetches without one,
+# above 0 is an incremental fetch of an open session.
+_FETCH_SESSIONS_FROM = 7
 
 
 @dataclass(slots=True)
@@ -333,6 +358,7 @@ class KafkaEngine:
         self._client_eof = False
         self._deny_cluster: tuple[KafkaCluster | None, KafkaCluster | None] = (None, None)
         self._repeats = _Repeats(self._limits.repeat_window, self._direction)
+        self._fetch_sessions: dict[int, _FetchSession] = {}
 
     # ---- what the server asks ----------------------------------------------------------------
 
@@ -450,20 +476,31 @@ class KafkaEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def _on_request(self, request: KafkaRequest, now: float, out: _Out) -> None:
-        topics = request.topics
+        topics = named = request.topics
         if request.unresolved_topic_ids:
             topics += tuple(str(topic_id) for topic_id in request.unresolved_topic_ids)
+        unknown = not request.topics_complete
+        session = self._incremental_fetch_session(request) if request.api_key == FETCH else None
+        if session is not None:  # the session's topics are fetched too
+            extra = tuple(t for t in session.topics if t not in named)
+            named += extra
+            topics += extra
+            unknown = unknown or session.unknown
         verdict = self._matcher.match(
             request.api_key,
             request.api_version,
             request.client_id,
-            request.topics,
+            named,
             request.all_topics,
-            unknown_topics=not request.topics_complete,
+            unknown_topics=unknown,
         )
         refs = (verdict.rule,) if verdict.rule is not None else ()
         if verdict.denied_by is not None:  # an L7 deny rule (garrison extension)
             refs = (verdict.denied_by,)
+        if session is not None and (verdict.allowed or verdict.audited or self._audit):
+            # forwarded: the topics it names join the session
+            session.topics.update(dict.fromkeys(request.topics))
+            session.unknown = session.unknown or not request.topics_complete
         if verdict.audited:  # allowed, but an audited policy would deny it: recorded AUDIT
             self._forward(request, False, verdict.audit_denied_by, verdict.allowed_topics,
                           topics, now, out)
@@ -474,6 +511,40 @@ class KafkaEngine:
             self._forward_allowed_part(request, *split, now, out)
         else:
             self._deny(request, topics, now, out, refs)
+
+    def _incremental_fetch_session(self, request: KafkaRequest) -> _FetchSession | None:
+        """The fetch session an incremental Fetch reads (None for a full Fetch). A session
+        not opened on this connection (or forgotten) has unknown topics."""
+        decoded = request.decoded
+        if (
+            decoded is None
+            or request.api_version < _FETCH_SESSIONS_FROM
+            or decoded.session_epoch <= 0
+        ):
+            return None
+        session = self._fetch_sessions.get(decoded.session_id)
+        return session if session is not None else _FetchSession({}, True)
+
+    def _learn_fetch_session(self, request: KafkaRequest, response: KafkaResponse) -> None:
+        """A full Fetch closes the session it names and may open one (its answer's session
+        id): remember that session's topics. An incremental one answered with an error has
+        ended its session."""
+        decoded, answer = request.decoded, response.decoded
+        if decoded is None or answer is None or request.api_version < _FETCH_SESSIONS_FROM:
+            return
+        sessions = self._fetch_sessions
+        if decoded.session_epoch > 0:
+            if answer.error_code:
+                sessions.pop(decoded.session_id, None)
+            return
+        if decoded.session_id:
+            sessions.pop(decoded.session_id, None)
+        if decoded.session_epoch == 0 and answer.session_id and not answer.error_code:
+            if len(sessions) >= _MAX_FETCH_SESSIONS:
+                del sessions[next(iter(sessions))]  # forgotten: its fetches count as unknown
+            sessions[answer.session_id] = _FetchSession(
+                dict.fromkeys(request.topics), not request.topics_complete
+            )
 
     def _forward(
         self,
@@ -696,6 +767,8 @@ class KafkaEngine:
                 )
                 return
             slot = self._pending.popleft()
+            if slot.request.api_key == FETCH:
+                self._learn_fetch_session(slot.request, response)
             try:
                 raw = self._rewritten(response, slot)
             except (LocalProtocolError, ValueError, TypeError, AttributeError) as unwritable:
@@ -755,27 +828,44 @@ class KafkaEngine:
         return response.raw
 
     def _api_versions_answer(self, response: KafkaResponse) -> bytes:
-        """The broker's ApiVersions answer, without the client telemetry APIs (KIP-714) when
-        the rules deny them to this client.
+        """The broker's ApiVersions answer, with the versions garrison can read, and without
+        the client telemetry APIs (KIP-714) when the rules deny them to this client.
+
+        A client uses the newest version both it and the broker support. A version of a known
+        API newer than kafka-python can decode is a parse error (the connection closes), so
+        the answer advertises at most what garrison reads: the client then uses that one,
+        as with an older broker. An API whose oldest version is already too new is left out.
 
         librdkafka asks for telemetry subscriptions on every connection to a broker that
         advertises them; denied, each would be a DROPPED record an operator has to read past.
         A Kafka broker with no telemetry receiver configured does not advertise them, and
         clients then send none: garrison answers as such a broker would. Audit mode, and rules
-        that allow the APIs, leave the answer as the broker sent it.
+        that allow the APIs, leave them in the answer.
         """
         decoded, request = response.decoded, response.request
-        if self._audit or decoded is None or decoded.error_code != 0:
+        if decoded is None or decoded.error_code != 0:
             return response.raw
-        hidden = {
-            key
-            for key in (GET_TELEMETRY_SUBSCRIPTIONS, PUSH_TELEMETRY)
-            if not self._matcher.match(key, 0, request.client_id, ()).allowed
-        }
-        if not hidden or not any(entry.api_key in hidden for entry in decoded.api_keys or ()):
+        hidden: set[int] = set()
+        if not self._audit:
+            hidden = {
+                key
+                for key in (GET_TELEMETRY_SUBSCRIPTIONS, PUSH_TELEMETRY)
+                if not self._matcher.match(key, 0, request.client_id, ()).allowed
+            }
+        entries = decoded.api_keys or ()
+        too_new = [entry for entry in entries if entry.max_version > _readable(entry.api_key)]
+        if not too_new and not any(entry.api_key in hidden for entry in entries):
             return response.raw
         message = copy.copy(decoded)
-        message.api_keys = [entry for entry in decoded.api_keys if entry.api_key not in hidden]
+        message.api_keys = []
+        for entry in entries:
+            readable = _readable(entry.api_key)
+            if entry.api_key in hidden or entry.min_version > readable:
+                continue
+            if entry.max_version > readable:
+                entry = copy.copy(entry)
+                entry.max_version = readable
+            message.api_keys.append(entry)
         return encode_response(API_VERSIONS, decoded.API_VERSION, response.correlation_id, message)
 
     def _release(self, out: _Out, now: float) -> None:
@@ -890,6 +980,16 @@ class KafkaEngine:
             drop_reason=DropReasonDesc.POLICY_DENIED if verdict is not Verdict.FORWARDED else None,
             node_name=self._node,
         )
+
+
+def _readable(api_key: int) -> int:
+    """The newest version of an API garrison decodes; an API kafka-python has no class for is
+    decided on its header whatever its version (any version is readable)."""
+    api = kafka_api(api_key)
+    return api.max_version if api is not None else _ANY_VERSION
+
+
+_ANY_VERSION = 32767
 
 
 def _error_code(response: KafkaResponse) -> int:

@@ -304,6 +304,7 @@ _RELEASE = ReleaseUpstream
 _OPEN = OpenUpstream
 _NEVER = float("inf")
 _MAX_LOCAL_ADDRESSES = 4096
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 _SOON_SLACK = 0.002  # seconds a wakeup of the shared short timer may come early
 _CLIENT = Side.CLIENT
 _UPSTREAM = Side.UPSTREAM
@@ -891,9 +892,18 @@ class ProxyServer:
             node_name=self.config.node_name,
             host_hint=None,
             audit=admission.audit,
-            advertise=settings.advertise,
+            advertise=self.advertise_to(conn),
             shared=shared,
         )
+
+    def advertise_to(self, conn: _ClientConnection) -> Address | None:
+        """The address Kafka answers name as the broker's: the proxy's own. Listening on a
+        wildcard (0.0.0.0, ::), that is the address this client reached the proxy at: a
+        client told to connect to 0.0.0.0 would connect to its own host."""
+        advertise = self.settings.advertise
+        if advertise is not None and advertise[0] in _WILDCARD_HOSTS and conn.dst[0]:
+            return conn.dst
+        return advertise
 
     def destination_of(self, dst: Address) -> PeerInfo:
         lookup = self.settings.destination

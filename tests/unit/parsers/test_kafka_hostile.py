@@ -483,3 +483,57 @@ def test_limits_must_be_positive() -> None:
         KafkaLimits(max_request_frame=0)
     with pytest.raises(ValueError):
         KafkaLimits(max_unanswered_acks0=-1)
+
+
+# ---- what one request may cost to decode ------------------------------------------------------
+
+
+def tiny_topics_produce(entries: int, correlation_id: int = 7) -> bytes:
+    """Produce v9 naming topic "a" `entries` times, 4 bytes each (name, no partitions)."""
+    count = entries + 1  # compact array count
+    varint = b""
+    while True:
+        byte, count = count & 0x7F, count >> 7
+        varint += bytes([byte | (0x80 if count else 0)])
+        if not count:
+            break
+    body = b"\x00" + struct.pack(">hi", -1, 1000) + varint + b"\x02a\x01\x00" * entries + b"\x00"
+    header = struct.pack(">hhih", 0, 9, correlation_id, 2) + b"hk" + b"\x00"
+    return struct.pack(">i", len(header) + len(body)) + header + body
+
+
+def test_a_request_holding_more_elements_than_the_limit_is_a_length_error() -> None:
+    limits = KafkaLimits(max_request_elements=1000)
+    assert feed(tiny_topics_produce(1000), limits)[0].topics == ("a",)
+    with pytest.raises(KafkaLengthError, match="more than 1000 array elements"):
+        feed(tiny_topics_produce(1001), limits)
+
+
+def test_record_batches_count_towards_the_element_limit() -> None:
+    from kafka.record.memory_records import MemoryRecordsBuilder
+
+    batches = b""
+    for _ in range(3):
+        builder = MemoryRecordsBuilder(magic=2, compression_type=0, batch_size=1 << 20)
+        builder.append(timestamp=None, key=None, value=b"v", headers=[])
+        builder.close()
+        batches += bytes(builder.buffer())
+    produce = kafka_api(0)
+    assert produce is not None
+    topic_cls = produce.request_class.fields["topic_data"].data_class
+    partition_cls = produce.request_class.fields["topic_data"].fields["partition_data"].data_class
+    frame = request_frame(
+        0, 9, 7, transactional_id=None, acks=-1, timeout_ms=1000,
+        topic_data=[topic_cls(name="t", partition_data=[partition_cls(index=0, records=batches)])],
+    )
+    # one topic + one partition + three batches
+    assert feed(frame, KafkaLimits(max_request_elements=5))
+    with pytest.raises(KafkaLengthError, match="records: more than 4 array elements"):
+        feed(frame, KafkaLimits(max_request_elements=4))
+
+
+def test_the_default_element_limit_refuses_a_frame_of_millions_of_tiny_entries() -> None:
+    """A 3.8 MiB Produce of a million 4-byte topic entries took seconds of CPU to decode
+    (a 100 MiB one minutes), stalling every other connection of the worker."""
+    with pytest.raises(KafkaLengthError, match="array elements"):
+        feed(tiny_topics_produce(1_000_000))

@@ -171,6 +171,100 @@ def init_transactional_producer_id(cls: Any, v: int) -> dict[str, Any]:
     return {"transactional_id": "tx-1", "transaction_timeout_ms": 1000}
 
 
+def delete_records(cls: Any, v: int) -> dict[str, Any]:
+    topic, partition = entries(cls, "topics"), entries(cls, "topics", "partitions")
+    topics = [
+        topic(name=n, partitions=[partition(partition_index=p, offset=1) for p in PARTITIONS[n]])
+        for n in TOPICS
+    ]
+    return {"topics": topics, "timeout_ms": 1000}
+
+
+def offset_for_leader_epoch(cls: Any, v: int) -> dict[str, Any]:
+    topic, partition = entries(cls, "topics"), entries(cls, "topics", "partitions")
+    topics = [
+        topic(topic=n, partitions=[partition(partition=p, leader_epoch=3) for p in PARTITIONS[n]])
+        for n in TOPICS
+    ]
+    return {"replica_id": -1, "topics": topics}
+
+
+def add_partitions_to_txn(cls: Any, v: int) -> dict[str, Any]:
+    if v < 4:
+        topic = entries(cls, "v3_and_below_topics")
+        return {
+            "v3_and_below_transactional_id": "tx-1",
+            "v3_and_below_topics": [topic(name=n, partitions=PARTITIONS[n]) for n in TOPICS],
+        }
+    transaction = entries(cls, "transactions")
+    topic = entries(cls, "transactions", "topics")
+    topics = [topic(name=n, partitions=PARTITIONS[n]) for n in TOPICS]
+    return {"transactions": [transaction(transactional_id="tx-1", topics=topics)]}
+
+
+def txn_offset_commit(cls: Any, v: int) -> dict[str, Any]:
+    topic, partition = entries(cls, "topics"), entries(cls, "topics", "partitions")
+    topics = [
+        topic(
+            name=n,
+            partitions=[partition(partition_index=p, committed_offset=5) for p in PARTITIONS[n]],
+        )
+        for n in TOPICS
+    ]
+    return {"transactional_id": "tx-1", "group_id": GROUP, "topics": topics}
+
+
+def create_partitions(cls: Any, v: int) -> dict[str, Any]:
+    topic = entries(cls, "topics")
+    return {"topics": [topic(name=n, count=4, assignments=None) for n in TOPICS]}
+
+
+def describe_producers(cls: Any, v: int) -> dict[str, Any]:
+    topic = entries(cls, "topics")
+    return {"topics": [topic(name=n, partition_indexes=PARTITIONS[n]) for n in TOPICS]}
+
+
+def describe_topic_partitions(cls: Any, v: int) -> dict[str, Any]:
+    topic = entries(cls, "topics")
+    return {"topics": [topic(name=n) for n in TOPICS], "response_partition_limit": 100}
+
+
+def config_resources(resource_type: int) -> Callable[[Any, int], dict[str, Any]]:
+    def build(cls: Any, v: int) -> dict[str, Any]:
+        resource = entries(cls, "resources")
+        names = list(TOPICS) if resource_type == 2 else ["1", "2"]
+        resources = [resource(resource_type=resource_type, resource_name=n) for n in names]
+        return {"resources": resources}
+
+    return build
+
+
+def create_acls(cls: Any, v: int) -> dict[str, Any]:
+    creation = entries(cls, "creations")
+    return {
+        "creations": [
+            creation(
+                resource_type=2, resource_name=n, resource_pattern_type=3, principal="User:x",
+                host="*", operation=3, permission_type=3,
+            )
+            for n in TOPICS
+        ]
+    }
+
+
+def acl_filter(**fields: Any) -> dict[str, Any]:
+    return {
+        "resource_type_filter": 2, "resource_name_filter": "orders", "pattern_type_filter": 3,
+        "principal_filter": None, "host_filter": None, "operation": 1, "permission_type": 1,
+        **fields,
+    }
+
+
+def delete_acls(cls: Any, v: int) -> dict[str, Any]:
+    entry = entries(cls, "filters")
+    return {"filters": [entry(**acl_filter(resource_name_filter=n)) for n in TOPICS]}
+
+
 @dataclass(frozen=True)
 class DenyCase:
     api_key: int
@@ -203,6 +297,20 @@ CASES = {
     "sasl-handshake": DenyCase(17, lambda c, v: {"mechanism": "PLAIN"}, 31),
     "end-txn": DenyCase(26, lambda c, v: {"transactional_id": "tx-1"}, 53),
     "describe-cluster": DenyCase(60, nothing, 31),
+    "delete-records": DenyCase(21, delete_records, 29, per_partition=True),
+    "offset-for-leader-epoch": DenyCase(23, offset_for_leader_epoch, 29, per_partition=True),
+    "add-partitions-to-txn": DenyCase(24, add_partitions_to_txn, 29, per_partition=True),
+    "txn-offset-commit": DenyCase(28, txn_offset_commit, 29, per_partition=True),
+    "create-partitions": DenyCase(37, create_partitions, 29, per_topic=True),
+    "describe-producers": DenyCase(61, describe_producers, 29, per_partition=True),
+    "describe-topic-partitions": DenyCase(75, describe_topic_partitions, 29, per_topic=True),
+    "describe-configs": DenyCase(32, config_resources(2), 29, per_topic=True),
+    "describe-broker-configs": DenyCase(32, config_resources(4), 31),
+    "alter-configs": DenyCase(33, config_resources(2), 29, per_topic=True),
+    "incremental-alter-configs": DenyCase(44, config_resources(2), 29, per_topic=True),
+    "describe-acls": DenyCase(29, lambda c, v: acl_filter(), 29),
+    "create-acls": DenyCase(30, create_acls, 29, per_topic=True),
+    "delete-acls": DenyCase(31, delete_acls, 29, per_topic=True),
 }
 
 
@@ -449,10 +557,12 @@ def test_requests_without_a_possible_answer_raise_the_documented_error(
 
 
 def test_topic_bearing_apis_without_an_encoder_are_refused_not_half_answered() -> None:
-    api = kafka_api(21)  # DeleteRecords: names topics, no dedicated encoder
+    api = kafka_api(46)  # ListPartitionReassignments: names topics, no dedicated encoder
     assert api is not None
     topic = entries(api.request_class, "topics")
-    message = api.request_class[2](topics=[topic(name="orders", partitions=[])], timeout_ms=1)
+    message = api.request_class[0](
+        topics=[topic(name="orders", partition_indexes=[0])], timeout_ms=1
+    )
     message.with_header(correlation_id=3, client_id="x")
     request = parsed(bytes(message.encode(header=True, framed=True)))
     assert request.topics == ("orders",)
