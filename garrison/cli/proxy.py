@@ -38,13 +38,14 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import math
 import shutil
 import signal
 import socket
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from garrison.flows.writer import AccessLogConfig, AccessLogError, AccessLogWriter
@@ -142,10 +143,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="seconds to connect to the upstream")
     p.add_argument("--header-timeout", type=float, default=Timeouts().header_read, metavar="S",
                    help="seconds a client may take to send a request's headers")
-    p.add_argument("--idle-timeout", type=float, default=Timeouts().idle, metavar="S",
-                   help="seconds an idle client connection is kept")
-    p.add_argument("--upstream-timeout", type=float, default=Timeouts().upstream_reply,
-                   metavar="S", help="seconds the upstream may take to answer")
+    p.add_argument("--idle-timeout", type=float, default=None, metavar="S",
+                   help="seconds an idle client connection is kept (default "
+                   f"{Timeouts().idle:g}, Kafka {Timeouts().kafka_idle:g})")
+    p.add_argument("--upstream-timeout", type=float, default=None, metavar="S",
+                   help="seconds the upstream may take to answer (default "
+                   f"{Timeouts().upstream_reply:g}, Kafka {Timeouts().kafka_upstream_reply:g}:"
+                   " a broker holds JoinGroup until a rebalance ends)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes sharing the listen port (SO_REUSEPORT); "
                    "default: the number of CPUs")
@@ -185,6 +189,27 @@ def resolve_host(host: str, flag: str) -> str:
     return str(infos[0][4][0])
 
 
+def _timeouts(args: argparse.Namespace) -> Timeouts:
+    """The timeout flags, checked: an idle or upstream timeout given applies to every
+    protocol; left out, Kafka connections keep their own longer defaults."""
+    given = {
+        "--connect-timeout": args.connect_timeout,
+        "--header-timeout": args.header_timeout,
+        "--idle-timeout": args.idle_timeout,
+        "--upstream-timeout": args.upstream_timeout,
+    }
+    for flag, value in given.items():
+        if value is not None and not 0 < value < math.inf:
+            raise UsageError(f"{flag} {value:g}: give a number of seconds above 0")
+    base = Timeouts(connect=args.connect_timeout, header_read=args.header_timeout)
+    if args.idle_timeout is not None:
+        base = replace(base, idle=args.idle_timeout, kafka_idle=args.idle_timeout)
+    if args.upstream_timeout is not None:
+        base = replace(base, upstream_reply=args.upstream_timeout,
+                       kafka_upstream_reply=args.upstream_timeout)
+    return base
+
+
 class _Options:
     """The command line, checked."""
 
@@ -221,12 +246,7 @@ class _Options:
             raise UsageError("--workers: a number of processes, 1-1024")
         self.resolver = ResolverConfig(EnforcementMode(args.enforcement), args.audit)
         self.config = ProxyConfig(
-            timeouts=Timeouts(
-                connect=args.connect_timeout,
-                header_read=args.header_timeout,
-                idle=args.idle_timeout,
-                upstream_reply=args.upstream_timeout,
-            ),
+            timeouts=_timeouts(args),
             max_connections=args.max_connections,
             node_name=args.node_name,
             redact_query_params=tuple(args.redact_query_param),

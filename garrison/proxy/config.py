@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from garrison.parsers.http1 import HTTP1Limits
 from garrison.parsers.http2 import H2Limits
 from garrison.parsers.kafka import KafkaLimits
+from garrison.policies.l7rules import L7Protocol
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Seconds. `header_read`: a client must deliver a complete request head (HTTP/1.1) or
     its first frame (HTTP/2, Kafka) this soon after connecting or after its previous request.
-    `idle`: a connection with nothing in flight is closed after this long."""
+    `idle`: a connection with nothing in flight is closed after this long.
+
+    Kafka connections have their own `kafka_idle` and `kafka_upstream_reply` (`for_protocol`):
+    Kafka clients keep a connection to each broker they may need, idle for minutes (brokers
+    close them after 10, `connections.max.idle.ms`; librdkafka reports a broker that closes
+    sooner as down), and a broker holds a JoinGroup answer until the group's rebalance ends
+    (up to the client's `max.poll.interval.ms`, 5 minutes by default)."""
 
     connect: float = 5.0
     header_read: float = 10.0
     idle: float = 60.0
     upstream_reply: float = 60.0
+    kafka_idle: float = 600.0
+    kafka_upstream_reply: float = 330.0
+
+    def for_protocol(self, protocol: L7Protocol) -> Timeouts:
+        """The timeouts a connection of this protocol runs with."""
+        if protocol is not L7Protocol.KAFKA:
+            return self
+        return replace(self, idle=self.kafka_idle, upstream_reply=self.kafka_upstream_reply)
 
 
 @dataclass(frozen=True, slots=True)

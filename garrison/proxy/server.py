@@ -392,7 +392,8 @@ class _ClientConnection(asyncio.Protocol):
         try:
             self.context = server.context_for(self, admission)
             self.engine = EventEngine(
-                make_engine(self.context, server.config), server.config.timeouts,
+                make_engine(self.context, server.config),
+                server.config.timeouts.for_protocol(self.context.protocol),
                 server.settings.release_idle_after,
             )
         except Exception as exc:
