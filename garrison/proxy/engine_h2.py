@@ -18,7 +18,8 @@ Per client stream, on its request headers:
   well-formed call (`grpc_error`), and any non-gRPC request, is denied.
 - `rules="http"`: `HTTPMatcher` on method, normalized path, authority and headers (a gRPC call
   is `POST /pkg.Service/Method`). The normalized path is what is forwarded; a path that cannot
-  be normalized safely is answered 400. `headerMatches` edits apply to the forwarded headers.
+  be normalized safely, and a `host` field that names another authority than `:authority`
+  (what host rules match), are answered 400. `headerMatches` edits apply to the forwarded headers.
 - Allowed: an upstream stream is opened (queued while the upstream's MAX_CONCURRENT_STREAMS is
   reached), headers, DATA and trailers are relayed both ways; records: the request, and the
   response (gRPC: at the end of the call, status from the trailers or the trailers-only
@@ -770,6 +771,10 @@ class H2Engine:
                 False,
             )
         assert self._http_matcher is not None
+        other_host = _host_differing_from_authority(ev.headers)
+        if other_host is not None:
+            reason = f"host field {other_host!r} differs from :authority {ev.authority!r}"
+            return L7Verdict(allowed=False, reason=reason), path, True
         if ev.method == "OPTIONS" and path == "*":
             normalized = path
         else:
@@ -1058,6 +1063,22 @@ class H2Engine:
             reason=reason,
             node_name=ctx.node_name,
         )
+
+
+def _host_differing_from_authority(headers: Iterable[Header]) -> str | None:
+    """A `host` field naming another authority than `:authority`, which host rules match:
+    an upstream that routes by `host` would serve a site the policy did not allow (RFC 9113
+    §8.3.1 makes such a request malformed). Names are case-insensitive."""
+    authority: bytes | None = None
+    host: bytes | None = None
+    for name, value in headers:
+        if name == b":authority":
+            authority = value
+        elif name == b"host":
+            host = value
+    if authority is None or host is None or host.lower() == authority.lower():
+        return None
+    return host.decode("latin-1")
 
 
 def _content_length(headers: Iterable[Header]) -> int | None:

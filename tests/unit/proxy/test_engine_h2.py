@@ -820,3 +820,36 @@ def test_a_denied_body_gets_its_windows_at_once() -> None:
         assert isinstance(p.client_stream(sid)[0], ResponseReceived)
         assert p.client_resets(sid) == []
     assert not p.engine._draining and p.closed is None
+
+
+def test_http_rules_refuse_a_host_field_that_names_another_authority() -> None:
+    """Host rules match `:authority`; an upstream that routes by the `host` field would serve
+    another site than the one the policy allowed (RFC 9113 §8.3.1: malformed). 400, never
+    forwarded, as HTTP/1.1 refuses an absolute-form target whose authority is not the Host."""
+    p = Pipe(http_rules(HTTPRule(method="GET", path="/v1/.*", host="good\\.example")),
+             rules="http", handler=None)
+
+    def get(*fields: tuple[bytes, bytes]) -> int:
+        return p.client.send_request(
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/x"), *fields],
+            end_stream=True,
+        )
+
+    smuggled = get((b":authority", b"good.example"), (b"host", b"evil.example"))
+    same = get((b":authority", b"good.example"), (b"host", b"GOOD.example"))
+    host_only = get((b"host", b"good.example"))
+    p.pump()
+    assert [list(r.headers) for r in p.upstream_requests.values()] == [
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/x"),
+         (b":authority", b"good.example"), (b"host", b"GOOD.example")],
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/x"),
+         (b"host", b"good.example")],
+    ]
+    (head, body, _) = p.client_stream(smuggled)
+    assert isinstance(head, ResponseReceived) and head.status == 400
+    assert isinstance(body, DataReceived) and body.data == b"Bad Request\r\n"
+    assert p.client_stream(same) == [] and p.client_stream(host_only) == []  # held upstream
+    refused = [r for r in p.records if r.l7 and r.l7.http and r.l7.http.code == 400]
+    assert len(refused) == 1
+    assert refused[0].verdict is Verdict.DROPPED
+    assert refused[0].drop_reason_desc is DropReasonDesc.PARSE_ERROR
