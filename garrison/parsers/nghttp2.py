@@ -10,7 +10,8 @@ What nghttp2 does: framing, HPACK (never-indexed fields stay never-indexed: a fi
 marked so arrives as a `NeverIndexed` pair and is sent on with NGHTTP2_NV_FLAG_NO_INDEX, as are
 `authorization`, `proxy-authorization` and short cookies), stream states, RFC 9113 messaging
 rules on received header blocks (a malformed request or response is a stream error: the stream
-is reset with PROTOCOL_ERROR and reported as `StreamReset(remote=False)`), flow-control
+is reset with PROTOCOL_ERROR and reported as `StreamReset(remote=False)` with nghttp2's
+reason), flow-control
 accounting, GOAWAY (a peer's graceful GOAWAY lets streams up to its `last_stream_id` finish;
 ours above it are reported as `StreamReset(REFUSED_STREAM)`).
 
@@ -280,6 +281,7 @@ class _H2Connection:
         self._flushed: dict[int, int] = {}
         self._fatal: tuple[str, int] | None = None
         self._invalid: str | None = None
+        self._invalid_stream: tuple[int, str] | None = None  # the last, for its StreamReset
         self._closing_locally = False
         self._now = 0.0
         self._bufp = ffi.new("const uint8_t **")
@@ -680,7 +682,12 @@ class _H2Connection:
         )
         if remote or refused or code != H2ErrorCode.NO_ERROR:
             self._forget(sid)
-            self._events.append(StreamReset(sid, code, remote or refused))
+            invalid = self._invalid_stream
+            reason = ""
+            if invalid is not None and invalid[0] == sid:
+                reason = invalid[1]
+                self._invalid_stream = None
+            self._events.append(StreamReset(sid, code, remote or refused, reason))
         else:
             self._credit(sid)
         return 0
@@ -1014,6 +1021,8 @@ def garrison_on_frame_send(session: Any, frame: Any, user: Any) -> int:
 def garrison_on_invalid_frame(session: Any, frame: Any, error: int, user: Any) -> int:
     me: _H2Connection = _me(user)
     me._invalid = ffi.string(lib.nghttp2_strerror(error)).decode()
+    if frame.hd.stream_id:
+        me._invalid_stream = (frame.hd.stream_id, me._invalid)
     return 0
 
 

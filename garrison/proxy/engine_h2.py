@@ -46,7 +46,9 @@ never exceeds the windows garrison advertised (`H2Limits`). Bytes a queue cap wo
 the call's own holding buffer: still unacknowledged, so still bounded by those windows.
 
 Resets propagate both ways (a stream the peer broke a rule on reaches the other side as
-CANCEL). An upstream RST_STREAM(NO_ERROR) after a complete response ("stop sending, you have
+CANCEL). A client stream nghttp2 reset because the client broke a stream-level rule (a
+malformed request, RFC 9113 §8.1.1; a flow-control error) is an ERROR record (PARSE_ERROR)
+naming the stream and nghttp2's reason: the connection and its other streams go on. An upstream RST_STREAM(NO_ERROR) after a complete response ("stop sending, you have
 your answer") reaches the client only after that response has been written out. A reset call
 gets no response record.
 
@@ -638,6 +640,8 @@ class H2Engine:
     def _on_client_reset(self, call: _Call | None, ev: H2Event) -> None:
         assert type(ev) is StreamReset
         self._denied_body_ended(ev.stream_id)
+        if not ev.remote:  # the client broke a stream-level rule: say so, as HTTP/1.1 does
+            self._log(self._error_record(_stream_error("client", ev), DropReasonDesc.PARSE_ERROR))
         if call is None:
             return
         code = ev.error_code if ev.remote else H2ErrorCode.CANCEL
@@ -1063,6 +1067,16 @@ class H2Engine:
             reason=reason,
             node_name=ctx.node_name,
         )
+
+
+def _stream_error(side: str, ev: StreamReset) -> str:
+    """What a peer did wrong on one stream, for the operator."""
+    try:
+        code = H2ErrorCode(ev.error_code).name
+    except ValueError:
+        code = str(ev.error_code)
+    why = f": {ev.reason}" if ev.reason else ""
+    return f"{side} stream {ev.stream_id} reset with {code}{why}"
 
 
 def _host_differing_from_authority(headers: Iterable[Header]) -> str | None:

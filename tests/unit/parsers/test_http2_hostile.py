@@ -313,7 +313,9 @@ def test_stream_window_overflow_resets_that_stream_only() -> None:
     conn, peer = server()
     conn.receive_data(peer.headers(1) + peer.headers(3), 0.0)
     events = conn.receive_data(frame(WindowUpdateFrame(1, window_increment=2**31 - 1)), 0.0)
-    assert events == [StreamReset(1, H2ErrorCode.FLOW_CONTROL_ERROR, remote=False)]
+    assert events == [
+        StreamReset(1, H2ErrorCode.FLOW_CONTROL_ERROR, remote=False, reason="Flow control error")
+    ]
     conn.send_headers(3, RESPONSE, end_stream=True)  # the sibling is unaffected
     conn.send_headers(1, RESPONSE, end_stream=True)  # the reset one: silently ignored
     heads = [f for f in frames_of(conn.data_to_send()) if f[0] == 0x1]

@@ -853,3 +853,31 @@ def test_http_rules_refuse_a_host_field_that_names_another_authority() -> None:
     assert len(refused) == 1
     assert refused[0].verdict is Verdict.DROPPED
     assert refused[0].drop_reason_desc is DropReasonDesc.PARSE_ERROR
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ([(b":path", b"/v1/a"), (b":path", b"/v1/b")], "Invalid HTTP header field"),
+        ([(b":path", b"/v1/a"), (b":protocol", b"x")], "Invalid HTTP header field"),
+        ([], "HTTP messaging rule"),  # no :path
+    ],
+)
+def test_a_malformed_request_is_reset_and_logged(
+    fields: list[tuple[bytes, bytes]], reason: str
+) -> None:
+    """nghttp2 resets a malformed request (PROTOCOL_ERROR, RFC 9113 §8.1.1); the operator
+    sees it in the access log as an ERROR record that says why, like an HTTP/1.1 parse error.
+    The connection and its other streams go on."""
+    p = Pipe(http_rules(HTTPRule(path="/v1/.*")), rules="http", handler=None)
+    base = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"d")]
+    bad = p.client.send_request([*base, *fields], end_stream=True)
+    good = p.client.send_request([*base, (b":path", b"/v1/ok")], end_stream=True)
+    p.pump()
+    assert p.client_resets(bad) == [1]  # PROTOCOL_ERROR
+    assert [r.path for r in p.upstream_requests.values()] == ["/v1/ok"]
+    assert good not in p.client_resets(good)
+    errors = [r for r in p.records if r.verdict is Verdict.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].drop_reason_desc is DropReasonDesc.PARSE_ERROR
+    assert f"stream {bad}" in errors[0].error and reason in errors[0].error
