@@ -30,6 +30,7 @@ Errors: anything the peer does wrong at connection level raises `H2Error` with t
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -93,6 +94,8 @@ _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _CONTINU
     0x0, 0x1, 0x3, 0x4, 0x5, 0x6, 0x7, 0x9,
 )
 _FLAG_ACK = 0x1
+# An HTTP/1.x request line's start (a method token, then a space or not yet anything).
+_HTTP1_START = re.compile(rb"[A-Z]{1,20}(?: |$)")
 _FLAG_END_HEADERS = 0x4
 _END_STREAM = int(lib.NGHTTP2_FLAG_END_STREAM)
 _NO_INDEX = int(lib.NGHTTP2_NV_FLAG_NO_INDEX)
@@ -161,6 +164,18 @@ class _FrameGuard:
         pos, end = 0, len(data)
         if self._preface:
             taken = min(self._preface, end)
+            seen = len(H2_PREFACE) - self._preface
+            if data[:taken] != H2_PREFACE[seen : seen + taken]:
+                if _HTTP1_START.match(H2_PREFACE[:seen] + data[:8]):
+                    raise _LimitExceeded(
+                        "the peer speaks HTTP/1.x, not HTTP/2: this port takes HTTP/2 "
+                        "cleartext (h2c) only",
+                        H2ErrorCode.PROTOCOL_ERROR,
+                    )
+                raise _LimitExceeded(
+                    "the peer did not send the HTTP/2 client preface",
+                    H2ErrorCode.PROTOCOL_ERROR,
+                )
             self._preface -= taken
             pos = taken
         while pos < end:
@@ -179,6 +194,12 @@ class _FrameGuard:
             else:
                 head = data[pos : pos + 9]
             pos += need
+            if self._first_frame and head.startswith(b"HTTP/"):
+                raise _LimitExceeded(
+                    "the peer answered in HTTP/1.x, not HTTP/2: it does not speak HTTP/2 "
+                    "cleartext (h2c) with prior knowledge",
+                    H2ErrorCode.PROTOCOL_ERROR,
+                )
             length = int.from_bytes(head[0:3], "big")
             self._check(length, head[3], head[4], now)
             self._skip = length

@@ -476,3 +476,32 @@ def test_padding_is_credited_without_being_acknowledged() -> None:
         assert ev == DataReceived(1, b"x" * 1000, 1000, False)
         conn.acknowledge_received_data(1, ev.flow_controlled_length)
         conn.data_to_send()
+
+
+def test_an_upstream_answering_in_http1_is_named_as_such() -> None:
+    """An HTTP/1.1-only upstream behind an h2c client: the operator reads why in the record."""
+    conn = H2ClientConnection()
+    conn.data_to_send()
+    with pytest.raises(H2Error) as err:
+        conn.receive_data(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", 0.0)
+    assert err.value.error_code == H2ErrorCode.PROTOCOL_ERROR
+    assert str(err.value) == (
+        "the peer answered in HTTP/1.x, not HTTP/2: it does not speak HTTP/2 cleartext "
+        "(h2c) with prior knowledge"
+    )
+
+
+@pytest.mark.parametrize("split", [1, 5, 16, 200])
+def test_a_client_speaking_http1_is_named_as_such(split: int) -> None:
+    """HTTP/1.1 to a port that speaks HTTP/2 only (gRPC): said plainly, at any split."""
+    conn = H2ServerConnection()
+    conn.data_to_send()
+    request = b"GET /doors HTTP/1.1\r\nHost: x\r\n\r\n"
+    with pytest.raises(H2Error) as err:
+        conn.receive_data(request[:split], 0.0)
+        conn.receive_data(request[split:], 0.0)
+    assert err.value.error_code == H2ErrorCode.PROTOCOL_ERROR
+    assert str(err.value) == (
+        "the peer speaks HTTP/1.x, not HTTP/2: this port takes HTTP/2 cleartext (h2c) only"
+    )
+    assert goaway_code(conn.data_to_send()) == H2ErrorCode.PROTOCOL_ERROR
