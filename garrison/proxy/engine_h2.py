@@ -18,8 +18,10 @@ Per client stream, on its request headers:
   well-formed call (`grpc_error`), and any non-gRPC request, is denied.
 - `rules="http"`: `HTTPMatcher` on method, normalized path, authority and headers (a gRPC call
   is `POST /pkg.Service/Method`). The normalized path is what is forwarded; a path that cannot
-  be normalized safely, and a `host` field that names another authority than `:authority`
-  (what host rules match), are answered 400. `headerMatches` edits apply to the forwarded headers.
+  be normalized safely, an authority HTTP/1.1 would refuse as a Host (userinfo,
+  percent-escapes, a bad port), and a `host` field that names another authority than
+  `:authority` (what host rules match), are answered 400. `headerMatches` edits apply to the
+  forwarded headers.
 - Allowed: an upstream stream is opened (queued while the upstream's MAX_CONCURRENT_STREAMS is
   reached), headers, DATA and trailers are relayed both ways; records: the request, and the
   response (gRPC: at the end of the call, status from the trailers or the trailers-only
@@ -48,9 +50,10 @@ the call's own holding buffer: still unacknowledged, so still bounded by those w
 Resets propagate both ways (a stream the peer broke a rule on reaches the other side as
 CANCEL). A client stream nghttp2 reset because the client broke a stream-level rule (a
 malformed request, RFC 9113 §8.1.1; a flow-control error) is an ERROR record (PARSE_ERROR)
-naming the stream and nghttp2's reason: the connection and its other streams go on. An upstream RST_STREAM(NO_ERROR) after a complete response ("stop sending, you have
-your answer") reaches the client only after that response has been written out. A reset call
-gets no response record.
+naming the stream and nghttp2's reason: the connection and its other streams go on. An
+upstream RST_STREAM(NO_ERROR) after a complete response ("stop sending, you have your
+answer") reaches the client only after that response has been written out. A reset call gets
+no response record.
 
 Errors. A peer that breaks HTTP/2 (`H2Error`) gets the GOAWAY its connection object queued;
 the other side gets a graceful GOAWAY; both are closed and an ERROR record says which side
@@ -113,7 +116,7 @@ from garrison.parsers.http2 import (
     TrailersReceived,
 )
 from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
-from garrison.parsers.pathnorm import UnsafeTargetError, normalize_path
+from garrison.parsers.pathnorm import UnsafeTargetError, normalize_path, valid_authority
 from garrison.policies.l7rules import HeaderEdit, L7RuleSet, L7Verdict, MismatchAction, audit_refs
 from garrison.policies.match_grpc import GRPCMatcher
 from garrison.policies.match_http import HTTPMatcher
@@ -778,6 +781,11 @@ class H2Engine:
         other_host = _host_differing_from_authority(ev.headers)
         if other_host is not None:
             reason = f"host field {other_host!r} differs from :authority {ev.authority!r}"
+            return L7Verdict(allowed=False, reason=reason), path, True
+        if ev.authority is not None and not valid_authority(ev.authority):
+            # userinfo, percent-escapes, a bad port: servers split such a value differently
+            # from the host rule that matched it (HTTP/1.1 refuses the same Host with 400)
+            reason = f"invalid authority {ev.authority[:200]!r}"
             return L7Verdict(allowed=False, reason=reason), path, True
         if ev.method == "OPTIONS" and path == "*":
             normalized = path

@@ -881,3 +881,24 @@ def test_a_malformed_request_is_reset_and_logged(
     assert len(errors) == 1, errors
     assert errors[0].drop_reason_desc is DropReasonDesc.PARSE_ERROR
     assert f"stream {bad}" in errors[0].error and reason in errors[0].error
+
+
+@pytest.mark.parametrize(
+    "authority", [b"evil.example@good.example", b"good.example%2e", b"good.example:+80"]
+)
+def test_http_rules_refuse_an_authority_http1_would_refuse(authority: bytes) -> None:
+    """`:authority` (or `host`) with userinfo, a percent-escape or a bad port: servers split
+    such a value differently (`evil.example@good.example` is good.example to one, matched as
+    evil.example.* by a host pattern), so it is 400, as the Host field is over HTTP/1.1."""
+    p = Pipe(http_rules(HTTPRule(path="/v1/.*", host="evil\\.example.*")),
+             rules="http", handler=None)
+    base = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/x")]
+    with_authority = p.client.send_request([*base, (b":authority", authority)], end_stream=True)
+    with_host = p.client.send_request([*base, (b"host", authority)], end_stream=True)
+    p.pump()
+    assert p.upstream_requests == {}
+    for sid in (with_authority, with_host):
+        head = p.client_stream(sid)[0]
+        assert isinstance(head, ResponseReceived) and head.status == 400, sid
+    refused = [r for r in p.records if r.l7 and r.l7.http and r.l7.http.code == 400]
+    assert [r.drop_reason_desc for r in refused] == [DropReasonDesc.PARSE_ERROR] * 2
