@@ -38,7 +38,9 @@ Per client stream, on its request headers:
   reaches the upstream; records DROPPED, naming the policy rules whose L7 rules the request
   failed (`*_denied_by`, as the HTTP/1.1 engine does). Sibling streams are untouched.
 - Audit mode (`context.audit`): everything is forwarded; what would have been denied is
-  logged AUDIT (with `*_denied_by` and POLICY_DENIED as the reason it would have had).
+  logged AUDIT (with `*_denied_by` and POLICY_DENIED as the reason it would have had). The
+  400 answers above are no policy decision: they stand in audit mode too (DROPPED,
+  PARSE_ERROR), as HTTP/1.1's parse errors do.
 
 Flow control. Inbound DATA is acknowledged to its sender only once the other side took it:
 the bytes `send_data` sent now at once, the rest when `DataFlushed` reports them (padding at
@@ -938,10 +940,11 @@ class H2Engine:
             )
         if verdict.allowed:
             return _Outcome(Verdict.FORWARDED, (verdict.rule,) if verdict.rule else (), (), None)
-        reason = DropReasonDesc.PARSE_ERROR if unsafe else DropReasonDesc.POLICY_DENIED
+        if unsafe:  # not a policy decision: refused in audit mode too, as HTTP/1.1 does
+            return _Outcome(Verdict.DROPPED, (), (), DropReasonDesc.PARSE_ERROR)
         kind = Verdict.AUDIT if self._audit else Verdict.DROPPED
         denied_by = (verdict.denied_by,) if verdict.denied_by is not None else self._denied_by
-        return _Outcome(kind, (), denied_by, reason)
+        return _Outcome(kind, (), denied_by, DropReasonDesc.POLICY_DENIED)
 
     def _request_record(self, ev: RequestReceived, outcome: _Outcome, path: str) -> FlowRecord:
         ctx = self._ctx

@@ -902,3 +902,30 @@ def test_http_rules_refuse_an_authority_http1_would_refuse(authority: bytes) -> 
         assert isinstance(head, ResponseReceived) and head.status == 400, sid
     refused = [r for r in p.records if r.l7 and r.l7.http and r.l7.http.code == 400]
     assert [r.drop_reason_desc for r in refused] == [DropReasonDesc.PARSE_ERROR] * 2
+
+
+def test_audit_mode_still_refuses_what_cannot_be_read_safely() -> None:
+    """Audit forwards what the policy would deny; a path that cannot be normalized, or two
+    authorities, are not policy but ambiguity, refused 400 in audit mode too (as HTTP/1.1
+    refuses them whatever the mode) and recorded DROPPED, not AUDIT."""
+    p = Pipe(http_rules(HTTPRule(path="/v1/.*")), rules="http", audit=True, handler=None)
+    base = [(b":method", b"GET"), (b":scheme", b"http")]
+    unsafe = p.client.send_request(
+        [*base, (b":authority", b"d"), (b":path", b"/v1/%2e%2e/%2e%2e/etc")], end_stream=True
+    )
+    two = p.client.send_request(
+        [*base, (b":authority", b"d"), (b":path", b"/v1/x"), (b"host", b"e")], end_stream=True
+    )
+    audited = p.client.send_request(
+        [*base, (b":authority", b"d"), (b":path", b"/v2/x")], end_stream=True
+    )
+    p.pump()
+    assert [r.path for r in p.upstream_requests.values()] == ["/v2/x"]  # audit forwards it
+    for sid in (unsafe, two):
+        head = p.client_stream(sid)[0]
+        assert isinstance(head, ResponseReceived) and head.status == 400
+    assert p.client_stream(audited) == []  # held upstream
+    refused = [r for r in p.records if r.l7 and r.l7.http and r.l7.http.code == 400]
+    assert [(r.verdict, r.drop_reason_desc) for r in refused] == [
+        (Verdict.DROPPED, DropReasonDesc.PARSE_ERROR)
+    ] * 2
