@@ -52,7 +52,8 @@ the call's own holding buffer: still unacknowledged, so still bounded by those w
 Resets propagate both ways (a stream the peer broke a rule on reaches the other side as
 CANCEL). A client stream nghttp2 reset because the client broke a stream-level rule (a
 malformed request, RFC 9113 §8.1.1; a flow-control error) is an ERROR record (PARSE_ERROR)
-naming the stream and nghttp2's reason: the connection and its other streams go on. An
+naming the stream and nghttp2's reason: the connection and its other streams go on; an
+upstream stream reset for a malformed response is one too (UPSTREAM_ERROR). An
 upstream RST_STREAM(NO_ERROR) after a complete response ("stop sending, you have your
 answer") reaches the client only after that response has been written out. A reset call gets
 no response record.
@@ -724,6 +725,10 @@ class H2Engine:
         assert type(ev) is StreamReset
         if call is None:
             return
+        if not ev.remote:  # a malformed response (RFC 9113 §8.1.1): say so, as HTTP/1.1 does
+            self._log(
+                self._error_record(_stream_error("upstream", ev), DropReasonDesc.UPSTREAM_ERROR)
+            )
         sid = call.request.stream_id
         code = ev.error_code if ev.remote else H2ErrorCode.CANCEL
         call.up.dst_sid = 0

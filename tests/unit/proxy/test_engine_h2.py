@@ -929,3 +929,23 @@ def test_audit_mode_still_refuses_what_cannot_be_read_safely() -> None:
     assert [(r.verdict, r.drop_reason_desc) for r in refused] == [
         (Verdict.DROPPED, DropReasonDesc.PARSE_ERROR)
     ] * 2
+
+
+def test_a_malformed_upstream_response_is_logged() -> None:
+    """nghttp2 resets an upstream stream whose response breaks RFC 9113 (here: no :status);
+    the client's stream is cancelled and the operator reads why in an ERROR record, as an
+    HTTP/1.1 upstream's botched response is one."""
+    p = Pipe(http_rules(HTTPRule(path="/v1/.*")), rules="http", handler=None)
+    sid = p.client.send_request(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"d"), (b":path", b"/v1/x")],
+        end_stream=True,
+    )
+    p.pump()
+    (usid,) = p.upstream_requests
+    p.upstream.send_headers(usid, [(b"x-no-status", b"1")], end_stream=True)
+    p.pump()
+    assert p.client_resets(sid) == [8]  # CANCEL
+    (error,) = [r for r in p.records if r.verdict is Verdict.ERROR]
+    assert error.drop_reason_desc is DropReasonDesc.UPSTREAM_ERROR
+    assert error.error.startswith(f"upstream stream {usid} reset with PROTOCOL_ERROR")
+    assert p.engine.open_calls == 0
