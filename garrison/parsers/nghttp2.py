@@ -728,7 +728,7 @@ class _H2Connection:
     def _on_goaway_sent(self, code: int, debug: bytes) -> None:
         if self._closing_locally or code == H2ErrorCode.NO_ERROR:
             return
-        reason = self._invalid or debug.decode("ascii", "replace") or H2ErrorCode(code).name
+        reason = debug.decode("ascii", "replace") or self._invalid or H2ErrorCode(code).name
         self._fatal = (reason, code)
         self._terminated = True
         self._drop_queues()

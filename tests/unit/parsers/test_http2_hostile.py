@@ -505,3 +505,13 @@ def test_a_client_speaking_http1_is_named_as_such(split: int) -> None:
         "the peer speaks HTTP/1.x, not HTTP/2: this port takes HTTP/2 cleartext (h2c) only"
     )
     assert goaway_code(conn.data_to_send()) == H2ErrorCode.PROTOCOL_ERROR
+
+
+def test_a_connection_error_keeps_nghttp2s_own_words() -> None:
+    """nghttp2 says exactly what was wrong in its GOAWAY's debug data; the error (and so the
+    record) says the same, not the generic 'Protocol error'."""
+    conn, _ = server()
+    err = expect_error(
+        conn, frame(WindowUpdateFrame(0, window_increment=0)), H2ErrorCode.PROTOCOL_ERROR
+    )
+    assert str(err) == "WINDOW_UPDATE: window_size_increment == 0"
