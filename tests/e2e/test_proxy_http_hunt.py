@@ -89,6 +89,8 @@ async def app(scope, receive, send):
 class Setup:
     proxy: ProxyHandle
     upstream_log: Path
+    upstream: Address
+    policy: Path
 
     def seen(self) -> list[dict[str, Any]]:
         lines = self.upstream_log.read_text().splitlines()
@@ -103,7 +105,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     policy.write_text(POLICY)
     port = free_port()
     upstream = start_process(
-        [PYTHON, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", "hhapp:app"],
+        [PYTHON, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", "--keep-alive", "60",
+         "hhapp:app"],
         work, "hypercorn", env={"PYTHONPATH": str(work)},
     )
     try:
@@ -114,7 +117,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             dport=80, verbose=False,
         )
         try:
-            yield Setup(proxy, upstream.stdout)
+            yield Setup(proxy, upstream.stdout, ("127.0.0.1", port), policy)
         finally:
             proxy.stop()
     finally:
@@ -232,3 +235,43 @@ def test_h2c_to_an_http1_only_upstream_says_why(
     assert record.drop_reason_desc is DropReasonDesc.UPSTREAM_ERROR
     assert "answered in HTTP/1.x, not HTTP/2" in record.error
     assert "h2c" in record.error
+
+
+def test_an_idle_h2c_client_is_closed_by_the_idle_timeout_quietly(
+    setup: Setup, proxy_runner: ProxyRunner
+) -> None:
+    """An h2c connection whose calls are answered is idle: --idle-timeout closes it with
+    GOAWAY NO_ERROR and no record (it was cut after --upstream-timeout with INTERNAL_ERROR
+    and an ERROR record 'timeout waiting for upstream')."""
+    import time
+
+    proxy = proxy_runner(
+        protocol="http", policy_files=[setup.policy], dst_labels=DEATHSTAR_LABELS,
+        peers=["127.0.0.1/32=org=empire,class=tiefighter"], upstream=setup.upstream, dport=80,
+        extra_args=["--idle-timeout", "1", "--upstream-timeout", "30", "--workers", "1"],
+    )
+    conn = h2_connection.H2Connection(h2_config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "x"),
+                          (":path", "/open/idle")], end_stream=True)
+    started = time.monotonic()
+    goaway: int | None = None
+    status: int | None = None
+    with socket.create_connection(proxy.address, timeout=10) as sock:
+        sock.sendall(conn.data_to_send())
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2_events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2_events.ConnectionTerminated):
+                    goaway = int(ev.error_code)
+            sock.sendall(conn.data_to_send())
+    assert status == 200
+    assert goaway == 0  # NO_ERROR
+    assert time.monotonic() - started < 10  # the idle timeout, far before --upstream-timeout
+    proxy.wait_records(lambda r: r.verdict is Verdict.FORWARDED, count=2)  # request, response
+    time.sleep(0.2)
+    assert [r.error for r in proxy.records() if r.verdict is Verdict.ERROR] == []
