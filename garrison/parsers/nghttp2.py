@@ -11,9 +11,8 @@ marked so arrives as a `NeverIndexed` pair and is sent on with NGHTTP2_NV_FLAG_N
 `authorization`, `proxy-authorization` and short cookies), stream states, RFC 9113 messaging
 rules on received header blocks (a malformed request or response is a stream error: the stream
 is reset with PROTOCOL_ERROR and reported as `StreamReset(remote=False)` with nghttp2's
-reason), flow-control
-accounting, GOAWAY (a peer's graceful GOAWAY lets streams up to its `last_stream_id` finish;
-ours above it are reported as `StreamReset(REFUSED_STREAM)`).
+reason), flow-control accounting, GOAWAY (a peer's graceful GOAWAY lets streams up to its
+`last_stream_id` finish; ours above it are reported as `StreamReset(REFUSED_STREAM)`).
 
 What this module adds (garrison's own limits, `H2Limits`): the frame-header guard (first frame
 SETTINGS, frame size, CONTINUATION count, RST_STREAM and PING/SETTINGS rates, stream errors the
@@ -94,11 +93,11 @@ _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _CONTINU
     0x0, 0x1, 0x3, 0x4, 0x5, 0x6, 0x7, 0x9,
 )
 _FLAG_ACK = 0x1
-# An HTTP/1.x request line's start (a method token, then a space or not yet anything).
-_HTTP1_START = re.compile(rb"[A-Z]{1,20}(?: |$)")
 _FLAG_END_HEADERS = 0x4
 _END_STREAM = int(lib.NGHTTP2_FLAG_END_STREAM)
 _NO_INDEX = int(lib.NGHTTP2_NV_FLAG_NO_INDEX)
+# An HTTP/1.x request line's start (a method token, then a space or not yet anything).
+_HTTP1_START = re.compile(rb"[A-Z]{1,20}(?: |$)")
 _EOF = int(lib.NGHTTP2_DATA_FLAG_EOF)
 _NO_END_STREAM = int(lib.NGHTTP2_DATA_FLAG_NO_END_STREAM)
 _ERR_DEFERRED = int(lib.NGHTTP2_ERR_DEFERRED)
