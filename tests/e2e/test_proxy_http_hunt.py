@@ -275,3 +275,61 @@ def test_an_idle_h2c_client_is_closed_by_the_idle_timeout_quietly(
     proxy.wait_records(lambda r: r.verdict is Verdict.FORWARDED, count=2)  # request, response
     time.sleep(0.2)
     assert [r.error for r in proxy.records() if r.verdict is Verdict.ERROR] == []
+
+
+def test_out_of_file_descriptors_is_a_503_and_a_record(
+    deathstar: Address, tmp_path: Path
+) -> None:
+    """The proxy runs out of file descriptors (a small `ulimit -n`, many clients): a client
+    whose request needs a new upstream connection gets `503 Service Unavailable` and the
+    record says why. It got its connection closed without an answer, and stderr a traceback
+    ('internal error: OSError(24, ...)'): the upstream socket's creation was not guarded."""
+    import shutil
+
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit (util-linux) is not installed")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    access_log = tmp_path / "access.log"
+    proxy = start_process(
+        ["prlimit", "--nofile=48:48", PYTHON, "-m", "garrison.cli.main", "proxy",
+         "--listen", "127.0.0.1:0", "--upstream", f"{deathstar[0]}:{deathstar[1]}",
+         "--dport", "80", "-f", str(policy), "--dst-labels", DEATHSTAR_LABELS,
+         "--peer", "127.0.0.1/32=org=empire,class=tiefighter", "--workers", "1",
+         "--access-log", str(access_log)],
+        tmp_path, "proxy",
+    )
+    try:
+        import re
+        import time
+
+        found: list[Address] = []
+
+        def listening() -> bool:
+            m = re.search(r"listening on ([0-9.]+):(\d+)", proxy.stderr.read_text())
+            if m:
+                found.append((m.group(1), int(m.group(2))))
+            return bool(m)
+
+        wait_until(listening, "garrison proxy listening", 30, proxy)
+        first = socket.create_connection(found[0], timeout=10)
+        # Hold idle connections until the proxy has no descriptor left for an upstream one.
+        held = [socket.create_connection(found[0], timeout=10) for _ in range(60)]
+        time.sleep(0.5)
+        first.sendall(b"GET /open/x HTTP/1.1\r\nHost: deathstar\r\n\r\n")
+        answer = first.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+        for sock in [first, *held]:
+            sock.close()
+
+        def recorded() -> bool:
+            text = access_log.read_text() if access_log.exists() else ""
+            return "Too many open files" in text
+
+        wait_until(recorded, "an ERROR record naming the cause", 10, proxy)
+        records = [FlowRecord.from_json(line) for line in access_log.read_text().splitlines()]
+        (error,) = [r for r in records if r.verdict is Verdict.ERROR]
+        assert error.drop_reason_desc is DropReasonDesc.UPSTREAM_ERROR
+        assert "Traceback" not in proxy.stderr.read_text()
+    finally:
+        proxy.stop()
