@@ -240,11 +240,13 @@ class StreamEnded:
 @dataclass(frozen=True, slots=True)
 class StreamReset:
     """The stream is gone. `remote`: the peer sent RST_STREAM (or refused it with its GOAWAY);
-    otherwise we reset it because the peer broke a stream-level rule (e.g. window overflow)."""
+    otherwise we reset it because the peer broke a stream-level rule (e.g. window overflow, a
+    malformed header block), and `reason` says which when the codec told."""
 
     stream_id: int
     error_code: int
     remote: bool = True
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,9 @@ What nghttp2 does: framing, HPACK (never-indexed fields stay never-indexed: a fi
 marked so arrives as a `NeverIndexed` pair and is sent on with NGHTTP2_NV_FLAG_NO_INDEX, as are
 `authorization`, `proxy-authorization` and short cookies), stream states, RFC 9113 messaging
 rules on received header blocks (a malformed request or response is a stream error: the stream
-is reset with PROTOCOL_ERROR and reported as `StreamReset(remote=False)`), flow-control
-accounting, GOAWAY (a peer's graceful GOAWAY lets streams up to its `last_stream_id` finish;
-ours above it are reported as `StreamReset(REFUSED_STREAM)`).
+is reset with PROTOCOL_ERROR and reported as `StreamReset(remote=False)` with nghttp2's
+reason), flow-control accounting, GOAWAY (a peer's graceful GOAWAY lets streams up to its
+`last_stream_id` finish; ours above it are reported as `StreamReset(REFUSED_STREAM)`).
 
 What this module adds (garrison's own limits, `H2Limits`): the frame-header guard (first frame
 SETTINGS, frame size, CONTINUATION count, RST_STREAM and PING/SETTINGS rates, stream errors the
@@ -29,6 +29,7 @@ Errors: anything the peer does wrong at connection level raises `H2Error` with t
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -95,6 +96,8 @@ _FLAG_ACK = 0x1
 _FLAG_END_HEADERS = 0x4
 _END_STREAM = int(lib.NGHTTP2_FLAG_END_STREAM)
 _NO_INDEX = int(lib.NGHTTP2_NV_FLAG_NO_INDEX)
+# An HTTP/1.x request line's start (a method token, then a space or not yet anything).
+_HTTP1_START = re.compile(rb"[A-Z]{1,20}(?: |$)")
 _EOF = int(lib.NGHTTP2_DATA_FLAG_EOF)
 _NO_END_STREAM = int(lib.NGHTTP2_DATA_FLAG_NO_END_STREAM)
 _ERR_DEFERRED = int(lib.NGHTTP2_ERR_DEFERRED)
@@ -160,6 +163,18 @@ class _FrameGuard:
         pos, end = 0, len(data)
         if self._preface:
             taken = min(self._preface, end)
+            seen = len(H2_PREFACE) - self._preface
+            if data[:taken] != H2_PREFACE[seen : seen + taken]:
+                if _HTTP1_START.match(H2_PREFACE[:seen] + data[:8]):
+                    raise _LimitExceeded(
+                        "the peer speaks HTTP/1.x, not HTTP/2: this port takes HTTP/2 "
+                        "cleartext (h2c) only",
+                        H2ErrorCode.PROTOCOL_ERROR,
+                    )
+                raise _LimitExceeded(
+                    "the peer did not send the HTTP/2 client preface",
+                    H2ErrorCode.PROTOCOL_ERROR,
+                )
             self._preface -= taken
             pos = taken
         while pos < end:
@@ -178,6 +193,12 @@ class _FrameGuard:
             else:
                 head = data[pos : pos + 9]
             pos += need
+            if self._first_frame and head.startswith(b"HTTP/"):
+                raise _LimitExceeded(
+                    "the peer answered in HTTP/1.x, not HTTP/2: it does not speak HTTP/2 "
+                    "cleartext (h2c) with prior knowledge",
+                    H2ErrorCode.PROTOCOL_ERROR,
+                )
             length = int.from_bytes(head[0:3], "big")
             self._check(length, head[3], head[4], now)
             self._skip = length
@@ -280,6 +301,7 @@ class _H2Connection:
         self._flushed: dict[int, int] = {}
         self._fatal: tuple[str, int] | None = None
         self._invalid: str | None = None
+        self._invalid_stream: tuple[int, str] | None = None  # the last, for its StreamReset
         self._closing_locally = False
         self._now = 0.0
         self._bufp = ffi.new("const uint8_t **")
@@ -680,7 +702,12 @@ class _H2Connection:
         )
         if remote or refused or code != H2ErrorCode.NO_ERROR:
             self._forget(sid)
-            self._events.append(StreamReset(sid, code, remote or refused))
+            invalid = self._invalid_stream
+            reason = ""
+            if invalid is not None and invalid[0] == sid:
+                reason = invalid[1]
+                self._invalid_stream = None
+            self._events.append(StreamReset(sid, code, remote or refused, reason))
         else:
             self._credit(sid)
         return 0
@@ -700,7 +727,7 @@ class _H2Connection:
     def _on_goaway_sent(self, code: int, debug: bytes) -> None:
         if self._closing_locally or code == H2ErrorCode.NO_ERROR:
             return
-        reason = self._invalid or debug.decode("ascii", "replace") or H2ErrorCode(code).name
+        reason = debug.decode("ascii", "replace") or self._invalid or H2ErrorCode(code).name
         self._fatal = (reason, code)
         self._terminated = True
         self._drop_queues()
@@ -1014,6 +1041,8 @@ def garrison_on_frame_send(session: Any, frame: Any, user: Any) -> int:
 def garrison_on_invalid_frame(session: Any, frame: Any, error: int, user: Any) -> int:
     me: _H2Connection = _me(user)
     me._invalid = ffi.string(lib.nghttp2_strerror(error)).decode()
+    if frame.hd.stream_id:
+        me._invalid_stream = (frame.hd.stream_id, me._invalid)
     return 0
 
 

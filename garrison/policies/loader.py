@@ -1229,9 +1229,41 @@ def _header_match(at: At, dialect: _Dialect) -> HeaderMatch | str | None:
                 return None
     if name is None or value is None or "secret" in f:
         return None
+    if mismatch in _EDITS:
+        if name.lower() in _UNEDITABLE_FIELDS:
+            # The proxy refuses such an edit on every request (HTTP/1.1: the message would be
+            # framed otherwise than validated; HTTP/2: connection-specific, or a host field
+            # contradicting :authority): a rule that can only fail is an error now.
+            f["name"].error(
+                f"{mismatch.value} cannot edit '{name}': it frames or routes the request, "
+                "and the proxy forwards it as the client sent it"
+            )
+            return None
+        if mismatch is not MismatchAction.DELETE and _FIELD_VALUE_CTL.search(value):
+            f["value"].error(
+                "a header field value cannot hold control characters (CR, LF, NUL, DEL, ...)"
+            )
+            return None
     if not value and mismatch is None:
         return name
     return HeaderMatch(name=name, value=value, mismatch=mismatch)
+
+
+_EDITS = (MismatchAction.ADD, MismatchAction.REPLACE, MismatchAction.DELETE)
+# Fields a header edit must never touch: framing (HTTP/1.1) and connection-specific (HTTP/2).
+_UNEDITABLE_FIELDS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "te",
+    }
+)
+_FIELD_VALUE_CTL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # RFC 9110 5.5: HTAB is allowed
 
 
 def _kafka_rule(at: At) -> KafkaRule | None:

@@ -71,7 +71,8 @@ class EngineCore(Protocol):
 
     @property
     def pooled_upstream(self) -> bool:
-        """Upstream connections come from the shared pool (else one of its own, at once)."""
+        """Upstream connections come from the shared pool (else one of its own, at once);
+        read again when the core's `client_data` starts with an `OpenUpstream` (h2c)."""
         ...
 
     @property
@@ -170,7 +171,12 @@ class EventEngine:
                 self._head_started = mono
                 self._was_idle = False
                 self._released = False
-            return self._after(core.client_data(data, event.now), mono)
+            done = core.client_data(data, event.now)
+            if self._pooled and done and type(done[0]) is OpenUpstream:
+                # The core changed its upstream protocol (HTTP/1.1 -> h2c): is the connection
+                # still one to give back when idle?
+                self._pooled = core.pooled_upstream
+            return self._after(done, mono)
         if kind is UpstreamData:
             mono = event.mono
             self._last_upstream = mono

@@ -18,7 +18,10 @@ Per client stream, on its request headers:
   well-formed call (`grpc_error`), and any non-gRPC request, is denied.
 - `rules="http"`: `HTTPMatcher` on method, normalized path, authority and headers (a gRPC call
   is `POST /pkg.Service/Method`). The normalized path is what is forwarded; a path that cannot
-  be normalized safely is answered 400. `headerMatches` edits apply to the forwarded headers.
+  be normalized safely, an authority HTTP/1.1 would refuse as a Host (userinfo,
+  percent-escapes, a bad port), and a `host` field that names another authority than
+  `:authority` (what host rules match), are answered 400. `headerMatches` edits apply to the
+  forwarded headers.
 - Allowed: an upstream stream is opened (queued while the upstream's MAX_CONCURRENT_STREAMS is
   reached), headers, DATA and trailers are relayed both ways; records: the request, and the
   response (gRPC: at the end of the call, status from the trailers or the trailers-only
@@ -35,7 +38,9 @@ Per client stream, on its request headers:
   reaches the upstream; records DROPPED, naming the policy rules whose L7 rules the request
   failed (`*_denied_by`, as the HTTP/1.1 engine does). Sibling streams are untouched.
 - Audit mode (`context.audit`): everything is forwarded; what would have been denied is
-  logged AUDIT (with `*_denied_by` and POLICY_DENIED as the reason it would have had).
+  logged AUDIT (with `*_denied_by` and POLICY_DENIED as the reason it would have had). The
+  400 answers above are no policy decision: they stand in audit mode too (DROPPED,
+  PARSE_ERROR), as HTTP/1.1's parse errors do.
 
 Flow control. Inbound DATA is acknowledged to its sender only once the other side took it:
 the bytes `send_data` sent now at once, the rest when `DataFlushed` reports them (padding at
@@ -45,9 +50,13 @@ never exceeds the windows garrison advertised (`H2Limits`). Bytes a queue cap wo
 the call's own holding buffer: still unacknowledged, so still bounded by those windows.
 
 Resets propagate both ways (a stream the peer broke a rule on reaches the other side as
-CANCEL). An upstream RST_STREAM(NO_ERROR) after a complete response ("stop sending, you have
-your answer") reaches the client only after that response has been written out. A reset call
-gets no response record.
+CANCEL). A client stream nghttp2 reset because the client broke a stream-level rule (a
+malformed request, RFC 9113 §8.1.1; a flow-control error) is an ERROR record (PARSE_ERROR)
+naming the stream and nghttp2's reason: the connection and its other streams go on; an
+upstream stream reset for a malformed response is one too (UPSTREAM_ERROR). An
+upstream RST_STREAM(NO_ERROR) after a complete response ("stop sending, you have your
+answer") reaches the client only after that response has been written out. A reset call gets
+no response record.
 
 Errors. A peer that breaks HTTP/2 (`H2Error`) gets the GOAWAY its connection object queued;
 the other side gets a graceful GOAWAY; both are closed and an ERROR record says which side
@@ -110,7 +119,7 @@ from garrison.parsers.http2 import (
     TrailersReceived,
 )
 from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
-from garrison.parsers.pathnorm import UnsafeTargetError, normalize_path
+from garrison.parsers.pathnorm import UnsafeTargetError, normalize_path, valid_authority
 from garrison.policies.l7rules import HeaderEdit, L7RuleSet, L7Verdict, MismatchAction, audit_refs
 from garrison.policies.match_grpc import GRPCMatcher
 from garrison.policies.match_http import HTTPMatcher
@@ -637,6 +646,8 @@ class H2Engine:
     def _on_client_reset(self, call: _Call | None, ev: H2Event) -> None:
         assert type(ev) is StreamReset
         self._denied_body_ended(ev.stream_id)
+        if not ev.remote:  # the client broke a stream-level rule: say so, as HTTP/1.1 does
+            self._log(self._error_record(_stream_error("client", ev), DropReasonDesc.PARSE_ERROR))
         if call is None:
             return
         code = ev.error_code if ev.remote else H2ErrorCode.CANCEL
@@ -714,6 +725,10 @@ class H2Engine:
         assert type(ev) is StreamReset
         if call is None:
             return
+        if not ev.remote:  # a malformed response (RFC 9113 §8.1.1): say so, as HTTP/1.1 does
+            self._log(
+                self._error_record(_stream_error("upstream", ev), DropReasonDesc.UPSTREAM_ERROR)
+            )
         sid = call.request.stream_id
         code = ev.error_code if ev.remote else H2ErrorCode.CANCEL
         call.up.dst_sid = 0
@@ -770,6 +785,15 @@ class H2Engine:
                 False,
             )
         assert self._http_matcher is not None
+        other_host = _host_differing_from_authority(ev.headers)
+        if other_host is not None:
+            reason = f"host field {other_host!r} differs from :authority {ev.authority!r}"
+            return L7Verdict(allowed=False, reason=reason), path, True
+        if ev.authority is not None and not valid_authority(ev.authority):
+            # userinfo, percent-escapes, a bad port: servers split such a value differently
+            # from the host rule that matched it (HTTP/1.1 refuses the same Host with 400)
+            reason = f"invalid authority {ev.authority[:200]!r}"
+            return L7Verdict(allowed=False, reason=reason), path, True
         if ev.method == "OPTIONS" and path == "*":
             normalized = path
         else:
@@ -921,10 +945,11 @@ class H2Engine:
             )
         if verdict.allowed:
             return _Outcome(Verdict.FORWARDED, (verdict.rule,) if verdict.rule else (), (), None)
-        reason = DropReasonDesc.PARSE_ERROR if unsafe else DropReasonDesc.POLICY_DENIED
+        if unsafe:  # not a policy decision: refused in audit mode too, as HTTP/1.1 does
+            return _Outcome(Verdict.DROPPED, (), (), DropReasonDesc.PARSE_ERROR)
         kind = Verdict.AUDIT if self._audit else Verdict.DROPPED
         denied_by = (verdict.denied_by,) if verdict.denied_by is not None else self._denied_by
-        return _Outcome(kind, (), denied_by, reason)
+        return _Outcome(kind, (), denied_by, DropReasonDesc.POLICY_DENIED)
 
     def _request_record(self, ev: RequestReceived, outcome: _Outcome, path: str) -> FlowRecord:
         ctx = self._ctx
@@ -1058,6 +1083,32 @@ class H2Engine:
             reason=reason,
             node_name=ctx.node_name,
         )
+
+
+def _stream_error(side: str, ev: StreamReset) -> str:
+    """What a peer did wrong on one stream, for the operator."""
+    try:
+        code = H2ErrorCode(ev.error_code).name
+    except ValueError:
+        code = str(ev.error_code)
+    why = f": {ev.reason}" if ev.reason else ""
+    return f"{side} stream {ev.stream_id} reset with {code}{why}"
+
+
+def _host_differing_from_authority(headers: Iterable[Header]) -> str | None:
+    """A `host` field naming another authority than `:authority`, which host rules match:
+    an upstream that routes by `host` would serve a site the policy did not allow (RFC 9113
+    §8.3.1 makes such a request malformed). Names are case-insensitive."""
+    authority: bytes | None = None
+    host: bytes | None = None
+    for name, value in headers:
+        if name == b":authority":
+            authority = value
+        elif name == b"host":
+            host = value
+    if authority is None or host is None or host.lower() == authority.lower():
+        return None
+    return host.decode("latin-1")
 
 
 def _content_length(headers: Iterable[Header]) -> int | None:

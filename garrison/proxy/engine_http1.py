@@ -202,8 +202,12 @@ class HTTPEngine:
         "_upstream_ok",
     )
 
-    # The server may share this engine's upstream connections through a pool.
-    pooled_upstream = True
+    @property
+    def pooled_upstream(self) -> bool:
+        """The server may share this engine's upstream connections through a pool (borrowed,
+        given back when idle); not once handed to h2c, whose upstream connection is the
+        session's own (`EventEngine` reads it again then)."""
+        return self._delegate is None
 
     def __init__(self, context: ConnectionContext, config: ProxyConfig) -> None:
         self._context = context
@@ -259,7 +263,7 @@ class HTTPEngine:
         if self._closed:
             return Waiting.CLOSED
         if self._delegate is not None:
-            return Waiting.UPSTREAM
+            return self._delegate.waiting  # h2c: idle between calls, like any HTTP/2 client
         if self._current is not None:
             return Waiting.CLIENT
         if self._queue_has_forwarded():
@@ -522,7 +526,7 @@ class HTTPEngine:
     def upstream_unavailable(self, reason: str, now: float) -> Sequence[Command]:
         """The server could not connect to the upstream: 503 for the request owed, close."""
         if self._delegate is not None:
-            return self._delegate.abort(reason, now)
+            return self._delegate.upstream_unavailable(reason, now)
         out: list[Command] = []
         if not self._closed:
             self._fail(out, now, f"upstream unavailable: {reason}",
@@ -629,7 +633,7 @@ class HTTPEngine:
     def timeout(self, waiting: str, now: float) -> Sequence[Command]:
         """The server's timer for `waiting` (a `Waiting` value) ran out."""
         if self._delegate is not None:
-            return self._delegate.abort(f"timeout waiting for {waiting}", now)
+            return self._delegate.timeout(waiting, now)
         if self._closed:
             return ()
         if waiting == Waiting.IDLE:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from garrison.proxy.sockets import UpstreamSourceError, upstream_socket
+from garrison.proxy.sockets import upstream_socket
 
 Address = tuple[str, int]
 # What an upstream connection speaks: ALPN-style names ("http/1.1", "h2", "kafka").
@@ -239,9 +239,9 @@ class UpstreamPool:
         host, port = address
         try:
             sock = upstream_socket(host, self._mark, source)
-        except UpstreamSourceError as exc:
+        except OSError as exc:  # the source address, or no socket at all (EMFILE, ENOBUFS)
             raise UpstreamConnectError(
-                f"cannot connect to {host}:{port}: {exc.strerror}"
+                f"cannot connect to {host}:{port}: {exc.strerror or exc}"
             ) from exc
         try:
             await asyncio.wait_for(

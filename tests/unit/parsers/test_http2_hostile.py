@@ -313,7 +313,9 @@ def test_stream_window_overflow_resets_that_stream_only() -> None:
     conn, peer = server()
     conn.receive_data(peer.headers(1) + peer.headers(3), 0.0)
     events = conn.receive_data(frame(WindowUpdateFrame(1, window_increment=2**31 - 1)), 0.0)
-    assert events == [StreamReset(1, H2ErrorCode.FLOW_CONTROL_ERROR, remote=False)]
+    assert events == [
+        StreamReset(1, H2ErrorCode.FLOW_CONTROL_ERROR, remote=False, reason="Flow control error")
+    ]
     conn.send_headers(3, RESPONSE, end_stream=True)  # the sibling is unaffected
     conn.send_headers(1, RESPONSE, end_stream=True)  # the reset one: silently ignored
     heads = [f for f in frames_of(conn.data_to_send()) if f[0] == 0x1]
@@ -474,3 +476,42 @@ def test_padding_is_credited_without_being_acknowledged() -> None:
         assert ev == DataReceived(1, b"x" * 1000, 1000, False)
         conn.acknowledge_received_data(1, ev.flow_controlled_length)
         conn.data_to_send()
+
+
+def test_an_upstream_answering_in_http1_is_named_as_such() -> None:
+    """An HTTP/1.1-only upstream behind an h2c client: the operator reads why in the record."""
+    conn = H2ClientConnection()
+    conn.data_to_send()
+    with pytest.raises(H2Error) as err:
+        conn.receive_data(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", 0.0)
+    assert err.value.error_code == H2ErrorCode.PROTOCOL_ERROR
+    assert str(err.value) == (
+        "the peer answered in HTTP/1.x, not HTTP/2: it does not speak HTTP/2 cleartext "
+        "(h2c) with prior knowledge"
+    )
+
+
+@pytest.mark.parametrize("split", [1, 5, 16, 200])
+def test_a_client_speaking_http1_is_named_as_such(split: int) -> None:
+    """HTTP/1.1 to a port that speaks HTTP/2 only (gRPC): said plainly, at any split."""
+    conn = H2ServerConnection()
+    conn.data_to_send()
+    request = b"GET /doors HTTP/1.1\r\nHost: x\r\n\r\n"
+    with pytest.raises(H2Error) as err:
+        conn.receive_data(request[:split], 0.0)
+        conn.receive_data(request[split:], 0.0)
+    assert err.value.error_code == H2ErrorCode.PROTOCOL_ERROR
+    assert str(err.value) == (
+        "the peer speaks HTTP/1.x, not HTTP/2: this port takes HTTP/2 cleartext (h2c) only"
+    )
+    assert goaway_code(conn.data_to_send()) == H2ErrorCode.PROTOCOL_ERROR
+
+
+def test_a_connection_error_keeps_nghttp2s_own_words() -> None:
+    """nghttp2 says exactly what was wrong in its GOAWAY's debug data; the error (and so the
+    record) says the same, not the generic 'Protocol error'."""
+    conn, _ = server()
+    err = expect_error(
+        conn, frame(WindowUpdateFrame(0, window_increment=0)), H2ErrorCode.PROTOCOL_ERROR
+    )
+    assert str(err) == "WINDOW_UPDATE: window_size_increment == 0"

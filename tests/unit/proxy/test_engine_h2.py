@@ -820,3 +820,132 @@ def test_a_denied_body_gets_its_windows_at_once() -> None:
         assert isinstance(p.client_stream(sid)[0], ResponseReceived)
         assert p.client_resets(sid) == []
     assert not p.engine._draining and p.closed is None
+
+
+def test_http_rules_refuse_a_host_field_that_names_another_authority() -> None:
+    """Host rules match `:authority`; an upstream that routes by the `host` field would serve
+    another site than the one the policy allowed (RFC 9113 §8.3.1: malformed). 400, never
+    forwarded, as HTTP/1.1 refuses an absolute-form target whose authority is not the Host."""
+    p = Pipe(http_rules(HTTPRule(method="GET", path="/v1/.*", host="good\\.example")),
+             rules="http", handler=None)
+
+    def get(*fields: tuple[bytes, bytes]) -> int:
+        return p.client.send_request(
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/x"), *fields],
+            end_stream=True,
+        )
+
+    smuggled = get((b":authority", b"good.example"), (b"host", b"evil.example"))
+    same = get((b":authority", b"good.example"), (b"host", b"GOOD.example"))
+    host_only = get((b"host", b"good.example"))
+    p.pump()
+    assert [list(r.headers) for r in p.upstream_requests.values()] == [
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/x"),
+         (b":authority", b"good.example"), (b"host", b"GOOD.example")],
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/x"),
+         (b"host", b"good.example")],
+    ]
+    (head, body, _) = p.client_stream(smuggled)
+    assert isinstance(head, ResponseReceived) and head.status == 400
+    assert isinstance(body, DataReceived) and body.data == b"Bad Request\r\n"
+    assert p.client_stream(same) == [] and p.client_stream(host_only) == []  # held upstream
+    refused = [r for r in p.records if r.l7 and r.l7.http and r.l7.http.code == 400]
+    assert len(refused) == 1
+    assert refused[0].verdict is Verdict.DROPPED
+    assert refused[0].drop_reason_desc is DropReasonDesc.PARSE_ERROR
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ([(b":path", b"/v1/a"), (b":path", b"/v1/b")], "Invalid HTTP header field"),
+        ([(b":path", b"/v1/a"), (b":protocol", b"x")], "Invalid HTTP header field"),
+        ([], "HTTP messaging rule"),  # no :path
+    ],
+)
+def test_a_malformed_request_is_reset_and_logged(
+    fields: list[tuple[bytes, bytes]], reason: str
+) -> None:
+    """nghttp2 resets a malformed request (PROTOCOL_ERROR, RFC 9113 §8.1.1); the operator
+    sees it in the access log as an ERROR record that says why, like an HTTP/1.1 parse error.
+    The connection and its other streams go on."""
+    p = Pipe(http_rules(HTTPRule(path="/v1/.*")), rules="http", handler=None)
+    base = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"d")]
+    bad = p.client.send_request([*base, *fields], end_stream=True)
+    good = p.client.send_request([*base, (b":path", b"/v1/ok")], end_stream=True)
+    p.pump()
+    assert p.client_resets(bad) == [1]  # PROTOCOL_ERROR
+    assert [r.path for r in p.upstream_requests.values()] == ["/v1/ok"]
+    assert good not in p.client_resets(good)
+    errors = [r for r in p.records if r.verdict is Verdict.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].drop_reason_desc is DropReasonDesc.PARSE_ERROR
+    assert f"stream {bad}" in errors[0].error and reason in errors[0].error
+
+
+@pytest.mark.parametrize(
+    "authority", [b"evil.example@good.example", b"good.example%2e", b"good.example:+80"]
+)
+def test_http_rules_refuse_an_authority_http1_would_refuse(authority: bytes) -> None:
+    """`:authority` (or `host`) with userinfo, a percent-escape or a bad port: servers split
+    such a value differently (`evil.example@good.example` is good.example to one, matched as
+    evil.example.* by a host pattern), so it is 400, as the Host field is over HTTP/1.1."""
+    p = Pipe(http_rules(HTTPRule(path="/v1/.*", host="evil\\.example.*")),
+             rules="http", handler=None)
+    base = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/v1/x")]
+    with_authority = p.client.send_request([*base, (b":authority", authority)], end_stream=True)
+    with_host = p.client.send_request([*base, (b"host", authority)], end_stream=True)
+    p.pump()
+    assert p.upstream_requests == {}
+    for sid in (with_authority, with_host):
+        head = p.client_stream(sid)[0]
+        assert isinstance(head, ResponseReceived) and head.status == 400, sid
+    refused = [r for r in p.records if r.l7 and r.l7.http and r.l7.http.code == 400]
+    assert [r.drop_reason_desc for r in refused] == [DropReasonDesc.PARSE_ERROR] * 2
+
+
+def test_audit_mode_still_refuses_what_cannot_be_read_safely() -> None:
+    """Audit forwards what the policy would deny; a path that cannot be normalized, or two
+    authorities, are not policy but ambiguity, refused 400 in audit mode too (as HTTP/1.1
+    refuses them whatever the mode) and recorded DROPPED, not AUDIT."""
+    p = Pipe(http_rules(HTTPRule(path="/v1/.*")), rules="http", audit=True, handler=None)
+    base = [(b":method", b"GET"), (b":scheme", b"http")]
+    unsafe = p.client.send_request(
+        [*base, (b":authority", b"d"), (b":path", b"/v1/%2e%2e/%2e%2e/etc")], end_stream=True
+    )
+    two = p.client.send_request(
+        [*base, (b":authority", b"d"), (b":path", b"/v1/x"), (b"host", b"e")], end_stream=True
+    )
+    audited = p.client.send_request(
+        [*base, (b":authority", b"d"), (b":path", b"/v2/x")], end_stream=True
+    )
+    p.pump()
+    assert [r.path for r in p.upstream_requests.values()] == ["/v2/x"]  # audit forwards it
+    for sid in (unsafe, two):
+        head = p.client_stream(sid)[0]
+        assert isinstance(head, ResponseReceived) and head.status == 400
+    assert p.client_stream(audited) == []  # held upstream
+    refused = [r for r in p.records if r.l7 and r.l7.http and r.l7.http.code == 400]
+    assert [(r.verdict, r.drop_reason_desc) for r in refused] == [
+        (Verdict.DROPPED, DropReasonDesc.PARSE_ERROR)
+    ] * 2
+
+
+def test_a_malformed_upstream_response_is_logged() -> None:
+    """nghttp2 resets an upstream stream whose response breaks RFC 9113 (here: no :status);
+    the client's stream is cancelled and the operator reads why in an ERROR record, as an
+    HTTP/1.1 upstream's botched response is one."""
+    p = Pipe(http_rules(HTTPRule(path="/v1/.*")), rules="http", handler=None)
+    sid = p.client.send_request(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"d"), (b":path", b"/v1/x")],
+        end_stream=True,
+    )
+    p.pump()
+    (usid,) = p.upstream_requests
+    p.upstream.send_headers(usid, [(b"x-no-status", b"1")], end_stream=True)
+    p.pump()
+    assert p.client_resets(sid) == [8]  # CANCEL
+    (error,) = [r for r in p.records if r.verdict is Verdict.ERROR]
+    assert error.drop_reason_desc is DropReasonDesc.UPSTREAM_ERROR
+    assert error.error.startswith(f"upstream stream {usid} reset with PROTOCOL_ERROR")
+    assert p.engine.open_calls == 0

@@ -152,7 +152,9 @@ def test_random_bytes_never_raise(seed: int) -> None:
     errors = [r for r in records(commands) if r.verdict is Verdict.ERROR]
     closes = [c for c in commands if isinstance(c, Close)]
     assert len(closes) == 1
-    assert len(errors) <= 1
+    # One record for the connection's failure; a stream the noise made malformed before
+    # that has one of its own.
+    assert len([r for r in errors if " stream " not in r.error]) <= 1
 
 
 def test_random_upstream_bytes_never_raise() -> None:

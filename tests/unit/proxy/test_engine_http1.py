@@ -563,6 +563,32 @@ def test_h2c_preface_hands_the_connection_to_the_h2_engine() -> None:
     assert not engine.upstream_reusable
 
 
+def test_h2c_with_an_unreachable_upstream_is_refused_as_the_h2_engine_refuses_it() -> None:
+    """The upstream cannot be connected: an h2c client is told none of its streams was
+    processed (GOAWAY NO_ERROR, last stream 0: safe to retry; gRPC: UNAVAILABLE) and the
+    record blames the upstream, not the proxy (it said INTERNAL_ERROR and PROXY_ERROR)."""
+    from garrison.parsers.http2 import ConnectionTerminated
+    from garrison.parsers.nghttp2 import H2ClientConnection
+
+    client = H2ClientConnection()
+    client.send_request(
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"d"),
+         (b":path", b"/v1/request-landing")],
+        end_stream=True,
+    )
+    engine = make()
+    result = out(
+        engine.client_data(client.data_to_send(), T0),
+        engine.upstream_unavailable("cannot connect to 127.0.0.1:1: refused", T0),
+    )
+    events = client.receive_data(result.client, T0)
+    assert [(e.error_code, e.last_stream_id) for e in events
+            if isinstance(e, ConnectionTerminated)] == [(0, 0)]
+    (error,) = [r for r in result.records if r.verdict is Verdict.ERROR]
+    assert error.drop_reason_desc is DropReasonDesc.UPSTREAM_ERROR
+    assert error.error == "upstream unavailable: cannot connect to 127.0.0.1:1: refused"
+
+
 def test_a_request_starting_like_the_preface_is_http1() -> None:
     engine = make(ruleset((HTTPRule(method="PRI"), RULE1)))
     result = out(engine.client_data(b"P", T0), engine.client_data(b"OST /v1/request-landing "

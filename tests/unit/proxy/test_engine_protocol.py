@@ -166,3 +166,50 @@ def test_pending_kafka_denial_counts_do_not_wait_for_a_wall_clock_stepped_back()
     # (it used to wait an hour, until the clock caught up with the group's first time).
     out = engine.handle(ClientData(b"".join(flood(1, first=900)), WALL - 3600, MONO + 1))
     assert aggregated(out) == [Aggregate(ingress_flow_count=4)] * 2
+
+
+def test_an_idle_h2c_client_on_an_http_port_gets_the_idle_timeout_not_an_error() -> None:
+    """h2c with prior knowledge hands the HTTP/1.1 engine's connection to the HTTP/2 engine.
+    Once its calls are answered it is idle: closed gracefully after `idle` (GOAWAY NO_ERROR,
+    no record), its upstream connection (the session's own, HPACK state and all) never given
+    back to the pool meanwhile. It was timed out as a silent upstream after `upstream_reply`:
+    GOAWAY INTERNAL_ERROR and an ERROR record for every idle h2c or gRPC-over-HTTP client."""
+    from garrison.parsers.http2 import ConnectionTerminated, ResponseReceived, StreamEnded
+    from garrison.parsers.nghttp2 import H2ClientConnection, H2ServerConnection
+
+    client, upstream = H2ClientConnection(), H2ServerConnection()
+    engine = http_engine()
+    commands: list[Command] = list(engine.handle(Started(WALL, MONO)))
+    sid = client.send_request(
+        [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"deathstar"),
+         (b":path", b"/v1/request-landing")],
+        end_stream=True,
+    )
+    commands += engine.handle(ClientData(client.data_to_send(), WALL, MONO))
+    commands += engine.handle(UpstreamConnected(WALL, MONO))
+    up_bytes = b"".join(
+        c.data for c in commands if isinstance(c, Forward | Inject) and c.side is Side.UPSTREAM
+    )
+    for ev in upstream.receive_data(up_bytes, 0.0):
+        if isinstance(ev, StreamEnded):
+            upstream.send_headers(ev.stream_id, [(b":status", b"200")], end_stream=True)
+    answered = engine.handle(UpstreamData(upstream.data_to_send(), WALL, MONO + 0.5))
+    commands += answered
+    got = client.receive_data(to_client(commands), 0.0)
+    assert any(isinstance(e, ResponseReceived) and e.status == 200 for e in got)
+    # Follow the wakeups the engine asks for, as the server would.
+    pending = wakeups(commands)
+    ended: list[Command] = []
+    mono = MONO + 0.5
+    while pending and not closes(ended):
+        mono = max(mono, min(pending))
+        out = list(engine.handle(Wakeup(WALL, mono)))
+        assert not [c for c in out if isinstance(c, ReleaseUpstream)], "h2 upstream given back"
+        ended += out
+        pending = wakeups(out)
+    assert mono == MONO + 0.5 + TIMEOUTS.idle  # the idle timeout, not upstream_reply
+    assert not [c for c in ended if isinstance(c, Log)]  # a quiet end: no ERROR record
+    goaways = [e for e in client.receive_data(to_client(ended), 0.0)
+               if isinstance(e, ConnectionTerminated)]
+    assert [g.error_code for g in goaways] == [0]
+    assert sid == 1
