@@ -105,8 +105,8 @@ static __always_inline int gar_judge(struct gar_ctx *c, const struct gar_endpoin
 	__u8 flags = 0, reason, match_type;
 
 	*v = gar_policy_lookup(ep->identity, direction, remote, c->pkt.tuple.protocol,
-			       c->pkt.dport, ep->flags & enforced_flag, ep->flags & GAR_EP_TIERS,
-			       GAR_POLICY_MAP_ENFORCED);
+			       c->pkt.dport, c->pkt.any_port, ep->flags & enforced_flag,
+			       ep->flags & GAR_EP_TIERS, GAR_POLICY_MAP_ENFORCED);
 	reason = v->reason;
 	match_type = v->match_type;
 	if (v->allowed)
@@ -119,7 +119,8 @@ static __always_inline int gar_judge(struct gar_ctx *c, const struct gar_endpoin
 		/* an audited policy would deny what the enforced ones allow: it passes, recorded
 		 * AUDIT with the what-if lookup's reason and match type */
 		what_if = gar_policy_lookup(ep->identity, direction, remote, c->pkt.tuple.protocol,
-					    c->pkt.dport, ep->flags & audit_enforced_flag,
+					    c->pkt.dport, c->pkt.any_port,
+					    ep->flags & audit_enforced_flag,
 					    ep->flags & GAR_EP_AUDIT_TIERS, GAR_POLICY_MAP_WHAT_IF);
 		if (!what_if.allowed) {
 			flags = (flags & ~GAR_EVENT_F_ALLOWED) | GAR_EVENT_F_AUDIT;
@@ -370,8 +371,9 @@ int from_netdev(struct __sk_buff *skb)
 
 	src_id = gar_identity_of(gar_ipcache_lookup(c.pkt.tuple.saddr));
 	ingress = gar_policy_lookup(ep->identity, GAR_DIR_INGRESS, src_id, c.pkt.tuple.protocol,
-				    c.pkt.dport, ep->flags & GAR_EP_INGRESS_ENFORCED,
-				    ep->flags & GAR_EP_TIERS, GAR_POLICY_MAP_ENFORCED);
+				    c.pkt.dport, c.pkt.any_port,
+				    ep->flags & GAR_EP_INGRESS_ENFORCED, ep->flags & GAR_EP_TIERS,
+				    GAR_POLICY_MAP_ENFORCED);
 	if (!ingress.allowed || !ingress.redirect)
 		return TC_ACT_OK; /* to_container's decision, with its verdict event */
 	gar_judge(&c, ep, dst_ifindex, GAR_DIR_INGRESS, src_id, &ingress);

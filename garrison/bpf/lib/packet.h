@@ -43,6 +43,8 @@ struct gar_packet {
 	struct gar_ct_key tuple; /* ports network order; ICMP echo: identifier in both */
 	__u16 sport;             /* host order, for events */
 	__u16 dport;             /* host order: the port policy looks up (ICMP: type) */
+	__u16 any_port;          /* the port entries of protocol ANY are looked up with: dport
+				  * for TCP, UDP and SCTP, else 0 (lib/policy.h) */
 	__u8 tcp_flags;
 	__u8 pad;
 	__u32 length;
@@ -84,6 +86,7 @@ static __always_inline int gar_parse(struct __sk_buff *skb, struct gar_packet *p
 		__builtin_memcpy(&pkt->tuple.dport, &l4[2], 2);
 		pkt->sport = gar_ntohs(pkt->tuple.sport);
 		pkt->dport = gar_ntohs(pkt->tuple.dport);
+		pkt->any_port = pkt->dport;
 		break;
 	case IPPROTO_ICMP:
 		if (bpf_skb_load_bytes(skb, l4off, l4, 8) < 0)

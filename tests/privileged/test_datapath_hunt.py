@@ -1,0 +1,265 @@
+"""The L3/L4 datapath under a real agent, probed the way an endpoint's attacker would: crafted
+packets from inside an endpoint (raw sockets: ICMP, spoofed and odd headers), read on the
+other side with a packet socket, and the flow records the agent writes for them.
+
+Names and addresses are this module's own, apart from every other agent test's: endpoints
+`hd-*` with addresses from 198.18.232.0/24, the pin root `/sys/fs/bpf/garrison-hd-<pid>`, the
+agent's state under /tmp/hd/, proxy ports 15871-15873. Teardown is `agent_harness`'s: the
+endpoints deleted through the agent, the agent stopped by PID, its pins and (when no other
+agent runs) its steering removed, and nothing of it left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyroute2 import netns
+
+from garrison.agent.kernel import STEERING_RECORD
+from garrison.flows.record import DropReasonDesc, FlowRecord, L4Protocol, Verdict
+from garrison.redirect import delete_endpoint, ensure_bpffs, remove_pin_dir
+from garrison.redirect.bpffs import BPFFS_MOUNT
+from garrison.redirect.steering import SteeringRecord
+
+from .agent_harness import (
+    GARRISON,
+    AgentEndpoint,
+    AgentProcess,
+    _children,
+    _setns,
+    other_agents,
+)
+
+pytestmark = pytest.mark.privileged
+
+PREFIX = "hd-"
+ADDRESS_BLOCK = IPv4Network("198.18.232.0/24")
+PROXY_PORTS = {"http": 15871, "grpc": 15872, "kafka": 15873}
+WORK_ROOT = Path("/tmp/hd")
+
+
+class HuntAgent(AgentProcess):
+    """`AgentProcess` on this module's names, addresses and proxy ports."""
+
+    def argv(self) -> list[str]:
+        ports = ",".join(f"{k}={v}" for k, v in PROXY_PORTS.items())
+        return [
+            GARRISON, "agent", "--state-dir", str(self.workdir / "state"),
+            "--socket", str(self.socket), "--bpffs-root", str(self.pin_root),
+            "--proxy-ports", ports, "--access-log", str(self.access_log),
+            "--node-name", "garrison-hd", *self.args,
+        ]
+
+    def add_endpoint(self, short: str, labels: str, host: int, cli: bool = False,
+                     ports: Any = (), namespace: str | None = None) -> AgentEndpoint:
+        name = f"{PREFIX}{short}"
+        ip = str(ADDRESS_BLOCK.network_address + host)
+        assert 0 < host < 255
+        assert name in self.endpoints or name not in netns.listnetns(), (
+            f"namespace {name} exists and is not this test's: left alone")
+        self.created.add(name)
+        data = self.call("EndpointAdd", name=name, labels=labels.split(","), ip=ip)
+        ep = AgentEndpoint(name, ip, tuple(data["labels"]), int(data["identity"]),
+                           str(data["host_veth"]))
+        self.endpoints[name] = ep
+        return ep
+
+
+@pytest.fixture(scope="module", name="agent")
+def fixture_agent() -> Iterator[HuntAgent]:
+    ensure_bpffs()
+    stale = sorted(n for n in netns.listnetns() if n.startswith(PREFIX))
+    assert not stale, f"namespaces of an earlier run are left: {stale} (ip netns del NAME)"
+    WORK_ROOT.mkdir(exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="agent-", dir=WORK_ROOT))
+    pin_root = BPFFS_MOUNT / f"garrison-hd-{os.getpid()}"
+    children_before = _children()
+    agent = HuntAgent(workdir, pin_root)
+    try:
+        agent.start()
+        yield agent
+    finally:
+        agent.stop_spawned(kept=True)
+        if agent.alive:
+            with contextlib.suppress(Exception):
+                agent.delete_endpoints()
+        status = agent.stop()
+        for name in agent.created:
+            delete_endpoint(name)
+        others = other_agents({agent.pid} if agent.proc else set())
+        added = SteeringRecord(workdir / "state" / STEERING_RECORD).load()
+        if not others:
+            agent.cli("agent", "--cleanup", *agent.argv()[2:], check=False, socket_arg=False)
+        if pin_root.exists():
+            remove_pin_dir(pin_root)
+        log = agent.log()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert status in (0, None), f"the agent did not stop cleanly ({status}):\n{log}"
+    assert "Traceback" not in log, f"the agent logged a crash:\n{log}"
+    assert not [n for n in netns.listnetns() if n.startswith(PREFIX)]
+    assert not sorted(_children() - children_before)
+    del added
+
+
+@pytest.fixture(name="clean")
+def fixture_clean(agent: HuntAgent) -> Iterator[None]:
+    endpoints = set(agent.endpoints)
+    yield
+    agent.stop_spawned()
+    if not agent.alive:
+        agent.start()
+    for name in set(agent.endpoints) - endpoints:
+        agent.call("EndpointDelete", name=name)
+        del agent.endpoints[name]
+    agent.delete_policies()
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: AgentEndpoint
+    b: AgentEndpoint
+
+
+@pytest.fixture(scope="module")
+def pair(agent: HuntAgent) -> Pair:
+    return Pair(agent.add_endpoint("a", "app=a", 11), agent.add_endpoint("b", "app=b", 12))
+
+
+# ---- packets ------------------------------------------------------------------------------
+
+
+def ns_raw(name: str, family: int, kind: int, proto: int) -> socket.socket:
+    with open(f"/run/netns/{name}") as target, open("/proc/thread-self/ns/net") as home:
+        _setns(target.fileno())
+        try:
+            return socket.socket(family, kind, proto)
+        finally:
+            _setns(home.fileno())
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = int(sum(struct.unpack(f"!{len(data) // 2}H", data)))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def icmp_message(icmp_type: int, code: int = 0, rest: bytes = b"\0" * 4,
+                 payload: bytes = b"garrison-hd") -> bytes:
+    head = struct.pack("!BBH", icmp_type, code, 0) + rest + payload
+    return head[:2] + struct.pack("!H", checksum(head)) + head[4:]
+
+
+class Capture:
+    """Every IPv4 packet arriving at an endpoint's eth0 (a packet socket in its namespace)."""
+
+    def __init__(self, ep: AgentEndpoint) -> None:
+        self.sock = ns_raw(ep.name, socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+        self.sock.bind(("eth0", 0))
+        self.sock.settimeout(0.05)
+
+    def packets(self, wait: float = 0.5) -> list[bytes]:
+        out: list[bytes] = []
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                data, addr = self.sock.recvfrom(65535)
+                if addr[2] != socket.PACKET_OUTGOING:
+                    out.append(data)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def capture(ep: AgentEndpoint) -> Iterator[Capture]:
+    cap = Capture(ep)
+    try:
+        yield cap
+    finally:
+        cap.close()
+
+
+def icmp_of(packet: bytes, src: str) -> tuple[int, int] | None:
+    """(type, code) of an ICMP packet from `src`, else None."""
+    ihl = (packet[0] & 0xF) * 4
+    if packet[9] != socket.IPPROTO_ICMP or socket.inet_ntoa(packet[12:16]) != src:
+        return None
+    return packet[ihl], packet[ihl + 1]
+
+
+def send_icmp(src: AgentEndpoint, dst: str, message: bytes) -> None:
+    sock = ns_raw(src.name, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    with sock:
+        sock.sendto(message, (dst, 0))
+
+
+def policy(name: str, selected: str, body: str) -> str:
+    return f"""\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {{name: {name}}}
+spec:
+  endpointSelector: {{matchLabels: {{app: {selected}}}}}
+{body}"""
+
+
+def drops_of(agent: HuntAgent, src: AgentEndpoint, dst: AgentEndpoint,
+             since_ns: int) -> list[FlowRecord]:
+    return [r for r in agent.flows() if r.verdict is Verdict.DROPPED
+            and r.source.ip == src.ip and r.destination.ip == dst.ip and r.time >= since_ns]
+
+
+def test_port_rule_of_protocol_any_lets_no_icmp_through(
+    agent: HuntAgent, pair: Pair, clean: None
+) -> None:
+    """A rule allowing port 8 with protocol ANY (the default) allows TCP, UDP and SCTP port
+    8, not ICMP type 8: an echo request from the peer is dropped POLICY_DENIED, and so is a
+    timestamp request (13) a range 10-20 would hold. Before, the datapath looked ICMP's type
+    up as a port and ANY matched it: a port rule let pings and ICMP of every type in it
+    through, recorded as an L3-L4 allow."""
+    a, b = pair.a, pair.b
+    agent.import_policy("b-from-a-8", policy("b-from-a-8", "b", """\
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: a}}]
+    toPorts: [{ports: [{port: "8"}, {port: "10", endPort: 20}]}]
+"""))
+    t0 = time.time_ns()
+    with capture(b) as cap_b:
+        send_icmp(a, b.ip, icmp_message(8, rest=struct.pack("!HH", 0x4844, 1)))
+        send_icmp(a, b.ip, icmp_message(13, rest=struct.pack("!HH", 0x4844, 2),
+                                        payload=b"\0" * 12))
+        arrived = [icmp_of(p, a.ip) for p in cap_b.packets()]
+    assert (8, 0) not in arrived and (13, 0) not in arrived, (
+        f"ICMP passed a port rule: {arrived}")
+    deadline = time.monotonic() + 10
+    while True:
+        drops = drops_of(agent, a, b, t0)
+        if {r.destination.port for r in drops} >= {8, 13} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert {r.destination.port for r in drops} == {8, 13}, drops
+    assert all(r.drop_reason_desc is DropReasonDesc.POLICY_DENIED for r in drops)
+    assert all(r.l4 is not None and r.l4.protocol is L4Protocol.ICMPV4 for r in drops)
+    # the port itself still passes: UDP to port 8 reaches b
+    with capture(b) as cap_b:
+        sock = ns_raw(a.name, socket.AF_INET, socket.SOCK_DGRAM, 0)
+        with sock:
+            sock.sendto(b"udp-8", (b.ip, 8))
+        udp = [p for p in cap_b.packets() if p[9] == socket.IPPROTO_UDP]
+    assert udp and udp[0].endswith(b"udp-8")
