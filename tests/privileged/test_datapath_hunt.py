@@ -12,7 +12,9 @@ agent runs) its steering removed, and nothing of it left.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import re
 import shutil
 import socket
 import struct
@@ -27,11 +29,11 @@ from typing import Any
 import pytest
 from pyroute2 import netns
 
-from garrison.agent.kernel import STEERING_RECORD
+from garrison.bpf.loader import PROGRAM_SOURCE, PROGRAMS, DatapathConfig, flatten_source, import_bcc
+from garrison.bpf.syscall import bpf
 from garrison.flows.record import DropReasonDesc, FlowRecord, L4Protocol, Verdict
 from garrison.redirect import delete_endpoint, ensure_bpffs, remove_pin_dir
 from garrison.redirect.bpffs import BPFFS_MOUNT
-from garrison.redirect.steering import SteeringRecord
 
 from .agent_harness import (
     GARRISON,
@@ -99,8 +101,7 @@ def fixture_agent() -> Iterator[HuntAgent]:
         for name in agent.created:
             delete_endpoint(name)
         others = other_agents({agent.pid} if agent.proc else set())
-        added = SteeringRecord(workdir / "state" / STEERING_RECORD).load()
-        if not others:
+        if not others:  # else the steering stays: another agent may rely on it
             agent.cli("agent", "--cleanup", *agent.argv()[2:], check=False, socket_arg=False)
         if pin_root.exists():
             remove_pin_dir(pin_root)
@@ -110,7 +111,6 @@ def fixture_agent() -> Iterator[HuntAgent]:
     assert "Traceback" not in log, f"the agent logged a crash:\n{log}"
     assert not [n for n in netns.listnetns() if n.startswith(PREFIX)]
     assert not sorted(_children() - children_before)
-    del added
 
 
 @pytest.fixture(name="clean")
@@ -263,3 +263,56 @@ def test_port_rule_of_protocol_any_lets_no_icmp_through(
             sock.sendto(b"udp-8", (b.ip, 8))
         udp = [p for p in cap_b.packets() if p[9] == socket.IPPROTO_UDP]
     assert udp and udp[0].endswith(b"udp-8")
+
+
+# ---- the verifier's budget ----------------------------------------------------------------
+
+VERIFIER_LIMIT = 1_000_000  # instructions the kernel's verifier processes before it gives up
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_LOG_STATS = 4
+
+
+def verifier_processed(pin_root: Path) -> dict[str, int]:
+    """How many instructions the verifier processed for each program: the programs bcc
+    compiled, loaded once more by hand with the log's statistics (bcc does not ask for
+    them), over maps pinned under `pin_root`."""
+    bcc = import_bcc()
+    b = bcc.BPF(text=flatten_source(PROGRAM_SOURCE).encode(),
+                cflags=DatapathConfig(pin_root=pin_root).cflags())
+    out: dict[str, int] = {}
+    try:
+        for name in PROGRAMS:
+            insns = b.dump_func(name.encode())
+            code = ctypes.create_string_buffer(insns, len(insns))
+            license_ = ctypes.create_string_buffer(b"GPL")
+            log = ctypes.create_string_buffer(1 << 16)
+            attr = ctypes.create_string_buffer(128)
+            struct.pack_into("IIQQIIQ", attr, 0, BPF_PROG_TYPE_SCHED_CLS, len(insns) // 8,
+                             ctypes.addressof(code), ctypes.addressof(license_),
+                             BPF_LOG_STATS, len(log), ctypes.addressof(log))
+            with contextlib.suppress(OSError):  # too large: the log still says how far
+                os.close(bpf(BPF_PROG_LOAD, attr))
+            found = re.search(r"processed (\d+) insns", log.value.decode(errors="replace"))
+            assert found, log.value.decode(errors="replace")[-2000:]
+            out[name] = int(found.group(1))
+    finally:
+        b.cleanup()
+    return out
+
+
+def test_programs_keep_a_third_of_the_verifier_budget() -> None:
+    """Every program verifies with a third of the kernel's million-instruction budget to
+    spare. from_container once took 946k: any addition to the policy lookup made the agent
+    fail to start ("Argument list too long ... Program too large"), and a kernel whose
+    verifier prunes a little worse would have refused it as it was."""
+    ensure_bpffs()
+    pin_root = BPFFS_MOUNT / f"garrison-hd-verifier-{os.getpid()}"
+    pin_root.mkdir()
+    try:
+        processed = verifier_processed(pin_root)
+    finally:
+        remove_pin_dir(pin_root)
+    assert set(processed) == set(PROGRAMS)
+    over = {name: n for name, n in processed.items() if n > VERIFIER_LIMIT * 2 // 3}
+    assert not over, f"verifier instructions processed (of {VERIFIER_LIMIT}): {processed}"
