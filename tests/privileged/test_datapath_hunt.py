@@ -316,3 +316,72 @@ def test_programs_keep_a_third_of_the_verifier_budget() -> None:
     assert set(processed) == set(PROGRAMS)
     over = {name: n for name, n in processed.items() if n > VERIFIER_LIMIT * 2 // 3}
     assert not over, f"verifier instructions processed (of {VERIFIER_LIMIT}): {processed}"
+
+
+# ---- fragments ----------------------------------------------------------------------
+
+def ip_packet(src: str, dst: str, proto: int, payload: bytes, ident: int = 0x4844,
+              frag: int = 0, ttl: int = 64) -> bytes:
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, frag, ttl, proto,
+                       0, socket.inet_aton(src), socket.inet_aton(dst))
+    head = head[:10] + struct.pack("!H", checksum(head)) + head[12:]
+    return head + payload
+
+
+def udp_segment(sport: int, dport: int, data: bytes) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
+
+
+def send_ip(ep: AgentEndpoint, packet: bytes) -> None:
+    sock = ns_raw(ep.name, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with sock:
+        sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
+
+
+@pytest.fixture
+def guarded(agent: HuntAgent, pair: Pair) -> Iterator[AgentEndpoint]:
+    """A third endpoint c; b admits only c (UDP/TCP 9000), a admits only c."""
+    c = agent.add_endpoint("c", "app=c", 13)
+    agent.import_policy("b-from-c", policy("b-from-c", "b", """\
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: c}}]
+    toPorts: [{ports: [{port: "9000"}]}]
+"""))
+    agent.import_policy("a-from-c", policy("a-from-c", "a", """\
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: c}}]
+"""))
+    yield c
+
+
+def wait_drop(agent: HuntAgent, reason: DropReasonDesc, since_ns: int) -> FlowRecord:
+    return agent.wait_flow(lambda r: r.verdict is Verdict.DROPPED
+                           and r.drop_reason_desc is reason and r.time >= since_ns)
+
+
+def test_fragments_are_dropped_and_recorded_with_their_addresses(
+    agent: HuntAgent, pair: Pair, clean: None, guarded: AgentEndpoint
+) -> None:
+    """IPv4 fragments are dropped (the datapath reads no ports past the first one, so it
+    fails closed): a first fragment to a port b admits, and a later fragment alone carrying
+    what reads as a UDP header to that port. Each drop record names the packet's addresses,
+    so an operator sees who sends fragments to whom; before, both were 0.0.0.0."""
+    a, b, c = pair.a, pair.b, guarded
+    t0 = time.time_ns()
+    with capture(b) as cap:
+        send_ip(c, ip_packet(c.ip, b.ip, socket.IPPROTO_UDP, udp_segment(4000, 9000, b"frag1"),
+                             frag=0x2000))  # MF, offset 0
+        send_ip(a, ip_packet(a.ip, b.ip, socket.IPPROTO_UDP, udp_segment(4000, 9000, b"frag2"),
+                             frag=0x0003))  # offset 24, a header of its own
+        assert not [p for p in cap.packets() if b"frag" in p], "a fragment arrived"
+    deadline = time.monotonic() + 10
+    while True:
+        drops = [r for r in agent.flows() if r.time >= t0 and r.verdict is Verdict.DROPPED
+                 and r.drop_reason_desc is DropReasonDesc.IP_FRAGMENTATION_NOT_SUPPORTED]
+        if len(drops) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    got = sorted((r.source.ip, r.source.pod_name, r.source.identity, r.destination.ip)
+                 for r in drops)
+    assert got == sorted([(c.ip, c.name, c.identity, b.ip), (a.ip, a.name, a.identity, b.ip)])
+    assert all(r.l4 is not None and r.l4.protocol is L4Protocol.UDP for r in drops)

@@ -65,11 +65,12 @@ static __always_inline int gar_parse(struct __sk_buff *skb, struct gar_packet *p
 		return GAR_DROP_INVALID_PACKET;
 	if (ip.ihl < 5 || ip.version != 4)
 		return GAR_DROP_INVALID_PACKET;
-	if (ip.frag_off & gar_htons(GAR_IP_MF | GAR_IP_OFFSET))
-		return GAR_DROP_FRAGMENT;
+	/* before the fragment check: a fragment's drop event names its addresses */
 	pkt->tuple.saddr = ip.saddr;
 	pkt->tuple.daddr = ip.daddr;
 	pkt->tuple.protocol = ip.protocol;
+	if (ip.frag_off & gar_htons(GAR_IP_MF | GAR_IP_OFFSET))
+		return GAR_DROP_FRAGMENT;
 	l4off = ETH_HLEN + ip.ihl * 4;
 
 	switch (ip.protocol) {
