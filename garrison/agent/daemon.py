@@ -484,6 +484,12 @@ class Agent:
                 and ep.namespace_labels != target
             ]
 
+    def endpoint_of_ifindex(self, ifindex: int) -> EndpointRecord | None:
+        """The local endpoint whose host veth has `ifindex` (the one a datapath event names:
+        from_container's events are of packets that endpoint sent). Call with the lock."""
+        name = next((n for n, link in self._links.items() if link.ifindex == ifindex), None)
+        return next((ep for ep in self.endpoints if ep.name == name), None) if name else None
+
     def _local_endpoints(self) -> list[LocalEndpoint]:
         return [
             LocalEndpoint(

@@ -191,8 +191,9 @@ int from_container(struct __sk_buff *skb)
 				GAR_MATCH_NONE, 0);
 	if (rc != GAR_PARSE_IPV4)
 		return gar_drop(&c, c.ifindex, ep->identity, 0, 0, rc, GAR_MATCH_NONE, 0);
+	/* the event names the sender (ifindex, identity) beside the address it claimed */
 	if (c.pkt.tuple.saddr != ep->ipv4)
-		return gar_drop(&c, c.ifindex, 0, 0, 0, GAR_DROP_INVALID_SOURCE_IP,
+		return gar_drop(&c, c.ifindex, ep->identity, 0, 0, GAR_DROP_INVALID_SOURCE_IP,
 				GAR_MATCH_NONE, 0);
 
 	now = bpf_ktime_get_ns();

@@ -318,7 +318,7 @@ def test_programs_keep_a_third_of_the_verifier_budget() -> None:
     assert not over, f"verifier instructions processed (of {VERIFIER_LIMIT}): {processed}"
 
 
-# ---- fragments ----------------------------------------------------------------------
+# ---- spoofed sources and fragments -------------------------------------------------------
 
 def ip_packet(src: str, dst: str, proto: int, payload: bytes, ident: int = 0x4844,
               frag: int = 0, ttl: int = 64) -> bytes:
@@ -357,6 +357,31 @@ def guarded(agent: HuntAgent, pair: Pair) -> Iterator[AgentEndpoint]:
 def wait_drop(agent: HuntAgent, reason: DropReasonDesc, since_ns: int) -> FlowRecord:
     return agent.wait_flow(lambda r: r.verdict is Verdict.DROPPED
                            and r.drop_reason_desc is reason and r.time >= since_ns)
+
+
+def test_a_spoofed_source_is_dropped_and_recorded_as_its_senders(
+    agent: HuntAgent, pair: Pair, clean: None, guarded: AgentEndpoint
+) -> None:
+    """a sends UDP to b claiming c's address (which b admits): nothing arrives, and the drop
+    record names a — the endpoint that sent it, with its identity — beside the address it
+    claimed. Before, the record named c's pod (looked up by the claimed address) with
+    identity 0: the log blamed the endpoint that was impersonated."""
+    a, b, c = pair.a, pair.b, guarded
+    t0 = time.time_ns()
+    with capture(b) as cap:
+        send_ip(a, ip_packet(c.ip, b.ip, socket.IPPROTO_UDP, udp_segment(4000, 9000, b"spoof")))
+        assert not [p for p in cap.packets() if b"spoof" in p], "a spoofed packet arrived"
+    drop = wait_drop(agent, DropReasonDesc.INVALID_SOURCE_IP, t0)
+    assert (drop.source.pod_name, drop.source.identity) == (a.name, a.identity), drop.source
+    assert drop.source.ip == c.ip and "k8s:app=a" in drop.source.labels
+    assert (drop.destination.ip, drop.destination.port) == (b.ip, 9000)
+    # the mark of to_container's deny answers (0x0c00) set by the endpoint itself passes
+    # nothing: a mark does not cross into the host's namespace
+    sock = a.new_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x0C00)
+    sock.settimeout(1.0)
+    with b.listen(9000), sock, pytest.raises(OSError):
+        sock.connect((b.ip, 9000))
 
 
 def test_fragments_are_dropped_and_recorded_with_their_addresses(
