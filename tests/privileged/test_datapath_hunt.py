@@ -265,6 +265,45 @@ def test_port_rule_of_protocol_any_lets_no_icmp_through(
     assert udp and udp[0].endswith(b"udp-8")
 
 
+def test_an_echo_request_with_our_identifier_is_no_reply(
+    agent: HuntAgent, pair: Pair, clean: None, guarded: AgentEndpoint
+) -> None:
+    """a pings b (b's icmps rule admits a) and gets its reply; a admits only c. b then sends
+    a an echo request carrying a's own identifier: a's ingress denies it, so it must not
+    arrive. Before, request and reply shared one conntrack tuple (identifier in both
+    ports), so b's request read as the reply of a's ping and passed a's ingress policy for
+    the conntrack entry's lifetime; and any other ICMP type from b passed the same way once
+    a had sent one (both ports 0)."""
+    a, b = pair.a, pair.b
+    agent.import_policy("b-ping-from-a", policy("b-ping-from-a", "b", """\
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: a}}]
+    icmps: [{fields: [{type: 8}, {type: 13}]}]
+"""))
+    with capture(a) as cap_a:
+        send_icmp(a, b.ip, icmp_message(8, rest=struct.pack("!HH", 0x7777, 1)))
+        send_icmp(a, b.ip, icmp_message(13, rest=struct.pack("!HH", 0x7777, 2),
+                                        payload=b"\0" * 12))
+        replies = [icmp_of(p, b.ip) for p in cap_a.packets()]
+        assert (0, 0) in replies and (14, 0) in replies, (
+            f"the replies to a's echo and timestamp requests did not come back: {replies}")
+        t0 = time.time_ns()
+        send_icmp(b, a.ip, icmp_message(8, rest=struct.pack("!HH", 0x7777, 9)))
+        send_icmp(b, a.ip, icmp_message(13, rest=struct.pack("!HH", 0x7777, 9),
+                                        payload=b"\0" * 12))
+        arrived = [icmp_of(p, b.ip) for p in cap_a.packets()]
+    assert (8, 0) not in arrived and (13, 0) not in arrived, (
+        f"b's requests passed a's ingress as replies: {arrived}")
+    deadline = time.monotonic() + 10
+    while True:
+        drops = drops_of(agent, b, a, t0)
+        if {r.destination.port for r in drops} >= {8, 13} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert {r.destination.port for r in drops} == {8, 13}
+    assert all(r.drop_reason_desc is DropReasonDesc.POLICY_DENIED for r in drops)
+
+
 # ---- the verifier's budget ----------------------------------------------------------------
 
 VERIFIER_LIMIT = 1_000_000  # instructions the kernel's verifier processes before it gives up
