@@ -154,6 +154,7 @@ class KernelDatapath:
         elif self._dp is not None:
             with contextlib.suppress(KeyError):
                 self.dp.maps.ipcache.delete(IPv4Network((IPv4Address(ipv4), 32)))
+            self.dp.maps.conntrack.delete_address(IPv4Address(ipv4))
         if "netns" in owned:
             netdev.delete_endpoint(name)
         elif host_ifname:

@@ -304,6 +304,41 @@ def test_an_echo_request_with_our_identifier_is_no_reply(
     assert all(r.drop_reason_desc is DropReasonDesc.POLICY_DENIED for r in drops)
 
 
+def test_an_address_handed_on_carries_no_conntrack_entries(
+    agent: HuntAgent, pair: Pair, clean: None, guarded: AgentEndpoint
+) -> None:
+    """Endpoint c (admitted by b on 9000) sends b a UDP datagram, is deleted, and a new
+    endpoint z, which b does not admit, gets c's address (the lowest free one is handed out
+    again at once): z's datagram from the same source port must not arrive. Before, the
+    conntrack entry of c's flow outlived c, and z's packets matching it passed as c's (for
+    an established TCP connection's tuple, for 6 hours)."""
+    b, c = pair.b, guarded
+    with capture(b) as cap:
+        send_udp_from(c, 45000, b.ip, 9000, b"from-c")
+        assert [p for p in cap.packets() if p.endswith(b"from-c")], "c's datagram is lost"
+    agent.call("EndpointDelete", name=c.name)
+    del agent.endpoints[c.name]
+    z = agent.add_endpoint("z", "app=z", 13)
+    assert z.ip == c.ip
+    t0 = time.time_ns()
+    with capture(b) as cap:
+        send_udp_from(z, 45000, b.ip, 9000, b"from-z")
+        assert not [p for p in cap.packets() if p.endswith(b"from-z")], (
+            "z's datagram passed on c's conntrack entry")
+    drop = agent.wait_flow(lambda r: r.verdict is Verdict.DROPPED and r.time >= t0
+                           and r.source.ip == z.ip and r.destination.port == 9000)
+    assert drop.drop_reason_desc is DropReasonDesc.POLICY_DENIED
+    assert drop.source.identity == z.identity
+
+
+def send_udp_from(ep: AgentEndpoint, sport: int, dst: str, dport: int, data: bytes) -> None:
+    sock = ns_raw(ep.name, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ep.ip, sport))
+        sock.sendto(data, (dst, dport))
+
+
 # ---- the verifier's budget ----------------------------------------------------------------
 
 VERIFIER_LIMIT = 1_000_000  # instructions the kernel's verifier processes before it gives up
