@@ -197,6 +197,8 @@ int from_container(struct __sk_buff *skb)
 				GAR_MATCH_NONE, 0);
 
 	now = bpf_ktime_get_ns();
+	if (gar_ct_related(skb, &c.pkt, now))
+		return gar_pass(&c);
 	ct = gar_ct_lookup(&c.pkt, now, &dir);
 	if (ct) {
 		gar_ct_update(ct, &c.pkt, dir, now);
@@ -281,6 +283,8 @@ int to_container(struct __sk_buff *skb)
 		return gar_drop(&c, c.ifindex, 0, ep->identity, 0, rc, GAR_MATCH_NONE, 0);
 
 	now = bpf_ktime_get_ns();
+	if (gar_ct_related(skb, &c.pkt, now))
+		return gar_pass(&c);
 	ct = gar_ct_lookup(&c.pkt, now, &dir);
 	if (ct) {
 		gar_ct_update(ct, &c.pkt, dir, now);

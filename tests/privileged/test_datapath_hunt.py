@@ -339,6 +339,45 @@ def send_udp_from(ep: AgentEndpoint, sport: int, dst: str, dport: int, data: byt
         sock.sendto(data, (dst, dport))
 
 
+def test_the_peers_port_unreachable_reaches_a_client_whose_ingress_is_enforced(
+    agent: HuntAgent, pair: Pair, clean: None, guarded: AgentEndpoint
+) -> None:
+    """a (whose ingress admits only c) sends UDP to b on a port b admits it on and where
+    nothing listens: b's port unreachable passes as related to a's flow, so a's connected
+    socket fails at once with ECONNREFUSED, as without garrison. Before, a's ingress policy
+    dropped it (an ICMP type-3 message from b) and the client waited for its timeout. A
+    forged error from b quoting a's flow with c, or a flow that does not exist, is still
+    judged by a's ingress policy and dropped."""
+    a, b, c = pair.a, pair.b, guarded
+    agent.import_policy("b-udp-from-a", policy("b-udp-from-a", "b", """\
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: a}}]
+    toPorts: [{ports: [{port: "9001", protocol: UDP}]}]
+"""))
+    sock = ns_raw(a.name, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    with sock:
+        sock.settimeout(3.0)
+        sock.connect((b.ip, 9001))
+        sock.send(b"anyone there?")
+        with pytest.raises(ConnectionRefusedError):
+            sock.recv(100)
+    # a flow of a's with c, and errors b forges about it and about nothing at all
+    with capture(a) as cap_a:
+        send_udp_from(a, 45100, c.ip, 9000, b"to-c")
+        quoted = ip_packet(a.ip, c.ip, socket.IPPROTO_UDP, udp_segment(45100, 9000, b"to-c"))
+        nothing = ip_packet(a.ip, b.ip, socket.IPPROTO_UDP, udp_segment(45101, 9001, b"none"))
+        t0 = time.time_ns()
+        for inner in (quoted, nothing):
+            send_icmp(b, a.ip, icmp_message(3, 3, payload=inner[:28]))
+        arrived = [icmp_of(p, b.ip) for p in cap_a.packets()]
+    assert (3, 3) not in arrived, f"a forged error passed a's ingress: {arrived}"
+    deadline = time.monotonic() + 10
+    while len(drops := drops_of(agent, b, a, t0)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {(r.destination.port, r.drop_reason_desc) for r in drops} == {
+        (3, DropReasonDesc.POLICY_DENIED)}
+
+
 # ---- the verifier's budget ----------------------------------------------------------------
 
 VERIFIER_LIMIT = 1_000_000  # instructions the kernel's verifier processes before it gives up

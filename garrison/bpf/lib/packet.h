@@ -49,6 +49,7 @@ struct gar_packet {
 	__u16 dport;             /* host order: the port policy looks up (ICMP: type) */
 	__u16 any_port;          /* the port entries of protocol ANY are looked up with: dport
 				  * for TCP, UDP and SCTP, else 0 (lib/policy.h) */
+	__u16 l4off;             /* where the transport header starts */
 	__u8 tcp_flags;
 	__u8 pad;
 	__u32 length;
@@ -76,6 +77,7 @@ static __always_inline int gar_parse(struct __sk_buff *skb, struct gar_packet *p
 	if (ip.frag_off & gar_htons(GAR_IP_MF | GAR_IP_OFFSET))
 		return GAR_DROP_FRAGMENT;
 	l4off = ETH_HLEN + ip.ihl * 4;
+	pkt->l4off = l4off;
 
 	switch (ip.protocol) {
 	case IPPROTO_TCP:
