@@ -509,6 +509,10 @@ class Agent:
             self._links.pop(record.name, None)
             with contextlib.suppress(EndpointError):
                 self.endpoints.remove(record.name)
+            # a CIDR a policy names for exactly this address takes it over again
+            cidr = ipaddress.ip_network(f"{record.ipv4}/32")
+            if cidr in self._cidr_ids:
+                self.datapath.set_cidr_prefix(cidr, self._cidr_ids[cidr])
             if self.cluster is not None:
                 self.cluster.endpoint_removed(record)
             self._release_identity(record)
@@ -708,12 +712,12 @@ class Agent:
             added.append(prefix)
         for prefix in set(self._cidr_ids) - wanted:
             ident_id = self._cidr_ids.pop(prefix)
-            self.datapath.delete_prefix(prefix)
+            self.datapath.delete_cidr_prefix(prefix, ident_id)
             changed |= self.resolver.remove_identity(ident_id)
         if sync:
             self._sync(changed)
-        for prefix in added:
-            self.datapath.set_prefix(prefix, self._cidr_ids[prefix])
+        for prefix in added:  # an endpoint's or the host's own entry stays theirs
+            self.datapath.set_cidr_prefix(prefix, self._cidr_ids[prefix])
         return changed
 
     # -- the cluster (garrison/cluster/agent.py, from its watch threads) ---------------------

@@ -29,6 +29,7 @@ from garrison.bpf.maps import (
 )
 from garrison.bpf.policymap import PolicyDiff
 from garrison.bpf.sync import LocalEndpoint, PolicySync, local_endpoint_flags
+from garrison.identity.model import CIDR_ID_FLAG
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.mapstate import PROTOCOL_NAMES
 from garrison.policies.model import IPNetwork
@@ -168,6 +169,26 @@ class KernelDatapath:
 
     def delete_prefix(self, prefix: IPNetwork) -> None:
         if isinstance(prefix, IPv4Network):
+            self.dp.maps.ipcache.delete(prefix)
+
+    def set_cidr_prefix(self, prefix: IPNetwork, identity: int) -> bool:
+        """A CIDR identity's entry for `prefix`, unless an endpoint, the host or another
+        node's endpoint holds that very prefix: theirs wins, as in Cilium (CIDR rules are
+        for addresses outside the cluster); overwriting it would make a local endpoint a
+        CIDR to every policy (and unknown to its own ingress redirect). True if written."""
+        if not isinstance(prefix, IPv4Network):
+            return False
+        current = self.dp.maps.ipcache.identity_at(prefix)
+        if current is not None and not current & CIDR_ID_FLAG:
+            return False
+        self.dp.maps.ipcache.upsert(prefix, identity)
+        return True
+
+    def delete_cidr_prefix(self, prefix: IPNetwork, identity: int) -> None:
+        """`prefix`'s entry if it is still the CIDR identity's (never someone else's)."""
+        if isinstance(prefix, IPv4Network) and (
+            self.dp.maps.ipcache.identity_at(prefix) == identity
+        ):
             self.dp.maps.ipcache.delete(prefix)
 
     # -- policy ------------------------------------------------------------------------------

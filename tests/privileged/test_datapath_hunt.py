@@ -378,6 +378,56 @@ def test_the_peers_port_unreachable_reaches_a_client_whose_ingress_is_enforced(
         (3, DropReasonDesc.POLICY_DENIED)}
 
 
+def test_a_cidr_naming_an_endpoints_address_leaves_its_identity(
+    agent: HuntAgent, pair: Pair, clean: None, guarded: AgentEndpoint
+) -> None:
+    """b may send anywhere but to app=a (an egressDeny over an allow-all; a's ingress admits
+    b, so the deny alone keeps b out). A policy of c's
+    naming a's address as a CIDR (`toCIDR: [A/32]`) must not change who a is: b's datagrams
+    to a stay dropped by the deny while that policy exists and after it is deleted. Before,
+    the CIDR identity overwrote a's ipcache entry and deleting the policy deleted the entry,
+    so b's egress saw a as a CIDR, then as the world: the deny no longer matched and b
+    reached a (a's ingress L7 rules could no longer redirect either)."""
+    a, b = pair.a, pair.b
+    assert guarded.ip != a.ip  # c, whose policy names a's address
+    agent.import_policy("b-not-to-a", policy("b-not-to-a", "b", """\
+  egressDeny:
+  - toEndpoints: [{matchLabels: {app: a}}]
+  egress:
+  - toEntities: [all]
+"""))
+    agent.import_policy("a-from-b", policy("a-from-b", "a", """\
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: b}}]
+"""))
+
+    ports = iter(range(45300, 45310))  # a flow of its own each time: no conntrack entry
+
+    def b_reaches_a(tag: bytes) -> bool:
+        with capture(a) as cap:
+            send_udp_from(b, next(ports), a.ip, 9000, tag)
+            return bool([p for p in cap.packets() if p.endswith(tag)])
+
+    def a_entry() -> str:
+        listing = agent.cli("bpf", "ipcache", "list").stdout
+        return next((ln for ln in listing.splitlines() if ln.startswith(f"{a.ip}/32")), "")
+
+    assert not b_reaches_a(b"before")
+    agent.import_policy("c-to-a-cidr", policy("c-to-a-cidr", "c", f"""\
+  egress:
+  - toCIDR: [{a.ip}/32]
+"""))
+    assert not b_reaches_a(b"with-cidr"), "b reached a while a CIDR named a's address"
+    assert a_entry().split()[1:] == [str(a.identity), str(agent_ifindex(a)), "True"]
+    agent.cli("policy", "delete", "c-to-a-cidr")
+    assert not b_reaches_a(b"after-cidr"), "b reached a once the CIDR policy was deleted"
+    assert a_entry().split()[1:] == [str(a.identity), str(agent_ifindex(a)), "True"]
+
+
+def agent_ifindex(ep: AgentEndpoint) -> int:
+    return socket.if_nametoindex(ep.host_veth)
+
+
 # ---- the verifier's budget ----------------------------------------------------------------
 
 VERIFIER_LIMIT = 1_000_000  # instructions the kernel's verifier processes before it gives up
