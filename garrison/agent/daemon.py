@@ -113,6 +113,7 @@ class Agent:
         self.event_listeners: list[Callable[[DatapathEvent], None]] = []
         self.proxy_status: dict[str, object] = {}
         self._cidr_ids: dict[IPNetwork, int] = {}
+        self._host_addresses: set[ipaddress.IPv4Address] = set()  # in the ipcache as host
         self._links: dict[str, Link] = {}
         self._policy_files: dict[Path, float] = {}
         # why the policy directory's current content is not in force (`garrison status`)
@@ -188,6 +189,7 @@ class Agent:
                 path.unlink(missing_ok=True)
             # traffic from the host reaches endpoints from the gateway address: it is the host
             self.datapath.set_prefix(ipaddress.ip_network(f"{GATEWAY}/32"), HOST_IDENTITY)
+            self._sync_host_addresses()
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)
             if stored:  # after the directory: an import overrides it
@@ -219,6 +221,7 @@ class Agent:
         self._spawn(self._event_loop, "garrison-events")
         if self.config.policy_dir is not None:
             self._spawn(self._watch_policy_dir, "garrison-policy-watch")
+        self._spawn(self._watch_host_addresses, "garrison-host-addresses")
 
     def stop(self) -> None:
         self._stop.set()
@@ -697,6 +700,31 @@ class Agent:
                     self._load_policy_dir()
             except Exception:
                 log.exception("policy directory watch failed")
+
+    def _sync_host_addresses(self) -> None:
+        """Every address of the host's (the agent's) namespace in the ipcache as the host
+        identity, as Cilium keeps every node address: an endpoint reaching the host through
+        its external address (or any other) reaches the host, which `toEntities: [world]` or
+        a CIDR does not allow. Unknown, such an address was the world. The gateway's entry
+        is written at start and stays (it comes and goes with the endpoints' veths)."""
+        gateway = ipaddress.IPv4Address(str(GATEWAY))
+        now = self.datapath.host_addresses() - {gateway}
+        for address in sorted(now - self._host_addresses):
+            self.datapath.set_host_address(address, HOST_IDENTITY)
+        for address in sorted(self._host_addresses - now):
+            self.datapath.delete_host_address(address, HOST_IDENTITY)
+            cidr = ipaddress.ip_network(f"{address}/32")
+            if cidr in self._cidr_ids:  # a CIDR a policy names for it takes it over again
+                self.datapath.set_cidr_prefix(cidr, self._cidr_ids[cidr])
+        self._host_addresses = now
+
+    def _watch_host_addresses(self) -> None:
+        while not self._stop.wait(self.config.host_address_interval):
+            try:
+                with self.lock:
+                    self._sync_host_addresses()
+            except Exception:
+                log.exception("reading the host's addresses failed")
 
     def _sync_cidrs(self, sync: bool = True) -> set[int]:
         """A CIDR identity and ipcache entry for every prefix the policies name. The ipcache

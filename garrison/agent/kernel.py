@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from socket import AF_INET
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -169,6 +170,31 @@ class KernelDatapath:
 
     def delete_prefix(self, prefix: IPNetwork) -> None:
         if isinstance(prefix, IPv4Network):
+            self.dp.maps.ipcache.delete(prefix)
+
+    def host_addresses(self) -> set[IPv4Address]:
+        """The IPv4 addresses of this (the agent's) network namespace, loopback's apart:
+        every one of them reaches the host itself."""
+        with IPRoute() as ipr:
+            found = {IPv4Address(a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL"))
+                     for a in ipr.get_addr(family=AF_INET)}
+        return {a for a in found if not a.is_loopback}
+
+    def set_host_address(self, address: IPv4Address, identity: int) -> bool:
+        """The host identity for one of the host's addresses, unless an endpoint's entry
+        holds it (an endpoint's address is never the host's); a CIDR's gives way."""
+        prefix = IPv4Network((address, 32))
+        current = self.dp.maps.ipcache.identity_at(prefix)
+        if current == identity:
+            return False
+        if current is not None and not current & CIDR_ID_FLAG and current != identity:
+            return False
+        self.dp.maps.ipcache.upsert(prefix, identity)
+        return True
+
+    def delete_host_address(self, address: IPv4Address, identity: int) -> None:
+        prefix = IPv4Network((address, 32))
+        if self.dp.maps.ipcache.identity_at(prefix) == identity:
             self.dp.maps.ipcache.delete(prefix)
 
     def set_cidr_prefix(self, prefix: IPNetwork, identity: int) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import netns
+from pyroute2 import IPRoute, netns
 
 from garrison.bpf.loader import PROGRAM_SOURCE, PROGRAMS, DatapathConfig, flatten_source, import_bcc
 from garrison.bpf.syscall import bpf
@@ -426,6 +426,67 @@ def test_a_cidr_naming_an_endpoints_address_leaves_its_identity(
 
 def agent_ifindex(ep: AgentEndpoint) -> int:
     return socket.if_nametoindex(ep.host_veth)
+
+
+HOST_EXTRA = "198.19.0.230"  # a second address of the host, on a device of the test's
+
+
+@contextlib.contextmanager
+def host_address(address: str) -> Iterator[None]:
+    """`address`/32 on a veth `hdhost0` (peer `hdhost1`, both in the host's namespace: this
+    kernel has no dummy devices), removed after."""
+    with IPRoute() as ipr:
+        assert not ipr.link_lookup(ifname="hdhost0"), "hdhost0 exists: not ours, left alone"
+        ipr.link("add", ifname="hdhost0", kind="veth", peer="hdhost1")
+        try:
+            index = ipr.link_lookup(ifname="hdhost0")[0]
+            ipr.addr("add", index=index, address=address, prefixlen=32)
+            ipr.link("set", index=index, state="up")
+            yield
+        finally:
+            ipr.link("del", ifname="hdhost0")
+
+
+def test_the_hosts_other_addresses_are_the_host_not_the_world(
+    agent: HuntAgent, pair: Pair, clean: None
+) -> None:
+    """a may reach the world, not the host. A service of the host listening on one of the
+    host's addresses other than the gateway (its external address, say) is the host: a's
+    connection to it is dropped, recorded with the host's identity, and passes once a may
+    reach the host. Before, only the gateway address was the host in the ipcache; every
+    other address of the node was the world, so `toEntities: [world]` (or a CIDR rule for
+    the internet) let an endpoint reach the node's own services."""
+    a = pair.a
+    agent.import_policy("a-to-world", policy("a-to-world", "a", """\
+  egress:
+  - toEntities: [world]
+"""))
+    with host_address(HOST_EXTRA), socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((HOST_EXTRA, 15881))
+        server.listen(128)  # never accepted: the handshake alone says who got through
+        # the agent reads the host's addresses every 2 s: until then a new one is unknown
+        t0 = time.time_ns()
+        deadline = time.monotonic() + 10
+        while (sock := a.connect(HOST_EXTRA, 15881, timeout=1.0)) is not None:
+            sock.close()
+            assert time.monotonic() < deadline, (
+                "a reached a service of the host through its other address")
+            time.sleep(0.3)
+        drop = agent.wait_flow(lambda r: r.verdict is Verdict.DROPPED and r.time >= t0
+                               and r.destination.ip == HOST_EXTRA)
+        assert drop.destination.identity == 1 and drop.source.identity == a.identity
+        agent.import_policy("a-to-host", policy("a-to-host", "a", """\
+  egress:
+  - toEntities: [host]
+"""))
+        sock = a.connect(HOST_EXTRA, 15881, timeout=3.0)
+        assert sock is not None, "toEntities: [host] does not reach the host's other address"
+        sock.close()
+    deadline = time.monotonic() + 15
+    while f"{HOST_EXTRA}/32" in agent.cli("bpf", "ipcache", "list").stdout:
+        assert time.monotonic() < deadline, "a gone address of the host stays the host"
+        time.sleep(0.2)
 
 
 # ---- the verifier's budget ----------------------------------------------------------------
