@@ -31,7 +31,9 @@
  *     from the endpoint's own address (transparent, so the other node judges the endpoint's
  *     identity) and crosses none of this node's programs on the way out; its replies are
  *     handed to it at from_netdev (lib/proxy.h, gar_proxy_upstream_reply).
- *     Everything else passes from_netdev untouched and is judged at to_container as above.
+ *     Everything else passes from_netdev untouched and is judged at to_container as above,
+ *     but for a packet claiming a local endpoint's address: forged on the underlay, dropped
+ *     (GAR_DROP_INVALID_SOURCE_IP).
  * Every new connection produces a policy-verdict event per side judged; every dropped
  * packet a drop event; audit mode (per endpoint) logs the verdict and drops nothing.
  * Policies in audit mode (per policy, GAR_EP_POLICY_AUDIT): a connection the enforced
@@ -333,7 +335,7 @@ int from_netdev(struct __sk_buff *skb)
 {
 	/* Its events describe packets on their way into an endpoint: to_container's. */
 	struct gar_ctx c = { .obs = GAR_OBS_TO_CONTAINER, .ifindex = skb->ifindex };
-	struct gar_ipcache_value *dst_info;
+	struct gar_ipcache_value *dst_info, *src_info;
 	struct gar_verdict ingress;
 	struct gar_endpoint *ep;
 	struct gar_ct_entry *ct;
@@ -342,8 +344,17 @@ int from_netdev(struct __sk_buff *skb)
 	int rc, dir, audit;
 	__u64 now;
 
+	if (gar_parse(skb, &c.pkt) != GAR_PARSE_IPV4)
+		return TC_ACT_OK;
+	/* A local endpoint's packets leave through its own veth, never in from another node: one
+	 * arriving here with its address is forged on the underlay, and would pass to_container
+	 * as that endpoint (its identity, its connections' conntrack entries). */
+	src_info = gar_ipcache_lookup(c.pkt.tuple.saddr);
+	if (src_info && (src_info->flags & GAR_IPCACHE_LOCAL_ENDPOINT))
+		return gar_drop(&c, c.ifindex, 0, 0, 0, GAR_DROP_INVALID_SOURCE_IP,
+				GAR_MATCH_NONE, 0);
 	/* Only connections to local endpoints can need steering; to_container judges the rest. */
-	if (gar_parse(skb, &c.pkt) != GAR_PARSE_IPV4 || c.pkt.tuple.protocol != IPPROTO_TCP)
+	if (c.pkt.tuple.protocol != IPPROTO_TCP)
 		return TC_ACT_OK;
 	dst_info = gar_ipcache_lookup(c.pkt.tuple.daddr);
 	if (!dst_info || !(dst_info->flags & GAR_IPCACHE_LOCAL_ENDPOINT))
@@ -374,7 +385,7 @@ int from_netdev(struct __sk_buff *skb)
 				    ct->flags & GAR_CT_AUDIT);
 	}
 
-	src_id = gar_identity_of(gar_ipcache_lookup(c.pkt.tuple.saddr));
+	src_id = gar_identity_of(src_info);
 	ingress = gar_policy_lookup(ep->identity, GAR_DIR_INGRESS, src_id, c.pkt.tuple.protocol,
 				    c.pkt.dport, c.pkt.any_port,
 				    ep->flags & GAR_EP_INGRESS_ENFORCED, ep->flags & GAR_EP_TIERS,

@@ -29,8 +29,17 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute, netns
 
-from garrison.bpf.loader import PROGRAM_SOURCE, PROGRAMS, DatapathConfig, flatten_source, import_bcc
-from garrison.bpf.syscall import bpf
+from garrison.bpf.abi import DropReason as BPFDropReason
+from garrison.bpf.abi import EventType
+from garrison.bpf.loader import (
+    PROGRAM_SOURCE,
+    PROGRAMS,
+    Datapath,
+    DatapathConfig,
+    flatten_source,
+    import_bcc,
+)
+from garrison.bpf.syscall import TC_ACT_OK, TC_ACT_SHOT, SkbContext, bpf
 from garrison.flows.record import DropReasonDesc, FlowRecord, L4Protocol, Verdict
 from garrison.redirect import delete_endpoint, ensure_bpffs, remove_pin_dir
 from garrison.redirect.bpffs import BPFFS_MOUNT
@@ -487,6 +496,51 @@ def test_the_hosts_other_addresses_are_the_host_not_the_world(
     while f"{HOST_EXTRA}/32" in agent.cli("bpf", "ipcache", "list").stdout:
         assert time.monotonic() < deadline, "a gone address of the host stays the host"
         time.sleep(0.2)
+
+
+# ---- a cluster node's underlay (from_netdev), on crafted frames ------------------------------
+
+
+@pytest.fixture
+def datapath() -> Iterator[Datapath]:
+    """The programs loaded over maps pinned under a root of this module's, unattached."""
+    ensure_bpffs()
+    pin_root = BPFFS_MOUNT / f"garrison-hd-dp-{os.getpid()}"
+    dp = Datapath.load(DatapathConfig(pin_root=pin_root))
+    try:
+        yield dp
+    finally:
+        dp.close()
+        remove_pin_dir(pin_root)
+
+
+def test_a_local_endpoints_address_arriving_from_the_underlay_is_dropped(
+    datapath: Datapath
+) -> None:
+    """A packet arriving on a cluster node's underlay device with the address of one of the
+    node's own endpoints is forged (their packets leave through their veths): from_netdev
+    drops it as INVALID_SOURCE_IP. Before, it passed on to the destination's to_container,
+    which took it for that endpoint: its identity before policy, and its connections'
+    conntrack entries — a datagram matching a local flow went straight in. A remote address
+    still passes on."""
+    local, other, remote = "198.18.232.21", "198.18.232.22", "198.18.232.99"
+    for ip, identity, ifindex in ((local, 300, 11), (other, 301, 12)):
+        datapath.maps.ipcache.upsert(IPv4Network(f"{ip}/32"), identity, ifindex=ifindex,
+                                     local_endpoint=True)
+    datapath.maps.events.drain()
+    forged = datapath.test_run("from_netdev", ether(ip_packet(
+        local, other, socket.IPPROTO_UDP, udp_segment(4000, 9000, b"forged"))), SkbContext())
+    assert forged.retval == TC_ACT_SHOT
+    [drop] = [e for e in datapath.maps.events.drain() if e.type is EventType.DROP]
+    assert drop.reason is BPFDropReason.INVALID_SOURCE_IP
+    assert (str(drop.saddr), str(drop.daddr)) == (local, other)
+    passed = datapath.test_run("from_netdev", ether(ip_packet(
+        remote, other, socket.IPPROTO_UDP, udp_segment(4000, 9000, b"remote"))), SkbContext())
+    assert passed.retval == TC_ACT_OK
+
+
+def ether(packet: bytes) -> bytes:
+    return bytes.fromhex("020000007700020000007701") + b"\x08\x00" + packet
 
 
 # ---- the verifier's budget ----------------------------------------------------------------
