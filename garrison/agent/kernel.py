@@ -176,7 +176,8 @@ class KernelDatapath:
         """The IPv4 addresses of this (the agent's) network namespace, loopback's apart:
         every one of them reaches the host itself."""
         with IPRoute() as ipr:
-            found = {IPv4Address(a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL"))
+            # IFA_LOCAL first: on a point-to-point link IFA_ADDRESS is the peer's
+            found = {IPv4Address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
                      for a in ipr.get_addr(family=AF_INET)}
         return {a for a in found if not a.is_loopback}
 
