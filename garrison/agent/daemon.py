@@ -113,6 +113,7 @@ class Agent:
         self.event_listeners: list[Callable[[DatapathEvent], None]] = []
         self.proxy_status: dict[str, object] = {}
         self._cidr_ids: dict[IPNetwork, int] = {}
+        self._host_addresses: set[ipaddress.IPv4Address] = set()  # in the ipcache as host
         self._links: dict[str, Link] = {}
         self._policy_files: dict[Path, float] = {}
         # why the policy directory's current content is not in force (`garrison status`)
@@ -188,6 +189,7 @@ class Agent:
                 path.unlink(missing_ok=True)
             # traffic from the host reaches endpoints from the gateway address: it is the host
             self.datapath.set_prefix(ipaddress.ip_network(f"{GATEWAY}/32"), HOST_IDENTITY)
+            self._sync_host_addresses()
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)
             if stored:  # after the directory: an import overrides it
@@ -219,6 +221,7 @@ class Agent:
         self._spawn(self._event_loop, "garrison-events")
         if self.config.policy_dir is not None:
             self._spawn(self._watch_policy_dir, "garrison-policy-watch")
+        self._spawn(self._watch_host_addresses, "garrison-host-addresses")
 
     def stop(self) -> None:
         self._stop.set()
@@ -484,6 +487,12 @@ class Agent:
                 and ep.namespace_labels != target
             ]
 
+    def endpoint_of_ifindex(self, ifindex: int) -> EndpointRecord | None:
+        """The local endpoint whose host veth has `ifindex` (the one a datapath event names:
+        from_container's events are of packets that endpoint sent). Call with the lock."""
+        name = next((n for n, link in self._links.items() if link.ifindex == ifindex), None)
+        return next((ep for ep in self.endpoints if ep.name == name), None) if name else None
+
     def _local_endpoints(self) -> list[LocalEndpoint]:
         return [
             LocalEndpoint(
@@ -503,6 +512,10 @@ class Agent:
             self._links.pop(record.name, None)
             with contextlib.suppress(EndpointError):
                 self.endpoints.remove(record.name)
+            # a CIDR a policy names for exactly this address takes it over again
+            cidr = ipaddress.ip_network(f"{record.ipv4}/32")
+            if cidr in self._cidr_ids:
+                self.datapath.set_cidr_prefix(cidr, self._cidr_ids[cidr])
             if self.cluster is not None:
                 self.cluster.endpoint_removed(record)
             self._release_identity(record)
@@ -688,6 +701,31 @@ class Agent:
             except Exception:
                 log.exception("policy directory watch failed")
 
+    def _sync_host_addresses(self) -> None:
+        """Every address of the host's (the agent's) namespace in the ipcache as the host
+        identity, as Cilium keeps every node address: an endpoint reaching the host through
+        its external address (or any other) reaches the host, which `toEntities: [world]` or
+        a CIDR does not allow. Unknown, such an address was the world. The gateway's entry
+        is written at start and stays (it comes and goes with the endpoints' veths)."""
+        gateway = ipaddress.IPv4Address(str(GATEWAY))
+        now = self.datapath.host_addresses() - {gateway}
+        for address in sorted(now - self._host_addresses):
+            self.datapath.set_host_address(address, HOST_IDENTITY)
+        for address in sorted(self._host_addresses - now):
+            self.datapath.delete_host_address(address, HOST_IDENTITY)
+            cidr = ipaddress.ip_network(f"{address}/32")
+            if cidr in self._cidr_ids:  # a CIDR a policy names for it takes it over again
+                self.datapath.set_cidr_prefix(cidr, self._cidr_ids[cidr])
+        self._host_addresses = now
+
+    def _watch_host_addresses(self) -> None:
+        while not self._stop.wait(self.config.host_address_interval):
+            try:
+                with self.lock:
+                    self._sync_host_addresses()
+            except Exception:
+                log.exception("reading the host's addresses failed")
+
     def _sync_cidrs(self, sync: bool = True) -> set[int]:
         """A CIDR identity and ipcache entry for every prefix the policies name. The ipcache
         entry of a new prefix is written once its identity is in the resolver; policy
@@ -702,12 +740,12 @@ class Agent:
             added.append(prefix)
         for prefix in set(self._cidr_ids) - wanted:
             ident_id = self._cidr_ids.pop(prefix)
-            self.datapath.delete_prefix(prefix)
+            self.datapath.delete_cidr_prefix(prefix, ident_id)
             changed |= self.resolver.remove_identity(ident_id)
         if sync:
             self._sync(changed)
-        for prefix in added:
-            self.datapath.set_prefix(prefix, self._cidr_ids[prefix])
+        for prefix in added:  # an endpoint's or the host's own entry stays theirs
+            self.datapath.set_cidr_prefix(prefix, self._cidr_ids[prefix])
         return changed
 
     # -- the cluster (garrison/cluster/agent.py, from its watch threads) ---------------------

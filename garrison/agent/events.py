@@ -80,6 +80,18 @@ def _endpoint(agent: Agent, identity: int, ip: str, port: int) -> Endpoint:
     )
 
 
+def _sender(agent: Agent, event: DatapathEvent) -> Endpoint:
+    """The source of a packet dropped for a source address that is not its endpoint's: the
+    endpoint that sent it (the host veth the event names), with the address it claimed —
+    never the endpoint that address belongs to, which sent nothing."""
+    ep = agent.endpoint_of_ifindex(event.ifindex)
+    if ep is None:
+        return Endpoint.of(event.src_identity, Labels(), ip=str(event.saddr), port=event.sport)
+    labels = agent.resolver.cache.labels_of(event.src_identity) or Labels()
+    return Endpoint.of(event.src_identity, labels, namespace=ep.namespace, pod_name=ep.name,
+                       ip=str(event.saddr), port=event.sport)
+
+
 def deny_response_of(event: DatapathEvent) -> str:
     """The answer a dropped packet got (`endpoint config NAME deny-response=...`), by the
     setting's name; "" for a silent drop."""
@@ -129,7 +141,10 @@ def wall_ns(monotonic_ns: int) -> int:
 
 def event_to_record(agent: Agent, event: DatapathEvent) -> FlowRecord | None:
     """The flow record of one event; None for events that make no record."""
-    src = _endpoint(agent, event.src_identity, str(event.saddr), event.sport)
+    if event.type is EventType.DROP and event.reason == DropReason.INVALID_SOURCE_IP:
+        src = _sender(agent, event)
+    else:
+        src = _endpoint(agent, event.src_identity, str(event.saddr), event.sport)
     dst = _endpoint(agent, event.dst_identity, str(event.daddr), event.dport)
     proto = _PROTOCOLS.get(event.protocol)  # None: recorded without an l4 part
     flags = TCPFlags.from_bits(event.tcp_flags) if proto is L4Protocol.TCP else None

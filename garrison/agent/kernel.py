@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from socket import AF_INET
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -29,6 +30,7 @@ from garrison.bpf.maps import (
 )
 from garrison.bpf.policymap import PolicyDiff
 from garrison.bpf.sync import LocalEndpoint, PolicySync, local_endpoint_flags
+from garrison.identity.model import CIDR_ID_FLAG
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.mapstate import PROTOCOL_NAMES
 from garrison.policies.model import IPNetwork
@@ -154,6 +156,7 @@ class KernelDatapath:
         elif self._dp is not None:
             with contextlib.suppress(KeyError):
                 self.dp.maps.ipcache.delete(IPv4Network((IPv4Address(ipv4), 32)))
+            self.dp.maps.conntrack.delete_address(IPv4Address(ipv4))
         if "netns" in owned:
             netdev.delete_endpoint(name)
         elif host_ifname:
@@ -167,6 +170,52 @@ class KernelDatapath:
 
     def delete_prefix(self, prefix: IPNetwork) -> None:
         if isinstance(prefix, IPv4Network):
+            self.dp.maps.ipcache.delete(prefix)
+
+    def host_addresses(self) -> set[IPv4Address]:
+        """The IPv4 addresses of this (the agent's) network namespace, loopback's apart:
+        every one of them reaches the host itself."""
+        with IPRoute() as ipr:
+            # IFA_LOCAL first: on a point-to-point link IFA_ADDRESS is the peer's
+            found = {IPv4Address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
+                     for a in ipr.get_addr(family=AF_INET)}
+        return {a for a in found if not a.is_loopback}
+
+    def set_host_address(self, address: IPv4Address, identity: int) -> bool:
+        """The host identity for one of the host's addresses, unless an endpoint's entry
+        holds it (an endpoint's address is never the host's); a CIDR's gives way."""
+        prefix = IPv4Network((address, 32))
+        current = self.dp.maps.ipcache.identity_at(prefix)
+        if current == identity:
+            return False
+        if current is not None and not current & CIDR_ID_FLAG and current != identity:
+            return False
+        self.dp.maps.ipcache.upsert(prefix, identity)
+        return True
+
+    def delete_host_address(self, address: IPv4Address, identity: int) -> None:
+        prefix = IPv4Network((address, 32))
+        if self.dp.maps.ipcache.identity_at(prefix) == identity:
+            self.dp.maps.ipcache.delete(prefix)
+
+    def set_cidr_prefix(self, prefix: IPNetwork, identity: int) -> bool:
+        """A CIDR identity's entry for `prefix`, unless an endpoint, the host or another
+        node's endpoint holds that very prefix: theirs wins, as in Cilium (CIDR rules are
+        for addresses outside the cluster); overwriting it would make a local endpoint a
+        CIDR to every policy (and unknown to its own ingress redirect). True if written."""
+        if not isinstance(prefix, IPv4Network):
+            return False
+        current = self.dp.maps.ipcache.identity_at(prefix)
+        if current is not None and not current & CIDR_ID_FLAG:
+            return False
+        self.dp.maps.ipcache.upsert(prefix, identity)
+        return True
+
+    def delete_cidr_prefix(self, prefix: IPNetwork, identity: int) -> None:
+        """`prefix`'s entry if it is still the CIDR identity's (never someone else's)."""
+        if isinstance(prefix, IPv4Network) and (
+            self.dp.maps.ipcache.identity_at(prefix) == identity
+        ):
             self.dp.maps.ipcache.delete(prefix)
 
     # -- policy ------------------------------------------------------------------------------

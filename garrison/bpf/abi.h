@@ -183,8 +183,10 @@ struct gar_policy_value {
 
 /* ---- Conntrack (map gar_ct: LRU hash) ---------------------------------------------------
  * Keyed by the tuple of a connection's first packet (its original direction); a packet of
- * the other direction finds it under the reversed tuple. ICMP echo uses the identifier as
- * both ports, so request and reply share the entry. */
+ * the other direction finds it under the reversed tuple. ICMP (lib/packet.h, gar_parse): a
+ * query (echo, timestamp, ...) is (identifier, 0) and its reply (0, identifier), so they
+ * share the entry while a request from the other side does not (only identifier 0 reads
+ * alike both ways); any other type is (0x100 | type, 0x200 | code), one way only. */
 struct gar_ct_key {
 	__be32 saddr;
 	__be32 daddr;

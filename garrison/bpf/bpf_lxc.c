@@ -31,7 +31,9 @@
  *     from the endpoint's own address (transparent, so the other node judges the endpoint's
  *     identity) and crosses none of this node's programs on the way out; its replies are
  *     handed to it at from_netdev (lib/proxy.h, gar_proxy_upstream_reply).
- *     Everything else passes from_netdev untouched and is judged at to_container as above.
+ *     Everything else passes from_netdev untouched and is judged at to_container as above,
+ *     but for a packet claiming a local endpoint's address: forged on the underlay, dropped
+ *     (GAR_DROP_INVALID_SOURCE_IP).
  * Every new connection produces a policy-verdict event per side judged; every dropped
  * packet a drop event; audit mode (per endpoint) logs the verdict and drops nothing.
  * Policies in audit mode (per policy, GAR_EP_POLICY_AUDIT): a connection the enforced
@@ -105,8 +107,8 @@ static __always_inline int gar_judge(struct gar_ctx *c, const struct gar_endpoin
 	__u8 flags = 0, reason, match_type;
 
 	*v = gar_policy_lookup(ep->identity, direction, remote, c->pkt.tuple.protocol,
-			       c->pkt.dport, ep->flags & enforced_flag, ep->flags & GAR_EP_TIERS,
-			       GAR_POLICY_MAP_ENFORCED);
+			       c->pkt.dport, c->pkt.any_port, ep->flags & enforced_flag,
+			       ep->flags & GAR_EP_TIERS, GAR_POLICY_MAP_ENFORCED);
 	reason = v->reason;
 	match_type = v->match_type;
 	if (v->allowed)
@@ -119,7 +121,8 @@ static __always_inline int gar_judge(struct gar_ctx *c, const struct gar_endpoin
 		/* an audited policy would deny what the enforced ones allow: it passes, recorded
 		 * AUDIT with the what-if lookup's reason and match type */
 		what_if = gar_policy_lookup(ep->identity, direction, remote, c->pkt.tuple.protocol,
-					    c->pkt.dport, ep->flags & audit_enforced_flag,
+					    c->pkt.dport, c->pkt.any_port,
+					    ep->flags & audit_enforced_flag,
 					    ep->flags & GAR_EP_AUDIT_TIERS, GAR_POLICY_MAP_WHAT_IF);
 		if (!what_if.allowed) {
 			flags = (flags & ~GAR_EVENT_F_ALLOWED) | GAR_EVENT_F_AUDIT;
@@ -190,11 +193,14 @@ int from_container(struct __sk_buff *skb)
 				GAR_MATCH_NONE, 0);
 	if (rc != GAR_PARSE_IPV4)
 		return gar_drop(&c, c.ifindex, ep->identity, 0, 0, rc, GAR_MATCH_NONE, 0);
+	/* the event names the sender (ifindex, identity) beside the address it claimed */
 	if (c.pkt.tuple.saddr != ep->ipv4)
-		return gar_drop(&c, c.ifindex, 0, 0, 0, GAR_DROP_INVALID_SOURCE_IP,
+		return gar_drop(&c, c.ifindex, ep->identity, 0, 0, GAR_DROP_INVALID_SOURCE_IP,
 				GAR_MATCH_NONE, 0);
 
 	now = bpf_ktime_get_ns();
+	if (gar_ct_related(skb, &c.pkt, now))
+		return gar_pass(&c);
 	ct = gar_ct_lookup(&c.pkt, now, &dir);
 	if (ct) {
 		gar_ct_update(ct, &c.pkt, dir, now);
@@ -279,6 +285,8 @@ int to_container(struct __sk_buff *skb)
 		return gar_drop(&c, c.ifindex, 0, ep->identity, 0, rc, GAR_MATCH_NONE, 0);
 
 	now = bpf_ktime_get_ns();
+	if (gar_ct_related(skb, &c.pkt, now))
+		return gar_pass(&c);
 	ct = gar_ct_lookup(&c.pkt, now, &dir);
 	if (ct) {
 		gar_ct_update(ct, &c.pkt, dir, now);
@@ -327,7 +335,7 @@ int from_netdev(struct __sk_buff *skb)
 {
 	/* Its events describe packets on their way into an endpoint: to_container's. */
 	struct gar_ctx c = { .obs = GAR_OBS_TO_CONTAINER, .ifindex = skb->ifindex };
-	struct gar_ipcache_value *dst_info;
+	struct gar_ipcache_value *dst_info, *src_info;
 	struct gar_verdict ingress;
 	struct gar_endpoint *ep;
 	struct gar_ct_entry *ct;
@@ -336,8 +344,17 @@ int from_netdev(struct __sk_buff *skb)
 	int rc, dir, audit;
 	__u64 now;
 
+	if (gar_parse(skb, &c.pkt) != GAR_PARSE_IPV4)
+		return TC_ACT_OK;
+	/* A local endpoint's packets leave through its own veth, never in from another node: one
+	 * arriving here with its address is forged on the underlay, and would pass to_container
+	 * as that endpoint (its identity, its connections' conntrack entries). */
+	src_info = gar_ipcache_lookup(c.pkt.tuple.saddr);
+	if (src_info && (src_info->flags & GAR_IPCACHE_LOCAL_ENDPOINT))
+		return gar_drop(&c, c.ifindex, 0, 0, 0, GAR_DROP_INVALID_SOURCE_IP,
+				GAR_MATCH_NONE, 0);
 	/* Only connections to local endpoints can need steering; to_container judges the rest. */
-	if (gar_parse(skb, &c.pkt) != GAR_PARSE_IPV4 || c.pkt.tuple.protocol != IPPROTO_TCP)
+	if (c.pkt.tuple.protocol != IPPROTO_TCP)
 		return TC_ACT_OK;
 	dst_info = gar_ipcache_lookup(c.pkt.tuple.daddr);
 	if (!dst_info || !(dst_info->flags & GAR_IPCACHE_LOCAL_ENDPOINT))
@@ -368,10 +385,11 @@ int from_netdev(struct __sk_buff *skb)
 				    ct->flags & GAR_CT_AUDIT);
 	}
 
-	src_id = gar_identity_of(gar_ipcache_lookup(c.pkt.tuple.saddr));
+	src_id = gar_identity_of(src_info);
 	ingress = gar_policy_lookup(ep->identity, GAR_DIR_INGRESS, src_id, c.pkt.tuple.protocol,
-				    c.pkt.dport, ep->flags & GAR_EP_INGRESS_ENFORCED,
-				    ep->flags & GAR_EP_TIERS, GAR_POLICY_MAP_ENFORCED);
+				    c.pkt.dport, c.pkt.any_port,
+				    ep->flags & GAR_EP_INGRESS_ENFORCED, ep->flags & GAR_EP_TIERS,
+				    GAR_POLICY_MAP_ENFORCED);
 	if (!ingress.allowed || !ingress.redirect)
 		return TC_ACT_OK; /* to_container's decision, with its verdict event */
 	gar_judge(&c, ep, dst_ifindex, GAR_DIR_INGRESS, src_id, &ingress);

@@ -8,6 +8,7 @@ nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import socket
@@ -103,6 +104,13 @@ class IPCache:
             if entry.prefix == _network(prefix):
                 return entry
         return None
+
+    def identity_at(self, prefix: Prefix) -> int | None:
+        """The identity stored for exactly this prefix (one map lookup), None when none."""
+        try:
+            return int(self._table[self._key(prefix)].identity)
+        except KeyError:
+            return None
 
     def lookup(self, address: IPv4Address | str) -> int:
         """The identity the datapath sees for `address` (longest prefix; world if none)."""
@@ -331,7 +339,8 @@ class DatapathSettings:
 
 @dataclass(frozen=True, slots=True)
 class CTTuple:
-    """A connection's original direction. ICMP echo: the identifier in both ports."""
+    """A connection's original direction. ICMP: a query (identifier, 0), any other type
+    (0x100 | type, 0x200 | code) (lib/packet.h)."""
 
     saddr: IPv4Address
     daddr: IPv4Address
@@ -425,6 +434,17 @@ class Conntrack:
                 del self._table[key]
             except KeyError:
                 continue
+        return len(stale)
+
+    def delete_address(self, address: IPv4Address) -> int:
+        """Delete every entry with `address` at either end; returns how many. For an
+        endpoint that is gone: the next endpoint given its address must not inherit its
+        connections (a packet matching one passes without a policy lookup)."""
+        be = _addr_be(address)
+        stale = [k for k in self._table if be in (k.saddr, k.daddr)]
+        for key in stale:
+            with contextlib.suppress(KeyError):
+                del self._table[key]
         return len(stale)
 
     def flush(self) -> int:
@@ -603,6 +623,8 @@ class DatapathMaps:
 
     def remove_endpoint(self, ifindex: int, ipv4: IPv4Address) -> None:
         """Forget a local endpoint: its ipcache entry first (nobody reaches it as itself
-        any more), then its config (its programs then drop everything it sends)."""
+        any more), then its config (its programs then drop everything it sends), then its
+        connections (`Conntrack.delete_address`)."""
         self.ipcache.delete(IPv4Network((ipv4, 32)))
         self.endpoints.delete(ifindex)
+        self.conntrack.delete_address(ipv4)

@@ -40,6 +40,7 @@ from garrison.policies.mapstate import (
     ANY_IDENTITY,
     ANY_PORT,
     ANY_PROTOCOL,
+    PORT_PROTOCOLS,
     DropReason,
     MapState,
     MapStateEntry,
@@ -178,6 +179,8 @@ def lookup_entries(
     0. Admin tier: the four LPM lookups below in the Admin entries; the lowest `tier_rank`
        decides: Accept -> allow, Deny -> drop POLICY_DENY, Pass (or no hit) -> step 1;
     1. deny: four LPM lookups, (remote, proto), (remote, any), (any, proto), (any, any);
+       those of protocol any with port 0 unless the protocol is TCP, UDP or SCTP (a port
+       entry of protocol any is no ICMP type);
     2. allow: the same four, the most precedent hit (`specificity`) decides;
     3. nothing: drop POLICY_DENIED if enforced;
     4. Baseline tier as step 0 (Pass or no hit -> step 5);
@@ -185,17 +188,18 @@ def lookup_entries(
     `tiers`: the endpoint's TIERS flag; without it steps 0 and 4 are skipped."""
     if remote_identity == ANY_IDENTITY:
         remote_identity = 2  # the world: what the datapath uses for an unknown address
+    any_port = port if protocol in PORT_PROTOCOLS else ANY_PORT
     probes = (
-        (remote_identity, protocol),
-        (remote_identity, ANY_PROTOCOL),
-        (ANY_IDENTITY, protocol),
-        (ANY_IDENTITY, ANY_PROTOCOL),
+        (remote_identity, protocol, port),
+        (remote_identity, ANY_PROTOCOL, any_port),
+        (ANY_IDENTITY, protocol, port),
+        (ANY_IDENTITY, ANY_PROTOCOL, any_port),
     )
 
     def tier_first(tier: int) -> KernelVerdict | None:
         best: tuple[int, PolicyKey, PolicyValue] | None = None
-        for rid, proto in probes:
-            hit = _lpm(entries, endpoint_identity, direction, False, rid, proto, port, tier)
+        for rid, proto, p in probes:
+            hit = _lpm(entries, endpoint_identity, direction, False, rid, proto, p, tier)
             if hit is not None and (best is None or hit[1].tier_rank < best[0]):
                 best = (hit[1].tier_rank, *hit)
         if best is None or best[2].action == POLICY_PASS:
@@ -211,8 +215,8 @@ def lookup_entries(
     for deny in (True, False):
         hits = [
             hit
-            for rid, proto in probes
-            if (hit := _lpm(entries, endpoint_identity, direction, deny, rid, proto, port))
+            for rid, proto, p in probes
+            if (hit := _lpm(entries, endpoint_identity, direction, deny, rid, proto, p))
         ]
         if not hits:
             continue

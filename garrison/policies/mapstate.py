@@ -36,6 +36,9 @@ PROTO_UDP = 17
 PROTO_SCTP = 132
 PROTO_ICMP = 1
 PROTO_ICMPV6 = 58
+# the protocols a port (and so a port entry of protocol ANY) applies to (Cilium's ANY);
+# the datapath: lib/policy.h, gar_any_proto_port
+PORT_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_SCTP})
 
 TIER_NETWORKPOLICY = 0  # NetworkPolicy, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy
 TIER_ADMIN = 1  # ClusterNetworkPolicy tier: Admin, before the NetworkPolicy tier
@@ -88,7 +91,11 @@ class MapStateKey(NamedTuple):
             return False
         if self.protocol not in (ANY_PROTOCOL, protocol):
             return False
-        return self.port == ANY_PORT or self.port <= port <= self.end_port
+        if self.port == ANY_PORT:
+            return True
+        if self.protocol == ANY_PROTOCOL and protocol not in PORT_PROTOCOLS:
+            return False  # a port is TCP's, UDP's or SCTP's, never an ICMP type
+        return self.port <= port <= self.end_port
 
     def __str__(self) -> str:
         ident = "any" if self.identity == ANY_IDENTITY else str(self.identity)

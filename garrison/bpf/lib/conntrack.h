@@ -110,6 +110,54 @@ static __always_inline void gar_ct_update(struct gar_ct_entry *entry,
 		entry->expires_ns = expires;
 }
 
+/* ICMP errors (destination unreachable 3, time exceeded 11, parameter problem 12) quote the
+ * IP header and first 8 bytes of the packet they answer. One that the packet's own
+ * destination sends back to its source, about a connection the table holds (either
+ * direction), is related to that connection and passes as its replies do (netfilter's and
+ * Cilium's RELATED): a UDP client gets its port unreachable, whatever its ingress policy
+ * says of ICMP. An error from anyone else (a router on the way, or a peer quoting some
+ * other connection) is judged by policy as any ICMP message is. Quoted protocols: TCP, UDP,
+ * SCTP and an echo request. */
+#define GAR_ICMP_ERRORS ((1U << 3) | (1U << 11) | (1U << 12))
+
+static __always_inline int gar_ct_related(struct __sk_buff *skb, const struct gar_packet *pkt,
+					  __u64 now)
+{
+	struct gar_ct_key quoted = {}, reversed = {};
+	struct gar_ct_entry *entry;
+	struct iphdr ip;
+	__u8 l4[8];
+
+	if (pkt->tuple.protocol != IPPROTO_ICMP || pkt->dport >= 32 ||
+	    !((1U << pkt->dport) & GAR_ICMP_ERRORS))
+		return 0;
+	if (bpf_skb_load_bytes(skb, pkt->l4off + 8, &ip, sizeof(ip)) < 0)
+		return 0;
+	if (ip.version != 4 || ip.ihl < 5 || (ip.frag_off & gar_htons(GAR_IP_OFFSET)) ||
+	    ip.saddr != pkt->tuple.daddr || ip.daddr != pkt->tuple.saddr)
+		return 0;
+	if (bpf_skb_load_bytes(skb, pkt->l4off + 8 + ip.ihl * 4, l4, 8) < 0)
+		return 0;
+	quoted.saddr = ip.saddr;
+	quoted.daddr = ip.daddr;
+	quoted.protocol = ip.protocol;
+	if (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP ||
+	    ip.protocol == IPPROTO_SCTP) {
+		__builtin_memcpy(&quoted.sport, &l4[0], 2);
+		__builtin_memcpy(&quoted.dport, &l4[2], 2);
+	} else if (ip.protocol == IPPROTO_ICMP && l4[0] == GAR_ICMP_ECHO_REQUEST) {
+		__builtin_memcpy(&quoted.sport, &l4[4], 2); /* a query's tuple: gar_parse */
+	} else {
+		return 0;
+	}
+	entry = gar_ct.lookup(&quoted);
+	if (entry && entry->expires_ns > now)
+		return 1;
+	gar_reverse(&quoted, &reversed);
+	entry = gar_ct.lookup(&reversed);
+	return entry && entry->expires_ns > now;
+}
+
 /* A new entry for a connection policy has admitted; returns 0 or a drop reason. */
 static __always_inline int gar_ct_create(const struct gar_packet *pkt, __u64 now,
 					 __u32 src_identity, __u32 dst_identity, __u16 flags,

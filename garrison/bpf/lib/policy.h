@@ -34,6 +34,9 @@
  *      within classes 1 and 2: the smaller port block first (a longer prefix), then a
  *      specific protocol before protocol any. A winning entry with GAR_POLICY_REDIRECT sends
  *      the connection to its proxy port.
+ *      A port entry of protocol any covers TCP, UDP and SCTP only: for ICMP (whose type
+ *      stands in the port) the two protocol-any lookups ask for port 0, which only an
+ *      any-port entry covers (struct gar_packet's any_port).
  *   3. No hit: DROP POLICY_DENIED (match type none) if the direction is enforced (a
  *      NetworkPolicy-tier rule selects the endpoint in it, or enforcement `always`).
  *   4. Baseline tier, as step 0: Accept -> allow, Deny -> DROP POLICY_DENY, Pass or no hit ->
@@ -107,24 +110,16 @@ static __always_inline __u32 gar_policy_rank(const struct gar_policy_value *v, i
 	return (has_id ? 5 : 6) << 8;
 }
 
+/* Classes 1-6 to GAR_MATCH_L3_L4, L4_ONLY, L3_PROTO, PROTO_ONLY, L3_ONLY, ALL; anything else
+ * (GAR_RANK_NONE) to GAR_MATCH_NONE. A table in a constant, one nibble per class, not an
+ * if-chain: every constant an if-chain returns is a state of its own for the verifier, and
+ * from_container carried them through up to four lookups: 946k of the million instructions
+ * the verifier may process, 587k so (to_container 301k, 171k). */
+#define GAR_MATCH_TYPE_OF_CLASS 0x04165320U
+
 static __always_inline __u8 gar_match_type(__u32 rank)
 {
-	__u32 class = rank >> 8;
-
-	/* an if-chain, not a switch: a jump table would be an indirect jump */
-	if (class == 1)
-		return GAR_MATCH_L3_L4;
-	if (class == 2)
-		return GAR_MATCH_L4_ONLY;
-	if (class == 3)
-		return GAR_MATCH_L3_PROTO;
-	if (class == 4)
-		return GAR_MATCH_PROTO_ONLY;
-	if (class == 5)
-		return GAR_MATCH_L3_ONLY;
-	if (class == 6)
-		return GAR_MATCH_ALL;
-	return GAR_MATCH_NONE;
+	return (GAR_MATCH_TYPE_OF_CLASS >> (((rank >> 8) & 7) * 4)) & 0xf;
 }
 
 struct gar_policy_best {
@@ -152,16 +147,22 @@ static __always_inline void gar_policy_probe(struct gar_policy_key *key, __u32 r
 	}
 }
 
-/* Steps 1 and 2 for one kind of entry (deny or allow): the most precedent hit. */
+/* Steps 1 and 2 for one kind of entry (deny or allow): the most precedent hit. The entries
+ * of protocol ANY are probed with `any_port` (network order): see gar_policy_lookup. */
 static __always_inline void gar_policy_search(struct gar_policy_key *key, __u32 remote,
-					      __u8 proto, struct gar_policy_best *best,
-					      int what_if)
+					      __u8 proto, __be16 any_port,
+					      struct gar_policy_best *best, int what_if)
 {
+	__be16 port = key->dport;
+
+	/* the four ranks differ (identity and protocol are in them): the order is free */
 	best->rank = GAR_RANK_NONE;
 	gar_policy_probe(key, remote, proto, best, what_if);
-	gar_policy_probe(key, remote, 0, best, what_if);
 	gar_policy_probe(key, GAR_IDENTITY_ANY, proto, best, what_if);
+	key->dport = any_port;
+	gar_policy_probe(key, remote, 0, best, what_if);
 	gar_policy_probe(key, GAR_IDENTITY_ANY, 0, best, what_if);
+	key->dport = port;
 }
 
 /* Steps 0 and 4: the first rule of one ClusterNetworkPolicy tier over the four lookups. */
@@ -196,16 +197,22 @@ static __always_inline void gar_tier_probe(struct gar_policy_key *key, __u32 rem
 
 /* 1 when the tier decided (*verdict filled in), 0 on Pass or no hit. */
 static __always_inline int gar_policy_tier(struct gar_policy_key *key, __u8 tier, __u32 remote,
-					   __u8 proto, struct gar_verdict *verdict, int what_if)
+					   __u8 proto, __be16 any_port,
+					   struct gar_verdict *verdict, int what_if)
 {
 	struct gar_tier_best best = { .rank = GAR_RANK_NONE };
+	__be16 port = key->dport;
 
 	key->tier = tier;
 	key->deny = 0;
 	gar_tier_probe(key, remote, proto, &best, what_if);
+	key->dport = any_port;
 	gar_tier_probe(key, remote, 0, &best, what_if);
+	key->dport = port;
 	gar_tier_probe(key, GAR_IDENTITY_ANY, proto, &best, what_if);
+	key->dport = any_port;
 	gar_tier_probe(key, GAR_IDENTITY_ANY, 0, &best, what_if);
+	key->dport = port;
 	key->tier = GAR_POLICY_TIER_NETWORKPOLICY;
 	if (best.rank == GAR_RANK_NONE || (best.flags & GAR_POLICY_PASS))
 		return 0;
@@ -217,10 +224,15 @@ static __always_inline int gar_policy_tier(struct gar_policy_key *key, __u8 tier
 	return 1;
 }
 
+/* `port`: the destination port (TCP, UDP, SCTP) or ICMP type (host order); `any_port`: the
+ * port the entries of protocol ANY are probed with, struct gar_packet's: the port itself for
+ * TCP, UDP and SCTP, else 0 — a port rule of protocol ANY names a TCP, UDP or SCTP port,
+ * never an ICMP type, and port 0 is covered by no port entry (ranges start at 1), only by
+ * an any-port one. */
 static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_identity,
 							    __u8 direction, __u32 remote,
-							    __u8 proto, __u16 port, int enforced,
-							    int tiers, int what_if)
+							    __u8 proto, __u16 port, __u16 any_port,
+							    int enforced, int tiers, int what_if)
 {
 	struct gar_verdict verdict = {};
 	struct gar_policy_best best = {};
@@ -231,17 +243,19 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 		.deny = 1,
 		.dport = gar_htons(port),
 	};
+	__be16 any_port_be = gar_htons(any_port);
 
 	if (remote == GAR_IDENTITY_ANY) /* never an ipcache answer; keep the classes apart */
 		remote = GAR_IDENTITY_WORLD;
 
 	/* 0. Admin tier (`tiers`: GAR_EP_TIERS, the endpoint has tier entries; else skipped) */
 	if (tiers &&
-	    gar_policy_tier(&key, GAR_POLICY_TIER_ADMIN, remote, proto, &verdict, what_if))
+	    gar_policy_tier(&key, GAR_POLICY_TIER_ADMIN, remote, proto, any_port_be, &verdict,
+			    what_if))
 		return verdict;
 	key.deny = 1;
 	/* 1. any deny */
-	gar_policy_search(&key, remote, proto, &best, what_if);
+	gar_policy_search(&key, remote, proto, any_port_be, &best, what_if);
 	if (best.rank != GAR_RANK_NONE) {
 		verdict.match_type = gar_match_type(best.rank);
 		verdict.reason = GAR_DROP_POLICY_DENY;
@@ -249,7 +263,7 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 	}
 	/* 2. the most precedent allow */
 	key.deny = 0;
-	gar_policy_search(&key, remote, proto, &best, what_if);
+	gar_policy_search(&key, remote, proto, any_port_be, &best, what_if);
 	if (best.rank != GAR_RANK_NONE) {
 		verdict.allowed = 1;
 		verdict.match_type = gar_match_type(best.rank);
@@ -267,7 +281,8 @@ static __always_inline struct gar_verdict gar_policy_lookup(__u32 endpoint_ident
 	}
 	/* 4. Baseline tier */
 	if (tiers &&
-	    gar_policy_tier(&key, GAR_POLICY_TIER_BASELINE, remote, proto, &verdict, what_if))
+	    gar_policy_tier(&key, GAR_POLICY_TIER_BASELINE, remote, proto, any_port_be,
+			    &verdict, what_if))
 		return verdict;
 	/* 5. nothing decided */
 	verdict.allowed = 1;

@@ -371,6 +371,37 @@ def test_port_range_and_protocol_any() -> None:
     assert not w.allowed("tiefighter", "deathstar", 7999)
 
 
+def test_port_of_protocol_any_is_no_icmp_type() -> None:
+    """`port: "8"` (protocol ANY) allows TCP, UDP and SCTP port 8, not ICMP type 8 (echo
+    request): a port is no ICMP type, in an allow or a deny. A range holding 3 or 11 lets
+    no ICMP error through either; ICMP needs `icmps` (or a rule without ports)."""
+    w = world(
+        """
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: any-port-8}
+        spec:
+          endpointSelector: {matchLabels: {class: deathstar}}
+          ingress:
+          - fromEndpoints: [{matchLabels: {org: empire}}]
+            toPorts: [{ports: [{port: "8"}, {port: "1", endPort: 20}]}]
+          ingressDeny:
+          - fromEndpoints: [{matchLabels: {org: alliance}}]
+            toPorts: [{ports: [{port: "8"}]}]
+        """,
+        EPS,
+    )
+    for proto in ("TCP", "UDP", "SCTP"):
+        assert w.allowed("tiefighter", "deathstar", 8, proto)
+    for icmp_type in (3, 8, 11):
+        verdict = w.ingress("tiefighter", "deathstar", icmp_type, "ICMP")
+        assert not verdict.allowed and verdict.drop_reason is DropReason.POLICY_DENIED
+    # the deny of port 8 is no deny of ICMP type 8: nothing allows the xwing, so it is denied
+    verdict = w.ingress("xwing", "deathstar", 8, "ICMP")
+    assert verdict.drop_reason is DropReason.POLICY_DENIED
+    assert w.ingress("xwing", "deathstar", 8, "UDP").drop_reason is DropReason.POLICY_DENY
+
+
 def test_entities_world_and_cidr_except() -> None:
     eps = {**EPS, "internet": "reserved:world"}
     w = world(
