@@ -186,3 +186,22 @@ def test_the_metrics_table_names_every_metric_served_and_only_those() -> None:
     served = _served_metrics()
     assert sorted(served - named) == [], "served, not in docs/operating.md#metrics"
     assert sorted(named - served) == [], "in docs/operating.md#metrics, not served"
+
+
+def _parsers(parser: argparse.ArgumentParser, path: str = "garrison") -> list[
+        tuple[str, argparse.ArgumentParser]]:
+    found = [(path, parser)]
+    for name, child in _children(parser).items():
+        found += _parsers(child, f"{path} {name}")
+    return found
+
+
+def test_every_option_says_what_it_is_not_only_its_default() -> None:
+    bare = []
+    for path, parser in _parsers(PARSER):
+        for action in parser._actions:
+            meaning = re.sub(r"\(?default:? %\(default\)s\)?|\(?default:? [^)]*\)?", "",
+                             action.help or "").strip(" ;,.")
+            if action.option_strings and action.help != argparse.SUPPRESS and not meaning:
+                bare.append(f"{path} {'/'.join(action.option_strings)}: {action.help!r}")
+    assert bare == []
