@@ -137,7 +137,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "selects the destination; always: deny what no rule allows; never: allow all")
     p.add_argument("--max-connections", type=int, default=ProxyConfig().max_connections,
                    metavar="N",
-                   help="client connections held at once; more are closed (an ERROR record)")
+                   help="client connections each worker process holds at once; more are "
+                   "closed (an ERROR record)")
     p.add_argument("--connect-timeout", type=float, default=Timeouts().connect, metavar="S",
                    help="seconds to connect to the upstream")
     p.add_argument("--header-timeout", type=float, default=Timeouts().header_read, metavar="S",
