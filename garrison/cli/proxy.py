@@ -220,6 +220,13 @@ class _Options:
         self.workers = default_workers() if args.workers is None else int(args.workers)
         if not 0 < self.workers <= 1024:
             raise UsageError("--workers: a number of processes, 1-1024")
+        for flag in ("connect", "header", "idle", "upstream"):
+            seconds = getattr(args, f"{flag}_timeout")
+            if not 0 < seconds < 10**7:  # nan, inf, 0 and less: a timer that never waits
+                raise UsageError(f"--{flag}-timeout {seconds:g}: a number of seconds above 0 "
+                                 "and below 10000000 (e.g. 30)")
+        if args.max_connections < 1:
+            raise UsageError(f"--max-connections {args.max_connections}: at least 1")
         self.resolver = ResolverConfig(EnforcementMode(args.enforcement), args.audit)
         self.config = ProxyConfig(
             timeouts=Timeouts(

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -205,3 +207,19 @@ def test_every_option_says_what_it_is_not_only_its_default() -> None:
             if action.option_strings and action.help != argparse.SUPPRESS and not meaning:
                 bare.append(f"{path} {'/'.join(action.option_strings)}: {action.help!r}")
     assert bare == []
+
+
+@pytest.mark.parametrize("option", [
+    ("--upstream-timeout", "-1"), ("--idle-timeout", "nan"), ("--header-timeout", "inf"),
+    ("--connect-timeout", "0"), ("--max-connections", "0")])
+def test_the_proxy_refuses_a_limit_that_never_waits(option: tuple[str, str]) -> None:
+    """`--upstream-timeout -1` started a proxy that spun a core on its first request, never
+    answered it and ignored SIGTERM: a bad limit is a one-line usage error before listening."""
+    done = subprocess.run(
+        [sys.executable, "-m", "garrison.cli.main", "proxy", "--listen", "127.0.0.1:0",
+         "--upstream", "127.0.0.1:1", "-f", "examples/starwars/sw_l3_l4_l7_policy.yaml",
+         "--dst-labels", "org=empire,class=deathstar", "--workers", "1", *option],
+        cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"garrison proxy: {option[0]} ")
+    assert done.stderr.count("\n") == 1, done.stderr
