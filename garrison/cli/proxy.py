@@ -225,6 +225,11 @@ class _Options:
             if not 0 < seconds < 10**7:  # nan, inf, 0 and less: a timer that never waits
                 raise UsageError(f"--{flag}-timeout {seconds:g}: a number of seconds above 0 "
                                  "and below 10000000 (e.g. 30)")
+        for option, value, zero in (
+                ("--access-log-max-bytes", args.access_log_max_bytes, "never rotate"),
+                ("--access-log-backups", args.access_log_backups, "keep none")):
+            if value < 0:
+                raise UsageError(f"{option} {value}: give 0 ({zero}) or more")
         if args.max_connections < 1:
             raise UsageError(f"--max-connections {args.max_connections}: at least 1")
         self.resolver = ResolverConfig(EnforcementMode(args.enforcement), args.audit)

@@ -211,7 +211,8 @@ def test_every_option_says_what_it_is_not_only_its_default() -> None:
 
 @pytest.mark.parametrize("option", [
     ("--upstream-timeout", "-1"), ("--idle-timeout", "nan"), ("--header-timeout", "inf"),
-    ("--connect-timeout", "0"), ("--max-connections", "0")])
+    ("--connect-timeout", "0"), ("--max-connections", "0"),
+    ("--access-log-backups", "-1"), ("--access-log-max-bytes", "-1")])
 def test_the_proxy_refuses_a_limit_that_never_waits(option: tuple[str, str]) -> None:
     """`--upstream-timeout -1` started a proxy that spun a core on its first request, never
     answered it and ignored SIGTERM: a bad limit is a one-line usage error before listening."""
@@ -223,3 +224,16 @@ def test_the_proxy_refuses_a_limit_that_never_waits(option: tuple[str, str]) -> 
     assert done.returncode == 2
     assert done.stderr.startswith(f"garrison proxy: {option[0]} ")
     assert done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.parametrize("option", [("--access-log-backups", "-1"),
+                                    ("--access-log-max-bytes", "-5")])
+def test_the_agent_refuses_a_negative_access_log_limit(option: tuple[str, str]) -> None:
+    """`garrison agent --access-log-backups -1` started and died with a traceback
+    (`max_bytes and backups must not be negative`); it is a usage error naming the flag."""
+    from garrison.cli.agent_cmd import _config
+
+    argv = ["agent", "--state-dir", "/nonexistent/hq", "--access-log", "/nonexistent/hq/a.log",
+            *option]
+    with pytest.raises(ValueError, match=f"^{option[0]} {option[1]}: give 0 "):
+        _config(build_parser(argv).parse_args(argv))
