@@ -9,7 +9,10 @@ reader copies from README.md, docs/*.md and `--help`:
 - the Hubble flags observe.md says garrison does not take are refused by `observe`;
 - the examples at the end of `--help` that need neither root nor an agent run and exit 0;
 - operating.md's metrics table names every metric the agent and the proxy serve, and only
-  those.
+  those;
+- every relative link between the pages reaches its file and heading;
+- limits that cannot work (a negative timeout, a negative access-log size) are refused in one
+  line before anything starts.
 """
 
 from __future__ import annotations
@@ -237,3 +240,32 @@ def test_the_agent_refuses_a_negative_access_log_limit(option: tuple[str, str]) 
             *option]
     with pytest.raises(ValueError, match=f"^{option[0]} {option[1]}: give 0 "):
         _config(build_parser(argv).parse_args(argv))
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_docs_reaches_its_file_and_heading() -> None:
+    headings: dict[Path, set[str]] = {}
+    for doc in DOCS:
+        in_block, found = False, set()
+        for line in doc.read_text().splitlines():
+            if line.startswith("```"):
+                in_block = not in_block
+            elif not in_block and line.startswith("#"):
+                found.add(_slug(line.lstrip("#")))
+        headings[doc.resolve()] = found
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc.resolve()
+            if not file.exists():
+                broken.append(f"{doc.name}: {target}: no such file")
+            elif anchor and file in headings and anchor not in headings[file]:
+                broken.append(f"{doc.name}: {target}: no such heading")
+    assert broken == []
