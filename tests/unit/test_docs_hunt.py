@@ -269,3 +269,15 @@ def test_every_link_between_the_docs_reaches_its_file_and_heading() -> None:
             elif anchor and file in headings and anchor not in headings[file]:
                 broken.append(f"{doc.name}: {target}: no such heading")
     assert broken == []
+
+
+def test_drop_reasons_read_in_the_docs_as_observe_prints_them() -> None:
+    """troubleshooting.md said a deny rule's drop reads `Policy deny`; it reads as Hubble's
+    `Policy denied by denylist`. Every "`Text` (`REASON`)" pair of the docs is checked."""
+    from garrison.flows.record import DropReasonDesc
+
+    pairs = {(text, name) for doc in DOCS for text, name in re.findall(
+        r"`([A-Z][a-z][^`]*)` \(`([A-Z][A-Z_0-9]+)`\)", doc.read_text())}
+    pairs = {(t, n) for t, n in pairs if n in DropReasonDesc.__members__}
+    assert len(pairs) >= 2
+    assert {(t, n) for t, n in pairs if DropReasonDesc[n].text != t} == set()
