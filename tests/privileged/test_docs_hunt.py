@@ -1,10 +1,13 @@
-"""What README.md shows of a running agent works for every kind of endpoint it lists.
+"""What README.md and operating.md show of a running agent.
 
 `garrison endpoint exec NAME -- CMD` runs CMD in the endpoint's network namespace: for an
 endpoint adopted from a namespace of another name (`endpoint add NAME --netns OTHER`) or by PID
 it used to look for `/run/netns/NAME` only, and said there was no such endpoint while
 `garrison endpoint list` showed it. An option written after NAME is refused in one line that
 says where it goes, instead of being run as the command.
+
+`garrison_policy_verdict_total`'s `match` label is "as `observe` prints it" (operating.md),
+Cilium's words: `L3-Only`, not the resolver's `L3-only`.
 
 The agent here is this module's own: its state, socket, pin root (`/sys/fs/bpf/garrison-hq-*`)
 and proxy ports, names starting with `hq-`, addresses from 198.18.234.0/24; everything it makes
@@ -36,6 +39,7 @@ TAG = f"{os.getpid() % 10000}"
 class Agent:
     socket: str
     args: list[str]
+    metrics: str
 
     def cli(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([GARRISON, *argv], capture_output=True, text=True, timeout=60)
@@ -62,14 +66,14 @@ def fixture_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
     work = tmp_path_factory.mktemp("hq-docs")
     pins = Path(f"/sys/fs/bpf/garrison-hq-docs-{TAG}")
     assert not pins.exists(), f"{pins} exists: not ours, left alone"
-    http, grpc, kafka = _free_ports(3)
+    http, grpc, kafka, metrics = _free_ports(4)
     sock = str(work / "agent.sock")
     args = ["--state-dir", str(work / "state"), "--socket", sock, "--bpffs-root", str(pins)]
     proc = subprocess.Popen(
         [GARRISON, "agent", *args, "--proxy-ports", f"http={http},grpc={grpc},kafka={kafka}",
-         "--node-name", "hq-docs"],
+         "--node-name", "hq-docs", "--metrics", f"127.0.0.1:{metrics}"],
         stdout=subprocess.DEVNULL, stderr=open(work / "agent.log", "wb"))  # noqa: SIM115
-    agent = Agent(sock, args)
+    agent = Agent(sock, args, f"http://127.0.0.1:{metrics}/metrics")
     try:
         deadline = time.monotonic() + 60
         while agent.cli("status", "--socket", sock, check=False).returncode != 0:
@@ -145,3 +149,45 @@ def test_an_option_after_the_name_is_refused_with_where_it_goes(
     assert proc.returncode == 2
     assert proc.stderr == ("garrison endpoint exec: --socket after NAME: options go before it "
                            "(garrison endpoint exec [--socket PATH] NAME -- CMD...)\n")
+
+
+POLICY = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: hq-docs-deny-all}
+spec:
+  endpointSelector: {matchLabels: {app: hq-web}}
+  ingress: [{}]
+"""
+
+
+def test_the_verdict_metric_names_the_match_as_observe_prints_it(
+        agent: Agent, adopted: tuple[str, str], tmp_path: Path) -> None:
+    import urllib.request
+
+    name, _ = adopted
+    policy = tmp_path / "deny-all.yaml"
+    policy.write_text(POLICY)
+    agent.cli("policy", "import", str(policy), "--socket", agent.socket)
+    try:
+        with socket.socket() as s:  # from the host: allow-localhost, an L3-only allow
+            s.settimeout(2)
+            s.connect_ex(("198.18.234.201", 7))  # nothing listens: the SYN is answered RST
+        deadline = time.monotonic() + 10
+        while True:
+            seen = agent.cli("observe", "--socket", agent.socket, "--to-pod", name,
+                             "--last", "5").stdout
+            if "policy-verdict:L3-Only" in seen or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert "policy-verdict:L3-Only INGRESS ALLOWED" in seen
+        with urllib.request.urlopen(agent.metrics, timeout=10) as answer:
+            text = answer.read().decode()
+        verdicts = [line for line in text.splitlines()
+                    if line.startswith("garrison_policy_verdict_total{")]
+        assert any('match="L3-Only"' in line and 'action="allowed"' in line
+                   for line in verdicts), verdicts
+        assert not any('match="L3-only"' in line for line in verdicts), verdicts
+    finally:
+        agent.cli("policy", "delete", "hq-docs-deny-all", "--socket", agent.socket,
+                  check=False)
