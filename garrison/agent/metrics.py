@@ -11,8 +11,8 @@ Datapath:
   label is a sentence, `direction` the policy direction that dropped it
   (INGRESS, EGRESS; UNKNOWN for drops before any policy, e.g. a redirect with no proxy).
 - `garrison_policy_verdict_total{direction, match, action}` counter: the datapath's verdicts
-  on new connections: direction INGRESS / EGRESS; match as `observe` prints it (L3-L4,
-  L4-only, L3-only, L3-proto, proto-only, all, none); action allowed, redirected (allowed,
+  on new connections: direction INGRESS / EGRESS; match as `observe` and Cilium print it
+  (L3-L4, L4-Only, L3-Only, L3-Proto, Proto-Only, all, none); action allowed, redirected (allowed,
   to the proxy), denied, audited (denied, let through in audit mode).
 - `garrison_forward_count_total{direction}`, `garrison_forward_bytes_total{direction}`: the
   kernel's per-CPU counters (pinned: they count on across agent restarts) of packets let
@@ -57,6 +57,7 @@ from garrison.agent.events import DROP_REASONS
 from garrison.bpf.abi import HUBBLE_DROP_NAMES, CounterCode, DropReason, ObservationPoint
 from garrison.bpf.abi import EventType as DatapathEventType
 from garrison.bpf.maps import DatapathEvent
+from garrison.flows.record import MATCH_TYPE_TEXT
 from garrison.identity.model import CIDR_ID_FLAG, RESERVED, RESERVED_BY_ID
 from garrison.kvstore.base import KVStoreError
 from garrison.policies.mapstate import MatchType
@@ -122,7 +123,7 @@ class AgentMetrics(Collector):
         else:
             action = "audited" if event.audit else "denied"
         with self._lock:
-            self._verdicts[(direction, str(match), action)] += 1
+            self._verdicts[(direction, MATCH_TYPE_TEXT[match], action)] += 1
 
     # -- the Collector protocol ----------------------------------------------------------------
 

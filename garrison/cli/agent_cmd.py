@@ -183,6 +183,11 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     if args.metrics:
         host, _, port = args.metrics.rpartition(":")
         metrics = (host or "127.0.0.1", _port(port, f"--metrics {args.metrics}", HOST_PORT))
+    for option, value, zero in (
+            ("--access-log-max-bytes", args.access_log_max_bytes, "never rotate"),
+            ("--access-log-backups", args.access_log_backups, "keep none")):
+        if value < 0:
+            raise ValueError(f"{option} {value}: give 0 ({zero}) or more")
     cluster = _cluster_config(args)
     name = args.node_name
     if (not name or len(name) > 253 or "/" in name

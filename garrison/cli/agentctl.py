@@ -188,24 +188,58 @@ def namespace_list(args: argparse.Namespace) -> int:
 
 
 def endpoint_exec(args: argparse.Namespace) -> int:
-    """`ip netns exec NAME CMD...`: run a command inside the endpoint, as kubectl exec does."""
+    """Run a command inside the endpoint's network namespace, as kubectl exec does: the one the
+    agent records for NAME (an adopted namespace or a container's keeps its own name), else the
+    `ip netns` namespace NAME (garrison's own endpoints, or no agent answering)."""
     cmd = list(args.cmd)
+    if cmd and cmd[0].startswith("-") and cmd[0] != "--":
+        print(f"garrison endpoint exec: {cmd[0]} after NAME: options go before it "
+              "(garrison endpoint exec [--socket PATH] NAME -- CMD...)", file=sys.stderr)
+        return 2
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
         print("garrison endpoint exec: give a command after --", file=sys.stderr)
         return 2
-    if not Path(f"/run/netns/{args.name}").exists():
-        print(f"garrison endpoint exec: no endpoint network namespace {args.name!r} "
+    netns, why = _endpoint_netns(args)
+    if netns is None:
+        print(f"garrison endpoint exec: no network namespace for endpoint {args.name!r}: {why} "
               "(see `garrison endpoint list`)", file=sys.stderr)
         return EXIT_ERROR
-    ip = shutil.which("ip")
-    if ip is None:
-        print("garrison endpoint exec: needs the `ip` command: apt-get install iproute2",
+    tool = "ip" if netns.parent in NETNS_DIRS else "nsenter"
+    path = shutil.which(tool)
+    if path is None:
+        package = "iproute2" if tool == "ip" else "util-linux"
+        print(f"garrison endpoint exec: needs the `{tool}` command: apt-get install {package}",
               file=sys.stderr)
         return EXIT_ERROR
-    os.execv(ip, [ip, "netns", "exec", args.name, *cmd])
+    if tool == "ip":
+        os.execv(path, [path, "netns", "exec", netns.name, *cmd])
+    os.execv(path, [path, f"--net={netns}", "--", *cmd])
     return 0  # not reached
+
+
+NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
+
+
+def _endpoint_netns(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """The endpoint's network namespace (None and why not): the agent's record of it first,
+    else the `ip netns` namespace of its name."""
+    try:
+        recorded = _call(args, "EndpointGet", name=args.name).get("netns")
+        why = f"the agent records none for it ({args.socket})"
+    except AgentUnreachableError as exc:
+        recorded, why = None, str(exc)
+    except APIError as exc:
+        recorded, why = None, str(exc)
+    if recorded and Path(recorded).exists():
+        return Path(recorded), ""
+    if recorded:
+        why = f"its namespace {recorded} is gone"
+    own = NETNS_DIRS[0] / args.name
+    if own.exists():
+        return own, ""
+    return None, why
 
 
 # -- policy (agent side) ---------------------------------------------------------------------
@@ -465,6 +499,7 @@ def register_endpoint(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _common(p)
     p.set_defaults(func=endpoint_config)
     p = esub.add_parser("exec", help="run a command inside an endpoint")
+    _common(p, output=False)
     p.add_argument("name", help="the endpoint's name")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...",
                    help="the command and its arguments, after --")

@@ -208,12 +208,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("uninstall", uninstall, "remove exactly what install wrote"),
     ):
         p = csub.add_parser(name, help=helptext)
-        p.add_argument("--network", default=DEFAULT_NETWORK, help="default: %(default)s")
-        p.add_argument("--cni-conf-dir", default="/etc/cni/net.d", help="default: %(default)s")
+        p.add_argument("--network", default=DEFAULT_NETWORK,
+                       help="the CNI network's name, as podman run --network NAME gives it "
+                       "(default: %(default)s)")
+        p.add_argument("--cni-conf-dir", default="/etc/cni/net.d",
+                       help="where the runtime reads network configurations (NAME.conflist) "
+                       "(default: %(default)s)")
         p.add_argument("--cni-bin-dir", default="/usr/lib/cni",
                        help="where the runtime looks for plugins (default: %(default)s)")
         if name == "install":
-            p.add_argument("--subnet", default=DEFAULT_SUBNET, help="default: %(default)s")
+            p.add_argument("--subnet", default=DEFAULT_SUBNET,
+                           help="the containers' addresses (ptp's host-local IPAM) "
+                           "(default: %(default)s)")
             p.add_argument("--route", action="append", metavar="CIDR",
                            help="routes in the container (repeatable; default: "
                            f"{', '.join(DEFAULT_ROUTES)})")

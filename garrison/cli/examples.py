@@ -8,7 +8,7 @@ from __future__ import annotations
 
 EXAMPLES: dict[str, tuple[str, ...]] = {
     "": (
-        "garrison policy validate examples/starwars/    # check policy files, offline",
+        "garrison policy validate examples/starwars/sw_l3_l4_l7_policy.yaml   # offline",
         "garrison agent --policy-dir /etc/garrison/policies &   # the node agent, as root",
         "garrison observe --last 20 --verdict DROPPED   # what was dropped, and why",
     ),
@@ -18,7 +18,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
         "garrison policy get",
     ),
     "policy validate": (
-        "garrison policy validate examples/starwars/",
+        "garrison policy validate examples/grpc/ examples/kafka/   # directories, recursively",
         "garrison policy validate -o json policies/*.yaml",
     ),
     "policy trace": (

@@ -138,7 +138,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "selects the destination; always: deny what no rule allows; never: allow all")
     p.add_argument("--max-connections", type=int, default=ProxyConfig().max_connections,
                    metavar="N",
-                   help="client connections held at once; more are closed (an ERROR record)")
+                   help="client connections each worker process holds at once; more are "
+                   "closed (an ERROR record)")
     p.add_argument("--connect-timeout", type=float, default=Timeouts().connect, metavar="S",
                    help="seconds to connect to the upstream")
     p.add_argument("--header-timeout", type=float, default=Timeouts().header_read, metavar="S",
@@ -244,6 +245,18 @@ class _Options:
         self.workers = default_workers() if args.workers is None else int(args.workers)
         if not 0 < self.workers <= 1024:
             raise UsageError("--workers: a number of processes, 1-1024")
+        for flag in ("connect", "header", "idle", "upstream"):
+            seconds = getattr(args, f"{flag}_timeout")
+            if not 0 < seconds < 10**7:  # nan, inf, 0 and less: a timer that never waits
+                raise UsageError(f"--{flag}-timeout {seconds:g}: a number of seconds above 0 "
+                                 "and below 10000000 (e.g. 30)")
+        for option, value, zero in (
+                ("--access-log-max-bytes", args.access_log_max_bytes, "never rotate"),
+                ("--access-log-backups", args.access_log_backups, "keep none")):
+            if value < 0:
+                raise UsageError(f"{option} {value}: give 0 ({zero}) or more")
+        if args.max_connections < 1:
+            raise UsageError(f"--max-connections {args.max_connections}: at least 1")
         self.resolver = ResolverConfig(EnforcementMode(args.enforcement), args.audit)
         self.config = ProxyConfig(
             timeouts=_timeouts(args),

@@ -4,7 +4,7 @@
   forwarded, denied, parse_errors; `proxy_type` = http, grpc, kafka; `direction` = ingress,
   egress.
 - `garrison_proxy_upstream_reply_seconds{protocol, scope}` histogram: `scope` = headers
-  (request forwarded → response headers) or total (→ end of the response).
+  (request forwarded → response headers), the only scope recorded.
 - `garrison_proxy_connections{proxy_type}` gauge: client connections open now.
 - `garrison_proxy_upstream_pool_connections{state}` gauge: `state` = idle, busy (sampled
   by the server every `sweep_interval`, 1 s).
