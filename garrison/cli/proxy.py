@@ -38,7 +38,6 @@ import contextlib
 import gc
 import ipaddress
 import logging
-import math
 import shutil
 import signal
 import socket
@@ -191,17 +190,8 @@ def resolve_host(host: str, flag: str) -> str:
 
 
 def _timeouts(args: argparse.Namespace) -> Timeouts:
-    """The timeout flags, checked: an idle or upstream timeout given applies to every
-    protocol; left out, Kafka connections keep their own longer defaults."""
-    given = {
-        "--connect-timeout": args.connect_timeout,
-        "--header-timeout": args.header_timeout,
-        "--idle-timeout": args.idle_timeout,
-        "--upstream-timeout": args.upstream_timeout,
-    }
-    for flag, value in given.items():
-        if value is not None and not 0 < value < math.inf:
-            raise UsageError(f"{flag} {value:g}: give a number of seconds above 0")
+    """The timeout flags (checked in `_Options`): an idle or upstream timeout given applies
+    to every protocol; left out, Kafka connections keep their own longer defaults."""
     base = Timeouts(connect=args.connect_timeout, header_read=args.header_timeout)
     if args.idle_timeout is not None:
         base = replace(base, idle=args.idle_timeout, kafka_idle=args.idle_timeout)
@@ -247,7 +237,8 @@ class _Options:
             raise UsageError("--workers: a number of processes, 1-1024")
         for flag in ("connect", "header", "idle", "upstream"):
             seconds = getattr(args, f"{flag}_timeout")
-            if not 0 < seconds < 10**7:  # nan, inf, 0 and less: a timer that never waits
+            # nan, inf, 0 and less: a timer that never waits (None: the protocol's default)
+            if seconds is not None and not 0 < seconds < 10**7:
                 raise UsageError(f"--{flag}-timeout {seconds:g}: a number of seconds above 0 "
                                  "and below 10000000 (e.g. 30)")
         for option, value, zero in (
