@@ -3,7 +3,8 @@
 Endpoints (GET only; anything else is 405):
 
 - `/` the page; `/static/NAME` its assets (only the files shipped in `garrison/ui/static`);
-- `/api/info`: the source, how many records, lines that were no flow record, the policies;
+- `/api/info`: the source, how many records, lines that were no flow record, the policies,
+  what is wrong with the source now (`problem`: an agent that does not answer);
 - `/api/map?q=FILTER`: the service map (`garrison.flows.servicemap`); without a filter it is
   the one kept up to date while reading, with one it is computed by reading the records again;
   while the inputs are still being read, `loading` says how far (`{"bytes", "done"}`);
@@ -80,7 +81,8 @@ class ReviewServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], store: FlowStore, config: UIConfig) -> None:
         self.store, self.config = store, config
         self.stopping = threading.Event()
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # the last five the source had
+        self.problem: str | None = None  # what is wrong with the source now
         self._map_cache: tuple[int, dict[str, Any]] | None = None
         self._map_lock = threading.Lock()
         super().__init__(address, Handler)
@@ -93,6 +95,11 @@ class ReviewServer(ThreadingHTTPServer):
 
     def source_error(self, message: str) -> None:
         self.errors = [*self.errors[-4:], message]
+        self.problem = message
+
+    def source_ok(self) -> None:
+        """The source is read again (an agent that was away answers)."""
+        self.problem = None
 
     def service_map(self) -> dict[str, Any]:
         """The map of everything read, recomputed only when records were added."""
@@ -209,6 +216,7 @@ class Handler(BaseHTTPRequestHandler):
             "skipped_samples": store.stats.samples,
             "policies": config.policies_from,
             "errors": self.server.errors,
+            "problem": self.server.problem,
             "loading": store.loading,
             "read_only": True,
         })
