@@ -18,8 +18,10 @@ Endpoints (GET only; anything else is 405):
 
 Every answer carries a content security policy (`default-src 'self'`): the page loads nothing
 from elsewhere. Requests whose Host header names another site are refused (a web page that
-rebinds its own name to 127.0.0.1 cannot read the log). Filters are read by the same flags as
-`garrison observe` (`garrison.ui.filters`).
+rebinds its own name to 127.0.0.1 cannot read the log), and so are requests to `/api/` that a
+page of another site made the browser send (`Sec-Fetch-Site` other than `same-origin` or
+`none`: it could not read the answer, but the work behind it would be done). Filters are read
+by the same flags as `garrison observe` (`garrison.ui.filters`).
 """
 
 from __future__ import annotations
@@ -159,6 +161,14 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         path = parts.path
+        site = self.headers.get("Sec-Fetch-Site")
+        if path.startswith("/api/") and site not in (None, "same-origin", "none"):
+            # another site's page made the browser ask (an <img>, a no-cors fetch): it could
+            # not read the answer, but the scan behind it would run all the same, in the
+            # agent's process with `agent --ui`
+            self._error(HTTPStatus.FORBIDDEN, f"the API answers this page only, not a request"
+                        f" another site's page made (Sec-Fetch-Site: {site[:40]})")
+            return
         try:
             if path in ("/", "/index.html"):
                 self._static("index.html")
