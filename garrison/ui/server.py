@@ -16,6 +16,10 @@ Endpoints (GET only; anything else is 405):
 - `/api/policy`: per rule the allowed / denied / audited counts and times, the rules never
   matched (when the policies are known) and the audited requests enforcing would deny.
 
+At most `MAX_CONNECTIONS` connections are served at once (more are closed at once), and one
+that asks nothing for `IDLE_TIMEOUT_S` is let go: with `garrison agent --ui` the server runs in
+the agent's process, and any local user can connect to it.
+
 Every answer carries a content security policy (`default-src 'self'`): the page loads nothing
 from elsewhere. Requests whose Host header names another site are refused (a web page that
 rebinds its own name to 127.0.0.1 cannot read the log), and so are requests to `/api/` that a
@@ -57,6 +61,11 @@ CSP = ("default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors
        "object-src 'none'")
 PAGE_LIMIT = 100
 MAX_PAGE_LIMIT = 1000
+# A connection holds a thread and a descriptor, in the agent's process with `agent --ui`: at
+# most this many are served at once (more are closed at once), and one that asks nothing is
+# let go after this long (a browser opens a new one when it needs one).
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 10.0
 SCAN_LIMIT = 200_000
 STREAM_BATCH = 500
 HEARTBEAT_S = 15.0
@@ -79,6 +88,7 @@ class UIConfig:
 class ReviewServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = MAX_CONNECTIONS  # socketserver's 5 drops a burst's SYNs
 
     def __init__(self, address: tuple[str, int], store: FlowStore, config: UIConfig) -> None:
         self.store, self.config = store, config
@@ -87,7 +97,27 @@ class ReviewServer(ThreadingHTTPServer):
         self.problem: str | None = None  # what is wrong with the source now
         self._map_cache: tuple[int, dict[str, Any]] | None = None
         self._map_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: the client may try again
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: nothing to report
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -120,6 +150,7 @@ class ReviewServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: ReviewServer
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT_S
     server_version = "garrison-ui"
     sys_version = ""
 

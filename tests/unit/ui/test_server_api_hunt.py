@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -11,6 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from garrison.ui.app import Listen, ReviewApp, file_source
+from garrison.ui.server import IDLE_TIMEOUT_S, MAX_CONNECTIONS
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "flows" / "starwars-demo.log"
 
@@ -49,3 +53,31 @@ def test_the_api_answers_its_own_page_and_scripts_only(
             assert f"another site's page made (Sec-Fetch-Site: {site})".encode() in body
     # the page itself opens from a link anywhere
     assert get(app, "/?view=flows", site)[0] == 200
+
+
+def test_idle_connections_hold_a_bounded_number_of_descriptors_for_a_while(
+        app: ReviewApp) -> None:
+    """Each connection held a thread and a descriptor until the client closed it, without
+    bound: any local user could take every descriptor of `garrison agent --ui`'s process (the
+    page listens on loopback, in the agent's process, beside the proxy)."""
+    port = app.listen.port
+    before = len(os.listdir("/proc/self/fd"))
+    held = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 50):
+            held.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(1.0)
+        # the client's own descriptors, and at most the cap on the server's side
+        assert len(os.listdir("/proc/self/fd")) - before <= len(held) + MAX_CONNECTIONS
+        probe = held[0]
+        probe.settimeout(IDLE_TIMEOUT_S + 5)
+        started = time.monotonic()
+        assert probe.recv(1) == b""  # let go after its timeout
+        assert time.monotonic() - started <= IDLE_TIMEOUT_S + 2
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 5
+    while get(app, "/api/info", None)[0] != 200:
+        assert time.monotonic() < deadline, "the page did not answer once the idle clients left"
+        time.sleep(0.2)
