@@ -277,7 +277,7 @@ class Handler(BaseHTTPRequestHandler):
         text = params.get(name, "")
         if not text:
             return default
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise FilterError(f"{name}: expected a number, got {text[:40]!r}")
         return min(int(text), high)
 

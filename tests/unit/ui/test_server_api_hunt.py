@@ -81,3 +81,13 @@ def test_idle_connections_hold_a_bounded_number_of_descriptors_for_a_while(
     while get(app, "/api/info", None)[0] != 200:
         assert time.monotonic() < deadline, "the page did not answer once the idle clients left"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("path", ["/api/flows?before=%C2%B2", "/api/flows?limit=%C2%B9",
+                                  "/api/stream?after=%C2%B3"])
+def test_a_number_that_is_no_ascii_number_is_a_400(app: ReviewApp, path: str) -> None:
+    """`²` passed the digit check and failed int(): the connection was dropped with no
+    answer, and a traceback went to the log (the agent's, with `agent --ui`)."""
+    status, body = get(app, path, None)
+    assert status == 400
+    assert b"expected a number" in body
