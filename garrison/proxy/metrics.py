@@ -9,7 +9,8 @@
 - `garrison_proxy_upstream_pool_connections{state}` gauge: `state` = idle, busy (sampled
   by the server every `sweep_interval`, 1 s).
 - `garrison_proxy_access_log_errors_total` counter.
-- `garrison_proxy_flows_total{verdict}` counter: FORWARDED, DROPPED, AUDIT, ERROR.
+- `garrison_proxy_flows_total{verdict}` counter: FORWARDED, DROPPED, AUDIT, ERROR. In the
+  agent, every record its sink writes: the datapath's drops and verdicts too.
 - `garrison_proxy_destination_selected` gauge (standalone proxy): 1 when a loaded policy
   selects the destination for ingress, 0 when none does (every request is forwarded).
 - `garrison_proxy_accepted_connections_total{worker}` counter: client connections each worker
