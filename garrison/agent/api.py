@@ -12,6 +12,11 @@ socket beside it (`.NAME.grpc`, root only), from a client socket bound to an abs
 that the handler's `context.peer()` then shows. Every call that changes state (all but
 `READ_ONLY`) is logged on `garrison.audit` as one JSON line: method, caller, request,
 outcome and the policy revision after it.
+
+The front socket relays at most `MAX_CONNECTIONS` connections at once (more are closed, and
+logged, until some end), and outlives running out of descriptors (it retries the accept): a
+client that leaks connections can neither take the descriptors the proxy accepts with nor
+leave the API dead.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -52,6 +58,10 @@ audit_log = logging.getLogger("garrison.audit")
 log = logging.getLogger("garrison.agent.api")
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+# API connections relayed at once (each holds two threads and three descriptors): a client
+# that opens connections and never closes them cannot take the descriptors the proxy needs.
+MAX_CONNECTIONS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +123,7 @@ class AgentAPIServer:
         self._callers: dict[str, Caller] = {}
         self._callers_lock = threading.Lock()
         self._ids = itertools.count(1)
+        self._stopping = threading.Event()
 
     def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -148,6 +159,7 @@ class AgentAPIServer:
         self._accept_thread.start()
 
     def stop(self, grace: float = 1.0) -> None:
+        self._stopping.set()
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
@@ -165,11 +177,31 @@ class AgentAPIServer:
     # -- the front socket: who called -------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
+        refusing = False  # warned about the current streak of refusals
         while True:
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return  # closed by stop()
+            except OSError as exc:
+                if self._stopping.is_set():
+                    return  # closed by stop()
+                # out of descriptors or memory (EMFILE, ENFILE, ENOBUFS): the API must outlive
+                # it, not stop answering for good
+                if not refusing:
+                    log.warning("API: cannot accept a connection: %s; retrying", exc)
+                refusing = True
+                time.sleep(0.1)
+                continue
+            with self._callers_lock:
+                full = len(self._callers) >= MAX_CONNECTIONS
+            if full:
+                if not refusing:
+                    log.warning("API: %d connections open, refusing new ones until some close"
+                                " (a client that opens connections and never closes them?)",
+                                MAX_CONNECTIONS)
+                refusing = True
+                conn.close()
+                continue
+            refusing = False
             try:
                 self._relay(conn)
             except OSError as exc:

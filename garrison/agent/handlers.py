@@ -69,6 +69,22 @@ def map_state_view(state: MapState) -> list[dict[str, Any]]:
     return rows
 
 
+def policy_paths(req: dict[str, Any]) -> list[str]:
+    """`PolicyImport`'s `paths`: absolute paths (the CLI resolves them). A string was taken
+    as a list of one-character paths, "/" among them: the agent walked the whole file system
+    for policy files; a relative path is resolved against the agent's directory, not the
+    caller's."""
+    paths = req.get("paths")
+    if (not isinstance(paths, list) or not paths
+            or not all(isinstance(p, str) and p for p in paths)):
+        raise APIError(f"paths: expected a list of policy files or directories, got {paths!r:.80}")
+    for path in paths:
+        if not path.startswith("/"):
+            raise APIError(f"{path!r}: not an absolute path (the agent's working directory is "
+                           "not the caller's); give the whole path")
+    return paths
+
+
 def make_handlers(agent: Agent) -> dict[str, Handler]:
     def guard(fn: Handler) -> Handler:
         def call(req: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +212,7 @@ def make_handlers(agent: Agent) -> dict[str, Handler]:
             return {"namespaces": [namespace_view(n, known[n]) for n in sorted(known)]}
 
     def policy_import(req: dict[str, Any]) -> dict[str, Any]:
-        change = agent.import_policies(req["paths"])
+        change = agent.import_policies(policy_paths(req))
         return {
             "revision": change.revision,
             "imported": [f"{p.kind.value} {p.namespace or ''}/{p.name}" for p in change.added],

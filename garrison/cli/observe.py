@@ -202,7 +202,8 @@ class AgentSource:
         missed = int(data.get("missed", 0))
         if missed:
             print(f"garrison: {missed} records left the agent's ring before they were read "
-                  "(a larger --flow-ring-size on the agent keeps more)", file=sys.stderr)
+                  "(it keeps only the newest; the agent's --access-log has every one: "
+                  "observe --input-file PATH)", file=sys.stderr)
         return self._flows(data, stats), int(data.get("cursor", cursor))
 
     def rule_keys(self) -> list[dict[str, Any]]:

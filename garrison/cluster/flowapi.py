@@ -13,7 +13,9 @@ it change knows the cursor it holds means nothing any more (the agent restarted)
 
 The server holds the flow store and nothing else: no method of it can change the agent's
 state. Requests are bounded (64 KiB, a few at a time); a bad one is refused with
-INVALID_ARGUMENT.
+INVALID_ARGUMENT. Connections are bounded too (`MAX_CONNECTIONS` at once; one that has not
+finished its handshake in 10 s, or is idle for 5 minutes, is closed): a host that can reach the
+port cannot take the descriptors of the agent's process.
 
 TLS, as Hubble's: with `ServerTLS` (`--flow-api-tls-cert/-key`, read and checked by
 `load_server_tls` before the agent starts) the server speaks TLS, and with its `client_ca`
@@ -77,6 +79,12 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 WORKERS = 2
 MAX_CONCURRENT = 8
+# Connections held at once (more are closed at once), and how long one that has not finished
+# its handshake, or is idle after it, is kept: each holds a descriptor of the agent's process,
+# which its proxy accepts with.
+MAX_CONNECTIONS = 256
+HANDSHAKE_TIMEOUT_MS = 10_000
+IDLE_TIMEOUT_MS = 5 * 60_000
 DEFAULT_LIMIT = 100
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -325,6 +333,9 @@ class FlowAPIServer:
                 ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
                 # one listener per address: a second agent on it fails instead of sharing
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
+                ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+                ("grpc.max_connection_idle_ms", IDLE_TIMEOUT_MS),
             ],
         )
         server.add_generic_rpc_handlers((

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import re2
 
@@ -151,10 +152,12 @@ def parse_http_header(value: str) -> tuple[str, str]:
 _NAME_CHARS = r"[-0-9_a-z]+(?:\.[-0-9_a-z]+)*"
 
 
-def node_name_pattern(values: tuple[str, ...]) -> re.Pattern[str]:
+def node_name_pattern(values: tuple[str, ...]) -> Any:
     """Hubble's `--node-name` patterns: `[CLUSTER/]NODE`, each part lower case letters,
     digits, `-`, `_`, `.` and `*` (any run of them); a missing part matches any name. A
-    record's node name without a cluster is in cluster `default`."""
+    record's node name without a cluster is in cluster `default`. A re2 pattern (`fullmatch`):
+    the patterns come from readers (the flow API's, the review page's), and Python's engine
+    backtracks for hours on `****...x` while holding the GIL of the agent's process."""
     alternatives = []
     for value in values:
         parts = value.split("/")
@@ -162,7 +165,7 @@ def node_name_pattern(values: tuple[str, ...]) -> re.Pattern[str]:
             raise FilterError(f"--node-name {value!r}: expected [CLUSTER/]NODE")
         cluster, node = parts if len(parts) == 2 else ("", parts[0])
         alternatives.append(f"{_name_pattern(cluster, value)}/{_name_pattern(node, value)}")
-    return re.compile("(?:" + "|".join(alternatives) + ")")
+    return re2.compile("(?:" + "|".join(alternatives) + ")")
 
 
 def _name_pattern(text: str, value: str) -> str:

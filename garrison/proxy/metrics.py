@@ -9,7 +9,8 @@
 - `garrison_proxy_upstream_pool_connections{state}` gauge: `state` = idle, busy (sampled
   by the server every `sweep_interval`, 1 s).
 - `garrison_proxy_access_log_errors_total` counter.
-- `garrison_proxy_flows_total{verdict}` counter: FORWARDED, DROPPED, AUDIT, ERROR.
+- `garrison_proxy_flows_total{verdict}` counter: FORWARDED, DROPPED, AUDIT, ERROR. In the
+  agent, every record its sink writes: the datapath's drops and verdicts too.
 - `garrison_proxy_destination_selected` gauge (standalone proxy): 1 when a loaded policy
   selects the destination for ingress, 0 when none does (every request is forwarded).
 - `garrison_proxy_accepted_connections_total{worker}` counter: client connections each worker
@@ -31,17 +32,24 @@ over live workers, `destination_selected` the least of the live workers'.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import values as prometheus_values
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
+from prometheus_client.exposition import (
+    CONTENT_TYPE_LATEST,
+    ThreadingWSGIServer,
+    make_wsgi_app,
+)
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
@@ -88,6 +96,14 @@ DEFAULT_LATENCY_BUCKETS: tuple[float, ...] = (
 )
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# The endpoint usually listens on the node's network (Prometheus scrapes it), in the agent's
+# or the proxy's own process: a connection holds a thread and a descriptor, so at most this
+# many are served at once (more are closed at once), each for at most this long idle.
+MAX_SCRAPE_CONNECTIONS = 64
+SCRAPE_TIMEOUT_S = 5.0
+
+log = logging.getLogger("garrison.metrics")
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,8 +337,64 @@ class ProxyMetrics:
 
     def serve(self, host: str, port: int) -> MetricsServer:
         """Serve the text format over HTTP on host:port (port 0 picks a free one)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        return MetricsServer(server, thread)
+        return _serve_http(host, port, self.registry)
+
+
+class _ScrapeHandler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT_S  # a client that connects and never asks is let go
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a line per scrape would bury everything else
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """prometheus_client's thread-per-connection server, with at most
+    `MAX_SCRAPE_CONNECTIONS` connections served at once."""
+
+    request_queue_size = MAX_SCRAPE_CONNECTIONS  # socketserver's 5 drops a burst's SYNs
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPE_CONNECTIONS)
+        self._refusing = False
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            if not self._refusing:
+                log.warning("metrics: %d connections open, closing new ones until some end",
+                            MAX_SCRAPE_CONNECTIONS)
+            self._refusing = True
+            self.shutdown_request(request)
+            return
+        self._refusing = False
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: nothing to report
+
+
+def _serve_http(host: str, port: int, registry: CollectorRegistry) -> MetricsServer:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class Server(_BoundedServer):
+        address_family = family
+
+    server = make_server(host.strip("[]"), port, make_wsgi_app(registry), Server,
+                         handler_class=_ScrapeHandler)
+    thread = threading.Thread(target=server.serve_forever, name="garrison-metrics",
+                              daemon=True)
+    thread.start()
+    return MetricsServer(server, thread)
 
 
 def use_multiprocess(directory: Path) -> None:
@@ -361,8 +433,7 @@ def serve_multiprocess(host: str, port: int, directory: Path) -> MetricsServer:
     """Serve the sum of every worker's metrics in `directory` over HTTP on host:port."""
     registry = CollectorRegistry()
     registry.register(_WorkersSum(directory))
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsServer(server, thread)
+    return _serve_http(host, port, registry)
 
 
 def worker_exited(pid: int, directory: Path) -> None:

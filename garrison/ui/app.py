@@ -99,7 +99,8 @@ class ReviewApp:
         thread = threading.Thread(target=server.serve_forever, name="garrison-ui-http",
                                   daemon=True)
         thread.start()
-        self._poller = Poller(self.source, self.store, on_error=server.source_error)
+        self._poller = Poller(self.source, self.store, on_error=server.source_error,
+                              on_ok=server.source_ok)
         self._threads = [thread, self._poller]
         if isinstance(self.source, FileSource):
             loader = threading.Thread(target=self._finish_loading, args=(self.source, server),

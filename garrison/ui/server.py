@@ -3,7 +3,8 @@
 Endpoints (GET only; anything else is 405):
 
 - `/` the page; `/static/NAME` its assets (only the files shipped in `garrison/ui/static`);
-- `/api/info`: the source, how many records, lines that were no flow record, the policies;
+- `/api/info`: the source, how many records, lines that were no flow record, the policies,
+  what is wrong with the source now (`problem`: an agent that does not answer);
 - `/api/map?q=FILTER`: the service map (`garrison.flows.servicemap`); without a filter it is
   the one kept up to date while reading, with one it is computed by reading the records again;
   while the inputs are still being read, `loading` says how far (`{"bytes", "done"}`);
@@ -15,10 +16,16 @@ Endpoints (GET only; anything else is 405):
 - `/api/policy`: per rule the allowed / denied / audited counts and times, the rules never
   matched (when the policies are known) and the audited requests enforcing would deny.
 
+At most `MAX_CONNECTIONS` connections are served at once (more are closed at once), and one
+that asks nothing for `IDLE_TIMEOUT_S` is let go: with `garrison agent --ui` the server runs in
+the agent's process, and any local user can connect to it.
+
 Every answer carries a content security policy (`default-src 'self'`): the page loads nothing
 from elsewhere. Requests whose Host header names another site are refused (a web page that
-rebinds its own name to 127.0.0.1 cannot read the log). Filters are read by the same flags as
-`garrison observe` (`garrison.ui.filters`).
+rebinds its own name to 127.0.0.1 cannot read the log), and so are requests to `/api/` that a
+page of another site made the browser send (`Sec-Fetch-Site` other than `same-origin` or
+`none`: it could not read the answer, but the work behind it would be done). Filters are read
+by the same flags as `garrison observe` (`garrison.ui.filters`).
 """
 
 from __future__ import annotations
@@ -54,6 +61,11 @@ CSP = ("default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors
        "object-src 'none'")
 PAGE_LIMIT = 100
 MAX_PAGE_LIMIT = 1000
+# A connection holds a thread and a descriptor, in the agent's process with `agent --ui`: at
+# most this many are served at once (more are closed at once), and one that asks nothing is
+# let go after this long (a browser opens a new one when it needs one).
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT_S = 10.0
 SCAN_LIMIT = 200_000
 STREAM_BATCH = 500
 HEARTBEAT_S = 15.0
@@ -76,14 +88,36 @@ class UIConfig:
 class ReviewServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = MAX_CONNECTIONS  # socketserver's 5 drops a burst's SYNs
 
     def __init__(self, address: tuple[str, int], store: FlowStore, config: UIConfig) -> None:
         self.store, self.config = store, config
         self.stopping = threading.Event()
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # the last five the source had
+        self.problem: str | None = None  # what is wrong with the source now
         self._map_cache: tuple[int, dict[str, Any]] | None = None
         self._map_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: the client may try again
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out or went away: nothing to report
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -93,6 +127,11 @@ class ReviewServer(ThreadingHTTPServer):
 
     def source_error(self, message: str) -> None:
         self.errors = [*self.errors[-4:], message]
+        self.problem = message
+
+    def source_ok(self) -> None:
+        """The source is read again (an agent that was away answers)."""
+        self.problem = None
 
     def service_map(self) -> dict[str, Any]:
         """The map of everything read, recomputed only when records were added."""
@@ -111,6 +150,7 @@ class ReviewServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: ReviewServer
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT_S
     server_version = "garrison-ui"
     sys_version = ""
 
@@ -152,6 +192,14 @@ class Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         path = parts.path
+        site = self.headers.get("Sec-Fetch-Site")
+        if path.startswith("/api/") and site not in (None, "same-origin", "none"):
+            # another site's page made the browser ask (an <img>, a no-cors fetch): it could
+            # not read the answer, but the scan behind it would run all the same, in the
+            # agent's process with `agent --ui`
+            self._error(HTTPStatus.FORBIDDEN, f"the API answers this page only, not a request"
+                        f" another site's page made (Sec-Fetch-Site: {site[:40]})")
+            return
         try:
             if path in ("/", "/index.html"):
                 self._static("index.html")
@@ -209,6 +257,7 @@ class Handler(BaseHTTPRequestHandler):
             "skipped_samples": store.stats.samples,
             "policies": config.policies_from,
             "errors": self.server.errors,
+            "problem": self.server.problem,
             "loading": store.loading,
             "read_only": True,
         })
@@ -228,7 +277,7 @@ class Handler(BaseHTTPRequestHandler):
         text = params.get(name, "")
         if not text:
             return default
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise FilterError(f"{name}: expected a number, got {text[:40]!r}")
         return min(int(text), high)
 

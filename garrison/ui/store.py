@@ -657,23 +657,31 @@ class Source(Protocol):
 
 
 class Poller(threading.Thread):
-    """Polls the source for new records until stopped; errors are kept for the page."""
+    """Polls the source for new records until stopped; errors are kept for the page
+    (`on_error`), and the first poll that works again after one says so (`on_ok`)."""
 
     def __init__(self, source: Source, store: FlowStore, interval_s: float = 0.25,
-                 on_error: Callable[[str], None] | None = None) -> None:
+                 on_error: Callable[[str], None] | None = None,
+                 on_ok: Callable[[], None] | None = None) -> None:
         super().__init__(name="garrison-ui-poll", daemon=True)
         self.source, self.store, self.interval_s = source, store, interval_s
-        self.on_error = on_error
+        self.on_error, self.on_ok = on_error, on_ok
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        failing = False
         while not self._stop_event.wait(self.interval_s):
             try:
                 self.source.poll(self.store)
             except Exception as exc:  # a source error is shown, the page keeps serving
+                failing = True
                 if self.on_error is not None:
                     self.on_error(str(exc))
                 time.sleep(1.0)
+            else:
+                if failing and self.on_ok is not None:
+                    self.on_ok()
+                failing = False
 
     def stop(self) -> None:
         self._stop_event.set()

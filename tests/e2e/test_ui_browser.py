@@ -355,6 +355,61 @@ def test_ten_thousand_endpoints_are_grouped(workdir: Path, browser: Browser) -> 
         stop_ui(proc)
 
 
+def _fake_agent(socket: Path, ring: Any) -> Any:
+    """The agent's API as `garrison ui --socket` reads it, over `ring` (a real socket)."""
+    from garrison.agent.api import AgentAPIServer
+    from garrison.flows.query import FlowQuery
+
+    def flows(req: dict[str, Any]) -> dict[str, Any]:
+        batch = ring.tail(int(req.get("limit", 100)), FlowQuery.from_dict({}).compile())
+        return {"flows": [r.to_json() for r in batch.records], "cursor": batch.cursor}
+
+    def flows_since(req: dict[str, Any]) -> dict[str, Any]:
+        batch = ring.since(int(req.get("cursor", 0)))
+        return {"flows": [r.to_json() for r in batch.records], "cursor": batch.cursor,
+                "missed": batch.missed}
+
+    server = AgentAPIServer(socket, {"Flows": flows, "FlowsSince": flows_since,
+                                     "PolicyGet": lambda _: {"policies": []}})
+    server.start()
+    return server
+
+
+def test_the_page_says_when_the_agent_is_gone_and_when_it_is_back(
+        workdir: Path, browser: Browser) -> None:
+    """The page over an agent that stopped kept showing what it had, with nothing to say the
+    agent was gone (the error was only in /api/info, which the page read once): it now says
+    so on its source line, and that it is back once the agent answers again; and when the
+    page's own server is gone (`garrison agent --ui` stopped), it says that."""
+    from garrison.flows.record import FlowRecord
+    from garrison.flows.store import FlowStore as Ring
+
+    records = [FlowRecord.from_json(x) for x in DEMO.read_bytes().splitlines() if x.strip()]
+    socket = workdir / "gone" / "agent.sock"
+    ring = Ring()
+    ring.extend(records[:5])
+    server = _fake_agent(socket, ring)
+    url, proc = start_ui(["--socket", str(socket)])
+    try:
+        page = browser.page()
+        page.goto(url + "?view=flows")
+        source = page.locator("#source")
+        expect(source).to_have_text(f"agent at {socket} · 5 records · policies: the agent's "
+                                    "policies")
+        server.stop(grace=0)
+        expect(source).to_contain_text(f"no agent socket at {socket}", timeout=15_000)
+        ring.extend(records[5:8])
+        server = _fake_agent(socket, ring)
+        expect(source).to_have_text(f"agent at {socket} · 8 records · policies: the agent's "
+                                    "policies", timeout=20_000)
+        stop_ui(proc)
+        expect(source).to_contain_text("the review server does not answer", timeout=15_000)
+        page.close()
+    finally:
+        server.stop(grace=0)
+        stop_ui(proc)
+
+
 def test_no_request_left_loopback(ui: str, browser: Browser) -> None:
     """Runs last in this module: every request the pages made in all the tests above went to
     the servers the tests started on 127.0.0.1."""

@@ -485,17 +485,26 @@ async function loadPolicy() {
 
 // ------------------------------------------------------------------------------------------
 
+// Read again every few seconds: the source line says when the agent stopped answering (and
+// when it is back), and when this page's own server is gone.
+const INFO_EVERY_MS = 3000;
+
 async function loadInfo() {
+  const source = document.getElementById("source");
   try {
     const info = await api("/api/info");
-    const source = document.getElementById("source");
-    source.textContent = `${info.source} · ${info.records} records` +
+    source.textContent = shown(`${info.source} · ${info.records} records` +
       (info.skipped ? ` · ${info.skipped} lines skipped` : "") +
-      (info.policies ? ` · policies: ${info.policies}` : "");
+      (info.policies ? ` · policies: ${info.policies}` : "") +
+      (info.problem ? ` · ${info.problem}` : ""));
+    source.classList.toggle("error", Boolean(info.problem));
     source.title = info.skipped_samples.join("\n");
   } catch (err) {
-    fail(err);
+    source.textContent = `the review server does not answer (${location.host}): it stopped, ` +
+      "or the agent serving it did; reload once it runs again";
+    source.classList.add("error");
   }
+  setTimeout(loadInfo, INFO_EVERY_MS);
 }
 
 function init() {
