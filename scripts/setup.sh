@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian machine of this kind: Debian packages, the kernel
 # header links bcc needs, and the project's virtualenv in .venv (seeing Debian's bcc).
-# One line per phase: `setup: [2/5] kernel headers for bcc ... ok`; the tools' own output goes
+# One line per phase: `setup: [3/7] kernel headers for bcc ... ok`; the tools' own output goes
 # to logs under .venv, shown when a phase fails.
 #   GARRISON_SETUP=runtime (make setup-runtime, make demo): what garrison and its demo need —
 #   no test and lint tools, no container runtime set-up, no mypyc build (garrison then runs
