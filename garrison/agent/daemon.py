@@ -169,7 +169,7 @@ class Agent:
                 self._links[ep.name] = link
                 stale = ep  # its namespace's labels may have changed meanwhile (a cluster's)
                 ep = replace(ep, namespace_labels=self._namespace_labels(ep.namespace))
-                ident = self._identity_for(ep)
+                ident = self._identity_for(ep, prefer=stale.identity)
                 if ep != stale or ident.id != ep.identity or ep.host_ifname != link.host_ifname:
                     ep = replace(ep, identity=ident.id, host_ifname=link.host_ifname)
                     self.endpoints.update(ep)
@@ -361,10 +361,13 @@ class Agent:
                 self.cluster.endpoint_changed(record)
             return record
 
-    def _identity_for(self, ep: EndpointRecord) -> Identity:
+    def _identity_for(self, ep: EndpointRecord, prefer: int | None = None) -> Identity:
+        """`prefer`: the number the endpoint had (a restart), kept if its identity was
+        collected meanwhile (a cluster's) and the number is still free."""
         if not ep.labels:  # labels not known yet: reserved:init (Cilium's, for the same case)
             return RESERVED["init"]
-        return self.allocator.allocate(ep.full_labels, owner=f"endpoint:{ep.name}")
+        return self.allocator.allocate(ep.full_labels, owner=f"endpoint:{ep.name}",
+                                       prefer=prefer or None)
 
     def delete_endpoint(self, name: str) -> EndpointRecord:
         with self.lock:

@@ -179,11 +179,13 @@ class IdentityAllocator:
 
     # Endpoint identities ----------------------------------------------------------------------
 
-    def allocate(self, labels: Labels, owner: str) -> Identity:
+    def allocate(self, labels: Labels, owner: str, prefer: int | None = None) -> Identity:
         """The identity of `labels` (after filtering), with `owner` holding a reference.
 
         Labels that name a reserved identity return it (not reference-counted). Raises
         `IdentityRangeExhaustedError` when every number of the endpoint range is in use.
+        `prefer`: the number to create the identity with when it has none and that number
+        is free (the cluster allocator's; here identities live as long as their owners).
         """
         relevant = self._allocatable(labels, owner)
         if isinstance(relevant, Identity):
@@ -505,11 +507,18 @@ class ClusterIdentityAllocator(IdentityAllocator):
         with self._lock:
             return {h.id: frozenset(h.owners) for h in self._held.values()}
 
-    def allocate(self, labels: Labels, owner: str) -> Identity:
+    def allocate(self, labels: Labels, owner: str, prefer: int | None = None) -> Identity:
+        """As `IdentityAllocator.allocate`; `prefer` (the number an endpoint had before the
+        agent restarted) is taken when the identity was collected meanwhile and the number
+        is still free, so endpoints keep their numbers."""
         relevant = self._allocatable(labels, owner)
         if isinstance(relevant, Identity):
             return relevant
         canonical = canonical_labels(relevant)
+        if prefer is not None and not (
+            self._config.min_endpoint_id <= prefer <= self._config.max_endpoint_id
+        ):
+            prefer = None
         with self._lock:
             held = self._held.get(canonical)
             if held is not None:
@@ -519,7 +528,7 @@ class ClusterIdentityAllocator(IdentityAllocator):
                     self._write_ref(canonical, held)
                 return Identity(held.id, relevant)
             held = _HeldIdentity(0, relevant, {owner})
-            held.id = self._reference(canonical, held, keep_id=None)
+            held.id = self._reference(canonical, held, keep_id=prefer)
             self._held[canonical] = held
             return Identity(held.id, relevant)
 

@@ -383,13 +383,13 @@ class _BoundedServer(ThreadingWSGIServer):
         pass  # a client that timed out or went away: nothing to report
 
 
+class _BoundedServer6(_BoundedServer):
+    address_family = socket.AF_INET6
+
+
 def _serve_http(host: str, port: int, registry: CollectorRegistry) -> MetricsServer:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    class Server(_BoundedServer):
-        address_family = family
-
-    server = make_server(host.strip("[]"), port, make_wsgi_app(registry), Server,
+    server_class = _BoundedServer6 if ":" in host else _BoundedServer
+    server = make_server(host.strip("[]"), port, make_wsgi_app(registry), server_class,
                          handler_class=_ScrapeHandler)
     thread = threading.Thread(target=server.serve_forever, name="garrison-metrics",
                               daemon=True)

@@ -251,3 +251,25 @@ def test_known_labels_allocate_while_etcd_is_down_and_catch_up_after() -> None:
             assert node.allocator.allocate(labels("new"), "ep-4").id != web.id
         finally:
             node.close()
+
+
+def test_an_identity_collected_meanwhile_comes_back_with_the_preferred_number(
+    nodes: list[Node],
+) -> None:
+    """An agent restarting after its identities were collected (dead longer than the lease TTL
+    and the grace) allocates them preferring the numbers its endpoints had: kept when free,
+    a new number when another label set took it meanwhile."""
+    node, other = nodes[0].allocator, nodes[1].allocator
+    kept = node.allocate(labels("kept"), "ep-1")
+    lost = node.allocate(labels("lost"), "ep-2")
+    for identity in (kept, lost):
+        nodes[0].store.delete(node._ref_key(canonical_labels(identity.labels)))
+    assert sorted(other.collect_garbage()) == sorted([kept.id, lost.id])
+    squatter = other.allocate(labels("squatter"), "ep-9", prefer=lost.id)
+    assert squatter.id == lost.id
+    again = nodes[2].allocator  # the restarted agent: nothing held yet
+    assert again.allocate(labels("kept"), "ep-1", prefer=kept.id) == kept
+    moved = again.allocate(labels("lost"), "ep-2", prefer=lost.id)
+    assert moved.id not in (lost.id, kept.id) and moved.labels == lost.labels
+    # a preference outside the endpoint range is no preference
+    assert again.allocate(labels("fresh"), "ep-3", prefer=1).id >= 256
