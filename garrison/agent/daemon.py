@@ -702,12 +702,12 @@ class Agent:
             added.append(prefix)
         for prefix in set(self._cidr_ids) - wanted:
             ident_id = self._cidr_ids.pop(prefix)
-            self.datapath.delete_prefix(prefix)
+            self.datapath.delete_cidr_prefix(prefix)
             changed |= self.resolver.remove_identity(ident_id)
         if sync:
             self._sync(changed)
         for prefix in added:
-            self.datapath.set_prefix(prefix, self._cidr_ids[prefix])
+            self.datapath.set_cidr_prefix(prefix, self._cidr_ids[prefix])
         return changed
 
     # -- the cluster (garrison/cluster/agent.py, from its watch threads) ---------------------

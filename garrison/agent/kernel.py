@@ -18,6 +18,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from garrison.agent.ipcacheclaims import IPCacheClaims
 from garrison.bpf.abi import CTFlags, ObservationPoint
 from garrison.bpf.loader import Datapath, DatapathConfig
 from garrison.bpf.maps import (
@@ -29,6 +30,7 @@ from garrison.bpf.maps import (
 )
 from garrison.bpf.policymap import PolicyDiff
 from garrison.bpf.sync import LocalEndpoint, PolicySync, local_endpoint_flags
+from garrison.identity.model import CIDR_ID_FLAG
 from garrison.policies.l7rules import L7Protocol
 from garrison.policies.mapstate import PROTOCOL_NAMES
 from garrison.policies.model import IPNetwork
@@ -45,6 +47,10 @@ from garrison.redirect.underlay import UnderlayRecord
 
 STEERING_RECORD = "steering.json"  # in the state directory: what this agent added
 UNDERLAY_RECORD = "underlay.json"  # in the state directory: the underlay device's from_netdev
+
+
+def _is_cidr(identity: int) -> bool:
+    return bool(identity & CIDR_ID_FLAG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,7 @@ class KernelDatapath:
         self.underlay = UnderlayRecord(state_dir / UNDERLAY_RECORD)
         self._dp: Datapath | None = None
         self._sync: PolicySync | None = None
+        self.claims = IPCacheClaims()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -74,6 +81,9 @@ class KernelDatapath:
         prepare_pin_dir(self.pin_root)
         self._dp = Datapath.load(DatapathConfig(pin_root=self.pin_root))
         self._sync = PolicySync(self._dp.maps, self.proxy_ports)
+        for entry in self._dp.maps.ipcache.entries():  # pinned: what a previous run holds
+            if not _is_cidr(entry.identity):
+                self.claims.hold(entry.prefix, entry.identity)
         self.steering_added = self.steering.install()
 
     def close(self) -> None:
@@ -125,6 +135,7 @@ class KernelDatapath:
         `what_if`: the resolver with the audited policies enforced (garrison.bpf.sync)."""
         flags = local_endpoint_flags(resolver, what_if, identity, audit, deny_response)
         config = EndpointConfig(identity, IPv4Address(ipv4), flags)
+        self.claims.hold(IPv4Network((IPv4Address(ipv4), 32)), identity)
         self.dp.maps.write_endpoint(link.ifindex, config)
 
     def attach(self, link: Link) -> bool:
@@ -154,20 +165,41 @@ class KernelDatapath:
         elif self._dp is not None:
             with contextlib.suppress(KeyError):
                 self.dp.maps.ipcache.delete(IPv4Network((IPv4Address(ipv4), 32)))
+        if self._dp is not None:
+            self._released(IPv4Network((IPv4Address(ipv4), 32)))
         if "netns" in owned:
             netdev.delete_endpoint(name)
         elif host_ifname:
             netdev.release_endpoint(host_ifname, netdev.Ownership(veth="veth" in owned))
 
-    # -- ipcache (CIDR identities) -----------------------------------------------------------
+    # -- ipcache (the host, remote endpoints, CIDR identities) -------------------------------
 
     def set_prefix(self, prefix: IPNetwork, identity: int) -> None:
+        """The host's or a remote endpoint's address: it holds the prefix, whatever CIDR
+        identity a policy wants there (garrison.agent.ipcacheclaims)."""
         if isinstance(prefix, IPv4Network):
+            self.claims.hold(prefix, identity)
             self.dp.maps.ipcache.upsert(prefix, identity)
 
     def delete_prefix(self, prefix: IPNetwork) -> None:
         if isinstance(prefix, IPv4Network):
             self.dp.maps.ipcache.delete(prefix)
+            self._released(prefix)
+
+    def set_cidr_prefix(self, prefix: IPNetwork, identity: int) -> None:
+        """A prefix a policy names, unless an endpoint or the host holds exactly it."""
+        if isinstance(prefix, IPv4Network) and self.claims.set_cidr(prefix, identity):
+            self.dp.maps.ipcache.upsert(prefix, identity)
+
+    def delete_cidr_prefix(self, prefix: IPNetwork) -> None:
+        if isinstance(prefix, IPv4Network) and self.claims.delete_cidr(prefix):
+            self.dp.maps.ipcache.delete(prefix)
+
+    def _released(self, prefix: IPv4Network) -> None:
+        """Its holder's entry is deleted: a CIDR identity a policy wants there comes back."""
+        cidr = self.claims.release(prefix)
+        if cidr is not None:
+            self.dp.maps.ipcache.upsert(prefix, cidr)
 
     # -- policy ------------------------------------------------------------------------------
 

@@ -1,0 +1,214 @@
+"""Egress and peers outside the endpoints, end to end: a real agent of its own (in network
+namespace `hg-node-<pid>`), real endpoints, a simulated outside world (namespace
+`hg-world-<pid>`, addresses in 198.18.236.0/24 behind a veth of the node), and the node's own
+addresses. What a client sees, the flow record, the ipcache, `policy trace`.
+
+- A CIDR rule naming exactly an endpoint's address (`toCIDR: [<endpoint>/32]`) replaced the
+  endpoint's ipcache entry with the CIDR identity: the endpoint's traffic carried that
+  identity (a CIDR rule allowed an endpoint, which only identity rules may), and deleting the
+  policy deleted the endpoint's entry, so that it was seen as `world` afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from garrison.flows.record import FlowRecord, Verdict
+from garrison.redirect.bpffs import BPFFS_MOUNT
+
+from .agent_harness import AgentEndpoint, EchoServer, NsAgent, ip, roundtrip
+
+pytestmark = pytest.mark.privileged
+
+PID = os.getpid()
+NODE = f"hg-node-{PID}"
+WORLD = f"hg-world-{PID}"
+NODE_WORLD_IP = "198.18.236.50"  # the node's own address toward the world
+WORLD_IPS = ("198.18.236.60", "198.18.236.61", "198.18.236.62", "198.18.236.200")
+PORT = 9100
+QUICK = 1.0  # a dropped SYN costs this much
+
+
+@dataclass
+class Lab:
+    agent: NsAgent
+    endpoints: dict[str, AgentEndpoint]
+    world: AgentEndpoint  # bound to every world address
+    policies: Path
+
+    def cli(self, *args: str, check: bool = True) -> str:
+        done = self.agent.cli(*args)
+        if check:
+            assert done.returncode == 0, f"{args}: {done.stdout}{done.stderr}"
+        return done.stdout + done.stderr
+
+    def add_endpoint(self, short: str, labels: str, host: int) -> AgentEndpoint:
+        name = f"hg-{short}-{PID}"
+        assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours"
+        address = f"198.18.235.{host}"
+        out = self.cli("endpoint", "add", name, "--labels", labels, "--ip", address)
+        self.endpoints[name] = AgentEndpoint(name, address, tuple(labels.split(",")), 0, "")
+        assert name in out, out
+        return self.endpoints[name]
+
+    def delete_endpoint(self, ep: AgentEndpoint) -> None:
+        self.cli("endpoint", "delete", ep.name)
+        del self.endpoints[ep.name]
+
+    def import_policy(self, name: str, text: str) -> None:
+        path = self.policies / f"{name}.yaml"
+        path.write_text(textwrap.dedent(text))
+        assert "imported" in self.cli("policy", "import", str(path))
+
+    def delete_policies(self) -> None:
+        self.cli("policy", "delete", "--all")
+
+    def ipcache(self) -> dict[str, dict[str, Any]]:
+        rows = json.loads(self.cli("bpf", "ipcache", "list", "-o", "json"))
+        return {str(r["prefix"]): r for r in rows.get("entries", rows)}
+
+    def flows(self) -> list[FlowRecord]:
+        out = self.cli("observe", "--last", "1000", "-o", "json")
+        return [FlowRecord.from_json(line) for line in out.splitlines() if line.strip()]
+
+    def wait_flow(self, predicate: Callable[[FlowRecord], bool],
+                  timeout: float = 10.0) -> FlowRecord:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.flows() if predicate(r)]
+            if found:
+                return found[-1]
+            assert time.monotonic() < deadline, "no such flow record:\n" + "\n".join(
+                r.to_json() for r in self.flows()[-20:])
+            time.sleep(0.1)
+
+
+def reaches(ep: AgentEndpoint, dst: str, port: int = PORT) -> bool:
+    sock = ep.connect(dst, port, timeout=QUICK)
+    if sock is None:
+        return False
+    with sock:
+        return roundtrip(sock)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if shutil.which("nsenter") is None:
+        pytest.skip("needs nsenter (util-linux)")
+    for name in (NODE, WORLD):
+        assert not Path(f"/run/netns/{name}").exists(), f"{name} exists: not ours, left alone"
+    made: list[str] = []
+    work = tmp_path_factory.mktemp("hg-egress")
+    agent = NsAgent(NODE, work, BPFFS_MOUNT / f"garrison-hg-egress-{PID}")
+    lab = Lab(agent, {}, AgentEndpoint(WORLD, "0.0.0.0", (), 2, ""), work)
+    try:
+        for name in (NODE, WORLD):
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            made.append(name)
+            ip(name, "link", "set", "lo", "up")
+        subprocess.run(["ip", "netns", "exec", NODE, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                       check=True)
+        # the world: a veth from the node (both ends go with the namespaces)
+        ip(NODE, "link", "add", "hg-w0", "type", "veth", "peer", "name", "eth0", "netns", WORLD)
+        ip(NODE, "addr", "add", f"{NODE_WORLD_IP}/24", "dev", "hg-w0")
+        ip(NODE, "link", "set", "hg-w0", "up")
+        for address in WORLD_IPS:
+            ip(WORLD, "addr", "add", f"{address}/24", "dev", "eth0")
+        ip(WORLD, "link", "set", "eth0", "up")
+        ip(WORLD, "route", "add", "198.18.235.0/24", "via", NODE_WORLD_IP)
+        agent.start()
+        yield lab
+    finally:
+        agent.remove(list(lab.endpoints), [*lab.endpoints, *made])
+
+
+@pytest.fixture(name="clean")
+def fixture_clean(lab: Lab) -> Iterator[None]:
+    before = set(lab.endpoints)
+    yield
+    lab.delete_policies()
+    for name in set(lab.endpoints) - before:
+        lab.delete_endpoint(lab.endpoints[name])
+
+
+@contextlib.contextmanager
+def serving(*eps: AgentEndpoint, port: int = PORT) -> Iterator[None]:
+    servers = []
+    try:
+        for ep in eps:
+            servers.append(EchoServer(ep, port))
+        yield
+    finally:
+        for server in servers:
+            server.close()
+
+
+def dropped_to(rec: FlowRecord, src: AgentEndpoint, dst: str, t0: int) -> bool:
+    return (rec.time >= t0 and rec.verdict is Verdict.DROPPED and rec.source.ip == src.ip
+            and rec.destination.ip == dst and rec.destination.port == PORT)
+
+
+# ---- a CIDR rule naming an endpoint's own address ---------------------------------------------
+
+
+def test_a_cidr_naming_an_endpoint_address_neither_allows_it_nor_erases_it(
+    lab: Lab, clean: None
+) -> None:
+    a = lab.add_endpoint("ca", "app=hg-ca", 20)
+    b = lab.add_endpoint("cb", "app=hg-cb", 21)
+    b_entry = lab.ipcache()[f"{b.ip}/32"]
+    lab.import_policy("cidr-endpoint", f"""\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {{name: hg-cidr-endpoint}}
+        spec:
+          endpointSelector: {{matchLabels: {{app: hg-ca}}}}
+          egress:
+          - toCIDR: [{b.ip}/32, 198.18.235.0/24]
+        """)
+    # the endpoint keeps its own entry: it is matched by identity, not by the CIDR rule
+    assert lab.ipcache()[f"{b.ip}/32"] == b_entry
+    with serving(b):
+        t0 = time.time_ns()
+        assert not reaches(a, b.ip)
+        rec = lab.wait_flow(lambda r: dropped_to(r, a, b.ip, t0))
+        assert rec.destination.identity == b_entry["identity"]
+        # the policy gone, b is still b: a policy allowing b by its labels lets it in
+        lab.delete_policies()
+        assert lab.ipcache()[f"{b.ip}/32"] == b_entry
+        lab.import_policy("from-b", """\
+            apiVersion: cilium.io/v2
+            kind: CiliumNetworkPolicy
+            metadata: {name: hg-from-b}
+            spec:
+              endpointSelector: {matchLabels: {app: hg-ca}}
+              ingress:
+              - fromEndpoints: [{matchLabels: {app: hg-cb}}]
+            """)
+        with serving(a):
+            assert reaches(b, a.ip)
+    # an endpoint deleted, the CIDR identity a policy wants for its address comes back
+    lab.import_policy("cidr-endpoint-2", f"""\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {{name: hg-cidr-endpoint}}
+        spec:
+          endpointSelector: {{matchLabels: {{app: hg-ca}}}}
+          egress:
+          - toCIDR: [{b.ip}/32]
+        """)
+    lab.delete_endpoint(b)
+    entry = lab.ipcache()[f"{b.ip}/32"]
+    assert entry["identity"] >= 1 << 24 and not entry["local_endpoint"], entry
