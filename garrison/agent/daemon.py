@@ -65,6 +65,7 @@ from garrison.policies.resolve import ResolverConfig
 from garrison.policies.selectorcache import WORLD_IDENTITY
 from garrison.proxy.policyview import Admission
 from garrison.redirect import endpoint as netdev
+from garrison.redirect.addresses import AddressWatch
 from garrison.redirect.tc import ForeignFilterError
 from garrison.statefile import StateWriteError
 
@@ -113,6 +114,8 @@ class Agent:
         self.event_listeners: list[Callable[[DatapathEvent], None]] = []
         self.proxy_status: dict[str, object] = {}
         self._cidr_ids: dict[IPNetwork, int] = {}
+        # the node's own addresses this agent gave the host identity (not the gateway's)
+        self._host_addresses: set[IPv4Address] = set()
         self._links: dict[str, Link] = {}
         self._policy_files: dict[Path, float] = {}
         # why the policy directory's current content is not in force (`garrison status`)
@@ -188,6 +191,10 @@ class Agent:
                 path.unlink(missing_ok=True)
             # traffic from the host reaches endpoints from the gateway address: it is the host
             self.datapath.set_prefix(ipaddress.ip_network(f"{GATEWAY}/32"), HOST_IDENTITY)
+            # and so is every other address of the node (watched from here on: the watch is
+            # open before the first listing, so no change falls between the two)
+            address_watch = self.datapath.address_watch()
+            self._sync_host_addresses()
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)
             if stored:  # after the directory: an import overrides it
@@ -217,6 +224,7 @@ class Agent:
         gc.collect()
         gc.freeze()  # the resolved state is long-lived: keep it out of GC passes
         self._spawn(self._event_loop, "garrison-events")
+        self._spawn(lambda: self._watch_host_addresses(address_watch), "garrison-addresses")
         if self.config.policy_dir is not None:
             self._spawn(self._watch_policy_dir, "garrison-policy-watch")
 
@@ -687,6 +695,36 @@ class Agent:
                     self._load_policy_dir()
             except Exception:
                 log.exception("policy directory watch failed")
+
+    def _sync_host_addresses(self) -> None:
+        """Every IPv4 address of the node's network namespace is the host, as in Cilium: an
+        endpoint reaching the node on any of them reaches the host (`toEntities: [host]`
+        allows it, an `egressDeny` of `host` denies it, `world` and CIDR rules do not cover
+        it). An endpoint's own address is never taken."""
+        now = self.datapath.host_addresses() - {GATEWAY}
+        for address in sorted(now - self._host_addresses):
+            prefix = ipaddress.IPv4Network(f"{address}/32")
+            held = self.datapath.claims.held(prefix)
+            if held is not None and held != HOST_IDENTITY:
+                continue  # an endpoint's (an address shared by mistake): the endpoint keeps it
+            self.datapath.set_prefix(prefix, HOST_IDENTITY)
+            self._host_addresses.add(address)
+        for address in sorted(self._host_addresses - now):
+            self.datapath.delete_prefix(ipaddress.IPv4Network(f"{address}/32"))
+            self._host_addresses.discard(address)
+
+    def _watch_host_addresses(self, watch: AddressWatch) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    if watch.wait(1.0):
+                        with self.lock:
+                            self._sync_host_addresses()
+                except Exception:
+                    log.exception("watching the node's addresses failed")
+                    self._stop.wait(1.0)
+        finally:
+            watch.close()
 
     def _sync_cidrs(self, sync: bool = True) -> set[int]:
         """A CIDR identity and ipcache entry for every prefix the policies name. The ipcache

@@ -36,6 +36,7 @@ from garrison.policies.mapstate import PROTOCOL_NAMES
 from garrison.policies.model import IPNetwork
 from garrison.policies.resolve import PolicyResolver
 from garrison.redirect import endpoint as netdev
+from garrison.redirect.addresses import AddressWatch, host_addresses
 from garrison.redirect.bpffs import ensure_bpffs, prepare_pin_dir
 from garrison.redirect.steering import SteeringParts, SteeringRecord, proxy_steering_installed
 from garrison.redirect.tc import (
@@ -190,6 +191,12 @@ class KernelDatapath:
         """A prefix a policy names, unless an endpoint or the host holds exactly it."""
         if isinstance(prefix, IPv4Network) and self.claims.set_cidr(prefix, identity):
             self.dp.maps.ipcache.upsert(prefix, identity)
+
+    def host_addresses(self) -> set[IPv4Address]:
+        return host_addresses()
+
+    def address_watch(self) -> AddressWatch:
+        return AddressWatch()
 
     def delete_cidr_prefix(self, prefix: IPNetwork) -> None:
         if isinstance(prefix, IPv4Network) and self.claims.delete_cidr(prefix):

@@ -7,6 +7,9 @@ addresses. What a client sees, the flow record, the ipcache, `policy trace`.
   endpoint's ipcache entry with the CIDR identity: the endpoint's traffic carried that
   identity (a CIDR rule allowed an endpoint, which only identity rules may), and deleting the
   policy deleted the endpoint's entry, so that it was seen as `world` afterwards.
+- The node's addresses other than the endpoints' gateway were `world`: an endpoint reached
+  the host through them past an `egressDeny` of `host`, and `world` or a CIDR holding them
+  allowed the host.
 """
 
 from __future__ import annotations
@@ -212,3 +215,71 @@ def test_a_cidr_naming_an_endpoint_address_neither_allows_it_nor_erases_it(
     lab.delete_endpoint(b)
     entry = lab.ipcache()[f"{b.ip}/32"]
     assert entry["identity"] >= 1 << 24 and not entry["local_endpoint"], entry
+
+
+# ---- the node's own addresses are the host ----------------------------------------------------
+
+
+def test_the_nodes_own_addresses_are_the_host_not_world(lab: Lab, clean: None) -> None:
+    a = lab.add_endpoint("ha", "app=hg-ha", 30)
+    node = AgentEndpoint(NODE, NODE_WORLD_IP, (), 1, "")
+    world = WORLD_IPS[0]
+    # everything but the host: the node's address on its world side is the host too
+    lab.import_policy("not-host", """\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: hg-not-host}
+        spec:
+          endpointSelector: {matchLabels: {app: hg-ha}}
+          egress:
+          - toEntities: [all]
+          egressDeny:
+          - toEntities: [host]
+        """)
+    with serving(node, lab.world):
+        assert reaches(a, world)
+        t0 = time.time_ns()
+        assert not reaches(a, NODE_WORLD_IP)
+        rec = lab.wait_flow(lambda r: dropped_to(r, a, NODE_WORLD_IP, t0))
+        assert rec.destination.identity == 1
+        assert rec.drop_reason_desc is not None and rec.drop_reason_desc.value == "POLICY_DENY"
+        assert lab.ipcache()[f"{NODE_WORLD_IP}/32"]["identity"] == 1
+        # world and a CIDR holding the node's address do not cover the host
+        lab.delete_policies()
+        lab.import_policy("world", """\
+            apiVersion: cilium.io/v2
+            kind: CiliumNetworkPolicy
+            metadata: {name: hg-world}
+            spec:
+              endpointSelector: {matchLabels: {app: hg-ha}}
+              egress:
+              - toEntities: [world]
+              - toCIDR: [198.18.236.0/24]
+            """)
+        assert reaches(a, world)
+        assert not reaches(a, NODE_WORLD_IP)
+        # and `host` does
+        lab.import_policy("host", """\
+            apiVersion: cilium.io/v2
+            kind: CiliumNetworkPolicy
+            metadata: {name: hg-host}
+            spec:
+              endpointSelector: {matchLabels: {app: hg-ha}}
+              egress:
+              - toEntities: [host]
+            """)
+        assert reaches(a, NODE_WORLD_IP)
+    # an address the node gets later is the host at once; removed, it is no more
+    extra = "198.18.236.51"
+    ip(NODE, "addr", "add", f"{extra}/24", "dev", "hg-w0")
+    try:
+        deadline = time.monotonic() + 5
+        while lab.ipcache().get(f"{extra}/32", {}).get("identity") != 1:
+            assert time.monotonic() < deadline, lab.ipcache()
+            time.sleep(0.1)
+    finally:
+        ip(NODE, "addr", "del", f"{extra}/24", "dev", "hg-w0")
+    deadline = time.monotonic() + 5
+    while f"{extra}/32" in lab.ipcache():
+        assert time.monotonic() < deadline, lab.ipcache()
+        time.sleep(0.1)
