@@ -9,7 +9,8 @@ rules are evaluated with the same matchers the proxy uses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from garrison.policies.l7rules import (
@@ -18,7 +19,7 @@ from garrison.policies.l7rules import (
     L7RuleSet,
     L7Verdict,
 )
-from garrison.policies.labels import NAMESPACE_KEY, SOURCE_RESERVED, Labels
+from garrison.policies.labels import NAMESPACE_KEY, SOURCE_RESERVED, Label, Labels
 from garrison.policies.mapstate import (
     DropReason,
     LookupResult,
@@ -34,8 +35,8 @@ from garrison.policies.model import (
     named_port_map,
 )
 from garrison.policies.refs import RuleRef
-from garrison.policies.resolve import ResolverConfig, build_resolver
-from garrison.policies.selectorcache import RESERVED_IDENTITIES
+from garrison.policies.resolve import ResolverConfig, build_resolver, prefix_identities
+from garrison.policies.selectorcache import RESERVED_IDENTITIES, WORLD_IDENTITY
 
 SOURCE_IDENTITY = 256
 DESTINATION_IDENTITY = 257
@@ -73,15 +74,21 @@ L7RequestSpec = HTTPRequestSpec | GRPCRequestSpec | KafkaRequestSpec
 
 @dataclass(frozen=True, slots=True)
 class TraceEndpoint:
-    """An endpoint by its labels (namespace label included by the caller)."""
+    """An endpoint by its labels (namespace label included by the caller), or an address
+    outside the endpoints (`address`; no labels): the identity the agent's ipcache gives it,
+    the CIDR identity of the longest prefix the policies name that holds it, else world."""
 
     labels: Labels
     namespace: str | None = None
     name: str = ""
     # the port names the endpoint declares (named ports in policies resolve against them)
     ports: tuple[NamedPort, ...] = ()
+    address: IPv4Address | IPv6Address | None = None
 
     def describe(self) -> str:
+        if self.address is not None:
+            names = ",".join(sorted(f"{lab.source}:{lab.key}" for lab in self.labels.items))
+            return f"{self.address} ({names})" if names else str(self.address)
         own = Labels.of(lab for lab in self.labels.items if lab.key != NAMESPACE_KEY)
         who = self.name or own.short()
         return f"{self.namespace}/{who}" if self.namespace else who
@@ -194,11 +201,13 @@ class TraceResult:
                 "labels": [str(lab) for lab in self.source.labels],
                 "namespace": self.source.namespace,
                 "identity": self.source_identity,
+                **({"ip": str(self.source.address)} if self.source.address else {}),
             },
             "destination": {
                 "labels": [str(lab) for lab in self.destination.labels],
                 "namespace": self.destination.namespace,
                 "identity": self.destination_identity,
+                **({"ip": str(self.destination.address)} if self.destination.address else {}),
                 "port_names": [str(p) for p in self.destination.ports],
                 "port": self.port,
                 "protocol": self.protocol.value,
@@ -262,6 +271,20 @@ def _identity_for(labels: Labels, default: int) -> int:
     return default
 
 
+def address_identity(
+    policies: Sequence[Policy], address: IPv4Address | IPv6Address
+) -> tuple[int, Labels]:
+    """The identity (and its labels) the agent's ipcache gives an address outside the
+    endpoints: the longest prefix the policies name that holds it, else world."""
+    holding = [p for p in prefix_identities(policies) if p.version == address.version
+               and address in p]
+    if not holding:
+        return WORLD_IDENTITY, Labels.of([Label("world", "", SOURCE_RESERVED)])
+    prefix = max(holding, key=lambda p: p.prefixlen)
+    labels = Labels.of([Label(str(prefix), "", "cidr"), Label("world", "", SOURCE_RESERVED)])
+    return prefix_identities(policies)[prefix], labels
+
+
 def trace(
     policies: Sequence[Policy],
     source: TraceEndpoint,
@@ -286,8 +309,6 @@ def trace(
     names = ", ".join(str(r) for r in by) or "default deny"
     note = (f"audited policies (garrison.io/audit) would deny it at {at.replace('_', '/')} "
             f"({names}): allowed, recorded AUDIT")
-    from dataclasses import replace
-
     return replace(result, audited_by=by, audited_at=at, notes=(*result.notes, note))
 
 
@@ -300,13 +321,22 @@ def _trace(
     request: L7RequestSpec | None = None,
     config: ResolverConfig | None = None,
 ) -> TraceResult:
-    src_id = _identity_for(source.labels, SOURCE_IDENTITY)
-    dst_id = _identity_for(destination.labels, DESTINATION_IDENTITY)
+    if source.address is not None:
+        src_id, labels = address_identity(policies, source.address)
+        source = replace(source, labels=labels)
+    else:
+        src_id = _identity_for(source.labels, SOURCE_IDENTITY)
+    if destination.address is not None:
+        dst_id, labels = address_identity(policies, destination.address)
+        destination = replace(destination, labels=labels)
+    else:
+        dst_id = _identity_for(destination.labels, DESTINATION_IDENTITY)
     if src_id == SOURCE_IDENTITY and dst_id == DESTINATION_IDENTITY and (
         source.labels == destination.labels
     ):
         dst_id = src_id  # same labels, same identity
-    endpoints = [(i, ep.labels) for i, ep in ((src_id, source), (dst_id, destination))]
+    endpoints = [(i, ep.labels) for i, ep in ((src_id, source), (dst_id, destination))
+                 if ep.address is None]
     resolver = build_resolver(policies, endpoints, config)
     declared: dict[int, list[NamedPort]] = {}
     for ident, ep in ((src_id, source), (dst_id, destination)):

@@ -31,7 +31,7 @@ import pytest
 from garrison.flows.record import FlowRecord, Verdict
 from garrison.redirect.bpffs import BPFFS_MOUNT
 
-from .agent_harness import AgentEndpoint, EchoServer, NsAgent, ip, roundtrip
+from .agent_harness import GARRISON, AgentEndpoint, EchoServer, NsAgent, ip, roundtrip
 
 pytestmark = pytest.mark.privileged
 
@@ -69,6 +69,14 @@ class Lab:
     def delete_endpoint(self, ep: AgentEndpoint) -> None:
         self.cli("endpoint", "delete", ep.name)
         del self.endpoints[ep.name]
+
+    def trace(self, *args: str) -> dict[str, Any]:
+        """`garrison policy trace ARGS -o json` (offline: no agent socket)."""
+        done = subprocess.run([GARRISON, "policy", "trace", *args, "-o", "json"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        data: dict[str, Any] = json.loads(done.stdout)
+        return data
 
     def import_policy(self, name: str, text: str) -> None:
         path = self.policies / f"{name}.yaml"
@@ -283,3 +291,45 @@ def test_the_nodes_own_addresses_are_the_host_not_world(lab: Lab, clean: None) -
     while f"{extra}/32" in lab.ipcache():
         assert time.monotonic() < deadline, lab.ipcache()
         time.sleep(0.1)
+
+
+# ---- `policy trace --dst-ip` agrees with the datapath -----------------------------------------
+
+AGREEMENT = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: hg-out}
+spec:
+  endpointSelector: {matchLabels: {app: hg-ta}}
+  egress:
+  - toCIDRSet: [{cidr: 198.18.236.0/24, except: [198.18.236.128/25, 198.18.236.61/32]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: hg-out-deny}
+spec:
+  endpointSelector: {matchLabels: {app: hg-ta}}
+  egressDeny:
+  - toCIDR: [198.18.236.62/32]
+"""
+
+
+def test_trace_of_an_address_agrees_with_the_datapath(lab: Lab, clean: None) -> None:
+    a = lab.add_endpoint("ta", "app=hg-ta", 40)
+    lab.import_policy("agreement", AGREEMENT)
+    path = lab.policies / "agreement.yaml"
+    seen = {}
+    with serving(lab.world):
+        for address in WORLD_IPS:
+            traced = lab.trace("-f", str(path), "--src-labels", "app=hg-ta", "--dst-ip",
+                               address, "--dport", str(PORT))
+            t0 = time.time_ns()
+            passed = seen[address] = reaches(a, address)
+            assert passed == (traced["verdict"] == "allowed"), (address, traced)
+            if not passed:
+                rec = lab.wait_flow(lambda r, d=address, t=t0: dropped_to(r, a, d, t))
+                assert rec.drop_reason_desc is not None
+                assert rec.drop_reason_desc.value == traced["steps"][0]["l3_l4"]["drop_reason"]
+    # .61 and .200 are in an except (no allow: POLICY_DENIED), .62 is denied (POLICY_DENY)
+    assert seen == {"198.18.236.60": True, "198.18.236.61": False, "198.18.236.62": False,
+                    "198.18.236.200": False}
