@@ -881,8 +881,10 @@ class Agent:
         return self.cluster.remote_endpoint_name(ip) or None
 
     def identity_of_ip(self, ip: str) -> int:
-        """The identity of a non-endpoint address: another node's endpoint's (cluster), else
-        its longest CIDR prefix, else world."""
+        """The identity of a non-endpoint address, as the datapath's ipcache gives it: another
+        node's endpoint's (cluster), the host's (the node's own addresses), another node's
+        (remote-node), else its longest CIDR prefix, else world. (The proxy decides with it:
+        an address the datapath calls host must not get world's L7 rules here.)"""
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -891,6 +893,10 @@ class Agent:
             remote = self.cluster.remote_identity(addr)
             if remote is not None:
                 return remote
+        if isinstance(addr, IPv4Address):
+            held = self.datapath.claims.held(ipaddress.IPv4Network((addr, 32)))
+            if held is not None:
+                return held
         best: tuple[int, int] | None = None
         for prefix, ident in self._cidr_ids.items():
             if addr.version == prefix.version and addr in prefix and (

@@ -10,6 +10,8 @@ addresses. What a client sees, the flow record, the ipcache, `policy trace`.
 - The node's addresses other than the endpoints' gateway were `world`: an endpoint reached
   the host through them past an `egressDeny` of `host`, and `world` or a CIDR holding them
   allowed the host.
+- The proxy identified the node's addresses as world: an egress HTTP rule toward the host
+  was decided with world's rules (a PUT the host's rules deny passed).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,10 +32,20 @@ from typing import Any
 
 import pytest
 
+from garrison.agent.endpoints import GATEWAY
 from garrison.flows.record import FlowRecord, Verdict
 from garrison.redirect.bpffs import BPFFS_MOUNT
 
-from .agent_harness import GARRISON, AgentEndpoint, EchoServer, NsAgent, ip, roundtrip
+from .agent_harness import (
+    GARRISON,
+    AgentEndpoint,
+    EchoServer,
+    NsAgent,
+    http_request,
+    ip,
+    ns_socket,
+    roundtrip,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -160,6 +174,55 @@ def serving(*eps: AgentEndpoint, port: int = PORT) -> Iterator[None]:
     try:
         for ep in eps:
             servers.append(EchoServer(ep, port))
+        yield
+    finally:
+        for server in servers:
+            server.close()
+
+
+class HTTPServer:
+    """Answers every request 200 `ok`, on `port` of every address of a namespace."""
+
+    def __init__(self, ep: AgentEndpoint, port: int) -> None:
+        self.sock = ns_socket(ep.name)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((ep.ip, port))
+        self.sock.listen(16)
+        self.sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                                 b"Connection: close\r\n\r\nok")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def http_servers(*eps: AgentEndpoint, port: int) -> Iterator[None]:
+    servers = []
+    try:
+        for ep in eps:
+            servers.append(HTTPServer(ep, port))
         yield
     finally:
         for server in servers:
@@ -333,3 +396,50 @@ def test_trace_of_an_address_agrees_with_the_datapath(lab: Lab, clean: None) -> 
     # .61 and .200 are in an except (no allow: POLICY_DENIED), .62 is denied (POLICY_DENY)
     assert seen == {"198.18.236.60": True, "198.18.236.61": False, "198.18.236.62": False,
                     "198.18.236.200": False}
+
+
+# ---- egress L7 toward the host gets the host's rules ------------------------------------------
+
+HOST_L7 = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: hg-host-l7}
+spec:
+  endpointSelector: {matchLabels: {app: hg-la}}
+  egress:
+  - toEntities: [host]
+    toPorts:
+    - ports: [{port: "9180", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /ok}]
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: "9180", protocol: TCP}]
+      rules:
+        http: [{}]
+"""
+
+
+def http_status(ep: AgentEndpoint, dst: str, method: str, path: str) -> int:
+    sock = ep.connect(dst, 9180, timeout=3.0)
+    assert sock is not None, f"{ep.name} -> {dst}:9180: no connection"
+    with sock:
+        return http_request(sock, method, path)[0]
+
+
+def test_egress_l7_toward_the_host_applies_the_hosts_rules(lab: Lab, clean: None) -> None:
+    """The proxy used to identify a node address as world (it knew CIDR prefixes only): the
+    world's allow-all HTTP rules let a PUT through to the host, whose rules allow GET /ok."""
+    a = lab.add_endpoint("la", "app=hg-la", 50)
+    lab.import_policy("host-l7", HOST_L7)
+    node = AgentEndpoint(NODE, "0.0.0.0", (), 1, "")
+    with http_servers(node, lab.world, port=9180):
+        for host_address in (NODE_WORLD_IP, str(GATEWAY)):
+            assert http_status(a, host_address, "GET", "/ok") == 200
+            t0 = time.time_ns()
+            assert http_status(a, host_address, "PUT", "/ok") == 403
+            rec = lab.wait_flow(lambda r, d=host_address, t=t0: r.time >= t
+                                and r.l7 is not None and r.destination.ip == d
+                                and r.verdict is Verdict.DROPPED)
+            assert rec.destination.identity == 1
+        assert http_status(a, WORLD_IPS[0], "PUT", "/ok") == 200  # world: allow-all
