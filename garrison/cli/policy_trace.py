@@ -343,6 +343,10 @@ def _render_step(step: TraceStep) -> list[str]:
             out.append("    L3/L4 allowed (no rule applies in an unenforced direction)")
         if res.redirect is not None:
             out.append(f"    redirected to the {res.redirect.value} proxy")
+        if step.proxy_unreachable:
+            out.append("    DROPPED: a connection from the host cannot reach the proxy at the "
+                       "destination's ingress (drop reason "
+                       "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL)")
     elif res.drop_reason is not None and res.drop_reason.value == "POLICY_DENY":
         rules = "; ".join(str(r) for r in res.refs)
         out.append(f"    L3/L4 DENIED by deny rule {rules} (drop reason POLICY_DENY)")

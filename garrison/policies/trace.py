@@ -36,10 +36,13 @@ from garrison.policies.model import (
 )
 from garrison.policies.refs import RuleRef
 from garrison.policies.resolve import ResolverConfig, build_resolver, prefix_identities
-from garrison.policies.selectorcache import RESERVED_IDENTITIES, WORLD_IDENTITY
+from garrison.policies.selectorcache import RESERVED_IDENTITIES, WORLD_IDENTITY, is_endpoint
 
 SOURCE_IDENTITY = 256
 DESTINATION_IDENTITY = 257
+HOST_IDENTITY = RESERVED_IDENTITIES["host"]
+INIT_IDENTITY = RESERVED_IDENTITIES["init"]  # a local endpoint whose labels are not known yet
+PROXY_UNREACHABLE = "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +112,15 @@ class TraceStep:
     l7_protocol: L7Protocol | None = None
     l7_evaluated: bool = False
     note: str = ""
+    # the destination's ingress redirects a connection from the host: the datapath judges
+    # it at to_container, where it cannot reach the proxy, and drops it
+    # (PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL, bpf_lxc.c)
+    proxy_unreachable: bool = False
 
     @property
     def allowed(self) -> bool:
+        if self.proxy_unreachable:
+            return False
         if self.lookup is not None and not self.lookup.allowed:
             return False
         return not (self.l7 is not None and not self.l7.allowed)
@@ -141,7 +150,7 @@ class TraceResult:
     @property
     def denied_at(self) -> str | None:
         for step in self.steps:
-            if step.lookup is not None and not step.lookup.allowed:
+            if step.proxy_unreachable or (step.lookup is not None and not step.lookup.allowed):
                 return "L3_L4"
             if step.l7 is not None and not step.l7.allowed:
                 return "L7"
@@ -258,6 +267,8 @@ def _step_dict(step: TraceStep) -> dict[str, object]:
             if step.l7.denied_by is not None:
                 l7["denied_by"] = step.l7.denied_by.to_dict()
         out["l7"] = l7
+    if step.proxy_unreachable:
+        out["drop_reason"] = PROXY_UNREACHABLE
     if step.note:
         out["note"] = step.note
     return out
@@ -381,7 +392,17 @@ def _trace(
             enforced_by,
             result,
         )
-        if result.allowed and result.redirect is not None and result.l7 is not None:
+        if (direction is Direction.INGRESS and result.allowed and result.redirect is not None
+                and not (is_endpoint(remote) or remote == INIT_IDENTITY)):
+            if remote == HOST_IDENTITY:
+                step = replace(step, proxy_unreachable=True)
+            else:
+                notes.append(
+                    f"a connection from {source.describe()} reaches the proxy only where it "
+                    "enters the node on a cluster node's underlay device (from_netdev); on a "
+                    f"single-node agent the datapath drops it ({PROXY_UNREACHABLE})")
+        if (result.allowed and result.redirect is not None and result.l7 is not None
+                and not step.proxy_unreachable):
             step = _evaluate_l7(step, result.l7, request, notes)
         steps.append(step)
     audit = resolver.config.audit

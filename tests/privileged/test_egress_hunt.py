@@ -443,3 +443,34 @@ def test_egress_l7_toward_the_host_applies_the_hosts_rules(lab: Lab, clean: None
                                 and r.verdict is Verdict.DROPPED)
             assert rec.destination.identity == 1
         assert http_status(a, WORLD_IPS[0], "PUT", "/ok") == 200  # world: allow-all
+
+
+def test_ingress_l7_from_the_host_is_dropped_and_traced_so(lab: Lab, clean: None) -> None:
+    """A connection from the host to a port with ingress L7 rules is dropped (no redirect at
+    to_container); `policy trace` says the same with the same drop reason."""
+    b = lab.add_endpoint("lb", "app=hg-lb", 51)
+    lab.import_policy("probe", """\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: hg-probe}
+        spec:
+          endpointSelector: {matchLabels: {app: hg-lb}}
+          ingress:
+          - fromEntities: [host]
+            toPorts:
+            - ports: [{port: "9180", protocol: TCP}]
+              rules:
+                http: [{method: GET, path: /ok}]
+        """)
+    traced = lab.trace("-f", str(lab.policies / "probe.yaml"), "--src-labels", "reserved:host",
+                       "--dst-labels", "app=hg-lb", "--dport", "9180", "--http-method", "GET",
+                       "--http-path", "/ok")
+    assert traced["verdict"] == "denied"
+    node = AgentEndpoint(NODE, str(GATEWAY), (), 1, "")
+    with http_servers(AgentEndpoint(b.name, b.ip, (), 0, ""), port=9180):
+        t0 = time.time_ns()
+        assert node.connect(b.ip, 9180, timeout=QUICK) is None
+    rec = lab.wait_flow(lambda r: r.time >= t0 and r.verdict is Verdict.DROPPED
+                        and r.destination.ip == b.ip and r.destination.port == 9180)
+    assert rec.drop_reason_desc is not None
+    assert rec.drop_reason_desc.value == traced["steps"][1]["drop_reason"]

@@ -98,3 +98,43 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str], policy: Path, args: li
                       message: str) -> None:
     assert main(["policy", "trace", "-f", str(policy), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+HOST_L7 = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: probe}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - fromEntities: [host, world]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /healthz}]
+"""
+
+
+def test_ingress_l7_from_the_host_is_dropped_as_the_datapath_drops_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The datapath judges the host's connections at to_container, where no redirect to the
+    proxy can happen: it drops them. The trace used to answer ALLOWED at L7."""
+    path = tmp_path / "probe.yaml"
+    path.write_text(HOST_L7)
+    rc, data, err = trace(capsys, "-f", str(path), "--src-labels", "reserved:host",
+                          "--dst-labels", "app=a", "--dport", "80", "--http-method", "GET",
+                          "--http-path", "/healthz")
+    assert rc == 0, err
+    assert (data["verdict"], data["denied_at"]) == ("denied", "L3_L4")
+    steps = data["steps"]
+    assert isinstance(steps, list)
+    assert steps[1]["drop_reason"] == "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL"
+    # from an address outside the node it depends on where it enters: said in a note
+    rc, data, err = trace(capsys, "-f", str(path), "--src-ip", "192.0.2.1", "--dst-labels",
+                          "app=a", "--dport", "80", "--http-method", "GET", "--http-path",
+                          "/healthz")
+    assert data["verdict"] == "allowed"
+    notes = data["notes"]
+    assert isinstance(notes, list)
+    assert any("single-node agent the datapath drops it" in n for n in notes), notes
