@@ -10,6 +10,8 @@ addresses. What a client sees, the flow record, the ipcache, `policy trace`.
 - The node's addresses other than the endpoints' gateway were `world`: an endpoint reached
   the host through them past an `egressDeny` of `host`, and `world` or a CIDR holding them
   allowed the host.
+- A deny of the `reserved:world` selector stopped matching a world address once any policy
+  (even one for other endpoints) named a CIDR holding it.
 - The proxy identified the node's addresses as world: an egress HTTP rule toward the host
   was decided with world's rules (a PUT the host's rules deny passed).
 """
@@ -474,3 +476,36 @@ def test_ingress_l7_from_the_host_is_dropped_and_traced_so(lab: Lab, clean: None
                         and r.destination.ip == b.ip and r.destination.port == 9180)
     assert rec.drop_reason_desc is not None
     assert rec.drop_reason_desc.value == traced["steps"][1]["drop_reason"]
+
+
+def test_a_deny_of_the_world_selector_holds_when_another_policy_names_a_cidr(
+    lab: Lab, clean: None
+) -> None:
+    a = lab.add_endpoint("wa", "app=hg-wa", 52)
+    lab.import_policy("no-world", """\
+        apiVersion: cilium.io/v2
+        kind: CiliumNetworkPolicy
+        metadata: {name: hg-no-world}
+        spec:
+          endpointSelector: {matchLabels: {app: hg-wa}}
+          egress:
+          - toEntities: [all]
+          egressDeny:
+          - toEndpoints: [{matchLabels: {"reserved:world": ""}}]
+        """)
+    with serving(lab.world):
+        assert not reaches(a, WORLD_IPS[0])
+        # a policy for other endpoints names a prefix holding the address
+        lab.import_policy("other", """\
+            apiVersion: cilium.io/v2
+            kind: CiliumNetworkPolicy
+            metadata: {name: hg-other}
+            spec:
+              endpointSelector: {matchLabels: {app: hg-nobody}}
+              egress:
+              - toCIDR: [198.18.236.0/24]
+            """)
+        t0 = time.time_ns()
+        assert not reaches(a, WORLD_IPS[0])
+        rec = lab.wait_flow(lambda r: dropped_to(r, a, WORLD_IPS[0], t0))
+        assert rec.drop_reason_desc is not None and rec.drop_reason_desc.value == "POLICY_DENY"

@@ -138,3 +138,46 @@ def test_ingress_l7_from_the_host_is_dropped_as_the_datapath_drops_it(
     notes = data["notes"]
     assert isinstance(notes, list)
     assert any("single-node agent the datapath drops it" in n for n in notes), notes
+
+
+WORLD_BY_SELECTOR = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: no-world}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toEntities: [all]
+  egressDeny:
+  - toEndpoints: [{matchLabels: {"reserved:world": ""}}]
+"""
+SOMEONE_ELSES_CIDR = """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: other}
+spec:
+  endpointSelector: {matchLabels: {app: other}}
+  egress:
+  - toCIDR: [203.0.113.0/24]
+"""
+
+
+@pytest.mark.parametrize("others", [(), (SOMEONE_ELSES_CIDR,)])
+def test_a_reserved_world_selector_covers_addresses_a_cidr_names(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, others: tuple[str, ...]
+) -> None:
+    """A deny of the `reserved:world` selector used to stop matching 203.0.113.7 as soon as
+    any policy (here one for other endpoints) named a prefix holding it: the address then
+    has a CIDR identity, which the selector did not select."""
+    files = []
+    for n, text in enumerate((WORLD_BY_SELECTOR, *others)):
+        path = tmp_path / f"{n}.yaml"
+        path.write_text(text)
+        files += ["-f", str(path)]
+    rc, data, err = trace(capsys, *files, "--src-labels", "app=a", "--dst-ip", "203.0.113.7",
+                          "--dport", "80")
+    assert rc == 0, err
+    assert data["verdict"] == "denied"
+    steps = data["steps"]
+    assert isinstance(steps, list)
+    assert steps[0]["l3_l4"]["drop_reason"] == "POLICY_DENY"
