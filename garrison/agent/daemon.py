@@ -194,6 +194,13 @@ class Agent:
             # and so is every other address of the node (watched from here on: the watch is
             # open before the first listing, so no change falls between the two)
             address_watch = self.datapath.address_watch()
+            # the host entries a previous run left (pinned) are this run's to keep or remove:
+            # an address the node lost while the agent was away is not the host any more
+            self._host_addresses = {
+                prefix.network_address
+                for prefix in self.datapath.claims.held_by(HOST_IDENTITY)
+                if prefix.prefixlen == 32 and prefix.network_address != GATEWAY
+            }
             self._sync_host_addresses()
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)

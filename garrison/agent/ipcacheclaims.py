@@ -49,3 +49,6 @@ class IPCacheClaims:
 
     def held(self, prefix: IPv4Network) -> int | None:
         return self._held.get(prefix)
+
+    def held_by(self, identity: int) -> set[IPv4Network]:
+        return {prefix for prefix, holder in self._held.items() if holder == identity}

@@ -509,3 +509,23 @@ def test_a_deny_of_the_world_selector_holds_when_another_policy_names_a_cidr(
         assert not reaches(a, WORLD_IPS[0])
         rec = lab.wait_flow(lambda r: dropped_to(r, a, WORLD_IPS[0], t0))
         assert rec.drop_reason_desc is not None and rec.drop_reason_desc.value == "POLICY_DENY"
+
+
+def test_an_address_the_node_lost_while_the_agent_was_away_is_not_the_host(
+    lab: Lab, clean: None
+) -> None:
+    extra = "198.18.236.52"
+    ip(NODE, "addr", "add", f"{extra}/24", "dev", "hg-w0")
+    try:
+        deadline = time.monotonic() + 5
+        while lab.ipcache().get(f"{extra}/32", {}).get("identity") != 1:
+            assert time.monotonic() < deadline, lab.ipcache()
+            time.sleep(0.1)
+        assert lab.agent.stop() == 0
+    finally:
+        ip(NODE, "addr", "del", f"{extra}/24", "dev", "hg-w0")
+    lab.agent.start()
+    cache = lab.ipcache()
+    assert f"{extra}/32" not in cache, cache
+    assert cache[f"{NODE_WORLD_IP}/32"]["identity"] == 1
+    assert cache[f"{GATEWAY}/32"]["identity"] == 1
