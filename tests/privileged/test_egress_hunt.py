@@ -14,6 +14,9 @@ addresses. What a client sees, the flow record, the ipcache, `policy trace`.
   (even one for other endpoints) named a CIDR holding it.
 - The proxy identified the node's addresses as world: an egress HTTP rule toward the host
   was decided with world's rules (a PUT the host's rules deny passed).
+- A node address removed while the agent was down stayed the host after the restart.
+- `policy trace` could not trace an address (now `--dst-ip`/`--src-ip`), and answered
+  ALLOWED for a host connection to an ingress L7 port, which the datapath drops.
 """
 
 from __future__ import annotations
