@@ -46,8 +46,6 @@ class AgentConfig:
     endpoint_pool: ipaddress.IPv4Network = ENDPOINT_POOL
     flow_ring_size: int = 10_000
     policy_poll_interval: float = 1.0
-    # how often the host's own addresses are read into the ipcache as the host identity
-    host_address_interval: float = 2.0
     # `etcd`: this node is one of a cluster (garrison/cluster/, docs/cluster.md); `sqlite`:
     # alone, identities in the state directory.
     kvstore: str = "sqlite"

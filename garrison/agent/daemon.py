@@ -65,6 +65,7 @@ from garrison.policies.resolve import ResolverConfig
 from garrison.policies.selectorcache import WORLD_IDENTITY
 from garrison.proxy.policyview import Admission
 from garrison.redirect import endpoint as netdev
+from garrison.redirect.addresses import AddressWatch
 from garrison.redirect.tc import ForeignFilterError
 from garrison.statefile import StateWriteError
 
@@ -113,7 +114,8 @@ class Agent:
         self.event_listeners: list[Callable[[DatapathEvent], None]] = []
         self.proxy_status: dict[str, object] = {}
         self._cidr_ids: dict[IPNetwork, int] = {}
-        self._host_addresses: set[ipaddress.IPv4Address] = set()  # in the ipcache as host
+        # the node's own addresses this agent gave the host identity (not the gateway's)
+        self._host_addresses: set[IPv4Address] = set()
         self._links: dict[str, Link] = {}
         self._policy_files: dict[Path, float] = {}
         # why the policy directory's current content is not in force (`garrison status`)
@@ -189,6 +191,16 @@ class Agent:
                 path.unlink(missing_ok=True)
             # traffic from the host reaches endpoints from the gateway address: it is the host
             self.datapath.set_prefix(ipaddress.ip_network(f"{GATEWAY}/32"), HOST_IDENTITY)
+            # and so is every other address of the node (watched from here on: the watch is
+            # open before the first listing, so no change falls between the two)
+            address_watch = self.datapath.address_watch()
+            # the host entries a previous run left (pinned) are this run's to keep or remove:
+            # an address the node lost while the agent was away is not the host any more
+            self._host_addresses = {
+                prefix.network_address
+                for prefix in self.datapath.claims.held_by(HOST_IDENTITY)
+                if prefix.prefixlen == 32 and prefix.network_address != GATEWAY
+            }
             self._sync_host_addresses()
             if self.config.policy_dir is not None:
                 self._load_policy_dir(initial=True)
@@ -219,9 +231,9 @@ class Agent:
         gc.collect()
         gc.freeze()  # the resolved state is long-lived: keep it out of GC passes
         self._spawn(self._event_loop, "garrison-events")
+        self._spawn(lambda: self._watch_host_addresses(address_watch), "garrison-addresses")
         if self.config.policy_dir is not None:
             self._spawn(self._watch_policy_dir, "garrison-policy-watch")
-        self._spawn(self._watch_host_addresses, "garrison-host-addresses")
 
     def stop(self) -> None:
         self._stop.set()
@@ -515,10 +527,6 @@ class Agent:
             self._links.pop(record.name, None)
             with contextlib.suppress(EndpointError):
                 self.endpoints.remove(record.name)
-            # a CIDR a policy names for exactly this address takes it over again
-            cidr = ipaddress.ip_network(f"{record.ipv4}/32")
-            if cidr in self._cidr_ids:
-                self.datapath.set_cidr_prefix(cidr, self._cidr_ids[cidr])
             if self.cluster is not None:
                 self.cluster.endpoint_removed(record)
             self._release_identity(record)
@@ -705,29 +713,34 @@ class Agent:
                 log.exception("policy directory watch failed")
 
     def _sync_host_addresses(self) -> None:
-        """Every address of the host's (the agent's) namespace in the ipcache as the host
-        identity, as Cilium keeps every node address: an endpoint reaching the host through
-        its external address (or any other) reaches the host, which `toEntities: [world]` or
-        a CIDR does not allow. Unknown, such an address was the world. The gateway's entry
-        is written at start and stays (it comes and goes with the endpoints' veths)."""
-        gateway = ipaddress.IPv4Address(str(GATEWAY))
-        now = self.datapath.host_addresses() - {gateway}
+        """Every IPv4 address of the node's network namespace is the host, as in Cilium: an
+        endpoint reaching the node on any of them reaches the host (`toEntities: [host]`
+        allows it, an `egressDeny` of `host` denies it, `world` and CIDR rules do not cover
+        it). An endpoint's own address is never taken."""
+        now = self.datapath.host_addresses() - {GATEWAY}
         for address in sorted(now - self._host_addresses):
-            self.datapath.set_host_address(address, HOST_IDENTITY)
+            prefix = ipaddress.IPv4Network(f"{address}/32")
+            held = self.datapath.claims.held(prefix)
+            if held is not None and held != HOST_IDENTITY:
+                continue  # an endpoint's (an address shared by mistake): the endpoint keeps it
+            self.datapath.set_prefix(prefix, HOST_IDENTITY)
+            self._host_addresses.add(address)
         for address in sorted(self._host_addresses - now):
-            self.datapath.delete_host_address(address, HOST_IDENTITY)
-            cidr = ipaddress.ip_network(f"{address}/32")
-            if cidr in self._cidr_ids:  # a CIDR a policy names for it takes it over again
-                self.datapath.set_cidr_prefix(cidr, self._cidr_ids[cidr])
-        self._host_addresses = now
+            self.datapath.delete_prefix(ipaddress.IPv4Network(f"{address}/32"))
+            self._host_addresses.discard(address)
 
-    def _watch_host_addresses(self) -> None:
-        while not self._stop.wait(self.config.host_address_interval):
-            try:
-                with self.lock:
-                    self._sync_host_addresses()
-            except Exception:
-                log.exception("reading the host's addresses failed")
+    def _watch_host_addresses(self, watch: AddressWatch) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    if watch.wait(1.0):
+                        with self.lock:
+                            self._sync_host_addresses()
+                except Exception:
+                    log.exception("watching the node's addresses failed")
+                    self._stop.wait(1.0)
+        finally:
+            watch.close()
 
     def _sync_cidrs(self, sync: bool = True) -> set[int]:
         """A CIDR identity and ipcache entry for every prefix the policies name. The ipcache
@@ -743,11 +756,11 @@ class Agent:
             added.append(prefix)
         for prefix in set(self._cidr_ids) - wanted:
             ident_id = self._cidr_ids.pop(prefix)
-            self.datapath.delete_cidr_prefix(prefix, ident_id)
+            self.datapath.delete_cidr_prefix(prefix)
             changed |= self.resolver.remove_identity(ident_id)
         if sync:
             self._sync(changed)
-        for prefix in added:  # an endpoint's or the host's own entry stays theirs
+        for prefix in added:
             self.datapath.set_cidr_prefix(prefix, self._cidr_ids[prefix])
         return changed
 
@@ -884,8 +897,10 @@ class Agent:
         return self.cluster.remote_endpoint_name(ip) or None
 
     def identity_of_ip(self, ip: str) -> int:
-        """The identity of a non-endpoint address: another node's endpoint's (cluster), else
-        its longest CIDR prefix, else world."""
+        """The identity of a non-endpoint address, as the datapath's ipcache gives it: another
+        node's endpoint's (cluster), the host's (the node's own addresses), another node's
+        (remote-node), else its longest CIDR prefix, else world. (The proxy decides with it:
+        an address the datapath calls host must not get world's L7 rules here.)"""
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -894,6 +909,10 @@ class Agent:
             remote = self.cluster.remote_identity(addr)
             if remote is not None:
                 return remote
+        if isinstance(addr, IPv4Address):
+            held = self.datapath.claims.held(ipaddress.IPv4Network((addr, 32)))
+            if held is not None:
+                return held
         best: tuple[int, int] | None = None
         for prefix, ident in self._cidr_ids.items():
             if addr.version == prefix.version and addr in prefix and (

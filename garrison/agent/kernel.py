@@ -14,11 +14,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from socket import AF_INET
 from typing import Any
 
 from pyroute2 import IPRoute
 
+from garrison.agent.ipcacheclaims import IPCacheClaims
 from garrison.bpf.abi import CTFlags, ObservationPoint
 from garrison.bpf.loader import Datapath, DatapathConfig
 from garrison.bpf.maps import (
@@ -36,6 +36,7 @@ from garrison.policies.mapstate import PROTOCOL_NAMES
 from garrison.policies.model import IPNetwork
 from garrison.policies.resolve import PolicyResolver
 from garrison.redirect import endpoint as netdev
+from garrison.redirect.addresses import AddressWatch, host_addresses
 from garrison.redirect.bpffs import ensure_bpffs, prepare_pin_dir
 from garrison.redirect.steering import SteeringParts, SteeringRecord, proxy_steering_installed
 from garrison.redirect.tc import (
@@ -47,6 +48,10 @@ from garrison.redirect.underlay import UnderlayRecord
 
 STEERING_RECORD = "steering.json"  # in the state directory: what this agent added
 UNDERLAY_RECORD = "underlay.json"  # in the state directory: the underlay device's from_netdev
+
+
+def _is_cidr(identity: int) -> bool:
+    return bool(identity & CIDR_ID_FLAG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,7 @@ class KernelDatapath:
         self.underlay = UnderlayRecord(state_dir / UNDERLAY_RECORD)
         self._dp: Datapath | None = None
         self._sync: PolicySync | None = None
+        self.claims = IPCacheClaims()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -76,6 +82,9 @@ class KernelDatapath:
         prepare_pin_dir(self.pin_root)
         self._dp = Datapath.load(DatapathConfig(pin_root=self.pin_root))
         self._sync = PolicySync(self._dp.maps, self.proxy_ports)
+        for entry in self._dp.maps.ipcache.entries():  # pinned: what a previous run holds
+            if not _is_cidr(entry.identity):
+                self.claims.hold(entry.prefix, entry.identity)
         self.steering_added = self.steering.install()
 
     def close(self) -> None:
@@ -127,6 +136,7 @@ class KernelDatapath:
         `what_if`: the resolver with the audited policies enforced (garrison.bpf.sync)."""
         flags = local_endpoint_flags(resolver, what_if, identity, audit, deny_response)
         config = EndpointConfig(identity, IPv4Address(ipv4), flags)
+        self.claims.hold(IPv4Network((IPv4Address(ipv4), 32)), identity)
         self.dp.maps.write_endpoint(link.ifindex, config)
 
     def attach(self, link: Link) -> bool:
@@ -157,66 +167,47 @@ class KernelDatapath:
             with contextlib.suppress(KeyError):
                 self.dp.maps.ipcache.delete(IPv4Network((IPv4Address(ipv4), 32)))
             self.dp.maps.conntrack.delete_address(IPv4Address(ipv4))
+        if self._dp is not None:
+            self._released(IPv4Network((IPv4Address(ipv4), 32)))
         if "netns" in owned:
             netdev.delete_endpoint(name)
         elif host_ifname:
             netdev.release_endpoint(host_ifname, netdev.Ownership(veth="veth" in owned))
 
-    # -- ipcache (CIDR identities) -----------------------------------------------------------
+    # -- ipcache (the host, remote endpoints, CIDR identities) -------------------------------
 
     def set_prefix(self, prefix: IPNetwork, identity: int) -> None:
+        """The host's or a remote endpoint's address: it holds the prefix, whatever CIDR
+        identity a policy wants there (garrison.agent.ipcacheclaims)."""
         if isinstance(prefix, IPv4Network):
+            self.claims.hold(prefix, identity)
             self.dp.maps.ipcache.upsert(prefix, identity)
 
     def delete_prefix(self, prefix: IPNetwork) -> None:
         if isinstance(prefix, IPv4Network):
             self.dp.maps.ipcache.delete(prefix)
+            self._released(prefix)
+
+    def set_cidr_prefix(self, prefix: IPNetwork, identity: int) -> None:
+        """A prefix a policy names, unless an endpoint or the host holds exactly it."""
+        if isinstance(prefix, IPv4Network) and self.claims.set_cidr(prefix, identity):
+            self.dp.maps.ipcache.upsert(prefix, identity)
 
     def host_addresses(self) -> set[IPv4Address]:
-        """The IPv4 addresses of this (the agent's) network namespace, loopback's apart:
-        every one of them reaches the host itself."""
-        with IPRoute() as ipr:
-            # IFA_LOCAL first: on a point-to-point link IFA_ADDRESS is the peer's
-            found = {IPv4Address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
-                     for a in ipr.get_addr(family=AF_INET)}
-        return {a for a in found if not a.is_loopback}
+        return host_addresses()
 
-    def set_host_address(self, address: IPv4Address, identity: int) -> bool:
-        """The host identity for one of the host's addresses, unless an endpoint's entry
-        holds it (an endpoint's address is never the host's); a CIDR's gives way."""
-        prefix = IPv4Network((address, 32))
-        current = self.dp.maps.ipcache.identity_at(prefix)
-        if current == identity:
-            return False
-        if current is not None and not current & CIDR_ID_FLAG and current != identity:
-            return False
-        self.dp.maps.ipcache.upsert(prefix, identity)
-        return True
+    def address_watch(self) -> AddressWatch:
+        return AddressWatch()
 
-    def delete_host_address(self, address: IPv4Address, identity: int) -> None:
-        prefix = IPv4Network((address, 32))
-        if self.dp.maps.ipcache.identity_at(prefix) == identity:
+    def delete_cidr_prefix(self, prefix: IPNetwork) -> None:
+        if isinstance(prefix, IPv4Network) and self.claims.delete_cidr(prefix):
             self.dp.maps.ipcache.delete(prefix)
 
-    def set_cidr_prefix(self, prefix: IPNetwork, identity: int) -> bool:
-        """A CIDR identity's entry for `prefix`, unless an endpoint, the host or another
-        node's endpoint holds that very prefix: theirs wins, as in Cilium (CIDR rules are
-        for addresses outside the cluster); overwriting it would make a local endpoint a
-        CIDR to every policy (and unknown to its own ingress redirect). True if written."""
-        if not isinstance(prefix, IPv4Network):
-            return False
-        current = self.dp.maps.ipcache.identity_at(prefix)
-        if current is not None and not current & CIDR_ID_FLAG:
-            return False
-        self.dp.maps.ipcache.upsert(prefix, identity)
-        return True
-
-    def delete_cidr_prefix(self, prefix: IPNetwork, identity: int) -> None:
-        """`prefix`'s entry if it is still the CIDR identity's (never someone else's)."""
-        if isinstance(prefix, IPv4Network) and (
-            self.dp.maps.ipcache.identity_at(prefix) == identity
-        ):
-            self.dp.maps.ipcache.delete(prefix)
+    def _released(self, prefix: IPv4Network) -> None:
+        """Its holder's entry is deleted: a CIDR identity a policy wants there comes back."""
+        cidr = self.claims.release(prefix)
+        if cidr is not None:
+            self.dp.maps.ipcache.upsert(prefix, cidr)
 
     # -- policy ------------------------------------------------------------------------------
 

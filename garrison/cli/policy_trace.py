@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 from dataclasses import replace
@@ -47,14 +48,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-f", "--file", dest="files", action="append", required=True,
                    metavar="PATH", help="policy file or directory (repeatable)")
-    p.add_argument("--src-labels", required=True, metavar="k=v,...",
+    p.add_argument("--src-labels", metavar="k=v,...",
                    help="labels of the source endpoint, e.g. org=empire,class=tiefighter")
+    p.add_argument("--src-ip", metavar="ADDR",
+                   help="instead of --src-labels: an address outside the endpoints (the "
+                   "CIDR identity of the longest prefix the policies name, else world)")
     p.add_argument("--src-namespace", default=DEFAULT_NAMESPACE, metavar="NS",
                    help="namespace of the source")
     p.add_argument("--src-namespace-labels", default="", metavar="k=v,...",
                    help="labels of the source's namespace (namespaceSelector matches them)")
-    p.add_argument("--dst-labels", required=True, metavar="k=v,...",
+    p.add_argument("--dst-labels", metavar="k=v,...",
                    help="labels of the destination endpoint")
+    p.add_argument("--dst-ip", metavar="ADDR",
+                   help="instead of --dst-labels: an address outside the endpoints, e.g. "
+                   "the server a toCIDR rule is about")
     p.add_argument("--dst-namespace", default=DEFAULT_NAMESPACE, metavar="NS",
                    help="namespace of the destination")
     p.add_argument("--dst-namespace-labels", default="", metavar="k=v,...",
@@ -120,6 +127,23 @@ def _endpoint(
     if all(lab.source == "reserved" for lab in labels.items):
         return TraceEndpoint(labels, None)
     return TraceEndpoint(endpoint_labels(labels, namespace, namespace_labels), namespace)
+
+
+def _address(text: str | None, labels: str | None, side: str) -> TraceEndpoint | None:
+    """`--src-ip`/`--dst-ip`: a peer outside the endpoints; None when labels name it."""
+    if text is None:
+        if labels is None:
+            raise UsageError(f"give --{side}-labels (an endpoint) or --{side}-ip (an address "
+                             "outside the endpoints)")
+        return None
+    if labels is not None:
+        raise UsageError(f"--{side}-labels and --{side}-ip name the same peer: give one")
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise UsageError(f"--{side}-ip {text!r}: not an IP address, e.g. --{side}-ip "
+                         "203.0.113.7") from None
+    return TraceEndpoint(Labels(), None, address=address)
 
 
 def _proxy_refusal(
@@ -199,11 +223,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not 0 < args.dport < 65536:
             raise UsageError(f"--dport {args.dport}: must be 1-65535")
-        source = _endpoint(
+        source = _address(args.src_ip, args.src_labels, "src") or _endpoint(
             args.src_labels, args.src_namespace, "--src-labels",
             _namespace_labels(args.src_namespace_labels, "--src-namespace-labels"),
         )
-        destination = _endpoint(
+        destination = _address(args.dst_ip, args.dst_labels, "dst") or _endpoint(
             args.dst_labels, args.dst_namespace, "--dst-labels",
             _namespace_labels(args.dst_namespace_labels, "--dst-namespace-labels"),
         )
@@ -319,6 +343,10 @@ def _render_step(step: TraceStep) -> list[str]:
             out.append("    L3/L4 allowed (no rule applies in an unenforced direction)")
         if res.redirect is not None:
             out.append(f"    redirected to the {res.redirect.value} proxy")
+        if step.proxy_unreachable:
+            out.append("    DROPPED: a connection from the host cannot reach the proxy at the "
+                       "destination's ingress (drop reason "
+                       "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL)")
     elif res.drop_reason is not None and res.drop_reason.value == "POLICY_DENY":
         rules = "; ".join(str(r) for r in res.refs)
         out.append(f"    L3/L4 DENIED by deny rule {rules} (drop reason POLICY_DENY)")

@@ -46,7 +46,7 @@ from garrison.identity.allocator import (
     ClusterIdentityAllocator,
     canonical_labels,
 )
-from garrison.identity.model import MAX_ENDPOINT_ID, MIN_ENDPOINT_ID
+from garrison.identity.model import MAX_ENDPOINT_ID, MIN_ENDPOINT_ID, RESERVED
 from garrison.kvstore.base import KVStore, KVStoreError
 from garrison.kvstore.etcd import EtcdAuth, EtcdKVStore, EtcdTLS, load_auth, parse_endpoints
 from garrison.policies.errors import PolicyValidationError
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from garrison.agent.daemon import Agent
     from garrison.agent.endpoints import EndpointRecord
 
+REMOTE_NODE_IDENTITY = RESERVED["remote-node"].id
 log = logging.getLogger("garrison.cluster")
 
 DEFAULT_LEASE_TTL_S = 15
@@ -137,6 +138,8 @@ class AgentCluster:
                         record.full_labels, f"endpoint:{record.name}", record.identity
                     )
         self._remote: dict[ipaddress.IPv4Address, IPEntry] = {}
+        # other nodes' addresses, written as remote-node: node name -> its /32
+        self._node_ips: dict[str, ipaddress.IPv4Network] = {}
         # When each remote IP's ipcache entry was last written (time.time()), for benchmarks.
         self.learnt_at: dict[ipaddress.IPv4Address, float] = {}
         self.route_errors: dict[str, str] = {}
@@ -260,7 +263,9 @@ class AgentCluster:
         for row in agent.datapath.dump_ipcache():
             prefix = ipaddress.IPv4Network(str(row["prefix"]))
             identity = int(str(row["identity"]))
-            if (
+            gone_node = (identity == REMOTE_NODE_IDENTITY
+                         and prefix not in self._node_ips.values())
+            if not gone_node and (
                 prefix.prefixlen != 32
                 or row.get("local_endpoint")
                 or not MIN_ENDPOINT_ID <= identity <= MAX_ENDPOINT_ID
@@ -457,6 +462,7 @@ class AgentCluster:
             agent.sync_identities(changed)
 
     def nodes_changed(self, upserts: list[NodeRecord], gone: list[str]) -> None:
+        self._remote_node_entries(upserts, gone)
         for node in upserts:
             try:
                 self.routes.set(node.pod_cidr, node.ip)
@@ -471,6 +477,30 @@ class AgentCluster:
             for cidr in list(installed):
                 if not any(n.pod_cidr == cidr for n in known.values()):
                     self.routes.remove(cidr)
+
+    def _remote_node_entries(self, upserts: list[NodeRecord], gone: list[str]) -> None:
+        """Other nodes' addresses are `remote-node` (6) in the ipcache, as in Cilium: an
+        endpoint reaching another node's host, or that host reaching an endpoint here, is
+        judged as remote-node, never as `world`. This node's own addresses stay the host."""
+        agent = self._agent
+        with agent.lock:
+            for node in upserts:
+                prefix = ipaddress.IPv4Network(f"{node.ip}/32")
+                previous = self._node_ips.get(node.name)
+                if previous is not None and previous != prefix:
+                    agent.datapath.delete_prefix(previous)
+                held = agent.datapath.claims.held(prefix)
+                if held is not None and held != REMOTE_NODE_IDENTITY:
+                    log.error("cluster: node %s's address %s is this node's or an endpoint's:"
+                              " not made remote-node", node.name, node.ip)
+                    self._node_ips.pop(node.name, None)
+                    continue
+                self._node_ips[node.name] = prefix
+                agent.datapath.set_prefix(prefix, REMOTE_NODE_IDENTITY)
+            for name in gone:
+                left = self._node_ips.pop(name, None)
+                if left is not None and left not in self._node_ips.values():
+                    agent.datapath.delete_prefix(left)
 
     def _restore_routes(self) -> None:
         """Routes to other nodes' pod CIDRs that left the kernel (the underlay link went down

@@ -25,15 +25,17 @@ and last time, and the candidate's rules: for a denial the rule that denies (an 
 deny, an L7 deny rule, or the rules that switch the direction to default-deny), for an
 allow the rules that allow.
 
-Limits (documented): a peer outside the cluster (`reserved:world`) is replayed as the world
-identity, so CIDR rules of the candidate do not match it; a record that names no labels is
-skipped.
+A peer outside the cluster (labels `reserved:world`, with or without the recording agent's
+`cidr:` label) is replayed by its address, as `policy trace --dst-ip` does: the candidate's
+CIDR rules match it by the longest prefix they name. Limits (documented): a record that
+names no labels is skipped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -71,6 +73,9 @@ class _Question:
     port: int
     protocol: Protocol
     request: L7RequestSpec | None
+    # a peer outside the cluster: its address (its labels are then the recorder's, unused)
+    source_ip: IPv4Address | IPv6Address | None = None
+    destination_ip: IPv4Address | IPv6Address | None = None
 
 
 @dataclass(slots=True)
@@ -201,8 +206,9 @@ class WhatIf:
     def _trace(self, question: _Question) -> TraceResult:
         return trace(
             self._policies,
-            TraceEndpoint(question.source, question.source_ns),
-            TraceEndpoint(question.destination, question.destination_ns),
+            TraceEndpoint(question.source, question.source_ns, address=question.source_ip),
+            TraceEndpoint(question.destination, question.destination_ns,
+                          address=question.destination_ip),
             question.port,
             question.protocol,
             question.request,
@@ -237,8 +243,11 @@ def _rule(ref: RuleRef) -> str:
 def _who(side: Mapping[str, Any], port: int | None = None) -> str:
     name = side.get("pod_name")
     namespace = side.get("namespace")
+    labels_of = _labels(side)
     if name:
         who = f"{namespace}/{name}" if namespace else str(name)
+    elif labels_of is not None and _outside(side, labels_of) is not None:
+        who = str(side.get("ip"))  # outside the cluster: the address is what it is replayed as
     else:
         labels = [str(label) for label in side.get("labels") or ()]
         own = [lab for lab in labels if "io.kubernetes.pod.namespace=" not in lab]
@@ -263,6 +272,23 @@ def _labels(side: Mapping[str, Any]) -> Labels | None:
     try:
         return Labels.of(parse_label(str(text)) for text in texts)
     except (LabelError, ValueError):
+        return None
+
+
+_WORLD_KEYS = {"world", "world-ipv4", "world-ipv6"}
+
+
+def _outside(side: Mapping[str, Any], labels: Labels) -> IPv4Address | IPv6Address | None:
+    """The address of a peer outside the cluster (its labels say world, and at most the
+    recording agent's CIDR prefix), else None."""
+    if not any(lab.source == "reserved" and lab.key in _WORLD_KEYS for lab in labels.items):
+        return None
+    if not all(lab.source == "cidr" or (lab.source == "reserved" and lab.key in _WORLD_KEYS)
+               for lab in labels.items):
+        return None
+    try:
+        return ip_address(str(side.get("ip") or ""))
+    except ValueError:
         return None
 
 
@@ -305,7 +331,7 @@ def _decision(
         return None
     question = _Question(
         src_labels, src.get("namespace"), dst_labels, dst.get("namespace"), port, protocol,
-        request,
+        request, _outside(src, src_labels), _outside(dst, dst_labels),
     )
     return question, _ALLOWED[verdict], str(verdict), text
 

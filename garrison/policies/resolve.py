@@ -50,6 +50,7 @@ from garrison.policies.model import (
     EnforcementMode,
     Entity,
     EntityPeer,
+    IPNetwork,
     Peer,
     Policy,
     PolicySection,
@@ -1349,6 +1350,17 @@ def _ref_order(ref: RuleRef) -> tuple[str, str, str, str, int, int]:
             ref.rule_index)
 
 
+def prefix_identities(policies: Sequence[Policy]) -> dict[IPNetwork, int]:
+    """The CIDR identity `build_resolver` gives each prefix the policies name (excepts
+    included), numbered in a stable order."""
+    prefixes: set[IPNetwork] = set()
+    for policy in policies:
+        for rule in policy.rules:
+            prefixes |= rule_prefixes(rule)
+    ordered = sorted(prefixes, key=lambda p: (p.version, str(p)))
+    return {prefix: CIDR_IDENTITY_FLAG | n for n, prefix in enumerate(ordered, start=1)}
+
+
 def build_resolver(
     policies: Sequence[Policy],
     endpoints: Sequence[tuple[int, Labels]],
@@ -1359,13 +1371,9 @@ def build_resolver(
     resolver = PolicyResolver(config)
     for name, number in RESERVED_IDENTITIES.items():
         resolver.add_identity(number, Labels.of([Label(name, "", SOURCE_RESERVED)]))
-    prefixes = set()
-    for policy in policies:
-        for rule in policy.rules:
-            prefixes |= rule_prefixes(rule)
-    for n, prefix in enumerate(sorted(prefixes, key=lambda p: (p.version, str(p))), start=1):
+    for prefix, number in prefix_identities(policies).items():
         resolver.add_identity(
-            CIDR_IDENTITY_FLAG | n,
+            number,
             Labels.of([Label(str(prefix), "", "cidr"), Label("world", "", SOURCE_RESERVED)]),
         )
     for number, labels in endpoints:

@@ -181,7 +181,11 @@ class SelectorCache:
     def _matches(self, peer: PeerKey, identity: int) -> bool:
         if isinstance(peer, EndpointSelector):
             if is_cidr(identity):
-                return False
+                # a CIDR identity carries `reserved:world`: a selector naming it is the world
+                # entity written as a selector (Cilium's), and selects every CIDR identity too
+                # (else a deny of `reserved:world` stopped matching an address the moment any
+                # policy named a prefix holding it)
+                return peer.names_reserved() and peer.matches(self._labels[identity])
             if is_reserved(identity) and not peer.names_reserved():
                 return False
             return peer.matches(self._labels[identity])

@@ -9,7 +9,8 @@ rules are evaluated with the same matchers the proxy uses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from garrison.policies.l7rules import (
@@ -18,7 +19,7 @@ from garrison.policies.l7rules import (
     L7RuleSet,
     L7Verdict,
 )
-from garrison.policies.labels import NAMESPACE_KEY, SOURCE_RESERVED, Labels
+from garrison.policies.labels import NAMESPACE_KEY, SOURCE_RESERVED, Label, Labels
 from garrison.policies.mapstate import (
     DropReason,
     LookupResult,
@@ -34,11 +35,14 @@ from garrison.policies.model import (
     named_port_map,
 )
 from garrison.policies.refs import RuleRef
-from garrison.policies.resolve import ResolverConfig, build_resolver
-from garrison.policies.selectorcache import RESERVED_IDENTITIES
+from garrison.policies.resolve import ResolverConfig, build_resolver, prefix_identities
+from garrison.policies.selectorcache import RESERVED_IDENTITIES, WORLD_IDENTITY, is_endpoint
 
 SOURCE_IDENTITY = 256
 DESTINATION_IDENTITY = 257
+HOST_IDENTITY = RESERVED_IDENTITIES["host"]
+INIT_IDENTITY = RESERVED_IDENTITIES["init"]  # a local endpoint whose labels are not known yet
+PROXY_UNREACHABLE = "PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,15 +77,21 @@ L7RequestSpec = HTTPRequestSpec | GRPCRequestSpec | KafkaRequestSpec
 
 @dataclass(frozen=True, slots=True)
 class TraceEndpoint:
-    """An endpoint by its labels (namespace label included by the caller)."""
+    """An endpoint by its labels (namespace label included by the caller), or an address
+    outside the endpoints (`address`; no labels): the identity the agent's ipcache gives it,
+    the CIDR identity of the longest prefix the policies name that holds it, else world."""
 
     labels: Labels
     namespace: str | None = None
     name: str = ""
     # the port names the endpoint declares (named ports in policies resolve against them)
     ports: tuple[NamedPort, ...] = ()
+    address: IPv4Address | IPv6Address | None = None
 
     def describe(self) -> str:
+        if self.address is not None:
+            names = ",".join(sorted(f"{lab.source}:{lab.key}" for lab in self.labels.items))
+            return f"{self.address} ({names})" if names else str(self.address)
         own = Labels.of(lab for lab in self.labels.items if lab.key != NAMESPACE_KEY)
         who = self.name or own.short()
         return f"{self.namespace}/{who}" if self.namespace else who
@@ -102,9 +112,15 @@ class TraceStep:
     l7_protocol: L7Protocol | None = None
     l7_evaluated: bool = False
     note: str = ""
+    # the destination's ingress redirects a connection from the host: the datapath judges
+    # it at to_container, where it cannot reach the proxy, and drops it
+    # (PROXY_REDIRECTION_NOT_SUPPORTED_FOR_PROTOCOL, bpf_lxc.c)
+    proxy_unreachable: bool = False
 
     @property
     def allowed(self) -> bool:
+        if self.proxy_unreachable:
+            return False
         if self.lookup is not None and not self.lookup.allowed:
             return False
         return not (self.l7 is not None and not self.l7.allowed)
@@ -134,7 +150,7 @@ class TraceResult:
     @property
     def denied_at(self) -> str | None:
         for step in self.steps:
-            if step.lookup is not None and not step.lookup.allowed:
+            if step.proxy_unreachable or (step.lookup is not None and not step.lookup.allowed):
                 return "L3_L4"
             if step.l7 is not None and not step.l7.allowed:
                 return "L7"
@@ -194,11 +210,13 @@ class TraceResult:
                 "labels": [str(lab) for lab in self.source.labels],
                 "namespace": self.source.namespace,
                 "identity": self.source_identity,
+                **({"ip": str(self.source.address)} if self.source.address else {}),
             },
             "destination": {
                 "labels": [str(lab) for lab in self.destination.labels],
                 "namespace": self.destination.namespace,
                 "identity": self.destination_identity,
+                **({"ip": str(self.destination.address)} if self.destination.address else {}),
                 "port_names": [str(p) for p in self.destination.ports],
                 "port": self.port,
                 "protocol": self.protocol.value,
@@ -249,6 +267,8 @@ def _step_dict(step: TraceStep) -> dict[str, object]:
             if step.l7.denied_by is not None:
                 l7["denied_by"] = step.l7.denied_by.to_dict()
         out["l7"] = l7
+    if step.proxy_unreachable:
+        out["drop_reason"] = PROXY_UNREACHABLE
     if step.note:
         out["note"] = step.note
     return out
@@ -260,6 +280,20 @@ def _identity_for(labels: Labels, default: int) -> int:
     if reserved and len(reserved) == len(labels.items) and len(reserved) == 1:
         return RESERVED_IDENTITIES.get(reserved[0].key, default)
     return default
+
+
+def address_identity(
+    policies: Sequence[Policy], address: IPv4Address | IPv6Address
+) -> tuple[int, Labels]:
+    """The identity (and its labels) the agent's ipcache gives an address outside the
+    endpoints: the longest prefix the policies name that holds it, else world."""
+    holding = [p for p in prefix_identities(policies) if p.version == address.version
+               and address in p]
+    if not holding:
+        return WORLD_IDENTITY, Labels.of([Label("world", "", SOURCE_RESERVED)])
+    prefix = max(holding, key=lambda p: p.prefixlen)
+    labels = Labels.of([Label(str(prefix), "", "cidr"), Label("world", "", SOURCE_RESERVED)])
+    return prefix_identities(policies)[prefix], labels
 
 
 def trace(
@@ -286,8 +320,6 @@ def trace(
     names = ", ".join(str(r) for r in by) or "default deny"
     note = (f"audited policies (garrison.io/audit) would deny it at {at.replace('_', '/')} "
             f"({names}): allowed, recorded AUDIT")
-    from dataclasses import replace
-
     return replace(result, audited_by=by, audited_at=at, notes=(*result.notes, note))
 
 
@@ -300,13 +332,22 @@ def _trace(
     request: L7RequestSpec | None = None,
     config: ResolverConfig | None = None,
 ) -> TraceResult:
-    src_id = _identity_for(source.labels, SOURCE_IDENTITY)
-    dst_id = _identity_for(destination.labels, DESTINATION_IDENTITY)
+    if source.address is not None:
+        src_id, labels = address_identity(policies, source.address)
+        source = replace(source, labels=labels)
+    else:
+        src_id = _identity_for(source.labels, SOURCE_IDENTITY)
+    if destination.address is not None:
+        dst_id, labels = address_identity(policies, destination.address)
+        destination = replace(destination, labels=labels)
+    else:
+        dst_id = _identity_for(destination.labels, DESTINATION_IDENTITY)
     if src_id == SOURCE_IDENTITY and dst_id == DESTINATION_IDENTITY and (
         source.labels == destination.labels
     ):
         dst_id = src_id  # same labels, same identity
-    endpoints = [(i, ep.labels) for i, ep in ((src_id, source), (dst_id, destination))]
+    endpoints = [(i, ep.labels) for i, ep in ((src_id, source), (dst_id, destination))
+                 if ep.address is None]
     resolver = build_resolver(policies, endpoints, config)
     declared: dict[int, list[NamedPort]] = {}
     for ident, ep in ((src_id, source), (dst_id, destination)):
@@ -351,7 +392,17 @@ def _trace(
             enforced_by,
             result,
         )
-        if result.allowed and result.redirect is not None and result.l7 is not None:
+        if (direction is Direction.INGRESS and result.allowed and result.redirect is not None
+                and not (is_endpoint(remote) or remote == INIT_IDENTITY)):
+            if remote == HOST_IDENTITY:
+                step = replace(step, proxy_unreachable=True)
+            else:
+                notes.append(
+                    f"a connection from {source.describe()} reaches the proxy only where it "
+                    "enters the node on a cluster node's underlay device (from_netdev); on a "
+                    f"single-node agent the datapath drops it ({PROXY_UNREACHABLE})")
+        if (result.allowed and result.redirect is not None and result.l7 is not None
+                and not step.proxy_unreachable):
             step = _evaluate_l7(step, result.l7, request, notes)
         steps.append(step)
     audit = resolver.config.audit

@@ -131,9 +131,12 @@ def running_cluster(
     pod_base: int | None = None,
     extra_args: Sequence[str] = (),
     pod_cidrs: Sequence[str] = (),
+    node_ips: Sequence[str] = (),
 ) -> Iterator[dict[str, Node]]:
     """`nodes` agents on one etcd, by name (<prefix>-n1 ...), each started; see the module.
-    `pod_cidrs`: node n's pod CIDR is the n-th (default: 198.18.<pod_base + n>.0/24)."""
+    `pod_cidrs`: node n's pod CIDR is the n-th (default: 198.18.<pod_base + n>.0/24);
+    `node_ips`: node n's underlay address (/24) is the n-th (default: 198.19.0.<node_base +
+    n>)."""
     pod_base = node_base if pod_base is None else pod_base
     underlay = f"{prefix}-ul-{PID}"
     bridge = f"{prefix}-br"
@@ -153,7 +156,7 @@ def running_cluster(
         for n in range(1, nodes + 1):
             netns = f"{prefix}-n{n}-{PID}"
             _netns_add(netns, made)
-            node_ip = f"198.19.0.{node_base + n}"
+            node_ip = node_ips[n - 1] if node_ips else f"198.19.0.{node_base + n}"
             pod_cidr = pod_cidrs[n - 1] if pod_cidrs else f"198.18.{pod_base + n}.0/24"
             leg = f"{prefix}-u{n}"
             # the node's leg on the underlay: in the node, its peer on the bridge

@@ -201,3 +201,39 @@ def test_many_distinct_requests_cost_one_trace() -> None:
     assert report.newly_denied == 2_000 and len(report.changes) == 2_000
     assert report.changes[0].rules == ("CiliumNetworkPolicy default/rule1 ingress[0]",)
     assert (len(replay._connections), len(replay._matchers)) == (1, 1)
+
+
+def _world_record(dst_ip: str, labels: list[str], verdict: str = "FORWARDED") -> dict[str, Any]:
+    return {
+        "time": "2026-12-07T23:00:00.000000000Z", "verdict": verdict, "Type": "L3_L4",
+        "traffic_direction": "EGRESS", "is_reply": False,
+        "source": {"identity": 300, "namespace": "default",
+                   "labels": ["k8s:app=crawler", "k8s:io.kubernetes.pod.namespace=default"],
+                   "pod_name": "crawler", "ip": "198.18.9.9", "port": 40000},
+        "destination": {"identity": 2, "labels": labels, "ip": dst_ip, "port": 443},
+        "l4": {"TCP": {"source_port": 40000, "destination_port": 443,
+                       "flags": {"SYN": True}}},
+    }
+
+
+@pytest.mark.parametrize("labels", [
+    ["reserved:world="], ["cidr:203.0.113.0/25=", "reserved:world="],
+])
+def test_a_peer_outside_the_cluster_is_replayed_by_its_address(labels: list[str]) -> None:
+    """The candidate's CIDR rules apply to a world peer as the datapath would apply them
+    (the longest prefix holding its address); it used to be replayed as the world identity,
+    which no CIDR rule selects, so a candidate denying a prefix changed nothing."""
+    candidate = load_text("""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: no-doc-net}
+spec:
+  endpointSelector: {matchLabels: {app: crawler}}
+  egress:
+  - toCIDRSet: [{cidr: 0.0.0.0/0, except: [203.0.113.0/24]}]
+""", "candidate.yaml").policies
+    report = what_if([_world_record("203.0.113.7", labels),
+                      _world_record("192.0.2.10", labels)], candidate)
+    assert report.decisions == 2
+    (change,) = report.changes
+    assert (change.change, change.destination) == (NEWLY_DENIED, "203.0.113.7:443")
