@@ -561,12 +561,6 @@ class NsAgent:
                 "--bpffs-root", str(self.pin_root)]
 
     def start(self) -> None:
-        self.launch()
-        self.wait_ready()
-
-    def launch(self) -> None:
-        """Start the agent process without waiting for it (`wait_ready` waits): agents of
-        several nodes then start side by side."""
         self.starts += 1
         with (self.workdir / f"agent-{self.starts}.log").open("wb") as log:
             self.proc = subprocess.Popen(
@@ -574,10 +568,6 @@ class NsAgent:
                  *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
-
-    def wait_ready(self) -> None:
-        """Until the launched agent answers `Status` (60 s at most)."""
-        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + 60
         while True:
             assert self.proc.poll() is None, self.log()

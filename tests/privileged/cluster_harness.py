@@ -177,10 +177,7 @@ def running_cluster(
             ]
             node = Node(f"{prefix}-n{n}", netns, node_ip, pod_cidr, agent, etcd, claimed)
             built[node.name] = node
-            agent.launch()
-        # the agents start side by side (as a cluster's nodes do), each ready before the tests
-        for node in built.values():
-            node.agent.wait_ready()
+            agent.start()
         yield built
     finally:
         for node in built.values():
