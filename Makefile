@@ -35,12 +35,16 @@ demo-cluster: setup
 # The whole suite: lint, then unit, privileged (root + kernel) and end-to-end tests, all on
 # the mypyc-compiled modules users run; then the unit tests again on the pure-Python source,
 # which runs wherever the compiled build is missing or stale (garrison/native.py).
+# The privileged and end-to-end tests run one at a time (fixed namespace names and
+# addresses); the unit tests touch nothing shared and spread over the cores (pytest-xdist).
+UNIT_PARALLEL := -n auto --maxprocesses=4 --dist worksteal
 test: setup lint
-	$(PYTEST) tests
-	GARRISON_PURE=1 $(PYTEST) -q tests/unit
+	$(PYTEST) tests --ignore=tests/unit
+	$(PYTEST) $(UNIT_PARALLEL) tests/unit
+	GARRISON_PURE=1 $(PYTEST) -q $(UNIT_PARALLEL) tests/unit
 
 test-unit: setup
-	$(PYTEST) tests/unit
+	$(PYTEST) $(UNIT_PARALLEL) tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check garrison tests bench
