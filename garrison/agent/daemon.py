@@ -38,7 +38,7 @@ from garrison.agent.policystore import ImportedPolicies, RevisionRecord
 from garrison.agent.runtime import missed_delete_applies, pending_deletes
 from garrison.agent.whatif import AuditingResolver
 from garrison.bpf.maps import DatapathEvent
-from garrison.bpf.sync import LocalEndpoint, audits
+from garrison.bpf.sync import KernelBehindError, LocalEndpoint, audits
 from garrison.cluster.agent import AgentCluster
 from garrison.flows.record import FlowRecord
 from garrison.flows.store import FlowStore, StoreConfig
@@ -211,9 +211,7 @@ class Agent:
                 # restarted agent never enforces less than the cluster asks, not even briefly
                 self.cluster.prime()
             self._sync_cidrs()
-            self.datapath.reconcile(
-                self.resolver, self._local_endpoints(), self.resolver.what_if
-            )
+            self._reconcile()
             for ep in self.endpoints:
                 link = self._links[ep.name]
                 self.datapath.write_endpoint(
@@ -231,6 +229,7 @@ class Agent:
         gc.collect()
         gc.freeze()  # the resolved state is long-lived: keep it out of GC passes
         self._spawn(self._event_loop, "garrison-events")
+        self._spawn(self._catch_up, "garrison-catch-up")
         self._spawn(lambda: self._watch_host_addresses(address_watch), "garrison-addresses")
         if self.config.policy_dir is not None:
             self._spawn(self._watch_policy_dir, "garrison-policy-watch")
@@ -541,9 +540,7 @@ class Agent:
             changed = self.resolver.remove_identity(record.identity)
             self._sync(changed)
             # no local endpoint has this identity any more: drop its policy entries
-            self.datapath.reconcile(
-                self.resolver, self._local_endpoints(), self.resolver.what_if
-            )
+            self._reconcile()
         elif record.ports:  # the endpoints left with the identity declare what they declare
             self._sync(self._sync_named_ports(record.identity))
 
@@ -782,10 +779,42 @@ class Agent:
     # -- kernel sync -------------------------------------------------------------------------
 
     def _sync(self, identities: set[int]) -> None:
-        diff = self.datapath.apply_updates(
-            self.resolver, identities, self._local_endpoints(), self.resolver.what_if
-        )
+        try:
+            diff = self.datapath.apply_updates(
+                self.resolver, identities, self._local_endpoints(), self.resolver.what_if
+            )
+        except KernelBehindError as exc:
+            self._fell_behind(exc)
+            return
         self.map_writes += len(diff.upserts) + len(diff.deletes)
+
+    def _reconcile(self) -> None:
+        """The whole desired state into the kernel (start, an identity's last endpoint gone)."""
+        try:
+            self.datapath.reconcile(self.resolver, self._local_endpoints(), self.resolver.what_if)
+        except KernelBehindError as exc:
+            self._fell_behind(exc)
+
+    def _fell_behind(self, exc: KernelBehindError) -> None:
+        """A kernel write failed (a map full): said in the log and in `garrison status`
+        (`kernel_behind`); `_catch_up` retries the whole state every second. What the
+        agent answers (`policy get`, trace) is what it wants, not yet all enforced."""
+        log.error("datapath: %s", exc)
+
+    def _catch_up(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                with self.lock:
+                    if self.datapath.sync.behind is None:
+                        continue
+                    self.datapath.sync.catch_up(
+                        self.resolver, self._local_endpoints(), self.resolver.what_if
+                    )
+                log.info("datapath: the kernel holds the whole policy state again")
+            except KernelBehindError:
+                pass  # said when it first failed; still behind
+            except Exception:
+                log.exception("datapath: catching up with the policy state failed")
 
     # -- proxy policy ------------------------------------------------------------------------
 
@@ -978,6 +1007,9 @@ class Agent:
         with self.lock:
             return {
                 "datapath": dict(self.datapath.status()),
+                # why the kernel does not hold all of the policy state (a map write failed)
+                **({"kernel_behind": self.datapath.sync.behind}
+                   if self.datapath.sync.behind is not None else {}),
                 "proxy": dict(self.proxy_status),
                 "policy_revision": self.repository.revision,
                 "policies": len(self.repository),

@@ -218,9 +218,9 @@ class PolicyMap:
             out[policy_key_from_abi(key)] = policy_value_from_abi(value)
         return out
 
-    def apply(self, diff: PolicyDiff) -> int:
+    def apply(self, diff: PolicyDiff, room_first: bool = False) -> int:
         """Write a diff in its safe order (`PolicyDiff.ops`); returns the operations done."""
-        ops = diff.ops()
+        ops = diff.ops(room_first)
         for key, value in ops:
             if value is None:
                 self.delete(key)
@@ -232,13 +232,15 @@ class PolicyMap:
         self,
         desired: Mapping[PolicyKey, PolicyValue],
         identities: Iterable[int] | None = None,
+        room_first: bool = False,
     ) -> PolicyDiff:
         """Bring the kernel to `desired` and return what it took. With `identities`, only
         those endpoint identities' entries are compared (others are left alone); without,
-        entries of identities `desired` does not mention are deleted."""
+        entries of identities `desired` does not mention are deleted. `room_first`: stale
+        allow entries go first (`PolicyDiff.ops`, for a full map)."""
         actual = self.entries(identities)
         diff = diff_entries(desired, actual)
-        self.apply(diff)
+        self.apply(diff, room_first)
         return diff
 
 

@@ -325,7 +325,7 @@ class PolicyDiff:
     def __len__(self) -> int:
         return len(self.upserts) + len(self.deletes)
 
-    def ops(self) -> list[PolicyOp]:
+    def ops(self, room_first: bool = False) -> list[PolicyOp]:
         """The writes in an order where every intermediate state of the map gives each
         packet the old verdict, the new one, or a drop — never wider access:
 
@@ -335,6 +335,10 @@ class PolicyDiff:
         3. delete stale allow entries, least specific first (a stale entry never decides
            while a more specific stale entry it used to lose to is already gone);
         4. delete stale deny entries.
+
+        `room_first` (a full map: the new entries find no room while the stale ones stay)
+        does 3 first: stale allow entries go before any new one is written, so for a
+        moment a packet may be dropped that both states allow — still never wider access.
         """
         # ClusterNetworkPolicy entries: a Deny is written with the denies, the others with
         # the allows (each tier bucket's entries are disjoint, so their order matters less)
@@ -351,9 +355,12 @@ class PolicyDiff:
         )
         deny_del = [k for k in self.deletes if k.deny]
         ops: list[PolicyOp] = []
+        if room_first:
+            ops.extend((k, None) for k in allow_del)
         ops.extend((k, v) for k, v in deny_up)
         ops.extend((k, v) for k, v in allow_up)
-        ops.extend((k, None) for k in allow_del)
+        if not room_first:
+            ops.extend((k, None) for k in allow_del)
         ops.extend((k, None) for k in deny_del)
         return ops
 

@@ -77,8 +77,17 @@ class LocalEndpoint:
     deny_response: str = "drop"  # `endpoint config NAME deny-response=...` (abi.DENY_RESPONSES)
 
 
+class KernelBehindError(RuntimeError):
+    """A kernel map write failed (a map full): the kernel lags what `PolicySync` wants."""
+
+
 class PolicySync:
+    """`behind`: why the kernel lags the desired state (a write failed part-way: by the
+    order of `PolicyDiff.ops`, the entries not written leave the previous verdict or a
+    drop in force, never wider access), None when it holds it all; `catch_up` retries."""
+
     def __init__(self, maps: DatapathMaps, proxy_ports: Mapping[L7Protocol, int]) -> None:
+        self.behind: str | None = None
         self.maps = maps
         self.desired = DesiredPolicy(proxy_ports)
         # gar_policy_audit: the what-if state of the identities audited policies select
@@ -92,7 +101,42 @@ class PolicySync:
     ) -> PolicyDiff:
         """The whole desired state against whatever the kernel holds (agent start, restart
         over pinned maps): writes what is missing or different, deletes what is stale
-        (including entries of identities no local endpoint has), then the endpoint flags."""
+        (including entries of identities no local endpoint has), then the endpoint flags.
+        Raises KernelBehindError when a write fails (`behind` says why)."""
+        try:
+            diff = self._reconcile(resolver, endpoints, what_if)
+        except Exception as exc:
+            raise self._fell_behind(exc) from exc
+        self.behind = None
+        return diff
+
+    def catch_up(
+        self, resolver: PolicyResolver, endpoints: Iterable[LocalEndpoint],
+        what_if: PolicyResolver | None = None,
+    ) -> PolicyDiff | None:
+        """After a failed write: the whole desired state again (`reconcile`), stale allow
+        entries first to make room (`PolicyDiff.ops`); None when the kernel was not behind."""
+        if self.behind is None:
+            return None
+        try:
+            diff = self._reconcile(resolver, endpoints, what_if, room_first=True)
+        except Exception as exc:
+            raise self._fell_behind(exc) from exc
+        self.behind = None
+        return diff
+
+    def _fell_behind(self, exc: Exception) -> KernelBehindError:
+        self.behind = (
+            f"a kernel map write failed ({exc}): the entries not written keep the previous"
+            " verdict or drop (never wider access) and are retried every second; if a map is"
+            " full, fewer selected peers or ports free room"
+        )
+        return KernelBehindError(self.behind)
+
+    def _reconcile(
+        self, resolver: PolicyResolver, endpoints: Iterable[LocalEndpoint],
+        what_if: PolicyResolver | None = None, room_first: bool = False,
+    ) -> PolicyDiff:
         eps = list(endpoints)
         wanted = {ep.identity for ep in eps}
         for identity in set(self.desired.identities()) - wanted:
@@ -100,7 +144,7 @@ class PolicySync:
         for identity in wanted:
             self.desired.replace(resolver.map_state(identity))
         resolver.updates(wanted)  # everything pending is now in `desired`
-        diff = self.maps.policy.reconcile(self.desired.entries())
+        diff = self.maps.policy.reconcile(self.desired.entries(), room_first=room_first)
         audited = {i for i in wanted if audits(what_if, i)}
         for identity in self.audited - audited:
             self.desired_audit.remove(identity)
@@ -109,7 +153,7 @@ class PolicySync:
                 self.desired_audit.replace(what_if.map_state(identity))
             what_if.updates(wanted)
         self.audited = audited
-        self.maps.policy_audit.reconcile(self.desired_audit.entries())
+        self.maps.policy_audit.reconcile(self.desired_audit.entries(), room_first=room_first)
         self._written = self.maps.endpoints.entries()
         self._write_flags(resolver, eps, what_if)
         return diff
@@ -124,7 +168,20 @@ class PolicySync:
         """After a policy or identity change: only the keys the resolver reports changed
         for `identities` (those with local endpoints), then those endpoints' flags. The
         same for the what-if state of audited identities (`what_if`); an identity that
-        stops being audited loses its what-if entries after its flag."""
+        stops being audited loses its what-if entries after its flag. Raises
+        KernelBehindError when a write fails (the desired state is kept: `catch_up`)."""
+        try:
+            return self._apply_updates(resolver, identities, endpoints, what_if)
+        except Exception as exc:
+            raise self._fell_behind(exc) from exc
+
+    def _apply_updates(
+        self,
+        resolver: PolicyResolver,
+        identities: Iterable[int],
+        endpoints: Iterable[LocalEndpoint],
+        what_if: PolicyResolver | None = None,
+    ) -> PolicyDiff:
         eps = list(endpoints)
         changed = set(identities)
         local = {ep.identity for ep in eps}

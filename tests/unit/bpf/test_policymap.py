@@ -239,7 +239,7 @@ def _verdict(entries: dict[PolicyKey, PolicyValue], probe: tuple[Direction, int,
     return v.allowed, v.redirect
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     map_states(),
     map_states(),
@@ -254,17 +254,20 @@ def _verdict(entries: dict[PolicyKey, PolicyValue], probe: tuple[Direction, int,
         max_size=10,
     ),
     st.booleans(),
+    st.booleans(),
 )
 def test_diff_order_never_opens_access(
-    old: MapState, new: MapState, probes: list[tuple[Direction, int, int, int]], enforced: bool
+    old: MapState, new: MapState, probes: list[tuple[Direction, int, int, int]], enforced: bool,
+    room_first: bool,
 ) -> None:
     """Applying a diff op by op: every intermediate verdict is the old one, the new one or a
-    drop — never an allow (or an un-redirected allow) that neither state gives."""
+    drop — never an allow (or an un-redirected allow) that neither state gives; also in the
+    order that makes room in a full map first (`room_first`)."""
     before = state_entries(old, PROXY_PORTS)
     after = state_entries(new, PROXY_PORTS)
     diff = diff_entries(after, before)
     kernel = dict(before)
-    for key, value in diff.ops():
+    for key, value in diff.ops(room_first):
         if value is None:
             del kernel[key]
         else:
