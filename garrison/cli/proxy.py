@@ -189,6 +189,11 @@ def resolve_host(host: str, flag: str) -> str:
     return str(infos[0][4][0])
 
 
+def _host_port(host: str, port: int) -> str:
+    """`host:port` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _timeouts(args: argparse.Namespace) -> Timeouts:
     """The timeout flags (checked in `_Options`): an idle or upstream timeout given applies
     to every protocol; left out, Kafka connections keep their own longer defaults."""
@@ -440,10 +445,10 @@ def _run_workers(
 
         def ready() -> None:
             log.info(
-                "listening on %s:%d (%s) -> upstream %s:%d, policy for %s port %d, "
+                "listening on %s (%s) -> upstream %s, policy for %s port %d, "
                 "%d workers (pids %s)",
-                address[0], address[1], options.protocol.value, options.upstream[0],
-                options.upstream[1], options.dst_labels.short(), options.dport,
+                _host_port(*address), options.protocol.value, _host_port(*options.upstream),
+                options.dst_labels.short(), options.dport,
                 options.workers, " ".join(str(pid) for pid in supervisor.pids),
             )
             if metrics_server is not None:
@@ -548,9 +553,9 @@ async def _serve(
         loop.add_signal_handler(sig, stop.set)
     if worker is None:
         log.info(
-            "listening on %s:%d (%s) -> upstream %s:%d, policy for %s port %d",
-            address[0], address[1], options.protocol.value, options.upstream[0],
-            options.upstream[1], options.dst_labels.short(), options.dport,
+            "listening on %s (%s) -> upstream %s, policy for %s port %d",
+            _host_port(*address), options.protocol.value, _host_port(*options.upstream),
+            options.dst_labels.short(), options.dport,
         )
     else:  # the parent says it once every worker listens
         message(worker.message_fd, worker.index, "ready")
