@@ -226,10 +226,12 @@ def l7_http_request(
     node_name: str = "",
     redaction: RedactionConfig = DEFAULT_REDACTION,
     raw_target: str = "",
+    error: str = "",
 ) -> FlowRecord:
     """An HTTP request the proxy forwarded (FORWARDED), denied (DROPPED) or let through in
     audit mode (AUDIT). `path` is the request target as forwarded (normalized); `raw_target`
-    the target as the client sent it (kept as `raw_target` when it differs)."""
+    the target as the client sent it (kept as `raw_target` when it differs); `error`: why a
+    request the proxy refused as malformed (400, PARSE_ERROR) was refused."""
     url = http_url(host, path, scheme)
     http = redacted_http(
         method=method,
@@ -251,6 +253,7 @@ def l7_http_request(
         denied_by=denied_by,
         drop_reason=drop_reason,
         node_name=node_name,
+        error=error,
     )
 
 
@@ -274,9 +277,11 @@ def l7_http_response(
     drop_reason: ReasonLike | None = None,
     node_name: str = "",
     redaction: RedactionConfig = DEFAULT_REDACTION,
+    error: str = "",
 ) -> FlowRecord:
     """The response to a request: the server's (FORWARDED) or the proxy's 403 (DROPPED).
-    `latency_ns` runs from the request to the response headers."""
+    `latency_ns` runs from the request to the response headers; `error` as for the
+    request."""
     http = redacted_http(
         method=method,
         url=http_url(host, path, scheme),
@@ -297,6 +302,7 @@ def l7_http_response(
         denied_by=denied_by,
         drop_reason=drop_reason,
         node_name=node_name,
+        error=error,
     )
 
 

@@ -39,8 +39,9 @@ Per client stream, on its request headers:
   failed (`*_denied_by`, as the HTTP/1.1 engine does). Sibling streams are untouched.
 - Audit mode (`context.audit`): everything is forwarded; what would have been denied is
   logged AUDIT (with `*_denied_by` and POLICY_DENIED as the reason it would have had). The
-  400 answers above are no policy decision: they stand in audit mode too (DROPPED,
-  PARSE_ERROR), as HTTP/1.1's parse errors do.
+  400 answers above are no policy decision: they stand in audit mode too, as HTTP/1.1's
+  parse errors do. Their records are DROPPED with PARSE_ERROR and say why in `error`
+  (`HTTP/2 request refused: ...`); metrics count them as parse errors, not denials.
 
 Flow control. Inbound DATA is acknowledged to its sender only once the other side took it:
 the bytes `send_data` sent now at once, the rest when `DataFlushed` reports them (padding at
@@ -601,7 +602,7 @@ class H2Engine:
         verdict, path, unsafe = self._decide(ev)
         outcome = self._outcome(verdict, unsafe)
         if outcome.verdict is Verdict.DROPPED:
-            self._deny(ev, outcome, path, unsafe)
+            self._deny(ev, outcome, path, unsafe, verdict.reason if unsafe else "")
             return
         headers = self._forwarded_headers(ev, verdict, path)
         sid = ev.stream_id
@@ -821,7 +822,10 @@ class H2Engine:
             headers = _edit(headers, edit)
         return headers
 
-    def _deny(self, ev: RequestReceived, outcome: _Outcome, path: str, unsafe: bool) -> None:
+    def _deny(
+        self, ev: RequestReceived, outcome: _Outcome, path: str, unsafe: bool, why: str = ""
+    ) -> None:
+        """A denied request's answer; `unsafe`: refused as malformed (400), `why` says how."""
         sid = ev.stream_id
         self._flush(Forward, upstream=False)  # what was owed before stays a Forward
         client = self._client
@@ -845,7 +849,7 @@ class H2Engine:
                 credit = DENIED_BODY_CREDIT if declared is None else declared
                 client.open_window(sid, min(credit, DENIED_BODY_CREDIT))
         self._flush(Inject, upstream=False)
-        self._log_denied(ev, outcome, path, code)
+        self._log_denied(ev, outcome, path, code, f"HTTP/2 request refused: {why}" if why else "")
 
     def _denied_body_ended(self, sid: int) -> None:
         self._denied_open.pop(sid, None)
@@ -951,7 +955,9 @@ class H2Engine:
         denied_by = (verdict.denied_by,) if verdict.denied_by is not None else self._denied_by
         return _Outcome(kind, (), denied_by, DropReasonDesc.POLICY_DENIED)
 
-    def _request_record(self, ev: RequestReceived, outcome: _Outcome, path: str) -> FlowRecord:
+    def _request_record(
+        self, ev: RequestReceived, outcome: _Outcome, path: str, error: str = ""
+    ) -> FlowRecord:
         ctx = self._ctx
         authority = ev.authority or ctx.host_hint or ""
         if ev.grpc is not None:
@@ -990,6 +996,7 @@ class H2Engine:
             node_name=ctx.node_name,
             redaction=self._redaction,
             raw_target=ev.path or "",
+            error=error,
         )
 
     def _response_record(
@@ -1002,6 +1009,7 @@ class H2Engine:
         grpc_status: int | None,
         latency_ns: int,
         headers: Iterable[Header] = (),
+        error: str = "",
     ) -> FlowRecord:
         ctx = self._ctx
         authority = ev.authority or ctx.host_hint or ""
@@ -1044,6 +1052,7 @@ class H2Engine:
             drop_reason=outcome.drop_reason,
             node_name=ctx.node_name,
             redaction=self._redaction,
+            error=error,
         )
 
     def _log_response(self, call: _Call, status: int | None) -> None:
@@ -1062,12 +1071,15 @@ class H2Engine:
             )
         )
 
-    def _log_denied(self, ev: RequestReceived, outcome: _Outcome, path: str, code: int) -> None:
-        self._log(self._request_record(ev, outcome, path))
+    def _log_denied(
+        self, ev: RequestReceived, outcome: _Outcome, path: str, code: int, error: str = ""
+    ) -> None:
+        self._log(self._request_record(ev, outcome, path, error))
         status = GRPC_PERMISSION_DENIED if ev.grpc is not None and code == 200 else None
         self._log(
             self._response_record(
-                ev, outcome, path, http_code=code, grpc_status=status, latency_ns=0
+                ev, outcome, path, http_code=code, grpc_status=status, latency_ns=0,
+                error=error,
             )
         )
 

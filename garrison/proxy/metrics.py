@@ -276,9 +276,13 @@ class ProxyMetrics:
             if record.type is not FlowType.L7 or l7 is None:
                 continue
             series = self._l7_series(l7.protocol, record.traffic_direction)
-            if verdict is Verdict.ERROR:
-                if record.drop_reason_desc is DropReasonDesc.PARSE_ERROR:
+            if record.drop_reason_desc is DropReasonDesc.PARSE_ERROR:
+                # refused as malformed: an ERROR record, or (HTTP/2, whose connection goes
+                # on) a request and its 400 answer, DROPPED — never a policy denial
+                if verdict is Verdict.ERROR or l7.type is L7FlowType.REQUEST:
                     counts[series.parse_errors] = counts.get(series.parse_errors, 0) + 1
+                continue
+            if verdict is Verdict.ERROR:
                 continue
             if l7.type is L7FlowType.REQUEST:
                 counts[series.received] = counts.get(series.received, 0) + flows

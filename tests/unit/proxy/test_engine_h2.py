@@ -617,6 +617,12 @@ def test_http_rules_allow_deny_and_normalize() -> None:
     assert ("RESPONSE", "DROPPED", "http://d/v1/%2e%2e/%2e%2e/etc", 400) in by_path
     bad = [r for r in p.records if r.l7 and r.l7.http and r.l7.http.code == 400]
     assert bad[0].drop_reason_desc is DropReasonDesc.PARSE_ERROR
+    # both records of the refused request say why, as HTTP/1.1's parse error record does
+    refused = [r for r in p.records if r.l7 and r.l7.http and "%2e%2e" in r.l7.http.url]
+    assert len(refused) == 2
+    for record in refused:
+        assert record.error.startswith("HTTP/2 request refused: "), record.error
+        assert "dot-segment" in record.error or ".." in record.error, record.error
     grpc_records = [r for r in p.records if r.l7 and r.l7.grpc]
     assert {
         (r.verdict.value, r.l7.grpc.method, r.l7.grpc.status)

@@ -179,3 +179,27 @@ def test_a_turns_records_are_counted_into_their_series() -> None:
     assert got[_key(flows, verdict="FORWARDED")] == 3
     assert got[_key(flows, verdict="DROPPED")] == 1 + 1 + 41 + 1
     assert got[_key(flows, verdict="ERROR")] == 1
+
+
+def test_a_request_refused_as_malformed_counts_as_a_parse_error_not_a_denial() -> None:
+    """HTTP/2 answers a request it cannot forward safely (say `/%2e%2e/`) with 400 and goes
+    on with the connection: its two records are DROPPED with PARSE_ERROR. That is a parse
+    error, as HTTP/1.1's ERROR record for the same request is, never a policy denial."""
+    from garrison.flows.build import l7_http_request, l7_http_response
+    from garrison.flows.record import DropReasonDesc, Verdict
+
+    common = dict(time_ns=samples.T0, verdict=Verdict.DROPPED, direction="ingress",
+                  client=samples.TIEFIGHTER, server=samples.DEATHSTAR, method="GET",
+                  path="/v1/%2e%2e/etc", host="deathstar", protocol="HTTP/2",
+                  drop_reason=DropReasonDesc.PARSE_ERROR,
+                  error="HTTP/2 request refused: dot-segment")
+    m = ProxyMetrics()
+    m.count_records([
+        l7_http_request(**common),  # type: ignore[arg-type]
+        l7_http_response(code=400, latency_ns=0, **common),  # type: ignore[arg-type]
+    ])
+    got = _samples(m.render().decode())
+    l7 = "garrison_policy_l7_total"
+    assert got[_key(l7, rule="parse_errors", proxy_type="http", direction="ingress")] == 1
+    assert got[_key(l7, rule="denied", proxy_type="http", direction="ingress")] == 0
+    assert got[_key(l7, rule="received", proxy_type="http", direction="ingress")] == 0
