@@ -90,7 +90,14 @@ stop_pid() { # pid: SIGTERM, then SIGKILL after 10 s
 cleanup() {
     local rc=$?
     set +e
-    trap '' INT TERM  # a second Ctrl-C does not interrupt the clean-up
+    # A second Ctrl-C does not interrupt the clean-up. An interrupt still pending here (it
+    # came while a command ran that then failed, an agent it stopped gone: errexit came
+    # first) is an interrupted run, not a failed one.
+    local interrupted=""
+    trap 'interrupted=130' INT
+    trap 'interrupted=143' TERM
+    :
+    if [[ -n $interrupted ]] && ((rc != 130 && rc != 143)); then rc=$interrupted; fi
     echo
     echo "demo-cluster: removing what it made (agents, endpoints, etcd, namespaces gd-*, pins)"
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
