@@ -90,14 +90,18 @@ stop_pid() { # pid: SIGTERM, then SIGKILL after 10 s
 cleanup() {
     local rc=$?
     set +e
-    # A second Ctrl-C does not interrupt the clean-up. An interrupt still pending here (it
-    # came while a command ran that then failed, an agent it stopped gone: errexit came
-    # first) is an interrupted run, not a failed one.
-    local interrupted=""
-    trap 'interrupted=130' INT
-    trap 'interrupted=143' TERM
-    :
-    if [[ -n $interrupted ]] && ((rc != 130 && rc != 143)); then rc=$interrupted; fi
+    trap '' INT TERM  # a second Ctrl-C does not interrupt the clean-up
+    # A Ctrl-C reaches the whole process group: etcd and the agents stop at once, and the
+    # command running then fails on them. bash leaves a SIGINT to a foreground command that
+    # exits on its own, so the run ends by errexit, not by the INT trap. etcd (stopped by
+    # this clean-up only below) says which signal it got: an interrupted run, not a failed one.
+    if ((rc != 0 && rc != 130 && rc != 143)) && [[ -s $WORK/etcd.log ]]; then
+        if grep -q "received interrupt signal" "$WORK/etcd.log"; then
+            rc=130
+        elif grep -q "received terminated signal" "$WORK/etcd.log"; then
+            rc=143
+        fi
+    fi
     echo
     echo "demo-cluster: removing what it made (agents, endpoints, etcd, namespaces gd-*, pins)"
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
