@@ -105,13 +105,6 @@ class IPCache:
                 return entry
         return None
 
-    def identity_at(self, prefix: Prefix) -> int | None:
-        """The identity stored for exactly this prefix (one map lookup), None when none."""
-        try:
-            return int(self._table[self._key(prefix)].identity)
-        except KeyError:
-            return None
-
     def lookup(self, address: IPv4Address | str) -> int:
         """The identity the datapath sees for `address` (longest prefix; world if none)."""
         key = abi.IPCacheKey(32, _addr_be(IPv4Address(address)))
